@@ -1,0 +1,276 @@
+//! The interface between the model and an engine.
+//!
+//! The model's forward and backward passes are written once, layer by layer, as calls on a [`Backend`]. A backend
+//! owns all memory; the model only holds [`Tensor`] handles, which name a range of one of the backend's
+//! allocations. Handles are plain values, so the model can keep its parameters in one flat allocation (which the
+//! optimizer, the gradient norm and a data-parallel all-reduce see as one vector) and still hand each layer a view
+//! of its own weights.
+//!
+//! Every operation states which of its tensors it reads and which it writes. Outputs never overlap inputs or each
+//! other; backends check this, and return an error rather than read memory that is being written.
+//!
+//! Conventions shared by all operations (they follow GPT-2 and llm.c):
+//! - activations are row-major `(rows, channels)`, where `rows = batch × time`;
+//! - a linear layer's weight is `(out_channels, in_channels)` and computes `out = inp · Wᵀ + bias`;
+//! - "accumulates" means `+=` into the output (gradients of weights, so that micro-batches add up); every other
+//!   output is overwritten.
+
+use crate::error::Result;
+
+/// Identifies one allocation of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BufferId(pub u32);
+
+/// A contiguous range of elements inside one backend allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tensor {
+    pub buffer: BufferId,
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl Tensor {
+    /// The sub-range `[offset, offset + len)` of this tensor.
+    ///
+    /// # Panics
+    /// If the range does not lie inside this tensor: views are laid out once, when a model is built, so an
+    /// out-of-range view is a bug in that layout, not a condition to recover from.
+    pub fn slice(&self, offset: usize, len: usize) -> Tensor {
+        assert!(
+            offset + len <= self.len,
+            "view [{offset}, {}) outside a tensor of {} elements",
+            offset + len,
+            self.len
+        );
+        Tensor { buffer: self.buffer, offset: self.offset + offset, len }
+    }
+
+    /// Whether two tensors share any element.
+    pub fn overlaps(&self, other: &Tensor) -> bool {
+        self.buffer == other.buffer
+            && self.len > 0
+            && other.len > 0
+            && self.offset < other.offset + other.len
+            && other.offset < self.offset + self.len
+    }
+}
+
+/// What an allocation holds; a backend chooses its element type from it (the CPU engine stores every real number
+/// as its one float type; a mixed-precision engine keeps parameters and activations in bf16 but statistics and
+/// optimizer state in fp32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Model weights, as the forward pass reads them.
+    Param,
+    /// Gradients of the weights.
+    Grad,
+    /// Activations and their gradients.
+    Activation,
+    /// Per-row statistics kept in full precision: layer-norm mean and reciprocal deviation, attention
+    /// log-sum-exp, per-position losses.
+    Stat,
+    /// Optimizer moments, always full precision.
+    OptState,
+    /// Token ids and targets (`u32`).
+    Index,
+}
+
+/// Target id that contributes neither loss nor gradient (prompt positions of a synthetic task, padding).
+pub const IGNORE_TARGET: u32 = u32::MAX;
+
+/// Shape of a linear layer applied to `rows` vectors: `(rows, c_in) · (c_out, c_in)ᵀ → (rows, c_out)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulDims {
+    pub rows: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+}
+
+/// Shape of causal multi-head self-attention over a packed `qkv` activation of `(batch, time, 3 · heads ·
+/// head_dim)`, laid out as the QKV projection writes it: all queries, then all keys, then all values, each
+/// `heads × head_dim` wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionDims {
+    pub batch: usize,
+    pub time: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionDims {
+    pub fn channels(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// One AdamW update: `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, `p ← p − lr·(m̂/(√v̂ + ε) + wd·p)` with bias-corrected
+/// moments `m̂ = m/(1−β₁ᵗ)`, `v̂ = v/(1−β₂ᵗ)`, where `g = grad_scale · grad` (the scale carries gradient clipping).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u64,
+    pub grad_scale: f32,
+}
+
+/// An engine that owns memory and runs the operations of a GPT training step.
+///
+/// Every method returns an error instead of panicking: a kernel launch can fail, memory can run out, and a caller
+/// can pass tensors that are too small or that overlap.
+pub trait Backend {
+    /// A short name for messages: `cpu`, `cuda:0`.
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------------------------------
+
+    /// A new allocation of `len` elements, zero-filled.
+    fn alloc(&mut self, len: usize, role: Role) -> Result<Tensor>;
+    /// Copies host values into a real-valued tensor (`src.len() == dst.len`).
+    fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()>;
+    /// Copies a real-valued tensor to the host (`dst.len() == src.len`).
+    fn download(&mut self, src: Tensor, dst: &mut [f32]) -> Result<()>;
+    /// Copies token ids into an [`Role::Index`] tensor.
+    fn upload_indices(&mut self, dst: Tensor, src: &[u32]) -> Result<()>;
+    /// Sets every element to zero.
+    fn zero(&mut self, t: Tensor) -> Result<()>;
+    /// Sum of all elements, returned to the host (this waits for the device).
+    fn sum(&mut self, t: Tensor) -> Result<f32>;
+    /// Sum of squares of all elements (for the global gradient norm), returned to the host.
+    fn sum_squares(&mut self, t: Tensor) -> Result<f32>;
+
+    // ---- layers -------------------------------------------------------------------------------------------------
+
+    /// `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]`; `out` is `(batch·time, c)`.
+    fn encoder_forward(
+        &mut self,
+        out: Tensor,
+        tokens: Tensor,
+        wte: Tensor,
+        wpe: Tensor,
+        batch: usize,
+        time: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// Accumulates `dwte[tokens[b,t],:] += dout[b,t,:]` and `dwpe[t,:] += dout[b,t,:]`.
+    fn encoder_backward(
+        &mut self,
+        dwte: Tensor,
+        dwpe: Tensor,
+        dout: Tensor,
+        tokens: Tensor,
+        batch: usize,
+        time: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    /// Layer normalisation of each row: `out = (inp − mean)·rstd·weight + bias`; saves `mean` and `rstd` per row.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &mut self,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// `residual = a + b`, then `out = layernorm(residual)`: the residual add and the next block's normalisation
+    /// in one pass over memory.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward(
+        &mut self,
+        residual: Tensor,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        a: Tensor,
+        b: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// Backward of [`Backend::layernorm_forward`]. Accumulates into `dinp` (it is the residual stream's gradient,
+    /// which the layer adds to), `dweight` and `dbias`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dbias: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    /// `out = inp · weightᵀ + bias`. With `gelu_pre`, the product plus bias is saved there and `out` receives
+    /// `gelu(product + bias)` (tanh approximation), as a fused epilogue would produce it.
+    fn matmul_forward(
+        &mut self,
+        out: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        gelu_pre: Option<Tensor>,
+        d: MatmulDims,
+    ) -> Result<()>;
+    /// Backward of a linear layer: `dinp = dout · weight` (overwritten), `dweight += doutᵀ · inp`,
+    /// `dbias += Σ_rows dout`. With `gelu_pre` (the pre-activation of the GELU that produced `inp`), `dinp` is
+    /// multiplied by `gelu'(gelu_pre)`, so it is the gradient of that pre-activation.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dbias: Option<Tensor>,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        gelu_pre: Option<Tensor>,
+        d: MatmulDims,
+    ) -> Result<()>;
+
+    /// Causal self-attention: `out` (`(batch·time, heads·head_dim)`) from `qkv`, with the log-sum-exp of every
+    /// row of scaled scores saved in `lse` (`(batch, heads, time)`) for the backward pass.
+    fn attention_forward(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: AttentionDims) -> Result<()>;
+    /// Backward of [`Backend::attention_forward`], recomputing the probabilities from `qkv` and `lse`: writes
+    /// `dqkv` (overwritten).
+    fn attention_backward(
+        &mut self,
+        dqkv: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        d: AttentionDims,
+    ) -> Result<()>;
+
+    /// Softmax cross-entropy over the first `vocab` of `padded_vocab` logits of each row (padded columns get no
+    /// probability). Accumulates each row's loss into `losses[row]`; rows whose target is [`IGNORE_TARGET`] add
+    /// nothing. With `dloss`, the logits are replaced in place by the gradient of `dloss · Σ losses`
+    /// (`dloss · (softmax − onehot)`, zero on padded columns and on ignored rows).
+    #[allow(clippy::too_many_arguments)]
+    fn classifier(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        targets: Tensor,
+        rows: usize,
+        vocab: usize,
+        padded_vocab: usize,
+        dloss: Option<f32>,
+    ) -> Result<()>;
+
+    /// One AdamW step over a range of parameters and their gradients and moments (all of equal length).
+    fn adamw(&mut self, params: Tensor, grads: Tensor, m: Tensor, v: Tensor, step: &AdamWStep) -> Result<()>;
+}

@@ -1,0 +1,580 @@
+//! Training configuration: TOML sections `[model]`, `[data]`, `[train]`, `[optim]`, overridable key by key.
+//!
+//! [`Config::load`] reads a config in four steps: the TOML text is parsed into a table; each `--set section.key=value`
+//! override is written into that table; the table is deserialized into a [`Config`], which rejects unknown keys and
+//! values of the wrong type; and the values are checked against each other. Only `[model]` and `data.train` are
+//! required: every other key has a default, and `configs/quickstart.toml` (built into the binary as [`QUICKSTART`])
+//! writes every key out. Each problem is an [`Error::Config`] that names the dotted key (`train.micro_batch`) and
+//! where its value came from: the file, or `--set` for a key an override set.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The quickstart config, used when no config file is given.
+pub const QUICKSTART: &str = include_str!("../../../configs/quickstart.toml");
+
+/// How errors in [`QUICKSTART`] name their source.
+const QUICKSTART_SOURCE: &str = "configs/quickstart.toml (built in)";
+
+/// How errors name the source of a key set by an override.
+const SET_SOURCE: &str = "--set";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    #[default]
+    Gpt2,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub arch: Arch,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    /// Longest sequence the model sees (the number of learned positions).
+    pub block_size: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tokenizer {
+    #[default]
+    Char,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A text file, or `synthetic:NAME` for a built-in generated corpus.
+    pub train: String,
+    /// Validation text; when absent the last 10% of `train` is held out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val: Option<String>,
+    #[serde(default)]
+    pub tokenizer: Tokenizer,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Sequences per forward/backward pass.
+    pub micro_batch: usize,
+    /// Tokens per optimizer step; gradient accumulation makes up the difference from one micro-batch. Absent means
+    /// one micro-batch per step; [`Config::total_batch_tokens`] resolves it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_batch_tokens: Option<usize>,
+    pub max_steps: u64,
+    /// Evaluate every this many steps (and after the last); 0 evaluates only after the last.
+    pub eval_every: u64,
+    /// Micro-batches per evaluation.
+    pub eval_steps: usize,
+    pub log_every: u64,
+    pub seed: u64,
+    pub out_dir: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            micro_batch: 16,
+            total_batch_tokens: None,
+            max_steps: 1000,
+            eval_every: 100,
+            eval_steps: 20,
+            log_every: 10,
+            seed: 1337,
+            out_dir: "runs/kiln".to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup_steps: u64,
+    pub schedule: Schedule,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub grad_clip: f32,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 6e-4,
+            min_lr: 6e-5,
+            warmup_steps: 100,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the config file at `path` (the built-in [`QUICKSTART`] when `None`) and applies `overrides`, each
+    /// `section.key=value`.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config> {
+        match path {
+            None => Config::from_toml_str(QUICKSTART, QUICKSTART_SOURCE, overrides),
+            Some(path) => {
+                let source = path.display().to_string();
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| Error::config(&source, "", format!("cannot read the file: {e}")))?;
+                Config::from_toml_str(&text, &source, overrides)
+            }
+        }
+    }
+
+    /// Parses `text` (errors name it `source`), applies `overrides` and checks the result. The returned config has
+    /// `train.total_batch_tokens` resolved, so that [`Config::to_toml_string`] writes it.
+    pub fn from_toml_str(text: &str, source: &str, overrides: &[String]) -> Result<Config> {
+        let mut table: toml::Table = text.parse().map_err(|e| syntax_error(text, source, &e))?;
+        let overridden = apply_overrides(&mut table, overrides)?;
+        let source_of = |key: &str| if overridden.contains(key) { SET_SOURCE } else { source }.to_string();
+
+        let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
+            let (key, message) = describe_serde_error(&e);
+            Error::config(source_of(&key), key, message)
+        })?;
+        config.validate(source_of)?;
+        config.train.total_batch_tokens = Some(config.total_batch_tokens());
+        Ok(config)
+    }
+
+    /// Tokens per optimizer step.
+    pub fn total_batch_tokens(&self) -> usize {
+        self.train.total_batch_tokens.unwrap_or(self.tokens_per_micro_batch())
+    }
+
+    /// Micro-batches whose gradients are summed into each optimizer step.
+    pub fn accumulation_steps(&self) -> usize {
+        self.total_batch_tokens() / self.tokens_per_micro_batch()
+    }
+
+    fn tokens_per_micro_batch(&self) -> usize {
+        self.train.micro_batch * self.model.block_size
+    }
+
+    /// The config as TOML with every key written (`data.val` only when set, as TOML has no null), for saving next
+    /// to a run; [`Config::from_toml_str`] reads it back to an equal config.
+    pub fn to_toml_string(&self) -> String {
+        let mut resolved = self.clone();
+        resolved.train.total_batch_tokens = Some(self.total_batch_tokens());
+        // Strings, numbers and enums in plain structs always serialize, so a failure here is a bug.
+        toml::to_string(&resolved).expect("a Config always serializes to TOML")
+    }
+
+    /// Checks the values against their ranges and each other; the first problem becomes an error naming its key and
+    /// `source_of(key)`.
+    fn validate(&self, source_of: impl Fn(&str) -> String) -> Result<()> {
+        let (m, d, t, o) = (&self.model, &self.data, &self.train, &self.optim);
+        let per_micro_batch = t.micro_batch.checked_mul(m.block_size);
+        // A zero divisor (or an overflowing one, as 0) is reported by its own check, which comes first.
+        let divides = |n: usize, d: usize| n.checked_rem(d).is_none_or(|r| r == 0);
+        let checks = [
+            (m.n_layer >= 1, "model.n_layer", "must be at least 1".to_string()),
+            (m.n_head >= 1, "model.n_head", "must be at least 1".to_string()),
+            (m.n_embd >= 1, "model.n_embd", "must be at least 1".to_string()),
+            (
+                divides(m.n_embd, m.n_head),
+                "model.n_embd",
+                format!("must be divisible by model.n_head (= {})", m.n_head),
+            ),
+            (m.block_size >= 1, "model.block_size", "must be at least 1".to_string()),
+            (!d.train.is_empty(), "data.train", "must not be empty".to_string()),
+            (d.val.as_ref().is_none_or(|v| !v.is_empty()), "data.val", "must not be empty when set".to_string()),
+            (t.micro_batch >= 1, "train.micro_batch", "must be at least 1".to_string()),
+            (
+                per_micro_batch.is_some(),
+                "train.micro_batch",
+                "is too large: train.micro_batch * model.block_size overflows".to_string(),
+            ),
+            (t.total_batch_tokens != Some(0), "train.total_batch_tokens", "must be at least 1".to_string()),
+            (
+                t.total_batch_tokens.is_none_or(|n| divides(n, per_micro_batch.unwrap_or(0))),
+                "train.total_batch_tokens",
+                format!(
+                    "must be a multiple of train.micro_batch * model.block_size (= {})",
+                    per_micro_batch.unwrap_or(0)
+                ),
+            ),
+            (t.max_steps >= 1, "train.max_steps", "must be at least 1".to_string()),
+            (t.eval_steps >= 1, "train.eval_steps", "must be at least 1".to_string()),
+            (t.log_every >= 1, "train.log_every", "must be at least 1".to_string()),
+            (!t.out_dir.is_empty(), "train.out_dir", "must not be empty".to_string()),
+            (o.lr.is_finite() && o.lr > 0.0, "optim.lr", "must be a finite number above 0".to_string()),
+            (
+                o.min_lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr,
+                "optim.min_lr",
+                format!("must be finite and between 0 and optim.lr (= {})", o.lr),
+            ),
+            (
+                o.warmup_steps <= t.max_steps,
+                "optim.warmup_steps",
+                format!("must be at most train.max_steps (= {})", t.max_steps),
+            ),
+            (
+                o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+                "optim.weight_decay",
+                "must be a finite number, 0 or above".to_string(),
+            ),
+            ((0.0..1.0).contains(&o.beta1), "optim.beta1", "must be at least 0 and below 1".to_string()),
+            ((0.0..1.0).contains(&o.beta2), "optim.beta2", "must be at least 0 and below 1".to_string()),
+            (o.eps.is_finite() && o.eps > 0.0, "optim.eps", "must be a finite number above 0".to_string()),
+            (
+                o.grad_clip.is_finite() && o.grad_clip >= 0.0,
+                "optim.grad_clip",
+                "must be a finite number, 0 or above (0 disables clipping)".to_string(),
+            ),
+        ];
+        match checks.into_iter().find(|(ok, _, _)| !ok) {
+            Some((_, key, message)) => Err(Error::config(source_of(key), key, message)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Turns a TOML syntax error into a one-line message with the line and column, rather than toml's multi-line
+/// rendering with a source excerpt.
+fn syntax_error(text: &str, source: &str, error: &toml::de::Error) -> Error {
+    let position = error.span().and_then(|span| text.get(..span.start)).map(|before| {
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!(" at line {line}, column {column}")
+    });
+    Error::config(source, "", format!("invalid TOML{}: {}", position.unwrap_or_default(), error.message()))
+}
+
+/// Writes each `section.key=value` override into `table`. Returns the dotted keys the overrides set, and the sections
+/// they created, so that errors about them can name `--set` as their source.
+fn apply_overrides(table: &mut toml::Table, overrides: &[String]) -> Result<HashSet<String>> {
+    let mut overridden = HashSet::new();
+    for raw in overrides {
+        let (section, key, value) = parse_override(raw)?;
+        let dotted = format!("{section}.{key}");
+        if !table.contains_key(section) {
+            overridden.insert(section.to_string());
+        }
+        let section_value = table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = section_value.as_table_mut() else {
+            return Err(Error::config(
+                SET_SOURCE,
+                dotted,
+                format!("cannot set a key in {section}: it is not a section"),
+            ));
+        };
+        section_table.insert(key.to_string(), value);
+        overridden.insert(dotted);
+    }
+    Ok(overridden)
+}
+
+/// Splits `section.key=value`. The value is read as a TOML value (`3`, `1e-3`, `true`, `"text"`); anything that is
+/// not one is taken as a bare string, so that `data.train=input.txt` needs no quotes.
+fn parse_override(raw: &str) -> Result<(&str, &str, toml::Value)> {
+    let malformed = || Error::config(SET_SOURCE, raw, "expected section.key=value, like train.max_steps=200");
+    let (path, value) = raw.split_once('=').ok_or_else(malformed)?;
+    let (section, key) = path.split_once('.').ok_or_else(malformed)?;
+    let (section, key) = (section.trim(), key.trim());
+    if section.is_empty() || key.is_empty() || key.contains('.') {
+        return Err(malformed());
+    }
+    let value = value.trim();
+    let value = value.parse::<toml::Value>().unwrap_or_else(|_| toml::Value::String(value.to_string()));
+    Ok((section, key, value))
+}
+
+/// The dotted key and a message for a deserialization error. For an unknown key the path already ends at the key,
+/// but for a missing one it stops at the parent, with the key's name only in serde's message.
+fn describe_serde_error(error: &serde_path_to_error::Error<toml::de::Error>) -> (String, String) {
+    let depth = error.path().iter().count();
+    // The empty path displays as ".".
+    let path = if depth == 0 { String::new() } else { error.path().to_string() };
+    let message = error.inner().message();
+
+    if let Some((_, expected)) = message.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`')) {
+        let what = if depth == 1 { "section" } else { "key" };
+        // serde lists the known names as "expected one of `a`, `b`"; drop its backticks.
+        let expected = expected.trim_start_matches(", ").replace('`', "");
+        return (path, format!("unknown {what}; {expected}"));
+    }
+    if let Some((name, _)) = message.strip_prefix("missing field `").and_then(|rest| rest.split_once('`')) {
+        return match depth {
+            0 => (name.to_string(), "missing; this section is required".to_string()),
+            _ => (format!("{path}.{name}"), "missing; this key is required".to_string()),
+        };
+    }
+    // serde names the Rust types; say what they are in TOML.
+    let message = message
+        .replace("expected usize", "expected an integer, 0 or above")
+        .replace("expected u64", "expected an integer, 0 or above")
+        .replace("expected f32", "expected a number");
+    (path, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "[model]\nn_layer = 2\nn_head = 4\nn_embd = 128\nblock_size = 64\n\n[data]\ntrain = \"t.txt\"\n";
+
+    fn set(overrides: &[&str]) -> Vec<String> {
+        overrides.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// The error's source, key and message; panics if it is not a config error.
+    fn config_error(result: Result<Config>) -> (String, String, String) {
+        match result {
+            Err(Error::Config { source, key, message }) => (source, key, message),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn quickstart_loads() {
+        let config = Config::load(None, &[]).unwrap();
+        assert_eq!(config.model.n_layer, 2);
+        assert_eq!(config.data.train, "synthetic:addition");
+        assert_eq!(config.accumulation_steps(), 1);
+    }
+
+    #[test]
+    fn quickstart_writes_the_defaults() {
+        // The quickstart is the documented template: apart from the model and data, its values are the defaults.
+        let quickstart = Config::load(None, &[]).unwrap();
+        let minimal = Config::from_toml_str(MINIMAL, "minimal.toml", &set(&["data.train=synthetic:addition"])).unwrap();
+        assert_eq!(quickstart, minimal);
+    }
+
+    #[test]
+    fn defaults_fill_missing_keys() {
+        let config = Config::from_toml_str(MINIMAL, "minimal.toml", &[]).unwrap();
+        assert_eq!(config.model.arch, Arch::Gpt2);
+        assert_eq!(config.data.val, None);
+        assert_eq!(config.data.tokenizer, Tokenizer::Char);
+        assert_eq!(config.train.micro_batch, 16);
+        assert_eq!(config.total_batch_tokens(), 16 * 64);
+        assert_eq!(config.train.max_steps, 1000);
+        assert_eq!(config.train.out_dir, "runs/kiln");
+        assert_eq!(config.optim.lr, 6e-4);
+        assert_eq!(config.optim.schedule, Schedule::Cosine);
+        assert_eq!(config.optim.eps, 1e-8);
+    }
+
+    #[test]
+    fn accumulation_steps_divide_the_total_batch() {
+        let config = Config::from_toml_str(
+            MINIMAL,
+            "minimal.toml",
+            &set(&["train.total_batch_tokens=4096", "train.micro_batch=8"]),
+        )
+        .unwrap();
+        assert_eq!(config.total_batch_tokens(), 4096);
+        assert_eq!(config.accumulation_steps(), 8);
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let overrides = set(&["data.val=v.txt", "optim.schedule=\"linear\"", "optim.lr=3e-4", "train.seed=7"]);
+        for config in
+            [Config::load(None, &[]).unwrap(), Config::from_toml_str(MINIMAL, "minimal.toml", &overrides).unwrap()]
+        {
+            let text = config.to_toml_string();
+            assert_eq!(Config::from_toml_str(&text, "saved.toml", &[]).unwrap(), config, "{text}");
+        }
+    }
+
+    #[test]
+    fn to_toml_string_resolves_total_batch_tokens() {
+        let mut config = Config::from_toml_str(MINIMAL, "minimal.toml", &[]).unwrap();
+        config.train.total_batch_tokens = None;
+        assert!(config.to_toml_string().contains("total_batch_tokens = 1024"));
+    }
+
+    #[test]
+    fn unknown_key_in_file() {
+        let text = format!("{MINIMAL}\n[train]\nmicro_bach = 8\n");
+        let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!(source, "my.toml");
+        assert_eq!(key, "train.micro_bach");
+        assert!(message.starts_with("unknown key; expected one of micro_batch, total_batch_tokens"), "{message}");
+        let display = Error::config(source, key, message).to_string();
+        assert!(display.starts_with("my.toml: train.micro_bach: unknown key"), "{display}");
+    }
+
+    #[test]
+    fn unknown_section_in_file() {
+        let text = format!("{MINIMAL}\n[optimizer]\nlr = 1e-3\n");
+        let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "optimizer"));
+        assert!(message.contains("unknown section; expected one of model, data, train, optim"), "{message}");
+    }
+
+    #[test]
+    fn missing_required_key() {
+        let text = MINIMAL.replace("n_embd = 128\n", "");
+        let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "model.n_embd"));
+        assert!(message.contains("required"), "{message}");
+    }
+
+    #[test]
+    fn missing_section() {
+        let (source, key, message) = config_error(Config::from_toml_str("[data]\ntrain = \"t.txt\"\n", "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "model"));
+        assert!(message.contains("section is required"), "{message}");
+    }
+
+    #[test]
+    fn wrong_type() {
+        let text = format!("{MINIMAL}\n[train]\nmicro_batch = \"x\"\n");
+        let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.micro_batch"));
+        assert_eq!(message, "invalid type: string \"x\", expected an integer, 0 or above");
+    }
+
+    #[test]
+    fn unknown_enum_value() {
+        let (_, key, message) =
+            config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&["optim.schedule=cosin"])));
+        assert_eq!(key, "optim.schedule");
+        assert!(message.contains("cosine"), "{message}");
+    }
+
+    #[test]
+    fn n_embd_not_divisible_by_n_head() {
+        let text = MINIMAL.replace("n_embd = 128", "n_embd = 130");
+        let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "model.n_embd"));
+        assert!(message.contains("must be divisible by model.n_head (= 4)"), "{message}");
+    }
+
+    #[test]
+    fn zero_micro_batch() {
+        let text = format!("{MINIMAL}\n[train]\nmicro_batch = 0\n");
+        let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.micro_batch"));
+        assert!(message.contains("at least 1"), "{message}");
+    }
+
+    #[test]
+    fn total_batch_tokens_not_a_multiple() {
+        let text = format!("{MINIMAL}\n[train]\nmicro_batch = 4\ntotal_batch_tokens = 1000\n");
+        let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.total_batch_tokens"));
+        assert!(message.contains("(= 256)"), "{message}");
+    }
+
+    #[test]
+    fn non_finite_float() {
+        let (_, key, _) = config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&["optim.lr=inf"])));
+        assert_eq!(key, "optim.lr");
+        let (_, key, _) = config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&["optim.beta2=nan"])));
+        assert_eq!(key, "optim.beta2");
+    }
+
+    #[test]
+    fn missing_file() {
+        let path = Path::new("/nonexistent/kiln.toml");
+        let (source, key, message) = config_error(Config::load(Some(path), &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("/nonexistent/kiln.toml", ""));
+        assert!(message.starts_with("cannot read the file: "), "{message}");
+        let display = Error::config(source, key, message).to_string();
+        assert!(display.starts_with("/nonexistent/kiln.toml: cannot read the file: "), "{display}");
+    }
+
+    #[test]
+    fn toml_syntax_error() {
+        let text = "[model]\nn_layer = = 2\n";
+        let (source, key, message) = config_error(Config::from_toml_str(text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", ""));
+        assert!(message.starts_with("invalid TOML at line 2, column "), "{message}");
+    }
+
+    #[test]
+    fn override_changes_a_value() {
+        let config =
+            Config::load(None, &set(&["train.max_steps=200", "optim.lr=1e-3", "model . n_layer = 3"])).unwrap();
+        assert_eq!(config.train.max_steps, 200);
+        assert_eq!(config.optim.lr, 1e-3);
+        assert_eq!(config.model.n_layer, 3);
+    }
+
+    #[test]
+    fn override_with_a_bare_string() {
+        let config = Config::load(None, &set(&["data.train=input.txt", "data.val=\"v.txt\""])).unwrap();
+        assert_eq!(config.data.train, "input.txt");
+        assert_eq!(config.data.val.as_deref(), Some("v.txt"));
+    }
+
+    #[test]
+    fn override_of_an_unknown_key() {
+        let (source, key, message) = config_error(Config::load(None, &set(&["train.max_step=5"])));
+        assert_eq!((source.as_str(), key.as_str()), ("--set", "train.max_step"));
+        assert!(message.contains("unknown key"), "{message}");
+    }
+
+    #[test]
+    fn override_of_an_unknown_section() {
+        let (source, key, message) = config_error(Config::load(None, &set(&["optimizer.lr=1"])));
+        assert_eq!((source.as_str(), key.as_str()), ("--set", "optimizer"));
+        assert!(message.contains("unknown section"), "{message}");
+    }
+
+    #[test]
+    fn override_producing_an_invalid_value() {
+        let (source, key, _) = config_error(Config::load(None, &set(&["model.n_head=3"])));
+        // The bad key is model.n_embd, which the file set; the override only made it indivisible.
+        assert_eq!((source.as_str(), key.as_str()), (QUICKSTART_SOURCE, "model.n_embd"));
+        let (source, key, _) = config_error(Config::load(None, &set(&["train.micro_batch=0"])));
+        assert_eq!((source.as_str(), key.as_str()), ("--set", "train.micro_batch"));
+        let (source, key, message) = config_error(Config::load(None, &set(&["train.micro_batch=x"])));
+        assert_eq!((source.as_str(), key.as_str()), ("--set", "train.micro_batch"));
+        assert!(message.contains("string"), "{message}");
+    }
+
+    #[test]
+    fn malformed_override() {
+        for raw in ["max_steps=5", "train.max_steps", "a.b.c=1", ".x=1", "train.=1"] {
+            let (source, key, _) = config_error(Config::load(None, &set(&[raw])));
+            assert_eq!((source.as_str(), key.as_str()), ("--set", raw));
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! kiln's CPU engine.
+//!
+//! Implements every [`Backend`] operation in plain Rust: rayon for parallel loops, the `gemm` crate for matrix
+//! products, one file per layer with the math stated at its top. It is generic over the scalar type: `f32` is the
+//! engine that trains, `f64` runs the same code for gradient checks against finite differences. Results do not
+//! depend on thread scheduling: every reduction is split into fixed pieces summed in a fixed order.
+
+mod adamw;
+mod attention;
+mod classifier;
+mod encoder;
+mod layernorm;
+pub mod math;
+mod matmul;
+
+use kiln_core::backend::{BufferId, IGNORE_TARGET};
+use kiln_core::{AdamWStep, AttentionDims, Backend, Error, MatmulDims, Result, Role, Tensor};
+use math::Real;
+use rayon::prelude::*;
+
+/// One allocation: real numbers or token ids. Allocations live as long as the backend.
+enum Allocation<T> {
+    Real(Box<[T]>),
+    Index(Box<[u32]>),
+}
+
+/// The CPU engine, over scalar type `T` (`f32` to train, `f64` for gradient checks).
+pub struct CpuBackend<T: Real> {
+    allocations: Vec<Allocation<T>>,
+    /// Reused working memory of the operations that need some, so that a training step allocates nothing.
+    scratch: Vec<T>,
+    /// Per-piece partial sums of [`Backend::sum`] and [`Backend::sum_squares`].
+    partials: Vec<f64>,
+}
+
+impl<T: Real> Default for CpuBackend<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Stands for an optional operand that was not given; it overlaps nothing.
+const ABSENT: Tensor = Tensor { buffer: BufferId(u32::MAX), offset: 0, len: 0 };
+
+fn optional(t: Option<Tensor>, len: usize) -> (Tensor, usize) {
+    t.map_or((ABSENT, 0), |t| (t, len))
+}
+
+/// Elements per piece of a sum: fixed, so that results do not depend on the number of threads.
+const SUM_PIECE: usize = 1 << 14;
+
+impl<T: Real> CpuBackend<T> {
+    pub fn new() -> Self {
+        CpuBackend { allocations: Vec::new(), scratch: Vec::new(), partials: Vec::new() }
+    }
+
+    /// The elements of a real-valued tensor, for direct host access (tests perturb single parameters through it).
+    pub fn values_mut(&mut self, t: Tensor) -> Result<&mut [T]> {
+        self.real_mut("values_mut", t)
+    }
+
+    fn invalid(&self, op: &str, message: String) -> Error {
+        Error::backend(self.name(), format!("{op}: {message}"))
+    }
+
+    /// Checks that `t` names a real-valued range of exactly `len` elements inside one allocation.
+    fn check_real(&self, op: &str, t: Tensor, len: usize) -> Result<()> {
+        match self.allocations.get(t.buffer.0 as usize) {
+            Some(Allocation::Real(data)) if t.offset + t.len <= data.len() => {}
+            Some(Allocation::Real(_)) | None => return Err(self.invalid(op, format!("{t:?} is not a valid tensor"))),
+            Some(Allocation::Index(_)) => return Err(self.invalid(op, format!("{t:?} holds token ids, not reals"))),
+        }
+        if t.len != len {
+            return Err(self.invalid(op, format!("{t:?} has {} elements, expected {len}", t.len)));
+        }
+        Ok(())
+    }
+
+    fn check_index(&self, op: &str, t: Tensor, len: usize) -> Result<()> {
+        match self.allocations.get(t.buffer.0 as usize) {
+            Some(Allocation::Index(data)) if t.offset + t.len <= data.len() && t.len == len => Ok(()),
+            _ => Err(self.invalid(op, format!("{t:?} is not a token tensor of {len} elements"))),
+        }
+    }
+
+    /// Checks an operation's operands: each real tensor has its expected length, and no output overlaps any
+    /// other operand. Only after this may the operation take slices of them. Absent optional operands (see
+    /// [`optional`]) are skipped.
+    fn check(&self, op: &str, outputs: &[(Tensor, usize)], inputs: &[(Tensor, usize)]) -> Result<()> {
+        for &(t, len) in outputs.iter().chain(inputs).filter(|(t, _)| *t != ABSENT) {
+            self.check_real(op, t, len)?;
+        }
+        for (i, (out, _)) in outputs.iter().enumerate() {
+            let others = outputs.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, o)| o).chain(inputs);
+            if let Some((other, _)) = others.into_iter().find(|(o, _)| out.overlaps(o)) {
+                return Err(self.invalid(op, format!("output {out:?} overlaps operand {other:?}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn base(&self, t: Tensor) -> *mut T {
+        match &self.allocations[t.buffer.0 as usize] {
+            Allocation::Real(data) => data.as_ptr() as *mut T,
+            Allocation::Index(_) => unreachable!("checked by check_real"),
+        }
+    }
+
+    /// # Safety
+    /// `t` must have passed [`Self::check`] as an input of the current operation.
+    unsafe fn read(&self, t: Tensor) -> &[T] {
+        unsafe { std::slice::from_raw_parts(self.base(t).add(t.offset), t.len) }
+    }
+
+    /// # Safety
+    /// `t` must have passed [`Self::check`] as an output of the current operation (so nothing else refers to its
+    /// elements while the slice lives), and the backend must be borrowed mutably for as long.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn write(&self, t: Tensor) -> &mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.base(t).add(t.offset), t.len) }
+    }
+
+    fn indices(&self, t: Tensor) -> &[u32] {
+        match &self.allocations[t.buffer.0 as usize] {
+            Allocation::Index(data) => &data[t.offset..t.offset + t.len],
+            Allocation::Real(_) => unreachable!("checked by check_index"),
+        }
+    }
+
+    /// Mutable access to a whole allocation's range for the memory operations, which have a single operand.
+    fn real_mut(&mut self, op: &str, t: Tensor) -> Result<&mut [T]> {
+        self.check_real(op, t, t.len)?;
+        match &mut self.allocations[t.buffer.0 as usize] {
+            Allocation::Real(data) => Ok(&mut data[t.offset..t.offset + t.len]),
+            Allocation::Index(_) => unreachable!("checked by check_real"),
+        }
+    }
+
+    fn real_ref(&self, op: &str, t: Tensor) -> Result<&[T]> {
+        self.check_real(op, t, t.len)?;
+        // SAFETY: a single shared operand, checked above.
+        Ok(unsafe { self.read(t) })
+    }
+
+    /// A fixed-order sum of `f(x)` over the elements of `t`, accumulated in f64.
+    fn reduce(&mut self, op: &str, t: Tensor, f: impl Fn(f64) -> f64 + Sync) -> Result<f32> {
+        let mut partials = std::mem::take(&mut self.partials);
+        let data = self.real_ref(op, t)?;
+        data.par_chunks(SUM_PIECE)
+            .map(|piece| piece.iter().map(|&x| f(x.to_f64())).sum::<f64>())
+            .collect_into_vec(&mut partials);
+        let total: f64 = partials.iter().sum();
+        self.partials = partials;
+        Ok(total as f32)
+    }
+
+    fn scratch(&mut self, len: usize) -> Vec<T> {
+        let mut s = std::mem::take(&mut self.scratch);
+        s.clear();
+        s.resize(len, T::zero());
+        s
+    }
+}
+
+// SAFETY: the backend exclusively owns its allocations; the raw pointers it derives never outlive an operation.
+unsafe impl<T: Real> Send for CpuBackend<T> {}
+
+impl<T: Real> Backend for CpuBackend<T> {
+    fn name(&self) -> String {
+        if std::mem::size_of::<T>() == 8 { "cpu-f64".into() } else { "cpu".into() }
+    }
+
+    fn alloc(&mut self, len: usize, role: Role) -> Result<Tensor> {
+        let id = BufferId(
+            u32::try_from(self.allocations.len()).map_err(|_| self.invalid("alloc", "too many allocations".into()))?,
+        );
+        self.allocations.push(match role {
+            Role::Index => Allocation::Index(vec![0; len].into_boxed_slice()),
+            _ => Allocation::Real(vec![T::zero(); len].into_boxed_slice()),
+        });
+        Ok(Tensor { buffer: id, offset: 0, len })
+    }
+
+    fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()> {
+        if src.len() != dst.len {
+            return Err(self.invalid("upload", format!("{} values for a tensor of {}", src.len(), dst.len)));
+        }
+        for (d, &s) in self.real_mut("upload", dst)?.iter_mut().zip(src) {
+            *d = T::from_f32(s);
+        }
+        Ok(())
+    }
+
+    fn download(&mut self, src: Tensor, dst: &mut [f32]) -> Result<()> {
+        if dst.len() != src.len {
+            return Err(self.invalid("download", format!("{} values from a tensor of {}", dst.len(), src.len)));
+        }
+        for (d, &s) in dst.iter_mut().zip(self.real_ref("download", src)?) {
+            *d = s.to_f32();
+        }
+        Ok(())
+    }
+
+    fn upload_indices(&mut self, dst: Tensor, src: &[u32]) -> Result<()> {
+        self.check_index("upload_indices", dst, src.len())?;
+        match &mut self.allocations[dst.buffer.0 as usize] {
+            Allocation::Index(data) => data[dst.offset..dst.offset + dst.len].copy_from_slice(src),
+            Allocation::Real(_) => unreachable!("checked by check_index"),
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self, t: Tensor) -> Result<()> {
+        self.real_mut("zero", t)?.par_chunks_mut(SUM_PIECE).for_each(|c| c.fill(T::zero()));
+        Ok(())
+    }
+
+    fn sum(&mut self, t: Tensor) -> Result<f32> {
+        self.reduce("sum", t, |x| x)
+    }
+
+    fn sum_squares(&mut self, t: Tensor) -> Result<f32> {
+        self.reduce("sum_squares", t, |x| x * x)
+    }
+
+    fn encoder_forward(
+        &mut self,
+        out: Tensor,
+        tokens: Tensor,
+        wte: Tensor,
+        wpe: Tensor,
+        batch: usize,
+        time: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "encoder_forward";
+        let vocab = wte.len / c.max(1);
+        self.check(op, &[(out, batch * time * c)], &[(wte, vocab * c), (wpe, wpe.len / c.max(1) * c)])?;
+        self.check_index(op, tokens, batch * time)?;
+        self.check_tokens(op, tokens, vocab, false)?;
+        if time * c > wpe.len {
+            return Err(self.invalid(op, format!("{time} positions but only {} learned", wpe.len / c.max(1))));
+        }
+        // SAFETY: checked above.
+        unsafe { encoder::forward(self.write(out), self.indices(tokens), self.read(wte), self.read(wpe), time, c) };
+        Ok(())
+    }
+
+    fn encoder_backward(
+        &mut self,
+        dwte: Tensor,
+        dwpe: Tensor,
+        dout: Tensor,
+        tokens: Tensor,
+        batch: usize,
+        time: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "encoder_backward";
+        let vocab = dwte.len / c.max(1);
+        self.check(op, &[(dwte, vocab * c), (dwpe, dwpe.len / c.max(1) * c)], &[(dout, batch * time * c)])?;
+        self.check_index(op, tokens, batch * time)?;
+        self.check_tokens(op, tokens, vocab, false)?;
+        if time * c > dwpe.len {
+            return Err(self.invalid(op, format!("{time} positions but only {} learned", dwpe.len / c.max(1))));
+        }
+        // SAFETY: checked above.
+        unsafe {
+            encoder::backward(self.write(dwte), self.write(dwpe), self.read(dout), self.indices(tokens), time, c)
+        };
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &mut self,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let n = rows * c;
+        self.check("layernorm_forward", &[(out, n), (mean, rows), (rstd, rows)], &[(inp, n), (weight, c), (bias, c)])?;
+        // SAFETY: checked above.
+        unsafe {
+            let stats = layernorm::Stats { mean: self.write(mean), rstd: self.write(rstd) };
+            layernorm::forward(self.write(out), stats, self.read(inp), self.read(weight), self.read(bias), c);
+        }
+        Ok(())
+    }
+
+    fn residual_layernorm_forward(
+        &mut self,
+        residual: Tensor,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        a: Tensor,
+        b: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let n = rows * c;
+        self.check(
+            "residual_layernorm_forward",
+            &[(residual, n), (out, n), (mean, rows), (rstd, rows)],
+            &[(a, n), (b, n), (weight, c), (bias, c)],
+        )?;
+        // SAFETY: checked above.
+        unsafe {
+            let stats = layernorm::Stats { mean: self.write(mean), rstd: self.write(rstd) };
+            layernorm::residual_forward(
+                self.write(residual),
+                self.write(out),
+                stats,
+                self.read(a),
+                self.read(b),
+                self.read(weight),
+                self.read(bias),
+                c,
+            );
+        }
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dbias: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let n = rows * c;
+        self.check(
+            "layernorm_backward",
+            &[(dinp, n), (dweight, c), (dbias, c)],
+            &[(dout, n), (inp, n), (weight, c), (mean, rows), (rstd, rows)],
+        )?;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        // SAFETY: checked above.
+        unsafe {
+            layernorm::backward(
+                self.write(dinp),
+                self.write(dweight),
+                self.write(dbias),
+                self.read(dout),
+                self.read(inp),
+                self.read(weight),
+                self.read(mean),
+                self.read(rstd),
+                c,
+                &mut scratch,
+            );
+        }
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    fn matmul_forward(
+        &mut self,
+        out: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        gelu_pre: Option<Tensor>,
+        d: MatmulDims,
+    ) -> Result<()> {
+        let MatmulDims { rows, c_in, c_out } = d;
+        self.check(
+            "matmul_forward",
+            &[(out, rows * c_out), optional(gelu_pre, rows * c_out)],
+            &[(inp, rows * c_in), (weight, c_out * c_in), optional(bias, c_out)],
+        )?;
+        // SAFETY: checked above.
+        unsafe {
+            matmul::forward(
+                self.write(out),
+                self.read(inp),
+                self.read(weight),
+                bias.map(|b| self.read(b)),
+                gelu_pre.map(|p| self.write(p)),
+                d,
+            );
+        }
+        Ok(())
+    }
+
+    fn matmul_backward(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dbias: Option<Tensor>,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        gelu_pre: Option<Tensor>,
+        d: MatmulDims,
+    ) -> Result<()> {
+        let MatmulDims { rows, c_in, c_out } = d;
+        self.check(
+            "matmul_backward",
+            &[(dinp, rows * c_in), (dweight, c_out * c_in), optional(dbias, c_out)],
+            &[(dout, rows * c_out), (inp, rows * c_in), (weight, c_out * c_in), optional(gelu_pre, rows * c_in)],
+        )?;
+        // SAFETY: checked above.
+        unsafe {
+            matmul::backward(
+                self.write(dinp),
+                self.write(dweight),
+                dbias.map(|b| self.write(b)),
+                self.read(dout),
+                self.read(inp),
+                self.read(weight),
+                gelu_pre.map(|p| self.read(p)),
+                d,
+            );
+        }
+        Ok(())
+    }
+
+    fn attention_forward(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: AttentionDims) -> Result<()> {
+        let rows = d.batch * d.time;
+        let c = d.channels();
+        self.check("attention_forward", &[(out, rows * c), (lse, d.batch * d.heads * d.time)], &[(qkv, rows * 3 * c)])?;
+        let mut scratch = self.scratch(d.batch * attention::forward_scratch(&d));
+        // SAFETY: checked above.
+        unsafe { attention::forward(self.write(out), self.write(lse), self.read(qkv), d, &mut scratch) };
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    fn attention_backward(
+        &mut self,
+        dqkv: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        d: AttentionDims,
+    ) -> Result<()> {
+        let rows = d.batch * d.time;
+        let c = d.channels();
+        self.check(
+            "attention_backward",
+            &[(dqkv, rows * 3 * c)],
+            &[(dout, rows * c), (qkv, rows * 3 * c), (out, rows * c), (lse, d.batch * d.heads * d.time)],
+        )?;
+        let mut scratch = self.scratch(d.batch * attention::backward_scratch(&d));
+        // SAFETY: checked above.
+        unsafe {
+            attention::backward(
+                self.write(dqkv),
+                self.read(dout),
+                self.read(qkv),
+                self.read(out),
+                self.read(lse),
+                d,
+                &mut scratch,
+            )
+        };
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    fn classifier(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        targets: Tensor,
+        rows: usize,
+        vocab: usize,
+        padded_vocab: usize,
+        dloss: Option<f32>,
+    ) -> Result<()> {
+        let op = "classifier";
+        if vocab == 0 || vocab > padded_vocab {
+            return Err(self.invalid(op, format!("vocabulary {vocab} does not fit in {padded_vocab} logits")));
+        }
+        self.check(op, &[(logits, rows * padded_vocab), (losses, rows)], &[])?;
+        self.check_index(op, targets, rows)?;
+        self.check_tokens(op, targets, vocab, true)?;
+        // SAFETY: checked above.
+        unsafe {
+            classifier::forward(
+                self.write(logits),
+                self.write(losses),
+                self.indices(targets),
+                vocab,
+                padded_vocab,
+                dloss.map(T::from_f32),
+            )
+        };
+        Ok(())
+    }
+
+    fn adamw(&mut self, params: Tensor, grads: Tensor, m: Tensor, v: Tensor, step: &AdamWStep) -> Result<()> {
+        let n = params.len;
+        self.check("adamw", &[(params, n), (m, n), (v, n)], &[(grads, n)])?;
+        // SAFETY: checked above.
+        unsafe { adamw::update(self.write(params), self.read(grads), self.write(m), self.write(v), step) };
+        Ok(())
+    }
+}
+
+impl<T: Real> CpuBackend<T> {
+    /// Token ids index embedding rows and targets index logits: an id outside the vocabulary is an error, not an
+    /// out-of-bounds access.
+    fn check_tokens(&self, op: &str, t: Tensor, vocab: usize, allow_ignore: bool) -> Result<()> {
+        let ids = self.indices(t);
+        match ids.iter().position(|&id| id as usize >= vocab && !(allow_ignore && id == IGNORE_TARGET)) {
+            Some(i) => {
+                Err(self
+                    .invalid(op, format!("token id {} at position {i} is outside the vocabulary of {vocab}", ids[i])))
+            }
+            None => Ok(()),
+        }
+    }
+}
