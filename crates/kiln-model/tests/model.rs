@@ -1,0 +1,116 @@
+//! The whole model against finite differences (every parameter tensor, in f64), and its loss at initialisation.
+
+use kiln_core::{Backend, Tensor};
+use kiln_cpu::CpuBackend;
+use kiln_model::{Gpt, GptShape, Pass};
+
+fn shape(vocab: usize) -> GptShape {
+    GptShape { n_layer: 2, n_head: 2, n_embd: 8, block_size: 6, vocab, padded_vocab: vocab.div_ceil(64) * 64 }
+}
+
+fn batch(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7 + salt * 3 + i * i) % vocab) as u32).collect()
+}
+
+/// Total loss of the loaded batch.
+fn loss(b: &mut CpuBackend<f64>, model: &Gpt, batch_size: usize, time: usize) -> f64 {
+    b.zero(model.losses).unwrap();
+    model.forward(b, batch_size, time, Pass::Loss).unwrap();
+    b.values_mut(model.losses).unwrap().iter().sum()
+}
+
+#[test]
+fn every_parameter_gradient_matches_finite_differences() {
+    let vocab = 11;
+    let s = shape(vocab);
+    let mut b = CpuBackend::<f64>::new();
+    let model = Gpt::new(&mut b, s, 3, 7).unwrap();
+    // Fresh GPT-2 init has zero biases and unit norms, where some gradients vanish by symmetry: perturb every
+    // parameter so that each one's gradient is exercised.
+    for (i, p) in b.values_mut(model.params).unwrap().iter_mut().enumerate() {
+        *p += 0.05 * ((i as f64 * 0.37).sin());
+    }
+    let (bs, time) = (2, 5); // shorter than block_size, smaller than the allocated batch
+    let tokens = batch(bs * time, vocab, 0);
+    let targets = batch(bs * time, vocab, 1);
+    model.load_batch(&mut b, &tokens, Some(&targets)).unwrap();
+    b.zero(model.grads).unwrap();
+    b.zero(model.losses).unwrap();
+    model.forward(&mut b, bs, time, Pass::Train { dloss: 1.0 }).unwrap();
+    model.backward(&mut b, bs, time).unwrap();
+    let grads = b.values_mut(model.grads).unwrap().to_vec();
+
+    let h = 1e-5;
+    for p in &model.layout {
+        // Rows of wte that no token uses, and positions past `time`, rightly get exactly zero: check those too,
+        // alongside elements spread over the tensor.
+        let len = if p.name == "wte" { vocab * s.n_embd } else { p.len() };
+        let picks: Vec<usize> = (0..6).map(|k| p.offset + (k * 7919 + 3) % len).collect();
+        for i in picks {
+            let orig = b.values_mut(model.params).unwrap()[i];
+            b.values_mut(model.params).unwrap()[i] = orig + h;
+            let plus = loss(&mut b, &model, bs, time);
+            b.values_mut(model.params).unwrap()[i] = orig - h;
+            let minus = loss(&mut b, &model, bs, time);
+            b.values_mut(model.params).unwrap()[i] = orig;
+            let numeric = (plus - minus) / (2.0 * h);
+            let analytic = grads[i];
+            let err = (numeric - analytic).abs() / (1e-7 + numeric.abs().max(analytic.abs()));
+            assert!(
+                err < 1e-5 || (numeric - analytic).abs() < 1e-9,
+                "{}[{}]: analytic {analytic} vs numeric {numeric}",
+                p.name,
+                i - p.offset
+            );
+        }
+    }
+}
+
+#[test]
+fn padded_vocabulary_rows_get_no_gradient() {
+    let vocab = 11;
+    let s = shape(vocab);
+    let mut b = CpuBackend::<f64>::new();
+    let model = Gpt::new(&mut b, s, 2, 3).unwrap();
+    let tokens = batch(12, vocab, 0);
+    model.load_batch(&mut b, &tokens, Some(&batch(12, vocab, 5))).unwrap();
+    model.forward(&mut b, 2, 6, Pass::Train { dloss: 1.0 }).unwrap();
+    model.backward(&mut b, 2, 6).unwrap();
+    let grads = b.values_mut(model.grads).unwrap();
+    assert!(grads[vocab * s.n_embd..s.padded_vocab * s.n_embd].iter().all(|&g| g == 0.0));
+}
+
+#[test]
+fn initial_loss_is_log_vocab() {
+    // A fresh GPT-2 predicts nearly uniformly over the real vocabulary (the padded logits get no probability).
+    // Nearly: with the LM head tied to the embedding, each input token's own logit starts about
+    // 0.02²·C/(0.02·√2) ≈ 1.8 above the rest, which lifts the loss of vocabularies much under 64 by more than 0.1
+    // (13 tokens: 2.71 against ln 13 = 2.56). Hence realistic vocabularies here, up to GPT-2's own.
+    for vocab in [65, 500, 50257] {
+        let s = GptShape {
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 128,
+            block_size: 64,
+            vocab,
+            padded_vocab: vocab.div_ceil(64) * 64,
+        };
+        let mut b = CpuBackend::<f32>::new();
+        let model = Gpt::new(&mut b, s, 4, 1337).unwrap();
+        let n = 4 * 64;
+        model.load_batch(&mut b, &batch(n, vocab, 0), Some(&batch(n, vocab, 2))).unwrap();
+        model.forward(&mut b, 4, 64, Pass::Loss).unwrap();
+        let mean = b.sum(model.losses).unwrap() / n as f32;
+        let want = (vocab as f32).ln();
+        assert!((mean - want).abs() < 0.1, "vocab {vocab}: initial loss {mean}, ln(vocab) = {want}");
+    }
+}
+
+#[test]
+fn batches_that_do_not_fit_are_errors() {
+    let mut b = CpuBackend::<f32>::new();
+    let model = Gpt::new(&mut b, shape(11), 2, 1).unwrap();
+    assert!(model.forward(&mut b, 3, 6, Pass::Logits).is_err());
+    assert!(model.forward(&mut b, 2, 7, Pass::Logits).is_err());
+    let _: Tensor = model.params;
+}
