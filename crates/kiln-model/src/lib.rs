@@ -4,6 +4,7 @@
 //! all-reduce each see a single tensor) and initialises it; [`gpt`] holds the activations and runs the forward
 //! and backward passes layer by layer, explicitly, with every buffer allocated once when the model is built.
 
+pub mod generate;
 pub mod gpt;
 pub mod params;
 

@@ -1,0 +1,133 @@
+//! The `kiln` binary as users run it: the quickstart end to end, and bad input ending in a message that names
+//! the problem and exit code 2.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("RUST_LOG", "info").output().expect("kiln runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Runs `kiln train` expecting a usage error: exit code 2 and every fragment in the message.
+fn expect_usage_error(args: &[&str], fragments: &[&str]) {
+    let out = kiln(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "exit code for {args:?}; stderr:\n{err}");
+    for f in fragments {
+        assert!(err.contains(f), "{args:?}: message should mention {f:?}:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+const SMALL_MODEL: &str = "[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\n";
+
+#[test]
+fn quickstart_learns_to_add() {
+    let out_dir = temp_dir("quickstart");
+    let set_out = format!("train.out_dir={}", out_dir.display());
+    let out = kiln(&["train", "--set", &set_out]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("exact match on held-out sums"), "{err}");
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1000);
+    for key in ["step", "loss", "lr", "grad_norm", "step_ms", "tokens_per_s"] {
+        assert!(lines[0].get(key).is_some(), "metrics line lacks {key}: {}", lines[0]);
+    }
+    assert!(lines[249]["val_loss"].is_number());
+    let last = &lines[999];
+    assert_eq!(last["step"], 1000);
+    let accuracy = last["exact_match"].as_f64().unwrap();
+    assert!(accuracy >= 0.9, "exact match {accuracy} on held-out sums");
+    // The saved configuration is the resolved one, and loads again.
+    let saved = out_dir.join("config.toml");
+    assert!(std::fs::read_to_string(&saved).unwrap().contains("out_dir"));
+    let again = kiln(&["train", "--config", &saved.to_string_lossy(), "--set", "train.max_steps=1", "--set", &set_out]);
+    assert!(again.status.success(), "{}", stderr(&again));
+}
+
+#[test]
+fn trains_on_a_text_file() {
+    let dir = temp_dir("text");
+    let text: String = (0..400).map(|i| format!("line {i}: the quick brown fox jumps over the lazy dog\n")).collect();
+    let data = write(&dir, "corpus.txt", &text);
+    let config = write(
+        &dir,
+        "c.toml",
+        &format!(
+            "{SMALL_MODEL}[data]\ntrain = \"{data}\"\n[train]\nmax_steps = 20\nmicro_batch = 4\neval_every = 10\nout_dir = \"{}\"\n",
+            dir.join("run").display()
+        ),
+    );
+    let out = kiln(&["train", "--config", &config]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("val loss"), "{err}");
+}
+
+#[test]
+fn config_errors_name_the_key_and_the_file() {
+    let dir = temp_dir("config");
+    let unknown = write(&dir, "unknown.toml", &format!("{SMALL_MODEL}micro_bach = 3\n[data]\ntrain = \"x\"\n"));
+    expect_usage_error(&["train", "--config", &unknown], &["unknown.toml", "model.micro_bach", "unknown key"]);
+
+    let wrong_type =
+        write(&dir, "type.toml", &format!("{SMALL_MODEL}[data]\ntrain = \"x\"\n[train]\nmicro_batch = \"four\"\n"));
+    expect_usage_error(&["train", "--config", &wrong_type], &["type.toml", "train.micro_batch"]);
+
+    let indivisible = write(
+        &dir,
+        "heads.toml",
+        "[model]\nn_layer = 1\nn_head = 3\nn_embd = 16\nblock_size = 8\n[data]\ntrain = \"x\"\n",
+    );
+    expect_usage_error(&["train", "--config", &indivisible], &["heads.toml", "model.n_embd", "divisible"]);
+
+    expect_usage_error(&["train", "--set", "train.micro_batch=0"], &["--set", "train.micro_batch"]);
+    expect_usage_error(&["train", "--set", "optim.lrr=1"], &["--set", "optim.lrr", "unknown key"]);
+    expect_usage_error(&["train", "--config", "/no/such/config.toml"], &["/no/such/config.toml"]);
+}
+
+#[test]
+fn data_errors_name_the_file() {
+    let dir = temp_dir("data");
+    let missing = dir.join("missing.txt");
+    let set = format!("data.train={}", missing.display());
+    expect_usage_error(&["train", "--set", &set], &["missing.txt", "cannot read"]);
+
+    let binary = dir.join("binary.txt");
+    std::fs::write(&binary, [b'a', b'b', 0xC3, 0x28, b'c']).unwrap();
+    let set = format!("data.train={}", binary.display());
+    expect_usage_error(&["train", "--set", &set], &["binary.txt", "byte offset 2"]);
+}
+
+#[test]
+fn usage_errors() {
+    expect_usage_error(&["train", "--backend", "tpu"], &["tpu"]);
+    expect_usage_error(&["frobnicate"], &["frobnicate"]);
+    expect_usage_error(&["train", "--backend", "cuda"], &["CUDA"]);
+}
+
+#[test]
+fn info_lists_the_engines() {
+    let out = kiln(&["info"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("kiln ") && text.contains("cpu") && text.contains("threads"), "{text}");
+}

@@ -1,0 +1,161 @@
+//! Training data.
+//!
+//! A [`Dataset`] turns `data.*` configuration into sequences of token ids. Every training sequence is a pure
+//! function of `(seed, step, row)`: there is no loader state to save or restore, a resumed run sees exactly the
+//! data it would have seen, and data-parallel ranks can split any global batch by row without coordinating.
+
+mod addition;
+mod tokenizer;
+
+pub use addition::Addition;
+pub use tokenizer::CharTokenizer;
+
+use kiln_core::config::{DataConfig, Tokenizer};
+use kiln_core::{Error, Result};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+
+/// The name of the built-in corpus in `data.train = "synthetic:addition"`.
+pub const SYNTHETIC_PREFIX: &str = "synthetic:";
+
+pub struct Dataset {
+    pub tokenizer: CharTokenizer,
+    source: Source,
+}
+
+enum Source {
+    Text { train: Vec<u32>, val: Vec<u32> },
+    Addition(Addition),
+}
+
+/// A seed for one sequence, from the run's seed and the sequence's coordinates (SplitMix64 finalisers, so that
+/// neighbouring coordinates give unrelated streams).
+fn sequence_seed(seed: u64, stream: u64, step: u64, row: u64) -> u64 {
+    let mut h = seed;
+    for x in [stream, step, row] {
+        h = mix(h ^ mix(x.wrapping_add(0x9E37_79B9_7F4A_7C15)));
+    }
+    h
+}
+
+pub(crate) fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+const TRAIN_STREAM: u64 = 1;
+const VAL_STREAM: u64 = 2;
+
+impl Dataset {
+    /// Opens the corpus `data` names. Sequences will be `time` tokens long.
+    pub fn open(data: &DataConfig, time: usize) -> Result<Dataset> {
+        let Tokenizer::Char = data.tokenizer;
+        if let Some(name) = data.train.strip_prefix(SYNTHETIC_PREFIX) {
+            return match name {
+                "addition" => {
+                    if let Some(val) = &data.val {
+                        return Err(Error::Usage(format!(
+                            "data.val = \"{val}\": a synthetic corpus brings its own validation set; remove data.val"
+                        )));
+                    }
+                    if time < addition::EXAMPLE_LEN {
+                        return Err(Error::Usage(format!(
+                            "model.block_size = {time}: synthetic:addition needs at least {} (one whole sum)",
+                            addition::EXAMPLE_LEN
+                        )));
+                    }
+                    let task = Addition::new();
+                    Ok(Dataset { tokenizer: task.tokenizer(), source: Source::Addition(task) })
+                }
+                other => Err(Error::data(
+                    &data.train,
+                    format!("no synthetic corpus named \"{other}\"; the built-in one is synthetic:addition"),
+                )),
+            };
+        }
+        let train_text = read_text(Path::new(&data.train))?;
+        let (train_text, val_text) = match &data.val {
+            Some(val) => (train_text, read_text(Path::new(val))?),
+            None => {
+                // Hold out the last 10%, cut at a character boundary.
+                let mut cut = train_text.len() * 9 / 10;
+                while !train_text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                let val = train_text[cut..].to_string();
+                (train_text[..cut].to_string(), val)
+            }
+        };
+        let tokenizer = CharTokenizer::from_text(&format!("{train_text}{val_text}"));
+        let train = tokenizer.encode(&train_text)?;
+        let val = tokenizer.encode(&val_text)?;
+        let val_name = data.val.clone().unwrap_or_else(|| format!("{} (last 10%)", data.train));
+        for (tokens, name) in [(&train, &data.train), (&val, &val_name)] {
+            if tokens.len() <= time {
+                return Err(Error::data(
+                    name,
+                    format!(
+                        "{} characters, too few for one sequence of block_size {time} (+1 for the target)",
+                        tokens.len()
+                    ),
+                ));
+            }
+        }
+        Ok(Dataset { tokenizer, source: Source::Text { train, val } })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.vocab_size()
+    }
+
+    /// Training sequence `row` of optimizer step `step`: `inputs` and `targets` of equal length, targets shifted
+    /// by one; positions that should not be learned carry
+    /// [`kiln_core::backend::IGNORE_TARGET`].
+    pub fn train_sequence(&self, seed: u64, step: u64, row: u64, inputs: &mut [u32], targets: &mut [u32]) {
+        let mut rng = ChaCha8Rng::seed_from_u64(sequence_seed(seed, TRAIN_STREAM, step, row));
+        match &self.source {
+            Source::Text { train, .. } => window(train, &mut rng, inputs, targets),
+            Source::Addition(task) => task.sequence(&mut rng, false, inputs, targets),
+        }
+    }
+
+    /// Validation sequence `index`: the same for every evaluation of a run, so losses are comparable.
+    pub fn val_sequence(&self, seed: u64, index: u64, inputs: &mut [u32], targets: &mut [u32]) {
+        let mut rng = ChaCha8Rng::seed_from_u64(sequence_seed(seed, VAL_STREAM, 0, index));
+        match &self.source {
+            Source::Text { val, .. } => window(val, &mut rng, inputs, targets),
+            Source::Addition(task) => task.sequence(&mut rng, true, inputs, targets),
+        }
+    }
+
+    /// The synthetic task, when the corpus is one: it can also be scored by exact match.
+    pub fn addition(&self) -> Option<&Addition> {
+        match &self.source {
+            Source::Addition(task) => Some(task),
+            Source::Text { .. } => None,
+        }
+    }
+}
+
+/// A random window of `inputs.len() + 1` consecutive tokens.
+fn window(tokens: &[u32], rng: &mut ChaCha8Rng, inputs: &mut [u32], targets: &mut [u32]) {
+    let t = inputs.len();
+    let start = rng.random_range(0..tokens.len() - t);
+    inputs.copy_from_slice(&tokens[start..start + t]);
+    targets.copy_from_slice(&tokens[start + 1..start + t + 1]);
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))?;
+    if bytes.is_empty() {
+        return Err(Error::data(path, "the file is empty"));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Error::data(
+            path,
+            format!("not UTF-8 text: invalid byte sequence at byte offset {}", e.utf8_error().valid_up_to()),
+        )
+    })
+}

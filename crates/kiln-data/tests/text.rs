@@ -1,0 +1,94 @@
+//! Text corpora: the split, the vocabulary, and every kind of bad file.
+
+use kiln_core::config::{DataConfig, Tokenizer};
+use kiln_core::{Error, backend::IGNORE_TARGET};
+use kiln_data::Dataset;
+use std::path::PathBuf;
+
+fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-data-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn config(train: &PathBuf, val: Option<&PathBuf>) -> DataConfig {
+    DataConfig {
+        train: train.to_string_lossy().into(),
+        val: val.map(|v| v.to_string_lossy().into()),
+        tokenizer: Tokenizer::Char,
+    }
+}
+
+fn data_error(result: Result<Dataset, Error>) -> String {
+    match result {
+        Err(e @ Error::Data { .. }) => {
+            assert_eq!(e.exit_code(), 2);
+            e.to_string()
+        }
+        Err(other) => panic!("expected a data error, got {other:?}"),
+        Ok(_) => panic!("expected a data error"),
+    }
+}
+
+#[test]
+fn text_is_split_ninety_ten_and_windows_are_shifted_targets() {
+    // 100 characters: 90 to train on, 10 held out; the held-out part has characters the training part lacks.
+    let text = format!("{}{}", "ab".repeat(45), "xyzxyzxyzx");
+    let path = temp_file("split.txt", text.as_bytes());
+    let data = Dataset::open(&config(&path, None), 8).unwrap();
+    assert_eq!(data.vocab_size(), 5);
+    let (mut x, mut y) = (vec![0; 8], vec![0; 8]);
+    for row in 0..20 {
+        data.train_sequence(7, 3, row, &mut x, &mut y);
+        let s = data.tokenizer.decode(&x);
+        assert!(s.chars().all(|c| c == 'a' || c == 'b'), "training window {s:?} reaches into the held-out 10%");
+        assert_eq!(x[1..], y[..7]);
+        assert!(!y.contains(&IGNORE_TARGET));
+    }
+    data.val_sequence(7, 0, &mut x, &mut y);
+    assert!(data.tokenizer.decode(&x).chars().all(|c| "xyz".contains(c)));
+    // Same coordinates, same sequence; another step, (almost surely) another.
+    let (mut x2, mut y2) = (vec![0; 8], vec![0; 8]);
+    data.train_sequence(7, 3, 5, &mut x, &mut y);
+    data.train_sequence(7, 3, 5, &mut x2, &mut y2);
+    assert_eq!((x.clone(), y.clone()), (x2.clone(), y2.clone()));
+}
+
+#[test]
+fn a_separate_validation_file_is_used_whole() {
+    let train = temp_file("t.txt", "hello world, hello kiln".as_bytes());
+    let val = temp_file("v.txt", "qqqqqqqqqqqq".as_bytes());
+    let data = Dataset::open(&config(&train, Some(&val)), 4).unwrap();
+    let (mut x, mut y) = (vec![0; 4], vec![0; 4]);
+    data.val_sequence(1, 0, &mut x, &mut y);
+    assert_eq!(data.tokenizer.decode(&x), "qqqq");
+}
+
+#[test]
+fn bad_files_are_named_with_the_problem() {
+    let missing = std::env::temp_dir().join("kiln-no-such-file.txt");
+    let msg = data_error(Dataset::open(&config(&missing, None), 4));
+    assert!(msg.contains("kiln-no-such-file.txt") && msg.contains("cannot read"), "{msg}");
+
+    let empty = temp_file("empty.txt", b"");
+    assert!(data_error(Dataset::open(&config(&empty, None), 4)).contains("empty"));
+
+    let mut bytes = b"valid text then ".to_vec();
+    bytes.extend_from_slice(&[0xff, 0xfe]);
+    let binary = temp_file("binary.txt", &bytes);
+    let msg = data_error(Dataset::open(&config(&binary, None), 4));
+    assert!(msg.contains("binary.txt") && msg.contains("byte offset 16"), "{msg}");
+
+    let short = temp_file("short.txt", b"0123456789abcdefghij");
+    let msg = data_error(Dataset::open(&config(&short, None), 64));
+    assert!(msg.contains("too few for one sequence of block_size 64"), "{msg}");
+}
+
+#[test]
+fn unknown_synthetic_corpus() {
+    let cfg = DataConfig { train: "synthetic:multiplication".into(), val: None, tokenizer: Tokenizer::Char };
+    let msg = data_error(Dataset::open(&cfg, 13));
+    assert!(msg.contains("synthetic:addition"), "{msg}");
+}

@@ -1,0 +1,295 @@
+//! The training loop, over any [`Backend`].
+//!
+//! One optimizer step: draw the step's sequences (a function of seed and step), run forward and backward over
+//! each micro-batch with gradients accumulating, take the global gradient norm and clip, and apply AdamW with the
+//! scheduled learning rate, decaying only the weight matrices and embeddings. Every `eval_every` steps the
+//! validation loss is measured on the same held-out sequences each time. The caller sees progress through
+//! [`Hooks`] and the results through [`Summary`]; the trainer logs with `tracing` and appends one JSON object per
+//! step to `out_dir/metrics.jsonl`.
+
+mod metrics;
+pub mod schedule;
+
+use kiln_core::{AdamWStep, Backend, Config, Error, Result, Role, Tensor};
+use kiln_data::{Addition, Dataset};
+use kiln_model::params::decay_runs;
+use kiln_model::{Gpt, GptShape, Pass, generate};
+use metrics::{Metrics, StepRecord};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// How a run reports back while it goes.
+#[derive(Default)]
+pub struct Hooks {
+    /// Set (by a Ctrl-C handler, say) to end the run after the current step.
+    pub stop: Arc<AtomicBool>,
+    /// Called after every step with the number of steps done.
+    pub on_step: Option<Box<dyn FnMut(u64)>>,
+}
+
+/// What a finished run measured.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub steps: u64,
+    /// Training loss of every step.
+    pub losses: Vec<f32>,
+    pub val_loss: Option<f32>,
+    /// For the synthetic addition task: the fraction of held-out sums answered exactly.
+    pub exact_match: Option<f32>,
+    /// A few held-out prompts with the model's completions and whether each was right.
+    pub samples: Vec<(String, String, bool)>,
+    /// Median training throughput over the run's steps.
+    pub tokens_per_s: f64,
+}
+
+/// Held-out sums scored at the end of a synthetic-addition run.
+const EXACT_MATCH_PROBLEMS: usize = 1000;
+const SAMPLES_SHOWN: usize = 5;
+
+pub struct Trainer<B: Backend> {
+    config: Config,
+    backend: B,
+    model: Gpt,
+    data: Dataset,
+    /// AdamW moments, laid out like the parameters.
+    m: Tensor,
+    v: Tensor,
+    decay_runs: Vec<(usize, usize, bool)>,
+    accumulation: usize,
+    /// One step's token ids and targets, `accumulation × micro_batch × block_size` each: filled on the host,
+    /// uploaded one micro-batch at a time.
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    step: u64,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Opens the data and builds the model on `backend`: every buffer a step needs is allocated here.
+    pub fn new(config: &Config, mut backend: B) -> Result<Self> {
+        let t = config.model.block_size;
+        let data = Dataset::open(&config.data, t)?;
+        let shape = GptShape::new(config, data.vocab_size());
+        let mb = config.train.micro_batch;
+        let model = Gpt::new(&mut backend, shape, mb, config.train.seed)?;
+        let m = backend.alloc(model.params.len, Role::OptState)?;
+        let v = backend.alloc(model.params.len, Role::OptState)?;
+        let accumulation = config.accumulation_steps();
+        let tokens_per_step = accumulation * mb * t;
+        Ok(Trainer {
+            decay_runs: decay_runs(&model.layout),
+            config: config.clone(),
+            backend,
+            model,
+            data,
+            m,
+            v,
+            accumulation,
+            inputs: vec![0; tokens_per_step],
+            targets: vec![0; tokens_per_step],
+            step: 0,
+        })
+    }
+
+    pub fn model(&self) -> &Gpt {
+        &self.model
+    }
+
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Runs from the current step to `train.max_steps`, writing `out_dir` if `write_outputs`.
+    pub fn run(&mut self, hooks: &mut Hooks, write_outputs: bool) -> Result<Summary> {
+        let cfg = self.config.clone();
+        let train = &cfg.train;
+        let mut metrics =
+            if write_outputs { Some(Metrics::create(&PathBuf::from(&train.out_dir), &cfg)?) } else { None };
+        let shape = self.model.shape;
+        tracing::info!(
+            "model: {} layers, {} heads, {} wide, {} positions, vocabulary {} (padded to {}); {:.2}M parameters",
+            shape.n_layer,
+            shape.n_head,
+            shape.n_embd,
+            shape.block_size,
+            shape.vocab,
+            shape.padded_vocab,
+            shape.num_counted_params() as f64 / 1e6
+        );
+        tracing::info!(
+            "batch: {} tokens per step = {} sequences × {} tokens × {} accumulation steps; backend {}",
+            cfg.total_batch_tokens(),
+            train.micro_batch,
+            cfg.model.block_size,
+            self.accumulation,
+            self.backend.name()
+        );
+        let mut summary = Summary::default();
+        let mut step_times = Vec::new();
+        while self.step < train.max_steps {
+            let started = Instant::now();
+            let (loss, grad_norm, lr) = self.train_step()?;
+            let seconds = started.elapsed().as_secs_f64();
+            step_times.push(seconds);
+            let step = self.step;
+            summary.losses.push(loss);
+            if !loss.is_finite() {
+                return Err(Error::backend(self.backend.name(), format!("the loss became {loss} at step {step}")));
+            }
+            let tokens_per_s = cfg.total_batch_tokens() as f64 / seconds;
+            let last = step == train.max_steps;
+            if step == 1 || step % train.log_every == 0 || last {
+                tracing::info!(
+                    "step {step:>6}/{} | loss {loss:.4} | lr {lr:.2e} | norm {grad_norm:.3} | {:.1} ms | {tokens_per_s:.0} tok/s",
+                    train.max_steps,
+                    seconds * 1e3
+                );
+            }
+            let mut record =
+                StepRecord { step, loss, lr, grad_norm, step_ms: seconds * 1e3, tokens_per_s, ..Default::default() };
+            if last || (train.eval_every > 0 && step % train.eval_every == 0) {
+                let val = self.validation_loss()?;
+                tracing::info!("step {step:>6}/{} | val loss {val:.4}", train.max_steps);
+                record.val_loss = Some(val);
+                summary.val_loss = Some(val);
+            }
+            if last && self.data.addition().is_some() {
+                let (accuracy, samples) = self.exact_match()?;
+                record.exact_match = Some(accuracy);
+                summary.exact_match = Some(accuracy);
+                summary.samples = samples;
+            }
+            if let Some(m) = &mut metrics {
+                m.append(&record)?;
+            }
+            if let Some(f) = &mut hooks.on_step {
+                f(step);
+            }
+            if hooks.stop.load(Ordering::Relaxed) && !last {
+                tracing::warn!("interrupted after step {step}");
+                return Err(Error::Interrupted);
+            }
+        }
+        summary.steps = self.step;
+        step_times.sort_by(f64::total_cmp);
+        if let Some(median) = step_times.get(step_times.len() / 2) {
+            summary.tokens_per_s = cfg.total_batch_tokens() as f64 / median;
+        }
+        Ok(summary)
+    }
+
+    /// One optimizer step; returns the mean training loss, the gradient norm before clipping, and the learning
+    /// rate used.
+    pub fn train_step(&mut self) -> Result<(f32, f32, f32)> {
+        let cfg = &self.config;
+        let (mb, t) = (cfg.train.micro_batch, cfg.model.block_size);
+        let seq = t;
+        for row in 0..self.accumulation * mb {
+            let range = row * seq..(row + 1) * seq;
+            self.data.train_sequence(
+                cfg.train.seed,
+                self.step,
+                row as u64,
+                &mut self.inputs[range.clone()],
+                &mut self.targets[range],
+            );
+        }
+        // The loss is the mean over every counted target of the whole step, so each micro-batch's gradient is
+        // scaled by one over the step's count, known before the first micro-batch runs.
+        let counted = self.targets.iter().filter(|&&y| y != kiln_core::backend::IGNORE_TARGET).count();
+        if counted == 0 {
+            return Err(Error::Invalid(format!(
+                "step {} has no targets to learn from; is block_size too small for the data?",
+                self.step
+            )));
+        }
+        let dloss = 1.0 / counted as f32;
+
+        let b = &mut self.backend;
+        b.zero(self.model.grads)?;
+        b.zero(self.model.losses)?;
+        let per_micro = mb * t;
+        for micro in 0..self.accumulation {
+            let range = micro * per_micro..(micro + 1) * per_micro;
+            self.model.load_batch(b, &self.inputs[range.clone()], Some(&self.targets[range]))?;
+            self.model.forward(b, mb, t, Pass::Train { dloss })?;
+            self.model.backward(b, mb, t)?;
+        }
+        let loss = b.sum(self.model.losses)? * dloss;
+        let grad_norm = b.sum_squares(self.model.grads)?.sqrt();
+        let o = &cfg.optim;
+        let grad_scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip { o.grad_clip / grad_norm } else { 1.0 };
+        let lr = schedule::learning_rate(o, self.step, cfg.train.max_steps);
+        for &(offset, len, decay) in &self.decay_runs {
+            let step = AdamWStep {
+                lr,
+                beta1: o.beta1,
+                beta2: o.beta2,
+                eps: o.eps,
+                weight_decay: if decay { o.weight_decay } else { 0.0 },
+                step: self.step + 1,
+                grad_scale,
+            };
+            let part = |t: Tensor| t.slice(offset, len);
+            b.adamw(part(self.model.params), part(self.model.grads), part(self.m), part(self.v), &step)?;
+        }
+        self.step += 1;
+        Ok((loss, grad_norm, lr))
+    }
+
+    /// Mean loss over `eval_steps` micro-batches of held-out sequences (the same ones at every evaluation).
+    pub fn validation_loss(&mut self) -> Result<f32> {
+        let cfg = &self.config;
+        let (mb, t) = (cfg.train.micro_batch, cfg.model.block_size);
+        let b = &mut self.backend;
+        b.zero(self.model.losses)?;
+        let mut counted = 0;
+        let (inputs, targets) = (&mut self.inputs[..mb * t], &mut self.targets[..mb * t]);
+        for i in 0..cfg.train.eval_steps {
+            for row in 0..mb {
+                let range = row * t..(row + 1) * t;
+                self.data.val_sequence(
+                    cfg.train.seed,
+                    (i * mb + row) as u64,
+                    &mut inputs[range.clone()],
+                    &mut targets[range],
+                );
+            }
+            counted += targets.iter().filter(|&&y| y != kiln_core::backend::IGNORE_TARGET).count();
+            self.model.load_batch(b, inputs, Some(targets))?;
+            self.model.forward(b, mb, t, Pass::Loss)?;
+        }
+        Ok(b.sum(self.model.losses)? / counted.max(1) as f32)
+    }
+
+    /// Greedy answers to held-out sums of the synthetic addition task: the fraction exactly right, and a few
+    /// examples.
+    pub fn exact_match(&mut self) -> Result<(f32, Vec<(String, String, bool)>)> {
+        let task = self.data.addition().ok_or_else(|| Error::Invalid("exact match needs synthetic:addition".into()))?;
+        let problems = task.problems(self.config.train.seed, EXACT_MATCH_PROBLEMS);
+        let tok = &self.data.tokenizer;
+        let prompts = problems.iter().map(|(p, _)| tok.encode(p)).collect::<Result<Vec<_>>>()?;
+        let completions = generate::greedy(&self.model, &mut self.backend, &prompts, task.answer_len())?;
+        let mut right = 0;
+        let mut samples = Vec::new();
+        for ((prompt, expected), seq) in problems.iter().zip(&completions) {
+            let answer = tok.decode(&seq[prompt.len()..]);
+            let ok = answer == *expected;
+            right += usize::from(ok);
+            if samples.len() < SAMPLES_SHOWN {
+                samples.push((prompt.clone(), answer, ok));
+            }
+        }
+        Ok((right as f32 / problems.len() as f32, samples))
+    }
+}
+
+/// Renders a completion of the addition task for people: `482+937=9141\n` reads `482+937 = 1419`.
+pub fn describe_sum(prompt: &str, completion: &str) -> String {
+    let question = prompt.trim_end_matches('=');
+    match Addition::read_answer(completion) {
+        Some(sum) => format!("{question} = {sum}"),
+        None => format!("{question} = {completion:?} (malformed)"),
+    }
+}

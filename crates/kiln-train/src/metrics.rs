@@ -1,0 +1,55 @@
+//! The run's files: `config.toml` (the resolved configuration) and `metrics.jsonl` (one JSON object per step).
+//!
+//! Schema of a `metrics.jsonl` line: `step` (1-based), `loss` (mean training loss of the step), `lr`,
+//! `grad_norm` (global norm before clipping), `step_ms`, `tokens_per_s`; steps that evaluate add `val_loss`;
+//! the last step of a synthetic-addition run adds `exact_match` (fraction of held-out sums answered exactly).
+
+use kiln_core::{Config, Error, Result};
+use serde::Serialize;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Default, Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss: f32,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub step_ms: f64,
+    pub tokens_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact_match: Option<f32>,
+}
+
+pub struct Metrics {
+    path: PathBuf,
+    file: BufWriter<File>,
+}
+
+impl Metrics {
+    /// Creates `dir`, saves the resolved configuration there and starts a fresh `metrics.jsonl`.
+    pub fn create(dir: &Path, config: &Config) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        write_atomically(&dir.join("config.toml"), config.to_toml_string().as_bytes())?;
+        let path = dir.join("metrics.jsonl");
+        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Metrics { path, file: BufWriter::new(file) })
+    }
+
+    /// Appends one line and flushes it, so that a crash loses nothing already reported.
+    pub fn append(&mut self, record: &StepRecord) -> Result<()> {
+        let line = serde_json::to_string(record).expect("a record of plain numbers serialises");
+        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`: readers see the old file or the
+/// new one, never half of one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
