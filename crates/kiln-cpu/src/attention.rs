@@ -1,64 +1,232 @@
-//! Causal multi-head self-attention, exact and unfused, computed row by row.
+//! Causal multi-head self-attention, exact, one (batch element, head) at a time.
 //!
 //! For one head, with queries `q_t`, keys `k_j`, values `v_j` and `s = 1/√head_dim`:
-//! forward `P_tj = softmax_j≤t(s·q_t·k_j)`, `o_t = Σ_j P_tj v_j`, saving `lse_t = log Σ_j≤t exp(s·q_t·k_j)`;
-//! backward (probabilities recomputed as `P_tj = exp(s·q_t·k_j − lse_t)`, and `D_t = dO_t·o_t`):
-//! `dP_tj = dO_t·v_j`, `dS_tj = P_tj(dP_tj − D_t)`, `dq_t = s Σ_j dS_tj k_j`, `dk_j = s Σ_t dS_tj q_t`,
-//! `dv_j = Σ_t P_tj dO_t`.
+//! forward `S_tj = s·q_t·k_j` (j ≤ t), `P = softmax_rows(S)`, `o_t = Σ_j P_tj v_j`, saving
+//! `lse_t = log Σ_j≤t exp(S_tj)`;
+//! backward (probabilities recomputed as `P_tj = exp(S_tj − lse_t)`, and `D_t = dO_t·o_t`):
+//! `dP = dO·Vᵀ`, `dS = P ∘ (dP − D)`, `dQ = s·dS·K`, `dK = s·dSᵀ·Q`, `dV = Pᵀ·dO`.
 //!
 //! Layouts: `qkv` is `(batch, time, 3·C)` with queries, keys and values each `C = heads·head_dim` wide; `out`
-//! `(batch, time, C)`; `lse` `(batch, heads, time)`. Work is split by batch element, whose slices of `out`,
-//! `lse` and `dqkv` are contiguous.
+//! `(batch, time, C)`; `lse` `(batch, heads, time)`. Each head's operands are first gathered into small
+//! zero-padded matrices (rows and columns rounded up to 16), so that every product above is one blocked loop
+//! ([`product`]) whose inner step is a row of 8-wide fused multiply-adds, and the causal mask is honoured by skipping the
+//! blocks above the diagonal. Batch elements are split evenly over the threads.
 
-use crate::math::{Real, axpy, dot};
+use crate::math::Real;
 use kiln_core::AttentionDims;
 use rayon::prelude::*;
+use std::ops::Range;
 
-/// Scratch elements the forward pass needs per batch element.
-pub fn forward_scratch(d: &AttentionDims) -> usize {
-    d.time
+/// Columns per step of the blocked product: two AVX registers of f32. With [`ROWS`] rows that is eight
+/// independent accumulators, enough to cover the latency of a fused multiply-add.
+const COLS: usize = 16;
+/// Rows per step of the blocked product.
+const ROWS: usize = 4;
+
+fn round_up(n: usize) -> usize {
+    n.div_ceil(COLS) * COLS
 }
 
-/// Scratch elements the backward pass needs per batch element.
-pub fn backward_scratch(d: &AttentionDims) -> usize {
-    d.time + d.head_dim
-}
-
-pub fn forward<T: Real>(out: &mut [T], lse: &mut [T], qkv: &[T], d: AttentionDims, scratch: &mut [T]) {
-    let AttentionDims { time, heads, head_dim: hs, .. } = d;
-    let c = d.channels();
-    let scale = T::one() / T::from_f64(hs as f64).sqrt();
-    out.par_chunks_mut(time * c)
-        .zip(lse.par_chunks_mut(heads * time))
-        .zip(qkv.par_chunks(time * 3 * c))
-        .zip(scratch.par_chunks_mut(forward_scratch(&d)))
-        .for_each(|(((out, lse), qkv), scores)| {
-            for h in 0..heads {
-                let q_at = |t: usize| &qkv[t * 3 * c + h * hs..][..hs];
-                let k_at = |t: usize| &qkv[t * 3 * c + c + h * hs..][..hs];
-                let v_at = |t: usize| &qkv[t * 3 * c + 2 * c + h * hs..][..hs];
-                for t in 0..time {
-                    let q = q_at(t);
-                    let mut max = T::neg_infinity();
-                    for (j, s) in scores[..=t].iter_mut().enumerate() {
-                        *s = dot(q, k_at(j)) * scale;
-                        max = max.max(*s);
+/// `c[i][..n_end(i-block)] = Σ_{k ∈ k_range(i-block)} a[i][k]·b[k][..]`, for `i < m`. Rows go in blocks of
+/// [`ROWS`] and columns in blocks of [`COLS`]: the accumulator block stays in registers while `k` runs. Each row
+/// block of `a` is first packed k-major into `pack` (`ROWS ×` the longest k range), so the inner loop reads both
+/// operands in order. `b` must have `n_end` (a multiple of [`COLS`]) readable columns in every row of the range.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn product<T: Real>(
+    c: &mut [T],
+    ldc: usize,
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    m: usize,
+    pack: &mut [T],
+    blocks: impl Fn(Range<usize>) -> (Range<usize>, usize),
+) {
+    for i0 in (0..m).step_by(ROWS) {
+        let rows = ROWS.min(m - i0);
+        let (ks, n_end) = blocks(i0..i0 + rows);
+        let pack = &mut pack[..ROWS * ks.len()];
+        for (kk, k) in ks.clone().enumerate() {
+            for r in 0..ROWS {
+                // Rows past `m` repeat the last row and are not stored.
+                pack[kk * ROWS + r] = a[(i0 + r.min(rows - 1)) * lda + k];
+            }
+        }
+        for j0 in (0..n_end).step_by(COLS) {
+            let mut acc = [[T::zero(); COLS]; ROWS];
+            let b_rows = b[ks.start * ldb..].chunks(ldb).take(ks.len());
+            for (av, b_row) in pack.chunks_exact(ROWS).zip(b_rows) {
+                let bv: &[T; COLS] = b_row[j0..j0 + COLS].try_into().expect("COLS columns");
+                for r in 0..ROWS {
+                    for l in 0..COLS {
+                        acc[r][l] = av[r].mul_add(bv[l], acc[r][l]);
                     }
-                    let mut total = T::zero();
-                    for s in scores[..=t].iter_mut() {
-                        *s = (*s - max).exp_v();
-                        total = total + *s;
-                    }
-                    let o = &mut out[t * c + h * hs..][..hs];
-                    o.fill(T::zero());
-                    let inv = T::one() / total;
-                    for (j, &p) in scores[..=t].iter().enumerate() {
-                        axpy(p * inv, v_at(j), o);
-                    }
-                    lse[h * time + t] = max + total.ln();
                 }
             }
-        });
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                c[(i0 + r) * ldc + j0..][..COLS].copy_from_slice(acc);
+            }
+        }
+    }
+}
+
+/// Copies `rows × cols` of a strided source into a dense `rows × ld` matrix (zeroing the padding), optionally
+/// scaled.
+fn gather<T: Real>(
+    dst: &mut [T],
+    ld: usize,
+    src: &[T],
+    stride: usize,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    scale: T,
+) {
+    for t in 0..rows {
+        let row = &mut dst[t * ld..][..ld];
+        for (d, s) in row[..cols].iter_mut().zip(&src[t * stride + offset..][..cols]) {
+            *d = *s * scale;
+        }
+        row[cols..].fill(T::zero());
+    }
+    dst[rows * ld..].fill(T::zero());
+}
+
+/// `dst (cols × ld) = srcᵀ` for a dense `rows × src_ld` source, zeroing the padding.
+fn transpose<T: Real>(dst: &mut [T], ld: usize, src: &[T], src_ld: usize, rows: usize, cols: usize) {
+    dst.fill(T::zero());
+    for t in 0..rows {
+        for j in 0..cols {
+            dst[j * ld + t] = src[t * src_ld + j];
+        }
+    }
+}
+
+/// Working memory of one thread: dense, padded copies of one head's operands.
+struct Workspace<'a, T> {
+    q: &'a mut [T],
+    k: &'a mut [T],
+    v: &'a mut [T],
+    kt: &'a mut [T],
+    o: &'a mut [T],
+    d_o: &'a mut [T],
+    p: &'a mut [T],
+    dp: &'a mut [T],
+    transposed: &'a mut [T],
+    row_d: &'a mut [T],
+    pack: &'a mut [T],
+}
+
+/// Scratch elements per thread.
+fn workspace_len(d: &AttentionDims) -> usize {
+    let (tp, hp) = (round_up(d.time), round_up(d.head_dim));
+    6 * tp * hp + 3 * tp * tp + tp + ROWS * tp.max(hp)
+}
+
+impl<'a, T: Real> Workspace<'a, T> {
+    fn new(mem: &'a mut [T], d: &AttentionDims) -> Self {
+        let (tp, hp) = (round_up(d.time), round_up(d.head_dim));
+        let (q, rest) = mem.split_at_mut(tp * hp);
+        let (k, rest) = rest.split_at_mut(tp * hp);
+        let (v, rest) = rest.split_at_mut(tp * hp);
+        let (kt, rest) = rest.split_at_mut(tp * hp);
+        let (o, rest) = rest.split_at_mut(tp * hp);
+        let (d_o, rest) = rest.split_at_mut(tp * hp);
+        let (p, rest) = rest.split_at_mut(tp * tp);
+        let (dp, rest) = rest.split_at_mut(tp * tp);
+        let (transposed, rest) = rest.split_at_mut(tp * tp);
+        let (row_d, pack) = rest.split_at_mut(tp);
+        Workspace { q, k, v, kt, o, d_o, p, dp, transposed, row_d, pack }
+    }
+}
+
+/// Scratch elements for `threads` workers.
+pub fn scratch_len(d: &AttentionDims, threads: usize) -> usize {
+    threads * workspace_len(d)
+}
+
+/// Splits the batch into at most `threads` runs of whole batch elements, one workspace each.
+fn for_each_batch_run<T: Real>(
+    d: &AttentionDims,
+    scratch: &mut [T],
+    threads: usize,
+    f: impl Fn(Range<usize>, &mut [T]) + Sync + Send,
+) {
+    let per_run = d.batch.div_ceil(threads.max(1));
+    scratch.par_chunks_mut(workspace_len(d)).enumerate().for_each(|(run, mem)| {
+        let start = (run * per_run).min(d.batch);
+        f(start..(start + per_run).min(d.batch), mem);
+    });
+}
+
+/// Causal blocks of `S = Q·Kᵀ` for query rows `rows`: all of `head_dim`, key columns up to the last row.
+fn causal_scores(hp: usize) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
+    move |rows: Range<usize>| (0..hp, round_up(rows.end))
+}
+
+/// Causal blocks of `P·V`-shaped products for query rows `rows`: keys up to the last row, all output columns.
+fn causal_keys(hp: usize) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
+    move |rows: Range<usize>| (0..rows.end, hp)
+}
+
+/// Blocks of `dSᵀ·Q`-shaped products for key rows `rows`: only queries at or after the first key contribute.
+fn causal_queries(time: usize, hp: usize) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
+    move |rows: Range<usize>| (rows.start..time, hp)
+}
+
+/// `S = s·Q·Kᵀ` into `ws.p` (on and below the diagonal; entries right of it within a block hold scores too),
+/// leaving `s·Q` in `ws.q` and `K` in `ws.k`.
+fn scores<T: Real>(ws: &mut Workspace<T>, qkv: &[T], d: &AttentionDims, h: usize) {
+    let (t, hs, c) = (d.time, d.head_dim, d.channels());
+    let (tp, hp) = (round_up(t), round_up(hs));
+    let scale = T::one() / T::from_f64(hs as f64).sqrt();
+    gather(ws.q, hp, qkv, 3 * c, h * hs, t, hs, scale);
+    gather(ws.k, hp, qkv, 3 * c, c + h * hs, t, hs, T::one());
+    transpose(ws.kt, tp, ws.k, hp, tp, hp);
+    ws.p.fill(T::zero());
+    product(ws.p, tp, ws.q, hp, ws.kt, tp, t, ws.pack, causal_scores(hp));
+}
+
+pub fn forward<T: Real>(out: &mut [T], lse: &mut [T], qkv: &[T], d: AttentionDims, scratch: &mut [T], threads: usize) {
+    let (t, hs, c, heads) = (d.time, d.head_dim, d.channels(), d.heads);
+    let (tp, hp) = (round_up(t), round_up(hs));
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let lse_ptr = SharedMut(lse.as_mut_ptr());
+    for_each_batch_run(&d, scratch, threads, |batches, mem| {
+        let mut ws = Workspace::new(mem, &d);
+        for b in batches {
+            let qkv = &qkv[b * t * 3 * c..][..t * 3 * c];
+            // SAFETY: batch element `b` is handled by exactly one run, and these are its own rows.
+            let out = unsafe { out_ptr.slice(b * t * c, t * c) };
+            let lse = unsafe { lse_ptr.slice(b * heads * t, heads * t) };
+            for h in 0..heads {
+                scores(&mut ws, qkv, &d, h);
+                for row in 0..t {
+                    let s = &mut ws.p[row * tp..][..=row];
+                    let max = s.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                    let mut total = T::zero();
+                    for x in s.iter_mut() {
+                        *x = (*x - max).exp_v();
+                        total = total + *x;
+                    }
+                    let inv = T::one() / total;
+                    for x in s.iter_mut() {
+                        *x = *x * inv;
+                    }
+                    // Scores right of the diagonal were computed with their block; P·V must not see them.
+                    ws.p[row * tp + row + 1..(row + 1) * tp].fill(T::zero());
+                    lse[h * t + row] = max + total.ln();
+                }
+                gather(ws.v, hp, qkv, 3 * c, 2 * c + h * hs, t, hs, T::one());
+                product(ws.o, hp, ws.p, tp, ws.v, hp, t, ws.pack, causal_keys(hp));
+                for row in 0..t {
+                    out[row * c + h * hs..][..hs].copy_from_slice(&ws.o[row * hp..][..hs]);
+                }
+            }
+        }
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -70,38 +238,83 @@ pub fn backward<T: Real>(
     lse: &[T],
     d: AttentionDims,
     scratch: &mut [T],
+    threads: usize,
 ) {
-    let AttentionDims { time, heads, head_dim: hs, .. } = d;
-    let c = d.channels();
+    let (t, hs, c, heads) = (d.time, d.head_dim, d.channels(), d.heads);
+    let (tp, hp) = (round_up(t), round_up(hs));
     let scale = T::one() / T::from_f64(hs as f64).sqrt();
-    dqkv.par_chunks_mut(time * 3 * c)
-        .zip(dout.par_chunks(time * c).zip(out.par_chunks(time * c)))
-        .zip(qkv.par_chunks(time * 3 * c).zip(lse.par_chunks(heads * time)))
-        .zip(scratch.par_chunks_mut(backward_scratch(&d)))
-        .for_each(|(((dqkv, (dout, out)), (qkv, lse)), scratch)| {
-            dqkv.fill(T::zero());
-            let (probs, dq) = scratch.split_at_mut(time);
+    let dqkv_ptr = SharedMut(dqkv.as_mut_ptr());
+    for_each_batch_run(&d, scratch, threads, |batches, mem| {
+        let mut ws = Workspace::new(mem, &d);
+        for b in batches {
+            let qkv = &qkv[b * t * 3 * c..][..t * 3 * c];
+            let (dout, out) = (&dout[b * t * c..][..t * c], &out[b * t * c..][..t * c]);
+            let lse = &lse[b * heads * t..][..heads * t];
+            // SAFETY: batch element `b` is handled by exactly one run, and these are its own rows.
+            let dqkv = unsafe { dqkv_ptr.slice(b * t * 3 * c, t * 3 * c) };
             for h in 0..heads {
-                let q_at = |t: usize| &qkv[t * 3 * c + h * hs..][..hs];
-                let k_at = |t: usize| &qkv[t * 3 * c + c + h * hs..][..hs];
-                let v_at = |t: usize| &qkv[t * 3 * c + 2 * c + h * hs..][..hs];
-                for t in 0..time {
-                    let q = q_at(t);
-                    let d_o = &dout[t * c + h * hs..][..hs];
-                    let row_d = dot(d_o, &out[t * c + h * hs..][..hs]);
-                    let l = lse[h * time + t];
-                    for (j, p) in probs[..=t].iter_mut().enumerate() {
-                        *p = (dot(q, k_at(j)) * scale - l).exp_v();
+                scores(&mut ws, qkv, &d, h);
+                for row in 0..t {
+                    let l = lse[h * t + row];
+                    for x in ws.p[row * tp..][..=row].iter_mut() {
+                        *x = (*x - l).exp_v();
                     }
-                    dq.fill(T::zero());
-                    for (j, &p) in probs[..=t].iter().enumerate() {
-                        let ds = p * (dot(d_o, v_at(j)) - row_d) * scale;
-                        axpy(ds, k_at(j), dq);
-                        axpy(ds, q, &mut dqkv[j * 3 * c + c + h * hs..][..hs]);
-                        axpy(p, d_o, &mut dqkv[j * 3 * c + 2 * c + h * hs..][..hs]);
+                }
+                gather(ws.d_o, hp, dout, c, h * hs, t, hs, T::one());
+                gather(ws.o, hp, out, c, h * hs, t, hs, T::one());
+                for row in 0..t {
+                    ws.row_d[row] = crate::math::dot(&ws.d_o[row * hp..][..hp], &ws.o[row * hp..][..hp]);
+                }
+                // dP = dO·Vᵀ (Vᵀ goes where Kᵀ was), then dS = P ∘ (dP − D), zero above the diagonal.
+                gather(ws.v, hp, qkv, 3 * c, 2 * c + h * hs, t, hs, T::one());
+                transpose(ws.kt, tp, ws.v, hp, tp, hp);
+                ws.dp.fill(T::zero());
+                product(ws.dp, tp, ws.d_o, hp, ws.kt, tp, t, ws.pack, causal_scores(hp));
+                for row in 0..t {
+                    let (p, dp) = (&ws.p[row * tp..][..=row], &mut ws.dp[row * tp..][..tp]);
+                    for (ds, &p) in dp[..=row].iter_mut().zip(p) {
+                        *ds = p * (*ds - ws.row_d[row]);
                     }
-                    dqkv[t * 3 * c + h * hs..][..hs].copy_from_slice(dq);
+                    dp[row + 1..].fill(T::zero());
+                }
+                // dQ = s·dS·K.
+                product(ws.o, hp, ws.dp, tp, ws.k, hp, t, ws.pack, causal_keys(hp));
+                for row in 0..t {
+                    for (g, &x) in dqkv[row * 3 * c + h * hs..][..hs].iter_mut().zip(&ws.o[row * hp..]) {
+                        *g = x * scale;
+                    }
+                }
+                // dK = dSᵀ·(s·Q); dV = Pᵀ·dO.
+                transpose(ws.transposed, tp, ws.dp, tp, t, t);
+                product(ws.o, hp, ws.transposed, tp, ws.q, hp, t, ws.pack, causal_queries(t, hp));
+                for row in 0..t {
+                    dqkv[row * 3 * c + c + h * hs..][..hs].copy_from_slice(&ws.o[row * hp..][..hs]);
+                }
+                for row in 0..t {
+                    ws.p[row * tp + row + 1..(row + 1) * tp].fill(T::zero());
+                }
+                transpose(ws.transposed, tp, ws.p, tp, t, t);
+                product(ws.o, hp, ws.transposed, tp, ws.d_o, hp, t, ws.pack, causal_queries(t, hp));
+                for row in 0..t {
+                    dqkv[row * 3 * c + 2 * c + h * hs..][..hs].copy_from_slice(&ws.o[row * hp..][..hs]);
                 }
             }
-        });
+        }
+    });
+}
+
+/// A pointer that parallel tasks may write through, each to its own disjoint range.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// # Safety
+    /// The range must lie inside the allocation, and no other live slice may overlap it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, offset: usize, len: usize) -> &mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
+    }
 }

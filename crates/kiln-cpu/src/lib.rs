@@ -433,9 +433,10 @@ impl<T: Real> Backend for CpuBackend<T> {
         let rows = d.batch * d.time;
         let c = d.channels();
         self.check("attention_forward", &[(out, rows * c), (lse, d.batch * d.heads * d.time)], &[(qkv, rows * 3 * c)])?;
-        let mut scratch = self.scratch(d.batch * attention::forward_scratch(&d));
+        let threads = rayon::current_num_threads();
+        let mut scratch = self.scratch(attention::scratch_len(&d, threads));
         // SAFETY: checked above.
-        unsafe { attention::forward(self.write(out), self.write(lse), self.read(qkv), d, &mut scratch) };
+        unsafe { attention::forward(self.write(out), self.write(lse), self.read(qkv), d, &mut scratch, threads) };
         self.scratch = scratch;
         Ok(())
     }
@@ -456,7 +457,8 @@ impl<T: Real> Backend for CpuBackend<T> {
             &[(dqkv, rows * 3 * c)],
             &[(dout, rows * c), (qkv, rows * 3 * c), (out, rows * c), (lse, d.batch * d.heads * d.time)],
         )?;
-        let mut scratch = self.scratch(d.batch * attention::backward_scratch(&d));
+        let threads = rayon::current_num_threads();
+        let mut scratch = self.scratch(attention::scratch_len(&d, threads));
         // SAFETY: checked above.
         unsafe {
             attention::backward(
@@ -467,6 +469,7 @@ impl<T: Real> Backend for CpuBackend<T> {
                 self.read(lse),
                 d,
                 &mut scratch,
+                threads,
             )
         };
         self.scratch = scratch;

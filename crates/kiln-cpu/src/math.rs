@@ -76,16 +76,20 @@ impl Real for f64 {
 }
 
 /// `e^x` for f32: `x = n·ln2 + r` with `|r| ≤ ln2/2`, `e^r` by a degree-6 Taylor polynomial, `2^n` by building
-/// the exponent bits. Inputs below −87.3 give 0 and above 88.7 give +inf, as `f32::exp` does.
+/// the exponent bits. Inputs below −87.3 give 0 and above 88.7 give +inf, as `f32::exp` does. Every step is a
+/// float or a wrapping integer operation, so loops over it vectorise (a float-to-int `as` cast would not).
 #[inline(always)]
 fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that n·LN2_HI is exact (Cody–Waite reduction).
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5·2²³ rounds to the nearest integer and leaves it in the low bits of the mantissa.
+    const SHIFTER: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E).round();
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let shifted = x.mul_add(LOG2E, SHIFTER);
+    let n = shifted - SHIFTER;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let mut p = 1.0 / 720.0;
     p = p.mul_add(r, 1.0 / 120.0);
     p = p.mul_add(r, 1.0 / 24.0);
@@ -93,7 +97,8 @@ fn exp_f32(x: f32) -> f32 {
     p = p.mul_add(r, 0.5);
     p = p.mul_add(r, 1.0);
     p = p.mul_add(r, 1.0);
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // The exponent field of 2^n is n + 127; `shifted`'s bits are SHIFTER's plus n.
+    let scale = f32::from_bits(shifted.to_bits().wrapping_add(127u32.wrapping_sub(SHIFTER.to_bits())) << 23);
     let e = p * scale;
     if x <= -87.3 { 0.0 } else { e }
 }

@@ -208,7 +208,16 @@ fn matmul_backward_accumulates_weight_gradients() {
 
 #[test]
 fn attention_gradients() {
-    let d = AttentionDims { batch: 2, time: 7, heads: 3, head_dim: 5 };
+    // One shape within a single 4×8 block, one spanning several blocks with more batch elements than threads.
+    for d in [
+        AttentionDims { batch: 2, time: 7, heads: 3, head_dim: 5 },
+        AttentionDims { batch: 5, time: 19, heads: 2, head_dim: 12 },
+    ] {
+        attention_gradients_at(d);
+    }
+}
+
+fn attention_gradients_at(d: AttentionDims) {
     let c = d.channels();
     let rows = d.batch * d.time;
     let mut f = Fixture::new(7);
