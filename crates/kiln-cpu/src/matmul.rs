@@ -14,6 +14,8 @@ const GELU_CUBE: f32 = 0.044_715;
 
 /// Elements per parallel task of the elementwise loops.
 const CHUNK: usize = 4096;
+/// Bias-gradient columns per parallel task.
+const BIAS_COLUMNS: usize = 64;
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, every matrix given by its row and column strides.
 #[allow(clippy::too_many_arguments)]
@@ -111,12 +113,15 @@ pub fn backward<T: Real>(
     }
     gemm((c_out, c_in, rows), dweight, (c_in, 1), true, dout, (1, c_out), inp, (c_in, 1));
     if let Some(db) = dbias {
-        // Column sums, each taken over rows in order: deterministic, and the row loop vectorises across columns.
-        for row in dout.chunks_exact(c_out) {
-            for (b, &g) in db.iter_mut().zip(row) {
-                *b = *b + g;
+        // Column sums, each column's taken over rows in order (deterministic); columns split over threads.
+        db.par_chunks_mut(BIAS_COLUMNS).enumerate().for_each(|(i, db)| {
+            let first = i * BIAS_COLUMNS;
+            for row in dout.chunks_exact(c_out) {
+                for (b, &g) in db.iter_mut().zip(&row[first..]) {
+                    *b = *b + g;
+                }
             }
-        }
+        });
     }
 }
 
