@@ -104,8 +104,8 @@ fn train(config: Option<PathBuf>, overrides: &[String], backend: BackendChoice, 
 
     if let Some(accuracy) = summary.exact_match {
         tracing::info!("exact match on held-out sums: {:.1}%", accuracy * 100.0);
-        for (prompt, completion, ok) in &summary.samples {
-            tracing::info!("  {}  {}", describe_sum(prompt, completion), if *ok { "✓" } else { "✗" });
+        for s in &summary.samples {
+            tracing::info!("  {}  {}", describe_sum(&s.prompt, &s.completion), if s.correct { "✓" } else { "✗" });
         }
     }
     tracing::info!(

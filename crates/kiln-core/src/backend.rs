@@ -168,7 +168,6 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Layer normalisation of each row: `out = (inp − mean)·rstd·weight + bias`; saves `mean` and `rstd` per row.
-    #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
         &mut self,
         out: Tensor,
@@ -182,7 +181,6 @@ pub trait Backend {
     ) -> Result<()>;
     /// `residual = a + b`, then `out = layernorm(residual)`: the residual add and the next block's normalisation
     /// in one pass over memory.
-    #[allow(clippy::too_many_arguments)]
     fn residual_layernorm_forward(
         &mut self,
         residual: Tensor,
@@ -198,7 +196,6 @@ pub trait Backend {
     ) -> Result<()>;
     /// Backward of [`Backend::layernorm_forward`]. Accumulates into `dinp` (it is the residual stream's gradient,
     /// which the layer adds to), `dweight` and `dbias`.
-    #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &mut self,
         dinp: Tensor,
@@ -227,7 +224,6 @@ pub trait Backend {
     /// Backward of a linear layer: `dinp = dout · weight` (overwritten), `dweight += doutᵀ · inp`,
     /// `dbias += Σ_rows dout`. With `gelu_pre` (the pre-activation of the GELU that produced `inp`), `dinp` is
     /// multiplied by `gelu'(gelu_pre)`, so it is the gradient of that pre-activation.
-    #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &mut self,
         dinp: Tensor,
@@ -259,7 +255,6 @@ pub trait Backend {
     /// probability). Accumulates each row's loss into `losses[row]`; rows whose target is [`IGNORE_TARGET`] add
     /// nothing. With `dloss`, the logits are replaced in place by the gradient of `dloss · Σ losses`
     /// (`dloss · (softmax − onehot)`, zero on padded columns and on ignored rows).
-    #[allow(clippy::too_many_arguments)]
     fn classifier(
         &mut self,
         logits: Tensor,

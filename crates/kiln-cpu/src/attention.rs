@@ -31,7 +31,6 @@ fn round_up(n: usize) -> usize {
 /// [`ROWS`] and columns in blocks of [`COLS`]: the accumulator block stays in registers while `k` runs. Each row
 /// block of `a` is first packed k-major into `pack` (`ROWS ×` the longest k range), so the inner loop reads both
 /// operands in order. `b` must have `n_end` (a multiple of [`COLS`]) readable columns in every row of the range.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn product<T: Real>(
     c: &mut [T],
@@ -229,7 +228,6 @@ pub fn forward<T: Real>(out: &mut [T], lse: &mut [T], qkv: &[T], d: AttentionDim
     });
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn backward<T: Real>(
     dqkv: &mut [T],
     dout: &[T],

@@ -28,7 +28,6 @@ pub fn forward<T: Real>(out: &mut [T], stats: Stats<T>, inp: &[T], weight: &[T],
 }
 
 /// `sum_out = a + b`, then normalise `sum_out` into `out`.
-#[allow(clippy::too_many_arguments)]
 pub fn residual_forward<T: Real>(
     sum_out: &mut [T],
     out: &mut [T],
@@ -79,7 +78,6 @@ fn normalize_row<T: Real>(y: &mut [T], mean: &mut T, rstd: &mut T, x: &[T], weig
 
 /// `scratch` must hold `2·c` elements per task of [`ROWS_PER_TASK`] rows: each task writes its partial `dw` and
 /// `db` there, and they are summed in task order afterwards.
-#[allow(clippy::too_many_arguments)]
 pub fn backward<T: Real>(
     dinp: &mut [T],
     dweight: &mut [T],

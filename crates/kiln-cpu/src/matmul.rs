@@ -18,7 +18,6 @@ const CHUNK: usize = 4096;
 const BIAS_COLUMNS: usize = 64;
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, every matrix given by its row and column strides.
-#[allow(clippy::too_many_arguments)]
 fn gemm<T: Real>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
@@ -91,7 +90,6 @@ pub fn forward<T: Real>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn backward<T: Real>(
     dinp: &mut [T],
     dweight: &mut [T],

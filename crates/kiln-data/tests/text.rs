@@ -3,7 +3,7 @@
 use kiln_core::config::{DataConfig, Tokenizer};
 use kiln_core::{Error, backend::IGNORE_TARGET};
 use kiln_data::Dataset;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-data-test-{}", std::process::id()));
@@ -13,7 +13,7 @@ fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
-fn config(train: &PathBuf, val: Option<&PathBuf>) -> DataConfig {
+fn config(train: &Path, val: Option<&PathBuf>) -> DataConfig {
     DataConfig {
         train: train.to_string_lossy().into(),
         val: val.map(|v| v.to_string_lossy().into()),

@@ -38,10 +38,18 @@ pub struct Summary {
     pub val_loss: Option<f32>,
     /// For the synthetic addition task: the fraction of held-out sums answered exactly.
     pub exact_match: Option<f32>,
-    /// A few held-out prompts with the model's completions and whether each was right.
-    pub samples: Vec<(String, String, bool)>,
+    /// A few held-out prompts with the model's completions.
+    pub samples: Vec<Sample>,
     /// Median training throughput over the run's steps.
     pub tokens_per_s: f64,
+}
+
+/// A held-out prompt, the model's greedy completion, and whether it was exactly right.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub prompt: String,
+    pub completion: String,
+    pub correct: bool,
 }
 
 /// Held-out sums scored at the end of a synthetic-addition run.
@@ -90,14 +98,6 @@ impl<B: Backend> Trainer<B> {
             targets: vec![0; tokens_per_step],
             step: 0,
         })
-    }
-
-    pub fn model(&self) -> &Gpt {
-        &self.model
-    }
-
-    pub fn backend_mut(&mut self) -> &mut B {
-        &mut self.backend
     }
 
     /// Runs from the current step to `train.max_steps`, writing `out_dir` if `write_outputs`.
@@ -265,7 +265,7 @@ impl<B: Backend> Trainer<B> {
 
     /// Greedy answers to held-out sums of the synthetic addition task: the fraction exactly right, and a few
     /// examples.
-    pub fn exact_match(&mut self) -> Result<(f32, Vec<(String, String, bool)>)> {
+    pub fn exact_match(&mut self) -> Result<(f32, Vec<Sample>)> {
         let task = self.data.addition().ok_or_else(|| Error::Invalid("exact match needs synthetic:addition".into()))?;
         let problems = task.problems(self.config.train.seed, EXACT_MATCH_PROBLEMS);
         let tok = &self.data.tokenizer;
@@ -274,11 +274,11 @@ impl<B: Backend> Trainer<B> {
         let mut right = 0;
         let mut samples = Vec::new();
         for ((prompt, expected), seq) in problems.iter().zip(&completions) {
-            let answer = tok.decode(&seq[prompt.len()..]);
-            let ok = answer == *expected;
-            right += usize::from(ok);
+            let completion = tok.decode(&seq[prompt.len()..]);
+            let correct = completion == *expected;
+            right += usize::from(correct);
             if samples.len() < SAMPLES_SHOWN {
-                samples.push((prompt.clone(), answer, ok));
+                samples.push(Sample { prompt: prompt.clone(), completion, correct });
             }
         }
         Ok((right as f32 / problems.len() as f32, samples))
