@@ -9,6 +9,8 @@ mod log;
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_core::{Config, Error, Result};
 use kiln_cpu::CpuBackend;
+use kiln_cuda::compile::Compiler;
+use kiln_cuda::kernels::{KERNELS, Precision};
 use kiln_train::{Hooks, Trainer, describe_sum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,8 +41,23 @@ enum Command {
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
     },
-    /// Show the version, the engines available and the CPU threads.
+    /// Show the version, the engines available, CPU threads, CUDA libraries and GPUs.
     Info,
+    /// CUDA kernels: compile them ahead of time into the on-disk cache.
+    Kernels {
+        #[command(subcommand)]
+        command: KernelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KernelsCommand {
+    /// Compile every kernel with NVRTC (no GPU needed) and report registers, shared memory and spills.
+    Build {
+        /// Architectures to compile for, e.g. sm_90a (repeatable; default: those of the GPUs present).
+        #[arg(long = "arch")]
+        archs: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -52,6 +69,10 @@ enum BackendChoice {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`kiln info | head -1`) would panic; end quietly
+    // instead, as command-line tools do.
+    // SAFETY: restores the default disposition of one signal, before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let bar = log::init();
     if let Some(n) = cli.threads
@@ -66,6 +87,7 @@ fn main() -> ExitCode {
             info();
             Ok(())
         }
+        Command::Kernels { command: KernelsCommand::Build { archs } } => build_kernels(archs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,8 +140,68 @@ fn train(config: Option<PathBuf>, overrides: &[String], backend: BackendChoice, 
 }
 
 fn info() {
+    use kiln_cuda::libraries::Library;
     println!("kiln {}", env!("CARGO_PKG_VERSION"));
     println!("engines:");
     println!("  cpu   available: f32, {} threads", rayon::current_num_threads());
-    println!("  cuda  not in this build");
+    println!("  cuda  not yet: kernels compile (`kiln kernels build`), training on the GPU comes next");
+    println!("cuda libraries:");
+    for lib in [Library::Driver, Library::Nvrtc, Library::Cublas, Library::CublasLt, Library::Nccl] {
+        println!("  {:<18} {}", lib.file_name(), if lib.is_present() { "found" } else { "not found" });
+    }
+    if let Ok(compiler) = Compiler::new() {
+        let (major, minor) = compiler.version();
+        println!("  nvrtc version      {major}.{minor}; kernel cache {}", compiler.cache_dir().display());
+    }
+    match kiln_cuda::devices::list() {
+        Ok(gpus) if !gpus.is_empty() => {
+            println!("gpus:");
+            for g in gpus {
+                let (major, minor) = g.compute_capability;
+                println!(
+                    "  {}: {}, compute capability {major}.{minor}, {:.1} GiB",
+                    g.ordinal,
+                    g.name,
+                    g.memory_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        Ok(_) => println!("gpus: none"),
+        Err(e) => println!("gpus: none usable ({e})"),
+    }
+}
+
+fn build_kernels(mut archs: Vec<String>) -> Result<()> {
+    if archs.is_empty() {
+        let gpus = kiln_cuda::devices::list().map_err(|e| {
+            Error::Usage(format!("no GPU to compile for ({e}); name one with --arch, e.g. --arch sm_90a"))
+        })?;
+        archs = gpus.iter().map(|g| g.arch()).collect();
+        archs.dedup();
+        if archs.is_empty() {
+            return Err(Error::Usage("no GPU found; name an architecture with --arch, e.g. --arch sm_90a".into()));
+        }
+    }
+    let compiler = Compiler::new()?;
+    println!("cache: {}", compiler.cache_dir().display());
+    for arch in &archs {
+        for kernel in KERNELS {
+            for precision in Precision::ALL {
+                let built = compiler.compile(kernel, arch, precision)?;
+                let how = if built.cached { "cached" } else { "compiled" };
+                println!("{}.cu {arch} {}: {how}, {} bytes", kernel.name, precision.name(), built.cubin.len());
+                for s in &built.stats {
+                    println!(
+                        "  {:<28} {:>3} registers, {:>6} B shared, {} B stack, {} B spilled",
+                        s.function,
+                        s.registers,
+                        s.shared_bytes,
+                        s.stack_bytes,
+                        s.spill_stores + s.spill_loads
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }

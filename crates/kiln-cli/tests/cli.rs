@@ -131,3 +131,22 @@ fn info_lists_the_engines() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("kiln ") && text.contains("cpu") && text.contains("threads"), "{text}");
 }
+
+#[test]
+fn kernels_build_compiles_every_kernel_for_a_named_architecture() {
+    // Needs NVRTC and the CUDA headers, which scripts/test.sh provides (see crates/kiln-cuda/tests/nvrtc.rs).
+    let cache = temp_dir("kernel-cache");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["kernels", "build", "--arch", "sm_86"])
+        .env("KILN_CACHE_DIR", &cache)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    for function in ["layernorm_backward", "classifier", "attention_forward", "adamw"] {
+        assert!(text.contains(function), "{function} missing from:\n{text}");
+    }
+    assert!(text.contains("registers") && text.contains("compiled"), "{text}");
+    assert!(!text.contains("cached"), "a fresh cache has nothing cached:\n{text}");
+    expect_usage_error(&["kernels", "build", "--arch", "compute_90"], &["compute_90", "sm_90a"]);
+}

@@ -1,0 +1,271 @@
+//! NVRTC compilation of the embedded kernels, for the GPU present or any named architecture, cached on disk.
+//!
+//! Each kernel file is compiled with `kernels/common.cuh` in front of it, for one real architecture (`sm_90a`,
+//! `sm_80`, ...) and one precision, straight to a CUBIN: nothing is left for the driver to JIT, and ptxas's
+//! report (registers, shared memory, spills) comes back in the compile log. The cache key is the source's hash,
+//! the architecture, the precision and NVRTC's version, so a warm start compiles nothing and a new NVRTC or an
+//! edited kernel compiles afresh. The cache lives in `KILN_CACHE_DIR`, or `kiln/` under the user's cache
+//! directory.
+
+use crate::kernels::{COMMON, KernelSource, Precision};
+use crate::libraries::Library;
+use kiln_core::{Error, Result};
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+
+/// A compiled kernel file.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub cubin: Vec<u8>,
+    /// ptxas's report on each kernel function.
+    pub stats: Vec<KernelStats>,
+    /// Whether this came from the disk cache.
+    pub cached: bool,
+    pub path: PathBuf,
+}
+
+/// What ptxas reported for one kernel function.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub function: String,
+    pub registers: u32,
+    pub shared_bytes: u32,
+    pub stack_bytes: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+pub struct Compiler {
+    include_dir: PathBuf,
+    version: (i32, i32),
+    cache_dir: PathBuf,
+}
+
+fn err(message: String) -> Error {
+    Error::backend("nvrtc", message)
+}
+
+impl Compiler {
+    /// Loads NVRTC and finds the CUDA headers. Fails, saying what is missing, when either cannot be found.
+    pub fn new() -> Result<Self> {
+        Self::with_cache_dir(cache_dir()?)
+    }
+
+    /// As [`Compiler::new`], caching in `cache_dir`.
+    pub fn with_cache_dir(cache_dir: PathBuf) -> Result<Self> {
+        Library::Nvrtc.require()?;
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: NVRTC is loaded (checked above); the call writes two integers.
+        let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        status.result().map_err(|e| err(format!("nvrtcVersion failed: {e:?}")))?;
+        Ok(Compiler { include_dir: find_include_dir()?, version: (major, minor), cache_dir })
+    }
+
+    pub fn version(&self) -> (i32, i32) {
+        self.version
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// The kernel file compiled for `arch` (e.g. `sm_90a`), from the cache when it is there.
+    pub fn compile(&self, kernel: &KernelSource, arch: &str, precision: Precision) -> Result<Compiled> {
+        if !arch.starts_with("sm_") || arch.len() < 5 {
+            return Err(Error::Usage(format!(
+                "architecture {arch:?}: expected a real architecture such as sm_80 or sm_90a"
+            )));
+        }
+        let source = format!("#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"{}.cu\"\n{}", kernel.name, kernel.source);
+        let (major, minor) = self.version;
+        let key = fnv1a(&source);
+        let path = self.cache_dir.join(format!(
+            "{}-{arch}-{}-nvrtc{major}.{minor}-{key:016x}.cubin",
+            kernel.name,
+            precision.name()
+        ));
+        let log_path = path.with_extension("log");
+        if let (Ok(cubin), Ok(log)) = (std::fs::read(&path), std::fs::read_to_string(&log_path)) {
+            return Ok(Compiled { cubin, stats: parse_ptxas_log(&log), cached: true, path });
+        }
+        let (cubin, log) = self.run_nvrtc(&source, kernel.name, arch, precision)?;
+        std::fs::create_dir_all(&self.cache_dir).map_err(|e| Error::io(&self.cache_dir, e))?;
+        // The log goes first: an entry counts as cached only once its CUBIN, written last, is complete.
+        write_atomically(&log_path, log.as_bytes())?;
+        write_atomically(&path, &cubin)?;
+        Ok(Compiled { cubin, stats: parse_ptxas_log(&log), cached: false, path })
+    }
+
+    fn run_nvrtc(&self, source: &str, name: &str, arch: &str, precision: Precision) -> Result<(Vec<u8>, String)> {
+        use cudarc::nvrtc::{result, sys};
+        let src = CString::new(source).map_err(|_| err(format!("{name}.cu contains a NUL byte")))?;
+        let file = CString::new(format!("{name}.cu")).expect("kernel names have no NUL");
+        let mut options = vec![
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".to_string(),
+            format!("--include-path={}", self.include_dir.display()),
+            "--ptxas-options=-v".to_string(),
+        ];
+        if precision == Precision::Bf16 {
+            options.push("-DKILN_BF16".to_string());
+        }
+        let program = result::create_program(&src, Some(&file)).map_err(|e| err(format!("{name}.cu: {e:?}")))?;
+        // SAFETY: `program` was created above and is destroyed once, at the end; the buffers are sized by NVRTC.
+        unsafe {
+            let compiled = result::compile_program(program, &options);
+            let log = result::get_program_log(program).map(|l| c_text(&l)).unwrap_or_default();
+            let out = compiled
+                .map_err(|_| err(format!("{name}.cu failed to compile for {arch} ({}):\n{log}", precision.name())))
+                .and_then(|()| {
+                    let mut size = 0usize;
+                    sys::nvrtcGetCUBINSize(program, &mut size).result().map_err(|e| err(format!("{e:?}")))?;
+                    let mut cubin = vec![0u8; size];
+                    sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast())
+                        .result()
+                        .map_err(|e| err(format!("{e:?}")))?;
+                    Ok((cubin, log))
+                });
+            let _ = result::destroy_program(program);
+            out
+        }
+    }
+}
+
+fn c_text(chars: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = chars.iter().map(|&c| c as u8).collect();
+    CStr::from_bytes_until_nul(&bytes).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// 64-bit FNV-1a: a stable hash for cache keys (the standard library's hasher may change between releases).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("KILN_CACHE_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    dirs::cache_dir()
+        .map(|d| d.join("kiln").join("kernels"))
+        .ok_or_else(|| Error::Usage("no cache directory: set KILN_CACHE_DIR".into()))
+}
+
+/// Where the CUDA headers may be, in the order searched.
+pub fn include_candidates() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = std::env::var_os(var) {
+            dirs.push(PathBuf::from(root).join("include"));
+        }
+    }
+    dirs.push(PathBuf::from("/usr/local/cuda/include"));
+    // pip's wheels: nvidia/cu13/include (CUDA 13) or nvidia/cuda_runtime/include (CUDA 12), in the active
+    // virtual environment or wherever python3 keeps its packages.
+    let mut site_packages: Vec<PathBuf> = Vec::new();
+    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
+        site_packages.extend(glob_python_dirs(&PathBuf::from(venv).join("lib")));
+    }
+    if let Ok(out) = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import site, sysconfig; print(sysconfig.get_paths()['purelib']); print(site.getusersitepackages())",
+        ])
+        .output()
+    {
+        site_packages.extend(String::from_utf8_lossy(&out.stdout).lines().map(PathBuf::from));
+    }
+    for sp in site_packages {
+        dirs.push(sp.join("nvidia/cu13/include"));
+        dirs.push(sp.join("nvidia/cuda_runtime/include"));
+    }
+    dirs
+}
+
+fn glob_python_dirs(lib: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(lib) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+        .map(|e| e.path().join("site-packages"))
+        .collect()
+}
+
+fn find_include_dir() -> Result<PathBuf> {
+    let candidates = include_candidates();
+    candidates.iter().find(|d| d.join("cuda_bf16.h").is_file()).cloned().ok_or_else(|| {
+        let looked: Vec<String> = candidates.iter().map(|d| format!("  {}", d.display())).collect();
+        err(format!(
+            "cannot find the CUDA headers (cuda_bf16.h) that NVRTC needs; looked in:\n{}\n\
+             set CUDA_HOME to a CUDA toolkit, or `pip install nvidia-cuda-runtime`",
+            looked.join("\n")
+        ))
+    })
+}
+
+/// Reads ptxas's `-v` report: per kernel function, "Compiling entry function 'f'", then "N bytes stack frame,
+/// N bytes spill stores, N bytes spill loads", then "Used N registers, ... N bytes smem".
+pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
+    let mut stats: Vec<KernelStats> = Vec::new();
+    let number_before = |line: &str, word: &str| -> Option<u32> {
+        let at = line.find(word)?;
+        line[..at].split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
+    };
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let function = rest.split('\'').next().unwrap_or_default().to_string();
+            stats.push(KernelStats { function, ..Default::default() });
+        } else if let Some(s) = stats.last_mut() {
+            if line.contains("stack frame") {
+                s.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
+                s.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
+                s.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used") && line.contains("registers") {
+                s.registers = number_before(line, " registers").unwrap_or(0);
+                s.shared_bytes = number_before(line, "bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_ptxas_reports() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+                   ptxas info    : Compiling entry function 'layernorm_forward' for 'sm_90a'\n\
+                   ptxas info    : Function properties for layernorm_forward\n\
+                   \x20   8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+                   ptxas info    : Used 38 registers, used 1 barriers, 256 bytes smem, 400 bytes cmem[0]\n\
+                   ptxas info    : Compiling entry function 'adamw' for 'sm_90a'\n\
+                   ptxas info    : Used 20 registers, used 0 barriers, 384 bytes cmem[0]\n";
+        let stats = parse_ptxas_log(log);
+        assert_eq!(stats.len(), 2);
+        assert_eq!(
+            stats[0],
+            KernelStats {
+                function: "layernorm_forward".into(),
+                registers: 38,
+                shared_bytes: 256,
+                stack_bytes: 8,
+                spill_stores: 4,
+                spill_loads: 12
+            }
+        );
+        assert_eq!((stats[1].registers, stats[1].shared_bytes, stats[1].spill_stores), (20, 0, 0));
+    }
+
+    #[test]
+    fn cache_keys_are_stable() {
+        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

@@ -1,0 +1,15 @@
+//! kiln's CUDA engine.
+//!
+//! Every CUDA library is loaded at run time (cudarc's dynamic loading), so kiln builds and its CPU engine runs on
+//! machines without CUDA; [`libraries`] checks that each library is there before anything touches it and turns a
+//! missing one into an error that names it and says what to install. The kernels are CUDA C files in the
+//! repository's `kernels/` folder, embedded in the binary ([`kernels`]) and compiled by NVRTC for the GPU actually
+//! present, with the results cached on disk ([`compile`]).
+//!
+//! Status: the compilation pipeline and the kernels are here and compile for sm_80 and sm_90a in the tests; the
+//! backend that launches them is not written yet.
+
+pub mod compile;
+pub mod devices;
+pub mod kernels;
+pub mod libraries;

@@ -1,0 +1,59 @@
+//! Every kernel file compiles with NVRTC for sm_80 and sm_90a, in both precisions, with no register spills.
+//! Needs NVRTC and the CUDA headers but no GPU: `.ci/run` installs pip's nvidia-cuda-nvrtc and
+//! nvidia-cuda-runtime wheels and points LD_LIBRARY_PATH and CUDA_HOME at them.
+
+use kiln_cuda::compile::Compiler;
+use kiln_cuda::kernels::{KERNELS, Precision};
+
+fn compiler(cache: &str) -> Compiler {
+    let dir = std::env::temp_dir().join(format!("kiln-nvrtc-test-{}-{cache}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    match Compiler::with_cache_dir(dir) {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "{e}\nThis test needs NVRTC 13 and the CUDA headers: `pip install nvidia-cuda-nvrtc==13.0.88 \
+             nvidia-cuda-runtime==13.0.88`, then LD_LIBRARY_PATH=<site-packages>/nvidia/cu13/lib and \
+             CUDA_HOME=<site-packages>/nvidia/cu13 (.ci/run does this)"
+        ),
+    }
+}
+
+#[test]
+fn every_kernel_compiles_for_ampere_and_hopper_without_spills() {
+    let compiler = compiler("all");
+    for kernel in KERNELS {
+        for arch in ["sm_80", "sm_90a"] {
+            for precision in Precision::ALL {
+                let built = compiler.compile(kernel, arch, precision).unwrap_or_else(|e| panic!("{e}"));
+                assert!(!built.cached);
+                assert!(built.cubin.starts_with(b"\x7fELF"), "{}: not an ELF cubin", kernel.name);
+                assert!(!built.stats.is_empty(), "{} {arch}: ptxas reported no kernels", kernel.name);
+                for s in &built.stats {
+                    assert!(s.registers > 0, "{} {arch}: {s:?}", kernel.name);
+                    assert_eq!(
+                        (s.spill_stores, s.spill_loads),
+                        (0, 0),
+                        "{} {arch} {}: spills {s:?}",
+                        kernel.name,
+                        precision.name()
+                    );
+                }
+                // A second compile is served from the cache, with the same report.
+                let again = compiler.compile(kernel, arch, precision).unwrap();
+                assert!(again.cached);
+                assert_eq!((again.cubin.len(), again.stats.len()), (built.cubin.len(), built.stats.len()));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(compiler.cache_dir());
+}
+
+#[test]
+fn compile_errors_carry_the_compiler_log() {
+    let broken = kiln_cuda::kernels::KernelSource {
+        name: "broken",
+        source: "extern \"C\" __global__ void f() { undefined_thing(); }",
+    };
+    let err = compiler("broken").compile(&broken, "sm_80", Precision::Fp32).unwrap_err().to_string();
+    assert!(err.contains("broken.cu") && err.contains("undefined_thing"), "{err}");
+}

@@ -1,0 +1,123 @@
+// Causal multi-head self-attention, exact and unfused: the simple, correct version that the fused
+// flash-attention kernel replaces.
+//
+// For one head, with s = 1/√HS: forward S_tj = s·q_t·k_j (j ≤ t), P = softmax_rows(S), o_t = Σ_j P_tj v_j, saving
+// lse_t = log Σ_j exp(S_tj). Backward, recomputing P_tj = exp(S_tj − lse_t), with D_t = dO_t·o_t:
+// dS_tj = P_tj (dO_t·v_j − D_t), dq_t = s Σ_j dS_tj k_j, dk_j = s Σ_t≥j dS_tj q_t, dv_j = Σ_t≥j P_tj dO_t.
+//
+// Layouts: qkv (B, T, 3C) with queries, keys and values each C = NH·HS wide; out (B, T, C); lse (B, NH, T).
+// One warp per (batch, head, row); lane l holds elements l, l+32, ... of a row, so HS ≤ 32·MAX_PER_LANE.
+// Every dot product is a warp reduction; nothing is atomic, so results are deterministic.
+
+#define MAX_PER_LANE 4
+
+struct Row {
+    float v[MAX_PER_LANE];
+};
+
+__device__ __forceinline__ Row load_row(const floatX* p, int HS, int lane, float scale) {
+    Row r;
+    for (int k = 0; k < MAX_PER_LANE; k++) {
+        int d = lane + 32 * k;
+        r.v[k] = d < HS ? to_f32(p[d]) * scale : 0.0f;
+    }
+    return r;
+}
+
+__device__ __forceinline__ float dot(const Row& a, const Row& b) {
+    float s = 0.0f;
+    for (int k = 0; k < MAX_PER_LANE; k++) s += a.v[k] * b.v[k];
+    return warp_sum(s);
+}
+
+__device__ __forceinline__ void store_row(floatX* p, const Row& r, int HS, int lane) {
+    for (int k = 0; k < MAX_PER_LANE; k++) {
+        int d = lane + 32 * k;
+        if (d < HS) p[d] = to_x(r.v[k]);
+    }
+}
+
+// Which (b, h, row) this warp handles, or false past the end.
+__device__ __forceinline__ bool warp_task(int B, int NH, int T, int* b, int* h, int* row) {
+    long task = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (task >= (long)B * NH * T) return false;
+    *row = task % T;
+    *h = (task / T) % NH;
+    *b = task / ((long)T * NH);
+    return true;
+}
+
+extern "C" __global__ void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH,
+                                             int HS) {
+    int b, h, t;
+    if (!warp_task(B, NH, T, &b, &h, &t)) return;
+    const int lane = threadIdx.x % 32, C = NH * HS;
+    const float scale = rsqrtf((float)HS);
+    const floatX* base = qkv + (long)b * T * 3 * C + h * HS;
+    Row q = load_row(base + (long)t * 3 * C, HS, lane, scale);
+    Row acc = {};
+    float m = NEG_INF, l = 0.0f;
+    for (int j = 0; j <= t; j++) {
+        float s = dot(q, load_row(base + (long)j * 3 * C + C, HS, lane, 1.0f));
+        float m_new = fmaxf(m, s);
+        float correction = expf(m - m_new), p = expf(s - m_new);
+        Row v = load_row(base + (long)j * 3 * C + 2 * C, HS, lane, 1.0f);
+        for (int k = 0; k < MAX_PER_LANE; k++) acc.v[k] = acc.v[k] * correction + p * v.v[k];
+        l = l * correction + p;
+        m = m_new;
+    }
+    for (int k = 0; k < MAX_PER_LANE; k++) acc.v[k] /= l;
+    store_row(out + ((long)b * T + t) * C + h * HS, acc, HS, lane);
+    if (lane == 0) lse[((long)b * NH + h) * T + t] = m + logf(l);
+}
+
+// dq for each query row (one warp per (b, h, t)).
+extern "C" __global__ void attention_backward_dq(floatX* dqkv, const floatX* dout, const floatX* qkv,
+                                                 const floatX* out, const float* lse, int B, int T, int NH, int HS) {
+    int b, h, t;
+    if (!warp_task(B, NH, T, &b, &h, &t)) return;
+    const int lane = threadIdx.x % 32, C = NH * HS;
+    const float scale = rsqrtf((float)HS);
+    const floatX* base = qkv + (long)b * T * 3 * C + h * HS;
+    const long o = ((long)b * T + t) * C + h * HS;
+    Row q = load_row(base + (long)t * 3 * C, HS, lane, scale);
+    Row d_o = load_row(dout + o, HS, lane, 1.0f);
+    float row_d = dot(d_o, load_row(out + o, HS, lane, 1.0f));
+    float l = lse[((long)b * NH + h) * T + t];
+    Row dq = {};
+    for (int j = 0; j <= t; j++) {
+        Row k = load_row(base + (long)j * 3 * C + C, HS, lane, 1.0f);
+        float p = expf(dot(q, k) - l);
+        float ds = p * (dot(d_o, load_row(base + (long)j * 3 * C + 2 * C, HS, lane, 1.0f)) - row_d);
+        for (int x = 0; x < MAX_PER_LANE; x++) dq.v[x] += ds * scale * k.v[x];
+    }
+    store_row(dqkv + (long)b * T * 3 * C + (long)t * 3 * C + h * HS, dq, HS, lane);
+}
+
+// dk and dv for each key row (one warp per (b, h, j)).
+extern "C" __global__ void attention_backward_dkv(floatX* dqkv, const floatX* dout, const floatX* qkv,
+                                                  const floatX* out, const float* lse, int B, int T, int NH, int HS) {
+    int b, h, j;
+    if (!warp_task(B, NH, T, &b, &h, &j)) return;
+    const int lane = threadIdx.x % 32, C = NH * HS;
+    const float scale = rsqrtf((float)HS);
+    const floatX* base = qkv + (long)b * T * 3 * C + h * HS;
+    Row k = load_row(base + (long)j * 3 * C + C, HS, lane, 1.0f);
+    Row v = load_row(base + (long)j * 3 * C + 2 * C, HS, lane, 1.0f);
+    Row dk = {}, dv = {};
+    for (int t = j; t < T; t++) {
+        const long o = ((long)b * T + t) * C + h * HS;
+        Row q = load_row(base + (long)t * 3 * C, HS, lane, scale);
+        Row d_o = load_row(dout + o, HS, lane, 1.0f);
+        float row_d = dot(d_o, load_row(out + o, HS, lane, 1.0f));
+        float p = expf(dot(q, k) - lse[((long)b * NH + h) * T + t]);
+        float ds = p * (dot(d_o, v) - row_d);
+        for (int x = 0; x < MAX_PER_LANE; x++) {
+            dk.v[x] += ds * q.v[x];  // q is already scaled by s
+            dv.v[x] += p * d_o.v[x];
+        }
+    }
+    floatX* row = dqkv + (long)b * T * 3 * C + (long)j * 3 * C + h * HS;
+    store_row(row + C, dk, HS, lane);
+    store_row(row + 2 * C, dv, HS, lane);
+}

@@ -1,0 +1,72 @@
+// Shared by every kernel file: the compiler puts this text in front of each one (NVRTC sees no kernels/ folder).
+//
+// floatX is the storage type of parameters and activations: bf16 when compiled with -DKILN_BF16, fp32 otherwise.
+// Arithmetic, statistics, gradients of weights, optimizer state and losses are always fp32.
+
+#include <cuda_bf16.h>
+
+// NVRTC has no <math.h>, so no INFINITY.
+#define NEG_INF __int_as_float(0xff800000)
+
+#ifdef KILN_BF16
+typedef __nv_bfloat16 floatX;
+#else
+typedef float floatX;
+#endif
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ floatX to_x(float x) {
+#ifdef KILN_BF16
+    return __float2bfloat16_rn(x);
+#else
+    return x;
+#endif
+}
+
+// Sum and max over the 32 lanes of a warp; every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over a whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// `scratch` holds 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : NEG_INF;
+    return warp_max(v);
+}
+
+// GELU, tanh approximation: gelu(x) = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³).
+#define GELU_SCALE 0.7978845608f
+#define GELU_CUBE 0.044715f
+__device__ __forceinline__ float gelu(float x) {
+    float u = GELU_SCALE * x * (1.0f + GELU_CUBE * x * x);
+    return 0.5f * x * (1.0f + tanhf(u));
+}
+// gelu'(x) = ½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²).
+__device__ __forceinline__ float gelu_grad(float x) {
+    float u = GELU_SCALE * x * (1.0f + GELU_CUBE * x * x);
+    float t = tanhf(u);
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_SCALE * (1.0f + 3.0f * GELU_CUBE * x * x);
+}
+
+#define IGNORE_TARGET 0xffffffffu

@@ -1,0 +1,23 @@
+// Sums over a whole fp32 vector (the loss, the squared gradient norm), deterministic: a fixed grid of blocks
+// each reduces a fixed stride of the input into partials[block], then one block adds the partials in order.
+
+// squares != 0 sums x², otherwise x.
+extern "C" __global__ void reduce_partials(float* partials, const float* x, long n, int squares) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = x[i];
+        s += squares ? v * v : v;
+    }
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+// One block: out[0] = Σ partials[0..count).
+extern "C" __global__ void reduce_final(float* out, const float* partials, int count) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) s += partials[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) out[0] = s;
+}
