@@ -41,6 +41,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
     },
+    /// Check an engine against the CPU engine in f64: every operation, the model's gradients, 20 training steps.
+    Selftest {
+        /// The engine to check.
+        #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
+        backend: BackendChoice,
+    },
     /// Show the version, the engines available, CPU threads, CUDA libraries and GPUs.
     Info,
     /// CUDA kernels: compile them ahead of time into the on-disk cache.
@@ -88,6 +94,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Kernels { command: KernelsCommand::Build { archs } } => build_kernels(archs),
+        Command::Selftest { backend } => selftest(backend),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,6 +143,32 @@ fn train(config: Option<PathBuf>, overrides: &[String], backend: BackendChoice, 
         summary.tokens_per_s,
         PathBuf::from(&config.train.out_dir).join("metrics.jsonl").display()
     );
+    Ok(())
+}
+
+fn no_cuda_engine_yet(backend: BackendChoice) -> Result<()> {
+    if backend == BackendChoice::Cuda {
+        return Err(Error::Usage(
+            "--backend cuda: this build of kiln has no CUDA engine yet; use --backend cpu".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Prints one line per check and a count; fails (exit code 1) if any check does.
+fn selftest(backend: BackendChoice) -> Result<()> {
+    no_cuda_engine_yet(backend)?;
+    println!("checking the cpu engine (f32) against the cpu engine in f64");
+    let checks = kiln_selftest::run(
+        || Ok(CpuBackend::<f32>::new()),
+        kiln_selftest::Tolerance::FP32,
+        |c| println!("{}", c.line()),
+    )?;
+    let failed = checks.iter().filter(|c| !c.passed()).count();
+    println!("{} passed, {failed} failed", checks.len() - failed);
+    if failed > 0 {
+        return Err(Error::backend("selftest", format!("{failed} of {} checks failed", checks.len())));
+    }
     Ok(())
 }
 

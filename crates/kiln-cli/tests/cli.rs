@@ -150,3 +150,16 @@ fn kernels_build_compiles_every_kernel_for_a_named_architecture() {
     assert!(!text.contains("cached"), "a fresh cache has nothing cached:\n{text}");
     expect_usage_error(&["kernels", "build", "--arch", "compute_90"], &["compute_90", "sm_90a"]);
 }
+
+#[test]
+fn selftest_checks_the_cpu_engine() {
+    let out = kiln(&["selftest", "--backend", "cpu"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    for check in ["PASS encoder_forward", "PASS attention_backward", "PASS gradient h.1.mlp.fc.weight", "PASS training"]
+    {
+        assert!(text.contains(check), "{check} missing from:\n{text}");
+    }
+    assert!(!text.contains("FAIL"), "{text}");
+    expect_usage_error(&["selftest", "--backend", "cuda"], &["CUDA"]);
+}

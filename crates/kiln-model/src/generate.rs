@@ -6,7 +6,7 @@ use kiln_core::{Backend, Error, Result};
 /// Extends each prompt by `new_tokens` tokens, each the most likely next token given everything before it. All
 /// prompts must have the same length; they run `model.max_batch` at a time, and every new token costs a forward
 /// pass over the whole context (there is no key/value cache).
-pub fn greedy<B: Backend>(
+pub fn greedy<B: Backend + ?Sized>(
     model: &Gpt,
     backend: &mut B,
     prompts: &[Vec<u32>],

@@ -139,7 +139,7 @@ struct Arena {
 }
 
 impl Arena {
-    fn new<B: Backend>(backend: &mut B, len: usize, role: Role) -> Result<Self> {
+    fn new<B: Backend + ?Sized>(backend: &mut B, len: usize, role: Role) -> Result<Self> {
         Ok(Arena { whole: backend.alloc(len, role)?, used: 0 })
     }
 
@@ -152,7 +152,7 @@ impl Arena {
 
 impl Gpt {
     /// Allocates everything the model will ever use and initialises the weights from `seed`.
-    pub fn new<B: Backend>(backend: &mut B, shape: GptShape, max_batch: usize, seed: u64) -> Result<Self> {
+    pub fn new<B: Backend + ?Sized>(backend: &mut B, shape: GptShape, max_batch: usize, seed: u64) -> Result<Self> {
         let layout = shape.params();
         let n_params = shape.num_params();
         let params = backend.alloc(n_params, Role::Param)?;
@@ -227,7 +227,12 @@ impl Gpt {
     }
 
     /// Copies a batch of `batch × time` token ids (and, for a loss, their targets) to the backend.
-    pub fn load_batch<B: Backend>(&self, backend: &mut B, tokens: &[u32], targets: Option<&[u32]>) -> Result<()> {
+    pub fn load_batch<B: Backend + ?Sized>(
+        &self,
+        backend: &mut B,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+    ) -> Result<()> {
         backend.upload_indices(self.tokens.slice(0, tokens.len()), tokens)?;
         if let Some(targets) = targets {
             backend.upload_indices(self.targets.slice(0, targets.len()), targets)?;
@@ -236,7 +241,7 @@ impl Gpt {
     }
 
     /// Runs the model on the batch last loaded. Losses accumulate into [`Self::losses`] (zero it first).
-    pub fn forward<B: Backend>(&self, b: &mut B, batch: usize, time: usize, pass: Pass) -> Result<()> {
+    pub fn forward<B: Backend + ?Sized>(&self, b: &mut B, batch: usize, time: usize, pass: Pass) -> Result<()> {
         self.check_batch(batch, time)?;
         let s = &self.shape;
         let (c, n) = (s.n_embd, batch * time);
@@ -313,7 +318,7 @@ impl Gpt {
 
     /// Accumulates the gradients of the last [`Pass::Train`] forward pass (same batch shape) into
     /// [`Self::grads`].
-    pub fn backward<B: Backend>(&self, b: &mut B, batch: usize, time: usize) -> Result<()> {
+    pub fn backward<B: Backend + ?Sized>(&self, b: &mut B, batch: usize, time: usize) -> Result<()> {
         self.check_batch(batch, time)?;
         let s = &self.shape;
         let (c, n, vp) = (s.n_embd, batch * time, s.padded_vocab);
@@ -404,7 +409,7 @@ impl Gpt {
     }
 
     /// The logits of one position (`row = b·time + t` of the last forward pass), over the real vocabulary.
-    pub fn logits_row<B: Backend>(&self, backend: &mut B, row: usize, out: &mut [f32]) -> Result<()> {
+    pub fn logits_row<B: Backend + ?Sized>(&self, backend: &mut B, row: usize, out: &mut [f32]) -> Result<()> {
         let vp = self.shape.padded_vocab;
         backend.download(self.logits.slice(row * vp, self.shape.vocab), out)
     }

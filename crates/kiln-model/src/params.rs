@@ -138,7 +138,7 @@ pub fn decay_runs(params: &[ParamInfo]) -> Vec<(usize, usize, bool)> {
 
 /// Fills `flat` with the initial weights drawn from `seed`. The padded rows of `wte` start at zero: no token
 /// selects them and no logit they produce is used, so they never change the model.
-pub fn initialize<B: Backend>(backend: &mut B, shape: &GptShape, flat: Tensor, seed: u64) -> Result<()> {
+pub fn initialize<B: Backend + ?Sized>(backend: &mut B, shape: &GptShape, flat: Tensor, seed: u64) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut host = vec![0.0f32; flat.len];
     for p in shape.params() {

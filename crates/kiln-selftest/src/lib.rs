@@ -1,0 +1,442 @@
+//! kiln's self-test: a backend under test against the CPU engine run in f64.
+//!
+//! Three kinds of check, each reported as one [`Check`]:
+//! - every operation of [`Backend`], on fresh random inputs whose sizes are multiples of no tile size, with the
+//!   candidate's outputs poisoned with NaN before it runs (an output it forgets to write shows up as NaN);
+//! - the whole model's gradients, parameter tensor by parameter tensor, for one batch;
+//! - a short training run, whose per-step losses must track the reference's.
+//!
+//! Errors are measured normwise, `max|candidate − reference| / max|reference|` over a tensor, and compared with a
+//! [`Tolerance`] chosen for the candidate's precision.
+
+use kiln_core::backend::IGNORE_TARGET;
+use kiln_core::{AdamWStep, AttentionDims, Backend, Config, MatmulDims, Result, Role, Tensor};
+use kiln_cpu::CpuBackend;
+use kiln_model::{Gpt, GptShape, Pass};
+use kiln_train::{Hooks, Trainer};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Largest normwise relative errors accepted.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    /// Outputs of a single operation.
+    pub op: f64,
+    /// Gradients of the whole model.
+    pub model_grads: f64,
+    /// Absolute difference of per-step training losses.
+    pub loss: f64,
+}
+
+impl Tolerance {
+    /// fp32 arithmetic against the f64 reference.
+    pub const FP32: Tolerance = Tolerance { op: 1e-5, model_grads: 1e-4, loss: 1e-4 };
+    /// bf16 storage with fp32 accumulation.
+    pub const BF16: Tolerance = Tolerance { op: 1e-2, model_grads: 2e-2, loss: 2e-2 };
+}
+
+/// The outcome of one check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Check {
+    pub name: String,
+    /// The largest error found (normwise relative, or absolute for losses).
+    pub error: f64,
+    pub tolerance: f64,
+    /// A failure that is not a number: an operation returned an error, or wrote NaN.
+    pub failure: Option<String>,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.failure.is_none() && self.error <= self.tolerance
+    }
+
+    /// One line for people: `PASS layernorm_backward  error 2.1e-07 (tolerance 1e-05)`.
+    pub fn line(&self) -> String {
+        let verdict = if self.passed() { "PASS" } else { "FAIL" };
+        match &self.failure {
+            Some(why) => format!("{verdict} {:<34} {why}", self.name),
+            None => format!("{verdict} {:<34} error {:.1e} (tolerance {:.0e})", self.name, self.error, self.tolerance),
+        }
+    }
+}
+
+/// Normwise relative error of `got` against `want`; infinite if any value is not finite.
+fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    if got.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let scale = want.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs())).max(1e-30);
+    got.iter().zip(want).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs())) / scale
+}
+
+/// How an operation uses one of its real-valued operands.
+#[derive(Clone, Copy, PartialEq)]
+enum Use {
+    /// Read only: random values in [−1, 1).
+    In,
+    /// Written: poisoned with NaN on the candidate.
+    Out,
+    /// Read and accumulated into: the same random values on both, compared after.
+    Acc,
+    /// As `Acc`, with values in [0, 1) (AdamW's second moment).
+    AccNonNegative,
+}
+
+/// One operation check: its operands and how to call it.
+struct OpCase {
+    name: &'static str,
+    reals: Vec<(usize, Use)>,
+    indices: Vec<Vec<u32>>,
+    #[allow(clippy::type_complexity)]
+    run: Box<dyn Fn(&mut dyn Backend, &[Tensor], &[Tensor]) -> Result<()>>,
+}
+
+/// Uploads the operands (outputs poisoned with NaN when `poison`), runs the case, and downloads what it wrote.
+fn run_case(case: &OpCase, b: &mut dyn Backend, values: &[Vec<f32>], poison: bool) -> Result<Vec<Vec<f32>>> {
+    let mut reals = Vec::new();
+    for (&(len, usage), v) in case.reals.iter().zip(values) {
+        let t = b.alloc(len, Role::Activation)?;
+        if usage == Use::Out && poison {
+            b.upload(t, &vec![f32::NAN; len])?;
+        } else {
+            b.upload(t, v)?;
+        }
+        reals.push(t);
+    }
+    let mut indices = Vec::new();
+    for ids in &case.indices {
+        let t = b.alloc(ids.len(), Role::Index)?;
+        b.upload_indices(t, ids)?;
+        indices.push(t);
+    }
+    (case.run)(b, &reals, &indices)?;
+    let mut outputs = Vec::new();
+    for (t, &(len, usage)) in reals.iter().zip(&case.reals) {
+        if usage != Use::In {
+            let mut host = vec![0.0; len];
+            b.download(*t, &mut host)?;
+            outputs.push(host);
+        }
+    }
+    Ok(outputs)
+}
+
+/// Runs `case` on both backends with the same inputs and compares every output.
+fn check_op(
+    case: &OpCase,
+    candidate: &mut dyn Backend,
+    reference: &mut dyn Backend,
+    rng: &mut ChaCha8Rng,
+    tol: f64,
+) -> Check {
+    let fail = |why: String| Check { name: case.name.into(), error: f64::INFINITY, tolerance: tol, failure: Some(why) };
+    let values: Vec<Vec<f32>> = case
+        .reals
+        .iter()
+        .map(|&(len, usage)| {
+            let low = if usage == Use::AccNonNegative { 0.0 } else { -1.0 };
+            (0..len).map(|_| low + rng.random::<f32>() * (1.0 - low)).collect()
+        })
+        .collect();
+    let got = match run_case(case, candidate, &values, true) {
+        Ok(o) => o,
+        Err(e) => return fail(format!("candidate failed: {e}")),
+    };
+    let want = match run_case(case, reference, &values, false) {
+        Ok(o) => o,
+        Err(e) => return fail(format!("reference failed: {e}")),
+    };
+    let error = got.iter().zip(&want).map(|(g, w)| relative_error(g, w)).fold(0.0, f64::max);
+    if error.is_infinite() {
+        return fail("an output is NaN or infinite (unwritten, or overflowed)".into());
+    }
+    Check { name: case.name.into(), error, tolerance: tol, failure: None }
+}
+
+/// The operation cases, at sizes that are multiples of no tile size.
+fn op_cases() -> Vec<OpCase> {
+    use Use::*;
+    let (batch, time, heads, head_dim) = (3, 37, 3, 16);
+    let c = heads * head_dim;
+    let rows = batch * time;
+    let (vocab, padded) = (67, 128);
+    let tokens: Vec<u32> = (0..rows).map(|i| ((i * 31 + 7) % vocab) as u32).collect();
+    let mut targets = tokens.clone();
+    targets.rotate_left(1);
+    targets[5] = IGNORE_TARGET;
+    let att = AttentionDims { batch, time, heads, head_dim };
+    let lin = MatmulDims { rows, c_in: c, c_out: 67 };
+    let adam = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.7 };
+    vec![
+        OpCase {
+            name: "encoder_forward",
+            reals: vec![(rows * c, Out), (vocab * c, In), (time * c, In)],
+            indices: vec![tokens.clone()],
+            run: Box::new(move |b, r, i| b.encoder_forward(r[0], i[0], r[1], r[2], batch, time, c)),
+        },
+        OpCase {
+            name: "encoder_backward",
+            reals: vec![(vocab * c, Acc), (time * c, Acc), (rows * c, In)],
+            indices: vec![tokens.clone()],
+            run: Box::new(move |b, r, i| b.encoder_backward(r[0], r[1], r[2], i[0], batch, time, c)),
+        },
+        OpCase {
+            name: "layernorm_forward",
+            reals: vec![(rows * c, Out), (rows, Out), (rows, Out), (rows * c, In), (c, In), (c, In)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.layernorm_forward(r[0], r[1], r[2], r[3], r[4], r[5], rows, c)),
+        },
+        OpCase {
+            name: "residual_layernorm_forward",
+            reals: vec![
+                (rows * c, Out),
+                (rows * c, Out),
+                (rows, Out),
+                (rows, Out),
+                (rows * c, In),
+                (rows * c, In),
+                (c, In),
+                (c, In),
+            ],
+            indices: vec![],
+            run: Box::new(move |b, r, _| {
+                b.residual_layernorm_forward(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], rows, c)
+            }),
+        },
+        OpCase {
+            name: "layernorm_backward",
+            // Statistics computed by a forward pass first, so that they are consistent with the input.
+            reals: vec![
+                (rows * c, Acc),
+                (c, Acc),
+                (c, Acc),
+                (rows * c, In),
+                (rows * c, In),
+                (c, In),
+                (c, In),
+                (rows * c, Out),
+                (rows, Out),
+                (rows, Out),
+            ],
+            indices: vec![],
+            run: Box::new(move |b, r, _| {
+                b.layernorm_forward(r[7], r[8], r[9], r[4], r[5], r[6], rows, c)?;
+                b.layernorm_backward(r[0], r[1], r[2], r[3], r[4], r[5], r[8], r[9], rows, c)
+            }),
+        },
+        OpCase {
+            name: "matmul_forward",
+            reals: vec![(rows * 67, Out), (rows * c, In), (67 * c, In), (67, In)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.matmul_forward(r[0], r[1], r[2], Some(r[3]), None, lin)),
+        },
+        OpCase {
+            name: "matmul_forward+gelu",
+            reals: vec![(rows * 67, Out), (rows * 67, Out), (rows * c, In), (67 * c, In), (67, In)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.matmul_forward(r[0], r[2], r[3], Some(r[4]), Some(r[1]), lin)),
+        },
+        OpCase {
+            name: "matmul_backward",
+            reals: vec![(rows * c, Out), (67 * c, Acc), (67, Acc), (rows * 67, In), (rows * c, In), (67 * c, In)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.matmul_backward(r[0], r[1], Some(r[2]), r[3], r[4], r[5], None, lin)),
+        },
+        OpCase {
+            name: "matmul_backward+gelu",
+            reals: vec![
+                (rows * c, Out),
+                (67 * c, Acc),
+                (67, Acc),
+                (rows * 67, In),
+                (rows * c, In),
+                (67 * c, In),
+                (rows * c, In),
+            ],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.matmul_backward(r[0], r[1], Some(r[2]), r[3], r[4], r[5], Some(r[6]), lin)),
+        },
+        OpCase {
+            name: "attention_forward",
+            reals: vec![(rows * c, Out), (batch * heads * time, Out), (rows * 3 * c, In)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.attention_forward(r[0], r[1], r[2], att)),
+        },
+        OpCase {
+            name: "attention_backward",
+            reals: vec![
+                (rows * 3 * c, Out),
+                (rows * c, In),
+                (rows * 3 * c, In),
+                (rows * c, Out),
+                (batch * heads * time, Out),
+            ],
+            indices: vec![],
+            run: Box::new(move |b, r, _| {
+                b.attention_forward(r[3], r[4], r[2], att)?;
+                b.attention_backward(r[0], r[1], r[2], r[3], r[4], att)
+            }),
+        },
+        OpCase {
+            name: "classifier",
+            reals: vec![(rows * padded, Acc), (rows, Acc)],
+            indices: vec![targets.clone()],
+            run: Box::new(move |b, r, i| b.classifier(r[0], r[1], i[0], rows, vocab, padded, Some(1.0 / rows as f32))),
+        },
+        OpCase {
+            name: "classifier (loss only)",
+            reals: vec![(rows * padded, In), (rows, Acc)],
+            indices: vec![targets],
+            run: Box::new(move |b, r, i| b.classifier(r[0], r[1], i[0], rows, vocab, padded, None)),
+        },
+        OpCase {
+            name: "adamw",
+            reals: vec![(1001, Acc), (1001, In), (1001, Acc), (1001, AccNonNegative)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.adamw(r[0], r[1], r[2], r[3], &adam)),
+        },
+        OpCase {
+            name: "sum, sum_squares",
+            reals: vec![(100_003, In), (2, Out)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| {
+                let (s, q) = (b.sum(r[0])?, b.sum_squares(r[0])?);
+                b.upload(r[1], &[s, q])
+            }),
+        },
+    ]
+}
+
+/// The model the model-level checks use: small, with sizes that are multiples of nothing in particular.
+fn model_config() -> Config {
+    let overrides: Vec<String> = [
+        "model.n_layer=2",
+        "model.n_head=3",
+        "model.n_embd=48",
+        "model.block_size=29",
+        "train.micro_batch=3",
+        "train.total_batch_tokens=174",
+        "train.max_steps=20",
+        "optim.warmup_steps=5",
+        "optim.lr=3e-3",
+        "train.eval_steps=1",
+        "train.eval_every=0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Config::load(None, &overrides).expect("the self-test's own configuration is valid")
+}
+
+/// Gradients of every parameter tensor for one batch, on both backends.
+fn check_model_grads<C: Backend>(candidate: &mut C, tol: f64) -> Result<Vec<Check>> {
+    let config = model_config();
+    let vocab = 13;
+    let shape = GptShape::new(&config, vocab);
+    let (batch, time) = (3, 29);
+    let mut reference = CpuBackend::<f64>::new();
+    let cand_model = Gpt::new(candidate, shape, batch, 11)?;
+    let ref_model = Gpt::new(&mut reference, shape, batch, 11)?;
+    let tokens: Vec<u32> = (0..batch * time).map(|i| ((i * 5 + i / 7) % vocab) as u32).collect();
+    let targets: Vec<u32> = (0..batch * time).map(|i| ((i * 3 + 1) % vocab) as u32).collect();
+    let mut grads = Vec::new();
+    for (b, model) in [(candidate as &mut dyn Backend, &cand_model), (&mut reference as &mut dyn Backend, &ref_model)] {
+        b.zero(model.grads)?;
+        b.zero(model.losses)?;
+        model.load_batch(b, &tokens, Some(&targets))?;
+        model.forward(b, batch, time, Pass::Train { dloss: 1.0 / (batch * time) as f32 })?;
+        model.backward(b, batch, time)?;
+        let mut host = vec![0.0; model.grads.len];
+        b.download(model.grads, &mut host)?;
+        grads.push(host);
+    }
+    let checks = cand_model
+        .layout
+        .iter()
+        .map(|p| {
+            // Padded rows of wte rightly hold zeros on both; compare the used rows.
+            let len = if p.name == "wte" { vocab * shape.n_embd } else { p.len() };
+            let range = p.offset..p.offset + len;
+            let error = relative_error(&grads[0][range.clone()], &grads[1][range]);
+            let failure = error.is_infinite().then(|| "NaN or infinite gradient".to_string());
+            Check { name: format!("gradient {}", p.name), error, tolerance: tol, failure }
+        })
+        .collect();
+    Ok(checks)
+}
+
+/// Twenty optimizer steps on the synthetic addition task: the candidate's losses against the reference's.
+fn check_training<C: Backend>(candidate: C, tol: f64) -> Result<Check> {
+    let config = model_config();
+    let mut hooks = Hooks::default();
+    let got = Trainer::new(&config, candidate)?.run(&mut hooks, false)?;
+    let want = Trainer::new(&config, CpuBackend::<f64>::new())?.run(&mut hooks, false)?;
+    let error = got.losses.iter().zip(&want.losses).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+    let failure = (!error.is_finite()).then(|| "a loss is NaN or infinite".to_string());
+    Ok(Check { name: format!("training: {} steps' losses", got.losses.len()), error, tolerance: tol, failure })
+}
+
+/// Runs every check on backends made by `make`, calling `report` as each finishes, and returns them all. A
+/// model-level check that errors out counts as failed.
+pub fn run<C: Backend + 'static>(
+    mut make: impl FnMut() -> Result<C>,
+    tol: Tolerance,
+    mut report: impl FnMut(&Check),
+) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let mut push = |c: Check| {
+        report(&c);
+        checks.push(c);
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5e1f_7e57);
+    let mut candidate = make()?;
+    let mut reference = CpuBackend::<f64>::new();
+    for case in op_cases() {
+        push(check_op(&case, &mut candidate, &mut reference, &mut rng, tol.op));
+    }
+    let failed = |name: &str, tolerance: f64, e: kiln_core::Error| Check {
+        name: name.into(),
+        error: f64::INFINITY,
+        tolerance,
+        failure: Some(e.to_string()),
+    };
+    match check_model_grads(&mut make()?, tol.model_grads) {
+        Ok(grads) => grads.into_iter().for_each(&mut push),
+        Err(e) => push(failed("model gradients", tol.model_grads, e)),
+    }
+    push(check_training(make()?, tol.loss).unwrap_or_else(|e| failed("training", tol.loss, e)));
+    Ok(checks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_f32_engine_passes_against_f64() {
+        let checks = run(|| Ok(CpuBackend::<f32>::new()), Tolerance::FP32, |_| {}).unwrap();
+        assert!(checks.len() > 20);
+        for c in &checks {
+            assert!(c.passed(), "{}", c.line());
+        }
+    }
+
+    #[test]
+    fn differences_beyond_tolerance_fail() {
+        // f32 is not f64: at a tolerance no float32 computation can meet, every check that computes must fail.
+        let strict = Tolerance { op: 1e-12, model_grads: 1e-12, loss: 0.0 };
+        let checks = run(|| Ok(CpuBackend::<f32>::new()), strict, |_| {}).unwrap();
+        let failed: Vec<&str> = checks.iter().filter(|c| !c.passed()).map(|c| c.name.as_str()).collect();
+        for name in ["layernorm_backward", "attention_backward", "matmul_backward+gelu", "classifier"] {
+            assert!(failed.contains(&name), "{name} should fail at 1e-12; failed: {failed:?}");
+        }
+        assert!(failed.iter().any(|n| n.starts_with("training")));
+    }
+
+    #[test]
+    fn nan_outputs_fail_and_errors_are_normwise() {
+        assert!(relative_error(&[1.0, f32::NAN], &[1.0, 2.0]).is_infinite());
+        assert!((relative_error(&[1.0, 2.1], &[1.0, 2.0]) - 0.05).abs() < 1e-6);
+    }
+}
