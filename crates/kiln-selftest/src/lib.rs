@@ -86,7 +86,9 @@ enum Use {
 /// One operation check: its operands and how to call it.
 struct OpCase {
     name: &'static str,
-    reals: Vec<(usize, Use)>,
+    /// Length, use and role of each real operand: the role decides a mixed-precision engine's storage type
+    /// (weights' gradients and statistics are fp32 where activations are bf16).
+    reals: Vec<(usize, Use, Role)>,
     indices: Vec<Vec<u32>>,
     #[allow(clippy::type_complexity)]
     run: Box<dyn Fn(&mut dyn Backend, &[Tensor], &[Tensor]) -> Result<()>>,
@@ -95,8 +97,8 @@ struct OpCase {
 /// Uploads the operands (outputs poisoned with NaN when `poison`), runs the case, and downloads what it wrote.
 fn run_case(case: &OpCase, b: &mut dyn Backend, values: &[Vec<f32>], poison: bool) -> Result<Vec<Vec<f32>>> {
     let mut reals = Vec::new();
-    for (&(len, usage), v) in case.reals.iter().zip(values) {
-        let t = b.alloc(len, Role::Activation)?;
+    for (&(len, usage, role), v) in case.reals.iter().zip(values) {
+        let t = b.alloc(len, role)?;
         if usage == Use::Out && poison {
             b.upload(t, &vec![f32::NAN; len])?;
         } else {
@@ -112,7 +114,7 @@ fn run_case(case: &OpCase, b: &mut dyn Backend, values: &[Vec<f32>], poison: boo
     }
     (case.run)(b, &reals, &indices)?;
     let mut outputs = Vec::new();
-    for (t, &(len, usage)) in reals.iter().zip(&case.reals) {
+    for (t, &(len, usage, _)) in reals.iter().zip(&case.reals) {
         if usage != Use::In {
             let mut host = vec![0.0; len];
             b.download(*t, &mut host)?;
@@ -134,7 +136,7 @@ fn check_op(
     let values: Vec<Vec<f32>> = case
         .reals
         .iter()
-        .map(|&(len, usage)| {
+        .map(|&(len, usage, _)| {
             let low = if usage == Use::AccNonNegative { 0.0 } else { -1.0 };
             (0..len).map(|_| low + rng.random::<f32>() * (1.0 - low)).collect()
         })
@@ -156,6 +158,7 @@ fn check_op(
 
 /// The operation cases, at sizes that are multiples of no tile size.
 fn op_cases() -> Vec<OpCase> {
+    use Role::{Activation, Grad, OptState, Param, Stat};
     use Use::*;
     let (batch, time, heads, head_dim) = (3, 37, 3, 16);
     let c = heads * head_dim;
@@ -171,33 +174,40 @@ fn op_cases() -> Vec<OpCase> {
     vec![
         OpCase {
             name: "encoder_forward",
-            reals: vec![(rows * c, Out), (vocab * c, In), (time * c, In)],
+            reals: vec![(rows * c, Out, Activation), (vocab * c, In, Param), (time * c, In, Param)],
             indices: vec![tokens.clone()],
             run: Box::new(move |b, r, i| b.encoder_forward(r[0], i[0], r[1], r[2], batch, time, c)),
         },
         OpCase {
             name: "encoder_backward",
-            reals: vec![(vocab * c, Acc), (time * c, Acc), (rows * c, In)],
+            reals: vec![(vocab * c, Acc, Grad), (time * c, Acc, Grad), (rows * c, In, Activation)],
             indices: vec![tokens.clone()],
             run: Box::new(move |b, r, i| b.encoder_backward(r[0], r[1], r[2], i[0], batch, time, c)),
         },
         OpCase {
             name: "layernorm_forward",
-            reals: vec![(rows * c, Out), (rows, Out), (rows, Out), (rows * c, In), (c, In), (c, In)],
+            reals: vec![
+                (rows * c, Out, Activation),
+                (rows, Out, Stat),
+                (rows, Out, Stat),
+                (rows * c, In, Activation),
+                (c, In, Param),
+                (c, In, Param),
+            ],
             indices: vec![],
             run: Box::new(move |b, r, _| b.layernorm_forward(r[0], r[1], r[2], r[3], r[4], r[5], rows, c)),
         },
         OpCase {
             name: "residual_layernorm_forward",
             reals: vec![
-                (rows * c, Out),
-                (rows * c, Out),
-                (rows, Out),
-                (rows, Out),
-                (rows * c, In),
-                (rows * c, In),
-                (c, In),
-                (c, In),
+                (rows * c, Out, Activation),
+                (rows * c, Out, Activation),
+                (rows, Out, Stat),
+                (rows, Out, Stat),
+                (rows * c, In, Activation),
+                (rows * c, In, Activation),
+                (c, In, Param),
+                (c, In, Param),
             ],
             indices: vec![],
             run: Box::new(move |b, r, _| {
@@ -208,16 +218,16 @@ fn op_cases() -> Vec<OpCase> {
             name: "layernorm_backward",
             // Statistics computed by a forward pass first, so that they are consistent with the input.
             reals: vec![
-                (rows * c, Acc),
-                (c, Acc),
-                (c, Acc),
-                (rows * c, In),
-                (rows * c, In),
-                (c, In),
-                (c, In),
-                (rows * c, Out),
-                (rows, Out),
-                (rows, Out),
+                (rows * c, Acc, Activation),
+                (c, Acc, Grad),
+                (c, Acc, Grad),
+                (rows * c, In, Activation),
+                (rows * c, In, Activation),
+                (c, In, Param),
+                (c, In, Param),
+                (rows * c, Out, Activation),
+                (rows, Out, Stat),
+                (rows, Out, Stat),
             ],
             indices: vec![],
             run: Box::new(move |b, r, _| {
@@ -227,50 +237,63 @@ fn op_cases() -> Vec<OpCase> {
         },
         OpCase {
             name: "matmul_forward",
-            reals: vec![(rows * 67, Out), (rows * c, In), (67 * c, In), (67, In)],
+            reals: vec![(rows * 67, Out, Activation), (rows * c, In, Activation), (67 * c, In, Param), (67, In, Param)],
             indices: vec![],
             run: Box::new(move |b, r, _| b.matmul_forward(r[0], r[1], r[2], Some(r[3]), None, lin)),
         },
         OpCase {
             name: "matmul_forward+gelu",
-            reals: vec![(rows * 67, Out), (rows * 67, Out), (rows * c, In), (67 * c, In), (67, In)],
+            reals: vec![
+                (rows * 67, Out, Activation),
+                (rows * 67, Out, Activation),
+                (rows * c, In, Activation),
+                (67 * c, In, Param),
+                (67, In, Param),
+            ],
             indices: vec![],
             run: Box::new(move |b, r, _| b.matmul_forward(r[0], r[2], r[3], Some(r[4]), Some(r[1]), lin)),
         },
         OpCase {
             name: "matmul_backward",
-            reals: vec![(rows * c, Out), (67 * c, Acc), (67, Acc), (rows * 67, In), (rows * c, In), (67 * c, In)],
+            reals: vec![
+                (rows * c, Out, Activation),
+                (67 * c, Acc, Grad),
+                (67, Acc, Grad),
+                (rows * 67, In, Activation),
+                (rows * c, In, Activation),
+                (67 * c, In, Param),
+            ],
             indices: vec![],
             run: Box::new(move |b, r, _| b.matmul_backward(r[0], r[1], Some(r[2]), r[3], r[4], r[5], None, lin)),
         },
         OpCase {
             name: "matmul_backward+gelu",
             reals: vec![
-                (rows * c, Out),
-                (67 * c, Acc),
-                (67, Acc),
-                (rows * 67, In),
-                (rows * c, In),
-                (67 * c, In),
-                (rows * c, In),
+                (rows * c, Out, Activation),
+                (67 * c, Acc, Grad),
+                (67, Acc, Grad),
+                (rows * 67, In, Activation),
+                (rows * c, In, Activation),
+                (67 * c, In, Param),
+                (rows * c, In, Activation),
             ],
             indices: vec![],
             run: Box::new(move |b, r, _| b.matmul_backward(r[0], r[1], Some(r[2]), r[3], r[4], r[5], Some(r[6]), lin)),
         },
         OpCase {
             name: "attention_forward",
-            reals: vec![(rows * c, Out), (batch * heads * time, Out), (rows * 3 * c, In)],
+            reals: vec![(rows * c, Out, Activation), (batch * heads * time, Out, Stat), (rows * 3 * c, In, Activation)],
             indices: vec![],
             run: Box::new(move |b, r, _| b.attention_forward(r[0], r[1], r[2], att)),
         },
         OpCase {
             name: "attention_backward",
             reals: vec![
-                (rows * 3 * c, Out),
-                (rows * c, In),
-                (rows * 3 * c, In),
-                (rows * c, Out),
-                (batch * heads * time, Out),
+                (rows * 3 * c, Out, Activation),
+                (rows * c, In, Activation),
+                (rows * 3 * c, In, Activation),
+                (rows * c, Out, Activation),
+                (batch * heads * time, Out, Stat),
             ],
             indices: vec![],
             run: Box::new(move |b, r, _| {
@@ -280,25 +303,25 @@ fn op_cases() -> Vec<OpCase> {
         },
         OpCase {
             name: "classifier",
-            reals: vec![(rows * padded, Acc), (rows, Acc)],
+            reals: vec![(rows * padded, Acc, Activation), (rows, Acc, Stat)],
             indices: vec![targets.clone()],
             run: Box::new(move |b, r, i| b.classifier(r[0], r[1], i[0], rows, vocab, padded, Some(1.0 / rows as f32))),
         },
         OpCase {
             name: "classifier (loss only)",
-            reals: vec![(rows * padded, In), (rows, Acc)],
+            reals: vec![(rows * padded, In, Activation), (rows, Acc, Stat)],
             indices: vec![targets],
             run: Box::new(move |b, r, i| b.classifier(r[0], r[1], i[0], rows, vocab, padded, None)),
         },
         OpCase {
             name: "adamw",
-            reals: vec![(1001, Acc), (1001, In), (1001, Acc), (1001, AccNonNegative)],
+            reals: vec![(1001, Acc, Param), (1001, In, Grad), (1001, Acc, OptState), (1001, AccNonNegative, OptState)],
             indices: vec![],
             run: Box::new(move |b, r, _| b.adamw(r[0], r[1], r[2], r[3], &adam)),
         },
         OpCase {
             name: "sum, sum_squares",
-            reals: vec![(100_003, In), (2, Out)],
+            reals: vec![(100_003, In, Grad), (2, Out, Stat)],
             indices: vec![],
             run: Box::new(move |b, r, _| {
                 let (s, q) = (b.sum(r[0])?, b.sum_squares(r[0])?);
