@@ -7,8 +7,10 @@
 mod log;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use kiln_core::Backend;
 use kiln_core::{Config, Error, Result};
 use kiln_cpu::CpuBackend;
+use kiln_cuda::backend::CudaBackend;
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
 use kiln_train::{Hooks, Trainer, describe_sum};
@@ -44,7 +46,7 @@ enum Command {
     /// Check an engine against the CPU engine in f64: every operation, the model's gradients, 20 training steps.
     Selftest {
         /// The engine to check.
-        #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
     },
     /// Show the version, the engines available, CPU threads, CUDA libraries and GPUs.
@@ -107,13 +109,38 @@ fn main() -> ExitCode {
 
 fn train(config: Option<PathBuf>, overrides: &[String], backend: BackendChoice, bar: log::ProgressSlot) -> Result<()> {
     let config = Config::load(config.as_deref(), overrides)?;
-    if backend == BackendChoice::Cuda {
-        return Err(Error::Usage(
-            "--backend cuda: this build of kiln has no CUDA engine yet; use --backend cpu".into(),
-        ));
+    match resolve(backend)? {
+        Engine::Cpu => train_on(&config, CpuBackend::<f32>::new(), bar),
+        Engine::Cuda => train_on(&config, CudaBackend::new(0, config.train.precision)?, bar),
     }
-    let mut trainer = Trainer::new(&config, CpuBackend::<f32>::new())?;
+}
 
+enum Engine {
+    Cpu,
+    Cuda,
+}
+
+/// `auto` becomes CUDA when a usable GPU is present, otherwise the CPU with one warning.
+fn resolve(choice: BackendChoice) -> Result<Engine> {
+    Ok(match choice {
+        BackendChoice::Cpu => Engine::Cpu,
+        BackendChoice::Cuda => Engine::Cuda,
+        BackendChoice::Auto => match kiln_cuda::devices::list() {
+            Ok(gpus) if !gpus.is_empty() => Engine::Cuda,
+            Ok(_) => {
+                tracing::warn!("no GPU found: training on the CPU");
+                Engine::Cpu
+            }
+            Err(e) => {
+                tracing::warn!("no usable GPU ({e}): training on the CPU");
+                Engine::Cpu
+            }
+        },
+    })
+}
+
+fn train_on<B: Backend>(config: &Config, backend: B, bar: log::ProgressSlot) -> Result<()> {
+    let mut trainer = Trainer::new(config, backend)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // First Ctrl-C: finish the step in flight and stop cleanly. Second: stop now.
@@ -146,24 +173,25 @@ fn train(config: Option<PathBuf>, overrides: &[String], backend: BackendChoice, 
     Ok(())
 }
 
-fn no_cuda_engine_yet(backend: BackendChoice) -> Result<()> {
-    if backend == BackendChoice::Cuda {
-        return Err(Error::Usage(
-            "--backend cuda: this build of kiln has no CUDA engine yet; use --backend cpu".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Prints one line per check and a count; fails (exit code 1) if any check does.
+/// Prints one line per check and a count; fails (exit code 1) if any check does. The CUDA engine is checked in
+/// both precisions.
 fn selftest(backend: BackendChoice) -> Result<()> {
-    no_cuda_engine_yet(backend)?;
-    println!("checking the cpu engine (f32) against the cpu engine in f64");
-    let checks = kiln_selftest::run(
-        || Ok(CpuBackend::<f32>::new()),
-        kiln_selftest::Tolerance::FP32,
-        |c| println!("{}", c.line()),
-    )?;
+    let print = |c: &kiln_selftest::Check| println!("{}", c.line());
+    let mut checks = Vec::new();
+    match resolve(backend)? {
+        Engine::Cpu => {
+            println!("checking the cpu engine (f32) against the cpu engine in f64");
+            checks.extend(kiln_selftest::run(|| Ok(CpuBackend::<f32>::new()), kiln_selftest::Tolerance::FP32, print)?);
+        }
+        Engine::Cuda => {
+            for (precision, tolerance) in
+                [(Precision::Fp32, kiln_selftest::Tolerance::FP32), (Precision::Bf16, kiln_selftest::Tolerance::BF16)]
+            {
+                println!("checking the cuda engine ({}) against the cpu engine in f64", precision.name());
+                checks.extend(kiln_selftest::run(|| CudaBackend::new(0, precision), tolerance, print)?);
+            }
+        }
+    }
     let failed = checks.iter().filter(|c| !c.passed()).count();
     println!("{} passed, {failed} failed", checks.len() - failed);
     if failed > 0 {
@@ -177,7 +205,7 @@ fn info() {
     println!("kiln {}", env!("CARGO_PKG_VERSION"));
     println!("engines:");
     println!("  cpu   available: f32, {} threads", rayon::current_num_threads());
-    println!("  cuda  not yet: kernels compile (`kiln kernels build`), training on the GPU comes next");
+    println!("  cuda  bf16 and fp32; not yet checked on a GPU (run `kiln selftest --backend cuda`)");
     println!("cuda libraries:");
     for lib in [Library::Driver, Library::Nvrtc, Library::Cublas, Library::CublasLt, Library::Nccl] {
         println!("  {:<18} {}", lib.file_name(), if lib.is_present() { "found" } else { "not found" });

@@ -55,6 +55,18 @@ impl Tensor {
     }
 }
 
+/// The first output that shares elements with another output or an input, and that other operand: operations
+/// may not read memory they are writing. Empty tensors overlap nothing.
+pub fn first_overlap<'a>(
+    outputs: impl Iterator<Item = &'a Tensor> + Clone,
+    inputs: impl Iterator<Item = &'a Tensor> + Clone,
+) -> Option<(Tensor, Tensor)> {
+    outputs.clone().enumerate().find_map(|(i, out)| {
+        let other_outputs = outputs.clone().enumerate().filter(move |&(j, _)| j != i).map(|(_, o)| o);
+        other_outputs.chain(inputs.clone()).find(|o| out.overlaps(o)).map(|o| (*out, *o))
+    })
+}
+
 /// What an allocation holds; a backend chooses its element type from it (the CPU engine stores every real number
 /// as its one float type; a mixed-precision engine keeps parameters and activations in bf16 but statistics and
 /// optimizer state in fp32).

@@ -89,6 +89,29 @@ pub struct TrainConfig {
     pub log_every: u64,
     pub seed: u64,
     pub out_dir: String,
+    /// Storage precision on the GPU: bf16 (fp32 master weights and accumulation) or fp32 throughout. The CPU
+    /// engine always computes in f32.
+    pub precision: Precision,
+}
+
+/// Storage precision of a GPU run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Bf16,
+    Fp32,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 2] = [Precision::Fp32, Precision::Bf16];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -102,6 +125,7 @@ impl Default for TrainConfig {
             log_every: 10,
             seed: 1337,
             out_dir: "runs/kiln".to_string(),
+            precision: Precision::Bf16,
         }
     }
 }

@@ -13,7 +13,7 @@ mod layernorm;
 pub mod math;
 mod matmul;
 
-use kiln_core::backend::{BufferId, IGNORE_TARGET};
+use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap};
 use kiln_core::{AdamWStep, AttentionDims, Backend, Error, MatmulDims, Result, Role, Tensor};
 use math::Real;
 use rayon::prelude::*;
@@ -90,11 +90,8 @@ impl<T: Real> CpuBackend<T> {
         for &(t, len) in outputs.iter().chain(inputs).filter(|(t, _)| *t != ABSENT) {
             self.check_real(op, t, len)?;
         }
-        for (i, (out, _)) in outputs.iter().enumerate() {
-            let others = outputs.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, o)| o).chain(inputs);
-            if let Some((other, _)) = others.into_iter().find(|(o, _)| out.overlaps(o)) {
-                return Err(self.invalid(op, format!("output {out:?} overlaps operand {other:?}")));
-            }
+        if let Some((out, other)) = first_overlap(outputs.iter().map(|(t, _)| t), inputs.iter().map(|(t, _)| t)) {
+            return Err(self.invalid(op, format!("output {out:?} overlaps operand {other:?}")));
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ macro_rules! kernel {
 pub const KERNELS: &[KernelSource] = &[
     kernel!("adamw"),
     kernel!("attention"),
+    kernel!("bias"),
     kernel!("classifier"),
     kernel!("encoder"),
     kernel!("gelu"),
@@ -27,19 +28,4 @@ pub const KERNELS: &[KernelSource] = &[
 ];
 
 /// Storage type of parameters and activations in a compiled kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    Fp32,
-    Bf16,
-}
-
-impl Precision {
-    pub const ALL: [Precision; 2] = [Precision::Fp32, Precision::Bf16];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
+pub use kiln_core::config::Precision;

@@ -1,0 +1,671 @@
+//! The CUDA engine: [`Backend`] on one GPU, one stream.
+//!
+//! Storage by role: in bf16, parameters and activations are bf16 and every parameter allocation has an fp32
+//! master copy beside it (uploads write both; AdamW updates the master and rounds it into the parameters); weight
+//! gradients, statistics, losses and optimizer moments are fp32 in both precisions. Matrix products go through
+//! cuBLAS's `GemmEx` (bf16 or fp32 in, fp32 accumulation, TF32 off); bias, GELU and the bias gradient are
+//! separate kernels for now. Every other operation is a kernel of `kernels/`, compiled by NVRTC for this GPU.
+//!
+//! Not yet run on a GPU: `kiln selftest --backend cuda` is the check that must pass there.
+
+use crate::compile::Compiler;
+use crate::devices;
+use crate::kernels::{KERNELS, Precision};
+use crate::libraries::Library;
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use kiln_core::backend::{BufferId, first_overlap};
+use kiln_core::{AdamWStep, AttentionDims, Backend, Error, MatmulDims, Result, Role, Tensor};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DType {
+    F32,
+    Bf16,
+    U32,
+}
+
+impl DType {
+    fn size(self) -> usize {
+        match self {
+            DType::Bf16 => 2,
+            DType::F32 | DType::U32 => 4,
+        }
+    }
+}
+
+struct Buffer {
+    _mem: CudaSlice<u8>,
+    ptr: u64,
+    len: usize,
+    dtype: DType,
+    /// fp32 master weights of a bf16 parameter allocation.
+    master: Option<(CudaSlice<u8>, u64)>,
+}
+
+/// Blocks of the first pass of a sum: fixed, so that sums are deterministic.
+const REDUCE_BLOCKS: u32 = 256;
+/// The unfused attention kernels keep a row in registers: at most 32 lanes × 4.
+const MAX_HEAD_DIM: usize = 128;
+
+pub struct CudaBackend {
+    name: String,
+    precision: Precision,
+    stream: Arc<CudaStream>,
+    blas: blas_sys::cublasHandle_t,
+    functions: HashMap<String, CudaFunction>,
+    _modules: Vec<Arc<CudaModule>>,
+    buffers: Vec<Buffer>,
+    /// `REDUCE_BLOCKS` partial sums, then the total.
+    reduce: Tensor,
+    bytes: usize,
+}
+
+fn driver(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::backend("cuda", format!("{what}: {e:?}"))
+}
+
+fn blas_error(e: blas::CublasError) -> Error {
+    Error::backend("cuda", format!("cuBLAS: {e:?}"))
+}
+
+/// Launches kernel `$name` of `$backend` with `$cfg`, passing each argument (a local value: a device address or a
+/// scalar) by reference, as CUDA's launch API takes them.
+macro_rules! launch {
+    ($backend:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let f = $backend.function($name)?;
+        let mut builder = $backend.stream.launch_builder(f);
+        $( builder.arg(&$arg); )*
+        // SAFETY: every pointer argument was checked by `ptr` against its allocation, length and type.
+        unsafe { builder.launch($cfg) }.map(|_| ()).map_err(driver($name))
+    }};
+}
+
+fn grid(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u64).div_ceil(block as u64).max(1) as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles (or loads from the cache) every kernel for it, and starts cuBLAS.
+    pub fn new(ordinal: usize, precision: Precision) -> Result<Self> {
+        for lib in [Library::Driver, Library::Nvrtc, Library::Cublas] {
+            lib.require()?;
+        }
+        let gpus = devices::list()?;
+        let gpu = gpus.get(ordinal).ok_or_else(|| Error::Usage(format!("no GPU {ordinal}: {} found", gpus.len())))?;
+        let ctx = CudaContext::new(ordinal).map_err(driver("creating a context"))?;
+        // One stream, raw device pointers: cudarc's per-allocation event tracking has nothing to order.
+        // SAFETY: called before any allocation or launch on this context.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let compiler = Compiler::new()?;
+        let arch = gpu.arch();
+        let mut functions = HashMap::new();
+        let mut modules = Vec::new();
+        for kernel in KERNELS {
+            let built = compiler.compile(kernel, &arch, precision)?;
+            let module = ctx.load_module(Ptx::from_binary(built.cubin)).map_err(driver("loading a kernel module"))?;
+            for s in &built.stats {
+                let f = module.load_function(&s.function).map_err(driver("loading a kernel"))?;
+                functions.insert(s.function.clone(), f);
+            }
+            modules.push(module);
+        }
+        let blas = blas::create_handle().map_err(blas_error)?;
+        // SAFETY: the handle was just created; the stream outlives it (both live as long as the backend).
+        unsafe { blas::set_stream(blas, stream.cu_stream() as _) }.map_err(blas_error)?;
+        let mut backend = CudaBackend {
+            name: format!("cuda:{ordinal} ({}, {})", gpu.name, precision.name()),
+            precision,
+            stream,
+            blas,
+            functions,
+            _modules: modules,
+            buffers: Vec::new(),
+            reduce: Tensor { buffer: BufferId(0), offset: 0, len: 0 },
+            bytes: 0,
+        };
+        backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
+        Ok(backend)
+    }
+
+    fn x(&self) -> DType {
+        match self.precision {
+            Precision::Fp32 => DType::F32,
+            Precision::Bf16 => DType::Bf16,
+        }
+    }
+
+    fn dtype_of(&self, role: Role) -> DType {
+        match role {
+            Role::Param | Role::Activation => self.x(),
+            Role::Grad | Role::Stat | Role::OptState => DType::F32,
+            Role::Index => DType::U32,
+        }
+    }
+
+    fn err(&self, op: &str, message: String) -> Error {
+        Error::backend(self.name.clone(), format!("{op}: {message}"))
+    }
+
+    /// The device address of `t`, after checking it holds `len` elements of `dtype`.
+    fn ptr(&self, op: &str, t: Tensor, dtype: DType, len: usize) -> Result<u64> {
+        let b = self.buffers.get(t.buffer.0 as usize).ok_or_else(|| self.err(op, format!("{t:?} is not a tensor")))?;
+        if t.offset + t.len > b.len {
+            return Err(self.err(op, format!("{t:?} lies outside its allocation of {}", b.len)));
+        }
+        if b.dtype != dtype {
+            return Err(self.err(op, format!("{t:?} holds {:?}, expected {dtype:?}", b.dtype)));
+        }
+        if t.len != len {
+            return Err(self.err(op, format!("{t:?} has {} elements, expected {len}", t.len)));
+        }
+        Ok(b.ptr + (t.offset * dtype.size()) as u64)
+    }
+
+    fn disjoint(&self, op: &str, outputs: &[Tensor], inputs: &[Tensor]) -> Result<()> {
+        match first_overlap(outputs.iter(), inputs.iter()) {
+            Some((out, other)) => Err(self.err(op, format!("output {out:?} overlaps operand {other:?}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| self.err(name, "kernel not loaded".into()))
+    }
+
+    fn copy_to_device(&self, dst: u64, bytes: &[u8]) -> Result<()> {
+        // SAFETY: `dst` addresses at least `bytes.len()` bytes of one allocation (checked by the caller).
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, bytes, self.stream.cu_stream()) }
+            .map_err(driver("copy to the GPU"))?;
+        self.stream.synchronize().map_err(driver("synchronize"))
+    }
+
+    fn copy_to_host(&self, src: u64, bytes: &mut [u8]) -> Result<()> {
+        // SAFETY: `src` addresses at least `bytes.len()` bytes of one allocation (checked by the caller).
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(bytes, src, self.stream.cu_stream()) }
+            .map_err(driver("copy from the GPU"))?;
+        self.stream.synchronize().map_err(driver("synchronize"))
+    }
+
+    /// One GemmEx: column-major `C (m×n) = β·C + op(A)·op(B)`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        a: (u64, usize),
+        b: (u64, usize),
+        c: (u64, usize, DType),
+        beta: f32,
+    ) -> Result<()> {
+        let op =
+            |t| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+        let ty = |d: DType| match d {
+            DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            _ => blas_sys::cudaDataType::CUDA_R_32F,
+        };
+        let x = ty(self.x());
+        let alpha = 1.0f32;
+        // SAFETY: the pointers were checked by the caller against operands of these shapes; alpha and beta are
+        // host scalars, cuBLAS's default pointer mode.
+        unsafe {
+            blas::gemm_ex(
+                self.blas,
+                op(ta),
+                op(tb),
+                m as i32,
+                n as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                a.0 as *const _,
+                x,
+                a.1 as i32,
+                b.0 as *const _,
+                x,
+                b.1 as i32,
+                (&beta as *const f32).cast(),
+                c.0 as *mut _,
+                ty(c.2),
+                c.1 as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(blas_error)
+    }
+
+    /// Sum of `x` or of its squares, deterministic, returned to the host.
+    fn reduce(&mut self, op: &str, t: Tensor, squares: i32) -> Result<f32> {
+        let x = self.ptr(op, t, DType::F32, t.len)?;
+        let partials =
+            self.ptr(op, self.reduce.slice(0, REDUCE_BLOCKS as usize), DType::F32, REDUCE_BLOCKS as usize)?;
+        let total = self.ptr(op, self.reduce.slice(REDUCE_BLOCKS as usize, 1), DType::F32, 1)?;
+        let n = t.len as i64;
+        let cfg = LaunchConfig { grid_dim: (REDUCE_BLOCKS, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "reduce_partials", cfg, partials, x, n, squares)?;
+        let count = REDUCE_BLOCKS as i32;
+        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "reduce_final", one, total, partials, count)?;
+        let mut bytes = [0u8; 4];
+        self.copy_to_host(total, &mut bytes)?;
+        Ok(f32::from_le_bytes(bytes))
+    }
+
+    /// Token ids; the model checks them against the vocabulary on the host before they are uploaded.
+    fn ids(&self, op: &str, t: Tensor, len: usize) -> Result<u64> {
+        self.ptr(op, t, DType::U32, len)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created in `new` and is destroyed once.
+        let _ = unsafe { blas::destroy_handle(self.blas) };
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn alloc(&mut self, len: usize, role: Role) -> Result<Tensor> {
+        let dtype = self.dtype_of(role);
+        let bytes = (len * dtype.size()).max(1);
+        let oom = |e: cudarc::driver::DriverError, this: &Self| {
+            Error::backend(
+                this.name.clone(),
+                format!(
+                    "cannot allocate {:.1} MiB ({:.1} MiB already allocated): {e:?}; if the GPU is out of memory, \
+                     try a smaller train.micro_batch",
+                    bytes as f64 / 1048576.0,
+                    this.bytes as f64 / 1048576.0
+                ),
+            )
+        };
+        let mem = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| oom(e, self))?;
+        let ptr = mem.device_ptr(&self.stream).0;
+        let master = if role == Role::Param && dtype == DType::Bf16 {
+            let m = self.stream.alloc_zeros::<u8>(len.max(1) * 4).map_err(|e| oom(e, self))?;
+            let p = m.device_ptr(&self.stream).0;
+            self.bytes += len * 4;
+            Some((m, p))
+        } else {
+            None
+        };
+        self.bytes += bytes;
+        let id = BufferId(self.buffers.len() as u32);
+        self.buffers.push(Buffer { _mem: mem, ptr, len, dtype, master });
+        Ok(Tensor { buffer: id, offset: 0, len })
+    }
+
+    fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()> {
+        let b = self.buffers.get(dst.buffer.0 as usize).ok_or_else(|| self.err("upload", format!("{dst:?}")))?;
+        let dtype = b.dtype;
+        let ptr = self.ptr("upload", dst, dtype, src.len())?;
+        let f32_bytes: Vec<u8> = src.iter().flat_map(|x| x.to_le_bytes()).collect();
+        match dtype {
+            DType::F32 => self.copy_to_device(ptr, &f32_bytes)?,
+            DType::Bf16 => {
+                let bytes: Vec<u8> = src.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
+                self.copy_to_device(ptr, &bytes)?;
+            }
+            DType::U32 => return Err(self.err("upload", "token tensors take upload_indices".into())),
+        }
+        if let Some((_, master)) = &self.buffers[dst.buffer.0 as usize].master {
+            self.copy_to_device(master + (dst.offset * 4) as u64, &f32_bytes)?;
+        }
+        Ok(())
+    }
+
+    fn download(&mut self, src: Tensor, dst: &mut [f32]) -> Result<()> {
+        let dtype = self
+            .buffers
+            .get(src.buffer.0 as usize)
+            .map(|b| b.dtype)
+            .ok_or_else(|| self.err("download", format!("{src:?}")))?;
+        let ptr = self.ptr("download", src, dtype, dst.len())?;
+        let mut bytes = vec![0u8; dst.len() * dtype.size()];
+        self.copy_to_host(ptr, &mut bytes)?;
+        match dtype {
+            DType::F32 => dst
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(d, b)| *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            DType::Bf16 => dst
+                .iter_mut()
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(d, b)| *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            DType::U32 => return Err(self.err("download", "token tensors hold no reals".into())),
+        }
+        Ok(())
+    }
+
+    fn upload_indices(&mut self, dst: Tensor, src: &[u32]) -> Result<()> {
+        let ptr = self.ptr("upload_indices", dst, DType::U32, src.len())?;
+        let bytes: Vec<u8> = src.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.copy_to_device(ptr, &bytes)
+    }
+
+    fn zero(&mut self, t: Tensor) -> Result<()> {
+        let b = self.buffers.get(t.buffer.0 as usize).ok_or_else(|| self.err("zero", format!("{t:?}")))?;
+        let ptr = self.ptr("zero", t, b.dtype, t.len)?;
+        // SAFETY: the range was checked by `ptr`.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, t.len * b.dtype.size(), self.stream.cu_stream()) }
+            .map_err(driver("memset"))
+    }
+
+    fn sum(&mut self, t: Tensor) -> Result<f32> {
+        self.reduce("sum", t, 0)
+    }
+
+    fn sum_squares(&mut self, t: Tensor) -> Result<f32> {
+        self.reduce("sum_squares", t, 1)
+    }
+
+    fn encoder_forward(
+        &mut self,
+        out: Tensor,
+        tokens: Tensor,
+        wte: Tensor,
+        wpe: Tensor,
+        batch: usize,
+        time: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "encoder_forward";
+        let x = self.x();
+        self.disjoint(op, &[out], &[wte, wpe])?;
+        let (o, w, p) =
+            (self.ptr(op, out, x, batch * time * c)?, self.ptr(op, wte, x, wte.len)?, self.ptr(op, wpe, x, wpe.len)?);
+        if wpe.len < time * c {
+            return Err(self.err(op, format!("{time} positions but only {} learned", wpe.len / c.max(1))));
+        }
+        let tok = self.ids(op, tokens, batch * time)?;
+        let (b, t, c) = (batch as i32, time as i32, c as i32);
+        launch!(self, op, grid(batch * time * c as usize, 256), o, tok, w, p, b, t, c)
+    }
+
+    fn encoder_backward(
+        &mut self,
+        dwte: Tensor,
+        dwpe: Tensor,
+        dout: Tensor,
+        tokens: Tensor,
+        batch: usize,
+        time: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "encoder_backward";
+        self.disjoint(op, &[dwte, dwpe], &[dout])?;
+        let (dw, dp) = (self.ptr(op, dwte, DType::F32, dwte.len)?, self.ptr(op, dwpe, DType::F32, dwpe.len)?);
+        let d = self.ptr(op, dout, self.x(), batch * time * c)?;
+        let tok = self.ids(op, tokens, batch * time)?;
+        let (bi, ti, ci) = (batch as i32, time as i32, c as i32);
+        launch!(self, "encoder_backward_wpe", grid(time * c, 256), dp, d, bi, ti, ci)?;
+        launch!(self, "encoder_backward_wte", grid(batch * time * c, 256), dw, d, tok, bi, ti, ci)
+    }
+
+    fn layernorm_forward(
+        &mut self,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "layernorm_forward";
+        let x = self.x();
+        self.disjoint(op, &[out, mean, rstd], &[inp, weight, bias])?;
+        let (o, m, r) = (
+            self.ptr(op, out, x, rows * c)?,
+            self.ptr(op, mean, DType::F32, rows)?,
+            self.ptr(op, rstd, DType::F32, rows)?,
+        );
+        let (i, w, b) = (self.ptr(op, inp, x, rows * c)?, self.ptr(op, weight, x, c)?, self.ptr(op, bias, x, c)?);
+        let (n, ci) = (rows as i32, c as i32);
+        launch!(self, op, grid(rows * 32, 256), o, m, r, i, w, b, n, ci)
+    }
+
+    fn residual_layernorm_forward(
+        &mut self,
+        residual: Tensor,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        a: Tensor,
+        b: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "residual_layernorm_forward";
+        let x = self.x();
+        self.disjoint(op, &[residual, out, mean, rstd], &[a, b, weight, bias])?;
+        let (res, o) = (self.ptr(op, residual, x, rows * c)?, self.ptr(op, out, x, rows * c)?);
+        let (m, r) = (self.ptr(op, mean, DType::F32, rows)?, self.ptr(op, rstd, DType::F32, rows)?);
+        let (pa, pb) = (self.ptr(op, a, x, rows * c)?, self.ptr(op, b, x, rows * c)?);
+        let (w, bi) = (self.ptr(op, weight, x, c)?, self.ptr(op, bias, x, c)?);
+        let (n, ci) = (rows as i32, c as i32);
+        launch!(self, op, grid(rows * 32, 256), res, o, m, r, pa, pb, w, bi, n, ci)
+    }
+
+    fn layernorm_backward(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dbias: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "layernorm_backward";
+        let x = self.x();
+        self.disjoint(op, &[dinp, dweight, dbias], &[dout, inp, weight, mean, rstd])?;
+        let (di, dw, db) = (
+            self.ptr(op, dinp, x, rows * c)?,
+            self.ptr(op, dweight, DType::F32, c)?,
+            self.ptr(op, dbias, DType::F32, c)?,
+        );
+        let (d, i, w) =
+            (self.ptr(op, dout, x, rows * c)?, self.ptr(op, inp, x, rows * c)?, self.ptr(op, weight, x, c)?);
+        let (m, r) = (self.ptr(op, mean, DType::F32, rows)?, self.ptr(op, rstd, DType::F32, rows)?);
+        const ROWS_PER_BLOCK: usize = 32;
+        let (n, ci, rpb) = (rows as i32, c as i32, ROWS_PER_BLOCK as i32);
+        let mut cfg = grid(rows.div_ceil(ROWS_PER_BLOCK) * 256, 256);
+        cfg.shared_mem_bytes = (2 * c * 4) as u32;
+        launch!(self, op, cfg, di, dw, db, d, i, w, m, r, n, ci, rpb)
+    }
+
+    fn matmul_forward(
+        &mut self,
+        out: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        gelu_pre: Option<Tensor>,
+        d: MatmulDims,
+    ) -> Result<()> {
+        let op = "matmul_forward";
+        let x = self.x();
+        let MatmulDims { rows, c_in, c_out } = d;
+        let outputs: Vec<Tensor> = [Some(out), gelu_pre].into_iter().flatten().collect();
+        let inputs: Vec<Tensor> = [Some(inp), Some(weight), bias].into_iter().flatten().collect();
+        self.disjoint(op, &outputs, &inputs)?;
+        let o = self.ptr(op, out, x, rows * c_out)?;
+        let (i, w) = (self.ptr(op, inp, x, rows * c_in)?, self.ptr(op, weight, x, c_out * c_in)?);
+        let b = bias.map(|b| self.ptr(op, b, x, c_out)).transpose()?.unwrap_or(0);
+        let pre = gelu_pre.map(|p| self.ptr(op, p, x, rows * c_out)).transpose()?;
+        // Row-major out (rows × c_out) is column-major (c_out × rows) = Wᵀ·inp with W column-major (c_in × c_out).
+        let product = pre.unwrap_or(o);
+        self.gemm((true, false), (c_out, rows, c_in), (w, c_in), (i, c_in), (product, c_out, x), 0.0)?;
+        if bias.is_some() || pre.is_some() {
+            let act_out = if pre.is_some() { o } else { 0 };
+            let (r, co) = (rows as i64, c_out as i32);
+            launch!(self, "bias_act", grid(rows * c_out, 256), product, act_out, b, r, co)?;
+        }
+        Ok(())
+    }
+
+    fn matmul_backward(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dbias: Option<Tensor>,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        gelu_pre: Option<Tensor>,
+        d: MatmulDims,
+    ) -> Result<()> {
+        let op = "matmul_backward";
+        let x = self.x();
+        let MatmulDims { rows, c_in, c_out } = d;
+        let outputs: Vec<Tensor> = [Some(dinp), Some(dweight), dbias].into_iter().flatten().collect();
+        let inputs: Vec<Tensor> = [Some(dout), Some(inp), Some(weight), gelu_pre].into_iter().flatten().collect();
+        self.disjoint(op, &outputs, &inputs)?;
+        let (di, dw) = (self.ptr(op, dinp, x, rows * c_in)?, self.ptr(op, dweight, DType::F32, c_out * c_in)?);
+        let (g, i, w) = (
+            self.ptr(op, dout, x, rows * c_out)?,
+            self.ptr(op, inp, x, rows * c_in)?,
+            self.ptr(op, weight, x, c_out * c_in)?,
+        );
+        // dinp (column-major c_in × rows) = W (c_in × c_out) · dout (c_out × rows).
+        self.gemm((false, false), (c_in, rows, c_out), (w, c_in), (g, c_out), (di, c_in, x), 0.0)?;
+        if let Some(pre) = gelu_pre {
+            let p = self.ptr(op, pre, x, rows * c_in)?;
+            let n = (rows * c_in) as i64;
+            launch!(self, "gelu_backward", grid(rows * c_in, 256), di, p, n)?;
+        }
+        // dW (column-major c_in × c_out) += inp (c_in × rows) · doutᵀ (rows × c_out), accumulated in fp32.
+        self.gemm((false, true), (c_in, c_out, rows), (i, c_in), (g, c_out), (dw, c_in, DType::F32), 1.0)?;
+        if let Some(db) = dbias {
+            let db = self.ptr(op, db, DType::F32, c_out)?;
+            let (r, co) = (rows as i64, c_out as i32);
+            launch!(self, "bias_grad", grid(c_out, 128), db, g, r, co)?;
+        }
+        Ok(())
+    }
+
+    fn attention_forward(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: AttentionDims) -> Result<()> {
+        let op = "attention_forward";
+        let x = self.x();
+        if d.head_dim > MAX_HEAD_DIM {
+            return Err(self.err(op, format!("head_dim {} > {MAX_HEAD_DIM}", d.head_dim)));
+        }
+        let rows = d.batch * d.time;
+        self.disjoint(op, &[out, lse], &[qkv])?;
+        let (o, l) =
+            (self.ptr(op, out, x, rows * d.channels())?, self.ptr(op, lse, DType::F32, d.batch * d.heads * d.time)?);
+        let q = self.ptr(op, qkv, x, rows * 3 * d.channels())?;
+        let (b, t, nh, hs) = (d.batch as i32, d.time as i32, d.heads as i32, d.head_dim as i32);
+        launch!(self, op, grid(d.batch * d.heads * d.time * 32, 128), o, l, q, b, t, nh, hs)
+    }
+
+    fn attention_backward(
+        &mut self,
+        dqkv: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        d: AttentionDims,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        let x = self.x();
+        if d.head_dim > MAX_HEAD_DIM {
+            return Err(self.err(op, format!("head_dim {} > {MAX_HEAD_DIM}", d.head_dim)));
+        }
+        let rows = d.batch * d.time;
+        let c = d.channels();
+        self.disjoint(op, &[dqkv], &[dout, qkv, out, lse])?;
+        let dq = self.ptr(op, dqkv, x, rows * 3 * c)?;
+        let (g, q, o) =
+            (self.ptr(op, dout, x, rows * c)?, self.ptr(op, qkv, x, rows * 3 * c)?, self.ptr(op, out, x, rows * c)?);
+        let l = self.ptr(op, lse, DType::F32, d.batch * d.heads * d.time)?;
+        let (b, t, nh, hs) = (d.batch as i32, d.time as i32, d.heads as i32, d.head_dim as i32);
+        for kernel in ["attention_backward_dq", "attention_backward_dkv"] {
+            launch!(self, kernel, grid(d.batch * d.heads * d.time * 32, 128), dq, g, q, o, l, b, t, nh, hs)?;
+        }
+        Ok(())
+    }
+
+    fn classifier(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        targets: Tensor,
+        rows: usize,
+        vocab: usize,
+        padded_vocab: usize,
+        dloss: Option<f32>,
+    ) -> Result<()> {
+        let op = "classifier";
+        if vocab == 0 || vocab > padded_vocab {
+            return Err(self.err(op, format!("vocabulary {vocab} does not fit in {padded_vocab} logits")));
+        }
+        self.disjoint(op, &[logits, losses], &[])?;
+        let (z, l) = (self.ptr(op, logits, self.x(), rows * padded_vocab)?, self.ptr(op, losses, DType::F32, rows)?);
+        let y = self.ids(op, targets, rows)?;
+        let (v, vp, scale, write) =
+            (vocab as i32, padded_vocab as i32, dloss.unwrap_or(0.0), i32::from(dloss.is_some()));
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, op, cfg, z, l, y, v, vp, scale, write)
+    }
+
+    fn adamw(&mut self, params: Tensor, grads: Tensor, m: Tensor, v: Tensor, s: &AdamWStep) -> Result<()> {
+        let op = "adamw";
+        let n = params.len;
+        self.disjoint(op, &[params, m, v], &[grads])?;
+        let p = self.ptr(op, params, self.x(), n)?;
+        let master = match &self.buffers[params.buffer.0 as usize].master {
+            Some((_, base)) => base + (params.offset * 4) as u64,
+            None => 0,
+        };
+        let (g, mp, vp) =
+            (self.ptr(op, grads, DType::F32, n)?, self.ptr(op, m, DType::F32, n)?, self.ptr(op, v, DType::F32, n)?);
+        let t = s.step as i32;
+        let (bc1, bc2) = (1.0 / (1.0 - s.beta1.powi(t)), 1.0 / (1.0 - s.beta2.powi(t)));
+        let n = n as i64;
+        launch!(
+            self,
+            op,
+            grid(params.len, 256),
+            p,
+            master,
+            g,
+            mp,
+            vp,
+            n,
+            s.lr,
+            s.beta1,
+            s.beta2,
+            s.eps,
+            s.weight_decay,
+            bc1,
+            bc2,
+            s.grad_scale
+        )
+    }
+}
+
+// SAFETY: the backend exclusively owns its context, stream, cuBLAS handle and allocations; it is used from one
+// thread at a time (Backend takes &mut self).
+unsafe impl Send for CudaBackend {}
