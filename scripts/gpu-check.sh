@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one script run on a lent GPU machine (see ../shared/GPU.md): build kiln here with `cargo build --release`,
+# then run it there through the device tool with carry ["target/release/kiln"] and this command:
+#     bash scripts/gpu-check.sh
+# Each step's full log goes to $OUT (or ./gpu-check-out when OUT is unset); a short table comes last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-check-out}
+mkdir -p "$out"
+kiln=./target/release/kiln
+export KILN_CACHE_DIR=$out/kernel-cache
+results=()
+
+# step NAME TIMEOUT_S COMMAND...: runs it with its output in $out/NAME.log and records PASS/FAIL and seconds.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "== $name: $*"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$out/$name.log"
+  results+=("$(printf '%-22s %-4s %4ss  exit %s' "$name" "$([ $rc = 0 ] && echo PASS || echo FAIL)" $((SECONDS - start)) $rc)")
+}
+
+step info 60 "$kiln" info
+step kernels 300 "$kiln" kernels build
+step selftest 300 "$kiln" selftest --backend cuda
+step quickstart-bf16 300 "$kiln" train --backend cuda --set "train.out_dir=$out/quickstart"
+
+echo
+echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
+grep -h "exact match" "$out/quickstart-bf16.log" 2>/dev/null
+grep -hE "^[0-9]+ passed, [0-9]+ failed" "$out/selftest.log" 2>/dev/null
+printf '%s\n' "${results[@]}"
