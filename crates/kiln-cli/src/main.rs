@@ -13,7 +13,7 @@ use kiln_cpu::CpuBackend;
 use kiln_cuda::backend::CudaBackend;
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
-use kiln_train::{Hooks, Trainer, describe_sum};
+use kiln_train::{Hooks, StepStats, Trainer, describe_sum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -51,10 +51,40 @@ enum Command {
     },
     /// Show the version, the engines available, CPU threads, CUDA libraries and GPUs.
     Info,
+    /// Measure throughput.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// CUDA kernels: compile them ahead of time into the on-disk cache.
     Kernels {
         #[command(subcommand)]
         command: KernelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Training steps: median step time, tokens/s, MFU, memory, and where the time goes. The last line printed
+    /// is one JSON object with the same numbers.
+    Train {
+        /// A TOML configuration (default: the built-in configs/bench-gpt2-124m.toml, GPT-2 124M at 32 × 1024).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override one configuration key (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        backend: BackendChoice,
+        /// Steps measured.
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        /// Steps run first and not measured (kernel caches, allocator and clock warm-up).
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// The device's dense peak, for MFU (default: the H100 SXM's bf16 dense peak).
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
     },
 }
 
@@ -97,6 +127,9 @@ fn main() -> ExitCode {
         }
         Command::Kernels { command: KernelsCommand::Build { archs } } => build_kernels(archs),
         Command::Selftest { backend } => selftest(backend),
+        Command::Bench { command: BenchCommand::Train { config, overrides, backend, steps, warmup, peak_tflops } } => {
+            bench_train(config, &overrides, backend, BenchRun { steps, warmup, peak_tflops })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,6 +202,78 @@ fn train_on<B: Backend>(config: &Config, backend: B, bar: log::ProgressSlot) -> 
         summary.steps,
         summary.tokens_per_s,
         PathBuf::from(&config.train.out_dir).join("metrics.jsonl").display()
+    );
+    Ok(())
+}
+
+const BENCH_CONFIG: &str = include_str!("../../../configs/bench-gpt2-124m.toml");
+
+#[derive(Clone, Copy)]
+struct BenchRun {
+    steps: u64,
+    warmup: u64,
+    peak_tflops: f64,
+}
+
+fn bench_train(config: Option<PathBuf>, overrides: &[String], backend: BackendChoice, run: BenchRun) -> Result<()> {
+    let config = match &config {
+        Some(path) => Config::load(Some(path), overrides)?,
+        None => Config::from_toml_str(BENCH_CONFIG, "configs/bench-gpt2-124m.toml (built in)", overrides)?,
+    };
+    if run.steps == 0 {
+        return Err(Error::Usage("--steps must be at least 1".into()));
+    }
+    match resolve(backend)? {
+        Engine::Cpu => bench_on(&config, CpuBackend::<f32>::new(), run),
+        Engine::Cuda => bench_on(&config, CudaBackend::new(0, config.train.precision)?, run),
+    }
+}
+
+fn bench_on<B: Backend>(config: &Config, backend: B, run: BenchRun) -> Result<()> {
+    let mut trainer = Trainer::new(config, backend)?;
+    trainer.set_profile(true);
+    let shape = trainer.model().shape;
+    let tokens = config.total_batch_tokens() as f64;
+    // FLOPs per token: 6 per parameter (forward and backward) plus attention's 6·L·C·T, as the anchors count.
+    let flops_per_token =
+        6.0 * shape.num_counted_params() as f64 + 6.0 * (shape.n_layer * shape.n_embd * config.model.block_size) as f64;
+    for _ in 0..run.warmup {
+        trainer.train_step()?;
+    }
+    let mut stats: Vec<StepStats> = (0..run.steps).map(|_| trainer.train_step()).collect::<Result<_>>()?;
+    let median = |f: fn(&StepStats) -> f64, stats: &mut Vec<StepStats>| {
+        stats.sort_by(|a, b| f(a).total_cmp(&f(b)));
+        f(&stats[stats.len() / 2])
+    };
+    let step_ms = median(|s| s.data_ms + s.passes_ms + s.optimizer_ms, &mut stats);
+    let (data_ms, passes_ms, optimizer_ms) = (
+        median(|s| s.data_ms, &mut stats),
+        median(|s| s.passes_ms, &mut stats),
+        median(|s| s.optimizer_ms, &mut stats),
+    );
+    let tokens_per_s = tokens / (step_ms / 1e3);
+    let tflops = tokens_per_s * flops_per_token / 1e12;
+    let mfu = tflops / run.peak_tflops;
+    let bytes = trainer.backend().allocated_bytes();
+    println!("backend     {}", trainer.backend().name());
+    println!(
+        "model       {:.1}M parameters, {} × {} tokens per step ({} accumulation steps)",
+        shape.num_counted_params() as f64 / 1e6,
+        config.train.micro_batch,
+        config.model.block_size,
+        config.accumulation_steps()
+    );
+    println!("step        {step_ms:.2} ms median of {} (after {} warm-up)", run.steps, run.warmup);
+    println!("  phases    data {data_ms:.2} ms, forward+backward {passes_ms:.2} ms, optimizer {optimizer_ms:.2} ms");
+    println!(
+        "throughput  {tokens_per_s:.0} tokens/s, {tflops:.2} TFLOP/s, MFU {:.1}% of {} TFLOP/s",
+        mfu * 100.0,
+        run.peak_tflops
+    );
+    println!("memory      {:.2} GiB allocated", bytes as f64 / (1u64 << 30) as f64);
+    println!(
+        "{{\"backend\":\"{}\",\"step_ms\":{step_ms:.3},\"tokens_per_s\":{tokens_per_s:.1},\"tflops\":{tflops:.3},\"mfu\":{mfu:.4},\"data_ms\":{data_ms:.3},\"passes_ms\":{passes_ms:.3},\"optimizer_ms\":{optimizer_ms:.3},\"allocated_bytes\":{bytes}}}",
+        trainer.backend().name()
     );
     Ok(())
 }

@@ -176,3 +176,36 @@ fn selftest_checks_the_cpu_engine() {
     }
     assert!(!text.contains("FAIL"), "{text}");
 }
+
+#[test]
+fn bench_train_reports_throughput_as_json() {
+    let out = kiln(&[
+        "bench",
+        "train",
+        "--backend",
+        "cpu",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--set",
+        "model.n_layer=1",
+        "--set",
+        "model.n_embd=32",
+        "--set",
+        "model.n_head=2",
+        "--set",
+        "model.block_size=16",
+        "--set",
+        "train.micro_batch=2",
+        "--set",
+        "train.total_batch_tokens=64",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(json["tokens_per_s"].as_f64().unwrap() > 0.0, "{json}");
+    assert!(json["allocated_bytes"].as_u64().unwrap() > 0, "{json}");
+    assert_eq!(json["backend"], "cpu");
+    expect_usage_error(&["bench", "train", "--steps", "0"], &["--steps"]);
+}

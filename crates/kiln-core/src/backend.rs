@@ -153,6 +153,10 @@ pub trait Backend {
     fn sum(&mut self, t: Tensor) -> Result<f32>;
     /// Sum of squares of all elements (for the global gradient norm), returned to the host.
     fn sum_squares(&mut self, t: Tensor) -> Result<f32>;
+    /// Waits for all work queued so far (a no-op for an engine that runs each operation to completion).
+    fn synchronize(&mut self) -> Result<()>;
+    /// Bytes held by this backend's allocations (all made before the first step, so also the peak).
+    fn allocated_bytes(&self) -> u64;
 
     // ---- layers -------------------------------------------------------------------------------------------------
 

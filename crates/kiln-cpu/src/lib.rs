@@ -220,6 +220,18 @@ impl<T: Real> Backend for CpuBackend<T> {
         self.reduce("sum_squares", t, |x| x * x)
     }
 
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        let elements = |a: &Allocation<T>| match a {
+            Allocation::Real(d) => d.len() * std::mem::size_of::<T>(),
+            Allocation::Index(d) => d.len() * 4,
+        };
+        self.allocations.iter().map(elements).sum::<usize>() as u64
+    }
+
     fn encoder_forward(
         &mut self,
         out: Tensor,

@@ -372,6 +372,14 @@ impl Backend for CudaBackend {
         self.reduce("sum_squares", t, 1)
     }
 
+    fn synchronize(&mut self) -> Result<()> {
+        self.stream.synchronize().map_err(driver("synchronize"))
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.bytes as u64
+    }
+
     fn encoder_forward(
         &mut self,
         out: Tensor,
@@ -665,7 +673,3 @@ impl Backend for CudaBackend {
         )
     }
 }
-
-// SAFETY: the backend exclusively owns its context, stream, cuBLAS handle and allocations; it is used from one
-// thread at a time (Backend takes &mut self).
-unsafe impl Send for CudaBackend {}

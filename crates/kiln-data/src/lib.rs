@@ -1,6 +1,7 @@
 //! Training data.
 //!
-//! A [`Dataset`] turns `data.*` configuration into sequences of token ids. Every training sequence is a pure
+//! A [`Dataset`] turns `data.*` configuration into sequences of token ids: a text file, the synthetic addition
+//! task, or uniform random GPT-2-vocabulary ids for benchmarks (`synthetic:random`). Every training sequence is a pure
 //! function of `(seed, step, row)`: there is no loader state to save or restore, a resumed run sees exactly the
 //! data it would have seen, and data-parallel ranks can split any global batch by row without coordinating.
 
@@ -25,9 +26,19 @@ pub struct Dataset {
 }
 
 enum Source {
-    Text { train: Vec<u32>, val: Vec<u32> },
+    Text {
+        train: Vec<u32>,
+        val: Vec<u32>,
+    },
     Addition(Addition),
+    /// Uniform random token ids: throughput does not depend on the text, so benchmarks need none.
+    Random {
+        vocab: usize,
+    },
 }
+
+/// The vocabulary of `synthetic:random`: GPT-2's, so that benchmarks match GPT-2's shapes.
+pub const RANDOM_VOCAB: usize = 50257;
 
 /// A seed for one sequence, from the run's seed and the sequence's coordinates (SplitMix64 finalisers, so that
 /// neighbouring coordinates give unrelated streams).
@@ -69,9 +80,15 @@ impl Dataset {
                     let task = Addition::new();
                     Ok(Dataset { tokenizer: task.tokenizer(), source: Source::Addition(task) })
                 }
+                "random" => Ok(Dataset {
+                    tokenizer: CharTokenizer::from_chars(Vec::new()),
+                    source: Source::Random { vocab: RANDOM_VOCAB },
+                }),
                 other => Err(Error::data(
                     &data.train,
-                    format!("no synthetic corpus named \"{other}\"; the built-in one is synthetic:addition"),
+                    format!(
+                        "no synthetic corpus named \"{other}\"; the built-in ones are synthetic:addition and synthetic:random"
+                    ),
                 )),
             };
         }
@@ -107,7 +124,10 @@ impl Dataset {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.tokenizer.vocab_size()
+        match self.source {
+            Source::Random { vocab } => vocab,
+            _ => self.tokenizer.vocab_size(),
+        }
     }
 
     /// Training sequence `row` of optimizer step `step`: `inputs` and `targets` of equal length, targets shifted
@@ -118,6 +138,7 @@ impl Dataset {
         match &self.source {
             Source::Text { train, .. } => window(train, &mut rng, inputs, targets),
             Source::Addition(task) => task.sequence(&mut rng, false, inputs, targets),
+            Source::Random { vocab } => random(*vocab, &mut rng, inputs, targets),
         }
     }
 
@@ -127,6 +148,7 @@ impl Dataset {
         match &self.source {
             Source::Text { val, .. } => window(val, &mut rng, inputs, targets),
             Source::Addition(task) => task.sequence(&mut rng, true, inputs, targets),
+            Source::Random { vocab } => random(*vocab, &mut rng, inputs, targets),
         }
     }
 
@@ -134,8 +156,18 @@ impl Dataset {
     pub fn addition(&self) -> Option<&Addition> {
         match &self.source {
             Source::Addition(task) => Some(task),
-            Source::Text { .. } => None,
+            Source::Text { .. } | Source::Random { .. } => None,
         }
+    }
+}
+
+/// `inputs.len() + 1` uniform random ids, as a sequence and its shift.
+fn random(vocab: usize, rng: &mut ChaCha8Rng, inputs: &mut [u32], targets: &mut [u32]) {
+    let mut prev = rng.random_range(0..vocab as u32);
+    for (x, y) in inputs.iter_mut().zip(targets.iter_mut()) {
+        *x = prev;
+        prev = rng.random_range(0..vocab as u32);
+        *y = prev;
     }
 }
 

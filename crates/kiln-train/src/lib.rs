@@ -71,6 +71,23 @@ pub struct Trainer<B: Backend> {
     inputs: Vec<u32>,
     targets: Vec<u32>,
     step: u64,
+    /// See [`Trainer::set_profile`].
+    profile: bool,
+}
+
+/// What one optimizer step measured.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStats {
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    pub lr: f32,
+    /// Drawing the step's sequences on the host.
+    pub data_ms: f64,
+    /// Forward and backward passes over every micro-batch, and reading back the loss.
+    pub passes_ms: f64,
+    /// Gradient norm, clipping and AdamW.
+    pub optimizer_ms: f64,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -97,7 +114,22 @@ impl<B: Backend> Trainer<B> {
             inputs: vec![0; tokens_per_step],
             targets: vec![0; tokens_per_step],
             step: 0,
+            profile: false,
         })
+    }
+
+    /// Makes each step wait for the device before it returns, so that [`StepStats::optimizer_ms`] is the
+    /// optimizer's time rather than its launch time (for benchmarks: it costs a synchronisation per step).
+    pub fn set_profile(&mut self, on: bool) {
+        self.profile = on;
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn model(&self) -> &Gpt {
+        &self.model
     }
 
     /// Runs from the current step to `train.max_steps`, writing `out_dir` if `write_outputs`.
@@ -129,7 +161,7 @@ impl<B: Backend> Trainer<B> {
         let mut step_times = Vec::new();
         while self.step < train.max_steps {
             let started = Instant::now();
-            let (loss, grad_norm, lr) = self.train_step()?;
+            let StepStats { loss, grad_norm, lr, .. } = self.train_step()?;
             let seconds = started.elapsed().as_secs_f64();
             step_times.push(seconds);
             let step = self.step;
@@ -179,9 +211,10 @@ impl<B: Backend> Trainer<B> {
         Ok(summary)
     }
 
-    /// One optimizer step; returns the mean training loss, the gradient norm before clipping, and the learning
-    /// rate used.
-    pub fn train_step(&mut self) -> Result<(f32, f32, f32)> {
+    /// One optimizer step; returns the mean training loss, the gradient norm before clipping, the learning rate
+    /// used, and where the time went.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let started = Instant::now();
         let cfg = &self.config;
         let (mb, t) = (cfg.train.micro_batch, cfg.model.block_size);
         let seq = t;
@@ -205,6 +238,7 @@ impl<B: Backend> Trainer<B> {
             )));
         }
         let dloss = 1.0 / counted as f32;
+        let data_done = Instant::now();
 
         let b = &mut self.backend;
         b.zero(self.model.grads)?;
@@ -216,7 +250,9 @@ impl<B: Backend> Trainer<B> {
             self.model.forward(b, mb, t, Pass::Train { dloss })?;
             self.model.backward(b, mb, t)?;
         }
+        // Reading the loss back waits for the forward and backward passes.
         let loss = b.sum(self.model.losses)? * dloss;
+        let passes_done = Instant::now();
         let grad_norm = b.sum_squares(self.model.grads)?.sqrt();
         let o = &cfg.optim;
         let grad_scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip { o.grad_clip / grad_norm } else { 1.0 };
@@ -234,8 +270,20 @@ impl<B: Backend> Trainer<B> {
             let part = |t: Tensor| t.slice(offset, len);
             b.adamw(part(self.model.params), part(self.model.grads), part(self.m), part(self.v), &step)?;
         }
+        if self.profile {
+            b.synchronize()?;
+        }
+        let done = Instant::now();
         self.step += 1;
-        Ok((loss, grad_norm, lr))
+        let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1e3;
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            lr,
+            data_ms: ms(started, data_done),
+            passes_ms: ms(data_done, passes_done),
+            optimizer_ms: ms(passes_done, done),
+        })
     }
 
     /// Mean loss over `eval_steps` micro-batches of held-out sequences (the same ones at every evaluation).
