@@ -27,9 +27,17 @@ step info 60 "$kiln" info
 step kernels 300 "$kiln" kernels build
 step selftest 300 "$kiln" selftest --backend cuda
 step quickstart-bf16 300 "$kiln" train --backend cuda --set "train.out_dir=$out/quickstart"
+step bench-kiln 300 "$kiln" bench train --backend cuda --steps 10 --warmup 2
+step bench-pytorch 400 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
 
 echo
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
 grep -h "exact match" "$out/quickstart-bf16.log" 2>/dev/null
 grep -hE "^[0-9]+ passed, [0-9]+ failed" "$out/selftest.log" 2>/dev/null
+# GPT-2 124M, B=32, T=1024, bf16, tokens/s. Anchors measured on an H100 (see docs/benchmarks.md): llm.c without
+# cuDNN 283,000; PyTorch torch.compile 478,000.
+k=$(tail -n 1 "$out/bench-kiln.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
+t=$(tail -n 1 "$out/bench-pytorch.log" 2>/dev/null | sed -n 's/.*"tokens_per_s": \([0-9.]*\).*/\1/p')
+echo "gpt2-124m tokens/s: kiln ${k:-?}, pytorch ${t:-?}, anchors llm.c 283000 / torch.compile 478000"
+[ -n "$k" ] && [ -n "$t" ] && awk -v k="$k" -v t="$t" 'BEGIN { printf "kiln / pytorch: %.2f\n", k / t }'
 printf '%s\n' "${results[@]}"
