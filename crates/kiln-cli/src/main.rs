@@ -42,6 +42,10 @@ enum Command {
         /// The engine to train on.
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
+        /// Continue from a checkpoint: a checkpoint directory, a directory of them (the newest complete one is
+        /// taken), or nothing for the newest under train.out_dir/checkpoints.
+        #[arg(long, value_name = "DIR", num_args = 0..=1)]
+        resume: Option<Option<PathBuf>>,
     },
     /// Check an engine against the CPU engine in f64: every operation, the model's gradients, 20 training steps.
     Selftest {
@@ -120,7 +124,7 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     let result = match cli.command {
-        Command::Train { config, overrides, backend } => train(config, &overrides, backend, bar),
+        Command::Train { config, overrides, backend, resume } => train(config, &overrides, backend, resume, bar),
         Command::Info => {
             info();
             Ok(())
@@ -140,12 +144,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn train(config: Option<PathBuf>, overrides: &[String], backend: BackendChoice, bar: log::ProgressSlot) -> Result<()> {
+fn train(
+    config: Option<PathBuf>,
+    overrides: &[String],
+    backend: BackendChoice,
+    resume: Option<Option<PathBuf>>,
+    bar: log::ProgressSlot,
+) -> Result<()> {
     let config = Config::load(config.as_deref(), overrides)?;
     match resolve(backend)? {
-        Engine::Cpu => train_on(&config, CpuBackend::<f32>::new(), bar),
-        Engine::Cuda => train_on(&config, CudaBackend::new(0, config.train.precision)?, bar),
+        Engine::Cpu => train_on(&config, CpuBackend::<f32>::new(), resume, bar),
+        Engine::Cuda => train_on(&config, CudaBackend::new(0, config.train.precision)?, resume, bar),
     }
+}
+
+/// The checkpoint `--resume` names: `dir` itself when it is one, else the newest complete one inside it.
+fn checkpoint_to_resume(dir: &std::path::Path) -> Result<PathBuf> {
+    if dir.join("state.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    kiln_train::checkpoint::list(dir)
+        .pop()
+        .map(|(_, path)| path)
+        .ok_or_else(|| Error::Usage(format!("--resume: no complete checkpoint in {}", dir.display())))
 }
 
 enum Engine {
@@ -172,8 +193,17 @@ fn resolve(choice: BackendChoice) -> Result<Engine> {
     })
 }
 
-fn train_on<B: Backend>(config: &Config, backend: B, bar: log::ProgressSlot) -> Result<()> {
+fn train_on<B: Backend>(
+    config: &Config,
+    backend: B,
+    resume: Option<Option<PathBuf>>,
+    bar: log::ProgressSlot,
+) -> Result<()> {
     let mut trainer = Trainer::new(config, backend)?;
+    if let Some(dir) = resume {
+        let dir = checkpoint_to_resume(&dir.unwrap_or_else(|| trainer.checkpoint_root()))?;
+        trainer.resume(&dir)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // First Ctrl-C: finish the step in flight and stop cleanly. Second: stop now.

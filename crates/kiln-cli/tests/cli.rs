@@ -209,3 +209,58 @@ fn bench_train_reports_throughput_as_json() {
     assert_eq!(json["backend"], "cpu");
     expect_usage_error(&["bench", "train", "--steps", "0"], &["--steps"]);
 }
+
+#[test]
+fn resume_picks_the_newest_checkpoint_and_says_when_there_is_none() {
+    let dir = temp_dir("resume");
+    let set_out = format!("train.out_dir={}", dir.join("run").display());
+    let small = [
+        "--set",
+        "model.n_embd=32",
+        "--set",
+        "model.n_head=2",
+        "--set",
+        "train.micro_batch=8",
+        "--set",
+        "train.total_batch_tokens=104",
+        "--set",
+        "train.eval_steps=1",
+    ];
+    let mut args = vec![
+        "train",
+        "--backend",
+        "cpu",
+        "--set",
+        &set_out,
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.checkpoint_every=2",
+    ];
+    args.extend(small);
+    let first = kiln(&args);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(dir.join("run/checkpoints/step_00000004/model.safetensors").is_file());
+    assert!(dir.join("run/checkpoints/step_00000004/config.json").is_file());
+    // Continue the same run to step 6.
+    let mut more = vec![
+        "train",
+        "--backend",
+        "cpu",
+        "--resume",
+        "--set",
+        &set_out,
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.checkpoint_every=2",
+    ];
+    more.extend(small);
+    let second = kiln(&more);
+    let err = stderr(&second);
+    assert!(second.status.success(), "{err}");
+    assert!(err.contains("resumed from") && err.contains("step_00000004") && err.contains("step      6/6"), "{err}");
+    let empty = temp_dir("resume-empty");
+    let set_empty = format!("train.out_dir={}", empty.display());
+    expect_usage_error(&["train", "--backend", "cpu", "--resume", "--set", &set_empty], &["no complete checkpoint"]);
+}

@@ -92,6 +92,10 @@ pub struct TrainConfig {
     /// Storage precision on the GPU: bf16 (fp32 master weights and accumulation) or fp32 throughout. The CPU
     /// engine always computes in f32.
     pub precision: Precision,
+    /// Write a checkpoint every this many steps (and after the last); 0 writes none.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept; older ones are deleted once a newer one is complete.
+    pub keep_checkpoints: usize,
 }
 
 /// Storage precision of a GPU run.
@@ -126,6 +130,8 @@ impl Default for TrainConfig {
             seed: 1337,
             out_dir: "runs/kiln".to_string(),
             precision: Precision::Bf16,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
         }
     }
 }
@@ -261,6 +267,7 @@ impl Config {
             (t.max_steps >= 1, "train.max_steps", "must be at least 1".to_string()),
             (t.eval_steps >= 1, "train.eval_steps", "must be at least 1".to_string()),
             (t.log_every >= 1, "train.log_every", "must be at least 1".to_string()),
+            (t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1".to_string()),
             (!t.out_dir.is_empty(), "train.out_dir", "must not be empty".to_string()),
             (o.lr.is_finite() && o.lr > 0.0, "optim.lr", "must be a finite number above 0".to_string()),
             (

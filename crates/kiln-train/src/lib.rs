@@ -7,6 +7,7 @@
 //! [`Hooks`] and the results through [`Summary`]; the trainer logs with `tracing` and appends one JSON object per
 //! step to `out_dir/metrics.jsonl`.
 
+pub mod checkpoint;
 mod metrics;
 pub mod schedule;
 
@@ -15,7 +16,7 @@ use kiln_data::{Addition, Dataset};
 use kiln_model::params::decay_runs;
 use kiln_model::{Gpt, GptShape, Pass, generate};
 use metrics::{Metrics, StepRecord};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -118,6 +119,33 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
+    /// Where this run's checkpoints go: `out_dir/checkpoints`.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        PathBuf::from(&self.config.train.out_dir).join("checkpoints")
+    }
+
+    /// Writes a checkpoint of the current step (see [`checkpoint`]).
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let keep = self.config.train.keep_checkpoints;
+        checkpoint::save(
+            &self.checkpoint_root(),
+            self.step,
+            &self.config,
+            &self.model,
+            (self.m, self.v),
+            &mut self.backend,
+            keep,
+        )
+    }
+
+    /// Continues from the checkpoint in `dir`: weights, optimizer moments and step. The run then goes on exactly
+    /// as the one that wrote it would have.
+    pub fn resume(&mut self, dir: &Path) -> Result<u64> {
+        self.step = checkpoint::load(dir, &self.model, (self.m, self.v), &mut self.backend)?;
+        tracing::info!("resumed from {} at step {}", dir.display(), self.step);
+        Ok(self.step)
+    }
+
     /// Makes each step wait for the device before it returns, so that [`StepStats::optimizer_ms`] is the
     /// optimizer's time rather than its launch time (for benchmarks: it costs a synchronisation per step).
     pub fn set_profile(&mut self, on: bool) {
@@ -137,7 +165,7 @@ impl<B: Backend> Trainer<B> {
         let cfg = self.config.clone();
         let train = &cfg.train;
         let mut metrics =
-            if write_outputs { Some(Metrics::create(&PathBuf::from(&train.out_dir), &cfg)?) } else { None };
+            if write_outputs { Some(Metrics::create(&PathBuf::from(&train.out_dir), &cfg, self.step)?) } else { None };
         let shape = self.model.shape;
         tracing::info!(
             "model: {} layers, {} heads, {} wide, {} positions, vocabulary {} (padded to {}); {:.2}M parameters",
@@ -198,7 +226,13 @@ impl<B: Backend> Trainer<B> {
             if let Some(f) = &mut hooks.on_step {
                 f(step);
             }
-            if hooks.stop.load(Ordering::Relaxed) && !last {
+            let interrupted = hooks.stop.load(Ordering::Relaxed) && !last;
+            let every = train.checkpoint_every;
+            if write_outputs && every > 0 && (step % every == 0 || last || interrupted) {
+                let dir = self.save_checkpoint()?;
+                tracing::info!("step {step:>6}/{} | checkpoint {}", train.max_steps, dir.display());
+            }
+            if interrupted {
                 tracing::warn!("interrupted after step {step}");
                 return Err(Error::Interrupted);
             }

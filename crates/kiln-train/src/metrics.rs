@@ -3,6 +3,7 @@
 //! Schema of a `metrics.jsonl` line: `step` (1-based), `loss` (mean training loss of the step), `lr`,
 //! `grad_norm` (global norm before clipping), `step_ms`, `tokens_per_s`; steps that evaluate add `val_loss`;
 //! the last step of a synthetic-addition run adds `exact_match` (fraction of held-out sums answered exactly).
+//! A resumed run continues the same file.
 
 use kiln_core::{Config, Error, Result};
 use serde::Serialize;
@@ -30,12 +31,25 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates `dir`, saves the resolved configuration there and starts a fresh `metrics.jsonl`.
-    pub fn create(dir: &Path, config: &Config) -> Result<Self> {
+    /// Creates `dir` and saves the resolved configuration there. A fresh run (`from_step` 0) starts a new
+    /// `metrics.jsonl`; a resumed one keeps the lines up to `from_step` (the steps after it run again).
+    pub fn create(dir: &Path, config: &Config, from_step: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         write_atomically(&dir.join("config.toml"), config.to_toml_string().as_bytes())?;
         let path = dir.join("metrics.jsonl");
-        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let kept: String = match (from_step, std::fs::read_to_string(&path)) {
+            (0, _) | (_, Err(_)) => String::new(),
+            (_, Ok(text)) => text
+                .lines()
+                .filter(|line| {
+                    let step = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_u64());
+                    step.is_some_and(|s| s <= from_step)
+                })
+                .map(|line| format!("{line}\n"))
+                .collect(),
+        };
+        write_atomically(&path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
         Ok(Metrics { path, file: BufWriter::new(file) })
     }
 

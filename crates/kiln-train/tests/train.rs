@@ -71,3 +71,66 @@ fn accumulation_matches_one_big_batch() {
         assert!((x - y).abs() < 1e-5, "{:?} vs {:?}", a.losses, b.losses);
     }
 }
+
+fn out_dir(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("kiln-train-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.to_string_lossy().into_owned()
+}
+
+fn with(base: &[&str], extra: &[String]) -> Config {
+    let mut all: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+    all.extend(extra.iter().cloned());
+    Config::load(None, &all).unwrap()
+}
+
+#[test]
+fn resuming_from_a_checkpoint_continues_bit_identically() {
+    let dir = out_dir("resume");
+    let extra = [format!("train.out_dir={dir}"), "train.checkpoint_every=3".into(), "optim.grad_clip=0.5".into()];
+    let cfg = with(SMALL, &extra);
+    let full = Trainer::new(&cfg, CpuBackend::<f32>::new()).unwrap().run(&mut Hooks::default(), true).unwrap();
+    assert_eq!(full.losses.len(), 6);
+    let root = std::path::Path::new(&dir).join("checkpoints");
+    let steps: Vec<u64> = kiln_train::checkpoint::list(&root).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, vec![3, 6]);
+    let mut resumed = Trainer::new(&cfg, CpuBackend::<f32>::new()).unwrap();
+    assert_eq!(resumed.resume(&kiln_train::checkpoint::step_dir(&root, 3)).unwrap(), 3);
+    let rest = resumed.run(&mut Hooks::default(), true).unwrap();
+    assert_eq!(rest.losses, full.losses[3..], "a resumed run must repeat the uninterrupted one exactly");
+    // The metrics file holds each step once: the resumed run replaced what followed its checkpoint.
+    let metrics = std::fs::read_to_string(std::path::Path::new(&dir).join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn old_checkpoints_are_pruned_and_unfinished_ones_ignored() {
+    let dir = out_dir("prune");
+    let extra = [format!("train.out_dir={dir}"), "train.checkpoint_every=1".into(), "train.keep_checkpoints=2".into()];
+    Trainer::new(&with(SMALL, &extra), CpuBackend::<f32>::new()).unwrap().run(&mut Hooks::default(), true).unwrap();
+    let root = std::path::Path::new(&dir).join("checkpoints");
+    // A crash mid-write leaves a temporary directory behind; it is never taken for a checkpoint.
+    std::fs::create_dir_all(root.join(".tmp-step_00000007-1")).unwrap();
+    let steps: Vec<u64> = kiln_train::checkpoint::list(&root).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, vec![5, 6]);
+}
+
+#[test]
+fn a_checkpoint_of_another_shape_is_refused_by_name() {
+    let dir = out_dir("shape");
+    let extra = [format!("train.out_dir={dir}"), "train.checkpoint_every=6".into()];
+    Trainer::new(&with(SMALL, &extra), CpuBackend::<f32>::new()).unwrap().run(&mut Hooks::default(), true).unwrap();
+    let wider = with(SMALL, &[extra[0].clone(), "model.n_embd=48".into()]);
+    let mut trainer = Trainer::new(&wider, CpuBackend::<f32>::new()).unwrap();
+    let err = trainer.resume(&std::path::Path::new(&dir).join("checkpoints/step_00000006")).unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("transformer.wte.weight") && msg.contains("[13, 48]"),
+        "{msg}"
+    );
+}
