@@ -28,6 +28,21 @@ impl ProgressSlot {
         Some(bar)
     }
 
+    /// A byte-counting bar (with a message slot) if standard error is a terminal; its length is set by the caller
+    /// when known.
+    pub fn start_bytes(&self) -> Option<ProgressBar> {
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = ProgressBar::no_length();
+        bar.set_style(
+            ProgressStyle::with_template("{bytes} read, {bytes_per_sec}, {msg}  {elapsed_precise}")
+                .expect("a valid template"),
+        );
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
+        Some(bar)
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
             bar.finish_and_clear();

@@ -13,6 +13,7 @@ use kiln_cpu::CpuBackend;
 use kiln_cuda::backend::CudaBackend;
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
+use kiln_data::prepare::{PrepareOptions, Tokenization};
 use kiln_train::{Hooks, StepStats, Trainer, describe_sum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,29 @@ enum Command {
         /// taken), or nothing for the newest under train.out_dir/checkpoints.
         #[arg(long, value_name = "DIR", num_args = 0..=1)]
         resume: Option<Option<PathBuf>>,
+    },
+    /// Tokenise text into shards (llm.c's .bin format) that `data.train = "DIR"` trains on.
+    Prepare {
+        /// Text files, directories of them, or JSON Lines files (repeatable).
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = TokenizerChoice::Gpt2)]
+        tokenizer: TokenizerChoice,
+        /// The output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// The fraction of the input (the last part, by bytes) held out for validation.
+        #[arg(long, default_value_t = 0.01)]
+        val_fraction: f64,
+        /// Tokens per shard file.
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: usize,
+        /// The field of a JSON Lines object that holds the text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// Replace invalid UTF-8 and report how much, instead of stopping at it.
+        #[arg(long)]
+        lossy: bool,
     },
     /// Check an engine against the CPU engine in f64: every operation, the model's gradients, 20 training steps.
     Selftest {
@@ -103,6 +127,14 @@ enum KernelsCommand {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TokenizerChoice {
+    /// GPT-2's BPE (embedded; no download).
+    Gpt2,
+    /// Raw UTF-8 bytes.
+    Byte,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendChoice {
     Cpu,
     Cuda,
@@ -131,6 +163,13 @@ fn main() -> ExitCode {
         }
         Command::Kernels { command: KernelsCommand::Build { archs } } => build_kernels(archs),
         Command::Selftest { backend } => selftest(backend),
+        Command::Prepare { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy } => {
+            let tokenizer = match tokenizer {
+                TokenizerChoice::Gpt2 => Tokenization::Gpt2,
+                TokenizerChoice::Byte => Tokenization::Byte,
+            };
+            prepare(PrepareOptions { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy }, bar)
+        }
         Command::Bench { command: BenchCommand::Train { config, overrides, backend, steps, warmup, peak_tflops } } => {
             bench_train(config, &overrides, backend, BenchRun { steps, warmup, peak_tflops })
         }
@@ -233,6 +272,37 @@ fn train_on<B: Backend>(
         summary.tokens_per_s,
         PathBuf::from(&config.train.out_dir).join("metrics.jsonl").display()
     );
+    Ok(())
+}
+
+fn prepare(options: PrepareOptions, bar: log::ProgressSlot) -> Result<()> {
+    let started = std::time::Instant::now();
+    let progress = bar.start_bytes();
+    let summary = kiln_data::prepare::prepare(&options, |bytes, tokens| {
+        if let Some(p) = &progress {
+            p.set_position(bytes);
+            p.set_message(format!("{tokens} tokens"));
+        }
+    });
+    bar.finish();
+    let summary = summary?;
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "{} train and {} validation tokens in {} shards under {}",
+        summary.train_tokens,
+        summary.val_tokens,
+        summary.shards.len(),
+        options.out.display()
+    );
+    tracing::info!(
+        "{:.1} MB/s of text, {:.0} tokens/s ({:.1} s)",
+        summary.bytes as f64 / 1e6 / seconds,
+        (summary.train_tokens + summary.val_tokens) as f64 / seconds,
+        seconds
+    );
+    if summary.replaced > 0 {
+        tracing::warn!("replaced {} invalid UTF-8 sequences", summary.replaced);
+    }
     Ok(())
 }
 

@@ -264,3 +264,46 @@ fn resume_picks_the_newest_checkpoint_and_says_when_there_is_none() {
     let set_empty = format!("train.out_dir={}", empty.display());
     expect_usage_error(&["train", "--backend", "cpu", "--resume", "--set", &set_empty], &["no complete checkpoint"]);
 }
+
+#[test]
+fn prepare_then_train_on_the_shards() {
+    let dir = temp_dir("prepare");
+    let text: String = (0..300).map(|i| format!("Line {i}: to be, or not to be, that is the question.\n")).collect();
+    let input = write(&dir, "corpus.txt", &text);
+    let out = dir.join("shards");
+    let out_s = out.to_string_lossy().into_owned();
+    let prepared = kiln(&["prepare", "--input", &input, "--out", &out_s, "--val-fraction", "0.1"]);
+    assert!(prepared.status.success(), "{}", stderr(&prepared));
+    assert!(out.join("meta.json").is_file() && out.join("train_000000.bin").is_file());
+    let set_data = format!("data.train={out_s}");
+    let set_out = format!("train.out_dir={}", dir.join("run").display());
+    let trained = kiln(&[
+        "train",
+        "--backend",
+        "cpu",
+        "--set",
+        &set_data,
+        "--set",
+        &set_out,
+        "--set",
+        "model.n_layer=1",
+        "--set",
+        "model.n_head=2",
+        "--set",
+        "model.n_embd=32",
+        "--set",
+        "model.block_size=32",
+        "--set",
+        "train.micro_batch=2",
+        "--set",
+        "train.total_batch_tokens=64",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.eval_steps=1",
+    ]);
+    let err = stderr(&trained);
+    assert!(trained.status.success(), "{err}");
+    assert!(err.contains("vocabulary 50257"), "{err}");
+    expect_usage_error(&["prepare", "--input", "/no/such/input.txt", "--out", &out_s], &["/no/such/input.txt"]);
+}

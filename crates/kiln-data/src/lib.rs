@@ -1,11 +1,14 @@
 //! Training data.
 //!
-//! A [`Dataset`] turns `data.*` configuration into sequences of token ids: a text file, the synthetic addition
-//! task, or uniform random GPT-2-vocabulary ids for benchmarks (`synthetic:random`). Every training sequence is a pure
+//! A [`Dataset`] turns `data.*` configuration into sequences of token ids: a text file, a directory of token
+//! shards written by [`prepare`] (llm.c's format), the synthetic addition task, or uniform random
+//! GPT-2-vocabulary ids for benchmarks (`synthetic:random`). Every training sequence is a pure
 //! function of `(seed, step, row)`: there is no loader state to save or restore, a resumed run sees exactly the
 //! data it would have seen, and data-parallel ranks can split any global batch by row without coordinating.
 
 mod addition;
+pub mod prepare;
+pub mod shards;
 mod tokenizer;
 
 pub use addition::Addition;
@@ -33,6 +36,12 @@ enum Source {
     Addition(Addition),
     /// Uniform random token ids: throughput does not depend on the text, so benchmarks need none.
     Random {
+        vocab: usize,
+    },
+    /// Token shards written by `kiln prepare` (or llm.c's scripts), memory-mapped.
+    Shards {
+        train: Vec<shards::Shard>,
+        val: Vec<shards::Shard>,
         vocab: usize,
     },
 }
@@ -92,6 +101,9 @@ impl Dataset {
                 )),
             };
         }
+        if Path::new(&data.train).is_dir() {
+            return open_shards(Path::new(&data.train), time);
+        }
         let train_text = read_text(Path::new(&data.train))?;
         let (train_text, val_text) = match &data.val {
             Some(val) => (train_text, read_text(Path::new(val))?),
@@ -125,7 +137,7 @@ impl Dataset {
 
     pub fn vocab_size(&self) -> usize {
         match self.source {
-            Source::Random { vocab } => vocab,
+            Source::Random { vocab } | Source::Shards { vocab, .. } => vocab,
             _ => self.tokenizer.vocab_size(),
         }
     }
@@ -139,6 +151,7 @@ impl Dataset {
             Source::Text { train, .. } => window(train, &mut rng, inputs, targets),
             Source::Addition(task) => task.sequence(&mut rng, false, inputs, targets),
             Source::Random { vocab } => random(*vocab, &mut rng, inputs, targets),
+            Source::Shards { train, .. } => shard_window(train, &mut rng, inputs, targets),
         }
     }
 
@@ -149,6 +162,7 @@ impl Dataset {
             Source::Text { val, .. } => window(val, &mut rng, inputs, targets),
             Source::Addition(task) => task.sequence(&mut rng, true, inputs, targets),
             Source::Random { vocab } => random(*vocab, &mut rng, inputs, targets),
+            Source::Shards { val, .. } => shard_window(val, &mut rng, inputs, targets),
         }
     }
 
@@ -156,7 +170,7 @@ impl Dataset {
     pub fn addition(&self) -> Option<&Addition> {
         match &self.source {
             Source::Addition(task) => Some(task),
-            Source::Text { .. } | Source::Random { .. } => None,
+            Source::Text { .. } | Source::Random { .. } | Source::Shards { .. } => None,
         }
     }
 }
@@ -168,6 +182,68 @@ fn random(vocab: usize, rng: &mut ChaCha8Rng, inputs: &mut [u32], targets: &mut 
         *x = prev;
         prev = rng.random_range(0..vocab as u32);
         *y = prev;
+    }
+}
+
+/// A dataset directory: `meta.json` names the shards and the vocabulary. Every shard is checked (header, size,
+/// and that each token id is inside the vocabulary) when the run starts, not when a batch reaches it.
+fn open_shards(dir: &Path, time: usize) -> Result<Dataset> {
+    let meta_path = dir.join("meta.json");
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| {
+        Error::data(&meta_path, format!("cannot read ({e}); is {} a directory written by kiln prepare?", dir.display()))
+    })?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::data(&meta_path, format!("not valid JSON: {e}")))?;
+    let vocab = meta["vocab_size"].as_u64().ok_or_else(|| Error::data(&meta_path, "no vocab_size"))? as usize;
+    let open = |split: &str| -> Result<Vec<shards::Shard>> {
+        let names =
+            meta[split].as_array().ok_or_else(|| Error::data(&meta_path, format!("no \"{split}\" shard list")))?;
+        let mut opened = Vec::new();
+        for name in names {
+            let path = dir.join(
+                name.as_str()
+                    .ok_or_else(|| Error::data(&meta_path, format!("a {split} shard name is not a string")))?,
+            );
+            let shard = shards::Shard::open(&path)?;
+            if let Some((at, id)) = shard.first_outside(vocab) {
+                return Err(Error::data(
+                    &path,
+                    format!("token id {id} at position {at} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            if shard.len() > time {
+                opened.push(shard);
+            }
+        }
+        if opened.is_empty() {
+            return Err(Error::data(dir, format!("no {split} shard holds more than block_size = {time} tokens")));
+        }
+        Ok(opened)
+    };
+    let (train, val) = (open("train")?, open("val")?);
+    Ok(Dataset { tokenizer: CharTokenizer::from_chars(Vec::new()), source: Source::Shards { train, val, vocab } })
+}
+
+/// A random window of `inputs.len() + 1` consecutive tokens from one of `shards`, each window equally likely.
+fn shard_window(shards: &[shards::Shard], rng: &mut ChaCha8Rng, inputs: &mut [u32], targets: &mut [u32]) {
+    let t = inputs.len();
+    let windows: usize = shards.iter().map(|s| s.len() - t).sum();
+    let mut pick = rng.random_range(0..windows);
+    let shard = shards
+        .iter()
+        .find(|s| {
+            let here = s.len() - t;
+            if pick < here {
+                true
+            } else {
+                pick -= here;
+                false
+            }
+        })
+        .expect("pick < total windows");
+    for (i, (x, y)) in inputs.iter_mut().zip(targets.iter_mut()).enumerate() {
+        *x = shard.get(pick + i);
+        *y = shard.get(pick + i + 1);
     }
 }
 

@@ -1,0 +1,367 @@
+//! `kiln prepare`: text in, token shards out.
+//!
+//! Inputs are text files, directories of them (recursively, in name order) and JSON Lines files (`.jsonl`) whose
+//! objects carry the text in a field. Every document is preceded by an end-of-text token. The text is read in
+//! blocks of about a megabyte, cut where the next character starts a new word after a newline (GPT-2's
+//! pre-tokenizer splits there anyway, so blocks tokenise exactly as the whole would), and a batch of blocks is
+//! tokenised in parallel while the next is read: memory stays bounded however large the input. The last
+//! `val_fraction` of the input bytes becomes the validation split. Shards are written as they fill; `meta.json`,
+//! written last, is what makes the directory a dataset, so an interrupted run leaves nothing that looks complete.
+
+use crate::shards;
+use kiln_core::{Error, Result};
+use rayon::prelude::*;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+/// The tokenizers `kiln prepare` can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tokenization {
+    /// GPT-2's byte-level BPE (tiktoken's r50k_base, embedded): 50,257 tokens, end-of-text 50256.
+    Gpt2,
+    /// Raw UTF-8 bytes: ids 0–255, end-of-text 256.
+    Byte,
+}
+
+impl Tokenization {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tokenization::Gpt2 => "gpt2",
+            Tokenization::Byte => "byte",
+        }
+    }
+
+    pub fn vocab_size(self) -> usize {
+        match self {
+            Tokenization::Gpt2 => 50257,
+            Tokenization::Byte => 257,
+        }
+    }
+
+    pub fn end_of_text(self) -> u32 {
+        self.vocab_size() as u32 - 1
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "gpt2" => Some(Tokenization::Gpt2),
+            "byte" => Some(Tokenization::Byte),
+            _ => None,
+        }
+    }
+
+    fn encode(self, text: &str) -> Vec<u32> {
+        match self {
+            Tokenization::Gpt2 => tiktoken_rs::r50k_base_singleton().encode_ordinary(text),
+            Tokenization::Byte => text.bytes().map(u32::from).collect(),
+        }
+    }
+}
+
+pub struct PrepareOptions {
+    pub inputs: Vec<PathBuf>,
+    pub tokenizer: Tokenization,
+    pub out: PathBuf,
+    pub val_fraction: f64,
+    pub shard_tokens: usize,
+    /// The field of a JSON Lines object that holds the text.
+    pub text_field: String,
+    /// Replace invalid UTF-8 (and count it) instead of failing.
+    pub lossy: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct PrepareSummary {
+    pub bytes: u64,
+    pub train_tokens: u64,
+    pub val_tokens: u64,
+    pub shards: Vec<PathBuf>,
+    /// Invalid UTF-8 sequences replaced (with `lossy`).
+    pub replaced: u64,
+}
+
+/// Bytes per block read from a text file.
+const BLOCK: usize = 1 << 20;
+/// Blocks tokenised in parallel at a time.
+const BATCH: usize = 16;
+
+/// A piece of text to tokenise: where its document starts, and where in the whole input it lies.
+struct Chunk {
+    text: String,
+    starts_document: bool,
+    offset: u64,
+}
+
+fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for input in inputs {
+        let meta = std::fs::metadata(input).map_err(|e| Error::data(input, format!("cannot read: {e}")))?;
+        if meta.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(input)
+                .map_err(|e| Error::data(input, format!("cannot list: {e}")))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            entries.sort();
+            files.extend(expand(&entries)?);
+        } else {
+            files.push(input.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn is_json_lines(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl") | Some("json"))
+}
+
+/// Where a block of text may be cut: just after a newline that the next character, not a space, follows.
+fn safe_cut(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    (1..bytes.len())
+        .rev()
+        .find(|&i| bytes[i - 1] == b'\n' && !bytes[i].is_ascii_whitespace() && text.is_char_boundary(i))
+}
+
+/// Decodes `bytes` (which start `offset` bytes into `path`): fails on invalid UTF-8, or with `lossy` replaces each
+/// invalid sequence with U+FFFD and counts it. Returns the text and the bytes used: a sequence cut by the end of
+/// a block (not the `last`) is left for the next one.
+fn decode(
+    bytes: &[u8],
+    path: &Path,
+    offset: u64,
+    lossy: bool,
+    replaced: &mut u64,
+    last: bool,
+) -> Result<(String, usize)> {
+    let mut text = String::with_capacity(bytes.len());
+    let mut used = 0;
+    for chunk in bytes.utf8_chunks() {
+        text.push_str(chunk.valid());
+        used += chunk.valid().len();
+        let bad = chunk.invalid();
+        if bad.is_empty() {
+            continue;
+        }
+        let cut_by_block = !last && used + bad.len() == bytes.len() && bad.len() < 4;
+        if cut_by_block {
+            break;
+        }
+        if !lossy {
+            return Err(Error::data(
+                path,
+                format!(
+                    "not UTF-8 text: invalid byte sequence at byte offset {} (use --lossy to replace it)",
+                    offset + used as u64
+                ),
+            ));
+        }
+        text.push('\u{FFFD}');
+        *replaced += 1;
+        used += bad.len();
+    }
+    Ok((text, used))
+}
+
+/// Collects shard tokens and writes a shard each time `shard_tokens` are full.
+struct ShardWriter {
+    split: &'static str,
+    dir: PathBuf,
+    vocab: usize,
+    capacity: usize,
+    tokens: Vec<u32>,
+    written: Vec<PathBuf>,
+    total: u64,
+}
+
+impl ShardWriter {
+    fn push(&mut self, tokens: &[u32]) -> Result<()> {
+        for piece in tokens.chunks(self.capacity) {
+            let room = self.capacity - self.tokens.len();
+            let (now, later) = piece.split_at(piece.len().min(room));
+            self.tokens.extend_from_slice(now);
+            if self.tokens.len() == self.capacity {
+                self.flush()?;
+            }
+            self.tokens.extend_from_slice(later);
+        }
+        self.total += tokens.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.tokens.is_empty() {
+            return Ok(());
+        }
+        let path = self.dir.join(format!("{}_{:06}.bin", self.split, self.written.len()));
+        shards::write(&path, &self.tokens, self.vocab)?;
+        self.written.push(path);
+        self.tokens.clear();
+        Ok(())
+    }
+}
+
+/// Tokenises the inputs into shards in `options.out`. `progress(bytes, tokens)` is called after each batch.
+pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> Result<PrepareSummary> {
+    if options.inputs.is_empty() {
+        return Err(Error::Usage("no input: name files or directories with --input".into()));
+    }
+    if !(0.0..1.0).contains(&options.val_fraction) {
+        return Err(Error::Usage(format!("--val-fraction {} must be at least 0 and below 1", options.val_fraction)));
+    }
+    if options.shard_tokens == 0 {
+        return Err(Error::Usage("--shard-tokens must be at least 1".into()));
+    }
+    let files = expand(&options.inputs)?;
+    let sizes: Vec<u64> = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).collect();
+    let total: u64 = sizes.iter().sum();
+    if total == 0 {
+        return Err(Error::data(&options.inputs[0], "the input is empty"));
+    }
+    let val_cut = ((1.0 - options.val_fraction) * total as f64) as u64;
+    let out = &options.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let meta_path = out.join("meta.json");
+    let _ = std::fs::remove_file(&meta_path);
+    let tok = options.tokenizer;
+    let writer = |split| ShardWriter {
+        split,
+        dir: out.clone(),
+        vocab: tok.vocab_size(),
+        capacity: options.shard_tokens,
+        tokens: Vec::new(),
+        written: Vec::new(),
+        total: 0,
+    };
+    let (mut train, mut val) = (writer("train"), writer("val"));
+    let mut summary = PrepareSummary { bytes: total, ..Default::default() };
+    let mut batch: Vec<Chunk> = Vec::new();
+
+    let mut run_batch = |batch: &mut Vec<Chunk>, summary: &mut PrepareSummary, done_bytes: u64| -> Result<()> {
+        let encoded: Vec<(Vec<u32>, bool)> = batch
+            .par_iter()
+            .map(|c| {
+                let mut ids = Vec::with_capacity(c.text.len() / 3 + 1);
+                if c.starts_document {
+                    ids.push(tok.end_of_text());
+                }
+                ids.extend(tok.encode(&c.text));
+                (ids, c.offset >= val_cut)
+            })
+            .collect();
+        for (ids, is_val) in encoded {
+            if is_val {
+                val.push(&ids)?
+            } else {
+                train.push(&ids)?
+            };
+        }
+        batch.clear();
+        summary.train_tokens = train.total;
+        summary.val_tokens = val.total;
+        progress(done_bytes, train.total + val.total);
+        Ok(())
+    };
+
+    let mut offset = 0u64;
+    for (file, size) in files.iter().zip(&sizes) {
+        let handle = std::fs::File::open(file).map_err(|e| Error::data(file, format!("cannot read: {e}")))?;
+        if is_json_lines(file) {
+            for (n, line) in BufReader::new(handle).split(b'\n').enumerate() {
+                let line = line.map_err(|e| Error::data(file, format!("cannot read: {e}")))?;
+                let line_offset = offset;
+                offset += line.len() as u64 + 1;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let (text, _) = decode(&line, file, line_offset, options.lossy, &mut summary.replaced, true)?;
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::data(file, format!("line {}: not a JSON object: {e}", n + 1)))?;
+                let text = value.get(&options.text_field).and_then(|v| v.as_str()).ok_or_else(|| {
+                    Error::data(
+                        file,
+                        format!(
+                            "line {}: no string field \"{}\" (choose one with --text-field)",
+                            n + 1,
+                            options.text_field
+                        ),
+                    )
+                })?;
+                batch.push(Chunk { text: text.to_string(), starts_document: true, offset: line_offset });
+                if batch.len() >= BATCH * 64 {
+                    run_batch(&mut batch, &mut summary, offset)?;
+                }
+            }
+        } else {
+            let mut reader = BufReader::with_capacity(BLOCK, handle);
+            let mut pending: Vec<u8> = Vec::new();
+            let mut carried = String::new();
+            let mut file_offset = 0u64;
+            // Bytes of this file already handed out in chunks.
+            let mut chunked = 0u64;
+            let mut first = true;
+            let mut block = vec![0u8; BLOCK];
+            let mut read = 0u64;
+            loop {
+                // Reads stop at the validation cut, so that a chunk ends exactly there.
+                let to_cut = val_cut.saturating_sub(offset + read);
+                let want = if to_cut > 0 { BLOCK.min(to_cut as usize) } else { BLOCK };
+                let n = reader.read(&mut block[..want]).map_err(|e| Error::data(file, format!("cannot read: {e}")))?;
+                read += n as u64;
+                let last = n == 0;
+                let at_cut = to_cut > 0 && offset + read == val_cut;
+                pending.extend_from_slice(&block[..n]);
+                let (text, used) = decode(&pending, file, file_offset, options.lossy, &mut summary.replaced, last)?;
+                pending.drain(..used);
+                file_offset += used as u64;
+                carried.push_str(&text);
+                let cut = if last || at_cut { Some(carried.len()) } else { safe_cut(&carried) };
+                if let Some(cut) = cut.filter(|&c| c > 0) {
+                    let rest = carried.split_off(cut);
+                    let text = std::mem::replace(&mut carried, rest);
+                    let len = text.len() as u64;
+                    batch.push(Chunk { text, starts_document: first, offset: offset + chunked });
+                    chunked += len;
+                    first = false;
+                    if batch.len() >= BATCH {
+                        run_batch(&mut batch, &mut summary, offset + file_offset)?;
+                    }
+                }
+                if last {
+                    break;
+                }
+            }
+            if first {
+                // An empty file is a document with no text.
+                batch.push(Chunk { text: String::new(), starts_document: true, offset });
+            }
+            offset += size;
+        }
+    }
+    run_batch(&mut batch, &mut summary, total)?;
+    train.flush()?;
+    val.flush()?;
+    if train.written.is_empty() {
+        return Err(Error::data(
+            &options.inputs[0],
+            "no training tokens: the input is too small for the validation fraction",
+        ));
+    }
+    let names = |w: &ShardWriter| {
+        w.written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>()
+    };
+    let meta = serde_json::json!({
+        "format": "llm.c shards",
+        "tokenizer": tok.name(),
+        "vocab_size": tok.vocab_size(),
+        "end_of_text": tok.end_of_text(),
+        "train": names(&train),
+        "val": names(&val),
+        "train_tokens": train.total,
+        "val_tokens": val.total,
+    });
+    let tmp = meta_path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&meta).expect("plain JSON")).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &meta_path).map_err(|e| Error::io(&meta_path, e))?;
+    summary.shards = train.written.iter().chain(&val.written).cloned().collect();
+    Ok(summary)
+}

@@ -1,0 +1,208 @@
+//! `kiln prepare`'s shards: contents, format, the split, and bad input; and training data read back from them.
+
+use kiln_core::config::{DataConfig, Tokenizer};
+use kiln_core::{Error, Result};
+use kiln_data::prepare::{PrepareOptions, PrepareSummary, Tokenization, prepare};
+use kiln_data::{Dataset, shards};
+use std::path::{Path, PathBuf};
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-prepare-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn options(
+    inputs: Vec<PathBuf>,
+    out: &Path,
+    tokenizer: Tokenization,
+    val_fraction: f64,
+    shard_tokens: usize,
+) -> PrepareOptions {
+    PrepareOptions {
+        inputs,
+        tokenizer,
+        out: out.to_path_buf(),
+        val_fraction,
+        shard_tokens,
+        text_field: "text".into(),
+        lossy: false,
+    }
+}
+
+fn run(o: &PrepareOptions) -> Result<PrepareSummary> {
+    prepare(o, |_, _| {})
+}
+
+fn read_split(out: &Path, split: &str) -> Vec<u32> {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+    let mut tokens = Vec::new();
+    for name in meta[split].as_array().unwrap() {
+        let shard = shards::Shard::open(&out.join(name.as_str().unwrap())).unwrap();
+        tokens.extend((0..shard.len()).map(|i| shard.get(i)));
+    }
+    tokens
+}
+
+/// Generated prose: words, punctuation, blank lines, indentation, and non-ASCII characters.
+fn prose(lines: usize, salt: usize) -> String {
+    let words =
+        ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog's", "café", "naïve", "1234", "—", "$5.00"];
+    (0..lines)
+        .map(|i| {
+            let n = 3 + (i * 7 + salt) % 11;
+            let line: Vec<&str> = (0..n).map(|j| words[(i * 31 + j * 17 + salt) % words.len()]).collect();
+            let sep = if i % 9 == 0 {
+                "\n\n"
+            } else if i % 13 == 0 {
+                "\n   "
+            } else {
+                "\n"
+            };
+            format!("{}{sep}", line.join(" "))
+        })
+        .collect()
+}
+
+#[test]
+fn gpt2_shards_hold_each_document_after_an_end_of_text_token() {
+    let d = dir("gpt2");
+    // More than one read block (1 MiB), so the block cuts are exercised against whole-text tokenisation.
+    let big = prose(60_000, 1);
+    assert!(big.len() > 1 << 21);
+    let small = prose(40, 2);
+    std::fs::create_dir_all(d.join("docs")).unwrap();
+    std::fs::write(d.join("docs/a.txt"), &big).unwrap();
+    std::fs::write(d.join("docs/b.txt"), &small).unwrap();
+    let jsonl = format!(
+        "{}\n{}\n",
+        serde_json::json!({"text": "first doc"}),
+        serde_json::json!({"text": "second\ndoc", "id": 7})
+    );
+    std::fs::write(d.join("c.jsonl"), jsonl).unwrap();
+    let out = d.join("out");
+    let summary =
+        run(&options(vec![d.join("docs"), d.join("c.jsonl")], &out, Tokenization::Gpt2, 0.0, 100_000)).unwrap();
+    let bpe = tiktoken_rs::r50k_base().unwrap();
+    let mut want = Vec::new();
+    for text in [big.as_str(), small.as_str(), "first doc", "second\ndoc"] {
+        want.push(50256);
+        want.extend(bpe.encode_ordinary(text));
+    }
+    let got = read_split(&out, "train");
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "shards differ from whole-document tokenisation");
+    assert_eq!(summary.train_tokens as usize, want.len());
+    assert_eq!(summary.val_tokens, 0);
+    assert!(summary.shards.len() > 1, "100,000-token shards: several expected");
+    // llm.c's header: magic 20240520, version 1, the count, uint16 tokens.
+    let bytes = std::fs::read(out.join("train_000000.bin")).unwrap();
+    let int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+    assert_eq!((int(0), int(1), int(2)), (20240520, 1, 100_000));
+    assert_eq!(bytes.len(), 1024 + 2 * 100_000);
+}
+
+#[test]
+fn the_last_fraction_of_the_input_is_validation() {
+    let d = dir("split");
+    let text = prose(5_000, 3);
+    std::fs::write(d.join("t.txt"), &text).unwrap();
+    let out = d.join("out");
+    let s = run(&options(vec![d.join("t.txt")], &out, Tokenization::Byte, 0.2, 1 << 30)).unwrap();
+    // Bytes: each character byte is a token, plus the one end-of-text token that opens the document.
+    assert_eq!(s.train_tokens + s.val_tokens, text.len() as u64 + 1);
+    let val_share = s.val_tokens as f64 / text.len() as f64;
+    assert!((val_share - 0.2).abs() < 0.01, "validation share {val_share}");
+    let val = read_split(&out, "val");
+    assert_eq!(val, text.as_bytes()[text.len() - val.len()..].iter().map(|&b| b as u32).collect::<Vec<_>>());
+}
+
+#[test]
+fn shards_load_as_training_data() {
+    let d = dir("load");
+    std::fs::write(d.join("t.txt"), prose(3_000, 4)).unwrap();
+    let out = d.join("out");
+    run(&options(vec![d.join("t.txt")], &out, Tokenization::Gpt2, 0.1, 5_000)).unwrap();
+    let cfg = DataConfig { train: out.to_string_lossy().into(), val: None, tokenizer: Tokenizer::Char };
+    let data = Dataset::open(&cfg, 32).unwrap();
+    assert_eq!(data.vocab_size(), 50257);
+    let train = read_split(&out, "train");
+    let (mut x, mut y) = (vec![0; 32], vec![0; 32]);
+    for row in 0..20 {
+        data.train_sequence(1, 0, row, &mut x, &mut y);
+        assert_eq!(x[1..], y[..31]);
+        // Each window is a run of consecutive training tokens.
+        assert!(train.windows(32).any(|w| w == x.as_slice()), "window not found in the training shards");
+    }
+    // An interrupted prepare (no meta.json) is not a dataset.
+    std::fs::remove_file(out.join("meta.json")).unwrap();
+    let err = Dataset::open(&cfg, 32).err().unwrap().to_string();
+    assert!(err.contains("meta.json") && err.contains("kiln prepare"), "{err}");
+}
+
+#[test]
+fn wide_vocabularies_use_uint32_shards() {
+    let d = dir("wide");
+    let path = d.join("w.bin");
+    shards::write(&path, &[0, 70_000, 123_456], 200_000).unwrap();
+    let shard = shards::Shard::open(&path).unwrap();
+    assert_eq!((0..3).map(|i| shard.get(i)).collect::<Vec<_>>(), vec![0, 70_000, 123_456]);
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(i32::from_le_bytes(bytes[0..4].try_into().unwrap()), 20240801);
+    assert_eq!(i32::from_le_bytes(bytes[4..8].try_into().unwrap()), 7);
+}
+
+fn data_error<T>(r: Result<T>) -> String {
+    match r {
+        Err(e @ Error::Data { .. }) => {
+            assert_eq!(e.exit_code(), 2);
+            e.to_string()
+        }
+        Err(e) => panic!("expected a data error, got {e:?}"),
+        Ok(_) => panic!("expected a data error"),
+    }
+}
+
+#[test]
+fn bad_shards_and_bad_input_are_named() {
+    let d = dir("bad");
+    let good = d.join("good.bin");
+    shards::write(&good, &[1, 2, 3, 4], 100).unwrap();
+    let mut bytes = std::fs::read(&good).unwrap();
+    bytes[0] = 7;
+    std::fs::write(d.join("magic.bin"), &bytes).unwrap();
+    assert!(data_error(shards::Shard::open(&d.join("magic.bin"))).contains("wrong magic number"));
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(d.join("short.bin"), &bytes[..bytes.len() - 3]).unwrap();
+    let msg = data_error(shards::Shard::open(&d.join("short.bin")));
+    assert!(msg.contains("short.bin") && msg.contains("header says 4 tokens"), "{msg}");
+
+    let out = d.join("out");
+    let msg = data_error(run(&options(vec![d.join("missing.txt")], &out, Tokenization::Gpt2, 0.0, 100)));
+    assert!(msg.contains("missing.txt"), "{msg}");
+    std::fs::write(d.join("empty.txt"), "").unwrap();
+    assert!(data_error(run(&options(vec![d.join("empty.txt")], &out, Tokenization::Gpt2, 0.0, 100))).contains("empty"));
+    std::fs::write(d.join("latin1.txt"), b"caf\xe9 au lait, caf\xe9 noir").unwrap();
+    let msg = data_error(run(&options(vec![d.join("latin1.txt")], &out, Tokenization::Gpt2, 0.0, 100)));
+    assert!(msg.contains("latin1.txt") && msg.contains("byte offset 3"), "{msg}");
+    assert!(!out.join("meta.json").exists(), "a failed prepare must not leave a complete-looking dataset");
+    let mut lossy = options(vec![d.join("latin1.txt")], &out, Tokenization::Gpt2, 0.0, 100);
+    lossy.lossy = true;
+    assert_eq!(run(&lossy).unwrap().replaced, 2);
+    std::fs::write(d.join("x.jsonl"), "{\"body\": \"no text field\"}\n").unwrap();
+    let msg = data_error(run(&options(vec![d.join("x.jsonl")], &out, Tokenization::Gpt2, 0.0, 100)));
+    assert!(msg.contains("line 1") && msg.contains("--text-field"), "{msg}");
+
+    // A shard whose ids exceed the vocabulary its meta.json declares.
+    let bad = d.join("badvocab");
+    std::fs::create_dir_all(&bad).unwrap();
+    shards::write(&bad.join("train_000000.bin"), &[5; 40], 300).unwrap();
+    shards::write(&bad.join("val_000000.bin"), &[5, 300, 5, 5, 5, 5, 5, 5, 5, 5], 300).unwrap();
+    let meta = serde_json::json!({"tokenizer": "byte", "vocab_size": 257, "train": ["train_000000.bin"], "val": ["val_000000.bin"]});
+    std::fs::write(bad.join("meta.json"), meta.to_string()).unwrap();
+    let cfg = DataConfig { train: bad.to_string_lossy().into(), val: None, tokenizer: Tokenizer::Char };
+    let msg = data_error(Dataset::open(&cfg, 4));
+    assert!(msg.contains("val_000000.bin") && msg.contains("token id 300"), "{msg}");
+}
