@@ -71,6 +71,27 @@ enum Command {
         #[arg(long)]
         lossy: bool,
     },
+    /// Validation loss and perplexity of a checkpoint over a whole validation split.
+    Eval {
+        /// A checkpoint directory (out_dir/checkpoints/step_...).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The data to score (default: the checkpoint's own data.train).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        backend: BackendChoice,
+    },
+    /// Write a clean, model-only copy of a checkpoint for other tools.
+    Export {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// hf: model.safetensors and config.json, loadable by transformers' GPT2LMHeadModel.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Hf)]
+        format: ExportFormat,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Check an engine against the CPU engine in f64: every operation, the model's gradients, 20 training steps.
     Selftest {
         /// The engine to check.
@@ -127,6 +148,11 @@ enum KernelsCommand {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExportFormat {
+    Hf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum TokenizerChoice {
     /// GPT-2's BPE (embedded; no download).
     Gpt2,
@@ -163,6 +189,8 @@ fn main() -> ExitCode {
         }
         Command::Kernels { command: KernelsCommand::Build { archs } } => build_kernels(archs),
         Command::Selftest { backend } => selftest(backend),
+        Command::Eval { checkpoint, data, backend } => eval(&checkpoint, data, backend),
+        Command::Export { checkpoint, format: ExportFormat::Hf, out } => export_hf(&checkpoint, &out),
         Command::Prepare { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy } => {
             let tokenizer = match tokenizer {
                 TokenizerChoice::Gpt2 => Tokenization::Gpt2,
@@ -272,6 +300,44 @@ fn train_on<B: Backend>(
         summary.tokens_per_s,
         PathBuf::from(&config.train.out_dir).join("metrics.jsonl").display()
     );
+    Ok(())
+}
+
+fn eval(checkpoint: &std::path::Path, data: Option<PathBuf>, backend: BackendChoice) -> Result<()> {
+    let overrides: Vec<String> = data.iter().map(|d| format!("data.train={}", d.display())).collect();
+    let config = kiln_train::checkpoint::config(checkpoint, &overrides)?;
+    match resolve(backend)? {
+        Engine::Cpu => eval_on(&config, CpuBackend::<f32>::new(), checkpoint),
+        Engine::Cuda => eval_on(&config, CudaBackend::new(0, config.train.precision)?, checkpoint),
+    }
+}
+
+fn eval_on<B: Backend>(config: &Config, backend: B, checkpoint: &std::path::Path) -> Result<()> {
+    let mut trainer = Trainer::new(config, backend)?;
+    trainer.load_weights(checkpoint)?;
+    let (loss, tokens) = trainer.evaluate_split()?.ok_or_else(|| {
+        Error::Usage(format!(
+            "{}: a synthetic corpus has no fixed validation split to score; pass --data",
+            config.data.train
+        ))
+    })?;
+    println!("val loss {loss:.4}, perplexity {:.3}, over {tokens} tokens of {}", loss.exp(), config.data.train);
+    Ok(())
+}
+
+/// Copies the model files of a checkpoint into a new directory, written whole or not at all.
+fn export_hf(checkpoint: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    if out.exists() {
+        return Err(Error::Usage(format!("{} exists; choose a new directory", out.display())));
+    }
+    let tmp = out.with_extension("tmp");
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    for file in ["model.safetensors", "config.json"] {
+        let from = checkpoint.join(file);
+        std::fs::copy(&from, tmp.join(file)).map_err(|e| Error::data(&from, format!("cannot copy: {e}")))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    println!("wrote {} (model.safetensors, config.json)", out.display());
     Ok(())
 }
 

@@ -300,10 +300,28 @@ fn prepare_then_train_on_the_shards() {
         "--set",
         "train.max_steps=3",
         "--set",
+        "train.checkpoint_every=3",
+        "--set",
         "train.eval_steps=1",
     ]);
     let err = stderr(&trained);
     assert!(trained.status.success(), "{err}");
     assert!(err.contains("vocabulary 50257"), "{err}");
     expect_usage_error(&["prepare", "--input", "/no/such/input.txt", "--out", &out_s], &["/no/such/input.txt"]);
+
+    // The checkpoint scores the validation split, and exports as a model-only directory.
+    let ckpt = dir.join("run/checkpoints/step_00000003");
+    let ckpt_s = ckpt.to_string_lossy().into_owned();
+    let evaluated = kiln(&["eval", "--checkpoint", &ckpt_s, "--backend", "cpu"]);
+    let text = String::from_utf8_lossy(&evaluated.stdout);
+    assert!(
+        evaluated.status.success() && text.contains("val loss") && text.contains("perplexity"),
+        "{text}{}",
+        stderr(&evaluated)
+    );
+    let export = dir.join("export").to_string_lossy().into_owned();
+    assert!(kiln(&["export", "--checkpoint", &ckpt_s, "--out", &export]).status.success());
+    assert!(dir.join("export/model.safetensors").is_file() && dir.join("export/config.json").is_file());
+    assert!(!dir.join("export/optimizer.safetensors").exists());
+    expect_usage_error(&["export", "--checkpoint", &ckpt_s, "--out", &export], &["exists"]);
 }

@@ -155,6 +155,43 @@ impl Dataset {
         }
     }
 
+    /// The whole validation split cut into consecutive windows of `time` inputs (each with its `time` targets,
+    /// the next tokens), as `kiln eval` scores it: windows do not overlap and do not cross shard boundaries.
+    /// Returns their number; `None` for corpora without a fixed split (synthetic ones).
+    pub fn val_windows(&self, time: usize) -> Option<usize> {
+        match &self.source {
+            Source::Text { val, .. } => Some((val.len() - 1) / time),
+            Source::Shards { val, .. } => Some(val.iter().map(|s| (s.len() - 1) / time).sum()),
+            Source::Addition(_) | Source::Random { .. } => None,
+        }
+    }
+
+    /// Window `index` of [`Dataset::val_windows`].
+    pub fn val_window(&self, index: usize, inputs: &mut [u32], targets: &mut [u32]) {
+        let t = inputs.len();
+        let copy = |get: &dyn Fn(usize) -> u32, start: usize, inputs: &mut [u32], targets: &mut [u32]| {
+            for i in 0..t {
+                inputs[i] = get(start + i);
+                targets[i] = get(start + i + 1);
+            }
+        };
+        match &self.source {
+            Source::Text { val, .. } => copy(&|i| val[i], index * t, inputs, targets),
+            Source::Shards { val, .. } => {
+                let mut index = index;
+                for shard in val {
+                    let here = (shard.len() - 1) / t;
+                    if index < here {
+                        return copy(&|i| shard.get(i), index * t, inputs, targets);
+                    }
+                    index -= here;
+                }
+                panic!("validation window {index} past the end of the split");
+            }
+            Source::Addition(_) | Source::Random { .. } => panic!("no fixed validation split"),
+        }
+    }
+
     /// Validation sequence `index`: the same for every evaluation of a run, so losses are comparable.
     pub fn val_sequence(&self, seed: u64, index: u64, inputs: &mut [u32], targets: &mut [u32]) {
         let mut rng = ChaCha8Rng::seed_from_u64(sequence_seed(seed, VAL_STREAM, 0, index));

@@ -87,6 +87,56 @@ fn json_field<'a>(v: &'a serde_json::Value, key: &str, file: &Path) -> Result<&'
     v.get(key).ok_or_else(|| Error::data(file, format!("no \"{key}\" field")))
 }
 
+/// Loads `dir/model.safetensors` (Hugging Face GPT-2 names, with or without the `transformer.` prefix that
+/// `GPT2LMHeadModel` adds) into `model`'s parameters.
+pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Gpt, backend: &mut B) -> Result<()> {
+    let model_path = dir.join("model.safetensors");
+    let bytes = read_file(&model_path)?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::data(&model_path, format!("not a safetensors file: {e}")))?;
+    let shape = model.shape;
+    let mut params = vec![0.0f32; model.params.len];
+    for p in &model.layout {
+        let (name, transposed) = hf_name(&p.name);
+        let want = saved_shape(p, &shape);
+        let bare = name.strip_prefix("transformer.").unwrap_or(&name);
+        let t = file
+            .tensor(&name)
+            .or_else(|_| file.tensor(bare))
+            .map_err(|_| Error::data(&model_path, format!("no tensor {name}")))?;
+        if t.dtype() != Dtype::F32 || t.shape() != want.as_slice() {
+            return Err(Error::data(
+                &model_path,
+                format!(
+                    "tensor {name} is {:?} {:?}; this model needs F32 {want:?} (a checkpoint of another model shape?)",
+                    t.dtype(),
+                    t.shape()
+                ),
+            ));
+        }
+        let values = from_le_bytes(t.data());
+        let dst = &mut params[p.offset..p.offset + p.len()];
+        if transposed {
+            let (rows, cols) = (p.shape[0], p.shape[1]);
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = values[(i % cols) * rows + i / cols];
+            }
+        } else {
+            dst[..values.len()].copy_from_slice(&values);
+        }
+    }
+    backend.upload(model.params, &params)
+}
+
+/// The configuration a checkpoint was trained with (from `state.json`), with `overrides` applied.
+pub fn config(dir: &Path, overrides: &[String]) -> Result<Config> {
+    let (state, state_path) = read_state(dir)?;
+    let text = json_field(&state, "config", &state_path)?
+        .as_str()
+        .ok_or_else(|| Error::data(&state_path, "\"config\" is not a string"))?;
+    Config::from_toml_str(text, &state_path.display().to_string(), overrides)
+}
+
 /// Writes the checkpoint of `step` under `root`, then deletes all but the newest `keep`.
 #[allow(clippy::too_many_arguments)]
 pub fn save<B: Backend + ?Sized>(
@@ -174,6 +224,13 @@ fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> 
     std::fs::write(path, bytes).map_err(io(path))
 }
 
+fn read_state(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
+    let path = dir.join("state.json");
+    let state =
+        serde_json::from_slice(&read_file(&path)?).map_err(|e| Error::data(&path, format!("not valid JSON: {e}")))?;
+    Ok((state, path))
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))
 }
@@ -181,45 +238,11 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 /// Loads the checkpoint in `dir` into `model`'s parameters and the AdamW moments; returns its step. Every
 /// tensor's presence and shape is checked, and a mismatch names the tensor and the file.
 pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Gpt, moments: (Tensor, Tensor), backend: &mut B) -> Result<u64> {
-    let state_path = dir.join("state.json");
-    let state: serde_json::Value = serde_json::from_slice(&read_file(&state_path)?)
-        .map_err(|e| Error::data(&state_path, format!("not valid JSON: {e}")))?;
+    let (state, state_path) = read_state(dir)?;
     let step = json_field(&state, "step", &state_path)?
         .as_u64()
         .ok_or_else(|| Error::data(&state_path, "\"step\" is not a whole number"))?;
-
-    let model_path = dir.join("model.safetensors");
-    let bytes = read_file(&model_path)?;
-    let file = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::data(&model_path, format!("not a safetensors file: {e}")))?;
-    let shape = model.shape;
-    let mut params = vec![0.0f32; model.params.len];
-    for p in &model.layout {
-        let (name, transposed) = hf_name(&p.name);
-        let want = saved_shape(p, &shape);
-        let t = file.tensor(&name).map_err(|_| Error::data(&model_path, format!("no tensor {name}")))?;
-        if t.dtype() != Dtype::F32 || t.shape() != want.as_slice() {
-            return Err(Error::data(
-                &model_path,
-                format!(
-                    "tensor {name} is {:?} {:?}; this model needs F32 {want:?} (a checkpoint of another model shape?)",
-                    t.dtype(),
-                    t.shape()
-                ),
-            ));
-        }
-        let values = from_le_bytes(t.data());
-        let dst = &mut params[p.offset..p.offset + p.len()];
-        if transposed {
-            let (rows, cols) = (p.shape[0], p.shape[1]);
-            for (i, d) in dst.iter_mut().enumerate() {
-                *d = values[(i % cols) * rows + i / cols];
-            }
-        } else {
-            dst[..values.len()].copy_from_slice(&values);
-        }
-    }
-    backend.upload(model.params, &params)?;
+    load_weights(dir, model, backend)?;
 
     let opt_path = dir.join("optimizer.safetensors");
     let bytes = read_file(&opt_path)?;

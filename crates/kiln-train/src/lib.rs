@@ -146,6 +146,32 @@ impl<B: Backend> Trainer<B> {
         Ok(self.step)
     }
 
+    /// Replaces the weights with those of the checkpoint (or Hugging Face model directory) `dir`.
+    pub fn load_weights(&mut self, dir: &Path) -> Result<()> {
+        checkpoint::load_weights(dir, &self.model, &mut self.backend)
+    }
+
+    /// Mean loss over the whole validation split, in consecutive windows of `block_size`, and the number of
+    /// tokens scored; `None` for a corpus without a fixed split.
+    pub fn evaluate_split(&mut self) -> Result<Option<(f32, usize)>> {
+        let (mb, t) = (self.config.train.micro_batch, self.config.model.block_size);
+        let Some(windows) = self.data.val_windows(t) else { return Ok(None) };
+        let b = &mut self.backend;
+        b.zero(self.model.losses)?;
+        for first in (0..windows).step_by(mb) {
+            let rows = mb.min(windows - first);
+            let (inputs, targets) = (&mut self.inputs[..rows * t], &mut self.targets[..rows * t]);
+            for r in 0..rows {
+                let range = r * t..(r + 1) * t;
+                self.data.val_window(first + r, &mut inputs[range.clone()], &mut targets[range]);
+            }
+            self.model.load_batch(b, inputs, Some(targets))?;
+            self.model.forward(b, rows, t, Pass::Loss)?;
+        }
+        let tokens = windows * t;
+        Ok(Some((b.sum(self.model.losses)? / tokens.max(1) as f32, tokens)))
+    }
+
     /// Makes each step wait for the device before it returns, so that [`StepStats::optimizer_ms`] is the
     /// optimizer's time rather than its launch time (for benchmarks: it costs a synchronisation per step).
     pub fn set_profile(&mut self, on: bool) {
