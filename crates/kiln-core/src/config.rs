@@ -51,6 +51,10 @@ pub struct ModelConfig {
     pub n_embd: usize,
     /// Longest sequence the model sees (the number of learned positions).
     pub block_size: usize,
+    /// Initial weights: absent for a fresh random model, `hf:DIR` for a Hugging Face GPT-2 directory
+    /// (`model.safetensors`), `llmc:FILE` for llm.c's `gpt2_124M.bin` format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +251,11 @@ impl Config {
                 format!("must be divisible by model.n_head (= {})", m.n_head),
             ),
             (m.block_size >= 1, "model.block_size", "must be at least 1".to_string()),
+            (
+                m.init.as_deref().is_none_or(|i| i.starts_with("hf:") || i.starts_with("llmc:")),
+                "model.init",
+                "must be hf:DIR or llmc:FILE".to_string(),
+            ),
             (!d.train.is_empty(), "data.train", "must not be empty".to_string()),
             (d.val.as_ref().is_none_or(|v| !v.is_empty()), "data.val", "must not be empty when set".to_string()),
             (t.micro_batch >= 1, "train.micro_batch", "must be at least 1".to_string()),

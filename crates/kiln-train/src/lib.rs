@@ -8,6 +8,7 @@
 //! step to `out_dir/metrics.jsonl`.
 
 pub mod checkpoint;
+pub mod llmc;
 mod metrics;
 pub mod schedule;
 
@@ -99,6 +100,12 @@ impl<B: Backend> Trainer<B> {
         let shape = GptShape::new(config, data.vocab_size());
         let mb = config.train.micro_batch;
         let model = Gpt::new(&mut backend, shape, mb, config.train.seed)?;
+        match config.model.init.as_deref().map(|i| i.split_once(':')) {
+            None => {}
+            Some(Some(("hf", dir))) => checkpoint::load_weights(Path::new(dir), &model, &mut backend)?,
+            Some(Some(("llmc", file))) => llmc::load(Path::new(file), &model, &mut backend)?,
+            Some(_) => return Err(Error::Usage("model.init must be hf:DIR or llmc:FILE".into())),
+        }
         let m = backend.alloc(model.params.len, Role::OptState)?;
         let v = backend.alloc(model.params.len, Role::OptState)?;
         let accumulation = config.accumulation_steps();

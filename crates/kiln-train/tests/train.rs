@@ -134,3 +134,83 @@ fn a_checkpoint_of_another_shape_is_refused_by_name() {
         "{msg}"
     );
 }
+
+#[test]
+fn initialising_from_a_hugging_face_directory_gives_the_same_model() {
+    let dir = out_dir("hf-init");
+    let extra = [format!("train.out_dir={dir}"), "train.checkpoint_every=6".into()];
+    Trainer::new(&with(SMALL, &extra), CpuBackend::<f32>::new()).unwrap().run(&mut Hooks::default(), true).unwrap();
+    let ckpt = format!("{dir}/checkpoints/step_00000006");
+    let mut resumed = Trainer::new(&with(SMALL, &extra), CpuBackend::<f32>::new()).unwrap();
+    resumed.resume(std::path::Path::new(&ckpt)).unwrap();
+    let mut initialised =
+        Trainer::new(&with(SMALL, &[format!("model.init=hf:{ckpt}")]), CpuBackend::<f32>::new()).unwrap();
+    assert_eq!(resumed.validation_loss().unwrap(), initialised.validation_loss().unwrap());
+    let err = Trainer::new(&with(SMALL, &["model.init=hf:/no/such/dir".to_string()]), CpuBackend::<f32>::new())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("/no/such/dir/model.safetensors"), "{err}");
+}
+
+#[test]
+fn llmc_model_files_load_in_llmc_order() {
+    use kiln_model::{Gpt, GptShape};
+    let shape = GptShape { n_layer: 2, n_head: 2, n_embd: 8, block_size: 5, vocab: 11, padded_vocab: 64 };
+    let mut b = CpuBackend::<f32>::new();
+    let source = Gpt::new(&mut b, shape, 1, 1).unwrap();
+    for (i, v) in b.values_mut(source.params).unwrap().iter_mut().enumerate() {
+        *v = i as f32 * 0.001;
+    }
+    // llm.c's file: header, then wte (all padded rows), wpe, each per-layer kind across layers, ln_f.
+    let params = b.values_mut(source.params).unwrap().to_vec();
+    let view = |name: &str| {
+        let p = source.layout.iter().find(|p| p.name == name).unwrap();
+        params[p.offset..p.offset + p.len()].to_vec()
+    };
+    let mut header = [0i32; 256];
+    header[..8].copy_from_slice(&[20240326, 3, 5, 11, 2, 2, 8, 64]);
+    let mut values: Vec<f32> = view("wte");
+    values.extend(view("wpe"));
+    for kind in [
+        "ln_1.weight",
+        "ln_1.bias",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+        "mlp.fc.weight",
+        "mlp.fc.bias",
+        "mlp.proj.weight",
+        "mlp.proj.bias",
+    ] {
+        for l in 0..2 {
+            values.extend(view(&format!("h.{l}.{kind}")));
+        }
+    }
+    values.extend(view("ln_f.weight"));
+    values.extend(view("ln_f.bias"));
+    let dir = out_dir("llmc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = std::path::Path::new(&dir).join("model.bin");
+    let bytes: Vec<u8> =
+        header.iter().flat_map(|h| h.to_le_bytes()).chain(values.iter().flat_map(|v| v.to_le_bytes())).collect();
+    std::fs::write(&path, &bytes).unwrap();
+
+    let target = Gpt::new(&mut b, shape, 1, 2).unwrap();
+    kiln_train::llmc::load(&path, &target, &mut b).unwrap();
+    let loaded = b.values_mut(target.params).unwrap().to_vec();
+    // Everything but wte's padded rows (which kiln keeps at zero) comes across.
+    let used = shape.vocab * shape.n_embd;
+    assert_eq!(loaded[..used], params[..used]);
+    let wte_len = shape.padded_vocab * shape.n_embd;
+    assert!(loaded[used..wte_len].iter().all(|&v| v == 0.0));
+    assert_eq!(loaded[wte_len..], params[wte_len..]);
+
+    let mut wrong = bytes.clone();
+    wrong[8..12].copy_from_slice(&7i32.to_le_bytes());
+    std::fs::write(&path, &wrong).unwrap();
+    let err = kiln_train::llmc::load(&path, &target, &mut b).unwrap_err().to_string();
+    assert!(err.contains("model.bin") && err.contains("max_seq_len is 7"), "{err}");
+}
