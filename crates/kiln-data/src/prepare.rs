@@ -52,10 +52,15 @@ impl Tokenization {
 
     fn encode(self, text: &str) -> Vec<u32> {
         match self {
-            Tokenization::Gpt2 => tiktoken_rs::r50k_base_singleton().encode_ordinary(text),
+            Tokenization::Gpt2 => GPT2.with(|bpe| bpe.encode_ordinary(text)),
             Tokenization::Byte => text.bytes().map(u32::from).collect(),
         }
     }
+}
+
+thread_local! {
+    /// One encoder per thread: threads sharing one contend for its regex scratch space (a third of the time).
+    static GPT2: tiktoken_rs::CoreBPE = tiktoken_rs::r50k_base().expect("the embedded GPT-2 ranks parse");
 }
 
 pub struct PrepareOptions {
