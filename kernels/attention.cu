@@ -121,3 +121,27 @@ extern "C" __global__ void attention_backward_dkv(floatX* dqkv, const floatX* do
     store_row(row + C, dk, HS, lane);
     store_row(row + 2 * C, dv, HS, lane);
 }
+
+// Decoding with the key/value cache: the query of row `pos` of one sequence's qkv against rows 0..=pos, one warp
+// per head; out holds the C outputs of that position.
+extern "C" __global__ void attention_decode(floatX* out, const floatX* qkv, int pos, int NH, int HS) {
+    const int h = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (h >= NH) return;
+    const int lane = threadIdx.x % 32, C = NH * HS;
+    const float scale = rsqrtf((float)HS);
+    const floatX* base = qkv + h * HS;
+    Row q = load_row(base + (long)pos * 3 * C, HS, lane, scale);
+    Row acc = {};
+    float m = NEG_INF, l = 0.0f;
+    for (int j = 0; j <= pos; j++) {
+        float s = dot(q, load_row(base + (long)j * 3 * C + C, HS, lane, 1.0f));
+        float m_new = fmaxf(m, s);
+        float correction = expf(m - m_new), p = expf(s - m_new);
+        Row v = load_row(base + (long)j * 3 * C + 2 * C, HS, lane, 1.0f);
+        for (int k = 0; k < MAX_PER_LANE; k++) acc.v[k] = acc.v[k] * correction + p * v.v[k];
+        l = l * correction + p;
+        m = m_new;
+    }
+    for (int k = 0; k < MAX_PER_LANE; k++) acc.v[k] /= l;
+    store_row(out + h * HS, acc, HS, lane);
+}

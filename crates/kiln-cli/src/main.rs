@@ -14,6 +14,7 @@ use kiln_cuda::backend::CudaBackend;
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
 use kiln_data::prepare::{PrepareOptions, Tokenization};
+use kiln_model::generate::SampleOptions;
 use kiln_train::{Hooks, StepStats, Trainer, describe_sum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,6 +80,30 @@ enum Command {
         /// The data to score (default: the checkpoint's own data.train).
         #[arg(long)]
         data: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        backend: BackendChoice,
+    },
+    /// Generate text from a checkpoint, streaming it as it is produced.
+    Sample {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The text to continue (default: start of a document).
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_new_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f32>,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        /// Recompute the whole context for every token instead of decoding with the key/value cache.
+        #[arg(long)]
+        no_kv_cache: bool,
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
     },
@@ -190,6 +215,21 @@ fn main() -> ExitCode {
         Command::Kernels { command: KernelsCommand::Build { archs } } => build_kernels(archs),
         Command::Selftest { backend } => selftest(backend),
         Command::Eval { checkpoint, data, backend } => eval(&checkpoint, data, backend),
+        Command::Sample {
+            checkpoint,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            no_kv_cache,
+            backend,
+        } => {
+            let options =
+                SampleOptions { max_new_tokens, temperature, top_k, top_p, seed, stop: None, kv_cache: !no_kv_cache };
+            sample(&checkpoint, &prompt, &options, backend)
+        }
         Command::Export { checkpoint, format: ExportFormat::Hf, out } => export_hf(&checkpoint, &out),
         Command::Prepare { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy } => {
             let tokenizer = match tokenizer {
@@ -299,6 +339,40 @@ fn train_on<B: Backend>(
         summary.steps,
         summary.tokens_per_s,
         PathBuf::from(&config.train.out_dir).join("metrics.jsonl").display()
+    );
+    Ok(())
+}
+
+fn sample(checkpoint: &std::path::Path, prompt: &str, options: &SampleOptions, backend: BackendChoice) -> Result<()> {
+    let config = kiln_train::checkpoint::config(checkpoint, &[])?;
+    match resolve(backend)? {
+        Engine::Cpu => sample_on(&config, CpuBackend::<f32>::new(), checkpoint, prompt, options),
+        Engine::Cuda => sample_on(&config, CudaBackend::new(0, config.train.precision)?, checkpoint, prompt, options),
+    }
+}
+
+fn sample_on<B: Backend>(
+    config: &Config,
+    backend: B,
+    checkpoint: &std::path::Path,
+    prompt: &str,
+    options: &SampleOptions,
+) -> Result<()> {
+    use std::io::Write;
+    let mut trainer = Trainer::new(config, backend)?;
+    trainer.load_weights(checkpoint)?;
+    let started = std::time::Instant::now();
+    print!("{prompt}");
+    let produced = trainer.sample(prompt, options, |text| {
+        print!("{text}");
+        let _ = std::io::stdout().flush();
+    })?;
+    println!();
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "{produced} tokens in {seconds:.2} s: {:.0} tokens/s ({})",
+        produced as f64 / seconds,
+        if options.kv_cache { "key/value cache" } else { "no cache" }
     );
     Ok(())
 }

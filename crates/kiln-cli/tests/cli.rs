@@ -324,4 +324,31 @@ fn prepare_then_train_on_the_shards() {
     assert!(dir.join("export/model.safetensors").is_file() && dir.join("export/config.json").is_file());
     assert!(!dir.join("export/optimizer.safetensors").exists());
     expect_usage_error(&["export", "--checkpoint", &ckpt_s, "--out", &export], &["exists"]);
+
+    // Sampling streams GPT-2 text, with and without the key/value cache, and the greedy text is the same.
+    let greedy = |cache: bool| {
+        let mut args = vec![
+            "sample",
+            "--checkpoint",
+            &ckpt_s,
+            "--backend",
+            "cpu",
+            "--prompt",
+            "To be",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ];
+        if !cache {
+            args.push("--no-kv-cache");
+        }
+        let out = kiln(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = greedy(true);
+    assert!(text.starts_with("To be") && text.len() > "To be\n".len(), "{text:?}");
+    assert_eq!(text, greedy(false));
+    expect_usage_error(&["sample", "--checkpoint", "/no/such/checkpoint"], &["/no/such/checkpoint"]);
 }

@@ -267,6 +267,12 @@ pub trait Backend {
         d: AttentionDims,
     ) -> Result<()>;
 
+    /// Attention of one new position of a single sequence (`d.batch` = 1) over itself and the positions before
+    /// it: `qkv` is the layer's `(time, 3·C)` activation whose rows `0..=pos` hold keys and values (the key/value
+    /// cache) and whose row `pos` holds the query; writes the `C` outputs of that position to `out`. This is
+    /// decoding with a cache: each new token costs one position, not the whole context.
+    fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, d: AttentionDims) -> Result<()>;
+
     /// Softmax cross-entropy over the first `vocab` of `padded_vocab` logits of each row (padded columns get no
     /// probability). Accumulates each row's loss into `losses[row]`; rows whose target is [`IGNORE_TARGET`] add
     /// nothing. With `dloss`, the logits are replaced in place by the gradient of `dloss · Σ losses`

@@ -12,7 +12,7 @@
 //! ([`product`]) whose inner step is a row of 8-wide fused multiply-adds, and the causal mask is honoured by skipping the
 //! blocks above the diagonal. Batch elements are split evenly over the threads.
 
-use crate::math::Real;
+use crate::math::{Real, axpy, dot};
 use kiln_core::AttentionDims;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -314,5 +314,29 @@ impl<T> SharedMut<T> {
     #[allow(clippy::mut_from_ref)]
     unsafe fn slice(&self, offset: usize, len: usize) -> &mut [T] {
         unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
+    }
+}
+
+/// One query (row `pos` of a single sequence's `qkv`) against keys and values `0..=pos`, every head.
+pub fn decode<T: Real>(out: &mut [T], qkv: &[T], pos: usize, d: AttentionDims, scores: &mut [T]) {
+    let (hs, c) = (d.head_dim, d.channels());
+    let scale = T::one() / T::from_f64(hs as f64).sqrt();
+    for h in 0..d.heads {
+        let q = &qkv[pos * 3 * c + h * hs..][..hs];
+        let mut max = T::neg_infinity();
+        for (j, s) in scores[..=pos].iter_mut().enumerate() {
+            *s = dot(q, &qkv[j * 3 * c + c + h * hs..][..hs]) * scale;
+            max = max.max(*s);
+        }
+        let mut total = T::zero();
+        for s in scores[..=pos].iter_mut() {
+            *s = (*s - max).exp_v();
+            total = total + *s;
+        }
+        let o = &mut out[h * hs..][..hs];
+        o.fill(T::zero());
+        for (j, &p) in scores[..=pos].iter().enumerate() {
+            axpy(p / total, &qkv[j * 3 * c + 2 * c + h * hs..][..hs], o);
+        }
     }
 }

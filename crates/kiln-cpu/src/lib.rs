@@ -485,6 +485,20 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
+    fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, d: AttentionDims) -> Result<()> {
+        let op = "attention_decode";
+        let c = d.channels();
+        if d.batch != 1 || pos >= d.time {
+            return Err(self.invalid(op, format!("position {pos} of one sequence of {} (batch {})", d.time, d.batch)));
+        }
+        self.check(op, &[(out, c)], &[(qkv, d.time * 3 * c)])?;
+        let mut scores = self.scratch(d.time);
+        // SAFETY: checked above.
+        unsafe { attention::decode(self.write(out), self.read(qkv), pos, d, &mut scores) };
+        self.scratch = scores;
+        Ok(())
+    }
+
     fn classifier(
         &mut self,
         logits: Tensor,

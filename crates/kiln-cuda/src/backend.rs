@@ -615,6 +615,21 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, d: AttentionDims) -> Result<()> {
+        let op = "attention_decode";
+        let x = self.x();
+        if d.batch != 1 || pos >= d.time || d.head_dim > MAX_HEAD_DIM {
+            return Err(self.err(
+                op,
+                format!("position {pos} of one sequence of {} (batch {}, head_dim {})", d.time, d.batch, d.head_dim),
+            ));
+        }
+        self.disjoint(op, &[out], &[qkv])?;
+        let (o, q) = (self.ptr(op, out, x, d.channels())?, self.ptr(op, qkv, x, d.time * 3 * d.channels())?);
+        let (p, nh, hs) = (pos as i32, d.heads as i32, d.head_dim as i32);
+        launch!(self, op, grid(d.heads * 32, 128), o, q, p, nh, hs)
+    }
+
     fn classifier(
         &mut self,
         logits: Tensor,

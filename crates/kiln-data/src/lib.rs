@@ -7,6 +7,7 @@
 //! data it would have seen, and data-parallel ranks can split any global batch by row without coordinating.
 
 mod addition;
+pub mod codec;
 pub mod prepare;
 pub mod shards;
 mod tokenizer;
@@ -43,6 +44,7 @@ enum Source {
         train: Vec<shards::Shard>,
         val: Vec<shards::Shard>,
         vocab: usize,
+        tokenizer: String,
     },
 }
 
@@ -203,6 +205,19 @@ impl Dataset {
         }
     }
 
+    /// How to turn text into this corpus's token ids and back; `None` for random ids, which are no text.
+    pub fn codec(&self) -> Option<codec::Codec> {
+        match &self.source {
+            Source::Text { .. } | Source::Addition(_) => Some(codec::Codec::Char(self.tokenizer.clone())),
+            Source::Shards { tokenizer, .. } => match tokenizer.as_str() {
+                "gpt2" => Some(codec::Codec::Gpt2),
+                "byte" => Some(codec::Codec::Byte),
+                _ => None,
+            },
+            Source::Random { .. } => None,
+        }
+    }
+
     /// The synthetic task, when the corpus is one: it can also be scored by exact match.
     pub fn addition(&self) -> Option<&Addition> {
         match &self.source {
@@ -258,7 +273,11 @@ fn open_shards(dir: &Path, time: usize) -> Result<Dataset> {
         Ok(opened)
     };
     let (train, val) = (open("train")?, open("val")?);
-    Ok(Dataset { tokenizer: CharTokenizer::from_chars(Vec::new()), source: Source::Shards { train, val, vocab } })
+    let tokenizer = meta["tokenizer"].as_str().unwrap_or_default().to_string();
+    Ok(Dataset {
+        tokenizer: CharTokenizer::from_chars(Vec::new()),
+        source: Source::Shards { train, val, vocab, tokenizer },
+    })
 }
 
 /// A random window of `inputs.len() + 1` consecutive tokens from one of `shards`, each window equally likely.

@@ -41,3 +41,95 @@ pub fn greedy<B: Backend + ?Sized>(
     }
     Ok(done)
 }
+
+/// How [`sample`] picks tokens.
+#[derive(Clone, Debug)]
+pub struct SampleOptions {
+    pub max_new_tokens: usize,
+    /// 0 picks the most likely token (greedy); otherwise logits are divided by it before the softmax.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens.
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probabilities add up to `p`.
+    pub top_p: Option<f32>,
+    pub seed: u64,
+    /// Stop after producing this token (end-of-text).
+    pub stop: Option<u32>,
+    /// Decode with the key/value cache (each new token costs one position); off recomputes the whole context
+    /// every token, for comparison.
+    pub kv_cache: bool,
+}
+
+/// Extends `prompt` (one sequence) by up to `max_new_tokens`, handing each new token to `on_token` as soon as
+/// it exists. Stops at `stop` or when the context reaches `block_size`.
+pub fn sample<B: Backend + ?Sized>(
+    model: &Gpt,
+    backend: &mut B,
+    prompt: &[u32],
+    o: &SampleOptions,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    use rand::{RngExt, SeedableRng};
+    let block = model.shape.block_size;
+    if prompt.is_empty() || prompt.len() > block {
+        return Err(Error::Invalid(format!("a prompt of {} tokens: it needs 1 to block_size = {block}", prompt.len())));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
+    let mut logits = vec![0.0f32; model.shape.vocab];
+    let mut seq = prompt.to_vec();
+    model.load_batch(backend, prompt, None)?;
+    model.forward(backend, 1, prompt.len(), Pass::Logits)?;
+    model.logits_row(backend, prompt.len() - 1, &mut logits)?;
+    for _ in 0..o.max_new_tokens {
+        let token = pick(&logits, o, rng.random::<f64>());
+        seq.push(token);
+        on_token(token)?;
+        let pos = seq.len() - 1;
+        if Some(token) == o.stop || pos >= block {
+            break;
+        }
+        if o.kv_cache {
+            model.decode_step(backend, token, pos)?;
+            model.logits_row(backend, 0, &mut logits)?;
+        } else {
+            model.load_batch(backend, &seq, None)?;
+            model.forward(backend, 1, seq.len(), Pass::Logits)?;
+            model.logits_row(backend, seq.len() - 1, &mut logits)?;
+        }
+    }
+    Ok(seq[prompt.len()..].to_vec())
+}
+
+/// One token from `logits`, with `uniform` a draw from [0, 1).
+fn pick(logits: &[f32], o: &SampleOptions, uniform: f64) -> u32 {
+    let argmax = || logits.iter().enumerate().fold(0, |best, (i, &v)| if v > logits[best] { i } else { best }) as u32;
+    if o.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    let keep = o.top_k.unwrap_or(order.len()).clamp(1, order.len());
+    let max = logits[order[0]];
+    let mut probs: Vec<f64> =
+        order[..keep].iter().map(|&i| (((logits[i] - max) / o.temperature) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(top_p) = o.top_p {
+        let mut mass = 0.0;
+        let cut = probs.iter().position(|&p| {
+            mass += p;
+            mass >= top_p as f64
+        });
+        probs.truncate(cut.map_or(probs.len(), |c| c + 1));
+        let kept: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= kept);
+    }
+    let mut target = uniform;
+    for (p, &i) in probs.iter().zip(&order) {
+        if target < *p {
+            return i as u32;
+        }
+        target -= p;
+    }
+    order[probs.len() - 1] as u32
+}

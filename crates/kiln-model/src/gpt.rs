@@ -25,6 +25,15 @@ pub enum Pass {
     Train { dloss: f32 },
 }
 
+/// Which positions a forward pass computes.
+#[derive(Clone, Copy)]
+enum Span {
+    /// Every position of a `batch × time` batch.
+    Full { batch: usize, time: usize },
+    /// One new position of a single sequence, attending to the cached ones before it.
+    Decode { pos: usize },
+}
+
 /// Views of every weight (of the parameters, or of their gradients: the layouts are the same).
 #[derive(Clone, Debug)]
 struct Weights {
@@ -243,13 +252,45 @@ impl Gpt {
     /// Runs the model on the batch last loaded. Losses accumulate into [`Self::losses`] (zero it first).
     pub fn forward<B: Backend + ?Sized>(&self, b: &mut B, batch: usize, time: usize, pass: Pass) -> Result<()> {
         self.check_batch(batch, time)?;
+        self.forward_span(b, Span::Full { batch, time }, pass)
+    }
+
+    /// Runs one new `token` at position `pos` of a single sequence whose earlier positions went through
+    /// [`Gpt::forward`] (batch 1) or earlier calls of this: each block's `qkv` activation is the key/value cache,
+    /// so the step costs one position, not the whole context. Its logits are row 0 of [`Gpt::logits_row`].
+    pub fn decode_step<B: Backend + ?Sized>(&self, b: &mut B, token: u32, pos: usize) -> Result<()> {
+        if pos >= self.shape.block_size {
+            return Err(kiln_core::Error::Invalid(format!(
+                "position {pos} is past block_size {}",
+                self.shape.block_size
+            )));
+        }
+        self.load_batch(b, &[token], None)?;
+        self.forward_span(b, Span::Decode { pos }, Pass::Logits)
+    }
+
+    fn forward_span<B: Backend + ?Sized>(&self, b: &mut B, span: Span, pass: Pass) -> Result<()> {
         let s = &self.shape;
+        let (batch, time) = match span {
+            Span::Full { batch, time } => (batch, time),
+            Span::Decode { .. } => (1, 1),
+        };
         let (c, n) = (s.n_embd, batch * time);
         let rows = |t: Tensor, width: usize| t.slice(0, n * width);
         let att = AttentionDims { batch, time, heads: s.n_head, head_dim: s.head_dim() };
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
+        // A decoded token's position embedding is row `pos`; its queries, keys and values go to row `pos` of the
+        // cache; everything else about it is a one-row batch.
+        let (wpe, qkv_rows) = match span {
+            Span::Full { .. } => (self.p.wpe, n),
+            Span::Decode { pos } => (self.p.wpe.slice(pos * c, c), pos + 1),
+        };
+        let new_qkv = |qkv: Tensor| match span {
+            Span::Full { .. } => rows(qkv, 3 * c),
+            Span::Decode { pos } => qkv.slice(pos * 3 * c, 3 * c),
+        };
 
-        b.encoder_forward(rows(self.encoded, c), rows(self.tokens, 1), self.p.wte, self.p.wpe, batch, time, c)?;
+        b.encoder_forward(rows(self.encoded, c), rows(self.tokens, 1), self.p.wte, wpe, batch, time, c)?;
         let first = &self.blocks[0];
         let pw = &self.p.blocks[0];
         b.layernorm_forward(
@@ -264,8 +305,16 @@ impl Gpt {
         )?;
         for (l, (a, w)) in self.blocks.iter().zip(&self.p.blocks).enumerate() {
             let residual = if l == 0 { self.encoded } else { self.blocks[l - 1].res3 };
-            b.matmul_forward(rows(a.qkv, 3 * c), rows(a.ln1, c), w.qkv_w, Some(w.qkv_b), None, lin(c, 3 * c))?;
-            b.attention_forward(rows(a.atty, c), a.att_lse.slice(0, batch * s.n_head * time), rows(a.qkv, 3 * c), att)?;
+            b.matmul_forward(new_qkv(a.qkv), rows(a.ln1, c), w.qkv_w, Some(w.qkv_b), None, lin(c, 3 * c))?;
+            let cache = a.qkv.slice(0, qkv_rows * 3 * c);
+            match span {
+                Span::Full { .. } => {
+                    b.attention_forward(rows(a.atty, c), a.att_lse.slice(0, batch * s.n_head * time), cache, att)?
+                }
+                Span::Decode { pos } => {
+                    b.attention_decode(rows(a.atty, c), cache, pos, AttentionDims { time: pos + 1, ..att })?
+                }
+            }
             b.matmul_forward(rows(a.attproj, c), rows(a.atty, c), w.proj_w, Some(w.proj_b), None, lin(c, c))?;
             b.residual_layernorm_forward(
                 rows(a.res2, c),

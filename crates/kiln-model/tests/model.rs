@@ -114,3 +114,69 @@ fn batches_that_do_not_fit_are_errors() {
     assert!(model.forward(&mut b, 2, 7, Pass::Logits).is_err());
     let _: Tensor = model.params;
 }
+
+#[test]
+fn decoding_with_the_cache_matches_recomputing_the_context() {
+    // Each cached step must give the logits a full forward pass over the whole sequence gives at its last position.
+    let vocab = 11;
+    let s = GptShape { n_layer: 2, n_head: 2, n_embd: 8, block_size: 12, vocab, padded_vocab: 64 };
+    let mut b = CpuBackend::<f64>::new();
+    let model = Gpt::new(&mut b, s, 1, 5).unwrap();
+    let seq: Vec<u32> = (0..12).map(|i| ((i * 7 + 3) % vocab) as u32).collect();
+    let prompt = 4;
+    let (mut cached, mut full) = (vec![0.0f32; vocab], vec![0.0f32; vocab]);
+    model.load_batch(&mut b, &seq[..prompt], None).unwrap();
+    model.forward(&mut b, 1, prompt, Pass::Logits).unwrap();
+    for pos in prompt..12 {
+        model.decode_step(&mut b, seq[pos], pos).unwrap();
+        model.logits_row(&mut b, 0, &mut cached).unwrap();
+        // Recompute from scratch on a second model with the same weights (the cache of the first stays intact).
+        let fresh = Gpt::new(&mut b, s, 1, 5).unwrap();
+        fresh.load_batch(&mut b, &seq[..=pos], None).unwrap();
+        fresh.forward(&mut b, 1, pos + 1, Pass::Logits).unwrap();
+        fresh.logits_row(&mut b, pos, &mut full).unwrap();
+        for (a, f) in cached.iter().zip(&full) {
+            assert!((a - f).abs() < 1e-6, "position {pos}: cached {a} vs full {f}");
+        }
+    }
+    assert!(model.decode_step(&mut b, 0, 12).is_err(), "past block_size");
+}
+
+#[test]
+fn greedy_sampling_is_the_same_with_and_without_the_cache() {
+    use kiln_model::generate::{SampleOptions, sample};
+    let s = GptShape { n_layer: 2, n_head: 2, n_embd: 16, block_size: 24, vocab: 13, padded_vocab: 64 };
+    let mut b = CpuBackend::<f64>::new();
+    let model = Gpt::new(&mut b, s, 1, 9).unwrap();
+    let mut o = SampleOptions {
+        max_new_tokens: 30,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 1,
+        stop: None,
+        kv_cache: true,
+    };
+    let mut streamed = Vec::new();
+    let with = sample(&model, &mut b, &[1, 2, 3], &o, |t| {
+        streamed.push(t);
+        Ok(())
+    })
+    .unwrap();
+    o.kv_cache = false;
+    let without = sample(&model, &mut b, &[1, 2, 3], &o, |_| Ok(())).unwrap();
+    assert_eq!(with, without);
+    assert_eq!(with, streamed);
+    // The last token is predicted from a full 24-token context and cannot be fed back: 24 − 3 + 1 new tokens.
+    assert_eq!(with.len(), 22, "stops when the context reaches block_size");
+    // Sampling with a temperature is reproducible from the seed and can stop at a chosen token.
+    o.temperature = 1.0;
+    o.top_k = Some(5);
+    o.top_p = Some(0.9);
+    let a = sample(&model, &mut b, &[1], &o, |_| Ok(())).unwrap();
+    assert_eq!(a, sample(&model, &mut b, &[1], &o, |_| Ok(())).unwrap());
+    o.stop = Some(a[2]);
+    let stopped = sample(&model, &mut b, &[1], &o, |_| Ok(())).unwrap();
+    assert_eq!(stopped.last(), Some(&a[2]));
+    assert!(stopped.len() <= 3);
+}

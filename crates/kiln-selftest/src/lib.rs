@@ -302,6 +302,12 @@ fn op_cases() -> Vec<OpCase> {
             }),
         },
         OpCase {
+            name: "attention_decode",
+            reals: vec![(c, Out, Activation), (time * 3 * c, In, Activation)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.attention_decode(r[0], r[1], time - 1, AttentionDims { batch: 1, ..att })),
+        },
+        OpCase {
             name: "classifier",
             reals: vec![(rows * padded, Acc, Activation), (rows, Acc, Stat)],
             indices: vec![targets.clone()],

@@ -153,6 +153,44 @@ impl<B: Backend> Trainer<B> {
         Ok(self.step)
     }
 
+    /// Continues `prompt` with the model, handing the new text to `on_text` as each token completes a piece of it
+    /// (a GPT-2 token can end inside a character). An empty prompt starts from end-of-text where the tokenizer
+    /// has one. Returns the number of tokens produced.
+    pub fn sample(
+        &mut self,
+        prompt: &str,
+        options: &generate::SampleOptions,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<usize> {
+        let codec = self
+            .data
+            .codec()
+            .ok_or_else(|| Error::Usage(format!("{}: random tokens are not text", self.config.data.train)))?;
+        let mut ids = codec.encode(prompt)?;
+        if ids.is_empty() {
+            ids.extend(codec.end_of_text());
+        }
+        if ids.is_empty() {
+            return Err(Error::Usage(
+                "this model's tokenizer has no end-of-text token to start from: give a --prompt".into(),
+            ));
+        }
+        let options = generate::SampleOptions { stop: codec.end_of_text(), ..options.clone() };
+        let (mut produced, mut shown) = (Vec::new(), 0);
+        let new = generate::sample(&self.model, &mut self.backend, &ids, &options, |t| {
+            produced.push(t);
+            let bytes = codec.decode_bytes(&produced)?;
+            let complete = match std::str::from_utf8(&bytes[shown..]) {
+                Ok(s) => s.len(),
+                Err(e) => e.valid_up_to(),
+            };
+            on_text(std::str::from_utf8(&bytes[shown..shown + complete]).expect("checked"));
+            shown += complete;
+            Ok(())
+        })?;
+        Ok(new.len())
+    }
+
     /// Replaces the weights with those of the checkpoint (or Hugging Face model directory) `dir`.
     pub fn load_weights(&mut self, dir: &Path) -> Result<()> {
         checkpoint::load_weights(dir, &self.model, &mut self.backend)
