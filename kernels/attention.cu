@@ -47,17 +47,12 @@ __device__ __forceinline__ bool warp_task(int B, int NH, int T, int* b, int* h, 
     return true;
 }
 
-extern "C" __global__ void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH,
-                                             int HS) {
-    int b, h, t;
-    if (!warp_task(B, NH, T, &b, &h, &t)) return;
-    const int lane = threadIdx.x % 32, C = NH * HS;
-    const float scale = rsqrtf((float)HS);
-    const floatX* base = qkv + (long)b * T * 3 * C + h * HS;
-    Row q = load_row(base + (long)t * 3 * C, HS, lane, scale);
+// Softmax-weighted sum of the values of rows 0..=last for query q (already scaled), by the online softmax;
+// returns the row's output and sets *lse to the log-sum-exp of its scores.
+__device__ __forceinline__ Row attend(const Row& q, const floatX* base, int C, int last, int HS, int lane, float* lse) {
     Row acc = {};
     float m = NEG_INF, l = 0.0f;
-    for (int j = 0; j <= t; j++) {
+    for (int j = 0; j <= last; j++) {
         float s = dot(q, load_row(base + (long)j * 3 * C + C, HS, lane, 1.0f));
         float m_new = fmaxf(m, s);
         float correction = expf(m - m_new), p = expf(s - m_new);
@@ -67,8 +62,21 @@ extern "C" __global__ void attention_forward(floatX* out, float* lse, const floa
         m = m_new;
     }
     for (int k = 0; k < MAX_PER_LANE; k++) acc.v[k] /= l;
-    store_row(out + ((long)b * T + t) * C + h * HS, acc, HS, lane);
-    if (lane == 0) lse[((long)b * NH + h) * T + t] = m + logf(l);
+    *lse = m + logf(l);
+    return acc;
+}
+
+extern "C" __global__ void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH,
+                                             int HS) {
+    int b, h, t;
+    if (!warp_task(B, NH, T, &b, &h, &t)) return;
+    const int lane = threadIdx.x % 32, C = NH * HS;
+    const floatX* base = qkv + (long)b * T * 3 * C + h * HS;
+    Row q = load_row(base + (long)t * 3 * C, HS, lane, rsqrtf((float)HS));
+    float row_lse;
+    Row o = attend(q, base, C, t, HS, lane, &row_lse);
+    store_row(out + ((long)b * T + t) * C + h * HS, o, HS, lane);
+    if (lane == 0) lse[((long)b * NH + h) * T + t] = row_lse;
 }
 
 // dq for each query row (one warp per (b, h, t)).
@@ -128,20 +136,8 @@ extern "C" __global__ void attention_decode(floatX* out, const floatX* qkv, int 
     const int h = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (h >= NH) return;
     const int lane = threadIdx.x % 32, C = NH * HS;
-    const float scale = rsqrtf((float)HS);
     const floatX* base = qkv + h * HS;
-    Row q = load_row(base + (long)pos * 3 * C, HS, lane, scale);
-    Row acc = {};
-    float m = NEG_INF, l = 0.0f;
-    for (int j = 0; j <= pos; j++) {
-        float s = dot(q, load_row(base + (long)j * 3 * C + C, HS, lane, 1.0f));
-        float m_new = fmaxf(m, s);
-        float correction = expf(m - m_new), p = expf(s - m_new);
-        Row v = load_row(base + (long)j * 3 * C + 2 * C, HS, lane, 1.0f);
-        for (int k = 0; k < MAX_PER_LANE; k++) acc.v[k] = acc.v[k] * correction + p * v.v[k];
-        l = l * correction + p;
-        m = m_new;
-    }
-    for (int k = 0; k < MAX_PER_LANE; k++) acc.v[k] /= l;
-    store_row(out + h * HS, acc, HS, lane);
+    Row q = load_row(base + (long)pos * 3 * C, HS, lane, rsqrtf((float)HS));
+    float unused_lse;
+    store_row(out + h * HS, attend(q, base, C, pos, HS, lane, &unused_lse), HS, lane);
 }

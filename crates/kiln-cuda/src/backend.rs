@@ -172,7 +172,16 @@ impl CudaBackend {
     }
 
     fn disjoint(&self, op: &str, outputs: &[Tensor], inputs: &[Tensor]) -> Result<()> {
-        match first_overlap(outputs.iter(), inputs.iter()) {
+        self.report_overlap(op, first_overlap(outputs.iter(), inputs.iter()))
+    }
+
+    /// As [`Self::disjoint`], skipping absent optional operands (without allocating: this is on the hot path).
+    fn disjoint_optional(&self, op: &str, outputs: &[Option<Tensor>], inputs: &[Option<Tensor>]) -> Result<()> {
+        self.report_overlap(op, first_overlap(outputs.iter().flatten(), inputs.iter().flatten()))
+    }
+
+    fn report_overlap(&self, op: &str, overlap: Option<(Tensor, Tensor)>) -> Result<()> {
+        match overlap {
             Some((out, other)) => Err(self.err(op, format!("output {out:?} overlaps operand {other:?}"))),
             None => Ok(()),
         }
@@ -182,9 +191,9 @@ impl CudaBackend {
         self.functions.get(name).ok_or_else(|| self.err(name, "kernel not loaded".into()))
     }
 
-    fn copy_to_device(&self, dst: u64, bytes: &[u8]) -> Result<()> {
-        // SAFETY: `dst` addresses at least `bytes.len()` bytes of one allocation (checked by the caller).
-        unsafe { cudarc::driver::result::memcpy_htod_async(dst, bytes, self.stream.cu_stream()) }
+    fn copy_to_device<T: cudarc::driver::DeviceRepr>(&self, dst: u64, values: &[T]) -> Result<()> {
+        // SAFETY: `dst` addresses at least `size_of_val(values)` bytes of one allocation (checked by the caller).
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, values, self.stream.cu_stream()) }
             .map_err(driver("copy to the GPU"))?;
         self.stream.synchronize().map_err(driver("synchronize"))
     }
@@ -312,9 +321,8 @@ impl Backend for CudaBackend {
         let b = self.buffers.get(dst.buffer.0 as usize).ok_or_else(|| self.err("upload", format!("{dst:?}")))?;
         let dtype = b.dtype;
         let ptr = self.ptr("upload", dst, dtype, src.len())?;
-        let f32_bytes: Vec<u8> = src.iter().flat_map(|x| x.to_le_bytes()).collect();
         match dtype {
-            DType::F32 => self.copy_to_device(ptr, &f32_bytes)?,
+            DType::F32 => self.copy_to_device(ptr, src)?,
             DType::Bf16 => {
                 let bytes: Vec<u8> = src.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
                 self.copy_to_device(ptr, &bytes)?;
@@ -322,7 +330,7 @@ impl Backend for CudaBackend {
             DType::U32 => return Err(self.err("upload", "token tensors take upload_indices".into())),
         }
         if let Some((_, master)) = &self.buffers[dst.buffer.0 as usize].master {
-            self.copy_to_device(master + (dst.offset * 4) as u64, &f32_bytes)?;
+            self.copy_to_device(master + (dst.offset * 4) as u64, src)?;
         }
         Ok(())
     }
@@ -352,8 +360,7 @@ impl Backend for CudaBackend {
 
     fn upload_indices(&mut self, dst: Tensor, src: &[u32]) -> Result<()> {
         let ptr = self.ptr("upload_indices", dst, DType::U32, src.len())?;
-        let bytes: Vec<u8> = src.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.copy_to_device(ptr, &bytes)
+        self.copy_to_device(ptr, src)
     }
 
     fn zero(&mut self, t: Tensor) -> Result<()> {
@@ -514,9 +521,7 @@ impl Backend for CudaBackend {
         let op = "matmul_forward";
         let x = self.x();
         let MatmulDims { rows, c_in, c_out } = d;
-        let outputs: Vec<Tensor> = [Some(out), gelu_pre].into_iter().flatten().collect();
-        let inputs: Vec<Tensor> = [Some(inp), Some(weight), bias].into_iter().flatten().collect();
-        self.disjoint(op, &outputs, &inputs)?;
+        self.disjoint_optional(op, &[Some(out), gelu_pre], &[Some(inp), Some(weight), bias])?;
         let o = self.ptr(op, out, x, rows * c_out)?;
         let (i, w) = (self.ptr(op, inp, x, rows * c_in)?, self.ptr(op, weight, x, c_out * c_in)?);
         let b = bias.map(|b| self.ptr(op, b, x, c_out)).transpose()?.unwrap_or(0);
@@ -546,9 +551,11 @@ impl Backend for CudaBackend {
         let op = "matmul_backward";
         let x = self.x();
         let MatmulDims { rows, c_in, c_out } = d;
-        let outputs: Vec<Tensor> = [Some(dinp), Some(dweight), dbias].into_iter().flatten().collect();
-        let inputs: Vec<Tensor> = [Some(dout), Some(inp), Some(weight), gelu_pre].into_iter().flatten().collect();
-        self.disjoint(op, &outputs, &inputs)?;
+        self.disjoint_optional(
+            op,
+            &[Some(dinp), Some(dweight), dbias],
+            &[Some(dout), Some(inp), Some(weight), gelu_pre],
+        )?;
         let (di, dw) = (self.ptr(op, dinp, x, rows * c_in)?, self.ptr(op, dweight, DType::F32, c_out * c_in)?);
         let (g, i, w) = (
             self.ptr(op, dout, x, rows * c_out)?,
