@@ -42,14 +42,6 @@ impl Tokenization {
         self.vocab_size() as u32 - 1
     }
 
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "gpt2" => Some(Tokenization::Gpt2),
-            "byte" => Some(Tokenization::Byte),
-            _ => None,
-        }
-    }
-
     fn encode(self, text: &str) -> Vec<u32> {
         match self {
             Tokenization::Gpt2 => GPT2.with(|bpe| bpe.encode_ordinary(text)),
