@@ -183,6 +183,8 @@ enum TokenizerChoice {
     Gpt2,
     /// Raw UTF-8 bytes.
     Byte,
+    /// One token per character of the input.
+    Char,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -235,6 +237,7 @@ fn main() -> ExitCode {
             let tokenizer = match tokenizer {
                 TokenizerChoice::Gpt2 => Tokenization::Gpt2,
                 TokenizerChoice::Byte => Tokenization::Byte,
+                TokenizerChoice::Char => Tokenization::Char(None),
             };
             prepare(PrepareOptions { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy }, bar)
         }

@@ -208,10 +208,15 @@ impl Dataset {
     /// How to turn text into this corpus's token ids and back; `None` for random ids, which are no text.
     pub fn codec(&self) -> Option<codec::Codec> {
         match &self.source {
-            Source::Text { .. } | Source::Addition(_) => Some(codec::Codec::Char(self.tokenizer.clone())),
-            Source::Shards { tokenizer, .. } => match tokenizer.as_str() {
+            Source::Text { .. } | Source::Addition(_) => {
+                Some(codec::Codec::Char { chars: self.tokenizer.clone(), end_of_text: None })
+            }
+            Source::Shards { tokenizer, vocab, .. } => match tokenizer.as_str() {
                 "gpt2" => Some(codec::Codec::Gpt2),
                 "byte" => Some(codec::Codec::Byte),
+                "char" => {
+                    Some(codec::Codec::Char { chars: self.tokenizer.clone(), end_of_text: Some(*vocab as u32 - 1) })
+                }
                 _ => None,
             },
             Source::Random { .. } => None,
@@ -274,10 +279,9 @@ fn open_shards(dir: &Path, time: usize) -> Result<Dataset> {
     };
     let (train, val) = (open("train")?, open("val")?);
     let tokenizer = meta["tokenizer"].as_str().unwrap_or_default().to_string();
-    Ok(Dataset {
-        tokenizer: CharTokenizer::from_chars(Vec::new()),
-        source: Source::Shards { train, val, vocab, tokenizer },
-    })
+    // A character vocabulary travels in meta.json; other tokenizers need no table here.
+    let chars = CharTokenizer::from_chars(meta["chars"].as_str().unwrap_or_default().chars().collect());
+    Ok(Dataset { tokenizer: chars, source: Source::Shards { train, val, vocab, tokenizer } })
 }
 
 /// A random window of `inputs.len() + 1` consecutive tokens from one of `shards`, each window equally likely.

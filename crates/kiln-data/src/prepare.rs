@@ -8,44 +8,52 @@
 //! `val_fraction` of the input bytes becomes the validation split. Shards are written as they fill; `meta.json`,
 //! written last, is what makes the directory a dataset, so an interrupted run leaves nothing that looks complete.
 
-use crate::shards;
+use crate::{CharTokenizer, shards};
 use kiln_core::{Error, Result};
 use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 /// The tokenizers `kiln prepare` can use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Tokenization {
     /// GPT-2's byte-level BPE (tiktoken's r50k_base, embedded): 50,257 tokens, end-of-text 50256.
     Gpt2,
     /// Raw UTF-8 bytes: ids 0–255, end-of-text 256.
     Byte,
+    /// One token per character of the input's character set (found by a first pass), end-of-text after them.
+    Char(Option<CharTokenizer>),
 }
 
 impl Tokenization {
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Tokenization::Gpt2 => "gpt2",
             Tokenization::Byte => "byte",
+            Tokenization::Char(_) => "char",
         }
     }
 
-    pub fn vocab_size(self) -> usize {
+    pub fn vocab_size(&self) -> usize {
         match self {
             Tokenization::Gpt2 => 50257,
             Tokenization::Byte => 257,
+            Tokenization::Char(chars) => chars.as_ref().map_or(0, CharTokenizer::vocab_size) + 1,
         }
     }
 
-    pub fn end_of_text(self) -> u32 {
+    pub fn end_of_text(&self) -> u32 {
         self.vocab_size() as u32 - 1
     }
 
-    fn encode(self, text: &str) -> Vec<u32> {
+    fn encode(&self, text: &str) -> Vec<u32> {
         match self {
             Tokenization::Gpt2 => GPT2.with(|bpe| bpe.encode_ordinary(text)),
             Tokenization::Byte => text.bytes().map(u32::from).collect(),
+            Tokenization::Char(chars) => {
+                let chars = chars.as_ref().expect("the character set is found before encoding");
+                text.chars().map(|c| chars.id(c).expect("every character was collected")).collect()
+            }
         }
     }
 }
@@ -219,7 +227,19 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let meta_path = out.join("meta.json");
     let _ = std::fs::remove_file(&meta_path);
-    let tok = options.tokenizer;
+    // A character vocabulary is the input's character set: one pass to find it before the pass that encodes.
+    let tok = match &options.tokenizer {
+        Tokenization::Char(_) => {
+            let mut set = std::collections::BTreeSet::new();
+            read_chunks(&files, &sizes, options, val_cut, &mut 0, &mut |chunk, _| {
+                set.extend(chunk.text.chars());
+                Ok(())
+            })?;
+            Tokenization::Char(Some(CharTokenizer::from_chars(set.into_iter().collect())))
+        }
+        other => other.clone(),
+    };
+    let tok = &tok;
     let writer = |split| ShardWriter {
         split,
         dir: out.clone(),
@@ -233,7 +253,8 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
     let mut summary = PrepareSummary { bytes: total, ..Default::default() };
     let mut batch: Vec<Chunk> = Vec::new();
 
-    let mut run_batch = |batch: &mut Vec<Chunk>, summary: &mut PrepareSummary, done_bytes: u64| -> Result<()> {
+    let (mut train_total, mut val_total) = (0u64, 0u64);
+    let mut run_batch = |batch: &mut Vec<Chunk>, done_bytes: u64| -> Result<()> {
         let encoded: Vec<(Vec<u32>, bool)> = batch
             .par_iter()
             .map(|c| {
@@ -253,14 +274,67 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
             };
         }
         batch.clear();
-        summary.train_tokens = train.total;
-        summary.val_tokens = val.total;
+        (train_total, val_total) = (train.total, val.total);
         progress(done_bytes, train.total + val.total);
         Ok(())
     };
+    let mut batch_bytes = 0usize;
 
+    read_chunks(&files, &sizes, options, val_cut, &mut summary.replaced, &mut |chunk, done| {
+        batch_bytes += chunk.text.len();
+        batch.push(chunk);
+        if batch_bytes >= BATCH * BLOCK || batch.len() >= 1024 {
+            run_batch(&mut batch, done)?;
+            batch_bytes = 0;
+        }
+        Ok(())
+    })?;
+    run_batch(&mut batch, total)?;
+    (summary.train_tokens, summary.val_tokens) = (train_total, val_total);
+    train.flush()?;
+    val.flush()?;
+    if train.written.is_empty() {
+        return Err(Error::data(
+            &options.inputs[0],
+            "no training tokens: the input is too small for the validation fraction",
+        ));
+    }
+    let names = |w: &ShardWriter| {
+        w.written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>()
+    };
+    let mut meta = serde_json::json!({
+        "format": "llm.c shards",
+        "tokenizer": tok.name(),
+        "vocab_size": tok.vocab_size(),
+        "end_of_text": tok.end_of_text(),
+        "train": names(&train),
+        "val": names(&val),
+        "train_tokens": train.total,
+        "val_tokens": val.total,
+    });
+    if let Tokenization::Char(Some(chars)) = tok {
+        meta["chars"] = serde_json::Value::String(chars.decode(&(0..chars.vocab_size() as u32).collect::<Vec<_>>()));
+    }
+    let tmp = meta_path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&meta).expect("plain JSON")).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &meta_path).map_err(|e| Error::io(&meta_path, e))?;
+    summary.shards = train.written.iter().chain(&val.written).cloned().collect();
+    Ok(summary)
+}
+
+/// Reads every input file as chunks of text, in order, handing each to `emit` with the input bytes read so far:
+/// a JSON Lines file gives one chunk per object, a text file one per block (cut at a safe point, and exactly at
+/// `val_cut`).
+fn read_chunks(
+    files: &[PathBuf],
+    sizes: &[u64],
+    options: &PrepareOptions,
+    val_cut: u64,
+    replaced: &mut u64,
+    emit: &mut dyn FnMut(Chunk, u64) -> Result<()>,
+) -> Result<()> {
     let mut offset = 0u64;
-    for (file, size) in files.iter().zip(&sizes) {
+    for (file, size) in files.iter().zip(sizes) {
         let handle = std::fs::File::open(file).map_err(|e| Error::data(file, format!("cannot read: {e}")))?;
         if is_json_lines(file) {
             for (n, line) in BufReader::new(handle).split(b'\n').enumerate() {
@@ -270,7 +344,7 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let (text, _) = decode(&line, file, line_offset, options.lossy, &mut summary.replaced, true)?;
+                let (text, _) = decode(&line, file, line_offset, options.lossy, replaced, true)?;
                 let value: serde_json::Value = serde_json::from_str(&text)
                     .map_err(|e| Error::data(file, format!("line {}: not a JSON object: {e}", n + 1)))?;
                 let text = value.get(&options.text_field).and_then(|v| v.as_str()).ok_or_else(|| {
@@ -283,17 +357,14 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
                         ),
                     )
                 })?;
-                batch.push(Chunk { text: text.to_string(), starts_document: true, offset: line_offset });
-                if batch.len() >= BATCH * 64 {
-                    run_batch(&mut batch, &mut summary, offset)?;
-                }
+                emit(Chunk { text: text.to_string(), starts_document: true, offset: line_offset }, offset)?;
             }
         } else {
             let mut reader = BufReader::with_capacity(BLOCK, handle);
             let mut pending: Vec<u8> = Vec::new();
             let mut carried = String::new();
             let mut file_offset = 0u64;
-            // Bytes of this file already handed out in chunks.
+            // Input bytes of this file already handed out in chunks.
             let mut chunked = 0u64;
             let mut first = true;
             let mut block = vec![0u8; BLOCK];
@@ -307,7 +378,7 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
                 let last = n == 0;
                 let at_cut = to_cut > 0 && offset + read == val_cut;
                 pending.extend_from_slice(&block[..n]);
-                let (text, used) = decode(&pending, file, file_offset, options.lossy, &mut summary.replaced, last)?;
+                let (text, used) = decode(&pending, file, file_offset, options.lossy, replaced, last)?;
                 pending.drain(..used);
                 file_offset += used as u64;
                 carried.push_str(&text);
@@ -316,12 +387,12 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
                     let rest = carried.split_off(cut);
                     let text = std::mem::replace(&mut carried, rest);
                     let len = text.len() as u64;
-                    batch.push(Chunk { text, starts_document: first, offset: offset + chunked });
-                    chunked += len;
+                    emit(Chunk { text, starts_document: first, offset: offset + chunked }, offset + file_offset)?;
+                    // Chunk offsets count input bytes: never past what was read (replacement characters are longer
+                    // than the bytes they replace), and the chunk after the cut starts at it even when a character
+                    // straddling the cut was left pending for the next block.
+                    chunked = if at_cut { read } else { (chunked + len).min(read) };
                     first = false;
-                    if batch.len() >= BATCH {
-                        run_batch(&mut batch, &mut summary, offset + file_offset)?;
-                    }
                 }
                 if last {
                     break;
@@ -329,36 +400,10 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
             }
             if first {
                 // An empty file is a document with no text.
-                batch.push(Chunk { text: String::new(), starts_document: true, offset });
+                emit(Chunk { text: String::new(), starts_document: true, offset }, offset)?;
             }
             offset += size;
         }
     }
-    run_batch(&mut batch, &mut summary, total)?;
-    train.flush()?;
-    val.flush()?;
-    if train.written.is_empty() {
-        return Err(Error::data(
-            &options.inputs[0],
-            "no training tokens: the input is too small for the validation fraction",
-        ));
-    }
-    let names = |w: &ShardWriter| {
-        w.written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>()
-    };
-    let meta = serde_json::json!({
-        "format": "llm.c shards",
-        "tokenizer": tok.name(),
-        "vocab_size": tok.vocab_size(),
-        "end_of_text": tok.end_of_text(),
-        "train": names(&train),
-        "val": names(&val),
-        "train_tokens": train.total,
-        "val_tokens": val.total,
-    });
-    let tmp = meta_path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&meta).expect("plain JSON")).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &meta_path).map_err(|e| Error::io(&meta_path, e))?;
-    summary.shards = train.written.iter().chain(&val.written).cloned().collect();
-    Ok(summary)
+    Ok(())
 }

@@ -206,3 +206,32 @@ fn bad_shards_and_bad_input_are_named() {
     let msg = data_error(Dataset::open(&cfg, 4));
     assert!(msg.contains("val_000000.bin") && msg.contains("token id 300"), "{msg}");
 }
+
+#[test]
+fn char_shards_use_the_input_character_set_and_decode_back() {
+    let d = dir("char");
+    let text = prose(500, 5);
+    std::fs::write(d.join("t.txt"), &text).unwrap();
+    let out = d.join("out");
+    run(&options(vec![d.join("t.txt")], &out, Tokenization::Char(None), 0.1, 1 << 30)).unwrap();
+    let mut chars: Vec<char> = text.chars().collect();
+    chars.sort_unstable();
+    chars.dedup();
+    let cfg = DataConfig { train: out.to_string_lossy().into(), val: None, tokenizer: Tokenizer::Char };
+    let data = Dataset::open(&cfg, 16).unwrap();
+    assert_eq!(data.vocab_size(), chars.len() + 1, "the characters and an end-of-text token");
+    let codec = data.codec().unwrap();
+    assert_eq!(codec.end_of_text(), Some(chars.len() as u32));
+    let (train, val) = (read_split(&out, "train"), read_split(&out, "val"));
+    assert_eq!(train[0], chars.len() as u32, "the document opens with end-of-text");
+    // The cut falls where it should even though this text's multi-byte characters can straddle it.
+    let share = val.len() as f64 / (train.len() + val.len()) as f64;
+    assert!((share - 0.1).abs() < 0.01, "validation share {share}");
+    let all: Vec<u32> = train.iter().chain(&val).copied().collect();
+    assert_eq!(String::from_utf8(codec.decode_bytes(&all).unwrap()).unwrap(), text);
+    assert_eq!(codec.encode("the fox").unwrap(), train_ids(&chars, "the fox"));
+}
+
+fn train_ids(chars: &[char], text: &str) -> Vec<u32> {
+    text.chars().map(|c| chars.iter().position(|&x| x == c).unwrap() as u32).collect()
+}
