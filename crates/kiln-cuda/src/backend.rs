@@ -342,6 +342,16 @@ impl Backend for CudaBackend {
             .map(|b| b.dtype)
             .ok_or_else(|| self.err("download", format!("{src:?}")))?;
         let ptr = self.ptr("download", src, dtype, dst.len())?;
+        // Parameters with a master copy are read from it: a checkpoint must hold the fp32 weights, not their bf16
+        // rounding, for a resumed run to continue exactly.
+        if let Some((_, master)) = &self.buffers[src.buffer.0 as usize].master {
+            let mut bytes = vec![0u8; dst.len() * 4];
+            self.copy_to_host(master + (src.offset * 4) as u64, &mut bytes)?;
+            dst.iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(d, b)| *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            return Ok(());
+        }
         let mut bytes = vec![0u8; dst.len() * dtype.size()];
         self.copy_to_host(ptr, &mut bytes)?;
         match dtype {

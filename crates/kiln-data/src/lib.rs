@@ -19,7 +19,7 @@ use kiln_core::config::{DataConfig, Tokenizer};
 use kiln_core::{Error, Result};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The name of the built-in corpus in `data.train = "synthetic:addition"`.
 pub const SYNTHETIC_PREFIX: &str = "synthetic:";
@@ -105,6 +105,9 @@ impl Dataset {
         }
         if Path::new(&data.train).is_dir() {
             return open_shards(Path::new(&data.train), time);
+        }
+        if data.train.ends_with(".bin") {
+            return open_llmc_shards(&data.train, data.val.as_deref(), time);
         }
         let train_text = read_text(Path::new(&data.train))?;
         let (train_text, val_text) = match &data.val {
@@ -252,36 +255,84 @@ fn open_shards(dir: &Path, time: usize) -> Result<Dataset> {
     let meta: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::data(&meta_path, format!("not valid JSON: {e}")))?;
     let vocab = meta["vocab_size"].as_u64().ok_or_else(|| Error::data(&meta_path, "no vocab_size"))? as usize;
-    let open = |split: &str| -> Result<Vec<shards::Shard>> {
+    let paths = |split: &str| -> Result<Vec<PathBuf>> {
         let names =
             meta[split].as_array().ok_or_else(|| Error::data(&meta_path, format!("no \"{split}\" shard list")))?;
-        let mut opened = Vec::new();
-        for name in names {
-            let path = dir.join(
-                name.as_str()
-                    .ok_or_else(|| Error::data(&meta_path, format!("a {split} shard name is not a string")))?,
-            );
-            let shard = shards::Shard::open(&path)?;
-            if let Some((at, id)) = shard.first_outside(vocab) {
-                return Err(Error::data(
-                    &path,
-                    format!("token id {id} at position {at} is outside the vocabulary of {vocab}"),
-                ));
-            }
-            if shard.len() > time {
-                opened.push(shard);
-            }
-        }
-        if opened.is_empty() {
-            return Err(Error::data(dir, format!("no {split} shard holds more than block_size = {time} tokens")));
-        }
-        Ok(opened)
+        names
+            .iter()
+            .map(|n| {
+                n.as_str()
+                    .map(|n| dir.join(n))
+                    .ok_or_else(|| Error::data(&meta_path, format!("a {split} shard name is not a string")))
+            })
+            .collect()
     };
-    let (train, val) = (open("train")?, open("val")?);
+    let (train, val) = (open_split(&paths("train")?, vocab, time, dir)?, open_split(&paths("val")?, vocab, time, dir)?);
     let tokenizer = meta["tokenizer"].as_str().unwrap_or_default().to_string();
     // A character vocabulary travels in meta.json; other tokenizers need no table here.
     let chars = CharTokenizer::from_chars(meta["chars"].as_str().unwrap_or_default().chars().collect());
     Ok(Dataset { tokenizer: chars, source: Source::Shards { train, val, vocab, tokenizer } })
+}
+
+/// Shards named directly, as llm.c's scripts write them (`tiny_shakespeare_train.bin`, or a pattern with one
+/// `*` such as `fineweb_train_*.bin`): GPT-2 tokens, validation from `data.val`.
+fn open_llmc_shards(train: &str, val: Option<&str>, time: usize) -> Result<Dataset> {
+    let val = val.ok_or_else(|| {
+        Error::Usage(format!("data.train = \"{train}\" names llm.c shards: name the validation shards in data.val"))
+    })?;
+    let vocab = prepare::Tokenization::Gpt2.vocab_size();
+    let (train_paths, val_paths) = (expand_pattern(train)?, expand_pattern(val)?);
+    let (train, val) = (
+        open_split(&train_paths, vocab, time, Path::new(train))?,
+        open_split(&val_paths, vocab, time, Path::new(val))?,
+    );
+    Ok(Dataset {
+        tokenizer: CharTokenizer::from_chars(Vec::new()),
+        source: Source::Shards { train, val, vocab, tokenizer: "gpt2".into() },
+    })
+}
+
+/// The files a path names: itself, or with one `*` in its file name, every match in its directory, sorted.
+fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
+    let path = Path::new(pattern);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let Some((prefix, suffix)) = name.split_once('*') else { return Ok(vec![path.to_path_buf()]) };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::data(dir, format!("cannot list: {e}")))?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.len() >= prefix.len() + suffix.len() && n.starts_with(prefix) && n.ends_with(suffix)
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        return Err(Error::data(path, "no file matches"));
+    }
+    Ok(found)
+}
+
+/// Opens and checks the shards of one split; those too short for one sequence are left out.
+fn open_split(paths: &[PathBuf], vocab: usize, time: usize, what: &Path) -> Result<Vec<shards::Shard>> {
+    let mut opened = Vec::new();
+    for path in paths {
+        let shard = shards::Shard::open(path)?;
+        if let Some((at, id)) = shard.first_outside(vocab) {
+            return Err(Error::data(
+                path,
+                format!("token id {id} at position {at} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        if shard.len() > time {
+            opened.push(shard);
+        }
+    }
+    if opened.is_empty() {
+        return Err(Error::data(what, format!("no shard holds more than block_size = {time} tokens")));
+    }
+    Ok(opened)
 }
 
 /// A random window of `inputs.len() + 1` consecutive tokens from one of `shards`, each window equally likely.

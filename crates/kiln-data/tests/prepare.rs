@@ -235,3 +235,40 @@ fn char_shards_use_the_input_character_set_and_decode_back() {
 fn train_ids(chars: &[char], text: &str) -> Vec<u32> {
     text.chars().map(|c| chars.iter().position(|&x| x == c).unwrap() as u32).collect()
 }
+
+/// A shard as llm.c's `write_datafile` writes it: 256 int32 (magic 20240520, version 1, count), then uint16 ids.
+fn llmc_shard(path: &Path, tokens: &[u16]) {
+    let mut header = [0i32; 256];
+    header[..3].copy_from_slice(&[20240520, 1, tokens.len() as i32]);
+    let bytes: Vec<u8> =
+        header.iter().flat_map(|h| h.to_le_bytes()).chain(tokens.iter().flat_map(|t| t.to_le_bytes())).collect();
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn shards_written_by_llmc_load_by_name_or_pattern() {
+    let d = dir("llmc");
+    let ids = |n: usize, salt: usize| -> Vec<u16> { (0..n).map(|i| ((i * 7919 + salt) % 50257) as u16).collect() };
+    llmc_shard(&d.join("fineweb_train_000001.bin"), &ids(300, 1));
+    llmc_shard(&d.join("fineweb_train_000002.bin"), &ids(200, 2));
+    llmc_shard(&d.join("fineweb_val_000000.bin"), &ids(100, 3));
+    let name = |n: &str| d.join(n).to_string_lossy().into_owned();
+    let cfg = DataConfig {
+        train: name("fineweb_train_*.bin"),
+        val: Some(name("fineweb_val_000000.bin")),
+        tokenizer: Tokenizer::Char,
+    };
+    let data = Dataset::open(&cfg, 16).unwrap();
+    assert_eq!(data.vocab_size(), 50257);
+    assert!(matches!(data.codec(), Some(kiln_data::codec::Codec::Gpt2)));
+    let (mut x, mut y) = (vec![0; 16], vec![0; 16]);
+    let all: Vec<u32> = ids(300, 1).into_iter().chain(ids(200, 2)).map(u32::from).collect();
+    for row in 0..10 {
+        data.train_sequence(5, 1, row, &mut x, &mut y);
+        assert!(all.windows(16).any(|w| w == x.as_slice()));
+    }
+    let no_val = DataConfig { val: None, ..cfg.clone() };
+    assert!(Dataset::open(&no_val, 16).err().unwrap().to_string().contains("data.val"));
+    let none = DataConfig { train: name("nothing_*.bin"), ..cfg };
+    assert!(data_error(Dataset::open(&none, 16)).contains("no file matches"));
+}
