@@ -2,8 +2,9 @@
 //
 // Forward: out[b,t,:] = wte[tok[b,t],:] + wpe[t,:].
 // Backward: dwte[tok[b,t],:] += dout[b,t,:] and dwpe[t,:] += dout[b,t,:], summed over (b, t). The weight
-// gradients are fp32; dwpe is summed over the batch by one thread per (t, c), in order, and dwte with atomics
-// (a token can appear anywhere in the batch).
+// gradients are fp32, and both sums run in a fixed order, without atomics, so they are deterministic: dwpe by one
+// thread per (t, c) over the batch, dwte by one thread per channel over every position (a token can appear
+// anywhere in the batch).
 
 // One thread per output element.
 extern "C" __global__ void encoder_forward(floatX* out, const unsigned* tokens, const floatX* wte, const floatX* wpe,
@@ -25,11 +26,10 @@ extern "C" __global__ void encoder_backward_wpe(float* dwpe, const floatX* dout,
     dwpe[i] += acc;
 }
 
-// One thread per element of dout.
+// One thread per channel, over every position in order: neighbouring threads update neighbouring addresses.
 extern "C" __global__ void encoder_backward_wte(float* dwte, const floatX* dout, const unsigned* tokens, int B, int T,
                                                int C) {
-    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)B * T * C) return;
-    long row = i / C;
-    atomicAdd(&dwte[(long)tokens[row] * C + i % C], to_f32(dout[i]));
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (long row = 0; row < (long)B * T; row++) dwte[(long)tokens[row] * C + c] += to_f32(dout[row * C + c]);
 }

@@ -3,8 +3,9 @@
 // Forward: μ = mean(x), σ⁻¹ = 1/√(mean((x−μ)²) + 1e-5), n = (x−μ)·σ⁻¹, y = n·w + b; μ and σ⁻¹ saved (fp32).
 // Backward, with g = dy·w: dx += σ⁻¹·(g − mean(g) − n·mean(g·n)), dw += Σ_rows dy·n, db += Σ_rows dy.
 //
-// One warp per row. The backward pass gives each block ROWS_PER_BLOCK rows, accumulates its share of dw and db
-// in shared memory, then adds it to the fp32 gradients with one atomic per channel.
+// One warp per row. The backward pass gives each block rows_per_block rows; each warp sums its rows' share of
+// dw and db in shared memory, the block adds its warps' sums in order into partials[block], and a second kernel
+// adds the blocks' partials in order: no atomics, so the result is deterministic.
 
 #define LN_EPS 1e-5f
 
@@ -48,16 +49,15 @@ extern "C" __global__ void residual_layernorm_forward(floatX* residual, floatX* 
     normalize_row(out + o, mean + row, rstd + row, residual + o, weight, bias, C, lane);
 }
 
-// Dynamic shared memory: 2·C floats.
-extern "C" __global__ void layernorm_backward(floatX* dinp, float* dweight, float* dbias, const floatX* dout,
-                                              const floatX* inp, const floatX* weight, const float* mean,
-                                              const float* rstd, int N, int C, int rows_per_block) {
+// Dynamic shared memory: 2·C floats per warp. partials holds 2·C floats per block (dw, then db).
+extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, const floatX* dout, const floatX* inp,
+                                              const floatX* weight, const float* mean, const float* rstd, int N, int C,
+                                              int rows_per_block) {
     extern __shared__ float shared[];
-    float* sdw = shared;
-    float* sdb = shared + C;
-    for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) shared[c] = 0.0f;
-    __syncthreads();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    float* sdw = shared + warp * 2 * C;
+    float* sdb = sdw + C;
+    for (int c = lane; c < C; c += 32) sdw[c] = sdb[c] = 0.0f;
     const int first = blockIdx.x * rows_per_block;
     for (int row = first + warp; row < min(first + rows_per_block, N); row += warps) {
         long o = (long)row * C;
@@ -74,13 +74,25 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* dweight, floa
             float n = (to_f32(inp[o + c]) - mu) * rs;
             float g = dy * to_f32(weight[c]);
             dinp[o + c] = to_x(to_f32(dinp[o + c]) + rs * (g - g_mean - n * gn_mean));
-            atomicAdd(&sdw[c], dy * n);
-            atomicAdd(&sdb[c], dy);
+            sdw[c] += dy * n;  // each lane owns its channels: no other thread touches them
+            sdb[c] += dy;
         }
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        atomicAdd(&dweight[c], sdw[c]);
-        atomicAdd(&dbias[c], sdb[c]);
+    float* out = partials + (long)blockIdx.x * 2 * C;
+    for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) {
+        float s = 0.0f;
+        for (int w = 0; w < warps; w++) s += shared[w * 2 * C + c];
+        out[c] = s;
     }
+}
+
+// dweight[c] += Σ_blocks partials[block][c], and the same for dbias, blocks in order: one thread per channel.
+extern "C" __global__ void layernorm_backward_sum(float* dweight, float* dbias, const float* partials, int blocks,
+                                                  int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= 2 * C) return;
+    float s = 0.0f;
+    for (int b = 0; b < blocks; b++) s += partials[(long)b * 2 * C + c];
+    if (c < C) dweight[c] += s; else dbias[c - C] += s;
 }

@@ -28,6 +28,24 @@ step info 60 "$kiln" info
 step kernels 300 "$kiln" kernels build
 step selftest 300 "$kiln" selftest --backend cuda
 step quickstart-bf16 300 "$kiln" train --backend cuda --set "train.out_dir=$out/quickstart"
+# Exact resume on the GPU: six steps straight, against three steps then a resume from the step-3 checkpoint.
+resume_check() {
+  local run=(--backend cuda --set train.max_steps=6 --set train.checkpoint_every=3 --set train.eval_steps=1 --set train.log_every=1)
+  rm -rf /tmp/kiln-resume && "$kiln" train "${run[@]}" --set train.out_dir=/tmp/kiln-resume/a &&
+    "$kiln" train "${run[@]}" --set train.out_dir=/tmp/kiln-resume/b --resume /tmp/kiln-resume/a/checkpoints/step_00000003 &&
+    python3 - <<'PY'
+import json
+loss = lambda d: {j["step"]: j["loss"] for j in map(json.loads, open(f"/tmp/kiln-resume/{d}/metrics.jsonl"))}
+a, b = loss("a"), loss("b")
+same = all(a[s] == b[s] for s in (4, 5, 6))
+print("straight:", [a[s] for s in (4, 5, 6)], "resumed:", [b[s] for s in (4, 5, 6)], "bit-identical" if same else "DIFFERENT")
+raise SystemExit(0 if same else 1)
+PY
+}
+# `timeout` runs commands, not shell functions: hand it a bash that has the function.
+export kiln
+export -f resume_check
+step resume-exact 300 bash -c resume_check
 step bench-kiln 300 "$kiln" bench train --backend cuda --steps 10 --warmup 2
 step bench-pytorch 400 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
 

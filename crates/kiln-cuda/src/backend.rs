@@ -62,6 +62,8 @@ pub struct CudaBackend {
     buffers: Vec<Buffer>,
     /// `REDUCE_BLOCKS` partial sums, then the total.
     reduce: Tensor,
+    /// See [`CudaBackend::scratch`].
+    scratch: Tensor,
     bytes: usize,
 }
 
@@ -131,6 +133,7 @@ impl CudaBackend {
             _modules: modules,
             buffers: Vec::new(),
             reduce: Tensor { buffer: BufferId(0), offset: 0, len: 0 },
+            scratch: Tensor { buffer: BufferId(0), offset: 0, len: 0 },
             bytes: 0,
         };
         backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
@@ -267,6 +270,15 @@ impl CudaBackend {
         let mut bytes = [0u8; 4];
         self.copy_to_host(total, &mut bytes)?;
         Ok(f32::from_le_bytes(bytes))
+    }
+
+    /// fp32 working memory of at least `len` elements, grown when a call needs more (so only the first step of a
+    /// run allocates).
+    fn scratch(&mut self, op: &str, len: usize) -> Result<u64> {
+        if self.scratch.len < len {
+            self.scratch = self.alloc(len, Role::Stat)?;
+        }
+        self.ptr(op, self.scratch.slice(0, len), DType::F32, len)
     }
 
     /// Token ids; the model checks them against the vocabulary on the host before they are uploaded.
@@ -437,7 +449,7 @@ impl Backend for CudaBackend {
         let tok = self.ids(op, tokens, batch * time)?;
         let (bi, ti, ci) = (batch as i32, time as i32, c as i32);
         launch!(self, "encoder_backward_wpe", grid(time * c, 256), dp, d, bi, ti, ci)?;
-        launch!(self, "encoder_backward_wte", grid(batch * time * c, 256), dw, d, tok, bi, ti, ci)
+        launch!(self, "encoder_backward_wte", grid(c, 128), dw, d, tok, bi, ti, ci)
     }
 
     fn layernorm_forward(
@@ -513,10 +525,15 @@ impl Backend for CudaBackend {
             (self.ptr(op, dout, x, rows * c)?, self.ptr(op, inp, x, rows * c)?, self.ptr(op, weight, x, c)?);
         let (m, r) = (self.ptr(op, mean, DType::F32, rows)?, self.ptr(op, rstd, DType::F32, rows)?);
         const ROWS_PER_BLOCK: usize = 32;
-        let (n, ci, rpb) = (rows as i32, c as i32, ROWS_PER_BLOCK as i32);
-        let mut cfg = grid(rows.div_ceil(ROWS_PER_BLOCK) * 256, 256);
-        cfg.shared_mem_bytes = (2 * c * 4) as u32;
-        launch!(self, op, cfg, di, dw, db, d, i, w, m, r, n, ci, rpb)
+        // Each warp keeps 2·C floats of shared memory: as many warps (up to 4) as fit the default 48 KiB.
+        let warps = (48 * 1024 / (8 * c.max(1))).clamp(1, 4);
+        let blocks = rows.div_ceil(ROWS_PER_BLOCK);
+        let partials = self.scratch(op, blocks * 2 * c)?;
+        let (n, ci, rpb, nb) = (rows as i32, c as i32, ROWS_PER_BLOCK as i32, blocks as i32);
+        let mut cfg = grid(blocks * warps * 32, (warps * 32) as u32);
+        cfg.shared_mem_bytes = (warps * 2 * c * 4) as u32;
+        launch!(self, op, cfg, di, partials, d, i, w, m, r, n, ci, rpb)?;
+        launch!(self, "layernorm_backward_sum", grid(2 * c, 128), dw, db, partials, nb, ci)
     }
 
     fn matmul_forward(
