@@ -5,7 +5,8 @@
 //! scheduled learning rate, decaying only the weight matrices and embeddings. Every `eval_every` steps the
 //! validation loss is measured on the same held-out sequences each time. The caller sees progress through
 //! [`Hooks`] and the results through [`Summary`]; the trainer logs with `tracing` and appends one JSON object per
-//! step to `out_dir/metrics.jsonl`.
+//! step to `out_dir/metrics.jsonl`. Around the loop: [`checkpoint`]s for exact resume (and Hugging Face
+//! interchange), weights from llm.c's files ([`llmc`]), scoring a whole validation split, and sampling.
 
 pub mod checkpoint;
 pub mod llmc;
