@@ -250,12 +250,14 @@ impl<B: Backend> Trainer<B> {
             shape.num_counted_params() as f64 / 1e6
         );
         tracing::info!(
-            "batch: {} tokens per step = {} sequences × {} tokens × {} accumulation steps; backend {}",
+            "batch: {} tokens per step = {} sequences × {} tokens × {} accumulation steps; backend {}, {:.2} GiB \
+             allocated (all of it, before the first step)",
             cfg.total_batch_tokens(),
             train.micro_batch,
             cfg.model.block_size,
             self.accumulation,
-            self.backend.name()
+            self.backend.name(),
+            self.backend.allocated_bytes() as f64 / (1u64 << 30) as f64
         );
         let mut summary = Summary::default();
         let mut step_times = Vec::new();
