@@ -194,11 +194,13 @@ impl CudaBackend {
         self.functions.get(name).ok_or_else(|| self.err(name, "kernel not loaded".into()))
     }
 
+    /// Queues a copy to the device without waiting for it: `values` is ordinary (pageable) host memory, which the
+    /// driver stages before the call returns, so the caller may reuse or drop it at once. The token uploads of
+    /// every micro-batch go through here, and a wait per upload would stall the step for nothing.
     fn copy_to_device<T: cudarc::driver::DeviceRepr>(&self, dst: u64, values: &[T]) -> Result<()> {
         // SAFETY: `dst` addresses at least `size_of_val(values)` bytes of one allocation (checked by the caller).
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, values, self.stream.cu_stream()) }
-            .map_err(driver("copy to the GPU"))?;
-        self.stream.synchronize().map_err(driver("synchronize"))
+            .map_err(driver("copy to the GPU"))
     }
 
     fn copy_to_host(&self, src: u64, bytes: &mut [u8]) -> Result<()> {

@@ -1,4 +1,5 @@
-//! Greedy completion of prompts, batched.
+//! Generating tokens: greedy completion of many equal-length prompts at once ([`greedy`], for scoring), and
+//! sampling one sequence with a key/value cache ([`sample`]).
 
 use crate::{Gpt, Pass};
 use kiln_core::{Backend, Error, Result};
@@ -33,8 +34,7 @@ pub fn greedy<B: Backend + ?Sized>(
             model.forward(backend, seqs.len(), t, Pass::Logits)?;
             for (i, seq) in seqs.iter_mut().enumerate() {
                 model.logits_row(backend, i * t + t - 1, &mut logits)?;
-                let best = logits.iter().enumerate().fold(0, |best, (j, &v)| if v > logits[best] { j } else { best });
-                seq.push(best as u32);
+                seq.push(argmax(&logits));
             }
         }
         done.extend(seqs);
@@ -100,11 +100,15 @@ pub fn sample<B: Backend + ?Sized>(
     Ok(seq[prompt.len()..].to_vec())
 }
 
+/// The most likely token (the first of equals).
+fn argmax(logits: &[f32]) -> u32 {
+    logits.iter().enumerate().fold(0, |best, (i, &v)| if v > logits[best] { i } else { best }) as u32
+}
+
 /// One token from `logits`, with `uniform` a draw from [0, 1).
 fn pick(logits: &[f32], o: &SampleOptions, uniform: f64) -> u32 {
-    let argmax = || logits.iter().enumerate().fold(0, |best, (i, &v)| if v > logits[best] { i } else { best }) as u32;
     if o.temperature <= 0.0 {
-        return argmax();
+        return argmax(logits);
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));

@@ -325,9 +325,8 @@ impl<B: Backend> Trainer<B> {
         let started = Instant::now();
         let cfg = &self.config;
         let (mb, t) = (cfg.train.micro_batch, cfg.model.block_size);
-        let seq = t;
         for row in 0..self.accumulation * mb {
-            let range = row * seq..(row + 1) * seq;
+            let range = row * t..(row + 1) * t;
             self.data.train_sequence(
                 cfg.train.seed,
                 self.step,
