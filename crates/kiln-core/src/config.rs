@@ -1,4 +1,4 @@
-//! Training configuration: TOML sections `[model]`, `[data]`, `[train]`, `[optim]`, overridable key by key.
+//! Training configuration: TOML sections `[model]`, `[data]`, `[train]`, `[optim]`, `[dist]`, overridable key by key.
 //!
 //! [`Config::load`] reads a config in four steps: the TOML text is parsed into a table; each `--set section.key=value`
 //! override is written into that table; the table is deserialized into a [`Config`], which rejects unknown keys and
@@ -32,6 +32,8 @@ pub struct Config {
     pub train: TrainConfig,
     #[serde(default)]
     pub optim: OptimConfig,
+    #[serde(default)]
+    pub dist: DistConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +182,27 @@ impl Default for OptimConfig {
     }
 }
 
+/// Data-parallel training: how gradients are combined across ranks. The number of ranks comes from the command
+/// line or the launcher, not from here, so one config runs at any world size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistConfig {
+    /// ZeRO stage: 0 keeps the whole optimizer state on every rank; 1 shards the AdamW moments (each rank updates
+    /// its own piece of the weights, then the pieces are gathered).
+    pub zero: u8,
+    /// Gradients are reduced in buckets of about this many megabytes, each started as soon as the backward pass
+    /// has finished the layers it covers.
+    pub bucket_mb: f64,
+    /// A rank that waits this long for the others in one collective gives up with an error.
+    pub timeout_s: u64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig { zero: 0, bucket_mb: 25.0, timeout_s: 600 }
+    }
+}
+
 impl Config {
     /// Reads the config file at `path` (the built-in [`QUICKSTART`] when `None`) and applies `overrides`, each
     /// `section.key=value`.
@@ -216,9 +239,19 @@ impl Config {
         self.train.total_batch_tokens.unwrap_or(self.tokens_per_micro_batch())
     }
 
-    /// Micro-batches whose gradients are summed into each optimizer step.
-    pub fn accumulation_steps(&self) -> usize {
-        self.total_batch_tokens() / self.tokens_per_micro_batch()
+    /// Micro-batches whose gradients are summed into each optimizer step, on each of `world` ranks: the step's
+    /// batch is split between them.
+    pub fn accumulation_steps(&self, world: usize) -> Result<usize> {
+        let per_step = self.tokens_per_micro_batch() * world;
+        let total = self.total_batch_tokens();
+        if world == 0 || total % per_step != 0 {
+            return Err(Error::Usage(format!(
+                "train.total_batch_tokens (= {total}) must be a multiple of train.micro_batch × model.block_size × \
+                 ranks (= {} × {} × {world}) to split each step between {world} ranks",
+                self.train.micro_batch, self.model.block_size
+            )));
+        }
+        Ok(total / per_step)
     }
 
     fn tokens_per_micro_batch(&self) -> usize {
@@ -297,6 +330,13 @@ impl Config {
                 "optim.grad_clip",
                 "must be a finite number, 0 or above (0 disables clipping)".to_string(),
             ),
+            (self.dist.zero <= 1, "dist.zero", "must be 0 or 1 (ZeRO stage)".to_string()),
+            (
+                self.dist.bucket_mb.is_finite() && self.dist.bucket_mb > 0.0,
+                "dist.bucket_mb",
+                "must be a finite number above 0".to_string(),
+            ),
+            (self.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".to_string()),
         ];
         match checks.into_iter().find(|(ok, _, _)| !ok) {
             Some((_, key, message)) => Err(Error::config(source_of(key), key, message)),
@@ -407,7 +447,7 @@ mod tests {
         let config = Config::load(None, &[]).unwrap();
         assert_eq!(config.model.n_layer, 2);
         assert_eq!(config.data.train, "synthetic:addition");
-        assert_eq!(config.accumulation_steps(), 1);
+        assert_eq!(config.accumulation_steps(1).unwrap(), 1);
     }
 
     #[test]
@@ -434,7 +474,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.total_batch_tokens(), 4096);
-        assert_eq!(config.accumulation_steps(), 8);
+        assert_eq!(config.accumulation_steps(1).unwrap(), 8);
+        assert_eq!(config.accumulation_steps(4).unwrap(), 2);
+        assert!(matches!(config.accumulation_steps(3), Err(Error::Usage(m)) if m.contains("ranks")));
     }
 
     #[test]

@@ -162,10 +162,22 @@ impl Arena {
 impl Gpt {
     /// Allocates everything the model will ever use and initialises the weights from `seed`.
     pub fn new<B: Backend + ?Sized>(backend: &mut B, shape: GptShape, max_batch: usize, seed: u64) -> Result<Self> {
+        Gpt::with_padding(backend, shape, max_batch, seed, 1)
+    }
+
+    /// [`Gpt::new`] with the flat parameter and gradient vectors padded with zeros to a multiple of `multiple`
+    /// elements, so that a data-parallel job can cut them into equal pieces, one per rank.
+    pub fn with_padding<B: Backend + ?Sized>(
+        backend: &mut B,
+        shape: GptShape,
+        max_batch: usize,
+        seed: u64,
+        multiple: usize,
+    ) -> Result<Self> {
         let layout = shape.params();
-        let n_params = shape.num_params();
-        let params = backend.alloc(n_params, Role::Param)?;
-        let grads = backend.alloc(n_params, Role::Grad)?;
+        let padded = shape.num_params().next_multiple_of(multiple);
+        let params = backend.alloc(padded, Role::Param)?;
+        let grads = backend.alloc(padded, Role::Grad)?;
         params::initialize(backend, &shape, params, seed)?;
 
         let (c, l, t) = (shape.n_embd, shape.n_layer, shape.block_size);
@@ -368,7 +380,24 @@ impl Gpt {
     /// Accumulates the gradients of the last [`Pass::Train`] forward pass (same batch shape) into
     /// [`Self::grads`].
     pub fn backward<B: Backend + ?Sized>(&self, b: &mut B, batch: usize, time: usize) -> Result<()> {
+        self.backward_with(b, batch, time, &mut |_, _| Ok(()))
+    }
+
+    /// [`Gpt::backward`], calling `on_ready(b, from)` each time the gradients from element `from` of
+    /// [`Self::grads`] to its end are final (after the final norm, after each block, from the last to the first,
+    /// and with `from = 0` after the embeddings): a data-parallel trainer starts reducing them there, while the
+    /// rest of the backward pass runs.
+    pub fn backward_with<B: Backend + ?Sized>(
+        &self,
+        b: &mut B,
+        batch: usize,
+        time: usize,
+        on_ready: &mut dyn FnMut(&mut B, usize) -> Result<()>,
+    ) -> Result<()> {
         self.check_batch(batch, time)?;
+        // The layout puts each block's tensors after the previous block's, the final norm last and the
+        // embeddings first (see params.rs), so what is final always runs from some offset to the end.
+        let ready_from = |t: Tensor| t.offset - self.grads.offset;
         let s = &self.shape;
         let (c, n, vp) = (s.n_embd, batch * time, s.padded_vocab);
         let rows = |t: Tensor, width: usize| t.slice(0, n * width);
@@ -401,6 +430,7 @@ impl Gpt {
             n,
             c,
         )?;
+        on_ready(b, ready_from(self.g.lnf_w))?;
         for l in (0..s.n_layer).rev() {
             let (a, w, g) = (&self.blocks[l], &self.p.blocks[l], &self.g.blocks[l]);
             let residual = if l == 0 { self.encoded } else { self.blocks[l - 1].res3 };
@@ -453,8 +483,10 @@ impl Gpt {
                 n,
                 c,
             )?;
+            on_ready(b, ready_from(g.qkv_w))?;
         }
-        b.encoder_backward(self.g.wte, self.g.wpe, dres, rows(self.tokens, 1), batch, time, c)
+        b.encoder_backward(self.g.wte, self.g.wpe, dres, rows(self.tokens, 1), batch, time, c)?;
+        on_ready(b, 0)
     }
 
     /// The logits of one position (`row = b·time + t` of the last forward pass), over the real vocabulary.

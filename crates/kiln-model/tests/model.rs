@@ -180,3 +180,32 @@ fn greedy_sampling_is_the_same_with_and_without_the_cache() {
     assert_eq!(stopped.last(), Some(&a[2]));
     assert!(stopped.len() <= 3);
 }
+
+#[test]
+fn gradients_reported_ready_do_not_change_afterwards() {
+    // A data-parallel trainer starts reducing gradients as soon as backward_with reports them final: anything
+    // written to them later would be lost from the reduction.
+    let vocab = 11;
+    let mut b = CpuBackend::<f64>::new();
+    let model = Gpt::with_padding(&mut b, shape(vocab), 2, 3, 64).unwrap();
+    let (bs, time) = (2, 6);
+    model.load_batch(&mut b, &batch(bs * time, vocab, 0), Some(&batch(bs * time, vocab, 1))).unwrap();
+    b.zero(model.grads).unwrap();
+    b.zero(model.losses).unwrap();
+    model.forward(&mut b, bs, time, Pass::Train { dloss: 1.0 }).unwrap();
+    let mut reported: Vec<(usize, Vec<f64>)> = Vec::new();
+    model
+        .backward_with(&mut b, bs, time, &mut |b, from| {
+            reported.push((from, b.values_mut(model.grads).unwrap()[from..].to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    let starts: Vec<usize> = reported.iter().map(|(from, _)| *from).collect();
+    assert_eq!(starts.len(), 2 + 2, "after ln_f, after each of the 2 blocks, after the embeddings");
+    assert!(starts.windows(2).all(|w| w[0] > w[1]) && starts[3] == 0, "{starts:?}");
+    let last = b.values_mut(model.grads).unwrap().to_vec();
+    assert_eq!(last.len() % 64, 0);
+    for (from, snapshot) in reported {
+        assert_eq!(snapshot, last[from..], "gradients from {from} changed after being reported final");
+    }
+}

@@ -1,0 +1,78 @@
+//! How the ranks of a data-parallel job combine what they computed.
+//!
+//! Every rank runs the same model on its own part of the batch; a [`Communicator`] sums their gradients (or, for
+//! ZeRO stage 1, hands each rank the sum of its own piece and later shares the pieces' updated weights), and
+//! sums the few host numbers that every rank must agree on (token counts, losses, norms, "stop now").
+//!
+//! Operations on tensors may run asynchronously on the device, in issue order, overlapping the work queued after
+//! them: [`Communicator::wait`] makes work queued afterwards wait for them. Every rank must issue the same
+//! operations in the same order with the same sizes. A communicator whose peers fail or disappear returns an
+//! error from its next operation instead of waiting for ever.
+
+use crate::backend::{Backend, Tensor};
+use crate::error::Result;
+
+pub trait Communicator<B: Backend + ?Sized> {
+    /// This process's (or thread's) index in the job, `0..world`.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn world(&self) -> usize;
+
+    /// Sums `values` over all ranks, in place; every rank receives bit-identical sums. Waits for the result.
+    fn all_reduce_host(&mut self, backend: &mut B, values: &mut [f64]) -> Result<()>;
+
+    /// Starts summing `t` over all ranks, in place.
+    fn all_reduce(&mut self, backend: &mut B, t: Tensor) -> Result<()>;
+
+    /// Starts summing `t` over all ranks, keeping on each rank only its own piece: piece `r` (see [`piece`]) of
+    /// rank `r`'s `t` receives the sum of every rank's piece `r`; the rest of `t` is left unspecified.
+    /// `t.len` is a multiple of the world size.
+    fn reduce_scatter(&mut self, backend: &mut B, t: Tensor) -> Result<()>;
+
+    /// Starts copying piece `r` of rank `r`'s `t` into piece `r` of every rank's `t`, for every rank `r`.
+    /// `t.len` is a multiple of the world size. A parameter tensor of a mixed-precision engine is gathered at
+    /// its full precision, so that every rank ends with the same master weights.
+    fn all_gather(&mut self, backend: &mut B, t: Tensor) -> Result<()>;
+
+    /// Makes the work queued after this call wait for every operation started before it.
+    fn wait(&mut self, backend: &mut B) -> Result<()>;
+}
+
+/// Piece `rank` of `world` equal pieces of `t` (whose length is a multiple of `world`).
+pub fn piece(t: Tensor, world: usize, rank: usize) -> Tensor {
+    let len = t.len / world;
+    t.slice(rank * len, len)
+}
+
+/// The communicator of a job of one rank: every operation leaves the data as it is.
+pub struct Solo;
+
+impl<B: Backend + ?Sized> Communicator<B> for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_host(&mut self, _: &mut B, _: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_reduce(&mut self, _: &mut B, _: Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn reduce_scatter(&mut self, _: &mut B, _: Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_gather(&mut self, _: &mut B, _: Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn wait(&mut self, _: &mut B) -> Result<()> {
+        Ok(())
+    }
+}
