@@ -4,14 +4,15 @@
 //! - `model.safetensors`: the weights in Hugging Face GPT-2's names and layout (`transformer.h.0.attn.c_attn.weight`,
 //!   linear weights stored `(in, out)` as GPT-2's Conv1D keeps them, `wte` without the padded rows), and
 //!   `config.json` beside it, so the directory loads as a `GPT2LMHeadModel`;
-//! - `optimizer.safetensors`: AdamW's moments `m` and `v`, flat, in kiln's parameter layout;
+//! - `optimizer.safetensors`: AdamW's moments `m` and `v`, flat, in kiln's parameter layout (without the padding a
+//!   data-parallel job adds, so that a checkpoint loads at any number of ranks);
 //! - `state.json`: the step and the resolved configuration. The data position is the step itself (sequences
 //!   are a function of seed and step) and nothing else is random, so that is the whole state.
 //!
 //! A checkpoint is written into a temporary directory that is renamed into place when complete, so a crash
 //! mid-write leaves the previous checkpoints intact and no half-written directory that looks complete.
 
-use kiln_core::{Backend, Config, Error, Result, Tensor};
+use kiln_core::{Backend, Config, Error, Result};
 use kiln_model::{Gpt, GptShape, ParamInfo};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::path::{Path, PathBuf};
@@ -57,6 +58,11 @@ fn le_bytes(values: &[f32]) -> Vec<u8> {
 
 fn from_le_bytes(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// Where a run's checkpoints go: `out_dir/checkpoints`.
+pub fn root(config: &Config) -> PathBuf {
+    PathBuf::from(&config.train.out_dir).join("checkpoints")
 }
 
 /// The directory of the checkpoint of `step` under `root`.
@@ -144,7 +150,7 @@ pub fn save<B: Backend + ?Sized>(
     step: u64,
     config: &Config,
     model: &Gpt,
-    moments: (Tensor, Tensor),
+    moments: (&[f32], &[f32]),
     backend: &mut B,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -173,12 +179,8 @@ pub fn save<B: Backend + ?Sized>(
     write_safetensors(&tmp.join("model.safetensors"), &weights)?;
 
     let (m, v) = moments;
-    let mut moment_tensors = Vec::new();
-    for (name, t) in [("m", m), ("v", v)] {
-        let mut host = vec![0.0f32; t.len];
-        backend.download(t, &mut host)?;
-        moment_tensors.push((name.to_string(), vec![t.len], le_bytes(&host)));
-    }
+    let moment_tensors: Vec<_> =
+        [("m", m), ("v", v)].iter().map(|(name, host)| (name.to_string(), vec![host.len()], le_bytes(host))).collect();
     write_safetensors(&tmp.join("optimizer.safetensors"), &moment_tensors)?;
 
     let hf_config = serde_json::json!({
@@ -235,9 +237,9 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))
 }
 
-/// Loads the checkpoint in `dir` into `model`'s parameters and the AdamW moments; returns its step. Every
-/// tensor's presence and shape is checked, and a mismatch names the tensor and the file.
-pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Gpt, moments: (Tensor, Tensor), backend: &mut B) -> Result<u64> {
+/// Loads the checkpoint in `dir` into `model`'s parameters; returns its step and the AdamW moments `m` and `v`
+/// of every parameter. Every tensor's presence and shape is checked, and a mismatch names the tensor and the file.
+pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Gpt, backend: &mut B) -> Result<(u64, [Vec<f32>; 2])> {
     let (state, state_path) = read_state(dir)?;
     let step = json_field(&state, "step", &state_path)?
         .as_u64()
@@ -248,18 +250,18 @@ pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Gpt, moments: (Tensor, Tens
     let bytes = read_file(&opt_path)?;
     let file =
         SafeTensors::deserialize(&bytes).map_err(|e| Error::data(&opt_path, format!("not a safetensors file: {e}")))?;
-    let (m, v) = moments;
-    for (name, t) in [("m", m), ("v", v)] {
+    let n = model.shape.num_params();
+    let moment = |name: &str| {
         let view = file.tensor(name).map_err(|_| Error::data(&opt_path, format!("no tensor {name}")))?;
-        if view.dtype() != Dtype::F32 || view.shape() != [t.len] {
+        if view.dtype() != Dtype::F32 || view.shape() != [n] {
             return Err(Error::data(
                 &opt_path,
-                format!("tensor {name} is {:?} {:?}; expected F32 [{}]", view.dtype(), view.shape(), t.len),
+                format!("tensor {name} is {:?} {:?}; expected F32 [{n}]", view.dtype(), view.shape()),
             ));
         }
-        backend.upload(t, &from_le_bytes(view.data()))?;
-    }
-    Ok(step)
+        Ok(from_le_bytes(view.data()))
+    };
+    Ok((step, [moment("m")?, moment("v")?]))
 }
 
 #[cfg(test)]

@@ -7,17 +7,28 @@
 //! [`Hooks`] and the results through [`Summary`]; the trainer logs with `tracing` and appends one JSON object per
 //! step to `out_dir/metrics.jsonl`. Around the loop: [`checkpoint`]s for exact resume (and Hugging Face
 //! interchange), weights from llm.c's files ([`llmc`]), scoring a whole validation split, and sampling.
+//!
+//! Data parallelism is part of every step, through a [`Communicator`] (a job of one rank has one that does
+//! nothing): each rank draws its own rows of the global batch ([`parallel`]), the last micro-batch's backward pass
+//! starts reducing each bucket of gradients as soon as it is complete, and the host numbers every rank must agree on
+//! (the batch's target count, the loss, the gradient norm, whether to stop) are summed across ranks. With ZeRO
+//! stage 1 each rank keeps the AdamW moments of its own piece of every bucket, updates that piece, and the pieces
+//! are then gathered. Only rank 0 logs, evaluates and writes files.
 
 pub mod checkpoint;
 pub mod llmc;
 mod metrics;
+pub mod parallel;
 pub mod schedule;
+pub mod threads;
 
-use kiln_core::{AdamWStep, Backend, Config, Error, Result, Role, Tensor};
+use kiln_core::comm::Solo;
+use kiln_core::{AdamWStep, Backend, Communicator, Config, Error, Result, Role, Tensor};
 use kiln_data::{Addition, Dataset};
 use kiln_model::params::decay_runs;
 use kiln_model::{Gpt, GptShape, Pass, generate};
 use metrics::{Metrics, StepRecord};
+use parallel::{BucketCursor, Buckets, Stragglers};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,12 +73,26 @@ const SAMPLES_SHOWN: usize = 5;
 pub struct Trainer<B: Backend> {
     config: Config,
     backend: B,
+    comm: Box<dyn Communicator<B>>,
     model: Gpt,
     data: Dataset,
-    /// AdamW moments, laid out like the parameters.
+    /// AdamW moments of the parameters this rank updates: all of them, or under ZeRO stage 1 its pieces, one
+    /// after the other.
     m: Tensor,
     v: Tensor,
-    decay_runs: Vec<(usize, usize, bool)>,
+    /// What this rank updates, as `(offset in the parameters, offset in m and v, length)`.
+    owned: Vec<(usize, usize, usize)>,
+    /// `owned` cut where weight decay starts or stops: `(offset in the parameters, offset in m and v, length,
+    /// decay)`, one AdamW call each.
+    updates: Vec<(usize, usize, usize, bool)>,
+    buckets: Buckets,
+    zero: bool,
+    /// The host numbers summed across ranks after each step: loss, squared norm of the owned gradient pieces,
+    /// "stop", then every rank's compute time (each rank fills its own entry).
+    agreed: Vec<f64>,
+    /// Set before each step when the user asked to stop; every rank stops after a step on which any rank asked.
+    stop_requested: bool,
+    stragglers: Stragglers,
     accumulation: usize,
     /// One step's token ids and targets, `accumulation × micro_batch × block_size` each: filled on the host,
     /// uploaded one micro-batch at a time.
@@ -91,34 +116,72 @@ pub struct StepStats {
     pub passes_ms: f64,
     /// Gradient norm, clipping and AdamW.
     pub optimizer_ms: f64,
+    /// Whether any rank asked to stop after this step.
+    pub stop: bool,
 }
 
 impl<B: Backend> Trainer<B> {
-    /// Opens the data and builds the model on `backend`: every buffer a step needs is allocated here.
-    pub fn new(config: &Config, mut backend: B) -> Result<Self> {
+    /// Opens the data and builds the model on `backend` for a job of one rank: every buffer a step needs is
+    /// allocated here.
+    pub fn new(config: &Config, backend: B) -> Result<Self> {
+        Trainer::with_comm(config, backend, Box::new(Solo))
+    }
+
+    /// [`Trainer::new`] for one rank of a data-parallel job whose ranks talk through `comm`. Every rank builds
+    /// the same initial weights from the seed.
+    pub fn with_comm(config: &Config, mut backend: B, comm: Box<dyn Communicator<B>>) -> Result<Self> {
         let t = config.model.block_size;
         let data = Dataset::open(&config.data, t)?;
         let shape = GptShape::new(config, data.vocab_size());
         let mb = config.train.micro_batch;
-        let model = Gpt::new(&mut backend, shape, mb, config.train.seed)?;
+        let (rank, world) = (comm.rank(), comm.world());
+        let padding = parallel::padding_multiple(world);
+        let model = Gpt::with_padding(&mut backend, shape, mb, config.train.seed, padding)?;
         match config.model.init.as_deref().map(|i| i.split_once(':')) {
             None => {}
             Some(Some(("hf", dir))) => checkpoint::load_weights(Path::new(dir), &model, &mut backend)?,
             Some(Some(("llmc", file))) => llmc::load(Path::new(file), &model, &mut backend)?,
             Some(_) => return Err(Error::Usage("model.init must be hf:DIR or llmc:FILE".into())),
         }
-        let m = backend.alloc(model.params.len, Role::OptState)?;
-        let v = backend.alloc(model.params.len, Role::OptState)?;
-        let accumulation = config.accumulation_steps();
+        let zero = config.dist.zero == 1;
+        // Gradients are fp32 on every engine.
+        let bucket_elems = (config.dist.bucket_mb * 1e6 / 4.0) as usize;
+        let buckets = Buckets::new(model.params.len, world, rank, bucket_elems);
+        let mut owned = Vec::new();
+        let mut local = 0;
+        let pieces: Vec<_> = if zero { buckets.owned_pieces().collect() } else { vec![0..shape.num_params()] };
+        for piece in pieces.into_iter().rev() {
+            owned.push((piece.start, local, piece.len()));
+            local += piece.len();
+        }
+        let mut updates = Vec::new();
+        for (offset, len, decay) in decay_runs(&model.layout) {
+            for &(start, local, n) in &owned {
+                let (from, to) = (offset.max(start), (offset + len).min(start + n));
+                if from < to {
+                    updates.push((from, local + from - start, to - from, decay));
+                }
+            }
+        }
+        let m = backend.alloc(local, Role::OptState)?;
+        let v = backend.alloc(local, Role::OptState)?;
+        let accumulation = config.accumulation_steps(world)?;
         let tokens_per_step = accumulation * mb * t;
         Ok(Trainer {
-            decay_runs: decay_runs(&model.layout),
             config: config.clone(),
             backend,
+            comm,
             model,
             data,
             m,
             v,
+            owned,
+            updates,
+            buckets,
+            zero,
+            agreed: vec![0.0; 3 + world],
+            stop_requested: false,
+            stragglers: Stragglers::new(world),
             accumulation,
             inputs: vec![0; tokens_per_step],
             targets: vec![0; tokens_per_step],
@@ -129,28 +192,60 @@ impl<B: Backend> Trainer<B> {
 
     /// Where this run's checkpoints go: `out_dir/checkpoints`.
     pub fn checkpoint_root(&self) -> PathBuf {
-        PathBuf::from(&self.config.train.out_dir).join("checkpoints")
+        checkpoint::root(&self.config)
     }
 
-    /// Writes a checkpoint of the current step (see [`checkpoint`]).
+    /// Writes a checkpoint of the current step (see [`checkpoint`]) and returns its directory. Every rank must
+    /// call it (under ZeRO stage 1 the moments are gathered from all of them); only rank 0 writes.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let moments = self.gather_moments()?;
+        let root = self.checkpoint_root();
+        if self.comm.rank() != 0 {
+            return Ok(checkpoint::step_dir(&root, self.step));
+        }
         let keep = self.config.train.keep_checkpoints;
-        checkpoint::save(
-            &self.checkpoint_root(),
-            self.step,
-            &self.config,
-            &self.model,
-            (self.m, self.v),
-            &mut self.backend,
-            keep,
-        )
+        let (m, v) = (&moments[0], &moments[1]);
+        checkpoint::save(&root, self.step, &self.config, &self.model, (m, v), &mut self.backend, keep)
+    }
+
+    /// The AdamW moments of every parameter, `m` then `v`, on the host.
+    fn gather_moments(&mut self) -> Result<[Vec<f32>; 2]> {
+        let n = self.model.shape.num_params();
+        let mut full = [vec![0.0f32; n], vec![0.0f32; n]];
+        for (moment, whole) in [self.m, self.v].into_iter().zip(&mut full) {
+            let mut local = vec![0.0f32; moment.len];
+            self.backend.download(moment, &mut local)?;
+            for &(start, local_start, len) in &self.owned {
+                let len = len.min(n.saturating_sub(start));
+                whole[start..start + len].copy_from_slice(&local[local_start..local_start + len]);
+            }
+            if self.zero {
+                // Each rank filled only its pieces and left zeros elsewhere, so the sum is the whole (exactly).
+                let mut wide: Vec<f64> = whole.iter().map(|&x| x as f64).collect();
+                self.comm.all_reduce_host(&mut self.backend, &mut wide)?;
+                whole.iter_mut().zip(&wide).for_each(|(x, &w)| *x = w as f32);
+            }
+        }
+        Ok(full)
     }
 
     /// Continues from the checkpoint in `dir`: weights, optimizer moments and step. The run then goes on exactly
-    /// as the one that wrote it would have.
+    /// as the one that wrote it would have, at any number of ranks: each rank takes the moments of what it
+    /// updates.
     pub fn resume(&mut self, dir: &Path) -> Result<u64> {
-        self.step = checkpoint::load(dir, &self.model, (self.m, self.v), &mut self.backend)?;
-        tracing::info!("resumed from {} at step {}", dir.display(), self.step);
+        let (step, moments) = checkpoint::load(dir, &self.model, &mut self.backend)?;
+        for (moment, whole) in [self.m, self.v].into_iter().zip(&moments) {
+            let mut local = vec![0.0f32; moment.len];
+            for &(start, local_start, len) in &self.owned {
+                let len = len.min(whole.len().saturating_sub(start));
+                local[local_start..local_start + len].copy_from_slice(&whole[start..start + len]);
+            }
+            self.backend.upload(moment, &local)?;
+        }
+        self.step = step;
+        if self.comm.rank() == 0 {
+            tracing::info!("resumed from {} at step {}", dir.display(), self.step);
+        }
         Ok(self.step)
     }
 
@@ -232,13 +327,19 @@ impl<B: Backend> Trainer<B> {
         &self.model
     }
 
-    /// Runs from the current step to `train.max_steps`, writing `out_dir` if `write_outputs`.
+    /// Runs from the current step to `train.max_steps`, writing `out_dir` if `write_outputs` (on rank 0).
     pub fn run(&mut self, hooks: &mut Hooks, write_outputs: bool) -> Result<Summary> {
         let cfg = self.config.clone();
         let train = &cfg.train;
-        let mut metrics =
-            if write_outputs { Some(Metrics::create(&PathBuf::from(&train.out_dir), &cfg, self.step)?) } else { None };
+        let (world, lead) = (self.comm.world(), self.comm.rank() == 0);
+        let mut metrics = if write_outputs && lead {
+            Some(Metrics::create(&PathBuf::from(&train.out_dir), &cfg, self.step)?)
+        } else {
+            None
+        };
         let shape = self.model.shape;
+        // Only rank 0 speaks: the other ranks' messages would repeat it.
+        let _quiet = (!lead).then(|| tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default()));
         tracing::info!(
             "model: {} layers, {} heads, {} wide, {} positions, vocabulary {} (padded to {}); {:.2}M parameters",
             shape.n_layer,
@@ -250,20 +351,24 @@ impl<B: Backend> Trainer<B> {
             shape.num_counted_params() as f64 / 1e6
         );
         tracing::info!(
-            "batch: {} tokens per step = {} sequences × {} tokens × {} accumulation steps; backend {}, {:.2} GiB \
-             allocated (all of it, before the first step)",
+            "batch: {} tokens per step = {} sequences × {} tokens × {} accumulation steps × {world} rank{}; backend \
+             {}, {:.2} GiB allocated{} (all of it, before the first step){}",
             cfg.total_batch_tokens(),
             train.micro_batch,
             cfg.model.block_size,
             self.accumulation,
+            if world == 1 { "" } else { "s" },
             self.backend.name(),
-            self.backend.allocated_bytes() as f64 / (1u64 << 30) as f64
+            self.backend.allocated_bytes() as f64 / (1u64 << 30) as f64,
+            if world == 1 { "" } else { " per rank" },
+            if self.zero { "; ZeRO stage 1" } else { "" }
         );
         let mut summary = Summary::default();
         let mut step_times = Vec::new();
         while self.step < train.max_steps {
             let started = Instant::now();
-            let StepStats { loss, grad_norm, lr, .. } = self.train_step()?;
+            self.stop_requested = hooks.stop.load(Ordering::Relaxed);
+            let StepStats { loss, grad_norm, lr, stop, .. } = self.train_step()?;
             let seconds = started.elapsed().as_secs_f64();
             step_times.push(seconds);
             let step = self.step;
@@ -282,13 +387,13 @@ impl<B: Backend> Trainer<B> {
             }
             let mut record =
                 StepRecord { step, loss, lr, grad_norm, step_ms: seconds * 1e3, tokens_per_s, ..Default::default() };
-            if last || (train.eval_every > 0 && step % train.eval_every == 0) {
+            if lead && (last || (train.eval_every > 0 && step % train.eval_every == 0)) {
                 let val = self.validation_loss()?;
                 tracing::info!("step {step:>6}/{} | val loss {val:.4}", train.max_steps);
                 record.val_loss = Some(val);
                 summary.val_loss = Some(val);
             }
-            if last && self.data.addition().is_some() {
+            if lead && last && self.data.addition().is_some() {
                 let (accuracy, samples) = self.exact_match()?;
                 record.exact_match = Some(accuracy);
                 summary.exact_match = Some(accuracy);
@@ -300,7 +405,7 @@ impl<B: Backend> Trainer<B> {
             if let Some(f) = &mut hooks.on_step {
                 f(step);
             }
-            let interrupted = hooks.stop.load(Ordering::Relaxed) && !last;
+            let interrupted = stop && !last;
             let every = train.checkpoint_every;
             if write_outputs && every > 0 && (step % every == 0 || last || interrupted) {
                 let dir = self.save_checkpoint()?;
@@ -320,51 +425,96 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// One optimizer step; returns the mean training loss, the gradient norm before clipping, the learning rate
-    /// used, and where the time went.
+    /// used, and where the time went. Every rank of a job takes every step together.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let started = Instant::now();
         let cfg = &self.config;
-        let (mb, t) = (cfg.train.micro_batch, cfg.model.block_size);
-        for row in 0..self.accumulation * mb {
-            let range = row * t..(row + 1) * t;
-            self.data.train_sequence(
-                cfg.train.seed,
-                self.step,
-                row as u64,
-                &mut self.inputs[range.clone()],
-                &mut self.targets[range],
-            );
+        let (mb, t, accumulation) = (cfg.train.micro_batch, cfg.model.block_size, self.accumulation);
+        let rank = self.comm.rank();
+        for micro in 0..accumulation {
+            for row in 0..mb {
+                let global = parallel::global_row(rank, micro, row, accumulation, mb);
+                let range = (micro * mb + row) * t..(micro * mb + row + 1) * t;
+                self.data.train_sequence(
+                    cfg.train.seed,
+                    self.step,
+                    global,
+                    &mut self.inputs[range.clone()],
+                    &mut self.targets[range],
+                );
+            }
         }
-        // The loss is the mean over every counted target of the whole step, so each micro-batch's gradient is
-        // scaled by one over the step's count, known before the first micro-batch runs.
-        let counted = self.targets.iter().filter(|&&y| y != kiln_core::backend::IGNORE_TARGET).count();
-        if counted == 0 {
+        // The loss is the mean over every counted target of the whole step (all ranks), so each micro-batch's
+        // gradient is scaled by one over the step's count, known before the first micro-batch runs. Summing the
+        // ranks' gradients then gives the step's mean gradient.
+        let mut counted = [self.targets.iter().filter(|&&y| y != kiln_core::backend::IGNORE_TARGET).count() as f64];
+        let b = &mut self.backend;
+        self.comm.all_reduce_host(b, &mut counted)?;
+        if counted[0] == 0.0 {
             return Err(Error::Invalid(format!(
                 "step {} has no targets to learn from; is block_size too small for the data?",
                 self.step
             )));
         }
-        let dloss = 1.0 / counted as f32;
+        let dloss = (1.0 / counted[0]) as f32;
         let data_done = Instant::now();
 
-        let b = &mut self.backend;
         b.zero(self.model.grads)?;
         b.zero(self.model.losses)?;
         let per_micro = mb * t;
-        for micro in 0..self.accumulation {
+        let (model, comm, buckets, zero) = (&self.model, &mut self.comm, &self.buckets, self.zero);
+        // Time this rank spent blocked in collectives, that is waiting for the others: without it, what remains is
+        // its own work, which names a straggler. (A device's collectives return at once, so on the GPU the rest also
+        // counts waiting for the device: there it names only a rank that is slow on the host.)
+        let mut in_collectives = std::time::Duration::ZERO;
+        for micro in 0..accumulation {
             let range = micro * per_micro..(micro + 1) * per_micro;
-            self.model.load_batch(b, &self.inputs[range.clone()], Some(&self.targets[range]))?;
-            self.model.forward(b, mb, t, Pass::Train { dloss })?;
-            self.model.backward(b, mb, t)?;
+            model.load_batch(b, &self.inputs[range.clone()], Some(&self.targets[range]))?;
+            model.forward(b, mb, t, Pass::Train { dloss })?;
+            if micro + 1 < accumulation {
+                model.backward(b, mb, t)?;
+                continue;
+            }
+            // The last micro-batch: reduce each bucket as soon as its gradients are final.
+            let mut cursor = BucketCursor::new();
+            model.backward_with(b, mb, t, &mut |b, ready_from| {
+                let entered = Instant::now();
+                for bucket in cursor.advance(buckets, ready_from) {
+                    let grads = model.grads.slice(bucket.start, bucket.len());
+                    if zero { comm.reduce_scatter(b, grads)? } else { comm.all_reduce(b, grads)? }
+                }
+                in_collectives += entered.elapsed();
+                Ok(())
+            })?;
         }
-        // Reading the loss back waits for the forward and backward passes.
-        let loss = b.sum(self.model.losses)? * dloss;
+        let entered = Instant::now();
+        comm.wait(b)?;
+        in_collectives += entered.elapsed();
+        // Reading the loss back waits for the forward and backward passes and the reduction.
+        let local_loss = b.sum(model.losses)?;
         let passes_done = Instant::now();
-        let grad_norm = b.sum_squares(self.model.grads)?.sqrt();
+        // Under ZeRO stage 1 each rank holds the reduced gradients of its pieces only: the norm is the sum of the
+        // ranks' parts. Otherwise every rank holds all of them.
+        let mut squares = 0.0;
+        if zero {
+            for &(start, _, len) in &self.owned {
+                squares += b.sum_squares(model.grads.slice(start, len))? as f64;
+            }
+        }
+        let agreed = &mut self.agreed;
+        agreed.fill(0.0);
+        agreed[0] = local_loss as f64;
+        agreed[1] = squares;
+        agreed[2] = f64::from(u8::from(self.stop_requested));
+        agreed[3 + rank] = ((passes_done - data_done).saturating_sub(in_collectives)).as_secs_f64() * 1e3;
+        comm.all_reduce_host(b, agreed)?;
+        let loss = agreed[0] as f32 * dloss;
+        let grad_norm = if zero { agreed[1].sqrt() as f32 } else { b.sum_squares(model.grads)?.sqrt() };
+
         let o = &cfg.optim;
         let grad_scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip { o.grad_clip / grad_norm } else { 1.0 };
         let lr = schedule::learning_rate(o, self.step, cfg.train.max_steps);
-        for &(offset, len, decay) in &self.decay_runs {
+        for &(offset, local, len, decay) in &self.updates {
             let step = AdamWStep {
                 lr,
                 beta1: o.beta1,
@@ -374,13 +524,33 @@ impl<B: Backend> Trainer<B> {
                 step: self.step + 1,
                 grad_scale,
             };
-            let part = |t: Tensor| t.slice(offset, len);
-            b.adamw(part(self.model.params), part(self.model.grads), part(self.m), part(self.v), &step)?;
+            let moment = |t: Tensor| t.slice(local, len);
+            b.adamw(
+                model.params.slice(offset, len),
+                model.grads.slice(offset, len),
+                moment(self.m),
+                moment(self.v),
+                &step,
+            )?;
+        }
+        if zero {
+            for bucket in &buckets.ranges {
+                comm.all_gather(b, model.params.slice(bucket.start, bucket.len()))?;
+            }
+            comm.wait(b)?;
         }
         if self.profile {
             b.synchronize()?;
         }
         let done = Instant::now();
+        if rank == 0 && comm.world() > 1 {
+            if let Some((slow, ms, median)) = self.stragglers.observe(&self.agreed[3..]) {
+                tracing::warn!(
+                    "rank {slow} is a straggler: its forward and backward passes take {ms:.1} ms, against a median \
+                     of {median:.1} ms over the ranks"
+                );
+            }
+        }
         self.step += 1;
         let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1e3;
         Ok(StepStats {
@@ -390,6 +560,7 @@ impl<B: Backend> Trainer<B> {
             data_ms: ms(started, data_done),
             passes_ms: ms(data_done, passes_done),
             optimizer_ms: ms(passes_done, done),
+            stop: self.agreed[2] > 0.0,
         })
     }
 

@@ -1,0 +1,337 @@
+//! A [`Communicator`] for ranks that are threads of one process: how the CPU engine trains data-parallel
+//! (`kiln train --backend cpu --ranks N`), so that every data-parallel code path runs without a GPU.
+//!
+//! Each rank copies its tensor into its own host slot; once all have arrived, each rank sums the slots it needs in
+//! rank order 0, 1, …, so every rank computes bit-identical sums whatever the threads' timing. Operations complete
+//! before they return (there is no device to overlap with), so [`Communicator::wait`] has nothing to do.
+//!
+//! A rank that drops its communicator (because it failed, or finished) releases the others: their next wait for
+//! it returns an error naming it instead of blocking, and so does a wait longer than the timeout.
+
+use crate::{Hooks, Summary, Trainer};
+use kiln_core::comm::piece;
+use kiln_core::{Backend, Communicator, Config, Error, Result, Tensor};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Trains on `world` ranks that are threads of this process, each with the backend `make_backend(rank)` returns;
+/// `resume` continues them all from that checkpoint. Rank 0 runs on the calling thread with `hooks`, and its
+/// summary is returned. When ranks fail, the error of the first to fail is returned (the others stop at their
+/// next collective with an error that names it). A job of one rank runs on the calling thread alone, with a
+/// communicator that does nothing.
+pub fn train<B: Backend>(
+    config: &Config,
+    world: usize,
+    make_backend: impl Fn(usize) -> Result<B> + Sync,
+    resume: Option<&Path>,
+    hooks: &mut Hooks,
+    write_outputs: bool,
+) -> Result<Summary> {
+    let run = |mut trainer: Trainer<B>, hooks: &mut Hooks| -> Result<Summary> {
+        if let Some(dir) = resume {
+            trainer.resume(dir)?;
+        }
+        trainer.run(hooks, write_outputs)
+    };
+    if world == 1 {
+        return run(Trainer::new(config, make_backend(0)?)?, hooks);
+    }
+    let comms = group(world, Duration::from_secs(config.dist.timeout_s));
+    let shared = comms[0].shared.clone();
+    let run_rank = |comm: ThreadComm, hooks: &mut Hooks| -> Result<Summary> {
+        let rank = comm.rank;
+        run(Trainer::with_comm(config, make_backend(rank)?, Box::new(comm))?, hooks)
+    };
+    let mut results = std::thread::scope(|s| {
+        let mut comms = comms.into_iter();
+        let first = comms.next().expect("a job has at least one rank");
+        let others: Vec<_> = comms
+            .map(|comm| {
+                let stop = hooks.stop.clone();
+                let run_rank = &run_rank;
+                std::thread::Builder::new()
+                    .name(format!("rank {}", comm.rank))
+                    .spawn_scoped(s, move || run_rank(comm, &mut Hooks { stop, on_step: None }))
+            })
+            .collect();
+        let mut results = vec![run_rank(first, hooks)];
+        for handle in others {
+            results.push(match handle {
+                Ok(handle) => handle.join().unwrap_or_else(|_| Err(failure("a rank panicked".into()))),
+                Err(e) => Err(failure(format!("cannot start a thread for a rank: {e}"))),
+            });
+        }
+        results
+    });
+    let first_failed = shared.gate.lock().unwrap_or_else(|p| p.into_inner()).left.unwrap_or(0);
+    if results[first_failed].is_err() {
+        return results.swap_remove(first_failed);
+    }
+    let mut results = results.into_iter();
+    let lead = results.next().expect("rank 0 ran");
+    results.find(Result::is_err).unwrap_or(lead)
+}
+
+struct Gate {
+    /// Ranks waiting at the current barrier, and how many barriers have opened.
+    arrived: usize,
+    generation: u64,
+    /// The first rank that left the group.
+    left: Option<usize>,
+}
+
+struct Shared {
+    world: usize,
+    gate: Mutex<Gate>,
+    opened: Condvar,
+    slots: Vec<RwLock<Vec<f32>>>,
+    host_slots: Vec<RwLock<Vec<f64>>>,
+    timeout: Duration,
+}
+
+/// One rank's end of a [`group`].
+pub struct ThreadComm {
+    rank: usize,
+    shared: Arc<Shared>,
+    /// The rank's sums, before they are copied to its tensor.
+    sums: Vec<f32>,
+}
+
+/// Communicators for `world` ranks that are threads of this process. A rank that waits longer than `timeout` for
+/// the others gives up with an error.
+pub fn group(world: usize, timeout: Duration) -> Vec<ThreadComm> {
+    let shared = Arc::new(Shared {
+        world,
+        gate: Mutex::new(Gate { arrived: 0, generation: 0, left: None }),
+        opened: Condvar::new(),
+        slots: (0..world).map(|_| RwLock::new(Vec::new())).collect(),
+        host_slots: (0..world).map(|_| RwLock::new(Vec::new())).collect(),
+        timeout,
+    });
+    (0..world).map(|rank| ThreadComm { rank, shared: shared.clone(), sums: Vec::new() }).collect()
+}
+
+fn failure(message: String) -> Error {
+    Error::backend("ranks", message)
+}
+
+impl ThreadComm {
+    /// Waits until every rank has reached the same barrier.
+    fn barrier(&self) -> Result<()> {
+        let s = &self.shared;
+        // A rank that panicked while holding the lock has left; its Drop reports it.
+        let mut gate = s.gate.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rank) = gate.left {
+            return Err(failure(format!("rank {rank} left the job, so rank {} stops too", self.rank)));
+        }
+        gate.arrived += 1;
+        if gate.arrived == s.world {
+            gate.arrived = 0;
+            gate.generation += 1;
+            s.opened.notify_all();
+            return Ok(());
+        }
+        let generation = gate.generation;
+        let deadline = Instant::now() + s.timeout;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(failure(format!(
+                    "rank {} waited {} s for the other ranks in a collective operation; giving up",
+                    self.rank,
+                    s.timeout.as_secs()
+                )));
+            }
+            gate = s.opened.wait_timeout(gate, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            if gate.generation != generation {
+                return Ok(());
+            }
+            if let Some(rank) = gate.left {
+                return Err(failure(format!("rank {rank} left the job, so rank {} stops too", self.rank)));
+            }
+        }
+    }
+
+    /// Leaves `t` in this rank's slot, then waits for the others to have left theirs.
+    fn deposit<B: Backend + ?Sized>(&self, backend: &mut B, t: Tensor) -> Result<()> {
+        {
+            let mut slot = self.shared.slots[self.rank].write().unwrap_or_else(|p| p.into_inner());
+            slot.resize(t.len, 0.0);
+            backend.download(t, &mut slot)?;
+        }
+        self.barrier()
+    }
+
+    /// Sums elements `range` of every rank's slot, in rank order, into `self.sums`.
+    fn sum_slots(&mut self, range: std::ops::Range<usize>) {
+        self.sums.clear();
+        for (rank, slot) in self.shared.slots.iter().enumerate() {
+            let slot = slot.read().unwrap_or_else(|p| p.into_inner());
+            if rank == 0 {
+                self.sums.extend_from_slice(&slot[range.clone()]);
+            } else {
+                self.sums.iter_mut().zip(&slot[range.clone()]).for_each(|(s, x)| *s += x);
+            }
+        }
+    }
+}
+
+impl<B: Backend + ?Sized> Communicator<B> for ThreadComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+
+    fn all_reduce_host(&mut self, _: &mut B, values: &mut [f64]) -> Result<()> {
+        {
+            let mut slot = self.shared.host_slots[self.rank].write().unwrap_or_else(|p| p.into_inner());
+            slot.clear();
+            slot.extend_from_slice(values);
+        }
+        self.barrier()?;
+        values.fill(0.0);
+        for slot in &self.shared.host_slots {
+            let slot = slot.read().unwrap_or_else(|p| p.into_inner());
+            values.iter_mut().zip(slot.iter()).for_each(|(v, x)| *v += x);
+        }
+        // Nobody may overwrite a slot before every rank has read it.
+        self.barrier()
+    }
+
+    fn all_reduce(&mut self, backend: &mut B, t: Tensor) -> Result<()> {
+        self.deposit(backend, t)?;
+        self.sum_slots(0..t.len);
+        backend.upload(t, &self.sums)?;
+        self.barrier()
+    }
+
+    fn reduce_scatter(&mut self, backend: &mut B, t: Tensor) -> Result<()> {
+        self.deposit(backend, t)?;
+        let mine = piece(t, self.shared.world, self.rank);
+        self.sum_slots(mine.offset - t.offset..mine.offset - t.offset + mine.len);
+        backend.upload(mine, &self.sums)?;
+        self.barrier()
+    }
+
+    fn all_gather(&mut self, backend: &mut B, t: Tensor) -> Result<()> {
+        let world = self.shared.world;
+        self.deposit(backend, piece(t, world, self.rank))?;
+        for (rank, slot) in self.shared.slots.iter().enumerate() {
+            if rank != self.rank {
+                backend.upload(piece(t, world, rank), &slot.read().unwrap_or_else(|p| p.into_inner()))?;
+            }
+        }
+        self.barrier()
+    }
+
+    fn wait(&mut self, _: &mut B) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ThreadComm {
+    fn drop(&mut self) {
+        let mut gate = self.shared.gate.lock().unwrap_or_else(|p| p.into_inner());
+        gate.left.get_or_insert(self.rank);
+        self.shared.opened.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::Role;
+    use kiln_cpu::CpuBackend;
+
+    /// Runs `f` on `world` threads, each with its own CPU backend and communicator; returns their results in rank
+    /// order.
+    fn on_ranks<T: Send>(
+        world: usize,
+        f: impl Fn(&mut CpuBackend<f32>, &mut ThreadComm) -> Result<T> + Sync,
+    ) -> Vec<Result<T>> {
+        let comms = group(world, Duration::from_secs(10));
+        std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|mut comm| {
+                    let f = &f;
+                    s.spawn(move || f(&mut CpuBackend::new(), &mut comm))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn rank_values(rank: usize, len: usize) -> Vec<f32> {
+        (0..len).map(|i| (rank * 1000 + i) as f32 * 0.5 + 0.25).collect()
+    }
+
+    #[test]
+    fn all_reduce_sums_in_rank_order_on_every_rank() {
+        let results = on_ranks(3, |b, comm| {
+            let t = b.alloc(9, Role::Grad)?;
+            b.upload(t, &rank_values(comm.rank, 9))?;
+            Communicator::<CpuBackend<f32>>::all_reduce(comm, b, t)?;
+            let mut host = [0.0; 9];
+            b.download(t, &mut host)?;
+            let mut counts = [comm.rank as f64, 1.0];
+            Communicator::<CpuBackend<f32>>::all_reduce_host(comm, b, &mut counts)?;
+            Ok((host, counts))
+        });
+        let expected: Vec<f32> = (0..9).map(|i| (0..3).map(|r| rank_values(r, 9)[i]).sum()).collect();
+        for result in results {
+            let (host, counts) = result.unwrap();
+            assert_eq!(host.to_vec(), expected);
+            assert_eq!(counts, [3.0, 3.0]);
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_then_all_gather_is_an_all_reduce() {
+        let results = on_ranks(4, |b, comm| {
+            let t = b.alloc(12, Role::Param)?;
+            b.upload(t, &rank_values(comm.rank, 12))?;
+            Communicator::<CpuBackend<f32>>::reduce_scatter(comm, b, t)?;
+            Communicator::<CpuBackend<f32>>::all_gather(comm, b, t)?;
+            let mut host = vec![0.0; 12];
+            b.download(t, &mut host)?;
+            Ok(host)
+        });
+        let expected: Vec<f32> = (0..12).map(|i| (0..4).map(|r| rank_values(r, 12)[i]).sum()).collect();
+        for result in results {
+            assert_eq!(result.unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn a_rank_that_leaves_releases_the_others_with_an_error() {
+        let started = Instant::now();
+        let results = on_ranks(3, |b, comm| {
+            if comm.rank == 1 {
+                return Err(Error::Invalid("rank 1 fails before the collective".into()));
+            }
+            let mut values = [1.0];
+            Communicator::<CpuBackend<f32>>::all_reduce_host(comm, b, &mut values)
+        });
+        assert!(started.elapsed() < Duration::from_secs(5), "the others must not wait for the timeout");
+        for (rank, result) in results.into_iter().enumerate() {
+            let message = result.unwrap_err().to_string();
+            if rank != 1 {
+                assert!(message.contains("rank 1 left the job"), "{message}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_rank_times_out() {
+        let mut comms = group(2, Duration::from_millis(200));
+        let _absent = comms.pop();
+        let mut b = CpuBackend::<f32>::new();
+        let err = Communicator::<CpuBackend<f32>>::all_reduce_host(&mut comms[0], &mut b, &mut [1.0]).unwrap_err();
+        assert!(err.to_string().contains("giving up"), "{err}");
+    }
+}
