@@ -3,8 +3,8 @@
 //! Storage by role: in bf16, parameters and activations are bf16 and every parameter allocation has an fp32
 //! master copy beside it (uploads write both; AdamW updates the master and rounds it into the parameters); weight
 //! gradients, statistics, losses and optimizer moments are fp32 in both precisions. Matrix products go through
-//! cuBLAS's `GemmEx` (bf16 or fp32 in, fp32 accumulation, TF32 off); bias, GELU and the bias gradient are
-//! separate kernels for now. Every other operation is a kernel of `kernels/`, compiled by NVRTC for this GPU.
+//! cuBLASLt (the `matmul` module: bf16 or fp32 in, fp32 accumulation, TF32 off), with the bias, GELU and the bias
+//! gradient fused into them. Every other operation is a kernel of `kernels/`, compiled by NVRTC for this GPU.
 //!
 //! Not yet run on a GPU: `kiln selftest --backend cuda` is the check that must pass there.
 
@@ -12,7 +12,7 @@ use crate::compile::Compiler;
 use crate::devices;
 use crate::kernels::{KERNELS, Precision};
 use crate::libraries::Library;
-use cudarc::cublas::{result as blas, sys as blas_sys};
+use crate::matmul::{self, CublasLt, Epilogue, Operand, Product};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
@@ -22,8 +22,8 @@ use kiln_core::{AdamWStep, AttentionDims, Backend, Error, MatmulDims, Result, Ro
 use std::collections::HashMap;
 use std::sync::Arc;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DType {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum DType {
     F32,
     Bf16,
     U32,
@@ -56,7 +56,7 @@ pub struct CudaBackend {
     name: String,
     precision: Precision,
     stream: Arc<CudaStream>,
-    blas: blas_sys::cublasHandle_t,
+    lt: CublasLt,
     functions: HashMap<String, CudaFunction>,
     _modules: Vec<Arc<CudaModule>>,
     buffers: Vec<Buffer>,
@@ -69,10 +69,6 @@ pub struct CudaBackend {
 
 fn driver(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::backend("cuda", format!("{what}: {e:?}"))
-}
-
-fn blas_error(e: blas::CublasError) -> Error {
-    Error::backend("cuda", format!("cuBLAS: {e:?}"))
 }
 
 /// Launches kernel `$name` of `$backend` with `$cfg`, passing each argument (a local value: a device address or a
@@ -95,10 +91,16 @@ fn grid(n: usize, block: u32) -> LaunchConfig {
     }
 }
 
+/// A launch of an elementwise kernel over `n` elements. Those kernels stride over 16-byte chunks, so any grid
+/// covers the data: one thread per 8 elements gives each thread one chunk of bf16, or two of fp32.
+fn elementwise(n: usize) -> LaunchConfig {
+    grid(n.div_ceil(8), 256)
+}
+
 impl CudaBackend {
-    /// Opens GPU `ordinal`, compiles (or loads from the cache) every kernel for it, and starts cuBLAS.
+    /// Opens GPU `ordinal`, compiles (or loads from the cache) every kernel for it, and starts cuBLASLt.
     pub fn new(ordinal: usize, precision: Precision) -> Result<Self> {
-        for lib in [Library::Driver, Library::Nvrtc, Library::Cublas] {
+        for lib in [Library::Driver, Library::Nvrtc, Library::CublasLt] {
             lib.require()?;
         }
         let gpus = devices::list()?;
@@ -121,20 +123,19 @@ impl CudaBackend {
             }
             modules.push(module);
         }
-        let blas = blas::create_handle().map_err(blas_error)?;
-        // SAFETY: the handle was just created; the stream outlives it (both live as long as the backend).
-        unsafe { blas::set_stream(blas, stream.cu_stream() as _) }.map_err(blas_error)?;
+        let name = format!("cuda:{ordinal} ({}, {})", gpu.name, precision.name());
+        let lt = CublasLt::new(&stream).map_err(|e| Error::backend(name.clone(), e))?;
         let mut backend = CudaBackend {
-            name: format!("cuda:{ordinal} ({}, {})", gpu.name, precision.name()),
+            name,
             precision,
             stream,
-            blas,
+            lt,
             functions,
             _modules: modules,
             buffers: Vec::new(),
             reduce: Tensor { buffer: BufferId(0), offset: 0, len: 0 },
             scratch: Tensor { buffer: BufferId(0), offset: 0, len: 0 },
-            bytes: 0,
+            bytes: matmul::WORKSPACE_BYTES,
         };
         backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
         Ok(backend)
@@ -210,51 +211,17 @@ impl CudaBackend {
         self.stream.synchronize().map_err(driver("synchronize"))
     }
 
-    /// One GemmEx: column-major `C (m×n) = β·C + op(A)·op(B)`.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        (ta, tb): (bool, bool),
-        (m, n, k): (usize, usize, usize),
-        a: (u64, usize),
-        b: (u64, usize),
-        c: (u64, usize, DType),
-        beta: f32,
-    ) -> Result<()> {
-        let op =
-            |t| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
-        let ty = |d: DType| match d {
-            DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
-            _ => blas_sys::cudaDataType::CUDA_R_32F,
-        };
-        let x = ty(self.x());
-        let alpha = 1.0f32;
-        // SAFETY: the pointers were checked by the caller against operands of these shapes; alpha and beta are
-        // host scalars, cuBLAS's default pointer mode.
-        unsafe {
-            blas::gemm_ex(
-                self.blas,
-                op(ta),
-                op(tb),
-                m as i32,
-                n as i32,
-                k as i32,
-                (&alpha as *const f32).cast(),
-                a.0 as *const _,
-                x,
-                a.1 as i32,
-                b.0 as *const _,
-                x,
-                b.1 as i32,
-                (&beta as *const f32).cast(),
-                c.0 as *mut _,
-                ty(c.2),
-                c.1 as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(blas_error)
+    /// Queues one cuBLASLt product.
+    ///
+    /// Alignment: cuBLASLt's fast kernels want 16-byte-aligned operands, and tensors are views at element
+    /// offsets. The model's views start at multiples of n_embd elements (activations at multiples of
+    /// rows·n_embd, every parameter and gradient after tensors whose sizes are multiples of n_embd), and each
+    /// allocation at 256 bytes, so with n_embd a multiple of 8 every operand is 16-byte aligned in both
+    /// precisions. Nothing depends on it: each product's alignments are measured and given to cuBLASLt's
+    /// heuristic, which picks a slower kernel for less aligned operands.
+    fn matmul(&mut self, op: &str, product: Product) -> Result<()> {
+        // SAFETY: every address in `product` was checked by `ptr` against a tensor of its role's size and type.
+        unsafe { self.lt.run(&product, &self.stream) }.map_err(|e| self.err(op, e))
     }
 
     /// Sum of `x` or of its squares, deterministic, returned to the host.
@@ -286,13 +253,6 @@ impl CudaBackend {
     /// Token ids; the model checks them against the vocabulary on the host before they are uploaded.
     fn ids(&self, op: &str, t: Tensor, len: usize) -> Result<u64> {
         self.ptr(op, t, DType::U32, len)
-    }
-}
-
-impl Drop for CudaBackend {
-    fn drop(&mut self) {
-        // SAFETY: the handle was created in `new` and is destroyed once.
-        let _ = unsafe { blas::destroy_handle(self.blas) };
     }
 }
 
@@ -553,17 +513,36 @@ impl Backend for CudaBackend {
         self.disjoint_optional(op, &[Some(out), gelu_pre], &[Some(inp), Some(weight), bias])?;
         let o = self.ptr(op, out, x, rows * c_out)?;
         let (i, w) = (self.ptr(op, inp, x, rows * c_in)?, self.ptr(op, weight, x, c_out * c_in)?);
-        let b = bias.map(|b| self.ptr(op, b, x, c_out)).transpose()?.unwrap_or(0);
+        let bias = bias.map(|b| self.ptr(op, b, x, c_out)).transpose()?;
         let pre = gelu_pre.map(|p| self.ptr(op, p, x, rows * c_out)).transpose()?;
-        // Row-major out (rows × c_out) is column-major (c_out × rows) = Wᵀ·inp with W column-major (c_in × c_out).
-        let product = pre.unwrap_or(o);
-        self.gemm((true, false), (c_out, rows, c_in), (w, c_in), (i, c_in), (product, c_out, x), 0.0)?;
-        if bias.is_some() || pre.is_some() {
-            let act_out = if pre.is_some() { o } else { 0 };
-            let (r, co) = (rows as i64, c_out as i32);
-            launch!(self, "bias_act", grid(rows * c_out, 256), product, act_out, b, r, co)?;
+        // Row-major out (rows × c_out) is column-major (c_out × rows) = Wᵀ·inp, with W column-major
+        // (c_in × c_out) and inp column-major (c_in × rows).
+        let product = |d, epilogue| Product {
+            m: c_out,
+            n: rows,
+            k: c_in,
+            a: Operand { ptr: w, ld: c_in, transposed: true },
+            b: Operand { ptr: i, ld: c_in, transposed: false },
+            d,
+            inputs: x,
+            output: x,
+            accumulate: false,
+            epilogue,
+        };
+        let plain = bias.map_or(Epilogue::None, |bias| Epilogue::Bias { bias });
+        match pre {
+            None => self.matmul(op, product(o, plain)),
+            Some(pre) if c_out % matmul::GELU_AUX_LD_MULTIPLE == 0 => {
+                self.matmul(op, product(o, Epilogue::Gelu { bias, pre }))
+            }
+            // GELU's input is too narrow to be the epilogue's auxiliary output: the product goes there, and a
+            // kernel applies GELU.
+            Some(pre) => {
+                self.matmul(op, product(pre, plain))?;
+                let n = (rows * c_out) as i64;
+                launch!(self, "gelu_forward", elementwise(rows * c_out), o, pre, n)
+            }
         }
-        Ok(())
     }
 
     fn matmul_backward(
@@ -591,19 +570,59 @@ impl Backend for CudaBackend {
             self.ptr(op, inp, x, rows * c_in)?,
             self.ptr(op, weight, x, c_out * c_in)?,
         );
+        let pre = gelu_pre.map(|p| self.ptr(op, p, x, rows * c_in)).transpose()?;
+        let db = dbias.map(|b| self.ptr(op, b, DType::F32, c_out)).transpose()?;
+        // cuBLASLt's bias-gradient epilogue overwrites its output, and dbias accumulates over micro-batches, so
+        // the epilogue writes to scratch and a kernel adds that in. Its output has D's type: fp32 here, even from
+        // bf16 inputs (cuBLASLt's table of types pairs bf16 A and B with an fp32 C and D with an fp32 bias).
+        let bias_grad = db.map(|_| self.scratch(op, c_out)).transpose()?;
+
         // dinp (column-major c_in × rows) = W (c_in × c_out) · dout (c_out × rows).
-        self.gemm((false, false), (c_in, rows, c_out), (w, c_in), (g, c_out), (di, c_in, x), 0.0)?;
-        if let Some(pre) = gelu_pre {
-            let p = self.ptr(op, pre, x, rows * c_in)?;
-            let n = (rows * c_in) as i64;
-            launch!(self, "gelu_backward", grid(rows * c_in, 256), di, p, n)?;
+        let dinp_product = |epilogue| Product {
+            m: c_in,
+            n: rows,
+            k: c_out,
+            a: Operand { ptr: w, ld: c_in, transposed: false },
+            b: Operand { ptr: g, ld: c_out, transposed: false },
+            d: di,
+            inputs: x,
+            output: x,
+            accumulate: false,
+            epilogue,
+        };
+        match pre {
+            None => self.matmul(op, dinp_product(Epilogue::None))?,
+            Some(pre) if c_in % matmul::GELU_AUX_LD_MULTIPLE == 0 => {
+                self.matmul(op, dinp_product(Epilogue::GeluBackward { pre }))?
+            }
+            // As in the forward pass: GELU's input is too narrow for the epilogue, so a kernel applies gelu'.
+            Some(pre) => {
+                self.matmul(op, dinp_product(Epilogue::None))?;
+                let n = (rows * c_in) as i64;
+                launch!(self, "gelu_backward", elementwise(rows * c_in), di, pre, n)?;
+            }
         }
-        // dW (column-major c_in × c_out) += inp (c_in × rows) · doutᵀ (rows × c_out), accumulated in fp32.
-        self.gemm((false, true), (c_in, c_out, rows), (i, c_in), (g, c_out), (dw, c_in, DType::F32), 1.0)?;
-        if let Some(db) = dbias {
-            let db = self.ptr(op, db, DType::F32, c_out)?;
-            let (r, co) = (rows as i64, c_out as i32);
-            launch!(self, "bias_grad", grid(c_out, 128), db, g, r, co)?;
+
+        // dW (column-major c_in × c_out) += inp (c_in × rows) · doutᵀ (rows × c_out), accumulated in fp32; the
+        // bias gradient is the sum of doutᵀ's columns over the rows (the k of this product).
+        self.matmul(
+            op,
+            Product {
+                m: c_in,
+                n: c_out,
+                k: rows,
+                a: Operand { ptr: i, ld: c_in, transposed: false },
+                b: Operand { ptr: g, ld: c_out, transposed: true },
+                d: dw,
+                inputs: x,
+                output: DType::F32,
+                accumulate: true,
+                epilogue: bias_grad.map_or(Epilogue::None, |bias_grad| Epilogue::BiasGradient { bias_grad }),
+            },
+        )?;
+        if let (Some(db), Some(grad)) = (db, bias_grad) {
+            let n = c_out as i32;
+            launch!(self, "bias_grad_accumulate", grid(c_out, 256), db, grad, n)?;
         }
         Ok(())
     }

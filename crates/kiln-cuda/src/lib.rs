@@ -15,3 +15,4 @@ pub mod compile;
 pub mod devices;
 pub mod kernels;
 pub mod libraries;
+mod matmul;
