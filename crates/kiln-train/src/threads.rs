@@ -12,14 +12,13 @@ use crate::{Hooks, Summary, Trainer};
 use kiln_core::comm::piece;
 use kiln_core::{Backend, Communicator, Config, Error, Result, Tensor};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-/// Trains on `world` ranks that are threads of this process, each with the backend `make_backend(rank)` returns;
-/// `resume` continues them all from that checkpoint. Rank 0 runs on the calling thread with `hooks`, and its
-/// summary is returned. When ranks fail, the error of the first to fail is returned (the others stop at their
-/// next collective with an error that names it). A job of one rank runs on the calling thread alone, with a
-/// communicator that does nothing.
+/// Trains on `world` ranks that are threads of this process, on the CPU engine's model of them: each with the
+/// backend `make_backend(rank)` returns and a communicator of [`group`]. See [`train_ranks`]; a job of one rank
+/// runs on the calling thread alone, with a communicator that does nothing.
 pub fn train<B: Backend>(
     config: &Config,
     world: usize,
@@ -28,49 +27,72 @@ pub fn train<B: Backend>(
     hooks: &mut Hooks,
     write_outputs: bool,
 ) -> Result<Summary> {
-    let run = |mut trainer: Trainer<B>, hooks: &mut Hooks| -> Result<Summary> {
+    if world == 1 {
+        let mut trainer = Trainer::new(config, make_backend(0)?)?;
         if let Some(dir) = resume {
             trainer.resume(dir)?;
         }
-        trainer.run(hooks, write_outputs)
-    };
-    if world == 1 {
-        return run(Trainer::new(config, make_backend(0)?)?, hooks);
+        return trainer.run(hooks, write_outputs);
     }
-    let comms = group(world, Duration::from_secs(config.dist.timeout_s));
-    let shared = comms[0].shared.clone();
-    let run_rank = |comm: ThreadComm, hooks: &mut Hooks| -> Result<Summary> {
-        let rank = comm.rank;
-        run(Trainer::with_comm(config, make_backend(rank)?, Box::new(comm))?, hooks)
+    let comms: Mutex<Vec<Option<ThreadComm>>> =
+        Mutex::new(group(world, Duration::from_secs(config.dist.timeout_s)).into_iter().map(Some).collect());
+    let make_rank = |rank: usize, _: &Arc<AtomicBool>| -> Result<(B, Box<dyn Communicator<B>>)> {
+        let comm = comms.lock().unwrap_or_else(|p| p.into_inner())[rank].take().expect("each rank is made once");
+        Ok((make_backend(rank)?, Box::new(comm)))
     };
-    let mut results = std::thread::scope(|s| {
-        let mut comms = comms.into_iter();
-        let first = comms.next().expect("a job has at least one rank");
-        let others: Vec<_> = comms
-            .map(|comm| {
-                let stop = hooks.stop.clone();
-                let run_rank = &run_rank;
-                std::thread::Builder::new()
-                    .name(format!("rank {}", comm.rank))
-                    .spawn_scoped(s, move || run_rank(comm, &mut Hooks { stop, on_step: None }))
-            })
-            .collect();
-        let mut results = vec![run_rank(first, hooks)];
-        for handle in others {
-            results.push(match handle {
-                Ok(handle) => handle.join().unwrap_or_else(|_| Err(failure("a rank panicked".into()))),
-                Err(e) => Err(failure(format!("cannot start a thread for a rank: {e}"))),
-            });
+    train_ranks(config, world, make_rank, resume, hooks, write_outputs)
+}
+
+/// Trains on `world` ranks that are threads of this process (one per GPU, say), each with the engine and the
+/// communicator `make_rank(rank, failed)` returns; `resume` continues them all from that checkpoint. Rank 0 runs on
+/// the calling thread with `hooks`, and its summary is returned. When a rank fails, `failed` is raised (a
+/// communicator that cannot otherwise notice, such as NCCL's, watches it), the others stop at their next
+/// collective, and the error of the first rank to fail is returned.
+pub fn train_ranks<B: Backend>(
+    config: &Config,
+    world: usize,
+    make_rank: impl Fn(usize, &Arc<AtomicBool>) -> Result<(B, Box<dyn Communicator<B>>)> + Sync,
+    resume: Option<&Path>,
+    hooks: &mut Hooks,
+    write_outputs: bool,
+) -> Result<Summary> {
+    let failed = Arc::new(AtomicBool::new(false));
+    let first_failure: Mutex<Option<Error>> = Mutex::new(None);
+    let run_rank = |rank: usize, hooks: &mut Hooks| -> Option<Summary> {
+        let result = make_rank(rank, &failed).and_then(|(backend, comm)| {
+            let mut trainer = Trainer::with_comm(config, backend, comm)?;
+            if let Some(dir) = resume {
+                trainer.resume(dir)?;
+            }
+            trainer.run(hooks, write_outputs)
+        });
+        match result {
+            Ok(summary) => Some(summary),
+            Err(e) => {
+                failed.store(true, Ordering::Relaxed);
+                first_failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                None
+            }
         }
-        results
+    };
+    let lead = std::thread::scope(|s| {
+        for rank in 1..world {
+            let (stop, run_rank) = (hooks.stop.clone(), &run_rank);
+            let spawned = std::thread::Builder::new()
+                .name(format!("rank {rank}"))
+                .spawn_scoped(s, move || run_rank(rank, &mut Hooks { stop, on_step: None }));
+            if let Err(e) = spawned {
+                failed.store(true, Ordering::Relaxed);
+                let error = failure(format!("cannot start a thread for rank {rank}: {e}"));
+                first_failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(error);
+            }
+        }
+        run_rank(0, hooks)
     });
-    let first_failed = shared.gate.lock().unwrap_or_else(|p| p.into_inner()).left.unwrap_or(0);
-    if results[first_failed].is_err() {
-        return results.swap_remove(first_failed);
+    match first_failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(error) => Err(error),
+        None => Ok(lead.expect("rank 0 either succeeded or recorded its failure")),
     }
-    let mut results = results.into_iter();
-    let lead = results.next().expect("rank 0 ran");
-    results.find(Result::is_err).unwrap_or(lead)
 }
 
 struct Gate {
