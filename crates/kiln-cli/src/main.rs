@@ -4,6 +4,7 @@
 //! `kiln-train`. Errors end the process with a message and an exit code: 2 for usage, configuration and input
 //! errors, 1 for failures at run time, 130 when interrupted.
 
+mod dist;
 mod log;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -124,7 +125,9 @@ enum Command {
         backend: BackendChoice,
     },
     /// Show the version, the engines available, CPU threads, CUDA libraries and GPUs.
-    Info,
+    Info(dist::InfoArgs),
+    /// Start this node's processes of a data-parallel job, pass on their output, and stop them all when one fails.
+    Launch(dist::LaunchArgs),
     /// Measure throughput.
     Bench {
         #[command(subcommand)]
@@ -210,10 +213,16 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Train { config, overrides, backend, resume } => train(config, &overrides, backend, resume, bar),
-        Command::Info => {
-            info();
-            Ok(())
-        }
+        // A rendezvous to check, asked for or implied by a placement in a job of several, replaces the report.
+        Command::Info(args) => dist::check_rendezvous(&args).map(|checked| {
+            if !checked {
+                info()
+            }
+        }),
+        Command::Launch(args) => match dist::launch(args) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         Command::Kernels { command: KernelsCommand::Build { archs } } => build_kernels(archs),
         Command::Selftest { backend } => selftest(backend),
         Command::Eval { checkpoint, data, backend } => eval(&checkpoint, data, backend),
