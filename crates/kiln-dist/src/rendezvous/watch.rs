@@ -3,8 +3,9 @@
 //! A process that ends, however it ends, has its sockets closed by the kernel, so the process at the other end
 //! reads end-of-file. One thread per connection waits for that in a blocking read; these reads alone have no
 //! timeout, since waiting is their whole purpose, and dropping the [`Watch`] shuts the connections down, which
-//! ends them (and tells the other side). A machine that vanishes without closing its sockets (power loss, a
-//! network partition) is not noticed here.
+//! ends them (and tells the other side). A process that finishes normally closes its connections in the same
+//! way, so a loss means something only while the others are still needed, as during training. A machine that
+//! vanishes without closing its sockets (power loss, a network partition) is not noticed here.
 
 use kiln_core::{Error, Result};
 use std::io::Read;
@@ -87,9 +88,11 @@ impl Shared {
             return;
         }
         let mut message = self.message.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Reporting is left to whoever polls: a job that ends normally closes its connections too, and only the
+        // process that still needed the others can tell a loss from an ending.
         if message.is_none() {
             *message = Some(format!("{who} {why}"));
-            tracing::error!("{who} {why}");
+            tracing::debug!("{who} {why}");
         }
         self.lost.store(true, Ordering::SeqCst);
     }
