@@ -65,12 +65,16 @@ pub(super) fn lead(meeting: &Meeting, host: &str, port: u16, id: &UniqueId) -> R
     }
     for peer in &peers {
         let mut ack = [0; 4];
-        (&peer.stream).read_exact(&mut ack).map_err(|e| match e.kind() {
+        let acked = peer.stream.set_read_timeout(Some(IO_TIMEOUT)).and_then(|()| (&peer.stream).read_exact(&mut ack));
+        acked.map_err(|e| match e.kind() {
             ErrorKind::UnexpectedEof => {
                 meeting.failed(format!("{} closed its connection before confirming it had the id", peer.name()))
             }
             _ => meeting.failed(format!("{} did not confirm it had the id: {e}", peer.name())),
         })?;
+        if ack != MAGIC {
+            return Err(meeting.failed(format!("{} answered the id with something other than kiln's", peer.name())));
+        }
     }
     tracing::debug!("{}: all {} ranks have the id", meeting.rv, meeting.world);
     Watch::over(
@@ -190,7 +194,12 @@ fn gather(meeting: &Meeting, listener: &TcpListener, peers: &mut Vec<Peer>) -> R
                 gone.name()
             )));
         }
-        let missing: Vec<u32> = (1..meeting.world).filter(|&r| !peers.iter().any(|p| p.hello.rank == r)).collect();
+        // Every peer's rank was admitted, so it is below the world size.
+        let mut present = vec![false; meeting.world as usize];
+        for peer in peers.iter() {
+            present[peer.hello.rank as usize] = true;
+        }
+        let missing: Vec<u32> = (1..meeting.world).filter(|&r| !present[r as usize]).collect();
         if missing.is_empty() {
             return Ok(());
         }
