@@ -6,21 +6,27 @@
 // dS_tj = P_tj (dO_t·v_j − D_t), dq_t = s Σ_j dS_tj k_j, dk_j = s Σ_t≥j dS_tj q_t, dv_j = Σ_t≥j P_tj dO_t.
 //
 // Layouts: qkv (B, T, 3C) with queries, keys and values each C = NH·HS wide; out (B, T, C); lse (B, NH, T).
-// One warp per (batch, head, row); lane l holds elements l, l+32, ... of a row, so HS ≤ 32·MAX_PER_LANE.
+// One warp per (batch, head, row); lane l holds elements MAX_PER_LANE·l to MAX_PER_LANE·(l+1) − 1 of a row, moved
+// as one access where they are all there and aligned (see Packed in common.cuh), so HS ≤ 32·MAX_PER_LANE.
 // Every dot product is a warp reduction; nothing is atomic, so results are deterministic.
 
 #define MAX_PER_LANE 4
+
+typedef Packed<floatX, MAX_PER_LANE> RowChunk;
 
 struct Row {
     float v[MAX_PER_LANE];
 };
 
+// How many of lane `lane`'s elements lie inside a row of HS.
+__device__ __forceinline__ int row_count(int HS, int lane) {
+    return max(0, min(MAX_PER_LANE, HS - lane * MAX_PER_LANE));
+}
+
 __device__ __forceinline__ Row load_row(const floatX* p, int HS, int lane, float scale) {
+    RowChunk x = RowChunk::load(p + lane * MAX_PER_LANE, row_count(HS, lane));
     Row r;
-    for (int k = 0; k < MAX_PER_LANE; k++) {
-        int d = lane + 32 * k;
-        r.v[k] = d < HS ? to_f32(p[d]) * scale : 0.0f;
-    }
+    for (int k = 0; k < MAX_PER_LANE; k++) r.v[k] = to_f32(x.v[k]) * scale;
     return r;
 }
 
@@ -31,10 +37,9 @@ __device__ __forceinline__ float dot(const Row& a, const Row& b) {
 }
 
 __device__ __forceinline__ void store_row(floatX* p, const Row& r, int HS, int lane) {
-    for (int k = 0; k < MAX_PER_LANE; k++) {
-        int d = lane + 32 * k;
-        if (d < HS) p[d] = to_x(r.v[k]);
-    }
+    RowChunk x;
+    for (int k = 0; k < MAX_PER_LANE; k++) x.v[k] = to_x(r.v[k]);
+    x.store(p + lane * MAX_PER_LANE, row_count(HS, lane));
 }
 
 // Which (b, h, row) this warp handles, or false past the end.

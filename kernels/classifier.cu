@@ -4,18 +4,27 @@
 // loss = log Σ_i e^{z_i} − z_y, added to losses[row] (fp32). When write_grad is set, the logits are replaced in
 // place by dloss·(softmax(z) − onehot(y)), and the padded columns by zero. Rows whose target is IGNORE_TARGET add
 // no loss and get a zero gradient.
+//
+// Thread t handles the row's chunks t, t + blockDim.x, ... (see Packed in common.cuh).
 extern "C" __global__ void classifier(floatX* logits, float* losses, const unsigned* targets, int V, int Vp,
                                       float dloss, int write_grad) {
+    typedef Packed<floatX> P;
     __shared__ float scratch[32];
     const long o = (long)blockIdx.x * Vp;
     const unsigned y = targets[blockIdx.x];
     // Online log-sum-exp: each thread keeps a running max and the sum of exponentials relative to it.
     float m = NEG_INF, s = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        float z = to_f32(logits[o + i]);
-        float m_new = fmaxf(m, z);
-        s = s * expf(m - m_new) + expf(z - m_new);
-        m = m_new;
+    for (int c = threadIdx.x * P::size; c < V; c += blockDim.x * P::size) {
+        const int count = min(P::size, V - c);
+        P zs = P::load(logits + o + c, count);
+#pragma unroll
+        for (int k = 0; k < P::size; k++) {
+            if (k >= count) break;
+            float z = to_f32(zs.v[k]);
+            float m_new = fmaxf(m, z);
+            s = s * expf(m - m_new) + expf(z - m_new);
+            m = m_new;
+        }
     }
     float row_max = block_max(m, scratch);
     float total = block_sum(s * expf(m - row_max), scratch);
@@ -24,9 +33,16 @@ extern "C" __global__ void classifier(floatX* logits, float* losses, const unsig
     if (threadIdx.x == 0 && !ignored) losses[blockIdx.x] += lse - to_f32(logits[o + y]);
     if (!write_grad) return;
     __syncthreads();  // every thread has read logits[o + y] before any overwrites it
-    for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
-        float g = 0.0f;
-        if (!ignored && i < V) g = (expf(to_f32(logits[o + i]) - lse) - (i == (int)y ? 1.0f : 0.0f)) * dloss;
-        logits[o + i] = to_x(g);
+    for (int c = threadIdx.x * P::size; c < Vp; c += blockDim.x * P::size) {
+        const int count = min(P::size, Vp - c);
+        P zs = P::load(logits + o + c, count), gs;
+#pragma unroll
+        for (int k = 0; k < P::size; k++) {
+            const int i = c + k;
+            float g = 0.0f;
+            if (!ignored && i < V) g = (expf(to_f32(zs.v[k]) - lse) - (i == (int)y ? 1.0f : 0.0f)) * dloss;
+            gs.v[k] = to_x(g);
+        }
+        gs.store(logits + o + c, count);
     }
 }

@@ -24,6 +24,57 @@ __device__ __forceinline__ floatX to_x(float x) {
 #endif
 }
 
+// The integer vector type of each access width in bytes: a whole chunk (below) moves as one of these.
+template <int BYTES>
+struct Word;
+template <>
+struct Word<16> {
+    typedef int4 type;
+};
+template <>
+struct Word<8> {
+    typedef int2 type;
+};
+template <>
+struct Word<4> {
+    typedef int type;
+};
+
+// A chunk of N neighbouring elements of T (16 bytes by default: the widest load or store a thread can issue), of
+// which the first `count` lie inside the data. It moves with one access when it is whole (count == N) and its
+// address is aligned to its size, element by element otherwise: any length and offset work, and aligned data of
+// a suitable length (rows whose length is a multiple of N, say) gets the wide accesses. Elements from count on
+// are zero after a load and left alone by a store.
+template <typename T, int N = 16 / sizeof(T)>
+struct alignas(N * sizeof(T)) Packed {
+    static constexpr int size = N;
+    typedef typename Word<N * sizeof(T)>::type Bits;
+    T v[N];
+
+    __device__ __forceinline__ static bool whole(const T* p, int count) {
+        return count == N && reinterpret_cast<unsigned long long>(p) % sizeof(Packed) == 0;
+    }
+    __device__ __forceinline__ static Packed load(const T* p, int count) {
+        Packed r;
+        if (whole(p, count)) {
+            *reinterpret_cast<Bits*>(r.v) = *reinterpret_cast<const Bits*>(p);
+        } else {
+#pragma unroll
+            for (int k = 0; k < N; k++) r.v[k] = k < count ? p[k] : T(0.0f);
+        }
+        return r;
+    }
+    __device__ __forceinline__ void store(T* p, int count) const {
+        if (whole(p, count)) {
+            *reinterpret_cast<Bits*>(p) = *reinterpret_cast<const Bits*>(v);
+        } else {
+#pragma unroll
+            for (int k = 0; k < N; k++)
+                if (k < count) p[k] = v[k];
+        }
+    }
+};
+
 // Sum and max over the 32 lanes of a warp; every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -3,25 +3,47 @@
 // Forward: μ = mean(x), σ⁻¹ = 1/√(mean((x−μ)²) + 1e-5), n = (x−μ)·σ⁻¹, y = n·w + b; μ and σ⁻¹ saved (fp32).
 // Backward, with g = dy·w: dx += σ⁻¹·(g − mean(g) − n·mean(g·n)), dw += Σ_rows dy·n, db += Σ_rows dy.
 //
-// One warp per row. The backward pass gives each block rows_per_block rows; each warp sums its rows' share of
-// dw and db in shared memory, the block adds its warps' sums in order into partials[block], and a second kernel
-// adds the blocks' partials in order: no atomics, so the result is deterministic.
+// One warp per row; lane l handles the row's chunks l, l+32, ... (see Packed in common.cuh). The backward pass
+// gives each block rows_per_block rows; each warp sums its rows' share of dw and db in shared memory, the block
+// adds its warps' sums in order into partials[block], and a second kernel adds the blocks' partials in order: no
+// atomics, so the result is deterministic.
 
 #define LN_EPS 1e-5f
 
-// Normalises one row that lane `lane` of a warp reads at x[lane], x[lane+32], ...
+typedef Packed<floatX> LnChunk;
+
+// Normalises one row; lane `lane` of a warp handles its chunks.
 __device__ __forceinline__ void normalize_row(floatX* y, float* mean, float* rstd, const floatX* x, const floatX* w,
                                               const floatX* b, int C, int lane) {
     float s = 0.0f;
-    for (int c = lane; c < C; c += 32) s += to_f32(x[c]);
+    for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
+        const int count = min(LnChunk::size, C - c);
+        LnChunk xs = LnChunk::load(x + c, count);
+#pragma unroll
+        for (int k = 0; k < LnChunk::size; k++)
+            if (k < count) s += to_f32(xs.v[k]);
+    }
     float mu = warp_sum(s) / C;
     float v = 0.0f;
-    for (int c = lane; c < C; c += 32) {
-        float d = to_f32(x[c]) - mu;
-        v += d * d;
+    for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
+        const int count = min(LnChunk::size, C - c);
+        LnChunk xs = LnChunk::load(x + c, count);
+#pragma unroll
+        for (int k = 0; k < LnChunk::size; k++) {
+            float d = to_f32(xs.v[k]) - mu;
+            if (k < count) v += d * d;
+        }
     }
     float rs = rsqrtf(warp_sum(v) / C + LN_EPS);
-    for (int c = lane; c < C; c += 32) y[c] = to_x((to_f32(x[c]) - mu) * rs * to_f32(w[c]) + to_f32(b[c]));
+    for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
+        const int count = min(LnChunk::size, C - c);
+        LnChunk xs = LnChunk::load(x + c, count), ws = LnChunk::load(w + c, count), bs = LnChunk::load(b + c, count);
+        LnChunk ys;
+#pragma unroll
+        for (int k = 0; k < LnChunk::size; k++)
+            ys.v[k] = to_x((to_f32(xs.v[k]) - mu) * rs * to_f32(ws.v[k]) + to_f32(bs.v[k]));
+        ys.store(y + c, count);
+    }
     if (lane == 0) {
         *mean = mu;
         *rstd = rs;
@@ -44,7 +66,13 @@ extern "C" __global__ void residual_layernorm_forward(floatX* residual, floatX* 
     if (row >= N) return;
     int lane = threadIdx.x % 32;
     long o = (long)row * C;
-    for (int c = lane; c < C; c += 32) residual[o + c] = to_x(to_f32(a[o + c]) + to_f32(b[o + c]));
+    for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
+        const int count = min(LnChunk::size, C - c);
+        LnChunk as = LnChunk::load(a + o + c, count), bs = LnChunk::load(b + o + c, count), rs;
+#pragma unroll
+        for (int k = 0; k < LnChunk::size; k++) rs.v[k] = to_x(to_f32(as.v[k]) + to_f32(bs.v[k]));
+        rs.store(residual + o + c, count);
+    }
     __syncwarp();
     normalize_row(out + o, mean + row, rstd + row, residual + o, weight, bias, C, lane);
 }
@@ -57,25 +85,45 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, con
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     float* sdw = shared + warp * 2 * C;
     float* sdb = sdw + C;
-    for (int c = lane; c < C; c += 32) sdw[c] = sdb[c] = 0.0f;
+    // Each lane owns the channels of its chunks, here and below: no other thread touches them until the block
+    // synchronises.
+    for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size)
+        for (int k = 0; k < min(LnChunk::size, C - c); k++) sdw[c + k] = sdb[c + k] = 0.0f;
     const int first = blockIdx.x * rows_per_block;
     for (int row = first + warp; row < min(first + rows_per_block, N); row += warps) {
         long o = (long)row * C;
         float mu = mean[row], rs = rstd[row];
         float g_sum = 0.0f, gn_sum = 0.0f;
-        for (int c = lane; c < C; c += 32) {
-            float g = to_f32(dout[o + c]) * to_f32(weight[c]);
-            g_sum += g;
-            gn_sum += g * (to_f32(inp[o + c]) - mu) * rs;
+        for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
+            const int count = min(LnChunk::size, C - c);
+            LnChunk dy = LnChunk::load(dout + o + c, count), xs = LnChunk::load(inp + o + c, count),
+                    ws = LnChunk::load(weight + c, count);
+#pragma unroll
+            for (int k = 0; k < LnChunk::size; k++) {
+                float g = to_f32(dy.v[k]) * to_f32(ws.v[k]);
+                if (k < count) {
+                    g_sum += g;
+                    gn_sum += g * (to_f32(xs.v[k]) - mu) * rs;
+                }
+            }
         }
         float g_mean = warp_sum(g_sum) / C, gn_mean = warp_sum(gn_sum) / C;
-        for (int c = lane; c < C; c += 32) {
-            float dy = to_f32(dout[o + c]);
-            float n = (to_f32(inp[o + c]) - mu) * rs;
-            float g = dy * to_f32(weight[c]);
-            dinp[o + c] = to_x(to_f32(dinp[o + c]) + rs * (g - g_mean - n * gn_mean));
-            sdw[c] += dy * n;  // each lane owns its channels: no other thread touches them
-            sdb[c] += dy;
+        for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
+            const int count = min(LnChunk::size, C - c);
+            LnChunk dy = LnChunk::load(dout + o + c, count), xs = LnChunk::load(inp + o + c, count),
+                    ws = LnChunk::load(weight + c, count), dx = LnChunk::load(dinp + o + c, count);
+#pragma unroll
+            for (int k = 0; k < LnChunk::size; k++) {
+                float d = to_f32(dy.v[k]);
+                float n = (to_f32(xs.v[k]) - mu) * rs;
+                float g = d * to_f32(ws.v[k]);
+                dx.v[k] = to_x(to_f32(dx.v[k]) + rs * (g - g_mean - n * gn_mean));
+                if (k < count) {
+                    sdw[c + k] += d * n;
+                    sdb[c + k] += d;
+                }
+            }
+            dx.store(dinp + o + c, count);
         }
     }
     __syncthreads();

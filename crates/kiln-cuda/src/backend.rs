@@ -91,8 +91,9 @@ fn grid(n: usize, block: u32) -> LaunchConfig {
     }
 }
 
-/// A launch of an elementwise kernel over `n` elements. Those kernels stride over 16-byte chunks, so any grid
-/// covers the data: one thread per 8 elements gives each thread one chunk of bf16, or two of fp32.
+/// A launch of an elementwise kernel over `n` elements. Those kernels take 16-byte chunks (`Packed` in
+/// kernels/common.cuh) in grid-stride loops, so any grid covers the data: one thread per 8 elements gives each
+/// thread one chunk of bf16, or two of fp32.
 fn elementwise(n: usize) -> LaunchConfig {
     grid(n.div_ceil(8), 256)
 }
@@ -391,7 +392,7 @@ impl Backend for CudaBackend {
         }
         let tok = self.ids(op, tokens, batch * time)?;
         let (b, t, c) = (batch as i32, time as i32, c as i32);
-        launch!(self, op, grid(batch * time * c as usize, 256), o, tok, w, p, b, t, c)
+        launch!(self, op, elementwise(batch * time * c as usize), o, tok, w, p, b, t, c)
     }
 
     fn encoder_backward(
@@ -410,7 +411,7 @@ impl Backend for CudaBackend {
         let d = self.ptr(op, dout, self.x(), batch * time * c)?;
         let tok = self.ids(op, tokens, batch * time)?;
         let (bi, ti, ci) = (batch as i32, time as i32, c as i32);
-        launch!(self, "encoder_backward_wpe", grid(time * c, 256), dp, d, bi, ti, ci)?;
+        launch!(self, "encoder_backward_wpe", elementwise(time * c), dp, d, bi, ti, ci)?;
         launch!(self, "encoder_backward_wte", grid(c, 128), dw, d, tok, bi, ti, ci)
     }
 
@@ -725,7 +726,7 @@ impl Backend for CudaBackend {
         launch!(
             self,
             op,
-            grid(params.len, 256),
+            elementwise(params.len),
             p,
             master,
             g,
