@@ -744,3 +744,17 @@ impl Backend for CudaBackend {
         )
     }
 }
+
+/// What the NCCL communicator needs of the engine.
+impl CudaBackend {
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device address of `t`'s first element, its type, and the address of its fp32 master copy if it has one.
+    pub(crate) fn comm_view(&self, t: Tensor) -> Result<(u64, DType, Option<u64>)> {
+        let b = self.buffers.get(t.buffer.0 as usize).ok_or_else(|| self.err("nccl", format!("{t:?}")))?;
+        let (dtype, master) = (b.dtype, b.master.as_ref().map(|(_, m)| m + (t.offset * 4) as u64));
+        Ok((self.ptr("nccl", t, dtype, t.len)?, dtype, master))
+    }
+}

@@ -6,9 +6,9 @@
 //! repository's `kernels/` folder, embedded in the binary ([`kernels`]) and compiled by NVRTC for the GPU actually
 //! present, with the results cached on disk ([`compile`]).
 //!
-//! [`backend::CudaBackend`] runs them. Status: the kernels compile for sm_80 and sm_90a in the tests, and the
-//! backend builds, but neither has run on a GPU yet: `kiln selftest --backend cuda` is the check that must pass
-//! there.
+//! [`backend::CudaBackend`] runs them, and [`nccl::NcclComm`] sums gradients across GPUs for data-parallel
+//! training. Status: the kernels compile for sm_80 and sm_90a in the tests, and the backend builds, but neither
+//! has run on a GPU yet: `kiln selftest --backend cuda` is the check that must pass there.
 
 pub mod backend;
 pub mod compile;
@@ -16,3 +16,4 @@ pub mod devices;
 pub mod kernels;
 pub mod libraries;
 mod matmul;
+pub mod nccl;

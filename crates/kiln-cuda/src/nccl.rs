@@ -1,0 +1,284 @@
+//! The [`Communicator`] of GPU ranks: NCCL collectives on a stream of their own.
+//!
+//! Each collective waits (on the device) for the work queued on the engine's stream before it, then runs on the
+//! communication stream, so the engine goes on with the backward pass of earlier layers while the gradients of
+//! later ones are being summed. [`Communicator::wait`] is where the host waits for the collectives: it polls
+//! rather than blocks, so that NCCL's asynchronous errors, a peer that has gone away (`peer_lost`, raised by the
+//! rendezvous watch or by the thread of a failed rank) or the timeout abort the communicator and return an error
+//! instead of hanging. It comes right before the step reads its loss, which waits for the device anyway.
+//!
+//! A parameter tensor of a bf16 engine is gathered twice, the bf16 weights and their fp32 master copy, so that
+//! every rank ends a ZeRO step with the same master weights (what checkpoints hold).
+//!
+//! Not yet run on a GPU: gpu-check's data-parallel step must show 1, 2 and 4 ranks training to the same weights.
+
+use crate::backend::{CudaBackend, DType};
+use crate::libraries::Library;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nccl::{result as nccl, sys};
+use kiln_core::comm::piece;
+use kiln_core::{Communicator, Error, Result, Tensor};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// NCCL's unique id: rank 0 makes it, the rendezvous hands it to the others.
+pub const ID_BYTES: usize = 128;
+
+/// Host values summed per round trip through the device in [`Communicator::all_reduce_host`].
+const HOST_CHUNK: usize = 1 << 16;
+
+/// After a peer is reported gone, a collective still in flight gets this long to finish: it may have had every
+/// contribution already (the peer finished its last step and exited).
+const GRACE: Duration = Duration::from_secs(10);
+
+fn failure(message: String) -> Error {
+    Error::backend("nccl", message)
+}
+
+fn nccl_error(what: &str) -> impl Fn(nccl::NcclError) -> Error + '_ {
+    move |e| failure(format!("{what}: {:?}", e.0))
+}
+
+/// A new unique id, on the rank that starts a job.
+pub fn unique_id() -> Result<[u8; ID_BYTES]> {
+    Library::Nccl.require()?;
+    let id = nccl::get_uniqueid().map_err(nccl_error("ncclGetUniqueId"))?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+/// NCCL's version, as `major.minor.patch`.
+pub fn version() -> Result<String> {
+    Library::Nccl.require()?;
+    let v = nccl::get_nccl_version().map_err(nccl_error("ncclGetVersion"))?;
+    Ok(format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
+}
+
+pub struct NcclComm {
+    comm: sys::ncclComm_t,
+    rank: usize,
+    world: usize,
+    stream: Arc<CudaStream>,
+    /// Recorded on the engine's stream before each collective, which the communication stream waits for.
+    queued: CudaEvent,
+    /// Recorded on the communication stream when the host waits for it.
+    done: CudaEvent,
+    staging: CudaSlice<f64>,
+    staging_ptr: u64,
+    peer_lost: Arc<AtomicBool>,
+    timeout: Duration,
+    aborted: bool,
+}
+
+// SAFETY: the communicator handle is used by one thread at a time (the rank's), which is all NCCL requires.
+unsafe impl Send for NcclComm {}
+
+impl NcclComm {
+    /// Joins rank `rank` of `world` to the job that `id` names, on `backend`'s GPU. Every rank must call this at
+    /// about the same time: NCCL's initialisation waits for all of them.
+    pub fn new(
+        backend: &CudaBackend,
+        id: &[u8; ID_BYTES],
+        rank: usize,
+        world: usize,
+        peer_lost: Arc<AtomicBool>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        Library::Nccl.require()?;
+        let ctx = backend.stream().context().clone();
+        let stream = ctx.new_stream().map_err(|e| failure(format!("creating the communication stream: {e:?}")))?;
+        let event = || ctx.new_event(None).map_err(|e| failure(format!("creating an event: {e:?}")));
+        let (queued, done) = (event()?, event()?);
+        let staging = stream
+            .alloc_zeros::<f64>(HOST_CHUNK)
+            .map_err(|e| failure(format!("allocating {HOST_CHUNK} doubles: {e:?}")))?;
+        let staging_ptr = staging.device_ptr(&stream).0;
+        let unique = sys::ncclUniqueId { internal: id.map(|b| b as core::ffi::c_char) };
+        let mut comm = std::ptr::null_mut();
+        ctx.bind_to_thread().map_err(|e| failure(format!("binding the GPU: {e:?}")))?;
+        // SAFETY: `comm` is a valid out-pointer; the id came from ncclGetUniqueId on rank 0.
+        unsafe { nccl::comm_init_rank(&mut comm, world as i32, unique, rank as i32) }
+            .map_err(nccl_error("ncclCommInitRank"))?;
+        Ok(NcclComm {
+            comm,
+            rank,
+            world,
+            stream,
+            queued,
+            done,
+            staging,
+            staging_ptr,
+            peer_lost,
+            timeout,
+            aborted: false,
+        })
+    }
+
+    fn cu_stream(&self) -> sys::cudaStream_t {
+        self.stream.cu_stream() as sys::cudaStream_t
+    }
+
+    /// Makes the communication stream wait for everything queued on the engine's stream so far.
+    fn follow(&self, backend: &CudaBackend) -> Result<()> {
+        self.queued.record(backend.stream()).map_err(|e| failure(format!("recording an event: {e:?}")))?;
+        self.stream.wait(&self.queued).map_err(|e| failure(format!("ordering the streams: {e:?}")))
+    }
+
+    /// Waits on the host for the communication stream, watching for errors, lost peers and the timeout.
+    fn drain(&mut self) -> Result<()> {
+        if self.aborted {
+            return Err(failure(format!("rank {}: the communicator was aborted", self.rank)));
+        }
+        self.done.record(&self.stream).map_err(|e| failure(format!("recording an event: {e:?}")))?;
+        let started = Instant::now();
+        let mut lost_at: Option<Instant> = None;
+        loop {
+            match self.done.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(self.abort(format!("the GPU reported {e:?} during a collective"))),
+            }
+            let mut async_error = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: `comm` is live until Drop.
+            unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_error) };
+            if !matches!(async_error, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
+                return Err(self.abort(format!("NCCL reported {async_error:?}")));
+            }
+            if self.peer_lost.load(Ordering::Relaxed) {
+                let since = *lost_at.get_or_insert_with(Instant::now);
+                if since.elapsed() > GRACE {
+                    return Err(self.abort("another rank of the job has gone away".into()));
+                }
+            }
+            if started.elapsed() > self.timeout {
+                return Err(self.abort(format!(
+                    "a collective did not finish within {} s (dist.timeout_s)",
+                    self.timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Aborts the communicator (NCCL then stops its kernels) and describes why, for every rank's error message.
+    fn abort(&mut self, why: String) -> Error {
+        if !self.aborted {
+            self.aborted = true;
+            // SAFETY: `comm` is live; after an abort it is not used again (Drop skips the destroy).
+            let _ = unsafe { nccl::comm_abort(self.comm) };
+        }
+        failure(format!("rank {} stops: {why}", self.rank))
+    }
+
+    /// `(address, NCCL type, element size)` of `t`, and of its master copy where it has one.
+    fn operands(backend: &CudaBackend, t: Tensor) -> Result<Vec<(u64, sys::ncclDataType_t, usize)>> {
+        let (ptr, dtype, master) = backend.comm_view(t)?;
+        let ty = match dtype {
+            DType::F32 => (sys::ncclDataType_t::ncclFloat32, 4),
+            DType::Bf16 => (sys::ncclDataType_t::ncclBfloat16, 2),
+            DType::U32 => return Err(failure(format!("{t:?} holds token ids: nothing to reduce"))),
+        };
+        let mut all = vec![(ptr, ty.0, ty.1)];
+        all.extend(master.map(|m| (m, sys::ncclDataType_t::ncclFloat32, 4)));
+        Ok(all)
+    }
+}
+
+impl Communicator<CudaBackend> for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_host(&mut self, backend: &mut CudaBackend, values: &mut [f64]) -> Result<()> {
+        for chunk in values.chunks_mut(HOST_CHUNK) {
+            self.follow(backend)?;
+            self.stream
+                .memcpy_htod(&*chunk, &mut self.staging.slice_mut(..chunk.len()))
+                .map_err(|e| failure(format!("copying to the GPU: {e:?}")))?;
+            let p = self.staging_ptr as *mut core::ffi::c_void;
+            // SAFETY: the staging buffer holds HOST_CHUNK doubles, at least chunk.len().
+            unsafe {
+                nccl::all_reduce(
+                    p,
+                    p,
+                    chunk.len(),
+                    sys::ncclDataType_t::ncclFloat64,
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm,
+                    self.cu_stream(),
+                )
+            }
+            .map_err(nccl_error("ncclAllReduce"))?;
+            // Only once the sum has finished may the host copy wait on the stream.
+            self.drain()?;
+            self.stream
+                .memcpy_dtoh(&self.staging.slice(..chunk.len()), chunk)
+                .map_err(|e| failure(format!("copying from the GPU: {e:?}")))?;
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    fn all_reduce(&mut self, backend: &mut CudaBackend, t: Tensor) -> Result<()> {
+        self.follow(backend)?;
+        for (ptr, ty, _) in Self::operands(backend, t)? {
+            let p = ptr as *mut core::ffi::c_void;
+            // SAFETY: `comm_view` checked that `t` lies inside its allocation.
+            unsafe { nccl::all_reduce(p, p, t.len, ty, sys::ncclRedOp_t::ncclSum, self.comm, self.cu_stream()) }
+                .map_err(nccl_error("ncclAllReduce"))?;
+        }
+        Ok(())
+    }
+
+    fn reduce_scatter(&mut self, backend: &mut CudaBackend, t: Tensor) -> Result<()> {
+        self.follow(backend)?;
+        let count = piece(t, self.world, self.rank).len;
+        for (ptr, ty, size) in Self::operands(backend, t)? {
+            let recv = (ptr + (self.rank * count * size) as u64) as *mut core::ffi::c_void;
+            // SAFETY: in place, as NCCL allows: the receive buffer is this rank's piece of the send buffer.
+            unsafe {
+                nccl::reduce_scatter(
+                    ptr as *const _,
+                    recv,
+                    count,
+                    ty,
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm,
+                    self.cu_stream(),
+                )
+            }
+            .map_err(nccl_error("ncclReduceScatter"))?;
+        }
+        Ok(())
+    }
+
+    fn all_gather(&mut self, backend: &mut CudaBackend, t: Tensor) -> Result<()> {
+        self.follow(backend)?;
+        let count = piece(t, self.world, self.rank).len;
+        for (ptr, ty, size) in Self::operands(backend, t)? {
+            let send = (ptr + (self.rank * count * size) as u64) as *const core::ffi::c_void;
+            // SAFETY: in place, as NCCL allows: the send buffer is this rank's piece of the receive buffer.
+            unsafe { nccl::all_gather(send, ptr as *mut _, count, ty, self.comm, self.cu_stream()) }
+                .map_err(nccl_error("ncclAllGather"))?;
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, backend: &mut CudaBackend) -> Result<()> {
+        self.drain()?;
+        backend.stream().wait(&self.done).map_err(|e| failure(format!("ordering the streams: {e:?}")))
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        if !self.aborted {
+            // SAFETY: `comm` is live and no operation is queued that the host still waits for.
+            let _ = unsafe { nccl::comm_destroy(self.comm) };
+        }
+    }
+}
