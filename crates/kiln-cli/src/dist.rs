@@ -1,11 +1,18 @@
-//! The command line of data-parallel jobs: `kiln launch`, and `kiln info --rendezvous`, which checks a job's
-//! wiring (who is which rank, whether all ranks can meet) before it trains.
+//! The command line of data-parallel jobs: `kiln launch`; `kiln info --rendezvous`, which checks a job's wiring
+//! (who is which rank, whether all ranks can meet) before it trains; and training on several GPUs, as threads of
+//! one process (`--gpus`) or as one process of a launched job.
 
 use clap::Args;
-use kiln_core::{Error, Result};
+use kiln_core::{Communicator, Config, Error, Result};
+use kiln_cuda::backend::CudaBackend;
+use kiln_cuda::nccl::NcclComm;
 use kiln_dist::env::Placement;
 use kiln_dist::launch::LaunchSpec;
 use kiln_dist::rendezvous::{ID_BYTES, Rendezvous, UniqueId};
+use kiln_train::{Hooks, Summary, Trainer};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 #[derive(Args)]
@@ -105,4 +112,72 @@ fn default_rendezvous(placement: &Placement) -> Result<Rendezvous> {
             placement.source
         ))),
     }
+}
+
+/// The GPUs `--gpus` names: `all`, or ids separated by commas.
+pub fn parse_gpus(text: &str) -> Result<Vec<usize>> {
+    if text == "all" {
+        let found = kiln_cuda::devices::list()?.len();
+        if found == 0 {
+            return Err(Error::Usage("--gpus all: no GPU found".into()));
+        }
+        return Ok((0..found).collect());
+    }
+    let ids = text
+        .split(',')
+        .map(|id| id.trim().parse::<usize>().map_err(|_| Error::Usage(format!("--gpus: {id:?} is not a GPU number"))))
+        .collect::<Result<Vec<_>>>()?;
+    if (1..ids.len()).any(|i| ids[..i].contains(&ids[i])) {
+        return Err(Error::Usage(format!("--gpus {text}: a GPU is named twice")));
+    }
+    Ok(ids)
+}
+
+/// Trains with one rank per GPU of `gpus`, as threads of this process, summing gradients with NCCL.
+pub fn train_gpus(config: &Config, gpus: &[usize], resume: Option<&Path>, hooks: &mut Hooks) -> Result<Summary> {
+    let precision = config.train.precision;
+    if let [gpu] = gpus {
+        return kiln_train::threads::train(config, 1, |_| CudaBackend::new(*gpu, precision), resume, hooks, true);
+    }
+    let id = kiln_cuda::nccl::unique_id()?;
+    let timeout = Duration::from_secs(config.dist.timeout_s);
+    let world = gpus.len();
+    let make_rank = |rank: usize, failed: &Arc<AtomicBool>| -> Result<(CudaBackend, Box<dyn Communicator<_>>)> {
+        let backend = CudaBackend::new(gpus[rank], precision)?;
+        let comm = NcclComm::new(&backend, &id, rank, world, failed.clone(), timeout)?;
+        Ok((backend, Box::new(comm)))
+    };
+    kiln_train::threads::train_ranks(config, world, make_rank, resume, hooks, true)
+}
+
+/// Trains as one process of a job that a launcher started (torchrun, `kiln launch`, srun, mpirun): meets the other
+/// processes at the rendezvous, where rank 0 hands out NCCL's id, and trains on GPU `gpu` (default: the local
+/// rank) with them.
+pub fn train_process(
+    config: &Config,
+    placement: &Placement,
+    gpu: Option<usize>,
+    rendezvous: Option<&str>,
+    rendezvous_timeout: Duration,
+    resume: Option<&Path>,
+    hooks: &mut Hooks,
+) -> Result<Summary> {
+    let rv = match rendezvous {
+        Some(text) => Rendezvous::parse(text)?,
+        None => default_rendezvous(placement)?,
+    };
+    let (rank, world) = (placement.rank, placement.world);
+    // The watch stays alive for the whole run: its connections tell the other processes that this one is gone.
+    let (id, watch) =
+        kiln_dist::rendezvous::exchange(&rv, rank, world, kiln_cuda::nccl::unique_id, rendezvous_timeout)?;
+    let backend = CudaBackend::new(gpu.unwrap_or(placement.local_rank), config.train.precision)?;
+    let timeout = Duration::from_secs(config.dist.timeout_s);
+    let comm = NcclComm::new(&backend, &id, rank, world, watch.flag(), timeout)?;
+    let mut trainer = Trainer::with_comm(config, backend, Box::new(comm))?;
+    if let Some(dir) = resume {
+        trainer.resume(dir)?;
+    }
+    let summary = trainer.run(hooks, true);
+    drop(watch);
+    summary
 }

@@ -49,6 +49,20 @@ enum Command {
         /// taken), or nothing for the newest under train.out_dir/checkpoints.
         #[arg(long, value_name = "DIR", num_args = 0..=1)]
         resume: Option<Option<PathBuf>>,
+        /// Data-parallel ranks as threads of this process (the CPU engine): each step's batch is split between
+        /// them and their gradients are summed.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        ranks: u16,
+        /// The GPUs this process trains on: `all`, or numbers such as 0,1,2,3 (one rank per GPU, summing
+        /// gradients with NCCL). In a job a launcher started, one GPU (default: the local rank).
+        #[arg(long, value_name = "all|0,1,...")]
+        gpus: Option<String>,
+        /// Where the processes of a launched job meet (default: tcp://MASTER_ADDR:MASTER_PORT).
+        #[arg(long, value_name = "tcp://HOST:PORT|file:///PATH")]
+        rendezvous: Option<String>,
+        /// Seconds to wait for every process of a launched job to arrive.
+        #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+        rendezvous_timeout: u64,
     },
     /// Tokenise text into shards (llm.c's .bin format) that `data.train = "DIR"` trains on.
     Prepare {
@@ -212,7 +226,10 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     let result = match cli.command {
-        Command::Train { config, overrides, backend, resume } => train(config, &overrides, backend, resume, bar),
+        Command::Train { config, overrides, backend, resume, ranks, gpus, rendezvous, rendezvous_timeout } => {
+            let job = Job { ranks: ranks.into(), gpus, rendezvous, rendezvous_timeout };
+            train(config, &overrides, backend, resume, job, bar)
+        }
         // A rendezvous to check, asked for or implied by a placement in a job of several, replaces the report.
         Command::Info(args) => dist::check_rendezvous(&args).map(|checked| {
             if !checked {
@@ -263,18 +280,62 @@ fn main() -> ExitCode {
     }
 }
 
+/// How `kiln train` spreads over ranks.
+struct Job {
+    ranks: usize,
+    gpus: Option<String>,
+    rendezvous: Option<String>,
+    rendezvous_timeout: u64,
+}
+
 fn train(
     config: Option<PathBuf>,
     overrides: &[String],
     backend: BackendChoice,
     resume: Option<Option<PathBuf>>,
+    job: Job,
     bar: log::ProgressSlot,
 ) -> Result<()> {
     let config = Config::load(config.as_deref(), overrides)?;
-    match resolve(backend)? {
-        Engine::Cpu => train_on(&config, CpuBackend::<f32>::new(), resume, bar),
-        Engine::Cuda => train_on(&config, CudaBackend::new(0, config.train.precision)?, resume, bar),
-    }
+    let resume = match resume {
+        Some(dir) => Some(checkpoint_to_resume(&dir.unwrap_or_else(|| kiln_train::checkpoint::root(&config)))?),
+        None => None,
+    };
+    let resume = resume.as_deref();
+    // A launcher's variables place this process in a job of several: one rank, one GPU, NCCL.
+    let placement = kiln_dist::env::detect_from_process_env()?.filter(|p| p.world > 1);
+    let engine = resolve(backend)?;
+    let lead = placement.as_ref().is_none_or(|p| p.rank == 0);
+    run_training(&config, lead, bar, |hooks| match (engine, &placement) {
+        (Engine::Cpu, Some(p)) => Err(Error::Usage(format!(
+            "{} places this process in a job of {} processes, which needs GPUs (NCCL); the CPU engine trains \
+             data-parallel in one process: --backend cpu --ranks N",
+            p.source, p.world
+        ))),
+        (Engine::Cpu, None) if job.gpus.is_some() => Err(Error::Usage("--gpus needs the CUDA engine".into())),
+        (Engine::Cpu, None) => {
+            kiln_train::threads::train(&config, job.ranks, |_| Ok(CpuBackend::<f32>::new()), resume, hooks, true)
+        }
+        (Engine::Cuda, _) if job.ranks > 1 => Err(Error::Usage(
+            "--ranks runs ranks as threads on the CPU engine; add --backend cpu (GPUs take one rank each: --gpus)"
+                .into(),
+        )),
+        (Engine::Cuda, Some(p)) => {
+            let gpu = match job.gpus.as_deref().map(dist::parse_gpus).transpose()?.as_deref() {
+                None => None,
+                Some([gpu]) => Some(*gpu),
+                Some(_) => {
+                    return Err(Error::Usage("in a launched job each process trains on one GPU: --gpus N".into()));
+                }
+            };
+            let timeout = std::time::Duration::from_secs(job.rendezvous_timeout);
+            dist::train_process(&config, p, gpu, job.rendezvous.as_deref(), timeout, resume, hooks)
+        }
+        (Engine::Cuda, None) => {
+            let gpus = job.gpus.as_deref().map_or(Ok(vec![0]), dist::parse_gpus)?;
+            dist::train_gpus(&config, &gpus, resume, hooks)
+        }
+    })
 }
 
 /// The checkpoint `--resume` names: `dir` itself when it is one, else the newest complete one inside it.
@@ -312,17 +373,13 @@ fn resolve(choice: BackendChoice) -> Result<Engine> {
     })
 }
 
-fn train_on<B: Backend>(
+/// Runs `train` with a Ctrl-C handler and, on the job's lead process, a progress bar and the closing report.
+fn run_training(
     config: &Config,
-    backend: B,
-    resume: Option<Option<PathBuf>>,
+    lead: bool,
     bar: log::ProgressSlot,
+    train: impl FnOnce(&mut Hooks) -> Result<kiln_train::Summary>,
 ) -> Result<()> {
-    let mut trainer = Trainer::new(config, backend)?;
-    if let Some(dir) = resume {
-        let dir = checkpoint_to_resume(&dir.unwrap_or_else(|| trainer.checkpoint_root()))?;
-        trainer.resume(&dir)?;
-    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // First Ctrl-C: finish the step in flight and stop cleanly. Second: stop now.
@@ -333,12 +390,15 @@ fn train_on<B: Backend>(
         }
         eprintln!("\nstopping after this step (Ctrl-C again to exit at once)");
     });
-    let progress = bar.start(config.train.max_steps);
+    let progress = if lead { bar.start(config.train.max_steps) } else { None };
     let mut hooks =
         Hooks { stop, on_step: progress.map(|p| Box::new(move |step| p.set_position(step)) as Box<dyn FnMut(u64)>) };
-    let summary = trainer.run(&mut hooks, true);
+    let summary = train(&mut hooks);
     bar.finish();
     let summary = summary?;
+    if !lead {
+        return Ok(());
+    }
 
     if let Some(accuracy) = summary.exact_match {
         tracing::info!("exact match on held-out sums: {:.1}%", accuracy * 100.0);
@@ -513,7 +573,7 @@ fn bench_on<B: Backend>(config: &Config, backend: B, run: BenchRun) -> Result<()
         shape.num_counted_params() as f64 / 1e6,
         config.train.micro_batch,
         config.model.block_size,
-        config.accumulation_steps()
+        config.accumulation_steps(1)?
     );
     println!("step        {step_ms:.2} ms median of {} (after {} warm-up)", run.steps, run.warmup);
     println!("  phases    data {data_ms:.2} ms, forward+backward {passes_ms:.2} ms, optimizer {optimizer_ms:.2} ms");

@@ -352,3 +352,48 @@ fn prepare_then_train_on_the_shards() {
     assert_eq!(text, greedy(false));
     expect_usage_error(&["sample", "--checkpoint", "/no/such/checkpoint"], &["/no/such/checkpoint"]);
 }
+
+#[test]
+fn ranks_as_threads_split_each_step_and_train_like_one_rank() {
+    let dir = temp_dir("ranks");
+    let run = |ranks: &str, micro_batch: &str, out: &str| {
+        let out_dir = format!("train.out_dir={}", dir.join(out).display());
+        let mb = format!("train.micro_batch={micro_batch}");
+        let args = ["train", "--backend", "cpu", "--ranks", ranks, "--set", &mb, "--set", "train.max_steps=5"];
+        let output = kiln(&[&args[..], &["--set", &out_dir, "--set", "train.eval_steps=1"]].concat());
+        assert!(output.status.success(), "{}", stderr(&output));
+        let metrics = std::fs::read_to_string(dir.join(out).join("metrics.jsonl")).unwrap();
+        let losses: Vec<f64> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .collect();
+        (losses, stderr(&output))
+    };
+    // The quickstart's step is 128 sequences: one rank of 128, or two of 64 each.
+    let (one, _) = run("1", "128", "one");
+    let (two, log) = run("2", "64", "two");
+    assert!(log.contains("× 2 ranks"), "the log names the world size:\n{log}");
+    assert_eq!(one.len(), 5);
+    for (a, b) in one.iter().zip(&two) {
+        assert!((a - b).abs() < 1e-5, "{one:?} vs {two:?}");
+    }
+    // 128 sequences do not split evenly over 3 ranks of 128.
+    expect_usage_error(&["train", "--backend", "cpu", "--ranks", "3"], &["train.total_batch_tokens", "3 ranks"]);
+}
+
+#[test]
+fn a_launched_job_on_the_cpu_engine_is_a_usage_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", "--backend", "cpu"])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", "0")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--ranks N"), "{}", stderr(&out));
+    expect_usage_error(&["train", "--backend", "cpu", "--gpus", "0"], &["--gpus needs the CUDA engine"]);
+    expect_usage_error(&["train", "--backend", "cuda", "--ranks", "2"], &["--backend cpu"]);
+}
