@@ -47,12 +47,90 @@ export kiln
 export -f resume_check
 step resume-exact 300 bash -c resume_check
 step bench-kiln 300 "$kiln" bench train --backend cuda --steps 10 --warmup 2
+
+# Data parallel on the one GPU: N processes, each claiming its own NCCL host (see ../shared/GPU.md), so NCCL joins
+# them over its socket transport on loopback as if they were separate nodes. dp_run NAME RANKS ARGS... trains
+# with the global batch split over RANKS processes; rank 0 writes /tmp/kiln-dp/NAME.
+dp_run() {
+  local name=$1 n=$2 port=$((29600 + RANDOM % 1000)) pids=() r failed=0
+  shift 2
+  mkdir -p /tmp/kiln-dp
+  for ((r = 0; r < n; r++)); do
+    RANK=$r WORLD_SIZE=$n LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      NCCL_HOSTID=sim-host-$r NCCL_SOCKET_IFNAME=lo NCCL_IB_DISABLE=1 \
+      "$kiln" train --backend cuda --gpus 0 --set "train.out_dir=/tmp/kiln-dp/$name" "$@" \
+      > "/tmp/kiln-dp/$name.rank$r.log" 2>&1 &
+    pids+=($!)
+  done
+  for r in "${!pids[@]}"; do wait "${pids[$r]}" || { failed=1; echo "$name: rank $r failed"; }; done
+  tail -n 4 "/tmp/kiln-dp/$name.rank0.log"
+  return $failed
+}
+# Equivalence: 1, 2 and 4 ranks (and ZeRO-1 on 2) train the quickstart model in fp32 on the same 96 sequences per
+# step; the losses of every step and the final weights must agree.
+dp_equivalence() {
+  local common=(--set train.precision=fp32 --set train.max_steps=20 --set train.total_batch_tokens=1248
+    --set train.checkpoint_every=20 --set train.eval_every=0 --set train.eval_steps=1 --set train.log_every=5)
+  rm -rf /tmp/kiln-dp
+  dp_run one 1 "${common[@]}" --set train.micro_batch=96 &&
+    dp_run two 2 "${common[@]}" --set train.micro_batch=48 &&
+    dp_run four 4 "${common[@]}" --set train.micro_batch=24 &&
+    dp_run two-zero1 2 "${common[@]}" --set train.micro_batch=48 --set dist.zero=1 --set dist.bucket_mb=0.05 &&
+    python3 - <<'PY'
+import json, struct
+def losses(name):
+    return [json.loads(l)["loss"] for l in open(f"/tmp/kiln-dp/{name}/metrics.jsonl")]
+def weights(name):
+    raw = open(f"/tmp/kiln-dp/{name}/checkpoints/step_00000020/model.safetensors", "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    out = []
+    for key in sorted(k for k in header if k != "__metadata__"):
+        a, b = header[key]["data_offsets"]
+        out += struct.unpack(f"<{(b - a) // 4}f", data[a:b])
+    return out
+ok = True
+base_l, base_w = losses("one"), weights("one")
+for name in ("two", "four", "two-zero1"):
+    l, w = losses(name), weights(name)
+    dl = max(abs(x - y) for x, y in zip(base_l, l))
+    dw = max(abs(x - y) for x, y in zip(base_w, w))
+    good = len(l) == len(base_l) == 20 and dl < 1e-4 and dw < 1e-4
+    ok &= good
+    print(f"{name:10s} vs one rank: max loss difference {dl:.2e}, max weight difference {dw:.2e}", "ok" if good else "DIFFERENT")
+raise SystemExit(0 if ok else 1)
+PY
+}
+# Overlap: GPT-2 124M, 2 ranks of batch 4: the gradient's all-reduce in 25 MB buckets started during the backward
+# pass, against one bucket after it; the difference is what the overlap hides. Loopback sockets are slow, so this
+# shows the mechanism, not NVLink speeds.
+dp_overlap() {
+  local common=(--config configs/bench-gpt2-124m.toml --set train.max_steps=8 --set train.micro_batch=4
+    --set train.total_batch_tokens=8192 --set train.log_every=1)
+  dp_run gpt2-one 1 "${common[@]}" --set train.micro_batch=8 &&
+    dp_run gpt2-buckets 2 "${common[@]}" --set dist.bucket_mb=25 &&
+    dp_run gpt2-one-bucket 2 "${common[@]}" --set dist.bucket_mb=100000 &&
+    python3 - <<'PY'
+import json, statistics
+def step_ms(name):
+    return statistics.median(json.loads(l)["step_ms"] for l in list(open(f"/tmp/kiln-dp/{name}/metrics.jsonl"))[3:])
+one, buckets, single = step_ms("gpt2-one"), step_ms("gpt2-buckets"), step_ms("gpt2-one-bucket")
+print(f"median step: 1 rank (batch 8) {one:.1f} ms; 2 ranks (batch 4 each, sharing the GPU): 25 MB buckets {buckets:.1f} ms, one bucket after backward {single:.1f} ms")
+print(f"all-reduce of the whole gradient, exposed: about {single - one:.1f} ms; hidden by overlapping it with backward: {single - buckets:.1f} ms")
+PY
+}
+export -f dp_run dp_equivalence dp_overlap
+step dp-equivalence 300 bash -c dp_equivalence
 step bench-pytorch 400 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
+step dp-overlap 300 bash -c dp_overlap
 
 echo
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
 grep -h "exact match" "$out/quickstart-bf16.log" 2>/dev/null
 grep -hE "^[0-9]+ passed, [0-9]+ failed" "$out/selftest.log" 2>/dev/null
+grep -h "vs one rank" "$out/dp-equivalence.log" 2>/dev/null
+grep -h "exposed" "$out/dp-overlap.log" 2>/dev/null
 # GPT-2 124M, B=32, T=1024, bf16, tokens/s. Anchors measured on an H100 (see docs/benchmarks.md): llm.c without
 # cuDNN 283,000; PyTorch torch.compile 478,000.
 k=$(tail -n 1 "$out/bench-kiln.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
