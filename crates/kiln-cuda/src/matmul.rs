@@ -34,7 +34,7 @@ pub const WORKSPACE_BYTES: usize = 32 << 20;
 pub const GELU_AUX_LD_MULTIPLE: usize = 8;
 
 /// One operand, as stored: its device address, leading dimension, and whether the product uses its transpose.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug)]
 pub struct Operand {
     pub ptr: u64,
     pub ld: usize,
@@ -170,7 +170,8 @@ impl<T: Copy> Drop for Owned<T> {
 fn cuda_type(t: DType) -> sys::cudaDataType {
     match t {
         DType::Bf16 => sys::cudaDataType::CUDA_R_16BF,
-        DType::F32 | DType::U32 => sys::cudaDataType::CUDA_R_32F,
+        DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        DType::U32 => sys::cudaDataType::CUDA_R_32U,
     }
 }
 
