@@ -239,8 +239,9 @@ impl Plan {
         let [align_a, align_b, align_d, ..] = problem.alignments;
         let prefer = || -> Result<(), CublasError> {
             set_pref(pref.raw, PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &(WORKSPACE_BYTES as u64))?;
-            // Split-K partial sums are reduced in fp32, out of place: an in-place reduction (or one in the
-            // output's type) would round them to bf16 one by one.
+            // Split-K partial sums are reduced in fp32 by a separate step over the workspace, in a fixed order:
+            // an in-place reduction adds them into D one by one, rounding each sum to D's type (bf16), and a
+            // reduction in the output's type rounds them too. Unsplit algorithms remain allowed.
             let reductions = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
             set_pref(pref.raw, PrefAttr::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reductions)?;
             set_pref(pref.raw, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a)?;
