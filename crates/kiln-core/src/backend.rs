@@ -98,20 +98,56 @@ pub struct MatmulDims {
     pub c_out: usize,
 }
 
-/// Shape of causal multi-head self-attention over a packed `qkv` activation of `(batch, time, 3 · heads ·
-/// head_dim)`, laid out as the QKV projection writes it: all queries, then all keys, then all values, each
-/// `heads × head_dim` wide.
+/// Shape of multi-head self-attention over a packed `qkv` activation of `(batch, time, (heads + 2·kv_heads) ·
+/// head_dim)`, laid out as the QKV projection writes it: all queries (`heads × head_dim`), then all keys, then all
+/// values (`kv_heads × head_dim` each). With fewer key/value heads than query heads (grouped-query attention),
+/// query head `h` attends with key/value head `h / (heads / kv_heads)`. Causal attention lets position `t` see
+/// positions `0..=t`; otherwise it sees the whole sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionDims {
     pub batch: usize,
     pub time: usize,
     pub heads: usize,
+    pub kv_heads: usize,
     pub head_dim: usize,
+    pub causal: bool,
 }
 
 impl AttentionDims {
+    /// Causal attention with as many key/value heads as query heads, as GPT-2 has.
+    pub fn causal(batch: usize, time: usize, heads: usize, head_dim: usize) -> Self {
+        AttentionDims { batch, time, heads, kv_heads: heads, head_dim, causal: true }
+    }
+
+    /// Width of the attention's output: `heads · head_dim`.
     pub fn channels(&self) -> usize {
         self.heads * self.head_dim
+    }
+
+    /// Width of one `qkv` row.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// The key/value head that query head `h` reads.
+    pub fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads / self.kv_heads)
+    }
+
+    /// Column of key head `g` in a `qkv` row; the value head is `kv_heads · head_dim` further.
+    pub fn key_offset(&self, g: usize) -> usize {
+        (self.heads + g) * self.head_dim
+    }
+
+    /// Why these dimensions cannot be used, if they cannot.
+    pub fn problem(&self) -> Option<String> {
+        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return Some(format!(
+                "{} query heads do not divide into groups of {} key/value heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        None
     }
 }
 
@@ -252,11 +288,11 @@ pub trait Backend {
         d: MatmulDims,
     ) -> Result<()>;
 
-    /// Causal self-attention: `out` (`(batch·time, heads·head_dim)`) from `qkv`, with the log-sum-exp of every
-    /// row of scaled scores saved in `lse` (`(batch, heads, time)`) for the backward pass.
+    /// Self-attention: `out` (`(batch·time, heads·head_dim)`) from `qkv`, with the log-sum-exp of every row of
+    /// scaled scores saved in `lse` (`(batch, heads, time)`) for the backward pass.
     fn attention_forward(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: AttentionDims) -> Result<()>;
     /// Backward of [`Backend::attention_forward`], recomputing the probabilities from `qkv` and `lse`: writes
-    /// `dqkv` (overwritten).
+    /// `dqkv` (overwritten; a key/value head shared by a group of query heads gets the sum of their gradients).
     fn attention_backward(
         &mut self,
         dqkv: Tensor,
@@ -268,8 +304,8 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Attention of one new position of a single sequence (`d.batch` = 1) over itself and the positions before
-    /// it: `qkv` is the layer's `(time, 3·C)` activation whose rows `0..=pos` hold keys and values (the key/value
-    /// cache) and whose row `pos` holds the query; writes the `C` outputs of that position to `out`. This is
+    /// it: `qkv` is the layer's `(time, qkv_width)` activation whose rows `0..=pos` hold keys and values (the
+    /// key/value cache) and whose row `pos` holds the query; writes the `C` outputs of that position to `out`. This is
     /// decoding with a cache: each new token costs one position, not the whole context.
     fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, d: AttentionDims) -> Result<()>;
 

@@ -57,6 +57,18 @@ pub struct ModelConfig {
     /// (`model.safetensors`), `llmc:FILE` for llm.c's `gpt2_124M.bin` format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
+    /// The GPU's attention kernel: `fused` (flash attention, in bf16) or `unfused` (the simple kernels, kept for
+    /// comparison; fp32 runs always use them). The CPU engine has one implementation.
+    #[serde(default)]
+    pub attention: AttentionKernel,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKernel {
+    #[default]
+    Fused,
+    Unfused,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

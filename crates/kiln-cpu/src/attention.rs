@@ -1,16 +1,18 @@
-//! Causal multi-head self-attention, exact, one (batch element, head) at a time.
+//! Multi-head self-attention, exact, one (batch element, head) at a time: causal or not, and with grouped-query
+//! attention (several query heads sharing one key/value head).
 //!
 //! For one head, with queries `q_t`, keys `k_j`, values `v_j` and `s = 1/√head_dim`:
-//! forward `S_tj = s·q_t·k_j` (j ≤ t), `P = softmax_rows(S)`, `o_t = Σ_j P_tj v_j`, saving
-//! `lse_t = log Σ_j≤t exp(S_tj)`;
+//! forward `S_tj = s·q_t·k_j` (for causal attention only `j ≤ t`), `P = softmax_rows(S)`, `o_t = Σ_j P_tj v_j`,
+//! saving `lse_t = log Σ_j exp(S_tj)`;
 //! backward (probabilities recomputed as `P_tj = exp(S_tj − lse_t)`, and `D_t = dO_t·o_t`):
-//! `dP = dO·Vᵀ`, `dS = P ∘ (dP − D)`, `dQ = s·dS·K`, `dK = s·dSᵀ·Q`, `dV = Pᵀ·dO`.
+//! `dP = dO·Vᵀ`, `dS = P ∘ (dP − D)`, `dQ = s·dS·K`, `dK = s·dSᵀ·Q`, `dV = Pᵀ·dO`; a key/value head shared by a
+//! group of query heads sums the group's `dK` and `dV`.
 //!
-//! Layouts: `qkv` is `(batch, time, 3·C)` with queries, keys and values each `C = heads·head_dim` wide; `out`
-//! `(batch, time, C)`; `lse` `(batch, heads, time)`. Each head's operands are first gathered into small
-//! zero-padded matrices (rows and columns rounded up to 16), so that every product above is one blocked loop
-//! ([`product`]) whose inner step is a row of 8-wide fused multiply-adds, and the causal mask is honoured by skipping the
-//! blocks above the diagonal. Batch elements are split evenly over the threads.
+//! Layouts: see [`AttentionDims`] for `qkv`; `out` is `(batch, time, heads·head_dim)`, `lse` `(batch, heads,
+//! time)`. Each head's operands are first gathered into small zero-padded matrices (rows and columns rounded up to
+//! 16), so that every product above is one blocked loop ([`product`]) whose inner step is a row of 8-wide fused
+//! multiply-adds, and the causal mask is honoured by skipping the blocks above the diagonal. Batch elements are
+//! split evenly over the threads.
 
 use crate::math::{Real, axpy, dot};
 use kiln_core::AttentionDims;
@@ -160,50 +162,64 @@ fn for_each_batch_run<T: Real>(
     });
 }
 
-/// Causal blocks of `S = Q·Kᵀ` for query rows `rows`: all of `head_dim`, key columns up to the last row.
-fn causal_scores(hp: usize) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
-    move |rows: Range<usize>| (0..hp, round_up(rows.end))
+/// Blocks of `S = Q·Kᵀ` for query rows `rows`: all of `head_dim`, and the keys up to the last row (causal) or
+/// all of them.
+fn score_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
+    let (causal, tp, hp) = (d.causal, round_up(d.time), round_up(d.head_dim));
+    move |rows: Range<usize>| (0..hp, if causal { round_up(rows.end) } else { tp })
 }
 
-/// Causal blocks of `P·V`-shaped products for query rows `rows`: keys up to the last row, all output columns.
-fn causal_keys(hp: usize) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
-    move |rows: Range<usize>| (0..rows.end, hp)
+/// Blocks of `P·V`-shaped products for query rows `rows`: the keys they see, all output columns.
+fn key_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
+    let (causal, t, hp) = (d.causal, d.time, round_up(d.head_dim));
+    move |rows: Range<usize>| (0..if causal { rows.end } else { t }, hp)
 }
 
-/// Blocks of `dSᵀ·Q`-shaped products for key rows `rows`: only queries at or after the first key contribute.
-fn causal_queries(time: usize, hp: usize) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
-    move |rows: Range<usize>| (rows.start..time, hp)
+/// Blocks of `dSᵀ·Q`-shaped products for key rows `rows`: the queries that see them.
+fn query_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
+    let (causal, t, hp) = (d.causal, d.time, round_up(d.head_dim));
+    move |rows: Range<usize>| (if causal { rows.start } else { 0 }..t, hp)
 }
 
-/// `S = s·Q·Kᵀ` into `ws.p` (on and below the diagonal; entries right of it within a block hold scores too),
+/// Keys that query `row` sees.
+fn seen(d: &AttentionDims, row: usize) -> usize {
+    if d.causal { row + 1 } else { d.time }
+}
+
+/// `S = s·Q·Kᵀ` into `ws.p` (where a query sees the key; other entries within a block may hold scores too),
 /// leaving `s·Q` in `ws.q` and `K` in `ws.k`.
 fn scores<T: Real>(ws: &mut Workspace<T>, qkv: &[T], d: &AttentionDims, h: usize) {
-    let (t, hs, c) = (d.time, d.head_dim, d.channels());
+    let (t, hs, w) = (d.time, d.head_dim, d.qkv_width());
     let (tp, hp) = (round_up(t), round_up(hs));
     let scale = T::one() / T::from_f64(hs as f64).sqrt();
-    gather(ws.q, hp, qkv, 3 * c, h * hs, t, hs, scale);
-    gather(ws.k, hp, qkv, 3 * c, c + h * hs, t, hs, T::one());
+    gather(ws.q, hp, qkv, w, h * hs, t, hs, scale);
+    gather(ws.k, hp, qkv, w, d.key_offset(d.kv_head(h)), t, hs, T::one());
     transpose(ws.kt, tp, ws.k, hp, tp, hp);
     ws.p.fill(T::zero());
-    product(ws.p, tp, ws.q, hp, ws.kt, tp, t, ws.pack, causal_scores(hp));
+    product(ws.p, tp, ws.q, hp, ws.kt, tp, t, ws.pack, score_blocks(d));
+}
+
+/// Column of value head `g` in a `qkv` row.
+fn value_offset(d: &AttentionDims, g: usize) -> usize {
+    d.key_offset(g) + d.kv_heads * d.head_dim
 }
 
 pub fn forward<T: Real>(out: &mut [T], lse: &mut [T], qkv: &[T], d: AttentionDims, scratch: &mut [T], threads: usize) {
-    let (t, hs, c, heads) = (d.time, d.head_dim, d.channels(), d.heads);
+    let (t, hs, c, heads, w) = (d.time, d.head_dim, d.channels(), d.heads, d.qkv_width());
     let (tp, hp) = (round_up(t), round_up(hs));
     let out_ptr = SharedMut(out.as_mut_ptr());
     let lse_ptr = SharedMut(lse.as_mut_ptr());
     for_each_batch_run(&d, scratch, threads, |batches, mem| {
         let mut ws = Workspace::new(mem, &d);
         for b in batches {
-            let qkv = &qkv[b * t * 3 * c..][..t * 3 * c];
+            let qkv = &qkv[b * t * w..][..t * w];
             // SAFETY: batch element `b` is handled by exactly one run, and these are its own rows.
             let out = unsafe { out_ptr.slice(b * t * c, t * c) };
             let lse = unsafe { lse_ptr.slice(b * heads * t, heads * t) };
             for h in 0..heads {
                 scores(&mut ws, qkv, &d, h);
                 for row in 0..t {
-                    let s = &mut ws.p[row * tp..][..=row];
+                    let s = &mut ws.p[row * tp..][..seen(&d, row)];
                     let max = s.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
                     let mut total = T::zero();
                     for x in s.iter_mut() {
@@ -214,12 +230,13 @@ pub fn forward<T: Real>(out: &mut [T], lse: &mut [T], qkv: &[T], d: AttentionDim
                     for x in s.iter_mut() {
                         *x = *x * inv;
                     }
-                    // Scores right of the diagonal were computed with their block; P·V must not see them.
-                    ws.p[row * tp + row + 1..(row + 1) * tp].fill(T::zero());
+                    // Scores of unseen keys (and of the zero padding) were computed with their block; P·V must not
+                    // see them.
+                    ws.p[row * tp + seen(&d, row)..(row + 1) * tp].fill(T::zero());
                     lse[h * t + row] = max + total.ln();
                 }
-                gather(ws.v, hp, qkv, 3 * c, 2 * c + h * hs, t, hs, T::one());
-                product(ws.o, hp, ws.p, tp, ws.v, hp, t, ws.pack, causal_keys(hp));
+                gather(ws.v, hp, qkv, w, value_offset(&d, d.kv_head(h)), t, hs, T::one());
+                product(ws.o, hp, ws.p, tp, ws.v, hp, t, ws.pack, key_blocks(&d));
                 for row in 0..t {
                     out[row * c + h * hs..][..hs].copy_from_slice(&ws.o[row * hp..][..hs]);
                 }
@@ -238,23 +255,28 @@ pub fn backward<T: Real>(
     scratch: &mut [T],
     threads: usize,
 ) {
-    let (t, hs, c, heads) = (d.time, d.head_dim, d.channels(), d.heads);
+    let (t, hs, c, heads, w) = (d.time, d.head_dim, d.channels(), d.heads, d.qkv_width());
     let (tp, hp) = (round_up(t), round_up(hs));
     let scale = T::one() / T::from_f64(hs as f64).sqrt();
     let dqkv_ptr = SharedMut(dqkv.as_mut_ptr());
     for_each_batch_run(&d, scratch, threads, |batches, mem| {
         let mut ws = Workspace::new(mem, &d);
         for b in batches {
-            let qkv = &qkv[b * t * 3 * c..][..t * 3 * c];
+            let qkv = &qkv[b * t * w..][..t * w];
             let (dout, out) = (&dout[b * t * c..][..t * c], &out[b * t * c..][..t * c]);
             let lse = &lse[b * heads * t..][..heads * t];
             // SAFETY: batch element `b` is handled by exactly one run, and these are its own rows.
-            let dqkv = unsafe { dqkv_ptr.slice(b * t * 3 * c, t * 3 * c) };
+            let dqkv = unsafe { dqkv_ptr.slice(b * t * w, t * w) };
+            // Each key/value head sums the gradients of its group of query heads.
+            for row in 0..t {
+                dqkv[row * w + c..(row + 1) * w].fill(T::zero());
+            }
             for h in 0..heads {
+                let (k_col, v_col) = (d.key_offset(d.kv_head(h)), value_offset(&d, d.kv_head(h)));
                 scores(&mut ws, qkv, &d, h);
                 for row in 0..t {
                     let l = lse[h * t + row];
-                    for x in ws.p[row * tp..][..=row].iter_mut() {
+                    for x in ws.p[row * tp..][..seen(&d, row)].iter_mut() {
                         *x = (*x - l).exp_v();
                     }
                 }
@@ -263,38 +285,39 @@ pub fn backward<T: Real>(
                 for row in 0..t {
                     ws.row_d[row] = crate::math::dot(&ws.d_o[row * hp..][..hp], &ws.o[row * hp..][..hp]);
                 }
-                // dP = dO·Vᵀ (Vᵀ goes where Kᵀ was), then dS = P ∘ (dP − D), zero above the diagonal.
-                gather(ws.v, hp, qkv, 3 * c, 2 * c + h * hs, t, hs, T::one());
+                // dP = dO·Vᵀ (Vᵀ goes where Kᵀ was), then dS = P ∘ (dP − D), zero where a key is not seen.
+                gather(ws.v, hp, qkv, w, v_col, t, hs, T::one());
                 transpose(ws.kt, tp, ws.v, hp, tp, hp);
                 ws.dp.fill(T::zero());
-                product(ws.dp, tp, ws.d_o, hp, ws.kt, tp, t, ws.pack, causal_scores(hp));
+                product(ws.dp, tp, ws.d_o, hp, ws.kt, tp, t, ws.pack, score_blocks(&d));
                 for row in 0..t {
-                    let (p, dp) = (&ws.p[row * tp..][..=row], &mut ws.dp[row * tp..][..tp]);
-                    for (ds, &p) in dp[..=row].iter_mut().zip(p) {
+                    let n = seen(&d, row);
+                    let (p, dp) = (&ws.p[row * tp..][..n], &mut ws.dp[row * tp..][..tp]);
+                    for (ds, &p) in dp[..n].iter_mut().zip(p) {
                         *ds = p * (*ds - ws.row_d[row]);
                     }
-                    dp[row + 1..].fill(T::zero());
+                    dp[n..].fill(T::zero());
                 }
                 // dQ = s·dS·K.
-                product(ws.o, hp, ws.dp, tp, ws.k, hp, t, ws.pack, causal_keys(hp));
+                product(ws.o, hp, ws.dp, tp, ws.k, hp, t, ws.pack, key_blocks(&d));
                 for row in 0..t {
-                    for (g, &x) in dqkv[row * 3 * c + h * hs..][..hs].iter_mut().zip(&ws.o[row * hp..]) {
+                    for (g, &x) in dqkv[row * w + h * hs..][..hs].iter_mut().zip(&ws.o[row * hp..]) {
                         *g = x * scale;
                     }
                 }
                 // dK = dSᵀ·(s·Q); dV = Pᵀ·dO.
                 transpose(ws.transposed, tp, ws.dp, tp, t, t);
-                product(ws.o, hp, ws.transposed, tp, ws.q, hp, t, ws.pack, causal_queries(t, hp));
+                product(ws.o, hp, ws.transposed, tp, ws.q, hp, t, ws.pack, query_blocks(&d));
                 for row in 0..t {
-                    dqkv[row * 3 * c + c + h * hs..][..hs].copy_from_slice(&ws.o[row * hp..][..hs]);
+                    axpy(T::one(), &ws.o[row * hp..][..hs], &mut dqkv[row * w + k_col..][..hs]);
                 }
                 for row in 0..t {
-                    ws.p[row * tp + row + 1..(row + 1) * tp].fill(T::zero());
+                    ws.p[row * tp + seen(&d, row)..(row + 1) * tp].fill(T::zero());
                 }
                 transpose(ws.transposed, tp, ws.p, tp, t, t);
-                product(ws.o, hp, ws.transposed, tp, ws.d_o, hp, t, ws.pack, causal_queries(t, hp));
+                product(ws.o, hp, ws.transposed, tp, ws.d_o, hp, t, ws.pack, query_blocks(&d));
                 for row in 0..t {
-                    dqkv[row * 3 * c + 2 * c + h * hs..][..hs].copy_from_slice(&ws.o[row * hp..][..hs]);
+                    axpy(T::one(), &ws.o[row * hp..][..hs], &mut dqkv[row * w + v_col..][..hs]);
                 }
             }
         }
@@ -319,13 +342,14 @@ impl<T> SharedMut<T> {
 
 /// One query (row `pos` of a single sequence's `qkv`) against keys and values `0..=pos`, every head.
 pub fn decode<T: Real>(out: &mut [T], qkv: &[T], pos: usize, d: AttentionDims, scores: &mut [T]) {
-    let (hs, c) = (d.head_dim, d.channels());
+    let (hs, w) = (d.head_dim, d.qkv_width());
     let scale = T::one() / T::from_f64(hs as f64).sqrt();
     for h in 0..d.heads {
-        let q = &qkv[pos * 3 * c + h * hs..][..hs];
+        let (k_col, v_col) = (d.key_offset(d.kv_head(h)), value_offset(&d, d.kv_head(h)));
+        let q = &qkv[pos * w + h * hs..][..hs];
         let mut max = T::neg_infinity();
         for (j, s) in scores[..=pos].iter_mut().enumerate() {
-            *s = dot(q, &qkv[j * 3 * c + c + h * hs..][..hs]) * scale;
+            *s = dot(q, &qkv[j * w + k_col..][..hs]) * scale;
             max = max.max(*s);
         }
         let mut total = T::zero();
@@ -336,7 +360,7 @@ pub fn decode<T: Real>(out: &mut [T], qkv: &[T], pos: usize, d: AttentionDims, s
         let o = &mut out[h * hs..][..hs];
         o.fill(T::zero());
         for (j, &p) in scores[..=pos].iter().enumerate() {
-            axpy(p / total, &qkv[j * 3 * c + 2 * c + h * hs..][..hs], o);
+            axpy(p / total, &qkv[j * w + v_col..][..hs], o);
         }
     }
 }

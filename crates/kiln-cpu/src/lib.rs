@@ -439,9 +439,11 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn attention_forward(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: AttentionDims) -> Result<()> {
-        let rows = d.batch * d.time;
-        let c = d.channels();
-        self.check("attention_forward", &[(out, rows * c), (lse, d.batch * d.heads * d.time)], &[(qkv, rows * 3 * c)])?;
+        let (op, rows, c) = ("attention_forward", d.batch * d.time, d.channels());
+        if let Some(problem) = d.problem() {
+            return Err(self.invalid(op, problem));
+        }
+        self.check(op, &[(out, rows * c), (lse, d.batch * d.heads * d.time)], &[(qkv, rows * d.qkv_width())])?;
         let threads = rayon::current_num_threads();
         let mut scratch = self.scratch(attention::scratch_len(&d, threads));
         // SAFETY: checked above.
@@ -459,12 +461,14 @@ impl<T: Real> Backend for CpuBackend<T> {
         lse: Tensor,
         d: AttentionDims,
     ) -> Result<()> {
-        let rows = d.batch * d.time;
-        let c = d.channels();
+        let (op, rows, c, w) = ("attention_backward", d.batch * d.time, d.channels(), d.qkv_width());
+        if let Some(problem) = d.problem() {
+            return Err(self.invalid(op, problem));
+        }
         self.check(
-            "attention_backward",
-            &[(dqkv, rows * 3 * c)],
-            &[(dout, rows * c), (qkv, rows * 3 * c), (out, rows * c), (lse, d.batch * d.heads * d.time)],
+            op,
+            &[(dqkv, rows * w)],
+            &[(dout, rows * c), (qkv, rows * w), (out, rows * c), (lse, d.batch * d.heads * d.time)],
         )?;
         let threads = rayon::current_num_threads();
         let mut scratch = self.scratch(attention::scratch_len(&d, threads));
@@ -491,7 +495,10 @@ impl<T: Real> Backend for CpuBackend<T> {
         if d.batch != 1 || pos >= d.time {
             return Err(self.invalid(op, format!("position {pos} of one sequence of {} (batch {})", d.time, d.batch)));
         }
-        self.check(op, &[(out, c)], &[(qkv, d.time * 3 * c)])?;
+        if let Some(problem) = d.problem() {
+            return Err(self.invalid(op, problem));
+        }
+        self.check(op, &[(out, c)], &[(qkv, d.time * d.qkv_width())])?;
         let mut scores = self.scratch(d.time);
         // SAFETY: checked above.
         unsafe { attention::decode(self.write(out), self.read(qkv), pos, d, &mut scores) };

@@ -208,23 +208,28 @@ fn matmul_backward_accumulates_weight_gradients() {
 
 #[test]
 fn attention_gradients() {
-    // One shape within a single 4×8 block, one spanning several blocks with more batch elements than threads.
+    // One shape within a single 4×8 block, one spanning several blocks with more batch elements than threads;
+    // then non-causal attention, and grouped-query attention (2 and 3 query heads per key/value head).
     for d in [
-        AttentionDims { batch: 2, time: 7, heads: 3, head_dim: 5 },
-        AttentionDims { batch: 5, time: 19, heads: 2, head_dim: 12 },
+        AttentionDims::causal(2, 7, 3, 5),
+        AttentionDims::causal(5, 19, 2, 12),
+        AttentionDims { causal: false, ..AttentionDims::causal(2, 19, 2, 5) },
+        AttentionDims { kv_heads: 2, ..AttentionDims::causal(2, 9, 4, 6) },
+        AttentionDims { kv_heads: 1, causal: false, ..AttentionDims::causal(1, 17, 3, 4) },
     ] {
         attention_gradients_at(d);
     }
 }
 
 fn attention_gradients_at(d: AttentionDims) {
-    let c = d.channels();
+    let (c, w) = (d.channels(), d.qkv_width());
     let rows = d.batch * d.time;
     let mut f = Fixture::new(7);
-    let qkv = f.random(rows * 3 * c, 1.0);
+    let qkv = f.random(rows * w, 1.0);
     let (out, lse) = (f.zeros(rows * c), f.zeros(d.batch * d.heads * d.time));
     let r = f.random(rows * c, 1.0);
-    let dqkv = f.zeros(rows * 3 * c);
+    // Poisoned: the backward pass overwrites every element, summing a group's key/value gradients itself.
+    let dqkv = f.random(rows * w, 1.0);
     f.b.attention_forward(out, lse, qkv, d).unwrap();
     f.b.attention_backward(dqkv, r, qkv, out, lse, d).unwrap();
     let g = f.values(dqkv);
@@ -235,22 +240,53 @@ fn attention_gradients_at(d: AttentionDims) {
 }
 
 #[test]
-fn attention_is_causal() {
-    // Changing the last position's keys and values must not change any earlier output.
-    let d = AttentionDims { batch: 1, time: 6, heads: 2, head_dim: 4 };
-    let c = d.channels();
-    let mut f = Fixture::new(8);
-    let qkv = f.random(d.time * 3 * c, 1.0);
-    let (out, lse) = (f.zeros(d.time * c), f.zeros(d.heads * d.time));
-    f.b.attention_forward(out, lse, qkv, d).unwrap();
-    let before = f.values(out);
-    for v in &mut f.b.values_mut(qkv).unwrap()[(d.time - 1) * 3 * c + c..] {
-        *v += 1.0;
+fn attention_is_causal_only_when_asked() {
+    // Changing the last position's keys and values must not change any earlier output of causal attention, and
+    // must change every output of non-causal attention.
+    for causal in [true, false] {
+        let d = AttentionDims { causal, kv_heads: 1, ..AttentionDims::causal(1, 6, 2, 4) };
+        let (c, w) = (d.channels(), d.qkv_width());
+        let mut f = Fixture::new(8);
+        let qkv = f.random(d.time * w, 1.0);
+        let (out, lse) = (f.zeros(d.time * c), f.zeros(d.heads * d.time));
+        f.b.attention_forward(out, lse, qkv, d).unwrap();
+        let before = f.values(out);
+        for v in &mut f.b.values_mut(qkv).unwrap()[(d.time - 1) * w + c..] {
+            *v += 1.0;
+        }
+        f.b.attention_forward(out, lse, qkv, d).unwrap();
+        let after = f.values(out);
+        let earlier = (d.time - 1) * c;
+        assert_eq!(causal, before[..earlier] == after[..earlier], "causal: {causal}");
+        assert_ne!(before[earlier..], after[earlier..]);
     }
-    f.b.attention_forward(out, lse, qkv, d).unwrap();
-    let after = f.values(out);
-    assert_eq!(before[..(d.time - 1) * c], after[..(d.time - 1) * c]);
-    assert_ne!(before[(d.time - 1) * c..], after[(d.time - 1) * c..]);
+}
+
+#[test]
+fn grouped_query_attention_equals_repeated_key_value_heads() {
+    // Two query heads sharing one key/value head give what two heads with copies of it give.
+    let grouped = AttentionDims { kv_heads: 1, ..AttentionDims::causal(1, 5, 2, 3) };
+    let full = AttentionDims::causal(1, 5, 2, 3);
+    let mut f = Fixture::new(10);
+    let g = f.random(grouped.time * grouped.qkv_width(), 1.0);
+    let rows = f.values(g);
+    let hs = grouped.head_dim;
+    // q0 q1 k v  →  q0 q1 k k v v
+    let repeated: Vec<f64> = rows
+        .chunks(grouped.qkv_width())
+        .flat_map(|r| [&r[..2 * hs], &r[2 * hs..3 * hs], &r[2 * hs..3 * hs], &r[3 * hs..], &r[3 * hs..]].concat())
+        .collect();
+    let r = f.zeros(repeated.len());
+    f.b.values_mut(r).unwrap().copy_from_slice(&repeated);
+    let outs: Vec<Vec<f64>> = [(grouped, g), (full, r)]
+        .into_iter()
+        .map(|(d, qkv)| {
+            let (out, lse) = (f.zeros(d.time * d.channels()), f.zeros(d.heads * d.time));
+            f.b.attention_forward(out, lse, qkv, d).unwrap();
+            f.values(out)
+        })
+        .collect();
+    assert_eq!(outs[0], outs[1]);
 }
 
 #[test]

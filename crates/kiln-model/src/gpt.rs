@@ -289,7 +289,7 @@ impl Gpt {
         };
         let (c, n) = (s.n_embd, batch * time);
         let rows = |t: Tensor, width: usize| t.slice(0, n * width);
-        let att = AttentionDims { batch, time, heads: s.n_head, head_dim: s.head_dim() };
+        let att = AttentionDims::causal(batch, time, s.n_head, s.head_dim());
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
         // A decoded token's position embedding is row `pos`; its queries, keys and values go to row `pos` of the
         // cache; everything else about it is a one-row batch.
@@ -401,7 +401,7 @@ impl Gpt {
         let s = &self.shape;
         let (c, n, vp) = (s.n_embd, batch * time, s.padded_vocab);
         let rows = |t: Tensor, width: usize| t.slice(0, n * width);
-        let att = AttentionDims { batch, time, heads: s.n_head, head_dim: s.head_dim() };
+        let att = AttentionDims::causal(batch, time, s.n_head, s.head_dim());
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
         let (dres, dbtc) = (rows(self.dresidual, c), rows(self.dbtc, c));
 

@@ -85,7 +85,7 @@ enum Use {
 
 /// One operation check: its operands and how to call it.
 struct OpCase {
-    name: &'static str,
+    name: String,
     /// Length, use and role of each real operand: the role decides a mixed-precision engine's storage type
     /// (weights' gradients and statistics are fp32 where activations are bf16).
     reals: Vec<(usize, Use, Role)>,
@@ -132,7 +132,8 @@ fn check_op(
     rng: &mut ChaCha8Rng,
     tol: f64,
 ) -> Check {
-    let fail = |why: String| Check { name: case.name.into(), error: f64::INFINITY, tolerance: tol, failure: Some(why) };
+    let fail =
+        |why: String| Check { name: case.name.clone(), error: f64::INFINITY, tolerance: tol, failure: Some(why) };
     let values: Vec<Vec<f32>> = case
         .reals
         .iter()
@@ -153,7 +154,7 @@ fn check_op(
     if error.is_infinite() {
         return fail("an output is NaN or infinite (unwritten, or overflowed)".into());
     }
-    Check { name: case.name.into(), error, tolerance: tol, failure: None }
+    Check { name: case.name.clone(), error, tolerance: tol, failure: None }
 }
 
 /// The operation cases, at sizes that are multiples of no tile size.
@@ -168,24 +169,23 @@ fn op_cases() -> Vec<OpCase> {
     let mut targets = tokens.clone();
     targets.rotate_left(1);
     targets[5] = IGNORE_TARGET;
-    let att = AttentionDims { batch, time, heads, head_dim };
     let lin = MatmulDims { rows, c_in: c, c_out: 67 };
     let adam = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.7 };
-    vec![
+    let mut cases = vec![
         OpCase {
-            name: "encoder_forward",
+            name: "encoder_forward".into(),
             reals: vec![(rows * c, Out, Activation), (vocab * c, In, Param), (time * c, In, Param)],
             indices: vec![tokens.clone()],
             run: Box::new(move |b, r, i| b.encoder_forward(r[0], i[0], r[1], r[2], batch, time, c)),
         },
         OpCase {
-            name: "encoder_backward",
+            name: "encoder_backward".into(),
             reals: vec![(vocab * c, Acc, Grad), (time * c, Acc, Grad), (rows * c, In, Activation)],
             indices: vec![tokens.clone()],
             run: Box::new(move |b, r, i| b.encoder_backward(r[0], r[1], r[2], i[0], batch, time, c)),
         },
         OpCase {
-            name: "layernorm_forward",
+            name: "layernorm_forward".into(),
             reals: vec![
                 (rows * c, Out, Activation),
                 (rows, Out, Stat),
@@ -198,7 +198,7 @@ fn op_cases() -> Vec<OpCase> {
             run: Box::new(move |b, r, _| b.layernorm_forward(r[0], r[1], r[2], r[3], r[4], r[5], rows, c)),
         },
         OpCase {
-            name: "residual_layernorm_forward",
+            name: "residual_layernorm_forward".into(),
             reals: vec![
                 (rows * c, Out, Activation),
                 (rows * c, Out, Activation),
@@ -215,7 +215,7 @@ fn op_cases() -> Vec<OpCase> {
             }),
         },
         OpCase {
-            name: "layernorm_backward",
+            name: "layernorm_backward".into(),
             // Statistics computed by a forward pass first, so that they are consistent with the input.
             reals: vec![
                 (rows * c, Acc, Activation),
@@ -236,13 +236,13 @@ fn op_cases() -> Vec<OpCase> {
             }),
         },
         OpCase {
-            name: "matmul_forward",
+            name: "matmul_forward".into(),
             reals: vec![(rows * 67, Out, Activation), (rows * c, In, Activation), (67 * c, In, Param), (67, In, Param)],
             indices: vec![],
             run: Box::new(move |b, r, _| b.matmul_forward(r[0], r[1], r[2], Some(r[3]), None, lin)),
         },
         OpCase {
-            name: "matmul_forward+gelu",
+            name: "matmul_forward+gelu".into(),
             reals: vec![
                 (rows * 67, Out, Activation),
                 (rows * 67, Out, Activation),
@@ -254,7 +254,7 @@ fn op_cases() -> Vec<OpCase> {
             run: Box::new(move |b, r, _| b.matmul_forward(r[0], r[2], r[3], Some(r[4]), Some(r[1]), lin)),
         },
         OpCase {
-            name: "matmul_backward",
+            name: "matmul_backward".into(),
             reals: vec![
                 (rows * c, Out, Activation),
                 (67 * c, Acc, Grad),
@@ -267,7 +267,7 @@ fn op_cases() -> Vec<OpCase> {
             run: Box::new(move |b, r, _| b.matmul_backward(r[0], r[1], Some(r[2]), r[3], r[4], r[5], None, lin)),
         },
         OpCase {
-            name: "matmul_backward+gelu",
+            name: "matmul_backward+gelu".into(),
             reals: vec![
                 (rows * c, Out, Activation),
                 (67 * c, Acc, Grad),
@@ -281,52 +281,25 @@ fn op_cases() -> Vec<OpCase> {
             run: Box::new(move |b, r, _| b.matmul_backward(r[0], r[1], Some(r[2]), r[3], r[4], r[5], Some(r[6]), lin)),
         },
         OpCase {
-            name: "attention_forward",
-            reals: vec![(rows * c, Out, Activation), (batch * heads * time, Out, Stat), (rows * 3 * c, In, Activation)],
-            indices: vec![],
-            run: Box::new(move |b, r, _| b.attention_forward(r[0], r[1], r[2], att)),
-        },
-        OpCase {
-            name: "attention_backward",
-            reals: vec![
-                (rows * 3 * c, Out, Activation),
-                (rows * c, In, Activation),
-                (rows * 3 * c, In, Activation),
-                (rows * c, Out, Activation),
-                (batch * heads * time, Out, Stat),
-            ],
-            indices: vec![],
-            run: Box::new(move |b, r, _| {
-                b.attention_forward(r[3], r[4], r[2], att)?;
-                b.attention_backward(r[0], r[1], r[2], r[3], r[4], att)
-            }),
-        },
-        OpCase {
-            name: "attention_decode",
-            reals: vec![(c, Out, Activation), (time * 3 * c, In, Activation)],
-            indices: vec![],
-            run: Box::new(move |b, r, _| b.attention_decode(r[0], r[1], time - 1, AttentionDims { batch: 1, ..att })),
-        },
-        OpCase {
-            name: "classifier",
+            name: "classifier".into(),
             reals: vec![(rows * padded, Acc, Activation), (rows, Acc, Stat)],
             indices: vec![targets.clone()],
             run: Box::new(move |b, r, i| b.classifier(r[0], r[1], i[0], rows, vocab, padded, Some(1.0 / rows as f32))),
         },
         OpCase {
-            name: "classifier (loss only)",
+            name: "classifier (loss only)".into(),
             reals: vec![(rows * padded, In, Activation), (rows, Acc, Stat)],
             indices: vec![targets],
             run: Box::new(move |b, r, i| b.classifier(r[0], r[1], i[0], rows, vocab, padded, None)),
         },
         OpCase {
-            name: "adamw",
+            name: "adamw".into(),
             reals: vec![(1001, Acc, Param), (1001, In, Grad), (1001, Acc, OptState), (1001, AccNonNegative, OptState)],
             indices: vec![],
             run: Box::new(move |b, r, _| b.adamw(r[0], r[1], r[2], r[3], &adam)),
         },
         OpCase {
-            name: "sum, sum_squares",
+            name: "sum, sum_squares".into(),
             reals: vec![(100_003, In, Grad), (2, Out, Stat)],
             indices: vec![],
             run: Box::new(move |b, r, _| {
@@ -334,7 +307,69 @@ fn op_cases() -> Vec<OpCase> {
                 b.upload(r[1], &[s, q])
             }),
         },
-    ]
+    ];
+    cases.extend(ATTENTION_SHAPES.iter().flat_map(|&d| attention_cases(d)));
+    cases
+}
+
+/// One shape of every class attention supports: head dimensions 16 to 128, causal or not, grouped-query, and
+/// sequence lengths that are multiples of no tile size.
+const ATTENTION_SHAPES: [AttentionDims; 6] = [
+    AttentionDims { batch: 3, time: 37, heads: 3, kv_heads: 3, head_dim: 16, causal: true },
+    AttentionDims { batch: 2, time: 77, heads: 2, kv_heads: 2, head_dim: 64, causal: true },
+    AttentionDims { batch: 1, time: 70, heads: 2, kv_heads: 2, head_dim: 128, causal: true },
+    AttentionDims { batch: 2, time: 45, heads: 3, kv_heads: 3, head_dim: 32, causal: false },
+    AttentionDims { batch: 1, time: 100, heads: 2, kv_heads: 2, head_dim: 96, causal: false },
+    AttentionDims { batch: 2, time: 66, heads: 4, kv_heads: 2, head_dim: 64, causal: true },
+];
+
+/// Forward, backward and decoding cases of attention at `d`, named by its shape.
+fn attention_cases(d: AttentionDims) -> Vec<OpCase> {
+    use Role::{Activation, Stat};
+    use Use::*;
+    let (rows, c, w) = (d.batch * d.time, d.channels(), d.qkv_width());
+    let lse = d.batch * d.heads * d.time;
+    let shape = format!(
+        "B{} T{} H{}{} D{}{}",
+        d.batch,
+        d.time,
+        d.heads,
+        if d.kv_heads == d.heads { String::new() } else { format!("/{}kv", d.kv_heads) },
+        d.head_dim,
+        if d.causal { " causal" } else { "" }
+    );
+    let mut cases = vec![
+        OpCase {
+            name: format!("attention_forward {shape}"),
+            reals: vec![(rows * c, Out, Activation), (lse, Out, Stat), (rows * w, In, Activation)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.attention_forward(r[0], r[1], r[2], d)),
+        },
+        OpCase {
+            name: format!("attention_backward {shape}"),
+            reals: vec![
+                (rows * w, Out, Activation),
+                (rows * c, In, Activation),
+                (rows * w, In, Activation),
+                (rows * c, Out, Activation),
+                (lse, Out, Stat),
+            ],
+            indices: vec![],
+            run: Box::new(move |b, r, _| {
+                b.attention_forward(r[3], r[4], r[2], d)?;
+                b.attention_backward(r[0], r[1], r[2], r[3], r[4], d)
+            }),
+        },
+    ];
+    if d.causal {
+        cases.push(OpCase {
+            name: format!("attention_decode {shape}"),
+            reals: vec![(c, Out, Activation), (d.time * w, In, Activation)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.attention_decode(r[0], r[1], d.time - 1, AttentionDims { batch: 1, ..d })),
+        });
+    }
+    cases
 }
 
 /// The model the model-level checks use: small, with sizes that are multiples of nothing in particular.
@@ -457,7 +492,9 @@ mod tests {
         let strict = Tolerance { op: 1e-12, model_grads: 1e-12, loss: 0.0 };
         let checks = run(|| Ok(CpuBackend::<f32>::new()), strict, |_| {}).unwrap();
         let failed: Vec<&str> = checks.iter().filter(|c| !c.passed()).map(|c| c.name.as_str()).collect();
-        for name in ["layernorm_backward", "attention_backward", "matmul_backward+gelu", "classifier"] {
+        for name in
+            ["layernorm_backward", "attention_backward B2 T66 H4/2kv D64 causal", "matmul_backward+gelu", "classifier"]
+        {
             assert!(failed.contains(&name), "{name} should fail at 1e-12; failed: {failed:?}");
         }
         assert!(failed.iter().any(|n| n.starts_with("training")));
