@@ -135,15 +135,14 @@ pub fn parse_gpus(text: &str) -> Result<Vec<usize>> {
 
 /// Trains with one rank per GPU of `gpus`, as threads of this process, summing gradients with NCCL.
 pub fn train_gpus(config: &Config, gpus: &[usize], resume: Option<&Path>, hooks: &mut Hooks) -> Result<Summary> {
-    let precision = config.train.precision;
     if let [gpu] = gpus {
-        return kiln_train::threads::train(config, 1, |_| CudaBackend::new(*gpu, precision), resume, hooks, true);
+        return kiln_train::threads::train(config, 1, |_| crate::cuda(*gpu, config), resume, hooks, true);
     }
     let id = kiln_cuda::nccl::unique_id()?;
     let timeout = Duration::from_secs(config.dist.timeout_s);
     let world = gpus.len();
     let make_rank = |rank: usize, failed: &Arc<AtomicBool>| -> Result<(CudaBackend, Box<dyn Communicator<_>>)> {
-        let backend = CudaBackend::new(gpus[rank], precision)?;
+        let backend = crate::cuda(gpus[rank], config)?;
         let comm = NcclComm::new(&backend, &id, rank, world, failed.clone(), timeout)?;
         Ok((backend, Box::new(comm)))
     };
@@ -170,7 +169,7 @@ pub fn train_process(
     // The watch stays alive for the whole run: its connections tell the other processes that this one is gone.
     let (id, watch) =
         kiln_dist::rendezvous::exchange(&rv, rank, world, kiln_cuda::nccl::unique_id, rendezvous_timeout)?;
-    let backend = CudaBackend::new(gpu.unwrap_or(placement.local_rank), config.train.precision)?;
+    let backend = crate::cuda(gpu.unwrap_or(placement.local_rank), config)?;
     let timeout = Duration::from_secs(config.dist.timeout_s);
     let comm = NcclComm::new(&backend, &id, rank, world, watch.flag(), timeout)?;
     let mut trainer = Trainer::with_comm(config, backend, Box::new(comm))?;

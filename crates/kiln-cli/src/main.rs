@@ -9,6 +9,7 @@ mod log;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_core::Backend;
+use kiln_core::config::AttentionKernel;
 use kiln_core::{Config, Error, Result};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::backend::CudaBackend;
@@ -354,6 +355,11 @@ enum Engine {
     Cuda,
 }
 
+/// The CUDA engine on GPU `ordinal`, in the precision and with the attention kernel that `config` asks for.
+fn cuda(ordinal: usize, config: &Config) -> Result<CudaBackend> {
+    CudaBackend::new(ordinal, config.train.precision, config.model.attention)
+}
+
 /// `auto` becomes CUDA when a usable GPU is present, otherwise the CPU with one warning.
 fn resolve(choice: BackendChoice) -> Result<Engine> {
     Ok(match choice {
@@ -419,7 +425,7 @@ fn sample(checkpoint: &std::path::Path, prompt: &str, options: &SampleOptions, b
     let config = kiln_train::checkpoint::config(checkpoint, &[])?;
     match resolve(backend)? {
         Engine::Cpu => sample_on(&config, CpuBackend::<f32>::new(), checkpoint, prompt, options),
-        Engine::Cuda => sample_on(&config, CudaBackend::new(0, config.train.precision)?, checkpoint, prompt, options),
+        Engine::Cuda => sample_on(&config, cuda(0, &config)?, checkpoint, prompt, options),
     }
 }
 
@@ -454,7 +460,7 @@ fn eval(checkpoint: &std::path::Path, data: Option<PathBuf>, backend: BackendCho
     let config = kiln_train::checkpoint::config(checkpoint, &overrides)?;
     match resolve(backend)? {
         Engine::Cpu => eval_on(&config, CpuBackend::<f32>::new(), checkpoint),
-        Engine::Cuda => eval_on(&config, CudaBackend::new(0, config.train.precision)?, checkpoint),
+        Engine::Cuda => eval_on(&config, cuda(0, &config)?, checkpoint),
     }
 }
 
@@ -537,7 +543,7 @@ fn bench_train(config: Option<PathBuf>, overrides: &[String], backend: BackendCh
     }
     match resolve(backend)? {
         Engine::Cpu => bench_on(&config, CpuBackend::<f32>::new(), run),
-        Engine::Cuda => bench_on(&config, CudaBackend::new(0, config.train.precision)?, run),
+        Engine::Cuda => bench_on(&config, cuda(0, &config)?, run),
     }
 }
 
@@ -605,7 +611,11 @@ fn selftest(backend: BackendChoice) -> Result<()> {
                 [(Precision::Fp32, kiln_selftest::Tolerance::FP32), (Precision::Bf16, kiln_selftest::Tolerance::BF16)]
             {
                 println!("checking the cuda engine ({}) against the cpu engine in f64", precision.name());
-                checks.extend(kiln_selftest::run(|| CudaBackend::new(0, precision), tolerance, print)?);
+                checks.extend(kiln_selftest::run(
+                    || CudaBackend::new(0, precision, AttentionKernel::Fused),
+                    tolerance,
+                    print,
+                )?);
             }
         }
     }

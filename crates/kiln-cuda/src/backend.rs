@@ -18,6 +18,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use kiln_core::backend::{BufferId, first_overlap};
+use kiln_core::config::AttentionKernel;
 use kiln_core::{AdamWStep, AttentionDims, Backend, Error, MatmulDims, Result, Role, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,6 +56,8 @@ const MAX_HEAD_DIM: usize = 128;
 pub struct CudaBackend {
     name: String,
     precision: Precision,
+    /// The attention kernels this engine runs.
+    attention: AttentionKernel,
     stream: Arc<CudaStream>,
     lt: CublasLt,
     functions: HashMap<String, CudaFunction>,
@@ -100,7 +103,8 @@ fn elementwise(n: usize) -> LaunchConfig {
 
 impl CudaBackend {
     /// Opens GPU `ordinal`, compiles (or loads from the cache) every kernel for it, and starts cuBLASLt.
-    pub fn new(ordinal: usize, precision: Precision) -> Result<Self> {
+    /// `attention` chooses the attention kernels (fp32 always runs the unfused ones).
+    pub fn new(ordinal: usize, precision: Precision, attention: AttentionKernel) -> Result<Self> {
         for lib in [Library::Driver, Library::Nvrtc, Library::CublasLt] {
             lib.require()?;
         }
@@ -129,6 +133,7 @@ impl CudaBackend {
         let mut backend = CudaBackend {
             name,
             precision,
+            attention: if precision == Precision::Fp32 { AttentionKernel::Unfused } else { attention },
             stream,
             lt,
             functions,
