@@ -47,6 +47,8 @@ export kiln
 export -f resume_check
 step resume-exact 300 bash -c resume_check
 step bench-kiln 300 "$kiln" bench train --backend cuda --steps 10 --warmup 2
+step bench-attention 240 "$kiln" bench attention --backend cuda --suite
+step bench-kiln-unfused 300 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
 
 # Data parallel on the one GPU: N processes, each claiming its own NCCL host (see ../shared/GPU.md), so NCCL joins
 # them over its socket transport on loopback as if they were separate nodes. dp_run NAME RANKS ARGS... trains
@@ -133,6 +135,9 @@ grep -h "vs one rank" "$out/dp-equivalence.log" 2>/dev/null
 grep -h "exposed" "$out/dp-overlap.log" 2>/dev/null
 # GPT-2 124M, B=32, T=1024, bf16, tokens/s. Anchors measured on an H100 (see docs/benchmarks.md): llm.c without
 # cuDNN 283,000; PyTorch torch.compile 478,000.
+grep -h "TFLOP/s" "$out/bench-attention.log" 2>/dev/null
+u=$(tail -n 1 "$out/bench-kiln-unfused.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
+echo "gpt2-124m tokens/s with the unfused attention kernels: ${u:-?}"
 k=$(tail -n 1 "$out/bench-kiln.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
 t=$(tail -n 1 "$out/bench-pytorch.log" 2>/dev/null | sed -n 's/.*"tokens_per_s": \([0-9.]*\).*/\1/p')
 echo "gpt2-124m tokens/s: kiln ${k:-?}, pytorch ${t:-?}, anchors llm.c 283000 / torch.compile 478000"

@@ -4,12 +4,13 @@
 //! `kiln-train`. Errors end the process with a message and an exit code: 2 for usage, configuration and input
 //! errors, 1 for failures at run time, 130 when interrupted.
 
+mod attention_bench;
 mod dist;
 mod log;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kiln_core::Backend;
 use kiln_core::config::AttentionKernel;
+use kiln_core::{AttentionDims, Backend};
 use kiln_core::{Config, Error, Result};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::backend::CudaBackend;
@@ -178,6 +179,54 @@ enum BenchCommand {
         #[arg(long, default_value_t = 989.0)]
         peak_tflops: f64,
     },
+    /// Attention alone: median time and TFLOP/s of the forward pass and of forward+backward, one line per shape
+    /// and then one JSON object per shape.
+    Attention {
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Query heads.
+        #[arg(long, default_value_t = 12)]
+        heads: usize,
+        /// Key/value heads (default: as many as query heads; fewer is grouped-query attention).
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        #[arg(long)]
+        causal: bool,
+        /// The five shapes of the anchors' attention table instead, beside FlashAttention-2's and cuDNN's
+        /// numbers on an H100 (sized for a GPU).
+        #[arg(long)]
+        suite: bool,
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        backend: BackendChoice,
+        /// GPU storage precision (the fused kernel runs in bf16).
+        #[arg(long, value_enum, default_value_t = PrecisionChoice::Bf16)]
+        precision: PrecisionChoice,
+        /// The GPU's attention kernels.
+        #[arg(long, value_enum, default_value_t = AttentionChoice::Fused)]
+        kernel: AttentionChoice,
+        /// Runs measured per shape and pass.
+        #[arg(long, default_value_t = 30)]
+        reps: usize,
+        /// Runs first, not measured.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PrecisionChoice {
+    Bf16,
+    Fp32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AttentionChoice {
+    Fused,
+    Unfused,
 }
 
 #[derive(Subcommand)]
@@ -267,6 +316,35 @@ fn main() -> ExitCode {
                 TokenizerChoice::Char => Tokenization::Char(None),
             };
             prepare(PrepareOptions { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy }, bar)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Attention {
+                    batch,
+                    heads,
+                    kv_heads,
+                    seq,
+                    head_dim,
+                    causal,
+                    suite,
+                    backend,
+                    precision,
+                    kernel,
+                    reps,
+                    warmup,
+                },
+        } => {
+            let one = AttentionDims { batch, time: seq, heads, kv_heads: kv_heads.unwrap_or(heads), head_dim, causal };
+            let precision = match precision {
+                PrecisionChoice::Bf16 => Precision::Bf16,
+                PrecisionChoice::Fp32 => Precision::Fp32,
+            };
+            let kernel = match kernel {
+                AttentionChoice::Fused => AttentionKernel::Fused,
+                AttentionChoice::Unfused => AttentionKernel::Unfused,
+            };
+            let shapes = if suite { attention_bench::SUITE.iter().map(|(d, _)| *d).collect() } else { vec![one] };
+            bench_attention(&shapes, backend, precision, kernel, (warmup, reps))
         }
         Command::Bench { command: BenchCommand::Train { config, overrides, backend, steps, warmup, peak_tflops } } => {
             bench_train(config, &overrides, backend, BenchRun { steps, warmup, peak_tflops })
@@ -521,6 +599,57 @@ fn prepare(options: PrepareOptions, bar: log::ProgressSlot) -> Result<()> {
     if summary.replaced > 0 {
         tracing::warn!("replaced {} invalid UTF-8 sequences", summary.replaced);
     }
+    Ok(())
+}
+
+fn bench_attention(
+    shapes: &[AttentionDims],
+    backend: BackendChoice,
+    precision: Precision,
+    kernel: AttentionKernel,
+    runs: (usize, usize),
+) -> Result<()> {
+    if runs.1 == 0 {
+        return Err(Error::Usage("--reps must be at least 1".into()));
+    }
+    match resolve(backend)? {
+        Engine::Cpu => bench_attention_on(shapes, CpuBackend::<f32>::new(), runs),
+        Engine::Cuda => bench_attention_on(shapes, CudaBackend::new(0, precision, kernel)?, runs),
+    }
+}
+
+fn bench_attention_on<B: Backend>(
+    shapes: &[AttentionDims],
+    mut backend: B,
+    (warmup, reps): (usize, usize),
+) -> Result<()> {
+    println!("backend {}", backend.name());
+    let mut json = Vec::new();
+    for d in shapes {
+        let t = attention_bench::measure(&mut backend, *d, warmup, reps)?;
+        let (fwd, both) = (t.forward_tflops(d), t.forward_backward_tflops(d));
+        let anchors = attention_bench::SUITE.iter().find(|(s, _)| s == d).map(|(_, a)| a);
+        println!(
+            "{:<28} forward {:>9.3} ms {:>8.3} TFLOP/s | forward+backward {:>9.3} ms {:>8.3} TFLOP/s{}",
+            attention_bench::describe(d),
+            t.forward_ms,
+            fwd,
+            t.forward_backward_ms,
+            both,
+            anchors.map_or(String::new(), |a| format!(
+                "  (H100 FlashAttention-2 {:.0} / {:.0}, cuDNN {:.0} / {:.0})",
+                a[0], a[1], a[2], a[3]
+            ))
+        );
+        json.push(format!(
+            "{{\"shape\":\"{}\",\"forward_ms\":{:.4},\"forward_tflops\":{fwd:.2},\"forward_backward_ms\":{:.4},\
+             \"forward_backward_tflops\":{both:.2}}}",
+            attention_bench::describe(d),
+            t.forward_ms,
+            t.forward_backward_ms
+        ));
+    }
+    json.iter().for_each(|line| println!("{line}"));
     Ok(())
 }
 

@@ -397,3 +397,39 @@ fn a_launched_job_on_the_cpu_engine_is_a_usage_error() {
     expect_usage_error(&["train", "--backend", "cpu", "--gpus", "0"], &["--gpus needs the CUDA engine"]);
     expect_usage_error(&["train", "--backend", "cuda", "--ranks", "2"], &["--backend cpu"]);
 }
+
+#[test]
+fn bench_attention_reports_each_pass_as_json() {
+    let out = kiln(&[
+        "bench",
+        "attention",
+        "--backend",
+        "cpu",
+        "--batch",
+        "2",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--seq",
+        "45",
+        "--head-dim",
+        "32",
+        "--causal",
+        "--reps",
+        "3",
+        "--warmup",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["shape"], "B2 H4/2kv T45 D32 causal");
+    for key in ["forward_ms", "forward_tflops", "forward_backward_ms", "forward_backward_tflops"] {
+        assert!(last[key].as_f64().unwrap() > 0.0, "{key} in {last}");
+    }
+    assert!(last["forward_backward_ms"].as_f64() > last["forward_ms"].as_f64(), "{last}");
+    let bad = kiln(&["bench", "attention", "--backend", "cpu", "--heads", "4", "--kv-heads", "3", "--reps", "1"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("key/value heads"), "{}", stderr(&bad));
+}
