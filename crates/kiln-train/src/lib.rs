@@ -149,7 +149,8 @@ impl<B: Backend> Trainer<B> {
         let buckets = Buckets::new(model.params.len, world, rank, bucket_elems);
         let mut owned = Vec::new();
         let mut local = 0;
-        let pieces: Vec<_> = if zero { buckets.owned_pieces().collect() } else { vec![0..shape.num_params()] };
+        let pieces: Vec<_> =
+            if zero { buckets.owned_pieces().collect() } else { std::iter::once(0..shape.num_params()).collect() };
         for piece in pieces.into_iter().rev() {
             owned.push((piece.start, local, piece.len()));
             local += piece.len();
@@ -476,7 +477,7 @@ impl<B: Backend> Trainer<B> {
                 continue;
             }
             // The last micro-batch: reduce each bucket as soon as its gradients are final.
-            let mut cursor = BucketCursor::new();
+            let mut cursor = BucketCursor::default();
             model.backward_with(b, mb, t, &mut |b, ready_from| {
                 let entered = Instant::now();
                 for bucket in cursor.advance(buckets, ready_from) {

@@ -58,15 +58,12 @@ impl Buckets {
 }
 
 /// Launches the reduction of each bucket once the backward pass has finished every gradient in it.
+#[derive(Default)]
 pub struct BucketCursor {
     next: usize,
 }
 
 impl BucketCursor {
-    pub fn new() -> Self {
-        BucketCursor { next: 0 }
-    }
-
     /// The buckets that became complete now that every gradient from `ready_from` to the end is final.
     pub fn advance<'a>(&mut self, buckets: &'a Buckets, ready_from: usize) -> &'a [Range<usize>] {
         let first = self.next;
@@ -137,10 +134,11 @@ mod tests {
     #[test]
     fn a_bucket_launches_only_when_the_backward_pass_has_passed_its_start() {
         let buckets = Buckets::new(4 * PIECE_ALIGN, 1, 0, PIECE_ALIGN);
-        let mut cursor = BucketCursor::new();
+        let mut cursor = BucketCursor::default();
         assert!(cursor.advance(&buckets, 4 * PIECE_ALIGN - 1).is_empty());
-        assert_eq!(cursor.advance(&buckets, 2 * PIECE_ALIGN + 7), &[3 * PIECE_ALIGN..4 * PIECE_ALIGN]);
         let a = PIECE_ALIGN;
+        let last = cursor.advance(&buckets, 2 * a + 7);
+        assert!(last.len() == 1 && last[0] == (3 * a..4 * a), "{last:?}");
         assert_eq!(cursor.advance(&buckets, 0).to_vec(), vec![2 * a..3 * a, a..2 * a, 0..a]);
         assert!(cursor.advance(&buckets, 0).is_empty());
     }
