@@ -756,10 +756,10 @@ impl CudaBackend {
         &self.stream
     }
 
-    /// The device address of `t`'s first element, its type, and the address of its fp32 master copy if it has one.
-    pub(crate) fn comm_view(&self, t: Tensor) -> Result<(u64, DType, Option<u64>)> {
+    /// The device address of `t`'s first element and its type (a parameter's working copy, not its master).
+    pub(crate) fn comm_view(&self, t: Tensor) -> Result<(u64, DType)> {
         let b = self.buffers.get(t.buffer.0 as usize).ok_or_else(|| self.err("nccl", format!("{t:?}")))?;
-        let (dtype, master) = (b.dtype, b.master.as_ref().map(|(_, m)| m + (t.offset * 4) as u64));
-        Ok((self.ptr("nccl", t, dtype, t.len)?, dtype, master))
+        let dtype = b.dtype;
+        Ok((self.ptr("nccl", t, dtype, t.len)?, dtype))
     }
 }

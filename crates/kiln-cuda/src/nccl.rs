@@ -7,8 +7,8 @@
 //! rendezvous watch or by the thread of a failed rank) or the timeout abort the communicator and return an error
 //! instead of hanging. It comes right before the step reads its loss, which waits for the device anyway.
 //!
-//! A parameter tensor of a bf16 engine is gathered twice, the bf16 weights and their fp32 master copy, so that
-//! every rank ends a ZeRO step with the same master weights (what checkpoints hold).
+//! A parameter tensor of a bf16 engine is gathered in bf16, two bytes a weight: a ZeRO rank's fp32 master copy is
+//! current only in the pieces it updates, which is all it reads.
 //!
 //! Not yet run on a GPU: gpu-check's data-parallel step must show 1, 2 and 4 ranks training to the same weights.
 
@@ -170,17 +170,14 @@ impl NcclComm {
         failure(format!("rank {} stops: {why}", self.rank))
     }
 
-    /// `(address, NCCL type, element size)` of `t`, and of its master copy where it has one.
-    fn operands(backend: &CudaBackend, t: Tensor) -> Result<Vec<(u64, sys::ncclDataType_t, usize)>> {
-        let (ptr, dtype, master) = backend.comm_view(t)?;
-        let ty = match dtype {
-            DType::F32 => (sys::ncclDataType_t::ncclFloat32, 4),
-            DType::Bf16 => (sys::ncclDataType_t::ncclBfloat16, 2),
-            DType::U32 => return Err(failure(format!("{t:?} holds token ids: nothing to reduce"))),
-        };
-        let mut all = vec![(ptr, ty.0, ty.1)];
-        all.extend(master.map(|m| (m, sys::ncclDataType_t::ncclFloat32, 4)));
-        Ok(all)
+    /// `(address, NCCL type, element size)` of `t`, as the engine computes with it.
+    fn operand(backend: &CudaBackend, t: Tensor) -> Result<(u64, sys::ncclDataType_t, usize)> {
+        let (ptr, dtype) = backend.comm_view(t)?;
+        match dtype {
+            DType::F32 => Ok((ptr, sys::ncclDataType_t::ncclFloat32, 4)),
+            DType::Bf16 => Ok((ptr, sys::ncclDataType_t::ncclBfloat16, 2)),
+            DType::U32 => Err(failure(format!("{t:?} holds token ids: nothing to reduce"))),
+        }
     }
 }
 
@@ -226,46 +223,43 @@ impl Communicator<CudaBackend> for NcclComm {
 
     fn all_reduce(&mut self, backend: &mut CudaBackend, t: Tensor) -> Result<()> {
         self.follow(backend)?;
-        for (ptr, ty, _) in Self::operands(backend, t)? {
-            let p = ptr as *mut core::ffi::c_void;
-            // SAFETY: `comm_view` checked that `t` lies inside its allocation.
-            unsafe { nccl::all_reduce(p, p, t.len, ty, sys::ncclRedOp_t::ncclSum, self.comm, self.cu_stream()) }
-                .map_err(nccl_error("ncclAllReduce"))?;
-        }
+        let (ptr, ty, _) = Self::operand(backend, t)?;
+        let p = ptr as *mut core::ffi::c_void;
+        // SAFETY: `comm_view` checked that `t` lies inside its allocation.
+        unsafe { nccl::all_reduce(p, p, t.len, ty, sys::ncclRedOp_t::ncclSum, self.comm, self.cu_stream()) }
+            .map_err(nccl_error("ncclAllReduce"))?;
         Ok(())
     }
 
     fn reduce_scatter(&mut self, backend: &mut CudaBackend, t: Tensor) -> Result<()> {
         self.follow(backend)?;
         let count = piece(t, self.world, self.rank).len;
-        for (ptr, ty, size) in Self::operands(backend, t)? {
-            let recv = (ptr + (self.rank * count * size) as u64) as *mut core::ffi::c_void;
-            // SAFETY: in place, as NCCL allows: the receive buffer is this rank's piece of the send buffer.
-            unsafe {
-                nccl::reduce_scatter(
-                    ptr as *const _,
-                    recv,
-                    count,
-                    ty,
-                    sys::ncclRedOp_t::ncclSum,
-                    self.comm,
-                    self.cu_stream(),
-                )
-            }
-            .map_err(nccl_error("ncclReduceScatter"))?;
+        let (ptr, ty, size) = Self::operand(backend, t)?;
+        let recv = (ptr + (self.rank * count * size) as u64) as *mut core::ffi::c_void;
+        // SAFETY: in place, as NCCL allows: the receive buffer is this rank's piece of the send buffer.
+        unsafe {
+            nccl::reduce_scatter(
+                ptr as *const _,
+                recv,
+                count,
+                ty,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.cu_stream(),
+            )
         }
+        .map_err(nccl_error("ncclReduceScatter"))?;
         Ok(())
     }
 
     fn all_gather(&mut self, backend: &mut CudaBackend, t: Tensor) -> Result<()> {
         self.follow(backend)?;
         let count = piece(t, self.world, self.rank).len;
-        for (ptr, ty, size) in Self::operands(backend, t)? {
-            let send = (ptr + (self.rank * count * size) as u64) as *const core::ffi::c_void;
-            // SAFETY: in place, as NCCL allows: the send buffer is this rank's piece of the receive buffer.
-            unsafe { nccl::all_gather(send, ptr as *mut _, count, ty, self.comm, self.cu_stream()) }
-                .map_err(nccl_error("ncclAllGather"))?;
-        }
+        let (ptr, ty, size) = Self::operand(backend, t)?;
+        let send = (ptr + (self.rank * count * size) as u64) as *const core::ffi::c_void;
+        // SAFETY: in place, as NCCL allows: the send buffer is this rank's piece of the receive buffer.
+        unsafe { nccl::all_gather(send, ptr as *mut _, count, ty, self.comm, self.cu_stream()) }
+            .map_err(nccl_error("ncclAllGather"))?;
         Ok(())
     }
 

@@ -143,15 +143,15 @@ pub fn config(dir: &Path, overrides: &[String]) -> Result<Config> {
     Config::from_toml_str(text, &state_path.display().to_string(), overrides)
 }
 
-/// Writes the checkpoint of `step` under `root`, then deletes all but the newest `keep`.
-#[allow(clippy::too_many_arguments)]
-pub fn save<B: Backend + ?Sized>(
+/// Writes the checkpoint of `step` under `root` (the weights `params` and AdamW moments of `model`, in its layout),
+/// then deletes all but the newest `keep`.
+pub fn save(
     root: &Path,
     step: u64,
     config: &Config,
     model: &Gpt,
+    params: &[f32],
     moments: (&[f32], &[f32]),
-    backend: &mut B,
     keep: usize,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(io(root))?;
@@ -160,8 +160,6 @@ pub fn save<B: Backend + ?Sized>(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
-    let mut params = vec![0.0f32; model.params.len];
-    backend.download(model.params, &mut params)?;
     let shape = model.shape;
     let mut weights: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for p in &model.layout {

@@ -197,37 +197,39 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Writes a checkpoint of the current step (see [`checkpoint`]) and returns its directory. Every rank must
-    /// call it (under ZeRO stage 1 the moments are gathered from all of them); only rank 0 writes.
+    /// call it (under ZeRO stage 1 the weights and moments are gathered from all of them); only rank 0 writes.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
-        let moments = self.gather_moments()?;
+        let params = self.gather(self.model.params, false)?;
+        let (m, v) = (self.gather(self.m, true)?, self.gather(self.v, true)?);
         let root = self.checkpoint_root();
         if self.comm.rank() != 0 {
             return Ok(checkpoint::step_dir(&root, self.step));
         }
         let keep = self.config.train.keep_checkpoints;
-        let (m, v) = (&moments[0], &moments[1]);
-        checkpoint::save(&root, self.step, &self.config, &self.model, (m, v), &mut self.backend, keep)
+        checkpoint::save(&root, self.step, &self.config, &self.model, &params, (&m, &v), keep)
     }
 
-    /// The AdamW moments of every parameter, `m` then `v`, on the host.
-    fn gather_moments(&mut self) -> Result<[Vec<f32>; 2]> {
+    /// The current values of every parameter's entry of `t` (the parameters, or a moment), on the host. Under
+    /// ZeRO stage 1 a rank holds current values only in its own pieces (one after another in the moments,
+    /// `packed`; in place in the parameters, whose other entries hold the gathered working copy), so each piece
+    /// comes from its owner.
+    fn gather(&mut self, t: Tensor, packed: bool) -> Result<Vec<f32>> {
         let n = self.model.shape.num_params();
-        let mut full = [vec![0.0f32; n], vec![0.0f32; n]];
-        for (moment, whole) in [self.m, self.v].into_iter().zip(&mut full) {
-            let mut local = vec![0.0f32; moment.len];
-            self.backend.download(moment, &mut local)?;
-            for &(start, local_start, len) in &self.owned {
-                let len = len.min(n.saturating_sub(start));
-                whole[start..start + len].copy_from_slice(&local[local_start..local_start + len]);
-            }
-            if self.zero {
-                // Each rank filled only its pieces and left zeros elsewhere, so the sum is the whole (exactly).
-                let mut wide: Vec<f64> = whole.iter().map(|&x| x as f64).collect();
-                self.comm.all_reduce_host(&mut self.backend, &mut wide)?;
-                whole.iter_mut().zip(&wide).for_each(|(x, &w)| *x = w as f32);
-            }
+        let mut local = vec![0.0f32; t.len];
+        self.backend.download(t, &mut local)?;
+        if !self.zero {
+            local.truncate(n);
+            return Ok(local);
         }
-        Ok(full)
+        // Each rank fills only its pieces and leaves zeros elsewhere, so the sum is the whole, exactly.
+        let mut whole = vec![0.0f64; n];
+        for &(start, local_start, len) in &self.owned {
+            let len = len.min(n.saturating_sub(start));
+            let from = if packed { local_start } else { start };
+            whole[start..start + len].iter_mut().zip(&local[from..from + len]).for_each(|(w, &x)| *w = x as f64);
+        }
+        self.comm.all_reduce_host(&mut self.backend, &mut whole)?;
+        Ok(whole.into_iter().map(|x| x as f32).collect())
     }
 
     /// Continues from the checkpoint in `dir`: weights, optimizer moments and step. The run then goes on exactly
