@@ -36,6 +36,10 @@ VOCAB, PADDED_VOCAB, BLOCK_SIZE = 50257, 50304, 1024
 # same MFU (the same FLOP/s), so their rate is scaled by the ratio of FLOPs per token.
 RATES_124M = [("300k", 300_000.0), ("575k", 575_000.0)]
 PIECE_ALIGN = 64  # kiln-train: every rank's piece of a bucket is a multiple of 64 elements
+GATHER_BYTES = 2.0  # ZeRO-1 all-gathers the bf16 weights only, not the fp32 master
+# Model state per parameter (bytes): bf16 weights, fp32 master, fp32 gradients, AdamW m and v. ZeRO-1 shards only
+# m and v in memory; the master is still allocated whole on every rank.
+BF16, MASTER, GRAD, MOMENTS = 2.0, 4.0, 4.0, 8.0
 
 
 class Shape:
@@ -183,10 +187,11 @@ def simulate(case, n, bucket_mb, algo, zero, net, keep_timeline=False):
     sync = 2 * small_allreduce_s(n, net)  # the step's target count, then loss / norm / stop flag
     gather, opt_saved = 0.0, 0.0
     if zero:
-        # AdamW on this rank's pieces only; then every bucket's parameters (bf16 + fp32 master, 6 bytes each)
-        # are gathered, after the optimizer, with nothing to overlap.
+        # AdamW on this rank's pieces only; then every bucket's bf16 weights (2 bytes each) are gathered, after
+        # the optimizer, with nothing to overlap. The fp32 master is not gathered: each rank's copy is current
+        # only in the pieces it updates.
         opt_saved = case.opt_s * (1 - 1 / n)
-        gather = sum(collective_s("ag", 6.0 * (hi - lo), n, algo, net) for lo, hi in ranges)
+        gather = sum(collective_s("ag", GATHER_BYTES * (hi - lo), n, algo, net) for lo, hi in ranges)
     step = single + exposed + sync + gather - opt_saved
     return dict(step=step, exposed=exposed, gather=gather, sync=sync, comm=comm, opt_saved=opt_saved,
                 timeline=timeline, buckets=len(ranges))
@@ -306,7 +311,8 @@ def main(argv=None):
         out(f"\n### {name}: all-reduce (ZeRO 0)\n\n")
         out(table(cases, a.gpus, bucket_list, ["ring", "hier"], False, net) + "\n")
         if not a.no_zero:
-            out(f"\n### {name}: ZeRO-1 (reduce-scatter during backward, all-gather of 6 bytes/param after AdamW)\n\n")
+            out(f"\n### {name}: ZeRO-1 (reduce-scatter during backward, all-gather of {GATHER_BYTES:g} bytes/param "
+                "after AdamW)\n\n")
             out(table(cases, a.gpus, bucket_list, ["ring", "hier"], True, net) + "\n")
 
     # One node: ring at the NVLink figure against NVLS's large-message figure (an upper bound for small buckets).
@@ -351,8 +357,8 @@ def main(argv=None):
         mbs = [16, 32] if key == "124m" else [4, 8, 16]
         for mb in mbs:
             act = activation_bytes(shape, mb)
-            state0 = 18.0 * shape.params  # bf16 params 2, fp32 master 4, fp32 grads 4, m 4, v 4
-            state1 = (10.0 + 8.0 / 8) * shape.params
+            state0 = (BF16 + MASTER + GRAD + MOMENTS) * shape.params  # 18 bytes per parameter
+            state1 = (BF16 + MASTER + GRAD + MOMENTS / 8) * shape.params  # ZeRO-1 shards m and v only
             gib = 2.0 ** 30
             out(f"| {MODELS[key]['name']} | {mb} | {act / gib:.1f} | {state0 / gib:.1f} | {(act + state0) / gib:.1f} | "
                 f"{(act + state1) / gib:.1f} |\n")
