@@ -5,6 +5,7 @@
 use clap::Args;
 use kiln_core::{Communicator, Config, Error, Result};
 use kiln_cuda::backend::CudaBackend;
+use kiln_cuda::libraries::Library;
 use kiln_cuda::nccl::NcclComm;
 use kiln_dist::env::Placement;
 use kiln_dist::launch::LaunchSpec;
@@ -166,6 +167,11 @@ pub fn train_process(
         None => default_rendezvous(placement)?,
     };
     let (rank, world) = (placement.rank, placement.world);
+    // Each rank checks its own libraries first: a rank 0 that failed at the rendezvous would leave the others
+    // waiting for it until the timeout.
+    for library in [Library::Driver, Library::Nvrtc, Library::CublasLt, Library::Nccl] {
+        library.require()?;
+    }
     // The watch stays alive for the whole run: its connections tell the other processes that this one is gone.
     let (id, watch) =
         kiln_dist::rendezvous::exchange(&rv, rank, world, kiln_cuda::nccl::unique_id, rendezvous_timeout)?;
