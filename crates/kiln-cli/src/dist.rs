@@ -13,7 +13,7 @@ use kiln_dist::rendezvous::{ID_BYTES, Rendezvous, UniqueId};
 use kiln_train::{Hooks, Summary, Trainer};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[derive(Args)]
@@ -142,8 +142,21 @@ pub fn train_gpus(config: &Config, gpus: &[usize], resume: Option<&Path>, hooks:
     let id = kiln_cuda::nccl::unique_id()?;
     let timeout = Duration::from_secs(config.dist.timeout_s);
     let world = gpus.len();
+    // NCCL's initialisation waits for every rank, so each rank's engine is ready before any rank joins: a GPU that
+    // cannot start fails the job instead of leaving the others in that wait.
+    let ready = AtomicUsize::new(0);
     let make_rank = |rank: usize, failed: &Arc<AtomicBool>| -> Result<(CudaBackend, Box<dyn Communicator<_>>)> {
         let backend = crate::cuda(gpus[rank], config)?;
+        ready.fetch_add(1, Ordering::SeqCst);
+        while ready.load(Ordering::SeqCst) < world {
+            if failed.load(Ordering::Relaxed) {
+                return Err(Error::backend(
+                    "nccl",
+                    format!("rank {rank} stops: another GPU of the job failed to start"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let comm = NcclComm::new(&backend, &id, rank, world, failed.clone(), timeout)?;
         Ok((backend, Box::new(comm)))
     };
@@ -167,15 +180,20 @@ pub fn train_process(
         None => default_rendezvous(placement)?,
     };
     let (rank, world) = (placement.rank, placement.world);
-    // Each rank checks its own libraries first: a rank 0 that failed at the rendezvous would leave the others
-    // waiting for it until the timeout.
-    for library in [Library::Driver, Library::Nvrtc, Library::CublasLt, Library::Nccl] {
-        library.require()?;
-    }
+    // Each rank checks its libraries and starts its engine before the rendezvous: a rank that fails there exits
+    // before meeting the others, who are told at the rendezvous or by its timeout, whereas after it they would be
+    // waiting in NCCL's initialisation, which has no timeout.
+    Library::Nccl.require()?;
+    let gpu = match gpu {
+        Some(gpu) => gpu,
+        // srun and others may bind each task to its own GPU, which it then sees as the only one.
+        None if kiln_cuda::devices::list()?.len() == 1 => 0,
+        None => placement.local_rank,
+    };
+    let backend = crate::cuda(gpu, config)?;
     // The watch stays alive for the whole run: its connections tell the other processes that this one is gone.
     let (id, watch) =
         kiln_dist::rendezvous::exchange(&rv, rank, world, kiln_cuda::nccl::unique_id, rendezvous_timeout)?;
-    let backend = crate::cuda(gpu.unwrap_or(placement.local_rank), config)?;
     let timeout = Duration::from_secs(config.dist.timeout_s);
     let comm = NcclComm::new(&backend, &id, rank, world, watch.flag(), timeout)?;
     let mut trainer = Trainer::with_comm(config, backend, Box::new(comm))?;

@@ -120,6 +120,9 @@ impl NcclComm {
 
     /// Makes the communication stream wait for everything queued on the engine's stream so far.
     fn follow(&self, backend: &CudaBackend) -> Result<()> {
+        if self.aborted {
+            return Err(failure(format!("rank {}: the communicator was aborted", self.rank)));
+        }
         self.queued.record(backend.stream()).map_err(|e| failure(format!("recording an event: {e:?}")))?;
         self.stream.wait(&self.queued).map_err(|e| failure(format!("ordering the streams: {e:?}")))
     }
@@ -270,10 +273,13 @@ impl Communicator<CudaBackend> for NcclComm {
 }
 
 impl Drop for NcclComm {
+    /// Aborts rather than destroys: a communicator is dropped either after the last collective has been waited
+    /// for, when the two are the same, or because this rank failed, when ncclCommDestroy would wait for
+    /// operations that need the other ranks (which are waiting for this one).
     fn drop(&mut self) {
         if !self.aborted {
-            // SAFETY: `comm` is live and no operation is queued that the host still waits for.
-            let _ = unsafe { nccl::comm_destroy(self.comm) };
+            // SAFETY: `comm` is live and is not used again.
+            let _ = unsafe { nccl::comm_abort(self.comm) };
         }
     }
 }

@@ -215,12 +215,14 @@ impl<B: Backend> Trainer<B> {
     /// comes from its owner.
     fn gather(&mut self, t: Tensor, packed: bool) -> Result<Vec<f32>> {
         let n = self.model.shape.num_params();
+        if !self.zero {
+            // Every rank holds it all, and only rank 0 writes it.
+            let mut all = vec![0.0f32; if self.comm.rank() == 0 { n } else { 0 }];
+            self.backend.download(t.slice(0, all.len()), &mut all)?;
+            return Ok(all);
+        }
         let mut local = vec![0.0f32; t.len];
         self.backend.download(t, &mut local)?;
-        if !self.zero {
-            local.truncate(n);
-            return Ok(local);
-        }
         // Each rank fills only its pieces and leaves zeros elsewhere, so the sum is the whole, exactly.
         let mut whole = vec![0.0f64; n];
         for &(start, local_start, len) in &self.owned {
@@ -232,9 +234,32 @@ impl<B: Backend> Trainer<B> {
         Ok(whole.into_iter().map(|x| x as f32).collect())
     }
 
-    /// Continues from the checkpoint in `dir`: weights, optimizer moments and step. The run then goes on exactly
-    /// as the one that wrote it would have, at any number of ranks: each rank takes the moments of what it
-    /// updates.
+    /// Fails on every rank unless all ranks are at the same step with the same weights: each process finds the
+    /// checkpoint it resumes from by itself, and an `out_dir` that is not shared between nodes could hand them
+    /// different ones, which the collectives would never notice.
+    fn check_ranks_agree(&mut self) -> Result<()> {
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        if world == 1 {
+            return Ok(());
+        }
+        let mut seen = vec![0.0f64; 2 * world];
+        seen[2 * rank] = self.step as f64;
+        seen[2 * rank + 1] = self.backend.sum(self.model.params)? as f64;
+        self.comm.all_reduce_host(&mut self.backend, &mut seen)?;
+        match seen.chunks(2).position(|other| other != &seen[..2]) {
+            None => Ok(()),
+            Some(other) => Err(Error::Usage(format!(
+                "the ranks resumed from different checkpoints: rank 0 at step {} and rank {other} at step {} (or with \
+                 other weights); every rank must see the same out_dir/checkpoints (a shared filesystem)",
+                seen[0],
+                seen[2 * other]
+            ))),
+        }
+    }
+
+    /// Continues from the checkpoint in `dir`: weights, optimizer moments and step. The run then goes on as the
+    /// one that wrote it would have, at any number of ranks (each rank takes the moments of what it updates): with
+    /// the same data, and on one rank bit for bit.
     pub fn resume(&mut self, dir: &Path) -> Result<u64> {
         let (step, moments) = checkpoint::load(dir, &self.model, &mut self.backend)?;
         for (moment, whole) in [self.m, self.v].into_iter().zip(&moments) {
@@ -246,6 +271,7 @@ impl<B: Backend> Trainer<B> {
             self.backend.upload(moment, &local)?;
         }
         self.step = step;
+        self.check_ranks_agree()?;
         if self.comm.rank() == 0 {
             tracing::info!("resumed from {} at step {}", dir.display(), self.step);
         }
@@ -549,8 +575,8 @@ impl<B: Backend> Trainer<B> {
         if rank == 0 && comm.world() > 1 {
             if let Some((slow, ms, median)) = self.stragglers.observe(&self.agreed[3..]) {
                 tracing::warn!(
-                    "rank {slow} is a straggler: its forward and backward passes take {ms:.1} ms, against a median \
-                     of {median:.1} ms over the ranks"
+                    "rank {slow} is a straggler: its own work in a step (outside waiting for the others) takes \
+                     {ms:.1} ms, against a median of {median:.1} ms over the ranks"
                 );
             }
         }

@@ -58,21 +58,23 @@ pub fn train_ranks<B: Backend>(
 ) -> Result<Summary> {
     let failed = Arc::new(AtomicBool::new(false));
     let first_failure: Mutex<Option<Error>> = Mutex::new(None);
+    // A rank records its error and raises `failed` while it still holds its engine and communicator: the others
+    // then learn that it failed before its communicator goes, and its error is the one reported.
+    let fail = |e: Error| {
+        failed.store(true, Ordering::Relaxed);
+        first_failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        None
+    };
     let run_rank = |rank: usize, hooks: &mut Hooks| -> Option<Summary> {
-        let result = make_rank(rank, &failed).and_then(|(backend, comm)| {
-            let mut trainer = Trainer::with_comm(config, backend, comm)?;
-            if let Some(dir) = resume {
-                trainer.resume(dir)?;
-            }
-            trainer.run(hooks, write_outputs)
-        });
-        match result {
+        let _raise_on_panic = RaiseOnPanic(&failed);
+        let mut trainer = match make_rank(rank, &failed).and_then(|(b, comm)| Trainer::with_comm(config, b, comm)) {
+            Ok(trainer) => trainer,
+            Err(e) => return fail(e),
+        };
+        let resumed = resume.map_or(Ok(0), |dir| trainer.resume(dir));
+        match resumed.and_then(|_| trainer.run(hooks, write_outputs)) {
             Ok(summary) => Some(summary),
-            Err(e) => {
-                failed.store(true, Ordering::Relaxed);
-                first_failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-                None
-            }
+            Err(e) => fail(e),
         }
     };
     let lead = std::thread::scope(|s| {
@@ -92,6 +94,17 @@ pub fn train_ranks<B: Backend>(
     match first_failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(error) => Err(error),
         None => Ok(lead.expect("rank 0 either succeeded or recorded its failure")),
+    }
+}
+
+/// Raises the flag if the thread unwinds from a panic, so that the other ranks stop instead of waiting for it.
+struct RaiseOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for RaiseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
     }
 }
 
