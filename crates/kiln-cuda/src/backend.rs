@@ -260,6 +260,17 @@ impl CudaBackend {
     fn ids(&self, op: &str, t: Tensor, len: usize) -> Result<u64> {
         self.ptr(op, t, DType::U32, len)
     }
+
+    /// Whether attention of shape `d` can run at all: what the unfused kernels, which take every other shape, need.
+    fn check_attention(&self, op: &str, d: &AttentionDims) -> Result<()> {
+        if let Some(problem) = d.problem() {
+            return Err(self.err(op, problem));
+        }
+        if d.head_dim == 0 || d.head_dim > MAX_HEAD_DIM {
+            return Err(self.err(op, format!("head_dim {} is not in 1..={MAX_HEAD_DIM}", d.head_dim)));
+        }
+        Ok(())
+    }
 }
 
 impl Backend for CudaBackend {
@@ -636,16 +647,15 @@ impl Backend for CudaBackend {
     fn attention_forward(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: AttentionDims) -> Result<()> {
         let op = "attention_forward";
         let x = self.x();
-        if d.head_dim > MAX_HEAD_DIM {
-            return Err(self.err(op, format!("head_dim {} > {MAX_HEAD_DIM}", d.head_dim)));
-        }
+        self.check_attention(op, &d)?;
         let rows = d.batch * d.time;
         self.disjoint(op, &[out, lse], &[qkv])?;
         let (o, l) =
             (self.ptr(op, out, x, rows * d.channels())?, self.ptr(op, lse, DType::F32, d.batch * d.heads * d.time)?);
-        let q = self.ptr(op, qkv, x, rows * 3 * d.channels())?;
-        let (b, t, nh, hs) = (d.batch as i32, d.time as i32, d.heads as i32, d.head_dim as i32);
-        launch!(self, op, grid(d.batch * d.heads * d.time * 32, 128), o, l, q, b, t, nh, hs)
+        let q = self.ptr(op, qkv, x, rows * d.qkv_width())?;
+        let (t, nh, kvh, causal) = (d.time as i32, d.heads as i32, d.kv_heads as i32, i32::from(d.causal));
+        let (b, hs) = (d.batch as i32, d.head_dim as i32);
+        launch!(self, op, grid(d.batch * d.heads * d.time * 32, 128), o, l, q, b, t, nh, kvh, hs, causal)
     }
 
     fn attention_backward(
@@ -659,36 +669,33 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let op = "attention_backward";
         let x = self.x();
-        if d.head_dim > MAX_HEAD_DIM {
-            return Err(self.err(op, format!("head_dim {} > {MAX_HEAD_DIM}", d.head_dim)));
-        }
-        let rows = d.batch * d.time;
-        let c = d.channels();
+        self.check_attention(op, &d)?;
+        let (rows, c, w, stats) = (d.batch * d.time, d.channels(), d.qkv_width(), d.batch * d.heads * d.time);
         self.disjoint(op, &[dqkv], &[dout, qkv, out, lse])?;
-        let dq = self.ptr(op, dqkv, x, rows * 3 * c)?;
+        let dq = self.ptr(op, dqkv, x, rows * w)?;
         let (g, q, o) =
-            (self.ptr(op, dout, x, rows * c)?, self.ptr(op, qkv, x, rows * 3 * c)?, self.ptr(op, out, x, rows * c)?);
-        let l = self.ptr(op, lse, DType::F32, d.batch * d.heads * d.time)?;
-        let (b, t, nh, hs) = (d.batch as i32, d.time as i32, d.heads as i32, d.head_dim as i32);
-        for kernel in ["attention_backward_dq", "attention_backward_dkv"] {
-            launch!(self, kernel, grid(d.batch * d.heads * d.time * 32, 128), dq, g, q, o, l, b, t, nh, hs)?;
-        }
-        Ok(())
+            (self.ptr(op, dout, x, rows * c)?, self.ptr(op, qkv, x, rows * w)?, self.ptr(op, out, x, rows * c)?);
+        let l = self.ptr(op, lse, DType::F32, stats)?;
+        let (b, t, nh, kvh, hs) = (d.batch as i32, d.time as i32, d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
+        let causal = i32::from(d.causal);
+        // One warp per query row for dq, then one per key/value row for dk and dv.
+        let cfg = grid(rows * d.heads * 32, 128);
+        launch!(self, "attention_backward_dq", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, causal)?;
+        let cfg = grid(rows * d.kv_heads * 32, 128);
+        launch!(self, "attention_backward_dkv", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, causal)
     }
 
     fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, d: AttentionDims) -> Result<()> {
         let op = "attention_decode";
         let x = self.x();
-        if d.batch != 1 || pos >= d.time || d.head_dim > MAX_HEAD_DIM {
-            return Err(self.err(
-                op,
-                format!("position {pos} of one sequence of {} (batch {}, head_dim {})", d.time, d.batch, d.head_dim),
-            ));
+        self.check_attention(op, &d)?;
+        if d.batch != 1 || pos >= d.time {
+            return Err(self.err(op, format!("position {pos} of one sequence of {} (batch {})", d.time, d.batch)));
         }
         self.disjoint(op, &[out], &[qkv])?;
-        let (o, q) = (self.ptr(op, out, x, d.channels())?, self.ptr(op, qkv, x, d.time * 3 * d.channels())?);
-        let (p, nh, hs) = (pos as i32, d.heads as i32, d.head_dim as i32);
-        launch!(self, op, grid(d.heads * 32, 128), o, q, p, nh, hs)
+        let (o, q) = (self.ptr(op, out, x, d.channels())?, self.ptr(op, qkv, x, d.time * d.qkv_width())?);
+        let (p, nh, kvh, hs) = (pos as i32, d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
+        launch!(self, op, grid(d.heads * 32, 128), o, q, p, nh, kvh, hs)
     }
 
     fn classifier(
