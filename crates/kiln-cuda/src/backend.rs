@@ -13,6 +13,7 @@ use crate::devices;
 use crate::kernels::{KERNELS, Precision};
 use crate::libraries::Library;
 use crate::matmul::{self, CublasLt, Epilogue, Operand, Product};
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
@@ -52,6 +53,96 @@ struct Buffer {
 const REDUCE_BLOCKS: u32 = 256;
 /// The unfused attention kernels keep a row in registers: at most 32 lanes × 4.
 const MAX_HEAD_DIM: usize = 128;
+
+/// Threads of every fused-attention block (4 warps).
+const FLASH_THREADS: u32 = 128;
+/// Rows a dq block holds (queries) and a dkv block holds (keys): 16 per warp.
+const FLASH_BLOCK_ROWS: usize = 64;
+
+/// Tile shapes of the fused attention kernels (kernels/flash_attention.cu) for one head dimension. They must match
+/// that file's FLASH_ATTENTION instantiations, where the reasons for them are written; each kernel checks its block
+/// size and shared memory and traps if a launch disagrees.
+struct FlashTiles {
+    head_dim: usize,
+    /// Queries per forward block, and keys per tile it streams.
+    forward_rows: usize,
+    forward_cols: usize,
+    /// Keys per tile the dq kernel streams past its FLASH_BLOCK_ROWS queries.
+    dq_cols: usize,
+    /// Queries per tile the dkv kernel streams past its FLASH_BLOCK_ROWS keys.
+    dkv_rows: usize,
+    /// The forward, dq and dkv kernels, in the order of [`FlashTiles::FORWARD`], `DQ` and `DKV`.
+    kernels: [&'static str; 3],
+}
+
+const FLASH_TILES: [FlashTiles; 4] = [
+    FlashTiles {
+        head_dim: 32,
+        forward_rows: 128,
+        forward_cols: 64,
+        dq_cols: 64,
+        dkv_rows: 64,
+        kernels: ["flash_attention_forward_d32", "flash_attention_backward_dq_d32", "flash_attention_backward_dkv_d32"],
+    },
+    FlashTiles {
+        head_dim: 64,
+        forward_rows: 128,
+        forward_cols: 64,
+        dq_cols: 64,
+        dkv_rows: 64,
+        kernels: ["flash_attention_forward_d64", "flash_attention_backward_dq_d64", "flash_attention_backward_dkv_d64"],
+    },
+    FlashTiles {
+        head_dim: 96,
+        forward_rows: 128,
+        forward_cols: 32,
+        dq_cols: 64,
+        dkv_rows: 32,
+        kernels: ["flash_attention_forward_d96", "flash_attention_backward_dq_d96", "flash_attention_backward_dkv_d96"],
+    },
+    FlashTiles {
+        head_dim: 128,
+        forward_rows: 128,
+        forward_cols: 32,
+        dq_cols: 32,
+        dkv_rows: 16,
+        kernels: [
+            "flash_attention_forward_d128",
+            "flash_attention_backward_dq_d128",
+            "flash_attention_backward_dkv_d128",
+        ],
+    },
+];
+
+impl FlashTiles {
+    const FORWARD: usize = 0;
+    const DQ: usize = 1;
+    const DKV: usize = 2;
+
+    /// Bytes of `rows` padded rows of bf16 (head_dim + 8 elements each, the kernels' shared-memory layout).
+    fn rows_bytes(&self, rows: usize) -> u32 {
+        (rows * (self.head_dim + 8) * 2) as u32
+    }
+
+    /// Dynamic shared memory of the forward, dq and dkv kernels, as each kernel lays it out: the resident tile
+    /// then two stages of each streamed tile (and, for dkv, two stages of two fp32 statistics per query).
+    fn shared_bytes(&self) -> [u32; 3] {
+        [
+            self.rows_bytes(self.forward_rows + 4 * self.forward_cols),
+            self.rows_bytes(2 * FLASH_BLOCK_ROWS + 4 * self.dq_cols),
+            self.rows_bytes(2 * FLASH_BLOCK_ROWS + 4 * self.dkv_rows) + (4 * self.dkv_rows * 4) as u32,
+        ]
+    }
+
+    /// A launch of `blocks` blocks of kernel `kernel` (FORWARD, DQ or DKV) for each head and batch element.
+    fn launch(&self, kernel: usize, blocks: usize, heads: usize, batch: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (blocks as u32, heads as u32, batch as u32),
+            block_dim: (FLASH_THREADS, 1, 1),
+            shared_mem_bytes: self.shared_bytes()[kernel],
+        }
+    }
+}
 
 pub struct CudaBackend {
     name: String,
@@ -119,7 +210,7 @@ impl CudaBackend {
         let arch = gpu.arch();
         let mut functions = HashMap::new();
         let mut modules = Vec::new();
-        for kernel in KERNELS {
+        for kernel in KERNELS.iter().filter(|k| k.precisions.contains(&precision)) {
             let built = compiler.compile(kernel, &arch, precision)?;
             let module = ctx.load_module(Ptx::from_binary(built.cubin)).map_err(driver("loading a kernel module"))?;
             for s in &built.stats {
@@ -127,6 +218,19 @@ impl CudaBackend {
                 functions.insert(s.function.clone(), f);
             }
             modules.push(module);
+        }
+        if precision == Precision::Bf16 {
+            // The fused kernels' tiles take more than the 48 KiB of shared memory a launch gets unless it asks.
+            for tiles in &FLASH_TILES {
+                for (name, bytes) in tiles.kernels.iter().zip(tiles.shared_bytes()) {
+                    let f = functions.get(*name).ok_or_else(|| Error::backend("cuda", format!("no kernel {name}")))?;
+                    f.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                    .map_err(driver("allowing a kernel more shared memory"))?;
+                }
+            }
         }
         let name = format!("cuda:{ordinal} ({}, {})", gpu.name, precision.name());
         let lt = CublasLt::new(&stream).map_err(|e| Error::backend(name.clone(), e))?;
@@ -270,6 +374,21 @@ impl CudaBackend {
             return Err(self.err(op, format!("head_dim {} is not in 1..={MAX_HEAD_DIM}", d.head_dim)));
         }
         Ok(())
+    }
+
+    /// The fused kernels' tiles for attention of shape `d` over the operands at `addresses`, when the fused kernels
+    /// run it: in bf16 with model.attention = "fused" (new() sets unfused for fp32), for a head dimension they are
+    /// built for, with every operand 16-byte aligned (they move rows in 16-byte chunks; with head_dim a multiple of
+    /// 8 every row is then aligned too), and batch and heads within a grid's y and z extents (and not empty: a
+    /// grid cannot be). Every other shape runs on the unfused kernels (the self-test's head dimension 16, for one),
+    /// which are slower but take them all.
+    fn flash_tiles(&self, d: &AttentionDims, addresses: &[u64]) -> Option<&'static FlashTiles> {
+        let empty = d.batch * d.heads * d.time == 0;
+        if self.attention != AttentionKernel::Fused || empty || d.batch > 65_535 || d.heads > 65_535 {
+            return None;
+        }
+        let tiles = FLASH_TILES.iter().find(|t| t.head_dim == d.head_dim)?;
+        addresses.iter().all(|a| a % 16 == 0).then_some(tiles)
     }
 }
 
@@ -654,6 +773,11 @@ impl Backend for CudaBackend {
             (self.ptr(op, out, x, rows * d.channels())?, self.ptr(op, lse, DType::F32, d.batch * d.heads * d.time)?);
         let q = self.ptr(op, qkv, x, rows * d.qkv_width())?;
         let (t, nh, kvh, causal) = (d.time as i32, d.heads as i32, d.kv_heads as i32, i32::from(d.causal));
+        if let Some(tiles) = self.flash_tiles(&d, &[o, q]) {
+            let (kernel, blocks) = (FlashTiles::FORWARD, d.time.div_ceil(tiles.forward_rows));
+            let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
+            return launch!(self, tiles.kernels[kernel], cfg, o, l, q, t, nh, kvh, causal);
+        }
         let (b, hs) = (d.batch as i32, d.head_dim as i32);
         launch!(self, op, grid(d.batch * d.heads * d.time * 32, 128), o, l, q, b, t, nh, kvh, hs, causal)
     }
@@ -678,6 +802,19 @@ impl Backend for CudaBackend {
         let l = self.ptr(op, lse, DType::F32, stats)?;
         let (b, t, nh, kvh, hs) = (d.batch as i32, d.time as i32, d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
         let causal = i32::from(d.causal);
+        if let Some(tiles) = self.flash_tiles(&d, &[dq, g, q, o]) {
+            // D_i = dO_i·O_i per row (eight threads a row), then dK and dV per key tile, then dQ per query tile: each
+            // writes its part of dqkv whole, so nothing needs zeroing and nothing is atomic.
+            let row_dot = self.scratch(op, stats)?;
+            launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
+            let blocks = d.time.div_ceil(FLASH_BLOCK_ROWS);
+            let kernel = FlashTiles::DKV;
+            let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
+            launch!(self, tiles.kernels[kernel], cfg, dq, g, q, l, row_dot, t, nh, kvh, causal)?;
+            let kernel = FlashTiles::DQ;
+            let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
+            return launch!(self, tiles.kernels[kernel], cfg, dq, g, q, l, row_dot, t, nh, kvh, causal);
+        }
         // One warp per query row for dq, then one per key/value row for dk and dv.
         let cfg = grid(rows * d.heads * 32, 128);
         launch!(self, "attention_backward_dq", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, causal)?;
@@ -768,5 +905,35 @@ impl CudaBackend {
         let b = self.buffers.get(t.buffer.0 as usize).ok_or_else(|| self.err("nccl", format!("{t:?}")))?;
         let dtype = b.dtype;
         Ok((self.ptr("nccl", t, dtype, t.len)?, dtype))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// FLASH_TILES against the kernel file's `FLASH_ATTENTION(D, M, BC, DQ_BC, DKV_BR)` instantiations, whose
+    /// forward blocks hold 4 warps × 16 × M queries: a mismatch would otherwise show only on a GPU, as a trap.
+    #[test]
+    fn flash_tiles_match_the_kernels() {
+        let source = KERNELS.iter().find(|k| k.name == "flash_attention").expect("flash_attention.cu").source;
+        let instantiations: Vec<Vec<usize>> = source
+            .lines()
+            .filter_map(|l| l.strip_prefix("FLASH_ATTENTION(")?.strip_suffix(')'))
+            .map(|args| args.split(',').map(|a| a.trim().parse().expect("a number")).collect())
+            .collect();
+        assert_eq!(instantiations.len(), FLASH_TILES.len());
+        for (args, tiles) in instantiations.iter().zip(&FLASH_TILES) {
+            let (d, m, bc, dq_bc, dkv_br) = (args[0], args[1], args[2], args[3], args[4]);
+            assert_eq!(
+                (tiles.head_dim, tiles.forward_rows, tiles.forward_cols, tiles.dq_cols, tiles.dkv_rows),
+                (d, 4 * 16 * m, bc, dq_bc, dkv_br)
+            );
+            for (kernel, prefix) in tiles.kernels.iter().zip(["forward", "backward_dq", "backward_dkv"]) {
+                assert_eq!(*kernel, format!("flash_attention_{prefix}_d{d}"));
+            }
+            // Within what every GPU from sm_80 on lets one block have (99 KiB on sm_86 and sm_89).
+            assert!(tiles.shared_bytes().iter().all(|&b| b <= 99 * 1024), "{:?}", tiles.shared_bytes());
+        }
     }
 }

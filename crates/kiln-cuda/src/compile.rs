@@ -1,13 +1,13 @@
 //! NVRTC compilation of the embedded kernels, for the GPU present or any named architecture, cached on disk.
 //!
-//! Each kernel file is compiled with `kernels/common.cuh` in front of it, for one real architecture (`sm_90a`,
-//! `sm_80`, ...) and one precision, straight to a CUBIN: nothing is left for the driver to JIT, and ptxas's
-//! report (registers, shared memory, spills) comes back in the compile log. The cache key is the source's hash,
-//! the architecture, the precision and NVRTC's version, so a warm start compiles nothing and a new NVRTC or an
-//! edited kernel compiles afresh. The cache lives in `KILN_CACHE_DIR`, or `kiln/` under the user's cache
+//! Each kernel file is compiled with `kernels/common.cuh` and `kernels/mma.cuh` in front of it, for one real
+//! architecture (`sm_90a`, `sm_80`, ...) and one precision, straight to a CUBIN: nothing is left for the driver to
+//! JIT, and ptxas's report (registers, shared memory, spills) comes back in the compile log. The cache key is the
+//! source's hash, the architecture, the precision and NVRTC's version, so a warm start compiles nothing and a new
+//! NVRTC or an edited kernel compiles afresh. The cache lives in `KILN_CACHE_DIR`, or `kiln/` under the user's cache
 //! directory.
 
-use crate::kernels::{COMMON, KernelSource, Precision};
+use crate::kernels::{COMMON, KernelSource, MMA, Precision};
 use crate::libraries::Library;
 use kiln_core::{Error, Result};
 use std::ffi::{CStr, CString};
@@ -76,7 +76,10 @@ impl Compiler {
                 "architecture {arch:?}: expected a real architecture such as sm_80 or sm_90a"
             )));
         }
-        let source = format!("#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"{}.cu\"\n{}", kernel.name, kernel.source);
+        let source = format!(
+            "#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"mma.cuh\"\n{MMA}\n#line 1 \"{}.cu\"\n{}",
+            kernel.name, kernel.source
+        );
         let (major, minor) = self.version;
         let key = fnv1a(&source);
         let path = self.cache_dir.join(format!(

@@ -1,0 +1,595 @@
+// Fused attention (FlashAttention-2's algorithm): bf16 in and out, fp32 arithmetic, on tensor cores through
+// mma.cuh (ldmatrix, mma.sync.m16n8k16, cp.async) for sm_80 and later. The math is attention.cu's, but no T×T
+// matrix is ever stored. The engine runs these kernels in bf16 for head dimensions 32, 64, 96 and 128.
+//
+// For query head h of one sequence, reading key/value head g = h / (NH/KVH), with s = 1/√D: query i sees key j when
+// j < T and, if causal, j ≤ i. Scores are kept in base 2, x_ij = log2(e)·s·q_i·k_j, so that each exponential is one
+// ex2: exp(s·q_i·k_j − a) = 2^(x_ij − log2(e)·a).
+//
+// Forward, one block per BR queries, visiting the keys and values in tiles of BC, with running row maxima m and
+// sums l (m = −∞, l = 0, O = 0 at first):
+//     x = log2(e)·s·Q·Kᵀ (−∞ where unseen),  m' = max(m, rowmax x),  P = 2^(x − m'),
+//     l ← 2^(m − m')·l + rowsum P,  O ← 2^(m − m')·O + P·V,  m ← m';
+// at the end O ← O/l and lse = ln 2·(m + log2 l) = ln Σ_j exp(s·q_i·k_j), the natural log the CPU engine keeps.
+//
+// Backward, recomputing P_ij = 2^(x_ij − log2(e)·lse_i) tile by tile, with D_i = dO_i·O_i (flash_attention_row_dot):
+//     dV_j = Σ_i P_ij dO_i,  dP_ij = dO_i·V_j,  dS_ij = P_ij (dP_ij − D_i),
+//     dK_j = s Σ_i dS_ij Q_i,  dQ_i = s Σ_j dS_ij K_j,
+// where a key/value head sums i over every query head of its group. Two kernels, so that every output has a single
+// writer and nothing is atomic (results are deterministic): flash_attention_backward_dkv owns 64 keys of head g and
+// visits the query tiles of each query head of g's group in a fixed order; flash_attention_backward_dq owns 64
+// queries of head h and visits the key tiles. The second recomputes S and dP: the price of determinism.
+//
+// Layouts as attention.cu's: qkv (B, T, (NH + 2·KVH)·D), out and dout (B, T, NH·D), lse and D (B, NH, T). A head's
+// rows are read where they lie, W = (NH + 2·KVH)·D elements apart, in 16-byte cp.async chunks (no transposing
+// pass), and results go out in 16-byte stores staged through shared memory: the engine checks that qkv, out, dout
+// and dqkv are 16-byte aligned (D is a multiple of 8, so every row then is).
+//
+// Work split: a block has 4 warps; each warp owns 16·M consecutive rows of the block's resident operand (queries in
+// the forward and dq kernels, keys in dkv) and all of the streamed tile's columns, so a row's softmax statistics
+// and accumulators never leave its warp: a row's four lanes (mma's accumulator layout) combine maxima and sums with
+// two shuffles, and no two warps write the same output. Tiles are streamed through two shared-memory stages: the
+// copies of tile j+1 are issued before tile j is computed, so they overlap it.
+//
+// Shared memory: rows padded to D + 8 elements. The stride is then an odd number of 16-byte units (D/8 + 1), so the
+// eight 16-byte rows an ldmatrix reads at the same column fall in eight different groups of four banks: no
+// conflicts. The 16-byte copies into a tile are conflict-free as well for D = 64 and 128 (eight neighbouring lanes
+// fill 128 contiguous bytes); for D = 32 and 96 one 16-byte unit in eight is shared by two lanes of a quarter-warp
+// (a two-way conflict on a small part of the copies only).
+//
+// Tile shapes (FLASH_ATTENTION at the end of the file), set by the 255 registers of a thread: ptxas must not spill
+// (the compile test fails on any spill, sm_80 and sm_90a). Reported registers per thread, sm_90a:
+//   D     forward BR × BC       dq 64 × BC          dkv 64 × BR
+//   32    128 × 64  (176)       64 × 64  (108)      64 × 64  (130)
+//   64    128 × 64  (238)       64 × 64  (168)      64 × 64  (216)
+//   96    128 × 32  (215)       64 × 64  (239)      64 × 32  (176)
+//   128   128 × 32  (252)       64 × 32  (166)      64 × 16  (222)
+// Forward: each warp holds 32 queries (M = 2 tiles of 16), so every K and V fragment read from shared memory feeds
+// two mma: shared-memory traffic per mma is what limits mma.sync on H100, and one tile per warp would nearly double
+// it. O (D/2·M floats per thread) and the scores (BC/2·M) live in registers; Q's fragments are read again from
+// the resident Q tile for each key tile rather than kept (a fifth to a third more shared-memory reads, for 16 to
+// 64 registers). That leaves BC = 64 for D ≤ 64 and 32 for D ≥ 96 (64 spills at D = 96). The dq kernel holds dQ
+// (D/2) and S and dP (BC) per thread: BC = 64, and 32 for D = 128 (64 spills). The dkv kernel holds dK and dV (D)
+// and S and dP (BR): BR = 64, 32 for D = 96 (64 takes all 255 registers) and 16 for D = 128 (32 spills). The
+// engine's table of these shapes (FLASH_TILES in crates/kiln-cuda/src/backend.rs) must match; each kernel checks
+// its block size and shared memory and traps if a launch disagrees.
+
+#define FLASH_THREADS 128
+#define FLASH_WARP_ROWS 16
+#define FLASH_LOG2E 1.4426950408889634f
+#define FLASH_LN2 0.6931471805599453f
+
+typedef __nv_bfloat16 bf16;
+
+extern __shared__ __align__(16) unsigned char flash_shared[];
+
+// Shared tiles are named by their 32-bit shared-memory address (see mma.cuh); element (r, c) of a padded tile of D
+// columns lies at(r, c) bytes further.
+template <int D>
+__device__ __forceinline__ constexpr unsigned at(int r, int c) {
+    return (unsigned)(r * (D + 8) + c) * 2;
+}
+
+// Copies ROWS rows of D elements (row r at src + r·stride) into a padded shared tile, in 16-byte chunks spread over
+// the block; rows from `valid_rows` on are zero-filled without being read.
+template <int ROWS, int D>
+__device__ __forceinline__ void load_tile(unsigned tile, const bf16* src, long stride, int valid_rows) {
+    constexpr int PER_ROW = D / 8, CHUNKS = ROWS * PER_ROW;
+#pragma unroll
+    for (int k = 0; k < (CHUNKS + FLASH_THREADS - 1) / FLASH_THREADS; k++) {
+        const int i = threadIdx.x + k * FLASH_THREADS;
+        if (CHUNKS % FLASH_THREADS == 0 || i < CHUNKS) {
+            const int r = i / PER_ROW, c = i % PER_ROW * 8;
+            const bool valid = r < valid_rows;
+            cp_async_16(tile + at<D>(r, c), src + (valid ? r : 0) * stride + c, valid);
+        }
+    }
+}
+
+// Copies ROWS per-row statistics (fp32) into shared memory, zero from `valid_rows` on.
+template <int ROWS>
+__device__ __forceinline__ void load_stats(unsigned dst, const float* src, int valid_rows) {
+    for (int r = threadIdx.x; r < ROWS; r += FLASH_THREADS)
+        cp_async_4(dst + 4 * r, src + (r < valid_rows ? r : 0), r < valid_rows);
+}
+
+// This lane's ldmatrix_x4 row address, relative to the 16×16 block at (0, 0) of a padded tile, for the matrices in
+// the order (rows 0–7, cols 0–7), (rows 8–15, cols 0–7), (rows 0–7, cols 8–15), (rows 8–15, cols 8–15): the four
+// registers are the block's A fragment; with .trans, for a tile stored (k, n), they are the B fragments of the
+// n-tiles at columns 0–7 (registers 0, 1) and 8–15 (registers 2, 3). Other blocks are a constant at<D>() away.
+template <int D>
+__device__ __forceinline__ unsigned a_fragment_lane(int lane) {
+    return at<D>(lane % 8 + lane / 8 % 2 * 8, lane / 16 * 8);
+}
+
+// As a_fragment_lane, for a tile stored (n, k) read as B: the fragments of the n-tiles at rows 0–7 (registers 0, 1)
+// and 8–15 (registers 2, 3), for k = columns 0–15.
+template <int D>
+__device__ __forceinline__ unsigned b_fragment_lane(int lane) {
+    return at<D>(lane % 8 + lane / 16 * 8, lane / 8 % 2 * 8);
+}
+
+// The A fragment of columns 16k to 16k + 15 of a warp's 16-row accumulator (see mma.cuh), rounded to bf16.
+template <int N>
+__device__ __forceinline__ void accumulator_to_a(unsigned a[4], const float (&acc)[N][4], int k) {
+    a[0] = pack_bf16(acc[2 * k][0], acc[2 * k][1]);
+    a[1] = pack_bf16(acc[2 * k][2], acc[2 * k][3]);
+    a[2] = pack_bf16(acc[2 * k + 1][0], acc[2 * k + 1][1]);
+    a[3] = pack_bf16(acc[2 * k + 1][2], acc[2 * k + 1][3]);
+}
+
+// Row and column, within a 16×8 accumulator tile, of this lane's element e (0–3).
+__device__ __forceinline__ int acc_row(int lane, int e) { return lane / 4 + e / 2 * 8; }
+__device__ __forceinline__ int acc_col(int lane, int e) { return lane % 4 * 2 + e % 2; }
+
+// Maximum and sum over the four lanes that hold one accumulator row.
+__device__ __forceinline__ float row_max4(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float row_sum4(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Stops a launch whose block size or dynamic shared memory is not what the kernel's tiles need.
+__device__ __forceinline__ void check_launch(unsigned shared_bytes) {
+    if (blockDim.x != FLASH_THREADS || dynamic_shared_bytes() < shared_bytes) __trap();
+}
+
+// Writes a warp's 16 × D fp32 accumulator, times `scale`, to rows 0–15 of a global matrix (`stride` apart; rows
+// from `valid_rows` on skipped), staging it in 16 rows of a padded shared tile that only this warp uses, so that
+// the global stores are 16 bytes wide.
+template <int D>
+__device__ __forceinline__ void store_rows(bf16* dst, long stride, int valid_rows, const float (&acc)[D / 8][4],
+                                          float scale, unsigned staging, int lane) {
+    constexpr int PER_ROW = D / 8;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        st_shared_32(staging + at<D>(acc_row(lane, 0), n * 8 + acc_col(lane, 0)),
+                     pack_bf16(acc[n][0] * scale, acc[n][1] * scale));
+        st_shared_32(staging + at<D>(acc_row(lane, 2), n * 8 + acc_col(lane, 2)),
+                     pack_bf16(acc[n][2] * scale, acc[n][3] * scale));
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < FLASH_WARP_ROWS * PER_ROW / 32; k++) {
+        const int i = lane + k * 32, r = i / PER_ROW, c = i % PER_ROW * 8;
+        if (r < valid_rows) *reinterpret_cast<int4*>(dst + r * stride + c) = ld_shared_128(staging + at<D>(r, c));
+    }
+}
+
+// ---- forward ------------------------------------------------------------------------------------------------------
+
+// One tile of BC keys for a warp's 16·M queries (row0 the first): the online-softmax update of o, m, l. `q_lane`
+// (the warp's first query row), `k_lane` and `v_lane` are shared addresses plus this lane's ldmatrix offsets. Q's
+// fragments are read again for every tile rather than kept: registers are the scarcer resource (see the top).
+template <int D, int M, int BC>
+__device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)[M][2], float (&l)[M][2],
+                                             unsigned q_lane, unsigned k_lane, unsigned v_lane, int k0, int row0,
+                                             int T, int causal, float scale_log2, int lane) {
+    float x[M][BC / 8][4] = {};
+#pragma unroll
+    for (int kb = 0; kb < D / 16; kb++) {
+        unsigned q[M][4];
+#pragma unroll
+        for (int mt = 0; mt < M; mt++) ldmatrix_x4(q[mt], q_lane + at<D>(mt * 16, kb * 16));
+#pragma unroll
+        for (int n = 0; n < BC / 16; n++) {
+            unsigned k[4];
+            ldmatrix_x4(k, k_lane + at<D>(n * 16, kb * 16));
+#pragma unroll
+            for (int mt = 0; mt < M; mt++) {
+                mma_16816(x[mt][2 * n], q[mt], k[0], k[1]);
+                mma_16816(x[mt][2 * n + 1], q[mt], k[2], k[3]);
+            }
+        }
+    }
+    // Only tiles that reach past the sequence or (causal) past this warp's first query need a mask.
+    const bool masked = k0 + BC > T || (causal && k0 + BC - 1 > row0);
+#pragma unroll
+    for (int mt = 0; mt < M; mt++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int row = row0 + mt * 16 + acc_row(lane, 2 * half);
+            float tile_max = NEG_INF;
+#pragma unroll
+            for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+                for (int e = 2 * half; e < 2 * half + 2; e++) {
+                    const int col = k0 + n * 8 + acc_col(lane, e);
+                    float v = x[mt][n][e] * scale_log2;
+                    if (masked && (col >= T || (causal && col > row))) v = NEG_INF;
+                    x[mt][n][e] = v;
+                    tile_max = fmaxf(tile_max, v);
+                }
+            }
+            const float new_max = fmaxf(m[mt][half], row_max4(tile_max));
+            // A row that has seen no key yet stays at −∞; subtracting 0 then keeps its terms 0 rather than NaN.
+            const float base = new_max == NEG_INF ? 0.0f : new_max;
+            const float correction = exp2f(m[mt][half] - base);
+            m[mt][half] = new_max;
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+                for (int e = 2 * half; e < 2 * half + 2; e++) {
+                    x[mt][n][e] = exp2f(x[mt][n][e] - base);
+                    sum += x[mt][n][e];
+                }
+            }
+            // This lane's part of the row sum: the four parts are added once, at the end.
+            l[mt][half] = l[mt][half] * correction + sum;
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                o[mt][n][2 * half] *= correction;
+                o[mt][n][2 * half + 1] *= correction;
+            }
+        }
+    }
+    // O += P·V, P straight from the score registers.
+#pragma unroll
+    for (int kb = 0; kb < BC / 16; kb++) {
+        unsigned p[M][4];
+#pragma unroll
+        for (int mt = 0; mt < M; mt++) accumulator_to_a(p[mt], x[mt], kb);
+#pragma unroll
+        for (int n = 0; n < D / 16; n++) {
+            unsigned v[4];
+            ldmatrix_x4_trans(v, v_lane + at<D>(kb * 16, n * 16));
+#pragma unroll
+            for (int mt = 0; mt < M; mt++) {
+                mma_16816(o[mt][2 * n], p[mt], v[0], v[1]);
+                mma_16816(o[mt][2 * n + 1], p[mt], v[2], v[3]);
+            }
+        }
+    }
+}
+
+// Grid (query tiles, NH, B); shared memory: Q (BR rows), then two stages of K and of V (BC rows each).
+template <int D, int M, int BC>
+__device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,
+                                              int causal) {
+    constexpr int BR = 4 * FLASH_WARP_ROWS * M;
+    check_launch(at<D>(BR + 4 * BC, 0));
+    const unsigned q_tile = shared_address(flash_shared), k_tiles = q_tile + at<D>(BR, 0),
+                   v_tiles = k_tiles + at<D>(2 * BC, 0);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
+    // Causal query tiles further down see more keys: they go first, so that the short ones fill the tail.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    const bf16* seq = qkv + (long)b * T * W;
+    const bf16* keys = seq + (NH + g) * D;
+    const bf16* values = seq + (NH + KVH + g) * D;
+    const int tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
+
+    load_tile<BR, D>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
+    load_tile<BC, D>(k_tiles, keys, W, T);
+    load_tile<BC, D>(v_tiles, values, W, T);
+    cp_async_commit();
+
+    const int first = warp * FLASH_WARP_ROWS * M, row0 = q0 + first;  // this warp's first query, in tile and sequence
+    float o[M][D / 8][4] = {}, m[M][2], l[M][2];
+#pragma unroll
+    for (int mt = 0; mt < M; mt++) m[mt][0] = m[mt][1] = NEG_INF, l[mt][0] = l[mt][1] = 0.0f;
+    const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
+    for (int j = 0; j < tiles; j++) {
+        if (j + 1 < tiles) {
+            const int next = (j + 1) * BC;
+            const unsigned stage = (j + 1) % 2 * at<D>(BC, 0);
+            load_tile<BC, D>(k_tiles + stage, keys + (long)next * W, W, T - next);
+            load_tile<BC, D>(v_tiles + stage, values + (long)next * W, W, T - next);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int k0 = j * BC;
+        const unsigned stage = j % 2 * at<D>(BC, 0);
+        // A warp whose queries are all past the end, or (causal) all before this tile's keys, has nothing to add.
+        if (row0 < T && !(causal && k0 > row0 + FLASH_WARP_ROWS * M - 1))
+            forward_tile<D, M, BC>(o, m, l, q_tile + at<D>(first, 0) + a_fragment_lane<D>(lane),
+                                   k_tiles + stage + b_fragment_lane<D>(lane),
+                                   v_tiles + stage + a_fragment_lane<D>(lane), k0, row0, T, causal, scale_log2, lane);
+        __syncthreads();  // before the next iteration's copies overwrite this stage
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < M; mt++) {
+        float inverse[2];
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const float sum = row_sum4(l[mt][half]);
+            inverse[half] = sum > 0.0f ? 1.0f / sum : 0.0f;
+            const int row = row0 + mt * 16 + acc_row(lane, 2 * half);
+            if (lane % 4 == 0 && row < T) lse[((long)b * NH + h) * T + row] = (m[mt][half] + log2f(sum)) * FLASH_LN2;
+        }
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            o[mt][n][0] *= inverse[0], o[mt][n][1] *= inverse[0];
+            o[mt][n][2] *= inverse[1], o[mt][n][3] *= inverse[1];
+        }
+        // The warp's own rows of the Q tile, which only it has read, stage its output.
+        const int row = row0 + mt * 16;
+        store_rows<D>(out + ((long)b * T + row) * NH * D + h * D, (long)NH * D, T - row, o[mt], 1.0f,
+                      q_tile + at<D>(first + mt * 16, 0), lane);
+    }
+}
+
+// ---- backward -----------------------------------------------------------------------------------------------------
+
+// D_i = dO_i·O_i for every row i of every head, into (B, NH, T) as lse is laid out: eight lanes per row, 16-byte
+// loads, rows taken in out's order (b, t, h).
+extern "C" __global__ void flash_attention_row_dot(float* row_dot, const bf16* dout, const bf16* out, int B, int T,
+                                                   int NH, int D) {
+    const long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 8, rows = (long)B * T * NH;
+    const int part = threadIdx.x % 8;
+    float sum = 0.0f;
+    if (row < rows) {
+        for (int c = part * 8; c < D; c += 64) {
+            const int4 x = *reinterpret_cast<const int4*>(dout + row * D + c);
+            const int4 y = *reinterpret_cast<const int4*>(out + row * D + c);
+            const bf16* xs = reinterpret_cast<const bf16*>(&x);
+            const bf16* ys = reinterpret_cast<const bf16*>(&y);
+#pragma unroll
+            for (int k = 0; k < 8; k++) sum += __bfloat162float(xs[k]) * __bfloat162float(ys[k]);
+        }
+    }
+    // Every lane takes part in the shuffles, including those past the end.
+    sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    if (row < rows && part == 0) {
+        const long bt = row / NH;
+        row_dot[(bt / T * NH + row % NH) * T + bt % T] = sum;
+    }
+}
+
+// One tile of BC keys for a warp's 16 queries (row0 the first; rows q_rows and do_rows of the Q and dO tiles):
+// dQ += dS·K (unscaled). Q's and dO's fragments are read again for each tile, as in the forward.
+template <int D, int BC>
+__device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_rows, unsigned do_rows,
+                                        const float (&lse_log2)[2], const float (&row_dot)[2], unsigned k_tile,
+                                        unsigned v_tile, int k0, int row0, int T, int causal, float scale_log2,
+                                        int lane) {
+    float s[BC / 8][4] = {}, dp[BC / 8][4] = {};
+    const unsigned a = a_fragment_lane<D>(lane), bn = b_fragment_lane<D>(lane);
+#pragma unroll
+    for (int kb = 0; kb < D / 16; kb++) {
+        unsigned q[4], d_o[4];
+        ldmatrix_x4(q, q_rows + a + at<D>(0, kb * 16));
+        ldmatrix_x4(d_o, do_rows + a + at<D>(0, kb * 16));
+#pragma unroll
+        for (int n = 0; n < BC / 16; n++) {
+            unsigned k[4], v[4];
+            ldmatrix_x4(k, k_tile + bn + at<D>(n * 16, kb * 16));
+            mma_16816(s[2 * n], q, k[0], k[1]);
+            mma_16816(s[2 * n + 1], q, k[2], k[3]);
+            ldmatrix_x4(v, v_tile + bn + at<D>(n * 16, kb * 16));
+            mma_16816(dp[2 * n], d_o, v[0], v[1]);
+            mma_16816(dp[2 * n + 1], d_o, v[2], v[3]);
+        }
+    }
+    const bool masked = k0 + BC > T || (causal && k0 + BC - 1 > row0);
+#pragma unroll
+    for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int row = row0 + acc_row(lane, e), col = k0 + n * 8 + acc_col(lane, e);
+            float p = exp2f(s[n][e] * scale_log2 - lse_log2[e / 2]);
+            if (masked && (col >= T || (causal && col > row))) p = 0.0f;
+            s[n][e] = p * (dp[n][e] - row_dot[e / 2]);  // dS
+        }
+    }
+#pragma unroll
+    for (int kb = 0; kb < BC / 16; kb++) {
+        unsigned ds[4];
+        accumulator_to_a(ds, s, kb);
+#pragma unroll
+        for (int n = 0; n < D / 16; n++) {
+            unsigned k[4];
+            ldmatrix_x4_trans(k, k_tile + a + at<D>(kb * 16, n * 16));
+            mma_16816(dq[2 * n], ds, k[0], k[1]);
+            mma_16816(dq[2 * n + 1], ds, k[2], k[3]);
+        }
+    }
+}
+
+// Grid (query tiles of 64, NH, B); shared memory: Q and dO (64 rows each), then two stages of K and of V (BC rows).
+template <int D, int BC>
+__device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                                  const float* row_dot, int T, int NH, int KVH, int causal) {
+    constexpr int BR = 4 * FLASH_WARP_ROWS;
+    check_launch(at<D>(2 * BR + 4 * BC, 0));
+    const unsigned q_tile = shared_address(flash_shared), do_tile = q_tile + at<D>(BR, 0),
+                   k_tiles = do_tile + at<D>(BR, 0), v_tiles = k_tiles + at<D>(2 * BC, 0);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;  // longest first, as in the forward
+    const bf16* seq = qkv + (long)b * T * W;
+    const bf16* keys = seq + (NH + g) * D;
+    const bf16* values = seq + (NH + KVH + g) * D;
+    const int tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
+
+    load_tile<BR, D>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
+    load_tile<BR, D>(do_tile, dout + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0);
+    load_tile<BC, D>(k_tiles, keys, W, T);
+    load_tile<BC, D>(v_tiles, values, W, T);
+    cp_async_commit();
+
+    const int first = warp * FLASH_WARP_ROWS, row0 = q0 + first;
+    float lse_log2[2], dot[2];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int row = row0 + acc_row(lane, 2 * half);
+        const long i = ((long)b * NH + h) * T + row;
+        lse_log2[half] = row < T ? lse[i] * FLASH_LOG2E : 0.0f;
+        dot[half] = row < T ? row_dot[i] : 0.0f;
+    }
+
+    float dq[D / 8][4] = {};
+    const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
+    for (int j = 0; j < tiles; j++) {
+        if (j + 1 < tiles) {
+            const int next = (j + 1) * BC;
+            const unsigned stage = (j + 1) % 2 * at<D>(BC, 0);
+            load_tile<BC, D>(k_tiles + stage, keys + (long)next * W, W, T - next);
+            load_tile<BC, D>(v_tiles + stage, values + (long)next * W, W, T - next);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int k0 = j * BC;
+        const unsigned stage = j % 2 * at<D>(BC, 0);
+        if (row0 < T && !(causal && k0 > row0 + FLASH_WARP_ROWS - 1))
+            dq_tile<D, BC>(dq, q_tile + at<D>(first, 0), do_tile + at<D>(first, 0), lse_log2, dot, k_tiles + stage,
+                           v_tiles + stage, k0, row0, T, causal, scale_log2, lane);
+        __syncthreads();
+    }
+    store_rows<D>(dqkv + ((long)b * T + row0) * W + h * D, W, T - row0, dq, rsqrtf((float)D),
+                  q_tile + at<D>(first, 0), lane);
+}
+
+// One tile of BR queries (i0 the first) for a warp's 16 keys (j0 the first, rows k_rows and v_rows of the K and V
+// tiles): dV += Pᵀ·dO, dK += dSᵀ·Q (unscaled).
+template <int D, int BR>
+__device__ __forceinline__ void dkv_tile(float (&dk)[D / 8][4], float (&dv)[D / 8][4], unsigned k_rows,
+                                         unsigned v_rows, unsigned q_tile, unsigned do_tile, unsigned lse_tile,
+                                         unsigned dot_tile, int i0, int j0, int T, int causal, float scale_log2,
+                                         int lane) {
+    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: keys are the rows, queries the columns.
+    float s[BR / 8][4] = {}, dp[BR / 8][4] = {};
+    const unsigned a = a_fragment_lane<D>(lane), bn = b_fragment_lane<D>(lane);
+#pragma unroll
+    for (int kb = 0; kb < D / 16; kb++) {
+        unsigned k[4], v[4];
+        ldmatrix_x4(k, k_rows + a + at<D>(0, kb * 16));
+        ldmatrix_x4(v, v_rows + a + at<D>(0, kb * 16));
+#pragma unroll
+        for (int n = 0; n < BR / 16; n++) {
+            unsigned qb[4], ob[4];
+            ldmatrix_x4(qb, q_tile + bn + at<D>(n * 16, kb * 16));
+            mma_16816(s[2 * n], k, qb[0], qb[1]);
+            mma_16816(s[2 * n + 1], k, qb[2], qb[3]);
+            ldmatrix_x4(ob, do_tile + bn + at<D>(n * 16, kb * 16));
+            mma_16816(dp[2 * n], v, ob[0], ob[1]);
+            mma_16816(dp[2 * n + 1], v, ob[2], ob[3]);
+        }
+    }
+    const bool masked = i0 + BR > T || j0 + FLASH_WARP_ROWS > T || (causal && i0 < j0 + FLASH_WARP_ROWS - 1);
+#pragma unroll
+    for (int n = 0; n < BR / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int key = j0 + acc_row(lane, e), col = n * 8 + acc_col(lane, e), query = i0 + col;
+            float p = exp2f(s[n][e] * scale_log2 - ld_shared_f32(lse_tile + 4 * col) * FLASH_LOG2E);
+            if (masked && (query >= T || key >= T || (causal && query < key))) p = 0.0f;
+            s[n][e] = p;
+            dp[n][e] = p * (dp[n][e] - ld_shared_f32(dot_tile + 4 * col));  // dSᵀ
+        }
+    }
+#pragma unroll
+    for (int kb = 0; kb < BR / 16; kb++) {
+        unsigned p[4], ds[4];
+        accumulator_to_a(p, s, kb);
+        accumulator_to_a(ds, dp, kb);
+#pragma unroll
+        for (int n = 0; n < D / 16; n++) {
+            unsigned ob[4], qb[4];
+            ldmatrix_x4_trans(ob, do_tile + a + at<D>(kb * 16, n * 16));
+            mma_16816(dv[2 * n], p, ob[0], ob[1]);
+            mma_16816(dv[2 * n + 1], p, ob[2], ob[3]);
+            ldmatrix_x4_trans(qb, q_tile + a + at<D>(kb * 16, n * 16));
+            mma_16816(dk[2 * n], ds, qb[0], qb[1]);
+            mma_16816(dk[2 * n + 1], ds, qb[2], qb[3]);
+        }
+    }
+}
+
+// Grid (key tiles of 64, KVH, B); shared memory: K and V (64 rows each), two stages of Q and of dO (BR rows each),
+// then two stages of lse and of D (BR floats each). The block visits, for each query head of its group in order,
+// the query tiles that can see its keys.
+template <int D, int BR>
+__device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                                   const float* row_dot, int T, int NH, int KVH, int causal) {
+    constexpr int BC = 4 * FLASH_WARP_ROWS;
+    check_launch(at<D>(2 * BC + 4 * BR, 0) + 4 * BR * 4);
+    const unsigned k_tile = shared_address(flash_shared), v_tile = k_tile + at<D>(BC, 0),
+                   q_tiles = v_tile + at<D>(BC, 0), do_tiles = q_tiles + at<D>(2 * BR, 0),
+                   lse_tiles = do_tiles + at<D>(2 * BR, 0), dot_tiles = lse_tiles + 2 * BR * 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = blockIdx.y, b = blockIdx.z, group = NH / KVH, W = (NH + 2 * KVH) * D;
+    const int kv0 = blockIdx.x * BC;  // causal: the first key tiles have the most queries, and go first
+    const bf16* seq = qkv + (long)b * T * W;
+    const int first_tile = causal ? kv0 / BR : 0, per_head = (T + BR - 1) / BR - first_tile;
+    const int steps = group * per_head;
+
+    // Step i: query tile first_tile + i % per_head of query head g·group + i / per_head.
+    auto load_step = [&](int i, int stage) {
+        const int h = g * group + i / per_head, q0 = (first_tile + i % per_head) * BR;
+        const long stats = ((long)b * NH + h) * T + q0;
+        load_tile<BR, D>(q_tiles + stage * at<D>(BR, 0), seq + (long)q0 * W + h * D, W, T - q0);
+        load_tile<BR, D>(do_tiles + stage * at<D>(BR, 0), dout + ((long)b * T + q0) * NH * D + h * D, (long)NH * D,
+                         T - q0);
+        load_stats<BR>(lse_tiles + stage * BR * 4, lse + stats, T - q0);
+        load_stats<BR>(dot_tiles + stage * BR * 4, row_dot + stats, T - q0);
+    };
+    load_tile<BC, D>(k_tile, seq + (long)kv0 * W + (NH + g) * D, W, T - kv0);
+    load_tile<BC, D>(v_tile, seq + (long)kv0 * W + (NH + KVH + g) * D, W, T - kv0);
+    load_step(0, 0);
+    cp_async_commit();
+
+    const int first = warp * FLASH_WARP_ROWS, j0 = kv0 + first;  // this warp's first key, in tile and sequence
+    float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+    const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
+    for (int i = 0; i < steps; i++) {
+        if (i + 1 < steps) {
+            load_step(i + 1, (i + 1) % 2);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int q0 = (first_tile + i % per_head) * BR, stage = i % 2;
+        // A warp whose keys are all past the end, or (causal) all after this tile's queries, has nothing to add.
+        if (j0 < T && !(causal && q0 + BR - 1 < j0))
+            dkv_tile<D, BR>(dk, dv, k_tile + at<D>(first, 0), v_tile + at<D>(first, 0),
+                            q_tiles + stage * at<D>(BR, 0), do_tiles + stage * at<D>(BR, 0),
+                            lse_tiles + stage * BR * 4, dot_tiles + stage * BR * 4, q0, j0, T, causal, scale_log2,
+                            lane);
+        __syncthreads();
+    }
+    // The warp's own rows of the K and V tiles, which only it has read, stage its dK and dV.
+    bf16* rows = dqkv + ((long)b * T + j0) * W;
+    store_rows<D>(rows + (NH + g) * D, W, T - j0, dk, rsqrtf((float)D), k_tile + at<D>(first, 0), lane);
+    store_rows<D>(rows + (NH + KVH + g) * D, W, T - j0, dv, 1.0f, v_tile + at<D>(first, 0), lane);
+}
+
+// ---- entry points -------------------------------------------------------------------------------------------------
+
+// Per head dimension D: the forward's m16 tiles per warp (M) and keys per tile, the dq kernel's keys per tile, and
+// the dkv kernel's queries per tile (reasons at the top of the file).
+#define FLASH_ATTENTION(D, FORWARD_M, FORWARD_BC, DQ_BC, DKV_BR)                                                    \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                    \
+        flash_attention_forward_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH, int causal) { \
+        flash_forward<D, FORWARD_M, FORWARD_BC>(out, lse, qkv, T, NH, KVH, causal);                                \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                    \
+        flash_attention_backward_dq_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,          \
+                                         const float* row_dot, int T, int NH, int KVH, int causal) {               \
+        flash_backward_dq<D, DQ_BC>(dqkv, dout, qkv, lse, row_dot, T, NH, KVH, causal);                            \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                    \
+        flash_attention_backward_dkv_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,         \
+                                          const float* row_dot, int T, int NH, int KVH, int causal) {              \
+        flash_backward_dkv<D, DKV_BR>(dqkv, dout, qkv, lse, row_dot, T, NH, KVH, causal);                          \
+    }
+
+FLASH_ATTENTION(32, 2, 64, 64, 64)
+FLASH_ATTENTION(64, 2, 64, 64, 64)
+FLASH_ATTENTION(96, 2, 32, 64, 32)
+FLASH_ATTENTION(128, 2, 32, 32, 16)
