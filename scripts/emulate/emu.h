@@ -1,0 +1,391 @@
+// A CPU emulation of the CUDA features kiln's attention kernels use, to test their indexing and synchronisation
+// without a GPU. Each CUDA thread of a block is a fiber (its own stack), run cooperatively in one OS thread; a fiber
+// switches only at a barrier, so every run is deterministic for a given scheduling seed, and the order in which
+// runnable fibers go is shuffled. Warp collectives (shuffles, ldmatrix, mma) exchange each lane's operands through
+// per-warp slots between two warp barriers, and compute each lane's result from the PTX ISA's fragment layouts.
+// Asynchronous copies complete only when their thread waits for their group; every access to dynamic shared memory
+// is checked against a shadow of who last wrote and read each word in which barrier interval (races, reads of
+// copies in flight, writes over words another thread may still read).
+#pragma once
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <sys/mman.h>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#endif
+
+[[noreturn]] inline void emu_fail(const std::string& why) {
+    std::fprintf(stderr, "EMULATION ERROR: %s\n", why.c_str());
+    std::abort();
+}
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct alignas(16) int4 {
+    int x, y, z, w;
+};
+struct alignas(8) int2 {
+    int x, y;
+};
+
+struct __nv_bfloat16 {
+    unsigned short x;
+    __nv_bfloat16() = default;
+    __nv_bfloat16(float f) {  // round to nearest even, as __float2bfloat16_rn (no NaN inputs here)
+        unsigned u;
+        std::memcpy(&u, &f, 4);
+        u += 0x7fff + ((u >> 16) & 1);
+        x = u >> 16;
+    }
+};
+inline float __bfloat162float(__nv_bfloat16 b) {
+    unsigned u = unsigned(b.x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+[[noreturn]] inline void __trap() { emu_fail("__trap()"); }
+
+// ---- fibers and barriers ------------------------------------------------------------------------------------------
+
+// emu_switch(&from_sp, to_sp): saves the callee-saved registers on the current stack, stores its pointer, and
+// resumes the context whose stack pointer is to_sp (x86-64 System V). swapcontext would also save the signal mask,
+// a system call per switch.
+extern "C" void emu_switch(void** from_sp, void* to_sp);
+asm(R"(
+.text
+.globl emu_switch
+.type emu_switch,@function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+)");
+
+enum Wait { RUNNING, BLOCK_BARRIER, WARP_BARRIER, DONE };
+
+struct Copy {
+    unsigned smem;
+    const unsigned char* src;
+    int bytes, valid_bytes;
+};
+
+struct Fiber {
+    void* sp = nullptr;
+    Wait wait = RUNNING;
+    const char* warp_op = nullptr;  // which warp collective it waits in (all lanes must agree)
+    std::vector<Copy> open_group;
+    std::vector<std::vector<Copy>> committed;
+};
+
+struct ShadowWord {
+    int pending = -1;  // thread whose asynchronous copy to this word is in flight
+    int w_thread = -1;
+    long w_epoch = -1, w_warp_epoch = -1;
+    int r_thread = -1, r_warp = -1;  // -2: several
+    long r_epoch = -1, r_warp_epoch = -1;
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    void* scheduler = nullptr;
+    unsigned current = 0;
+    long epoch = 0;                   // barrier intervals of the block
+    std::vector<long> warp_epoch;     // __syncwarp intervals of each warp
+    std::vector<unsigned char> smem;  // dynamic shared memory
+    std::vector<ShadowWord> shadow;         // one per 4-byte word
+    // Warp collective exchange: per lane, up to 16 32-bit words in, 4 out.
+    std::vector<std::array<unsigned, 16>> slots;
+};
+
+inline Block* g_block;
+inline char* g_stacks;
+inline size_t g_stack_size = 1 << 20;
+inline unsigned g_stack_count;
+inline std::mt19937 g_sched_rng(1);
+inline std::vector<std::pair<const unsigned char*, const unsigned char*>> g_global_buffers;
+
+inline unsigned emu_tid() { return g_block->current; }
+inline unsigned emu_warp() { return g_block->current / 32; }
+
+#ifdef EMU_ASAN
+inline void* g_fake_stack;
+inline const void* g_main_stack_bottom;
+inline size_t g_main_stack_size;
+#endif
+
+// Switch from the current fiber to the scheduler, waiting in `w`.
+inline void emu_yield(Wait w, const char* op = nullptr) {
+    Fiber& f = g_block->fibers[g_block->current];
+    f.wait = w;
+    f.warp_op = op;
+#ifdef EMU_ASAN
+    __sanitizer_start_switch_fiber(&g_fake_stack, g_main_stack_bottom, g_main_stack_size);
+    emu_switch(&f.sp, g_block->scheduler);
+    __sanitizer_finish_switch_fiber(g_fake_stack, nullptr, nullptr);
+#else
+    emu_switch(&f.sp, g_block->scheduler);
+#endif
+}
+
+inline void __syncthreads() { emu_yield(BLOCK_BARRIER); }
+inline void emu_warp_barrier(const char* op) { emu_yield(WARP_BARRIER, op); }
+inline void __syncwarp() {
+    emu_warp_barrier("__syncwarp");
+}
+
+inline std::function<void()> g_kernel;
+inline void emu_fiber_main() {
+#ifdef EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &g_main_stack_bottom, &g_main_stack_size);
+#endif
+    g_kernel();
+    Fiber& f = g_block->fibers[g_block->current];
+    f.wait = DONE;
+#ifdef EMU_ASAN
+    __sanitizer_start_switch_fiber(nullptr, g_main_stack_bottom, g_main_stack_size);  // this stack is done
+#endif
+    emu_switch(&f.sp, g_block->scheduler);
+    emu_fail("finished fiber resumed");
+}
+
+// A fresh stack whose first switch enters emu_fiber_main as if called (stack pointer ≡ 8 mod 16 at entry).
+inline void* emu_new_stack(char* base, size_t size) {
+#ifdef EMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(base, size);  // frames of the previous block's fibers, which never returned
+#endif
+    uintptr_t top = (reinterpret_cast<uintptr_t>(base) + size) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;                                        // emu_fiber_main's return address (never used)
+    *--sp = reinterpret_cast<void*>(&emu_fiber_main);       // where emu_switch's ret goes
+    for (int i = 0; i < 6; i++) *--sp = nullptr;            // rbp, rbx, r12–r15
+    return sp;
+}
+
+// Runs one block: all fibers until they finish, releasing barriers when every live participant waits in them.
+inline void emu_run_block(Block& blk, unsigned threads) {
+    g_block = &blk;
+    blk.fibers.assign(threads, Fiber());
+    unsigned warps = (threads + 31) / 32;
+    blk.warp_epoch.assign(warps, 0);
+    blk.slots.assign(threads, {});
+    for (unsigned t = 0; t < threads; t++)
+        blk.fibers[t].sp = emu_new_stack(g_stacks + (size_t)t * g_stack_size, g_stack_size);
+    std::vector<unsigned> order(threads);
+    for (unsigned t = 0; t < threads; t++) order[t] = t;
+    for (;;) {
+        bool ran = false;
+        std::shuffle(order.begin(), order.end(), g_sched_rng);
+        for (unsigned t : order) {
+            Fiber& f = blk.fibers[t];
+            if (f.wait != RUNNING) continue;
+            blk.current = t;
+            threadIdx = {t, 0, 0};
+#ifdef EMU_ASAN
+            void* save = nullptr;
+            __sanitizer_start_switch_fiber(&save, g_stacks + (size_t)t * g_stack_size, g_stack_size);
+            emu_switch(&blk.scheduler, f.sp);
+            __sanitizer_finish_switch_fiber(save, &g_main_stack_bottom, &g_main_stack_size);
+#else
+            emu_switch(&blk.scheduler, f.sp);
+#endif
+            ran = true;
+        }
+        if (ran) continue;
+        bool all_done = true, released = false;
+        unsigned live = 0, at_block = 0;
+        for (auto& f : blk.fibers) {
+            if (f.wait != DONE) all_done = false, live++;
+            if (f.wait == BLOCK_BARRIER) at_block++;
+        }
+        if (all_done) break;
+        if (at_block == live) {
+            for (auto& f : blk.fibers)
+                if (f.wait == BLOCK_BARRIER) f.wait = RUNNING;
+            blk.epoch++;
+            for (auto& e : blk.warp_epoch) e++;
+            released = true;
+        } else {
+            for (unsigned w = 0; w < warps; w++) {
+                unsigned lanes = 0, waiting = 0;
+                const char* op = nullptr;
+                for (unsigned t = w * 32; t < std::min(threads, w * 32 + 32); t++) {
+                    Fiber& f = blk.fibers[t];
+                    if (f.wait == DONE) continue;
+                    lanes++;
+                    if (f.wait == WARP_BARRIER) {
+                        if (op && std::strcmp(op, f.warp_op) != 0)
+                            emu_fail("warp " + std::to_string(w) + " diverged: " + op + " vs " + f.warp_op);
+                        op = f.warp_op;
+                        waiting++;
+                    }
+                }
+                if (lanes > 0 && waiting == lanes) {
+                    if (lanes != 32 && threads % 32 == 0) emu_fail("warp collective with exited lanes");
+                    for (unsigned t = w * 32; t < std::min(threads, w * 32 + 32); t++)
+                        if (blk.fibers[t].wait == WARP_BARRIER) blk.fibers[t].wait = RUNNING;
+                    if (std::strcmp(op, "__syncwarp") == 0) blk.warp_epoch[w]++;
+                    released = true;
+                }
+            }
+        }
+        if (!released) emu_fail("deadlock: threads wait in different barriers (barrier in divergent code?)");
+    }
+}
+
+// Runs kernel() on every block of `grid`, `threads` threads each, with `shared_bytes` of dynamic shared memory.
+inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, std::function<void()> kernel) {
+    if (g_stack_count < threads) {
+        if (g_stacks) munmap(g_stacks, (size_t)g_stack_count * g_stack_size);
+        g_stacks = (char*)mmap(nullptr, (size_t)threads * g_stack_size, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        g_stack_count = threads;
+    }
+    gridDim = grid;
+    blockDim = {threads, 1, 1};
+    g_kernel = std::move(kernel);
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                blockIdx = {x, y, z};
+                Block blk;
+                // Fresh shared memory holds garbage: NaN bit patterns, so a read of what nobody wrote shows.
+                blk.smem.assign(shared_bytes, 0xff);
+                blk.shadow.assign((shared_bytes + 3) / 4, ShadowWord());
+                emu_run_block(blk, threads);
+                for (auto& f : blk.fibers)
+                    if (!f.open_group.empty() || !f.committed.empty()) emu_fail("thread exited with copies in flight");
+            }
+}
+
+// ---- shared-memory shadow -----------------------------------------------------------------------------------------
+
+inline std::string emu_where(unsigned addr) {
+    return "shared byte " + std::to_string(addr) + " (block " + std::to_string(blockIdx.x) + "," +
+           std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + ", thread " + std::to_string(emu_tid()) +
+           ", epoch " + std::to_string(g_block->epoch) + ")";
+}
+
+inline ShadowWord& emu_word(unsigned addr) {
+    if (addr % 4 != 0 || addr / 4 >= g_block->shadow.size())
+        emu_fail("access outside shared memory: " + emu_where(addr));
+    return g_block->shadow[addr / 4];
+}
+
+// Whether a thread's access in this interval is ordered after another thread's earlier access recorded with
+// (epoch, thread, warp, warp_epoch).
+inline bool emu_ordered(long epoch, int thread, int warp, long warp_epoch) {
+    const int t = emu_tid(), w = emu_warp();
+    if (epoch < g_block->epoch || thread == t) return true;
+    return warp == w && warp_epoch < g_block->warp_epoch[w];
+}
+
+inline void emu_read(unsigned addr, unsigned bytes) {
+    const int t = emu_tid(), w = emu_warp();
+    for (unsigned a = addr; a < addr + bytes; a += 4) {
+        ShadowWord& s = emu_word(a);
+        if (s.pending >= 0) emu_fail("read of an asynchronous copy in flight: " + emu_where(a));
+        if (s.w_thread >= 0 && !emu_ordered(s.w_epoch, s.w_thread, s.w_thread / 32, s.w_warp_epoch))
+            emu_fail("read races with thread " + std::to_string(s.w_thread) + "'s write: " + emu_where(a));
+        if (s.r_epoch != g_block->epoch) {
+            s.r_epoch = g_block->epoch, s.r_thread = t, s.r_warp = w, s.r_warp_epoch = g_block->warp_epoch[w];
+        } else {
+            if (s.r_thread != t) s.r_thread = -2;
+            if (s.r_warp != w) s.r_warp = -2;
+            s.r_warp_epoch = std::max(s.r_warp_epoch, g_block->warp_epoch[w]);
+        }
+    }
+}
+
+// A write (plain, or the start of an asynchronous copy when `async`).
+inline void emu_write(unsigned addr, unsigned bytes, bool async) {
+    const int t = emu_tid(), w = emu_warp();
+    for (unsigned a = addr; a < addr + bytes; a += 4) {
+        ShadowWord& s = emu_word(a);
+        if (s.pending >= 0) emu_fail("write over an asynchronous copy in flight: " + emu_where(a));
+        if (s.r_epoch == g_block->epoch && s.r_thread != t &&
+            !(s.r_warp == w && s.r_warp_epoch < g_block->warp_epoch[w]))
+            emu_fail("write over a word another thread may still read: " + emu_where(a));
+        if (s.w_thread >= 0 && !emu_ordered(s.w_epoch, s.w_thread, s.w_thread / 32, s.w_warp_epoch))
+            emu_fail("write races with thread " + std::to_string(s.w_thread) + "'s write: " + emu_where(a));
+        if (async) {
+            s.pending = t;
+        } else {
+            s.w_thread = t, s.w_epoch = g_block->epoch, s.w_warp_epoch = g_block->warp_epoch[w];
+        }
+    }
+}
+
+inline void emu_complete(const Copy& c) {
+    const int t = emu_tid(), w = emu_warp();
+    for (int i = 0; i < c.bytes; i++) g_block->smem[c.smem + i] = i < c.valid_bytes ? c.src[i] : 0;
+    for (unsigned a = c.smem; a < c.smem + c.bytes; a += 4) {
+        ShadowWord& s = emu_word(a);
+        s.pending = -1, s.w_thread = t, s.w_epoch = g_block->epoch, s.w_warp_epoch = g_block->warp_epoch[w];
+    }
+}
+
+inline void emu_check_global(const void* p, size_t bytes) {
+    auto* b = static_cast<const unsigned char*>(p);
+    for (auto& [lo, hi] : g_global_buffers)
+        if (b >= lo && b + bytes <= hi) return;
+    emu_fail("global read outside every buffer");
+}
+
+// ---- warp collectives ---------------------------------------------------------------------------------------------
+
+inline std::array<unsigned, 16>& emu_slot(int lane) { return g_block->slots[emu_warp() * 32 + lane]; }
+inline int emu_lane() { return emu_tid() % 32; }
+
+inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
+    if (mask != 0xffffffffu) emu_fail("partial shuffle mask");
+    std::memcpy(&emu_slot(emu_lane())[0], &v, 4);
+    emu_warp_barrier("shfl");
+    float r;
+    std::memcpy(&r, &emu_slot(emu_lane() ^ offset)[0], 4);
+    emu_warp_barrier("shfl done");
+    return r;
+}

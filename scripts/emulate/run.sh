@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds and runs the CPU emulation of the attention kernels (see README.md): the fused kernels against a
+# double-precision reference for every head dimension, and the unfused ones in fp32 and bf16. Arguments go to the
+# fused test: `run.sh 64 77` runs only head dimension 64 at length 77. EMU_SEED=n reorders the emulated threads.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+out=$root/target/emulate
+mkdir -p "$out"
+# The kernel files made host-compilable: common.cuh without its CUDA include, then the kernel file, whose dynamic
+# shared memory becomes the emulated block's (mma.cuh is replaced by mma_emu.h).
+common() { grep -v '#include <cuda_bf16.h>' "$root/kernels/common.cuh"; }
+{
+  common
+  sed 's/^extern __shared__ __align__(16) unsigned char flash_shared\[\];/#define flash_shared (emu_shared_base())/' \
+    "$root/kernels/flash_attention.cu"
+} > "$out/flash_all.inc"
+{ common; cat "$root/kernels/attention.cu"; } > "$out/unfused_all.inc"
+flags=(-std=c++20 -O2 -g -fsanitize=address -Wall -Wno-unused-function -Wno-unknown-pragmas -I"$here" -I"$out")
+g++ "${flags[@]}" -o "$out/test_flash" "$here/test_flash.cpp"
+g++ "${flags[@]}" -o "$out/test_unfused_fp32" "$here/test_unfused.cpp"
+g++ "${flags[@]}" -DKILN_BF16 -o "$out/test_unfused_bf16" "$here/test_unfused.cpp"
+"$out/test_flash" "$@"
+if [ $# -eq 0 ]; then
+  "$out/test_unfused_fp32"
+  "$out/test_unfused_bf16"
+fi
