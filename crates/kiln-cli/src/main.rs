@@ -641,9 +641,10 @@ fn bench_attention_on<B: Backend>(
                 a[0], a[1], a[2], a[3]
             ))
         );
+        // Full precision: a CPU's rates are a few thousandths of a TFLOP/s.
         json.push(format!(
-            "{{\"shape\":\"{}\",\"forward_ms\":{:.4},\"forward_tflops\":{fwd:.2},\"forward_backward_ms\":{:.4},\
-             \"forward_backward_tflops\":{both:.2}}}",
+            "{{\"shape\":\"{}\",\"forward_ms\":{},\"forward_tflops\":{fwd},\"forward_backward_ms\":{},\
+             \"forward_backward_tflops\":{both}}}",
             attention_bench::describe(d),
             t.forward_ms,
             t.forward_backward_ms
@@ -803,7 +804,7 @@ fn build_kernels(mut archs: Vec<String>) -> Result<()> {
     println!("cache: {}", compiler.cache_dir().display());
     for arch in &archs {
         for kernel in KERNELS {
-            for precision in Precision::ALL {
+            for &precision in kernel.precisions {
                 let built = compiler.compile(kernel, arch, precision)?;
                 let how = if built.cached { "cached" } else { "compiled" };
                 println!("{}.cu {arch} {}: {how}, {} bytes", kernel.name, precision.name(), built.cubin.len());
