@@ -3,6 +3,8 @@
 # then run it there through the device tool with carry ["target/release/kiln"] and this command:
 #     bash scripts/gpu-check.sh
 # Each step's full log goes to $OUT (or ./gpu-check-out when OUT is unset); a short table comes last.
+# The steps run in order of importance. All of them may take longer than one device call allows: ONLY="NAME ..."
+# runs just the named steps (e.g. ONLY="bench-pytorch dp-overlap" for a second call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-out}
@@ -16,6 +18,7 @@ results=()
 step() {
   local name=$1 limit=$2
   shift 2
+  [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]] && return
   local start=$SECONDS
   echo "== $name: $*"
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
@@ -48,7 +51,6 @@ export -f resume_check
 step resume-exact 300 bash -c resume_check
 step bench-kiln 300 "$kiln" bench train --backend cuda --steps 10 --warmup 2
 step bench-attention 240 "$kiln" bench attention --backend cuda --suite
-step bench-kiln-unfused 300 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
 
 # Data parallel on the one GPU: N processes, each claiming its own NCCL host (see ../shared/GPU.md), so NCCL joins
 # them over its socket transport on loopback as if they were separate nodes. dp_run NAME RANKS ARGS... trains
@@ -124,6 +126,7 @@ PY
 }
 export -f dp_run dp_equivalence dp_overlap
 step dp-equivalence 300 bash -c dp_equivalence
+step bench-kiln-unfused 300 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
 step bench-pytorch 400 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
 step dp-overlap 300 bash -c dp_overlap
 
