@@ -32,6 +32,8 @@ const CONNECT_RETRY: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest a single handshake message may take once the process sending it is known to be there.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long past its own deadline a rank that has arrived waits for rank 0's answer.
+const ANSWER_GRACE: Duration = Duration::from_secs(3);
 /// The longest rank 0 waits for a new connection's hello. A rank sends it as soon as it connects; a connection
 /// that stays silent (a port scanner, a health check) is dropped after this, having held up the others no longer.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -95,8 +97,10 @@ pub(super) fn join(meeting: &Meeting, host: &str, port: u16) -> Result<(UniqueId
         .set_write_timeout(Some(IO_TIMEOUT))
         .and_then(|()| stream.write_all(&meeting.hello().encode()))
         .map_err(|e| meeting.failed(format!("cannot send rank {}'s hello to rank 0: {e}", meeting.rank)))?;
-    // Rank 0 answers once every rank has arrived, so this wait is the whole rendezvous.
-    stream.set_read_timeout(Some(meeting.remaining())).map_err(|e| meeting.failed(e))?;
+    // Rank 0 answers once every rank has arrived, so this wait is the whole rendezvous. It lasts a little past this
+    // rank's own deadline: rank 0 may have started later, and when it gives up its answer says which ranks never
+    // came, which this rank's own timeout could not.
+    stream.set_read_timeout(Some(meeting.remaining() + ANSWER_GRACE)).map_err(|e| meeting.failed(e))?;
     let lost = |e: io::Error| match e.kind() {
         ErrorKind::UnexpectedEof => {
             meeting.failed("rank 0 closed the connection before sending the id: it has probably failed, see its log")
