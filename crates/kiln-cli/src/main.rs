@@ -202,12 +202,12 @@ enum BenchCommand {
         suite: bool,
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
-        /// GPU storage precision (the fused kernel runs in bf16).
-        #[arg(long, value_enum, default_value_t = PrecisionChoice::Bf16)]
-        precision: PrecisionChoice,
-        /// The GPU's attention kernels.
-        #[arg(long, value_enum, default_value_t = AttentionChoice::Fused)]
-        kernel: AttentionChoice,
+        /// GPU storage precision, bf16 or fp32 (the fused kernel runs in bf16).
+        #[arg(long, default_value = "bf16")]
+        precision: Precision,
+        /// The GPU's attention kernels, fused or unfused.
+        #[arg(long, default_value = "fused")]
+        kernel: AttentionKernel,
         /// Runs measured per shape and pass.
         #[arg(long, default_value_t = 30)]
         reps: usize,
@@ -215,18 +215,6 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         warmup: usize,
     },
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PrecisionChoice {
-    Bf16,
-    Fp32,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum AttentionChoice {
-    Fused,
-    Unfused,
 }
 
 #[derive(Subcommand)]
@@ -335,14 +323,6 @@ fn main() -> ExitCode {
                 },
         } => {
             let one = AttentionDims { batch, time: seq, heads, kv_heads: kv_heads.unwrap_or(heads), head_dim, causal };
-            let precision = match precision {
-                PrecisionChoice::Bf16 => Precision::Bf16,
-                PrecisionChoice::Fp32 => Precision::Fp32,
-            };
-            let kernel = match kernel {
-                AttentionChoice::Fused => AttentionKernel::Fused,
-                AttentionChoice::Unfused => AttentionKernel::Unfused,
-            };
             let shapes = if suite { attention_bench::SUITE.iter().map(|(d, _)| *d).collect() } else { vec![one] };
             bench_attention(&shapes, backend, precision, kernel, (warmup, reps))
         }

@@ -71,6 +71,19 @@ pub enum AttentionKernel {
     Unfused,
 }
 
+impl std::str::FromStr for AttentionKernel {
+    type Err = String;
+
+    /// The config's spelling, for command lines.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "fused" => Ok(AttentionKernel::Fused),
+            "unfused" => Ok(AttentionKernel::Unfused),
+            _ => Err(format!("{s:?} is not an attention kernel: fused or unfused")),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tokenizer {
@@ -133,6 +146,18 @@ impl Precision {
             Precision::Fp32 => "fp32",
             Precision::Bf16 => "bf16",
         }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    /// The config's spelling, for command lines.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("{s:?} is not a precision: bf16 or fp32"))
     }
 }
 
