@@ -2,35 +2,51 @@
 # The one script run on a lent GPU machine (see ../shared/GPU.md): build kiln here with `cargo build --release`,
 # then run it there through the device tool with carry ["target/release/kiln"] and this command:
 #     bash scripts/gpu-check.sh
-# Each step's full log goes to $OUT (or ./gpu-check-out when OUT is unset); a short table comes last.
-# The steps run in order of importance. All of them may take longer than one device call allows: ONLY="NAME ..."
-# runs just the named steps (e.g. ONLY="bench-pytorch dp-overlap" for a second call).
+# Every step's full log is appended to $OUT/steps.log (or ./gpu-check-out when OUT is unset) as it finishes, since
+# only 8 files come back from $OUT; a short table comes last.
+# The steps run in order of importance, each within its own time limit and all within GPU_CHECK_BUDGET_S (default
+# 540 s, to end inside a 600 s device call): a step that would start with too little time left is skipped.
+# ONLY="NAME ..." runs just the named steps (e.g. ONLY="dp-equivalence dp-overlap" for a second call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-out}
-mkdir -p "$out"
+logs=/tmp/kiln-gpu-check
+mkdir -p "$out" "$logs"
 kiln=./target/release/kiln
-# Outside $OUT: only 8 files come back from it, and the logs are what matter.
 export KILN_CACHE_DIR=/tmp/kiln-kernel-cache
+deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-540}))
 results=()
 
-# step NAME TIMEOUT_S COMMAND...: runs it with its output in $out/NAME.log and records PASS/FAIL and seconds.
+# step NAME TIMEOUT_S COMMAND...: runs it with its output in $logs/NAME.log and records PASS/FAIL and seconds.
 step() {
   local name=$1 limit=$2
   shift 2
   [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]] && return
+  local left=$((deadline - SECONDS - 5))
+  if ((left < 20)); then
+    results+=("$(printf '%-22s SKIP (out of time)' "$name")")
+    return
+  fi
+  ((limit > left)) && limit=$left
   local start=$SECONDS
-  echo "== $name: $*"
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$logs/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$out/$name.log"
+  tail -n 25 "$logs/$name.log"
+  { echo "===== $name: $* (exit $rc, $((SECONDS - start)) s)"; cat "$logs/$name.log"; } >> "$out/steps.log"
   results+=("$(printf '%-22s %-4s %4ss  exit %s' "$name" "$([ $rc = 0 ] && echo PASS || echo FAIL)" $((SECONDS - start)) $rc)")
+  return $rc
 }
 
-step info 60 "$kiln" info
-step kernels 300 "$kiln" kernels build
-step selftest 300 "$kiln" selftest --backend cuda
-step quickstart-bf16 300 "$kiln" train --backend cuda --set "train.out_dir=$out/quickstart"
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
+step info 30 "$kiln" info
+step kernels 120 "$kiln" kernels build
+# One process per precision: a fault ends the CUDA context, and with it every later check of that process.
+selftest_failed=()
+for precision in fp32 bf16; do
+  step selftest-$precision 90 "$kiln" selftest --backend cuda --precision $precision || selftest_failed+=($precision)
+done
+step quickstart-bf16 90 "$kiln" train --backend cuda --set train.out_dir=/tmp/kiln-quickstart
 # Exact resume on the GPU: six steps straight, against three steps then a resume from the step-3 checkpoint.
 resume_check() {
   local run=(--backend cuda --set train.max_steps=6 --set train.checkpoint_every=3 --set train.eval_steps=1 --set train.log_every=1)
@@ -48,9 +64,17 @@ PY
 # `timeout` runs commands, not shell functions: hand it a bash that has the function.
 export kiln
 export -f resume_check
-step resume-exact 300 bash -c resume_check
-step bench-kiln 300 "$kiln" bench train --backend cuda --steps 10 --warmup 2
-step bench-attention 240 "$kiln" bench attention --backend cuda --suite
+step bench-kiln 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2
+step bench-attention 120 "$kiln" bench attention --backend cuda --suite
+step resume-exact 90 bash -c resume_check
+# Where a training step's time goes: every kernel of two steps, timed by Nsight Compute.
+step profile 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+  "$kiln" bench train --backend cuda --steps 1 --warmup 1
+# A failed self-test again under compute-sanitizer, which names the kernel and the address of a bad access.
+for precision in "${selftest_failed[@]}"; do
+  step sanitize-$precision 120 compute-sanitizer --tool memcheck --print-limit 10 \
+    "$kiln" selftest --backend cuda --precision $precision
+done
 
 # Data parallel on the one GPU: N processes, each claiming its own NCCL host (see ../shared/GPU.md), so NCCL joins
 # them over its socket transport on loopback as if they were separate nodes. dp_run NAME RANKS ARGS... trains
@@ -125,24 +149,24 @@ print(f"all-reduce of the whole gradient, exposed: about {single - one:.1f} ms; 
 PY
 }
 export -f dp_run dp_equivalence dp_overlap
-step dp-equivalence 300 bash -c dp_equivalence
-step bench-kiln-unfused 300 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
-step bench-pytorch 400 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
-step dp-overlap 300 bash -c dp_overlap
+step dp-equivalence 150 bash -c dp_equivalence
+step bench-kiln-unfused 90 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
+step dp-overlap 150 bash -c dp_overlap
+step bench-pytorch 200 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
 
 echo
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
-grep -h "exact match" "$out/quickstart-bf16.log" 2>/dev/null
-grep -hE "^[0-9]+ passed, [0-9]+ failed" "$out/selftest.log" 2>/dev/null
-grep -h "vs one rank" "$out/dp-equivalence.log" 2>/dev/null
-grep -h "exposed" "$out/dp-overlap.log" 2>/dev/null
+grep -h "exact match" "$logs/quickstart-bf16.log" 2>/dev/null
+grep -hE "^[0-9]+ passed, [0-9]+ failed" "$logs"/selftest-*.log 2>/dev/null
+grep -h "vs one rank" "$logs/dp-equivalence.log" 2>/dev/null
+grep -h "exposed" "$logs/dp-overlap.log" 2>/dev/null
 # GPT-2 124M, B=32, T=1024, bf16, tokens/s. Anchors measured on an H100 (see docs/benchmarks.md): llm.c without
 # cuDNN 283,000; PyTorch torch.compile 478,000.
-grep -h "TFLOP/s" "$out/bench-attention.log" 2>/dev/null
-u=$(tail -n 1 "$out/bench-kiln-unfused.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
+grep -h "TFLOP/s" "$logs/bench-attention.log" 2>/dev/null
+u=$(tail -n 1 "$logs/bench-kiln-unfused.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
 echo "gpt2-124m tokens/s with the unfused attention kernels: ${u:-?}"
-k=$(tail -n 1 "$out/bench-kiln.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
-t=$(tail -n 1 "$out/bench-pytorch.log" 2>/dev/null | sed -n 's/.*"tokens_per_s": \([0-9.]*\).*/\1/p')
+k=$(tail -n 1 "$logs/bench-kiln.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
+t=$(tail -n 1 "$logs/bench-pytorch.log" 2>/dev/null | sed -n 's/.*"tokens_per_s": \([0-9.]*\).*/\1/p')
 echo "gpt2-124m tokens/s: kiln ${k:-?}, pytorch ${t:-?}, anchors llm.c 283000 / torch.compile 478000"
 [ -n "$k" ] && [ -n "$t" ] && awk -v k="$k" -v t="$t" 'BEGIN { printf "kiln / pytorch: %.2f\n", k / t }'
 printf '%s\n' "${results[@]}"
