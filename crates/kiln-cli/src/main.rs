@@ -794,15 +794,17 @@ fn build_kernels(mut archs: Vec<String>) -> Result<()> {
                 let built = compiler.compile(kernel, arch, precision)?;
                 let how = if built.cached { "cached" } else { "compiled" };
                 println!("{}.cu {arch} {}: {how}, {} bytes", kernel.name, precision.name(), built.cubin.len());
-                for s in &built.stats {
-                    println!(
-                        "  {:<28} {:>3} registers, {:>6} B shared, {} B stack, {} B spilled",
-                        s.function,
-                        s.registers,
-                        s.shared_bytes,
-                        s.stack_bytes,
-                        s.spill_stores + s.spill_loads
-                    );
+                for name in &built.entry_points {
+                    match built.stats.iter().find(|s| &s.function == name) {
+                        Some(s) => println!(
+                            "  {name:<28} {:>3} registers, {:>6} B shared, {} B stack, {} B spilled",
+                            s.registers,
+                            s.shared_bytes,
+                            s.stack_bytes,
+                            s.spill_stores + s.spill_loads
+                        ),
+                        None => println!("  {name:<28} (no ptxas report in the compile log)"),
+                    }
                 }
             }
         }

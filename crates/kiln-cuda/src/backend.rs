@@ -213,9 +213,9 @@ impl CudaBackend {
         for kernel in KERNELS.iter().filter(|k| k.precisions.contains(&precision)) {
             let built = compiler.compile(kernel, &arch, precision)?;
             let module = ctx.load_module(Ptx::from_binary(built.cubin)).map_err(driver("loading a kernel module"))?;
-            for s in &built.stats {
-                let f = module.load_function(&s.function).map_err(driver("loading a kernel"))?;
-                functions.insert(s.function.clone(), f);
+            for name in &built.entry_points {
+                let f = module.load_function(name).map_err(driver("loading a kernel"))?;
+                functions.insert(name.clone(), f);
             }
             modules.push(module);
         }

@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug)]
 pub struct Compiled {
     pub cubin: Vec<u8>,
-    /// ptxas's report on each kernel function.
+    /// The kernels it defines, read from the CUBIN itself.
+    pub entry_points: Vec<String>,
+    /// ptxas's report on each kernel function, where the compile log has one: NVRTC can return a CUBIN with an
+    /// empty log (seen with 13.0 on the GPU machine when the same program was compiled twice in a process).
     pub stats: Vec<KernelStats>,
     /// Whether this came from the disk cache.
     pub cached: bool,
@@ -89,14 +92,16 @@ impl Compiler {
         ));
         let log_path = path.with_extension("log");
         if let (Ok(cubin), Ok(log)) = (std::fs::read(&path), std::fs::read_to_string(&log_path)) {
-            return Ok(Compiled { cubin, stats: parse_ptxas_log(&log), cached: true, path });
+            let entry_points = entry_points(&cubin).map_err(|e| err(format!("{}: {e}", path.display())))?;
+            return Ok(Compiled { cubin, entry_points, stats: parse_ptxas_log(&log), cached: true, path });
         }
         let (cubin, log) = self.run_nvrtc(&source, kernel.name, arch, precision)?;
+        let entry_points = entry_points(&cubin).map_err(|e| err(format!("{}.cu's CUBIN: {e}", kernel.name)))?;
         std::fs::create_dir_all(&self.cache_dir).map_err(|e| Error::io(&self.cache_dir, e))?;
         // The log goes first: an entry counts as cached only once its CUBIN, written last, is complete.
         write_atomically(&log_path, log.as_bytes())?;
         write_atomically(&path, &cubin)?;
-        Ok(Compiled { cubin, stats: parse_ptxas_log(&log), cached: false, path })
+        Ok(Compiled { cubin, entry_points, stats: parse_ptxas_log(&log), cached: false, path })
     }
 
     fn run_nvrtc(&self, source: &str, name: &str, arch: &str, precision: Precision) -> Result<(Vec<u8>, String)> {
@@ -213,6 +218,44 @@ fn find_include_dir() -> Result<PathBuf> {
 
 /// Reads ptxas's `-v` report: per kernel function, "Compiling entry function 'f'", then "N bytes stack frame,
 /// N bytes spill stores, N bytes spill loads", then "Used N registers, ... N bytes smem".
+/// The kernels a CUBIN defines: the function symbols of its ELF symbol table that CUDA marks as entry points
+/// (`STO_CUDA_ENTRY`, 0x10, in `st_other`).
+pub fn entry_points(cubin: &[u8]) -> std::result::Result<Vec<String>, String> {
+    const SHT_SYMTAB: u32 = 2;
+    const STT_FUNC: u8 = 2;
+    const STO_CUDA_ENTRY: u8 = 0x10;
+    let bytes = |at: usize, n: usize| cubin.get(at..at + n).ok_or_else(|| format!("truncated at byte {at}"));
+    let u16_at = |at| bytes(at, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |at| bytes(at, 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+    let u64_at = |at| bytes(at, 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    // ELFCLASS64, little-endian: what NVRTC writes for every architecture.
+    if !cubin.starts_with(b"\x7fELF\x02\x01") {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let (table, entry_size, count) = (u64_at(0x28)?, u16_at(0x3a)?, u16_at(0x3c)?);
+    // Section header i: type at +4, file offset at +0x18, size at +0x20, linked section at +0x28.
+    let section = |i: usize| table + i * entry_size;
+    let mut names = Vec::new();
+    for i in 0..count {
+        if u32_at(section(i) + 4)? != SHT_SYMTAB {
+            continue;
+        }
+        let (symbols, size) = (u64_at(section(i) + 0x18)?, u64_at(section(i) + 0x20)?);
+        let strings = u64_at(section(u32_at(section(i) + 0x28)? as usize) + 0x18)?;
+        // Symbol: name offset (4 bytes), info (1), other (1), section (2), value (8), size (8).
+        for symbol in (symbols..symbols + size).step_by(24) {
+            let (info, other) = (bytes(symbol + 4, 1)?[0], bytes(symbol + 5, 1)?[0]);
+            if info & 0xf == STT_FUNC && other & STO_CUDA_ENTRY != 0 {
+                let start = strings + u32_at(symbol)? as usize;
+                let name = cubin.get(start..).and_then(|s| CStr::from_bytes_until_nul(s).ok());
+                let name = name.ok_or_else(|| format!("a symbol name at byte {start} is not terminated"))?;
+                names.push(name.to_string_lossy().into_owned());
+            }
+        }
+    }
+    Ok(names)
+}
+
 pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
     let mut stats: Vec<KernelStats> = Vec::new();
     let number_before = |line: &str, word: &str| -> Option<u32> {
@@ -264,6 +307,14 @@ mod tests {
             }
         );
         assert_eq!((stats[1].registers, stats[1].shared_bytes, stats[1].spill_stores), (20, 0, 0));
+    }
+
+    #[test]
+    fn entry_points_refuse_what_is_not_a_cubin() {
+        assert!(entry_points(b"PTX").unwrap_err().contains("not a 64-bit"));
+        let mut header = b"\x7fELF\x02\x01".to_vec();
+        header.resize(0x30, 0);
+        assert!(entry_points(&header).unwrap_err().contains("truncated"));
     }
 
     #[test]
