@@ -16,12 +16,15 @@ common() { grep -v '#include <cuda_bf16.h>' "$root/kernels/common.cuh"; }
     "$root/kernels/flash_attention.cu"
 } > "$out/flash_all.inc"
 { common; cat "$root/kernels/attention.cu"; } > "$out/unfused_all.inc"
+{ common; cat "$root/kernels/encoder.cu"; } > "$out/encoder_all.inc"
 flags=(-std=c++20 -O2 -g -fsanitize=address -Wall -Wno-unused-function -Wno-unknown-pragmas -I"$here" -I"$out")
 g++ "${flags[@]}" -o "$out/test_flash" "$here/test_flash.cpp"
 g++ "${flags[@]}" -o "$out/test_unfused_fp32" "$here/test_unfused.cpp"
 g++ "${flags[@]}" -DKILN_BF16 -o "$out/test_unfused_bf16" "$here/test_unfused.cpp"
+g++ "${flags[@]}" -Wno-strict-aliasing -Wno-maybe-uninitialized -o "$out/test_encoder" "$here/test_encoder.cpp"
 "$out/test_flash" "$@"
 if [ $# -eq 0 ]; then
   "$out/test_unfused_fp32"
   "$out/test_unfused_bf16"
+  "$out/test_encoder"
 fi

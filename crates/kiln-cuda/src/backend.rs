@@ -51,6 +51,10 @@ struct Buffer {
 
 /// Blocks of the first pass of a sum: fixed, so that sums are deterministic.
 const REDUCE_BLOCKS: u32 = 256;
+/// The block of encoder_sort_rows and the bits of a token it sorts by in each pass (SORT_THREADS and SORT_BITS in
+/// kernels/encoder.cu).
+const SORT_THREADS: u32 = 512;
+const SORT_BITS: u32 = 4;
 /// The unfused attention kernels keep a row in registers: at most 32 lanes × 4.
 const MAX_HEAD_DIM: usize = 128;
 
@@ -547,7 +551,19 @@ impl Backend for CudaBackend {
         let tok = self.ids(op, tokens, batch * time)?;
         let (bi, ti, ci) = (batch as i32, time as i32, c as i32);
         launch!(self, "encoder_backward_wpe", elementwise(time * c), dp, d, bi, ti, ci)?;
-        launch!(self, "encoder_backward_wte", grid(c, 128), dw, d, tok, bi, ti, ci)
+        let n = batch * time;
+        if n == 0 || c == 0 {
+            return Ok(());
+        }
+        // The positions sorted by token (see kernels/encoder.cu): two (keys, rows) pairs of arrays in scratch.
+        let vocab = dwte.len / c;
+        let passes = (u32::BITS - (vocab.max(2) as u32 - 1).leading_zeros()).div_ceil(SORT_BITS) as i32;
+        let sorted = self.scratch(op, 4 * n)?;
+        let [keys, rows, spare_keys, spare_rows] = [0, 1, 2, 3].map(|i| sorted + (i * n * 4) as u64);
+        let sort = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SORT_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let ni = n as i32;
+        launch!(self, "encoder_sort_rows", sort, keys, rows, spare_keys, spare_rows, tok, ni, passes)?;
+        launch!(self, "encoder_backward_wte", grid(n * c.div_ceil(4), 256), dw, d, keys, rows, ni, ci)
     }
 
     fn layernorm_forward(
