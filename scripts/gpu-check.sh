@@ -148,8 +148,29 @@ print(f"median step: 1 rank (batch 8) {one:.1f} ms; 2 ranks (batch 4 each, shari
 print(f"all-reduce of the whole gradient, exposed: about {single - one:.1f} ms; hidden by overlapping it with backward: {single - buckets:.1f} ms")
 PY
 }
-export -f dp_run dp_equivalence dp_overlap
+# A rank killed mid-training: the other must exit non-zero promptly, by NCCL's error or at worst dist.timeout_s.
+dp_failure() {
+  local port=$((29600 + RANDOM % 1000)) pids=() r waited=0 rc start
+  mkdir -p /tmp/kiln-dp
+  for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      NCCL_HOSTID=sim-host-$r NCCL_SOCKET_IFNAME=lo NCCL_IB_DISABLE=1 \
+      "$kiln" train --backend cuda --gpus 0 --set train.out_dir=/tmp/kiln-dp/failure --set train.max_steps=1000000 \
+      --set train.log_every=100 --set dist.timeout_s=30 > "/tmp/kiln-dp/failure.rank$r.log" 2>&1 &
+    pids+=($!)
+  done
+  until grep -q "step " /tmp/kiln-dp/failure.rank0.log || ((waited >= 60)); do sleep 1; waited=$((waited + 1)); done
+  kill -9 "${pids[1]}"
+  start=$SECONDS
+  wait "${pids[0]}"
+  rc=$?
+  tail -n 3 /tmp/kiln-dp/failure.rank0.log
+  echo "rank 1 killed while training; rank 0 exited with code $rc after $((SECONDS - start)) s"
+  ((rc != 0 && SECONDS - start < 40))
+}
+export -f dp_run dp_equivalence dp_overlap dp_failure
 step dp-equivalence 150 bash -c dp_equivalence
+step dp-failure 90 bash -c dp_failure
 step bench-kiln-unfused 90 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
 step dp-overlap 150 bash -c dp_overlap
 step bench-pytorch 200 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
@@ -160,6 +181,7 @@ grep -h "exact match" "$logs/quickstart-bf16.log" 2>/dev/null
 grep -hE "^[0-9]+ passed, [0-9]+ failed" "$logs"/selftest-*.log 2>/dev/null
 grep -h "vs one rank" "$logs/dp-equivalence.log" 2>/dev/null
 grep -h "exposed" "$logs/dp-overlap.log" 2>/dev/null
+grep -h "rank 1 killed" "$logs/dp-failure.log" 2>/dev/null
 # GPT-2 124M, B=32, T=1024, bf16, tokens/s. Anchors measured on an H100 (see docs/benchmarks.md): llm.c without
 # cuDNN 283,000; PyTorch torch.compile 478,000.
 grep -h "TFLOP/s" "$logs/bench-attention.log" 2>/dev/null
