@@ -77,18 +77,27 @@ extern "C" __global__ void residual_layernorm_forward(floatX* residual, floatX* 
     normalize_row(out + o, mean + row, rstd + row, residual + o, weight, bias, C, lane);
 }
 
-// Dynamic shared memory: 2·C floats per warp. partials holds 2·C floats per block (dw, then db).
+// Where a warp's running sum for `channel` sits among its shared floats: chunk-major within each position of a chunk,
+// so that the 32 lanes, each adding to the same position of its own chunk, touch 32 consecutive floats (32 banks)
+// instead of floats LnChunk::size apart (an LnChunk::size-way bank conflict).
+__device__ __forceinline__ int ln_slot(int channel, int chunks) {
+    return channel % LnChunk::size * chunks + channel / LnChunk::size;
+}
+
+// Dynamic shared memory: 2 × padded floats per warp (dw's sums, then db's), padded = C rounded up to a whole chunk.
+// partials holds 2·C floats per block (dw, then db), in channel order.
 extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, const floatX* dout, const floatX* inp,
                                               const floatX* weight, const float* mean, const float* rstd, int N, int C,
                                               int rows_per_block) {
     extern __shared__ float shared[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    float* sdw = shared + warp * 2 * C;
-    float* sdb = sdw + C;
+    const int chunks = (C + LnChunk::size - 1) / LnChunk::size, padded = chunks * LnChunk::size;
+    float* sdw = shared + warp * 2 * padded;
+    float* sdb = sdw + padded;
     // Each lane owns the channels of its chunks, here and below: no other thread touches them until the block
     // synchronises.
     for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size)
-        for (int k = 0; k < min(LnChunk::size, C - c); k++) sdw[c + k] = sdb[c + k] = 0.0f;
+        for (int k = 0; k < LnChunk::size; k++) sdw[ln_slot(c + k, chunks)] = sdb[ln_slot(c + k, chunks)] = 0.0f;
     const int first = blockIdx.x * rows_per_block;
     for (int row = first + warp; row < min(first + rows_per_block, N); row += warps) {
         long o = (long)row * C;
@@ -119,8 +128,8 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, con
                 float g = d * to_f32(ws.v[k]);
                 dx.v[k] = to_x(to_f32(dx.v[k]) + rs * (g - g_mean - n * gn_mean));
                 if (k < count) {
-                    sdw[c + k] += d * n;
-                    sdb[c + k] += d;
+                    sdw[ln_slot(c + k, chunks)] += d * n;
+                    sdb[ln_slot(c + k, chunks)] += d;
                 }
             }
             dx.store(dinp + o + c, count);
@@ -129,18 +138,30 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, con
     __syncthreads();
     float* out = partials + (long)blockIdx.x * 2 * C;
     for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) {
+        const int slot = c / C * padded + ln_slot(c % C, chunks);
         float s = 0.0f;
-        for (int w = 0; w < warps; w++) s += shared[w * 2 * C + c];
+        for (int w = 0; w < warps; w++) s += shared[w * 2 * padded + slot];
         out[c] = s;
     }
 }
 
-// dweight[c] += Σ_blocks partials[block][c], and the same for dbias, blocks in order: one thread per channel.
-extern "C" __global__ void layernorm_backward_sum(float* dweight, float* dbias, const float* partials, int blocks,
-                                                  int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= 2 * C) return;
+#define LN_SUM_LANES 32
+#define LN_SUM_ROWS 16
+
+// dweight[c] += Σ_blocks partials[block][c], and the same for dbias, in a fixed order: a block of
+// LN_SUM_LANES × LN_SUM_ROWS threads takes LN_SUM_LANES channels (neighbouring lanes, neighbouring addresses);
+// thread row r sums blocks r, r + LN_SUM_ROWS, ... in turn, and the first row adds the rows' sums in row order.
+extern "C" __global__ void __launch_bounds__(LN_SUM_LANES * LN_SUM_ROWS)
+    layernorm_backward_sum(float* dweight, float* dbias, const float* partials, int blocks, int C) {
+    __shared__ float sums[LN_SUM_ROWS][LN_SUM_LANES];
+    const int lane = threadIdx.x % LN_SUM_LANES, r = threadIdx.x / LN_SUM_LANES;
+    const int c = blockIdx.x * LN_SUM_LANES + lane;
     float s = 0.0f;
-    for (int b = 0; b < blocks; b++) s += partials[(long)b * 2 * C + c];
+    if (c < 2 * C)
+        for (int b = r; b < blocks; b += LN_SUM_ROWS) s += partials[(long)b * 2 * C + c];
+    sums[r][lane] = s;
+    __syncthreads();
+    if (r > 0 || c >= 2 * C) return;
+    for (int k = 1; k < LN_SUM_ROWS; k++) s += sums[k][lane];
     if (c < C) dweight[c] += s; else dbias[c - C] += s;
 }

@@ -156,10 +156,17 @@ dp_failure() {
     RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
       NCCL_HOSTID=sim-host-$r NCCL_SOCKET_IFNAME=lo NCCL_IB_DISABLE=1 \
       "$kiln" train --backend cuda --gpus 0 --set train.out_dir=/tmp/kiln-dp/failure --set train.max_steps=1000000 \
-      --set train.log_every=100 --set dist.timeout_s=30 > "/tmp/kiln-dp/failure.rank$r.log" 2>&1 &
+      --set train.total_batch_tokens=3328 --set train.log_every=100 --set dist.timeout_s=30 \
+      > "/tmp/kiln-dp/failure.rank$r.log" 2>&1 &
     pids+=($!)
   done
   until grep -q "step " /tmp/kiln-dp/failure.rank0.log || ((waited >= 60)); do sleep 1; waited=$((waited + 1)); done
+  if ! grep -q "step " /tmp/kiln-dp/failure.rank0.log; then
+    echo "the two ranks never started training:"
+    tail -n 5 /tmp/kiln-dp/failure.rank*.log
+    kill -9 "${pids[@]}"
+    return 1
+  fi
   kill -9 "${pids[1]}"
   start=$SECONDS
   wait "${pids[0]}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and runs the CPU emulation of the attention kernels (see README.md): the fused kernels against a
+# Builds and runs the CPU emulation of the kernels (see README.md): the fused attention kernels against a
 # double-precision reference for every head dimension, and the unfused ones in fp32 and bf16. Arguments go to the
 # fused test: `run.sh 64 77` runs only head dimension 64 at length 77. EMU_SEED=n reorders the emulated threads.
 set -euo pipefail
@@ -17,14 +17,24 @@ common() { grep -v '#include <cuda_bf16.h>' "$root/kernels/common.cuh"; }
 } > "$out/flash_all.inc"
 { common; cat "$root/kernels/attention.cu"; } > "$out/unfused_all.inc"
 { common; cat "$root/kernels/encoder.cu"; } > "$out/encoder_all.inc"
+{
+  common
+  sed 's/^    extern __shared__ float shared\[\];/    float* shared = reinterpret_cast<float*>(g_block->smem.data());/' \
+    "$root/kernels/layernorm.cu"
+} > "$out/layernorm_all.inc"
 flags=(-std=c++20 -O2 -g -fsanitize=address -Wall -Wno-unused-function -Wno-unknown-pragmas -I"$here" -I"$out")
 g++ "${flags[@]}" -o "$out/test_flash" "$here/test_flash.cpp"
 g++ "${flags[@]}" -o "$out/test_unfused_fp32" "$here/test_unfused.cpp"
 g++ "${flags[@]}" -DKILN_BF16 -o "$out/test_unfused_bf16" "$here/test_unfused.cpp"
-g++ "${flags[@]}" -Wno-strict-aliasing -Wno-maybe-uninitialized -o "$out/test_encoder" "$here/test_encoder.cpp"
+quiet=(-Wno-strict-aliasing -Wno-maybe-uninitialized)
+g++ "${flags[@]}" "${quiet[@]}" -o "$out/test_encoder" "$here/test_encoder.cpp"
+g++ "${flags[@]}" "${quiet[@]}" -o "$out/test_layernorm_fp32" "$here/test_layernorm.cpp"
+g++ "${flags[@]}" "${quiet[@]}" -DKILN_BF16 -o "$out/test_layernorm_bf16" "$here/test_layernorm.cpp"
 "$out/test_flash" "$@"
 if [ $# -eq 0 ]; then
   "$out/test_unfused_fp32"
   "$out/test_unfused_bf16"
   "$out/test_encoder"
+  "$out/test_layernorm_fp32"
+  "$out/test_layernorm_bf16"
 fi

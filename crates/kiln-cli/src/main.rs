@@ -724,7 +724,8 @@ fn selftest(backend: BackendChoice, precision: Option<Precision>) -> Result<()> 
             checks.extend(kiln_selftest::run(|| Ok(CpuBackend::<f32>::new()), kiln_selftest::Tolerance::FP32, print)?);
         }
         Engine::Cuda => {
-            let all = [(Precision::Fp32, kiln_selftest::Tolerance::FP32), (Precision::Bf16, kiln_selftest::Tolerance::BF16)];
+            let all =
+                [(Precision::Fp32, kiln_selftest::Tolerance::FP32), (Precision::Bf16, kiln_selftest::Tolerance::BF16)];
             for (precision, tolerance) in all.into_iter().filter(|(p, _)| precision.is_none_or(|wanted| wanted == *p)) {
                 println!("checking the cuda engine ({}) against the cpu engine in f64", precision.name());
                 checks.extend(kiln_selftest::run(

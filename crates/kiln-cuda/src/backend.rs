@@ -638,16 +638,27 @@ impl Backend for CudaBackend {
         let (d, i, w) =
             (self.ptr(op, dout, x, rows * c)?, self.ptr(op, inp, x, rows * c)?, self.ptr(op, weight, x, c)?);
         let (m, r) = (self.ptr(op, mean, DType::F32, rows)?, self.ptr(op, rstd, DType::F32, rows)?);
+        if rows == 0 || c == 0 {
+            return Ok(());
+        }
         const ROWS_PER_BLOCK: usize = 32;
-        // Each warp keeps 2·C floats of shared memory: as many warps (up to 4) as fit the default 48 KiB.
-        let warps = (48 * 1024 / (8 * c.max(1))).clamp(1, 4);
+        // Each warp keeps 2 × C floats of shared memory, C rounded up to a whole 16-byte chunk of either precision:
+        // as many warps (up to 4) as fit the default 48 KiB.
+        let warp_bytes = 2 * c.max(1).next_multiple_of(8) * 4;
+        let warps = (48 * 1024 / warp_bytes).clamp(1, 4);
         let blocks = rows.div_ceil(ROWS_PER_BLOCK);
         let partials = self.scratch(op, blocks * 2 * c)?;
         let (n, ci, rpb, nb) = (rows as i32, c as i32, ROWS_PER_BLOCK as i32, blocks as i32);
         let mut cfg = grid(blocks * warps * 32, (warps * 32) as u32);
-        cfg.shared_mem_bytes = (warps * 2 * c * 4) as u32;
+        cfg.shared_mem_bytes = (warps * warp_bytes) as u32;
         launch!(self, op, cfg, di, partials, d, i, w, m, r, n, ci, rpb)?;
-        launch!(self, "layernorm_backward_sum", grid(2 * c, 128), dw, db, partials, nb, ci)
+        // LN_SUM_LANES channels of the partials a block (kernels/layernorm.cu).
+        let sum = LaunchConfig {
+            grid_dim: ((2 * c).div_ceil(32) as u32, 1, 1),
+            block_dim: (32 * 16, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "layernorm_backward_sum", sum, dw, db, partials, nb, ci)
     }
 
     fn matmul_forward(
