@@ -54,6 +54,7 @@ extern "C" __global__ void encoder_backward_wpe(float* dwpe, const floatX* dout,
 #define SORT_THREADS 512
 #define SORT_BITS 4
 #define SORT_DIGITS (1 << SORT_BITS)
+#define SORT_BATCH 8
 
 // A stable LSD radix sort of the pairs (tokens[p], p) by token, SORT_BITS bits a pass, by one block. Thread i takes
 // the same contiguous share of the input in every pass. counts[d * SORT_THREADS + i] is how many of thread i's
@@ -74,8 +75,14 @@ extern "C" __global__ void __launch_bounds__(SORT_THREADS)
         unsigned* to_keys = to_spare ? spare_keys : keys;
         unsigned* to_rows = to_spare ? spare_rows : rows;
         for (int d = 0; d < SORT_DIGITS; d++) counts[d * SORT_THREADS + i] = 0;
-#pragma unroll 8
-        for (int k = begin; k < end; k++) counts[(from_keys[k] >> shift) % SORT_DIGITS * SORT_THREADS + i]++;
+        for (int k0 = begin; k0 < end; k0 += SORT_BATCH) {
+            unsigned batch_keys[SORT_BATCH];
+#pragma unroll
+            for (int u = 0; u < SORT_BATCH; u++) batch_keys[u] = from_keys[min(k0 + u, end - 1)];
+#pragma unroll
+            for (int u = 0; u < SORT_BATCH; u++)
+                if (k0 + u < end) counts[(batch_keys[u] >> shift) % SORT_DIGITS * SORT_THREADS + i]++;
+        }
         __syncthreads();
         // Exclusive scan of counts: each thread its SORT_DIGITS consecutive entries, then a scan of their sums.
         int sum = 0;
@@ -95,12 +102,23 @@ extern "C" __global__ void __launch_bounds__(SORT_THREADS)
         const int base = i > 0 ? totals[i - 1] : 0;
         for (int k = i * SORT_DIGITS; k < (i + 1) * SORT_DIGITS; k++) counts[k] += base;
         __syncthreads();
-#pragma unroll 8
-        for (int k = begin; k < end; k++) {
-            const unsigned key = from_keys[k];
-            const int at = counts[(key >> shift) % SORT_DIGITS * SORT_THREADS + i]++;
-            to_keys[at] = key;
-            to_rows[at] = from_rows ? from_rows[k] : k;
+        // Here and above, SORT_BATCH pairs are loaded before any is used: the stores could alias the loads as far
+        // as the compiler knows, so loads interleaved with them would each wait out a full memory latency.
+        for (int k0 = begin; k0 < end; k0 += SORT_BATCH) {
+            unsigned batch_keys[SORT_BATCH], batch_rows[SORT_BATCH];
+#pragma unroll
+            for (int u = 0; u < SORT_BATCH; u++) {
+                const int k = min(k0 + u, end - 1);
+                batch_keys[u] = from_keys[k];
+                batch_rows[u] = from_rows ? from_rows[k] : k;
+            }
+#pragma unroll
+            for (int u = 0; u < SORT_BATCH; u++) {
+                if (k0 + u >= end) break;
+                const int at = counts[(batch_keys[u] >> shift) % SORT_DIGITS * SORT_THREADS + i]++;
+                to_keys[at] = batch_keys[u];
+                to_rows[at] = batch_rows[u];
+            }
         }
         // Makes this pass's writes to global memory visible to every thread of the block for the next.
         __syncthreads();

@@ -678,9 +678,10 @@ fn bench_on<B: Backend>(config: &Config, backend: B, run: BenchRun) -> Result<()
         f(&stats[stats.len() / 2])
     };
     let step_ms = median(|s| s.data_ms + s.passes_ms + s.optimizer_ms, &mut stats);
-    let (data_ms, passes_ms, optimizer_ms) = (
+    let (data_ms, passes_ms, queue_ms, optimizer_ms) = (
         median(|s| s.data_ms, &mut stats),
         median(|s| s.passes_ms, &mut stats),
+        median(|s| s.queue_ms, &mut stats),
         median(|s| s.optimizer_ms, &mut stats),
     );
     let tokens_per_s = tokens / (step_ms / 1e3);
@@ -696,7 +697,10 @@ fn bench_on<B: Backend>(config: &Config, backend: B, run: BenchRun) -> Result<()
         config.accumulation_steps(1)?
     );
     println!("step        {step_ms:.2} ms median of {} (after {} warm-up)", run.steps, run.warmup);
-    println!("  phases    data {data_ms:.2} ms, forward+backward {passes_ms:.2} ms, optimizer {optimizer_ms:.2} ms");
+    println!(
+        "  phases    data {data_ms:.2} ms, forward+backward {passes_ms:.2} ms (queued by the host in {queue_ms:.2} ms), \
+         optimizer {optimizer_ms:.2} ms"
+    );
     println!(
         "throughput  {tokens_per_s:.0} tokens/s, {tflops:.2} TFLOP/s, MFU {:.1}% of {} TFLOP/s",
         mfu * 100.0,
@@ -704,7 +708,7 @@ fn bench_on<B: Backend>(config: &Config, backend: B, run: BenchRun) -> Result<()
     );
     println!("memory      {:.2} GiB allocated", bytes as f64 / (1u64 << 30) as f64);
     println!(
-        "{{\"backend\":\"{}\",\"step_ms\":{step_ms:.3},\"tokens_per_s\":{tokens_per_s:.1},\"tflops\":{tflops:.3},\"mfu\":{mfu:.4},\"data_ms\":{data_ms:.3},\"passes_ms\":{passes_ms:.3},\"optimizer_ms\":{optimizer_ms:.3},\"allocated_bytes\":{bytes}}}",
+        "{{\"backend\":\"{}\",\"step_ms\":{step_ms:.3},\"tokens_per_s\":{tokens_per_s:.1},\"tflops\":{tflops:.3},\"mfu\":{mfu:.4},\"data_ms\":{data_ms:.3},\"passes_ms\":{passes_ms:.3},\"queue_ms\":{queue_ms:.3},\"optimizer_ms\":{optimizer_ms:.3},\"allocated_bytes\":{bytes}}}",
         trainer.backend().name()
     );
     Ok(())

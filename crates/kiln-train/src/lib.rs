@@ -114,6 +114,9 @@ pub struct StepStats {
     pub data_ms: f64,
     /// Forward and backward passes over every micro-batch, and reading back the loss.
     pub passes_ms: f64,
+    /// The part of `passes_ms` the host spent queueing the passes' work, before it waited for the device: near
+    /// `passes_ms`, the step is bound by launching kernels rather than by running them.
+    pub queue_ms: f64,
     /// Gradient norm, clipping and AdamW.
     pub optimizer_ms: f64,
     /// Whether any rank asked to stop after this step.
@@ -516,9 +519,9 @@ impl<B: Backend> Trainer<B> {
                 Ok(())
             })?;
         }
-        let entered = Instant::now();
+        let queued = Instant::now();
         comm.wait(b)?;
-        in_collectives += entered.elapsed();
+        in_collectives += queued.elapsed();
         // Reading the loss back waits for the forward and backward passes and the reduction.
         let local_loss = b.sum(model.losses)?;
         let passes_done = Instant::now();
@@ -588,6 +591,7 @@ impl<B: Backend> Trainer<B> {
             lr,
             data_ms: ms(started, data_done),
             passes_ms: ms(data_done, passes_done),
+            queue_ms: ms(data_done, queued),
             optimizer_ms: ms(passes_done, done),
             stop: self.agreed[2] > 0.0,
         })
