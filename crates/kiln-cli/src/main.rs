@@ -753,7 +753,7 @@ fn info() {
     println!("kiln {}", env!("CARGO_PKG_VERSION"));
     println!("engines:");
     println!("  cpu   available: f32, {} threads", rayon::current_num_threads());
-    println!("  cuda  bf16 and fp32; not yet checked on a GPU (run `kiln selftest --backend cuda`)");
+    println!("  cuda  bf16 and fp32 (`kiln selftest --backend cuda` checks it on this machine's GPU)");
     println!("cuda libraries:");
     for lib in [Library::Driver, Library::Nvrtc, Library::Cublas, Library::CublasLt, Library::Nccl] {
         println!("  {:<18} {}", lib.file_name(), if lib.is_present() { "found" } else { "not found" });
