@@ -428,7 +428,6 @@ fn bench_attention_reports_each_pass_as_json() {
     for key in ["forward_ms", "forward_tflops", "forward_backward_ms", "forward_backward_tflops"] {
         assert!(last[key].as_f64().unwrap() > 0.0, "{key} in {last}");
     }
-    assert!(last["forward_backward_ms"].as_f64() > last["forward_ms"].as_f64(), "{last}");
     let bad = kiln(&["bench", "attention", "--backend", "cpu", "--heads", "4", "--kv-heads", "3", "--reps", "1"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(stderr(&bad).contains("key/value heads"), "{}", stderr(&bad));
