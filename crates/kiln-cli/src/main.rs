@@ -756,11 +756,14 @@ fn info() {
     println!("  cuda  bf16 and fp32 (`kiln selftest --backend cuda` checks it on this machine's GPU)");
     println!("cuda libraries:");
     for lib in [Library::Driver, Library::Nvrtc, Library::Cublas, Library::CublasLt, Library::Nccl] {
-        println!("  {:<18} {}", lib.file_name(), if lib.is_present() { "found" } else { "not found" });
+        match lib.version() {
+            Some(version) => println!("  {:<18} found, version {version}", lib.file_name()),
+            None if lib.is_present() => println!("  {:<18} found", lib.file_name()),
+            None => println!("  {:<18} not found", lib.file_name()),
+        }
     }
     if let Ok(compiler) = Compiler::new() {
-        let (major, minor) = compiler.version();
-        println!("  nvrtc version      {major}.{minor}; kernel cache {}", compiler.cache_dir().display());
+        println!("  kernel cache       {}", compiler.cache_dir().display());
     }
     match kiln_cuda::devices::list() {
         Ok(gpus) if !gpus.is_empty() => {

@@ -144,6 +144,8 @@ fn info_lists_the_engines() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("kiln ") && text.contains("cpu") && text.contains("threads"), "{text}");
+    // scripts/test.sh puts NVRTC 13.0 on the loader path.
+    assert!(text.contains("libnvrtc.so.13     found, version 13.0"), "{text}");
 }
 
 #[test]

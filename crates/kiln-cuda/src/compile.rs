@@ -64,10 +64,6 @@ impl Compiler {
         Ok(Compiler { include_dir: find_include_dir()?, version: (major, minor), cache_dir })
     }
 
-    pub fn version(&self) -> (i32, i32) {
-        self.version
-    }
-
     pub fn cache_dir(&self) -> &Path {
         &self.cache_dir
     }

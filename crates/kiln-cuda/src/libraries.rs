@@ -56,6 +56,56 @@ impl Library {
     }
 
     /// Ok when the library can be loaded, otherwise an error naming it and what to install.
+    /// The library's version, when it can be loaded: the driver's as the CUDA version it supports.
+    pub fn version(self) -> Option<String> {
+        use std::ffi::c_int;
+        if !self.is_present() {
+            return None;
+        }
+        let (mut major, mut minor, mut patch): (c_int, c_int, c_int) = (0, 0, 0);
+        // SAFETY: the library is loaded (checked above), and each call only writes the integers it is given.
+        let ok = unsafe {
+            match self {
+                Library::Driver => {
+                    let mut v = 0;
+                    let ok = cudarc::driver::sys::cuDriverGetVersion(&mut v)
+                        == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS;
+                    (major, minor) = (v / 1000, v % 1000 / 10);
+                    return ok.then(|| format!("{major}.{minor}"));
+                }
+                Library::Nvrtc => {
+                    use cudarc::nvrtc::sys;
+                    sys::nvrtcVersion(&mut major, &mut minor) == sys::nvrtcResult::NVRTC_SUCCESS
+                }
+                Library::Cublas => {
+                    use cudarc::cublas::sys::{self, libraryPropertyType::*};
+                    let ok = sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+                    sys::cublasGetProperty(MAJOR_VERSION, &mut major) == ok
+                        && sys::cublasGetProperty(MINOR_VERSION, &mut minor) == ok
+                        && sys::cublasGetProperty(PATCH_LEVEL, &mut patch) == ok
+                }
+                Library::CublasLt => {
+                    use cudarc::cublaslt::sys::{self, libraryPropertyType::*};
+                    let ok = sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+                    sys::cublasLtGetProperty(MAJOR_VERSION, &mut major) == ok
+                        && sys::cublasLtGetProperty(MINOR_VERSION, &mut minor) == ok
+                        && sys::cublasLtGetProperty(PATCH_LEVEL, &mut patch) == ok
+                }
+                Library::Nccl => {
+                    let mut v = 0;
+                    let ok = cudarc::nccl::sys::ncclGetVersion(&mut v) == cudarc::nccl::sys::ncclResult_t::ncclSuccess;
+                    // NCCL 2.9 and later: major·10000 + minor·100 + patch.
+                    (major, minor, patch) = (v / 10000, v / 100 % 100, v % 100);
+                    ok
+                }
+            }
+        };
+        if !ok {
+            return None;
+        }
+        Some(if self == Library::Nvrtc { format!("{major}.{minor}") } else { format!("{major}.{minor}.{patch}") })
+    }
+
     pub fn require(self) -> Result<()> {
         if self.is_present() {
             Ok(())

@@ -47,13 +47,6 @@ pub fn unique_id() -> Result<[u8; ID_BYTES]> {
     Ok(id.internal.map(|c| c as u8))
 }
 
-/// NCCL's version, as `major.minor.patch`.
-pub fn version() -> Result<String> {
-    Library::Nccl.require()?;
-    let v = nccl::get_nccl_version().map_err(nccl_error("ncclGetVersion"))?;
-    Ok(format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
-}
-
 pub struct NcclComm {
     comm: sys::ncclComm_t,
     rank: usize,

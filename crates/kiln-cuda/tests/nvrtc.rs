@@ -65,3 +65,14 @@ fn compile_errors_carry_the_compiler_log() {
     let err = compiler("broken").compile(&broken, "sm_80", Precision::Fp32).unwrap_err().to_string();
     assert!(err.contains("broken.cu") && err.contains("undefined_thing"), "{err}");
 }
+
+#[test]
+fn reports_the_version_of_a_library_it_loads() {
+    use kiln_cuda::libraries::Library;
+    // .ci/run installs NVRTC 13.0.88.
+    assert_eq!(Library::Nvrtc.version().as_deref(), Some("13.0"));
+    // No machine that runs the tests has the CUDA driver without a GPU; where there is none, there is no version.
+    if !Library::Driver.is_present() {
+        assert_eq!(Library::Driver.version(), None);
+    }
+}
