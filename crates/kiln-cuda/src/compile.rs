@@ -220,7 +220,9 @@ pub fn entry_points(cubin: &[u8]) -> std::result::Result<Vec<String>, String> {
     const SHT_SYMTAB: u32 = 2;
     const STT_FUNC: u8 = 2;
     const STO_CUDA_ENTRY: u8 = 0x10;
-    let bytes = |at: usize, n: usize| cubin.get(at..at + n).ok_or_else(|| format!("truncated at byte {at}"));
+    let bytes = |at: usize, n: usize| {
+        at.checked_add(n).and_then(|end| cubin.get(at..end)).ok_or_else(|| format!("truncated at byte {at}"))
+    };
     let u16_at = |at| bytes(at, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
     let u32_at = |at| bytes(at, 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
     let u64_at = |at| bytes(at, 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
@@ -229,20 +231,21 @@ pub fn entry_points(cubin: &[u8]) -> std::result::Result<Vec<String>, String> {
         return Err("not a 64-bit little-endian ELF file".into());
     }
     let (table, entry_size, count) = (u64_at(0x28)?, u16_at(0x3a)?, u16_at(0x3c)?);
-    // Section header i: type at +4, file offset at +0x18, size at +0x20, linked section at +0x28.
-    let section = |i: usize| table + i * entry_size;
+    // Section header i: type at +4, file offset at +0x18, size at +0x20, linked section at +0x28. Offsets add up
+    // saturating: a sum past the end of memory is past the end of the file, and `bytes` refuses it.
+    let field = |i: usize, at: usize| table.saturating_add(i.saturating_mul(entry_size)).saturating_add(at);
     let mut names = Vec::new();
     for i in 0..count {
-        if u32_at(section(i) + 4)? != SHT_SYMTAB {
+        if u32_at(field(i, 4))? != SHT_SYMTAB {
             continue;
         }
-        let (symbols, size) = (u64_at(section(i) + 0x18)?, u64_at(section(i) + 0x20)?);
-        let strings = u64_at(section(u32_at(section(i) + 0x28)? as usize) + 0x18)?;
+        let (symbols, size) = (u64_at(field(i, 0x18))?, u64_at(field(i, 0x20))?);
+        let strings = u64_at(field(u32_at(field(i, 0x28))? as usize, 0x18))?;
         // Symbol: name offset (4 bytes), info (1), other (1), section (2), value (8), size (8).
-        for symbol in (symbols..symbols + size).step_by(24) {
-            let (info, other) = (bytes(symbol + 4, 1)?[0], bytes(symbol + 5, 1)?[0]);
+        for symbol in (symbols..symbols.saturating_add(size)).step_by(24) {
+            let (info, other) = (bytes(symbol.saturating_add(4), 1)?[0], bytes(symbol.saturating_add(5), 1)?[0]);
             if info & 0xf == STT_FUNC && other & STO_CUDA_ENTRY != 0 {
-                let start = strings + u32_at(symbol)? as usize;
+                let start = strings.saturating_add(u32_at(symbol)? as usize);
                 let name = cubin.get(start..).and_then(|s| CStr::from_bytes_until_nul(s).ok());
                 let name = name.ok_or_else(|| format!("a symbol name at byte {start} is not terminated"))?;
                 names.push(name.to_string_lossy().into_owned());
@@ -310,6 +313,11 @@ mod tests {
         assert!(entry_points(b"PTX").unwrap_err().contains("not a 64-bit"));
         let mut header = b"\x7fELF\x02\x01".to_vec();
         header.resize(0x30, 0);
+        assert!(entry_points(&header).unwrap_err().contains("truncated"));
+        // A section table said to lie at the very end of the address space.
+        header.resize(0x40, 0);
+        header[0x28..0x30].copy_from_slice(&u64::MAX.to_le_bytes());
+        header[0x3c] = 1;
         assert!(entry_points(&header).unwrap_err().contains("truncated"));
     }
 
