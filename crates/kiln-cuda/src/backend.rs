@@ -51,6 +51,9 @@ struct Buffer {
 
 /// Blocks of the first pass of a sum: fixed, so that sums are deterministic.
 const REDUCE_BLOCKS: u32 = 256;
+/// layernorm_backward_sum's block: LN_SUM_LANES channels, each summed by LN_SUM_ROWS threads (kernels/layernorm.cu).
+const LN_SUM_LANES: u32 = 32;
+const LN_SUM_ROWS: u32 = 16;
 /// The block of encoder_sort_rows and the bits of a token it sorts by in each pass (SORT_THREADS and SORT_BITS in
 /// kernels/encoder.cu).
 const SORT_THREADS: u32 = 512;
@@ -652,10 +655,9 @@ impl Backend for CudaBackend {
         let mut cfg = grid(blocks * warps * 32, (warps * 32) as u32);
         cfg.shared_mem_bytes = (warps * warp_bytes) as u32;
         launch!(self, op, cfg, di, partials, d, i, w, m, r, n, ci, rpb)?;
-        // LN_SUM_LANES channels of the partials a block (kernels/layernorm.cu).
         let sum = LaunchConfig {
-            grid_dim: ((2 * c).div_ceil(32) as u32, 1, 1),
-            block_dim: (32 * 16, 1, 1),
+            grid_dim: ((2 * c).div_ceil(LN_SUM_LANES as usize) as u32, 1, 1),
+            block_dim: (LN_SUM_LANES * LN_SUM_ROWS, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(self, "layernorm_backward_sum", sum, dw, db, partials, nb, ci)
