@@ -70,8 +70,9 @@ impl Library {
                     let mut v = 0;
                     let ok = cudarc::driver::sys::cuDriverGetVersion(&mut v)
                         == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS;
+                    // The CUDA version it supports: major·1000 + minor·10.
                     (major, minor) = (v / 1000, v % 1000 / 10);
-                    return ok.then(|| format!("{major}.{minor}"));
+                    ok
                 }
                 Library::Nvrtc => {
                     use cudarc::nvrtc::sys;
@@ -103,7 +104,11 @@ impl Library {
         if !ok {
             return None;
         }
-        Some(if self == Library::Nvrtc { format!("{major}.{minor}") } else { format!("{major}.{minor}.{patch}") })
+        // The driver and NVRTC report no patch level.
+        Some(match self {
+            Library::Driver | Library::Nvrtc => format!("{major}.{minor}"),
+            _ => format!("{major}.{minor}.{patch}"),
+        })
     }
 
     pub fn require(self) -> Result<()> {
