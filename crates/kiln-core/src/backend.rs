@@ -16,6 +16,7 @@
 //!   output is overwritten.
 
 use crate::error::Result;
+use std::ops::Range;
 
 /// Identifies one allocation of a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -193,6 +194,15 @@ pub trait Backend {
     fn synchronize(&mut self) -> Result<()>;
     /// Bytes held by this backend's allocations (all made before the first step, so also the peak).
     fn allocated_bytes(&self) -> u64;
+    /// Says that this rank updates only `pieces` (element ranges) of the parameter tensor `params`, as a ZeRO
+    /// stage 1 rank does. An engine that keeps an fp32 master copy of lower-precision parameters may then keep it
+    /// for those pieces alone: afterwards uploads to `params` set the master copy only there, downloads read it
+    /// there (and the working copy elsewhere), and [`Backend::adamw`] updates only ranges inside one piece. An
+    /// engine without a master copy has nothing to do.
+    fn keep_master_pieces(&mut self, params: Tensor, pieces: &[Range<usize>]) -> Result<()> {
+        let _ = (params, pieces);
+        Ok(())
+    }
 
     // ---- layers -------------------------------------------------------------------------------------------------
 

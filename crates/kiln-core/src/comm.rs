@@ -31,8 +31,8 @@ pub trait Communicator<B: Backend + ?Sized> {
 
     /// Starts copying piece `r` of rank `r`'s `t` into piece `r` of every rank's `t`, for every rank `r`.
     /// `t.len` is a multiple of the world size. A parameter tensor of a mixed-precision engine is gathered in the
-    /// precision the forward pass reads: each rank's master copy stays its own, current only in the pieces it
-    /// updates (which is all a ZeRO rank needs; checkpoints gather the pieces from their owners).
+    /// precision the forward pass reads: a ZeRO rank's master copy holds only the pieces it updates (see
+    /// [`Backend::keep_master_pieces`]; checkpoints gather the pieces from their owners).
     fn all_gather(&mut self, backend: &mut B, t: Tensor) -> Result<()>;
 
     /// Makes the work queued after this call wait for every operation started before it.

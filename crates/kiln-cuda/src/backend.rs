@@ -1,17 +1,21 @@
 //! The CUDA engine: [`Backend`] on one GPU, one stream.
 //!
 //! Storage by role: in bf16, parameters and activations are bf16 and every parameter allocation has an fp32
-//! master copy beside it (uploads write both; AdamW updates the master and rounds it into the parameters); weight
-//! gradients, statistics, losses and optimizer moments are fp32 in both precisions. Matrix products go through
-//! cuBLASLt (the `matmul` module: bf16 or fp32 in, fp32 accumulation, TF32 off), with the bias, GELU and the bias
-//! gradient fused into them. Every other operation is a kernel of `kernels/`, compiled by NVRTC for this GPU.
+//! master copy beside it, of all of it or (for a ZeRO rank) of the pieces the rank updates (uploads write both;
+//! AdamW updates the master and rounds it into the parameters); weight gradients, statistics, losses and optimizer
+//! moments are fp32 in both precisions. Matrix products go through cuBLASLt (the `matmul` module: bf16 or fp32 in,
+//! fp32 accumulation, TF32 off), with the bias, GELU and the bias gradient fused into them. Every other operation
+//! is a kernel of `kernels/`, compiled by NVRTC for this GPU.
 //!
-//! Not yet run on a GPU: `kiln selftest --backend cuda` is the check that must pass there.
+//! `kiln selftest --backend cuda` checks every operation against the CPU engine; it passes on an H100. The master
+//! copy in pieces has not yet run on a GPU (gpu-check's dp-equivalence compares ZeRO-1 with plain data parallelism
+//! in bf16).
 
 use crate::compile::Compiler;
 use crate::devices;
 use crate::kernels::{KERNELS, Precision};
 use crate::libraries::Library;
+use crate::master::Pieces;
 use crate::matmul::{self, CublasLt, Epilogue, Operand, Product};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
@@ -22,6 +26,7 @@ use kiln_core::backend::{BufferId, first_overlap};
 use kiln_core::config::AttentionKernel;
 use kiln_core::{AdamWStep, AttentionDims, Backend, Error, MatmulDims, Result, Role, Tensor};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,7 +51,15 @@ struct Buffer {
     len: usize,
     dtype: DType,
     /// fp32 master weights of a bf16 parameter allocation.
-    master: Option<(CudaSlice<u8>, u64)>,
+    master: Option<Master>,
+}
+
+/// The fp32 master copy of some pieces of a parameter allocation (all of it unless a ZeRO rank said otherwise),
+/// packed.
+struct Master {
+    _mem: CudaSlice<u8>,
+    ptr: u64,
+    pieces: Pieces,
 }
 
 /// Blocks of the first pass of a sum: fixed, so that sums are deterministic.
@@ -182,6 +195,11 @@ macro_rules! launch {
         // SAFETY: every pointer argument was checked by `ptr` against its allocation, length and type.
         unsafe { builder.launch($cfg) }.map(|_| ()).map_err(driver($name))
     }};
+}
+
+/// Little-endian fp32 values from `bytes` into `dst`.
+fn read_f32(dst: &mut [f32], bytes: &[u8]) {
+    dst.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(d, b)| *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
 }
 
 fn grid(n: usize, block: u32) -> LaunchConfig {
@@ -321,6 +339,25 @@ impl CudaBackend {
             .map_err(driver("copy to the GPU"))
     }
 
+    /// A new zero-filled device allocation of `bytes` (at least one), counted in [`Backend::allocated_bytes`].
+    fn alloc_bytes(&mut self, bytes: usize) -> Result<(CudaSlice<u8>, u64)> {
+        let bytes = bytes.max(1);
+        let mem = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| {
+            self.err(
+                "alloc",
+                format!(
+                    "cannot allocate {:.1} MiB ({:.1} MiB already allocated): {e:?}; if the GPU is out of memory, \
+                     try a smaller train.micro_batch",
+                    bytes as f64 / 1048576.0,
+                    self.bytes as f64 / 1048576.0
+                ),
+            )
+        })?;
+        self.bytes += bytes;
+        let ptr = mem.device_ptr(&self.stream).0;
+        Ok((mem, ptr))
+    }
+
     fn copy_to_host(&self, src: u64, bytes: &mut [u8]) -> Result<()> {
         // SAFETY: `src` addresses at least `bytes.len()` bytes of one allocation (checked by the caller).
         unsafe { cudarc::driver::result::memcpy_dtoh_async(bytes, src, self.stream.cu_stream()) }
@@ -406,29 +443,13 @@ impl Backend for CudaBackend {
 
     fn alloc(&mut self, len: usize, role: Role) -> Result<Tensor> {
         let dtype = self.dtype_of(role);
-        let bytes = (len * dtype.size()).max(1);
-        let oom = |e: cudarc::driver::DriverError, this: &Self| {
-            Error::backend(
-                this.name.clone(),
-                format!(
-                    "cannot allocate {:.1} MiB ({:.1} MiB already allocated): {e:?}; if the GPU is out of memory, \
-                     try a smaller train.micro_batch",
-                    bytes as f64 / 1048576.0,
-                    this.bytes as f64 / 1048576.0
-                ),
-            )
-        };
-        let mem = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| oom(e, self))?;
-        let ptr = mem.device_ptr(&self.stream).0;
+        let (mem, ptr) = self.alloc_bytes(len * dtype.size())?;
         let master = if role == Role::Param && dtype == DType::Bf16 {
-            let m = self.stream.alloc_zeros::<u8>(len.max(1) * 4).map_err(|e| oom(e, self))?;
-            let p = m.device_ptr(&self.stream).0;
-            self.bytes += len * 4;
-            Some((m, p))
+            let (_mem, ptr) = self.alloc_bytes(len * 4)?;
+            Some(Master { _mem, ptr, pieces: Pieces::whole(len) })
         } else {
             None
         };
-        self.bytes += bytes;
         let id = BufferId(self.buffers.len() as u32);
         self.buffers.push(Buffer { _mem: mem, ptr, len, dtype, master });
         Ok(Tensor { buffer: id, offset: 0, len })
@@ -446,8 +467,11 @@ impl Backend for CudaBackend {
             }
             DType::U32 => return Err(self.err("upload", "token tensors take upload_indices".into())),
         }
-        if let Some((_, master)) = &self.buffers[dst.buffer.0 as usize].master {
-            self.copy_to_device(master + (dst.offset * 4) as u64, src)?;
+        if let Some(master) = &self.buffers[dst.buffer.0 as usize].master {
+            for (element, packed, n) in master.pieces.parts(dst.offset..dst.offset + dst.len) {
+                let from = element - dst.offset;
+                self.copy_to_device(master.ptr + (packed * 4) as u64, &src[from..from + n])?;
+            }
         }
         Ok(())
     }
@@ -459,29 +483,73 @@ impl Backend for CudaBackend {
             .map(|b| b.dtype)
             .ok_or_else(|| self.err("download", format!("{src:?}")))?;
         let ptr = self.ptr("download", src, dtype, dst.len())?;
-        // Parameters with a master copy are read from it: a checkpoint must hold the fp32 weights, not their bf16
-        // rounding, for a resumed run to continue exactly.
-        if let Some((_, master)) = &self.buffers[src.buffer.0 as usize].master {
-            let mut bytes = vec![0u8; dst.len() * 4];
-            self.copy_to_host(master + (src.offset * 4) as u64, &mut bytes)?;
-            dst.iter_mut()
-                .zip(bytes.chunks_exact(4))
-                .for_each(|(d, b)| *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-            return Ok(());
+        // Parameters are read from their master copy where there is one: a checkpoint must hold the fp32 weights,
+        // not their bf16 rounding, for a resumed run to continue exactly.
+        let master_parts: Vec<(u64, usize, usize)> = match &self.buffers[src.buffer.0 as usize].master {
+            Some(master) => master
+                .pieces
+                .parts(src.offset..src.offset + src.len)
+                .map(|(element, packed, n)| (master.ptr + (packed * 4) as u64, element - src.offset, n))
+                .collect(),
+            None => Vec::new(),
+        };
+        if master_parts.iter().map(|&(_, _, n)| n).sum::<usize>() < dst.len() {
+            let mut bytes = vec![0u8; dst.len() * dtype.size()];
+            self.copy_to_host(ptr, &mut bytes)?;
+            match dtype {
+                DType::F32 => read_f32(dst, &bytes),
+                DType::Bf16 => dst
+                    .iter_mut()
+                    .zip(bytes.chunks_exact(2))
+                    .for_each(|(d, b)| *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                DType::U32 => return Err(self.err("download", "token tensors hold no reals".into())),
+            }
         }
-        let mut bytes = vec![0u8; dst.len() * dtype.size()];
-        self.copy_to_host(ptr, &mut bytes)?;
-        match dtype {
-            DType::F32 => dst
-                .iter_mut()
-                .zip(bytes.chunks_exact(4))
-                .for_each(|(d, b)| *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            DType::Bf16 => dst
-                .iter_mut()
-                .zip(bytes.chunks_exact(2))
-                .for_each(|(d, b)| *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            DType::U32 => return Err(self.err("download", "token tensors hold no reals".into())),
+        for (address, from, n) in master_parts {
+            let mut bytes = vec![0u8; n * 4];
+            self.copy_to_host(address, &mut bytes)?;
+            read_f32(&mut dst[from..from + n], &bytes);
         }
+        Ok(())
+    }
+
+    fn keep_master_pieces(&mut self, params: Tensor, pieces: &[Range<usize>]) -> Result<()> {
+        let op = "keep_master_pieces";
+        let b = self.buffers.get(params.buffer.0 as usize).ok_or_else(|| self.err(op, format!("{params:?}")))?;
+        let Some(old) = &b.master else { return Ok(()) };
+        if params.offset + params.len > b.len {
+            return Err(self.err(op, format!("{params:?} lies outside its allocation of {}", b.len)));
+        }
+        let in_allocation: Vec<Range<usize>> =
+            pieces.iter().map(|p| params.offset + p.start..params.offset + p.end.min(params.len)).collect();
+        let kept = Pieces::new(&in_allocation, b.len).map_err(|e| self.err(op, e))?;
+        // Where each kept piece's values are now: inside one piece of the copy held so far.
+        let moves: Option<Vec<(u64, usize, usize)>> = kept
+            .parts(0..b.len)
+            .map(|(element, packed, n)| {
+                let from = old.pieces.packed_index(element..element + n)?;
+                Some((old.ptr + (from * 4) as u64, packed, n))
+            })
+            .collect();
+        let moves = moves.ok_or_else(|| self.err(op, "a piece reaches outside the master copy held so far".into()))?;
+        let old_bytes = old.pieces.packed_len() * 4;
+        let (mem, ptr) = self.alloc_bytes(kept.packed_len() * 4)?;
+        for (from, packed, n) in moves {
+            // SAFETY: both ranges lie inside their master copies (checked above against the pieces).
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    ptr + (packed * 4) as u64,
+                    from,
+                    n * 4,
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(driver("copying master weights"))?;
+        }
+        // The old copy may be freed only once the copies out of it are done.
+        self.synchronize()?;
+        self.buffers[params.buffer.0 as usize].master = Some(Master { _mem: mem, ptr, pieces: kept });
+        self.bytes -= old_bytes;
         Ok(())
     }
 
@@ -893,7 +961,13 @@ impl Backend for CudaBackend {
         self.disjoint(op, &[params, m, v], &[grads])?;
         let p = self.ptr(op, params, self.x(), n)?;
         let master = match &self.buffers[params.buffer.0 as usize].master {
-            Some((_, base)) => base + (params.offset * 4) as u64,
+            Some(master) => {
+                let range = params.offset..params.offset + n;
+                let packed = master.pieces.packed_index(range.clone()).ok_or_else(|| {
+                    self.err(op, format!("elements {range:?} are not all in one piece of the master weights kept"))
+                })?;
+                master.ptr + (packed * 4) as u64
+            }
             None => 0,
         };
         let (g, mp, vp) =

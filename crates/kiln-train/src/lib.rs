@@ -154,6 +154,10 @@ impl<B: Backend> Trainer<B> {
         let mut local = 0;
         let pieces: Vec<_> =
             if zero { buckets.owned_pieces().collect() } else { std::iter::once(0..shape.num_params()).collect() };
+        if zero {
+            // The rank's share of the fp32 master weights, where the engine keeps them, as of the moments below.
+            backend.keep_master_pieces(model.params, &pieces)?;
+        }
         for piece in pieces.into_iter().rev() {
             owned.push((piece.start, local, piece.len()));
             local += piece.len();
