@@ -95,15 +95,21 @@ dp_run() {
   return $failed
 }
 # Equivalence: 1, 2 and 4 ranks (and ZeRO-1 on 2) train the quickstart model in fp32 on the same 96 sequences per
-# step; the losses of every step and the final weights must agree.
+# step; the losses of every step and the final weights must agree. Then ZeRO-1 in bf16, where each rank keeps the
+# fp32 master weights of its pieces only, against plain data parallelism in bf16 (no clipping, so that the norm's
+# summation order cannot matter): the same sums of the same gradients, so the same weights.
 dp_equivalence() {
-  local common=(--set train.precision=fp32 --set train.max_steps=20 --set train.total_batch_tokens=1248
-    --set train.checkpoint_every=20 --set train.eval_every=0 --set train.eval_steps=1 --set train.log_every=5)
+  local common=(--set train.max_steps=20 --set train.total_batch_tokens=1248 --set train.checkpoint_every=20
+    --set train.eval_every=0 --set train.eval_steps=1 --set train.log_every=5)
+  local fp32=("${common[@]}" --set train.precision=fp32) bf16=("${common[@]}" --set optim.grad_clip=0)
   rm -rf /tmp/kiln-dp
-  dp_run one 1 "${common[@]}" --set train.micro_batch=96 &&
-    dp_run two 2 "${common[@]}" --set train.micro_batch=48 &&
-    dp_run four 4 "${common[@]}" --set train.micro_batch=24 &&
-    dp_run two-zero1 2 "${common[@]}" --set train.micro_batch=48 --set dist.zero=1 --set dist.bucket_mb=0.05 &&
+  dp_run one 1 "${fp32[@]}" --set train.micro_batch=96 &&
+    dp_run two 2 "${fp32[@]}" --set train.micro_batch=48 &&
+    dp_run four 4 "${fp32[@]}" --set train.micro_batch=24 &&
+    dp_run two-zero1 2 "${fp32[@]}" --set train.micro_batch=48 --set dist.zero=1 --set dist.bucket_mb=0.05 &&
+    dp_run bf16-two 2 "${bf16[@]}" --set train.micro_batch=48 &&
+    dp_run bf16-two-zero1 2 "${bf16[@]}" --set train.micro_batch=48 --set dist.zero=1 --set dist.bucket_mb=0.05 &&
+    grep -H "GiB allocated" /tmp/kiln-dp/bf16-two.rank0.log /tmp/kiln-dp/bf16-two-zero1.rank0.log &&
     python3 - <<'PY'
 import json, struct
 def losses(name):
@@ -119,14 +125,13 @@ def weights(name):
         out += struct.unpack(f"<{(b - a) // 4}f", data[a:b])
     return out
 ok = True
-base_l, base_w = losses("one"), weights("one")
-for name in ("two", "four", "two-zero1"):
-    l, w = losses(name), weights(name)
+for base, name in (("one", "two"), ("one", "four"), ("one", "two-zero1"), ("bf16-two", "bf16-two-zero1")):
+    (base_l, base_w), (l, w) = (losses(base), weights(base)), (losses(name), weights(name))
     dl = max(abs(x - y) for x, y in zip(base_l, l))
     dw = max(abs(x - y) for x, y in zip(base_w, w))
-    good = len(l) == len(base_l) == 20 and dl < 1e-4 and dw < 1e-4
+    good = len(l) == len(base_l) == 20 and len(w) == len(base_w) and dl < 1e-4 and dw < 1e-4
     ok &= good
-    print(f"{name:10s} vs one rank: max loss difference {dl:.2e}, max weight difference {dw:.2e}", "ok" if good else "DIFFERENT")
+    print(f"{name:14s} vs {base:8s}: max loss difference {dl:.2e}, max weight difference {dw:.2e}", "ok" if good else "DIFFERENT")
 raise SystemExit(0 if ok else 1)
 PY
 }
@@ -139,13 +144,16 @@ dp_overlap() {
   dp_run gpt2-one 1 "${common[@]}" --set train.micro_batch=8 &&
     dp_run gpt2-buckets 2 "${common[@]}" --set dist.bucket_mb=25 &&
     dp_run gpt2-one-bucket 2 "${common[@]}" --set dist.bucket_mb=100000 &&
+    dp_run gpt2-zero1 2 "${common[@]}" --set dist.bucket_mb=25 --set dist.zero=1 &&
+    grep -H "GiB allocated" /tmp/kiln-dp/gpt2-buckets.rank0.log /tmp/kiln-dp/gpt2-zero1.rank0.log &&
     python3 - <<'PY'
 import json, statistics
 def step_ms(name):
     return statistics.median(json.loads(l)["step_ms"] for l in list(open(f"/tmp/kiln-dp/{name}/metrics.jsonl"))[3:])
-one, buckets, single = step_ms("gpt2-one"), step_ms("gpt2-buckets"), step_ms("gpt2-one-bucket")
+one, buckets, single, zero = (step_ms(n) for n in ("gpt2-one", "gpt2-buckets", "gpt2-one-bucket", "gpt2-zero1"))
 print(f"median step: 1 rank (batch 8) {one:.1f} ms; 2 ranks (batch 4 each, sharing the GPU): 25 MB buckets {buckets:.1f} ms, one bucket after backward {single:.1f} ms")
 print(f"all-reduce of the whole gradient, exposed: about {single - one:.1f} ms; hidden by overlapping it with backward: {single - buckets:.1f} ms")
+print(f"ZeRO-1 on 2 ranks (reduce-scatter in 25 MB buckets, then all-gather): median step {zero:.1f} ms")
 PY
 }
 # A rank killed mid-training: the other must exit non-zero promptly, by NCCL's error or at worst dist.timeout_s.
@@ -175,9 +183,29 @@ dp_failure() {
   echo "rank 1 killed while training; rank 0 exited with code $rc after $((SECONDS - start)) s"
   ((rc != 0 && SECONDS - start < 40))
 }
-export -f dp_run dp_equivalence dp_overlap dp_failure
+# A rank that fails while joining NCCL's communicator (rank 1 is given a network interface that does not exist):
+# the other, already waiting in the (non-blocking) initialisation, must exit non-zero promptly too.
+dp_init_failure() {
+  local port=$((29600 + RANDOM % 1000)) pids=() r rc=() start=$SECONDS
+  mkdir -p /tmp/kiln-dp
+  for r in 0 1; do
+    local ifname=lo
+    ((r == 1)) && ifname=kiln-no-such-interface
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      NCCL_HOSTID=sim-host-$r NCCL_SOCKET_IFNAME=$ifname NCCL_IB_DISABLE=1 \
+      "$kiln" train --backend cuda --gpus 0 --set train.out_dir=/tmp/kiln-dp/init-failure --set train.max_steps=5 \
+      --set dist.timeout_s=60 > "/tmp/kiln-dp/init-failure.rank$r.log" 2>&1 &
+    pids+=($!)
+  done
+  for r in 0 1; do wait "${pids[$r]}"; rc+=($?); done
+  tail -n 2 /tmp/kiln-dp/init-failure.rank*.log
+  echo "rank 1 failed while joining; exit codes ${rc[*]} after $((SECONDS - start)) s"
+  ((rc[0] != 0 && rc[1] != 0 && SECONDS - start < 45))
+}
+export -f dp_run dp_equivalence dp_overlap dp_failure dp_init_failure
 step dp-equivalence 150 bash -c dp_equivalence
 step dp-failure 90 bash -c dp_failure
+step dp-init-failure 90 bash -c dp_init_failure
 step bench-kiln-unfused 90 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
 step dp-overlap 150 bash -c dp_overlap
 step bench-pytorch 200 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
@@ -186,9 +214,10 @@ echo
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
 grep -h "exact match" "$logs/quickstart-bf16.log" 2>/dev/null
 grep -hE "^[0-9]+ passed, [0-9]+ failed" "$logs"/selftest-*.log 2>/dev/null
-grep -h "vs one rank" "$logs/dp-equivalence.log" 2>/dev/null
-grep -h "exposed" "$logs/dp-overlap.log" 2>/dev/null
+grep -hE " vs .*max loss difference|GiB allocated" "$logs/dp-equivalence.log" 2>/dev/null
+grep -hE "exposed|ZeRO-1 on 2|GiB allocated" "$logs/dp-overlap.log" 2>/dev/null
 grep -h "rank 1 killed" "$logs/dp-failure.log" 2>/dev/null
+grep -h "rank 1 failed while joining" "$logs/dp-init-failure.log" 2>/dev/null
 # GPT-2 124M, B=32, T=1024, bf16, tokens/s. Anchors measured on an H100 (see docs/benchmarks.md): llm.c without
 # cuDNN 283,000; PyTorch torch.compile 478,000.
 grep -h "TFLOP/s" "$logs/bench-attention.log" 2>/dev/null

@@ -7,10 +7,17 @@
 //! rendezvous watch or by the thread of a failed rank) or the timeout abort the communicator and return an error
 //! instead of hanging. It comes right before the step reads its loss, which waits for the device anyway.
 //!
-//! A parameter tensor of a bf16 engine is gathered in bf16, two bytes a weight: a ZeRO rank's fp32 master copy is
-//! current only in the pieces it updates, which is all it reads.
+//! The communicator is non-blocking (NCCL's `blocking = 0`) for the same reason: joining the job, which waits for
+//! every rank, returns at once and is polled in the same way, so a rank that never arrives or dies on the way ends
+//! the others' wait. NCCL may then answer any call with "in progress"; each such call is polled to its end before
+//! the next, as NCCL requires.
 //!
-//! Not yet run on a GPU: gpu-check's data-parallel step must show 1, 2 and 4 ranks training to the same weights.
+//! A parameter tensor of a bf16 engine is gathered in bf16, two bytes a weight: a ZeRO rank's fp32 master copy
+//! holds only the pieces it updates.
+//!
+//! Run on an H100 with 1, 2 and 4 processes sharing it (gpu-check's dp steps), blocking then. The non-blocking
+//! initialisation has not yet run on a GPU: gpu-check's dp-init-failure step must show a rank that fails while
+//! joining ending the other's wait.
 
 use crate::backend::{CudaBackend, DType};
 use crate::libraries::Library;
@@ -46,6 +53,38 @@ pub fn unique_id() -> Result<[u8; ID_BYTES]> {
     let id = nccl::get_uniqueid().map_err(nccl_error("ncclGetUniqueId"))?;
     Ok(id.internal.map(|c| c as u8))
 }
+
+/// NCCL's default configuration (NCCL_CONFIG_INITIALIZER of nccl.h: every setting undefined, so NCCL chooses),
+/// except that the communicator does not block. `size` and `version` tell a newer NCCL which fields this struct
+/// has, so it works with the NCCL of any later release.
+fn non_blocking_config() -> sys::ncclConfig_t {
+    const UNDEF: i32 = i32::MIN;
+    sys::ncclConfig_t {
+        size: std::mem::size_of::<sys::ncclConfig_t>(),
+        magic: 0xcafe_beef,
+        version: NCCL_HEADERS_VERSION,
+        blocking: 0,
+        cgaClusterSize: UNDEF,
+        minCTAs: UNDEF,
+        maxCTAs: UNDEF,
+        netName: std::ptr::null(),
+        splitShare: UNDEF,
+        trafficClass: UNDEF,
+        commName: std::ptr::null(),
+        collnetEnable: UNDEF,
+        CTAPolicy: UNDEF,
+        shrinkShare: UNDEF,
+        nvlsCTAs: UNDEF,
+        nChannelsPerNetPeer: UNDEF,
+        nvlinkCentricSched: UNDEF,
+        graphUsageMode: UNDEF,
+        numRmaCtx: UNDEF,
+        maxP2pPeers: UNDEF,
+    }
+}
+
+/// NCCL_VERSION(2, 30, 0): the release whose nccl.h cudarc's bindings (feature nccl-02030) were made from.
+const NCCL_HEADERS_VERSION: u32 = 2 * 10_000 + 30 * 100;
 
 pub struct NcclComm {
     comm: sys::ncclComm_t,
@@ -89,10 +128,12 @@ impl NcclComm {
         let unique = sys::ncclUniqueId { internal: id.map(|b| b as core::ffi::c_char) };
         let mut comm = std::ptr::null_mut();
         ctx.bind_to_thread().map_err(|e| failure(format!("binding the GPU: {e:?}")))?;
-        // SAFETY: `comm` is a valid out-pointer; the id came from ncclGetUniqueId on rank 0.
-        unsafe { nccl::comm_init_rank(&mut comm, world as i32, unique, rank as i32) }
-            .map_err(nccl_error("ncclCommInitRank"))?;
-        Ok(NcclComm {
+        let mut config = non_blocking_config();
+        // SAFETY: `comm` and `config` are valid pointers; the id came from ncclGetUniqueId on rank 0.
+        let joining =
+            unsafe { sys::ncclCommInitRankConfig(&mut comm, world as i32, unique, rank as i32, &mut config).result() }
+                .map_err(nccl_error("ncclCommInitRankConfig"))?;
+        let mut this = NcclComm {
             comm,
             rank,
             world,
@@ -104,7 +145,9 @@ impl NcclComm {
             peer_lost,
             timeout,
             aborted: false,
-        })
+        };
+        this.settle("joining the job (ncclCommInitRankConfig)", Ok(joining))?;
+        Ok(this)
     }
 
     fn cu_stream(&self) -> sys::cudaStream_t {
@@ -120,25 +163,49 @@ impl NcclComm {
         self.stream.wait(&self.queued).map_err(|e| failure(format!("ordering the streams: {e:?}")))
     }
 
-    /// Waits on the host for the communication stream, watching for errors, lost peers and the timeout.
+    /// Waits on the host for the communication stream.
     fn drain(&mut self) -> Result<()> {
         if self.aborted {
             return Err(failure(format!("rank {}: the communicator was aborted", self.rank)));
         }
         self.done.record(&self.stream).map_err(|e| failure(format!("recording an event: {e:?}")))?;
+        self.poll("a collective", |this, _| {
+            this.done.try_is_complete().map_err(|e| format!("the GPU reported {e:?} during a collective"))
+        })
+    }
+
+    /// Ends a call to NCCL that returned `status`: when NCCL is still carrying it out, polls until it has.
+    fn settle(&mut self, what: &str, status: std::result::Result<nccl::NcclStatus, nccl::NcclError>) -> Result<()> {
+        match status {
+            Ok(nccl::NcclStatus::InProgress) => self.poll(what, |_, state| Ok(state == sys::ncclResult_t::ncclSuccess)),
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.abort(format!("{what}: {:?}", e.0))),
+        }
+    }
+
+    /// Polls `done` (given NCCL's asynchronous state of the communicator) until it says so, watching for NCCL's
+    /// errors, lost peers and the timeout; any of them aborts the communicator.
+    fn poll(
+        &mut self,
+        what: &str,
+        mut done: impl FnMut(&Self, sys::ncclResult_t) -> std::result::Result<bool, String>,
+    ) -> Result<()> {
         let started = Instant::now();
         let mut lost_at: Option<Instant> = None;
         loop {
-            match self.done.try_is_complete() {
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: `comm` is live until Drop (or an abort, after which nothing polls).
+            let queried = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) };
+            if queried != sys::ncclResult_t::ncclSuccess {
+                return Err(self.abort(format!("ncclCommGetAsyncError reported {queried:?} during {what}")));
+            }
+            if !matches!(state, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
+                return Err(self.abort(format!("NCCL reported {state:?} during {what}")));
+            }
+            match done(self, state) {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(e) => return Err(self.abort(format!("the GPU reported {e:?} during a collective"))),
-            }
-            let mut async_error = sys::ncclResult_t::ncclSuccess;
-            // SAFETY: `comm` is live until Drop.
-            unsafe { sys::ncclCommGetAsyncError(self.comm, &mut async_error) };
-            if !matches!(async_error, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
-                return Err(self.abort(format!("NCCL reported {async_error:?}")));
+                Err(why) => return Err(self.abort(why)),
             }
             if self.peer_lost.load(Ordering::Relaxed) {
                 let since = *lost_at.get_or_insert_with(Instant::now);
@@ -147,10 +214,9 @@ impl NcclComm {
                 }
             }
             if started.elapsed() > self.timeout {
-                return Err(self.abort(format!(
-                    "a collective did not finish within {} s (dist.timeout_s)",
-                    self.timeout.as_secs()
-                )));
+                return Err(
+                    self.abort(format!("{what} did not finish within {} s (dist.timeout_s)", self.timeout.as_secs()))
+                );
             }
             std::thread::sleep(Duration::from_micros(50));
         }
@@ -195,7 +261,7 @@ impl Communicator<CudaBackend> for NcclComm {
                 .map_err(|e| failure(format!("copying to the GPU: {e:?}")))?;
             let p = self.staging_ptr as *mut core::ffi::c_void;
             // SAFETY: the staging buffer holds HOST_CHUNK doubles, at least chunk.len().
-            unsafe {
+            let status = unsafe {
                 nccl::all_reduce(
                     p,
                     p,
@@ -205,8 +271,8 @@ impl Communicator<CudaBackend> for NcclComm {
                     self.comm,
                     self.cu_stream(),
                 )
-            }
-            .map_err(nccl_error("ncclAllReduce"))?;
+            };
+            self.settle("ncclAllReduce", status)?;
             // Only once the sum has finished may the host copy wait on the stream.
             self.drain()?;
             self.stream
@@ -222,9 +288,9 @@ impl Communicator<CudaBackend> for NcclComm {
         let (ptr, ty, _) = Self::operand(backend, t)?;
         let p = ptr as *mut core::ffi::c_void;
         // SAFETY: `comm_view` checked that `t` lies inside its allocation.
-        unsafe { nccl::all_reduce(p, p, t.len, ty, sys::ncclRedOp_t::ncclSum, self.comm, self.cu_stream()) }
-            .map_err(nccl_error("ncclAllReduce"))?;
-        Ok(())
+        let status =
+            unsafe { nccl::all_reduce(p, p, t.len, ty, sys::ncclRedOp_t::ncclSum, self.comm, self.cu_stream()) };
+        self.settle("ncclAllReduce", status)
     }
 
     fn reduce_scatter(&mut self, backend: &mut CudaBackend, t: Tensor) -> Result<()> {
@@ -233,7 +299,7 @@ impl Communicator<CudaBackend> for NcclComm {
         let (ptr, ty, size) = Self::operand(backend, t)?;
         let recv = (ptr + (self.rank * count * size) as u64) as *mut core::ffi::c_void;
         // SAFETY: in place, as NCCL allows: the receive buffer is this rank's piece of the send buffer.
-        unsafe {
+        let status = unsafe {
             nccl::reduce_scatter(
                 ptr as *const _,
                 recv,
@@ -243,9 +309,8 @@ impl Communicator<CudaBackend> for NcclComm {
                 self.comm,
                 self.cu_stream(),
             )
-        }
-        .map_err(nccl_error("ncclReduceScatter"))?;
-        Ok(())
+        };
+        self.settle("ncclReduceScatter", status)
     }
 
     fn all_gather(&mut self, backend: &mut CudaBackend, t: Tensor) -> Result<()> {
@@ -254,9 +319,8 @@ impl Communicator<CudaBackend> for NcclComm {
         let (ptr, ty, size) = Self::operand(backend, t)?;
         let send = (ptr + (self.rank * count * size) as u64) as *const core::ffi::c_void;
         // SAFETY: in place, as NCCL allows: the send buffer is this rank's piece of the receive buffer.
-        unsafe { nccl::all_gather(send, ptr as *mut _, count, ty, self.comm, self.cu_stream()) }
-            .map_err(nccl_error("ncclAllGather"))?;
-        Ok(())
+        let status = unsafe { nccl::all_gather(send, ptr as *mut _, count, ty, self.comm, self.cu_stream()) };
+        self.settle("ncclAllGather", status)
     }
 
     fn wait(&mut self, backend: &mut CudaBackend) -> Result<()> {
