@@ -19,6 +19,9 @@
 // writer and nothing is atomic (results are deterministic): flash_attention_backward_dkv owns 64 keys of head g and
 // visits the query tiles of each query head of g's group in a fixed order; flash_attention_backward_dq owns 64
 // queries of head h and visits the key tiles. The second recomputes S and dP: the price of determinism.
+// Without it (train.deterministic = false), flash_attention_backward_dkv_dq also adds each tile's dS·K into an fp32
+// dQ with atomic adds, as FlashAttention-2 does, and flash_attention_dq_store rounds that sum into dqkv: no
+// recomputation, but the order of the additions, and so the last bits of dQ, vary from run to run.
 //
 // Layouts as attention.cu's: qkv (B, T, (NH + 2·KVH)·D), out and dout (B, T, NH·D), lse and D (B, NH, T). A head's
 // rows are read where they lie, W = (NH + 2·KVH)·D elements apart, in 16-byte cp.async chunks (no transposing
@@ -39,18 +42,21 @@
 //
 // Tile shapes (FLASH_ATTENTION at the end of the file), set by the 255 registers of a thread: ptxas must not spill
 // (the compile test fails on any spill, sm_80 and sm_90a). Reported registers per thread, sm_90a:
-//   D     forward BR × BC       dq 64 × BC          dkv 64 × BR
-//   32    128 × 64  (176)       64 × 64  (108)      64 × 64  (130)
-//   64    128 × 64  (238)       64 × 64  (168)      64 × 64  (216)
-//   96    128 × 32  (215)       64 × 64  (239)      64 × 32  (176)
-//   128   128 × 32  (252)       64 × 32  (166)      64 × 16  (222)
+//   D     forward BR × BC       dq 64 × BC          dkv 64 × BR         dkv_dq (same tiles)
+//   32    128 × 64  (176)       64 × 64  (108)      64 × 64  (130)      (168)
+//   64    128 × 64  (238)       64 × 64  (168)      64 × 64  (216)      (236)
+//   96    128 × 32  (215)       64 × 64  (239)      64 × 32  (176)      (233)
+//   128   128 × 32  (252)       64 × 32  (166)      64 × 16  (222)      (240)
 // Forward: each warp holds 32 queries (M = 2 tiles of 16), so every K and V fragment read from shared memory feeds
 // two mma: shared-memory traffic per mma is what limits mma.sync on H100, and one tile per warp would nearly double
 // it. O (D/2·M floats per thread) and the scores (BC/2·M) live in registers; Q's fragments are read again from
 // the resident Q tile for each key tile rather than kept (a fifth to a third more shared-memory reads, for 16 to
 // 64 registers). That leaves BC = 64 for D ≤ 64 and 32 for D ≥ 96 (64 spills at D = 96). The dq kernel holds dQ
 // (D/2) and S and dP (BC) per thread: BC = 64, and 32 for D = 128 (64 spills). The dkv kernel holds dK and dV (D)
-// and S and dP (BR): BR = 64, 32 for D = 96 (64 takes all 255 registers) and 16 for D = 128 (32 spills). The
+// and S and dP (BR): BR = 64, 32 for D = 96 (64 takes all 255 registers) and 16 for D = 128 (32 spills). Its
+// atomic-dQ form (dkv_dq) has the same tiles: the dQ product comes after S and dP are spent, and its accumulators
+// (at most 32 floats; see add_dq) fit in their place; dS goes to shared memory straight from the A fragments the
+// dK product already packs (packing it a second time, beside the masking, spilled at D = 96 and 128). The
 // engine's table of these shapes (FLASH_TILES in crates/kiln-cuda/src/backend.rs) must match; each kernel checks
 // its block size and shared memory and traps if a launch disagrees.
 
@@ -455,11 +461,12 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, 
 
 // One tile of BR queries (i0 the first) for a warp's 16 keys (j0 the first, rows k_rows and v_rows of the K and V
 // tiles): dV += Pᵀ·dO, dK += dSᵀ·Q (unscaled).
-template <int D, int BR>
+// With ATOMIC_DQ it also stores dSᵀ, rounded to bf16, in rows ds_rows of the block's dS tile (keys × BR queries).
+template <int D, int BR, bool ATOMIC_DQ>
 __device__ __forceinline__ void dkv_tile(float (&dk)[D / 8][4], float (&dv)[D / 8][4], unsigned k_rows,
                                          unsigned v_rows, unsigned q_tile, unsigned do_tile, unsigned lse_tile,
-                                         unsigned dot_tile, int i0, int j0, int T, int causal, float scale_log2,
-                                         int lane) {
+                                         unsigned dot_tile, unsigned ds_rows, int i0, int j0, int T, int causal,
+                                         float scale_log2, int lane) {
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: keys are the rows, queries the columns.
     float s[BR / 8][4] = {}, dp[BR / 8][4] = {};
     const unsigned a = a_fragment_lane<D>(lane), bn = b_fragment_lane<D>(lane);
@@ -496,6 +503,12 @@ __device__ __forceinline__ void dkv_tile(float (&dk)[D / 8][4], float (&dv)[D / 
         unsigned p[4], ds[4];
         accumulator_to_a(p, s, kb);
         accumulator_to_a(ds, dp, kb);
+        if (ATOMIC_DQ) {  // the A fragment's four 16-bit pairs, where they lie in the 16 × 16 block kb
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                st_shared_32(ds_rows + at<BR>(acc_row(lane, 0) + k % 2 * 8, kb * 16 + k / 2 * 8 + acc_col(lane, 0)),
+                             ds[k]);
+        }
 #pragma unroll
         for (int n = 0; n < D / 16; n++) {
             unsigned ob[4], qb[4];
@@ -509,17 +522,60 @@ __device__ __forceinline__ void dkv_tile(float (&dk)[D / 8][4], float (&dv)[D / 
     }
 }
 
-// Grid (key tiles of 64, KVH, B); shared memory: K and V (64 rows each), two stages of Q and of dO (BR rows each),
-// then two stages of lse and of D (BR floats each). The block visits, for each query head of its group in order,
-// the query tiles that can see its keys.
+// dQ_i += dS_ij·K_j (unscaled) for the BR queries of a tile (rows from `valid_rows` on skipped; row r at
+// dq + r·stride) and the block's 64 keys, from the dS tile (keys × queries, as dkv_tile stores it) and the K tile,
+// added to the fp32 sums in global memory with atomics. The 4 warps split the BR × D product into BR/16 row tiles
+// of 16 and 64/BR column groups of DN = D·BR/64: each warp holds 16 × DN sums (DN/2 floats a lane, at most 32).
+// The dS fragments are read transposed: ldmatrix .trans of the stored (keys, queries) blocks gives A = dS.
 template <int D, int BR>
-__device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                                   const float* row_dot, int T, int NH, int KVH, int causal) {
+__device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, unsigned ds_tile, unsigned k_tile,
+                                       int warp, int lane) {
+    constexpr int BC = 4 * FLASH_WARP_ROWS, ROW_TILES = BR / 16, DN = D / (4 / ROW_TILES);
+    const int mt = warp % ROW_TILES, n0 = warp / ROW_TILES * DN;
+    float acc[DN / 8][4] = {};
+    const unsigned ds_lane = ds_tile + b_fragment_lane<BR>(lane) + at<BR>(0, mt * 16),
+                   k_lane = k_tile + a_fragment_lane<D>(lane) + at<D>(0, n0);
+#pragma unroll
+    for (int kb = 0; kb < BC / 16; kb++) {
+        unsigned ds[4];
+        ldmatrix_x4_trans(ds, ds_lane + at<BR>(kb * 16, 0));
+#pragma unroll
+        for (int n = 0; n < DN / 16; n++) {
+            unsigned k[4];
+            ldmatrix_x4_trans(k, k_lane + at<D>(kb * 16, n * 16));
+            mma_16816(acc[2 * n], ds, k[0], k[1]);
+            mma_16816(acc[2 * n + 1], ds, k[2], k[3]);
+        }
+    }
+    // This lane's two rows, r and r + 8, at its first column: every other address is a constant further.
+    const int r = mt * 16 + acc_row(lane, 0);
+    float* const sums = dq + r * stride + n0 + acc_col(lane, 0);
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        if (r + 8 * half < valid_rows) {
+#pragma unroll
+            for (int n = 0; n < DN / 8; n++) {
+                atomicAdd(sums + 8 * half * stride + n * 8, acc[n][2 * half]);
+                atomicAdd(sums + 8 * half * stride + n * 8 + 1, acc[n][2 * half + 1]);
+            }
+        }
+    }
+}
+
+// Grid (key tiles of 64, KVH, B); shared memory: K and V (64 rows each), two stages of Q and of dO (BR rows each),
+// then two stages of lse and of D (BR floats each), and with ATOMIC_DQ the dS tile (64 keys × BR queries). The
+// block visits, for each query head of its group in order, the query tiles that can see its keys; with ATOMIC_DQ
+// it adds each tile's dQ into dq_sum ((B, T, NH·D) fp32, zeroed by the caller).
+template <int D, int BR, bool ATOMIC_DQ>
+__device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,
+                                                   const float* lse, const float* row_dot, int T, int NH, int KVH,
+                                                   int causal) {
     constexpr int BC = 4 * FLASH_WARP_ROWS;
-    check_launch(at<D>(2 * BC + 4 * BR, 0) + 4 * BR * 4);
+    check_launch(at<D>(2 * BC + 4 * BR, 0) + 4 * BR * 4 + (ATOMIC_DQ ? at<BR>(BC, 0) : 0));
     const unsigned k_tile = shared_address(flash_shared), v_tile = k_tile + at<D>(BC, 0),
                    q_tiles = v_tile + at<D>(BC, 0), do_tiles = q_tiles + at<D>(2 * BR, 0),
-                   lse_tiles = do_tiles + at<D>(2 * BR, 0), dot_tiles = lse_tiles + 2 * BR * 4;
+                   lse_tiles = do_tiles + at<D>(2 * BR, 0), dot_tiles = lse_tiles + 2 * BR * 4,
+                   ds_tile = dot_tiles + 2 * BR * 4;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = blockIdx.y, b = blockIdx.z, group = NH / KVH, W = (NH + 2 * KVH) * D;
     const int kv0 = blockIdx.x * BC;  // causal: the first key tiles have the most queries, and go first
@@ -555,18 +611,45 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, const bf16* dout,
         }
         __syncthreads();
         const int q0 = (first_tile + i % per_head) * BR, stage = i % 2;
-        // A warp whose keys are all past the end, or (causal) all after this tile's queries, has nothing to add.
-        if (j0 < T && !(causal && q0 + BR - 1 < j0))
-            dkv_tile<D, BR>(dk, dv, k_tile + at<D>(first, 0), v_tile + at<D>(first, 0),
-                            q_tiles + stage * at<D>(BR, 0), do_tiles + stage * at<D>(BR, 0),
-                            lse_tiles + stage * BR * 4, dot_tiles + stage * BR * 4, q0, j0, T, causal, scale_log2,
-                            lane);
+        // A warp whose keys are all past the end, or (causal) all after this tile's queries, has nothing to add
+        // (and its rows of dS are zero).
+        if (j0 < T && !(causal && q0 + BR - 1 < j0)) {
+            dkv_tile<D, BR, ATOMIC_DQ>(dk, dv, k_tile + at<D>(first, 0), v_tile + at<D>(first, 0),
+                                       q_tiles + stage * at<D>(BR, 0), do_tiles + stage * at<D>(BR, 0),
+                                       lse_tiles + stage * BR * 4, dot_tiles + stage * BR * 4,
+                                       ds_tile + at<BR>(first, 0), q0, j0, T, causal, scale_log2, lane);
+        } else if (ATOMIC_DQ) {
+            for (int k = lane; k < FLASH_WARP_ROWS * BR / 2; k += 32)
+                st_shared_32(ds_tile + at<BR>(first + k / (BR / 2), k % (BR / 2) * 2), 0u);
+        }
+        if (ATOMIC_DQ) {
+            __syncthreads();  // every warp's rows of dS are in place
+            const int h = g * group + i / per_head;
+            add_dq<D, BR>(dq_sum + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0, ds_tile, k_tile, warp,
+                          lane);
+        }
         __syncthreads();
     }
     // The warp's own rows of the K and V tiles, which only it has read, stage its dK and dV.
     bf16* rows = dqkv + ((long)b * T + j0) * W;
     store_rows<D>(rows + (NH + g) * D, W, T - j0, dk, rsqrtf((float)D), k_tile + at<D>(first, 0), lane);
     store_rows<D>(rows + (NH + KVH + g) * D, W, T - j0, dv, 1.0f, v_tile + at<D>(first, 0), lane);
+}
+
+// dQ = s·(the fp32 sums of flash_attention_backward_dkv_dq), rounded into the query columns of dqkv: 8 elements a
+// thread, two 16-byte loads and a 16-byte store (NH·D is a multiple of 8, so a group never straddles rows).
+extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_sum, long rows, int NH, int KVH,
+                                                   int D, float scale) {
+    const long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8, C = (long)NH * D;
+    if (i >= rows * C) return;
+    const float4 lo = *reinterpret_cast<const float4*>(dq_sum + i);
+    const float4 hi = *reinterpret_cast<const float4*>(dq_sum + i + 4);
+    int4 packed;
+    packed.x = (int)pack_bf16(lo.x * scale, lo.y * scale);
+    packed.y = (int)pack_bf16(lo.z * scale, lo.w * scale);
+    packed.z = (int)pack_bf16(hi.x * scale, hi.y * scale);
+    packed.w = (int)pack_bf16(hi.z * scale, hi.w * scale);
+    *reinterpret_cast<int4*>(dqkv + i / C * (NH + 2 * KVH) * D + i % C) = packed;
 }
 
 // ---- entry points -------------------------------------------------------------------------------------------------
@@ -586,7 +669,13 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, const bf16* dout,
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                    \
         flash_attention_backward_dkv_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,         \
                                           const float* row_dot, int T, int NH, int KVH, int causal) {              \
-        flash_backward_dkv<D, DKV_BR>(dqkv, dout, qkv, lse, row_dot, T, NH, KVH, causal);                          \
+        flash_backward_dkv<D, DKV_BR, false>(dqkv, nullptr, dout, qkv, lse, row_dot, T, NH, KVH, causal);          \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                    \
+        flash_attention_backward_dkv_dq_d##D(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,         \
+                                             const float* lse, const float* row_dot, int T, int NH, int KVH,       \
+                                             int causal) {                                                         \
+        flash_backward_dkv<D, DKV_BR, true>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH, causal);            \
     }
 
 FLASH_ATTENTION(32, 2, 64, 64, 64)

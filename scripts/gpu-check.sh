@@ -67,6 +67,9 @@ export -f resume_check
 step bench-kiln 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2
 step bench-attention 120 "$kiln" bench attention --backend cuda --suite
 step resume-exact 90 bash -c resume_check
+# train.deterministic = false: the fused attention's backward adds dQ with atomics instead of recomputing it.
+step bench-attention-atomic 120 "$kiln" bench attention --backend cuda --suite --atomic-dq
+step bench-kiln-atomic 90 "$kiln" bench train --backend cuda --steps 10 --warmup 2 --set train.deterministic=false
 # Where a training step's time goes: every kernel of two steps, timed by Nsight Compute.
 step profile 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
   "$kiln" bench train --backend cuda --steps 1 --warmup 1
@@ -221,6 +224,10 @@ grep -h "rank 1 failed while joining" "$logs/dp-init-failure.log" 2>/dev/null
 # GPT-2 124M, B=32, T=1024, bf16, tokens/s. Anchors measured on an H100 (see docs/benchmarks.md): llm.c without
 # cuDNN 283,000; PyTorch torch.compile 478,000.
 grep -h "TFLOP/s" "$logs/bench-attention.log" 2>/dev/null
+echo "with dQ added atomically (train.deterministic = false):"
+grep -h "TFLOP/s" "$logs/bench-attention-atomic.log" 2>/dev/null
+a=$(tail -n 1 "$logs/bench-kiln-atomic.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
+echo "gpt2-124m tokens/s with dQ added atomically: ${a:-?}"
 u=$(tail -n 1 "$logs/bench-kiln-unfused.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
 echo "gpt2-124m tokens/s with the unfused attention kernels: ${u:-?}"
 k=$(tail -n 1 "$logs/bench-kiln.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')

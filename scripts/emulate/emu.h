@@ -48,6 +48,9 @@ struct alignas(16) int4 {
 struct alignas(8) int2 {
     int x, y;
 };
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
 
 struct __nv_bfloat16 {
     unsigned short x;
@@ -76,6 +79,12 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline long min(long a, long b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 [[noreturn]] inline void __trap() { emu_fail("__trap()"); }
+// Fibers switch only at barriers, so nothing runs between the read and the write.
+inline float atomicAdd(float* p, float v) {
+    const float old = *p;
+    *p = old + v;
+    return old;
+}
 
 // ---- fibers and barriers ------------------------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 // Runs kernels/flash_attention.cu under the emulation (emu.h, mma_emu.h) and compares the forward (O, lse) and the
 // backward (dQ, dK, dV) with a double-precision reference, for every head dimension, several sequence lengths
-// (shorter than, equal to and not multiples of the tiles), causal or not, and grouped-query attention.
+// (shorter than, equal to and not multiples of the tiles), causal or not, and grouped-query attention. The backward
+// runs twice: the deterministic kernels, then the dkv kernel that adds dQ atomically and dq_store (dQa, dKa, dVa),
+// whose dK and dV must be those of the first, bit for bit.
 #include "emu.h"
 #include "mma_emu.h"
 #include "flash_all.inc"
@@ -75,10 +77,12 @@ static void run(const Shape& s) {
     const Tiles tiles = TILES.at(D);
     Array<__nv_bfloat16> qkv((size_t)B * T * W), out((size_t)B * T * C), dout((size_t)B * T * C),
         dqkv((size_t)B * T * W);
-    Array<float> lse((size_t)B * NH * T), row_dot((size_t)B * NH * T);
+    Array<float> lse((size_t)B * NH * T), row_dot((size_t)B * NH * T), dq_sum((size_t)B * T * C);
+    Array<__nv_bfloat16> dqkv_atomic((size_t)B * T * W);
     for (size_t i = 0; i < qkv.n; i++) qkv.p[i] = uni();
     for (size_t i = 0; i < dout.n; i++) dout.p[i] = uni();
-    out.poison(), lse.poison(), dqkv.poison(), row_dot.poison();
+    out.poison(), lse.poison(), dqkv.poison(), row_dot.poison(), dqkv_atomic.poison();
+    std::fill(dq_sum.p, dq_sum.p + dq_sum.n, 0.0f);
 
     auto shared = [&](int rows) { return (size_t)rows * (D + 8) * 2; };
     const unsigned fwd_grid = (T + tiles.forward_rows - 1) / tiles.forward_rows, bwd_grid = (T + 63) / 64;
@@ -99,6 +103,15 @@ static void run(const Shape& s) {
     });
     launch({bwd_grid, (unsigned)NH, (unsigned)B}, 128, shared(128 + 4 * tiles.dq_cols), [&] {
         DISPATCH(flash_attention_backward_dq, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
+    });
+    const size_t ds_tile = (size_t)64 * (tiles.dkv_rows + 8) * 2;
+    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, 128, shared(128 + 4 * tiles.dkv_rows) + 16 * tiles.dkv_rows + ds_tile,
+           [&] {
+               DISPATCH(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T,
+                        NH, KVH, s.causal)
+           });
+    launch({(unsigned)((dq_sum.n / 8 + 255) / 256), 1, 1}, 256, 0, [&] {
+        flash_attention_dq_store(dqkv_atomic.p, dq_sum.p, (long)B * T, NH, KVH, D, 1.0f / std::sqrt((float)D));
     });
 
     // Reference, in double, from the same bf16 inputs.
@@ -163,15 +176,20 @@ static void run(const Shape& s) {
     // dQ and dK are zero (one key: P = 1, O = V, so dS = dO·V − dO·O = 0), and only rounding noise remains.
     double dqkv_max = 1e-30;
     for (double v : dqkv_ref) dqkv_max = std::max(dqkv_max, std::fabs(v));
-    for (int part = 0; part < 3; part++) {
-        double e = 0;
-        for (size_t r = 0; r < (size_t)B * T; r++)
-            for (int c = parts[part]; c < parts[part + 1]; c++) {
-                double g = dqkv.at(r * W + c);
-                e = std::isfinite(g) ? std::max(e, std::fabs(g - dqkv_ref[r * W + c])) : INFINITY;
-            }
-        report(names[part], s, e / dqkv_max, 1e-2);
-    }
+    for (const auto* got : {&dqkv, &dqkv_atomic})
+        for (int part = 0; part < 3; part++) {
+            double e = 0;
+            for (size_t r = 0; r < (size_t)B * T; r++)
+                for (int c = parts[part]; c < parts[part + 1]; c++) {
+                    double g = got->at(r * W + c);
+                    e = std::isfinite(g) ? std::max(e, std::fabs(g - dqkv_ref[r * W + c])) : INFINITY;
+                }
+            report((std::string(names[part]) + (got == &dqkv ? "" : "a")).c_str(), s, e / dqkv_max, 1e-2);
+        }
+    bool same = true;
+    for (size_t r = 0; r < (size_t)B * T; r++)
+        same &= std::memcmp(dqkv.p + r * W + C, dqkv_atomic.p + r * W + C, 2 * KVH * D * 2) == 0;
+    report("dK dV identical", s, same ? 0 : 1, 0);
 }
 
 int main(int argc, char** argv) {

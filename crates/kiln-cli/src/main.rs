@@ -212,6 +212,10 @@ enum BenchCommand {
         /// The GPU's attention kernels, fused or unfused.
         #[arg(long, default_value = "fused")]
         kernel: AttentionKernel,
+        /// Time the fused backward that adds dQ with atomics (what train.deterministic = false runs) instead of
+        /// the deterministic one (the CPU engine has only one).
+        #[arg(long)]
+        atomic_dq: bool,
         /// Runs measured per shape and pass.
         #[arg(long, default_value_t = 30)]
         reps: usize,
@@ -322,13 +326,14 @@ fn main() -> ExitCode {
                     backend,
                     precision,
                     kernel,
+                    atomic_dq,
                     reps,
                     warmup,
                 },
         } => {
             let one = AttentionDims { batch, time: seq, heads, kv_heads: kv_heads.unwrap_or(heads), head_dim, causal };
             let shapes = if suite { attention_bench::SUITE.iter().map(|(d, _)| *d).collect() } else { vec![one] };
-            bench_attention(&shapes, backend, precision, kernel, (warmup, reps))
+            bench_attention(&shapes, backend, precision, kernel, !atomic_dq, (warmup, reps))
         }
         Command::Bench { command: BenchCommand::Train { config, overrides, backend, steps, warmup, peak_tflops } } => {
             bench_train(config, &overrides, backend, BenchRun { steps, warmup, peak_tflops })
@@ -419,7 +424,7 @@ enum Engine {
 
 /// The CUDA engine on GPU `ordinal`, in the precision and with the attention kernel that `config` asks for.
 fn cuda(ordinal: usize, config: &Config) -> Result<CudaBackend> {
-    CudaBackend::new(ordinal, config.train.precision, config.model.attention)
+    CudaBackend::new(ordinal, config.train.precision, config.model.attention, config.train.deterministic)
 }
 
 /// `auto` becomes CUDA when a usable GPU is present, otherwise the CPU with one warning.
@@ -591,6 +596,7 @@ fn bench_attention(
     backend: BackendChoice,
     precision: Precision,
     kernel: AttentionKernel,
+    deterministic: bool,
     runs: (usize, usize),
 ) -> Result<()> {
     if runs.1 == 0 {
@@ -598,7 +604,7 @@ fn bench_attention(
     }
     match resolve(backend)? {
         Engine::Cpu => bench_attention_on(shapes, CpuBackend::<f32>::new(), runs),
-        Engine::Cuda => bench_attention_on(shapes, CudaBackend::new(0, precision, kernel)?, runs),
+        Engine::Cuda => bench_attention_on(shapes, CudaBackend::new(0, precision, kernel, deterministic)?, runs),
     }
 }
 
@@ -728,12 +734,16 @@ fn selftest(backend: BackendChoice, precision: Option<Precision>) -> Result<()> 
             checks.extend(kiln_selftest::run(|| Ok(CpuBackend::<f32>::new()), kiln_selftest::Tolerance::FP32, print)?);
         }
         Engine::Cuda => {
-            let all =
-                [(Precision::Fp32, kiln_selftest::Tolerance::FP32), (Precision::Bf16, kiln_selftest::Tolerance::BF16)];
-            for (precision, tolerance) in all.into_iter().filter(|(p, _)| precision.is_none_or(|wanted| wanted == *p)) {
-                println!("checking the cuda engine ({}) against the cpu engine in f64", precision.name());
+            // bf16 twice: with the deterministic attention backward, then with the one that adds dQ atomically.
+            let (fp32, bf16) = (kiln_selftest::Tolerance::FP32, kiln_selftest::Tolerance::BF16);
+            let all = [(Precision::Fp32, fp32, true), (Precision::Bf16, bf16, true), (Precision::Bf16, bf16, false)];
+            for (precision, tolerance, deterministic) in
+                all.into_iter().filter(|(p, _, _)| precision.is_none_or(|wanted| wanted == *p))
+            {
+                let atomic = if deterministic { "" } else { ", attention's dQ added atomically" };
+                println!("checking the cuda engine ({}{atomic}) against the cpu engine in f64", precision.name());
                 checks.extend(kiln_selftest::run(
-                    || CudaBackend::new(0, precision, AttentionKernel::Fused),
+                    || CudaBackend::new(0, precision, AttentionKernel::Fused, deterministic),
                     tolerance,
                     print,
                 )?);

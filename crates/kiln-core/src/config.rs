@@ -127,6 +127,10 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept; older ones are deleted once a newer one is complete.
     pub keep_checkpoints: usize,
+    /// Every result reproducible bit for bit, run to run (the default). `false` lets the GPU's fused attention add
+    /// its query gradients with atomics, which is faster but rounds in a varying order; everything else is
+    /// deterministic either way.
+    pub deterministic: bool,
 }
 
 /// Storage precision of a GPU run.
@@ -175,6 +179,7 @@ impl Default for TrainConfig {
             precision: Precision::Bf16,
             checkpoint_every: 0,
             keep_checkpoints: 2,
+            deterministic: true,
         }
     }
 }

@@ -91,8 +91,9 @@ struct FlashTiles {
     dq_cols: usize,
     /// Queries per tile the dkv kernel streams past its FLASH_BLOCK_ROWS keys.
     dkv_rows: usize,
-    /// The forward, dq and dkv kernels, in the order of [`FlashTiles::FORWARD`], `DQ` and `DKV`.
-    kernels: [&'static str; 3],
+    /// The forward, dq, dkv and dkv-with-atomic-dQ kernels, in the order of [`FlashTiles::FORWARD`], `DQ`, `DKV`
+    /// and `DKV_DQ`.
+    kernels: [&'static str; 4],
 }
 
 const FLASH_TILES: [FlashTiles; 4] = [
@@ -102,7 +103,12 @@ const FLASH_TILES: [FlashTiles; 4] = [
         forward_cols: 64,
         dq_cols: 64,
         dkv_rows: 64,
-        kernels: ["flash_attention_forward_d32", "flash_attention_backward_dq_d32", "flash_attention_backward_dkv_d32"],
+        kernels: [
+            "flash_attention_forward_d32",
+            "flash_attention_backward_dq_d32",
+            "flash_attention_backward_dkv_d32",
+            "flash_attention_backward_dkv_dq_d32",
+        ],
     },
     FlashTiles {
         head_dim: 64,
@@ -110,7 +116,12 @@ const FLASH_TILES: [FlashTiles; 4] = [
         forward_cols: 64,
         dq_cols: 64,
         dkv_rows: 64,
-        kernels: ["flash_attention_forward_d64", "flash_attention_backward_dq_d64", "flash_attention_backward_dkv_d64"],
+        kernels: [
+            "flash_attention_forward_d64",
+            "flash_attention_backward_dq_d64",
+            "flash_attention_backward_dkv_d64",
+            "flash_attention_backward_dkv_dq_d64",
+        ],
     },
     FlashTiles {
         head_dim: 96,
@@ -118,7 +129,12 @@ const FLASH_TILES: [FlashTiles; 4] = [
         forward_cols: 32,
         dq_cols: 64,
         dkv_rows: 32,
-        kernels: ["flash_attention_forward_d96", "flash_attention_backward_dq_d96", "flash_attention_backward_dkv_d96"],
+        kernels: [
+            "flash_attention_forward_d96",
+            "flash_attention_backward_dq_d96",
+            "flash_attention_backward_dkv_d96",
+            "flash_attention_backward_dkv_dq_d96",
+        ],
     },
     FlashTiles {
         head_dim: 128,
@@ -130,6 +146,7 @@ const FLASH_TILES: [FlashTiles; 4] = [
             "flash_attention_forward_d128",
             "flash_attention_backward_dq_d128",
             "flash_attention_backward_dkv_d128",
+            "flash_attention_backward_dkv_dq_d128",
         ],
     },
 ];
@@ -138,23 +155,27 @@ impl FlashTiles {
     const FORWARD: usize = 0;
     const DQ: usize = 1;
     const DKV: usize = 2;
+    const DKV_DQ: usize = 3;
 
     /// Bytes of `rows` padded rows of bf16 (head_dim + 8 elements each, the kernels' shared-memory layout).
     fn rows_bytes(&self, rows: usize) -> u32 {
         (rows * (self.head_dim + 8) * 2) as u32
     }
 
-    /// Dynamic shared memory of the forward, dq and dkv kernels, as each kernel lays it out: the resident tile
-    /// then two stages of each streamed tile (and, for dkv, two stages of two fp32 statistics per query).
-    fn shared_bytes(&self) -> [u32; 3] {
+    /// Dynamic shared memory of the forward, dq, dkv and dkv_dq kernels, as each kernel lays it out: the resident
+    /// tile then two stages of each streamed tile (and, for dkv, two stages of two fp32 statistics per query; for
+    /// dkv_dq then the bf16 dS tile, FLASH_BLOCK_ROWS keys × dkv_rows queries padded by 8).
+    fn shared_bytes(&self) -> [u32; 4] {
+        let dkv = self.rows_bytes(2 * FLASH_BLOCK_ROWS + 4 * self.dkv_rows) + (4 * self.dkv_rows * 4) as u32;
         [
             self.rows_bytes(self.forward_rows + 4 * self.forward_cols),
             self.rows_bytes(2 * FLASH_BLOCK_ROWS + 4 * self.dq_cols),
-            self.rows_bytes(2 * FLASH_BLOCK_ROWS + 4 * self.dkv_rows) + (4 * self.dkv_rows * 4) as u32,
+            dkv,
+            dkv + (FLASH_BLOCK_ROWS * (self.dkv_rows + 8) * 2) as u32,
         ]
     }
 
-    /// A launch of `blocks` blocks of kernel `kernel` (FORWARD, DQ or DKV) for each head and batch element.
+    /// A launch of `blocks` blocks of kernel `kernel` (FORWARD, DQ, DKV or DKV_DQ) for each head and batch element.
     fn launch(&self, kernel: usize, blocks: usize, heads: usize, batch: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (blocks as u32, heads as u32, batch as u32),
@@ -169,6 +190,9 @@ pub struct CudaBackend {
     precision: Precision,
     /// The attention kernels this engine runs.
     attention: AttentionKernel,
+    /// Whether every result must be reproducible bit for bit; otherwise the fused attention's backward adds dQ
+    /// with atomics.
+    deterministic: bool,
     stream: Arc<CudaStream>,
     lt: CublasLt,
     functions: HashMap<String, CudaFunction>,
@@ -219,8 +243,9 @@ fn elementwise(n: usize) -> LaunchConfig {
 
 impl CudaBackend {
     /// Opens GPU `ordinal`, compiles (or loads from the cache) every kernel for it, and starts cuBLASLt.
-    /// `attention` chooses the attention kernels (fp32 always runs the unfused ones).
-    pub fn new(ordinal: usize, precision: Precision, attention: AttentionKernel) -> Result<Self> {
+    /// `attention` chooses the attention kernels (fp32 always runs the unfused ones); without `deterministic` the
+    /// fused attention's backward sums dQ with atomic adds (faster; the last bits of dQ vary from run to run).
+    pub fn new(ordinal: usize, precision: Precision, attention: AttentionKernel, deterministic: bool) -> Result<Self> {
         for lib in [Library::Driver, Library::Nvrtc, Library::CublasLt] {
             lib.require()?;
         }
@@ -263,6 +288,7 @@ impl CudaBackend {
             name,
             precision,
             attention: if precision == Precision::Fp32 { AttentionKernel::Unfused } else { attention },
+            deterministic,
             stream,
             lt,
             functions,
@@ -900,17 +926,33 @@ impl Backend for CudaBackend {
         let (b, t, nh, kvh, hs) = (d.batch as i32, d.time as i32, d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
         let causal = i32::from(d.causal);
         if let Some(tiles) = self.flash_tiles(&d, &[dq, g, q, o]) {
-            // D_i = dO_i·O_i per row (eight threads a row), then dK and dV per key tile, then dQ per query tile: each
-            // writes its part of dqkv whole, so nothing needs zeroing and nothing is atomic.
-            let row_dot = self.scratch(op, stats)?;
-            launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
             let blocks = d.time.div_ceil(FLASH_BLOCK_ROWS);
-            let kernel = FlashTiles::DKV;
+            if self.deterministic {
+                // D_i = dO_i·O_i per row (eight threads a row), then dK and dV per key tile, then dQ per query tile:
+                // each writes its part of dqkv whole, so nothing needs zeroing and nothing is atomic.
+                let row_dot = self.scratch(op, stats)?;
+                launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
+                let kernel = FlashTiles::DKV;
+                let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
+                launch!(self, tiles.kernels[kernel], cfg, dq, g, q, l, row_dot, t, nh, kvh, causal)?;
+                let kernel = FlashTiles::DQ;
+                let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
+                return launch!(self, tiles.kernels[kernel], cfg, dq, g, q, l, row_dot, t, nh, kvh, causal);
+            }
+            // dQ's fp32 sums (B, T, NH·D) start at zero; D_i as above; dK and dV per key tile, which also adds each
+            // tile's part of dQ into the sums; then dQ, rounded, into dqkv.
+            let sums = rows * c;
+            let dq_sum = self.scratch(op, sums + stats)?;
+            let row_dot = dq_sum + (sums * 4) as u64;
+            // SAFETY: the scratch buffer holds `sums + stats` floats.
+            unsafe { cudarc::driver::result::memset_d8_async(dq_sum, 0, sums * 4, self.stream.cu_stream()) }
+                .map_err(driver("memset"))?;
+            launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
+            let kernel = FlashTiles::DKV_DQ;
             let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
-            launch!(self, tiles.kernels[kernel], cfg, dq, g, q, l, row_dot, t, nh, kvh, causal)?;
-            let kernel = FlashTiles::DQ;
-            let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
-            return launch!(self, tiles.kernels[kernel], cfg, dq, g, q, l, row_dot, t, nh, kvh, causal);
+            launch!(self, tiles.kernels[kernel], cfg, dq, dq_sum, g, q, l, row_dot, t, nh, kvh, causal)?;
+            let (n, scale) = (rows as i64, 1.0 / (d.head_dim as f32).sqrt());
+            return launch!(self, "flash_attention_dq_store", grid(sums / 8, 256), dq, dq_sum, n, nh, kvh, hs, scale);
         }
         // One warp per query row for dq, then one per key/value row for dk and dv.
         let cfg = grid(rows * d.heads * 32, 128);
@@ -1032,7 +1074,9 @@ mod tests {
                 (tiles.head_dim, tiles.forward_rows, tiles.forward_cols, tiles.dq_cols, tiles.dkv_rows),
                 (d, 4 * 16 * m, bc, dq_bc, dkv_br)
             );
-            for (kernel, prefix) in tiles.kernels.iter().zip(["forward", "backward_dq", "backward_dkv"]) {
+            for (kernel, prefix) in
+                tiles.kernels.iter().zip(["forward", "backward_dq", "backward_dkv", "backward_dkv_dq"])
+            {
                 assert_eq!(*kernel, format!("flash_attention_{prefix}_d{d}"));
             }
             // Within what every GPU from sm_80 on lets one block have (99 KiB on sm_86 and sm_89).
