@@ -37,8 +37,8 @@ VOCAB, PADDED_VOCAB, BLOCK_SIZE = 50257, 50304, 1024
 RATES_124M = [("300k", 300_000.0), ("575k", 575_000.0)]
 PIECE_ALIGN = 64  # kiln-train: every rank's piece of a bucket is a multiple of 64 elements
 GATHER_BYTES = 2.0  # ZeRO-1 all-gathers the bf16 weights only, not the fp32 master
-# Model state per parameter (bytes): bf16 weights, fp32 master, fp32 gradients, AdamW m and v. ZeRO-1 shards only
-# m and v in memory; the master is still allocated whole on every rank.
+# Model state per parameter (bytes): bf16 weights, fp32 master, fp32 gradients, AdamW m and v. ZeRO-1 shards the
+# master and the moments in memory: each rank holds them for its own pieces only.
 BF16, MASTER, GRAD, MOMENTS = 2.0, 4.0, 4.0, 8.0
 
 
@@ -188,8 +188,8 @@ def simulate(case, n, bucket_mb, algo, zero, net, keep_timeline=False):
     gather, opt_saved = 0.0, 0.0
     if zero:
         # AdamW on this rank's pieces only; then every bucket's bf16 weights (2 bytes each) are gathered, after
-        # the optimizer, with nothing to overlap. The fp32 master is not gathered: each rank's copy is current
-        # only in the pieces it updates.
+        # the optimizer, with nothing to overlap. The fp32 master is not gathered: each rank holds it for the
+        # pieces it updates only.
         opt_saved = case.opt_s * (1 - 1 / n)
         gather = sum(collective_s("ag", GATHER_BYTES * (hi - lo), n, algo, net) for lo, hi in ranges)
     step = single + exposed + sync + gather - opt_saved
@@ -358,7 +358,7 @@ def main(argv=None):
         for mb in mbs:
             act = activation_bytes(shape, mb)
             state0 = (BF16 + MASTER + GRAD + MOMENTS) * shape.params  # 18 bytes per parameter
-            state1 = (BF16 + MASTER + GRAD + MOMENTS / 8) * shape.params  # ZeRO-1 shards m and v only
+            state1 = (BF16 + GRAD + (MASTER + MOMENTS) / 8) * shape.params  # ZeRO-1 shards master, m and v
             gib = 2.0 ** 30
             out(f"| {MODELS[key]['name']} | {mb} | {act / gib:.1f} | {state0 / gib:.1f} | {(act + state0) / gib:.1f} | "
                 f"{(act + state1) / gib:.1f} |\n")
