@@ -8,6 +8,7 @@ pub mod backend;
 pub mod comm;
 pub mod config;
 pub mod error;
+pub mod pieces;
 
 pub use backend::{AdamWStep, AttentionDims, Backend, MatmulDims, Role, Tensor};
 pub use comm::Communicator;

@@ -14,6 +14,7 @@ pub mod math;
 mod matmul;
 
 use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap};
+use kiln_core::pieces::Pieces;
 use kiln_core::{AdamWStep, AttentionDims, Backend, Error, MatmulDims, Result, Role, Tensor};
 use math::Real;
 use rayon::prelude::*;
@@ -31,6 +32,10 @@ pub struct CpuBackend<T: Real> {
     scratch: Vec<T>,
     /// Per-piece partial sums of [`Backend::sum`] and [`Backend::sum_squares`].
     partials: Vec<f64>,
+    /// The pieces of a parameter allocation a ZeRO rank said it updates ([`Backend::keep_master_pieces`]). This
+    /// engine keeps no master copy, but it holds the rank to the contract of one that does, so that the trainer's
+    /// bookkeeping is checked without a GPU: AdamW may update only ranges inside one piece.
+    master_pieces: Option<(BufferId, Pieces)>,
 }
 
 impl<T: Real> Default for CpuBackend<T> {
@@ -51,7 +56,7 @@ const SUM_PIECE: usize = 1 << 14;
 
 impl<T: Real> CpuBackend<T> {
     pub fn new() -> Self {
-        CpuBackend { allocations: Vec::new(), scratch: Vec::new(), partials: Vec::new() }
+        CpuBackend { allocations: Vec::new(), scratch: Vec::new(), partials: Vec::new(), master_pieces: None }
     }
 
     /// The elements of a real-valued tensor, for direct host access (tests perturb single parameters through it).
@@ -230,6 +235,14 @@ impl<T: Real> Backend for CpuBackend<T> {
             Allocation::Index(d) => d.len() * 4,
         };
         self.allocations.iter().map(elements).sum::<usize>() as u64
+    }
+
+    fn keep_master_pieces(&mut self, params: Tensor, pieces: &[std::ops::Range<usize>]) -> Result<()> {
+        let op = "keep_master_pieces";
+        self.check_real(op, params, params.len)?;
+        let kept = Pieces::of_tensor(params, pieces, params.offset + params.len).map_err(|e| self.invalid(op, e))?;
+        self.master_pieces = Some((params.buffer, kept));
+        Ok(())
     }
 
     fn encoder_forward(
@@ -540,6 +553,13 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn adamw(&mut self, params: Tensor, grads: Tensor, m: Tensor, v: Tensor, step: &AdamWStep) -> Result<()> {
         let n = params.len;
         self.check("adamw", &[(params, n), (m, n), (v, n)], &[(grads, n)])?;
+        if let Some((buffer, pieces)) = &self.master_pieces {
+            let range = params.offset..params.offset + n;
+            if *buffer == params.buffer && pieces.packed_index(range.clone()).is_none() {
+                let why = format!("elements {range:?} are not all in one piece of the master weights kept");
+                return Err(self.invalid("adamw", why));
+            }
+        }
         // SAFETY: checked above.
         unsafe { adamw::update(self.write(params), self.read(grads), self.write(m), self.write(v), step) };
         Ok(())

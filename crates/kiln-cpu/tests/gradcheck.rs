@@ -367,6 +367,22 @@ fn adamw_matches_the_formula() {
 }
 
 #[test]
+fn adamw_updates_only_inside_the_master_pieces_a_rank_keeps() {
+    let mut f = Fixture::new(13);
+    let (p, g, m, v) = (f.random(300, 1.0), f.random(300, 1.0), f.zeros(300), f.zeros(300));
+    let s = AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
+    f.b.keep_master_pieces(p.slice(100, 200), &[0..50, 50..120]).unwrap();
+    // Inside one piece (elements 150..220 of the allocation): updated. Outside every piece: refused.
+    f.b.adamw(p.slice(160, 60), g.slice(0, 60), m.slice(0, 60), v.slice(0, 60), &s).unwrap();
+    f.b.adamw(p.slice(0, 100), g.slice(0, 100), m.slice(0, 100), v.slice(0, 100), &s).unwrap_err();
+    // Across the boundary of two pieces, even adjacent ones: a packed master copy has no such range.
+    let err = f.b.adamw(p.slice(140, 20), g.slice(0, 20), m.slice(0, 20), v.slice(0, 20), &s).unwrap_err();
+    assert!(err.to_string().contains("not all in one piece"), "{err}");
+    let err = f.b.keep_master_pieces(p.slice(100, 200), &[0..10, 190..201]).unwrap_err();
+    assert!(err.to_string().contains("past the tensor"), "{err}");
+}
+
+#[test]
 fn sums() {
     let mut f = Fixture::new(11);
     let t = f.random(100_003, 1.0);

@@ -15,7 +15,6 @@ use crate::compile::Compiler;
 use crate::devices;
 use crate::kernels::{KERNELS, Precision};
 use crate::libraries::Library;
-use crate::master::Pieces;
 use crate::matmul::{self, CublasLt, Epilogue, Operand, Product};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
@@ -24,6 +23,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use kiln_core::backend::{BufferId, first_overlap};
 use kiln_core::config::AttentionKernel;
+use kiln_core::pieces::Pieces;
 use kiln_core::{AdamWStep, AttentionDims, Backend, Error, MatmulDims, Result, Role, Tensor};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -546,9 +546,7 @@ impl Backend for CudaBackend {
         if params.offset + params.len > b.len {
             return Err(self.err(op, format!("{params:?} lies outside its allocation of {}", b.len)));
         }
-        let in_allocation: Vec<Range<usize>> =
-            pieces.iter().map(|p| params.offset + p.start..params.offset + p.end.min(params.len)).collect();
-        let kept = Pieces::new(&in_allocation, b.len).map_err(|e| self.err(op, e))?;
+        let kept = Pieces::of_tensor(params, pieces, b.len).map_err(|e| self.err(op, e))?;
         // Where each kept piece's values are now: inside one piece of the copy held so far.
         let moves: Option<Vec<(u64, usize, usize)>> = kept
             .parts(0..b.len)

@@ -15,6 +15,5 @@ pub mod compile;
 pub mod devices;
 pub mod kernels;
 pub mod libraries;
-mod master;
 mod matmul;
 pub mod nccl;
