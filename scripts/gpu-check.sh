@@ -44,7 +44,7 @@ step kernels 120 "$kiln" kernels build
 # One process per precision: a fault ends the CUDA context, and with it every later check of that process.
 selftest_failed=()
 for precision in fp32 bf16; do
-  step selftest-$precision 90 "$kiln" selftest --backend cuda --precision $precision || selftest_failed+=($precision)
+  step selftest-$precision 120 "$kiln" selftest --backend cuda --precision $precision || selftest_failed+=($precision)
 done
 step quickstart-bf16 90 "$kiln" train --backend cuda --set train.out_dir=/tmp/kiln-quickstart
 # Exact resume on the GPU: six steps straight, against three steps then a resume from the step-3 checkpoint.

@@ -299,6 +299,7 @@ impl CudaBackend {
             bytes: matmul::WORKSPACE_BYTES,
         };
         backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
+        backend.scratch = backend.alloc(1, Role::Stat)?;
         Ok(backend)
     }
 
@@ -425,7 +426,16 @@ impl CudaBackend {
     /// run allocates).
     fn scratch(&mut self, op: &str, len: usize) -> Result<u64> {
         if self.scratch.len < len {
-            self.scratch = self.alloc(len, Role::Stat)?;
+            // A bigger allocation under the same handle. Work already queued may still use the old one, so it is
+            // freed only after that has finished (this happens in a run's first step only).
+            let (mem, ptr) = self.alloc_bytes(len * 4)?;
+            self.synchronize()?;
+            let old = std::mem::replace(
+                &mut self.buffers[self.scratch.buffer.0 as usize],
+                Buffer { _mem: mem, ptr, len, dtype: DType::F32, master: None },
+            );
+            self.bytes -= old.len * 4;
+            self.scratch.len = len;
         }
         self.ptr(op, self.scratch.slice(0, len), DType::F32, len)
     }
