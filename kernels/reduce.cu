@@ -1,9 +1,11 @@
-// Sums over a whole fp32 vector (the loss, the squared gradient norm), deterministic: a fixed grid of blocks
-// each reduces a fixed stride of the input into partials[block], then one block adds the partials in order.
+// Sums over a whole vector (the loss, the squared gradient norm; a parameter tensor in its working precision),
+// deterministic: a fixed grid of blocks each reduces a fixed stride of the input into partials[block], then one block
+// adds the partials in order, in fp32.
 
-// squares != 0 sums x², otherwise x. Each thread reads chunks of 4 (16 bytes; see Packed in common.cuh).
-extern "C" __global__ void reduce_partials(float* partials, const float* x, long n, int squares) {
-    typedef Packed<float> P;
+// squares != 0 sums x², otherwise x. Each thread reads chunks of 16 bytes (see Packed in common.cuh).
+template <typename T>
+__device__ __forceinline__ void reduce_partials_of(float* partials, const T* x, long n, int squares) {
+    typedef Packed<T> P;
     __shared__ float scratch[32];
     float s = 0.0f;
     for (long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * P::size; i < n;
@@ -12,12 +14,21 @@ extern "C" __global__ void reduce_partials(float* partials, const float* x, long
         P xs = P::load(x + i, count);
 #pragma unroll
         for (int k = 0; k < P::size; k++) {
-            float v = xs.v[k];
+            float v = to_f32(xs.v[k]);
             if (k < count) s += squares ? v * v : v;
         }
     }
     s = block_sum(s, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+extern "C" __global__ void reduce_partials(float* partials, const float* x, long n, int squares) {
+    reduce_partials_of(partials, x, n, squares);
+}
+
+// The same over the working precision's elements (bf16 in a bf16 build: parameters, activations).
+extern "C" __global__ void reduce_partials_x(float* partials, const floatX* x, long n, int squares) {
+    reduce_partials_of(partials, x, n, squares);
 }
 
 // One block: out[0] = Σ partials[0..count).

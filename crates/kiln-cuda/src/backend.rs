@@ -405,15 +405,22 @@ impl CudaBackend {
         unsafe { self.lt.run(&product, &self.stream) }.map_err(|e| self.err(op, e))
     }
 
-    /// Sum of `x` or of its squares, deterministic, returned to the host.
+    /// Sum of `t` (fp32 or bf16) or of its squares, deterministic, returned to the host.
     fn reduce(&mut self, op: &str, t: Tensor, squares: i32) -> Result<f32> {
-        let x = self.ptr(op, t, DType::F32, t.len)?;
+        let dtype =
+            self.buffers.get(t.buffer.0 as usize).map(|b| b.dtype).ok_or_else(|| self.err(op, format!("{t:?}")))?;
+        let kernel = match dtype {
+            DType::F32 => "reduce_partials",
+            DType::Bf16 => "reduce_partials_x",
+            DType::U32 => return Err(self.err(op, "token tensors hold no reals".into())),
+        };
+        let x = self.ptr(op, t, dtype, t.len)?;
         let partials =
             self.ptr(op, self.reduce.slice(0, REDUCE_BLOCKS as usize), DType::F32, REDUCE_BLOCKS as usize)?;
         let total = self.ptr(op, self.reduce.slice(REDUCE_BLOCKS as usize, 1), DType::F32, 1)?;
         let n = t.len as i64;
         let cfg = LaunchConfig { grid_dim: (REDUCE_BLOCKS, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "reduce_partials", cfg, partials, x, n, squares)?;
+        launch!(self, kernel, cfg, partials, x, n, squares)?;
         let count = REDUCE_BLOCKS as i32;
         let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         launch!(self, "reduce_final", one, total, partials, count)?;

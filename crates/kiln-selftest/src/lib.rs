@@ -304,18 +304,25 @@ fn op_cases() -> Vec<OpCase> {
             indices: vec![],
             run: Box::new(move |b, r, _| b.adamw(r[0], r[1], r[2], r[3], &adam)),
         },
-        OpCase {
-            name: "sum, sum_squares".into(),
-            reals: vec![(100_003, In, Grad), (2, Out, Stat)],
-            indices: vec![],
-            run: Box::new(move |b, r, _| {
-                let (s, q) = (b.sum(r[0])?, b.sum_squares(r[0])?);
-                b.upload(r[1], &[s, q])
-            }),
-        },
+        sums_case("sum, sum_squares", 100_003, Grad),
+        // Parameters, in the engine's working precision (ranks compare their sums after a resume).
+        sums_case("sum, sum_squares of parameters", 10_007, Param),
     ];
     cases.extend(ATTENTION_SHAPES.iter().flat_map(|&d| attention_cases(d)));
     cases
+}
+
+/// `sum` and `sum_squares` of a tensor of `len` elements held as `role`.
+fn sums_case(name: &str, len: usize, role: Role) -> OpCase {
+    OpCase {
+        name: name.into(),
+        reals: vec![(len, Use::In, role), (2, Use::Out, Role::Stat)],
+        indices: vec![],
+        run: Box::new(move |b, r, _| {
+            let (s, q) = (b.sum(r[0])?, b.sum_squares(r[0])?);
+            b.upload(r[1], &[s, q])
+        }),
+    }
 }
 
 /// One shape of every class attention supports: head dimensions 16 to 128, causal or not, grouped-query, and
