@@ -192,7 +192,8 @@ pub trait Backend {
     fn sum_squares(&mut self, t: Tensor) -> Result<f32>;
     /// Waits for all work queued so far (a no-op for an engine that runs each operation to completion).
     fn synchronize(&mut self) -> Result<()>;
-    /// Bytes held by this backend's allocations (all made before the first step, so also the peak).
+    /// Bytes held by this backend's allocations. The model's are all made before the first step; an engine may add
+    /// working memory for its kernels during the first step, after which this is the peak.
     fn allocated_bytes(&self) -> u64;
     /// Says that this rank updates only `pieces` (element ranges) of the parameter tensor `params`, as a ZeRO
     /// stage 1 rank does. An engine that keeps an fp32 master copy of lower-precision parameters may then keep it

@@ -573,24 +573,22 @@ impl Backend for CudaBackend {
             })
             .collect();
         let moves = moves.ok_or_else(|| self.err(op, "a piece reaches outside the master copy held so far".into()))?;
-        let old_bytes = old.pieces.packed_len() * 4;
-        let (mem, ptr) = self.alloc_bytes(kept.packed_len() * 4)?;
+        // The kept values wait on the host while the old copy is freed and the new one allocated: both on the GPU
+        // at once would pass the run's peak memory by up to the whole master (3 bytes a weight at 8 ranks).
+        let mut kept_values = Vec::with_capacity(moves.len());
         for (from, packed, n) in moves {
-            // SAFETY: both ranges lie inside their master copies (checked above against the pieces).
-            unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    ptr + (packed * 4) as u64,
-                    from,
-                    n * 4,
-                    self.stream.cu_stream(),
-                )
-            }
-            .map_err(driver("copying master weights"))?;
+            let mut bytes = vec![0u8; n * 4];
+            self.copy_to_host(from, &mut bytes)?;
+            kept_values.push((packed, bytes));
         }
-        // The old copy may be freed only once the copies out of it are done.
-        self.synchronize()?;
-        self.buffers[params.buffer.0 as usize].master = Some(Master { _mem: mem, ptr, pieces: kept });
+        let old_bytes = (old.pieces.packed_len() * 4).max(1);
+        self.buffers[params.buffer.0 as usize].master = None;
         self.bytes -= old_bytes;
+        let (mem, ptr) = self.alloc_bytes(kept.packed_len() * 4)?;
+        for (packed, bytes) in &kept_values {
+            self.copy_to_device(ptr + (packed * 4) as u64, bytes)?;
+        }
+        self.buffers[params.buffer.0 as usize].master = Some(Master { _mem: mem, ptr, pieces: kept });
         Ok(())
     }
 

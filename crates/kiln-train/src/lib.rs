@@ -388,7 +388,7 @@ impl<B: Backend> Trainer<B> {
         );
         tracing::info!(
             "batch: {} tokens per step = {} sequences × {} tokens × {} accumulation steps × {world} rank{}; backend \
-             {}, {:.2} GiB allocated{} (all of it, before the first step){}",
+             {}, {:.2} GiB allocated{} before the first step (kernels' working memory comes on top in it){}",
             cfg.total_batch_tokens(),
             train.micro_batch,
             cfg.model.block_size,
