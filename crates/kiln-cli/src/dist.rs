@@ -181,8 +181,8 @@ pub fn train_process(
     };
     let (rank, world) = (placement.rank, placement.world);
     // Each rank checks its libraries and starts its engine before the rendezvous: a rank that fails there exits
-    // before meeting the others, who are told at the rendezvous or by its timeout, whereas after it they would be
-    // waiting in NCCL's initialisation, which has no timeout.
+    // before meeting the others, who are told at the rendezvous or by its timeout, rather than while they wait in
+    // NCCL's initialisation (which a lost rank or dist.timeout_s also ends, but later).
     Library::Nccl.require()?;
     let gpu = match gpu {
         Some(gpu) => gpu,

@@ -154,20 +154,24 @@ impl NcclComm {
         self.stream.cu_stream() as sys::cudaStream_t
     }
 
-    /// Makes the communication stream wait for everything queued on the engine's stream so far.
-    fn follow(&self, backend: &CudaBackend) -> Result<()> {
+    /// An error once the communicator has been aborted: nothing may use it after that.
+    fn check_live(&self) -> Result<()> {
         if self.aborted {
             return Err(failure(format!("rank {}: the communicator was aborted", self.rank)));
         }
+        Ok(())
+    }
+
+    /// Makes the communication stream wait for everything queued on the engine's stream so far.
+    fn follow(&self, backend: &CudaBackend) -> Result<()> {
+        self.check_live()?;
         self.queued.record(backend.stream()).map_err(|e| failure(format!("recording an event: {e:?}")))?;
         self.stream.wait(&self.queued).map_err(|e| failure(format!("ordering the streams: {e:?}")))
     }
 
     /// Waits on the host for the communication stream.
     fn drain(&mut self) -> Result<()> {
-        if self.aborted {
-            return Err(failure(format!("rank {}: the communicator was aborted", self.rank)));
-        }
+        self.check_live()?;
         self.done.record(&self.stream).map_err(|e| failure(format!("recording an event: {e:?}")))?;
         self.poll("a collective", |this, _| {
             this.done.try_is_complete().map_err(|e| format!("the GPU reported {e:?} during a collective"))
@@ -253,6 +257,7 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn all_reduce_host(&mut self, _: &mut CudaBackend, values: &mut [f64]) -> Result<()> {
+        self.check_live()?;
         // Host values depend on nothing queued on the engine, so this does not wait for it: the engine can still
         // be finishing the previous step while the ranks agree on the next one's numbers.
         for chunk in values.chunks_mut(HOST_CHUNK) {
