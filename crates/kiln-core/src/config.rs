@@ -681,6 +681,40 @@ mod tests {
         assert!(message.contains("string"), "{message}");
     }
 
+    /// The README's tables of config keys (rows starting `` | `section.key` ``, later keys of a row sharing the
+    /// first one's section) name exactly the keys a config has: a new key must be documented, and a documented one
+    /// must exist.
+    #[test]
+    fn the_readme_documents_every_config_key() {
+        let readme = include_str!("../../../README.md");
+        let mut documented = std::collections::BTreeSet::new();
+        for row in readme.lines().filter(|l| l.starts_with("| `")) {
+            let keys = row.split('|').nth(1).expect("a first cell");
+            let mut section = "";
+            for key in keys.split(',').map(|k| k.trim().trim_matches('`')) {
+                let name = match key.split_once('.') {
+                    Some((s, name)) => {
+                        section = s;
+                        name
+                    }
+                    None => key,
+                };
+                documented.insert(format!("{section}.{name}"));
+            }
+        }
+        // Every optional key set, so that each one is serialized.
+        let all = set(&["model.init=\"hf:x\"", "data.val=\"v.txt\"", "train.total_batch_tokens=3328"]);
+        let config = Config::load(None, &all).unwrap();
+        let table = toml::Table::try_from(&config).unwrap();
+        let mut keys = std::collections::BTreeSet::new();
+        for (section, values) in &table {
+            for key in values.as_table().expect("a section").keys() {
+                keys.insert(format!("{section}.{key}"));
+            }
+        }
+        assert_eq!(documented, keys);
+    }
+
     #[test]
     fn malformed_override() {
         for raw in ["max_steps=5", "train.max_steps", "a.b.c=1", ".x=1", "train.=1"] {
