@@ -90,6 +90,12 @@ inline void mma_16816(float d[4], const unsigned a[4], unsigned b0, unsigned b1)
     emu_warp_barrier("mma done");
 }
 
+// Exact, then flushed to zero below the normal range, as ex2.approx.ftz flushes.
+inline float exp2_ftz(float x) {
+    const float y = std::exp2(x);
+    return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
+
 inline unsigned pack_bf16(float lo, float hi) {
     return (unsigned)__nv_bfloat16(lo).x | (unsigned)__nv_bfloat16(hi).x << 16;
 }
