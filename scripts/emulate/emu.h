@@ -15,9 +15,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <new>
 #include <random>
 #include <string>
 #include <sys/mman.h>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -383,6 +385,40 @@ inline void emu_check_global(const void* p, size_t bytes) {
         if (b >= lo && b + bytes <= hi) return;
     emu_fail("global read outside every buffer");
 }
+
+// ---- the tests' device memory -------------------------------------------------------------------------------------
+
+// A device array of exactly n elements (AddressSanitizer sees any access past it), registered as a global buffer
+// that asynchronous copies may read.
+template <typename T>
+struct Array {
+    T* p;
+    size_t n;
+    explicit Array(size_t n_) : n(n_) {
+        p = static_cast<T*>(::operator new[](std::max<size_t>(n, 1) * sizeof(T), std::align_val_t(16)));
+        auto* b = reinterpret_cast<unsigned char*>(p);
+        g_global_buffers.push_back({b, b + n * sizeof(T)});
+    }
+    Array(const Array&) = delete;
+    ~Array() {
+        const unsigned char* b = reinterpret_cast<unsigned char*>(p);
+        auto range = std::make_pair(b, b + n * sizeof(T));
+        g_global_buffers.erase(std::find(g_global_buffers.begin(), g_global_buffers.end(), range));
+        ::operator delete[](p, std::align_val_t(16));
+    }
+    void poison() { std::memset(p, 0xff, n * sizeof(T)); }  // NaN in bf16 and fp32
+    double at(size_t i) const {
+        if constexpr (std::is_same_v<T, float>) return p[i];
+        else return __bfloat162float(p[i]);
+    }
+};
+
+// What a kernel built in bf16 (KILN_BF16) or in fp32 may differ from a double-precision reference by, normwise.
+#ifdef KILN_BF16
+inline const double EMU_TOL = 1e-2;
+#else
+inline const double EMU_TOL = 1e-5;
+#endif
 
 // ---- warp collectives ---------------------------------------------------------------------------------------------
 

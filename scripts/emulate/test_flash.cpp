@@ -8,33 +8,9 @@
 #include "flash_all.inc"
 
 #include <map>
-#include <new>
 
 static std::mt19937 rng(7);
 static float uni() { return std::uniform_real_distribution<float>(-1, 1)(rng); }
-
-// A device array of exactly n elements (AddressSanitizer sees any access past it), registered as a global buffer.
-template <typename T>
-struct Array {
-    T* p;
-    size_t n;
-    explicit Array(size_t n_) : n(n_) {
-        p = static_cast<T*>(::operator new[](std::max<size_t>(n, 1) * sizeof(T), std::align_val_t(16)));
-        auto* b = reinterpret_cast<unsigned char*>(p);
-        g_global_buffers.push_back({b, b + n * sizeof(T)});
-    }
-    ~Array() {
-        const unsigned char* b = reinterpret_cast<unsigned char*>(p);
-        auto range = std::make_pair(b, b + n * sizeof(T));
-        g_global_buffers.erase(std::find(g_global_buffers.begin(), g_global_buffers.end(), range));
-        ::operator delete[](p, std::align_val_t(16));
-    }
-    void poison() { std::memset(p, 0xff, n * sizeof(T)); }  // NaN in bf16 and fp32
-    double at(size_t i) const {
-        if constexpr (std::is_same_v<T, float>) return p[i];
-        else return __bfloat162float(p[i]);
-    }
-};
 
 struct Tiles {
     int forward_rows, forward_cols, dq_cols, dkv_rows;

@@ -9,11 +9,6 @@
 #include <cmath>
 #include <random>
 
-#ifdef KILN_BF16
-static const double TOL = 1e-2;
-#else
-static const double TOL = 1e-5;
-#endif
 static int failures = 0;
 static std::mt19937 rng(3);
 
@@ -36,7 +31,7 @@ static double error(const std::vector<G>& got, const std::vector<double>& want) 
 }
 
 static void check(const char* what, int N, int C, double err) {
-    bool ok = err <= TOL;
+    bool ok = err <= EMU_TOL;
     if (!ok) failures++;
     if (!ok || std::getenv("VERBOSE")) std::printf("%s %-9s N%d C%d: error %.2e\n", ok ? "ok  " : "FAIL", what, N, C, err);
 }

@@ -5,28 +5,10 @@
 #include "unfused_all.inc"
 
 #include <map>
-#include <new>
 
 static std::mt19937 rng(11);
 static float uni() { return std::uniform_real_distribution<float>(-1, 1)(rng); }
 
-template <typename T>
-struct Array {
-    T* p;
-    size_t n;
-    explicit Array(size_t n_) : n(n_) {
-        p = static_cast<T*>(::operator new[](std::max<size_t>(n, 1) * sizeof(T), std::align_val_t(16)));
-    }
-    ~Array() { ::operator delete[](p, std::align_val_t(16)); }
-    void poison() { std::memset(p, 0xff, n * sizeof(T)); }
-    double at(size_t i) const { return to_f32(p[i]); }
-};
-
-#ifdef KILN_BF16
-static const double TOL = 1e-2;
-#else
-static const double TOL = 1e-5;
-#endif
 static int failures = 0;
 static std::map<std::string, double> worst;
 
@@ -35,7 +17,7 @@ struct Shape {
 };
 
 static void report(const char* what, const Shape& s, double err) {
-    bool ok = err <= TOL;
+    bool ok = err <= EMU_TOL;
     worst[what] = std::max(worst[what], err);
     if (!ok) failures++;
     if (!ok || std::getenv("VERBOSE"))
