@@ -43,20 +43,25 @@
 // Tile shapes (FLASH_ATTENTION at the end of the file), set by the 255 registers of a thread: ptxas must not spill
 // (the compile test fails on any spill, sm_80 and sm_90a). Reported registers per thread, sm_90a:
 //   D     forward BR × BC       dq 64 × BC          dkv 64 × BR         dkv_dq (same tiles)
-//   32    128 × 64  (179)       64 × 64  (126)      64 × 64  (140)      (168)
-//   64    128 × 64  (254)       64 × 64  (167)      64 × 64  (238)      (247)
-//   96    128 × 32  (212)       64 × 64  (240)      64 × 32  (187)      (250)
-//   128   128 × 32  (249)       64 × 32  (166)      64 × 16  (222)      (246)
+//   32    128 × 64  (179)       64 × 64  (128)      64 × 64  (128)      (168)
+//   64    128 × 64  (254)       64 × 64  (168)      64 × 64  (170)      (255)
+//   96    128 × 32  (212)       64 × 64  (174)      64 × 32  (187)      (247)
+//   128   128 × 32  (249)       64 × 32  (183)      64 × 16  (215)      (240)
 // Forward: each warp holds 32 queries (M = 2 tiles of 16), so every K and V fragment read from shared memory feeds
 // two mma: shared-memory traffic per mma is what limits mma.sync on H100, and one tile per warp would nearly double
 // it. O (D/2·M floats per thread) and the scores (BC/2·M) live in registers; Q's fragments are read again from
 // the resident Q tile for each key tile rather than kept (a fifth to a third more shared-memory reads, for 16 to
-// 64 registers). That leaves BC = 64 for D ≤ 64 and 32 for D ≥ 96 (64 spills at D = 96). The dq kernel holds dQ
-// (D/2) and S and dP (BC) per thread: BC = 64, and 32 for D = 128 (64 spills). The dkv kernel holds dK and dV (D)
-// and S and dP (BR): BR = 64, 32 for D = 96 (64 takes all 255 registers) and 16 for D = 128 (32 spills). Its
-// atomic-dQ form (dkv_dq) has the same tiles: the dQ product comes after S and dP are spent, and its accumulators
-// (at most 32 floats; see add_dq) fit in their place; dS goes to shared memory straight from the A fragments the
-// dK product already packs (packing it a second time, beside the masking, spilled at D = 96 and 128). The
+// 64 registers). That leaves BC = 64 for D ≤ 64 and 32 for D ≥ 96 (64 spills at D = 96). The backward kernels
+// never hold S and dP together: S becomes P, rounded to bf16 as the A fragments of a product (BC/4 registers),
+// before dP is computed, and dS = P∘(dP − D) takes that rounded P (dS itself is rounded to bf16 for its product
+// anyway). So the dq kernel holds dQ (D/2 floats per thread), then S (BC/2), or P and dP: BC = 64, and 32 for
+// D = 128 (64 spills). The dkv kernel holds dK and dV (D), then Sᵀ (BR/2), or Pᵀ and dPᵀ, and adds Pᵀ·dO to dV
+// before computing dPᵀ: BR = 64, 32 for D = 96 (64 spills) and 16 for D = 128 (32 spills). At D = 128 the dkv
+// kernels ask for two blocks a multiprocessor (__launch_bounds__): left to itself, ptxas squeezes the deterministic
+// one into 168 registers, for three, and spills. The atomic-dQ form (dkv_dq) has the same tiles: the dQ product
+// comes after dK's, and its accumulators (at most 32 floats; see add_dq) fit in the place of dPᵀ; dS goes to shared
+// memory straight from the A fragments the dK product already packs (packing it a second time, beside the masking,
+// spilled at D = 96 and 128). The
 // engine's table of these shapes (FLASH_TILES in crates/kiln-cuda/src/backend.rs) must match; each kernel checks
 // its block size and shared memory and traps if a launch disagrees.
 
@@ -122,6 +127,12 @@ __device__ __forceinline__ void accumulator_to_a(unsigned a[4], const float (&ac
     a[1] = pack_bf16(acc[2 * k][2], acc[2 * k][3]);
     a[2] = pack_bf16(acc[2 * k + 1][0], acc[2 * k + 1][1]);
     a[3] = pack_bf16(acc[2 * k + 1][2], acc[2 * k + 1][3]);
+}
+
+// Element e of accumulator tile 2k + t as accumulator_to_a rounded it into `a`, back as a float.
+__device__ __forceinline__ float a_to_accumulator(const unsigned a[4], int t, int e) {
+    const unsigned v = a[2 * t + e / 2];
+    return __uint_as_float(e % 2 ? v & 0xffff0000u : v << 16);
 }
 
 // Row and column, within a 16×8 accumulator tile, of this lane's element e (0–3).
@@ -353,54 +364,71 @@ extern "C" __global__ void flash_attention_row_dot(float* row_dot, const bf16* d
 }
 
 // One tile of BC keys for a warp's 16 queries (row0 the first; rows q_rows and do_rows of the Q and dO tiles):
-// dQ += dS·K (unscaled). Q's and dO's fragments are read again for each tile, as in the forward.
+// dQ += dS·K (unscaled). Q's and dO's fragments are read again for each tile, as in the forward. As in dkv_tile,
+// S becomes P rounded to bf16 before dP is computed, and dS = P∘(dP − D) uses that P: the two kernels compute the
+// same dS, and S and dP are never held together.
 template <int D, int BC>
 __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_rows, unsigned do_rows,
                                         const float (&lse_log2)[2], const float (&row_dot)[2], unsigned k_tile,
                                         unsigned v_tile, int k0, int row0, int T, int causal, float scale_log2,
                                         int lane) {
-    float s[BC / 8][4] = {}, dp[BC / 8][4] = {};
     const unsigned a = a_fragment_lane<D>(lane), bn = b_fragment_lane<D>(lane);
+    const bool masked = k0 + BC > T || (causal && k0 + BC - 1 > row0);
+    unsigned p[BC / 16][4];
+    {
+        float s[BC / 8][4] = {};
+#pragma unroll
+        for (int kb = 0; kb < D / 16; kb++) {
+            unsigned q[4];
+            ldmatrix_x4(q, q_rows + a + at<D>(0, kb * 16));
+#pragma unroll
+            for (int n = 0; n < BC / 16; n++) {
+                unsigned k[4];
+                ldmatrix_x4(k, k_tile + bn + at<D>(n * 16, kb * 16));
+                mma_16816(s[2 * n], q, k[0], k[1]);
+                mma_16816(s[2 * n + 1], q, k[2], k[3]);
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = row0 + acc_row(lane, e), col = k0 + n * 8 + acc_col(lane, e);
+                float x = exp2_ftz(s[n][e] * scale_log2 - lse_log2[e / 2]);
+                if (masked && (col >= T || (causal && col > row))) x = 0.0f;
+                s[n][e] = x;
+            }
+        }
+#pragma unroll
+        for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], s, kb);
+    }
+    float ds[BC / 8][4] = {};
 #pragma unroll
     for (int kb = 0; kb < D / 16; kb++) {
-        unsigned q[4], d_o[4];
-        ldmatrix_x4(q, q_rows + a + at<D>(0, kb * 16));
+        unsigned d_o[4];
         ldmatrix_x4(d_o, do_rows + a + at<D>(0, kb * 16));
 #pragma unroll
         for (int n = 0; n < BC / 16; n++) {
-            unsigned k[4], v[4];
-            ldmatrix_x4(k, k_tile + bn + at<D>(n * 16, kb * 16));
-            mma_16816(s[2 * n], q, k[0], k[1]);
-            mma_16816(s[2 * n + 1], q, k[2], k[3]);
+            unsigned v[4];
             ldmatrix_x4(v, v_tile + bn + at<D>(n * 16, kb * 16));
-            mma_16816(dp[2 * n], d_o, v[0], v[1]);
-            mma_16816(dp[2 * n + 1], d_o, v[2], v[3]);
+            mma_16816(ds[2 * n], d_o, v[0], v[1]);
+            mma_16816(ds[2 * n + 1], d_o, v[2], v[3]);
         }
     }
-    const bool masked = k0 + BC > T || (causal && k0 + BC - 1 > row0);
 #pragma unroll
-    for (int n = 0; n < BC / 8; n++) {
+    for (int n = 0; n < BC / 8; n++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int row = row0 + acc_row(lane, e), col = k0 + n * 8 + acc_col(lane, e);
-            // At D = 128 the shorter exponential shifts ptxas's register allocation into a spill (168 registers,
-            // its choice for three blocks a multiprocessor); the plain exp2f does not.
-            const float x = s[n][e] * scale_log2 - lse_log2[e / 2];
-            float p = D < 128 ? exp2_ftz(x) : exp2f(x);
-            if (masked && (col >= T || (causal && col > row))) p = 0.0f;
-            s[n][e] = p * (dp[n][e] - row_dot[e / 2]);  // dS
-        }
-    }
+        for (int e = 0; e < 4; e++) ds[n][e] = a_to_accumulator(p[n / 2], n % 2, e) * (ds[n][e] - row_dot[e / 2]);
 #pragma unroll
     for (int kb = 0; kb < BC / 16; kb++) {
-        unsigned ds[4];
-        accumulator_to_a(ds, s, kb);
+        unsigned dsa[4];
+        accumulator_to_a(dsa, ds, kb);
 #pragma unroll
         for (int n = 0; n < D / 16; n++) {
             unsigned k[4];
             ldmatrix_x4_trans(k, k_tile + a + at<D>(kb * 16, n * 16));
-            mma_16816(dq[2 * n], ds, k[0], k[1]);
-            mma_16816(dq[2 * n + 1], ds, k[2], k[3]);
+            mma_16816(dq[2 * n], dsa, k[0], k[1]);
+            mma_16816(dq[2 * n + 1], dsa, k[2], k[3]);
         }
     }
 }
@@ -463,48 +491,81 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, 
 }
 
 // One tile of BR queries (i0 the first) for a warp's 16 keys (j0 the first, rows k_rows and v_rows of the K and V
-// tiles): dV += Pᵀ·dO, dK += dSᵀ·Q (unscaled).
+// tiles): dV += Pᵀ·dO, dK += dSᵀ·Q (unscaled). Two passes, so that Sᵀ and dPᵀ (BR/2 floats a lane each) are never
+// held together: Sᵀ = K·Qᵀ becomes Pᵀ, rounded to bf16 A fragments (BR/4 registers), for dV; then dPᵀ = V·dOᵀ
+// and dSᵀ = Pᵀ∘(dPᵀ − D) from those same rounded Pᵀ, for dK. dS is rounded to bf16 for its product in any case.
 // With ATOMIC_DQ it also stores dSᵀ, rounded to bf16, in rows ds_rows of the block's dS tile (keys × BR queries).
 template <int D, int BR, bool ATOMIC_DQ>
 __device__ __forceinline__ void dkv_tile(float (&dk)[D / 8][4], float (&dv)[D / 8][4], unsigned k_rows,
                                          unsigned v_rows, unsigned q_tile, unsigned do_tile, unsigned lse_tile,
                                          unsigned dot_tile, unsigned ds_rows, int i0, int j0, int T, int causal,
                                          float scale_log2, int lane) {
-    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: keys are the rows, queries the columns.
-    float s[BR / 8][4] = {}, dp[BR / 8][4] = {};
     const unsigned a = a_fragment_lane<D>(lane), bn = b_fragment_lane<D>(lane);
+    const bool masked = i0 + BR > T || j0 + FLASH_WARP_ROWS > T || (causal && i0 < j0 + FLASH_WARP_ROWS - 1);
+    unsigned p[BR / 16][4];
+    {
+        // Sᵀ = K·Qᵀ: keys are the rows, queries the columns.
+        float s[BR / 8][4] = {};
+#pragma unroll
+        for (int kb = 0; kb < D / 16; kb++) {
+            unsigned k[4];
+            ldmatrix_x4(k, k_rows + a + at<D>(0, kb * 16));
+#pragma unroll
+            for (int n = 0; n < BR / 16; n++) {
+                unsigned qb[4];
+                ldmatrix_x4(qb, q_tile + bn + at<D>(n * 16, kb * 16));
+                mma_16816(s[2 * n], k, qb[0], qb[1]);
+                mma_16816(s[2 * n + 1], k, qb[2], qb[3]);
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < BR / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = j0 + acc_row(lane, e), col = n * 8 + acc_col(lane, e), query = i0 + col;
+                float x = exp2_ftz(s[n][e] * scale_log2 - ld_shared_f32(lse_tile + 4 * col) * FLASH_LOG2E);
+                if (masked && (query >= T || key >= T || (causal && query < key))) x = 0.0f;
+                s[n][e] = x;
+            }
+        }
+#pragma unroll
+        for (int kb = 0; kb < BR / 16; kb++) accumulator_to_a(p[kb], s, kb);
+    }
+#pragma unroll
+    for (int kb = 0; kb < BR / 16; kb++) {
+#pragma unroll
+        for (int n = 0; n < D / 16; n++) {
+            unsigned ob[4];
+            ldmatrix_x4_trans(ob, do_tile + a + at<D>(kb * 16, n * 16));
+            mma_16816(dv[2 * n], p[kb], ob[0], ob[1]);
+            mma_16816(dv[2 * n + 1], p[kb], ob[2], ob[3]);
+        }
+    }
+    // dPᵀ = V·dOᵀ.
+    float dp[BR / 8][4] = {};
 #pragma unroll
     for (int kb = 0; kb < D / 16; kb++) {
-        unsigned k[4], v[4];
-        ldmatrix_x4(k, k_rows + a + at<D>(0, kb * 16));
+        unsigned v[4];
         ldmatrix_x4(v, v_rows + a + at<D>(0, kb * 16));
 #pragma unroll
         for (int n = 0; n < BR / 16; n++) {
-            unsigned qb[4], ob[4];
-            ldmatrix_x4(qb, q_tile + bn + at<D>(n * 16, kb * 16));
-            mma_16816(s[2 * n], k, qb[0], qb[1]);
-            mma_16816(s[2 * n + 1], k, qb[2], qb[3]);
+            unsigned ob[4];
             ldmatrix_x4(ob, do_tile + bn + at<D>(n * 16, kb * 16));
             mma_16816(dp[2 * n], v, ob[0], ob[1]);
             mma_16816(dp[2 * n + 1], v, ob[2], ob[3]);
         }
     }
-    const bool masked = i0 + BR > T || j0 + FLASH_WARP_ROWS > T || (causal && i0 < j0 + FLASH_WARP_ROWS - 1);
 #pragma unroll
     for (int n = 0; n < BR / 8; n++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            const int key = j0 + acc_row(lane, e), col = n * 8 + acc_col(lane, e), query = i0 + col;
-            float p = exp2_ftz(s[n][e] * scale_log2 - ld_shared_f32(lse_tile + 4 * col) * FLASH_LOG2E);
-            if (masked && (query >= T || key >= T || (causal && query < key))) p = 0.0f;
-            s[n][e] = p;
-            dp[n][e] = p * (dp[n][e] - ld_shared_f32(dot_tile + 4 * col));  // dSᵀ
+            const int col = n * 8 + acc_col(lane, e);
+            dp[n][e] = a_to_accumulator(p[n / 2], n % 2, e) * (dp[n][e] - ld_shared_f32(dot_tile + 4 * col));  // dSᵀ
         }
     }
 #pragma unroll
     for (int kb = 0; kb < BR / 16; kb++) {
-        unsigned p[4], ds[4];
-        accumulator_to_a(p, s, kb);
+        unsigned ds[4];
         accumulator_to_a(ds, dp, kb);
         if (ATOMIC_DQ) {  // the A fragment's four 16-bit pairs, where they lie in the 16 × 16 block kb
 #pragma unroll
@@ -514,10 +575,7 @@ __device__ __forceinline__ void dkv_tile(float (&dk)[D / 8][4], float (&dv)[D / 
         }
 #pragma unroll
         for (int n = 0; n < D / 16; n++) {
-            unsigned ob[4], qb[4];
-            ldmatrix_x4_trans(ob, do_tile + a + at<D>(kb * 16, n * 16));
-            mma_16816(dv[2 * n], p, ob[0], ob[1]);
-            mma_16816(dv[2 * n + 1], p, ob[2], ob[3]);
+            unsigned qb[4];
             ldmatrix_x4_trans(qb, q_tile + a + at<D>(kb * 16, n * 16));
             mma_16816(dk[2 * n], ds, qb[0], qb[1]);
             mma_16816(dk[2 * n + 1], ds, qb[2], qb[3]);
@@ -657,31 +715,32 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
 
 // ---- entry points -------------------------------------------------------------------------------------------------
 
-// Per head dimension D: the forward's m16 tiles per warp (M) and keys per tile, the dq kernel's keys per tile, and
-// the dkv kernel's queries per tile (reasons at the top of the file).
-#define FLASH_ATTENTION(D, FORWARD_M, FORWARD_BC, DQ_BC, DKV_BR)                                                    \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                    \
-        flash_attention_forward_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH, int causal) { \
-        flash_forward<D, FORWARD_M, FORWARD_BC>(out, lse, qkv, T, NH, KVH, causal);                                \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                    \
-        flash_attention_backward_dq_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,          \
-                                         const float* row_dot, int T, int NH, int KVH, int causal) {               \
-        flash_backward_dq<D, DQ_BC>(dqkv, dout, qkv, lse, row_dot, T, NH, KVH, causal);                            \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                    \
-        flash_attention_backward_dkv_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,         \
-                                          const float* row_dot, int T, int NH, int KVH, int causal) {              \
-        flash_backward_dkv<D, DKV_BR, false>(dqkv, nullptr, dout, qkv, lse, row_dot, T, NH, KVH, causal);          \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                    \
-        flash_attention_backward_dkv_dq_d##D(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,         \
-                                             const float* lse, const float* row_dot, int T, int NH, int KVH,       \
-                                             int causal) {                                                         \
-        flash_backward_dkv<D, DKV_BR, true>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH, causal);            \
+// Per head dimension D: the forward's m16 tiles per warp (M) and keys per tile, the dq kernel's keys per tile, the
+// dkv kernel's queries per tile, and the blocks per multiprocessor the dkv kernels ask ptxas for (0: its own
+// choice). Reasons at the top of the file.
+#define FLASH_ATTENTION(D, FORWARD_M, FORWARD_BC, DQ_BC, DKV_BR, DKV_MIN_BLOCKS)                                       \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                        \
+        flash_attention_forward_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH, int causal) {     \
+        flash_forward<D, FORWARD_M, FORWARD_BC>(out, lse, qkv, T, NH, KVH, causal);                                    \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                        \
+        flash_attention_backward_dq_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,              \
+                                         const float* row_dot, int T, int NH, int KVH, int causal) {                   \
+        flash_backward_dq<D, DQ_BC>(dqkv, dout, qkv, lse, row_dot, T, NH, KVH, causal);                                \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, DKV_MIN_BLOCKS)                                        \
+        flash_attention_backward_dkv_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,             \
+                                          const float* row_dot, int T, int NH, int KVH, int causal) {                  \
+        flash_backward_dkv<D, DKV_BR, false>(dqkv, nullptr, dout, qkv, lse, row_dot, T, NH, KVH, causal);              \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, DKV_MIN_BLOCKS)                                        \
+        flash_attention_backward_dkv_dq_d##D(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,             \
+                                             const float* lse, const float* row_dot, int T, int NH, int KVH,           \
+                                             int causal) {                                                             \
+        flash_backward_dkv<D, DKV_BR, true>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH, causal);                \
     }
 
-FLASH_ATTENTION(32, 2, 64, 64, 64)
-FLASH_ATTENTION(64, 2, 64, 64, 64)
-FLASH_ATTENTION(96, 2, 32, 64, 32)
-FLASH_ATTENTION(128, 2, 32, 32, 16)
+FLASH_ATTENTION(32, 2, 64, 64, 64, 0)
+FLASH_ATTENTION(64, 2, 64, 64, 64, 0)
+FLASH_ATTENTION(96, 2, 32, 64, 32, 0)
+FLASH_ATTENTION(128, 2, 32, 32, 16, 2)
