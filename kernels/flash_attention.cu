@@ -46,24 +46,27 @@
 //   32    128 × 64  (179)       64 × 64  (128)      64 × 64  (128)      (168)
 //   64    128 × 64  (254)       64 × 64  (168)      64 × 64  (170)      (255)
 //   96    128 × 32  (212)       64 × 64  (174)      64 × 32  (187)      (247)
-//   128   128 × 32  (249)       64 × 32  (183)      64 × 16  (215)      (240)
+//   128   128 × 64  (255)       64 × 32  (168)      64 × 16  (215)      (240)
 // Forward: each warp holds 32 queries (M = 2 tiles of 16), so every K and V fragment read from shared memory feeds
 // two mma: shared-memory traffic per mma is what limits mma.sync on H100, and one tile per warp would nearly double
-// it. O (D/2·M floats per thread) and the scores (BC/2·M) live in registers; Q's fragments are read again from
-// the resident Q tile for each key tile rather than kept (a fifth to a third more shared-memory reads, for 16 to
-// 64 registers). That leaves BC = 64 for D ≤ 64 and 32 for D ≥ 96 (64 spills at D = 96). The backward kernels
-// never hold S and dP together: S becomes P, rounded to bf16 as the A fragments of a product (BC/4 registers),
-// before dP is computed, and dS = P∘(dP − D) takes that rounded P (dS itself is rounded to bf16 for its product
-// anyway). So the dq kernel holds dQ (D/2 floats per thread), then S (BC/2), or P and dP: BC = 64, and 32 for
-// D = 128 (64 spills). The dkv kernel holds dK and dV (D), then Sᵀ (BR/2), or Pᵀ and dPᵀ, and adds Pᵀ·dO to dV
-// before computing dPᵀ: BR = 64, 32 for D = 96 (64 spills) and 16 for D = 128 (32 spills). At D = 128 the dkv
-// kernels ask for two blocks a multiprocessor (__launch_bounds__): left to itself, ptxas squeezes the deterministic
-// one into 168 registers, for three, and spills. The atomic-dQ form (dkv_dq) has the same tiles: the dQ product
-// comes after dK's, and its accumulators (at most 32 floats; see add_dq) fit in the place of dPᵀ; dS goes to shared
-// memory straight from the A fragments the dK product already packs (packing it a second time, beside the masking,
-// spilled at D = 96 and 128). The
-// engine's table of these shapes (FLASH_TILES in crates/kiln-cuda/src/backend.rs) must match; each kernel checks
-// its block size and shared memory and traps if a launch disagrees.
+// it. O (D/2·M floats per thread) and the scores (BC/2·M) live in registers; Q's fragments are read again from the
+// resident Q tile for each key tile rather than kept (a fifth to a third more shared-memory reads, for 16 to 64
+// registers). That leaves BC = 64 for D ≤ 64 and for D = 128 on sm_90 (FlashAttention-2's 128 × 64 there), and 32
+// for D = 96 (64 spills) and for D = 128 on sm_80 (64 spills 60 bytes; 249 registers). The backward kernels never
+// hold S and dP together: S becomes P, rounded to bf16 as the A fragments of a product (BC/4 registers), before dP
+// is computed, and dS = P∘(dP − D) takes that rounded P (dS itself is rounded to bf16 for its product anyway). So
+// the dq kernel holds dQ (D/2 floats per thread), then S (BC/2), or P and dP: BC = 64, and 32 for D = 128 (64
+// spills). At D = 128 on sm_90 it asks for three blocks a multiprocessor, which H100's 228 KiB of shared memory
+// holds (70 KiB each), and gets them in 168 registers (183 left to itself); A100's 164 KiB hold two anyway. The dkv
+// kernel holds dK and dV (D), then Sᵀ (BR/2), or Pᵀ and dPᵀ, and adds Pᵀ·dO to dV before computing dPᵀ: BR = 64, 32
+// for D = 96 (64 spills) and 16 for D = 128 (32 spills). At D = 128 the dkv kernels ask for two blocks a
+// multiprocessor (__launch_bounds__): left to itself, ptxas squeezes the deterministic one into 168 registers, for
+// three, and spills. The atomic-dQ form (dkv_dq) has the same tiles: the dQ product comes after dK's, and its
+// accumulators (at most 32 floats; see add_dq) fit in the place of dPᵀ; dS goes to shared memory straight from the A
+// fragments the dK product already packs (packing it a second time, beside the masking, spilled at D = 96 and 128).
+// The engine reads each head dimension's launch shape from the compiled module (FLASH_ATTENTION's
+// flash_attention_launch_dD), so it follows these choices; each kernel checks its block size and shared memory and
+// traps if a launch disagrees.
 
 #define FLASH_THREADS 128
 #define FLASH_WARP_ROWS 16
@@ -152,6 +155,22 @@ __device__ __forceinline__ float row_sum4(float v) {
 // Stops a launch whose block size or dynamic shared memory is not what the kernel's tiles need.
 __device__ __forceinline__ void check_launch(unsigned shared_bytes) {
     if (blockDim.x != FLASH_THREADS || dynamic_shared_bytes() < shared_bytes) __trap();
+}
+
+// Dynamic shared memory of each kernel, as it lays its tiles out (see each kernel's comment). The engine reads these
+// numbers from the compiled module (FLASH_ATTENTION's launch table), so the two cannot disagree.
+template <int D, int BR, int BC>
+__device__ constexpr unsigned forward_shared_bytes() {
+    return at<D>(BR + 4 * BC, 0);
+}
+template <int D, int BC>
+__device__ constexpr unsigned dq_shared_bytes() {
+    return at<D>(2 * 4 * FLASH_WARP_ROWS + 4 * BC, 0);
+}
+template <int D, int BR, bool ATOMIC_DQ>
+__device__ constexpr unsigned dkv_shared_bytes() {
+    constexpr int BC = 4 * FLASH_WARP_ROWS;
+    return at<D>(2 * BC + 4 * BR, 0) + 4 * BR * 4 + (ATOMIC_DQ ? at<BR>(BC, 0) : 0);
 }
 
 // Writes a warp's 16 × D fp32 accumulator, times `scale`, to rows 0–15 of a global matrix (`stride` apart; rows
@@ -268,7 +287,7 @@ template <int D, int M, int BC>
 __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,
                                               int causal) {
     constexpr int BR = 4 * FLASH_WARP_ROWS * M;
-    check_launch(at<D>(BR + 4 * BC, 0));
+    check_launch(forward_shared_bytes<D, BR, BC>());
     const unsigned q_tile = shared_address(flash_shared), k_tiles = q_tile + at<D>(BR, 0),
                    v_tiles = k_tiles + at<D>(2 * BC, 0);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -438,7 +457,7 @@ template <int D, int BC>
 __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
                                                   const float* row_dot, int T, int NH, int KVH, int causal) {
     constexpr int BR = 4 * FLASH_WARP_ROWS;
-    check_launch(at<D>(2 * BR + 4 * BC, 0));
+    check_launch(dq_shared_bytes<D, BC>());
     const unsigned q_tile = shared_address(flash_shared), do_tile = q_tile + at<D>(BR, 0),
                    k_tiles = do_tile + at<D>(BR, 0), v_tiles = k_tiles + at<D>(2 * BC, 0);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -632,7 +651,7 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
                                                    const float* lse, const float* row_dot, int T, int NH, int KVH,
                                                    int causal) {
     constexpr int BC = 4 * FLASH_WARP_ROWS;
-    check_launch(at<D>(2 * BC + 4 * BR, 0) + 4 * BR * 4 + (ATOMIC_DQ ? at<BR>(BC, 0) : 0));
+    check_launch(dkv_shared_bytes<D, BR, ATOMIC_DQ>());
     const unsigned k_tile = shared_address(flash_shared), v_tile = k_tile + at<D>(BC, 0),
                    q_tiles = v_tile + at<D>(BC, 0), do_tiles = q_tiles + at<D>(2 * BR, 0),
                    lse_tiles = do_tiles + at<D>(2 * BR, 0), dot_tiles = lse_tiles + 2 * BR * 4,
@@ -716,14 +735,18 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
 // ---- entry points -------------------------------------------------------------------------------------------------
 
 // Per head dimension D: the forward's m16 tiles per warp (M) and keys per tile, the dq kernel's keys per tile, the
-// dkv kernel's queries per tile, and the blocks per multiprocessor the dkv kernels ask ptxas for (0: its own
-// choice). Reasons at the top of the file.
-#define FLASH_ATTENTION(D, FORWARD_M, FORWARD_BC, DQ_BC, DKV_BR, DKV_MIN_BLOCKS)                                       \
+// dkv kernel's queries per tile, and the blocks per multiprocessor the dq and the dkv kernels ask ptxas for (0: its
+// own choice). Reasons at the top of the file. Besides the kernels, flash_attention_launch_dD tells the engine how to
+// launch them: queries per forward block, then the dynamic shared memory of the forward, dq, dkv and dkv_dq kernels.
+#define FLASH_ATTENTION(D, FORWARD_M, FORWARD_BC, DQ_BC, DKV_BR, DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)                        \
+    extern "C" __constant__ unsigned flash_attention_launch_d##D[5] = {                                                \
+        4 * FLASH_WARP_ROWS * FORWARD_M, forward_shared_bytes<D, 4 * FLASH_WARP_ROWS * FORWARD_M, FORWARD_BC>(),       \
+        dq_shared_bytes<D, DQ_BC>(), dkv_shared_bytes<D, DKV_BR, false>(), dkv_shared_bytes<D, DKV_BR, true>()};       \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                        \
         flash_attention_forward_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH, int causal) {     \
         flash_forward<D, FORWARD_M, FORWARD_BC>(out, lse, qkv, T, NH, KVH, causal);                                    \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                        \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, DQ_MIN_BLOCKS)                                         \
         flash_attention_backward_dq_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,              \
                                          const float* row_dot, int T, int NH, int KVH, int causal) {                   \
         flash_backward_dq<D, DQ_BC>(dqkv, dout, qkv, lse, row_dot, T, NH, KVH, causal);                                \
@@ -740,7 +763,11 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
         flash_backward_dkv<D, DKV_BR, true>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH, causal);                \
     }
 
-FLASH_ATTENTION(32, 2, 64, 64, 64, 0)
-FLASH_ATTENTION(64, 2, 64, 64, 64, 0)
-FLASH_ATTENTION(96, 2, 32, 64, 32, 0)
-FLASH_ATTENTION(128, 2, 32, 32, 16, 2)
+FLASH_ATTENTION(32, 2, 64, 64, 64, 0, 0)
+FLASH_ATTENTION(64, 2, 64, 64, 64, 0, 0)
+FLASH_ATTENTION(96, 2, 32, 64, 32, 0, 0)
+#if __CUDA_ARCH__ >= 900
+FLASH_ATTENTION(128, 2, 64, 32, 16, 3, 2)
+#else
+FLASH_ATTENTION(128, 2, 32, 32, 16, 0, 2)
+#endif

@@ -70,6 +70,19 @@ step resume-exact 90 bash -c resume_check
 # Where a training step's time goes: every kernel of two steps, timed by Nsight Compute.
 step profile 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
   "$kiln" bench train --backend cuda --steps 1 --warmup 1
+# What limits the fused attention kernels (tensor pipe, shared memory, stalls, occupancy) at GPT-2's shape and at
+# head dimension 128: one forward and one backward each, under Nsight Compute's sections.
+profile_attention() {
+  local shape
+  for shape in "--batch 32 --heads 12 --seq 1024 --head-dim 64" "--batch 8 --heads 16 --seq 4096 --head-dim 128"; do
+    ncu --clock-control none --kernel-name "regex:flash_attention_(forward|backward)" --launch-count 4 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section Occupancy --section LaunchStats \
+      "$kiln" bench attention --backend cuda $shape --causal --reps 1 --warmup 0 || return 1
+  done
+}
+export -f profile_attention
+step profile-attention 150 bash -c profile_attention
 # A failed self-test again under compute-sanitizer, which names the kernel and the address of a bad access.
 for precision in "${selftest_failed[@]}"; do
   step sanitize-$precision 120 compute-sanitizer --tool memcheck --print-limit 10 \

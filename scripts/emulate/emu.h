@@ -40,6 +40,7 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 #define __global__
 #define __device__
+#define __constant__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and runs the CPU emulation of the kernels (see README.md): the fused attention kernels against a
-# double-precision reference for every head dimension, and the unfused ones in fp32 and bf16. Arguments go to the
-# fused test: `run.sh 64 77` runs only head dimension 64 at length 77. EMU_SEED=n reorders the emulated threads.
+# double-precision reference for every head dimension (and with sm_90's tiles where they differ), and the unfused
+# ones in fp32 and bf16. Arguments go to the fused test: `run.sh 64 77` runs only head dimension 64 at length 77.
+# EMU_SEED=n reorders the emulated threads.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -24,6 +25,8 @@ common() { grep -v '#include <cuda_bf16.h>' "$root/kernels/common.cuh"; }
 } > "$out/layernorm_all.inc"
 flags=(-std=c++20 -O2 -g -fsanitize=address -Wall -Wno-unused-function -Wno-unknown-pragmas -I"$here" -I"$out")
 g++ "${flags[@]}" -o "$out/test_flash" "$here/test_flash.cpp"
+# The kernel file picks some tiles by architecture (__CUDA_ARCH__, undefined here: sm_80's choice); sm_90's too.
+g++ "${flags[@]}" -D__CUDA_ARCH__=900 -o "$out/test_flash_sm90" "$here/test_flash.cpp"
 g++ "${flags[@]}" -o "$out/test_unfused_fp32" "$here/test_unfused.cpp"
 g++ "${flags[@]}" -DKILN_BF16 -o "$out/test_unfused_bf16" "$here/test_unfused.cpp"
 quiet=(-Wno-strict-aliasing -Wno-maybe-uninitialized)
@@ -32,6 +35,7 @@ g++ "${flags[@]}" "${quiet[@]}" -o "$out/test_layernorm_fp32" "$here/test_layern
 g++ "${flags[@]}" "${quiet[@]}" -DKILN_BF16 -o "$out/test_layernorm_bf16" "$here/test_layernorm.cpp"
 "$out/test_flash" "$@"
 if [ $# -eq 0 ]; then
+  "$out/test_flash_sm90" 128
   "$out/test_unfused_fp32"
   "$out/test_unfused_bf16"
   "$out/test_encoder"

@@ -12,12 +12,17 @@
 static std::mt19937 rng(7);
 static float uni() { return std::uniform_real_distribution<float>(-1, 1)(rng); }
 
-struct Tiles {
-    int forward_rows, forward_cols, dq_cols, dkv_rows;
-};
-// Must match FLASH_ATTENTION(...) in flash_attention.cu (and the engine's table).
-static const std::map<int, Tiles> TILES = {
-    {32, {128, 64, 64, 64}}, {64, {128, 64, 64, 64}}, {96, {128, 32, 64, 32}}, {128, {128, 32, 32, 16}}};
+// What the engine reads from the compiled module (FLASH_ATTENTION's launch table): queries per forward block, then
+// the shared memory of the forward, dq, dkv and dkv_dq kernels.
+static const unsigned* launch_table(int D) {
+    switch (D) {
+        case 32: return flash_attention_launch_d32;
+        case 64: return flash_attention_launch_d64;
+        case 96: return flash_attention_launch_d96;
+        case 128: return flash_attention_launch_d128;
+    }
+    emu_fail("no kernels for this head dimension");
+}
 
 struct Shape {
     int B, T, NH, KVH, D, causal;
@@ -50,7 +55,7 @@ static double normwise(size_t n, G got, W want) {
 
 static void run(const Shape& s) {
     const int B = s.B, T = s.T, NH = s.NH, KVH = s.KVH, D = s.D, W = (NH + 2 * KVH) * D, C = NH * D;
-    const Tiles tiles = TILES.at(D);
+    const unsigned* tiles = launch_table(D);
     Array<__nv_bfloat16> qkv((size_t)B * T * W), out((size_t)B * T * C), dout((size_t)B * T * C),
         dqkv((size_t)B * T * W);
     Array<float> lse((size_t)B * NH * T), row_dot((size_t)B * NH * T), dq_sum((size_t)B * T * C);
@@ -60,8 +65,7 @@ static void run(const Shape& s) {
     out.poison(), lse.poison(), dqkv.poison(), row_dot.poison(), dqkv_atomic.poison();
     std::fill(dq_sum.p, dq_sum.p + dq_sum.n, 0.0f);
 
-    auto shared = [&](int rows) { return (size_t)rows * (D + 8) * 2; };
-    const unsigned fwd_grid = (T + tiles.forward_rows - 1) / tiles.forward_rows, bwd_grid = (T + 63) / 64;
+    const unsigned fwd_grid = (T + tiles[0] - 1) / tiles[0], bwd_grid = (T + 63) / 64;
 #define DISPATCH(NAME, ...)                                             \
     switch (D) {                                                        \
         case 32: NAME##_d32(__VA_ARGS__); break;                        \
@@ -69,23 +73,21 @@ static void run(const Shape& s) {
         case 96: NAME##_d96(__VA_ARGS__); break;                        \
         case 128: NAME##_d128(__VA_ARGS__); break;                      \
     }
-    launch({fwd_grid, (unsigned)NH, (unsigned)B}, 128, shared(tiles.forward_rows + 4 * tiles.forward_cols),
+    launch({fwd_grid, (unsigned)NH, (unsigned)B}, 128, tiles[1],
            [&] { DISPATCH(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal) });
     const size_t rows = (size_t)B * T * NH;
     launch({(unsigned)((rows * 8 + 255) / 256), 1, 1}, 256, 0,
            [&] { flash_attention_row_dot(row_dot.p, dout.p, out.p, B, T, NH, D); });
-    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, 128, shared(128 + 4 * tiles.dkv_rows) + 16 * tiles.dkv_rows, [&] {
+    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, 128, tiles[3], [&] {
         DISPATCH(flash_attention_backward_dkv, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
     });
-    launch({bwd_grid, (unsigned)NH, (unsigned)B}, 128, shared(128 + 4 * tiles.dq_cols), [&] {
+    launch({bwd_grid, (unsigned)NH, (unsigned)B}, 128, tiles[2], [&] {
         DISPATCH(flash_attention_backward_dq, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
     });
-    const size_t ds_tile = (size_t)64 * (tiles.dkv_rows + 8) * 2;
-    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, 128, shared(128 + 4 * tiles.dkv_rows) + 16 * tiles.dkv_rows + ds_tile,
-           [&] {
-               DISPATCH(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T,
-                        NH, KVH, s.causal)
-           });
+    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, 128, tiles[4], [&] {
+        DISPATCH(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
+                 s.causal)
+    });
     launch({(unsigned)((dq_sum.n / 8 + 255) / 256), 1, 1}, 256, 0, [&] {
         flash_attention_dq_store(dqkv_atomic.p, dq_sum.p, (long)B * T, NH, KVH, D, 1.0f / std::sqrt((float)D));
     });

@@ -11,7 +11,7 @@
 //! copy in pieces has not yet run on a GPU (gpu-check's dp-equivalence compares ZeRO-1 with plain data parallelism
 //! in bf16).
 
-use crate::compile::Compiler;
+use crate::compile::{self, Compiler};
 use crate::devices;
 use crate::kernels::{KERNELS, Precision};
 use crate::libraries::Library;
@@ -79,77 +79,34 @@ const FLASH_THREADS: u32 = 128;
 /// Rows a dq block holds (queries) and a dkv block holds (keys): 16 per warp.
 const FLASH_BLOCK_ROWS: usize = 64;
 
-/// Tile shapes of the fused attention kernels (kernels/flash_attention.cu) for one head dimension. They must match
-/// that file's FLASH_ATTENTION instantiations, where the reasons for them are written; each kernel checks its block
-/// size and shared memory and traps if a launch disagrees.
+/// Per head dimension the fused attention kernels (kernels/flash_attention.cu) are built for: the forward, dq, dkv
+/// and dkv-with-atomic-dQ kernels.
+macro_rules! flash_kernels {
+    ($($d:literal),*) => {
+        [$(($d, [
+            concat!("flash_attention_forward_d", $d),
+            concat!("flash_attention_backward_dq_d", $d),
+            concat!("flash_attention_backward_dkv_d", $d),
+            concat!("flash_attention_backward_dkv_dq_d", $d),
+        ])),*]
+    };
+}
+const FLASH_KERNELS: [(usize, [&str; 4]); 4] = flash_kernels!(32, 64, 96, 128);
+
+/// How to launch the fused attention kernels of one head dimension on this GPU. The kernel file chooses the tiles
+/// (per architecture, where the reasons are written) and exports what a launch needs, `flash_attention_launch_dD`,
+/// which the engine reads from the compiled module; each kernel checks its block size and shared memory and traps
+/// if a launch disagrees.
+#[derive(Clone, Copy)]
 struct FlashTiles {
     head_dim: usize,
-    /// Queries per forward block, and keys per tile it streams.
+    /// Queries per forward block.
     forward_rows: usize,
-    forward_cols: usize,
-    /// Keys per tile the dq kernel streams past its FLASH_BLOCK_ROWS queries.
-    dq_cols: usize,
-    /// Queries per tile the dkv kernel streams past its FLASH_BLOCK_ROWS keys.
-    dkv_rows: usize,
-    /// The forward, dq, dkv and dkv-with-atomic-dQ kernels, in the order of [`FlashTiles::FORWARD`], `DQ`, `DKV`
-    /// and `DKV_DQ`.
+    /// Dynamic shared memory of the forward, dq, dkv and dkv_dq kernels.
+    shared_bytes: [u32; 4],
+    /// Those kernels, in the order of [`FlashTiles::FORWARD`], `DQ`, `DKV` and `DKV_DQ`.
     kernels: [&'static str; 4],
 }
-
-const FLASH_TILES: [FlashTiles; 4] = [
-    FlashTiles {
-        head_dim: 32,
-        forward_rows: 128,
-        forward_cols: 64,
-        dq_cols: 64,
-        dkv_rows: 64,
-        kernels: [
-            "flash_attention_forward_d32",
-            "flash_attention_backward_dq_d32",
-            "flash_attention_backward_dkv_d32",
-            "flash_attention_backward_dkv_dq_d32",
-        ],
-    },
-    FlashTiles {
-        head_dim: 64,
-        forward_rows: 128,
-        forward_cols: 64,
-        dq_cols: 64,
-        dkv_rows: 64,
-        kernels: [
-            "flash_attention_forward_d64",
-            "flash_attention_backward_dq_d64",
-            "flash_attention_backward_dkv_d64",
-            "flash_attention_backward_dkv_dq_d64",
-        ],
-    },
-    FlashTiles {
-        head_dim: 96,
-        forward_rows: 128,
-        forward_cols: 32,
-        dq_cols: 64,
-        dkv_rows: 32,
-        kernels: [
-            "flash_attention_forward_d96",
-            "flash_attention_backward_dq_d96",
-            "flash_attention_backward_dkv_d96",
-            "flash_attention_backward_dkv_dq_d96",
-        ],
-    },
-    FlashTiles {
-        head_dim: 128,
-        forward_rows: 128,
-        forward_cols: 32,
-        dq_cols: 32,
-        dkv_rows: 16,
-        kernels: [
-            "flash_attention_forward_d128",
-            "flash_attention_backward_dq_d128",
-            "flash_attention_backward_dkv_d128",
-            "flash_attention_backward_dkv_dq_d128",
-        ],
-    },
-];
 
 impl FlashTiles {
     const FORWARD: usize = 0;
@@ -157,22 +114,20 @@ impl FlashTiles {
     const DKV: usize = 2;
     const DKV_DQ: usize = 3;
 
-    /// Bytes of `rows` padded rows of bf16 (head_dim + 8 elements each, the kernels' shared-memory layout).
-    fn rows_bytes(&self, rows: usize) -> u32 {
-        (rows * (self.head_dim + 8) * 2) as u32
-    }
-
-    /// Dynamic shared memory of the forward, dq, dkv and dkv_dq kernels, as each kernel lays it out: the resident
-    /// tile then two stages of each streamed tile (and, for dkv, two stages of two fp32 statistics per query; for
-    /// dkv_dq then the bf16 dS tile, FLASH_BLOCK_ROWS keys × dkv_rows queries padded by 8).
-    fn shared_bytes(&self) -> [u32; 4] {
-        let dkv = self.rows_bytes(2 * FLASH_BLOCK_ROWS + 4 * self.dkv_rows) + (4 * self.dkv_rows * 4) as u32;
-        [
-            self.rows_bytes(self.forward_rows + 4 * self.forward_cols),
-            self.rows_bytes(2 * FLASH_BLOCK_ROWS + 4 * self.dq_cols),
-            dkv,
-            dkv + (FLASH_BLOCK_ROWS * (self.dkv_rows + 8) * 2) as u32,
-        ]
+    /// The tiles of every head dimension, read from the fused kernels' CUBIN.
+    fn read(cubin: &[u8]) -> Result<Vec<FlashTiles>> {
+        FLASH_KERNELS
+            .into_iter()
+            .map(|(head_dim, kernels)| {
+                let words = flash_launch_table(cubin, head_dim)?;
+                Ok(FlashTiles {
+                    head_dim,
+                    forward_rows: words[0] as usize,
+                    shared_bytes: [words[1], words[2], words[3], words[4]],
+                    kernels,
+                })
+            })
+            .collect()
     }
 
     /// A launch of `blocks` blocks of kernel `kernel` (FORWARD, DQ, DKV or DKV_DQ) for each head and batch element.
@@ -180,9 +135,20 @@ impl FlashTiles {
         LaunchConfig {
             grid_dim: (blocks as u32, heads as u32, batch as u32),
             block_dim: (FLASH_THREADS, 1, 1),
-            shared_mem_bytes: self.shared_bytes()[kernel],
+            shared_mem_bytes: self.shared_bytes[kernel],
         }
     }
+}
+
+/// `flash_attention_launch_d{head_dim}` of the fused kernels' CUBIN: queries per forward block, then the dynamic
+/// shared memory of the forward, dq, dkv and dkv_dq kernels.
+pub fn flash_launch_table(cubin: &[u8], head_dim: usize) -> Result<[u32; 5]> {
+    let name = format!("flash_attention_launch_d{head_dim}");
+    let bytes = compile::symbol_data(cubin, &name)
+        .map_err(|e| Error::backend("cuda", format!("reading {name} from the fused attention kernels: {e}")))?
+        .ok_or_else(|| Error::backend("cuda", format!("the fused attention kernels define no {name}")))?;
+    let words: Vec<u32> = bytes.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))).collect();
+    words.try_into().map_err(|w: Vec<u32>| Error::backend("cuda", format!("{name} holds {} words, not 5", w.len())))
 }
 
 pub struct CudaBackend {
@@ -193,6 +159,8 @@ pub struct CudaBackend {
     /// Whether every result must be reproducible bit for bit; otherwise the fused attention's backward adds dQ
     /// with atomics.
     deterministic: bool,
+    /// The fused attention kernels' launch shapes, per head dimension (none in fp32).
+    flash: Vec<FlashTiles>,
     stream: Arc<CudaStream>,
     lt: CublasLt,
     functions: HashMap<String, CudaFunction>,
@@ -260,8 +228,12 @@ impl CudaBackend {
         let arch = gpu.arch();
         let mut functions = HashMap::new();
         let mut modules = Vec::new();
+        let mut flash = Vec::new();
         for kernel in KERNELS.iter().filter(|k| k.precisions.contains(&precision)) {
             let built = compiler.compile(kernel, &arch, precision)?;
+            if kernel.name == "flash_attention" {
+                flash = FlashTiles::read(&built.cubin)?;
+            }
             let module = ctx.load_module(Ptx::from_binary(built.cubin)).map_err(driver("loading a kernel module"))?;
             for name in &built.entry_points {
                 let f = module.load_function(name).map_err(driver("loading a kernel"))?;
@@ -269,17 +241,12 @@ impl CudaBackend {
             }
             modules.push(module);
         }
-        if precision == Precision::Bf16 {
-            // The fused kernels' tiles take more than the 48 KiB of shared memory a launch gets unless it asks.
-            for tiles in &FLASH_TILES {
-                for (name, bytes) in tiles.kernels.iter().zip(tiles.shared_bytes()) {
-                    let f = functions.get(*name).ok_or_else(|| Error::backend("cuda", format!("no kernel {name}")))?;
-                    f.set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
+        // The fused kernels' tiles take more than the 48 KiB of shared memory a launch gets unless it asks.
+        for tiles in &flash {
+            for (name, bytes) in tiles.kernels.iter().zip(tiles.shared_bytes) {
+                let f = functions.get(*name).ok_or_else(|| Error::backend("cuda", format!("no kernel {name}")))?;
+                f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
                     .map_err(driver("allowing a kernel more shared memory"))?;
-                }
             }
         }
         let name = format!("cuda:{ordinal} ({}, {})", gpu.name, precision.name());
@@ -289,6 +256,7 @@ impl CudaBackend {
             precision,
             attention: if precision == Precision::Fp32 { AttentionKernel::Unfused } else { attention },
             deterministic,
+            flash,
             stream,
             lt,
             functions,
@@ -469,13 +437,13 @@ impl CudaBackend {
     /// 8 every row is then aligned too), and batch and heads within a grid's y and z extents (and not empty: a
     /// grid cannot be). Every other shape runs on the unfused kernels (the self-test's head dimension 16, for one),
     /// which are slower but take them all.
-    fn flash_tiles(&self, d: &AttentionDims, addresses: &[u64]) -> Option<&'static FlashTiles> {
+    fn flash_tiles(&self, d: &AttentionDims, addresses: &[u64]) -> Option<FlashTiles> {
         let empty = d.batch * d.heads * d.time == 0;
         if self.attention != AttentionKernel::Fused || empty || d.batch > 65_535 || d.heads > 65_535 {
             return None;
         }
-        let tiles = FLASH_TILES.iter().find(|t| t.head_dim == d.head_dim)?;
-        addresses.iter().all(|a| a % 16 == 0).then_some(tiles)
+        let tiles = self.flash.iter().find(|t| t.head_dim == d.head_dim)?;
+        addresses.iter().all(|a| a % 16 == 0).then_some(*tiles)
     }
 }
 
@@ -1063,37 +1031,5 @@ impl CudaBackend {
         let b = self.buffers.get(t.buffer.0 as usize).ok_or_else(|| self.err("nccl", format!("{t:?}")))?;
         let dtype = b.dtype;
         Ok((self.ptr("nccl", t, dtype, t.len)?, dtype))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// FLASH_TILES against the kernel file's `FLASH_ATTENTION(D, M, BC, DQ_BC, DKV_BR)` instantiations, whose
-    /// forward blocks hold 4 warps × 16 × M queries: a mismatch would otherwise show only on a GPU, as a trap.
-    #[test]
-    fn flash_tiles_match_the_kernels() {
-        let source = KERNELS.iter().find(|k| k.name == "flash_attention").expect("flash_attention.cu").source;
-        let instantiations: Vec<Vec<usize>> = source
-            .lines()
-            .filter_map(|l| l.strip_prefix("FLASH_ATTENTION(")?.strip_suffix(')'))
-            .map(|args| args.split(',').map(|a| a.trim().parse().expect("a number")).collect())
-            .collect();
-        assert_eq!(instantiations.len(), FLASH_TILES.len());
-        for (args, tiles) in instantiations.iter().zip(&FLASH_TILES) {
-            let (d, m, bc, dq_bc, dkv_br) = (args[0], args[1], args[2], args[3], args[4]);
-            assert_eq!(
-                (tiles.head_dim, tiles.forward_rows, tiles.forward_cols, tiles.dq_cols, tiles.dkv_rows),
-                (d, 4 * 16 * m, bc, dq_bc, dkv_br)
-            );
-            for (kernel, prefix) in
-                tiles.kernels.iter().zip(["forward", "backward_dq", "backward_dkv", "backward_dkv_dq"])
-            {
-                assert_eq!(*kernel, format!("flash_attention_{prefix}_d{d}"));
-            }
-            // Within what every GPU from sm_80 on lets one block have (99 KiB on sm_86 and sm_89).
-            assert!(tiles.shared_bytes().iter().all(|&b| b <= 99 * 1024), "{:?}", tiles.shared_bytes());
-        }
     }
 }

@@ -212,49 +212,113 @@ fn find_include_dir() -> Result<PathBuf> {
     })
 }
 
-/// Reads ptxas's `-v` report: per kernel function, "Compiling entry function 'f'", then "N bytes stack frame,
-/// N bytes spill stores, N bytes spill loads", then "Used N registers, ... N bytes smem".
+/// A symbol of a CUBIN's ELF symbol table.
+struct ElfSymbol {
+    name: String,
+    /// `st_info` and `st_other`.
+    info: u8,
+    other: u8,
+    /// The section it lies in, and its offset and size there.
+    section: usize,
+    value: usize,
+    size: usize,
+}
+
+/// A CUBIN (ELFCLASS64, little-endian: what NVRTC writes for every architecture) read for its symbols. Every read
+/// is bounds-checked: a malformed file is an error, never a panic. Offsets add up saturating: a sum past the end of
+/// memory is past the end of the file, and `bytes` refuses it.
+struct Cubin<'a>(&'a [u8]);
+
+impl<'a> Cubin<'a> {
+    const SHT_SYMTAB: u32 = 2;
+    const SHT_PROGBITS: u32 = 1;
+
+    fn new(cubin: &'a [u8]) -> std::result::Result<Self, String> {
+        if !cubin.starts_with(b"\x7fELF\x02\x01") {
+            return Err("not a 64-bit little-endian ELF file".into());
+        }
+        Ok(Cubin(cubin))
+    }
+
+    fn bytes(&self, at: usize, n: usize) -> std::result::Result<&'a [u8], String> {
+        at.checked_add(n).and_then(|end| self.0.get(at..end)).ok_or_else(|| format!("truncated at byte {at}"))
+    }
+    fn u16_at(&self, at: usize) -> std::result::Result<usize, String> {
+        self.bytes(at, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    }
+    fn u32_at(&self, at: usize) -> std::result::Result<u32, String> {
+        self.bytes(at, 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+    fn u64_at(&self, at: usize) -> std::result::Result<usize, String> {
+        self.bytes(at, 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+    }
+
+    /// Where field `at` of section header `i` lies: type at +4, file offset at +0x18, size at +0x20, linked
+    /// section at +0x28.
+    fn section_field(&self, i: usize, at: usize) -> std::result::Result<usize, String> {
+        let (table, entry_size) = (self.u64_at(0x28)?, self.u16_at(0x3a)?);
+        Ok(table.saturating_add(i.saturating_mul(entry_size)).saturating_add(at))
+    }
+
+    fn symbols(&self) -> std::result::Result<Vec<ElfSymbol>, String> {
+        let mut symbols = Vec::new();
+        for i in 0..self.u16_at(0x3c)? {
+            if self.u32_at(self.section_field(i, 4)?)? != Self::SHT_SYMTAB {
+                continue;
+            }
+            let (table, size) =
+                (self.u64_at(self.section_field(i, 0x18)?)?, self.u64_at(self.section_field(i, 0x20)?)?);
+            let strings =
+                self.u64_at(self.section_field(self.u32_at(self.section_field(i, 0x28)?)? as usize, 0x18)?)?;
+            // Symbol: name offset (4 bytes), info (1), other (1), section (2), value (8), size (8).
+            for at in (table..table.saturating_add(size)).step_by(24) {
+                let start = strings.saturating_add(self.u32_at(at)? as usize);
+                let name = self.0.get(start..).and_then(|s| CStr::from_bytes_until_nul(s).ok());
+                let name = name.ok_or_else(|| format!("a symbol name at byte {start} is not terminated"))?;
+                symbols.push(ElfSymbol {
+                    name: name.to_string_lossy().into_owned(),
+                    info: self.bytes(at.saturating_add(4), 1)?[0],
+                    other: self.bytes(at.saturating_add(5), 1)?[0],
+                    section: self.u16_at(at.saturating_add(6))?,
+                    value: self.u64_at(at.saturating_add(8))?,
+                    size: self.u64_at(at.saturating_add(16))?,
+                });
+            }
+        }
+        Ok(symbols)
+    }
+}
+
 /// The kernels a CUBIN defines: the function symbols of its ELF symbol table that CUDA marks as entry points
 /// (`STO_CUDA_ENTRY`, 0x10, in `st_other`).
 pub fn entry_points(cubin: &[u8]) -> std::result::Result<Vec<String>, String> {
-    const SHT_SYMTAB: u32 = 2;
     const STT_FUNC: u8 = 2;
     const STO_CUDA_ENTRY: u8 = 0x10;
-    let bytes = |at: usize, n: usize| {
-        at.checked_add(n).and_then(|end| cubin.get(at..end)).ok_or_else(|| format!("truncated at byte {at}"))
-    };
-    let u16_at = |at| bytes(at, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |at| bytes(at, 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-    let u64_at = |at| bytes(at, 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
-    // ELFCLASS64, little-endian: what NVRTC writes for every architecture.
-    if !cubin.starts_with(b"\x7fELF\x02\x01") {
-        return Err("not a 64-bit little-endian ELF file".into());
-    }
-    let (table, entry_size, count) = (u64_at(0x28)?, u16_at(0x3a)?, u16_at(0x3c)?);
-    // Section header i: type at +4, file offset at +0x18, size at +0x20, linked section at +0x28. Offsets add up
-    // saturating: a sum past the end of memory is past the end of the file, and `bytes` refuses it.
-    let field = |i: usize, at: usize| table.saturating_add(i.saturating_mul(entry_size)).saturating_add(at);
-    let mut names = Vec::new();
-    for i in 0..count {
-        if u32_at(field(i, 4))? != SHT_SYMTAB {
-            continue;
-        }
-        let (symbols, size) = (u64_at(field(i, 0x18))?, u64_at(field(i, 0x20))?);
-        let strings = u64_at(field(u32_at(field(i, 0x28))? as usize, 0x18))?;
-        // Symbol: name offset (4 bytes), info (1), other (1), section (2), value (8), size (8).
-        for symbol in (symbols..symbols.saturating_add(size)).step_by(24) {
-            let (info, other) = (bytes(symbol.saturating_add(4), 1)?[0], bytes(symbol.saturating_add(5), 1)?[0]);
-            if info & 0xf == STT_FUNC && other & STO_CUDA_ENTRY != 0 {
-                let start = strings.saturating_add(u32_at(symbol)? as usize);
-                let name = cubin.get(start..).and_then(|s| CStr::from_bytes_until_nul(s).ok());
-                let name = name.ok_or_else(|| format!("a symbol name at byte {start} is not terminated"))?;
-                names.push(name.to_string_lossy().into_owned());
-            }
-        }
-    }
-    Ok(names)
+    let symbols = Cubin::new(cubin)?.symbols()?;
+    Ok(symbols
+        .into_iter()
+        .filter(|s| s.info & 0xf == STT_FUNC && s.other & STO_CUDA_ENTRY != 0)
+        .map(|s| s.name)
+        .collect())
 }
 
+/// The initial contents of the data object `name` a CUBIN defines (a `__constant__` or `__device__` variable with
+/// an initializer), or None if it defines none by that name.
+pub fn symbol_data<'a>(cubin: &'a [u8], name: &str) -> std::result::Result<Option<&'a [u8]>, String> {
+    const STT_OBJECT: u8 = 1;
+    let elf = Cubin::new(cubin)?;
+    let Some(symbol) = elf.symbols()?.into_iter().find(|s| s.info & 0xf == STT_OBJECT && s.name == name) else {
+        return Ok(None);
+    };
+    if elf.u32_at(elf.section_field(symbol.section, 4)?)? != Cubin::SHT_PROGBITS {
+        return Err(format!("{name} has no initial contents in the file"));
+    }
+    let start = elf.u64_at(elf.section_field(symbol.section, 0x18)?)?.saturating_add(symbol.value);
+    elf.bytes(start, symbol.size).map(Some)
+}
+
+/// Reads ptxas's `-v` report: per kernel function, "Compiling entry function 'f'", then "N bytes stack frame,
+/// N bytes spill stores, N bytes spill loads", then "Used N registers, ... N bytes smem".
 pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
     let mut stats: Vec<KernelStats> = Vec::new();
     let number_before = |line: &str, word: &str| -> Option<u32> {

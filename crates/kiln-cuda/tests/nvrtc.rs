@@ -1,8 +1,9 @@
 //! Every kernel file compiles with NVRTC for sm_80 and sm_90a, in each precision it is built for, with no register
-//! spills.
+//! spills; the fused attention kernels' launch shapes read back from what was compiled.
 //! Needs NVRTC and the CUDA headers but no GPU: `.ci/run` installs pip's nvidia-cuda-nvrtc and
 //! nvidia-cuda-runtime wheels and points LD_LIBRARY_PATH and CUDA_HOME at them.
 
+use kiln_cuda::backend::flash_launch_table;
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
 
@@ -51,6 +52,31 @@ fn every_kernel_compiles_for_ampere_and_hopper_without_spills() {
                 assert_eq!((again.cubin.len(), &again.entry_points), (built.cubin.len(), &built.entry_points));
             }
         }
+    }
+    let _ = std::fs::remove_dir_all(compiler.cache_dir());
+}
+
+/// The fused attention kernels export how to launch them (flash_attention_launch_dD), and the engine reads that
+/// from the CUBIN it loads: 128 queries per forward block, and shared memory within what the architecture lets a
+/// block have. The tiles may differ by architecture: at head dimension 128 the forward's key tiles are twice as
+/// long on sm_90a (64 keys: 128 + 4·64 padded rows) as on sm_80, where they would spill.
+#[test]
+fn fused_attention_exports_its_launch_shapes() {
+    let compiler = compiler("flash");
+    let kernel = KERNELS.iter().find(|k| k.name == "flash_attention").expect("flash_attention.cu");
+    let row = |d: u32| (d + 8) * 2;
+    for (arch, limit, d128_forward_keys) in [("sm_80", 99 * 1024, 32), ("sm_90a", 227 * 1024, 64)] {
+        let built = compiler.compile(kernel, arch, Precision::Bf16).unwrap_or_else(|e| panic!("{e}"));
+        for d in [32, 64, 96, 128] {
+            let table = flash_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
+            assert_eq!(table[0], 128, "{arch} D={d}: queries per forward block");
+            assert!(table[1..].iter().all(|&b| b > 0 && b <= limit), "{arch} D={d}: {table:?}");
+            // dkv_dq is dkv plus its dS tile.
+            assert!(table[4] > table[3], "{arch} D={d}: {table:?}");
+        }
+        let d128 = flash_launch_table(&built.cubin, 128).unwrap();
+        assert_eq!(d128[1], (128 + 4 * d128_forward_keys) * row(128), "{arch}");
+        assert!(flash_launch_table(&built.cubin, 80).is_err(), "no kernels for D=80");
     }
     let _ = std::fs::remove_dir_all(compiler.cache_dir());
 }
