@@ -31,8 +31,9 @@
 // Work split: a block has 4 warps; each warp owns 16·M consecutive rows of the block's resident operand (queries in
 // the forward and dq kernels, keys in dkv) and all of the streamed tile's columns, so a row's softmax statistics
 // and accumulators never leave its warp: a row's four lanes (mma's accumulator layout) combine maxima and sums with
-// two shuffles, and no two warps write the same output. Tiles are streamed through two shared-memory stages: the
-// copies of tile j+1 are issued before tile j is computed, so they overlap it.
+// two shuffles, and no two warps write the same output. (A dkv kernel with two roles has 8 warps, two per 16 keys:
+// one adds to their dV, the other to their dK.) Tiles are streamed through two shared-memory stages: the copies of
+// tile j+1 are issued before tile j is computed, so they overlap it.
 //
 // Shared memory: rows padded to D + 8 elements. The stride is then an odd number of 16-byte units (D/8 + 1), so the
 // eight 16-byte rows an ldmatrix reads at the same column fall in eight different groups of four banks: no
@@ -41,32 +42,35 @@
 // (a two-way conflict on a small part of the copies only).
 //
 // Tile shapes (FLASH_ATTENTION at the end of the file), set by the 255 registers of a thread: ptxas must not spill
-// (the compile test fails on any spill, sm_80 and sm_90a). Reported registers per thread, sm_90a:
-//   D     forward BR × BC       dq 64 × BC          dkv 64 × BR         dkv_dq (same tiles)
-//   32    128 × 64  (179)       64 × 64  (128)      64 × 64  (128)      (168)
-//   64    128 × 64  (254)       64 × 64  (168)      64 × 64  (170)      (255)
-//   96    128 × 32  (212)       64 × 64  (174)      64 × 32  (187)      (247)
-//   128   128 × 64  (255)       64 × 32  (168)      64 × 16  (215)      (240)
+// (the compile test fails on any spill, sm_80 and sm_90a). Registers per thread on sm_90a, where the tiles differ from
+// sm_80's at D = 128 (sm_80's in brackets):
+//   D     forward BR × BC          dq 64 × BC          dkv 64 × BR, roles         dkv_dq (same tiles)
+//   32    128 × 64  (179)          64 × 64  (128)      64 × 64, 1  (177)          (212)
+//   64    128 × 64  (254)          64 × 64  (168)      64 × 64, 1  (168)          (254)
+//   96    128 × 32  (212)          64 × 64  (174)      64 × 32, 1  (185)          (250)
+//   128   128 × 64 [32]  (255)     64 × 32  (168)      64 × 64 [32], 2  (185)     (213)
 // Forward: each warp holds 32 queries (M = 2 tiles of 16), so every K and V fragment read from shared memory feeds
 // two mma: shared-memory traffic per mma is what limits mma.sync on H100, and one tile per warp would nearly double
 // it. O (D/2·M floats per thread) and the scores (BC/2·M) live in registers; Q's fragments are read again from the
 // resident Q tile for each key tile rather than kept (a fifth to a third more shared-memory reads, for 16 to 64
 // registers). That leaves BC = 64 for D ≤ 64 and for D = 128 on sm_90 (FlashAttention-2's 128 × 64 there), and 32
-// for D = 96 (64 spills) and for D = 128 on sm_80 (64 spills 60 bytes; 249 registers). The backward kernels never
-// hold S and dP together: S becomes P, rounded to bf16 as the A fragments of a product (BC/4 registers), before dP
-// is computed, and dS = P∘(dP − D) takes that rounded P (dS itself is rounded to bf16 for its product anyway). So
-// the dq kernel holds dQ (D/2 floats per thread), then S (BC/2), or P and dP: BC = 64, and 32 for D = 128 (64
-// spills). At D = 128 on sm_90 it asks for three blocks a multiprocessor, which H100's 228 KiB of shared memory
-// holds (70 KiB each), and gets them in 168 registers (183 left to itself); A100's 164 KiB hold two anyway. The dkv
-// kernel holds dK and dV (D), then Sᵀ (BR/2), or Pᵀ and dPᵀ, and adds Pᵀ·dO to dV before computing dPᵀ: BR = 64, 32
-// for D = 96 (64 spills) and 16 for D = 128 (32 spills). At D = 128 the dkv kernels ask for two blocks a
-// multiprocessor (__launch_bounds__): left to itself, ptxas squeezes the deterministic one into 168 registers, for
-// three, and spills. The atomic-dQ form (dkv_dq) has the same tiles: the dQ product comes after dK's, and its
-// accumulators (at most 32 floats; see add_dq) fit in the place of dPᵀ; dS goes to shared memory straight from the A
-// fragments the dK product already packs (packing it a second time, beside the masking, spilled at D = 96 and 128).
-// The engine reads each head dimension's launch shape from the compiled module (FLASH_ATTENTION's
-// flash_attention_launch_dD), so it follows these choices; each kernel checks its block size and shared memory and
-// traps if a launch disagrees.
+// for D = 96 (64 spills) and for D = 128 on sm_80 (64 spills 60 bytes). The backward kernels never hold S and dP
+// together: S becomes P, rounded to bf16 as the A fragments of a product (BC/4 registers), before dP is computed,
+// and dS = P∘(dP − D) takes that rounded P (dS itself is rounded to bf16 for its product anyway). So the dq kernel
+// holds dQ (D/2 floats per thread), then S (BC/2), or P and dP: BC = 64, and 32 for D = 128 (64 spills). At D = 128
+// on sm_90 it asks for three blocks a multiprocessor, which H100's 228 KiB of shared memory holds (70 KiB each), and
+// gets them in 168 registers (183 left to itself); A100's 164 KiB hold two anyway. The dkv kernel with one role (a
+// warp per 16 keys) holds dK and dV (D floats), then Sᵀ (BR/2), or Pᵀ and dPᵀ: BR = 64, and 32 for D = 96 (64
+// spills). At D = 32 it asks for two blocks a multiprocessor: left to itself, ptxas squeezes it into 128 registers,
+// for four, and spills on sm_80. At D = 128 one role would leave room for 16 queries a tile only (32 spill), which
+// makes each tile's shared-memory reads 0.75 ldmatrix per mma and a barrier per 64 mma a warp; with two roles (two
+// warps per 16 keys, flash_backward_dkv) each warp holds one of dK and dV, and the tiles grow to 64 queries on sm_90
+// (0.6 ldmatrix per mma, a barrier per 128 mma) and 32 on sm_80, whose sm_86 and sm_89 give a block 99 KiB (64 would
+// take 111 KiB). The atomic-dQ form (dkv_dq) has the same tiles: the dQ product comes after dK's, and its accumulators
+// (at most 32 floats; see add_dq) fit in the place of dPᵀ; dS goes to shared memory straight from the A fragments
+// the dK product takes. The engine reads each head dimension's launch shape from the compiled module
+// (FLASH_ATTENTION's flash_attention_launch_dD), so it follows these choices; each kernel checks its block size and
+// shared memory and traps if a launch disagrees.
 
 #define FLASH_THREADS 128
 #define FLASH_WARP_ROWS 16
@@ -85,14 +89,14 @@ __device__ __forceinline__ constexpr unsigned at(int r, int c) {
 }
 
 // Copies ROWS rows of D elements (row r at src + r·stride) into a padded shared tile, in 16-byte chunks spread over
-// the block; rows from `valid_rows` on are zero-filled without being read.
-template <int ROWS, int D>
+// the block's THREADS; rows from `valid_rows` on are zero-filled without being read.
+template <int ROWS, int D, int THREADS = FLASH_THREADS>
 __device__ __forceinline__ void load_tile(unsigned tile, const bf16* src, long stride, int valid_rows) {
     constexpr int PER_ROW = D / 8, CHUNKS = ROWS * PER_ROW;
 #pragma unroll
-    for (int k = 0; k < (CHUNKS + FLASH_THREADS - 1) / FLASH_THREADS; k++) {
-        const int i = threadIdx.x + k * FLASH_THREADS;
-        if (CHUNKS % FLASH_THREADS == 0 || i < CHUNKS) {
+    for (int k = 0; k < (CHUNKS + THREADS - 1) / THREADS; k++) {
+        const int i = threadIdx.x + k * THREADS;
+        if (CHUNKS % THREADS == 0 || i < CHUNKS) {
             const int r = i / PER_ROW, c = i % PER_ROW * 8;
             const bool valid = r < valid_rows;
             cp_async_16(tile + at<D>(r, c), src + (valid ? r : 0) * stride + c, valid);
@@ -101,9 +105,9 @@ __device__ __forceinline__ void load_tile(unsigned tile, const bf16* src, long s
 }
 
 // Copies ROWS per-row statistics (fp32) into shared memory, zero from `valid_rows` on.
-template <int ROWS>
+template <int ROWS, int THREADS = FLASH_THREADS>
 __device__ __forceinline__ void load_stats(unsigned dst, const float* src, int valid_rows) {
-    for (int r = threadIdx.x; r < ROWS; r += FLASH_THREADS)
+    for (int r = threadIdx.x; r < ROWS; r += THREADS)
         cp_async_4(dst + 4 * r, src + (r < valid_rows ? r : 0), r < valid_rows);
 }
 
@@ -153,8 +157,8 @@ __device__ __forceinline__ float row_sum4(float v) {
 }
 
 // Stops a launch whose block size or dynamic shared memory is not what the kernel's tiles need.
-__device__ __forceinline__ void check_launch(unsigned shared_bytes) {
-    if (blockDim.x != FLASH_THREADS || dynamic_shared_bytes() < shared_bytes) __trap();
+__device__ __forceinline__ void check_launch(unsigned shared_bytes, unsigned threads = FLASH_THREADS) {
+    if (blockDim.x != threads || dynamic_shared_bytes() < shared_bytes) __trap();
 }
 
 // Dynamic shared memory of each kernel, as it lays its tiles out (see each kernel's comment). The engine reads these
@@ -167,10 +171,10 @@ template <int D, int BC>
 __device__ constexpr unsigned dq_shared_bytes() {
     return at<D>(2 * 4 * FLASH_WARP_ROWS + 4 * BC, 0);
 }
-template <int D, int BR, bool ATOMIC_DQ>
+template <int D, int BR, int ROLES, bool ATOMIC_DQ>
 __device__ constexpr unsigned dkv_shared_bytes() {
     constexpr int BC = 4 * FLASH_WARP_ROWS;
-    return at<D>(2 * BC + 4 * BR, 0) + 4 * BR * 4 + (ATOMIC_DQ ? at<BR>(BC, 0) : 0);
+    return at<D>(2 * BC + 4 * BR, 0) + 4 * BR * 4 + (ATOMIC_DQ ? at<BR>(BC, 0) : 0) + (ROLES == 2 ? BR * 128 : 0);
 }
 
 // Writes a warp's 16 × D fp32 accumulator, times `scale`, to rows 0–15 of a global matrix (`stride` apart; rows
@@ -192,6 +196,43 @@ __device__ __forceinline__ void store_rows(bf16* dst, long stride, int valid_row
     for (int k = 0; k < FLASH_WARP_ROWS * PER_ROW / 32; k++) {
         const int i = lane + k * 32, r = i / PER_ROW, c = i % PER_ROW * 8;
         if (r < valid_rows) *reinterpret_cast<int4*>(dst + r * stride + c) = ld_shared_128(staging + at<D>(r, c));
+    }
+}
+
+// acc (16 × N) += A·Bᵀ, summed over D: A the 16 rows of a tile at a_rows, B the N rows of the tile at b_tile, each
+// read as mma fragments by ldmatrix (S = Q·Kᵀ and dP = dO·Vᵀ in the dq kernel, Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ in dkv).
+template <int D, int N>
+__device__ __forceinline__ void add_abt(float (&acc)[N / 8][4], unsigned a_rows, unsigned b_tile, int lane) {
+    const unsigned a = a_rows + a_fragment_lane<D>(lane), b = b_tile + b_fragment_lane<D>(lane);
+#pragma unroll
+    for (int kb = 0; kb < D / 16; kb++) {
+        unsigned af[4];
+        ldmatrix_x4(af, a + at<D>(0, kb * 16));
+#pragma unroll
+        for (int n = 0; n < N / 16; n++) {
+            unsigned bf[4];
+            ldmatrix_x4(bf, b + at<D>(n * 16, kb * 16));
+            mma_16816(acc[2 * n], af, bf[0], bf[1]);
+            mma_16816(acc[2 * n + 1], af, bf[2], bf[3]);
+        }
+    }
+}
+
+// acc (16 × D) += A·B, summed over K: A (16 × K) given as bf16 A fragments, B the K rows of the tile at b_tile, read
+// transposed by ldmatrix (dQ += dS·K in the dq kernel, dV += Pᵀ·dO and dK += dSᵀ·Q in dkv).
+template <int D, int K>
+__device__ __forceinline__ void add_ab(float (&acc)[D / 8][4], const unsigned (&a)[K / 16][4], unsigned b_tile,
+                                       int lane) {
+    const unsigned b = b_tile + a_fragment_lane<D>(lane);
+#pragma unroll
+    for (int kb = 0; kb < K / 16; kb++) {
+#pragma unroll
+        for (int n = 0; n < D / 16; n++) {
+            unsigned bf[4];
+            ldmatrix_x4_trans(bf, b + at<D>(kb * 16, n * 16));
+            mma_16816(acc[2 * n], a[kb], bf[0], bf[1]);
+            mma_16816(acc[2 * n + 1], a[kb], bf[2], bf[3]);
+        }
     }
 }
 
@@ -383,31 +424,19 @@ extern "C" __global__ void flash_attention_row_dot(float* row_dot, const bf16* d
 }
 
 // One tile of BC keys for a warp's 16 queries (row0 the first; rows q_rows and do_rows of the Q and dO tiles):
-// dQ += dS·K (unscaled). Q's and dO's fragments are read again for each tile, as in the forward. As in dkv_tile,
-// S becomes P rounded to bf16 before dP is computed, and dS = P∘(dP − D) uses that P: the two kernels compute the
-// same dS, and S and dP are never held together.
+// dQ += dS·K (unscaled). Q's and dO's fragments are read again for each tile, as in the forward. As in the dkv
+// kernel, S becomes P rounded to bf16 before dP is computed, and dS = P∘(dP − D) uses that P: the two kernels
+// compute the same dS, and S and dP are never held together.
 template <int D, int BC>
 __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_rows, unsigned do_rows,
                                         const float (&lse_log2)[2], const float (&row_dot)[2], unsigned k_tile,
                                         unsigned v_tile, int k0, int row0, int T, int causal, float scale_log2,
                                         int lane) {
-    const unsigned a = a_fragment_lane<D>(lane), bn = b_fragment_lane<D>(lane);
     const bool masked = k0 + BC > T || (causal && k0 + BC - 1 > row0);
     unsigned p[BC / 16][4];
     {
         float s[BC / 8][4] = {};
-#pragma unroll
-        for (int kb = 0; kb < D / 16; kb++) {
-            unsigned q[4];
-            ldmatrix_x4(q, q_rows + a + at<D>(0, kb * 16));
-#pragma unroll
-            for (int n = 0; n < BC / 16; n++) {
-                unsigned k[4];
-                ldmatrix_x4(k, k_tile + bn + at<D>(n * 16, kb * 16));
-                mma_16816(s[2 * n], q, k[0], k[1]);
-                mma_16816(s[2 * n + 1], q, k[2], k[3]);
-            }
-        }
+        add_abt<D, BC>(s, q_rows, k_tile, lane);
 #pragma unroll
         for (int n = 0; n < BC / 8; n++) {
 #pragma unroll
@@ -421,35 +450,16 @@ __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_rows, 
 #pragma unroll
         for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], s, kb);
     }
-    float ds[BC / 8][4] = {};
-#pragma unroll
-    for (int kb = 0; kb < D / 16; kb++) {
-        unsigned d_o[4];
-        ldmatrix_x4(d_o, do_rows + a + at<D>(0, kb * 16));
-#pragma unroll
-        for (int n = 0; n < BC / 16; n++) {
-            unsigned v[4];
-            ldmatrix_x4(v, v_tile + bn + at<D>(n * 16, kb * 16));
-            mma_16816(ds[2 * n], d_o, v[0], v[1]);
-            mma_16816(ds[2 * n + 1], d_o, v[2], v[3]);
-        }
-    }
+    float dp[BC / 8][4] = {};
+    add_abt<D, BC>(dp, do_rows, v_tile, lane);
+    unsigned ds[BC / 16][4];
 #pragma unroll
     for (int n = 0; n < BC / 8; n++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) ds[n][e] = a_to_accumulator(p[n / 2], n % 2, e) * (ds[n][e] - row_dot[e / 2]);
+        for (int e = 0; e < 4; e++) dp[n][e] = a_to_accumulator(p[n / 2], n % 2, e) * (dp[n][e] - row_dot[e / 2]);
 #pragma unroll
-    for (int kb = 0; kb < BC / 16; kb++) {
-        unsigned dsa[4];
-        accumulator_to_a(dsa, ds, kb);
-#pragma unroll
-        for (int n = 0; n < D / 16; n++) {
-            unsigned k[4];
-            ldmatrix_x4_trans(k, k_tile + a + at<D>(kb * 16, n * 16));
-            mma_16816(dq[2 * n], dsa, k[0], k[1]);
-            mma_16816(dq[2 * n + 1], dsa, k[2], k[3]);
-        }
-    }
+    for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(ds[kb], dp, kb);
+    add_ab<D, BC>(dq, ds, k_tile, lane);
 }
 
 // Grid (query tiles of 64, NH, B); shared memory: Q and dO (64 rows each), then two stages of K and of V (BC rows).
@@ -509,108 +519,69 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, 
                   q_tile + at<D>(first, 0), lane);
 }
 
-// One tile of BR queries (i0 the first) for a warp's 16 keys (j0 the first, rows k_rows and v_rows of the K and V
-// tiles): dV += Pᵀ·dO, dK += dSᵀ·Q (unscaled). Two passes, so that Sᵀ and dPᵀ (BR/2 floats a lane each) are never
-// held together: Sᵀ = K·Qᵀ becomes Pᵀ, rounded to bf16 A fragments (BR/4 registers), for dV; then dPᵀ = V·dOᵀ
-// and dSᵀ = Pᵀ∘(dPᵀ − D) from those same rounded Pᵀ, for dK. dS is rounded to bf16 for its product in any case.
-// With ATOMIC_DQ it also stores dSᵀ, rounded to bf16, in rows ds_rows of the block's dS tile (keys × BR queries).
-template <int D, int BR, bool ATOMIC_DQ>
-__device__ __forceinline__ void dkv_tile(float (&dk)[D / 8][4], float (&dv)[D / 8][4], unsigned k_rows,
-                                         unsigned v_rows, unsigned q_tile, unsigned do_tile, unsigned lse_tile,
-                                         unsigned dot_tile, unsigned ds_rows, int i0, int j0, int T, int causal,
-                                         float scale_log2, int lane) {
-    const unsigned a = a_fragment_lane<D>(lane), bn = b_fragment_lane<D>(lane);
+// The dkv kernel's steps for a warp's 16 keys (j0 the first) and a tile of BR queries (i0 the first), in two halves
+// that never hold Sᵀ and dPᵀ (BR/2 floats a lane each) together. First Sᵀ = K·Qᵀ becomes Pᵀ, rounded to the bf16 A
+// fragments (BR/4 registers) that dV += Pᵀ·dO takes; then dPᵀ = V·dOᵀ and dSᵀ = Pᵀ∘(dPᵀ − D) from that same
+// rounded Pᵀ, as the A fragments that dK += dSᵀ·Q takes (dS is rounded to bf16 for its product in any case).
+
+// Pᵀ for the warp's keys (rows k_rows of the K tile): keys are the rows, queries the columns; 0 where unseen.
+template <int D, int BR>
+__device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][4], unsigned k_rows, unsigned q_tile,
+                                                         unsigned lse_tile, int i0, int j0, int T, int causal,
+                                                         float scale_log2, int lane) {
+    float s[BR / 8][4] = {};
+    add_abt<D, BR>(s, k_rows, q_tile, lane);
     const bool masked = i0 + BR > T || j0 + FLASH_WARP_ROWS > T || (causal && i0 < j0 + FLASH_WARP_ROWS - 1);
-    unsigned p[BR / 16][4];
-    {
-        // Sᵀ = K·Qᵀ: keys are the rows, queries the columns.
-        float s[BR / 8][4] = {};
 #pragma unroll
-        for (int kb = 0; kb < D / 16; kb++) {
-            unsigned k[4];
-            ldmatrix_x4(k, k_rows + a + at<D>(0, kb * 16));
+    for (int n = 0; n < BR / 8; n++) {
 #pragma unroll
-            for (int n = 0; n < BR / 16; n++) {
-                unsigned qb[4];
-                ldmatrix_x4(qb, q_tile + bn + at<D>(n * 16, kb * 16));
-                mma_16816(s[2 * n], k, qb[0], qb[1]);
-                mma_16816(s[2 * n + 1], k, qb[2], qb[3]);
-            }
-        }
-#pragma unroll
-        for (int n = 0; n < BR / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int key = j0 + acc_row(lane, e), col = n * 8 + acc_col(lane, e), query = i0 + col;
-                float x = exp2_ftz(s[n][e] * scale_log2 - ld_shared_f32(lse_tile + 4 * col) * FLASH_LOG2E);
-                if (masked && (query >= T || key >= T || (causal && query < key))) x = 0.0f;
-                s[n][e] = x;
-            }
-        }
-#pragma unroll
-        for (int kb = 0; kb < BR / 16; kb++) accumulator_to_a(p[kb], s, kb);
-    }
-#pragma unroll
-    for (int kb = 0; kb < BR / 16; kb++) {
-#pragma unroll
-        for (int n = 0; n < D / 16; n++) {
-            unsigned ob[4];
-            ldmatrix_x4_trans(ob, do_tile + a + at<D>(kb * 16, n * 16));
-            mma_16816(dv[2 * n], p[kb], ob[0], ob[1]);
-            mma_16816(dv[2 * n + 1], p[kb], ob[2], ob[3]);
+        for (int e = 0; e < 4; e++) {
+            const int key = j0 + acc_row(lane, e), col = n * 8 + acc_col(lane, e), query = i0 + col;
+            float x = exp2_ftz(s[n][e] * scale_log2 - ld_shared_f32(lse_tile + 4 * col) * FLASH_LOG2E);
+            if (masked && (query >= T || key >= T || (causal && query < key))) x = 0.0f;
+            s[n][e] = x;
         }
     }
-    // dPᵀ = V·dOᵀ.
-    float dp[BR / 8][4] = {};
 #pragma unroll
-    for (int kb = 0; kb < D / 16; kb++) {
-        unsigned v[4];
-        ldmatrix_x4(v, v_rows + a + at<D>(0, kb * 16));
-#pragma unroll
-        for (int n = 0; n < BR / 16; n++) {
-            unsigned ob[4];
-            ldmatrix_x4(ob, do_tile + bn + at<D>(n * 16, kb * 16));
-            mma_16816(dp[2 * n], v, ob[0], ob[1]);
-            mma_16816(dp[2 * n + 1], v, ob[2], ob[3]);
-        }
-    }
+    for (int kb = 0; kb < BR / 16; kb++) accumulator_to_a(p[kb], s, kb);
+}
+
+// dSᵀ = Pᵀ∘(dPᵀ − D) as bf16 A fragments; with ATOMIC_DQ also stored in rows ds_rows of the block's dS tile
+// (keys × BR queries), for add_dq.
+template <int BR, bool ATOMIC_DQ>
+__device__ __forceinline__ void transposed_ds(unsigned (&ds)[BR / 16][4], float (&dp)[BR / 8][4],
+                                              const unsigned (&p)[BR / 16][4], unsigned dot_tile, unsigned ds_rows,
+                                              int lane) {
 #pragma unroll
     for (int n = 0; n < BR / 8; n++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int col = n * 8 + acc_col(lane, e);
-            dp[n][e] = a_to_accumulator(p[n / 2], n % 2, e) * (dp[n][e] - ld_shared_f32(dot_tile + 4 * col));  // dSᵀ
+            dp[n][e] = a_to_accumulator(p[n / 2], n % 2, e) * (dp[n][e] - ld_shared_f32(dot_tile + 4 * col));
         }
     }
 #pragma unroll
     for (int kb = 0; kb < BR / 16; kb++) {
-        unsigned ds[4];
-        accumulator_to_a(ds, dp, kb);
+        accumulator_to_a(ds[kb], dp, kb);
         if (ATOMIC_DQ) {  // the A fragment's four 16-bit pairs, where they lie in the 16 × 16 block kb
 #pragma unroll
             for (int k = 0; k < 4; k++)
                 st_shared_32(ds_rows + at<BR>(acc_row(lane, 0) + k % 2 * 8, kb * 16 + k / 2 * 8 + acc_col(lane, 0)),
-                             ds[k]);
-        }
-#pragma unroll
-        for (int n = 0; n < D / 16; n++) {
-            unsigned qb[4];
-            ldmatrix_x4_trans(qb, q_tile + a + at<D>(kb * 16, n * 16));
-            mma_16816(dk[2 * n], ds, qb[0], qb[1]);
-            mma_16816(dk[2 * n + 1], ds, qb[2], qb[3]);
+                             ds[kb][k]);
         }
     }
 }
 
 // dQ_i += dS_ij·K_j (unscaled) for the BR queries of a tile (rows from `valid_rows` on skipped; row r at
-// dq + r·stride) and the block's 64 keys, from the dS tile (keys × queries, as dkv_tile stores it) and the K tile,
-// added to the fp32 sums in global memory with atomics. The 4 warps split the BR × D product into BR/16 row tiles
-// of 16 and 64/BR column groups of DN = D·BR/64: each warp holds 16 × DN sums (DN/2 floats a lane, at most 32).
-// The dS fragments are read transposed: ldmatrix .trans of the stored (keys, queries) blocks gives A = dS.
-template <int D, int BR>
+// dq + r·stride) and the block's 64 keys, from the dS tile (keys × queries, as transposed_ds stores it) and the K
+// tile, added to the fp32 sums in global memory with atomics. The block's WARPS split the BR × D product into BR/16
+// row tiles of 16 and column groups of DN = D·(BR/16)/WARPS: each warp holds 16 × DN sums (DN/2 floats a lane, at
+// most 32). The dS fragments are read transposed: ldmatrix .trans of the stored (keys, queries) blocks gives A = dS.
+template <int D, int BR, int WARPS>
 __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, unsigned ds_tile, unsigned k_tile,
                                        int warp, int lane) {
-    constexpr int BC = 4 * FLASH_WARP_ROWS, ROW_TILES = BR / 16, DN = D / (4 / ROW_TILES);
+    constexpr int BC = 4 * FLASH_WARP_ROWS, ROW_TILES = BR / 16, DN = D * ROW_TILES / WARPS;
+    static_assert(WARPS % ROW_TILES == 0 && DN % 16 == 0 && DN <= 64, "add_dq: no even split of dQ's tile");
     const int mt = warp % ROW_TILES, n0 = warp / ROW_TILES * DN;
     float acc[DN / 8][4] = {};
     const unsigned ds_lane = ds_tile + b_fragment_lane<BR>(lane) + at<BR>(0, mt * 16),
@@ -642,21 +613,27 @@ __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, u
     }
 }
 
-// Grid (key tiles of 64, KVH, B); shared memory: K and V (64 rows each), two stages of Q and of dO (BR rows each),
-// then two stages of lse and of D (BR floats each), and with ATOMIC_DQ the dS tile (64 keys × BR queries). The
-// block visits, for each query head of its group in order, the query tiles that can see its keys; with ATOMIC_DQ
-// it adds each tile's dQ into dq_sum ((B, T, NH·D) fp32, zeroed by the caller).
-template <int D, int BR, bool ATOMIC_DQ>
+// Grid (key tiles of 64, KVH, B), ROLES × 4 warps a block. Shared memory: K and V (64 rows each), two stages of Q
+// and of dO (BR rows each), then two stages of lse and of D (BR floats each), with ATOMIC_DQ the dS tile (64 keys ×
+// BR queries), and with two roles the Pᵀ exchange (4 × BR/16 × 32 lanes × 16 bytes). The block visits, for each
+// query head of its group in order, the query tiles that can see its keys; with ATOMIC_DQ it adds each tile's dQ
+// into dq_sum ((B, T, NH·D) fp32, zeroed by the caller).
+// With one role a warp owns 16 keys and does both halves of each tile, holding dK and dV (D floats a lane). With
+// two, warps w and w + 4 share 16 keys: w computes Pᵀ, hands it over through shared memory and adds to dV; w + 4
+// computes dPᵀ meanwhile, then dSᵀ and adds to dK. Each holds one accumulator (D/2 floats), which leaves room for
+// longer query tiles at large D, and the mma work stays even: one product over D and one over BR each.
+template <int D, int BR, int ROLES, bool ATOMIC_DQ>
 __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,
                                                    const float* lse, const float* row_dot, int T, int NH, int KVH,
                                                    int causal) {
-    constexpr int BC = 4 * FLASH_WARP_ROWS;
-    check_launch(dkv_shared_bytes<D, BR, ATOMIC_DQ>());
+    constexpr int BC = 4 * FLASH_WARP_ROWS, THREADS = ROLES * FLASH_THREADS, ACCUMULATORS = 3 - ROLES;
+    static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
+    check_launch(dkv_shared_bytes<D, BR, ROLES, ATOMIC_DQ>(), THREADS);
     const unsigned k_tile = shared_address(flash_shared), v_tile = k_tile + at<D>(BC, 0),
                    q_tiles = v_tile + at<D>(BC, 0), do_tiles = q_tiles + at<D>(2 * BR, 0),
                    lse_tiles = do_tiles + at<D>(2 * BR, 0), dot_tiles = lse_tiles + 2 * BR * 4,
-                   ds_tile = dot_tiles + 2 * BR * 4;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+                   ds_tile = dot_tiles + 2 * BR * 4, p_exchange = ds_tile + (ATOMIC_DQ ? at<BR>(BC, 0) : 0);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, role = warp / 4;
     const int g = blockIdx.y, b = blockIdx.z, group = NH / KVH, W = (NH + 2 * KVH) * D;
     const int kv0 = blockIdx.x * BC;  // causal: the first key tiles have the most queries, and go first
     const bf16* seq = qkv + (long)b * T * W;
@@ -667,19 +644,24 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
     auto load_step = [&](int i, int stage) {
         const int h = g * group + i / per_head, q0 = (first_tile + i % per_head) * BR;
         const long stats = ((long)b * NH + h) * T + q0;
-        load_tile<BR, D>(q_tiles + stage * at<D>(BR, 0), seq + (long)q0 * W + h * D, W, T - q0);
-        load_tile<BR, D>(do_tiles + stage * at<D>(BR, 0), dout + ((long)b * T + q0) * NH * D + h * D, (long)NH * D,
-                         T - q0);
-        load_stats<BR>(lse_tiles + stage * BR * 4, lse + stats, T - q0);
-        load_stats<BR>(dot_tiles + stage * BR * 4, row_dot + stats, T - q0);
+        load_tile<BR, D, THREADS>(q_tiles + stage * at<D>(BR, 0), seq + (long)q0 * W + h * D, W, T - q0);
+        load_tile<BR, D, THREADS>(do_tiles + stage * at<D>(BR, 0), dout + ((long)b * T + q0) * NH * D + h * D,
+                                  (long)NH * D, T - q0);
+        load_stats<BR, THREADS>(lse_tiles + stage * BR * 4, lse + stats, T - q0);
+        load_stats<BR, THREADS>(dot_tiles + stage * BR * 4, row_dot + stats, T - q0);
     };
-    load_tile<BC, D>(k_tile, seq + (long)kv0 * W + (NH + g) * D, W, T - kv0);
-    load_tile<BC, D>(v_tile, seq + (long)kv0 * W + (NH + KVH + g) * D, W, T - kv0);
+    load_tile<BC, D, THREADS>(k_tile, seq + (long)kv0 * W + (NH + g) * D, W, T - kv0);
+    load_tile<BC, D, THREADS>(v_tile, seq + (long)kv0 * W + (NH + KVH + g) * D, W, T - kv0);
     load_step(0, 0);
     cp_async_commit();
 
-    const int first = warp * FLASH_WARP_ROWS, j0 = kv0 + first;  // this warp's first key, in tile and sequence
-    float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+    const int first = warp % 4 * FLASH_WARP_ROWS, j0 = kv0 + first;  // this warp's first key, in tile and sequence
+    const unsigned k_rows = k_tile + at<D>(first, 0), v_rows = v_tile + at<D>(first, 0),
+                   ds_rows = ds_tile + at<BR>(first, 0);
+    // This lane's 16 bytes of the warp pair's Pᵀ fragments, block kb 512 bytes further for each kb.
+    const unsigned p_lane = p_exchange + (warp % 4 * (BR / 16) * 32 + lane) * 16;
+    // One role: dV, dK. Two: dV (role 0) or dK (role 1).
+    float acc[ACCUMULATORS][D / 8][4] = {};
     const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
     for (int i = 0; i < steps; i++) {
         if (i + 1 < steps) {
@@ -691,29 +673,64 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
         }
         __syncthreads();
         const int q0 = (first_tile + i % per_head) * BR, stage = i % 2;
-        // A warp whose keys are all past the end, or (causal) all after this tile's queries, has nothing to add
-        // (and its rows of dS are zero).
-        if (j0 < T && !(causal && q0 + BR - 1 < j0)) {
-            dkv_tile<D, BR, ATOMIC_DQ>(dk, dv, k_tile + at<D>(first, 0), v_tile + at<D>(first, 0),
-                                       q_tiles + stage * at<D>(BR, 0), do_tiles + stage * at<D>(BR, 0),
-                                       lse_tiles + stage * BR * 4, dot_tiles + stage * BR * 4,
-                                       ds_tile + at<BR>(first, 0), q0, j0, T, causal, scale_log2, lane);
-        } else if (ATOMIC_DQ) {
-            for (int k = lane; k < FLASH_WARP_ROWS * BR / 2; k += 32)
-                st_shared_32(ds_tile + at<BR>(first + k / (BR / 2), k % (BR / 2) * 2), 0u);
+        const unsigned q_tile = q_tiles + stage * at<D>(BR, 0), do_tile = do_tiles + stage * at<D>(BR, 0),
+                       lse_tile = lse_tiles + stage * BR * 4, dot_tile = dot_tiles + stage * BR * 4;
+        // Keys all past the end, or (causal) all after this tile's queries, have nothing to add (and their rows of
+        // dS are zero).
+        const bool live = j0 < T && !(causal && q0 + BR - 1 < j0);
+        unsigned p[BR / 16][4], ds[BR / 16][4];
+        float dp[BR / 8][4] = {};
+        if constexpr (ROLES == 1) {
+            if (live) {
+                transposed_probabilities<D, BR>(p, k_rows, q_tile, lse_tile, q0, j0, T, causal, scale_log2, lane);
+                add_ab<D, BR>(acc[0], p, do_tile, lane);
+                add_abt<D, BR>(dp, v_rows, do_tile, lane);  // dPᵀ = V·dOᵀ
+                transposed_ds<BR, ATOMIC_DQ>(ds, dp, p, dot_tile, ds_rows, lane);
+                add_ab<D, BR>(acc[1], ds, q_tile, lane);
+            }
+        } else {
+            if (live && role == 0) {
+                transposed_probabilities<D, BR>(p, k_rows, q_tile, lse_tile, q0, j0, T, causal, scale_log2, lane);
+#pragma unroll
+                for (int kb = 0; kb < BR / 16; kb++)
+                    st_shared_128(p_lane + kb * 512, make_int4(p[kb][0], p[kb][1], p[kb][2], p[kb][3]));
+            } else if (live) {
+                add_abt<D, BR>(dp, v_rows, do_tile, lane);  // dPᵀ = V·dOᵀ
+            }
+            __syncthreads();  // Pᵀ handed over
+            if (live && role == 0) {
+                add_ab<D, BR>(acc[0], p, do_tile, lane);
+            } else if (live) {
+#pragma unroll
+                for (int kb = 0; kb < BR / 16; kb++) {
+                    const int4 v = ld_shared_128(p_lane + kb * 512);
+                    p[kb][0] = v.x, p[kb][1] = v.y, p[kb][2] = v.z, p[kb][3] = v.w;
+                }
+                transposed_ds<BR, ATOMIC_DQ>(ds, dp, p, dot_tile, ds_rows, lane);
+                add_ab<D, BR>(acc[0], ds, q_tile, lane);
+            }
         }
         if (ATOMIC_DQ) {
+            if (!live && role == ROLES - 1) {
+                for (int k = lane; k < FLASH_WARP_ROWS * BR / 2; k += 32)
+                    st_shared_32(ds_rows + at<BR>(k / (BR / 2), k % (BR / 2) * 2), 0u);
+            }
             __syncthreads();  // every warp's rows of dS are in place
             const int h = g * group + i / per_head;
-            add_dq<D, BR>(dq_sum + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0, ds_tile, k_tile, warp,
-                          lane);
+            add_dq<D, BR, 4 * ROLES>(dq_sum + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0, ds_tile,
+                                     k_tile, warp, lane);
         }
         __syncthreads();
     }
-    // The warp's own rows of the K and V tiles, which only it has read, stage its dK and dV.
+    // The key rows of the K and V tiles, which the loop is done with, stage dK and dV: with one role a warp's own
+    // rows of both; with two, role 0 its rows of V and role 1 its rows of K.
     bf16* rows = dqkv + ((long)b * T + j0) * W;
-    store_rows<D>(rows + (NH + g) * D, W, T - j0, dk, rsqrtf((float)D), k_tile + at<D>(first, 0), lane);
-    store_rows<D>(rows + (NH + KVH + g) * D, W, T - j0, dv, 1.0f, v_tile + at<D>(first, 0), lane);
+#pragma unroll
+    for (int r = 0; r < ACCUMULATORS; r++) {
+        const bool dk = ROLES == 1 ? r == 1 : role == 1;
+        store_rows<D>(rows + (dk ? NH + g : NH + KVH + g) * D, W, T - j0, acc[r], dk ? rsqrtf((float)D) : 1.0f,
+                      dk ? k_rows : v_rows, lane);
+    }
 }
 
 // dQ = s·(the fp32 sums of flash_attention_backward_dkv_dq), rounded into the query columns of dqkv: 8 elements a
@@ -735,13 +752,21 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
 // ---- entry points -------------------------------------------------------------------------------------------------
 
 // Per head dimension D: the forward's m16 tiles per warp (M) and keys per tile, the dq kernel's keys per tile, the
-// dkv kernel's queries per tile, and the blocks per multiprocessor the dq and the dkv kernels ask ptxas for (0: its
-// own choice). Reasons at the top of the file. Besides the kernels, flash_attention_launch_dD tells the engine how to
-// launch them: queries per forward block, then the dynamic shared memory of the forward, dq, dkv and dkv_dq kernels.
-#define FLASH_ATTENTION(D, FORWARD_M, FORWARD_BC, DQ_BC, DKV_BR, DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)                        \
-    extern "C" __constant__ unsigned flash_attention_launch_d##D[5] = {                                                \
-        4 * FLASH_WARP_ROWS * FORWARD_M, forward_shared_bytes<D, 4 * FLASH_WARP_ROWS * FORWARD_M, FORWARD_BC>(),       \
-        dq_shared_bytes<D, DQ_BC>(), dkv_shared_bytes<D, DKV_BR, false>(), dkv_shared_bytes<D, DKV_BR, true>()};       \
+// dkv kernel's queries per tile and roles (1 or 2, see flash_backward_dkv), and the blocks per multiprocessor the dq
+// and the dkv kernels ask ptxas for (0: its own choice). Reasons at the top of the file. Besides the kernels,
+// flash_attention_launch_dD tells the engine how to launch them: queries per forward block, then the forward's,
+// dq's, dkv's and dkv_dq's dynamic shared memory, then their threads a block.
+#define FLASH_ATTENTION(D, FORWARD_M, FORWARD_BC, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)             \
+    extern "C" __constant__ unsigned flash_attention_launch_d##D[9] = {                                                \
+        4 * FLASH_WARP_ROWS * FORWARD_M,                                                                               \
+        forward_shared_bytes<D, 4 * FLASH_WARP_ROWS * FORWARD_M, FORWARD_BC>(),                                        \
+        dq_shared_bytes<D, DQ_BC>(),                                                                                   \
+        dkv_shared_bytes<D, DKV_BR, DKV_ROLES, false>(),                                                               \
+        dkv_shared_bytes<D, DKV_BR, DKV_ROLES, true>(),                                                                \
+        FLASH_THREADS,                                                                                                 \
+        FLASH_THREADS,                                                                                                 \
+        DKV_ROLES * FLASH_THREADS,                                                                                     \
+        DKV_ROLES * FLASH_THREADS};                                                                                    \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                        \
         flash_attention_forward_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH, int causal) {     \
         flash_forward<D, FORWARD_M, FORWARD_BC>(out, lse, qkv, T, NH, KVH, causal);                                    \
@@ -751,23 +776,23 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
                                          const float* row_dot, int T, int NH, int KVH, int causal) {                   \
         flash_backward_dq<D, DQ_BC>(dqkv, dout, qkv, lse, row_dot, T, NH, KVH, causal);                                \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, DKV_MIN_BLOCKS)                                        \
+    extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
         flash_attention_backward_dkv_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,             \
                                           const float* row_dot, int T, int NH, int KVH, int causal) {                  \
-        flash_backward_dkv<D, DKV_BR, false>(dqkv, nullptr, dout, qkv, lse, row_dot, T, NH, KVH, causal);              \
+        flash_backward_dkv<D, DKV_BR, DKV_ROLES, false>(dqkv, nullptr, dout, qkv, lse, row_dot, T, NH, KVH, causal);   \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, DKV_MIN_BLOCKS)                                        \
+    extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
         flash_attention_backward_dkv_dq_d##D(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,             \
                                              const float* lse, const float* row_dot, int T, int NH, int KVH,           \
                                              int causal) {                                                             \
-        flash_backward_dkv<D, DKV_BR, true>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH, causal);                \
+        flash_backward_dkv<D, DKV_BR, DKV_ROLES, true>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH, causal);     \
     }
 
-FLASH_ATTENTION(32, 2, 64, 64, 64, 0, 0)
-FLASH_ATTENTION(64, 2, 64, 64, 64, 0, 0)
-FLASH_ATTENTION(96, 2, 32, 64, 32, 0, 0)
+FLASH_ATTENTION(32, 2, 64, 64, 64, 1, 0, 2)
+FLASH_ATTENTION(64, 2, 64, 64, 64, 1, 0, 0)
+FLASH_ATTENTION(96, 2, 32, 64, 32, 1, 0, 0)
 #if __CUDA_ARCH__ >= 900
-FLASH_ATTENTION(128, 2, 64, 32, 16, 3, 2)
+FLASH_ATTENTION(128, 2, 64, 32, 64, 2, 3, 0)
 #else
-FLASH_ATTENTION(128, 2, 32, 32, 16, 0, 2)
+FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
 #endif

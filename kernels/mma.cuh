@@ -100,6 +100,10 @@ __device__ __forceinline__ float ld_shared_f32(unsigned smem) {
     asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(smem) : "memory");
     return v;
 }
+__device__ __forceinline__ void st_shared_128(unsigned smem, int4 v) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
 __device__ __forceinline__ int4 ld_shared_128(unsigned smem) {
     int4 v;
     asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"

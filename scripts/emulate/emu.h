@@ -48,6 +48,7 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 struct alignas(16) int4 {
     int x, y, z, w;
 };
+inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
 struct alignas(8) int2 {
     int x, y;
 };

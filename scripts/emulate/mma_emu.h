@@ -110,6 +110,11 @@ inline float ld_shared_f32(unsigned smem) {
     std::memcpy(&v, &g_block->smem[smem], 4);
     return v;
 }
+inline void st_shared_128(unsigned smem, int4 v) {
+    if (smem % 16 != 0) emu_fail("misaligned 16-byte shared store");
+    emu_write(smem, 16, false);
+    std::memcpy(&g_block->smem[smem], &v, 16);
+}
 inline int4 ld_shared_128(unsigned smem) {
     if (smem % 16 != 0) emu_fail("misaligned 16-byte shared load");
     emu_read(smem, 16);

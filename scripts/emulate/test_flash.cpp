@@ -13,7 +13,7 @@ static std::mt19937 rng(7);
 static float uni() { return std::uniform_real_distribution<float>(-1, 1)(rng); }
 
 // What the engine reads from the compiled module (FLASH_ATTENTION's launch table): queries per forward block, then
-// the shared memory of the forward, dq, dkv and dkv_dq kernels.
+// the shared memory of the forward, dq, dkv and dkv_dq kernels, then their threads a block.
 static const unsigned* launch_table(int D) {
     switch (D) {
         case 32: return flash_attention_launch_d32;
@@ -73,18 +73,18 @@ static void run(const Shape& s) {
         case 96: NAME##_d96(__VA_ARGS__); break;                        \
         case 128: NAME##_d128(__VA_ARGS__); break;                      \
     }
-    launch({fwd_grid, (unsigned)NH, (unsigned)B}, 128, tiles[1],
+    launch({fwd_grid, (unsigned)NH, (unsigned)B}, tiles[5], tiles[1],
            [&] { DISPATCH(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal) });
     const size_t rows = (size_t)B * T * NH;
     launch({(unsigned)((rows * 8 + 255) / 256), 1, 1}, 256, 0,
            [&] { flash_attention_row_dot(row_dot.p, dout.p, out.p, B, T, NH, D); });
-    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, 128, tiles[3], [&] {
+    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[7], tiles[3], [&] {
         DISPATCH(flash_attention_backward_dkv, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
     });
-    launch({bwd_grid, (unsigned)NH, (unsigned)B}, 128, tiles[2], [&] {
+    launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
         DISPATCH(flash_attention_backward_dq, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
     });
-    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, 128, tiles[4], [&] {
+    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[8], tiles[4], [&] {
         DISPATCH(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
                  s.causal)
     });

@@ -74,8 +74,6 @@ const SORT_BITS: u32 = 4;
 /// The unfused attention kernels keep a row in registers: at most 32 lanes × 4.
 const MAX_HEAD_DIM: usize = 128;
 
-/// Threads of every fused-attention block (4 warps).
-const FLASH_THREADS: u32 = 128;
 /// Rows a dq block holds (queries) and a dkv block holds (keys): 16 per warp.
 const FLASH_BLOCK_ROWS: usize = 64;
 
@@ -102,8 +100,9 @@ struct FlashTiles {
     head_dim: usize,
     /// Queries per forward block.
     forward_rows: usize,
-    /// Dynamic shared memory of the forward, dq, dkv and dkv_dq kernels.
+    /// Dynamic shared memory and threads a block of the forward, dq, dkv and dkv_dq kernels.
     shared_bytes: [u32; 4],
+    threads: [u32; 4],
     /// Those kernels, in the order of [`FlashTiles::FORWARD`], `DQ`, `DKV` and `DKV_DQ`.
     kernels: [&'static str; 4],
 }
@@ -124,6 +123,7 @@ impl FlashTiles {
                     head_dim,
                     forward_rows: words[0] as usize,
                     shared_bytes: [words[1], words[2], words[3], words[4]],
+                    threads: [words[5], words[6], words[7], words[8]],
                     kernels,
                 })
             })
@@ -134,21 +134,21 @@ impl FlashTiles {
     fn launch(&self, kernel: usize, blocks: usize, heads: usize, batch: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (blocks as u32, heads as u32, batch as u32),
-            block_dim: (FLASH_THREADS, 1, 1),
+            block_dim: (self.threads[kernel], 1, 1),
             shared_mem_bytes: self.shared_bytes[kernel],
         }
     }
 }
 
 /// `flash_attention_launch_d{head_dim}` of the fused kernels' CUBIN: queries per forward block, then the dynamic
-/// shared memory of the forward, dq, dkv and dkv_dq kernels.
-pub fn flash_launch_table(cubin: &[u8], head_dim: usize) -> Result<[u32; 5]> {
+/// shared memory of the forward, dq, dkv and dkv_dq kernels, then their threads a block.
+pub fn flash_launch_table(cubin: &[u8], head_dim: usize) -> Result<[u32; 9]> {
     let name = format!("flash_attention_launch_d{head_dim}");
     let bytes = compile::symbol_data(cubin, &name)
         .map_err(|e| Error::backend("cuda", format!("reading {name} from the fused attention kernels: {e}")))?
         .ok_or_else(|| Error::backend("cuda", format!("the fused attention kernels define no {name}")))?;
     let words: Vec<u32> = bytes.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))).collect();
-    words.try_into().map_err(|w: Vec<u32>| Error::backend("cuda", format!("{name} holds {} words, not 5", w.len())))
+    words.try_into().map_err(|w: Vec<u32>| Error::backend("cuda", format!("{name} holds {} words, not 9", w.len())))
 }
 
 pub struct CudaBackend {

@@ -57,9 +57,11 @@ fn every_kernel_compiles_for_ampere_and_hopper_without_spills() {
 }
 
 /// The fused attention kernels export how to launch them (flash_attention_launch_dD), and the engine reads that
-/// from the CUBIN it loads: 128 queries per forward block, and shared memory within what the architecture lets a
-/// block have. The tiles may differ by architecture: at head dimension 128 the forward's key tiles are twice as
-/// long on sm_90a (64 keys: 128 + 4·64 padded rows) as on sm_80, where they would spill.
+/// from the CUBIN it loads: 128 queries per forward block, shared memory within what the architecture lets a block
+/// have, 4 warps a block but for the dkv kernels, which may split their work between two roles (8 warps). The tiles
+/// may differ by architecture: at head dimension 128 the forward's key tiles are twice as long on sm_90a (64 keys:
+/// 128 + 4·64 padded rows) as on sm_80, where they would spill, and the dkv kernels' query tiles too (64 against 32,
+/// which keeps sm_86's and sm_89's 99 KiB).
 #[test]
 fn fused_attention_exports_its_launch_shapes() {
     let compiler = compiler("flash");
@@ -70,9 +72,11 @@ fn fused_attention_exports_its_launch_shapes() {
         for d in [32, 64, 96, 128] {
             let table = flash_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
             assert_eq!(table[0], 128, "{arch} D={d}: queries per forward block");
-            assert!(table[1..].iter().all(|&b| b > 0 && b <= limit), "{arch} D={d}: {table:?}");
+            assert!(table[1..5].iter().all(|&b| b > 0 && b <= limit), "{arch} D={d}: {table:?}");
             // dkv_dq is dkv plus its dS tile.
             assert!(table[4] > table[3], "{arch} D={d}: {table:?}");
+            assert_eq!(&table[5..7], &[128, 128], "{arch} D={d}: forward and dq threads");
+            assert!(table[7] == table[8] && [128, 256].contains(&table[7]), "{arch} D={d}: {table:?}");
         }
         let d128 = flash_launch_table(&built.cubin, 128).unwrap();
         assert_eq!(d128[1], (128 + 4 * d128_forward_keys) * row(128), "{arch}");
