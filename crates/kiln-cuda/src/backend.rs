@@ -148,7 +148,11 @@ pub fn flash_launch_table(cubin: &[u8], head_dim: usize) -> Result<[u32; 9]> {
         .map_err(|e| Error::backend("cuda", format!("reading {name} from the fused attention kernels: {e}")))?
         .ok_or_else(|| Error::backend("cuda", format!("the fused attention kernels define no {name}")))?;
     let words: Vec<u32> = bytes.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))).collect();
-    words.try_into().map_err(|w: Vec<u32>| Error::backend("cuda", format!("{name} holds {} words, not 9", w.len())))
+    match <[u32; 9]>::try_from(words) {
+        Ok(table) if !table.contains(&0) => Ok(table),
+        Ok(table) => Err(Error::backend("cuda", format!("{name} holds a zero: {table:?}"))),
+        Err(w) => Err(Error::backend("cuda", format!("{name} holds {} words, not 9", w.len()))),
+    }
 }
 
 pub struct CudaBackend {
