@@ -33,7 +33,10 @@
 // and accumulators never leave its warp: a row's four lanes (mma's accumulator layout) combine maxima and sums with
 // two shuffles, and no two warps write the same output. (A dkv kernel with two roles has 8 warps, two per 16 keys:
 // one adds to their dV, the other to their dK.) Tiles are streamed through two shared-memory stages: the copies of
-// tile j+1 are issued before tile j is computed, so they overlap it.
+// tile j+1 are issued before tile j is computed, so they overlap it. Only the tiles that reach past the end of the
+// sequence or (causal) across the diagonal compare positions to mask scores; the others, most of a long sequence's,
+// take a copy of the elementwise step without the comparisons (scale_scores, row_probabilities and
+// column_probabilities, each with MASKED true or false).
 //
 // Shared memory: rows padded to D + 8 elements. The stride is then an odd number of 16-byte units (D/8 + 1), so the
 // eight 16-byte rows an ldmatrix reads at the same column fall in eight different groups of four banks: no
@@ -45,10 +48,10 @@
 // (the compile test fails on any spill, sm_80 and sm_90a). Registers per thread on sm_90a, where the tiles differ from
 // sm_80's at D = 128 (sm_80's in brackets):
 //   D     forward BR × BC          dq 64 × BC          dkv 64 × BR, roles         dkv_dq (same tiles)
-//   32    128 × 64  (179)          64 × 64  (128)      64 × 64, 1  (177)          (212)
-//   64    128 × 64  (254)          64 × 64  (168)      64 × 64, 1  (168)          (254)
-//   96    128 × 32  (212)          64 × 64  (174)      64 × 32, 1  (185)          (250)
-//   128   128 × 64 [32]  (255)     64 × 32  (168)      64 × 64 [32], 2  (185)     (213)
+//   32    128 × 64  (168)          64 × 64  (135)      64 × 64, 1  (173)          (185)
+//   64    128 × 64  (230)          64 × 64  (168)      64 × 64, 1  (167)          (175)
+//   96    128 × 32  (213)          64 × 64  (177)      64 × 32, 1  (165)          (169)
+//   128   128 × 64 [32]  (255)     64 × 32  (165)      64 × 64 [32], 2  (168)     (202)
 // Forward: each warp holds 32 queries (M = 2 tiles of 16), so every K and V fragment read from shared memory feeds
 // two mma: shared-memory traffic per mma is what limits mma.sync on H100, and one tile per warp would nearly double
 // it. O (D/2·M floats per thread) and the scores (BC/2·M) live in registers; Q's fragments are read again from the
@@ -62,7 +65,7 @@
 // gets them in 168 registers (183 left to itself); A100's 164 KiB hold two anyway. The dkv kernel with one role (a
 // warp per 16 keys) holds dK and dV (D floats), then Sᵀ (BR/2), or Pᵀ and dPᵀ: BR = 64, and 32 for D = 96 (64
 // spills). At D = 32 it asks for two blocks a multiprocessor: left to itself, ptxas squeezes it into 128 registers,
-// for four, and spills on sm_80. At D = 128 one role would leave room for 16 queries a tile only (32 spill), which
+// for four, and spills. At D = 128 one role would leave room for 16 queries a tile only (32 spill), which
 // makes each tile's shared-memory reads 0.75 ldmatrix per mma and a barrier per 64 mma a warp; with two roles (two
 // warps per 16 keys, flash_backward_dkv) each warp holds one of dK and dV, and the tiles grow to 64 queries on sm_90
 // (0.6 ldmatrix per mma, a barrier per 128 mma) and 32 on sm_80, whose sm_86 and sm_89 give a block 99 KiB (64 would
@@ -238,6 +241,33 @@ __device__ __forceinline__ void add_ab(float (&acc)[D / 8][4], const unsigned (&
 
 // ---- forward ------------------------------------------------------------------------------------------------------
 
+// x ← x·s in log2 units (see the top), and each row's maximum. With MASKED, keys a row does not see become −∞: those
+// past `last`, the row's last visible key counted from this lane's first column of the tile. Only a tile that
+// reaches past the sequence or (causal) past the warp's first query needs it; the others, most of a long
+// sequence's, skip the per-element comparisons.
+template <int M, int BC, bool MASKED>
+__device__ __forceinline__ void scale_scores(float (&x)[M][BC / 8][4], float (&row_max)[M][2],
+                                             const int (&last)[M][2], float scale_log2) {
+#pragma unroll
+    for (int mt = 0; mt < M; mt++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float tile_max = NEG_INF;
+#pragma unroll
+            for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+                for (int e = 2 * half; e < 2 * half + 2; e++) {
+                    float v = x[mt][n][e] * scale_log2;
+                    if (MASKED && n * 8 + e % 2 > last[mt][half]) v = NEG_INF;
+                    x[mt][n][e] = v;
+                    tile_max = fmaxf(tile_max, v);
+                }
+            }
+            row_max[mt][half] = row_max4(tile_max);
+        }
+    }
+}
+
 // One tile of BC keys for a warp's 16·M queries (row0 the first): the online-softmax update of o, m, l. `q_lane`
 // (the warp's first query row), `k_lane` and `v_lane` are shared addresses plus this lane's ldmatrix offsets. Q's
 // fragments are read again for every tile rather than kept: registers are the scarcer resource (see the top).
@@ -262,29 +292,32 @@ __device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)
             }
         }
     }
-    // Only tiles that reach past the sequence or (causal) past this warp's first query need a mask.
-    const bool masked = k0 + BC > T || (causal && k0 + BC - 1 > row0);
+    float row_max[M][2];
+    if (k0 + BC > T || (causal && k0 + BC - 1 > row0)) {
+        int last[M][2];
+#pragma unroll
+        for (int mt = 0; mt < M; mt++)
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int row = row0 + mt * 16 + acc_row(lane, 2 * half);
+                last[mt][half] = (causal ? min(row, T - 1) : T - 1) - k0 - acc_col(lane, 0);
+            }
+        scale_scores<M, BC, true>(x, row_max, last, scale_log2);
+    } else {
+        scale_scores<M, BC, false>(x, row_max, {}, scale_log2);
+    }
+    float correction[M][2];
+    bool rescale = false;
 #pragma unroll
     for (int mt = 0; mt < M; mt++) {
 #pragma unroll
         for (int half = 0; half < 2; half++) {
-            const int row = row0 + mt * 16 + acc_row(lane, 2 * half);
-            float tile_max = NEG_INF;
-#pragma unroll
-            for (int n = 0; n < BC / 8; n++) {
-#pragma unroll
-                for (int e = 2 * half; e < 2 * half + 2; e++) {
-                    const int col = k0 + n * 8 + acc_col(lane, e);
-                    float v = x[mt][n][e] * scale_log2;
-                    if (masked && (col >= T || (causal && col > row))) v = NEG_INF;
-                    x[mt][n][e] = v;
-                    tile_max = fmaxf(tile_max, v);
-                }
-            }
-            const float new_max = fmaxf(m[mt][half], row_max4(tile_max));
+            const float old_max = m[mt][half], new_max = fmaxf(old_max, row_max[mt][half]);
             // A row that has seen no key yet stays at −∞; subtracting 0 then keeps its terms 0 rather than NaN.
             const float base = new_max == NEG_INF ? 0.0f : new_max;
-            const float correction = exp2_ftz(m[mt][half] - base);
+            // An unchanged maximum leaves the row's sums as they are: exactly, whatever ex2 makes of 0.
+            correction[mt][half] = new_max == old_max ? 1.0f : exp2_ftz(old_max - base);
+            rescale |= new_max != old_max;
             m[mt][half] = new_max;
             float sum = 0.0f;
 #pragma unroll
@@ -296,11 +329,18 @@ __device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)
                 }
             }
             // This lane's part of the row sum: the four parts are added once, at the end.
-            l[mt][half] = l[mt][half] * correction + sum;
+            l[mt][half] = l[mt][half] * correction[mt][half] + sum;
+        }
+    }
+    // O is rescaled only when a row of the warp has a new maximum, which past the first tiles of a row is rare: the
+    // branch is the same for the whole warp, which then skips D/2·M multiplications a lane.
+    if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+        for (int mt = 0; mt < M; mt++) {
 #pragma unroll
             for (int n = 0; n < D / 8; n++) {
-                o[mt][n][2 * half] *= correction;
-                o[mt][n][2 * half + 1] *= correction;
+                o[mt][n][0] *= correction[mt][0], o[mt][n][1] *= correction[mt][0];
+                o[mt][n][2] *= correction[mt][1], o[mt][n][3] *= correction[mt][1];
             }
         }
     }
@@ -423,6 +463,22 @@ extern "C" __global__ void flash_attention_row_dot(float* row_dot, const bf16* d
     }
 }
 
+// P = 2^(x·s − log2(e)·lse) for a warp's 16 rows of scores (lse_log2 = log2(e)·lse of its two rows a lane). With
+// MASKED, keys past `last`, a row's last visible key counted from this lane's first column, get 0; only tiles that
+// reach past the sequence or (causal) the warp's first query need it.
+template <int BC, bool MASKED>
+__device__ __forceinline__ void row_probabilities(float (&s)[BC / 8][4], const float (&lse_log2)[2],
+                                                  const int (&last)[2], float scale_log2) {
+#pragma unroll
+    for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float x = exp2_ftz(s[n][e] * scale_log2 - lse_log2[e / 2]);
+            s[n][e] = MASKED && n * 8 + e % 2 > last[e / 2] ? 0.0f : x;
+        }
+    }
+}
+
 // One tile of BC keys for a warp's 16 queries (row0 the first; rows q_rows and do_rows of the Q and dO tiles):
 // dQ += dS·K (unscaled). Q's and dO's fragments are read again for each tile, as in the forward. As in the dkv
 // kernel, S becomes P rounded to bf16 before dP is computed, and dS = P∘(dP − D) uses that P: the two kernels
@@ -432,20 +488,20 @@ __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_rows, 
                                         const float (&lse_log2)[2], const float (&row_dot)[2], unsigned k_tile,
                                         unsigned v_tile, int k0, int row0, int T, int causal, float scale_log2,
                                         int lane) {
-    const bool masked = k0 + BC > T || (causal && k0 + BC - 1 > row0);
     unsigned p[BC / 16][4];
     {
         float s[BC / 8][4] = {};
         add_abt<D, BC>(s, q_rows, k_tile, lane);
+        if (k0 + BC > T || (causal && k0 + BC - 1 > row0)) {
+            int last[2];
 #pragma unroll
-        for (int n = 0; n < BC / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int row = row0 + acc_row(lane, e), col = k0 + n * 8 + acc_col(lane, e);
-                float x = exp2_ftz(s[n][e] * scale_log2 - lse_log2[e / 2]);
-                if (masked && (col >= T || (causal && col > row))) x = 0.0f;
-                s[n][e] = x;
+            for (int half = 0; half < 2; half++) {
+                const int row = row0 + acc_row(lane, 2 * half);
+                last[half] = (causal ? min(row, T - 1) : T - 1) - k0 - acc_col(lane, 0);
             }
+            row_probabilities<BC, true>(s, lse_log2, last, scale_log2);
+        } else {
+            row_probabilities<BC, false>(s, lse_log2, {}, scale_log2);
         }
 #pragma unroll
         for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], s, kb);
@@ -524,6 +580,23 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, 
 // fragments (BR/4 registers) that dV += Pᵀ·dO takes; then dPᵀ = V·dOᵀ and dSᵀ = Pᵀ∘(dPᵀ − D) from that same
 // rounded Pᵀ, as the A fragments that dK += dSᵀ·Q takes (dS is rounded to bf16 for its product in any case).
 
+// Pᵀ = 2^(x·s − log2(e)·lse) for a warp's 16 keys (rows) and a tile of BR queries (columns, lse of each in
+// lse_tile). With MASKED, a key's queries outside [first, last], counted from this lane's first column, get 0.
+template <int BR, bool MASKED>
+__device__ __forceinline__ void column_probabilities(float (&s)[BR / 8][4], unsigned lse_tile, const int (&first)[2],
+                                                     const int (&last)[2], float scale_log2, int lane) {
+#pragma unroll
+    for (int n = 0; n < BR / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int c = n * 8 + e % 2;
+            const float lse = ld_shared_f32(lse_tile + 4 * (c + acc_col(lane, 0)));
+            const float x = exp2_ftz(s[n][e] * scale_log2 - lse * FLASH_LOG2E);
+            s[n][e] = MASKED && (c < first[e / 2] || c > last[e / 2]) ? 0.0f : x;
+        }
+    }
+}
+
 // Pᵀ for the warp's keys (rows k_rows of the K tile): keys are the rows, queries the columns; 0 where unseen.
 template <int D, int BR>
 __device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][4], unsigned k_rows, unsigned q_tile,
@@ -531,16 +604,19 @@ __device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][
                                                          float scale_log2, int lane) {
     float s[BR / 8][4] = {};
     add_abt<D, BR>(s, k_rows, q_tile, lane);
-    const bool masked = i0 + BR > T || j0 + FLASH_WARP_ROWS > T || (causal && i0 < j0 + FLASH_WARP_ROWS - 1);
+    if (i0 + BR > T || j0 + FLASH_WARP_ROWS > T || (causal && i0 < j0 + FLASH_WARP_ROWS - 1)) {
+        // A key's visible queries, counted from this lane's first column: from the key itself (causal) to the end
+        // of the sequence; none for a key past the end.
+        int first[2], last[2];
 #pragma unroll
-    for (int n = 0; n < BR / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int key = j0 + acc_row(lane, e), col = n * 8 + acc_col(lane, e), query = i0 + col;
-            float x = exp2_ftz(s[n][e] * scale_log2 - ld_shared_f32(lse_tile + 4 * col) * FLASH_LOG2E);
-            if (masked && (query >= T || key >= T || (causal && query < key))) x = 0.0f;
-            s[n][e] = x;
+        for (int half = 0; half < 2; half++) {
+            const int key = j0 + acc_row(lane, 2 * half), col0 = i0 + acc_col(lane, 0);
+            first[half] = causal ? key - col0 : -BR;
+            last[half] = key < T ? T - 1 - col0 : -BR;
         }
+        column_probabilities<BR, true>(s, lse_tile, first, last, scale_log2, lane);
+    } else {
+        column_probabilities<BR, false>(s, lse_tile, {}, {}, scale_log2, lane);
     }
 #pragma unroll
     for (int kb = 0; kb < BR / 16; kb++) accumulator_to_a(p[kb], s, kb);

@@ -428,6 +428,15 @@ inline const double EMU_TOL = 1e-5;
 inline std::array<unsigned, 16>& emu_slot(int lane) { return g_block->slots[emu_warp() * 32 + lane]; }
 inline int emu_lane() { return emu_tid() % 32; }
 
+inline bool __any_sync(unsigned mask, bool predicate) {
+    if (mask != 0xffffffffu) emu_fail("partial vote mask");
+    emu_slot(emu_lane())[0] = predicate;
+    emu_warp_barrier("vote");
+    bool any = false;
+    for (int lane = 0; lane < 32; lane++) any |= emu_slot(lane)[0] != 0;
+    emu_warp_barrier("vote done");
+    return any;
+}
 inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
     if (mask != 0xffffffffu) emu_fail("partial shuffle mask");
     std::memcpy(&emu_slot(emu_lane())[0], &v, 4);
