@@ -149,6 +149,18 @@ __device__ __forceinline__ float a_to_accumulator(const unsigned a[4], int t, in
 __device__ __forceinline__ int acc_row(int lane, int e) { return lane / 4 + e / 2 * 8; }
 __device__ __forceinline__ int acc_col(int lane, int e) { return lane % 4 * 2 + e % 2; }
 
+// Whether a tile of `keys` keys from k0 holds one that some of the queries from row0 do not see (past the end of
+// the sequence or, causal, past a query): only such a tile needs the MASKED copy of an elementwise step.
+__device__ __forceinline__ bool keys_need_mask(int k0, int keys, int row0, int T, int causal) {
+    return k0 + keys > T || (causal && k0 + keys - 1 > row0);
+}
+
+// The last key query `row` sees, counted from this lane's first column of the key tile at k0: the bound the MASKED
+// copies compare each score's column against.
+__device__ __forceinline__ int last_visible_key(int row, int k0, int T, int causal, int lane) {
+    return (causal ? min(row, T - 1) : T - 1) - k0 - acc_col(lane, 0);
+}
+
 // Maximum and sum over the four lanes that hold one accumulator row.
 __device__ __forceinline__ float row_max4(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -293,14 +305,14 @@ __device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)
         }
     }
     float row_max[M][2];
-    if (k0 + BC > T || (causal && k0 + BC - 1 > row0)) {
+    if (keys_need_mask(k0, BC, row0, T, causal)) {
         int last[M][2];
 #pragma unroll
         for (int mt = 0; mt < M; mt++)
 #pragma unroll
             for (int half = 0; half < 2; half++) {
                 const int row = row0 + mt * 16 + acc_row(lane, 2 * half);
-                last[mt][half] = (causal ? min(row, T - 1) : T - 1) - k0 - acc_col(lane, 0);
+                last[mt][half] = last_visible_key(row, k0, T, causal, lane);
             }
         scale_scores<M, BC, true>(x, row_max, last, scale_log2);
     } else {
@@ -492,12 +504,12 @@ __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_rows, 
     {
         float s[BC / 8][4] = {};
         add_abt<D, BC>(s, q_rows, k_tile, lane);
-        if (k0 + BC > T || (causal && k0 + BC - 1 > row0)) {
+        if (keys_need_mask(k0, BC, row0, T, causal)) {
             int last[2];
 #pragma unroll
             for (int half = 0; half < 2; half++) {
                 const int row = row0 + acc_row(lane, 2 * half);
-                last[half] = (causal ? min(row, T - 1) : T - 1) - k0 - acc_col(lane, 0);
+                last[half] = last_visible_key(row, k0, T, causal, lane);
             }
             row_probabilities<BC, true>(s, lse_log2, last, scale_log2);
         } else {
