@@ -1,6 +1,6 @@
 // Tensor-core building blocks for sm_80 and later, as inline PTX: asynchronous copies from global to shared memory,
-// ldmatrix, and mma.sync.m16n8k16 (bf16 operands, fp32 accumulators). The compiler puts this text after common.cuh
-// in front of each kernel file; flash_attention.cu uses it.
+// ldmatrix, and mma.sync.m16n8k16 (bf16 operands, fp32 accumulators); for sm_90a, the warpgroup products (wgmma).
+// The compiler puts this text after common.cuh in front of each kernel file; flash_attention.cu uses it.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"). For lane l of a warp let
 // g = l / 4 and c = l % 4. Each 32-bit register holds two bf16, the lower column (or row, for B) in the low half.
@@ -111,6 +111,87 @@ __device__ __forceinline__ int4 ld_shared_128(unsigned smem) {
                  : "r"(smem)
                  : "memory");
     return v;
+}
+
+// ---- warpgroup products (wgmma, sm_90a) --------------------------------------------------------------------------
+//
+// wgmma.mma_async multiplies 64 × 16 by 16 × N for the four warps of a warpgroup (128 threads) together. Warp w of
+// the group holds rows 16w to 16w + 15 of A (when A comes from registers) and of the accumulator, in exactly
+// mma.m16n8k16's layouts above: the accumulator of a 64 × 64 product is, per warp, eight 16×8 tiles (d[n][0..3] for
+// columns 8n to 8n + 7), and accumulator_to_a-style packing turns it into A fragments. B, and A when it does not
+// come from registers, are read from shared memory through a 64-bit descriptor. The product is asynchronous: it is
+// issued after wgmma_fence (which orders earlier register writes before it), grouped by wgmma_commit, and its
+// accumulators may be read, and its operands overwritten, only after wgmma_wait; until then neither may be touched.
+// Shared memory written by ordinary stores or cp.async must be made visible to the product's (asynchronous) proxy
+// with fence_proxy_async before the barrier that precedes the product.
+//
+// Shared-memory layout: the 128-byte swizzle. A tile of 16-bit elements is stored as column blocks of 64 elements;
+// in a block, row r takes 128 bytes, and its 16-byte chunk c lies at chunk c ^ (r % 8). Eight rows make a 1024-byte
+// atom, which must be 1024-byte aligned: the hardware swizzles the address bits, so the same XOR holds when a
+// descriptor starts inside an atom. Read as the PTX ISA's canonical layouts:
+//   K-major (the 16 k of a product along a row: Q and K for S = Q·Kᵀ): start at (row 8i, column 16k) of its block
+//     (adding 32 bytes a k-step), rows 8 apart at the stride byte offset, 1024; the leading offset is unused.
+//   MN-major (the 16 k down the rows: V for O = P·V, transposed B): start at row 16k, the 64 columns of a block
+//     along a row, rows 8 apart at the stride byte offset, 1024; blocks of 64 columns at the leading byte offset.
+
+// A shared-memory matrix descriptor for the 128-byte swizzle: address, leading and stride byte offsets in 16-byte
+// units (14 bits each), swizzle mode 1 in bits 62–63.
+__device__ __forceinline__ unsigned long long wgmma_descriptor(unsigned smem, unsigned leading_bytes,
+                                                               unsigned stride_bytes) {
+    return (unsigned long long)((smem & 0x3ffff) >> 4) | (unsigned long long)(leading_bytes >> 4) << 16 |
+           (unsigned long long)(stride_bytes >> 4) << 32 | 1ull << 62;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Waits until at most N of this warpgroup's committed products are in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Makes this thread's earlier shared-memory writes (stores, completed cp.async) visible to wgmma's reads.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// The compiler sees a wgmma's accumulators as written when it is issued. After wgmma_wait, this ties each of them
+// to a volatile statement, so that no read of an accumulator moves above the wait.
+__device__ __forceinline__ void wgmma_settle(float (*d)[4]) {
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[n][e])::"memory");
+}
+
+#define WGMMA_ACCUMULATORS(d)                                                                                          \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),           \
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),       \
+        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),       \
+        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),       \
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+
+// d (64 × 64, fp32, the eight 16×8 tiles d[0..7] of this warp's rows) += A·B, A (64 × 16) and B (16 × 64) both
+// from shared memory, both K-major. (The predicate p, always true, is wgmma's scale-d: whether d is added to.)
+__device__ __forceinline__ void wgmma_64x64_ss(float (*d)[4], unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.eq.u32 p, 0, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : WGMMA_ACCUMULATORS(d)
+        : "l"(a), "l"(b));
+}
+
+// As wgmma_64x64_ss with A from registers (this warp's A fragment of its 16 rows, as for mma_16816) and B MN-major
+// (transposed: stored 16 × 64 with the 64 along a row).
+__device__ __forceinline__ void wgmma_64x64_rs_mn(float (*d)[4], const unsigned a[4], unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.eq.u32 p, 0, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : WGMMA_ACCUMULATORS(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
 
 // Bytes of dynamic shared memory this launch was given.

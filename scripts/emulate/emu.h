@@ -119,7 +119,7 @@ emu_switch:
     ret
 )");
 
-enum Wait { RUNNING, BLOCK_BARRIER, WARP_BARRIER, DONE };
+enum Wait { RUNNING, BLOCK_BARRIER, WARP_BARRIER, GROUP_BARRIER, DONE };
 
 struct Copy {
     unsigned smem;
@@ -127,12 +127,25 @@ struct Copy {
     int bytes, valid_bytes;
 };
 
+// A warpgroup product (wgmma) in flight: its operands as issued and where its accumulators go.
+struct Wgmma {
+    float (*d)[4];
+    float issued_d[8][4];  // the accumulators when it was issued, which nothing may change until it completes
+    unsigned a[4];         // this thread's A fragment, when A comes from registers
+    bool a_in_registers, b_mn_major;
+    unsigned long long a_desc, b_desc;
+};
+
 struct Fiber {
     void* sp = nullptr;
     Wait wait = RUNNING;
-    const char* warp_op = nullptr;  // which warp collective it waits in (all lanes must agree)
+    const char* warp_op = nullptr;  // which warp (or warpgroup) collective it waits in (all lanes must agree)
     std::vector<Copy> open_group;
     std::vector<std::vector<Copy>> committed;
+    bool wgmma_fenced = false;  // wgmma.fence since the last wait
+    std::vector<Wgmma> wgmma_open;
+    std::vector<std::vector<Wgmma>> wgmma_committed;
+    long proxy_fences = 0;  // fence.proxy.async executed so far
 };
 
 struct ShadowWord {
@@ -141,6 +154,7 @@ struct ShadowWord {
     long w_epoch = -1, w_warp_epoch = -1;
     int r_thread = -1, r_warp = -1;  // -2: several
     long r_epoch = -1, r_warp_epoch = -1;
+    long w_proxy_fences = 0;  // the writer's fence.proxy.async count when it wrote
 };
 
 struct Block {
@@ -187,6 +201,8 @@ inline void emu_yield(Wait w, const char* op = nullptr) {
 
 inline void __syncthreads() { emu_yield(BLOCK_BARRIER); }
 inline void emu_warp_barrier(const char* op) { emu_yield(WARP_BARRIER, op); }
+// A barrier of the 128 threads of a warpgroup (wgmma's collectives).
+inline void emu_group_barrier(const char* op) { emu_yield(GROUP_BARRIER, op); }
 inline void __syncwarp() {
     emu_warp_barrier("__syncwarp");
 }
@@ -263,26 +279,30 @@ inline void emu_run_block(Block& blk, unsigned threads) {
             for (auto& e : blk.warp_epoch) e++;
             released = true;
         } else {
-            for (unsigned w = 0; w < warps; w++) {
-                unsigned lanes = 0, waiting = 0;
-                const char* op = nullptr;
-                for (unsigned t = w * 32; t < std::min(threads, w * 32 + 32); t++) {
-                    Fiber& f = blk.fibers[t];
-                    if (f.wait == DONE) continue;
-                    lanes++;
-                    if (f.wait == WARP_BARRIER) {
-                        if (op && std::strcmp(op, f.warp_op) != 0)
-                            emu_fail("warp " + std::to_string(w) + " diverged: " + op + " vs " + f.warp_op);
-                        op = f.warp_op;
-                        waiting++;
+            // Warps (32 threads) wait in WARP_BARRIER, warpgroups (128) in GROUP_BARRIER.
+            for (auto [size, kind] : {std::pair{32u, WARP_BARRIER}, std::pair{128u, GROUP_BARRIER}}) {
+                for (unsigned w = 0; w * size < threads; w++) {
+                    unsigned lanes = 0, waiting = 0;
+                    const char* op = nullptr;
+                    for (unsigned t = w * size; t < std::min(threads, w * size + size); t++) {
+                        Fiber& f = blk.fibers[t];
+                        if (f.wait == DONE) continue;
+                        lanes++;
+                        if (f.wait == kind) {
+                            if (op && std::strcmp(op, f.warp_op) != 0)
+                                emu_fail("warp or warpgroup " + std::to_string(w) + " diverged: " + op + " vs " +
+                                         f.warp_op);
+                            op = f.warp_op;
+                            waiting++;
+                        }
                     }
-                }
-                if (lanes > 0 && waiting == lanes) {
-                    if (lanes != 32 && threads % 32 == 0) emu_fail("warp collective with exited lanes");
-                    for (unsigned t = w * 32; t < std::min(threads, w * 32 + 32); t++)
-                        if (blk.fibers[t].wait == WARP_BARRIER) blk.fibers[t].wait = RUNNING;
-                    if (std::strcmp(op, "__syncwarp") == 0) blk.warp_epoch[w]++;
-                    released = true;
+                    if (lanes > 0 && waiting == lanes) {
+                        if (lanes != size && threads % size == 0) emu_fail(std::string(op) + " with exited lanes");
+                        for (unsigned t = w * size; t < std::min(threads, w * size + size); t++)
+                            if (blk.fibers[t].wait == kind) blk.fibers[t].wait = RUNNING;
+                        if (std::strcmp(op, "__syncwarp") == 0) blk.warp_epoch[w]++;
+                        released = true;
+                    }
                 }
             }
         }
@@ -310,8 +330,11 @@ inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, std::functi
                 blk.smem.assign(shared_bytes, 0xff);
                 blk.shadow.assign((shared_bytes + 3) / 4, ShadowWord());
                 emu_run_block(blk, threads);
-                for (auto& f : blk.fibers)
+                for (auto& f : blk.fibers) {
                     if (!f.open_group.empty() || !f.committed.empty()) emu_fail("thread exited with copies in flight");
+                    if (!f.wgmma_open.empty() || !f.wgmma_committed.empty())
+                        emu_fail("thread exited with wgmma in flight");
+                }
             }
 }
 
@@ -369,6 +392,7 @@ inline void emu_write(unsigned addr, unsigned bytes, bool async) {
             s.pending = t;
         } else {
             s.w_thread = t, s.w_epoch = g_block->epoch, s.w_warp_epoch = g_block->warp_epoch[w];
+            s.w_proxy_fences = g_block->fibers[t].proxy_fences;
         }
     }
 }
@@ -379,6 +403,7 @@ inline void emu_complete(const Copy& c) {
     for (unsigned a = c.smem; a < c.smem + c.bytes; a += 4) {
         ShadowWord& s = emu_word(a);
         s.pending = -1, s.w_thread = t, s.w_epoch = g_block->epoch, s.w_warp_epoch = g_block->warp_epoch[w];
+        s.w_proxy_fences = g_block->fibers[t].proxy_fences;
     }
 }
 
