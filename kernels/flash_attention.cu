@@ -75,6 +75,21 @@
 // (FLASH_ATTENTION's flash_attention_launch_dD), so it follows these choices; each kernel checks its block size and
 // shared memory and traps if a launch disagrees.
 
+// On sm_90a, at D = 64 and 128, the forward, dq and dkv kernels also have a form on Hopper's warpgroup products
+// (wgmma, see mma.cuh; FLASH_ATTENTION_WGMMA), which the engine runs when KILN_FLASH_WGMMA names them. The algorithm,
+// the work of each warp and the elementwise steps are the same; the products differ (add_abt and add_ab, WGMMA
+// true). A warpgroup of 4 warps computes its 64 rows' product together (the 4 warps of a dq block, or of a dkv
+// role; the forward has two warpgroups of 64 queries), reading shared memory itself. A 64-row product reads each
+// element of its shared operand once for 64 rows, where mma.sync read it once for 16 (32 in the forward, M = 2):
+// the shared-memory traffic per product that limits mma.sync on H100 falls by half or more, and no ldmatrix is
+// issued. Tiles are stored unpadded in wgmma's 128-byte swizzle (swizzled_at); each warp stages its output in padded
+// rows of its own in a region the loop is done with. A warpgroup skips a tile only when all its 64 rows have nothing
+// to add. Each product is waited for before its result is read: a warpgroup's elementwise steps do not overlap its
+// own products, as FlashAttention-3 arranges; other warpgroups fill the gaps. Forward tiles: at D = 64, 64 keys in
+// 112 registers, two blocks a multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers,
+// one block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 140 (dq)
+// and 159 (dkv) registers at D = 64 and 168 and 168 (two roles) at D = 128.
+
 #define FLASH_THREADS 128
 #define FLASH_WARP_ROWS 16
 #define FLASH_LOG2E 1.4426950408889634f
@@ -91,9 +106,28 @@ __device__ __forceinline__ constexpr unsigned at(int r, int c) {
     return (unsigned)(r * (D + 8) + c) * 2;
 }
 
-// Copies ROWS rows of D elements (row r at src + r·stride) into a padded shared tile, in 16-byte chunks spread over
-// the block's THREADS; rows from `valid_rows` on are zero-filled without being read.
-template <int ROWS, int D, int THREADS = FLASH_THREADS>
+// Element (r, c) of a tile of ROWS rows in wgmma's 128-byte swizzle (see mma.cuh): column blocks of 64 elements,
+// ROWS rows of 128 bytes each, the 16-byte chunks of row r permuted by r % 8. The 16-byte copies into such a tile
+// and wgmma's reads of it are free of bank conflicts.
+template <int ROWS>
+__device__ __forceinline__ constexpr unsigned swizzled_at(int r, int c) {
+    return (unsigned)((c / 64 * ROWS + r) * 128 + ((c % 64 / 8) ^ (r % 8)) * 16 + c % 8 * 2);
+}
+
+// Element (r, c) of a tile of ROWS rows of D elements, padded (at) or SWIZZLED (swizzled_at), and the bytes of such a
+// tile of `rows` rows.
+template <int D, int ROWS, bool SWIZZLED>
+__device__ __forceinline__ constexpr unsigned tile_at(int r, int c) {
+    return SWIZZLED ? swizzled_at<ROWS>(r, c) : at<D>(r, c);
+}
+template <int D, bool SWIZZLED>
+__device__ __forceinline__ constexpr unsigned tile_bytes(int rows) {
+    return SWIZZLED ? (unsigned)(rows * D * 2) : at<D>(rows, 0);
+}
+
+// Copies ROWS rows of D elements (row r at src + r·stride) into a padded (or SWIZZLED) shared tile, in 16-byte
+// chunks spread over the block's THREADS; rows from `valid_rows` on are zero-filled without being read.
+template <int ROWS, int D, int THREADS = FLASH_THREADS, bool SWIZZLED = false>
 __device__ __forceinline__ void load_tile(unsigned tile, const bf16* src, long stride, int valid_rows) {
     constexpr int PER_ROW = D / 8, CHUNKS = ROWS * PER_ROW;
 #pragma unroll
@@ -102,7 +136,7 @@ __device__ __forceinline__ void load_tile(unsigned tile, const bf16* src, long s
         if (CHUNKS % THREADS == 0 || i < CHUNKS) {
             const int r = i / PER_ROW, c = i % PER_ROW * 8;
             const bool valid = r < valid_rows;
-            cp_async_16(tile + at<D>(r, c), src + (valid ? r : 0) * stride + c, valid);
+            cp_async_16(tile + tile_at<D, ROWS, SWIZZLED>(r, c), src + (valid ? r : 0) * stride + c, valid);
         }
     }
 }
@@ -178,18 +212,24 @@ __device__ __forceinline__ void check_launch(unsigned shared_bytes, unsigned thr
 
 // Dynamic shared memory of each kernel, as it lays its tiles out (see each kernel's comment). The engine reads these
 // numbers from the compiled module (FLASH_ATTENTION's launch table), so the two cannot disagree.
-template <int D, int BR, int BC>
+// The forward's threads a block: 4 warps on mma.sync, 2 warpgroups on wgmma.
+template <bool WGMMA>
+__device__ constexpr int forward_threads() {
+    return WGMMA ? 2 * FLASH_THREADS : FLASH_THREADS;
+}
+template <int D, int BR, int BC, bool WGMMA>
 __device__ constexpr unsigned forward_shared_bytes() {
-    return at<D>(BR + 4 * BC, 0);
+    return tile_bytes<D, WGMMA>(BR + 4 * BC);
 }
-template <int D, int BC>
+template <int D, int BC, bool WGMMA>
 __device__ constexpr unsigned dq_shared_bytes() {
-    return at<D>(2 * 4 * FLASH_WARP_ROWS + 4 * BC, 0);
+    return tile_bytes<D, WGMMA>(2 * 4 * FLASH_WARP_ROWS + 4 * BC);
 }
-template <int D, int BR, int ROLES, bool ATOMIC_DQ>
+template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA>
 __device__ constexpr unsigned dkv_shared_bytes() {
     constexpr int BC = 4 * FLASH_WARP_ROWS;
-    return at<D>(2 * BC + 4 * BR, 0) + 4 * BR * 4 + (ATOMIC_DQ ? at<BR>(BC, 0) : 0) + (ROLES == 2 ? BR * 128 : 0);
+    return tile_bytes<D, WGMMA>(2 * BC + 4 * BR) + 4 * BR * 4 + (ATOMIC_DQ ? at<BR>(BC, 0) : 0) +
+           (ROLES == 2 ? BR * 128 : 0);
 }
 
 // Writes a warp's 16 × D fp32 accumulator, times `scale`, to rows 0–15 of a global matrix (`stride` apart; rows
@@ -214,39 +254,80 @@ __device__ __forceinline__ void store_rows(bf16* dst, long stride, int valid_row
     }
 }
 
-// acc (16 × N) += A·Bᵀ, summed over D: A the 16 rows of a tile at a_rows, B the N rows of the tile at b_tile, each
-// read as mma fragments by ldmatrix (S = Q·Kᵀ and dP = dO·Vᵀ in the dq kernel, Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ in dkv).
-template <int D, int N>
-__device__ __forceinline__ void add_abt(float (&acc)[N / 8][4], unsigned a_rows, unsigned b_tile, int lane) {
-    const unsigned a = a_rows + a_fragment_lane<D>(lane), b = b_tile + b_fragment_lane<D>(lane);
+// acc (this warp's 16 rows × N) += A·Bᵀ, summed over D: A from the tile at a_tile (A_ROWS rows), B the N rows of
+// the tile at b_tile (S = Q·Kᵀ in the forward and dq kernels, dP = dO·Vᵀ in dq, Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ in dkv).
+// On mma.sync, A is the warp's own 16 rows from a_first, and both operands are read as fragments by ldmatrix from
+// padded tiles. On wgmma (WGMMA), the warpgroup computes its 64 rows together (from a_first rounded down to 64) from
+// swizzled tiles, and the products are waited for before this returns.
+template <int D, int N, int A_ROWS, bool WGMMA>
+__device__ __forceinline__ void add_abt(float (&acc)[N / 8][4], unsigned a_tile, int a_first, unsigned b_tile,
+                                        int lane) {
+    if constexpr (WGMMA) {
+        static_assert(D % 64 == 0 && N % 64 == 0, "wgmma tiles are made of 64-column blocks");
+        wgmma_fence();
 #pragma unroll
-    for (int kb = 0; kb < D / 16; kb++) {
-        unsigned af[4];
-        ldmatrix_x4(af, a + at<D>(0, kb * 16));
+        for (int kb = 0; kb < D / 16; kb++) {
+            const unsigned long long a =
+                wgmma_descriptor(a_tile + swizzled_at<A_ROWS>(a_first / 64 * 64, kb * 16), 16, 1024);
 #pragma unroll
-        for (int n = 0; n < N / 16; n++) {
-            unsigned bf[4];
-            ldmatrix_x4(bf, b + at<D>(n * 16, kb * 16));
-            mma_16816(acc[2 * n], af, bf[0], bf[1]);
-            mma_16816(acc[2 * n + 1], af, bf[2], bf[3]);
+            for (int n = 0; n < N / 64; n++)
+                wgmma_64x64_ss(&acc[n * 8], a, wgmma_descriptor(b_tile + swizzled_at<N>(n * 64, kb * 16), 16, 1024));
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int n = 0; n < N / 64; n++) wgmma_settle(&acc[n * 8]);
+    } else {
+        const unsigned a = a_tile + at<D>(a_first, 0) + a_fragment_lane<D>(lane), b = b_tile + b_fragment_lane<D>(lane);
+#pragma unroll
+        for (int kb = 0; kb < D / 16; kb++) {
+            unsigned af[4];
+            ldmatrix_x4(af, a + at<D>(0, kb * 16));
+#pragma unroll
+            for (int n = 0; n < N / 16; n++) {
+                unsigned bf[4];
+                ldmatrix_x4(bf, b + at<D>(n * 16, kb * 16));
+                mma_16816(acc[2 * n], af, bf[0], bf[1]);
+                mma_16816(acc[2 * n + 1], af, bf[2], bf[3]);
+            }
         }
     }
 }
 
-// acc (16 × D) += A·B, summed over K: A (16 × K) given as bf16 A fragments, B the K rows of the tile at b_tile, read
-// transposed by ldmatrix (dQ += dS·K in the dq kernel, dV += Pᵀ·dO and dK += dSᵀ·Q in dkv).
-template <int D, int K>
+// acc (this warp's 16 rows × D) += A·B, summed over K: A (16 × K, the warp's rows) given as bf16 A fragments, B the
+// K rows of the tile at b_tile (O += P·V in the forward, dQ += dS·K in dq, dV += Pᵀ·dO and dK += dSᵀ·Q in dkv). On
+// mma.sync B is read transposed by ldmatrix from a padded tile; on wgmma (WGMMA) it is read by the warpgroup's
+// products from a swizzled tile, MN-major, and the products are waited for before this returns. The descriptor gives
+// 1024 as both offsets: a 64-column product never uses the one between blocks of 64 columns, so either reading of
+// which offset steps over 8 rows of an MN-major operand finds 1024 there.
+template <int D, int K, bool WGMMA>
 __device__ __forceinline__ void add_ab(float (&acc)[D / 8][4], const unsigned (&a)[K / 16][4], unsigned b_tile,
                                        int lane) {
-    const unsigned b = b_tile + a_fragment_lane<D>(lane);
+    if constexpr (WGMMA) {
+        static_assert(D % 64 == 0 && K % 64 == 0, "wgmma tiles are made of 64-column blocks");
+        wgmma_fence();
 #pragma unroll
-    for (int kb = 0; kb < K / 16; kb++) {
+        for (int kb = 0; kb < K / 16; kb++)
 #pragma unroll
-        for (int n = 0; n < D / 16; n++) {
-            unsigned bf[4];
-            ldmatrix_x4_trans(bf, b + at<D>(kb * 16, n * 16));
-            mma_16816(acc[2 * n], a[kb], bf[0], bf[1]);
-            mma_16816(acc[2 * n + 1], a[kb], bf[2], bf[3]);
+            for (int n = 0; n < D / 64; n++) {
+                const unsigned long long b = wgmma_descriptor(b_tile + swizzled_at<K>(kb * 16, n * 64), 1024, 1024);
+                wgmma_64x64_rs_mn(&acc[n * 8], a[kb], b);
+            }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int n = 0; n < D / 64; n++) wgmma_settle(&acc[n * 8]);
+    } else {
+        const unsigned b = b_tile + a_fragment_lane<D>(lane);
+#pragma unroll
+        for (int kb = 0; kb < K / 16; kb++) {
+#pragma unroll
+            for (int n = 0; n < D / 16; n++) {
+                unsigned bf[4];
+                ldmatrix_x4_trans(bf, b + at<D>(kb * 16, n * 16));
+                mma_16816(acc[2 * n], a[kb], bf[0], bf[1]);
+                mma_16816(acc[2 * n + 1], a[kb], bf[2], bf[3]);
+            }
         }
     }
 }
@@ -280,30 +361,13 @@ __device__ __forceinline__ void scale_scores(float (&x)[M][BC / 8][4], float (&r
     }
 }
 
-// One tile of BC keys for a warp's 16·M queries (row0 the first): the online-softmax update of o, m, l. `q_lane`
-// (the warp's first query row), `k_lane` and `v_lane` are shared addresses plus this lane's ldmatrix offsets. Q's
-// fragments are read again for every tile rather than kept: registers are the scarcer resource (see the top).
+// The online-softmax update of a warp's 16·M queries (row0 the first) for one tile of BC keys from k0, whose scores
+// Q·Kᵀ are in x (mma's accumulator layout): x becomes P = 2^(x − m'), and O, m and l are brought up to date but for
+// O's P·V, which the caller adds.
 template <int D, int M, int BC>
-__device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)[M][2], float (&l)[M][2],
-                                             unsigned q_lane, unsigned k_lane, unsigned v_lane, int k0, int row0,
-                                             int T, int causal, float scale_log2, int lane) {
-    float x[M][BC / 8][4] = {};
-#pragma unroll
-    for (int kb = 0; kb < D / 16; kb++) {
-        unsigned q[M][4];
-#pragma unroll
-        for (int mt = 0; mt < M; mt++) ldmatrix_x4(q[mt], q_lane + at<D>(mt * 16, kb * 16));
-#pragma unroll
-        for (int n = 0; n < BC / 16; n++) {
-            unsigned k[4];
-            ldmatrix_x4(k, k_lane + at<D>(n * 16, kb * 16));
-#pragma unroll
-            for (int mt = 0; mt < M; mt++) {
-                mma_16816(x[mt][2 * n], q[mt], k[0], k[1]);
-                mma_16816(x[mt][2 * n + 1], q[mt], k[2], k[3]);
-            }
-        }
-    }
+__device__ __forceinline__ void softmax_tile(float (&x)[M][BC / 8][4], float (&o)[M][D / 8][4], float (&m)[M][2],
+                                             float (&l)[M][2], int k0, int row0, int T, int causal, float scale_log2,
+                                             int lane) {
     float row_max[M][2];
     if (keys_need_mask(k0, BC, row0, T, causal)) {
         int last[M][2];
@@ -356,6 +420,34 @@ __device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)
             }
         }
     }
+}
+
+// One tile of BC keys for a warp's 16·M queries (row0 the first), on mma.sync: the online-softmax update of o, m, l.
+// `q_lane` (the warp's first query row), `k_lane` and `v_lane` are shared addresses plus this lane's ldmatrix
+// offsets. Q's fragments are read again for every tile rather than kept: registers are the scarcer resource (see the
+// top).
+template <int D, int M, int BC>
+__device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)[M][2], float (&l)[M][2],
+                                             unsigned q_lane, unsigned k_lane, unsigned v_lane, int k0, int row0,
+                                             int T, int causal, float scale_log2, int lane) {
+    float x[M][BC / 8][4] = {};
+#pragma unroll
+    for (int kb = 0; kb < D / 16; kb++) {
+        unsigned q[M][4];
+#pragma unroll
+        for (int mt = 0; mt < M; mt++) ldmatrix_x4(q[mt], q_lane + at<D>(mt * 16, kb * 16));
+#pragma unroll
+        for (int n = 0; n < BC / 16; n++) {
+            unsigned k[4];
+            ldmatrix_x4(k, k_lane + at<D>(n * 16, kb * 16));
+#pragma unroll
+            for (int mt = 0; mt < M; mt++) {
+                mma_16816(x[mt][2 * n], q[mt], k[0], k[1]);
+                mma_16816(x[mt][2 * n + 1], q[mt], k[2], k[3]);
+            }
+        }
+    }
+    softmax_tile<D, M, BC>(x, o, m, l, k0, row0, T, causal, scale_log2, lane);
     // O += P·V, P straight from the score registers.
 #pragma unroll
     for (int kb = 0; kb < BC / 16; kb++) {
@@ -375,14 +467,37 @@ __device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)
     }
 }
 
-// Grid (query tiles, NH, B); shared memory: Q (BR rows), then two stages of K and of V (BC rows each).
-template <int D, int M, int BC>
+// One tile of BC keys for a warpgroup's 64 queries on wgmma (sm_90a): as forward_tile, each warp keeping its own 16
+// rows' o, m and l (row0 its first, `first` in the Q tile). S = Q·Kᵀ and O += P·V are the warpgroup's products
+// (add_abt, add_ab), P going from the score registers to the second as A fragments. Each is waited for at once: the
+// softmax needs all of S, and the other warpgroup's products fill the gaps.
+template <int D, int BR, int BC>
+__device__ __forceinline__ void forward_tile_wgmma(float (&o)[1][D / 8][4], float (&m)[1][2], float (&l)[1][2],
+                                                   unsigned q_tile, int first, unsigned k_tile, unsigned v_tile, int k0,
+                                                   int row0, int T, int causal, float scale_log2, int lane) {
+    float x[1][BC / 8][4] = {};
+    add_abt<D, BC, BR, true>(x[0], q_tile, first, k_tile, lane);
+    softmax_tile<D, 1, BC>(x, o, m, l, k0, row0, T, causal, scale_log2, lane);
+    unsigned p[BC / 16][4];
+#pragma unroll
+    for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], x[0], kb);
+    add_ab<D, BC, true>(o[0], p, v_tile, lane);
+}
+
+// Grid (query tiles, NH, B); shared memory: Q (BR rows), then two stages of K and of V (BC rows each). On mma.sync
+// (WGMMA false) a block is 4 warps of 16·M queries each and its tiles are padded; on wgmma, 2 warpgroups of 64
+// queries (M = 1 a warp) and its tiles swizzled. A warp (a warpgroup on wgmma) whose queries are all past the end,
+// or (causal) all before a tile's keys, skips that tile.
+template <int D, int M, int BC, bool WGMMA>
 __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,
                                               int causal) {
-    constexpr int BR = 4 * FLASH_WARP_ROWS * M;
-    check_launch(forward_shared_bytes<D, BR, BC>());
-    const unsigned q_tile = shared_address(flash_shared), k_tiles = q_tile + at<D>(BR, 0),
-                   v_tiles = k_tiles + at<D>(2 * BC, 0);
+    static_assert(!WGMMA || M == 1, "a wgmma warp holds 16 queries");
+    constexpr int THREADS = forward_threads<WGMMA>(), BR = THREADS / 32 * FLASH_WARP_ROWS * M;
+    constexpr int GROUP_ROWS = WGMMA ? 64 : FLASH_WARP_ROWS * M;  // the queries that take a tile together
+    check_launch(forward_shared_bytes<D, BR, BC, WGMMA>(), THREADS);
+    const unsigned q_tile = shared_address(flash_shared), k_tiles = q_tile + tile_bytes<D, WGMMA>(BR),
+                   v_tiles = k_tiles + tile_bytes<D, WGMMA>(2 * BC);
+    if (WGMMA && q_tile % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
     // Causal query tiles further down see more keys: they go first, so that the short ones fill the tail.
@@ -392,12 +507,13 @@ __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16*
     const bf16* values = seq + (NH + KVH + g) * D;
     const int tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
 
-    load_tile<BR, D>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
-    load_tile<BC, D>(k_tiles, keys, W, T);
-    load_tile<BC, D>(v_tiles, values, W, T);
+    load_tile<BR, D, THREADS, WGMMA>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
+    load_tile<BC, D, THREADS, WGMMA>(k_tiles, keys, W, T);
+    load_tile<BC, D, THREADS, WGMMA>(v_tiles, values, W, T);
     cp_async_commit();
 
     const int first = warp * FLASH_WARP_ROWS * M, row0 = q0 + first;  // this warp's first query, in tile and sequence
+    const int group_first = first / GROUP_ROWS * GROUP_ROWS, group_row0 = q0 + group_first;
     float o[M][D / 8][4] = {}, m[M][2], l[M][2];
 #pragma unroll
     for (int mt = 0; mt < M; mt++) m[mt][0] = m[mt][1] = NEG_INF, l[mt][0] = l[mt][1] = 0.0f;
@@ -405,25 +521,35 @@ __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16*
     for (int j = 0; j < tiles; j++) {
         if (j + 1 < tiles) {
             const int next = (j + 1) * BC;
-            const unsigned stage = (j + 1) % 2 * at<D>(BC, 0);
-            load_tile<BC, D>(k_tiles + stage, keys + (long)next * W, W, T - next);
-            load_tile<BC, D>(v_tiles + stage, values + (long)next * W, W, T - next);
+            const unsigned stage = (j + 1) % 2 * tile_bytes<D, WGMMA>(BC);
+            load_tile<BC, D, THREADS, WGMMA>(k_tiles + stage, keys + (long)next * W, W, T - next);
+            load_tile<BC, D, THREADS, WGMMA>(v_tiles + stage, values + (long)next * W, W, T - next);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
+        if (WGMMA) fence_proxy_async();
         __syncthreads();
         const int k0 = j * BC;
-        const unsigned stage = j % 2 * at<D>(BC, 0);
-        // A warp whose queries are all past the end, or (causal) all before this tile's keys, has nothing to add.
-        if (row0 < T && !(causal && k0 > row0 + FLASH_WARP_ROWS * M - 1))
-            forward_tile<D, M, BC>(o, m, l, q_tile + at<D>(first, 0) + a_fragment_lane<D>(lane),
-                                   k_tiles + stage + b_fragment_lane<D>(lane),
-                                   v_tiles + stage + a_fragment_lane<D>(lane), k0, row0, T, causal, scale_log2, lane);
+        const unsigned stage = j % 2 * tile_bytes<D, WGMMA>(BC);
+        if (group_row0 < T && !(causal && k0 > group_row0 + GROUP_ROWS - 1)) {
+            if constexpr (WGMMA)
+                forward_tile_wgmma<D, BR, BC>(o, m, l, q_tile, first, k_tiles + stage, v_tiles + stage, k0, row0, T,
+                                              causal, scale_log2, lane);
+            else
+                forward_tile<D, M, BC>(o, m, l, q_tile + at<D>(first, 0) + a_fragment_lane<D>(lane),
+                                       k_tiles + stage + b_fragment_lane<D>(lane),
+                                       v_tiles + stage + a_fragment_lane<D>(lane), k0, row0, T, causal, scale_log2,
+                                       lane);
+        }
         __syncthreads();  // before the next iteration's copies overwrite this stage
     }
 
+    // Each warp stages its output in rows only it uses: its own rows of the padded Q tile; on wgmma, where Q's rows
+    // are swizzled, 16 padded rows of its own in the K and V stages, which the loop is done with.
+    static_assert(!WGMMA || THREADS / 32 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, WGMMA>(4 * BC),
+                  "the staging rows fit in the K and V stages");
 #pragma unroll
     for (int mt = 0; mt < M; mt++) {
         float inverse[2];
@@ -439,10 +565,10 @@ __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16*
             o[mt][n][0] *= inverse[0], o[mt][n][1] *= inverse[0];
             o[mt][n][2] *= inverse[1], o[mt][n][3] *= inverse[1];
         }
-        // The warp's own rows of the Q tile, which only it has read, stage its output.
         const int row = row0 + mt * 16;
-        store_rows<D>(out + ((long)b * T + row) * NH * D + h * D, (long)NH * D, T - row, o[mt], 1.0f,
-                      q_tile + at<D>(first + mt * 16, 0), lane);
+        const unsigned staging =
+            WGMMA ? k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0) : q_tile + at<D>(first + mt * 16, 0);
+        store_rows<D>(out + ((long)b * T + row) * NH * D + h * D, (long)NH * D, T - row, o[mt], 1.0f, staging, lane);
     }
 }
 
@@ -491,19 +617,20 @@ __device__ __forceinline__ void row_probabilities(float (&s)[BC / 8][4], const f
     }
 }
 
-// One tile of BC keys for a warp's 16 queries (row0 the first; rows q_rows and do_rows of the Q and dO tiles):
-// dQ += dS·K (unscaled). Q's and dO's fragments are read again for each tile, as in the forward. As in the dkv
-// kernel, S becomes P rounded to bf16 before dP is computed, and dS = P∘(dP − D) uses that P: the two kernels
-// compute the same dS, and S and dP are never held together.
-template <int D, int BC>
-__device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_rows, unsigned do_rows,
+// One tile of BC keys for a warp's 16 queries (row0 the first; `first` in the Q and dO tiles): dQ += dS·K
+// (unscaled). Q's and dO's fragments are read again for each tile, as in the forward. As in the dkv kernel, S
+// becomes P rounded to bf16 before dP is computed, and dS = P∘(dP − D) uses that P: the two kernels compute the
+// same dS, and S and dP are never held together.
+template <int D, int BC, bool WGMMA>
+__device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_tile, unsigned do_tile, int first,
                                         const float (&lse_log2)[2], const float (&row_dot)[2], unsigned k_tile,
                                         unsigned v_tile, int k0, int row0, int T, int causal, float scale_log2,
                                         int lane) {
+    constexpr int BR = 4 * FLASH_WARP_ROWS;
     unsigned p[BC / 16][4];
     {
         float s[BC / 8][4] = {};
-        add_abt<D, BC>(s, q_rows, k_tile, lane);
+        add_abt<D, BC, BR, WGMMA>(s, q_tile, first, k_tile, lane);
         if (keys_need_mask(k0, BC, row0, T, causal)) {
             int last[2];
 #pragma unroll
@@ -519,7 +646,7 @@ __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_rows, 
         for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], s, kb);
     }
     float dp[BC / 8][4] = {};
-    add_abt<D, BC>(dp, do_rows, v_tile, lane);
+    add_abt<D, BC, BR, WGMMA>(dp, do_tile, first, v_tile, lane);
     unsigned ds[BC / 16][4];
 #pragma unroll
     for (int n = 0; n < BC / 8; n++)
@@ -527,17 +654,20 @@ __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_rows, 
         for (int e = 0; e < 4; e++) dp[n][e] = a_to_accumulator(p[n / 2], n % 2, e) * (dp[n][e] - row_dot[e / 2]);
 #pragma unroll
     for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(ds[kb], dp, kb);
-    add_ab<D, BC>(dq, ds, k_tile, lane);
+    add_ab<D, BC, WGMMA>(dq, ds, k_tile, lane);
 }
 
 // Grid (query tiles of 64, NH, B); shared memory: Q and dO (64 rows each), then two stages of K and of V (BC rows).
-template <int D, int BC>
+// On wgmma (WGMMA) the block's 4 warps are one warpgroup, the tiles are swizzled, and a tile is skipped only when
+// all 64 queries have nothing to add.
+template <int D, int BC, bool WGMMA>
 __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
                                                   const float* row_dot, int T, int NH, int KVH, int causal) {
-    constexpr int BR = 4 * FLASH_WARP_ROWS;
-    check_launch(dq_shared_bytes<D, BC>());
-    const unsigned q_tile = shared_address(flash_shared), do_tile = q_tile + at<D>(BR, 0),
-                   k_tiles = do_tile + at<D>(BR, 0), v_tiles = k_tiles + at<D>(2 * BC, 0);
+    constexpr int BR = 4 * FLASH_WARP_ROWS, GROUP_ROWS = WGMMA ? BR : FLASH_WARP_ROWS;
+    check_launch(dq_shared_bytes<D, BC, WGMMA>());
+    const unsigned q_tile = shared_address(flash_shared), do_tile = q_tile + tile_bytes<D, WGMMA>(BR),
+                   k_tiles = do_tile + tile_bytes<D, WGMMA>(BR), v_tiles = k_tiles + tile_bytes<D, WGMMA>(2 * BC);
+    if (WGMMA && q_tile % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;  // longest first, as in the forward
@@ -546,13 +676,14 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, 
     const bf16* values = seq + (NH + KVH + g) * D;
     const int tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
 
-    load_tile<BR, D>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
-    load_tile<BR, D>(do_tile, dout + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0);
-    load_tile<BC, D>(k_tiles, keys, W, T);
-    load_tile<BC, D>(v_tiles, values, W, T);
+    load_tile<BR, D, FLASH_THREADS, WGMMA>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
+    load_tile<BR, D, FLASH_THREADS, WGMMA>(do_tile, dout + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0);
+    load_tile<BC, D, FLASH_THREADS, WGMMA>(k_tiles, keys, W, T);
+    load_tile<BC, D, FLASH_THREADS, WGMMA>(v_tiles, values, W, T);
     cp_async_commit();
 
     const int first = warp * FLASH_WARP_ROWS, row0 = q0 + first;
+    const int group_row0 = q0 + first / GROUP_ROWS * GROUP_ROWS;
     float lse_log2[2], dot[2];
 #pragma unroll
     for (int half = 0; half < 2; half++) {
@@ -567,24 +698,27 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, 
     for (int j = 0; j < tiles; j++) {
         if (j + 1 < tiles) {
             const int next = (j + 1) * BC;
-            const unsigned stage = (j + 1) % 2 * at<D>(BC, 0);
-            load_tile<BC, D>(k_tiles + stage, keys + (long)next * W, W, T - next);
-            load_tile<BC, D>(v_tiles + stage, values + (long)next * W, W, T - next);
+            const unsigned stage = (j + 1) % 2 * tile_bytes<D, WGMMA>(BC);
+            load_tile<BC, D, FLASH_THREADS, WGMMA>(k_tiles + stage, keys + (long)next * W, W, T - next);
+            load_tile<BC, D, FLASH_THREADS, WGMMA>(v_tiles + stage, values + (long)next * W, W, T - next);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
+        if (WGMMA) fence_proxy_async();
         __syncthreads();
         const int k0 = j * BC;
-        const unsigned stage = j % 2 * at<D>(BC, 0);
-        if (row0 < T && !(causal && k0 > row0 + FLASH_WARP_ROWS - 1))
-            dq_tile<D, BC>(dq, q_tile + at<D>(first, 0), do_tile + at<D>(first, 0), lse_log2, dot, k_tiles + stage,
-                           v_tiles + stage, k0, row0, T, causal, scale_log2, lane);
+        const unsigned stage = j % 2 * tile_bytes<D, WGMMA>(BC);
+        if (group_row0 < T && !(causal && k0 > group_row0 + GROUP_ROWS - 1))
+            dq_tile<D, BC, WGMMA>(dq, q_tile, do_tile, first, lse_log2, dot, k_tiles + stage, v_tiles + stage, k0,
+                                  row0, T, causal, scale_log2, lane);
         __syncthreads();
     }
-    store_rows<D>(dqkv + ((long)b * T + row0) * W + h * D, W, T - row0, dq, rsqrtf((float)D),
-                  q_tile + at<D>(first, 0), lane);
+    // The warp's own rows of the padded Q tile stage dQ; on wgmma, 16 padded rows of its own in the K and V stages.
+    static_assert(!WGMMA || 4 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, WGMMA>(4 * BC), "staging fits");
+    const unsigned staging = WGMMA ? k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0) : q_tile + at<D>(first, 0);
+    store_rows<D>(dqkv + ((long)b * T + row0) * W + h * D, W, T - row0, dq, rsqrtf((float)D), staging, lane);
 }
 
 // The dkv kernel's steps for a warp's 16 keys (j0 the first) and a tile of BR queries (i0 the first), in two halves
@@ -609,13 +743,14 @@ __device__ __forceinline__ void column_probabilities(float (&s)[BR / 8][4], unsi
     }
 }
 
-// Pᵀ for the warp's keys (rows k_rows of the K tile): keys are the rows, queries the columns; 0 where unseen.
-template <int D, int BR>
-__device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][4], unsigned k_rows, unsigned q_tile,
-                                                         unsigned lse_tile, int i0, int j0, int T, int causal,
-                                                         float scale_log2, int lane) {
+// Pᵀ for the warp's keys (from `first` of the K tile of 64 rows): keys are the rows, queries the columns; 0 where
+// unseen.
+template <int D, int BR, bool WGMMA>
+__device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][4], unsigned k_tile, int first,
+                                                         unsigned q_tile, unsigned lse_tile, int i0, int j0, int T,
+                                                         int causal, float scale_log2, int lane) {
     float s[BR / 8][4] = {};
-    add_abt<D, BR>(s, k_rows, q_tile, lane);
+    add_abt<D, BR, 4 * FLASH_WARP_ROWS, WGMMA>(s, k_tile, first, q_tile, lane);
     if (i0 + BR > T || j0 + FLASH_WARP_ROWS > T || (causal && i0 < j0 + FLASH_WARP_ROWS - 1)) {
         // A key's visible queries, counted from this lane's first column: from the key itself (causal) to the end
         // of the sequence; none for a key past the end.
@@ -710,17 +845,22 @@ __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, u
 // two, warps w and w + 4 share 16 keys: w computes Pᵀ, hands it over through shared memory and adds to dV; w + 4
 // computes dPᵀ meanwhile, then dSᵀ and adds to dK. Each holds one accumulator (D/2 floats), which leaves room for
 // longer query tiles at large D, and the mma work stays even: one product over D and one over BR each.
-template <int D, int BR, int ROLES, bool ATOMIC_DQ>
+// On wgmma (WGMMA, without ATOMIC_DQ) each role's 4 warps are a warpgroup that takes all 64 keys together, the tiles
+// are swizzled, and a tile is skipped only when all 64 keys have nothing to add.
+template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA>
 __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,
                                                    const float* lse, const float* row_dot, int T, int NH, int KVH,
                                                    int causal) {
     constexpr int BC = 4 * FLASH_WARP_ROWS, THREADS = ROLES * FLASH_THREADS, ACCUMULATORS = 3 - ROLES;
+    constexpr int GROUP_ROWS = WGMMA ? BC : FLASH_WARP_ROWS;
     static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
-    check_launch(dkv_shared_bytes<D, BR, ROLES, ATOMIC_DQ>(), THREADS);
-    const unsigned k_tile = shared_address(flash_shared), v_tile = k_tile + at<D>(BC, 0),
-                   q_tiles = v_tile + at<D>(BC, 0), do_tiles = q_tiles + at<D>(2 * BR, 0),
-                   lse_tiles = do_tiles + at<D>(2 * BR, 0), dot_tiles = lse_tiles + 2 * BR * 4,
+    static_assert(!(WGMMA && ATOMIC_DQ), "add_dq reads padded tiles");
+    check_launch(dkv_shared_bytes<D, BR, ROLES, ATOMIC_DQ, WGMMA>(), THREADS);
+    const unsigned k_tile = shared_address(flash_shared), v_tile = k_tile + tile_bytes<D, WGMMA>(BC),
+                   q_tiles = v_tile + tile_bytes<D, WGMMA>(BC), do_tiles = q_tiles + tile_bytes<D, WGMMA>(2 * BR),
+                   lse_tiles = do_tiles + tile_bytes<D, WGMMA>(2 * BR), dot_tiles = lse_tiles + 2 * BR * 4,
                    ds_tile = dot_tiles + 2 * BR * 4, p_exchange = ds_tile + (ATOMIC_DQ ? at<BR>(BC, 0) : 0);
+    if (WGMMA && k_tile % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, role = warp / 4;
     const int g = blockIdx.y, b = blockIdx.z, group = NH / KVH, W = (NH + 2 * KVH) * D;
     const int kv0 = blockIdx.x * BC;  // causal: the first key tiles have the most queries, and go first
@@ -732,20 +872,21 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
     auto load_step = [&](int i, int stage) {
         const int h = g * group + i / per_head, q0 = (first_tile + i % per_head) * BR;
         const long stats = ((long)b * NH + h) * T + q0;
-        load_tile<BR, D, THREADS>(q_tiles + stage * at<D>(BR, 0), seq + (long)q0 * W + h * D, W, T - q0);
-        load_tile<BR, D, THREADS>(do_tiles + stage * at<D>(BR, 0), dout + ((long)b * T + q0) * NH * D + h * D,
-                                  (long)NH * D, T - q0);
+        const unsigned offset = stage * tile_bytes<D, WGMMA>(BR);
+        load_tile<BR, D, THREADS, WGMMA>(q_tiles + offset, seq + (long)q0 * W + h * D, W, T - q0);
+        load_tile<BR, D, THREADS, WGMMA>(do_tiles + offset, dout + ((long)b * T + q0) * NH * D + h * D, (long)NH * D,
+                                         T - q0);
         load_stats<BR, THREADS>(lse_tiles + stage * BR * 4, lse + stats, T - q0);
         load_stats<BR, THREADS>(dot_tiles + stage * BR * 4, row_dot + stats, T - q0);
     };
-    load_tile<BC, D, THREADS>(k_tile, seq + (long)kv0 * W + (NH + g) * D, W, T - kv0);
-    load_tile<BC, D, THREADS>(v_tile, seq + (long)kv0 * W + (NH + KVH + g) * D, W, T - kv0);
+    load_tile<BC, D, THREADS, WGMMA>(k_tile, seq + (long)kv0 * W + (NH + g) * D, W, T - kv0);
+    load_tile<BC, D, THREADS, WGMMA>(v_tile, seq + (long)kv0 * W + (NH + KVH + g) * D, W, T - kv0);
     load_step(0, 0);
     cp_async_commit();
 
     const int first = warp % 4 * FLASH_WARP_ROWS, j0 = kv0 + first;  // this warp's first key, in tile and sequence
-    const unsigned k_rows = k_tile + at<D>(first, 0), v_rows = v_tile + at<D>(first, 0),
-                   ds_rows = ds_tile + at<BR>(first, 0);
+    const int group_j0 = kv0 + first / GROUP_ROWS * GROUP_ROWS;
+    const unsigned ds_rows = ds_tile + at<BR>(first, 0);
     // This lane's 16 bytes of the warp pair's Pᵀ fragments, block kb 512 bytes further for each kb.
     const unsigned p_lane = p_exchange + (warp % 4 * (BR / 16) * 32 + lane) * 16;
     // One role: dV, dK. Two: dV (role 0) or dK (role 1).
@@ -759,35 +900,39 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
         } else {
             cp_async_wait<0>();
         }
+        if (WGMMA) fence_proxy_async();
         __syncthreads();
         const int q0 = (first_tile + i % per_head) * BR, stage = i % 2;
-        const unsigned q_tile = q_tiles + stage * at<D>(BR, 0), do_tile = do_tiles + stage * at<D>(BR, 0),
-                       lse_tile = lse_tiles + stage * BR * 4, dot_tile = dot_tiles + stage * BR * 4;
+        const unsigned q_tile = q_tiles + stage * tile_bytes<D, WGMMA>(BR),
+                       do_tile = do_tiles + stage * tile_bytes<D, WGMMA>(BR), lse_tile = lse_tiles + stage * BR * 4,
+                       dot_tile = dot_tiles + stage * BR * 4;
         // Keys all past the end, or (causal) all after this tile's queries, have nothing to add (and their rows of
         // dS are zero).
-        const bool live = j0 < T && !(causal && q0 + BR - 1 < j0);
+        const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
         unsigned p[BR / 16][4], ds[BR / 16][4];
         float dp[BR / 8][4] = {};
         if constexpr (ROLES == 1) {
             if (live) {
-                transposed_probabilities<D, BR>(p, k_rows, q_tile, lse_tile, q0, j0, T, causal, scale_log2, lane);
-                add_ab<D, BR>(acc[0], p, do_tile, lane);
-                add_abt<D, BR>(dp, v_rows, do_tile, lane);  // dPᵀ = V·dOᵀ
+                transposed_probabilities<D, BR, WGMMA>(p, k_tile, first, q_tile, lse_tile, q0, j0, T, causal,
+                                                       scale_log2, lane);
+                add_ab<D, BR, WGMMA>(acc[0], p, do_tile, lane);
+                add_abt<D, BR, BC, WGMMA>(dp, v_tile, first, do_tile, lane);  // dPᵀ = V·dOᵀ
                 transposed_ds<BR, ATOMIC_DQ>(ds, dp, p, dot_tile, ds_rows, lane);
-                add_ab<D, BR>(acc[1], ds, q_tile, lane);
+                add_ab<D, BR, WGMMA>(acc[1], ds, q_tile, lane);
             }
         } else {
             if (live && role == 0) {
-                transposed_probabilities<D, BR>(p, k_rows, q_tile, lse_tile, q0, j0, T, causal, scale_log2, lane);
+                transposed_probabilities<D, BR, WGMMA>(p, k_tile, first, q_tile, lse_tile, q0, j0, T, causal,
+                                                       scale_log2, lane);
 #pragma unroll
                 for (int kb = 0; kb < BR / 16; kb++)
                     st_shared_128(p_lane + kb * 512, make_int4(p[kb][0], p[kb][1], p[kb][2], p[kb][3]));
             } else if (live) {
-                add_abt<D, BR>(dp, v_rows, do_tile, lane);  // dPᵀ = V·dOᵀ
+                add_abt<D, BR, BC, WGMMA>(dp, v_tile, first, do_tile, lane);  // dPᵀ = V·dOᵀ
             }
             __syncthreads();  // Pᵀ handed over
             if (live && role == 0) {
-                add_ab<D, BR>(acc[0], p, do_tile, lane);
+                add_ab<D, BR, WGMMA>(acc[0], p, do_tile, lane);
             } else if (live) {
 #pragma unroll
                 for (int kb = 0; kb < BR / 16; kb++) {
@@ -795,7 +940,7 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
                     p[kb][0] = v.x, p[kb][1] = v.y, p[kb][2] = v.z, p[kb][3] = v.w;
                 }
                 transposed_ds<BR, ATOMIC_DQ>(ds, dp, p, dot_tile, ds_rows, lane);
-                add_ab<D, BR>(acc[0], ds, q_tile, lane);
+                add_ab<D, BR, WGMMA>(acc[0], ds, q_tile, lane);
             }
         }
         if (ATOMIC_DQ) {
@@ -811,13 +956,18 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
         __syncthreads();
     }
     // The key rows of the K and V tiles, which the loop is done with, stage dK and dV: with one role a warp's own
-    // rows of both; with two, role 0 its rows of V and role 1 its rows of K.
+    // rows of both; with two, role 0 its rows of V and role 1 its rows of K. On wgmma, where those rows are
+    // swizzled, 16 padded rows of its own per accumulator in the Q and dO stages.
+    static_assert(!WGMMA || THREADS / 32 * ACCUMULATORS * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, WGMMA>(4 * BR),
+                  "staging fits");
     bf16* rows = dqkv + ((long)b * T + j0) * W;
 #pragma unroll
     for (int r = 0; r < ACCUMULATORS; r++) {
         const bool dk = ROLES == 1 ? r == 1 : role == 1;
+        const unsigned staging = WGMMA ? q_tiles + (warp * ACCUMULATORS + r) * at<D>(FLASH_WARP_ROWS, 0)
+                                       : (dk ? k_tile : v_tile) + at<D>(first, 0);
         store_rows<D>(rows + (dk ? NH + g : NH + KVH + g) * D, W, T - j0, acc[r], dk ? rsqrtf((float)D) : 1.0f,
-                      dk ? k_rows : v_rows, lane);
+                      staging, lane);
     }
 }
 
@@ -839,42 +989,68 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
 
 // ---- entry points -------------------------------------------------------------------------------------------------
 
+// The forward, dq and dkv kernels of head dimension D: on mma.sync, or with WGMMA true on wgmma (SUFFIX _wgmma).
+#define FLASH_KERNELS(D, SUFFIX, WGMMA, FORWARD_M, FORWARD_BC, FORWARD_MIN_BLOCKS, DQ_BC, DKV_BR, DKV_ROLES,            \
+                      DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(forward_threads<WGMMA>(), FORWARD_MIN_BLOCKS)                         \
+        flash_attention_forward##SUFFIX##_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,         \
+                                               int causal) {                                                           \
+        flash_forward<D, FORWARD_M, FORWARD_BC, WGMMA>(out, lse, qkv, T, NH, KVH, causal);                             \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, DQ_MIN_BLOCKS)                                         \
+        flash_attention_backward_dq##SUFFIX##_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,    \
+                                                   const float* row_dot, int T, int NH, int KVH, int causal) {         \
+        flash_backward_dq<D, DQ_BC, WGMMA>(dqkv, dout, qkv, lse, row_dot, T, NH, KVH, causal);                         \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
+        flash_attention_backward_dkv##SUFFIX##_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,   \
+                                                    const float* row_dot, int T, int NH, int KVH, int causal) {        \
+        flash_backward_dkv<D, DKV_BR, DKV_ROLES, false, WGMMA>(dqkv, nullptr, dout, qkv, lse, row_dot, T, NH, KVH,     \
+                                                               causal);                                                \
+    }
+
 // Per head dimension D: the forward's m16 tiles per warp (M) and keys per tile, the dq kernel's keys per tile, the
 // dkv kernel's queries per tile and roles (1 or 2, see flash_backward_dkv), and the blocks per multiprocessor the dq
-// and the dkv kernels ask ptxas for (0: its own choice). Reasons at the top of the file. Besides the kernels,
-// flash_attention_launch_dD tells the engine how to launch them: queries per forward block, then the forward's,
-// dq's, dkv's and dkv_dq's dynamic shared memory, then their threads a block.
+// and the dkv kernels ask ptxas for (0: its own choice). Reasons at the top of the file. Besides the kernels, and
+// the dkv kernel that adds dQ atomically, flash_attention_launch_dD tells the engine how to launch them: queries per
+// forward block, then the forward's, dq's, dkv's and dkv_dq's dynamic shared memory, then their threads a block.
 #define FLASH_ATTENTION(D, FORWARD_M, FORWARD_BC, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)             \
     extern "C" __constant__ unsigned flash_attention_launch_d##D[9] = {                                                \
         4 * FLASH_WARP_ROWS * FORWARD_M,                                                                               \
-        forward_shared_bytes<D, 4 * FLASH_WARP_ROWS * FORWARD_M, FORWARD_BC>(),                                        \
-        dq_shared_bytes<D, DQ_BC>(),                                                                                   \
-        dkv_shared_bytes<D, DKV_BR, DKV_ROLES, false>(),                                                               \
-        dkv_shared_bytes<D, DKV_BR, DKV_ROLES, true>(),                                                                \
+        forward_shared_bytes<D, 4 * FLASH_WARP_ROWS * FORWARD_M, FORWARD_BC, false>(),                                 \
+        dq_shared_bytes<D, DQ_BC, false>(),                                                                            \
+        dkv_shared_bytes<D, DKV_BR, DKV_ROLES, false, false>(),                                                        \
+        dkv_shared_bytes<D, DKV_BR, DKV_ROLES, true, false>(),                                                         \
         FLASH_THREADS,                                                                                                 \
         FLASH_THREADS,                                                                                                 \
         DKV_ROLES * FLASH_THREADS,                                                                                     \
         DKV_ROLES * FLASH_THREADS};                                                                                    \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                        \
-        flash_attention_forward_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH, int causal) {     \
-        flash_forward<D, FORWARD_M, FORWARD_BC>(out, lse, qkv, T, NH, KVH, causal);                                    \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, DQ_MIN_BLOCKS)                                         \
-        flash_attention_backward_dq_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,              \
-                                         const float* row_dot, int T, int NH, int KVH, int causal) {                   \
-        flash_backward_dq<D, DQ_BC>(dqkv, dout, qkv, lse, row_dot, T, NH, KVH, causal);                                \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
-        flash_attention_backward_dkv_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,             \
-                                          const float* row_dot, int T, int NH, int KVH, int causal) {                  \
-        flash_backward_dkv<D, DKV_BR, DKV_ROLES, false>(dqkv, nullptr, dout, qkv, lse, row_dot, T, NH, KVH, causal);   \
-    }                                                                                                                  \
+    FLASH_KERNELS(D, , false, FORWARD_M, FORWARD_BC, 0, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)       \
     extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
         flash_attention_backward_dkv_dq_d##D(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,             \
                                              const float* lse, const float* row_dot, int T, int NH, int KVH,           \
                                              int causal) {                                                             \
-        flash_backward_dkv<D, DKV_BR, DKV_ROLES, true>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH, causal);     \
+        flash_backward_dkv<D, DKV_BR, DKV_ROLES, true, false>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH,       \
+                                                              causal);                                                 \
     }
+
+// On sm_90a, at head dimensions 64 and 128, the forward, dq and dkv kernels also come on wgmma, with their own
+// launch shapes in flash_attention_launch_wgmma_dD: queries per forward block, then the forward's, dq's and dkv's
+// dynamic shared memory, then their threads a block. The parameters are FLASH_ATTENTION's, but for the forward's
+// blocks per multiprocessor; the tiles of a wgmma product are multiples of 64. The engine runs these kernels in
+// place of the others when told to (KILN_FLASH_WGMMA); the atomic-dQ form stays on mma.sync.
+#define FLASH_ATTENTION_WGMMA(D, FORWARD_BC, FORWARD_MIN_BLOCKS, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS,              \
+                              DKV_MIN_BLOCKS)                                                                          \
+    extern "C" __constant__ unsigned flash_attention_launch_wgmma_d##D[7] = {                                          \
+        2 * 64,                                                                                                        \
+        forward_shared_bytes<D, 2 * 64, FORWARD_BC, true>(),                                                           \
+        dq_shared_bytes<D, DQ_BC, true>(),                                                                             \
+        dkv_shared_bytes<D, DKV_BR, DKV_ROLES, false, true>(),                                                         \
+        forward_threads<true>(),                                                                                       \
+        FLASH_THREADS,                                                                                                 \
+        DKV_ROLES * FLASH_THREADS};                                                                                    \
+    FLASH_KERNELS(D, _wgmma, true, 1, FORWARD_BC, FORWARD_MIN_BLOCKS, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS,         \
+                  DKV_MIN_BLOCKS)
 
 FLASH_ATTENTION(32, 2, 64, 64, 64, 1, 0, 2)
 FLASH_ATTENTION(64, 2, 64, 64, 64, 1, 0, 0)
@@ -883,4 +1059,8 @@ FLASH_ATTENTION(96, 2, 32, 64, 32, 1, 0, 0)
 FLASH_ATTENTION(128, 2, 64, 32, 64, 2, 3, 0)
 #else
 FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
+#endif
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+FLASH_ATTENTION_WGMMA(64, 64, 2, 64, 64, 1, 0, 0)
+FLASH_ATTENTION_WGMMA(128, 128, 1, 64, 64, 2, 0, 0)
 #endif

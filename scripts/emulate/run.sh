@@ -25,8 +25,9 @@ common() { grep -v '#include <cuda_bf16.h>' "$root/kernels/common.cuh"; }
 } > "$out/layernorm_all.inc"
 flags=(-std=c++20 -O2 -g -fsanitize=address -Wall -Wno-unused-function -Wno-unknown-pragmas -I"$here" -I"$out")
 g++ "${flags[@]}" -o "$out/test_flash" "$here/test_flash.cpp"
-# The kernel file picks some tiles by architecture (__CUDA_ARCH__, undefined here: sm_80's choice); sm_90's too.
-g++ "${flags[@]}" -D__CUDA_ARCH__=900 -o "$out/test_flash_sm90" "$here/test_flash.cpp"
+# The kernel file picks some tiles by architecture (__CUDA_ARCH__, undefined here: sm_80's choice); sm_90a's too,
+# with the forward on wgmma.
+g++ "${flags[@]}" -D__CUDA_ARCH__=900 -D__CUDA_ARCH_FEAT_SM90_ALL -o "$out/test_flash_sm90" "$here/test_flash.cpp"
 g++ "${flags[@]}" -o "$out/test_unfused_fp32" "$here/test_unfused.cpp"
 g++ "${flags[@]}" -DKILN_BF16 -o "$out/test_unfused_bf16" "$here/test_unfused.cpp"
 quiet=(-Wno-strict-aliasing -Wno-maybe-uninitialized)
@@ -35,6 +36,7 @@ g++ "${flags[@]}" "${quiet[@]}" -o "$out/test_layernorm_fp32" "$here/test_layern
 g++ "${flags[@]}" "${quiet[@]}" -DKILN_BF16 -o "$out/test_layernorm_bf16" "$here/test_layernorm.cpp"
 "$out/test_flash" "$@"
 if [ $# -eq 0 ]; then
+  "$out/test_flash_sm90" 64
   "$out/test_flash_sm90" 128
   "$out/test_unfused_fp32"
   "$out/test_unfused_bf16"

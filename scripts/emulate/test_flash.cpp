@@ -24,8 +24,22 @@ static const unsigned* launch_table(int D) {
     emu_fail("no kernels for this head dimension");
 }
 
+// Built as sm_90a (__CUDA_ARCH_FEAT_SM90_ALL), the kernel file also has the forward, dq and dkv kernels on wgmma
+// for some head dimensions, with their own launch table (queries per forward block, then the three kernels' shared
+// memory, then their threads); the engine runs them instead of the mma.sync ones with KILN_FLASH_WGMMA. Both are
+// tested; the atomic-dQ backward has no wgmma form.
+static bool has_wgmma_forward(int D) {
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    return D == 64 || D == 128;
+#else
+    (void)D;
+    return false;
+#endif
+}
+
 struct Shape {
     int B, T, NH, KVH, D, causal;
+    bool wgmma;  // the forward, dq and dkv kernels on wgmma
 };
 
 static int failures = 0;
@@ -36,8 +50,8 @@ static void report(const char* what, const Shape& s, double err, double tol) {
     worst[what] = std::max(worst[what], err);
     if (!ok) failures++;
     if (!ok || std::getenv("VERBOSE"))
-        std::printf("%s %-4s B%d T%d H%d/%d D%d %s: error %.2e\n", ok ? "ok  " : "FAIL", what, s.B, s.T, s.NH, s.KVH,
-                    s.D, s.causal ? "causal" : "full", err);
+        std::printf("%s %-4s B%d T%d H%d/%d D%d %s%s: error %.2e\n", ok ? "ok  " : "FAIL", what, s.B, s.T, s.NH,
+                    s.KVH, s.D, s.causal ? "causal" : "full", s.wgmma ? " (wgmma)" : "", err);
 }
 
 // max |got − want| / max |want| over the selected elements.
@@ -65,7 +79,16 @@ static void run(const Shape& s) {
     out.poison(), lse.poison(), dqkv.poison(), row_dot.poison(), dqkv_atomic.poison();
     std::fill(dq_sum.p, dq_sum.p + dq_sum.n, 0.0f);
 
-    const unsigned fwd_grid = (T + tiles[0] - 1) / tiles[0], bwd_grid = (T + 63) / 64;
+    // Queries per forward block, then the forward's, dq's and dkv's shared memory and threads.
+    unsigned fwd_rows = tiles[0], shared[3] = {tiles[1], tiles[2], tiles[3]}, threads[3] = {tiles[5], tiles[6], tiles[7]};
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    if (s.wgmma) {
+        const unsigned* w = D == 64 ? flash_attention_launch_wgmma_d64 : flash_attention_launch_wgmma_d128;
+        fwd_rows = w[0];
+        for (int k = 0; k < 3; k++) shared[k] = w[1 + k], threads[k] = w[4 + k];
+    }
+#endif
+    const unsigned fwd_grid = (T + fwd_rows - 1) / fwd_rows, bwd_grid = (T + 63) / 64;
 #define DISPATCH(NAME, ...)                                             \
     switch (D) {                                                        \
         case 32: NAME##_d32(__VA_ARGS__); break;                        \
@@ -73,15 +96,29 @@ static void run(const Shape& s) {
         case 96: NAME##_d96(__VA_ARGS__); break;                        \
         case 128: NAME##_d128(__VA_ARGS__); break;                      \
     }
-    launch({fwd_grid, (unsigned)NH, (unsigned)B}, tiles[5], tiles[1],
-           [&] { DISPATCH(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal) });
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+#define DISPATCH_WGMMA(NAME, ...)                                       \
+    if (s.wgmma) {                                                      \
+        if (D == 64) NAME##_wgmma_d64(__VA_ARGS__);                     \
+        else NAME##_wgmma_d128(__VA_ARGS__);                            \
+        return;                                                         \
+    }
+#else
+#define DISPATCH_WGMMA(NAME, ...)
+#endif
+    launch({fwd_grid, (unsigned)NH, (unsigned)B}, threads[0], shared[0], [&] {
+        DISPATCH_WGMMA(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
+        DISPATCH(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
+    });
     const size_t rows = (size_t)B * T * NH;
     launch({(unsigned)((rows * 8 + 255) / 256), 1, 1}, 256, 0,
            [&] { flash_attention_row_dot(row_dot.p, dout.p, out.p, B, T, NH, D); });
-    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[7], tiles[3], [&] {
+    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, threads[2], shared[2], [&] {
+        DISPATCH_WGMMA(flash_attention_backward_dkv, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
         DISPATCH(flash_attention_backward_dkv, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
     });
-    launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
+    launch({bwd_grid, (unsigned)NH, (unsigned)B}, threads[1], shared[1], [&] {
+        DISPATCH_WGMMA(flash_attention_backward_dq, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
         DISPATCH(flash_attention_backward_dq, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
     });
     launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[8], tiles[4], [&] {
@@ -179,10 +216,12 @@ int main(int argc, char** argv) {
     for (int D : dims)
         for (int T : lengths)
             for (int causal = 0; causal < 2; causal++)
-                for (int kvh : {4, 2, 1}) {
-                    run({2, T, 4, kvh, D, causal});
-                    cases++;
-                }
+                for (int kvh : {4, 2, 1})
+                    for (bool wgmma : {false, true}) {
+                        if (wgmma && !has_wgmma_forward(D)) continue;
+                        run({2, T, 4, kvh, D, causal, wgmma});
+                        cases++;
+                    }
     for (auto& [what, e] : worst) std::printf("largest error %-4s %.2e\n", what.c_str(), e);
     std::printf("%d cases, %d failures\n", cases, failures);
     return failures != 0;
