@@ -604,7 +604,18 @@ fn bench_attention(
     }
     match resolve(backend)? {
         Engine::Cpu => bench_attention_on(shapes, CpuBackend::<f32>::new(), runs),
-        Engine::Cuda => bench_attention_on(shapes, CudaBackend::new(0, precision, kernel, deterministic)?, runs),
+        Engine::Cuda => {
+            let backend = CudaBackend::new(0, precision, kernel, deterministic)?;
+            let mut head_dims: Vec<usize> = shapes.iter().map(|d| d.head_dim).collect();
+            head_dims.sort();
+            head_dims.dedup();
+            for d in head_dims {
+                if let Some(kernels) = backend.fused_kernels(d) {
+                    println!("head dimension {d}: {}", kernels.join(", "));
+                }
+            }
+            bench_attention_on(shapes, backend, runs)
+        }
     }
 }
 

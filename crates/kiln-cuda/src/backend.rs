@@ -78,7 +78,7 @@ const MAX_HEAD_DIM: usize = 128;
 const FLASH_BLOCK_ROWS: usize = 64;
 
 /// Per head dimension the fused attention kernels (kernels/flash_attention.cu) are built for: the forward, dq, dkv
-/// and dkv-with-atomic-dQ kernels.
+/// and dkv-with-atomic-dQ kernels, and the forward, dq and dkv kernels on wgmma that sm_90a has for some.
 macro_rules! flash_kernels {
     ($($d:literal),*) => {
         [$(($d, [
@@ -86,10 +86,53 @@ macro_rules! flash_kernels {
             concat!("flash_attention_backward_dq_d", $d),
             concat!("flash_attention_backward_dkv_d", $d),
             concat!("flash_attention_backward_dkv_dq_d", $d),
+        ], [
+            concat!("flash_attention_forward_wgmma_d", $d),
+            concat!("flash_attention_backward_dq_wgmma_d", $d),
+            concat!("flash_attention_backward_dkv_wgmma_d", $d),
         ])),*]
     };
 }
-const FLASH_KERNELS: [(usize, [&str; 4]); 4] = flash_kernels!(32, 64, 96, 128);
+type FlashKernelNames = (usize, [&'static str; 4], [&'static str; 3]);
+const FLASH_KERNELS: [FlashKernelNames; 4] = flash_kernels!(32, 64, 96, 128);
+
+/// Which fused kernels run on wgmma where the module has them (sm_90a at head dimensions 64 and 128):
+/// `KILN_FLASH_WGMMA` lists `forward`, `backward` (the dq and dkv kernels; the atomic-dQ form has none), both, or
+/// neither (unset or empty, the default: mma.sync, as on every other architecture). The wgmma kernels stay opt-in
+/// until they have passed the self-test on a GPU; so far they have run only in the CPU emulation (scripts/emulate).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlashWgmma {
+    pub forward: bool,
+    pub backward: bool,
+}
+
+impl FlashWgmma {
+    pub const VARIABLE: &'static str = "KILN_FLASH_WGMMA";
+
+    /// The choice `value` (the variable's value, if set) names: comma-separated parts.
+    pub fn parse(value: Option<&str>) -> Result<FlashWgmma> {
+        let mut choice = FlashWgmma::default();
+        for part in value.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "forward" => choice.forward = true,
+                "backward" => choice.backward = true,
+                other => {
+                    return Err(Error::Usage(format!(
+                        "{}: {other:?} is not a part of the fused attention; expected \"forward\", \"backward\" or \
+                         both, comma-separated",
+                        FlashWgmma::VARIABLE
+                    )));
+                }
+            }
+        }
+        Ok(choice)
+    }
+
+    fn from_env() -> Result<FlashWgmma> {
+        let value = std::env::var(FlashWgmma::VARIABLE).ok();
+        FlashWgmma::parse(value.as_deref())
+    }
+}
 
 /// How to launch the fused attention kernels of one head dimension on this GPU. The kernel file chooses the tiles
 /// (per architecture, where the reasons are written) and exports what a launch needs, `flash_attention_launch_dD`,
@@ -113,19 +156,36 @@ impl FlashTiles {
     const DKV: usize = 2;
     const DKV_DQ: usize = 3;
 
-    /// The tiles of every head dimension, read from the fused kernels' CUBIN.
-    fn read(cubin: &[u8]) -> Result<Vec<FlashTiles>> {
+    /// The tiles of every head dimension, read from the fused kernels' CUBIN, with the kernels `wgmma` names on
+    /// wgmma where the module has them.
+    fn read(cubin: &[u8], wgmma: FlashWgmma) -> Result<Vec<FlashTiles>> {
         FLASH_KERNELS
             .into_iter()
-            .map(|(head_dim, kernels)| {
+            .map(|(head_dim, kernels, wgmma_kernels)| {
                 let words = flash_launch_table(cubin, head_dim)?;
-                Ok(FlashTiles {
+                let mut tiles = FlashTiles {
                     head_dim,
                     forward_rows: words[0] as usize,
                     shared_bytes: [words[1], words[2], words[3], words[4]],
                     threads: [words[5], words[6], words[7], words[8]],
                     kernels,
-                })
+                };
+                if let Some(w) = flash_wgmma_launch_table(cubin, head_dim)? {
+                    // Queries per forward block, then the forward's, dq's and dkv's shared memory and threads.
+                    let parts =
+                        [(Self::FORWARD, wgmma.forward), (Self::DQ, wgmma.backward), (Self::DKV, wgmma.backward)];
+                    for (k, (kernel, on)) in parts.into_iter().enumerate() {
+                        if on {
+                            tiles.shared_bytes[kernel] = w[1 + k];
+                            tiles.threads[kernel] = w[4 + k];
+                            tiles.kernels[kernel] = wgmma_kernels[k];
+                        }
+                    }
+                    if wgmma.forward {
+                        tiles.forward_rows = w[0] as usize;
+                    }
+                }
+                Ok(tiles)
             })
             .collect()
     }
@@ -144,14 +204,28 @@ impl FlashTiles {
 /// shared memory of the forward, dq, dkv and dkv_dq kernels, then their threads a block.
 pub fn flash_launch_table(cubin: &[u8], head_dim: usize) -> Result<[u32; 9]> {
     let name = format!("flash_attention_launch_d{head_dim}");
-    let bytes = compile::symbol_data(cubin, &name)
+    launch_words(cubin, &name)?
+        .ok_or_else(|| Error::backend("cuda", format!("the fused attention kernels define no {name}")))
+}
+
+/// `flash_attention_launch_wgmma_d{head_dim}`, where the CUBIN has kernels on wgmma for that head dimension (sm_90a):
+/// queries per forward block, then the dynamic shared memory of the forward, dq and dkv kernels, then their threads.
+pub fn flash_wgmma_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 7]>> {
+    launch_words(cubin, &format!("flash_attention_launch_wgmma_d{head_dim}"))
+}
+
+/// The N 32-bit words of the launch table `name` in a CUBIN, if it defines one; none may be zero.
+fn launch_words<const N: usize>(cubin: &[u8], name: &str) -> Result<Option<[u32; N]>> {
+    let Some(bytes) = compile::symbol_data(cubin, name)
         .map_err(|e| Error::backend("cuda", format!("reading {name} from the fused attention kernels: {e}")))?
-        .ok_or_else(|| Error::backend("cuda", format!("the fused attention kernels define no {name}")))?;
+    else {
+        return Ok(None);
+    };
     let words: Vec<u32> = bytes.chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))).collect();
-    match <[u32; 9]>::try_from(words) {
-        Ok(table) if !table.contains(&0) => Ok(table),
+    match <[u32; N]>::try_from(words) {
+        Ok(table) if !table.contains(&0) => Ok(Some(table)),
         Ok(table) => Err(Error::backend("cuda", format!("{name} holds a zero: {table:?}"))),
-        Err(w) => Err(Error::backend("cuda", format!("{name} holds {} words, not 9", w.len()))),
+        Err(w) => Err(Error::backend("cuda", format!("{name} holds {} words, not {N}", w.len()))),
     }
 }
 
@@ -218,6 +292,7 @@ impl CudaBackend {
     /// `attention` chooses the attention kernels (fp32 always runs the unfused ones); without `deterministic` the
     /// fused attention's backward sums dQ with atomic adds (faster; the last bits of dQ vary from run to run).
     pub fn new(ordinal: usize, precision: Precision, attention: AttentionKernel, deterministic: bool) -> Result<Self> {
+        let wgmma = FlashWgmma::from_env()?;
         for lib in [Library::Driver, Library::Nvrtc, Library::CublasLt] {
             lib.require()?;
         }
@@ -236,7 +311,7 @@ impl CudaBackend {
         for kernel in KERNELS.iter().filter(|k| k.precisions.contains(&precision)) {
             let built = compiler.compile(kernel, &arch, precision)?;
             if kernel.name == "flash_attention" {
-                flash = FlashTiles::read(&built.cubin)?;
+                flash = FlashTiles::read(&built.cubin, wgmma)?;
             }
             let module = ctx.load_module(Ptx::from_binary(built.cubin)).map_err(driver("loading a kernel module"))?;
             for name in &built.entry_points {
@@ -433,6 +508,13 @@ impl CudaBackend {
             return Err(self.err(op, format!("head_dim {} is not in 1..={MAX_HEAD_DIM}", d.head_dim)));
         }
         Ok(())
+    }
+
+    /// The kernels that run the fused attention at `head_dim` (bf16, model.attention = "fused"), if any: the
+    /// forward, dq, dkv and dkv-with-atomic-dQ kernels, which a benchmark reports beside its numbers.
+    pub fn fused_kernels(&self, head_dim: usize) -> Option<[&'static str; 4]> {
+        let tiles = self.flash.iter().find(|t| t.head_dim == head_dim)?;
+        (self.attention == AttentionKernel::Fused).then_some(tiles.kernels)
     }
 
     /// The fused kernels' tiles for attention of shape `d` over the operands at `addresses`, when the fused kernels
@@ -1035,5 +1117,21 @@ impl CudaBackend {
         let b = self.buffers.get(t.buffer.0 as usize).ok_or_else(|| self.err("nccl", format!("{t:?}")))?;
         let dtype = b.dtype;
         Ok((self.ptr("nccl", t, dtype, t.len)?, dtype))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wgmma_kernels_are_chosen_by_part_and_a_typo_is_a_usage_error() {
+        let parse = |v| FlashWgmma::parse(v).unwrap();
+        let (none, forward) = (FlashWgmma::default(), FlashWgmma { forward: true, backward: false });
+        assert_eq!((parse(None), parse(Some("")), parse(Some("forward"))), (none, none, forward));
+        assert_eq!(parse(Some("backward, forward")), FlashWgmma { forward: true, backward: true });
+        let err = FlashWgmma::parse(Some("forward,bakward")).unwrap_err();
+        assert!(matches!(err, Error::Usage(_)), "{err}");
+        assert!(err.to_string().contains("KILN_FLASH_WGMMA") && err.to_string().contains("bakward"), "{err}");
     }
 }

@@ -327,9 +327,10 @@ fn sums_case(name: &str, len: usize, role: Role) -> OpCase {
 
 /// One shape of every class attention supports: head dimensions 16 to 128, causal or not, grouped-query, and
 /// sequence lengths that are multiples of no tile size. At head dimension 128 the fused backward runs differently
-/// (two warps per 16 keys) and its query tiles are 64 long on sm_90: the last shape spans three of them, with four
-/// query heads sharing one key/value head.
-const ATTENTION_SHAPES: [AttentionDims; 7] = [
+/// (two warps per 16 keys) and its query tiles are 64 long on sm_90: length 130 spans three of them, with four query
+/// heads sharing one key/value head. Length 300 at head dimension 64 spans three blocks of the forward and, on
+/// wgmma (sm_90a), five key tiles, the last partial.
+const ATTENTION_SHAPES: [AttentionDims; 8] = [
     AttentionDims { batch: 3, time: 37, heads: 3, kv_heads: 3, head_dim: 16, causal: true },
     AttentionDims { batch: 2, time: 77, heads: 2, kv_heads: 2, head_dim: 64, causal: true },
     AttentionDims { batch: 1, time: 70, heads: 2, kv_heads: 2, head_dim: 128, causal: true },
@@ -337,6 +338,7 @@ const ATTENTION_SHAPES: [AttentionDims; 7] = [
     AttentionDims { batch: 1, time: 100, heads: 2, kv_heads: 2, head_dim: 96, causal: false },
     AttentionDims { batch: 2, time: 66, heads: 4, kv_heads: 2, head_dim: 64, causal: true },
     AttentionDims { batch: 1, time: 130, heads: 4, kv_heads: 1, head_dim: 128, causal: false },
+    AttentionDims { batch: 1, time: 300, heads: 2, kv_heads: 2, head_dim: 64, causal: false },
 ];
 
 /// Forward, backward and decoding cases of attention at `d`, named by its shape.
