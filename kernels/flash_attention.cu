@@ -75,11 +75,11 @@
 // (FLASH_ATTENTION's flash_attention_launch_dD), so it follows these choices; each kernel checks its block size and
 // shared memory and traps if a launch disagrees.
 
-// On sm_90a, at D = 64 and 128, the forward, dq and dkv kernels also have a form on Hopper's warpgroup products
-// (wgmma, see mma.cuh; FLASH_ATTENTION_WGMMA), which the engine runs when KILN_FLASH_WGMMA names them. The algorithm,
+// On sm_90a, at D = 64 and 128, every kernel also has a form on Hopper's warpgroup products (wgmma, see mma.cuh;
+// FLASH_ATTENTION_WGMMA), which the engine runs when KILN_FLASH_WGMMA names them. The algorithm,
 // the work of each warp and the elementwise steps are the same; the products differ (add_abt and add_ab, WGMMA
-// true). A warpgroup of 4 warps computes its 64 rows' product together (the 4 warps of a dq block, or of a dkv
-// role; the forward has two warpgroups of 64 queries), reading shared memory itself. A 64-row product reads each
+// true; add_dq). A warpgroup of 4 warps computes its 64 rows' product together (the 4 warps of a dq block, or of a
+// dkv role; the forward has two warpgroups of 64 queries), reading shared memory itself. A 64-row product reads each
 // element of its shared operand once for 64 rows, where mma.sync read it once for 16 (32 in the forward, M = 2):
 // the shared-memory traffic per product that limits mma.sync on H100 falls by half or more, and no ldmatrix is
 // issued. Tiles are stored unpadded in wgmma's 128-byte swizzle (swizzled_at); each warp stages its output in padded
@@ -87,8 +87,8 @@
 // to add. Each product is waited for before its result is read: a warpgroup's elementwise steps do not overlap its
 // own products, as FlashAttention-3 arranges; other warpgroups fill the gaps. Forward tiles: at D = 64, 64 keys in
 // 112 registers, two blocks a multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers,
-// one block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 140 (dq)
-// and 159 (dkv) registers at D = 64 and 168 and 168 (two roles) at D = 128.
+// one block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 140 (dq),
+// 159 (dkv) and 168 (dkv_dq) registers at D = 64, and 168, 168 and 174 (two roles) at D = 128.
 
 #define FLASH_THREADS 128
 #define FLASH_WARP_ROWS 16
@@ -228,7 +228,7 @@ __device__ constexpr unsigned dq_shared_bytes() {
 template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA>
 __device__ constexpr unsigned dkv_shared_bytes() {
     constexpr int BC = 4 * FLASH_WARP_ROWS;
-    return tile_bytes<D, WGMMA>(2 * BC + 4 * BR) + 4 * BR * 4 + (ATOMIC_DQ ? at<BR>(BC, 0) : 0) +
+    return tile_bytes<D, WGMMA>(2 * BC + 4 * BR) + 4 * BR * 4 + (ATOMIC_DQ ? tile_bytes<BR, WGMMA>(BC) : 0) +
            (ROLES == 2 ? BR * 128 : 0);
 }
 
@@ -271,7 +271,8 @@ __device__ __forceinline__ void add_abt(float (&acc)[N / 8][4], unsigned a_tile,
                 wgmma_descriptor(a_tile + swizzled_at<A_ROWS>(a_first / 64 * 64, kb * 16), 16, 1024);
 #pragma unroll
             for (int n = 0; n < N / 64; n++)
-                wgmma_64x64_ss(&acc[n * 8], a, wgmma_descriptor(b_tile + swizzled_at<N>(n * 64, kb * 16), 16, 1024));
+                wgmma_64x64_ss<false, false>(&acc[n * 8], a,
+                                             wgmma_descriptor(b_tile + swizzled_at<N>(n * 64, kb * 16), 16, 1024));
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -769,9 +770,10 @@ __device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][
     for (int kb = 0; kb < BR / 16; kb++) accumulator_to_a(p[kb], s, kb);
 }
 
-// dSᵀ = Pᵀ∘(dPᵀ − D) as bf16 A fragments; with ATOMIC_DQ also stored in rows ds_rows of the block's dS tile
-// (keys × BR queries), for add_dq.
-template <int BR, bool ATOMIC_DQ>
+// dSᵀ = Pᵀ∘(dPᵀ − D) as bf16 A fragments; with ATOMIC_DQ also stored in the warp's 16 rows, from ds_rows, of the
+// block's dS tile (64 keys × BR queries; padded, or SWIZZLED for wgmma: the warp's first row is a multiple of 8, so
+// its rows are swizzled as the tile's first 16 are), for add_dq.
+template <int BR, bool ATOMIC_DQ, bool SWIZZLED>
 __device__ __forceinline__ void transposed_ds(unsigned (&ds)[BR / 16][4], float (&dp)[BR / 8][4],
                                               const unsigned (&p)[BR / 16][4], unsigned dot_tile, unsigned ds_rows,
                                               int lane) {
@@ -788,37 +790,52 @@ __device__ __forceinline__ void transposed_ds(unsigned (&ds)[BR / 16][4], float 
         accumulator_to_a(ds[kb], dp, kb);
         if (ATOMIC_DQ) {  // the A fragment's four 16-bit pairs, where they lie in the 16 × 16 block kb
 #pragma unroll
-            for (int k = 0; k < 4; k++)
-                st_shared_32(ds_rows + at<BR>(acc_row(lane, 0) + k % 2 * 8, kb * 16 + k / 2 * 8 + acc_col(lane, 0)),
-                             ds[kb][k]);
+            for (int k = 0; k < 4; k++) {
+                const int r = acc_row(lane, 0) + k % 2 * 8, c = kb * 16 + k / 2 * 8 + acc_col(lane, 0);
+                st_shared_32(ds_rows + tile_at<BR, 4 * FLASH_WARP_ROWS, SWIZZLED>(r, c), ds[kb][k]);
+            }
         }
     }
 }
 
 // dQ_i += dS_ij·K_j (unscaled) for the BR queries of a tile (rows from `valid_rows` on skipped; row r at
 // dq + r·stride) and the block's 64 keys, from the dS tile (keys × queries, as transposed_ds stores it) and the K
-// tile, added to the fp32 sums in global memory with atomics. The block's WARPS split the BR × D product into BR/16
-// row tiles of 16 and column groups of DN = D·(BR/16)/WARPS: each warp holds 16 × DN sums (DN/2 floats a lane, at
-// most 32). The dS fragments are read transposed: ldmatrix .trans of the stored (keys, queries) blocks gives A = dS.
-template <int D, int BR, int WARPS>
+// tile, added to the fp32 sums in global memory with atomics. The block's WARPS split the BR × D product into 16-row
+// tiles and column groups of DN: each warp holds 16 × DN sums (DN/2 floats a lane, at most 32). On mma.sync the dS
+// fragments are read transposed (ldmatrix .trans of the stored (keys, queries) blocks gives A = dS), and the product
+// is split BR/16 row tiles by D·(BR/16)/WARPS columns. On wgmma (BR = 64) each role's warpgroup takes 64 of D's
+// columns, with both operands MN-major: dS's queries, and K's columns, lie along the stored rows.
+template <int D, int BR, int WARPS, bool WGMMA>
 __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, unsigned ds_tile, unsigned k_tile,
                                        int warp, int lane) {
-    constexpr int BC = 4 * FLASH_WARP_ROWS, ROW_TILES = BR / 16, DN = D * ROW_TILES / WARPS;
-    static_assert(WARPS % ROW_TILES == 0 && DN % 16 == 0 && DN <= 64, "add_dq: no even split of dQ's tile");
-    const int mt = warp % ROW_TILES, n0 = warp / ROW_TILES * DN;
+    constexpr int BC = 4 * FLASH_WARP_ROWS, ROW_TILES = BR / 16, DN = WGMMA ? 64 : D * ROW_TILES / WARPS;
+    const int mt = WGMMA ? warp % 4 : warp % ROW_TILES, n0 = (WGMMA ? warp / 4 : warp / ROW_TILES) * DN;
     float acc[DN / 8][4] = {};
-    const unsigned ds_lane = ds_tile + b_fragment_lane<BR>(lane) + at<BR>(0, mt * 16),
-                   k_lane = k_tile + a_fragment_lane<D>(lane) + at<D>(0, n0);
+    if constexpr (WGMMA) {
+        static_assert(BR == 64 && D == 64 * (WARPS / 4), "add_dq on wgmma: a warpgroup per 64 columns of dQ");
+        wgmma_fence();
 #pragma unroll
-    for (int kb = 0; kb < BC / 16; kb++) {
-        unsigned ds[4];
-        ldmatrix_x4_trans(ds, ds_lane + at<BR>(kb * 16, 0));
+        for (int kb = 0; kb < BC / 16; kb++)
+            wgmma_64x64_ss<true, true>(acc, wgmma_descriptor(ds_tile + swizzled_at<BC>(kb * 16, 0), 1024, 1024),
+                                       wgmma_descriptor(k_tile + swizzled_at<BC>(kb * 16, n0), 1024, 1024));
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_settle(acc);
+    } else {
+        static_assert(WARPS % ROW_TILES == 0 && DN % 16 == 0 && DN <= 64, "add_dq: no even split of dQ's tile");
+        const unsigned ds_lane = ds_tile + b_fragment_lane<BR>(lane) + at<BR>(0, mt * 16),
+                       k_lane = k_tile + a_fragment_lane<D>(lane) + at<D>(0, n0);
 #pragma unroll
-        for (int n = 0; n < DN / 16; n++) {
-            unsigned k[4];
-            ldmatrix_x4_trans(k, k_lane + at<D>(kb * 16, n * 16));
-            mma_16816(acc[2 * n], ds, k[0], k[1]);
-            mma_16816(acc[2 * n + 1], ds, k[2], k[3]);
+        for (int kb = 0; kb < BC / 16; kb++) {
+            unsigned ds[4];
+            ldmatrix_x4_trans(ds, ds_lane + at<BR>(kb * 16, 0));
+#pragma unroll
+            for (int n = 0; n < DN / 16; n++) {
+                unsigned k[4];
+                ldmatrix_x4_trans(k, k_lane + at<D>(kb * 16, n * 16));
+                mma_16816(acc[2 * n], ds, k[0], k[1]);
+                mma_16816(acc[2 * n + 1], ds, k[2], k[3]);
+            }
         }
     }
     // This lane's two rows, r and r + 8, at its first column: every other address is a constant further.
@@ -845,7 +862,7 @@ __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, u
 // two, warps w and w + 4 share 16 keys: w computes Pᵀ, hands it over through shared memory and adds to dV; w + 4
 // computes dPᵀ meanwhile, then dSᵀ and adds to dK. Each holds one accumulator (D/2 floats), which leaves room for
 // longer query tiles at large D, and the mma work stays even: one product over D and one over BR each.
-// On wgmma (WGMMA, without ATOMIC_DQ) each role's 4 warps are a warpgroup that takes all 64 keys together, the tiles
+// On wgmma (WGMMA) each role's 4 warps are a warpgroup that takes all 64 keys together, the tiles (and the dS tile)
 // are swizzled, and a tile is skipped only when all 64 keys have nothing to add.
 template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA>
 __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,
@@ -854,13 +871,14 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
     constexpr int BC = 4 * FLASH_WARP_ROWS, THREADS = ROLES * FLASH_THREADS, ACCUMULATORS = 3 - ROLES;
     constexpr int GROUP_ROWS = WGMMA ? BC : FLASH_WARP_ROWS;
     static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
-    static_assert(!(WGMMA && ATOMIC_DQ), "add_dq reads padded tiles");
     check_launch(dkv_shared_bytes<D, BR, ROLES, ATOMIC_DQ, WGMMA>(), THREADS);
     const unsigned k_tile = shared_address(flash_shared), v_tile = k_tile + tile_bytes<D, WGMMA>(BC),
                    q_tiles = v_tile + tile_bytes<D, WGMMA>(BC), do_tiles = q_tiles + tile_bytes<D, WGMMA>(2 * BR),
                    lse_tiles = do_tiles + tile_bytes<D, WGMMA>(2 * BR), dot_tiles = lse_tiles + 2 * BR * 4,
-                   ds_tile = dot_tiles + 2 * BR * 4, p_exchange = ds_tile + (ATOMIC_DQ ? at<BR>(BC, 0) : 0);
-    if (WGMMA && k_tile % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
+                   ds_tile = dot_tiles + 2 * BR * 4,
+                   p_exchange = ds_tile + (ATOMIC_DQ ? tile_bytes<BR, WGMMA>(BC) : 0);
+    // The swizzle's atoms must be aligned (mma.cuh).
+    if (WGMMA && (k_tile % 1024 != 0 || (ATOMIC_DQ && ds_tile % 1024 != 0))) __trap();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, role = warp / 4;
     const int g = blockIdx.y, b = blockIdx.z, group = NH / KVH, W = (NH + 2 * KVH) * D;
     const int kv0 = blockIdx.x * BC;  // causal: the first key tiles have the most queries, and go first
@@ -886,7 +904,7 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
 
     const int first = warp % 4 * FLASH_WARP_ROWS, j0 = kv0 + first;  // this warp's first key, in tile and sequence
     const int group_j0 = kv0 + first / GROUP_ROWS * GROUP_ROWS;
-    const unsigned ds_rows = ds_tile + at<BR>(first, 0);
+    const unsigned ds_rows = ds_tile + tile_at<BR, BC, WGMMA>(first, 0);
     // This lane's 16 bytes of the warp pair's Pᵀ fragments, block kb 512 bytes further for each kb.
     const unsigned p_lane = p_exchange + (warp % 4 * (BR / 16) * 32 + lane) * 16;
     // One role: dV, dK. Two: dV (role 0) or dK (role 1).
@@ -917,7 +935,7 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
                                                        scale_log2, lane);
                 add_ab<D, BR, WGMMA>(acc[0], p, do_tile, lane);
                 add_abt<D, BR, BC, WGMMA>(dp, v_tile, first, do_tile, lane);  // dPᵀ = V·dOᵀ
-                transposed_ds<BR, ATOMIC_DQ>(ds, dp, p, dot_tile, ds_rows, lane);
+                transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, dot_tile, ds_rows, lane);
                 add_ab<D, BR, WGMMA>(acc[1], ds, q_tile, lane);
             }
         } else {
@@ -939,18 +957,19 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
                     const int4 v = ld_shared_128(p_lane + kb * 512);
                     p[kb][0] = v.x, p[kb][1] = v.y, p[kb][2] = v.z, p[kb][3] = v.w;
                 }
-                transposed_ds<BR, ATOMIC_DQ>(ds, dp, p, dot_tile, ds_rows, lane);
+                transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, dot_tile, ds_rows, lane);
                 add_ab<D, BR, WGMMA>(acc[0], ds, q_tile, lane);
             }
         }
         if (ATOMIC_DQ) {
             if (!live && role == ROLES - 1) {
                 for (int k = lane; k < FLASH_WARP_ROWS * BR / 2; k += 32)
-                    st_shared_32(ds_rows + at<BR>(k / (BR / 2), k % (BR / 2) * 2), 0u);
+                    st_shared_32(ds_rows + tile_at<BR, BC, WGMMA>(k / (BR / 2), k % (BR / 2) * 2), 0u);
             }
+            if (WGMMA) fence_proxy_async();
             __syncthreads();  // every warp's rows of dS are in place
             const int h = g * group + i / per_head;
-            add_dq<D, BR, 4 * ROLES>(dq_sum + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0, ds_tile,
+            add_dq<D, BR, 4 * ROLES, WGMMA>(dq_sum + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0, ds_tile,
                                      k_tile, warp, lane);
         }
         __syncthreads();
@@ -989,8 +1008,9 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
 
 // ---- entry points -------------------------------------------------------------------------------------------------
 
-// The forward, dq and dkv kernels of head dimension D: on mma.sync, or with WGMMA true on wgmma (SUFFIX _wgmma).
-#define FLASH_KERNELS(D, SUFFIX, WGMMA, FORWARD_M, FORWARD_BC, FORWARD_MIN_BLOCKS, DQ_BC, DKV_BR, DKV_ROLES,            \
+// The forward, dq, dkv and dkv_dq kernels of head dimension D: on mma.sync, or with WGMMA true on wgmma (SUFFIX
+// _wgmma).
+#define FLASH_KERNELS(D, SUFFIX, WGMMA, FORWARD_M, FORWARD_BC, FORWARD_MIN_BLOCKS, DQ_BC, DKV_BR, DKV_ROLES,           \
                       DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)                                                                   \
     extern "C" __global__ void __launch_bounds__(forward_threads<WGMMA>(), FORWARD_MIN_BLOCKS)                         \
         flash_attention_forward##SUFFIX##_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,         \
@@ -1007,13 +1027,20 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
                                                     const float* row_dot, int T, int NH, int KVH, int causal) {        \
         flash_backward_dkv<D, DKV_BR, DKV_ROLES, false, WGMMA>(dqkv, nullptr, dout, qkv, lse, row_dot, T, NH, KVH,     \
                                                                causal);                                                \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
+        flash_attention_backward_dkv_dq##SUFFIX##_d##D(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,   \
+                                                       const float* lse, const float* row_dot, int T, int NH,          \
+                                                       int KVH, int causal) {                                          \
+        flash_backward_dkv<D, DKV_BR, DKV_ROLES, true, WGMMA>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH,       \
+                                                              causal);                                                 \
     }
 
 // Per head dimension D: the forward's m16 tiles per warp (M) and keys per tile, the dq kernel's keys per tile, the
 // dkv kernel's queries per tile and roles (1 or 2, see flash_backward_dkv), and the blocks per multiprocessor the dq
-// and the dkv kernels ask ptxas for (0: its own choice). Reasons at the top of the file. Besides the kernels, and
-// the dkv kernel that adds dQ atomically, flash_attention_launch_dD tells the engine how to launch them: queries per
-// forward block, then the forward's, dq's, dkv's and dkv_dq's dynamic shared memory, then their threads a block.
+// and the dkv kernels ask ptxas for (0: its own choice). Reasons at the top of the file. Besides the kernels,
+// flash_attention_launch_dD tells the engine how to launch them: queries per forward block, then the forward's,
+// dq's, dkv's and dkv_dq's dynamic shared memory, then their threads a block.
 #define FLASH_ATTENTION(D, FORWARD_M, FORWARD_BC, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)             \
     extern "C" __constant__ unsigned flash_attention_launch_d##D[9] = {                                                \
         4 * FLASH_WARP_ROWS * FORWARD_M,                                                                               \
@@ -1025,29 +1052,23 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
         FLASH_THREADS,                                                                                                 \
         DKV_ROLES * FLASH_THREADS,                                                                                     \
         DKV_ROLES * FLASH_THREADS};                                                                                    \
-    FLASH_KERNELS(D, , false, FORWARD_M, FORWARD_BC, 0, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)       \
-    extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
-        flash_attention_backward_dkv_dq_d##D(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,             \
-                                             const float* lse, const float* row_dot, int T, int NH, int KVH,           \
-                                             int causal) {                                                             \
-        flash_backward_dkv<D, DKV_BR, DKV_ROLES, true, false>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH,       \
-                                                              causal);                                                 \
-    }
+    FLASH_KERNELS(D, , false, FORWARD_M, FORWARD_BC, 0, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)
 
-// On sm_90a, at head dimensions 64 and 128, the forward, dq and dkv kernels also come on wgmma, with their own
-// launch shapes in flash_attention_launch_wgmma_dD: queries per forward block, then the forward's, dq's and dkv's
-// dynamic shared memory, then their threads a block. The parameters are FLASH_ATTENTION's, but for the forward's
-// blocks per multiprocessor; the tiles of a wgmma product are multiples of 64. The engine runs these kernels in
-// place of the others when told to (KILN_FLASH_WGMMA); the atomic-dQ form stays on mma.sync.
+// On sm_90a, at head dimensions 64 and 128, every kernel also comes on wgmma, with its own launch shapes in
+// flash_attention_launch_wgmma_dD, laid out as flash_attention_launch_dD. The parameters are FLASH_ATTENTION's, but
+// for the forward's blocks per multiprocessor; the tiles of a wgmma product are multiples of 64. The engine runs
+// these kernels in place of the others when told to (KILN_FLASH_WGMMA).
 #define FLASH_ATTENTION_WGMMA(D, FORWARD_BC, FORWARD_MIN_BLOCKS, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS,              \
                               DKV_MIN_BLOCKS)                                                                          \
-    extern "C" __constant__ unsigned flash_attention_launch_wgmma_d##D[7] = {                                          \
+    extern "C" __constant__ unsigned flash_attention_launch_wgmma_d##D[9] = {                                          \
         2 * 64,                                                                                                        \
         forward_shared_bytes<D, 2 * 64, FORWARD_BC, true>(),                                                           \
         dq_shared_bytes<D, DQ_BC, true>(),                                                                             \
         dkv_shared_bytes<D, DKV_BR, DKV_ROLES, false, true>(),                                                         \
+        dkv_shared_bytes<D, DKV_BR, DKV_ROLES, true, true>(),                                                          \
         forward_threads<true>(),                                                                                       \
         FLASH_THREADS,                                                                                                 \
+        DKV_ROLES * FLASH_THREADS,                                                                                     \
         DKV_ROLES * FLASH_THREADS};                                                                                    \
     FLASH_KERNELS(D, _wgmma, true, 1, FORWARD_BC, FORWARD_MIN_BLOCKS, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS,         \
                   DKV_MIN_BLOCKS)

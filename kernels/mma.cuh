@@ -169,16 +169,18 @@ __device__ __forceinline__ void wgmma_settle(float (*d)[4]) {
         "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
 
 // d (64 × 64, fp32, the eight 16×8 tiles d[0..7] of this warp's rows) += A·B, A (64 × 16) and B (16 × 64) both
-// from shared memory, both K-major. (The predicate p, always true, is wgmma's scale-d: whether d is added to.)
+// from shared memory, each K-major or (A_MN, B_MN) MN-major. (The predicate p, always true, is wgmma's scale-d:
+// whether d is added to.)
+template <bool A_MN, bool B_MN>
 __device__ __forceinline__ void wgmma_64x64_ss(float (*d)[4], unsigned long long a, unsigned long long b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.eq.u32 p, 0, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        "%32, %33, p, 1, 1, %34, %35;\n}\n"
         : WGMMA_ACCUMULATORS(d)
-        : "l"(a), "l"(b));
+        : "l"(a), "l"(b), "n"((int)A_MN), "n"((int)B_MN));
 }
 
 // As wgmma_64x64_ss with A from registers (this warp's A fragment of its 16 rows, as for mma_16816) and B MN-major

@@ -236,6 +236,7 @@ step dp-failure 90 bash -c dp_failure
 step dp-init-failure 90 bash -c dp_init_failure
 # train.deterministic = false: the fused attention's backward adds dQ with atomics instead of recomputing it.
 step bench-attention-atomic 120 "$kiln" bench attention --backend cuda --suite --atomic-dq
+step bench-attention-wgmma-atomic 120 "${wgmma[@]}" "$kiln" bench attention --backend cuda --suite --atomic-dq
 step bench-kiln-atomic 90 "$kiln" bench train --backend cuda --steps 10 --warmup 2 --set train.deterministic=false
 step bench-kiln-unfused 90 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
 step dp-overlap 150 bash -c dp_overlap
@@ -256,6 +257,8 @@ echo "on wgmma (KILN_FLASH_WGMMA=forward, then forward,backward):"
 grep -h "head dimension\|TFLOP/s" "$logs/bench-attention-wgmma.log" 2>/dev/null
 echo "with dQ added atomically (train.deterministic = false):"
 grep -h "TFLOP/s" "$logs/bench-attention-atomic.log" 2>/dev/null
+echo "with dQ added atomically, on wgmma:"
+grep -h "TFLOP/s" "$logs/bench-attention-wgmma-atomic.log" 2>/dev/null
 a=$(tail -n 1 "$logs/bench-kiln-atomic.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
 echo "gpt2-124m tokens/s with dQ added atomically: ${a:-?}"
 w=$(tail -n 1 "$logs/bench-kiln-wgmma.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')

@@ -173,7 +173,7 @@ inline void wgmma_commit() {
 inline void wgmma_settle(float (*)[4]) {}
 
 inline void emu_wgmma_issue(float (*d)[4], const unsigned* a, unsigned long long a_desc, unsigned long long b_desc,
-                            bool b_mn_major) {
+                            bool a_mn_major, bool b_mn_major) {
     Fiber& f = g_block->fibers[emu_tid()];
     if (!f.wgmma_fenced) emu_fail("wgmma issued without wgmma.fence since the last wait");
     if (blockDim.x % 128 != 0) emu_fail("wgmma in a block that is not whole warpgroups");
@@ -181,15 +181,16 @@ inline void emu_wgmma_issue(float (*d)[4], const unsigned* a, unsigned long long
     w.d = d;
     std::memcpy(w.issued_d, d, sizeof w.issued_d);
     if (a) std::memcpy(w.a, a, sizeof w.a);
-    w.a_in_registers = a != nullptr, w.b_mn_major = b_mn_major;
+    w.a_in_registers = a != nullptr, w.a_mn_major = a_mn_major, w.b_mn_major = b_mn_major;
     w.a_desc = a_desc, w.b_desc = b_desc;
     f.wgmma_open.push_back(w);
 }
+template <bool A_MN, bool B_MN>
 inline void wgmma_64x64_ss(float (*d)[4], unsigned long long a, unsigned long long b) {
-    emu_wgmma_issue(d, nullptr, a, b, false);
+    emu_wgmma_issue(d, nullptr, a, b, A_MN, B_MN);
 }
 inline void wgmma_64x64_rs_mn(float (*d)[4], const unsigned a[4], unsigned long long b) {
-    emu_wgmma_issue(d, a, 0, b, true);
+    emu_wgmma_issue(d, a, 0, b, false, true);
 }
 
 // Completes the oldest committed groups of every thread of this warpgroup but the newest `keep`: every thread must
@@ -212,7 +213,7 @@ inline void emu_wgmma_complete(size_t keep) {
         for (size_t i = 0; i < ops[t].size(); i++) {
             const Wgmma &w = *ops[t][i], &w0 = *ops[0][i];
             if (w.a_desc != w0.a_desc || w.b_desc != w0.b_desc || w.a_in_registers != w0.a_in_registers ||
-                w.b_mn_major != w0.b_mn_major)
+                w.a_mn_major != w0.a_mn_major || w.b_mn_major != w0.b_mn_major)
                 emu_fail("wgmma operands differ between the threads of a warpgroup");
             if (std::memcmp(w.d, w.issued_d, sizeof w.issued_d) != 0)
                 emu_fail("accumulators of a wgmma in flight were written");
@@ -226,7 +227,7 @@ inline void emu_wgmma_complete(size_t keep) {
                     const Wgmma& owner = *ops[r / 16 * 32 + (r % 8) * 4 + (k % 8) / 2][i];
                     A[r][k] = emu_bf16_half(owner.a[(r % 16 >= 8) + 2 * (k >= 8)], k % 2);
                 } else {
-                    A[r][k] = emu_wgmma_read(emu_wgmma_address(w0.a_desc, r, k, false));
+                    A[r][k] = emu_wgmma_read(emu_wgmma_address(w0.a_desc, r, k, w0.a_mn_major));
                 }
             }
         for (int k = 0; k < 16; k++)

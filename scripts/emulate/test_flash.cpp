@@ -24,10 +24,9 @@ static const unsigned* launch_table(int D) {
     emu_fail("no kernels for this head dimension");
 }
 
-// Built as sm_90a (__CUDA_ARCH_FEAT_SM90_ALL), the kernel file also has the forward, dq and dkv kernels on wgmma
-// for some head dimensions, with their own launch table (queries per forward block, then the three kernels' shared
-// memory, then their threads); the engine runs them instead of the mma.sync ones with KILN_FLASH_WGMMA. Both are
-// tested; the atomic-dQ backward has no wgmma form.
+// Built as sm_90a (__CUDA_ARCH_FEAT_SM90_ALL), the kernel file also has every kernel on wgmma for some head
+// dimensions, with their own launch table (laid out as flash_attention_launch_dD); the engine runs them instead of
+// the mma.sync ones with KILN_FLASH_WGMMA. Both are tested.
 static bool has_wgmma_forward(int D) {
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
     return D == 64 || D == 128;
@@ -39,7 +38,7 @@ static bool has_wgmma_forward(int D) {
 
 struct Shape {
     int B, T, NH, KVH, D, causal;
-    bool wgmma;  // the forward, dq and dkv kernels on wgmma
+    bool wgmma;  // the kernels on wgmma
 };
 
 static int failures = 0;
@@ -69,7 +68,7 @@ static double normwise(size_t n, G got, W want) {
 
 static void run(const Shape& s) {
     const int B = s.B, T = s.T, NH = s.NH, KVH = s.KVH, D = s.D, W = (NH + 2 * KVH) * D, C = NH * D;
-    const unsigned* tiles = launch_table(D);
+    const unsigned* tiles = launch_table(D);  // as the engine reads them
     Array<__nv_bfloat16> qkv((size_t)B * T * W), out((size_t)B * T * C), dout((size_t)B * T * C),
         dqkv((size_t)B * T * W);
     Array<float> lse((size_t)B * NH * T), row_dot((size_t)B * NH * T), dq_sum((size_t)B * T * C);
@@ -79,16 +78,10 @@ static void run(const Shape& s) {
     out.poison(), lse.poison(), dqkv.poison(), row_dot.poison(), dqkv_atomic.poison();
     std::fill(dq_sum.p, dq_sum.p + dq_sum.n, 0.0f);
 
-    // Queries per forward block, then the forward's, dq's and dkv's shared memory and threads.
-    unsigned fwd_rows = tiles[0], shared[3] = {tiles[1], tiles[2], tiles[3]}, threads[3] = {tiles[5], tiles[6], tiles[7]};
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-    if (s.wgmma) {
-        const unsigned* w = D == 64 ? flash_attention_launch_wgmma_d64 : flash_attention_launch_wgmma_d128;
-        fwd_rows = w[0];
-        for (int k = 0; k < 3; k++) shared[k] = w[1 + k], threads[k] = w[4 + k];
-    }
+    if (s.wgmma) tiles = D == 64 ? flash_attention_launch_wgmma_d64 : flash_attention_launch_wgmma_d128;
 #endif
-    const unsigned fwd_grid = (T + fwd_rows - 1) / fwd_rows, bwd_grid = (T + 63) / 64;
+    const unsigned fwd_grid = (T + tiles[0] - 1) / tiles[0], bwd_grid = (T + 63) / 64;
 #define DISPATCH(NAME, ...)                                             \
     switch (D) {                                                        \
         case 32: NAME##_d32(__VA_ARGS__); break;                        \
@@ -106,22 +99,24 @@ static void run(const Shape& s) {
 #else
 #define DISPATCH_WGMMA(NAME, ...)
 #endif
-    launch({fwd_grid, (unsigned)NH, (unsigned)B}, threads[0], shared[0], [&] {
+    launch({fwd_grid, (unsigned)NH, (unsigned)B}, tiles[5], tiles[1], [&] {
         DISPATCH_WGMMA(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
         DISPATCH(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
     });
     const size_t rows = (size_t)B * T * NH;
     launch({(unsigned)((rows * 8 + 255) / 256), 1, 1}, 256, 0,
            [&] { flash_attention_row_dot(row_dot.p, dout.p, out.p, B, T, NH, D); });
-    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, threads[2], shared[2], [&] {
+    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[7], tiles[3], [&] {
         DISPATCH_WGMMA(flash_attention_backward_dkv, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
         DISPATCH(flash_attention_backward_dkv, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
     });
-    launch({bwd_grid, (unsigned)NH, (unsigned)B}, threads[1], shared[1], [&] {
+    launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
         DISPATCH_WGMMA(flash_attention_backward_dq, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
         DISPATCH(flash_attention_backward_dq, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
     });
     launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[8], tiles[4], [&] {
+        DISPATCH_WGMMA(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
+                       KVH, s.causal)
         DISPATCH(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
                  s.causal)
     });

@@ -78,7 +78,7 @@ const MAX_HEAD_DIM: usize = 128;
 const FLASH_BLOCK_ROWS: usize = 64;
 
 /// Per head dimension the fused attention kernels (kernels/flash_attention.cu) are built for: the forward, dq, dkv
-/// and dkv-with-atomic-dQ kernels, and the forward, dq and dkv kernels on wgmma that sm_90a has for some.
+/// and dkv-with-atomic-dQ kernels, and the same on wgmma, which sm_90a has for some.
 macro_rules! flash_kernels {
     ($($d:literal),*) => {
         [$(($d, [
@@ -90,14 +90,15 @@ macro_rules! flash_kernels {
             concat!("flash_attention_forward_wgmma_d", $d),
             concat!("flash_attention_backward_dq_wgmma_d", $d),
             concat!("flash_attention_backward_dkv_wgmma_d", $d),
+            concat!("flash_attention_backward_dkv_dq_wgmma_d", $d),
         ])),*]
     };
 }
-type FlashKernelNames = (usize, [&'static str; 4], [&'static str; 3]);
+type FlashKernelNames = (usize, [&'static str; 4], [&'static str; 4]);
 const FLASH_KERNELS: [FlashKernelNames; 4] = flash_kernels!(32, 64, 96, 128);
 
 /// Which fused kernels run on wgmma where the module has them (sm_90a at head dimensions 64 and 128):
-/// `KILN_FLASH_WGMMA` lists `forward`, `backward` (the dq and dkv kernels; the atomic-dQ form has none), both, or
+/// `KILN_FLASH_WGMMA` lists `forward`, `backward` (the dq and dkv kernels, or the dkv kernel with atomic dQ), both, or
 /// neither (unset or empty, the default: mma.sync, as on every other architecture). The wgmma kernels stay opt-in
 /// until they have passed the self-test on a GPU; so far they have run only in the CPU emulation (scripts/emulate).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -171,15 +172,11 @@ impl FlashTiles {
                     kernels,
                 };
                 if let Some(w) = flash_wgmma_launch_table(cubin, head_dim)? {
-                    // Queries per forward block, then the forward's, dq's and dkv's shared memory and threads.
-                    let parts =
-                        [(Self::FORWARD, wgmma.forward), (Self::DQ, wgmma.backward), (Self::DKV, wgmma.backward)];
-                    for (k, (kernel, on)) in parts.into_iter().enumerate() {
-                        if on {
-                            tiles.shared_bytes[kernel] = w[1 + k];
-                            tiles.threads[kernel] = w[4 + k];
-                            tiles.kernels[kernel] = wgmma_kernels[k];
-                        }
+                    let on = [wgmma.forward, wgmma.backward, wgmma.backward, wgmma.backward];
+                    for kernel in (0..4).filter(|&k| on[k]) {
+                        tiles.shared_bytes[kernel] = w[1 + kernel];
+                        tiles.threads[kernel] = w[5 + kernel];
+                        tiles.kernels[kernel] = wgmma_kernels[kernel];
                     }
                     if wgmma.forward {
                         tiles.forward_rows = w[0] as usize;
@@ -208,9 +205,9 @@ pub fn flash_launch_table(cubin: &[u8], head_dim: usize) -> Result<[u32; 9]> {
         .ok_or_else(|| Error::backend("cuda", format!("the fused attention kernels define no {name}")))
 }
 
-/// `flash_attention_launch_wgmma_d{head_dim}`, where the CUBIN has kernels on wgmma for that head dimension (sm_90a):
-/// queries per forward block, then the dynamic shared memory of the forward, dq and dkv kernels, then their threads.
-pub fn flash_wgmma_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 7]>> {
+/// `flash_attention_launch_wgmma_d{head_dim}`, where the CUBIN has kernels on wgmma for that head dimension (sm_90a),
+/// laid out as [`flash_launch_table`]'s.
+pub fn flash_wgmma_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 9]>> {
     launch_words(cubin, &format!("flash_attention_launch_wgmma_d{head_dim}"))
 }
 
