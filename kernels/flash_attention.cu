@@ -87,8 +87,8 @@
 // to add. Each product is waited for before its result is read: a warpgroup's elementwise steps do not overlap its
 // own products, as FlashAttention-3 arranges; other warpgroups fill the gaps. Forward tiles: at D = 64, 64 keys in
 // 112 registers, two blocks a multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers,
-// one block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 140 (dq),
-// 159 (dkv) and 168 (dkv_dq) registers at D = 64, and 168, 168 and 174 (two roles) at D = 128.
+// one block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 149 (dq),
+// 162 (dkv) and 168 (dkv_dq) registers at D = 64, and 168, 168 and 174 (two roles) at D = 128.
 
 #define FLASH_THREADS 128
 #define FLASH_WARP_ROWS 16
@@ -264,6 +264,8 @@ __device__ __forceinline__ void add_abt(float (&acc)[N / 8][4], unsigned a_tile,
                                         int lane) {
     if constexpr (WGMMA) {
         static_assert(D % 64 == 0 && N % 64 == 0, "wgmma tiles are made of 64-column blocks");
+#pragma unroll
+        for (int n = 0; n < N / 64; n++) wgmma_settle(&acc[n * 8]);
         wgmma_fence();
 #pragma unroll
         for (int kb = 0; kb < D / 16; kb++) {
@@ -306,6 +308,8 @@ __device__ __forceinline__ void add_ab(float (&acc)[D / 8][4], const unsigned (&
                                        int lane) {
     if constexpr (WGMMA) {
         static_assert(D % 64 == 0 && K % 64 == 0, "wgmma tiles are made of 64-column blocks");
+#pragma unroll
+        for (int n = 0; n < D / 64; n++) wgmma_settle(&acc[n * 8]);
         wgmma_fence();
 #pragma unroll
         for (int kb = 0; kb < K / 16; kb++)
@@ -813,6 +817,7 @@ __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, u
     float acc[DN / 8][4] = {};
     if constexpr (WGMMA) {
         static_assert(BR == 64 && D == 64 * (WARPS / 4), "add_dq on wgmma: a warpgroup per 64 columns of dQ");
+        wgmma_settle(acc);
         wgmma_fence();
 #pragma unroll
         for (int kb = 0; kb < BC / 16; kb++)
@@ -969,8 +974,8 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
             if (WGMMA) fence_proxy_async();
             __syncthreads();  // every warp's rows of dS are in place
             const int h = g * group + i / per_head;
-            add_dq<D, BR, 4 * ROLES, WGMMA>(dq_sum + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0, ds_tile,
-                                     k_tile, warp, lane);
+            add_dq<D, BR, 4 * ROLES, WGMMA>(dq_sum + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0,
+                                            ds_tile, k_tile, warp, lane);
         }
         __syncthreads();
     }

@@ -152,8 +152,9 @@ __device__ __forceinline__ void wgmma_wait() {
 // Makes this thread's earlier shared-memory writes (stores, completed cp.async) visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// The compiler sees a wgmma's accumulators as written when it is issued. After wgmma_wait, this ties each of them
-// to a volatile statement, so that no read of an accumulator moves above the wait.
+// The compiler sees a wgmma's accumulators as read and written when it is issued. This ties each of them to a
+// volatile statement, which the compiler keeps in order with the wgmma ones: before wgmma_fence, so that no earlier
+// write to an accumulator moves below the fence, and after wgmma_wait, so that no read moves above the wait.
 __device__ __forceinline__ void wgmma_settle(float (*d)[4]) {
 #pragma unroll
     for (int n = 0; n < 8; n++)
