@@ -27,7 +27,7 @@ static const unsigned* launch_table(int D) {
 // Built as sm_90a (__CUDA_ARCH_FEAT_SM90_ALL), the kernel file also has every kernel on wgmma for some head
 // dimensions, with their own launch table (laid out as flash_attention_launch_dD); the engine runs them instead of
 // the mma.sync ones with KILN_FLASH_WGMMA. Both are tested.
-static bool has_wgmma_forward(int D) {
+static bool has_wgmma_kernels(int D) {
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
     return D == 64 || D == 128;
 #else
@@ -213,7 +213,7 @@ int main(int argc, char** argv) {
             for (int causal = 0; causal < 2; causal++)
                 for (int kvh : {4, 2, 1})
                     for (bool wgmma : {false, true}) {
-                        if (wgmma && !has_wgmma_forward(D)) continue;
+                        if (wgmma && !has_wgmma_kernels(D)) continue;
                         run({2, T, 4, kvh, D, causal, wgmma});
                         cases++;
                     }
