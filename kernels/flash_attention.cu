@@ -76,7 +76,7 @@
 // shared memory and traps if a launch disagrees.
 
 // On sm_90a, at D = 64 and 128, every kernel also has a form on Hopper's warpgroup products (wgmma, see mma.cuh;
-// FLASH_ATTENTION_WGMMA), which the engine runs when KILN_FLASH_WGMMA names them. The algorithm,
+// FLASH_ATTENTION_WGMMA), which the engine runs there unless KILN_FLASH_WGMMA says otherwise. The algorithm,
 // the work of each warp and the elementwise steps are the same; the products differ (add_abt and add_ab, WGMMA
 // true; add_dq). A warpgroup of 4 warps computes its 64 rows' product together (the 4 warps of a dq block, or of a
 // dkv role; the forward has two warpgroups of 64 queries), reading shared memory itself. A 64-row product reads each
@@ -88,7 +88,11 @@
 // own products, as FlashAttention-3 arranges; other warpgroups fill the gaps. Forward tiles: at D = 64, 64 keys in
 // 112 registers, two blocks a multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers,
 // one block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 149 (dq),
-// 162 (dkv) and 168 (dkv_dq) registers at D = 64, and 168, 168 and 174 (two roles) at D = 128.
+// 162 (dkv) and 168 (dkv_dq) registers at D = 64. At D = 128 the dq kernel takes 168; the dkv kernel has one role,
+// not mma.sync's two: a warpgroup holds both dK and dV (246 registers, 255 for dkv_dq) and two blocks of one
+// warpgroup share a multiprocessor (99 KiB of shared memory each). Two roles (168 registers, 8 warps in one block)
+// left the tensor cores idle while a role waited at the Pᵀ handover barrier: on an H200 their backward took 5.7 ms
+// at B8 H16 T4096 causal, one role's 4.6 ms.
 
 #define FLASH_THREADS 128
 #define FLASH_WARP_ROWS 16
@@ -802,34 +806,59 @@ __device__ __forceinline__ void transposed_ds(unsigned (&ds)[BR / 16][4], float 
     }
 }
 
+// Adds a warp's 16 × DN accumulator (rows from row0, columns from n0) to the fp32 sums at dq (row r at dq + r·stride;
+// rows from `valid_rows` on skipped) with atomics.
+template <int DN>
+__device__ __forceinline__ void atomic_add_rows(float* dq, long stride, int valid_rows, const float (&acc)[DN / 8][4],
+                                                int row0, int n0, int lane) {
+    // This lane's two rows, r and r + 8, at its first column: every other address is a constant further.
+    const int r = row0 + acc_row(lane, 0);
+    float* const sums = dq + r * stride + n0 + acc_col(lane, 0);
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        if (r + 8 * half < valid_rows) {
+#pragma unroll
+            for (int n = 0; n < DN / 8; n++) {
+                atomicAdd(sums + 8 * half * stride + n * 8, acc[n][2 * half]);
+                atomicAdd(sums + 8 * half * stride + n * 8 + 1, acc[n][2 * half + 1]);
+            }
+        }
+    }
+}
+
 // dQ_i += dS_ij·K_j (unscaled) for the BR queries of a tile (rows from `valid_rows` on skipped; row r at
 // dq + r·stride) and the block's 64 keys, from the dS tile (keys × queries, as transposed_ds stores it) and the K
 // tile, added to the fp32 sums in global memory with atomics. The block's WARPS split the BR × D product into 16-row
 // tiles and column groups of DN: each warp holds 16 × DN sums (DN/2 floats a lane, at most 32). On mma.sync the dS
 // fragments are read transposed (ldmatrix .trans of the stored (keys, queries) blocks gives A = dS), and the product
-// is split BR/16 row tiles by D·(BR/16)/WARPS columns. On wgmma (BR = 64) each role's warpgroup takes 64 of D's
-// columns, with both operands MN-major: dS's queries, and K's columns, lie along the stored rows.
+// is split BR/16 row tiles by D·(BR/16)/WARPS columns. On wgmma (BR = 64) the warpgroups take D's columns 64 at a
+// time, in turn, with both operands MN-major: dS's queries, and K's columns, lie along the stored rows.
 template <int D, int BR, int WARPS, bool WGMMA>
 __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, unsigned ds_tile, unsigned k_tile,
                                        int warp, int lane) {
-    constexpr int BC = 4 * FLASH_WARP_ROWS, ROW_TILES = BR / 16, DN = WGMMA ? 64 : D * ROW_TILES / WARPS;
-    const int mt = WGMMA ? warp % 4 : warp % ROW_TILES, n0 = (WGMMA ? warp / 4 : warp / ROW_TILES) * DN;
-    float acc[DN / 8][4] = {};
+    constexpr int BC = 4 * FLASH_WARP_ROWS, ROW_TILES = BR / 16;
     if constexpr (WGMMA) {
-        static_assert(BR == 64 && D == 64 * (WARPS / 4), "add_dq on wgmma: a warpgroup per 64 columns of dQ");
-        wgmma_settle(acc);
-        wgmma_fence();
+        static_assert(BR == 64 && D % 64 == 0 && WARPS % 4 == 0, "add_dq on wgmma: 64 × 64 blocks of dQ");
+        for (int n0 = warp / 4 * 64; n0 < D; n0 += WARPS / 4 * 64) {
+            float acc[8][4] = {};
+            wgmma_settle(acc);
+            wgmma_fence();
 #pragma unroll
-        for (int kb = 0; kb < BC / 16; kb++)
-            wgmma_64x64_ss<true, true>(acc, wgmma_descriptor(ds_tile + swizzled_at<BC>(kb * 16, 0), 1024, 1024),
-                                       wgmma_descriptor(k_tile + swizzled_at<BC>(kb * 16, n0), 1024, 1024));
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_settle(acc);
+            for (int kb = 0; kb < BC / 16; kb++)
+                wgmma_64x64_ss<true, true>(acc, wgmma_descriptor(ds_tile + swizzled_at<BC>(kb * 16, 0), 1024, 1024),
+                                           wgmma_descriptor(k_tile + swizzled_at<BC>(kb * 16, n0), 1024, 1024));
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_settle(acc);
+            atomic_add_rows<64>(dq, stride, valid_rows, acc, warp % 4 * 16, n0, lane);
+        }
     } else {
+        constexpr int DN = D * ROW_TILES / WARPS;
         static_assert(WARPS % ROW_TILES == 0 && DN % 16 == 0 && DN <= 64, "add_dq: no even split of dQ's tile");
+        const int mt = warp % ROW_TILES, n0 = warp / ROW_TILES * DN;
         const unsigned ds_lane = ds_tile + b_fragment_lane<BR>(lane) + at<BR>(0, mt * 16),
                        k_lane = k_tile + a_fragment_lane<D>(lane) + at<D>(0, n0);
+        float acc[DN / 8][4] = {};
 #pragma unroll
         for (int kb = 0; kb < BC / 16; kb++) {
             unsigned ds[4];
@@ -842,19 +871,7 @@ __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, u
                 mma_16816(acc[2 * n + 1], ds, k[2], k[3]);
             }
         }
-    }
-    // This lane's two rows, r and r + 8, at its first column: every other address is a constant further.
-    const int r = mt * 16 + acc_row(lane, 0);
-    float* const sums = dq + r * stride + n0 + acc_col(lane, 0);
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        if (r + 8 * half < valid_rows) {
-#pragma unroll
-            for (int n = 0; n < DN / 8; n++) {
-                atomicAdd(sums + 8 * half * stride + n * 8, acc[n][2 * half]);
-                atomicAdd(sums + 8 * half * stride + n * 8 + 1, acc[n][2 * half + 1]);
-            }
-        }
+        atomic_add_rows<DN>(dq, stride, valid_rows, acc, mt * 16, n0, lane);
     }
 }
 
@@ -1062,7 +1079,7 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
 // On sm_90a, at head dimensions 64 and 128, every kernel also comes on wgmma, with its own launch shapes in
 // flash_attention_launch_wgmma_dD, laid out as flash_attention_launch_dD. The parameters are FLASH_ATTENTION's, but
 // for the forward's blocks per multiprocessor; the tiles of a wgmma product are multiples of 64. The engine runs
-// these kernels in place of the others when told to (KILN_FLASH_WGMMA).
+// these kernels in place of the others unless KILN_FLASH_WGMMA says otherwise.
 #define FLASH_ATTENTION_WGMMA(D, FORWARD_BC, FORWARD_MIN_BLOCKS, DQ_BC, DKV_BR, DKV_ROLES, DQ_MIN_BLOCKS,              \
                               DKV_MIN_BLOCKS)                                                                          \
     extern "C" __constant__ unsigned flash_attention_launch_wgmma_d##D[9] = {                                          \
@@ -1088,5 +1105,5 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
 #endif
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 FLASH_ATTENTION_WGMMA(64, 64, 2, 64, 64, 1, 0, 0)
-FLASH_ATTENTION_WGMMA(128, 128, 1, 64, 64, 2, 0, 0)
+FLASH_ATTENTION_WGMMA(128, 128, 1, 64, 64, 1, 0, 2)
 #endif
