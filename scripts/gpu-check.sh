@@ -66,13 +66,12 @@ export kiln
 export -f resume_check
 step bench-kiln 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2
 step bench-attention 120 "$kiln" bench attention --backend cuda --suite
-# On sm_90a the fused kernels at head dimensions 64 and 128 can run on wgmma (KILN_FLASH_WGMMA; not yet the
-# default): their self-test, then the same suite on the same machine, with the forward alone on wgmma and with both.
-wgmma=(env KILN_FLASH_WGMMA=forward,backward)
-step selftest-bf16-wgmma 120 "${wgmma[@]}" "$kiln" selftest --backend cuda --precision bf16 || selftest_failed+=(bf16-wgmma)
-step bench-attention-wgmma 150 bash -c 'KILN_FLASH_WGMMA=forward "$kiln" bench attention --backend cuda --suite &&
-  KILN_FLASH_WGMMA=forward,backward "$kiln" bench attention --backend cuda --suite'
-step bench-kiln-wgmma 90 "${wgmma[@]}" "$kiln" bench train --backend cuda --steps 10 --warmup 2
+# On sm_90a the fused kernels at head dimensions 64 and 128 run on wgmma by default; KILN_FLASH_WGMMA=none keeps
+# them on mma.sync, as on every other architecture: their self-test, then the same benchmarks on the same machine.
+mma=(env KILN_FLASH_WGMMA=none)
+step selftest-bf16-mma 120 "${mma[@]}" "$kiln" selftest --backend cuda --precision bf16 || selftest_failed+=(bf16-mma)
+step bench-attention-mma 120 "${mma[@]}" "$kiln" bench attention --backend cuda --suite
+step bench-kiln-mma 90 "${mma[@]}" "$kiln" bench train --backend cuda --steps 10 --warmup 2
 step resume-exact 90 bash -c resume_check
 # Where a training step's time goes: every kernel of two steps, timed by Nsight Compute.
 step profile 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
@@ -90,13 +89,12 @@ profile_attention() {
 }
 export -f profile_attention
 step profile-attention 150 bash -c profile_attention
-step profile-attention-wgmma 150 "${wgmma[@]}" bash -c profile_attention
 # A failed self-test again under compute-sanitizer, which names the kernel and the address of a bad access.
 for failed in "${selftest_failed[@]}"; do
   run=()
-  [[ $failed == *-wgmma ]] && run=("${wgmma[@]}")
+  [[ $failed == *-mma ]] && run=("${mma[@]}")
   step sanitize-$failed 120 "${run[@]}" compute-sanitizer --tool memcheck --print-limit 10 \
-    "$kiln" selftest --backend cuda --precision ${failed%-wgmma}
+    "$kiln" selftest --backend cuda --precision ${failed%-mma}
 done
 
 # Data parallel on the one GPU: N processes, each claiming its own NCCL host (see ../shared/GPU.md), so NCCL joins
@@ -236,11 +234,12 @@ step dp-failure 90 bash -c dp_failure
 step dp-init-failure 90 bash -c dp_init_failure
 # train.deterministic = false: the fused attention's backward adds dQ with atomics instead of recomputing it.
 step bench-attention-atomic 120 "$kiln" bench attention --backend cuda --suite --atomic-dq
-step bench-attention-wgmma-atomic 120 "${wgmma[@]}" "$kiln" bench attention --backend cuda --suite --atomic-dq
 step bench-kiln-atomic 90 "$kiln" bench train --backend cuda --steps 10 --warmup 2 --set train.deterministic=false
 step bench-kiln-unfused 90 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
 step dp-overlap 150 bash -c dp_overlap
 step bench-pytorch 200 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
+# FlashAttention-2 and cuDNN through PyTorch's SDPA on this card, for the suite of bench-attention.
+step bench-attention-reference 120 python3 scripts/reference/attention_bench.py
 
 echo
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
@@ -253,16 +252,16 @@ grep -h "rank 1 failed while joining" "$logs/dp-init-failure.log" 2>/dev/null
 # GPT-2 124M, B=32, T=1024, bf16, tokens/s. Anchors measured on an H100 (see docs/benchmarks.md): llm.c without
 # cuDNN 283,000; PyTorch torch.compile 478,000.
 grep -h "TFLOP/s" "$logs/bench-attention.log" 2>/dev/null
-echo "on wgmma (KILN_FLASH_WGMMA=forward, then forward,backward):"
-grep -h "head dimension\|TFLOP/s" "$logs/bench-attention-wgmma.log" 2>/dev/null
+echo "on mma.sync (KILN_FLASH_WGMMA=none):"
+grep -h "TFLOP/s" "$logs/bench-attention-mma.log" 2>/dev/null
+echo "PyTorch SDPA on this card (FlashAttention-2, cuDNN):"
+grep -h "TFLOP/s" "$logs/bench-attention-reference.log" 2>/dev/null
 echo "with dQ added atomically (train.deterministic = false):"
 grep -h "TFLOP/s" "$logs/bench-attention-atomic.log" 2>/dev/null
-echo "with dQ added atomically, on wgmma:"
-grep -h "TFLOP/s" "$logs/bench-attention-wgmma-atomic.log" 2>/dev/null
 a=$(tail -n 1 "$logs/bench-kiln-atomic.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
 echo "gpt2-124m tokens/s with dQ added atomically: ${a:-?}"
-w=$(tail -n 1 "$logs/bench-kiln-wgmma.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
-echo "gpt2-124m tokens/s with the fused attention on wgmma: ${w:-?}"
+m=$(tail -n 1 "$logs/bench-kiln-mma.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
+echo "gpt2-124m tokens/s with the fused attention on mma.sync: ${m:-?}"
 u=$(tail -n 1 "$logs/bench-kiln-unfused.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
 echo "gpt2-124m tokens/s with the unfused attention kernels: ${u:-?}"
 k=$(tail -n 1 "$logs/bench-kiln.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')

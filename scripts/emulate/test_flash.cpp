@@ -26,7 +26,7 @@ static const unsigned* launch_table(int D) {
 
 // Built as sm_90a (__CUDA_ARCH_FEAT_SM90_ALL), the kernel file also has every kernel on wgmma for some head
 // dimensions, with their own launch table (laid out as flash_attention_launch_dD); the engine runs them instead of
-// the mma.sync ones with KILN_FLASH_WGMMA. Both are tested.
+// the mma.sync ones unless KILN_FLASH_WGMMA says otherwise. Both are tested.
 static bool has_wgmma_kernels(int D) {
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
     return D == 64 || D == 128;

@@ -7,9 +7,9 @@
 //! fp32 accumulation, TF32 off), with the bias, GELU and the bias gradient fused into them. Every other operation
 //! is a kernel of `kernels/`, compiled by NVRTC for this GPU.
 //!
-//! `kiln selftest --backend cuda` checks every operation against the CPU engine; it passes on an H100. The master
-//! copy in pieces has not yet run on a GPU (gpu-check's dp-equivalence compares ZeRO-1 with plain data parallelism
-//! in bf16).
+//! `kiln selftest --backend cuda` checks every operation against the CPU engine; it passes on an H100 and an H200.
+//! With the master copy in pieces, ZeRO-1 in bf16 trains bit for bit as plain data parallelism does there
+//! (gpu-check's dp-equivalence).
 
 use crate::compile::{self, Compiler};
 use crate::devices;
@@ -97,11 +97,11 @@ macro_rules! flash_kernels {
 type FlashKernelNames = (usize, [&'static str; 4], [&'static str; 4]);
 const FLASH_KERNELS: [FlashKernelNames; 4] = flash_kernels!(32, 64, 96, 128);
 
-/// Which fused kernels run on wgmma where the module has them (sm_90a at head dimensions 64 and 128):
-/// `KILN_FLASH_WGMMA` lists `forward`, `backward` (the dq and dkv kernels, or the dkv kernel with atomic dQ), both, or
-/// neither (unset or empty, the default: mma.sync, as on every other architecture). The wgmma kernels stay opt-in
-/// until they have passed the self-test on a GPU; so far they have run only in the CPU emulation (scripts/emulate).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which fused kernels run on wgmma where the module has them (sm_90a at head dimensions 64 and 128); elsewhere they
+/// run on mma.sync. `KILN_FLASH_WGMMA` lists `forward`, `backward` (the dq and dkv kernels, or the dkv kernel with
+/// atomic dQ), or `none`, comma-separated; unset or empty means both, the default since they passed the self-test
+/// and beat the mma.sync kernels on an H200 (docs/benchmarks.md). `none` keeps the mma.sync kernels, to compare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashWgmma {
     pub forward: bool,
     pub backward: bool,
@@ -109,18 +109,24 @@ pub struct FlashWgmma {
 
 impl FlashWgmma {
     pub const VARIABLE: &'static str = "KILN_FLASH_WGMMA";
+    const BOTH: FlashWgmma = FlashWgmma { forward: true, backward: true };
 
-    /// The choice `value` (the variable's value, if set) names: comma-separated parts.
+    /// The choice `value` (the variable's value, if set) names.
     pub fn parse(value: Option<&str>) -> Result<FlashWgmma> {
-        let mut choice = FlashWgmma::default();
-        for part in value.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let parts: Vec<&str> = value.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() {
+            return Ok(FlashWgmma::BOTH);
+        }
+        let mut choice = FlashWgmma { forward: false, backward: false };
+        for part in parts {
             match part {
                 "forward" => choice.forward = true,
                 "backward" => choice.backward = true,
+                "none" => {}
                 other => {
                     return Err(Error::Usage(format!(
-                        "{}: {other:?} is not a part of the fused attention; expected \"forward\", \"backward\" or \
-                         both, comma-separated",
+                        "{}: {other:?} is not a part of the fused attention; expected \"forward\", \"backward\", \
+                         both (comma-separated) or \"none\"",
                         FlashWgmma::VARIABLE
                     )));
                 }
@@ -1122,11 +1128,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_wgmma_kernels_are_chosen_by_part_and_a_typo_is_a_usage_error() {
+    fn the_wgmma_kernels_are_the_default_chosen_by_part_and_a_typo_is_a_usage_error() {
         let parse = |v| FlashWgmma::parse(v).unwrap();
-        let (none, forward) = (FlashWgmma::default(), FlashWgmma { forward: true, backward: false });
-        assert_eq!((parse(None), parse(Some("")), parse(Some("forward"))), (none, none, forward));
-        assert_eq!(parse(Some("backward, forward")), FlashWgmma { forward: true, backward: true });
+        let none = FlashWgmma { forward: false, backward: false };
+        let forward = FlashWgmma { forward: true, backward: false };
+        assert_eq!((parse(None), parse(Some(""))), (FlashWgmma::BOTH, FlashWgmma::BOTH));
+        assert_eq!((parse(Some("none")), parse(Some("forward"))), (none, forward));
+        assert_eq!(parse(Some("backward, forward")), FlashWgmma::BOTH);
         let err = FlashWgmma::parse(Some("forward,bakward")).unwrap_err();
         assert!(matches!(err, Error::Usage(_)), "{err}");
         assert!(err.to_string().contains("KILN_FLASH_WGMMA") && err.to_string().contains("bakward"), "{err}");
