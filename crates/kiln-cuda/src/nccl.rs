@@ -15,9 +15,8 @@
 //! A parameter tensor of a bf16 engine is gathered in bf16, two bytes a weight: a ZeRO rank's fp32 master copy
 //! holds only the pieces it updates.
 //!
-//! Run on an H100 with 1, 2 and 4 processes sharing it (gpu-check's dp steps), blocking then. The non-blocking
-//! initialisation has not yet run on a GPU: gpu-check's dp-init-failure step must show a rank that fails while
-//! joining ending the other's wait.
+//! Run on an H100 and an H200 with 1, 2 and 4 processes sharing the GPU (gpu-check's dp steps); there a rank that
+//! fails while joining ends the other's wait (dp-init-failure: both exit 1 within 11 s).
 
 use crate::backend::{CudaBackend, DType};
 use crate::libraries::Library;
