@@ -82,19 +82,18 @@ fn fused_attention_exports_its_launch_shapes() {
         assert_eq!(d128[1], (128 + 4 * d128_forward_keys) * row(128), "{arch}");
         assert!(flash_launch_table(&built.cubin, 80).is_err(), "no kernels for D=80");
         // The kernels on wgmma: sm_90a only, at D = 64 (64 keys a forward tile) and 128 (128 keys). The forward has
-        // two warpgroups of 64 queries, dq one, dkv one a role (two at D = 128); their tiles are unpadded
+        // two warpgroups of 64 queries, dq and dkv one (a single role, also at D = 128); their tiles are unpadded
         // (swizzled): forward Q, then two stages of K and of V; dq Q and dO, then two stages of 64 keys; dkv K and
-        // V, then two stages of 64 queries' Q and dO, their lse and D, with atomic dQ the dS tile (64 × 64), and at
-        // D = 128 the Pᵀ exchange.
+        // V, then two stages of 64 queries' Q and dO, their lse and D, with atomic dQ the dS tile (64 × 64).
         for (d, keys) in [(32, 0), (64, 64), (96, 0), (128, 128u32)] {
             let table = flash_wgmma_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
             let names = ["forward", "backward_dq", "backward_dkv", "backward_dkv_dq"]
                 .map(|k| format!("flash_attention_{k}_wgmma_d{d}"));
             if arch == "sm_90a" && keys > 0 {
-                let (row, roles) = (d as u32 * 2, if d == 128 { 2 } else { 1 });
-                let dkv = (2 * 64 + 4 * 64) * row + 4 * 64 * 4 + if roles == 2 { 64 * 128 } else { 0 };
+                let row = d as u32 * 2;
+                let dkv = (2 * 64 + 4 * 64) * row + 4 * 64 * 4;
                 let (forward, dq, dkv_dq) = ((128 + 4 * keys) * row, (2 * 64 + 4 * 64) * row, dkv + 64 * 64 * 2);
-                let expected = [128, forward, dq, dkv, dkv_dq, 256, 128, 128 * roles, 128 * roles];
+                let expected = [128, forward, dq, dkv, dkv_dq, 256, 128, 128, 128];
                 assert_eq!(table, Some(expected), "{arch} D={d}");
                 assert!(names.iter().all(|n| built.entry_points.contains(n)), "{arch}: {names:?}");
             } else {
