@@ -807,21 +807,22 @@ __device__ __forceinline__ void transposed_ds(unsigned (&ds)[BR / 16][4], float 
 }
 
 // Adds a warp's 16 × DN accumulator (rows from row0, columns from n0) to the fp32 sums at dq (row r at dq + r·stride;
-// rows from `valid_rows` on skipped) with atomics.
+// rows from `valid_rows` on skipped) with atomics, 16 bytes at a time: lanes l and l ^ 1 hold columns 4k, 4k + 1 and
+// 4k + 2, 4k + 3 (k = l % 4 / 2) of rows g and g + 8 (mma's accumulator layout), so they trade a pair by a shuffle,
+// and the even lane adds row g's four columns, the odd lane row g + 8's.
 template <int DN>
 __device__ __forceinline__ void atomic_add_rows(float* dq, long stride, int valid_rows, const float (&acc)[DN / 8][4],
                                                 int row0, int n0, int lane) {
-    // This lane's two rows, r and r + 8, at its first column: every other address is a constant further.
-    const int r = row0 + acc_row(lane, 0);
-    float* const sums = dq + r * stride + n0 + acc_col(lane, 0);
+    const bool odd = lane % 2;
+    const int r = row0 + acc_row(lane, 0) + (odd ? 8 : 0);
+    float* const sums = dq + r * stride + n0 + lane % 4 / 2 * 4;
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        if (r + 8 * half < valid_rows) {
-#pragma unroll
-            for (int n = 0; n < DN / 8; n++) {
-                atomicAdd(sums + 8 * half * stride + n * 8, acc[n][2 * half]);
-                atomicAdd(sums + 8 * half * stride + n * 8 + 1, acc[n][2 * half + 1]);
-            }
+    for (int n = 0; n < DN / 8; n++) {
+        const float got0 = __shfl_xor_sync(0xffffffffu, odd ? acc[n][0] : acc[n][2], 1);
+        const float got1 = __shfl_xor_sync(0xffffffffu, odd ? acc[n][1] : acc[n][3], 1);
+        if (r < valid_rows) {
+            if (odd) red_add_v4(sums + n * 8, got0, got1, acc[n][2], acc[n][3]);
+            else red_add_v4(sums + n * 8, acc[n][0], acc[n][1], got0, got1);
         }
     }
 }

@@ -113,6 +113,19 @@ __device__ __forceinline__ int4 ld_shared_128(unsigned smem) {
     return v;
 }
 
+// Adds four floats to four consecutive fp32 in global memory (16-byte aligned), atomically each: one vector
+// reduction on sm_90, four scalar ones before it.
+__device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+    atomicAdd(p + 2, c);
+    atomicAdd(p + 3, d);
+#endif
+}
+
 // ---- warpgroup products (wgmma, sm_90a) --------------------------------------------------------------------------
 //
 // wgmma.mma_async multiplies 64 × 16 by 16 × N for the four warps of a warpgroup (128 threads) together. Warp w of

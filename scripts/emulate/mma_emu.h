@@ -122,6 +122,11 @@ inline int4 ld_shared_128(unsigned smem) {
     std::memcpy(&v, &g_block->smem[smem], 16);
     return v;
 }
+inline void red_add_v4(float* p, float a, float b, float c, float d) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail("misaligned vector reduction");
+    const float v[4] = {a, b, c, d};
+    for (int k = 0; k < 4; k++) atomicAdd(p + k, v[k]);
+}
 
 inline unsigned dynamic_shared_bytes() { return (unsigned)g_block->smem.size(); }
 
