@@ -393,7 +393,7 @@ def activation_bytes(shape, mb):
     """crates/kiln-model/src/gpt.rs: activations (bf16), statistics (fp32), token ids and targets (u32)."""
     n = mb * shape.T
     c, L = shape.C, shape.L
-    acts = L * n * c * 18 + 2 * n * c + n * PADDED_VOCAB + n * c * (1 + 1 + 3 + 4)
+    acts = L * n * c * 16 + 3 * n * c + n * PADDED_VOCAB + n * c * (1 + 1 + 3 + 4)
     stats = L * (4 * n + mb * shape.H * shape.T) + 3 * n
     return 2 * acts + 4 * stats + 4 * 2 * n
 

@@ -99,7 +99,6 @@ struct BlockActivations {
     qkv: Tensor,
     atty: Tensor,
     att_lse: Tensor,
-    attproj: Tensor,
     /// The residual stream after attention.
     res2: Tensor,
     ln2: Tensor,
@@ -107,7 +106,6 @@ struct BlockActivations {
     ln2_rstd: Tensor,
     fch_pre: Tensor,
     fch: Tensor,
-    fcproj: Tensor,
     /// The residual stream after the MLP: the next block's input.
     res3: Tensor,
 }
@@ -134,6 +132,9 @@ pub struct Gpt {
     lnf_mean: Tensor,
     lnf_rstd: Tensor,
     logits: Tensor,
+    // The output of a block's attention or MLP projection, which the residual add that follows consumes at once and
+    // the backward pass never reads: one buffer for both in every block.
+    proj: Tensor,
     // Gradient buffers reused by every block during the backward pass.
     dresidual: Tensor,
     dbtc: Tensor,
@@ -183,10 +184,10 @@ impl Gpt {
         let (c, l, t) = (shape.n_embd, shape.n_layer, shape.block_size);
         let n = max_batch * t;
         let lse_len = max_batch * shape.n_head * t;
-        // Activations: per block 3C (ln1, atty, attproj) + 3C (qkv) + 3C (res2, ln2, fcproj) + 8C (fch_pre, fch)
-        // + C (res3); then encoded, lnf, logits, and the backward pass's gradient buffers.
-        let per_block = n * c * 18;
-        let act_len = l * per_block + 2 * n * c + n * shape.padded_vocab + n * c * (1 + 1 + 3 + 4);
+        // Activations: per block 2C (ln1, atty) + 3C (qkv) + 2C (res2, ln2) + 8C (fch_pre, fch) + C (res3); then
+        // encoded, lnf, logits, proj, and the backward pass's gradient buffers.
+        let per_block = n * c * 16;
+        let act_len = l * per_block + 3 * n * c + n * shape.padded_vocab + n * c * (1 + 1 + 3 + 4);
         let mut acts = Arena::new(backend, act_len, Role::Activation)?;
         let stat_len = l * (4 * n + lse_len) + 2 * n + n;
         let mut stats = Arena::new(backend, stat_len, Role::Stat)?;
@@ -200,14 +201,12 @@ impl Gpt {
                 qkv: acts.take(n * 3 * c),
                 atty: acts.take(n * c),
                 att_lse: stats.take(lse_len),
-                attproj: acts.take(n * c),
                 res2: acts.take(n * c),
                 ln2: acts.take(n * c),
                 ln2_mean: stats.take(n),
                 ln2_rstd: stats.take(n),
                 fch_pre: acts.take(n * 4 * c),
                 fch: acts.take(n * 4 * c),
-                fcproj: acts.take(n * c),
                 res3: acts.take(n * c),
             })
             .collect();
@@ -228,6 +227,7 @@ impl Gpt {
             lnf_mean: stats.take(n),
             lnf_rstd: stats.take(n),
             logits: acts.take(n * shape.padded_vocab),
+            proj: acts.take(n * c),
             dresidual: acts.take(n * c),
             dbtc: acts.take(n * c),
             dqkv: acts.take(n * 3 * c),
@@ -327,14 +327,14 @@ impl Gpt {
                     b.attention_decode(rows(a.atty, c), cache, pos, AttentionDims { time: pos + 1, ..att })?
                 }
             }
-            b.matmul_forward(rows(a.attproj, c), rows(a.atty, c), w.proj_w, Some(w.proj_b), None, lin(c, c))?;
+            b.matmul_forward(rows(self.proj, c), rows(a.atty, c), w.proj_w, Some(w.proj_b), None, lin(c, c))?;
             b.residual_layernorm_forward(
                 rows(a.res2, c),
                 rows(a.ln2, c),
                 rows(a.ln2_mean, 1),
                 rows(a.ln2_rstd, 1),
                 rows(residual, c),
-                rows(a.attproj, c),
+                rows(self.proj, c),
                 w.ln2_w,
                 w.ln2_b,
                 n,
@@ -348,7 +348,14 @@ impl Gpt {
                 Some(rows(a.fch_pre, 4 * c)),
                 lin(c, 4 * c),
             )?;
-            b.matmul_forward(rows(a.fcproj, c), rows(a.fch, 4 * c), w.fcproj_w, Some(w.fcproj_b), None, lin(4 * c, c))?;
+            b.matmul_forward(
+                rows(self.proj, c),
+                rows(a.fch, 4 * c),
+                w.fcproj_w,
+                Some(w.fcproj_b),
+                None,
+                lin(4 * c, c),
+            )?;
             // The residual add that ends this block, fused with the norm that starts the next (or ln_f).
             let (ln, mean, rstd, nw, nb) = match (self.blocks.get(l + 1), self.p.blocks.get(l + 1)) {
                 (Some(next), Some(nw)) => (next.ln1, next.ln1_mean, next.ln1_rstd, nw.ln1_w, nw.ln1_b),
@@ -360,7 +367,7 @@ impl Gpt {
                 rows(mean, 1),
                 rows(rstd, 1),
                 rows(a.res2, c),
-                rows(a.fcproj, c),
+                rows(self.proj, c),
                 nw,
                 nb,
                 n,
