@@ -48,10 +48,10 @@
 // (the compile test fails on any spill, sm_80 and sm_90a). Registers per thread on sm_90a, where the tiles differ from
 // sm_80's at D = 128 (sm_80's in brackets):
 //   D     forward BR × BC          dq 64 × BC          dkv 64 × BR, roles         dkv_dq (same tiles)
-//   32    128 × 64  (168)          64 × 64  (135)      64 × 64, 1  (173)          (185)
-//   64    128 × 64  (230)          64 × 64  (168)      64 × 64, 1  (167)          (175)
-//   96    128 × 32  (213)          64 × 64  (177)      64 × 32, 1  (165)          (169)
-//   128   128 × 64 [32]  (255)     64 × 32  (165)      64 × 64 [32], 2  (168)     (202)
+//   32    128 × 64  (168)          64 × 64  (135)      64 × 64, 1  (173)          (190)
+//   64    128 × 64  (232)          64 × 64  (168)      64 × 64, 1  (167)          (174)
+//   96    128 × 32  (215)          64 × 64  (177)      64 × 32, 1  (165)          (212)
+//   128   128 × 64 [32]  (255)     64 × 32  (165)      64 × 64 [32], 2  (168)     (205)
 // Forward: each warp holds 32 queries (M = 2 tiles of 16), so every K and V fragment read from shared memory feeds
 // two mma: shared-memory traffic per mma is what limits mma.sync on H100, and one tile per warp would nearly double
 // it. O (D/2·M floats per thread) and the scores (BC/2·M) live in registers; Q's fragments are read again from the
