@@ -100,7 +100,7 @@ const FLASH_KERNELS: [FlashKernelNames; 4] = flash_kernels!(32, 64, 96, 128);
 /// Which fused kernels run on wgmma where the module has them (sm_90a at head dimensions 64 and 128); elsewhere they
 /// run on mma.sync. `KILN_FLASH_WGMMA` lists `forward`, `backward` (the dq and dkv kernels, or the dkv kernel with
 /// atomic dQ), or `none`, comma-separated; unset or empty means both, the default since they passed the self-test
-/// and beat the mma.sync kernels on an H200 (docs/benchmarks.md). `none` keeps the mma.sync kernels, to compare.
+/// and beat the mma.sync kernels on an H200 and an H100 (docs/benchmarks.md). `none` keeps the mma.sync kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashWgmma {
     pub forward: bool,
