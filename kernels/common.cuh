@@ -106,6 +106,20 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
+// residual = a + b for one row of C channels, lane `lane` of a warp taking chunks lane, lane + 32, ...: the residual
+// add that the normalisation kernels fuse in front of a norm (which then reads the row back, as stored).
+__device__ __forceinline__ void residual_add_row(floatX* residual, const floatX* a, const floatX* b, int C, int lane) {
+    typedef Packed<floatX> P;
+    for (int c = lane * P::size; c < C; c += 32 * P::size) {
+        const int count = min(P::size, C - c);
+        P as = P::load(a + c, count), bs = P::load(b + c, count), rs;
+#pragma unroll
+        for (int k = 0; k < P::size; k++) rs.v[k] = to_x(to_f32(as.v[k]) + to_f32(bs.v[k]));
+        rs.store(residual + c, count);
+    }
+    __syncwarp();
+}
+
 // GELU, tanh approximation: gelu(x) = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³).
 #define GELU_SCALE 0.7978845608f
 #define GELU_CUBE 0.044715f

@@ -1,6 +1,6 @@
 // Token and position embeddings.
 //
-// Forward: out[b,t,:] = wte[tok[b,t],:] + wpe[t,:].
+// Forward: out[b,t,:] = wte[tok[b,t],:] + wpe[t,:], or without the wpe term when wpe is null (rotary positions).
 // Backward: dwte[tok[b,t],:] += dout[b,t,:] and dwpe[t,:] += dout[b,t,:], summed over (b, t). The weight
 // gradients are fp32, and both sums run in a fixed order, without atomics, so they are deterministic: dwpe by one
 // thread per (t, chunk of channels) over the batch, dwte by one thread per (token, chunk of channels) over the
@@ -18,7 +18,8 @@ extern "C" __global__ void encoder_forward(floatX* out, const unsigned* tokens, 
          j += (long)gridDim.x * blockDim.x) {
         const long row = j / chunks;
         const int c = j % chunks * P::size, count = min(P::size, C - c), t = row % T;
-        P e = P::load(wte + (long)tokens[row] * C + c, count), p = P::load(wpe + (long)t * C + c, count), o;
+        P e = P::load(wte + (long)tokens[row] * C + c, count), o, p = {};
+        if (wpe) p = P::load(wpe + (long)t * C + c, count);
 #pragma unroll
         for (int k = 0; k < P::size; k++) o.v[k] = to_x(to_f32(e.v[k]) + to_f32(p.v[k]));
         o.store(out + row * C + c, count);

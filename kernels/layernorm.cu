@@ -1,20 +1,21 @@
 // Layer normalisation over the channels of each row, optionally fused with the residual add before it.
 //
-// Forward: μ = mean(x), σ⁻¹ = 1/√(mean((x−μ)²) + 1e-5), n = (x−μ)·σ⁻¹, y = n·w + b; μ and σ⁻¹ saved (fp32).
+// Forward: μ = mean(x), σ⁻¹ = 1/√(mean((x−μ)²) + ε), n = (x−μ)·σ⁻¹, y = n·w + b; μ and σ⁻¹ saved (fp32).
 // Backward, with g = dy·w: dx += σ⁻¹·(g − mean(g) − n·mean(g·n)), dw += Σ_rows dy·n, db += Σ_rows dy.
+//
+// The backward kernels serve RMS normalisation too (rmsnorm.cu): given no mean they take μ = 0 and drop the mean(g)
+// term, which is RMS normalisation's gradient, dx += r·(g − n·mean(g·n)) with n = x·r, and they write no db.
 //
 // One warp per row; lane l handles the row's chunks l, l+32, ... (see Packed in common.cuh). The backward pass
 // gives each block rows_per_block rows; each warp sums its rows' share of dw and db in shared memory, the block
 // adds its warps' sums in order into partials[block], and a second kernel adds the blocks' partials in order: no
 // atomics, so the result is deterministic.
 
-#define LN_EPS 1e-5f
-
 typedef Packed<floatX> LnChunk;
 
 // Normalises one row; lane `lane` of a warp handles its chunks.
 __device__ __forceinline__ void normalize_row(floatX* y, float* mean, float* rstd, const floatX* x, const floatX* w,
-                                              const floatX* b, int C, int lane) {
+                                              const floatX* b, int C, float eps, int lane) {
     float s = 0.0f;
     for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
         const int count = min(LnChunk::size, C - c);
@@ -34,7 +35,7 @@ __device__ __forceinline__ void normalize_row(floatX* y, float* mean, float* rst
             if (k < count) v += d * d;
         }
     }
-    float rs = rsqrtf(warp_sum(v) / C + LN_EPS);
+    float rs = rsqrtf(warp_sum(v) / C + eps);
     for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
         const int count = min(LnChunk::size, C - c);
         LnChunk xs = LnChunk::load(x + c, count), ws = LnChunk::load(w + c, count), bs = LnChunk::load(b + c, count);
@@ -51,30 +52,23 @@ __device__ __forceinline__ void normalize_row(floatX* y, float* mean, float* rst
 }
 
 extern "C" __global__ void layernorm_forward(floatX* out, float* mean, float* rstd, const floatX* inp,
-                                             const floatX* weight, const floatX* bias, int N, int C) {
+                                             const floatX* weight, const floatX* bias, int N, int C, float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;
     long o = (long)row * C;
-    normalize_row(out + o, mean + row, rstd + row, inp + o, weight, bias, C, threadIdx.x % 32);
+    normalize_row(out + o, mean + row, rstd + row, inp + o, weight, bias, C, eps, threadIdx.x % 32);
 }
 
 // residual = a + b, then out = layernorm(residual).
 extern "C" __global__ void residual_layernorm_forward(floatX* residual, floatX* out, float* mean, float* rstd,
                                                       const floatX* a, const floatX* b, const floatX* weight,
-                                                      const floatX* bias, int N, int C) {
+                                                      const floatX* bias, int N, int C, float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;
     int lane = threadIdx.x % 32;
     long o = (long)row * C;
-    for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
-        const int count = min(LnChunk::size, C - c);
-        LnChunk as = LnChunk::load(a + o + c, count), bs = LnChunk::load(b + o + c, count), rs;
-#pragma unroll
-        for (int k = 0; k < LnChunk::size; k++) rs.v[k] = to_x(to_f32(as.v[k]) + to_f32(bs.v[k]));
-        rs.store(residual + o + c, count);
-    }
-    __syncwarp();
-    normalize_row(out + o, mean + row, rstd + row, residual + o, weight, bias, C, lane);
+    residual_add_row(residual + o, a + o, b + o, C, lane);
+    normalize_row(out + o, mean + row, rstd + row, residual + o, weight, bias, C, eps, lane);
 }
 
 // Where a warp's running sum for `channel` sits among its shared floats: chunk-major within each position of a chunk,
@@ -85,7 +79,7 @@ __device__ __forceinline__ int ln_slot(int channel, int chunks) {
 }
 
 // Dynamic shared memory: 2 × padded floats per warp (dw's sums, then db's), padded = C rounded up to a whole chunk.
-// partials holds 2·C floats per block (dw, then db), in channel order.
+// partials holds 2·C floats per block (dw, then db), in channel order. A null mean is RMS normalisation.
 extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, const floatX* dout, const floatX* inp,
                                               const floatX* weight, const float* mean, const float* rstd, int N, int C,
                                               int rows_per_block) {
@@ -101,7 +95,7 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, con
     const int first = blockIdx.x * rows_per_block;
     for (int row = first + warp; row < min(first + rows_per_block, N); row += warps) {
         long o = (long)row * C;
-        float mu = mean[row], rs = rstd[row];
+        float mu = mean ? mean[row] : 0.0f, rs = rstd[row];
         float g_sum = 0.0f, gn_sum = 0.0f;
         for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
             const int count = min(LnChunk::size, C - c);
@@ -117,6 +111,7 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, con
             }
         }
         float g_mean = warp_sum(g_sum) / C, gn_mean = warp_sum(gn_sum) / C;
+        if (!mean) g_mean = 0.0f;
         for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size) {
             const int count = min(LnChunk::size, C - c);
             LnChunk dy = LnChunk::load(dout + o + c, count), xs = LnChunk::load(inp + o + c, count),
@@ -151,6 +146,7 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, con
 // dweight[c] += Σ_blocks partials[block][c], and the same for dbias, in a fixed order: a block of
 // LN_SUM_LANES × LN_SUM_ROWS threads takes LN_SUM_LANES channels (neighbouring lanes, neighbouring addresses);
 // thread row r sums blocks r, r + LN_SUM_ROWS, ... in turn, and the first row adds the rows' sums in row order.
+// RMS normalisation has no bias: a null dbias.
 extern "C" __global__ void __launch_bounds__(LN_SUM_LANES * LN_SUM_ROWS)
     layernorm_backward_sum(float* dweight, float* dbias, const float* partials, int blocks, int C) {
     __shared__ float sums[LN_SUM_ROWS][LN_SUM_LANES];
@@ -163,5 +159,5 @@ extern "C" __global__ void __launch_bounds__(LN_SUM_LANES * LN_SUM_ROWS)
     __syncthreads();
     if (r > 0 || c >= 2 * C) return;
     for (int k = 1; k < LN_SUM_ROWS; k++) s += sums[k][lane];
-    if (c < C) dweight[c] += s; else dbias[c - C] += s;
+    if (c < C) dweight[c] += s; else if (dbias) dbias[c - C] += s;
 }

@@ -681,7 +681,7 @@ fn bench_train(config: Option<PathBuf>, overrides: &[String], backend: BackendCh
 fn bench_on<B: Backend>(config: &Config, backend: B, run: BenchRun) -> Result<()> {
     let mut trainer = Trainer::new(config, backend)?;
     trainer.set_profile(true);
-    let shape = trainer.model().shape;
+    let shape = trainer.model().spec;
     let tokens = config.total_batch_tokens() as f64;
     // FLOPs per token: 6 per parameter (forward and backward) plus attention's 6·L·C·T, as the anchors count.
     let flops_per_token =

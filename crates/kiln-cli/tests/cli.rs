@@ -172,8 +172,17 @@ fn selftest_checks_the_cpu_engine() {
     let out = kiln(&["selftest", "--backend", "cpu"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", stderr(&out));
-    for check in ["PASS encoder_forward", "PASS attention_backward", "PASS gradient h.1.mlp.fc.weight", "PASS training"]
-    {
+    for check in [
+        "PASS encoder_forward",
+        "PASS attention_backward",
+        "PASS rmsnorm_backward",
+        "PASS rope inverse",
+        "PASS swiglu_backward",
+        "PASS gpt2 gradient h.1.mlp.fc.weight",
+        "PASS llama gradient h.1.mlp.fc.weight",
+        "PASS gpt2 training",
+        "PASS llama training",
+    ] {
         assert!(text.contains(check), "{check} missing from:\n{text}");
     }
     assert!(!text.contains("FAIL"), "{text}");

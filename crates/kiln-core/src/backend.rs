@@ -9,6 +9,9 @@
 //! Every operation states which of its tensors it reads and which it writes. Outputs never overlap inputs or each
 //! other; backends check this, and return an error rather than read memory that is being written.
 //!
+//! Operations with more than a few operands take them as a struct ([`NormForward`], [`MatmulBackward`], ...), so
+//! that a call names every tensor it passes.
+//!
 //! Conventions shared by all operations (they follow GPT-2 and llm.c):
 //! - activations are row-major `(rows, channels)`, where `rows = batch × time`;
 //! - a linear layer's weight is `(out_channels, in_channels)` and computes `out = inp · Wᵀ + bias`;
@@ -152,6 +155,144 @@ impl AttentionDims {
     }
 }
 
+/// Which normalisation a norm layer applies to each row `x` of `c` channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// Layer normalisation (GPT-2's): `y = (x − μ)·σ⁻¹·w + b`, `μ = mean(x)`, `σ⁻¹ = 1/√(mean((x − μ)²) + ε)`.
+    /// Saves `μ` and `σ⁻¹`; has a bias.
+    Layer,
+    /// Root-mean-square normalisation (Llama's): `y = x·r·w`, `r = 1/√(mean(x²) + ε)`. Saves `r`; no mean, no bias.
+    Rms,
+}
+
+/// Shape of a normalisation: `rows` rows of `c` channels, and its ε.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormDims {
+    pub rows: usize,
+    pub c: usize,
+    pub kind: NormKind,
+    pub eps: f32,
+}
+
+impl NormDims {
+    /// Why a norm of this kind cannot take these optional operands (a mean and a bias go with layer normalisation
+    /// and with nothing else), if it cannot.
+    pub fn operand_problem(&self, mean: Option<Tensor>, bias: Option<Tensor>) -> Option<String> {
+        let layer = self.kind == NormKind::Layer;
+        (mean.is_some() != layer || bias.is_some() != layer).then(|| {
+            format!("{:?} normalisation takes a mean and a bias exactly when it is layer normalisation", self.kind)
+        })
+    }
+}
+
+/// A residual add fused in front of a norm: `sum = inp + other` is written, then normalised.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ResidualAdd {
+    pub other: Tensor,
+    pub sum: Tensor,
+}
+
+/// Operands of [`Backend::norm_forward`]: writes `out` (`(rows, c)`), `rstd` and, for layer normalisation, `mean`
+/// (`rows` each, in full precision).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormForward {
+    pub out: Tensor,
+    pub mean: Option<Tensor>,
+    pub rstd: Tensor,
+    /// The rows to normalise, or with `residual` the first summand.
+    pub inp: Tensor,
+    pub residual: Option<ResidualAdd>,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub d: NormDims,
+}
+
+/// Operands of [`Backend::norm_backward`]: `inp` is the row the forward pass normalised (the residual sum, where
+/// there was one), `mean` and `rstd` what it saved.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormBackward {
+    pub dinp: Tensor,
+    pub dweight: Tensor,
+    pub dbias: Option<Tensor>,
+    pub dout: Tensor,
+    pub inp: Tensor,
+    pub weight: Tensor,
+    pub mean: Option<Tensor>,
+    pub rstd: Tensor,
+    pub d: NormDims,
+}
+
+/// Operands of [`Backend::matmul_forward`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MatmulForward {
+    pub out: Tensor,
+    pub inp: Tensor,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub gelu_pre: Option<Tensor>,
+    pub d: MatmulDims,
+}
+
+/// Operands of [`Backend::matmul_backward`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MatmulBackward {
+    pub dinp: Tensor,
+    pub dweight: Tensor,
+    pub dbias: Option<Tensor>,
+    pub dout: Tensor,
+    pub inp: Tensor,
+    pub weight: Tensor,
+    pub gelu_pre: Option<Tensor>,
+    pub d: MatmulDims,
+}
+
+/// Rotary position embedding (RoPE) of the queries and keys of a packed `qkv` activation of shape `d`, in place,
+/// in Hugging Face's rotate-half pairing: within each head of `head_dim` channels, channel `i < head_dim/2` pairs
+/// with `i + head_dim/2`, and at position `p` the pair `(x₁, x₂)` becomes `(x₁·cos θ − x₂·sin θ, x₂·cos θ + x₁·sin θ)`
+/// with `θ = p·freq[i]`. Values are not rotated. Row `t` of each sequence is at position `first_pos + t` (a decoded
+/// token's row is at its place in the cache).
+///
+/// `table` holds `cos θ` for every position `p < P` and pair `i` (`(P, head_dim/2)`), then `sin θ` likewise: the
+/// model computes it once, so frequency scalings (Llama 3's) are the model's business. `inverse` rotates by `−θ`,
+/// which is the backward pass (the rotation is orthogonal): applied to `dqkv` it turns the gradient of the rotated
+/// queries and keys into that of the unrotated ones.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rotary {
+    pub qkv: Tensor,
+    pub table: Tensor,
+    pub d: AttentionDims,
+    pub first_pos: usize,
+    pub inverse: bool,
+}
+
+impl Rotary {
+    /// Positions the table covers.
+    pub fn positions(&self) -> usize {
+        self.table.len / self.d.head_dim.max(1)
+    }
+
+    /// Why this rotation cannot run, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        let d = &self.d;
+        if let Some(p) = d.problem() {
+            return Some(p);
+        }
+        if d.head_dim % 2 != 0 {
+            return Some(format!("head_dim {} is odd: rotary embedding rotates pairs of channels", d.head_dim));
+        }
+        if self.table.len % d.head_dim.max(1) != 0 || self.first_pos + d.time > self.positions() {
+            return Some(format!(
+                "positions {}..{} are not all in a table of {} elements for head_dim {}",
+                self.first_pos,
+                self.first_pos + d.time,
+                self.table.len,
+                d.head_dim
+            ));
+        }
+        None
+    }
+}
+
 /// One AdamW update: `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, `p ← p − lr·(m̂/(√v̂ + ε) + wd·p)` with bias-corrected
 /// moments `m̂ = m/(1−β₁ᵗ)`, `v̂ = v/(1−β₂ᵗ)`, where `g = grad_scale · grad` (the scale carries gradient clipping).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -207,22 +348,23 @@ pub trait Backend {
 
     // ---- layers -------------------------------------------------------------------------------------------------
 
-    /// `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]`; `out` is `(batch·time, c)`.
+    /// `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]`, or without `wpe` (a model whose positions are rotary) just
+    /// the token's row; `out` is `(batch·time, c)`.
     fn encoder_forward(
         &mut self,
         out: Tensor,
         tokens: Tensor,
         wte: Tensor,
-        wpe: Tensor,
+        wpe: Option<Tensor>,
         batch: usize,
         time: usize,
         c: usize,
     ) -> Result<()>;
-    /// Accumulates `dwte[tokens[b,t],:] += dout[b,t,:]` and `dwpe[t,:] += dout[b,t,:]`.
+    /// Accumulates `dwte[tokens[b,t],:] += dout[b,t,:]` and, when given, `dwpe[t,:] += dout[b,t,:]`.
     fn encoder_backward(
         &mut self,
         dwte: Tensor,
-        dwpe: Tensor,
+        dwpe: Option<Tensor>,
         dout: Tensor,
         tokens: Tensor,
         batch: usize,
@@ -230,74 +372,30 @@ pub trait Backend {
         c: usize,
     ) -> Result<()>;
 
-    /// Layer normalisation of each row: `out = (inp − mean)·rstd·weight + bias`; saves `mean` and `rstd` per row.
-    fn layernorm_forward(
-        &mut self,
-        out: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        rows: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// `residual = a + b`, then `out = layernorm(residual)`: the residual add and the next block's normalisation
-    /// in one pass over memory.
-    fn residual_layernorm_forward(
-        &mut self,
-        residual: Tensor,
-        out: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        a: Tensor,
-        b: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        rows: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// Backward of [`Backend::layernorm_forward`]. Accumulates into `dinp` (it is the residual stream's gradient,
-    /// which the layer adds to), `dweight` and `dbias`.
-    fn layernorm_backward(
-        &mut self,
-        dinp: Tensor,
-        dweight: Tensor,
-        dbias: Tensor,
-        dout: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        rows: usize,
-        c: usize,
-    ) -> Result<()>;
+    /// Normalises each row (see [`NormKind`]), saving its statistics for the backward pass; with
+    /// [`NormForward::residual`], the row normalised is the residual add in front of it, which is written too.
+    fn norm_forward(&mut self, op: NormForward) -> Result<()>;
+    /// Backward of [`Backend::norm_forward`]. Accumulates into `dinp` (it is the residual stream's gradient, which
+    /// the layer adds to), `dweight` and `dbias`.
+    fn norm_backward(&mut self, op: NormBackward) -> Result<()>;
 
     /// `out = inp · weightᵀ + bias`. With `gelu_pre`, the product plus bias is saved there and `out` receives
     /// `gelu(product + bias)` (tanh approximation), as a fused epilogue would produce it.
-    fn matmul_forward(
-        &mut self,
-        out: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        bias: Option<Tensor>,
-        gelu_pre: Option<Tensor>,
-        d: MatmulDims,
-    ) -> Result<()>;
+    fn matmul_forward(&mut self, op: MatmulForward) -> Result<()>;
     /// Backward of a linear layer: `dinp = dout · weight` (overwritten), `dweight += doutᵀ · inp`,
     /// `dbias += Σ_rows dout`. With `gelu_pre` (the pre-activation of the GELU that produced `inp`), `dinp` is
     /// multiplied by `gelu'(gelu_pre)`, so it is the gradient of that pre-activation.
-    fn matmul_backward(
-        &mut self,
-        dinp: Tensor,
-        dweight: Tensor,
-        dbias: Option<Tensor>,
-        dout: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        gelu_pre: Option<Tensor>,
-        d: MatmulDims,
-    ) -> Result<()>;
+    fn matmul_backward(&mut self, op: MatmulBackward) -> Result<()>;
+
+    /// SwiGLU: `out = silu(gate) ⊙ up` for each row of `inp` = `[gate | up]` (`(rows, 2·ffn)`, as one fused product
+    /// of the gate and up projections writes it), `silu(x) = x·σ(x)`; `out` is `(rows, ffn)`.
+    fn swiglu_forward(&mut self, out: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()>;
+    /// Backward of [`Backend::swiglu_forward`]: writes `dinp` (`(rows, 2·ffn)`, overwritten) from `dout` and the
+    /// forward's `inp`: `dgate = dout ⊙ up ⊙ silu'(gate)`, `dup = dout ⊙ silu(gate)`.
+    fn swiglu_backward(&mut self, dinp: Tensor, dout: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()>;
+
+    /// Rotates the queries and keys of a packed `qkv` activation in place by their positions (see [`Rotary`]).
+    fn rope(&mut self, op: Rotary) -> Result<()>;
 
     /// Self-attention: `out` (`(batch·time, heads·head_dim)`) from `qkv`, with the log-sum-exp of every row of
     /// scaled scores saved in `lse` (`(batch, heads, time)`) for the backward pass.

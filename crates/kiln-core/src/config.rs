@@ -36,11 +36,44 @@ pub struct Config {
     pub dist: DistConfig,
 }
 
+/// The family of a model: which normalisation, positions and MLP its blocks use (see `kiln_model::ModelSpec`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
+    /// GPT-2: layer norm, learned positions, a GELU MLP, biases, the LM head tied to the token embedding.
     #[default]
     Gpt2,
+    /// Llama-style: RMS norm, rotary positions, a SwiGLU MLP, grouped-query attention, no biases.
+    Llama,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Gpt2 => "gpt2",
+            Arch::Llama => "llama",
+        }
+    }
+}
+
+/// Llama 3's rescaling of rotary frequencies for contexts longer than the model was first trained on: wavelengths
+/// shorter than `original_max_position_embeddings / high_freq_factor` are kept, those longer than
+/// `original_max_position_embeddings / low_freq_factor` are divided by `factor`, and those between are interpolated.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    #[serde(rename = "type")]
+    pub kind: RopeScalingKind,
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeScalingKind {
+    Llama3,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,8 +84,26 @@ pub struct ModelConfig {
     pub n_layer: usize,
     pub n_head: usize,
     pub n_embd: usize,
-    /// Longest sequence the model sees (the number of learned positions).
+    /// Longest sequence the model sees (for GPT-2, the number of learned positions).
     pub block_size: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_head`); [`ModelConfig::resolve`] fills in the
+    /// defaults of this and the keys below it that the family has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_head: Option<usize>,
+    /// Width of the MLP's hidden layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_dim: Option<usize>,
+    /// ε of every normalisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_eps: Option<f64>,
+    /// Whether the LM head is the token embedding (transposed) or a matrix of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_embeddings: Option<bool>,
+    /// Base of the rotary frequencies (rotary positions only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     /// Initial weights: absent for a fresh random model, `hf:DIR` for a Hugging Face GPT-2 directory
     /// (`model.safetensors`), `llmc:FILE` for llm.c's `gpt2_124M.bin` format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,6 +112,73 @@ pub struct ModelConfig {
     /// comparison; fp32 runs always use them). The CPU engine has one implementation.
     #[serde(default)]
     pub attention: AttentionKernel,
+}
+
+impl ModelConfig {
+    /// Key/value heads: as many as query heads unless set.
+    pub fn n_kv_head(&self) -> usize {
+        self.n_kv_head.unwrap_or(self.n_head)
+    }
+
+    /// The MLP's width: GPT-2's 4·n_embd; for a SwiGLU MLP (three matrices instead of two) 8/3·n_embd rounded up to
+    /// a multiple of 64, about the same number of weights, as Llama sizes it.
+    pub fn ffn_dim(&self) -> usize {
+        self.ffn_dim.unwrap_or(match self.arch {
+            Arch::Gpt2 => 4 * self.n_embd,
+            Arch::Llama => (8 * self.n_embd).div_ceil(3).next_multiple_of(64),
+        })
+    }
+
+    pub fn norm_eps(&self) -> f64 {
+        self.norm_eps.unwrap_or(1e-5)
+    }
+
+    /// GPT-2 ties its LM head to the token embedding; Llama-style models (like transformers' LlamaConfig) do not
+    /// unless told.
+    pub fn tie_embeddings(&self) -> bool {
+        self.tie_embeddings.unwrap_or(self.arch == Arch::Gpt2)
+    }
+
+    /// The base of the rotary frequencies, for a family with rotary positions: Llama 2's 10,000 unless set.
+    pub fn rope_theta(&self) -> Option<f64> {
+        match self.arch {
+            Arch::Gpt2 => None,
+            Arch::Llama => Some(self.rope_theta.unwrap_or(10_000.0)),
+        }
+    }
+
+    /// Writes every key's default into the config, so that a saved config states the whole model.
+    fn resolve(&mut self) {
+        self.n_kv_head = Some(self.n_kv_head());
+        self.ffn_dim = Some(self.ffn_dim());
+        self.norm_eps = Some(self.norm_eps());
+        self.tie_embeddings = Some(self.tie_embeddings());
+        self.rope_theta = self.rope_theta();
+    }
+
+    /// Keys that the family does not have, or values it cannot take, as `(key, message)`.
+    fn family_problem(&self) -> Option<(&'static str, String)> {
+        let learned = "GPT-2 learns its positions; rotary positions are model.arch = \"llama\"'s";
+        match self.arch {
+            Arch::Gpt2 if self.rope_theta.is_some() => Some(("model.rope_theta", format!("does not apply: {learned}"))),
+            Arch::Gpt2 if self.rope_scaling.is_some() => {
+                Some(("model.rope_scaling", format!("does not apply: {learned}")))
+            }
+            Arch::Gpt2 if self.n_kv_head.is_some_and(|k| k != self.n_head) => Some((
+                "model.n_kv_head",
+                format!("must equal model.n_head (= {}): GPT-2 has no grouped-query attention", self.n_head),
+            )),
+            Arch::Llama if self.n_head > 0 && (self.n_embd / self.n_head) % 2 != 0 => Some((
+                "model.n_embd",
+                format!(
+                    "must give an even head dimension (model.n_embd / model.n_head = {}): rotary positions rotate \
+                     pairs of channels",
+                    self.n_embd / self.n_head
+                ),
+            )),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +390,7 @@ impl Config {
             Error::config(source_of(&key), key, message)
         })?;
         config.validate(source_of)?;
+        config.model.resolve();
         config.train.total_batch_tokens = Some(config.total_batch_tokens());
         Ok(config)
     }
@@ -327,6 +446,36 @@ impl Config {
             ),
             (m.block_size >= 1, "model.block_size", "must be at least 1".to_string()),
             (
+                m.n_kv_head() >= 1 && divides(m.n_head, m.n_kv_head()),
+                "model.n_kv_head",
+                format!("must be at least 1 and divide model.n_head (= {})", m.n_head),
+            ),
+            (m.ffn_dim() >= 1, "model.ffn_dim", "must be at least 1".to_string()),
+            (
+                m.norm_eps().is_finite() && m.norm_eps() > 0.0,
+                "model.norm_eps",
+                "must be a finite number above 0".to_string(),
+            ),
+            (
+                m.rope_theta.is_none_or(|t| t.is_finite() && t > 1.0),
+                "model.rope_theta",
+                "must be a finite number above 1".to_string(),
+            ),
+            (
+                m.rope_scaling.is_none_or(|r| {
+                    r.factor.is_finite()
+                        && r.factor >= 1.0
+                        && r.low_freq_factor.is_finite()
+                        && r.low_freq_factor > 0.0
+                        && r.high_freq_factor.is_finite()
+                        && r.high_freq_factor > r.low_freq_factor
+                        && r.original_max_position_embeddings >= 1
+                }),
+                "model.rope_scaling",
+                "needs factor ≥ 1, 0 < low_freq_factor < high_freq_factor and original_max_position_embeddings ≥ 1"
+                    .to_string(),
+            ),
+            (
                 m.init.as_deref().is_none_or(|i| i.starts_with("hf:") || i.starts_with("llmc:")),
                 "model.init",
                 "must be hf:DIR or llmc:FILE".to_string(),
@@ -380,8 +529,11 @@ impl Config {
             ),
             (self.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".to_string()),
         ];
-        match checks.into_iter().find(|(ok, _, _)| !ok) {
-            Some((_, key, message)) => Err(Error::config(source_of(key), key, message)),
+        if let Some((_, key, message)) = checks.into_iter().find(|(ok, _, _)| !ok) {
+            return Err(Error::config(source_of(key), key, message));
+        }
+        match m.family_problem() {
+            Some((key, message)) => Err(Error::config(source_of(key), key, message)),
             None => Ok(()),
         }
     }
@@ -703,7 +855,14 @@ mod tests {
             }
         }
         // Every optional key set, so that each one is serialized.
-        let all = set(&["model.init=\"hf:x\"", "data.val=\"v.txt\"", "train.total_batch_tokens=3328"]);
+        let all = set(&[
+            "model.arch=llama",
+            "model.rope_scaling={ type = \"llama3\", factor = 8.0, low_freq_factor = 1.0, high_freq_factor = 4.0, \
+             original_max_position_embeddings = 64 }",
+            "model.init=\"hf:x\"",
+            "data.val=\"v.txt\"",
+            "train.total_batch_tokens=3328",
+        ]);
         let config = Config::load(None, &all).unwrap();
         let table = toml::Table::try_from(&config).unwrap();
         let mut keys = std::collections::BTreeSet::new();
@@ -713,6 +872,57 @@ mod tests {
             }
         }
         assert_eq!(documented, keys);
+    }
+
+    #[test]
+    fn each_family_fills_in_its_own_defaults() {
+        let gpt2 = Config::from_toml_str(MINIMAL, "my.toml", &[]).unwrap().model;
+        assert_eq!(
+            (gpt2.n_kv_head, gpt2.ffn_dim, gpt2.norm_eps, gpt2.tie_embeddings, gpt2.rope_theta),
+            (Some(4), Some(512), Some(1e-5), Some(true), None)
+        );
+        let llama = Config::from_toml_str(MINIMAL, "my.toml", &set(&["model.arch=llama"])).unwrap().model;
+        // 8/3 · 128 = 341.3, up to a multiple of 64.
+        assert_eq!(
+            (llama.n_kv_head, llama.ffn_dim, llama.tie_embeddings, llama.rope_theta),
+            (Some(4), Some(384), Some(false), Some(10_000.0))
+        );
+        let text = Config::from_toml_str(MINIMAL, "my.toml", &set(&["model.arch=llama", "model.n_kv_head=2"]))
+            .unwrap()
+            .to_toml_string();
+        assert!(text.contains("n_kv_head = 2") && text.contains("rope_theta = 10000.0"), "{text}");
+    }
+
+    #[test]
+    fn keys_a_family_does_not_have_are_errors() {
+        let (source, key, message) =
+            config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&["model.rope_theta=500000"])));
+        assert_eq!((source.as_str(), key.as_str()), ("--set", "model.rope_theta"));
+        assert!(message.contains("GPT-2 learns its positions"), "{message}");
+        let text = MINIMAL.replace("[model]\n", "[model]\nn_kv_head = 2\n");
+        let (source, key, _) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "model.n_kv_head"));
+        let llama = |more: &[&str]| {
+            let mut all = vec!["model.arch=llama"];
+            all.extend(more);
+            config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&all))).1
+        };
+        assert_eq!(llama(&["model.n_kv_head=3"]), "model.n_kv_head");
+        assert_eq!(llama(&["model.n_head=8", "model.n_embd=40"]), "model.n_embd");
+        assert_eq!(llama(&["model.rope_theta=0.5"]), "model.rope_theta");
+        assert_eq!(llama(&["model.norm_eps=0"]), "model.norm_eps");
+        assert_eq!(
+            llama(&[
+                "model.rope_scaling={ type = \"llama3\", factor = 0.5, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_position_embeddings = 64 }"
+            ]),
+            "model.rope_scaling"
+        );
+        assert_eq!(
+            llama(&[
+                "model.rope_scaling={ type = \"yarn\", factor = 2.0, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_position_embeddings = 64 }"
+            ]),
+            "model.rope_scaling.type"
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@ pub mod config;
 pub mod error;
 pub mod pieces;
 
-pub use backend::{AdamWStep, AttentionDims, Backend, MatmulDims, Role, Tensor};
+pub use backend::{
+    AdamWStep, AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims, NormForward,
+    NormKind, ResidualAdd, Role, Rotary, Tensor,
+};
 pub use comm::Communicator;
 pub use config::Config;
 pub use error::{Error, Result};

@@ -9,13 +9,18 @@ mod adamw;
 mod attention;
 mod classifier;
 mod encoder;
-mod layernorm;
 pub mod math;
 mod matmul;
+mod norm;
+mod rope;
+mod swiglu;
 
 use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap};
 use kiln_core::pieces::Pieces;
-use kiln_core::{AdamWStep, AttentionDims, Backend, Error, MatmulDims, Result, Role, Tensor};
+use kiln_core::{
+    AdamWStep, AttentionDims, Backend, Error, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormForward,
+    Result, Role, Rotary, Tensor,
+};
 use math::Real;
 use rayon::prelude::*;
 
@@ -250,28 +255,31 @@ impl<T: Real> Backend for CpuBackend<T> {
         out: Tensor,
         tokens: Tensor,
         wte: Tensor,
-        wpe: Tensor,
+        wpe: Option<Tensor>,
         batch: usize,
         time: usize,
         c: usize,
     ) -> Result<()> {
         let op = "encoder_forward";
         let vocab = wte.len / c.max(1);
-        self.check(op, &[(out, batch * time * c)], &[(wte, vocab * c), (wpe, wpe.len / c.max(1) * c)])?;
+        let positions = wpe.map_or(0, |p| p.len / c.max(1));
+        self.check(op, &[(out, batch * time * c)], &[(wte, vocab * c), optional(wpe, positions * c)])?;
         self.check_index(op, tokens, batch * time)?;
         self.check_tokens(op, tokens, vocab, false)?;
-        if time * c > wpe.len {
-            return Err(self.invalid(op, format!("{time} positions but only {} learned", wpe.len / c.max(1))));
+        if wpe.is_some() && time > positions {
+            return Err(self.invalid(op, format!("{time} positions but only {positions} learned")));
         }
         // SAFETY: checked above.
-        unsafe { encoder::forward(self.write(out), self.indices(tokens), self.read(wte), self.read(wpe), time, c) };
+        unsafe {
+            encoder::forward(self.write(out), self.indices(tokens), self.read(wte), wpe.map(|p| self.read(p)), time, c)
+        };
         Ok(())
     }
 
     fn encoder_backward(
         &mut self,
         dwte: Tensor,
-        dwpe: Tensor,
+        dwpe: Option<Tensor>,
         dout: Tensor,
         tokens: Tensor,
         batch: usize,
@@ -280,106 +288,94 @@ impl<T: Real> Backend for CpuBackend<T> {
     ) -> Result<()> {
         let op = "encoder_backward";
         let vocab = dwte.len / c.max(1);
-        self.check(op, &[(dwte, vocab * c), (dwpe, dwpe.len / c.max(1) * c)], &[(dout, batch * time * c)])?;
+        let positions = dwpe.map_or(0, |p| p.len / c.max(1));
+        self.check(op, &[(dwte, vocab * c), optional(dwpe, positions * c)], &[(dout, batch * time * c)])?;
         self.check_index(op, tokens, batch * time)?;
         self.check_tokens(op, tokens, vocab, false)?;
-        if time * c > dwpe.len {
-            return Err(self.invalid(op, format!("{time} positions but only {} learned", dwpe.len / c.max(1))));
+        if dwpe.is_some() && time > positions {
+            return Err(self.invalid(op, format!("{time} positions but only {positions} learned")));
         }
         // SAFETY: checked above.
         unsafe {
-            encoder::backward(self.write(dwte), self.write(dwpe), self.read(dout), self.indices(tokens), time, c)
+            encoder::backward(
+                self.write(dwte),
+                dwpe.map(|p| self.write(p)),
+                self.read(dout),
+                self.indices(tokens),
+                time,
+                c,
+            )
         };
         Ok(())
     }
 
-    fn layernorm_forward(
-        &mut self,
-        out: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        let n = rows * c;
-        self.check("layernorm_forward", &[(out, n), (mean, rows), (rstd, rows)], &[(inp, n), (weight, c), (bias, c)])?;
-        // SAFETY: checked above.
-        unsafe {
-            let stats = layernorm::Stats { mean: self.write(mean), rstd: self.write(rstd) };
-            layernorm::forward(self.write(out), stats, self.read(inp), self.read(weight), self.read(bias), c);
+    fn norm_forward(&mut self, op: NormForward) -> Result<()> {
+        let name = "norm_forward";
+        let NormForward { out, mean, rstd, inp, residual, weight, bias, d } = op;
+        if let Some(problem) = d.operand_problem(mean, bias) {
+            return Err(self.invalid(name, problem));
         }
-        Ok(())
-    }
-
-    fn residual_layernorm_forward(
-        &mut self,
-        residual: Tensor,
-        out: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        a: Tensor,
-        b: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        let n = rows * c;
+        let (rows, c, n) = (d.rows, d.c, d.rows * d.c);
+        let sum = residual.map(|r| r.sum);
+        let other = residual.map(|r| r.other);
         self.check(
-            "residual_layernorm_forward",
-            &[(residual, n), (out, n), (mean, rows), (rstd, rows)],
-            &[(a, n), (b, n), (weight, c), (bias, c)],
+            name,
+            &[(out, n), optional(mean, rows), (rstd, rows), optional(sum, n)],
+            &[(inp, n), optional(other, n), (weight, c), optional(bias, c)],
         )?;
+        // RMS normalisation has no mean to save: the rows' means go to working memory no one reads.
+        let mut unused_mean = if mean.is_none() { self.scratch(rows) } else { Vec::new() };
         // SAFETY: checked above.
         unsafe {
-            let stats = layernorm::Stats { mean: self.write(mean), rstd: self.write(rstd) };
-            layernorm::residual_forward(
-                self.write(residual),
+            let stats = norm::Stats {
+                mean: match mean {
+                    Some(m) => self.write(m),
+                    None => &mut unused_mean,
+                },
+                rstd: self.write(rstd),
+            };
+            let residual = residual.map(|r| (self.read(r.other), self.write(r.sum)));
+            norm::forward(
                 self.write(out),
                 stats,
-                self.read(a),
-                self.read(b),
+                self.read(inp),
+                residual,
                 self.read(weight),
-                self.read(bias),
+                bias.map(|b| self.read(b)),
                 c,
+                T::from_f32(d.eps),
             );
+        }
+        if mean.is_none() {
+            self.scratch = unused_mean;
         }
         Ok(())
     }
 
-    fn layernorm_backward(
-        &mut self,
-        dinp: Tensor,
-        dweight: Tensor,
-        dbias: Tensor,
-        dout: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        let n = rows * c;
+    fn norm_backward(&mut self, op: NormBackward) -> Result<()> {
+        let name = "norm_backward";
+        let NormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, d } = op;
+        if let Some(problem) = d.operand_problem(mean, dbias) {
+            return Err(self.invalid(name, problem));
+        }
+        let (rows, c, n) = (d.rows, d.c, d.rows * d.c);
         self.check(
-            "layernorm_backward",
-            &[(dinp, n), (dweight, c), (dbias, c)],
-            &[(dout, n), (inp, n), (weight, c), (mean, rows), (rstd, rows)],
+            name,
+            &[(dinp, n), (dweight, c), optional(dbias, c)],
+            &[(dout, n), (inp, n), (weight, c), optional(mean, rows), (rstd, rows)],
         )?;
         let mut scratch = std::mem::take(&mut self.scratch);
         // SAFETY: checked above.
         unsafe {
-            layernorm::backward(
+            norm::backward(
+                d.kind,
                 self.write(dinp),
                 self.write(dweight),
-                self.write(dbias),
+                dbias.map(|b| self.write(b)),
                 self.read(dout),
                 self.read(inp),
                 self.read(weight),
-                self.read(mean),
+                mean.map_or(&[][..], |m| self.read(m)),
                 self.read(rstd),
                 c,
                 &mut scratch,
@@ -389,15 +385,8 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn matmul_forward(
-        &mut self,
-        out: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        bias: Option<Tensor>,
-        gelu_pre: Option<Tensor>,
-        d: MatmulDims,
-    ) -> Result<()> {
+    fn matmul_forward(&mut self, op: MatmulForward) -> Result<()> {
+        let MatmulForward { out, inp, weight, bias, gelu_pre, d } = op;
         let MatmulDims { rows, c_in, c_out } = d;
         self.check(
             "matmul_forward",
@@ -418,17 +407,8 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn matmul_backward(
-        &mut self,
-        dinp: Tensor,
-        dweight: Tensor,
-        dbias: Option<Tensor>,
-        dout: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        gelu_pre: Option<Tensor>,
-        d: MatmulDims,
-    ) -> Result<()> {
+    fn matmul_backward(&mut self, op: MatmulBackward) -> Result<()> {
+        let MatmulBackward { dinp, dweight, dbias, dout, inp, weight, gelu_pre, d } = op;
         let MatmulDims { rows, c_in, c_out } = d;
         self.check(
             "matmul_backward",
@@ -448,6 +428,33 @@ impl<T: Real> Backend for CpuBackend<T> {
                 d,
             );
         }
+        Ok(())
+    }
+
+    fn swiglu_forward(&mut self, out: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()> {
+        self.check("swiglu_forward", &[(out, rows * ffn)], &[(inp, rows * 2 * ffn)])?;
+        // SAFETY: checked above.
+        unsafe { swiglu::forward(self.write(out), self.read(inp), ffn) };
+        Ok(())
+    }
+
+    fn swiglu_backward(&mut self, dinp: Tensor, dout: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()> {
+        self.check("swiglu_backward", &[(dinp, rows * 2 * ffn)], &[(dout, rows * ffn), (inp, rows * 2 * ffn)])?;
+        // SAFETY: checked above.
+        unsafe { swiglu::backward(self.write(dinp), self.read(dout), self.read(inp), ffn) };
+        Ok(())
+    }
+
+    fn rope(&mut self, op: Rotary) -> Result<()> {
+        let name = "rope";
+        if let Some(problem) = op.problem() {
+            return Err(self.invalid(name, problem));
+        }
+        let d = op.d;
+        // The rotated activation is read and written by this one operand; the table is only read.
+        self.check(name, &[(op.qkv, d.batch * d.time * d.qkv_width())], &[(op.table, op.table.len)])?;
+        // SAFETY: checked above.
+        unsafe { rope::apply(self.write(op.qkv), self.read(op.table), &op) };
         Ok(())
     }
 

@@ -3,7 +3,10 @@
 //! backward pass receives `R` as the output gradient.
 
 use kiln_core::backend::IGNORE_TARGET;
-use kiln_core::{AdamWStep, AttentionDims, Backend, MatmulDims, Role, Tensor};
+use kiln_core::{
+    AdamWStep, AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims, NormForward,
+    NormKind, ResidualAdd, Role, Rotary, Tensor,
+};
 use kiln_cpu::CpuBackend;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -77,6 +80,74 @@ impl Fixture {
     }
 }
 
+/// A normalisation's operands: its output and statistics (a mean only for layer normalisation), input, weight and
+/// bias (layer normalisation only).
+#[derive(Clone, Copy)]
+struct Norm {
+    out: Tensor,
+    mean: Option<Tensor>,
+    rstd: Tensor,
+    inp: Tensor,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    d: NormDims,
+}
+
+impl Norm {
+    fn new(f: &mut Fixture, kind: NormKind, rows: usize, c: usize) -> Self {
+        let layer = kind == NormKind::Layer;
+        Norm {
+            out: f.zeros(rows * c),
+            mean: layer.then(|| f.zeros(rows)),
+            rstd: f.zeros(rows),
+            inp: f.random(rows * c, 2.0),
+            weight: f.random(c, 1.0),
+            bias: layer.then(|| f.random(c, 1.0)),
+            d: NormDims { rows, c, kind, eps: 1e-5 },
+        }
+    }
+
+    fn forward(&self, f: &mut Fixture, residual: Option<ResidualAdd>) {
+        let Norm { out, mean, rstd, inp, weight, bias, d } = *self;
+        f.b.norm_forward(NormForward { out, mean, rstd, inp, residual, weight, bias, d }).unwrap();
+    }
+
+    /// Backward into fresh gradients of the weight and bias, accumulating into `dinp`; returns them.
+    fn backward(&self, f: &mut Fixture, dinp: Tensor, dout: Tensor) -> (Tensor, Option<Tensor>) {
+        let (dweight, dbias) = (f.zeros(self.d.c), self.bias.map(|_| f.zeros(self.d.c)));
+        let Norm { inp, weight, mean, rstd, d, .. } = *self;
+        f.b.norm_backward(NormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, d }).unwrap();
+        (dweight, dbias)
+    }
+}
+
+fn matmul(
+    f: &mut Fixture,
+    out: Tensor,
+    inp: Tensor,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    gelu_pre: Option<Tensor>,
+    d: MatmulDims,
+) {
+    f.b.matmul_forward(MatmulForward { out, inp, weight, bias, gelu_pre, d }).unwrap();
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_backward(
+    f: &mut Fixture,
+    dinp: Tensor,
+    dweight: Tensor,
+    dbias: Option<Tensor>,
+    dout: Tensor,
+    inp: Tensor,
+    weight: Tensor,
+    gelu_pre: Option<Tensor>,
+    d: MatmulDims,
+) {
+    f.b.matmul_backward(MatmulBackward { dinp, dweight, dbias, dout, inp, weight, gelu_pre, d }).unwrap();
+}
+
 #[test]
 fn encoder_gradients() {
     let (batch, time, c, vocab) = (3, 5, 7, 11);
@@ -88,76 +159,192 @@ fn encoder_gradients() {
     let out = f.zeros(batch * time * c);
     let r = f.random(batch * time * c, 1.0);
     let (dwte, dwpe) = (f.zeros(vocab * c), f.zeros(time * c));
-    f.b.encoder_forward(out, tokens, wte, wpe, batch, time, c).unwrap();
-    f.b.encoder_backward(dwte, dwpe, r, tokens, batch, time, c).unwrap();
+    f.b.encoder_forward(out, tokens, wte, Some(wpe), batch, time, c).unwrap();
+    f.b.encoder_backward(dwte, Some(dwpe), r, tokens, batch, time, c).unwrap();
     let loss = |f: &mut Fixture| {
-        f.b.encoder_forward(out, tokens, wte, wpe, batch, time, c).unwrap();
+        f.b.encoder_forward(out, tokens, wte, Some(wpe), batch, time, c).unwrap();
         f.dot(out, r)
     };
     let (gte, gpe) = (f.values(dwte), f.values(dwpe));
     f.check("dwte", wte, &gte, loss);
     f.check("dwpe", wpe, &gpe, loss);
+    // Without learned positions (rotary models) the output is the token's row alone.
+    let dwte_alone = f.zeros(vocab * c);
+    f.b.encoder_forward(out, tokens, wte, None, batch, time, c).unwrap();
+    let (e, table) = (f.values(out), f.values(wte));
+    for (row, &id) in ids.iter().enumerate() {
+        assert_eq!(e[row * c..][..c], table[id as usize * c..][..c]);
+    }
+    f.b.encoder_backward(dwte_alone, None, r, tokens, batch, time, c).unwrap();
+    assert_eq!(f.values(dwte_alone), gte);
 }
 
 #[test]
-fn layernorm_gradients() {
-    let (rows, c) = (37, 19);
-    let mut f = Fixture::new(2);
-    let inp = f.random(rows * c, 2.0);
-    let w = f.random(c, 1.0);
-    let bias = f.random(c, 1.0);
-    let (out, mean, rstd) = (f.zeros(rows * c), f.zeros(rows), f.zeros(rows));
-    let r = f.random(rows * c, 1.0);
-    let (dinp, dw, db) = (f.zeros(rows * c), f.zeros(c), f.zeros(c));
-    f.b.layernorm_forward(out, mean, rstd, inp, w, bias, rows, c).unwrap();
-    f.b.layernorm_backward(dinp, dw, db, r, inp, w, mean, rstd, rows, c).unwrap();
-    let loss = |f: &mut Fixture| {
-        f.b.layernorm_forward(out, mean, rstd, inp, w, bias, rows, c).unwrap();
-        f.dot(out, r)
+fn norm_gradients() {
+    for kind in [NormKind::Layer, NormKind::Rms] {
+        let (rows, c) = (37, 19);
+        let mut f = Fixture::new(2);
+        let norm = Norm::new(&mut f, kind, rows, c);
+        let r = f.random(rows * c, 1.0);
+        let dinp = f.zeros(rows * c);
+        norm.forward(&mut f, None);
+        let (dw, db) = norm.backward(&mut f, dinp, r);
+        let loss = |f: &mut Fixture| {
+            norm.forward(f, None);
+            f.dot(norm.out, r)
+        };
+        let (gi, gw) = (f.values(dinp), f.values(dw));
+        f.check(&format!("{kind:?} dinp"), norm.inp, &gi, loss);
+        f.check(&format!("{kind:?} dweight"), norm.weight, &gw, loss);
+        if let (Some(bias), Some(db)) = (norm.bias, db) {
+            let gb = f.values(db);
+            f.check("dbias", bias, &gb, loss);
+        }
+    }
+}
+
+#[test]
+fn rms_norm_is_x_over_its_root_mean_square_times_the_weight() {
+    let (rows, c) = (3, 7);
+    let mut f = Fixture::new(14);
+    let norm = Norm::new(&mut f, NormKind::Rms, rows, c);
+    norm.forward(&mut f, None);
+    let (x, w, y) = (f.values(norm.inp), f.values(norm.weight), f.values(norm.out));
+    for row in 0..rows {
+        let x = &x[row * c..][..c];
+        let rms = (x.iter().map(|v| v * v).sum::<f64>() / c as f64 + 1e-5).sqrt();
+        for j in 0..c {
+            assert!((y[row * c + j] - x[j] / rms * w[j]).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn norm_backward_accumulates_into_the_residual_gradient() {
+    for kind in [NormKind::Layer, NormKind::Rms] {
+        let (rows, c) = (5, 9);
+        let mut f = Fixture::new(3);
+        let norm = Norm::new(&mut f, kind, rows, c);
+        let r = f.random(rows * c, 1.0);
+        norm.forward(&mut f, None);
+        let fresh = f.zeros(rows * c);
+        norm.backward(&mut f, fresh, r);
+        let prior = f.random(rows * c, 1.0);
+        let before = f.values(prior);
+        norm.backward(&mut f, prior, r);
+        let (after, grad) = (f.values(prior), f.values(fresh));
+        for i in 0..rows * c {
+            assert!((after[i] - (before[i] + grad[i])).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn residual_norm_equals_add_then_norm() {
+    for kind in [NormKind::Layer, NormKind::Rms] {
+        let (rows, c) = (13, 21);
+        let mut f = Fixture::new(4);
+        let fused = Norm::new(&mut f, kind, rows, c);
+        let (other, sum) = (f.random(rows * c, 1.0), f.zeros(rows * c));
+        fused.forward(&mut f, Some(ResidualAdd { other, sum }));
+        let (va, vb, vsum) = (f.values(fused.inp), f.values(other), f.values(sum));
+        for i in 0..rows * c {
+            assert_eq!(vsum[i], va[i] + vb[i]);
+        }
+        let separate = Norm { out: f.zeros(rows * c), inp: sum, ..Norm::new(&mut f, kind, rows, c) };
+        let separate = Norm { weight: fused.weight, bias: fused.bias, ..separate };
+        separate.forward(&mut f, None);
+        assert_eq!(f.values(fused.out), f.values(separate.out));
+        assert_eq!(f.values(fused.rstd), f.values(separate.rstd));
+    }
+}
+
+#[test]
+fn swiglu_gradients() {
+    let (rows, ffn) = (7, 11);
+    let mut f = Fixture::new(15);
+    let x = f.random(rows * 2 * ffn, 3.0);
+    let (y, r) = (f.zeros(rows * ffn), f.random(rows * ffn, 1.0));
+    // Poisoned: the backward pass overwrites every element.
+    let dx = f.random(rows * 2 * ffn, 1.0);
+    f.b.swiglu_forward(y, x, rows, ffn).unwrap();
+    let (xs, ys) = (f.values(x), f.values(y));
+    let silu = |v: f64| v / (1.0 + (-v).exp());
+    for row in 0..rows {
+        for j in 0..ffn {
+            let (gate, up) = (xs[row * 2 * ffn + j], xs[row * 2 * ffn + ffn + j]);
+            assert!((ys[row * ffn + j] - silu(gate) * up).abs() < 1e-12);
+        }
+    }
+    f.b.swiglu_backward(dx, r, x, rows, ffn).unwrap();
+    let g = f.values(dx);
+    f.check("dx", x, &g, |f| {
+        f.b.swiglu_forward(y, x, rows, ffn).unwrap();
+        f.dot(y, r)
+    });
+}
+
+#[test]
+fn rope_rotates_rotate_half_pairs_of_queries_and_keys_and_its_inverse_is_its_gradient() {
+    let d = AttentionDims { kv_heads: 2, ..AttentionDims::causal(2, 5, 4, 6) };
+    let (rows, w, half) = (d.batch * d.time, d.qkv_width(), d.head_dim / 2);
+    let (first_pos, positions) = (3, 9);
+    let mut f = Fixture::new(16);
+    // A real table: cos and sin of angles θ = p·freq[i].
+    let freqs = [1.0, 0.3, 0.01];
+    let table = f.zeros(2 * positions * half);
+    for p in 0..positions {
+        for i in 0..half {
+            let angle = p as f64 * freqs[i];
+            let t = f.b.values_mut(table).unwrap();
+            t[p * half + i] = angle.cos();
+            t[(positions + p) * half + i] = angle.sin();
+        }
+    }
+    let qkv = f.random(rows * w, 1.0);
+    let before = f.values(qkv);
+    let rope = |f: &mut Fixture, qkv: Tensor, inverse: bool| {
+        f.b.rope(Rotary { qkv, table, d, first_pos, inverse }).unwrap();
     };
-    let (gi, gw, gb) = (f.values(dinp), f.values(dw), f.values(db));
-    f.check("dinp", inp, &gi, loss);
-    f.check("dweight", w, &gw, loss);
-    f.check("dbias", bias, &gb, loss);
-}
-
-#[test]
-fn layernorm_backward_accumulates_into_the_residual_gradient() {
-    let (rows, c) = (5, 9);
-    let mut f = Fixture::new(3);
-    let inp = f.random(rows * c, 1.0);
-    let (w, bias) = (f.random(c, 1.0), f.random(c, 1.0));
-    let (out, mean, rstd) = (f.zeros(rows * c), f.zeros(rows), f.zeros(rows));
-    let r = f.random(rows * c, 1.0);
-    let (dw, db) = (f.zeros(c), f.zeros(c));
-    f.b.layernorm_forward(out, mean, rstd, inp, w, bias, rows, c).unwrap();
-    let fresh = f.zeros(rows * c);
-    f.b.layernorm_backward(fresh, dw, db, r, inp, w, mean, rstd, rows, c).unwrap();
-    let prior = f.random(rows * c, 1.0);
-    let before = f.values(prior);
-    f.b.layernorm_backward(prior, dw, db, r, inp, w, mean, rstd, rows, c).unwrap();
-    let (after, grad) = (f.values(prior), f.values(fresh));
-    for i in 0..rows * c {
-        assert!((after[i] - (before[i] + grad[i])).abs() < 1e-12);
+    rope(&mut f, qkv, false);
+    let after = f.values(qkv);
+    let rotated = (d.heads + d.kv_heads) * d.head_dim;
+    for row in 0..rows {
+        let p = first_pos + row % d.time;
+        for col in 0..w {
+            let (x, y) = (before[row * w + col], after[row * w + col]);
+            if col >= rotated {
+                assert_eq!(x, y, "values are not rotated");
+                continue;
+            }
+            let (i, head_start) = (col % d.head_dim, col - col % d.head_dim);
+            let angle = p as f64 * freqs[i % half];
+            let partner = before[row * w + head_start + (i + half) % d.head_dim];
+            let want = if i < half {
+                x * angle.cos() - partner * angle.sin()
+            } else {
+                x * angle.cos() + partner * angle.sin()
+            };
+            assert!((y - want).abs() < 1e-12, "row {row} column {col}: {y} vs {want}");
+        }
     }
-}
-
-#[test]
-fn residual_layernorm_equals_add_then_layernorm() {
-    let (rows, c) = (13, 21);
-    let mut f = Fixture::new(4);
-    let (a, b) = (f.random(rows * c, 1.0), f.random(rows * c, 1.0));
-    let (w, bias) = (f.random(c, 1.0), f.random(c, 1.0));
-    let (res, out, mean, rstd) = (f.zeros(rows * c), f.zeros(rows * c), f.zeros(rows), f.zeros(rows));
-    f.b.residual_layernorm_forward(res, out, mean, rstd, a, b, w, bias, rows, c).unwrap();
-    let (va, vb, vres) = (f.values(a), f.values(b), f.values(res));
-    for i in 0..rows * c {
-        assert_eq!(vres[i], va[i] + vb[i]);
+    rope(&mut f, qkv, true);
+    for (a, b) in f.values(qkv).iter().zip(&before) {
+        assert!((a - b).abs() < 1e-12, "the inverse rotation undoes the rotation");
     }
-    let (out2, mean2, rstd2) = (f.zeros(rows * c), f.zeros(rows), f.zeros(rows));
-    f.b.layernorm_forward(out2, mean2, rstd2, res, w, bias, rows, c).unwrap();
-    assert_eq!(f.values(out), f.values(out2));
-    assert_eq!(f.values(rstd), f.values(rstd2));
+    // The loss Σ rope(qkv)·R has gradient rope⁻¹(R).
+    let r = f.random(rows * w, 1.0);
+    let grad = f.zeros(rows * w);
+    let rv = f.values(r);
+    f.b.values_mut(grad).unwrap().copy_from_slice(&rv);
+    rope(&mut f, grad, true);
+    let (g, copy) = (f.values(grad), f.zeros(rows * w));
+    f.check("dqkv", qkv, &g, |f| {
+        let x = f.values(qkv);
+        f.b.values_mut(copy).unwrap().copy_from_slice(&x);
+        rope(f, copy, false);
+        f.dot(copy, r)
+    });
 }
 
 #[test]
@@ -173,14 +360,14 @@ fn matmul_and_fused_gelu_gradients() {
     let d1 = MatmulDims { rows, c_in: c, c_out: hidden };
     let d2 = MatmulDims { rows, c_in: hidden, c_out };
     let forward = |f: &mut Fixture| {
-        f.b.matmul_forward(h, x, w1, Some(b1), Some(pre), d1).unwrap();
-        f.b.matmul_forward(y, h, w2, Some(b2), None, d2).unwrap();
+        matmul(f, h, x, w1, Some(b1), Some(pre), d1);
+        matmul(f, y, h, w2, Some(b2), None, d2);
     };
     forward(&mut f);
     let (dpre, dx) = (f.zeros(rows * hidden), f.zeros(rows * c));
     let (dw1, db1, dw2, db2) = (f.zeros(hidden * c), f.zeros(hidden), f.zeros(c_out * hidden), f.zeros(c_out));
-    f.b.matmul_backward(dpre, dw2, Some(db2), r, h, w2, Some(pre), d2).unwrap();
-    f.b.matmul_backward(dx, dw1, Some(db1), dpre, x, w1, None, d1).unwrap();
+    matmul_backward(&mut f, dpre, dw2, Some(db2), r, h, w2, Some(pre), d2);
+    matmul_backward(&mut f, dx, dw1, Some(db1), dpre, x, w1, None, d1);
     let loss = |f: &mut Fixture| {
         forward(f);
         f.dot(y, r)
@@ -197,9 +384,9 @@ fn matmul_backward_accumulates_weight_gradients() {
     let mut f = Fixture::new(6);
     let (x, w, r) = (f.random(12, 1.0), f.random(6, 1.0), f.random(8, 1.0));
     let (dx, dw, db) = (f.zeros(12), f.zeros(6), f.zeros(2));
-    f.b.matmul_backward(dx, dw, Some(db), r, x, w, None, d).unwrap();
+    matmul_backward(&mut f, dx, dw, Some(db), r, x, w, None, d);
     let (once_w, once_b) = (f.values(dw), f.values(db));
-    f.b.matmul_backward(dx, dw, Some(db), r, x, w, None, d).unwrap();
+    matmul_backward(&mut f, dx, dw, Some(db), r, x, w, None, d);
     let (twice_w, twice_b) = (f.values(dw), f.values(db));
     for (a, b) in once_w.iter().chain(&once_b).zip(twice_w.iter().chain(&twice_b)) {
         assert!((2.0 * a - b).abs() < 1e-12);
@@ -399,33 +586,37 @@ fn bad_operands_are_errors_not_panics() {
     let buf = f.random(100, 1.0);
     let (w, bias) = (f.random(10, 1.0), f.random(10, 1.0));
     let stats = f.zeros(20);
+    let d = NormDims { rows: 5, c: 10, kind: NormKind::Layer, eps: 1e-5 };
+    let norm = |out: Tensor, inp: Tensor, mean: Option<Tensor>| NormForward {
+        out,
+        mean,
+        rstd: stats.slice(5, 5),
+        inp,
+        residual: None,
+        weight: w,
+        bias: Some(bias),
+        d,
+    };
     // Output overlapping the input.
-    let err = f.b.layernorm_forward(
-        buf.slice(0, 50),
-        stats.slice(0, 5),
-        stats.slice(5, 5),
-        buf.slice(40, 50),
-        w,
-        bias,
-        5,
-        10,
-    );
+    let err = f.b.norm_forward(norm(buf.slice(0, 50), buf.slice(40, 50), Some(stats.slice(0, 5))));
     assert!(err.unwrap_err().to_string().contains("overlaps"));
     // Wrong size.
-    let err = f.b.layernorm_forward(
-        buf.slice(0, 40),
-        stats.slice(0, 5),
-        stats.slice(5, 5),
-        buf.slice(50, 50),
-        w,
-        bias,
-        5,
-        10,
-    );
+    let err = f.b.norm_forward(norm(buf.slice(0, 40), buf.slice(50, 50), Some(stats.slice(0, 5))));
     assert!(err.unwrap_err().to_string().contains("expected 50"));
+    // Layer normalisation without a mean, and RMS normalisation with a bias.
+    let err = f.b.norm_forward(norm(buf.slice(0, 50), buf.slice(50, 50), None));
+    assert!(err.unwrap_err().to_string().contains("mean and a bias"));
+    let rms =
+        NormForward { d: NormDims { kind: NormKind::Rms, ..d }, ..norm(buf.slice(0, 50), buf.slice(50, 50), None) };
+    assert!(f.b.norm_forward(rms).unwrap_err().to_string().contains("mean and a bias"));
+    // A rotary table too short for the positions asked.
+    let d = AttentionDims::causal(1, 4, 1, 2);
+    let (qkv, table) = (f.random(4 * d.qkv_width(), 1.0), f.random(2 * 4, 1.0));
+    let err = f.b.rope(Rotary { qkv, table, d, first_pos: 1, inverse: false });
+    assert!(err.unwrap_err().to_string().contains("not all in a table"));
     // Token outside the vocabulary.
     let tokens = f.tokens(&[0, 99]);
     let (wte, wpe, out) = (f.random(40, 1.0), f.random(40, 1.0), f.zeros(20));
-    let err = f.b.encoder_forward(out, tokens, wte, wpe, 1, 2, 10);
+    let err = f.b.encoder_forward(out, tokens, wte, Some(wpe), 1, 2, 10);
     assert!(err.unwrap_err().to_string().contains("outside the vocabulary"));
 }

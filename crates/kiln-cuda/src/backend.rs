@@ -24,7 +24,10 @@ use cudarc::nvrtc::Ptx;
 use kiln_core::backend::{BufferId, first_overlap};
 use kiln_core::config::AttentionKernel;
 use kiln_core::pieces::Pieces;
-use kiln_core::{AdamWStep, AttentionDims, Backend, Error, MatmulDims, Result, Role, Tensor};
+use kiln_core::{
+    AdamWStep, AttentionDims, Backend, Error, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormForward,
+    NormKind, Result, Role, Rotary, Tensor,
+};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -683,17 +686,18 @@ impl Backend for CudaBackend {
         out: Tensor,
         tokens: Tensor,
         wte: Tensor,
-        wpe: Tensor,
+        wpe: Option<Tensor>,
         batch: usize,
         time: usize,
         c: usize,
     ) -> Result<()> {
         let op = "encoder_forward";
         let x = self.x();
-        self.disjoint(op, &[out], &[wte, wpe])?;
-        let (o, w, p) =
-            (self.ptr(op, out, x, batch * time * c)?, self.ptr(op, wte, x, wte.len)?, self.ptr(op, wpe, x, wpe.len)?);
-        if wpe.len < time * c {
+        self.disjoint_optional(op, &[Some(out)], &[Some(wte), wpe])?;
+        let (o, w) = (self.ptr(op, out, x, batch * time * c)?, self.ptr(op, wte, x, wte.len)?);
+        // No position table is a null pointer, which the kernel skips.
+        let p = wpe.map(|p| self.ptr(op, p, x, p.len)).transpose()?.unwrap_or(0);
+        if let Some(wpe) = wpe.filter(|p| p.len < time * c) {
             return Err(self.err(op, format!("{time} positions but only {} learned", wpe.len / c.max(1))));
         }
         let tok = self.ids(op, tokens, batch * time)?;
@@ -704,7 +708,7 @@ impl Backend for CudaBackend {
     fn encoder_backward(
         &mut self,
         dwte: Tensor,
-        dwpe: Tensor,
+        dwpe: Option<Tensor>,
         dout: Tensor,
         tokens: Tensor,
         batch: usize,
@@ -712,12 +716,15 @@ impl Backend for CudaBackend {
         c: usize,
     ) -> Result<()> {
         let op = "encoder_backward";
-        self.disjoint(op, &[dwte, dwpe], &[dout])?;
-        let (dw, dp) = (self.ptr(op, dwte, DType::F32, dwte.len)?, self.ptr(op, dwpe, DType::F32, dwpe.len)?);
+        self.disjoint_optional(op, &[Some(dwte), dwpe], &[Some(dout)])?;
+        let dw = self.ptr(op, dwte, DType::F32, dwte.len)?;
+        let dp = dwpe.map(|p| self.ptr(op, p, DType::F32, p.len)).transpose()?;
         let d = self.ptr(op, dout, self.x(), batch * time * c)?;
         let tok = self.ids(op, tokens, batch * time)?;
         let (bi, ti, ci) = (batch as i32, time as i32, c as i32);
-        launch!(self, "encoder_backward_wpe", elementwise(time * c), dp, d, bi, ti, ci)?;
+        if let Some(dp) = dp {
+            launch!(self, "encoder_backward_wpe", elementwise(time * c), dp, d, bi, ti, ci)?;
+        }
         let n = batch * time;
         if n == 0 || c == 0 {
             return Ok(());
@@ -733,78 +740,64 @@ impl Backend for CudaBackend {
         launch!(self, "encoder_backward_wte", grid(n * c.div_ceil(4), 256), dw, d, keys, rows, ni, ci)
     }
 
-    fn layernorm_forward(
-        &mut self,
-        out: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "layernorm_forward";
+    fn norm_forward(&mut self, op: NormForward) -> Result<()> {
+        let name = match (op.d.kind, op.residual.is_some()) {
+            (NormKind::Layer, false) => "layernorm_forward",
+            (NormKind::Layer, true) => "residual_layernorm_forward",
+            (NormKind::Rms, false) => "rmsnorm_forward",
+            (NormKind::Rms, true) => "residual_rmsnorm_forward",
+        };
+        let NormForward { out, mean, rstd, inp, residual, weight, bias, d } = op;
+        if let Some(problem) = d.operand_problem(mean, bias) {
+            return Err(self.err(name, problem));
+        }
         let x = self.x();
-        self.disjoint(op, &[out, mean, rstd], &[inp, weight, bias])?;
-        let (o, m, r) = (
-            self.ptr(op, out, x, rows * c)?,
-            self.ptr(op, mean, DType::F32, rows)?,
-            self.ptr(op, rstd, DType::F32, rows)?,
-        );
-        let (i, w, b) = (self.ptr(op, inp, x, rows * c)?, self.ptr(op, weight, x, c)?, self.ptr(op, bias, x, c)?);
-        let (n, ci) = (rows as i32, c as i32);
-        launch!(self, op, grid(rows * 32, 256), o, m, r, i, w, b, n, ci)
+        let (rows, c) = (d.rows, d.c);
+        let (sum, other) = (residual.map(|r| r.sum), residual.map(|r| r.other));
+        self.disjoint_optional(name, &[Some(out), mean, Some(rstd), sum], &[Some(inp), other, Some(weight), bias])?;
+        let (o, r) = (self.ptr(name, out, x, rows * c)?, self.ptr(name, rstd, DType::F32, rows)?);
+        let (i, w) = (self.ptr(name, inp, x, rows * c)?, self.ptr(name, weight, x, c)?);
+        let (n, ci, eps, cfg) = (rows as i32, c as i32, d.eps, grid(rows * 32, 256));
+        match (mean, bias, residual) {
+            (Some(mean), Some(bias), None) => {
+                let (m, b) = (self.ptr(name, mean, DType::F32, rows)?, self.ptr(name, bias, x, c)?);
+                launch!(self, name, cfg, o, m, r, i, w, b, n, ci, eps)
+            }
+            (Some(mean), Some(bias), Some(add)) => {
+                let (m, b) = (self.ptr(name, mean, DType::F32, rows)?, self.ptr(name, bias, x, c)?);
+                let (res, a) = (self.ptr(name, add.sum, x, rows * c)?, self.ptr(name, add.other, x, rows * c)?);
+                launch!(self, name, cfg, res, o, m, r, i, a, w, b, n, ci, eps)
+            }
+            (None, None, None) => launch!(self, name, cfg, o, r, i, w, n, ci, eps),
+            (None, None, Some(add)) => {
+                let (res, a) = (self.ptr(name, add.sum, x, rows * c)?, self.ptr(name, add.other, x, rows * c)?);
+                launch!(self, name, cfg, res, o, r, i, a, w, n, ci, eps)
+            }
+            _ => unreachable!("operand_problem accepts a mean and a bias together or neither"),
+        }
     }
 
-    fn residual_layernorm_forward(
-        &mut self,
-        residual: Tensor,
-        out: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        a: Tensor,
-        b: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "residual_layernorm_forward";
+    fn norm_backward(&mut self, op: NormBackward) -> Result<()> {
+        let name = "norm_backward";
+        let NormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, d } = op;
+        if let Some(problem) = d.operand_problem(mean, dbias) {
+            return Err(self.err(name, problem));
+        }
         let x = self.x();
-        self.disjoint(op, &[residual, out, mean, rstd], &[a, b, weight, bias])?;
-        let (res, o) = (self.ptr(op, residual, x, rows * c)?, self.ptr(op, out, x, rows * c)?);
-        let (m, r) = (self.ptr(op, mean, DType::F32, rows)?, self.ptr(op, rstd, DType::F32, rows)?);
-        let (pa, pb) = (self.ptr(op, a, x, rows * c)?, self.ptr(op, b, x, rows * c)?);
-        let (w, bi) = (self.ptr(op, weight, x, c)?, self.ptr(op, bias, x, c)?);
-        let (n, ci) = (rows as i32, c as i32);
-        launch!(self, op, grid(rows * 32, 256), res, o, m, r, pa, pb, w, bi, n, ci)
-    }
-
-    fn layernorm_backward(
-        &mut self,
-        dinp: Tensor,
-        dweight: Tensor,
-        dbias: Tensor,
-        dout: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "layernorm_backward";
-        let x = self.x();
-        self.disjoint(op, &[dinp, dweight, dbias], &[dout, inp, weight, mean, rstd])?;
-        let (di, dw, db) = (
-            self.ptr(op, dinp, x, rows * c)?,
-            self.ptr(op, dweight, DType::F32, c)?,
-            self.ptr(op, dbias, DType::F32, c)?,
-        );
-        let (d, i, w) =
-            (self.ptr(op, dout, x, rows * c)?, self.ptr(op, inp, x, rows * c)?, self.ptr(op, weight, x, c)?);
-        let (m, r) = (self.ptr(op, mean, DType::F32, rows)?, self.ptr(op, rstd, DType::F32, rows)?);
+        let (rows, c) = (d.rows, d.c);
+        self.disjoint_optional(
+            name,
+            &[Some(dinp), Some(dweight), dbias],
+            &[Some(dout), Some(inp), Some(weight), mean, Some(rstd)],
+        )?;
+        let (di, dw) = (self.ptr(name, dinp, x, rows * c)?, self.ptr(name, dweight, DType::F32, c)?);
+        // RMS normalisation's backward is layer normalisation's with a zero mean and no mean(g) term: the kernel
+        // takes a null mean and bias gradient for it.
+        let db = dbias.map(|b| self.ptr(name, b, DType::F32, c)).transpose()?.unwrap_or(0);
+        let (g, i, w) =
+            (self.ptr(name, dout, x, rows * c)?, self.ptr(name, inp, x, rows * c)?, self.ptr(name, weight, x, c)?);
+        let m = mean.map(|m| self.ptr(name, m, DType::F32, rows)).transpose()?.unwrap_or(0);
+        let r = self.ptr(name, rstd, DType::F32, rows)?;
         if rows == 0 || c == 0 {
             return Ok(());
         }
@@ -814,11 +807,11 @@ impl Backend for CudaBackend {
         let warp_bytes = 2 * c.max(1).next_multiple_of(8) * 4;
         let warps = (48 * 1024 / warp_bytes).clamp(1, 4);
         let blocks = rows.div_ceil(ROWS_PER_BLOCK);
-        let partials = self.scratch(op, blocks * 2 * c)?;
+        let partials = self.scratch(name, blocks * 2 * c)?;
         let (n, ci, rpb, nb) = (rows as i32, c as i32, ROWS_PER_BLOCK as i32, blocks as i32);
         let mut cfg = grid(blocks * warps * 32, (warps * 32) as u32);
         cfg.shared_mem_bytes = (warps * warp_bytes) as u32;
-        launch!(self, op, cfg, di, partials, d, i, w, m, r, n, ci, rpb)?;
+        launch!(self, "layernorm_backward", cfg, di, partials, g, i, w, m, r, n, ci, rpb)?;
         let sum = LaunchConfig {
             grid_dim: ((2 * c).div_ceil(LN_SUM_LANES as usize) as u32, 1, 1),
             block_dim: (LN_SUM_LANES * LN_SUM_ROWS, 1, 1),
@@ -827,15 +820,8 @@ impl Backend for CudaBackend {
         launch!(self, "layernorm_backward_sum", sum, dw, db, partials, nb, ci)
     }
 
-    fn matmul_forward(
-        &mut self,
-        out: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        bias: Option<Tensor>,
-        gelu_pre: Option<Tensor>,
-        d: MatmulDims,
-    ) -> Result<()> {
+    fn matmul_forward(&mut self, op: MatmulForward) -> Result<()> {
+        let MatmulForward { out, inp, weight, bias, gelu_pre, d } = op;
         let op = "matmul_forward";
         let x = self.x();
         let MatmulDims { rows, c_in, c_out } = d;
@@ -874,17 +860,8 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn matmul_backward(
-        &mut self,
-        dinp: Tensor,
-        dweight: Tensor,
-        dbias: Option<Tensor>,
-        dout: Tensor,
-        inp: Tensor,
-        weight: Tensor,
-        gelu_pre: Option<Tensor>,
-        d: MatmulDims,
-    ) -> Result<()> {
+    fn matmul_backward(&mut self, op: MatmulBackward) -> Result<()> {
+        let MatmulBackward { dinp, dweight, dbias, dout, inp, weight, gelu_pre, d } = op;
         let op = "matmul_backward";
         let x = self.x();
         let MatmulDims { rows, c_in, c_out } = d;
@@ -954,6 +931,55 @@ impl Backend for CudaBackend {
             launch!(self, "bias_grad_accumulate", grid(c_out, 256), db, grad, n)?;
         }
         Ok(())
+    }
+
+    fn swiglu_forward(&mut self, out: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()> {
+        let op = "swiglu_forward";
+        let x = self.x();
+        self.disjoint(op, &[out], &[inp])?;
+        let (o, i) = (self.ptr(op, out, x, rows * ffn)?, self.ptr(op, inp, x, rows * 2 * ffn)?);
+        let (n, f) = (rows as i64, ffn as i32);
+        launch!(self, op, elementwise(rows * ffn), o, i, n, f)
+    }
+
+    fn swiglu_backward(&mut self, dinp: Tensor, dout: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()> {
+        let op = "swiglu_backward";
+        let x = self.x();
+        self.disjoint(op, &[dinp], &[dout, inp])?;
+        let di = self.ptr(op, dinp, x, rows * 2 * ffn)?;
+        let (g, i) = (self.ptr(op, dout, x, rows * ffn)?, self.ptr(op, inp, x, rows * 2 * ffn)?);
+        let (n, f) = (rows as i64, ffn as i32);
+        launch!(self, op, elementwise(rows * ffn), di, g, i, n, f)
+    }
+
+    fn rope(&mut self, op: Rotary) -> Result<()> {
+        let name = "rope";
+        if let Some(problem) = op.problem() {
+            return Err(self.err(name, problem));
+        }
+        let d = op.d;
+        self.disjoint(name, &[op.qkv], &[op.table])?;
+        let q = self.ptr(name, op.qkv, self.x(), d.batch * d.time * d.qkv_width())?;
+        let table = self.ptr(name, op.table, DType::F32, op.table.len)?;
+        let (rows, rotated_heads) = (d.batch * d.time, d.heads + d.kv_heads);
+        let (n, t, first, positions) = (rows as i64, d.time as i32, op.first_pos as i32, op.positions() as i32);
+        let (heads, kvh, hs, sign) =
+            (d.heads as i32, d.kv_heads as i32, d.head_dim as i32, if op.inverse { -1.0f32 } else { 1.0 });
+        launch!(
+            self,
+            name,
+            grid(rows * rotated_heads * d.head_dim / 2, 256),
+            q,
+            table,
+            n,
+            t,
+            first,
+            positions,
+            heads,
+            kvh,
+            hs,
+            sign
+        )
     }
 
     fn attention_forward(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: AttentionDims) -> Result<()> {

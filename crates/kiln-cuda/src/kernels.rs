@@ -37,6 +37,9 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!("gelu"),
     kernel!("layernorm"),
     kernel!("reduce"),
+    kernel!("rmsnorm"),
+    kernel!("rope"),
+    kernel!("swiglu"),
 ];
 
 /// Storage type of parameters and activations in a compiled kernel.

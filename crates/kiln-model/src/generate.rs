@@ -1,14 +1,14 @@
 //! Generating tokens: greedy completion of many equal-length prompts at once ([`greedy`], for scoring), and
 //! sampling one sequence with a key/value cache ([`sample`]).
 
-use crate::{Gpt, Pass};
+use crate::{Model, Pass};
 use kiln_core::{Backend, Error, Result};
 
 /// Extends each prompt by `new_tokens` tokens, each the most likely next token given everything before it. All
 /// prompts must have the same length; they run `model.max_batch` at a time, and every new token costs a forward
 /// pass over the whole context (there is no key/value cache).
 pub fn greedy<B: Backend + ?Sized>(
-    model: &Gpt,
+    model: &Model,
     backend: &mut B,
     prompts: &[Vec<u32>],
     new_tokens: usize,
@@ -17,13 +17,13 @@ pub fn greedy<B: Backend + ?Sized>(
     if prompts.iter().any(|p| p.len() != len) {
         return Err(Error::Invalid("greedy completion needs prompts of equal length".into()));
     }
-    if len == 0 || len + new_tokens > model.shape.block_size + 1 {
+    if len == 0 || len + new_tokens > model.spec.block_size + 1 {
         return Err(Error::Invalid(format!(
             "a prompt of {len} tokens plus {new_tokens} new ones does not fit block_size {}",
-            model.shape.block_size
+            model.spec.block_size
         )));
     }
-    let mut logits = vec![0.0f32; model.shape.vocab];
+    let mut logits = vec![0.0f32; model.spec.vocab];
     let mut done = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(model.max_batch) {
         let mut seqs: Vec<Vec<u32>> = chunk.to_vec();
@@ -63,19 +63,19 @@ pub struct SampleOptions {
 /// Extends `prompt` (one sequence) by up to `max_new_tokens`, handing each new token to `on_token` as soon as
 /// it exists. Stops at `stop` or when the context reaches `block_size`.
 pub fn sample<B: Backend + ?Sized>(
-    model: &Gpt,
+    model: &Model,
     backend: &mut B,
     prompt: &[u32],
     o: &SampleOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
     use rand::{RngExt, SeedableRng};
-    let block = model.shape.block_size;
+    let block = model.spec.block_size;
     if prompt.is_empty() || prompt.len() > block {
         return Err(Error::Invalid(format!("a prompt of {} tokens: it needs 1 to block_size = {block}", prompt.len())));
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(o.seed);
-    let mut logits = vec![0.0f32; model.shape.vocab];
+    let mut logits = vec![0.0f32; model.spec.vocab];
     let mut seq = prompt.to_vec();
     model.load_batch(backend, prompt, None)?;
     model.forward(backend, 1, prompt.len(), Pass::Logits)?;

@@ -1,12 +1,15 @@
-//! The GPT-2 model, written once against [`kiln_core::Backend`].
+//! The transformer, written once against [`kiln_core::Backend`], for GPT-2 and Llama-style models.
 //!
-//! [`params`] lays every weight out in one flat vector (so the optimizer, the gradient norm and a data-parallel
-//! all-reduce each see a single tensor) and initialises it; [`gpt`] holds the activations and runs the forward
-//! and backward passes layer by layer, explicitly, with every buffer allocated once when the model is built.
+//! [`spec`] says what a model is (a [`ModelSpec`]: its sizes and which variant of each part it uses) and lays every
+//! weight out in one flat vector (so the optimizer, the gradient norm and a data-parallel all-reduce each see a
+//! single tensor); [`params`] initialises it; [`model`] holds the activations and runs the forward and backward
+//! passes layer by layer, explicitly, with every buffer allocated once when the model is built.
 
 pub mod generate;
-pub mod gpt;
+pub mod model;
 pub mod params;
+pub mod spec;
 
-pub use gpt::{Gpt, Pass};
-pub use params::{GptShape, ParamInfo};
+pub use model::{Model, Pass};
+pub use params::ParamInfo;
+pub use spec::{Mlp, ModelSpec, Positions};

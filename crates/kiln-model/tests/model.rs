@@ -1,11 +1,38 @@
-//! The whole model against finite differences (every parameter tensor, in f64), and its loss at initialisation.
+//! The whole model against finite differences (every parameter tensor, in f64), and its loss at initialisation,
+//! for both families: GPT-2 and a Llama-style model (RMS norm, rotary positions with Llama 3's scaling, SwiGLU,
+//! grouped-query attention, an untied head).
 
-use kiln_core::{Backend, Tensor};
+use kiln_core::config::{Arch, RopeScaling, RopeScalingKind};
+use kiln_core::{Backend, NormKind, Tensor};
 use kiln_cpu::CpuBackend;
-use kiln_model::{Gpt, GptShape, Pass};
+use kiln_model::{Mlp, Model, ModelSpec, Pass, Positions};
 
-fn shape(vocab: usize) -> GptShape {
-    GptShape { n_layer: 2, n_head: 2, n_embd: 8, block_size: 6, vocab, padded_vocab: vocab.div_ceil(64) * 64 }
+fn shape(vocab: usize) -> ModelSpec {
+    ModelSpec::gpt2(2, 2, 8, 6, vocab)
+}
+
+/// `gpt2` turned into a Llama-style model of the same width and depth, with 2 key/value heads for 4 query heads.
+fn llama(gpt2: ModelSpec) -> ModelSpec {
+    let scaling = RopeScaling {
+        kind: RopeScalingKind::Llama3,
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8,
+    };
+    ModelSpec {
+        arch: Arch::Llama,
+        n_head: 4,
+        n_kv_head: 2,
+        ffn_dim: 12,
+        norm: NormKind::Rms,
+        norm_eps: 1e-5,
+        positions: Positions::Rotary { theta: 100.0, scaling: Some(scaling) },
+        mlp: Mlp::SwiGlu,
+        bias: false,
+        tie_embeddings: false,
+        ..gpt2
+    }
 }
 
 fn batch(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
@@ -13,7 +40,7 @@ fn batch(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
 }
 
 /// Total loss of the loaded batch.
-fn loss(b: &mut CpuBackend<f64>, model: &Gpt, batch_size: usize, time: usize) -> f64 {
+fn loss(b: &mut CpuBackend<f64>, model: &Model, batch_size: usize, time: usize) -> f64 {
     b.zero(model.losses).unwrap();
     model.forward(b, batch_size, time, Pass::Loss).unwrap();
     b.values_mut(model.losses).unwrap().iter().sum()
@@ -22,9 +49,15 @@ fn loss(b: &mut CpuBackend<f64>, model: &Gpt, batch_size: usize, time: usize) ->
 #[test]
 fn every_parameter_gradient_matches_finite_differences() {
     let vocab = 11;
-    let s = shape(vocab);
+    for s in [shape(vocab), llama(shape(vocab))] {
+        every_parameter_gradient_matches_finite_differences_for(s);
+    }
+}
+
+fn every_parameter_gradient_matches_finite_differences_for(s: ModelSpec) {
+    let vocab = s.vocab;
     let mut b = CpuBackend::<f64>::new();
-    let model = Gpt::new(&mut b, s, 3, 7).unwrap();
+    let model = Model::new(&mut b, s, 3, 7).unwrap();
     // Fresh GPT-2 init has zero biases and unit norms, where some gradients vanish by symmetry: perturb every
     // parameter so that each one's gradient is exercised.
     for (i, p) in b.values_mut(model.params).unwrap().iter_mut().enumerate() {
@@ -44,7 +77,7 @@ fn every_parameter_gradient_matches_finite_differences() {
     for p in &model.layout {
         // Rows of wte that no token uses, and positions past `time`, rightly get exactly zero: check those too,
         // alongside elements spread over the tensor.
-        let len = if p.name == "wte" { vocab * s.n_embd } else { p.len() };
+        let len = if ModelSpec::has_vocab_rows(&p.name) { vocab * s.n_embd } else { p.len() };
         let picks: Vec<usize> = (0..6).map(|k| p.offset + (k * 7919 + 3) % len).collect();
         for i in picks {
             let orig = b.values_mut(model.params).unwrap()[i];
@@ -58,7 +91,8 @@ fn every_parameter_gradient_matches_finite_differences() {
             let err = (numeric - analytic).abs() / (1e-7 + numeric.abs().max(analytic.abs()));
             assert!(
                 err < 1e-5 || (numeric - analytic).abs() < 1e-9,
-                "{}[{}]: analytic {analytic} vs numeric {numeric}",
+                "{:?} {}[{}]: analytic {analytic} vs numeric {numeric}",
+                s.arch,
                 p.name,
                 i - p.offset
             );
@@ -69,15 +103,19 @@ fn every_parameter_gradient_matches_finite_differences() {
 #[test]
 fn padded_vocabulary_rows_get_no_gradient() {
     let vocab = 11;
-    let s = shape(vocab);
-    let mut b = CpuBackend::<f64>::new();
-    let model = Gpt::new(&mut b, s, 2, 3).unwrap();
-    let tokens = batch(12, vocab, 0);
-    model.load_batch(&mut b, &tokens, Some(&batch(12, vocab, 5))).unwrap();
-    model.forward(&mut b, 2, 6, Pass::Train { dloss: 1.0 }).unwrap();
-    model.backward(&mut b, 2, 6).unwrap();
-    let grads = b.values_mut(model.grads).unwrap();
-    assert!(grads[vocab * s.n_embd..s.padded_vocab * s.n_embd].iter().all(|&g| g == 0.0));
+    for s in [shape(vocab), llama(shape(vocab))] {
+        let mut b = CpuBackend::<f64>::new();
+        let model = Model::new(&mut b, s, 2, 3).unwrap();
+        let tokens = batch(12, vocab, 0);
+        model.load_batch(&mut b, &tokens, Some(&batch(12, vocab, 5))).unwrap();
+        model.forward(&mut b, 2, 6, Pass::Train { dloss: 1.0 }).unwrap();
+        model.backward(&mut b, 2, 6).unwrap();
+        let grads = b.values_mut(model.grads).unwrap();
+        for p in model.layout.iter().filter(|p| ModelSpec::has_vocab_rows(&p.name)) {
+            let padded = p.offset + vocab * s.n_embd..p.offset + p.len();
+            assert!(grads[padded].iter().all(|&g| g == 0.0), "{:?} {}", s.arch, p.name);
+        }
+    }
 }
 
 #[test]
@@ -87,16 +125,9 @@ fn initial_loss_is_log_vocab() {
     // 0.02²·C/(0.02·√2) ≈ 1.8 above the rest, which lifts the loss of vocabularies much under 64 by more than 0.1
     // (13 tokens: 2.71 against ln 13 = 2.56). Hence realistic vocabularies here, up to GPT-2's own.
     for vocab in [65, 500, 50257] {
-        let s = GptShape {
-            n_layer: 4,
-            n_head: 4,
-            n_embd: 128,
-            block_size: 64,
-            vocab,
-            padded_vocab: vocab.div_ceil(64) * 64,
-        };
+        let s = ModelSpec::gpt2(4, 4, 128, 64, vocab);
         let mut b = CpuBackend::<f32>::new();
-        let model = Gpt::new(&mut b, s, 4, 1337).unwrap();
+        let model = Model::new(&mut b, s, 4, 1337).unwrap();
         let n = 4 * 64;
         model.load_batch(&mut b, &batch(n, vocab, 0), Some(&batch(n, vocab, 2))).unwrap();
         model.forward(&mut b, 4, 64, Pass::Loss).unwrap();
@@ -109,7 +140,7 @@ fn initial_loss_is_log_vocab() {
 #[test]
 fn batches_that_do_not_fit_are_errors() {
     let mut b = CpuBackend::<f32>::new();
-    let model = Gpt::new(&mut b, shape(11), 2, 1).unwrap();
+    let model = Model::new(&mut b, shape(11), 2, 1).unwrap();
     assert!(model.forward(&mut b, 3, 6, Pass::Logits).is_err());
     assert!(model.forward(&mut b, 2, 7, Pass::Logits).is_err());
     let _: Tensor = model.params;
@@ -117,11 +148,17 @@ fn batches_that_do_not_fit_are_errors() {
 
 #[test]
 fn decoding_with_the_cache_matches_recomputing_the_context() {
-    // Each cached step must give the logits a full forward pass over the whole sequence gives at its last position.
-    let vocab = 11;
-    let s = GptShape { n_layer: 2, n_head: 2, n_embd: 8, block_size: 12, vocab, padded_vocab: 64 };
+    // Each cached step must give the logits a full forward pass over the whole sequence gives at its last position:
+    // with rotary positions too, where the cached keys were rotated at their own positions.
+    for s in [ModelSpec::gpt2(2, 2, 8, 12, 11), llama(ModelSpec::gpt2(2, 2, 8, 12, 11))] {
+        decoding_with_the_cache_matches_recomputing_the_context_for(s);
+    }
+}
+
+fn decoding_with_the_cache_matches_recomputing_the_context_for(s: ModelSpec) {
+    let vocab = s.vocab;
     let mut b = CpuBackend::<f64>::new();
-    let model = Gpt::new(&mut b, s, 1, 5).unwrap();
+    let model = Model::new(&mut b, s, 1, 5).unwrap();
     let seq: Vec<u32> = (0..12).map(|i| ((i * 7 + 3) % vocab) as u32).collect();
     let prompt = 4;
     let (mut cached, mut full) = (vec![0.0f32; vocab], vec![0.0f32; vocab]);
@@ -131,7 +168,7 @@ fn decoding_with_the_cache_matches_recomputing_the_context() {
         model.decode_step(&mut b, seq[pos], pos).unwrap();
         model.logits_row(&mut b, 0, &mut cached).unwrap();
         // Recompute from scratch on a second model with the same weights (the cache of the first stays intact).
-        let fresh = Gpt::new(&mut b, s, 1, 5).unwrap();
+        let fresh = Model::new(&mut b, s, 1, 5).unwrap();
         fresh.load_batch(&mut b, &seq[..=pos], None).unwrap();
         fresh.forward(&mut b, 1, pos + 1, Pass::Logits).unwrap();
         fresh.logits_row(&mut b, pos, &mut full).unwrap();
@@ -145,9 +182,9 @@ fn decoding_with_the_cache_matches_recomputing_the_context() {
 #[test]
 fn greedy_sampling_is_the_same_with_and_without_the_cache() {
     use kiln_model::generate::{SampleOptions, sample};
-    let s = GptShape { n_layer: 2, n_head: 2, n_embd: 16, block_size: 24, vocab: 13, padded_vocab: 64 };
+    let s = ModelSpec::gpt2(2, 2, 16, 24, 13);
     let mut b = CpuBackend::<f64>::new();
-    let model = Gpt::new(&mut b, s, 1, 9).unwrap();
+    let model = Model::new(&mut b, s, 1, 9).unwrap();
     let mut o = SampleOptions {
         max_new_tokens: 30,
         temperature: 0.0,
@@ -184,10 +221,16 @@ fn greedy_sampling_is_the_same_with_and_without_the_cache() {
 #[test]
 fn gradients_reported_ready_do_not_change_afterwards() {
     // A data-parallel trainer starts reducing gradients as soon as backward_with reports them final: anything
-    // written to them later would be lost from the reduction.
-    let vocab = 11;
+    // written to them later would be lost from the reduction (an untied LM head, after the final norm, included).
+    for s in [shape(11), llama(shape(11))] {
+        gradients_reported_ready_do_not_change_afterwards_for(s);
+    }
+}
+
+fn gradients_reported_ready_do_not_change_afterwards_for(s: ModelSpec) {
+    let vocab = s.vocab;
     let mut b = CpuBackend::<f64>::new();
-    let model = Gpt::with_padding(&mut b, shape(vocab), 2, 3, 64).unwrap();
+    let model = Model::with_padding(&mut b, s, 2, 3, 64).unwrap();
     let (bs, time) = (2, 6);
     model.load_batch(&mut b, &batch(bs * time, vocab, 0), Some(&batch(bs * time, vocab, 1))).unwrap();
     b.zero(model.grads).unwrap();

@@ -13,7 +13,7 @@
 //! mid-write leaves the previous checkpoints intact and no half-written directory that looks complete.
 
 use kiln_core::{Backend, Config, Error, Result};
-use kiln_model::{Gpt, GptShape, ParamInfo};
+use kiln_model::{Model, ModelSpec, ParamInfo};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::path::{Path, PathBuf};
 
@@ -44,7 +44,7 @@ fn hf_name(name: &str) -> (String, bool) {
 }
 
 /// Rows of a parameter that are saved: `wte` without its padded rows, everything else whole.
-fn saved_shape(p: &ParamInfo, shape: &GptShape) -> Vec<usize> {
+fn saved_shape(p: &ParamInfo, shape: &ModelSpec) -> Vec<usize> {
     match (p.name.as_str(), hf_name(&p.name).1) {
         ("wte", _) => vec![shape.vocab, shape.n_embd],
         (_, true) => vec![p.shape[1], p.shape[0]],
@@ -95,12 +95,12 @@ fn json_field<'a>(v: &'a serde_json::Value, key: &str, file: &Path) -> Result<&'
 
 /// Loads `dir/model.safetensors` (Hugging Face GPT-2 names, with or without the `transformer.` prefix that
 /// `GPT2LMHeadModel` adds) into `model`'s parameters.
-pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Gpt, backend: &mut B) -> Result<()> {
+pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B) -> Result<()> {
     let model_path = dir.join("model.safetensors");
     let bytes = read_file(&model_path)?;
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::data(&model_path, format!("not a safetensors file: {e}")))?;
-    let shape = model.shape;
+    let shape = model.spec;
     let mut params = vec![0.0f32; model.params.len];
     for p in &model.layout {
         let (name, transposed) = hf_name(&p.name);
@@ -114,7 +114,7 @@ pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Gpt, backend: &mut 
             return Err(Error::data(
                 &model_path,
                 format!(
-                    "tensor {name} is {:?} {:?}; this model needs F32 {want:?} (a checkpoint of another model shape?)",
+                    "tensor {name} is {:?} {:?}; this model needs F32 {want:?} (a checkpoint of another model.spec?)",
                     t.dtype(),
                     t.shape()
                 ),
@@ -149,7 +149,7 @@ pub fn save(
     root: &Path,
     step: u64,
     config: &Config,
-    model: &Gpt,
+    model: &Model,
     params: &[f32],
     moments: (&[f32], &[f32]),
     keep: usize,
@@ -160,7 +160,7 @@ pub fn save(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
-    let shape = model.shape;
+    let shape = model.spec;
     let mut weights: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for p in &model.layout {
         let (name, transposed) = hf_name(&p.name);
@@ -237,7 +237,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 
 /// Loads the checkpoint in `dir` into `model`'s parameters; returns its step and the AdamW moments `m` and `v`
 /// of every parameter. Every tensor's presence and shape is checked, and a mismatch names the tensor and the file.
-pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Gpt, backend: &mut B) -> Result<(u64, [Vec<f32>; 2])> {
+pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B) -> Result<(u64, [Vec<f32>; 2])> {
     let (state, state_path) = read_state(dir)?;
     let step = json_field(&state, "step", &state_path)?
         .as_u64()
@@ -248,7 +248,7 @@ pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Gpt, backend: &mut B) -> Re
     let bytes = read_file(&opt_path)?;
     let file =
         SafeTensors::deserialize(&bytes).map_err(|e| Error::data(&opt_path, format!("not a safetensors file: {e}")))?;
-    let n = model.shape.num_params();
+    let n = model.spec.num_params();
     let moment = |name: &str| {
         let view = file.tensor(name).map_err(|_| Error::data(&opt_path, format!("no tensor {name}")))?;
         if view.dtype() != Dtype::F32 || view.shape() != [n] {

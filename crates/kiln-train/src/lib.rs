@@ -26,7 +26,7 @@ use kiln_core::comm::Solo;
 use kiln_core::{AdamWStep, Backend, Communicator, Config, Error, Result, Role, Tensor};
 use kiln_data::{Addition, Dataset};
 use kiln_model::params::decay_runs;
-use kiln_model::{Gpt, GptShape, Pass, generate};
+use kiln_model::{Model, ModelSpec, Pass, generate};
 use metrics::{Metrics, StepRecord};
 use parallel::{BucketCursor, Buckets, Stragglers};
 use std::path::{Path, PathBuf};
@@ -74,7 +74,7 @@ pub struct Trainer<B: Backend> {
     config: Config,
     backend: B,
     comm: Box<dyn Communicator<B>>,
-    model: Gpt,
+    model: Model,
     data: Dataset,
     /// AdamW moments of the parameters this rank updates: all of them, or under ZeRO stage 1 its pieces, one
     /// after the other.
@@ -135,11 +135,11 @@ impl<B: Backend> Trainer<B> {
     pub fn with_comm(config: &Config, mut backend: B, comm: Box<dyn Communicator<B>>) -> Result<Self> {
         let t = config.model.block_size;
         let data = Dataset::open(&config.data, t)?;
-        let shape = GptShape::new(config, data.vocab_size());
+        let shape = ModelSpec::new(&config.model, data.vocab_size());
         let mb = config.train.micro_batch;
         let (rank, world) = (comm.rank(), comm.world());
         let padding = parallel::padding_multiple(world);
-        let model = Gpt::with_padding(&mut backend, shape, mb, config.train.seed, padding)?;
+        let model = Model::with_padding(&mut backend, shape, mb, config.train.seed, padding)?;
         match config.model.init.as_deref().map(|i| i.split_once(':')) {
             None => {}
             Some(Some(("hf", dir))) => checkpoint::load_weights(Path::new(dir), &model, &mut backend)?,
@@ -221,7 +221,7 @@ impl<B: Backend> Trainer<B> {
     /// `packed`; in place in the parameters, whose other entries hold the gathered working copy), so each piece
     /// comes from its owner.
     fn gather(&mut self, t: Tensor, packed: bool) -> Result<Vec<f32>> {
-        let n = self.model.shape.num_params();
+        let n = self.model.spec.num_params();
         if !self.zero {
             // Every rank holds it all, and only rank 0 writes it.
             let mut all = vec![0.0f32; if self.comm.rank() == 0 { n } else { 0 }];
@@ -359,7 +359,7 @@ impl<B: Backend> Trainer<B> {
         &self.backend
     }
 
-    pub fn model(&self) -> &Gpt {
+    pub fn model(&self) -> &Model {
         &self.model
     }
 
@@ -373,7 +373,7 @@ impl<B: Backend> Trainer<B> {
         } else {
             None
         };
-        let shape = self.model.shape;
+        let shape = self.model.spec;
         // Only rank 0 speaks: the other ranks' messages would repeat it.
         let _quiet = (!lead).then(|| tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default()));
         tracing::info!(

@@ -7,7 +7,7 @@
 //! (out, in), as kiln stores them.
 
 use kiln_core::{Backend, Error, Result};
-use kiln_model::Gpt;
+use kiln_model::{Model, ModelSpec};
 use std::path::Path;
 
 const MAGIC: i32 = 20240326;
@@ -29,7 +29,7 @@ const LAYER_KINDS: [&str; 12] = [
 ];
 
 /// Loads an llm.c model file into `model`'s parameters, checking every size against the model's.
-pub fn load<B: Backend + ?Sized>(path: &Path, model: &Gpt, backend: &mut B) -> Result<()> {
+pub fn load<B: Backend + ?Sized>(path: &Path, model: &Model, backend: &mut B) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))?;
     if bytes.len() < 1024 {
         return Err(Error::data(path, "too short for llm.c's 1024-byte header"));
@@ -47,7 +47,18 @@ pub fn load<B: Backend + ?Sized>(path: &Path, model: &Gpt, backend: &mut B) -> R
         5 => true,
         v => return Err(Error::data(path, format!("unsupported llm.c model version {v} (3: fp32, 5: bf16)"))),
     };
-    let s = model.shape;
+    let s = model.spec;
+    if s != ModelSpec::gpt2(s.n_layer, s.n_head, s.n_embd, s.block_size, s.vocab) {
+        return Err(Error::Usage(format!(
+            "{}: llm.c's model files hold GPT-2, and this model is another ({:?}, {} key/value heads, MLP width {}, \
+             {} LM head)",
+            path.display(),
+            s.arch,
+            s.n_kv_head,
+            s.ffn_dim,
+            if s.tie_embeddings { "tied" } else { "untied" }
+        )));
+    }
     let (max_t, vocab, layers, heads, c, padded) = (
         header[2] as usize,
         header[3] as usize,

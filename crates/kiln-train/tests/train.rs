@@ -154,10 +154,10 @@ fn initialising_from_a_hugging_face_directory_gives_the_same_model() {
 
 #[test]
 fn llmc_model_files_load_in_llmc_order() {
-    use kiln_model::{Gpt, GptShape};
-    let shape = GptShape { n_layer: 2, n_head: 2, n_embd: 8, block_size: 5, vocab: 11, padded_vocab: 64 };
+    use kiln_model::{Model, ModelSpec};
+    let shape = ModelSpec::gpt2(2, 2, 8, 5, 11);
     let mut b = CpuBackend::<f32>::new();
-    let source = Gpt::new(&mut b, shape, 1, 1).unwrap();
+    let source = Model::new(&mut b, shape, 1, 1).unwrap();
     for (i, v) in b.values_mut(source.params).unwrap().iter_mut().enumerate() {
         *v = i as f32 * 0.001;
     }
@@ -198,7 +198,7 @@ fn llmc_model_files_load_in_llmc_order() {
         header.iter().flat_map(|h| h.to_le_bytes()).chain(values.iter().flat_map(|v| v.to_le_bytes())).collect();
     std::fs::write(&path, &bytes).unwrap();
 
-    let target = Gpt::new(&mut b, shape, 1, 2).unwrap();
+    let target = Model::new(&mut b, shape, 1, 2).unwrap();
     kiln_train::llmc::load(&path, &target, &mut b).unwrap();
     let loaded = b.values_mut(target.params).unwrap().to_vec();
     // Everything but wte's padded rows (which kiln keeps at zero) comes across.

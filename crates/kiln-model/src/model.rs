@@ -1,0 +1,667 @@
+//! The transformer's forward and backward passes, one layer at a time, for every [`ModelSpec`].
+//!
+//! Forward, for tokens `x` of a `(B, T)` batch:
+//! ```text
+//! h = wte[x] (+ wpe[0..T] with learned positions)
+//! for each block:   a = h + proj(attention(rope(qkv(norm_1(h)))))       rope only with rotary positions
+//!                   h = a + proj(act(fc(norm_2(a))))                      act: gelu, or swiglu of fc's two halves
+//! logits = norm_f(h) · headᵀ          (head = wte when the embeddings are tied)
+//! loss   = cross_entropy(logits[..vocab], targets)
+//! ```
+//! Each residual add is fused with the normalisation that follows it. The backward pass walks the same steps in
+//! reverse, accumulating weight gradients into one flat gradient vector laid out like the parameters. Where the
+//! families differ the code matches on the spec's fields, at a few points: the embedding (positions), after the
+//! qkv product (rotary), the MLP's nonlinearity, and which optional tensors (biases, norm biases, the LM head) exist.
+
+use crate::params::{self, ParamInfo};
+use crate::spec::{Mlp, ModelSpec, Positions};
+use kiln_core::{
+    AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims, NormForward, NormKind,
+    ResidualAdd, Result, Role, Rotary, Tensor,
+};
+
+/// What a forward pass computes beyond the logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pass {
+    /// Logits only (sampling).
+    Logits,
+    /// Losses too, accumulated into [`Model::losses`] (evaluation).
+    Loss,
+    /// Losses, and the logits replaced by the gradient of `dloss · Σ losses`, ready for [`Model::backward`].
+    Train { dloss: f32 },
+}
+
+/// Which positions a forward pass computes.
+#[derive(Clone, Copy)]
+enum Span {
+    /// Every position of a `batch × time` batch.
+    Full { batch: usize, time: usize },
+    /// One new position of a single sequence, attending to the cached ones before it.
+    Decode { pos: usize },
+}
+
+/// A normalisation's weight and, for layer normalisation, its bias.
+#[derive(Clone, Copy, Debug)]
+struct NormWeights {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// Views of every weight (of the parameters, or of their gradients: the layouts are the same).
+#[derive(Clone, Debug)]
+struct Weights {
+    wte: Tensor,
+    wpe: Option<Tensor>,
+    blocks: Vec<BlockWeights>,
+    ln_f: NormWeights,
+    /// The LM head: `wte` itself when tied.
+    head: Tensor,
+}
+
+#[derive(Clone, Debug)]
+struct BlockWeights {
+    ln_1: NormWeights,
+    qkv_w: Tensor,
+    qkv_b: Option<Tensor>,
+    proj_w: Tensor,
+    proj_b: Option<Tensor>,
+    ln_2: NormWeights,
+    fc_w: Tensor,
+    fc_b: Option<Tensor>,
+    fcproj_w: Tensor,
+    fcproj_b: Option<Tensor>,
+}
+
+impl Weights {
+    fn new(layout: &[ParamInfo], flat: Tensor, n_layer: usize) -> Self {
+        let find = |name: &str| layout.iter().find(|p| p.name == name).map(|p| p.view(flat));
+        let view = |name: &str| find(name).unwrap_or_else(|| panic!("no parameter {name}"));
+        let norm = |prefix: &str| NormWeights {
+            weight: view(&format!("{prefix}.weight")),
+            bias: find(&format!("{prefix}.bias")),
+        };
+        let blocks = (0..n_layer)
+            .map(|i| {
+                let v = |n: &str| view(&format!("h.{i}.{n}"));
+                let optional = |n: &str| find(&format!("h.{i}.{n}"));
+                BlockWeights {
+                    ln_1: norm(&format!("h.{i}.ln_1")),
+                    qkv_w: v("attn.qkv.weight"),
+                    qkv_b: optional("attn.qkv.bias"),
+                    proj_w: v("attn.proj.weight"),
+                    proj_b: optional("attn.proj.bias"),
+                    ln_2: norm(&format!("h.{i}.ln_2")),
+                    fc_w: v("mlp.fc.weight"),
+                    fc_b: optional("mlp.fc.bias"),
+                    fcproj_w: v("mlp.proj.weight"),
+                    fcproj_b: optional("mlp.proj.bias"),
+                }
+            })
+            .collect();
+        let wte = view("wte");
+        Weights { wte, wpe: find("wpe"), blocks, ln_f: norm("ln_f"), head: find("lm_head").unwrap_or(wte) }
+    }
+}
+
+/// What a normalisation saves for its backward pass: the row statistics (no mean for RMS normalisation).
+#[derive(Clone, Copy, Debug)]
+struct NormStats {
+    mean: Option<Tensor>,
+    rstd: Tensor,
+}
+
+/// The activations one block saves for its backward pass, each sized for the largest batch.
+#[derive(Clone, Debug)]
+struct BlockActivations {
+    /// `norm_1` of the block's input (written by the previous block's fused residual add and norm).
+    ln1: Tensor,
+    ln1_stats: NormStats,
+    /// After the rotary embedding, where there is one: attention reads it, and in decoding it is the cache.
+    qkv: Tensor,
+    atty: Tensor,
+    att_lse: Tensor,
+    /// The residual stream after attention.
+    res2: Tensor,
+    ln2: Tensor,
+    ln2_stats: NormStats,
+    /// The MLP's first product: GELU's input, or SwiGLU's gate and up halves.
+    fch_pre: Tensor,
+    /// The MLP's hidden layer, after the nonlinearity.
+    fch: Tensor,
+    /// The residual stream after the MLP: the next block's input.
+    res3: Tensor,
+}
+
+/// A transformer whose parameters, gradients and activations live on a backend, sized for batches of up to
+/// `max_batch` sequences of up to `block_size` tokens.
+pub struct Model {
+    pub spec: ModelSpec,
+    pub layout: Vec<ParamInfo>,
+    pub max_batch: usize,
+    /// All parameters, in [`Self::layout`] order.
+    pub params: Tensor,
+    /// Their gradients, same layout.
+    pub grads: Tensor,
+    /// Per-position losses, accumulated by [`Pass::Loss`] and [`Pass::Train`] passes.
+    pub losses: Tensor,
+    p: Weights,
+    g: Weights,
+    tokens: Tensor,
+    targets: Tensor,
+    encoded: Tensor,
+    blocks: Vec<BlockActivations>,
+    lnf: Tensor,
+    lnf_stats: NormStats,
+    logits: Tensor,
+    /// The rotary table (see [`Rotary`]); empty with learned positions.
+    rope_table: Tensor,
+    // The output of a block's attention or MLP projection, which the residual add that follows consumes at once and
+    // the backward pass never reads: one buffer for both in every block.
+    proj: Tensor,
+    // Gradient buffers reused by every block during the backward pass.
+    dresidual: Tensor,
+    dbtc: Tensor,
+    dqkv: Tensor,
+    dfch: Tensor,
+    /// The gradient of SwiGLU's input (empty for GELU, whose derivative the product's backward applies).
+    dfch_pre: Tensor,
+}
+
+/// Hands out consecutive views of one allocation. Counting first ([`Arena::counting`]) and then taking the same views
+/// from a real one sizes the allocation from the views themselves.
+struct Arena {
+    whole: Tensor,
+    used: usize,
+}
+
+impl Arena {
+    fn counting() -> Self {
+        Arena { whole: Tensor { buffer: kiln_core::backend::BufferId(u32::MAX), offset: 0, len: usize::MAX }, used: 0 }
+    }
+
+    fn new<B: Backend + ?Sized>(backend: &mut B, len: usize, role: Role) -> Result<Self> {
+        Ok(Arena { whole: backend.alloc(len, role)?, used: 0 })
+    }
+
+    fn take(&mut self, len: usize) -> Tensor {
+        let t = self.whole.slice(self.used, len);
+        self.used += len;
+        t
+    }
+}
+
+/// The three arenas every activation comes from: real-valued activations, full-precision statistics, token ids.
+struct Arenas {
+    acts: Arena,
+    stats: Arena,
+    index: Arena,
+}
+
+impl Arenas {
+    fn norm_stats(&mut self, spec: &ModelSpec, rows: usize) -> NormStats {
+        let mean = (spec.norm == NormKind::Layer).then(|| self.stats.take(rows));
+        NormStats { mean, rstd: self.stats.take(rows) }
+    }
+}
+
+/// Every activation of a model: the buffers of [`Model`] that are not parameters.
+struct Activations {
+    losses: Tensor,
+    tokens: Tensor,
+    targets: Tensor,
+    encoded: Tensor,
+    blocks: Vec<BlockActivations>,
+    lnf: Tensor,
+    lnf_stats: NormStats,
+    logits: Tensor,
+    rope_table: Tensor,
+    proj: Tensor,
+    dresidual: Tensor,
+    dbtc: Tensor,
+    dqkv: Tensor,
+    dfch: Tensor,
+    dfch_pre: Tensor,
+}
+
+impl Activations {
+    fn take(a: &mut Arenas, spec: &ModelSpec, max_batch: usize) -> Self {
+        let (c, t) = (spec.n_embd, spec.block_size);
+        let n = max_batch * t;
+        let lse_len = max_batch * spec.n_head * t;
+        let swiglu = spec.mlp == Mlp::SwiGlu;
+        let blocks = (0..spec.n_layer)
+            .map(|_| BlockActivations {
+                ln1: a.acts.take(n * c),
+                ln1_stats: a.norm_stats(spec, n),
+                qkv: a.acts.take(n * spec.qkv_width()),
+                atty: a.acts.take(n * c),
+                att_lse: a.stats.take(lse_len),
+                res2: a.acts.take(n * c),
+                ln2: a.acts.take(n * c),
+                ln2_stats: a.norm_stats(spec, n),
+                fch_pre: a.acts.take(n * spec.fc_width()),
+                fch: a.acts.take(n * spec.ffn_dim),
+                res3: a.acts.take(n * c),
+            })
+            .collect();
+        Activations {
+            losses: a.stats.take(n),
+            tokens: a.index.take(n),
+            targets: a.index.take(n),
+            encoded: a.acts.take(n * c),
+            blocks,
+            lnf: a.acts.take(n * c),
+            lnf_stats: a.norm_stats(spec, n),
+            logits: a.acts.take(n * spec.padded_vocab),
+            rope_table: a.stats.take(spec.rope_table_len()),
+            proj: a.acts.take(n * c),
+            dresidual: a.acts.take(n * c),
+            dbtc: a.acts.take(n * c),
+            dqkv: a.acts.take(n * spec.qkv_width()),
+            dfch: a.acts.take(n * spec.ffn_dim),
+            dfch_pre: a.acts.take(if swiglu { n * spec.fc_width() } else { 0 }),
+        }
+    }
+}
+
+impl Model {
+    /// Allocates everything the model will ever use and initialises the weights from `seed`.
+    pub fn new<B: Backend + ?Sized>(backend: &mut B, spec: ModelSpec, max_batch: usize, seed: u64) -> Result<Self> {
+        Model::with_padding(backend, spec, max_batch, seed, 1)
+    }
+
+    /// [`Model::new`] with the flat parameter and gradient vectors padded with zeros to a multiple of `multiple`
+    /// elements, so that a data-parallel job can cut them into equal pieces, one per rank.
+    pub fn with_padding<B: Backend + ?Sized>(
+        backend: &mut B,
+        spec: ModelSpec,
+        max_batch: usize,
+        seed: u64,
+        multiple: usize,
+    ) -> Result<Self> {
+        let layout = spec.params();
+        let padded = spec.num_params().next_multiple_of(multiple);
+        let params = backend.alloc(padded, Role::Param)?;
+        let grads = backend.alloc(padded, Role::Grad)?;
+        params::initialize(backend, &spec, params, seed)?;
+
+        let mut counting = Arenas { acts: Arena::counting(), stats: Arena::counting(), index: Arena::counting() };
+        Activations::take(&mut counting, &spec, max_batch);
+        let mut arenas = Arenas {
+            acts: Arena::new(backend, counting.acts.used, Role::Activation)?,
+            stats: Arena::new(backend, counting.stats.used, Role::Stat)?,
+            index: Arena::new(backend, counting.index.used, Role::Index)?,
+        };
+        let a = Activations::take(&mut arenas, &spec, max_batch);
+        if a.rope_table.len > 0 {
+            backend.upload(a.rope_table, &spec.rope_table())?;
+        }
+        let l = spec.n_layer;
+        Ok(Model {
+            p: Weights::new(&layout, params, l),
+            g: Weights::new(&layout, grads, l),
+            spec,
+            layout,
+            max_batch,
+            params,
+            grads,
+            losses: a.losses,
+            tokens: a.tokens,
+            targets: a.targets,
+            encoded: a.encoded,
+            blocks: a.blocks,
+            lnf: a.lnf,
+            lnf_stats: a.lnf_stats,
+            logits: a.logits,
+            rope_table: a.rope_table,
+            proj: a.proj,
+            dresidual: a.dresidual,
+            dbtc: a.dbtc,
+            dqkv: a.dqkv,
+            dfch: a.dfch,
+            dfch_pre: a.dfch_pre,
+        })
+    }
+
+    fn check_batch(&self, batch: usize, time: usize) -> Result<()> {
+        if batch == 0 || batch > self.max_batch || time == 0 || time > self.spec.block_size {
+            return Err(kiln_core::Error::Invalid(format!(
+                "a batch of {batch}×{time} does not fit a model built for {}×{}",
+                self.max_batch, self.spec.block_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies a batch of `batch × time` token ids (and, for a loss, their targets) to the backend.
+    pub fn load_batch<B: Backend + ?Sized>(
+        &self,
+        backend: &mut B,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+    ) -> Result<()> {
+        backend.upload_indices(self.tokens.slice(0, tokens.len()), tokens)?;
+        if let Some(targets) = targets {
+            backend.upload_indices(self.targets.slice(0, targets.len()), targets)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the model on the batch last loaded. Losses accumulate into [`Self::losses`] (zero it first).
+    pub fn forward<B: Backend + ?Sized>(&self, b: &mut B, batch: usize, time: usize, pass: Pass) -> Result<()> {
+        self.check_batch(batch, time)?;
+        self.forward_span(b, Span::Full { batch, time }, pass)
+    }
+
+    /// Runs one new `token` at position `pos` of a single sequence whose earlier positions went through
+    /// [`Model::forward`] (batch 1) or earlier calls of this: each block's `qkv` activation is the key/value cache,
+    /// so the step costs one position, not the whole context. Its logits are row 0 of [`Model::logits_row`].
+    pub fn decode_step<B: Backend + ?Sized>(&self, b: &mut B, token: u32, pos: usize) -> Result<()> {
+        if pos >= self.spec.block_size {
+            return Err(kiln_core::Error::Invalid(format!(
+                "position {pos} is past block_size {}",
+                self.spec.block_size
+            )));
+        }
+        self.load_batch(b, &[token], None)?;
+        self.forward_span(b, Span::Decode { pos }, Pass::Logits)
+    }
+
+    /// The shape of attention over a `batch × time` batch.
+    fn attention_dims(&self, batch: usize, time: usize) -> AttentionDims {
+        let s = &self.spec;
+        AttentionDims { kv_heads: s.n_kv_head, ..AttentionDims::causal(batch, time, s.n_head, s.head_dim()) }
+    }
+
+    /// The normalisation of `rows` rows.
+    fn norm_dims(&self, rows: usize) -> NormDims {
+        NormDims { rows, c: self.spec.n_embd, kind: self.spec.norm, eps: self.spec.norm_eps }
+    }
+
+    fn forward_span<B: Backend + ?Sized>(&self, b: &mut B, span: Span, pass: Pass) -> Result<()> {
+        let s = &self.spec;
+        let (batch, time) = match span {
+            Span::Full { batch, time } => (batch, time),
+            Span::Decode { .. } => (1, 1),
+        };
+        let (c, n, w) = (s.n_embd, batch * time, s.qkv_width());
+        let rows = |t: Tensor, width: usize| t.slice(0, n * width);
+        let stats = |st: NormStats| NormStats { mean: st.mean.map(|m| rows(m, 1)), rstd: rows(st.rstd, 1) };
+        let att = self.attention_dims(batch, time);
+        let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
+        // A decoded token's position embedding is row `pos`, and it is rotated as position `pos`; its queries, keys
+        // and values go to row `pos` of the cache; everything else about it is a one-row batch.
+        let (first_pos, qkv_rows) = match span {
+            Span::Full { .. } => (0, n),
+            Span::Decode { pos } => (pos, pos + 1),
+        };
+        let wpe = self.p.wpe.map(|wpe| wpe.slice(first_pos * c, time * c));
+        let new_qkv = |qkv: Tensor| match span {
+            Span::Full { .. } => rows(qkv, w),
+            Span::Decode { pos } => qkv.slice(pos * w, w),
+        };
+        // The norm that starts block `l` (or, past the last, the final norm), writing its output and statistics.
+        let norm_into = |l: usize| match (self.blocks.get(l), self.p.blocks.get(l)) {
+            (Some(a), Some(w)) => (a.ln1, a.ln1_stats, w.ln_1),
+            _ => (self.lnf, self.lnf_stats, self.p.ln_f),
+        };
+
+        b.encoder_forward(rows(self.encoded, c), rows(self.tokens, 1), self.p.wte, wpe, batch, time, c)?;
+        let (ln, st, nw) = norm_into(0);
+        let st = stats(st);
+        b.norm_forward(NormForward {
+            out: rows(ln, c),
+            mean: st.mean,
+            rstd: st.rstd,
+            inp: rows(self.encoded, c),
+            residual: None,
+            weight: nw.weight,
+            bias: nw.bias,
+            d: self.norm_dims(n),
+        })?;
+        for (l, (a, wt)) in self.blocks.iter().zip(&self.p.blocks).enumerate() {
+            let residual = if l == 0 { self.encoded } else { self.blocks[l - 1].res3 };
+            let qkv = new_qkv(a.qkv);
+            b.matmul_forward(MatmulForward {
+                out: qkv,
+                inp: rows(a.ln1, c),
+                weight: wt.qkv_w,
+                bias: wt.qkv_b,
+                gelu_pre: None,
+                d: lin(c, w),
+            })?;
+            if let Positions::Rotary { .. } = s.positions {
+                b.rope(Rotary { qkv, table: self.rope_table, d: att, first_pos, inverse: false })?;
+            }
+            let cache = a.qkv.slice(0, qkv_rows * w);
+            match span {
+                Span::Full { .. } => {
+                    b.attention_forward(rows(a.atty, c), a.att_lse.slice(0, batch * s.n_head * time), cache, att)?
+                }
+                Span::Decode { pos } => {
+                    b.attention_decode(rows(a.atty, c), cache, pos, AttentionDims { time: pos + 1, ..att })?
+                }
+            }
+            b.matmul_forward(MatmulForward {
+                out: rows(self.proj, c),
+                inp: rows(a.atty, c),
+                weight: wt.proj_w,
+                bias: wt.proj_b,
+                gelu_pre: None,
+                d: lin(c, c),
+            })?;
+            let st = stats(a.ln2_stats);
+            b.norm_forward(NormForward {
+                out: rows(a.ln2, c),
+                mean: st.mean,
+                rstd: st.rstd,
+                inp: rows(residual, c),
+                residual: Some(ResidualAdd { other: rows(self.proj, c), sum: rows(a.res2, c) }),
+                weight: wt.ln_2.weight,
+                bias: wt.ln_2.bias,
+                d: self.norm_dims(n),
+            })?;
+            let (ffn, fc_width) = (s.ffn_dim, s.fc_width());
+            match s.mlp {
+                Mlp::Gelu => b.matmul_forward(MatmulForward {
+                    out: rows(a.fch, ffn),
+                    inp: rows(a.ln2, c),
+                    weight: wt.fc_w,
+                    bias: wt.fc_b,
+                    gelu_pre: Some(rows(a.fch_pre, fc_width)),
+                    d: lin(c, fc_width),
+                })?,
+                Mlp::SwiGlu => {
+                    b.matmul_forward(MatmulForward {
+                        out: rows(a.fch_pre, fc_width),
+                        inp: rows(a.ln2, c),
+                        weight: wt.fc_w,
+                        bias: wt.fc_b,
+                        gelu_pre: None,
+                        d: lin(c, fc_width),
+                    })?;
+                    b.swiglu_forward(rows(a.fch, ffn), rows(a.fch_pre, fc_width), n, ffn)?;
+                }
+            }
+            b.matmul_forward(MatmulForward {
+                out: rows(self.proj, c),
+                inp: rows(a.fch, ffn),
+                weight: wt.fcproj_w,
+                bias: wt.fcproj_b,
+                gelu_pre: None,
+                d: lin(ffn, c),
+            })?;
+            // The residual add that ends this block, fused with the norm that starts the next (or the final norm).
+            let (ln, st, nw) = norm_into(l + 1);
+            let st = stats(st);
+            b.norm_forward(NormForward {
+                out: rows(ln, c),
+                mean: st.mean,
+                rstd: st.rstd,
+                inp: rows(a.res2, c),
+                residual: Some(ResidualAdd { other: rows(self.proj, c), sum: rows(a.res3, c) }),
+                weight: nw.weight,
+                bias: nw.bias,
+                d: self.norm_dims(n),
+            })?;
+        }
+        let vp = s.padded_vocab;
+        b.matmul_forward(MatmulForward {
+            out: rows(self.logits, vp),
+            inp: rows(self.lnf, c),
+            weight: self.p.head,
+            bias: None,
+            gelu_pre: None,
+            d: lin(c, vp),
+        })?;
+        let dloss = match pass {
+            Pass::Logits => return Ok(()),
+            Pass::Loss => None,
+            Pass::Train { dloss } => Some(dloss),
+        };
+        b.classifier(rows(self.logits, vp), rows(self.losses, 1), rows(self.targets, 1), n, s.vocab, vp, dloss)
+    }
+
+    /// Accumulates the gradients of the last [`Pass::Train`] forward pass (same batch shape) into
+    /// [`Self::grads`].
+    pub fn backward<B: Backend + ?Sized>(&self, b: &mut B, batch: usize, time: usize) -> Result<()> {
+        self.backward_with(b, batch, time, &mut |_, _| Ok(()))
+    }
+
+    /// [`Model::backward`], calling `on_ready(b, from)` each time the gradients from element `from` of
+    /// [`Self::grads`] to its end are final (after the final norm, after each block, from the last to the first,
+    /// and with `from = 0` after the embeddings): a data-parallel trainer starts reducing them there, while the
+    /// rest of the backward pass runs.
+    pub fn backward_with<B: Backend + ?Sized>(
+        &self,
+        b: &mut B,
+        batch: usize,
+        time: usize,
+        on_ready: &mut dyn FnMut(&mut B, usize) -> Result<()>,
+    ) -> Result<()> {
+        self.check_batch(batch, time)?;
+        // The layout puts each block's tensors after the previous block's, the final norm and an untied LM head
+        // last and the embeddings first (see ModelSpec::params), so what is final always runs from some offset to
+        // the end.
+        let ready_from = |t: Tensor| t.offset - self.grads.offset;
+        let s = &self.spec;
+        let (c, n, vp, w) = (s.n_embd, batch * time, s.padded_vocab, s.qkv_width());
+        let rows = |t: Tensor, width: usize| t.slice(0, n * width);
+        let stats = |st: NormStats| (st.mean.map(|m| rows(m, 1)), rows(st.rstd, 1));
+        let att = self.attention_dims(batch, time);
+        let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
+        let (dres, dbtc) = (rows(self.dresidual, c), rows(self.dbtc, c));
+        // Backward of the norm `nw` of input `inp` that saved `st`: its gradient `dout` is added to dres.
+        let norm_backward = |b: &mut B, dout: Tensor, inp: Tensor, nw: NormWeights, gw: NormWeights, st| {
+            let (mean, rstd) = stats(st);
+            b.norm_backward(NormBackward {
+                dinp: dres,
+                dweight: gw.weight,
+                dbias: gw.bias,
+                dout,
+                inp: rows(inp, c),
+                weight: nw.weight,
+                mean,
+                rstd,
+                d: self.norm_dims(n),
+            })
+        };
+
+        // LM head, then the final norm: the residual stream's gradient starts here.
+        b.matmul_backward(MatmulBackward {
+            dinp: dbtc,
+            dweight: self.g.head,
+            dbias: None,
+            dout: rows(self.logits, vp),
+            inp: rows(self.lnf, c),
+            weight: self.p.head,
+            gelu_pre: None,
+            d: lin(c, vp),
+        })?;
+        b.zero(dres)?;
+        let last = &self.blocks[s.n_layer - 1];
+        norm_backward(b, dbtc, last.res3, self.p.ln_f, self.g.ln_f, self.lnf_stats)?;
+        on_ready(b, ready_from(self.g.ln_f.weight))?;
+        for l in (0..s.n_layer).rev() {
+            let (a, wt, g) = (&self.blocks[l], &self.p.blocks[l], &self.g.blocks[l]);
+            let residual = if l == 0 { self.encoded } else { self.blocks[l - 1].res3 };
+            let (ffn, fc_width) = (s.ffn_dim, s.fc_width());
+            let dfch = rows(self.dfch, ffn);
+            // MLP: dres is the gradient of res3, which flows unchanged to res2 and into the MLP's output.
+            let gelu_pre = (s.mlp == Mlp::Gelu).then(|| rows(a.fch_pre, fc_width));
+            b.matmul_backward(MatmulBackward {
+                dinp: dfch,
+                dweight: g.fcproj_w,
+                dbias: g.fcproj_b,
+                dout: dres,
+                inp: rows(a.fch, ffn),
+                weight: wt.fcproj_w,
+                gelu_pre,
+                d: lin(ffn, c),
+            })?;
+            // dfch is now the gradient of GELU's input; SwiGLU's backward takes it to that of the gate and up.
+            let dfc_out = match s.mlp {
+                Mlp::Gelu => dfch,
+                Mlp::SwiGlu => {
+                    let dpre = rows(self.dfch_pre, fc_width);
+                    b.swiglu_backward(dpre, dfch, rows(a.fch_pre, fc_width), n, ffn)?;
+                    dpre
+                }
+            };
+            b.matmul_backward(MatmulBackward {
+                dinp: dbtc,
+                dweight: g.fc_w,
+                dbias: g.fc_b,
+                dout: dfc_out,
+                inp: rows(a.ln2, c),
+                weight: wt.fc_w,
+                gelu_pre: None,
+                d: lin(c, fc_width),
+            })?;
+            norm_backward(b, dbtc, a.res2, wt.ln_2, g.ln_2, a.ln2_stats)?;
+            // Attention.
+            let dqkv = rows(self.dqkv, w);
+            b.matmul_backward(MatmulBackward {
+                dinp: dbtc,
+                dweight: g.proj_w,
+                dbias: g.proj_b,
+                dout: dres,
+                inp: rows(a.atty, c),
+                weight: wt.proj_w,
+                gelu_pre: None,
+                d: lin(c, c),
+            })?;
+            b.attention_backward(
+                dqkv,
+                dbtc,
+                rows(a.qkv, w),
+                rows(a.atty, c),
+                a.att_lse.slice(0, batch * s.n_head * time),
+                att,
+            )?;
+            if let Positions::Rotary { .. } = s.positions {
+                b.rope(Rotary { qkv: dqkv, table: self.rope_table, d: att, first_pos: 0, inverse: true })?;
+            }
+            b.matmul_backward(MatmulBackward {
+                dinp: dbtc,
+                dweight: g.qkv_w,
+                dbias: g.qkv_b,
+                dout: dqkv,
+                inp: rows(a.ln1, c),
+                weight: wt.qkv_w,
+                gelu_pre: None,
+                d: lin(c, w),
+            })?;
+            norm_backward(b, dbtc, residual, wt.ln_1, g.ln_1, a.ln1_stats)?;
+            on_ready(b, ready_from(g.qkv_w))?;
+        }
+        b.encoder_backward(self.g.wte, self.g.wpe, dres, rows(self.tokens, 1), batch, time, c)?;
+        on_ready(b, 0)
+    }
+
+    /// The logits of one position (`row = b·time + t` of the last forward pass), over the real vocabulary.
+    pub fn logits_row<B: Backend + ?Sized>(&self, backend: &mut B, row: usize, out: &mut [f32]) -> Result<()> {
+        let vp = self.spec.padded_vocab;
+        backend.download(self.logits.slice(row * vp, self.spec.vocab), out)
+    }
+}

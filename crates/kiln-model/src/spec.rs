@@ -1,0 +1,249 @@
+//! What a model is: one transformer, its variants described by a [`ModelSpec`].
+//!
+//! Every model kiln trains is the same stack of pre-norm blocks (a normalisation, attention, a residual add; a
+//! normalisation, an MLP, a residual add) between an embedding and an LM head. The families differ in a few
+//! places, each a field here: the normalisation, how positions enter, the MLP's nonlinearity, whether the linear
+//! layers have biases, how many key/value heads attention has, and whether the LM head is the token embedding. The
+//! spec derives the parameter layout ([`ModelSpec::params`]) and the forward and backward passes (`model.rs`)
+//! branch on these fields and nothing else, so a new variant is one more case of a field.
+
+use crate::params::{Init, ParamInfo};
+use kiln_core::NormKind;
+use kiln_core::config::{Arch, ModelConfig, RopeScaling};
+
+/// How a block learns where a token is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Positions {
+    /// A learned embedding per position, added to the token's (GPT-2).
+    Learned,
+    /// Queries and keys rotated by position (RoPE), with frequencies `theta^(−2i/head_dim)`, optionally rescaled.
+    Rotary { theta: f64, scaling: Option<RopeScaling> },
+}
+
+/// The MLP's nonlinearity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mlp {
+    /// `proj(gelu(fc(x)))`, `fc` of width `ffn_dim` (GPT-2).
+    Gelu,
+    /// `proj(silu(gate(x)) ⊙ up(x))`, with `gate` and `up` one fused product of width `2·ffn_dim` (Llama).
+    SwiGlu,
+}
+
+/// The sizes and variants that determine a model's parameters and activations.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelSpec {
+    pub arch: Arch,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub n_embd: usize,
+    pub ffn_dim: usize,
+    /// The longest sequence the model sees: learned positions, or the rows of the rotary table.
+    pub block_size: usize,
+    /// Tokens of the tokenizer.
+    pub vocab: usize,
+    /// `vocab` rounded up to a multiple of 64, for aligned matrix shapes; the extra rows are never used.
+    pub padded_vocab: usize,
+    pub norm: NormKind,
+    pub norm_eps: f32,
+    pub positions: Positions,
+    pub mlp: Mlp,
+    /// Whether the linear layers (attention's and the MLP's) have biases.
+    pub bias: bool,
+    /// Whether the LM head is the token embedding.
+    pub tie_embeddings: bool,
+}
+
+/// Standard deviation of the initial weights of every matrix.
+const INIT_STD: f32 = 0.02;
+
+impl ModelSpec {
+    /// The model a config describes, for a tokenizer of `vocab` tokens.
+    pub fn new(m: &ModelConfig, vocab: usize) -> Self {
+        let llama = m.arch == Arch::Llama;
+        ModelSpec {
+            arch: m.arch,
+            n_layer: m.n_layer,
+            n_head: m.n_head,
+            n_kv_head: m.n_kv_head(),
+            n_embd: m.n_embd,
+            ffn_dim: m.ffn_dim(),
+            block_size: m.block_size,
+            vocab,
+            padded_vocab: vocab.div_ceil(64) * 64,
+            norm: if llama { NormKind::Rms } else { NormKind::Layer },
+            norm_eps: m.norm_eps() as f32,
+            positions: match m.rope_theta() {
+                Some(theta) => Positions::Rotary { theta, scaling: m.rope_scaling },
+                None => Positions::Learned,
+            },
+            mlp: if llama { Mlp::SwiGlu } else { Mlp::Gelu },
+            bias: !llama,
+            tie_embeddings: m.tie_embeddings(),
+        }
+    }
+
+    /// GPT-2 of the given sizes (the LM head tied, the MLP 4·n_embd wide, ε = 1e-5).
+    pub fn gpt2(n_layer: usize, n_head: usize, n_embd: usize, block_size: usize, vocab: usize) -> Self {
+        let config = ModelConfig {
+            arch: Arch::Gpt2,
+            n_layer,
+            n_head,
+            n_embd,
+            block_size,
+            n_kv_head: None,
+            ffn_dim: None,
+            norm_eps: None,
+            tie_embeddings: None,
+            rope_theta: None,
+            rope_scaling: None,
+            init: None,
+            attention: Default::default(),
+        };
+        ModelSpec::new(&config, vocab)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Width of a row of the fused query/key/value projection: the queries, then the keys, then the values.
+    pub fn qkv_width(&self) -> usize {
+        (self.n_head + 2 * self.n_kv_head) * self.head_dim()
+    }
+
+    /// Width of the MLP's first product: the hidden layer, or for SwiGLU its gate and up halves.
+    pub fn fc_width(&self) -> usize {
+        match self.mlp {
+            Mlp::Gelu => self.ffn_dim,
+            Mlp::SwiGlu => 2 * self.ffn_dim,
+        }
+    }
+
+    /// The parameter tensors in layout order.
+    ///
+    /// Order: `wte`, `wpe` (learned positions), then each block's tensors, then the final norm and, when it is not
+    /// tied, the LM head. Within a block the four weight matrices come first and the vectors (biases and norm
+    /// parameters) after them, so that the weights that take weight decay form one contiguous run per block and a
+    /// block's gradients are contiguous (a data-parallel reduction can start on a block as soon as its backward
+    /// pass is done). Everything from any block on is final once the backward pass has passed that block, since
+    /// the tensors after the blocks (final norm, LM head) are the first it finishes.
+    pub fn params(&self) -> Vec<ParamInfo> {
+        let (c, l, f) = (self.n_embd, self.n_layer, self.ffn_dim);
+        // GPT-2 scales the init of the projections that write into the residual stream by 1/√(2·n_layer), so
+        // that the stream's variance does not grow with depth.
+        let residual_std = INIT_STD / ((2 * l) as f32).sqrt();
+        let layer_norm = self.norm == NormKind::Layer;
+        let mut list = Vec::new();
+        let mut push = |name: String, shape: Vec<usize>, init: Init, decay: bool| {
+            list.push(ParamInfo { name, shape, init, decay, offset: 0 });
+        };
+        push("wte".into(), vec![self.padded_vocab, c], Init::Normal(INIT_STD), true);
+        if self.positions == Positions::Learned {
+            push("wpe".into(), vec![self.block_size, c], Init::Normal(INIT_STD), true);
+        }
+        for i in 0..l {
+            let p = |n: &str| format!("h.{i}.{n}");
+            push(p("attn.qkv.weight"), vec![self.qkv_width(), c], Init::Normal(INIT_STD), true);
+            push(p("attn.proj.weight"), vec![c, c], Init::Normal(residual_std), true);
+            push(p("mlp.fc.weight"), vec![self.fc_width(), c], Init::Normal(INIT_STD), true);
+            push(p("mlp.proj.weight"), vec![c, f], Init::Normal(residual_std), true);
+            push(p("ln_1.weight"), vec![c], Init::Ones, false);
+            if layer_norm {
+                push(p("ln_1.bias"), vec![c], Init::Zeros, false);
+            }
+            if self.bias {
+                push(p("attn.qkv.bias"), vec![self.qkv_width()], Init::Zeros, false);
+                push(p("attn.proj.bias"), vec![c], Init::Zeros, false);
+            }
+            push(p("ln_2.weight"), vec![c], Init::Ones, false);
+            if layer_norm {
+                push(p("ln_2.bias"), vec![c], Init::Zeros, false);
+            }
+            if self.bias {
+                push(p("mlp.fc.bias"), vec![self.fc_width()], Init::Zeros, false);
+                push(p("mlp.proj.bias"), vec![c], Init::Zeros, false);
+            }
+        }
+        push("ln_f.weight".into(), vec![c], Init::Ones, false);
+        if layer_norm {
+            push("ln_f.bias".into(), vec![c], Init::Zeros, false);
+        }
+        if !self.tie_embeddings {
+            push("lm_head".into(), vec![self.padded_vocab, c], Init::Normal(INIT_STD), true);
+        }
+        let mut offset = 0;
+        for p in &mut list {
+            p.offset = offset;
+            offset += p.len();
+        }
+        list
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params().iter().map(ParamInfo::len).sum()
+    }
+
+    /// Parameters excluding the position embeddings and the unused padded rows of the embedding and LM head, as
+    /// GPT-2's papers and MFU formulas count them.
+    pub fn num_counted_params(&self) -> usize {
+        let unused_rows = (self.padded_vocab - self.vocab) * if self.tie_embeddings { 1 } else { 2 };
+        let positions = if self.positions == Positions::Learned { self.block_size } else { 0 };
+        self.num_params() - (unused_rows + positions) * self.n_embd
+    }
+
+    /// Whether `name` is a matrix with a row per token (the embedding, the LM head), whose padded rows are unused.
+    pub fn has_vocab_rows(name: &str) -> bool {
+        name == "wte" || name == "lm_head"
+    }
+
+    /// Elements of [`ModelSpec::rope_table`].
+    pub fn rope_table_len(&self) -> usize {
+        match self.positions {
+            Positions::Learned => 0,
+            Positions::Rotary { .. } => self.block_size * self.head_dim(),
+        }
+    }
+
+    /// The rotary table for [`kiln_core::Rotary`]: `cos θ` for every position below `block_size` and pair `i`, then
+    /// `sin θ`, `θ = p·freq[i]`; empty for learned positions.
+    ///
+    /// The frequencies and angles are computed in f32 as transformers computes them (`1/theta^(2i/d)`, then the
+    /// product with the position), so that a model loaded from Hugging Face sees the same angles; their cosines
+    /// and sines are taken in f64 and rounded once.
+    pub fn rope_table(&self) -> Vec<f32> {
+        let Positions::Rotary { theta, scaling } = self.positions else { return Vec::new() };
+        let (d, half) = (self.head_dim(), self.head_dim() / 2);
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| {
+                let freq = 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32);
+                scaling.map_or(freq, |s| llama3_scaled(freq, &s))
+            })
+            .collect();
+        let mut table = vec![0.0f32; self.rope_table_len()];
+        let (cos, sin) = table.split_at_mut(self.block_size * half);
+        for p in 0..self.block_size {
+            for (i, &freq) in freqs.iter().enumerate() {
+                let angle = (p as f32 * freq) as f64;
+                cos[p * half + i] = angle.cos() as f32;
+                sin[p * half + i] = angle.sin() as f32;
+            }
+        }
+        table
+    }
+}
+
+/// One rotary frequency under Llama 3's rescaling (see [`RopeScaling`]), in f32 as transformers computes it.
+fn llama3_scaled(freq: f32, s: &RopeScaling) -> f32 {
+    let (factor, low, high) = (s.factor as f32, s.low_freq_factor as f32, s.high_freq_factor as f32);
+    let old_context = s.original_max_position_embeddings as f32;
+    let wavelength = 2.0 * std::f32::consts::PI / freq;
+    if wavelength < old_context / high {
+        freq
+    } else if wavelength > old_context / low {
+        freq / factor
+    } else {
+        let smooth = (old_context / wavelength - low) / (high - low);
+        (1.0 - smooth) * freq / factor + smooth * freq
+    }
+}
