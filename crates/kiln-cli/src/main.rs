@@ -128,11 +128,15 @@ enum Command {
     Export {
         #[arg(long)]
         checkpoint: PathBuf,
-        /// hf: model.safetensors and config.json, loadable by transformers' GPT2LMHeadModel.
+        /// hf: model.safetensors (or shards and model.safetensors.index.json) and config.json, loadable by
+        /// transformers' GPT2LMHeadModel or LlamaForCausalLM.
         #[arg(long, value_enum, default_value_t = ExportFormat::Hf)]
         format: ExportFormat,
         #[arg(long)]
         out: PathBuf,
+        /// Split the weights into shards of at most this many megabytes (10⁶ bytes), as transformers does.
+        #[arg(long, default_value_t = 5000.0)]
+        max_shard_mb: f64,
     },
     /// Check an engine against the CPU engine in f64: every operation, the model's gradients, 20 training steps.
     Selftest {
@@ -304,7 +308,9 @@ fn main() -> ExitCode {
                 SampleOptions { max_new_tokens, temperature, top_k, top_p, seed, stop: None, kv_cache: !no_kv_cache };
             sample(&checkpoint, &prompt, &options, backend)
         }
-        Command::Export { checkpoint, format: ExportFormat::Hf, out } => export_hf(&checkpoint, &out),
+        Command::Export { checkpoint, format: ExportFormat::Hf, out, max_shard_mb } => {
+            export_hf(&checkpoint, &out, max_shard_mb)
+        }
         Command::Prepare { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy } => {
             let tokenizer = match tokenizer {
                 TokenizerChoice::Gpt2 => Tokenization::Gpt2,
@@ -544,19 +550,15 @@ fn eval_on<B: Backend>(config: &Config, backend: B, checkpoint: &std::path::Path
     Ok(())
 }
 
-/// Copies the model files of a checkpoint into a new directory, written whole or not at all.
-fn export_hf(checkpoint: &std::path::Path, out: &std::path::Path) -> Result<()> {
-    if out.exists() {
-        return Err(Error::Usage(format!("{} exists; choose a new directory", out.display())));
+/// Writes the model of a checkpoint into a new directory as transformers reads it, whole or not at all.
+fn export_hf(checkpoint: &std::path::Path, out: &std::path::Path, max_shard_mb: f64) -> Result<()> {
+    if !(max_shard_mb.is_finite() && max_shard_mb > 0.0) {
+        return Err(Error::Usage(format!("--max-shard-mb {max_shard_mb} must be a number above 0")));
     }
-    let tmp = out.with_extension("tmp");
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    for file in ["model.safetensors", "config.json"] {
-        let from = checkpoint.join(file);
-        std::fs::copy(&from, tmp.join(file)).map_err(|e| Error::data(&from, format!("cannot copy: {e}")))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    println!("wrote {} (model.safetensors, config.json)", out.display());
+    let written = kiln_train::checkpoint::export(checkpoint, out, (max_shard_mb * 1e6) as usize)?;
+    let names: Vec<String> =
+        written.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+    println!("wrote {} ({}, config.json)", out.display(), names.join(", "));
     Ok(())
 }
 

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+mod hf;
+
 /// The quickstart config, used when no config file is given.
 pub const QUICKSTART: &str = include_str!("../../../configs/quickstart.toml");
 
@@ -154,6 +156,42 @@ impl ModelConfig {
         self.norm_eps = Some(self.norm_eps());
         self.tie_embeddings = Some(self.tie_embeddings());
         self.rope_theta = self.rope_theta();
+    }
+
+    /// Fails unless the keys set here agree with `theirs`, the `[model]` table of the Hugging Face `config.json` at
+    /// `path` that `model.init` reads. The one key that may differ is `block_size`, the longest sequence trained on:
+    /// any with rotary positions, at most the learned positions with GPT-2's.
+    fn check_agrees(&self, theirs: toml::Table, path: &Path, source_of: &impl Fn(&str) -> String) -> Result<()> {
+        let config_error = |key: String, message: String| Error::config(source_of(&key), key, message);
+        let mut theirs: ModelConfig = toml::Value::Table(theirs)
+            .try_into()
+            .map_err(|e| Error::data(path, format!("does not describe a model kiln can build: {e}")))?;
+        theirs.resolve();
+        if self.arch == Arch::Gpt2 && self.block_size > theirs.block_size {
+            let message = format!(
+                "{} is more than the {} learned positions of {}",
+                self.block_size,
+                theirs.block_size,
+                path.display()
+            );
+            return Err(config_error("model.block_size".into(), message));
+        }
+        let (ours, theirs) = (toml::Table::try_from(self), toml::Table::try_from(&theirs));
+        let (ours, theirs) = (ours.expect("a ModelConfig serializes"), theirs.expect("a ModelConfig serializes"));
+        for (key, value) in &theirs {
+            if key != "block_size" && ours.get(key) != Some(value) {
+                let mine = ours.get(key).map_or("not set".to_string(), |v| v.to_string());
+                let message = format!("is {mine} but {} says {value}", path.display());
+                return Err(config_error(format!("model.{key}"), message));
+            }
+        }
+        if let Some(key) =
+            ours.keys().find(|k| !theirs.contains_key(*k) && !["init", "attention"].contains(&k.as_str()))
+        {
+            let message = format!("is set, but {} has no such setting", path.display());
+            return Err(config_error(format!("model.{key}"), message));
+        }
+        Ok(())
     }
 
     /// Keys that the family does not have, or values it cannot take, as `(key, message)`.
@@ -384,13 +422,28 @@ impl Config {
         let mut table: toml::Table = text.parse().map_err(|e| syntax_error(text, source, &e))?;
         let overridden = apply_overrides(&mut table, overrides)?;
         let source_of = |key: &str| if overridden.contains(key) { SET_SOURCE } else { source }.to_string();
+        // A model read from Hugging Face brings its shape: config.json fills in the [model] keys not given.
+        let hf = hf_init_config(&table).map(|path| hf::model_table(&path).map(|t| (path, t))).transpose()?;
+        if let (Some((path, theirs)), Some(model)) = (&hf, table.get_mut("model").and_then(|m| m.as_table_mut())) {
+            // The family first: every other key's meaning depends on it.
+            if let Some(arch) = model.get("arch").filter(|a| Some(*a) != theirs.get("arch")) {
+                let message = format!("is {arch} but {} says {}", path.display(), theirs["arch"]);
+                return Err(Error::config(source_of("model.arch"), "model.arch", message));
+            }
+            for (key, value) in theirs {
+                model.entry(key).or_insert_with(|| value.clone());
+            }
+        }
 
         let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
             let (key, message) = describe_serde_error(&e);
             Error::config(source_of(&key), key, message)
         })?;
-        config.validate(source_of)?;
+        config.validate(&source_of)?;
         config.model.resolve();
+        if let Some((path, theirs)) = hf {
+            config.model.check_agrees(theirs, &path, &source_of)?;
+        }
         config.train.total_batch_tokens = Some(config.total_batch_tokens());
         Ok(config)
     }
@@ -430,7 +483,7 @@ impl Config {
 
     /// Checks the values against their ranges and each other; the first problem becomes an error naming its key and
     /// `source_of(key)`.
-    fn validate(&self, source_of: impl Fn(&str) -> String) -> Result<()> {
+    fn validate(&self, source_of: &impl Fn(&str) -> String) -> Result<()> {
         let (m, d, t, o) = (&self.model, &self.data, &self.train, &self.optim);
         let per_micro_batch = t.micro_batch.checked_mul(m.block_size);
         // A zero divisor (or an overflowing one, as 0) is reported by its own check, which comes first.
@@ -537,6 +590,12 @@ impl Config {
             None => Ok(()),
         }
     }
+}
+
+/// `DIR/config.json` of a `model.init = "hf:DIR"`, if the table has one.
+fn hf_init_config(table: &toml::Table) -> Option<std::path::PathBuf> {
+    let init = table.get("model")?.get("init")?.as_str()?;
+    Some(Path::new(init.strip_prefix("hf:")?).join("config.json"))
 }
 
 /// Turns a TOML syntax error into a one-line message with the line and column, rather than toml's multi-line
@@ -859,7 +918,7 @@ mod tests {
             "model.arch=llama",
             "model.rope_scaling={ type = \"llama3\", factor = 8.0, low_freq_factor = 1.0, high_freq_factor = 4.0, \
              original_max_position_embeddings = 64 }",
-            "model.init=\"hf:x\"",
+            "model.init=\"llmc:x\"",
             "data.val=\"v.txt\"",
             "train.total_batch_tokens=3328",
         ]);

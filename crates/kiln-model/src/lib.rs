@@ -6,6 +6,7 @@
 //! passes layer by layer, explicitly, with every buffer allocated once when the model is built.
 
 pub mod generate;
+pub mod hf;
 pub mod model;
 pub mod params;
 pub mod spec;

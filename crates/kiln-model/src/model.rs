@@ -375,7 +375,7 @@ impl Model {
 
     /// The normalisation of `rows` rows.
     fn norm_dims(&self, rows: usize) -> NormDims {
-        NormDims { rows, c: self.spec.n_embd, kind: self.spec.norm, eps: self.spec.norm_eps }
+        NormDims { rows, c: self.spec.n_embd, kind: self.spec.norm, eps: self.spec.norm_eps as f32 }
     }
 
     fn forward_span<B: Backend + ?Sized>(&self, b: &mut B, span: Span, pass: Pass) -> Result<()> {

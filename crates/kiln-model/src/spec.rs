@@ -45,7 +45,8 @@ pub struct ModelSpec {
     /// `vocab` rounded up to a multiple of 64, for aligned matrix shapes; the extra rows are never used.
     pub padded_vocab: usize,
     pub norm: NormKind,
-    pub norm_eps: f32,
+    /// ε of every normalisation, as configured (the engines compute with it in f32).
+    pub norm_eps: f64,
     pub positions: Positions,
     pub mlp: Mlp,
     /// Whether the linear layers (attention's and the MLP's) have biases.
@@ -72,7 +73,7 @@ impl ModelSpec {
             vocab,
             padded_vocab: vocab.div_ceil(64) * 64,
             norm: if llama { NormKind::Rms } else { NormKind::Layer },
-            norm_eps: m.norm_eps() as f32,
+            norm_eps: m.norm_eps(),
             positions: match m.rope_theta() {
                 Some(theta) => Positions::Rotary { theta, scaling: m.rope_scaling },
                 None => Positions::Learned,

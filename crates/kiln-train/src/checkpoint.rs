@@ -1,64 +1,43 @@
 //! Checkpoints: everything a run needs to continue exactly, in a directory per step.
 //!
 //! `out_dir/checkpoints/step_00000100/` holds
-//! - `model.safetensors`: the weights in Hugging Face GPT-2's names and layout (`transformer.h.0.attn.c_attn.weight`,
-//!   linear weights stored `(in, out)` as GPT-2's Conv1D keeps them, `wte` without the padded rows), and
-//!   `config.json` beside it, so the directory loads as a `GPT2LMHeadModel`;
-//! - `optimizer.safetensors`: AdamW's moments `m` and `v`, flat, in kiln's parameter layout (without the padding a
-//!   data-parallel job adds, so that a checkpoint loads at any number of ranks);
-//! - `state.json`: the step and the resolved configuration. The data position is the step itself (sequences
-//!   are a function of seed and step) and nothing else is random, so that is the whole state.
+//! - the weights as transformers names and lays them out (see [`kiln_model::hf`]): `model.safetensors`, or for a
+//!   large model shards and `model.safetensors.index.json`, fp32, with `config.json` beside them, so the directory
+//!   loads as a `GPT2LMHeadModel` or `LlamaForCausalLM`;
+//! - `optimizer.safetensors`: AdamW's moments, `m.NAME` and `v.NAME` for each kiln parameter `NAME`, so that a
+//!   layout that changes can never pair moments with the wrong weights (and without the padding a data-parallel
+//!   job adds, so that a checkpoint loads at any number of ranks);
+//! - `state.json`: the step and the resolved configuration. The data position is the step itself (sequences are a
+//!   function of seed and step) and nothing else is random, so that is the whole state.
 //!
+//! Everything is written and read one tensor at a time ([`crate::tensor_files`]): no whole-model copy on the host.
 //! A checkpoint is written into a temporary directory that is renamed into place when complete, so a crash
 //! mid-write leaves the previous checkpoints intact and no half-written directory that looks complete.
 
+use crate::tensor_files::{self, Entry, TensorFiles};
 use kiln_core::{Backend, Config, Error, Result};
-use kiln_model::{Model, ModelSpec, ParamInfo};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use kiln_model::Model;
+use kiln_model::hf::{self, HfTensor, SpecialTokens};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 const STEP_PREFIX: &str = "step_";
 
-/// The Hugging Face name of a kiln parameter, and whether its matrix is stored transposed there.
-fn hf_name(name: &str) -> (String, bool) {
-    let (prefix, rest) = match name.strip_prefix("h.") {
-        Some(rest) => {
-            let (layer, tail) = rest.split_once('.').expect("block parameters are h.<i>.<name>");
-            (format!("transformer.h.{layer}."), tail)
-        }
-        None => ("transformer.".to_string(), name),
-    };
-    let (hf, transposed) = match rest {
-        "wte" | "wpe" => (format!("{rest}.weight"), false),
-        "attn.qkv.weight" => ("attn.c_attn.weight".into(), true),
-        "attn.qkv.bias" => ("attn.c_attn.bias".into(), false),
-        "attn.proj.weight" => ("attn.c_proj.weight".into(), true),
-        "attn.proj.bias" => ("attn.c_proj.bias".into(), false),
-        "mlp.fc.weight" => ("mlp.c_fc.weight".into(), true),
-        "mlp.fc.bias" => ("mlp.c_fc.bias".into(), false),
-        "mlp.proj.weight" => ("mlp.c_proj.weight".into(), true),
-        "mlp.proj.bias" => ("mlp.c_proj.bias".into(), false),
-        other => (other.to_string(), false),
-    };
-    (format!("{prefix}{hf}"), transposed)
+/// The size at which the weights are split into shards, as transformers' `save_pretrained` splits them.
+pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+/// Which values a checkpoint's writer asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Params,
+    /// AdamW's first moment.
+    M,
+    /// AdamW's second moment.
+    V,
 }
 
-/// Rows of a parameter that are saved: `wte` without its padded rows, everything else whole.
-fn saved_shape(p: &ParamInfo, shape: &ModelSpec) -> Vec<usize> {
-    match (p.name.as_str(), hf_name(&p.name).1) {
-        ("wte", _) => vec![shape.vocab, shape.n_embd],
-        (_, true) => vec![p.shape[1], p.shape[0]],
-        _ => p.shape.clone(),
-    }
-}
-
-fn le_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn from_le_bytes(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-}
+/// Fills the values of `source` at elements `range` of the flat parameter vector.
+pub type Fetch<'a> = dyn FnMut(Source, Range<usize>, &mut Vec<f32>) -> Result<()> + 'a;
 
 /// Where a run's checkpoints go: `out_dir/checkpoints`.
 pub fn root(config: &Config) -> PathBuf {
@@ -93,45 +72,151 @@ fn json_field<'a>(v: &'a serde_json::Value, key: &str, file: &Path) -> Result<&'
     v.get(key).ok_or_else(|| Error::data(file, format!("no \"{key}\" field")))
 }
 
-/// Loads `dir/model.safetensors` (Hugging Face GPT-2 names, with or without the `transformer.` prefix that
-/// `GPT2LMHeadModel` adds) into `model`'s parameters.
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value).expect("plain JSON")).map_err(io(path))
+}
+
+/// Writes `model`'s weights into `dir` as transformers saves them (fp32, sharded past `max_shard_bytes`), with
+/// `config.json`. `fetch(Source::Params, ..)` supplies the values; see [`tensor_files::write`] for `write`.
+pub fn write_model(
+    dir: &Path,
+    model: &Model,
+    tokens: SpecialTokens,
+    max_shard_bytes: usize,
+    write: bool,
+    fetch: &mut Fetch,
+) -> Result<()> {
+    let tensors = hf::tensors(&model.spec, &model.layout);
+    let entries: Vec<Entry> = tensors.iter().map(|t| Entry { name: t.name.clone(), shape: t.shape.clone() }).collect();
+    let mut kiln = Vec::new();
+    tensor_files::write(dir, "model", &entries, max_shard_bytes, write, &mut |i, values| {
+        fetch(Source::Params, tensors[i].elements.clone(), &mut kiln)?;
+        *values = tensors[i].from_kiln(&kiln);
+        Ok(())
+    })?;
+    if write {
+        write_json(&dir.join("config.json"), &hf::config_json(&model.spec, tokens))?;
+    }
+    Ok(())
+}
+
+/// Writes the checkpoint of `step` under `root`, then deletes all but the newest `keep`. Every rank of a job calls
+/// it, and `fetch` is called in the same order on each (a ZeRO rank gathers each tensor from all of them); only
+/// the rank with `write` set touches the filesystem. Returns the checkpoint's directory.
+#[allow(clippy::too_many_arguments)]
+pub fn save(
+    root: &Path,
+    step: u64,
+    config: &Config,
+    model: &Model,
+    tokens: SpecialTokens,
+    keep: usize,
+    write: bool,
+    fetch: &mut Fetch,
+) -> Result<PathBuf> {
+    let final_dir = step_dir(root, step);
+    let tmp = root.join(format!(".tmp-{STEP_PREFIX}{step:08}-{}", std::process::id()));
+    if write {
+        std::fs::create_dir_all(root).map_err(io(root))?;
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    write_model(&tmp, model, tokens, MAX_SHARD_BYTES, write, fetch)?;
+
+    let moments: Vec<(Source, &kiln_model::ParamInfo)> =
+        [Source::M, Source::V].into_iter().flat_map(|s| model.layout.iter().map(move |p| (s, p))).collect();
+    let entries: Vec<Entry> =
+        moments.iter().map(|(s, p)| Entry { name: moment_name(*s, &p.name), shape: p.shape.clone() }).collect();
+    tensor_files::write(&tmp, "optimizer", &entries, usize::MAX, write, &mut |i, values| {
+        let (source, p) = moments[i];
+        fetch(source, p.offset..p.offset + p.len(), values)
+    })?;
+    if !write {
+        return Ok(final_dir);
+    }
+    write_json(&tmp.join("state.json"), &serde_json::json!({ "step": step, "config": config.to_toml_string() }))?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+
+    let all = list(root);
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(old).map_err(io(old))?;
+    }
+    Ok(final_dir)
+}
+
+fn moment_name(source: Source, param: &str) -> String {
+    match source {
+        Source::M => format!("m.{param}"),
+        Source::V => format!("v.{param}"),
+        Source::Params => unreachable!("moments only"),
+    }
+}
+
+/// Finds `t` in `files`: by its name, or for GPT-2 also without the `transformer.` prefix that `GPT2LMHeadModel`
+/// adds (`GPT2Model` saves without it).
+fn read_hf(files: &TensorFiles, t: &HfTensor) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+    if let Some(found) = files.read(&t.name)? {
+        return Ok(Some(found));
+    }
+    match t.name.strip_prefix("transformer.") {
+        Some(bare) => files.read(bare),
+        None => Ok(None),
+    }
+}
+
+/// Loads the model files in `dir` (a kiln checkpoint, an export, or a directory written by transformers: one
+/// `model.safetensors` or shards with an index; F32, BF16 or F16) into `model`'s parameters, one tensor at a time.
+/// Every tensor's presence and shape is checked, and a mismatch names the tensor and the file.
 pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B) -> Result<()> {
-    let model_path = dir.join("model.safetensors");
-    let bytes = read_file(&model_path)?;
-    let file = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::data(&model_path, format!("not a safetensors file: {e}")))?;
-    let shape = model.spec;
-    let mut params = vec![0.0f32; model.params.len];
-    for p in &model.layout {
-        let (name, transposed) = hf_name(&p.name);
-        let want = saved_shape(p, &shape);
-        let bare = name.strip_prefix("transformer.").unwrap_or(&name);
-        let t = file
-            .tensor(&name)
-            .or_else(|_| file.tensor(bare))
-            .map_err(|_| Error::data(&model_path, format!("no tensor {name}")))?;
-        if t.dtype() != Dtype::F32 || t.shape() != want.as_slice() {
+    let files = TensorFiles::open(dir, "model")?;
+    for t in hf::tensors(&model.spec, &model.layout) {
+        let (shape, values) = read_hf(&files, &t)?
+            .ok_or_else(|| Error::data(dir, format!("no tensor {} in {}", t.name, files.describe())))?;
+        // GPT-2's learned positions may be more than the run uses: it takes the first block_size.
+        let fits = shape == t.shape
+            || (t.name.ends_with("wpe.weight") && shape[0] >= t.shape[0] && shape[1..] == t.shape[1..]);
+        if !fits {
+            let path = files.path_of(&t.name).unwrap_or(dir);
             return Err(Error::data(
-                &model_path,
+                path,
                 format!(
-                    "tensor {name} is {:?} {:?}; this model needs F32 {want:?} (a checkpoint of another model.spec?)",
-                    t.dtype(),
-                    t.shape()
+                    "tensor {} is {shape:?}; this model needs {:?} (a checkpoint of another model shape?)",
+                    t.name, t.shape
                 ),
             ));
         }
-        let values = from_le_bytes(t.data());
-        let dst = &mut params[p.offset..p.offset + p.len()];
-        if transposed {
-            let (rows, cols) = (p.shape[0], p.shape[1]);
-            for (i, d) in dst.iter_mut().enumerate() {
-                *d = values[(i % cols) * rows + i / cols];
-            }
-        } else {
-            dst[..values.len()].copy_from_slice(&values);
-        }
+        let values = t.to_kiln(&values[..t.len()]);
+        backend.upload(model.params.slice(t.elements.start, t.len()), &values)?;
     }
-    backend.upload(model.params, &params)
+    Ok(())
+}
+
+/// Writes the model of the checkpoint (or Hugging Face directory) `from` into the new directory `to`, fp32 or as
+/// stored, sharded past `max_shard_bytes`, with its `config.json`: what transformers' `from_pretrained` reads. The
+/// directory appears whole or not at all. Returns the model files written.
+pub fn export(from: &Path, to: &Path, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
+    if to.exists() {
+        return Err(Error::Usage(format!("{} exists; choose a new directory", to.display())));
+    }
+    let files = TensorFiles::open(from, "model")?;
+    let names = files.names();
+    let mut entries = Vec::with_capacity(names.len());
+    for name in &names {
+        let (shape, _) = files.read(name)?.expect("a name the files listed");
+        entries.push(Entry { name: name.clone(), shape });
+    }
+    let tmp = to.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let written = tensor_files::write(&tmp, "model", &entries, max_shard_bytes, true, &mut |i, values| {
+        *values = files.read(&entries[i].name)?.expect("a name the files listed").1;
+        Ok(())
+    })?;
+    let config = from.join("config.json");
+    std::fs::copy(&config, tmp.join("config.json")).map_err(|e| Error::data(&config, format!("cannot copy: {e}")))?;
+    std::fs::rename(&tmp, to).map_err(io(to))?;
+    Ok(written.iter().map(|p| to.join(p.file_name().expect("a file"))).collect())
 }
 
 /// The configuration a checkpoint was trained with (from `state.json`), with `overrides` applied.
@@ -143,135 +228,43 @@ pub fn config(dir: &Path, overrides: &[String]) -> Result<Config> {
     Config::from_toml_str(text, &state_path.display().to_string(), overrides)
 }
 
-/// Writes the checkpoint of `step` under `root` (the weights `params` and AdamW moments of `model`, in its layout),
-/// then deletes all but the newest `keep`.
-pub fn save(
-    root: &Path,
-    step: u64,
-    config: &Config,
-    model: &Model,
-    params: &[f32],
-    moments: (&[f32], &[f32]),
-    keep: usize,
-) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).map_err(io(root))?;
-    let final_dir = step_dir(root, step);
-    let tmp = root.join(format!(".tmp-{STEP_PREFIX}{step:08}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-
-    let shape = model.spec;
-    let mut weights: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for p in &model.layout {
-        let (name, transposed) = hf_name(&p.name);
-        let values = &params[p.offset..p.offset + p.len()];
-        let saved = saved_shape(p, &shape);
-        let data: Vec<f32> = if transposed {
-            let (rows, cols) = (p.shape[0], p.shape[1]);
-            (0..cols * rows).map(|i| values[(i % rows) * cols + i / rows]).collect()
-        } else {
-            values[..saved.iter().product::<usize>()].to_vec()
-        };
-        weights.push((name, saved, le_bytes(&data)));
-    }
-    write_safetensors(&tmp.join("model.safetensors"), &weights)?;
-
-    let (m, v) = moments;
-    let moment_tensors: Vec<_> =
-        [("m", m), ("v", v)].iter().map(|(name, host)| (name.to_string(), vec![host.len()], le_bytes(host))).collect();
-    write_safetensors(&tmp.join("optimizer.safetensors"), &moment_tensors)?;
-
-    let hf_config = serde_json::json!({
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": shape.vocab,
-        "n_positions": shape.block_size,
-        "n_ctx": shape.block_size,
-        "n_embd": shape.n_embd,
-        "n_layer": shape.n_layer,
-        "n_head": shape.n_head,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "tie_word_embeddings": true,
-    });
-    let state = serde_json::json!({ "step": step, "config": config.to_toml_string() });
-    for (file, value) in [("config.json", hf_config), ("state.json", state)] {
-        let path = tmp.join(file);
-        std::fs::write(&path, serde_json::to_string_pretty(&value).expect("plain JSON")).map_err(io(&path))?;
-    }
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
-
-    let all = list(root);
-    for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(old).map_err(io(old))?;
-    }
-    Ok(final_dir)
-}
-
-fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<()> {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(name, shape, data)| {
-            let view = TensorView::new(Dtype::F32, shape.clone(), data).expect("the shape matches the data");
-            (name.clone(), view)
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, None).map_err(|e| Error::data(path, format!("cannot serialise: {e}")))?;
-    std::fs::write(path, bytes).map_err(io(path))
-}
-
 fn read_state(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
     let path = dir.join("state.json");
-    let state =
-        serde_json::from_slice(&read_file(&path)?).map_err(|e| Error::data(&path, format!("not valid JSON: {e}")))?;
+    let bytes = std::fs::read(&path).map_err(|e| Error::data(&path, format!("cannot read: {e}")))?;
+    let state = serde_json::from_slice(&bytes).map_err(|e| Error::data(&path, format!("not valid JSON: {e}")))?;
     Ok((state, path))
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))
-}
-
-/// Loads the checkpoint in `dir` into `model`'s parameters; returns its step and the AdamW moments `m` and `v`
-/// of every parameter. Every tensor's presence and shape is checked, and a mismatch names the tensor and the file.
-pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B) -> Result<(u64, [Vec<f32>; 2])> {
+/// Loads the checkpoint in `dir` into `model`'s parameters and returns its step; hands AdamW's moments to
+/// `moment(source, elements, values)` one parameter tensor at a time. Every tensor's presence and shape is
+/// checked, and a mismatch names the tensor and the file.
+pub fn load<B: Backend + ?Sized>(
+    dir: &Path,
+    model: &Model,
+    backend: &mut B,
+    moment: &mut dyn FnMut(&mut B, Source, Range<usize>, &[f32]) -> Result<()>,
+) -> Result<u64> {
     let (state, state_path) = read_state(dir)?;
     let step = json_field(&state, "step", &state_path)?
         .as_u64()
         .ok_or_else(|| Error::data(&state_path, "\"step\" is not a whole number"))?;
     load_weights(dir, model, backend)?;
-
-    let opt_path = dir.join("optimizer.safetensors");
-    let bytes = read_file(&opt_path)?;
-    let file =
-        SafeTensors::deserialize(&bytes).map_err(|e| Error::data(&opt_path, format!("not a safetensors file: {e}")))?;
-    let n = model.spec.num_params();
-    let moment = |name: &str| {
-        let view = file.tensor(name).map_err(|_| Error::data(&opt_path, format!("no tensor {name}")))?;
-        if view.dtype() != Dtype::F32 || view.shape() != [n] {
-            return Err(Error::data(
-                &opt_path,
-                format!("tensor {name} is {:?} {:?}; expected F32 [{n}]", view.dtype(), view.shape()),
-            ));
+    let files = TensorFiles::open(dir, "optimizer")?;
+    for source in [Source::M, Source::V] {
+        for p in &model.layout {
+            let name = moment_name(source, &p.name);
+            let path = dir.join("optimizer.safetensors");
+            let (shape, values) = files.read(&name)?.ok_or_else(|| {
+                Error::data(&path, format!("no tensor {name} (a checkpoint of another model, or of an older kiln?)"))
+            })?;
+            if shape != p.shape {
+                return Err(Error::data(
+                    &path,
+                    format!("tensor {name} is {shape:?}; this model's {} is {:?}", p.name, p.shape),
+                ));
+            }
+            moment(backend, source, p.offset..p.offset + p.len(), &values)?;
         }
-        Ok(from_le_bytes(view.data()))
-    };
-    Ok((step, [moment("m")?, moment("v")?]))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hugging_face_names() {
-        assert_eq!(hf_name("wte"), ("transformer.wte.weight".into(), false));
-        assert_eq!(hf_name("h.3.attn.qkv.weight"), ("transformer.h.3.attn.c_attn.weight".into(), true));
-        assert_eq!(hf_name("h.11.mlp.proj.bias"), ("transformer.h.11.mlp.c_proj.bias".into(), false));
-        assert_eq!(hf_name("h.0.ln_2.weight"), ("transformer.h.0.ln_2.weight".into(), false));
-        assert_eq!(hf_name("ln_f.bias"), ("transformer.ln_f.bias".into(), false));
     }
+    Ok(step)
 }

@@ -20,11 +20,14 @@ pub mod llmc;
 mod metrics;
 pub mod parallel;
 pub mod schedule;
+pub mod tensor_files;
 pub mod threads;
 
+use checkpoint::Source;
 use kiln_core::comm::Solo;
 use kiln_core::{AdamWStep, Backend, Communicator, Config, Error, Result, Role, Tensor};
 use kiln_data::{Addition, Dataset};
+use kiln_model::hf::SpecialTokens;
 use kiln_model::params::decay_runs;
 use kiln_model::{Model, ModelSpec, Pass, generate};
 use metrics::{Metrics, StepRecord};
@@ -206,39 +209,32 @@ impl<B: Backend> Trainer<B> {
     /// Writes a checkpoint of the current step (see [`checkpoint`]) and returns its directory. Every rank must
     /// call it (under ZeRO stage 1 the weights and moments are gathered from all of them); only rank 0 writes.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
-        let params = self.gather(self.model.params, false)?;
-        let (m, v) = (self.gather(self.m, true)?, self.gather(self.v, true)?);
         let root = self.checkpoint_root();
-        if self.comm.rank() != 0 {
-            return Ok(checkpoint::step_dir(&root, self.step));
-        }
-        let keep = self.config.train.keep_checkpoints;
-        checkpoint::save(&root, self.step, &self.config, &self.model, &params, (&m, &v), keep)
+        let (config, model, tokens) = (self.config.clone(), &self.model, self.special_tokens());
+        let write = self.comm.rank() == 0;
+        let (backend, comm) = (&mut self.backend, &mut self.comm);
+        let gather = Gather { owned: &self.owned, zero: self.zero, lead: write };
+        let (params, m, v) = (model.params, self.m, self.v);
+        checkpoint::save(
+            &root,
+            self.step,
+            &config,
+            model,
+            tokens,
+            config.train.keep_checkpoints,
+            write,
+            &mut |source, range, out| match source {
+                Source::Params => gather.range(backend, comm.as_mut(), params, range, false, out),
+                Source::M => gather.range(backend, comm.as_mut(), m, range, true, out),
+                Source::V => gather.range(backend, comm.as_mut(), v, range, true, out),
+            },
+        )
     }
 
-    /// The current values of every parameter's entry of `t` (the parameters, or a moment), on the host. Under
-    /// ZeRO stage 1 a rank holds current values only in its own pieces (one after another in the moments,
-    /// `packed`; in place in the parameters, whose other entries hold the gathered working copy), so each piece
-    /// comes from its owner.
-    fn gather(&mut self, t: Tensor, packed: bool) -> Result<Vec<f32>> {
-        let n = self.model.spec.num_params();
-        if !self.zero {
-            // Every rank holds it all, and only rank 0 writes it.
-            let mut all = vec![0.0f32; if self.comm.rank() == 0 { n } else { 0 }];
-            self.backend.download(t.slice(0, all.len()), &mut all)?;
-            return Ok(all);
-        }
-        let mut local = vec![0.0f32; t.len];
-        self.backend.download(t, &mut local)?;
-        // Each rank fills only its pieces and leaves zeros elsewhere, so the sum is the whole, exactly.
-        let mut whole = vec![0.0f64; n];
-        for &(start, local_start, len) in &self.owned {
-            let len = len.min(n.saturating_sub(start));
-            let from = if packed { local_start } else { start };
-            whole[start..start + len].iter_mut().zip(&local[from..from + len]).for_each(|(w, &x)| *w = x as f64);
-        }
-        self.comm.all_reduce_host(&mut self.backend, &mut whole)?;
-        Ok(whole.into_iter().map(|x| x as f32).collect())
+    /// The token ids config.json names: the tokenizer's end of text as both beginning and end, as GPT-2's do.
+    fn special_tokens(&self) -> SpecialTokens {
+        let end = self.data.codec().and_then(|c| c.end_of_text());
+        SpecialTokens { bos: end, eos: end }
     }
 
     /// Fails on every rank unless all ranks are at the same step with the same weights: each process finds the
@@ -268,15 +264,19 @@ impl<B: Backend> Trainer<B> {
     /// one that wrote it would have, at any number of ranks (each rank takes the moments of what it updates): with
     /// the same data, and on one rank bit for bit.
     pub fn resume(&mut self, dir: &Path) -> Result<u64> {
-        let (step, moments) = checkpoint::load(dir, &self.model, &mut self.backend)?;
-        for (moment, whole) in [self.m, self.v].into_iter().zip(&moments) {
-            let mut local = vec![0.0f32; moment.len];
-            for &(start, local_start, len) in &self.owned {
-                let len = len.min(whole.len().saturating_sub(start));
-                local[local_start..local_start + len].copy_from_slice(&whole[start..start + len]);
+        let (owned, m, v) = (&self.owned, self.m, self.v);
+        // Each tensor's moments go to the pieces of it this rank updates, where they sit in m and v.
+        let step = checkpoint::load(dir, &self.model, &mut self.backend, &mut |backend, source, range, values| {
+            let moment = if source == Source::M { m } else { v };
+            for &(start, local_start, len) in owned {
+                let (from, to) = (range.start.max(start), range.end.min(start + len));
+                if from < to {
+                    let local = moment.slice(local_start + from - start, to - from);
+                    backend.upload(local, &values[from - range.start..to - range.start])?;
+                }
             }
-            self.backend.upload(moment, &local)?;
-        }
+            Ok(())
+        })?;
         self.step = step;
         self.check_ranks_agree()?;
         if self.comm.rank() == 0 {
@@ -649,6 +649,50 @@ impl<B: Backend> Trainer<B> {
 }
 
 /// Renders a completion of the addition task for people: `482+937=9141\n` reads `482+937 = 1419`.
+/// Gathers ranges of a tensor of the flat parameter layout (the parameters, or a moment) onto rank 0, for
+/// checkpoints: under ZeRO stage 1 a rank holds current values only in its own pieces (one after another in the
+/// moments, `packed`; in place in the parameters, whose other entries hold the gathered working copy), so each
+/// piece comes from its owner; otherwise rank 0 holds it all.
+struct Gather<'a> {
+    /// What this rank updates, as in [`Trainer::owned`].
+    owned: &'a [(usize, usize, usize)],
+    zero: bool,
+    lead: bool,
+}
+
+impl Gather<'_> {
+    fn range<B: Backend>(
+        &self,
+        backend: &mut B,
+        comm: &mut dyn Communicator<B>,
+        t: Tensor,
+        range: std::ops::Range<usize>,
+        packed: bool,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        out.clear();
+        out.resize(range.len(), 0.0);
+        if !self.zero {
+            return if self.lead { backend.download(t.slice(range.start, range.len()), out) } else { Ok(()) };
+        }
+        // Each rank fills only its pieces and leaves zeros elsewhere, so the sum is the whole, exactly.
+        let mut whole = vec![0.0f64; range.len()];
+        let mut part = Vec::new();
+        for &(start, local_start, len) in self.owned {
+            let (from, to) = (range.start.max(start), range.end.min(start + len));
+            if from < to {
+                part.resize(to - from, 0.0);
+                backend
+                    .download(t.slice(if packed { local_start + from - start } else { from }, to - from), &mut part)?;
+                whole[from - range.start..to - range.start].iter_mut().zip(&part).for_each(|(w, &x)| *w = x as f64);
+            }
+        }
+        comm.all_reduce_host(backend, &mut whole)?;
+        out.iter_mut().zip(&whole).for_each(|(o, &w)| *o = w as f32);
+        Ok(())
+    }
+}
+
 pub fn describe_sum(prompt: &str, completion: &str) -> String {
     let question = prompt.trim_end_matches('=');
     match Addition::read_answer(completion) {

@@ -105,10 +105,17 @@ fn zero_stage_1_matches_plain_data_parallelism() {
         let (_, ckpt) = checkpoint::list(&dir.join("checkpoints")).pop().unwrap();
         let bytes = std::fs::read(ckpt.join("optimizer.safetensors")).unwrap();
         let file = SafeTensors::deserialize(&bytes).unwrap();
-        ["m", "v"].map(|name| {
-            let data = file.tensor(name).unwrap().data().to_vec();
-            data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<_>>()
-        })
+        // Every parameter's m and then v, in name order.
+        let mut names = file.names();
+        names.sort();
+        assert!(names.len() > 2 && names.iter().all(|n| n.starts_with("m.") || n.starts_with("v.")), "{names:?}");
+        names
+            .into_iter()
+            .map(|name| {
+                let data = file.tensor(name).unwrap().data().to_vec();
+                data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
     };
     for (plain, zero) in moments(&plain_dir).iter().zip(&moments(&zero_dir)) {
         let worst = plain.iter().zip(zero).map(|(p, z)| (p - z).abs()).fold(0.0f32, f32::max);

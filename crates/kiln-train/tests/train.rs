@@ -84,11 +84,26 @@ fn with(base: &[&str], extra: &[String]) -> Config {
     Config::load(None, &all).unwrap()
 }
 
+/// [`SMALL`] as a Llama-style model: grouped-query attention, an untied head, Llama 3's rotary scaling.
+const SMALL_LLAMA: &[&str] = &[
+    "model.arch=llama",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.rope_scaling={ type = \"llama3\", factor = 4.0, low_freq_factor = 1.0, high_freq_factor = 4.0, \
+     original_max_position_embeddings = 8 }",
+];
+
 #[test]
 fn resuming_from_a_checkpoint_continues_bit_identically() {
-    let dir = out_dir("resume");
+    for (name, family) in [("resume", &[][..]), ("resume-llama", SMALL_LLAMA)] {
+        resuming_continues_bit_identically(name, &[SMALL, family].concat());
+    }
+}
+
+fn resuming_continues_bit_identically(name: &str, base: &[&str]) {
+    let dir = out_dir(name);
     let extra = [format!("train.out_dir={dir}"), "train.checkpoint_every=3".into(), "optim.grad_clip=0.5".into()];
-    let cfg = with(SMALL, &extra);
+    let cfg = with(base, &extra);
     let full = Trainer::new(&cfg, CpuBackend::<f32>::new()).unwrap().run(&mut Hooks::default(), true).unwrap();
     assert_eq!(full.losses.len(), 6);
     let root = std::path::Path::new(&dir).join("checkpoints");
@@ -146,10 +161,10 @@ fn initialising_from_a_hugging_face_directory_gives_the_same_model() {
     let mut initialised =
         Trainer::new(&with(SMALL, &[format!("model.init=hf:{ckpt}")]), CpuBackend::<f32>::new()).unwrap();
     assert_eq!(resumed.validation_loss().unwrap(), initialised.validation_loss().unwrap());
-    let err = Trainer::new(&with(SMALL, &["model.init=hf:/no/such/dir".to_string()]), CpuBackend::<f32>::new())
-        .err()
-        .unwrap();
-    assert!(err.to_string().contains("/no/such/dir/model.safetensors"), "{err}");
+    // The directory's config.json is read with the config, so a missing one is a config-time error naming it.
+    let all = ["model.init=hf:/no/such/dir".to_string()];
+    let err = Config::load(None, &all).unwrap_err();
+    assert!(err.to_string().contains("/no/such/dir/config.json"), "{err}");
 }
 
 #[test]

@@ -1,0 +1,149 @@
+//! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`), for
+//! `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there.
+//!
+//! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
+//! transformers 5's `rope_parameters`, which holds both.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// The `[model]` table a `config.json` describes (every key but `init` and `attention`).
+pub(super) fn model_table(path: &Path) -> Result<toml::Table> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| Error::data(path, format!("not valid JSON: {e}")))?;
+    let fields = Fields { json: &json, path };
+    match fields.string("model_type")? {
+        "gpt2" => gpt2(&fields),
+        "llama" => llama(&fields),
+        other => Err(Error::data(
+            path,
+            format!("model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\") models"),
+        )),
+    }
+}
+
+/// The fields of one `config.json`, read with errors that name the field and the file.
+struct Fields<'a> {
+    json: &'a Value,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.json.get(key).filter(|v| !v.is_null())
+    }
+
+    fn error(&self, key: &str, what: &str) -> Error {
+        Error::data(self.path, format!("\"{key}\": {what}"))
+    }
+
+    fn string(&self, key: &str) -> Result<&str> {
+        self.get(key).and_then(Value::as_str).ok_or_else(|| self.error(key, "missing, or not a string"))
+    }
+
+    fn count(&self, key: &str) -> Result<Option<i64>> {
+        self.get(key)
+            .map(|v| v.as_i64().filter(|&n| n > 0).ok_or_else(|| self.error(key, "not a whole number above 0")))
+            .transpose()
+    }
+
+    fn required_count(&self, key: &str) -> Result<i64> {
+        self.count(key)?.ok_or_else(|| self.error(key, "missing"))
+    }
+
+    fn number(&self, key: &str) -> Result<Option<f64>> {
+        self.get(key).map(|v| v.as_f64().ok_or_else(|| self.error(key, "not a number"))).transpose()
+    }
+
+    fn flag(&self, key: &str) -> Result<Option<bool>> {
+        self.get(key).map(|v| v.as_bool().ok_or_else(|| self.error(key, "not true or false"))).transpose()
+    }
+
+    /// Fails unless `key` is absent or one of `allowed`, saying that kiln supports only those.
+    fn only(&self, key: &str, allowed: &[Value]) -> Result<()> {
+        match self.get(key) {
+            Some(v) if !allowed.contains(v) => Err(self.error(key, &format!("{v}: kiln supports only {allowed:?}"))),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn table(entries: impl IntoIterator<Item = (&'static str, Option<toml::Value>)>) -> toml::Table {
+    entries.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))).collect()
+}
+
+fn gpt2(f: &Fields) -> Result<toml::Table> {
+    f.only("activation_function", &["gelu_new".into(), "gelu_pytorch_tanh".into()])?;
+    Ok(table([
+        ("arch", Some("gpt2".into())),
+        ("n_layer", Some(f.required_count("n_layer")?.into())),
+        ("n_head", Some(f.required_count("n_head")?.into())),
+        ("n_embd", Some(f.required_count("n_embd")?.into())),
+        ("block_size", Some(f.required_count("n_positions")?.into())),
+        ("ffn_dim", f.count("n_inner")?.map(Into::into)),
+        ("norm_eps", f.number("layer_norm_epsilon")?.map(Into::into)),
+        ("tie_embeddings", Some(f.flag("tie_word_embeddings")?.unwrap_or(true).into())),
+    ]))
+}
+
+fn llama(f: &Fields) -> Result<toml::Table> {
+    f.only("hidden_act", &["silu".into()])?;
+    f.only("attention_bias", &[false.into()])?;
+    f.only("mlp_bias", &[false.into()])?;
+    let (hidden, heads) = (f.required_count("hidden_size")?, f.required_count("num_attention_heads")?);
+    if let Some(head_dim) = f.count("head_dim")?.filter(|&d| d * heads != hidden) {
+        return Err(
+            f.error("head_dim", &format!("{head_dim}: kiln's heads are hidden_size / num_attention_heads wide"))
+        );
+    }
+    // transformers 5 keeps the rotary settings in rope_parameters; 4 in rope_theta and rope_scaling.
+    let rope = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
+    let rope_field = if f.get("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
+    let theta = match rope.and_then(|r| r.get("rope_theta")) {
+        Some(t) => Some(t.as_f64().ok_or_else(|| f.error(rope_field, "rope_theta is not a number"))?),
+        None => f.number("rope_theta")?,
+    };
+    let scaling = rope.map(|r| rope_scaling(f, rope_field, r)).transpose()?.flatten();
+    Ok(table([
+        ("arch", Some("llama".into())),
+        ("n_layer", Some(f.required_count("num_hidden_layers")?.into())),
+        ("n_head", Some(heads.into())),
+        ("n_embd", Some(hidden.into())),
+        ("block_size", Some(f.required_count("max_position_embeddings")?.into())),
+        ("n_kv_head", f.count("num_key_value_heads")?.map(Into::into)),
+        ("ffn_dim", Some(f.required_count("intermediate_size")?.into())),
+        // LlamaConfig's own default ε.
+        ("norm_eps", Some(f.number("rms_norm_eps")?.unwrap_or(1e-6).into())),
+        ("tie_embeddings", Some(f.flag("tie_word_embeddings")?.unwrap_or(false).into())),
+        ("rope_theta", Some(theta.unwrap_or(10_000.0).into())),
+        ("rope_scaling", scaling.map(toml::Value::Table)),
+    ]))
+}
+
+/// `model.rope_scaling` of a rotary settings object: none for the default rotation, a table for Llama 3's.
+fn rope_scaling(f: &Fields, field: &str, rope: &Value) -> Result<Option<toml::Table>> {
+    let kind = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
+    match kind {
+        "default" => Ok(None),
+        "llama3" => {
+            let number = |key: &str| {
+                rope.get(key)
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| f.error(field, &format!("{key} missing or not a number")))
+            };
+            let context = rope
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_i64)
+                .ok_or_else(|| f.error(field, "original_max_position_embeddings missing or not a whole number"))?;
+            Ok(Some(table([
+                ("type", Some("llama3".into())),
+                ("factor", Some(number("factor")?.into())),
+                ("low_freq_factor", Some(number("low_freq_factor")?.into())),
+                ("high_freq_factor", Some(number("high_freq_factor")?.into())),
+                ("original_max_position_embeddings", Some(context.into())),
+            ])))
+        }
+        other => Err(f.error(field, &format!("rope type \"{other}\": kiln supports \"default\" and \"llama3\""))),
+    }
+}

@@ -1,0 +1,212 @@
+//! The Hugging Face side of a model: the names, shapes and layouts `transformers` gives its weights
+//! (`GPT2LMHeadModel`, `LlamaForCausalLM`), and its `config.json`.
+//!
+//! kiln fuses some of transformers' tensors: one `[q; k; v]` product where Llama has `q_proj`, `k_proj` and
+//! `v_proj`, one `[gate; up]` product where it has `gate_proj` and `up_proj`. Each Hugging Face tensor is therefore
+//! a range of whole rows of one kiln parameter ([`HfTensor`]); GPT-2's `Conv1D` weights are those rows transposed.
+//! The embedding and an untied LM head are stored without kiln's padded rows. Rotary embedding uses Hugging Face's
+//! rotate-half pairing in both, so no weight is permuted.
+
+use crate::params::ParamInfo;
+use crate::spec::{Mlp, ModelSpec, Positions};
+use kiln_core::NormKind;
+use kiln_core::config::Arch;
+use std::ops::Range;
+
+/// One tensor of a Hugging Face checkpoint and where its values live in kiln's flat parameter vector.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfTensor {
+    /// transformers' name: `model.layers.3.self_attn.k_proj.weight`, `transformer.h.3.attn.c_attn.weight`.
+    pub name: String,
+    /// Its shape in the checkpoint.
+    pub shape: Vec<usize>,
+    /// The kiln parameter (an index into the layout) it is part of.
+    pub param: usize,
+    /// The elements of the flat parameter vector it covers: whole rows of that parameter.
+    pub elements: Range<usize>,
+    /// Stored transposed (GPT-2's `Conv1D` weights): element `(j, i)` of the checkpoint's tensor is row `i`,
+    /// column `j` of kiln's.
+    pub transposed: bool,
+}
+
+impl HfTensor {
+    pub fn len(&self) -> usize {
+        self.elements.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.elements.is_empty()
+    }
+
+    /// The checkpoint's values (row-major, in [`HfTensor::shape`]) of kiln's `values` (the elements of
+    /// [`HfTensor::elements`]).
+    pub fn from_kiln(&self, values: &[f32]) -> Vec<f32> {
+        if !self.transposed {
+            return values.to_vec();
+        }
+        let (rows, cols) = (self.shape[1], self.shape[0]);
+        (0..rows * cols).map(|i| values[(i % rows) * cols + i / rows]).collect()
+    }
+
+    /// kiln's values of the checkpoint's `values`: the inverse of [`HfTensor::from_kiln`].
+    pub fn to_kiln(&self, values: &[f32]) -> Vec<f32> {
+        if !self.transposed {
+            return values.to_vec();
+        }
+        let (rows, cols) = (self.shape[1], self.shape[0]);
+        (0..rows * cols).map(|i| values[(i % cols) * rows + i / cols]).collect()
+    }
+}
+
+/// transformers' class of a model of `spec`'s family.
+pub fn architecture(spec: &ModelSpec) -> &'static str {
+    match spec.arch {
+        Arch::Gpt2 => "GPT2LMHeadModel",
+        Arch::Llama => "LlamaForCausalLM",
+    }
+}
+
+/// Every Hugging Face tensor of a model, in the order of kiln's layout.
+pub fn tensors(spec: &ModelSpec, layout: &[ParamInfo]) -> Vec<HfTensor> {
+    let mut out = Vec::new();
+    for (index, p) in layout.iter().enumerate() {
+        let row = p.shape.get(1).copied().unwrap_or(1);
+        // (name, first row, rows) of each Hugging Face tensor this parameter holds.
+        let parts: Vec<(String, usize, usize)> = match spec.arch {
+            Arch::Gpt2 => vec![(gpt2_name(&p.name), 0, p.shape[0])],
+            Arch::Llama => llama_parts(spec, &p.name, p.shape[0]),
+        };
+        for (name, first, rows) in parts {
+            let rows = if ModelSpec::has_vocab_rows(&p.name) { spec.vocab } else { rows };
+            let transposed =
+                spec.arch == Arch::Gpt2 && p.shape.len() == 2 && !ModelSpec::has_vocab_rows(&p.name) && p.name != "wpe";
+            let shape = match (transposed, p.shape.len()) {
+                (true, _) => vec![row, rows],
+                (false, 1) => vec![rows],
+                (false, _) => vec![rows, row],
+            };
+            let start = p.offset + first * row;
+            out.push(HfTensor { name, shape, param: index, elements: start..start + rows * row, transposed });
+        }
+    }
+    out
+}
+
+/// GPT2LMHeadModel's name of a kiln parameter (kiln's names are GPT-2's, with the fused qkv and MLP renamed).
+fn gpt2_name(name: &str) -> String {
+    const RENAMED: [(&str, &str); 4] = [
+        ("attn.qkv.", "attn.c_attn."),
+        ("attn.proj.", "attn.c_proj."),
+        ("mlp.fc.", "mlp.c_fc."),
+        ("mlp.proj.", "mlp.c_proj."),
+    ];
+    match name {
+        "lm_head" => "lm_head.weight".into(),
+        "wte" | "wpe" => format!("transformer.{name}.weight"),
+        _ => format!("transformer.{}", RENAMED.iter().fold(name.to_string(), |n, (kiln, hf)| n.replacen(kiln, hf, 1))),
+    }
+}
+
+/// LlamaForCausalLM's tensors of a kiln parameter of `rows` rows, as (name, first row, rows).
+fn llama_parts(spec: &ModelSpec, name: &str, rows: usize) -> Vec<(String, usize, usize)> {
+    let whole = |hf: String| vec![(hf, 0, rows)];
+    match name {
+        "wte" => return whole("model.embed_tokens.weight".into()),
+        "ln_f.weight" => return whole("model.norm.weight".into()),
+        "lm_head" => return whole("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("h.").expect("Llama's parameters are wte, the blocks', ln_f and lm_head");
+    let (layer, tail) = rest.split_once('.').expect("block parameters are h.<i>.<name>");
+    let at = |module: &str, kind: &str| format!("model.layers.{layer}.{module}.{kind}");
+    let (kind, stem) = if let Some(stem) = tail.strip_suffix(".weight") {
+        ("weight", stem)
+    } else {
+        ("bias", tail.strip_suffix(".bias").expect("parameters are weights or biases"))
+    };
+    let (q, kv, f) = (spec.n_head * spec.head_dim(), spec.n_kv_head * spec.head_dim(), spec.ffn_dim);
+    match stem {
+        "ln_1" => whole(at("input_layernorm", kind)),
+        "ln_2" => whole(at("post_attention_layernorm", kind)),
+        "attn.qkv" => vec![
+            (at("self_attn.q_proj", kind), 0, q),
+            (at("self_attn.k_proj", kind), q, kv),
+            (at("self_attn.v_proj", kind), q + kv, kv),
+        ],
+        "attn.proj" => whole(at("self_attn.o_proj", kind)),
+        "mlp.fc" => vec![(at("mlp.gate_proj", kind), 0, f), (at("mlp.up_proj", kind), f, f)],
+        "mlp.proj" => whole(at("mlp.down_proj", kind)),
+        other => panic!("no Llama tensor for kiln's {other}"),
+    }
+}
+
+/// The token ids a `config.json` names: beginning and end of text, where the tokenizer has them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+}
+
+/// transformers' `config.json` of a model of `spec`, complete enough that `from_pretrained` needs nothing else.
+pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value {
+    let mut config = match spec.arch {
+        Arch::Gpt2 => serde_json::json!({
+            "model_type": "gpt2",
+            "n_positions": spec.block_size,
+            "n_ctx": spec.block_size,
+            "n_embd": spec.n_embd,
+            "n_layer": spec.n_layer,
+            "n_head": spec.n_head,
+            "n_inner": spec.ffn_dim,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": spec.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }),
+        Arch::Llama => {
+            let Positions::Rotary { theta, scaling } = spec.positions else {
+                unreachable!("Llama-style models have rotary positions")
+            };
+            let mut rope = serde_json::json!({ "rope_type": "default", "rope_theta": theta });
+            if let Some(s) = scaling {
+                rope = serde_json::json!({
+                    "rope_type": "llama3",
+                    "rope_theta": theta,
+                    "factor": s.factor,
+                    "low_freq_factor": s.low_freq_factor,
+                    "high_freq_factor": s.high_freq_factor,
+                    "original_max_position_embeddings": s.original_max_position_embeddings,
+                });
+            }
+            debug_assert!(spec.norm == NormKind::Rms && spec.mlp == Mlp::SwiGlu);
+            serde_json::json!({
+                "model_type": "llama",
+                "hidden_size": spec.n_embd,
+                "intermediate_size": spec.ffn_dim,
+                "num_hidden_layers": spec.n_layer,
+                "num_attention_heads": spec.n_head,
+                "num_key_value_heads": spec.n_kv_head,
+                "head_dim": spec.head_dim(),
+                "max_position_embeddings": spec.block_size,
+                "rms_norm_eps": spec.norm_eps,
+                "hidden_act": "silu",
+                "attention_bias": spec.bias,
+                "mlp_bias": spec.bias,
+                "attention_dropout": 0.0,
+                // Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta and rope_scaling.
+                "rope_theta": theta,
+                "rope_scaling": if scaling.is_some() { rope.clone() } else { serde_json::Value::Null },
+                "rope_parameters": rope,
+            })
+        }
+    };
+    let fields = config.as_object_mut().expect("an object");
+    fields.insert("architectures".into(), serde_json::json!([architecture(spec)]));
+    fields.insert("vocab_size".into(), spec.vocab.into());
+    fields.insert("tie_word_embeddings".into(), spec.tie_embeddings.into());
+    fields.insert("torch_dtype".into(), "float32".into());
+    fields.insert("bos_token_id".into(), tokens.bos.into());
+    fields.insert("eos_token_id".into(), tokens.eos.into());
+    config
+}

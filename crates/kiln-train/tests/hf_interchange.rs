@@ -1,0 +1,214 @@
+//! Models traded with Hugging Face, checked against transformers' own numbers and against themselves.
+//!
+//! Golden files (tests/golden/, made by scripts/reference/llama_golden.py with transformers): tiny
+//! `LlamaForCausalLM` checkpoints (grouped-query attention 4:2; tied and untied heads; rope_theta 1e4 and 5e5;
+//! Llama 3 scaling; fp32, bf16 and sharded files; transformers 4's and 5's config spellings), each with a batch and
+//! the logits, loss and every parameter's gradient transformers computed for it. kiln loads each through
+//! `model.init = "hf:DIR"` alone, taking the shape from config.json, and must match them.
+
+use kiln_core::{Backend, Config};
+use kiln_cpu::CpuBackend;
+use kiln_model::hf;
+use kiln_model::{Model, ModelSpec, Pass};
+use kiln_train::{Hooks, Trainer, checkpoint};
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+
+fn golden_dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(case)
+}
+
+/// A config whose model comes from `dir` alone, with `model_keys` added to `[model]`.
+fn config_from(dir: &Path, model_keys: &str) -> kiln_core::Result<Config> {
+    let text =
+        format!("[model]\ninit = \"hf:{}\"\n{model_keys}\n[data]\ntrain = \"synthetic:addition\"\n", dir.display());
+    Config::from_toml_str(&text, "test.toml", &[])
+}
+
+/// Normwise relative error: max |got − want| / max |want|.
+fn error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+    got.iter().zip(want).fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs())) / scale
+}
+
+struct Golden {
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    shape: (usize, usize),
+    logits: Vec<f32>,
+    loss: f32,
+    file: Vec<u8>,
+}
+
+impl Golden {
+    fn read(dir: &Path) -> Golden {
+        let file = std::fs::read(dir.join("golden.safetensors")).unwrap();
+        let t = SafeTensors::deserialize(&file).unwrap();
+        let ids = |name: &str| {
+            let v = t.tensor(name).unwrap();
+            assert_eq!(v.dtype(), Dtype::I64);
+            (
+                v.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect(),
+                v.shape().to_vec(),
+            )
+        };
+        let (inputs, shape): (Vec<u32>, Vec<usize>) = ids("input_ids");
+        let (targets, _) = ids("targets");
+        let floats = |name: &str| -> Vec<f32> {
+            t.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        };
+        let (logits, loss) = (floats("logits"), floats("loss")[0]);
+        Golden { inputs, targets, shape: (shape[0], shape[1]), logits, loss, file: file.clone() }
+    }
+
+    fn grad(&self, name: &str) -> Vec<f32> {
+        let t = SafeTensors::deserialize(&self.file).unwrap();
+        let v = t.tensor(&format!("grad.{name}")).unwrap_or_else(|_| panic!("no gradient of {name}"));
+        v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    }
+}
+
+#[test]
+fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
+    for case in ["tied_theta1e4", "untied_theta5e5_bf16", "llama3_scaling_sharded"] {
+        let dir = golden_dir(case);
+        let config = config_from(&dir, "").unwrap_or_else(|e| panic!("{case}: {e}"));
+        let m = &config.model;
+        assert_eq!((m.n_layer, m.n_head, m.n_kv_head, m.n_embd, m.ffn_dim), (2, 4, Some(2), 48, Some(80)), "{case}");
+        assert_eq!(m.tie_embeddings, Some(case.starts_with("tied")), "{case}");
+        let golden = Golden::read(&dir);
+        let (batch, time) = golden.shape;
+        let spec = ModelSpec::new(m, 67);
+        let mut b = CpuBackend::<f32>::new();
+        let model = Model::new(&mut b, spec, batch, 1).unwrap();
+        checkpoint::load_weights(&dir, &model, &mut b).unwrap();
+        model.load_batch(&mut b, &golden.inputs, Some(&golden.targets)).unwrap();
+
+        b.zero(model.losses).unwrap();
+        model.forward(&mut b, batch, time, Pass::Loss).unwrap();
+        let mut logits = vec![0.0f32; 67];
+        let mut all = Vec::new();
+        for row in 0..batch * time {
+            model.logits_row(&mut b, row, &mut logits).unwrap();
+            all.extend_from_slice(&logits);
+        }
+        let logits_error = error(&all, &golden.logits);
+        assert!(logits_error < 1e-5, "{case}: logits differ by {logits_error:e} (normwise relative)");
+        let n = (batch * time) as f32;
+        let loss = b.sum(model.losses.slice(0, batch * time)).unwrap() / n;
+        assert!(((loss - golden.loss) / golden.loss).abs() < 1e-4, "{case}: loss {loss} vs {}", golden.loss);
+
+        b.zero(model.grads).unwrap();
+        b.zero(model.losses).unwrap();
+        model.forward(&mut b, batch, time, Pass::Train { dloss: 1.0 / n }).unwrap();
+        model.backward(&mut b, batch, time).unwrap();
+        let mut grads = vec![0.0f32; model.grads.len];
+        b.download(model.grads, &mut grads).unwrap();
+        let tensors = hf::tensors(&spec, &model.layout);
+        assert_eq!(tensors.len(), if case.starts_with("tied") { 20 } else { 21 });
+        for t in tensors {
+            let ours = t.from_kiln(&grads[t.elements.clone()]);
+            let e = error(&ours, &golden.grad(&t.name));
+            assert!(e < 1e-4, "{case}: gradient of {} differs by {e:e}", t.name);
+        }
+    }
+}
+
+#[test]
+fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
+    let dir = golden_dir("llama3_scaling_sharded");
+    // Agreeing keys, and a shorter context, are fine.
+    let config = config_from(&dir, "arch = \"llama\"\nn_layer = 2\nblock_size = 64\nrope_theta = 500000.0").unwrap();
+    assert_eq!(config.model.block_size, 64);
+    let scaling = config.model.rope_scaling.unwrap();
+    assert_eq!((scaling.factor, scaling.original_max_position_embeddings), (8.0, 64));
+    for (key, line) in [
+        ("model.n_layer", "n_layer = 3"),
+        ("model.arch", "arch = \"gpt2\""),
+        ("model.n_kv_head", "n_kv_head = 4"),
+        ("model.rope_theta", "rope_theta = 10000.0"),
+        ("model.tie_embeddings", "tie_embeddings = true"),
+    ] {
+        match config_from(&dir, line) {
+            Err(kiln_core::Error::Config { key: k, message, .. }) => {
+                assert_eq!(k, key, "{message}");
+                assert!(message.contains("config.json says"), "{message}");
+            }
+            other => panic!("{line}: expected a config error, got {other:?}"),
+        }
+    }
+    // A config.json of a model kiln does not build names what it cannot read.
+    let odd = std::env::temp_dir().join(format!("kiln-hf-odd-{}", std::process::id()));
+    std::fs::create_dir_all(&odd).unwrap();
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"silu\"", "\"gelu\"");
+    std::fs::write(odd.join("config.json"), text).unwrap();
+    let err = config_from(&odd, "").unwrap_err().to_string();
+    assert!(err.contains("hidden_act") && err.contains("config.json"), "{err}");
+    let _ = std::fs::remove_dir_all(&odd);
+}
+
+/// The logits of a fixed batch from the model `config` describes with the weights of `dir`.
+fn logits_of(dir: &Path, config: &Config, vocab: usize) -> Vec<f32> {
+    let spec = ModelSpec::new(&config.model, vocab);
+    let mut b = CpuBackend::<f32>::new();
+    let (batch, time) = (2, config.model.block_size);
+    let model = Model::new(&mut b, spec, batch, 1).unwrap();
+    checkpoint::load_weights(dir, &model, &mut b).unwrap();
+    let ids: Vec<u32> = (0..batch * time).map(|i| (i * 5 % vocab) as u32).collect();
+    model.load_batch(&mut b, &ids, None).unwrap();
+    model.forward(&mut b, batch, time, Pass::Logits).unwrap();
+    let mut row = vec![0.0f32; vocab];
+    let mut all = Vec::new();
+    for r in 0..batch * time {
+        model.logits_row(&mut b, r, &mut row).unwrap();
+        all.extend_from_slice(&row);
+    }
+    all
+}
+
+#[test]
+fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() {
+    let llama = "model.arch=llama model.n_head=4 model.n_kv_head=2 model.tie_embeddings=false";
+    for (name, family) in [("gpt2", ""), ("llama", llama)] {
+        let out = std::env::temp_dir().join(format!("kiln-hf-round-trip-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let mut overrides: Vec<String> = family.split_whitespace().map(str::to_string).collect();
+        overrides.extend(
+            [
+                "model.n_embd=32",
+                "train.micro_batch=4",
+                "train.total_batch_tokens=52",
+                "train.max_steps=3",
+                "train.checkpoint_every=3",
+                "train.eval_every=0",
+                "train.eval_steps=1",
+            ]
+            .map(str::to_string),
+        );
+        overrides.push(format!("train.out_dir={}", out.display()));
+        let config = Config::load(None, &overrides).unwrap();
+        let mut trainer = Trainer::new(&config, CpuBackend::<f32>::new()).unwrap();
+        trainer.run(&mut Hooks::default(), true).unwrap();
+        let vocab = trainer.model().spec.vocab;
+        let ckpt = checkpoint::step_dir(&checkpoint::root(&config), 3);
+        let export = out.join("export");
+        // Shards of 20 kB: the model (about 40k weights) spans several.
+        let files = checkpoint::export(&ckpt, &export, 20_000).unwrap();
+        assert!(files.len() > 3, "{name}: {files:?}");
+        assert!(export.join("model.safetensors.index.json").exists());
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap()).unwrap();
+        assert_eq!(json["architectures"][0], hf::architecture(&trainer.model().spec));
+        assert_eq!(json["vocab_size"], vocab);
+        // Read back through model.init alone: the shape comes from config.json.
+        let mut from_export = overrides.clone();
+        from_export.push(format!("model.init=hf:{}", export.display()));
+        let reread = Config::load(None, &from_export).unwrap();
+        let expected = kiln_core::config::ModelConfig { init: reread.model.init.clone(), ..config.model.clone() };
+        assert_eq!(reread.model, expected, "{name}: config.json states the whole model");
+        let want = logits_of(&ckpt, &config, vocab);
+        assert_eq!(logits_of(&export, &reread, vocab), want, "{name}");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}

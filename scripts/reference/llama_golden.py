@@ -1,0 +1,205 @@
+"""Golden files for kiln's Llama support, made with Hugging Face transformers.
+
+Builds tiny LlamaForCausalLM models (fp32, CPU, eager attention), saves each one as a Hugging Face checkpoint
+directory, and next to it `golden.safetensors` with a fixed batch and what transformers computes for it:
+
+    input_ids  int64 [B, T]       random token ids
+    targets    int64 [B, T]       random next-token targets
+    logits     f32   [B, T, V]    the model's logits for input_ids (eval mode)
+    loss       f32   [1]          mean cross-entropy of logits against targets over all B·T positions
+    grad.<name> f32               d loss / d parameter, for every name in model.named_parameters()
+
+The three cases cover the checkpoint variants kiln has to read: tied embeddings with the legacy transformers-4
+config keys (rope_theta, rope_scaling); untied bf16 weights with the transformers-5 `rope_parameters`; and
+Llama-3 RoPE scaling in a sharded checkpoint. Rust tests in crates/kiln-train/tests/ load these files.
+
+Needs torch, transformers and safetensors (CPU is enough). From the repository root:
+
+    python3 -m pip install torch transformers safetensors
+    python3 scripts/reference/llama_golden.py [--out crates/kiln-train/tests/golden]
+
+It is deterministic: running it again rewrites the same files (for the same torch and transformers versions).
+"""
+
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+B, T = 2, 9
+VOCAB = 67
+
+# Shared by every case. head_dim = 48 / 4 = 12, and 4 query heads share 2 key/value heads (GQA).
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    attention_bias=False,
+    mlp_bias=False,
+    hidden_act="silu",
+    # Much larger than a real model's 0.02, so that logits (std ~1) and gradients are far from trivial and a
+    # wrong op shows up as a large error rather than hiding under tiny values.
+    initializer_range=0.2,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=None,
+)
+
+LLAMA3_SCALING = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=64,
+)
+
+CASES = {
+    "tied_theta1e4": dict(seed=1, tie=True, rope=dict(rope_type="default", rope_theta=10000.0)),
+    "untied_theta5e5_bf16": dict(seed=2, tie=False, rope=dict(rope_type="default", rope_theta=500000.0), bf16=True),
+    "llama3_scaling_sharded": dict(seed=3, tie=False, rope=LLAMA3_SCALING, shard="80KB"),
+}
+
+
+def check_llama3_bands(rope, head_dim):
+    # The Llama-3 rule sorts RoPE frequencies into three bands by wavelength: shorter than
+    # original_max / high_freq_factor stay as they are, longer than original_max / low_freq_factor are divided
+    # by `factor`, and those in between are interpolated. The case is only useful if it has all three.
+    # theta 5e5, head_dim 12: wavelengths 6.3 (high), 56 (medium), 499, 4443, ... (low); the bands are 16 and 64.
+    inv_freq = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    old = rope["original_max_position_embeddings"]
+    high = (wavelen < old / rope["high_freq_factor"]).sum().item()
+    low = (wavelen > old / rope["low_freq_factor"]).sum().item()
+    medium = len(wavelen) - high - low
+    assert high >= 1 and medium >= 1 and low >= 1, (high, medium, low)
+    return high, medium, low
+
+
+def build(case):
+    config = LlamaConfig(
+        **BASE,
+        tie_word_embeddings=case["tie"],
+        rope_parameters=dict(case["rope"]),
+        attn_implementation="eager",
+    )
+    torch.manual_seed(case["seed"])
+    model = LlamaForCausalLM(config)
+    # transformers starts every RMSNorm weight at 1, which would let a norm that ignores its weight pass.
+    # Spread them around 1 instead.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+    if case.get("bf16"):
+        # Round every weight to bf16 so that the bf16 checkpoint holds exactly the weights the goldens used.
+        # Parameters only: model.to(bfloat16) would also round the RoPE inv_freq buffer, which a reloaded
+        # model recomputes in fp32.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+    return model.eval()
+
+
+def golden(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (B, T), generator=gen)
+    targets = torch.randint(0, VOCAB, (B, T), generator=gen)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=input_ids).logits.float()
+    # Our own cross-entropy on the logits, not the model's `labels=` loss, which would shift the targets by one.
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+    loss.backward()
+    out = {
+        "input_ids": input_ids,
+        "targets": targets,
+        "logits": logits.detach(),
+        "loss": loss.detach().reshape(1),
+    }
+    # named_parameters() lists a tied tensor once (as model.embed_tokens.weight); its .grad is the sum over both uses.
+    for name, p in model.named_parameters():
+        out[f"grad.{name}"] = p.grad.detach().float()
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_legacy_config(path):
+    # transformers 5 writes `rope_parameters` and `dtype`; checkpoints made with transformers 4 have rope_theta
+    # and rope_scaling at the top level and `torch_dtype` instead. This case keeps the old spelling so kiln is
+    # tested on both.
+    with open(path) as f:
+        cfg = json.load(f)
+    rope = cfg.pop("rope_parameters")
+    assert rope == {"rope_type": "default", "rope_theta": 10000.0}, rope
+    cfg["rope_theta"] = rope["rope_theta"]
+    cfg["rope_scaling"] = None
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def run_case(name, case, root):
+    out_dir = os.path.join(root, name)
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):  # no stale shards from an earlier run
+        os.remove(os.path.join(out_dir, f))
+
+    model = build(case)
+    if case["rope"]["rope_type"] == "llama3":
+        bands = check_llama3_bands(case["rope"], model.config.head_dim)
+        print(f"{name}: llama3 rope bands high/medium/low = {bands}")
+    g = golden(model, case["seed"])
+
+    save_model = model.to(torch.bfloat16) if case.get("bf16") else model
+    save_model.save_pretrained(out_dir, max_shard_size=case.get("shard", "50GB"))
+    if name == "tied_theta1e4":
+        to_legacy_config(os.path.join(out_dir, "config.json"))
+    save_file(g, os.path.join(out_dir, "golden.safetensors"))
+
+    # Reload what we wrote, the way a user would, and check it reproduces the goldens.
+    reloaded = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    assert reloaded.config.rope_parameters == case["rope"], reloaded.config.rope_parameters
+    assert reloaded.config.tie_word_embeddings == case["tie"]
+    g2 = load_file(os.path.join(out_dir, "golden.safetensors"))
+    with torch.no_grad():
+        logits = reloaded(input_ids=g2["input_ids"]).logits.float()
+    err = (logits - g2["logits"]).abs().max().item()
+    assert err <= 1e-6, f"{name}: reloaded logits differ by {err}"
+    if case.get("shard"):
+        assert os.path.exists(os.path.join(out_dir, "model.safetensors.index.json"))
+        assert sum(f.endswith(".safetensors") and f.startswith("model-") for f in os.listdir(out_dir)) >= 2
+
+    grads = [v for k, v in g.items() if k.startswith("grad.")]
+    sizes = ", ".join(f"{f} {os.path.getsize(os.path.join(out_dir, f))}" for f in sorted(os.listdir(out_dir)))
+    print(
+        f"{name}: loss {g['loss'].item():.6f}  logits std {g['logits'].std().item():.4f}  "
+        f"max |grad| {max(v.abs().max().item() for v in grads):.4g}  reload err {err:.1e}"
+    )
+    print(f"  files (bytes): {sizes}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="crates/kiln-train/tests/golden")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one thread: the same reduction order, so the same bits, on every run
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    for name, case in CASES.items():
+        run_case(name, case, args.out)
+
+
+if __name__ == "__main__":
+    main()
