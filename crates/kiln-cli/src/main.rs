@@ -311,7 +311,11 @@ fn main() -> ExitCode {
                 TokenizerChoice::Byte => Tokenization::Byte,
                 TokenizerChoice::Char => Tokenization::Char(None),
             };
-            prepare(PrepareOptions { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy }, bar)
+            let block_bytes = kiln_data::prepare::BLOCK_BYTES;
+            prepare(
+                PrepareOptions { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy, block_bytes },
+                bar,
+            )
         }
         Command::Bench {
             command:

@@ -2,8 +2,8 @@
 //!
 //! Inputs are text files, directories of them (recursively, in name order) and JSON Lines files (`.jsonl`) whose
 //! objects carry the text in a field. Every document is preceded by an end-of-text token. The text is read in
-//! blocks of about a megabyte, cut where the next character starts a new word after a newline (GPT-2's
-//! pre-tokenizer splits there anyway, so blocks tokenise exactly as the whole would), and a batch of blocks is
+//! blocks of about a megabyte, cut only where the tokenizer's pre-tokenizer splits the text the same way whether
+//! or not it goes on (`safe_cut`), so blocks tokenise exactly as the whole would, and a batch of blocks is
 //! tokenised in parallel while the next is read: memory stays bounded however large the input. The last
 //! `val_fraction` of the input bytes becomes the validation split. Shards are written as they fill; `meta.json`,
 //! written last, is what makes the directory a dataset, so an interrupted run leaves nothing that looks complete.
@@ -73,6 +73,9 @@ pub struct PrepareOptions {
     pub text_field: String,
     /// Replace invalid UTF-8 (and count it) instead of failing.
     pub lossy: bool,
+    /// Bytes read from a text file at a time: [`BLOCK_BYTES`], except in tests that need a small text to span
+    /// many blocks.
+    pub block_bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -85,8 +88,9 @@ pub struct PrepareSummary {
     pub replaced: u64,
 }
 
-/// Bytes per block read from a text file.
-const BLOCK: usize = 1 << 20;
+/// Bytes per block read from a text file: large enough that the blocks of a batch keep every thread busy for
+/// much longer than it takes to read them.
+pub const BLOCK_BYTES: usize = 1 << 20;
 /// Blocks tokenised in parallel at a time.
 const BATCH: usize = 16;
 
@@ -119,12 +123,28 @@ fn is_json_lines(path: &Path) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl") | Some("json"))
 }
 
-/// Where a block of text may be cut: just after a newline that the next character, not a space, follows.
+/// Where a block of text may be cut so that its two parts tokenise exactly as the whole does: the last position
+/// that is just after a newline with a non-whitespace character on each side, or just before a space that has a
+/// non-whitespace character before it and an ASCII letter after it.
+///
+/// GPT-2's pre-tokenizer splits text with `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
+/// and encodes each piece alone (the Llama 3 and Qwen2 patterns `hf` accepts work alike). Whitespace is matched
+/// only in runs of whitespace, as the optional first character of a piece, or (Llama 3, Qwen2) as the newlines
+/// that end a run of punctuation; nothing looks behind, or ahead by more than the one character after a run of
+/// whitespace. So no piece spans either kind of cut, and the pieces on each side do not depend on the other side.
+/// Other newlines are not safe: at the end of a block "\n\n", " \n" and "\r\n" are one piece each, while
+/// before a word they are two ("\n" "\n"), because `\s+(?!\S)` leaves the last whitespace character to the word.
 fn safe_cut(text: &str) -> Option<usize> {
     let bytes = text.as_bytes();
-    (1..bytes.len())
-        .rev()
-        .find(|&i| bytes[i - 1] == b'\n' && !bytes[i].is_ascii_whitespace() && text.is_char_boundary(i))
+    let visible = |c: Option<char>| c.is_some_and(|c| !c.is_whitespace());
+    (1..bytes.len()).rev().find(|&i| {
+        let after_line =
+            bytes[i - 1] == b'\n' && visible(text[..i - 1].chars().next_back()) && visible(text[i..].chars().next());
+        let before_word = bytes[i] == b' '
+            && bytes.get(i + 1).is_some_and(u8::is_ascii_alphabetic)
+            && visible(text[..i].chars().next_back());
+        after_line || before_word
+    })
 }
 
 /// Decodes `bytes` (which start `offset` bytes into `path`): fails on invalid UTF-8, or with `lossy` replaces each
@@ -216,6 +236,9 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
     if options.shard_tokens == 0 {
         return Err(Error::Usage("--shard-tokens must be at least 1".into()));
     }
+    if options.block_bytes == 0 {
+        return Err(Error::Usage("the block size must be at least 1 byte".into()));
+    }
     let files = expand(&options.inputs)?;
     let sizes: Vec<u64> = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).collect();
     let total: u64 = sizes.iter().sum();
@@ -283,7 +306,7 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
     read_chunks(&files, &sizes, options, val_cut, &mut summary.replaced, &mut |chunk, done| {
         batch_bytes += chunk.text.len();
         batch.push(chunk);
-        if batch_bytes >= BATCH * BLOCK || batch.len() >= 1024 {
+        if batch_bytes >= BATCH * options.block_bytes || batch.len() >= 1024 {
             run_batch(&mut batch, done)?;
             batch_bytes = 0;
         }
@@ -360,19 +383,20 @@ fn read_chunks(
                 emit(Chunk { text: text.to_string(), starts_document: true, offset: line_offset }, offset)?;
             }
         } else {
-            let mut reader = BufReader::with_capacity(BLOCK, handle);
+            let block_bytes = options.block_bytes;
+            let mut reader = BufReader::with_capacity(block_bytes, handle);
             let mut pending: Vec<u8> = Vec::new();
             let mut carried = String::new();
             let mut file_offset = 0u64;
             // Input bytes of this file already handed out in chunks.
             let mut chunked = 0u64;
             let mut first = true;
-            let mut block = vec![0u8; BLOCK];
+            let mut block = vec![0u8; block_bytes];
             let mut read = 0u64;
             loop {
                 // Reads stop at the validation cut, so that a chunk ends exactly there.
                 let to_cut = val_cut.saturating_sub(offset + read);
-                let want = if to_cut > 0 { BLOCK.min(to_cut as usize) } else { BLOCK };
+                let want = if to_cut > 0 { block_bytes.min(to_cut as usize) } else { block_bytes };
                 let n = reader.read(&mut block[..want]).map_err(|e| Error::data(file, format!("cannot read: {e}")))?;
                 read += n as u64;
                 let last = n == 0;

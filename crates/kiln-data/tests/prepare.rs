@@ -2,7 +2,7 @@
 
 use kiln_core::config::{DataConfig, Tokenizer};
 use kiln_core::{Error, Result};
-use kiln_data::prepare::{PrepareOptions, PrepareSummary, Tokenization, prepare};
+use kiln_data::prepare::{BLOCK_BYTES, PrepareOptions, PrepareSummary, Tokenization, prepare};
 use kiln_data::{Dataset, shards};
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,7 @@ fn options(
         shard_tokens,
         text_field: "text".into(),
         lossy: false,
+        block_bytes: BLOCK_BYTES,
     }
 }
 
@@ -102,6 +103,37 @@ fn gpt2_shards_hold_each_document_after_an_end_of_text_token() {
     let int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
     assert_eq!((int(0), int(1), int(2)), (20240520, 1, 100_000));
     assert_eq!(bytes.len(), 1024 + 2 * 100_000);
+}
+
+/// Generated text whose words are separated by every kind of whitespace a block cut must respect: blank lines,
+/// trailing spaces, carriage returns, tabs, indentation and non-ASCII spaces.
+fn ragged(words: usize, salt: usize) -> String {
+    let vocabulary = ["the", "Quick", "fox's", "café", "naïve", "1234", "—", "$5.00", "(x)", "über", "日本語", "it'll"];
+    let separators =
+        [" ", " ", " ", "\n", "\n\n", " \n", "\r\n", "\t", "  ", "\n   ", ", ", ".\n", "\u{a0}", "\u{3000}", "\n\n\n"];
+    (0..words)
+        .map(|i| {
+            let word = vocabulary[(i * 7 + salt) % vocabulary.len()];
+            let separator = separators[(i * i + 3 * i + salt) % separators.len()];
+            format!("{word}{separator}")
+        })
+        .collect()
+}
+
+#[test]
+fn blocks_cut_gpt2_tokens_nowhere() {
+    // Blocks of 64 bytes put cuts next to every kind of whitespace: a cut after a blank line would give "\n\n"
+    // (one GPT-2 token) where the whole text has "\n" "\n".
+    let d = dir("ragged");
+    let text = ragged(3_000, 1);
+    std::fs::write(d.join("t.txt"), &text).unwrap();
+    let out = d.join("out");
+    let mut small_blocks = options(vec![d.join("t.txt")], &out, Tokenization::Gpt2, 0.0, 1 << 30);
+    small_blocks.block_bytes = 64;
+    run(&small_blocks).unwrap();
+    let mut want = vec![50256];
+    want.extend(tiktoken_rs::r50k_base().unwrap().encode_ordinary(&text));
+    assert!(read_split(&out, "train") == want, "block-wise tokens differ from the whole text's");
 }
 
 #[test]
