@@ -4,15 +4,20 @@
 //! objects carry the text in a field. Every document is preceded by an end-of-text token. The text is read in
 //! blocks of about a megabyte, cut only where the tokenizer's pre-tokenizer splits the text the same way whether
 //! or not it goes on (`safe_cut`), so blocks tokenise exactly as the whole would, and a batch of blocks is
-//! tokenised in parallel while the next is read: memory stays bounded however large the input. The last
-//! `val_fraction` of the input bytes becomes the validation split. Shards are written as they fill; `meta.json`,
-//! written last, is what makes the directory a dataset, so an interrupted run leaves nothing that looks complete.
+//! tokenised in parallel while the next is read: memory stays bounded however large the input. (A Hugging Face
+//! tokenizer not known to split alike at those cuts gets each document whole instead; see [`crate::hf`].) The
+//! last `val_fraction` of the input bytes becomes the validation split; the document that straddles that point
+//! is tokenised as two texts, one in each split. Shards are written as they fill; `meta.json`, written last, is
+//! what makes the directory a dataset, so an interrupted run leaves nothing that looks complete. A Hugging Face
+//! tokenizer's `tokenizer.json` is copied next to it.
 
+use crate::hf::HfTokenizer;
 use crate::{CharTokenizer, shards};
 use kiln_core::{Error, Result};
 use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The tokenizers `kiln prepare` can use.
 #[derive(Clone, Debug)]
@@ -23,6 +28,8 @@ pub enum Tokenization {
     Byte,
     /// One token per character of the input's character set (found by a first pass), end-of-text after them.
     Char(Option<CharTokenizer>),
+    /// A Hugging Face `tokenizer.json`, copied into the dataset; end-of-text is one of its special tokens.
+    Hf(Arc<HfTokenizer>),
 }
 
 impl Tokenization {
@@ -31,6 +38,7 @@ impl Tokenization {
             Tokenization::Gpt2 => "gpt2",
             Tokenization::Byte => "byte",
             Tokenization::Char(_) => "char",
+            Tokenization::Hf(_) => "hf",
         }
     }
 
@@ -39,22 +47,36 @@ impl Tokenization {
             Tokenization::Gpt2 => 50257,
             Tokenization::Byte => 257,
             Tokenization::Char(chars) => chars.as_ref().map_or(0, CharTokenizer::vocab_size) + 1,
+            Tokenization::Hf(hf) => hf.vocab_size(),
         }
     }
 
     pub fn end_of_text(&self) -> u32 {
-        self.vocab_size() as u32 - 1
+        match self {
+            Tokenization::Hf(hf) => hf.end_of_text(),
+            Tokenization::Gpt2 | Tokenization::Byte | Tokenization::Char(_) => self.vocab_size() as u32 - 1,
+        }
     }
 
-    fn encode(&self, text: &str) -> Vec<u32> {
+    /// Whether a document may be encoded in blocks cut at [`safe_cut`] points rather than whole.
+    fn tokenises_in_blocks(&self) -> bool {
         match self {
+            Tokenization::Hf(hf) => hf.tokenises_in_blocks(),
+            Tokenization::Gpt2 | Tokenization::Byte | Tokenization::Char(_) => true,
+        }
+    }
+
+    /// The ids of `text`, a piece of `file`.
+    fn encode(&self, text: &str, file: &Path) -> Result<Vec<u32>> {
+        Ok(match self {
             Tokenization::Gpt2 => GPT2.with(|bpe| bpe.encode_ordinary(text)),
             Tokenization::Byte => text.bytes().map(u32::from).collect(),
             Tokenization::Char(chars) => {
                 let chars = chars.as_ref().expect("the character set is found before encoding");
                 text.chars().map(|c| chars.id(c).expect("every character was collected")).collect()
             }
-        }
+            Tokenization::Hf(hf) => hf.encode(text, file)?,
+        })
     }
 }
 
@@ -88,15 +110,20 @@ pub struct PrepareSummary {
     pub replaced: u64,
 }
 
+/// The name of the copy of a Hugging Face tokenizer's `tokenizer.json` in a dataset directory.
+pub const HF_TOKENIZER_FILE: &str = "tokenizer.json";
+
 /// Bytes per block read from a text file: large enough that the blocks of a batch keep every thread busy for
 /// much longer than it takes to read them.
 pub const BLOCK_BYTES: usize = 1 << 20;
 /// Blocks tokenised in parallel at a time.
 const BATCH: usize = 16;
 
-/// A piece of text to tokenise: where its document starts, and where in the whole input it lies.
+/// A piece of text to tokenise: which input file it comes from, whether its document starts with it, and where
+/// in the whole input it lies.
 struct Chunk {
     text: String,
+    file: usize,
     starts_document: bool,
     offset: u64,
 }
@@ -285,10 +312,10 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
                 if c.starts_document {
                     ids.push(tok.end_of_text());
                 }
-                ids.extend(tok.encode(&c.text));
-                (ids, c.offset >= val_cut)
+                ids.extend(tok.encode(&c.text, &files[c.file])?);
+                Ok((ids, c.offset >= val_cut))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         for (ids, is_val) in encoded {
             if is_val {
                 val.push(&ids)?
@@ -338,6 +365,11 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
     if let Tokenization::Char(Some(chars)) = tok {
         meta["chars"] = serde_json::Value::String(chars.decode(&(0..chars.vocab_size() as u32).collect::<Vec<_>>()));
     }
+    if let Tokenization::Hf(hf) = tok {
+        meta["end_of_text_token"] = serde_json::Value::String(hf.end_of_text_token().to_string());
+        let copy = out.join(HF_TOKENIZER_FILE);
+        std::fs::write(&copy, hf.json()).map_err(|e| Error::io(&copy, e))?;
+    }
     let tmp = meta_path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(&meta).expect("plain JSON")).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &meta_path).map_err(|e| Error::io(&meta_path, e))?;
@@ -357,7 +389,7 @@ fn read_chunks(
     emit: &mut dyn FnMut(Chunk, u64) -> Result<()>,
 ) -> Result<()> {
     let mut offset = 0u64;
-    for (file, size) in files.iter().zip(sizes) {
+    for (index, (file, size)) in files.iter().zip(sizes).enumerate() {
         let handle = std::fs::File::open(file).map_err(|e| Error::data(file, format!("cannot read: {e}")))?;
         if is_json_lines(file) {
             for (n, line) in BufReader::new(handle).split(b'\n').enumerate() {
@@ -380,7 +412,10 @@ fn read_chunks(
                         ),
                     )
                 })?;
-                emit(Chunk { text: text.to_string(), starts_document: true, offset: line_offset }, offset)?;
+                emit(
+                    Chunk { text: text.to_string(), file: index, starts_document: true, offset: line_offset },
+                    offset,
+                )?;
             }
         } else {
             let block_bytes = options.block_bytes;
@@ -406,12 +441,19 @@ fn read_chunks(
                 pending.drain(..used);
                 file_offset += used as u64;
                 carried.push_str(&text);
-                let cut = if last || at_cut { Some(carried.len()) } else { safe_cut(&carried) };
+                let cut = if last || at_cut {
+                    Some(carried.len())
+                } else if options.tokenizer.tokenises_in_blocks() {
+                    safe_cut(&carried)
+                } else {
+                    None
+                };
                 if let Some(cut) = cut.filter(|&c| c > 0) {
                     let rest = carried.split_off(cut);
                     let text = std::mem::replace(&mut carried, rest);
                     let len = text.len() as u64;
-                    emit(Chunk { text, starts_document: first, offset: offset + chunked }, offset + file_offset)?;
+                    let chunk = Chunk { text, file: index, starts_document: first, offset: offset + chunked };
+                    emit(chunk, offset + file_offset)?;
                     // Chunk offsets count input bytes: never past what was read (replacement characters are longer
                     // than the bytes they replace), and the chunk after the cut starts at it even when a character
                     // straddling the cut was left pending for the next block.
@@ -424,7 +466,7 @@ fn read_chunks(
             }
             if first {
                 // An empty file is a document with no text.
-                emit(Chunk { text: String::new(), starts_document: true, offset }, offset)?;
+                emit(Chunk { text: String::new(), file: index, starts_document: true, offset }, offset)?;
             }
             offset += size;
         }

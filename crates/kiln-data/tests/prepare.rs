@@ -1,51 +1,12 @@
 //! `kiln prepare`'s shards: contents, format, the split, and bad input; and training data read back from them.
 
+mod common;
+
+use common::{data_error, dir, options, ragged, read_split, run};
 use kiln_core::config::{DataConfig, Tokenizer};
-use kiln_core::{Error, Result};
-use kiln_data::prepare::{BLOCK_BYTES, PrepareOptions, PrepareSummary, Tokenization, prepare};
+use kiln_data::prepare::Tokenization;
 use kiln_data::{Dataset, shards};
-use std::path::{Path, PathBuf};
-
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-prepare-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn options(
-    inputs: Vec<PathBuf>,
-    out: &Path,
-    tokenizer: Tokenization,
-    val_fraction: f64,
-    shard_tokens: usize,
-) -> PrepareOptions {
-    PrepareOptions {
-        inputs,
-        tokenizer,
-        out: out.to_path_buf(),
-        val_fraction,
-        shard_tokens,
-        text_field: "text".into(),
-        lossy: false,
-        block_bytes: BLOCK_BYTES,
-    }
-}
-
-fn run(o: &PrepareOptions) -> Result<PrepareSummary> {
-    prepare(o, |_, _| {})
-}
-
-fn read_split(out: &Path, split: &str) -> Vec<u32> {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
-    let mut tokens = Vec::new();
-    for name in meta[split].as_array().unwrap() {
-        let shard = shards::Shard::open(&out.join(name.as_str().unwrap())).unwrap();
-        tokens.extend((0..shard.len()).map(|i| shard.get(i)));
-    }
-    tokens
-}
+use std::path::Path;
 
 /// Generated prose: words, punctuation, blank lines, indentation, and non-ASCII characters.
 fn prose(lines: usize, salt: usize) -> String {
@@ -103,21 +64,6 @@ fn gpt2_shards_hold_each_document_after_an_end_of_text_token() {
     let int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
     assert_eq!((int(0), int(1), int(2)), (20240520, 1, 100_000));
     assert_eq!(bytes.len(), 1024 + 2 * 100_000);
-}
-
-/// Generated text whose words are separated by every kind of whitespace a block cut must respect: blank lines,
-/// trailing spaces, carriage returns, tabs, indentation and non-ASCII spaces.
-fn ragged(words: usize, salt: usize) -> String {
-    let vocabulary = ["the", "Quick", "fox's", "café", "naïve", "1234", "—", "$5.00", "(x)", "über", "日本語", "it'll"];
-    let separators =
-        [" ", " ", " ", "\n", "\n\n", " \n", "\r\n", "\t", "  ", "\n   ", ", ", ".\n", "\u{a0}", "\u{3000}", "\n\n\n"];
-    (0..words)
-        .map(|i| {
-            let word = vocabulary[(i * 7 + salt) % vocabulary.len()];
-            let separator = separators[(i * i + 3 * i + salt) % separators.len()];
-            format!("{word}{separator}")
-        })
-        .collect()
 }
 
 #[test]
@@ -184,17 +130,6 @@ fn wide_vocabularies_use_uint32_shards() {
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(i32::from_le_bytes(bytes[0..4].try_into().unwrap()), 20240801);
     assert_eq!(i32::from_le_bytes(bytes[4..8].try_into().unwrap()), 7);
-}
-
-fn data_error<T>(r: Result<T>) -> String {
-    match r {
-        Err(e @ Error::Data { .. }) => {
-            assert_eq!(e.exit_code(), 2);
-            e.to_string()
-        }
-        Err(e) => panic!("expected a data error, got {e:?}"),
-        Ok(_) => panic!("expected a data error"),
-    }
 }
 
 #[test]
