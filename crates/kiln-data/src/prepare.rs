@@ -75,9 +75,40 @@ impl Tokenization {
                 let chars = chars.as_ref().expect("the character set is found before encoding");
                 text.chars().map(|c| chars.id(c).expect("every character was collected")).collect()
             }
+            Tokenization::Hf(hf) if hf.tokenises_in_blocks() => {
+                let mut ids = Vec::new();
+                for piece in pieces(text, HF_PIECE_BYTES) {
+                    ids.extend(hf.encode(piece, file)?);
+                }
+                ids
+            }
             Tokenization::Hf(hf) => hf.encode(text, file)?,
         })
     }
+}
+
+/// Bytes of text a Hugging Face tokenizer encodes at a time where the text may be cut. The library keeps about
+/// 150 bytes of working state (alignment tables, token strings) per byte it encodes at once: 150 MiB per thread
+/// for a whole block.
+const HF_PIECE_BYTES: usize = 64 << 10;
+
+/// `text` cut at [`safe_cut`] points into pieces of at most `max` bytes, or longer where no safe point comes
+/// sooner.
+fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = max.min(rest.len());
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = if end == rest.len() { end } else { safe_cut(&rest[..end]).unwrap_or(rest.len()) };
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 thread_local! {
@@ -472,4 +503,22 @@ fn read_chunks(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_of_a_block_tokenise_as_the_whole() {
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_tokenizer");
+        let text = std::fs::read_to_string(golden.join("long.txt")).unwrap();
+        let hf = HfTokenizer::load(&golden.join("tokenizer.json"), None).unwrap();
+        let cut: Vec<&str> = pieces(&text, 256).collect();
+        assert_eq!(cut.concat(), text);
+        assert!(cut.len() > 90 && cut.iter().all(|p| p.len() <= 256), "{} pieces", cut.len());
+        let file = Path::new("long.txt");
+        let by_piece: Vec<u32> = cut.iter().flat_map(|p| hf.encode(p, file).unwrap()).collect();
+        assert!(by_piece == hf.encode(&text, file).unwrap());
+    }
 }
