@@ -6,7 +6,8 @@
 //!
 //! `kiln prepare` cuts a long document into blocks only when the tokenizer gives the blocks the ids of the whole
 //! ([`HfTokenizer::tokenises_in_blocks`]); otherwise it encodes each document whole, still in parallel across
-//! documents, which holds each text file in memory at once.
+//! documents, which holds each text file in memory at once, with the library's working state of about 150 bytes
+//! per byte of text.
 
 use kiln_core::{Error, Result};
 use std::path::{Path, PathBuf};
