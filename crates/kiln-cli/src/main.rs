@@ -16,6 +16,7 @@ use kiln_cpu::CpuBackend;
 use kiln_cuda::backend::CudaBackend;
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
+use kiln_data::hf::HfTokenizer;
 use kiln_data::prepare::{PrepareOptions, Tokenization};
 use kiln_model::generate::SampleOptions;
 use kiln_train::{Hooks, StepStats, Trainer, describe_sum};
@@ -71,8 +72,14 @@ enum Command {
         /// Text files, directories of them, or JSON Lines files (repeatable).
         #[arg(long = "input", required = true)]
         inputs: Vec<PathBuf>,
-        #[arg(long, value_enum, default_value_t = TokenizerChoice::Gpt2)]
+        /// gpt2 (GPT-2's BPE, embedded), byte (raw UTF-8 bytes), char (one token per character of the input), or
+        /// the path of a Hugging Face tokenizer.json (a value with a path separator or ending in .json).
+        #[arg(long, value_name = "gpt2|byte|char|PATH", default_value = "gpt2", value_parser = parse_tokenizer)]
         tokenizer: TokenizerChoice,
+        /// With a tokenizer.json: the token put before each document (default: the first of <|endoftext|>,
+        /// <|end_of_text|>, </s>, <eos>, <|im_end|> among its special tokens).
+        #[arg(long, value_name = "TOKEN")]
+        eos_token: Option<String>,
         /// The output directory.
         #[arg(long)]
         out: PathBuf,
@@ -244,14 +251,57 @@ enum ExportFormat {
     Hf,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Clone)]
 enum TokenizerChoice {
-    /// GPT-2's BPE (embedded; no download).
     Gpt2,
-    /// Raw UTF-8 bytes.
     Byte,
-    /// One token per character of the input.
     Char,
+    HfFile(PathBuf),
+}
+
+/// `--tokenizer`: a built-in tokenizer's name, or a path.
+fn parse_tokenizer(value: &str) -> std::result::Result<TokenizerChoice, String> {
+    match value {
+        "gpt2" => Ok(TokenizerChoice::Gpt2),
+        "byte" => Ok(TokenizerChoice::Byte),
+        "char" => Ok(TokenizerChoice::Char),
+        path if path.chars().any(std::path::is_separator) || path.ends_with(".json") => {
+            Ok(TokenizerChoice::HfFile(PathBuf::from(path)))
+        }
+        other => Err(format!(
+            "\"{other}\" is not gpt2, byte or char; a tokenizer.json is named by a path (with a / or ending in .json)"
+        )),
+    }
+}
+
+/// The tokenizer `kiln prepare` uses: a built-in one, or a tokenizer.json with its end-of-text token.
+fn tokenization(choice: TokenizerChoice, eos_token: Option<&str>) -> Result<Tokenization> {
+    Ok(match (choice, eos_token) {
+        (TokenizerChoice::HfFile(path), eos_token) => {
+            let hf = HfTokenizer::load(&path, eos_token)?;
+            tracing::info!(
+                "{}: {} tokens, end-of-text {:?} = {}; documents tokenised {}",
+                path.display(),
+                hf.vocab_size(),
+                hf.end_of_text_token(),
+                hf.end_of_text(),
+                if hf.tokenises_in_blocks() {
+                    "in blocks"
+                } else {
+                    "whole (its pipeline is not known to split alike at block cuts)"
+                }
+            );
+            Tokenization::Hf(Arc::new(hf))
+        }
+        (_, Some(_)) => {
+            return Err(Error::Usage(
+                "--eos-token goes with --tokenizer PATH/tokenizer.json; gpt2, byte and char have their own".into(),
+            ));
+        }
+        (TokenizerChoice::Gpt2, None) => Tokenization::Gpt2,
+        (TokenizerChoice::Byte, None) => Tokenization::Byte,
+        (TokenizerChoice::Char, None) => Tokenization::Char(None),
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -311,13 +361,21 @@ fn main() -> ExitCode {
         Command::Export { checkpoint, format: ExportFormat::Hf, out, max_shard_mb } => {
             export_hf(&checkpoint, &out, max_shard_mb)
         }
-        Command::Prepare { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy } => {
-            let tokenizer = match tokenizer {
-                TokenizerChoice::Gpt2 => Tokenization::Gpt2,
-                TokenizerChoice::Byte => Tokenization::Byte,
-                TokenizerChoice::Char => Tokenization::Char(None),
-            };
-            prepare(PrepareOptions { inputs, tokenizer, out, val_fraction, shard_tokens, text_field, lossy }, bar)
+        Command::Prepare { inputs, tokenizer, eos_token, out, val_fraction, shard_tokens, text_field, lossy } => {
+            tokenization(tokenizer, eos_token.as_deref()).and_then(|tokenizer| {
+                let block_bytes = kiln_data::prepare::BLOCK_BYTES;
+                let options = PrepareOptions {
+                    inputs,
+                    tokenizer,
+                    out,
+                    val_fraction,
+                    shard_tokens,
+                    text_field,
+                    lossy,
+                    block_bytes,
+                };
+                prepare(options, bar)
+            })
         }
         Command::Bench {
             command:

@@ -365,6 +365,42 @@ fn prepare_then_train_on_the_shards() {
 }
 
 #[test]
+fn prepare_with_a_tokenizer_json_then_train() {
+    let dir = temp_dir("prepare-hf");
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kiln-data/tests/golden/hf_tokenizer");
+    let path = |name: &str| golden.join(name).to_string_lossy().into_owned();
+    let (input, tokenizer) = (path("long.txt"), path("tokenizer.json"));
+    let out = dir.join("shards");
+    let out_s = out.to_string_lossy().into_owned();
+    let prepared = kiln(&["prepare", "--input", &input, "--tokenizer", &tokenizer, "--out", &out_s]);
+    assert!(prepared.status.success(), "{}", stderr(&prepared));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+    assert_eq!((meta["tokenizer"].as_str(), meta["vocab_size"].as_u64()), (Some("hf"), Some(657)));
+    assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(&tokenizer).unwrap());
+    let set_data = format!("data.train={out_s}");
+    let set_out = format!("train.out_dir={}", dir.join("run").display());
+    let mut args = vec!["train", "--backend", "cpu", "--set", &set_data, "--set", &set_out];
+    for set in ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.micro_batch=2"] {
+        args.extend(["--set", set]);
+    }
+    args.extend(["--set", "train.total_batch_tokens=64", "--set", "train.max_steps=1", "--set", "train.eval_steps=1"]);
+    let trained = kiln(&args);
+    let err = stderr(&trained);
+    assert!(trained.status.success() && err.contains("vocabulary 657"), "{err}");
+
+    let prepare = |tokenizer: &str, more: &[&str], fragments: &[&str]| {
+        let args = [&["prepare", "--input", &input, "--tokenizer", tokenizer, "--out", &out_s][..], more].concat();
+        expect_usage_error(&args, fragments);
+    };
+    prepare("/no/such/tokenizer.json", &[], &["/no/such/tokenizer.json", "cannot read"]);
+    prepare(&input.replace("long.txt", "documents.jsonl"), &[], &["documents.jsonl", "not a valid tokenizer.json"]);
+    prepare("gpt3", &[], &["gpt3", "tokenizer.json"]);
+    prepare("gpt2", &["--eos-token", "</s>"], &["--eos-token"]);
+    prepare(&tokenizer, &["--eos-token", "<nope>"], &["tokenizer.json", "<nope>"]);
+}
+
+#[test]
 fn ranks_as_threads_split_each_step_and_train_like_one_rank() {
     let dir = temp_dir("ranks");
     let run = |ranks: &str, micro_batch: &str, out: &str| {

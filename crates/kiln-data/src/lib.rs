@@ -8,6 +8,7 @@
 
 mod addition;
 pub mod codec;
+pub mod hf;
 pub mod prepare;
 pub mod shards;
 mod tokenizer;

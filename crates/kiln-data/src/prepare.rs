@@ -2,17 +2,22 @@
 //!
 //! Inputs are text files, directories of them (recursively, in name order) and JSON Lines files (`.jsonl`) whose
 //! objects carry the text in a field. Every document is preceded by an end-of-text token. The text is read in
-//! blocks of about a megabyte, cut where the next character starts a new word after a newline (GPT-2's
-//! pre-tokenizer splits there anyway, so blocks tokenise exactly as the whole would), and a batch of blocks is
-//! tokenised in parallel while the next is read: memory stays bounded however large the input. The last
-//! `val_fraction` of the input bytes becomes the validation split. Shards are written as they fill; `meta.json`,
-//! written last, is what makes the directory a dataset, so an interrupted run leaves nothing that looks complete.
+//! blocks of about a megabyte, cut only where the tokenizer's pre-tokenizer splits the text the same way whether
+//! or not it goes on (`safe_cut`), so blocks tokenise exactly as the whole would, and a batch of blocks is
+//! tokenised in parallel while the next is read: memory stays bounded however large the input. (A Hugging Face
+//! tokenizer not known to split alike at those cuts gets each document whole instead; see [`crate::hf`].) The
+//! last `val_fraction` of the input bytes becomes the validation split; the document that straddles that point
+//! is tokenised as two texts, one in each split. Shards are written as they fill; `meta.json`, written last, is
+//! what makes the directory a dataset, so an interrupted run leaves nothing that looks complete. A Hugging Face
+//! tokenizer's `tokenizer.json` is copied next to it.
 
+use crate::hf::HfTokenizer;
 use crate::{CharTokenizer, shards};
 use kiln_core::{Error, Result};
 use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The tokenizers `kiln prepare` can use.
 #[derive(Clone, Debug)]
@@ -23,6 +28,8 @@ pub enum Tokenization {
     Byte,
     /// One token per character of the input's character set (found by a first pass), end-of-text after them.
     Char(Option<CharTokenizer>),
+    /// A Hugging Face `tokenizer.json`, copied into the dataset; end-of-text is one of its special tokens.
+    Hf(Arc<HfTokenizer>),
 }
 
 impl Tokenization {
@@ -31,6 +38,7 @@ impl Tokenization {
             Tokenization::Gpt2 => "gpt2",
             Tokenization::Byte => "byte",
             Tokenization::Char(_) => "char",
+            Tokenization::Hf(_) => "hf",
         }
     }
 
@@ -39,23 +47,68 @@ impl Tokenization {
             Tokenization::Gpt2 => 50257,
             Tokenization::Byte => 257,
             Tokenization::Char(chars) => chars.as_ref().map_or(0, CharTokenizer::vocab_size) + 1,
+            Tokenization::Hf(hf) => hf.vocab_size(),
         }
     }
 
     pub fn end_of_text(&self) -> u32 {
-        self.vocab_size() as u32 - 1
+        match self {
+            Tokenization::Hf(hf) => hf.end_of_text(),
+            Tokenization::Gpt2 | Tokenization::Byte | Tokenization::Char(_) => self.vocab_size() as u32 - 1,
+        }
     }
 
-    fn encode(&self, text: &str) -> Vec<u32> {
+    /// Whether a document may be encoded in blocks cut at [`safe_cut`] points rather than whole.
+    fn tokenises_in_blocks(&self) -> bool {
         match self {
+            Tokenization::Hf(hf) => hf.tokenises_in_blocks(),
+            Tokenization::Gpt2 | Tokenization::Byte | Tokenization::Char(_) => true,
+        }
+    }
+
+    /// The ids of `text`, a piece of `file`.
+    fn encode(&self, text: &str, file: &Path) -> Result<Vec<u32>> {
+        Ok(match self {
             Tokenization::Gpt2 => GPT2.with(|bpe| bpe.encode_ordinary(text)),
             Tokenization::Byte => text.bytes().map(u32::from).collect(),
             Tokenization::Char(chars) => {
                 let chars = chars.as_ref().expect("the character set is found before encoding");
                 text.chars().map(|c| chars.id(c).expect("every character was collected")).collect()
             }
-        }
+            Tokenization::Hf(hf) if hf.tokenises_in_blocks() => {
+                let mut ids = Vec::new();
+                for piece in pieces(text, HF_PIECE_BYTES) {
+                    ids.extend(hf.encode(piece, file)?);
+                }
+                ids
+            }
+            Tokenization::Hf(hf) => hf.encode(text, file)?,
+        })
     }
+}
+
+/// Bytes of text a Hugging Face tokenizer encodes at a time where the text may be cut. The library keeps about
+/// 150 bytes of working state (alignment tables, token strings) per byte it encodes at once: 150 MiB per thread
+/// for a whole block.
+const HF_PIECE_BYTES: usize = 64 << 10;
+
+/// `text` cut at [`safe_cut`] points into pieces of at most `max` bytes, or longer where no safe point comes
+/// sooner.
+fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = max.min(rest.len());
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let cut = if end == rest.len() { end } else { safe_cut(&rest[..end]).unwrap_or(rest.len()) };
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 thread_local! {
@@ -73,6 +126,9 @@ pub struct PrepareOptions {
     pub text_field: String,
     /// Replace invalid UTF-8 (and count it) instead of failing.
     pub lossy: bool,
+    /// Bytes read from a text file at a time: [`BLOCK_BYTES`], except in tests that need a small text to span
+    /// many blocks.
+    pub block_bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -85,14 +141,20 @@ pub struct PrepareSummary {
     pub replaced: u64,
 }
 
-/// Bytes per block read from a text file.
-const BLOCK: usize = 1 << 20;
+/// The name of the copy of a Hugging Face tokenizer's `tokenizer.json` in a dataset directory.
+pub const HF_TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Bytes per block read from a text file: large enough that the blocks of a batch keep every thread busy for
+/// much longer than it takes to read them.
+pub const BLOCK_BYTES: usize = 1 << 20;
 /// Blocks tokenised in parallel at a time.
 const BATCH: usize = 16;
 
-/// A piece of text to tokenise: where its document starts, and where in the whole input it lies.
+/// A piece of text to tokenise: which input file it comes from, whether its document starts with it, and where
+/// in the whole input it lies.
 struct Chunk {
     text: String,
+    file: usize,
     starts_document: bool,
     offset: u64,
 }
@@ -119,12 +181,28 @@ fn is_json_lines(path: &Path) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl") | Some("json"))
 }
 
-/// Where a block of text may be cut: just after a newline that the next character, not a space, follows.
+/// Where a block of text may be cut so that its two parts tokenise exactly as the whole does: the last position
+/// that is just after a newline with a non-whitespace character on each side, or just before a space that has a
+/// non-whitespace character before it and an ASCII letter after it.
+///
+/// GPT-2's pre-tokenizer splits text with `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
+/// and encodes each piece alone (the Llama 3 and Qwen2 patterns `hf` accepts work alike). Whitespace is matched
+/// only in runs of whitespace, as the optional first character of a piece, or (Llama 3, Qwen2) as the newlines
+/// that end a run of punctuation; nothing looks behind, or ahead by more than the one character after a run of
+/// whitespace. So no piece spans either kind of cut, and the pieces on each side do not depend on the other side.
+/// Other newlines are not safe: at the end of a block "\n\n", " \n" and "\r\n" are one piece each, while
+/// before a word they are two ("\n" "\n"), because `\s+(?!\S)` leaves the last whitespace character to the word.
 fn safe_cut(text: &str) -> Option<usize> {
     let bytes = text.as_bytes();
-    (1..bytes.len())
-        .rev()
-        .find(|&i| bytes[i - 1] == b'\n' && !bytes[i].is_ascii_whitespace() && text.is_char_boundary(i))
+    let visible = |c: Option<char>| c.is_some_and(|c| !c.is_whitespace());
+    (1..bytes.len()).rev().find(|&i| {
+        let after_line =
+            bytes[i - 1] == b'\n' && visible(text[..i - 1].chars().next_back()) && visible(text[i..].chars().next());
+        let before_word = bytes[i] == b' '
+            && bytes.get(i + 1).is_some_and(u8::is_ascii_alphabetic)
+            && visible(text[..i].chars().next_back());
+        after_line || before_word
+    })
 }
 
 /// Decodes `bytes` (which start `offset` bytes into `path`): fails on invalid UTF-8, or with `lossy` replaces each
@@ -216,6 +294,9 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
     if options.shard_tokens == 0 {
         return Err(Error::Usage("--shard-tokens must be at least 1".into()));
     }
+    if options.block_bytes == 0 {
+        return Err(Error::Usage("the block size must be at least 1 byte".into()));
+    }
     let files = expand(&options.inputs)?;
     let sizes: Vec<u64> = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).collect();
     let total: u64 = sizes.iter().sum();
@@ -262,10 +343,10 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
                 if c.starts_document {
                     ids.push(tok.end_of_text());
                 }
-                ids.extend(tok.encode(&c.text));
-                (ids, c.offset >= val_cut)
+                ids.extend(tok.encode(&c.text, &files[c.file])?);
+                Ok((ids, c.offset >= val_cut))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         for (ids, is_val) in encoded {
             if is_val {
                 val.push(&ids)?
@@ -283,7 +364,7 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
     read_chunks(&files, &sizes, options, val_cut, &mut summary.replaced, &mut |chunk, done| {
         batch_bytes += chunk.text.len();
         batch.push(chunk);
-        if batch_bytes >= BATCH * BLOCK || batch.len() >= 1024 {
+        if batch_bytes >= BATCH * options.block_bytes || batch.len() >= 1024 {
             run_batch(&mut batch, done)?;
             batch_bytes = 0;
         }
@@ -315,6 +396,11 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
     if let Tokenization::Char(Some(chars)) = tok {
         meta["chars"] = serde_json::Value::String(chars.decode(&(0..chars.vocab_size() as u32).collect::<Vec<_>>()));
     }
+    if let Tokenization::Hf(hf) = tok {
+        meta["end_of_text_token"] = serde_json::Value::String(hf.end_of_text_token().to_string());
+        let copy = out.join(HF_TOKENIZER_FILE);
+        std::fs::write(&copy, hf.json()).map_err(|e| Error::io(&copy, e))?;
+    }
     let tmp = meta_path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(&meta).expect("plain JSON")).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &meta_path).map_err(|e| Error::io(&meta_path, e))?;
@@ -334,7 +420,7 @@ fn read_chunks(
     emit: &mut dyn FnMut(Chunk, u64) -> Result<()>,
 ) -> Result<()> {
     let mut offset = 0u64;
-    for (file, size) in files.iter().zip(sizes) {
+    for (index, (file, size)) in files.iter().zip(sizes).enumerate() {
         let handle = std::fs::File::open(file).map_err(|e| Error::data(file, format!("cannot read: {e}")))?;
         if is_json_lines(file) {
             for (n, line) in BufReader::new(handle).split(b'\n').enumerate() {
@@ -357,22 +443,26 @@ fn read_chunks(
                         ),
                     )
                 })?;
-                emit(Chunk { text: text.to_string(), starts_document: true, offset: line_offset }, offset)?;
+                emit(
+                    Chunk { text: text.to_string(), file: index, starts_document: true, offset: line_offset },
+                    offset,
+                )?;
             }
         } else {
-            let mut reader = BufReader::with_capacity(BLOCK, handle);
+            let block_bytes = options.block_bytes;
+            let mut reader = BufReader::with_capacity(block_bytes, handle);
             let mut pending: Vec<u8> = Vec::new();
             let mut carried = String::new();
             let mut file_offset = 0u64;
             // Input bytes of this file already handed out in chunks.
             let mut chunked = 0u64;
             let mut first = true;
-            let mut block = vec![0u8; BLOCK];
+            let mut block = vec![0u8; block_bytes];
             let mut read = 0u64;
             loop {
                 // Reads stop at the validation cut, so that a chunk ends exactly there.
                 let to_cut = val_cut.saturating_sub(offset + read);
-                let want = if to_cut > 0 { BLOCK.min(to_cut as usize) } else { BLOCK };
+                let want = if to_cut > 0 { block_bytes.min(to_cut as usize) } else { block_bytes };
                 let n = reader.read(&mut block[..want]).map_err(|e| Error::data(file, format!("cannot read: {e}")))?;
                 read += n as u64;
                 let last = n == 0;
@@ -382,12 +472,19 @@ fn read_chunks(
                 pending.drain(..used);
                 file_offset += used as u64;
                 carried.push_str(&text);
-                let cut = if last || at_cut { Some(carried.len()) } else { safe_cut(&carried) };
+                let cut = if last || at_cut {
+                    Some(carried.len())
+                } else if options.tokenizer.tokenises_in_blocks() {
+                    safe_cut(&carried)
+                } else {
+                    None
+                };
                 if let Some(cut) = cut.filter(|&c| c > 0) {
                     let rest = carried.split_off(cut);
                     let text = std::mem::replace(&mut carried, rest);
                     let len = text.len() as u64;
-                    emit(Chunk { text, starts_document: first, offset: offset + chunked }, offset + file_offset)?;
+                    let chunk = Chunk { text, file: index, starts_document: first, offset: offset + chunked };
+                    emit(chunk, offset + file_offset)?;
                     // Chunk offsets count input bytes: never past what was read (replacement characters are longer
                     // than the bytes they replace), and the chunk after the cut starts at it even when a character
                     // straddling the cut was left pending for the next block.
@@ -400,10 +497,28 @@ fn read_chunks(
             }
             if first {
                 // An empty file is a document with no text.
-                emit(Chunk { text: String::new(), starts_document: true, offset }, offset)?;
+                emit(Chunk { text: String::new(), file: index, starts_document: true, offset }, offset)?;
             }
             offset += size;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_of_a_block_tokenise_as_the_whole() {
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_tokenizer");
+        let text = std::fs::read_to_string(golden.join("long.txt")).unwrap();
+        let hf = HfTokenizer::load(&golden.join("tokenizer.json"), None).unwrap();
+        let cut: Vec<&str> = pieces(&text, 256).collect();
+        assert_eq!(cut.concat(), text);
+        assert!(cut.len() > 90 && cut.iter().all(|p| p.len() <= 256), "{} pieces", cut.len());
+        let file = Path::new("long.txt");
+        let by_piece: Vec<u32> = cut.iter().flat_map(|p| hf.encode(p, file).unwrap()).collect();
+        assert!(by_piece == hf.encode(&text, file).unwrap());
+    }
 }

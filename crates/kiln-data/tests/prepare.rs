@@ -1,50 +1,12 @@
 //! `kiln prepare`'s shards: contents, format, the split, and bad input; and training data read back from them.
 
+mod common;
+
+use common::{data_error, dir, options, ragged, read_split, run};
 use kiln_core::config::{DataConfig, Tokenizer};
-use kiln_core::{Error, Result};
-use kiln_data::prepare::{PrepareOptions, PrepareSummary, Tokenization, prepare};
+use kiln_data::prepare::Tokenization;
 use kiln_data::{Dataset, shards};
-use std::path::{Path, PathBuf};
-
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-prepare-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn options(
-    inputs: Vec<PathBuf>,
-    out: &Path,
-    tokenizer: Tokenization,
-    val_fraction: f64,
-    shard_tokens: usize,
-) -> PrepareOptions {
-    PrepareOptions {
-        inputs,
-        tokenizer,
-        out: out.to_path_buf(),
-        val_fraction,
-        shard_tokens,
-        text_field: "text".into(),
-        lossy: false,
-    }
-}
-
-fn run(o: &PrepareOptions) -> Result<PrepareSummary> {
-    prepare(o, |_, _| {})
-}
-
-fn read_split(out: &Path, split: &str) -> Vec<u32> {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
-    let mut tokens = Vec::new();
-    for name in meta[split].as_array().unwrap() {
-        let shard = shards::Shard::open(&out.join(name.as_str().unwrap())).unwrap();
-        tokens.extend((0..shard.len()).map(|i| shard.get(i)));
-    }
-    tokens
-}
+use std::path::Path;
 
 /// Generated prose: words, punctuation, blank lines, indentation, and non-ASCII characters.
 fn prose(lines: usize, salt: usize) -> String {
@@ -105,6 +67,22 @@ fn gpt2_shards_hold_each_document_after_an_end_of_text_token() {
 }
 
 #[test]
+fn blocks_cut_gpt2_tokens_nowhere() {
+    // Blocks of 64 bytes put cuts next to every kind of whitespace: a cut after a blank line would give "\n\n"
+    // (one GPT-2 token) where the whole text has "\n" "\n".
+    let d = dir("ragged");
+    let text = ragged(3_000, 1);
+    std::fs::write(d.join("t.txt"), &text).unwrap();
+    let out = d.join("out");
+    let mut small_blocks = options(vec![d.join("t.txt")], &out, Tokenization::Gpt2, 0.0, 1 << 30);
+    small_blocks.block_bytes = 64;
+    run(&small_blocks).unwrap();
+    let mut want = vec![50256];
+    want.extend(tiktoken_rs::r50k_base().unwrap().encode_ordinary(&text));
+    assert!(read_split(&out, "train") == want, "block-wise tokens differ from the whole text's");
+}
+
+#[test]
 fn the_last_fraction_of_the_input_is_validation() {
     let d = dir("split");
     let text = prose(5_000, 3);
@@ -152,17 +130,6 @@ fn wide_vocabularies_use_uint32_shards() {
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(i32::from_le_bytes(bytes[0..4].try_into().unwrap()), 20240801);
     assert_eq!(i32::from_le_bytes(bytes[4..8].try_into().unwrap()), 7);
-}
-
-fn data_error<T>(r: Result<T>) -> String {
-    match r {
-        Err(e @ Error::Data { .. }) => {
-            assert_eq!(e.exit_code(), 2);
-            e.to_string()
-        }
-        Err(e) => panic!("expected a data error, got {e:?}"),
-        Ok(_) => panic!("expected a data error"),
-    }
 }
 
 #[test]
