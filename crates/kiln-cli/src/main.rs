@@ -9,16 +9,18 @@ mod dist;
 mod log;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kiln_core::config::AttentionKernel;
+use kiln_core::config::{AttentionKernel, DataConfig};
 use kiln_core::{AttentionDims, Backend};
 use kiln_core::{Config, Error, Result};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::backend::CudaBackend;
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
-use kiln_data::hf::HfTokenizer;
+use kiln_data::Dataset;
+use kiln_data::hf::{EndOfText, HfTokenizer};
 use kiln_data::prepare::{PrepareOptions, Tokenization};
 use kiln_model::generate::SampleOptions;
+use kiln_train::inference::{Inference, Request};
 use kiln_train::{Hooks, StepStats, Trainer, describe_sum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,16 +100,23 @@ enum Command {
     },
     /// Validation loss and perplexity of a checkpoint over a whole validation split.
     Eval {
-        /// A checkpoint directory (out_dir/checkpoints/step_...).
+        /// A model directory: a checkpoint (out_dir/checkpoints/step_...), an export, or one saved by transformers.
         #[arg(long)]
         checkpoint: PathBuf,
-        /// The data to score (default: the checkpoint's own data.train).
+        /// The data to score (default: a checkpoint's own data.train).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Tokens per scored window (default: a checkpoint's block_size, else the model's context).
+        #[arg(long)]
+        block_size: Option<usize>,
+        /// Windows per forward pass.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
     },
-    /// Generate text from a checkpoint, streaming it as it is produced.
+    /// Generate text from a model directory (a checkpoint, an export, or one saved by transformers), streaming it as
+    /// it is produced.
     Sample {
         #[arg(long)]
         checkpoint: PathBuf,
@@ -278,7 +287,7 @@ fn parse_tokenizer(value: &str) -> std::result::Result<TokenizerChoice, String> 
 fn tokenization(choice: TokenizerChoice, eos_token: Option<&str>) -> Result<Tokenization> {
     Ok(match (choice, eos_token) {
         (TokenizerChoice::HfFile(path), eos_token) => {
-            let hf = HfTokenizer::load(&path, eos_token)?;
+            let hf = HfTokenizer::load(&path, eos_token.map_or(EndOfText::Find, EndOfText::Token))?;
             tracing::info!(
                 "{}: {} tokens, end-of-text {:?} = {}; documents tokenised {}",
                 path.display(),
@@ -342,7 +351,9 @@ fn main() -> ExitCode {
         },
         Command::Kernels { command: KernelsCommand::Build { archs } } => build_kernels(archs),
         Command::Selftest { backend, precision } => selftest(backend, precision),
-        Command::Eval { checkpoint, data, backend } => eval(&checkpoint, data, backend),
+        Command::Eval { checkpoint, data, block_size, batch, backend } => {
+            eval(&checkpoint, data, block_size, batch, backend)
+        }
         Command::Sample {
             checkpoint,
             prompt,
@@ -552,27 +563,32 @@ fn run_training(
     Ok(())
 }
 
-fn sample(checkpoint: &std::path::Path, prompt: &str, options: &SampleOptions, backend: BackendChoice) -> Result<()> {
-    let config = kiln_train::checkpoint::config(checkpoint, &[])?;
-    match resolve(backend)? {
-        Engine::Cpu => sample_on(&config, CpuBackend::<f32>::new(), checkpoint, prompt, options),
-        Engine::Cuda => sample_on(&config, cuda(0, &config)?, checkpoint, prompt, options),
+/// The engine settings (precision, attention kernels, determinism) for using the model in `dir`: a checkpoint's
+/// own, or the defaults for a directory that is not one.
+fn engine_settings(dir: &std::path::Path) -> Result<Config> {
+    match kiln_train::checkpoint::config(dir, &[]) {
+        Ok(config) => Ok(config),
+        Err(_) if !dir.join("state.json").exists() => Config::load(None, &[]),
+        Err(e) => Err(e),
     }
 }
 
-fn sample_on<B: Backend>(
-    config: &Config,
-    backend: B,
-    checkpoint: &std::path::Path,
-    prompt: &str,
-    options: &SampleOptions,
-) -> Result<()> {
+fn sample(checkpoint: &std::path::Path, prompt: &str, options: &SampleOptions, backend: BackendChoice) -> Result<()> {
+    let request = Request::Sample { prompt, new_tokens: options.max_new_tokens };
+    match resolve(backend)? {
+        Engine::Cpu => sample_on(Inference::open(checkpoint, CpuBackend::<f32>::new(), request)?, prompt, options),
+        Engine::Cuda => {
+            let engine = cuda(0, &engine_settings(checkpoint)?)?;
+            sample_on(Inference::open(checkpoint, engine, request)?, prompt, options)
+        }
+    }
+}
+
+fn sample_on<B: Backend>(mut model: Inference<B>, prompt: &str, options: &SampleOptions) -> Result<()> {
     use std::io::Write;
-    let mut trainer = Trainer::new(config, backend)?;
-    trainer.load_weights(checkpoint)?;
     let started = std::time::Instant::now();
     print!("{prompt}");
-    let produced = trainer.sample(prompt, options, |text| {
+    let produced = model.sample(prompt, options, |text| {
         print!("{text}");
         let _ = std::io::stdout().flush();
     })?;
@@ -586,25 +602,43 @@ fn sample_on<B: Backend>(
     Ok(())
 }
 
-fn eval(checkpoint: &std::path::Path, data: Option<PathBuf>, backend: BackendChoice) -> Result<()> {
-    let overrides: Vec<String> = data.iter().map(|d| format!("data.train={}", d.display())).collect();
-    let config = kiln_train::checkpoint::config(checkpoint, &overrides)?;
-    match resolve(backend)? {
-        Engine::Cpu => eval_on(&config, CpuBackend::<f32>::new(), checkpoint),
-        Engine::Cuda => eval_on(&config, cuda(0, &config)?, checkpoint),
+fn eval(
+    checkpoint: &std::path::Path,
+    data: Option<PathBuf>,
+    block_size: Option<usize>,
+    batch: usize,
+    backend: BackendChoice,
+) -> Result<()> {
+    let settings = engine_settings(checkpoint)?;
+    let is_checkpoint = checkpoint.join("state.json").exists();
+    let data = match (data, is_checkpoint) {
+        (Some(dir), _) => DataConfig { train: dir.display().to_string(), val: None },
+        (None, true) => settings.data.clone(),
+        (None, false) => {
+            return Err(Error::Usage(format!(
+                "{}: not a kiln checkpoint; name the data to score with --data",
+                checkpoint.display()
+            )));
+        }
+    };
+    let time = match block_size {
+        Some(t) => t,
+        None if is_checkpoint => settings.model.block_size,
+        None => kiln_core::config::ModelConfig::from_hf_dir(checkpoint)?.0.block_size,
+    };
+    if batch == 0 {
+        return Err(Error::Usage("--batch must be at least 1".into()));
     }
-}
-
-fn eval_on<B: Backend>(config: &Config, backend: B, checkpoint: &std::path::Path) -> Result<()> {
-    let mut trainer = Trainer::new(config, backend)?;
-    trainer.load_weights(checkpoint)?;
-    let (loss, tokens) = trainer.evaluate_split()?.ok_or_else(|| {
-        Error::Usage(format!(
-            "{}: a synthetic corpus has no fixed validation split to score; pass --data",
-            config.data.train
-        ))
+    let dataset = Dataset::open_validation(&data, time)?;
+    let request = Request::Score { batch, time };
+    let (loss, tokens) = match resolve(backend)? {
+        Engine::Cpu => Inference::open(checkpoint, CpuBackend::<f32>::new(), request)?.evaluate(&dataset)?,
+        Engine::Cuda => Inference::open(checkpoint, cuda(0, &settings)?, request)?.evaluate(&dataset)?,
+    }
+    .ok_or_else(|| {
+        Error::Usage(format!("{}: a synthetic corpus has no fixed validation split to score; pass --data", data.train))
     })?;
-    println!("val loss {loss:.4}, perplexity {:.3}, over {tokens} tokens of {}", loss.exp(), config.data.train);
+    println!("val loss {loss:.4}, perplexity {:.3}, over {tokens} tokens of {}", loss.exp(), data.train);
     Ok(())
 }
 

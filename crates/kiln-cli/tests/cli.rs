@@ -333,15 +333,16 @@ fn prepare_then_train_on_the_shards() {
     let export = dir.join("export").to_string_lossy().into_owned();
     assert!(kiln(&["export", "--checkpoint", &ckpt_s, "--out", &export]).status.success());
     assert!(dir.join("export/model.safetensors").is_file() && dir.join("export/config.json").is_file());
+    assert!(dir.join("export/kiln_tokenizer.json").is_file(), "the export names its tokenizer (GPT-2's)");
     assert!(!dir.join("export/optimizer.safetensors").exists());
     expect_usage_error(&["export", "--checkpoint", &ckpt_s, "--out", &export], &["exists"]);
 
     // Sampling streams GPT-2 text, with and without the key/value cache, and the greedy text is the same.
-    let greedy = |cache: bool| {
+    let greedy = |model: &str, cache: bool| {
         let mut args = vec![
             "sample",
             "--checkpoint",
-            &ckpt_s,
+            model,
             "--backend",
             "cpu",
             "--prompt",
@@ -358,9 +359,10 @@ fn prepare_then_train_on_the_shards() {
         assert!(out.status.success(), "{}", stderr(&out));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let text = greedy(true);
+    let text = greedy(&ckpt_s, true);
     assert!(text.starts_with("To be") && text.len() > "To be\n".len(), "{text:?}");
-    assert_eq!(text, greedy(false));
+    assert_eq!(text, greedy(&ckpt_s, false));
+    assert_eq!(text, greedy(&export, true), "the export samples as the checkpoint does");
     expect_usage_error(&["sample", "--checkpoint", "/no/such/checkpoint"], &["/no/such/checkpoint"]);
 }
 
@@ -381,13 +383,44 @@ fn prepare_with_a_tokenizer_json_then_train() {
     let set_data = format!("data.train={out_s}");
     let set_out = format!("train.out_dir={}", dir.join("run").display());
     let mut args = vec!["train", "--backend", "cpu", "--set", &set_data, "--set", &set_out];
-    for set in ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.micro_batch=2"] {
+    for set in [
+        "model.arch=llama",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.block_size=32",
+        "train.micro_batch=2",
+        "train.checkpoint_every=1",
+    ] {
         args.extend(["--set", set]);
     }
     args.extend(["--set", "train.total_batch_tokens=64", "--set", "train.max_steps=1", "--set", "train.eval_steps=1"]);
     let trained = kiln(&args);
     let err = stderr(&trained);
     assert!(trained.status.success() && err.contains("vocabulary 657"), "{err}");
+
+    // The checkpoint carries the tokenizer, and so does its export: each is all sample and eval need.
+    let ckpt = dir.join("run/checkpoints/step_00000001");
+    let export = dir.join("export");
+    let (ckpt_s, export_s) = (ckpt.to_string_lossy().into_owned(), export.to_string_lossy().into_owned());
+    let exported = kiln(&["export", "--checkpoint", &ckpt_s, "--out", &export_s]);
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    for model in [&ckpt_s, &export_s] {
+        let dir = Path::new(model);
+        assert_eq!(std::fs::read(dir.join("tokenizer.json")).unwrap(), std::fs::read(&tokenizer).unwrap());
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["eos_token_id"], meta["end_of_text"], "{model}");
+        let sampled =
+            kiln(&["sample", "--checkpoint", model, "--backend", "cpu", "--prompt", "The", "--max-new-tokens", "5"]);
+        let text = String::from_utf8_lossy(&sampled.stdout);
+        assert!(sampled.status.success() && text.starts_with("The"), "{text}{}", stderr(&sampled));
+    }
+    let evaluated =
+        kiln(&["eval", "--checkpoint", &export_s, "--data", &out_s, "--block-size", "16", "--backend", "cpu"]);
+    let text = String::from_utf8_lossy(&evaluated.stdout);
+    assert!(evaluated.status.success() && text.contains("val loss"), "{text}{}", stderr(&evaluated));
+    expect_usage_error(&["eval", "--checkpoint", &export_s, "--backend", "cpu"], &["--data"]);
 
     let prepare = |tokenizer: &str, more: &[&str], fragments: &[&str]| {
         let args = [&["prepare", "--input", &input, "--tokenizer", tokenizer, "--out", &out_s][..], more].concat();

@@ -149,6 +149,17 @@ impl ModelConfig {
         }
     }
 
+    /// The model of a Hugging Face directory (a kiln checkpoint or export, or one written by transformers) as its
+    /// `config.json` describes it, resolved, and its vocabulary size.
+    pub fn from_hf_dir(dir: &Path) -> Result<(ModelConfig, usize)> {
+        let path = dir.join("config.json");
+        let mut model: ModelConfig = toml::Value::Table(hf::model_table(&path)?)
+            .try_into()
+            .map_err(|e| Error::data(&path, format!("does not describe a model kiln can build: {e}")))?;
+        model.resolve();
+        Ok((model, hf::vocab_size(&path)?))
+    }
+
     /// Writes every key's default into the config, so that a saved config states the whole model.
     fn resolve(&mut self) {
         self.n_kv_head = Some(self.n_kv_head());
@@ -240,13 +251,6 @@ impl std::str::FromStr for AttentionKernel {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tokenizer {
-    #[default]
-    Char,
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
@@ -255,8 +259,6 @@ pub struct DataConfig {
     /// Validation text; when absent the last 10% of `train` is held out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val: Option<String>,
-    #[serde(default)]
-    pub tokenizer: Tokenizer,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -708,7 +710,6 @@ mod tests {
         let config = Config::from_toml_str(MINIMAL, "minimal.toml", &[]).unwrap();
         assert_eq!(config.model.arch, Arch::Gpt2);
         assert_eq!(config.data.val, None);
-        assert_eq!(config.data.tokenizer, Tokenizer::Char);
         assert_eq!(config.train.micro_batch, 16);
         assert_eq!(config.total_batch_tokens(), 16 * 64);
         assert_eq!(config.train.max_steps, 1000);

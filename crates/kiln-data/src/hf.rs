@@ -28,6 +28,17 @@ const CUT_SAFE_SPLIT_PATTERNS: [&str; 2] = [
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 ];
 
+/// Which token of a tokenizer ends a document.
+#[derive(Clone, Copy, Debug)]
+pub enum EndOfText<'a> {
+    /// The first of [`END_OF_TEXT_NAMES`] that is one of its special tokens.
+    Find,
+    /// This token (`--eos-token`).
+    Token(&'a str),
+    /// The token of this id (a transformers `config.json`'s `eos_token_id`).
+    Id(u32),
+}
+
 /// A `tokenizer.json`, with the end-of-text token that separates documents.
 pub struct HfTokenizer {
     path: PathBuf,
@@ -42,9 +53,8 @@ pub struct HfTokenizer {
 }
 
 impl HfTokenizer {
-    /// Reads the `tokenizer.json` at `path`. The end-of-text token is `end_of_text` when given (any token the
-    /// tokenizer has), else the first of [`END_OF_TEXT_NAMES`] that is one of its special tokens.
-    pub fn load(path: &Path, end_of_text: Option<&str>) -> Result<HfTokenizer> {
+    /// Reads the `tokenizer.json` at `path`, with the end-of-text token `end_of_text` names.
+    pub fn load(path: &Path, end_of_text: EndOfText) -> Result<HfTokenizer> {
         let json = std::fs::read(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))?;
         let mut tokenizer =
             Tokenizer::from_bytes(&json).map_err(|e| Error::data(path, format!("not a valid tokenizer.json: {e}")))?;
@@ -52,13 +62,19 @@ impl HfTokenizer {
         tokenizer.with_truncation(None).expect("turning truncation off checks nothing");
         tokenizer.with_padding(None);
         let (end_of_text_token, end_of_text) = match end_of_text {
-            Some(token) => {
+            EndOfText::Token(token) => {
                 let id = tokenizer.token_to_id(token).ok_or_else(|| {
                     Error::Usage(format!("--eos-token {token:?}: {} has no such token", path.display()))
                 })?;
                 (token.to_string(), id)
             }
-            None => {
+            EndOfText::Id(id) => {
+                let token = tokenizer
+                    .id_to_token(id)
+                    .ok_or_else(|| Error::data(path, format!("no token of id {id}, the model's end of text")))?;
+                (token, id)
+            }
+            EndOfText::Find => {
                 let special = tokenizer.get_added_tokens_decoder();
                 END_OF_TEXT_NAMES
                     .iter()
@@ -115,6 +131,13 @@ impl HfTokenizer {
     /// of this tokenizer is one [`cuts_are_exact`] knows gives a cut text the ids of the whole.
     pub fn tokenises_in_blocks(&self) -> bool {
         self.in_blocks
+    }
+
+    /// The text of `ids`, special tokens included (as Python's `decode(ids, skip_special_tokens=False)`).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| Error::Invalid(format!("cannot decode with {}: {e}", self.path.display())))
     }
 
     /// The ids of `text` without the post-processor's special tokens. Special tokens written in the text are

@@ -16,7 +16,7 @@ mod tokenizer;
 pub use addition::Addition;
 pub use tokenizer::CharTokenizer;
 
-use kiln_core::config::{DataConfig, Tokenizer};
+use kiln_core::config::DataConfig;
 use kiln_core::{Error, Result};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -46,6 +46,8 @@ enum Source {
         val: Vec<shards::Shard>,
         vocab: usize,
         tokenizer: String,
+        /// The dataset's `tokenizer.json`, for a Hugging Face tokenizer.
+        hf: Option<std::sync::Arc<hf::HfTokenizer>>,
     },
 }
 
@@ -74,7 +76,16 @@ const VAL_STREAM: u64 = 2;
 impl Dataset {
     /// Opens the corpus `data` names. Sequences will be `time` tokens long.
     pub fn open(data: &DataConfig, time: usize) -> Result<Dataset> {
-        let Tokenizer::Char = data.tokenizer;
+        Dataset::open_splits(data, time, true)
+    }
+
+    /// [`Dataset::open`] for evaluation: training shards are not opened (nor their tokens checked), and the
+    /// training split of such a corpus is empty.
+    pub fn open_validation(data: &DataConfig, time: usize) -> Result<Dataset> {
+        Dataset::open_splits(data, time, false)
+    }
+
+    fn open_splits(data: &DataConfig, time: usize, with_train: bool) -> Result<Dataset> {
         if let Some(name) = data.train.strip_prefix(SYNTHETIC_PREFIX) {
             return match name {
                 "addition" => {
@@ -105,10 +116,10 @@ impl Dataset {
             };
         }
         if Path::new(&data.train).is_dir() {
-            return open_shards(Path::new(&data.train), time);
+            return open_shards(Path::new(&data.train), time, with_train);
         }
         if data.train.ends_with(".bin") {
-            return open_llmc_shards(&data.train, data.val.as_deref(), time);
+            return open_llmc_shards(&data.train, data.val.as_deref(), time, with_train);
         }
         let train_text = read_text(Path::new(&data.train))?;
         let (train_text, val_text) = match &data.val {
@@ -215,8 +226,9 @@ impl Dataset {
             Source::Text { .. } | Source::Addition(_) => {
                 Some(codec::Codec::Char { chars: self.tokenizer.clone(), end_of_text: None })
             }
-            Source::Shards { tokenizer, vocab, .. } => match tokenizer.as_str() {
+            Source::Shards { tokenizer, vocab, hf, .. } => match tokenizer.as_str() {
                 "gpt2" => Some(codec::Codec::Gpt2),
+                "hf" => hf.clone().map(codec::Codec::Hf),
                 "byte" => Some(codec::Codec::Byte),
                 "char" => {
                     Some(codec::Codec::Char { chars: self.tokenizer.clone(), end_of_text: Some(*vocab as u32 - 1) })
@@ -248,7 +260,7 @@ fn random(vocab: usize, rng: &mut ChaCha8Rng, inputs: &mut [u32], targets: &mut 
 
 /// A dataset directory: `meta.json` names the shards and the vocabulary. Every shard is checked (header, size,
 /// and that each token id is inside the vocabulary) when the run starts, not when a batch reaches it.
-fn open_shards(dir: &Path, time: usize) -> Result<Dataset> {
+fn open_shards(dir: &Path, time: usize, with_train: bool) -> Result<Dataset> {
     let meta_path = dir.join("meta.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| {
         Error::data(&meta_path, format!("cannot read ({e}); is {} a directory written by kiln prepare?", dir.display()))
@@ -268,28 +280,41 @@ fn open_shards(dir: &Path, time: usize) -> Result<Dataset> {
             })
             .collect()
     };
-    let (train, val) = (open_split(&paths("train")?, vocab, time, dir)?, open_split(&paths("val")?, vocab, time, dir)?);
+    let train_paths = if with_train { paths("train")? } else { Vec::new() };
+    let (train, val) = (open_split(&train_paths, vocab, time, dir)?, open_split(&paths("val")?, vocab, time, dir)?);
     let tokenizer = meta["tokenizer"].as_str().unwrap_or_default().to_string();
     // A character vocabulary travels in meta.json; other tokenizers need no table here.
     let chars = CharTokenizer::from_chars(meta["chars"].as_str().unwrap_or_default().chars().collect());
-    Ok(Dataset { tokenizer: chars, source: Source::Shards { train, val, vocab, tokenizer } })
+    // A Hugging Face tokenizer travels as the tokenizer.json that kiln prepare copied beside the shards.
+    let hf = match (tokenizer.as_str(), meta["end_of_text_token"].as_str()) {
+        ("hf", Some(token)) => {
+            let path = dir.join(codec::HF_TOKENIZER_FILE);
+            Some(std::sync::Arc::new(hf::HfTokenizer::load(&path, hf::EndOfText::Token(token))?))
+        }
+        ("hf", None) => {
+            return Err(Error::data(&meta_path, "a Hugging Face tokenizer's dataset names no end_of_text_token"));
+        }
+        _ => None,
+    };
+    Ok(Dataset { tokenizer: chars, source: Source::Shards { train, val, vocab, tokenizer, hf } })
 }
 
 /// Shards named directly, as llm.c's scripts write them (`tiny_shakespeare_train.bin`, or a pattern with one
 /// `*` such as `fineweb_train_*.bin`): GPT-2 tokens, validation from `data.val`.
-fn open_llmc_shards(train: &str, val: Option<&str>, time: usize) -> Result<Dataset> {
+fn open_llmc_shards(train: &str, val: Option<&str>, time: usize, with_train: bool) -> Result<Dataset> {
     let val = val.ok_or_else(|| {
         Error::Usage(format!("data.train = \"{train}\" names llm.c shards: name the validation shards in data.val"))
     })?;
     let vocab = prepare::Tokenization::Gpt2.vocab_size();
-    let (train_paths, val_paths) = (expand_pattern(train)?, expand_pattern(val)?);
+    let train_paths = if with_train { expand_pattern(train)? } else { Vec::new() };
+    let val_paths = expand_pattern(val)?;
     let (train, val) = (
         open_split(&train_paths, vocab, time, Path::new(train))?,
         open_split(&val_paths, vocab, time, Path::new(val))?,
     );
     Ok(Dataset {
         tokenizer: CharTokenizer::from_chars(Vec::new()),
-        source: Source::Shards { train, val, vocab, tokenizer: "gpt2".into() },
+        source: Source::Shards { train, val, vocab, tokenizer: "gpt2".into(), hf: None },
     })
 }
 
@@ -316,6 +341,8 @@ fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
 }
 
 /// Opens and checks the shards of one split; those too short for one sequence are left out.
+/// The shards of one split that hold more than `time` tokens; none is an error unless no shard was named (the
+/// training split of [`Dataset::open_validation`]).
 fn open_split(paths: &[PathBuf], vocab: usize, time: usize, what: &Path) -> Result<Vec<shards::Shard>> {
     let mut opened = Vec::new();
     for path in paths {
@@ -330,7 +357,7 @@ fn open_split(paths: &[PathBuf], vocab: usize, time: usize, what: &Path) -> Resu
             opened.push(shard);
         }
     }
-    if opened.is_empty() {
+    if opened.is_empty() && !paths.is_empty() {
         return Err(Error::data(what, format!("no shard holds more than block_size = {time} tokens")));
     }
     Ok(opened)

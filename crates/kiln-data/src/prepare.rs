@@ -508,12 +508,13 @@ fn read_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hf::EndOfText;
 
     #[test]
     fn pieces_of_a_block_tokenise_as_the_whole() {
         let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_tokenizer");
         let text = std::fs::read_to_string(golden.join("long.txt")).unwrap();
-        let hf = HfTokenizer::load(&golden.join("tokenizer.json"), None).unwrap();
+        let hf = HfTokenizer::load(&golden.join("tokenizer.json"), EndOfText::Find).unwrap();
         let cut: Vec<&str> = pieces(&text, 256).collect();
         assert_eq!(cut.concat(), text);
         assert!(cut.len() > 90 && cut.iter().all(|p| p.len() <= 256), "{} pieces", cut.len());

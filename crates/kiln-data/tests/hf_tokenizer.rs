@@ -5,10 +5,10 @@
 mod common;
 
 use common::{data_error, dir, options, ragged, read_split, run};
-use kiln_core::config::{DataConfig, Tokenizer};
+use kiln_core::config::DataConfig;
 use kiln_core::{Error, Result};
 use kiln_data::Dataset;
-use kiln_data::hf::HfTokenizer;
+use kiln_data::hf::{EndOfText, HfTokenizer};
 use kiln_data::prepare::Tokenization;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -24,12 +24,12 @@ fn meta(out: &Path) -> Value {
 }
 
 fn hf(path: &Path) -> Tokenization {
-    Tokenization::Hf(Arc::new(HfTokenizer::load(path, None).unwrap()))
+    Tokenization::Hf(Arc::new(HfTokenizer::load(path, EndOfText::Find).unwrap()))
 }
 
 #[test]
 fn ids_match_the_python_library_across_blocks() {
-    let tokenizer = HfTokenizer::load(&golden("tokenizer.json"), None).unwrap();
+    let tokenizer = HfTokenizer::load(&golden("tokenizer.json"), EndOfText::Find).unwrap();
     assert!(tokenizer.tokenises_in_blocks(), "a GPT-2-style byte-level BPE is cut into blocks");
     assert_eq!((tokenizer.vocab_size(), tokenizer.end_of_text()), (657, 656));
     let d = dir("hf-golden");
@@ -110,7 +110,7 @@ fn known_pipelines_are_cut_into_blocks_and_the_rest_kept_whole() {
         let path = variant(&d, name, normalizer, pre_tokenizer);
         let library = tokenizers::Tokenizer::from_file(&path).unwrap();
         let ids = |text: &str| library.encode(text, false).unwrap().get_ids().to_vec();
-        let tokenizer = HfTokenizer::load(&path, None).unwrap();
+        let tokenizer = HfTokenizer::load(&path, EndOfText::Find).unwrap();
         assert_eq!(tokenizer.tokenises_in_blocks(), in_blocks, "{name}");
         let out = d.join(format!("out-{name}"));
         let mut o = options(vec![d.join("t.txt")], &out, Tokenization::Hf(Arc::new(tokenizer)), 0.0, 1 << 30);
@@ -170,7 +170,7 @@ fn a_vocabulary_past_65536_writes_uint32_shards_that_load() {
     let bytes = std::fs::read(out.join("train_000000.bin")).unwrap();
     let int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
     assert_eq!((int(0), int(1)), (20240801, 7), "uint32 shard header");
-    let cfg = DataConfig { train: out.to_string_lossy().into(), val: None, tokenizer: Tokenizer::Char };
+    let cfg = DataConfig { train: out.to_string_lossy().into(), val: None };
     assert_eq!(Dataset::open(&cfg, 8).unwrap().vocab_size(), 70_002);
 }
 
@@ -189,22 +189,22 @@ fn usage_error<T>(r: Result<T>) -> String {
 fn unusable_tokenizer_files_are_named() {
     let d = dir("hf-bad");
     let missing = d.join("missing/tokenizer.json");
-    let msg = data_error(HfTokenizer::load(&missing, None));
+    let msg = data_error(HfTokenizer::load(&missing, EndOfText::Find));
     assert!(msg.contains("missing/tokenizer.json") && msg.contains("cannot read"), "{msg}");
     for (name, text) in [("truncated.json", "{\"version\": \"1.0\", \"model\": {"), ("other.json", "{\"vocab\": []}")] {
         std::fs::write(d.join(name), text).unwrap();
-        let msg = data_error(HfTokenizer::load(&d.join(name), None));
+        let msg = data_error(HfTokenizer::load(&d.join(name), EndOfText::Find));
         assert!(msg.contains(name) && msg.contains("not a valid tokenizer.json"), "{msg}");
     }
     // Without an end-of-text token there is nothing to put between documents, unless one is named.
     let plain = word_level(&d, "plain", 10, &["<pad>"]);
-    let msg = usage_error(HfTokenizer::load(&plain, None));
+    let msg = usage_error(HfTokenizer::load(&plain, EndOfText::Find));
     assert!(msg.contains("plain.json") && msg.contains("<|endoftext|>") && msg.contains("--eos-token"), "{msg}");
-    let named = HfTokenizer::load(&plain, Some("<pad>")).unwrap();
+    let named = HfTokenizer::load(&plain, EndOfText::Token("<pad>")).unwrap();
     assert_eq!((named.end_of_text(), named.end_of_text_token()), (11, "<pad>"));
-    let msg = usage_error(HfTokenizer::load(&plain, Some("<eos>")));
+    let msg = usage_error(HfTokenizer::load(&plain, EndOfText::Token("<eos>")));
     assert!(msg.contains("plain.json") && msg.contains("\"<eos>\""), "{msg}");
     // The first of the known names wins, whatever the order of the tokens.
     let both = word_level(&d, "both", 10, &["<|im_end|>", "</s>"]);
-    assert_eq!(HfTokenizer::load(&both, None).unwrap().end_of_text_token(), "</s>");
+    assert_eq!(HfTokenizer::load(&both, EndOfText::Find).unwrap().end_of_text_token(), "</s>");
 }

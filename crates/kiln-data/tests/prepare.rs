@@ -3,7 +3,7 @@
 mod common;
 
 use common::{data_error, dir, options, ragged, read_split, run};
-use kiln_core::config::{DataConfig, Tokenizer};
+use kiln_core::config::DataConfig;
 use kiln_data::prepare::Tokenization;
 use kiln_data::{Dataset, shards};
 use std::path::Path;
@@ -103,7 +103,7 @@ fn shards_load_as_training_data() {
     std::fs::write(d.join("t.txt"), prose(3_000, 4)).unwrap();
     let out = d.join("out");
     run(&options(vec![d.join("t.txt")], &out, Tokenization::Gpt2, 0.1, 5_000)).unwrap();
-    let cfg = DataConfig { train: out.to_string_lossy().into(), val: None, tokenizer: Tokenizer::Char };
+    let cfg = DataConfig { train: out.to_string_lossy().into(), val: None };
     let data = Dataset::open(&cfg, 32).unwrap();
     assert_eq!(data.vocab_size(), 50257);
     let train = read_split(&out, "train");
@@ -169,7 +169,7 @@ fn bad_shards_and_bad_input_are_named() {
     shards::write(&bad.join("val_000000.bin"), &[5, 300, 5, 5, 5, 5, 5, 5, 5, 5], 300).unwrap();
     let meta = serde_json::json!({"tokenizer": "byte", "vocab_size": 257, "train": ["train_000000.bin"], "val": ["val_000000.bin"]});
     std::fs::write(bad.join("meta.json"), meta.to_string()).unwrap();
-    let cfg = DataConfig { train: bad.to_string_lossy().into(), val: None, tokenizer: Tokenizer::Char };
+    let cfg = DataConfig { train: bad.to_string_lossy().into(), val: None };
     let msg = data_error(Dataset::open(&cfg, 4));
     assert!(msg.contains("val_000000.bin") && msg.contains("token id 300"), "{msg}");
 }
@@ -184,7 +184,7 @@ fn char_shards_use_the_input_character_set_and_decode_back() {
     let mut chars: Vec<char> = text.chars().collect();
     chars.sort_unstable();
     chars.dedup();
-    let cfg = DataConfig { train: out.to_string_lossy().into(), val: None, tokenizer: Tokenizer::Char };
+    let cfg = DataConfig { train: out.to_string_lossy().into(), val: None };
     let data = Dataset::open(&cfg, 16).unwrap();
     assert_eq!(data.vocab_size(), chars.len() + 1, "the characters and an end-of-text token");
     let codec = data.codec().unwrap();
@@ -220,11 +220,7 @@ fn shards_written_by_llmc_load_by_name_or_pattern() {
     llmc_shard(&d.join("fineweb_train_000002.bin"), &ids(200, 2));
     llmc_shard(&d.join("fineweb_val_000000.bin"), &ids(100, 3));
     let name = |n: &str| d.join(n).to_string_lossy().into_owned();
-    let cfg = DataConfig {
-        train: name("fineweb_train_*.bin"),
-        val: Some(name("fineweb_val_000000.bin")),
-        tokenizer: Tokenizer::Char,
-    };
+    let cfg = DataConfig { train: name("fineweb_train_*.bin"), val: Some(name("fineweb_val_000000.bin")) };
     let data = Dataset::open(&cfg, 16).unwrap();
     assert_eq!(data.vocab_size(), 50257);
     assert!(matches!(data.codec(), Some(kiln_data::codec::Codec::Gpt2)));

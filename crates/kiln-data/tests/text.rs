@@ -1,6 +1,6 @@
 //! Text corpora: the split, the vocabulary, and every kind of bad file.
 
-use kiln_core::config::{DataConfig, Tokenizer};
+use kiln_core::config::DataConfig;
 use kiln_core::{Error, backend::IGNORE_TARGET};
 use kiln_data::Dataset;
 use std::path::{Path, PathBuf};
@@ -14,11 +14,7 @@ fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 fn config(train: &Path, val: Option<&PathBuf>) -> DataConfig {
-    DataConfig {
-        train: train.to_string_lossy().into(),
-        val: val.map(|v| v.to_string_lossy().into()),
-        tokenizer: Tokenizer::Char,
-    }
+    DataConfig { train: train.to_string_lossy().into(), val: val.map(|v| v.to_string_lossy().into()) }
 }
 
 fn data_error(result: Result<Dataset, Error>) -> String {
@@ -88,7 +84,7 @@ fn bad_files_are_named_with_the_problem() {
 
 #[test]
 fn unknown_synthetic_corpus() {
-    let cfg = DataConfig { train: "synthetic:multiplication".into(), val: None, tokenizer: Tokenizer::Char };
+    let cfg = DataConfig { train: "synthetic:multiplication".into(), val: None };
     let msg = data_error(Dataset::open(&cfg, 13));
     assert!(msg.contains("synthetic:addition"), "{msg}");
 }

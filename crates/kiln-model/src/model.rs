@@ -145,7 +145,8 @@ pub struct Model {
     /// Per-position losses, accumulated by [`Pass::Loss`] and [`Pass::Train`] passes.
     pub losses: Tensor,
     p: Weights,
-    g: Weights,
+    /// Views of the gradients; none in a model built for inference.
+    g: Option<Weights>,
     tokens: Tensor,
     targets: Tensor,
     encoded: Tensor,
@@ -224,11 +225,13 @@ struct Activations {
 }
 
 impl Activations {
-    fn take(a: &mut Arenas, spec: &ModelSpec, max_batch: usize) -> Self {
+    /// Takes every activation from `a`; without `training`, the backward pass's buffers are empty.
+    fn take(a: &mut Arenas, spec: &ModelSpec, max_batch: usize, training: bool) -> Self {
         let (c, t) = (spec.n_embd, spec.block_size);
         let n = max_batch * t;
         let lse_len = max_batch * spec.n_head * t;
         let swiglu = spec.mlp == Mlp::SwiGlu;
+        let backward = |len: usize| if training { len } else { 0 };
         let blocks = (0..spec.n_layer)
             .map(|_| BlockActivations {
                 ln1: a.acts.take(n * c),
@@ -255,11 +258,11 @@ impl Activations {
             logits: a.acts.take(n * spec.padded_vocab),
             rope_table: a.stats.take(spec.rope_table_len()),
             proj: a.acts.take(n * c),
-            dresidual: a.acts.take(n * c),
-            dbtc: a.acts.take(n * c),
-            dqkv: a.acts.take(n * spec.qkv_width()),
-            dfch: a.acts.take(n * spec.ffn_dim),
-            dfch_pre: a.acts.take(if swiglu { n * spec.fc_width() } else { 0 }),
+            dresidual: a.acts.take(backward(n * c)),
+            dbtc: a.acts.take(backward(n * c)),
+            dqkv: a.acts.take(backward(n * spec.qkv_width())),
+            dfch: a.acts.take(backward(n * spec.ffn_dim)),
+            dfch_pre: a.acts.take(backward(if swiglu { n * spec.fc_width() } else { 0 })),
         }
     }
 }
@@ -279,27 +282,44 @@ impl Model {
         seed: u64,
         multiple: usize,
     ) -> Result<Self> {
+        let model = Model::build(backend, spec, max_batch, multiple, true)?;
+        params::initialize(backend, &spec, model.params, seed)?;
+        Ok(model)
+    }
+
+    /// A model for sampling and evaluation: parameters (zero until weights are loaded) and the forward pass's
+    /// activations for batches of up to `max_batch` sequences of up to `spec.block_size` tokens; no gradients.
+    pub fn for_inference<B: Backend + ?Sized>(backend: &mut B, spec: ModelSpec, max_batch: usize) -> Result<Self> {
+        Model::build(backend, spec, max_batch, 1, false)
+    }
+
+    fn build<B: Backend + ?Sized>(
+        backend: &mut B,
+        spec: ModelSpec,
+        max_batch: usize,
+        multiple: usize,
+        training: bool,
+    ) -> Result<Self> {
         let layout = spec.params();
         let padded = spec.num_params().next_multiple_of(multiple);
         let params = backend.alloc(padded, Role::Param)?;
-        let grads = backend.alloc(padded, Role::Grad)?;
-        params::initialize(backend, &spec, params, seed)?;
+        let grads = backend.alloc(if training { padded } else { 0 }, Role::Grad)?;
 
         let mut counting = Arenas { acts: Arena::counting(), stats: Arena::counting(), index: Arena::counting() };
-        Activations::take(&mut counting, &spec, max_batch);
+        Activations::take(&mut counting, &spec, max_batch, training);
         let mut arenas = Arenas {
             acts: Arena::new(backend, counting.acts.used, Role::Activation)?,
             stats: Arena::new(backend, counting.stats.used, Role::Stat)?,
             index: Arena::new(backend, counting.index.used, Role::Index)?,
         };
-        let a = Activations::take(&mut arenas, &spec, max_batch);
+        let a = Activations::take(&mut arenas, &spec, max_batch, training);
         if a.rope_table.len > 0 {
             backend.upload(a.rope_table, &spec.rope_table())?;
         }
         let l = spec.n_layer;
         Ok(Model {
             p: Weights::new(&layout, params, l),
-            g: Weights::new(&layout, grads, l),
+            g: training.then(|| Weights::new(&layout, grads, l)),
             spec,
             layout,
             max_batch,
@@ -540,6 +560,9 @@ impl Model {
         on_ready: &mut dyn FnMut(&mut B, usize) -> Result<()>,
     ) -> Result<()> {
         self.check_batch(batch, time)?;
+        let Some(grads) = &self.g else {
+            return Err(kiln_core::Error::Invalid("a model built for inference has no gradients".into()));
+        };
         // The layout puts each block's tensors after the previous block's, the final norm and an untied LM head
         // last and the embeddings first (see ModelSpec::params), so what is final always runs from some offset to
         // the end.
@@ -570,7 +593,7 @@ impl Model {
         // LM head, then the final norm: the residual stream's gradient starts here.
         b.matmul_backward(MatmulBackward {
             dinp: dbtc,
-            dweight: self.g.head,
+            dweight: grads.head,
             dbias: None,
             dout: rows(self.logits, vp),
             inp: rows(self.lnf, c),
@@ -580,10 +603,10 @@ impl Model {
         })?;
         b.zero(dres)?;
         let last = &self.blocks[s.n_layer - 1];
-        norm_backward(b, dbtc, last.res3, self.p.ln_f, self.g.ln_f, self.lnf_stats)?;
-        on_ready(b, ready_from(self.g.ln_f.weight))?;
+        norm_backward(b, dbtc, last.res3, self.p.ln_f, grads.ln_f, self.lnf_stats)?;
+        on_ready(b, ready_from(grads.ln_f.weight))?;
         for l in (0..s.n_layer).rev() {
-            let (a, wt, g) = (&self.blocks[l], &self.p.blocks[l], &self.g.blocks[l]);
+            let (a, wt, g) = (&self.blocks[l], &self.p.blocks[l], &grads.blocks[l]);
             let residual = if l == 0 { self.encoded } else { self.blocks[l - 1].res3 };
             let (ffn, fc_width) = (s.ffn_dim, s.fc_width());
             let dfch = rows(self.dfch, ffn);
@@ -655,7 +678,7 @@ impl Model {
             norm_backward(b, dbtc, residual, wt.ln_1, g.ln_1, a.ln1_stats)?;
             on_ready(b, ready_from(g.qkv_w))?;
         }
-        b.encoder_backward(self.g.wte, self.g.wpe, dres, rows(self.tokens, 1), batch, time, c)?;
+        b.encoder_backward(grads.wte, grads.wpe, dres, rows(self.tokens, 1), batch, time, c)?;
         on_ready(b, 0)
     }
 

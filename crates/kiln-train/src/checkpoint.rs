@@ -16,6 +16,7 @@
 
 use crate::tensor_files::{self, Entry, TensorFiles};
 use kiln_core::{Backend, Config, Error, Result};
+use kiln_data::codec::{Codec, HF_TOKENIZER_FILE, TOKENIZER_FILE};
 use kiln_model::Model;
 use kiln_model::hf::{self, HfTensor, SpecialTokens};
 use std::ops::Range;
@@ -100,16 +101,17 @@ pub fn write_model(
     Ok(())
 }
 
-/// Writes the checkpoint of `step` under `root`, then deletes all but the newest `keep`. Every rank of a job calls
-/// it, and `fetch` is called in the same order on each (a ZeRO rank gathers each tensor from all of them); only
-/// the rank with `write` set touches the filesystem. Returns the checkpoint's directory.
+/// Writes the checkpoint of `step` under `root`, with the tokenizer `codec` where the data has one, then deletes all
+/// but the newest `keep`. Every rank of a job calls it, and `fetch` is called in the same order on each (a ZeRO rank
+/// gathers each tensor from all of them); only the rank with `write` set touches the filesystem. Returns the
+/// checkpoint's directory.
 #[allow(clippy::too_many_arguments)]
 pub fn save(
     root: &Path,
     step: u64,
     config: &Config,
     model: &Model,
-    tokens: SpecialTokens,
+    codec: Option<&Codec>,
     keep: usize,
     write: bool,
     fetch: &mut Fetch,
@@ -121,7 +123,12 @@ pub fn save(
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     }
-    write_model(&tmp, model, tokens, MAX_SHARD_BYTES, write, fetch)?;
+    // config.json names the tokenizer's end of text as both beginning and end, as GPT-2's does.
+    let end = codec.and_then(Codec::end_of_text);
+    write_model(&tmp, model, SpecialTokens { bos: end, eos: end }, MAX_SHARD_BYTES, write, fetch)?;
+    if let (Some(codec), true) = (codec, write) {
+        codec.save(&tmp)?;
+    }
 
     let moments: Vec<(Source, &kiln_model::ParamInfo)> =
         [Source::M, Source::V].into_iter().flat_map(|s| model.layout.iter().map(move |p| (s, p))).collect();
@@ -193,7 +200,8 @@ pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mu
 }
 
 /// Writes the model of the checkpoint (or Hugging Face directory) `from` into the new directory `to`, fp32 or as
-/// stored, sharded past `max_shard_bytes`, with its `config.json`: what transformers' `from_pretrained` reads. The
+/// stored, sharded past `max_shard_bytes`, with its `config.json` and tokenizer: what transformers'
+/// `from_pretrained` reads, and all `kiln sample` needs. The
 /// directory appears whole or not at all. Returns the model files written.
 pub fn export(from: &Path, to: &Path, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
     if to.exists() {
@@ -213,8 +221,13 @@ pub fn export(from: &Path, to: &Path, max_shard_bytes: usize) -> Result<Vec<Path
         *values = files.read(&entries[i].name)?.expect("a name the files listed").1;
         Ok(())
     })?;
-    let config = from.join("config.json");
-    std::fs::copy(&config, tmp.join("config.json")).map_err(|e| Error::data(&config, format!("cannot copy: {e}")))?;
+    // config.json, and the tokenizer where the model has one.
+    for file in ["config.json", TOKENIZER_FILE, HF_TOKENIZER_FILE] {
+        let path = from.join(file);
+        if file == "config.json" || path.exists() {
+            std::fs::copy(&path, tmp.join(file)).map_err(|e| Error::data(&path, format!("cannot copy: {e}")))?;
+        }
+    }
     std::fs::rename(&tmp, to).map_err(io(to))?;
     Ok(written.iter().map(|p| to.join(p.file_name().expect("a file"))).collect())
 }

@@ -16,6 +16,7 @@
 //! are then gathered. Only rank 0 logs, evaluates and writes files.
 
 pub mod checkpoint;
+pub mod inference;
 pub mod llmc;
 mod metrics;
 pub mod parallel;
@@ -27,7 +28,6 @@ use checkpoint::Source;
 use kiln_core::comm::Solo;
 use kiln_core::{AdamWStep, Backend, Communicator, Config, Error, Result, Role, Tensor};
 use kiln_data::{Addition, Dataset};
-use kiln_model::hf::SpecialTokens;
 use kiln_model::params::decay_runs;
 use kiln_model::{Model, ModelSpec, Pass, generate};
 use metrics::{Metrics, StepRecord};
@@ -210,7 +210,7 @@ impl<B: Backend> Trainer<B> {
     /// call it (under ZeRO stage 1 the weights and moments are gathered from all of them); only rank 0 writes.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let root = self.checkpoint_root();
-        let (config, model, tokens) = (self.config.clone(), &self.model, self.special_tokens());
+        let (config, model, codec) = (self.config.clone(), &self.model, self.data.codec());
         let write = self.comm.rank() == 0;
         let (backend, comm) = (&mut self.backend, &mut self.comm);
         let gather = Gather { owned: &self.owned, zero: self.zero, lead: write };
@@ -220,7 +220,7 @@ impl<B: Backend> Trainer<B> {
             self.step,
             &config,
             model,
-            tokens,
+            codec.as_ref(),
             config.train.keep_checkpoints,
             write,
             &mut |source, range, out| match source {
@@ -229,12 +229,6 @@ impl<B: Backend> Trainer<B> {
                 Source::V => gather.range(backend, comm.as_mut(), v, range, true, out),
             },
         )
-    }
-
-    /// The token ids config.json names: the tokenizer's end of text as both beginning and end, as GPT-2's do.
-    fn special_tokens(&self) -> SpecialTokens {
-        let end = self.data.codec().and_then(|c| c.end_of_text());
-        SpecialTokens { bos: end, eos: end }
     }
 
     /// Fails on every rank unless all ranks are at the same step with the same weights: each process finds the
@@ -283,70 +277,6 @@ impl<B: Backend> Trainer<B> {
             tracing::info!("resumed from {} at step {}", dir.display(), self.step);
         }
         Ok(self.step)
-    }
-
-    /// Continues `prompt` with the model, handing the new text to `on_text` as each token completes a piece of it
-    /// (a GPT-2 token can end inside a character). An empty prompt starts from end-of-text where the tokenizer
-    /// has one. Returns the number of tokens produced.
-    pub fn sample(
-        &mut self,
-        prompt: &str,
-        options: &generate::SampleOptions,
-        mut on_text: impl FnMut(&str),
-    ) -> Result<usize> {
-        let codec = self
-            .data
-            .codec()
-            .ok_or_else(|| Error::Usage(format!("{}: random tokens are not text", self.config.data.train)))?;
-        let mut ids = codec.encode(prompt)?;
-        if ids.is_empty() {
-            ids.extend(codec.end_of_text());
-        }
-        if ids.is_empty() {
-            return Err(Error::Usage(
-                "this model's tokenizer has no end-of-text token to start from: give a --prompt".into(),
-            ));
-        }
-        let options = generate::SampleOptions { stop: codec.end_of_text(), ..options.clone() };
-        let (mut produced, mut shown) = (Vec::new(), 0);
-        let new = generate::sample(&self.model, &mut self.backend, &ids, &options, |t| {
-            produced.push(t);
-            let bytes = codec.decode_bytes(&produced)?;
-            let complete = match std::str::from_utf8(&bytes[shown..]) {
-                Ok(s) => s.len(),
-                Err(e) => e.valid_up_to(),
-            };
-            on_text(std::str::from_utf8(&bytes[shown..shown + complete]).expect("checked"));
-            shown += complete;
-            Ok(())
-        })?;
-        Ok(new.len())
-    }
-
-    /// Replaces the weights with those of the checkpoint (or Hugging Face model directory) `dir`.
-    pub fn load_weights(&mut self, dir: &Path) -> Result<()> {
-        checkpoint::load_weights(dir, &self.model, &mut self.backend)
-    }
-
-    /// Mean loss over the whole validation split, in consecutive windows of `block_size`, and the number of
-    /// tokens scored; `None` for a corpus without a fixed split.
-    pub fn evaluate_split(&mut self) -> Result<Option<(f32, usize)>> {
-        let (mb, t) = (self.config.train.micro_batch, self.config.model.block_size);
-        let Some(windows) = self.data.val_windows(t) else { return Ok(None) };
-        let b = &mut self.backend;
-        b.zero(self.model.losses)?;
-        for first in (0..windows).step_by(mb) {
-            let rows = mb.min(windows - first);
-            let (inputs, targets) = (&mut self.inputs[..rows * t], &mut self.targets[..rows * t]);
-            for r in 0..rows {
-                let range = r * t..(r + 1) * t;
-                self.data.val_window(first + r, &mut inputs[range.clone()], &mut targets[range]);
-            }
-            self.model.load_batch(b, inputs, Some(targets))?;
-            self.model.forward(b, rows, t, Pass::Loss)?;
-        }
-        let tokens = windows * t;
-        Ok(Some((b.sum(self.model.losses)? / tokens.max(1) as f32, tokens)))
     }
 
     /// Makes each step wait for the device before it returns, so that [`StepStats::optimizer_ms`] is the

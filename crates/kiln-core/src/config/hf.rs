@@ -8,10 +8,20 @@ use crate::error::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
 
+/// The vocabulary size a `config.json` states.
+pub(super) fn vocab_size(path: &Path) -> Result<usize> {
+    let json = read(path)?;
+    Ok(Fields { json: &json, path }.required_count("vocab_size")? as usize)
+}
+
+fn read(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| Error::data(path, format!("not valid JSON: {e}")))
+}
+
 /// The `[model]` table a `config.json` describes (every key but `init` and `attention`).
 pub(super) fn model_table(path: &Path) -> Result<toml::Table> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| Error::data(path, format!("not valid JSON: {e}")))?;
+    let json = read(path)?;
     let fields = Fields { json: &json, path };
     match fields.string("model_type")? {
         "gpt2" => gpt2(&fields),
