@@ -40,6 +40,9 @@ pub enum Source {
 /// Fills the values of `source` at elements `range` of the flat parameter vector.
 pub type Fetch<'a> = dyn FnMut(Source, Range<usize>, &mut Vec<f32>) -> Result<()> + 'a;
 
+/// Takes the values of `source` (a moment) at elements `range` of the flat parameter vector, as a checkpoint is read.
+pub type Restore<'a, B> = dyn FnMut(&mut B, Source, Range<usize>, &[f32]) -> Result<()> + 'a;
+
 /// Where a run's checkpoints go: `out_dir/checkpoints`.
 pub fn root(config: &Config) -> PathBuf {
     PathBuf::from(&config.train.out_dir).join("checkpoints")
@@ -255,7 +258,7 @@ pub fn load<B: Backend + ?Sized>(
     dir: &Path,
     model: &Model,
     backend: &mut B,
-    moment: &mut dyn FnMut(&mut B, Source, Range<usize>, &[f32]) -> Result<()>,
+    moment: &mut Restore<B>,
 ) -> Result<u64> {
     let (state, state_path) = read_state(dir)?;
     let step = json_field(&state, "step", &state_path)?

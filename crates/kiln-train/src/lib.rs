@@ -307,9 +307,12 @@ impl<B: Backend> Trainer<B> {
         // Only rank 0 speaks: the other ranks' messages would repeat it.
         let _quiet = (!lead).then(|| tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default()));
         tracing::info!(
-            "model: {} layers, {} heads, {} wide, {} positions, vocabulary {} (padded to {}); {:.2}M parameters",
+            "model: {}, {} layers, {} heads ({} key/value), {} wide, {} positions, vocabulary {} (padded to {}); {:.2}M \
+             parameters",
+            shape.arch.name(),
             shape.n_layer,
             shape.n_head,
+            shape.n_kv_head,
             shape.n_embd,
             shape.block_size,
             shape.vocab,

@@ -90,11 +90,20 @@ fn n_ranks_match_one_rank_with_an_n_times_larger_micro_batch() {
 
 #[test]
 fn zero_stage_1_matches_plain_data_parallelism() {
-    // Buckets of 10 kB, so that each rank's pieces cut through blocks and decay runs.
-    let small_buckets = ["train.micro_batch=4".to_string(), "dist.bucket_mb=0.01".to_string()];
-    let plain_dir = out_dir("plain");
+    // Buckets of 10 kB, so that each rank's pieces cut through blocks and decay runs; for both families (a
+    // Llama-style model's untied LM head lies after its final norm, the last tensor the backward pass finishes).
+    let llama = ["model.arch=llama", "model.n_kv_head=1"].map(str::to_string);
+    for (name, family) in [("", &[][..]), ("-llama", &llama[..])] {
+        zero_stage_1_matches_plain_data_parallelism_for(name, family);
+    }
+}
+
+fn zero_stage_1_matches_plain_data_parallelism_for(name: &str, family: &[String]) {
+    let mut small_buckets = vec!["train.micro_batch=4".to_string(), "dist.bucket_mb=0.01".to_string()];
+    small_buckets.extend_from_slice(family);
+    let plain_dir = out_dir(&format!("plain{name}"));
     let plain = train(&config(&plain_dir, &small_buckets), 3).unwrap();
-    let zero_dir = out_dir("zero");
+    let zero_dir = out_dir(&format!("zero{name}"));
     let mut zero_config = small_buckets.to_vec();
     zero_config.push("dist.zero=1".into());
     let zero = train(&config(&zero_dir, &zero_config), 3).unwrap();
