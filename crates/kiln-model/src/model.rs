@@ -147,25 +147,8 @@ pub struct Model {
     p: Weights,
     /// Views of the gradients; none in a model built for inference.
     g: Option<Weights>,
-    tokens: Tensor,
-    targets: Tensor,
-    encoded: Tensor,
-    blocks: Vec<BlockActivations>,
-    lnf: Tensor,
-    lnf_stats: NormStats,
-    logits: Tensor,
-    /// The rotary table (see [`Rotary`]); empty with learned positions.
-    rope_table: Tensor,
-    // The output of a block's attention or MLP projection, which the residual add that follows consumes at once and
-    // the backward pass never reads: one buffer for both in every block.
-    proj: Tensor,
-    // Gradient buffers reused by every block during the backward pass.
-    dresidual: Tensor,
-    dbtc: Tensor,
-    dqkv: Tensor,
-    dfch: Tensor,
-    /// The gradient of SwiGLU's input (empty for GELU, whose derivative the product's backward applies).
-    dfch_pre: Tensor,
+    /// Every other buffer: the forward pass's activations and the backward pass's working memory.
+    acts: Activations,
 }
 
 /// Hands out consecutive views of one allocation. Counting first ([`Arena::counting`]) and then taking the same views
@@ -215,12 +198,17 @@ struct Activations {
     lnf: Tensor,
     lnf_stats: NormStats,
     logits: Tensor,
+    /// The rotary table (see [`Rotary`]); empty with learned positions.
     rope_table: Tensor,
+    // The output of a block's attention or MLP projection, which the residual add that follows consumes at once and
+    // the backward pass never reads: one buffer for both in every block.
     proj: Tensor,
+    // Gradient buffers reused by every block during the backward pass (empty in a model built for inference).
     dresidual: Tensor,
     dbtc: Tensor,
     dqkv: Tensor,
     dfch: Tensor,
+    /// The gradient of SwiGLU's input (empty for GELU, whose derivative the product's backward applies).
     dfch_pre: Tensor,
 }
 
@@ -326,20 +314,7 @@ impl Model {
             params,
             grads,
             losses: a.losses,
-            tokens: a.tokens,
-            targets: a.targets,
-            encoded: a.encoded,
-            blocks: a.blocks,
-            lnf: a.lnf,
-            lnf_stats: a.lnf_stats,
-            logits: a.logits,
-            rope_table: a.rope_table,
-            proj: a.proj,
-            dresidual: a.dresidual,
-            dbtc: a.dbtc,
-            dqkv: a.dqkv,
-            dfch: a.dfch,
-            dfch_pre: a.dfch_pre,
+            acts: a,
         })
     }
 
@@ -360,9 +335,9 @@ impl Model {
         tokens: &[u32],
         targets: Option<&[u32]>,
     ) -> Result<()> {
-        backend.upload_indices(self.tokens.slice(0, tokens.len()), tokens)?;
+        backend.upload_indices(self.acts.tokens.slice(0, tokens.len()), tokens)?;
         if let Some(targets) = targets {
-            backend.upload_indices(self.targets.slice(0, targets.len()), targets)?;
+            backend.upload_indices(self.acts.targets.slice(0, targets.len()), targets)?;
         }
         Ok(())
     }
@@ -421,26 +396,26 @@ impl Model {
             Span::Decode { pos } => qkv.slice(pos * w, w),
         };
         // The norm that starts block `l` (or, past the last, the final norm), writing its output and statistics.
-        let norm_into = |l: usize| match (self.blocks.get(l), self.p.blocks.get(l)) {
+        let norm_into = |l: usize| match (self.acts.blocks.get(l), self.p.blocks.get(l)) {
             (Some(a), Some(w)) => (a.ln1, a.ln1_stats, w.ln_1),
-            _ => (self.lnf, self.lnf_stats, self.p.ln_f),
+            _ => (self.acts.lnf, self.acts.lnf_stats, self.p.ln_f),
         };
 
-        b.encoder_forward(rows(self.encoded, c), rows(self.tokens, 1), self.p.wte, wpe, batch, time, c)?;
+        b.encoder_forward(rows(self.acts.encoded, c), rows(self.acts.tokens, 1), self.p.wte, wpe, batch, time, c)?;
         let (ln, st, nw) = norm_into(0);
         let st = stats(st);
         b.norm_forward(NormForward {
             out: rows(ln, c),
             mean: st.mean,
             rstd: st.rstd,
-            inp: rows(self.encoded, c),
+            inp: rows(self.acts.encoded, c),
             residual: None,
             weight: nw.weight,
             bias: nw.bias,
             d: self.norm_dims(n),
         })?;
-        for (l, (a, wt)) in self.blocks.iter().zip(&self.p.blocks).enumerate() {
-            let residual = if l == 0 { self.encoded } else { self.blocks[l - 1].res3 };
+        for (l, (a, wt)) in self.acts.blocks.iter().zip(&self.p.blocks).enumerate() {
+            let residual = if l == 0 { self.acts.encoded } else { self.acts.blocks[l - 1].res3 };
             let qkv = new_qkv(a.qkv);
             b.matmul_forward(MatmulForward {
                 out: qkv,
@@ -451,7 +426,7 @@ impl Model {
                 d: lin(c, w),
             })?;
             if let Positions::Rotary { .. } = s.positions {
-                b.rope(Rotary { qkv, table: self.rope_table, d: att, first_pos, inverse: false })?;
+                b.rope(Rotary { qkv, table: self.acts.rope_table, d: att, first_pos, inverse: false })?;
             }
             let cache = a.qkv.slice(0, qkv_rows * w);
             match span {
@@ -463,7 +438,7 @@ impl Model {
                 }
             }
             b.matmul_forward(MatmulForward {
-                out: rows(self.proj, c),
+                out: rows(self.acts.proj, c),
                 inp: rows(a.atty, c),
                 weight: wt.proj_w,
                 bias: wt.proj_b,
@@ -476,7 +451,7 @@ impl Model {
                 mean: st.mean,
                 rstd: st.rstd,
                 inp: rows(residual, c),
-                residual: Some(ResidualAdd { other: rows(self.proj, c), sum: rows(a.res2, c) }),
+                residual: Some(ResidualAdd { other: rows(self.acts.proj, c), sum: rows(a.res2, c) }),
                 weight: wt.ln_2.weight,
                 bias: wt.ln_2.bias,
                 d: self.norm_dims(n),
@@ -504,7 +479,7 @@ impl Model {
                 }
             }
             b.matmul_forward(MatmulForward {
-                out: rows(self.proj, c),
+                out: rows(self.acts.proj, c),
                 inp: rows(a.fch, ffn),
                 weight: wt.fcproj_w,
                 bias: wt.fcproj_b,
@@ -519,7 +494,7 @@ impl Model {
                 mean: st.mean,
                 rstd: st.rstd,
                 inp: rows(a.res2, c),
-                residual: Some(ResidualAdd { other: rows(self.proj, c), sum: rows(a.res3, c) }),
+                residual: Some(ResidualAdd { other: rows(self.acts.proj, c), sum: rows(a.res3, c) }),
                 weight: nw.weight,
                 bias: nw.bias,
                 d: self.norm_dims(n),
@@ -527,8 +502,8 @@ impl Model {
         }
         let vp = s.padded_vocab;
         b.matmul_forward(MatmulForward {
-            out: rows(self.logits, vp),
-            inp: rows(self.lnf, c),
+            out: rows(self.acts.logits, vp),
+            inp: rows(self.acts.lnf, c),
             weight: self.p.head,
             bias: None,
             gelu_pre: None,
@@ -539,7 +514,15 @@ impl Model {
             Pass::Loss => None,
             Pass::Train { dloss } => Some(dloss),
         };
-        b.classifier(rows(self.logits, vp), rows(self.losses, 1), rows(self.targets, 1), n, s.vocab, vp, dloss)
+        b.classifier(
+            rows(self.acts.logits, vp),
+            rows(self.losses, 1),
+            rows(self.acts.targets, 1),
+            n,
+            s.vocab,
+            vp,
+            dloss,
+        )
     }
 
     /// Accumulates the gradients of the last [`Pass::Train`] forward pass (same batch shape) into
@@ -573,7 +556,7 @@ impl Model {
         let stats = |st: NormStats| (st.mean.map(|m| rows(m, 1)), rows(st.rstd, 1));
         let att = self.attention_dims(batch, time);
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
-        let (dres, dbtc) = (rows(self.dresidual, c), rows(self.dbtc, c));
+        let (dres, dbtc) = (rows(self.acts.dresidual, c), rows(self.acts.dbtc, c));
         // Backward of the norm `nw` of input `inp` that saved `st`: its gradient `dout` is added to dres.
         let norm_backward = |b: &mut B, dout: Tensor, inp: Tensor, nw: NormWeights, gw: NormWeights, st| {
             let (mean, rstd) = stats(st);
@@ -595,21 +578,21 @@ impl Model {
             dinp: dbtc,
             dweight: grads.head,
             dbias: None,
-            dout: rows(self.logits, vp),
-            inp: rows(self.lnf, c),
+            dout: rows(self.acts.logits, vp),
+            inp: rows(self.acts.lnf, c),
             weight: self.p.head,
             gelu_pre: None,
             d: lin(c, vp),
         })?;
         b.zero(dres)?;
-        let last = &self.blocks[s.n_layer - 1];
-        norm_backward(b, dbtc, last.res3, self.p.ln_f, grads.ln_f, self.lnf_stats)?;
+        let last = &self.acts.blocks[s.n_layer - 1];
+        norm_backward(b, dbtc, last.res3, self.p.ln_f, grads.ln_f, self.acts.lnf_stats)?;
         on_ready(b, ready_from(grads.ln_f.weight))?;
         for l in (0..s.n_layer).rev() {
-            let (a, wt, g) = (&self.blocks[l], &self.p.blocks[l], &grads.blocks[l]);
-            let residual = if l == 0 { self.encoded } else { self.blocks[l - 1].res3 };
+            let (a, wt, g) = (&self.acts.blocks[l], &self.p.blocks[l], &grads.blocks[l]);
+            let residual = if l == 0 { self.acts.encoded } else { self.acts.blocks[l - 1].res3 };
             let (ffn, fc_width) = (s.ffn_dim, s.fc_width());
-            let dfch = rows(self.dfch, ffn);
+            let dfch = rows(self.acts.dfch, ffn);
             // MLP: dres is the gradient of res3, which flows unchanged to res2 and into the MLP's output.
             let gelu_pre = (s.mlp == Mlp::Gelu).then(|| rows(a.fch_pre, fc_width));
             b.matmul_backward(MatmulBackward {
@@ -626,7 +609,7 @@ impl Model {
             let dfc_out = match s.mlp {
                 Mlp::Gelu => dfch,
                 Mlp::SwiGlu => {
-                    let dpre = rows(self.dfch_pre, fc_width);
+                    let dpre = rows(self.acts.dfch_pre, fc_width);
                     b.swiglu_backward(dpre, dfch, rows(a.fch_pre, fc_width), n, ffn)?;
                     dpre
                 }
@@ -643,7 +626,7 @@ impl Model {
             })?;
             norm_backward(b, dbtc, a.res2, wt.ln_2, g.ln_2, a.ln2_stats)?;
             // Attention.
-            let dqkv = rows(self.dqkv, w);
+            let dqkv = rows(self.acts.dqkv, w);
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.proj_w,
@@ -663,7 +646,7 @@ impl Model {
                 att,
             )?;
             if let Positions::Rotary { .. } = s.positions {
-                b.rope(Rotary { qkv: dqkv, table: self.rope_table, d: att, first_pos: 0, inverse: true })?;
+                b.rope(Rotary { qkv: dqkv, table: self.acts.rope_table, d: att, first_pos: 0, inverse: true })?;
             }
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
@@ -678,13 +661,13 @@ impl Model {
             norm_backward(b, dbtc, residual, wt.ln_1, g.ln_1, a.ln1_stats)?;
             on_ready(b, ready_from(g.qkv_w))?;
         }
-        b.encoder_backward(grads.wte, grads.wpe, dres, rows(self.tokens, 1), batch, time, c)?;
+        b.encoder_backward(grads.wte, grads.wpe, dres, rows(self.acts.tokens, 1), batch, time, c)?;
         on_ready(b, 0)
     }
 
     /// The logits of one position (`row = b·time + t` of the last forward pass), over the real vocabulary.
     pub fn logits_row<B: Backend + ?Sized>(&self, backend: &mut B, row: usize, out: &mut [f32]) -> Result<()> {
         let vp = self.spec.padded_vocab;
-        backend.download(self.logits.slice(row * vp, self.spec.vocab), out)
+        backend.download(self.acts.logits.slice(row * vp, self.spec.vocab), out)
     }
 }

@@ -254,12 +254,7 @@ fn read_state(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
 /// Loads the checkpoint in `dir` into `model`'s parameters and returns its step; hands AdamW's moments to
 /// `moment(source, elements, values)` one parameter tensor at a time. Every tensor's presence and shape is
 /// checked, and a mismatch names the tensor and the file.
-pub fn load<B: Backend + ?Sized>(
-    dir: &Path,
-    model: &Model,
-    backend: &mut B,
-    moment: &mut Restore<B>,
-) -> Result<u64> {
+pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B, moment: &mut Restore<B>) -> Result<u64> {
     let (state, state_path) = read_state(dir)?;
     let step = json_field(&state, "step", &state_path)?
         .as_u64()
