@@ -94,7 +94,9 @@ def main():
         use_cache=False,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).to(args.device)
+    # Built on the device it trains on: the 1.2B weights are not initialised on the host and then copied.
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config)
     model.train()
     check_model(model, args)
 
