@@ -65,6 +65,8 @@ PY
 export kiln
 export -f resume_check
 step bench-kiln 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2
+# Llama 3.2 1B's shape (bf16, 8 × 2048 tokens a step; the config says why that batch), beside PyTorch's below.
+step bench-llama 150 "$kiln" bench train --backend cuda --config configs/llama-3.2-1b.toml --steps 10 --warmup 2
 step bench-attention 120 "$kiln" bench attention --backend cuda --suite
 # On sm_90a the fused kernels at head dimensions 64 and 128 run on wgmma by default; KILN_FLASH_WGMMA=none keeps
 # them on mma.sync, as on every other architecture: their self-test, then the same benchmarks on the same machine.
@@ -238,6 +240,8 @@ step bench-kiln-atomic 90 "$kiln" bench train --backend cuda --steps 10 --warmup
 step bench-kiln-unfused 90 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
 step dp-overlap 150 bash -c dp_overlap
 step bench-pytorch 200 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
+# transformers' LlamaForCausalLM of the same shape and batch as bench-llama, compiled.
+step bench-llama-pytorch 240 python3 scripts/reference/llama_bench.py --steps 10 --warmup 3
 # FlashAttention-2 and cuDNN through PyTorch's SDPA on this card, for the suite of bench-attention.
 step bench-attention-reference 120 python3 scripts/reference/attention_bench.py
 
@@ -258,14 +262,22 @@ echo "PyTorch SDPA on this card (FlashAttention-2, cuDNN):"
 grep -h "TFLOP/s" "$logs/bench-attention-reference.log" 2>/dev/null
 echo "with dQ added atomically (train.deterministic = false):"
 grep -h "TFLOP/s" "$logs/bench-attention-atomic.log" 2>/dev/null
-a=$(tail -n 1 "$logs/bench-kiln-atomic.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
-echo "gpt2-124m tokens/s with dQ added atomically: ${a:-?}"
-m=$(tail -n 1 "$logs/bench-kiln-mma.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
-echo "gpt2-124m tokens/s with the fused attention on mma.sync: ${m:-?}"
-u=$(tail -n 1 "$logs/bench-kiln-unfused.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
-echo "gpt2-124m tokens/s with the unfused attention kernels: ${u:-?}"
-k=$(tail -n 1 "$logs/bench-kiln.log" 2>/dev/null | sed -n 's/.*"tokens_per_s":\([0-9.]*\).*/\1/p')
-t=$(tail -n 1 "$logs/bench-pytorch.log" 2>/dev/null | sed -n 's/.*"tokens_per_s": \([0-9.]*\).*/\1/p')
-echo "gpt2-124m tokens/s: kiln ${k:-?}, pytorch ${t:-?}, anchors llm.c 283000 / torch.compile 478000"
-[ -n "$k" ] && [ -n "$t" ] && awk -v k="$k" -v t="$t" 'BEGIN { printf "kiln / pytorch: %.2f\n", k / t }'
+# tokens_per_s NAME: the tokens/s in the JSON line that step NAME's kiln or PyTorch benchmark printed last, or ?.
+tokens_per_s() {
+  local t
+  t=$(tail -n 1 "$logs/$1.log" 2>/dev/null | sed -n 's/.*"tokens_per_s": \{0,1\}\([0-9.]*\).*/\1/p')
+  echo "${t:-?}"
+}
+# kiln_vs_pytorch WHAT KILN_STEP PYTORCH_STEP: both throughputs and their ratio.
+kiln_vs_pytorch() {
+  local k t
+  k=$(tokens_per_s "$2") t=$(tokens_per_s "$3")
+  echo "$1 tokens/s: kiln $k, pytorch $t"
+  [ "$k" != "?" ] && [ "$t" != "?" ] && awk -v k="$k" -v t="$t" 'BEGIN { printf "kiln / pytorch: %.2f\n", k / t }'
+}
+echo "gpt2-124m tokens/s with dQ added atomically: $(tokens_per_s bench-kiln-atomic)"
+echo "gpt2-124m tokens/s with the fused attention on mma.sync: $(tokens_per_s bench-kiln-mma)"
+echo "gpt2-124m tokens/s with the unfused attention kernels: $(tokens_per_s bench-kiln-unfused)"
+kiln_vs_pytorch "gpt2-124m (anchors llm.c 283000 / torch.compile 478000)" bench-kiln bench-pytorch
+kiln_vs_pytorch "llama-3.2-1b shape, 8 x 2048" bench-llama bench-llama-pytorch
 printf '%s\n' "${results[@]}"

@@ -18,11 +18,15 @@ common() { grep -v '#include <cuda_bf16.h>' "$root/kernels/common.cuh"; }
 } > "$out/flash_all.inc"
 { common; cat "$root/kernels/attention.cu"; } > "$out/unfused_all.inc"
 { common; cat "$root/kernels/encoder.cu"; } > "$out/encoder_all.inc"
+# RMS normalisation's backward runs on layer normalisation's kernels: one file holds both.
 {
   common
   sed 's/^    extern __shared__ float shared\[\];/    float* shared = reinterpret_cast<float*>(g_block->smem.data());/' \
     "$root/kernels/layernorm.cu"
-} > "$out/layernorm_all.inc"
+  cat "$root/kernels/rmsnorm.cu"
+} > "$out/norm_all.inc"
+{ common; cat "$root/kernels/rope.cu"; } > "$out/rope_all.inc"
+{ common; cat "$root/kernels/swiglu.cu"; } > "$out/swiglu_all.inc"
 flags=(-std=c++20 -O2 -g -fsanitize=address -Wall -Wno-unused-function -Wno-unknown-pragmas -I"$here" -I"$out")
 g++ "${flags[@]}" -o "$out/test_flash" "$here/test_flash.cpp"
 # The kernel file picks some tiles by architecture (__CUDA_ARCH__, undefined here: sm_80's choice); sm_90a's too,
@@ -31,16 +35,20 @@ g++ "${flags[@]}" -D__CUDA_ARCH__=900 -D__CUDA_ARCH_FEAT_SM90_ALL -o "$out/test_
 g++ "${flags[@]}" -o "$out/test_unfused_fp32" "$here/test_unfused.cpp"
 g++ "${flags[@]}" -DKILN_BF16 -o "$out/test_unfused_bf16" "$here/test_unfused.cpp"
 quiet=(-Wno-strict-aliasing -Wno-maybe-uninitialized)
-g++ "${flags[@]}" "${quiet[@]}" -o "$out/test_encoder" "$here/test_encoder.cpp"
-g++ "${flags[@]}" "${quiet[@]}" -o "$out/test_layernorm_fp32" "$here/test_layernorm.cpp"
-g++ "${flags[@]}" "${quiet[@]}" -DKILN_BF16 -o "$out/test_layernorm_bf16" "$here/test_layernorm.cpp"
+# The normalisation, rotary, SwiGLU and embedding kernels, each in fp32 and in bf16.
+small=(encoder norm rope swiglu)
+for test in "${small[@]}"; do
+  g++ "${flags[@]}" "${quiet[@]}" -o "$out/test_${test}_fp32" "$here/test_$test.cpp"
+  g++ "${flags[@]}" "${quiet[@]}" -DKILN_BF16 -o "$out/test_${test}_bf16" "$here/test_$test.cpp"
+done
 "$out/test_flash" "$@"
 if [ $# -eq 0 ]; then
   "$out/test_flash_sm90" 64
   "$out/test_flash_sm90" 128
   "$out/test_unfused_fp32"
   "$out/test_unfused_bf16"
-  "$out/test_encoder"
-  "$out/test_layernorm_fp32"
-  "$out/test_layernorm_bf16"
+  for test in "${small[@]}"; do
+    "$out/test_${test}_fp32"
+    "$out/test_${test}_bf16"
+  done
 fi

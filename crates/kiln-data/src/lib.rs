@@ -1,10 +1,11 @@
 //! Training data.
 //!
 //! A [`Dataset`] turns `data.*` configuration into sequences of token ids: a text file, a directory of token
-//! shards written by [`prepare`] (llm.c's format), the synthetic addition task, or uniform random
-//! GPT-2-vocabulary ids for benchmarks (`synthetic:random`). Every training sequence is a pure
-//! function of `(seed, step, row)`: there is no loader state to save or restore, a resumed run sees exactly the
-//! data it would have seen, and data-parallel ranks can split any global batch by row without coordinating.
+//! shards written by [`prepare`] (llm.c's format), the synthetic addition task, or uniform random ids for
+//! benchmarks (`synthetic:random` in GPT-2's vocabulary, `synthetic:random:N` in one of N ids). Every training
+//! sequence is a pure function of `(seed, step, row)`: there is no loader state to save or restore, a resumed run
+//! sees exactly the data it would have seen, and data-parallel ranks can split any global batch by row without
+//! coordinating.
 
 mod addition;
 pub mod codec;
@@ -53,6 +54,17 @@ enum Source {
 
 /// The vocabulary of `synthetic:random`: GPT-2's, so that benchmarks match GPT-2's shapes.
 pub const RANDOM_VOCAB: usize = 50257;
+
+/// The vocabulary `n` of `synthetic:random:N` (`train` names the corpus in errors), for benchmarks of models with
+/// other tokenizers: at least one id, and every id below [`kiln_core::backend::IGNORE_TARGET`], so any `u32`.
+fn random_vocab(train: &str, n: &str) -> Result<usize> {
+    n.parse::<u32>().ok().filter(|&v| v >= 1).map(|v| v as usize).ok_or_else(|| {
+        Error::data(
+            train,
+            format!("\"{n}\" is not a vocabulary size: synthetic:random:N takes a whole number from 1 to {}", u32::MAX),
+        )
+    })
+}
 
 /// A seed for one sequence, from the run's seed and the sequence's coordinates (SplitMix64 finalisers, so that
 /// neighbouring coordinates give unrelated streams).
@@ -103,16 +115,17 @@ impl Dataset {
                     let task = Addition::new();
                     Ok(Dataset { tokenizer: task.tokenizer(), source: Source::Addition(task) })
                 }
-                "random" => Ok(Dataset {
-                    tokenizer: CharTokenizer::from_chars(Vec::new()),
-                    source: Source::Random { vocab: RANDOM_VOCAB },
-                }),
-                other => Err(Error::data(
-                    &data.train,
-                    format!(
-                        "no synthetic corpus named \"{other}\"; the built-in ones are synthetic:addition and synthetic:random"
-                    ),
-                )),
+                "random" => Ok(Dataset::random(RANDOM_VOCAB)),
+                other => match other.strip_prefix("random:") {
+                    Some(vocab) => Ok(Dataset::random(random_vocab(&data.train, vocab)?)),
+                    None => Err(Error::data(
+                        &data.train,
+                        format!(
+                            "no synthetic corpus named \"{other}\"; the built-in ones are synthetic:addition, \
+                             synthetic:random and synthetic:random:N"
+                        ),
+                    )),
+                },
             };
         }
         if Path::new(&data.train).is_dir() {
@@ -150,6 +163,11 @@ impl Dataset {
             }
         }
         Ok(Dataset { tokenizer, source: Source::Text { train, val } })
+    }
+
+    /// Uniform random ids below `vocab`.
+    fn random(vocab: usize) -> Dataset {
+        Dataset { tokenizer: CharTokenizer::from_chars(Vec::new()), source: Source::Random { vocab } }
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -88,3 +88,23 @@ fn unknown_synthetic_corpus() {
     let msg = data_error(Dataset::open(&cfg, 13));
     assert!(msg.contains("synthetic:addition"), "{msg}");
 }
+
+#[test]
+fn random_corpus_takes_its_vocabulary_from_its_name() {
+    let open = |train: &str| Dataset::open(&DataConfig { train: train.into(), val: None }, 64);
+    assert_eq!(open("synthetic:random").unwrap().vocab_size(), 50257);
+    // Llama 3's vocabulary: 8 × 64 ids drawn, and all of them below 128256 but not all below GPT-2's 50257.
+    let data = open("synthetic:random:128256").unwrap();
+    assert_eq!(data.vocab_size(), 128256);
+    let (mut inputs, mut targets, mut seen) = (vec![0; 64], vec![0; 64], Vec::new());
+    for row in 0..8 {
+        data.train_sequence(1, 0, row, &mut inputs, &mut targets);
+        assert_eq!(inputs[1..], targets[..63]);
+        seen.extend(inputs.iter().chain(&targets).copied());
+    }
+    assert!(seen.iter().all(|&t| t < 128256) && seen.iter().any(|&t| t >= 50257), "{seen:?}");
+    for bad in ["0", "", "-3", "1e5", "50257 ", "4294967296"] {
+        let msg = data_error(open(&format!("synthetic:random:{bad}")));
+        assert!(msg.contains(&format!("\"{bad}\" is not a vocabulary size")), "{msg}");
+    }
+}

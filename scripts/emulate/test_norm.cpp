@@ -1,0 +1,139 @@
+// Runs kernels/layernorm.cu and kernels/rmsnorm.cu under the emulation against a double-precision reference: each
+// normalisation's forward, plain and after a residual add, and its backward with the blockwise sums of dweight (and
+// dbias) — RMS normalisation's on layernorm.cu's kernels with a null mean and dbias —, for widths that are and are
+// not whole 16-byte chunks and for ε = 1e-5 and 0.25. Launched as the engine launches them
+// (crates/kiln-cuda/src/backend.rs, norm_forward and norm_backward). Built twice, with and without KILN_BF16.
+#include "emu.h"
+#define __shared__ static  // one block at a time: a function's statics are its block's shared memory
+#include "norm_all.inc"
+
+#include "check.h"
+
+enum class Kind { Layer, Rms };
+
+// What a normalisation's forward pass should give, in double precision.
+struct Forward {
+    std::vector<double> out, mean, rstd;
+};
+
+// Layer normalisation of the rows of `x` (N × C, as stored), or RMS normalisation (μ = 0, no bias).
+static Forward reference_forward(Kind kind, const std::vector<double>& x, const std::vector<floatX>& w,
+                                 const std::vector<floatX>& bias, int N, int C, double eps) {
+    Forward f{std::vector<double>((size_t)N * C), std::vector<double>(N), std::vector<double>(N)};
+    for (int n = 0; n < N; n++) {
+        const double* row = &x[(size_t)n * C];
+        double mu = 0, var = 0;
+        if (kind == Kind::Layer)
+            for (int c = 0; c < C; c++) mu += row[c] / C;
+        for (int c = 0; c < C; c++) var += (row[c] - mu) * (row[c] - mu) / C;
+        const double rs = 1 / std::sqrt(var + eps);
+        f.mean[n] = mu, f.rstd[n] = rs;
+        for (int c = 0; c < C; c++)
+            f.out[(size_t)n * C + c] = (row[c] - mu) * rs * to_f32(w[c]) + (kind == Kind::Layer ? to_f32(bias[c]) : 0);
+    }
+    return f;
+}
+
+// As norm_forward launches them: a warp per row, blocks of 256 threads. With `residual`, residual = inp + other is
+// written first and normalised.
+static void launch_forward(Kind kind, floatX* residual, floatX* out, float* mean, float* rstd, const floatX* inp,
+                           const floatX* other, const floatX* w, const floatX* b, int N, int C, float eps) {
+    launch({grid_blocks((size_t)N * 32, 256), 1, 1}, 256, 0, [&] {
+        if (kind == Kind::Layer && residual)
+            residual_layernorm_forward(residual, out, mean, rstd, inp, other, w, b, N, C, eps);
+        else if (kind == Kind::Layer)
+            layernorm_forward(out, mean, rstd, inp, w, b, N, C, eps);
+        else if (residual)
+            residual_rmsnorm_forward(residual, out, rstd, inp, other, w, N, C, eps);
+        else
+            rmsnorm_forward(out, rstd, inp, w, N, C, eps);
+    });
+}
+
+// As norm_backward launches them: 32 rows a block, as many warps (up to 4) as have shared memory in 48 KiB, then the
+// sum of the blocks' partial dweight and dbias. `mean` and `dbias` are null for RMS normalisation.
+static void launch_backward(floatX* dinp, float* dweight, float* dbias, const floatX* dout, const floatX* inp,
+                            const floatX* w, const float* mean, const float* rstd, int N, int C) {
+    const int rows_per_block = 32, warp_bytes = 2 * ((C + 7) / 8 * 8) * 4;
+    const int warps = std::clamp(48 * 1024 / warp_bytes, 1, 4), blocks = (N + rows_per_block - 1) / rows_per_block;
+    std::vector<float> partials = poisoned<float>((size_t)blocks * 2 * C);
+    launch({(unsigned)blocks, 1, 1}, warps * 32, (size_t)warps * warp_bytes, [&] {
+        layernorm_backward(dinp, partials.data(), dout, inp, w, mean, rstd, N, C, rows_per_block);
+    });
+    launch({grid_blocks(2 * C, LN_SUM_LANES), 1, 1}, LN_SUM_LANES * LN_SUM_ROWS, 0,
+           [&] { layernorm_backward_sum(dweight, dbias, partials.data(), blocks, C); });
+}
+
+static std::vector<double> as_double(const std::vector<floatX>& v) {
+    std::vector<double> d(v.size());
+    for (size_t i = 0; i < v.size(); i++) d[i] = to_f32(v[i]);
+    return d;
+}
+
+static void run(Kind kind, int N, int C, float eps) {
+    const bool layer = kind == Kind::Layer;
+    char where[64];
+    std::snprintf(where, sizeof where, "%s N%d C%d eps%g", layer ? "layer" : "rms", N, C, eps);
+    const size_t n = (size_t)N * C;
+    auto a = random_x(n), b = random_x(n), w = random_x(C), bias = layer ? random_x(C) : std::vector<floatX>();
+    auto dout = random_x(n), dinp = random_x(n);
+    auto mean = poisoned<float>(N), rstd = poisoned<float>(N);
+    auto stats_error = [&](const Forward& want) {
+        if (layer) check("mean", where, error(mean, want.mean));
+        check("rstd", where, error(rstd, want.rstd));
+    };
+
+    // Plain: out = norm(a).
+    auto out = poisoned<floatX>(n);
+    launch_forward(kind, nullptr, out.data(), layer ? mean.data() : nullptr, rstd.data(), a.data(), nullptr,
+                   w.data(), layer ? bias.data() : nullptr, N, C, eps);
+    Forward want = reference_forward(kind, as_double(a), w, bias, N, C, eps);
+    check("forward", where, error(out, want.out));
+    stats_error(want);
+
+    // Fused: residual = a + b, out = norm(residual), and the backward pass from the residual as stored.
+    auto residual = poisoned<floatX>(n);
+    out = poisoned<floatX>(n), mean = poisoned<float>(N), rstd = poisoned<float>(N);
+    launch_forward(kind, residual.data(), out.data(), layer ? mean.data() : nullptr, rstd.data(), a.data(), b.data(),
+                   w.data(), layer ? bias.data() : nullptr, N, C, eps);
+    std::vector<double> want_res(n);
+    for (size_t i = 0; i < n; i++) want_res[i] = to_f32(to_x(to_f32(a[i]) + to_f32(b[i])));
+    want = reference_forward(kind, want_res, w, bias, N, C, eps);
+    check("residual", where, error(residual, want_res));
+    check("residual forward", where, error(out, want.out));
+    stats_error(want);
+
+    // dinp, dweight and dbias accumulate: they start from values of their own.
+    std::vector<float> dw(C, 0.5f), db(layer ? C : 0, -0.25f);
+    std::vector<double> want_dinp = as_double(dinp), want_dw(C, 0.5), want_db(C, -0.25);
+    for (int r = 0; r < N; r++) {
+        // With g = dy·w and the normalised row x̂: dx += σ⁻¹·(g − mean(g) − x̂·mean(g·x̂)), no mean(g) for RMS.
+        double g_mean = 0, gx_mean = 0;
+        const double mu = want.mean[r], rs = want.rstd[r];
+        for (int c = 0; c < C; c++) {
+            const size_t i = (size_t)r * C + c;
+            const double xhat = (want_res[i] - mu) * rs, dy = to_f32(dout[i]), g = dy * to_f32(w[c]);
+            g_mean += layer ? g / C : 0, gx_mean += g * xhat / C;
+            want_dw[c] += dy * xhat, want_db[c] += dy;
+        }
+        for (int c = 0; c < C; c++) {
+            const size_t i = (size_t)r * C + c;
+            const double xhat = (want_res[i] - mu) * rs, g = to_f32(dout[i]) * to_f32(w[c]);
+            want_dinp[i] += rs * (g - g_mean - xhat * gx_mean);
+        }
+    }
+    launch_backward(dinp.data(), dw.data(), layer ? db.data() : nullptr, dout.data(), residual.data(), w.data(),
+                    layer ? mean.data() : nullptr, rstd.data(), N, C);
+    check("dinp", where, error(dinp, want_dinp));
+    check("dweight", where, error(dw, want_dw));
+    if (layer) check("dbias", where, error(db, want_db));
+}
+
+int main() {
+    seed_schedule_from_env();
+    // GPT-2's and Llama's ε on the larger problems, a large one (which a kernel ignoring ε would fail) on the smaller.
+    for (Kind kind : {Kind::Layer, Kind::Rms})
+        for (int N : {1, 37, 100, 1030})
+            for (int C : {3, 20, 48, 770}) run(kind, N, C, N < 64 ? 0.25f : 1e-5f);
+    return finish("norm");
+}
