@@ -348,7 +348,7 @@ def main(argv=None):
         f"{r['sync'] * 1e3:.2f} ms; step {r['step'] * 1e3:.1f} ms against {c.single() * 1e3:.1f} ms on one GPU "
         f"({c.single() / r['step'] * 100:.1f}%).\n")
 
-    # Memory per GPU from kiln's own allocation sizes (crates/kiln-model/src/gpt.rs), not measured.
+    # Memory per GPU from kiln's own allocation sizes (crates/kiln-model/src/model.rs), not measured.
     out("\n### Memory per GPU (kiln's allocation formula; not measured; no CUDA context, cuBLAS or NCCL buffers)\n\n")
     out("| model | micro-batch | activations GiB | model state GiB, ZeRO 0 | total, ZeRO 0 | total, ZeRO-1 at 8 GPUs |"
         "\n|---|---|---|---|---|---|\n")
@@ -390,7 +390,7 @@ def describe(shape, lo, hi):
 
 
 def activation_bytes(shape, mb):
-    """crates/kiln-model/src/gpt.rs: activations (bf16), statistics (fp32), token ids and targets (u32)."""
+    """crates/kiln-model/src/model.rs: activations (bf16), statistics (fp32), token ids and targets (u32)."""
     n = mb * shape.T
     c, L = shape.C, shape.L
     acts = L * n * c * 16 + 3 * n * c + n * PADDED_VOCAB + n * c * (1 + 1 + 3 + 4)

@@ -106,7 +106,7 @@ enum Command {
         /// The data to score (default: a checkpoint's own data.train).
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Tokens per scored window (default: a checkpoint's block_size, else the model's context).
+        /// Tokens per scored window (default: a checkpoint's block_size, else 1024 or the model's context if shorter).
         #[arg(long)]
         block_size: Option<usize>,
         /// Windows per forward pass.
@@ -602,6 +602,9 @@ fn sample_on<B: Backend>(mut model: Inference<B>, prompt: &str, options: &Sample
     Ok(())
 }
 
+/// The window `kiln eval` scores a directory that is not a checkpoint in, unless the model's context is shorter.
+const DEFAULT_EVAL_WINDOW: usize = 1024;
+
 fn eval(
     checkpoint: &std::path::Path,
     data: Option<PathBuf>,
@@ -624,7 +627,8 @@ fn eval(
     let time = match block_size {
         Some(t) => t,
         None if is_checkpoint => settings.model.block_size,
-        None => kiln_core::config::ModelConfig::from_hf_dir(checkpoint)?.0.block_size,
+        // A model's whole context (131,072 tokens for Llama 3.2) would be a costly default window.
+        None => kiln_core::config::ModelConfig::from_hf_dir(checkpoint)?.0.block_size.min(DEFAULT_EVAL_WINDOW),
     };
     if batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));

@@ -1,8 +1,9 @@
 //! Training configuration: TOML sections `[model]`, `[data]`, `[train]`, `[optim]`, `[dist]`, overridable key by key.
 //!
-//! [`Config::load`] reads a config in four steps: the TOML text is parsed into a table; each `--set section.key=value`
-//! override is written into that table; the table is deserialized into a [`Config`], which rejects unknown keys and
-//! values of the wrong type; and the values are checked against each other. Only `[model]` and `data.train` are
+//! [`Config::load`] reads a config in five steps: the TOML text is parsed into a table; each `--set section.key=value`
+//! override is written into that table; with `model.init = "hf:DIR"`, the `[model]` keys not given are filled in
+//! from `DIR/config.json`; the table is deserialized into a [`Config`], which rejects unknown keys and values of the
+//! wrong type; and the values are checked against each other (and those given against `config.json`). Only `[model]` and `data.train` are
 //! required: every other key has a default, and `configs/quickstart.toml` (built into the binary as [`QUICKSTART`])
 //! writes every key out. Each problem is an [`Error::Config`] that names the dotted key (`train.micro_batch`) and
 //! where its value came from: the file, or `--set` for a key an override set.
@@ -106,8 +107,8 @@ pub struct ModelConfig {
     pub rope_theta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
-    /// Initial weights: absent for a fresh random model, `hf:DIR` for a Hugging Face GPT-2 directory
-    /// (`model.safetensors`), `llmc:FILE` for llm.c's `gpt2_124M.bin` format.
+    /// Initial weights: absent for a fresh random model, `hf:DIR` for a directory saved by transformers or kiln
+    /// (whose `config.json` also gives the model's keys), `llmc:FILE` for llm.c's `gpt2_124M.bin` format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
     /// The GPU's attention kernel: `fused` (flash attention, in bf16) or `unfused` (the simple kernels, kept for
@@ -156,6 +157,9 @@ impl ModelConfig {
         let mut model: ModelConfig = toml::Value::Table(hf::model_table(&path)?)
             .try_into()
             .map_err(|e| Error::data(&path, format!("does not describe a model kiln can build: {e}")))?;
+        if let Some((key, message)) = model.problem() {
+            return Err(Error::data(&path, format!("{key} (as kiln reads this file): {message}")));
+        }
         model.resolve();
         Ok((model, hf::vocab_size(&path)?))
     }
@@ -203,6 +207,60 @@ impl ModelConfig {
             return Err(config_error(format!("model.{key}"), message));
         }
         Ok(())
+    }
+
+    /// The first problem with the model's keys, as `(key, message)`: a value out of range, or one the family does not
+    /// have or cannot take.
+    fn problem(&self) -> Option<(&'static str, String)> {
+        let m = self;
+        // A zero divisor is reported by its own check, which comes first.
+        let divides = |n: usize, d: usize| n.checked_rem(d).is_none_or(|r| r == 0);
+        let checks = [
+            (m.n_layer >= 1, "model.n_layer", "must be at least 1".to_string()),
+            (m.n_head >= 1, "model.n_head", "must be at least 1".to_string()),
+            (m.n_embd >= 1, "model.n_embd", "must be at least 1".to_string()),
+            (
+                divides(m.n_embd, m.n_head),
+                "model.n_embd",
+                format!("must be divisible by model.n_head (= {})", m.n_head),
+            ),
+            (m.block_size >= 1, "model.block_size", "must be at least 1".to_string()),
+            (
+                m.n_kv_head() >= 1 && divides(m.n_head, m.n_kv_head()),
+                "model.n_kv_head",
+                format!("must be at least 1 and divide model.n_head (= {})", m.n_head),
+            ),
+            (m.ffn_dim() >= 1, "model.ffn_dim", "must be at least 1".to_string()),
+            (
+                m.norm_eps().is_finite() && m.norm_eps() > 0.0,
+                "model.norm_eps",
+                "must be a finite number above 0".to_string(),
+            ),
+            (
+                m.rope_theta.is_none_or(|t| t.is_finite() && t > 1.0),
+                "model.rope_theta",
+                "must be a finite number above 1".to_string(),
+            ),
+            (
+                m.rope_scaling.is_none_or(|r| {
+                    r.factor.is_finite()
+                        && r.factor >= 1.0
+                        && r.low_freq_factor.is_finite()
+                        && r.low_freq_factor > 0.0
+                        && r.high_freq_factor.is_finite()
+                        && r.high_freq_factor > r.low_freq_factor
+                        && r.original_max_position_embeddings >= 1
+                }),
+                "model.rope_scaling",
+                "needs factor ≥ 1, 0 < low_freq_factor < high_freq_factor and original_max_position_embeddings ≥ 1"
+                    .to_string(),
+            ),
+        ];
+        checks
+            .into_iter()
+            .find(|(ok, _, _)| !ok)
+            .map(|(_, key, message)| (key, message))
+            .or_else(|| self.family_problem())
     }
 
     /// Keys that the family does not have, or values it cannot take, as `(key, message)`.
@@ -432,6 +490,16 @@ impl Config {
                 let message = format!("is {arch} but {} says {}", path.display(), theirs["arch"]);
                 return Err(Error::config(source_of("model.arch"), "model.arch", message));
             }
+            // A rotary model's context (max_position_embeddings: 131,072 for Llama 3.2) is no length to train at.
+            if theirs.get("arch").and_then(|a| a.as_str()) == Some("llama") && !model.contains_key("block_size") {
+                let message = format!(
+                    "missing; {} gives a context of {} tokens, which is no default for the sequences trained on: set \
+                     the length to train at",
+                    path.display(),
+                    theirs["block_size"]
+                );
+                return Err(Error::config(source, "model.block_size", message));
+            }
             for (key, value) in theirs {
                 model.entry(key).or_insert_with(|| value.clone());
             }
@@ -448,6 +516,16 @@ impl Config {
         }
         config.train.total_batch_tokens = Some(config.total_batch_tokens());
         Ok(config)
+    }
+
+    /// A config a run saved ([`Config::to_toml_string`]), for using the model it trained: every key but `model.init`,
+    /// whose weights the run's checkpoints replace (its directory need not exist any more).
+    pub fn from_saved(text: &str, source: &str, overrides: &[String]) -> Result<Config> {
+        let mut table: toml::Table = text.parse().map_err(|e| syntax_error(text, source, &e))?;
+        if let Some(model) = table.get_mut("model").and_then(|m| m.as_table_mut()) {
+            model.remove("init");
+        }
+        Config::from_toml_str(&table.to_string(), source, overrides)
     }
 
     /// Tokens per optimizer step.
@@ -486,50 +564,14 @@ impl Config {
     /// Checks the values against their ranges and each other; the first problem becomes an error naming its key and
     /// `source_of(key)`.
     fn validate(&self, source_of: &impl Fn(&str) -> String) -> Result<()> {
+        if let Some((key, message)) = self.model.problem() {
+            return Err(Error::config(source_of(key), key, message));
+        }
         let (m, d, t, o) = (&self.model, &self.data, &self.train, &self.optim);
         let per_micro_batch = t.micro_batch.checked_mul(m.block_size);
         // A zero divisor (or an overflowing one, as 0) is reported by its own check, which comes first.
         let divides = |n: usize, d: usize| n.checked_rem(d).is_none_or(|r| r == 0);
         let checks = [
-            (m.n_layer >= 1, "model.n_layer", "must be at least 1".to_string()),
-            (m.n_head >= 1, "model.n_head", "must be at least 1".to_string()),
-            (m.n_embd >= 1, "model.n_embd", "must be at least 1".to_string()),
-            (
-                divides(m.n_embd, m.n_head),
-                "model.n_embd",
-                format!("must be divisible by model.n_head (= {})", m.n_head),
-            ),
-            (m.block_size >= 1, "model.block_size", "must be at least 1".to_string()),
-            (
-                m.n_kv_head() >= 1 && divides(m.n_head, m.n_kv_head()),
-                "model.n_kv_head",
-                format!("must be at least 1 and divide model.n_head (= {})", m.n_head),
-            ),
-            (m.ffn_dim() >= 1, "model.ffn_dim", "must be at least 1".to_string()),
-            (
-                m.norm_eps().is_finite() && m.norm_eps() > 0.0,
-                "model.norm_eps",
-                "must be a finite number above 0".to_string(),
-            ),
-            (
-                m.rope_theta.is_none_or(|t| t.is_finite() && t > 1.0),
-                "model.rope_theta",
-                "must be a finite number above 1".to_string(),
-            ),
-            (
-                m.rope_scaling.is_none_or(|r| {
-                    r.factor.is_finite()
-                        && r.factor >= 1.0
-                        && r.low_freq_factor.is_finite()
-                        && r.low_freq_factor > 0.0
-                        && r.high_freq_factor.is_finite()
-                        && r.high_freq_factor > r.low_freq_factor
-                        && r.original_max_position_embeddings >= 1
-                }),
-                "model.rope_scaling",
-                "needs factor ≥ 1, 0 < low_freq_factor < high_freq_factor and original_max_position_embeddings ≥ 1"
-                    .to_string(),
-            ),
             (
                 m.init.as_deref().is_none_or(|i| i.starts_with("hf:") || i.starts_with("llmc:")),
                 "model.init",
@@ -584,11 +626,8 @@ impl Config {
             ),
             (self.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".to_string()),
         ];
-        if let Some((_, key, message)) = checks.into_iter().find(|(ok, _, _)| !ok) {
-            return Err(Error::config(source_of(key), key, message));
-        }
-        match m.family_problem() {
-            Some((key, message)) => Err(Error::config(source_of(key), key, message)),
+        match checks.into_iter().find(|(ok, _, _)| !ok) {
+            Some((_, key, message)) => Err(Error::config(source_of(key), key, message)),
             None => Ok(()),
         }
     }
@@ -983,6 +1022,14 @@ mod tests {
             ]),
             "model.rope_scaling.type"
         );
+    }
+
+    #[test]
+    fn a_saved_config_is_read_without_the_weights_it_started_from() {
+        let saved = Config::load(None, &set(&["model.init=llmc:/gone/model.bin"])).unwrap().to_toml_string();
+        let read = Config::from_saved(&saved, "state.json", &[]).unwrap();
+        assert_eq!(read.model.init, None);
+        assert_eq!(read.model.n_embd, Config::load(None, &[]).unwrap().model.n_embd);
     }
 
     #[test]

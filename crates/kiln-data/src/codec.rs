@@ -31,7 +31,7 @@ impl Codec {
             Codec::Char { chars, .. } => chars.encode(text),
             Codec::Gpt2 => Ok(tiktoken_rs::r50k_base_singleton().encode_ordinary(text)),
             Codec::Byte => Ok(text.bytes().map(u32::from).collect()),
-            Codec::Hf(hf) => hf.encode(text, Path::new("the prompt")),
+            Codec::Hf(hf) => hf.encode_prompt(text),
         }
     }
 
@@ -58,6 +58,38 @@ impl Codec {
             Codec::Gpt2 => Some(50256),
             Codec::Byte => Some(256),
             Codec::Hf(hf) => Some(hf.end_of_text()),
+        }
+    }
+
+    /// The token that begins a document, where the tokenizer names one apart from its end of text.
+    pub fn begin_of_text(&self) -> Option<u32> {
+        match self {
+            Codec::Hf(hf) => hf.begin_of_text(),
+            Codec::Char { .. } | Codec::Gpt2 | Codec::Byte => None,
+        }
+    }
+
+    /// Whether `other` is the same tokenizer: the same ids for the same text.
+    pub fn same_as(&self, other: &Codec) -> bool {
+        match (self, other) {
+            (Codec::Char { chars: a, end_of_text: x }, Codec::Char { chars: b, end_of_text: y }) => {
+                x == y
+                    && a.vocab_size() == b.vocab_size()
+                    && (0..a.vocab_size() as u32).all(|i| a.decode(&[i]) == b.decode(&[i]))
+            }
+            (Codec::Hf(a), Codec::Hf(b)) => a.json() == b.json() && a.end_of_text() == b.end_of_text(),
+            (Codec::Gpt2, Codec::Gpt2) | (Codec::Byte, Codec::Byte) => true,
+            _ => false,
+        }
+    }
+
+    /// A short name for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Codec::Char { .. } => "a character table",
+            Codec::Gpt2 => "GPT-2's BPE",
+            Codec::Byte => "bytes",
+            Codec::Hf(_) => "a tokenizer.json",
         }
     }
 
@@ -159,7 +191,17 @@ mod tests {
             let ids = codec.encode(text).unwrap();
             assert_eq!(again.encode(text).unwrap(), ids, "tokenizer {i}");
             assert_eq!(again.end_of_text(), codec.end_of_text(), "tokenizer {i}");
-            assert_eq!(again.decode_bytes(&ids).unwrap(), text.as_bytes(), "tokenizer {i}");
+            assert!(again.same_as(codec) && (i == 0 || !again.same_as(&codecs[0])), "tokenizer {i}");
+            // A prompt gets the tokens the tokenizer's post-processor puts in front (this one's: its end of text,
+            // as GPT-2's would); the text's own tokens decode back to it.
+            let text_ids = match codec {
+                Codec::Hf(hf) => {
+                    assert_eq!(ids[0], hf.end_of_text());
+                    ids[1..].to_vec()
+                }
+                _ => ids,
+            };
+            assert_eq!(again.decode_bytes(&text_ids).unwrap(), text.as_bytes(), "tokenizer {i}");
         }
         assert!(Codec::load(&temp("empty")).unwrap().is_none());
     }

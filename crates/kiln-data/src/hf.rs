@@ -39,6 +39,9 @@ pub enum EndOfText<'a> {
     Id(u32),
 }
 
+/// The names a beginning-of-text token goes by, in the order they are looked for among a tokenizer's special tokens.
+const BEGIN_OF_TEXT_NAMES: [&str; 4] = ["<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>"];
+
 /// A `tokenizer.json`, with the end-of-text token that separates documents.
 pub struct HfTokenizer {
     path: PathBuf,
@@ -131,6 +134,24 @@ impl HfTokenizer {
     /// of this tokenizer is one [`cuts_are_exact`] knows gives a cut text the ids of the whole.
     pub fn tokenises_in_blocks(&self) -> bool {
         self.in_blocks
+    }
+
+    /// The first of [`BEGIN_OF_TEXT_NAMES`] that is one of this tokenizer's special tokens, if any.
+    pub fn begin_of_text(&self) -> Option<u32> {
+        let special = self.tokenizer.get_added_tokens_decoder();
+        BEGIN_OF_TEXT_NAMES
+            .iter()
+            .find_map(|name| special.iter().find(|(_, t)| t.special && t.content == *name).map(|(&id, _)| id))
+    }
+
+    /// The ids of a prompt as transformers' tokenizer gives them to a model: with the post-processor's special tokens
+    /// (Llama 3's `<|begin_of_text|>`, say), which a corpus's documents are encoded without.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode_fast(text, true)
+            .map_err(|e| Error::Usage(format!("cannot tokenise the prompt with {}: {e}", self.path.display())))?;
+        Ok(encoding.get_ids().to_vec())
     }
 
     /// The text of `ids`, special tokens included (as Python's `decode(ids, skip_special_tokens=False)`).

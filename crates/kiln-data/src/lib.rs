@@ -358,9 +358,8 @@ fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-/// Opens and checks the shards of one split; those too short for one sequence are left out.
-/// The shards of one split that hold more than `time` tokens; none is an error unless no shard was named (the
-/// training split of [`Dataset::open_validation`]).
+/// Opens and checks the shards of one split; those too short for one sequence are left out. Keeping none is an
+/// error unless no shard was named (the training split of [`Dataset::open_validation`]).
 fn open_split(paths: &[PathBuf], vocab: usize, time: usize, what: &Path) -> Result<Vec<shards::Shard>> {
     let mut opened = Vec::new();
     for path in paths {

@@ -11,6 +11,7 @@
 //! what makes the directory a dataset, so an interrupted run leaves nothing that looks complete. A Hugging Face
 //! tokenizer's `tokenizer.json` is copied next to it.
 
+use crate::codec::HF_TOKENIZER_FILE;
 use crate::hf::HfTokenizer;
 use crate::{CharTokenizer, shards};
 use kiln_core::{Error, Result};
@@ -140,9 +141,6 @@ pub struct PrepareSummary {
     /// Invalid UTF-8 sequences replaced (with `lossy`).
     pub replaced: u64,
 }
-
-/// The name of the copy of a Hugging Face tokenizer's `tokenizer.json` in a dataset directory.
-pub const HF_TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// Bytes per block read from a text file: large enough that the blocks of a batch keep every thread busy for
 /// much longer than it takes to read them.

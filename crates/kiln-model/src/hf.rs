@@ -41,20 +41,22 @@ impl HfTensor {
     /// The checkpoint's values (row-major, in [`HfTensor::shape`]) of kiln's `values` (the elements of
     /// [`HfTensor::elements`]).
     pub fn from_kiln(&self, values: &[f32]) -> Vec<f32> {
-        if !self.transposed {
-            return values.to_vec();
-        }
-        let (rows, cols) = (self.shape[1], self.shape[0]);
-        (0..rows * cols).map(|i| values[(i % rows) * cols + i / rows]).collect()
+        // kiln's rows are the checkpoint's columns.
+        self.relaid(values, self.shape[1..].iter().product())
     }
 
     /// kiln's values of the checkpoint's `values`: the inverse of [`HfTensor::from_kiln`].
     pub fn to_kiln(&self, values: &[f32]) -> Vec<f32> {
+        self.relaid(values, self.shape[0])
+    }
+
+    /// `values`, a row-major matrix of `rows` rows, transposed if this tensor is stored transposed.
+    fn relaid(&self, values: &[f32], rows: usize) -> Vec<f32> {
         if !self.transposed {
             return values.to_vec();
         }
-        let (rows, cols) = (self.shape[1], self.shape[0]);
-        (0..rows * cols).map(|i| values[(i % cols) * rows + i / cols]).collect()
+        let cols = values.len() / rows.max(1);
+        (0..values.len()).map(|i| values[(i % rows) * cols + i / rows]).collect()
     }
 }
 
@@ -194,9 +196,17 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
                 "attention_bias": spec.bias,
                 "mlp_bias": spec.bias,
                 "attention_dropout": 0.0,
-                // Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta and rope_scaling.
+                // Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta and rope_scaling (which holds
+                // no theta).
                 "rope_theta": theta,
-                "rope_scaling": if scaling.is_some() { rope.clone() } else { serde_json::Value::Null },
+                "rope_scaling": match scaling {
+                    Some(_) => {
+                        let mut v4 = rope.clone();
+                        v4.as_object_mut().expect("an object").remove("rope_theta");
+                        v4
+                    }
+                    None => serde_json::Value::Null,
+                },
                 "rope_parameters": rope,
             })
         }

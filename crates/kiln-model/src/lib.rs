@@ -3,7 +3,8 @@
 //! [`spec`] says what a model is (a [`ModelSpec`]: its sizes and which variant of each part it uses) and lays every
 //! weight out in one flat vector (so the optimizer, the gradient norm and a data-parallel all-reduce each see a
 //! single tensor); [`params`] initialises it; [`model`] holds the activations and runs the forward and backward
-//! passes layer by layer, explicitly, with every buffer allocated once when the model is built.
+//! passes layer by layer, explicitly, with every buffer allocated once when the model is built; [`hf`] gives each
+//! weight its name and layout in transformers' checkpoints, and writes their `config.json`.
 
 pub mod generate;
 pub mod hf;

@@ -126,9 +126,10 @@ pub fn save(
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     }
-    // config.json names the tokenizer's end of text as both beginning and end, as GPT-2's does.
-    let end = codec.and_then(Codec::end_of_text);
-    write_model(&tmp, model, SpecialTokens { bos: end, eos: end }, MAX_SHARD_BYTES, write, fetch)?;
+    // config.json's beginning of text is the tokenizer's own where it has one, else its end of text, as GPT-2's is.
+    let eos = codec.and_then(Codec::end_of_text);
+    let bos = codec.and_then(Codec::begin_of_text).or(eos);
+    write_model(&tmp, model, SpecialTokens { bos, eos }, MAX_SHARD_BYTES, write, fetch)?;
     if let (Some(codec), true) = (codec, write) {
         codec.save(&tmp)?;
     }
@@ -184,8 +185,11 @@ pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mu
         let (shape, values) = read_hf(&files, &t)?
             .ok_or_else(|| Error::data(dir, format!("no tensor {} in {}", t.name, files.describe())))?;
         // GPT-2's learned positions may be more than the run uses: it takes the first block_size.
-        let fits = shape == t.shape
-            || (t.name.ends_with("wpe.weight") && shape[0] >= t.shape[0] && shape[1..] == t.shape[1..]);
+        let more_positions = t.name.ends_with("wpe.weight")
+            && shape.len() == t.shape.len()
+            && shape[0] >= t.shape[0]
+            && shape[1..] == t.shape[1..];
+        let fits = shape == t.shape || more_positions;
         if !fits {
             let path = files.path_of(&t.name).unwrap_or(dir);
             return Err(Error::data(
@@ -202,8 +206,8 @@ pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mu
     Ok(())
 }
 
-/// Writes the model of the checkpoint (or Hugging Face directory) `from` into the new directory `to`, fp32 or as
-/// stored, sharded past `max_shard_bytes`, with its `config.json` and tokenizer: what transformers'
+/// Writes the model of the checkpoint (or Hugging Face directory) `from` into the new directory `to`, in fp32,
+/// sharded past `max_shard_bytes`, with its `config.json` and tokenizer: what transformers'
 /// `from_pretrained` reads, and all `kiln sample` needs. The
 /// directory appears whole or not at all. Returns the model files written.
 pub fn export(from: &Path, to: &Path, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
@@ -214,8 +218,7 @@ pub fn export(from: &Path, to: &Path, max_shard_bytes: usize) -> Result<Vec<Path
     let names = files.names();
     let mut entries = Vec::with_capacity(names.len());
     for name in &names {
-        let (shape, _) = files.read(name)?.expect("a name the files listed");
-        entries.push(Entry { name: name.clone(), shape });
+        entries.push(Entry { name: name.clone(), shape: files.shape(name).expect("a name the files listed") });
     }
     let tmp = to.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
@@ -235,13 +238,14 @@ pub fn export(from: &Path, to: &Path, max_shard_bytes: usize) -> Result<Vec<Path
     Ok(written.iter().map(|p| to.join(p.file_name().expect("a file"))).collect())
 }
 
-/// The configuration a checkpoint was trained with (from `state.json`), with `overrides` applied.
+/// The configuration a checkpoint was trained with (from `state.json`), with `overrides` applied, and without the
+/// `model.init` its run started from (see [`Config::from_saved`]).
 pub fn config(dir: &Path, overrides: &[String]) -> Result<Config> {
     let (state, state_path) = read_state(dir)?;
     let text = json_field(&state, "config", &state_path)?
         .as_str()
         .ok_or_else(|| Error::data(&state_path, "\"config\" is not a string"))?;
-    Config::from_toml_str(text, &state_path.display().to_string(), overrides)
+    Config::from_saved(text, &state_path.display().to_string(), overrides)
 }
 
 fn read_state(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {

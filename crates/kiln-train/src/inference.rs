@@ -101,6 +101,18 @@ impl<B: Backend> Inference<B> {
     /// the number of tokens scored; `None` for a corpus without a fixed split.
     pub fn evaluate(&mut self, data: &Dataset) -> Result<Option<(f32, usize)>> {
         let (mb, t, vocab) = (self.model.max_batch, self.model.spec.block_size, self.model.spec.vocab);
+        // Ids mean nothing apart from their tokenizer: scoring text tokenised another way would give a number, wrongly.
+        if let (Some(ours), Some(theirs)) = (&self.codec, data.codec()) {
+            if !ours.same_as(&theirs) {
+                return Err(Error::Usage(format!(
+                    "the data was tokenised with {}, the model with {}{}; prepare the data with the model's tokenizer \
+                     (kiln prepare --tokenizer)",
+                    theirs.name(),
+                    ours.name(),
+                    if ours.name() == theirs.name() { " of its own" } else { "" }
+                )));
+            }
+        }
         if data.vocab_size() > vocab {
             return Err(Error::Usage(format!(
                 "the data's vocabulary of {} tokens is larger than the model's {vocab}",

@@ -5,8 +5,9 @@
 //! scheduled learning rate, decaying only the weight matrices and embeddings. Every `eval_every` steps the
 //! validation loss is measured on the same held-out sequences each time. The caller sees progress through
 //! [`Hooks`] and the results through [`Summary`]; the trainer logs with `tracing` and appends one JSON object per
-//! step to `out_dir/metrics.jsonl`. Around the loop: [`checkpoint`]s for exact resume (and Hugging Face
-//! interchange), weights from llm.c's files ([`llmc`]), scoring a whole validation split, and sampling.
+//! step to `out_dir/metrics.jsonl`. Around the loop: [`checkpoint`]s for exact resume and Hugging Face interchange,
+//! written and read a tensor at a time ([`tensor_files`]), weights from llm.c's files ([`llmc`]), and, apart from
+//! training, a model read from any such directory for sampling and scoring ([`inference`]).
 //!
 //! Data parallelism is part of every step, through a [`Communicator`] (a job of one rank has one that does
 //! nothing): each rank draws its own rows of the global batch ([`parallel`]), the last micro-batch's backward pass
@@ -138,7 +139,21 @@ impl<B: Backend> Trainer<B> {
     pub fn with_comm(config: &Config, mut backend: B, comm: Box<dyn Communicator<B>>) -> Result<Self> {
         let t = config.model.block_size;
         let data = Dataset::open(&config.data, t)?;
-        let shape = ModelSpec::new(&config.model, data.vocab_size());
+        // A model read from Hugging Face keeps its vocabulary (an embedding may have rows past its tokenizer's).
+        let vocab = match config.model.init.as_deref().and_then(|i| i.strip_prefix("hf:")) {
+            Some(dir) => {
+                let (_, vocab) = kiln_core::config::ModelConfig::from_hf_dir(Path::new(dir))?;
+                if data.vocab_size() > vocab {
+                    return Err(Error::Usage(format!(
+                        "the data's vocabulary of {} tokens is larger than the {vocab} of {dir}",
+                        data.vocab_size()
+                    )));
+                }
+                vocab
+            }
+            None => data.vocab_size(),
+        };
+        let shape = ModelSpec::new(&config.model, vocab);
         let mb = config.train.micro_batch;
         let (rank, world) = (comm.rank(), comm.world());
         let padding = parallel::padding_multiple(world);
@@ -581,7 +596,6 @@ impl<B: Backend> Trainer<B> {
     }
 }
 
-/// Renders a completion of the addition task for people: `482+937=9141\n` reads `482+937 = 1419`.
 /// Gathers ranges of a tensor of the flat parameter layout (the parameters, or a moment) onto rank 0, for
 /// checkpoints: under ZeRO stage 1 a rank holds current values only in its own pieces (one after another in the
 /// moments, `packed`; in place in the parameters, whose other entries hold the gathered working copy), so each
@@ -626,6 +640,7 @@ impl Gather<'_> {
     }
 }
 
+/// Renders a completion of the addition task for people: `482+937=9141\n` reads `482+937 = 1419`.
 pub fn describe_sum(prompt: &str, completion: &str) -> String {
     let question = prompt.trim_end_matches('=');
     match Addition::read_answer(completion) {

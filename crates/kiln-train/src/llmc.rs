@@ -51,12 +51,13 @@ pub fn load<B: Backend + ?Sized>(path: &Path, model: &Model, backend: &mut B) ->
     if s != ModelSpec::gpt2(s.n_layer, s.n_head, s.n_embd, s.block_size, s.vocab) {
         return Err(Error::Usage(format!(
             "{}: llm.c's model files hold GPT-2, and this model is another ({:?}, {} key/value heads, MLP width {}, \
-             {} LM head)",
+             {} LM head, norm ε {})",
             path.display(),
             s.arch,
             s.n_kv_head,
             s.ffn_dim,
-            if s.tie_embeddings { "tied" } else { "untied" }
+            if s.tie_embeddings { "tied" } else { "untied" },
+            s.norm_eps
         )));
     }
     let (max_t, vocab, layers, heads, c, padded) = (

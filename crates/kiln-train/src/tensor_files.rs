@@ -165,6 +165,12 @@ impl TensorFiles {
         self.files.iter().flat_map(|f| f.3.offset_keys()).collect()
     }
 
+    /// Tensor `name`'s shape, from its file's header, if a file holds it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let &f = self.home.get(name)?;
+        self.files[f].3.info(name).map(|info| info.shape.clone())
+    }
+
     /// The file holding tensor `name`, if any (for messages).
     pub fn path_of(&self, name: &str) -> Option<&Path> {
         self.home.get(name).map(|&f| self.files[f].0.as_path())

@@ -73,7 +73,7 @@ impl Golden {
 fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
     for case in ["tied_theta1e4", "untied_theta5e5_bf16", "llama3_scaling_sharded"] {
         let dir = golden_dir(case);
-        let config = config_from(&dir, "").unwrap_or_else(|e| panic!("{case}: {e}"));
+        let config = config_from(&dir, "block_size = 9").unwrap_or_else(|e| panic!("{case}: {e}"));
         let m = &config.model;
         assert_eq!((m.n_layer, m.n_head, m.n_kv_head, m.n_embd, m.ffn_dim), (2, 4, Some(2), 48, Some(80)), "{case}");
         assert_eq!(m.tie_embeddings, Some(case.starts_with("tied")), "{case}");
@@ -118,6 +118,14 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
 #[test]
 fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
     let dir = golden_dir("llama3_scaling_sharded");
+    // A rotary model's sequence length is the run's to choose.
+    match config_from(&dir, "") {
+        Err(kiln_core::Error::Config { key, message, .. }) => {
+            assert_eq!(key, "model.block_size");
+            assert!(message.contains("256 tokens"), "{message}");
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
     // Agreeing keys, and a shorter context, are fine.
     let config = config_from(&dir, "arch = \"llama\"\nn_layer = 2\nblock_size = 64\nrope_theta = 500000.0").unwrap();
     assert_eq!(config.model.block_size, 64);
@@ -130,7 +138,7 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
         ("model.rope_theta", "rope_theta = 10000.0"),
         ("model.tie_embeddings", "tie_embeddings = true"),
     ] {
-        match config_from(&dir, line) {
+        match config_from(&dir, &format!("block_size = 64\n{line}")) {
             Err(kiln_core::Error::Config { key: k, message, .. }) => {
                 assert_eq!(k, key, "{message}");
                 assert!(message.contains("config.json says"), "{message}");
@@ -143,7 +151,7 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
     std::fs::create_dir_all(&odd).unwrap();
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"silu\"", "\"gelu\"");
     std::fs::write(odd.join("config.json"), text).unwrap();
-    let err = config_from(&odd, "").unwrap_err().to_string();
+    let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
     assert!(err.contains("hidden_act") && err.contains("config.json"), "{err}");
     let _ = std::fs::remove_dir_all(&odd);
 }
