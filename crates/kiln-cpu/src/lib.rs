@@ -323,17 +323,9 @@ impl<T: Real> Backend for CpuBackend<T> {
             &[(out, n), optional(mean, rows), (rstd, rows), optional(sum, n)],
             &[(inp, n), optional(other, n), (weight, c), optional(bias, c)],
         )?;
-        // RMS normalisation has no mean to save: the rows' means go to working memory no one reads.
-        let mut unused_mean = if mean.is_none() { self.scratch(rows) } else { Vec::new() };
         // SAFETY: checked above.
         unsafe {
-            let stats = norm::Stats {
-                mean: match mean {
-                    Some(m) => self.write(m),
-                    None => &mut unused_mean,
-                },
-                rstd: self.write(rstd),
-            };
+            let stats = norm::Stats { mean: mean.map(|m| self.write(m)), rstd: self.write(rstd) };
             let residual = residual.map(|r| (self.read(r.other), self.write(r.sum)));
             norm::forward(
                 self.write(out),
@@ -345,9 +337,6 @@ impl<T: Real> Backend for CpuBackend<T> {
                 c,
                 T::from_f32(d.eps),
             );
-        }
-        if mean.is_none() {
-            self.scratch = unused_mean;
         }
         Ok(())
     }

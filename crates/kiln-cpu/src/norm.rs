@@ -15,10 +15,9 @@ use rayon::prelude::*;
 /// `dw` and `db` (and with them the result) do not depend on the number of threads.
 const ROWS_PER_TASK: usize = 32;
 
-/// Where the forward pass saves each row's statistics. RMS normalisation has no mean: its `mean` is working
-/// memory that is left as it was.
+/// Where the forward pass saves each row's statistics (no mean for RMS normalisation).
 pub struct Stats<'a, T> {
-    pub mean: &'a mut [T],
+    pub mean: Option<&'a mut [T]>,
     pub rstd: &'a mut [T],
 }
 
@@ -34,11 +33,31 @@ pub fn forward<T: Real>(
     c: usize,
     eps: T,
 ) {
-    let normalize = |y: &mut [T], mean: &mut T, rstd: &mut T, x: &[T]| match bias {
-        Some(bias) => normalize_row(y, mean, rstd, x, weight, bias, eps),
-        None => rms_normalize_row(y, rstd, x, weight, eps),
+    let rows = stats.rstd.len();
+    match stats.mean {
+        Some(mean) => each_row(out, mean.par_iter_mut().map(Some), stats.rstd, inp, residual, weight, bias, c, eps),
+        None => each_row(out, (0..rows).into_par_iter().map(|_| None), stats.rstd, inp, residual, weight, bias, c, eps),
+    }
+}
+
+/// [`forward`] with each row's mean slot, if it has one, from `means`.
+#[allow(clippy::too_many_arguments)]
+fn each_row<'a, T: Real>(
+    out: &mut [T],
+    means: impl IndexedParallelIterator<Item = Option<&'a mut T>>,
+    rstd: &mut [T],
+    inp: &[T],
+    residual: Option<(&[T], &mut [T])>,
+    weight: &[T],
+    bias: Option<&[T]>,
+    c: usize,
+    eps: T,
+) {
+    let normalize = |y: &mut [T], mean: Option<&mut T>, rstd: &mut T, x: &[T]| match (bias, mean) {
+        (Some(bias), Some(mean)) => normalize_row(y, mean, rstd, x, weight, bias, eps),
+        _ => rms_normalize_row(y, rstd, x, weight, eps),
     };
-    let stats = stats.mean.par_iter_mut().zip(stats.rstd.par_iter_mut());
+    let stats = means.zip(rstd.par_iter_mut());
     match residual {
         None => out
             .par_chunks_mut(c)
