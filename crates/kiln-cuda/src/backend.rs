@@ -758,22 +758,20 @@ impl Backend for CudaBackend {
         let (o, r) = (self.ptr(name, out, x, rows * c)?, self.ptr(name, rstd, DType::F32, rows)?);
         let (i, w) = (self.ptr(name, inp, x, rows * c)?, self.ptr(name, weight, x, c)?);
         let (n, ci, eps, cfg) = (rows as i32, c as i32, d.eps, grid(rows * 32, 256));
-        match (mean, bias, residual) {
-            (Some(mean), Some(bias), None) => {
-                let (m, b) = (self.ptr(name, mean, DType::F32, rows)?, self.ptr(name, bias, x, c)?);
-                launch!(self, name, cfg, o, m, r, i, w, b, n, ci, eps)
-            }
-            (Some(mean), Some(bias), Some(add)) => {
-                let (m, b) = (self.ptr(name, mean, DType::F32, rows)?, self.ptr(name, bias, x, c)?);
-                let (res, a) = (self.ptr(name, add.sum, x, rows * c)?, self.ptr(name, add.other, x, rows * c)?);
-                launch!(self, name, cfg, res, o, m, r, i, a, w, b, n, ci, eps)
-            }
-            (None, None, None) => launch!(self, name, cfg, o, r, i, w, n, ci, eps),
-            (None, None, Some(add)) => {
-                let (res, a) = (self.ptr(name, add.sum, x, rows * c)?, self.ptr(name, add.other, x, rows * c)?);
-                launch!(self, name, cfg, res, o, r, i, a, w, n, ci, eps)
-            }
-            _ => unreachable!("operand_problem accepts a mean and a bias together or neither"),
+        // Layer normalisation's statistics and bias (operand_problem allows both or neither), and the residual add's
+        // operands, where there are.
+        let layer = match (mean, bias) {
+            (Some(mean), Some(bias)) => Some((self.ptr(name, mean, DType::F32, rows)?, self.ptr(name, bias, x, c)?)),
+            _ => None,
+        };
+        let add = residual
+            .map(|add| Ok((self.ptr(name, add.sum, x, rows * c)?, self.ptr(name, add.other, x, rows * c)?)))
+            .transpose()?;
+        match (layer, add) {
+            (Some((m, b)), None) => launch!(self, name, cfg, o, m, r, i, w, b, n, ci, eps),
+            (Some((m, b)), Some((res, a))) => launch!(self, name, cfg, res, o, m, r, i, a, w, b, n, ci, eps),
+            (None, None) => launch!(self, name, cfg, o, r, i, w, n, ci, eps),
+            (None, Some((res, a))) => launch!(self, name, cfg, res, o, r, i, a, w, n, ci, eps),
         }
     }
 
