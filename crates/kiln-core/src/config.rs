@@ -1,9 +1,10 @@
 //! Training configuration: TOML sections `[model]`, `[data]`, `[train]`, `[optim]`, `[dist]`, overridable key by key.
 //!
-//! [`Config::load`] reads a config in five steps: the TOML text is parsed into a table; each `--set section.key=value`
-//! override is written into that table; with `model.init = "hf:DIR"`, the `[model]` keys not given are filled in
-//! from `DIR/config.json`; the table is deserialized into a [`Config`], which rejects unknown keys and values of the
-//! wrong type; and the values are checked against each other (and those given against `config.json`). Only `[model]` and `data.train` are
+//! [`Config::load`] reads a config in five steps: the TOML text is parsed into a table; each
+//! `--set section.key=value` override is written into that table; with `model.init = "hf:DIR"`, the `[model]` keys
+//! not given are filled in from `DIR/config.json`; the table is deserialized into a [`Config`], which rejects unknown
+//! keys and values of the wrong type; and the values are checked against each other (and those given against
+//! `config.json`). Only `[model]` and `data.train` are
 //! required: every other key has a default, and `configs/quickstart.toml` (built into the binary as [`QUICKSTART`])
 //! writes every key out. Each problem is an [`Error::Config`] that names the dotted key (`train.micro_batch`) and
 //! where its value came from: the file, or `--set` for a key an override set.
@@ -154,14 +155,20 @@ impl ModelConfig {
     /// `config.json` describes it, resolved, and its vocabulary size.
     pub fn from_hf_dir(dir: &Path) -> Result<(ModelConfig, usize)> {
         let path = dir.join("config.json");
-        let mut model: ModelConfig = toml::Value::Table(hf::model_table(&path)?)
+        let (table, vocab) = hf::model_table(&path)?;
+        Ok((ModelConfig::from_hf_table(table, &path)?, vocab))
+    }
+
+    /// The model of [`hf::model_table`]'s `table` from the `config.json` at `path`, checked and resolved.
+    fn from_hf_table(table: toml::Table, path: &Path) -> Result<ModelConfig> {
+        let mut model: ModelConfig = toml::Value::Table(table)
             .try_into()
-            .map_err(|e| Error::data(&path, format!("does not describe a model kiln can build: {e}")))?;
+            .map_err(|e| Error::data(path, format!("does not describe a model kiln can build: {e}")))?;
         if let Some((key, message)) = model.problem() {
-            return Err(Error::data(&path, format!("{key} (as kiln reads this file): {message}")));
+            return Err(Error::data(path, format!("{key} (as kiln reads this file): {message}")));
         }
         model.resolve();
-        Ok((model, hf::vocab_size(&path)?))
+        Ok(model)
     }
 
     /// Writes every key's default into the config, so that a saved config states the whole model.
@@ -178,10 +185,7 @@ impl ModelConfig {
     /// any with rotary positions, at most the learned positions with GPT-2's.
     fn check_agrees(&self, theirs: toml::Table, path: &Path, source_of: &impl Fn(&str) -> String) -> Result<()> {
         let config_error = |key: String, message: String| Error::config(source_of(&key), key, message);
-        let mut theirs: ModelConfig = toml::Value::Table(theirs)
-            .try_into()
-            .map_err(|e| Error::data(path, format!("does not describe a model kiln can build: {e}")))?;
-        theirs.resolve();
+        let theirs = ModelConfig::from_hf_table(theirs, path)?;
         if self.arch == Arch::Gpt2 && self.block_size > theirs.block_size {
             let message = format!(
                 "{} is more than the {} learned positions of {}",
@@ -483,7 +487,7 @@ impl Config {
         let overridden = apply_overrides(&mut table, overrides)?;
         let source_of = |key: &str| if overridden.contains(key) { SET_SOURCE } else { source }.to_string();
         // A model read from Hugging Face brings its shape: config.json fills in the [model] keys not given.
-        let hf = hf_init_config(&table).map(|path| hf::model_table(&path).map(|t| (path, t))).transpose()?;
+        let hf = hf_init_config(&table).map(|path| hf::model_table(&path).map(|(t, _)| (path, t))).transpose()?;
         if let (Some((path, theirs)), Some(model)) = (&hf, table.get_mut("model").and_then(|m| m.as_table_mut())) {
             // The family first: every other key's meaning depends on it.
             if let Some(arch) = model.get("arch").filter(|a| Some(*a) != theirs.get("arch")) {

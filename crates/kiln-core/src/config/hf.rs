@@ -8,29 +8,21 @@ use crate::error::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
 
-/// The vocabulary size a `config.json` states.
-pub(super) fn vocab_size(path: &Path) -> Result<usize> {
-    let json = read(path)?;
-    Ok(Fields { json: &json, path }.required_count("vocab_size")? as usize)
-}
-
-fn read(path: &Path) -> Result<Value> {
+/// The `[model]` table a `config.json` describes (every key but `init` and `attention`), and its vocabulary size.
+pub(super) fn model_table(path: &Path) -> Result<(toml::Table, usize)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| Error::data(path, format!("not valid JSON: {e}")))
-}
-
-/// The `[model]` table a `config.json` describes (every key but `init` and `attention`).
-pub(super) fn model_table(path: &Path) -> Result<toml::Table> {
-    let json = read(path)?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| Error::data(path, format!("not valid JSON: {e}")))?;
     let fields = Fields { json: &json, path };
-    match fields.string("model_type")? {
+    let vocab = fields.required_count("vocab_size")? as usize;
+    let table = match fields.string("model_type")? {
         "gpt2" => gpt2(&fields),
         "llama" => llama(&fields),
         other => Err(Error::data(
             path,
             format!("model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\") models"),
         )),
-    }
+    }?;
+    Ok((table, vocab))
 }
 
 /// The fields of one `config.json`, read with errors that name the field and the file.
