@@ -7,6 +7,7 @@
 mod attention_bench;
 mod dist;
 mod log;
+mod plan;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_core::config::{AttentionKernel, DataConfig};
@@ -168,6 +169,8 @@ enum Command {
     Info(dist::InfoArgs),
     /// Start this node's processes of a data-parallel job, pass on their output, and stop them all when one fails.
     Launch(dist::LaunchArgs),
+    /// The memory a training run will take on each rank, by component, and whether it fits.
+    Plan(plan::PlanArgs),
     /// Measure throughput.
     Bench {
         #[command(subcommand)]
@@ -350,6 +353,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Kernels { command: KernelsCommand::Build { archs } } => build_kernels(archs),
+        Command::Plan(args) => plan::plan(args),
         Command::Selftest { backend, precision } => selftest(backend, precision),
         Command::Eval { checkpoint, data, block_size, batch, backend } => {
             eval(&checkpoint, data, block_size, batch, backend)
@@ -807,9 +811,9 @@ fn bench_on<B: Backend>(config: &Config, backend: B, run: BenchRun) -> Result<()
     println!(
         "model       {:.1}M parameters, {} × {} tokens per step ({} accumulation steps)",
         shape.num_counted_params() as f64 / 1e6,
-        config.train.micro_batch,
+        trainer.micro_batch(),
         config.model.block_size,
-        config.accumulation_steps(1)?
+        trainer.accumulation_steps()
     );
     println!("step        {step_ms:.2} ms median of {} (after {} warm-up)", run.steps, run.warmup);
     println!(

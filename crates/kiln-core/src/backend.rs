@@ -19,6 +19,7 @@
 //!   output is overwritten.
 
 use crate::error::Result;
+use crate::memory::MemoryModel;
 use std::ops::Range;
 
 /// Identifies one allocation of a backend.
@@ -336,6 +337,10 @@ pub trait Backend {
     /// Bytes held by this backend's allocations. The model's are all made before the first step; an engine may add
     /// working memory for its kernels during the first step, after which this is the peak.
     fn allocated_bytes(&self) -> u64;
+    /// How this engine lays out memory (element sizes, what it takes beyond its allocations), for memory plans.
+    fn memory_model(&self) -> Box<dyn MemoryModel>;
+    /// Bytes free for new allocations where this engine allocates (the device, or the host), if it can tell.
+    fn free_bytes(&self) -> Option<u64>;
     /// Says that this rank updates only `pieces` (element ranges) of the parameter tensor `params`, as a ZeRO
     /// stage 1 rank does. An engine that keeps an fp32 master copy of lower-precision parameters may then keep it
     /// for those pieces alone: afterwards uploads to `params` set the master copy only there, downloads read it

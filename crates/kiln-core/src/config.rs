@@ -326,8 +326,8 @@ pub struct DataConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Sequences per forward/backward pass.
-    pub micro_batch: usize,
+    /// Sequences per forward/backward pass, or the largest number that fits the memory.
+    pub micro_batch: MicroBatch,
     /// Tokens per optimizer step; gradient accumulation makes up the difference from one micro-batch. Absent means
     /// one micro-batch per step; [`Config::total_batch_tokens`] resolves it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -351,6 +351,56 @@ pub struct TrainConfig {
     /// its query gradients with atomics, which is faster but rounds in a varying order; everything else is
     /// deterministic either way.
     pub deterministic: bool,
+}
+
+/// `train.micro_batch`: a number of sequences, or `"auto"`, the largest number that fits the memory (with a margin)
+/// and divides `train.total_batch_tokens` between the ranks; the trainer resolves it before it allocates anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MicroBatch {
+    Auto,
+    Sequences(usize),
+}
+
+impl Serialize for MicroBatch {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            MicroBatch::Auto => serializer.serialize_str("auto"),
+            MicroBatch::Sequences(n) => serializer.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MicroBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MicroBatch;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an integer, 0 or above, or \"auto\"")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> std::result::Result<MicroBatch, E> {
+                usize::try_from(n)
+                    .map(MicroBatch::Sequences)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(n), &self))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> std::result::Result<MicroBatch, E> {
+                usize::try_from(n)
+                    .map(MicroBatch::Sequences)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(n), &self))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<MicroBatch, E> {
+                match s {
+                    "auto" => Ok(MicroBatch::Auto),
+                    _ => Err(E::invalid_type(serde::de::Unexpected::Str(s), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// Storage precision of a GPU run.
@@ -388,7 +438,7 @@ impl std::str::FromStr for Precision {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            micro_batch: 16,
+            micro_batch: MicroBatch::Sequences(16),
             total_batch_tokens: None,
             max_steps: 1000,
             eval_every: 100,
@@ -532,28 +582,27 @@ impl Config {
         Config::from_toml_str(&table.to_string(), source, overrides)
     }
 
-    /// Tokens per optimizer step.
+    /// Tokens per optimizer step. (A config with `train.micro_batch = "auto"` must give it: validation says so.)
     pub fn total_batch_tokens(&self) -> usize {
-        self.train.total_batch_tokens.unwrap_or(self.tokens_per_micro_batch())
+        self.train.total_batch_tokens.unwrap_or(match self.train.micro_batch {
+            MicroBatch::Sequences(n) => n * self.model.block_size,
+            MicroBatch::Auto => 0,
+        })
     }
 
-    /// Micro-batches whose gradients are summed into each optimizer step, on each of `world` ranks: the step's
-    /// batch is split between them.
-    pub fn accumulation_steps(&self, world: usize) -> Result<usize> {
-        let per_step = self.tokens_per_micro_batch() * world;
+    /// Micro-batches of `micro_batch` sequences whose gradients are summed into each optimizer step, on each of
+    /// `world` ranks: the step's batch is split between them.
+    pub fn accumulation_steps(&self, micro_batch: usize, world: usize) -> Result<usize> {
+        let per_step = micro_batch * self.model.block_size * world;
         let total = self.total_batch_tokens();
-        if world == 0 || total % per_step != 0 {
+        if per_step == 0 || total % per_step != 0 {
             return Err(Error::Usage(format!(
                 "train.total_batch_tokens (= {total}) must be a multiple of train.micro_batch × model.block_size × \
-                 ranks (= {} × {} × {world}) to split each step between {world} ranks",
-                self.train.micro_batch, self.model.block_size
+                 ranks (= {micro_batch} × {} × {world}) to split each step between {world} ranks",
+                self.model.block_size
             )));
         }
         Ok(total / per_step)
-    }
-
-    fn tokens_per_micro_batch(&self) -> usize {
-        self.train.micro_batch * self.model.block_size
     }
 
     /// The config as TOML with every key written (`data.val` only when set, as TOML has no null), for saving next
@@ -572,7 +621,12 @@ impl Config {
             return Err(Error::config(source_of(key), key, message));
         }
         let (m, d, t, o) = (&self.model, &self.data, &self.train, &self.optim);
-        let per_micro_batch = t.micro_batch.checked_mul(m.block_size);
+        let sequences = match t.micro_batch {
+            MicroBatch::Sequences(n) => Some(n),
+            MicroBatch::Auto => None,
+        };
+        // "auto" is resolved against the memory later; only a number can be checked here.
+        let per_micro_batch = sequences.map_or(Some(1), |n| n.checked_mul(m.block_size));
         // A zero divisor (or an overflowing one, as 0) is reported by its own check, which comes first.
         let divides = |n: usize, d: usize| n.checked_rem(d).is_none_or(|r| r == 0);
         let checks = [
@@ -583,7 +637,14 @@ impl Config {
             ),
             (!d.train.is_empty(), "data.train", "must not be empty".to_string()),
             (d.val.as_ref().is_none_or(|v| !v.is_empty()), "data.val", "must not be empty when set".to_string()),
-            (t.micro_batch >= 1, "train.micro_batch", "must be at least 1".to_string()),
+            (sequences != Some(0), "train.micro_batch", "must be at least 1".to_string()),
+            (
+                sequences.is_some() || t.total_batch_tokens.is_some(),
+                "train.micro_batch",
+                "= \"auto\" needs train.total_batch_tokens: the batch of each step, which the micro-batches chosen \
+                 make up"
+                    .to_string(),
+            ),
             (
                 per_micro_batch.is_some(),
                 "train.micro_batch",
@@ -591,7 +652,7 @@ impl Config {
             ),
             (t.total_batch_tokens != Some(0), "train.total_batch_tokens", "must be at least 1".to_string()),
             (
-                t.total_batch_tokens.is_none_or(|n| divides(n, per_micro_batch.unwrap_or(0))),
+                sequences.is_none() || t.total_batch_tokens.is_none_or(|n| divides(n, per_micro_batch.unwrap_or(0))),
                 "train.total_batch_tokens",
                 format!(
                     "must be a multiple of train.micro_batch * model.block_size (= {})",
@@ -753,7 +814,7 @@ mod tests {
         let config = Config::from_toml_str(MINIMAL, "minimal.toml", &[]).unwrap();
         assert_eq!(config.model.arch, Arch::Gpt2);
         assert_eq!(config.data.val, None);
-        assert_eq!(config.train.micro_batch, 16);
+        assert_eq!(config.train.micro_batch, MicroBatch::Sequences(16));
         assert_eq!(config.total_batch_tokens(), 16 * 64);
         assert_eq!(config.train.max_steps, 1000);
         assert_eq!(config.train.out_dir, "runs/kiln");
@@ -833,7 +894,7 @@ mod tests {
         let text = format!("{MINIMAL}\n[train]\nmicro_batch = \"x\"\n");
         let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
         assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.micro_batch"));
-        assert_eq!(message, "invalid type: string \"x\", expected an integer, 0 or above");
+        assert_eq!(message, "invalid type: string \"x\", expected an integer, 0 or above, or \"auto\"");
     }
 
     #[test]
@@ -858,6 +919,21 @@ mod tests {
         let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
         assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.micro_batch"));
         assert!(message.contains("at least 1"), "{message}");
+    }
+
+    #[test]
+    fn micro_batch_auto_reads_and_writes_back_and_needs_the_step_batch() {
+        let text = format!("{MINIMAL}\n[train]\nmicro_batch = \"auto\"\ntotal_batch_tokens = 1000\n");
+        let config = Config::from_toml_str(&text, "my.toml", &[]).unwrap();
+        assert_eq!(config.train.micro_batch, MicroBatch::Auto);
+        let again = Config::from_toml_str(&config.to_toml_string(), "saved.toml", &[]).unwrap();
+        assert_eq!(again, config);
+        let set_auto = set(&["train.micro_batch=auto", "train.total_batch_tokens=4096"]);
+        assert_eq!(Config::load(None, &set_auto).unwrap().train.micro_batch, MicroBatch::Auto);
+        let text = format!("{MINIMAL}\n[train]\nmicro_batch = \"auto\"\n");
+        let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.micro_batch"));
+        assert!(message.contains("needs train.total_batch_tokens"), "{message}");
     }
 
     #[test]

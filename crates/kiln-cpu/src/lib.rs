@@ -21,8 +21,10 @@ use kiln_core::{
     AdamWStep, AttentionDims, Backend, Error, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormForward,
     Result, Role, Rotary, Tensor,
 };
+use kiln_core::memory::{Component, MemoryModel, StepShapes, Storage};
 use math::Real;
 use rayon::prelude::*;
+use std::marker::PhantomData;
 
 /// One allocation: real numbers or token ids. Allocations live as long as the backend.
 enum Allocation<T> {
@@ -169,6 +171,44 @@ impl<T: Real> CpuBackend<T> {
     }
 }
 
+/// The CPU engine's memory: every real number in `T`, token ids in 32 bits. Beyond its allocations, the one piece
+/// of working memory worth stating is attention's, a workspace per thread that every layer reuses (the norms' and
+/// sums' partials are a few rows). The ranks of a job are threads of one process and share the host's memory.
+pub struct CpuMemory<T>(PhantomData<T>);
+
+impl<T: Real> CpuMemory<T> {
+    pub fn new() -> Self {
+        CpuMemory(PhantomData)
+    }
+}
+
+impl<T: Real> Default for CpuMemory<T> {
+    fn default() -> Self {
+        CpuMemory::new()
+    }
+}
+
+impl<T: Real> MemoryModel for CpuMemory<T> {
+    fn engine(&self) -> String {
+        format!("cpu ({})", std::any::type_name::<T>())
+    }
+
+    fn storage(&self) -> Storage {
+        let real = std::mem::size_of::<T>();
+        Storage { param: real, master: 0, grad: real, activation: real, stat: real, opt_state: real, index: 4 }
+    }
+
+    fn overheads(&self, step: &StepShapes, _: usize) -> Vec<Component> {
+        let threads = rayon::current_num_threads();
+        let bytes = attention::scratch_len(&step.attention, threads) * std::mem::size_of::<T>();
+        vec![Component::outside(format!("attention working memory ({threads} threads)"), bytes as u64)]
+    }
+
+    fn shared_by_ranks(&self) -> bool {
+        true
+    }
+}
+
 // SAFETY: the backend exclusively owns its allocations; the raw pointers it derives never outlive an operation.
 unsafe impl<T: Real> Send for CpuBackend<T> {}
 
@@ -232,6 +272,14 @@ impl<T: Real> Backend for CpuBackend<T> {
 
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    fn memory_model(&self) -> Box<dyn MemoryModel> {
+        Box::new(CpuMemory::<T>::new())
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        kiln_core::memory::host_available_bytes()
     }
 
     fn allocated_bytes(&self) -> u64 {

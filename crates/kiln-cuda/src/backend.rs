@@ -16,6 +16,7 @@ use crate::devices;
 use crate::kernels::{KERNELS, Precision};
 use crate::libraries::Library;
 use crate::matmul::{self, CublasLt, Epilogue, Operand, Product};
+use crate::memory::{self, CudaMemory, NORM_ROWS_PER_BLOCK, REDUCE_BLOCKS};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
@@ -40,7 +41,7 @@ pub(crate) enum DType {
 }
 
 impl DType {
-    fn size(self) -> usize {
+    pub(crate) fn size(self) -> usize {
         match self {
             DType::Bf16 => 2,
             DType::F32 | DType::U32 => 4,
@@ -65,8 +66,6 @@ struct Master {
     pieces: Pieces,
 }
 
-/// Blocks of the first pass of a sum: fixed, so that sums are deterministic.
-const REDUCE_BLOCKS: u32 = 256;
 /// layernorm_backward_sum's block: LN_SUM_LANES channels, each summed by LN_SUM_ROWS threads (kernels/layernorm.cu).
 const LN_SUM_LANES: u32 = 32;
 const LN_SUM_ROWS: u32 = 16;
@@ -364,11 +363,7 @@ impl CudaBackend {
     }
 
     fn dtype_of(&self, role: Role) -> DType {
-        match role {
-            Role::Param | Role::Activation => self.x(),
-            Role::Grad | Role::Stat | Role::OptState => DType::F32,
-            Role::Index => DType::U32,
-        }
+        memory::dtype(self.precision, role)
     }
 
     fn err(&self, op: &str, message: String) -> Error {
@@ -681,6 +676,14 @@ impl Backend for CudaBackend {
         self.bytes as u64
     }
 
+    fn memory_model(&self) -> Box<dyn kiln_core::memory::MemoryModel> {
+        Box::new(CudaMemory { precision: self.precision, attention: self.attention, deterministic: self.deterministic })
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        self.stream.context().mem_get_info().ok().map(|(free, _)| free as u64)
+    }
+
     fn encoder_forward(
         &mut self,
         out: Tensor,
@@ -732,7 +735,7 @@ impl Backend for CudaBackend {
         // The positions sorted by token (see kernels/encoder.cu): two (keys, rows) pairs of arrays in scratch.
         let vocab = dwte.len / c;
         let passes = (u32::BITS - (vocab.max(2) as u32 - 1).leading_zeros()).div_ceil(SORT_BITS) as i32;
-        let sorted = self.scratch(op, 4 * n)?;
+        let sorted = self.scratch(op, memory::encoder_backward_floats(n))?;
         let [keys, rows, spare_keys, spare_rows] = [0, 1, 2, 3].map(|i| sorted + (i * n * 4) as u64);
         let sort = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SORT_THREADS, 1, 1), shared_mem_bytes: 0 };
         let ni = n as i32;
@@ -799,14 +802,13 @@ impl Backend for CudaBackend {
         if rows == 0 || c == 0 {
             return Ok(());
         }
-        const ROWS_PER_BLOCK: usize = 32;
         // Each warp keeps 2 × C floats of shared memory, C rounded up to a whole 16-byte chunk of either precision:
         // as many warps (up to 4) as fit the default 48 KiB.
         let warp_bytes = 2 * c.max(1).next_multiple_of(8) * 4;
         let warps = (48 * 1024 / warp_bytes).clamp(1, 4);
-        let blocks = rows.div_ceil(ROWS_PER_BLOCK);
-        let partials = self.scratch(name, blocks * 2 * c)?;
-        let (n, ci, rpb, nb) = (rows as i32, c as i32, ROWS_PER_BLOCK as i32, blocks as i32);
+        let blocks = rows.div_ceil(NORM_ROWS_PER_BLOCK);
+        let partials = self.scratch(name, memory::norm_backward_floats(rows, c))?;
+        let (n, ci, rpb, nb) = (rows as i32, c as i32, NORM_ROWS_PER_BLOCK as i32, blocks as i32);
         let mut cfg = grid(blocks * warps * 32, (warps * 32) as u32);
         cfg.shared_mem_bytes = (warps * warp_bytes) as u32;
         launch!(self, "layernorm_backward", cfg, di, partials, g, i, w, m, r, n, ci, rpb)?;
@@ -879,7 +881,7 @@ impl Backend for CudaBackend {
         // cuBLASLt's bias-gradient epilogue overwrites its output, and dbias accumulates over micro-batches, so
         // the epilogue writes to scratch and a kernel adds that in. Its output has D's type: fp32 here, even from
         // bf16 inputs (cuBLASLt's table of types pairs bf16 A and B with an fp32 C and D with an fp32 bias).
-        let bias_grad = db.map(|_| self.scratch(op, c_out)).transpose()?;
+        let bias_grad = db.map(|_| self.scratch(op, memory::bias_gradient_floats(c_out))).transpose()?;
 
         // dinp (column-major c_in × rows) = W (c_in × c_out) · dout (c_out × rows).
         let dinp_product = |epilogue| Product {
@@ -1024,7 +1026,7 @@ impl Backend for CudaBackend {
             if self.deterministic {
                 // D_i = dO_i·O_i per row (eight threads a row), then dK and dV per key tile, then dQ per query tile:
                 // each writes its part of dqkv whole, so nothing needs zeroing and nothing is atomic.
-                let row_dot = self.scratch(op, stats)?;
+                let row_dot = self.scratch(op, memory::attention_backward_floats(&d, true))?;
                 launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
                 let kernel = FlashTiles::DKV;
                 let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
@@ -1036,7 +1038,7 @@ impl Backend for CudaBackend {
             // dQ's fp32 sums (B, T, NH·D) start at zero; D_i as above; dK and dV per key tile, which also adds each
             // tile's part of dQ into the sums; then dQ, rounded, into dqkv.
             let sums = rows * c;
-            let dq_sum = self.scratch(op, sums + stats)?;
+            let dq_sum = self.scratch(op, memory::attention_backward_floats(&d, false))?;
             let row_dot = dq_sum + (sums * 4) as u64;
             // SAFETY: the scratch buffer holds `sums + stats` floats.
             unsafe { cudarc::driver::result::memset_d8_async(dq_sum, 0, sums * 4, self.stream.cu_stream()) }

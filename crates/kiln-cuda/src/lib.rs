@@ -16,4 +16,5 @@ pub mod devices;
 pub mod kernels;
 pub mod libraries;
 mod matmul;
+pub mod memory;
 pub mod nccl;

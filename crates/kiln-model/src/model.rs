@@ -270,9 +270,20 @@ impl Model {
         seed: u64,
         multiple: usize,
     ) -> Result<Self> {
-        let model = Model::build(backend, spec, max_batch, multiple, true)?;
+        let model = Model::for_training(backend, spec, max_batch, multiple)?;
         params::initialize(backend, &spec, model.params, seed)?;
         Ok(model)
+    }
+
+    /// Allocates everything [`Model::with_padding`] does, leaving the weights at zero: for weights that come from
+    /// elsewhere, and for counting what a run allocates (see `kiln_core::memory`).
+    pub fn for_training<B: Backend + ?Sized>(
+        backend: &mut B,
+        spec: ModelSpec,
+        max_batch: usize,
+        multiple: usize,
+    ) -> Result<Self> {
+        Model::build(backend, spec, max_batch, multiple, true)
     }
 
     /// A model for sampling and evaluation: parameters (zero until weights are loaded) and the forward pass's

@@ -8,7 +8,8 @@
 //! branch on these fields and nothing else, so a new variant is one more case of a field.
 
 use crate::params::{Init, ParamInfo};
-use kiln_core::NormKind;
+use kiln_core::memory::StepShapes;
+use kiln_core::{AttentionDims, NormKind};
 use kiln_core::config::{Arch, ModelConfig, RopeScaling};
 
 /// How a block learns where a token is.
@@ -118,6 +119,20 @@ impl ModelSpec {
         match self.mlp {
             Mlp::Gelu => self.ffn_dim,
             Mlp::SwiGlu => 2 * self.ffn_dim,
+        }
+    }
+
+    /// The shapes of a training step over micro-batches of `micro_batch` sequences, for an engine's working memory.
+    pub fn step_shapes(&self, micro_batch: usize) -> StepShapes {
+        let attention = AttentionDims {
+            kv_heads: self.n_kv_head,
+            ..AttentionDims::causal(micro_batch, self.block_size, self.n_head, self.head_dim())
+        };
+        StepShapes {
+            rows: micro_batch * self.block_size,
+            n_embd: self.n_embd,
+            max_bias_width: if self.bias { self.qkv_width().max(self.fc_width()) } else { 0 },
+            attention,
         }
     }
 

@@ -21,18 +21,21 @@ pub mod inference;
 pub mod llmc;
 mod metrics;
 pub mod parallel;
+pub mod plan;
 pub mod schedule;
 pub mod tensor_files;
 pub mod threads;
 
 use checkpoint::Source;
 use kiln_core::comm::Solo;
+use kiln_core::config::MicroBatch;
 use kiln_core::{AdamWStep, Backend, Communicator, Config, Error, Result, Role, Tensor};
 use kiln_data::{Addition, Dataset};
 use kiln_model::params::decay_runs;
 use kiln_model::{Model, ModelSpec, Pass, generate};
 use metrics::{Metrics, StepRecord};
 use parallel::{BucketCursor, Buckets, Stragglers};
+use plan::MemoryPlan;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,6 +94,8 @@ pub struct Trainer<B: Backend> {
     updates: Vec<(usize, usize, usize, bool)>,
     buckets: Buckets,
     zero: bool,
+    /// Sequences per micro-batch (`train.micro_batch`, resolved when it is "auto").
+    micro_batch: usize,
     /// The host numbers summed across ranks after each step: loss, squared norm of the owned gradient pieces,
     /// "stop", then every rank's compute time (each rank fills its own entry).
     agreed: Vec<f64>,
@@ -139,62 +144,33 @@ impl<B: Backend> Trainer<B> {
     pub fn with_comm(config: &Config, mut backend: B, comm: Box<dyn Communicator<B>>) -> Result<Self> {
         let t = config.model.block_size;
         let data = Dataset::open(&config.data, t)?;
-        // A model read from Hugging Face keeps its vocabulary (an embedding may have rows past its tokenizer's).
-        let vocab = match config.model.init.as_deref().and_then(|i| i.strip_prefix("hf:")) {
-            Some(dir) => {
-                let (_, vocab) = kiln_core::config::ModelConfig::from_hf_dir(Path::new(dir))?;
-                if data.vocab_size() > vocab {
-                    return Err(Error::Usage(format!(
-                        "the data's vocabulary of {} tokens is larger than the {vocab} of {dir}",
-                        data.vocab_size()
-                    )));
-                }
-                vocab
-            }
-            None => data.vocab_size(),
-        };
-        let shape = ModelSpec::new(&config.model, vocab);
-        let mb = config.train.micro_batch;
+        let shape = ModelSpec::new(&config.model, vocabulary(config, data.vocab_size())?);
         let (rank, world) = (comm.rank(), comm.world());
-        let padding = parallel::padding_multiple(world);
-        let model = Model::with_padding(&mut backend, shape, mb, config.train.seed, padding)?;
+        // Nothing is allocated before the plan says that it fits.
+        let memory = backend.memory_model();
+        let free = backend.free_bytes();
+        let mut config = config.clone();
+        let mb = plan::micro_batch(&config, shape, world, memory.as_ref(), free)?;
+        config.train.micro_batch = MicroBatch::Sequences(mb);
+        let plan = MemoryPlan::new(&config, shape, mb, world, memory.as_ref())?;
+        if let Some(free) = free {
+            plan.check_fits(free)?;
+        }
+        let Allocated { model, m, v, owned, updates, buckets } =
+            Allocated::new(&mut backend, &config, shape, mb, world, rank)
+                .map_err(|e| Error::backend(backend.name(), format!("{e}\n{}", plan.describe())))?;
         match config.model.init.as_deref().map(|i| i.split_once(':')) {
-            None => {}
+            None => kiln_model::params::initialize(&mut backend, &shape, model.params, config.train.seed)?,
             Some(Some(("hf", dir))) => checkpoint::load_weights(Path::new(dir), &model, &mut backend)?,
             Some(Some(("llmc", file))) => llmc::load(Path::new(file), &model, &mut backend)?,
             Some(_) => return Err(Error::Usage("model.init must be hf:DIR or llmc:FILE".into())),
         }
-        let zero = config.dist.zero == 1;
-        // Gradients are fp32 on every engine.
-        let bucket_elems = (config.dist.bucket_mb * 1e6 / 4.0) as usize;
-        let buckets = Buckets::new(model.params.len, world, rank, bucket_elems);
-        let mut owned = Vec::new();
-        let mut local = 0;
-        let pieces: Vec<_> =
-            if zero { buckets.owned_pieces().collect() } else { std::iter::once(0..shape.num_params()).collect() };
-        if zero {
-            // The rank's share of the fp32 master weights, where the engine keeps them, as of the moments below.
-            backend.keep_master_pieces(model.params, &pieces)?;
-        }
-        for piece in pieces.into_iter().rev() {
-            owned.push((piece.start, local, piece.len()));
-            local += piece.len();
-        }
-        let mut updates = Vec::new();
-        for (offset, len, decay) in decay_runs(&model.layout) {
-            for &(start, local, n) in &owned {
-                let (from, to) = (offset.max(start), (offset + len).min(start + n));
-                if from < to {
-                    updates.push((from, local + from - start, to - from, decay));
-                }
-            }
-        }
-        let m = backend.alloc(local, Role::OptState)?;
-        let v = backend.alloc(local, Role::OptState)?;
-        let accumulation = config.accumulation_steps(world)?;
+        let accumulation = plan.accumulation;
         let tokens_per_step = accumulation * mb * t;
         Ok(Trainer {
-            config: config.clone(),
+            zero: config.dist.zero == 1,
+            micro_batch: mb,
+            config,
             backend,
             comm,
             model,
@@ -204,7 +180,6 @@ impl<B: Backend> Trainer<B> {
             owned,
             updates,
             buckets,
-            zero,
             agreed: vec![0.0; 3 + world],
             stop_requested: false,
             stragglers: Stragglers::new(world),
@@ -308,6 +283,16 @@ impl<B: Backend> Trainer<B> {
         &self.model
     }
 
+    /// Sequences per micro-batch, as `train.micro_batch` gave it or as "auto" resolved it.
+    pub fn micro_batch(&self) -> usize {
+        self.micro_batch
+    }
+
+    /// Micro-batches per optimizer step on each rank.
+    pub fn accumulation_steps(&self) -> usize {
+        self.accumulation
+    }
+
     /// Runs from the current step to `train.max_steps`, writing `out_dir` if `write_outputs` (on rank 0).
     pub fn run(&mut self, hooks: &mut Hooks, write_outputs: bool) -> Result<Summary> {
         let cfg = self.config.clone();
@@ -338,7 +323,7 @@ impl<B: Backend> Trainer<B> {
             "batch: {} tokens per step = {} sequences × {} tokens × {} accumulation steps × {world} rank{}; backend \
              {}, {:.2} GiB allocated{} before the first step (kernels' working memory comes on top in it){}",
             cfg.total_batch_tokens(),
-            train.micro_batch,
+            self.micro_batch,
             cfg.model.block_size,
             self.accumulation,
             if world == 1 { "" } else { "s" },
@@ -370,7 +355,16 @@ impl<B: Backend> Trainer<B> {
                 );
             }
             let mut record =
-                StepRecord { step, loss, lr, grad_norm, step_ms: seconds * 1e3, tokens_per_s, ..Default::default() };
+                StepRecord {
+                step,
+                loss,
+                lr,
+                grad_norm,
+                step_ms: seconds * 1e3,
+                tokens_per_s,
+                allocated_bytes: self.backend.allocated_bytes(),
+                ..Default::default()
+            };
             if lead && (last || (train.eval_every > 0 && step % train.eval_every == 0)) {
                 let val = self.validation_loss()?;
                 tracing::info!("step {step:>6}/{} | val loss {val:.4}", train.max_steps);
@@ -413,7 +407,7 @@ impl<B: Backend> Trainer<B> {
     pub fn train_step(&mut self) -> Result<StepStats> {
         let started = Instant::now();
         let cfg = &self.config;
-        let (mb, t, accumulation) = (cfg.train.micro_batch, cfg.model.block_size, self.accumulation);
+        let (mb, t, accumulation) = (self.micro_batch, cfg.model.block_size, self.accumulation);
         let rank = self.comm.rank();
         for micro in 0..accumulation {
             for row in 0..mb {
@@ -552,7 +546,7 @@ impl<B: Backend> Trainer<B> {
     /// Mean loss over `eval_steps` micro-batches of held-out sequences (the same ones at every evaluation).
     pub fn validation_loss(&mut self) -> Result<f32> {
         let cfg = &self.config;
-        let (mb, t) = (cfg.train.micro_batch, cfg.model.block_size);
+        let (mb, t) = (self.micro_batch, cfg.model.block_size);
         let b = &mut self.backend;
         b.zero(self.model.losses)?;
         let mut counted = 0;
@@ -593,6 +587,74 @@ impl<B: Backend> Trainer<B> {
             }
         }
         Ok((right as f32 / problems.len() as f32, samples))
+    }
+}
+
+/// The vocabulary a run's model has, for data of `data_vocab` tokens: the data's, or the vocabulary of a model read
+/// from Hugging Face (an embedding may have rows past its tokenizer's).
+pub fn vocabulary(config: &Config, data_vocab: usize) -> Result<usize> {
+    let Some(dir) = config.model.init.as_deref().and_then(|i| i.strip_prefix("hf:")) else {
+        return Ok(data_vocab);
+    };
+    let (_, vocab) = kiln_core::config::ModelConfig::from_hf_dir(Path::new(dir))?;
+    if data_vocab > vocab {
+        return Err(Error::Usage(format!(
+            "the data's vocabulary of {data_vocab} tokens is larger than the {vocab} of {dir}"
+        )));
+    }
+    Ok(vocab)
+}
+
+/// What one rank of a training job allocates, in the order it allocates it: the model (parameters, gradients,
+/// activations), then the AdamW moments of what the rank updates. The trainer and its memory plan ([`plan`]) both
+/// allocate through this, so that the plan is the run's to the byte. The weights are left at zero.
+struct Allocated {
+    model: Model,
+    m: Tensor,
+    v: Tensor,
+    owned: Vec<(usize, usize, usize)>,
+    updates: Vec<(usize, usize, usize, bool)>,
+    buckets: Buckets,
+}
+
+impl Allocated {
+    fn new<B: Backend + ?Sized>(
+        backend: &mut B,
+        config: &Config,
+        spec: ModelSpec,
+        micro_batch: usize,
+        world: usize,
+        rank: usize,
+    ) -> Result<Self> {
+        let model = Model::for_training(backend, spec, micro_batch, parallel::padding_multiple(world))?;
+        let zero = config.dist.zero == 1;
+        // Gradients are fp32 on every engine.
+        let bucket_elems = (config.dist.bucket_mb * 1e6 / 4.0) as usize;
+        let buckets = Buckets::new(model.params.len, world, rank, bucket_elems);
+        let mut owned = Vec::new();
+        let mut local = 0;
+        let pieces: Vec<_> =
+            if zero { buckets.owned_pieces().collect() } else { std::iter::once(0..spec.num_params()).collect() };
+        if zero {
+            // The rank's share of the fp32 master weights, where the engine keeps them, as of the moments below.
+            backend.keep_master_pieces(model.params, &pieces)?;
+        }
+        for piece in pieces.into_iter().rev() {
+            owned.push((piece.start, local, piece.len()));
+            local += piece.len();
+        }
+        let mut updates = Vec::new();
+        for (offset, len, decay) in decay_runs(&model.layout) {
+            for &(start, local, n) in &owned {
+                let (from, to) = (offset.max(start), (offset + len).min(start + n));
+                if from < to {
+                    updates.push((from, local + from - start, to - from, decay));
+                }
+            }
+        }
+        let m = backend.alloc(local, Role::OptState)?;
+        let v = backend.alloc(local, Role::OptState)?;
+        Ok(Allocated { model, m, v, owned, updates, buckets })
     }
 }
 

@@ -1,7 +1,8 @@
 //! The run's files: `config.toml` (the resolved configuration) and `metrics.jsonl` (one JSON object per step).
 //!
 //! Schema of a `metrics.jsonl` line: `step` (1-based), `loss` (mean training loss of the step), `lr`,
-//! `grad_norm` (global norm before clipping), `step_ms`, `tokens_per_s`; steps that evaluate add `val_loss`;
+//! `grad_norm` (global norm before clipping), `step_ms`, `tokens_per_s`, `allocated_bytes` (what the engine holds,
+//! rank 0's: the same count `kiln plan` predicts as its allocated part); steps that evaluate add `val_loss`;
 //! the last step of a synthetic-addition run adds `exact_match` (fraction of held-out sums answered exactly).
 //! A resumed run continues the same file.
 
@@ -19,6 +20,7 @@ pub struct StepRecord {
     pub grad_norm: f32,
     pub step_ms: f64,
     pub tokens_per_s: f64,
+    pub allocated_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,342 @@
+//! What a run will allocate, known before it allocates anything.
+//!
+//! Every buffer of a run is allocated before its first step, by code that asks a [`Backend`] for each one. Run that
+//! same code against [`Counting`], a backend that records each request and holds nothing, and the result is the
+//! run's memory to the byte, for any engine whose [`Storage`] is known. What an engine takes beyond those requests
+//! (its kernels' working memory, library workspaces, its context) it states itself, as [`Component`]s, through a
+//! [`MemoryModel`]; neither needs the device, so a run on eight GPUs can be planned on a laptop.
+
+use crate::backend::{
+    AdamWStep, AttentionDims, Backend, BufferId, MatmulBackward, MatmulForward, NormBackward, NormForward,
+    Role, Rotary, Tensor,
+};
+use crate::error::{Error, Result};
+use std::ops::Range;
+
+/// Bytes per element of each [`Role`] in an engine, and of the fp32 master copy an engine keeps beside
+/// lower-precision parameters (0 without one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Storage {
+    pub param: usize,
+    pub master: usize,
+    pub grad: usize,
+    pub activation: usize,
+    pub stat: usize,
+    pub opt_state: usize,
+    pub index: usize,
+}
+
+impl Storage {
+    /// Everything in fp32, token ids in 32 bits, no master copy.
+    pub const FP32: Storage = Storage { param: 4, master: 0, grad: 4, activation: 4, stat: 4, opt_state: 4, index: 4 };
+
+    pub fn bytes(&self, role: Role) -> usize {
+        match role {
+            Role::Param => self.param,
+            Role::Grad => self.grad,
+            Role::Activation => self.activation,
+            Role::Stat => self.stat,
+            Role::OptState => self.opt_state,
+            Role::Index => self.index,
+        }
+    }
+}
+
+/// A named part of a run's memory, in bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Component {
+    pub name: String,
+    pub bytes: u64,
+    /// Whether the engine counts it in [`Backend::allocated_bytes`] (what a driver or library allocates for
+    /// itself, it does not).
+    pub allocated: bool,
+}
+
+impl Component {
+    /// Memory the engine allocates and counts.
+    pub fn allocated(name: impl Into<String>, bytes: u64) -> Self {
+        Component { name: name.into(), bytes, allocated: true }
+    }
+
+    /// Memory taken outside the engine's count.
+    pub fn outside(name: impl Into<String>, bytes: u64) -> Self {
+        Component { name: name.into(), bytes, allocated: false }
+    }
+}
+
+/// The shapes of a training step's operations that an engine's working memory depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepShapes {
+    /// Rows of a micro-batch: `micro_batch × block_size`.
+    pub rows: usize,
+    pub n_embd: usize,
+    /// Widths of the outputs of the matrix products that have a bias (their gradient is summed over rows).
+    pub max_bias_width: usize,
+    pub attention: AttentionDims,
+}
+
+/// How an engine's memory is laid out, without the engine: what [`Counting`] needs to count its allocations, and
+/// what it takes beyond them.
+pub trait MemoryModel {
+    /// The engine and its precision, for the plan's heading: `cuda bf16`.
+    fn engine(&self) -> String;
+    fn storage(&self) -> Storage;
+    /// Memory the engine takes beyond the buffers it is asked for, during a step of `step` on each of `world`
+    /// ranks (one per device): working memory of its kernels, libraries' workspaces, communication buffers, the
+    /// context. Each component says in its name when it is an estimate rather than a count.
+    fn overheads(&self, step: &StepShapes, world: usize) -> Vec<Component>;
+    /// Whether the ranks of a job share this memory (the CPU engine's ranks are threads of one process) rather
+    /// than having a device each.
+    fn shared_by_ranks(&self) -> bool;
+}
+
+/// One request made to a [`Counting`] backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    pub role: Role,
+    pub len: usize,
+    /// Elements of the fp32 master copy kept for a parameter allocation (its length, or the pieces a ZeRO rank
+    /// keeps), where the storage has one.
+    pub master_len: usize,
+}
+
+/// A backend that records the allocations asked of it, in a given [`Storage`], and holds no memory: uploads and
+/// downloads do nothing, and every operation fails (nothing can be computed on it).
+pub struct Counting {
+    storage: Storage,
+    pub allocations: Vec<Allocation>,
+}
+
+impl Counting {
+    pub fn new(storage: Storage) -> Self {
+        Counting { storage, allocations: Vec::new() }
+    }
+
+    /// Bytes of the allocations of `role` (parameters without their master copy).
+    pub fn bytes_of(&self, role: Role) -> u64 {
+        self.allocations.iter().filter(|a| a.role == role).map(|a| (a.len * self.storage.bytes(role)) as u64).sum()
+    }
+
+    /// Bytes of the master copies.
+    pub fn master_bytes(&self) -> u64 {
+        self.allocations.iter().map(|a| (a.master_len * self.storage.master) as u64).sum()
+    }
+
+    fn nothing_to_run(&self, op: &str) -> Result<()> {
+        Err(Error::Invalid(format!("{op}: a counting backend holds no data and runs nothing")))
+    }
+}
+
+impl Backend for Counting {
+    fn name(&self) -> String {
+        "counting".into()
+    }
+
+    fn alloc(&mut self, len: usize, role: Role) -> Result<Tensor> {
+        let master_len = if role == Role::Param && self.storage.master > 0 { len } else { 0 };
+        let buffer = BufferId(self.allocations.len() as u32);
+        self.allocations.push(Allocation { role, len, master_len });
+        Ok(Tensor { buffer, offset: 0, len })
+    }
+
+    fn upload(&mut self, _: Tensor, _: &[f32]) -> Result<()> {
+        Ok(())
+    }
+
+    fn download(&mut self, _: Tensor, _: &mut [f32]) -> Result<()> {
+        self.nothing_to_run("download")
+    }
+
+    fn upload_indices(&mut self, _: Tensor, _: &[u32]) -> Result<()> {
+        Ok(())
+    }
+
+    fn zero(&mut self, _: Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn sum(&mut self, _: Tensor) -> Result<f32> {
+        self.nothing_to_run("sum").map(|_| 0.0)
+    }
+
+    fn sum_squares(&mut self, _: Tensor) -> Result<f32> {
+        self.nothing_to_run("sum_squares").map(|_| 0.0)
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn memory_model(&self) -> Box<dyn MemoryModel> {
+        Box::new(Counted(self.storage))
+    }
+
+    fn free_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        [Role::Param, Role::Grad, Role::Activation, Role::Stat, Role::OptState, Role::Index]
+            .into_iter()
+            .map(|role| self.bytes_of(role))
+            .sum::<u64>()
+            + self.master_bytes()
+    }
+
+    fn keep_master_pieces(&mut self, params: Tensor, pieces: &[Range<usize>]) -> Result<()> {
+        let allocation = self
+            .allocations
+            .get_mut(params.buffer.0 as usize)
+            .ok_or_else(|| Error::Invalid(format!("keep_master_pieces: no allocation {:?}", params.buffer)))?;
+        if allocation.master_len > 0 {
+            allocation.master_len = pieces.iter().map(|p| p.len()).sum();
+        }
+        Ok(())
+    }
+
+    fn encoder_forward(&mut self, _: Tensor, _: Tensor, _: Tensor, _: Option<Tensor>, _: usize, _: usize, _: usize) -> Result<()> {
+        self.nothing_to_run("encoder_forward")
+    }
+
+    fn encoder_backward(&mut self, _: Tensor, _: Option<Tensor>, _: Tensor, _: Tensor, _: usize, _: usize, _: usize) -> Result<()> {
+        self.nothing_to_run("encoder_backward")
+    }
+
+    fn norm_forward(&mut self, _: NormForward) -> Result<()> {
+        self.nothing_to_run("norm_forward")
+    }
+
+    fn norm_backward(&mut self, _: NormBackward) -> Result<()> {
+        self.nothing_to_run("norm_backward")
+    }
+
+    fn matmul_forward(&mut self, _: MatmulForward) -> Result<()> {
+        self.nothing_to_run("matmul_forward")
+    }
+
+    fn matmul_backward(&mut self, _: MatmulBackward) -> Result<()> {
+        self.nothing_to_run("matmul_backward")
+    }
+
+    fn swiglu_forward(&mut self, _: Tensor, _: Tensor, _: usize, _: usize) -> Result<()> {
+        self.nothing_to_run("swiglu_forward")
+    }
+
+    fn swiglu_backward(&mut self, _: Tensor, _: Tensor, _: Tensor, _: usize, _: usize) -> Result<()> {
+        self.nothing_to_run("swiglu_backward")
+    }
+
+    fn rope(&mut self, _: Rotary) -> Result<()> {
+        self.nothing_to_run("rope")
+    }
+
+    fn attention_forward(&mut self, _: Tensor, _: Tensor, _: Tensor, _: AttentionDims) -> Result<()> {
+        self.nothing_to_run("attention_forward")
+    }
+
+    fn attention_backward(&mut self, _: Tensor, _: Tensor, _: Tensor, _: Tensor, _: Tensor, _: AttentionDims) -> Result<()> {
+        self.nothing_to_run("attention_backward")
+    }
+
+    fn attention_decode(&mut self, _: Tensor, _: Tensor, _: usize, _: AttentionDims) -> Result<()> {
+        self.nothing_to_run("attention_decode")
+    }
+
+    fn classifier(&mut self, _: Tensor, _: Tensor, _: Tensor, _: usize, _: usize, _: usize, _: Option<f32>) -> Result<()> {
+        self.nothing_to_run("classifier")
+    }
+
+    fn adamw(&mut self, _: Tensor, _: Tensor, _: Tensor, _: Tensor, _: &AdamWStep) -> Result<()> {
+        self.nothing_to_run("adamw")
+    }
+}
+
+/// The memory model of a [`Counting`] backend: its storage, and nothing beyond its allocations.
+struct Counted(Storage);
+
+impl MemoryModel for Counted {
+    fn engine(&self) -> String {
+        "counting".into()
+    }
+
+    fn storage(&self) -> Storage {
+        self.0
+    }
+
+    fn overheads(&self, _: &StepShapes, _: usize) -> Vec<Component> {
+        Vec::new()
+    }
+
+    fn shared_by_ranks(&self) -> bool {
+        false
+    }
+}
+
+/// Bytes of memory the host has available for new allocations (Linux's `MemAvailable`), if it says.
+pub fn host_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Parses a size such as `80GiB`, `80GB`, `512MiB` or a plain number of bytes.
+pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.trim().parse().map_err(|_| format!("{text:?} is not a size such as 80GiB"))?;
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?}; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")),
+    };
+    if !(number.is_finite() && number > 0.0) {
+        return Err(format!("{text:?} is not a positive size"));
+    }
+    Ok((number * scale).round() as u64)
+}
+
+/// `bytes` for people, in GiB (or MiB below one GiB).
+pub fn describe_bytes(bytes: u64) -> String {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 { format!("{gib:.2} GiB") } else { format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counting_counts_each_role_in_its_storage_and_a_kept_master_copy() {
+        let storage = Storage { param: 2, master: 4, activation: 2, ..Storage::FP32 };
+        let mut c = Counting::new(storage);
+        let params = c.alloc(1000, Role::Param).unwrap();
+        c.alloc(1000, Role::Grad).unwrap();
+        c.alloc(10, Role::Activation).unwrap();
+        c.alloc(3, Role::Index).unwrap();
+        assert_eq!(c.allocated_bytes(), 2000 + 4000 + 4000 + 20 + 12);
+        c.keep_master_pieces(params, &[0..100, 500..600]).unwrap();
+        assert_eq!(c.master_bytes(), 800);
+        assert_eq!(c.allocated_bytes(), 2000 + 800 + 4000 + 20 + 12);
+        assert!(c.sum(params).is_err());
+    }
+
+    #[test]
+    fn sizes_parse_in_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("80GiB"), Ok(80 << 30));
+        assert_eq!(parse_bytes("80 GB"), Ok(80_000_000_000));
+        assert_eq!(parse_bytes("1.5MiB"), Ok(1_572_864));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("80 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("-3GiB").is_err());
+        assert!(parse_bytes("GiB").is_err());
+    }
+}

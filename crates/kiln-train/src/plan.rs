@@ -1,0 +1,243 @@
+//! A run's memory before it starts: each rank's, by component, from the allocation code the run itself uses.
+//!
+//! [`MemoryPlan::new`] runs the trainer's allocation ([`crate::Allocated::new`]) against
+//! [`Counting`](kiln_core::memory::Counting), a backend that only counts, in the storage of the engine that will
+//! run, and adds what that engine says it takes beyond its allocations. The trainer checks the plan against the
+//! memory free before it allocates anything, and resolves `train.micro_batch = "auto"` with it.
+
+use crate::Allocated;
+use kiln_core::config::MicroBatch;
+use kiln_core::memory::{Component, Counting, MemoryModel, describe_bytes};
+use kiln_core::{Config, Error, Result, Role};
+use kiln_model::ModelSpec;
+
+/// The share of the memory `train.micro_batch = "auto"` leaves free: for the allocator's fragmentation, and for
+/// what the plan can only estimate (the CUDA context, NCCL's buffers).
+pub const AUTO_MARGIN: f64 = 0.10;
+
+/// One rank's memory, by component.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RankPlan {
+    pub rank: usize,
+    pub components: Vec<Component>,
+}
+
+impl RankPlan {
+    pub fn total_bytes(&self) -> u64 {
+        self.components.iter().map(|c| c.bytes).sum()
+    }
+
+    /// The part the engine counts in its allocated bytes (what `metrics.jsonl` records as `allocated_bytes`).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.components.iter().filter(|c| c.allocated).map(|c| c.bytes).sum()
+    }
+}
+
+/// The memory of every rank of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlan {
+    pub engine: String,
+    pub world: usize,
+    pub micro_batch: usize,
+    pub accumulation: usize,
+    /// Whether the ranks share one memory (the CPU engine's threads) rather than having a device each.
+    pub shared_by_ranks: bool,
+    pub ranks: Vec<RankPlan>,
+}
+
+impl MemoryPlan {
+    /// The plan of training `spec` as `config` says, in micro-batches of `micro_batch` sequences, on `world` ranks
+    /// of the engine that `memory` describes.
+    pub fn new(
+        config: &Config,
+        spec: ModelSpec,
+        micro_batch: usize,
+        world: usize,
+        memory: &dyn MemoryModel,
+    ) -> Result<MemoryPlan> {
+        let accumulation = config.accumulation_steps(micro_batch, world)?;
+        let overheads = memory.overheads(&spec.step_shapes(micro_batch), world);
+        let ranks = (0..world)
+            .map(|rank| {
+                let mut counting = Counting::new(memory.storage());
+                Allocated::new(&mut counting, config, spec, micro_batch, world, rank)?;
+                let mut components: Vec<Component> = [
+                    ("parameters", counting.bytes_of(Role::Param)),
+                    ("fp32 master weights", counting.master_bytes()),
+                    ("gradients (fp32)", counting.bytes_of(Role::Grad)),
+                    ("AdamW moments (fp32)", counting.bytes_of(Role::OptState)),
+                    ("activations and their gradients", counting.bytes_of(Role::Activation)),
+                    ("statistics: norms, attention log-sum-exp, losses", counting.bytes_of(Role::Stat)),
+                    ("token ids and targets", counting.bytes_of(Role::Index)),
+                ]
+                .into_iter()
+                .filter(|&(_, bytes)| bytes > 0)
+                .map(|(name, bytes)| Component::allocated(name, bytes))
+                .collect();
+                components.extend(overheads.iter().cloned());
+                Ok(RankPlan { rank, components })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MemoryPlan {
+            engine: memory.engine(),
+            world,
+            micro_batch,
+            accumulation,
+            shared_by_ranks: memory.shared_by_ranks(),
+            ranks,
+        })
+    }
+
+    /// What one memory must hold: every rank's when they share it, otherwise the largest rank's (each has a
+    /// device of its own).
+    pub fn needed_bytes(&self) -> u64 {
+        let totals = self.ranks.iter().map(RankPlan::total_bytes);
+        if self.shared_by_ranks { totals.sum() } else { totals.max().unwrap_or(0) }
+    }
+
+    /// Whether the ranks' plans differ (under ZeRO each updates its own pieces).
+    fn ranks_differ(&self) -> bool {
+        self.ranks.windows(2).any(|w| w[0].components != w[1].components)
+    }
+
+    /// A usage error, naming the plan's numbers, unless the plan fits `capacity` bytes.
+    pub fn check_fits(&self, capacity: u64) -> Result<()> {
+        if self.needed_bytes() <= capacity {
+            return Ok(());
+        }
+        Err(Error::Usage(format!(
+            "the run does not fit: it needs {} {}, and {} are free; nothing was allocated.\n{}\nsmaller \
+             train.micro_batch (or \"auto\"), more ranks with dist.zero = 1, or a smaller model would fit",
+            describe_bytes(self.needed_bytes()),
+            self.where_needed(),
+            describe_bytes(capacity),
+            self.describe()
+        )))
+    }
+
+    fn where_needed(&self) -> &'static str {
+        match (self.shared_by_ranks, self.world) {
+            (_, 1) => "",
+            (true, _) => "for all ranks together",
+            (false, _) => "on each device",
+        }
+    }
+
+    /// A table for people: each component of a rank (of each, when they differ) and the totals.
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "memory plan: {}, {} rank{}, micro-batch {} × {} accumulation step{}\n",
+            self.engine,
+            self.world,
+            if self.world == 1 { "" } else { "s" },
+            self.micro_batch,
+            self.accumulation,
+            if self.accumulation == 1 { "" } else { "s" },
+        );
+        let shown = if self.ranks_differ() { &self.ranks[..] } else { &self.ranks[..1] };
+        for rank in shown {
+            if self.world > 1 {
+                let which = if self.ranks_differ() { format!("rank {}", rank.rank) } else { "each rank".into() };
+                out += &format!("  {which}:\n");
+            }
+            for c in &rank.components {
+                out += &format!("    {:>12}  {}\n", describe_bytes(c.bytes), c.name);
+            }
+            out += &format!("    {:>12}  total\n", describe_bytes(rank.total_bytes()));
+        }
+        if self.world > 1 {
+            out += &format!("  {} needed {}\n", describe_bytes(self.needed_bytes()), self.where_needed());
+        }
+        out
+    }
+
+    /// The plan as one JSON object: `total_bytes` (what one memory must hold, as [`Self::needed_bytes`]),
+    /// `allocated_bytes` and `components` of rank 0, and every rank's under `ranks` when they differ; with
+    /// `capacity`, the bytes it was checked against and whether it fits.
+    pub fn to_json(&self, capacity: Option<u64>) -> serde_json::Value {
+        let rank_json = |r: &RankPlan| {
+            serde_json::json!({
+                "rank": r.rank,
+                "total_bytes": r.total_bytes(),
+                "allocated_bytes": r.allocated_bytes(),
+                "components": r.components.iter().map(|c| serde_json::json!({
+                    "name": c.name, "bytes": c.bytes, "allocated": c.allocated,
+                })).collect::<Vec<_>>(),
+            })
+        };
+        let mut plan = serde_json::json!({
+            "engine": self.engine,
+            "world": self.world,
+            "micro_batch": self.micro_batch,
+            "accumulation": self.accumulation,
+            "shared_by_ranks": self.shared_by_ranks,
+            "total_bytes": self.needed_bytes(),
+            "allocated_bytes": self.ranks[0].allocated_bytes(),
+            "components": rank_json(&self.ranks[0])["components"].clone(),
+        });
+        if self.ranks_differ() {
+            plan["ranks"] = self.ranks.iter().map(rank_json).collect();
+        }
+        if let Some(capacity) = capacity {
+            plan["capacity_bytes"] = capacity.into();
+            plan["fits"] = (self.needed_bytes() <= capacity).into();
+        }
+        plan
+    }
+}
+
+/// The micro-batch `config` trains with: its number, or for `"auto"` the largest number of sequences that divides
+/// each rank's share of `train.total_batch_tokens` and whose plan fits `capacity` less [`AUTO_MARGIN`].
+pub fn micro_batch(
+    config: &Config,
+    spec: ModelSpec,
+    world: usize,
+    memory: &dyn MemoryModel,
+    capacity: Option<u64>,
+) -> Result<usize> {
+    if let MicroBatch::Sequences(n) = config.train.micro_batch {
+        return Ok(n);
+    }
+    let capacity = capacity.ok_or_else(|| {
+        Error::Usage(format!(
+            "train.micro_batch = \"auto\" needs the memory free, which {} does not report: give a number",
+            memory.engine()
+        ))
+    })?;
+    let budget = (capacity as f64 * (1.0 - AUTO_MARGIN)) as u64;
+    let per_rank = config.total_batch_tokens() / config.model.block_size / world.max(1);
+    let mut smallest = None;
+    for sequences in (1..=per_rank).rev().filter(|s| per_rank % s == 0) {
+        if config.accumulation_steps(sequences, world).is_err() {
+            continue;
+        }
+        let plan = MemoryPlan::new(config, spec, sequences, world, memory)?;
+        if plan.needed_bytes() <= budget {
+            tracing::info!(
+                "train.micro_batch = \"auto\": {sequences} sequences ({} of the {} free, keeping {:.0}% free), {} \
+                 accumulation steps",
+                describe_bytes(plan.needed_bytes()),
+                describe_bytes(capacity),
+                AUTO_MARGIN * 100.0,
+                plan.accumulation
+            );
+            return Ok(sequences);
+        }
+        smallest = Some(plan);
+    }
+    Err(match smallest {
+        Some(plan) => Error::Usage(format!(
+            "train.micro_batch = \"auto\": not even one sequence fits in {} (the free {} less {:.0}%)\n{}",
+            describe_bytes(budget),
+            describe_bytes(capacity),
+            AUTO_MARGIN * 100.0,
+            plan.describe()
+        )),
+        None => Error::Usage(format!(
+            "train.micro_batch = \"auto\": train.total_batch_tokens (= {}) gives no whole number of sequences of {} \
+             tokens to each of {world} ranks",
+            config.total_batch_tokens(),
+            config.model.block_size
+        )),
+    })
+}
