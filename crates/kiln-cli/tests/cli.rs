@@ -48,7 +48,7 @@ fn quickstart_learns_to_add() {
     let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 1000);
-    for key in ["step", "loss", "lr", "grad_norm", "step_ms", "tokens_per_s"] {
+    for key in ["step", "loss", "lr", "grad_norm", "step_ms", "tokens_per_s", "allocated_bytes"] {
         assert!(lines[0].get(key).is_some(), "metrics line lacks {key}: {}", lines[0]);
     }
     assert!(lines[249]["val_loss"].is_number());
@@ -136,6 +136,64 @@ fn cuda_without_a_driver_names_the_missing_library() {
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(err.contains("libcuda.so") && err.contains("--backend cpu"), "{err}");
     }
+}
+
+#[test]
+fn a_run_too_large_for_the_host_stops_before_allocating() {
+    // 77B parameters: over a terabyte with their gradients and moments in f32.
+    let huge = ["model.n_layer=96", "model.n_embd=8192", "model.n_head=64"].map(|s| ["--set", s]).concat();
+    let started = std::time::Instant::now();
+    let mut args = vec!["train", "--backend", "cpu"];
+    args.extend(&huge);
+    expect_usage_error(&args, &["does not fit", "nothing was allocated", "parameters", "total"]);
+    let mut args = vec!["bench", "train", "--backend", "cpu", "--steps", "1"];
+    args.extend(&huge);
+    expect_usage_error(&args, &["does not fit"]);
+    assert!(started.elapsed().as_secs() < 30, "took {:?}", started.elapsed());
+}
+
+const GPT2_124M: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/gpt2-124m.toml");
+
+/// `kiln plan --json` for `args`, parsed.
+fn plan_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["plan", "--json"];
+    all.extend(args);
+    let out = kiln(&all);
+    assert!(out.status.success(), "{all:?}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{all:?}: {e}"))
+}
+
+#[test]
+fn plan_gives_each_component_and_whether_it_fits() {
+    let gpt2 = ["--config", GPT2_124M, "--backend", "cuda", "--vocab", "50257"];
+    let one = plan_json(&[&gpt2[..], &["--memory", "80GiB"]].concat());
+    // GPT-2 124M at 32 × 1024 in bf16 allocates about 14.78 GiB (llm.c's layout with one projection buffer shared
+    // by every block); the CUDA context comes on top.
+    let gib = |v: &serde_json::Value| v.as_u64().unwrap() as f64 / (1u64 << 30) as f64;
+    let allocated = gib(&one["allocated_bytes"]);
+    assert!((14.7..14.9).contains(&allocated), "{allocated} GiB allocated: {one}");
+    assert!(gib(&one["total_bytes"]) > allocated && one["fits"] == true, "{one}");
+    let names: Vec<&str> = one["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for part in ["parameters", "fp32 master weights", "gradients", "AdamW", "activations", "cuBLASLt", "context"] {
+        assert!(names.iter().any(|n| n.contains(part)), "no {part} in {names:?}");
+    }
+    // Too small a device; then ZeRO stage 1 over 8 GPUs shares the master weights and moments.
+    let small = plan_json(&[&gpt2[..], &["--memory", "8GiB"]].concat());
+    assert_eq!(small["fits"], false, "{small}");
+    let sharded = plan_json(&[&gpt2[..], &["--memory", "80GiB", "--gpus", "8", "--set", "dist.zero=1"]].concat());
+    let saved = one["allocated_bytes"].as_u64().unwrap() - sharded["allocated_bytes"].as_u64().unwrap();
+    let per_weight = saved as f64 / 124.4e6;
+    assert!((10.0..11.0).contains(&per_weight), "ZeRO-1 on 8 saves {per_weight} bytes a weight (7/8 of 12)");
+    // "auto" takes the largest micro-batch whose plan fits in 90% of the memory and divides the step.
+    let auto = plan_json(&[&gpt2[..], &["--memory", "40GiB", "--set", "train.micro_batch=auto"]].concat());
+    let mb = auto["micro_batch"].as_u64().unwrap();
+    assert_eq!((mb, auto["accumulation"].as_u64().unwrap() * mb), (64, 512), "{auto}");
+    assert!(gib(&auto["total_bytes"]) <= 36.0, "{auto}");
+}
+
+#[test]
+fn plan_without_the_data_asks_for_the_vocabulary() {
+    expect_usage_error(&["plan", "--config", GPT2_124M], &["fineweb", "--vocab"]);
 }
 
 #[test]
