@@ -65,6 +65,36 @@ PY
 export kiln
 export -f resume_check
 step bench-kiln 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2
+# The memory plan against the run: `kiln plan`'s allocated part must equal what the engine counts after the steps
+# (exactly), and its total the device memory the process takes (nvidia-smi's peak above the idle reading), within 3%.
+plan_check() {
+  local config=$1 plan=/tmp/kiln-plan.json peak=/tmp/kiln-plan-peak
+  "$kiln" plan --backend cuda --json --config "$config" > $plan || return 1
+  local idle
+  idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+  ( while sleep 0.2; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1; done ) > $peak &
+  local sampler=$!
+  "$kiln" bench train --backend cuda --config "$config" --steps 3 --warmup 1 > /tmp/kiln-plan-bench.log 2>&1
+  local rc=$?
+  kill $sampler
+  tail -n 1 /tmp/kiln-plan-bench.log
+  ((rc == 0)) || return 1
+  python3 - "$plan" "$peak" "$idle" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[1]))
+bench = json.loads(open("/tmp/kiln-plan-bench.log").read().strip().splitlines()[-1])
+peak_mib = max(int(x) for x in open(sys.argv[2]).read().split()) - int(sys.argv[3])
+measured, total = peak_mib * 2**20, plan["total_bytes"]
+exact = bench["allocated_bytes"] == plan["allocated_bytes"]
+close = abs(measured - total) <= 0.03 * total
+print(f"allocated: plan {plan['allocated_bytes']} run {bench['allocated_bytes']} ({'equal' if exact else 'DIFFERENT'}); "
+      f"device: plan {total / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB ({(measured / total - 1) * 100:+.1f}%)")
+raise SystemExit(0 if exact and close else 1)
+PY
+}
+export -f plan_check
+step plan-gpt2 90 bash -c "plan_check configs/bench-gpt2-124m.toml"
+step plan-llama 150 bash -c "plan_check configs/llama-3.2-1b.toml"
 # Llama 3.2 1B's shape (bf16, 8 × 2048 tokens a step; the config says why that batch), beside PyTorch's below.
 step bench-llama 150 "$kiln" bench train --backend cuda --config configs/llama-3.2-1b.toml --steps 10 --warmup 2
 step bench-attention 120 "$kiln" bench attention --backend cuda --suite
