@@ -328,6 +328,8 @@ pub trait Backend {
     fn upload_indices(&mut self, dst: Tensor, src: &[u32]) -> Result<()>;
     /// Sets every element to zero.
     fn zero(&mut self, t: Tensor) -> Result<()>;
+    /// `dst += src`, elementwise, for full-precision tensors of equal length (gradients, statistics).
+    fn add(&mut self, dst: Tensor, src: Tensor) -> Result<()>;
     /// Sum of all elements, returned to the host (this waits for the device).
     fn sum(&mut self, t: Tensor) -> Result<f32>;
     /// Sum of squares of all elements (for the global gradient norm), returned to the host.

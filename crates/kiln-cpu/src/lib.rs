@@ -262,6 +262,20 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
+    fn add(&mut self, dst: Tensor, src: Tensor) -> Result<()> {
+        let op = "add";
+        if dst.len != src.len {
+            return Err(self.invalid(op, format!("{dst:?} and {src:?} differ in length")));
+        }
+        self.check(op, &[(dst, dst.len)], &[(src, src.len)])?;
+        // SAFETY: checked above: both real, in range, and apart.
+        let (d, s) = unsafe { (self.write(dst), self.read(src)) };
+        d.par_chunks_mut(SUM_PIECE).zip(s.par_chunks(SUM_PIECE)).for_each(|(d, s)| {
+            d.iter_mut().zip(s).for_each(|(d, &s)| *d = *d + s);
+        });
+        Ok(())
+    }
+
     fn sum(&mut self, t: Tensor) -> Result<f32> {
         self.reduce("sum", t, |x| x)
     }

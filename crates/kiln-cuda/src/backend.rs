@@ -927,10 +927,21 @@ impl Backend for CudaBackend {
             },
         )?;
         if let (Some(db), Some(grad)) = (db, bias_grad) {
-            let n = c_out as i32;
-            launch!(self, "bias_grad_accumulate", grid(c_out, 256), db, grad, n)?;
+            let n = c_out as i64;
+            launch!(self, "add_f32", grid(c_out, 256), db, grad, n)?;
         }
         Ok(())
+    }
+
+    fn add(&mut self, dst: Tensor, src: Tensor) -> Result<()> {
+        let op = "add";
+        if dst.len != src.len {
+            return Err(self.err(op, format!("{dst:?} and {src:?} differ in length")));
+        }
+        self.disjoint(op, &[dst], &[src])?;
+        let (d, s) = (self.ptr(op, dst, DType::F32, dst.len)?, self.ptr(op, src, DType::F32, src.len)?);
+        let n = dst.len as i64;
+        launch!(self, "add_f32", grid(dst.len, 256), d, s, n)
     }
 
     fn swiglu_forward(&mut self, out: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()> {

@@ -28,8 +28,8 @@ macro_rules! kernel {
 
 pub const KERNELS: &[KernelSource] = &[
     kernel!("adamw"),
+    kernel!("add"),
     kernel!("attention"),
-    kernel!("bias"),
     kernel!("classifier"),
     kernel!("encoder"),
     // Fused attention is bf16 only (its types are bf16 whatever floatX is); an fp32 engine runs attention.cu.

@@ -338,6 +338,12 @@ fn op_cases() -> Vec<OpCase> {
             indices: vec![],
             run: Box::new(move |b, r, _| b.adamw(r[0], r[1], r[2], r[3], &adam)),
         },
+        OpCase {
+            name: "add".into(),
+            reals: vec![(100_003, Acc, Grad), (100_003, In, Grad)],
+            indices: vec![],
+            run: Box::new(|b, r, _| b.add(r[0], r[1])),
+        },
         sums_case("sum, sum_squares", 100_003, Grad),
         // Parameters, in the engine's working precision (ranks compare their sums after a resume).
         sums_case("sum, sum_squares of parameters", 10_007, Param),
