@@ -12,9 +12,15 @@
 //! reverse, accumulating weight gradients into one flat gradient vector laid out like the parameters. Where the
 //! families differ the code matches on the spec's fields, at a few points: the embedding (positions), after the
 //! qkv product (rotary), the MLP's nonlinearity, and which optional tensors (biases, norm biases, the LM head) exist.
+//!
+//! With activation recomputation ([`Recompute`]) the backward pass writes some activations again, from the ones kept,
+//! just before it reads them: with `Elementwise` the norms' outputs and the MLP's hidden layer, with `Block` all of a
+//! block's activations, by running the block's forward pass again from its input. What is recomputed lives in one
+//! buffer that every block shares.
 
 use crate::params::{self, ParamInfo};
 use crate::spec::{Mlp, ModelSpec, Positions};
+use kiln_core::config::Recompute;
 use kiln_core::{
     AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims, NormForward, NormKind,
     ResidualAdd, Result, Role, Rotary, Tensor,
@@ -110,7 +116,8 @@ struct NormStats {
     rstd: Tensor,
 }
 
-/// The activations one block saves for its backward pass, each sized for the largest batch.
+/// The activations one block saves for its backward pass, each sized for the largest batch. With recomputation,
+/// those recomputed are one buffer shared by every block (see [`BlockActivations::take`]).
 #[derive(Clone, Debug)]
 struct BlockActivations {
     /// `norm_1` of the block's input (written by the previous block's fused residual add and norm).
@@ -132,6 +139,31 @@ struct BlockActivations {
     res3: Tensor,
 }
 
+impl BlockActivations {
+    /// One block's activations for `n` rows, taken from `a`; but after the first block (`first`), those that the
+    /// backward pass recomputes at level `recompute` are the first block's, one buffer that each block writes in turn.
+    fn take(a: &mut Arenas, spec: &ModelSpec, n: usize, first: Option<&Self>, recompute: Recompute) -> Self {
+        let c = spec.n_embd;
+        // Recomputed at either level: the norms' outputs and the MLP's hidden layer. With whole blocks: everything but
+        // the block's output, which is the next block's input.
+        let elementwise = first.filter(|_| recompute != Recompute::None);
+        let block = first.filter(|_| recompute == Recompute::Block);
+        BlockActivations {
+            ln1: elementwise.map_or_else(|| a.acts.take(n * c), |f| f.ln1),
+            ln1_stats: block.map_or_else(|| a.norm_stats(spec, n), |f| f.ln1_stats),
+            qkv: block.map_or_else(|| a.acts.take(n * spec.qkv_width()), |f| f.qkv),
+            atty: block.map_or_else(|| a.acts.take(n * c), |f| f.atty),
+            att_lse: block.map_or_else(|| a.stats.take(n * spec.n_head), |f| f.att_lse),
+            res2: block.map_or_else(|| a.acts.take(n * c), |f| f.res2),
+            ln2: elementwise.map_or_else(|| a.acts.take(n * c), |f| f.ln2),
+            ln2_stats: block.map_or_else(|| a.norm_stats(spec, n), |f| f.ln2_stats),
+            fch_pre: block.map_or_else(|| a.acts.take(n * spec.fc_width()), |f| f.fch_pre),
+            fch: elementwise.map_or_else(|| a.acts.take(n * spec.ffn_dim), |f| f.fch),
+            res3: a.acts.take(n * c),
+        }
+    }
+}
+
 /// A transformer whose parameters, gradients and activations live on a backend, sized for batches of up to
 /// `max_batch` sequences of up to `block_size` tokens.
 pub struct Model {
@@ -149,6 +181,8 @@ pub struct Model {
     g: Option<Weights>,
     /// Every other buffer: the forward pass's activations and the backward pass's working memory.
     acts: Activations,
+    /// Which activations the backward pass recomputes; [`Activations::take`] shared their buffers accordingly.
+    recompute: Recompute,
 }
 
 /// Hands out consecutive views of one allocation. Counting first ([`Arena::counting`]) and then taking the same views
@@ -213,34 +247,22 @@ struct Activations {
 }
 
 impl Activations {
-    /// Takes every activation from `a`; without `training`, the backward pass's buffers are empty.
-    fn take(a: &mut Arenas, spec: &ModelSpec, max_batch: usize, training: bool) -> Self {
+    /// Takes every activation from `a`, the blocks' as `recompute` shares them; without `training`, the backward
+    /// pass's buffers are empty.
+    fn take(a: &mut Arenas, spec: &ModelSpec, max_batch: usize, training: bool, recompute: Recompute) -> Self {
         let (c, t) = (spec.n_embd, spec.block_size);
         let n = max_batch * t;
-        let lse_len = max_batch * spec.n_head * t;
         let swiglu = spec.mlp == Mlp::SwiGlu;
         let backward = |len: usize| if training { len } else { 0 };
-        let blocks = (0..spec.n_layer)
-            .map(|_| BlockActivations {
-                ln1: a.acts.take(n * c),
-                ln1_stats: a.norm_stats(spec, n),
-                qkv: a.acts.take(n * spec.qkv_width()),
-                atty: a.acts.take(n * c),
-                att_lse: a.stats.take(lse_len),
-                res2: a.acts.take(n * c),
-                ln2: a.acts.take(n * c),
-                ln2_stats: a.norm_stats(spec, n),
-                fch_pre: a.acts.take(n * spec.fc_width()),
-                fch: a.acts.take(n * spec.ffn_dim),
-                res3: a.acts.take(n * c),
-            })
-            .collect();
+        let first = BlockActivations::take(a, spec, n, None, recompute);
+        let rest: Vec<_> =
+            (1..spec.n_layer).map(|_| BlockActivations::take(a, spec, n, Some(&first), recompute)).collect();
         Activations {
             losses: a.stats.take(n),
             tokens: a.index.take(n),
             targets: a.index.take(n),
             encoded: a.acts.take(n * c),
-            blocks,
+            blocks: std::iter::once(first).chain(rest).collect(),
             lnf: a.acts.take(n * c),
             lnf_stats: a.norm_stats(spec, n),
             logits: a.acts.take(n * spec.padded_vocab),
@@ -290,19 +312,21 @@ impl Rows {
 impl Model {
     /// Allocates everything the model will ever use and initialises the weights from `seed`.
     pub fn new<B: Backend + ?Sized>(backend: &mut B, spec: ModelSpec, max_batch: usize, seed: u64) -> Result<Self> {
-        Model::with_padding(backend, spec, max_batch, seed, 1)
+        Model::with_padding(backend, spec, max_batch, seed, 1, Recompute::None)
     }
 
     /// [`Model::new`] with the flat parameter and gradient vectors padded with zeros to a multiple of `multiple`
-    /// elements, so that a data-parallel job can cut them into equal pieces, one per rank.
+    /// elements, so that a data-parallel job can cut them into equal pieces, one per rank, and with the activations
+    /// that `recompute` names recomputed by the backward pass rather than kept.
     pub fn with_padding<B: Backend + ?Sized>(
         backend: &mut B,
         spec: ModelSpec,
         max_batch: usize,
         seed: u64,
         multiple: usize,
+        recompute: Recompute,
     ) -> Result<Self> {
-        let model = Model::build(backend, spec, max_batch, multiple, true)?;
+        let model = Model::build(backend, spec, max_batch, multiple, true, recompute)?;
         params::initialize(backend, &spec, model.params, seed)?;
         Ok(model)
     }
@@ -310,7 +334,7 @@ impl Model {
     /// A model for sampling and evaluation: parameters (zero until weights are loaded) and the forward pass's
     /// activations for batches of up to `max_batch` sequences of up to `spec.block_size` tokens; no gradients.
     pub fn for_inference<B: Backend + ?Sized>(backend: &mut B, spec: ModelSpec, max_batch: usize) -> Result<Self> {
-        Model::build(backend, spec, max_batch, 1, false)
+        Model::build(backend, spec, max_batch, 1, false, Recompute::None)
     }
 
     fn build<B: Backend + ?Sized>(
@@ -319,6 +343,7 @@ impl Model {
         max_batch: usize,
         multiple: usize,
         training: bool,
+        recompute: Recompute,
     ) -> Result<Self> {
         let layout = spec.params();
         let padded = spec.num_params().next_multiple_of(multiple);
@@ -326,13 +351,13 @@ impl Model {
         let grads = backend.alloc(if training { padded } else { 0 }, Role::Grad)?;
 
         let mut counting = Arenas { acts: Arena::counting(), stats: Arena::counting(), index: Arena::counting() };
-        Activations::take(&mut counting, &spec, max_batch, training);
+        Activations::take(&mut counting, &spec, max_batch, training, recompute);
         let mut arenas = Arenas {
             acts: Arena::new(backend, counting.acts.used, Role::Activation)?,
             stats: Arena::new(backend, counting.stats.used, Role::Stat)?,
             index: Arena::new(backend, counting.index.used, Role::Index)?,
         };
-        let a = Activations::take(&mut arenas, &spec, max_batch, training);
+        let a = Activations::take(&mut arenas, &spec, max_batch, training, recompute);
         if a.rope_table.len > 0 {
             backend.upload(a.rope_table, &spec.rope_table())?;
         }
@@ -347,6 +372,7 @@ impl Model {
             grads,
             losses: a.losses,
             acts: a,
+            recompute,
         })
     }
 
@@ -382,13 +408,19 @@ impl Model {
 
     /// Runs one new `token` at position `pos` of a single sequence whose earlier positions went through
     /// [`Model::forward`] (batch 1) or earlier calls of this: each block's `qkv` activation is the key/value cache,
-    /// so the step costs one position, not the whole context. Its logits are row 0 of [`Model::logits_row`].
+    /// so the step costs one position, not the whole context. Its logits are row 0 of [`Model::logits_row`]. A model
+    /// that recomputes whole blocks has no cache: its blocks share one `qkv`.
     pub fn decode_step<B: Backend + ?Sized>(&self, b: &mut B, token: u32, pos: usize) -> Result<()> {
         if pos >= self.spec.block_size {
             return Err(kiln_core::Error::Invalid(format!(
                 "position {pos} is past block_size {}",
                 self.spec.block_size
             )));
+        }
+        if self.recompute == Recompute::Block {
+            return Err(kiln_core::Error::Invalid(
+                "a model that recomputes whole blocks keeps no key/value cache to decode with".into(),
+            ));
         }
         self.load_batch(b, &[token], None)?;
         self.forward_span(b, Span::Decode { pos }, Pass::Logits)
@@ -454,7 +486,8 @@ impl Model {
     }
 
     /// Block `l`'s forward pass from its first norm's output to the MLP's hidden layer: all but the MLP's output
-    /// projection and the residual add that ends the block.
+    /// projection and the residual add that ends the block. A backward pass that recomputes whole blocks runs this
+    /// again.
     fn block_to_hidden<B: Backend + ?Sized>(&self, b: &mut B, r: Rows, l: usize) -> Result<()> {
         let s = &self.spec;
         let (a, wt) = (&self.acts.blocks[l], &self.p.blocks[l]);
@@ -619,6 +652,7 @@ impl Model {
                 d: self.norm_dims(n),
             })
         };
+        let elementwise = self.recompute == Recompute::Elementwise;
 
         // LM head, then the final norm: the residual stream's gradient starts here.
         b.matmul_backward(MatmulBackward {
@@ -637,6 +671,16 @@ impl Model {
         for l in (0..s.n_layer).rev() {
             let (a, wt, g) = (&self.acts.blocks[l], &self.p.blocks[l], &grads.blocks[l]);
             let (ffn, fc_width) = (s.ffn_dim, s.fc_width());
+            // A recomputed activation is written again just before the first operation that reads it (with whole
+            // blocks, all of them at once).
+            match self.recompute {
+                Recompute::None => {}
+                Recompute::Elementwise => self.activation(b, r, l)?,
+                Recompute::Block => {
+                    self.norm_1(b, r, l)?;
+                    self.block_to_hidden(b, r, l)?;
+                }
+            }
             let dfch = r.of(self.acts.dfch, ffn);
             // MLP: dres is the gradient of res3, which flows unchanged to res2 and into the MLP's output.
             let gelu_pre = (s.mlp == Mlp::Gelu).then(|| r.of(a.fch_pre, fc_width));
@@ -659,6 +703,10 @@ impl Model {
                     dpre
                 }
             };
+            if elementwise {
+                // From the residual sum that the forward pass wrote and normalised, which the norm's backward reads.
+                self.norm(b, r, a.ln2, a.ln2_stats, a.res2, None, wt.ln_2)?;
+            }
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.fc_w,
@@ -685,6 +733,9 @@ impl Model {
             b.attention_backward(dqkv, dbtc, r.of(a.qkv, w), r.of(a.atty, c), r.of(a.att_lse, s.n_head), att)?;
             if let Positions::Rotary { .. } = s.positions {
                 b.rope(Rotary { qkv: dqkv, table: self.acts.rope_table, d: att, first_pos: 0, inverse: true })?;
+            }
+            if elementwise {
+                self.norm_1(b, r, l)?;
             }
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,

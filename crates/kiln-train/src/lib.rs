@@ -157,7 +157,7 @@ impl<B: Backend> Trainer<B> {
         let mb = config.train.micro_batch;
         let (rank, world) = (comm.rank(), comm.world());
         let padding = parallel::padding_multiple(world);
-        let model = Model::with_padding(&mut backend, shape, mb, config.train.seed, padding)?;
+        let model = Model::with_padding(&mut backend, shape, mb, config.train.seed, padding, config.train.recompute)?;
         match config.model.init.as_deref().map(|i| i.split_once(':')) {
             None => {}
             Some(Some(("hf", dir))) => checkpoint::load_weights(Path::new(dir), &model, &mut backend)?,
