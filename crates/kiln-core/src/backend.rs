@@ -393,6 +393,10 @@ pub trait Backend {
     /// `dbias += Σ_rows dout`. With `gelu_pre` (the pre-activation of the GELU that produced `inp`), `dinp` is
     /// multiplied by `gelu'(gelu_pre)`, so it is the gradient of that pre-activation.
     fn matmul_backward(&mut self, op: MatmulBackward) -> Result<()>;
+    /// `out = gelu(pre)` (tanh approximation), elementwise over tensors of equal length: what
+    /// [`Backend::matmul_forward`] with `gelu_pre` writes to `out`, from the `pre` it saved (a backward pass that
+    /// recomputes GELU's output rather than keep it calls this).
+    fn gelu_forward(&mut self, out: Tensor, pre: Tensor) -> Result<()>;
 
     /// SwiGLU: `out = silu(gate) ⊙ up` for each row of `inp` = `[gate | up]` (`(rows, 2·ffn)`, as one fused product
     /// of the gate and up projections writes it), `silu(x) = x·σ(x)`; `out` is `(rows, ffn)`.

@@ -351,6 +351,9 @@ pub struct TrainConfig {
     /// its query gradients with atomics, which is faster but rounds in a varying order; everything else is
     /// deterministic either way.
     pub deterministic: bool,
+    /// Which activations the backward pass computes again instead of keeping them from the forward pass: less
+    /// memory for more arithmetic.
+    pub recompute: Recompute,
 }
 
 /// `train.micro_batch`: a number of sequences, or `"auto"`, the largest number that fits the memory (with a margin)
@@ -435,6 +438,23 @@ impl std::str::FromStr for Precision {
     }
 }
 
+/// Activation recomputation, llm.c's trade of arithmetic for memory: an activation that can be computed again from
+/// ones that are kept lives in one buffer that every block shares, and the backward pass writes it again before it
+/// reads it. The values recomputed are the forward pass's (bit for bit on the CPU engine).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Every block keeps all its activations.
+    #[default]
+    None,
+    /// The norms' outputs are recomputed from their inputs, and the MLP's hidden layer from its pre-activation: each
+    /// from what its own backward pass keeps anyway, by one pass over the rows.
+    Elementwise,
+    /// Each block keeps only its input (the residual stream entering it); the backward pass of a block first runs its
+    /// forward pass again from there.
+    Block,
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -450,6 +470,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             keep_checkpoints: 2,
             deterministic: true,
+            recompute: Recompute::None,
         }
     }
 }
@@ -806,7 +827,7 @@ mod tests {
         let config = Config::load(None, &[]).unwrap();
         assert_eq!(config.model.n_layer, 2);
         assert_eq!(config.data.train, "synthetic:addition");
-        assert_eq!(config.accumulation_steps(1).unwrap(), 1);
+        assert_eq!(config.accumulation_steps(128, 1).unwrap(), 1);
     }
 
     #[test]
@@ -832,9 +853,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.total_batch_tokens(), 4096);
-        assert_eq!(config.accumulation_steps(1).unwrap(), 8);
-        assert_eq!(config.accumulation_steps(4).unwrap(), 2);
-        assert!(matches!(config.accumulation_steps(3), Err(Error::Usage(m)) if m.contains("ranks")));
+        assert_eq!(config.accumulation_steps(8, 1).unwrap(), 8);
+        assert_eq!(config.accumulation_steps(8, 4).unwrap(), 2);
+        assert!(matches!(config.accumulation_steps(8, 3), Err(Error::Usage(m)) if m.contains("ranks")));
     }
 
     #[test]
@@ -942,6 +963,21 @@ mod tests {
         let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
         assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.total_batch_tokens"));
         assert!(message.contains("(= 256)"), "{message}");
+    }
+
+    #[test]
+    fn recompute_levels() {
+        assert_eq!(Config::from_toml_str(MINIMAL, "my.toml", &[]).unwrap().train.recompute, Recompute::None);
+        for (value, level) in [("elementwise", Recompute::Elementwise), ("block", Recompute::Block)] {
+            let config = Config::from_toml_str(MINIMAL, "my.toml", &set(&[&format!("train.recompute={value}")]));
+            let config = config.unwrap();
+            assert_eq!(config.train.recompute, level);
+            assert!(config.to_toml_string().contains(&format!("recompute = \"{value}\"")));
+        }
+        let text = format!("{MINIMAL}\n[train]\nrecompute = \"all\"\n");
+        let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.recompute"));
+        assert!(message.contains("none") && message.contains("elementwise") && message.contains("block"), "{message}");
     }
 
     #[test]

@@ -222,6 +222,10 @@ impl Backend for Counting {
         self.nothing_to_run("matmul_backward")
     }
 
+    fn gelu_forward(&mut self, _: Tensor, _: Tensor) -> Result<()> {
+        self.nothing_to_run("gelu_forward")
+    }
+
     fn swiglu_forward(&mut self, _: Tensor, _: Tensor, _: usize, _: usize) -> Result<()> {
         self.nothing_to_run("swiglu_forward")
     }

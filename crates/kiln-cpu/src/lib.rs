@@ -482,6 +482,13 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
+    fn gelu_forward(&mut self, out: Tensor, pre: Tensor) -> Result<()> {
+        self.check("gelu_forward", &[(out, pre.len)], &[(pre, pre.len)])?;
+        // SAFETY: checked above.
+        unsafe { matmul::gelu_forward(self.write(out), self.read(pre)) };
+        Ok(())
+    }
+
     fn swiglu_forward(&mut self, out: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()> {
         self.check("swiglu_forward", &[(out, rows * ffn)], &[(inp, rows * 2 * ffn)])?;
         // SAFETY: checked above.

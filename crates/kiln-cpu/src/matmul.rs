@@ -81,13 +81,18 @@ pub fn forward<T: Real>(
         None => product(out),
         Some(pre) => {
             product(pre);
-            out.par_chunks_mut(CHUNK).zip(pre.par_chunks(CHUNK)).for_each(|(o, p)| {
-                for (o, &x) in o.iter_mut().zip(p) {
-                    *o = gelu(x);
-                }
-            });
+            gelu_forward(out, pre);
         }
     }
+}
+
+/// `out = gelu(pre)`: the epilogue of [`forward`], and on its own the recomputation of GELU's output.
+pub fn gelu_forward<T: Real>(out: &mut [T], pre: &[T]) {
+    out.par_chunks_mut(CHUNK).zip(pre.par_chunks(CHUNK)).for_each(|(o, p)| {
+        for (o, &x) in o.iter_mut().zip(p) {
+            *o = gelu(x);
+        }
+    });
 }
 
 pub fn backward<T: Real>(

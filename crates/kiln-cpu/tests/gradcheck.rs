@@ -364,6 +364,10 @@ fn matmul_and_fused_gelu_gradients() {
         matmul(f, y, h, w2, Some(b2), None, d2);
     };
     forward(&mut f);
+    // GELU on its own, as a backward pass recomputes it, writes what the epilogue wrote, bit for bit.
+    let again = f.zeros(rows * hidden);
+    f.b.gelu_forward(again, pre).unwrap();
+    assert_eq!(f.values(again), f.values(h));
     let (dpre, dx) = (f.zeros(rows * hidden), f.zeros(rows * c));
     let (dw1, db1, dw2, db2) = (f.zeros(hidden * c), f.zeros(hidden), f.zeros(c_out * hidden), f.zeros(c_out));
     matmul_backward(&mut f, dpre, dw2, Some(db2), r, h, w2, Some(pre), d2);
@@ -603,6 +607,8 @@ fn bad_operands_are_errors_not_panics() {
     // Wrong size.
     let err = f.b.norm_forward(norm(buf.slice(0, 40), buf.slice(50, 50), Some(stats.slice(0, 5))));
     assert!(err.unwrap_err().to_string().contains("expected 50"));
+    let err = f.b.gelu_forward(buf.slice(0, 10), buf.slice(50, 11));
+    assert!(err.unwrap_err().to_string().contains("expected 11"));
     // Layer normalisation without a mean, and RMS normalisation with a bias.
     let err = f.b.norm_forward(norm(buf.slice(0, 50), buf.slice(50, 50), None));
     assert!(err.unwrap_err().to_string().contains("mean and a bias"));

@@ -401,6 +401,12 @@ impl CudaBackend {
         }
     }
 
+    /// `out = gelu(pre)` over `n` elements by kernels/gelu.cu, the pointers checked by the caller.
+    fn launch_gelu_forward(&self, out: u64, pre: u64, n: usize) -> Result<()> {
+        let len = n as i64;
+        launch!(self, "gelu_forward", elementwise(n), out, pre, len)
+    }
+
     fn function(&self, name: &str) -> Result<&CudaFunction> {
         self.functions.get(name).ok_or_else(|| self.err(name, "kernel not loaded".into()))
     }
@@ -854,8 +860,7 @@ impl Backend for CudaBackend {
             // kernel applies GELU.
             Some(pre) => {
                 self.matmul(op, product(pre, plain))?;
-                let n = (rows * c_out) as i64;
-                launch!(self, "gelu_forward", elementwise(rows * c_out), o, pre, n)
+                self.launch_gelu_forward(o, pre, rows * c_out)
             }
         }
     }
@@ -942,6 +947,14 @@ impl Backend for CudaBackend {
         let (d, s) = (self.ptr(op, dst, DType::F32, dst.len)?, self.ptr(op, src, DType::F32, src.len)?);
         let n = dst.len as i64;
         launch!(self, "add_f32", grid(dst.len, 256), d, s, n)
+    }
+
+    fn gelu_forward(&mut self, out: Tensor, pre: Tensor) -> Result<()> {
+        let op = "gelu_forward";
+        let x = self.x();
+        self.disjoint(op, &[out], &[pre])?;
+        let (o, p) = (self.ptr(op, out, x, pre.len)?, self.ptr(op, pre, x, pre.len)?);
+        self.launch_gelu_forward(o, p, pre.len)
     }
 
     fn swiglu_forward(&mut self, out: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()> {

@@ -12,9 +12,15 @@
 //! reverse, accumulating weight gradients into one flat gradient vector laid out like the parameters. Where the
 //! families differ the code matches on the spec's fields, at a few points: the embedding (positions), after the
 //! qkv product (rotary), the MLP's nonlinearity, and which optional tensors (biases, norm biases, the LM head) exist.
+//!
+//! With activation recomputation ([`Recompute`]) the backward pass writes some activations again, from the ones kept,
+//! just before it reads them: with `Elementwise` the norms' outputs and the MLP's hidden layer, with `Block` all of a
+//! block's activations, by running the block's forward pass again from its input. What is recomputed lives in one
+//! buffer that every block shares.
 
 use crate::params::{self, ParamInfo};
 use crate::spec::{Mlp, ModelSpec, Positions};
+use kiln_core::config::Recompute;
 use kiln_core::{
     AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims, NormForward, NormKind,
     ResidualAdd, Result, Role, Rotary, Tensor,
@@ -110,7 +116,8 @@ struct NormStats {
     rstd: Tensor,
 }
 
-/// The activations one block saves for its backward pass, each sized for the largest batch.
+/// The activations one block saves for its backward pass, each sized for the largest batch. With recomputation,
+/// those recomputed are one buffer shared by every block (see [`BlockActivations::take`]).
 #[derive(Clone, Debug)]
 struct BlockActivations {
     /// `norm_1` of the block's input (written by the previous block's fused residual add and norm).
@@ -132,6 +139,31 @@ struct BlockActivations {
     res3: Tensor,
 }
 
+impl BlockActivations {
+    /// One block's activations for `n` rows, taken from `a`; but after the first block (`first`), those that the
+    /// backward pass recomputes at level `recompute` are the first block's, one buffer that each block writes in turn.
+    fn take(a: &mut Arenas, spec: &ModelSpec, n: usize, first: Option<&Self>, recompute: Recompute) -> Self {
+        let c = spec.n_embd;
+        // Recomputed at either level: the norms' outputs and the MLP's hidden layer. With whole blocks: everything but
+        // the block's output, which is the next block's input.
+        let elementwise = first.filter(|_| recompute != Recompute::None);
+        let block = first.filter(|_| recompute == Recompute::Block);
+        BlockActivations {
+            ln1: elementwise.map_or_else(|| a.acts.take(n * c), |f| f.ln1),
+            ln1_stats: block.map_or_else(|| a.norm_stats(spec, n), |f| f.ln1_stats),
+            qkv: block.map_or_else(|| a.acts.take(n * spec.qkv_width()), |f| f.qkv),
+            atty: block.map_or_else(|| a.acts.take(n * c), |f| f.atty),
+            att_lse: block.map_or_else(|| a.stats.take(n * spec.n_head), |f| f.att_lse),
+            res2: block.map_or_else(|| a.acts.take(n * c), |f| f.res2),
+            ln2: elementwise.map_or_else(|| a.acts.take(n * c), |f| f.ln2),
+            ln2_stats: block.map_or_else(|| a.norm_stats(spec, n), |f| f.ln2_stats),
+            fch_pre: block.map_or_else(|| a.acts.take(n * spec.fc_width()), |f| f.fch_pre),
+            fch: elementwise.map_or_else(|| a.acts.take(n * spec.ffn_dim), |f| f.fch),
+            res3: a.acts.take(n * c),
+        }
+    }
+}
+
 /// A transformer whose parameters, gradients and activations live on a backend, sized for batches of up to
 /// `max_batch` sequences of up to `block_size` tokens.
 pub struct Model {
@@ -149,6 +181,8 @@ pub struct Model {
     g: Option<Weights>,
     /// Every other buffer: the forward pass's activations and the backward pass's working memory.
     acts: Activations,
+    /// Which activations the backward pass recomputes; [`Activations::take`] shared their buffers accordingly.
+    recompute: Recompute,
 }
 
 /// Hands out consecutive views of one allocation. Counting first ([`Arena::counting`]) and then taking the same views
@@ -213,34 +247,22 @@ struct Activations {
 }
 
 impl Activations {
-    /// Takes every activation from `a`; without `training`, the backward pass's buffers are empty.
-    fn take(a: &mut Arenas, spec: &ModelSpec, max_batch: usize, training: bool) -> Self {
+    /// Takes every activation from `a`, the blocks' as `recompute` shares them; without `training`, the backward
+    /// pass's buffers are empty.
+    fn take(a: &mut Arenas, spec: &ModelSpec, max_batch: usize, training: bool, recompute: Recompute) -> Self {
         let (c, t) = (spec.n_embd, spec.block_size);
         let n = max_batch * t;
-        let lse_len = max_batch * spec.n_head * t;
         let swiglu = spec.mlp == Mlp::SwiGlu;
         let backward = |len: usize| if training { len } else { 0 };
-        let blocks = (0..spec.n_layer)
-            .map(|_| BlockActivations {
-                ln1: a.acts.take(n * c),
-                ln1_stats: a.norm_stats(spec, n),
-                qkv: a.acts.take(n * spec.qkv_width()),
-                atty: a.acts.take(n * c),
-                att_lse: a.stats.take(lse_len),
-                res2: a.acts.take(n * c),
-                ln2: a.acts.take(n * c),
-                ln2_stats: a.norm_stats(spec, n),
-                fch_pre: a.acts.take(n * spec.fc_width()),
-                fch: a.acts.take(n * spec.ffn_dim),
-                res3: a.acts.take(n * c),
-            })
-            .collect();
+        let first = BlockActivations::take(a, spec, n, None, recompute);
+        let rest: Vec<_> =
+            (1..spec.n_layer).map(|_| BlockActivations::take(a, spec, n, Some(&first), recompute)).collect();
         Activations {
             losses: a.stats.take(n),
             tokens: a.index.take(n),
             targets: a.index.take(n),
             encoded: a.acts.take(n * c),
-            blocks,
+            blocks: std::iter::once(first).chain(rest).collect(),
             lnf: a.acts.take(n * c),
             lnf_stats: a.norm_stats(spec, n),
             logits: a.acts.take(n * spec.padded_vocab),
@@ -255,22 +277,56 @@ impl Activations {
     }
 }
 
+/// The rows a pass covers: every position of a `batch × time` batch, or one decoded position (a batch of one row).
+#[derive(Clone, Copy)]
+struct Rows {
+    span: Span,
+    batch: usize,
+    time: usize,
+}
+
+impl Rows {
+    fn new(span: Span) -> Self {
+        let (batch, time) = match span {
+            Span::Full { batch, time } => (batch, time),
+            Span::Decode { .. } => (1, 1),
+        };
+        Rows { span, batch, time }
+    }
+
+    fn n(&self) -> usize {
+        self.batch * self.time
+    }
+
+    /// The first `n` rows of `width` elements of an activation.
+    fn of(&self, t: Tensor, width: usize) -> Tensor {
+        t.slice(0, self.n() * width)
+    }
+
+    /// The statistics of the first `n` rows.
+    fn stats(&self, st: NormStats) -> NormStats {
+        NormStats { mean: st.mean.map(|m| self.of(m, 1)), rstd: self.of(st.rstd, 1) }
+    }
+}
+
 impl Model {
     /// Allocates everything the model will ever use and initialises the weights from `seed`.
     pub fn new<B: Backend + ?Sized>(backend: &mut B, spec: ModelSpec, max_batch: usize, seed: u64) -> Result<Self> {
-        Model::with_padding(backend, spec, max_batch, seed, 1)
+        Model::with_padding(backend, spec, max_batch, seed, 1, Recompute::None)
     }
 
     /// [`Model::new`] with the flat parameter and gradient vectors padded with zeros to a multiple of `multiple`
-    /// elements, so that a data-parallel job can cut them into equal pieces, one per rank.
+    /// elements, so that a data-parallel job can cut them into equal pieces, one per rank, and with the activations
+    /// that `recompute` names recomputed by the backward pass rather than kept.
     pub fn with_padding<B: Backend + ?Sized>(
         backend: &mut B,
         spec: ModelSpec,
         max_batch: usize,
         seed: u64,
         multiple: usize,
+        recompute: Recompute,
     ) -> Result<Self> {
-        let model = Model::for_training(backend, spec, max_batch, multiple)?;
+        let model = Model::for_training(backend, spec, max_batch, multiple, recompute)?;
         params::initialize(backend, &spec, model.params, seed)?;
         Ok(model)
     }
@@ -282,14 +338,15 @@ impl Model {
         spec: ModelSpec,
         max_batch: usize,
         multiple: usize,
+        recompute: Recompute,
     ) -> Result<Self> {
-        Model::build(backend, spec, max_batch, multiple, true)
+        Model::build(backend, spec, max_batch, multiple, true, recompute)
     }
 
     /// A model for sampling and evaluation: parameters (zero until weights are loaded) and the forward pass's
     /// activations for batches of up to `max_batch` sequences of up to `spec.block_size` tokens; no gradients.
     pub fn for_inference<B: Backend + ?Sized>(backend: &mut B, spec: ModelSpec, max_batch: usize) -> Result<Self> {
-        Model::build(backend, spec, max_batch, 1, false)
+        Model::build(backend, spec, max_batch, 1, false, Recompute::None)
     }
 
     fn build<B: Backend + ?Sized>(
@@ -298,6 +355,7 @@ impl Model {
         max_batch: usize,
         multiple: usize,
         training: bool,
+        recompute: Recompute,
     ) -> Result<Self> {
         let layout = spec.params();
         let padded = spec.num_params().next_multiple_of(multiple);
@@ -305,13 +363,13 @@ impl Model {
         let grads = backend.alloc(if training { padded } else { 0 }, Role::Grad)?;
 
         let mut counting = Arenas { acts: Arena::counting(), stats: Arena::counting(), index: Arena::counting() };
-        Activations::take(&mut counting, &spec, max_batch, training);
+        Activations::take(&mut counting, &spec, max_batch, training, recompute);
         let mut arenas = Arenas {
             acts: Arena::new(backend, counting.acts.used, Role::Activation)?,
             stats: Arena::new(backend, counting.stats.used, Role::Stat)?,
             index: Arena::new(backend, counting.index.used, Role::Index)?,
         };
-        let a = Activations::take(&mut arenas, &spec, max_batch, training);
+        let a = Activations::take(&mut arenas, &spec, max_batch, training, recompute);
         if a.rope_table.len > 0 {
             backend.upload(a.rope_table, &spec.rope_table())?;
         }
@@ -326,6 +384,7 @@ impl Model {
             grads,
             losses: a.losses,
             acts: a,
+            recompute,
         })
     }
 
@@ -361,13 +420,19 @@ impl Model {
 
     /// Runs one new `token` at position `pos` of a single sequence whose earlier positions went through
     /// [`Model::forward`] (batch 1) or earlier calls of this: each block's `qkv` activation is the key/value cache,
-    /// so the step costs one position, not the whole context. Its logits are row 0 of [`Model::logits_row`].
+    /// so the step costs one position, not the whole context. Its logits are row 0 of [`Model::logits_row`]. A model
+    /// that recomputes whole blocks has no cache: its blocks share one `qkv`.
     pub fn decode_step<B: Backend + ?Sized>(&self, b: &mut B, token: u32, pos: usize) -> Result<()> {
         if pos >= self.spec.block_size {
             return Err(kiln_core::Error::Invalid(format!(
                 "position {pos} is past block_size {}",
                 self.spec.block_size
             )));
+        }
+        if self.recompute == Recompute::Block {
+            return Err(kiln_core::Error::Invalid(
+                "a model that recomputes whole blocks keeps no key/value cache to decode with".into(),
+            ));
         }
         self.load_batch(b, &[token], None)?;
         self.forward_span(b, Span::Decode { pos }, Pass::Logits)
@@ -384,141 +449,158 @@ impl Model {
         NormDims { rows, c: self.spec.n_embd, kind: self.spec.norm, eps: self.spec.norm_eps as f32 }
     }
 
-    fn forward_span<B: Backend + ?Sized>(&self, b: &mut B, span: Span, pass: Pass) -> Result<()> {
-        let s = &self.spec;
-        let (batch, time) = match span {
-            Span::Full { batch, time } => (batch, time),
-            Span::Decode { .. } => (1, 1),
-        };
-        let (c, n, w) = (s.n_embd, batch * time, s.qkv_width());
-        let rows = |t: Tensor, width: usize| t.slice(0, n * width);
-        let stats = |st: NormStats| NormStats { mean: st.mean.map(|m| rows(m, 1)), rstd: rows(st.rstd, 1) };
-        let att = self.attention_dims(batch, time);
-        let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
-        // A decoded token's position embedding is row `pos`, and it is rotated as position `pos`; its queries, keys
-        // and values go to row `pos` of the cache; everything else about it is a one-row batch.
-        let (first_pos, qkv_rows) = match span {
-            Span::Full { .. } => (0, n),
-            Span::Decode { pos } => (pos, pos + 1),
-        };
-        let wpe = self.p.wpe.map(|wpe| wpe.slice(first_pos * c, time * c));
-        let new_qkv = |qkv: Tensor| match span {
-            Span::Full { .. } => rows(qkv, w),
-            Span::Decode { pos } => qkv.slice(pos * w, w),
-        };
-        // The norm that starts block `l` (or, past the last, the final norm), writing its output and statistics.
-        let norm_into = |l: usize| match (self.acts.blocks.get(l), self.p.blocks.get(l)) {
-            (Some(a), Some(w)) => (a.ln1, a.ln1_stats, w.ln_1),
-            _ => (self.acts.lnf, self.acts.lnf_stats, self.p.ln_f),
-        };
+    /// The residual stream entering block `l`; past the last block, the final norm's input.
+    fn block_input(&self, l: usize) -> Tensor {
+        match l.checked_sub(1) {
+            None => self.acts.encoded,
+            Some(previous) => self.acts.blocks[previous].res3,
+        }
+    }
 
-        b.encoder_forward(rows(self.acts.encoded, c), rows(self.acts.tokens, 1), self.p.wte, wpe, batch, time, c)?;
-        let (ln, st, nw) = norm_into(0);
-        let st = stats(st);
+    /// The norm `nw` of the rows `r` of `inp`, or with `residual` of the sum it writes, into `out` and `stats`.
+    fn norm<B: Backend + ?Sized>(
+        &self,
+        b: &mut B,
+        r: Rows,
+        out: Tensor,
+        stats: NormStats,
+        inp: Tensor,
+        residual: Option<ResidualAdd>,
+        nw: NormWeights,
+    ) -> Result<()> {
+        let (c, st) = (self.spec.n_embd, r.stats(stats));
         b.norm_forward(NormForward {
-            out: rows(ln, c),
+            out: r.of(out, c),
             mean: st.mean,
             rstd: st.rstd,
-            inp: rows(self.acts.encoded, c),
-            residual: None,
+            inp: r.of(inp, c),
+            residual: residual.map(|ra| ResidualAdd { other: r.of(ra.other, c), sum: r.of(ra.sum, c) }),
             weight: nw.weight,
             bias: nw.bias,
-            d: self.norm_dims(n),
+            d: self.norm_dims(r.n()),
+        })
+    }
+
+    /// Block `l`'s first norm, of the residual stream entering it.
+    fn norm_1<B: Backend + ?Sized>(&self, b: &mut B, r: Rows, l: usize) -> Result<()> {
+        let a = &self.acts.blocks[l];
+        self.norm(b, r, a.ln1, a.ln1_stats, self.block_input(l), None, self.p.blocks[l].ln_1)
+    }
+
+    /// Block `l`'s MLP nonlinearity, from the pre-activation `fch_pre` to the hidden layer `fch`.
+    fn activation<B: Backend + ?Sized>(&self, b: &mut B, r: Rows, l: usize) -> Result<()> {
+        let (s, a) = (&self.spec, &self.acts.blocks[l]);
+        let (fch, pre) = (r.of(a.fch, s.ffn_dim), r.of(a.fch_pre, s.fc_width()));
+        match s.mlp {
+            Mlp::Gelu => b.gelu_forward(fch, pre),
+            Mlp::SwiGlu => b.swiglu_forward(fch, pre, r.n(), s.ffn_dim),
+        }
+    }
+
+    /// Block `l`'s forward pass from its first norm's output to the MLP's hidden layer: all but the MLP's output
+    /// projection and the residual add that ends the block. A backward pass that recomputes whole blocks runs this
+    /// again.
+    fn block_to_hidden<B: Backend + ?Sized>(&self, b: &mut B, r: Rows, l: usize) -> Result<()> {
+        let s = &self.spec;
+        let (a, wt) = (&self.acts.blocks[l], &self.p.blocks[l]);
+        let (c, n, w, ffn, fc_width) = (s.n_embd, r.n(), s.qkv_width(), s.ffn_dim, s.fc_width());
+        let att = self.attention_dims(r.batch, r.time);
+        let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
+        // A decoded token is rotated as position `pos`, and its queries, keys and values go to row `pos` of the cache.
+        let (qkv, first_pos) = match r.span {
+            Span::Full { .. } => (r.of(a.qkv, w), 0),
+            Span::Decode { pos } => (a.qkv.slice(pos * w, w), pos),
+        };
+        b.matmul_forward(MatmulForward {
+            out: qkv,
+            inp: r.of(a.ln1, c),
+            weight: wt.qkv_w,
+            bias: wt.qkv_b,
+            gelu_pre: None,
+            d: lin(c, w),
         })?;
-        for (l, (a, wt)) in self.acts.blocks.iter().zip(&self.p.blocks).enumerate() {
-            let residual = if l == 0 { self.acts.encoded } else { self.acts.blocks[l - 1].res3 };
-            let qkv = new_qkv(a.qkv);
-            b.matmul_forward(MatmulForward {
-                out: qkv,
-                inp: rows(a.ln1, c),
-                weight: wt.qkv_w,
-                bias: wt.qkv_b,
-                gelu_pre: None,
-                d: lin(c, w),
-            })?;
-            if let Positions::Rotary { .. } = s.positions {
-                b.rope(Rotary { qkv, table: self.acts.rope_table, d: att, first_pos, inverse: false })?;
+        if let Positions::Rotary { .. } = s.positions {
+            b.rope(Rotary { qkv, table: self.acts.rope_table, d: att, first_pos, inverse: false })?;
+        }
+        match r.span {
+            Span::Full { .. } => {
+                b.attention_forward(r.of(a.atty, c), r.of(a.att_lse, s.n_head), r.of(a.qkv, w), att)?
             }
-            let cache = a.qkv.slice(0, qkv_rows * w);
-            match span {
-                Span::Full { .. } => {
-                    b.attention_forward(rows(a.atty, c), a.att_lse.slice(0, batch * s.n_head * time), cache, att)?
-                }
-                Span::Decode { pos } => {
-                    b.attention_decode(rows(a.atty, c), cache, pos, AttentionDims { time: pos + 1, ..att })?
-                }
+            Span::Decode { pos } => {
+                let cache = a.qkv.slice(0, (pos + 1) * w);
+                b.attention_decode(r.of(a.atty, c), cache, pos, AttentionDims { time: pos + 1, ..att })?
             }
-            b.matmul_forward(MatmulForward {
-                out: rows(self.acts.proj, c),
-                inp: rows(a.atty, c),
-                weight: wt.proj_w,
-                bias: wt.proj_b,
-                gelu_pre: None,
-                d: lin(c, c),
-            })?;
-            let st = stats(a.ln2_stats);
-            b.norm_forward(NormForward {
-                out: rows(a.ln2, c),
-                mean: st.mean,
-                rstd: st.rstd,
-                inp: rows(residual, c),
-                residual: Some(ResidualAdd { other: rows(self.acts.proj, c), sum: rows(a.res2, c) }),
-                weight: wt.ln_2.weight,
-                bias: wt.ln_2.bias,
-                d: self.norm_dims(n),
-            })?;
-            let (ffn, fc_width) = (s.ffn_dim, s.fc_width());
-            match s.mlp {
-                Mlp::Gelu => b.matmul_forward(MatmulForward {
-                    out: rows(a.fch, ffn),
-                    inp: rows(a.ln2, c),
+        }
+        b.matmul_forward(MatmulForward {
+            out: r.of(self.acts.proj, c),
+            inp: r.of(a.atty, c),
+            weight: wt.proj_w,
+            bias: wt.proj_b,
+            gelu_pre: None,
+            d: lin(c, c),
+        })?;
+        let residual = ResidualAdd { other: self.acts.proj, sum: a.res2 };
+        self.norm(b, r, a.ln2, a.ln2_stats, self.block_input(l), Some(residual), wt.ln_2)?;
+        match s.mlp {
+            Mlp::Gelu => b.matmul_forward(MatmulForward {
+                out: r.of(a.fch, ffn),
+                inp: r.of(a.ln2, c),
+                weight: wt.fc_w,
+                bias: wt.fc_b,
+                gelu_pre: Some(r.of(a.fch_pre, fc_width)),
+                d: lin(c, fc_width),
+            }),
+            Mlp::SwiGlu => {
+                b.matmul_forward(MatmulForward {
+                    out: r.of(a.fch_pre, fc_width),
+                    inp: r.of(a.ln2, c),
                     weight: wt.fc_w,
                     bias: wt.fc_b,
-                    gelu_pre: Some(rows(a.fch_pre, fc_width)),
+                    gelu_pre: None,
                     d: lin(c, fc_width),
-                })?,
-                Mlp::SwiGlu => {
-                    b.matmul_forward(MatmulForward {
-                        out: rows(a.fch_pre, fc_width),
-                        inp: rows(a.ln2, c),
-                        weight: wt.fc_w,
-                        bias: wt.fc_b,
-                        gelu_pre: None,
-                        d: lin(c, fc_width),
-                    })?;
-                    b.swiglu_forward(rows(a.fch, ffn), rows(a.fch_pre, fc_width), n, ffn)?;
-                }
+                })?;
+                self.activation(b, r, l)
             }
+        }
+    }
+
+    fn forward_span<B: Backend + ?Sized>(&self, b: &mut B, span: Span, pass: Pass) -> Result<()> {
+        let s = &self.spec;
+        let r = Rows::new(span);
+        let (c, n, ffn) = (s.n_embd, r.n(), s.ffn_dim);
+        // A decoded token's position embedding is row `pos`; everything else about it is a one-row batch.
+        let first_pos = match span {
+            Span::Full { .. } => 0,
+            Span::Decode { pos } => pos,
+        };
+        let wpe = self.p.wpe.map(|wpe| wpe.slice(first_pos * c, r.time * c));
+        b.encoder_forward(r.of(self.acts.encoded, c), r.of(self.acts.tokens, 1), self.p.wte, wpe, r.batch, r.time, c)?;
+        self.norm_1(b, r, 0)?;
+        for (l, (a, wt)) in self.acts.blocks.iter().zip(&self.p.blocks).enumerate() {
+            self.block_to_hidden(b, r, l)?;
             b.matmul_forward(MatmulForward {
-                out: rows(self.acts.proj, c),
-                inp: rows(a.fch, ffn),
+                out: r.of(self.acts.proj, c),
+                inp: r.of(a.fch, ffn),
                 weight: wt.fcproj_w,
                 bias: wt.fcproj_b,
                 gelu_pre: None,
-                d: lin(ffn, c),
+                d: MatmulDims { rows: n, c_in: ffn, c_out: c },
             })?;
             // The residual add that ends this block, fused with the norm that starts the next (or the final norm).
-            let (ln, st, nw) = norm_into(l + 1);
-            let st = stats(st);
-            b.norm_forward(NormForward {
-                out: rows(ln, c),
-                mean: st.mean,
-                rstd: st.rstd,
-                inp: rows(a.res2, c),
-                residual: Some(ResidualAdd { other: rows(self.acts.proj, c), sum: rows(a.res3, c) }),
-                weight: nw.weight,
-                bias: nw.bias,
-                d: self.norm_dims(n),
-            })?;
+            let (out, stats, nw) = match (self.acts.blocks.get(l + 1), self.p.blocks.get(l + 1)) {
+                (Some(next), Some(w)) => (next.ln1, next.ln1_stats, w.ln_1),
+                _ => (self.acts.lnf, self.acts.lnf_stats, self.p.ln_f),
+            };
+            self.norm(b, r, out, stats, a.res2, Some(ResidualAdd { other: self.acts.proj, sum: a.res3 }), nw)?;
         }
         let vp = s.padded_vocab;
         b.matmul_forward(MatmulForward {
-            out: rows(self.acts.logits, vp),
-            inp: rows(self.acts.lnf, c),
+            out: r.of(self.acts.logits, vp),
+            inp: r.of(self.acts.lnf, c),
             weight: self.p.head,
             bias: None,
             gelu_pre: None,
-            d: lin(c, vp),
+            d: MatmulDims { rows: n, c_in: c, c_out: vp },
         })?;
         let dloss = match pass {
             Pass::Logits => return Ok(()),
@@ -526,9 +608,9 @@ impl Model {
             Pass::Train { dloss } => Some(dloss),
         };
         b.classifier(
-            rows(self.acts.logits, vp),
-            rows(self.losses, 1),
-            rows(self.acts.targets, 1),
+            r.of(self.acts.logits, vp),
+            r.of(self.losses, 1),
+            r.of(self.acts.targets, 1),
             n,
             s.vocab,
             vp,
@@ -562,56 +644,64 @@ impl Model {
         // the end.
         let ready_from = |t: Tensor| t.offset - self.grads.offset;
         let s = &self.spec;
-        let (c, n, vp, w) = (s.n_embd, batch * time, s.padded_vocab, s.qkv_width());
-        let rows = |t: Tensor, width: usize| t.slice(0, n * width);
-        let stats = |st: NormStats| (st.mean.map(|m| rows(m, 1)), rows(st.rstd, 1));
+        let r = Rows::new(Span::Full { batch, time });
+        let (c, n, vp, w) = (s.n_embd, r.n(), s.padded_vocab, s.qkv_width());
         let att = self.attention_dims(batch, time);
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
-        let (dres, dbtc) = (rows(self.acts.dresidual, c), rows(self.acts.dbtc, c));
+        let (dres, dbtc) = (r.of(self.acts.dresidual, c), r.of(self.acts.dbtc, c));
         // Backward of the norm `nw` of input `inp` that saved `st`: its gradient `dout` is added to dres.
         let norm_backward = |b: &mut B, dout: Tensor, inp: Tensor, nw: NormWeights, gw: NormWeights, st| {
-            let (mean, rstd) = stats(st);
+            let NormStats { mean, rstd } = r.stats(st);
             b.norm_backward(NormBackward {
                 dinp: dres,
                 dweight: gw.weight,
                 dbias: gw.bias,
                 dout,
-                inp: rows(inp, c),
+                inp: r.of(inp, c),
                 weight: nw.weight,
                 mean,
                 rstd,
                 d: self.norm_dims(n),
             })
         };
+        let elementwise = self.recompute == Recompute::Elementwise;
 
         // LM head, then the final norm: the residual stream's gradient starts here.
         b.matmul_backward(MatmulBackward {
             dinp: dbtc,
             dweight: grads.head,
             dbias: None,
-            dout: rows(self.acts.logits, vp),
-            inp: rows(self.acts.lnf, c),
+            dout: r.of(self.acts.logits, vp),
+            inp: r.of(self.acts.lnf, c),
             weight: self.p.head,
             gelu_pre: None,
             d: lin(c, vp),
         })?;
         b.zero(dres)?;
-        let last = &self.acts.blocks[s.n_layer - 1];
-        norm_backward(b, dbtc, last.res3, self.p.ln_f, grads.ln_f, self.acts.lnf_stats)?;
+        norm_backward(b, dbtc, self.block_input(s.n_layer), self.p.ln_f, grads.ln_f, self.acts.lnf_stats)?;
         on_ready(b, ready_from(grads.ln_f.weight))?;
         for l in (0..s.n_layer).rev() {
             let (a, wt, g) = (&self.acts.blocks[l], &self.p.blocks[l], &grads.blocks[l]);
-            let residual = if l == 0 { self.acts.encoded } else { self.acts.blocks[l - 1].res3 };
             let (ffn, fc_width) = (s.ffn_dim, s.fc_width());
-            let dfch = rows(self.acts.dfch, ffn);
+            // A recomputed activation is written again just before the first operation that reads it (with whole
+            // blocks, all of them at once).
+            match self.recompute {
+                Recompute::None => {}
+                Recompute::Elementwise => self.activation(b, r, l)?,
+                Recompute::Block => {
+                    self.norm_1(b, r, l)?;
+                    self.block_to_hidden(b, r, l)?;
+                }
+            }
+            let dfch = r.of(self.acts.dfch, ffn);
             // MLP: dres is the gradient of res3, which flows unchanged to res2 and into the MLP's output.
-            let gelu_pre = (s.mlp == Mlp::Gelu).then(|| rows(a.fch_pre, fc_width));
+            let gelu_pre = (s.mlp == Mlp::Gelu).then(|| r.of(a.fch_pre, fc_width));
             b.matmul_backward(MatmulBackward {
                 dinp: dfch,
                 dweight: g.fcproj_w,
                 dbias: g.fcproj_b,
                 dout: dres,
-                inp: rows(a.fch, ffn),
+                inp: r.of(a.fch, ffn),
                 weight: wt.fcproj_w,
                 gelu_pre,
                 d: lin(ffn, c),
@@ -620,59 +710,59 @@ impl Model {
             let dfc_out = match s.mlp {
                 Mlp::Gelu => dfch,
                 Mlp::SwiGlu => {
-                    let dpre = rows(self.acts.dfch_pre, fc_width);
-                    b.swiglu_backward(dpre, dfch, rows(a.fch_pre, fc_width), n, ffn)?;
+                    let dpre = r.of(self.acts.dfch_pre, fc_width);
+                    b.swiglu_backward(dpre, dfch, r.of(a.fch_pre, fc_width), n, ffn)?;
                     dpre
                 }
             };
+            if elementwise {
+                // From the residual sum that the forward pass wrote and normalised, which the norm's backward reads.
+                self.norm(b, r, a.ln2, a.ln2_stats, a.res2, None, wt.ln_2)?;
+            }
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.fc_w,
                 dbias: g.fc_b,
                 dout: dfc_out,
-                inp: rows(a.ln2, c),
+                inp: r.of(a.ln2, c),
                 weight: wt.fc_w,
                 gelu_pre: None,
                 d: lin(c, fc_width),
             })?;
             norm_backward(b, dbtc, a.res2, wt.ln_2, g.ln_2, a.ln2_stats)?;
             // Attention.
-            let dqkv = rows(self.acts.dqkv, w);
+            let dqkv = r.of(self.acts.dqkv, w);
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.proj_w,
                 dbias: g.proj_b,
                 dout: dres,
-                inp: rows(a.atty, c),
+                inp: r.of(a.atty, c),
                 weight: wt.proj_w,
                 gelu_pre: None,
                 d: lin(c, c),
             })?;
-            b.attention_backward(
-                dqkv,
-                dbtc,
-                rows(a.qkv, w),
-                rows(a.atty, c),
-                a.att_lse.slice(0, batch * s.n_head * time),
-                att,
-            )?;
+            b.attention_backward(dqkv, dbtc, r.of(a.qkv, w), r.of(a.atty, c), r.of(a.att_lse, s.n_head), att)?;
             if let Positions::Rotary { .. } = s.positions {
                 b.rope(Rotary { qkv: dqkv, table: self.acts.rope_table, d: att, first_pos: 0, inverse: true })?;
+            }
+            if elementwise {
+                self.norm_1(b, r, l)?;
             }
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.qkv_w,
                 dbias: g.qkv_b,
                 dout: dqkv,
-                inp: rows(a.ln1, c),
+                inp: r.of(a.ln1, c),
                 weight: wt.qkv_w,
                 gelu_pre: None,
                 d: lin(c, w),
             })?;
-            norm_backward(b, dbtc, residual, wt.ln_1, g.ln_1, a.ln1_stats)?;
+            norm_backward(b, dbtc, self.block_input(l), wt.ln_1, g.ln_1, a.ln1_stats)?;
             on_ready(b, ready_from(g.qkv_w))?;
         }
-        b.encoder_backward(grads.wte, grads.wpe, dres, rows(self.acts.tokens, 1), batch, time, c)?;
+        b.encoder_backward(grads.wte, grads.wpe, dres, r.of(self.acts.tokens, 1), batch, time, c)?;
         on_ready(b, 0)
     }
 

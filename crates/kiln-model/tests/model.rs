@@ -2,7 +2,7 @@
 //! for both families: GPT-2 and a Llama-style model (RMS norm, rotary positions with Llama 3's scaling, SwiGLU,
 //! grouped-query attention, an untied head).
 
-use kiln_core::config::{Arch, RopeScaling, RopeScalingKind};
+use kiln_core::config::{Arch, Recompute, RopeScaling, RopeScalingKind};
 use kiln_core::{Backend, NormKind, Tensor};
 use kiln_cpu::CpuBackend;
 use kiln_model::{Mlp, Model, ModelSpec, Pass, Positions};
@@ -230,7 +230,7 @@ fn gradients_reported_ready_do_not_change_afterwards() {
 fn gradients_reported_ready_do_not_change_afterwards_for(s: ModelSpec) {
     let vocab = s.vocab;
     let mut b = CpuBackend::<f64>::new();
-    let model = Model::with_padding(&mut b, s, 2, 3, 64).unwrap();
+    let model = Model::with_padding(&mut b, s, 2, 3, 64, Recompute::None).unwrap();
     let (bs, time) = (2, 6);
     model.load_batch(&mut b, &batch(bs * time, vocab, 0), Some(&batch(bs * time, vocab, 1))).unwrap();
     b.zero(model.grads).unwrap();
@@ -251,4 +251,56 @@ fn gradients_reported_ready_do_not_change_afterwards_for(s: ModelSpec) {
     for (from, snapshot) in reported {
         assert_eq!(snapshot, last[from..], "gradients from {from} changed after being reported final");
     }
+}
+
+/// What training on the f32 engine with activations recomputed at `recompute` produces: the bytes the model
+/// allocates, the losses of two micro-batches (the second smaller than the model's batch), and the gradients
+/// accumulated over both.
+fn accumulate_two_micro_batches(s: ModelSpec, recompute: Recompute) -> (u64, Vec<f32>, Vec<f32>) {
+    let mut b = CpuBackend::<f32>::new();
+    let model = Model::with_padding(&mut b, s, 3, 7, 1, recompute).unwrap();
+    let bytes = b.allocated_bytes();
+    b.zero(model.grads).unwrap();
+    let mut losses = Vec::new();
+    for (micro, (bs, time)) in [(3, s.block_size), (2, s.block_size - 3)].into_iter().enumerate() {
+        let n = bs * time;
+        model.load_batch(&mut b, &batch(n, s.vocab, micro), Some(&batch(n, s.vocab, micro + 7))).unwrap();
+        b.zero(model.losses).unwrap();
+        model.forward(&mut b, bs, time, Pass::Train { dloss: 1.0 / n as f32 }).unwrap();
+        model.backward(&mut b, bs, time).unwrap();
+        let mut host = vec![0.0; n];
+        b.download(model.losses.slice(0, n), &mut host).unwrap();
+        losses.extend(host);
+    }
+    let mut grads = vec![0.0; model.grads.len];
+    b.download(model.grads, &mut grads).unwrap();
+    (bytes, losses, grads)
+}
+
+#[test]
+fn recomputed_activations_give_the_same_losses_and_gradients_in_less_memory() {
+    // Three blocks, so that a shared buffer is written by blocks other than the one whose backward pass reads it.
+    for s in [ModelSpec::gpt2(3, 2, 16, 12, 11), llama(ModelSpec::gpt2(3, 2, 16, 12, 11))] {
+        let (kept_bytes, kept_losses, kept_grads) = accumulate_two_micro_batches(s, Recompute::None);
+        assert!(kept_grads.iter().all(|g| g.is_finite()) && kept_grads.iter().any(|&g| g != 0.0));
+        let mut bytes = vec![kept_bytes];
+        for recompute in [Recompute::Elementwise, Recompute::Block] {
+            let (b, losses, grads) = accumulate_two_micro_batches(s, recompute);
+            // Bit for bit: the recomputed activations are the very values the forward pass wrote.
+            assert_eq!(losses, kept_losses, "{:?} {recompute:?}", s.arch);
+            assert_eq!(grads, kept_grads, "{:?} {recompute:?}", s.arch);
+            bytes.push(b);
+        }
+        assert!(bytes[0] > bytes[1] && bytes[1] > bytes[2], "{:?}: none, elementwise, block: {bytes:?}", s.arch);
+    }
+}
+
+#[test]
+fn a_model_that_recomputes_whole_blocks_refuses_to_decode() {
+    // Its blocks share one qkv activation, so there is no key/value cache to decode from.
+    let mut b = CpuBackend::<f32>::new();
+    let model = Model::with_padding(&mut b, shape(11), 1, 1, 1, Recompute::Block).unwrap();
+    model.load_batch(&mut b, &[1, 2], None).unwrap();
+    model.forward(&mut b, 1, 2, Pass::Logits).unwrap();
+    assert!(model.decode_step(&mut b, 3, 2).is_err());
 }

@@ -309,6 +309,12 @@ fn op_cases() -> Vec<OpCase> {
             }),
         },
         OpCase {
+            name: "gelu_forward".into(),
+            reals: vec![(rows * 67, Out, Activation), (rows * 67, In, Activation)],
+            indices: vec![],
+            run: Box::new(move |b, r, _| b.gelu_forward(r[0], r[1])),
+        },
+        OpCase {
             name: "swiglu_forward".into(),
             reals: vec![(rows * 67, Out, Activation), (rows * 134, In, Activation)],
             indices: vec![],
@@ -642,6 +648,7 @@ mod tests {
             "rope B2 T66 H4/2kv D64 causal",
             "attention_backward B2 T66 H4/2kv D64 causal",
             "matmul_backward+gelu",
+            "gelu_forward",
             "classifier",
         ] {
             assert!(failed.contains(&name), "{name} should fail at 1e-12; failed: {failed:?}");

@@ -626,7 +626,8 @@ impl Allocated {
         world: usize,
         rank: usize,
     ) -> Result<Self> {
-        let model = Model::for_training(backend, spec, micro_batch, parallel::padding_multiple(world))?;
+        let multiple = parallel::padding_multiple(world);
+        let model = Model::for_training(backend, spec, micro_batch, multiple, config.train.recompute)?;
         let zero = config.dist.zero == 1;
         // Gradients are fp32 on every engine.
         let bucket_elems = (config.dist.bucket_mb * 1e6 / 4.0) as usize;

@@ -1,5 +1,5 @@
 //! Memory plans against the CPU engine: the plan's allocated bytes are what each rank's engine allocates, to the
-//! byte, for both model families, ZeRO stages and 1–4 ranks; "auto" picks the largest micro-batch that fits.
+//! byte, for both model families, recomputation levels, ZeRO stages and 1–4 ranks; "auto" picks the largest micro-batch that fits.
 
 use kiln_core::Config;
 use kiln_core::config::MicroBatch;
@@ -33,8 +33,10 @@ const LLAMA: [&str; 2] = ["model.arch=llama", "model.n_kv_head=2"];
 
 #[test]
 fn the_plan_is_what_each_rank_of_the_cpu_engine_allocates() {
-    let cases: [(&[&str], usize); 6] = [
+    let cases: [(&[&str], usize); 8] = [
         (&["train.micro_batch=8"], 1),
+        (&["train.micro_batch=8", "train.recompute=elementwise"], 1),
+        (&[LLAMA[0], LLAMA[1], "train.micro_batch=4", "train.recompute=block", "dist.zero=1"], 2),
         (&[LLAMA[0], LLAMA[1], "train.micro_batch=8"], 1),
         (&["train.micro_batch=6"], 2),
         (&["train.micro_batch=4", "dist.zero=1"], 3),

@@ -72,6 +72,20 @@ fn accumulation_matches_one_big_batch() {
     }
 }
 
+#[test]
+fn recomputing_activations_changes_no_loss() {
+    // Two micro-batches a step; GPT-2 and Llama-style, whose MLPs recompute different nonlinearities.
+    for family in [&[][..], SMALL_LLAMA] {
+        let base = [SMALL, family, &["train.micro_batch=4"]].concat();
+        let kept = run(&config(&base));
+        for level in ["train.recompute=elementwise", "train.recompute=block"] {
+            let recomputed = run(&config(&[&base[..], &[level]].concat()));
+            assert_eq!(recomputed.losses, kept.losses, "{level} {family:?}");
+            assert_eq!(recomputed.val_loss, kept.val_loss, "{level} {family:?}");
+        }
+    }
+}
+
 fn out_dir(name: &str) -> String {
     let dir = std::env::temp_dir().join(format!("kiln-train-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
