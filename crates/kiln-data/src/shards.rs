@@ -4,7 +4,7 @@
 //! tokens: magic 20240520 / version 1 with uint16 tokens, or magic 20240801 / version 7 with uint32 tokens (for
 //! vocabularies beyond 65,536). Shards are memory-mapped, never read whole.
 
-use kiln_core::{Error, Result};
+use kiln_core::{Error, Result, durable};
 use memmap2::Mmap;
 use std::path::{Path, PathBuf};
 
@@ -18,7 +18,7 @@ pub fn narrow(vocab: usize) -> bool {
     vocab <= 1 << 16
 }
 
-/// Writes `tokens` as a shard at `path`, through a temporary file renamed into place.
+/// Writes `tokens` as a shard at `path`, whole or not at all (see [`durable`]).
 pub fn write(path: &Path, tokens: &[u32], vocab: usize) -> Result<()> {
     let mut header = [0i32; HEADER_INTS];
     let wide = !narrow(vocab);
@@ -35,9 +35,7 @@ pub fn write(path: &Path, tokens: &[u32], vocab: usize) -> Result<()> {
             bytes.extend((t as u16).to_le_bytes());
         }
     }
-    let tmp = path.with_extension("bin.tmp");
-    std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    durable::write(path, &bytes)
 }
 
 /// A memory-mapped shard.
