@@ -96,8 +96,25 @@ impl Shard {
         }
     }
 
-    /// The first token at or past `vocab`, as (position, id).
-    pub fn first_outside(&self, vocab: usize) -> Option<(usize, u32)> {
-        (0..self.len).map(|i| (i, self.get(i))).find(|&(_, t)| t as usize >= vocab)
+    /// Tokens `start..start + inputs.len()` into `inputs`, and the token after each into `targets`. Each is checked
+    /// as it is read: an id at or past `vocab` is an error that names this file and the token's position. Checking
+    /// here rather than in [`Shard::open`] keeps a run's start-up the same however large its dataset (scanning
+    /// 100B tokens reads 200 GB), and costs one comparison per token a batch reads anyway.
+    pub fn window(&self, start: usize, vocab: usize, inputs: &mut [u32], targets: &mut [u32]) -> Result<()> {
+        let token = |i: usize| {
+            let id = self.get(i);
+            if id as usize >= vocab {
+                let message = format!("token id {id} at position {i} is outside the vocabulary of {vocab}");
+                return Err(Error::data(&self.path, message));
+            }
+            Ok(id)
+        };
+        let mut next = token(start)?;
+        for (i, (x, y)) in inputs.iter_mut().zip(targets.iter_mut()).enumerate() {
+            *x = next;
+            next = token(start + i + 1)?;
+            *y = next;
+        }
+        Ok(())
     }
 }
