@@ -95,8 +95,8 @@ impl Compiler {
         let entry_points = entry_points(&cubin).map_err(|e| err(format!("{}.cu's CUBIN: {e}", kernel.name)))?;
         std::fs::create_dir_all(&self.cache_dir).map_err(|e| Error::io(&self.cache_dir, e))?;
         // The log goes first: an entry counts as cached only once its CUBIN, written last, is complete.
-        write_atomically(&log_path, log.as_bytes())?;
-        write_atomically(&path, &cubin)?;
+        kiln_core::durable::write(&log_path, log.as_bytes())?;
+        kiln_core::durable::write(&path, &cubin)?;
         Ok(Compiled { cubin, entry_points, stats: parse_ptxas_log(&log), cached: false, path })
     }
 
@@ -143,12 +143,6 @@ fn c_text(chars: &[std::ffi::c_char]) -> String {
 /// 64-bit FNV-1a: a stable hash for cache keys (the standard library's hasher may change between releases).
 fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 fn cache_dir() -> Result<PathBuf> {

@@ -91,8 +91,8 @@ impl Dataset {
         Dataset::open_splits(data, time, true)
     }
 
-    /// [`Dataset::open`] for evaluation: training shards are not opened (nor their tokens checked), and the
-    /// training split of such a corpus is empty.
+    /// [`Dataset::open`] for evaluation: training shards are not opened, and the training split of such a corpus
+    /// is empty.
     pub fn open_validation(data: &DataConfig, time: usize) -> Result<Dataset> {
         Dataset::open_splits(data, time, false)
     }
@@ -179,15 +179,31 @@ impl Dataset {
 
     /// Training sequence `row` of optimizer step `step`: `inputs` and `targets` of equal length, targets shifted
     /// by one; positions that should not be learned carry
-    /// [`kiln_core::backend::IGNORE_TARGET`].
-    pub fn train_sequence(&self, seed: u64, step: u64, row: u64, inputs: &mut [u32], targets: &mut [u32]) {
+    /// [`kiln_core::backend::IGNORE_TARGET`]. Fails on a shard token outside the vocabulary (see
+    /// [`shards::Shard::window`]).
+    pub fn train_sequence(
+        &self,
+        seed: u64,
+        step: u64,
+        row: u64,
+        inputs: &mut [u32],
+        targets: &mut [u32],
+    ) -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(sequence_seed(seed, TRAIN_STREAM, step, row));
+        self.sequence(&mut rng, false, inputs, targets)
+    }
+
+    /// A sequence of the training split, or with `held_out` of the validation split, drawn with `rng`.
+    fn sequence(&self, rng: &mut ChaCha8Rng, held_out: bool, inputs: &mut [u32], targets: &mut [u32]) -> Result<()> {
         match &self.source {
-            Source::Text { train, .. } => window(train, &mut rng, inputs, targets),
-            Source::Addition(task) => task.sequence(&mut rng, false, inputs, targets),
-            Source::Random { vocab } => random(*vocab, &mut rng, inputs, targets),
-            Source::Shards { train, .. } => shard_window(train, &mut rng, inputs, targets),
+            Source::Text { train, val } => random_window(if held_out { val } else { train }, rng, inputs, targets),
+            Source::Addition(task) => task.sequence(rng, held_out, inputs, targets),
+            Source::Random { vocab } => random(*vocab, rng, inputs, targets),
+            Source::Shards { train, val, vocab, .. } => {
+                return shard_window(if held_out { val } else { train }, *vocab, rng, inputs, targets);
+            }
         }
+        Ok(())
     }
 
     /// The whole validation split cut into consecutive windows of `time` inputs (each with its `time` targets,
@@ -201,23 +217,21 @@ impl Dataset {
         }
     }
 
-    /// Window `index` of [`Dataset::val_windows`].
-    pub fn val_window(&self, index: usize, inputs: &mut [u32], targets: &mut [u32]) {
+    /// Window `index` of [`Dataset::val_windows`]. Fails on a shard token outside the vocabulary (see
+    /// [`shards::Shard::window`]).
+    pub fn val_window(&self, index: usize, inputs: &mut [u32], targets: &mut [u32]) -> Result<()> {
         let t = inputs.len();
-        let copy = |get: &dyn Fn(usize) -> u32, start: usize, inputs: &mut [u32], targets: &mut [u32]| {
-            for i in 0..t {
-                inputs[i] = get(start + i);
-                targets[i] = get(start + i + 1);
-            }
-        };
         match &self.source {
-            Source::Text { val, .. } => copy(&|i| val[i], index * t, inputs, targets),
-            Source::Shards { val, .. } => {
+            Source::Text { val, .. } => {
+                window(val, index * t, inputs, targets);
+                Ok(())
+            }
+            Source::Shards { val, vocab, .. } => {
                 let mut index = index;
                 for shard in val {
                     let here = (shard.len() - 1) / t;
                     if index < here {
-                        return copy(&|i| shard.get(i), index * t, inputs, targets);
+                        return shard.window(index * t, *vocab, inputs, targets);
                     }
                     index -= here;
                 }
@@ -227,15 +241,11 @@ impl Dataset {
         }
     }
 
-    /// Validation sequence `index`: the same for every evaluation of a run, so losses are comparable.
-    pub fn val_sequence(&self, seed: u64, index: u64, inputs: &mut [u32], targets: &mut [u32]) {
+    /// Validation sequence `index`: the same for every evaluation of a run, so losses are comparable. Fails as
+    /// [`Dataset::train_sequence`] does.
+    pub fn val_sequence(&self, seed: u64, index: u64, inputs: &mut [u32], targets: &mut [u32]) -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(sequence_seed(seed, VAL_STREAM, 0, index));
-        match &self.source {
-            Source::Text { val, .. } => window(val, &mut rng, inputs, targets),
-            Source::Addition(task) => task.sequence(&mut rng, true, inputs, targets),
-            Source::Random { vocab } => random(*vocab, &mut rng, inputs, targets),
-            Source::Shards { val, .. } => shard_window(val, &mut rng, inputs, targets),
-        }
+        self.sequence(&mut rng, true, inputs, targets)
     }
 
     /// How to turn text into this corpus's token ids and back; `None` for random ids, which are no text.
@@ -276,8 +286,8 @@ fn random(vocab: usize, rng: &mut ChaCha8Rng, inputs: &mut [u32], targets: &mut 
     }
 }
 
-/// A dataset directory: `meta.json` names the shards and the vocabulary. Every shard is checked (header, size,
-/// and that each token id is inside the vocabulary) when the run starts, not when a batch reaches it.
+/// A dataset directory: `meta.json` names the shards and the vocabulary. Every shard's header and size are checked
+/// when the run starts; its tokens, as batches read them ([`shards::Shard::window`]).
 fn open_shards(dir: &Path, time: usize, with_train: bool) -> Result<Dataset> {
     let meta_path = dir.join("meta.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| {
@@ -299,7 +309,7 @@ fn open_shards(dir: &Path, time: usize, with_train: bool) -> Result<Dataset> {
             .collect()
     };
     let train_paths = if with_train { paths("train")? } else { Vec::new() };
-    let (train, val) = (open_split(&train_paths, vocab, time, dir)?, open_split(&paths("val")?, vocab, time, dir)?);
+    let (train, val) = (open_split(&train_paths, time, dir)?, open_split(&paths("val")?, time, dir)?);
     let tokenizer = meta["tokenizer"].as_str().unwrap_or_default().to_string();
     // A character vocabulary travels in meta.json; other tokenizers need no table here.
     let chars = CharTokenizer::from_chars(meta["chars"].as_str().unwrap_or_default().chars().collect());
@@ -326,10 +336,8 @@ fn open_llmc_shards(train: &str, val: Option<&str>, time: usize, with_train: boo
     let vocab = prepare::Tokenization::Gpt2.vocab_size();
     let train_paths = if with_train { expand_pattern(train)? } else { Vec::new() };
     let val_paths = expand_pattern(val)?;
-    let (train, val) = (
-        open_split(&train_paths, vocab, time, Path::new(train))?,
-        open_split(&val_paths, vocab, time, Path::new(val))?,
-    );
+    let (train, val) =
+        (open_split(&train_paths, time, Path::new(train))?, open_split(&val_paths, time, Path::new(val))?);
     Ok(Dataset {
         tokenizer: CharTokenizer::from_chars(Vec::new()),
         source: Source::Shards { train, val, vocab, tokenizer: "gpt2".into(), hf: None },
@@ -358,18 +366,12 @@ fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-/// Opens and checks the shards of one split; those too short for one sequence are left out. Keeping none is an
-/// error unless no shard was named (the training split of [`Dataset::open_validation`]).
-fn open_split(paths: &[PathBuf], vocab: usize, time: usize, what: &Path) -> Result<Vec<shards::Shard>> {
+/// Opens the shards of one split, checking each one's header and size; those too short for one sequence are left
+/// out. Keeping none is an error unless no shard was named (the training split of [`Dataset::open_validation`]).
+fn open_split(paths: &[PathBuf], time: usize, what: &Path) -> Result<Vec<shards::Shard>> {
     let mut opened = Vec::new();
     for path in paths {
         let shard = shards::Shard::open(path)?;
-        if let Some((at, id)) = shard.first_outside(vocab) {
-            return Err(Error::data(
-                path,
-                format!("token id {id} at position {at} is outside the vocabulary of {vocab}"),
-            ));
-        }
         if shard.len() > time {
             opened.push(shard);
         }
@@ -380,8 +382,15 @@ fn open_split(paths: &[PathBuf], vocab: usize, time: usize, what: &Path) -> Resu
     Ok(opened)
 }
 
-/// A random window of `inputs.len() + 1` consecutive tokens from one of `shards`, each window equally likely.
-fn shard_window(shards: &[shards::Shard], rng: &mut ChaCha8Rng, inputs: &mut [u32], targets: &mut [u32]) {
+/// A random window of `inputs.len() + 1` consecutive tokens from one of `shards`, each window equally likely, every
+/// token checked to be below `vocab`.
+fn shard_window(
+    shards: &[shards::Shard],
+    vocab: usize,
+    rng: &mut ChaCha8Rng,
+    inputs: &mut [u32],
+    targets: &mut [u32],
+) -> Result<()> {
     let t = inputs.len();
     let windows: usize = shards.iter().map(|s| s.len() - t).sum();
     let mut pick = rng.random_range(0..windows);
@@ -397,16 +406,17 @@ fn shard_window(shards: &[shards::Shard], rng: &mut ChaCha8Rng, inputs: &mut [u3
             }
         })
         .expect("pick < total windows");
-    for (i, (x, y)) in inputs.iter_mut().zip(targets.iter_mut()).enumerate() {
-        *x = shard.get(pick + i);
-        *y = shard.get(pick + i + 1);
-    }
+    shard.window(pick, vocab, inputs, targets)
 }
 
 /// A random window of `inputs.len() + 1` consecutive tokens.
-fn window(tokens: &[u32], rng: &mut ChaCha8Rng, inputs: &mut [u32], targets: &mut [u32]) {
+fn random_window(tokens: &[u32], rng: &mut ChaCha8Rng, inputs: &mut [u32], targets: &mut [u32]) {
+    window(tokens, rng.random_range(0..tokens.len() - inputs.len()), inputs, targets);
+}
+
+/// Tokens `start..start + inputs.len()` into `inputs`, and the token after each into `targets`.
+fn window(tokens: &[u32], start: usize, inputs: &mut [u32], targets: &mut [u32]) {
     let t = inputs.len();
-    let start = rng.random_range(0..tokens.len() - t);
     inputs.copy_from_slice(&tokens[start..start + t]);
     targets.copy_from_slice(&tokens[start + 1..start + t + 1]);
 }

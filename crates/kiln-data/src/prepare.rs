@@ -9,12 +9,13 @@
 //! last `val_fraction` of the input bytes becomes the validation split; the document that straddles that point
 //! is tokenised as two texts, one in each split. Shards are written as they fill; `meta.json`, written last, is
 //! what makes the directory a dataset, so an interrupted run leaves nothing that looks complete. A Hugging Face
-//! tokenizer's `tokenizer.json` is copied next to it.
+//! tokenizer's `tokenizer.json` is copied next to it. Every file is on disk before the next is published
+//! ([`durable`]), so not even a power loss leaves a `meta.json` naming a shard that is not.
 
 use crate::codec::HF_TOKENIZER_FILE;
 use crate::hf::HfTokenizer;
 use crate::{CharTokenizer, shards};
-use kiln_core::{Error, Result};
+use kiln_core::{Error, Result, durable};
 use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -397,11 +398,9 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
     if let Tokenization::Hf(hf) = tok {
         meta["end_of_text_token"] = serde_json::Value::String(hf.end_of_text_token().to_string());
         let copy = out.join(HF_TOKENIZER_FILE);
-        std::fs::write(&copy, hf.json()).map_err(|e| Error::io(&copy, e))?;
+        durable::write(&copy, hf.json())?;
     }
-    let tmp = meta_path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&meta).expect("plain JSON")).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &meta_path).map_err(|e| Error::io(&meta_path, e))?;
+    durable::write(&meta_path, serde_json::to_string_pretty(&meta).expect("plain JSON").as_bytes())?;
     summary.shards = train.written.iter().chain(&val.written).cloned().collect();
     Ok(summary)
 }

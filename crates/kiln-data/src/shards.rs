@@ -4,7 +4,7 @@
 //! tokens: magic 20240520 / version 1 with uint16 tokens, or magic 20240801 / version 7 with uint32 tokens (for
 //! vocabularies beyond 65,536). Shards are memory-mapped, never read whole.
 
-use kiln_core::{Error, Result};
+use kiln_core::{Error, Result, durable};
 use memmap2::Mmap;
 use std::path::{Path, PathBuf};
 
@@ -18,7 +18,7 @@ pub fn narrow(vocab: usize) -> bool {
     vocab <= 1 << 16
 }
 
-/// Writes `tokens` as a shard at `path`, through a temporary file renamed into place.
+/// Writes `tokens` as a shard at `path`, whole or not at all (see [`durable`]).
 pub fn write(path: &Path, tokens: &[u32], vocab: usize) -> Result<()> {
     let mut header = [0i32; HEADER_INTS];
     let wide = !narrow(vocab);
@@ -35,9 +35,7 @@ pub fn write(path: &Path, tokens: &[u32], vocab: usize) -> Result<()> {
             bytes.extend((t as u16).to_le_bytes());
         }
     }
-    let tmp = path.with_extension("bin.tmp");
-    std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    durable::write(path, &bytes)
 }
 
 /// A memory-mapped shard.
@@ -98,8 +96,25 @@ impl Shard {
         }
     }
 
-    /// The first token at or past `vocab`, as (position, id).
-    pub fn first_outside(&self, vocab: usize) -> Option<(usize, u32)> {
-        (0..self.len).map(|i| (i, self.get(i))).find(|&(_, t)| t as usize >= vocab)
+    /// Tokens `start..start + inputs.len()` into `inputs`, and the token after each into `targets`. Each is checked
+    /// as it is read: an id at or past `vocab` is an error that names this file and the token's position. Checking
+    /// here rather than in [`Shard::open`] keeps a run's start-up the same however large its dataset (scanning
+    /// 100B tokens reads 200 GB), and costs one comparison per token a batch reads anyway.
+    pub fn window(&self, start: usize, vocab: usize, inputs: &mut [u32], targets: &mut [u32]) -> Result<()> {
+        let token = |i: usize| {
+            let id = self.get(i);
+            if id as usize >= vocab {
+                let message = format!("token id {id} at position {i} is outside the vocabulary of {vocab}");
+                return Err(Error::data(&self.path, message));
+            }
+            Ok(id)
+        };
+        let mut next = token(start)?;
+        for (i, (x, y)) in inputs.iter_mut().zip(targets.iter_mut()).enumerate() {
+            *x = next;
+            next = token(start + i + 1)?;
+            *y = next;
+        }
+        Ok(())
     }
 }

@@ -109,7 +109,7 @@ fn shards_load_as_training_data() {
     let train = read_split(&out, "train");
     let (mut x, mut y) = (vec![0; 32], vec![0; 32]);
     for row in 0..20 {
-        data.train_sequence(1, 0, row, &mut x, &mut y);
+        data.train_sequence(1, 0, row, &mut x, &mut y).unwrap();
         assert_eq!(x[1..], y[..31]);
         // Each window is a run of consecutive training tokens.
         assert!(train.windows(32).any(|w| w == x.as_slice()), "window not found in the training shards");
@@ -161,17 +161,57 @@ fn bad_shards_and_bad_input_are_named() {
     std::fs::write(d.join("x.jsonl"), "{\"body\": \"no text field\"}\n").unwrap();
     let msg = data_error(run(&options(vec![d.join("x.jsonl")], &out, Tokenization::Gpt2, 0.0, 100)));
     assert!(msg.contains("line 1") && msg.contains("--text-field"), "{msg}");
+}
 
-    // A shard whose ids exceed the vocabulary its meta.json declares.
-    let bad = d.join("badvocab");
-    std::fs::create_dir_all(&bad).unwrap();
-    shards::write(&bad.join("train_000000.bin"), &[5; 40], 300).unwrap();
-    shards::write(&bad.join("val_000000.bin"), &[5, 300, 5, 5, 5, 5, 5, 5, 5, 5], 300).unwrap();
+/// A dataset of byte-vocabulary (257) shards in `dir`, one per split, with `meta.json`.
+fn byte_dataset(dir: &Path, train: &[u32], val: &[u32]) -> DataConfig {
+    std::fs::create_dir_all(dir).unwrap();
+    shards::write(&dir.join("train_000000.bin"), train, 300).unwrap();
+    shards::write(&dir.join("val_000000.bin"), val, 300).unwrap();
     let meta = serde_json::json!({"tokenizer": "byte", "vocab_size": 257, "train": ["train_000000.bin"], "val": ["val_000000.bin"]});
-    std::fs::write(bad.join("meta.json"), meta.to_string()).unwrap();
-    let cfg = DataConfig { train: bad.to_string_lossy().into(), val: None };
+    std::fs::write(dir.join("meta.json"), meta.to_string()).unwrap();
+    DataConfig { train: dir.to_string_lossy().into(), val: None }
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_found_when_read_not_at_open() {
+    let d = dir("badvocab");
+    let mut train = vec![5; 40];
+    train[17] = 299;
+    let cfg = byte_dataset(&d, &train, &[5, 300, 5, 5, 5, 5, 5, 5, 5, 5]);
+    // Opening reads headers only, so a dataset of any size opens at once.
+    let data = Dataset::open(&cfg, 4).unwrap();
+    let (mut x, mut y) = (vec![0; 4], vec![0; 4]);
+    let msg = data_error(data.val_window(0, &mut x, &mut y));
+    assert!(msg.contains("val_000000.bin") && msg.contains("token id 300 at position 1"), "{msg}");
+    // A training window fails exactly when it covers the bad token, and a window beside it is read whole.
+    let (mut read, mut failed) = (0, 0);
+    for row in 0..50 {
+        match data.train_sequence(3, 0, row, &mut x, &mut y) {
+            Ok(()) => {
+                assert_eq!((x.clone(), y.clone()), (vec![5; 4], vec![5; 4]));
+                read += 1;
+            }
+            Err(e) => {
+                let msg = data_error::<()>(Err(e));
+                assert!(msg.contains("train_000000.bin") && msg.contains("token id 299 at position 17"), "{msg}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(read > 0 && failed > 0, "{read} windows read, {failed} failed");
+}
+
+#[test]
+fn a_shard_of_the_wrong_size_fails_at_open_by_name() {
+    let d = dir("badsize");
+    let cfg = byte_dataset(&d, &[5; 40], &[5; 10]);
+    let path = d.join("train_000000.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend([0, 0]);
+    std::fs::write(&path, bytes).unwrap();
     let msg = data_error(Dataset::open(&cfg, 4));
-    assert!(msg.contains("val_000000.bin") && msg.contains("token id 300"), "{msg}");
+    assert!(msg.contains("train_000000.bin") && msg.contains("header says 40 tokens, the file holds 41"), "{msg}");
 }
 
 #[test]
@@ -227,7 +267,7 @@ fn shards_written_by_llmc_load_by_name_or_pattern() {
     let (mut x, mut y) = (vec![0; 16], vec![0; 16]);
     let all: Vec<u32> = ids(300, 1).into_iter().chain(ids(200, 2)).map(u32::from).collect();
     for row in 0..10 {
-        data.train_sequence(5, 1, row, &mut x, &mut y);
+        data.train_sequence(5, 1, row, &mut x, &mut y).unwrap();
         assert!(all.windows(16).any(|w| w == x.as_slice()));
     }
     let no_val = DataConfig { val: None, ..cfg.clone() };

@@ -37,18 +37,18 @@ fn text_is_split_ninety_ten_and_windows_are_shifted_targets() {
     assert_eq!(data.vocab_size(), 5);
     let (mut x, mut y) = (vec![0; 8], vec![0; 8]);
     for row in 0..20 {
-        data.train_sequence(7, 3, row, &mut x, &mut y);
+        data.train_sequence(7, 3, row, &mut x, &mut y).unwrap();
         let s = data.tokenizer.decode(&x);
         assert!(s.chars().all(|c| c == 'a' || c == 'b'), "training window {s:?} reaches into the held-out 10%");
         assert_eq!(x[1..], y[..7]);
         assert!(!y.contains(&IGNORE_TARGET));
     }
-    data.val_sequence(7, 0, &mut x, &mut y);
+    data.val_sequence(7, 0, &mut x, &mut y).unwrap();
     assert!(data.tokenizer.decode(&x).chars().all(|c| "xyz".contains(c)));
     // Same coordinates, same sequence; another step, (almost surely) another.
     let (mut x2, mut y2) = (vec![0; 8], vec![0; 8]);
-    data.train_sequence(7, 3, 5, &mut x, &mut y);
-    data.train_sequence(7, 3, 5, &mut x2, &mut y2);
+    data.train_sequence(7, 3, 5, &mut x, &mut y).unwrap();
+    data.train_sequence(7, 3, 5, &mut x2, &mut y2).unwrap();
     assert_eq!((x.clone(), y.clone()), (x2.clone(), y2.clone()));
 }
 
@@ -58,7 +58,7 @@ fn a_separate_validation_file_is_used_whole() {
     let val = temp_file("v.txt", "qqqqqqqqqqqq".as_bytes());
     let data = Dataset::open(&config(&train, Some(&val)), 4).unwrap();
     let (mut x, mut y) = (vec![0; 4], vec![0; 4]);
-    data.val_sequence(1, 0, &mut x, &mut y);
+    data.val_sequence(1, 0, &mut x, &mut y).unwrap();
     assert_eq!(data.tokenizer.decode(&x), "qqqq");
 }
 
@@ -98,7 +98,7 @@ fn random_corpus_takes_its_vocabulary_from_its_name() {
     assert_eq!(data.vocab_size(), 128256);
     let (mut inputs, mut targets, mut seen) = (vec![0; 64], vec![0; 64], Vec::new());
     for row in 0..8 {
-        data.train_sequence(1, 0, row, &mut inputs, &mut targets);
+        data.train_sequence(1, 0, row, &mut inputs, &mut targets).unwrap();
         assert_eq!(inputs[1..], targets[..63]);
         seen.extend(inputs.iter().chain(&targets).copied());
     }

@@ -11,11 +11,12 @@
 //!   function of seed and step) and nothing else is random, so that is the whole state.
 //!
 //! Everything is written and read one tensor at a time ([`crate::tensor_files`]): no whole-model copy on the host.
-//! A checkpoint is written into a temporary directory that is renamed into place when complete, so a crash
-//! mid-write leaves the previous checkpoints intact and no half-written directory that looks complete.
+//! A checkpoint is written into a temporary directory that is flushed to disk and renamed into place when complete
+//! ([`durable::publish`]), so a crash mid-write, even a power loss, leaves the previous checkpoints intact and no
+//! half-written directory that looks complete.
 
 use crate::tensor_files::{self, Entry, TensorFiles};
-use kiln_core::{Backend, Config, Error, Result};
+use kiln_core::{Backend, Config, Error, Result, durable};
 use kiln_data::codec::{Codec, HF_TOKENIZER_FILE, TOKENIZER_FILE};
 use kiln_model::Model;
 use kiln_model::hf::{self, HfTensor, SpecialTokens};
@@ -126,34 +127,57 @@ pub fn save(
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     }
+    let published = write_files(&tmp, step, config, model, codec, write, fetch).and_then(|()| {
+        if write {
+            let _ = std::fs::remove_dir_all(&final_dir);
+            durable::publish(&tmp, &final_dir)?;
+        }
+        Ok(())
+    });
+    if published.is_err() && write {
+        // A write that failed (on a full disk, say) takes its partial directory with it instead of leaving it there.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    published?;
+    if write {
+        let all = list(root);
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+            std::fs::remove_dir_all(old).map_err(io(old))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Writes the files of the checkpoint of `step` into `dir` (see [`save`]; on a rank without `write`, only fetches).
+fn write_files(
+    dir: &Path,
+    step: u64,
+    config: &Config,
+    model: &Model,
+    codec: Option<&Codec>,
+    write: bool,
+    fetch: &mut Fetch,
+) -> Result<()> {
     // config.json's beginning of text is the tokenizer's own where it has one, else its end of text, as GPT-2's is.
     let eos = codec.and_then(Codec::end_of_text);
     let bos = codec.and_then(Codec::begin_of_text).or(eos);
-    write_model(&tmp, model, SpecialTokens { bos, eos }, MAX_SHARD_BYTES, write, fetch)?;
+    write_model(dir, model, SpecialTokens { bos, eos }, MAX_SHARD_BYTES, write, fetch)?;
     if let (Some(codec), true) = (codec, write) {
-        codec.save(&tmp)?;
+        codec.save(dir)?;
     }
 
     let moments: Vec<(Source, &kiln_model::ParamInfo)> =
         [Source::M, Source::V].into_iter().flat_map(|s| model.layout.iter().map(move |p| (s, p))).collect();
     let entries: Vec<Entry> =
         moments.iter().map(|(s, p)| Entry { name: moment_name(*s, &p.name), shape: p.shape.clone() }).collect();
-    tensor_files::write(&tmp, "optimizer", &entries, usize::MAX, write, &mut |i, values| {
+    tensor_files::write(dir, "optimizer", &entries, usize::MAX, write, &mut |i, values| {
         let (source, p) = moments[i];
         fetch(source, p.offset..p.offset + p.len(), values)
     })?;
-    if !write {
-        return Ok(final_dir);
+    if write {
+        write_json(&dir.join("state.json"), &serde_json::json!({ "step": step, "config": config.to_toml_string() }))?;
     }
-    write_json(&tmp.join("state.json"), &serde_json::json!({ "step": step, "config": config.to_toml_string() }))?;
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
-
-    let all = list(root);
-    for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(old).map_err(io(old))?;
-    }
-    Ok(final_dir)
+    Ok(())
 }
 
 fn moment_name(source: Source, param: &str) -> String {
@@ -234,7 +258,7 @@ pub fn export(from: &Path, to: &Path, max_shard_bytes: usize) -> Result<Vec<Path
             std::fs::copy(&path, tmp.join(file)).map_err(|e| Error::data(&path, format!("cannot copy: {e}")))?;
         }
     }
-    std::fs::rename(&tmp, to).map_err(io(to))?;
+    durable::publish(&tmp, to)?;
     Ok(written.iter().map(|p| to.join(p.file_name().expect("a file"))).collect())
 }
 

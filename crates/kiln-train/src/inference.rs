@@ -128,7 +128,7 @@ impl<B: Backend> Inference<B> {
             let (inputs, targets) = (&mut inputs[..rows * t], &mut targets[..rows * t]);
             for r in 0..rows {
                 let range = r * t..(r + 1) * t;
-                data.val_window(first + r, &mut inputs[range.clone()], &mut targets[range]);
+                data.val_window(first + r, &mut inputs[range.clone()], &mut targets[range])?;
             }
             self.model.load_batch(b, inputs, Some(targets))?;
             self.model.forward(b, rows, t, Pass::Loss)?;

@@ -419,7 +419,7 @@ impl<B: Backend> Trainer<B> {
                     global,
                     &mut self.inputs[range.clone()],
                     &mut self.targets[range],
-                );
+                )?;
             }
         }
         // The loss is the mean over every counted target of the whole step (all ranks), so each micro-batch's
@@ -559,7 +559,7 @@ impl<B: Backend> Trainer<B> {
                     (i * mb + row) as u64,
                     &mut inputs[range.clone()],
                     &mut targets[range],
-                );
+                )?;
             }
             counted += targets.iter().filter(|&&y| y != kiln_core::backend::IGNORE_TARGET).count();
             self.model.load_batch(b, inputs, Some(targets))?;

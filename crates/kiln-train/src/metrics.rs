@@ -6,7 +6,7 @@
 //! the last step of a synthetic-addition run adds `exact_match` (fraction of held-out sums answered exactly).
 //! A resumed run continues the same file.
 
-use kiln_core::{Config, Error, Result};
+use kiln_core::{Config, Error, Result, durable};
 use serde::Serialize;
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -37,7 +37,7 @@ impl Metrics {
     /// `metrics.jsonl`; a resumed one keeps the lines up to `from_step` (the steps after it run again).
     pub fn create(dir: &Path, config: &Config, from_step: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        write_atomically(&dir.join("config.toml"), config.to_toml_string().as_bytes())?;
+        durable::write(&dir.join("config.toml"), config.to_toml_string().as_bytes())?;
         let path = dir.join("metrics.jsonl");
         let kept: String = match (from_step, std::fs::read_to_string(&path)) {
             (0, _) | (_, Err(_)) => String::new(),
@@ -50,7 +50,7 @@ impl Metrics {
                 .map(|line| format!("{line}\n"))
                 .collect(),
         };
-        write_atomically(&path, kept.as_bytes())?;
+        durable::write(&path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
         Ok(Metrics { path, file: BufWriter::new(file) })
     }
@@ -60,12 +60,4 @@ impl Metrics {
         let line = serde_json::to_string(record).expect("a record of plain numbers serialises");
         writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
     }
-}
-
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`: readers see the old file or the
-/// new one, never half of one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -73,7 +73,8 @@ pub fn write(
             }
         }
         if let Some(file) = file {
-            file.into_inner().map_err(|e| Error::io(&path, e.into_error()))?.sync_all().map_err(io(&path))?;
+            // Flushed to the file here; to disk by whoever publishes the directory (see kiln_core::durable).
+            file.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
         }
     }
     if write && names.len() > 1 {

@@ -3,7 +3,7 @@
 
 use kiln_core::Config;
 use kiln_cpu::CpuBackend;
-use kiln_train::{Hooks, Summary, Trainer};
+use kiln_train::{Hooks, Summary, Trainer, checkpoint};
 
 fn run(config: &Config) -> Summary {
     let mut trainer = Trainer::new(config, CpuBackend::<f32>::new()).unwrap();
@@ -146,6 +146,61 @@ fn old_checkpoints_are_pruned_and_unfinished_ones_ignored() {
     std::fs::create_dir_all(root.join(".tmp-step_00000007-1")).unwrap();
     let steps: Vec<u64> = kiln_train::checkpoint::list(&root).into_iter().map(|(s, _)| s).collect();
     assert_eq!(steps, vec![5, 6]);
+}
+
+/// Every file under `dir` with its contents, by path relative to `dir`, sorted.
+fn files_under(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flat_map(|e| {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                files_under(&path).into_iter().map(|(inner, bytes)| (format!("{name}/{inner}"), bytes)).collect()
+            } else {
+                vec![(name, std::fs::read(&path).unwrap())]
+            }
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_checkpoint_is_published_whole_and_a_failed_one_leaves_the_last_intact() {
+    let dir = out_dir("failed-save");
+    let extra = [format!("train.out_dir={dir}"), "train.checkpoint_every=6".into()];
+    let cfg = with(SMALL, &extra);
+    let mut trainer = Trainer::new(&cfg, CpuBackend::<f32>::new()).unwrap();
+    trainer.run(&mut Hooks::default(), true).unwrap();
+    let root = std::path::Path::new(&dir).join("checkpoints");
+    let before = files_under(&root);
+    let names: Vec<&str> = before.iter().map(|(name, _)| name.as_str()).collect();
+    // Every file, and no temporary directory beside the checkpoint.
+    assert_eq!(
+        names,
+        [
+            "step_00000006/config.json",
+            "step_00000006/kiln_tokenizer.json",
+            "step_00000006/model.safetensors",
+            "step_00000006/optimizer.safetensors",
+            "step_00000006/state.json"
+        ]
+    );
+    // A write that fails part-way, as on a full disk: the weights are written, then the moments cannot be.
+    let err = checkpoint::save(&root, 7, &cfg, trainer.model(), None, 1, true, &mut |source, elements, values| {
+        if source == checkpoint::Source::V {
+            return Err(kiln_core::Error::io(
+                "optimizer.safetensors",
+                std::io::Error::other("no space left on device"),
+            ));
+        }
+        *values = vec![0.0; elements.len()];
+        Ok(())
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("no space left"), "{err}");
+    assert!(files_under(&root) == before, "the last checkpoint must be untouched, and the failed one leave nothing");
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //! rank's [`Hello`].
 
 use super::{Greeting, Hello, ID_BYTES, MAGIC, Meeting, PROTOCOL, UniqueId, protocol_mismatch, word};
-use kiln_core::{Error, Result};
+use kiln_core::{Error, Result, durable};
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -39,7 +39,7 @@ pub(super) fn lead(meeting: &Meeting, path: &Path, id: &UniqueId) -> Result<()> 
     bytes.extend_from_slice(&PROTOCOL.to_be_bytes());
     bytes.extend_from_slice(&meeting.world.to_be_bytes());
     bytes.extend_from_slice(id);
-    write_whole(path, &bytes)?;
+    durable::write(path, &bytes)?;
     let answered = wait_for_answers(meeting, &answers);
     for file in std::iter::once(path).chain(answers.iter().map(PathBuf::as_path)) {
         let _ = fs::remove_file(file);
@@ -124,7 +124,7 @@ pub(super) fn join(meeting: &Meeting, path: &Path) -> Result<UniqueId> {
             meeting.rank
         )));
     }
-    write_whole(&answer, &meeting.hello().encode())?;
+    durable::write(&answer, &meeting.hello().encode())?;
     Ok(id)
 }
 
@@ -136,13 +136,6 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
-}
-
-/// Writes `bytes` to a temporary file beside `path` and renames it into place, so readers see all or nothing.
-fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = with_suffix(path, &format!(".tmp-{}", std::process::id()));
-    fs::write(&temporary, bytes).map_err(|e| Error::io(&temporary, e))?;
-    fs::rename(&temporary, path).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]
