@@ -93,6 +93,37 @@ raise SystemExit(0 if exact and close else 1)
 PY
 }
 export -f plan_check
+# Recomputation in bf16 on the quickstart (GPT-2) and its Llama: 30 steps each with train.recompute none, elementwise
+# and block. The Llama's losses must be bit-identical (every recomputed operation is a kiln kernel, deterministic);
+# GPT-2's GELU comes from cuBLASLt's epilogue in fp32 before rounding, but is recomputed from the rounded bf16
+# input, so its last bits may differ: reported, within 1e-2.
+recompute_check() {
+  local run=(--backend cuda --set train.max_steps=30 --set train.eval_steps=1 --set train.log_every=10)
+  rm -rf /tmp/kiln-recompute
+  for family in gpt2 llama; do
+    local arch=()
+    [[ $family == llama ]] && arch=(--set model.arch=llama --set model.n_kv_head=2)
+    for level in none elementwise block; do
+      "$kiln" train "${run[@]}" "${arch[@]}" --set train.recompute=$level \
+        --set train.out_dir=/tmp/kiln-recompute/$family-$level > /tmp/kiln-recompute-$family-$level.log 2>&1 || return 1
+    done
+  done
+  python3 - <<'PY'
+import json
+loss = lambda d: [json.loads(l)["loss"] for l in open(f"/tmp/kiln-recompute/{d}/metrics.jsonl")]
+ok = True
+for family, tol in (("gpt2", 1e-2), ("llama", 0.0)):
+    for level in ("elementwise", "block"):
+        a, b = loss(f"{family}-none"), loss(f"{family}-{level}")
+        d = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+        good = len(a) == len(b) == 30 and d <= tol
+        ok &= good
+        print(f"{family} {level:11s} vs none: max relative loss difference {d:.2e}", "ok" if good else "DIFFERENT")
+raise SystemExit(0 if ok else 1)
+PY
+}
+export -f recompute_check
+step recompute 150 bash -c recompute_check
 step plan-gpt2 90 bash -c "plan_check configs/bench-gpt2-124m.toml"
 step plan-llama 150 bash -c "plan_check configs/llama-3.2-1b.toml"
 # Llama 3.2 1B's shape (bf16, 8 × 2048 tokens a step; the config says why that batch), beside PyTorch's below.
@@ -147,8 +178,9 @@ dp_run() {
   tail -n 4 "/tmp/kiln-dp/$name.rank0.log"
   return $failed
 }
-# Equivalence: 1, 2 and 4 ranks (and ZeRO-1 on 2) train the quickstart model in fp32 on the same 96 sequences per
-# step; the losses of every step and the final weights must agree. Then ZeRO-1 in bf16, where each rank keeps the
+# Equivalence: 1, 2 and 4 ranks (and ZeRO-1 on 2, ZeRO-2 on 2 with two micro-batches a step and on 4) train the
+# quickstart model in fp32 on the same 96 sequences per step; the losses of every step and the final weights must
+# agree. Then ZeRO-1 in bf16, where each rank keeps the
 # fp32 master weights of its pieces only, against plain data parallelism in bf16 (no clipping, so that the norm's
 # summation order cannot matter): the same sums of the same gradients (a + b, two ranks), so bit-identical losses
 # and weights; and two bf16 ranks resuming from that ZeRO-1 checkpoint (they compare their bf16 weights first).
@@ -161,6 +193,8 @@ dp_equivalence() {
     dp_run two 2 "${fp32[@]}" --set train.micro_batch=48 &&
     dp_run four 4 "${fp32[@]}" --set train.micro_batch=24 &&
     dp_run two-zero1 2 "${fp32[@]}" --set train.micro_batch=48 --set dist.zero=1 --set dist.bucket_mb=0.05 &&
+    dp_run two-zero2 2 "${fp32[@]}" --set train.micro_batch=24 --set dist.zero=2 &&
+    dp_run four-zero2 4 "${fp32[@]}" --set train.micro_batch=24 --set dist.zero=2 &&
     dp_run bf16-two 2 "${bf16[@]}" --set train.micro_batch=48 &&
     dp_run bf16-two-zero1 2 "${bf16[@]}" --set train.micro_batch=48 --set dist.zero=1 --set dist.bucket_mb=0.05 &&
     dp_run bf16-resume 2 "${bf16[@]}" --set train.micro_batch=48 --set dist.zero=1 --set train.max_steps=22 \
@@ -183,6 +217,7 @@ def weights(name):
 ok = True
 # (base, run, tolerance): fp32 sums in other orders, then the bf16 pair that must agree bit for bit.
 for base, name, tol in (("one", "two", 1e-4), ("one", "four", 1e-4), ("one", "two-zero1", 1e-4),
+                        ("one", "two-zero2", 1e-4), ("one", "four-zero2", 1e-4),
                         ("bf16-two", "bf16-two-zero1", 0.0)):
     (base_l, base_w), (l, w) = (losses(base), weights(base)), (losses(name), weights(name))
     dl = max(abs(x - y) for x, y in zip(base_l, l))

@@ -24,10 +24,11 @@ pub trait Communicator<B: Backend + ?Sized> {
     /// Starts summing `t` over all ranks, in place.
     fn all_reduce(&mut self, backend: &mut B, t: Tensor) -> Result<()>;
 
-    /// Starts summing `t` over all ranks, keeping on each rank only its own piece: piece `r` (see [`piece`]) of
-    /// rank `r`'s `t` receives the sum of every rank's piece `r`; the rest of `t` is left unspecified.
-    /// `t.len` is a multiple of the world size.
-    fn reduce_scatter(&mut self, backend: &mut B, t: Tensor) -> Result<()>;
+    /// Starts summing `t` over all ranks, keeping on each rank only its own piece: on rank `r`, `into` (`t.len /
+    /// world` elements) receives the sum of every rank's piece `r` of `t` (see [`piece`]). `into` is that piece of
+    /// `t` itself (in place: the rest of `t` is then left unspecified) or a tensor apart from `t`. `t.len` is a
+    /// multiple of the world size.
+    fn reduce_scatter(&mut self, backend: &mut B, t: Tensor, into: Tensor) -> Result<()>;
 
     /// Starts copying piece `r` of rank `r`'s `t` into piece `r` of every rank's `t`, for every rank `r`.
     /// `t.len` is a multiple of the world size. A parameter tensor of a mixed-precision engine is gathered in the
@@ -65,7 +66,12 @@ impl<B: Backend + ?Sized> Communicator<B> for Solo {
         Ok(())
     }
 
-    fn reduce_scatter(&mut self, _: &mut B, _: Tensor) -> Result<()> {
+    fn reduce_scatter(&mut self, backend: &mut B, t: Tensor, into: Tensor) -> Result<()> {
+        // One rank's piece is the whole of `t`.
+        if into != t {
+            backend.zero(into)?;
+            backend.add(into, t)?;
+        }
         Ok(())
     }
 

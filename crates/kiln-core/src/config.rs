@@ -704,7 +704,7 @@ impl Config {
                 "optim.grad_clip",
                 "must be a finite number, 0 or above (0 disables clipping)".to_string(),
             ),
-            (self.dist.zero <= 1, "dist.zero", "must be 0 or 1 (ZeRO stage)".to_string()),
+            (self.dist.zero <= 2, "dist.zero", "must be 0, 1 or 2 (ZeRO stage)".to_string()),
             (
                 self.dist.bucket_mb.is_finite() && self.dist.bucket_mb > 0.0,
                 "dist.bucket_mb",

@@ -7,8 +7,8 @@
 //! [`MemoryModel`]; neither needs the device, so a run on eight GPUs can be planned on a laptop.
 
 use crate::backend::{
-    AdamWStep, AttentionDims, Backend, BufferId, MatmulBackward, MatmulForward, NormBackward, NormForward,
-    Role, Rotary, Tensor,
+    AdamWStep, AttentionDims, Backend, BufferId, MatmulBackward, MatmulForward, NormBackward, NormForward, Role,
+    Rotary, Tensor,
 };
 use crate::error::{Error, Result};
 use std::ops::Range;
@@ -198,11 +198,29 @@ impl Backend for Counting {
         Ok(())
     }
 
-    fn encoder_forward(&mut self, _: Tensor, _: Tensor, _: Tensor, _: Option<Tensor>, _: usize, _: usize, _: usize) -> Result<()> {
+    fn encoder_forward(
+        &mut self,
+        _: Tensor,
+        _: Tensor,
+        _: Tensor,
+        _: Option<Tensor>,
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> Result<()> {
         self.nothing_to_run("encoder_forward")
     }
 
-    fn encoder_backward(&mut self, _: Tensor, _: Option<Tensor>, _: Tensor, _: Tensor, _: usize, _: usize, _: usize) -> Result<()> {
+    fn encoder_backward(
+        &mut self,
+        _: Tensor,
+        _: Option<Tensor>,
+        _: Tensor,
+        _: Tensor,
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> Result<()> {
         self.nothing_to_run("encoder_backward")
     }
 
@@ -242,7 +260,15 @@ impl Backend for Counting {
         self.nothing_to_run("attention_forward")
     }
 
-    fn attention_backward(&mut self, _: Tensor, _: Tensor, _: Tensor, _: Tensor, _: Tensor, _: AttentionDims) -> Result<()> {
+    fn attention_backward(
+        &mut self,
+        _: Tensor,
+        _: Tensor,
+        _: Tensor,
+        _: Tensor,
+        _: Tensor,
+        _: AttentionDims,
+    ) -> Result<()> {
         self.nothing_to_run("attention_backward")
     }
 
@@ -250,7 +276,16 @@ impl Backend for Counting {
         self.nothing_to_run("attention_decode")
     }
 
-    fn classifier(&mut self, _: Tensor, _: Tensor, _: Tensor, _: usize, _: usize, _: usize, _: Option<f32>) -> Result<()> {
+    fn classifier(
+        &mut self,
+        _: Tensor,
+        _: Tensor,
+        _: Tensor,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: Option<f32>,
+    ) -> Result<()> {
         self.nothing_to_run("classifier")
     }
 

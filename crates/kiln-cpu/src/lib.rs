@@ -16,12 +16,12 @@ mod rope;
 mod swiglu;
 
 use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap};
+use kiln_core::memory::{Component, MemoryModel, StepShapes, Storage};
 use kiln_core::pieces::Pieces;
 use kiln_core::{
     AdamWStep, AttentionDims, Backend, Error, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormForward,
     Result, Role, Rotary, Tensor,
 };
-use kiln_core::memory::{Component, MemoryModel, StepShapes, Storage};
 use math::Real;
 use rayon::prelude::*;
 use std::marker::PhantomData;

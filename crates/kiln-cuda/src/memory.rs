@@ -95,7 +95,10 @@ impl MemoryModel for CudaMemory {
         .unwrap_or(0)
         .max(1);
         let mut components = vec![
-            Component::allocated("kernels' working memory (the largest any kernel of a step needs)", 4 * working as u64),
+            Component::allocated(
+                "kernels' working memory (the largest any kernel of a step needs)",
+                4 * working as u64,
+            ),
             Component::allocated("sums' partials", 4 * (REDUCE_BLOCKS as u64 + 1)),
             Component::allocated("cuBLASLt workspace", WORKSPACE_BYTES as u64),
             Component::outside("CUDA context and kernels (estimate)", CONTEXT_BYTES),

@@ -297,12 +297,20 @@ impl Communicator<CudaBackend> for NcclComm {
         self.settle("ncclAllReduce", status)
     }
 
-    fn reduce_scatter(&mut self, backend: &mut CudaBackend, t: Tensor) -> Result<()> {
+    fn reduce_scatter(&mut self, backend: &mut CudaBackend, t: Tensor, into: Tensor) -> Result<()> {
         self.follow(backend)?;
         let count = piece(t, self.world, self.rank).len;
-        let (ptr, ty, size) = Self::operand(backend, t)?;
-        let recv = (ptr + (self.rank * count * size) as u64) as *mut core::ffi::c_void;
-        // SAFETY: in place, as NCCL allows: the receive buffer is this rank's piece of the send buffer.
+        let (ptr, ty, _) = Self::operand(backend, t)?;
+        let (recv, recv_ty, _) = Self::operand(backend, into)?;
+        if into.len != count || recv_ty != ty {
+            return Err(failure(format!("reduce_scatter of {t:?} into {into:?}: not one piece of it, of its type")));
+        }
+        if into != piece(t, self.world, self.rank) && into.overlaps(&t) {
+            return Err(failure(format!("reduce_scatter into {into:?}, which overlaps {t:?} elsewhere than in place")));
+        }
+        let recv = recv as *mut core::ffi::c_void;
+        // SAFETY: `comm_view` checked both tensors; `into` is this rank's piece of `t` (in place, as NCCL allows) or
+        // apart from it.
         let status = unsafe {
             nccl::reduce_scatter(
                 ptr as *const _,

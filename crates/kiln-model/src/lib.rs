@@ -12,6 +12,6 @@ pub mod model;
 pub mod params;
 pub mod spec;
 
-pub use model::{Model, Pass};
+pub use model::{Gradients, Model, Pass, TrainingMemory};
 pub use params::ParamInfo;
 pub use spec::{Mlp, ModelSpec, Positions};

@@ -79,8 +79,9 @@ struct BlockWeights {
 }
 
 impl Weights {
-    fn new(layout: &[ParamInfo], flat: Tensor, n_layer: usize) -> Self {
-        let find = |name: &str| layout.iter().find(|p| p.name == name).map(|p| p.view(flat));
+    /// The views `view` gives of each tensor of `layout`.
+    fn new(layout: &[ParamInfo], view: impl Fn(&ParamInfo) -> Tensor, n_layer: usize) -> Self {
+        let find = |name: &str| layout.iter().find(|p| p.name == name).map(&view);
         let view = |name: &str| find(name).unwrap_or_else(|| panic!("no parameter {name}"));
         let norm = |prefix: &str| NormWeights {
             weight: view(&format!("{prefix}.weight")),
@@ -164,16 +165,44 @@ impl BlockActivations {
     }
 }
 
+/// Where a model for training keeps its weight gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gradients {
+    /// In one flat vector laid out like the parameters, accumulating over backward passes.
+    Flat,
+    /// For ZeRO stage 2: the embeddings' and the final norm's and LM head's in place, and each block's in one of two
+    /// buffers the size of a block, which the blocks alternate between (block `l` writes buffer `l % 2`). Each
+    /// backward pass writes its own gradients afresh, and a trainer takes each unit's away once
+    /// [`Model::backward_with`] reports it final (before the pass reaches the block after next, which reuses its
+    /// buffer). Every unit starts at a multiple of the padding, so that it cuts into equal pieces, one per rank.
+    Alternating,
+}
+
+/// How a model for training lays out its memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrainingMemory {
+    /// The flat vectors (with [`Gradients::Alternating`], every unit) are padded to a multiple of this many elements.
+    pub multiple: usize,
+    pub recompute: Recompute,
+    pub gradients: Gradients,
+}
+
 /// A transformer whose parameters, gradients and activations live on a backend, sized for batches of up to
 /// `max_batch` sequences of up to `block_size` tokens.
 pub struct Model {
     pub spec: ModelSpec,
     pub layout: Vec<ParamInfo>,
     pub max_batch: usize,
+    /// The flat range of each unit of the layout ([`ParamInfo::unit`]), padding after it included.
+    pub units: Vec<std::ops::Range<usize>>,
     /// All parameters, in [`Self::layout`] order.
     pub params: Tensor,
-    /// Their gradients, same layout.
+    /// The gradients' allocation: with [`Gradients::Flat`] laid out like the parameters; with
+    /// [`Gradients::Alternating`], the buffers it describes.
     pub grads: Tensor,
+    /// Where each unit's gradients are, in `grads` (none in a model built for inference).
+    unit_grads: Vec<Tensor>,
+    gradients: Gradients,
     /// Per-position losses, accumulated by [`Pass::Loss`] and [`Pass::Train`] passes.
     pub losses: Tensor,
     p: Weights,
@@ -326,43 +355,72 @@ impl Model {
         multiple: usize,
         recompute: Recompute,
     ) -> Result<Self> {
-        let model = Model::for_training(backend, spec, max_batch, multiple, recompute)?;
-        params::initialize(backend, &spec, model.params, seed)?;
+        let memory = TrainingMemory { multiple, recompute, gradients: Gradients::Flat };
+        let model = Model::for_training(backend, spec, max_batch, memory)?;
+        model.initialize(backend, seed)?;
         Ok(model)
     }
 
-    /// Allocates everything [`Model::with_padding`] does, leaving the weights at zero: for weights that come from
-    /// elsewhere, and for counting what a run allocates (see `kiln_core::memory`).
+    /// Allocates everything a model for training uses, laid out as `memory` says, leaving the weights at zero: for
+    /// weights that come from elsewhere ([`Model::initialize`] draws them), and for counting what a run allocates
+    /// (see `kiln_core::memory`).
     pub fn for_training<B: Backend + ?Sized>(
         backend: &mut B,
         spec: ModelSpec,
         max_batch: usize,
-        multiple: usize,
-        recompute: Recompute,
+        memory: TrainingMemory,
     ) -> Result<Self> {
-        Model::build(backend, spec, max_batch, multiple, true, recompute)
+        Model::build(backend, spec, max_batch, Some(memory))
     }
 
     /// A model for sampling and evaluation: parameters (zero until weights are loaded) and the forward pass's
     /// activations for batches of up to `max_batch` sequences of up to `spec.block_size` tokens; no gradients.
     pub fn for_inference<B: Backend + ?Sized>(backend: &mut B, spec: ModelSpec, max_batch: usize) -> Result<Self> {
-        Model::build(backend, spec, max_batch, 1, false, Recompute::None)
+        Model::build(backend, spec, max_batch, None)
+    }
+
+    /// Draws the initial weights from `seed`.
+    pub fn initialize<B: Backend + ?Sized>(&self, backend: &mut B, seed: u64) -> Result<()> {
+        params::initialize(backend, &self.spec, &self.layout, self.params, seed)
     }
 
     fn build<B: Backend + ?Sized>(
         backend: &mut B,
         spec: ModelSpec,
         max_batch: usize,
-        multiple: usize,
-        training: bool,
-        recompute: Recompute,
+        training: Option<TrainingMemory>,
     ) -> Result<Self> {
-        let layout = spec.params();
-        let padded = spec.num_params().next_multiple_of(multiple);
-        let params = backend.alloc(padded, Role::Param)?;
-        let grads = backend.alloc(if training { padded } else { 0 }, Role::Grad)?;
+        let TrainingMemory { multiple, recompute, gradients } =
+            training.unwrap_or(TrainingMemory { multiple: 1, recompute: Recompute::None, gradients: Gradients::Flat });
+        let layout = spec.params_aligned(if gradients == Gradients::Alternating { multiple } else { 1 });
+        let last = layout.last().expect("a model has parameters");
+        let len = (last.offset + last.len()).next_multiple_of(multiple);
+        let units = params::units(&layout, len);
+        let params = backend.alloc(len, Role::Param)?;
+        let (grads, unit_grads) = match (training, gradients) {
+            (None, _) => (backend.alloc(0, Role::Grad)?, Vec::new()),
+            (Some(_), Gradients::Flat) => {
+                let grads = backend.alloc(len, Role::Grad)?;
+                (grads, units.iter().map(|u| grads.slice(u.start, u.len())).collect())
+            }
+            (Some(_), Gradients::Alternating) => {
+                // [embeddings | final norm and head | slot 0 | slot 1], each slot the size of the largest block.
+                let (first, last) = (units[0].len(), units[units.len() - 1].len());
+                let slot = units[1..units.len() - 1].iter().map(|u| u.len()).max().unwrap_or(0);
+                let grads = backend.alloc(first + last + 2 * slot, Role::Grad)?;
+                let unit_grads = (0..units.len())
+                    .map(|u| match u {
+                        0 => grads.slice(0, first),
+                        u if u == units.len() - 1 => grads.slice(first, last),
+                        u => grads.slice(first + last + (u - 1) % 2 * slot, units[u].len()),
+                    })
+                    .collect();
+                (grads, unit_grads)
+            }
+        };
 
         let mut counting = Arenas { acts: Arena::counting(), stats: Arena::counting(), index: Arena::counting() };
+        let training = training.is_some();
         Activations::take(&mut counting, &spec, max_batch, training, recompute);
         let mut arenas = Arenas {
             acts: Arena::new(backend, counting.acts.used, Role::Activation)?,
@@ -374,18 +432,27 @@ impl Model {
             backend.upload(a.rope_table, &spec.rope_table())?;
         }
         let l = spec.n_layer;
+        let gradient_of = |p: &ParamInfo| unit_grads[p.unit].slice(p.offset - units[p.unit].start, p.len());
         Ok(Model {
-            p: Weights::new(&layout, params, l),
-            g: training.then(|| Weights::new(&layout, grads, l)),
+            p: Weights::new(&layout, |p| p.view(params), l),
+            g: training.then(|| Weights::new(&layout, gradient_of, l)),
             spec,
             layout,
+            units,
             max_batch,
             params,
             grads,
+            unit_grads,
+            gradients,
             losses: a.losses,
             acts: a,
             recompute,
         })
+    }
+
+    /// The gradients of unit `u` (see [`ParamInfo::unit`]), `units[u].len()` elements laid out like its parameters.
+    pub fn unit_gradients(&self, u: usize) -> Tensor {
+        self.unit_grads[u]
     }
 
     fn check_batch(&self, batch: usize, time: usize) -> Result<()> {
@@ -619,15 +686,15 @@ impl Model {
     }
 
     /// Accumulates the gradients of the last [`Pass::Train`] forward pass (same batch shape) into
-    /// [`Self::grads`].
+    /// [`Self::grads`] (with [`Gradients::Alternating`], writes them there: see it).
     pub fn backward<B: Backend + ?Sized>(&self, b: &mut B, batch: usize, time: usize) -> Result<()> {
         self.backward_with(b, batch, time, &mut |_, _| Ok(()))
     }
 
-    /// [`Model::backward`], calling `on_ready(b, from)` each time the gradients from element `from` of
-    /// [`Self::grads`] to its end are final (after the final norm, after each block, from the last to the first,
-    /// and with `from = 0` after the embeddings): a data-parallel trainer starts reducing them there, while the
-    /// rest of the backward pass runs.
+    /// [`Model::backward`], calling `on_ready(b, from)` each time the gradients of the units from element `from` of
+    /// the layout to its end are final (`from` is the start of a unit of [`Self::units`]: after the final norm,
+    /// after each block, from the last to the first, and with `from = 0` after the embeddings): a data-parallel
+    /// trainer starts reducing them there, while the rest of the backward pass runs.
     pub fn backward_with<B: Backend + ?Sized>(
         &self,
         b: &mut B,
@@ -640,10 +707,14 @@ impl Model {
             return Err(kiln_core::Error::Invalid("a model built for inference has no gradients".into()));
         };
         // The layout puts each block's tensors after the previous block's, the final norm and an untied LM head
-        // last and the embeddings first (see ModelSpec::params), so what is final always runs from some offset to
+        // last and the embeddings first (see ModelSpec::params), so what is final always runs from a unit's start to
         // the end.
-        let ready_from = |t: Tensor| t.offset - self.grads.offset;
         let s = &self.spec;
+        let (last_unit, alternating) = (s.n_layer + 1, self.gradients == Gradients::Alternating);
+        if alternating {
+            b.zero(self.unit_grads[0])?;
+            b.zero(self.unit_grads[last_unit])?;
+        }
         let r = Rows::new(Span::Full { batch, time });
         let (c, n, vp, w) = (s.n_embd, r.n(), s.padded_vocab, s.qkv_width());
         let att = self.attention_dims(batch, time);
@@ -679,9 +750,12 @@ impl Model {
         })?;
         b.zero(dres)?;
         norm_backward(b, dbtc, self.block_input(s.n_layer), self.p.ln_f, grads.ln_f, self.acts.lnf_stats)?;
-        on_ready(b, ready_from(grads.ln_f.weight))?;
+        on_ready(b, self.units[last_unit].start)?;
         for l in (0..s.n_layer).rev() {
             let (a, wt, g) = (&self.acts.blocks[l], &self.p.blocks[l], &grads.blocks[l]);
+            if alternating {
+                b.zero(self.unit_grads[1 + l])?;
+            }
             let (ffn, fc_width) = (s.ffn_dim, s.fc_width());
             // A recomputed activation is written again just before the first operation that reads it (with whole
             // blocks, all of them at once).
@@ -760,7 +834,7 @@ impl Model {
                 d: lin(c, w),
             })?;
             norm_backward(b, dbtc, self.block_input(l), wt.ln_1, g.ln_1, a.ln1_stats)?;
-            on_ready(b, ready_from(g.qkv_w))?;
+            on_ready(b, self.units[1 + l].start)?;
         }
         b.encoder_backward(grads.wte, grads.wpe, dres, r.of(self.acts.tokens, 1), batch, time, c)?;
         on_ready(b, 0)

@@ -8,6 +8,7 @@ use kiln_core::{Backend, Result, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
+use std::ops::Range;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
@@ -17,7 +18,7 @@ pub enum Init {
 }
 
 /// One parameter tensor: its name (kiln's, which follow GPT-2's without the `transformer.` prefix: `h.3.attn.qkv.weight`),
-/// shape, initialisation, whether it takes weight decay, and its offset in the flat vector.
+/// shape, initialisation, whether it takes weight decay, its offset in the flat vector, and its unit.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamInfo {
     pub name: String,
@@ -25,6 +26,9 @@ pub struct ParamInfo {
     pub init: Init,
     pub decay: bool,
     pub offset: usize,
+    /// The part of the model it belongs to, whose gradients are final together: 0 for the embeddings, `1 + i` for
+    /// block `i`, `n_layer + 1` for the final norm and the LM head.
+    pub unit: usize,
 }
 
 impl ParamInfo {
@@ -53,12 +57,32 @@ pub fn decay_runs(params: &[ParamInfo]) -> Vec<(usize, usize, bool)> {
     runs
 }
 
-/// Fills `flat` with the initial weights drawn from `seed`. The padded rows of `wte` and `lm_head` start at zero:
-/// no token selects them and no logit they produce is used, so they never change the model.
-pub fn initialize<B: Backend + ?Sized>(backend: &mut B, spec: &ModelSpec, flat: Tensor, seed: u64) -> Result<()> {
+/// The flat range of each unit (see [`ParamInfo::unit`]) of a layout whose tensors take `len` elements with padding:
+/// from its first tensor to the next unit's (the last to `len`), so that any padding after a unit is its own.
+pub fn units(layout: &[ParamInfo], len: usize) -> Vec<Range<usize>> {
+    let mut starts: Vec<usize> = Vec::new();
+    for p in layout {
+        if starts.len() == p.unit {
+            starts.push(p.offset);
+        }
+    }
+    let ends = starts.iter().skip(1).copied().chain(std::iter::once(len));
+    starts.iter().zip(ends).map(|(&start, end)| start..end).collect()
+}
+
+/// Fills `flat`, laid out as `layout`, with the initial weights drawn from `seed`. The padded rows of `wte` and
+/// `lm_head` start at zero: no token selects them and no logit they produce is used, so they never change the
+/// model. The draws go in layout order, so the weights do not depend on the padding between units.
+pub fn initialize<B: Backend + ?Sized>(
+    backend: &mut B,
+    spec: &ModelSpec,
+    layout: &[ParamInfo],
+    flat: Tensor,
+    seed: u64,
+) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut host = vec![0.0f32; flat.len];
-    for p in spec.params() {
+    for p in layout {
         let values = &mut host[p.offset..p.offset + p.len()];
         match p.init {
             Init::Zeros => {}

@@ -8,9 +8,9 @@
 //! branch on these fields and nothing else, so a new variant is one more case of a field.
 
 use crate::params::{Init, ParamInfo};
+use kiln_core::config::{Arch, ModelConfig, RopeScaling};
 use kiln_core::memory::StepShapes;
 use kiln_core::{AttentionDims, NormKind};
-use kiln_core::config::{Arch, ModelConfig, RopeScaling};
 
 /// How a block learns where a token is.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -144,7 +144,10 @@ impl ModelSpec {
     /// block's gradients are contiguous (a data-parallel reduction can start on a block as soon as its backward
     /// pass is done). Everything from any block on is final once the backward pass has passed that block, since
     /// the tensors after the blocks (final norm, LM head) are the first it finishes.
-    pub fn params(&self) -> Vec<ParamInfo> {
+    ///
+    /// Each unit (see [`ParamInfo::unit`]) starts at a multiple of `unit_align` elements, zeros between: ZeRO stage 2
+    /// cuts every unit into equal pieces, one per rank.
+    pub fn params_aligned(&self, unit_align: usize) -> Vec<ParamInfo> {
         let (c, l, f) = (self.n_embd, self.n_layer, self.ffn_dim);
         // GPT-2 scales the init of the projections that write into the residual stream by 1/√(2·n_layer), so
         // that the stream's variance does not grow with depth.
@@ -152,7 +155,12 @@ impl ModelSpec {
         let layer_norm = self.norm == NormKind::Layer;
         let mut list = Vec::new();
         let mut push = |name: String, shape: Vec<usize>, init: Init, decay: bool| {
-            list.push(ParamInfo { name, shape, init, decay, offset: 0 });
+            let unit = match name.strip_prefix("h.").and_then(|rest| rest.split_once('.')) {
+                Some((block, _)) => 1 + block.parse::<usize>().expect("a block's number"),
+                None if name == "wte" || name == "wpe" => 0,
+                None => l + 1,
+            };
+            list.push(ParamInfo { name, shape, init, decay, offset: 0, unit });
         };
         push("wte".into(), vec![self.padded_vocab, c], Init::Normal(INIT_STD), true);
         if self.positions == Positions::Learned {
@@ -188,12 +196,20 @@ impl ModelSpec {
         if !self.tie_embeddings {
             push("lm_head".into(), vec![self.padded_vocab, c], Init::Normal(INIT_STD), true);
         }
-        let mut offset = 0;
-        for p in &mut list {
-            p.offset = offset;
-            offset += p.len();
+        let mut offset = 0usize;
+        for i in 0..list.len() {
+            if i > 0 && list[i].unit != list[i - 1].unit {
+                offset = offset.next_multiple_of(unit_align);
+            }
+            list[i].offset = offset;
+            offset += list[i].len();
         }
         list
+    }
+
+    /// The parameter tensors in layout order, packed (see [`Self::params_aligned`]).
+    pub fn params(&self) -> Vec<ParamInfo> {
+        self.params_aligned(1)
     }
 
     pub fn num_params(&self) -> usize {

@@ -27,12 +27,12 @@ pub mod tensor_files;
 pub mod threads;
 
 use checkpoint::Source;
-use kiln_core::comm::Solo;
+use kiln_core::comm::{Solo, piece};
 use kiln_core::config::MicroBatch;
 use kiln_core::{AdamWStep, Backend, Communicator, Config, Error, Result, Role, Tensor};
 use kiln_data::{Addition, Dataset};
 use kiln_model::params::decay_runs;
-use kiln_model::{Model, ModelSpec, Pass, generate};
+use kiln_model::{Gradients, Model, ModelSpec, Pass, TrainingMemory, generate};
 use metrics::{Metrics, StepRecord};
 use parallel::{BucketCursor, Buckets, Stragglers};
 use plan::MemoryPlan;
@@ -93,7 +93,10 @@ pub struct Trainer<B: Backend> {
     /// decay)`, one AdamW call each.
     updates: Vec<(usize, usize, usize, bool)>,
     buckets: Buckets,
-    zero: bool,
+    /// The ZeRO stage: 0, 1 or 2.
+    zero: u8,
+    /// Under ZeRO stage 2, where the rank keeps its share of the gradients.
+    share: Option<GradientShare>,
     /// Sequences per micro-batch (`train.micro_batch`, resolved when it is "auto").
     micro_batch: usize,
     /// The host numbers summed across ranks after each step: loss, squared norm of the owned gradient pieces,
@@ -156,11 +159,11 @@ impl<B: Backend> Trainer<B> {
         if let Some(free) = free {
             plan.check_fits(free)?;
         }
-        let Allocated { model, m, v, owned, updates, buckets } =
+        let Allocated { model, m, v, owned, updates, buckets, share } =
             Allocated::new(&mut backend, &config, shape, mb, world, rank)
                 .map_err(|e| Error::backend(backend.name(), format!("{e}\n{}", plan.describe())))?;
         match config.model.init.as_deref().map(|i| i.split_once(':')) {
-            None => kiln_model::params::initialize(&mut backend, &shape, model.params, config.train.seed)?,
+            None => model.initialize(&mut backend, config.train.seed)?,
             Some(Some(("hf", dir))) => checkpoint::load_weights(Path::new(dir), &model, &mut backend)?,
             Some(Some(("llmc", file))) => llmc::load(Path::new(file), &model, &mut backend)?,
             Some(_) => return Err(Error::Usage("model.init must be hf:DIR or llmc:FILE".into())),
@@ -168,7 +171,8 @@ impl<B: Backend> Trainer<B> {
         let accumulation = plan.accumulation;
         let tokens_per_step = accumulation * mb * t;
         Ok(Trainer {
-            zero: config.dist.zero == 1,
+            zero: config.dist.zero,
+            share,
             micro_batch: mb,
             config,
             backend,
@@ -203,7 +207,7 @@ impl<B: Backend> Trainer<B> {
         let (config, model, codec) = (self.config.clone(), &self.model, self.data.codec());
         let write = self.comm.rank() == 0;
         let (backend, comm) = (&mut self.backend, &mut self.comm);
-        let gather = Gather { owned: &self.owned, zero: self.zero, lead: write };
+        let gather = Gather { owned: &self.owned, zero: self.zero > 0, lead: write };
         let (params, m, v) = (model.params, self.m, self.v);
         checkpoint::save(
             &root,
@@ -330,7 +334,7 @@ impl<B: Backend> Trainer<B> {
             self.backend.name(),
             self.backend.allocated_bytes() as f64 / (1u64 << 30) as f64,
             if world == 1 { "" } else { " per rank" },
-            if self.zero { "; ZeRO stage 1" } else { "" }
+            if self.zero > 0 { format!("; ZeRO stage {}", self.zero) } else { String::new() }
         );
         let mut summary = Summary::default();
         let mut step_times = Vec::new();
@@ -354,8 +358,7 @@ impl<B: Backend> Trainer<B> {
                     seconds * 1e3
                 );
             }
-            let mut record =
-                StepRecord {
+            let mut record = StepRecord {
                 step,
                 loss,
                 lr,
@@ -439,8 +442,11 @@ impl<B: Backend> Trainer<B> {
 
         b.zero(self.model.grads)?;
         b.zero(self.model.losses)?;
+        if let Some(share) = &self.share {
+            b.zero(share.share)?;
+        }
         let per_micro = mb * t;
-        let (model, comm, buckets, zero) = (&self.model, &mut self.comm, &self.buckets, self.zero);
+        let (model, comm, buckets, zero, share) = (&self.model, &mut self.comm, &self.buckets, self.zero, &self.share);
         // Time this rank spent blocked in collectives, that is waiting for the others: without it, what remains is
         // its own work, which names a straggler. (A device's collectives return at once, so on the GPU the rest also
         // counts waiting for the device: there it names only a rank that is slow on the host.)
@@ -449,21 +455,46 @@ impl<B: Backend> Trainer<B> {
             let range = micro * per_micro..(micro + 1) * per_micro;
             model.load_batch(b, &self.inputs[range.clone()], Some(&self.targets[range]))?;
             model.forward(b, mb, t, Pass::Train { dloss })?;
-            if micro + 1 < accumulation {
+            // Gradients accumulate over micro-batches and are reduced after the last, except under ZeRO stage 2,
+            // which keeps no whole gradient vector: there every micro-batch's are reduced, into the rank's share.
+            if micro + 1 < accumulation && share.is_none() {
                 model.backward(b, mb, t)?;
                 continue;
             }
-            // The last micro-batch: reduce each bucket as soon as its gradients are final.
+            // Each bucket is reduced as soon as its gradients are final. Under ZeRO stage 2 a bucket's piece is
+            // added into the share once its reduction is over: when the next bucket is ready, and after the last.
             let mut cursor = BucketCursor::default();
+            let mut received: Option<(Tensor, Tensor)> = None;
+            let add_received = |b: &mut B, comm: &mut Box<dyn Communicator<B>>, received: &mut Option<_>| {
+                if let Some((piece, into)) = received.take() {
+                    comm.wait(b)?;
+                    b.add(into, piece)?;
+                }
+                Ok::<_, Error>(())
+            };
             model.backward_with(b, mb, t, &mut |b, ready_from| {
                 let entered = Instant::now();
-                for bucket in cursor.advance(buckets, ready_from) {
-                    let grads = model.grads.slice(bucket.start, bucket.len());
-                    if zero { comm.reduce_scatter(b, grads)? } else { comm.all_reduce(b, grads)? }
+                for i in cursor.advance(buckets, ready_from) {
+                    let bucket = &buckets.ranges[i];
+                    let grads = || model.grads.slice(bucket.start, bucket.len());
+                    match (share, zero) {
+                        (Some(share), _) => {
+                            add_received(b, comm, &mut received)?;
+                            let (grads, into) = share.buckets[i];
+                            let piece = share.received[i % 2].slice(0, into.len);
+                            comm.reduce_scatter(b, grads, piece)?;
+                            received = Some((piece, into));
+                        }
+                        (None, 1) => comm.reduce_scatter(b, grads(), piece(grads(), comm.world(), rank))?,
+                        (None, _) => comm.all_reduce(b, grads())?,
+                    }
                 }
                 in_collectives += entered.elapsed();
                 Ok(())
             })?;
+            let entered = Instant::now();
+            add_received(b, comm, &mut received)?;
+            in_collectives += entered.elapsed();
         }
         let queued = Instant::now();
         comm.wait(b)?;
@@ -471,13 +502,17 @@ impl<B: Backend> Trainer<B> {
         // Reading the loss back waits for the forward and backward passes and the reduction.
         let local_loss = b.sum(model.losses)?;
         let passes_done = Instant::now();
-        // Under ZeRO stage 1 each rank holds the reduced gradients of its pieces only: the norm is the sum of the
-        // ranks' parts. Otherwise every rank holds all of them.
+        // Under ZeRO each rank holds the reduced gradients of its pieces only: the norm is the sum of the ranks'
+        // parts. Otherwise every rank holds all of them.
         let mut squares = 0.0;
-        if zero {
-            for &(start, _, len) in &self.owned {
-                squares += b.sum_squares(model.grads.slice(start, len))? as f64;
+        match share {
+            Some(share) => squares = b.sum_squares(share.share)? as f64,
+            None if zero == 1 => {
+                for &(start, _, len) in &self.owned {
+                    squares += b.sum_squares(model.grads.slice(start, len))? as f64;
+                }
             }
+            None => {}
         }
         let agreed = &mut self.agreed;
         agreed.fill(0.0);
@@ -487,7 +522,7 @@ impl<B: Backend> Trainer<B> {
         agreed[3 + rank] = ((passes_done - data_done).saturating_sub(in_collectives)).as_secs_f64() * 1e3;
         comm.all_reduce_host(b, agreed)?;
         let loss = agreed[0] as f32 * dloss;
-        let grad_norm = if zero { agreed[1].sqrt() as f32 } else { b.sum_squares(model.grads)?.sqrt() };
+        let grad_norm = if zero > 0 { agreed[1].sqrt() as f32 } else { b.sum_squares(model.grads)?.sqrt() };
 
         let o = &cfg.optim;
         let grad_scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip { o.grad_clip / grad_norm } else { 1.0 };
@@ -503,15 +538,13 @@ impl<B: Backend> Trainer<B> {
                 grad_scale,
             };
             let moment = |t: Tensor| t.slice(local, len);
-            b.adamw(
-                model.params.slice(offset, len),
-                model.grads.slice(offset, len),
-                moment(self.m),
-                moment(self.v),
-                &step,
-            )?;
+            let grads = match share {
+                Some(share) => moment(share.share),
+                None => model.grads.slice(offset, len),
+            };
+            b.adamw(model.params.slice(offset, len), grads, moment(self.m), moment(self.v), &step)?;
         }
-        if zero {
+        if zero > 0 {
             for bucket in &buckets.ranges {
                 comm.all_gather(b, model.params.slice(bucket.start, bucket.len()))?;
             }
@@ -606,8 +639,9 @@ pub fn vocabulary(config: &Config, data_vocab: usize) -> Result<usize> {
 }
 
 /// What one rank of a training job allocates, in the order it allocates it: the model (parameters, gradients,
-/// activations), then the AdamW moments of what the rank updates. The trainer and its memory plan ([`plan`]) both
-/// allocate through this, so that the plan is the run's to the byte. The weights are left at zero.
+/// activations), the AdamW moments of what the rank updates, and under ZeRO stage 2 its share of the gradients. The
+/// trainer and its memory plan ([`plan`]) both allocate through this, so that the plan is the run's to the byte.
+/// The weights are left at zero.
 struct Allocated {
     model: Model,
     m: Tensor,
@@ -615,6 +649,16 @@ struct Allocated {
     owned: Vec<(usize, usize, usize)>,
     updates: Vec<(usize, usize, usize, bool)>,
     buckets: Buckets,
+    share: Option<GradientShare>,
+}
+
+/// ZeRO stage 2's gradients: the rank's share of the reduced gradients, packed like the moments, and the two
+/// pieces that reductions deliver into, one bucket after another, before each is added to the share.
+struct GradientShare {
+    share: Tensor,
+    received: [Tensor; 2],
+    /// Each bucket's gradients in the model and its part of `share`.
+    buckets: Vec<(Tensor, Tensor)>,
 }
 
 impl Allocated {
@@ -626,21 +670,27 @@ impl Allocated {
         world: usize,
         rank: usize,
     ) -> Result<Self> {
-        let multiple = parallel::padding_multiple(world);
-        let model = Model::for_training(backend, spec, micro_batch, multiple, config.train.recompute)?;
-        let zero = config.dist.zero == 1;
-        // Gradients are fp32 on every engine.
-        let bucket_elems = (config.dist.bucket_mb * 1e6 / 4.0) as usize;
-        let buckets = Buckets::new(model.params.len, world, rank, bucket_elems);
+        let zero = config.dist.zero;
+        let gradients = if zero == 2 { Gradients::Alternating } else { Gradients::Flat };
+        let (multiple, recompute) = (parallel::padding_multiple(world), config.train.recompute);
+        let model = Model::for_training(backend, spec, micro_batch, TrainingMemory { multiple, recompute, gradients })?;
+        // Stage 2 reduces each unit (block) of the model as the backward pass finishes it; the others, buckets of
+        // about dist.bucket_mb of the flat gradient vector (fp32 on every engine).
+        let buckets = match zero {
+            2 => Buckets::from_ranges(model.units.iter().rev().cloned().collect(), world, rank),
+            _ => Buckets::new(model.params.len, world, rank, (config.dist.bucket_mb * 1e6 / 4.0) as usize),
+        };
         let mut owned = Vec::new();
         let mut local = 0;
-        let pieces: Vec<_> =
-            if zero { buckets.owned_pieces().collect() } else { std::iter::once(0..spec.num_params()).collect() };
-        if zero {
+        let pieces: Vec<_> = match zero {
+            0 => vec![0..spec.num_params()],
+            _ => buckets.owned_pieces().collect(),
+        };
+        if zero > 0 {
             // The rank's share of the fp32 master weights, where the engine keeps them, as of the moments below.
             backend.keep_master_pieces(model.params, &pieces)?;
         }
-        for piece in pieces.into_iter().rev() {
+        for piece in pieces.iter().rev() {
             owned.push((piece.start, local, piece.len()));
             local += piece.len();
         }
@@ -655,7 +705,26 @@ impl Allocated {
         }
         let m = backend.alloc(local, Role::OptState)?;
         let v = backend.alloc(local, Role::OptState)?;
-        Ok(Allocated { model, m, v, owned, updates, buckets })
+        let share = if zero == 2 {
+            let share = backend.alloc(local, Role::Grad)?;
+            let largest = pieces.iter().map(|p| p.len()).max().unwrap_or(0);
+            let received = [backend.alloc(largest, Role::Grad)?, backend.alloc(largest, Role::Grad)?];
+            let local_of = |piece: &std::ops::Range<usize>| owned.iter().find(|o| o.0 == piece.start).map(|o| o.1);
+            let buckets = buckets
+                .ranges
+                .iter()
+                .zip(&pieces)
+                .map(|(bucket, piece)| {
+                    let unit = model.units.iter().position(|u| u == bucket).expect("stage 2's buckets are units");
+                    let local = local_of(piece).expect("every piece is owned");
+                    (model.unit_gradients(unit), share.slice(local, piece.len()))
+                })
+                .collect();
+            Some(GradientShare { share, received, buckets })
+        } else {
+            None
+        };
+        Ok(Allocated { model, m, v, owned, updates, buckets, share })
     }
 }
 

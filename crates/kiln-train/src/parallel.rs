@@ -48,7 +48,15 @@ impl Buckets {
         Buckets { ranges, world, rank }
     }
 
-    /// The ranges this rank updates under ZeRO stage 1: its piece of every bucket.
+    /// Buckets of the given ranges (in the order the backward pass completes them), each a multiple of `world ×
+    /// PIECE_ALIGN` long: ZeRO stage 2's, one per unit of the model.
+    pub fn from_ranges(ranges: Vec<Range<usize>>, world: usize, rank: usize) -> Buckets {
+        let unit = padding_multiple(world);
+        assert!(ranges.iter().all(|r| r.len() % unit == 0), "every bucket is padded to a multiple of {unit}");
+        Buckets { ranges, world, rank }
+    }
+
+    /// The ranges this rank updates under ZeRO: its piece of every bucket.
     pub fn owned_pieces(&self) -> impl Iterator<Item = Range<usize>> + '_ {
         self.ranges.iter().map(|b| {
             let piece = b.len() / self.world;
@@ -64,13 +72,14 @@ pub struct BucketCursor {
 }
 
 impl BucketCursor {
-    /// The buckets that became complete now that every gradient from `ready_from` to the end is final.
-    pub fn advance<'a>(&mut self, buckets: &'a Buckets, ready_from: usize) -> &'a [Range<usize>] {
+    /// The buckets (indices into [`Buckets::ranges`]) that became complete now that every gradient from
+    /// `ready_from` to the end is final.
+    pub fn advance(&mut self, buckets: &Buckets, ready_from: usize) -> Range<usize> {
         let first = self.next;
         while self.next < buckets.ranges.len() && buckets.ranges[self.next].start >= ready_from {
             self.next += 1;
         }
-        &buckets.ranges[first..self.next]
+        first..self.next
     }
 }
 
@@ -138,8 +147,9 @@ mod tests {
         assert!(cursor.advance(&buckets, 4 * PIECE_ALIGN - 1).is_empty());
         let a = PIECE_ALIGN;
         let last = cursor.advance(&buckets, 2 * a + 7);
-        assert!(last.len() == 1 && last[0] == (3 * a..4 * a), "{last:?}");
-        assert_eq!(cursor.advance(&buckets, 0).to_vec(), vec![2 * a..3 * a, a..2 * a, 0..a]);
+        assert_eq!((last.clone(), &buckets.ranges[last.start]), (0..1, &(3 * a..4 * a)));
+        let rest: Vec<_> = cursor.advance(&buckets, 0).map(|i| buckets.ranges[i].clone()).collect();
+        assert_eq!(rest, vec![2 * a..3 * a, a..2 * a, 0..a]);
         assert!(cursor.advance(&buckets, 0).is_empty());
     }
 

@@ -244,11 +244,11 @@ impl<B: Backend + ?Sized> Communicator<B> for ThreadComm {
         self.barrier()
     }
 
-    fn reduce_scatter(&mut self, backend: &mut B, t: Tensor) -> Result<()> {
+    fn reduce_scatter(&mut self, backend: &mut B, t: Tensor, into: Tensor) -> Result<()> {
         self.deposit(backend, t)?;
         let mine = piece(t, self.shared.world, self.rank);
         self.sum_slots(mine.offset - t.offset..mine.offset - t.offset + mine.len);
-        backend.upload(mine, &self.sums)?;
+        backend.upload(into, &self.sums)?;
         self.barrier()
     }
 
@@ -330,7 +330,8 @@ mod tests {
         let results = on_ranks(4, |b, comm| {
             let t = b.alloc(12, Role::Param)?;
             b.upload(t, &rank_values(comm.rank, 12))?;
-            Communicator::<CpuBackend<f32>>::reduce_scatter(comm, b, t)?;
+            let mine = piece(t, 4, comm.rank);
+            Communicator::<CpuBackend<f32>>::reduce_scatter(comm, b, t, mine)?;
             Communicator::<CpuBackend<f32>>::all_gather(comm, b, t)?;
             let mut host = vec![0.0; 12];
             b.download(t, &mut host)?;

@@ -1,6 +1,6 @@
 //! Data-parallel training with ranks as threads on the CPU engine: N ranks train to the weights of one rank with
-//! an N times larger batch, ZeRO stage 1 to the weights of plain data parallelism, a run resumes at another
-//! number of ranks, and a failing rank stops the others promptly.
+//! an N times larger batch, ZeRO stage 1 to the weights of plain data parallelism, ZeRO stage 2 to those of one
+//! rank, a run resumes at another number of ranks and ZeRO stage, and a failing rank stops the others promptly.
 
 use kiln_core::{Config, Error};
 use kiln_cpu::CpuBackend;
@@ -130,6 +130,63 @@ fn zero_stage_1_matches_plain_data_parallelism_for(name: &str, family: &[String]
         let worst = plain.iter().zip(zero).map(|(p, z)| (p - z).abs()).fold(0.0f32, f32::max);
         let largest = plain.iter().fold(0.0f32, |m, p| m.max(p.abs()));
         assert!(worst <= 1e-4 * largest, "moments differ by up to {worst} (largest {largest})");
+    }
+}
+
+/// Asserts that two runs' losses agree within `1e-5` relative.
+fn assert_relatively_close(a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "{a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn zero_stage_2_trains_like_one_rank() {
+    // 12 steps of 24 sequences: one rank in 2 micro-batches of 12, and 2 and 4 ranks of ZeRO stage 2 in 2
+    // micro-batches each, so that every micro-batch's gradients are reduced into the ranks' shares.
+    let llama = ["model.arch=llama", "model.n_kv_head=1"].map(str::to_string);
+    for (name, family) in [("", &[][..]), ("-llama", &llama[..])] {
+        let steps = ["train.max_steps=12".to_string(), "train.checkpoint_every=12".into()];
+        let with = |extra: &[String]| [&steps[..], family, extra].concat();
+        let one_dir = out_dir(&format!("stage2-one{name}"));
+        let one = train(&config(&one_dir, &with(&["train.micro_batch=12".into()])), 1).unwrap();
+        for ranks in [2, 4] {
+            let dir = out_dir(&format!("stage2-{ranks}{name}"));
+            let extra = [format!("train.micro_batch={}", 12 / ranks), "dist.zero=2".into()];
+            let many = train(&config(&dir, &with(&extra)), ranks).unwrap();
+            assert_eq!(many.losses.len(), 12);
+            assert_relatively_close(&one.losses, &many.losses);
+            assert_same_weights(&one_dir, &dir);
+        }
+    }
+}
+
+#[test]
+fn checkpoints_of_zero_stage_2_and_of_one_rank_resume_as_each_other() {
+    // 4 ranks at stage 2 against 1 rank at stage 0, each resumed from the other's step-3 checkpoint.
+    let every = "train.checkpoint_every=3".to_string();
+    let stage_2 = ["train.micro_batch=3".to_string(), "dist.zero=2".into(), every.clone()];
+    let stage_0 = ["train.micro_batch=12".to_string(), every];
+    let (four_dir, one_dir) = (out_dir("stage2-four-ranks"), out_dir("stage0-one-rank"));
+    let four = train(&config(&four_dir, &stage_2), 4).unwrap();
+    let one = train(&config(&one_dir, &stage_0), 1).unwrap();
+    assert_relatively_close(&four.losses, &one.losses);
+    for (from, extra, ranks, full) in [(&four_dir, &stage_0[..], 1, &four), (&one_dir, &stage_2[..], 4, &one)] {
+        let again = out_dir(&format!("stage-resume-{ranks}"));
+        let step_3 = checkpoint::step_dir(&from.join("checkpoints"), 3);
+        let resumed = config(&again, extra);
+        let rest = threads::train(
+            &resumed,
+            ranks,
+            |_| Ok(CpuBackend::<f32>::new()),
+            Some(&step_3),
+            &mut Hooks::default(),
+            true,
+        )
+        .unwrap();
+        assert_relatively_close(&rest.losses, &full.losses[3..]);
+        assert_same_weights(from, &again);
     }
 }
 

@@ -13,11 +13,16 @@ use std::time::Duration;
 
 /// A small model on the addition data, 48 sequences a step, with `extra` keys.
 fn config(extra: &[&str]) -> Config {
-    let mut all: Vec<String> =
-        ["model.n_embd=32", "model.n_head=4", "train.total_batch_tokens=624", "train.max_steps=2", "train.eval_steps=1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let mut all: Vec<String> = [
+        "model.n_embd=32",
+        "model.n_head=4",
+        "train.total_batch_tokens=624",
+        "train.max_steps=2",
+        "train.eval_steps=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let out = std::env::temp_dir().join(format!("kiln-plan-test-{}", std::process::id()));
     all.push(format!("train.out_dir={}", out.display()));
     all.extend(extra.iter().map(|s| s.to_string()));
@@ -33,8 +38,10 @@ const LLAMA: [&str; 2] = ["model.arch=llama", "model.n_kv_head=2"];
 
 #[test]
 fn the_plan_is_what_each_rank_of_the_cpu_engine_allocates() {
-    let cases: [(&[&str], usize); 8] = [
+    let cases: [(&[&str], usize); 10] = [
         (&["train.micro_batch=8"], 1),
+        (&["train.micro_batch=6", "dist.zero=2"], 2),
+        (&[LLAMA[0], LLAMA[1], "train.micro_batch=3", "dist.zero=2", "train.recompute=block"], 4),
         (&["train.micro_batch=8", "train.recompute=elementwise"], 1),
         (&[LLAMA[0], LLAMA[1], "train.micro_batch=4", "train.recompute=block", "dist.zero=1"], 2),
         (&[LLAMA[0], LLAMA[1], "train.micro_batch=8"], 1),
@@ -79,6 +86,19 @@ fn zero_stage_1_plans_each_rank_a_share_of_the_moments() {
     // A quarter, up to the padding of each rank's pieces.
     let (all, share) = (moments(&plain), moments(&zero));
     assert!(share * 4 >= all && share * 4 < all + 4 * 64 * 4 * 8, "{share} of {all}");
+}
+
+#[test]
+fn zero_stage_2_keeps_a_share_of_the_gradients() {
+    let memory = CpuMemory::<f32>::new();
+    let gradients = |zero: &str| {
+        let c = config(&["train.micro_batch=6", zero, "model.n_layer=24"]);
+        let plan = MemoryPlan::new(&c, spec(&c), 6, 4, &memory).unwrap();
+        plan.ranks[0].components.iter().find(|c| c.name.starts_with("gradients")).unwrap().bytes
+    };
+    let (whole, shared) = (gradients("dist.zero=1"), gradients("dist.zero=2"));
+    // 24 blocks' gradients become two blocks' worth of buffers, the embeddings' and head's, and a quarter share.
+    assert!(shared * 2 < whole, "stage 2 keeps {shared} bytes of gradients against stage 1's {whole}");
 }
 
 #[test]
