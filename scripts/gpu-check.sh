@@ -178,9 +178,9 @@ dp_run() {
   tail -n 4 "/tmp/kiln-dp/$name.rank0.log"
   return $failed
 }
-# Equivalence: 1, 2 and 4 ranks (and ZeRO-1 on 2, ZeRO-2 on 2 with two micro-batches a step and on 4) train the
-# quickstart model in fp32 on the same 96 sequences per step; the losses of every step and the final weights must
-# agree. Then ZeRO-1 in bf16, where each rank keeps the
+# Equivalence: 1, 2 and 4 ranks (and ZeRO-1 on 2; ZeRO-2 and ZeRO-3 on 2, with two micro-batches a step, and on 4,
+# stage 3 there with block recomputation) train the quickstart model in fp32 on the same 96 sequences per step; the
+# losses of every step and the final weights must agree. Then ZeRO-1 in bf16, where each rank keeps the
 # fp32 master weights of its pieces only, against plain data parallelism in bf16 (no clipping, so that the norm's
 # summation order cannot matter): the same sums of the same gradients (a + b, two ranks), so bit-identical losses
 # and weights; and two bf16 ranks resuming from that ZeRO-1 checkpoint (they compare their bf16 weights first).
@@ -195,6 +195,8 @@ dp_equivalence() {
     dp_run two-zero1 2 "${fp32[@]}" --set train.micro_batch=48 --set dist.zero=1 --set dist.bucket_mb=0.05 &&
     dp_run two-zero2 2 "${fp32[@]}" --set train.micro_batch=24 --set dist.zero=2 &&
     dp_run four-zero2 4 "${fp32[@]}" --set train.micro_batch=24 --set dist.zero=2 &&
+    dp_run two-zero3 2 "${fp32[@]}" --set train.micro_batch=24 --set dist.zero=3 &&
+    dp_run four-zero3 4 "${fp32[@]}" --set train.micro_batch=24 --set dist.zero=3 --set train.recompute=block &&
     dp_run bf16-two 2 "${bf16[@]}" --set train.micro_batch=48 &&
     dp_run bf16-two-zero1 2 "${bf16[@]}" --set train.micro_batch=48 --set dist.zero=1 --set dist.bucket_mb=0.05 &&
     dp_run bf16-resume 2 "${bf16[@]}" --set train.micro_batch=48 --set dist.zero=1 --set train.max_steps=22 \
@@ -217,7 +219,8 @@ def weights(name):
 ok = True
 # (base, run, tolerance): fp32 sums in other orders, then the bf16 pair that must agree bit for bit.
 for base, name, tol in (("one", "two", 1e-4), ("one", "four", 1e-4), ("one", "two-zero1", 1e-4),
-                        ("one", "two-zero2", 1e-4), ("one", "four-zero2", 1e-4),
+                        ("one", "two-zero2", 1e-4), ("one", "four-zero2", 1e-4), ("one", "two-zero3", 1e-4),
+                        ("one", "four-zero3", 1e-4),
                         ("bf16-two", "bf16-two-zero1", 0.0)):
     (base_l, base_w), (l, w) = (losses(base), weights(base)), (losses(name), weights(name))
     dl = max(abs(x - y) for x, y in zip(base_l, l))
@@ -303,6 +306,39 @@ step dp-init-failure 90 bash -c dp_init_failure
 step bench-attention-atomic 120 "$kiln" bench attention --backend cuda --suite --atomic-dq
 step bench-kiln-atomic 90 "$kiln" bench train --backend cuda --steps 10 --warmup 2 --set train.deterministic=false
 step bench-kiln-unfused 90 "$kiln" bench train --backend cuda --steps 5 --warmup 1 --set model.attention=unfused
+# ZeRO stage 3 beside stage 1: GPT-2 124M, 4 ranks on the one GPU, batch 4 each (loopback sockets: the step times
+# show what stage 3's gathers cost over the same transport, not NVLink's). Each rank's device memory is reported
+# beside its plan.
+dp_stages() {
+  local common=(--config configs/bench-gpt2-124m.toml --set train.max_steps=6 --set train.micro_batch=4
+    --set train.total_batch_tokens=16384 --set train.log_every=1 --set train.eval_every=0 --set train.eval_steps=1)
+  rm -rf /tmp/kiln-dp/stage*
+  local stage
+  for stage in 1 3; do
+    "$kiln" plan --backend cuda --gpus 4 --json "${common[@]}" --set dist.zero=$stage > /tmp/kiln-dp/plan-stage$stage.json
+    ( while sleep 0.5; do nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits; done ) \
+      > /tmp/kiln-dp/memory-stage$stage.log &
+    local sampler=$!
+    dp_run stage$stage 4 "${common[@]}" --set dist.zero=$stage
+    local rc=$?
+    kill $sampler
+    ((rc == 0)) || return 1
+    grep -h "step      6" /tmp/kiln-dp/stage$stage.rank0.log
+  done
+  python3 - <<'PY'
+import json, collections
+for stage in (1, 3):
+    plan = json.load(open(f"/tmp/kiln-dp/plan-stage{stage}.json"))
+    peak = collections.defaultdict(int)
+    for line in open(f"/tmp/kiln-dp/memory-stage{stage}.log"):
+        pid, used = (int(x) for x in line.split(","))
+        peak[pid] = max(peak[pid], used)
+    per_rank = plan["total_bytes"] / 2**30
+    print(f"stage {stage}: plan {per_rank:.2f} GiB a rank; measured", ", ".join(f"{v / 1024:.2f}" for v in peak.values()), "GiB")
+PY
+}
+export -f dp_stages
+step dp-stages 240 bash -c dp_stages
 step dp-overlap 150 bash -c dp_overlap
 step bench-pytorch 200 python3 scripts/reference/gpt2_bench.py --steps 10 --warmup 3
 # transformers' LlamaForCausalLM of the same shape and batch as bench-llama, compiled.

@@ -30,14 +30,22 @@ pub trait Communicator<B: Backend + ?Sized> {
     /// multiple of the world size.
     fn reduce_scatter(&mut self, backend: &mut B, t: Tensor, into: Tensor) -> Result<()>;
 
-    /// Starts copying piece `r` of rank `r`'s `t` into piece `r` of every rank's `t`, for every rank `r`.
-    /// `t.len` is a multiple of the world size. A parameter tensor of a mixed-precision engine is gathered in the
+    /// Starts copying rank `r`'s `from` into piece `r` of every rank's `t`, for every rank `r`. `from` is this rank's
+    /// piece of `t` itself (in place) or a tensor apart from `t` of a piece's length and type. `t.len` is a multiple
+    /// of the world size. A parameter tensor of a mixed-precision engine is gathered in the
     /// precision the forward pass reads: a ZeRO rank's master copy holds only the pieces it updates (see
     /// [`Backend::keep_master_pieces`]; checkpoints gather the pieces from their owners).
-    fn all_gather(&mut self, backend: &mut B, t: Tensor) -> Result<()>;
+    fn all_gather(&mut self, backend: &mut B, t: Tensor, from: Tensor) -> Result<()>;
 
     /// Makes the work queued after this call wait for every operation started before it.
     fn wait(&mut self, backend: &mut B) -> Result<()>;
+
+    /// As [`Communicator::wait`], without the host waiting where the engine can order its own queues (a GPU's
+    /// streams): for the points inside a pass where work depends on a collective. A failure of such a collective
+    /// surfaces at the next `wait`.
+    fn order(&mut self, backend: &mut B) -> Result<()> {
+        self.wait(backend)
+    }
 }
 
 /// Piece `rank` of `world` equal pieces of `t` (whose length is a multiple of `world`).
@@ -75,7 +83,13 @@ impl<B: Backend + ?Sized> Communicator<B> for Solo {
         Ok(())
     }
 
-    fn all_gather(&mut self, _: &mut B, _: Tensor) -> Result<()> {
+    fn all_gather(&mut self, backend: &mut B, t: Tensor, from: Tensor) -> Result<()> {
+        // One rank's piece is the whole of `t`. (Through the host: one rank that shards its weights gains nothing.)
+        if from != t {
+            let mut values = vec![0.0; from.len];
+            backend.download(from, &mut values)?;
+            backend.upload(t, &values)?;
+        }
         Ok(())
     }
 

@@ -380,7 +380,7 @@ impl<'de> Deserialize<'de> for MicroBatch {
             type Value = MicroBatch;
 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an integer, 0 or above, or \"auto\"")
+                f.write_str("a whole number of sequences, or \"auto\"")
             }
 
             fn visit_i64<E: serde::de::Error>(self, n: i64) -> std::result::Result<MicroBatch, E> {
@@ -398,7 +398,7 @@ impl<'de> Deserialize<'de> for MicroBatch {
             fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<MicroBatch, E> {
                 match s {
                     "auto" => Ok(MicroBatch::Auto),
-                    _ => Err(E::invalid_type(serde::de::Unexpected::Str(s), &self)),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(s), &self)),
                 }
             }
         }
@@ -704,7 +704,7 @@ impl Config {
                 "optim.grad_clip",
                 "must be a finite number, 0 or above (0 disables clipping)".to_string(),
             ),
-            (self.dist.zero <= 2, "dist.zero", "must be 0, 1 or 2 (ZeRO stage)".to_string()),
+            (self.dist.zero <= 3, "dist.zero", "must be 0, 1, 2 or 3 (ZeRO stage)".to_string()),
             (
                 self.dist.bucket_mb.is_finite() && self.dist.bucket_mb > 0.0,
                 "dist.bucket_mb",
@@ -915,7 +915,7 @@ mod tests {
         let text = format!("{MINIMAL}\n[train]\nmicro_batch = \"x\"\n");
         let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
         assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.micro_batch"));
-        assert_eq!(message, "invalid type: string \"x\", expected an integer, 0 or above, or \"auto\"");
+        assert_eq!(message, "invalid value: string \"x\", expected a whole number of sequences, or \"auto\"");
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub struct StepShapes {
 /// How an engine's memory is laid out, without the engine: what [`Counting`] needs to count its allocations, and
 /// what it takes beyond them.
 pub trait MemoryModel {
-    /// The engine and its precision, for the plan's heading: `cuda bf16`.
+    /// The engine and its precision, for the plan's heading: `cuda (bf16)`.
     fn engine(&self) -> String;
     fn storage(&self) -> Storage;
     /// Memory the engine takes beyond the buffers it is asked for, during a step of `step` on each of `world`
@@ -88,6 +88,9 @@ pub trait MemoryModel {
     /// Whether the ranks of a job share this memory (the CPU engine's ranks are threads of one process) rather
     /// than having a device each.
     fn shared_by_ranks(&self) -> bool;
+    /// Whether the components outside the engine's count (a context, communication buffers) exist already when a
+    /// trainer starts on the engine, so that the memory then free does not include them.
+    fn outside_exists_at_start(&self) -> bool;
 }
 
 /// One request made to a [`Counting`] backend.
@@ -311,6 +314,10 @@ impl MemoryModel for Counted {
     }
 
     fn shared_by_ranks(&self) -> bool {
+        false
+    }
+
+    fn outside_exists_at_start(&self) -> bool {
         false
     }
 }

@@ -207,6 +207,10 @@ impl<T: Real> MemoryModel for CpuMemory<T> {
     fn shared_by_ranks(&self) -> bool {
         true
     }
+
+    fn outside_exists_at_start(&self) -> bool {
+        false
+    }
 }
 
 // SAFETY: the backend exclusively owns its allocations; the raw pointers it derives never outlive an operation.

@@ -99,6 +99,11 @@ macro_rules! flash_kernels {
 type FlashKernelNames = (usize, [&'static str; 4], [&'static str; 4]);
 const FLASH_KERNELS: [FlashKernelNames; 4] = flash_kernels!(32, 64, 96, 128);
 
+/// Whether the fused attention kernels are built for `head_dim`.
+pub(crate) fn fused_head_dim(head_dim: usize) -> bool {
+    FLASH_KERNELS.iter().any(|(built, _, _)| *built == head_dim)
+}
+
 /// Which fused kernels run on wgmma where the module has them (sm_90a at head dimensions 64 and 128); elsewhere they
 /// run on mma.sync. `KILN_FLASH_WGMMA` lists `forward`, `backward` (the dq and dkv kernels, or the dkv kernel with
 /// atomic dQ), or `none`, comma-separated; unset or empty means both, the default since they passed the self-test

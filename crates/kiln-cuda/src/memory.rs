@@ -81,8 +81,11 @@ impl MemoryModel for CudaMemory {
     }
 
     fn overheads(&self, step: &StepShapes, world: usize) -> Vec<Component> {
-        // fp32 runs the unfused attention, which needs no working memory.
-        let fused = self.precision == Precision::Bf16 && self.attention == AttentionKernel::Fused;
+        // fp32 runs the unfused attention, which needs no working memory, and so does a head dimension the fused
+        // kernels are not built for.
+        let fused = self.precision == Precision::Bf16
+            && self.attention == AttentionKernel::Fused
+            && crate::backend::fused_head_dim(step.attention.head_dim);
         let attention = if fused { attention_backward_floats(&step.attention, self.deterministic) } else { 0 };
         let working = [
             encoder_backward_floats(step.rows),
@@ -111,5 +114,9 @@ impl MemoryModel for CudaMemory {
 
     fn shared_by_ranks(&self) -> bool {
         false
+    }
+
+    fn outside_exists_at_start(&self) -> bool {
+        true
     }
 }

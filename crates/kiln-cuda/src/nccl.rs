@@ -325,14 +325,28 @@ impl Communicator<CudaBackend> for NcclComm {
         self.settle("ncclReduceScatter", status)
     }
 
-    fn all_gather(&mut self, backend: &mut CudaBackend, t: Tensor) -> Result<()> {
+    fn all_gather(&mut self, backend: &mut CudaBackend, t: Tensor, from: Tensor) -> Result<()> {
         self.follow(backend)?;
         let count = piece(t, self.world, self.rank).len;
-        let (ptr, ty, size) = Self::operand(backend, t)?;
-        let send = (ptr + (self.rank * count * size) as u64) as *const core::ffi::c_void;
-        // SAFETY: in place, as NCCL allows: the send buffer is this rank's piece of the receive buffer.
+        let (ptr, ty, _) = Self::operand(backend, t)?;
+        let (send, send_ty, _) = Self::operand(backend, from)?;
+        if from.len != count || send_ty != ty {
+            return Err(failure(format!("all_gather of {from:?} into {t:?}: not one piece of it, of its type")));
+        }
+        if from != piece(t, self.world, self.rank) && from.overlaps(&t) {
+            return Err(failure(format!("all_gather from {from:?}, which overlaps {t:?} elsewhere than in place")));
+        }
+        let send = send as *const core::ffi::c_void;
+        // SAFETY: `comm_view` checked both tensors; `from` is this rank's piece of `t` (in place, as NCCL allows) or
+        // apart from it.
         let status = unsafe { nccl::all_gather(send, ptr as *mut _, count, ty, self.comm, self.cu_stream()) };
         self.settle("ncclAllGather", status)
+    }
+
+    fn order(&mut self, backend: &mut CudaBackend) -> Result<()> {
+        self.check_live()?;
+        self.done.record(&self.stream).map_err(|e| failure(format!("recording an event: {e:?}")))?;
+        backend.stream().wait(&self.done).map_err(|e| failure(format!("ordering the streams: {e:?}")))
     }
 
     fn wait(&mut self, backend: &mut CudaBackend) -> Result<()> {

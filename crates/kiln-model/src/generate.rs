@@ -1,17 +1,18 @@
 //! Generating tokens: greedy completion of many equal-length prompts at once ([`greedy`], for scoring), and
 //! sampling one sequence with a key/value cache ([`sample`]).
 
-use crate::{Model, Pass};
+use crate::{Model, Moment, Pass};
 use kiln_core::{Backend, Error, Result};
 
 /// Extends each prompt by `new_tokens` tokens, each the most likely next token given everything before it. All
 /// prompts must have the same length; they run `model.max_batch` at a time, and every new token costs a forward
-/// pass over the whole context (there is no key/value cache).
+/// pass over the whole context (there is no key/value cache), which calls `on` as [`Model::forward_with`] does.
 pub fn greedy<B: Backend + ?Sized>(
     model: &Model,
     backend: &mut B,
     prompts: &[Vec<u32>],
     new_tokens: usize,
+    on: &mut dyn FnMut(&mut B, Moment) -> Result<()>,
 ) -> Result<Vec<Vec<u32>>> {
     let Some(len) = prompts.first().map(Vec::len) else { return Ok(Vec::new()) };
     if prompts.iter().any(|p| p.len() != len) {
@@ -31,7 +32,7 @@ pub fn greedy<B: Backend + ?Sized>(
             let t = seqs[0].len();
             let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
             model.load_batch(backend, &flat, None)?;
-            model.forward(backend, seqs.len(), t, Pass::Logits)?;
+            model.forward_with(backend, seqs.len(), t, Pass::Logits, on)?;
             for (i, seq) in seqs.iter_mut().enumerate() {
                 model.logits_row(backend, i * t + t - 1, &mut logits)?;
                 seq.push(argmax(&logits));

@@ -12,6 +12,6 @@ pub mod model;
 pub mod params;
 pub mod spec;
 
-pub use model::{Gradients, Model, Pass, TrainingMemory};
+pub use model::{Blocks, Model, Moment, Pass, TrainingMemory};
 pub use params::ParamInfo;
 pub use spec::{Mlp, ModelSpec, Positions};

@@ -165,26 +165,50 @@ impl BlockActivations {
     }
 }
 
-/// Where a model for training keeps its weight gradients.
+/// Where a model for training keeps each block's weights and gradients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Gradients {
-    /// In one flat vector laid out like the parameters, accumulating over backward passes.
-    Flat,
-    /// For ZeRO stage 2: the embeddings' and the final norm's and LM head's in place, and each block's in one of two
-    /// buffers the size of a block, which the blocks alternate between (block `l` writes buffer `l % 2`). Each
-    /// backward pass writes its own gradients afresh, and a trainer takes each unit's away once
-    /// [`Model::backward_with`] reports it final (before the pass reaches the block after next, which reuses its
-    /// buffer). Every unit starts at a multiple of the padding, so that it cuts into equal pieces, one per rank.
-    Alternating,
+pub enum Blocks {
+    /// In place: weights and gradients in flat vectors laid out like the parameters, the gradients accumulating
+    /// over backward passes.
+    InPlace,
+    /// For ZeRO stage 2: the gradients of the embeddings and of the final norm and LM head in place, and each
+    /// block's in one of two buffers the size of a block, which the blocks alternate between (block `l` writes
+    /// buffer `l % 2`). Each backward pass writes its own gradients afresh, and a trainer takes each unit's away once
+    /// [`Model::backward_with`] reports it final ([`Moment::Ready`]; before the pass reaches the block after next,
+    /// which reuses its buffer). Every unit starts at a multiple of the padding, so that it cuts into equal pieces,
+    /// one per rank.
+    AlternatingGradients,
+    /// For ZeRO stage 3: the gradients as with `AlternatingGradients`, and the weights likewise: the embeddings' and
+    /// the final norm's and head's in place, each block's in one of two buffers, where a trainer puts them (gathers
+    /// them from the ranks) when a pass says it is about to read them ([`Moment::Forward`], [`Moment::Backward`]).
+    /// These buffers hold working copies only; the weights are the trainer's.
+    AlternatingWeightsAndGradients,
+}
+
+/// Where a pass is, for a trainer that moves weights and gradients while it runs (see [`Blocks`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moment {
+    /// The forward pass is about to read block `l`'s weights (for `l > 0`, in the norm that ends block `l - 1`).
+    Forward(usize),
+    /// The backward pass is about to read block `l`'s weights.
+    Backward(usize),
+    /// The gradients of the units from element `from` of the layout to its end are final (`from` is the start of a
+    /// unit of [`Model::units`]: after the final norm, after each block from the last to the first, and `0` after
+    /// the embeddings).
+    Ready(usize),
 }
 
 /// How a model for training lays out its memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrainingMemory {
-    /// The flat vectors (with [`Gradients::Alternating`], every unit) are padded to a multiple of this many elements.
+    /// The flat vectors (with alternating [`Blocks`], every unit) are padded to a multiple of this many elements.
     pub multiple: usize,
     pub recompute: Recompute,
-    pub gradients: Gradients,
+    pub blocks: Blocks,
+    /// The pieces of the parameters whose master copy an engine keeps (see `Backend::keep_master_pieces`): a ZeRO
+    /// rank's, said as soon as the parameters are allocated, so that the whole copy is never held beside the rest.
+    /// `None` keeps all of it.
+    pub master_pieces: Option<Vec<std::ops::Range<usize>>>,
 }
 
 /// A transformer whose parameters, gradients and activations live on a backend, sized for batches of up to
@@ -195,14 +219,17 @@ pub struct Model {
     pub max_batch: usize,
     /// The flat range of each unit of the layout ([`ParamInfo::unit`]), padding after it included.
     pub units: Vec<std::ops::Range<usize>>,
-    /// All parameters, in [`Self::layout`] order.
+    /// The parameters' allocation: all of them in [`Self::layout`] order, or with
+    /// [`Blocks::AlternatingWeightsAndGradients`] the buffers it describes.
     pub params: Tensor,
-    /// The gradients' allocation: with [`Gradients::Flat`] laid out like the parameters; with
-    /// [`Gradients::Alternating`], the buffers it describes.
+    /// The gradients' allocation: laid out like the parameters, or with alternating [`Blocks`] the buffers they
+    /// describe.
     pub grads: Tensor,
+    /// Where each unit's weights are, in `params`.
+    unit_params: Vec<Tensor>,
     /// Where each unit's gradients are, in `grads` (none in a model built for inference).
     unit_grads: Vec<Tensor>,
-    gradients: Gradients,
+    blocks: Blocks,
     /// Per-position losses, accumulated by [`Pass::Loss`] and [`Pass::Train`] passes.
     pub losses: Tensor,
     p: Weights,
@@ -338,6 +365,38 @@ impl Rows {
     }
 }
 
+/// One allocation of `role` laid out like the parameters (`len` elements), and each unit's part of it.
+fn in_place<B: Backend + ?Sized>(
+    backend: &mut B,
+    units: &[std::ops::Range<usize>],
+    len: usize,
+    role: Role,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let whole = backend.alloc(len, role)?;
+    Ok((whole, units.iter().map(|u| whole.slice(u.start, u.len())).collect()))
+}
+
+/// One allocation of `role` laid out as alternating [`Blocks`] lay it out: `[embeddings | final norm and head | block
+/// buffer 0 | block buffer 1]`, each block buffer the size of the largest block; and each unit's part of it.
+fn alternating<B: Backend + ?Sized>(
+    backend: &mut B,
+    units: &[std::ops::Range<usize>],
+    role: Role,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let last = units.len() - 1;
+    let (first_len, last_len) = (units[0].len(), units[last].len());
+    let slot = units[1..last].iter().map(|u| u.len()).max().unwrap_or(0);
+    let whole = backend.alloc(first_len + last_len + 2 * slot, role)?;
+    let parts = (0..units.len())
+        .map(|u| match u {
+            0 => whole.slice(0, first_len),
+            u if u == last => whole.slice(first_len, last_len),
+            u => whole.slice(first_len + last_len + (u - 1) % 2 * slot, units[u].len()),
+        })
+        .collect();
+    Ok((whole, parts))
+}
+
 impl Model {
     /// Allocates everything the model will ever use and initialises the weights from `seed`.
     pub fn new<B: Backend + ?Sized>(backend: &mut B, spec: ModelSpec, max_batch: usize, seed: u64) -> Result<Self> {
@@ -355,7 +414,7 @@ impl Model {
         multiple: usize,
         recompute: Recompute,
     ) -> Result<Self> {
-        let memory = TrainingMemory { multiple, recompute, gradients: Gradients::Flat };
+        let memory = TrainingMemory { multiple, recompute, blocks: Blocks::InPlace, master_pieces: None };
         let model = Model::for_training(backend, spec, max_batch, memory)?;
         model.initialize(backend, seed)?;
         Ok(model)
@@ -379,9 +438,11 @@ impl Model {
         Model::build(backend, spec, max_batch, None)
     }
 
-    /// Draws the initial weights from `seed`.
+    /// Draws the initial weights from `seed` (see [`params::initial_weights`]); a trainer puts those of a model
+    /// whose blocks' weights alternate.
     pub fn initialize<B: Backend + ?Sized>(&self, backend: &mut B, seed: u64) -> Result<()> {
-        params::initialize(backend, &self.spec, &self.layout, self.params, seed)
+        self.check_weights_in_place()?;
+        backend.upload(self.params, &params::initial_weights(&self.spec, &self.layout, self.params.len, seed))
     }
 
     fn build<B: Backend + ?Sized>(
@@ -390,37 +451,43 @@ impl Model {
         max_batch: usize,
         training: Option<TrainingMemory>,
     ) -> Result<Self> {
-        let TrainingMemory { multiple, recompute, gradients } =
-            training.unwrap_or(TrainingMemory { multiple: 1, recompute: Recompute::None, gradients: Gradients::Flat });
-        let layout = spec.params_aligned(if gradients == Gradients::Alternating { multiple } else { 1 });
-        let last = layout.last().expect("a model has parameters");
-        let len = (last.offset + last.len()).next_multiple_of(multiple);
-        let units = params::units(&layout, len);
-        let params = backend.alloc(len, Role::Param)?;
-        let (grads, unit_grads) = match (training, gradients) {
-            (None, _) => (backend.alloc(0, Role::Grad)?, Vec::new()),
-            (Some(_), Gradients::Flat) => {
-                let grads = backend.alloc(len, Role::Grad)?;
-                (grads, units.iter().map(|u| grads.slice(u.start, u.len())).collect())
+        let (training, memory) = match training {
+            Some(memory) => (true, memory),
+            None => (
+                false,
+                TrainingMemory {
+                    multiple: 1,
+                    recompute: Recompute::None,
+                    blocks: Blocks::InPlace,
+                    master_pieces: None,
+                },
+            ),
+        };
+        let TrainingMemory { multiple, recompute, blocks, master_pieces } = memory;
+        let (layout, units, len) = Model::layout(&spec, multiple, blocks);
+        let (params, unit_params) = match blocks {
+            Blocks::AlternatingWeightsAndGradients => {
+                let (params, unit_params) = alternating(backend, &units, Role::Param)?;
+                // Working copies, gathered: the weights that an optimizer updates, with their master copy, are
+                // elsewhere.
+                backend.keep_master_pieces(params, &[])?;
+                (params, unit_params)
             }
-            (Some(_), Gradients::Alternating) => {
-                // [embeddings | final norm and head | slot 0 | slot 1], each slot the size of the largest block.
-                let (first, last) = (units[0].len(), units[units.len() - 1].len());
-                let slot = units[1..units.len() - 1].iter().map(|u| u.len()).max().unwrap_or(0);
-                let grads = backend.alloc(first + last + 2 * slot, Role::Grad)?;
-                let unit_grads = (0..units.len())
-                    .map(|u| match u {
-                        0 => grads.slice(0, first),
-                        u if u == units.len() - 1 => grads.slice(first, last),
-                        u => grads.slice(first + last + (u - 1) % 2 * slot, units[u].len()),
-                    })
-                    .collect();
-                (grads, unit_grads)
+            _ => {
+                let (params, unit_params) = in_place(backend, &units, len, Role::Param)?;
+                if let Some(pieces) = &master_pieces {
+                    backend.keep_master_pieces(params, pieces)?;
+                }
+                (params, unit_params)
             }
+        };
+        let (grads, unit_grads) = match (training, blocks) {
+            (false, _) => (backend.alloc(0, Role::Grad)?, Vec::new()),
+            (true, Blocks::InPlace) => in_place(backend, &units, len, Role::Grad)?,
+            (true, _) => alternating(backend, &units, Role::Grad)?,
         };
 
         let mut counting = Arenas { acts: Arena::counting(), stats: Arena::counting(), index: Arena::counting() };
-        let training = training.is_some();
         Activations::take(&mut counting, &spec, max_batch, training, recompute);
         let mut arenas = Arenas {
             acts: Arena::new(backend, counting.acts.used, Role::Activation)?,
@@ -432,27 +499,58 @@ impl Model {
             backend.upload(a.rope_table, &spec.rope_table())?;
         }
         let l = spec.n_layer;
-        let gradient_of = |p: &ParamInfo| unit_grads[p.unit].slice(p.offset - units[p.unit].start, p.len());
+        let view = |of: &[Tensor], p: &ParamInfo| of[p.unit].slice(p.offset - units[p.unit].start, p.len());
         Ok(Model {
-            p: Weights::new(&layout, |p| p.view(params), l),
-            g: training.then(|| Weights::new(&layout, gradient_of, l)),
+            p: Weights::new(&layout, |p| view(&unit_params, p), l),
+            g: training.then(|| Weights::new(&layout, |p| view(&unit_grads, p), l)),
             spec,
             layout,
             units,
             max_batch,
             params,
             grads,
+            unit_params,
             unit_grads,
-            gradients,
+            blocks,
             losses: a.losses,
             acts: a,
             recompute,
         })
     }
 
-    /// The gradients of unit `u` (see [`ParamInfo::unit`]), `units[u].len()` elements laid out like its parameters.
+    /// The layout of `spec`'s parameters for a model padded to `multiple` (see [`TrainingMemory`]): the tensors, the
+    /// flat range of each unit, and the padded length.
+    pub fn layout(
+        spec: &ModelSpec,
+        multiple: usize,
+        blocks: Blocks,
+    ) -> (Vec<ParamInfo>, Vec<std::ops::Range<usize>>, usize) {
+        let layout = spec.params_aligned(if blocks == Blocks::InPlace { 1 } else { multiple });
+        let last = layout.last().expect("a model has parameters");
+        let len = (last.offset + last.len()).next_multiple_of(multiple);
+        let units = params::units(&layout, len);
+        (layout, units, len)
+    }
+
+    /// The weights of unit `u` (see [`ParamInfo::unit`]), `units[u].len()` elements.
+    pub fn unit_parameters(&self, u: usize) -> Tensor {
+        self.unit_params[u]
+    }
+
+    /// The gradients of unit `u`, `units[u].len()` elements laid out like its weights.
     pub fn unit_gradients(&self, u: usize) -> Tensor {
         self.unit_grads[u]
+    }
+
+    /// An error unless every block's weights are in place: a pass that cannot say when it reads them
+    /// ([`Model::forward_with`]) cannot run with alternating ones.
+    fn check_weights_in_place(&self) -> Result<()> {
+        if self.blocks == Blocks::AlternatingWeightsAndGradients {
+            return Err(kiln_core::Error::Invalid(
+                "a model whose blocks' weights alternate runs its passes through forward_with and backward_with".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn check_batch(&self, batch: usize, time: usize) -> Result<()> {
@@ -481,8 +579,21 @@ impl Model {
 
     /// Runs the model on the batch last loaded. Losses accumulate into [`Self::losses`] (zero it first).
     pub fn forward<B: Backend + ?Sized>(&self, b: &mut B, batch: usize, time: usize, pass: Pass) -> Result<()> {
+        self.check_weights_in_place()?;
+        self.forward_with(b, batch, time, pass, &mut |_, _| Ok(()))
+    }
+
+    /// [`Model::forward`], calling `on(b, Moment::Forward(l))` before the pass reads block `l`'s weights.
+    pub fn forward_with<B: Backend + ?Sized>(
+        &self,
+        b: &mut B,
+        batch: usize,
+        time: usize,
+        pass: Pass,
+        on: &mut dyn FnMut(&mut B, Moment) -> Result<()>,
+    ) -> Result<()> {
         self.check_batch(batch, time)?;
-        self.forward_span(b, Span::Full { batch, time }, pass)
+        self.forward_span(b, Span::Full { batch, time }, pass, on)
     }
 
     /// Runs one new `token` at position `pos` of a single sequence whose earlier positions went through
@@ -501,8 +612,9 @@ impl Model {
                 "a model that recomputes whole blocks keeps no key/value cache to decode with".into(),
             ));
         }
+        self.check_weights_in_place()?;
         self.load_batch(b, &[token], None)?;
-        self.forward_span(b, Span::Decode { pos }, Pass::Logits)
+        self.forward_span(b, Span::Decode { pos }, Pass::Logits, &mut |_, _| Ok(()))
     }
 
     /// The shape of attention over a `batch × time` batch.
@@ -631,7 +743,13 @@ impl Model {
         }
     }
 
-    fn forward_span<B: Backend + ?Sized>(&self, b: &mut B, span: Span, pass: Pass) -> Result<()> {
+    fn forward_span<B: Backend + ?Sized>(
+        &self,
+        b: &mut B,
+        span: Span,
+        pass: Pass,
+        on: &mut dyn FnMut(&mut B, Moment) -> Result<()>,
+    ) -> Result<()> {
         let s = &self.spec;
         let r = Rows::new(span);
         let (c, n, ffn) = (s.n_embd, r.n(), s.ffn_dim);
@@ -642,6 +760,7 @@ impl Model {
         };
         let wpe = self.p.wpe.map(|wpe| wpe.slice(first_pos * c, r.time * c));
         b.encoder_forward(r.of(self.acts.encoded, c), r.of(self.acts.tokens, 1), self.p.wte, wpe, r.batch, r.time, c)?;
+        on(b, Moment::Forward(0))?;
         self.norm_1(b, r, 0)?;
         for (l, (a, wt)) in self.acts.blocks.iter().zip(&self.p.blocks).enumerate() {
             self.block_to_hidden(b, r, l)?;
@@ -654,6 +773,9 @@ impl Model {
                 d: MatmulDims { rows: n, c_in: ffn, c_out: c },
             })?;
             // The residual add that ends this block, fused with the norm that starts the next (or the final norm).
+            if l + 1 < s.n_layer {
+                on(b, Moment::Forward(l + 1))?;
+            }
             let (out, stats, nw) = match (self.acts.blocks.get(l + 1), self.p.blocks.get(l + 1)) {
                 (Some(next), Some(w)) => (next.ln1, next.ln1_stats, w.ln_1),
                 _ => (self.acts.lnf, self.acts.lnf_stats, self.p.ln_f),
@@ -688,19 +810,19 @@ impl Model {
     /// Accumulates the gradients of the last [`Pass::Train`] forward pass (same batch shape) into
     /// [`Self::grads`] (with [`Gradients::Alternating`], writes them there: see it).
     pub fn backward<B: Backend + ?Sized>(&self, b: &mut B, batch: usize, time: usize) -> Result<()> {
+        self.check_weights_in_place()?;
         self.backward_with(b, batch, time, &mut |_, _| Ok(()))
     }
 
-    /// [`Model::backward`], calling `on_ready(b, from)` each time the gradients of the units from element `from` of
-    /// the layout to its end are final (`from` is the start of a unit of [`Self::units`]: after the final norm,
-    /// after each block, from the last to the first, and with `from = 0` after the embeddings): a data-parallel
-    /// trainer starts reducing them there, while the rest of the backward pass runs.
+    /// [`Model::backward`], calling `on(b, Moment::Backward(l))` before the pass reads block `l`'s weights and
+    /// `on(b, Moment::Ready(from))` each time gradients become final: a data-parallel trainer starts reducing them
+    /// there, while the rest of the backward pass runs.
     pub fn backward_with<B: Backend + ?Sized>(
         &self,
         b: &mut B,
         batch: usize,
         time: usize,
-        on_ready: &mut dyn FnMut(&mut B, usize) -> Result<()>,
+        on: &mut dyn FnMut(&mut B, Moment) -> Result<()>,
     ) -> Result<()> {
         self.check_batch(batch, time)?;
         let Some(grads) = &self.g else {
@@ -710,7 +832,7 @@ impl Model {
         // last and the embeddings first (see ModelSpec::params), so what is final always runs from a unit's start to
         // the end.
         let s = &self.spec;
-        let (last_unit, alternating) = (s.n_layer + 1, self.gradients == Gradients::Alternating);
+        let (last_unit, alternating) = (s.n_layer + 1, self.blocks != Blocks::InPlace);
         if alternating {
             b.zero(self.unit_grads[0])?;
             b.zero(self.unit_grads[last_unit])?;
@@ -750,9 +872,10 @@ impl Model {
         })?;
         b.zero(dres)?;
         norm_backward(b, dbtc, self.block_input(s.n_layer), self.p.ln_f, grads.ln_f, self.acts.lnf_stats)?;
-        on_ready(b, self.units[last_unit].start)?;
+        on(b, Moment::Ready(self.units[last_unit].start))?;
         for l in (0..s.n_layer).rev() {
             let (a, wt, g) = (&self.acts.blocks[l], &self.p.blocks[l], &grads.blocks[l]);
+            on(b, Moment::Backward(l))?;
             if alternating {
                 b.zero(self.unit_grads[1 + l])?;
             }
@@ -834,10 +957,10 @@ impl Model {
                 d: lin(c, w),
             })?;
             norm_backward(b, dbtc, self.block_input(l), wt.ln_1, g.ln_1, a.ln1_stats)?;
-            on_ready(b, self.units[1 + l].start)?;
+            on(b, Moment::Ready(self.units[1 + l].start))?;
         }
         b.encoder_backward(grads.wte, grads.wpe, dres, r.of(self.acts.tokens, 1), batch, time, c)?;
-        on_ready(b, 0)
+        on(b, Moment::Ready(0))
     }
 
     /// The logits of one position (`row = b·time + t` of the last forward pass), over the real vocabulary.

@@ -4,7 +4,7 @@
 //! that take weight decay, and draws the initial weights.
 
 use crate::spec::ModelSpec;
-use kiln_core::{Backend, Result, Tensor};
+use kiln_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -70,18 +70,12 @@ pub fn units(layout: &[ParamInfo], len: usize) -> Vec<Range<usize>> {
     starts.iter().zip(ends).map(|(&start, end)| start..end).collect()
 }
 
-/// Fills `flat`, laid out as `layout`, with the initial weights drawn from `seed`. The padded rows of `wte` and
+/// The initial weights drawn from `seed`, `len` values laid out as `layout`. The padded rows of `wte` and
 /// `lm_head` start at zero: no token selects them and no logit they produce is used, so they never change the
 /// model. The draws go in layout order, so the weights do not depend on the padding between units.
-pub fn initialize<B: Backend + ?Sized>(
-    backend: &mut B,
-    spec: &ModelSpec,
-    layout: &[ParamInfo],
-    flat: Tensor,
-    seed: u64,
-) -> Result<()> {
+pub fn initial_weights(spec: &ModelSpec, layout: &[ParamInfo], len: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut host = vec![0.0f32; flat.len];
+    let mut host = vec![0.0f32; len];
     for p in layout {
         let values = &mut host[p.offset..p.offset + p.len()];
         match p.init {
@@ -96,5 +90,5 @@ pub fn initialize<B: Backend + ?Sized>(
             }
         }
     }
-    backend.upload(flat, &host)
+    host
 }

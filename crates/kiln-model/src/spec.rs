@@ -154,19 +154,17 @@ impl ModelSpec {
         let residual_std = INIT_STD / ((2 * l) as f32).sqrt();
         let layer_norm = self.norm == NormKind::Layer;
         let mut list = Vec::new();
+        // The unit of the tensors pushed: the embeddings, then each block, then the final norm and head.
+        let unit = std::cell::Cell::new(0);
         let mut push = |name: String, shape: Vec<usize>, init: Init, decay: bool| {
-            let unit = match name.strip_prefix("h.").and_then(|rest| rest.split_once('.')) {
-                Some((block, _)) => 1 + block.parse::<usize>().expect("a block's number"),
-                None if name == "wte" || name == "wpe" => 0,
-                None => l + 1,
-            };
-            list.push(ParamInfo { name, shape, init, decay, offset: 0, unit });
+            list.push(ParamInfo { name, shape, init, decay, offset: 0, unit: unit.get() });
         };
         push("wte".into(), vec![self.padded_vocab, c], Init::Normal(INIT_STD), true);
         if self.positions == Positions::Learned {
             push("wpe".into(), vec![self.block_size, c], Init::Normal(INIT_STD), true);
         }
         for i in 0..l {
+            unit.set(1 + i);
             let p = |n: &str| format!("h.{i}.{n}");
             push(p("attn.qkv.weight"), vec![self.qkv_width(), c], Init::Normal(INIT_STD), true);
             push(p("attn.proj.weight"), vec![c, c], Init::Normal(residual_std), true);
@@ -189,6 +187,7 @@ impl ModelSpec {
                 push(p("mlp.proj.bias"), vec![c], Init::Zeros, false);
             }
         }
+        unit.set(l + 1);
         push("ln_f.weight".into(), vec![c], Init::Ones, false);
         if layer_norm {
             push("ln_f.bias".into(), vec![c], Init::Zeros, false);

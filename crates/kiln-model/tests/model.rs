@@ -5,7 +5,7 @@
 use kiln_core::config::{Arch, Recompute, RopeScaling, RopeScalingKind};
 use kiln_core::{Backend, NormKind, Tensor};
 use kiln_cpu::CpuBackend;
-use kiln_model::{Mlp, Model, ModelSpec, Pass, Positions};
+use kiln_model::{Blocks, Mlp, Model, ModelSpec, Moment, Pass, Positions, TrainingMemory};
 
 fn shape(vocab: usize) -> ModelSpec {
     ModelSpec::gpt2(2, 2, 8, 6, vocab)
@@ -238,8 +238,10 @@ fn gradients_reported_ready_do_not_change_afterwards_for(s: ModelSpec) {
     model.forward(&mut b, bs, time, Pass::Train { dloss: 1.0 }).unwrap();
     let mut reported: Vec<(usize, Vec<f64>)> = Vec::new();
     model
-        .backward_with(&mut b, bs, time, &mut |b, from| {
-            reported.push((from, b.values_mut(model.grads).unwrap()[from..].to_vec()));
+        .backward_with(&mut b, bs, time, &mut |b, moment| {
+            if let Moment::Ready(from) = moment {
+                reported.push((from, b.values_mut(model.grads).unwrap()[from..].to_vec()));
+            }
             Ok(())
         })
         .unwrap();
@@ -303,4 +305,51 @@ fn a_model_that_recomputes_whole_blocks_refuses_to_decode() {
     model.load_batch(&mut b, &[1, 2], None).unwrap();
     model.forward(&mut b, 1, 2, Pass::Logits).unwrap();
     assert!(model.decode_step(&mut b, 3, 2).is_err());
+}
+
+#[test]
+fn a_model_whose_blocks_weights_alternate_runs_only_through_the_passes_that_say_when_they_read_them() {
+    let s = shape(11);
+    let mut b = CpuBackend::<f32>::new();
+    let blocks = Blocks::AlternatingWeightsAndGradients;
+    let memory = TrainingMemory { multiple: 64, recompute: Recompute::None, blocks, master_pieces: None };
+    let model = Model::for_training(&mut b, s, 2, memory).unwrap();
+    // Every unit starts at a multiple of the padding; the blocks' weights take two blocks' room, not n_layer.
+    assert!(model.units.iter().all(|u| u.start % 64 == 0 && u.len() % 64 == 0), "{:?}", model.units);
+    let block = model.units[1].len();
+    assert_eq!(model.params.len, model.units[0].len() + model.units[s.n_layer + 1].len() + 2 * block);
+    model.load_batch(&mut b, &batch(2 * 6, s.vocab, 0), Some(&batch(2 * 6, s.vocab, 1))).unwrap();
+    for error in [
+        model.forward(&mut b, 2, 6, Pass::Loss).unwrap_err(),
+        model.backward(&mut b, 2, 6).unwrap_err(),
+        model.decode_step(&mut b, 1, 0).unwrap_err(),
+        model.initialize(&mut b, 1).unwrap_err(),
+    ] {
+        assert!(error.to_string().contains("forward_with"), "{error}");
+    }
+    let mut moments = Vec::new();
+    model
+        .forward_with(&mut b, 2, 6, Pass::Train { dloss: 1.0 }, &mut |_, m| {
+            moments.push(m);
+            Ok(())
+        })
+        .unwrap();
+    model
+        .backward_with(&mut b, 2, 6, &mut |_, m| {
+            moments.push(m);
+            Ok(())
+        })
+        .unwrap();
+    let units = &model.units;
+    let expected = [
+        Moment::Forward(0),
+        Moment::Forward(1),
+        Moment::Ready(units[3].start),
+        Moment::Backward(1),
+        Moment::Ready(units[2].start),
+        Moment::Backward(0),
+        Moment::Ready(units[1].start),
+        Moment::Ready(0),
+    ];
+    assert_eq!(moments, expected);
 }

@@ -41,7 +41,7 @@ pub enum Source {
 /// Fills the values of `source` at elements `range` of the flat parameter vector.
 pub type Fetch<'a> = dyn FnMut(Source, Range<usize>, &mut Vec<f32>) -> Result<()> + 'a;
 
-/// Takes the values of `source` (a moment) at elements `range` of the flat parameter vector, as a checkpoint is read.
+/// Takes the values of `source` at elements `range` of the flat parameter vector, as a checkpoint is read.
 pub type Restore<'a, B> = dyn FnMut(&mut B, Source, Range<usize>, &[f32]) -> Result<()> + 'a;
 
 /// Where a run's checkpoints go: `out_dir/checkpoints`.
@@ -200,10 +200,20 @@ fn read_hf(files: &TensorFiles, t: &HfTensor) -> Result<Option<(Vec<usize>, Vec<
     }
 }
 
+/// Where weights read from files go: `put(backend, elements, values)` for each range of the flat parameter layout.
+/// [`into_params`] puts them into a model's parameters; a ZeRO stage 3 trainer, into each rank's share.
+pub type Put<'a, B> = dyn FnMut(&mut B, Range<usize>, &[f32]) -> Result<()> + 'a;
+
+/// Puts weights into `model`'s parameters, which hold them all in place.
+pub fn into_params<B: Backend + ?Sized>(model: &Model) -> impl FnMut(&mut B, Range<usize>, &[f32]) -> Result<()> {
+    let params = model.params;
+    move |backend, range, values| backend.upload(params.slice(range.start, range.len()), values)
+}
+
 /// Loads the model files in `dir` (a kiln checkpoint, an export, or a directory written by transformers: one
-/// `model.safetensors` or shards with an index; F32, BF16 or F16) into `model`'s parameters, one tensor at a time.
+/// `model.safetensors` or shards with an index; F32, BF16 or F16), one tensor at a time, handing each to `put`.
 /// Every tensor's presence and shape is checked, and a mismatch names the tensor and the file.
-pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B) -> Result<()> {
+pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B, put: &mut Put<B>) -> Result<()> {
     let files = TensorFiles::open(dir, "model")?;
     for t in hf::tensors(&model.spec, &model.layout) {
         let (shape, values) = read_hf(&files, &t)?
@@ -225,7 +235,7 @@ pub fn load_weights<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mu
             ));
         }
         let values = t.to_kiln(&values[..t.len()]);
-        backend.upload(model.params.slice(t.elements.start, t.len()), &values)?;
+        put(backend, t.elements.start..t.elements.start + t.len(), &values)?;
     }
     Ok(())
 }
@@ -279,15 +289,15 @@ fn read_state(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
     Ok((state, path))
 }
 
-/// Loads the checkpoint in `dir` into `model`'s parameters and returns its step; hands AdamW's moments to
-/// `moment(source, elements, values)` one parameter tensor at a time. Every tensor's presence and shape is
+/// Loads the checkpoint in `dir`, for `model`, and returns its step: hands the weights and then AdamW's moments to
+/// `restore(source, elements, values)` one parameter tensor at a time. Every tensor's presence and shape is
 /// checked, and a mismatch names the tensor and the file.
-pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B, moment: &mut Restore<B>) -> Result<u64> {
+pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B, restore: &mut Restore<B>) -> Result<u64> {
     let (state, state_path) = read_state(dir)?;
     let step = json_field(&state, "step", &state_path)?
         .as_u64()
         .ok_or_else(|| Error::data(&state_path, "\"step\" is not a whole number"))?;
-    load_weights(dir, model, backend)?;
+    load_weights(dir, model, backend, &mut |b, range, values| restore(b, Source::Params, range, values))?;
     let files = TensorFiles::open(dir, "optimizer")?;
     for source in [Source::M, Source::V] {
         for p in &model.layout {
@@ -302,7 +312,7 @@ pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B, mom
                     format!("tensor {name} is {shape:?}; this model's {} is {:?}", p.name, p.shape),
                 ));
             }
-            moment(backend, source, p.offset..p.offset + p.len(), &values)?;
+            restore(backend, source, p.offset..p.offset + p.len(), &values)?;
         }
     }
     Ok(step)

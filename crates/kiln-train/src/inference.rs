@@ -50,7 +50,7 @@ impl<B: Backend> Inference<B> {
         };
         config.block_size = time;
         let model = Model::for_inference(&mut backend, ModelSpec::new(&config, vocab), batch)?;
-        checkpoint::load_weights(dir, &model, &mut backend)?;
+        checkpoint::load_weights(dir, &model, &mut backend, &mut checkpoint::into_params(&model))?;
         Ok(Inference { backend, model, codec })
     }
 

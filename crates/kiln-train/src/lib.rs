@@ -14,7 +14,10 @@
 //! starts reducing each bucket of gradients as soon as it is complete, and the host numbers every rank must agree on
 //! (the batch's target count, the loss, the gradient norm, whether to stop) are summed across ranks. With ZeRO
 //! stage 1 each rank keeps the AdamW moments of its own piece of every bucket, updates that piece, and the pieces
-//! are then gathered. Only rank 0 logs, evaluates and writes files.
+//! are then gathered. Stage 2 makes each block a bucket, reduced every micro-batch into the rank's share of the
+//! gradients, with no whole gradient vector kept; stage 3 shards the weights too, gathering each block's into a
+//! buffer as a pass reaches it. Before anything is allocated the memory [`plan`] is checked against the memory free.
+//! Only rank 0 logs and writes files; it evaluates alone, except under stage 3, where every rank takes part.
 
 pub mod checkpoint;
 pub mod inference;
@@ -32,10 +35,12 @@ use kiln_core::config::MicroBatch;
 use kiln_core::{AdamWStep, Backend, Communicator, Config, Error, Result, Role, Tensor};
 use kiln_data::{Addition, Dataset};
 use kiln_model::params::decay_runs;
-use kiln_model::{Gradients, Model, ModelSpec, Pass, TrainingMemory, generate};
+use kiln_model::params::initial_weights;
+use kiln_model::{Blocks, Model, ModelSpec, Moment, Pass, TrainingMemory, generate};
 use metrics::{Metrics, StepRecord};
 use parallel::{BucketCursor, Buckets, Stragglers};
 use plan::MemoryPlan;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,7 +88,7 @@ pub struct Trainer<B: Backend> {
     comm: Box<dyn Communicator<B>>,
     model: Model,
     data: Dataset,
-    /// AdamW moments of the parameters this rank updates: all of them, or under ZeRO stage 1 its pieces, one
+    /// AdamW moments of the parameters this rank updates: all of them, or under ZeRO its pieces, one
     /// after the other.
     m: Tensor,
     v: Tensor,
@@ -93,10 +98,12 @@ pub struct Trainer<B: Backend> {
     /// decay)`, one AdamW call each.
     updates: Vec<(usize, usize, usize, bool)>,
     buckets: Buckets,
-    /// The ZeRO stage: 0, 1 or 2.
+    /// The ZeRO stage: 0 to 3.
     zero: u8,
-    /// Under ZeRO stage 2, where the rank keeps its share of the gradients.
+    /// Under ZeRO stages 2 and 3, where the rank keeps its share of the gradients.
     share: Option<GradientShare>,
+    /// Under ZeRO stage 3, where the rank keeps its share of the weights.
+    weights: Option<WeightShare>,
     /// Sequences per micro-batch (`train.micro_batch`, resolved when it is "auto").
     micro_batch: usize,
     /// The host numbers summed across ranks after each step: loss, squared norm of the owned gradient pieces,
@@ -144,35 +151,43 @@ impl<B: Backend> Trainer<B> {
 
     /// [`Trainer::new`] for one rank of a data-parallel job whose ranks talk through `comm`. Every rank builds
     /// the same initial weights from the seed.
-    pub fn with_comm(config: &Config, mut backend: B, comm: Box<dyn Communicator<B>>) -> Result<Self> {
+    pub fn with_comm(config: &Config, mut backend: B, mut comm: Box<dyn Communicator<B>>) -> Result<Self> {
         let t = config.model.block_size;
         let data = Dataset::open(&config.data, t)?;
         let shape = ModelSpec::new(&config.model, vocabulary(config, data.vocab_size())?);
         let (rank, world) = (comm.rank(), comm.world());
         // Nothing is allocated before the plan says that it fits.
         let memory = backend.memory_model();
-        let free = backend.free_bytes();
+        let capacity = capacity(&mut backend, comm.as_mut(), memory.as_ref(), &shape)?;
         let mut config = config.clone();
-        let mb = plan::micro_batch(&config, shape, world, memory.as_ref(), free)?;
+        let mb = plan::micro_batch(&config, shape, world, memory.as_ref(), capacity)?;
         config.train.micro_batch = MicroBatch::Sequences(mb);
         let plan = MemoryPlan::new(&config, shape, mb, world, memory.as_ref())?;
-        if let Some(free) = free {
-            plan.check_fits(free)?;
+        if let Some(capacity) = capacity {
+            plan.check_fits(capacity)?;
         }
-        let Allocated { model, m, v, owned, updates, buckets, share } =
+        let Allocated { model, m, v, owned, updates, buckets, share, weights } =
             Allocated::new(&mut backend, &config, shape, mb, world, rank)
                 .map_err(|e| Error::backend(backend.name(), format!("{e}\n{}", plan.describe())))?;
+        let put = &mut |b: &mut B, range: Range<usize>, values: &[f32]| match &weights {
+            Some(w) => put_pieces(b, &owned, w.share, range, values),
+            None => b.upload(model.params.slice(range.start, range.len()), values),
+        };
         match config.model.init.as_deref().map(|i| i.split_once(':')) {
-            None => model.initialize(&mut backend, config.train.seed)?,
-            Some(Some(("hf", dir))) => checkpoint::load_weights(Path::new(dir), &model, &mut backend)?,
-            Some(Some(("llmc", file))) => llmc::load(Path::new(file), &model, &mut backend)?,
+            None => {
+                let len = model.units.last().map_or(0, |u| u.end);
+                put(&mut backend, 0..len, &initial_weights(&shape, &model.layout, len, config.train.seed))?
+            }
+            Some(Some(("hf", dir))) => checkpoint::load_weights(Path::new(dir), &model, &mut backend, put)?,
+            Some(Some(("llmc", file))) => llmc::load(Path::new(file), &model, &mut backend, put)?,
             Some(_) => return Err(Error::Usage("model.init must be hf:DIR or llmc:FILE".into())),
         }
         let accumulation = plan.accumulation;
         let tokens_per_step = accumulation * mb * t;
-        Ok(Trainer {
+        let mut trainer = Trainer {
             zero: config.dist.zero,
             share,
+            weights,
             micro_batch: mb,
             config,
             backend,
@@ -192,7 +207,15 @@ impl<B: Backend> Trainer<B> {
             targets: vec![0; tokens_per_step],
             step: 0,
             profile: false,
-        })
+        };
+        trainer.gather_resident()?;
+        Ok(trainer)
+    }
+
+    /// Under ZeRO stage 3, gathers the weights that stay whole through a step (the embeddings, the final norm and
+    /// the LM head) from the ranks' shares: after the weights are set and after each update.
+    fn gather_resident(&mut self) -> Result<()> {
+        gather_resident(&mut self.backend, self.comm.as_mut(), self.weights.as_ref())
     }
 
     /// Where this run's checkpoints go: `out_dir/checkpoints`.
@@ -201,14 +224,16 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Writes a checkpoint of the current step (see [`checkpoint`]) and returns its directory. Every rank must
-    /// call it (under ZeRO stage 1 the weights and moments are gathered from all of them); only rank 0 writes.
+    /// call it (under ZeRO the weights and moments are gathered from all of them); only rank 0 writes.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let root = self.checkpoint_root();
         let (config, model, codec) = (self.config.clone(), &self.model, self.data.codec());
         let write = self.comm.rank() == 0;
         let (backend, comm) = (&mut self.backend, &mut self.comm);
         let gather = Gather { owned: &self.owned, zero: self.zero > 0, lead: write };
-        let (params, m, v) = (model.params, self.m, self.v);
+        // Under ZeRO stage 3 the weights are each rank's share, packed as the moments are.
+        let (params, packed) = self.weights.as_ref().map_or((model.params, false), |w| (w.share, true));
+        let (m, v) = (self.m, self.v);
         checkpoint::save(
             &root,
             self.step,
@@ -218,7 +243,7 @@ impl<B: Backend> Trainer<B> {
             config.train.keep_checkpoints,
             write,
             &mut |source, range, out| match source {
-                Source::Params => gather.range(backend, comm.as_mut(), params, range, false, out),
+                Source::Params => gather.range(backend, comm.as_mut(), params, range, packed, out),
                 Source::M => gather.range(backend, comm.as_mut(), m, range, true, out),
                 Source::V => gather.range(backend, comm.as_mut(), v, range, true, out),
             },
@@ -252,20 +277,21 @@ impl<B: Backend> Trainer<B> {
     /// one that wrote it would have, at any number of ranks (each rank takes the moments of what it updates): with
     /// the same data, and on one rank bit for bit.
     pub fn resume(&mut self, dir: &Path) -> Result<u64> {
-        let (owned, m, v) = (&self.owned, self.m, self.v);
-        // Each tensor's moments go to the pieces of it this rank updates, where they sit in m and v.
-        let step = checkpoint::load(dir, &self.model, &mut self.backend, &mut |backend, source, range, values| {
-            let moment = if source == Source::M { m } else { v };
-            for &(start, local_start, len) in owned {
-                let (from, to) = (range.start.max(start), range.end.min(start + len));
-                if from < to {
-                    let local = moment.slice(local_start + from - start, to - from);
-                    backend.upload(local, &values[from - range.start..to - range.start])?;
-                }
-            }
-            Ok(())
-        })?;
+        let (owned, m, v, params) = (&self.owned, self.m, self.v, self.model.params);
+        let share = self.weights.as_ref().map(|w| w.share);
+        // Each tensor's moments go to the pieces of it this rank updates, where they sit in m and v; so do the
+        // weights under ZeRO stage 3.
+        let step =
+            checkpoint::load(dir, &self.model, &mut self.backend, &mut |backend, source, range, values| match (
+                source, share,
+            ) {
+                (Source::M, _) => put_pieces(backend, owned, m, range, values),
+                (Source::V, _) => put_pieces(backend, owned, v, range, values),
+                (Source::Params, Some(share)) => put_pieces(backend, owned, share, range, values),
+                (Source::Params, None) => backend.upload(params.slice(range.start, range.len()), values),
+            })?;
         self.step = step;
+        self.gather_resident()?;
         self.check_ranks_agree()?;
         if self.comm.rank() == 0 {
             tracing::info!("resumed from {} at step {}", dir.display(), self.step);
@@ -368,13 +394,15 @@ impl<B: Backend> Trainer<B> {
                 allocated_bytes: self.backend.allocated_bytes(),
                 ..Default::default()
             };
-            if lead && (last || (train.eval_every > 0 && step % train.eval_every == 0)) {
+            // Under ZeRO stage 3 every rank takes part in evaluating: each gathers the weights with the others.
+            let evaluates = lead || self.weights.is_some();
+            if evaluates && (last || (train.eval_every > 0 && step % train.eval_every == 0)) {
                 let val = self.validation_loss()?;
                 tracing::info!("step {step:>6}/{} | val loss {val:.4}", train.max_steps);
                 record.val_loss = Some(val);
                 summary.val_loss = Some(val);
             }
-            if lead && last && self.data.addition().is_some() {
+            if evaluates && last && self.data.addition().is_some() {
                 let (accuracy, samples) = self.exact_match()?;
                 record.exact_match = Some(accuracy);
                 summary.exact_match = Some(accuracy);
@@ -440,13 +468,15 @@ impl<B: Backend> Trainer<B> {
         let dloss = (1.0 / counted[0]) as f32;
         let data_done = Instant::now();
 
-        b.zero(self.model.grads)?;
         b.zero(self.model.losses)?;
-        if let Some(share) = &self.share {
-            b.zero(share.share)?;
+        // Alternating gradients are zeroed by the backward pass as it goes; the share adds up the micro-batches.
+        match &self.share {
+            Some(share) => b.zero(share.share)?,
+            None => b.zero(self.model.grads)?,
         }
         let per_micro = mb * t;
         let (model, comm, buckets, zero, share) = (&self.model, &mut self.comm, &self.buckets, self.zero, &self.share);
+        let weights = &self.weights;
         // Time this rank spent blocked in collectives, that is waiting for the others: without it, what remains is
         // its own work, which names a straggler. (A device's collectives return at once, so on the GPU the rest also
         // counts waiting for the device: there it names only a rank that is slow on the host.)
@@ -454,9 +484,12 @@ impl<B: Backend> Trainer<B> {
         for micro in 0..accumulation {
             let range = micro * per_micro..(micro + 1) * per_micro;
             model.load_batch(b, &self.inputs[range.clone()], Some(&self.targets[range]))?;
-            model.forward(b, mb, t, Pass::Train { dloss })?;
-            // Gradients accumulate over micro-batches and are reduced after the last, except under ZeRO stage 2,
-            // which keeps no whole gradient vector: there every micro-batch's are reduced, into the rank's share.
+            model.forward_with(b, mb, t, Pass::Train { dloss }, &mut |b, moment| {
+                gather_blocks(b, comm.as_mut(), weights.as_ref(), model.spec.n_layer, moment)
+            })?;
+            // Gradients accumulate over micro-batches and are reduced after the last, except under ZeRO stages 2
+            // and 3, which keep no whole gradient vector: there every micro-batch's are reduced, into the rank's
+            // share.
             if micro + 1 < accumulation && share.is_none() {
                 model.backward(b, mb, t)?;
                 continue;
@@ -467,12 +500,15 @@ impl<B: Backend> Trainer<B> {
             let mut received: Option<(Tensor, Tensor)> = None;
             let add_received = |b: &mut B, comm: &mut Box<dyn Communicator<B>>, received: &mut Option<_>| {
                 if let Some((piece, into)) = received.take() {
-                    comm.wait(b)?;
+                    comm.order(b)?;
                     b.add(into, piece)?;
                 }
                 Ok::<_, Error>(())
             };
-            model.backward_with(b, mb, t, &mut |b, ready_from| {
+            model.backward_with(b, mb, t, &mut |b, moment| {
+                let Moment::Ready(ready_from) = moment else {
+                    return gather_blocks(b, comm.as_mut(), weights.as_ref(), model.spec.n_layer, moment);
+                };
                 let entered = Instant::now();
                 for i in cursor.advance(buckets, ready_from) {
                     let bucket = &buckets.ranges[i];
@@ -481,7 +517,8 @@ impl<B: Backend> Trainer<B> {
                         (Some(share), _) => {
                             add_received(b, comm, &mut received)?;
                             let (grads, into) = share.buckets[i];
-                            let piece = share.received[i % 2].slice(0, into.len);
+                            // Free to reuse: this reduction comes after the work queued so far, the last add too.
+                            let piece = share.received.slice(0, into.len);
                             comm.reduce_scatter(b, grads, piece)?;
                             received = Some((piece, into));
                         }
@@ -542,14 +579,20 @@ impl<B: Backend> Trainer<B> {
                 Some(share) => moment(share.share),
                 None => model.grads.slice(offset, len),
             };
-            b.adamw(model.params.slice(offset, len), grads, moment(self.m), moment(self.v), &step)?;
+            let params = match weights {
+                Some(weights) => moment(weights.share),
+                None => model.params.slice(offset, len),
+            };
+            b.adamw(params, grads, moment(self.m), moment(self.v), &step)?;
         }
-        if zero > 0 {
+        if zero > 0 && weights.is_none() {
             for bucket in &buckets.ranges {
-                comm.all_gather(b, model.params.slice(bucket.start, bucket.len()))?;
+                let params = model.params.slice(bucket.start, bucket.len());
+                comm.all_gather(b, params, piece(params, comm.world(), rank))?;
             }
             comm.wait(b)?;
         }
+        gather_resident(b, comm.as_mut(), weights.as_ref())?;
         if self.profile {
             b.synchronize()?;
         }
@@ -596,7 +639,9 @@ impl<B: Backend> Trainer<B> {
             }
             counted += targets.iter().filter(|&&y| y != kiln_core::backend::IGNORE_TARGET).count();
             self.model.load_batch(b, inputs, Some(targets))?;
-            self.model.forward(b, mb, t, Pass::Loss)?;
+            let (comm, weights, layers) = (self.comm.as_mut(), self.weights.as_ref(), self.model.spec.n_layer);
+            self.model
+                .forward_with(b, mb, t, Pass::Loss, &mut |b, moment| gather_blocks(b, comm, weights, layers, moment))?;
         }
         Ok(b.sum(self.model.losses)? / counted.max(1) as f32)
     }
@@ -608,7 +653,11 @@ impl<B: Backend> Trainer<B> {
         let problems = task.problems(self.config.train.seed, EXACT_MATCH_PROBLEMS);
         let tok = &self.data.tokenizer;
         let prompts = problems.iter().map(|(p, _)| tok.encode(p)).collect::<Result<Vec<_>>>()?;
-        let completions = generate::greedy(&self.model, &mut self.backend, &prompts, task.answer_len())?;
+        let (comm, weights, layers) = (self.comm.as_mut(), self.weights.as_ref(), self.model.spec.n_layer);
+        let completions =
+            generate::greedy(&self.model, &mut self.backend, &prompts, task.answer_len(), &mut |b, moment| {
+                gather_blocks(b, comm, weights, layers, moment)
+            })?;
         let mut right = 0;
         let mut samples = Vec::new();
         for ((prompt, expected), seq) in problems.iter().zip(&completions) {
@@ -650,13 +699,21 @@ struct Allocated {
     updates: Vec<(usize, usize, usize, bool)>,
     buckets: Buckets,
     share: Option<GradientShare>,
+    weights: Option<WeightShare>,
 }
 
-/// ZeRO stage 2's gradients: the rank's share of the reduced gradients, packed like the moments, and the two
-/// pieces that reductions deliver into, one bucket after another, before each is added to the share.
+/// ZeRO stage 3's weights: the rank's share of them (fp32 master and working copy, as the engine keeps parameters),
+/// packed like the moments, and for each unit of the model its gathered buffer and its part of the share.
+struct WeightShare {
+    share: Tensor,
+    units: Vec<(Tensor, Tensor)>,
+}
+
+/// ZeRO stage 2's gradients: the rank's share of the reduced gradients, packed like the moments, and the piece that
+/// reductions deliver into, one bucket after another, before each is added to the share.
 struct GradientShare {
     share: Tensor,
-    received: [Tensor; 2],
+    received: Tensor,
     /// Each bucket's gradients in the model and its part of `share`.
     buckets: Vec<(Tensor, Tensor)>,
 }
@@ -671,25 +728,30 @@ impl Allocated {
         rank: usize,
     ) -> Result<Self> {
         let zero = config.dist.zero;
-        let gradients = if zero == 2 { Gradients::Alternating } else { Gradients::Flat };
-        let (multiple, recompute) = (parallel::padding_multiple(world), config.train.recompute);
-        let model = Model::for_training(backend, spec, micro_batch, TrainingMemory { multiple, recompute, gradients })?;
-        // Stage 2 reduces each unit (block) of the model as the backward pass finishes it; the others, buckets of
-        // about dist.bucket_mb of the flat gradient vector (fp32 on every engine).
-        let buckets = match zero {
-            2 => Buckets::from_ranges(model.units.iter().rev().cloned().collect(), world, rank),
-            _ => Buckets::new(model.params.len, world, rank, (config.dist.bucket_mb * 1e6 / 4.0) as usize),
+        let blocks = match zero {
+            0 | 1 => Blocks::InPlace,
+            2 => Blocks::AlternatingGradients,
+            _ => Blocks::AlternatingWeightsAndGradients,
         };
-        let mut owned = Vec::new();
-        let mut local = 0;
+        let (multiple, recompute) = (parallel::padding_multiple(world), config.train.recompute);
+        let (_, units, len) = Model::layout(&spec, multiple, blocks);
+        // Stages 2 and 3 reduce each unit (block) of the model as the backward pass finishes it; the others, buckets
+        // of about dist.bucket_mb of the flat gradient vector (fp32 on every engine).
+        let buckets = match zero {
+            0 | 1 => Buckets::new(len, world, rank, (config.dist.bucket_mb * 1e6 / 4.0) as usize),
+            _ => Buckets::from_ranges(units.iter().rev().cloned().collect(), world, rank),
+        };
         let pieces: Vec<_> = match zero {
-            0 => vec![0..spec.num_params()],
+            0 => std::iter::once(0..spec.num_params()).collect(),
             _ => buckets.owned_pieces().collect(),
         };
-        if zero > 0 {
-            // The rank's share of the fp32 master weights, where the engine keeps them, as of the moments below.
-            backend.keep_master_pieces(model.params, &pieces)?;
-        }
+        // Stages 1 and 2 keep the rank's share of the fp32 master weights, where the engine keeps them, as of the
+        // moments below; stage 3's weights are a share of their own.
+        let master_pieces = (zero == 1 || zero == 2).then(|| pieces.clone());
+        let memory = TrainingMemory { multiple, recompute, blocks, master_pieces };
+        let model = Model::for_training(backend, spec, micro_batch, memory)?;
+        let mut owned = Vec::new();
+        let mut local = 0;
         for piece in pieces.iter().rev() {
             owned.push((piece.start, local, piece.len()));
             local += piece.len();
@@ -705,17 +767,17 @@ impl Allocated {
         }
         let m = backend.alloc(local, Role::OptState)?;
         let v = backend.alloc(local, Role::OptState)?;
-        let share = if zero == 2 {
+        let local_of = |piece: &Range<usize>| owned.iter().find(|o| o.0 == piece.start).map(|o| o.1);
+        let share = if zero >= 2 {
             let share = backend.alloc(local, Role::Grad)?;
             let largest = pieces.iter().map(|p| p.len()).max().unwrap_or(0);
-            let received = [backend.alloc(largest, Role::Grad)?, backend.alloc(largest, Role::Grad)?];
-            let local_of = |piece: &std::ops::Range<usize>| owned.iter().find(|o| o.0 == piece.start).map(|o| o.1);
+            let received = backend.alloc(largest, Role::Grad)?;
             let buckets = buckets
                 .ranges
                 .iter()
                 .zip(&pieces)
                 .map(|(bucket, piece)| {
-                    let unit = model.units.iter().position(|u| u == bucket).expect("stage 2's buckets are units");
+                    let unit = model.units.iter().position(|u| u == bucket).expect("these buckets are units");
                     let local = local_of(piece).expect("every piece is owned");
                     (model.unit_gradients(unit), share.slice(local, piece.len()))
                 })
@@ -724,14 +786,114 @@ impl Allocated {
         } else {
             None
         };
-        Ok(Allocated { model, m, v, owned, updates, buckets, share })
+        let weights = if zero == 3 {
+            let share = backend.alloc(local, Role::Param)?;
+            let units = (0..model.units.len())
+                .map(|u| {
+                    let piece =
+                        pieces.iter().find(|p| model.units[u].contains(&p.start)).expect("a piece of every unit");
+                    let local = local_of(piece).expect("every piece is owned");
+                    (model.unit_parameters(u), share.slice(local, piece.len()))
+                })
+                .collect();
+            Some(WeightShare { share, units })
+        } else {
+            None
+        };
+        Ok(Allocated { model, m, v, owned, updates, buckets, share, weights })
     }
 }
 
+/// The memory a rank can plan with, as every rank agrees on it (the least any of them has, so that all choose the
+/// same micro-batch and the same fit): what is free where it allocates, plus what the engine has already taken that
+/// the plan counts (its own allocations so far and, on a device, its context and communication buffers). `None`
+/// when any rank cannot tell.
+fn capacity<B: Backend>(
+    backend: &mut B,
+    comm: &mut dyn Communicator<B>,
+    memory: &dyn kiln_core::memory::MemoryModel,
+    spec: &ModelSpec,
+) -> Result<Option<u64>> {
+    let taken_outside: u64 = match memory.outside_exists_at_start() {
+        true => {
+            memory.overheads(&spec.step_shapes(1), comm.world()).iter().filter(|c| !c.allocated).map(|c| c.bytes).sum()
+        }
+        false => 0,
+    };
+    // Each rank's in its own slot, one more than the bytes so that 0 can say "unknown".
+    let mut seen = vec![0.0f64; comm.world()];
+    seen[comm.rank()] =
+        backend.free_bytes().map_or(0.0, |free| (free + backend.allocated_bytes() + taken_outside) as f64 + 1.0);
+    comm.all_reduce_host(backend, &mut seen)?;
+    Ok(seen.iter().all(|&s| s > 0.0).then(|| seen.iter().fold(f64::MAX, |a, &b| a.min(b)) as u64 - 1))
+}
+
+/// Writes `values`, elements `range` of the flat parameter layout, into `packed` where this rank keeps them: its
+/// pieces (`owned`, as in [`Trainer::owned`]), one after another. The moments are kept so, and under ZeRO stage 3
+/// the weights.
+fn put_pieces<B: Backend + ?Sized>(
+    backend: &mut B,
+    owned: &[(usize, usize, usize)],
+    packed: Tensor,
+    range: Range<usize>,
+    values: &[f32],
+) -> Result<()> {
+    for &(start, local_start, len) in owned {
+        let (from, to) = (range.start.max(start), range.end.min(start + len));
+        if from < to {
+            let local = packed.slice(local_start + from - start, to - from);
+            backend.upload(local, &values[from - range.start..to - range.start])?;
+        }
+    }
+    Ok(())
+}
+
+/// ZeRO stage 3's part of a pass (nothing under the other stages): each block's weights are gathered into their
+/// buffer before the pass reads them, the next block's while this one runs. Block `l` shares its buffer with block
+/// `l ± 2`, which the pass has finished with when `l`'s gather is issued (a communicator's operations wait for the
+/// work queued before them).
+fn gather_blocks<B: Backend>(
+    b: &mut B,
+    comm: &mut dyn Communicator<B>,
+    weights: Option<&WeightShare>,
+    layers: usize,
+    moment: Moment,
+) -> Result<()> {
+    let Some(weights) = weights else { return Ok(()) };
+    let gather = |b: &mut B, comm: &mut dyn Communicator<B>, l: usize| {
+        let (whole, part) = weights.units[1 + l];
+        comm.all_gather(b, whole, part)
+    };
+    let (l, first, next) = match moment {
+        Moment::Forward(l) => (l, l == 0, (l + 1 < layers).then_some(l + 1)),
+        Moment::Backward(l) => (l, l + 1 == layers, l.checked_sub(1)),
+        Moment::Ready(_) => return Ok(()),
+    };
+    // The first block of a pass has had no gather issued ahead of it.
+    if first {
+        gather(b, comm, l)?;
+    }
+    comm.order(b)?;
+    if let Some(next) = next {
+        gather(b, comm, next)?;
+    }
+    Ok(())
+}
+
+/// Under ZeRO stage 3, gathers the weights that stay whole through a step (the embeddings, the final norm and the
+/// LM head) from the ranks' shares, and waits for them.
+fn gather_resident<B: Backend>(b: &mut B, comm: &mut dyn Communicator<B>, weights: Option<&WeightShare>) -> Result<()> {
+    let Some(weights) = weights else { return Ok(()) };
+    for &(whole, part) in [weights.units.first(), weights.units.last()].into_iter().flatten() {
+        comm.all_gather(b, whole, part)?;
+    }
+    comm.wait(b)
+}
+
 /// Gathers ranges of a tensor of the flat parameter layout (the parameters, or a moment) onto rank 0, for
-/// checkpoints: under ZeRO stage 1 a rank holds current values only in its own pieces (one after another in the
-/// moments, `packed`; in place in the parameters, whose other entries hold the gathered working copy), so each
-/// piece comes from its owner; otherwise rank 0 holds it all.
+/// checkpoints: under ZeRO a rank holds current values only in its own pieces (one after another, `packed`, in the
+/// moments and under stage 3 in the weights' share; in place in the parameters of stages 1 and 2, whose other
+/// entries hold the gathered working copy), so each piece comes from its owner; otherwise rank 0 holds it all.
 struct Gather<'a> {
     /// What this rank updates, as in [`Trainer::owned`].
     owned: &'a [(usize, usize, usize)],

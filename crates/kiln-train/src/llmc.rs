@@ -6,6 +6,7 @@
 //! ln2w, ln2b, fcw (4C×C), fcb, fcprojw (C×4C), fcprojb, and finally lnfw, lnfb. Linear weights are stored
 //! (out, in), as kiln stores them.
 
+use crate::checkpoint::Put;
 use kiln_core::{Backend, Error, Result};
 use kiln_model::{Model, ModelSpec};
 use std::path::Path;
@@ -28,8 +29,8 @@ const LAYER_KINDS: [&str; 12] = [
     "mlp.proj.bias",
 ];
 
-/// Loads an llm.c model file into `model`'s parameters, checking every size against the model's.
-pub fn load<B: Backend + ?Sized>(path: &Path, model: &Model, backend: &mut B) -> Result<()> {
+/// Loads an llm.c model file for `model`, checking every size against the model's, and hands the weights to `put`.
+pub fn load<B: Backend + ?Sized>(path: &Path, model: &Model, backend: &mut B, put: &mut Put<B>) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))?;
     if bytes.len() < 1024 {
         return Err(Error::data(path, "too short for llm.c's 1024-byte header"));
@@ -98,7 +99,8 @@ pub fn load<B: Backend + ?Sized>(path: &Path, model: &Model, backend: &mut B) ->
             f32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
         }
     };
-    let mut params = vec![0.0f32; model.params.len];
+    let len = model.units.last().map_or(0, |u| u.end);
+    let mut params = vec![0.0f32; len];
     let mut next = 0usize;
     let mut take = |name: &str, len: usize, used: usize, params: &mut Vec<f32>| {
         let p = model.layout.iter().find(|p| p.name == name).expect("a kiln parameter");
@@ -118,5 +120,5 @@ pub fn load<B: Backend + ?Sized>(path: &Path, model: &Model, backend: &mut B) ->
     }
     take("ln_f.weight", c, c, &mut params);
     take("ln_f.bias", c, c, &mut params);
-    backend.upload(model.params, &params)
+    put(backend, 0..len, &params)
 }

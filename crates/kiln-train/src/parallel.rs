@@ -1,6 +1,6 @@
 //! The data-parallel side of a step: which rows of the global batch a rank trains on, how the flat gradient
 //! vector is cut into buckets that are reduced while the backward pass goes on, which piece of the weights a rank
-//! updates under ZeRO stage 1, and which rank is persistently slower than the rest.
+//! updates under ZeRO, and which rank is persistently slower than the rest.
 //!
 //! The global batch of a step is `world × accumulation × micro_batch` rows, numbered in one sequence that does not
 //! depend on the world size: rank `r` trains on rows `r·A·M .. (r+1)·A·M`, micro-batch `k` on the `k`-th `M` of

@@ -107,7 +107,8 @@ impl MemoryPlan {
         }
         Err(Error::Usage(format!(
             "the run does not fit: it needs {} {}, and {} are free; nothing was allocated.\n{}\nsmaller \
-             train.micro_batch (or \"auto\"), more ranks with dist.zero = 1, or a smaller model would fit",
+             train.micro_batch (or \"auto\"), train.recompute, more ranks with dist.zero = 1, 2 or 3, or a smaller \
+             model would fit",
             describe_bytes(self.needed_bytes()),
             self.where_needed(),
             describe_bytes(capacity),
@@ -200,7 +201,8 @@ pub fn micro_batch(
     }
     let capacity = capacity.ok_or_else(|| {
         Error::Usage(format!(
-            "train.micro_batch = \"auto\" needs the memory free, which {} does not report: give a number",
+            "train.micro_batch = \"auto\" needs the memory free, which {} does not report: give a number (or, to \
+             plan, --memory SIZE)",
             memory.engine()
         ))
     })?;

@@ -36,9 +36,13 @@ pub fn train<B: Backend>(
     }
     let comms: Mutex<Vec<Option<ThreadComm>>> =
         Mutex::new(group(world, Duration::from_secs(config.dist.timeout_s)).into_iter().map(Some).collect());
-    let make_rank = |rank: usize, _: &Arc<AtomicBool>| -> Result<(B, Box<dyn Communicator<B>>)> {
-        let comm = comms.lock().unwrap_or_else(|p| p.into_inner())[rank].take().expect("each rank is made once");
-        Ok((make_backend(rank)?, Box::new(comm)))
+    // A rank whose engine cannot start never takes its communicator: the others learn of the failure from `failed`,
+    // raised once its error is recorded, and so report that error rather than the rank's absence.
+    let make_rank = |rank: usize, failed: &Arc<AtomicBool>| -> Result<(B, Box<dyn Communicator<B>>)> {
+        let backend = make_backend(rank)?;
+        let mut comm = comms.lock().unwrap_or_else(|p| p.into_inner())[rank].take().expect("each rank is made once");
+        comm.failed = Some(failed.clone());
+        Ok((backend, Box::new(comm)))
     };
     train_ranks(config, world, make_rank, resume, hooks, write_outputs)
 }
@@ -131,6 +135,8 @@ pub struct ThreadComm {
     shared: Arc<Shared>,
     /// The rank's sums, before they are copied to its tensor.
     sums: Vec<f32>,
+    /// Raised when any rank of the job has failed, before or after it joined the group.
+    failed: Option<Arc<AtomicBool>>,
 }
 
 /// Communicators for `world` ranks that are threads of this process. A rank that waits longer than `timeout` for
@@ -144,7 +150,7 @@ pub fn group(world: usize, timeout: Duration) -> Vec<ThreadComm> {
         host_slots: (0..world).map(|_| RwLock::new(Vec::new())).collect(),
         timeout,
     });
-    (0..world).map(|rank| ThreadComm { rank, shared: shared.clone(), sums: Vec::new() }).collect()
+    (0..world).map(|rank| ThreadComm { rank, shared: shared.clone(), sums: Vec::new(), failed: None }).collect()
 }
 
 fn failure(message: String) -> Error {
@@ -178,12 +184,17 @@ impl ThreadComm {
                     s.timeout.as_secs()
                 )));
             }
-            gate = s.opened.wait_timeout(gate, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            // Woken when the barrier opens or a rank leaves; a failure flagged elsewhere is seen within a slice.
+            let slice = (deadline - now).min(Duration::from_millis(20));
+            gate = s.opened.wait_timeout(gate, slice).unwrap_or_else(|p| p.into_inner()).0;
             if gate.generation != generation {
                 return Ok(());
             }
             if let Some(rank) = gate.left {
                 return Err(failure(format!("rank {rank} left the job, so rank {} stops too", self.rank)));
+            }
+            if self.failed.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+                return Err(failure(format!("another rank failed, so rank {} stops too", self.rank)));
             }
         }
     }
@@ -252,12 +263,13 @@ impl<B: Backend + ?Sized> Communicator<B> for ThreadComm {
         self.barrier()
     }
 
-    fn all_gather(&mut self, backend: &mut B, t: Tensor) -> Result<()> {
+    fn all_gather(&mut self, backend: &mut B, t: Tensor, from: Tensor) -> Result<()> {
         let world = self.shared.world;
-        self.deposit(backend, piece(t, world, self.rank))?;
+        self.deposit(backend, from)?;
         for (rank, slot) in self.shared.slots.iter().enumerate() {
-            if rank != self.rank {
-                backend.upload(piece(t, world, rank), &slot.read().unwrap_or_else(|p| p.into_inner()))?;
+            let mine = piece(t, world, rank);
+            if mine != from {
+                backend.upload(mine, &slot.read().unwrap_or_else(|p| p.into_inner()))?;
             }
         }
         self.barrier()
@@ -332,7 +344,7 @@ mod tests {
             b.upload(t, &rank_values(comm.rank, 12))?;
             let mine = piece(t, 4, comm.rank);
             Communicator::<CpuBackend<f32>>::reduce_scatter(comm, b, t, mine)?;
-            Communicator::<CpuBackend<f32>>::all_gather(comm, b, t)?;
+            Communicator::<CpuBackend<f32>>::all_gather(comm, b, t, mine)?;
             let mut host = vec![0.0; 12];
             b.download(t, &mut host)?;
             Ok(host)

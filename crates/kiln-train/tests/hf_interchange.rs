@@ -82,7 +82,7 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         let spec = ModelSpec::new(m, 67);
         let mut b = CpuBackend::<f32>::new();
         let model = Model::new(&mut b, spec, batch, 1).unwrap();
-        checkpoint::load_weights(&dir, &model, &mut b).unwrap();
+        checkpoint::load_weights(&dir, &model, &mut b, &mut checkpoint::into_params(&model)).unwrap();
         model.load_batch(&mut b, &golden.inputs, Some(&golden.targets)).unwrap();
 
         b.zero(model.losses).unwrap();
@@ -162,7 +162,7 @@ fn logits_of(dir: &Path, config: &Config, vocab: usize) -> Vec<f32> {
     let mut b = CpuBackend::<f32>::new();
     let (batch, time) = (2, config.model.block_size);
     let model = Model::new(&mut b, spec, batch, 1).unwrap();
-    checkpoint::load_weights(dir, &model, &mut b).unwrap();
+    checkpoint::load_weights(dir, &model, &mut b, &mut checkpoint::into_params(&model)).unwrap();
     let ids: Vec<u32> = (0..batch * time).map(|i| (i * 5 % vocab) as u32).collect();
     model.load_batch(&mut b, &ids, None).unwrap();
     model.forward(&mut b, batch, time, Pass::Logits).unwrap();

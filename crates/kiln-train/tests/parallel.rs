@@ -1,6 +1,6 @@
 //! Data-parallel training with ranks as threads on the CPU engine: N ranks train to the weights of one rank with
-//! an N times larger batch, ZeRO stage 1 to the weights of plain data parallelism, ZeRO stage 2 to those of one
-//! rank, a run resumes at another number of ranks and ZeRO stage, and a failing rank stops the others promptly.
+//! an N times larger batch, ZeRO stage 1 to the weights of plain data parallelism, ZeRO stages 2 and 3 to those of
+//! one rank, a run resumes at another number of ranks and ZeRO stage, and a failing rank stops the others promptly.
 
 use kiln_core::{Config, Error};
 use kiln_cpu::CpuBackend;
@@ -142,37 +142,48 @@ fn assert_relatively_close(a: &[f32], b: &[f32]) {
 }
 
 #[test]
-fn zero_stage_2_trains_like_one_rank() {
-    // 12 steps of 24 sequences: one rank in 2 micro-batches of 12, and 2 and 4 ranks of ZeRO stage 2 in 2
-    // micro-batches each, so that every micro-batch's gradients are reduced into the ranks' shares.
+fn zero_stages_2_and_3_train_like_one_rank() {
+    // 12 steps of 24 sequences: one rank in 2 micro-batches of 12, and 2 and 4 ranks of ZeRO stages 2 and 3 in 2
+    // micro-batches each, so that every micro-batch's gradients are reduced into the ranks' shares (with block
+    // recomputation at stage 3, which runs each block's forward pass again on the weights gathered for its backward).
     let llama = ["model.arch=llama", "model.n_kv_head=1"].map(str::to_string);
     for (name, family) in [("", &[][..]), ("-llama", &llama[..])] {
         let steps = ["train.max_steps=12".to_string(), "train.checkpoint_every=12".into()];
         let with = |extra: &[String]| [&steps[..], family, extra].concat();
-        let one_dir = out_dir(&format!("stage2-one{name}"));
+        let one_dir = out_dir(&format!("stages-one{name}"));
         let one = train(&config(&one_dir, &with(&["train.micro_batch=12".into()])), 1).unwrap();
-        for ranks in [2, 4] {
-            let dir = out_dir(&format!("stage2-{ranks}{name}"));
-            let extra = [format!("train.micro_batch={}", 12 / ranks), "dist.zero=2".into()];
-            let many = train(&config(&dir, &with(&extra)), ranks).unwrap();
-            assert_eq!(many.losses.len(), 12);
-            assert_relatively_close(&one.losses, &many.losses);
-            assert_same_weights(&one_dir, &dir);
+        for (stage, recompute) in [(2, "none"), (3, "none"), (3, "block")] {
+            for ranks in [2, 4] {
+                let dir = out_dir(&format!("stage{stage}-{recompute}-{ranks}{name}"));
+                let extra = [
+                    format!("train.micro_batch={}", 12 / ranks),
+                    format!("dist.zero={stage}"),
+                    format!("train.recompute={recompute}"),
+                ];
+                let many = train(&config(&dir, &with(&extra)), ranks).unwrap();
+                assert_eq!(many.losses.len(), 12);
+                assert_relatively_close(&one.losses, &many.losses);
+                assert_same_weights(&one_dir, &dir);
+            }
         }
     }
 }
 
 #[test]
-fn checkpoints_of_zero_stage_2_and_of_one_rank_resume_as_each_other() {
-    // 4 ranks at stage 2 against 1 rank at stage 0, each resumed from the other's step-3 checkpoint.
+fn checkpoints_of_zero_stage_3_and_of_one_rank_resume_as_each_other() {
+    // 4 ranks at stage 3 against 1 rank at stage 0, each resumed from the other's step-3 checkpoint; then stage 2
+    // from stage 3's.
     let every = "train.checkpoint_every=3".to_string();
-    let stage_2 = ["train.micro_batch=3".to_string(), "dist.zero=2".into(), every.clone()];
+    let stage_3 = ["train.micro_batch=3".to_string(), "dist.zero=3".into(), every.clone()];
+    let stage_2 = ["train.micro_batch=6".to_string(), "dist.zero=2".into(), every.clone()];
     let stage_0 = ["train.micro_batch=12".to_string(), every];
-    let (four_dir, one_dir) = (out_dir("stage2-four-ranks"), out_dir("stage0-one-rank"));
-    let four = train(&config(&four_dir, &stage_2), 4).unwrap();
+    let (four_dir, one_dir) = (out_dir("stage3-four-ranks"), out_dir("stage0-one-rank"));
+    let four = train(&config(&four_dir, &stage_3), 4).unwrap();
     let one = train(&config(&one_dir, &stage_0), 1).unwrap();
     assert_relatively_close(&four.losses, &one.losses);
-    for (from, extra, ranks, full) in [(&four_dir, &stage_0[..], 1, &four), (&one_dir, &stage_2[..], 4, &one)] {
+    let resumes =
+        [(&four_dir, &stage_0[..], 1, &four), (&one_dir, &stage_3[..], 4, &one), (&four_dir, &stage_2[..], 2, &four)];
+    for (from, extra, ranks, full) in resumes {
         let again = out_dir(&format!("stage-resume-{ranks}"));
         let step_3 = checkpoint::step_dir(&from.join("checkpoints"), 3);
         let resumed = config(&again, extra);

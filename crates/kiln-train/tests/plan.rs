@@ -38,8 +38,10 @@ const LLAMA: [&str; 2] = ["model.arch=llama", "model.n_kv_head=2"];
 
 #[test]
 fn the_plan_is_what_each_rank_of_the_cpu_engine_allocates() {
-    let cases: [(&[&str], usize); 10] = [
+    let cases: [(&[&str], usize); 12] = [
         (&["train.micro_batch=8"], 1),
+        (&["train.micro_batch=6", "dist.zero=3"], 2),
+        (&[LLAMA[0], LLAMA[1], "train.micro_batch=3", "dist.zero=3", "train.recompute=elementwise"], 4),
         (&["train.micro_batch=6", "dist.zero=2"], 2),
         (&[LLAMA[0], LLAMA[1], "train.micro_batch=3", "dist.zero=2", "train.recompute=block"], 4),
         (&["train.micro_batch=8", "train.recompute=elementwise"], 1),
@@ -55,10 +57,22 @@ fn the_plan_is_what_each_rank_of_the_cpu_engine_allocates() {
         let MicroBatch::Sequences(mb) = config.train.micro_batch else { panic!("a number") };
         let plan = MemoryPlan::new(&config, spec(&config), mb, world, &CpuMemory::<f32>::new()).unwrap();
         assert_eq!(plan.ranks.len(), world);
-        for (rank, comm) in threads::group(world, Duration::from_secs(5)).into_iter().enumerate() {
-            let trainer = Trainer::with_comm(&config, CpuBackend::<f32>::new(), Box::new(comm)).unwrap();
-            let allocated = kiln_core::Backend::allocated_bytes(trainer.backend());
-            assert_eq!(plan.ranks[rank].allocated_bytes(), allocated, "{extra:?} on {world} ranks, rank {rank}");
+        // Ranks are built together: under ZeRO stage 3 they gather the weights that every step keeps whole.
+        let allocated: Vec<u64> = std::thread::scope(|s| {
+            let ranks: Vec<_> = threads::group(world, Duration::from_secs(5))
+                .into_iter()
+                .map(|comm| {
+                    let config = &config;
+                    s.spawn(move || {
+                        let trainer = Trainer::with_comm(config, CpuBackend::<f32>::new(), Box::new(comm)).unwrap();
+                        kiln_core::Backend::allocated_bytes(trainer.backend())
+                    })
+                })
+                .collect();
+            ranks.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        for (rank, bytes) in allocated.into_iter().enumerate() {
+            assert_eq!(plan.ranks[rank].allocated_bytes(), bytes, "{extra:?} on {world} ranks, rank {rank}");
         }
         // The CPU engine's ranks share the host: the job needs every rank's memory.
         assert_eq!(plan.needed_bytes(), plan.ranks.iter().map(|r| r.total_bytes()).sum::<u64>());

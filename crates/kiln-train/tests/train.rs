@@ -283,7 +283,7 @@ fn llmc_model_files_load_in_llmc_order() {
     std::fs::write(&path, &bytes).unwrap();
 
     let target = Model::new(&mut b, shape, 1, 2).unwrap();
-    kiln_train::llmc::load(&path, &target, &mut b).unwrap();
+    kiln_train::llmc::load(&path, &target, &mut b, &mut checkpoint::into_params(&target)).unwrap();
     let loaded = b.values_mut(target.params).unwrap().to_vec();
     // Everything but wte's padded rows (which kiln keeps at zero) comes across.
     let used = shape.vocab * shape.n_embd;
@@ -295,7 +295,8 @@ fn llmc_model_files_load_in_llmc_order() {
     let mut wrong = bytes.clone();
     wrong[8..12].copy_from_slice(&7i32.to_le_bytes());
     std::fs::write(&path, &wrong).unwrap();
-    let err = kiln_train::llmc::load(&path, &target, &mut b).unwrap_err().to_string();
+    let err =
+        kiln_train::llmc::load(&path, &target, &mut b, &mut checkpoint::into_params(&target)).unwrap_err().to_string();
     assert!(err.contains("model.bin") && err.contains("max_seq_len is 7"), "{err}");
 }
 
