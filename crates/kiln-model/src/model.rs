@@ -241,6 +241,49 @@ pub struct Model {
     recompute: Recompute,
 }
 
+impl Activations {
+    /// Elements of each kind of activation, with the role it is stored in (see [`Model::activation_kinds`]). A
+    /// buffer that blocks share (under recomputation) counts once.
+    fn kinds(&self) -> Vec<(&'static str, Role, usize)> {
+        let stats = |st: &NormStats| st.mean.into_iter().chain([st.rstd]).collect::<Vec<_>>();
+        let mut kinds: Vec<(&'static str, Role, Vec<Tensor>)> = vec![
+            ("activations: residual stream", Role::Activation, vec![self.encoded]),
+            ("activations: norm outputs", Role::Activation, vec![self.lnf]),
+            ("activations: queries, keys and values", Role::Activation, vec![]),
+            ("activations: attention outputs", Role::Activation, vec![]),
+            ("activations: MLP pre-activations and hidden layers", Role::Activation, vec![]),
+            ("activations: logits (and their gradient)", Role::Activation, vec![self.logits]),
+            (
+                "activations: projection output and the backward pass's buffers",
+                Role::Activation,
+                vec![self.proj, self.dresidual, self.dbtc, self.dqkv, self.dfch, self.dfch_pre],
+            ),
+            ("statistics: norms, attention log-sum-exp, losses, rotary table", Role::Stat, {
+                let mut s = stats(&self.lnf_stats);
+                s.extend([self.losses, self.rope_table]);
+                s
+            }),
+            ("token ids and targets", Role::Index, vec![self.tokens, self.targets]),
+        ];
+        for b in &self.blocks {
+            kinds[0].2.extend([b.res2, b.res3]);
+            kinds[1].2.extend([b.ln1, b.ln2]);
+            kinds[2].2.push(b.qkv);
+            kinds[3].2.push(b.atty);
+            kinds[4].2.extend([b.fch_pre, b.fch]);
+            kinds[7].2.extend(stats(&b.ln1_stats).into_iter().chain(stats(&b.ln2_stats)).chain([b.att_lse]));
+        }
+        let mut seen = std::collections::HashSet::new();
+        kinds
+            .into_iter()
+            .map(|(name, role, tensors)| {
+                let distinct = tensors.into_iter().filter(|t| seen.insert((t.buffer, t.offset, t.len)));
+                (name, role, distinct.map(|t| t.len).sum())
+            })
+            .collect()
+    }
+}
+
 /// Hands out consecutive views of one allocation. Counting first ([`Arena::counting`]) and then taking the same views
 /// from a real one sizes the allocation from the views themselves.
 struct Arena {
@@ -530,6 +573,12 @@ impl Model {
         let len = (last.offset + last.len()).next_multiple_of(multiple);
         let units = params::units(&layout, len);
         (layout, units, len)
+    }
+
+    /// Elements of each kind of activation the model keeps, with the role it is stored in: what a memory plan shows.
+    /// They add up to the model's activation, statistics and token-id allocations.
+    pub fn activation_kinds(&self) -> Vec<(&'static str, Role, usize)> {
+        self.acts.kinds()
     }
 
     /// The weights of unit `u` (see [`ParamInfo::unit`]), `units[u].len()` elements.

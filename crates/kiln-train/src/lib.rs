@@ -890,6 +890,9 @@ fn gather_resident<B: Backend>(b: &mut B, comm: &mut dyn Communicator<B>, weight
     comm.wait(b)
 }
 
+/// Elements a checkpoint gathers from the ranks at a time (32 MB of f64 on the host).
+const GATHER_CHUNK: usize = 1 << 22;
+
 /// Gathers ranges of a tensor of the flat parameter layout (the parameters, or a moment) onto rank 0, for
 /// checkpoints: under ZeRO a rank holds current values only in its own pieces (one after another, `packed`, in the
 /// moments and under stage 3 in the weights' share; in place in the parameters of stages 1 and 2, whose other
@@ -916,20 +919,28 @@ impl Gather<'_> {
         if !self.zero {
             return if self.lead { backend.download(t.slice(range.start, range.len()), out) } else { Ok(()) };
         }
-        // Each rank fills only its pieces and leaves zeros elsewhere, so the sum is the whole, exactly.
-        let mut whole = vec![0.0f64; range.len()];
+        // Each rank fills only its pieces and leaves zeros elsewhere, so the sum is the whole, exactly. A chunk at a
+        // time, so that the host holds the tensor once (in `out`) and not again in f64.
+        let mut whole = Vec::new();
         let mut part = Vec::new();
-        for &(start, local_start, len) in self.owned {
-            let (from, to) = (range.start.max(start), range.end.min(start + len));
-            if from < to {
-                part.resize(to - from, 0.0);
-                backend
-                    .download(t.slice(if packed { local_start + from - start } else { from }, to - from), &mut part)?;
-                whole[from - range.start..to - range.start].iter_mut().zip(&part).for_each(|(w, &x)| *w = x as f64);
+        for chunk_start in range.clone().step_by(GATHER_CHUNK) {
+            let chunk = chunk_start..range.end.min(chunk_start + GATHER_CHUNK);
+            whole.clear();
+            whole.resize(chunk.len(), 0.0f64);
+            for &(start, local_start, len) in self.owned {
+                let (from, to) = (chunk.start.max(start), chunk.end.min(start + len));
+                if from < to {
+                    part.resize(to - from, 0.0);
+                    let at = if packed { local_start + from - start } else { from };
+                    backend.download(t.slice(at, to - from), &mut part)?;
+                    let into = &mut whole[from - chunk.start..to - chunk.start];
+                    into.iter_mut().zip(&part).for_each(|(w, &x)| *w = x as f64);
+                }
             }
+            comm.all_reduce_host(backend, &mut whole)?;
+            let into = &mut out[chunk.start - range.start..chunk.end - range.start];
+            into.iter_mut().zip(&whole).for_each(|(o, &w)| *o = w as f32);
         }
-        comm.all_reduce_host(backend, &mut whole)?;
-        out.iter_mut().zip(&whole).for_each(|(o, &w)| *o = w as f32);
         Ok(())
     }
 }

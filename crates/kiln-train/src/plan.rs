@@ -60,17 +60,18 @@ impl MemoryPlan {
         let ranks = (0..world)
             .map(|rank| {
                 let mut counting = Counting::new(memory.storage());
-                Allocated::new(&mut counting, config, spec, micro_batch, world, rank)?;
+                let allocated = Allocated::new(&mut counting, config, spec, micro_batch, world, rank)?;
+                let storage = memory.storage();
+                let kinds = allocated.model.activation_kinds();
+                let kinds = kinds.iter().map(|&(name, role, elements)| (name, (elements * storage.bytes(role)) as u64));
                 let mut components: Vec<Component> = [
                     ("parameters", counting.bytes_of(Role::Param)),
                     ("fp32 master weights", counting.master_bytes()),
                     ("gradients (fp32)", counting.bytes_of(Role::Grad)),
                     ("AdamW moments (fp32)", counting.bytes_of(Role::OptState)),
-                    ("activations and their gradients", counting.bytes_of(Role::Activation)),
-                    ("statistics: norms, attention log-sum-exp, losses", counting.bytes_of(Role::Stat)),
-                    ("token ids and targets", counting.bytes_of(Role::Index)),
                 ]
                 .into_iter()
+                .chain(kinds)
                 .filter(|&(_, bytes)| bytes > 0)
                 .map(|(name, bytes)| Component::allocated(name, bytes))
                 .collect();
