@@ -40,6 +40,12 @@ fn train(config: &Config, ranks: usize) -> kiln_core::Result<Summary> {
     threads::train(config, ranks, |_| Ok(CpuBackend::<f32>::new()), None, &mut Hooks::default(), true)
 }
 
+/// Continues from `checkpoint` to `train.max_steps` on `ranks` ranks.
+fn resume(config: &Config, ranks: usize, checkpoint: &Path) -> Summary {
+    threads::train(config, ranks, |_| Ok(CpuBackend::<f32>::new()), Some(checkpoint), &mut Hooks::default(), true)
+        .unwrap()
+}
+
 /// Every weight of the newest checkpoint under `out_dir`, in file order.
 fn final_weights(out_dir: &Path) -> Vec<f32> {
     let (_, dir) = checkpoint::list(&out_dir.join("checkpoints")).pop().expect("a checkpoint");
@@ -186,16 +192,7 @@ fn checkpoints_of_zero_stage_3_and_of_one_rank_resume_as_each_other() {
     for (from, extra, ranks, full) in resumes {
         let again = out_dir(&format!("stage-resume-{ranks}"));
         let step_3 = checkpoint::step_dir(&from.join("checkpoints"), 3);
-        let resumed = config(&again, extra);
-        let rest = threads::train(
-            &resumed,
-            ranks,
-            |_| Ok(CpuBackend::<f32>::new()),
-            Some(&step_3),
-            &mut Hooks::default(),
-            true,
-        )
-        .unwrap();
+        let rest = resume(&config(&again, extra), ranks, &step_3);
         assert_relatively_close(&rest.losses, &full.losses[3..]);
         assert_same_weights(from, &again);
     }
@@ -211,15 +208,7 @@ fn a_run_resumes_at_another_number_of_ranks() {
         let again = out_dir(&format!("resume-{ranks}"));
         let mut resumed_config = config(&again, &extra);
         resumed_config.dist.zero = (ranks % 2) as u8;
-        let rest = threads::train(
-            &resumed_config,
-            ranks,
-            |_| Ok(CpuBackend::<f32>::new()),
-            Some(&step_3),
-            &mut Hooks::default(),
-            true,
-        )
-        .unwrap();
+        let rest = resume(&resumed_config, ranks, &step_3);
         assert_close(&rest.losses, &full.losses[3..]);
         assert_same_weights(&dir, &again);
     }
