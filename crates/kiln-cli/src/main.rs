@@ -5,13 +5,14 @@
 //! errors, 1 for failures at run time, 130 when interrupted.
 
 mod attention_bench;
+mod bench;
 mod dist;
 mod log;
 mod plan;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use kiln_core::Backend;
 use kiln_core::config::{AttentionKernel, DataConfig};
-use kiln_core::{AttentionDims, Backend};
 use kiln_core::{Config, Error, Result};
 use kiln_cpu::CpuBackend;
 use kiln_cuda::backend::CudaBackend;
@@ -22,7 +23,7 @@ use kiln_data::hf::{EndOfText, HfTokenizer};
 use kiln_data::prepare::{PrepareOptions, Tokenization};
 use kiln_model::generate::SampleOptions;
 use kiln_train::inference::{Inference, Request};
-use kiln_train::{Hooks, StepStats, Trainer, describe_sum};
+use kiln_train::{Hooks, describe_sum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -174,77 +175,12 @@ enum Command {
     /// Measure throughput.
     Bench {
         #[command(subcommand)]
-        command: BenchCommand,
+        command: bench::BenchCommand,
     },
     /// CUDA kernels: compile them ahead of time into the on-disk cache.
     Kernels {
         #[command(subcommand)]
         command: KernelsCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Training steps: median step time, tokens/s, MFU, memory, and where the time goes. The last line printed
-    /// is one JSON object with the same numbers.
-    Train {
-        /// A TOML configuration (default: the built-in configs/bench-gpt2-124m.toml, GPT-2 124M at 32 × 1024).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override one configuration key (repeatable).
-        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-        overrides: Vec<String>,
-        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
-        backend: BackendChoice,
-        /// Steps measured.
-        #[arg(long, default_value_t = 20)]
-        steps: u64,
-        /// Steps run first and not measured (kernel caches, allocator and clock warm-up).
-        #[arg(long, default_value_t = 3)]
-        warmup: u64,
-        /// The device's dense peak, for MFU (default: the H100 SXM's bf16 dense peak).
-        #[arg(long, default_value_t = 989.0)]
-        peak_tflops: f64,
-    },
-    /// Attention alone: median time and TFLOP/s of the forward pass and of forward+backward, one line per shape
-    /// and then one JSON object per shape.
-    Attention {
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        /// Query heads.
-        #[arg(long, default_value_t = 12)]
-        heads: usize,
-        /// Key/value heads (default: as many as query heads; fewer is grouped-query attention).
-        #[arg(long)]
-        kv_heads: Option<usize>,
-        #[arg(long, default_value_t = 1024)]
-        seq: usize,
-        #[arg(long, default_value_t = 64)]
-        head_dim: usize,
-        #[arg(long)]
-        causal: bool,
-        /// The five shapes of the anchors' attention table instead, beside FlashAttention-2's and cuDNN's
-        /// numbers on an H100 (sized for a GPU).
-        #[arg(long)]
-        suite: bool,
-        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
-        backend: BackendChoice,
-        /// GPU storage precision, bf16 or fp32 (the fused kernel runs in bf16).
-        #[arg(long, default_value = "bf16")]
-        precision: Precision,
-        /// The GPU's attention kernels, fused or unfused.
-        #[arg(long, default_value = "fused")]
-        kernel: AttentionKernel,
-        /// Time the fused backward that adds dQ with atomics (what train.deterministic = false runs) instead of
-        /// the deterministic one (the CPU engine has only one).
-        #[arg(long)]
-        atomic_dq: bool,
-        /// Runs measured per shape and pass.
-        #[arg(long, default_value_t = 30)]
-        reps: usize,
-        /// Runs first, not measured.
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
     },
 }
 
@@ -392,31 +328,7 @@ fn main() -> ExitCode {
                 prepare(options, bar)
             })
         }
-        Command::Bench {
-            command:
-                BenchCommand::Attention {
-                    batch,
-                    heads,
-                    kv_heads,
-                    seq,
-                    head_dim,
-                    causal,
-                    suite,
-                    backend,
-                    precision,
-                    kernel,
-                    atomic_dq,
-                    reps,
-                    warmup,
-                },
-        } => {
-            let one = AttentionDims { batch, time: seq, heads, kv_heads: kv_heads.unwrap_or(heads), head_dim, causal };
-            let shapes = if suite { attention_bench::SUITE.iter().map(|(d, _)| *d).collect() } else { vec![one] };
-            bench_attention(&shapes, backend, precision, kernel, !atomic_dq, (warmup, reps))
-        }
-        Command::Bench { command: BenchCommand::Train { config, overrides, backend, steps, warmup, peak_tflops } } => {
-            bench_train(config, &overrides, backend, BenchRun { steps, warmup, peak_tflops })
-        }
+        Command::Bench { command } => bench::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -693,146 +605,6 @@ fn prepare(options: PrepareOptions, bar: log::ProgressSlot) -> Result<()> {
     Ok(())
 }
 
-fn bench_attention(
-    shapes: &[AttentionDims],
-    backend: BackendChoice,
-    precision: Precision,
-    kernel: AttentionKernel,
-    deterministic: bool,
-    runs: (usize, usize),
-) -> Result<()> {
-    if runs.1 == 0 {
-        return Err(Error::Usage("--reps must be at least 1".into()));
-    }
-    match resolve(backend)? {
-        Engine::Cpu => bench_attention_on(shapes, CpuBackend::<f32>::new(), runs),
-        Engine::Cuda => {
-            let backend = CudaBackend::new(0, precision, kernel, deterministic)?;
-            let mut head_dims: Vec<usize> = shapes.iter().map(|d| d.head_dim).collect();
-            head_dims.sort();
-            head_dims.dedup();
-            for d in head_dims {
-                if let Some(kernels) = backend.fused_kernels(d) {
-                    println!("head dimension {d}: {}", kernels.join(", "));
-                }
-            }
-            bench_attention_on(shapes, backend, runs)
-        }
-    }
-}
-
-fn bench_attention_on<B: Backend>(
-    shapes: &[AttentionDims],
-    mut backend: B,
-    (warmup, reps): (usize, usize),
-) -> Result<()> {
-    println!("backend {}", backend.name());
-    let mut json = Vec::new();
-    for d in shapes {
-        let t = attention_bench::measure(&mut backend, *d, warmup, reps)?;
-        let (fwd, both) = (t.forward_tflops(d), t.forward_backward_tflops(d));
-        let anchors = attention_bench::SUITE.iter().find(|(s, _)| s == d).map(|(_, a)| a);
-        println!(
-            "{:<28} forward {:>9.3} ms {:>8.3} TFLOP/s | forward+backward {:>9.3} ms {:>8.3} TFLOP/s{}",
-            attention_bench::describe(d),
-            t.forward_ms,
-            fwd,
-            t.forward_backward_ms,
-            both,
-            anchors.map_or(String::new(), |a| format!(
-                "  (H100 FlashAttention-2 {:.0} / {:.0}, cuDNN {:.0} / {:.0})",
-                a[0], a[1], a[2], a[3]
-            ))
-        );
-        // Full precision: a CPU's rates are a few thousandths of a TFLOP/s.
-        json.push(format!(
-            "{{\"shape\":\"{}\",\"forward_ms\":{},\"forward_tflops\":{fwd},\"forward_backward_ms\":{},\
-             \"forward_backward_tflops\":{both}}}",
-            attention_bench::describe(d),
-            t.forward_ms,
-            t.forward_backward_ms
-        ));
-    }
-    json.iter().for_each(|line| println!("{line}"));
-    Ok(())
-}
-
-const BENCH_CONFIG: &str = include_str!("../../../configs/bench-gpt2-124m.toml");
-
-#[derive(Clone, Copy)]
-struct BenchRun {
-    steps: u64,
-    warmup: u64,
-    peak_tflops: f64,
-}
-
-fn bench_train(config: Option<PathBuf>, overrides: &[String], backend: BackendChoice, run: BenchRun) -> Result<()> {
-    let config = match &config {
-        Some(path) => Config::load(Some(path), overrides)?,
-        None => Config::from_toml_str(BENCH_CONFIG, "configs/bench-gpt2-124m.toml (built in)", overrides)?,
-    };
-    if run.steps == 0 {
-        return Err(Error::Usage("--steps must be at least 1".into()));
-    }
-    match resolve(backend)? {
-        Engine::Cpu => bench_on(&config, CpuBackend::<f32>::new(), run),
-        Engine::Cuda => bench_on(&config, cuda(0, &config)?, run),
-    }
-}
-
-fn bench_on<B: Backend>(config: &Config, backend: B, run: BenchRun) -> Result<()> {
-    let mut trainer = Trainer::new(config, backend)?;
-    trainer.set_profile(true);
-    let shape = trainer.model().spec;
-    let tokens = config.total_batch_tokens() as f64;
-    // FLOPs per token: 6 per parameter (forward and backward) plus attention's 6·L·C·T, as the anchors count.
-    let flops_per_token =
-        6.0 * shape.num_counted_params() as f64 + 6.0 * (shape.n_layer * shape.n_embd * config.model.block_size) as f64;
-    for _ in 0..run.warmup {
-        trainer.train_step()?;
-    }
-    let mut stats: Vec<StepStats> = (0..run.steps).map(|_| trainer.train_step()).collect::<Result<_>>()?;
-    let median = |f: fn(&StepStats) -> f64, stats: &mut Vec<StepStats>| {
-        stats.sort_by(|a, b| f(a).total_cmp(&f(b)));
-        f(&stats[stats.len() / 2])
-    };
-    let step_ms = median(|s| s.data_ms + s.passes_ms + s.optimizer_ms, &mut stats);
-    let (data_ms, passes_ms, queue_ms, optimizer_ms) = (
-        median(|s| s.data_ms, &mut stats),
-        median(|s| s.passes_ms, &mut stats),
-        median(|s| s.queue_ms, &mut stats),
-        median(|s| s.optimizer_ms, &mut stats),
-    );
-    let tokens_per_s = tokens / (step_ms / 1e3);
-    let tflops = tokens_per_s * flops_per_token / 1e12;
-    let mfu = tflops / run.peak_tflops;
-    let bytes = trainer.backend().allocated_bytes();
-    println!("backend     {}", trainer.backend().name());
-    println!(
-        "model       {:.1}M parameters, {} × {} tokens per step ({} accumulation steps)",
-        shape.num_counted_params() as f64 / 1e6,
-        trainer.micro_batch(),
-        config.model.block_size,
-        trainer.accumulation_steps()
-    );
-    println!("step        {step_ms:.2} ms median of {} (after {} warm-up)", run.steps, run.warmup);
-    println!(
-        "  phases    data {data_ms:.2} ms, forward+backward {passes_ms:.2} ms (queued by the host in {queue_ms:.2} ms), \
-         optimizer {optimizer_ms:.2} ms"
-    );
-    println!(
-        "throughput  {tokens_per_s:.0} tokens/s, {tflops:.2} TFLOP/s, MFU {:.1}% of {} TFLOP/s",
-        mfu * 100.0,
-        run.peak_tflops
-    );
-    println!("memory      {:.2} GiB allocated", bytes as f64 / (1u64 << 30) as f64);
-    println!(
-        "{{\"backend\":\"{}\",\"step_ms\":{step_ms:.3},\"tokens_per_s\":{tokens_per_s:.1},\"tflops\":{tflops:.3},\"mfu\":{mfu:.4},\"data_ms\":{data_ms:.3},\"passes_ms\":{passes_ms:.3},\"queue_ms\":{queue_ms:.3},\"optimizer_ms\":{optimizer_ms:.3},\"allocated_bytes\":{bytes}}}",
-        trainer.backend().name()
-    );
-    Ok(())
-}
-
 /// Prints one line per check and a count; fails (exit code 1) if any check does. The CUDA engine is checked in
 /// both precisions.
 fn selftest(backend: BackendChoice, precision: Option<Precision>) -> Result<()> {
@@ -878,7 +650,7 @@ fn info() {
     println!("  cpu   available: f32, {} threads", rayon::current_num_threads());
     println!("  cuda  bf16 and fp32 (`kiln selftest --backend cuda` checks it on this machine's GPU)");
     println!("cuda libraries:");
-    for lib in [Library::Driver, Library::Nvrtc, Library::Cublas, Library::CublasLt, Library::Nccl] {
+    for lib in Library::ALL {
         match lib.version() {
             Some(version) => println!("  {:<18} found, version {version}", lib.file_name()),
             None if lib.is_present() => println!("  {:<18} found", lib.file_name()),

@@ -246,37 +246,75 @@ fn selftest_checks_the_cpu_engine() {
     assert!(!text.contains("FAIL"), "{text}");
 }
 
+/// `kiln bench train` on the CPU with a model small enough to take a moment, and `extra` arguments.
+fn bench_train_tiny(extra: &[&str]) -> Output {
+    let mut args = vec!["bench", "train", "--backend", "cpu", "--steps", "3", "--warmup", "1"];
+    for set in [
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.n_head=2",
+        "model.block_size=16",
+        "train.micro_batch=2",
+        "train.total_batch_tokens=64",
+    ] {
+        args.extend(["--set", set]);
+    }
+    args.extend(extra);
+    kiln(&args)
+}
+
 #[test]
 fn bench_train_reports_throughput_as_json() {
-    let out = kiln(&[
-        "bench",
-        "train",
-        "--backend",
-        "cpu",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--set",
-        "model.n_layer=1",
-        "--set",
-        "model.n_embd=32",
-        "--set",
-        "model.n_head=2",
-        "--set",
-        "model.block_size=16",
-        "--set",
-        "train.micro_batch=2",
-        "--set",
-        "train.total_batch_tokens=64",
-    ]);
+    let dir = temp_dir("bench-train-json");
+    let report_path = dir.join("report.json").to_string_lossy().into_owned();
+    let out = bench_train_tiny(&["--json", &report_path]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", stderr(&out));
-    let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    assert!(json["tokens_per_s"].as_f64().unwrap() > 0.0, "{json}");
-    assert!(json["allocated_bytes"].as_u64().unwrap() > 0, "{json}");
-    assert_eq!(json["backend"], "cpu");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    // The line printed last is the same report.
+    let printed: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(printed, report);
+    for key in ["step_ms", "tokens_per_s", "tflops", "mfu", "data_ms", "passes_ms", "optimizer_ms"] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
+    }
+    assert!(report["queue_ms"].as_f64().unwrap() >= 0.0, "{report}");
+    assert!(report["allocated_bytes"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!((report["micro_batch"].as_u64(), report["accumulation"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(report["backend"], "cpu");
+    assert_eq!(report["kiln_version"], env!("CARGO_PKG_VERSION"));
+    assert!(report["machine"]["cpu_threads"].as_u64().unwrap() >= 1, "{report}");
+    assert!(report["machine"]["gpu"].is_null(), "{report}");
+    assert_eq!(report["config"]["model"]["n_embd"], 32);
+    assert_eq!(report["config"]["train"]["total_batch_tokens"], 64);
     expect_usage_error(&["bench", "train", "--steps", "0"], &["--steps"]);
+}
+
+#[test]
+fn bench_train_fails_only_when_slower_than_the_baseline() {
+    let dir = temp_dir("bench-train-baseline");
+    let baseline = |name: &str, tokens_per_s: f64| {
+        write(&dir, name, &serde_json::json!({ "backend": "cpu", "tokens_per_s": tokens_per_s }).to_string())
+    };
+    let slower = baseline("slower.json", 1e-3);
+    let out = bench_train_tiny(&["--baseline", &slower, "--tolerance", "0.05"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let faster = baseline("faster.json", 1e12);
+    let out = bench_train_tiny(&["--baseline", &faster, "--tolerance", "10%"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for fragment in ["faster.json", "tokens/s", "1000000000000.0000", "10.0%"] {
+        assert!(err.contains(fragment), "message should mention {fragment:?}:\n{err}");
+    }
+
+    let corrupt = write(&dir, "corrupt.json", "{\"tokens_per_s\": ");
+    expect_usage_error(
+        &["bench", "train", "--backend", "cpu", "--baseline", &corrupt],
+        &["corrupt.json", "not a report"],
+    );
+    let missing = dir.join("missing.json").to_string_lossy().into_owned();
+    expect_usage_error(&["bench", "train", "--backend", "cpu", "--baseline", &missing], &["missing.json"]);
+    expect_usage_error(&["bench", "train", "--baseline", &slower, "--tolerance", "5"], &["--tolerance"]);
 }
 
 #[test]
@@ -536,36 +574,51 @@ fn a_launched_job_on_the_cpu_engine_is_a_usage_error() {
     expect_usage_error(&["train", "--backend", "cuda", "--ranks", "2"], &["--backend cpu"]);
 }
 
+/// `kiln bench attention` on the CPU at one small grouped-query shape, with `extra` arguments.
+fn bench_attention_tiny(extra: &[&str]) -> Output {
+    let mut args = vec!["bench", "attention", "--backend", "cpu", "--batch", "2", "--heads", "4", "--kv-heads", "2"];
+    args.extend(["--seq", "45", "--head-dim", "32", "--causal", "--reps", "3", "--warmup", "1"]);
+    args.extend(extra);
+    kiln(&args)
+}
+
 #[test]
 fn bench_attention_reports_each_pass_as_json() {
-    let out = kiln(&[
-        "bench",
-        "attention",
-        "--backend",
-        "cpu",
-        "--batch",
-        "2",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--seq",
-        "45",
-        "--head-dim",
-        "32",
-        "--causal",
-        "--reps",
-        "3",
-        "--warmup",
-        "1",
-    ]);
+    let dir = temp_dir("bench-attention");
+    let report_path = dir.join("report.json").to_string_lossy().into_owned();
+    let out = bench_attention_tiny(&["--json", &report_path]);
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    assert_eq!(last["shape"], "B2 H4/2kv T45 D32 causal");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(stdout.lines().last().unwrap()).unwrap(), report);
+    assert_eq!(report["backend"], "cpu");
+    assert!(report["machine"]["cpu_threads"].as_u64().unwrap() >= 1, "{report}");
+    let shape = &report["shapes"][0];
+    assert_eq!(shape["shape"], "B2 H4/2kv T45 D32 causal");
     for key in ["forward_ms", "forward_tflops", "forward_backward_ms", "forward_backward_tflops"] {
-        assert!(last[key].as_f64().unwrap() > 0.0, "{key} in {last}");
+        assert!(shape[key].as_f64().unwrap() > 0.0, "{key} in {report}");
     }
+
+    // Baselines matched by shape: far slower passes, far faster fails, one without the shape is an input error.
+    let baseline = |name: &str, shape: &str, tflops: f64| {
+        let entry = serde_json::json!({ "shape": shape, "forward_backward_tflops": tflops });
+        write(&dir, name, &serde_json::json!({ "shapes": [entry] }).to_string())
+    };
+    let slower = baseline("slower.json", "B2 H4/2kv T45 D32 causal", 1e-9);
+    assert!(bench_attention_tiny(&["--baseline", &slower]).status.success());
+    let faster = baseline("faster.json", "B2 H4/2kv T45 D32 causal", 1e6);
+    let out = bench_attention_tiny(&["--baseline", &faster]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("B2 H4/2kv T45 D32 causal forward+backward TFLOP/s"), "{}", stderr(&out));
+    let other = baseline("other.json", "B2 H4 T45 D32", 1e-9);
+    let out = bench_attention_tiny(&["--baseline", &other]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("other.json: the baseline has no shape B2 H4/2kv T45 D32 causal"),
+        "{}",
+        stderr(&out)
+    );
+
     let bad = kiln(&["bench", "attention", "--backend", "cpu", "--heads", "4", "--kv-heads", "3", "--reps", "1"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(stderr(&bad).contains("key/value heads"), "{}", stderr(&bad));

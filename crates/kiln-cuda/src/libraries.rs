@@ -15,6 +15,9 @@ pub enum Library {
 }
 
 impl Library {
+    /// Every library kiln can load, in the order `kiln info` lists them.
+    pub const ALL: [Library; 5] = [Library::Driver, Library::Nvrtc, Library::Cublas, Library::CublasLt, Library::Nccl];
+
     pub fn file_name(self) -> &'static str {
         match self {
             Library::Driver => "libcuda.so",

@@ -1,0 +1,470 @@
+//! `kiln bench train` and `kiln bench attention`: measure, print for people, then print one JSON report (the
+//! numbers, the machine, and for training the resolved configuration), written to a file with `--json` and checked
+//! against an earlier one with `--baseline`, so that scripts can catch a regression by the exit code.
+
+use crate::{BackendChoice, Engine, attention_bench};
+use clap::Subcommand;
+use kiln_core::config::AttentionKernel;
+use kiln_core::{AttentionDims, Backend, Config, Error, Result};
+use kiln_cpu::CpuBackend;
+use kiln_cuda::backend::CudaBackend;
+use kiln_cuda::kernels::Precision;
+use kiln_cuda::libraries::Library;
+use kiln_train::{StepStats, Trainer};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Training steps: median step time, tokens/s, MFU, memory, and where the time goes. The last line printed
+    /// is the report: one JSON object with the same numbers, the machine and the resolved configuration.
+    Train {
+        /// A TOML configuration (default: the built-in configs/bench-gpt2-124m.toml, GPT-2 124M at 32 × 1024).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override one configuration key (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        backend: BackendChoice,
+        /// Steps measured.
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        /// Steps run first and not measured (kernel caches, allocator and clock warm-up).
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// The device's dense peak, for MFU (default: the H100 SXM's bf16 dense peak).
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// Attention alone: median time and TFLOP/s of the forward pass and of forward+backward, one line per shape.
+    /// The last line printed is the report: one JSON object with an entry per shape and the machine.
+    Attention {
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Query heads.
+        #[arg(long, default_value_t = 12)]
+        heads: usize,
+        /// Key/value heads (default: as many as query heads; fewer is grouped-query attention).
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        #[arg(long)]
+        causal: bool,
+        /// The five shapes of the anchors' attention table instead, beside FlashAttention-2's and cuDNN's
+        /// numbers on an H100 (sized for a GPU).
+        #[arg(long)]
+        suite: bool,
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        backend: BackendChoice,
+        /// GPU storage precision, bf16 or fp32 (the fused kernel runs in bf16).
+        #[arg(long, default_value = "bf16")]
+        precision: Precision,
+        /// The GPU's attention kernels, fused or unfused.
+        #[arg(long, default_value = "fused")]
+        kernel: AttentionKernel,
+        /// Time the fused backward that adds dQ with atomics (what train.deterministic = false runs) instead of
+        /// the deterministic one (the CPU engine has only one).
+        #[arg(long)]
+        atomic_dq: bool,
+        /// Runs measured per shape and pass.
+        #[arg(long, default_value_t = 30)]
+        reps: usize,
+        /// Runs first, not measured.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+}
+
+/// Where the report goes, and the earlier report it must not fall behind.
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// Also write the report (the JSON object printed last) to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// A report written by --json earlier: exit with code 1 when this run is slower than it by more than
+    /// --tolerance (training: tokens/s; attention: each shape's forward+backward TFLOP/s).
+    #[arg(long, value_name = "FILE")]
+    baseline: Option<PathBuf>,
+    /// How much slower than the baseline still passes: a percentage (5%) or a fraction (0.05).
+    #[arg(long, default_value = "5%", value_parser = parse_tolerance, requires = "baseline")]
+    tolerance: f64,
+}
+
+/// `--tolerance`: a percentage (`5%`) or a fraction (`0.05`), at least 0 and below 1.
+fn parse_tolerance(value: &str) -> std::result::Result<f64, String> {
+    let (number, scale) = match value.strip_suffix('%') {
+        Some(percent) => (percent, 100.0),
+        None => (value, 1.0),
+    };
+    let fraction = number
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| format!("\"{value}\" is not a percentage (5%) or a fraction (0.05)"))?
+        / scale;
+    if (0.0..1.0).contains(&fraction) {
+        Ok(fraction)
+    } else {
+        Err(format!("{value} is not at least 0 and below 100% (a fraction below 1)"))
+    }
+}
+
+pub fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Train { config, overrides, backend, steps, warmup, peak_tflops, report } => {
+            train(config, &overrides, backend, TrainRun { steps, warmup, peak_tflops }, &report)
+        }
+        BenchCommand::Attention {
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            head_dim,
+            causal,
+            suite,
+            backend,
+            precision,
+            kernel,
+            atomic_dq,
+            reps,
+            warmup,
+            report,
+        } => {
+            let one = AttentionDims { batch, time: seq, heads, kv_heads: kv_heads.unwrap_or(heads), head_dim, causal };
+            let shapes = if suite { attention_bench::SUITE.iter().map(|(d, _)| *d).collect() } else { vec![one] };
+            attention(&shapes, backend, precision, kernel, !atomic_dq, (warmup, reps), &report)
+        }
+    }
+}
+
+const BENCH_CONFIG: &str = include_str!("../../../configs/bench-gpt2-124m.toml");
+
+#[derive(Clone, Copy)]
+struct TrainRun {
+    steps: u64,
+    warmup: u64,
+    peak_tflops: f64,
+}
+
+fn train(
+    config: Option<PathBuf>,
+    overrides: &[String],
+    backend: BackendChoice,
+    run: TrainRun,
+    output: &ReportArgs,
+) -> Result<()> {
+    let config = match &config {
+        Some(path) => Config::load(Some(path), overrides)?,
+        None => Config::from_toml_str(BENCH_CONFIG, "configs/bench-gpt2-124m.toml (built in)", overrides)?,
+    };
+    if run.steps == 0 {
+        return Err(Error::Usage("--steps must be at least 1".into()));
+    }
+    // Read before measuring, so that a bad baseline fails at once rather than after the run.
+    let baseline = match &output.baseline {
+        Some(path) => Some(number(&read_report(path)?, "tokens_per_s", path, "a `kiln bench train --json` report")?),
+        None => None,
+    };
+    let report = match crate::resolve(backend)? {
+        Engine::Cpu => train_on(&config, CpuBackend::<f32>::new(), None, run)?,
+        Engine::Cuda => train_on(&config, crate::cuda(0, &config)?, Some(0), run)?,
+    };
+    publish(&report, output)?;
+    let compared = baseline.map(|baseline| Rate {
+        name: "tokens/s".into(),
+        measured: report["tokens_per_s"].as_f64().unwrap_or(0.0),
+        baseline,
+    });
+    check_against_baseline(compared.as_slice(), output)
+}
+
+/// Runs the steps, prints what they took, and returns the report. `gpu` is the ordinal of the GPU `backend` runs
+/// on, if any.
+fn train_on<B: Backend>(config: &Config, backend: B, gpu: Option<usize>, run: TrainRun) -> Result<Value> {
+    let mut trainer = Trainer::new(config, backend)?;
+    trainer.set_profile(true);
+    let shape = trainer.model().spec;
+    let tokens = config.total_batch_tokens() as f64;
+    // FLOPs per token: 6 per parameter (forward and backward) plus attention's 6·L·C·T, as the anchors count.
+    let flops_per_token =
+        6.0 * shape.num_counted_params() as f64 + 6.0 * (shape.n_layer * shape.n_embd * config.model.block_size) as f64;
+    for _ in 0..run.warmup {
+        trainer.train_step()?;
+    }
+    let mut stats: Vec<StepStats> = (0..run.steps).map(|_| trainer.train_step()).collect::<Result<_>>()?;
+    let median = |f: fn(&StepStats) -> f64, stats: &mut Vec<StepStats>| {
+        stats.sort_by(|a, b| f(a).total_cmp(&f(b)));
+        f(&stats[stats.len() / 2])
+    };
+    let step_ms = median(|s| s.data_ms + s.passes_ms + s.optimizer_ms, &mut stats);
+    let (data_ms, passes_ms, queue_ms, optimizer_ms) = (
+        median(|s| s.data_ms, &mut stats),
+        median(|s| s.passes_ms, &mut stats),
+        median(|s| s.queue_ms, &mut stats),
+        median(|s| s.optimizer_ms, &mut stats),
+    );
+    let tokens_per_s = tokens / (step_ms / 1e3);
+    let tflops = tokens_per_s * flops_per_token / 1e12;
+    let mfu = tflops / run.peak_tflops;
+    let bytes = trainer.backend().allocated_bytes();
+    println!("backend     {}", trainer.backend().name());
+    println!(
+        "model       {:.1}M parameters, {} × {} tokens per step ({} accumulation steps)",
+        shape.num_counted_params() as f64 / 1e6,
+        trainer.micro_batch(),
+        config.model.block_size,
+        trainer.accumulation_steps()
+    );
+    println!("step        {step_ms:.2} ms median of {} (after {} warm-up)", run.steps, run.warmup);
+    println!(
+        "  phases    data {data_ms:.2} ms, forward+backward {passes_ms:.2} ms (queued by the host in {queue_ms:.2} ms), \
+         optimizer {optimizer_ms:.2} ms"
+    );
+    println!(
+        "throughput  {tokens_per_s:.0} tokens/s, {tflops:.2} TFLOP/s, MFU {:.1}% of {} TFLOP/s",
+        mfu * 100.0,
+        run.peak_tflops
+    );
+    println!("memory      {:.2} GiB allocated", bytes as f64 / (1u64 << 30) as f64);
+    // Through the resolved TOML rather than serde_json directly: that fills in what was derived (the batch) and
+    // writes the f32 settings as they were given (0.9, not 0.8999999761581421).
+    let config_json = toml::from_str::<Value>(&config.to_toml_string())
+        .map_err(|e| Error::Invalid(format!("the configuration as JSON: {e}")))?;
+    Ok(json!({
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "machine": machine(gpu),
+        "backend": trainer.backend().name(),
+        "steps": run.steps,
+        "warmup": run.warmup,
+        "step_ms": step_ms,
+        "tokens_per_s": tokens_per_s,
+        "tflops": tflops,
+        "mfu": mfu,
+        "peak_tflops": run.peak_tflops,
+        "data_ms": data_ms,
+        "passes_ms": passes_ms,
+        "queue_ms": queue_ms,
+        "optimizer_ms": optimizer_ms,
+        "allocated_bytes": bytes,
+        "micro_batch": trainer.micro_batch(),
+        "accumulation": trainer.accumulation_steps(),
+        "config": config_json,
+    }))
+}
+
+fn attention(
+    shapes: &[AttentionDims],
+    backend: BackendChoice,
+    precision: Precision,
+    kernel: AttentionKernel,
+    deterministic: bool,
+    runs: (usize, usize),
+    output: &ReportArgs,
+) -> Result<()> {
+    if runs.1 == 0 {
+        return Err(Error::Usage("--reps must be at least 1".into()));
+    }
+    let baselines = match &output.baseline {
+        Some(path) => Some(attention_baselines(&read_report(path)?, shapes, path)?),
+        None => None,
+    };
+    let report = match crate::resolve(backend)? {
+        Engine::Cpu => attention_on(shapes, CpuBackend::<f32>::new(), None, runs)?,
+        Engine::Cuda => {
+            let backend = CudaBackend::new(0, precision, kernel, deterministic)?;
+            let mut head_dims: Vec<usize> = shapes.iter().map(|d| d.head_dim).collect();
+            head_dims.sort();
+            head_dims.dedup();
+            for d in head_dims {
+                if let Some(kernels) = backend.fused_kernels(d) {
+                    println!("head dimension {d}: {}", kernels.join(", "));
+                }
+            }
+            attention_on(shapes, backend, Some(0), runs)?
+        }
+    };
+    publish(&report, output)?;
+    let compared: Vec<Rate> = baselines
+        .unwrap_or_default()
+        .into_iter()
+        .zip(report["shapes"].as_array().into_iter().flatten())
+        .map(|(baseline, entry)| Rate {
+            name: format!("{} forward+backward TFLOP/s", entry["shape"].as_str().unwrap_or_default()),
+            measured: entry["forward_backward_tflops"].as_f64().unwrap_or(0.0),
+            baseline,
+        })
+        .collect();
+    check_against_baseline(&compared, output)
+}
+
+/// Times each shape, prints a line for each, and returns the report. `gpu` as for `train_on`.
+fn attention_on<B: Backend>(
+    shapes: &[AttentionDims],
+    mut backend: B,
+    gpu: Option<usize>,
+    (warmup, reps): (usize, usize),
+) -> Result<Value> {
+    println!("backend {}", backend.name());
+    let mut entries = Vec::new();
+    for d in shapes {
+        let t = attention_bench::measure(&mut backend, *d, warmup, reps)?;
+        let (fwd, both) = (t.forward_tflops(d), t.forward_backward_tflops(d));
+        let anchors = attention_bench::SUITE.iter().find(|(s, _)| s == d).map(|(_, a)| a);
+        println!(
+            "{:<28} forward {:>9.3} ms {:>8.3} TFLOP/s | forward+backward {:>9.3} ms {:>8.3} TFLOP/s{}",
+            attention_bench::describe(d),
+            t.forward_ms,
+            fwd,
+            t.forward_backward_ms,
+            both,
+            anchors.map_or(String::new(), |a| format!(
+                "  (H100 FlashAttention-2 {:.0} / {:.0}, cuDNN {:.0} / {:.0})",
+                a[0], a[1], a[2], a[3]
+            ))
+        );
+        entries.push(json!({
+            "shape": attention_bench::describe(d),
+            "forward_ms": t.forward_ms,
+            "forward_tflops": fwd,
+            "forward_backward_ms": t.forward_backward_ms,
+            "forward_backward_tflops": both,
+        }));
+    }
+    Ok(json!({
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "machine": machine(gpu),
+        "backend": backend.name(),
+        "warmup": warmup,
+        "reps": reps,
+        "shapes": entries,
+    }))
+}
+
+/// Where a report was measured, to tell whether two reports compare: the host, the CPU threads, and when a GPU ran
+/// it (ordinal `gpu`), that GPU and the CUDA libraries' versions (the driver's as the CUDA version it supports).
+fn machine(gpu: Option<usize>) -> Value {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned());
+    let (gpu, cuda_libraries) = match gpu {
+        None => (Value::Null, Value::Null),
+        Some(ordinal) => {
+            let gpu = kiln_cuda::devices::list().ok().and_then(|gpus| gpus.into_iter().find(|g| g.ordinal == ordinal));
+            let libraries: serde_json::Map<String, Value> =
+                Library::ALL.iter().map(|lib| (lib.file_name().to_owned(), json!(lib.version()))).collect();
+            let gpu = gpu.map(|g| {
+                let (major, minor) = g.compute_capability;
+                json!({
+                    "ordinal": g.ordinal,
+                    "name": g.name,
+                    "compute_capability": format!("{major}.{minor}"),
+                    "memory_bytes": g.memory_bytes,
+                })
+            });
+            (json!(gpu), Value::Object(libraries))
+        }
+    };
+    json!({
+        "hostname": hostname,
+        "cpu_threads": rayon::current_num_threads(),
+        "gpu": gpu,
+        "cuda_libraries": cuda_libraries,
+    })
+}
+
+/// Prints the report as the last line, and writes it to `--json`'s file.
+fn publish(report: &Value, output: &ReportArgs) -> Result<()> {
+    println!("{report}");
+    if let Some(path) = &output.json {
+        let text =
+            serde_json::to_string_pretty(report).map_err(|e| Error::Invalid(format!("the report as JSON: {e}")))?;
+        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// A report that `--json` wrote, as JSON; a file that cannot be read or is not JSON is an error naming it.
+fn read_report(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::data(path, format!("cannot read the baseline: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| Error::data(path, format!("not a report written by --json: {e}")))
+}
+
+/// The number under `key` in `object`, or an error naming the baseline file and what it should have been.
+fn number(object: &Value, key: &str, path: &Path, expected: &str) -> Result<f64> {
+    object[key].as_f64().ok_or_else(|| Error::data(path, format!("no number \"{key}\": not {expected}")))
+}
+
+/// The baseline's forward+backward TFLOP/s of each shape, in the order of `shapes`; a shape the baseline lacks is
+/// an error, so that a run is never passed without being compared.
+fn attention_baselines(report: &Value, shapes: &[AttentionDims], path: &Path) -> Result<Vec<f64>> {
+    let expected = "a `kiln bench attention --json` report";
+    let entries =
+        report["shapes"].as_array().ok_or_else(|| Error::data(path, format!("no list \"shapes\": not {expected}")))?;
+    shapes
+        .iter()
+        .map(|d| {
+            let shape = attention_bench::describe(d);
+            let entry = entries
+                .iter()
+                .find(|e| e["shape"] == shape.as_str())
+                .ok_or_else(|| Error::data(path, format!("the baseline has no shape {shape}")))?;
+            number(entry, "forward_backward_tflops", path, expected)
+        })
+        .collect()
+}
+
+/// A rate of this run (higher is faster) beside the baseline's.
+struct Rate {
+    name: String,
+    measured: f64,
+    baseline: f64,
+}
+
+/// Fails (exit code 1) when any rate is below its baseline by more than the tolerance, naming each such rate.
+fn check_against_baseline(rates: &[Rate], output: &ReportArgs) -> Result<()> {
+    let Some(path) = &output.baseline else { return Ok(()) };
+    let tolerance = output.tolerance;
+    let percent = |x: f64| format!("{:.1}%", x * 100.0);
+    let mut slower = Vec::new();
+    for r in rates {
+        let change = r.measured / r.baseline - 1.0;
+        tracing::info!("{}: {:.4}, baseline {:.4} ({:+.1}%)", r.name, r.measured, r.baseline, change * 100.0);
+        if r.measured < r.baseline * (1.0 - tolerance) {
+            slower.push(format!(
+                "{} {:.4} is {} below the baseline's {:.4}, beyond the tolerance of {}",
+                r.name,
+                r.measured,
+                percent(-change),
+                r.baseline,
+                percent(tolerance)
+            ));
+        }
+    }
+    if slower.is_empty() {
+        return Ok(());
+    }
+    Err(Error::backend("bench", format!("slower than {}: {}", path.display(), slower.join("; "))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerance_is_a_percentage_or_a_fraction_below_one() {
+        assert_eq!(parse_tolerance("5%"), Ok(0.05));
+        assert_eq!(parse_tolerance("0.05"), Ok(0.05));
+        assert_eq!(parse_tolerance("0"), Ok(0.0));
+        // A bare 5 would be 500%: refused rather than guessed to mean 5%.
+        assert!(parse_tolerance("5").is_err());
+        assert!(parse_tolerance("100%").is_err());
+        assert!(parse_tolerance("-1%").is_err());
+        assert!(parse_tolerance("fast").is_err());
+    }
+}
