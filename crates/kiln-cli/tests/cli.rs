@@ -111,6 +111,14 @@ fn data_errors_name_the_file() {
     let set = format!("data.train={}", missing.display());
     expect_usage_error(&["train", "--set", &set], &["missing.txt", "cannot read"]);
 
+    // The Tiny Shakespeare configurations, where their corpus has not been downloaded (the tests' directory has
+    // no data/), say how to download it.
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/shakespeare-char.toml");
+    expect_usage_error(
+        &["train", "--backend", "cpu", "--config", config],
+        &["data/tinyshakespeare.txt", "curl --create-dirs -o data/tinyshakespeare.txt https://"],
+    );
+
     let binary = dir.join("binary.txt");
     std::fs::write(&binary, [b'a', b'b', 0xC3, 0x28, b'c']).unwrap();
     let set = format!("data.train={}", binary.display());
