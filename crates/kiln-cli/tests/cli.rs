@@ -111,6 +111,14 @@ fn data_errors_name_the_file() {
     let set = format!("data.train={}", missing.display());
     expect_usage_error(&["train", "--set", &set], &["missing.txt", "cannot read"]);
 
+    // The Tiny Shakespeare configurations, where their corpus has not been downloaded (the tests' directory has
+    // no data/), say how to download it.
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/shakespeare-char.toml");
+    expect_usage_error(
+        &["train", "--backend", "cpu", "--config", config],
+        &["data/tinyshakespeare.txt", "curl --create-dirs -o data/tinyshakespeare.txt https://"],
+    );
+
     let binary = dir.join("binary.txt");
     std::fs::write(&binary, [b'a', b'b', 0xC3, 0x28, b'c']).unwrap();
     let set = format!("data.train={}", binary.display());
@@ -202,8 +210,22 @@ fn info_lists_the_engines() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("kiln ") && text.contains("cpu") && text.contains("threads"), "{text}");
-    // scripts/test.sh puts NVRTC 13.0 on the loader path.
-    assert!(text.contains("libnvrtc.so.13     found, version 13.0"), "{text}");
+    // Each CUDA library is reported as this process's loader finds it (the child inherits its environment):
+    // found with its version where one is loaded (scripts/test.sh puts NVRTC on the path), not found where none is.
+    use kiln_cuda::libraries::Library;
+    for library in [Library::Driver, Library::Nvrtc, Library::Cublas, Library::CublasLt, Library::Nccl] {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(library.file_name()))
+            .unwrap_or_else(|| panic!("no line for {}:\n{text}", library.file_name()));
+        let status = line.split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+        let expected = match (library.is_present(), library.version()) {
+            (true, Some(version)) => format!("found, version {version}"),
+            (true, None) => "found".to_string(),
+            (false, _) => "not found".to_string(),
+        };
+        assert_eq!(status, expected, "{line}");
+    }
 }
 
 #[test]

@@ -414,6 +414,23 @@ fn random_window(tokens: &[u32], rng: &mut ChaCha8Rng, inputs: &mut [u32], targe
     window(tokens, rng.random_range(0..tokens.len() - inputs.len()), inputs, targets);
 }
 
+/// Why `path` cannot be read; for a missing file, where a relative path was looked for, and for one of
+/// [`PUBLIC_CORPORA`], the command that downloads it.
+fn cannot_read(path: &Path, error: &std::io::Error) -> String {
+    let mut message = format!("cannot read: {error}");
+    if error.kind() != std::io::ErrorKind::NotFound {
+        return message;
+    }
+    if let (true, Ok(cwd)) = (path.is_relative(), std::env::current_dir()) {
+        message += &format!(" (a relative path is read from the current directory, {})", cwd.display());
+    }
+    let name = path.file_name().and_then(|n| n.to_str());
+    if let Some((_, url)) = PUBLIC_CORPORA.iter().find(|(corpus, _)| Some(*corpus) == name) {
+        message += &format!("; download it with: curl --create-dirs -o {} {url}", path.display());
+    }
+    message
+}
+
 /// Tokens `start..start + inputs.len()` into `inputs`, and the token after each into `targets`.
 fn window(tokens: &[u32], start: usize, inputs: &mut [u32], targets: &mut [u32]) {
     let t = inputs.len();
@@ -421,8 +438,15 @@ fn window(tokens: &[u32], start: usize, inputs: &mut [u32], targets: &mut [u32])
     targets.copy_from_slice(&tokens[start + 1..start + t + 1]);
 }
 
+/// Public corpora that kiln's own configurations train on, by file name, with where to download each: a missing copy
+/// is then an error that says how to get it.
+const PUBLIC_CORPORA: &[(&str, &str)] = &[(
+    "tinyshakespeare.txt",
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+)];
+
 fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::data(path, format!("cannot read: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::data(path, cannot_read(path, &e)))?;
     if bytes.is_empty() {
         return Err(Error::data(path, "the file is empty"));
     }

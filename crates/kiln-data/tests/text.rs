@@ -67,6 +67,18 @@ fn bad_files_are_named_with_the_problem() {
     let missing = std::env::temp_dir().join("kiln-no-such-file.txt");
     let msg = data_error(Dataset::open(&config(&missing, None), 4));
     assert!(msg.contains("kiln-no-such-file.txt") && msg.contains("cannot read"), "{msg}");
+    assert!(!msg.contains("curl"), "only a known public corpus comes with a download command: {msg}");
+
+    // A missing copy of a corpus kiln's configurations name says where the path was looked for and how to get it.
+    let msg = data_error(Dataset::open(&config(Path::new("no-such-dir/tinyshakespeare.txt"), None), 4));
+    let cwd = std::env::current_dir().unwrap();
+    assert!(msg.contains(&format!("current directory, {}", cwd.display())), "{msg}");
+    assert!(
+        msg.contains(
+            "curl --create-dirs -o no-such-dir/tinyshakespeare.txt https://raw.githubusercontent.com/karpathy/char-rnn/"
+        ),
+        "{msg}"
+    );
 
     let empty = temp_file("empty.txt", b"");
     assert!(data_error(Dataset::open(&config(&empty, None), 4)).contains("empty"));
