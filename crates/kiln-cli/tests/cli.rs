@@ -558,6 +558,8 @@ fn ranks_as_threads_split_each_step_and_train_like_one_rank() {
         let out_dir = format!("train.out_dir={}", dir.join(out).display());
         let mb = format!("train.micro_batch={micro_batch}");
         let args = ["train", "--backend", "cpu", "--ranks", ranks, "--set", &mb, "--set", "train.max_steps=5"];
+        // A step of 128 sequences of the quickstart's 13 tokens, whatever the micro-batch.
+        let args = [&args[..], &["--set", "train.total_batch_tokens=1664"]].concat();
         let output = kiln(&[&args[..], &["--set", &out_dir, "--set", "train.eval_steps=1"]].concat());
         assert!(output.status.success(), "{}", stderr(&output));
         let metrics = std::fs::read_to_string(dir.join(out).join("metrics.jsonl")).unwrap();
@@ -567,7 +569,7 @@ fn ranks_as_threads_split_each_step_and_train_like_one_rank() {
             .collect();
         (losses, stderr(&output))
     };
-    // The quickstart's step is 128 sequences: one rank of 128, or two of 64 each.
+    // One rank of 128 sequences, or two of 64 each.
     let (one, _) = run("1", "128", "one");
     let (two, log) = run("2", "64", "two");
     assert!(log.contains("× 2 ranks"), "the log names the world size:\n{log}");
@@ -575,7 +577,7 @@ fn ranks_as_threads_split_each_step_and_train_like_one_rank() {
     for (a, b) in one.iter().zip(&two) {
         assert!((a - b).abs() < 1e-5, "{one:?} vs {two:?}");
     }
-    // 128 sequences do not split evenly over 3 ranks of 128.
+    // The quickstart's step, one micro-batch of 128 sequences, does not split over 3 ranks of 128.
     expect_usage_error(&["train", "--backend", "cpu", "--ranks", "3"], &["train.total_batch_tokens", "3 ranks"]);
 }
 
