@@ -235,6 +235,26 @@ impl NcclComm {
         failure(format!("rank {} stops: {why}", self.rank))
     }
 
+    /// The addresses of `t` and of `part` (one rank's piece of it: this rank's piece of `t` itself, or a tensor
+    /// apart from `t` of a piece's length and type), their NCCL type and the piece's length.
+    fn piece_operands(
+        &self,
+        backend: &CudaBackend,
+        op: &str,
+        t: Tensor,
+        part: Tensor,
+    ) -> Result<(u64, u64, sys::ncclDataType_t, usize)> {
+        let mine = piece(t, self.world, self.rank);
+        let ((whole, ty, _), (at, part_ty, _)) = (Self::operand(backend, t)?, Self::operand(backend, part)?);
+        if part.len != mine.len || part_ty != ty {
+            return Err(failure(format!("{op} of {t:?} with {part:?}: not one piece of it, of its type")));
+        }
+        if part != mine && part.overlaps(&t) {
+            return Err(failure(format!("{op} with {part:?}, which overlaps {t:?} elsewhere than in place")));
+        }
+        Ok((whole, at, ty, mine.len))
+    }
+
     /// `(address, NCCL type, element size)` of `t`, as the engine computes with it.
     fn operand(backend: &CudaBackend, t: Tensor) -> Result<(u64, sys::ncclDataType_t, usize)> {
         let (ptr, dtype) = backend.comm_view(t)?;
@@ -299,22 +319,13 @@ impl Communicator<CudaBackend> for NcclComm {
 
     fn reduce_scatter(&mut self, backend: &mut CudaBackend, t: Tensor, into: Tensor) -> Result<()> {
         self.follow(backend)?;
-        let count = piece(t, self.world, self.rank).len;
-        let (ptr, ty, _) = Self::operand(backend, t)?;
-        let (recv, recv_ty, _) = Self::operand(backend, into)?;
-        if into.len != count || recv_ty != ty {
-            return Err(failure(format!("reduce_scatter of {t:?} into {into:?}: not one piece of it, of its type")));
-        }
-        if into != piece(t, self.world, self.rank) && into.overlaps(&t) {
-            return Err(failure(format!("reduce_scatter into {into:?}, which overlaps {t:?} elsewhere than in place")));
-        }
-        let recv = recv as *mut core::ffi::c_void;
-        // SAFETY: `comm_view` checked both tensors; `into` is this rank's piece of `t` (in place, as NCCL allows) or
-        // apart from it.
+        let (whole, recv, ty, count) = self.piece_operands(backend, "reduce_scatter", t, into)?;
+        // SAFETY: `piece_operands` checked both tensors; `into` is this rank's piece of `t` (in place, as NCCL allows)
+        // or apart from it.
         let status = unsafe {
             nccl::reduce_scatter(
-                ptr as *const _,
-                recv,
+                whole as *const _,
+                recv as *mut _,
                 count,
                 ty,
                 sys::ncclRedOp_t::ncclSum,
@@ -327,19 +338,10 @@ impl Communicator<CudaBackend> for NcclComm {
 
     fn all_gather(&mut self, backend: &mut CudaBackend, t: Tensor, from: Tensor) -> Result<()> {
         self.follow(backend)?;
-        let count = piece(t, self.world, self.rank).len;
-        let (ptr, ty, _) = Self::operand(backend, t)?;
-        let (send, send_ty, _) = Self::operand(backend, from)?;
-        if from.len != count || send_ty != ty {
-            return Err(failure(format!("all_gather of {from:?} into {t:?}: not one piece of it, of its type")));
-        }
-        if from != piece(t, self.world, self.rank) && from.overlaps(&t) {
-            return Err(failure(format!("all_gather from {from:?}, which overlaps {t:?} elsewhere than in place")));
-        }
-        let send = send as *const core::ffi::c_void;
-        // SAFETY: `comm_view` checked both tensors; `from` is this rank's piece of `t` (in place, as NCCL allows) or
-        // apart from it.
-        let status = unsafe { nccl::all_gather(send, ptr as *mut _, count, ty, self.comm, self.cu_stream()) };
+        let (whole, send, ty, count) = self.piece_operands(backend, "all_gather", t, from)?;
+        // SAFETY: as in reduce_scatter.
+        let status =
+            unsafe { nccl::all_gather(send as *const _, whole as *mut _, count, ty, self.comm, self.cu_stream()) };
         self.settle("ncclAllGather", status)
     }
 
