@@ -260,55 +260,6 @@ fn op_cases() -> Vec<OpCase> {
             }),
         },
         OpCase {
-            name: "matmul_backward".into(),
-            reals: vec![
-                (rows * c, Out, Activation),
-                (67 * c, Acc, Grad),
-                (67, Acc, Grad),
-                (rows * 67, In, Activation),
-                (rows * c, In, Activation),
-                (67 * c, In, Param),
-            ],
-            indices: vec![],
-            run: Box::new(move |b, r, _| {
-                b.matmul_backward(MatmulBackward {
-                    dinp: r[0],
-                    dweight: r[1],
-                    dbias: Some(r[2]),
-                    dout: r[3],
-                    inp: r[4],
-                    weight: r[5],
-                    gelu_pre: None,
-                    d: lin,
-                })
-            }),
-        },
-        OpCase {
-            name: "matmul_backward+gelu".into(),
-            reals: vec![
-                (rows * c, Out, Activation),
-                (67 * c, Acc, Grad),
-                (67, Acc, Grad),
-                (rows * 67, In, Activation),
-                (rows * c, In, Activation),
-                (67 * c, In, Param),
-                (rows * c, In, Activation),
-            ],
-            indices: vec![],
-            run: Box::new(move |b, r, _| {
-                b.matmul_backward(MatmulBackward {
-                    dinp: r[0],
-                    dweight: r[1],
-                    dbias: Some(r[2]),
-                    dout: r[3],
-                    inp: r[4],
-                    weight: r[5],
-                    gelu_pre: Some(r[6]),
-                    d: lin,
-                })
-            }),
-        },
-        OpCase {
             name: "gelu_forward".into(),
             reals: vec![(rows * 67, Out, Activation), (rows * 67, In, Activation)],
             indices: vec![],
@@ -354,6 +305,35 @@ fn op_cases() -> Vec<OpCase> {
         // Parameters, in the engine's working precision (ranks compare their sums after a resume).
         sums_case("sum, sum_squares of parameters", 10_007, Param),
     ]);
+    // The product's backward, plain and taking GELU's derivative of the pre-activation it is given.
+    cases.extend([false, true].map(|gelu| {
+        let mut reals = vec![
+            (rows * c, Out, Activation),
+            (67 * c, Acc, Grad),
+            (67, Acc, Grad),
+            (rows * 67, In, Activation),
+            (rows * c, In, Activation),
+            (67 * c, In, Param),
+        ];
+        reals.extend(gelu.then_some((rows * c, In, Activation)));
+        OpCase {
+            name: if gelu { "matmul_backward+gelu" } else { "matmul_backward" }.into(),
+            reals,
+            indices: vec![],
+            run: Box::new(move |b, r, _| {
+                b.matmul_backward(MatmulBackward {
+                    dinp: r[0],
+                    dweight: r[1],
+                    dbias: Some(r[2]),
+                    dout: r[3],
+                    inp: r[4],
+                    weight: r[5],
+                    gelu_pre: r.get(6).copied(),
+                    d: lin,
+                })
+            }),
+        }
+    }));
     cases.extend(ATTENTION_SHAPES.iter().flat_map(|&d| attention_cases(d)));
     cases
 }
