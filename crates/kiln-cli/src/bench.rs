@@ -2,7 +2,7 @@
 //! numbers, the machine, and for training the resolved configuration), written to a file with `--json` and checked
 //! against an earlier one with `--baseline`, so that scripts can catch a regression by the exit code.
 
-use crate::{BackendChoice, Engine, attention_bench};
+use crate::{BackendChoice, ConfigArgs, Engine, attention_bench};
 use clap::Subcommand;
 use kiln_core::config::AttentionKernel;
 use kiln_core::{AttentionDims, Backend, Config, Error, Result};
@@ -17,14 +17,11 @@ use std::path::{Path, PathBuf};
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Training steps: median step time, tokens/s, MFU, memory, and where the time goes. The last line printed
-    /// is the report: one JSON object with the same numbers, the machine and the resolved configuration.
+    /// is the report: one JSON object with the same numbers, the machine and the resolved configuration. Without
+    /// --config, the built-in configs/bench-gpt2-124m.toml: GPT-2 124M at 32 × 1024.
     Train {
-        /// A TOML configuration (default: the built-in configs/bench-gpt2-124m.toml, GPT-2 124M at 32 × 1024).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override one configuration key (repeatable).
-        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-        overrides: Vec<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
         /// Steps measured.
@@ -118,8 +115,8 @@ fn parse_tolerance(value: &str) -> std::result::Result<f64, String> {
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Train { config, overrides, backend, steps, warmup, peak_tflops, report } => {
-            train(config, &overrides, backend, TrainRun { steps, warmup, peak_tflops }, &report)
+        BenchCommand::Train { config, backend, steps, warmup, peak_tflops, report } => {
+            train(&config, backend, TrainRun { steps, warmup, peak_tflops }, &report)
         }
         BenchCommand::Attention {
             batch,
@@ -153,17 +150,8 @@ struct TrainRun {
     peak_tflops: f64,
 }
 
-fn train(
-    config: Option<PathBuf>,
-    overrides: &[String],
-    backend: BackendChoice,
-    run: TrainRun,
-    output: &ReportArgs,
-) -> Result<()> {
-    let config = match &config {
-        Some(path) => Config::load(Some(path), overrides)?,
-        None => Config::from_toml_str(BENCH_CONFIG, "configs/bench-gpt2-124m.toml (built in)", overrides)?,
-    };
+fn train(config: &ConfigArgs, backend: BackendChoice, run: TrainRun, output: &ReportArgs) -> Result<()> {
+    let config = config.load(Some((BENCH_CONFIG, "configs/bench-gpt2-124m.toml (built in)")))?;
     if run.steps == 0 {
         return Err(Error::Usage("--steps must be at least 1".into()));
     }

@@ -39,16 +39,34 @@ struct Cli {
     command: Command,
 }
 
+/// The configuration a command runs with: a file, or the command's own built-in one, and overrides.
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// A TOML configuration file (default: the command's built-in configuration, which its help names).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one configuration key, e.g. --set train.max_steps=500 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// The file's configuration with the overrides; without a file, `built_in` (its text, and the name errors give
+    /// it), or the quickstart's.
+    fn load(&self, built_in: Option<(&str, &str)>) -> Result<Config> {
+        match (&self.config, built_in) {
+            (None, Some((text, source))) => Config::from_toml_str(text, source, &self.overrides),
+            (path, _) => Config::load(path.as_deref(), &self.overrides),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a model. With no arguments, runs the built-in quickstart (a small GPT learning to add).
     Train {
-        /// A TOML configuration file (default: the built-in configs/quickstart.toml).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override one configuration key, e.g. --set train.max_steps=500 (repeatable).
-        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-        overrides: Vec<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
         /// The engine to train on.
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         backend: BackendChoice,
@@ -170,7 +188,8 @@ enum Command {
     Info(dist::InfoArgs),
     /// Start this node's processes of a data-parallel job, pass on their output, and stop them all when one fails.
     Launch(dist::LaunchArgs),
-    /// The memory a training run will take on each rank, by component, and whether it fits.
+    /// The memory a training run will take on each rank, by component, and whether it fits (without --config, the
+    /// built-in quickstart's).
     Plan(plan::PlanArgs),
     /// Measure throughput.
     Bench {
@@ -274,9 +293,9 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     let result = match cli.command {
-        Command::Train { config, overrides, backend, resume, ranks, gpus, rendezvous, rendezvous_timeout } => {
+        Command::Train { config, backend, resume, ranks, gpus, rendezvous, rendezvous_timeout } => {
             let job = Job { ranks: ranks.into(), gpus, rendezvous, rendezvous_timeout };
-            train(config, &overrides, backend, resume, job, bar)
+            train(&config, backend, resume, job, bar)
         }
         // A rendezvous to check, asked for or implied by a placement in a job of several, replaces the report.
         Command::Info(args) => dist::check_rendezvous(&args).map(|checked| {
@@ -348,14 +367,13 @@ struct Job {
 }
 
 fn train(
-    config: Option<PathBuf>,
-    overrides: &[String],
+    config: &ConfigArgs,
     backend: BackendChoice,
     resume: Option<Option<PathBuf>>,
     job: Job,
     bar: log::ProgressSlot,
 ) -> Result<()> {
-    let config = Config::load(config.as_deref(), overrides)?;
+    let config = config.load(None)?;
     let resume = match resume {
         Some(dir) => Some(checkpoint_to_resume(&dir.unwrap_or_else(|| kiln_train::checkpoint::root(&config)))?),
         None => None,

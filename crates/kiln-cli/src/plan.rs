@@ -1,23 +1,18 @@
 //! `kiln plan`: the memory a training run will take on each rank, before it is started.
 
-use crate::BackendChoice;
+use crate::{BackendChoice, ConfigArgs};
 use kiln_core::config::MicroBatch;
 use kiln_core::memory::{MemoryModel, describe_bytes, parse_bytes};
-use kiln_core::{Config, Error, Result};
+use kiln_core::{Error, Result};
 use kiln_cpu::CpuMemory;
 use kiln_cuda::memory::CudaMemory;
 use kiln_model::ModelSpec;
 use kiln_train::plan::{self, MemoryPlan};
-use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
-    /// A TOML configuration file (default: the built-in configs/quickstart.toml).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Override one configuration key (repeatable).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    overrides: Vec<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
     /// The engine the run would use: cuda plans in train.precision whether or not a GPU is here.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
@@ -40,7 +35,7 @@ pub struct PlanArgs {
 }
 
 pub fn plan(args: PlanArgs) -> Result<()> {
-    let config = Config::load(args.config.as_deref(), &args.overrides)?;
+    let config = args.config.load(None)?;
     let cuda = match (args.backend, args.gpus) {
         (BackendChoice::Cpu, Some(_)) => return Err(Error::Usage("--gpus plans the cuda engine".into())),
         (_, Some(_)) | (BackendChoice::Cuda, None) => true,
