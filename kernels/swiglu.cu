@@ -8,20 +8,35 @@
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// Chunk j of the rows' outputs (chunks of a row each): its row, first channel and size, and its gate and up values.
+template <typename P>
+struct GatedChunk {
+    long row;
+    int c, count;
+    P gate, up;
+
+    __device__ GatedChunk(const floatX* inp, long j, int chunks, int F) {
+        row = j / chunks;
+        c = j % chunks * P::size;
+        count = min(P::size, F - c);
+        const floatX* g = inp + row * 2 * F + c;
+        gate = P::load(g, count);
+        up = P::load(g + F, count);
+    }
+};
+
 extern "C" __global__ void swiglu_forward(floatX* out, const floatX* inp, long rows, int F) {
     typedef Packed<floatX> P;
     const int chunks = (F + P::size - 1) / P::size;
     for (long j = (long)blockIdx.x * blockDim.x + threadIdx.x; j < rows * chunks; j += (long)gridDim.x * blockDim.x) {
-        const long row = j / chunks;
-        const int c = j % chunks * P::size, count = min(P::size, F - c);
-        const floatX* gate = inp + row * 2 * F + c;
-        P g = P::load(gate, count), u = P::load(gate + F, count), y;
+        const GatedChunk<P> h(inp, j, chunks, F);
+        P y;
 #pragma unroll
         for (int k = 0; k < P::size; k++) {
-            const float x = to_f32(g.v[k]);
-            y.v[k] = to_x(x * sigmoid(x) * to_f32(u.v[k]));
+            const float x = to_f32(h.gate.v[k]);
+            y.v[k] = to_x(x * sigmoid(x) * to_f32(h.up.v[k]));
         }
-        y.store(out + row * F + c, count);
+        y.store(out + h.row * F + h.c, h.count);
     }
 }
 
@@ -29,18 +44,16 @@ extern "C" __global__ void swiglu_backward(floatX* dinp, const floatX* dout, con
     typedef Packed<floatX> P;
     const int chunks = (F + P::size - 1) / P::size;
     for (long j = (long)blockIdx.x * blockDim.x + threadIdx.x; j < rows * chunks; j += (long)gridDim.x * blockDim.x) {
-        const long row = j / chunks;
-        const int c = j % chunks * P::size, count = min(P::size, F - c);
-        const floatX* gate = inp + row * 2 * F + c;
-        P g = P::load(gate, count), u = P::load(gate + F, count), dy = P::load(dout + row * F + c, count), dg, du;
+        const GatedChunk<P> h(inp, j, chunks, F);
+        P dy = P::load(dout + h.row * F + h.c, h.count), dg, du;
 #pragma unroll
         for (int k = 0; k < P::size; k++) {
-            const float x = to_f32(g.v[k]), s = sigmoid(x), d = to_f32(dy.v[k]);
-            dg.v[k] = to_x(d * to_f32(u.v[k]) * s * (1.0f + x * (1.0f - s)));
+            const float x = to_f32(h.gate.v[k]), s = sigmoid(x), d = to_f32(dy.v[k]);
+            dg.v[k] = to_x(d * to_f32(h.up.v[k]) * s * (1.0f + x * (1.0f - s)));
             du.v[k] = to_x(d * x * s);
         }
-        floatX* dgate = dinp + row * 2 * F + c;
-        dg.store(dgate, count);
-        du.store(dgate + F, count);
+        floatX* dgate = dinp + h.row * 2 * F + h.c;
+        dg.store(dgate, h.count);
+        du.store(dgate + F, h.count);
     }
 }
