@@ -180,9 +180,7 @@ fn train_on<B: Backend>(config: &Config, backend: B, gpu: Option<usize>, run: Tr
     trainer.set_profile(true);
     let shape = trainer.model().spec;
     let tokens = config.total_batch_tokens() as f64;
-    // FLOPs per token: 6 per parameter (forward and backward) plus attention's 6·L·C·T, as the anchors count.
-    let flops_per_token =
-        6.0 * shape.num_counted_params() as f64 + 6.0 * (shape.n_layer * shape.n_embd * config.model.block_size) as f64;
+    let flops_per_token = shape.flops_per_token(config.model.block_size);
     for _ in 0..run.warmup {
         trainer.train_step()?;
     }

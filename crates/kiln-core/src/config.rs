@@ -354,6 +354,44 @@ pub struct TrainConfig {
     /// Which activations the backward pass computes again instead of keeping them from the forward pass: less
     /// memory for more arithmetic.
     pub recompute: Recompute,
+    /// The check of every update before it is applied: `[train.guard]`.
+    pub guard: GuardConfig,
+}
+
+/// `[train.guard]`: before the optimizer applies a step, its loss and global gradient norm are checked against a
+/// robust running estimate. A step that fails is skipped (its update and its data); after `max_skips` in a row the
+/// run rolls back to its last checkpoint from before them and skips the data between; after `max_rollbacks` it stops
+/// with an error. Off, a non-finite loss ends the run after its update and a finite spike goes unnoticed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuardConfig {
+    pub enabled: bool,
+    /// The running estimate is the median and the median absolute deviation (MAD) of the loss and of the gradient
+    /// norm over the last `window` applied updates; spikes are looked for once it has that many.
+    pub window: usize,
+    /// A loss more than this many robust standard deviations (1.4826 × MAD) above the median is a spike; 0 turns
+    /// the check off. A non-finite loss or norm always fails.
+    pub loss_threshold: f64,
+    /// The same for the gradient norm; off by default, since a norm can surge in healthy training (when a model
+    /// learns something new: the quickstart's does) and clipping bounds the update anyway.
+    pub norm_threshold: f64,
+    /// Skips in a row after which the run rolls back.
+    pub max_skips: u32,
+    /// Rollbacks after which a run that still fails stops.
+    pub max_rollbacks: u32,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            enabled: true,
+            window: 100,
+            loss_threshold: 6.0,
+            norm_threshold: 0.0,
+            max_skips: 5,
+            max_rollbacks: 3,
+        }
+    }
 }
 
 /// `train.micro_batch`: a number of sequences, or `"auto"`, the largest number that fits the memory (with a margin)
@@ -471,6 +509,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             deterministic: true,
             recompute: Recompute::None,
+            guard: GuardConfig::default(),
         }
     }
 }
@@ -711,6 +750,18 @@ impl Config {
                 "must be a finite number above 0".to_string(),
             ),
             (self.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".to_string()),
+            (t.guard.window >= 1, "train.guard.window", "must be at least 1".to_string()),
+            (
+                t.guard.loss_threshold.is_finite() && t.guard.loss_threshold >= 0.0,
+                "train.guard.loss_threshold",
+                "must be a finite number, 0 or above (0 turns the check off)".to_string(),
+            ),
+            (
+                t.guard.norm_threshold.is_finite() && t.guard.norm_threshold >= 0.0,
+                "train.guard.norm_threshold",
+                "must be a finite number, 0 or above (0 turns the check off)".to_string(),
+            ),
+            (t.guard.max_skips >= 1, "train.guard.max_skips", "must be at least 1".to_string()),
         ];
         match checks.into_iter().find(|(ok, _, _)| !ok) {
             Some((_, key, message)) => Err(Error::config(source_of(key), key, message)),
@@ -736,43 +787,45 @@ fn syntax_error(text: &str, source: &str, error: &toml::de::Error) -> Error {
     Error::config(source, "", format!("invalid TOML{}: {}", position.unwrap_or_default(), error.message()))
 }
 
-/// Writes each `section.key=value` override into `table`. Returns the dotted keys the overrides set, and the sections
-/// they created, so that errors about them can name `--set` as their source.
+/// Writes each `section.key=value` override (`section.table.key=value` for a key of a table in a section, as
+/// `train.guard.enabled`) into `table`. Returns the dotted keys the overrides set, and the sections and tables they
+/// created, so that errors about them can name `--set` as their source.
 fn apply_overrides(table: &mut toml::Table, overrides: &[String]) -> Result<HashSet<String>> {
     let mut overridden = HashSet::new();
     for raw in overrides {
-        let (section, key, value) = parse_override(raw)?;
-        let dotted = format!("{section}.{key}");
-        if !table.contains_key(section) {
-            overridden.insert(section.to_string());
+        let (path, value) = parse_override(raw)?;
+        let (key, tables) = path.split_last().expect("a section and a key");
+        let mut into = &mut *table;
+        for (depth, name) in tables.iter().enumerate() {
+            let dotted = tables[..=depth].join(".");
+            if !into.contains_key(*name) {
+                overridden.insert(dotted.clone());
+            }
+            let value = into.entry(*name).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            into = value.as_table_mut().ok_or_else(|| {
+                let what = if depth == 0 { "section" } else { "table" };
+                Error::config(SET_SOURCE, path.join("."), format!("cannot set a key in {dotted}: it is not a {what}"))
+            })?;
         }
-        let section_value = table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let Some(section_table) = section_value.as_table_mut() else {
-            return Err(Error::config(
-                SET_SOURCE,
-                dotted,
-                format!("cannot set a key in {section}: it is not a section"),
-            ));
-        };
-        section_table.insert(key.to_string(), value);
-        overridden.insert(dotted);
+        into.insert(key.to_string(), value);
+        overridden.insert(path.join("."));
     }
     Ok(overridden)
 }
 
-/// Splits `section.key=value`. The value is read as a TOML value (`3`, `1e-3`, `true`, `"text"`); anything that is
-/// not one is taken as a bare string, so that `data.train=input.txt` needs no quotes.
-fn parse_override(raw: &str) -> Result<(&str, &str, toml::Value)> {
+/// Splits `section.key=value` (or `section.table.key=value`) into the dotted path's names and the value. The value
+/// is read as a TOML value (`3`, `1e-3`, `true`, `"text"`); anything that is not one is taken as a bare string, so
+/// that `data.train=input.txt` needs no quotes.
+fn parse_override(raw: &str) -> Result<(Vec<&str>, toml::Value)> {
     let malformed = || Error::config(SET_SOURCE, raw, "expected section.key=value, like train.max_steps=200");
     let (path, value) = raw.split_once('=').ok_or_else(malformed)?;
-    let (section, key) = path.split_once('.').ok_or_else(malformed)?;
-    let (section, key) = (section.trim(), key.trim());
-    if section.is_empty() || key.is_empty() || key.contains('.') {
+    let path: Vec<&str> = path.split('.').map(str::trim).collect();
+    if path.len() < 2 || path.iter().any(|name| name.is_empty()) {
         return Err(malformed());
     }
     let value = value.trim();
     let value = value.parse::<toml::Value>().unwrap_or_else(|_| toml::Value::String(value.to_string()));
-    Ok((section, key, value))
+    Ok((path, value))
 }
 
 /// The dotted key and a message for a deserialization error. For an unknown key the path already ends at the key,
@@ -1030,6 +1083,30 @@ mod tests {
     }
 
     #[test]
+    fn override_of_a_key_in_a_table_of_a_section() {
+        let config = Config::load(None, &set(&["train.guard.enabled=false", "train.guard.window=7"])).unwrap();
+        assert_eq!((config.train.guard.enabled, config.train.guard.window), (false, 7));
+        assert_eq!(config.train.guard.max_skips, GuardConfig::default().max_skips);
+        let (source, key, message) = config_error(Config::load(None, &set(&["train.guard.windw=7"])));
+        assert_eq!((source.as_str(), key.as_str()), ("--set", "train.guard.windw"));
+        assert!(message.contains("unknown key; expected one of enabled, window"), "{message}");
+        let (source, key, message) = config_error(Config::load(None, &set(&["train.max_steps.x=1"])));
+        assert_eq!((source.as_str(), key.as_str()), ("--set", "train.max_steps.x"));
+        assert!(message.contains("train.max_steps: it is not a table"), "{message}");
+    }
+
+    #[test]
+    fn a_typo_in_a_table_of_a_section_names_the_key_and_the_file() {
+        let text = format!("{MINIMAL}\n[train.guard]\nmax_skip = 2\n");
+        let (source, key, message) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.guard.max_skip"));
+        assert!(message.contains("max_skips"), "{message}");
+        let text = format!("{MINIMAL}\n[train.guard]\nwindow = 0\n");
+        let (source, key, _) = config_error(Config::from_toml_str(&text, "my.toml", &[]));
+        assert_eq!((source.as_str(), key.as_str()), ("my.toml", "train.guard.window"));
+    }
+
+    #[test]
     fn override_of_an_unknown_section() {
         let (source, key, message) = config_error(Config::load(None, &set(&["optimizer.lr=1"])));
         assert_eq!((source.as_str(), key.as_str()), ("--set", "optimizer"));
@@ -1054,12 +1131,13 @@ mod tests {
     #[test]
     fn the_readme_documents_every_config_key() {
         let readme = include_str!("../../../README.md");
-        let mut documented = std::collections::BTreeSet::new();
+        use std::collections::BTreeSet;
+        let mut documented = BTreeSet::new();
         for row in readme.lines().filter(|l| l.starts_with("| `")) {
             let keys = row.split('|').nth(1).expect("a first cell");
             let mut section = "";
             for key in keys.split(',').map(|k| k.trim().trim_matches('`')) {
-                let name = match key.split_once('.') {
+                let name = match key.rsplit_once('.') {
                     Some((s, name)) => {
                         section = s;
                         name
@@ -1080,12 +1158,23 @@ mod tests {
         ]);
         let config = Config::load(None, &all).unwrap();
         let table = toml::Table::try_from(&config).unwrap();
-        let mut keys = std::collections::BTreeSet::new();
-        for (section, values) in &table {
-            for key in values.as_table().expect("a section").keys() {
-                keys.insert(format!("{section}.{key}"));
+        // A table inside a section (`train.guard`) is documented key by key, unless it is one key's value
+        // (`model.rope_scaling`), documented whole.
+        fn keys_of(prefix: &str, table: &toml::Table, documented: &BTreeSet<String>, keys: &mut BTreeSet<String>) {
+            for (name, value) in table {
+                let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+                match value.as_table() {
+                    Some(inner) if prefix.is_empty() || !documented.contains(&key) => {
+                        keys_of(&key, inner, documented, keys)
+                    }
+                    _ => {
+                        keys.insert(key);
+                    }
+                }
             }
         }
+        let mut keys = BTreeSet::new();
+        keys_of("", &table, &documented, &mut keys);
         assert_eq!(documented, keys);
     }
 
@@ -1150,7 +1239,7 @@ mod tests {
 
     #[test]
     fn malformed_override() {
-        for raw in ["max_steps=5", "train.max_steps", "a.b.c=1", ".x=1", "train.=1"] {
+        for raw in ["max_steps=5", "train.max_steps", "a..c=1", ".x=1", "train.=1"] {
             let (source, key, _) = config_error(Config::load(None, &set(&[raw])));
             assert_eq!((source.as_str(), key.as_str()), ("--set", raw));
         }

@@ -31,6 +31,9 @@ pub enum Error {
 
     /// The user asked the run to stop (Ctrl-C).
     Interrupted,
+
+    /// Training cannot go on: its updates keep failing the guard (`train.guard`), or its loss became non-finite.
+    Diverged(String),
 }
 
 impl fmt::Display for Error {
@@ -38,7 +41,7 @@ impl fmt::Display for Error {
         match self {
             Error::Config { source, key, message } if key.is_empty() => write!(f, "{source}: {message}"),
             Error::Config { source, key, message } => write!(f, "{source}: {key}: {message}"),
-            Error::Usage(message) | Error::Invalid(message) => f.write_str(message),
+            Error::Usage(message) | Error::Invalid(message) | Error::Diverged(message) => f.write_str(message),
             Error::Data { path, message } => write!(f, "{}: {message}", path.display()),
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Backend { backend, message } => write!(f, "{backend}: {message}"),
@@ -79,7 +82,7 @@ impl Error {
         match self {
             Error::Config { .. } | Error::Usage(_) | Error::Data { .. } => 2,
             Error::Interrupted => 130,
-            Error::Io { .. } | Error::Backend { .. } | Error::Invalid(_) => 1,
+            Error::Io { .. } | Error::Backend { .. } | Error::Invalid(_) | Error::Diverged(_) => 1,
         }
     }
 }

@@ -223,6 +223,13 @@ impl ModelSpec {
         self.num_params() - (unused_rows + positions) * self.n_embd
     }
 
+    /// Arithmetic of a training step per token, on sequences of `t` tokens: 6 per counted parameter (2 forward, 4
+    /// backward) plus attention's 6·L·C·T (its two products, forward and backward), as llm.c and the anchors count
+    /// for MFU.
+    pub fn flops_per_token(&self, t: usize) -> f64 {
+        6.0 * self.num_counted_params() as f64 + 6.0 * (self.n_layer * self.n_embd * t) as f64
+    }
+
     /// Whether `name` is a matrix with a row per token (the embedding, the LM head), whose padded rows are unused.
     pub fn has_vocab_rows(name: &str) -> bool {
         name == "wte" || name == "lm_head"

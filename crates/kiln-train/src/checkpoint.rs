@@ -7,19 +7,22 @@
 //! - `optimizer.safetensors`: AdamW's moments, `m.NAME` and `v.NAME` for each kiln parameter `NAME`, so that a
 //!   layout that changes can never pair moments with the wrong weights (and without the padding a data-parallel
 //!   job adds, so that a checkpoint loads at any number of ranks);
-//! - `state.json`: the step and the resolved configuration. The data position is the step itself (sequences are a
-//!   function of seed and step) and nothing else is random, so that is the whole state.
+//! - `state.json`: the step, the guard's state ([`crate::guard`]) and the resolved configuration. Sequences are a
+//!   function of seed and data position, which is the step plus the data the guard's rollbacks passed over, and
+//!   nothing else is random, so that is the whole state.
 //!
 //! Everything is written and read one tensor at a time ([`crate::tensor_files`]): no whole-model copy on the host.
 //! A checkpoint is written into a temporary directory that is flushed to disk and renamed into place when complete
 //! ([`durable::publish`]), so a crash mid-write, even a power loss, leaves the previous checkpoints intact and no
 //! half-written directory that looks complete.
 
+use crate::guard::GuardState;
 use crate::tensor_files::{self, Entry, TensorFiles};
 use kiln_core::{Backend, Config, Error, Result, durable};
 use kiln_data::codec::{Codec, HF_TOKENIZER_FILE, TOKENIZER_FILE};
 use kiln_model::Model;
 use kiln_model::hf::{self, HfTensor, SpecialTokens};
+use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +39,16 @@ pub enum Source {
     M,
     /// AdamW's second moment.
     V,
+}
+
+/// Where a run stands, besides its tensors: `state.json` holds this and the configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Absent from checkpoints written before the guard was: a guard that has seen nothing yet.
+    #[serde(default)]
+    pub guard: GuardState,
 }
 
 /// Fills the values of `source` at elements `range` of the flat parameter vector.
@@ -105,14 +118,14 @@ pub fn write_model(
     Ok(())
 }
 
-/// Writes the checkpoint of `step` under `root`, with the tokenizer `codec` where the data has one, then deletes all
+/// Writes the checkpoint of `progress` under `root`, with the tokenizer `codec` where the data has one, then deletes all
 /// but the newest `keep`. Every rank of a job calls it, and `fetch` is called in the same order on each (a ZeRO rank
 /// gathers each tensor from all of them); only the rank with `write` set touches the filesystem. Returns the
 /// checkpoint's directory.
 #[allow(clippy::too_many_arguments)]
 pub fn save(
     root: &Path,
-    step: u64,
+    progress: &Progress,
     config: &Config,
     model: &Model,
     codec: Option<&Codec>,
@@ -120,6 +133,7 @@ pub fn save(
     write: bool,
     fetch: &mut Fetch,
 ) -> Result<PathBuf> {
+    let step = progress.step;
     let final_dir = step_dir(root, step);
     let tmp = root.join(format!(".tmp-{STEP_PREFIX}{step:08}-{}", std::process::id()));
     if write {
@@ -127,7 +141,7 @@ pub fn save(
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     }
-    let published = write_files(&tmp, step, config, model, codec, write, fetch).and_then(|()| {
+    let published = write_files(&tmp, progress, config, model, codec, write, fetch).and_then(|()| {
         if write {
             let _ = std::fs::remove_dir_all(&final_dir);
             durable::publish(&tmp, &final_dir)?;
@@ -148,10 +162,11 @@ pub fn save(
     Ok(final_dir)
 }
 
-/// Writes the files of the checkpoint of `step` into `dir` (see [`save`]; on a rank without `write`, only fetches).
+/// Writes the files of the checkpoint of `progress` into `dir` (see [`save`]; on a rank without `write`, only
+/// fetches).
 fn write_files(
     dir: &Path,
-    step: u64,
+    progress: &Progress,
     config: &Config,
     model: &Model,
     codec: Option<&Codec>,
@@ -175,7 +190,9 @@ fn write_files(
         fetch(source, p.offset..p.offset + p.len(), values)
     })?;
     if write {
-        write_json(&dir.join("state.json"), &serde_json::json!({ "step": step, "config": config.to_toml_string() }))?;
+        let mut state = serde_json::to_value(progress).expect("plain numbers");
+        state["config"] = config.to_toml_string().into();
+        write_json(&dir.join("state.json"), &state)?;
     }
     Ok(())
 }
@@ -289,14 +306,17 @@ fn read_state(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
     Ok((state, path))
 }
 
-/// Loads the checkpoint in `dir`, for `model`, and returns its step: hands the weights and then AdamW's moments to
+/// Loads the checkpoint in `dir`, for `model`, and returns where its run stood: hands the weights and then AdamW's moments to
 /// `restore(source, elements, values)` one parameter tensor at a time. Every tensor's presence and shape is
 /// checked, and a mismatch names the tensor and the file.
-pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B, restore: &mut Restore<B>) -> Result<u64> {
+pub fn load<B: Backend + ?Sized>(
+    dir: &Path,
+    model: &Model,
+    backend: &mut B,
+    restore: &mut Restore<B>,
+) -> Result<Progress> {
     let (state, state_path) = read_state(dir)?;
-    let step = json_field(&state, "step", &state_path)?
-        .as_u64()
-        .ok_or_else(|| Error::data(&state_path, "\"step\" is not a whole number"))?;
+    let progress = Progress::deserialize(&state).map_err(|e| Error::data(&state_path, e.to_string()))?;
     load_weights(dir, model, backend, &mut |b, range, values| restore(b, Source::Params, range, values))?;
     let files = TensorFiles::open(dir, "optimizer")?;
     for source in [Source::M, Source::V] {
@@ -315,5 +335,5 @@ pub fn load<B: Backend + ?Sized>(dir: &Path, model: &Model, backend: &mut B, res
             restore(backend, source, p.offset..p.offset + p.len(), &values)?;
         }
     }
-    Ok(step)
+    Ok(progress)
 }

@@ -1,8 +1,10 @@
 //! The training loop, over any [`Backend`].
 //!
-//! One optimizer step: draw the step's sequences (a function of seed and step), run forward and backward over
-//! each micro-batch with gradients accumulating, take the global gradient norm and clip, and apply AdamW with the
-//! scheduled learning rate, decaying only the weight matrices and embeddings. Every `eval_every` steps the
+//! One optimizer step: draw the step's sequences (a function of seed and data position, which is the step unless the
+//! guard has passed over data), run forward and backward over each micro-batch with gradients accumulating, take the
+//! global gradient norm, let the [`guard`] judge the loss and the norm (from the host numbers the step reads anyway),
+//! and unless it skips the step, clip and apply AdamW with the scheduled learning rate, decaying only the weight
+//! matrices and embeddings. After too many skips in a row the guard rolls the run back to a checkpoint. Every `eval_every` steps the
 //! validation loss is measured on the same held-out sequences each time. The caller sees progress through
 //! [`Hooks`] and the results through [`Summary`]; the trainer logs with `tracing` and appends one JSON object per
 //! step to `out_dir/metrics.jsonl`. Around the loop: [`checkpoint`]s for exact resume and Hugging Face interchange,
@@ -20,6 +22,7 @@
 //! Only rank 0 logs and writes files; it evaluates alone, except under stage 3, where every rank takes part.
 
 pub mod checkpoint;
+pub mod guard;
 pub mod inference;
 pub mod llmc;
 mod metrics;
@@ -29,7 +32,8 @@ pub mod schedule;
 pub mod tensor_files;
 pub mod threads;
 
-use checkpoint::Source;
+use checkpoint::{Progress, Source};
+use guard::{Guard, Verdict};
 use kiln_core::comm::{Solo, piece};
 use kiln_core::config::MicroBatch;
 use kiln_core::{AdamWStep, Backend, Communicator, Config, Error, Result, Role, Tensor};
@@ -37,7 +41,7 @@ use kiln_data::{Addition, Dataset};
 use kiln_model::params::decay_runs;
 use kiln_model::params::initial_weights;
 use kiln_model::{Blocks, Model, ModelSpec, Moment, Pass, TrainingMemory, generate};
-use metrics::{Metrics, StepRecord};
+use metrics::{Event, Metrics, StepRecord};
 use parallel::{BucketCursor, Buckets, Stragglers};
 use plan::MemoryPlan;
 use std::ops::Range;
@@ -59,8 +63,15 @@ pub struct Hooks {
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
     pub steps: u64,
-    /// Training loss of every step.
+    /// The step the run started from: a resumed run's checkpoint, or an earlier one a rollback returned to.
+    pub first_step: u64,
+    /// Training loss of every step after `first_step`, skipped ones included, as the run ended: a rollback drops
+    /// those of the steps it undid.
     pub losses: Vec<f32>,
+    /// The steps (counted from 1) whose updates the guard skipped, in the order it did.
+    pub skipped: Vec<u64>,
+    /// The guard's rollbacks: `(step, checkpoint step)` for each.
+    pub rollbacks: Vec<(u64, u64)>,
     pub val_loss: Option<f32>,
     /// For the synthetic addition task: the fraction of held-out sums answered exactly.
     pub exact_match: Option<f32>,
@@ -120,10 +131,18 @@ pub struct Trainer<B: Backend> {
     step: u64,
     /// See [`Trainer::set_profile`].
     profile: bool,
+    guard: Guard,
+    /// The checkpoint this trainer resumed from, if it did.
+    resumed_from: Option<PathBuf>,
+    /// See [`Trainer::inject_faults`].
+    faults: Option<Fault>,
 }
 
+/// Changes what the guard sees of a step: called with the step's data position, loss and gradient norm.
+pub type Fault = Box<dyn FnMut(u64, &mut f32, &mut f32)>;
+
 /// What one optimizer step measured.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct StepStats {
     pub loss: f32,
     /// Global gradient norm before clipping.
@@ -140,6 +159,8 @@ pub struct StepStats {
     pub optimizer_ms: f64,
     /// Whether any rank asked to stop after this step.
     pub stop: bool,
+    /// The guard's verdict on the step: unless it is [`Verdict::Apply`], the update was left out.
+    pub verdict: Verdict,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -184,6 +205,7 @@ impl<B: Backend> Trainer<B> {
         }
         let accumulation = plan.accumulation;
         let tokens_per_step = accumulation * mb * t;
+        let guard = Guard::new(&config.train.guard);
         let mut trainer = Trainer {
             zero: config.dist.zero,
             share,
@@ -207,6 +229,9 @@ impl<B: Backend> Trainer<B> {
             targets: vec![0; tokens_per_step],
             step: 0,
             profile: false,
+            guard,
+            resumed_from: None,
+            faults: None,
         };
         trainer.gather_resident()?;
         Ok(trainer)
@@ -234,9 +259,10 @@ impl<B: Backend> Trainer<B> {
         // Under ZeRO stage 3 the weights are each rank's share, packed as the moments are.
         let (params, packed) = self.weights.as_ref().map_or((model.params, false), |w| (w.share, true));
         let (m, v) = (self.m, self.v);
+        let progress = Progress { step: self.step, guard: self.guard.state.clone() };
         checkpoint::save(
             &root,
-            self.step,
+            &progress,
             &config,
             model,
             codec.as_ref(),
@@ -273,15 +299,26 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// Continues from the checkpoint in `dir`: weights, optimizer moments and step. The run then goes on as the
-    /// one that wrote it would have, at any number of ranks (each rank takes the moments of what it updates): with
-    /// the same data, and on one rank bit for bit.
+    /// Continues from the checkpoint in `dir`: weights, optimizer moments, step and the guard's state. The run then
+    /// goes on as the one that wrote it would have, at any number of ranks (each rank takes the moments of what it
+    /// updates): with the same data and the same decisions of the guard, and on one rank bit for bit.
     pub fn resume(&mut self, dir: &Path) -> Result<u64> {
+        let progress = self.load_checkpoint(dir)?;
+        self.guard.state = progress.guard;
+        self.resumed_from = Some(dir.to_path_buf());
+        if self.comm.rank() == 0 {
+            tracing::info!("resumed from {} at step {}", dir.display(), self.step);
+        }
+        Ok(self.step)
+    }
+
+    /// Loads the weights, moments and step of the checkpoint in `dir`, and returns where its run stood.
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<Progress> {
         let (owned, m, v, params) = (&self.owned, self.m, self.v, self.model.params);
         let share = self.weights.as_ref().map(|w| w.share);
         // Each tensor's moments go to the pieces of it this rank updates, where they sit in m and v; so do the
         // weights under ZeRO stage 3.
-        let step =
+        let progress =
             checkpoint::load(dir, &self.model, &mut self.backend, &mut |backend, source, range, values| match (
                 source, share,
             ) {
@@ -290,19 +327,47 @@ impl<B: Backend> Trainer<B> {
                 (Source::Params, Some(share)) => put_pieces(backend, owned, share, range, values),
                 (Source::Params, None) => backend.upload(params.slice(range.start, range.len()), values),
             })?;
-        self.step = step;
+        self.step = progress.step;
         self.gather_resident()?;
         self.check_ranks_agree()?;
+        Ok(progress)
+    }
+
+    /// The guard's rollback from the current step, which failed as the last of too many in a row: back to the newest
+    /// checkpoint from no later than `good_until` (the step count before the first of those failures), whose newer
+    /// ones are deleted as the run's abandoned future, and past the data from there to here. Returns the
+    /// checkpoint's step.
+    fn roll_back(&mut self, good_until: u64) -> Result<u64> {
+        let root = self.checkpoint_root();
+        let Some((to, dir)) = checkpoint::list(&root).into_iter().rev().find(|(step, _)| *step <= good_until) else {
+            return Err(Error::Diverged(format!(
+                "the guard would roll back to a checkpoint from step {good_until} or earlier, but {} has none (set \
+                 train.checkpoint_every to keep some)",
+                root.display()
+            )));
+        };
+        let from = self.step;
+        let progress = self.load_checkpoint(&dir)?;
+        self.guard.rolled_back(progress.guard, to, from);
         if self.comm.rank() == 0 {
-            tracing::info!("resumed from {} at step {}", dir.display(), self.step);
+            for (_, newer) in checkpoint::list(&root).into_iter().filter(|(step, _)| *step > to) {
+                std::fs::remove_dir_all(&newer).map_err(|e| Error::io(&newer, e))?;
+            }
         }
-        Ok(self.step)
+        Ok(to)
     }
 
     /// Makes each step wait for the device before it returns, so that [`StepStats::optimizer_ms`] is the
     /// optimizer's time rather than its launch time (for benchmarks: it costs a synchronisation per step).
     pub fn set_profile(&mut self, on: bool) {
         self.profile = on;
+    }
+
+    /// For tests of the guard: `fault` may change the loss and gradient norm the guard sees of each step, given the
+    /// step's data position (a bad batch stays bad when its step is run again after a rollback).
+    #[doc(hidden)]
+    pub fn inject_faults(&mut self, fault: Fault) {
+        self.faults = Some(fault);
     }
 
     pub fn backend(&self) -> &B {
@@ -362,18 +427,28 @@ impl<B: Backend> Trainer<B> {
             if world == 1 { "" } else { " per rank" },
             if self.zero > 0 { format!("; ZeRO stage {}", self.zero) } else { String::new() }
         );
-        let mut summary = Summary::default();
+        if let (Some(m), Some(dir)) = (&mut metrics, &self.resumed_from) {
+            m.append(&StepRecord {
+                step: self.step,
+                event: Some(Event::Resume { from: dir.clone() }),
+                ..Default::default()
+            })?;
+        }
+        let mut summary = Summary { first_step: self.step, ..Summary::default() };
         let mut step_times = Vec::new();
+        let flops_per_token = shape.flops_per_token(cfg.model.block_size);
         while self.step < train.max_steps {
             let started = Instant::now();
             self.stop_requested = hooks.stop.load(Ordering::Relaxed);
-            let StepStats { loss, grad_norm, lr, stop, .. } = self.train_step()?;
+            let StepStats { loss, grad_norm, lr, stop, verdict, .. } = self.train_step()?;
             let seconds = started.elapsed().as_secs_f64();
             step_times.push(seconds);
             let step = self.step;
             summary.losses.push(loss);
-            if !loss.is_finite() {
-                return Err(Error::backend(self.backend.name(), format!("the loss became {loss} at step {step}")));
+            if !loss.is_finite() && verdict.applies() {
+                return Err(Error::Diverged(format!(
+                    "the loss became {loss} at step {step} (train.guard.enabled = true skips such steps instead)"
+                )));
             }
             let tokens_per_s = cfg.total_batch_tokens() as f64 / seconds;
             let last = step == train.max_steps;
@@ -386,14 +461,21 @@ impl<B: Backend> Trainer<B> {
             }
             let mut record = StepRecord {
                 step,
-                loss,
-                lr,
-                grad_norm,
-                step_ms: seconds * 1e3,
-                tokens_per_s,
-                allocated_bytes: self.backend.allocated_bytes(),
+                loss: Some(loss),
+                lr: Some(lr),
+                grad_norm: Some(grad_norm),
+                step_ms: Some(seconds * 1e3),
+                tokens: Some(step * cfg.total_batch_tokens() as u64),
+                tokens_per_s: Some(tokens_per_s),
+                tflops: Some(tokens_per_s * flops_per_token / 1e12),
+                allocated_bytes: Some(self.backend.allocated_bytes()),
                 ..Default::default()
             };
+            if let Verdict::Skip(why) | Verdict::RollBack { why, .. } | Verdict::Stop(why) = &verdict {
+                tracing::warn!("step {step:>6}/{} | update skipped: {why}", train.max_steps);
+                summary.skipped.push(step);
+                record.event = Some(Event::Skip { why: why.clone() });
+            }
             // Under ZeRO stage 3 every rank takes part in evaluating: each gathers the weights with the others.
             let evaluates = lead || self.weights.is_some();
             if evaluates && (last || (train.eval_every > 0 && step % train.eval_every == 0)) {
@@ -411,12 +493,47 @@ impl<B: Backend> Trainer<B> {
             if let Some(m) = &mut metrics {
                 m.append(&record)?;
             }
+            match verdict {
+                Verdict::Stop(why) => return Err(Error::Diverged(format!("step {step}: {why}; stopping"))),
+                Verdict::RollBack { why, good_until } => {
+                    let to = self.roll_back(good_until)?;
+                    let state = &self.guard.state;
+                    tracing::warn!(
+                        "step {step:>6}/{} | {why}: rolled back to the checkpoint of step {to}, passing over the data of \
+                         steps {}..={step} (rollback {} of at most {})",
+                        train.max_steps,
+                        to + 1,
+                        state.rollbacks,
+                        train.guard.max_rollbacks
+                    );
+                    summary.rollbacks.push((step, to));
+                    if to < summary.first_step {
+                        summary.losses.clear();
+                        summary.first_step = to;
+                    }
+                    summary.losses.truncate((to - summary.first_step) as usize);
+                    if let Some(m) = &mut metrics {
+                        let rollback = Event::Rollback {
+                            to_step: to,
+                            why,
+                            rollbacks: state.rollbacks,
+                            data_skipped: state.data_skipped,
+                        };
+                        m.append(&StepRecord { step, event: Some(rollback), ..Default::default() })?;
+                    }
+                }
+                Verdict::Skip(_) | Verdict::Apply => {}
+            }
             if let Some(f) = &mut hooks.on_step {
-                f(step);
+                f(self.step);
             }
             let interrupted = stop && !last;
             let every = train.checkpoint_every;
-            if write_outputs && every > 0 && (step % every == 0 || last || interrupted) {
+            // Not while steps are failing: the checkpoint a rollback returns to comes from before them, and newer ones
+            // must not crowd it out.
+            let failing = self.guard.state.failed_in_a_row > 0;
+            let due = every > 0 && self.step == step && ((step % every == 0 && !failing) || last || interrupted);
+            if write_outputs && due {
                 let dir = self.save_checkpoint()?;
                 tracing::info!("step {step:>6}/{} | checkpoint {}", train.max_steps, dir.display());
             }
@@ -446,7 +563,7 @@ impl<B: Backend> Trainer<B> {
                 let range = (micro * mb + row) * t..(micro * mb + row + 1) * t;
                 self.data.train_sequence(
                     cfg.train.seed,
-                    self.step,
+                    self.step + self.guard.state.data_skipped,
                     global,
                     &mut self.inputs[range.clone()],
                     &mut self.targets[range],
@@ -558,41 +675,48 @@ impl<B: Backend> Trainer<B> {
         agreed[2] = f64::from(u8::from(self.stop_requested));
         agreed[3 + rank] = ((passes_done - data_done).saturating_sub(in_collectives)).as_secs_f64() * 1e3;
         comm.all_reduce_host(b, agreed)?;
-        let loss = agreed[0] as f32 * dloss;
-        let grad_norm = if zero > 0 { agreed[1].sqrt() as f32 } else { b.sum_squares(model.grads)?.sqrt() };
+        let mut loss = agreed[0] as f32 * dloss;
+        let mut grad_norm = if zero > 0 { agreed[1].sqrt() as f32 } else { b.sum_squares(model.grads)?.sqrt() };
+        if let Some(fault) = &mut self.faults {
+            fault(self.step + self.guard.state.data_skipped, &mut loss, &mut grad_norm);
+        }
+        // Every rank judges the same numbers the same way, so all take the same branch below.
+        let verdict = self.guard.judge(self.step, loss, grad_norm);
 
         let o = &cfg.optim;
-        let grad_scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip { o.grad_clip / grad_norm } else { 1.0 };
         let lr = schedule::learning_rate(o, self.step, cfg.train.max_steps);
-        for &(offset, local, len, decay) in &self.updates {
-            let step = AdamWStep {
-                lr,
-                beta1: o.beta1,
-                beta2: o.beta2,
-                eps: o.eps,
-                weight_decay: if decay { o.weight_decay } else { 0.0 },
-                step: self.step + 1,
-                grad_scale,
-            };
-            let moment = |t: Tensor| t.slice(local, len);
-            let grads = match share {
-                Some(share) => moment(share.share),
-                None => model.grads.slice(offset, len),
-            };
-            let params = match weights {
-                Some(weights) => moment(weights.share),
-                None => model.params.slice(offset, len),
-            };
-            b.adamw(params, grads, moment(self.m), moment(self.v), &step)?;
-        }
-        if zero > 0 && weights.is_none() {
-            for bucket in &buckets.ranges {
-                let params = model.params.slice(bucket.start, bucket.len());
-                comm.all_gather(b, params, piece(params, comm.world(), rank))?;
+        if verdict.applies() {
+            let grad_scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip { o.grad_clip / grad_norm } else { 1.0 };
+            for &(offset, local, len, decay) in &self.updates {
+                let step = AdamWStep {
+                    lr,
+                    beta1: o.beta1,
+                    beta2: o.beta2,
+                    eps: o.eps,
+                    weight_decay: if decay { o.weight_decay } else { 0.0 },
+                    step: self.step + 1,
+                    grad_scale,
+                };
+                let moment = |t: Tensor| t.slice(local, len);
+                let grads = match share {
+                    Some(share) => moment(share.share),
+                    None => model.grads.slice(offset, len),
+                };
+                let params = match weights {
+                    Some(weights) => moment(weights.share),
+                    None => model.params.slice(offset, len),
+                };
+                b.adamw(params, grads, moment(self.m), moment(self.v), &step)?;
             }
-            comm.wait(b)?;
+            if zero > 0 && weights.is_none() {
+                for bucket in &buckets.ranges {
+                    let params = model.params.slice(bucket.start, bucket.len());
+                    comm.all_gather(b, params, piece(params, comm.world(), rank))?;
+                }
+                comm.wait(b)?;
+            }
+            gather_resident(b, comm.as_mut(), weights.as_ref())?;
         }
-        gather_resident(b, comm.as_mut(), weights.as_ref())?;
         if self.profile {
             b.synchronize()?;
         }
@@ -616,6 +740,7 @@ impl<B: Backend> Trainer<B> {
             queue_ms: ms(data_done, queued),
             optimizer_ms: ms(passes_done, done),
             stop: self.agreed[2] > 0.0,
+            verdict,
         })
     }
 

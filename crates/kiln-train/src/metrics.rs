@@ -1,10 +1,15 @@
-//! The run's files: `config.toml` (the resolved configuration) and `metrics.jsonl` (one JSON object per step).
+//! The run's files: `config.toml` (the resolved configuration) and `metrics.jsonl` (one JSON object per line).
 //!
 //! Schema of a `metrics.jsonl` line: `step` (1-based), `loss` (mean training loss of the step), `lr`,
-//! `grad_norm` (global norm before clipping), `step_ms`, `tokens_per_s`, `allocated_bytes` (what the engine holds,
-//! rank 0's: the same count `kiln plan` predicts as its allocated part); steps that evaluate add `val_loss`;
-//! the last step of a synthetic-addition run adds `exact_match` (fraction of held-out sums answered exactly).
-//! A resumed run continues the same file.
+//! `grad_norm` (global norm before clipping), `step_ms`, `tokens` (trained on through this step), `tokens_per_s`,
+//! `tflops` (the model's arithmetic per second: 6 per parameter and token plus attention's), `allocated_bytes` (what
+//! the engine holds, rank 0's: the same count `kiln plan` predicts as its allocated part); steps that evaluate add
+//! `val_loss`; the last step of a synthetic-addition run adds `exact_match` (fraction of held-out sums answered
+//! exactly). A step whose update the guard skipped adds `"event": "skip"` and `why`. Two kinds of line mark what
+//! happened to the run rather than a step: `{"step", "event": "rollback", "to_step", "why", "rollbacks",
+//! "data_skipped"}` after the step that rolled back to the checkpoint of `to_step` (the steps after it come again),
+//! and `{"step", "event": "resume", "from"}` when a run resumed at `step` from the checkpoint `from`. A resumed run
+//! continues the same file.
 
 use kiln_core::{Config, Error, Result, durable};
 use serde::Serialize;
@@ -15,16 +20,37 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Default, Serialize)]
 pub struct StepRecord {
     pub step: u64,
-    pub loss: f32,
-    pub lr: f32,
-    pub grad_norm: f32,
-    pub step_ms: f64,
-    pub tokens_per_s: f64,
-    pub allocated_bytes: u64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub event: Option<Event>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tflops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exact_match: Option<f32>,
+}
+
+/// What happened at a step besides training, as the module's documentation describes.
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Event {
+    Skip { why: String },
+    Rollback { to_step: u64, why: String, rollbacks: u32, data_skipped: u64 },
+    Resume { from: PathBuf },
 }
 
 pub struct Metrics {
@@ -34,21 +60,14 @@ pub struct Metrics {
 
 impl Metrics {
     /// Creates `dir` and saves the resolved configuration there. A fresh run (`from_step` 0) starts a new
-    /// `metrics.jsonl`; a resumed one keeps the lines up to `from_step` (the steps after it run again).
+    /// `metrics.jsonl`; a resumed one keeps the lines up to `from_step`'s (the steps after it run again).
     pub fn create(dir: &Path, config: &Config, from_step: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         durable::write(&dir.join("config.toml"), config.to_toml_string().as_bytes())?;
         let path = dir.join("metrics.jsonl");
-        let kept: String = match (from_step, std::fs::read_to_string(&path)) {
+        let kept = match (from_step, std::fs::read_to_string(&path)) {
             (0, _) | (_, Err(_)) => String::new(),
-            (_, Ok(text)) => text
-                .lines()
-                .filter(|line| {
-                    let step = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_u64());
-                    step.is_some_and(|s| s <= from_step)
-                })
-                .map(|line| format!("{line}\n"))
-                .collect(),
+            (_, Ok(text)) => history_until(&text, from_step),
         };
         durable::write(&path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
@@ -59,5 +78,41 @@ impl Metrics {
     pub fn append(&mut self, record: &StepRecord) -> Result<()> {
         let line = serde_json::to_string(record).expect("a record of plain numbers serialises");
         writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// The lines of a `metrics.jsonl` up to the last line of step `step`, rollbacks before it and the steps they undid
+/// included; or, when no line has that step (a file of another run), those of steps up to it.
+fn history_until(text: &str, step: u64) -> String {
+    let fields = |line: &str| {
+        let v = serde_json::from_str::<serde_json::Value>(line).ok();
+        v.map(|v| (v["step"].as_u64(), v["loss"].is_number()))
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let kept: Vec<&str> = match lines.iter().rposition(|l| fields(l) == Some((Some(step), true))) {
+        Some(last) => lines[..=last].to_vec(),
+        None => lines.into_iter().filter(|l| fields(l).and_then(|f| f.0).is_some_and(|s| s <= step)).collect(),
+    };
+    kept.iter().map(|line| format!("{line}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_run_keeps_the_history_up_to_its_step_rollbacks_included() {
+        let line = |step: u64, loss: f32| format!("{{\"step\":{step},\"loss\":{loss}}}");
+        let rollback = r#"{"step":4,"event":"rollback","to_step":2}"#;
+        let text =
+            [line(1, 5.0), line(2, 4.0), line(3, 3.0), line(4, 9.0), rollback.into(), line(3, 3.5), line(4, 3.4)]
+                .join("\n");
+        let kept = history_until(&text, 3);
+        assert_eq!(
+            kept.lines().collect::<Vec<_>>(),
+            [line(1, 5.0), line(2, 4.0), line(3, 3.0), line(4, 9.0), rollback.into(), line(3, 3.5)]
+        );
+        // A step never written: the lines up to it.
+        assert_eq!(history_until(&[line(1, 5.0), line(3, 3.0)].join("\n"), 2), format!("{}\n", line(1, 5.0)));
     }
 }

@@ -127,13 +127,13 @@ fn resuming_continues_bit_identically(name: &str, base: &[&str]) {
     assert_eq!(resumed.resume(&kiln_train::checkpoint::step_dir(&root, 3)).unwrap(), 3);
     let rest = resumed.run(&mut Hooks::default(), true).unwrap();
     assert_eq!(rest.losses, full.losses[3..], "a resumed run must repeat the uninterrupted one exactly");
-    // The metrics file holds each step once: the resumed run replaced what followed its checkpoint.
+    // The metrics file holds each step once, and where the run resumed: the resumed run replaced what followed its
+    // checkpoint.
     let metrics = std::fs::read_to_string(std::path::Path::new(&dir).join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<(u64, &str)> =
+        lines.iter().map(|l| (l["step"].as_u64().unwrap(), l["event"].as_str().unwrap_or(""))).collect();
+    assert_eq!(steps, [(1, ""), (2, ""), (3, ""), (3, "resume"), (4, ""), (5, ""), (6, "")]);
 }
 
 #[test]
@@ -188,17 +188,19 @@ fn a_checkpoint_is_published_whole_and_a_failed_one_leaves_the_last_intact() {
         ]
     );
     // A write that fails part-way, as on a full disk: the weights are written, then the moments cannot be.
-    let err = checkpoint::save(&root, 7, &cfg, trainer.model(), None, 1, true, &mut |source, elements, values| {
-        if source == checkpoint::Source::V {
-            return Err(kiln_core::Error::io(
-                "optimizer.safetensors",
-                std::io::Error::other("no space left on device"),
-            ));
-        }
-        *values = vec![0.0; elements.len()];
-        Ok(())
-    })
-    .unwrap_err();
+    let progress = checkpoint::Progress { step: 7, ..Default::default() };
+    let err =
+        checkpoint::save(&root, &progress, &cfg, trainer.model(), None, 1, true, &mut |source, elements, values| {
+            if source == checkpoint::Source::V {
+                return Err(kiln_core::Error::io(
+                    "optimizer.safetensors",
+                    std::io::Error::other("no space left on device"),
+                ));
+            }
+            *values = vec![0.0; elements.len()];
+            Ok(())
+        })
+        .unwrap_err();
     assert!(err.to_string().contains("no space left"), "{err}");
     assert!(files_under(&root) == before, "the last checkpoint must be untouched, and the failed one leave nothing");
 }
