@@ -137,7 +137,7 @@ pub fn parse_gpus(text: &str) -> Result<Vec<usize>> {
 /// Trains with one rank per GPU of `gpus`, as threads of this process, summing gradients with NCCL.
 pub fn train_gpus(config: &Config, gpus: &[usize], resume: Option<&Path>, hooks: &mut Hooks) -> Result<Summary> {
     if let [gpu] = gpus {
-        return kiln_train::threads::train(config, 1, |_| crate::cuda(*gpu, config), resume, hooks, true);
+        return kiln_train::threads::train(config, 1, |_| crate::engine::cuda(*gpu, config), resume, hooks, true);
     }
     let id = kiln_cuda::nccl::unique_id()?;
     let timeout = Duration::from_secs(config.dist.timeout_s);
@@ -146,7 +146,7 @@ pub fn train_gpus(config: &Config, gpus: &[usize], resume: Option<&Path>, hooks:
     // cannot start fails the job instead of leaving the others in that wait.
     let ready = AtomicUsize::new(0);
     let make_rank = |rank: usize, failed: &Arc<AtomicBool>| -> Result<(CudaBackend, Box<dyn Communicator<_>>)> {
-        let backend = crate::cuda(gpus[rank], config)?;
+        let backend = crate::engine::cuda(gpus[rank], config)?;
         ready.fetch_add(1, Ordering::SeqCst);
         while ready.load(Ordering::SeqCst) < world {
             if failed.load(Ordering::Relaxed) {
@@ -190,7 +190,7 @@ pub fn train_process(
         None if kiln_cuda::devices::list()?.len() == 1 => 0,
         None => placement.local_rank,
     };
-    let backend = crate::cuda(gpu, config)?;
+    let backend = crate::engine::cuda(gpu, config)?;
     // The watch stays alive for the whole run: its connections tell the other processes that this one is gone.
     let (id, watch) =
         kiln_dist::rendezvous::exchange(&rv, rank, world, kiln_cuda::nccl::unique_id, rendezvous_timeout)?;

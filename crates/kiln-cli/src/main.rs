@@ -7,10 +7,12 @@
 mod attention_bench;
 mod bench;
 mod dist;
+mod engine;
 mod log;
 mod plan;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use engine::{BackendChoice, Engine, OnEngine};
 use kiln_core::Backend;
 use kiln_core::config::{AttentionKernel, DataConfig};
 use kiln_core::{Config, Error, Result};
@@ -271,14 +273,6 @@ fn tokenization(choice: TokenizerChoice, eos_token: Option<&str>) -> Result<Toke
     })
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum BackendChoice {
-    Cpu,
-    Cuda,
-    /// CUDA when a usable GPU is present, otherwise the CPU.
-    Auto,
-}
-
 fn main() -> ExitCode {
     // Rust ignores SIGPIPE, so printing into a closed pipe (`kiln info | head -1`) would panic; end quietly
     // instead, as command-line tools do.
@@ -381,7 +375,7 @@ fn train(
     let resume = resume.as_deref();
     // A launcher's variables place this process in a job of several: one rank, one GPU, NCCL.
     let placement = kiln_dist::env::detect_from_process_env()?.filter(|p| p.world > 1);
-    let engine = resolve(backend)?;
+    let engine = engine::resolve(backend)?;
     let lead = placement.as_ref().is_none_or(|p| p.rank == 0);
     run_training(&config, lead, bar, |hooks| match (engine, &placement) {
         (Engine::Cpu, Some(p)) => Err(Error::Usage(format!(
@@ -426,35 +420,6 @@ fn checkpoint_to_resume(dir: &std::path::Path) -> Result<PathBuf> {
         .ok_or_else(|| Error::Usage(format!("--resume: no complete checkpoint in {}", dir.display())))
 }
 
-enum Engine {
-    Cpu,
-    Cuda,
-}
-
-/// The CUDA engine on GPU `ordinal`, in the precision and with the attention kernel that `config` asks for.
-fn cuda(ordinal: usize, config: &Config) -> Result<CudaBackend> {
-    CudaBackend::new(ordinal, config.train.precision, config.model.attention, config.train.deterministic)
-}
-
-/// `auto` becomes CUDA when a usable GPU is present, otherwise the CPU with one warning.
-fn resolve(choice: BackendChoice) -> Result<Engine> {
-    Ok(match choice {
-        BackendChoice::Cpu => Engine::Cpu,
-        BackendChoice::Cuda => Engine::Cuda,
-        BackendChoice::Auto => match kiln_cuda::devices::list() {
-            Ok(gpus) if !gpus.is_empty() => Engine::Cuda,
-            Ok(_) => {
-                tracing::warn!("no GPU found: training on the CPU");
-                Engine::Cpu
-            }
-            Err(e) => {
-                tracing::warn!("no usable GPU ({e}): training on the CPU");
-                Engine::Cpu
-            }
-        },
-    })
-}
-
 /// Runs `train` with a Ctrl-C handler and, on the job's lead process, a progress bar and the closing report.
 fn run_training(
     config: &Config,
@@ -497,43 +462,45 @@ fn run_training(
     Ok(())
 }
 
-/// The engine settings (precision, attention kernels, determinism) for using the model in `dir`: a checkpoint's
-/// own, or the defaults for a directory that is not one.
-fn engine_settings(dir: &std::path::Path) -> Result<Config> {
-    match kiln_train::checkpoint::config(dir, &[]) {
-        Ok(config) => Ok(config),
-        Err(_) if !dir.join("state.json").exists() => Config::load(None, &[]),
-        Err(e) => Err(e),
-    }
-}
-
 fn sample(checkpoint: &std::path::Path, prompt: &str, options: &SampleOptions, backend: BackendChoice) -> Result<()> {
-    let request = Request::Sample { prompt, new_tokens: options.max_new_tokens };
-    match resolve(backend)? {
-        Engine::Cpu => sample_on(Inference::open(checkpoint, CpuBackend::<f32>::new(), request)?, prompt, options),
-        Engine::Cuda => {
-            let engine = cuda(0, &engine_settings(checkpoint)?)?;
-            sample_on(Inference::open(checkpoint, engine, request)?, prompt, options)
-        }
-    }
+    engine::on_engine(backend, Sampling { checkpoint, prompt, options })
 }
 
-fn sample_on<B: Backend>(mut model: Inference<B>, prompt: &str, options: &SampleOptions) -> Result<()> {
-    use std::io::Write;
-    let started = std::time::Instant::now();
-    print!("{prompt}");
-    let produced = model.sample(prompt, options, |text| {
-        print!("{text}");
-        let _ = std::io::stdout().flush();
-    })?;
-    println!();
-    let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(
-        "{produced} tokens in {seconds:.2} s: {:.0} tokens/s ({})",
-        produced as f64 / seconds,
-        if options.kv_cache { "key/value cache" } else { "no cache" }
-    );
-    Ok(())
+/// Sampling from one model on whichever engine is chosen.
+struct Sampling<'a> {
+    checkpoint: &'a std::path::Path,
+    prompt: &'a str,
+    options: &'a SampleOptions,
+}
+
+impl OnEngine for Sampling<'_> {
+    type Output = ();
+
+    fn cuda_engine(&self, ordinal: usize) -> Result<CudaBackend> {
+        engine::cuda(ordinal, &engine::settings_for_model(self.checkpoint)?)
+    }
+
+    /// Prints the prompt and then each piece of text as it is produced, and logs the rate.
+    fn run<B: Backend>(self, backend: B, _gpu: Option<usize>) -> Result<()> {
+        use std::io::Write;
+        let Sampling { checkpoint, prompt, options } = self;
+        let request = Request::Sample { prompt, new_tokens: options.max_new_tokens };
+        let mut model = Inference::open(checkpoint, backend, request)?;
+        let started = std::time::Instant::now();
+        print!("{prompt}");
+        let produced = model.sample(prompt, options, |text| {
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+        })?;
+        println!();
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            "{produced} tokens in {seconds:.2} s: {:.0} tokens/s ({})",
+            produced as f64 / seconds,
+            if options.kv_cache { "key/value cache" } else { "no cache" }
+        );
+        Ok(())
+    }
 }
 
 /// The window `kiln eval` scores a directory that is not a checkpoint in, unless the model's context is shorter.
@@ -546,7 +513,7 @@ fn eval(
     batch: usize,
     backend: BackendChoice,
 ) -> Result<()> {
-    let settings = engine_settings(checkpoint)?;
+    let settings = engine::settings_for_model(checkpoint)?;
     let is_checkpoint = checkpoint.join("state.json").exists();
     let data = match (data, is_checkpoint) {
         (Some(dir), _) => DataConfig { train: dir.display().to_string(), val: None },
@@ -568,16 +535,35 @@ fn eval(
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
     let dataset = Dataset::open_validation(&data, time)?;
-    let request = Request::Score { batch, time };
-    let (loss, tokens) = match resolve(backend)? {
-        Engine::Cpu => Inference::open(checkpoint, CpuBackend::<f32>::new(), request)?.evaluate(&dataset)?,
-        Engine::Cuda => Inference::open(checkpoint, cuda(0, &settings)?, request)?.evaluate(&dataset)?,
-    }
-    .ok_or_else(|| {
+    let scoring =
+        Scoring { checkpoint, settings: &settings, dataset: &dataset, request: Request::Score { batch, time } };
+    let (loss, tokens) = engine::on_engine(backend, scoring)?.ok_or_else(|| {
         Error::Usage(format!("{}: a synthetic corpus has no fixed validation split to score; pass --data", data.train))
     })?;
     println!("val loss {loss:.4}, perplexity {:.3}, over {tokens} tokens of {}", loss.exp(), data.train);
     Ok(())
+}
+
+/// Scoring one model on a validation split on whichever engine is chosen.
+struct Scoring<'a> {
+    checkpoint: &'a std::path::Path,
+    /// The model's engine settings.
+    settings: &'a Config,
+    dataset: &'a Dataset,
+    request: Request<'a>,
+}
+
+impl OnEngine for Scoring<'_> {
+    /// The mean loss and the tokens scored; none for data with no fixed validation split.
+    type Output = Option<(f32, usize)>;
+
+    fn cuda_engine(&self, ordinal: usize) -> Result<CudaBackend> {
+        engine::cuda(ordinal, self.settings)
+    }
+
+    fn run<B: Backend>(self, backend: B, _gpu: Option<usize>) -> Result<Self::Output> {
+        Inference::open(self.checkpoint, backend, self.request)?.evaluate(self.dataset)
+    }
 }
 
 /// Writes the model of a checkpoint into a new directory as transformers reads it, whole or not at all.
@@ -628,7 +614,7 @@ fn prepare(options: PrepareOptions, bar: log::ProgressSlot) -> Result<()> {
 fn selftest(backend: BackendChoice, precision: Option<Precision>) -> Result<()> {
     let print = |c: &kiln_selftest::Check| println!("{}", c.line());
     let mut checks = Vec::new();
-    match resolve(backend)? {
+    match engine::resolve(backend)? {
         Engine::Cpu if precision == Some(Precision::Bf16) => {
             return Err(Error::Usage("--precision bf16 needs the cuda engine: the cpu engine computes in f32".into()));
         }

@@ -1,6 +1,7 @@
 //! `kiln plan`: the memory a training run will take on each rank, before it is started.
 
-use crate::{BackendChoice, ConfigArgs};
+use crate::ConfigArgs;
+use crate::engine::{self, BackendChoice, Engine};
 use kiln_core::config::MicroBatch;
 use kiln_core::memory::{MemoryModel, describe_bytes, parse_bytes};
 use kiln_core::{Error, Result};
@@ -40,7 +41,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
         (BackendChoice::Cpu, Some(_)) => return Err(Error::Usage("--gpus plans the cuda engine".into())),
         (_, Some(_)) | (BackendChoice::Cuda, None) => true,
         (BackendChoice::Cpu, None) => false,
-        (BackendChoice::Auto, None) => matches!(crate::resolve(BackendChoice::Auto)?, crate::Engine::Cuda),
+        (BackendChoice::Auto, None) => matches!(engine::resolve(BackendChoice::Auto)?, Engine::Cuda),
     };
     let world = usize::from(args.gpus.unwrap_or(args.ranks));
     let memory: Box<dyn MemoryModel> = if cuda {
