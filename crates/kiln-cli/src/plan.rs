@@ -10,8 +10,9 @@ use kiln_cuda::memory::CudaMemory;
 use kiln_model::ModelSpec;
 use kiln_train::plan::{self, MemoryPlan};
 
+/// The arguments of `kiln plan`.
 #[derive(clap::Args)]
-pub struct PlanArgs {
+pub struct Args {
     #[command(flatten)]
     config: ConfigArgs,
     /// The engine the run would use: cuda plans in train.precision whether or not a GPU is here.
@@ -35,7 +36,8 @@ pub struct PlanArgs {
     json: bool,
 }
 
-pub fn plan(args: PlanArgs) -> Result<()> {
+/// Prints the plan of the configured run, as a table or one JSON object, and whether it fits.
+pub fn run(args: Args) -> Result<()> {
     let config = args.config.load(None)?;
     let cuda = match (args.backend, args.gpus) {
         (BackendChoice::Cpu, Some(_)) => return Err(Error::Usage("--gpus plans the cuda engine".into())),
