@@ -2,11 +2,11 @@
 //! numbers, the machine, and for training the resolved configuration), written to a file with `--json` and checked
 //! against an earlier one with `--baseline`, so that scripts can catch a regression by the exit code.
 
-use crate::{BackendChoice, ConfigArgs, Engine, attention_bench};
+use crate::engine::{self, BackendChoice, OnEngine};
+use crate::{ConfigArgs, attention_bench};
 use clap::Subcommand;
 use kiln_core::config::AttentionKernel;
 use kiln_core::{AttentionDims, Backend, Config, Error, Result};
-use kiln_cpu::CpuBackend;
 use kiln_cuda::backend::CudaBackend;
 use kiln_cuda::kernels::Precision;
 use kiln_cuda::libraries::Library;
@@ -14,6 +14,7 @@ use kiln_train::{StepStats, Trainer};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
+/// The subcommands of `kiln bench`.
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Training steps: median step time, tokens/s, MFU, memory, and where the time goes. The last line printed
@@ -113,6 +114,7 @@ fn parse_tolerance(value: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// Runs one subcommand of `kiln bench`.
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Train { config, backend, steps, warmup, peak_tflops, report } => {
@@ -160,10 +162,7 @@ fn train(config: &ConfigArgs, backend: BackendChoice, run: TrainRun, output: &Re
         Some(path) => Some(number(&read_report(path)?, "tokens_per_s", path, "a `kiln bench train --json` report")?),
         None => None,
     };
-    let report = match crate::resolve(backend)? {
-        Engine::Cpu => train_on(&config, CpuBackend::<f32>::new(), None, run)?,
-        Engine::Cuda => train_on(&config, crate::cuda(0, &config)?, Some(0), run)?,
-    };
+    let report = engine::on_engine(backend, TrainSteps { config: &config, run })?;
     publish(&report, output)?;
     let compared = baseline.map(|baseline| Rate {
         name: "tokens/s".into(),
@@ -171,6 +170,25 @@ fn train(config: &ConfigArgs, backend: BackendChoice, run: TrainRun, output: &Re
         baseline,
     });
     check_against_baseline(compared.as_slice(), output)
+}
+
+/// The measured training steps of one configuration, on whichever engine is chosen.
+struct TrainSteps<'a> {
+    config: &'a Config,
+    run: TrainRun,
+}
+
+impl OnEngine for TrainSteps<'_> {
+    /// The report.
+    type Output = Value;
+
+    fn cuda_engine(&self, ordinal: usize) -> Result<CudaBackend> {
+        engine::cuda(ordinal, self.config)
+    }
+
+    fn run<B: Backend>(self, backend: B, gpu: Option<usize>) -> Result<Value> {
+        train_on(self.config, backend, gpu, self.run)
+    }
 }
 
 /// Runs the steps, prints what they took, and returns the report. `gpu` is the ordinal of the GPU `backend` runs
@@ -261,21 +279,7 @@ fn attention(
         Some(path) => Some(attention_baselines(&read_report(path)?, shapes, path)?),
         None => None,
     };
-    let report = match crate::resolve(backend)? {
-        Engine::Cpu => attention_on(shapes, CpuBackend::<f32>::new(), None, runs)?,
-        Engine::Cuda => {
-            let backend = CudaBackend::new(0, precision, kernel, deterministic)?;
-            let mut head_dims: Vec<usize> = shapes.iter().map(|d| d.head_dim).collect();
-            head_dims.sort();
-            head_dims.dedup();
-            for d in head_dims {
-                if let Some(kernels) = backend.fused_kernels(d) {
-                    println!("head dimension {d}: {}", kernels.join(", "));
-                }
-            }
-            attention_on(shapes, backend, Some(0), runs)?
-        }
-    };
+    let report = engine::on_engine(backend, AttentionRuns { shapes, precision, kernel, deterministic, runs })?;
     publish(&report, output)?;
     let compared: Vec<Rate> = baselines
         .unwrap_or_default()
@@ -288,6 +292,40 @@ fn attention(
         })
         .collect();
     check_against_baseline(&compared, output)
+}
+
+/// The timed attention of some shapes, on whichever engine is chosen, and how the CUDA engine runs it.
+struct AttentionRuns<'a> {
+    shapes: &'a [AttentionDims],
+    precision: Precision,
+    kernel: AttentionKernel,
+    /// Whether the fused backward adds dQ deterministically rather than with atomics.
+    deterministic: bool,
+    /// Warm-up runs, then measured runs.
+    runs: (usize, usize),
+}
+
+impl OnEngine for AttentionRuns<'_> {
+    /// The report.
+    type Output = Value;
+
+    /// The CUDA engine the flags ask for, after printing the fused kernels it will run for each head dimension.
+    fn cuda_engine(&self, ordinal: usize) -> Result<CudaBackend> {
+        let backend = CudaBackend::new(ordinal, self.precision, self.kernel, self.deterministic)?;
+        let mut head_dims: Vec<usize> = self.shapes.iter().map(|d| d.head_dim).collect();
+        head_dims.sort();
+        head_dims.dedup();
+        for d in head_dims {
+            if let Some(kernels) = backend.fused_kernels(d) {
+                println!("head dimension {d}: {}", kernels.join(", "));
+            }
+        }
+        Ok(backend)
+    }
+
+    fn run<B: Backend>(self, backend: B, gpu: Option<usize>) -> Result<Value> {
+        attention_on(self.shapes, backend, gpu, self.runs)
+    }
 }
 
 /// Times each shape, prints a line for each, and returns the report. `gpu` as for `train_on`.

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+/// The arguments of `kiln launch`.
 #[derive(Args)]
 pub struct LaunchArgs {
     /// Processes to start on this node, one per GPU.
@@ -35,18 +36,6 @@ pub struct LaunchArgs {
     /// The kiln command every process runs, after `--`: `kiln launch --nproc-per-node 8 -- train --config C`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
-}
-
-#[derive(Args)]
-pub struct InfoArgs {
-    /// Instead of the report, meet the job's other processes and print this process's rank and the id rank 0
-    /// sent. Without a value: tcp://MASTER_ADDR:MASTER_PORT. Implied when the environment (torchrun, kiln launch,
-    /// srun, mpirun) places this process in a job of several.
-    #[arg(long, value_name = "tcp://HOST:PORT|file:///PATH", num_args = 0..=1)]
-    rendezvous: Option<Option<String>>,
-    /// Seconds to wait for every rank to arrive.
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
-    rendezvous_timeout: u64,
 }
 
 /// Runs this node's processes of `args.command` and returns the launch's exit code: that of the first process to
@@ -73,7 +62,7 @@ pub fn launch(args: LaunchArgs) -> Result<u8> {
 
 /// Meets the job's other processes and prints one line, when a rendezvous is asked for or the environment places
 /// this process in a job of several. Returns whether it did.
-pub fn check_rendezvous(args: &InfoArgs) -> Result<bool> {
+pub fn check_rendezvous(args: &crate::info::Args) -> Result<bool> {
     let placement = kiln_dist::env::detect_from_process_env()?;
     if args.rendezvous.is_none() && placement.as_ref().is_none_or(|p| p.world == 1) {
         return Ok(false);
@@ -137,7 +126,7 @@ pub fn parse_gpus(text: &str) -> Result<Vec<usize>> {
 /// Trains with one rank per GPU of `gpus`, as threads of this process, summing gradients with NCCL.
 pub fn train_gpus(config: &Config, gpus: &[usize], resume: Option<&Path>, hooks: &mut Hooks) -> Result<Summary> {
     if let [gpu] = gpus {
-        return kiln_train::threads::train(config, 1, |_| crate::cuda(*gpu, config), resume, hooks, true);
+        return kiln_train::threads::train(config, 1, |_| crate::engine::cuda(*gpu, config), resume, hooks, true);
     }
     let id = kiln_cuda::nccl::unique_id()?;
     let timeout = Duration::from_secs(config.dist.timeout_s);
@@ -146,7 +135,7 @@ pub fn train_gpus(config: &Config, gpus: &[usize], resume: Option<&Path>, hooks:
     // cannot start fails the job instead of leaving the others in that wait.
     let ready = AtomicUsize::new(0);
     let make_rank = |rank: usize, failed: &Arc<AtomicBool>| -> Result<(CudaBackend, Box<dyn Communicator<_>>)> {
-        let backend = crate::cuda(gpus[rank], config)?;
+        let backend = crate::engine::cuda(gpus[rank], config)?;
         ready.fetch_add(1, Ordering::SeqCst);
         while ready.load(Ordering::SeqCst) < world {
             if failed.load(Ordering::Relaxed) {
@@ -190,7 +179,7 @@ pub fn train_process(
         None if kiln_cuda::devices::list()?.len() == 1 => 0,
         None => placement.local_rank,
     };
-    let backend = crate::cuda(gpu, config)?;
+    let backend = crate::engine::cuda(gpu, config)?;
     // The watch stays alive for the whole run: its connections tell the other processes that this one is gone.
     let (id, watch) =
         kiln_dist::rendezvous::exchange(&rv, rank, world, kiln_cuda::nccl::unique_id, rendezvous_timeout)?;

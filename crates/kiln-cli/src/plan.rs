@@ -1,6 +1,7 @@
 //! `kiln plan`: the memory a training run will take on each rank, before it is started.
 
-use crate::{BackendChoice, ConfigArgs};
+use crate::ConfigArgs;
+use crate::engine::{self, BackendChoice, Engine};
 use kiln_core::config::MicroBatch;
 use kiln_core::memory::{MemoryModel, describe_bytes, parse_bytes};
 use kiln_core::{Error, Result};
@@ -9,8 +10,9 @@ use kiln_cuda::memory::CudaMemory;
 use kiln_model::ModelSpec;
 use kiln_train::plan::{self, MemoryPlan};
 
+/// The arguments of `kiln plan`.
 #[derive(clap::Args)]
-pub struct PlanArgs {
+pub struct Args {
     #[command(flatten)]
     config: ConfigArgs,
     /// The engine the run would use: cuda plans in train.precision whether or not a GPU is here.
@@ -34,13 +36,14 @@ pub struct PlanArgs {
     json: bool,
 }
 
-pub fn plan(args: PlanArgs) -> Result<()> {
+/// Prints the plan of the configured run, as a table or one JSON object, and whether it fits.
+pub fn run(args: Args) -> Result<()> {
     let config = args.config.load(None)?;
     let cuda = match (args.backend, args.gpus) {
         (BackendChoice::Cpu, Some(_)) => return Err(Error::Usage("--gpus plans the cuda engine".into())),
         (_, Some(_)) | (BackendChoice::Cuda, None) => true,
         (BackendChoice::Cpu, None) => false,
-        (BackendChoice::Auto, None) => matches!(crate::resolve(BackendChoice::Auto)?, crate::Engine::Cuda),
+        (BackendChoice::Auto, None) => matches!(engine::resolve(BackendChoice::Auto)?, Engine::Cuda),
     };
     let world = usize::from(args.gpus.unwrap_or(args.ranks));
     let memory: Box<dyn MemoryModel> = if cuda {
