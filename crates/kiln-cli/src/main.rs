@@ -9,6 +9,7 @@ mod bench;
 mod dist;
 mod log;
 mod plan;
+mod report;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_core::Backend;
@@ -191,6 +192,9 @@ enum Command {
     /// The memory a training run will take on each rank, by component, and whether it fits (without --config, the
     /// built-in quickstart's).
     Plan(plan::PlanArgs),
+    /// One self-contained HTML page charting runs' metrics.jsonl side by side: loss, learning rate, gradient norm,
+    /// throughput, memory, and skips, rollbacks and resumes.
+    Report(report::ReportCommand),
     /// Measure throughput.
     Bench {
         #[command(subcommand)]
@@ -348,6 +352,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Bench { command } => bench::run(command),
+        Command::Report(command) => report::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
