@@ -7,12 +7,12 @@
 //! can be mailed or archived as one file.
 
 use kiln_core::{Error, Result};
-use plotters::coord::Shift;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// `kiln report`'s arguments.
 #[derive(clap::Args)]
 pub struct ReportCommand {
     /// Run directories (each a train.out_dir holding metrics.jsonl, and config.toml for tokens per step).
@@ -76,6 +76,7 @@ enum Kind {
 }
 
 impl Record {
+    /// What the line records, from its `event`.
     fn kind(&self) -> Kind {
         match self.event.as_deref() {
             None => Kind::Step,
@@ -129,6 +130,8 @@ struct Run {
 }
 
 impl Run {
+    /// Reads `dir/metrics.jsonl` (required; a line that is not a metrics object is an error naming it) and
+    /// `dir/config.toml` (optional).
     fn load(dir: &Path) -> Result<Run> {
         let path = dir.join("metrics.jsonl");
         let text = std::fs::read_to_string(&path)
@@ -196,6 +199,7 @@ const RUN_COLOURS: [RGBColor; 6] = [
     RGBColor(0x8c, 0x56, 0x4b),
 ];
 
+/// The colour of the run at `index` on the command line.
 fn run_colour(index: usize) -> RGBColor {
     RUN_COLOURS[index % RUN_COLOURS.len()]
 }
@@ -211,8 +215,8 @@ enum Look {
 
 /// One quantity a chart draws for each run.
 struct Curve {
-    /// Added to the run's name in the legend when a chart has several curves.
-    name: &'static str,
+    /// Added to the run's name in the legend; none for a chart's only curve.
+    name: Option<&'static str>,
     value: fn(&Record) -> Option<f64>,
     look: Look,
 }
@@ -241,6 +245,7 @@ struct Traced {
     abandoned: Vec<Vec<(f64, f64)>>,
 }
 
+/// Skipped steps are left out: their values are the spikes the run rejected, marked on the loss chart instead.
 fn trace(run: &Run, axis: Axis, value: fn(&Record) -> Option<f64>) -> Traced {
     let mut traced = Traced { kept: Vec::new(), abandoned: Vec::new() };
     let mut branch: Option<Vec<(f64, f64)>> = None;
@@ -263,55 +268,54 @@ fn trace(run: &Run, axis: Axis, value: fn(&Record) -> Option<f64>) -> Traced {
     traced
 }
 
-/// The page's charts, MFU where every run that reports throughput knows its device's peak, else TFLOP/s.
+impl Chart {
+    /// A chart of one quantity against steps.
+    fn by_step(title: &'static str, y_desc: &'static str, value: fn(&Record) -> Option<f64>) -> Chart {
+        Chart {
+            title,
+            y_desc,
+            axis: Axis::Steps,
+            curves: vec![Curve { name: None, value, look: Look::Line }],
+            events: false,
+        }
+    }
+
+    /// Training and validation loss against `axis`.
+    fn loss(title: &'static str, axis: Axis, events: bool) -> Chart {
+        let curves = vec![
+            Curve { name: Some("loss"), value: |r| r.loss, look: Look::Line },
+            Curve { name: Some("val loss"), value: |r| r.val_loss, look: Look::Dotted },
+        ];
+        Chart { title, y_desc: "loss", axis, curves, events }
+    }
+}
+
+/// The page's charts: MFU where every run that reports throughput knows its device's peak, else TFLOP/s.
 fn charts(runs: &[Run]) -> Vec<Chart> {
-    let loss_curves = || {
-        vec![
-            Curve { name: "loss", value: |r| r.loss, look: Look::Line },
-            Curve { name: "val loss", value: |r| r.val_loss, look: Look::Dotted },
-        ]
-    };
-    let single = |value: fn(&Record) -> Option<f64>| vec![Curve { name: "", value, look: Look::Line }];
-    let reports = |value: fn(&Record) -> Option<f64>, run: &Run| run.records.iter().any(|r| value(r).is_some());
-    let mfu_everywhere = runs.iter().any(|run| reports(|r| r.mfu, run))
-        && runs.iter().all(|run| reports(|r| r.mfu, run) || !reports(|r| r.tflops, run));
+    let logs = |run: &Run, value: fn(&Record) -> Option<f64>| run.records.iter().any(|r| value(r).is_some());
+    let mfu_everywhere = runs.iter().any(|run| logs(run, |r| r.mfu))
+        && runs.iter().all(|run| logs(run, |r| r.mfu) || !logs(run, |r| r.tflops));
     let throughput = if mfu_everywhere {
-        Chart {
-            title: "Model FLOPs utilisation",
-            y_desc: "MFU (%)",
-            axis: Axis::Steps,
-            curves: single(|r| r.mfu.map(|f| 100.0 * f)),
-            events: false,
-        }
+        Chart::by_step("Model FLOPs utilisation", "MFU (%)", |r| r.mfu.map(|f| 100.0 * f))
     } else {
-        Chart {
-            title: "Model TFLOP/s",
-            y_desc: "TFLOP/s",
-            axis: Axis::Steps,
-            curves: single(|r| r.tflops),
-            events: false,
-        }
+        Chart::by_step("Model TFLOP/s", "TFLOP/s", |r| r.tflops)
     };
-    let by_step =
-        |title, y_desc, value| Chart { title, y_desc, axis: Axis::Steps, curves: single(value), events: false };
     vec![
-        Chart { title: "Loss against steps", y_desc: "loss", axis: Axis::Steps, curves: loss_curves(), events: true },
-        Chart {
-            title: "Loss against tokens",
-            y_desc: "loss",
-            axis: Axis::Tokens,
-            curves: loss_curves(),
-            events: false,
-        },
-        by_step("Learning rate", "lr", |r| r.lr),
-        by_step("Gradient norm (before clipping)", "grad norm", |r| r.grad_norm),
-        by_step("Throughput", "tokens/s", |r| r.tokens_per_s),
+        Chart::loss("Loss against steps", Axis::Steps, true),
+        Chart::loss("Loss against tokens", Axis::Tokens, false),
+        Chart::by_step("Learning rate", "lr", |r| r.lr),
+        Chart::by_step("Gradient norm (before clipping)", "grad norm", |r| r.grad_norm),
+        Chart::by_step("Throughput", "tokens/s", |r| r.tokens_per_s),
         throughput,
-        by_step("Memory held by the engine", "allocated (GiB)", |r| r.allocated_bytes.map(|b| b / (1u64 << 30) as f64)),
+        Chart::by_step("Memory held by the engine", "allocated (GiB)", |r| r.allocated_bytes.map(|b| b / GIB)),
     ]
 }
 
+/// Bytes in a gibibyte, the unit of the memory chart.
+const GIB: f64 = (1u64 << 30) as f64;
+/// Each chart's size in pixels: about a laptop screen's width.
 const CHART_SIZE: (u32, u32) = (1100, 420);
+/// Lines' width in pixels: wide enough to tell colours apart.
 const STROKE: u32 = 2;
 /// How strongly abandoned steps and event lines are drawn, against 1 for kept steps.
 const FADED: f64 = 0.3;
@@ -326,15 +330,24 @@ fn padded_range(values: impl Iterator<Item = f64>) -> Option<std::ops::Range<f64
     Some(lo - pad..hi + pad)
 }
 
-/// The marker of an event kind, as a path around the event's point (pixels, y down).
-fn event_shape(kind: Kind) -> &'static [(i32, i32)] {
-    match kind {
-        Kind::Skip => &[(-6, -6), (6, -6), (0, 5), (-6, -6)],
-        Kind::Rollback => &[(-6, -6), (6, 6), (0, 0), (6, -6), (-6, 6)],
-        _ => &[(-5, -5), (5, -5), (5, 5), (-5, 5), (-5, -5)],
-    }
+/// How the loss chart marks one kind of event.
+#[derive(Clone, Copy)]
+struct Marker {
+    kind: Kind,
+    /// The kind's name in the legend.
+    name: &'static str,
+    /// A path around the event's point (pixels, y down), which the page's key draws as a character too.
+    shape: &'static [(i32, i32)],
 }
 
+/// The events marked on the loss chart.
+const MARKERS: [Marker; 3] = [
+    Marker { kind: Kind::Skip, name: "skip", shape: &[(-6, -6), (6, -6), (0, 5), (-6, -6)] },
+    Marker { kind: Kind::Rollback, name: "rollback", shape: &[(-6, -6), (6, 6), (0, 0), (6, -6), (-6, 6)] },
+    Marker { kind: Kind::Resume, name: "resume", shape: &[(-5, -5), (5, -5), (5, 5), (-5, 5), (-5, -5)] },
+];
+
+/// A chart that plotters could not draw: a bug here rather than a problem with the runs.
 fn drawing_error(title: &str, e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("drawing the chart {title:?}: {e}"))
 }
@@ -351,7 +364,7 @@ fn render(chart: &Chart, runs: &[Run]) -> Result<Option<String>> {
     let fail = |e| drawing_error(chart.title, e);
     let mut svg = String::new();
     {
-        let root: DrawingArea<SVGBackend, Shift> = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, CHART_SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(fail)?;
         let mut plot = ChartBuilder::on(&root)
             .margin(12)
@@ -370,8 +383,8 @@ fn render(chart: &Chart, runs: &[Run]) -> Result<Option<String>> {
                 let line = colour.stroke_width(STROKE);
                 let series = plot.draw_series(LineSeries::new(traced.kept.iter().copied(), line)).map_err(fail)?;
                 let label = match curve.name {
-                    "" => run.name.clone(),
-                    name => format!("{} {name}", run.name),
+                    None => run.name.clone(),
+                    Some(name) => format!("{} {name}", run.name),
                 };
                 series.label(label).legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], line));
                 if let Look::Dotted = curve.look {
@@ -385,8 +398,8 @@ fn render(chart: &Chart, runs: &[Run]) -> Result<Option<String>> {
             }
         }
         if chart.events {
-            for kind in [Kind::Skip, Kind::Rollback, Kind::Resume] {
-                mark_events(&mut plot, runs, kind, &y_range).map_err(fail)?;
+            for marker in MARKERS {
+                mark_events(&mut plot, runs, marker, &y_range).map_err(fail)?;
             }
         }
         plot.configure_series_labels()
@@ -405,7 +418,7 @@ fn render(chart: &Chart, runs: &[Run]) -> Result<Option<String>> {
 fn mark_events<'a>(
     plot: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
     runs: &[Run],
-    kind: Kind,
+    Marker { kind, name, shape }: Marker,
     y_range: &std::ops::Range<f64>,
 ) -> std::result::Result<(), DrawingAreaErrorKind<std::io::Error>> {
     let events: Vec<(f64, RGBColor)> = runs
@@ -421,15 +434,9 @@ fn mark_events<'a>(
     let lines =
         events.iter().map(|&(x, colour)| PathElement::new([(x, y_range.start), (x, y_range.end)], colour.mix(FADED)));
     plot.draw_series(lines)?;
-    let shape = event_shape(kind);
     let markers = events.iter().map(|&(x, colour)| {
         EmptyElement::at((x, y_range.end)) + PathElement::new(shape.to_vec(), colour.stroke_width(STROKE))
     });
-    let name = match kind {
-        Kind::Skip => "skip",
-        Kind::Rollback => "rollback",
-        _ => "resume",
-    };
     plot.draw_series(markers)?.label(name).legend(move |(x, y)| {
         PathElement::new(
             shape.iter().map(|&(dx, dy)| (x + 12 + dx, y + dy)).collect::<Vec<_>>(),

@@ -151,8 +151,9 @@ fn both_runs_render_in_headless_chromium() {
         .output()
         .expect("chromium starts");
     assert!(out.status.success() && screenshot.is_file(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
-    // A 2-pixel line across a chart is a few thousand pixels; the first charts (losses, learning rate) fit the
-    // window, so each run has many thousands in its colour, not counting anti-aliased edges.
+    // A 2-pixel line across a chart is a few thousand pixels, and the first charts fit the window, so each run
+    // drawn has many thousands in its colour (about 9,000), not counting anti-aliased edges; the run's swatch and
+    // legend entries alone, were its curves missing, make under a thousand.
     for (run, colour) in [("alpha", FIRST_RUN_COLOUR), ("beta", SECOND_RUN_COLOUR)] {
         let pixels = count_pixels(&screenshot, colour);
         assert!(pixels > 3000, "run {run}'s colour {colour:?} on {pixels} pixels of {}", screenshot.display());
