@@ -15,6 +15,7 @@ mod kernels;
 mod log;
 mod plan;
 mod prepare;
+mod report;
 mod sample;
 mod selftest;
 mod train;
@@ -79,6 +80,9 @@ enum Command {
     /// The memory a training run will take on each rank, by component, and whether it fits (without --config, the
     /// built-in quickstart's).
     Plan(plan::Args),
+    /// One self-contained HTML page charting runs' metrics.jsonl side by side: loss, learning rate, gradient norm,
+    /// throughput, memory, and skips, rollbacks and resumes.
+    Report(report::ReportCommand),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Plan(args) => plan::run(args),
+        Command::Report(command) => report::run(command),
         Command::Bench(command) => bench::run(command),
         Command::Kernels(command) => kernels::run(command),
     };
