@@ -563,16 +563,21 @@ fn ranks_as_threads_split_each_step_and_train_like_one_rank() {
         let output = kiln(&[&args[..], &["--set", &out_dir, "--set", "train.eval_steps=1"]].concat());
         assert!(output.status.success(), "{}", stderr(&output));
         let metrics = std::fs::read_to_string(dir.join(out).join("metrics.jsonl")).unwrap();
-        let losses: Vec<f64> = metrics
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
-            .collect();
-        (losses, stderr(&output))
+        let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let losses: Vec<f64> = lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
+        // Each rank's own time in each step, in a job of several.
+        let rank_times: Vec<usize> =
+            lines.iter().map(|l| l["rank_step_ms"].as_array().map_or(0, |times| times.len())).collect();
+        let timed = lines.iter().flat_map(|l| l["rank_step_ms"].as_array().into_iter().flatten());
+        assert!(timed.clone().all(|ms| ms.as_f64().is_some_and(|ms| ms > 0.0)), "{metrics}");
+        (losses, rank_times, stderr(&output))
     };
     // One rank of 128 sequences, or two of 64 each.
-    let (one, _) = run("1", "128", "one");
-    let (two, log) = run("2", "64", "two");
+    let (one, no_times, _) = run("1", "128", "one");
+    let (two, times, log) = run("2", "64", "two");
+    assert_eq!((no_times, times), (vec![0; 5], vec![2; 5]));
     assert!(log.contains("× 2 ranks"), "the log names the world size:\n{log}");
+    assert!(log.contains("| ranks "), "the log lines give the ranks' times:\n{log}");
     assert_eq!(one.len(), 5);
     for (a, b) in one.iter().zip(&two) {
         assert!((a - b).abs() < 1e-5, "{one:?} vs {two:?}");

@@ -343,6 +343,28 @@ pub trait Backend {
     fn memory_model(&self) -> Box<dyn MemoryModel>;
     /// Bytes free for new allocations where this engine allocates (the device, or the host), if it can tell.
     fn free_bytes(&self) -> Option<u64>;
+
+    // ---- timing -------------------------------------------------------------------------------------------------
+
+    /// Marks where the device work to be timed by [`Backend::timed_ms`] starts, in the order of the work queued.
+    fn time_from_here(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Marks where it ends.
+    fn time_to_here(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Milliseconds the device took from the start mark to the end mark (waiting for the work up to the end mark if
+    /// it has not run yet); `None` on an engine that runs each operation as it is called, where the host's clock
+    /// tells the same.
+    fn timed_ms(&mut self) -> Result<Option<f64>> {
+        Ok(None)
+    }
+    /// The device's dense peak arithmetic rate, in TFLOP/s, at the precision this engine computes in, if known:
+    /// what MFU is measured against.
+    fn peak_tflops(&self) -> Option<f64> {
+        None
+    }
     /// Says that this rank updates only `pieces` (element ranges) of the parameter tensor `params`, as a ZeRO
     /// stage 1 rank does. An engine that keeps an fp32 master copy of lower-precision parameters may then keep it
     /// for those pieces alone: afterwards uploads to `params` set the master copy only there, downloads read it

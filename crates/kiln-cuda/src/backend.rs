@@ -17,9 +17,9 @@ use crate::kernels::{KERNELS, Precision};
 use crate::libraries::Library;
 use crate::matmul::{self, CublasLt, Epilogue, Operand, Product};
 use crate::memory::{self, CudaMemory, NORM_ROWS_PER_BLOCK, REDUCE_BLOCKS};
-use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use kiln_core::backend::{BufferId, first_overlap};
@@ -259,6 +259,11 @@ pub struct CudaBackend {
     /// See [`CudaBackend::scratch`].
     scratch: Tensor,
     bytes: usize,
+    /// The marks of [`Backend::time_from_here`] and [`Backend::time_to_here`], and whether both are recorded.
+    marks: (CudaEvent, CudaEvent),
+    marked: bool,
+    /// See [`Backend::peak_tflops`].
+    peak_tflops: Option<f64>,
 }
 
 fn driver(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
@@ -340,6 +345,8 @@ impl CudaBackend {
         }
         let name = format!("cuda:{ordinal} ({}, {})", gpu.name, precision.name());
         let lt = CublasLt::new(&stream).map_err(|e| Error::backend(name.clone(), e))?;
+        let timed = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("creating an event"));
+        let marks = (timed()?, timed()?);
         let mut backend = CudaBackend {
             name,
             precision,
@@ -354,6 +361,10 @@ impl CudaBackend {
             reduce: Tensor { buffer: BufferId(0), offset: 0, len: 0 },
             scratch: Tensor { buffer: BufferId(0), offset: 0, len: 0 },
             bytes: matmul::WORKSPACE_BYTES,
+            marks,
+            marked: false,
+            // fp32 runs compute on CUDA cores, whose peak kiln does not tabulate.
+            peak_tflops: if precision == Precision::Bf16 { gpu.bf16_peak_tflops() } else { None },
         };
         backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
         backend.scratch = backend.alloc(1, Role::Stat)?;
@@ -693,6 +704,30 @@ impl Backend for CudaBackend {
 
     fn free_bytes(&self) -> Option<u64> {
         self.stream.context().mem_get_info().ok().map(|(free, _)| free as u64)
+    }
+
+    fn time_from_here(&mut self) -> Result<()> {
+        self.marked = false;
+        self.marks.0.record(&self.stream).map_err(driver("recording an event"))
+    }
+
+    fn time_to_here(&mut self) -> Result<()> {
+        self.marks.1.record(&self.stream).map_err(driver("recording an event"))?;
+        self.marked = true;
+        Ok(())
+    }
+
+    fn timed_ms(&mut self) -> Result<Option<f64>> {
+        if !self.marked {
+            return Err(Error::Invalid("timed_ms without time_from_here and time_to_here before it".into()));
+        }
+        self.marks.1.synchronize().map_err(driver("waiting for an event"))?;
+        let ms = self.marks.0.elapsed_ms(&self.marks.1).map_err(driver("timing between events"))?;
+        Ok(Some(f64::from(ms)))
+    }
+
+    fn peak_tflops(&self) -> Option<f64> {
+        self.peak_tflops
     }
 
     fn encoder_forward(

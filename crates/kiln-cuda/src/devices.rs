@@ -21,6 +21,26 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// The dense bf16 tensor-core peak in TFLOP/s of the GPUs whose datasheets kiln knows (what MFU is measured
+    /// against, as the anchors measure it), by the name the driver reports.
+    pub fn bf16_peak_tflops(&self) -> Option<f64> {
+        let name = &self.name;
+        let peak = if name.contains("H100") && name.contains("PCIe") {
+            756.0
+        } else if (name.contains("H100") || name.contains("H200")) && name.contains("NVL") {
+            835.0
+        } else if name.contains("H100") || name.contains("H200") {
+            989.0
+        } else if name.contains("A100") {
+            312.0
+        } else {
+            return None;
+        };
+        Some(peak)
+    }
+}
+
 fn driver_error(what: &str, e: result::DriverError) -> Error {
     Error::backend("cuda", format!("{what}: {e:?}"))
 }
@@ -55,6 +75,23 @@ pub fn list() -> Result<Vec<Gpu>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peaks_by_name() {
+        let gpu = |name: &str| Gpu { ordinal: 0, name: name.into(), compute_capability: (9, 0), memory_bytes: 0 };
+        let peaks: Vec<_> = [
+            "NVIDIA H100 80GB HBM3",
+            "NVIDIA H100 PCIe",
+            "NVIDIA H100 NVL",
+            "NVIDIA H200",
+            "NVIDIA A100-SXM4-80GB",
+            "NVIDIA L4",
+        ]
+        .iter()
+        .map(|name| gpu(name).bf16_peak_tflops())
+        .collect();
+        assert_eq!(peaks, [Some(989.0), Some(756.0), Some(835.0), Some(989.0), Some(312.0), None]);
+    }
 
     #[test]
     fn architectures() {

@@ -161,6 +161,8 @@ pub struct StepStats {
     pub stop: bool,
     /// The guard's verdict on the step: unless it is [`Verdict::Apply`], the update was left out.
     pub verdict: Verdict,
+    /// Each rank's own work in the step's passes, in ms: on a device, the device's time for them.
+    pub rank_step_ms: Vec<f64>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -440,7 +442,7 @@ impl<B: Backend> Trainer<B> {
         while self.step < train.max_steps {
             let started = Instant::now();
             self.stop_requested = hooks.stop.load(Ordering::Relaxed);
-            let StepStats { loss, grad_norm, lr, stop, verdict, .. } = self.train_step()?;
+            let StepStats { loss, grad_norm, lr, stop, verdict, rank_step_ms, .. } = self.train_step()?;
             let seconds = started.elapsed().as_secs_f64();
             step_times.push(seconds);
             let step = self.step;
@@ -451,12 +453,15 @@ impl<B: Backend> Trainer<B> {
                 )));
             }
             let tokens_per_s = cfg.total_batch_tokens() as f64 / seconds;
+            let tflops = tokens_per_s * flops_per_token / 1e12;
             let last = step == train.max_steps;
             if step == 1 || step % train.log_every == 0 || last {
                 tracing::info!(
-                    "step {step:>6}/{} | loss {loss:.4} | lr {lr:.2e} | norm {grad_norm:.3} | {:.1} ms | {tokens_per_s:.0} tok/s",
+                    "step {step:>6}/{} | loss {loss:.4} | lr {lr:.2e} | norm {grad_norm:.3} | {:.1} ms | {tokens_per_s:.0} \
+                     tok/s{}",
                     train.max_steps,
-                    seconds * 1e3
+                    seconds * 1e3,
+                    describe_ranks(&rank_step_ms)
                 );
             }
             let mut record = StepRecord {
@@ -467,7 +472,9 @@ impl<B: Backend> Trainer<B> {
                 step_ms: Some(seconds * 1e3),
                 tokens: Some(step * cfg.total_batch_tokens() as u64),
                 tokens_per_s: Some(tokens_per_s),
-                tflops: Some(tokens_per_s * flops_per_token / 1e12),
+                tflops: Some(tflops),
+                mfu: self.backend.peak_tflops().map(|peak| tflops / peak),
+                rank_step_ms: (world > 1).then_some(rank_step_ms),
                 allocated_bytes: Some(self.backend.allocated_bytes()),
                 ..Default::default()
             };
@@ -594,10 +601,11 @@ impl<B: Backend> Trainer<B> {
         let per_micro = mb * t;
         let (model, comm, buckets, zero, share) = (&self.model, &mut self.comm, &self.buckets, self.zero, &self.share);
         let weights = &self.weights;
-        // Time this rank spent blocked in collectives, that is waiting for the others: without it, what remains is
-        // its own work, which names a straggler. (A device's collectives return at once, so on the GPU the rest also
-        // counts waiting for the device: there it names only a rank that is slow on the host.)
+        // Time this rank spent blocked in collectives, that is waiting for the others: on an engine without device
+        // timing, what remains is its own work, which names a straggler. (A device's collectives return at once, so
+        // there the device's own clock, between the marks around the passes, tells instead.)
         let mut in_collectives = std::time::Duration::ZERO;
+        b.time_from_here()?;
         for micro in 0..accumulation {
             let range = micro * per_micro..(micro + 1) * per_micro;
             model.load_batch(b, &self.inputs[range.clone()], Some(&self.targets[range]))?;
@@ -650,6 +658,7 @@ impl<B: Backend> Trainer<B> {
             add_received(b, comm, &mut received)?;
             in_collectives += entered.elapsed();
         }
+        b.time_to_here()?;
         let queued = Instant::now();
         comm.wait(b)?;
         in_collectives += queued.elapsed();
@@ -673,7 +682,13 @@ impl<B: Backend> Trainer<B> {
         agreed[0] = local_loss as f64;
         agreed[1] = squares;
         agreed[2] = f64::from(u8::from(self.stop_requested));
-        agreed[3 + rank] = ((passes_done - data_done).saturating_sub(in_collectives)).as_secs_f64() * 1e3;
+        // A rank's own work: on a device, the time its passes took there (two events around them, read after the loss
+        // was, so without waiting again; under ZeRO stages 2 and 3 the passes also wait for the collectives they
+        // depend on); on the host, the time outside collectives.
+        agreed[3 + rank] = match b.timed_ms()? {
+            Some(ms) => ms,
+            None => ((passes_done - data_done).saturating_sub(in_collectives)).as_secs_f64() * 1e3,
+        };
         comm.all_reduce_host(b, agreed)?;
         let mut loss = agreed[0] as f32 * dloss;
         let mut grad_norm = if zero > 0 { agreed[1].sqrt() as f32 } else { b.sum_squares(model.grads)?.sqrt() };
@@ -724,8 +739,9 @@ impl<B: Backend> Trainer<B> {
         if rank == 0 && comm.world() > 1 {
             if let Some((slow, ms, median)) = self.stragglers.observe(&self.agreed[3..]) {
                 tracing::warn!(
-                    "rank {slow} is a straggler: its own work in a step (outside waiting for the others) takes \
-                     {ms:.1} ms, against a median of {median:.1} ms over the ranks"
+                    "rank {slow} is a straggler: its own work in a step (its device's time for the passes, or on the \
+                     CPU its time outside waiting for the others) takes {ms:.1} ms, against a median of {median:.1} ms \
+                     over the ranks"
                 );
             }
         }
@@ -741,6 +757,7 @@ impl<B: Backend> Trainer<B> {
             optimizer_ms: ms(passes_done, done),
             stop: self.agreed[2] > 0.0,
             verdict,
+            rank_step_ms: self.agreed[3..].to_vec(),
         })
     }
 
@@ -795,6 +812,17 @@ impl<B: Backend> Trainer<B> {
         }
         Ok((right as f32 / problems.len() as f32, samples))
     }
+}
+
+/// For a log line of a job of several ranks: the fastest and the slowest rank's own work in the step.
+fn describe_ranks(rank_step_ms: &[f64]) -> String {
+    if rank_step_ms.len() < 2 {
+        return String::new();
+    }
+    let by_time = |a: &(usize, &f64), b: &(usize, &f64)| a.1.total_cmp(b.1);
+    let fastest = rank_step_ms.iter().enumerate().min_by(by_time).expect("ranks");
+    let slowest = rank_step_ms.iter().enumerate().max_by(by_time).expect("ranks");
+    format!(" | ranks {:.1} ms (rank {}) to {:.1} ms (rank {})", fastest.1, fastest.0, slowest.1, slowest.0)
 }
 
 /// The vocabulary a run's model has, for data of `data_vocab` tokens: the data's, or the vocabulary of a model read

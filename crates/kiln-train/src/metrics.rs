@@ -2,8 +2,11 @@
 //!
 //! Schema of a `metrics.jsonl` line: `step` (1-based), `loss` (mean training loss of the step), `lr`,
 //! `grad_norm` (global norm before clipping), `step_ms`, `tokens` (trained on through this step), `tokens_per_s`,
-//! `tflops` (the model's arithmetic per second: 6 per parameter and token plus attention's), `allocated_bytes` (what
-//! the engine holds, rank 0's: the same count `kiln plan` predicts as its allocated part); steps that evaluate add
+//! `tflops` (the model's arithmetic per second: 6 per parameter and token plus attention's), `mfu` (`tflops` over the
+//! device's peak, where the engine knows it), `allocated_bytes` (what the engine holds, rank 0's: the same count
+//! `kiln plan` predicts as its allocated part), `rank_step_ms` (in a job of several ranks, each rank's own work in the
+//! step's passes, in ms: its device's time for them on a GPU, its time outside collectives on the CPU); steps that
+//! evaluate add
 //! `val_loss`; the last step of a synthetic-addition run adds `exact_match` (fraction of held-out sums answered
 //! exactly). A step whose update the guard skipped adds `"event": "skip"` and `why`. Two kinds of line mark what
 //! happened to the run rather than a step: `{"step", "event": "rollback", "to_step", "why", "rollbacks",
@@ -37,7 +40,11 @@ pub struct StepRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tflops: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allocated_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank_step_ms: Option<Vec<f64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
