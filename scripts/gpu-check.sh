@@ -298,8 +298,28 @@ dp_init_failure() {
   echo "rank 1 failed while joining; exit codes ${rc[*]} after $((SECONDS - start)) s"
   ((rc[0] != 0 && rc[1] != 0 && SECONDS - start < 45))
 }
-export -f dp_run dp_equivalence dp_overlap dp_failure dp_init_failure
+# NCCL's bus bandwidth on the one GPU over loopback sockets (NCCL_HOSTID as dp_run): 2 and 4 processes, 1 MiB to
+# 1 GiB, each process a 1 GiB buffer; rank 0 prints nccl-tests' table and writes /tmp/kiln-dp/allreduce-N.json.
+allreduce() {
+  local n r
+  mkdir -p /tmp/kiln-dp
+  for n in 2 4; do
+    local port=$((29600 + RANDOM % 1000)) pids=() failed=0
+    for ((r = 0; r < n; r++)); do
+      RANK=$r WORLD_SIZE=$n LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+        NCCL_HOSTID=sim-host-$r NCCL_SOCKET_IFNAME=lo NCCL_IB_DISABLE=1 \
+        "$kiln" bench allreduce --backend cuda --gpus 0 --iters 10 --json "/tmp/kiln-dp/allreduce-$n.json" \
+        > "/tmp/kiln-dp/allreduce-$n.rank$r.log" 2>&1 &
+      pids+=($!)
+    done
+    for r in "${!pids[@]}"; do wait "${pids[$r]}" || { failed=1; echo "allreduce on $n: rank $r failed"; }; done
+    head -n -1 "/tmp/kiln-dp/allreduce-$n.rank0.log"
+    ((failed == 0)) || { tail -n 5 /tmp/kiln-dp/allreduce-$n.rank*.log; return 1; }
+  done
+}
+export -f dp_run dp_equivalence dp_overlap dp_failure dp_init_failure allreduce
 step dp-equivalence 240 bash -c dp_equivalence
+step allreduce 150 bash -c allreduce
 step dp-failure 90 bash -c dp_failure
 step dp-init-failure 90 bash -c dp_init_failure
 # train.deterministic = false: the fused attention's backward adds dQ with atomics instead of recomputing it.
@@ -354,6 +374,7 @@ grep -hE " vs .*max loss difference|GiB allocated" "$logs/dp-equivalence.log" 2>
 grep -hE "exposed|ZeRO-1 on 2|GiB allocated" "$logs/dp-overlap.log" 2>/dev/null
 grep -h "rank 1 killed" "$logs/dp-failure.log" 2>/dev/null
 grep -h "rank 1 failed while joining" "$logs/dp-init-failure.log" 2>/dev/null
+grep -h "Avg bus bandwidth\|over [0-9]* ranks" "$logs/allreduce.log" 2>/dev/null
 # GPT-2 124M, B=32, T=1024, bf16, tokens/s. Anchors measured on an H100 (see docs/benchmarks.md): llm.c without
 # cuDNN 283,000; PyTorch torch.compile 478,000.
 grep -h "TFLOP/s" "$logs/bench-attention.log" 2>/dev/null

@@ -1,18 +1,26 @@
-//! `kiln bench train` and `kiln bench attention`: measure, print for people, then print one JSON report (the
+//! `kiln bench train`, `kiln bench attention` and `kiln bench allreduce`: measure, print for people, then print one JSON report (the
 //! numbers, the machine, and for training the resolved configuration), written to a file with `--json` and checked
 //! against an earlier one with `--baseline`, so that scripts can catch a regression by the exit code.
 
+use crate::dist::{self, Job, JobArgs};
 use crate::engine::{self, BackendChoice, OnEngine};
-use crate::{ConfigArgs, attention_bench};
+use crate::{ConfigArgs, allreduce_bench, attention_bench};
 use clap::Subcommand;
 use kiln_core::config::AttentionKernel;
+use kiln_core::config::DistConfig;
+use kiln_core::memory::describe_bytes;
 use kiln_core::{AttentionDims, Backend, Config, Error, Result};
+use kiln_cpu::CpuBackend;
 use kiln_cuda::backend::CudaBackend;
 use kiln_cuda::kernels::Precision;
 use kiln_cuda::libraries::Library;
+use kiln_train::threads::{Failures, Rank};
 use kiln_train::{StepStats, Trainer};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 /// The subcommands of `kiln bench`.
 #[derive(Subcommand)]
@@ -79,6 +87,31 @@ pub enum BenchCommand {
         #[command(flatten)]
         report: ReportArgs,
     },
+    /// All-reduce over the job's ranks, as nccl-tests' all_reduce_perf measures it: for each size, doubling, the
+    /// mean time of an in-place f32 sum (the slowest rank's), the algorithm bandwidth (size / time) and the bus
+    /// bandwidth (× 2(n−1)/n for n ranks; 0 for one rank, as nccl-tests reports). The ranks: threads on the CPU
+    /// engine (--ranks), GPUs of this process (--gpus), or the processes a launcher started (kiln launch,
+    /// torchrun), one GPU each, rank 0 printing. The last line printed is the report.
+    Allreduce {
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        backend: BackendChoice,
+        #[command(flatten)]
+        job: JobArgs,
+        /// The smallest size: bytes, or with nccl-tests' binary K, M, G (1M is 2^20 bytes).
+        #[arg(long, default_value = "1M", value_parser = allreduce_bench::parse_size)]
+        min_bytes: u64,
+        /// The largest size; its buffer is allocated once on each rank.
+        #[arg(long, default_value = "1G", value_parser = allreduce_bench::parse_size)]
+        max_bytes: u64,
+        /// All-reduces timed at each size.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+        iters: u64,
+        /// All-reduces run first at each size, not timed.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
 }
 
 /// Where the report goes, and the earlier report it must not fall behind.
@@ -88,7 +121,8 @@ pub struct ReportArgs {
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// A report written by --json earlier: exit with code 1 when this run is slower than it by more than
-    /// --tolerance (training: tokens/s; attention: each shape's forward+backward TFLOP/s).
+    /// --tolerance (training: tokens/s; attention: each shape's forward+backward TFLOP/s; all-reduce: each
+    /// size's bus bandwidth, or algorithm bandwidth for one rank).
     #[arg(long, value_name = "FILE")]
     baseline: Option<PathBuf>,
     /// How much slower than the baseline still passes: a percentage (5%) or a fraction (0.05).
@@ -139,6 +173,14 @@ pub fn run(command: BenchCommand) -> Result<()> {
             let one = AttentionDims { batch, time: seq, heads, kv_heads: kv_heads.unwrap_or(heads), head_dim, causal };
             let shapes = if suite { attention_bench::SUITE.iter().map(|(d, _)| *d).collect() } else { vec![one] };
             attention(&shapes, backend, precision, kernel, !atomic_dq, (warmup, reps), &report)
+        }
+        BenchCommand::Allreduce { backend, job, min_bytes, max_bytes, iters, warmup, report } => {
+            let sizes = allreduce_bench::doubling_sizes(min_bytes, max_bytes);
+            if sizes.is_empty() {
+                return Err(Error::Usage(format!("--min-bytes {min_bytes} is above --max-bytes {max_bytes}")));
+            }
+            let job = job.job(engine::resolve(backend)?)?;
+            allreduce(&job, &allreduce_bench::Plan { sizes, warmup, iters: iters as usize }, &report)
         }
     }
 }
@@ -369,6 +411,154 @@ fn attention_on<B: Backend>(
         "reps": reps,
         "shapes": entries,
     }))
+}
+
+fn allreduce(job: &Job, plan: &allreduce_bench::Plan, output: &ReportArgs) -> Result<()> {
+    let (key, name) = compared_bandwidth(job.ranks());
+    let baseline = match &output.baseline {
+        Some(path) => Some(allreduce_baselines(&read_report(path)?, &plan.sizes, key, path)?),
+        None => None,
+    };
+    let timeout = Duration::from_secs(DistConfig::default().timeout_s);
+    let largest = plan.sizes.iter().copied().max().unwrap_or(0);
+    let cuda = |gpu| CudaBackend::new(gpu, Precision::Fp32, AttentionKernel::default(), true);
+    let measured = match job {
+        Job::CpuThreads(ranks) => {
+            // Every rank's buffer, its slot in the group and its sums, all in the host's memory.
+            let needed = largest * 3 * *ranks as u64;
+            if let Some(free) = kiln_core::memory::host_available_bytes()
+                && free < needed
+            {
+                return Err(Error::Usage(format!(
+                    "--max-bytes {largest} on {ranks} ranks needs {} of host memory (a buffer, a copy to sum and \
+                     the sums on each rank) and {} is available",
+                    describe_bytes(needed),
+                    describe_bytes(free)
+                )));
+            }
+            let make_rank = kiln_train::threads::thread_ranks(*ranks, timeout, |_| Ok(CpuBackend::<f32>::new()));
+            allreduce_threads(*ranks, make_rank, plan, None)?
+        }
+        Job::Gpus(gpus) => allreduce_threads(gpus.len(), dist::gpu_ranks(gpus, cuda, timeout)?, plan, Some(gpus[0]))?,
+        Job::Launched(rank) => {
+            let dist::JoinedRank { gpu, mut backend, mut comm, watch } = dist::join(rank, cuda, timeout)?;
+            let seconds = allreduce_bench::measure(&mut backend, &mut comm, plan)?;
+            drop(watch);
+            AllreduceRun { backend: backend.name(), world: job.ranks(), gpu: Some(gpu), seconds }
+        }
+    };
+    if !job.lead() {
+        return Ok(());
+    }
+    let report = allreduce_report(plan, &measured);
+    publish(&report, output)?;
+    let compared: Vec<Rate> = baseline
+        .unwrap_or_default()
+        .into_iter()
+        .zip(report["sizes"].as_array().into_iter().flatten())
+        .map(|(baseline, entry)| Rate {
+            name: format!("{} B {name}", entry["bytes"]),
+            measured: entry[key].as_f64().unwrap_or(0.0),
+            baseline,
+        })
+        .collect();
+    check_against_baseline(&compared, output)
+}
+
+/// What the job's rank 0 measured: on which engine (and the GPU, if one), over how many ranks, and the slowest
+/// rank's mean seconds per all-reduce at each size of the plan.
+struct AllreduceRun {
+    backend: String,
+    world: usize,
+    gpu: Option<usize>,
+    seconds: Vec<f64>,
+}
+
+/// Runs the plan on `world` ranks that are threads of this process, made by `make_rank`, and returns rank 0's
+/// measurement; `gpu` is rank 0's GPU, if any.
+fn allreduce_threads<B: Backend>(
+    world: usize,
+    make_rank: impl Fn(usize, &Arc<AtomicBool>) -> Result<Rank<B>> + Sync,
+    plan: &allreduce_bench::Plan,
+    gpu: Option<usize>,
+) -> Result<AllreduceRun> {
+    let rank = |rank: usize, failures: &Failures| -> Option<AllreduceRun> {
+        let (mut backend, mut comm) = match make_rank(rank, failures.flag()) {
+            Ok(made) => made,
+            Err(e) => return failures.record(e),
+        };
+        match allreduce_bench::measure(&mut backend, comm.as_mut(), plan) {
+            Ok(seconds) => Some(AllreduceRun { backend: backend.name(), world, gpu, seconds }),
+            Err(e) => failures.record(e),
+        }
+    };
+    kiln_train::threads::run_ranks(
+        world,
+        |failures| rank(0, failures),
+        |r, failures| {
+            rank(r, failures);
+        },
+    )
+}
+
+/// The bandwidth that a run of `world` ranks is compared with its baseline by, as its key in the report and its
+/// name for people: the bus bandwidth, which compares across job sizes, except for one rank, whose bus bandwidth
+/// is 0 whatever its speed.
+fn compared_bandwidth(world: usize) -> (&'static str, &'static str) {
+    if world == 1 { ("algbw_gbps", "algbw GB/s") } else { ("busbw_gbps", "busbw GB/s") }
+}
+
+/// Prints nccl-tests' table of `run` and returns the report.
+fn allreduce_report(plan: &allreduce_bench::Plan, run: &AllreduceRun) -> Value {
+    println!(
+        "# all-reduce (sum, in place) of f32 over {} ranks, {}; {} timed after {} warm-up",
+        run.world, run.backend, plan.iters, plan.warmup
+    );
+    println!("#{:>12} {:>13} {:>10} {:>8} {:>8}", "size", "count", "time", "algbw", "busbw");
+    println!("#{:>12} {:>13} {:>10} {:>8} {:>8}", "(B)", "(elements)", "(us)", "(GB/s)", "(GB/s)");
+    let mut entries = Vec::new();
+    for (&bytes, &seconds) in plan.sizes.iter().zip(&run.seconds) {
+        let algbw = allreduce_bench::algorithm_bandwidth(bytes, seconds) / 1e9;
+        let busbw = allreduce_bench::bus_bandwidth(algbw, run.world);
+        println!(" {bytes:>12} {:>13} {:>10.1} {algbw:>8.2} {busbw:>8.2}", bytes / 4, seconds * 1e6);
+        entries.push(json!({
+            "bytes": bytes,
+            "count": bytes / 4,
+            "time_us": seconds * 1e6,
+            "algbw_gbps": algbw,
+            "busbw_gbps": busbw,
+        }));
+    }
+    let average = entries.iter().map(|e| e["busbw_gbps"].as_f64().unwrap_or(0.0)).sum::<f64>() / entries.len() as f64;
+    println!("# Avg bus bandwidth    : {average:.3}");
+    json!({
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "machine": machine(run.gpu),
+        "backend": run.backend,
+        "ranks": run.world,
+        "warmup": plan.warmup,
+        "iters": plan.iters,
+        "sizes": entries,
+        "average_busbw_gbps": average,
+    })
+}
+
+/// The baseline's bandwidth `key` at each of `sizes`, in order; a size the baseline lacks is an error, so that a
+/// run is never passed without being compared.
+fn allreduce_baselines(report: &Value, sizes: &[u64], key: &str, path: &Path) -> Result<Vec<f64>> {
+    let expected = "a `kiln bench allreduce --json` report";
+    let entries =
+        report["sizes"].as_array().ok_or_else(|| Error::data(path, format!("no list \"sizes\": not {expected}")))?;
+    sizes
+        .iter()
+        .map(|&bytes| {
+            let entry = entries
+                .iter()
+                .find(|e| e["bytes"] == bytes)
+                .ok_or_else(|| Error::data(path, format!("the baseline has no size of {bytes} bytes")))?;
+            number(entry, key, path, expected)
+        })
+        .collect()
 }
 
 /// Where a report was measured, to tell whether two reports compare: the host, the CPU threads, and when a GPU ran

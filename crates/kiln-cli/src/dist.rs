@@ -1,7 +1,9 @@
 //! The command line of data-parallel jobs: `kiln launch`; `kiln info --rendezvous`, which checks a job's wiring
-//! (who is which rank, whether all ranks can meet) before it trains; and training on several GPUs, as threads of
-//! one process (`--gpus`) or as one process of a launched job.
+//! (who is which rank, whether all ranks can meet) before it trains; and the ranks of a data-parallel job, for
+//! training and for `kiln bench allreduce`: threads of one process (CPU `--ranks`, or `--gpus`) or one process of a
+//! launched job, each with its communicator.
 
+use crate::engine::Engine;
 use clap::Args;
 use kiln_core::{Communicator, Config, Error, Result};
 use kiln_cuda::backend::CudaBackend;
@@ -9,7 +11,8 @@ use kiln_cuda::libraries::Library;
 use kiln_cuda::nccl::NcclComm;
 use kiln_dist::env::Placement;
 use kiln_dist::launch::LaunchSpec;
-use kiln_dist::rendezvous::{ID_BYTES, Rendezvous, UniqueId};
+use kiln_dist::rendezvous::{ID_BYTES, Rendezvous, UniqueId, Watch};
+use kiln_train::threads::Rank;
 use kiln_train::{Hooks, Summary, Trainer};
 use std::path::Path;
 use std::sync::Arc;
@@ -123,19 +126,126 @@ pub fn parse_gpus(text: &str) -> Result<Vec<usize>> {
     Ok(ids)
 }
 
+/// Where a command's data-parallel ranks run: threads of this process or one process of a launched job.
+#[derive(clap::Args)]
+pub struct JobArgs {
+    /// Data-parallel ranks as threads of this process (the CPU engine).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    ranks: u16,
+    /// The GPUs this process runs on: `all`, or numbers such as 0,1,2,3 (one rank per GPU, reducing with
+    /// NCCL). In a job a launcher started, one GPU (default: the local rank).
+    #[arg(long, value_name = "all|0,1,...")]
+    gpus: Option<String>,
+    /// Where the processes of a launched job meet (default: tcp://MASTER_ADDR:MASTER_PORT).
+    #[arg(long, value_name = "tcp://HOST:PORT|file:///PATH")]
+    rendezvous: Option<String>,
+    /// Seconds to wait for every process of a launched job to arrive.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    rendezvous_timeout: u64,
+}
+
+/// The ranks of a data-parallel job, as this process takes part in it.
+pub enum Job {
+    /// Ranks that are threads of this process on the CPU engine.
+    CpuThreads(usize),
+    /// One rank per GPU, each a thread of this process.
+    Gpus(Vec<usize>),
+    /// This process is one rank of a job that a launcher started, on one GPU.
+    Launched(LaunchedRank),
+}
+
+/// This process's place in a launched job, and how it meets the others.
+pub struct LaunchedRank {
+    placement: Placement,
+    /// The GPU `--gpus` names, if it names one (default: the local rank).
+    gpu: Option<usize>,
+    rendezvous: Option<String>,
+    rendezvous_timeout: Duration,
+}
+
+impl Job {
+    /// The number of ranks in the whole job.
+    pub fn ranks(&self) -> usize {
+        match self {
+            Job::CpuThreads(ranks) => *ranks,
+            Job::Gpus(gpus) => gpus.len(),
+            Job::Launched(rank) => rank.placement.world,
+        }
+    }
+
+    /// Whether this process has the job's rank 0, which reports for the job.
+    pub fn lead(&self) -> bool {
+        match self {
+            Job::Launched(rank) => rank.placement.rank == 0,
+            Job::CpuThreads(_) | Job::Gpus(_) => true,
+        }
+    }
+}
+
+impl JobArgs {
+    /// The job that the arguments, the engine and the launcher's environment make together; a combination that
+    /// cannot run is a usage error saying what to write instead.
+    pub fn job(&self, engine: Engine) -> Result<Job> {
+        // A launcher's variables place this process in a job of several: one rank, one GPU, NCCL.
+        let placement = kiln_dist::env::detect_from_process_env()?.filter(|p| p.world > 1);
+        let ranks = usize::from(self.ranks);
+        let gpus = self.gpus.as_deref().map(parse_gpus).transpose()?;
+        match (engine, placement) {
+            (Engine::Cpu, Some(p)) => Err(Error::Usage(format!(
+                "{} places this process in a job of {} processes, which needs GPUs (NCCL); the CPU engine runs \
+                 data-parallel in one process: --backend cpu --ranks N",
+                p.source, p.world
+            ))),
+            (Engine::Cpu, None) if gpus.is_some() => Err(Error::Usage("--gpus needs the CUDA engine".into())),
+            (Engine::Cpu, None) => Ok(Job::CpuThreads(ranks)),
+            (Engine::Cuda, _) if ranks > 1 => Err(Error::Usage(
+                "--ranks runs ranks as threads on the CPU engine; add --backend cpu (GPUs take one rank each: --gpus)"
+                    .into(),
+            )),
+            (Engine::Cuda, Some(placement)) => {
+                let gpu = match gpus.as_deref() {
+                    None => None,
+                    Some([gpu]) => Some(*gpu),
+                    Some(_) => {
+                        return Err(Error::Usage("in a launched job each process runs on one GPU: --gpus N".into()));
+                    }
+                };
+                Ok(Job::Launched(LaunchedRank {
+                    placement,
+                    gpu,
+                    rendezvous: self.rendezvous.clone(),
+                    rendezvous_timeout: Duration::from_secs(self.rendezvous_timeout),
+                }))
+            }
+            (Engine::Cuda, None) => Ok(Job::Gpus(gpus.unwrap_or(vec![0]))),
+        }
+    }
+}
+
 /// Trains with one rank per GPU of `gpus`, as threads of this process, summing gradients with NCCL.
 pub fn train_gpus(config: &Config, gpus: &[usize], resume: Option<&Path>, hooks: &mut Hooks) -> Result<Summary> {
     if let [gpu] = gpus {
         return kiln_train::threads::train(config, 1, |_| crate::engine::cuda(*gpu, config), resume, hooks, true);
     }
-    let id = kiln_cuda::nccl::unique_id()?;
     let timeout = Duration::from_secs(config.dist.timeout_s);
+    let make_rank = gpu_ranks(gpus, |gpu| crate::engine::cuda(gpu, config), timeout)?;
+    kiln_train::threads::train_ranks(config, gpus.len(), make_rank, resume, hooks, true)
+}
+
+/// How [`kiln_train::threads::run_ranks`] makes the rank of each GPU of `gpus`: its engine `make_backend(gpu)`
+/// and an NCCL communicator with the others (whose collectives give up after `timeout`).
+pub fn gpu_ranks<'a>(
+    gpus: &'a [usize],
+    make_backend: impl Fn(usize) -> Result<CudaBackend> + Sync + 'a,
+    timeout: Duration,
+) -> Result<impl Fn(usize, &Arc<AtomicBool>) -> Result<Rank<CudaBackend>> + Sync + 'a> {
+    let id = kiln_cuda::nccl::unique_id()?;
     let world = gpus.len();
     // NCCL's initialisation waits for every rank, so each rank's engine is ready before any rank joins: a GPU that
     // cannot start fails the job instead of leaving the others in that wait.
     let ready = AtomicUsize::new(0);
-    let make_rank = |rank: usize, failed: &Arc<AtomicBool>| -> Result<(CudaBackend, Box<dyn Communicator<_>>)> {
-        let backend = crate::engine::cuda(gpus[rank], config)?;
+    Ok(move |rank: usize, failed: &Arc<AtomicBool>| -> Result<Rank<CudaBackend>> {
+        let backend = make_backend(gpus[rank])?;
         ready.fetch_add(1, Ordering::SeqCst);
         while ready.load(Ordering::SeqCst) < world {
             if failed.load(Ordering::Relaxed) {
@@ -147,44 +257,66 @@ pub fn train_gpus(config: &Config, gpus: &[usize], resume: Option<&Path>, hooks:
             std::thread::sleep(Duration::from_millis(1));
         }
         let comm = NcclComm::new(&backend, &id, rank, world, failed.clone(), timeout)?;
-        Ok((backend, Box::new(comm)))
-    };
-    kiln_train::threads::train_ranks(config, world, make_rank, resume, hooks, true)
+        Ok((backend, Box::new(comm) as Box<dyn Communicator<CudaBackend>>))
+    })
 }
 
-/// Trains as one process of a job that a launcher started (torchrun, `kiln launch`, srun, mpirun): meets the other
-/// processes at the rendezvous, where rank 0 hands out NCCL's id, and trains on GPU `gpu` (default: the local
-/// rank) with them.
-pub fn train_process(
-    config: &Config,
-    placement: &Placement,
-    gpu: Option<usize>,
-    rendezvous: Option<&str>,
-    rendezvous_timeout: Duration,
-    resume: Option<&Path>,
-    hooks: &mut Hooks,
-) -> Result<Summary> {
-    let rv = match rendezvous {
+/// This process's rank of a launched job, joined: its engine, its NCCL communicator with the other processes, and
+/// the rendezvous's watch, which must outlive the communicator (its connections tell the other processes that
+/// this one is gone, and its flag tells the communicator that another one is).
+pub struct JoinedRank {
+    /// The GPU it runs on.
+    pub gpu: usize,
+    pub backend: CudaBackend,
+    pub comm: NcclComm,
+    pub watch: Watch,
+}
+
+/// Joins a job that a launcher started (torchrun, `kiln launch`, srun, mpirun) as `rank`: starts the engine
+/// `make_backend(gpu)` on its GPU (default: the local rank), meets the other processes at the rendezvous, where
+/// rank 0 hands out NCCL's id, and sets up NCCL with them (whose collectives give up after `timeout`).
+pub fn join(
+    rank: &LaunchedRank,
+    make_backend: impl FnOnce(usize) -> Result<CudaBackend>,
+    timeout: Duration,
+) -> Result<JoinedRank> {
+    let placement = &rank.placement;
+    let rv = match &rank.rendezvous {
         Some(text) => Rendezvous::parse(text)?,
         None => default_rendezvous(placement)?,
     };
-    let (rank, world) = (placement.rank, placement.world);
     // Each rank checks its libraries and starts its engine before the rendezvous: a rank that fails there exits
     // before meeting the others, who are told at the rendezvous or by its timeout, rather than while they wait in
-    // NCCL's initialisation (which a lost rank or dist.timeout_s also ends, but later).
+    // NCCL's initialisation (which a lost rank or the timeout also ends, but later).
     Library::Nccl.require()?;
-    let gpu = match gpu {
+    let gpu = match rank.gpu {
         Some(gpu) => gpu,
         // srun and others may bind each task to its own GPU, which it then sees as the only one.
         None if kiln_cuda::devices::list()?.len() == 1 => 0,
         None => placement.local_rank,
     };
-    let backend = crate::engine::cuda(gpu, config)?;
-    // The watch stays alive for the whole run: its connections tell the other processes that this one is gone.
-    let (id, watch) =
-        kiln_dist::rendezvous::exchange(&rv, rank, world, kiln_cuda::nccl::unique_id, rendezvous_timeout)?;
+    let backend = make_backend(gpu)?;
+    let (id, watch) = kiln_dist::rendezvous::exchange(
+        &rv,
+        placement.rank,
+        placement.world,
+        kiln_cuda::nccl::unique_id,
+        rank.rendezvous_timeout,
+    )?;
+    let comm = NcclComm::new(&backend, &id, placement.rank, placement.world, watch.flag(), timeout)?;
+    Ok(JoinedRank { gpu, backend, comm, watch })
+}
+
+/// Trains as one process of a job that a launcher started, on the GPU and with the other processes that [`join`]
+/// finds.
+pub fn train_process(
+    config: &Config,
+    rank: &LaunchedRank,
+    resume: Option<&Path>,
+    hooks: &mut Hooks,
+) -> Result<Summary> {
     let timeout = Duration::from_secs(config.dist.timeout_s);
-    let comm = NcclComm::new(&backend, &id, rank, world, watch.flag(), timeout)?;
+    let JoinedRank { backend, comm, watch, .. } = join(rank, |gpu| crate::engine::cuda(gpu, config), timeout)?;
     let mut trainer = Trainer::with_comm(config, backend, Box::new(comm))?;
     if let Some(dir) = resume {
         trainer.resume(dir)?;

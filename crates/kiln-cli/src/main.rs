@@ -4,6 +4,7 @@
 //! owns its arguments; [`engine`] picks the backend a command runs on. Errors end the process with a message and
 //! an exit code: 2 for usage, configuration and input errors, 1 for failures at run time, 130 when interrupted.
 
+mod allreduce_bench;
 mod attention_bench;
 mod bench;
 mod dist;

@@ -5,7 +5,8 @@
 //! a GPU job places each rank on its own GPU, so training resolves the engine itself instead of going through
 //! [`engine::on_engine`].
 
-use crate::engine::{self, BackendChoice, Engine};
+use crate::dist::{Job, JobArgs};
+use crate::engine::{self, BackendChoice};
 use crate::{ConfigArgs, dist, log};
 use kiln_core::{Config, Error, Result};
 use kiln_cpu::CpuBackend;
@@ -26,20 +27,8 @@ pub struct Args {
     /// taken), or nothing for the newest under train.out_dir/checkpoints.
     #[arg(long, value_name = "DIR", num_args = 0..=1)]
     resume: Option<Option<PathBuf>>,
-    /// Data-parallel ranks as threads of this process (the CPU engine): each step's batch is split between
-    /// them and their gradients are summed.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
-    ranks: u16,
-    /// The GPUs this process trains on: `all`, or numbers such as 0,1,2,3 (one rank per GPU, summing
-    /// gradients with NCCL). In a job a launcher started, one GPU (default: the local rank).
-    #[arg(long, value_name = "all|0,1,...")]
-    gpus: Option<String>,
-    /// Where the processes of a launched job meet (default: tcp://MASTER_ADDR:MASTER_PORT).
-    #[arg(long, value_name = "tcp://HOST:PORT|file:///PATH")]
-    rendezvous: Option<String>,
-    /// Seconds to wait for every process of a launched job to arrive.
-    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
-    rendezvous_timeout: u64,
+    #[command(flatten)]
+    job: JobArgs,
 }
 
 /// Trains as the arguments and the launcher's environment say, showing progress on a terminal through `bar`.
@@ -50,40 +39,13 @@ pub fn run(args: Args, bar: log::ProgressSlot) -> Result<()> {
         None => None,
     };
     let resume = resume.as_deref();
-    // A launcher's variables place this process in a job of several: one rank, one GPU, NCCL.
-    let placement = kiln_dist::env::detect_from_process_env()?.filter(|p| p.world > 1);
-    let engine = engine::resolve(args.backend)?;
-    let lead = placement.as_ref().is_none_or(|p| p.rank == 0);
-    let ranks = usize::from(args.ranks);
-    run_training(&config, lead, bar, |hooks| match (engine, &placement) {
-        (Engine::Cpu, Some(p)) => Err(Error::Usage(format!(
-            "{} places this process in a job of {} processes, which needs GPUs (NCCL); the CPU engine trains \
-             data-parallel in one process: --backend cpu --ranks N",
-            p.source, p.world
-        ))),
-        (Engine::Cpu, None) if args.gpus.is_some() => Err(Error::Usage("--gpus needs the CUDA engine".into())),
-        (Engine::Cpu, None) => {
-            kiln_train::threads::train(&config, ranks, |_| Ok(CpuBackend::<f32>::new()), resume, hooks, true)
+    let job = args.job.job(engine::resolve(args.backend)?)?;
+    run_training(&config, job.lead(), bar, |hooks| match &job {
+        Job::CpuThreads(ranks) => {
+            kiln_train::threads::train(&config, *ranks, |_| Ok(CpuBackend::<f32>::new()), resume, hooks, true)
         }
-        (Engine::Cuda, _) if ranks > 1 => Err(Error::Usage(
-            "--ranks runs ranks as threads on the CPU engine; add --backend cpu (GPUs take one rank each: --gpus)"
-                .into(),
-        )),
-        (Engine::Cuda, Some(p)) => {
-            let gpu = match args.gpus.as_deref().map(dist::parse_gpus).transpose()?.as_deref() {
-                None => None,
-                Some([gpu]) => Some(*gpu),
-                Some(_) => {
-                    return Err(Error::Usage("in a launched job each process trains on one GPU: --gpus N".into()));
-                }
-            };
-            let timeout = std::time::Duration::from_secs(args.rendezvous_timeout);
-            dist::train_process(&config, p, gpu, args.rendezvous.as_deref(), timeout, resume, hooks)
-        }
-        (Engine::Cuda, None) => {
-            let gpus = args.gpus.as_deref().map_or(Ok(vec![0]), dist::parse_gpus)?;
-            dist::train_gpus(&config, &gpus, resume, hooks)
-        }
+        Job::Gpus(gpus) => dist::train_gpus(&config, gpus, resume, hooks),
+        Job::Launched(rank) => dist::train_process(&config, rank, resume, hooks),
     })
 }
 

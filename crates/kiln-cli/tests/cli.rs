@@ -652,3 +652,62 @@ fn bench_attention_reports_each_pass_as_json() {
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(stderr(&bad).contains("key/value heads"), "{}", stderr(&bad));
 }
+
+/// `kiln bench allreduce` over two CPU ranks from 1 KiB to 64 KiB, with `extra` arguments.
+fn bench_allreduce_tiny(extra: &[&str]) -> Output {
+    let mut args = vec!["bench", "allreduce", "--backend", "cpu", "--ranks", "2", "--min-bytes", "1K"];
+    args.extend(["--max-bytes", "64K", "--iters", "3"]);
+    args.extend(extra);
+    kiln(&args)
+}
+
+#[test]
+fn bench_allreduce_reports_each_size_as_json() {
+    let dir = temp_dir("bench-allreduce");
+    let report_path = dir.join("report.json").to_string_lossy().into_owned();
+    let out = bench_allreduce_tiny(&["--json", &report_path]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("busbw") && stdout.contains("# Avg bus bandwidth"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(stdout.lines().last().unwrap()).unwrap(), report);
+    assert_eq!((report["backend"].as_str(), report["ranks"].as_u64()), (Some("cpu"), Some(2)));
+    let sizes = report["sizes"].as_array().unwrap();
+    let bytes: Vec<u64> = sizes.iter().map(|s| s["bytes"].as_u64().unwrap()).collect();
+    assert_eq!(bytes, [1, 2, 4, 8, 16, 32, 64].map(|k| k << 10));
+    for size in sizes {
+        for key in ["time_us", "algbw_gbps", "busbw_gbps"] {
+            assert!(size[key].as_f64().unwrap() > 0.0, "{key} in {size}");
+        }
+        // Two ranks: the bus bandwidth is the algorithm bandwidth (× 2(n−1)/n = 1).
+        assert_eq!(size["algbw_gbps"], size["busbw_gbps"]);
+    }
+    assert!(report["average_busbw_gbps"].as_f64().unwrap() > 0.0, "{report}");
+
+    // Baselines compared size by size: far slower passes, far faster fails naming the size, one without a size
+    // measured here is an input error.
+    let baseline = |name: &str, sizes: &[u64], busbw: f64| {
+        let entries: Vec<_> = sizes.iter().map(|b| serde_json::json!({ "bytes": b, "busbw_gbps": busbw })).collect();
+        write(&dir, name, &serde_json::json!({ "ranks": 2, "sizes": entries }).to_string())
+    };
+    let slower = baseline("slower.json", &bytes, 1e-9);
+    let out = bench_allreduce_tiny(&["--baseline", &slower]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let faster = baseline("faster.json", &bytes, 1e6);
+    let out = bench_allreduce_tiny(&["--baseline", &faster, "--tolerance", "10%"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("65536 B busbw GB/s"), "{}", stderr(&out));
+    let short = baseline("short.json", &bytes[..3], 1e-9);
+    expect_usage_error(&["bench", "allreduce", "--backend", "cpu", "--baseline", &short], &["short.json", "no size"]);
+
+    expect_usage_error(&["bench", "allreduce", "--backend", "cpu", "--max-bytes", "6"], &["multiple of 4"]);
+    expect_usage_error(
+        &["bench", "allreduce", "--backend", "cpu", "--min-bytes", "8K", "--max-bytes", "4K"],
+        &["above --max-bytes"],
+    );
+    // Far more than any host has: refused before anything is allocated.
+    expect_usage_error(
+        &["bench", "allreduce", "--backend", "cpu", "--ranks", "2", "--max-bytes", "4096G"],
+        &["--max-bytes", "host memory"],
+    );
+}

@@ -176,18 +176,20 @@ fn launch_passes_on_a_failing_rank_s_exit_code() {
 }
 
 #[test]
-fn a_launched_training_job_without_gpus_ends_on_every_rank_naming_the_library() {
+fn a_launched_job_without_gpus_ends_on_every_rank_naming_the_library() {
     // No CUDA here: rank 0 cannot make NCCL's id, tells the others at the rendezvous, and every rank exits 1
-    // with a message that names the missing library, promptly.
-    let port = free_port();
-    let started = Instant::now();
-    let args = ["train", "--backend", "cuda", "--rendezvous-timeout", "20"];
-    let children: Vec<Child> = (0..2).map(|rank| kiln(&torchrun(rank, 2, port), &args).spawn().unwrap()).collect();
-    for child in children {
-        let (output, took) = finish(child, started);
-        let err = text(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{err}");
-        assert!(err.contains("libnccl.so") || err.contains("libcuda.so"), "{err}");
-        assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
+    // with a message that names the missing library, promptly; training and the all-reduce bench alike.
+    for command in [&["train"][..], &["bench", "allreduce"]] {
+        let port = free_port();
+        let started = Instant::now();
+        let args = [command, &["--backend", "cuda", "--rendezvous-timeout", "20"]].concat();
+        let children: Vec<Child> = (0..2).map(|rank| kiln(&torchrun(rank, 2, port), &args).spawn().unwrap()).collect();
+        for child in children {
+            let (output, took) = finish(child, started);
+            let err = text(&output.stderr);
+            assert_eq!(output.status.code(), Some(1), "{command:?}: {err}");
+            assert!(err.contains("libnccl.so") || err.contains("libcuda.so"), "{command:?}: {err}");
+            assert!(took < Duration::from_secs(15), "{command:?} took {took:?}: {err}");
+        }
     }
 }

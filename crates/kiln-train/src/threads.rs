@@ -34,68 +34,112 @@ pub fn train<B: Backend>(
         }
         return trainer.run(hooks, write_outputs);
     }
-    let comms: Mutex<Vec<Option<ThreadComm>>> =
-        Mutex::new(group(world, Duration::from_secs(config.dist.timeout_s)).into_iter().map(Some).collect());
+    let make_rank = thread_ranks(world, Duration::from_secs(config.dist.timeout_s), make_backend);
+    train_ranks(config, world, make_rank, resume, hooks, write_outputs)
+}
+
+/// One rank of a job: its engine and its communicator with the other ranks.
+pub type Rank<B> = (B, Box<dyn Communicator<B>>);
+
+/// How [`run_ranks`] makes each of `world` ranks that are threads of this process: with the backend
+/// `make_backend(rank)` returns and its communicator of one [`group`] (whose waits give up after `timeout`).
+pub fn thread_ranks<B: Backend>(
+    world: usize,
+    timeout: Duration,
+    make_backend: impl Fn(usize) -> Result<B> + Sync,
+) -> impl Fn(usize, &Arc<AtomicBool>) -> Result<Rank<B>> + Sync {
+    let comms: Mutex<Vec<Option<ThreadComm>>> = Mutex::new(group(world, timeout).into_iter().map(Some).collect());
     // A rank whose engine cannot start never takes its communicator: the others learn of the failure from `failed`,
     // raised once its error is recorded, and so report that error rather than the rank's absence.
-    let make_rank = |rank: usize, failed: &Arc<AtomicBool>| -> Result<(B, Box<dyn Communicator<B>>)> {
+    move |rank, failed| {
         let backend = make_backend(rank)?;
         let mut comm = comms.lock().unwrap_or_else(|p| p.into_inner())[rank].take().expect("each rank is made once");
         comm.failed = Some(failed.clone());
         Ok((backend, Box::new(comm)))
-    };
-    train_ranks(config, world, make_rank, resume, hooks, write_outputs)
+    }
 }
 
 /// Trains on `world` ranks that are threads of this process (one per GPU, say), each with the engine and the
 /// communicator `make_rank(rank, failed)` returns; `resume` continues them all from that checkpoint. Rank 0 runs on
-/// the calling thread with `hooks`, and its summary is returned. When a rank fails, `failed` is raised (a
-/// communicator that cannot otherwise notice, such as NCCL's, watches it), the others stop at their next
-/// collective, and the error of the first rank to fail is returned.
+/// the calling thread with `hooks`, and its summary is returned. Failures are handled as [`run_ranks`] says.
 pub fn train_ranks<B: Backend>(
     config: &Config,
     world: usize,
-    make_rank: impl Fn(usize, &Arc<AtomicBool>) -> Result<(B, Box<dyn Communicator<B>>)> + Sync,
+    make_rank: impl Fn(usize, &Arc<AtomicBool>) -> Result<Rank<B>> + Sync,
     resume: Option<&Path>,
     hooks: &mut Hooks,
     write_outputs: bool,
 ) -> Result<Summary> {
-    let failed = Arc::new(AtomicBool::new(false));
-    let first_failure: Mutex<Option<Error>> = Mutex::new(None);
-    // A rank records its error and raises `failed` while it still holds its engine and communicator: the others
-    // then learn that it failed before its communicator goes, and its error is the one reported.
-    let fail = |e: Error| {
-        failed.store(true, Ordering::Relaxed);
-        first_failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-        None
-    };
-    let run_rank = |rank: usize, hooks: &mut Hooks| -> Option<Summary> {
-        let _raise_on_panic = RaiseOnPanic(&failed);
-        let mut trainer = match make_rank(rank, &failed).and_then(|(b, comm)| Trainer::with_comm(config, b, comm)) {
-            Ok(trainer) => trainer,
-            Err(e) => return fail(e),
-        };
+    let train_rank = |rank: usize, failures: &Failures, hooks: &mut Hooks| -> Option<Summary> {
+        let mut trainer =
+            match make_rank(rank, failures.flag()).and_then(|(b, comm)| Trainer::with_comm(config, b, comm)) {
+                Ok(trainer) => trainer,
+                Err(e) => return failures.record(e),
+            };
         let resumed = resume.map_or(Ok(0), |dir| trainer.resume(dir));
         match resumed.and_then(|_| trainer.run(hooks, write_outputs)) {
             Ok(summary) => Some(summary),
-            Err(e) => fail(e),
+            Err(e) => failures.record(e),
         }
     };
+    let stop = hooks.stop.clone();
+    run_ranks(
+        world,
+        |failures| train_rank(0, failures, hooks),
+        |rank, failures| {
+            train_rank(rank, failures, &mut Hooks { stop: stop.clone(), on_step: None });
+        },
+    )
+}
+
+/// What the ranks of [`run_ranks`] share about failing: a flag raised when any rank has failed (which a
+/// communicator that cannot otherwise notice, such as NCCL's, watches), and the first rank's error.
+pub struct Failures {
+    flag: Arc<AtomicBool>,
+    first: Mutex<Option<Error>>,
+}
+
+impl Failures {
+    /// The flag raised when any rank has failed.
+    pub fn flag(&self) -> &Arc<AtomicBool> {
+        &self.flag
+    }
+
+    /// Records a rank's error and raises the flag; returns `None`, for the rank to return. A rank calls it while it
+    /// still holds its engine and communicator: the others then learn that it failed before its communicator
+    /// goes, and its error, rather than their report of its leaving, is the one returned.
+    pub fn record<T>(&self, e: Error) -> Option<T> {
+        self.flag.store(true, Ordering::Relaxed);
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        None
+    }
+}
+
+/// Runs `world` ranks as threads of this process: rank 0 as `lead` on the calling thread, whose result is
+/// returned, and every other rank `r` as `rank(r, …)` on a thread of its own. A rank that fails records its error
+/// in the [`Failures`] it is given (so does one that panics, or whose thread cannot start) and returns `None`; the
+/// others stop at their next collective, and the error of the first rank to fail is returned.
+pub fn run_ranks<T>(
+    world: usize,
+    lead: impl FnOnce(&Failures) -> Option<T>,
+    rank: impl Fn(usize, &Failures) + Sync,
+) -> Result<T> {
+    let failures = Failures { flag: Arc::new(AtomicBool::new(false)), first: Mutex::new(None) };
     let lead = std::thread::scope(|s| {
-        for rank in 1..world {
-            let (stop, run_rank) = (hooks.stop.clone(), &run_rank);
-            let spawned = std::thread::Builder::new()
-                .name(format!("rank {rank}"))
-                .spawn_scoped(s, move || run_rank(rank, &mut Hooks { stop, on_step: None }));
+        for r in 1..world {
+            let (failures, rank) = (&failures, &rank);
+            let spawned = std::thread::Builder::new().name(format!("rank {r}")).spawn_scoped(s, move || {
+                let _raise_on_panic = RaiseOnPanic(&failures.flag);
+                rank(r, failures)
+            });
             if let Err(e) = spawned {
-                failed.store(true, Ordering::Relaxed);
-                let error = failure(format!("cannot start a thread for rank {rank}: {e}"));
-                first_failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(error);
+                failures.record::<()>(failure(format!("cannot start a thread for rank {r}: {e}")));
             }
         }
-        run_rank(0, hooks)
+        let _raise_on_panic = RaiseOnPanic(&failures.flag);
+        lead(&failures)
     });
-    match first_failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    match failures.first.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(error) => Err(error),
         None => Ok(lead.expect("rank 0 either succeeded or recorded its failure")),
     }
