@@ -54,7 +54,8 @@ resume_check() {
     "$kiln" train "${run[@]}" --set train.out_dir=/tmp/kiln-resume/b --resume /tmp/kiln-resume/a/checkpoints/step_00000003 &&
     python3 - <<'PY'
 import json
-loss = lambda d: {j["step"]: j["loss"] for j in map(json.loads, open(f"/tmp/kiln-resume/{d}/metrics.jsonl"))}
+# Lines that mark events (the resume) carry no loss.
+loss = lambda d: {j["step"]: j["loss"] for j in map(json.loads, open(f"/tmp/kiln-resume/{d}/metrics.jsonl")) if "loss" in j}
 a, b = loss("a"), loss("b")
 same = all(a[s] == b[s] for s in (4, 5, 6))
 print("straight:", [a[s] for s in (4, 5, 6)], "resumed:", [b[s] for s in (4, 5, 6)], "bit-identical" if same else "DIFFERENT")
@@ -110,7 +111,7 @@ recompute_check() {
   done
   python3 - <<'PY'
 import json
-loss = lambda d: [json.loads(l)["loss"] for l in open(f"/tmp/kiln-recompute/{d}/metrics.jsonl")]
+loss = lambda d: [j["loss"] for j in map(json.loads, open(f"/tmp/kiln-recompute/{d}/metrics.jsonl")) if "loss" in j]
 ok = True
 for family, tol in (("gpt2", 1e-2), ("llama", 0.0)):
     for level in ("elementwise", "block"):
@@ -205,7 +206,7 @@ dp_equivalence() {
     python3 - <<'PY'
 import json, struct
 def losses(name):
-    return [json.loads(l)["loss"] for l in open(f"/tmp/kiln-dp/{name}/metrics.jsonl")]
+    return [j["loss"] for j in map(json.loads, open(f"/tmp/kiln-dp/{name}/metrics.jsonl")) if "loss" in j]
 def weights(name):
     raw = open(f"/tmp/kiln-dp/{name}/checkpoints/step_00000020/model.safetensors", "rb").read()
     n = struct.unpack("<Q", raw[:8])[0]
@@ -245,7 +246,8 @@ dp_overlap() {
     python3 - <<'PY'
 import json, statistics
 def step_ms(name):
-    return statistics.median(json.loads(l)["step_ms"] for l in list(open(f"/tmp/kiln-dp/{name}/metrics.jsonl"))[3:])
+    steps = [j for j in map(json.loads, open(f"/tmp/kiln-dp/{name}/metrics.jsonl")) if "step_ms" in j]
+    return statistics.median(j["step_ms"] for j in steps[3:])
 one, buckets, single, zero = (step_ms(n) for n in ("gpt2-one", "gpt2-buckets", "gpt2-one-bucket", "gpt2-zero1"))
 print(f"median step: 1 rank (batch 8) {one:.1f} ms; 2 ranks (batch 4 each, sharing the GPU): 25 MB buckets {buckets:.1f} ms, one bucket after backward {single:.1f} ms")
 print(f"all-reduce of the whole gradient, exposed: about {single - one:.1f} ms; hidden by overlapping it with backward: {single - buckets:.1f} ms")
@@ -317,9 +319,27 @@ allreduce() {
     ((failed == 0)) || { tail -n 5 /tmp/kiln-dp/allreduce-$n.rank*.log; return 1; }
   done
 }
-export -f dp_run dp_equivalence dp_overlap dp_failure dp_init_failure allreduce
+# Stragglers by device time: 2 ranks on the one GPU; every metrics line must give both ranks' device time for the
+# step's passes, and the log lines the fastest and the slowest.
+rank_times() {
+  rm -rf /tmp/kiln-dp/rank-times
+  dp_run rank-times 2 --set train.max_steps=10 --set train.total_batch_tokens=3328 --set train.log_every=1 &&
+    grep -h "| ranks" /tmp/kiln-dp/rank-times.rank0.log | tail -n 3 &&
+    python3 - <<'PY'
+import json
+steps = [j for j in map(json.loads, open("/tmp/kiln-dp/rank-times/metrics.jsonl")) if "loss" in j]
+times = [j.get("rank_step_ms") for j in steps]
+print("rank_step_ms:", times[-3:], "step_ms:", [round(j["step_ms"], 2) for j in steps[-3:]])
+good = len(steps) == 10 and all(t and len(t) == 2 and min(t) > 0 for t in times)
+raise SystemExit(0 if good else 1)
+PY
+}
+export -f dp_run dp_equivalence dp_overlap dp_failure dp_init_failure allreduce rank_times
 step dp-equivalence 240 bash -c dp_equivalence
 step allreduce 150 bash -c allreduce
+step rank-times 90 bash -c rank_times
+# The guard's cost on the GPT-2 124M step: bench-kiln ran with it (the default); the same without.
+step bench-kiln-unguarded 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 --set train.guard.enabled=false
 step dp-failure 90 bash -c dp_failure
 step dp-init-failure 90 bash -c dp_init_failure
 # train.deterministic = false: the fused attention's backward adds dQ with atomics instead of recomputing it.

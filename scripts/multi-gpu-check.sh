@@ -93,7 +93,7 @@ import array, json, struct, sys
 ref, cand, tol, steps = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 
 def losses(d):
-    return {j["step"]: j["loss"] for j in map(json.loads, open(f"{d}/metrics.jsonl"))}
+    return {j["step"]: j["loss"] for j in map(json.loads, open(f"{d}/metrics.jsonl")) if "loss" in j}
 
 def weights(d):
     with open(f"{d}/checkpoints/step_{steps:08d}/model.safetensors", "rb") as f:
@@ -181,7 +181,7 @@ for n in counts:
     path = os.path.join(root, str(n), "metrics.jsonl")
     if os.path.exists(path):
         lines = [json.loads(l) for l in open(path)]
-        kept = [j for j in lines if j["step"] > skip]
+        kept = [j for j in lines if j["step"] > skip and "step_ms" in j]
         if kept:
             rates[n] = (statistics.median(j["tokens_per_s"] for j in kept), statistics.median(j["step_ms"] for j in kept))
 print(f"{'GPUs':>4} {'tokens/s':>12} {'per GPU':>10} {'step ms':>9} {'efficiency':>10}")

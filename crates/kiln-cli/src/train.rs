@@ -93,6 +93,15 @@ fn run_training(
             tracing::info!("  {}  {}", describe_sum(&s.prompt, &s.completion), if s.correct { "✓" } else { "✗" });
         }
     }
+    if !summary.skipped.is_empty() {
+        tracing::warn!(
+            "the guard skipped the updates of {} step{} and rolled back {} time{} (train.guard; events in metrics.jsonl)",
+            summary.skipped.len(),
+            if summary.skipped.len() == 1 { "" } else { "s" },
+            summary.rollbacks.len(),
+            if summary.rollbacks.len() == 1 { "" } else { "s" }
+        );
+    }
     tracing::info!(
         "done: {} steps, median {:.0} tokens/s; metrics in {}",
         summary.steps,
