@@ -1,6 +1,7 @@
 //! The guard on every update, end to end on the CPU engine: a spike is skipped, spikes in a row roll back to a
 //! checkpoint and pass over the data that caused them, and what follows is exactly the run that skipped the same
-//! steps; trouble that outlasts the rollbacks ends the run; a resumed run decides as the original did.
+//! steps; trouble that outlasts the rollbacks ends the run; a resumed run decides as the original did; the ranks of a
+//! data-parallel job decide alike and roll back together, at every ZeRO stage.
 //!
 //! Spikes are injected: the guard is shown a loss of 1000 for chosen data positions, which stay bad when their step
 //! comes again after a rollback, as a bad batch would.
@@ -214,4 +215,46 @@ fn with_nothing_failing_the_guard_changes_nothing_and_off_a_non_finite_loss_ends
         }
     }));
     assert_eq!(run(&mut skipped).skipped, [4]);
+}
+
+#[test]
+fn ranks_decide_alike_and_roll_back_together_at_every_zero_stage() {
+    let (one_cfg, _) = config("ranks-one", &["train.micro_batch=8"]);
+    let one = run(&mut trainer(&one_cfg, SPIKES));
+    for zero in 0..=3 {
+        let name = format!("ranks-zero{zero}");
+        let (cfg, _) =
+            config(&name, &["train.micro_batch=4", "train.total_batch_tokens=104", &format!("dist.zero={zero}")]);
+        let comms = kiln_train::threads::group(2, std::time::Duration::from_secs(60));
+        let summaries: Vec<Summary> = std::thread::scope(|s| {
+            let ranks: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    let cfg = &cfg;
+                    s.spawn(move || {
+                        let mut t = Trainer::with_comm(cfg, CpuBackend::<f32>::new(), Box::new(comm)).unwrap();
+                        t.inject_faults(Box::new(|position, loss, _| {
+                            if SPIKES.contains(&position) {
+                                *loss = 1000.0;
+                            }
+                        }));
+                        run(&mut t)
+                    })
+                })
+                .collect();
+            ranks.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        for summary in &summaries {
+            assert_eq!((summary.skipped.as_slice(), summary.rollbacks.as_slice()), (&[8, 9, 10][..], &[(10, 6)][..]));
+            assert_eq!(summary.losses.len(), one.losses.len());
+            for (a, b) in summary.losses.iter().zip(&one.losses) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs(),
+                    "ZeRO stage {zero}: {:?} against one rank's {:?}",
+                    summary.losses,
+                    one.losses
+                );
+            }
+        }
+    }
 }
