@@ -39,9 +39,10 @@ pub enum BenchCommand {
         /// Steps run first and not measured (kernel caches, allocator and clock warm-up).
         #[arg(long, default_value_t = 3)]
         warmup: u64,
-        /// The device's dense peak, for MFU (default: the H100 SXM's bf16 dense peak).
-        #[arg(long, default_value_t = 989.0)]
-        peak_tflops: f64,
+        /// The device's dense peak in TFLOP/s, for MFU (default: the GPU's bf16 dense peak where kiln knows it, as
+        /// training's metrics use, else the H100 SXM's, 989).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
         #[command(flatten)]
         report: ReportArgs,
     },
@@ -185,13 +186,16 @@ pub fn run(command: BenchCommand) -> Result<()> {
     }
 }
 
+/// The H100 SXM's dense bf16 peak, which the anchors' MFU is measured against.
+const H100_SXM_BF16_TFLOPS: f64 = 989.0;
+
 const BENCH_CONFIG: &str = include_str!("../../../configs/bench-gpt2-124m.toml");
 
 #[derive(Clone, Copy)]
 struct TrainRun {
     steps: u64,
     warmup: u64,
-    peak_tflops: f64,
+    peak_tflops: Option<f64>,
 }
 
 fn train(config: &ConfigArgs, backend: BackendChoice, run: TrainRun, output: &ReportArgs) -> Result<()> {
@@ -258,7 +262,8 @@ fn train_on<B: Backend>(config: &Config, backend: B, gpu: Option<usize>, run: Tr
     );
     let tokens_per_s = tokens / (step_ms / 1e3);
     let tflops = tokens_per_s * flops_per_token / 1e12;
-    let mfu = tflops / run.peak_tflops;
+    let peak_tflops = run.peak_tflops.or(trainer.backend().peak_tflops()).unwrap_or(H100_SXM_BF16_TFLOPS);
+    let mfu = tflops / peak_tflops;
     let bytes = trainer.backend().allocated_bytes();
     println!("backend     {}", trainer.backend().name());
     println!(
@@ -276,7 +281,7 @@ fn train_on<B: Backend>(config: &Config, backend: B, gpu: Option<usize>, run: Tr
     println!(
         "throughput  {tokens_per_s:.0} tokens/s, {tflops:.2} TFLOP/s, MFU {:.1}% of {} TFLOP/s",
         mfu * 100.0,
-        run.peak_tflops
+        peak_tflops
     );
     println!("memory      {:.2} GiB allocated", bytes as f64 / (1u64 << 30) as f64);
     // Through the resolved TOML rather than serde_json directly: that fills in what was derived (the batch) and
@@ -293,7 +298,7 @@ fn train_on<B: Backend>(config: &Config, backend: B, gpu: Option<usize>, run: Tr
         "tokens_per_s": tokens_per_s,
         "tflops": tflops,
         "mfu": mfu,
-        "peak_tflops": run.peak_tflops,
+        "peak_tflops": peak_tflops,
         "data_ms": data_ms,
         "passes_ms": passes_ms,
         "queue_ms": queue_ms,
