@@ -23,8 +23,8 @@ pub fn doubling_sizes(min: u64, max: u64) -> Vec<u64> {
 pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     let binary = text.trim().ends_with(['K', 'M', 'G', 'k', 'm', 'g']);
     let bytes = kiln_core::memory::parse_bytes(&if binary { format!("{}iB", text.trim()) } else { text.into() })?;
-    if bytes % 4 != 0 {
-        return Err(format!("{text} is not a whole number of f32 elements (a multiple of 4 bytes)"));
+    if bytes == 0 || bytes % 4 != 0 {
+        return Err(format!("{text} is not a whole number of f32 elements (a positive multiple of 4 bytes)"));
     }
     Ok(bytes)
 }

@@ -39,8 +39,8 @@ pub enum BenchCommand {
         /// Steps run first and not measured (kernel caches, allocator and clock warm-up).
         #[arg(long, default_value_t = 3)]
         warmup: u64,
-        /// The device's dense peak in TFLOP/s, for MFU (default: the GPU's bf16 dense peak where kiln knows it, as
-        /// training's metrics use, else the H100 SXM's, 989).
+        /// The device's dense peak in TFLOP/s, for MFU (default: for a bf16 run, the GPU's dense bf16 peak where
+        /// kiln knows it, as training's metrics use; otherwise the H100 SXM's bf16 peak, 989, as the anchors use).
         #[arg(long)]
         peak_tflops: Option<f64>,
         #[command(flatten)]
@@ -323,7 +323,16 @@ fn attention(
         return Err(Error::Usage("--reps must be at least 1".into()));
     }
     let baselines = match &output.baseline {
-        Some(path) => Some(attention_baselines(&read_report(path)?, shapes, path)?),
+        Some(path) => {
+            let rows =
+                BaselineRows { command: "attention", list: "shapes", key: "shape", field: "forward_backward_tflops" };
+            let measured: Vec<(Value, String)> = shapes
+                .iter()
+                .map(attention_bench::describe)
+                .map(|shape| (shape.clone().into(), format!("shape {shape}")))
+                .collect();
+            Some(baseline_rates(&read_report(path)?, path, &rows, &measured)?)
+        }
         None => None,
     };
     let report = engine::on_engine(backend, AttentionRuns { shapes, precision, kernel, deterministic, runs })?;
@@ -421,7 +430,12 @@ fn attention_on<B: Backend>(
 fn allreduce(job: &Job, plan: &allreduce_bench::Plan, output: &ReportArgs) -> Result<()> {
     let (key, name) = compared_bandwidth(job.ranks());
     let baseline = match &output.baseline {
-        Some(path) => Some(allreduce_baselines(&read_report(path)?, &plan.sizes, key, path)?),
+        Some(path) => {
+            let rows = BaselineRows { command: "allreduce", list: "sizes", key: "bytes", field: key };
+            let measured: Vec<(Value, String)> =
+                plan.sizes.iter().map(|&bytes| (bytes.into(), format!("size of {bytes} bytes"))).collect();
+            Some(baseline_rates(&read_report(path)?, path, &rows, &measured)?)
+        }
         None => None,
     };
     let timeout = Duration::from_secs(DistConfig::default().timeout_s);
@@ -448,6 +462,8 @@ fn allreduce(job: &Job, plan: &allreduce_bench::Plan, output: &ReportArgs) -> Re
         Job::Launched(rank) => {
             let dist::JoinedRank { gpu, mut backend, mut comm, watch } = dist::join(rank, cuda, timeout)?;
             let seconds = allreduce_bench::measure(&mut backend, &mut comm, plan)?;
+            // The communicator goes first: the watch must outlive it.
+            drop(comm);
             drop(watch);
             AllreduceRun { backend: backend.name(), world: job.ranks(), gpu: Some(gpu), seconds }
         }
@@ -548,24 +564,6 @@ fn allreduce_report(plan: &allreduce_bench::Plan, run: &AllreduceRun) -> Value {
     })
 }
 
-/// The baseline's bandwidth `key` at each of `sizes`, in order; a size the baseline lacks is an error, so that a
-/// run is never passed without being compared.
-fn allreduce_baselines(report: &Value, sizes: &[u64], key: &str, path: &Path) -> Result<Vec<f64>> {
-    let expected = "a `kiln bench allreduce --json` report";
-    let entries =
-        report["sizes"].as_array().ok_or_else(|| Error::data(path, format!("no list \"sizes\": not {expected}")))?;
-    sizes
-        .iter()
-        .map(|&bytes| {
-            let entry = entries
-                .iter()
-                .find(|e| e["bytes"] == bytes)
-                .ok_or_else(|| Error::data(path, format!("the baseline has no size of {bytes} bytes")))?;
-            number(entry, key, path, expected)
-        })
-        .collect()
-}
-
 /// Where a report was measured, to tell whether two reports compare: the host, the CPU threads, and when a GPU ran
 /// it (ordinal `gpu`), that GPU and the CUDA libraries' versions (the driver's as the CUDA version it supports).
 fn machine(gpu: Option<usize>) -> Value {
@@ -619,21 +617,31 @@ fn number(object: &Value, key: &str, path: &Path, expected: &str) -> Result<f64>
     object[key].as_f64().ok_or_else(|| Error::data(path, format!("no number \"{key}\": not {expected}")))
 }
 
-/// The baseline's forward+backward TFLOP/s of each shape, in the order of `shapes`; a shape the baseline lacks is
-/// an error, so that a run is never passed without being compared.
-fn attention_baselines(report: &Value, shapes: &[AttentionDims], path: &Path) -> Result<Vec<f64>> {
-    let expected = "a `kiln bench attention --json` report";
-    let entries =
-        report["shapes"].as_array().ok_or_else(|| Error::data(path, format!("no list \"shapes\": not {expected}")))?;
-    shapes
+/// Where the baseline report of one `kiln bench` command keeps its rates: in the list `list`, one entry per
+/// measurement, found by its `key`, with the rate in `field`.
+struct BaselineRows<'a> {
+    command: &'a str,
+    list: &'a str,
+    key: &'a str,
+    field: &'a str,
+}
+
+/// The baseline's rate for each of `measured`, in order: each the value of the key of an entry this run measures,
+/// and how messages name it. A measurement the baseline lacks is an error, so that a run is never passed without
+/// being compared.
+fn baseline_rates(report: &Value, path: &Path, rows: &BaselineRows, measured: &[(Value, String)]) -> Result<Vec<f64>> {
+    let expected = format!("a `kiln bench {} --json` report", rows.command);
+    let entries = report[rows.list]
+        .as_array()
+        .ok_or_else(|| Error::data(path, format!("no list \"{}\": not {expected}", rows.list)))?;
+    measured
         .iter()
-        .map(|d| {
-            let shape = attention_bench::describe(d);
+        .map(|(wanted, name)| {
             let entry = entries
                 .iter()
-                .find(|e| e["shape"] == shape.as_str())
-                .ok_or_else(|| Error::data(path, format!("the baseline has no shape {shape}")))?;
-            number(entry, "forward_backward_tflops", path, expected)
+                .find(|e| &e[rows.key] == wanted)
+                .ok_or_else(|| Error::data(path, format!("the baseline has no {name}")))?;
+            number(entry, rows.field, path, &expected)
         })
         .collect()
 }

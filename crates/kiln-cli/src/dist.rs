@@ -322,6 +322,8 @@ pub fn train_process(
         trainer.resume(dir)?;
     }
     let summary = trainer.run(hooks, true);
+    // The communicator goes first: the watch must outlive it.
+    drop(trainer);
     drop(watch);
     summary
 }

@@ -119,7 +119,7 @@ pub fn write_model(
 }
 
 /// Writes the checkpoint of `progress` under `root`, with the tokenizer `codec` where the data has one, then deletes all
-/// but the newest `keep`. Every rank of a job calls it, and `fetch` is called in the same order on each (a ZeRO rank
+/// but the newest `keep`, and, while the guard counts failing steps, the one its rollback would return to. Every rank of a job calls it, and `fetch` is called in the same order on each (a ZeRO rank
 /// gathers each tensor from all of them); only the rank with `write` set touches the filesystem. Returns the
 /// checkpoint's directory.
 #[allow(clippy::too_many_arguments)]
@@ -155,8 +155,13 @@ pub fn save(
     published?;
     if write {
         let all = list(root);
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-            std::fs::remove_dir_all(old).map_err(io(old))?;
+        let guard = &progress.guard;
+        let rollback_target =
+            (guard.failed_in_a_row > 0).then(|| all.iter().rev().find(|(s, _)| *s <= guard.good_until)).flatten();
+        for (step, old) in all.iter().take(all.len().saturating_sub(keep)) {
+            if rollback_target.is_none_or(|(target, _)| target != step) {
+                std::fs::remove_dir_all(old).map_err(io(old))?;
+            }
         }
     }
     Ok(final_dir)

@@ -18,8 +18,9 @@ use kiln_core::config::GuardConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
-/// What the guard remembers between steps.
+/// What the guard remembers between steps. Fields added later read as their defaults from older checkpoints.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct GuardState {
     /// `(loss, gradient norm)` of the last applied updates, oldest first: at most `window` of them.
     pub recent: VecDeque<(f32, f32)>,

@@ -338,15 +338,32 @@ impl<B: Backend> Trainer<B> {
     /// The guard's rollback from the current step, which failed as the last of too many in a row: back to the newest
     /// checkpoint from no later than `good_until` (the step count before the first of those failures), whose newer
     /// ones are deleted as the run's abandoned future, and past the data from there to here. Returns the
-    /// checkpoint's step.
+    /// checkpoint's step. Every rank finds the checkpoint itself, and all must find the same one before any loads it.
     fn roll_back(&mut self, good_until: u64) -> Result<u64> {
         let root = self.checkpoint_root();
-        let Some((to, dir)) = checkpoint::list(&root).into_iter().rev().find(|(step, _)| *step <= good_until) else {
-            return Err(Error::Diverged(format!(
-                "the guard would roll back to a checkpoint from step {good_until} or earlier, but {} has none (set \
-                 train.checkpoint_every to keep some)",
-                root.display()
-            )));
+        let found = checkpoint::list(&root).into_iter().rev().find(|(step, _)| *step <= good_until);
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        // Each rank's find in its own slot, one more than the step so that 0 says "none".
+        let mut seen = vec![0.0f64; world];
+        seen[rank] = found.as_ref().map_or(0.0, |(step, _)| *step as f64 + 1.0);
+        self.comm.all_reduce_host(&mut self.backend, &mut seen)?;
+        let (to, dir) = match found {
+            Some(found) if seen.iter().all(|&s| s == seen[0]) => found,
+            _ if seen.iter().all(|&s| s == 0.0) => {
+                return Err(Error::Diverged(format!(
+                    "the guard would roll back to a checkpoint from step {good_until} or earlier, but {} has none \
+                     (set train.checkpoint_every to keep some)",
+                    root.display()
+                )));
+            }
+            _ => {
+                return Err(Error::Diverged(format!(
+                    "the guard would roll back, but the ranks find different checkpoints in {} (steps {:?}, 0 for \
+                     none): every rank must see the same out_dir/checkpoints (a shared filesystem)",
+                    root.display(),
+                    seen.iter().map(|&s| (s as u64).saturating_sub(1)).collect::<Vec<_>>()
+                )));
+            }
         };
         let from = self.step;
         let progress = self.load_checkpoint(&dir)?;
@@ -432,7 +449,7 @@ impl<B: Backend> Trainer<B> {
         if let (Some(m), Some(dir)) = (&mut metrics, &self.resumed_from) {
             m.append(&StepRecord {
                 step: self.step,
-                event: Some(Event::Resume { from: dir.clone() }),
+                event: Some(Event::Resume { from: dir.display().to_string() }),
                 ..Default::default()
             })?;
         }
@@ -473,7 +490,8 @@ impl<B: Backend> Trainer<B> {
                 tokens: Some(step * cfg.total_batch_tokens() as u64),
                 tokens_per_s: Some(tokens_per_s),
                 tflops: Some(tflops),
-                mfu: self.backend.peak_tflops().map(|peak| tflops / peak),
+                // The job's arithmetic over the peak of all its GPUs.
+                mfu: self.backend.peak_tflops().map(|peak| tflops / (peak * world as f64)),
                 rank_step_ms: (world > 1).then_some(rank_step_ms),
                 allocated_bytes: Some(self.backend.allocated_bytes()),
                 ..Default::default()
@@ -502,6 +520,11 @@ impl<B: Backend> Trainer<B> {
             }
             match verdict {
                 Verdict::Stop(why) => return Err(Error::Diverged(format!("step {step}: {why}; stopping"))),
+                Verdict::RollBack { why, .. } if !write_outputs => {
+                    return Err(Error::Diverged(format!(
+                        "step {step}: {why}, and this run writes no checkpoints to roll back to; stopping"
+                    )));
+                }
                 Verdict::RollBack { why, good_until } => {
                     let to = self.roll_back(good_until)?;
                     let state = &self.guard.state;
@@ -536,10 +559,11 @@ impl<B: Backend> Trainer<B> {
             }
             let interrupted = stop && !last;
             let every = train.checkpoint_every;
-            // Not while steps are failing: the checkpoint a rollback returns to comes from before them, and newer ones
-            // must not crowd it out.
+            // Not while steps are failing: the checkpoint a rollback returns to comes from before them (and is kept
+            // whatever else is written then). After a rollback, only on an interrupt: of the step returned to.
             let failing = self.guard.state.failed_in_a_row > 0;
-            let due = every > 0 && self.step == step && ((step % every == 0 && !failing) || last || interrupted);
+            let on_schedule = || self.step == step && ((step % every == 0 && !failing) || last);
+            let due = every > 0 && (on_schedule() || interrupted);
             if write_outputs && due {
                 let dir = self.save_checkpoint()?;
                 tracing::info!("step {step:>6}/{} | checkpoint {}", train.max_steps, dir.display());
@@ -666,17 +690,17 @@ impl<B: Backend> Trainer<B> {
         let local_loss = b.sum(model.losses)?;
         let passes_done = Instant::now();
         // Under ZeRO each rank holds the reduced gradients of its pieces only: the norm is the sum of the ranks'
-        // parts. Otherwise every rank holds all of them.
-        let mut squares = 0.0;
-        match share {
-            Some(share) => squares = b.sum_squares(share.share)? as f64,
+        // parts. Otherwise every rank holds all of them, and rank 0's sum is the one all take, so that every rank
+        // judges the same norm (the guard's verdict must not split them) whatever order another's sum took.
+        let squares = match share {
+            Some(share) => b.sum_squares(share.share)? as f64,
             None if zero == 1 => {
-                for &(start, _, len) in &self.owned {
-                    squares += b.sum_squares(model.grads.slice(start, len))? as f64;
-                }
+                let mut pieces = self.owned.iter().map(|&(start, _, len)| b.sum_squares(model.grads.slice(start, len)));
+                pieces.try_fold(0.0, |sum, piece| piece.map(|p| sum + f64::from(p)))?
             }
-            None => {}
-        }
+            None if rank == 0 => b.sum_squares(model.grads)? as f64,
+            None => 0.0,
+        };
         let agreed = &mut self.agreed;
         agreed.fill(0.0);
         agreed[0] = local_loss as f64;
@@ -691,7 +715,8 @@ impl<B: Backend> Trainer<B> {
         };
         comm.all_reduce_host(b, agreed)?;
         let mut loss = agreed[0] as f32 * dloss;
-        let mut grad_norm = if zero > 0 { agreed[1].sqrt() as f32 } else { b.sum_squares(model.grads)?.sqrt() };
+        // The square root in f64 of an f32, rounded to f32, is the f32 square root.
+        let mut grad_norm = agreed[1].sqrt() as f32;
         if let Some(fault) = &mut self.faults {
             fault(self.step + self.guard.state.data_skipped, &mut loss, &mut grad_norm);
         }

@@ -1,13 +1,12 @@
 //! The run's files: `config.toml` (the resolved configuration) and `metrics.jsonl` (one JSON object per line).
 //!
 //! Schema of a `metrics.jsonl` line: `step` (1-based), `loss` (mean training loss of the step), `lr`,
-//! `grad_norm` (global norm before clipping), `step_ms`, `tokens` (trained on through this step), `tokens_per_s`,
-//! `tflops` (the model's arithmetic per second: 6 per parameter and token plus attention's), `mfu` (`tflops` over the
-//! device's peak, where the engine knows it), `allocated_bytes` (what the engine holds, rank 0's: the same count
-//! `kiln plan` predicts as its allocated part), `rank_step_ms` (in a job of several ranks, each rank's own work in the
-//! step's passes, in ms: its device's time for them on a GPU, its time outside collectives on the CPU); steps that
-//! evaluate add
-//! `val_loss`; the last step of a synthetic-addition run adds `exact_match` (fraction of held-out sums answered
+//! `grad_norm` (global norm before clipping), `step_ms`, `tokens` (the batches of the steps so far, skipped ones
+//! included: step × tokens per step), `tokens_per_s`, `tflops` (the job's model arithmetic per second: 6 per parameter
+//! and token plus attention's), `mfu` (`tflops` over the peak of all the job's devices, where the engine knows it),
+//! `allocated_bytes` (what the engine holds, rank 0's: the same count `kiln plan` predicts as its allocated part),
+//! `rank_step_ms` (in a job of several ranks, each rank's own work in the step's passes, in ms: its device's time for
+//! them on a GPU, its time outside collectives on the CPU); steps that evaluate add `val_loss`; the last step of a synthetic-addition run adds `exact_match` (fraction of held-out sums answered
 //! exactly). A step whose update the guard skipped adds `"event": "skip"` and `why`. Two kinds of line mark what
 //! happened to the run rather than a step: `{"step", "event": "rollback", "to_step", "why", "rollbacks",
 //! "data_skipped"}` after the step that rolled back to the checkpoint of `to_step` (the steps after it come again),
@@ -57,7 +56,7 @@ pub struct StepRecord {
 pub enum Event {
     Skip { why: String },
     Rollback { to_step: u64, why: String, rollbacks: u32, data_skipped: u64 },
-    Resume { from: PathBuf },
+    Resume { from: String },
 }
 
 pub struct Metrics {
@@ -83,7 +82,8 @@ impl Metrics {
 
     /// Appends one line and flushes it, so that a crash loses nothing already reported.
     pub fn append(&mut self, record: &StepRecord) -> Result<()> {
-        let line = serde_json::to_string(record).expect("a record of plain numbers serialises");
+        let line = serde_json::to_string(record)
+            .map_err(|e| Error::Invalid(format!("a line of {}: {e}", self.path.display())))?;
         writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
     }
 }
@@ -91,9 +91,10 @@ impl Metrics {
 /// The lines of a `metrics.jsonl` up to the last line of step `step`, rollbacks before it and the steps they undid
 /// included; or, when no line has that step (a file of another run), those of steps up to it.
 fn history_until(text: &str, step: u64) -> String {
+    // A line's step, and whether it is a step's own line (a skipped one too) rather than an event's.
     let fields = |line: &str| {
         let v = serde_json::from_str::<serde_json::Value>(line).ok();
-        v.map(|v| (v["step"].as_u64(), v["loss"].is_number()))
+        v.map(|v| (v["step"].as_u64(), v["event"].is_null() || v["event"] == "skip"))
     };
     let lines: Vec<&str> = text.lines().collect();
     let kept: Vec<&str> = match lines.iter().rposition(|l| fields(l) == Some((Some(step), true))) {
@@ -110,15 +111,12 @@ mod tests {
     #[test]
     fn a_resumed_run_keeps_the_history_up_to_its_step_rollbacks_included() {
         let line = |step: u64, loss: f32| format!("{{\"step\":{step},\"loss\":{loss}}}");
-        let rollback = r#"{"step":4,"event":"rollback","to_step":2}"#;
-        let text =
-            [line(1, 5.0), line(2, 4.0), line(3, 3.0), line(4, 9.0), rollback.into(), line(3, 3.5), line(4, 3.4)]
-                .join("\n");
-        let kept = history_until(&text, 3);
-        assert_eq!(
-            kept.lines().collect::<Vec<_>>(),
-            [line(1, 5.0), line(2, 4.0), line(3, 3.0), line(4, 9.0), rollback.into(), line(3, 3.5)]
-        );
+        let rollback = r#"{"step":4,"event":"rollback","to_step":2}"#.to_string();
+        // JSON has no NaN: a skipped step's non-finite loss is null.
+        let skipped = r#"{"step":3,"event":"skip","why":"NaN","loss":null}"#.to_string();
+        let history = [line(1, 5.0), line(2, 4.0), line(3, 3.0), line(4, 9.0), rollback, skipped];
+        let text = [&history[..], &[line(4, 3.4)]].concat().join("\n");
+        assert_eq!(history_until(&text, 3).lines().collect::<Vec<_>>(), history);
         // A step never written: the lines up to it.
         assert_eq!(history_until(&[line(1, 5.0), line(3, 3.0)].join("\n"), 2), format!("{}\n", line(1, 5.0)));
     }

@@ -117,8 +117,9 @@ impl Failures {
 
 /// Runs `world` ranks as threads of this process: rank 0 as `lead` on the calling thread, whose result is
 /// returned, and every other rank `r` as `rank(r, …)` on a thread of its own. A rank that fails records its error
-/// in the [`Failures`] it is given (so does one that panics, or whose thread cannot start) and returns `None`; the
-/// others stop at their next collective, and the error of the first rank to fail is returned.
+/// in the [`Failures`] it is given (so does one whose thread cannot start) and returns `None`; one that panics
+/// raises the flag, and its panic goes on once the others have ended. The others stop at their next collective, and
+/// the error of the first rank to fail is returned.
 pub fn run_ranks<T>(
     world: usize,
     lead: impl FnOnce(&Failures) -> Option<T>,

@@ -161,6 +161,13 @@ fn trouble_that_outlasts_the_rollbacks_ends_the_run() {
         panic!("the run did not stop")
     };
     assert!(message.contains("set train.checkpoint_every"), "{message}");
+
+    // Nor can a run that writes no checkpoints roll back (to another run's, say).
+    let (cfg, _) = config("stop-no-outputs", &[]);
+    let Err(Error::Diverged(message)) = trainer(&cfg, SPIKES).run(&mut Hooks::default(), false) else {
+        panic!("the run did not stop")
+    };
+    assert!(message.contains("this run writes no checkpoints to roll back to"), "{message}");
 }
 
 #[test]
@@ -168,15 +175,16 @@ fn a_resumed_run_makes_the_guards_decisions_again() {
     let (cfg, dir) = config("resume", &[]);
     let whole = run(&mut trainer(&cfg, SPIKES));
 
-    // Interrupted after step 9, between two skips: its checkpoint is written, with the guard's count of failures.
-    let (interrupted_cfg, interrupted_dir) = config("resume-interrupted", &[]);
+    // Interrupted after step 9, between two skips: its checkpoint is written, with the guard's count of failures,
+    // and the checkpoint a rollback would return to is kept beside it, though only one is kept otherwise.
+    let (interrupted_cfg, interrupted_dir) = config("resume-interrupted", &["train.keep_checkpoints=1"]);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let on_step = Box::new(move |step| flag.store(step == 8, Ordering::Relaxed));
     let mut hooks = Hooks { stop, on_step: Some(on_step) };
     let first = trainer(&interrupted_cfg, SPIKES).run(&mut hooks, true);
     assert!(matches!(first, Err(Error::Interrupted)), "{first:?}");
-    assert_eq!(checkpoint_steps(&interrupted_dir), [3, 6, 9]);
+    assert_eq!(checkpoint_steps(&interrupted_dir), [6, 9]);
 
     let mut resumed = trainer(&interrupted_cfg, SPIKES);
     resumed.resume(&checkpoint_of(&interrupted_dir, 9)).unwrap();
@@ -184,8 +192,7 @@ fn a_resumed_run_makes_the_guards_decisions_again() {
     assert_eq!((rest.skipped.as_slice(), rest.rollbacks.as_slice()), (&[10][..], &[(10, 6)][..]));
     assert_eq!(rest.first_step, 6);
     assert_eq!(rest.losses, whole.losses[6..], "the resumed run rolled back as the whole one did");
-    // The checkpoint of step 9 belonged to the future the rollback abandoned.
-    assert_eq!(checkpoint_steps(&interrupted_dir), [12, 15, 16]);
+    assert_eq!(checkpoint_steps(&interrupted_dir), [16]);
     let resumes = events(&metrics(&interrupted_dir), "resume").len();
     assert_eq!(resumes, 1);
     assert_eq!(metrics(&dir).len() + 1, metrics(&interrupted_dir).len());
