@@ -2,7 +2,8 @@
 # The project's tests. Besides Rust they need NVRTC and the CUDA headers, to compile every kernel (no GPU needed):
 # on first use this installs pip's nvidia-cuda-nvrtc and nvidia-cuda-runtime wheels into target/cuda-wheels,
 # pinned to 13.0.88, the NVRTC of the GPU machine the kernels are checked on. Then the attention, normalisation,
-# rotary, SwiGLU and embedding kernels run under the CPU emulation of CUDA against a double-precision reference
+# rotary, SwiGLU and embedding kernels, and the step's sums, AdamW, classifier, GELU and add, run under the CPU
+# emulation of CUDA against a double-precision reference
 # (scripts/emulate/README.md; needs g++ with AddressSanitizer). Arguments go to cargo test and select tests: with
 # any, the emulation is left out.
 set -euo pipefail

@@ -1,6 +1,6 @@
-// What the tests of the normalisation, rotary, SwiGLU and embedding kernels share: random inputs, the engine's
-// launch shapes, the normwise error against a double-precision reference, and the count of failed checks. Include it
-// after the kernel file, which defines floatX, to_x and to_f32.
+// What the tests of the normalisation, rotary, SwiGLU, embedding and the step's other kernels share: random inputs,
+// the engine's launch shapes, the normwise error against a double-precision reference, and the count of failed
+// checks. Include it after the kernel file, which defines floatX, to_x and to_f32.
 #pragma once
 #include <algorithm>
 #include <cmath>

@@ -27,6 +27,8 @@ common() { grep -v '#include <cuda_bf16.h>' "$root/kernels/common.cuh"; }
 } > "$out/norm_all.inc"
 { common; cat "$root/kernels/rope.cu"; } > "$out/rope_all.inc"
 { common; cat "$root/kernels/swiglu.cu"; } > "$out/swiglu_all.inc"
+# The step's kernels that are not a layer's, in one file: sums, AdamW, the classifier, GELU, add.
+{ common; cat "$root"/kernels/{reduce,adamw,classifier,gelu,add}.cu; } > "$out/step_all.inc"
 flags=(-std=c++20 -O2 -g -fsanitize=address -Wall -Wno-unused-function -Wno-unknown-pragmas -I"$here" -I"$out")
 g++ "${flags[@]}" -o "$out/test_flash" "$here/test_flash.cpp"
 # The kernel file picks some tiles by architecture (__CUDA_ARCH__, undefined here: sm_80's choice); sm_90a's too,
@@ -35,8 +37,8 @@ g++ "${flags[@]}" -D__CUDA_ARCH__=900 -D__CUDA_ARCH_FEAT_SM90_ALL -o "$out/test_
 g++ "${flags[@]}" -o "$out/test_unfused_fp32" "$here/test_unfused.cpp"
 g++ "${flags[@]}" -DKILN_BF16 -o "$out/test_unfused_bf16" "$here/test_unfused.cpp"
 quiet=(-Wno-strict-aliasing -Wno-maybe-uninitialized)
-# The normalisation, rotary, SwiGLU and embedding kernels, each in fp32 and in bf16.
-small=(encoder norm rope swiglu)
+# The normalisation, rotary, SwiGLU and embedding kernels, and the step's others, each in fp32 and in bf16.
+small=(encoder norm rope swiglu step)
 for test in "${small[@]}"; do
   g++ "${flags[@]}" "${quiet[@]}" -o "$out/test_${test}_fp32" "$here/test_$test.cpp"
   g++ "${flags[@]}" "${quiet[@]}" -DKILN_BF16 -o "$out/test_${test}_bf16" "$here/test_$test.cpp"
