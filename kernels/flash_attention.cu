@@ -85,7 +85,9 @@
 // issued. Tiles are stored unpadded in wgmma's 128-byte swizzle (swizzled_at); each warp stages its output in padded
 // rows of its own in a region the loop is done with. A warpgroup skips a tile only when all its 64 rows have nothing
 // to add. Each product is waited for before its result is read: a warpgroup's elementwise steps do not overlap its
-// own products, as FlashAttention-3 arranges; other warpgroups fill the gaps. Forward tiles: at D = 64, 64 keys in
+// own products, as FlashAttention-3 arranges; other warpgroups fill the gaps. (The forward's pipelined form,
+// flash_forward_pipelined, does overlap them, as FlashAttention-3 also does; the engine runs it only when
+// KILN_FLASH_WGMMA asks, until a GPU has timed it.) Forward tiles: at D = 64, 64 keys in
 // 112 registers, two blocks a multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers,
 // one block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 149 (dq),
 // 162 (dkv) and 168 (dkv_dq) registers at D = 64. At D = 128 the dq kernel takes 168; the dkv kernel has one role,
@@ -258,6 +260,54 @@ __device__ __forceinline__ void store_rows(bf16* dst, long stride, int valid_row
     }
 }
 
+// Issues acc (a warpgroup's 64 rows × N) += A·Bᵀ on wgmma, summed over D, as add_abt computes it, and commits it as
+// one group: acc may be read, and the tiles overwritten, only after a wgmma_wait that completes the group (then
+// wgmma_settle(acc)).
+template <int D, int N, int A_ROWS>
+__device__ __forceinline__ void issue_abt_wgmma(float (&acc)[N / 8][4], unsigned a_tile, int a_first,
+                                                unsigned b_tile) {
+    static_assert(D % 64 == 0 && N % 64 == 0, "wgmma tiles are made of 64-column blocks");
+#pragma unroll
+    for (int n = 0; n < N / 64; n++) wgmma_settle(&acc[n * 8]);
+    wgmma_fence();
+#pragma unroll
+    for (int kb = 0; kb < D / 16; kb++) {
+        const unsigned long long a = wgmma_descriptor(a_tile + swizzled_at<A_ROWS>(a_first / 64 * 64, kb * 16), 16, 1024);
+#pragma unroll
+        for (int n = 0; n < N / 64; n++)
+            wgmma_64x64_ss<false, false>(&acc[n * 8], a,
+                                         wgmma_descriptor(b_tile + swizzled_at<N>(n * 64, kb * 16), 16, 1024));
+    }
+    wgmma_commit();
+}
+
+// Issues acc (a warpgroup's 64 rows × D) += A·B on wgmma, summed over K, as add_ab computes it, and commits it as one
+// group (see issue_abt_wgmma). The descriptor gives 1024 as both offsets: a 64-column product never uses the one
+// between blocks of 64 columns, so either reading of which offset steps over 8 rows of an MN-major operand finds 1024
+// there.
+template <int D, int K>
+__device__ __forceinline__ void issue_ab_wgmma(float (&acc)[D / 8][4], const unsigned (&a)[K / 16][4], unsigned b_tile) {
+    static_assert(D % 64 == 0 && K % 64 == 0, "wgmma tiles are made of 64-column blocks");
+#pragma unroll
+    for (int n = 0; n < D / 64; n++) wgmma_settle(&acc[n * 8]);
+    wgmma_fence();
+#pragma unroll
+    for (int kb = 0; kb < K / 16; kb++)
+#pragma unroll
+        for (int n = 0; n < D / 64; n++) {
+            const unsigned long long b = wgmma_descriptor(b_tile + swizzled_at<K>(kb * 16, n * 64), 1024, 1024);
+            wgmma_64x64_rs_mn(&acc[n * 8], a[kb], b);
+        }
+    wgmma_commit();
+}
+
+// After the wgmma_wait that completed acc's products: its registers may be read.
+template <int N>
+__device__ __forceinline__ void settle_wgmma(float (&acc)[N / 8][4]) {
+#pragma unroll
+    for (int n = 0; n < N / 64; n++) wgmma_settle(&acc[n * 8]);
+}
+
 // acc (this warp's 16 rows × N) += A·Bᵀ, summed over D: A from the tile at a_tile (A_ROWS rows), B the N rows of
 // the tile at b_tile (S = Q·Kᵀ in the forward and dq kernels, dP = dO·Vᵀ in dq, Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ in dkv).
 // On mma.sync, A is the warp's own 16 rows from a_first, and both operands are read as fragments by ldmatrix from
@@ -267,23 +317,9 @@ template <int D, int N, int A_ROWS, bool WGMMA>
 __device__ __forceinline__ void add_abt(float (&acc)[N / 8][4], unsigned a_tile, int a_first, unsigned b_tile,
                                         int lane) {
     if constexpr (WGMMA) {
-        static_assert(D % 64 == 0 && N % 64 == 0, "wgmma tiles are made of 64-column blocks");
-#pragma unroll
-        for (int n = 0; n < N / 64; n++) wgmma_settle(&acc[n * 8]);
-        wgmma_fence();
-#pragma unroll
-        for (int kb = 0; kb < D / 16; kb++) {
-            const unsigned long long a =
-                wgmma_descriptor(a_tile + swizzled_at<A_ROWS>(a_first / 64 * 64, kb * 16), 16, 1024);
-#pragma unroll
-            for (int n = 0; n < N / 64; n++)
-                wgmma_64x64_ss<false, false>(&acc[n * 8], a,
-                                             wgmma_descriptor(b_tile + swizzled_at<N>(n * 64, kb * 16), 16, 1024));
-        }
-        wgmma_commit();
+        issue_abt_wgmma<D, N, A_ROWS>(acc, a_tile, a_first, b_tile);
         wgmma_wait<0>();
-#pragma unroll
-        for (int n = 0; n < N / 64; n++) wgmma_settle(&acc[n * 8]);
+        settle_wgmma<N>(acc);
     } else {
         const unsigned a = a_tile + at<D>(a_first, 0) + a_fragment_lane<D>(lane), b = b_tile + b_fragment_lane<D>(lane);
 #pragma unroll
@@ -304,28 +340,14 @@ __device__ __forceinline__ void add_abt(float (&acc)[N / 8][4], unsigned a_tile,
 // acc (this warp's 16 rows × D) += A·B, summed over K: A (16 × K, the warp's rows) given as bf16 A fragments, B the
 // K rows of the tile at b_tile (O += P·V in the forward, dQ += dS·K in dq, dV += Pᵀ·dO and dK += dSᵀ·Q in dkv). On
 // mma.sync B is read transposed by ldmatrix from a padded tile; on wgmma (WGMMA) it is read by the warpgroup's
-// products from a swizzled tile, MN-major, and the products are waited for before this returns. The descriptor gives
-// 1024 as both offsets: a 64-column product never uses the one between blocks of 64 columns, so either reading of
-// which offset steps over 8 rows of an MN-major operand finds 1024 there.
+// products from a swizzled tile, MN-major (issue_ab_wgmma), and the products are waited for before this returns.
 template <int D, int K, bool WGMMA>
 __device__ __forceinline__ void add_ab(float (&acc)[D / 8][4], const unsigned (&a)[K / 16][4], unsigned b_tile,
                                        int lane) {
     if constexpr (WGMMA) {
-        static_assert(D % 64 == 0 && K % 64 == 0, "wgmma tiles are made of 64-column blocks");
-#pragma unroll
-        for (int n = 0; n < D / 64; n++) wgmma_settle(&acc[n * 8]);
-        wgmma_fence();
-#pragma unroll
-        for (int kb = 0; kb < K / 16; kb++)
-#pragma unroll
-            for (int n = 0; n < D / 64; n++) {
-                const unsigned long long b = wgmma_descriptor(b_tile + swizzled_at<K>(kb * 16, n * 64), 1024, 1024);
-                wgmma_64x64_rs_mn(&acc[n * 8], a[kb], b);
-            }
-        wgmma_commit();
+        issue_ab_wgmma<D, K>(acc, a, b_tile);
         wgmma_wait<0>();
-#pragma unroll
-        for (int n = 0; n < D / 64; n++) wgmma_settle(&acc[n * 8]);
+        settle_wgmma<D>(acc);
     } else {
         const unsigned b = b_tile + a_fragment_lane<D>(lane);
 #pragma unroll
@@ -371,12 +393,13 @@ __device__ __forceinline__ void scale_scores(float (&x)[M][BC / 8][4], float (&r
 }
 
 // The online-softmax update of a warp's 16·M queries (row0 the first) for one tile of BC keys from k0, whose scores
-// Q·Kᵀ are in x (mma's accumulator layout): x becomes P = 2^(x − m'), and O, m and l are brought up to date but for
-// O's P·V, which the caller adds.
-template <int D, int M, int BC>
-__device__ __forceinline__ void softmax_tile(float (&x)[M][BC / 8][4], float (&o)[M][D / 8][4], float (&m)[M][2],
-                                             float (&l)[M][2], int k0, int row0, int T, int causal, float scale_log2,
-                                             int lane) {
+// Q·Kᵀ are in x (mma's accumulator layout), but for O: x becomes P = 2^(x − m'), m and l are brought up to date, and
+// `correction` gets the factor each row of O is to be multiplied by (rescale_rows). Returns whether any row of this
+// lane has a new maximum.
+template <int M, int BC>
+__device__ __forceinline__ bool softmax_scores(float (&x)[M][BC / 8][4], float (&m)[M][2], float (&l)[M][2],
+                                               float (&correction)[M][2], int k0, int row0, int T, int causal,
+                                               float scale_log2, int lane) {
     float row_max[M][2];
     if (keys_need_mask(k0, BC, row0, T, causal)) {
         int last[M][2];
@@ -391,7 +414,6 @@ __device__ __forceinline__ void softmax_tile(float (&x)[M][BC / 8][4], float (&o
     } else {
         scale_scores<M, BC, false>(x, row_max, {}, scale_log2);
     }
-    float correction[M][2];
     bool rescale = false;
 #pragma unroll
     for (int mt = 0; mt < M; mt++) {
@@ -417,8 +439,14 @@ __device__ __forceinline__ void softmax_tile(float (&x)[M][BC / 8][4], float (&o
             l[mt][half] = l[mt][half] * correction[mt][half] + sum;
         }
     }
-    // O is rescaled only when a row of the warp has a new maximum, which past the first tiles of a row is rare: the
-    // branch is the same for the whole warp, which then skips D/2·M multiplications a lane.
+    return rescale;
+}
+
+// O's part of the online-softmax update: each row times its correction (softmax_scores). O is rescaled only when a
+// row of the warp has a new maximum (`rescale` in some lane), which past the first tiles of a row is rare: the branch
+// is the same for the whole warp, which then skips D/2·M multiplications a lane.
+template <int D, int M>
+__device__ __forceinline__ void rescale_rows(float (&o)[M][D / 8][4], const float (&correction)[M][2], bool rescale) {
     if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
         for (int mt = 0; mt < M; mt++) {
@@ -429,6 +457,16 @@ __device__ __forceinline__ void softmax_tile(float (&x)[M][BC / 8][4], float (&o
             }
         }
     }
+}
+
+// The whole online-softmax update but for O's P·V, which the caller adds: softmax_scores, then rescale_rows.
+template <int D, int M, int BC>
+__device__ __forceinline__ void softmax_tile(float (&x)[M][BC / 8][4], float (&o)[M][D / 8][4], float (&m)[M][2],
+                                             float (&l)[M][2], int k0, int row0, int T, int causal, float scale_log2,
+                                             int lane) {
+    float correction[M][2];
+    const bool rescale = softmax_scores<M, BC>(x, m, l, correction, k0, row0, T, causal, scale_log2, lane);
+    rescale_rows<D, M>(o, correction, rescale);
 }
 
 // One tile of BC keys for a warp's 16·M queries (row0 the first), on mma.sync: the online-softmax update of o, m, l.
@@ -491,6 +529,33 @@ __device__ __forceinline__ void forward_tile_wgmma(float (&o)[1][D / 8][4], floa
 #pragma unroll
     for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], x[0], kb);
     add_ab<D, BC, true>(o[0], p, v_tile, lane);
+}
+
+// The end of a forward for a warp's 16·M queries (row0 the first): each row's O divided by its sum l, written to out
+// through 16·M padded rows of shared memory from `staging` that only this warp uses, and its log-sum-exp to lse.
+template <int D, int M>
+__device__ __forceinline__ void store_forward(bf16* out, float* lse, float (&o)[M][D / 8][4], const float (&m)[M][2],
+                                              const float (&l)[M][2], unsigned staging, int b, int h, int row0, int T,
+                                              int NH, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < M; mt++) {
+        float inverse[2];
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const float sum = row_sum4(l[mt][half]);
+            inverse[half] = sum > 0.0f ? 1.0f / sum : 0.0f;
+            const int row = row0 + mt * 16 + acc_row(lane, 2 * half);
+            if (lane % 4 == 0 && row < T) lse[((long)b * NH + h) * T + row] = (m[mt][half] + log2f(sum)) * FLASH_LN2;
+        }
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            o[mt][n][0] *= inverse[0], o[mt][n][1] *= inverse[0];
+            o[mt][n][2] *= inverse[1], o[mt][n][3] *= inverse[1];
+        }
+        const int row = row0 + mt * 16;
+        store_rows<D>(out + ((long)b * T + row) * NH * D + h * D, (long)NH * D, T - row, o[mt], 1.0f,
+                      staging + at<D>(mt * 16, 0), lane);
+    }
 }
 
 // Grid (query tiles, NH, B); shared memory: Q (BR rows), then two stages of K and of V (BC rows each). On mma.sync
@@ -559,26 +624,97 @@ __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16*
     // are swizzled, 16 padded rows of its own in the K and V stages, which the loop is done with.
     static_assert(!WGMMA || THREADS / 32 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, WGMMA>(4 * BC),
                   "the staging rows fit in the K and V stages");
-#pragma unroll
-    for (int mt = 0; mt < M; mt++) {
-        float inverse[2];
-#pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const float sum = row_sum4(l[mt][half]);
-            inverse[half] = sum > 0.0f ? 1.0f / sum : 0.0f;
-            const int row = row0 + mt * 16 + acc_row(lane, 2 * half);
-            if (lane % 4 == 0 && row < T) lse[((long)b * NH + h) * T + row] = (m[mt][half] + log2f(sum)) * FLASH_LN2;
+    const unsigned staging = WGMMA ? k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0) : q_tile + at<D>(first, 0);
+    store_forward<D, M>(out, lse, o, m, l, staging, b, h, row0, T, NH, lane);
+}
+
+// The forward on wgmma with each warpgroup's products pipelined, FlashAttention-3's overlap inside a warpgroup: for
+// each tile j, the warpgroup issues S_j = Q·K_jᵀ and then the previous tile's O += P_{j−1}·V_{j−1}, waits for S_j
+// alone, and computes the softmax of S_j while the tensor cores still work on P_{j−1}·V_{j−1}; only then does it wait
+// for O, which it rescales. The last tile a warpgroup takes adds its P·V at once. The arithmetic is the unpipelined
+// forward's, in the same order, on the same tiles: the results are the same bit for bit. P_{j−1} stays in registers
+// as the next product's A fragments (BC/4 of them) beside S_j (BC/2 floats) and O (D/2): at D = 128 and 128 keys a
+// tile, 236 registers (226 unpipelined), without spills. V_{j−1} is read while tile j+1 is loaded, so V has three
+// stages, K two: at D = 128, 192 KiB of shared memory. Grid and block as flash_forward's on wgmma; shared memory: Q
+// (BR rows), two stages of K and three of V (BC rows each).
+template <int D, int BC>
+__device__ constexpr unsigned pipelined_forward_shared_bytes() {
+    return tile_bytes<D, true>(2 * 64 + 5 * BC);
+}
+template <int D, int BC>
+__device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,
+                                                        int causal) {
+    constexpr int THREADS = forward_threads<true>(), BR = 2 * 64;
+    check_launch(pipelined_forward_shared_bytes<D, BC>(), THREADS);
+    const unsigned q_tile = shared_address(flash_shared), k_tiles = q_tile + tile_bytes<D, true>(BR),
+                   v_tiles = k_tiles + tile_bytes<D, true>(2 * BC);
+    if (q_tile % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
+    const auto k_stage = [=](int j) { return k_tiles + j % 2 * tile_bytes<D, true>(BC); };
+    const auto v_stage = [=](int j) { return v_tiles + j % 3 * tile_bytes<D, true>(BC); };
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    const bf16* seq = qkv + (long)b * T * W;
+    const bf16* keys = seq + (NH + g) * D;
+    const bf16* values = seq + (NH + KVH + g) * D;
+    const int tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
+
+    load_tile<BR, D, THREADS, true>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
+    load_tile<BC, D, THREADS, true>(k_stage(0), keys, W, T);
+    load_tile<BC, D, THREADS, true>(v_stage(0), values, W, T);
+    cp_async_commit();
+
+    const int first = warp * FLASH_WARP_ROWS, row0 = q0 + first;  // this warp's first query, in tile and sequence
+    const int group_row0 = q0 + first / 64 * 64;                   // its warpgroup's
+    // The warpgroup takes tiles up to its last (causal: the last that reaches its queries).
+    const int group_tiles = causal ? min(tiles, (group_row0 + 64 + BC - 1) / BC) : tiles;
+    float o[1][D / 8][4] = {}, m[1][2] = {{NEG_INF, NEG_INF}}, l[1][2] = {};
+    unsigned p[BC / 16][4];  // P of the tile whose O += P·V is still to be issued, when `pending`
+    bool pending = false;
+    const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
+    for (int j = 0; j < tiles; j++) {
+        // Tile j has landed, and every warpgroup is done with tile j − 1's K and tile j − 2's V, whose stages the
+        // copies of tile j + 1 take.
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (j + 1 < tiles) {
+            const int next = (j + 1) * BC;
+            load_tile<BC, D, THREADS, true>(k_stage(j + 1), keys + (long)next * W, W, T - next);
+            load_tile<BC, D, THREADS, true>(v_stage(j + 1), values + (long)next * W, W, T - next);
+            cp_async_commit();
         }
-#pragma unroll
-        for (int n = 0; n < D / 8; n++) {
-            o[mt][n][0] *= inverse[0], o[mt][n][1] *= inverse[0];
-            o[mt][n][2] *= inverse[1], o[mt][n][3] *= inverse[1];
+        if (group_row0 >= T || j >= group_tiles) continue;
+        float x[1][BC / 8][4] = {};
+        issue_abt_wgmma<D, BC, BR>(x[0], q_tile, first, k_stage(j));
+        if (pending) {
+            issue_ab_wgmma<D, BC>(o[0], p, v_stage(j - 1));
+            wgmma_wait<1>();
+        } else {
+            wgmma_wait<0>();
         }
-        const int row = row0 + mt * 16;
-        const unsigned staging =
-            WGMMA ? k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0) : q_tile + at<D>(first + mt * 16, 0);
-        store_rows<D>(out + ((long)b * T + row) * NH * D + h * D, (long)NH * D, T - row, o[mt], 1.0f, staging, lane);
+        settle_wgmma<BC>(x[0]);
+        float correction[1][2];
+        const bool rescale = softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
+        if (pending) {
+            wgmma_wait<0>();
+            settle_wgmma<D>(o[0]);
+        }
+        rescale_rows<D, 1>(o, correction, rescale);
+#pragma unroll
+        for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], x[0], kb);
+        pending = j + 1 < group_tiles;
+        if (!pending) {
+            issue_ab_wgmma<D, BC>(o[0], p, v_stage(j));
+            wgmma_wait<0>();
+            settle_wgmma<D>(o[0]);
+        }
     }
+    __syncthreads();  // every warpgroup is done with the K and V stages, where the output is staged
+
+    // Each warp stages its output in 16 padded rows of its own in the K and V stages.
+    static_assert(THREADS / 32 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, true>(5 * BC), "the staging rows fit");
+    store_forward<D, 1>(out, lse, o, m, l, k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0), b, h, row0, T, NH, lane);
 }
 
 // ---- backward -----------------------------------------------------------------------------------------------------
@@ -1104,7 +1240,21 @@ FLASH_ATTENTION(128, 2, 64, 32, 64, 2, 3, 0)
 #else
 FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
 #endif
+// On sm_90a, at head dimensions 64 and 128, the forward on wgmma also comes pipelined (flash_forward_pipelined),
+// with BC keys a tile and blocks a multiprocessor MIN_BLOCKS, and its dynamic shared memory and threads a block in
+// flash_attention_launch_wgmma_pipelined_dD. The engine runs it only when KILN_FLASH_WGMMA asks for it.
+#define FLASH_FORWARD_PIPELINED(D, BC, MIN_BLOCKS)                                                                     \
+    extern "C" __constant__ unsigned flash_attention_launch_wgmma_pipelined_d##D[2] = {                                \
+        pipelined_forward_shared_bytes<D, BC>(), forward_threads<true>()};                                             \
+    extern "C" __global__ void __launch_bounds__(forward_threads<true>(), MIN_BLOCKS)                                  \
+        flash_attention_forward_wgmma_pipelined_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,   \
+                                                     int causal) {                                                     \
+        flash_forward_pipelined<D, BC>(out, lse, qkv, T, NH, KVH, causal);                                             \
+    }
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 FLASH_ATTENTION_WGMMA(64, 64, 2, 64, 64, 1, 0, 0)
 FLASH_ATTENTION_WGMMA(128, 128, 1, 64, 64, 1, 0, 2)
+FLASH_FORWARD_PIPELINED(64, 64, 2)
+FLASH_FORWARD_PIPELINED(128, 128, 1)
 #endif

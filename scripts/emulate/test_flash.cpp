@@ -26,7 +26,8 @@ static const unsigned* launch_table(int D) {
 
 // Built as sm_90a (__CUDA_ARCH_FEAT_SM90_ALL), the kernel file also has every kernel on wgmma for some head
 // dimensions, with their own launch table (laid out as flash_attention_launch_dD); the engine runs them instead of
-// the mma.sync ones unless KILN_FLASH_WGMMA says otherwise. Both are tested.
+// the mma.sync ones unless KILN_FLASH_WGMMA says otherwise. And the forward on wgmma comes pipelined too. All are
+// tested: the pipelined forward followed by the backward on wgmma.
 static bool has_wgmma_kernels(int D) {
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
     return D == 64 || D == 128;
@@ -38,7 +39,8 @@ static bool has_wgmma_kernels(int D) {
 
 struct Shape {
     int B, T, NH, KVH, D, causal;
-    bool wgmma;  // the kernels on wgmma
+    bool wgmma;      // the kernels on wgmma
+    bool pipelined;  // and the forward's pipelined form (flash_attention_launch_wgmma_pipelined_dD)
 };
 
 static int failures = 0;
@@ -50,7 +52,7 @@ static void report(const char* what, const Shape& s, double err, double tol) {
     if (!ok) failures++;
     if (!ok || std::getenv("VERBOSE"))
         std::printf("%s %-4s B%d T%d H%d/%d D%d %s%s: error %.2e\n", ok ? "ok  " : "FAIL", what, s.B, s.T, s.NH,
-                    s.KVH, s.D, s.causal ? "causal" : "full", s.wgmma ? " (wgmma)" : "", err);
+                    s.KVH, s.D, s.causal ? "causal" : "full", s.pipelined ? " (wgmma, pipelined)" : s.wgmma ? " (wgmma)" : "", err);
 }
 
 // max |got − want| / max |want| over the selected elements.
@@ -78,9 +80,14 @@ static void run(const Shape& s) {
     out.poison(), lse.poison(), dqkv.poison(), row_dot.poison(), dqkv_atomic.poison();
     std::fill(dq_sum.p, dq_sum.p + dq_sum.n, 0.0f);
 
+    // The forward's shared memory and threads, from its own table when pipelined.
+    const unsigned* forward = nullptr;
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
     if (s.wgmma) tiles = D == 64 ? flash_attention_launch_wgmma_d64 : flash_attention_launch_wgmma_d128;
+    if (s.pipelined)
+        forward = D == 64 ? flash_attention_launch_wgmma_pipelined_d64 : flash_attention_launch_wgmma_pipelined_d128;
 #endif
+    const unsigned forward_shared = forward ? forward[0] : tiles[1], forward_threads = forward ? forward[1] : tiles[5];
     const unsigned fwd_grid = (T + tiles[0] - 1) / tiles[0], bwd_grid = (T + 63) / 64;
 #define DISPATCH(NAME, ...)                                             \
     switch (D) {                                                        \
@@ -96,13 +103,37 @@ static void run(const Shape& s) {
         else NAME##_wgmma_d128(__VA_ARGS__);                            \
         return;                                                         \
     }
+#define DISPATCH_PIPELINED(NAME, ...)                                   \
+    if (s.pipelined) {                                                  \
+        if (D == 64) NAME##_wgmma_pipelined_d64(__VA_ARGS__);           \
+        else NAME##_wgmma_pipelined_d128(__VA_ARGS__);                  \
+        return;                                                         \
+    }
 #else
 #define DISPATCH_WGMMA(NAME, ...)
+#define DISPATCH_PIPELINED(NAME, ...)
 #endif
-    launch({fwd_grid, (unsigned)NH, (unsigned)B}, tiles[5], tiles[1], [&] {
+    launch({fwd_grid, (unsigned)NH, (unsigned)B}, forward_threads, forward_shared, [&] {
+        DISPATCH_PIPELINED(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
         DISPATCH_WGMMA(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
         DISPATCH(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
     });
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    // The pipelined forward reorders only when each product is waited for, not the arithmetic: its output and lse
+    // are the unpipelined one's, bit for bit.
+    if (s.pipelined) {
+        Array<__nv_bfloat16> unpipelined_out(out.n);
+        Array<float> unpipelined_lse(lse.n);
+        unpipelined_out.poison(), unpipelined_lse.poison();
+        launch({fwd_grid, (unsigned)NH, (unsigned)B}, tiles[5], tiles[1], [&] {
+            if (D == 64) flash_attention_forward_wgmma_d64(unpipelined_out.p, unpipelined_lse.p, qkv.p, T, NH, KVH, s.causal);
+            else flash_attention_forward_wgmma_d128(unpipelined_out.p, unpipelined_lse.p, qkv.p, T, NH, KVH, s.causal);
+        });
+        const bool same = std::memcmp(out.p, unpipelined_out.p, out.n * 2) == 0 &&
+                          std::memcmp(lse.p, unpipelined_lse.p, lse.n * 4) == 0;
+        report("O lse as unpipelined", s, same ? 0 : 1, 0);
+    }
+#endif
     const size_t rows = (size_t)B * T * NH;
     launch({(unsigned)((rows * 8 + 255) / 256), 1, 1}, 256, 0,
            [&] { flash_attention_row_dot(row_dot.p, dout.p, out.p, B, T, NH, D); });
@@ -212,9 +243,10 @@ int main(int argc, char** argv) {
         for (int T : lengths)
             for (int causal = 0; causal < 2; causal++)
                 for (int kvh : {4, 2, 1})
-                    for (bool wgmma : {false, true}) {
+                    for (int kernels = 0; kernels < 3; kernels++) {
+                        const bool wgmma = kernels > 0, pipelined = kernels == 2;
                         if (wgmma && !has_wgmma_kernels(D)) continue;
-                        run({2, T, 4, kvh, D, causal, wgmma});
+                        run({2, T, 4, kvh, D, causal, wgmma, pipelined});
                         cases++;
                     }
     for (auto& [what, e] : worst) std::printf("largest error %-4s %.2e\n", what.c_str(), e);

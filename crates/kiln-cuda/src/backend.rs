@@ -80,10 +80,10 @@ const MAX_HEAD_DIM: usize = 128;
 const FLASH_BLOCK_ROWS: usize = 64;
 
 /// Per head dimension the fused attention kernels (kernels/flash_attention.cu) are built for: the forward, dq, dkv
-/// and dkv-with-atomic-dQ kernels, and the same on wgmma, which sm_90a has for some.
+/// and dkv-with-atomic-dQ kernels, the same on wgmma, which sm_90a has for some, and the pipelined forward on wgmma.
 macro_rules! flash_kernels {
     ($($d:literal),*) => {
-        [$(($d, [
+        [$(($d, concat!("flash_attention_forward_wgmma_pipelined_d", $d), [
             concat!("flash_attention_forward_d", $d),
             concat!("flash_attention_backward_dq_d", $d),
             concat!("flash_attention_backward_dkv_d", $d),
@@ -96,27 +96,31 @@ macro_rules! flash_kernels {
         ])),*]
     };
 }
-type FlashKernelNames = (usize, [&'static str; 4], [&'static str; 4]);
+type FlashKernelNames = (usize, &'static str, [&'static str; 4], [&'static str; 4]);
 const FLASH_KERNELS: [FlashKernelNames; 4] = flash_kernels!(32, 64, 96, 128);
 
 /// Whether the fused attention kernels are built for `head_dim`.
 pub(crate) fn fused_head_dim(head_dim: usize) -> bool {
-    FLASH_KERNELS.iter().any(|(built, _, _)| *built == head_dim)
+    FLASH_KERNELS.iter().any(|(built, ..)| *built == head_dim)
 }
 
 /// Which fused kernels run on wgmma where the module has them (sm_90a at head dimensions 64 and 128); elsewhere they
 /// run on mma.sync. `KILN_FLASH_WGMMA` lists `forward`, `backward` (the dq and dkv kernels, or the dkv kernel with
 /// atomic dQ), or `none`, comma-separated; unset or empty means both, the default since they passed the self-test
 /// and beat the mma.sync kernels on an H200 and an H100 (docs/benchmarks.md). `none` keeps the mma.sync kernels.
+/// `pipelined` runs the forward on wgmma in its pipelined form (flash_forward_pipelined in the kernel file), which
+/// the CPU emulation has checked but no GPU has yet timed: not a default until one measures it faster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashWgmma {
     pub forward: bool,
     pub backward: bool,
+    /// The forward's pipelined form (with `forward`).
+    pub pipelined: bool,
 }
 
 impl FlashWgmma {
     pub const VARIABLE: &'static str = "KILN_FLASH_WGMMA";
-    const BOTH: FlashWgmma = FlashWgmma { forward: true, backward: true };
+    const BOTH: FlashWgmma = FlashWgmma { forward: true, backward: true, pipelined: false };
 
     /// The choice `value` (the variable's value, if set) names.
     pub fn parse(value: Option<&str>) -> Result<FlashWgmma> {
@@ -124,16 +128,17 @@ impl FlashWgmma {
         if parts.is_empty() {
             return Ok(FlashWgmma::BOTH);
         }
-        let mut choice = FlashWgmma { forward: false, backward: false };
+        let mut choice = FlashWgmma { forward: false, backward: false, pipelined: false };
         for part in parts {
             match part {
                 "forward" => choice.forward = true,
                 "backward" => choice.backward = true,
+                "pipelined" => (choice.forward, choice.pipelined) = (true, true),
                 "none" => {}
                 other => {
                     return Err(Error::Usage(format!(
                         "{}: {other:?} is not a part of the fused attention; expected \"forward\", \"backward\", \
-                         both (comma-separated) or \"none\"",
+                         \"pipelined\" (the forward's pipelined form), several of them (comma-separated) or \"none\"",
                         FlashWgmma::VARIABLE
                     )));
                 }
@@ -175,7 +180,7 @@ impl FlashTiles {
     fn read(cubin: &[u8], wgmma: FlashWgmma) -> Result<Vec<FlashTiles>> {
         FLASH_KERNELS
             .into_iter()
-            .map(|(head_dim, kernels, wgmma_kernels)| {
+            .map(|(head_dim, pipelined_forward, kernels, wgmma_kernels)| {
                 let words = flash_launch_table(cubin, head_dim)?;
                 let mut tiles = FlashTiles {
                     head_dim,
@@ -193,6 +198,10 @@ impl FlashTiles {
                     }
                     if wgmma.forward {
                         tiles.forward_rows = w[0] as usize;
+                    }
+                    if let (true, Some(p)) = (wgmma.pipelined, flash_pipelined_launch_table(cubin, head_dim)?) {
+                        (tiles.shared_bytes[Self::FORWARD], tiles.threads[Self::FORWARD]) = (p[0], p[1]);
+                        tiles.kernels[Self::FORWARD] = pipelined_forward;
                     }
                 }
                 Ok(tiles)
@@ -222,6 +231,12 @@ pub fn flash_launch_table(cubin: &[u8], head_dim: usize) -> Result<[u32; 9]> {
 /// laid out as [`flash_launch_table`]'s.
 pub fn flash_wgmma_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 9]>> {
     launch_words(cubin, &format!("flash_attention_launch_wgmma_d{head_dim}"))
+}
+
+/// `flash_attention_launch_wgmma_pipelined_d{head_dim}`, where the CUBIN has the pipelined forward on wgmma for that
+/// head dimension (sm_90a): its dynamic shared memory and its threads a block.
+pub fn flash_pipelined_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 2]>> {
+    launch_words(cubin, &format!("flash_attention_launch_wgmma_pipelined_d{head_dim}"))
 }
 
 /// The N 32-bit words of the launch table `name` in a CUBIN, if it defines one; none may be zero.
@@ -1220,11 +1235,16 @@ mod tests {
     #[test]
     fn the_wgmma_kernels_are_the_default_chosen_by_part_and_a_typo_is_a_usage_error() {
         let parse = |v| FlashWgmma::parse(v).unwrap();
-        let none = FlashWgmma { forward: false, backward: false };
-        let forward = FlashWgmma { forward: true, backward: false };
+        let none = FlashWgmma { forward: false, backward: false, pipelined: false };
+        let forward = FlashWgmma { forward: true, ..none };
         assert_eq!((parse(None), parse(Some(""))), (FlashWgmma::BOTH, FlashWgmma::BOTH));
         assert_eq!((parse(Some("none")), parse(Some("forward"))), (none, forward));
         assert_eq!(parse(Some("backward, forward")), FlashWgmma::BOTH);
+        let pipelined = FlashWgmma { pipelined: true, ..FlashWgmma::BOTH };
+        assert_eq!(
+            (parse(Some("pipelined,backward")), parse(Some("forward,pipelined,backward"))),
+            (pipelined, pipelined)
+        );
         let err = FlashWgmma::parse(Some("forward,bakward")).unwrap_err();
         assert!(matches!(err, Error::Usage(_)), "{err}");
         assert!(err.to_string().contains("KILN_FLASH_WGMMA") && err.to_string().contains("bakward"), "{err}");

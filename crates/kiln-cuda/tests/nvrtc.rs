@@ -3,7 +3,7 @@
 //! Needs NVRTC and the CUDA headers but no GPU: `.ci/run` installs pip's nvidia-cuda-nvrtc and
 //! nvidia-cuda-runtime wheels and points LD_LIBRARY_PATH and CUDA_HOME at them.
 
-use kiln_cuda::backend::{flash_launch_table, flash_wgmma_launch_table};
+use kiln_cuda::backend::{flash_launch_table, flash_pipelined_launch_table, flash_wgmma_launch_table};
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
 
@@ -99,6 +99,18 @@ fn fused_attention_exports_its_launch_shapes() {
             } else {
                 assert_eq!(table, None, "{arch} D={d}");
                 assert!(!names.iter().any(|n| built.entry_points.contains(n)), "{arch}: {names:?}");
+            }
+            // The pipelined forward on wgmma, where the others are, with the same tiles as the unpipelined one: Q,
+            // then two stages of K and three of V.
+            let pipelined =
+                flash_pipelined_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
+            let name = format!("flash_attention_forward_wgmma_pipelined_d{d}");
+            if arch == "sm_90a" && keys > 0 {
+                assert_eq!(pipelined, Some([(128 + 5 * keys) * d as u32 * 2, 256]), "{arch} D={d}");
+                assert!(built.entry_points.contains(&name), "{arch}: {name}");
+            } else {
+                assert_eq!(pipelined, None, "{arch} D={d}");
+                assert!(!built.entry_points.contains(&name), "{arch}: {name}");
             }
         }
     }
