@@ -3,10 +3,10 @@
 # train the same 4-layer, 128-wide character-level GPT on Tiny Shakespeare, alternately, ROUNDS times each, so
 # that both see the same machine conditions. Prints each run's median tokens/s.
 #
-#   scripts/bench-cpu.sh [DATA] [STEPS] [ROUNDS]     defaults: ../shared/data/tinyshakespeare.txt 500 3
+#   scripts/bench-cpu.sh [DATA] [STEPS] [ROUNDS]     defaults: data/tinyshakespeare.txt 500 3 (README: where to get it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data=${1:-../shared/data/tinyshakespeare.txt}
+data=${1:-data/tinyshakespeare.txt}
 steps=${2:-500}
 rounds=${3:-3}
 cargo build --release --quiet

@@ -138,7 +138,7 @@ def get_lr(step, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
+    p.add_argument("--data", default="data/tinyshakespeare.txt")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
