@@ -558,6 +558,29 @@ __device__ __forceinline__ void store_forward(bf16* out, float* lse, float (&o)[
     }
 }
 
+// What a forward block of BR queries works on: its sequence's rows (W elements each), its first query, its key/value
+// group's keys and values, and how many tiles of BC keys it takes. Causal query tiles further down see more keys:
+// they go first, so that the short ones fill the tail. Its Q tile and the first tile of keys and values are loaded
+// (one cp.async group) into q_tile, k_tile and v_tile.
+struct ForwardBlock {
+    int W, q0, tiles;
+    const bf16 *keys, *values;
+};
+template <int D, int BR, int BC, int THREADS, bool WGMMA>
+__device__ __forceinline__ ForwardBlock start_forward(unsigned q_tile, unsigned k_tile, unsigned v_tile,
+                                                      const bf16* qkv, int T, int NH, int KVH, int causal) {
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    const bf16* seq = qkv + (long)b * T * W;
+    const ForwardBlock block{W, q0, ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC, seq + (NH + g) * D,
+                             seq + (NH + KVH + g) * D};
+    load_tile<BR, D, THREADS, WGMMA>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
+    load_tile<BC, D, THREADS, WGMMA>(k_tile, block.keys, W, T);
+    load_tile<BC, D, THREADS, WGMMA>(v_tile, block.values, W, T);
+    cp_async_commit();
+    return block;
+}
+
 // Grid (query tiles, NH, B); shared memory: Q (BR rows), then two stages of K and of V (BC rows each). On mma.sync
 // (WGMMA false) a block is 4 warps of 16·M queries each and its tiles are padded; on wgmma, 2 warpgroups of 64
 // queries (M = 1 a warp) and its tiles swizzled. A warp (a warpgroup on wgmma) whose queries are all past the end,
@@ -572,19 +595,9 @@ __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16*
     const unsigned q_tile = shared_address(flash_shared), k_tiles = q_tile + tile_bytes<D, WGMMA>(BR),
                    v_tiles = k_tiles + tile_bytes<D, WGMMA>(2 * BC);
     if (WGMMA && q_tile % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
-    // Causal query tiles further down see more keys: they go first, so that the short ones fill the tail.
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
-    const bf16* seq = qkv + (long)b * T * W;
-    const bf16* keys = seq + (NH + g) * D;
-    const bf16* values = seq + (NH + KVH + g) * D;
-    const int tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
-
-    load_tile<BR, D, THREADS, WGMMA>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
-    load_tile<BC, D, THREADS, WGMMA>(k_tiles, keys, W, T);
-    load_tile<BC, D, THREADS, WGMMA>(v_tiles, values, W, T);
-    cp_async_commit();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, h = blockIdx.y, b = blockIdx.z;
+    const auto [W, q0, tiles, keys, values] =
+        start_forward<D, BR, BC, THREADS, WGMMA>(q_tile, k_tiles, v_tiles, qkv, T, NH, KVH, causal);
 
     const int first = warp * FLASH_WARP_ROWS * M, row0 = q0 + first;  // this warp's first query, in tile and sequence
     const int group_first = first / GROUP_ROWS * GROUP_ROWS, group_row0 = q0 + group_first;
@@ -651,18 +664,9 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
     if (q_tile % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
     const auto k_stage = [=](int j) { return k_tiles + j % 2 * tile_bytes<D, true>(BC); };
     const auto v_stage = [=](int j) { return v_tiles + j % 3 * tile_bytes<D, true>(BC); };
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
-    const bf16* seq = qkv + (long)b * T * W;
-    const bf16* keys = seq + (NH + g) * D;
-    const bf16* values = seq + (NH + KVH + g) * D;
-    const int tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
-
-    load_tile<BR, D, THREADS, true>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
-    load_tile<BC, D, THREADS, true>(k_stage(0), keys, W, T);
-    load_tile<BC, D, THREADS, true>(v_stage(0), values, W, T);
-    cp_async_commit();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, h = blockIdx.y, b = blockIdx.z;
+    const auto [W, q0, tiles, keys, values] =
+        start_forward<D, BR, BC, THREADS, true>(q_tile, k_stage(0), v_stage(0), qkv, T, NH, KVH, causal);
 
     const int first = warp * FLASH_WARP_ROWS, row0 = q0 + first;  // this warp's first query, in tile and sequence
     const int group_row0 = q0 + first / 64 * 64;                   // its warpgroup's
