@@ -41,7 +41,8 @@ pub fn bus_bandwidth(algorithm_bandwidth: f64, world: usize) -> f64 {
     algorithm_bandwidth * 2.0 * (world - 1) as f64 / world as f64
 }
 
-/// Elements checked per download: the check needs little host memory whatever the buffer's size.
+/// Elements filled per upload and checked per download: the check needs little host memory whatever the buffer's
+/// size.
 const CHECK_CHUNK: usize = 1 << 20;
 
 /// The value rank `rank` puts at element `i` before the checked all-reduce: small whole numbers, so that every
@@ -65,9 +66,12 @@ pub fn measure<B: Backend + ?Sized>(backend: &mut B, comm: &mut dyn Communicator
         )));
     }
     let buffer = backend.alloc((largest / 4) as usize, Role::Grad)?;
-    let values: Vec<f32> = (0..buffer.len).map(|i| filled(rank, i)).collect();
-    backend.upload(buffer, &values)?;
-    drop(values);
+    let mut host = vec![0.0; CHECK_CHUNK.min(buffer.len)];
+    for start in (0..buffer.len).step_by(CHECK_CHUNK) {
+        let len = CHECK_CHUNK.min(buffer.len - start);
+        host[..len].iter_mut().zip(start..).for_each(|(v, i)| *v = filled(rank, i));
+        backend.upload(buffer.slice(start, len), &host[..len])?;
+    }
     comm.all_reduce(backend, buffer)?;
     comm.wait(backend)?;
     // Rank 0 checks the sums, and every rank learns its verdict, so that all stop together on a wrong sum rather
@@ -80,8 +84,8 @@ pub fn measure<B: Backend + ?Sized>(backend: &mut B, comm: &mut dyn Communicator
             format!("{} of {} sums on rank 0 are wrong after one all-reduce of {world} ranks", wrong[0], buffer.len),
         ));
     }
-    // Each rank's time in its own slot; summed, the slots hold every rank's, and the slowest is the job's.
-    let mut seconds = vec![0.0; plan.sizes.len() * world];
+    // This rank's time at each size; the slowest rank's is the job's.
+    let mut seconds = vec![0.0; plan.sizes.len()];
     for (s, &bytes) in plan.sizes.iter().enumerate() {
         let t = buffer.slice(0, (bytes / 4) as usize);
         for _ in 0..plan.warmup {
@@ -98,10 +102,11 @@ pub fn measure<B: Backend + ?Sized>(backend: &mut B, comm: &mut dyn Communicator
         // Collectives on a device are queued: the clock is read only once they have finished.
         comm.wait(backend)?;
         backend.synchronize()?;
-        seconds[s * world + rank] = started.elapsed().as_secs_f64() / plan.iters as f64;
+        seconds[s] = started.elapsed().as_secs_f64() / plan.iters as f64;
     }
-    comm.all_reduce_host(backend, &mut seconds)?;
-    Ok(seconds.chunks(world).map(|ranks| ranks.iter().copied().fold(0.0, f64::max)).collect())
+    let every_rank = comm.gather_host(backend, &seconds)?;
+    let slowest = |s: usize| every_rank.iter().skip(s).step_by(plan.sizes.len()).copied().fold(0.0, f64::max);
+    Ok((0..plan.sizes.len()).map(slowest).collect())
 }
 
 /// How many elements of `buffer`, after one all-reduce of `world` ranks filled by [`filled`], are not the sum.

@@ -21,6 +21,16 @@ pub trait Communicator<B: Backend + ?Sized> {
     /// Sums `values` over all ranks, in place; every rank receives bit-identical sums. Waits for the result.
     fn all_reduce_host(&mut self, backend: &mut B, values: &mut [f64]) -> Result<()>;
 
+    /// Every rank's `mine` (of the same length on each), rank after rank, on every rank: each rank's values in its
+    /// own slot of a host sum, the others' slots zero.
+    fn gather_host(&mut self, backend: &mut B, mine: &[f64]) -> Result<Vec<f64>> {
+        let mut all = vec![0.0; mine.len() * self.world()];
+        let start = mine.len() * self.rank();
+        all[start..start + mine.len()].copy_from_slice(mine);
+        self.all_reduce_host(backend, &mut all)?;
+        Ok(all)
+    }
+
     /// Starts summing `t` over all ranks, in place.
     fn all_reduce(&mut self, backend: &mut B, t: Tensor) -> Result<()>;
 

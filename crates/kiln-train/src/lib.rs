@@ -282,14 +282,11 @@ impl<B: Backend> Trainer<B> {
     /// checkpoint it resumes from by itself, and an `out_dir` that is not shared between nodes could hand them
     /// different ones, which the collectives would never notice.
     fn check_ranks_agree(&mut self) -> Result<()> {
-        let (rank, world) = (self.comm.rank(), self.comm.world());
-        if world == 1 {
+        if self.comm.world() == 1 {
             return Ok(());
         }
-        let mut seen = vec![0.0f64; 2 * world];
-        seen[2 * rank] = self.step as f64;
-        seen[2 * rank + 1] = self.backend.sum(self.model.params)? as f64;
-        self.comm.all_reduce_host(&mut self.backend, &mut seen)?;
+        let mine = [self.step as f64, self.backend.sum(self.model.params)? as f64];
+        let seen = self.comm.gather_host(&mut self.backend, &mine)?;
         match seen.chunks(2).position(|other| other != &seen[..2]) {
             None => Ok(()),
             Some(other) => Err(Error::Usage(format!(
@@ -342,11 +339,9 @@ impl<B: Backend> Trainer<B> {
     fn roll_back(&mut self, good_until: u64) -> Result<u64> {
         let root = self.checkpoint_root();
         let found = checkpoint::list(&root).into_iter().rev().find(|(step, _)| *step <= good_until);
-        let (rank, world) = (self.comm.rank(), self.comm.world());
-        // Each rank's find in its own slot, one more than the step so that 0 says "none".
-        let mut seen = vec![0.0f64; world];
-        seen[rank] = found.as_ref().map_or(0.0, |(step, _)| *step as f64 + 1.0);
-        self.comm.all_reduce_host(&mut self.backend, &mut seen)?;
+        // Every rank's find: one more than the step, so that 0 says "none".
+        let mine = found.as_ref().map_or(0.0, |(step, _)| *step as f64 + 1.0);
+        let seen = self.comm.gather_host(&mut self.backend, &[mine])?;
         let (to, dir) = match found {
             Some(found) if seen.iter().all(|&s| s == seen[0]) => found,
             _ if seen.iter().all(|&s| s == 0.0) => {
@@ -998,11 +993,9 @@ fn capacity<B: Backend>(
         }
         false => 0,
     };
-    // Each rank's in its own slot, one more than the bytes so that 0 can say "unknown".
-    let mut seen = vec![0.0f64; comm.world()];
-    seen[comm.rank()] =
-        backend.free_bytes().map_or(0.0, |free| (free + backend.allocated_bytes() + taken_outside) as f64 + 1.0);
-    comm.all_reduce_host(backend, &mut seen)?;
+    // Every rank's, one more than the bytes so that 0 can say "unknown".
+    let mine = backend.free_bytes().map_or(0.0, |free| (free + backend.allocated_bytes() + taken_outside) as f64 + 1.0);
+    let seen = comm.gather_host(backend, &[mine])?;
     Ok(seen.iter().all(|&s| s > 0.0).then(|| seen.iter().fold(f64::MAX, |a, &b| a.min(b)) as u64 - 1))
 }
 
