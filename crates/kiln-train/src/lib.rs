@@ -4,12 +4,12 @@
 //! guard has passed over data), run forward and backward over each micro-batch with gradients accumulating, take the
 //! global gradient norm, let the [`guard`] judge the loss and the norm (from the host numbers the step reads anyway),
 //! and unless it skips the step, clip and apply AdamW with the scheduled learning rate, decaying only the weight
-//! matrices and embeddings. After too many skips in a row the guard rolls the run back to a checkpoint. Every `eval_every` steps the
-//! validation loss is measured on the same held-out sequences each time. The caller sees progress through
-//! [`Hooks`] and the results through [`Summary`]; the trainer logs with `tracing` and appends one JSON object per
-//! step to `out_dir/metrics.jsonl`. Around the loop: [`checkpoint`]s for exact resume and Hugging Face interchange,
-//! written and read a tensor at a time ([`tensor_files`]), weights from llm.c's files ([`llmc`]), and, apart from
-//! training, a model read from any such directory for sampling and scoring ([`inference`]).
+//! matrices and embeddings. After too many skips in a row the guard rolls the run back to a checkpoint. Every
+//! `eval_every` steps the validation loss is measured on the same held-out sequences each time. The caller sees
+//! progress through [`Hooks`] and the results through [`Summary`]; the trainer logs with `tracing` and appends one JSON
+//! object per step to `out_dir/metrics.jsonl`. Around the loop: [`checkpoint`]s for exact resume and Hugging Face
+//! interchange, written and read a tensor at a time ([`tensor_files`]), weights from llm.c's files ([`llmc`]), and,
+//! apart from training, a model read from any such directory for sampling and scoring ([`inference`]).
 //!
 //! Data parallelism is part of every step, through a [`Communicator`] (a job of one rank has one that does
 //! nothing): each rank draws its own rows of the global batch ([`parallel`]), the last micro-batch's backward pass
@@ -161,8 +161,6 @@ pub struct StepStats {
     pub stop: bool,
     /// The guard's verdict on the step: unless it is [`Verdict::Apply`], the update was left out.
     pub verdict: Verdict,
-    /// Each rank's own work in the step's passes, in ms: on a device, the device's time for them.
-    pub rank_step_ms: Vec<f64>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -192,10 +190,9 @@ impl<B: Backend> Trainer<B> {
         let Allocated { model, m, v, owned, updates, buckets, share, weights } =
             Allocated::new(&mut backend, &config, shape, mb, world, rank)
                 .map_err(|e| Error::backend(backend.name(), format!("{e}\n{}", plan.describe())))?;
-        let put = &mut |b: &mut B, range: Range<usize>, values: &[f32]| match &weights {
-            Some(w) => put_pieces(b, &owned, w.share, range, values),
-            None => b.upload(model.params.slice(range.start, range.len()), values),
-        };
+        let weight_share = weights.as_ref().map(|w| w.share);
+        let put =
+            &mut |b: &mut B, range, values: &[f32]| put_weights(b, &owned, weight_share, model.params, range, values);
         match config.model.init.as_deref().map(|i| i.split_once(':')) {
             None => {
                 let len = model.units.last().map_or(0, |u| u.end);
@@ -315,17 +312,18 @@ impl<B: Backend> Trainer<B> {
     fn load_checkpoint(&mut self, dir: &Path) -> Result<Progress> {
         let (owned, m, v, params) = (&self.owned, self.m, self.v, self.model.params);
         let share = self.weights.as_ref().map(|w| w.share);
-        // Each tensor's moments go to the pieces of it this rank updates, where they sit in m and v; so do the
-        // weights under ZeRO stage 3.
+        // Each tensor's moments go to the pieces of it this rank updates, where they sit in m and v.
         let progress =
-            checkpoint::load(dir, &self.model, &mut self.backend, &mut |backend, source, range, values| match (
-                source, share,
-            ) {
-                (Source::M, _) => put_pieces(backend, owned, m, range, values),
-                (Source::V, _) => put_pieces(backend, owned, v, range, values),
-                (Source::Params, Some(share)) => put_pieces(backend, owned, share, range, values),
-                (Source::Params, None) => backend.upload(params.slice(range.start, range.len()), values),
-            })?;
+            checkpoint::load(
+                dir,
+                &self.model,
+                &mut self.backend,
+                &mut |backend, source, range, values| match source {
+                    Source::M => put_pieces(backend, owned, m, range, values),
+                    Source::V => put_pieces(backend, owned, v, range, values),
+                    Source::Params => put_weights(backend, owned, share, params, range, values),
+                },
+            )?;
         self.step = progress.step;
         self.gather_resident()?;
         self.check_ranks_agree()?;
@@ -382,6 +380,12 @@ impl<B: Backend> Trainer<B> {
     #[doc(hidden)]
     pub fn inject_faults(&mut self, fault: Fault) {
         self.faults = Some(fault);
+    }
+
+    /// Each rank's own work in the last step's passes, in ms, rank by rank: on a device, the device's time for them;
+    /// on the host, the time outside collectives.
+    pub fn rank_step_ms(&self) -> &[f64] {
+        &self.agreed[3..]
     }
 
     pub fn backend(&self) -> &B {
@@ -454,7 +458,7 @@ impl<B: Backend> Trainer<B> {
         while self.step < train.max_steps {
             let started = Instant::now();
             self.stop_requested = hooks.stop.load(Ordering::Relaxed);
-            let StepStats { loss, grad_norm, lr, stop, verdict, rank_step_ms, .. } = self.train_step()?;
+            let StepStats { loss, grad_norm, lr, stop, verdict, .. } = self.train_step()?;
             let seconds = started.elapsed().as_secs_f64();
             step_times.push(seconds);
             let step = self.step;
@@ -473,7 +477,7 @@ impl<B: Backend> Trainer<B> {
                      tok/s{}",
                     train.max_steps,
                     seconds * 1e3,
-                    describe_ranks(&rank_step_ms)
+                    describe_ranks(self.rank_step_ms())
                 );
             }
             let mut record = StepRecord {
@@ -487,7 +491,7 @@ impl<B: Backend> Trainer<B> {
                 tflops: Some(tflops),
                 // The job's arithmetic over the peak of all its GPUs.
                 mfu: self.backend.peak_tflops().map(|peak| tflops / (peak * world as f64)),
-                rank_step_ms: (world > 1).then_some(rank_step_ms),
+                rank_step_ms: (world > 1).then(|| self.rank_step_ms().to_vec()),
                 allocated_bytes: Some(self.backend.allocated_bytes()),
                 ..Default::default()
             };
@@ -583,13 +587,14 @@ impl<B: Backend> Trainer<B> {
         let cfg = &self.config;
         let (mb, t, accumulation) = (self.micro_batch, cfg.model.block_size, self.accumulation);
         let rank = self.comm.rank();
+        let position = self.step + self.guard.state.data_skipped;
         for micro in 0..accumulation {
             for row in 0..mb {
                 let global = parallel::global_row(rank, micro, row, accumulation, mb);
                 let range = (micro * mb + row) * t..(micro * mb + row + 1) * t;
                 self.data.train_sequence(
                     cfg.train.seed,
-                    self.step + self.guard.state.data_skipped,
+                    position,
                     global,
                     &mut self.inputs[range.clone()],
                     &mut self.targets[range],
@@ -713,7 +718,7 @@ impl<B: Backend> Trainer<B> {
         // The square root in f64 of an f32, rounded to f32, is the f32 square root.
         let mut grad_norm = agreed[1].sqrt() as f32;
         if let Some(fault) = &mut self.faults {
-            fault(self.step + self.guard.state.data_skipped, &mut loss, &mut grad_norm);
+            fault(position, &mut loss, &mut grad_norm);
         }
         // Every rank judges the same numbers the same way, so all take the same branch below.
         let verdict = self.guard.judge(self.step, loss, grad_norm);
@@ -777,7 +782,6 @@ impl<B: Backend> Trainer<B> {
             optimizer_ms: ms(passes_done, done),
             stop: self.agreed[2] > 0.0,
             verdict,
-            rank_step_ms: self.agreed[3..].to_vec(),
         })
     }
 
@@ -1017,6 +1021,22 @@ fn put_pieces<B: Backend + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// Writes weights `values`, elements `range` of the flat parameter layout, where this rank keeps them: under ZeRO
+/// stage 3 into its `share` of them (see [`put_pieces`]), otherwise into `params` in place.
+fn put_weights<B: Backend + ?Sized>(
+    backend: &mut B,
+    owned: &[(usize, usize, usize)],
+    share: Option<Tensor>,
+    params: Tensor,
+    range: Range<usize>,
+    values: &[f32],
+) -> Result<()> {
+    match share {
+        Some(share) => put_pieces(backend, owned, share, range, values),
+        None => backend.upload(params.slice(range.start, range.len()), values),
+    }
 }
 
 /// ZeRO stage 3's part of a pass (nothing under the other stages): each block's weights are gathered into their
