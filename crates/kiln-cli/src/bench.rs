@@ -1,6 +1,7 @@
-//! `kiln bench train`, `kiln bench attention` and `kiln bench allreduce`: measure, print for people, then print one JSON report (the
-//! numbers, the machine, and for training the resolved configuration), written to a file with `--json` and checked
-//! against an earlier one with `--baseline`, so that scripts can catch a regression by the exit code.
+//! `kiln bench train`, `kiln bench attention` and `kiln bench allreduce`: measure, print for people, then print one
+//! JSON report (the numbers, the machine, and for training the resolved configuration), written to a file with
+//! `--json` and checked against an earlier one with `--baseline`, so that scripts can catch a regression by the exit
+//! code.
 
 use crate::dist::{self, Job, JobArgs};
 use crate::engine::{self, BackendChoice, OnEngine};
@@ -322,10 +323,9 @@ fn attention(
     if runs.1 == 0 {
         return Err(Error::Usage("--reps must be at least 1".into()));
     }
+    let rows = BaselineRows { command: "attention", list: "shapes", key: "shape", field: "forward_backward_tflops" };
     let baselines = match &output.baseline {
         Some(path) => {
-            let rows =
-                BaselineRows { command: "attention", list: "shapes", key: "shape", field: "forward_backward_tflops" };
             let measured: Vec<(Value, String)> = shapes
                 .iter()
                 .map(attention_bench::describe)
@@ -337,16 +337,9 @@ fn attention(
     };
     let report = engine::on_engine(backend, AttentionRuns { shapes, precision, kernel, deterministic, runs })?;
     publish(&report, output)?;
-    let compared: Vec<Rate> = baselines
-        .unwrap_or_default()
-        .into_iter()
-        .zip(report["shapes"].as_array().into_iter().flatten())
-        .map(|(baseline, entry)| Rate {
-            name: format!("{} forward+backward TFLOP/s", entry["shape"].as_str().unwrap_or_default()),
-            measured: entry["forward_backward_tflops"].as_f64().unwrap_or(0.0),
-            baseline,
-        })
-        .collect();
+    let compared = rates(&report, &rows, baselines, |entry| {
+        format!("{} forward+backward TFLOP/s", entry["shape"].as_str().unwrap_or_default())
+    });
     check_against_baseline(&compared, output)
 }
 
@@ -429,9 +422,9 @@ fn attention_on<B: Backend>(
 
 fn allreduce(job: &Job, plan: &allreduce_bench::Plan, output: &ReportArgs) -> Result<()> {
     let (key, name) = compared_bandwidth(job.ranks());
+    let rows = BaselineRows { command: "allreduce", list: "sizes", key: "bytes", field: key };
     let baseline = match &output.baseline {
         Some(path) => {
-            let rows = BaselineRows { command: "allreduce", list: "sizes", key: "bytes", field: key };
             let measured: Vec<(Value, String)> =
                 plan.sizes.iter().map(|&bytes| (bytes.into(), format!("size of {bytes} bytes"))).collect();
             Some(baseline_rates(&read_report(path)?, path, &rows, &measured)?)
@@ -473,16 +466,7 @@ fn allreduce(job: &Job, plan: &allreduce_bench::Plan, output: &ReportArgs) -> Re
     }
     let report = allreduce_report(plan, &measured);
     publish(&report, output)?;
-    let compared: Vec<Rate> = baseline
-        .unwrap_or_default()
-        .into_iter()
-        .zip(report["sizes"].as_array().into_iter().flatten())
-        .map(|(baseline, entry)| Rate {
-            name: format!("{} B {name}", entry["bytes"]),
-            measured: entry[key].as_f64().unwrap_or(0.0),
-            baseline,
-        })
-        .collect();
+    let compared = rates(&report, &rows, baseline, |entry| format!("{} B {name}", entry["bytes"]));
     check_against_baseline(&compared, output)
 }
 
@@ -642,6 +626,27 @@ fn baseline_rates(report: &Value, path: &Path, rows: &BaselineRows, measured: &[
                 .find(|e| &e[rows.key] == wanted)
                 .ok_or_else(|| Error::data(path, format!("the baseline has no {name}")))?;
             number(entry, rows.field, path, &expected)
+        })
+        .collect()
+}
+
+/// This run's rates beside `baselines` (none without a baseline): the entries of `report`'s list of `rows`, in order,
+/// each named by `name`.
+fn rates(
+    report: &Value,
+    rows: &BaselineRows,
+    baselines: Option<Vec<f64>>,
+    name: impl Fn(&Value) -> String,
+) -> Vec<Rate> {
+    let entries = report[rows.list].as_array().into_iter().flatten();
+    baselines
+        .unwrap_or_default()
+        .into_iter()
+        .zip(entries)
+        .map(|(baseline, entry)| Rate {
+            name: name(entry),
+            measured: entry[rows.field].as_f64().unwrap_or(0.0),
+            baseline,
         })
         .collect()
 }
