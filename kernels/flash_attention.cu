@@ -272,7 +272,8 @@ __device__ __forceinline__ void issue_abt_wgmma(float (&acc)[N / 8][4], unsigned
     wgmma_fence();
 #pragma unroll
     for (int kb = 0; kb < D / 16; kb++) {
-        const unsigned long long a = wgmma_descriptor(a_tile + swizzled_at<A_ROWS>(a_first / 64 * 64, kb * 16), 16, 1024);
+        const unsigned long long a =
+            wgmma_descriptor(a_tile + swizzled_at<A_ROWS>(a_first / 64 * 64, kb * 16), 16, 1024);
 #pragma unroll
         for (int n = 0; n < N / 64; n++)
             wgmma_64x64_ss<false, false>(&acc[n * 8], a,
@@ -286,7 +287,8 @@ __device__ __forceinline__ void issue_abt_wgmma(float (&acc)[N / 8][4], unsigned
 // between blocks of 64 columns, so either reading of which offset steps over 8 rows of an MN-major operand finds 1024
 // there.
 template <int D, int K>
-__device__ __forceinline__ void issue_ab_wgmma(float (&acc)[D / 8][4], const unsigned (&a)[K / 16][4], unsigned b_tile) {
+__device__ __forceinline__ void issue_ab_wgmma(float (&acc)[D / 8][4], const unsigned (&a)[K / 16][4],
+                                               unsigned b_tile) {
     static_assert(D % 64 == 0 && K % 64 == 0, "wgmma tiles are made of 64-column blocks");
 #pragma unroll
     for (int n = 0; n < D / 64; n++) wgmma_settle(&acc[n * 8]);

@@ -52,7 +52,8 @@ static void report(const char* what, const Shape& s, double err, double tol) {
     if (!ok) failures++;
     if (!ok || std::getenv("VERBOSE"))
         std::printf("%s %-4s B%d T%d H%d/%d D%d %s%s: error %.2e\n", ok ? "ok  " : "FAIL", what, s.B, s.T, s.NH,
-                    s.KVH, s.D, s.causal ? "causal" : "full", s.pipelined ? " (wgmma, pipelined)" : s.wgmma ? " (wgmma)" : "", err);
+                    s.KVH, s.D, s.causal ? "causal" : "full",
+                    s.pipelined ? " (wgmma, pipelined)" : s.wgmma ? " (wgmma)" : "", err);
 }
 
 // max |got − want| / max |want| over the selected elements.
@@ -126,8 +127,8 @@ static void run(const Shape& s) {
         Array<float> unpipelined_lse(lse.n);
         unpipelined_out.poison(), unpipelined_lse.poison();
         launch({fwd_grid, (unsigned)NH, (unsigned)B}, tiles[5], tiles[1], [&] {
-            if (D == 64) flash_attention_forward_wgmma_d64(unpipelined_out.p, unpipelined_lse.p, qkv.p, T, NH, KVH, s.causal);
-            else flash_attention_forward_wgmma_d128(unpipelined_out.p, unpipelined_lse.p, qkv.p, T, NH, KVH, s.causal);
+            auto* forward = D == 64 ? flash_attention_forward_wgmma_d64 : flash_attention_forward_wgmma_d128;
+            forward(unpipelined_out.p, unpipelined_lse.p, qkv.p, T, NH, KVH, s.causal);
         });
         const bool same = std::memcmp(out.p, unpipelined_out.p, out.n * 2) == 0 &&
                           std::memcmp(lse.p, unpipelined_lse.p, lse.n * 4) == 0;

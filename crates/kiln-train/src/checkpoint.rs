@@ -118,10 +118,10 @@ pub fn write_model(
     Ok(())
 }
 
-/// Writes the checkpoint of `progress` under `root`, with the tokenizer `codec` where the data has one, then deletes all
-/// but the newest `keep`, and, while the guard counts failing steps, the one its rollback would return to. Every rank of a job calls it, and `fetch` is called in the same order on each (a ZeRO rank
-/// gathers each tensor from all of them); only the rank with `write` set touches the filesystem. Returns the
-/// checkpoint's directory.
+/// Writes the checkpoint of `progress` under `root`, with the tokenizer `codec` where the data has one, then deletes
+/// all but the newest `keep`, and, while the guard counts failing steps, the one its rollback would return to. Every
+/// rank of a job calls it, and `fetch` is called in the same order on each (a ZeRO rank gathers each tensor from all of
+/// them); only the rank with `write` set touches the filesystem. Returns the checkpoint's directory.
 #[allow(clippy::too_many_arguments)]
 pub fn save(
     root: &Path,
@@ -311,8 +311,8 @@ fn read_state(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
     Ok((state, path))
 }
 
-/// Loads the checkpoint in `dir`, for `model`, and returns where its run stood: hands the weights and then AdamW's moments to
-/// `restore(source, elements, values)` one parameter tensor at a time. Every tensor's presence and shape is
+/// Loads the checkpoint in `dir`, for `model`, and returns where its run stood: hands the weights and then AdamW's
+/// moments to `restore(source, elements, values)` one parameter tensor at a time. Every tensor's presence and shape is
 /// checked, and a mismatch names the tensor and the file.
 pub fn load<B: Backend + ?Sized>(
     dir: &Path,

@@ -1,17 +1,17 @@
 //! The run's files: `config.toml` (the resolved configuration) and `metrics.jsonl` (one JSON object per line).
 //!
-//! Schema of a `metrics.jsonl` line: `step` (1-based), `loss` (mean training loss of the step), `lr`,
-//! `grad_norm` (global norm before clipping), `step_ms`, `tokens` (the batches of the steps so far, skipped ones
-//! included: step × tokens per step), `tokens_per_s`, `tflops` (the job's model arithmetic per second: 6 per parameter
-//! and token plus attention's), `mfu` (`tflops` over the peak of all the job's devices, where the engine knows it),
-//! `allocated_bytes` (what the engine holds, rank 0's: the same count `kiln plan` predicts as its allocated part),
-//! `rank_step_ms` (in a job of several ranks, each rank's own work in the step's passes, in ms: its device's time for
-//! them on a GPU, its time outside collectives on the CPU); steps that evaluate add `val_loss`; the last step of a synthetic-addition run adds `exact_match` (fraction of held-out sums answered
-//! exactly). A step whose update the guard skipped adds `"event": "skip"` and `why`. Two kinds of line mark what
-//! happened to the run rather than a step: `{"step", "event": "rollback", "to_step", "why", "rollbacks",
-//! "data_skipped"}` after the step that rolled back to the checkpoint of `to_step` (the steps after it come again),
-//! and `{"step", "event": "resume", "from"}` when a run resumed at `step` from the checkpoint `from`. A resumed run
-//! continues the same file.
+//! Schema of a `metrics.jsonl` line: `step` (1-based), `loss` (mean training loss of the step), `lr`, `grad_norm`
+//! (global norm before clipping), `step_ms`, `tokens` (the batches of the steps so far, skipped ones included: step ×
+//! tokens per step), `tokens_per_s`, `tflops` (the job's model arithmetic per second: 6 per parameter and token plus
+//! attention's), `mfu` (`tflops` over the peak of all the job's devices, where the engine knows it), `allocated_bytes`
+//! (what the engine holds, rank 0's: the same count `kiln plan` predicts as its allocated part), `rank_step_ms` (in a
+//! job of several ranks, each rank's own work in the step's passes, in ms: its device's time for them on a GPU, its
+//! time outside collectives on the CPU); steps that evaluate add `val_loss`; the last step of a synthetic-addition run
+//! adds `exact_match` (fraction of held-out sums answered exactly). A step whose update the guard skipped adds
+//! `"event": "skip"` and `why`. Two kinds of line mark what happened to the run rather than a step: `{"step", "event":
+//! "rollback", "to_step", "why", "rollbacks", "data_skipped"}` after the step that rolled back to the checkpoint of
+//! `to_step` (the steps after it come again), and `{"step", "event": "resume", "from"}` when a run resumed at `step`
+//! from the checkpoint `from`. A resumed run continues the same file.
 
 use kiln_core::{Config, Error, Result, durable};
 use serde::Serialize;
