@@ -7,6 +7,7 @@
 //! can be mailed or archived as one file.
 
 use kiln_core::{Error, Result};
+use kiln_train::metrics::{Event, StepRecord as Record};
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Deserialize;
@@ -32,34 +33,6 @@ pub fn run(command: ReportCommand) -> Result<()> {
     Ok(())
 }
 
-/// One line of `metrics.jsonl`: a step, or an event. Every field but `step` is optional, so that lines written
-/// before a field existed still load; fields this version does not know are ignored, since the schema grows.
-#[derive(Deserialize)]
-struct Record {
-    step: u64,
-    loss: Option<f64>,
-    val_loss: Option<f64>,
-    lr: Option<f64>,
-    grad_norm: Option<f64>,
-    tokens_per_s: Option<f64>,
-    allocated_bytes: Option<f64>,
-    /// Tokens trained through this step.
-    tokens: Option<u64>,
-    tflops: Option<f64>,
-    /// Model FLOPs utilisation, 0..1; only where the device's peak is known.
-    mfu: Option<f64>,
-    event: Option<String>,
-    why: Option<String>,
-    /// For a rollback: the checkpoint's step the run went back to.
-    to_step: Option<u64>,
-    /// For a rollback: how many the run has had so far.
-    rollbacks: Option<u64>,
-    /// For a rollback: batches of data passed over so as not to meet the spike again.
-    data_skipped: Option<u64>,
-    /// For a resume: the checkpoint directory.
-    from: Option<String>,
-}
-
 /// What a line of `metrics.jsonl` records.
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -75,46 +48,56 @@ enum Kind {
     Other,
 }
 
-impl Record {
-    /// What the line records, from its `event`.
+/// What the report reads of a line of `metrics.jsonl` beyond its fields.
+trait Line {
+    fn kind(&self) -> Kind;
+    /// The step a rollback or resume continues after, when the line is one.
+    fn restart_step(&self) -> Option<u64>;
+    /// What the events table says about the event beyond its step and kind.
+    fn detail(&self) -> String;
+}
+
+impl Line for Record {
     fn kind(&self) -> Kind {
-        match self.event.as_deref() {
+        match self.event {
             None => Kind::Step,
-            Some("skip") => Kind::Skip,
-            Some("rollback") => Kind::Rollback,
-            Some("resume") => Kind::Resume,
-            Some(_) => Kind::Other,
+            Some(Event::Skip { .. }) => Kind::Skip,
+            Some(Event::Rollback { .. }) => Kind::Rollback,
+            Some(Event::Resume { .. }) => Kind::Resume,
+            Some(Event::Other) => Kind::Other,
         }
     }
 
-    /// The step a rollback or resume continues after, when the line is one.
     fn restart_step(&self) -> Option<u64> {
-        match self.kind() {
-            Kind::Rollback => self.to_step,
-            Kind::Resume => Some(self.step),
+        match self.event {
+            Some(Event::Rollback { to_step, .. }) => Some(to_step),
+            Some(Event::Resume { .. }) => Some(self.step),
             _ => None,
         }
     }
 
-    /// What the events table says about the event beyond its step and kind.
     fn detail(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(to) = self.to_step {
-            parts.push(format!("back to step {to}"));
+        match &self.event {
+            Some(Event::Skip { why }) => why.clone(),
+            Some(Event::Rollback { to_step, why, rollbacks, data_skipped }) => {
+                format!("back to step {to_step}; rollback {rollbacks}; {data_skipped} batches of data skipped; {why}")
+            }
+            Some(Event::Resume { from }) => format!("from {from}"),
+            Some(Event::Other) | None => String::new(),
         }
-        if let Some(n) = self.rollbacks {
-            parts.push(format!("rollback {n}"));
+    }
+}
+
+impl Kind {
+    /// How the events table names it.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Step => "step",
+            Kind::Skip => "skip",
+            Kind::Rollback => "rollback",
+            Kind::Resume => "resume",
+            Kind::Other => "other",
         }
-        if let Some(k) = self.data_skipped {
-            parts.push(format!("{k} batches of data skipped"));
-        }
-        if let Some(from) = &self.from {
-            parts.push(format!("from {from}"));
-        }
-        if let Some(why) = &self.why {
-            parts.push(why.clone());
-        }
-        parts.join("; ")
     }
 }
 
@@ -138,10 +121,12 @@ impl Run {
             .map_err(|e| Error::data(&path, format!("cannot read it ({e}); is {} a kiln run?", dir.display())))?;
         let mut records = Vec::new();
         for (index, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()) {
-            let record: Record =
-                serde_json::from_str(line).map_err(|e| Error::data(&path, format!("line {}: {e}", index + 1)))?;
-            if record.kind() == Kind::Rollback && record.to_step.is_none() {
-                return Err(Error::data(&path, format!("line {}: a rollback without to_step", index + 1)));
+            let malformed = |e: &dyn std::fmt::Display| Error::data(&path, format!("line {}: {e}", index + 1));
+            let value: serde_json::Value = serde_json::from_str(line).map_err(|e| malformed(&e))?;
+            let record = Record::deserialize(&value).map_err(|e| malformed(&e))?;
+            // An event whose fields do not parse reads as no event: say so rather than draw it as a step.
+            if record.event.is_none() && !value["event"].is_null() {
+                return Err(malformed(&format!("an event {} without the fields its kind has", value["event"])));
             }
             records.push(record);
         }
@@ -283,8 +268,8 @@ impl Chart {
     /// Training and validation loss against `axis`.
     fn loss(title: &'static str, axis: Axis, events: bool) -> Chart {
         let curves = vec![
-            Curve { name: Some("loss"), value: |r| r.loss, look: Look::Line },
-            Curve { name: Some("val loss"), value: |r| r.val_loss, look: Look::Dotted },
+            Curve { name: Some("loss"), value: |r| r.loss.map(f64::from), look: Look::Line },
+            Curve { name: Some("val loss"), value: |r| r.val_loss.map(f64::from), look: Look::Dotted },
         ];
         Chart { title, y_desc: "loss", axis, curves, events }
     }
@@ -303,11 +288,11 @@ fn charts(runs: &[Run]) -> Vec<Chart> {
     vec![
         Chart::loss("Loss against steps", Axis::Steps, true),
         Chart::loss("Loss against tokens", Axis::Tokens, false),
-        Chart::by_step("Learning rate", "lr", |r| r.lr),
-        Chart::by_step("Gradient norm (before clipping)", "grad norm", |r| r.grad_norm),
+        Chart::by_step("Learning rate", "lr", |r| r.lr.map(f64::from)),
+        Chart::by_step("Gradient norm (before clipping)", "grad norm", |r| r.grad_norm.map(f64::from)),
         Chart::by_step("Throughput", "tokens/s", |r| r.tokens_per_s),
         throughput,
-        Chart::by_step("Memory held by the engine", "allocated (GiB)", |r| r.allocated_bytes.map(|b| b / GIB)),
+        Chart::by_step("Memory held by the engine", "allocated (GiB)", |r| r.allocated_bytes.map(|b| b as f64 / GIB)),
     ]
 }
 
@@ -507,7 +492,7 @@ fn page(runs: &[Run]) -> Result<String> {
             html += &format!(
                 "<tr><td>{}</td><td>{}</td><td>{}</td></tr>\n",
                 event.step,
-                escape(event.event.as_deref().unwrap_or_default()),
+                event.kind().name(),
                 escape(&event.detail())
             );
         }

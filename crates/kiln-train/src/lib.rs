@@ -25,7 +25,7 @@ pub mod checkpoint;
 pub mod guard;
 pub mod inference;
 pub mod llmc;
-mod metrics;
+pub mod metrics;
 pub mod parallel;
 pub mod plan;
 pub mod schedule;

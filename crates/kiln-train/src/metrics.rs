@@ -14,12 +14,16 @@
 //! from the checkpoint `from`. A resumed run continues the same file.
 
 use kiln_core::{Config, Error, Result, durable};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Default, Serialize)]
+/// One line of `metrics.jsonl`, as the trainer writes it and `kiln report` reads it. Every field but `step` is
+/// optional, so that lines written before a field existed read, and fields this version does not know are ignored:
+/// the schema grows.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StepRecord {
     pub step: u64,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -51,12 +55,24 @@ pub struct StepRecord {
 }
 
 /// What happened at a step besides training, as the module's documentation describes.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
 pub enum Event {
-    Skip { why: String },
-    Rollback { to_step: u64, why: String, rollbacks: u32, data_skipped: u64 },
-    Resume { from: String },
+    Skip {
+        why: String,
+    },
+    Rollback {
+        to_step: u64,
+        why: String,
+        rollbacks: u32,
+        data_skipped: u64,
+    },
+    Resume {
+        from: String,
+    },
+    /// Read from a file another version wrote: an event this one does not know (it never writes it).
+    #[serde(other)]
+    Other,
 }
 
 pub struct Metrics {
