@@ -1,13 +1,14 @@
 // Softmax cross-entropy fused with its gradient, one block per row, never materialising probabilities.
 //
 // For logits z over the real vocabulary V (the padded columns up to Vp are excluded) and target y:
-// loss = log Σ_i e^{z_i} − z_y, added to losses[row] (fp32). When write_grad is set, the logits are replaced in
-// place by dloss·(softmax(z) − onehot(y)), and the padded columns by zero. Rows whose target is IGNORE_TARGET add
-// no loss and get a zero gradient.
+// loss = log Σ_i e^{z_i} − z_y, added to losses[row] (fp32). With a dloss (one fp32 value in device memory, so
+// that a captured graph reads each step's), the logits are replaced in place by dloss·(softmax(z) − onehot(y)),
+// and the padded columns by zero; with a null dloss they are left as they are. Rows whose target is IGNORE_TARGET
+// add no loss and get a zero gradient.
 //
 // Thread t handles the row's chunks t, t + blockDim.x, ... (see Packed in common.cuh).
 extern "C" __global__ void classifier(floatX* logits, float* losses, const unsigned* targets, int V, int Vp,
-                                      float dloss, int write_grad) {
+                                      const float* dloss) {
     typedef Packed<floatX> P;
     __shared__ float scratch[32];
     const long o = (long)blockIdx.x * Vp;
@@ -31,7 +32,8 @@ extern "C" __global__ void classifier(floatX* logits, float* losses, const unsig
     float lse = row_max + logf(total);
     const bool ignored = y == IGNORE_TARGET;
     if (threadIdx.x == 0 && !ignored) losses[blockIdx.x] += lse - to_f32(logits[o + y]);
-    if (!write_grad) return;
+    if (!dloss) return;
+    const float scale = *dloss;
     __syncthreads();  // every thread has read logits[o + y] before any overwrites it
     for (int c = threadIdx.x * P::size; c < Vp; c += blockDim.x * P::size) {
         const int count = min(P::size, Vp - c);
@@ -40,7 +42,7 @@ extern "C" __global__ void classifier(floatX* logits, float* losses, const unsig
         for (int k = 0; k < P::size; k++) {
             const int i = c + k;
             float g = 0.0f;
-            if (!ignored && i < V) g = (expf(to_f32(zs.v[k]) - lse) - (i == (int)y ? 1.0f : 0.0f)) * dloss;
+            if (!ignored && i < V) g = (expf(to_f32(zs.v[k]) - lse) - (i == (int)y ? 1.0f : 0.0f)) * scale;
             gs.v[k] = to_x(g);
         }
         gs.store(logits + o + c, count);

@@ -63,9 +63,26 @@ raise SystemExit(0 if same else 1)
 PY
 }
 # `timeout` runs commands, not shell functions: hand it a bash that has the function.
+# train.graphs: the passes captured as CUDA graphs (from the second step) must train exactly as without them.
+graphs_check() {
+  local run=(--backend cuda --set train.max_steps=8 --set train.eval_steps=1 --set train.log_every=1)
+  rm -rf /tmp/kiln-graphs && "$kiln" train "${run[@]}" --set train.out_dir=/tmp/kiln-graphs/off &&
+    "$kiln" train "${run[@]}" --set train.out_dir=/tmp/kiln-graphs/on --set train.graphs=true 2>&1 |
+    tee /dev/stderr | grep -q "train.graphs" && { echo "the capture failed"; return 1; }
+  python3 - <<'PY'
+import json
+loss = lambda d: [j["loss"] for j in map(json.loads, open(f"/tmp/kiln-graphs/{d}/metrics.jsonl")) if "loss" in j]
+off, on = loss("off"), loss("on")
+print("without graphs:", off, "\nwith graphs:   ", on, "\nbit-identical" if on == off else "\nDIFFERENT")
+raise SystemExit(0 if on == off and len(on) == 8 else 1)
+PY
+}
+# `timeout` runs commands, not shell functions: hand it a bash that has the function.
 export kiln
-export -f resume_check
+export -f resume_check graphs_check
 step bench-kiln 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2
+step graphs-exact 90 bash -c graphs_check
+step bench-kiln-graphs 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 --set train.graphs=true
 # The memory plan against the run: `kiln plan`'s allocated part must equal what the engine counts after the steps
 # (exactly), and its total the device memory the process takes (nvidia-smi's peak above the idle reading), within 3%.
 plan_check() {
@@ -426,6 +443,7 @@ kiln_vs_pytorch() {
   echo "$1 tokens/s: kiln $k, pytorch $t"
   [ "$k" != "?" ] && [ "$t" != "?" ] && awk -v k="$k" -v t="$t" 'BEGIN { printf "kiln / pytorch: %.2f\n", k / t }'
 }
+echo "gpt2-124m tokens/s with train.graphs: $(tokens_per_s bench-kiln-graphs)"
 echo "gpt2-124m tokens/s with dQ added atomically: $(tokens_per_s bench-kiln-atomic)"
 echo "gpt2-124m tokens/s with the fused attention on mma.sync: $(tokens_per_s bench-kiln-mma)"
 echo "gpt2-124m tokens/s with the unfused attention kernels: $(tokens_per_s bench-kiln-unfused)"

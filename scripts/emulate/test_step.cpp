@@ -116,7 +116,7 @@ static void run_classifier(int rows, int V, int Vp, bool write_grad) {
             want_grad[(size_t)r * Vp + i] = (std::exp(to_f32(z[i]) - lse) - (i == (int)targets[r])) * dloss;
     }
     launch({(unsigned)rows, 1, 1}, 512, 0, [&] {
-        classifier(logits.data(), losses.data(), targets.data(), V, Vp, dloss, write_grad ? 1 : 0);
+        classifier(logits.data(), losses.data(), targets.data(), V, Vp, write_grad ? &dloss : nullptr);
     });
     check("classifier loss", where, error(losses, want_loss));
     if (write_grad) check("classifier gradient", where, error(logits, want_grad));

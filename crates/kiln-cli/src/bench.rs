@@ -285,6 +285,10 @@ fn train_on<B: Backend>(config: &Config, backend: B, gpu: Option<usize>, run: Tr
         peak_tflops
     );
     println!("memory      {:.2} GiB allocated", bytes as f64 / (1u64 << 30) as f64);
+    if config.train.graphs {
+        let how = if trainer.replays_graphs() { "replayed" } else { "not replayed: the capture failed (see above)" };
+        println!("graphs      {how}");
+    }
     // Through the resolved TOML rather than serde_json directly: that fills in what was derived (the batch) and
     // writes the f32 settings as they were given (0.9, not 0.8999999761581421).
     let config_json = toml::from_str::<Value>(&config.to_toml_string())
@@ -307,6 +311,7 @@ fn train_on<B: Backend>(config: &Config, backend: B, gpu: Option<usize>, run: Tr
         "allocated_bytes": bytes,
         "micro_batch": trainer.micro_batch(),
         "accumulation": trainer.accumulation_steps(),
+        "graphs": trainer.replays_graphs(),
         "config": config_json,
     }))
 }

@@ -22,6 +22,10 @@ use crate::error::Result;
 use crate::memory::MemoryModel;
 use std::ops::Range;
 
+/// Identifies a graph of operations a backend captured ([`Backend::begin_capture`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Graph(pub u32);
+
 /// Identifies one allocation of a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BufferId(pub u32);
@@ -324,6 +328,12 @@ pub trait Backend {
     fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()>;
     /// Copies a real-valued tensor to the host (`dst.len() == src.len`).
     fn download(&mut self, src: Tensor, dst: &mut [f32]) -> Result<()>;
+    /// A new one-element full-precision tensor holding `value`: a scale that an operation reads when it runs.
+    fn scalar(&mut self, value: f32) -> Result<Tensor> {
+        let t = self.alloc(1, Role::Stat)?;
+        self.upload(t, &[value])?;
+        Ok(t)
+    }
     /// Copies token ids into an [`Role::Index`] tensor.
     fn upload_indices(&mut self, dst: Tensor, src: &[u32]) -> Result<()>;
     /// Sets every element to zero.
@@ -334,6 +344,10 @@ pub trait Backend {
     fn sum(&mut self, t: Tensor) -> Result<f32>;
     /// Sum of squares of all elements (for the global gradient norm), returned to the host.
     fn sum_squares(&mut self, t: Tensor) -> Result<f32>;
+    /// Writes the sum of all elements of `t`, or with `squares` of their squares, into `out` (one full-precision
+    /// element) without waiting: the value [`Backend::sum`] or [`Backend::sum_squares`] returns, left on the device,
+    /// so that a step can read several sums with one [`Backend::download`], and a captured graph can compute them.
+    fn sum_into(&mut self, t: Tensor, squares: bool, out: Tensor) -> Result<()>;
     /// Waits for all work queued so far (a no-op for an engine that runs each operation to completion).
     fn synchronize(&mut self) -> Result<()>;
     /// Bytes held by this backend's allocations. The model's are all made before the first step; an engine may add
@@ -343,6 +357,26 @@ pub trait Backend {
     fn memory_model(&self) -> Box<dyn MemoryModel>;
     /// Bytes free for new allocations where this engine allocates (the device, or the host), if it can tell.
     fn free_bytes(&self) -> Option<u64>;
+
+    // ---- graphs -------------------------------------------------------------------------------------------------
+
+    /// Starts capturing: the operations called from here to [`Backend::end_capture`] are recorded into a graph
+    /// instead of run, with their operands as they are now (a tensor's contents are read when the graph is replayed,
+    /// so values that change between replays, such as the loss scale, must be in tensors). Host transfers, sums
+    /// returned to the host, allocations and waits are errors while capturing. Returns false, capturing nothing, on
+    /// an engine that cannot capture: the caller then runs its operations as usual.
+    fn begin_capture(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Ends the capture that [`Backend::begin_capture`] started and returns the graph, which has not run yet. After a
+    /// failed operation during a capture, ending it discards the capture (and may itself fail).
+    fn end_capture(&mut self) -> Result<Graph> {
+        Err(crate::Error::backend(self.name(), "end_capture: this engine does not capture graphs"))
+    }
+    /// Queues the work of a graph captured by this engine, as the operations would have queued it.
+    fn replay(&mut self, graph: Graph) -> Result<()> {
+        Err(crate::Error::backend(self.name(), format!("replay: this engine captured no graph {graph:?}")))
+    }
 
     // ---- timing -------------------------------------------------------------------------------------------------
 
@@ -453,8 +487,9 @@ pub trait Backend {
 
     /// Softmax cross-entropy over the first `vocab` of `padded_vocab` logits of each row (padded columns get no
     /// probability). Accumulates each row's loss into `losses[row]`; rows whose target is [`IGNORE_TARGET`] add
-    /// nothing. With `dloss`, the logits are replaced in place by the gradient of `dloss · Σ losses`
-    /// (`dloss · (softmax − onehot)`, zero on padded columns and on ignored rows).
+    /// nothing. With `dloss` (one full-precision element, read when the operation runs), the logits are replaced in
+    /// place by the gradient of `dloss · Σ losses` (`dloss · (softmax − onehot)`, zero on padded columns and on
+    /// ignored rows).
     fn classifier(
         &mut self,
         logits: Tensor,
@@ -463,7 +498,7 @@ pub trait Backend {
         rows: usize,
         vocab: usize,
         padded_vocab: usize,
-        dloss: Option<f32>,
+        dloss: Option<Tensor>,
     ) -> Result<()>;
 
     /// One AdamW step over a range of parameters and their gradients and moments (all of equal length).

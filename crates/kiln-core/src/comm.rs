@@ -50,6 +50,12 @@ pub trait Communicator<B: Backend + ?Sized> {
     /// Makes the work queued after this call wait for every operation started before it.
     fn wait(&mut self, backend: &mut B) -> Result<()>;
 
+    /// Whether its operations on tensors and [`Communicator::wait`] can be captured into a graph of the engine's
+    /// (see [`Backend::begin_capture`]): they then queue work on the engine and nothing on the host.
+    fn capturable(&self) -> bool {
+        false
+    }
+
     /// As [`Communicator::wait`], without the host waiting where the engine can order its own queues (a GPU's
     /// streams): for the points inside a pass where work depends on a collective. A failure of such a collective
     /// surfaces at the next `wait`.
@@ -105,5 +111,11 @@ impl<B: Backend + ?Sized> Communicator<B> for Solo {
 
     fn wait(&mut self, _: &mut B) -> Result<()> {
         Ok(())
+    }
+
+    /// Its reduce-scatter queues engine work; an all-gather from a separate piece goes through the host, which a
+    /// capture refuses.
+    fn capturable(&self) -> bool {
+        true
     }
 }

@@ -170,6 +170,10 @@ impl Backend for Counting {
         self.nothing_to_run("sum_squares").map(|_| 0.0)
     }
 
+    fn sum_into(&mut self, _: Tensor, _: bool, _: Tensor) -> Result<()> {
+        self.nothing_to_run("sum_into")
+    }
+
     fn synchronize(&mut self) -> Result<()> {
         Ok(())
     }
@@ -287,7 +291,7 @@ impl Backend for Counting {
         _: usize,
         _: usize,
         _: usize,
-        _: Option<f32>,
+        _: Option<Tensor>,
     ) -> Result<()> {
         self.nothing_to_run("classifier")
     }

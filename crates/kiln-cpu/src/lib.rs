@@ -4,6 +4,11 @@
 //! products, one file per layer with the math stated at its top. It is generic over the scalar type: `f32` is the
 //! engine that trains, `f64` runs the same code for gradient checks against finite differences. Results do not
 //! depend on thread scheduling: every reduction is split into fixed pieces summed in a fixed order.
+//!
+//! It captures graphs as a GPU does ([`Backend::begin_capture`]): an operation called while capturing is recorded
+//! with its operands, and a replay calls the recorded operations again. Nothing is faster for it; it is there so that
+//! a trainer's use of graphs (every value that changes between replays kept in a tensor, nothing read back inside
+//! one) is tested where there is no GPU.
 
 mod adamw;
 mod attention;
@@ -19,8 +24,8 @@ use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap};
 use kiln_core::memory::{Component, MemoryModel, StepShapes, Storage};
 use kiln_core::pieces::Pieces;
 use kiln_core::{
-    AdamWStep, AttentionDims, Backend, Error, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormForward,
-    Result, Role, Rotary, Tensor,
+    AdamWStep, AttentionDims, Backend, Error, Graph, MatmulBackward, MatmulDims, MatmulForward, NormBackward,
+    NormForward, Result, Role, Rotary, Tensor,
 };
 use math::Real;
 use rayon::prelude::*;
@@ -31,6 +36,9 @@ enum Allocation<T> {
     Real(Box<[T]>),
     Index(Box<[u32]>),
 }
+
+/// An operation recorded by a capture, with its operands.
+type Recorded<T> = Box<dyn Fn(&mut CpuBackend<T>) -> Result<()> + Send>;
 
 /// The CPU engine, over scalar type `T` (`f32` to train, `f64` for gradient checks).
 pub struct CpuBackend<T: Real> {
@@ -43,6 +51,10 @@ pub struct CpuBackend<T: Real> {
     /// engine keeps no master copy, but it holds the rank to the contract of one that does, so that the trainer's
     /// bookkeeping is checked without a GPU: AdamW may update only ranges inside one piece.
     master_pieces: Option<(BufferId, Pieces)>,
+    /// The operations of the capture in progress.
+    capturing: Option<Vec<Recorded<T>>>,
+    /// The graphs captured, by [`Graph`] number.
+    graphs: Vec<Vec<Recorded<T>>>,
 }
 
 impl<T: Real> Default for CpuBackend<T> {
@@ -63,7 +75,32 @@ const SUM_PIECE: usize = 1 << 14;
 
 impl<T: Real> CpuBackend<T> {
     pub fn new() -> Self {
-        CpuBackend { allocations: Vec::new(), scratch: Vec::new(), partials: Vec::new(), master_pieces: None }
+        CpuBackend {
+            allocations: Vec::new(),
+            scratch: Vec::new(),
+            partials: Vec::new(),
+            master_pieces: None,
+            capturing: None,
+            graphs: Vec::new(),
+        }
+    }
+
+    /// While capturing, records `op` (the operation called, with its operands) instead of running it, and returns
+    /// true.
+    fn recorded(&mut self, op: impl Fn(&mut Self) -> Result<()> + Send + 'static) -> bool {
+        match &mut self.capturing {
+            Some(ops) => ops.push(Box::new(op)),
+            None => return false,
+        }
+        true
+    }
+
+    /// Refuses `op` while capturing: it would act on the host, at capture rather than at replay.
+    fn not_capturing(&self, op: &str) -> Result<()> {
+        match self.capturing {
+            Some(_) => Err(self.invalid(op, "cannot be captured into a graph (it acts on the host)".into())),
+            None => Ok(()),
+        }
     }
 
     /// The elements of a real-valued tensor, for direct host access (tests perturb single parameters through it).
@@ -222,6 +259,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn alloc(&mut self, len: usize, role: Role) -> Result<Tensor> {
+        self.not_capturing("alloc")?;
         let id = BufferId(
             u32::try_from(self.allocations.len()).map_err(|_| self.invalid("alloc", "too many allocations".into()))?,
         );
@@ -233,6 +271,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn upload(&mut self, dst: Tensor, src: &[f32]) -> Result<()> {
+        self.not_capturing("upload")?;
         if src.len() != dst.len {
             return Err(self.invalid("upload", format!("{} values for a tensor of {}", src.len(), dst.len)));
         }
@@ -243,6 +282,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn download(&mut self, src: Tensor, dst: &mut [f32]) -> Result<()> {
+        self.not_capturing("download")?;
         if dst.len() != src.len {
             return Err(self.invalid("download", format!("{} values from a tensor of {}", dst.len(), src.len)));
         }
@@ -253,6 +293,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn upload_indices(&mut self, dst: Tensor, src: &[u32]) -> Result<()> {
+        self.not_capturing("upload_indices")?;
         self.check_index("upload_indices", dst, src.len())?;
         match &mut self.allocations[dst.buffer.0 as usize] {
             Allocation::Index(data) => data[dst.offset..dst.offset + dst.len].copy_from_slice(src),
@@ -262,11 +303,17 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn zero(&mut self, t: Tensor) -> Result<()> {
+        if self.recorded(move |b| b.zero(t)) {
+            return Ok(());
+        }
         self.real_mut("zero", t)?.par_chunks_mut(SUM_PIECE).for_each(|c| c.fill(T::zero()));
         Ok(())
     }
 
     fn add(&mut self, dst: Tensor, src: Tensor) -> Result<()> {
+        if self.recorded(move |b| b.add(dst, src)) {
+            return Ok(());
+        }
         let op = "add";
         if dst.len != src.len {
             return Err(self.invalid(op, format!("{dst:?} and {src:?} differ in length")));
@@ -281,15 +328,53 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn sum(&mut self, t: Tensor) -> Result<f32> {
+        self.not_capturing("sum")?;
         self.reduce("sum", t, |x| x)
     }
 
     fn sum_squares(&mut self, t: Tensor) -> Result<f32> {
+        self.not_capturing("sum_squares")?;
         self.reduce("sum_squares", t, |x| x * x)
     }
 
-    fn synchronize(&mut self) -> Result<()> {
+    fn sum_into(&mut self, t: Tensor, squares: bool, out: Tensor) -> Result<()> {
+        if self.recorded(move |b| b.sum_into(t, squares, out)) {
+            return Ok(());
+        }
+        let op = "sum_into";
+        self.check(op, &[(out, 1)], &[(t, t.len)])?;
+        let total = if squares { self.reduce(op, t, |x| x * x)? } else { self.reduce(op, t, |x| x)? };
+        self.real_mut(op, out)?[0] = T::from_f32(total);
         Ok(())
+    }
+
+    fn begin_capture(&mut self) -> Result<bool> {
+        self.not_capturing("begin_capture")?;
+        self.capturing = Some(Vec::new());
+        Ok(true)
+    }
+
+    fn end_capture(&mut self) -> Result<Graph> {
+        let ops = self.capturing.take().ok_or_else(|| self.invalid("end_capture", "no capture in progress".into()))?;
+        let id = u32::try_from(self.graphs.len()).map_err(|_| self.invalid("end_capture", "too many graphs".into()))?;
+        self.graphs.push(ops);
+        Ok(Graph(id))
+    }
+
+    fn replay(&mut self, graph: Graph) -> Result<()> {
+        self.not_capturing("replay")?;
+        let i = graph.0 as usize;
+        let ops = match self.graphs.get_mut(i) {
+            Some(ops) => std::mem::take(ops),
+            None => return Err(self.invalid("replay", format!("no graph {graph:?}"))),
+        };
+        let run = ops.iter().try_for_each(|op| op(self));
+        self.graphs[i] = ops;
+        run
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        self.not_capturing("synchronize")
     }
 
     fn memory_model(&self) -> Box<dyn MemoryModel> {
@@ -309,6 +394,7 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn keep_master_pieces(&mut self, params: Tensor, pieces: &[std::ops::Range<usize>]) -> Result<()> {
+        self.not_capturing("keep_master_pieces")?;
         let op = "keep_master_pieces";
         self.check_real(op, params, params.len)?;
         let kept = Pieces::of_tensor(params, pieces, params.offset + params.len).map_err(|e| self.invalid(op, e))?;
@@ -326,6 +412,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         time: usize,
         c: usize,
     ) -> Result<()> {
+        if self.recorded(move |b| b.encoder_forward(out, tokens, wte, wpe, batch, time, c)) {
+            return Ok(());
+        }
         let op = "encoder_forward";
         let vocab = wte.len / c.max(1);
         let positions = wpe.map_or(0, |p| p.len / c.max(1));
@@ -352,6 +441,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         time: usize,
         c: usize,
     ) -> Result<()> {
+        if self.recorded(move |b| b.encoder_backward(dwte, dwpe, dout, tokens, batch, time, c)) {
+            return Ok(());
+        }
         let op = "encoder_backward";
         let vocab = dwte.len / c.max(1);
         let positions = dwpe.map_or(0, |p| p.len / c.max(1));
@@ -376,6 +468,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn norm_forward(&mut self, op: NormForward) -> Result<()> {
+        if self.recorded(move |b| b.norm_forward(op)) {
+            return Ok(());
+        }
         let name = "norm_forward";
         let NormForward { out, mean, rstd, inp, residual, weight, bias, d } = op;
         if let Some(problem) = d.operand_problem(mean, bias) {
@@ -408,6 +503,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn norm_backward(&mut self, op: NormBackward) -> Result<()> {
+        if self.recorded(move |b| b.norm_backward(op)) {
+            return Ok(());
+        }
         let name = "norm_backward";
         let NormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, d } = op;
         if let Some(problem) = d.operand_problem(mean, dbias) {
@@ -441,6 +539,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn matmul_forward(&mut self, op: MatmulForward) -> Result<()> {
+        if self.recorded(move |b| b.matmul_forward(op)) {
+            return Ok(());
+        }
         let MatmulForward { out, inp, weight, bias, gelu_pre, d } = op;
         let MatmulDims { rows, c_in, c_out } = d;
         self.check(
@@ -463,6 +564,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn matmul_backward(&mut self, op: MatmulBackward) -> Result<()> {
+        if self.recorded(move |b| b.matmul_backward(op)) {
+            return Ok(());
+        }
         let MatmulBackward { dinp, dweight, dbias, dout, inp, weight, gelu_pre, d } = op;
         let MatmulDims { rows, c_in, c_out } = d;
         self.check(
@@ -487,6 +591,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn gelu_forward(&mut self, out: Tensor, pre: Tensor) -> Result<()> {
+        if self.recorded(move |b| b.gelu_forward(out, pre)) {
+            return Ok(());
+        }
         self.check("gelu_forward", &[(out, pre.len)], &[(pre, pre.len)])?;
         // SAFETY: checked above.
         unsafe { matmul::gelu_forward(self.write(out), self.read(pre)) };
@@ -494,6 +601,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn swiglu_forward(&mut self, out: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()> {
+        if self.recorded(move |b| b.swiglu_forward(out, inp, rows, ffn)) {
+            return Ok(());
+        }
         self.check("swiglu_forward", &[(out, rows * ffn)], &[(inp, rows * 2 * ffn)])?;
         // SAFETY: checked above.
         unsafe { swiglu::forward(self.write(out), self.read(inp), ffn) };
@@ -501,6 +611,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn swiglu_backward(&mut self, dinp: Tensor, dout: Tensor, inp: Tensor, rows: usize, ffn: usize) -> Result<()> {
+        if self.recorded(move |b| b.swiglu_backward(dinp, dout, inp, rows, ffn)) {
+            return Ok(());
+        }
         self.check("swiglu_backward", &[(dinp, rows * 2 * ffn)], &[(dout, rows * ffn), (inp, rows * 2 * ffn)])?;
         // SAFETY: checked above.
         unsafe { swiglu::backward(self.write(dinp), self.read(dout), self.read(inp), ffn) };
@@ -508,6 +621,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn rope(&mut self, op: Rotary) -> Result<()> {
+        if self.recorded(move |b| b.rope(op)) {
+            return Ok(());
+        }
         let name = "rope";
         if let Some(problem) = op.problem() {
             return Err(self.invalid(name, problem));
@@ -521,6 +637,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn attention_forward(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: AttentionDims) -> Result<()> {
+        if self.recorded(move |b| b.attention_forward(out, lse, qkv, d)) {
+            return Ok(());
+        }
         let (op, rows, c) = ("attention_forward", d.batch * d.time, d.channels());
         if let Some(problem) = d.problem() {
             return Err(self.invalid(op, problem));
@@ -543,6 +662,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         lse: Tensor,
         d: AttentionDims,
     ) -> Result<()> {
+        if self.recorded(move |b| b.attention_backward(dqkv, dout, qkv, out, lse, d)) {
+            return Ok(());
+        }
         let (op, rows, c, w) = ("attention_backward", d.batch * d.time, d.channels(), d.qkv_width());
         if let Some(problem) = d.problem() {
             return Err(self.invalid(op, problem));
@@ -572,6 +694,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, d: AttentionDims) -> Result<()> {
+        if self.recorded(move |b| b.attention_decode(out, qkv, pos, d)) {
+            return Ok(());
+        }
         let op = "attention_decode";
         let c = d.channels();
         if d.batch != 1 || pos >= d.time {
@@ -596,30 +721,39 @@ impl<T: Real> Backend for CpuBackend<T> {
         rows: usize,
         vocab: usize,
         padded_vocab: usize,
-        dloss: Option<f32>,
+        dloss: Option<Tensor>,
     ) -> Result<()> {
+        if self.recorded(move |b| b.classifier(logits, losses, targets, rows, vocab, padded_vocab, dloss)) {
+            return Ok(());
+        }
         let op = "classifier";
         if vocab == 0 || vocab > padded_vocab {
             return Err(self.invalid(op, format!("vocabulary {vocab} does not fit in {padded_vocab} logits")));
         }
-        self.check(op, &[(logits, rows * padded_vocab), (losses, rows)], &[])?;
+        let (dloss, dloss_len) = optional(dloss, 1);
+        self.check(op, &[(logits, rows * padded_vocab), (losses, rows)], &[(dloss, dloss_len)])?;
         self.check_index(op, targets, rows)?;
         self.check_tokens(op, targets, vocab, true)?;
         // SAFETY: checked above.
         unsafe {
+            let dloss = (dloss != ABSENT).then(|| self.read(dloss)[0]);
             classifier::forward(
                 self.write(logits),
                 self.write(losses),
                 self.indices(targets),
                 vocab,
                 padded_vocab,
-                dloss.map(T::from_f32),
+                dloss,
             )
         };
         Ok(())
     }
 
     fn adamw(&mut self, params: Tensor, grads: Tensor, m: Tensor, v: Tensor, step: &AdamWStep) -> Result<()> {
+        let step = *step;
+        if self.recorded(move |b| b.adamw(params, grads, m, v, &step)) {
+            return Ok(());
+        }
         let n = params.len;
         self.check("adamw", &[(params, n), (m, n), (v, n)], &[(grads, n)])?;
         if let Some((buffer, pieces)) = &self.master_pieces {
@@ -630,7 +764,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             }
         }
         // SAFETY: checked above.
-        unsafe { adamw::update(self.write(params), self.read(grads), self.write(m), self.write(v), step) };
+        unsafe { adamw::update(self.write(params), self.read(grads), self.write(m), self.write(v), &step) };
         Ok(())
     }
 }

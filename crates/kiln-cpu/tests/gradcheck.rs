@@ -512,7 +512,8 @@ fn classifier_loss_and_gradient() {
         assert!((per_row[row] - want).abs() < 1e-12, "row {row}: {} vs {want}", per_row[row]);
     }
     f.b.zero(losses).unwrap();
-    f.b.classifier(logits, losses, targets, rows, vocab, padded, Some(1.0)).unwrap();
+    let one = f.b.scalar(1.0).unwrap();
+    f.b.classifier(logits, losses, targets, rows, vocab, padded, Some(one)).unwrap();
     let grad = f.values(logits);
     f.b.values_mut(logits).unwrap().copy_from_slice(&original);
     for row in 0..rows {

@@ -17,17 +17,18 @@ use crate::kernels::{KERNELS, Precision};
 use crate::libraries::Library;
 use crate::matmul::{self, CublasLt, Epilogue, Operand, Product};
 use crate::memory::{self, CudaMemory, NORM_ROWS_PER_BLOCK, REDUCE_BLOCKS};
-use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};
+use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use kiln_core::backend::{BufferId, first_overlap};
 use kiln_core::config::AttentionKernel;
 use kiln_core::pieces::Pieces;
 use kiln_core::{
-    AdamWStep, AttentionDims, Backend, Error, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormForward,
-    NormKind, Result, Role, Rotary, Tensor,
+    AdamWStep, AttentionDims, Backend, Error, Graph, MatmulBackward, MatmulDims, MatmulForward, NormBackward,
+    NormForward, NormKind, Result, Role, Rotary, Tensor,
 };
 use std::collections::HashMap;
 use std::ops::Range;
@@ -279,6 +280,19 @@ pub struct CudaBackend {
     marked: bool,
     /// See [`Backend::peak_tflops`].
     peak_tflops: Option<f64>,
+    /// Whether a capture is in progress ([`Backend::begin_capture`]), and the graphs captured, by [`Graph`] number.
+    capturing: bool,
+    graphs: Vec<CudaGraph>,
+    /// Working memory that [`CudaBackend::scratch`] outgrew after graphs were captured, which they may still use.
+    retired: Vec<Buffer>,
+}
+
+impl Drop for CudaBackend {
+    /// Work still queued may use the allocations about to be freed, and after a capture they are freed on another
+    /// stream than the one the work is on.
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
 }
 
 fn driver(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
@@ -380,6 +394,9 @@ impl CudaBackend {
             marked: false,
             // fp32 runs compute on CUDA cores, whose peak kiln does not tabulate.
             peak_tflops: if precision == Precision::Bf16 { gpu.bf16_peak_tflops() } else { None },
+            capturing: false,
+            graphs: Vec::new(),
+            retired: Vec::new(),
         };
         backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
         backend.scratch = backend.alloc(1, Role::Stat)?;
@@ -446,6 +463,7 @@ impl CudaBackend {
     /// driver stages before the call returns, so the caller may reuse or drop it at once. The token uploads of
     /// every micro-batch go through here, and a wait per upload would stall the step for nothing.
     fn copy_to_device<T: cudarc::driver::DeviceRepr>(&self, dst: u64, values: &[T]) -> Result<()> {
+        self.not_capturing("copy to the GPU")?;
         // SAFETY: `dst` addresses at least `size_of_val(values)` bytes of one allocation (checked by the caller).
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, values, self.stream.cu_stream()) }
             .map_err(driver("copy to the GPU"))
@@ -453,6 +471,7 @@ impl CudaBackend {
 
     /// A new zero-filled device allocation of `bytes` (at least one), counted in [`Backend::allocated_bytes`].
     fn alloc_bytes(&mut self, bytes: usize) -> Result<(CudaSlice<u8>, u64)> {
+        self.not_capturing("alloc")?;
         let bytes = bytes.max(1);
         let mem = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| {
             self.err(
@@ -471,6 +490,7 @@ impl CudaBackend {
     }
 
     fn copy_to_host(&self, src: u64, bytes: &mut [u8]) -> Result<()> {
+        self.not_capturing("copy from the GPU")?;
         // SAFETY: `src` addresses at least `bytes.len()` bytes of one allocation (checked by the caller).
         unsafe { cudarc::driver::result::memcpy_dtoh_async(bytes, src, self.stream.cu_stream()) }
             .map_err(driver("copy from the GPU"))?;
@@ -490,8 +510,26 @@ impl CudaBackend {
         unsafe { self.lt.run(&product, &self.stream) }.map_err(|e| self.err(op, e))
     }
 
+    /// Refuses work of the host's while capturing: it would happen once, at capture, and not at each replay (CUDA
+    /// would fail the capture without saying which operation it was).
+    fn not_capturing(&self, op: &str) -> Result<()> {
+        match self.capturing {
+            true => Err(self.err(op, "cannot be captured into a graph (it waits for or copies to the host)".into())),
+            false => Ok(()),
+        }
+    }
+
     /// Sum of `t` (fp32 or bf16) or of its squares, deterministic, returned to the host.
-    fn reduce(&mut self, op: &str, t: Tensor, squares: i32) -> Result<f32> {
+    fn sum_to_host(&mut self, op: &str, t: Tensor, squares: bool) -> Result<f32> {
+        let total = self.reduce.slice(REDUCE_BLOCKS as usize, 1);
+        self.reduce(op, t, squares, total)?;
+        let mut bytes = [0u8; 4];
+        self.copy_to_host(self.ptr(op, total, DType::F32, 1)?, &mut bytes)?;
+        Ok(f32::from_le_bytes(bytes))
+    }
+
+    /// Queues the sum of `t` (fp32 or bf16) or of its squares into `out` (one fp32 element), deterministic.
+    fn reduce(&mut self, op: &str, t: Tensor, squares: bool, out: Tensor) -> Result<()> {
         let dtype =
             self.buffers.get(t.buffer.0 as usize).map(|b| b.dtype).ok_or_else(|| self.err(op, format!("{t:?}")))?;
         let kernel = match dtype {
@@ -502,16 +540,13 @@ impl CudaBackend {
         let x = self.ptr(op, t, dtype, t.len)?;
         let partials =
             self.ptr(op, self.reduce.slice(0, REDUCE_BLOCKS as usize), DType::F32, REDUCE_BLOCKS as usize)?;
-        let total = self.ptr(op, self.reduce.slice(REDUCE_BLOCKS as usize, 1), DType::F32, 1)?;
-        let n = t.len as i64;
+        let total = self.ptr(op, out, DType::F32, 1)?;
+        let (n, squares) = (t.len as i64, i32::from(squares));
         let cfg = LaunchConfig { grid_dim: (REDUCE_BLOCKS, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
         launch!(self, kernel, cfg, partials, x, n, squares)?;
         let count = REDUCE_BLOCKS as i32;
         let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "reduce_final", one, total, partials, count)?;
-        let mut bytes = [0u8; 4];
-        self.copy_to_host(total, &mut bytes)?;
-        Ok(f32::from_le_bytes(bytes))
+        launch!(self, "reduce_final", one, total, partials, count)
     }
 
     /// fp32 working memory of at least `len` elements, grown when a call needs more (so only the first step of a
@@ -526,8 +561,11 @@ impl CudaBackend {
                 &mut self.buffers[self.scratch.buffer.0 as usize],
                 Buffer { _mem: mem, ptr, len, dtype: DType::F32, master: None },
             );
-            self.bytes -= old.len * 4;
             self.scratch.len = len;
+            match self.graphs.is_empty() {
+                true => self.bytes -= old.len * 4,
+                false => self.retired.push(old),
+            }
         }
         self.ptr(op, self.scratch.slice(0, len), DType::F32, len)
     }
@@ -698,15 +736,61 @@ impl Backend for CudaBackend {
     }
 
     fn sum(&mut self, t: Tensor) -> Result<f32> {
-        self.reduce("sum", t, 0)
+        self.sum_to_host("sum", t, false)
     }
 
     fn sum_squares(&mut self, t: Tensor) -> Result<f32> {
-        self.reduce("sum_squares", t, 1)
+        self.sum_to_host("sum_squares", t, true)
+    }
+
+    fn sum_into(&mut self, t: Tensor, squares: bool, out: Tensor) -> Result<()> {
+        self.disjoint("sum_into", &[out], &[t, self.reduce])?;
+        self.reduce("sum_into", t, squares, out)
     }
 
     fn synchronize(&mut self) -> Result<()> {
+        self.not_capturing("synchronize")?;
         self.stream.synchronize().map_err(driver("synchronize"))
+    }
+
+    fn begin_capture(&mut self) -> Result<bool> {
+        self.not_capturing("begin_capture")?;
+        if self.stream.cu_stream().is_null() {
+            // The legacy default stream cannot be captured: the engine moves to a stream of its own, once the work
+            // queued on the old one has run. (Until then it stays where it always was, so that engines that never
+            // capture are as they were.)
+            self.synchronize()?;
+            self.stream = self.stream.context().new_stream().map_err(driver("creating a stream"))?;
+        }
+        // Thread-local: in a process driving several GPUs, one thread's capture does not forbid another thread's
+        // work.
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver("starting a capture"))?;
+        self.capturing = true;
+        Ok(true)
+    }
+
+    fn end_capture(&mut self) -> Result<Graph> {
+        if !self.capturing {
+            return Err(self.err("end_capture", "no capture in progress".into()));
+        }
+        self.capturing = false;
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(driver("ending a capture"))?
+            .ok_or_else(|| self.err("end_capture", "the capture recorded nothing".into()))?;
+        // Its first launch would otherwise set it up on the device.
+        graph.upload().map_err(driver("uploading a graph"))?;
+        self.graphs.push(graph);
+        Ok(Graph(self.graphs.len() as u32 - 1))
+    }
+
+    fn replay(&mut self, graph: Graph) -> Result<()> {
+        self.not_capturing("replay")?;
+        let g = self.graphs.get(graph.0 as usize).ok_or_else(|| self.err("replay", format!("no graph {graph:?}")))?;
+        g.launch().map_err(driver("launching a graph"))
     }
 
     fn allocated_bytes(&self) -> u64 {
@@ -722,11 +806,14 @@ impl Backend for CudaBackend {
     }
 
     fn time_from_here(&mut self) -> Result<()> {
+        // A mark inside a graph would time nothing the host can read.
+        self.not_capturing("time_from_here")?;
         self.marked = false;
         self.marks.0.record(&self.stream).map_err(driver("recording an event"))
     }
 
     fn time_to_here(&mut self) -> Result<()> {
+        self.not_capturing("time_to_here")?;
         self.marks.1.record(&self.stream).map_err(driver("recording an event"))?;
         self.marked = true;
         Ok(())
@@ -1157,19 +1244,22 @@ impl Backend for CudaBackend {
         rows: usize,
         vocab: usize,
         padded_vocab: usize,
-        dloss: Option<f32>,
+        dloss: Option<Tensor>,
     ) -> Result<()> {
         let op = "classifier";
         if vocab == 0 || vocab > padded_vocab {
             return Err(self.err(op, format!("vocabulary {vocab} does not fit in {padded_vocab} logits")));
         }
-        self.disjoint(op, &[logits, losses], &[])?;
+        self.disjoint_optional(op, &[Some(logits), Some(losses)], &[dloss])?;
         let (z, l) = (self.ptr(op, logits, self.x(), rows * padded_vocab)?, self.ptr(op, losses, DType::F32, rows)?);
         let y = self.ids(op, targets, rows)?;
-        let (v, vp, scale, write) =
-            (vocab as i32, padded_vocab as i32, dloss.unwrap_or(0.0), i32::from(dloss.is_some()));
+        let scale = match dloss {
+            Some(t) => self.ptr(op, t, DType::F32, 1)?,
+            None => 0,
+        };
+        let (v, vp) = (vocab as i32, padded_vocab as i32);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, op, cfg, z, l, y, v, vp, scale, write)
+        launch!(self, op, cfg, z, l, y, v, vp, scale)
     }
 
     fn adamw(&mut self, params: Tensor, grads: Tensor, m: Tensor, v: Tensor, s: &AdamWStep) -> Result<()> {

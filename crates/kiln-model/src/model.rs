@@ -33,8 +33,9 @@ pub enum Pass {
     Logits,
     /// Losses too, accumulated into [`Model::losses`] (evaluation).
     Loss,
-    /// Losses, and the logits replaced by the gradient of `dloss · Σ losses`, ready for [`Model::backward`].
-    Train { dloss: f32 },
+    /// Losses, and the logits replaced by the gradient of `dloss · Σ losses`, ready for [`Model::backward`]; `dloss`
+    /// is one full-precision element, read when the pass runs (so that a graph of the pass takes each step's).
+    Train { dloss: Tensor },
 }
 
 /// Which positions a forward pass computes.

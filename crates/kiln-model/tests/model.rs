@@ -69,7 +69,8 @@ fn every_parameter_gradient_matches_finite_differences_for(s: ModelSpec) {
     model.load_batch(&mut b, &tokens, Some(&targets)).unwrap();
     b.zero(model.grads).unwrap();
     b.zero(model.losses).unwrap();
-    model.forward(&mut b, bs, time, Pass::Train { dloss: 1.0 }).unwrap();
+    let dloss = b.scalar(1.0).unwrap();
+    model.forward(&mut b, bs, time, Pass::Train { dloss }).unwrap();
     model.backward(&mut b, bs, time).unwrap();
     let grads = b.values_mut(model.grads).unwrap().to_vec();
 
@@ -108,7 +109,8 @@ fn padded_vocabulary_rows_get_no_gradient() {
         let model = Model::new(&mut b, s, 2, 3).unwrap();
         let tokens = batch(12, vocab, 0);
         model.load_batch(&mut b, &tokens, Some(&batch(12, vocab, 5))).unwrap();
-        model.forward(&mut b, 2, 6, Pass::Train { dloss: 1.0 }).unwrap();
+        let dloss = b.scalar(1.0).unwrap();
+        model.forward(&mut b, 2, 6, Pass::Train { dloss }).unwrap();
         model.backward(&mut b, 2, 6).unwrap();
         let grads = b.values_mut(model.grads).unwrap();
         for p in model.layout.iter().filter(|p| ModelSpec::has_vocab_rows(&p.name)) {
@@ -235,7 +237,8 @@ fn gradients_reported_ready_do_not_change_afterwards_for(s: ModelSpec) {
     model.load_batch(&mut b, &batch(bs * time, vocab, 0), Some(&batch(bs * time, vocab, 1))).unwrap();
     b.zero(model.grads).unwrap();
     b.zero(model.losses).unwrap();
-    model.forward(&mut b, bs, time, Pass::Train { dloss: 1.0 }).unwrap();
+    let dloss = b.scalar(1.0).unwrap();
+    model.forward(&mut b, bs, time, Pass::Train { dloss }).unwrap();
     let mut reported: Vec<(usize, Vec<f64>)> = Vec::new();
     model
         .backward_with(&mut b, bs, time, &mut |b, moment| {
@@ -268,7 +271,8 @@ fn accumulate_two_micro_batches(s: ModelSpec, recompute: Recompute) -> (u64, Vec
         let n = bs * time;
         model.load_batch(&mut b, &batch(n, s.vocab, micro), Some(&batch(n, s.vocab, micro + 7))).unwrap();
         b.zero(model.losses).unwrap();
-        model.forward(&mut b, bs, time, Pass::Train { dloss: 1.0 / n as f32 }).unwrap();
+        let dloss = b.scalar(1.0 / n as f32).unwrap();
+        model.forward(&mut b, bs, time, Pass::Train { dloss }).unwrap();
         model.backward(&mut b, bs, time).unwrap();
         let mut host = vec![0.0; n];
         b.download(model.losses.slice(0, n), &mut host).unwrap();
@@ -328,8 +332,9 @@ fn a_model_whose_blocks_weights_alternate_runs_only_through_the_passes_that_say_
         assert!(error.to_string().contains("forward_with"), "{error}");
     }
     let mut moments = Vec::new();
+    let dloss = b.scalar(1.0).unwrap();
     model
-        .forward_with(&mut b, 2, 6, Pass::Train { dloss: 1.0 }, &mut |_, m| {
+        .forward_with(&mut b, 2, 6, Pass::Train { dloss }, &mut |_, m| {
             moments.push(m);
             Ok(())
         })

@@ -279,9 +279,9 @@ fn op_cases() -> Vec<OpCase> {
         },
         OpCase {
             name: "classifier".into(),
-            reals: vec![(rows * padded, Acc, Activation), (rows, Acc, Stat)],
+            reals: vec![(rows * padded, Acc, Activation), (rows, Acc, Stat), (1, In, Stat)],
             indices: vec![targets.clone()],
-            run: Box::new(move |b, r, i| b.classifier(r[0], r[1], i[0], rows, vocab, padded, Some(1.0 / rows as f32))),
+            run: Box::new(move |b, r, i| b.classifier(r[0], r[1], i[0], rows, vocab, padded, Some(r[2]))),
         },
         OpCase {
             name: "classifier (loss only)".into(),
@@ -536,7 +536,8 @@ fn check_model_grads<C: Backend>(candidate: &mut C, config: &Config, tol: f64) -
         b.zero(model.grads)?;
         b.zero(model.losses)?;
         model.load_batch(b, &tokens, Some(&targets))?;
-        model.forward(b, batch, time, Pass::Train { dloss: 1.0 / (batch * time) as f32 })?;
+        let dloss = b.scalar(1.0 / (batch * time) as f32)?;
+        model.forward(b, batch, time, Pass::Train { dloss })?;
         model.backward(b, batch, time)?;
         let mut host = vec![0.0; model.grads.len];
         b.download(model.grads, &mut host)?;

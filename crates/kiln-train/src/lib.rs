@@ -36,7 +36,7 @@ use checkpoint::{Progress, Source};
 use guard::{Guard, Verdict};
 use kiln_core::comm::{Solo, piece};
 use kiln_core::config::MicroBatch;
-use kiln_core::{AdamWStep, Backend, Communicator, Config, Error, Result, Role, Tensor};
+use kiln_core::{AdamWStep, Backend, Communicator, Config, Error, Graph, Result, Role, Tensor};
 use kiln_data::{Addition, Dataset};
 use kiln_model::params::decay_runs;
 use kiln_model::params::initial_weights;
@@ -117,6 +117,10 @@ pub struct Trainer<B: Backend> {
     weights: Option<WeightShare>,
     /// Sequences per micro-batch (`train.micro_batch`, resolved when it is "auto").
     micro_batch: usize,
+    /// See [`StepValues`], and where the host reads the sums into.
+    values: StepValues,
+    sums: Vec<f32>,
+    graphs: Graphs,
     /// The host numbers summed across ranks after each step: loss, squared norm of the owned gradient pieces,
     /// "stop", then every rank's compute time (each rank fills its own entry).
     agreed: Vec<f64>,
@@ -187,7 +191,7 @@ impl<B: Backend> Trainer<B> {
         if let Some(capacity) = capacity {
             plan.check_fits(capacity)?;
         }
-        let Allocated { model, m, v, owned, updates, buckets, share, weights } =
+        let Allocated { model, m, v, owned, updates, buckets, share, weights, values } =
             Allocated::new(&mut backend, &config, shape, mb, world, rank)
                 .map_err(|e| Error::backend(backend.name(), format!("{e}\n{}", plan.describe())))?;
         let weight_share = weights.as_ref().map(|w| w.share);
@@ -205,7 +209,11 @@ impl<B: Backend> Trainer<B> {
         let accumulation = plan.accumulation;
         let tokens_per_step = accumulation * mb * t;
         let guard = Guard::new(&config.train.guard);
+        let graphs = Graphs::new(config.train.graphs && comm.capturable());
         let mut trainer = Trainer {
+            sums: vec![0.0; values.sums.len],
+            values,
+            graphs,
             zero: config.dist.zero,
             share,
             weights,
@@ -394,6 +402,12 @@ impl<B: Backend> Trainer<B> {
 
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// Whether the steps' passes run as replays of captured graphs (`train.graphs`): from the second step on, unless
+    /// capturing failed.
+    pub fn replays_graphs(&self) -> bool {
+        self.graphs.captured.iter().any(Option::is_some)
     }
 
     /// Sequences per micro-batch, as `train.micro_batch` gave it or as "auto" resolved it.
@@ -616,6 +630,8 @@ impl<B: Backend> Trainer<B> {
         let dloss = (1.0 / counted[0]) as f32;
         let data_done = Instant::now();
 
+        let values = self.values;
+        b.upload(values.dloss, &[dloss])?;
         b.zero(self.model.losses)?;
         // Alternating gradients are zeroed by the backward pass as it goes; the share adds up the micro-batches.
         match &self.share {
@@ -629,22 +645,16 @@ impl<B: Backend> Trainer<B> {
         // timing, what remains is its own work, which names a straggler. (A device's collectives return at once, so
         // there the device's own clock, between the marks around the passes, tells instead.)
         let mut in_collectives = std::time::Duration::ZERO;
-        b.time_from_here()?;
-        for micro in 0..accumulation {
-            let range = micro * per_micro..(micro + 1) * per_micro;
-            model.load_batch(b, &self.inputs[range.clone()], Some(&self.targets[range]))?;
-            model.forward_with(b, mb, t, Pass::Train { dloss }, &mut |b, moment| {
+        // One micro-batch's passes, on the batch loaded: with `reduce`, each bucket of gradients is reduced as soon
+        // as it is final (under ZeRO stage 2, a bucket's piece is added into the share once its reduction is over:
+        // when the next bucket is ready, and after the last).
+        let mut passes = |b: &mut B, reduce: bool| -> Result<()> {
+            model.forward_with(b, mb, t, Pass::Train { dloss: values.dloss }, &mut |b, moment| {
                 gather_blocks(b, comm.as_mut(), weights.as_ref(), model.spec.n_layer, moment)
             })?;
-            // Gradients accumulate over micro-batches and are reduced after the last, except under ZeRO stages 2
-            // and 3, which keep no whole gradient vector: there every micro-batch's are reduced, into the rank's
-            // share.
-            if micro + 1 < accumulation && share.is_none() {
-                model.backward(b, mb, t)?;
-                continue;
+            if !reduce {
+                return model.backward(b, mb, t);
             }
-            // Each bucket is reduced as soon as its gradients are final. Under ZeRO stage 2 a bucket's piece is
-            // added into the share once its reduction is over: when the next bucket is ready, and after the last.
             let mut cursor = BucketCursor::default();
             let mut received: Option<(Tensor, Tensor)> = None;
             let add_received = |b: &mut B, comm: &mut Box<dyn Communicator<B>>, received: &mut Option<_>| {
@@ -681,26 +691,43 @@ impl<B: Backend> Trainer<B> {
             let entered = Instant::now();
             add_received(b, comm, &mut received)?;
             in_collectives += entered.elapsed();
+            Ok(())
+        };
+        b.time_from_here()?;
+        for micro in 0..accumulation {
+            let range = micro * per_micro..(micro + 1) * per_micro;
+            model.load_batch(b, &self.inputs[range.clone()], Some(&self.targets[range]))?;
+            // Gradients accumulate over micro-batches and are reduced after the last, except under ZeRO stages 2
+            // and 3, which keep no whole gradient vector: there every micro-batch's are reduced, into the rank's
+            // share.
+            let reduce = micro + 1 == accumulation || share.is_some();
+            self.graphs.run(b, reduce, &mut |b| passes(b, reduce))?;
         }
         b.time_to_here()?;
         let queued = Instant::now();
         comm.wait(b)?;
         in_collectives += queued.elapsed();
-        // Reading the loss back waits for the forward and backward passes and the reduction.
-        let local_loss = b.sum(model.losses)?;
-        let passes_done = Instant::now();
-        // Under ZeRO each rank holds the reduced gradients of its pieces only: the norm is the sum of the ranks'
-        // parts. Otherwise every rank holds all of them, and rank 0's sum is the one all take, so that every rank
-        // judges the same norm (the guard's verdict must not split them) whatever order another's sum took.
-        let squares = match share {
-            Some(share) => b.sum_squares(share.share)? as f64,
+        // The loss, and the squared norm of the gradients this rank sums: under ZeRO each rank holds the reduced
+        // gradients of its pieces only, and the norm is the sum of the ranks' parts; otherwise every rank holds all of
+        // them, and rank 0's sum is the one all take, so that every rank judges the same norm (the guard's verdict
+        // must not split them) whatever order another's sum took. They are read back in one copy, which waits for
+        // the passes and the reduction.
+        let sums = values.sums;
+        b.sum_into(model.losses, false, sums.slice(0, 1))?;
+        match share {
+            Some(share) => b.sum_into(share.share, true, sums.slice(1, 1))?,
             None if zero == 1 => {
-                let mut pieces = self.owned.iter().map(|&(start, _, len)| b.sum_squares(model.grads.slice(start, len)));
-                pieces.try_fold(0.0, |sum, piece| piece.map(|p| sum + f64::from(p)))?
+                for (part, &(start, _, len)) in self.owned.iter().enumerate() {
+                    b.sum_into(model.grads.slice(start, len), true, sums.slice(1 + part, 1))?;
+                }
             }
-            None if rank == 0 => b.sum_squares(model.grads)? as f64,
-            None => 0.0,
-        };
+            None if rank == 0 => b.sum_into(model.grads, true, sums.slice(1, 1))?,
+            None => {}
+        }
+        b.download(sums, &mut self.sums)?;
+        let passes_done = Instant::now();
+        let local_loss = self.sums[0];
+        let squares: f64 = self.sums[1..].iter().map(|&part| f64::from(part)).sum();
         let agreed = &mut self.agreed;
         agreed.fill(0.0);
         agreed[0] = local_loss as f64;
@@ -771,6 +798,7 @@ impl<B: Backend> Trainer<B> {
             }
         }
         self.step += 1;
+        self.graphs.steps_run += 1;
         let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1e3;
         Ok(StepStats {
             loss,
@@ -869,6 +897,7 @@ pub fn vocabulary(config: &Config, data_vocab: usize) -> Result<usize> {
 /// trainer and its memory plan ([`plan`]) both allocate through this, so that the plan is the run's to the byte.
 /// The weights are left at zero.
 struct Allocated {
+    values: StepValues,
     model: Model,
     m: Tensor,
     v: Tensor,
@@ -877,6 +906,60 @@ struct Allocated {
     buckets: Buckets,
     share: Option<GradientShare>,
     weights: Option<WeightShare>,
+}
+
+/// A step's numbers on the device: the loss scale that the classifier reads (so that a graph of the passes takes
+/// each step's), and the sums that the host reads back in one copy after the passes: the loss, then the squared
+/// gradient norm of each part this rank sums.
+#[derive(Clone, Copy)]
+struct StepValues {
+    dloss: Tensor,
+    sums: Tensor,
+}
+
+/// The graphs of a micro-batch's passes (`train.graphs`), one for each kind: the passes alone, and the passes that
+/// reduce the gradients as they go. Each is captured the first time its kind runs after the trainer's first step
+/// (which allocates the engine's working memory), then replayed.
+struct Graphs {
+    /// Whether to capture: asked for, with a communicator that can be captured, and no capture has failed.
+    wanted: bool,
+    captured: [Option<Graph>; 2],
+    steps_run: u64,
+}
+
+impl Graphs {
+    fn new(wanted: bool) -> Self {
+        Graphs { wanted, captured: [None; 2], steps_run: 0 }
+    }
+
+    /// Runs the passes of kind `reduce`: by replaying their graph, by capturing one and replaying it, or as they are.
+    /// Where capturing fails, the run goes on without graphs.
+    fn run<B: Backend>(&mut self, b: &mut B, reduce: bool, passes: &mut dyn FnMut(&mut B) -> Result<()>) -> Result<()> {
+        let kind = usize::from(reduce);
+        if let Some(graph) = self.captured[kind] {
+            return b.replay(graph);
+        }
+        if !self.wanted || self.steps_run == 0 {
+            return passes(b);
+        }
+        if !b.begin_capture()? {
+            tracing::warn!("train.graphs: {} cannot capture graphs; the run goes on without them", b.name());
+            self.wanted = false;
+            return passes(b);
+        }
+        let recorded = passes(b);
+        match (recorded, b.end_capture()) {
+            (Ok(()), Ok(graph)) => {
+                self.captured[kind] = Some(graph);
+                b.replay(graph)
+            }
+            (Err(e), _) | (Ok(()), Err(e)) => {
+                tracing::warn!("train.graphs: capturing the passes failed ({e}); the run goes on without graphs");
+                self.wanted = false;
+                passes(b)
+            }
+        }
+    }
 }
 
 /// ZeRO stage 3's weights: the rank's share of them (fp32 master and working copy, as the engine keeps parameters),
@@ -977,7 +1060,11 @@ impl Allocated {
         } else {
             None
         };
-        Ok(Allocated { model, m, v, owned, updates, buckets, share, weights })
+        // The squared norm is summed in one part per owned piece under ZeRO stage 1, in one otherwise.
+        let parts = if zero == 1 { owned.len() } else { 1 };
+        let values = backend.alloc(2 + parts, Role::Stat)?;
+        let values = StepValues { dloss: values.slice(0, 1), sums: values.slice(1, 1 + parts) };
+        Ok(Allocated { model, m, v, owned, updates, buckets, share, weights, values })
     }
 }
 

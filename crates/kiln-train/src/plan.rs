@@ -69,6 +69,10 @@ impl MemoryPlan {
                     ("fp32 master weights", counting.master_bytes()),
                     ("gradients (fp32)", counting.bytes_of(Role::Grad)),
                     ("AdamW moments (fp32)", counting.bytes_of(Role::OptState)),
+                    (
+                        "the step's loss scale and sums",
+                        ((1 + allocated.values.sums.len) * storage.bytes(Role::Stat)) as u64,
+                    ),
                 ]
                 .into_iter()
                 .chain(kinds)

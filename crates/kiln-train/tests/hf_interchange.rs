@@ -101,7 +101,8 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
 
         b.zero(model.grads).unwrap();
         b.zero(model.losses).unwrap();
-        model.forward(&mut b, batch, time, Pass::Train { dloss: 1.0 / n }).unwrap();
+        let dloss = b.scalar(1.0 / n).unwrap();
+        model.forward(&mut b, batch, time, Pass::Train { dloss }).unwrap();
         model.backward(&mut b, batch, time).unwrap();
         let mut grads = vec![0.0f32; model.grads.len];
         b.download(model.grads, &mut grads).unwrap();
