@@ -39,10 +39,11 @@ std::vector<T> poisoned(size_t n) {
 inline unsigned grid_blocks(size_t n, unsigned block) { return (unsigned)std::max<size_t>(1, (n + block - 1) / block); }
 inline unsigned elementwise_blocks(size_t n) { return grid_blocks((n + 7) / 8, 256); }
 
-// max |got − want| / max |want|, as the self-test measures; infinite when anything got is not finite.
+// max |got − want| / max |want|, as the self-test measures, or relative to `least_scale` where that is larger;
+// infinite when anything got is not finite.
 template <typename G>
-double error(const std::vector<G>& got, const std::vector<double>& want) {
-    double e = 0, scale = 1e-30;
+double error(const std::vector<G>& got, const std::vector<double>& want, double least_scale = 1e-30) {
+    double e = 0, scale = least_scale;
     for (size_t i = 0; i < want.size(); i++) {
         const double g = to_f32(got[i]);
         if (!std::isfinite(g)) return INFINITY;
