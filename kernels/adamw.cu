@@ -1,6 +1,8 @@
 // AdamW with decoupled weight decay, per parameter:
 // g = scale·grad, m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², p ← p − lr·(m·bc1 / (√(v·bc2) + ε) + wd·p),
-// with bias corrections bc1 = 1/(1−β₁ᵗ) and bc2 = 1/(1−β₂ᵗ) computed on the host.
+// with bias corrections bc1 = 1/(1−β₁ᵗ) and bc2 = 1/(1−β₂ᵗ). What changes from step to step is read from device
+// memory, so that a captured graph takes each step's: values = {lr, t, ‖grad‖}; the clipping scale is
+// clip/‖grad‖ when clip > 0 and ‖grad‖ > clip, otherwise 1.
 //
 // In bf16 the fp32 master copy is updated and rounded into the bf16 parameters in the same pass; in fp32 there
 // is no master copy (master is null) and the parameters are updated directly.
@@ -8,8 +10,11 @@
 // Threads take chunks of 4 parameters (16 bytes of each fp32 array; see Packed in common.cuh) in a grid-stride
 // loop: any grid covers the data.
 extern "C" __global__ void adamw(floatX* params, float* master, const float* grads, float* m, float* v, long n,
-                                 float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
-                                 float bc2, float grad_scale) {
+                                 const float* values, float beta1, float beta2, float eps, float weight_decay,
+                                 float clip) {
+    const float lr = values[0], t = values[1], norm = values[2];
+    const float bc1 = 1.0f / (1.0f - powf(beta1, t)), bc2 = 1.0f / (1.0f - powf(beta2, t));
+    const float grad_scale = clip > 0.0f && norm > clip ? clip / norm : 1.0f;
     typedef Packed<float> F;
     typedef Packed<floatX, F::size> X;
     for (long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * F::size; i < n;

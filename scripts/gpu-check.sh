@@ -62,8 +62,8 @@ print("straight:", [a[s] for s in (4, 5, 6)], "resumed:", [b[s] for s in (4, 5, 
 raise SystemExit(0 if same else 1)
 PY
 }
-# `timeout` runs commands, not shell functions: hand it a bash that has the function.
-# train.graphs: the passes captured as CUDA graphs (from the second step) must train exactly as without them.
+# train.graphs: the passes and the optimizer captured as CUDA graphs (from the second step) must train exactly as
+# without them.
 graphs_check() {
   local run=(--backend cuda --set train.max_steps=8 --set train.eval_steps=1 --set train.log_every=1)
   rm -rf /tmp/kiln-graphs && "$kiln" train "${run[@]}" --set train.out_dir=/tmp/kiln-graphs/off &&

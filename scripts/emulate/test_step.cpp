@@ -60,11 +60,13 @@ static void run_sums(size_t n) {
 
 // One AdamW step on n parameters, as CudaBackend::adamw launches it: on an fp32 master copy where the build is
 // bf16, on the parameters themselves in fp32.
-static void run_adamw(size_t n) {
-    const std::string where = "n " + std::to_string(n);
-    const float lr = 3e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, wd = 0.1f, grad_scale = 0.5f;
+static void run_adamw(size_t n, bool clipped) {
+    const std::string where = "n " + std::to_string(n) + (clipped ? " clipped" : "");
+    // A gradient norm of 2.5 clipped to 1.25 (a scale of one half), or a norm of 0.5 left as it is.
+    const float lr = 3e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, wd = 0.1f, clip = 1.25f;
+    const float norm = clipped ? 2.5f : 0.5f, grad_scale = clipped ? clip / norm : 1.0f, values[3] = {lr, 7.0f, norm};
     const int t = 7;
-    const float bc1 = 1 / (1 - std::pow(beta1, t)), bc2 = 1 / (1 - std::pow(beta2, t));
+    const double bc1 = 1 / (1 - std::pow((double)beta1, t)), bc2 = 1 / (1 - std::pow((double)beta2, t));
     const bool has_master = sizeof(floatX) == 2;
     auto master = random_f32(n), grads = random_f32(n), m = random_f32(n, 0.1f), v = random_f32(n, 0.01f);
     for (auto& x : v) x = std::fabs(x);
@@ -82,8 +84,7 @@ static void run_adamw(size_t n) {
     }
     float* master_ptr = has_master ? master.data() : nullptr;
     launch({elementwise_blocks(n), 1, 1}, 256, 0, [&] {
-        adamw(params.data(), master_ptr, grads.data(), m.data(), v.data(), (long)n, lr, beta1, beta2, eps, wd, bc1,
-              bc2, grad_scale);
+        adamw(params.data(), master_ptr, grads.data(), m.data(), v.data(), (long)n, values, beta1, beta2, eps, wd, clip);
     });
     check("adamw m", where, error(m, want_m));
     check("adamw v", where, error(v, want_v));
@@ -160,7 +161,8 @@ static void run_add(size_t n) {
 int main() {
     seed_schedule_from_env();
     for (size_t n : {1, 7, 4099, 300001}) run_sums(n);
-    for (size_t n : {1, 5, 1003}) run_adamw(n);
+    for (size_t n : {1, 5, 1003})
+        for (bool clipped : {false, true}) run_adamw(n, clipped);
     for (bool write_grad : {false, true})
         for (auto [V, Vp] : {std::pair{5, 5}, {7, 64}, {1000, 1024}}) run_classifier(3, V, Vp, write_grad);
     for (size_t n : {1, 9, 1000}) run_gelu(n);

@@ -299,17 +299,36 @@ impl Rotary {
 }
 
 /// One AdamW update: `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, `p ← p − lr·(m̂/(√v̂ + ε) + wd·p)` with bias-corrected
-/// moments `m̂ = m/(1−β₁ᵗ)`, `v̂ = v/(1−β₂ᵗ)`, where `g = grad_scale · grad` (the scale carries gradient clipping).
+/// moments `m̂ = m/(1−β₁ᵗ)`, `v̂ = v/(1−β₂ᵗ)`, where `g = s·grad` and `s` clips the global gradient norm `‖g‖` to
+/// `grad_clip`: `s = grad_clip/‖g‖` when `grad_clip > 0` and `‖g‖ > grad_clip`, otherwise 1 (computed in f32).
+///
+/// What changes from step to step is in `values`, three full-precision elements read when the update runs (so that a
+/// captured graph takes each step's): the learning rate, the 1-based step count `t` (whole, and exact in f32 up to
+/// 2²⁴), and `‖g‖`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
-    pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
-    /// 1-based step count, for bias correction.
-    pub step: u64,
-    pub grad_scale: f32,
+    pub grad_clip: f32,
+    pub values: Tensor,
+}
+
+impl AdamWStep {
+    /// The largest step count that [`AdamWStep::values`] holds exactly.
+    pub const MAX_STEP: u64 = 1 << 24;
+
+    /// What [`AdamWStep::values`] holds for step `t` (1-based) at learning rate `lr` with global gradient norm
+    /// `grad_norm`.
+    pub fn values_of(lr: f32, t: u64, grad_norm: f32) -> [f32; 3] {
+        [lr, t as f32, grad_norm]
+    }
+
+    /// The clipping scale `s` for a global gradient norm (see above): the one formula both engines use.
+    pub fn clip_scale(&self, grad_norm: f32) -> f32 {
+        if self.grad_clip > 0.0 && grad_norm > self.grad_clip { self.grad_clip / grad_norm } else { 1.0 }
+    }
 }
 
 /// An engine that owns memory and runs the operations of a GPT training step.
@@ -501,6 +520,7 @@ pub trait Backend {
         dloss: Option<Tensor>,
     ) -> Result<()>;
 
-    /// One AdamW step over a range of parameters and their gradients and moments (all of equal length).
+    /// One AdamW step over a range of parameters and their gradients and moments (all of equal length), with the
+    /// values of [`AdamWStep::values`] as they are when it runs.
     fn adamw(&mut self, params: Tensor, grads: Tensor, m: Tensor, v: Tensor, step: &AdamWStep) -> Result<()>;
 }

@@ -354,8 +354,9 @@ pub struct TrainConfig {
     /// Which activations the backward pass computes again instead of keeping them from the forward pass: less
     /// memory for more arithmetic.
     pub recompute: Recompute,
-    /// Capture each micro-batch's forward and backward passes as a graph once, and replay it every step after, on
-    /// engines that can (the GPU), for a single rank: one launch instead of hundreds. Off until a GPU has measured it.
+    /// Capture a micro-batch's forward and backward passes and the optimizer's update as graphs once, and replay them
+    /// every step after, on engines that can (the GPU), for a single rank: a launch each instead of hundreds. Off
+    /// until a GPU has measured it.
     pub graphs: bool,
     /// The check of every update before it is applied: `[train.guard]`.
     pub guard: GuardConfig,

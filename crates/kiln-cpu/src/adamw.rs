@@ -1,6 +1,7 @@
 //! AdamW with decoupled weight decay (Loshchilov & Hutter):
 //! `g = scale·grad`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
-//! `p ← p − lr·(m/(1−β₁ᵗ) / (√(v/(1−β₂ᵗ)) + ε) + wd·p)`.
+//! `p ← p − lr·(m/(1−β₁ᵗ) / (√(v/(1−β₂ᵗ)) + ε) + wd·p)`, with the learning rate, `t` and the gradient norm (of which
+//! the clipping scale) from [`AdamWStep::values`].
 
 use crate::math::Real;
 use kiln_core::AdamWStep;
@@ -8,17 +9,18 @@ use rayon::prelude::*;
 
 const CHUNK: usize = 8192;
 
-pub fn update<T: Real>(params: &mut [T], grads: &[T], m: &mut [T], v: &mut [T], s: &AdamWStep) {
+/// `values` is [`AdamWStep::values`]' contents.
+pub fn update<T: Real>(params: &mut [T], grads: &[T], m: &mut [T], v: &mut [T], s: &AdamWStep, values: &[T]) {
     let b1 = T::from_f32(s.beta1);
     let b2 = T::from_f32(s.beta2);
     let one = T::one();
-    let t = s.step as i32;
+    let t = values[1].to_f64() as i32;
     let bc1 = one / (one - b1.powi(t));
     let bc2 = one / (one - b2.powi(t));
-    let lr = T::from_f32(s.lr);
+    let lr = values[0];
     let wd = T::from_f32(s.weight_decay);
     let eps = T::from_f32(s.eps);
-    let scale = T::from_f32(s.grad_scale);
+    let scale = T::from_f32(s.clip_scale(values[2].to_f32()));
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))

@@ -755,7 +755,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             return Ok(());
         }
         let n = params.len;
-        self.check("adamw", &[(params, n), (m, n), (v, n)], &[(grads, n)])?;
+        self.check("adamw", &[(params, n), (m, n), (v, n)], &[(grads, n), (step.values, 3)])?;
         if let Some((buffer, pieces)) = &self.master_pieces {
             let range = params.offset..params.offset + n;
             if *buffer == params.buffer && pieces.packed_index(range.clone()).is_none() {
@@ -764,7 +764,10 @@ impl<T: Real> Backend for CpuBackend<T> {
             }
         }
         // SAFETY: checked above.
-        unsafe { adamw::update(self.write(params), self.read(grads), self.write(m), self.write(v), &step) };
+        unsafe {
+            let values = self.read(step.values);
+            adamw::update(self.write(params), self.read(grads), self.write(m), self.write(v), &step, values)
+        };
         Ok(())
     }
 }

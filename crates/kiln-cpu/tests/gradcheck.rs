@@ -542,7 +542,10 @@ fn adamw_matches_the_formula() {
         *x = x.abs();
     }
     let (p0, g0, m0, v0) = (f.values(p), f.values(g), f.values(m), f.values(v));
-    let s = AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.5 };
+    // A gradient norm of 4 clipped to 2: a scale of one half.
+    let values = f.b.alloc(3, Role::Stat).unwrap();
+    f.b.upload(values, &AdamWStep::values_of(0.01, 3, 4.0)).unwrap();
+    let s = AdamWStep { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 2.0, values };
     f.b.adamw(p, g, m, v, &s).unwrap();
     let (p1, m1, v1) = (f.values(p), f.values(m), f.values(v));
     let (b1, b2) = (0.9f32 as f64, 0.95f32 as f64);
@@ -562,7 +565,9 @@ fn adamw_matches_the_formula() {
 fn adamw_updates_only_inside_the_master_pieces_a_rank_keeps() {
     let mut f = Fixture::new(13);
     let (p, g, m, v) = (f.random(300, 1.0), f.random(300, 1.0), f.zeros(300), f.zeros(300));
-    let s = AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
+    let values = f.b.alloc(3, Role::Stat).unwrap();
+    f.b.upload(values, &AdamWStep::values_of(0.01, 1, 1.0)).unwrap();
+    let s = AdamWStep { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, grad_clip: 1.0, values };
     f.b.keep_master_pieces(p.slice(100, 200), &[0..50, 50..120]).unwrap();
     // Inside one piece (elements 150..220 of the allocation): updated. Outside every piece: refused.
     f.b.adamw(p.slice(160, 60), g.slice(0, 60), m.slice(0, 60), v.slice(0, 60), &s).unwrap();

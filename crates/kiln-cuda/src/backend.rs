@@ -1265,7 +1265,7 @@ impl Backend for CudaBackend {
     fn adamw(&mut self, params: Tensor, grads: Tensor, m: Tensor, v: Tensor, s: &AdamWStep) -> Result<()> {
         let op = "adamw";
         let n = params.len;
-        self.disjoint(op, &[params, m, v], &[grads])?;
+        self.disjoint(op, &[params, m, v], &[grads, s.values])?;
         let p = self.ptr(op, params, self.x(), n)?;
         let master = match &self.buffers[params.buffer.0 as usize].master {
             Some(master) => {
@@ -1279,28 +1279,10 @@ impl Backend for CudaBackend {
         };
         let (g, mp, vp) =
             (self.ptr(op, grads, DType::F32, n)?, self.ptr(op, m, DType::F32, n)?, self.ptr(op, v, DType::F32, n)?);
-        let t = s.step as i32;
-        let (bc1, bc2) = (1.0 / (1.0 - s.beta1.powi(t)), 1.0 / (1.0 - s.beta2.powi(t)));
+        let values = self.ptr(op, s.values, DType::F32, 3)?;
         let n = n as i64;
-        launch!(
-            self,
-            op,
-            elementwise(params.len),
-            p,
-            master,
-            g,
-            mp,
-            vp,
-            n,
-            s.lr,
-            s.beta1,
-            s.beta2,
-            s.eps,
-            s.weight_decay,
-            bc1,
-            bc2,
-            s.grad_scale
-        )
+        let cfg = elementwise(params.len);
+        launch!(self, op, cfg, p, master, g, mp, vp, n, values, s.beta1, s.beta2, s.eps, s.weight_decay, s.grad_clip)
     }
 }
 

@@ -175,7 +175,18 @@ fn op_cases() -> Vec<OpCase> {
     targets.rotate_left(1);
     targets[5] = IGNORE_TARGET;
     let lin = MatmulDims { rows, c_in: c, c_out: 67 };
-    let adam = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.7 };
+    // Step 3 at a learning rate of 0.01, with a gradient norm under the clip of 1 or over it (scaled by one half).
+    let adamw = |grad_norm: f32| OpCase {
+        name: format!("adamw (gradient norm {grad_norm}, clipped to 1)"),
+        reals: vec![(1001, Acc, Param), (1001, In, Grad), (1001, Acc, OptState), (1001, AccNonNegative, OptState)],
+        indices: vec![],
+        run: Box::new(move |b, r, _| {
+            let values = b.alloc(3, Role::Stat)?;
+            b.upload(values, &AdamWStep::values_of(1e-2, 3, grad_norm))?;
+            let step = AdamWStep { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0, values };
+            b.adamw(r[0], r[1], r[2], r[3], &step)
+        }),
+    };
     // The token embedding's gradient, also with more positions than the CUDA engine's sort has threads (512) and
     // a vocabulary that takes it an odd number of passes (3 of 4 bits).
     let encoder_backward = |batch: usize, time: usize, c: usize, vocab: usize| OpCase {
@@ -289,12 +300,8 @@ fn op_cases() -> Vec<OpCase> {
             indices: vec![targets],
             run: Box::new(move |b, r, i| b.classifier(r[0], r[1], i[0], rows, vocab, padded, None)),
         },
-        OpCase {
-            name: "adamw".into(),
-            reals: vec![(1001, Acc, Param), (1001, In, Grad), (1001, Acc, OptState), (1001, AccNonNegative, OptState)],
-            indices: vec![],
-            run: Box::new(move |b, r, _| b.adamw(r[0], r[1], r[2], r[3], &adam)),
-        },
+        adamw(0.7),
+        adamw(2.0),
         OpCase {
             name: "add".into(),
             reals: vec![(100_003, Acc, Grad), (100_003, In, Grad)],

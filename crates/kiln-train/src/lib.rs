@@ -701,7 +701,8 @@ impl<B: Backend> Trainer<B> {
             // and 3, which keep no whole gradient vector: there every micro-batch's are reduced, into the rank's
             // share.
             let reduce = micro + 1 == accumulation || share.is_some();
-            self.graphs.run(b, reduce, &mut |b| passes(b, reduce))?;
+            let kind = if reduce { Kind::ReducingPasses } else { Kind::Passes };
+            self.graphs.run(b, kind, &mut |b| passes(b, reduce))?;
         }
         b.time_to_here()?;
         let queued = Instant::now();
@@ -753,36 +754,43 @@ impl<B: Backend> Trainer<B> {
         let o = &cfg.optim;
         let lr = schedule::learning_rate(o, self.step, cfg.train.max_steps);
         if verdict.applies() {
-            let grad_scale = if o.grad_clip > 0.0 && grad_norm > o.grad_clip { o.grad_clip / grad_norm } else { 1.0 };
-            for &(offset, local, len, decay) in &self.updates {
-                let step = AdamWStep {
-                    lr,
-                    beta1: o.beta1,
-                    beta2: o.beta2,
-                    eps: o.eps,
-                    weight_decay: if decay { o.weight_decay } else { 0.0 },
-                    step: self.step + 1,
-                    grad_scale,
-                };
-                let moment = |t: Tensor| t.slice(local, len);
-                let grads = match share {
-                    Some(share) => moment(share.share),
-                    None => model.grads.slice(offset, len),
-                };
-                let params = match weights {
-                    Some(weights) => moment(weights.share),
-                    None => model.params.slice(offset, len),
-                };
-                b.adamw(params, grads, moment(self.m), moment(self.v), &step)?;
+            if self.step >= AdamWStep::MAX_STEP {
+                return Err(Error::Invalid(format!("AdamW counts at most {} steps", AdamWStep::MAX_STEP)));
             }
-            if zero > 0 && weights.is_none() {
-                for bucket in &buckets.ranges {
-                    let params = model.params.slice(bucket.start, bucket.len());
-                    comm.all_gather(b, params, piece(params, comm.world(), rank))?;
+            // The engine clips, from the norm (see AdamWStep).
+            b.upload(values.adamw, &AdamWStep::values_of(lr, self.step + 1, grad_norm))?;
+            let (updates, m, v) = (&self.updates, self.m, self.v);
+            let mut optimizer = |b: &mut B| -> Result<()> {
+                for &(offset, local, len, decay) in updates {
+                    let step = AdamWStep {
+                        beta1: o.beta1,
+                        beta2: o.beta2,
+                        eps: o.eps,
+                        weight_decay: if decay { o.weight_decay } else { 0.0 },
+                        grad_clip: o.grad_clip,
+                        values: values.adamw,
+                    };
+                    let moment = |t: Tensor| t.slice(local, len);
+                    let grads = match share {
+                        Some(share) => moment(share.share),
+                        None => model.grads.slice(offset, len),
+                    };
+                    let params = match weights {
+                        Some(weights) => moment(weights.share),
+                        None => model.params.slice(offset, len),
+                    };
+                    b.adamw(params, grads, moment(m), moment(v), &step)?;
                 }
-                comm.wait(b)?;
-            }
-            gather_resident(b, comm.as_mut(), weights.as_ref())?;
+                if zero > 0 && weights.is_none() {
+                    for bucket in &buckets.ranges {
+                        let params = model.params.slice(bucket.start, bucket.len());
+                        comm.all_gather(b, params, piece(params, comm.world(), rank))?;
+                    }
+                    comm.wait(b)?;
+                }
+                gather_resident(b, comm.as_mut(), weights.as_ref())
+            };
+            self.graphs.run(b, Kind::Optimizer, &mut optimizer)?;
         }
         if self.profile {
             b.synchronize()?;
@@ -908,55 +916,70 @@ struct Allocated {
     weights: Option<WeightShare>,
 }
 
-/// A step's numbers on the device: the loss scale that the classifier reads (so that a graph of the passes takes
-/// each step's), and the sums that the host reads back in one copy after the passes: the loss, then the squared
-/// gradient norm of each part this rank sums.
+/// A step's numbers on the device, read by the work they feed when it runs (so that a graph of that work takes each
+/// step's): the loss scale that the classifier reads; AdamW's [`AdamWStep::values`]; and the sums that the host reads
+/// back in one copy after the passes: the loss, then the squared gradient norm of each part this rank sums.
 #[derive(Clone, Copy)]
 struct StepValues {
     dloss: Tensor,
+    adamw: Tensor,
     sums: Tensor,
 }
 
-/// The graphs of a micro-batch's passes (`train.graphs`), one for each kind: the passes alone, and the passes that
-/// reduce the gradients as they go. Each is captured the first time its kind runs after the trainer's first step
-/// (which allocates the engine's working memory), then replayed.
+impl StepValues {
+    fn elements(&self) -> usize {
+        self.dloss.len + self.adamw.len + self.sums.len
+    }
+}
+
+/// The kinds of work of a step that are captured as graphs (`train.graphs`): a micro-batch's passes; its passes
+/// that reduce the gradients as they go; the optimizer's update (with, under ZeRO, the gathers of the weights).
+#[derive(Clone, Copy)]
+enum Kind {
+    Passes,
+    ReducingPasses,
+    Optimizer,
+}
+
+/// The graphs of a step, one for each [`Kind`], each captured the first time its kind runs after the trainer's first
+/// step (which allocates the engine's working memory), then replayed.
 struct Graphs {
     /// Whether to capture: asked for, with a communicator that can be captured, and no capture has failed.
     wanted: bool,
-    captured: [Option<Graph>; 2],
+    captured: [Option<Graph>; 3],
     steps_run: u64,
 }
 
 impl Graphs {
     fn new(wanted: bool) -> Self {
-        Graphs { wanted, captured: [None; 2], steps_run: 0 }
+        Graphs { wanted, captured: [None; 3], steps_run: 0 }
     }
 
-    /// Runs the passes of kind `reduce`: by replaying their graph, by capturing one and replaying it, or as they are.
-    /// Where capturing fails, the run goes on without graphs.
-    fn run<B: Backend>(&mut self, b: &mut B, reduce: bool, passes: &mut dyn FnMut(&mut B) -> Result<()>) -> Result<()> {
-        let kind = usize::from(reduce);
+    /// Runs `work` of `kind`: by replaying its graph, by capturing one and replaying it, or as it is. Where capturing
+    /// fails, the run goes on without graphs.
+    fn run<B: Backend>(&mut self, b: &mut B, kind: Kind, work: &mut dyn FnMut(&mut B) -> Result<()>) -> Result<()> {
+        let kind = kind as usize;
         if let Some(graph) = self.captured[kind] {
             return b.replay(graph);
         }
         if !self.wanted || self.steps_run == 0 {
-            return passes(b);
+            return work(b);
         }
         if !b.begin_capture()? {
             tracing::warn!("train.graphs: {} cannot capture graphs; the run goes on without them", b.name());
             self.wanted = false;
-            return passes(b);
+            return work(b);
         }
-        let recorded = passes(b);
+        let recorded = work(b);
         match (recorded, b.end_capture()) {
             (Ok(()), Ok(graph)) => {
                 self.captured[kind] = Some(graph);
                 b.replay(graph)
             }
             (Err(e), _) | (Ok(()), Err(e)) => {
-                tracing::warn!("train.graphs: capturing the passes failed ({e}); the run goes on without graphs");
+                tracing::warn!("train.graphs: capturing a step's work failed ({e}); the run goes on without graphs");
                 self.wanted = false;
-                passes(b)
+                work(b)
             }
         }
     }
@@ -1062,8 +1085,9 @@ impl Allocated {
         };
         // The squared norm is summed in one part per owned piece under ZeRO stage 1, in one otherwise.
         let parts = if zero == 1 { owned.len() } else { 1 };
-        let values = backend.alloc(2 + parts, Role::Stat)?;
-        let values = StepValues { dloss: values.slice(0, 1), sums: values.slice(1, 1 + parts) };
+        let values = backend.alloc(5 + parts, Role::Stat)?;
+        let values =
+            StepValues { dloss: values.slice(0, 1), adamw: values.slice(1, 3), sums: values.slice(4, 1 + parts) };
         Ok(Allocated { model, m, v, owned, updates, buckets, share, weights, values })
     }
 }

@@ -70,8 +70,8 @@ impl MemoryPlan {
                     ("gradients (fp32)", counting.bytes_of(Role::Grad)),
                     ("AdamW moments (fp32)", counting.bytes_of(Role::OptState)),
                     (
-                        "the step's loss scale and sums",
-                        ((1 + allocated.values.sums.len) * storage.bytes(Role::Stat)) as u64,
+                        "the step's loss scale, AdamW's values and the sums read back",
+                        (allocated.values.elements() * storage.bytes(Role::Stat)) as u64,
                     ),
                 ]
                 .into_iter()

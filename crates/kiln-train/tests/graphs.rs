@@ -1,12 +1,14 @@
 //! `train.graphs` on the CPU engine, which captures as a GPU does (an operation called while capturing is recorded
 //! with its operands; a replay runs the recorded operations again on the tensors as they are then): a run whose
 //! passes are replayed graphs trains exactly as one that runs them, with gradient accumulation, ZeRO stages 1 and 2
-//! on one rank, and either model family. Where capturing fails, the run goes on without graphs and trains the same.
+//! on one rank, and either model family, and evaluation, checkpoints and resuming work between replays. Where
+//! capturing fails, the run goes on without graphs and trains the same.
 //! (That a replay takes each step's loss scale, which these runs keep constant, is kiln-cpu's tests/graphs.rs.)
 
 use kiln_core::Config;
 use kiln_cpu::CpuBackend;
-use kiln_train::Trainer;
+use kiln_train::{Hooks, Trainer, checkpoint};
+use std::path::Path;
 
 /// A small model on the quickstart's addition data.
 const SMALL: &[&str] = &[
@@ -56,4 +58,36 @@ fn a_capture_that_fails_leaves_the_run_going_without_graphs() {
     let (graphs, replayed) = train(&["dist.zero=3"], true);
     assert!(!replayed);
     assert_eq!(graphs, direct);
+}
+
+#[test]
+fn evaluation_checkpoints_and_resuming_work_between_replays() {
+    let dir = std::env::temp_dir().join(format!("kiln-graphs-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = |name: &str, graphs: bool, resume: Option<&Path>| {
+        let mut overrides: Vec<String> = SMALL.iter().map(|s| s.to_string()).collect();
+        overrides.extend(
+            ["train.eval_every=3", "train.eval_steps=2", "train.checkpoint_every=4"].into_iter().map(String::from),
+        );
+        overrides.push(format!("train.graphs={graphs}"));
+        overrides.push(format!("train.out_dir={}", dir.join(name).display()));
+        let config = Config::load(None, &overrides).unwrap();
+        let mut trainer = Trainer::new(&config, CpuBackend::<f32>::new()).unwrap();
+        if let Some(checkpoint) = resume {
+            trainer.resume(checkpoint).unwrap();
+        }
+        let summary = trainer.run(&mut Hooks::default(), true).unwrap();
+        assert_eq!(trainer.replays_graphs(), graphs);
+        summary
+    };
+    let direct = run("direct", false, None);
+    let graphs = run("graphs", true, None);
+    assert_eq!(
+        (&graphs.losses, graphs.val_loss, graphs.exact_match),
+        (&direct.losses, direct.val_loss, direct.exact_match)
+    );
+    let resumed = run("resumed", true, Some(&checkpoint::step_dir(&dir.join("graphs/checkpoints"), 4)));
+    assert_eq!(resumed.losses, direct.losses[4..]);
+    assert_eq!(resumed.val_loss, direct.val_loss);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
