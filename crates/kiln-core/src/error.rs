@@ -25,6 +25,9 @@ pub enum Error {
     /// A backend could not start or an operation on it failed at run time.
     Backend { backend: String, message: String },
 
+    /// A backend ran out of memory: the run does not fit as configured.
+    OutOfMemory { backend: String, message: String },
+
     /// The model or trainer was asked for something it does not support (a programming or pairing error that
     /// surfaced at run time).
     Invalid(String),
@@ -44,7 +47,9 @@ impl fmt::Display for Error {
             Error::Usage(message) | Error::Invalid(message) | Error::Diverged(message) => f.write_str(message),
             Error::Data { path, message } => write!(f, "{}: {message}", path.display()),
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
-            Error::Backend { backend, message } => write!(f, "{backend}: {message}"),
+            Error::Backend { backend, message } | Error::OutOfMemory { backend, message } => {
+                write!(f, "{backend}: {message}")
+            }
             Error::Interrupted => f.write_str("interrupted"),
         }
     }
@@ -80,7 +85,7 @@ impl Error {
     /// configuration or the input files; 130 for an interrupt (the shell's convention); 1 for failures at run time.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config { .. } | Error::Usage(_) | Error::Data { .. } => 2,
+            Error::Config { .. } | Error::Usage(_) | Error::Data { .. } | Error::OutOfMemory { .. } => 2,
             Error::Interrupted => 130,
             Error::Io { .. } | Error::Backend { .. } | Error::Invalid(_) | Error::Diverged(_) => 1,
         }

@@ -17,7 +17,9 @@ use crate::kernels::{KERNELS, Precision};
 use crate::libraries::Library;
 use crate::matmul::{self, CublasLt, Epilogue, Operand, Product};
 use crate::memory::{self, CudaMemory, NORM_ROWS_PER_BLOCK, REDUCE_BLOCKS};
-use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{
+    CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode,
+};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
     PushKernelArg,
@@ -474,15 +476,18 @@ impl CudaBackend {
         self.not_capturing("alloc")?;
         let bytes = bytes.max(1);
         let mem = self.stream.alloc_zeros::<u8>(bytes).map_err(|e| {
-            self.err(
-                "alloc",
-                format!(
-                    "cannot allocate {:.1} MiB ({:.1} MiB already allocated): {e:?}; if the GPU is out of memory, \
-                     try a smaller train.micro_batch",
-                    bytes as f64 / 1048576.0,
-                    self.bytes as f64 / 1048576.0
-                ),
-            )
+            let message = format!(
+                "cannot allocate {:.1} MiB ({:.1} MiB already allocated): {e:?}",
+                bytes as f64 / 1048576.0,
+                self.bytes as f64 / 1048576.0
+            );
+            match e.0 {
+                CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory {
+                    backend: self.name.clone(),
+                    message: format!("alloc: {message}; a smaller train.micro_batch (or \"auto\") would need less"),
+                },
+                _ => self.err("alloc", message),
+            }
         })?;
         self.bytes += bytes;
         let ptr = mem.device_ptr(&self.stream).0;

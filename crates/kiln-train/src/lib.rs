@@ -117,6 +117,8 @@ pub struct Trainer<B: Backend> {
     weights: Option<WeightShare>,
     /// Sequences per micro-batch (`train.micro_batch`, resolved when it is "auto").
     micro_batch: usize,
+    /// The memory plan the run was checked against, shown when the engine runs out of memory after all.
+    plan: MemoryPlan,
     /// See [`StepValues`], and where the host reads the sums into.
     values: StepValues,
     sums: Vec<f32>,
@@ -192,8 +194,7 @@ impl<B: Backend> Trainer<B> {
             plan.check_fits(capacity)?;
         }
         let Allocated { model, m, v, owned, updates, buckets, share, weights, values } =
-            Allocated::new(&mut backend, &config, shape, mb, world, rank)
-                .map_err(|e| Error::backend(backend.name(), format!("{e}\n{}", plan.describe())))?;
+            Allocated::new(&mut backend, &config, shape, mb, world, rank).map_err(|e| with_plan(e, &plan))?;
         let weight_share = weights.as_ref().map(|w| w.share);
         let put =
             &mut |b: &mut B, range, values: &[f32]| put_weights(b, &owned, weight_share, model.params, range, values);
@@ -211,6 +212,7 @@ impl<B: Backend> Trainer<B> {
         let guard = Guard::new(&config.train.guard);
         let graphs = Graphs::new(config.train.graphs && comm.capturable());
         let mut trainer = Trainer {
+            plan,
             sums: vec![0.0; values.sums.len],
             values,
             graphs,
@@ -595,8 +597,13 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// One optimizer step; returns the mean training loss, the gradient norm before clipping, the learning rate
-    /// used, and where the time went. Every rank of a job takes every step together.
+    /// used, and where the time went. Every rank of a job takes every step together. Should the engine run out of
+    /// memory (its working memory grows in the first step), the error shows the plan.
     pub fn train_step(&mut self) -> Result<StepStats> {
+        self.take_step().map_err(|e| with_plan(e, &self.plan))
+    }
+
+    fn take_step(&mut self) -> Result<StepStats> {
         let started = Instant::now();
         let cfg = &self.config;
         let (mb, t, accumulation) = (self.micro_batch, cfg.model.block_size, self.accumulation);
@@ -914,6 +921,16 @@ struct Allocated {
     buckets: Buckets,
     share: Option<GradientShare>,
     weights: Option<WeightShare>,
+}
+
+/// `error`, with the memory plan's table when it says that memory ran out.
+fn with_plan(error: Error, plan: &MemoryPlan) -> Error {
+    match error {
+        Error::OutOfMemory { backend, message } => {
+            Error::OutOfMemory { backend, message: format!("{message}\n{}", plan.describe()) }
+        }
+        other => other,
+    }
 }
 
 /// A step's numbers on the device, read by the work they feed when it runs (so that a graph of that work takes each
@@ -1253,5 +1270,24 @@ pub fn describe_sum(prompt: &str, completion: &str) -> String {
     match Addition::read_answer(completion) {
         Some(sum) => format!("{question} = {sum}"),
         None => format!("{question} = {completion:?} (malformed)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_memory_shows_the_plan_and_other_errors_do_not() {
+        let config = Config::load(None, &[]).unwrap();
+        let spec = ModelSpec::new(&config.model, 13);
+        let plan = MemoryPlan::new(&config, spec, 4, 1, &kiln_cpu::CpuMemory::<f32>::new()).unwrap();
+        let table = plan.describe();
+        let oom = Error::OutOfMemory { backend: "cuda:0".into(), message: "alloc: cannot allocate 512.0 MiB".into() };
+        let shown = with_plan(oom, &plan);
+        assert!(matches!(shown, Error::OutOfMemory { .. }) && shown.exit_code() == 2);
+        assert_eq!(shown.to_string(), format!("cuda:0: alloc: cannot allocate 512.0 MiB\n{table}"));
+        let other = with_plan(Error::backend("cuda:0", "launch failed"), &plan);
+        assert_eq!(other.to_string(), "cuda:0: launch failed");
     }
 }
