@@ -7,6 +7,13 @@
 # The steps run in order of importance, each within its own time limit and all within GPU_CHECK_BUDGET_S (default
 # 540 s, to end inside a 600 s device call): a step that would start with too little time left is skipped.
 # ONLY="NAME ..." runs just the named steps (e.g. ONLY="dp-equivalence dp-overlap" for a second call).
+# A lease of about 15 minutes holds two such calls. What the open issues still need a GPU to show, grouped so that
+# each group's comparisons share a call (kiln beside PyTorch, a switch beside the default):
+#   speed (issues 15, 18): ONLY="info selftest-fp32 selftest-bf16 bench-kiln graphs-exact bench-kiln-graphs
+#     bench-pytorch bench-llama bench-llama-pytorch"
+#   memory and attention (issues 16, 18): ONLY="plan-gpt2 plan-llama recompute bench-attention
+#     bench-attention-reference selftest-bf16-pipelined bench-attention-pipelined bench-attention-atomic resume-exact"
+#   ranks (issues 16, 17): ONLY="dp-equivalence dp-stages allreduce rank-times bench-kiln bench-kiln-unguarded"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-out}
