@@ -2,7 +2,7 @@
 //!
 //! Each chart (loss against steps and against tokens, learning rate, gradient norm, tokens/s, MFU or TFLOP/s,
 //! memory) overlays every run in its own colour. Steps a rollback or resume abandoned are drawn faded; skips,
-//! rollbacks and resumes are marked on the loss chart and listed in a table per run. The charts are SVG drawn by
+//! rollbacks and resumes are marked on every chart against steps and listed in a table per run. The charts are SVG drawn by
 //! plotters and written inline, and a Content-Security-Policy forbids the page any fetch, so it opens offline and
 //! can be mailed or archived as one file.
 
@@ -219,8 +219,6 @@ struct Chart {
     y_desc: &'static str,
     axis: Axis,
     curves: Vec<Curve>,
-    /// Whether skips, rollbacks and resumes are marked on it.
-    events: bool,
 }
 
 /// A run's points of one curve, in the order logged: the steps it kept as one line, and each stretch of steps
@@ -230,7 +228,7 @@ struct Traced {
     abandoned: Vec<Vec<(f64, f64)>>,
 }
 
-/// Skipped steps are left out: their values are the spikes the run rejected, marked on the loss chart instead.
+/// Skipped steps are left out: their values are the spikes the run rejected, marked on the charts instead.
 fn trace(run: &Run, axis: Axis, value: fn(&Record) -> Option<f64>) -> Traced {
     let mut traced = Traced { kept: Vec::new(), abandoned: Vec::new() };
     let mut branch: Option<Vec<(f64, f64)>> = None;
@@ -256,22 +254,16 @@ fn trace(run: &Run, axis: Axis, value: fn(&Record) -> Option<f64>) -> Traced {
 impl Chart {
     /// A chart of one quantity against steps.
     fn by_step(title: &'static str, y_desc: &'static str, value: fn(&Record) -> Option<f64>) -> Chart {
-        Chart {
-            title,
-            y_desc,
-            axis: Axis::Steps,
-            curves: vec![Curve { name: None, value, look: Look::Line }],
-            events: false,
-        }
+        Chart { title, y_desc, axis: Axis::Steps, curves: vec![Curve { name: None, value, look: Look::Line }] }
     }
 
     /// Training and validation loss against `axis`.
-    fn loss(title: &'static str, axis: Axis, events: bool) -> Chart {
+    fn loss(title: &'static str, axis: Axis) -> Chart {
         let curves = vec![
             Curve { name: Some("loss"), value: |r| r.loss.map(f64::from), look: Look::Line },
             Curve { name: Some("val loss"), value: |r| r.val_loss.map(f64::from), look: Look::Dotted },
         ];
-        Chart { title, y_desc: "loss", axis, curves, events }
+        Chart { title, y_desc: "loss", axis, curves }
     }
 }
 
@@ -286,8 +278,8 @@ fn charts(runs: &[Run]) -> Vec<Chart> {
         Chart::by_step("Model TFLOP/s", "TFLOP/s", |r| r.tflops)
     };
     vec![
-        Chart::loss("Loss against steps", Axis::Steps, true),
-        Chart::loss("Loss against tokens", Axis::Tokens, false),
+        Chart::loss("Loss against steps", Axis::Steps),
+        Chart::loss("Loss against tokens", Axis::Tokens),
         Chart::by_step("Learning rate", "lr", |r| r.lr.map(f64::from)),
         Chart::by_step("Gradient norm (before clipping)", "grad norm", |r| r.grad_norm.map(f64::from)),
         Chart::by_step("Throughput", "tokens/s", |r| r.tokens_per_s),
@@ -315,7 +307,7 @@ fn padded_range(values: impl Iterator<Item = f64>) -> Option<std::ops::Range<f64
     Some(lo - pad..hi + pad)
 }
 
-/// How the loss chart marks one kind of event.
+/// How a chart against steps marks one kind of event.
 #[derive(Clone, Copy)]
 struct Marker {
     kind: Kind,
@@ -325,7 +317,7 @@ struct Marker {
     shape: &'static [(i32, i32)],
 }
 
-/// The events marked on the loss chart.
+/// The events marked on the charts against steps.
 const MARKERS: [Marker; 3] = [
     Marker { kind: Kind::Skip, name: "skip", shape: &[(-6, -6), (6, -6), (0, 5), (-6, -6)] },
     Marker { kind: Kind::Rollback, name: "rollback", shape: &[(-6, -6), (6, 6), (0, 0), (6, -6), (-6, 6)] },
@@ -382,7 +374,8 @@ fn render(chart: &Chart, runs: &[Run]) -> Result<Option<String>> {
                 }
             }
         }
-        if chart.events {
+        // Events happen at steps: a chart against tokens has no place for them.
+        if chart.axis == Axis::Steps {
             for marker in MARKERS {
                 mark_events(&mut plot, runs, marker, &y_range).map_err(fail)?;
             }
@@ -457,7 +450,7 @@ fn page(runs: &[Run]) -> Result<String> {
         );
     }
     html.push_str(concat!(
-        "</ul>\n<p>Dots: validation loss. Faded: steps a rollback or resume abandoned. On the loss chart, ",
+        "</ul>\n<p>Dots: validation loss. Faded: steps a rollback or resume abandoned. On the charts against steps, ",
         "\u{25bd} marks a skipped step, \u{2715} a rollback and \u{25a1} a resume.</p>\n",
     ));
     for run in runs.iter() {
