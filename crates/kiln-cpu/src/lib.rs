@@ -189,7 +189,7 @@ impl<T: Real> CpuBackend<T> {
     }
 
     /// A fixed-order sum of `f(x)` over the elements of `t`, accumulated in f64.
-    fn reduce(&mut self, op: &str, t: Tensor, f: impl Fn(f64) -> f64 + Sync) -> Result<f32> {
+    fn reduce(&mut self, op: &str, t: Tensor, f: impl Fn(f64) -> f64 + Sync) -> Result<f64> {
         let mut partials = std::mem::take(&mut self.partials);
         let data = self.real_ref(op, t)?;
         data.par_chunks(SUM_PIECE)
@@ -197,7 +197,7 @@ impl<T: Real> CpuBackend<T> {
             .collect_into_vec(&mut partials);
         let total: f64 = partials.iter().sum();
         self.partials = partials;
-        Ok(total as f32)
+        Ok(total)
     }
 
     fn scratch(&mut self, len: usize) -> Vec<T> {
@@ -329,12 +329,12 @@ impl<T: Real> Backend for CpuBackend<T> {
 
     fn sum(&mut self, t: Tensor) -> Result<f32> {
         self.not_capturing("sum")?;
-        self.reduce("sum", t, |x| x)
+        self.reduce("sum", t, |x| x).map(|total| total as f32)
     }
 
     fn sum_squares(&mut self, t: Tensor) -> Result<f32> {
         self.not_capturing("sum_squares")?;
-        self.reduce("sum_squares", t, |x| x * x)
+        self.reduce("sum_squares", t, |x| x * x).map(|total| total as f32)
     }
 
     fn sum_into(&mut self, t: Tensor, squares: bool, out: Tensor) -> Result<()> {
@@ -344,7 +344,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         let op = "sum_into";
         self.check(op, &[(out, 1)], &[(t, t.len)])?;
         let total = if squares { self.reduce(op, t, |x| x * x)? } else { self.reduce(op, t, |x| x)? };
-        self.real_mut(op, out)?[0] = T::from_f32(total);
+        self.real_mut(op, out)?[0] = T::from_f64(total);
         Ok(())
     }
 

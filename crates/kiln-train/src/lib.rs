@@ -210,6 +210,9 @@ impl<B: Backend> Trainer<B> {
         let accumulation = plan.accumulation;
         let tokens_per_step = accumulation * mb * t;
         let guard = Guard::new(&config.train.guard);
+        if config.train.graphs && !comm.capturable() && rank == 0 {
+            tracing::warn!("train.graphs: graphs are captured on one rank only so far; these {world} ranks go without");
+        }
         let graphs = Graphs::new(config.train.graphs && comm.capturable());
         let mut trainer = Trainer {
             plan,
