@@ -4,7 +4,8 @@
 //! - every operation of [`Backend`], on fresh random inputs whose sizes are multiples of no tile size, with the
 //!   candidate's outputs poisoned with NaN before it runs (an output it forgets to write shows up as NaN);
 //! - the whole model's gradients, parameter tensor by parameter tensor, for one batch;
-//! - a short training run, whose per-step losses must track the reference's.
+//! - a short training run, whose per-step losses must track the reference's; and the same run with its steps replayed
+//!   from captured graphs, whose losses must equal the candidate's own without graphs bit for bit.
 //!
 //! Errors are measured normwise, `max|candidate − reference| / max|reference|` over a tensor, and compared with a
 //! [`Tolerance`] chosen for the candidate's precision.
@@ -29,13 +30,16 @@ pub struct Tolerance {
     pub model_grads: f64,
     /// Absolute difference of per-step training losses.
     pub loss: f64,
+    /// Absolute difference of per-step losses between the candidate's run replayed from graphs and its run without:
+    /// 0 for an engine whose results are reproducible bit for bit.
+    pub graphs: f64,
 }
 
 impl Tolerance {
     /// fp32 arithmetic against the f64 reference.
-    pub const FP32: Tolerance = Tolerance { op: 1e-5, model_grads: 1e-4, loss: 1e-4 };
+    pub const FP32: Tolerance = Tolerance { op: 1e-5, model_grads: 1e-4, loss: 1e-4, graphs: 0.0 };
     /// bf16 storage with fp32 accumulation.
-    pub const BF16: Tolerance = Tolerance { op: 1e-2, model_grads: 2e-2, loss: 2e-2 };
+    pub const BF16: Tolerance = Tolerance { op: 1e-2, model_grads: 2e-2, loss: 2e-2, graphs: 0.0 };
 }
 
 /// The outcome of one check.
@@ -580,6 +584,29 @@ fn check_training<C: Backend>(candidate: C, config: &Config, tol: f64) -> Result
     Ok(Check { name, error, tolerance: tol, failure })
 }
 
+/// The same steps with their passes and updates replayed from captured graphs (`train.graphs`): the candidate's
+/// losses must equal its own without graphs (bit for bit at a tolerance of 0), and from the second step on every step
+/// must be replayed.
+fn check_graphs<C: Backend>(direct: C, captured: C, config: &Config, tol: f64) -> Result<Check> {
+    let mut hooks = Hooks::default();
+    let want = Trainer::new(config, direct)?.run(&mut hooks, false)?;
+    let mut with_graphs = config.clone();
+    with_graphs.train.graphs = true;
+    let mut trainer = Trainer::new(&with_graphs, captured)?;
+    let got = trainer.run(&mut hooks, false)?;
+    let error = match got.losses.iter().all(|l| l.is_finite()) {
+        true => got.losses.iter().zip(&want.losses).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max),
+        false => f64::INFINITY,
+    };
+    let failure = match (trainer.replays_graphs(), error.is_finite()) {
+        (false, _) => Some("no step was replayed from a graph: the capture failed (see the warning)".to_string()),
+        (true, false) => Some("a loss is NaN or infinite".to_string()),
+        (true, true) => None,
+    };
+    let name = format!("{} training with graphs: {} steps' losses", config.model.arch.name(), got.losses.len());
+    Ok(Check { name, error, tolerance: tol, failure })
+}
+
 /// Runs every check on backends made by `make`, calling `report` as each finishes, and returns them all. A
 /// model-level check that errors out counts as failed.
 pub fn run<C: Backend + 'static>(
@@ -612,6 +639,8 @@ pub fn run<C: Backend + 'static>(
         }
         let training = check_training(make()?, &config, tol.loss);
         push(training.unwrap_or_else(|e| failed(&format!("{arch} training"), tol.loss, e)));
+        let graphs = check_graphs(make()?, make()?, &config, tol.graphs);
+        push(graphs.unwrap_or_else(|e| failed(&format!("{arch} training with graphs"), tol.graphs, e)));
     }
     Ok(checks)
 }
@@ -632,7 +661,7 @@ mod tests {
     #[test]
     fn differences_beyond_tolerance_fail() {
         // f32 is not f64: at a tolerance no float32 computation can meet, every check that computes must fail.
-        let strict = Tolerance { op: 1e-12, model_grads: 1e-12, loss: 0.0 };
+        let strict = Tolerance { op: 1e-12, model_grads: 1e-12, loss: 0.0, graphs: 0.0 };
         let checks = run(|| Ok(CpuBackend::<f32>::new()), strict, |_| {}).unwrap();
         let failed: Vec<&str> = checks.iter().filter(|c| !c.passed()).map(|c| c.name.as_str()).collect();
         for name in [
