@@ -387,10 +387,13 @@ pub trait Backend {
     fn begin_capture(&mut self) -> Result<bool> {
         Ok(false)
     }
-    /// Ends the capture that [`Backend::begin_capture`] started and returns the graph, which has not run yet. After a
-    /// failed operation during a capture, ending it discards the capture (and may itself fail).
+    /// Ends the capture that [`Backend::begin_capture`] started and returns the graph, which has not run yet.
     fn end_capture(&mut self) -> Result<Graph> {
         Err(crate::Error::backend(self.name(), "end_capture: this engine does not capture graphs"))
+    }
+    /// Ends a capture during which an operation failed, keeping nothing of it: the engine runs work again.
+    fn abandon_capture(&mut self) -> Result<()> {
+        Err(crate::Error::backend(self.name(), "abandon_capture: this engine does not capture graphs"))
     }
     /// Queues the work of a graph captured by this engine, as the operations would have queued it.
     fn replay(&mut self, graph: Graph) -> Result<()> {

@@ -361,6 +361,13 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(Graph(id))
     }
 
+    fn abandon_capture(&mut self) -> Result<()> {
+        match self.capturing.take() {
+            Some(_) => Ok(()),
+            None => Err(self.invalid("abandon_capture", "no capture in progress".into())),
+        }
+    }
+
     fn replay(&mut self, graph: Graph) -> Result<()> {
         self.not_capturing("replay")?;
         let i = graph.0 as usize;

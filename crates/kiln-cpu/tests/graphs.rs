@@ -99,3 +99,21 @@ fn work_on_the_host_cannot_be_captured() {
     assert!(b.end_capture().is_err(), "no capture in progress");
     assert!(b.replay(Graph(7)).is_err(), "no such graph");
 }
+
+#[test]
+fn an_abandoned_capture_keeps_nothing_and_the_engine_runs_work_again() {
+    let mut b = CpuBackend::<f32>::new();
+    let t = b.alloc(2, Role::Stat).unwrap();
+    b.upload(t, &[3.0, 4.0]).unwrap();
+    assert!(b.begin_capture().unwrap());
+    b.zero(t).unwrap();
+    b.abandon_capture().unwrap();
+    let mut host = [0.0; 2];
+    b.download(t, &mut host).unwrap();
+    assert_eq!(host, [3.0, 4.0], "an abandoned operation ran");
+    b.zero(t).unwrap();
+    b.download(t, &mut host).unwrap();
+    assert_eq!(host, [0.0, 0.0], "work after the abandoned capture did not run");
+    assert!(b.replay(Graph(0)).is_err(), "an abandoned capture left a graph");
+    assert!(b.abandon_capture().is_err(), "no capture in progress");
+}

@@ -17,8 +17,9 @@ use crate::kernels::{KERNELS, Precision};
 use crate::libraries::Library;
 use crate::matmul::{self, CublasLt, Epilogue, Operand, Product};
 use crate::memory::{self, CudaMemory, NORM_ROWS_PER_BLOCK, REDUCE_BLOCKS};
+use cudarc::driver::result;
 use cudarc::driver::sys::{
-    CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode,
+    CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode, CUstreamCaptureStatus,
 };
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
@@ -294,6 +295,8 @@ impl Drop for CudaBackend {
     /// stream than the one the work is on.
     fn drop(&mut self) {
         let _ = self.stream.synchronize();
+        // Before the modules and the cuBLASLt handle whose kernels they hold (fields drop in declaration order).
+        self.graphs.clear();
     }
 }
 
@@ -467,8 +470,7 @@ impl CudaBackend {
     fn copy_to_device<T: cudarc::driver::DeviceRepr>(&self, dst: u64, values: &[T]) -> Result<()> {
         self.not_capturing("copy to the GPU")?;
         // SAFETY: `dst` addresses at least `size_of_val(values)` bytes of one allocation (checked by the caller).
-        unsafe { cudarc::driver::result::memcpy_htod_async(dst, values, self.stream.cu_stream()) }
-            .map_err(driver("copy to the GPU"))
+        unsafe { result::memcpy_htod_async(dst, values, self.stream.cu_stream()) }.map_err(driver("copy to the GPU"))
     }
 
     /// A new zero-filled device allocation of `bytes` (at least one), counted in [`Backend::allocated_bytes`].
@@ -497,7 +499,7 @@ impl CudaBackend {
     fn copy_to_host(&self, src: u64, bytes: &mut [u8]) -> Result<()> {
         self.not_capturing("copy from the GPU")?;
         // SAFETY: `src` addresses at least `bytes.len()` bytes of one allocation (checked by the caller).
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(bytes, src, self.stream.cu_stream()) }
+        unsafe { result::memcpy_dtoh_async(bytes, src, self.stream.cu_stream()) }
             .map_err(driver("copy from the GPU"))?;
         self.stream.synchronize().map_err(driver("synchronize"))
     }
@@ -522,6 +524,31 @@ impl CudaBackend {
             true => Err(self.err(op, "cannot be captured into a graph (it waits for or copies to the host)".into())),
             false => Ok(()),
         }
+    }
+
+    /// Ends the capture in progress, the stream running work again whatever else fails, and instantiates its graph
+    /// (none when it recorded nothing).
+    fn finish_capture(&mut self, op: &str) -> Result<Option<CudaGraph>> {
+        if !self.capturing {
+            return Err(self.err(op, "no capture in progress".into()));
+        }
+        self.capturing = false;
+        let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        // cudarc may fail before it ends the capture (an error left by an earlier call surfaces first): end it here
+        // then, so that the stream is not left capturing what comes next.
+        let stream = self.stream.cu_stream();
+        // SAFETY: the stream is this engine's and alive; a graph ended here is destroyed at once and not used.
+        unsafe {
+            if ended.is_err()
+                && result::stream::is_capturing(stream)
+                    .is_ok_and(|s| s != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+                && let Ok(graph) = result::stream::end_capture(stream)
+                && !graph.is_null()
+            {
+                let _ = result::graph::destroy(graph);
+            }
+        }
+        ended.map_err(driver(op))
     }
 
     /// Sum of `t` (fp32 or bf16) or of its squares, deterministic, returned to the host.
@@ -736,7 +763,7 @@ impl Backend for CudaBackend {
         let b = self.buffers.get(t.buffer.0 as usize).ok_or_else(|| self.err("zero", format!("{t:?}")))?;
         let ptr = self.ptr("zero", t, b.dtype, t.len)?;
         // SAFETY: the range was checked by `ptr`.
-        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, t.len * b.dtype.size(), self.stream.cu_stream()) }
+        unsafe { result::memset_d8_async(ptr, 0, t.len * b.dtype.size(), self.stream.cu_stream()) }
             .map_err(driver("memset"))
     }
 
@@ -777,19 +804,17 @@ impl Backend for CudaBackend {
     }
 
     fn end_capture(&mut self) -> Result<Graph> {
-        if !self.capturing {
-            return Err(self.err("end_capture", "no capture in progress".into()));
-        }
-        self.capturing = false;
         let graph = self
-            .stream
-            .end_capture(CUgraphInstantiate_flags(0))
-            .map_err(driver("ending a capture"))?
+            .finish_capture("end_capture")?
             .ok_or_else(|| self.err("end_capture", "the capture recorded nothing".into()))?;
         // Its first launch would otherwise set it up on the device.
         graph.upload().map_err(driver("uploading a graph"))?;
         self.graphs.push(graph);
         Ok(Graph(self.graphs.len() as u32 - 1))
+    }
+
+    fn abandon_capture(&mut self) -> Result<()> {
+        self.finish_capture("abandon_capture").map(drop)
     }
 
     fn replay(&mut self, graph: Graph) -> Result<()> {
@@ -1212,7 +1237,7 @@ impl Backend for CudaBackend {
             let dq_sum = self.scratch(op, memory::attention_backward_floats(&d, false))?;
             let row_dot = dq_sum + (sums * 4) as u64;
             // SAFETY: the scratch buffer holds `sums + stats` floats.
-            unsafe { cudarc::driver::result::memset_d8_async(dq_sum, 0, sums * 4, self.stream.cu_stream()) }
+            unsafe { result::memset_d8_async(dq_sum, 0, sums * 4, self.stream.cu_stream()) }
                 .map_err(driver("memset"))?;
             launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
             let kernel = FlashTiles::DKV_DQ;

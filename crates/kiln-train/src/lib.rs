@@ -985,19 +985,24 @@ impl Graphs {
         if !self.wanted || self.steps_run == 0 {
             return work(b);
         }
-        if !b.begin_capture()? {
-            tracing::warn!("train.graphs: {} cannot capture graphs; the run goes on without them", b.name());
-            self.wanted = false;
-            return work(b);
-        }
-        let recorded = work(b);
-        match (recorded, b.end_capture()) {
-            (Ok(()), Ok(graph)) => {
+        let captured = match b.begin_capture() {
+            Ok(false) => Err(format!("{} cannot capture graphs", b.name())),
+            Ok(true) => match work(b) {
+                Ok(()) => b.end_capture().map_err(|e| format!("ending the capture failed ({e})")),
+                Err(e) => {
+                    b.abandon_capture()?;
+                    Err(format!("capturing a step's work failed ({e})"))
+                }
+            },
+            Err(e) => Err(format!("starting a capture failed ({e})")),
+        };
+        match captured {
+            Ok(graph) => {
                 self.captured[kind] = Some(graph);
                 b.replay(graph)
             }
-            (Err(e), _) | (Ok(()), Err(e)) => {
-                tracing::warn!("train.graphs: capturing a step's work failed ({e}); the run goes on without graphs");
+            Err(why) => {
+                tracing::warn!("train.graphs: {why}; the run goes on without graphs");
                 self.wanted = false;
                 work(b)
             }
