@@ -325,7 +325,8 @@ impl AdamWStep {
         [lr, t as f32, grad_norm]
     }
 
-    /// The clipping scale `s` for a global gradient norm (see above): the one formula both engines use.
+    /// The clipping scale `s` for a global gradient norm (see above), as the CPU engine computes it; the CUDA
+    /// engine's kernels/adamw.cu states the same formula.
     pub fn clip_scale(&self, grad_norm: f32) -> f32 {
         if self.grad_clip > 0.0 && grad_norm > self.grad_clip { self.grad_clip / grad_norm } else { 1.0 }
     }
