@@ -663,7 +663,8 @@ impl Config {
         if per_step == 0 || total % per_step != 0 {
             return Err(Error::Usage(format!(
                 "train.total_batch_tokens (= {total}) must be a multiple of train.micro_batch × model.block_size × \
-                 ranks (= {micro_batch} × {} × {world}) to split each step between {world} ranks",
+                 ranks (= {micro_batch} × {} × {world} = {per_step}) to split each step between {world} ranks; \
+                 --set train.total_batch_tokens={per_step} gives each rank one micro-batch a step",
                 self.model.block_size
             )));
         }
