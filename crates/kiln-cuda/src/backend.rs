@@ -316,11 +316,6 @@ macro_rules! launch {
     }};
 }
 
-/// Little-endian fp32 values from `bytes` into `dst`.
-fn read_f32(dst: &mut [f32], bytes: &[u8]) {
-    dst.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(d, b)| *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-}
-
 fn grid(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((n as u64).div_ceil(block as u64).max(1) as u32, 1, 1),
@@ -496,11 +491,11 @@ impl CudaBackend {
         Ok((mem, ptr))
     }
 
-    fn copy_to_host(&self, src: u64, bytes: &mut [u8]) -> Result<()> {
+    /// Copies `dst.len()` values from `src` into `dst` (of the device's layout: fp32 values land as `f32`) and waits.
+    fn copy_to_host<T: cudarc::driver::DeviceRepr>(&self, src: u64, dst: &mut [T]) -> Result<()> {
         self.not_capturing("copy from the GPU")?;
-        // SAFETY: `src` addresses at least `bytes.len()` bytes of one allocation (checked by the caller).
-        unsafe { result::memcpy_dtoh_async(bytes, src, self.stream.cu_stream()) }
-            .map_err(driver("copy from the GPU"))?;
+        // SAFETY: `src` addresses at least `size_of_val(dst)` bytes of one allocation (checked by the caller).
+        unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.map_err(driver("copy from the GPU"))?;
         self.stream.synchronize().map_err(driver("synchronize"))
     }
 
@@ -555,9 +550,9 @@ impl CudaBackend {
     fn sum_to_host(&mut self, op: &str, t: Tensor, squares: bool) -> Result<f32> {
         let total = self.reduce.slice(REDUCE_BLOCKS as usize, 1);
         self.reduce(op, t, squares, total)?;
-        let mut bytes = [0u8; 4];
-        self.copy_to_host(self.ptr(op, total, DType::F32, 1)?, &mut bytes)?;
-        Ok(f32::from_le_bytes(bytes))
+        let mut sum = [0.0f32];
+        self.copy_to_host(self.ptr(op, total, DType::F32, 1)?, &mut sum)?;
+        Ok(sum[0])
     }
 
     /// Queues the sum of `t` (fp32 or bf16) or of its squares into `out` (one fp32 element), deterministic.
@@ -698,22 +693,20 @@ impl Backend for CudaBackend {
                 .collect(),
             None => Vec::new(),
         };
+        // fp32 lands where it goes (the step's sums are read this way, with nothing allocated); bf16 through a copy.
         if master_parts.iter().map(|&(_, _, n)| n).sum::<usize>() < dst.len() {
-            let mut bytes = vec![0u8; dst.len() * dtype.size()];
-            self.copy_to_host(ptr, &mut bytes)?;
             match dtype {
-                DType::F32 => read_f32(dst, &bytes),
-                DType::Bf16 => dst
-                    .iter_mut()
-                    .zip(bytes.chunks_exact(2))
-                    .for_each(|(d, b)| *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                DType::F32 => self.copy_to_host(ptr, dst)?,
+                DType::Bf16 => {
+                    let mut bits = vec![half::bf16::ZERO; dst.len()];
+                    self.copy_to_host(ptr, &mut bits)?;
+                    dst.iter_mut().zip(&bits).for_each(|(d, b)| *d = b.to_f32());
+                }
                 DType::U32 => return Err(self.err("download", "token tensors hold no reals".into())),
             }
         }
         for (address, from, n) in master_parts {
-            let mut bytes = vec![0u8; n * 4];
-            self.copy_to_host(address, &mut bytes)?;
-            read_f32(&mut dst[from..from + n], &bytes);
+            self.copy_to_host(address, &mut dst[from..from + n])?;
         }
         Ok(())
     }
