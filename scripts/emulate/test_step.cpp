@@ -84,7 +84,8 @@ static void run_adamw(size_t n, bool clipped) {
     }
     float* master_ptr = has_master ? master.data() : nullptr;
     launch({elementwise_blocks(n), 1, 1}, 256, 0, [&] {
-        adamw(params.data(), master_ptr, grads.data(), m.data(), v.data(), (long)n, values, beta1, beta2, eps, wd, clip);
+        adamw(params.data(), master_ptr, grads.data(), m.data(), v.data(), (long)n, values, beta1, beta2, eps, wd,
+              clip);
     });
     check("adamw m", where, error(m, want_m));
     check("adamw v", where, error(v, want_v));

@@ -2,9 +2,9 @@
 //!
 //! Each chart (loss against steps and against tokens, learning rate, gradient norm, tokens/s, MFU or TFLOP/s,
 //! memory) overlays every run in its own colour. Steps a rollback or resume abandoned are drawn faded; skips,
-//! rollbacks and resumes are marked on every chart against steps and listed in a table per run. The charts are SVG drawn by
-//! plotters and written inline, and a Content-Security-Policy forbids the page any fetch, so it opens offline and
-//! can be mailed or archived as one file.
+//! rollbacks and resumes are marked on every chart against steps and listed in a table per run. The charts are SVG
+//! drawn by plotters and written inline, and a Content-Security-Policy forbids the page any fetch, so it opens
+//! offline and can be mailed or archived as one file.
 
 use kiln_core::{Error, Result};
 use kiln_train::metrics::{Event, StepRecord as Record};
