@@ -61,6 +61,8 @@ impl Verdict {
 pub struct Guard {
     config: GuardConfig,
     pub state: GuardState,
+    /// The window's values of one check, reused every step (the step's host work allocates nothing).
+    scratch: Vec<f64>,
 }
 
 /// Standard deviations per median absolute deviation, for normally distributed values.
@@ -74,7 +76,7 @@ const LEAST_RELATIVE_NORM_DEVIATION: f64 = 0.01;
 
 impl Guard {
     pub fn new(config: &GuardConfig) -> Self {
-        Guard { config: config.clone(), state: GuardState::default() }
+        Guard { config: config.clone(), state: GuardState::default(), scratch: Vec::with_capacity(config.window) }
     }
 
     /// Judges the step that follows `steps_done` steps, with the loss and gradient norm the ranks agree on, and
@@ -112,7 +114,7 @@ impl Guard {
     }
 
     /// Why a step with this loss and norm fails, if it does.
-    fn failure(&self, loss: f32, grad_norm: f32) -> Option<String> {
+    fn failure(&mut self, loss: f32, grad_norm: f32) -> Option<String> {
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Some(format!("the loss is {loss} and the gradient norm {grad_norm}"));
         }
@@ -132,8 +134,11 @@ impl Guard {
                 |median| LEAST_RELATIVE_NORM_DEVIATION * median,
             ),
         ];
+        let (recent, scratch) = (&self.state.recent, &mut self.scratch);
         checks.into_iter().filter(|check| check.2 > 0.0).find_map(|(name, value, threshold, pick, least)| {
-            let (median, mad) = median_and_mad(self.state.recent.iter().map(|r| f64::from(pick(r))).collect());
+            scratch.clear();
+            scratch.extend(recent.iter().map(|r| f64::from(pick(r))));
+            let (median, mad) = median_and_mad(scratch);
             let deviation = (DEVIATIONS_PER_MAD * mad).max(least(median));
             let value = f64::from(value);
             (value > median + threshold * deviation).then(|| {
@@ -161,11 +166,11 @@ impl Guard {
     }
 }
 
-/// The median of `values` and their median absolute deviation from it.
-fn median_and_mad(mut values: Vec<f64>) -> (f64, f64) {
-    let median = median(&mut values);
-    let mut deviations: Vec<f64> = values.iter().map(|v| (v - median).abs()).collect();
-    (median, self::median(&mut deviations))
+/// The median of `values` and their median absolute deviation from it (`values` ends up holding the deviations).
+fn median_and_mad(values: &mut [f64]) -> (f64, f64) {
+    let median = median(values);
+    values.iter_mut().for_each(|v| *v = (*v - median).abs());
+    (median, self::median(values))
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -185,8 +190,8 @@ mod tests {
     #[test]
     fn median_and_mad_are_not_moved_by_an_outlier() {
         // Deviations 2, 1, 0, 1, 97: their median is 1.
-        assert_eq!(median_and_mad(vec![1.0, 2.0, 3.0, 4.0, 100.0]), (3.0, 1.0));
-        assert_eq!(median_and_mad(vec![4.0, 1.0, 2.0, 3.0]), (2.5, 1.0));
+        assert_eq!(median_and_mad(&mut [1.0, 2.0, 3.0, 4.0, 100.0]), (3.0, 1.0));
+        assert_eq!(median_and_mad(&mut [4.0, 1.0, 2.0, 3.0]), (2.5, 1.0));
     }
 
     #[test]
