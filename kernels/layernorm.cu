@@ -7,9 +7,9 @@
 // term, which is RMS normalisation's gradient, dx += r·(g − n·mean(g·n)) with n = x·r, and they write no db.
 //
 // One warp per row; lane l handles the row's chunks l, l+32, ... (see Packed in common.cuh). The backward pass
-// gives each block rows_per_block rows; each warp sums its rows' share of dw and db in shared memory, the block
-// adds its warps' sums in order into partials[block], and a second kernel adds the blocks' partials in order: no
-// atomics, so the result is deterministic.
+// gives each block rows_per_block rows; each warp sums its rows' share of dw and db (and when asked, of dx) in
+// shared memory, the block adds its warps' sums in order into partials[block], and a second kernel adds the blocks'
+// partials in order: no atomics, so the result is deterministic.
 
 typedef Packed<floatX> LnChunk;
 
@@ -78,20 +78,27 @@ __device__ __forceinline__ int ln_slot(int channel, int chunks) {
     return channel % LnChunk::size * chunks + channel / LnChunk::size;
 }
 
-// Dynamic shared memory: 2 × padded floats per warp (dw's sums, then db's), padded = C rounded up to a whole chunk.
-// partials holds 2·C floats per block (dw, then db), in channel order. A null mean is RMS normalisation.
+// With sum_dinp, the sums of dinp's columns after the add too: dinp is the residual stream's gradient, and its column
+// sums are the bias gradient of the projection whose output the residual add took (Σ_rows dx, the values stored).
+//
+// Dynamic shared memory: `sums` × padded floats per warp (dw's sums, db's, then with sum_dinp dx's), padded = C
+// rounded up to a whole chunk, sums = 3 with sum_dinp and 2 without. partials holds sums·C floats per block in that
+// order, each in channel order. A null mean is RMS normalisation.
 extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, const floatX* dout, const floatX* inp,
                                               const floatX* weight, const float* mean, const float* rstd, int N, int C,
-                                              int rows_per_block) {
+                                              int rows_per_block, int sum_dinp) {
     extern __shared__ float shared[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int chunks = (C + LnChunk::size - 1) / LnChunk::size, padded = chunks * LnChunk::size;
-    float* sdw = shared + warp * 2 * padded;
+    const int sums = sum_dinp ? 3 : 2;
+    float* sdw = shared + warp * sums * padded;
     float* sdb = sdw + padded;
+    float* sdx = sdb + padded;
     // Each lane owns the channels of its chunks, here and below: no other thread touches them until the block
     // synchronises.
     for (int c = lane * LnChunk::size; c < C; c += 32 * LnChunk::size)
-        for (int k = 0; k < LnChunk::size; k++) sdw[ln_slot(c + k, chunks)] = sdb[ln_slot(c + k, chunks)] = 0.0f;
+        for (int k = 0; k < LnChunk::size; k++)
+            for (int s = 0; s < sums; s++) sdw[s * padded + ln_slot(c + k, chunks)] = 0.0f;
     const int first = blockIdx.x * rows_per_block;
     for (int row = first + warp; row < min(first + rows_per_block, N); row += warps) {
         long o = (long)row * C;
@@ -125,17 +132,18 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, con
                 if (k < count) {
                     sdw[ln_slot(c + k, chunks)] += d * n;
                     sdb[ln_slot(c + k, chunks)] += d;
+                    if (sum_dinp) sdx[ln_slot(c + k, chunks)] += to_f32(dx.v[k]);
                 }
             }
             dx.store(dinp + o + c, count);
         }
     }
     __syncthreads();
-    float* out = partials + (long)blockIdx.x * 2 * C;
-    for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) {
+    float* out = partials + (long)blockIdx.x * sums * C;
+    for (int c = threadIdx.x; c < sums * C; c += blockDim.x) {
         const int slot = c / C * padded + ln_slot(c % C, chunks);
         float s = 0.0f;
-        for (int w = 0; w < warps; w++) s += shared[w * 2 * padded + slot];
+        for (int w = 0; w < warps; w++) s += shared[w * sums * padded + slot];
         out[c] = s;
     }
 }
@@ -143,21 +151,23 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, con
 #define LN_SUM_LANES 32
 #define LN_SUM_ROWS 16
 
-// dweight[c] += Σ_blocks partials[block][c], and the same for dbias, in a fixed order: a block of
-// LN_SUM_LANES × LN_SUM_ROWS threads takes LN_SUM_LANES channels (neighbouring lanes, neighbouring addresses);
-// thread row r sums blocks r, r + LN_SUM_ROWS, ... in turn, and the first row adds the rows' sums in row order.
-// RMS normalisation has no bias: a null dbias.
+// dweight[c] += Σ_blocks partials[block][c], the same for dbias, and with a dinp_sums (written, not added to) the
+// same for dx, in a fixed order: a block of LN_SUM_LANES × LN_SUM_ROWS threads takes LN_SUM_LANES of the sums·C
+// channels (neighbouring lanes, neighbouring addresses); thread row r sums blocks r, r + LN_SUM_ROWS, ... in turn,
+// and the first row adds the rows' sums in row order. RMS normalisation has no bias: a null dbias.
 extern "C" __global__ void __launch_bounds__(LN_SUM_LANES * LN_SUM_ROWS)
-    layernorm_backward_sum(float* dweight, float* dbias, const float* partials, int blocks, int C) {
+    layernorm_backward_sum(float* dweight, float* dbias, float* dinp_sums, const float* partials, int blocks, int C) {
     __shared__ float sums[LN_SUM_ROWS][LN_SUM_LANES];
     const int lane = threadIdx.x % LN_SUM_LANES, r = threadIdx.x / LN_SUM_LANES;
-    const int c = blockIdx.x * LN_SUM_LANES + lane;
+    const int c = blockIdx.x * LN_SUM_LANES + lane, width = (dinp_sums ? 3 : 2) * C;
     float s = 0.0f;
-    if (c < 2 * C)
-        for (int b = r; b < blocks; b += LN_SUM_ROWS) s += partials[(long)b * 2 * C + c];
+    if (c < width)
+        for (int b = r; b < blocks; b += LN_SUM_ROWS) s += partials[(long)b * width + c];
     sums[r][lane] = s;
     __syncthreads();
-    if (r > 0 || c >= 2 * C) return;
+    if (r > 0 || c >= width) return;
     for (int k = 1; k < LN_SUM_ROWS; k++) s += sums[k][lane];
-    if (c < C) dweight[c] += s; else if (dbias) dbias[c - C] += s;
+    if (c < C) dweight[c] += s;
+    else if (c < 2 * C) { if (dbias) dbias[c - C] += s; }
+    else dinp_sums[c - 2 * C] = s;
 }

@@ -10,7 +10,7 @@
 # A lease of about 15 minutes holds two such calls. What the open issues still need a GPU to show, grouped so that
 # each group's comparisons share a call (kiln beside PyTorch, a switch beside the default):
 #   speed (issues 15, 18): ONLY="info selftest-fp32 selftest-bf16 bench-kiln graphs-exact bench-kiln-graphs
-#     bench-pytorch bench-llama bench-llama-pytorch"
+#     bench-kiln-fused-bias bench-pytorch bench-llama bench-llama-pytorch"
 #   memory and attention (issues 16, 18): ONLY="plan-gpt2 plan-llama recompute bench-attention
 #     bench-attention-reference selftest-bf16-pipelined bench-attention-pipelined bench-attention-atomic resume-exact"
 #   ranks (issues 16, 17): ONLY="dp-equivalence dp-stages allreduce rank-times bench-kiln bench-kiln-unguarded"
@@ -90,6 +90,10 @@ export -f resume_check graphs_check
 step bench-kiln 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2
 step graphs-exact 90 bash -c graphs_check
 step bench-kiln-graphs 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 --set train.graphs=true
+# train.fuse_bias_gradients: the selftest's "(fused bias gradients)" checks say whether it is right; this, beside
+# bench-kiln, whether it is faster.
+step bench-kiln-fused-bias 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 \
+  --set train.fuse_bias_gradients=true
 # The memory plan against the run: `kiln plan`'s allocated part must equal what the engine counts after the steps
 # (exactly), and its total the device memory the process takes (nvidia-smi's peak above the idle reading), within 3%.
 plan_check() {
@@ -451,6 +455,7 @@ kiln_vs_pytorch() {
   [ "$k" != "?" ] && [ "$t" != "?" ] && awk -v k="$k" -v t="$t" 'BEGIN { printf "kiln / pytorch: %.2f\n", k / t }'
 }
 echo "gpt2-124m tokens/s with train.graphs: $(tokens_per_s bench-kiln-graphs)"
+echo "gpt2-124m tokens/s with train.fuse_bias_gradients: $(tokens_per_s bench-kiln-fused-bias)"
 echo "gpt2-124m tokens/s with dQ added atomically: $(tokens_per_s bench-kiln-atomic)"
 echo "gpt2-124m tokens/s with the fused attention on mma.sync: $(tokens_per_s bench-kiln-mma)"
 echo "gpt2-124m tokens/s with the unfused attention kernels: $(tokens_per_s bench-kiln-unfused)"

@@ -1,8 +1,9 @@
 // Runs kernels/layernorm.cu and kernels/rmsnorm.cu under the emulation against a double-precision reference: each
 // normalisation's forward, plain and after a residual add, and its backward with the blockwise sums of dweight (and
-// dbias) — RMS normalisation's on layernorm.cu's kernels with a null mean and dbias —, for widths that are and are
-// not whole 16-byte chunks and for ε = 1e-5 and 0.25. Launched as the engine launches them
-// (crates/kiln-cuda/src/backend.rs, norm_forward and norm_backward). Built twice, with and without KILN_BF16.
+// dbias) — RMS normalisation's on layernorm.cu's kernels with a null mean and dbias —, without and with the column sums
+// of dinp (a projection's bias gradient), for widths that are and are not whole 16-byte chunks and for ε = 1e-5 and
+// 0.25. Launched as the engine launches them (crates/kiln-cuda/src/backend.rs, norm_forward and norm_backward). Built
+// twice, with and without KILN_BF16.
 #include "emu.h"
 #define __shared__ static  // one block at a time: a function's statics are its block's shared memory
 #include "norm_all.inc"
@@ -51,17 +52,18 @@ static void launch_forward(Kind kind, floatX* residual, floatX* out, float* mean
 }
 
 // As norm_backward launches them: 32 rows a block, as many warps (up to 4) as have shared memory in 48 KiB, then the
-// sum of the blocks' partial dweight and dbias. `mean` and `dbias` are null for RMS normalisation.
-static void launch_backward(floatX* dinp, float* dweight, float* dbias, const floatX* dout, const floatX* inp,
-                            const floatX* w, const float* mean, const float* rstd, int N, int C) {
-    const int rows_per_block = 32, warp_bytes = 2 * ((C + 7) / 8 * 8) * 4;
+// sum of the blocks' partial dweight, dbias and (when dinp_sums is given) dinp. `mean` and `dbias` are null for RMS
+// normalisation.
+static void launch_backward(floatX* dinp, float* dweight, float* dbias, float* dinp_sums, const floatX* dout,
+                            const floatX* inp, const floatX* w, const float* mean, const float* rstd, int N, int C) {
+    const int sums = dinp_sums ? 3 : 2, rows_per_block = 32, warp_bytes = sums * ((C + 7) / 8 * 8) * 4;
     const int warps = std::clamp(48 * 1024 / warp_bytes, 1, 4), blocks = (N + rows_per_block - 1) / rows_per_block;
-    std::vector<float> partials = poisoned<float>((size_t)blocks * 2 * C);
+    std::vector<float> partials = poisoned<float>((size_t)blocks * sums * C);
     launch({(unsigned)blocks, 1, 1}, warps * 32, (size_t)warps * warp_bytes, [&] {
-        layernorm_backward(dinp, partials.data(), dout, inp, w, mean, rstd, N, C, rows_per_block);
+        layernorm_backward(dinp, partials.data(), dout, inp, w, mean, rstd, N, C, rows_per_block, dinp_sums != nullptr);
     });
-    launch({grid_blocks(2 * C, LN_SUM_LANES), 1, 1}, LN_SUM_LANES * LN_SUM_ROWS, 0,
-           [&] { layernorm_backward_sum(dweight, dbias, partials.data(), blocks, C); });
+    launch({grid_blocks(sums * C, LN_SUM_LANES), 1, 1}, LN_SUM_LANES * LN_SUM_ROWS, 0,
+           [&] { layernorm_backward_sum(dweight, dbias, dinp_sums, partials.data(), blocks, C); });
 }
 
 static std::vector<double> as_double(const std::vector<floatX>& v) {
@@ -122,11 +124,23 @@ static void run(Kind kind, int N, int C, float eps) {
             want_dinp[i] += rs * (g - g_mean - xhat * gx_mean);
         }
     }
-    launch_backward(dinp.data(), dw.data(), layer ? db.data() : nullptr, dout.data(), residual.data(), w.data(),
-                    layer ? mean.data() : nullptr, rstd.data(), N, C);
+    // Once as it is, once also summing dinp's columns, from the same starting values.
+    auto dinp_summed = dinp;
+    std::vector<float> dw_summed = dw, db_summed = db, dinp_sums = poisoned<float>(C);
+    launch_backward(dinp.data(), dw.data(), layer ? db.data() : nullptr, nullptr, dout.data(), residual.data(),
+                    w.data(), layer ? mean.data() : nullptr, rstd.data(), N, C);
+    launch_backward(dinp_summed.data(), dw_summed.data(), layer ? db_summed.data() : nullptr, dinp_sums.data(),
+                    dout.data(), residual.data(), w.data(), layer ? mean.data() : nullptr, rstd.data(), N, C);
     check("dinp", where, error(dinp, want_dinp));
     check("dweight", where, error(dw, want_dw));
     if (layer) check("dbias", where, error(db, want_db));
+    // Summing changes nothing else, and sums the values stored.
+    check("dinp (summed)", where, error(dinp_summed, as_double(dinp)));
+    check("dweight (summed)", where, error(dw_summed, std::vector<double>(dw.begin(), dw.end())));
+    if (layer) check("dbias (summed)", where, error(db_summed, std::vector<double>(db.begin(), db.end())));
+    std::vector<double> want_sums(C, 0.0);
+    for (size_t i = 0; i < n; i++) want_sums[i % C] += to_f32(dinp_summed[i]);
+    check("dinp's column sums", where, error(dinp_sums, want_sums));
 }
 
 int main() {

@@ -224,6 +224,11 @@ pub struct NormBackward {
     pub weight: Tensor,
     pub mean: Option<Tensor>,
     pub rstd: Tensor,
+    /// Overwritten (fp32, `c` elements) with the column sums of `dinp` once this pass's gradient is added in. `dinp`
+    /// is the residual stream's gradient, which is also the gradient of the projection whose output the residual
+    /// add took: these sums are that projection's bias gradient, taken here from values the pass holds anyway
+    /// rather than by reading `dinp` again.
+    pub dinp_sums: Option<Tensor>,
     pub d: NormDims,
 }
 
@@ -248,7 +253,18 @@ pub struct MatmulBackward {
     pub inp: Tensor,
     pub weight: Tensor,
     pub gelu_pre: Option<Tensor>,
+    /// With `gelu_pre`: `gelu_dbias += Σ_rows dinp`, the gradient of the bias that the layer before added into
+    /// GELU's input (cuBLASLt computes it in the epilogue of the product that writes `dinp`).
+    pub gelu_dbias: Option<Tensor>,
     pub d: MatmulDims,
+}
+
+impl MatmulBackward {
+    /// Why these operands do not go together, if they do not.
+    pub fn operand_problem(&self) -> Option<String> {
+        (self.gelu_dbias.is_some() && self.gelu_pre.is_none())
+            .then(|| "the bias gradient of GELU's input (gelu_dbias) needs GELU's input (gelu_pre)".into())
+    }
 }
 
 /// Rotary position embedding (RoPE) of the queries and keys of a packed `qkv` activation of shape `d`, in place,
@@ -462,7 +478,7 @@ pub trait Backend {
     /// [`NormForward::residual`], the row normalised is the residual add in front of it, which is written too.
     fn norm_forward(&mut self, op: NormForward) -> Result<()>;
     /// Backward of [`Backend::norm_forward`]. Accumulates into `dinp` (it is the residual stream's gradient, which
-    /// the layer adds to), `dweight` and `dbias`.
+    /// the layer adds to), `dweight` and `dbias`; writes `dinp_sums`.
     fn norm_backward(&mut self, op: NormBackward) -> Result<()>;
 
     /// `out = inp · weightᵀ + bias`. With `gelu_pre`, the product plus bias is saved there and `out` receives
@@ -470,7 +486,8 @@ pub trait Backend {
     fn matmul_forward(&mut self, op: MatmulForward) -> Result<()>;
     /// Backward of a linear layer: `dinp = dout · weight` (overwritten), `dweight += doutᵀ · inp`,
     /// `dbias += Σ_rows dout`. With `gelu_pre` (the pre-activation of the GELU that produced `inp`), `dinp` is
-    /// multiplied by `gelu'(gelu_pre)`, so it is the gradient of that pre-activation.
+    /// multiplied by `gelu'(gelu_pre)`, so it is the gradient of that pre-activation, and with `gelu_dbias` too its
+    /// column sums are added there.
     fn matmul_backward(&mut self, op: MatmulBackward) -> Result<()>;
     /// `out = gelu(pre)` (tanh approximation), elementwise over tensors of equal length: what
     /// [`Backend::matmul_forward`] with `gelu_pre` writes to `out`, from the `pre` it saved (a backward pass that

@@ -70,7 +70,8 @@ pub struct StepShapes {
     /// Rows of a micro-batch: `micro_batch × block_size`.
     pub rows: usize,
     pub n_embd: usize,
-    /// Widths of the outputs of the matrix products that have a bias (their gradient is summed over rows).
+    /// The widest output of the matrix products that have a bias (their gradient is summed over rows): the most
+    /// bias-gradient columns one product computes, its own or (with fused bias gradients) that of GELU's input.
     pub max_bias_width: usize,
     pub attention: AttentionDims,
 }

@@ -514,14 +514,14 @@ impl<T: Real> Backend for CpuBackend<T> {
             return Ok(());
         }
         let name = "norm_backward";
-        let NormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, d } = op;
+        let NormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, dinp_sums, d } = op;
         if let Some(problem) = d.operand_problem(mean, dbias) {
             return Err(self.invalid(name, problem));
         }
         let (rows, c, n) = (d.rows, d.c, d.rows * d.c);
         self.check(
             name,
-            &[(dinp, n), (dweight, c), optional(dbias, c)],
+            &[(dinp, n), (dweight, c), optional(dbias, c), optional(dinp_sums, c)],
             &[(dout, n), (inp, n), (weight, c), optional(mean, rows), (rstd, rows)],
         )?;
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -537,6 +537,7 @@ impl<T: Real> Backend for CpuBackend<T> {
                 self.read(weight),
                 mean.map_or(&[][..], |m| self.read(m)),
                 self.read(rstd),
+                dinp_sums.map(|s| self.write(s)),
                 c,
                 &mut scratch,
             );
@@ -574,11 +575,15 @@ impl<T: Real> Backend for CpuBackend<T> {
         if self.recorded(move |b| b.matmul_backward(op)) {
             return Ok(());
         }
-        let MatmulBackward { dinp, dweight, dbias, dout, inp, weight, gelu_pre, d } = op;
+        let name = "matmul_backward";
+        if let Some(problem) = op.operand_problem() {
+            return Err(self.invalid(name, problem));
+        }
+        let MatmulBackward { dinp, dweight, dbias, dout, inp, weight, gelu_pre, gelu_dbias, d } = op;
         let MatmulDims { rows, c_in, c_out } = d;
         self.check(
-            "matmul_backward",
-            &[(dinp, rows * c_in), (dweight, c_out * c_in), optional(dbias, c_out)],
+            name,
+            &[(dinp, rows * c_in), (dweight, c_out * c_in), optional(dbias, c_out), optional(gelu_dbias, c_in)],
             &[(dout, rows * c_out), (inp, rows * c_in), (weight, c_out * c_in), optional(gelu_pre, rows * c_in)],
         )?;
         // SAFETY: checked above.
@@ -590,7 +595,7 @@ impl<T: Real> Backend for CpuBackend<T> {
                 self.read(dout),
                 self.read(inp),
                 self.read(weight),
-                gelu_pre.map(|p| self.read(p)),
+                gelu_pre.map(|p| (self.read(p), gelu_dbias.map(|b| self.write(b)))),
                 d,
             );
         }

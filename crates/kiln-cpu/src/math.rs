@@ -6,6 +6,7 @@
 //! libm, one element at a time.
 
 use num_traits::Float;
+use rayon::prelude::*;
 use std::fmt::Debug;
 
 pub trait Real: Float + Send + Sync + Default + Debug + 'static {
@@ -150,6 +151,23 @@ pub fn axpy<T: Real>(a: T, x: &[T], y: &mut [T]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y = a.mul_add(x, *y);
     }
+}
+
+/// Bias-gradient columns per parallel task.
+const BIAS_COLUMNS: usize = 64;
+
+/// `sums[j] += Σ_rows m[row][j]` for the rows of `m` (`sums.len()` columns each). Each column is summed over rows
+/// in order (deterministic); columns are split over threads.
+pub fn add_column_sums<T: Real>(sums: &mut [T], m: &[T]) {
+    let columns = sums.len();
+    sums.par_chunks_mut(BIAS_COLUMNS).enumerate().for_each(|(i, sums)| {
+        let first = i * BIAS_COLUMNS;
+        for row in m.chunks_exact(columns) {
+            for (s, &x) in sums.iter_mut().zip(&row[first..]) {
+                *s = *s + x;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

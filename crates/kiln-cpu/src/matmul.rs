@@ -5,7 +5,7 @@
 //! GELU (tanh approximation): `gelu(x) = ½x(1 + tanh u)`, `u = √(2/π)(x + 0.044715x³)`;
 //! `gelu'(x) = ½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²)`.
 
-use crate::math::Real;
+use crate::math::{Real, add_column_sums};
 use kiln_core::MatmulDims;
 use rayon::prelude::*;
 
@@ -14,8 +14,6 @@ const GELU_CUBE: f32 = 0.044_715;
 
 /// Elements per parallel task of the elementwise loops.
 const CHUNK: usize = 4096;
-/// Bias-gradient columns per parallel task.
-const BIAS_COLUMNS: usize = 64;
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, every matrix given by its row and column strides.
 fn gemm<T: Real>(
@@ -102,29 +100,24 @@ pub fn backward<T: Real>(
     dout: &[T],
     inp: &[T],
     weight: &[T],
-    gelu_pre: Option<&[T]>,
+    gelu: Option<(&[T], Option<&mut [T]>)>,
     d: MatmulDims,
 ) {
     let MatmulDims { rows, c_in, c_out } = d;
     gemm((rows, c_in, c_out), dinp, (c_in, 1), false, dout, (c_out, 1), weight, (c_in, 1));
-    if let Some(pre) = gelu_pre {
+    if let Some((pre, gelu_dbias)) = gelu {
         dinp.par_chunks_mut(CHUNK).zip(pre.par_chunks(CHUNK)).for_each(|(g, p)| {
             for (g, &x) in g.iter_mut().zip(p) {
                 *g = *g * gelu_grad(x);
             }
         });
+        if let Some(db) = gelu_dbias {
+            add_column_sums(db, dinp);
+        }
     }
     gemm((c_out, c_in, rows), dweight, (c_in, 1), true, dout, (1, c_out), inp, (c_in, 1));
     if let Some(db) = dbias {
-        // Column sums, each column's taken over rows in order (deterministic); columns split over threads.
-        db.par_chunks_mut(BIAS_COLUMNS).enumerate().for_each(|(i, db)| {
-            let first = i * BIAS_COLUMNS;
-            for row in dout.chunks_exact(c_out) {
-                for (b, &g) in db.iter_mut().zip(&row[first..]) {
-                    *b = *b + g;
-                }
-            }
-        });
+        add_column_sums(db, dout);
     }
 }
 

@@ -7,7 +7,7 @@
 //! `dx += r·(g − n·mean(g·n))`, `dw += Σ_rows dy·n`. That is the layer norm's with `μ = 0` and without the
 //! `mean(g)` term (nothing is subtracted before scaling), so one backward loop serves both.
 
-use crate::math::{Real, sum};
+use crate::math::{Real, add_column_sums, sum};
 use kiln_core::NormKind;
 use rayon::prelude::*;
 
@@ -115,6 +115,7 @@ fn rms_normalize_row<T: Real>(y: &mut [T], rstd: &mut T, x: &[T], weight: &[T], 
 }
 
 /// Backward of either normalisation: `kind` says which, and `mean` and `dbias` are used by layer normalisation only.
+/// `dinp_sums`, when given, is overwritten with the column sums of `dinp` once the gradient is added in.
 /// `scratch` must hold `2·c` elements per task of [`ROWS_PER_TASK`] rows: each task writes its partial `dw` and `db`
 /// there, and they are summed in task order afterwards.
 pub fn backward<T: Real>(
@@ -127,6 +128,7 @@ pub fn backward<T: Real>(
     weight: &[T],
     mean: &[T],
     rstd: &[T],
+    dinp_sums: Option<&mut [T]>,
     c: usize,
     scratch: &mut Vec<T>,
 ) {
@@ -174,5 +176,9 @@ pub fn backward<T: Real>(
         for (d, &p) in dbias.iter_mut().flat_map(|d| d.iter_mut()).zip(pdb) {
             *d = *d + p;
         }
+    }
+    if let Some(sums) = dinp_sums {
+        sums.fill(T::zero());
+        add_column_sums(sums, dinp);
     }
 }

@@ -112,11 +112,19 @@ impl Norm {
         f.b.norm_forward(NormForward { out, mean, rstd, inp, residual, weight, bias, d }).unwrap();
     }
 
-    /// Backward into fresh gradients of the weight and bias, accumulating into `dinp`; returns them.
-    fn backward(&self, f: &mut Fixture, dinp: Tensor, dout: Tensor) -> (Tensor, Option<Tensor>) {
+    /// Backward into fresh gradients of the weight and bias, accumulating into `dinp` (and writing its column sums
+    /// into `dinp_sums`); returns them.
+    fn backward(
+        &self,
+        f: &mut Fixture,
+        dinp: Tensor,
+        dout: Tensor,
+        dinp_sums: Option<Tensor>,
+    ) -> (Tensor, Option<Tensor>) {
         let (dweight, dbias) = (f.zeros(self.d.c), self.bias.map(|_| f.zeros(self.d.c)));
         let Norm { inp, weight, mean, rstd, d, .. } = *self;
-        f.b.norm_backward(NormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, d }).unwrap();
+        let op = NormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, dinp_sums, d };
+        f.b.norm_backward(op).unwrap();
         (dweight, dbias)
     }
 }
@@ -142,10 +150,12 @@ fn matmul_backward(
     dout: Tensor,
     inp: Tensor,
     weight: Tensor,
-    gelu_pre: Option<Tensor>,
+    gelu: Option<(Tensor, Option<Tensor>)>,
     d: MatmulDims,
 ) {
-    f.b.matmul_backward(MatmulBackward { dinp, dweight, dbias, dout, inp, weight, gelu_pre, d }).unwrap();
+    let (gelu_pre, gelu_dbias) = (gelu.map(|g| g.0), gelu.and_then(|g| g.1));
+    let op = MatmulBackward { dinp, dweight, dbias, dout, inp, weight, gelu_pre, gelu_dbias, d };
+    f.b.matmul_backward(op).unwrap();
 }
 
 #[test]
@@ -188,7 +198,7 @@ fn norm_gradients() {
         let r = f.random(rows * c, 1.0);
         let dinp = f.zeros(rows * c);
         norm.forward(&mut f, None);
-        let (dw, db) = norm.backward(&mut f, dinp, r);
+        let (dw, db) = norm.backward(&mut f, dinp, r, None);
         let loss = |f: &mut Fixture| {
             norm.forward(f, None);
             f.dot(norm.out, r)
@@ -228,10 +238,10 @@ fn norm_backward_accumulates_into_the_residual_gradient() {
         let r = f.random(rows * c, 1.0);
         norm.forward(&mut f, None);
         let fresh = f.zeros(rows * c);
-        norm.backward(&mut f, fresh, r);
+        norm.backward(&mut f, fresh, r, None);
         let prior = f.random(rows * c, 1.0);
         let before = f.values(prior);
-        norm.backward(&mut f, prior, r);
+        norm.backward(&mut f, prior, r, None);
         let (after, grad) = (f.values(prior), f.values(fresh));
         for i in 0..rows * c {
             assert!((after[i] - (before[i] + grad[i])).abs() < 1e-12);
@@ -370,7 +380,11 @@ fn matmul_and_fused_gelu_gradients() {
     assert_eq!(f.values(again), f.values(h));
     let (dpre, dx) = (f.zeros(rows * hidden), f.zeros(rows * c));
     let (dw1, db1, dw2, db2) = (f.zeros(hidden * c), f.zeros(hidden), f.zeros(c_out * hidden), f.zeros(c_out));
-    matmul_backward(&mut f, dpre, dw2, Some(db2), r, h, w2, Some(pre), d2);
+    // b1's gradient twice: from the product that applies GELU's derivative (added to what is there), and from the
+    // first layer's own backward pass.
+    let db1_from_gelu = f.random(hidden, 1.0);
+    let before = f.values(db1_from_gelu);
+    matmul_backward(&mut f, dpre, dw2, Some(db2), r, h, w2, Some((pre, Some(db1_from_gelu))), d2);
     matmul_backward(&mut f, dx, dw1, Some(db1), dpre, x, w1, None, d1);
     let loss = |f: &mut Fixture| {
         forward(f);
@@ -379,6 +393,38 @@ fn matmul_and_fused_gelu_gradients() {
     for (name, t, g) in [("dx", x, dx), ("dw1", w1, dw1), ("db1", b1, db1), ("dw2", w2, dw2), ("db2", b2, db2)] {
         let g = f.values(g);
         f.check(name, t, &g, loss);
+    }
+    let from_gelu: Vec<f64> = f.values(db1_from_gelu).iter().zip(&before).map(|(a, b)| a - b).collect();
+    f.check("db1 from the GELU product", b1, &from_gelu, loss);
+}
+
+#[test]
+fn a_norms_input_gradient_sums_to_the_bias_gradient_of_the_projection_before_it() {
+    // A projection's output is added to the residual stream, which is normalised; the residual stream's gradient
+    // also has a part from above (a later layer's). The norm's backward pass sums the whole over rows: db.
+    for kind in [NormKind::Layer, NormKind::Rms] {
+        let (rows, c_in, c) = (9, 5, 11);
+        let mut f = Fixture::new(15);
+        let (x, w, b) = (f.random(rows * c_in, 1.0), f.random(c * c_in, 0.7), f.random(c, 0.5));
+        let (proj, sum) = (f.zeros(rows * c), f.zeros(rows * c));
+        let norm = Norm::new(&mut f, kind, rows, c);
+        let (r, above) = (f.random(rows * c, 1.0), f.random(rows * c, 1.0));
+        let d = MatmulDims { rows, c_in, c_out: c };
+        let forward = |f: &mut Fixture| {
+            matmul(f, proj, x, w, Some(b), None, d);
+            norm.forward(f, Some(ResidualAdd { other: proj, sum }));
+        };
+        forward(&mut f);
+        let (dres, sums) = (f.zeros(rows * c), f.random(c, 1.0));
+        let from_above = f.values(above);
+        f.b.values_mut(dres).unwrap().copy_from_slice(&from_above);
+        Norm { inp: sum, ..norm }.backward(&mut f, dres, r, Some(sums));
+        let loss = |f: &mut Fixture| {
+            forward(f);
+            f.dot(norm.out, r) + f.dot(sum, above)
+        };
+        let g = f.values(sums);
+        f.check(&format!("{kind:?}: the projection's bias"), b, &g, loss);
     }
 }
 
@@ -621,6 +667,22 @@ fn bad_operands_are_errors_not_panics() {
     let rms =
         NormForward { d: NormDims { kind: NormKind::Rms, ..d }, ..norm(buf.slice(0, 50), buf.slice(50, 50), None) };
     assert!(f.b.norm_forward(rms).unwrap_err().to_string().contains("mean and a bias"));
+    // The bias gradient of GELU's input, with no GELU.
+    let lin = MatmulDims { rows: 2, c_in: 5, c_out: 2 };
+    let (dx, dw, g, x, wt, gb) =
+        (f.zeros(10), f.zeros(10), f.random(4, 1.0), f.random(10, 1.0), f.random(10, 1.0), f.zeros(5));
+    let op = MatmulBackward {
+        dinp: dx,
+        dweight: dw,
+        dbias: None,
+        dout: g,
+        inp: x,
+        weight: wt,
+        gelu_pre: None,
+        gelu_dbias: Some(gb),
+        d: lin,
+    };
+    assert!(f.b.matmul_backward(op).unwrap_err().to_string().contains("needs GELU's input"));
     // A rotary table too short for the positions asked.
     let d = AttentionDims::causal(1, 4, 1, 2);
     let (qkv, table) = (f.random(4 * d.qkv_width(), 1.0), f.random(2 * 4, 1.0));

@@ -70,9 +70,18 @@ struct Master {
     pieces: Pieces,
 }
 
-/// layernorm_backward_sum's block: LN_SUM_LANES channels, each summed by LN_SUM_ROWS threads (kernels/layernorm.cu).
-const LN_SUM_LANES: u32 = 32;
-const LN_SUM_ROWS: u32 = 16;
+/// The launch of a kernel that sums each of `columns` columns over rows in a fixed order (layernorm_backward_sum,
+/// gelu_bias_gradient): a block of 32 lanes, one column each, by 16 rows of threads (LN_SUM_LANES × LN_SUM_ROWS
+/// in kernels/layernorm.cu, BIAS_GRAD_LANES × BIAS_GRAD_ROWS in kernels/gelu.cu).
+fn column_sums(columns: usize) -> LaunchConfig {
+    const LANES: u32 = 32;
+    const ROWS: u32 = 16;
+    LaunchConfig {
+        grid_dim: (columns.div_ceil(LANES as usize) as u32, 1, 1),
+        block_dim: (LANES * ROWS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
 /// The block of encoder_sort_rows and the bits of a token it sorts by in each pass (SORT_THREADS and SORT_BITS in
 /// kernels/encoder.cu).
 const SORT_THREADS: u32 = 512;
@@ -951,7 +960,7 @@ impl Backend for CudaBackend {
 
     fn norm_backward(&mut self, op: NormBackward) -> Result<()> {
         let name = "norm_backward";
-        let NormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, d } = op;
+        let NormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd, dinp_sums, d } = op;
         if let Some(problem) = d.operand_problem(mean, dbias) {
             return Err(self.err(name, problem));
         }
@@ -959,13 +968,14 @@ impl Backend for CudaBackend {
         let (rows, c) = (d.rows, d.c);
         self.disjoint_optional(
             name,
-            &[Some(dinp), Some(dweight), dbias],
+            &[Some(dinp), Some(dweight), dbias, dinp_sums],
             &[Some(dout), Some(inp), Some(weight), mean, Some(rstd)],
         )?;
         let (di, dw) = (self.ptr(name, dinp, x, rows * c)?, self.ptr(name, dweight, DType::F32, c)?);
         // RMS normalisation's backward is layer normalisation's with a zero mean and no mean(g) term: the kernel
         // takes a null mean and bias gradient for it.
         let db = dbias.map(|b| self.ptr(name, b, DType::F32, c)).transpose()?.unwrap_or(0);
+        let ds = dinp_sums.map(|s| self.ptr(name, s, DType::F32, c)).transpose()?.unwrap_or(0);
         let (g, i, w) =
             (self.ptr(name, dout, x, rows * c)?, self.ptr(name, inp, x, rows * c)?, self.ptr(name, weight, x, c)?);
         let m = mean.map(|m| self.ptr(name, m, DType::F32, rows)).transpose()?.unwrap_or(0);
@@ -973,22 +983,19 @@ impl Backend for CudaBackend {
         if rows == 0 || c == 0 {
             return Ok(());
         }
-        // Each warp keeps 2 × C floats of shared memory, C rounded up to a whole 16-byte chunk of either precision:
-        // as many warps (up to 4) as fit the default 48 KiB.
-        let warp_bytes = 2 * c.max(1).next_multiple_of(8) * 4;
+        // Each warp keeps 2 × C floats of shared memory (3 × C with the sums of dinp), C rounded up to a whole 16-byte
+        // chunk of either precision: as many warps (up to 4) as fit the default 48 KiB.
+        let sums = if dinp_sums.is_some() { 3 } else { 2 };
+        let warp_bytes = sums * c.max(1).next_multiple_of(8) * 4;
         let warps = (48 * 1024 / warp_bytes).clamp(1, 4);
         let blocks = rows.div_ceil(NORM_ROWS_PER_BLOCK);
         let partials = self.scratch(name, memory::norm_backward_floats(rows, c))?;
         let (n, ci, rpb, nb) = (rows as i32, c as i32, NORM_ROWS_PER_BLOCK as i32, blocks as i32);
+        let sum_dinp = i32::from(dinp_sums.is_some());
         let mut cfg = grid(blocks * warps * 32, (warps * 32) as u32);
         cfg.shared_mem_bytes = (warps * warp_bytes) as u32;
-        launch!(self, "layernorm_backward", cfg, di, partials, g, i, w, m, r, n, ci, rpb)?;
-        let sum = LaunchConfig {
-            grid_dim: ((2 * c).div_ceil(LN_SUM_LANES as usize) as u32, 1, 1),
-            block_dim: (LN_SUM_LANES * LN_SUM_ROWS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, "layernorm_backward_sum", sum, dw, db, partials, nb, ci)
+        launch!(self, "layernorm_backward", cfg, di, partials, g, i, w, m, r, n, ci, rpb, sum_dinp)?;
+        launch!(self, "layernorm_backward_sum", column_sums(sums * c), dw, db, ds, partials, nb, ci)
     }
 
     fn matmul_forward(&mut self, op: MatmulForward) -> Result<()> {
@@ -1031,13 +1038,17 @@ impl Backend for CudaBackend {
     }
 
     fn matmul_backward(&mut self, op: MatmulBackward) -> Result<()> {
-        let MatmulBackward { dinp, dweight, dbias, dout, inp, weight, gelu_pre, d } = op;
-        let op = "matmul_backward";
+        let name = "matmul_backward";
+        if let Some(problem) = op.operand_problem() {
+            return Err(self.err(name, problem));
+        }
+        let MatmulBackward { dinp, dweight, dbias, dout, inp, weight, gelu_pre, gelu_dbias, d } = op;
+        let op = name;
         let x = self.x();
         let MatmulDims { rows, c_in, c_out } = d;
         self.disjoint_optional(
             op,
-            &[Some(dinp), Some(dweight), dbias],
+            &[Some(dinp), Some(dweight), dbias, gelu_dbias],
             &[Some(dout), Some(inp), Some(weight), gelu_pre],
         )?;
         let (di, dw) = (self.ptr(op, dinp, x, rows * c_in)?, self.ptr(op, dweight, DType::F32, c_out * c_in)?);
@@ -1048,10 +1059,15 @@ impl Backend for CudaBackend {
         );
         let pre = gelu_pre.map(|p| self.ptr(op, p, x, rows * c_in)).transpose()?;
         let db = dbias.map(|b| self.ptr(op, b, DType::F32, c_out)).transpose()?;
-        // cuBLASLt's bias-gradient epilogue overwrites its output, and dbias accumulates over micro-batches, so
-        // the epilogue writes to scratch and a kernel adds that in. Its output has D's type: fp32 here, even from
-        // bf16 inputs (cuBLASLt's table of types pairs bf16 A and B with an fp32 C and D with an fp32 bias).
-        let bias_grad = db.map(|_| self.scratch(op, memory::bias_gradient_floats(c_out))).transpose()?;
+        let gelu_db = gelu_dbias.map(|b| self.ptr(op, b, DType::F32, c_in)).transpose()?;
+        // cuBLASLt's bias-gradient epilogues overwrite their output, and bias gradients accumulate over
+        // micro-batches, so an epilogue writes to scratch and a kernel adds that in: the product's bias gradient at
+        // the scratch's start, that of GELU's input after it.
+        let own = if db.is_some() { c_out } else { 0 };
+        let columns = own + if gelu_db.is_some() { c_in } else { 0 };
+        let scratch = if columns > 0 { self.scratch(op, memory::bias_gradient_floats(columns))? } else { 0 };
+        let bias_grad = db.map(|_| scratch);
+        let gelu_bias_grad = scratch + 4 * own as u64;
 
         // dinp (column-major c_in × rows) = W (c_in × c_out) · dout (c_out × rows).
         let dinp_product = |epilogue| Product {
@@ -1066,16 +1082,26 @@ impl Backend for CudaBackend {
             accumulate: false,
             epilogue,
         };
-        match pre {
-            None => self.matmul(op, dinp_product(Epilogue::None))?,
-            Some(pre) if c_in % matmul::GELU_AUX_LD_MULTIPLE == 0 => {
+        match (pre, gelu_db) {
+            (None, _) => self.matmul(op, dinp_product(Epilogue::None))?,
+            (Some(pre), None) if c_in % matmul::GELU_AUX_LD_MULTIPLE == 0 => {
                 self.matmul(op, dinp_product(Epilogue::GeluBackward { pre }))?
             }
-            // As in the forward pass: GELU's input is too narrow for the epilogue, so a kernel applies gelu'.
-            Some(pre) => {
+            (Some(pre), Some(gelu_db)) if c_in % matmul::GELU_AUX_LD_MULTIPLE == 0 => {
+                let bias_grad = gelu_bias_grad;
+                self.matmul(op, dinp_product(Epilogue::GeluBackwardBiasGradient { pre, bias_grad }))?;
+                let n = c_in as i64;
+                launch!(self, "add_f32", grid(c_in, 256), gelu_db, bias_grad, n)?;
+            }
+            // As in the forward pass: GELU's input is too narrow for the epilogue, so kernels apply gelu' and sum.
+            (Some(pre), gelu_db) => {
                 self.matmul(op, dinp_product(Epilogue::None))?;
                 let n = (rows * c_in) as i64;
                 launch!(self, "gelu_backward", elementwise(rows * c_in), di, pre, n)?;
+                if let Some(gelu_db) = gelu_db {
+                    let (r, ci) = (rows as i64, c_in as i32);
+                    launch!(self, "gelu_bias_gradient", column_sums(c_in), gelu_db, di, r, ci)?;
+                }
             }
         }
 

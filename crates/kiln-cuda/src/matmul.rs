@@ -1,5 +1,6 @@
 //! Matrix products through cuBLASLt, whose epilogues fuse what follows a product into it: the bias, GELU (saving
-//! its input for the backward pass), GELU's derivative, and the bias gradient.
+//! its input for the backward pass), GELU's derivative, and bias gradients (of B, or of GELU's input with its
+//! derivative).
 //!
 //! cuBLASLt is column-major, and its epilogues require a column-major output, so products are stated in those
 //! terms: a row-major `(r × c)` matrix is a column-major `(c × r)` one with leading dimension `c`.
@@ -41,8 +42,9 @@ pub struct Operand {
     pub transposed: bool,
 }
 
-/// What happens to a product on its way to D. Vectors and auxiliary matrices have D's element type, as
-/// cuBLASLt requires for every input and output type used here (bf16 in and out, bf16 in and fp32 out, fp32).
+/// What happens to a product on its way to D. The bias and the auxiliary matrix have D's element type, as
+/// cuBLASLt requires for every input and output type used here (bf16 in and out, bf16 in and fp32 out, fp32); bias
+/// gradients are fp32 whatever D's type (`CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE`).
 #[derive(Clone, Copy, Debug)]
 pub enum Epilogue {
     /// `D = product`.
@@ -53,6 +55,8 @@ pub enum Epilogue {
     Gelu { bias: Option<u64>, pre: u64 },
     /// `D = product · gelu'(pre)`; `pre` has D's layout.
     GeluBackward { pre: u64 },
+    /// As `GeluBackward`, and `bias_grad` (one per row of D) is overwritten with the sums of D's rows over n.
+    GeluBackwardBiasGradient { pre: u64, bias_grad: u64 },
     /// `D = product`, and `bias_grad` (one per column of D) is overwritten with the sums of `op(B)`'s columns
     /// over k.
     BiasGradient { bias_grad: u64 },
@@ -66,6 +70,7 @@ impl Epilogue {
             Epilogue::Gelu { bias: Some(_), .. } => EpilogueKind::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
             Epilogue::Gelu { bias: None, .. } => EpilogueKind::CUBLASLT_EPILOGUE_GELU_AUX,
             Epilogue::GeluBackward { .. } => EpilogueKind::CUBLASLT_EPILOGUE_DGELU,
+            Epilogue::GeluBackwardBiasGradient { .. } => EpilogueKind::CUBLASLT_EPILOGUE_DGELU_BGRAD,
             Epilogue::BiasGradient { .. } => EpilogueKind::CUBLASLT_EPILOGUE_BGRADB,
         }
     }
@@ -74,7 +79,9 @@ impl Epilogue {
     fn bias(&self) -> Option<u64> {
         match *self {
             Epilogue::Bias { bias } | Epilogue::Gelu { bias: Some(bias), .. } => Some(bias),
-            Epilogue::BiasGradient { bias_grad } => Some(bias_grad),
+            Epilogue::BiasGradient { bias_grad } | Epilogue::GeluBackwardBiasGradient { bias_grad, .. } => {
+                Some(bias_grad)
+            }
             _ => None,
         }
     }
@@ -82,7 +89,9 @@ impl Epilogue {
     /// The auxiliary matrix (GELU's input), if the epilogue has one.
     fn aux(&self) -> Option<u64> {
         match *self {
-            Epilogue::Gelu { pre, .. } | Epilogue::GeluBackward { pre } => Some(pre),
+            Epilogue::Gelu { pre, .. }
+            | Epilogue::GeluBackward { pre }
+            | Epilogue::GeluBackwardBiasGradient { pre, .. } => Some(pre),
             _ => None,
         }
     }
@@ -213,6 +222,12 @@ impl Plan {
             set_desc(desc.raw, DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE, &problem.epilogue)?;
             if product.epilogue.aux().is_some() {
                 set_desc(desc.raw, DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &(product.m as i64))?;
+            }
+            // GELU's gradient (D) has the activations' type, bf16 in a bf16 run; its bias gradient is fp32. (The
+            // other bias gradient's D, a weight gradient, is fp32 already.)
+            if let Epilogue::GeluBackwardBiasGradient { .. } = product.epilogue {
+                let fp32 = cuda_type(DType::F32) as i32;
+                set_desc(desc.raw, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &fp32)?;
             }
             Ok(())
         };

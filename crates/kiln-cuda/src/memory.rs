@@ -37,15 +37,16 @@ pub(crate) fn encoder_backward_floats(rows: usize) -> usize {
     4 * rows
 }
 
-/// Working floats of a norm's backward pass: each block's partial sums of the weight and bias gradients.
+/// Working floats of a norm's backward pass: each block's partial sums of the weight and bias gradients and of the
+/// input gradient's columns (`NormBackward::dinp_sums`; reserved whether or not a pass asks for them).
 pub(crate) fn norm_backward_floats(rows: usize, c: usize) -> usize {
-    rows.div_ceil(NORM_ROWS_PER_BLOCK) * 2 * c
+    rows.div_ceil(NORM_ROWS_PER_BLOCK) * 3 * c
 }
 
-/// Working floats of a matrix product's bias gradient of `c_out` columns (cuBLASLt's epilogue overwrites its output,
-/// so it writes here and a kernel adds that in).
-pub(crate) fn bias_gradient_floats(c_out: usize) -> usize {
-    c_out
+/// Working floats of a matrix product's bias gradients, `columns` of them in all: its own, and that of GELU's input
+/// (cuBLASLt's epilogues overwrite their output, so they write here and a kernel adds that in).
+pub(crate) fn bias_gradient_floats(columns: usize) -> usize {
+    columns
 }
 
 /// Working floats of the fused attention's backward pass: each row's `dO·O`, and without `deterministic` the fp32

@@ -240,6 +240,8 @@ pub struct Model {
     acts: Activations,
     /// Which activations the backward pass recomputes; [`Activations::take`] shared their buffers accordingly.
     recompute: Recompute,
+    /// See [`Model::fuse_bias_gradients`].
+    fused_bias_gradients: bool,
 }
 
 impl Activations {
@@ -261,7 +263,7 @@ impl Activations {
             ),
             ("statistics: norms, attention log-sum-exp, losses, rotary table", Role::Stat, {
                 let mut s = stats(&self.lnf_stats);
-                s.extend([self.losses, self.rope_table]);
+                s.extend([self.losses, self.rope_table, self.dres_sums]);
                 s
             }),
             ("token ids and targets", Role::Index, vec![self.tokens, self.targets]),
@@ -344,6 +346,9 @@ struct Activations {
     dfch: Tensor,
     /// The gradient of SwiGLU's input (empty for GELU, whose derivative the product's backward applies).
     dfch_pre: Tensor,
+    /// The column sums of the residual stream's gradient, a projection's bias gradient before it is added in (see
+    /// [`Model::fuse_bias_gradients`]); empty without biases.
+    dres_sums: Tensor,
 }
 
 impl Activations {
@@ -373,6 +378,7 @@ impl Activations {
             dqkv: a.acts.take(backward(n * spec.qkv_width())),
             dfch: a.acts.take(backward(n * spec.ffn_dim)),
             dfch_pre: a.acts.take(backward(if swiglu { n * spec.fc_width() } else { 0 })),
+            dres_sums: a.stats.take(backward(if spec.bias { c } else { 0 })),
         }
     }
 }
@@ -559,6 +565,7 @@ impl Model {
             losses: a.losses,
             acts: a,
             recompute,
+            fused_bias_gradients: false,
         })
     }
 
@@ -580,6 +587,15 @@ impl Model {
     /// They add up to the model's activation, statistics and token-id allocations.
     pub fn activation_kinds(&self) -> Vec<(&'static str, Role, usize)> {
         self.acts.kinds()
+    }
+
+    /// Whether the backward pass takes bias gradients from the operations that produce the gradients they sum, rather
+    /// than reading those gradients again: the projections' from the norms' backward passes before them (the residual
+    /// stream's gradient is the projections' output gradient), the first MLP layer's from the product that applies
+    /// GELU's derivative (cuBLASLt's DGELU_BGRAD epilogue on the GPU). The attention's input projection keeps its own
+    /// sum, as does an MLP's first layer under SwiGLU. The sums are the same; their rounding may differ.
+    pub fn fuse_bias_gradients(&mut self, fused: bool) {
+        self.fused_bias_gradients = fused;
     }
 
     /// The weights of unit `u` (see [`ParamInfo::unit`]), `units[u].len()` elements.
@@ -892,8 +908,15 @@ impl Model {
         let att = self.attention_dims(batch, time);
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
         let (dres, dbtc) = (r.of(self.acts.dresidual, c), r.of(self.acts.dbtc, c));
+        // With fused bias gradients, a norm's backward pass also sums dres for the projection before it (into
+        // dres_sums, added to that bias gradient once its block's gradients are cleared), and the product that applies
+        // GELU's derivative sums its output for the first MLP layer's bias.
+        let fused = self.fused_bias_gradients && s.bias;
+        let fused_gelu = fused && s.mlp == Mlp::Gelu;
+        let unfused = |db: Option<Tensor>, fused: bool| if fused { None } else { db };
+        let dres_sums = fused.then_some(self.acts.dres_sums);
         // Backward of the norm `nw` of input `inp` that saved `st`: its gradient `dout` is added to dres.
-        let norm_backward = |b: &mut B, dout: Tensor, inp: Tensor, nw: NormWeights, gw: NormWeights, st| {
+        let norm_backward = |b: &mut B, dout: Tensor, inp: Tensor, nw: NormWeights, gw: NormWeights, st, sums| {
             let NormStats { mean, rstd } = r.stats(st);
             b.norm_backward(NormBackward {
                 dinp: dres,
@@ -904,8 +927,13 @@ impl Model {
                 weight: nw.weight,
                 mean,
                 rstd,
+                dinp_sums: sums,
                 d: self.norm_dims(n),
             })
+        };
+        let add_sums = |b: &mut B, dbias: Option<Tensor>| match (dres_sums, dbias) {
+            (Some(sums), Some(dbias)) => b.add(dbias, sums),
+            _ => Ok(()),
         };
         let elementwise = self.recompute == Recompute::Elementwise;
 
@@ -918,10 +946,12 @@ impl Model {
             inp: r.of(self.acts.lnf, c),
             weight: self.p.head,
             gelu_pre: None,
+            gelu_dbias: None,
             d: lin(c, vp),
         })?;
         b.zero(dres)?;
-        norm_backward(b, dbtc, self.block_input(s.n_layer), self.p.ln_f, grads.ln_f, self.acts.lnf_stats)?;
+        let input = self.block_input(s.n_layer);
+        norm_backward(b, dbtc, input, self.p.ln_f, grads.ln_f, self.acts.lnf_stats, dres_sums)?;
         on(b, Moment::Ready(self.units[last_unit].start))?;
         for l in (0..s.n_layer).rev() {
             let (a, wt, g) = (&self.acts.blocks[l], &self.p.blocks[l], &grads.blocks[l]);
@@ -943,14 +973,16 @@ impl Model {
             let dfch = r.of(self.acts.dfch, ffn);
             // MLP: dres is the gradient of res3, which flows unchanged to res2 and into the MLP's output.
             let gelu_pre = (s.mlp == Mlp::Gelu).then(|| r.of(a.fch_pre, fc_width));
+            add_sums(b, g.fcproj_b)?;
             b.matmul_backward(MatmulBackward {
                 dinp: dfch,
                 dweight: g.fcproj_w,
-                dbias: g.fcproj_b,
+                dbias: unfused(g.fcproj_b, fused),
                 dout: dres,
                 inp: r.of(a.fch, ffn),
                 weight: wt.fcproj_w,
                 gelu_pre,
+                gelu_dbias: if fused_gelu { g.fc_b } else { None },
                 d: lin(ffn, c),
             })?;
             // dfch is now the gradient of GELU's input; SwiGLU's backward takes it to that of the gate and up.
@@ -969,24 +1001,27 @@ impl Model {
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.fc_w,
-                dbias: g.fc_b,
+                dbias: unfused(g.fc_b, fused_gelu),
                 dout: dfc_out,
                 inp: r.of(a.ln2, c),
                 weight: wt.fc_w,
                 gelu_pre: None,
+                gelu_dbias: None,
                 d: lin(c, fc_width),
             })?;
-            norm_backward(b, dbtc, a.res2, wt.ln_2, g.ln_2, a.ln2_stats)?;
+            norm_backward(b, dbtc, a.res2, wt.ln_2, g.ln_2, a.ln2_stats, dres_sums)?;
             // Attention.
             let dqkv = r.of(self.acts.dqkv, w);
+            add_sums(b, g.proj_b)?;
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.proj_w,
-                dbias: g.proj_b,
+                dbias: unfused(g.proj_b, fused),
                 dout: dres,
                 inp: r.of(a.atty, c),
                 weight: wt.proj_w,
                 gelu_pre: None,
+                gelu_dbias: None,
                 d: lin(c, c),
             })?;
             b.attention_backward(dqkv, dbtc, r.of(a.qkv, w), r.of(a.atty, c), r.of(a.att_lse, s.n_head), att)?;
@@ -1004,9 +1039,12 @@ impl Model {
                 inp: r.of(a.ln1, c),
                 weight: wt.qkv_w,
                 gelu_pre: None,
+                gelu_dbias: None,
                 d: lin(c, w),
             })?;
-            norm_backward(b, dbtc, self.block_input(l), wt.ln_1, g.ln_1, a.ln1_stats)?;
+            // The first block's input is the embeddings', which have no bias.
+            let sums = dres_sums.filter(|_| l > 0);
+            norm_backward(b, dbtc, self.block_input(l), wt.ln_1, g.ln_1, a.ln1_stats, sums)?;
             on(b, Moment::Ready(self.units[1 + l].start))?;
         }
         b.encoder_backward(grads.wte, grads.wpe, dres, r.of(self.acts.tokens, 1), batch, time, c)?;

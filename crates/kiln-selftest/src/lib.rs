@@ -316,19 +316,23 @@ fn op_cases() -> Vec<OpCase> {
         // Parameters, in the engine's working precision (ranks compare their sums after a resume).
         sums_case("sum, sum_squares of parameters", 10_007, Param),
     ]);
-    // The product's backward, plain and taking GELU's derivative of the pre-activation it is given.
-    cases.extend([false, true].map(|gelu| {
+    // The product's backward: plain; taking GELU's derivative of the pre-activation it is given; and summing that
+    // gradient into the bias of GELU's input too, with an input width that the GPU's GELU epilogues take (a multiple
+    // of 8) and one that they do not.
+    let matmul_backward = |name: &str, c_in: usize, gelu: bool, gelu_dbias: bool| {
+        let d = MatmulDims { c_in, ..lin };
         let mut reals = vec![
-            (rows * c, Out, Activation),
-            (67 * c, Acc, Grad),
+            (rows * c_in, Out, Activation),
+            (67 * c_in, Acc, Grad),
             (67, Acc, Grad),
             (rows * 67, In, Activation),
-            (rows * c, In, Activation),
-            (67 * c, In, Param),
+            (rows * c_in, In, Activation),
+            (67 * c_in, In, Param),
         ];
-        reals.extend(gelu.then_some((rows * c, In, Activation)));
+        reals.extend(gelu.then_some((rows * c_in, In, Activation)));
+        reals.extend(gelu_dbias.then_some((c_in, Acc, Grad)));
         OpCase {
-            name: if gelu { "matmul_backward+gelu" } else { "matmul_backward" }.into(),
+            name: name.into(),
             reals,
             indices: vec![],
             run: Box::new(move |b, r, _| {
@@ -339,12 +343,19 @@ fn op_cases() -> Vec<OpCase> {
                     dout: r[3],
                     inp: r[4],
                     weight: r[5],
-                    gelu_pre: r.get(6).copied(),
-                    d: lin,
+                    gelu_pre: gelu.then(|| r[6]),
+                    gelu_dbias: gelu_dbias.then(|| r[7]),
+                    d,
                 })
             }),
         }
-    }));
+    };
+    cases.extend([
+        matmul_backward("matmul_backward", c, false, false),
+        matmul_backward("matmul_backward+gelu", c, true, false),
+        matmul_backward("matmul_backward+gelu+bias gradient", c, true, true),
+        matmul_backward("matmul_backward+gelu+bias gradient, C_in 43", 43, true, true),
+    ]);
     cases.extend(ATTENTION_SHAPES.iter().flat_map(|&d| attention_cases(d)));
     cases
 }
@@ -375,6 +386,35 @@ fn norm_cases(kind: NormKind, rows: usize, c: usize) -> Vec<OpCase> {
     };
     let extra = plain.len();
     let with = |more: Vec<(usize, Use, Role)>| plain.iter().copied().chain(more).collect::<Vec<_>>();
+    let backward = |name: String, sums: bool| OpCase {
+        name,
+        // Statistics computed by a forward pass first, so that they are consistent with the input; then dinp,
+        // dweight, dout, dbias (used by layer normalisation) and the sums of dinp.
+        reals: with(vec![
+            (n, Acc, Activation),
+            (c, Acc, Grad),
+            (n, In, Activation),
+            (c, Acc, Grad),
+            (if sums { c } else { 0 }, Out, Stat),
+        ]),
+        indices: vec![],
+        run: Box::new(move |b, r, _| {
+            let f = forward(r, None);
+            b.norm_forward(f)?;
+            b.norm_backward(NormBackward {
+                dinp: r[extra],
+                dweight: r[extra + 1],
+                dbias: layer.then(|| r[extra + 3]),
+                dout: r[extra + 2],
+                inp: f.inp,
+                weight: f.weight,
+                mean: f.mean,
+                rstd: f.rstd,
+                dinp_sums: sums.then(|| r[extra + 4]),
+                d,
+            })
+        }),
+    };
     vec![
         OpCase {
             name: format!("{name}_forward"),
@@ -390,28 +430,8 @@ fn norm_cases(kind: NormKind, rows: usize, c: usize) -> Vec<OpCase> {
                 b.norm_forward(forward(r, Some(ResidualAdd { other: r[extra], sum: r[extra + 1] })))
             }),
         },
-        OpCase {
-            name: format!("{name}_backward"),
-            // Statistics computed by a forward pass first, so that they are consistent with the input; then dinp,
-            // dweight, dout and (layer normalisation) dbias.
-            reals: with(vec![(n, Acc, Activation), (c, Acc, Grad), (n, In, Activation), (c, Acc, Grad)]),
-            indices: vec![],
-            run: Box::new(move |b, r, _| {
-                let f = forward(r, None);
-                b.norm_forward(f)?;
-                b.norm_backward(NormBackward {
-                    dinp: r[extra],
-                    dweight: r[extra + 1],
-                    dbias: layer.then(|| r[extra + 3]),
-                    dout: r[extra + 2],
-                    inp: f.inp,
-                    weight: f.weight,
-                    mean: f.mean,
-                    rstd: f.rstd,
-                    d,
-                })
-            }),
-        },
+        backward(format!("{name}_backward"), false),
+        backward(format!("{name}_backward with the sums of dinp"), true),
     ]
 }
 
@@ -532,13 +552,18 @@ fn model_configs() -> Vec<Config> {
         .collect()
 }
 
-/// Gradients of every parameter tensor for one batch, on both backends.
-fn check_model_grads<C: Backend>(candidate: &mut C, config: &Config, tol: f64) -> Result<Vec<Check>> {
-    let vocab = 13;
+/// The vocabulary of the model-level checks.
+const CHECK_VOCAB: usize = 13;
+
+/// Gradients of every parameter tensor for one batch, on both backends; with `fused`, the candidate's bias gradients
+/// come from the operations before them (`Model::fuse_bias_gradients`) and the reference's do not.
+fn check_model_grads<C: Backend>(candidate: &mut C, config: &Config, tol: f64, fused: bool) -> Result<Vec<Check>> {
+    let vocab = CHECK_VOCAB;
     let spec = ModelSpec::new(&config.model, vocab);
     let (batch, time) = (3, 29);
     let mut reference = CpuBackend::<f64>::new();
-    let cand_model = Model::new(candidate, spec, batch, 11)?;
+    let mut cand_model = Model::new(candidate, spec, batch, 11)?;
+    cand_model.fuse_bias_gradients(fused);
     let ref_model = Model::new(&mut reference, spec, batch, 11)?;
     let tokens: Vec<u32> = (0..batch * time).map(|i| ((i * 5 + i / 7) % vocab) as u32).collect();
     let targets: Vec<u32> = (0..batch * time).map(|i| ((i * 3 + 1) % vocab) as u32).collect();
@@ -563,7 +588,9 @@ fn check_model_grads<C: Backend>(candidate: &mut C, config: &Config, tol: f64) -
             let range = p.offset..p.offset + len;
             let error = relative_error(&grads[0][range.clone()], &grads[1][range]);
             let failure = error.is_infinite().then(|| "NaN or infinite gradient".to_string());
-            Check { name: format!("{} gradient {}", spec.arch.name(), p.name), error, tolerance: tol, failure }
+            let how = if fused { " (fused bias gradients)" } else { "" };
+            let name = format!("{} gradient {}{how}", spec.arch.name(), p.name);
+            Check { name, error, tolerance: tol, failure }
         })
         .collect();
     Ok(checks)
@@ -633,9 +660,13 @@ pub fn run<C: Backend + 'static>(
     };
     for config in model_configs() {
         let arch = config.model.arch.name();
-        match check_model_grads(&mut make()?, &config, tol.model_grads) {
-            Ok(grads) => grads.into_iter().for_each(&mut push),
-            Err(e) => push(failed(&format!("{arch} model gradients"), tol.model_grads, e)),
+        // Fusing bias gradients changes nothing in a model without biases.
+        let fusions = if ModelSpec::new(&config.model, CHECK_VOCAB).bias { &[false, true][..] } else { &[false] };
+        for &fused in fusions {
+            match check_model_grads(&mut make()?, &config, tol.model_grads, fused) {
+                Ok(grads) => grads.into_iter().for_each(&mut push),
+                Err(e) => push(failed(&format!("{arch} model gradients"), tol.model_grads, e)),
+            }
         }
         let training = check_training(make()?, &config, tol.loss);
         push(training.unwrap_or_else(|e| failed(&format!("{arch} training"), tol.loss, e)));
@@ -671,6 +702,8 @@ mod tests {
             "rope B2 T66 H4/2kv D64 causal",
             "attention_backward B2 T66 H4/2kv D64 causal",
             "matmul_backward+gelu",
+            "matmul_backward+gelu+bias gradient, C_in 43",
+            "layernorm_backward with the sums of dinp",
             "gelu_forward",
             "classifier",
         ] {

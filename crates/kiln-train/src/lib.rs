@@ -1057,7 +1057,8 @@ impl Allocated {
         // moments below; stage 3's weights are a share of their own.
         let master_pieces = (zero == 1 || zero == 2).then(|| pieces.clone());
         let memory = TrainingMemory { multiple, recompute, blocks, master_pieces };
-        let model = Model::for_training(backend, spec, micro_batch, memory)?;
+        let mut model = Model::for_training(backend, spec, micro_batch, memory)?;
+        model.fuse_bias_gradients(config.train.fuse_bias_gradients);
         let mut owned = Vec::new();
         let mut local = 0;
         for piece in pieces.iter().rev() {

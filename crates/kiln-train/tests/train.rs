@@ -86,6 +86,27 @@ fn recomputing_activations_changes_no_loss() {
     }
 }
 
+#[test]
+fn fused_bias_gradients_train_as_the_separate_sums() {
+    // With one micro-batch a step each bias gradient is the same values summed in the same order, fused or not: bit
+    // for bit. ZeRO stage 2 (one rank) alternates the blocks' gradient buffers, which a sum added before its block's
+    // buffer is cleared would be lost from. With two micro-batches a step the second's sum is added to the
+    // first's whole rather than row by row: a rounding apart.
+    let fused = |base: &[&'static str]| [base, &["train.fuse_bias_gradients=true"]].concat();
+    for extra in [&[][..], &["dist.zero=2"], &["train.recompute=block"]] {
+        let base = [SMALL, extra].concat();
+        let (separate, together) = (run(&config(&base)), run(&config(&fused(&base))));
+        assert_eq!(together.losses, separate.losses, "{extra:?}");
+        assert_eq!(together.val_loss, separate.val_loss, "{extra:?}");
+    }
+    let base = [SMALL, &["train.micro_batch=4"]].concat();
+    let (separate, together) = (run(&config(&base)), run(&config(&fused(&base))));
+    assert_ne!(together.losses, separate.losses, "the sums are rounded differently");
+    for (a, b) in together.losses.iter().zip(&separate.losses) {
+        assert!((a - b).abs() < 1e-5, "{:?} vs {:?}", together.losses, separate.losses);
+    }
+}
+
 fn out_dir(name: &str) -> String {
     let dir = std::env::temp_dir().join(format!("kiln-train-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
