@@ -19,7 +19,8 @@ use crate::matmul::{self, CublasLt, Epilogue, Operand, Product};
 use crate::memory::{self, CudaMemory, NORM_ROWS_PER_BLOCK, REDUCE_BLOCKS};
 use cudarc::driver::result;
 use cudarc::driver::sys::{
-    CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode, CUstreamCaptureStatus,
+    CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode,
+    CUstreamCaptureStatus,
 };
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
@@ -297,7 +298,14 @@ pub struct CudaBackend {
     graphs: Vec<CudaGraph>,
     /// Working memory that [`CudaBackend::scratch`] outgrew after graphs were captured, which they may still use.
     retired: Vec<Buffer>,
+    /// The most shared memory a block may ask for on this GPU, and what layernorm_backward may ask for so far: a
+    /// launch gets 48 KiB unless its kernel was allowed more, which a norm over more than about 4000 channels needs.
+    shared_optin_bytes: usize,
+    norm_backward_shared_bytes: usize,
 }
+
+/// The shared memory a block gets without asking for more.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 
 impl Drop for CudaBackend {
     /// Work still queued may use the allocations about to be freed, and after a capture they are freed on another
@@ -406,6 +414,11 @@ impl CudaBackend {
             capturing: false,
             graphs: Vec::new(),
             retired: Vec::new(),
+            shared_optin_bytes: ctx
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                .map_err(driver("reading the shared memory a block may have"))?
+                as usize,
+            norm_backward_shared_bytes: DEFAULT_SHARED_BYTES,
         };
         backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
         backend.scratch = backend.alloc(1, Role::Stat)?;
@@ -984,10 +997,21 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         // Each warp keeps 2 × C floats of shared memory (3 × C with the sums of dinp), C rounded up to a whole 16-byte
-        // chunk of either precision: as many warps (up to 4) as fit the default 48 KiB.
+        // chunk of either precision: as many warps (up to 4) as fit the default 48 KiB, or one warp allowed more.
         let sums = if dinp_sums.is_some() { 3 } else { 2 };
         let warp_bytes = sums * c.max(1).next_multiple_of(8) * 4;
-        let warps = (48 * 1024 / warp_bytes).clamp(1, 4);
+        let warps = (DEFAULT_SHARED_BYTES / warp_bytes).clamp(1, 4);
+        if warp_bytes > self.norm_backward_shared_bytes {
+            let most = self.shared_optin_bytes;
+            if warp_bytes > most {
+                let why = format!("{c} channels need {warp_bytes} bytes of shared memory a block, this GPU has {most}");
+                return Err(self.err(name, why));
+            }
+            let f = self.functions.get("layernorm_backward").ok_or_else(|| self.err(name, "no kernel".into()))?;
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, warp_bytes as i32)
+                .map_err(driver("allowing layernorm_backward more shared memory"))?;
+            self.norm_backward_shared_bytes = warp_bytes;
+        }
         let blocks = rows.div_ceil(NORM_ROWS_PER_BLOCK);
         let partials = self.scratch(name, memory::norm_backward_floats(rows, c))?;
         let (n, ci, rpb, nb) = (rows as i32, c as i32, NORM_ROWS_PER_BLOCK as i32, blocks as i32);

@@ -222,6 +222,13 @@ fn op_cases() -> Vec<OpCase> {
         },
     ];
     cases.extend([NormKind::Layer, NormKind::Rms].into_iter().flat_map(|kind| norm_cases(kind, rows, c)));
+    // Wide enough that one warp's sums of the backward pass take more than the 48 KiB of shared memory a block has
+    // unless its kernel is allowed more.
+    cases.extend(
+        norm_cases(NormKind::Layer, 5, 4100)
+            .into_iter()
+            .map(|case| OpCase { name: format!("{} C4100", case.name), ..case }),
+    );
     cases.extend([
         OpCase {
             name: "matmul_forward".into(),
