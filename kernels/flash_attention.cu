@@ -23,6 +23,10 @@
 // dQ with atomic adds, as FlashAttention-2 does, and flash_attention_dq_store rounds that sum into dqkv: no
 // recomputation, but the order of the additions, and so the last bits of dQ, vary from run to run.
 //
+// The deterministic kernels can also sum the columns of what they write, for the bias gradient of the product that
+// made qkv (Σ_rows dqkv): each warp writes the sums of its 16 rows, as stored, into partials (B, G, W) with G = 4
+// per 64-row tile, and column_sums (reduce.cu) adds those up, so that dqkv is never read again for its sums.
+//
 // Layouts as attention.cu's: qkv (B, T, (NH + 2·KVH)·D), out and dout (B, T, NH·D), lse and D (B, NH, T). A head's
 // rows are read where they lie, W = (NH + 2·KVH)·D elements apart, in 16-byte cp.async chunks (no transposing
 // pass), and results go out in 16-byte stores staged through shared memory: the engine checks that qkv, out, dout
@@ -240,10 +244,11 @@ __device__ constexpr unsigned dkv_shared_bytes() {
 
 // Writes a warp's 16 × D fp32 accumulator, times `scale`, to rows 0–15 of a global matrix (`stride` apart; rows
 // from `valid_rows` on skipped), staging it in 16 rows of a padded shared tile that only this warp uses, so that
-// the global stores are 16 bytes wide.
+// the global stores are 16 bytes wide. With `column_sums`, also writes there the sums of the D columns over the
+// valid rows as stored (bf16): zeros when none is valid.
 template <int D>
 __device__ __forceinline__ void store_rows(bf16* dst, long stride, int valid_rows, const float (&acc)[D / 8][4],
-                                          float scale, unsigned staging, int lane) {
+                                          float scale, unsigned staging, int lane, float* column_sums = nullptr) {
     constexpr int PER_ROW = D / 8;
 #pragma unroll
     for (int n = 0; n < D / 8; n++) {
@@ -258,6 +263,27 @@ __device__ __forceinline__ void store_rows(bf16* dst, long stride, int valid_row
         const int i = lane + k * 32, r = i / PER_ROW, c = i % PER_ROW * 8;
         if (r < valid_rows) *reinterpret_cast<int4*>(dst + r * stride + c) = ld_shared_128(staging + at<D>(r, c));
     }
+    if (!column_sums) return;
+    // A lane takes two neighbouring columns (one 32-bit word of a row) and adds the rows in order.
+    const int rows = min(valid_rows, FLASH_WARP_ROWS);
+    for (int c = 2 * lane; c < D; c += 64) {
+        float lo = 0.0f, hi = 0.0f;
+        for (int r = 0; r < rows; r++) {
+            const unsigned pair = __float_as_uint(ld_shared_f32(staging + at<D>(r, c)));
+            lo += __uint_as_float(pair << 16);
+            hi += __uint_as_float(pair & 0xffff0000u);
+        }
+        column_sums[c] = lo, column_sums[c + 1] = hi;
+    }
+}
+
+// Where a backward kernel's warp puts the column sums of its 16 rows from row0 (a multiple of 16) of sequence b,
+// from column col0 of qkv's W: partials is (B, G, W) with G = 4 per 64-row tile of the grid's first dimension (see
+// the top of the file). Null without partials.
+__device__ __forceinline__ float* bias_partials_at(float* partials, int b, int row0, int W, int col0) {
+    if (!partials) return nullptr;
+    const long groups = (long)gridDim.x * 4;  // the grid's tiles are 64 rows
+    return partials + ((long)b * groups + row0 / FLASH_WARP_ROWS) * W + col0;
 }
 
 // Issues acc (a warpgroup's 64 rows × N) += A·Bᵀ on wgmma, summed over D, as add_abt computes it, and commits it as
@@ -812,8 +838,9 @@ __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_tile, 
 // On wgmma (WGMMA) the block's 4 warps are one warpgroup, the tiles are swizzled, and a tile is skipped only when
 // all 64 queries have nothing to add.
 template <int D, int BC, bool WGMMA>
-__device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                                  const float* row_dot, int T, int NH, int KVH, int causal) {
+__device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partials, const bf16* dout, const bf16* qkv,
+                                                  const float* lse, const float* row_dot, int T, int NH, int KVH,
+                                                  int causal) {
     constexpr int BR = 4 * FLASH_WARP_ROWS, GROUP_ROWS = WGMMA ? BR : FLASH_WARP_ROWS;
     check_launch(dq_shared_bytes<D, BC, WGMMA>());
     const unsigned q_tile = shared_address(flash_shared), do_tile = q_tile + tile_bytes<D, WGMMA>(BR),
@@ -869,7 +896,8 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, const bf16* dout, 
     // The warp's own rows of the padded Q tile stage dQ; on wgmma, 16 padded rows of its own in the K and V stages.
     static_assert(!WGMMA || 4 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, WGMMA>(4 * BC), "staging fits");
     const unsigned staging = WGMMA ? k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0) : q_tile + at<D>(first, 0);
-    store_rows<D>(dqkv + ((long)b * T + row0) * W + h * D, W, T - row0, dq, rsqrtf((float)D), staging, lane);
+    store_rows<D>(dqkv + ((long)b * T + row0) * W + h * D, W, T - row0, dq, rsqrtf((float)D), staging, lane,
+                  bias_partials_at(bias_partials, b, row0, W, h * D));
 }
 
 // The dkv kernel's steps for a warp's 16 keys (j0 the first) and a tile of BR queries (i0 the first), in two halves
@@ -1030,9 +1058,9 @@ __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, u
 // On wgmma (WGMMA) each role's 4 warps are a warpgroup that takes all 64 keys together, the tiles (and the dS tile)
 // are swizzled, and a tile is skipped only when all 64 keys have nothing to add.
 template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA>
-__device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,
-                                                   const float* lse, const float* row_dot, int T, int NH, int KVH,
-                                                   int causal) {
+__device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_partials, float* dq_sum, const bf16* dout,
+                                                   const bf16* qkv, const float* lse, const float* row_dot, int T,
+                                                   int NH, int KVH, int causal) {
     constexpr int BC = 4 * FLASH_WARP_ROWS, THREADS = ROLES * FLASH_THREADS, ACCUMULATORS = 3 - ROLES;
     constexpr int GROUP_ROWS = WGMMA ? BC : FLASH_WARP_ROWS;
     static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
@@ -1150,8 +1178,9 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* dq_sum, co
         const bool dk = ROLES == 1 ? r == 1 : role == 1;
         const unsigned staging = WGMMA ? q_tiles + (warp * ACCUMULATORS + r) * at<D>(FLASH_WARP_ROWS, 0)
                                        : (dk ? k_tile : v_tile) + at<D>(first, 0);
-        store_rows<D>(rows + (dk ? NH + g : NH + KVH + g) * D, W, T - j0, acc[r], dk ? rsqrtf((float)D) : 1.0f,
-                      staging, lane);
+        const int column = (dk ? NH + g : NH + KVH + g) * D;
+        store_rows<D>(rows + column, W, T - j0, acc[r], dk ? rsqrtf((float)D) : 1.0f, staging, lane,
+                      bias_partials_at(bias_partials, b, j0, W, column));
     }
 }
 
@@ -1183,22 +1212,24 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
         flash_forward<D, FORWARD_M, FORWARD_BC, WGMMA>(out, lse, qkv, T, NH, KVH, causal);                             \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS, DQ_MIN_BLOCKS)                                         \
-        flash_attention_backward_dq##SUFFIX##_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,    \
-                                                   const float* row_dot, int T, int NH, int KVH, int causal) {         \
-        flash_backward_dq<D, DQ_BC, WGMMA>(dqkv, dout, qkv, lse, row_dot, T, NH, KVH, causal);                         \
+        flash_attention_backward_dq##SUFFIX##_d##D(bf16* dqkv, float* bias_partials, const bf16* dout,                 \
+                                                   const bf16* qkv, const float* lse, const float* row_dot, int T,     \
+                                                   int NH, int KVH, int causal) {                                      \
+        flash_backward_dq<D, DQ_BC, WGMMA>(dqkv, bias_partials, dout, qkv, lse, row_dot, T, NH, KVH, causal);          \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
-        flash_attention_backward_dkv##SUFFIX##_d##D(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,   \
-                                                    const float* row_dot, int T, int NH, int KVH, int causal) {        \
-        flash_backward_dkv<D, DKV_BR, DKV_ROLES, false, WGMMA>(dqkv, nullptr, dout, qkv, lse, row_dot, T, NH, KVH,     \
-                                                               causal);                                                \
+        flash_attention_backward_dkv##SUFFIX##_d##D(bf16* dqkv, float* bias_partials, const bf16* dout,                \
+                                                    const bf16* qkv, const float* lse, const float* row_dot, int T,    \
+                                                    int NH, int KVH, int causal) {                                     \
+        flash_backward_dkv<D, DKV_BR, DKV_ROLES, false, WGMMA>(dqkv, bias_partials, nullptr, dout, qkv, lse, row_dot,  \
+                                                               T, NH, KVH, causal);                                    \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
         flash_attention_backward_dkv_dq##SUFFIX##_d##D(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,   \
                                                        const float* lse, const float* row_dot, int T, int NH,          \
                                                        int KVH, int causal) {                                          \
-        flash_backward_dkv<D, DKV_BR, DKV_ROLES, true, WGMMA>(dqkv, dq_sum, dout, qkv, lse, row_dot, T, NH, KVH,       \
-                                                              causal);                                                 \
+        flash_backward_dkv<D, DKV_BR, DKV_ROLES, true, WGMMA>(dqkv, nullptr, dq_sum, dout, qkv, lse, row_dot, T, NH,   \
+                                                              KVH, causal);                                            \
     }
 
 // Per head dimension D: the forward's m16 tiles per warp (M) and keys per tile, the dq kernel's keys per tile, the

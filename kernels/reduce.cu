@@ -1,6 +1,6 @@
 // Sums over a whole vector (the loss, the squared gradient norm; a parameter tensor in its working precision),
 // deterministic: a fixed grid of blocks each reduces a fixed stride of the input into partials[block], then one block
-// adds the partials in order, in fp32.
+// adds the partials in order, in fp32. And sums of a matrix's columns (bias gradients), deterministic too.
 
 // squares != 0 sums x², otherwise x. Each thread reads chunks of 16 bytes (see Packed in common.cuh).
 template <typename T>
@@ -38,4 +38,37 @@ extern "C" __global__ void reduce_final(float* out, const float* partials, int c
     for (int i = threadIdx.x; i < count; i += blockDim.x) s += partials[i];
     s = block_sum(s, scratch);
     if (threadIdx.x == 0) out[0] = s;
+}
+
+#define COLUMN_SUM_LANES 32
+#define COLUMN_SUM_ROWS 16
+
+// sums[c] += Σ_rows m[row][c] over a (rows × C) matrix, in a fixed order: a block of COLUMN_SUM_LANES ×
+// COLUMN_SUM_ROWS threads takes COLUMN_SUM_LANES neighbouring columns; thread row r sums rows r, r + COLUMN_SUM_ROWS,
+// ... in turn, and the first row adds the rows' sums in row order.
+template <typename T>
+__device__ __forceinline__ void add_column_sums(float* sums, const T* m, long rows, int C) {
+    __shared__ float row_sums[COLUMN_SUM_ROWS][COLUMN_SUM_LANES];
+    const int lane = threadIdx.x % COLUMN_SUM_LANES, r = threadIdx.x / COLUMN_SUM_LANES;
+    const int c = blockIdx.x * COLUMN_SUM_LANES + lane;
+    float s = 0.0f;
+    if (c < C)
+        for (long row = r; row < rows; row += COLUMN_SUM_ROWS) s += to_f32(m[row * C + c]);
+    row_sums[r][lane] = s;
+    __syncthreads();
+    if (r > 0 || c >= C) return;
+    for (int k = 1; k < COLUMN_SUM_ROWS; k++) s += row_sums[k][lane];
+    sums[c] += s;
+}
+
+// Of fp32 partial sums (the fused attention's, of dqkv).
+extern "C" __global__ void __launch_bounds__(COLUMN_SUM_LANES * COLUMN_SUM_ROWS)
+    column_sums(float* sums, const float* m, long rows, int C) {
+    add_column_sums(sums, m, rows, C);
+}
+
+// Of a matrix in the working precision (a gradient, where no kernel before summed it).
+extern "C" __global__ void __launch_bounds__(COLUMN_SUM_LANES * COLUMN_SUM_ROWS)
+    column_sums_x(float* sums, const floatX* m, long rows, int C) {
+    add_column_sums(sums, m, rows, C);
 }

@@ -79,6 +79,11 @@ inline float __int_as_float(int i) {
     return f;
 }
 inline float __uint_as_float(unsigned u) { return __int_as_float(int(u)); }
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline long min(long a, long b) { return a < b ? a : b; }

@@ -2,7 +2,8 @@
 // backward (dQ, dK, dV) with a double-precision reference, for every head dimension, several sequence lengths
 // (shorter than, equal to and not multiples of the tiles), causal or not, and grouped-query attention. The backward
 // runs twice: the deterministic kernels, then the dkv kernel that adds dQ atomically and dq_store (dQa, dKa, dVa),
-// whose dK and dV must be those of the first, bit for bit.
+// whose dK and dV must be those of the first, bit for bit. The deterministic kernels also write the partial column
+// sums of dqkv (a bias gradient), which must add up to the sums of dqkv as stored.
 #include "emu.h"
 #include "mma_emu.h"
 #include "flash_all.inc"
@@ -75,10 +76,13 @@ static void run(const Shape& s) {
     Array<__nv_bfloat16> qkv((size_t)B * T * W), out((size_t)B * T * C), dout((size_t)B * T * C),
         dqkv((size_t)B * T * W);
     Array<float> lse((size_t)B * NH * T), row_dot((size_t)B * NH * T), dq_sum((size_t)B * T * C);
+    // One row of partial column sums for each 16 rows of each 64-row tile of each sequence.
+    const size_t partial_rows = (size_t)B * ((T + 63) / 64) * 4;
+    Array<float> bias_partials(partial_rows * W);
     Array<__nv_bfloat16> dqkv_atomic((size_t)B * T * W);
     for (size_t i = 0; i < qkv.n; i++) qkv.p[i] = uni();
     for (size_t i = 0; i < dout.n; i++) dout.p[i] = uni();
-    out.poison(), lse.poison(), dqkv.poison(), row_dot.poison(), dqkv_atomic.poison();
+    out.poison(), lse.poison(), dqkv.poison(), row_dot.poison(), dqkv_atomic.poison(), bias_partials.poison();
     std::fill(dq_sum.p, dq_sum.p + dq_sum.n, 0.0f);
 
     // The forward's shared memory and threads, from its own table when pipelined.
@@ -139,12 +143,16 @@ static void run(const Shape& s) {
     launch({(unsigned)((rows * 8 + 255) / 256), 1, 1}, 256, 0,
            [&] { flash_attention_row_dot(row_dot.p, dout.p, out.p, B, T, NH, D); });
     launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[7], tiles[3], [&] {
-        DISPATCH_WGMMA(flash_attention_backward_dkv, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
-        DISPATCH(flash_attention_backward_dkv, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
+        DISPATCH_WGMMA(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
+                       KVH, s.causal)
+        DISPATCH(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
+                 s.causal)
     });
     launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
-        DISPATCH_WGMMA(flash_attention_backward_dq, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
-        DISPATCH(flash_attention_backward_dq, dqkv.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal)
+        DISPATCH_WGMMA(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
+                       KVH, s.causal)
+        DISPATCH(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
+                 s.causal)
     });
     launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[8], tiles[4], [&] {
         DISPATCH_WGMMA(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
@@ -232,6 +240,17 @@ static void run(const Shape& s) {
     for (size_t r = 0; r < (size_t)B * T; r++)
         same &= std::memcmp(dqkv.p + r * W + C, dqkv_atomic.p + r * W + C, 2 * KVH * D * 2) == 0;
     report("dK dV identical", s, same ? 0 : 1, 0);
+    // The partials (every one written: a poisoned one would make its column NaN) add up to dqkv's column sums, as
+    // stored; the error is relative to the sum of the magnitudes a column adds up.
+    std::vector<double> got_sums(W, 0.0), want_sums(W, 0.0), magnitude(W, 1e-30);
+    for (size_t i = 0; i < bias_partials.n; i++) got_sums[i % W] += bias_partials.p[i];
+    for (size_t i = 0; i < dqkv.n; i++) want_sums[i % W] += dqkv.at(i), magnitude[i % W] += std::fabs(dqkv.at(i));
+    double bias_error = 0;
+    for (int c = 0; c < W; c++) {
+        const double e = std::fabs(got_sums[c] - want_sums[c]) / magnitude[c];
+        bias_error = std::isfinite(got_sums[c]) ? std::max(bias_error, e) : INFINITY;
+    }
+    report("dbias", s, bias_error, 1e-6);
 }
 
 int main(int argc, char** argv) {

@@ -1,10 +1,11 @@
 // Runs the training step's kernels that are not a layer's under the emulation against a double-precision reference: the
 // sums (kernels/reduce.cu: a vector's sum and sum of squares, from fp32 and from the working precision), AdamW
 // (kernels/adamw.cu, on an fp32 master copy in bf16 and on the parameters themselves in fp32), the classifier's fused
-// softmax cross-entropy and its gradient (kernels/classifier.cu, with padded columns and an ignored row), GELU, its
-// derivative and the column sums of that (kernels/gelu.cu) and the fp32 add (kernels/add.cu), for lengths that are and
-// are not whole 16-byte chunks. Launched as the engine launches them (crates/kiln-cuda/src/backend.rs: reduce, adamw,
-// classifier, gelu_forward, matmul_backward, add). Built twice, with and without KILN_BF16.
+// softmax cross-entropy and its gradient (kernels/classifier.cu, with padded columns and an ignored row), a matrix's
+// column sums (reduce.cu), GELU and its derivative (kernels/gelu.cu) and the fp32 add (kernels/add.cu), for lengths
+// that are and are not whole 16-byte chunks. Launched as the engine launches them (crates/kiln-cuda/src/backend.rs:
+// reduce, adamw, classifier, gelu_forward, matmul_backward, attention_backward, add). Built twice, with and without
+// KILN_BF16.
 #include "emu.h"
 #define __shared__ static  // one block at a time: a function's statics are its block's shared memory
 #include "step_all.inc"
@@ -150,15 +151,25 @@ static void run_gelu(size_t n) {
     check("gelu backward", where, error(d, want_d, incoming));
 }
 
-// gelu_bias_gradient, as matmul_backward launches it (one block of 32 × 16 threads per 32 columns): dbias += the
-// column sums of a (rows × C) matrix.
-static void run_gelu_bias_gradient(int rows, int C) {
-    auto d = random_x((size_t)rows * C);
-    auto dbias = random_f32(C);
-    std::vector<double> want(dbias.begin(), dbias.end());
-    for (size_t i = 0; i < d.size(); i++) want[i % C] += to_f32(d[i]);
-    launch({grid_blocks(C, 32), 1, 1}, 32 * 16, 0, [&] { gelu_bias_gradient(dbias.data(), d.data(), rows, C); });
-    check("gelu_bias_gradient", std::to_string(rows) + " × " + std::to_string(C), error(dbias, want));
+// column_sums and column_sums_x, as the engine launches them (one block of 32 × 16 threads per 32 columns): sums +=
+// the column sums of a (rows × C) matrix of fp32 or of the working precision.
+template <typename T>
+static void run_column_sums(int rows, int C) {
+    std::vector<T> m((size_t)rows * C);
+    for (auto& x : m) {
+        const float v = std::uniform_real_distribution<float>(-1, 1)(g_rng);
+        if constexpr (std::is_same_v<T, float>) x = v;
+        else x = to_x(v);
+    }
+    auto sums = random_f32(C);
+    std::vector<double> want(sums.begin(), sums.end());
+    for (size_t i = 0; i < m.size(); i++) want[i % C] += to_f32(m[i]);
+    launch({grid_blocks(C, 32), 1, 1}, 32 * 16, 0, [&] {
+        if constexpr (std::is_same_v<T, float>) column_sums(sums.data(), m.data(), rows, C);
+        else column_sums_x(sums.data(), m.data(), rows, C);
+    });
+    const char* name = std::is_same_v<T, float> ? "column_sums" : "column_sums_x";
+    check(name, std::to_string(rows) + " × " + std::to_string(C), error(sums, want));
 }
 
 // add_f32, as CudaBackend::add launches it: a thread per element in blocks of 256.
@@ -178,7 +189,10 @@ int main() {
     for (bool write_grad : {false, true})
         for (auto [V, Vp] : {std::pair{5, 5}, {7, 64}, {1000, 1024}}) run_classifier(3, V, Vp, write_grad);
     for (size_t n : {1, 9, 1000}) run_gelu(n);
-    for (auto [rows, C] : {std::pair{1, 1}, {37, 43}, {1030, 70}}) run_gelu_bias_gradient(rows, C);
+    for (auto [rows, C] : {std::pair{1, 1}, {37, 43}, {1030, 70}}) {
+        run_column_sums<float>(rows, C);
+        run_column_sums<floatX>(rows, C);
+    }
     for (size_t n : {1, 300}) run_add(n);
     return finish("step");
 }

@@ -2,7 +2,7 @@
 //! the FlashAttention papers' FLOPs (forward `4·B·H·T²·D`, halved when causal; backward 2.5 × forward), so that
 //! the numbers compare with the anchors measured for FlashAttention-2 and cuDNN.
 
-use kiln_core::{AttentionDims, Backend, Result, Role};
+use kiln_core::{AttentionBackward, AttentionDims, Backend, Result, Role};
 use std::time::Instant;
 
 /// The attention rows of the anchors (../shared/ANCHORS.md, one H100): a shape, and TFLOP/s of FlashAttention-2
@@ -72,7 +72,7 @@ pub fn measure<B: Backend>(b: &mut B, d: AttentionDims, warmup: usize, reps: usi
             let started = Instant::now();
             b.attention_forward(out, lse, qkv, d)?;
             if backward {
-                b.attention_backward(dqkv, dout, qkv, out, lse, d)?;
+                b.attention_backward(AttentionBackward { dqkv, dout, qkv, out, lse, dbias: None, d })?;
             }
             b.synchronize()?;
             if rep >= warmup {

@@ -232,6 +232,22 @@ pub struct NormBackward {
     pub d: NormDims,
 }
 
+/// Operands of [`Backend::attention_backward`], which recomputes the probabilities from `qkv` and `lse` (the
+/// forward's) and writes `dqkv` (overwritten; a key/value head shared by a group of query heads gets the sum of their
+/// gradients) from `dout` and the forward's `out`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionBackward {
+    pub dqkv: Tensor,
+    pub dout: Tensor,
+    pub qkv: Tensor,
+    pub out: Tensor,
+    pub lse: Tensor,
+    /// `dbias += Σ_rows dqkv` (fp32, `qkv_width` elements): the bias gradient of the product that wrote `qkv`,
+    /// which the GPU's fused kernels sum as they write `dqkv`.
+    pub dbias: Option<Tensor>,
+    pub d: AttentionDims,
+}
+
 /// Operands of [`Backend::matmul_forward`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MatmulForward {
@@ -507,17 +523,8 @@ pub trait Backend {
     /// Self-attention: `out` (`(batch·time, heads·head_dim)`) from `qkv`, with the log-sum-exp of every row of
     /// scaled scores saved in `lse` (`(batch, heads, time)`) for the backward pass.
     fn attention_forward(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: AttentionDims) -> Result<()>;
-    /// Backward of [`Backend::attention_forward`], recomputing the probabilities from `qkv` and `lse`: writes
-    /// `dqkv` (overwritten; a key/value head shared by a group of query heads gets the sum of their gradients).
-    fn attention_backward(
-        &mut self,
-        dqkv: Tensor,
-        dout: Tensor,
-        qkv: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        d: AttentionDims,
-    ) -> Result<()>;
+    /// Backward of [`Backend::attention_forward`] (see [`AttentionBackward`]).
+    fn attention_backward(&mut self, op: AttentionBackward) -> Result<()>;
 
     /// Attention of one new position of a single sequence (`d.batch` = 1) over itself and the positions before
     /// it: `qkv` is the layer's `(time, qkv_width)` activation whose rows `0..=pos` hold keys and values (the

@@ -358,9 +358,9 @@ pub struct TrainConfig {
     /// every step after, on engines that can (the GPU), for a single rank: a launch each instead of hundreds. Off
     /// until a GPU has measured it.
     pub graphs: bool,
-    /// Take the bias gradients of the projections and of the first MLP layer from the operations before them (the
-    /// norms' backward passes, GELU's derivative in a product's epilogue) instead of reading the gradients again.
-    /// Off until a GPU has measured it.
+    /// Take the bias gradients of the linear layers from the operations that produce the gradients they sum (the
+    /// norms' backward passes, GELU's derivative in a product's epilogue, attention's backward kernels) instead of
+    /// reading those gradients again. Off until a GPU has measured it.
     pub fuse_bias_gradients: bool,
     /// The check of every update before it is applied: `[train.guard]`.
     pub guard: GuardConfig,

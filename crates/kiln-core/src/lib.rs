@@ -15,8 +15,8 @@ pub mod memory;
 pub mod pieces;
 
 pub use backend::{
-    AdamWStep, AttentionDims, Backend, Graph, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims,
-    NormForward, NormKind, ResidualAdd, Role, Rotary, Tensor,
+    AdamWStep, AttentionBackward, AttentionDims, Backend, Graph, MatmulBackward, MatmulDims, MatmulForward,
+    NormBackward, NormDims, NormForward, NormKind, ResidualAdd, Role, Rotary, Tensor,
 };
 pub use comm::Communicator;
 pub use config::Config;

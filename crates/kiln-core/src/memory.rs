@@ -7,8 +7,8 @@
 //! [`MemoryModel`]; neither needs the device, so a run on eight GPUs can be planned on a laptop.
 
 use crate::backend::{
-    AdamWStep, AttentionDims, Backend, BufferId, MatmulBackward, MatmulForward, NormBackward, NormForward, Role,
-    Rotary, Tensor,
+    AdamWStep, AttentionBackward, AttentionDims, Backend, BufferId, MatmulBackward, MatmulForward, NormBackward,
+    NormForward, Role, Rotary, Tensor,
 };
 use crate::error::{Error, Result};
 use std::ops::Range;
@@ -74,6 +74,9 @@ pub struct StepShapes {
     /// bias-gradient columns one product computes, its own or (with fused bias gradients) that of GELU's input.
     pub max_bias_width: usize,
     pub attention: AttentionDims,
+    /// Whether attention's backward pass also sums its input gradient for the qkv projection's bias gradient (fused
+    /// bias gradients in a model with biases and learned positions).
+    pub attention_bias_sums: bool,
 }
 
 /// How an engine's memory is laid out, without the engine: what [`Counting`] needs to count its allocations, and
@@ -268,15 +271,7 @@ impl Backend for Counting {
         self.nothing_to_run("attention_forward")
     }
 
-    fn attention_backward(
-        &mut self,
-        _: Tensor,
-        _: Tensor,
-        _: Tensor,
-        _: Tensor,
-        _: Tensor,
-        _: AttentionDims,
-    ) -> Result<()> {
+    fn attention_backward(&mut self, _: AttentionBackward) -> Result<()> {
         self.nothing_to_run("attention_backward")
     }
 

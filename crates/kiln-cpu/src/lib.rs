@@ -24,8 +24,8 @@ use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap};
 use kiln_core::memory::{Component, MemoryModel, StepShapes, Storage};
 use kiln_core::pieces::Pieces;
 use kiln_core::{
-    AdamWStep, AttentionDims, Backend, Error, Graph, MatmulBackward, MatmulDims, MatmulForward, NormBackward,
-    NormForward, Result, Role, Rotary, Tensor,
+    AdamWStep, AttentionBackward, AttentionDims, Backend, Error, Graph, MatmulBackward, MatmulDims, MatmulForward,
+    NormBackward, NormForward, Result, Role, Rotary, Tensor,
 };
 use math::Real;
 use rayon::prelude::*;
@@ -665,25 +665,18 @@ impl<T: Real> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn attention_backward(
-        &mut self,
-        dqkv: Tensor,
-        dout: Tensor,
-        qkv: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        d: AttentionDims,
-    ) -> Result<()> {
-        if self.recorded(move |b| b.attention_backward(dqkv, dout, qkv, out, lse, d)) {
+    fn attention_backward(&mut self, op: AttentionBackward) -> Result<()> {
+        if self.recorded(move |b| b.attention_backward(op)) {
             return Ok(());
         }
+        let AttentionBackward { dqkv, dout, qkv, out, lse, dbias, d } = op;
         let (op, rows, c, w) = ("attention_backward", d.batch * d.time, d.channels(), d.qkv_width());
         if let Some(problem) = d.problem() {
             return Err(self.invalid(op, problem));
         }
         self.check(
             op,
-            &[(dqkv, rows * w)],
+            &[(dqkv, rows * w), optional(dbias, w)],
             &[(dout, rows * c), (qkv, rows * w), (out, rows * c), (lse, d.batch * d.heads * d.time)],
         )?;
         let threads = rayon::current_num_threads();
@@ -702,6 +695,10 @@ impl<T: Real> Backend for CpuBackend<T> {
             )
         };
         self.scratch = scratch;
+        if let Some(dbias) = dbias {
+            // SAFETY: checked above.
+            unsafe { math::add_column_sums(self.write(dbias), self.read(dqkv)) };
+        }
         Ok(())
     }
 

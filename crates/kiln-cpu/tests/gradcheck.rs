@@ -4,8 +4,8 @@
 
 use kiln_core::backend::IGNORE_TARGET;
 use kiln_core::{
-    AdamWStep, AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims, NormForward,
-    NormKind, ResidualAdd, Role, Rotary, Tensor,
+    AdamWStep, AttentionBackward, AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward,
+    NormDims, NormForward, NormKind, ResidualAdd, Role, Rotary, Tensor,
 };
 use kiln_cpu::CpuBackend;
 use rand::{RngExt, SeedableRng};
@@ -468,12 +468,21 @@ fn attention_gradients_at(d: AttentionDims) {
     // Poisoned: the backward pass overwrites every element, summing a group's key/value gradients itself.
     let dqkv = f.random(rows * w, 1.0);
     f.b.attention_forward(out, lse, qkv, d).unwrap();
-    f.b.attention_backward(dqkv, r, qkv, out, lse, d).unwrap();
+    // With the bias gradient of the product that wrote qkv: the column sums of dqkv, added to what is there.
+    let dbias = f.random(w, 1.0);
+    let before = f.values(dbias);
+    let op = AttentionBackward { dqkv, dout: r, qkv, out, lse, dbias: Some(dbias), d };
+    f.b.attention_backward(op).unwrap();
     let g = f.values(dqkv);
     f.check("dqkv", qkv, &g, |f| {
         f.b.attention_forward(out, lse, qkv, d).unwrap();
         f.dot(out, r)
     });
+    let sums: Vec<f64> = f.values(dbias).iter().zip(&before).map(|(a, b)| a - b).collect();
+    for (j, s) in sums.iter().enumerate() {
+        let want: f64 = g.iter().skip(j).step_by(w).sum();
+        assert!((s - want).abs() < 1e-12 * (1.0 + want.abs()), "column {j}: {s} against {want}");
+    }
 }
 
 #[test]

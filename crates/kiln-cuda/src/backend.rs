@@ -31,8 +31,8 @@ use kiln_core::backend::{BufferId, first_overlap};
 use kiln_core::config::AttentionKernel;
 use kiln_core::pieces::Pieces;
 use kiln_core::{
-    AdamWStep, AttentionDims, Backend, Error, Graph, MatmulBackward, MatmulDims, MatmulForward, NormBackward,
-    NormForward, NormKind, Result, Role, Rotary, Tensor,
+    AdamWStep, AttentionBackward, AttentionDims, Backend, Error, Graph, MatmulBackward, MatmulDims, MatmulForward,
+    NormBackward, NormForward, NormKind, Result, Role, Rotary, Tensor,
 };
 use std::collections::HashMap;
 use std::ops::Range;
@@ -72,8 +72,8 @@ struct Master {
 }
 
 /// The launch of a kernel that sums each of `columns` columns over rows in a fixed order (layernorm_backward_sum,
-/// gelu_bias_gradient): a block of 32 lanes, one column each, by 16 rows of threads (LN_SUM_LANES × LN_SUM_ROWS
-/// in kernels/layernorm.cu, BIAS_GRAD_LANES × BIAS_GRAD_ROWS in kernels/gelu.cu).
+/// column_sums): a block of 32 lanes, one column each, by 16 rows of threads (LN_SUM_LANES × LN_SUM_ROWS in
+/// kernels/layernorm.cu, COLUMN_SUM_LANES × COLUMN_SUM_ROWS in kernels/reduce.cu).
 fn column_sums(columns: usize) -> LaunchConfig {
     const LANES: u32 = 32;
     const ROWS: u32 = 16;
@@ -1124,7 +1124,7 @@ impl Backend for CudaBackend {
                 launch!(self, "gelu_backward", elementwise(rows * c_in), di, pre, n)?;
                 if let Some(gelu_db) = gelu_db {
                     let (r, ci) = (rows as i64, c_in as i32);
-                    launch!(self, "gelu_bias_gradient", column_sums(c_in), gelu_db, di, r, ci)?;
+                    launch!(self, "column_sums_x", column_sums(c_in), gelu_db, di, r, ci)?;
                 }
             }
         }
@@ -1240,44 +1240,47 @@ impl Backend for CudaBackend {
         launch!(self, op, grid(d.batch * d.heads * d.time * 32, 128), o, l, q, b, t, nh, kvh, hs, causal)
     }
 
-    fn attention_backward(
-        &mut self,
-        dqkv: Tensor,
-        dout: Tensor,
-        qkv: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        d: AttentionDims,
-    ) -> Result<()> {
+    fn attention_backward(&mut self, op: AttentionBackward) -> Result<()> {
+        let AttentionBackward { dqkv, dout, qkv, out, lse, dbias, d } = op;
         let op = "attention_backward";
         let x = self.x();
         self.check_attention(op, &d)?;
         let (rows, c, w, stats) = (d.batch * d.time, d.channels(), d.qkv_width(), d.batch * d.heads * d.time);
-        self.disjoint(op, &[dqkv], &[dout, qkv, out, lse])?;
+        self.disjoint_optional(op, &[Some(dqkv), dbias], &[Some(dout), Some(qkv), Some(out), Some(lse)])?;
         let dq = self.ptr(op, dqkv, x, rows * w)?;
         let (g, q, o) =
             (self.ptr(op, dout, x, rows * c)?, self.ptr(op, qkv, x, rows * w)?, self.ptr(op, out, x, rows * c)?);
         let l = self.ptr(op, lse, DType::F32, stats)?;
+        let db = dbias.map(|t| self.ptr(op, t, DType::F32, w)).transpose()?;
         let (b, t, nh, kvh, hs) = (d.batch as i32, d.time as i32, d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
         let causal = i32::from(d.causal);
+        let (rows_i, w_i) = (rows as i64, w as i32);
         if let Some(tiles) = self.flash_tiles(&d, &[dq, g, q, o]) {
             let blocks = d.time.div_ceil(FLASH_BLOCK_ROWS);
             if self.deterministic {
                 // D_i = dO_i·O_i per row (eight threads a row), then dK and dV per key tile, then dQ per query tile:
-                // each writes its part of dqkv whole, so nothing needs zeroing and nothing is atomic.
-                let row_dot = self.scratch(op, memory::attention_backward_floats(&d, true))?;
+                // each writes its part of dqkv whole, so nothing needs zeroing and nothing is atomic. With dbias, each
+                // warp also writes the column sums of the rows it stores, which one more kernel adds up.
+                let scratch = memory::attention_backward_floats(&d, true, db.is_some());
+                let row_dot = self.scratch(op, scratch)?;
+                let partials = if db.is_some() { row_dot + 4 * stats as u64 } else { 0 };
                 launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
                 let kernel = FlashTiles::DKV;
                 let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
-                launch!(self, tiles.kernels[kernel], cfg, dq, g, q, l, row_dot, t, nh, kvh, causal)?;
+                launch!(self, tiles.kernels[kernel], cfg, dq, partials, g, q, l, row_dot, t, nh, kvh, causal)?;
                 let kernel = FlashTiles::DQ;
                 let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
-                return launch!(self, tiles.kernels[kernel], cfg, dq, g, q, l, row_dot, t, nh, kvh, causal);
+                launch!(self, tiles.kernels[kernel], cfg, dq, partials, g, q, l, row_dot, t, nh, kvh, causal)?;
+                if let Some(db) = db {
+                    let partial_rows = memory::attention_bias_partial_rows(&d) as i64;
+                    launch!(self, "column_sums", column_sums(w), db, partials, partial_rows, w_i)?;
+                }
+                return Ok(());
             }
             // dQ's fp32 sums (B, T, NH·D) start at zero; D_i as above; dK and dV per key tile, which also adds each
             // tile's part of dQ into the sums; then dQ, rounded, into dqkv.
             let sums = rows * c;
-            let dq_sum = self.scratch(op, memory::attention_backward_floats(&d, false))?;
+            let dq_sum = self.scratch(op, memory::attention_backward_floats(&d, false, false))?;
             let row_dot = dq_sum + (sums * 4) as u64;
             // SAFETY: the scratch buffer holds `sums + stats` floats.
             unsafe { result::memset_d8_async(dq_sum, 0, sums * 4, self.stream.cu_stream()) }
@@ -1287,13 +1290,19 @@ impl Backend for CudaBackend {
             let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
             launch!(self, tiles.kernels[kernel], cfg, dq, dq_sum, g, q, l, row_dot, t, nh, kvh, causal)?;
             let (n, scale) = (rows as i64, 1.0 / (d.head_dim as f32).sqrt());
-            return launch!(self, "flash_attention_dq_store", grid(sums / 8, 256), dq, dq_sum, n, nh, kvh, hs, scale);
+            launch!(self, "flash_attention_dq_store", grid(sums / 8, 256), dq, dq_sum, n, nh, kvh, hs, scale)?;
+        } else {
+            // One warp per query row for dq, then one per key/value row for dk and dv.
+            let cfg = grid(rows * d.heads * 32, 128);
+            launch!(self, "attention_backward_dq", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, causal)?;
+            let cfg = grid(rows * d.kv_heads * 32, 128);
+            launch!(self, "attention_backward_dkv", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, causal)?;
         }
-        // One warp per query row for dq, then one per key/value row for dk and dv.
-        let cfg = grid(rows * d.heads * 32, 128);
-        launch!(self, "attention_backward_dq", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, causal)?;
-        let cfg = grid(rows * d.kv_heads * 32, 128);
-        launch!(self, "attention_backward_dkv", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, causal)
+        // These kernels do not sum what they write: the bias gradient reads it again.
+        match db {
+            Some(db) => launch!(self, "column_sums_x", column_sums(w), db, dq, rows_i, w_i),
+            None => Ok(()),
+        }
     }
 
     fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, d: AttentionDims) -> Result<()> {

@@ -49,11 +49,22 @@ pub(crate) fn bias_gradient_floats(columns: usize) -> usize {
     columns
 }
 
-/// Working floats of the fused attention's backward pass: each row's `dO·O`, and without `deterministic` the fp32
-/// sums of dQ before them.
-pub(crate) fn attention_backward_floats(d: &AttentionDims, deterministic: bool) -> usize {
+/// Working floats of the fused attention's backward pass: each row's `dO·O`; without `deterministic` the fp32 sums of
+/// dQ before them, and with `deterministic` and `bias_sums` the partial column sums of dqkv after them (see
+/// [`attention_bias_partial_rows`]).
+pub(crate) fn attention_backward_floats(d: &AttentionDims, deterministic: bool, bias_sums: bool) -> usize {
     let stats = d.batch * d.heads * d.time;
-    if deterministic { stats } else { d.batch * d.time * d.channels() + stats }
+    match (deterministic, bias_sums) {
+        (true, false) => stats,
+        (true, true) => stats + attention_bias_partial_rows(d) * d.qkv_width(),
+        (false, _) => d.batch * d.time * d.channels() + stats,
+    }
+}
+
+/// Rows of the fused attention backward's partial column sums of dqkv: one for each 16 rows (a warp's) of each
+/// 64-row tile of each sequence (kernels/flash_attention.cu).
+pub(crate) fn attention_bias_partial_rows(d: &AttentionDims) -> usize {
+    d.batch * d.time.div_ceil(64) * 4
 }
 
 /// The CUDA engine's memory in `precision`.
@@ -87,7 +98,10 @@ impl MemoryModel for CudaMemory {
         let fused = self.precision == Precision::Bf16
             && self.attention == AttentionKernel::Fused
             && crate::backend::fused_head_dim(step.attention.head_dim);
-        let attention = if fused { attention_backward_floats(&step.attention, self.deterministic) } else { 0 };
+        let attention = match fused {
+            true => attention_backward_floats(&step.attention, self.deterministic, step.attention_bias_sums),
+            false => 0,
+        };
         let working = [
             encoder_backward_floats(step.rows),
             norm_backward_floats(step.rows, step.n_embd),

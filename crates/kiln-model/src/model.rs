@@ -22,8 +22,8 @@ use crate::params::{self, ParamInfo};
 use crate::spec::{Mlp, ModelSpec, Positions};
 use kiln_core::config::Recompute;
 use kiln_core::{
-    AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims, NormForward, NormKind,
-    ResidualAdd, Result, Role, Rotary, Tensor,
+    AttentionBackward, AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims,
+    NormForward, NormKind, ResidualAdd, Result, Role, Rotary, Tensor,
 };
 
 /// What a forward pass computes beyond the logits.
@@ -590,10 +590,11 @@ impl Model {
     }
 
     /// Whether the backward pass takes bias gradients from the operations that produce the gradients they sum, rather
-    /// than reading those gradients again: the projections' from the norms' backward passes before them (the residual
-    /// stream's gradient is the projections' output gradient), the first MLP layer's from the product that applies
-    /// GELU's derivative (cuBLASLt's DGELU_BGRAD epilogue on the GPU). The attention's input projection keeps its own
-    /// sum, as does an MLP's first layer under SwiGLU. The sums are the same; their rounding may differ.
+    /// than reading those gradients again: the output projections' from the norms' backward passes before them (the
+    /// residual stream's gradient is their output gradient), the first MLP layer's from the product that applies
+    /// GELU's derivative (cuBLASLt's DGELU_BGRAD epilogue on the GPU), the qkv projection's from attention's backward
+    /// pass (the GPU's fused kernels sum what they write). The qkv projection keeps its own sum with rotary
+    /// positions, as does an MLP's first layer under SwiGLU. The sums are the same; their rounding may differ.
     pub fn fuse_bias_gradients(&mut self, fused: bool) {
         self.fused_bias_gradients = fused;
     }
@@ -909,10 +910,12 @@ impl Model {
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
         let (dres, dbtc) = (r.of(self.acts.dresidual, c), r.of(self.acts.dbtc, c));
         // With fused bias gradients, a norm's backward pass also sums dres for the projection before it (into
-        // dres_sums, added to that bias gradient once its block's gradients are cleared), and the product that applies
-        // GELU's derivative sums its output for the first MLP layer's bias.
+        // dres_sums, added to that bias gradient once its block's gradients are cleared), the product that applies
+        // GELU's derivative sums its output for the first MLP layer's bias, and attention's backward sums dqkv for
+        // the qkv projection's (unless a rotation follows it: the bias was added before the rotation).
         let fused = self.fused_bias_gradients && s.bias;
         let fused_gelu = fused && s.mlp == Mlp::Gelu;
+        let fused_qkv = s.attention_bias_sums(self.fused_bias_gradients);
         let unfused = |db: Option<Tensor>, fused: bool| if fused { None } else { db };
         let dres_sums = fused.then_some(self.acts.dres_sums);
         // Backward of the norm `nw` of input `inp` that saved `st`: its gradient `dout` is added to dres.
@@ -1024,7 +1027,15 @@ impl Model {
                 gelu_dbias: None,
                 d: lin(c, c),
             })?;
-            b.attention_backward(dqkv, dbtc, r.of(a.qkv, w), r.of(a.atty, c), r.of(a.att_lse, s.n_head), att)?;
+            b.attention_backward(AttentionBackward {
+                dqkv,
+                dout: dbtc,
+                qkv: r.of(a.qkv, w),
+                out: r.of(a.atty, c),
+                lse: r.of(a.att_lse, s.n_head),
+                dbias: if fused_qkv { g.qkv_b } else { None },
+                d: att,
+            })?;
             if let Positions::Rotary { .. } = s.positions {
                 b.rope(Rotary { qkv: dqkv, table: self.acts.rope_table, d: att, first_pos: 0, inverse: true })?;
             }
@@ -1034,7 +1045,7 @@ impl Model {
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.qkv_w,
-                dbias: g.qkv_b,
+                dbias: unfused(g.qkv_b, fused_qkv),
                 dout: dqkv,
                 inp: r.of(a.ln1, c),
                 weight: wt.qkv_w,

@@ -122,8 +122,16 @@ impl ModelSpec {
         }
     }
 
-    /// The shapes of a training step over micro-batches of `micro_batch` sequences, for an engine's working memory.
-    pub fn step_shapes(&self, micro_batch: usize) -> StepShapes {
+    /// Whether attention's backward pass sums its input gradient for the qkv projection's bias gradient when bias
+    /// gradients are `fused` (see `Model::fuse_bias_gradients`): not with rotary positions, since the bias was added
+    /// before the rotation that the backward pass undoes after attention's.
+    pub fn attention_bias_sums(&self, fused: bool) -> bool {
+        fused && self.bias && !matches!(self.positions, Positions::Rotary { .. })
+    }
+
+    /// The shapes of a training step over micro-batches of `micro_batch` sequences, for an engine's working memory,
+    /// with bias gradients `fused` or not.
+    pub fn step_shapes(&self, micro_batch: usize, fused: bool) -> StepShapes {
         let attention = AttentionDims {
             kv_heads: self.n_kv_head,
             ..AttentionDims::causal(micro_batch, self.block_size, self.n_head, self.head_dim())
@@ -133,6 +141,7 @@ impl ModelSpec {
             n_embd: self.n_embd,
             max_bias_width: if self.bias { self.qkv_width().max(self.fc_width()) } else { 0 },
             attention,
+            attention_bias_sums: self.attention_bias_sums(fused),
         }
     }
 

@@ -12,8 +12,8 @@
 
 use kiln_core::backend::IGNORE_TARGET;
 use kiln_core::{
-    AdamWStep, AttentionDims, Backend, Config, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims,
-    NormForward, NormKind, ResidualAdd, Result, Role, Rotary, Tensor,
+    AdamWStep, AttentionBackward, AttentionDims, Backend, Config, MatmulBackward, MatmulDims, MatmulForward,
+    NormBackward, NormDims, NormForward, NormKind, ResidualAdd, Result, Role, Rotary, Tensor,
 };
 use kiln_cpu::CpuBackend;
 use kiln_model::{Model, ModelSpec, Pass};
@@ -473,10 +473,28 @@ const ATTENTION_SHAPES: [AttentionDims; 8] = [
 
 /// Forward, backward and decoding cases of attention at `d`, named by its shape.
 fn attention_cases(d: AttentionDims) -> Vec<OpCase> {
-    use Role::{Activation, Stat};
+    use Role::{Activation, Grad, Stat};
     use Use::*;
     let (rows, c, w) = (d.batch * d.time, d.channels(), d.qkv_width());
     let lse = d.batch * d.heads * d.time;
+    // Backward after a forward that writes out and lse; with `dbias`, also the column sums of dqkv (the qkv bias).
+    let backward = |name: String, dbias: bool| OpCase {
+        name,
+        reals: vec![
+            (rows * w, Out, Activation),
+            (rows * c, In, Activation),
+            (rows * w, In, Activation),
+            (rows * c, Out, Activation),
+            (lse, Out, Stat),
+            (if dbias { w } else { 0 }, Acc, Grad),
+        ],
+        indices: vec![],
+        run: Box::new(move |b, r, _| {
+            b.attention_forward(r[3], r[4], r[2], d)?;
+            let (dqkv, dout, qkv, out, lse) = (r[0], r[1], r[2], r[3], r[4]);
+            b.attention_backward(AttentionBackward { dqkv, dout, qkv, out, lse, dbias: dbias.then(|| r[5]), d })
+        }),
+    };
     let shape = format!(
         "B{} T{} H{}{} D{}{}",
         d.batch,
@@ -493,21 +511,8 @@ fn attention_cases(d: AttentionDims) -> Vec<OpCase> {
             indices: vec![],
             run: Box::new(move |b, r, _| b.attention_forward(r[0], r[1], r[2], d)),
         },
-        OpCase {
-            name: format!("attention_backward {shape}"),
-            reals: vec![
-                (rows * w, Out, Activation),
-                (rows * c, In, Activation),
-                (rows * w, In, Activation),
-                (rows * c, Out, Activation),
-                (lse, Out, Stat),
-            ],
-            indices: vec![],
-            run: Box::new(move |b, r, _| {
-                b.attention_forward(r[3], r[4], r[2], d)?;
-                b.attention_backward(r[0], r[1], r[2], r[3], r[4], d)
-            }),
-        },
+        backward(format!("attention_backward {shape}"), false),
+        backward(format!("attention_backward+bias gradient {shape}"), true),
     ];
     // Rotary embedding over the same packed rows, from a position other than 0 (as in decoding), both ways.
     for inverse in [false, true] {
@@ -708,6 +713,7 @@ mod tests {
             "swiglu_backward",
             "rope B2 T66 H4/2kv D64 causal",
             "attention_backward B2 T66 H4/2kv D64 causal",
+            "attention_backward+bias gradient B2 T66 H4/2kv D64 causal",
             "matmul_backward+gelu",
             "matmul_backward+gelu+bias gradient, C_in 43",
             "layernorm_backward with the sums of dinp",

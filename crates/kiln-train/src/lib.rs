@@ -185,7 +185,8 @@ impl<B: Backend> Trainer<B> {
         let (rank, world) = (comm.rank(), comm.world());
         // Nothing is allocated before the plan says that it fits.
         let memory = backend.memory_model();
-        let capacity = capacity(&mut backend, comm.as_mut(), memory.as_ref(), &shape)?;
+        let fused = config.train.fuse_bias_gradients;
+        let capacity = capacity(&mut backend, comm.as_mut(), memory.as_ref(), &shape, fused)?;
         let mut config = config.clone();
         let mb = plan::micro_batch(&config, shape, world, memory.as_ref(), capacity)?;
         config.train.micro_batch = MicroBatch::Sequences(mb);
@@ -1127,10 +1128,12 @@ fn capacity<B: Backend>(
     comm: &mut dyn Communicator<B>,
     memory: &dyn kiln_core::memory::MemoryModel,
     spec: &ModelSpec,
+    fused_bias_gradients: bool,
 ) -> Result<Option<u64>> {
     let taken_outside: u64 = match memory.outside_exists_at_start() {
         true => {
-            memory.overheads(&spec.step_shapes(1), comm.world()).iter().filter(|c| !c.allocated).map(|c| c.bytes).sum()
+            let step = spec.step_shapes(1, fused_bias_gradients);
+            memory.overheads(&step, comm.world()).iter().filter(|c| !c.allocated).map(|c| c.bytes).sum()
         }
         false => 0,
     };

@@ -56,7 +56,7 @@ impl MemoryPlan {
         memory: &dyn MemoryModel,
     ) -> Result<MemoryPlan> {
         let accumulation = config.accumulation_steps(micro_batch, world)?;
-        let overheads = memory.overheads(&spec.step_shapes(micro_batch), world);
+        let overheads = memory.overheads(&spec.step_shapes(micro_batch, config.train.fuse_bias_gradients), world);
         let ranks = (0..world)
             .map(|rank| {
                 let mut counting = Counting::new(memory.storage());
