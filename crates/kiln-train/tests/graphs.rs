@@ -1,7 +1,8 @@
 //! `train.graphs` on the CPU engine, which captures as a GPU does (an operation called while capturing is recorded
 //! with its operands; a replay runs the recorded operations again on the tensors as they are then): a run whose
 //! passes are replayed graphs trains exactly as one that runs them, with gradient accumulation, ZeRO stages 1 and 2
-//! on one rank, and either model family, and evaluation, checkpoints and resuming work between replays. Where
+//! on one rank, fused bias gradients, and either model family, and evaluation, checkpoints and resuming work between
+//! replays. Where
 //! capturing fails, the run goes on without graphs and trains the same.
 //! (That a replay takes each step's loss scale, which these runs keep constant, is kiln-cpu's tests/graphs.rs.)
 
@@ -32,8 +33,9 @@ fn train(extra: &[&str], graphs: bool) -> (Vec<(f32, f32)>, bool) {
 
 #[test]
 fn replayed_graphs_train_exactly_as_the_passes_run_directly() {
-    let cases: [&[&str]; 5] = [
+    let cases: [&[&str]; 6] = [
         &[],
+        &["train.fuse_bias_gradients=true"],
         // Two micro-batches a step: one graph accumulates, the other reduces.
         &["train.micro_batch=4", "train.total_batch_tokens=104"],
         &["dist.zero=1"],
