@@ -1086,12 +1086,14 @@ impl Backend for CudaBackend {
         let gelu_db = gelu_dbias.map(|b| self.ptr(op, b, DType::F32, c_in)).transpose()?;
         // cuBLASLt's bias-gradient epilogues overwrite their output, and bias gradients accumulate over
         // micro-batches, so an epilogue writes to scratch and a kernel adds that in: the product's bias gradient at
-        // the scratch's start, that of GELU's input after it.
+        // the scratch's start, that of GELU's input after it, 256-byte aligned as the scratch is (cuBLASLt's
+        // algorithms may need more than a float's alignment of it).
         let own = if db.is_some() { c_out } else { 0 };
-        let columns = own + if gelu_db.is_some() { c_in } else { 0 };
+        let gelu_offset = own.next_multiple_of(64);
+        let columns = if gelu_db.is_some() { gelu_offset + c_in } else { own };
         let scratch = if columns > 0 { self.scratch(op, memory::bias_gradient_floats(columns))? } else { 0 };
         let bias_grad = db.map(|_| scratch);
-        let gelu_bias_grad = scratch + 4 * own as u64;
+        let gelu_bias_grad = scratch + 4 * gelu_offset as u64;
 
         // dinp (column-major c_in × rows) = W (c_in × c_out) · dout (c_out × rows).
         let dinp_product = |epilogue| Product {
