@@ -1115,9 +1115,17 @@ impl Backend for CudaBackend {
             }
             (Some(pre), Some(gelu_db)) if c_in % matmul::GELU_AUX_LD_MULTIPLE == 0 => {
                 let bias_grad = gelu_bias_grad;
-                self.matmul(op, dinp_product(Epilogue::GeluBackwardBiasGradient { pre, bias_grad }))?;
-                let n = c_in as i64;
-                launch!(self, "add_f32", grid(c_in, 256), gelu_db, bias_grad, n)?;
+                let fused = dinp_product(Epilogue::GeluBackwardBiasGradient { pre, bias_grad });
+                if self.lt.supports(&fused) {
+                    self.matmul(op, fused)?;
+                    let n = c_in as i64;
+                    launch!(self, "add_f32", grid(c_in, 256), gelu_db, bias_grad, n)?;
+                } else {
+                    // This cuBLASLt has no DGELU_BGRAD for these types: the derivative in the epilogue, then a sum.
+                    self.matmul(op, dinp_product(Epilogue::GeluBackward { pre }))?;
+                    let (r, ci) = (rows as i64, c_in as i32);
+                    launch!(self, "column_sums_x", column_sums(c_in), gelu_db, di, r, ci)?;
+                }
             }
             // As in the forward pass: GELU's input is too narrow for the epilogue, so kernels apply gelu' and sum.
             (Some(pre), gelu_db) => {

@@ -22,8 +22,8 @@ use cudarc::cublaslt::sys::{
     cublasLtMatmulPreferenceAttributes_t as PrefAttr,
 };
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -292,6 +292,8 @@ pub struct CublasLt {
     _workspace: CudaSlice<u8>,
     workspace_ptr: u64,
     plans: HashMap<Problem, Plan>,
+    /// Problems that could not be planned, asked through [`CublasLt::supports`].
+    unsupported: HashSet<Problem>,
 }
 
 impl CublasLt {
@@ -302,7 +304,36 @@ impl CublasLt {
             .map_err(|e| format!("allocating cuBLASLt's workspace of {} MiB: {e:?}", WORKSPACE_BYTES >> 20))?;
         let workspace_ptr = workspace.device_ptr(stream).0;
         let handle = result::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
-        Ok(CublasLt { handle, _workspace: workspace, workspace_ptr, plans: HashMap::new() })
+        Ok(CublasLt {
+            handle,
+            _workspace: workspace,
+            workspace_ptr,
+            plans: HashMap::new(),
+            unsupported: HashSet::new(),
+        })
+    }
+
+    /// Whether `product` can be run: its problem is planned if it is new, and one that cannot be (no algorithm for
+    /// an epilogue with these types, say) is remembered and reported once, for a caller with another way to do it.
+    pub fn supports(&mut self, product: &Product) -> bool {
+        let problem = Problem::of(product);
+        if self.plans.contains_key(&problem) {
+            return true;
+        }
+        if self.unsupported.contains(&problem) {
+            return false;
+        }
+        match Plan::new(self.handle, &problem, product) {
+            Ok(plan) => {
+                self.plans.insert(problem, plan);
+                true
+            }
+            Err(why) => {
+                tracing::warn!("{why}; doing without that epilogue");
+                self.unsupported.insert(problem);
+                false
+            }
+        }
     }
 
     /// Queues `product` on `stream`, planning it first if its problem is new.
