@@ -74,6 +74,9 @@ pub struct StepShapes {
     /// bias-gradient columns one product computes, its own or (with fused bias gradients) that of GELU's input.
     pub max_bias_width: usize,
     pub attention: AttentionDims,
+    /// Whether the norms' backward passes also sum their input gradient for the projections' bias gradients (fused
+    /// bias gradients in a model with biases).
+    pub norm_bias_sums: bool,
     /// Whether attention's backward pass also sums its input gradient for the qkv projection's bias gradient (fused
     /// bias gradients in a model with biases and learned positions).
     pub attention_bias_sums: bool,

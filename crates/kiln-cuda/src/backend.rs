@@ -1013,7 +1013,7 @@ impl Backend for CudaBackend {
             self.norm_backward_shared_bytes = warp_bytes;
         }
         let blocks = rows.div_ceil(NORM_ROWS_PER_BLOCK);
-        let partials = self.scratch(name, memory::norm_backward_floats(rows, c))?;
+        let partials = self.scratch(name, memory::norm_backward_floats(rows, c, dinp_sums.is_some()))?;
         let (n, ci, rpb, nb) = (rows as i32, c as i32, NORM_ROWS_PER_BLOCK as i32, blocks as i32);
         let sum_dinp = i32::from(dinp_sums.is_some());
         let mut cfg = grid(blocks * warps * 32, (warps * 32) as u32);

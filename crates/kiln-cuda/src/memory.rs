@@ -37,10 +37,10 @@ pub(crate) fn encoder_backward_floats(rows: usize) -> usize {
     4 * rows
 }
 
-/// Working floats of a norm's backward pass: each block's partial sums of the weight and bias gradients and of the
-/// input gradient's columns (`NormBackward::dinp_sums`; reserved whether or not a pass asks for them).
-pub(crate) fn norm_backward_floats(rows: usize, c: usize) -> usize {
-    rows.div_ceil(NORM_ROWS_PER_BLOCK) * 3 * c
+/// Working floats of a norm's backward pass: each block's partial sums of the weight and bias gradients, and with
+/// `dinp_sums` of the input gradient's columns (`NormBackward::dinp_sums`).
+pub(crate) fn norm_backward_floats(rows: usize, c: usize, dinp_sums: bool) -> usize {
+    rows.div_ceil(NORM_ROWS_PER_BLOCK) * if dinp_sums { 3 } else { 2 } * c
 }
 
 /// Working floats of a matrix product's bias gradients, `columns` of them in all: its own, and that of GELU's input
@@ -104,7 +104,7 @@ impl MemoryModel for CudaMemory {
         };
         let working = [
             encoder_backward_floats(step.rows),
-            norm_backward_floats(step.rows, step.n_embd),
+            norm_backward_floats(step.rows, step.n_embd, step.norm_bias_sums),
             bias_gradient_floats(step.max_bias_width),
             attention,
         ]

@@ -141,6 +141,7 @@ impl ModelSpec {
             n_embd: self.n_embd,
             max_bias_width: if self.bias { self.qkv_width().max(self.fc_width()) } else { 0 },
             attention,
+            norm_bias_sums: fused && self.bias,
             attention_bias_sums: self.attention_bias_sums(fused),
         }
     }
