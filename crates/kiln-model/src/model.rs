@@ -916,7 +916,8 @@ impl Model {
         let fused = self.fused_bias_gradients && s.bias;
         let fused_gelu = fused && s.mlp == Mlp::Gelu;
         let fused_qkv = s.attention_bias_sums(self.fused_bias_gradients);
-        let unfused = |db: Option<Tensor>, fused: bool| if fused { None } else { db };
+        // A product's own bias gradient, unless it is summed elsewhere.
+        let own = |db: Option<Tensor>, elsewhere: bool| if elsewhere { None } else { db };
         let dres_sums = fused.then_some(self.acts.dres_sums);
         // Backward of the norm `nw` of input `inp` that saved `st`: its gradient `dout` is added to dres.
         let norm_backward = |b: &mut B, dout: Tensor, inp: Tensor, nw: NormWeights, gw: NormWeights, st, sums| {
@@ -980,7 +981,7 @@ impl Model {
             b.matmul_backward(MatmulBackward {
                 dinp: dfch,
                 dweight: g.fcproj_w,
-                dbias: unfused(g.fcproj_b, fused),
+                dbias: own(g.fcproj_b, fused),
                 dout: dres,
                 inp: r.of(a.fch, ffn),
                 weight: wt.fcproj_w,
@@ -1004,7 +1005,7 @@ impl Model {
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.fc_w,
-                dbias: unfused(g.fc_b, fused_gelu),
+                dbias: own(g.fc_b, fused_gelu),
                 dout: dfc_out,
                 inp: r.of(a.ln2, c),
                 weight: wt.fc_w,
@@ -1019,7 +1020,7 @@ impl Model {
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.proj_w,
-                dbias: unfused(g.proj_b, fused),
+                dbias: own(g.proj_b, fused),
                 dout: dres,
                 inp: r.of(a.atty, c),
                 weight: wt.proj_w,
@@ -1045,7 +1046,7 @@ impl Model {
             b.matmul_backward(MatmulBackward {
                 dinp: dbtc,
                 dweight: g.qkv_w,
-                dbias: unfused(g.qkv_b, fused_qkv),
+                dbias: own(g.qkv_b, fused_qkv),
                 dout: dqkv,
                 inp: r.of(a.ln1, c),
                 weight: wt.qkv_w,
