@@ -1108,35 +1108,40 @@ impl Backend for CudaBackend {
             accumulate: false,
             epilogue,
         };
-        match (pre, gelu_db) {
-            (None, _) => self.matmul(op, dinp_product(Epilogue::None))?,
-            (Some(pre), None) if c_in % matmul::GELU_AUX_LD_MULTIPLE == 0 => {
-                self.matmul(op, dinp_product(Epilogue::GeluBackward { pre }))?
+        // Whether GELU's bias gradient is still to be summed from dinp after the product.
+        let sum_after = match pre {
+            None => {
+                self.matmul(op, dinp_product(Epilogue::None))?;
+                false
             }
-            (Some(pre), Some(gelu_db)) if c_in % matmul::GELU_AUX_LD_MULTIPLE == 0 => {
+            Some(pre) if c_in % matmul::GELU_AUX_LD_MULTIPLE == 0 => {
                 let bias_grad = gelu_bias_grad;
-                let fused = dinp_product(Epilogue::GeluBackwardBiasGradient { pre, bias_grad });
-                if self.lt.supports(&fused) {
-                    self.matmul(op, fused)?;
-                    let n = c_in as i64;
-                    launch!(self, "add_f32", grid(c_in, 256), gelu_db, bias_grad, n)?;
-                } else {
-                    // This cuBLASLt has no DGELU_BGRAD for these types: the derivative in the epilogue, then a sum.
-                    self.matmul(op, dinp_product(Epilogue::GeluBackward { pre }))?;
-                    let (r, ci) = (rows as i64, c_in as i32);
-                    launch!(self, "column_sums_x", column_sums(c_in), gelu_db, di, r, ci)?;
+                let fused = gelu_db.map(|_| dinp_product(Epilogue::GeluBackwardBiasGradient { pre, bias_grad }));
+                match (fused, gelu_db) {
+                    (Some(fused), Some(gelu_db)) if self.lt.supports(&fused) => {
+                        self.matmul(op, fused)?;
+                        let n = c_in as i64;
+                        launch!(self, "add_f32", grid(c_in, 256), gelu_db, bias_grad, n)?;
+                        false
+                    }
+                    // Without a bias gradient, or where this cuBLASLt has no DGELU_BGRAD for these types.
+                    _ => {
+                        self.matmul(op, dinp_product(Epilogue::GeluBackward { pre }))?;
+                        gelu_db.is_some()
+                    }
                 }
             }
-            // As in the forward pass: GELU's input is too narrow for the epilogue, so kernels apply gelu' and sum.
-            (Some(pre), gelu_db) => {
+            // As in the forward pass: GELU's input is too narrow for the epilogue, so a kernel applies gelu'.
+            Some(pre) => {
                 self.matmul(op, dinp_product(Epilogue::None))?;
                 let n = (rows * c_in) as i64;
                 launch!(self, "gelu_backward", elementwise(rows * c_in), di, pre, n)?;
-                if let Some(gelu_db) = gelu_db {
-                    let (r, ci) = (rows as i64, c_in as i32);
-                    launch!(self, "column_sums_x", column_sums(c_in), gelu_db, di, r, ci)?;
-                }
+                gelu_db.is_some()
             }
+        };
+        if let (true, Some(gelu_db)) = (sum_after, gelu_db) {
+            let (r, ci) = (rows as i64, c_in as i32);
+            launch!(self, "column_sums_x", column_sums(c_in), gelu_db, di, r, ci)?;
         }
 
         // dW (column-major c_in × c_out) += inp (c_in × rows) · doutᵀ (rows × c_out), accumulated in fp32; the
