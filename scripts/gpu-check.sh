@@ -11,7 +11,7 @@
 # each group's comparisons share a call (kiln beside PyTorch, a switch beside the default):
 #   speed (issues 15, 18): ONLY="info selftest-fp32 selftest-bf16 bench-kiln graphs-exact bench-kiln-graphs
 #     bench-kiln-fused-bias bench-pytorch bench-llama bench-llama-pytorch"
-#   memory and attention (issues 16, 18): ONLY="plan-gpt2 plan-llama recompute bench-attention
+#   memory and attention (issues 16, 18): ONLY="plan-gpt2 plan-gpt2-fused plan-llama recompute bench-attention
 #     bench-attention-reference selftest-bf16-pipelined bench-attention-pipelined bench-attention-atomic resume-exact"
 #   ranks (issues 16, 17): ONLY="dp-equivalence dp-stages allreduce rank-times bench-kiln bench-kiln-unguarded"
 set -uo pipefail
@@ -98,12 +98,14 @@ step bench-kiln-fused-bias 120 "$kiln" bench train --backend cuda --steps 10 --w
 # (exactly), and its total the device memory the process takes (nvidia-smi's peak above the idle reading), within 3%.
 plan_check() {
   local config=$1 plan=/tmp/kiln-plan.json peak=/tmp/kiln-plan-peak
-  "$kiln" plan --backend cuda --json --config "$config" > $plan || return 1
+  local sets=("${@:2}")
+  "$kiln" plan --backend cuda --json --config "$config" "${sets[@]}" > $plan || return 1
   local idle
   idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   ( while sleep 0.2; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1; done ) > $peak &
   local sampler=$!
-  "$kiln" bench train --backend cuda --config "$config" --steps 3 --warmup 1 > /tmp/kiln-plan-bench.log 2>&1
+  "$kiln" bench train --backend cuda --config "$config" "${sets[@]}" --steps 3 --warmup 1 \
+    > /tmp/kiln-plan-bench.log 2>&1
   local rc=$?
   kill $sampler
   tail -n 1 /tmp/kiln-plan-bench.log
@@ -154,6 +156,8 @@ PY
 export -f recompute_check
 step recompute 150 bash -c recompute_check
 step plan-gpt2 90 bash -c "plan_check configs/bench-gpt2-124m.toml"
+# With fused bias gradients the kernels' working memory holds the attention's partial sums of dqkv.
+step plan-gpt2-fused 90 bash -c "plan_check configs/bench-gpt2-124m.toml --set train.fuse_bias_gradients=true"
 step plan-llama 150 bash -c "plan_check configs/llama-3.2-1b.toml"
 # Llama 3.2 1B's shape (bf16, 8 × 2048 tokens a step; the config says why that batch), beside PyTorch's below.
 step bench-llama 150 "$kiln" bench train --backend cuda --config configs/llama-3.2-1b.toml --steps 10 --warmup 2
