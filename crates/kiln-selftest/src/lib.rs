@@ -397,13 +397,12 @@ fn norm_cases(kind: NormKind, rows: usize, c: usize) -> Vec<OpCase> {
         name,
         // Statistics computed by a forward pass first, so that they are consistent with the input; then dinp,
         // dweight, dout, dbias (used by layer normalisation) and the sums of dinp.
-        reals: with(vec![
-            (n, Acc, Activation),
-            (c, Acc, Grad),
-            (n, In, Activation),
-            (c, Acc, Grad),
-            (if sums { c } else { 0 }, Out, Stat),
-        ]),
+        reals: with(
+            [(n, Acc, Activation), (c, Acc, Grad), (n, In, Activation), (c, Acc, Grad)]
+                .into_iter()
+                .chain(sums.then_some((c, Out, Stat)))
+                .collect(),
+        ),
         indices: vec![],
         run: Box::new(move |b, r, _| {
             let f = forward(r, None);
@@ -480,14 +479,16 @@ fn attention_cases(d: AttentionDims) -> Vec<OpCase> {
     // Backward after a forward that writes out and lse; with `dbias`, also the column sums of dqkv (the qkv bias).
     let backward = |name: String, dbias: bool| OpCase {
         name,
-        reals: vec![
+        reals: [
             (rows * w, Out, Activation),
             (rows * c, In, Activation),
             (rows * w, In, Activation),
             (rows * c, Out, Activation),
             (lse, Out, Stat),
-            (if dbias { w } else { 0 }, Acc, Grad),
-        ],
+        ]
+        .into_iter()
+        .chain(dbias.then_some((w, Acc, Grad)))
+        .collect(),
         indices: vec![],
         run: Box::new(move |b, r, _| {
             b.attention_forward(r[3], r[4], r[2], d)?;
