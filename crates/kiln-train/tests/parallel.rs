@@ -151,20 +151,24 @@ fn assert_relatively_close(a: &[f32], b: &[f32]) {
 fn zero_stages_2_and_3_train_like_one_rank() {
     // 12 steps of 24 sequences: one rank in 2 micro-batches of 12, and 2 and 4 ranks of ZeRO stages 2 and 3 in 2
     // micro-batches each, so that every micro-batch's gradients are reduced into the ranks' shares (with block
-    // recomputation at stage 3, which runs each block's forward pass again on the weights gathered for its backward).
+    // recomputation at stage 3, which runs each block's forward pass again on the weights gathered for its backward;
+    // and with fused bias gradients, whose sums of a block's gradients are taken while the block after it runs).
     let llama = ["model.arch=llama", "model.n_kv_head=1"].map(str::to_string);
     for (name, family) in [("", &[][..]), ("-llama", &llama[..])] {
         let steps = ["train.max_steps=12".to_string(), "train.checkpoint_every=12".into()];
         let with = |extra: &[String]| [&steps[..], family, extra].concat();
         let one_dir = out_dir(&format!("stages-one{name}"));
         let one = train(&config(&one_dir, &with(&["train.micro_batch=12".into()])), 1).unwrap();
-        for (stage, recompute) in [(2, "none"), (3, "none"), (3, "block")] {
+        for (stage, recompute, fused) in
+            [(2, "none", false), (3, "none", false), (3, "block", false), (3, "none", true)]
+        {
             for ranks in [2, 4] {
-                let dir = out_dir(&format!("stage{stage}-{recompute}-{ranks}{name}"));
+                let dir = out_dir(&format!("stage{stage}-{recompute}-{fused}-{ranks}{name}"));
                 let extra = [
                     format!("train.micro_batch={}", 12 / ranks),
                     format!("dist.zero={stage}"),
                     format!("train.recompute={recompute}"),
+                    format!("train.fuse_bias_gradients={fused}"),
                 ];
                 let many = train(&config(&dir, &with(&extra)), ranks).unwrap();
                 assert_eq!(many.losses.len(), 12);
