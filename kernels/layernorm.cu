@@ -148,25 +148,15 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partials, con
     }
 }
 
-#define LN_SUM_LANES 32
-#define LN_SUM_ROWS 16
-
 // dweight[c] += Σ_blocks partials[block][c], the same for dbias, and with a dinp_sums (written, not added to) the
-// same for dx, in a fixed order: a block of LN_SUM_LANES × LN_SUM_ROWS threads takes LN_SUM_LANES of the sums·C
-// channels (neighbouring lanes, neighbouring addresses); thread row r sums blocks r, r + LN_SUM_ROWS, ... in turn,
-// and the first row adds the rows' sums in row order. RMS normalisation has no bias: a null dbias.
-extern "C" __global__ void __launch_bounds__(LN_SUM_LANES * LN_SUM_ROWS)
+// same for dx, in column_sum's fixed order (common.cuh), a block of its shape taking COLUMN_SUM_LANES of the sums·C
+// channels. RMS normalisation has no bias: a null dbias.
+extern "C" __global__ void __launch_bounds__(COLUMN_SUM_LANES * COLUMN_SUM_ROWS)
     layernorm_backward_sum(float* dweight, float* dbias, float* dinp_sums, const float* partials, int blocks, int C) {
-    __shared__ float sums[LN_SUM_ROWS][LN_SUM_LANES];
-    const int lane = threadIdx.x % LN_SUM_LANES, r = threadIdx.x / LN_SUM_LANES;
-    const int c = blockIdx.x * LN_SUM_LANES + lane, width = (dinp_sums ? 3 : 2) * C;
-    float s = 0.0f;
-    if (c < width)
-        for (int b = r; b < blocks; b += LN_SUM_ROWS) s += partials[(long)b * width + c];
-    sums[r][lane] = s;
-    __syncthreads();
-    if (r > 0 || c >= width) return;
-    for (int k = 1; k < LN_SUM_ROWS; k++) s += sums[k][lane];
+    __shared__ float scratch[COLUMN_SUM_ROWS * COLUMN_SUM_LANES];
+    const int width = (dinp_sums ? 3 : 2) * C, c = blockIdx.x * COLUMN_SUM_LANES + threadIdx.x;
+    const float s = column_sum(partials, blocks, width, width, scratch);
+    if (threadIdx.x >= COLUMN_SUM_LANES || c >= width) return;
     if (c < C) dweight[c] += s;
     else if (c < 2 * C) { if (dbias) dbias[c - C] += s; }
     else dinp_sums[c - 2 * C] = s;

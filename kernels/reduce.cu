@@ -40,25 +40,14 @@ extern "C" __global__ void reduce_final(float* out, const float* partials, int c
     if (threadIdx.x == 0) out[0] = s;
 }
 
-#define COLUMN_SUM_LANES 32
-#define COLUMN_SUM_ROWS 16
-
-// sums[c] += Σ_rows m[row][c] over a (rows × C) matrix, in a fixed order: a block of COLUMN_SUM_LANES ×
-// COLUMN_SUM_ROWS threads takes COLUMN_SUM_LANES neighbouring columns; thread row r sums rows r, r + COLUMN_SUM_ROWS,
-// ... in turn, and the first row adds the rows' sums in row order.
+// sums[c] += Σ_rows m[row][c] over a (rows × C) matrix, in column_sum's order (common.cuh), a block of its shape
+// taking COLUMN_SUM_LANES columns.
 template <typename T>
 __device__ __forceinline__ void add_column_sums(float* sums, const T* m, long rows, int C) {
-    __shared__ float row_sums[COLUMN_SUM_ROWS][COLUMN_SUM_LANES];
-    const int lane = threadIdx.x % COLUMN_SUM_LANES, r = threadIdx.x / COLUMN_SUM_LANES;
-    const int c = blockIdx.x * COLUMN_SUM_LANES + lane;
-    float s = 0.0f;
-    if (c < C)
-        for (long row = r; row < rows; row += COLUMN_SUM_ROWS) s += to_f32(m[row * C + c]);
-    row_sums[r][lane] = s;
-    __syncthreads();
-    if (r > 0 || c >= C) return;
-    for (int k = 1; k < COLUMN_SUM_ROWS; k++) s += row_sums[k][lane];
-    sums[c] += s;
+    __shared__ float scratch[COLUMN_SUM_ROWS * COLUMN_SUM_LANES];
+    const float s = column_sum(m, rows, C, C, scratch);
+    const int c = blockIdx.x * COLUMN_SUM_LANES + threadIdx.x;
+    if (threadIdx.x < COLUMN_SUM_LANES && c < C) sums[c] += s;
 }
 
 // Of fp32 partial sums (the fused attention's, of dqkv).

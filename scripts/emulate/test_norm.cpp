@@ -62,7 +62,7 @@ static void launch_backward(floatX* dinp, float* dweight, float* dbias, float* d
     launch({(unsigned)blocks, 1, 1}, warps * 32, (size_t)warps * warp_bytes, [&] {
         layernorm_backward(dinp, partials.data(), dout, inp, w, mean, rstd, N, C, rows_per_block, dinp_sums != nullptr);
     });
-    launch({grid_blocks(sums * C, LN_SUM_LANES), 1, 1}, LN_SUM_LANES * LN_SUM_ROWS, 0,
+    launch({grid_blocks(sums * C, COLUMN_SUM_LANES), 1, 1}, COLUMN_SUM_LANES * COLUMN_SUM_ROWS, 0,
            [&] { layernorm_backward_sum(dweight, dbias, dinp_sums, partials.data(), blocks, C); });
 }
 

@@ -164,7 +164,7 @@ static void run_column_sums(int rows, int C) {
     auto sums = random_f32(C);
     std::vector<double> want(sums.begin(), sums.end());
     for (size_t i = 0; i < m.size(); i++) want[i % C] += to_f32(m[i]);
-    launch({grid_blocks(C, 32), 1, 1}, 32 * 16, 0, [&] {
+    launch({grid_blocks(C, COLUMN_SUM_LANES), 1, 1}, COLUMN_SUM_LANES * COLUMN_SUM_ROWS, 0, [&] {
         if constexpr (std::is_same_v<T, float>) column_sums(sums.data(), m.data(), rows, C);
         else column_sums_x(sums.data(), m.data(), rows, C);
     });

@@ -72,8 +72,8 @@ struct Master {
 }
 
 /// The launch of a kernel that sums each of `columns` columns over rows in a fixed order (layernorm_backward_sum,
-/// column_sums): a block of 32 lanes, one column each, by 16 rows of threads (LN_SUM_LANES × LN_SUM_ROWS in
-/// kernels/layernorm.cu, COLUMN_SUM_LANES × COLUMN_SUM_ROWS in kernels/reduce.cu).
+/// column_sums): a block of 32 lanes, one column each, by 16 rows of threads (COLUMN_SUM_LANES × COLUMN_SUM_ROWS in
+/// kernels/common.cuh).
 fn column_sums(columns: usize) -> LaunchConfig {
     const LANES: u32 = 32;
     const ROWS: u32 = 16;
