@@ -1116,9 +1116,9 @@ impl Backend for CudaBackend {
             }
             Some(pre) if c_in % matmul::GELU_AUX_LD_MULTIPLE == 0 => {
                 let bias_grad = gelu_bias_grad;
-                let fused = gelu_db.map(|_| dinp_product(Epilogue::GeluBackwardBiasGradient { pre, bias_grad }));
-                match (fused, gelu_db) {
-                    (Some(fused), Some(gelu_db)) if self.lt.supports(&fused) => {
+                let fused = dinp_product(Epilogue::GeluBackwardBiasGradient { pre, bias_grad });
+                match gelu_db {
+                    Some(gelu_db) if self.lt.supports(&fused) => {
                         self.matmul(op, fused)?;
                         let n = c_in as i64;
                         launch!(self, "add_f32", grid(c_in, 256), gelu_db, bias_grad, n)?;

@@ -317,23 +317,23 @@ impl CublasLt {
     /// an epilogue with these types, say) is remembered and reported once, for a caller with another way to do it.
     pub fn supports(&mut self, product: &Product) -> bool {
         let problem = Problem::of(product);
-        if self.plans.contains_key(&problem) {
-            return true;
-        }
         if self.unsupported.contains(&problem) {
             return false;
         }
-        match Plan::new(self.handle, &problem, product) {
-            Ok(plan) => {
-                self.plans.insert(problem, plan);
-                true
-            }
-            Err(why) => {
-                tracing::warn!("{why}; doing without that epilogue");
-                self.unsupported.insert(problem);
-                false
-            }
+        if let Err(why) = self.plan(problem, product) {
+            tracing::warn!("{why}; doing without that epilogue");
+            self.unsupported.insert(problem);
+            return false;
         }
+        true
+    }
+
+    /// The plan of `problem`, made from `product` if it is new.
+    fn plan(&mut self, problem: Problem, product: &Product) -> Result<&Plan, String> {
+        Ok(match self.plans.entry(problem) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Plan::new(self.handle, &problem, product)?),
+        })
     }
 
     /// Queues `product` on `stream`, planning it first if its problem is new.
@@ -343,17 +343,15 @@ impl CublasLt {
     /// stream has run the product.
     pub unsafe fn run(&mut self, product: &Product, stream: &CudaStream) -> Result<(), String> {
         let problem = Problem::of(product);
-        let plan = match self.plans.entry(problem) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(Plan::new(self.handle, &problem, product)?),
-        };
+        let (handle, workspace) = (self.handle, self.workspace_ptr);
+        let plan = self.plan(problem, product)?;
         set_pointers(plan.desc.raw, &product.epilogue).map_err(|e| format!("describing {problem}: {e:?}"))?;
         let (alpha, beta) = (1.0f32, if product.accumulate { 1.0f32 } else { 0.0 });
         // SAFETY: the plan describes this product and the caller vouches for its addresses; alpha and beta are
         // host scalars of the fp32 scale type; C is D, which cuBLASLt allows with the same layout.
         unsafe {
             result::matmul(
-                self.handle,
+                handle,
                 plan.desc.raw,
                 (&alpha as *const f32).cast(),
                 (&beta as *const f32).cast(),
@@ -366,7 +364,7 @@ impl CublasLt {
                 product.d as *mut _,
                 plan.d.raw,
                 &plan.algo,
-                self.workspace_ptr as *mut _,
+                workspace as *mut _,
                 WORKSPACE_BYTES,
                 stream.cu_stream() as _,
             )
