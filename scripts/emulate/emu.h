@@ -3,9 +3,11 @@
 // switches only at a barrier, so every run is deterministic for a given scheduling seed, and the order in which
 // runnable fibers go is shuffled. Warp collectives (shuffles, ldmatrix, mma) exchange each lane's operands through
 // per-warp slots between two warp barriers, and compute each lane's result from the PTX ISA's fragment layouts.
-// Asynchronous copies complete only when their thread waits for their group; every access to dynamic shared memory
-// is checked against a shadow of who last wrote and read each word in which barrier interval (races, reads of
-// copies in flight, writes over words another thread may still read).
+// Asynchronous copies complete only when their thread waits for their group. Every access to dynamic shared memory
+// is checked against a shadow of who last wrote and read each word, and when, by vector clocks: a thread's accesses
+// are ordered after another's only through what synchronises them (block, warp and named barriers, mbarrier phases),
+// so races, reads of copies in flight and writes over words another thread may still read show whatever the
+// synchronisation (a block-wide barrier, or a producer and its consumers handing stages over by mbarrier).
 #pragma once
 #include <algorithm>
 #include <array>
@@ -44,6 +46,7 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+#define __grid_constant__
 
 struct alignas(16) int4 {
     int x, y, z, w;
@@ -124,7 +127,7 @@ emu_switch:
     ret
 )");
 
-enum Wait { RUNNING, BLOCK_BARRIER, WARP_BARRIER, GROUP_BARRIER, DONE };
+enum Wait { RUNNING, BLOCK_BARRIER, WARP_BARRIER, GROUP_BARRIER, NAMED_BARRIER, MBARRIER, DONE };
 
 struct Copy {
     unsigned smem;
@@ -151,28 +154,94 @@ struct Fiber {
     std::vector<Wgmma> wgmma_open;
     std::vector<std::vector<Wgmma>> wgmma_committed;
     long proxy_fences = 0;  // fence.proxy.async executed so far
+    // Vector clock: clock[u] is the latest interval of thread u (or of mbarrier u − threads, see MBarrier) that this
+    // thread's accesses are ordered after; clock[self] is its own current interval, which each release ends.
+    std::vector<long> clock;
+};
+
+// An access: the thread (or mbarrier, for the tensor copies that complete on it) and its interval then.
+struct Access {
+    int thread;
+    long interval;
+};
+
+// The reads of a word since its last write, none ordered after another (a later write must follow them all): a few
+// in place, as most words have, more on the heap.
+struct ReadSet {
+    std::array<Access, 4> few;
+    unsigned n = 0;
+    std::vector<Access> more;
+    template <typename F>
+    void erase_if(F ordered) {
+        unsigned kept = 0;
+        for (unsigned i = 0; i < n; i++)
+            if (!ordered(few[i])) few[kept++] = few[i];
+        n = kept;
+        std::erase_if(more, ordered);
+    }
+    void push_back(Access a) {
+        if (n < few.size()) few[n++] = a;
+        else more.push_back(a);
+    }
+    void clear() { n = 0, more.clear(); }
+    template <typename F>
+    void each(F f) const {
+        for (unsigned i = 0; i < n; i++) f(few[i]);
+        for (Access a : more) f(a);
+    }
 };
 
 struct ShadowWord {
-    int pending = -1;  // thread whose asynchronous copy to this word is in flight
-    int w_thread = -1;
-    long w_epoch = -1, w_warp_epoch = -1;
-    int r_thread = -1, r_warp = -1;  // -2: several
-    long r_epoch = -1, r_warp_epoch = -1;
-    long w_proxy_fences = 0;  // the writer's fence.proxy.async count when it wrote
+    int pending = -1;     // thread whose asynchronous copy to this word is in flight
+    bool mbarrier = false;  // the word holds an mbarrier: only mbarrier operations may touch it
+    Access write{-1, 0};
+    bool async_write = false;  // written by the asynchronous proxy (a tensor copy), which wgmma reads without a fence
+    long w_proxy_fences = 0;   // the writer's fence.proxy.async count when it wrote
+    ReadSet reads;
+};
+
+// A named barrier (bar.sync / bar.arrive with an id from 1): the threads that have reached its current instance.
+struct NamedBarrier {
+    unsigned count = 0;  // threads expected, 0 when no instance is open
+    std::vector<unsigned> arrived, waiting;
+    std::vector<long> joined;  // the join of the arrived threads' clocks
+};
+
+// A tensor copy (TMA) that lands when its mbarrier's phase completes.
+struct TensorCopy {
+    unsigned smem;
+    std::vector<unsigned char> bytes;
+};
+
+// An mbarrier in shared memory: a phase completes when `count` arrivals and the expected transaction bytes are in.
+// Its phases act as a thread of the vector clocks (index threads + its number), whose interval is the number of
+// phases completed: the tensor copies land as its writes, and a wait acquires the clocks of the phase's arrivals.
+struct MBarrier {
+    unsigned addr;
+    Access init;
+    bool init_fenced = false;  // fence.mbarrier_init after the initialisation: the copy engine sees it
+    int count = 0, pending = 0;
+    long tx = 0, completed = 0;
+    std::vector<long> joined;                   // the join of this phase's arrivals
+    std::array<std::vector<long>, 2> released;  // what a wait for each parity acquires: the last such phase's
+    std::vector<TensorCopy> copies;
 };
 
 struct Block {
     std::vector<Fiber> fibers;
     void* scheduler = nullptr;
     unsigned current = 0;
-    long epoch = 0;                   // barrier intervals of the block
-    std::vector<long> warp_epoch;     // __syncwarp intervals of each warp
+    unsigned threads = 0;
     std::vector<unsigned char> smem;  // dynamic shared memory
     std::vector<ShadowWord> shadow;         // one per 4-byte word
     // Warp collective exchange: per lane, up to 16 32-bit words in, 4 out.
     std::vector<std::array<unsigned, 16>> slots;
+    std::array<NamedBarrier, 16> named;
+    std::vector<MBarrier> mbarriers;
 };
+
+// The most mbarriers a block may initialise (each is a column of every vector clock).
+inline constexpr unsigned EMU_MAX_MBARRIERS = 32;
 
 inline Block* g_block;
 inline char* g_stacks;
@@ -189,6 +258,25 @@ inline void* g_fake_stack;
 inline const void* g_main_stack_bottom;
 inline size_t g_main_stack_size;
 #endif
+
+inline size_t emu_clock_size() { return g_block->threads + EMU_MAX_MBARRIERS; }
+
+inline void emu_join(std::vector<long>& into, const std::vector<long>& from) {
+    for (size_t i = 0; i < from.size(); i++) into[i] = std::max(into[i], from[i]);
+}
+
+// Threads `members` pass a barrier together: each is ordered after everything every one of them did before it, and
+// starts a new interval of its own.
+inline void emu_sync(const std::vector<unsigned>& members) {
+    static std::vector<long> joined;
+    joined.assign(emu_clock_size(), 0);
+    for (unsigned t : members) emu_join(joined, g_block->fibers[t].clock);
+    for (unsigned t : members) {
+        auto& clock = g_block->fibers[t].clock;
+        clock = joined;
+        clock[t]++;
+    }
+}
 
 // Switch from the current fiber to the scheduler, waiting in `w`.
 inline void emu_yield(Wait w, const char* op = nullptr) {
@@ -243,9 +331,12 @@ inline void* emu_new_stack(char* base, size_t size) {
 // Runs one block: all fibers until they finish, releasing barriers when every live participant waits in them.
 inline void emu_run_block(Block& blk, unsigned threads) {
     g_block = &blk;
+    blk.threads = threads;
     blk.fibers.assign(threads, Fiber());
-    unsigned warps = (threads + 31) / 32;
-    blk.warp_epoch.assign(warps, 0);
+    for (unsigned t = 0; t < threads; t++) {
+        blk.fibers[t].clock.assign(emu_clock_size(), 0);
+        blk.fibers[t].clock[t] = 1;
+    }
     blk.slots.assign(threads, {});
     for (unsigned t = 0; t < threads; t++)
         blk.fibers[t].sp = emu_new_stack(g_stacks + (size_t)t * g_stack_size, g_stack_size);
@@ -278,10 +369,10 @@ inline void emu_run_block(Block& blk, unsigned threads) {
         }
         if (all_done) break;
         if (at_block == live) {
-            for (auto& f : blk.fibers)
-                if (f.wait == BLOCK_BARRIER) f.wait = RUNNING;
-            blk.epoch++;
-            for (auto& e : blk.warp_epoch) e++;
+            std::vector<unsigned> members;
+            for (unsigned t = 0; t < threads; t++)
+                if (blk.fibers[t].wait == BLOCK_BARRIER) blk.fibers[t].wait = RUNNING, members.push_back(t);
+            emu_sync(members);
             released = true;
         } else {
             // Warps (32 threads) wait in WARP_BARRIER, warpgroups (128) in GROUP_BARRIER.
@@ -303,16 +394,24 @@ inline void emu_run_block(Block& blk, unsigned threads) {
                     }
                     if (lanes > 0 && waiting == lanes) {
                         if (lanes != size && threads % size == 0) emu_fail(std::string(op) + " with exited lanes");
+                        std::vector<unsigned> members;
                         for (unsigned t = w * size; t < std::min(threads, w * size + size); t++)
-                            if (blk.fibers[t].wait == kind) blk.fibers[t].wait = RUNNING;
-                        if (std::strcmp(op, "__syncwarp") == 0) blk.warp_epoch[w]++;
+                            if (blk.fibers[t].wait == kind) blk.fibers[t].wait = RUNNING, members.push_back(t);
+                        // Of the warp collectives, only __syncwarp orders memory.
+                        if (std::strcmp(op, "__syncwarp") == 0) emu_sync(members);
                         released = true;
                     }
                 }
             }
         }
-        if (!released) emu_fail("deadlock: threads wait in different barriers (barrier in divergent code?)");
+        if (!released)
+            emu_fail("deadlock: threads wait in different barriers (barrier in divergent code?), or for a named "
+                     "barrier or an mbarrier phase that never completes");
     }
+    for (unsigned id = 0; id < blk.named.size(); id++)
+        if (blk.named[id].count != 0) emu_fail("block ended with named barrier " + std::to_string(id) + " incomplete");
+    for (auto& b : blk.mbarriers)
+        if (!b.copies.empty()) emu_fail("block ended with tensor copies in flight");
 }
 
 // Runs kernel() on every block of `grid`, `threads` threads each, with `shared_bytes` of dynamic shared memory.
@@ -348,66 +447,76 @@ inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, std::functi
 inline std::string emu_where(unsigned addr) {
     return "shared byte " + std::to_string(addr) + " (block " + std::to_string(blockIdx.x) + "," +
            std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + ", thread " + std::to_string(emu_tid()) +
-           ", epoch " + std::to_string(g_block->epoch) + ")";
+           ")";
 }
 
 inline ShadowWord& emu_word(unsigned addr) {
     if (addr % 4 != 0 || addr / 4 >= g_block->shadow.size())
         emu_fail("access outside shared memory: " + emu_where(addr));
-    return g_block->shadow[addr / 4];
+    ShadowWord& s = g_block->shadow[addr / 4];
+    if (s.mbarrier) emu_fail("plain access to an mbarrier: " + emu_where(addr));
+    return s;
 }
 
-// Whether a thread's access in this interval is ordered after another thread's earlier access recorded with
-// (epoch, thread, warp, warp_epoch).
-inline bool emu_ordered(long epoch, int thread, int warp, long warp_epoch) {
-    const int t = emu_tid(), w = emu_warp();
-    if (epoch < g_block->epoch || thread == t) return true;
-    return warp == w && warp_epoch < g_block->warp_epoch[w];
+inline long emu_now() { return g_block->fibers[emu_tid()].clock[emu_tid()]; }
+
+// Whether this thread's accesses from now on are ordered after an earlier access `a` (by any thread, or by the
+// copies that completed on an mbarrier's phase).
+inline bool emu_ordered(Access a) {
+    return a.thread == (int)emu_tid() || g_block->fibers[emu_tid()].clock[a.thread] >= a.interval;
+}
+
+inline std::string emu_by(Access a) {
+    const int threads = (int)g_block->threads;
+    return a.thread < threads ? "thread " + std::to_string(a.thread)
+                              : "a tensor copy on mbarrier " + std::to_string(a.thread - threads);
 }
 
 inline void emu_read(unsigned addr, unsigned bytes) {
-    const int t = emu_tid(), w = emu_warp();
+    const Access now{(int)emu_tid(), emu_now()};
     for (unsigned a = addr; a < addr + bytes; a += 4) {
         ShadowWord& s = emu_word(a);
         if (s.pending >= 0) emu_fail("read of an asynchronous copy in flight: " + emu_where(a));
-        if (s.w_thread >= 0 && !emu_ordered(s.w_epoch, s.w_thread, s.w_thread / 32, s.w_warp_epoch))
-            emu_fail("read races with thread " + std::to_string(s.w_thread) + "'s write: " + emu_where(a));
-        if (s.r_epoch != g_block->epoch) {
-            s.r_epoch = g_block->epoch, s.r_thread = t, s.r_warp = w, s.r_warp_epoch = g_block->warp_epoch[w];
-        } else {
-            if (s.r_thread != t) s.r_thread = -2;
-            if (s.r_warp != w) s.r_warp = -2;
-            s.r_warp_epoch = std::max(s.r_warp_epoch, g_block->warp_epoch[w]);
-        }
+        if (s.write.thread >= 0 && !emu_ordered(s.write))
+            emu_fail("read races with " + emu_by(s.write) + "'s write: " + emu_where(a));
+        // Reads this one follows need not be kept: a write ordered after it is ordered after them.
+        s.reads.erase_if(emu_ordered);
+        s.reads.push_back(now);
     }
+}
+
+// Whether a write to the word (plain, a copy started, or a tensor copy issued) is ordered after its last write and
+// its reads since.
+inline void emu_check_write(ShadowWord& s, unsigned a) {
+    if (s.pending >= 0) emu_fail("write over an asynchronous copy in flight: " + emu_where(a));
+    s.reads.each([a](Access r) {
+        if (!emu_ordered(r)) emu_fail("write over a word " + emu_by(r) + " may still read: " + emu_where(a));
+    });
+    if (s.write.thread >= 0 && !emu_ordered(s.write))
+        emu_fail("write races with " + emu_by(s.write) + "'s write: " + emu_where(a));
 }
 
 // A write (plain, or the start of an asynchronous copy when `async`).
 inline void emu_write(unsigned addr, unsigned bytes, bool async) {
-    const int t = emu_tid(), w = emu_warp();
+    const int t = emu_tid();
     for (unsigned a = addr; a < addr + bytes; a += 4) {
         ShadowWord& s = emu_word(a);
-        if (s.pending >= 0) emu_fail("write over an asynchronous copy in flight: " + emu_where(a));
-        if (s.r_epoch == g_block->epoch && s.r_thread != t &&
-            !(s.r_warp == w && s.r_warp_epoch < g_block->warp_epoch[w]))
-            emu_fail("write over a word another thread may still read: " + emu_where(a));
-        if (s.w_thread >= 0 && !emu_ordered(s.w_epoch, s.w_thread, s.w_thread / 32, s.w_warp_epoch))
-            emu_fail("write races with thread " + std::to_string(s.w_thread) + "'s write: " + emu_where(a));
+        emu_check_write(s, a);
         if (async) {
             s.pending = t;
         } else {
-            s.w_thread = t, s.w_epoch = g_block->epoch, s.w_warp_epoch = g_block->warp_epoch[w];
+            s.write = {t, emu_now()}, s.async_write = false, s.reads.clear();
             s.w_proxy_fences = g_block->fibers[t].proxy_fences;
         }
     }
 }
 
 inline void emu_complete(const Copy& c) {
-    const int t = emu_tid(), w = emu_warp();
+    const int t = emu_tid();
     for (int i = 0; i < c.bytes; i++) g_block->smem[c.smem + i] = i < c.valid_bytes ? c.src[i] : 0;
     for (unsigned a = c.smem; a < c.smem + c.bytes; a += 4) {
         ShadowWord& s = emu_word(a);
-        s.pending = -1, s.w_thread = t, s.w_epoch = g_block->epoch, s.w_warp_epoch = g_block->warp_epoch[w];
+        s.pending = -1, s.write = {t, emu_now()}, s.async_write = false, s.reads.clear();
         s.w_proxy_fences = g_block->fibers[t].proxy_fences;
     }
 }

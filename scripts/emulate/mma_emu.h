@@ -161,7 +161,7 @@ inline unsigned emu_wgmma_address(unsigned long long desc, int mn, int k, bool m
 inline float emu_wgmma_read(unsigned addr) {
     emu_read(addr & ~3u, 4);
     const ShadowWord& s = emu_word(addr & ~3u);
-    if (s.w_thread >= 0 && g_block->fibers[s.w_thread].proxy_fences <= s.w_proxy_fences)
+    if (s.write.thread >= 0 && !s.async_write && g_block->fibers[s.write.thread].proxy_fences <= s.w_proxy_fences)
         emu_fail("wgmma reads a word written without fence.proxy.async after it: " + emu_where(addr));
     __nv_bfloat16 b;
     b.x = emu_b16(addr);
@@ -263,3 +263,170 @@ inline void wgmma_wait() {
     if (f.wgmma_committed.size() > (size_t)N) emu_wgmma_complete(N);
     f.wgmma_fenced = false;
 }
+
+// ---- warp specialisation (sm_90a): named barriers, mbarriers, tensor copies, setmaxnreg ----------------------------
+
+// bar.sync (bar.arrive when !wait) on named barrier `id` of `count` threads: an instance completes when `count`
+// threads, whole warps, have reached it; those that sync wait for it and are ordered after all of them, those that
+// only arrive go on at once (their earlier accesses are ordered before the syncing threads' later ones).
+inline void emu_named_barrier(unsigned id, unsigned count, bool wait) {
+    if (id == 0 || id >= g_block->named.size()) emu_fail("named barrier id " + std::to_string(id) + " (1 to 15)");
+    if (count == 0 || count % 32 != 0 || count > g_block->threads)
+        emu_fail("named barrier of " + std::to_string(count) + " threads (whole warps of the block)");
+    NamedBarrier& nb = g_block->named[id];
+    if (nb.count == 0) nb.count = count, nb.joined.assign(emu_clock_size(), 0);
+    if (nb.count != count) emu_fail("named barrier " + std::to_string(id) + " reached with different counts");
+    const unsigned t = emu_tid();
+    if (std::find(nb.arrived.begin(), nb.arrived.end(), t) != nb.arrived.end())
+        emu_fail("named barrier " + std::to_string(id) + " reached twice by thread " + std::to_string(t) +
+                 " before it completed");
+    Fiber& f = g_block->fibers[t];
+    emu_join(nb.joined, f.clock);
+    f.clock[t]++;
+    nb.arrived.push_back(t);
+    if (wait) nb.waiting.push_back(t);
+    if (nb.arrived.size() == count) {
+        std::vector<unsigned> lanes(g_block->threads / 32 + 1, 0);
+        for (unsigned a : nb.arrived) lanes[a / 32]++;
+        for (unsigned l : lanes)
+            if (l != 0 && l != 32) emu_fail("named barrier " + std::to_string(id) + " reached by part of a warp");
+        for (unsigned w : nb.waiting) {
+            emu_join(g_block->fibers[w].clock, nb.joined);
+            if (w != t) g_block->fibers[w].wait = RUNNING;
+        }
+        nb = NamedBarrier();
+    } else if (wait) {
+        emu_yield(NAMED_BARRIER);
+    }
+}
+inline void named_barrier_sync(unsigned id, unsigned count) { emu_named_barrier(id, count, true); }
+inline void named_barrier_arrive(unsigned id, unsigned count) { emu_named_barrier(id, count, false); }
+
+// The mbarrier at shared address `addr`, which this thread must be ordered after the initialisation of.
+inline MBarrier& emu_mbarrier(unsigned addr) {
+    for (MBarrier& b : g_block->mbarriers)
+        if (b.addr == addr) {
+            if (!emu_ordered(b.init))
+                emu_fail("mbarrier used before its initialisation is visible: " + emu_where(addr));
+            return b;
+        }
+    emu_fail("mbarrier never initialised: " + emu_where(addr));
+}
+inline int emu_mbarrier_index(const MBarrier& b) { return (int)(&b - g_block->mbarriers.data()); }
+
+inline void mbarrier_init(unsigned addr, unsigned count) {
+    if (addr % 8 != 0) emu_fail("misaligned mbarrier: " + emu_where(addr));
+    if (count == 0) emu_fail("mbarrier expecting no arrivals: " + emu_where(addr));
+    emu_write(addr, 8, false);  // ordered after whatever the bytes held before
+    for (unsigned a = addr; a < addr + 8; a += 4) g_block->shadow[a / 4].mbarrier = true;
+    for (const MBarrier& b : g_block->mbarriers)
+        if (b.addr == addr) emu_fail("mbarrier initialised twice: " + emu_where(addr));
+    if (g_block->mbarriers.size() == EMU_MAX_MBARRIERS) emu_fail("more mbarriers than the emulation keeps");
+    // Never reallocated: a thread waiting for a phase holds a pointer to its barrier.
+    if (g_block->mbarriers.empty()) g_block->mbarriers.reserve(EMU_MAX_MBARRIERS);
+    MBarrier b;
+    b.addr = addr, b.init = {(int)emu_tid(), emu_now()}, b.count = b.pending = (int)count;
+    b.joined.assign(emu_clock_size(), 0);
+    g_block->mbarriers.push_back(std::move(b));
+}
+// Orders this thread's mbarrier initialisations before the copy engine's use of them.
+inline void fence_mbarrier_init() {
+    for (MBarrier& b : g_block->mbarriers)
+        if (b.init.thread == (int)emu_tid()) b.init_fenced = true;
+}
+
+// Completes the current phase of `b` if all its arrivals and bytes are in: the tensor copies land, as writes of the
+// barrier's own clock column, and the threads waiting for the phase go on.
+inline void emu_mbarrier_progress(MBarrier& b) {
+    if (b.pending > 0 || b.tx != 0) return;
+    const unsigned parity = b.completed % 2, column = g_block->threads + emu_mbarrier_index(b);
+    b.completed++;
+    b.joined[column] = b.completed;
+    for (const TensorCopy& c : b.copies) {
+        std::memcpy(&g_block->smem[c.smem], c.bytes.data(), c.bytes.size());
+        for (unsigned a = c.smem; a < c.smem + c.bytes.size(); a += 4) {
+            ShadowWord& s = g_block->shadow[a / 4];
+            s.pending = -1, s.write = {(int)column, b.completed}, s.async_write = true, s.reads.clear();
+        }
+    }
+    b.copies.clear();
+    b.released[parity] = b.joined;
+    b.joined.assign(emu_clock_size(), 0);
+    b.pending = b.count;
+    for (Fiber& f : g_block->fibers)
+        if (f.wait == MBARRIER && f.warp_op == reinterpret_cast<const char*>(&b)) f.wait = RUNNING;
+}
+
+inline void emu_mbarrier_arrive(unsigned addr, long tx) {
+    MBarrier& b = emu_mbarrier(addr);
+    Fiber& f = g_block->fibers[emu_tid()];
+    emu_join(b.joined, f.clock);
+    f.clock[emu_tid()]++;
+    if (--b.pending < 0) emu_fail("more arrivals on an mbarrier than its count: " + emu_where(addr));
+    b.tx += tx;
+    emu_mbarrier_progress(b);
+}
+inline void mbarrier_arrive(unsigned addr) { emu_mbarrier_arrive(addr, 0); }
+inline void mbarrier_arrive_expect_tx(unsigned addr, unsigned bytes) { emu_mbarrier_arrive(addr, bytes); }
+
+// Waits until the phase of parity `parity` has completed, as mbarrier.try_wait.parity: the current phase's parity
+// is the number of phases completed mod 2, and a wait for the other one returns at once (the phase before it, or,
+// before any, the one before the first).
+inline void mbarrier_wait(unsigned addr, unsigned parity) {
+    MBarrier* b = &emu_mbarrier(addr);
+    while (b->completed % 2 == parity) {
+        emu_yield(MBARRIER, reinterpret_cast<const char*>(b));
+        b = &emu_mbarrier(addr);
+    }
+    emu_join(g_block->fibers[emu_tid()].clock, b->released[parity]);
+}
+
+// A tensor map as the tests encode it (mirroring cuTensorMapEncodeTiled's arguments): a bf16 tensor of up to three
+// dimensions, the first contiguous, copied in boxes in the 128-byte swizzle.
+struct alignas(64) TensorMap {
+    const unsigned char* base;
+    unsigned long long dims[3];
+    unsigned long long strides[2];  // bytes between steps of dimensions 1 and 2
+    unsigned box[3];
+};
+
+// cp.async.bulk.tensor.3d with mbarrier completion: the box at (c0, c1, c2) of `map`, zeros where it lies outside the
+// tensor, stored at `smem` (1024-byte aligned) as the 128-byte swizzle lays rows of 128 bytes out (mma.cuh), its
+// bytes counted against the mbarrier's transactions. It lands when the barrier's phase completes.
+inline void tma_load_3d(unsigned smem, const TensorMap& map, unsigned bar, int c0, int c1, int c2) {
+    MBarrier& b = emu_mbarrier(bar);
+    if (!b.init_fenced) emu_fail("tensor copy on an mbarrier without fence.mbarrier_init: " + emu_where(bar));
+    if (smem % 1024 != 0) emu_fail("tensor copy to shared memory not 1024-byte aligned: " + emu_where(smem));
+    if (map.box[0] * 2 != 128) emu_fail("tensor copy whose rows are not 128 bytes (the swizzle's)");
+    TensorCopy copy{smem, std::vector<unsigned char>((size_t)map.box[0] * map.box[1] * map.box[2] * 2)};
+    for (unsigned k = 0; k < map.box[2]; k++)
+        for (unsigned r = 0; r < map.box[1]; r++)
+            for (unsigned e = 0; e < map.box[0]; e++) {
+                const long x = c0 + (long)e, y = c1 + (long)r, z = c2 + (long)k;
+                const unsigned row = k * map.box[1] + r, chunk = e / 8 ^ row % 8;
+                unsigned char* dst = &copy.bytes[row * 128 + chunk * 16 + e % 8 * 2];
+                if (x < 0 || y < 0 || z < 0 || x >= (long)map.dims[0] || y >= (long)map.dims[1] ||
+                    z >= (long)map.dims[2]) {
+                    dst[0] = dst[1] = 0;
+                    continue;
+                }
+                const unsigned char* src = map.base + x * 2 + y * map.strides[0] + z * map.strides[1];
+                emu_check_global(src, 2);
+                std::memcpy(dst, src, 2);
+            }
+    emu_write(smem, (unsigned)copy.bytes.size(), true);
+    b.tx -= (long)copy.bytes.size();
+    b.copies.push_back(std::move(copy));
+    emu_mbarrier_progress(b);
+}
+
+// setmaxnreg: the warpgroup, all of it, moves its register allocation (no effect here but the checks).
+template <int N>
+inline void emu_setmaxnreg() {
+    static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg takes 24 to 256 registers, a multiple of 8");
+    emu_group_barrier("setmaxnreg");
+}
+template <int N>
+inline void setmaxnreg_inc() { emu_setmaxnreg<N>(); }
+template <int N>
+inline void setmaxnreg_dec() { emu_setmaxnreg<N>(); }
