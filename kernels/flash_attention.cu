@@ -91,7 +91,8 @@
 // to add. Each product is waited for before its result is read: a warpgroup's elementwise steps do not overlap its
 // own products, as FlashAttention-3 arranges; other warpgroups fill the gaps. (The forward's pipelined form,
 // flash_forward_pipelined, does overlap them, as FlashAttention-3 also does; the engine runs it only when
-// KILN_FLASH_WGMMA asks, until a GPU has timed it.) Forward tiles: at D = 64, 64 keys in
+// KILN_FLASH_WGMMA asks, until a GPU has timed it; so does its warp-specialised form, flash_forward_specialised,
+// whose tiles come by tensor copies from a warpgroup of their own.) Forward tiles: at D = 64, 64 keys in
 // 112 registers, two blocks a multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers,
 // one block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 149 (dq),
 // 162 (dkv) and 168 (dkv_dq) registers at D = 64. At D = 128 the dq kernel takes 168; the dkv kernel has one role,
@@ -749,6 +750,154 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
     store_forward<D, 1>(out, lse, o, m, l, k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0), b, h, row0, T, NH, lane);
 }
 
+// The forward warp-specialised, FlashAttention-3's arrangement on sm_90a: a block of three warpgroups, of which the
+// first only loads (one thread issuing tensor copies, the others leave at once, and the warpgroup gives its registers
+// to the other two with setmaxnreg) and the other two compute 64 queries each, as flash_forward_pipelined's
+// warpgroups do, on the tiles the first hands them. Tiles move through two stages of K and two of V, each stage with
+// a "full" mbarrier (the copies of its tile have landed) and an "empty" one (all 256 computing threads are done with
+// it), so loading never waits for a block-wide barrier, and K_j can land while V_{j−1} is still read. The two
+// computing warpgroups take turns at issuing their products (ping-pong, two named barriers), so that one's softmax
+// runs while the other's products keep the tensor cores busy. Each takes every tile of the block, waiting for it and
+// handing it back even when it has nothing to add, so that the phases of the empty barriers count tiles. The
+// arithmetic is flash_forward_pipelined's, in the same order: the results are the same bit for bit. Grid as
+// flash_forward's on wgmma; Q and K/V come as tensor maps of qkv (see specialised_forward_maps in the engine): (W
+// elements, T rows, B sequences), boxes of 64 elements by BR (q_map) or BC (kv_map) rows, in the 128-byte swizzle.
+// Shared memory: Q (BR rows), two stages of K and two of V (BC rows each), then the mbarriers.
+#define SPECIALISED_STAGES 2
+#define SPECIALISED_BARRIERS (1 + 4 * SPECIALISED_STAGES)
+template <int D, int BC>
+__device__ constexpr unsigned specialised_forward_shared_bytes() {
+    return tile_bytes<D, true>(2 * 64 + 2 * SPECIALISED_STAGES * BC) + 8 * SPECIALISED_BARRIERS;
+}
+
+// Where the specialised forward's tiles and mbarriers lie, and which of each tile j takes.
+template <int D, int BC>
+struct SpecialisedForward {
+    static constexpr int BR = 2 * 64, STAGES = SPECIALISED_STAGES;
+    unsigned q_tile, k_tiles, v_tiles, q_full, k_full, v_full, k_empty, v_empty;
+    __device__ SpecialisedForward(unsigned base)
+        : q_tile(base), k_tiles(base + tile_bytes<D, true>(BR)), v_tiles(k_tiles + tile_bytes<D, true>(STAGES * BC)),
+          q_full(v_tiles + tile_bytes<D, true>(STAGES * BC)), k_full(q_full + 8), v_full(k_full + 8 * STAGES),
+          k_empty(v_full + 8 * STAGES), v_empty(k_empty + 8 * STAGES) {}
+    __device__ unsigned k_stage(int j) const { return k_tiles + j % STAGES * tile_bytes<D, true>(BC); }
+    __device__ unsigned v_stage(int j) const { return v_tiles + j % STAGES * tile_bytes<D, true>(BC); }
+    __device__ unsigned barrier(unsigned first, int j) const { return first + 8 * (j % STAGES); }
+    // The parity of the phase of a stage's barriers that tile j's use of the stage completes.
+    __device__ unsigned parity(int j) const { return j / STAGES % 2; }
+};
+
+// The loading thread: Q, then K_j and V_j for every tile j, each once the computing warpgroups have handed its stage
+// back (the wait for the phase before, which returns at once for a stage's first tile).
+template <int D, int BC>
+__device__ __forceinline__ void load_forward_tiles(const SpecialisedForward<D, BC>& f, const TensorMap& q_map,
+                                                   const TensorMap& kv_map, int q_col, int k_col, int v_col, int q0,
+                                                   int b, int tiles) {
+    constexpr int BR = SpecialisedForward<D, BC>::BR;
+    mbarrier_arrive_expect_tx(f.q_full, BR * D * 2);
+#pragma unroll
+    for (int c = 0; c < D; c += 64) tma_load_3d(f.q_tile + swizzled_at<BR>(0, c), q_map, f.q_full, q_col + c, q0, b);
+    for (int j = 0; j < tiles; j++) {
+        mbarrier_wait(f.barrier(f.k_empty, j), f.parity(j) ^ 1);
+        mbarrier_arrive_expect_tx(f.barrier(f.k_full, j), BC * D * 2);
+#pragma unroll
+        for (int c = 0; c < D; c += 64)
+            tma_load_3d(f.k_stage(j) + swizzled_at<BC>(0, c), kv_map, f.barrier(f.k_full, j), k_col + c, j * BC, b);
+        mbarrier_wait(f.barrier(f.v_empty, j), f.parity(j) ^ 1);
+        mbarrier_arrive_expect_tx(f.barrier(f.v_full, j), BC * D * 2);
+#pragma unroll
+        for (int c = 0; c < D; c += 64)
+            tma_load_3d(f.v_stage(j) + swizzled_at<BC>(0, c), kv_map, f.barrier(f.v_full, j), v_col + c, j * BC, b);
+    }
+}
+
+template <int D, int BC>
+__device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse, const TensorMap& q_map,
+                                                          const TensorMap& kv_map, int T, int NH, int KVH,
+                                                          int causal) {
+    constexpr int THREADS = 3 * 128, COMPUTING = 2 * 128, BR = SpecialisedForward<D, BC>::BR;
+    check_launch(specialised_forward_shared_bytes<D, BC>(), THREADS);
+    const SpecialisedForward<D, BC> f(shared_address(flash_shared));
+    if (f.q_tile % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH);
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
+    if (threadIdx.x == 0) {
+        mbarrier_init(f.q_full, 1);
+        for (int s = 0; s < SPECIALISED_STAGES; s++) {
+            mbarrier_init(f.barrier(f.k_full, s), 1), mbarrier_init(f.barrier(f.v_full, s), 1);
+            mbarrier_init(f.barrier(f.k_empty, s), COMPUTING), mbarrier_init(f.barrier(f.v_empty, s), COMPUTING);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();  // the last barrier of the whole block
+    if (threadIdx.x < 128) {
+        setmaxnreg_dec<24>();
+        if (threadIdx.x == 0)
+            load_forward_tiles<D, BC>(f, q_map, kv_map, h * D, (NH + g) * D, (NH + KVH + g) * D, q0, b, tiles);
+        return;
+    }
+    setmaxnreg_inc<240>();
+
+    // Warpgroup c of the two computing ones; named barriers 1 + c give it its turn at the tensor cores, 3 gathers both.
+    const int c = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 - 4, lane = threadIdx.x % 32;
+    const int first = warp * FLASH_WARP_ROWS, row0 = q0 + first, group_row0 = q0 + 64 * c;
+    const unsigned my_turn = 1 + c, their_turn = 2 - c;
+    const int group_tiles = group_row0 >= T ? 0 : causal ? min(tiles, (group_row0 + 64 + BC - 1) / BC) : tiles;
+    if (c == 1) named_barrier_arrive(their_turn, COMPUTING);  // the first warpgroup issues first
+    mbarrier_wait(f.q_full, 0);
+    float o[1][D / 8][4] = {}, m[1][2] = {{NEG_INF, NEG_INF}}, l[1][2] = {};
+    unsigned p[BC / 16][4];  // P of the tile whose O += P·V is still to be issued, when `pending`
+    bool pending = false;
+    const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
+    for (int j = 0; j < tiles; j++) {
+        const bool used = j < group_tiles;  // (pending implies it)
+        mbarrier_wait(f.barrier(f.k_full, j), f.parity(j));
+        named_barrier_sync(my_turn, COMPUTING);
+        float x[1][BC / 8][4] = {};
+        if (used) issue_abt_wgmma<D, BC, BR>(x[0], f.q_tile, first, f.k_stage(j));
+        if (pending) {
+            mbarrier_wait(f.barrier(f.v_full, j - 1), f.parity(j - 1));
+            issue_ab_wgmma<D, BC>(o[0], p, f.v_stage(j - 1));
+        }
+        // The other warpgroup's turn, unless it has had its last (the second warpgroup gives the first one more).
+        if (c == 0 || j + 1 < tiles) named_barrier_arrive(their_turn, COMPUTING);
+        if (!used) {
+            // Hand the stages back in the order of their phases: V_j only once it has landed.
+            mbarrier_arrive(f.barrier(f.k_empty, j));
+            mbarrier_wait(f.barrier(f.v_full, j), f.parity(j));
+            mbarrier_arrive(f.barrier(f.v_empty, j));
+            continue;
+        }
+        if (pending) wgmma_wait<1>();
+        else wgmma_wait<0>();
+        settle_wgmma<BC>(x[0]);
+        mbarrier_arrive(f.barrier(f.k_empty, j));
+        float correction[1][2];
+        const bool rescale = softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
+        if (pending) {
+            wgmma_wait<0>();
+            settle_wgmma<D>(o[0]);
+            mbarrier_arrive(f.barrier(f.v_empty, j - 1));
+        }
+        rescale_rows<D, 1>(o, correction, rescale);
+#pragma unroll
+        for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], x[0], kb);
+        pending = j + 1 < group_tiles;
+        if (!pending) {
+            mbarrier_wait(f.barrier(f.v_full, j), f.parity(j));
+            issue_ab_wgmma<D, BC>(o[0], p, f.v_stage(j));
+            wgmma_wait<0>();
+            settle_wgmma<D>(o[0]);
+            mbarrier_arrive(f.barrier(f.v_empty, j));
+        }
+    }
+    named_barrier_sync(3, COMPUTING);  // both warpgroups are done with the K and V stages, where the output is staged
+
+    // Each warp stages its output in 16 padded rows of its own in the K and V stages.
+    static_assert(8 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, true>(2 * SPECIALISED_STAGES * BC),
+                  "the staging rows fit");
+    store_forward<D, 1>(out, lse, o, m, l, f.k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0), b, h, row0, T, NH, lane);
+}
+
 // ---- backward -----------------------------------------------------------------------------------------------------
 
 // D_i = dO_i·O_i for every row i of every head, into (B, NH, T) as lse is laid out: eight lanes per row, 16-byte
@@ -1289,9 +1438,23 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         flash_forward_pipelined<D, BC>(out, lse, qkv, T, NH, KVH, causal);                                             \
     }
 
+// And warp-specialised (flash_forward_specialised), with the dynamic shared memory and threads of a block in
+// flash_attention_launch_wgmma_specialised_dD, then its keys a tile (the engine's tensor maps need them); the engine
+// runs it only when KILN_FLASH_WGMMA asks for it.
+#define FLASH_FORWARD_SPECIALISED(D, BC)                                                                               \
+    extern "C" __constant__ unsigned flash_attention_launch_wgmma_specialised_d##D[3] = {                              \
+        specialised_forward_shared_bytes<D, BC>(), 3 * 128, BC};                                                       \
+    extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_forward_wgmma_specialised_d##D(           \
+        bf16* out, float* lse, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap kv_map,      \
+        int T, int NH, int KVH, int causal) {                                                                          \
+        flash_forward_specialised<D, BC>(out, lse, q_map, kv_map, T, NH, KVH, causal);                                 \
+    }
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 FLASH_ATTENTION_WGMMA(64, 64, 2, 64, 64, 1, 0, 0)
 FLASH_ATTENTION_WGMMA(128, 128, 1, 64, 64, 1, 0, 2)
 FLASH_FORWARD_PIPELINED(64, 64, 2)
 FLASH_FORWARD_PIPELINED(128, 128, 1)
+FLASH_FORWARD_SPECIALISED(64, 64)
+FLASH_FORWARD_SPECIALISED(128, 128)
 #endif

@@ -1,5 +1,6 @@
 // Tensor-core building blocks for sm_80 and later, as inline PTX: asynchronous copies from global to shared memory,
-// ldmatrix, and mma.sync.m16n8k16 (bf16 operands, fp32 accumulators); for sm_90a, the warpgroup products (wgmma).
+// ldmatrix, and mma.sync.m16n8k16 (bf16 operands, fp32 accumulators); for sm_90a, the warpgroup products (wgmma)
+// and what warp specialisation needs (mbarriers, tensor copies, named barriers, setmaxnreg).
 // The compiler puts this text after common.cuh in front of each kernel file; flash_attention.cu uses it.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"). For lane l of a warp let
@@ -215,4 +216,79 @@ __device__ __forceinline__ unsigned dynamic_shared_bytes() {
     unsigned bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(bytes));
     return bytes;
+}
+
+// ---- warp specialisation (sm_90a) ---------------------------------------------------------------------------------
+//
+// A block whose warpgroups take roles (one loads tiles, the others compute on them) cannot meet at __syncthreads:
+// they hand shared-memory stages over through mbarriers, and meet in subsets at named barriers.
+//
+// An mbarrier (8 bytes of shared memory) completes a phase when it has had `count` arrivals and, when an arrival
+// announced transaction bytes (arrive_expect_tx), when that many bytes of tensor copies have landed on it. A thread
+// waits for a phase by its parity: the first phase has parity 0; a wait for the parity of the phase before the
+// current one returns at once. What the arriving threads wrote before arriving, and what the copies wrote, is
+// visible to a thread once its wait returns.
+
+// Initialises the mbarrier at `bar` (8-byte aligned) for `count` arrivals a phase; one thread does it, and a barrier
+// of the block orders it before any use.
+__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes this thread's mbarrier initialisations visible to the tensor copies that complete on them.
+__device__ __forceinline__ void fence_mbarrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// An arrival that also makes the phase wait for `bytes` more of tensor copies.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+// A tensor map (CUtensorMap, made on the host by cuTensorMapEncodeTiled): 128 opaque bytes that the copy engine
+// reads, passed to a kernel by value as a __grid_constant__ parameter.
+struct __align__(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+// The box of `map` at coordinates (c0, c1, c2), copied by the tensor memory accelerator into shared memory at `smem`
+// (1024-byte aligned, laid out as the map's swizzle says), its bytes completing on the mbarrier at `bar`. Parts of
+// the box outside the tensor arrive as zeros.
+__device__ __forceinline__ void tma_load_3d(unsigned smem, const TensorMap& map, unsigned bar, int c0, int c1,
+                                            int c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(smem),
+        "l"(&map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+
+// Named barriers 1 to 15 (0 is __syncthreads'), for `count` threads, whole warps: sync waits until `count` threads
+// have reached it, arrive counts this warp and goes on.
+__device__ __forceinline__ void named_barrier_sync(unsigned id, unsigned count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(unsigned id, unsigned count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// A warpgroup gives registers back (dec) or takes more (inc), N a thread, every thread of it together.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }

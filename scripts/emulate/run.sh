@@ -34,6 +34,8 @@ g++ "${flags[@]}" -o "$out/test_flash" "$here/test_flash.cpp"
 # The kernel file picks some tiles by architecture (__CUDA_ARCH__, undefined here: sm_80's choice); sm_90a's too,
 # with the forward on wgmma.
 g++ "${flags[@]}" -D__CUDA_ARCH__=900 -D__CUDA_ARCH_FEAT_SM90_ALL -o "$out/test_flash_sm90" "$here/test_flash.cpp"
+# The emulation's own synchronisation (mbarriers, tensor copies, named barriers) on a small pipeline, and its faults.
+g++ "${flags[@]}" -o "$out/test_sync" "$here/test_sync.cpp"
 g++ "${flags[@]}" -o "$out/test_unfused_fp32" "$here/test_unfused.cpp"
 g++ "${flags[@]}" -DKILN_BF16 -o "$out/test_unfused_bf16" "$here/test_unfused.cpp"
 quiet=(-Wno-strict-aliasing -Wno-maybe-uninitialized)
@@ -47,6 +49,11 @@ done
 if [ $# -eq 0 ]; then
   "$out/test_flash_sm90" 64
   "$out/test_flash_sm90" 128
+  # At D = 128 a forward tile is 128 keys: 300 take three, so that the stages of the pipelined and the specialised
+  # forward are used again.
+  "$out/test_flash_sm90" 128 300 pipelined
+  "$out/test_flash_sm90" 128 300 specialised
+  "$out/test_sync"
   "$out/test_unfused_fp32"
   "$out/test_unfused_bf16"
   for test in "${small[@]}"; do

@@ -42,6 +42,7 @@ struct Shape {
     int B, T, NH, KVH, D, causal;
     bool wgmma;      // the kernels on wgmma
     bool pipelined;  // and the forward's pipelined form (flash_attention_launch_wgmma_pipelined_dD)
+    bool specialised;  // or its warp-specialised form (flash_attention_launch_wgmma_specialised_dD)
 };
 
 static int failures = 0;
@@ -54,7 +55,11 @@ static void report(const char* what, const Shape& s, double err, double tol) {
     if (!ok || std::getenv("VERBOSE"))
         std::printf("%s %-4s B%d T%d H%d/%d D%d %s%s: error %.2e\n", ok ? "ok  " : "FAIL", what, s.B, s.T, s.NH,
                     s.KVH, s.D, s.causal ? "causal" : "full",
-                    s.pipelined ? " (wgmma, pipelined)" : s.wgmma ? " (wgmma)" : "", err);
+                    s.specialised ? " (wgmma, specialised)"
+                    : s.pipelined ? " (wgmma, pipelined)"
+                    : s.wgmma     ? " (wgmma)"
+                                  : "",
+                    err);
 }
 
 // max |got − want| / max |want| over the selected elements.
@@ -91,6 +96,18 @@ static void run(const Shape& s) {
     if (s.wgmma) tiles = D == 64 ? flash_attention_launch_wgmma_d64 : flash_attention_launch_wgmma_d128;
     if (s.pipelined)
         forward = D == 64 ? flash_attention_launch_wgmma_pipelined_d64 : flash_attention_launch_wgmma_pipelined_d128;
+    if (s.specialised)
+        forward =
+            D == 64 ? flash_attention_launch_wgmma_specialised_d64 : flash_attention_launch_wgmma_specialised_d128;
+    // The specialised forward's tensor maps, as the engine encodes them: qkv as (W elements, T rows, B sequences),
+    // boxes of 64 elements by the 128 queries of a block or the keys of a tile.
+    const unsigned forward_keys = D == 64 ? 64 : 128;
+    const TensorMap q_map{reinterpret_cast<const unsigned char*>(qkv.p),
+                          {(unsigned long long)W, (unsigned long long)T, (unsigned long long)B},
+                          {(unsigned long long)W * 2, (unsigned long long)T * W * 2},
+                          {64, 128, 1}};
+    TensorMap kv_map = q_map;
+    kv_map.box[1] = forward_keys;
 #endif
     const unsigned forward_shared = forward ? forward[0] : tiles[1], forward_threads = forward ? forward[1] : tiles[5];
     const unsigned fwd_grid = (T + tiles[0] - 1) / tiles[0], bwd_grid = (T + 63) / 64;
@@ -108,6 +125,12 @@ static void run(const Shape& s) {
         else NAME##_wgmma_d128(__VA_ARGS__);                            \
         return;                                                         \
     }
+#define DISPATCH_SPECIALISED(NAME, ...)                                 \
+    if (s.specialised) {                                                \
+        if (D == 64) NAME##_wgmma_specialised_d64(__VA_ARGS__);         \
+        else NAME##_wgmma_specialised_d128(__VA_ARGS__);                \
+        return;                                                         \
+    }
 #define DISPATCH_PIPELINED(NAME, ...)                                   \
     if (s.pipelined) {                                                  \
         if (D == 64) NAME##_wgmma_pipelined_d64(__VA_ARGS__);           \
@@ -117,16 +140,18 @@ static void run(const Shape& s) {
 #else
 #define DISPATCH_WGMMA(NAME, ...)
 #define DISPATCH_PIPELINED(NAME, ...)
+#define DISPATCH_SPECIALISED(NAME, ...)
 #endif
     launch({fwd_grid, (unsigned)NH, (unsigned)B}, forward_threads, forward_shared, [&] {
+        DISPATCH_SPECIALISED(flash_attention_forward, out.p, lse.p, q_map, kv_map, T, NH, KVH, s.causal)
         DISPATCH_PIPELINED(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
         DISPATCH_WGMMA(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
         DISPATCH(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
     });
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-    // The pipelined forward reorders only when each product is waited for, not the arithmetic: its output and lse
-    // are the unpipelined one's, bit for bit.
-    if (s.pipelined) {
+    // The pipelined and specialised forwards reorder only when each product is waited for and who loads the tiles,
+    // not the arithmetic: their output and lse are the unpipelined one's, bit for bit.
+    if (s.pipelined || s.specialised) {
         Array<__nv_bfloat16> unpipelined_out(out.n);
         Array<float> unpipelined_lse(lse.n);
         unpipelined_out.poison(), unpipelined_lse.poison();
@@ -258,15 +283,19 @@ int main(int argc, char** argv) {
     std::vector<int> dims = {32, 64, 96, 128}, lengths = {1, 17, 64, 77, 130};
     if (argc > 1) dims = {std::atoi(argv[1])};
     if (argc > 2) lengths = {std::atoi(argv[2])};
+    // A third argument runs one set of kernels only: mma, wgmma, pipelined or specialised.
+    const char* kernel_names[] = {"mma", "wgmma", "pipelined", "specialised"};
+    const std::string only = argc > 3 ? argv[3] : "";
     int cases = 0;
     for (int D : dims)
         for (int T : lengths)
             for (int causal = 0; causal < 2; causal++)
                 for (int kvh : {4, 2, 1})
-                    for (int kernels = 0; kernels < 3; kernels++) {
-                        const bool wgmma = kernels > 0, pipelined = kernels == 2;
+                    for (int kernels = 0; kernels < 4; kernels++) {
+                        const bool wgmma = kernels > 0, pipelined = kernels == 2, specialised = kernels == 3;
                         if (wgmma && !has_wgmma_kernels(D)) continue;
-                        run({2, T, 4, kvh, D, causal, wgmma, pipelined});
+                        if (!only.empty() && only != kernel_names[kernels]) continue;
+                        run({2, T, 4, kvh, D, causal, wgmma, pipelined, specialised});
                         cases++;
                     }
     for (auto& [what, e] : worst) std::printf("largest error %-4s %.2e\n", what.c_str(), e);
