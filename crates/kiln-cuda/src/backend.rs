@@ -23,8 +23,8 @@ use cudarc::driver::sys::{
     CUstreamCaptureStatus,
 };
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg, sys,
 };
 use cudarc::nvrtc::Ptx;
 use kiln_core::backend::{BufferId, first_overlap};
@@ -94,10 +94,14 @@ const MAX_HEAD_DIM: usize = 128;
 const FLASH_BLOCK_ROWS: usize = 64;
 
 /// Per head dimension the fused attention kernels (kernels/flash_attention.cu) are built for: the forward, dq, dkv
-/// and dkv-with-atomic-dQ kernels, the same on wgmma, which sm_90a has for some, and the pipelined forward on wgmma.
+/// and dkv-with-atomic-dQ kernels, the same on wgmma, which sm_90a has for some, and the pipelined and the
+/// warp-specialised forward on wgmma.
 macro_rules! flash_kernels {
     ($($d:literal),*) => {
-        [$(($d, concat!("flash_attention_forward_wgmma_pipelined_d", $d), [
+        [$(($d, [
+            concat!("flash_attention_forward_wgmma_pipelined_d", $d),
+            concat!("flash_attention_forward_wgmma_specialised_d", $d),
+        ], [
             concat!("flash_attention_forward_d", $d),
             concat!("flash_attention_backward_dq_d", $d),
             concat!("flash_attention_backward_dkv_d", $d),
@@ -110,7 +114,7 @@ macro_rules! flash_kernels {
         ])),*]
     };
 }
-type FlashKernelNames = (usize, &'static str, [&'static str; 4], [&'static str; 4]);
+type FlashKernelNames = (usize, [&'static str; 2], [&'static str; 4], [&'static str; 4]);
 const FLASH_KERNELS: [FlashKernelNames; 4] = flash_kernels!(32, 64, 96, 128);
 
 /// Whether the fused attention kernels are built for `head_dim`.
@@ -122,19 +126,31 @@ pub(crate) fn fused_head_dim(head_dim: usize) -> bool {
 /// run on mma.sync. `KILN_FLASH_WGMMA` lists `forward`, `backward` (the dq and dkv kernels, or the dkv kernel with
 /// atomic dQ), or `none`, comma-separated; unset or empty means both, the default since they passed the self-test
 /// and beat the mma.sync kernels on an H200 and an H100 (docs/benchmarks.md). `none` keeps the mma.sync kernels.
-/// `pipelined` runs the forward on wgmma in its pipelined form (flash_forward_pipelined in the kernel file), which
-/// the CPU emulation has checked but no GPU has yet timed: not a default until one measures it faster.
+/// `pipelined` runs the forward on wgmma in its pipelined form (flash_forward_pipelined in the kernel file),
+/// `specialised` in its warp-specialised form (flash_forward_specialised: tensor copies, mbarriers, ping-pong), which
+/// the CPU emulation has checked but no GPU has yet timed: not a default until one measures them faster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashWgmma {
     pub forward: bool,
     pub backward: bool,
-    /// The forward's pipelined form (with `forward`).
-    pub pipelined: bool,
+    /// The forward's form on wgmma, with `forward`.
+    pub form: ForwardForm,
+}
+
+/// Which form of the forward on wgmma runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardForm {
+    /// flash_forward: each warpgroup waits for each product.
+    Plain,
+    /// flash_forward_pipelined: a warpgroup's softmax overlaps its previous tile's P·V.
+    Pipelined,
+    /// flash_forward_specialised: a loading warpgroup and two computing ones taking turns.
+    Specialised,
 }
 
 impl FlashWgmma {
     pub const VARIABLE: &'static str = "KILN_FLASH_WGMMA";
-    const BOTH: FlashWgmma = FlashWgmma { forward: true, backward: true, pipelined: false };
+    const BOTH: FlashWgmma = FlashWgmma { forward: true, backward: true, form: ForwardForm::Plain };
 
     /// The choice `value` (the variable's value, if set) names.
     pub fn parse(value: Option<&str>) -> Result<FlashWgmma> {
@@ -142,20 +158,35 @@ impl FlashWgmma {
         if parts.is_empty() {
             return Ok(FlashWgmma::BOTH);
         }
-        let mut choice = FlashWgmma { forward: false, backward: false, pipelined: false };
+        let mut choice = FlashWgmma { forward: false, backward: false, form: ForwardForm::Plain };
         for part in parts {
-            match part {
-                "forward" => choice.forward = true,
-                "backward" => choice.backward = true,
-                "pipelined" => (choice.forward, choice.pipelined) = (true, true),
-                "none" => {}
+            let form = match part {
+                "forward" => None,
+                "backward" => {
+                    choice.backward = true;
+                    continue;
+                }
+                "pipelined" => Some(ForwardForm::Pipelined),
+                "specialised" => Some(ForwardForm::Specialised),
+                "none" => continue,
                 other => {
                     return Err(Error::Usage(format!(
                         "{}: {other:?} is not a part of the fused attention; expected \"forward\", \"backward\", \
-                         \"pipelined\" (the forward's pipelined form), several of them (comma-separated) or \"none\"",
+                         \"pipelined\" or \"specialised\" (a form of the forward), several of them \
+                         (comma-separated) or \"none\"",
                         FlashWgmma::VARIABLE
                     )));
                 }
+            };
+            choice.forward = true;
+            if let Some(form) = form {
+                if choice.form != ForwardForm::Plain && choice.form != form {
+                    return Err(Error::Usage(format!(
+                        "{}: \"pipelined\" and \"specialised\" are two forms of the forward; name one",
+                        FlashWgmma::VARIABLE
+                    )));
+                }
+                choice.form = form;
             }
         }
         Ok(choice)
@@ -181,6 +212,8 @@ struct FlashTiles {
     threads: [u32; 4],
     /// Those kernels, in the order of [`FlashTiles::FORWARD`], `DQ`, `DKV` and `DKV_DQ`.
     kernels: [&'static str; 4],
+    /// Keys a tile, when the forward is the warp-specialised one, which reads qkv through tensor maps.
+    specialised_keys: Option<u32>,
 }
 
 impl FlashTiles {
@@ -194,7 +227,7 @@ impl FlashTiles {
     fn read(cubin: &[u8], wgmma: FlashWgmma) -> Result<Vec<FlashTiles>> {
         FLASH_KERNELS
             .into_iter()
-            .map(|(head_dim, pipelined_forward, kernels, wgmma_kernels)| {
+            .map(|(head_dim, [pipelined_forward, specialised_forward], kernels, wgmma_kernels)| {
                 let words = flash_launch_table(cubin, head_dim)?;
                 let mut tiles = FlashTiles {
                     head_dim,
@@ -202,6 +235,7 @@ impl FlashTiles {
                     shared_bytes: [words[1], words[2], words[3], words[4]],
                     threads: [words[5], words[6], words[7], words[8]],
                     kernels,
+                    specialised_keys: None,
                 };
                 if let Some(w) = flash_wgmma_launch_table(cubin, head_dim)? {
                     let on = [wgmma.forward, wgmma.backward, wgmma.backward, wgmma.backward];
@@ -213,9 +247,17 @@ impl FlashTiles {
                     if wgmma.forward {
                         tiles.forward_rows = w[0] as usize;
                     }
-                    if let (true, Some(p)) = (wgmma.pipelined, flash_pipelined_launch_table(cubin, head_dim)?) {
-                        (tiles.shared_bytes[Self::FORWARD], tiles.threads[Self::FORWARD]) = (p[0], p[1]);
-                        tiles.kernels[Self::FORWARD] = pipelined_forward;
+                    // Another form of the forward: its kernel, shared memory, threads and, specialised, keys a tile.
+                    let form = match wgmma.form {
+                        ForwardForm::Plain => None,
+                        ForwardForm::Pipelined => flash_pipelined_launch_table(cubin, head_dim)?
+                            .map(|[shared, threads]| (pipelined_forward, shared, threads, None)),
+                        ForwardForm::Specialised => flash_specialised_launch_table(cubin, head_dim)?
+                            .map(|[shared, threads, keys]| (specialised_forward, shared, threads, Some(keys))),
+                    };
+                    if let Some((kernel, shared, threads, keys)) = form {
+                        (tiles.shared_bytes[Self::FORWARD], tiles.threads[Self::FORWARD]) = (shared, threads);
+                        (tiles.kernels[Self::FORWARD], tiles.specialised_keys) = (kernel, keys);
                     }
                 }
                 Ok(tiles)
@@ -251,6 +293,55 @@ pub fn flash_wgmma_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<
 /// head dimension (sm_90a): its dynamic shared memory and its threads a block.
 pub fn flash_pipelined_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 2]>> {
     launch_words(cubin, &format!("flash_attention_launch_wgmma_pipelined_d{head_dim}"))
+}
+
+/// `flash_attention_launch_wgmma_specialised_d{head_dim}`, where the CUBIN has the warp-specialised forward for that
+/// head dimension (sm_90a): its dynamic shared memory, its threads a block and its keys a tile.
+pub fn flash_specialised_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 3]>> {
+    launch_words(cubin, &format!("flash_attention_launch_wgmma_specialised_d{head_dim}"))
+}
+
+/// A tensor map (CUtensorMap) passed to a kernel by value, as kernels/mma.cuh's `__grid_constant__ TensorMap`.
+#[repr(transparent)]
+struct TensorMap(sys::CUtensorMap);
+// SAFETY: 128 plain bytes, which the launch copies into the kernel's parameter of the same layout.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// How the warp-specialised forward reads qkv (B, T, W) through a tensor map: dimensions (W elements, T rows, B
+/// sequences), the bytes between rows and between sequences, and boxes of 64 elements (128 bytes, the swizzle's row)
+/// by `rows`.
+fn qkv_map_shape(d: &AttentionDims, rows: u32) -> ([u64; 3], [u64; 2], [u32; 3]) {
+    let (w, t) = (d.qkv_width() as u64, d.time as u64);
+    ([w, t, d.batch as u64], [w * 2, t * w * 2], [64, rows, 1])
+}
+
+/// The tensor map of qkv at device address `qkv` with boxes of `rows` rows, in the 128-byte swizzle the kernels'
+/// tiles use; rows past the end of a sequence arrive as zeros.
+fn qkv_tensor_map(qkv: u64, d: &AttentionDims, rows: u32) -> Result<TensorMap> {
+    let (dims, strides, boxes) = qkv_map_shape(d, rows);
+    let element_strides = [1u32; 3];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+    // SAFETY: every array has the rank's length (strides one less), the address is a live allocation of qkv, and
+    // the function writes the whole map before returning success.
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            qkv as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(driver("cuTensorMapEncodeTiled (the warp-specialised attention forward)"))?;
+        Ok(TensorMap(map.assume_init()))
+    }
 }
 
 /// The N 32-bit words of the launch table `name` in a CUBIN, if it defines one; none may be zero.
@@ -1249,6 +1340,10 @@ impl Backend for CudaBackend {
         if let Some(tiles) = self.flash_tiles(&d, &[o, q]) {
             let (kernel, blocks) = (FlashTiles::FORWARD, d.time.div_ceil(tiles.forward_rows));
             let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
+            if let Some(keys) = tiles.specialised_keys {
+                let (q_map, kv_map) = (qkv_tensor_map(q, &d, tiles.forward_rows as u32)?, qkv_tensor_map(q, &d, keys)?);
+                return launch!(self, tiles.kernels[kernel], cfg, o, l, q_map, kv_map, t, nh, kvh, causal);
+            }
             return launch!(self, tiles.kernels[kernel], cfg, o, l, q, t, nh, kvh, causal);
         }
         let (b, hs) = (d.batch as i32, d.head_dim as i32);
@@ -1403,19 +1498,38 @@ mod tests {
 
     #[test]
     fn the_wgmma_kernels_are_the_default_chosen_by_part_and_a_typo_is_a_usage_error() {
-        let parse = |v| FlashWgmma::parse(v).unwrap();
-        let none = FlashWgmma { forward: false, backward: false, pipelined: false };
+        fn parse(value: Option<&str>) -> FlashWgmma {
+            FlashWgmma::parse(value).unwrap()
+        }
+        let none = FlashWgmma { forward: false, backward: false, form: ForwardForm::Plain };
         let forward = FlashWgmma { forward: true, ..none };
         assert_eq!((parse(None), parse(Some(""))), (FlashWgmma::BOTH, FlashWgmma::BOTH));
         assert_eq!((parse(Some("none")), parse(Some("forward"))), (none, forward));
         assert_eq!(parse(Some("backward, forward")), FlashWgmma::BOTH);
-        let pipelined = FlashWgmma { pipelined: true, ..FlashWgmma::BOTH };
-        assert_eq!(
-            (parse(Some("pipelined,backward")), parse(Some("forward,pipelined,backward"))),
-            (pipelined, pipelined)
-        );
-        let err = FlashWgmma::parse(Some("forward,bakward")).unwrap_err();
-        assert!(matches!(err, Error::Usage(_)), "{err}");
-        assert!(err.to_string().contains("KILN_FLASH_WGMMA") && err.to_string().contains("bakward"), "{err}");
+        for (name, form) in [("pipelined", ForwardForm::Pipelined), ("specialised", ForwardForm::Specialised)] {
+            let chosen = FlashWgmma { form, ..FlashWgmma::BOTH };
+            assert_eq!(parse(Some(&format!("{name},backward"))), chosen);
+            assert_eq!(parse(Some(&format!("forward,{name},backward"))), chosen);
+            assert_eq!(parse(Some(name)), FlashWgmma { form, ..forward });
+        }
+        for (value, named) in [("forward,bakward", "bakward"), ("pipelined,specialised", "name one")] {
+            let err = FlashWgmma::parse(Some(value)).unwrap_err();
+            assert!(matches!(err, Error::Usage(_)), "{err}");
+            assert!(err.to_string().contains("KILN_FLASH_WGMMA") && err.to_string().contains(named), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_specialised_forward_reads_qkv_in_rows_of_its_sequence_and_boxes_of_128_bytes() {
+        let d = AttentionDims { batch: 3, time: 77, heads: 4, kv_heads: 2, head_dim: 64, causal: true };
+        let (dims, strides, boxes) = qkv_map_shape(&d, 128);
+        let w = (4 + 2 * 2) * 64;
+        assert_eq!(dims, [w, 77, 3]);
+        assert_eq!(strides, [w * 2, 77 * w * 2]);
+        assert_eq!(boxes, [64, 128, 1]);
+        // What cuTensorMapEncodeTiled requires of them: strides in multiples of 16 bytes, boxes of at most 256
+        // elements a side, and with the 128-byte swizzle a box row of at most 128 bytes.
+        assert!(strides.iter().all(|s| s % 16 == 0) && boxes.iter().all(|&b| (1..=256).contains(&b)));
+        assert_eq!(boxes[0] * 2, 128);
     }
 }

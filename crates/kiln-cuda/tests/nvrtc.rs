@@ -3,7 +3,9 @@
 //! Needs NVRTC and the CUDA headers but no GPU: `.ci/run` installs pip's nvidia-cuda-nvrtc and
 //! nvidia-cuda-runtime wheels and points LD_LIBRARY_PATH and CUDA_HOME at them.
 
-use kiln_cuda::backend::{flash_launch_table, flash_pipelined_launch_table, flash_wgmma_launch_table};
+use kiln_cuda::backend::{
+    flash_launch_table, flash_pipelined_launch_table, flash_specialised_launch_table, flash_wgmma_launch_table,
+};
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
 
@@ -110,6 +112,18 @@ fn fused_attention_exports_its_launch_shapes() {
                 assert!(built.entry_points.contains(&name), "{arch}: {name}");
             } else {
                 assert_eq!(pipelined, None, "{arch} D={d}");
+                assert!(!built.entry_points.contains(&name), "{arch}: {name}");
+            }
+            // The warp-specialised forward likewise: three warpgroups, Q, two stages of K and of V, then nine
+            // mbarriers (Q's, and a full and an empty one for each stage of K and of V); its keys a tile last.
+            let specialised =
+                flash_specialised_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
+            let name = format!("flash_attention_forward_wgmma_specialised_d{d}");
+            if arch == "sm_90a" && keys > 0 {
+                assert_eq!(specialised, Some([(128 + 4 * keys) * d as u32 * 2 + 9 * 8, 384, keys]), "{arch} D={d}");
+                assert!(built.entry_points.contains(&name), "{arch}: {name}");
+            } else {
+                assert_eq!(specialised, None, "{arch} D={d}");
                 assert!(!built.entry_points.contains(&name), "{arch}: {name}");
             }
         }
