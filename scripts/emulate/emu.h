@@ -153,16 +153,16 @@ struct Fiber {
     bool wgmma_fenced = false;  // wgmma.fence since the last wait
     std::vector<Wgmma> wgmma_open;
     std::vector<std::vector<Wgmma>> wgmma_committed;
-    long proxy_fences = 0;  // fence.proxy.async executed so far
+    int proxy_fences = 0;  // fence.proxy.async executed so far
     // Vector clock: clock[u] is the latest interval of thread u (or of mbarrier u − threads, see MBarrier) that this
     // thread's accesses are ordered after; clock[self] is its own current interval, which each release ends.
-    std::vector<long> clock;
+    std::vector<int> clock;
 };
 
 // An access: the thread (or mbarrier, for the tensor copies that complete on it) and its interval then.
 struct Access {
     int thread;
-    long interval;
+    int interval;
 };
 
 // The reads of a word since its last write, none ordered after another (a later write must follow them all): a few
@@ -196,7 +196,7 @@ struct ShadowWord {
     bool mbarrier = false;  // the word holds an mbarrier: only mbarrier operations may touch it
     Access write{-1, 0};
     bool async_write = false;  // written by the asynchronous proxy (a tensor copy), which wgmma reads without a fence
-    long w_proxy_fences = 0;   // the writer's fence.proxy.async count when it wrote
+    int w_proxy_fences = 0;    // the writer's fence.proxy.async count when it wrote
     ReadSet reads;
 };
 
@@ -204,7 +204,7 @@ struct ShadowWord {
 struct NamedBarrier {
     unsigned count = 0;  // threads expected, 0 when no instance is open
     std::vector<unsigned> arrived, waiting;
-    std::vector<long> joined;  // the join of the arrived threads' clocks
+    std::vector<int> joined;  // the join of the arrived threads' clocks
 };
 
 // A tensor copy (TMA) that lands when its mbarrier's phase completes.
@@ -221,9 +221,10 @@ struct MBarrier {
     Access init;
     bool init_fenced = false;  // fence.mbarrier_init after the initialisation: the copy engine sees it
     int count = 0, pending = 0;
-    long tx = 0, completed = 0;
-    std::vector<long> joined;                   // the join of this phase's arrivals
-    std::array<std::vector<long>, 2> released;  // what a wait for each parity acquires: the last such phase's
+    long tx = 0;
+    int completed = 0;
+    std::vector<int> joined;                   // the join of this phase's arrivals
+    std::array<std::vector<int>, 2> released;  // what a wait for each parity acquires: the last such phase's
     std::vector<TensorCopy> copies;
 };
 
@@ -261,14 +262,14 @@ inline size_t g_main_stack_size;
 
 inline size_t emu_clock_size() { return g_block->threads + EMU_MAX_MBARRIERS; }
 
-inline void emu_join(std::vector<long>& into, const std::vector<long>& from) {
+inline void emu_join(std::vector<int>& into, const std::vector<int>& from) {
     for (size_t i = 0; i < from.size(); i++) into[i] = std::max(into[i], from[i]);
 }
 
 // Threads `members` pass a barrier together: each is ordered after everything every one of them did before it, and
 // starts a new interval of its own.
 inline void emu_sync(const std::vector<unsigned>& members) {
-    static std::vector<long> joined;
+    static std::vector<int> joined;
     joined.assign(emu_clock_size(), 0);
     for (unsigned t : members) emu_join(joined, g_block->fibers[t].clock);
     for (unsigned t : members) {
@@ -458,7 +459,7 @@ inline ShadowWord& emu_word(unsigned addr) {
     return s;
 }
 
-inline long emu_now() { return g_block->fibers[emu_tid()].clock[emu_tid()]; }
+inline int emu_now() { return g_block->fibers[emu_tid()].clock[emu_tid()]; }
 
 // Whether this thread's accesses from now on are ordered after an earlier access `a` (by any thread, or by the
 // copies that completed on an mbarrier's phase).

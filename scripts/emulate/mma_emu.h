@@ -374,7 +374,7 @@ inline void mbarrier_arrive_expect_tx(unsigned addr, unsigned bytes) { emu_mbarr
 // before any, the one before the first).
 inline void mbarrier_wait(unsigned addr, unsigned parity) {
     MBarrier* b = &emu_mbarrier(addr);
-    while (b->completed % 2 == parity) {
+    while (b->completed % 2 == (int)parity) {
         emu_yield(MBARRIER, reinterpret_cast<const char*>(b));
         b = &emu_mbarrier(addr);
     }
