@@ -91,7 +91,7 @@
 // to add. Each product is waited for before its result is read: a warpgroup's elementwise steps do not overlap its
 // own products, as FlashAttention-3 arranges; other warpgroups fill the gaps. (The forward's pipelined form,
 // flash_forward_pipelined, does overlap them, as FlashAttention-3 also does; the engine runs it only when
-// KILN_FLASH_WGMMA asks, until a GPU has timed it; so does its warp-specialised form, flash_forward_specialised,
+// KILN_FLASH_WGMMA asks, until a GPU has timed it; so do the warp-specialised forms of the forward and the dq kernel,
 // whose tiles come by tensor copies from a warpgroup of their own.) Forward tiles: at D = 64, 64 keys in
 // 112 registers, two blocks a multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers,
 // one block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 149 (dq),
@@ -278,12 +278,13 @@ __device__ __forceinline__ void store_rows(bf16* dst, long stride, int valid_row
     }
 }
 
-// Where a backward kernel's warp puts the column sums of its 16 rows from row0 (a multiple of 16) of sequence b,
-// from column col0 of qkv's W: partials is (B, G, W) with G = 4 per 64-row tile of the grid's first dimension (see
-// the top of the file). Null without partials.
-__device__ __forceinline__ float* bias_partials_at(float* partials, int b, int row0, int W, int col0) {
-    if (!partials) return nullptr;
-    const long groups = (long)gridDim.x * 4;  // the grid's tiles are 64 rows
+// Where a backward kernel's warp puts the column sums of its 16 rows from row0 (a multiple of 16) of sequence b (T
+// rows), from column col0 of qkv's W: partials is (B, G, W) with G = 4 per 64 rows of the sequence, rounded up (see
+// the top of the file). Null without partials, and for a warp whose rows start past the last such group (a block of
+// 128 rows may reach past it; none of those rows is in the sequence).
+__device__ __forceinline__ float* bias_partials_at(float* partials, int b, int row0, int T, int W, int col0) {
+    const int groups = (T + 63) / 64 * 4;
+    if (!partials || row0 / FLASH_WARP_ROWS >= groups) return nullptr;
     return partials + ((long)b * groups + row0 / FLASH_WARP_ROWS) * W + col0;
 }
 
@@ -750,35 +751,37 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
     store_forward<D, 1>(out, lse, o, m, l, k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0), b, h, row0, T, NH, lane);
 }
 
-// The forward warp-specialised, FlashAttention-3's arrangement on sm_90a: a block of three warpgroups, of which the
-// first only loads (one thread issuing tensor copies, the others leave at once, and the warpgroup gives its registers
-// to the other two with setmaxnreg) and the other two compute 64 queries each, as flash_forward_pipelined's
-// warpgroups do, on the tiles the first hands them. Tiles move through two stages of K and two of V, each stage with
-// a "full" mbarrier (the copies of its tile have landed) and an "empty" one (all 256 computing threads are done with
-// it), so loading never waits for a block-wide barrier, and K_j can land while V_{j−1} is still read. The two
-// computing warpgroups take turns at issuing their products (ping-pong, two named barriers), so that one's softmax
-// runs while the other's products keep the tensor cores busy. Each takes every tile of the block, waiting for it and
-// handing it back even when it has nothing to add, so that the phases of the empty barriers count tiles. The
-// arithmetic is flash_forward_pipelined's, in the same order: the results are the same bit for bit. Grid as
-// flash_forward's on wgmma; Q and K/V come as tensor maps of qkv (see specialised_forward_maps in the engine): (W
-// elements, T rows, B sequences), boxes of 64 elements by BR (q_map) or BC (kv_map) rows, in the 128-byte swizzle.
-// Shared memory: Q (BR rows), two stages of K and two of V (BC rows each), then the mbarriers.
+// ---- warp-specialised kernels (sm_90a) ----------------------------------------------------------------------------
+//
+// FlashAttention-3's arrangement: a block of three warpgroups, of which the first only loads (one thread issuing
+// tensor copies, the others leave at once, and the warpgroup gives its registers to the other two with setmaxnreg)
+// and the other two compute 64 rows each on the tiles the first hands them. The block's resident tiles (Q; and dO for
+// dq) land once; K and V move through two stages each, each stage with a "full" mbarrier (the copies of its tile
+// have landed) and an "empty" one (all 256 computing threads are done with it), so loading never waits for a
+// block-wide barrier, and K_j can land while V_{j−1} is still read. Each computing warpgroup takes every tile of the
+// block, waiting for it and handing it back even when it has nothing to add, so that the phases of the empty
+// barriers count tiles. Tiles come as tensor maps (the engine's qkv_tensor_map: (W elements, T rows, B sequences),
+// boxes of 64 elements by a tile's rows, in the 128-byte swizzle).
 #define SPECIALISED_STAGES 2
 #define SPECIALISED_BARRIERS (1 + 4 * SPECIALISED_STAGES)
-template <int D, int BC>
-__device__ constexpr unsigned specialised_forward_shared_bytes() {
-    return tile_bytes<D, true>(2 * 64 + 2 * SPECIALISED_STAGES * BC) + 8 * SPECIALISED_BARRIERS;
+#define SPECIALISED_COMPUTING (2 * 128)
+
+// Shared memory: RESIDENT rows of resident tiles, two stages of K and two of V (BC rows each), then the mbarriers.
+template <int D, int BC, int RESIDENT>
+__device__ constexpr unsigned specialised_shared_bytes() {
+    return tile_bytes<D, true>(RESIDENT + 2 * SPECIALISED_STAGES * BC) + 8 * SPECIALISED_BARRIERS;
 }
 
-// Where the specialised forward's tiles and mbarriers lie, and which of each tile j takes.
-template <int D, int BC>
-struct SpecialisedForward {
-    static constexpr int BR = 2 * 64, STAGES = SPECIALISED_STAGES;
-    unsigned q_tile, k_tiles, v_tiles, q_full, k_full, v_full, k_empty, v_empty;
-    __device__ SpecialisedForward(unsigned base)
-        : q_tile(base), k_tiles(base + tile_bytes<D, true>(BR)), v_tiles(k_tiles + tile_bytes<D, true>(STAGES * BC)),
-          q_full(v_tiles + tile_bytes<D, true>(STAGES * BC)), k_full(q_full + 8), v_full(k_full + 8 * STAGES),
-          k_empty(v_full + 8 * STAGES), v_empty(k_empty + 8 * STAGES) {}
+// Where a warp-specialised block's tiles and mbarriers lie, and which of each tile j takes.
+template <int D, int BC, int RESIDENT>
+struct SpecialisedBlock {
+    static constexpr int STAGES = SPECIALISED_STAGES;
+    unsigned resident, k_tiles, v_tiles, resident_full, k_full, v_full, k_empty, v_empty;
+    __device__ SpecialisedBlock(unsigned base)
+        : resident(base), k_tiles(base + tile_bytes<D, true>(RESIDENT)),
+          v_tiles(k_tiles + tile_bytes<D, true>(STAGES * BC)),
+          resident_full(v_tiles + tile_bytes<D, true>(STAGES * BC)), k_full(resident_full + 8),
+          v_full(k_full + 8 * STAGES), k_empty(v_full + 8 * STAGES), v_empty(k_empty + 8 * STAGES) {}
     __device__ unsigned k_stage(int j) const { return k_tiles + j % STAGES * tile_bytes<D, true>(BC); }
     __device__ unsigned v_stage(int j) const { return v_tiles + j % STAGES * tile_bytes<D, true>(BC); }
     __device__ unsigned barrier(unsigned first, int j) const { return first + 8 * (j % STAGES); }
@@ -786,56 +789,83 @@ struct SpecialisedForward {
     __device__ unsigned parity(int j) const { return j / STAGES % 2; }
 };
 
-// The loading thread: Q, then K_j and V_j for every tile j, each once the computing warpgroups have handed its stage
-// back (the wait for the phase before, which returns at once for a stage's first tile).
-template <int D, int BC>
-__device__ __forceinline__ void load_forward_tiles(const SpecialisedForward<D, BC>& f, const TensorMap& q_map,
-                                                   const TensorMap& kv_map, int q_col, int k_col, int v_col, int q0,
-                                                   int b, int tiles) {
-    constexpr int BR = SpecialisedForward<D, BC>::BR;
-    mbarrier_arrive_expect_tx(f.q_full, BR * D * 2);
+// Copies ROWS rows of D elements from (col, row) of sequence b of `map` into a swizzled tile, in boxes of 64 columns,
+// completing on mbarrier `bar`.
+template <int ROWS, int D>
+__device__ __forceinline__ void tma_load_tile(unsigned tile, const TensorMap& map, unsigned bar, int col, int row,
+                                              int b) {
 #pragma unroll
-    for (int c = 0; c < D; c += 64) tma_load_3d(f.q_tile + swizzled_at<BR>(0, c), q_map, f.q_full, q_col + c, q0, b);
+    for (int c = 0; c < D; c += 64) tma_load_3d(tile + swizzled_at<ROWS>(0, c), map, bar, col + c, row, b);
+}
+
+// The loading thread's stream: K_j and V_j for every tile j, each once the computing warpgroups have handed its stage
+// back (the wait for the phase before, which returns at once for a stage's first tile).
+template <int D, int BC, int RESIDENT>
+__device__ __forceinline__ void load_key_value_tiles(const SpecialisedBlock<D, BC, RESIDENT>& f,
+                                                     const TensorMap& kv_map, int k_col, int v_col, int b, int tiles) {
     for (int j = 0; j < tiles; j++) {
         mbarrier_wait(f.barrier(f.k_empty, j), f.parity(j) ^ 1);
         mbarrier_arrive_expect_tx(f.barrier(f.k_full, j), BC * D * 2);
-#pragma unroll
-        for (int c = 0; c < D; c += 64)
-            tma_load_3d(f.k_stage(j) + swizzled_at<BC>(0, c), kv_map, f.barrier(f.k_full, j), k_col + c, j * BC, b);
+        tma_load_tile<BC, D>(f.k_stage(j), kv_map, f.barrier(f.k_full, j), k_col, j * BC, b);
         mbarrier_wait(f.barrier(f.v_empty, j), f.parity(j) ^ 1);
         mbarrier_arrive_expect_tx(f.barrier(f.v_full, j), BC * D * 2);
-#pragma unroll
-        for (int c = 0; c < D; c += 64)
-            tma_load_3d(f.v_stage(j) + swizzled_at<BC>(0, c), kv_map, f.barrier(f.v_full, j), v_col + c, j * BC, b);
+        tma_load_tile<BC, D>(f.v_stage(j), kv_map, f.barrier(f.v_full, j), v_col, j * BC, b);
     }
 }
 
-template <int D, int BC>
-__device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse, const TensorMap& q_map,
-                                                          const TensorMap& kv_map, int T, int NH, int KVH,
-                                                          int causal) {
-    constexpr int THREADS = 3 * 128, COMPUTING = 2 * 128, BR = SpecialisedForward<D, BC>::BR;
-    check_launch(specialised_forward_shared_bytes<D, BC>(), THREADS);
-    const SpecialisedForward<D, BC> f(shared_address(flash_shared));
-    if (f.q_tile % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
-    const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH);
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
+// Sets the block's mbarriers up and splits it into its roles: the loading warpgroup gives its registers away, its
+// first thread runs `load`, and it returns false; the computing warpgroups take the registers and return true.
+template <int D, int BC, int RESIDENT, typename Load>
+__device__ __forceinline__ bool specialised_roles(const SpecialisedBlock<D, BC, RESIDENT>& f, Load load) {
+    if (f.resident % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
     if (threadIdx.x == 0) {
-        mbarrier_init(f.q_full, 1);
+        mbarrier_init(f.resident_full, 1);
         for (int s = 0; s < SPECIALISED_STAGES; s++) {
             mbarrier_init(f.barrier(f.k_full, s), 1), mbarrier_init(f.barrier(f.v_full, s), 1);
-            mbarrier_init(f.barrier(f.k_empty, s), COMPUTING), mbarrier_init(f.barrier(f.v_empty, s), COMPUTING);
+            mbarrier_init(f.barrier(f.k_empty, s), SPECIALISED_COMPUTING);
+            mbarrier_init(f.barrier(f.v_empty, s), SPECIALISED_COMPUTING);
         }
         fence_mbarrier_init();
     }
     __syncthreads();  // the last barrier of the whole block
     if (threadIdx.x < 128) {
         setmaxnreg_dec<24>();
-        if (threadIdx.x == 0)
-            load_forward_tiles<D, BC>(f, q_map, kv_map, h * D, (NH + g) * D, (NH + KVH + g) * D, q0, b, tiles);
-        return;
+        if (threadIdx.x == 0) load();
+        return false;
     }
     setmaxnreg_inc<240>();
+    return true;
+}
+
+// A computing warpgroup with nothing to add to tile j hands its stages back, in the order of their phases: V_j only
+// once it has landed.
+template <int D, int BC, int RESIDENT>
+__device__ __forceinline__ void pass_tile(const SpecialisedBlock<D, BC, RESIDENT>& f, int j) {
+    mbarrier_arrive(f.barrier(f.k_empty, j));
+    mbarrier_wait(f.barrier(f.v_full, j), f.parity(j));
+    mbarrier_arrive(f.barrier(f.v_empty, j));
+}
+
+// The forward warp-specialised: each computing warpgroup takes 64 queries as flash_forward_pipelined's warpgroups
+// do, and the two take turns at issuing their products (ping-pong, two named barriers), so that one's softmax runs
+// while the other's products keep the tensor cores busy. The arithmetic is flash_forward_pipelined's, in the same
+// order: the results are the same bit for bit. Grid as flash_forward's on wgmma; Q (the resident tile, BR rows)
+// from q_map, K and V from kv_map (boxes of BR and BC rows).
+template <int D, int BC>
+__device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse, const TensorMap& q_map,
+                                                          const TensorMap& kv_map, int T, int NH, int KVH,
+                                                          int causal) {
+    constexpr int BR = 2 * 64, COMPUTING = SPECIALISED_COMPUTING;
+    check_launch(specialised_shared_bytes<D, BC, BR>(), 3 * 128);
+    const SpecialisedBlock<D, BC, BR> f(shared_address(flash_shared));
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH);
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
+    const bool computing = specialised_roles(f, [&] {
+        mbarrier_arrive_expect_tx(f.resident_full, BR * D * 2);
+        tma_load_tile<BR, D>(f.resident, q_map, f.resident_full, h * D, q0, b);
+        load_key_value_tiles(f, kv_map, (NH + g) * D, (NH + KVH + g) * D, b, tiles);
+    });
+    if (!computing) return;
 
     // Warpgroup c of the two computing ones; named barriers 1 + c give it its turn at the tensor cores, 3 gathers both.
     const int c = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 - 4, lane = threadIdx.x % 32;
@@ -843,7 +873,7 @@ __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse,
     const unsigned my_turn = 1 + c, their_turn = 2 - c;
     const int group_tiles = group_row0 >= T ? 0 : causal ? min(tiles, (group_row0 + 64 + BC - 1) / BC) : tiles;
     if (c == 1) named_barrier_arrive(their_turn, COMPUTING);  // the first warpgroup issues first
-    mbarrier_wait(f.q_full, 0);
+    mbarrier_wait(f.resident_full, 0);
     float o[1][D / 8][4] = {}, m[1][2] = {{NEG_INF, NEG_INF}}, l[1][2] = {};
     unsigned p[BC / 16][4];  // P of the tile whose O += P·V is still to be issued, when `pending`
     bool pending = false;
@@ -853,7 +883,7 @@ __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse,
         mbarrier_wait(f.barrier(f.k_full, j), f.parity(j));
         named_barrier_sync(my_turn, COMPUTING);
         float x[1][BC / 8][4] = {};
-        if (used) issue_abt_wgmma<D, BC, BR>(x[0], f.q_tile, first, f.k_stage(j));
+        if (used) issue_abt_wgmma<D, BC, BR>(x[0], f.resident, first, f.k_stage(j));
         if (pending) {
             mbarrier_wait(f.barrier(f.v_full, j - 1), f.parity(j - 1));
             issue_ab_wgmma<D, BC>(o[0], p, f.v_stage(j - 1));
@@ -861,10 +891,7 @@ __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse,
         // The other warpgroup's turn, unless it has had its last (the second warpgroup gives the first one more).
         if (c == 0 || j + 1 < tiles) named_barrier_arrive(their_turn, COMPUTING);
         if (!used) {
-            // Hand the stages back in the order of their phases: V_j only once it has landed.
-            mbarrier_arrive(f.barrier(f.k_empty, j));
-            mbarrier_wait(f.barrier(f.v_full, j), f.parity(j));
-            mbarrier_arrive(f.barrier(f.v_empty, j));
+            pass_tile(f, j);
             continue;
         }
         if (pending) wgmma_wait<1>();
@@ -1046,7 +1073,70 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partia
     static_assert(!WGMMA || 4 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, WGMMA>(4 * BC), "staging fits");
     const unsigned staging = WGMMA ? k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0) : q_tile + at<D>(first, 0);
     store_rows<D>(dqkv + ((long)b * T + row0) * W + h * D, W, T - row0, dq, rsqrtf((float)D), staging, lane,
-                  bias_partials_at(bias_partials, b, row0, W, h * D));
+                  bias_partials_at(bias_partials, b, row0, T, W, h * D));
+}
+
+// The dq kernel warp-specialised (see the warp-specialised kernels above): each computing warpgroup owns 64 queries,
+// with Q and dO tiles of its own, and runs dq_tile on every tile of K and V as flash_backward_dq's warpgroup does,
+// so the results are that kernel's bit for bit; the two share the streamed tiles, which halves their loads a query.
+// (dq_tile waits for each product before the next, so there are no turns to take.) Grid (query tiles of 128, NH, B);
+// Q, K and V from qkv_map, dO from dout_map ((NH·D elements, T rows, B sequences)), all in boxes of 64 rows.
+// Shared memory: Q of each warpgroup, then dO of each (the resident tiles, 64 rows each), then the stages.
+template <int D, int BC>
+__device__ __forceinline__ void flash_backward_dq_specialised(bf16* dqkv, float* bias_partials,
+                                                              const TensorMap& qkv_map, const TensorMap& dout_map,
+                                                              const float* lse, const float* row_dot, int T, int NH,
+                                                              int KVH, int causal) {
+    static_assert(BC == 64, "Q, K and V come in boxes of the same rows");
+    constexpr int BR = 2 * 64, RESIDENT = 4 * 64;
+    check_launch(specialised_shared_bytes<D, BC, RESIDENT>(), 3 * 128);
+    const SpecialisedBlock<D, BC, RESIDENT> f(shared_address(flash_shared));
+    const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
+    const auto q_tile = [&](int c) { return f.resident + c * tile_bytes<D, true>(64); };
+    const auto do_tile = [&](int c) { return f.resident + (2 + c) * tile_bytes<D, true>(64); };
+    const bool computing = specialised_roles(f, [&] {
+        mbarrier_arrive_expect_tx(f.resident_full, RESIDENT * D * 2);
+        for (int c = 0; c < 2; c++) {
+            tma_load_tile<64, D>(q_tile(c), qkv_map, f.resident_full, h * D, q0 + 64 * c, b);
+            tma_load_tile<64, D>(do_tile(c), dout_map, f.resident_full, h * D, q0 + 64 * c, b);
+        }
+        load_key_value_tiles(f, qkv_map, (NH + g) * D, (NH + KVH + g) * D, b, tiles);
+    });
+    if (!computing) return;
+
+    const int c = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 - 4, lane = threadIdx.x % 32;
+    const int first = warp % 4 * FLASH_WARP_ROWS, group_row0 = q0 + 64 * c, row0 = group_row0 + first;
+    float lse_log2[2], dot[2];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int row = row0 + acc_row(lane, 2 * half);
+        const long i = ((long)b * NH + h) * T + row;
+        lse_log2[half] = row < T ? lse[i] * FLASH_LOG2E : 0.0f;
+        dot[half] = row < T ? row_dot[i] : 0.0f;
+    }
+    mbarrier_wait(f.resident_full, 0);
+    float dq[D / 8][4] = {};
+    const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
+    for (int j = 0; j < tiles; j++) {
+        const int k0 = j * BC;
+        mbarrier_wait(f.barrier(f.k_full, j), f.parity(j));
+        if (group_row0 >= T || (causal && k0 > group_row0 + 63)) {
+            pass_tile(f, j);
+            continue;
+        }
+        mbarrier_wait(f.barrier(f.v_full, j), f.parity(j));
+        dq_tile<D, BC, true>(dq, q_tile(c), do_tile(c), first, lse_log2, dot, f.k_stage(j), f.v_stage(j), k0, row0, T,
+                             causal, scale_log2, lane);
+        mbarrier_arrive(f.barrier(f.k_empty, j));
+        mbarrier_arrive(f.barrier(f.v_empty, j));
+    }
+    named_barrier_sync(3, SPECIALISED_COMPUTING);  // both warpgroups are done with the stages, where dQ is staged
+
+    static_assert(8 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, true>(2 * SPECIALISED_STAGES * BC), "staging fits");
+    store_rows<D>(dqkv + ((long)b * T + row0) * W + h * D, W, T - row0, dq, rsqrtf((float)D),
+                  f.k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0), lane,
+                  bias_partials_at(bias_partials, b, row0, T, W, h * D));
 }
 
 // The dkv kernel's steps for a warp's 16 keys (j0 the first) and a tile of BR queries (i0 the first), in two halves
@@ -1329,7 +1419,7 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
                                        : (dk ? k_tile : v_tile) + at<D>(first, 0);
         const int column = (dk ? NH + g : NH + KVH + g) * D;
         store_rows<D>(rows + column, W, T - j0, acc[r], dk ? rsqrtf((float)D) : 1.0f, staging, lane,
-                      bias_partials_at(bias_partials, b, j0, W, column));
+                      bias_partials_at(bias_partials, b, j0, T, W, column));
     }
 }
 
@@ -1438,16 +1528,26 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         flash_forward_pipelined<D, BC>(out, lse, qkv, T, NH, KVH, causal);                                             \
     }
 
-// And warp-specialised (flash_forward_specialised), with the dynamic shared memory and threads of a block in
-// flash_attention_launch_wgmma_specialised_dD, then its keys a tile (the engine's tensor maps need them); the engine
-// runs it only when KILN_FLASH_WGMMA asks for it.
-#define FLASH_FORWARD_SPECIALISED(D, BC)                                                                               \
-    extern "C" __constant__ unsigned flash_attention_launch_wgmma_specialised_d##D[3] = {                              \
-        specialised_forward_shared_bytes<D, BC>(), 3 * 128, BC};                                                       \
+// And warp-specialised, the forward (flash_forward_specialised, BC keys a tile) and the dq kernel
+// (flash_backward_dq_specialised), with what a launch needs in flash_attention_launch_wgmma_specialised_dD: threads
+// a block (both), the forward's dynamic shared memory and keys a tile, the dq kernel's dynamic shared memory, queries
+// a block and rows a tile (of Q, K and V alike); the engine's tensor maps take their boxes from these. The engine
+// runs them only when KILN_FLASH_WGMMA asks for them.
+#define FLASH_SPECIALISED(D, BC)                                                                                       \
+    extern "C" __constant__ unsigned flash_attention_launch_wgmma_specialised_d##D[6] = {                              \
+        3 * 128, specialised_shared_bytes<D, BC, 2 * 64>(), BC, specialised_shared_bytes<D, 64, 4 * 64>(), 2 * 64,    \
+        64};                                                                                                           \
     extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_forward_wgmma_specialised_d##D(           \
         bf16* out, float* lse, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap kv_map,      \
         int T, int NH, int KVH, int causal) {                                                                          \
         flash_forward_specialised<D, BC>(out, lse, q_map, kv_map, T, NH, KVH, causal);                                 \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_backward_dq_wgmma_specialised_d##D(       \
+        bf16* dqkv, float* bias_partials, const __grid_constant__ TensorMap qkv_map,                                   \
+        const __grid_constant__ TensorMap dout_map, const float* lse, const float* row_dot, int T, int NH, int KVH,    \
+        int causal) {                                                                                                  \
+        flash_backward_dq_specialised<D, 64>(dqkv, bias_partials, qkv_map, dout_map, lse, row_dot, T, NH, KVH,         \
+                                             causal);                                                                  \
     }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1455,6 +1555,6 @@ FLASH_ATTENTION_WGMMA(64, 64, 2, 64, 64, 1, 0, 0)
 FLASH_ATTENTION_WGMMA(128, 128, 1, 64, 64, 1, 0, 2)
 FLASH_FORWARD_PIPELINED(64, 64, 2)
 FLASH_FORWARD_PIPELINED(128, 128, 1)
-FLASH_FORWARD_SPECIALISED(64, 64)
-FLASH_FORWARD_SPECIALISED(128, 128)
+FLASH_SPECIALISED(64, 64)
+FLASH_SPECIALISED(128, 128)
 #endif

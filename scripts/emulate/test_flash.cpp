@@ -90,26 +90,34 @@ static void run(const Shape& s) {
     out.poison(), lse.poison(), dqkv.poison(), row_dot.poison(), dqkv_atomic.poison(), bias_partials.poison();
     std::fill(dq_sum.p, dq_sum.p + dq_sum.n, 0.0f);
 
-    // The forward's shared memory and threads, from its own table when pipelined.
-    const unsigned* forward = nullptr;
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
     if (s.wgmma) tiles = D == 64 ? flash_attention_launch_wgmma_d64 : flash_attention_launch_wgmma_d128;
-    if (s.pipelined)
-        forward = D == 64 ? flash_attention_launch_wgmma_pipelined_d64 : flash_attention_launch_wgmma_pipelined_d128;
-    if (s.specialised)
-        forward =
-            D == 64 ? flash_attention_launch_wgmma_specialised_d64 : flash_attention_launch_wgmma_specialised_d128;
-    // The specialised forward's tensor maps, as the engine encodes them: qkv as (W elements, T rows, B sequences),
-    // boxes of 64 elements by the 128 queries of a block or the keys of a tile.
-    const unsigned forward_keys = D == 64 ? 64 : 128;
-    const TensorMap q_map{reinterpret_cast<const unsigned char*>(qkv.p),
-                          {(unsigned long long)W, (unsigned long long)T, (unsigned long long)B},
-                          {(unsigned long long)W * 2, (unsigned long long)T * W * 2},
-                          {64, 128, 1}};
-    TensorMap kv_map = q_map;
-    kv_map.box[1] = forward_keys;
 #endif
-    const unsigned forward_shared = forward ? forward[0] : tiles[1], forward_threads = forward ? forward[1] : tiles[5];
+    // The forward's shared memory and threads, from its own table when pipelined or specialised.
+    unsigned forward_shared = tiles[1], forward_threads = tiles[5];
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    if (s.pipelined) {
+        const unsigned* p =
+            D == 64 ? flash_attention_launch_wgmma_pipelined_d64 : flash_attention_launch_wgmma_pipelined_d128;
+        forward_shared = p[0], forward_threads = p[1];
+    }
+    // The specialised kernels' table: threads a block, the forward's shared memory and keys a tile, the dq kernel's
+    // shared memory, queries a block and rows a tile.
+    const unsigned* specialised =
+        D == 64 ? flash_attention_launch_wgmma_specialised_d64 : flash_attention_launch_wgmma_specialised_d128;
+    if (s.specialised) forward_shared = specialised[1], forward_threads = specialised[0];
+    // Their tensor maps, as the engine encodes them: qkv as (W elements, T rows, B sequences), dout as (NH·D, T, B),
+    // boxes of 64 elements by a tile's rows.
+    const auto tensor_map = [&](const void* base, unsigned long long width, unsigned rows) {
+        return TensorMap{static_cast<const unsigned char*>(base),
+                         {width, (unsigned long long)T, (unsigned long long)B},
+                         {width * 2, (unsigned long long)T * width * 2},
+                         {64, rows, 1}};
+    };
+    const TensorMap q_map = tensor_map(qkv.p, W, tiles[0]), kv_map = tensor_map(qkv.p, W, specialised[2]),
+                    dq_qkv_map = tensor_map(qkv.p, W, specialised[5]),
+                    dq_dout_map = tensor_map(dout.p, (unsigned long long)NH * D, specialised[5]);
+#endif
     const unsigned fwd_grid = (T + tiles[0] - 1) / tiles[0], bwd_grid = (T + 63) / 64;
 #define DISPATCH(NAME, ...)                                             \
     switch (D) {                                                        \
@@ -173,6 +181,30 @@ static void run(const Shape& s) {
         DISPATCH(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
                  s.causal)
     });
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    if (s.specialised) {
+        const unsigned dq_grid = (T + specialised[4] - 1) / specialised[4];
+        launch({dq_grid, (unsigned)NH, (unsigned)B}, specialised[0], specialised[3], [&] {
+            auto* dq = D == 64 ? flash_attention_backward_dq_wgmma_specialised_d64
+                               : flash_attention_backward_dq_wgmma_specialised_d128;
+            dq(dqkv.p, bias_partials.p, dq_qkv_map, dq_dout_map, lse.p, row_dot.p, T, NH, KVH, s.causal);
+        });
+        // It runs the wgmma dq kernel's arithmetic: dQ and its column sums are that kernel's bit for bit.
+        Array<__nv_bfloat16> plain_dqkv(dqkv.n);
+        Array<float> plain_partials(bias_partials.n);
+        plain_dqkv.poison(), plain_partials.poison();
+        launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
+            auto* dq = D == 64 ? flash_attention_backward_dq_wgmma_d64 : flash_attention_backward_dq_wgmma_d128;
+            dq(plain_dqkv.p, plain_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal);
+        });
+        bool same = true;
+        for (size_t r = 0; r < (size_t)B * T; r++)
+            same &= std::memcmp(dqkv.p + r * W, plain_dqkv.p + r * W, C * 2) == 0;
+        for (size_t r = 0; r < partial_rows; r++)
+            same &= std::memcmp(bias_partials.p + r * W, plain_partials.p + r * W, C * 4) == 0;
+        report("dQ as wgmma", s, same ? 0 : 1, 0);
+    } else
+#endif
     launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
         DISPATCH_WGMMA(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
                        KVH, s.causal)

@@ -94,13 +94,14 @@ const MAX_HEAD_DIM: usize = 128;
 const FLASH_BLOCK_ROWS: usize = 64;
 
 /// Per head dimension the fused attention kernels (kernels/flash_attention.cu) are built for: the forward, dq, dkv
-/// and dkv-with-atomic-dQ kernels, the same on wgmma, which sm_90a has for some, and the pipelined and the
-/// warp-specialised forward on wgmma.
+/// and dkv-with-atomic-dQ kernels, the same on wgmma, which sm_90a has for some, and the pipelined forward, the
+/// warp-specialised forward and the warp-specialised dq kernel on wgmma.
 macro_rules! flash_kernels {
     ($($d:literal),*) => {
         [$(($d, [
             concat!("flash_attention_forward_wgmma_pipelined_d", $d),
             concat!("flash_attention_forward_wgmma_specialised_d", $d),
+            concat!("flash_attention_backward_dq_wgmma_specialised_d", $d),
         ], [
             concat!("flash_attention_forward_d", $d),
             concat!("flash_attention_backward_dq_d", $d),
@@ -114,7 +115,7 @@ macro_rules! flash_kernels {
         ])),*]
     };
 }
-type FlashKernelNames = (usize, [&'static str; 2], [&'static str; 4], [&'static str; 4]);
+type FlashKernelNames = (usize, [&'static str; 3], [&'static str; 4], [&'static str; 4]);
 const FLASH_KERNELS: [FlashKernelNames; 4] = flash_kernels!(32, 64, 96, 128);
 
 /// Whether the fused attention kernels are built for `head_dim`.
@@ -127,8 +128,9 @@ pub(crate) fn fused_head_dim(head_dim: usize) -> bool {
 /// atomic dQ), or `none`, comma-separated; unset or empty means both, the default since they passed the self-test
 /// and beat the mma.sync kernels on an H200 and an H100 (docs/benchmarks.md). `none` keeps the mma.sync kernels.
 /// `pipelined` runs the forward on wgmma in its pipelined form (flash_forward_pipelined in the kernel file),
-/// `specialised` in its warp-specialised form (flash_forward_specialised: tensor copies, mbarriers, ping-pong), which
-/// the CPU emulation has checked but no GPU has yet timed: not a default until one measures them faster.
+/// `specialised` in its warp-specialised form (flash_forward_specialised: tensor copies, mbarriers, ping-pong) and,
+/// with `backward`, the dq kernel too (flash_backward_dq_specialised), which the CPU emulation has checked but no GPU
+/// has yet timed: not a default until one measures them faster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashWgmma {
     pub forward: bool,
@@ -213,7 +215,9 @@ struct FlashTiles {
     /// Those kernels, in the order of [`FlashTiles::FORWARD`], `DQ`, `DKV` and `DKV_DQ`.
     kernels: [&'static str; 4],
     /// Keys a tile, when the forward is the warp-specialised one, which reads qkv through tensor maps.
-    specialised_keys: Option<u32>,
+    forward_keys: Option<u32>,
+    /// Queries a block and rows a tensor map's box, when the dq kernel is the warp-specialised one.
+    dq_boxes: Option<(usize, u32)>,
 }
 
 impl FlashTiles {
@@ -227,7 +231,7 @@ impl FlashTiles {
     fn read(cubin: &[u8], wgmma: FlashWgmma) -> Result<Vec<FlashTiles>> {
         FLASH_KERNELS
             .into_iter()
-            .map(|(head_dim, [pipelined_forward, specialised_forward], kernels, wgmma_kernels)| {
+            .map(|(head_dim, [pipelined_forward, specialised_forward, specialised_dq], kernels, wgmma_kernels)| {
                 let words = flash_launch_table(cubin, head_dim)?;
                 let mut tiles = FlashTiles {
                     head_dim,
@@ -235,7 +239,8 @@ impl FlashTiles {
                     shared_bytes: [words[1], words[2], words[3], words[4]],
                     threads: [words[5], words[6], words[7], words[8]],
                     kernels,
-                    specialised_keys: None,
+                    forward_keys: None,
+                    dq_boxes: None,
                 };
                 if let Some(w) = flash_wgmma_launch_table(cubin, head_dim)? {
                     let on = [wgmma.forward, wgmma.backward, wgmma.backward, wgmma.backward];
@@ -247,17 +252,27 @@ impl FlashTiles {
                     if wgmma.forward {
                         tiles.forward_rows = w[0] as usize;
                     }
-                    // Another form of the forward: its kernel, shared memory, threads and, specialised, keys a tile.
-                    let form = match wgmma.form {
-                        ForwardForm::Plain => None,
-                        ForwardForm::Pipelined => flash_pipelined_launch_table(cubin, head_dim)?
-                            .map(|[shared, threads]| (pipelined_forward, shared, threads, None)),
-                        ForwardForm::Specialised => flash_specialised_launch_table(cubin, head_dim)?
-                            .map(|[shared, threads, keys]| (specialised_forward, shared, threads, Some(keys))),
+                    let mut set = |kernel: usize, name, shared, threads| {
+                        (tiles.kernels[kernel], tiles.shared_bytes[kernel], tiles.threads[kernel]) =
+                            (name, shared, threads);
                     };
-                    if let Some((kernel, shared, threads, keys)) = form {
-                        (tiles.shared_bytes[Self::FORWARD], tiles.threads[Self::FORWARD]) = (shared, threads);
-                        (tiles.kernels[Self::FORWARD], tiles.specialised_keys) = (kernel, keys);
+                    match wgmma.form {
+                        ForwardForm::Plain => {}
+                        ForwardForm::Pipelined => {
+                            if let Some([shared, threads]) = flash_pipelined_launch_table(cubin, head_dim)? {
+                                set(Self::FORWARD, pipelined_forward, shared, threads);
+                            }
+                        }
+                        ForwardForm::Specialised => {
+                            if let Some(t) = flash_specialised_launch_table(cubin, head_dim)? {
+                                set(Self::FORWARD, specialised_forward, t[1], t[0]);
+                                if wgmma.backward {
+                                    set(Self::DQ, specialised_dq, t[3], t[0]);
+                                    tiles.dq_boxes = Some((t[4] as usize, t[5]));
+                                }
+                                tiles.forward_keys = Some(t[2]);
+                            }
+                        }
                     }
                 }
                 Ok(tiles)
@@ -295,9 +310,10 @@ pub fn flash_pipelined_launch_table(cubin: &[u8], head_dim: usize) -> Result<Opt
     launch_words(cubin, &format!("flash_attention_launch_wgmma_pipelined_d{head_dim}"))
 }
 
-/// `flash_attention_launch_wgmma_specialised_d{head_dim}`, where the CUBIN has the warp-specialised forward for that
-/// head dimension (sm_90a): its dynamic shared memory, its threads a block and its keys a tile.
-pub fn flash_specialised_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 3]>> {
+/// `flash_attention_launch_wgmma_specialised_d{head_dim}`, where the CUBIN has the warp-specialised forward and dq
+/// kernels for that head dimension (sm_90a): threads a block (both), the forward's dynamic shared memory and keys a
+/// tile, the dq kernel's dynamic shared memory, queries a block and rows a tile.
+pub fn flash_specialised_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 6]>> {
     launch_words(cubin, &format!("flash_attention_launch_wgmma_specialised_d{head_dim}"))
 }
 
@@ -307,18 +323,18 @@ struct TensorMap(sys::CUtensorMap);
 // SAFETY: 128 plain bytes, which the launch copies into the kernel's parameter of the same layout.
 unsafe impl DeviceRepr for TensorMap {}
 
-/// How the warp-specialised forward reads qkv (B, T, W) through a tensor map: dimensions (W elements, T rows, B
-/// sequences), the bytes between rows and between sequences, and boxes of 64 elements (128 bytes, the swizzle's row)
-/// by `rows`.
-fn qkv_map_shape(d: &AttentionDims, rows: u32) -> ([u64; 3], [u64; 2], [u32; 3]) {
-    let (w, t) = (d.qkv_width() as u64, d.time as u64);
+/// How the warp-specialised kernels read a (B, T, `width`) bf16 matrix (qkv, or dout) through a tensor map:
+/// dimensions (`width` elements, T rows, B sequences), the bytes between rows and between sequences, and boxes of 64
+/// elements (128 bytes, the swizzle's row) by `rows`.
+fn map_shape(width: usize, d: &AttentionDims, rows: u32) -> ([u64; 3], [u64; 2], [u32; 3]) {
+    let (w, t) = (width as u64, d.time as u64);
     ([w, t, d.batch as u64], [w * 2, t * w * 2], [64, rows, 1])
 }
 
-/// The tensor map of qkv at device address `qkv` with boxes of `rows` rows, in the 128-byte swizzle the kernels'
-/// tiles use; rows past the end of a sequence arrive as zeros.
-fn qkv_tensor_map(qkv: u64, d: &AttentionDims, rows: u32) -> Result<TensorMap> {
-    let (dims, strides, boxes) = qkv_map_shape(d, rows);
+/// The tensor map of the (B, T, `width`) bf16 matrix at device address `address` with boxes of `rows` rows, in the
+/// 128-byte swizzle the kernels' tiles use; rows past the end of a sequence arrive as zeros.
+fn tensor_map(address: u64, width: usize, d: &AttentionDims, rows: u32) -> Result<TensorMap> {
+    let (dims, strides, boxes) = map_shape(width, d, rows);
     let element_strides = [1u32; 3];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
     // SAFETY: every array has the rank's length (strides one less), the address is a live allocation of qkv, and
@@ -328,7 +344,7 @@ fn qkv_tensor_map(qkv: u64, d: &AttentionDims, rows: u32) -> Result<TensorMap> {
             map.as_mut_ptr(),
             sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
             3,
-            qkv as *mut std::ffi::c_void,
+            address as *mut std::ffi::c_void,
             dims.as_ptr(),
             strides.as_ptr(),
             boxes.as_ptr(),
@@ -339,7 +355,7 @@ fn qkv_tensor_map(qkv: u64, d: &AttentionDims, rows: u32) -> Result<TensorMap> {
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
         .result()
-        .map_err(driver("cuTensorMapEncodeTiled (the warp-specialised attention forward)"))?;
+        .map_err(driver("cuTensorMapEncodeTiled (the warp-specialised attention kernels)"))?;
         Ok(TensorMap(map.assume_init()))
     }
 }
@@ -1340,8 +1356,9 @@ impl Backend for CudaBackend {
         if let Some(tiles) = self.flash_tiles(&d, &[o, q]) {
             let (kernel, blocks) = (FlashTiles::FORWARD, d.time.div_ceil(tiles.forward_rows));
             let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
-            if let Some(keys) = tiles.specialised_keys {
-                let (q_map, kv_map) = (qkv_tensor_map(q, &d, tiles.forward_rows as u32)?, qkv_tensor_map(q, &d, keys)?);
+            if let Some(keys) = tiles.forward_keys {
+                let w = d.qkv_width();
+                let (q_map, kv_map) = (tensor_map(q, w, &d, tiles.forward_rows as u32)?, tensor_map(q, w, &d, keys)?);
                 return launch!(self, tiles.kernels[kernel], cfg, o, l, q_map, kv_map, t, nh, kvh, causal);
             }
             return launch!(self, tiles.kernels[kernel], cfg, o, l, q, t, nh, kvh, causal);
@@ -1379,8 +1396,15 @@ impl Backend for CudaBackend {
                 let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
                 launch!(self, tiles.kernels[kernel], cfg, dq, partials, g, q, l, row_dot, t, nh, kvh, causal)?;
                 let kernel = FlashTiles::DQ;
-                let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
-                launch!(self, tiles.kernels[kernel], cfg, dq, partials, g, q, l, row_dot, t, nh, kvh, causal)?;
+                if let Some((queries, rows)) = tiles.dq_boxes {
+                    let cfg = tiles.launch(kernel, d.time.div_ceil(queries), d.heads, d.batch);
+                    let (qkv_map, dout_map) = (tensor_map(q, w, &d, rows)?, tensor_map(g, c, &d, rows)?);
+                    let name = tiles.kernels[kernel];
+                    launch!(self, name, cfg, dq, partials, qkv_map, dout_map, l, row_dot, t, nh, kvh, causal)?;
+                } else {
+                    let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
+                    launch!(self, tiles.kernels[kernel], cfg, dq, partials, g, q, l, row_dot, t, nh, kvh, causal)?;
+                }
                 if let Some(db) = db {
                     let partial_rows = memory::attention_bias_partial_rows(&d) as i64;
                     launch!(self, "column_sums", column_sums(w), db, partials, partial_rows, w_i)?;
@@ -1520,10 +1544,10 @@ mod tests {
     }
 
     #[test]
-    fn the_specialised_forward_reads_qkv_in_rows_of_its_sequence_and_boxes_of_128_bytes() {
+    fn the_specialised_kernels_read_in_rows_of_a_sequence_and_boxes_of_128_bytes() {
         let d = AttentionDims { batch: 3, time: 77, heads: 4, kv_heads: 2, head_dim: 64, causal: true };
-        let (dims, strides, boxes) = qkv_map_shape(&d, 128);
         let w = (4 + 2 * 2) * 64;
+        let (dims, strides, boxes) = map_shape(d.qkv_width(), &d, 128);
         assert_eq!(dims, [w, 77, 3]);
         assert_eq!(strides, [w * 2, 77 * w * 2]);
         assert_eq!(boxes, [64, 128, 1]);

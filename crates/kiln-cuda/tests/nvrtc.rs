@@ -114,17 +114,21 @@ fn fused_attention_exports_its_launch_shapes() {
                 assert_eq!(pipelined, None, "{arch} D={d}");
                 assert!(!built.entry_points.contains(&name), "{arch}: {name}");
             }
-            // The warp-specialised forward likewise: three warpgroups, Q, two stages of K and of V, then nine
-            // mbarriers (Q's, and a full and an empty one for each stage of K and of V); its keys a tile last.
+            // The warp-specialised forward and dq kernels likewise: three warpgroups; the forward's Q, two stages of
+            // K and of V, then nine mbarriers (the resident tiles', and a full and an empty one for each stage of K
+            // and of V); the dq kernel's Q and dO of each computing warpgroup (64 rows each), two stages of 64 keys'
+            // K and V, the mbarriers; its 128 queries a block in tiles of 64 rows.
             let specialised =
                 flash_specialised_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
-            let name = format!("flash_attention_forward_wgmma_specialised_d{d}");
+            let names = ["forward", "backward_dq"].map(|k| format!("flash_attention_{k}_wgmma_specialised_d{d}"));
             if arch == "sm_90a" && keys > 0 {
-                assert_eq!(specialised, Some([(128 + 4 * keys) * d as u32 * 2 + 9 * 8, 384, keys]), "{arch} D={d}");
-                assert!(built.entry_points.contains(&name), "{arch}: {name}");
+                let (row, barriers) = (d as u32 * 2, 9 * 8);
+                let (forward, dq) = ((128 + 4 * keys) * row + barriers, (4 * 64 + 4 * 64) * row + barriers);
+                assert_eq!(specialised, Some([384, forward, keys, dq, 128, 64]), "{arch} D={d}");
+                assert!(names.iter().all(|n| built.entry_points.contains(n)), "{arch}: {names:?}");
             } else {
                 assert_eq!(specialised, None, "{arch} D={d}");
-                assert!(!built.entry_points.contains(&name), "{arch}: {name}");
+                assert!(!names.iter().any(|n| built.entry_points.contains(n)), "{arch}: {names:?}");
             }
         }
     }
