@@ -1010,6 +1010,18 @@ __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_tile, 
     add_ab<D, BC, WGMMA>(dq, ds, k_tile, lane);
 }
 
+// The statistics of this lane's two rows of a dq kernel's warp (row0 the first), from a head's lse and D (T each):
+// log2(e)·lse and D, zero past the end.
+__device__ __forceinline__ void row_statistics(float (&lse_log2)[2], float (&dot)[2], const float* lse,
+                                               const float* row_dot, int row0, int T, int lane) {
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int row = row0 + acc_row(lane, 2 * half);
+        lse_log2[half] = row < T ? lse[row] * FLASH_LOG2E : 0.0f;
+        dot[half] = row < T ? row_dot[row] : 0.0f;
+    }
+}
+
 // Grid (query tiles of 64, NH, B); shared memory: Q and dO (64 rows each), then two stages of K and of V (BC rows).
 // On wgmma (WGMMA) the block's 4 warps are one warpgroup, the tiles are swizzled, and a tile is skipped only when
 // all 64 queries have nothing to add.
@@ -1039,13 +1051,7 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partia
     const int first = warp * FLASH_WARP_ROWS, row0 = q0 + first;
     const int group_row0 = q0 + first / GROUP_ROWS * GROUP_ROWS;
     float lse_log2[2], dot[2];
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int row = row0 + acc_row(lane, 2 * half);
-        const long i = ((long)b * NH + h) * T + row;
-        lse_log2[half] = row < T ? lse[i] * FLASH_LOG2E : 0.0f;
-        dot[half] = row < T ? row_dot[i] : 0.0f;
-    }
+    row_statistics(lse_log2, dot, lse + ((long)b * NH + h) * T, row_dot + ((long)b * NH + h) * T, row0, T, lane);
 
     float dq[D / 8][4] = {};
     const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
@@ -1108,13 +1114,7 @@ __device__ __forceinline__ void flash_backward_dq_specialised(bf16* dqkv, float*
     const int c = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 - 4, lane = threadIdx.x % 32;
     const int first = warp % 4 * FLASH_WARP_ROWS, group_row0 = q0 + 64 * c, row0 = group_row0 + first;
     float lse_log2[2], dot[2];
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int row = row0 + acc_row(lane, 2 * half);
-        const long i = ((long)b * NH + h) * T + row;
-        lse_log2[half] = row < T ? lse[i] * FLASH_LOG2E : 0.0f;
-        dot[half] = row < T ? row_dot[i] : 0.0f;
-    }
+    row_statistics(lse_log2, dot, lse + ((long)b * NH + h) * T, row_dot + ((long)b * NH + h) * T, row0, T, lane);
     mbarrier_wait(f.resident_full, 0);
     float dq[D / 8][4] = {};
     const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
