@@ -760,8 +760,8 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
 // have landed) and an "empty" one (all 256 computing threads are done with it), so loading never waits for a
 // block-wide barrier, and K_j can land while V_{j−1} is still read. Each computing warpgroup takes every tile of the
 // block, waiting for it and handing it back even when it has nothing to add, so that the phases of the empty
-// barriers count tiles. Tiles come as tensor maps (the engine's qkv_tensor_map: (W elements, T rows, B sequences),
-// boxes of 64 elements by a tile's rows, in the 128-byte swizzle).
+// barriers count tiles. Tiles come as tensor maps of qkv (and dout), made by the engine's tensor_map: (W elements,
+// T rows, B sequences), boxes of 64 elements by a tile's rows, in the 128-byte swizzle.
 #define SPECIALISED_STAGES 2
 #define SPECIALISED_BARRIERS (1 + 4 * SPECIALISED_STAGES)
 #define SPECIALISED_COMPUTING (2 * 128)

@@ -317,10 +317,10 @@ inline int emu_mbarrier_index(const MBarrier& b) { return (int)(&b - g_block->mb
 inline void mbarrier_init(unsigned addr, unsigned count) {
     if (addr % 8 != 0) emu_fail("misaligned mbarrier: " + emu_where(addr));
     if (count == 0) emu_fail("mbarrier expecting no arrivals: " + emu_where(addr));
-    emu_write(addr, 8, false);  // ordered after whatever the bytes held before
-    for (unsigned a = addr; a < addr + 8; a += 4) g_block->shadow[a / 4].mbarrier = true;
     for (const MBarrier& b : g_block->mbarriers)
         if (b.addr == addr) emu_fail("mbarrier initialised twice: " + emu_where(addr));
+    emu_write(addr, 8, false);  // ordered after whatever the bytes held before
+    for (unsigned a = addr; a < addr + 8; a += 4) g_block->shadow[a / 4].mbarrier = true;
     if (g_block->mbarriers.size() == EMU_MAX_MBARRIERS) emu_fail("more mbarriers than the emulation keeps");
     // Never reallocated: a thread waiting for a phase holds a pointer to its barrier.
     if (g_block->mbarriers.empty()) g_block->mbarriers.reserve(EMU_MAX_MBARRIERS);

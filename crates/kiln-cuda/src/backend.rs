@@ -135,11 +135,11 @@ pub(crate) fn fused_head_dim(head_dim: usize) -> bool {
 pub struct FlashWgmma {
     pub forward: bool,
     pub backward: bool,
-    /// The forward's form on wgmma, with `forward`.
+    /// The forward's form on wgmma, with `forward` (specialised, with `backward` the dq kernel's too).
     pub form: ForwardForm,
 }
 
-/// Which form of the forward on wgmma runs.
+/// Which form of the forward on wgmma runs (and, specialised, of the dq kernel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardForm {
     /// flash_forward: each warpgroup waits for each product.
@@ -337,8 +337,8 @@ fn tensor_map(address: u64, width: usize, d: &AttentionDims, rows: u32) -> Resul
     let (dims, strides, boxes) = map_shape(width, d, rows);
     let element_strides = [1u32; 3];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
-    // SAFETY: every array has the rank's length (strides one less), the address is a live allocation of qkv, and
-    // the function writes the whole map before returning success.
+    // SAFETY: every array has the rank's length (strides one less), the address is a live allocation that `ptr`
+    // checked, and the function writes the whole map before returning success.
     unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
