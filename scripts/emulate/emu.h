@@ -478,8 +478,8 @@ inline void emu_read(unsigned addr, unsigned bytes) {
     for (unsigned a = addr; a < addr + bytes; a += 4) {
         ShadowWord& s = emu_word(a);
         if (s.pending >= 0) emu_fail("read of an asynchronous copy in flight: " + emu_where(a));
-        if (s.write.thread >= 0 && !emu_ordered(s.write))
-            emu_fail("read races with " + emu_by(s.write) + "'s write: " + emu_where(a));
+        if (s.write.thread < 0) emu_fail("read of a word nothing has written: " + emu_where(a));
+        if (!emu_ordered(s.write)) emu_fail("read races with " + emu_by(s.write) + "'s write: " + emu_where(a));
         // Reads this one follows need not be kept: a write ordered after it is ordered after them.
         s.reads.erase_if(emu_ordered);
         s.reads.push_back(now);
