@@ -1543,6 +1543,48 @@ mod tests {
         }
     }
 
+    /// What the engine launches, read from the sm_90a module as the engine reads it: with `specialised,backward` the
+    /// warp-specialised forward and dq kernels (their threads, shared memory and tensor-map boxes from their table)
+    /// beside the wgmma dkv kernels; with `specialised` alone the dq kernel stays on mma.sync. Needs NVRTC and the
+    /// CUDA headers (as tests/nvrtc.rs), no GPU.
+    #[test]
+    fn the_specialised_kernels_launch_as_their_table_says() {
+        let dir = std::env::temp_dir().join(format!("kiln-flash-tiles-test-{}", std::process::id()));
+        let compiler = crate::compile::Compiler::with_cache_dir(dir).unwrap_or_else(|e| {
+            panic!("{e}\nThis test needs NVRTC 13 and the CUDA headers, as tests/nvrtc.rs says (.ci/run installs them)")
+        });
+        let kernel = KERNELS.iter().find(|k| k.name == "flash_attention").expect("flash_attention.cu");
+        let built = compiler.compile(kernel, "sm_90a", Precision::Bf16).unwrap_or_else(|e| panic!("{e}"));
+        let _ = std::fs::remove_dir_all(compiler.cache_dir());
+        let (forward, dq, dkv) = (FlashTiles::FORWARD, FlashTiles::DQ, FlashTiles::DKV);
+        for (value, dq_specialised) in [("specialised,backward", true), ("specialised", false)] {
+            let tiles = FlashTiles::read(&built.cubin, FlashWgmma::parse(Some(value)).unwrap()).unwrap();
+            for t in &tiles {
+                let d = t.head_dim;
+                assert!(t.kernels.iter().all(|k| built.entry_points.iter().any(|e| e == k)), "{value} D={d}");
+                let Some(keys) = [(64, 64), (128, 128)].iter().find(|(hd, _)| *hd == d).map(|&(_, k)| k) else {
+                    assert_eq!((t.forward_keys, t.dq_boxes), (None, None), "{value} D={d}: no specialised kernels");
+                    continue;
+                };
+                let row = d as u32 * 2;
+                assert_eq!(t.kernels[forward], format!("flash_attention_forward_wgmma_specialised_d{d}"));
+                assert_eq!((t.threads[forward], t.shared_bytes[forward]), (384, (128 + 4 * keys) * row + 72));
+                assert_eq!((t.forward_rows, t.forward_keys), (128, Some(keys)), "{value} D={d}");
+                if dq_specialised {
+                    assert_eq!(t.kernels[dq], format!("flash_attention_backward_dq_wgmma_specialised_d{d}"));
+                    assert_eq!((t.threads[dq], t.shared_bytes[dq]), (384, 512 * row + 72), "{value} D={d}");
+                    assert_eq!(t.dq_boxes, Some((128, 64)), "{value} D={d}");
+                    assert_eq!(t.kernels[dkv], format!("flash_attention_backward_dkv_wgmma_d{d}"));
+                } else {
+                    assert_eq!(
+                        (t.kernels[dq], t.dq_boxes),
+                        (format!("flash_attention_backward_dq_d{d}").as_str(), None)
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_specialised_kernels_read_in_rows_of_a_sequence_and_boxes_of_128_bytes() {
         let d = AttentionDims { batch: 3, time: 77, heads: 4, kv_heads: 2, head_dim: 64, causal: true };
