@@ -179,8 +179,8 @@ step bench-attention-pipelined 120 "${pipelined[@]}" "$kiln" bench attention --b
 step bench-kiln-pipelined 90 "${pipelined[@]}" "$kiln" bench train --backend cuda --steps 10 --warmup 2
 # The forward and the dq kernel warp-specialised (KILN_FLASH_WGMMA=specialised,backward): a loading warpgroup with
 # tensor copies and mbarriers, two computing ones. The CPU emulation found them bit-identical to the defaults; here
-# its self-test (which must not fault: tensor maps, mbarrier parities and setmaxnreg are what the emulation reads
-# from the PTX ISA, not what it ran), then the same benchmarks. Not the default until these show it faster.
+# their self-test (which must not fault: tensor maps, mbarrier parities and setmaxnreg are what the emulation reads
+# from the PTX ISA, not what it ran), then the same benchmarks. Not the default until these show them faster.
 specialised=(env KILN_FLASH_WGMMA=specialised,backward)
 step selftest-bf16-specialised 120 "${specialised[@]}" "$kiln" selftest --backend cuda --precision bf16 ||
   selftest_failed+=(bf16-specialised)
