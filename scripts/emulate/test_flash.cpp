@@ -318,6 +318,8 @@ int main(int argc, char** argv) {
     // A third argument runs one set of kernels only: mma, wgmma, pipelined or specialised.
     const char* kernel_names[] = {"mma", "wgmma", "pipelined", "specialised"};
     const std::string only = argc > 3 ? argv[3] : "";
+    if (!only.empty() && std::find(std::begin(kernel_names), std::end(kernel_names), only) == std::end(kernel_names))
+        emu_fail("no set of kernels named " + only + " (mma, wgmma, pipelined or specialised)");
     int cases = 0;
     for (int D : dims)
         for (int T : lengths)
