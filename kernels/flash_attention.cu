@@ -184,6 +184,13 @@ __device__ __forceinline__ void accumulator_to_a(unsigned a[4], const float (&ac
     a[3] = pack_bf16(acc[2 * k + 1][2], acc[2 * k + 1][3]);
 }
 
+// A warp's 16 × N probabilities, held as accumulator tiles, as the A fragments of the P·V product that takes them.
+template <int N>
+__device__ __forceinline__ void scores_to_a(unsigned (&p)[N / 16][4], const float (&x)[N / 8][4]) {
+#pragma unroll
+    for (int kb = 0; kb < N / 16; kb++) accumulator_to_a(p[kb], x, kb);
+}
+
 // Element e of accumulator tile 2k + t as accumulator_to_a rounded it into `a`, back as a float.
 __device__ __forceinline__ float a_to_accumulator(const unsigned a[4], int t, int e) {
     const unsigned v = a[2 * t + e / 2];
@@ -556,8 +563,7 @@ __device__ __forceinline__ void forward_tile_wgmma(float (&o)[1][D / 8][4], floa
     add_abt<D, BC, BR, true>(x[0], q_tile, first, k_tile, lane);
     softmax_tile<D, 1, BC>(x, o, m, l, k0, row0, T, causal, scale_log2, lane);
     unsigned p[BC / 16][4];
-#pragma unroll
-    for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], x[0], kb);
+    scores_to_a<BC>(p, x[0]);
     add_ab<D, BC, true>(o[0], p, v_tile, lane);
 }
 
@@ -677,9 +683,10 @@ __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16*
 // for O, which it rescales. The last tile a warpgroup takes adds its P·V at once. The arithmetic is the unpipelined
 // forward's, in the same order, on the same tiles: the results are the same bit for bit. P_{j−1} stays in registers
 // as the next product's A fragments (BC/4 of them) beside S_j (BC/2 floats) and O (D/2): at D = 128 and 128 keys a
-// tile, 236 registers (226 unpipelined), without spills. V_{j−1} is read while tile j+1 is loaded, so V has three
-// stages, K two: at D = 128, 192 KiB of shared memory. Grid and block as flash_forward's on wgmma; shared memory: Q
-// (BR rows), two stages of K and three of V (BC rows each).
+// tile, 238 registers (226 unpipelined), without spills. (Until 2026-12-06 a product was waited for on a path other
+// than its issue's, and ptxas serialised them all: its C7518, which the compile test now refuses.) V_{j−1} is read
+// while tile j+1 is loaded, so V has three stages, K two: at D = 128, 192 KiB of shared memory. Grid and block as
+// flash_forward's on wgmma; shared memory: Q (BR rows), two stages of K and three of V (BC rows each).
 template <int D, int BC>
 __device__ constexpr unsigned pipelined_forward_shared_bytes() {
     return tile_bytes<D, true>(2 * 64 + 5 * BC);
@@ -703,8 +710,7 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
     // The warpgroup takes tiles up to its last (causal: the last that reaches its queries).
     const int group_tiles = causal ? min(tiles, (group_row0 + 64 + BC - 1) / BC) : tiles;
     float o[1][D / 8][4] = {}, m[1][2] = {{NEG_INF, NEG_INF}}, l[1][2] = {};
-    unsigned p[BC / 16][4];  // P of the tile whose O += P·V is still to be issued, when `pending`
-    bool pending = false;
+    unsigned p[BC / 16][4];  // P of the tile whose O += P·V is still to be issued
     const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
     for (int j = 0; j < tiles; j++) {
         // Tile j has landed, and every warpgroup is done with tile j − 1's K and tile j − 2's V, whose stages the
@@ -719,26 +725,27 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
             cp_async_commit();
         }
         if (group_row0 >= T || j >= group_tiles) continue;
-        float x[1][BC / 8][4] = {};
-        issue_abt_wgmma<D, BC, BR>(x[0], q_tile, first, k_stage(j));
-        if (pending) {
+        // Each branch waits for the products it issues: ptxas serialises wgmma whose results cross divergent paths
+        // (its C7518), which would undo the overlap.
+        float x[1][BC / 8][4] = {}, correction[1][2];
+        bool rescale;
+        if (j == 0) {
+            issue_abt_wgmma<D, BC, BR>(x[0], q_tile, first, k_stage(j));
+            wgmma_wait<0>();
+            settle_wgmma<BC>(x[0]);
+            rescale = softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
+        } else {
+            issue_abt_wgmma<D, BC, BR>(x[0], q_tile, first, k_stage(j));
             issue_ab_wgmma<D, BC>(o[0], p, v_stage(j - 1));
             wgmma_wait<1>();
-        } else {
-            wgmma_wait<0>();
-        }
-        settle_wgmma<BC>(x[0]);
-        float correction[1][2];
-        const bool rescale = softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
-        if (pending) {
+            settle_wgmma<BC>(x[0]);
+            rescale = softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
             wgmma_wait<0>();
             settle_wgmma<D>(o[0]);
         }
         rescale_rows<D, 1>(o, correction, rescale);
-#pragma unroll
-        for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], x[0], kb);
-        pending = j + 1 < group_tiles;
-        if (!pending) {
+        scores_to_a<BC>(p, x[0]);
+        if (j + 1 == group_tiles) {
             issue_ab_wgmma<D, BC>(o[0], p, v_stage(j));
             wgmma_wait<0>();
             settle_wgmma<D>(o[0]);
@@ -873,49 +880,65 @@ __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse,
     const unsigned my_turn = 1 + c, their_turn = 2 - c;
     const int group_tiles = group_row0 >= T ? 0 : causal ? min(tiles, (group_row0 + 64 + BC - 1) / BC) : tiles;
     if (c == 1) named_barrier_arrive(their_turn, COMPUTING);  // the first warpgroup issues first
+    // Its turn at the tensor cores for tile j, and the other's once its products for the tile are issued (unless the
+    // other has had its last: the second warpgroup gives the first one more).
+    const auto take_turn = [&] { named_barrier_sync(my_turn, COMPUTING); };
+    const auto give_turn = [&](int j) {
+        if (c == 0 || j + 1 < tiles) named_barrier_arrive(their_turn, COMPUTING);
+    };
     mbarrier_wait(f.resident_full, 0);
     float o[1][D / 8][4] = {}, m[1][2] = {{NEG_INF, NEG_INF}}, l[1][2] = {};
-    unsigned p[BC / 16][4];  // P of the tile whose O += P·V is still to be issued, when `pending`
-    bool pending = false;
     const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
-    for (int j = 0; j < tiles; j++) {
-        const bool used = j < group_tiles;  // (pending implies it)
-        mbarrier_wait(f.barrier(f.k_full, j), f.parity(j));
-        named_barrier_sync(my_turn, COMPUTING);
-        float x[1][BC / 8][4] = {};
-        if (used) issue_abt_wgmma<D, BC, BR>(x[0], f.resident, first, f.k_stage(j));
-        if (pending) {
+    // Each product is waited for in the step that issues it, and no branch is taken with one in flight: ptxas
+    // serialises wgmma whose results cross divergent paths (its C7518), which would undo the overlap. So the first
+    // tile (S_0 alone), the steady tiles (S_j beside P_{j−1}·V_{j−1}) and the last P·V are steps of their own.
+    if (group_tiles > 0) {
+        unsigned p[BC / 16][4];  // P of the tile whose O += P·V is still to be issued
+        float correction[1][2];
+        {
+            mbarrier_wait(f.barrier(f.k_full, 0), f.parity(0));
+            take_turn();
+            float x[1][BC / 8][4] = {};
+            issue_abt_wgmma<D, BC, BR>(x[0], f.resident, first, f.k_stage(0));
+            give_turn(0);
+            wgmma_wait<0>();
+            settle_wgmma<BC>(x[0]);
+            mbarrier_arrive(f.barrier(f.k_empty, 0));
+            const bool rescale = softmax_scores<1, BC>(x, m, l, correction, 0, row0, T, causal, scale_log2, lane);
+            rescale_rows<D, 1>(o, correction, rescale);
+            scores_to_a<BC>(p, x[0]);
+        }
+        for (int j = 1; j < group_tiles; j++) {
+            mbarrier_wait(f.barrier(f.k_full, j), f.parity(j));
+            take_turn();
+            float x[1][BC / 8][4] = {};
+            issue_abt_wgmma<D, BC, BR>(x[0], f.resident, first, f.k_stage(j));
             mbarrier_wait(f.barrier(f.v_full, j - 1), f.parity(j - 1));
             issue_ab_wgmma<D, BC>(o[0], p, f.v_stage(j - 1));
-        }
-        // The other warpgroup's turn, unless it has had its last (the second warpgroup gives the first one more).
-        if (c == 0 || j + 1 < tiles) named_barrier_arrive(their_turn, COMPUTING);
-        if (!used) {
-            pass_tile(f, j);
-            continue;
-        }
-        if (pending) wgmma_wait<1>();
-        else wgmma_wait<0>();
-        settle_wgmma<BC>(x[0]);
-        mbarrier_arrive(f.barrier(f.k_empty, j));
-        float correction[1][2];
-        const bool rescale = softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
-        if (pending) {
+            give_turn(j);
+            wgmma_wait<1>();
+            settle_wgmma<BC>(x[0]);
+            mbarrier_arrive(f.barrier(f.k_empty, j));
+            const bool rescale =
+                softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
             wgmma_wait<0>();
             settle_wgmma<D>(o[0]);
             mbarrier_arrive(f.barrier(f.v_empty, j - 1));
+            rescale_rows<D, 1>(o, correction, rescale);
+            scores_to_a<BC>(p, x[0]);
         }
-        rescale_rows<D, 1>(o, correction, rescale);
-#pragma unroll
-        for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], x[0], kb);
-        pending = j + 1 < group_tiles;
-        if (!pending) {
-            mbarrier_wait(f.barrier(f.v_full, j), f.parity(j));
-            issue_ab_wgmma<D, BC>(o[0], p, f.v_stage(j));
-            wgmma_wait<0>();
-            settle_wgmma<D>(o[0]);
-            mbarrier_arrive(f.barrier(f.v_empty, j));
-        }
+        const int last = group_tiles - 1;
+        mbarrier_wait(f.barrier(f.v_full, last), f.parity(last));
+        issue_ab_wgmma<D, BC>(o[0], p, f.v_stage(last));
+        wgmma_wait<0>();
+        settle_wgmma<D>(o[0]);
+        mbarrier_arrive(f.barrier(f.v_empty, last));
+    }
+    for (int j = group_tiles; j < tiles; j++) {  // the tiles it has nothing to add to
+        mbarrier_wait(f.barrier(f.k_full, j), f.parity(j));
+        take_turn();
+        give_turn(j);
+        pass_tile(f, j);
     }
     named_barrier_sync(3, COMPUTING);  // both warpgroups are done with the K and V stages, where the output is staged
 

@@ -36,6 +36,9 @@ pub struct KernelStats {
     pub stack_bytes: u32,
     pub spill_stores: u32,
     pub spill_loads: u32,
+    /// ptxas serialised the function's wgmma (its C7518: a product's results cross a divergent path), which undoes
+    /// any overlap of products with other work.
+    pub wgmma_serialized: bool,
 }
 
 pub struct Compiler {
@@ -312,7 +315,8 @@ pub fn symbol_data<'a>(cubin: &'a [u8], name: &str) -> std::result::Result<Optio
 }
 
 /// Reads ptxas's `-v` report: per kernel function, "Compiling entry function 'f'", then "N bytes stack frame,
-/// N bytes spill stores, N bytes spill loads", then "Used N registers, ... N bytes smem".
+/// N bytes spill stores, N bytes spill loads", then "Used N registers, ... N bytes smem"; and, anywhere,
+/// "wgmma.mma_async instructions are serialized ... in the function 'f'".
 pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
     let mut stats: Vec<KernelStats> = Vec::new();
     let number_before = |line: &str, word: &str| -> Option<u32> {
@@ -334,6 +338,11 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
             }
         }
     }
+    let serialized = log.lines().filter(|l| l.contains("wgmma.mma_async instructions are serialized"));
+    for line in serialized {
+        let function = line.split("in the function '").nth(1).and_then(|rest| rest.split('\'').next());
+        stats.iter_mut().filter(|s| Some(s.function.as_str()) == function).for_each(|s| s.wgmma_serialized = true);
+    }
     stats
 }
 
@@ -349,7 +358,9 @@ mod tests {
                    \x20   8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
                    ptxas info    : Used 38 registers, used 1 barriers, 256 bytes smem, 400 bytes cmem[0]\n\
                    ptxas info    : Compiling entry function 'adamw' for 'sm_90a'\n\
-                   ptxas info    : Used 20 registers, used 0 barriers, 384 bytes cmem[0]\n";
+                   ptxas info    : Used 20 registers, used 0 barriers, 384 bytes cmem[0]\n\
+                   ptxas info    : (C7518) Potential Performance Loss: wgmma.mma_async instructions are serialized \
+                   due to program dependence on compiler-inserted WG.DP in divergent path in the function 'adamw'\n";
         let stats = parse_ptxas_log(log);
         assert_eq!(stats.len(), 2);
         assert_eq!(
@@ -360,10 +371,12 @@ mod tests {
                 shared_bytes: 256,
                 stack_bytes: 8,
                 spill_stores: 4,
-                spill_loads: 12
+                spill_loads: 12,
+                wgmma_serialized: false
             }
         );
         assert_eq!((stats[1].registers, stats[1].shared_bytes, stats[1].spill_stores), (20, 0, 0));
+        assert!(stats[1].wgmma_serialized);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Every kernel file compiles with NVRTC for sm_80 and sm_90a, in each precision it is built for, with no register
-//! spills; the fused attention kernels' launch shapes read back from what was compiled.
+//! spills and no wgmma that ptxas serialises; the fused attention kernels' launch shapes read back from what was
+//! compiled.
 //! Needs NVRTC and the CUDA headers but no GPU: `.ci/run` installs pip's nvidia-cuda-nvrtc and
 //! nvidia-cuda-runtime wheels and points LD_LIBRARY_PATH and CUDA_HOME at them.
 
@@ -47,6 +48,8 @@ fn every_kernel_compiles_for_ampere_and_hopper_without_spills() {
                         kernel.name,
                         precision.name()
                     );
+                    // A serialised wgmma waits for each product as it is issued: no overlap survives it.
+                    assert!(!s.wgmma_serialized, "{} {arch}: ptxas serialised the wgmma of {s:?}", kernel.name);
                 }
                 // A second compile is served from the cache, with the same report.
                 let again = compiler.compile(kernel, arch, precision).unwrap();
