@@ -88,18 +88,18 @@ __device__ __forceinline__ float warp_max(float v) {
 #define COLUMN_SUM_LANES 32
 #define COLUMN_SUM_ROWS 16
 
-// Σ_rows m[row·stride + c] in a fixed order, for column c = blockIdx.x·COLUMN_SUM_LANES + lane of a block of
+// Σ_rows m[row·C + c] in a fixed order, for column c = blockIdx.x·COLUMN_SUM_LANES + lane of a block of
 // COLUMN_SUM_LANES × COLUMN_SUM_ROWS threads (neighbouring lanes, neighbouring columns; columns from C on take no
 // part): thread row r sums rows r, r + COLUMN_SUM_ROWS, ... in turn, then the first row (threadIdx.x <
 // COLUMN_SUM_LANES) adds the rows' sums in row order, and only it gets the result. Every thread of the block calls
 // it. `scratch` holds COLUMN_SUM_ROWS × COLUMN_SUM_LANES floats of shared memory.
 template <typename T>
-__device__ __forceinline__ float column_sum(const T* m, long rows, long stride, int C, float* scratch) {
+__device__ __forceinline__ float column_sum(const T* m, long rows, int C, float* scratch) {
     const int lane = threadIdx.x % COLUMN_SUM_LANES, r = threadIdx.x / COLUMN_SUM_LANES;
     const int c = blockIdx.x * COLUMN_SUM_LANES + lane;
     float s = 0.0f;
     if (c < C)
-        for (long row = r; row < rows; row += COLUMN_SUM_ROWS) s += to_f32(m[row * stride + c]);
+        for (long row = r; row < rows; row += COLUMN_SUM_ROWS) s += to_f32(m[row * C + c]);
     scratch[r * COLUMN_SUM_LANES + lane] = s;
     __syncthreads();
     if (r == 0)

@@ -155,7 +155,7 @@ extern "C" __global__ void __launch_bounds__(COLUMN_SUM_LANES * COLUMN_SUM_ROWS)
     layernorm_backward_sum(float* dweight, float* dbias, float* dinp_sums, const float* partials, int blocks, int C) {
     __shared__ float scratch[COLUMN_SUM_ROWS * COLUMN_SUM_LANES];
     const int width = (dinp_sums ? 3 : 2) * C, c = blockIdx.x * COLUMN_SUM_LANES + threadIdx.x;
-    const float s = column_sum(partials, blocks, width, width, scratch);
+    const float s = column_sum(partials, blocks, width, scratch);
     if (threadIdx.x >= COLUMN_SUM_LANES || c >= width) return;
     if (c < C) dweight[c] += s;
     else if (c < 2 * C) { if (dbias) dbias[c - C] += s; }

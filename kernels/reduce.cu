@@ -45,7 +45,7 @@ extern "C" __global__ void reduce_final(float* out, const float* partials, int c
 template <typename T>
 __device__ __forceinline__ void add_column_sums(float* sums, const T* m, long rows, int C) {
     __shared__ float scratch[COLUMN_SUM_ROWS * COLUMN_SUM_LANES];
-    const float s = column_sum(m, rows, C, C, scratch);
+    const float s = column_sum(m, rows, C, scratch);
     const int c = blockIdx.x * COLUMN_SUM_LANES + threadIdx.x;
     if (threadIdx.x < COLUMN_SUM_LANES && c < C) sums[c] += s;
 }
