@@ -14,11 +14,6 @@
 inline int g_failures = 0;
 inline std::mt19937 g_rng(3);
 
-// EMU_SEED=n reorders the emulated threads, as it does for the attention tests.
-inline void seed_schedule_from_env() {
-    if (const char* seed = std::getenv("EMU_SEED")) g_sched_rng.seed(std::atoi(seed));
-}
-
 // n values drawn uniformly from (−scale, scale), rounded to floatX.
 inline std::vector<floatX> random_x(size_t n, float scale = 1) {
     std::vector<floatX> v(n);

@@ -239,6 +239,7 @@ struct Block {
     std::vector<std::array<unsigned, 16>> slots;
     std::array<NamedBarrier, 16> named;
     std::vector<MBarrier> mbarriers;
+    std::vector<int> registers;  // per warpgroup, what its last setmaxnreg asked for (0: none yet)
 };
 
 // The most mbarriers a block may initialise (each is a column of every vector clock).
@@ -249,6 +250,16 @@ inline char* g_stacks;
 inline size_t g_stack_size = 1 << 20;
 inline unsigned g_stack_count;
 inline std::mt19937 g_sched_rng(1);
+// A warpgroup whose threads run only when no other thread can, or -1: it lags as far behind the others as their
+// synchronisation lets it, which shows hand-overs that rely on it keeping pace (a named barrier reached twice, a
+// buffer written again before it is read).
+inline int g_lagging_warpgroup = -1;
+
+// EMU_SEED=n reorders the emulated threads; EMU_LAG=n makes warpgroup n lag.
+inline void emu_schedule_from_env() {
+    if (const char* seed = std::getenv("EMU_SEED")) g_sched_rng.seed(std::atoi(seed));
+    if (const char* lag = std::getenv("EMU_LAG")) g_lagging_warpgroup = std::atoi(lag);
+}
 inline std::vector<std::pair<const unsigned char*, const unsigned char*>> g_global_buffers;
 
 inline unsigned emu_tid() { return g_block->current; }
@@ -343,12 +354,13 @@ inline void emu_run_block(Block& blk, unsigned threads) {
         blk.fibers[t].sp = emu_new_stack(g_stacks + (size_t)t * g_stack_size, g_stack_size);
     std::vector<unsigned> order(threads);
     for (unsigned t = 0; t < threads; t++) order[t] = t;
-    for (;;) {
+    // Runs every runnable thread (of the lagging warpgroup, or of the others) to its next barrier.
+    const auto run = [&](bool lagging) {
         bool ran = false;
         std::shuffle(order.begin(), order.end(), g_sched_rng);
         for (unsigned t : order) {
             Fiber& f = blk.fibers[t];
-            if (f.wait != RUNNING) continue;
+            if (f.wait != RUNNING || ((int)t / 128 == g_lagging_warpgroup) != lagging) continue;
             blk.current = t;
             threadIdx = {t, 0, 0};
 #ifdef EMU_ASAN
@@ -361,7 +373,10 @@ inline void emu_run_block(Block& blk, unsigned threads) {
 #endif
             ran = true;
         }
-        if (ran) continue;
+        return ran;
+    };
+    for (;;) {
+        if (run(false)) continue;
         bool all_done = true, released = false;
         unsigned live = 0, at_block = 0;
         for (auto& f : blk.fibers) {
@@ -405,7 +420,7 @@ inline void emu_run_block(Block& blk, unsigned threads) {
                 }
             }
         }
-        if (!released)
+        if (!released && !run(true))
             emu_fail("deadlock: threads wait in different barriers (barrier in divergent code?), or for a named "
                      "barrier or an mbarrier phase that never completes");
     }

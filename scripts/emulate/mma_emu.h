@@ -420,11 +420,24 @@ inline void tma_load_3d(unsigned smem, const TensorMap& map, unsigned bar, int c
     emu_mbarrier_progress(b);
 }
 
-// setmaxnreg: the warpgroup, all of it, moves its register allocation (no effect here but the checks).
+// setmaxnreg: the warpgroup, all of it, moves its register allocation (no effect here but the checks). The block's
+// warpgroups share the registers it was launched with: as the kernel file reads ptxas, what __launch_bounds__(threads,
+// 1) leaves a thread (64K over the threads, in multiples of 8), times the threads. Once every warpgroup has asked,
+// they must fit in that together: an increase beyond what the others give up would wait for ever.
 template <int N>
 inline void emu_setmaxnreg() {
     static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg takes 24 to 256 registers, a multiple of 8");
     emu_group_barrier("setmaxnreg");
+    std::vector<int>& asked = g_block->registers;
+    asked.resize((g_block->threads + 127) / 128, 0);
+    asked[emu_tid() / 128] = N;
+    if (std::count(asked.begin(), asked.end(), 0) != 0) return;
+    long total = 0;
+    for (int n : asked) total += 128L * n;
+    const long launched = (long)g_block->threads * (65536 / g_block->threads / 8 * 8);
+    if (total > launched)
+        emu_fail("setmaxnreg: the warpgroups ask for " + std::to_string(total) + " registers, more than the " +
+                 std::to_string(launched) + " the block was launched with");
 }
 template <int N>
 inline void setmaxnreg_inc() { emu_setmaxnreg<N>(); }

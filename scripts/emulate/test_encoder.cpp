@@ -69,7 +69,7 @@ static void run_backward(int n, int vocab, int C) {
 }
 
 int main() {
-    seed_schedule_from_env();
+    emu_schedule_from_env();
     for (int C : {3, 20, 64, 770})
         for (bool learned_positions : {true, false}) run_forward(2, 7, C, 11, learned_positions);
     for (int n : {1, 111, 512, 650, 5000})

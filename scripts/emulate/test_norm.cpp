@@ -144,7 +144,7 @@ static void run(Kind kind, int N, int C, float eps) {
 }
 
 int main() {
-    seed_schedule_from_env();
+    emu_schedule_from_env();
     // GPT-2's and Llama's ε on the larger problems, a large one (which a kernel ignoring ε would fail) on the smaller.
     for (Kind kind : {Kind::Layer, Kind::Rms})
         for (int N : {1, 37, 100, 1030})

@@ -69,7 +69,7 @@ static void run(const Shape& s) {
 }
 
 int main() {
-    seed_schedule_from_env();
+    emu_schedule_from_env();
     for (int head_dim : {2, 12, 64})
         for (Shape s : {Shape{1, 1, 0, 1, 1, 0}, Shape{2, 5, 3, 4, 2, 0}, Shape{3, 17, 100, 4, 1, 0},
                         Shape{1, 33, 7, 6, 6, 0}}) {

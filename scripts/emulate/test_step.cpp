@@ -182,7 +182,7 @@ static void run_add(size_t n) {
 }
 
 int main() {
-    seed_schedule_from_env();
+    emu_schedule_from_env();
     for (size_t n : {1, 7, 4099, 300001}) run_sums(n);
     for (size_t n : {1, 5, 1003})
         for (bool clipped : {false, true}) run_adamw(n, clipped);

@@ -34,7 +34,7 @@ static void run(int rows, int F) {
 }
 
 int main() {
-    seed_schedule_from_env();
+    emu_schedule_from_env();
     for (int rows : {1, 3, 40})
         for (int F : {1, 3, 13, 64, 100, 1000}) run(rows, F);
     return finish("swiglu");

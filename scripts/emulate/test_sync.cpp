@@ -11,7 +11,7 @@
 #include <initializer_list>
 
 enum Fault { NONE, NO_FULL_WAIT, WRONG_PARITY, NO_EMPTY_WAIT, EARLY_RELEASE, NO_INIT_FENCE, NO_INIT_BARRIER, SHORT_TX,
-             NO_NAMED_BARRIER, NAMED_COUNTS, NAMED_TWICE };
+             NO_NAMED_BARRIER, NAMED_COUNTS, NAMED_TWICE, TOO_MANY_REGISTERS };
 
 constexpr int ROWS = 16, COLS = 64, STAGES = 2, CONSUMERS = 64, TOTAL_ROWS = 100;
 constexpr int TILES = (TOTAL_ROWS + ROWS - 1) / ROWS;  // the last one partly past the end: zeros
@@ -59,8 +59,18 @@ static void pipeline(float* sums, const TensorMap& map, Fault fault) {
     sums[t] = ld_shared_f32(4 * (t ^ 32));  // the other warp's
 }
 
-// Runs the kernel with `fault`; returns what went wrong ("" when nothing did).
+// Three warpgroups moving their registers as the warp-specialised kernels do: the first gives up all but LOADING,
+// the other two take COMPUTING each, of the 384 × 168 the block was launched with.
+template <int LOADING, int COMPUTING>
+static void registers() {
+    if (threadIdx.x < 128) setmaxnreg_dec<LOADING>();
+    else setmaxnreg_inc<COMPUTING>();
+}
+
+// Runs the kernel with `fault` (and the register moves, with too many for TOO_MANY_REGISTERS); returns what went
+// wrong ("" when nothing did).
 static std::string run(Fault fault) {
+    launch({1, 1, 1}, 3 * 128, 0, fault == TOO_MANY_REGISTERS ? registers<32, 240> : registers<40, 232>);
     Array<__nv_bfloat16> matrix((size_t)TOTAL_ROWS * COLS);
     Array<float> sums(CONSUMERS);
     std::mt19937 rng(5);
@@ -116,7 +126,7 @@ static void expect(const char* name, Fault fault, std::initializer_list<const ch
 }
 
 int main() {
-    if (const char* seed = std::getenv("EMU_SEED")) g_sched_rng.seed(std::atoi(seed));
+    emu_schedule_from_env();
     const std::string correct = run(NONE);
     failures += !correct.empty();
     std::printf("%s %-17s %s\n", correct.empty() ? "ok  " : "FAIL", "correct", correct.c_str());
@@ -134,6 +144,7 @@ int main() {
     expect("no named barrier", NO_NAMED_BARRIER, {"may still read", "races with"});
     expect("named counts", NAMED_COUNTS, {"different counts"});
     expect("named twice", NAMED_TWICE, {"reached twice"});
+    expect("registers", TOO_MANY_REGISTERS, {"more than the 64512"});
     std::printf("%d failures\n", failures);
     return failures != 0;
 }
