@@ -761,38 +761,46 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
 // ---- warp-specialised kernels (sm_90a) ----------------------------------------------------------------------------
 //
 // FlashAttention-3's arrangement: a block of three warpgroups, of which the first only loads (one thread issuing
-// tensor copies, the others leave at once, and the warpgroup gives its registers to the other two with setmaxnreg)
-// and the other two compute 64 rows each on the tiles the first hands them. The block's resident tiles (Q; and dO for
-// dq) land once; K and V move through two stages each, each stage with a "full" mbarrier (the copies of its tile
-// have landed) and an "empty" one (all 256 computing threads are done with it), so loading never waits for a
-// block-wide barrier, and K_j can land while V_{j−1} is still read. Each computing warpgroup takes every tile of the
-// block, waiting for it and handing it back even when it has nothing to add, so that the phases of the empty
-// barriers count tiles. Tiles come as tensor maps of qkv (and dout), made by the engine's tensor_map: (W elements,
-// T rows, B sequences), boxes of 64 elements by a tile's rows, in the 128-byte swizzle.
+// tensor copies, the others leave at once, or in the dkv kernel one warp, and the warpgroup gives its registers to
+// the other two with setmaxnreg) and the other two compute on the tiles the first hands them. The block's resident
+// tiles (Q in the forward; Q and dO in dq; K and V in dkv) land once; two streamed tiles (K and V; Q and dO in dkv)
+// move through two stages each, each stage with a "full" mbarrier (the copies of its tile have landed) and an
+// "empty" one (all 256 computing threads are done with it), so loading never waits for a block-wide barrier, and
+// K_j can land while V_{j−1} is still read. Each computing warpgroup takes every step of the block, waiting for its
+// tiles and handing them back even when it has nothing to add, so that the phases of the empty barriers count
+// steps. Tiles come as tensor maps of qkv (and dout), made by the engine's tensor_map: (W elements, T rows, B
+// sequences), boxes of 64 elements by a tile's rows, in the 128-byte swizzle.
 #define SPECIALISED_STAGES 2
 #define SPECIALISED_BARRIERS (1 + 4 * SPECIALISED_STAGES)
 #define SPECIALISED_COMPUTING (2 * 128)
+// The streamed tiles: of the forward and the dq kernel, and of the dkv kernel.
+#define STREAM_K 0
+#define STREAM_V 1
+#define STREAM_Q 0
+#define STREAM_DOUT 1
 
-// Shared memory: RESIDENT rows of resident tiles, two stages of K and two of V (BC rows each), then the mbarriers.
+// Shared memory: RESIDENT rows of resident tiles, two stages of each of the two streamed tiles (BC rows each), then
+// the mbarriers.
 template <int D, int BC, int RESIDENT>
 __device__ constexpr unsigned specialised_shared_bytes() {
     return tile_bytes<D, true>(RESIDENT + 2 * SPECIALISED_STAGES * BC) + 8 * SPECIALISED_BARRIERS;
 }
 
-// Where a warp-specialised block's tiles and mbarriers lie, and which of each tile j takes.
+// Where a warp-specialised block's tiles and mbarriers lie, and which stage and barriers of streamed tile t step j
+// takes.
 template <int D, int BC, int RESIDENT>
 struct SpecialisedBlock {
     static constexpr int STAGES = SPECIALISED_STAGES;
-    unsigned resident, k_tiles, v_tiles, resident_full, k_full, v_full, k_empty, v_empty;
+    unsigned resident, stages, resident_full, barriers;
     __device__ SpecialisedBlock(unsigned base)
-        : resident(base), k_tiles(base + tile_bytes<D, true>(RESIDENT)),
-          v_tiles(k_tiles + tile_bytes<D, true>(STAGES * BC)),
-          resident_full(v_tiles + tile_bytes<D, true>(STAGES * BC)), k_full(resident_full + 8),
-          v_full(k_full + 8 * STAGES), k_empty(v_full + 8 * STAGES), v_empty(k_empty + 8 * STAGES) {}
-    __device__ unsigned k_stage(int j) const { return k_tiles + j % STAGES * tile_bytes<D, true>(BC); }
-    __device__ unsigned v_stage(int j) const { return v_tiles + j % STAGES * tile_bytes<D, true>(BC); }
-    __device__ unsigned barrier(unsigned first, int j) const { return first + 8 * (j % STAGES); }
-    // The parity of the phase of a stage's barriers that tile j's use of the stage completes.
+        : resident(base), stages(base + tile_bytes<D, true>(RESIDENT)),
+          resident_full(stages + tile_bytes<D, true>(2 * STAGES * BC)), barriers(resident_full + 8) {}
+    __device__ unsigned stage(int t, int j) const {
+        return stages + (t * STAGES + j % STAGES) * tile_bytes<D, true>(BC);
+    }
+    __device__ unsigned full(int t, int j) const { return barriers + 8 * (t * STAGES + j % STAGES); }
+    __device__ unsigned empty(int t, int j) const { return barriers + 8 * ((2 + t) * STAGES + j % STAGES); }
+    // The parity of the phase of a stage's barriers that step j's use of the stage completes.
     __device__ unsigned parity(int j) const { return j / STAGES % 2; }
 };
 
@@ -805,42 +813,55 @@ __device__ __forceinline__ void tma_load_tile(unsigned tile, const TensorMap& ma
     for (int c = 0; c < D; c += 64) tma_load_3d(tile + swizzled_at<ROWS>(0, c), map, bar, col + c, row, b);
 }
 
-// The loading thread's stream: K_j and V_j for every tile j, each once the computing warpgroups have handed its stage
-// back (the wait for the phase before, which returns at once for a stage's first tile).
+// Streamed tile t of step j, BC rows from (col, row) of sequence b of `map`, once the computing warpgroups have
+// handed its stage back (the wait for the phase before, which returns at once for a stage's first step).
+template <int D, int BC, int RESIDENT>
+__device__ __forceinline__ void load_stage(const SpecialisedBlock<D, BC, RESIDENT>& f, int t, int j,
+                                           const TensorMap& map, int col, int row, int b) {
+    mbarrier_wait(f.empty(t, j), f.parity(j) ^ 1);
+    mbarrier_arrive_expect_tx(f.full(t, j), BC * D * 2);
+    tma_load_tile<BC, D>(f.stage(t, j), map, f.full(t, j), col, row, b);
+}
+
+// The loading thread's stream in the forward and dq kernels: K_j and V_j for every tile j.
 template <int D, int BC, int RESIDENT>
 __device__ __forceinline__ void load_key_value_tiles(const SpecialisedBlock<D, BC, RESIDENT>& f,
                                                      const TensorMap& kv_map, int k_col, int v_col, int b, int tiles) {
     for (int j = 0; j < tiles; j++) {
-        mbarrier_wait(f.barrier(f.k_empty, j), f.parity(j) ^ 1);
-        mbarrier_arrive_expect_tx(f.barrier(f.k_full, j), BC * D * 2);
-        tma_load_tile<BC, D>(f.k_stage(j), kv_map, f.barrier(f.k_full, j), k_col, j * BC, b);
-        mbarrier_wait(f.barrier(f.v_empty, j), f.parity(j) ^ 1);
-        mbarrier_arrive_expect_tx(f.barrier(f.v_full, j), BC * D * 2);
-        tma_load_tile<BC, D>(f.v_stage(j), kv_map, f.barrier(f.v_full, j), v_col, j * BC, b);
+        load_stage(f, STREAM_K, j, kv_map, k_col, j * BC, b);
+        load_stage(f, STREAM_V, j, kv_map, v_col, j * BC, b);
     }
 }
 
-// Sets the block's mbarriers up and splits it into its roles: the loading warpgroup gives its registers away, its
-// first thread runs `load`, and it returns false; the computing warpgroups take the registers and return true.
-template <int D, int BC, int RESIDENT, typename Load>
+// The registers a thread of a warp-specialised block has at launch: what __launch_bounds__(3 · 128, 1) leaves ptxas
+// (the 64K of the multiprocessor over 384 threads, in multiples of 8), which ptxas then uses whole. setmaxnreg moves
+// registers between the warpgroups within the block's 384 · 168 only: an increase waits for what the others gave up.
+#define SPECIALISED_LAUNCH_REGISTERS (65536 / (3 * 128) / 8 * 8)
+
+// Sets the block's mbarriers up and splits it into its roles: the loading warpgroup gives its registers away, down to
+// LOADING, its first LOADERS threads run `load`, and it returns false; the computing warpgroups take the registers
+// given up (as many as fit in multiples of 8) and return true. Each of the loading threads arrives at the full
+// barriers of the first streamed tile (one of them with the bytes to expect); one arrives at the others'.
+template <int LOADERS, int LOADING, int D, int BC, int RESIDENT, typename Load>
 __device__ __forceinline__ bool specialised_roles(const SpecialisedBlock<D, BC, RESIDENT>& f, Load load) {
+    constexpr int COMPUTING = (3 * 128 * SPECIALISED_LAUNCH_REGISTERS - 128 * LOADING) / 256 / 8 * 8;
+    static_assert(COMPUTING <= 256, "setmaxnreg gives a thread at most 256 registers");
     if (f.resident % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
     if (threadIdx.x == 0) {
         mbarrier_init(f.resident_full, 1);
         for (int s = 0; s < SPECIALISED_STAGES; s++) {
-            mbarrier_init(f.barrier(f.k_full, s), 1), mbarrier_init(f.barrier(f.v_full, s), 1);
-            mbarrier_init(f.barrier(f.k_empty, s), SPECIALISED_COMPUTING);
-            mbarrier_init(f.barrier(f.v_empty, s), SPECIALISED_COMPUTING);
+            mbarrier_init(f.full(0, s), LOADERS), mbarrier_init(f.full(1, s), 1);
+            mbarrier_init(f.empty(0, s), SPECIALISED_COMPUTING), mbarrier_init(f.empty(1, s), SPECIALISED_COMPUTING);
         }
         fence_mbarrier_init();
     }
     __syncthreads();  // the last barrier of the whole block
     if (threadIdx.x < 128) {
-        setmaxnreg_dec<24>();
-        if (threadIdx.x == 0) load();
+        setmaxnreg_dec<LOADING>();
+        if (threadIdx.x < LOADERS) load();
         return false;
     }
-    setmaxnreg_inc<240>();
+    setmaxnreg_inc<COMPUTING>();
     return true;
 }
 
@@ -848,9 +869,9 @@ __device__ __forceinline__ bool specialised_roles(const SpecialisedBlock<D, BC, 
 // once it has landed.
 template <int D, int BC, int RESIDENT>
 __device__ __forceinline__ void pass_tile(const SpecialisedBlock<D, BC, RESIDENT>& f, int j) {
-    mbarrier_arrive(f.barrier(f.k_empty, j));
-    mbarrier_wait(f.barrier(f.v_full, j), f.parity(j));
-    mbarrier_arrive(f.barrier(f.v_empty, j));
+    mbarrier_arrive(f.empty(STREAM_K, j));
+    mbarrier_wait(f.full(STREAM_V, j), f.parity(j));
+    mbarrier_arrive(f.empty(STREAM_V, j));
 }
 
 // The forward warp-specialised: each computing warpgroup takes 64 queries as flash_forward_pipelined's warpgroups
@@ -867,7 +888,7 @@ __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse,
     const SpecialisedBlock<D, BC, BR> f(shared_address(flash_shared));
     const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH);
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
-    const bool computing = specialised_roles(f, [&] {
+    const bool computing = specialised_roles<1, 24>(f, [&] {
         mbarrier_arrive_expect_tx(f.resident_full, BR * D * 2);
         tma_load_tile<BR, D>(f.resident, q_map, f.resident_full, h * D, q0, b);
         load_key_value_tiles(f, kv_map, (NH + g) * D, (NH + KVH + g) * D, b, tiles);
@@ -896,46 +917,46 @@ __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse,
         unsigned p[BC / 16][4];  // P of the tile whose O += P·V is still to be issued
         float correction[1][2];
         {
-            mbarrier_wait(f.barrier(f.k_full, 0), f.parity(0));
+            mbarrier_wait(f.full(STREAM_K, 0), f.parity(0));
             take_turn();
             float x[1][BC / 8][4] = {};
-            issue_abt_wgmma<D, BC, BR>(x[0], f.resident, first, f.k_stage(0));
+            issue_abt_wgmma<D, BC, BR>(x[0], f.resident, first, f.stage(STREAM_K, 0));
             give_turn(0);
             wgmma_wait<0>();
             settle_wgmma<BC>(x[0]);
-            mbarrier_arrive(f.barrier(f.k_empty, 0));
+            mbarrier_arrive(f.empty(STREAM_K, 0));
             const bool rescale = softmax_scores<1, BC>(x, m, l, correction, 0, row0, T, causal, scale_log2, lane);
             rescale_rows<D, 1>(o, correction, rescale);
             scores_to_a<BC>(p, x[0]);
         }
         for (int j = 1; j < group_tiles; j++) {
-            mbarrier_wait(f.barrier(f.k_full, j), f.parity(j));
+            mbarrier_wait(f.full(STREAM_K, j), f.parity(j));
             take_turn();
             float x[1][BC / 8][4] = {};
-            issue_abt_wgmma<D, BC, BR>(x[0], f.resident, first, f.k_stage(j));
-            mbarrier_wait(f.barrier(f.v_full, j - 1), f.parity(j - 1));
-            issue_ab_wgmma<D, BC>(o[0], p, f.v_stage(j - 1));
+            issue_abt_wgmma<D, BC, BR>(x[0], f.resident, first, f.stage(STREAM_K, j));
+            mbarrier_wait(f.full(STREAM_V, j - 1), f.parity(j - 1));
+            issue_ab_wgmma<D, BC>(o[0], p, f.stage(STREAM_V, j - 1));
             give_turn(j);
             wgmma_wait<1>();
             settle_wgmma<BC>(x[0]);
-            mbarrier_arrive(f.barrier(f.k_empty, j));
+            mbarrier_arrive(f.empty(STREAM_K, j));
             const bool rescale =
                 softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
             wgmma_wait<0>();
             settle_wgmma<D>(o[0]);
-            mbarrier_arrive(f.barrier(f.v_empty, j - 1));
+            mbarrier_arrive(f.empty(STREAM_V, j - 1));
             rescale_rows<D, 1>(o, correction, rescale);
             scores_to_a<BC>(p, x[0]);
         }
         const int last = group_tiles - 1;
-        mbarrier_wait(f.barrier(f.v_full, last), f.parity(last));
-        issue_ab_wgmma<D, BC>(o[0], p, f.v_stage(last));
+        mbarrier_wait(f.full(STREAM_V, last), f.parity(last));
+        issue_ab_wgmma<D, BC>(o[0], p, f.stage(STREAM_V, last));
         wgmma_wait<0>();
         settle_wgmma<D>(o[0]);
-        mbarrier_arrive(f.barrier(f.v_empty, last));
+        mbarrier_arrive(f.empty(STREAM_V, last));
     }
     for (int j = group_tiles; j < tiles; j++) {  // the tiles it has nothing to add to
-        mbarrier_wait(f.barrier(f.k_full, j), f.parity(j));
+        mbarrier_wait(f.full(STREAM_K, j), f.parity(j));
         take_turn();
         give_turn(j);
         pass_tile(f, j);
@@ -945,7 +966,7 @@ __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse,
     // Each warp stages its output in 16 padded rows of its own in the K and V stages.
     static_assert(8 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, true>(2 * SPECIALISED_STAGES * BC),
                   "the staging rows fit");
-    store_forward<D, 1>(out, lse, o, m, l, f.k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0), b, h, row0, T, NH, lane);
+    store_forward<D, 1>(out, lse, o, m, l, f.stages + warp * at<D>(FLASH_WARP_ROWS, 0), b, h, row0, T, NH, lane);
 }
 
 // ---- backward -----------------------------------------------------------------------------------------------------
@@ -1124,7 +1145,7 @@ __device__ __forceinline__ void flash_backward_dq_specialised(bf16* dqkv, float*
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
     const auto q_tile = [&](int c) { return f.resident + c * tile_bytes<D, true>(64); };
     const auto do_tile = [&](int c) { return f.resident + (2 + c) * tile_bytes<D, true>(64); };
-    const bool computing = specialised_roles(f, [&] {
+    const bool computing = specialised_roles<1, 24>(f, [&] {
         mbarrier_arrive_expect_tx(f.resident_full, RESIDENT * D * 2);
         for (int c = 0; c < 2; c++) {
             tma_load_tile<64, D>(q_tile(c), qkv_map, f.resident_full, h * D, q0 + 64 * c, b);
@@ -1143,22 +1164,22 @@ __device__ __forceinline__ void flash_backward_dq_specialised(bf16* dqkv, float*
     const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
     for (int j = 0; j < tiles; j++) {
         const int k0 = j * BC;
-        mbarrier_wait(f.barrier(f.k_full, j), f.parity(j));
+        mbarrier_wait(f.full(STREAM_K, j), f.parity(j));
         if (group_row0 >= T || (causal && k0 > group_row0 + 63)) {
             pass_tile(f, j);
             continue;
         }
-        mbarrier_wait(f.barrier(f.v_full, j), f.parity(j));
-        dq_tile<D, BC, true>(dq, q_tile(c), do_tile(c), first, lse_log2, dot, f.k_stage(j), f.v_stage(j), k0, row0, T,
-                             causal, scale_log2, lane);
-        mbarrier_arrive(f.barrier(f.k_empty, j));
-        mbarrier_arrive(f.barrier(f.v_empty, j));
+        mbarrier_wait(f.full(STREAM_V, j), f.parity(j));
+        dq_tile<D, BC, true>(dq, q_tile(c), do_tile(c), first, lse_log2, dot, f.stage(STREAM_K, j),
+                             f.stage(STREAM_V, j), k0, row0, T, causal, scale_log2, lane);
+        mbarrier_arrive(f.empty(STREAM_K, j));
+        mbarrier_arrive(f.empty(STREAM_V, j));
     }
     named_barrier_sync(3, SPECIALISED_COMPUTING);  // both warpgroups are done with the stages, where dQ is staged
 
     static_assert(8 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, true>(2 * SPECIALISED_STAGES * BC), "staging fits");
     store_rows<D>(dqkv + ((long)b * T + row0) * W + h * D, W, T - row0, dq, rsqrtf((float)D),
-                  f.k_tiles + warp * at<D>(FLASH_WARP_ROWS, 0), lane,
+                  f.stages + warp * at<D>(FLASH_WARP_ROWS, 0), lane,
                   bias_partials_at(bias_partials, b, row0, T, W, h * D));
 }
 
@@ -1308,6 +1329,73 @@ __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, u
     }
 }
 
+// The tiles of one step of a dkv kernel: K and V (the 64 keys), Q and dO (the step's BR queries) and their lse and
+// D; with atomic dQ the warp's rows of the dS tile, and with two roles this lane's place in the Pᵀ exchange.
+struct DkvStep {
+    unsigned k, v, q, dout, lse, dot, ds_rows, p_lane;
+};
+
+// A warp's part of one step of a dkv kernel: for its 16 keys (from `first` of the K and V tiles, j0 in the sequence)
+// and the queries from q0, adds to acc (one role: dV and dK; two: role 0 dV, role 1 dK), unless `live` is false
+// (keys all past the end, or, causal, all after the queries: nothing to add). With two roles, both call
+// hand_over(), which must order role 0's stores of Pᵀ before role 1's loads.
+template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA, typename HandOver>
+__device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], const DkvStep& t, bool live, int role,
+                                         int first, int q0, int j0, int T, int causal, float scale_log2, int lane,
+                                         HandOver hand_over) {
+    constexpr int BC = 4 * FLASH_WARP_ROWS;
+    unsigned p[BR / 16][4], ds[BR / 16][4];
+    float dp[BR / 8][4] = {};
+    if constexpr (ROLES == 1) {
+        if (live) {
+            transposed_probabilities<D, BR, WGMMA>(p, t.k, first, t.q, t.lse, q0, j0, T, causal, scale_log2, lane);
+            add_ab<D, BR, WGMMA>(acc[0], p, t.dout, lane);
+            add_abt<D, BR, BC, WGMMA>(dp, t.v, first, t.dout, lane);  // dPᵀ = V·dOᵀ
+            transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, t.dot, t.ds_rows, lane);
+            add_ab<D, BR, WGMMA>(acc[1], ds, t.q, lane);
+        }
+    } else {
+        if (live && role == 0) {
+            transposed_probabilities<D, BR, WGMMA>(p, t.k, first, t.q, t.lse, q0, j0, T, causal, scale_log2, lane);
+#pragma unroll
+            for (int kb = 0; kb < BR / 16; kb++)
+                st_shared_128(t.p_lane + kb * 512, make_int4(p[kb][0], p[kb][1], p[kb][2], p[kb][3]));
+        } else if (live) {
+            add_abt<D, BR, BC, WGMMA>(dp, t.v, first, t.dout, lane);  // dPᵀ = V·dOᵀ
+        }
+        hand_over();
+        if (live && role == 0) {
+            add_ab<D, BR, WGMMA>(acc[0], p, t.dout, lane);
+        } else if (live) {
+#pragma unroll
+            for (int kb = 0; kb < BR / 16; kb++) {
+                const int4 v = ld_shared_128(t.p_lane + kb * 512);
+                p[kb][0] = v.x, p[kb][1] = v.y, p[kb][2] = v.z, p[kb][3] = v.w;
+            }
+            transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, t.dot, t.ds_rows, lane);
+            add_ab<D, BR, WGMMA>(acc[0], ds, t.q, lane);
+        }
+    }
+}
+
+// Writes a warp's accumulators of its 16 keys from j0 of sequence b (one role: dV, then dK; two: role 0's dV or
+// role 1's dK) into the key and value columns of group g in dqkv, accumulator r staged at staging(r, dk), with their
+// column sums into bias_partials.
+template <int D, int ROLES, typename Staging>
+__device__ __forceinline__ void store_dkv(bf16* dqkv, float* bias_partials, const float (&acc)[3 - ROLES][D / 8][4],
+                                          int role, int b, int g, int j0, int T, int NH, int KVH, int lane,
+                                          Staging staging) {
+    const int W = (NH + 2 * KVH) * D;
+    bf16* rows = dqkv + ((long)b * T + j0) * W;
+#pragma unroll
+    for (int r = 0; r < 3 - ROLES; r++) {
+        const bool dk = ROLES == 1 ? r == 1 : role == 1;
+        const int column = (dk ? NH + g : NH + KVH + g) * D;
+        store_rows<D>(rows + column, W, T - j0, acc[r], dk ? rsqrtf((float)D) : 1.0f, staging(r, dk), lane,
+                      bias_partials_at(bias_partials, b, j0, T, W, column));
+    }
+}
+
 // Grid (key tiles of 64, KVH, B), ROLES × 4 warps a block. Shared memory: K and V (64 rows each), two stages of Q
 // and of dO (BR rows each), then two stages of lse and of D (BR floats each), with ATOMIC_DQ the dS tile (64 keys ×
 // BR queries), and with two roles the Pᵀ exchange (4 × BR/16 × 32 lanes × 16 bytes). The block visits, for each
@@ -1376,46 +1464,14 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
         if (WGMMA) fence_proxy_async();
         __syncthreads();
         const int q0 = (first_tile + i % per_head) * BR, stage = i % 2;
-        const unsigned q_tile = q_tiles + stage * tile_bytes<D, WGMMA>(BR),
-                       do_tile = do_tiles + stage * tile_bytes<D, WGMMA>(BR), lse_tile = lse_tiles + stage * BR * 4,
-                       dot_tile = dot_tiles + stage * BR * 4;
+        const DkvStep t{k_tile, v_tile, q_tiles + stage * tile_bytes<D, WGMMA>(BR),
+                        do_tiles + stage * tile_bytes<D, WGMMA>(BR), lse_tiles + stage * BR * 4,
+                        dot_tiles + stage * BR * 4, ds_rows, p_lane};
         // Keys all past the end, or (causal) all after this tile's queries, have nothing to add (and their rows of
         // dS are zero).
         const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
-        unsigned p[BR / 16][4], ds[BR / 16][4];
-        float dp[BR / 8][4] = {};
-        if constexpr (ROLES == 1) {
-            if (live) {
-                transposed_probabilities<D, BR, WGMMA>(p, k_tile, first, q_tile, lse_tile, q0, j0, T, causal,
-                                                       scale_log2, lane);
-                add_ab<D, BR, WGMMA>(acc[0], p, do_tile, lane);
-                add_abt<D, BR, BC, WGMMA>(dp, v_tile, first, do_tile, lane);  // dPᵀ = V·dOᵀ
-                transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, dot_tile, ds_rows, lane);
-                add_ab<D, BR, WGMMA>(acc[1], ds, q_tile, lane);
-            }
-        } else {
-            if (live && role == 0) {
-                transposed_probabilities<D, BR, WGMMA>(p, k_tile, first, q_tile, lse_tile, q0, j0, T, causal,
-                                                       scale_log2, lane);
-#pragma unroll
-                for (int kb = 0; kb < BR / 16; kb++)
-                    st_shared_128(p_lane + kb * 512, make_int4(p[kb][0], p[kb][1], p[kb][2], p[kb][3]));
-            } else if (live) {
-                add_abt<D, BR, BC, WGMMA>(dp, v_tile, first, do_tile, lane);  // dPᵀ = V·dOᵀ
-            }
-            __syncthreads();  // Pᵀ handed over
-            if (live && role == 0) {
-                add_ab<D, BR, WGMMA>(acc[0], p, do_tile, lane);
-            } else if (live) {
-#pragma unroll
-                for (int kb = 0; kb < BR / 16; kb++) {
-                    const int4 v = ld_shared_128(p_lane + kb * 512);
-                    p[kb][0] = v.x, p[kb][1] = v.y, p[kb][2] = v.z, p[kb][3] = v.w;
-                }
-                transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, dot_tile, ds_rows, lane);
-                add_ab<D, BR, WGMMA>(acc[0], ds, q_tile, lane);
-            }
-        }
+        dkv_step<D, BR, ROLES, ATOMIC_DQ, WGMMA>(acc, t, live, role, first, q0, j0, T, causal, scale_log2, lane,
+                                                 [] { __syncthreads(); });
         if (ATOMIC_DQ) {
             if (!live && role == ROLES - 1) {
                 for (int k = lane; k < FLASH_WARP_ROWS * BR / 2; k += 32)
@@ -1434,16 +1490,116 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
     // swizzled, 16 padded rows of its own per accumulator in the Q and dO stages.
     static_assert(!WGMMA || THREADS / 32 * ACCUMULATORS * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, WGMMA>(4 * BR),
                   "staging fits");
-    bf16* rows = dqkv + ((long)b * T + j0) * W;
-#pragma unroll
-    for (int r = 0; r < ACCUMULATORS; r++) {
-        const bool dk = ROLES == 1 ? r == 1 : role == 1;
-        const unsigned staging = WGMMA ? q_tiles + (warp * ACCUMULATORS + r) * at<D>(FLASH_WARP_ROWS, 0)
-                                       : (dk ? k_tile : v_tile) + at<D>(first, 0);
-        const int column = (dk ? NH + g : NH + KVH + g) * D;
-        store_rows<D>(rows + column, W, T - j0, acc[r], dk ? rsqrtf((float)D) : 1.0f, staging, lane,
-                      bias_partials_at(bias_partials, b, j0, T, W, column));
+    store_dkv<D, ROLES>(dqkv, bias_partials, acc, role, b, g, j0, T, NH, KVH, lane, [&](int r, bool dk) {
+        return WGMMA ? q_tiles + (warp * ACCUMULATORS + r) * at<D>(FLASH_WARP_ROWS, 0)
+                     : (dk ? k_tile : v_tile) + at<D>(first, 0);
+    });
+}
+
+// The dkv kernel warp-specialised, for the deterministic backward (dQ from the dq kernel). With one role each
+// computing warpgroup takes 64 keys of its own (128 a block) and both halves of every step; with two, the
+// warpgroups are flash_backward_dkv's two roles on 64 keys, handing Pᵀ over through two buffers and named barriers
+// 1 and 2 in turn: a role two steps ahead would need a stage the other has not yet handed back, so neither a buffer
+// nor a barrier is taken for the next step's while in use. The steps and their arithmetic are flash_backward_dkv's
+// on wgmma (a warpgroup's first step may have nothing to add): dK and dV are that kernel's bit for bit. Grid (key
+// tiles of 64 · (3 − ROLES), KVH, B); K and V (the resident tiles) and Q from qkv_map, dO from dout_map, all in
+// boxes of 64 rows; the loading warp's lanes copy each step's lse and D beside its Q.
+// Shared memory: as SpecialisedBlock lays it out, then (16-byte aligned) the two Pᵀ buffers with two roles, then lse
+// and D of each stage.
+template <int D, int ROLES>
+__device__ constexpr unsigned specialised_dkv_shared_bytes() {
+    constexpr int BR = 64, KEYS = (3 - ROLES) * 64;
+    return (specialised_shared_bytes<D, BR, 2 * KEYS>() + 15) / 16 * 16 + (ROLES == 2 ? 2 * BR * 128 : 0) +
+           SPECIALISED_STAGES * 2 * BR * 4;
+}
+
+template <int D, int ROLES>
+__device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float* bias_partials,
+                                                               const TensorMap& qkv_map, const TensorMap& dout_map,
+                                                               const float* lse, const float* row_dot, int T, int NH,
+                                                               int KVH, int causal) {
+    constexpr int BR = 64, BC = 64, KEYS = (3 - ROLES) * BC, ACCUMULATORS = 3 - ROLES;
+    static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
+    static_assert(SPECIALISED_STAGES == 2, "as many Pᵀ buffers and hand-over barriers as stages");
+    check_launch(specialised_dkv_shared_bytes<D, ROLES>(), 3 * 128);
+    const SpecialisedBlock<D, BR, 2 * KEYS> f(shared_address(flash_shared));
+    const unsigned p_exchange = shared_address(flash_shared) + (specialised_shared_bytes<D, BR, 2 * KEYS>() + 15) /
+                                                                   16 * 16,
+                   stats = p_exchange + (ROLES == 2 ? 2 * BR * 128 : 0);
+    // Key tile c of the block (64 rows) and its values; lse and D of step i's stage.
+    const auto k_tile = [&](int c) { return f.resident + c * tile_bytes<D, true>(BC); };
+    const auto v_tile = [&](int c) { return f.resident + (KEYS / BC + c) * tile_bytes<D, true>(BC); };
+    const auto lse_tile = [&](int i) { return stats + i % SPECIALISED_STAGES * 2 * BR * 4; };
+    const auto dot_tile = [&](int i) { return lse_tile(i) + BR * 4; };
+    const int g = blockIdx.y, b = blockIdx.z, group = NH / KVH;
+    const int kv0 = blockIdx.x * KEYS;  // causal: the first key tiles have the most queries, and go first
+    const int first_tile = causal ? kv0 / BR : 0, per_head = (T + BR - 1) / BR - first_tile;
+    const int steps = group * per_head;
+    // Step i: query tile first_tile + i % per_head of query head g·group + i / per_head.
+    const auto head = [&](int i) { return g * group + i / per_head; };
+    const auto query0 = [&](int i) { return (first_tile + i % per_head) * BR; };
+    // The loading warp's copies of the statistics need more than 24 registers (ptxas spills at 24), so 40; the
+    // computing warpgroups get 232.
+    const bool computing = specialised_roles<32, 40>(f, [&] {
+        const int lane = threadIdx.x;
+        if (lane == 0) {
+            mbarrier_arrive_expect_tx(f.resident_full, 2 * KEYS * D * 2);
+            for (int c = 0; c < KEYS / BC; c++) {
+                tma_load_tile<BC, D>(k_tile(c), qkv_map, f.resident_full, (NH + g) * D, kv0 + c * BC, b);
+                tma_load_tile<BC, D>(v_tile(c), qkv_map, f.resident_full, (NH + KVH + g) * D, kv0 + c * BC, b);
+            }
+        }
+        for (int i = 0; i < steps; i++) {
+            const int h = head(i), q0 = query0(i);
+            const long row = ((long)b * NH + h) * T + q0;
+            mbarrier_wait(f.empty(STREAM_Q, i), f.parity(i) ^ 1);
+            for (int r = lane; r < BR; r += 32) {  // zero past the end, as load_stats
+                const bool valid = q0 + r < T;
+                st_shared_32(lse_tile(i) + 4 * r, __float_as_uint(valid ? lse[row + r] : 0.0f));
+                st_shared_32(dot_tile(i) + 4 * r, __float_as_uint(valid ? row_dot[row + r] : 0.0f));
+            }
+            if (lane != 0) {
+                mbarrier_arrive(f.full(STREAM_Q, i));
+                continue;
+            }
+            mbarrier_arrive_expect_tx(f.full(STREAM_Q, i), BR * D * 2);
+            tma_load_tile<BR, D>(f.stage(STREAM_Q, i), qkv_map, f.full(STREAM_Q, i), h * D, q0, b);
+            load_stage(f, STREAM_DOUT, i, dout_map, h * D, q0, b);
+        }
+    });
+    if (!computing) return;
+
+    // Warpgroup c of the two computing ones: its role, and which 64 of the block's keys it takes.
+    const int c = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 - 4, lane = threadIdx.x % 32;
+    const int role = ROLES == 2 ? c : 0, keys = ROLES == 2 ? 0 : c;
+    const int first = warp % 4 * FLASH_WARP_ROWS, group_j0 = kv0 + keys * BC, j0 = group_j0 + first;
+    float acc[ACCUMULATORS][D / 8][4] = {};
+    const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
+    mbarrier_wait(f.resident_full, 0);
+    for (int i = 0; i < steps; i++) {
+        const int q0 = query0(i);
+        mbarrier_wait(f.full(STREAM_Q, i), f.parity(i));
+        mbarrier_wait(f.full(STREAM_DOUT, i), f.parity(i));
+        // This lane's 16 bytes of the warp pair's Pᵀ fragments in step i's buffer, block kb 512 bytes further.
+        const unsigned p_lane = p_exchange + i % 2 * BR * 128 + (warp % 4 * (BR / 16) * 32 + lane) * 16;
+        const DkvStep t{k_tile(keys),          v_tile(keys), f.stage(STREAM_Q, i), f.stage(STREAM_DOUT, i),
+                        lse_tile(i),           dot_tile(i),  0,                    p_lane};
+        const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
+        dkv_step<D, BR, ROLES, false, true>(acc, t, live, role, first, q0, j0, T, causal, scale_log2, lane, [&] {
+            if (role == 0) named_barrier_arrive(1 + i % 2, SPECIALISED_COMPUTING);
+            else named_barrier_sync(1 + i % 2, SPECIALISED_COMPUTING);
+        });
+        mbarrier_arrive(f.empty(STREAM_Q, i));
+        mbarrier_arrive(f.empty(STREAM_DOUT, i));
     }
+    named_barrier_sync(3, SPECIALISED_COMPUTING);  // both warpgroups are done with the tiles, where dK and dV go
+
+    // Each warp stages each accumulator in 16 padded rows of its own, from the resident tiles on.
+    static_assert(8 * ACCUMULATORS * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, true>(2 * KEYS + 4 * BR),
+                  "staging fits");
+    store_dkv<D, ROLES>(dqkv, bias_partials, acc, role, b, g, j0, T, NH, KVH, lane, [&](int r, bool) {
+        return f.resident + (warp * ACCUMULATORS + r) * at<D>(FLASH_WARP_ROWS, 0);
+    });
 }
 
 // dQ = s·(the fp32 sums of flash_attention_backward_dkv_dq), rounded into the query columns of dqkv: 8 elements a
@@ -1551,15 +1707,24 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         flash_forward_pipelined<D, BC>(out, lse, qkv, T, NH, KVH, causal);                                             \
     }
 
-// And warp-specialised, the forward (flash_forward_specialised, BC keys a tile) and the dq kernel
-// (flash_backward_dq_specialised), with what a launch needs in flash_attention_launch_wgmma_specialised_dD: threads
-// a block (both), the forward's dynamic shared memory and keys a tile, the dq kernel's dynamic shared memory, queries
-// a block and rows a tile (of Q, K and V alike); the engine's tensor maps take their boxes from these. The engine
-// runs them only when KILN_FLASH_WGMMA asks for them.
-#define FLASH_SPECIALISED(D, BC)                                                                                       \
-    extern "C" __constant__ unsigned flash_attention_launch_wgmma_specialised_d##D[6] = {                              \
-        3 * 128, specialised_shared_bytes<D, BC, 2 * 64>(), BC, specialised_shared_bytes<D, 64, 4 * 64>(), 2 * 64,    \
-        64};                                                                                                           \
+// And warp-specialised, the forward (flash_forward_specialised, BC keys a tile), the dq kernel
+// (flash_backward_dq_specialised) and the dkv kernel (flash_backward_dkv_specialised, DKV_ROLES roles), with what a
+// launch needs in flash_attention_launch_wgmma_specialised_dD: threads a block (all three), the forward's dynamic
+// shared memory and keys a tile, the dq kernel's dynamic shared memory, queries a block and rows a tile (of Q, K, V
+// and dO alike, in both backward kernels), then the dkv kernel's dynamic shared memory and keys a block; the
+// engine's tensor maps take their boxes from these. The engine runs them only when KILN_FLASH_WGMMA asks for them.
+// The dkv kernel takes two roles at D = 128, where one warpgroup holding both dK and dV would need more registers
+// than setmaxnreg leaves it (232).
+#define FLASH_SPECIALISED(D, BC, DKV_ROLES)                                                                            \
+    extern "C" __constant__ unsigned flash_attention_launch_wgmma_specialised_d##D[8] = {                              \
+        3 * 128,                                                                                                       \
+        specialised_shared_bytes<D, BC, 2 * 64>(),                                                                     \
+        BC,                                                                                                            \
+        specialised_shared_bytes<D, 64, 4 * 64>(),                                                                     \
+        2 * 64,                                                                                                        \
+        64,                                                                                                            \
+        specialised_dkv_shared_bytes<D, DKV_ROLES>(),                                                                  \
+        (3 - DKV_ROLES) * 64};                                                                                         \
     extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_forward_wgmma_specialised_d##D(           \
         bf16* out, float* lse, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap kv_map,      \
         int T, int NH, int KVH, int causal) {                                                                          \
@@ -1571,6 +1736,13 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         int causal) {                                                                                                  \
         flash_backward_dq_specialised<D, 64>(dqkv, bias_partials, qkv_map, dout_map, lse, row_dot, T, NH, KVH,         \
                                              causal);                                                                  \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_backward_dkv_wgmma_specialised_d##D(      \
+        bf16* dqkv, float* bias_partials, const __grid_constant__ TensorMap qkv_map,                                   \
+        const __grid_constant__ TensorMap dout_map, const float* lse, const float* row_dot, int T, int NH, int KVH,    \
+        int causal) {                                                                                                  \
+        flash_backward_dkv_specialised<D, DKV_ROLES>(dqkv, bias_partials, qkv_map, dout_map, lse, row_dot, T, NH, KVH, \
+                                                     causal);                                                          \
     }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1578,6 +1750,6 @@ FLASH_ATTENTION_WGMMA(64, 64, 2, 64, 64, 1, 0, 0)
 FLASH_ATTENTION_WGMMA(128, 128, 1, 64, 64, 1, 0, 2)
 FLASH_FORWARD_PIPELINED(64, 64, 2)
 FLASH_FORWARD_PIPELINED(128, 128, 1)
-FLASH_SPECIALISED(64, 64)
-FLASH_SPECIALISED(128, 128)
+FLASH_SPECIALISED(64, 64, 1)
+FLASH_SPECIALISED(128, 128, 2)
 #endif

@@ -177,7 +177,7 @@ step selftest-bf16-pipelined 120 "${pipelined[@]}" "$kiln" selftest --backend cu
   selftest_failed+=(bf16-pipelined)
 step bench-attention-pipelined 120 "${pipelined[@]}" "$kiln" bench attention --backend cuda --suite
 step bench-kiln-pipelined 90 "${pipelined[@]}" "$kiln" bench train --backend cuda --steps 10 --warmup 2
-# The forward and the dq kernel warp-specialised (KILN_FLASH_WGMMA=specialised,backward): a loading warpgroup with
+# The forward, dq and dkv kernels warp-specialised (KILN_FLASH_WGMMA=specialised,backward): a loading warpgroup with
 # tensor copies and mbarriers, two computing ones. The CPU emulation found them bit-identical to the defaults; here
 # their self-test (which must not fault: tensor maps, mbarrier parities and setmaxnreg are what the emulation reads
 # from the PTX ISA, not what it ran), then the same benchmarks. Not the default until these show them faster.

@@ -102,7 +102,8 @@ static void run(const Shape& s) {
         forward_shared = p[0], forward_threads = p[1];
     }
     // The specialised kernels' table: threads a block, the forward's shared memory and keys a tile, the dq kernel's
-    // shared memory, queries a block and rows a tile.
+    // shared memory, queries a block and rows a tile (of both backward kernels), the dkv kernel's shared memory and
+    // keys a block.
     const unsigned* specialised =
         D == 64 ? flash_attention_launch_wgmma_specialised_d64 : flash_attention_launch_wgmma_specialised_d128;
     if (s.specialised) forward_shared = specialised[1], forward_threads = specialised[0];
@@ -115,8 +116,8 @@ static void run(const Shape& s) {
                          {64, rows, 1}};
     };
     const TensorMap q_map = tensor_map(qkv.p, W, tiles[0]), kv_map = tensor_map(qkv.p, W, specialised[2]),
-                    dq_qkv_map = tensor_map(qkv.p, W, specialised[5]),
-                    dq_dout_map = tensor_map(dout.p, (unsigned long long)NH * D, specialised[5]);
+                    backward_qkv_map = tensor_map(qkv.p, W, specialised[5]),
+                    backward_dout_map = tensor_map(dout.p, (unsigned long long)NH * D, specialised[5]);
 #endif
     const unsigned fwd_grid = (T + tiles[0] - 1) / tiles[0], bwd_grid = (T + 63) / 64;
 #define DISPATCH(NAME, ...)                                             \
@@ -175,42 +176,52 @@ static void run(const Shape& s) {
     const size_t rows = (size_t)B * T * NH;
     launch({(unsigned)((rows * 8 + 255) / 256), 1, 1}, 256, 0,
            [&] { flash_attention_row_dot(row_dot.p, dout.p, out.p, B, T, NH, D); });
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    if (s.specialised) {
+        const unsigned dkv_grid = (T + specialised[7] - 1) / specialised[7];
+        launch({dkv_grid, (unsigned)KVH, (unsigned)B}, specialised[0], specialised[6], [&] {
+            auto* dkv = D == 64 ? flash_attention_backward_dkv_wgmma_specialised_d64
+                                : flash_attention_backward_dkv_wgmma_specialised_d128;
+            dkv(dqkv.p, bias_partials.p, backward_qkv_map, backward_dout_map, lse.p, row_dot.p, T, NH, KVH, s.causal);
+        });
+        const unsigned dq_grid = (T + specialised[4] - 1) / specialised[4];
+        launch({dq_grid, (unsigned)NH, (unsigned)B}, specialised[0], specialised[3], [&] {
+            auto* dq = D == 64 ? flash_attention_backward_dq_wgmma_specialised_d64
+                               : flash_attention_backward_dq_wgmma_specialised_d128;
+            dq(dqkv.p, bias_partials.p, backward_qkv_map, backward_dout_map, lse.p, row_dot.p, T, NH, KVH, s.causal);
+        });
+        // They run the wgmma kernels' arithmetic: dQ, dK, dV and their column sums are those kernels' bit for bit.
+        Array<__nv_bfloat16> plain_dqkv(dqkv.n);
+        Array<float> plain_partials(bias_partials.n);
+        plain_dqkv.poison(), plain_partials.poison();
+        launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[7], tiles[3], [&] {
+            auto* dkv = D == 64 ? flash_attention_backward_dkv_wgmma_d64 : flash_attention_backward_dkv_wgmma_d128;
+            dkv(plain_dqkv.p, plain_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal);
+        });
+        launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
+            auto* dq = D == 64 ? flash_attention_backward_dq_wgmma_d64 : flash_attention_backward_dq_wgmma_d128;
+            dq(plain_dqkv.p, plain_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal);
+        });
+        const bool same = std::memcmp(dqkv.p, plain_dqkv.p, dqkv.n * 2) == 0 &&
+                          std::memcmp(bias_partials.p, plain_partials.p, bias_partials.n * 4) == 0;
+        report("dQKV as wgmma", s, same ? 0 : 1, 0);
+    } else {
+#else
+    {
+#endif
     launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[7], tiles[3], [&] {
         DISPATCH_WGMMA(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
                        KVH, s.causal)
         DISPATCH(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
                  s.causal)
     });
-#ifdef __CUDA_ARCH_FEAT_SM90_ALL
-    if (s.specialised) {
-        const unsigned dq_grid = (T + specialised[4] - 1) / specialised[4];
-        launch({dq_grid, (unsigned)NH, (unsigned)B}, specialised[0], specialised[3], [&] {
-            auto* dq = D == 64 ? flash_attention_backward_dq_wgmma_specialised_d64
-                               : flash_attention_backward_dq_wgmma_specialised_d128;
-            dq(dqkv.p, bias_partials.p, dq_qkv_map, dq_dout_map, lse.p, row_dot.p, T, NH, KVH, s.causal);
-        });
-        // It runs the wgmma dq kernel's arithmetic: dQ and its column sums are that kernel's bit for bit.
-        Array<__nv_bfloat16> plain_dqkv(dqkv.n);
-        Array<float> plain_partials(bias_partials.n);
-        plain_dqkv.poison(), plain_partials.poison();
-        launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
-            auto* dq = D == 64 ? flash_attention_backward_dq_wgmma_d64 : flash_attention_backward_dq_wgmma_d128;
-            dq(plain_dqkv.p, plain_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal);
-        });
-        bool same = true;
-        for (size_t r = 0; r < (size_t)B * T; r++)
-            same &= std::memcmp(dqkv.p + r * W, plain_dqkv.p + r * W, C * 2) == 0;
-        for (size_t r = 0; r < partial_rows; r++)
-            same &= std::memcmp(bias_partials.p + r * W, plain_partials.p + r * W, C * 4) == 0;
-        report("dQ as wgmma", s, same ? 0 : 1, 0);
-    } else
-#endif
     launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
         DISPATCH_WGMMA(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
                        KVH, s.causal)
         DISPATCH(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
                  s.causal)
     });
+    }
     launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[8], tiles[4], [&] {
         DISPATCH_WGMMA(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
                        KVH, s.causal)
@@ -311,7 +322,7 @@ static void run(const Shape& s) {
 }
 
 int main(int argc, char** argv) {
-    if (const char* seed = std::getenv("EMU_SEED")) g_sched_rng.seed(std::atoi(seed));
+    emu_schedule_from_env();
     std::vector<int> dims = {32, 64, 96, 128}, lengths = {1, 17, 64, 77, 130};
     if (argc > 1) dims = {std::atoi(argv[1])};
     if (argc > 2) lengths = {std::atoi(argv[2])};

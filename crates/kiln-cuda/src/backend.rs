@@ -94,14 +94,15 @@ const MAX_HEAD_DIM: usize = 128;
 const FLASH_BLOCK_ROWS: usize = 64;
 
 /// Per head dimension the fused attention kernels (kernels/flash_attention.cu) are built for: the forward, dq, dkv
-/// and dkv-with-atomic-dQ kernels, the same on wgmma, which sm_90a has for some, and the pipelined forward, the
-/// warp-specialised forward and the warp-specialised dq kernel on wgmma.
+/// and dkv-with-atomic-dQ kernels, the same on wgmma, which sm_90a has for some, and the pipelined forward and the
+/// warp-specialised forward, dq and dkv kernels on wgmma.
 macro_rules! flash_kernels {
     ($($d:literal),*) => {
         [$(($d, [
             concat!("flash_attention_forward_wgmma_pipelined_d", $d),
             concat!("flash_attention_forward_wgmma_specialised_d", $d),
             concat!("flash_attention_backward_dq_wgmma_specialised_d", $d),
+            concat!("flash_attention_backward_dkv_wgmma_specialised_d", $d),
         ], [
             concat!("flash_attention_forward_d", $d),
             concat!("flash_attention_backward_dq_d", $d),
@@ -115,7 +116,7 @@ macro_rules! flash_kernels {
         ])),*]
     };
 }
-type FlashKernelNames = (usize, [&'static str; 3], [&'static str; 4], [&'static str; 4]);
+type FlashKernelNames = (usize, [&'static str; 4], [&'static str; 4], [&'static str; 4]);
 const FLASH_KERNELS: [FlashKernelNames; 4] = flash_kernels!(32, 64, 96, 128);
 
 /// Whether the fused attention kernels are built for `head_dim`.
@@ -129,17 +130,18 @@ pub(crate) fn fused_head_dim(head_dim: usize) -> bool {
 /// and beat the mma.sync kernels on an H200 and an H100 (docs/benchmarks.md). `none` keeps the mma.sync kernels.
 /// `pipelined` runs the forward on wgmma in its pipelined form (flash_forward_pipelined in the kernel file),
 /// `specialised` in its warp-specialised form (flash_forward_specialised: tensor copies, mbarriers, ping-pong) and,
-/// with `backward`, the dq kernel too (flash_backward_dq_specialised), which the CPU emulation has checked but no GPU
-/// has yet timed: not a default until one measures them faster.
+/// with `backward`, the dq and dkv kernels of the deterministic backward too (flash_backward_dq_specialised,
+/// flash_backward_dkv_specialised), which the CPU emulation has checked but no GPU has yet timed: not a default until
+/// one measures them faster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashWgmma {
     pub forward: bool,
     pub backward: bool,
-    /// The forward's form on wgmma, with `forward` (specialised, with `backward` the dq kernel's too).
+    /// The forward's form on wgmma, with `forward` (specialised, with `backward` the dq and dkv kernels' too).
     pub form: ForwardForm,
 }
 
-/// Which form of the forward on wgmma runs (and, specialised, of the dq kernel).
+/// Which form of the forward on wgmma runs (and, specialised, of the deterministic backward's kernels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardForm {
     /// flash_forward: each warpgroup waits for each product.
@@ -216,8 +218,17 @@ struct FlashTiles {
     kernels: [&'static str; 4],
     /// Keys a tile, when the forward is the warp-specialised one, which reads qkv through tensor maps.
     forward_keys: Option<u32>,
-    /// Queries a block and rows a tensor map's box, when the dq kernel is the warp-specialised one.
-    dq_boxes: Option<(usize, u32)>,
+    /// How the warp-specialised dq and dkv kernels, when they run, take the sequence.
+    specialised_backward: Option<SpecialisedBackward>,
+}
+
+/// The warp-specialised dq and dkv kernels' blocks: queries a dq block, keys a dkv block, and the rows of every
+/// tensor map's box (Q, K, V and dO alike).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SpecialisedBackward {
+    dq_queries: usize,
+    dkv_keys: usize,
+    box_rows: u32,
 }
 
 impl FlashTiles {
@@ -231,52 +242,64 @@ impl FlashTiles {
     fn read(cubin: &[u8], wgmma: FlashWgmma) -> Result<Vec<FlashTiles>> {
         FLASH_KERNELS
             .into_iter()
-            .map(|(head_dim, [pipelined_forward, specialised_forward, specialised_dq], kernels, wgmma_kernels)| {
-                let words = flash_launch_table(cubin, head_dim)?;
-                let mut tiles = FlashTiles {
+            .map(
+                |(
                     head_dim,
-                    forward_rows: words[0] as usize,
-                    shared_bytes: [words[1], words[2], words[3], words[4]],
-                    threads: [words[5], words[6], words[7], words[8]],
+                    [pipelined_forward, specialised_forward, specialised_dq, specialised_dkv],
                     kernels,
-                    forward_keys: None,
-                    dq_boxes: None,
-                };
-                if let Some(w) = flash_wgmma_launch_table(cubin, head_dim)? {
-                    let on = [wgmma.forward, wgmma.backward, wgmma.backward, wgmma.backward];
-                    for kernel in (0..4).filter(|&k| on[k]) {
-                        tiles.shared_bytes[kernel] = w[1 + kernel];
-                        tiles.threads[kernel] = w[5 + kernel];
-                        tiles.kernels[kernel] = wgmma_kernels[kernel];
-                    }
-                    if wgmma.forward {
-                        tiles.forward_rows = w[0] as usize;
-                    }
-                    let mut set = |kernel: usize, name, shared, threads| {
-                        (tiles.kernels[kernel], tiles.shared_bytes[kernel], tiles.threads[kernel]) =
-                            (name, shared, threads);
+                    wgmma_kernels,
+                )| {
+                    let words = flash_launch_table(cubin, head_dim)?;
+                    let mut tiles = FlashTiles {
+                        head_dim,
+                        forward_rows: words[0] as usize,
+                        shared_bytes: [words[1], words[2], words[3], words[4]],
+                        threads: [words[5], words[6], words[7], words[8]],
+                        kernels,
+                        forward_keys: None,
+                        specialised_backward: None,
                     };
-                    match wgmma.form {
-                        ForwardForm::Plain => {}
-                        ForwardForm::Pipelined => {
-                            if let Some([shared, threads]) = flash_pipelined_launch_table(cubin, head_dim)? {
-                                set(Self::FORWARD, pipelined_forward, shared, threads);
-                            }
+                    if let Some(w) = flash_wgmma_launch_table(cubin, head_dim)? {
+                        let on = [wgmma.forward, wgmma.backward, wgmma.backward, wgmma.backward];
+                        for kernel in (0..4).filter(|&k| on[k]) {
+                            tiles.shared_bytes[kernel] = w[1 + kernel];
+                            tiles.threads[kernel] = w[5 + kernel];
+                            tiles.kernels[kernel] = wgmma_kernels[kernel];
                         }
-                        ForwardForm::Specialised => {
-                            if let Some(t) = flash_specialised_launch_table(cubin, head_dim)? {
-                                set(Self::FORWARD, specialised_forward, t[1], t[0]);
-                                if wgmma.backward {
-                                    set(Self::DQ, specialised_dq, t[3], t[0]);
-                                    tiles.dq_boxes = Some((t[4] as usize, t[5]));
+                        if wgmma.forward {
+                            tiles.forward_rows = w[0] as usize;
+                        }
+                        let mut set = |kernel: usize, name, shared, threads| {
+                            (tiles.kernels[kernel], tiles.shared_bytes[kernel], tiles.threads[kernel]) =
+                                (name, shared, threads);
+                        };
+                        match wgmma.form {
+                            ForwardForm::Plain => {}
+                            ForwardForm::Pipelined => {
+                                if let Some([shared, threads]) = flash_pipelined_launch_table(cubin, head_dim)? {
+                                    set(Self::FORWARD, pipelined_forward, shared, threads);
                                 }
-                                tiles.forward_keys = Some(t[2]);
+                            }
+                            ForwardForm::Specialised => {
+                                if let Some(t) = flash_specialised_launch_table(cubin, head_dim)? {
+                                    set(Self::FORWARD, specialised_forward, t[1], t[0]);
+                                    if wgmma.backward {
+                                        set(Self::DQ, specialised_dq, t[3], t[0]);
+                                        set(Self::DKV, specialised_dkv, t[6], t[0]);
+                                        tiles.specialised_backward = Some(SpecialisedBackward {
+                                            dq_queries: t[4] as usize,
+                                            box_rows: t[5],
+                                            dkv_keys: t[7] as usize,
+                                        });
+                                    }
+                                    tiles.forward_keys = Some(t[2]);
+                                }
                             }
                         }
                     }
-                }
-                Ok(tiles)
-            })
+                    Ok(tiles)
+                },
+            )
             .collect()
     }
 
@@ -310,10 +333,11 @@ pub fn flash_pipelined_launch_table(cubin: &[u8], head_dim: usize) -> Result<Opt
     launch_words(cubin, &format!("flash_attention_launch_wgmma_pipelined_d{head_dim}"))
 }
 
-/// `flash_attention_launch_wgmma_specialised_d{head_dim}`, where the CUBIN has the warp-specialised forward and dq
-/// kernels for that head dimension (sm_90a): threads a block (both), the forward's dynamic shared memory and keys a
-/// tile, the dq kernel's dynamic shared memory, queries a block and rows a tile.
-pub fn flash_specialised_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 6]>> {
+/// `flash_attention_launch_wgmma_specialised_d{head_dim}`, where the CUBIN has the warp-specialised forward, dq and
+/// dkv kernels for that head dimension (sm_90a): threads a block (all three), the forward's dynamic shared memory and
+/// keys a tile, the dq kernel's dynamic shared memory, queries a block and rows a tile (of both backward kernels),
+/// the dkv kernel's dynamic shared memory and keys a block.
+pub fn flash_specialised_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 8]>> {
     launch_words(cubin, &format!("flash_attention_launch_wgmma_specialised_d{head_dim}"))
 }
 
@@ -1392,18 +1416,20 @@ impl Backend for CudaBackend {
                 let row_dot = self.scratch(op, scratch)?;
                 let partials = if db.is_some() { row_dot + 4 * stats as u64 } else { 0 };
                 launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
-                let kernel = FlashTiles::DKV;
-                let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
-                launch!(self, tiles.kernels[kernel], cfg, dq, partials, g, q, l, row_dot, t, nh, kvh, causal)?;
-                let kernel = FlashTiles::DQ;
-                if let Some((queries, rows)) = tiles.dq_boxes {
-                    let cfg = tiles.launch(kernel, d.time.div_ceil(queries), d.heads, d.batch);
-                    let (qkv_map, dout_map) = (tensor_map(q, w, &d, rows)?, tensor_map(g, c, &d, rows)?);
-                    let name = tiles.kernels[kernel];
-                    launch!(self, name, cfg, dq, partials, qkv_map, dout_map, l, row_dot, t, nh, kvh, causal)?;
+                let (dkv, dq_kernel) = (FlashTiles::DKV, FlashTiles::DQ);
+                if let Some(s) = tiles.specialised_backward {
+                    let (qkv_map, dout_map) = (tensor_map(q, w, &d, s.box_rows)?, tensor_map(g, c, &d, s.box_rows)?);
+                    for (kernel, blocks, heads) in [(dkv, s.dkv_keys, d.kv_heads), (dq_kernel, s.dq_queries, d.heads)] {
+                        let cfg = tiles.launch(kernel, d.time.div_ceil(blocks), heads, d.batch);
+                        let name = tiles.kernels[kernel];
+                        launch!(self, name, cfg, dq, partials, qkv_map, dout_map, l, row_dot, t, nh, kvh, causal)?;
+                    }
                 } else {
-                    let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
-                    launch!(self, tiles.kernels[kernel], cfg, dq, partials, g, q, l, row_dot, t, nh, kvh, causal)?;
+                    for (kernel, heads) in [(dkv, d.kv_heads), (dq_kernel, d.heads)] {
+                        let cfg = tiles.launch(kernel, blocks, heads, d.batch);
+                        let name = tiles.kernels[kernel];
+                        launch!(self, name, cfg, dq, partials, g, q, l, row_dot, t, nh, kvh, causal)?;
+                    }
                 }
                 if let Some(db) = db {
                     let partial_rows = memory::attention_bias_partial_rows(&d) as i64;
@@ -1544,9 +1570,9 @@ mod tests {
     }
 
     /// What the engine launches, read from the sm_90a module as the engine reads it: with `specialised,backward` the
-    /// warp-specialised forward and dq kernels (their threads, shared memory and tensor-map boxes from their table)
-    /// beside the wgmma dkv kernels; with `specialised` alone the dq kernel stays on mma.sync. Needs NVRTC and the
-    /// CUDA headers (as tests/nvrtc.rs), no GPU.
+    /// warp-specialised forward, dq and dkv kernels (their threads, shared memory, blocks and tensor-map boxes from
+    /// their table) beside the wgmma dkv kernel with atomic dQ; with `specialised` alone the backward stays on
+    /// mma.sync. Needs NVRTC and the CUDA headers (as tests/nvrtc.rs), no GPU.
     #[test]
     fn the_specialised_kernels_launch_as_their_table_says() {
         let dir = std::env::temp_dir().join(format!("kiln-flash-tiles-test-{}", std::process::id()));
@@ -1556,30 +1582,35 @@ mod tests {
         let kernel = KERNELS.iter().find(|k| k.name == "flash_attention").expect("flash_attention.cu");
         let built = compiler.compile(kernel, "sm_90a", Precision::Bf16).unwrap_or_else(|e| panic!("{e}"));
         let _ = std::fs::remove_dir_all(compiler.cache_dir());
-        let (forward, dq, dkv) = (FlashTiles::FORWARD, FlashTiles::DQ, FlashTiles::DKV);
-        for (value, dq_specialised) in [("specialised,backward", true), ("specialised", false)] {
+        let (forward, dq, dkv, dkv_dq) = (FlashTiles::FORWARD, FlashTiles::DQ, FlashTiles::DKV, FlashTiles::DKV_DQ);
+        for (value, backward_specialised) in [("specialised,backward", true), ("specialised", false)] {
             let tiles = FlashTiles::read(&built.cubin, FlashWgmma::parse(Some(value)).unwrap()).unwrap();
             for t in &tiles {
                 let d = t.head_dim;
                 assert!(t.kernels.iter().all(|k| built.entry_points.iter().any(|e| e == k)), "{value} D={d}");
-                let Some(keys) = [(64, 64), (128, 128)].iter().find(|(hd, _)| *hd == d).map(|&(_, k)| k) else {
-                    assert_eq!((t.forward_keys, t.dq_boxes), (None, None), "{value} D={d}: no specialised kernels");
+                // Per head dimension: the forward's keys a tile, the dkv kernel's keys a block and shared memory (one
+                // role at D = 64: K and V of 128 keys; two at 128: 64 keys, and the two Pᵀ buffers).
+                let shapes = [(64, 64, 128, 66_640), (128, 128, 64, 115_792)];
+                let Some(&(_, keys, dkv_keys, dkv_shared)) = shapes.iter().find(|s| s.0 == d) else {
+                    assert_eq!((t.forward_keys, t.specialised_backward), (None, None), "{value} D={d}: none");
                     continue;
                 };
                 let row = d as u32 * 2;
                 assert_eq!(t.kernels[forward], format!("flash_attention_forward_wgmma_specialised_d{d}"));
                 assert_eq!((t.threads[forward], t.shared_bytes[forward]), (384, (128 + 4 * keys) * row + 72));
                 assert_eq!((t.forward_rows, t.forward_keys), (128, Some(keys)), "{value} D={d}");
-                if dq_specialised {
+                if backward_specialised {
                     assert_eq!(t.kernels[dq], format!("flash_attention_backward_dq_wgmma_specialised_d{d}"));
                     assert_eq!((t.threads[dq], t.shared_bytes[dq]), (384, 512 * row + 72), "{value} D={d}");
-                    assert_eq!(t.dq_boxes, Some((128, 64)), "{value} D={d}");
-                    assert_eq!(t.kernels[dkv], format!("flash_attention_backward_dkv_wgmma_d{d}"));
+                    assert_eq!(t.kernels[dkv], format!("flash_attention_backward_dkv_wgmma_specialised_d{d}"));
+                    assert_eq!((t.threads[dkv], t.shared_bytes[dkv]), (384, dkv_shared), "{value} D={d}");
+                    let blocks = SpecialisedBackward { dq_queries: 128, dkv_keys, box_rows: 64 };
+                    assert_eq!(t.specialised_backward, Some(blocks), "{value} D={d}");
+                    assert_eq!(t.kernels[dkv_dq], format!("flash_attention_backward_dkv_dq_wgmma_d{d}"));
                 } else {
-                    assert_eq!(
-                        (t.kernels[dq], t.dq_boxes),
-                        (format!("flash_attention_backward_dq_d{d}").as_str(), None)
-                    );
+                    assert_eq!(t.kernels[dq], format!("flash_attention_backward_dq_d{d}"));
+                    assert_eq!(t.kernels[dkv], format!("flash_attention_backward_dkv_d{d}"));
+                    assert_eq!(t.specialised_backward, None, "{value} D={d}");
                 }
             }
         }

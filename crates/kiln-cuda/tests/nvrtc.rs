@@ -50,6 +50,11 @@ fn every_kernel_compiles_for_ampere_and_hopper_without_spills() {
                     );
                     // A serialised wgmma waits for each product as it is issued: no overlap survives it.
                     assert!(!s.wgmma_serialized, "{} {arch}: ptxas serialised the wgmma of {s:?}", kernel.name);
+                    // The warp-specialised kernels move registers between their warpgroups within what the block
+                    // was launched with (setmaxnreg's pool), which they take to be 384 threads × 168.
+                    if s.function.contains("_specialised_") {
+                        assert_eq!(s.registers, 168, "{} {arch}: {s:?}", kernel.name);
+                    }
                 }
                 // A second compile is served from the cache, with the same report.
                 let again = compiler.compile(kernel, arch, precision).unwrap();
@@ -117,17 +122,23 @@ fn fused_attention_exports_its_launch_shapes() {
                 assert_eq!(pipelined, None, "{arch} D={d}");
                 assert!(!built.entry_points.contains(&name), "{arch}: {name}");
             }
-            // The warp-specialised forward and dq kernels likewise: three warpgroups; the forward's Q, two stages of
-            // K and of V, then nine mbarriers (the resident tiles', and a full and an empty one for each stage of K
-            // and of V); the dq kernel's Q and dO of each computing warpgroup (64 rows each), two stages of 64 keys'
-            // K and V, the mbarriers; its 128 queries a block in tiles of 64 rows.
+            // The warp-specialised forward, dq and dkv kernels likewise: three warpgroups; the forward's Q, two
+            // stages of K and of V, then nine mbarriers (the resident tiles', and a full and an empty one for each
+            // stage of the two streamed tiles); the dq kernel's Q and dO of each computing warpgroup (64 rows each),
+            // two stages of 64 keys' K and V, the mbarriers; its 128 queries a block in tiles of 64 rows. The dkv
+            // kernel's K and V (128 keys with one role at D = 64, 64 with two at D = 128), two stages of 64 queries'
+            // Q and dO, the mbarriers, from the next 16 bytes the two Pᵀ buffers (two roles: 64 queries × 128 bytes
+            // each), then lse and D of each stage.
             let specialised =
                 flash_specialised_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
-            let names = ["forward", "backward_dq"].map(|k| format!("flash_attention_{k}_wgmma_specialised_d{d}"));
+            let names = ["forward", "backward_dq", "backward_dkv"]
+                .map(|k| format!("flash_attention_{k}_wgmma_specialised_d{d}"));
             if arch == "sm_90a" && keys > 0 {
                 let (row, barriers) = (d as u32 * 2, 9 * 8);
                 let (forward, dq) = ((128 + 4 * keys) * row + barriers, (4 * 64 + 4 * 64) * row + barriers);
-                assert_eq!(specialised, Some([384, forward, keys, dq, 128, 64]), "{arch} D={d}");
+                let (dkv_keys, exchange) = if d == 64 { (128, 0) } else { (64, 2 * 64 * 128) };
+                let dkv = ((2 * dkv_keys + 4 * 64) * row + barriers).next_multiple_of(16) + exchange + 2 * 2 * 64 * 4;
+                assert_eq!(specialised, Some([384, forward, keys, dq, 128, 64, dkv, dkv_keys]), "{arch} D={d}");
                 assert!(names.iter().all(|n| built.entry_points.contains(n)), "{arch}: {names:?}");
             } else {
                 assert_eq!(specialised, None, "{arch} D={d}");
