@@ -1205,14 +1205,12 @@ __device__ __forceinline__ void column_probabilities(float (&s)[BR / 8][4], unsi
     }
 }
 
-// Pᵀ for the warp's keys (from `first` of the K tile of 64 rows): keys are the rows, queries the columns; 0 where
-// unseen.
-template <int D, int BR, bool WGMMA>
-__device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][4], unsigned k_tile, int first,
-                                                         unsigned q_tile, unsigned lse_tile, int i0, int j0, int T,
-                                                         int causal, float scale_log2, int lane) {
-    float s[BR / 8][4] = {};
-    add_abt<D, BR, 4 * FLASH_WARP_ROWS, WGMMA>(s, k_tile, first, q_tile, lane);
+// Pᵀ from the scores Sᵀ = K·Qᵀ (s) of the warp's keys (j0 the first) and a tile of BR queries (i0 the first): keys
+// are the rows, queries the columns; 0 where unseen.
+template <int BR>
+__device__ __forceinline__ void scores_to_transposed_p(unsigned (&p)[BR / 16][4], float (&s)[BR / 8][4],
+                                                       unsigned lse_tile, int i0, int j0, int T, int causal,
+                                                       float scale_log2, int lane) {
     if (i0 + BR > T || j0 + FLASH_WARP_ROWS > T || (causal && i0 < j0 + FLASH_WARP_ROWS - 1)) {
         // A key's visible queries, counted from this lane's first column: from the key itself (causal) to the end
         // of the sequence; none for a key past the end.
@@ -1229,6 +1227,16 @@ __device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][
     }
 #pragma unroll
     for (int kb = 0; kb < BR / 16; kb++) accumulator_to_a(p[kb], s, kb);
+}
+
+// Pᵀ for the warp's keys (from `first` of the K tile of 64 rows).
+template <int D, int BR, bool WGMMA>
+__device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][4], unsigned k_tile, int first,
+                                                         unsigned q_tile, unsigned lse_tile, int i0, int j0, int T,
+                                                         int causal, float scale_log2, int lane) {
+    float s[BR / 8][4] = {};
+    add_abt<D, BR, 4 * FLASH_WARP_ROWS, WGMMA>(s, k_tile, first, q_tile, lane);
+    scores_to_transposed_p<BR>(p, s, lse_tile, i0, j0, T, causal, scale_log2, lane);
 }
 
 // dSᵀ = Pᵀ∘(dPᵀ − D) as bf16 A fragments; with ATOMIC_DQ also stored in the warp's 16 rows, from ds_rows, of the
@@ -1338,15 +1346,34 @@ struct DkvStep {
 // A warp's part of one step of a dkv kernel: for its 16 keys (from `first` of the K and V tiles, j0 in the sequence)
 // and the queries from q0, adds to acc (one role: dV and dK; two: role 0 dV, role 1 dK), unless `live` is false
 // (keys all past the end, or, causal, all after the queries: nothing to add). With two roles, both call
-// hand_over(), which must order role 0's stores of Pᵀ before role 1's loads.
-template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA, typename HandOver>
+// hand_over(), which must order role 0's stores of Pᵀ before role 1's loads. PIPELINED (one role, on wgmma) issues
+// Sᵀ and dPᵀ together and computes Pᵀ while dPᵀ's products run, and dSᵀ while dV's do; the products and their sums
+// are the same, so are the results. It computes a step that is not live too, whose Pᵀ and dSᵀ are all 0 (every
+// query unseen), so that it adds exact zeros: products in flight inside a branch are what ptxas serialises (C7518).
+template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA, bool PIPELINED, typename HandOver>
 __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], const DkvStep& t, bool live, int role,
                                          int first, int q0, int j0, int T, int causal, float scale_log2, int lane,
                                          HandOver hand_over) {
     constexpr int BC = 4 * FLASH_WARP_ROWS;
+    static_assert(!PIPELINED || (ROLES == 1 && WGMMA), "pipelined: one role, on wgmma");
     unsigned p[BR / 16][4], ds[BR / 16][4];
     float dp[BR / 8][4] = {};
-    if constexpr (ROLES == 1) {
+    if constexpr (PIPELINED) {
+        float s[BR / 8][4] = {};
+        issue_abt_wgmma<D, BR, BC>(s, t.k, first, t.q);  // Sᵀ = K·Qᵀ
+        issue_abt_wgmma<D, BR, BC>(dp, t.v, first, t.dout);  // dPᵀ = V·dOᵀ
+        wgmma_wait<1>();
+        settle_wgmma<BR>(s);
+        scores_to_transposed_p<BR>(p, s, t.lse, q0, j0, T, causal, scale_log2, lane);
+        issue_ab_wgmma<D, BR>(acc[0], p, t.dout);  // dV += Pᵀ·dO
+        wgmma_wait<1>();
+        settle_wgmma<BR>(dp);
+        transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, t.dot, t.ds_rows, lane);
+        issue_ab_wgmma<D, BR>(acc[1], ds, t.q);  // dK += dSᵀ·Q
+        wgmma_wait<0>();
+        settle_wgmma<D>(acc[0]);
+        settle_wgmma<D>(acc[1]);
+    } else if constexpr (ROLES == 1) {
         if (live) {
             transposed_probabilities<D, BR, WGMMA>(p, t.k, first, t.q, t.lse, q0, j0, T, causal, scale_log2, lane);
             add_ab<D, BR, WGMMA>(acc[0], p, t.dout, lane);
@@ -1470,8 +1497,8 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
         // Keys all past the end, or (causal) all after this tile's queries, have nothing to add (and their rows of
         // dS are zero).
         const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
-        dkv_step<D, BR, ROLES, ATOMIC_DQ, WGMMA>(acc, t, live, role, first, q0, j0, T, causal, scale_log2, lane,
-                                                 [] { __syncthreads(); });
+        dkv_step<D, BR, ROLES, ATOMIC_DQ, WGMMA, false>(acc, t, live, role, first, q0, j0, T, causal, scale_log2,
+                                                        lane, [] { __syncthreads(); });
         if (ATOMIC_DQ) {
             if (!live && role == ROLES - 1) {
                 for (int k = lane; k < FLASH_WARP_ROWS * BR / 2; k += 32)
@@ -1497,7 +1524,7 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
 }
 
 // The dkv kernel warp-specialised, for the deterministic backward (dQ from the dq kernel). With one role each
-// computing warpgroup takes 64 keys of its own (128 a block) and both halves of every step; with two, the
+// computing warpgroup takes 64 keys of its own (128 a block) and both halves of every step, pipelined; with two, the
 // warpgroups are flash_backward_dkv's two roles on 64 keys, handing Pᵀ over through two buffers and named barriers
 // 1 and 2 in turn: a role two steps ahead would need a stage the other has not yet handed back, so neither a buffer
 // nor a barrier is taken for the next step's while in use. The steps and their arithmetic are flash_backward_dkv's
@@ -1585,10 +1612,12 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
         const DkvStep t{k_tile(keys),          v_tile(keys), f.stage(STREAM_Q, i), f.stage(STREAM_DOUT, i),
                         lse_tile(i),           dot_tile(i),  0,                    p_lane};
         const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
-        dkv_step<D, BR, ROLES, false, true>(acc, t, live, role, first, q0, j0, T, causal, scale_log2, lane, [&] {
+        const auto hand_over = [&] {
             if (role == 0) named_barrier_arrive(1 + i % 2, SPECIALISED_COMPUTING);
             else named_barrier_sync(1 + i % 2, SPECIALISED_COMPUTING);
-        });
+        };
+        dkv_step<D, BR, ROLES, false, true, ROLES == 1>(acc, t, live, role, first, q0, j0, T, causal, scale_log2, lane,
+                                                        hand_over);
         mbarrier_arrive(f.empty(STREAM_Q, i));
         mbarrier_arrive(f.empty(STREAM_DOUT, i));
     }
