@@ -242,64 +242,58 @@ impl FlashTiles {
     fn read(cubin: &[u8], wgmma: FlashWgmma) -> Result<Vec<FlashTiles>> {
         FLASH_KERNELS
             .into_iter()
-            .map(
-                |(
+            .map(|(head_dim, forms, kernels, wgmma_kernels)| {
+                let [pipelined_forward, specialised_forward, specialised_dq, specialised_dkv] = forms;
+                let words = flash_launch_table(cubin, head_dim)?;
+                let mut tiles = FlashTiles {
                     head_dim,
-                    [pipelined_forward, specialised_forward, specialised_dq, specialised_dkv],
+                    forward_rows: words[0] as usize,
+                    shared_bytes: [words[1], words[2], words[3], words[4]],
+                    threads: [words[5], words[6], words[7], words[8]],
                     kernels,
-                    wgmma_kernels,
-                )| {
-                    let words = flash_launch_table(cubin, head_dim)?;
-                    let mut tiles = FlashTiles {
-                        head_dim,
-                        forward_rows: words[0] as usize,
-                        shared_bytes: [words[1], words[2], words[3], words[4]],
-                        threads: [words[5], words[6], words[7], words[8]],
-                        kernels,
-                        forward_keys: None,
-                        specialised_backward: None,
+                    forward_keys: None,
+                    specialised_backward: None,
+                };
+                if let Some(w) = flash_wgmma_launch_table(cubin, head_dim)? {
+                    let on = [wgmma.forward, wgmma.backward, wgmma.backward, wgmma.backward];
+                    for kernel in (0..4).filter(|&k| on[k]) {
+                        tiles.shared_bytes[kernel] = w[1 + kernel];
+                        tiles.threads[kernel] = w[5 + kernel];
+                        tiles.kernels[kernel] = wgmma_kernels[kernel];
+                    }
+                    if wgmma.forward {
+                        tiles.forward_rows = w[0] as usize;
+                    }
+                    let mut set = |kernel: usize, name, shared, threads| {
+                        (tiles.kernels[kernel], tiles.shared_bytes[kernel], tiles.threads[kernel]) =
+                            (name, shared, threads);
                     };
-                    if let Some(w) = flash_wgmma_launch_table(cubin, head_dim)? {
-                        let on = [wgmma.forward, wgmma.backward, wgmma.backward, wgmma.backward];
-                        for kernel in (0..4).filter(|&k| on[k]) {
-                            tiles.shared_bytes[kernel] = w[1 + kernel];
-                            tiles.threads[kernel] = w[5 + kernel];
-                            tiles.kernels[kernel] = wgmma_kernels[kernel];
-                        }
-                        if wgmma.forward {
-                            tiles.forward_rows = w[0] as usize;
-                        }
-                        let mut set = |kernel: usize, name, shared, threads| {
-                            (tiles.kernels[kernel], tiles.shared_bytes[kernel], tiles.threads[kernel]) =
-                                (name, shared, threads);
-                        };
-                        match wgmma.form {
-                            ForwardForm::Plain => {}
-                            ForwardForm::Pipelined => {
-                                if let Some([shared, threads]) = flash_pipelined_launch_table(cubin, head_dim)? {
-                                    set(Self::FORWARD, pipelined_forward, shared, threads);
-                                }
+                    match wgmma.form {
+                        ForwardForm::Plain => {}
+                        ForwardForm::Pipelined => {
+                            if let Some([shared, threads]) = flash_pipelined_launch_table(cubin, head_dim)? {
+                                set(Self::FORWARD, pipelined_forward, shared, threads);
                             }
-                            ForwardForm::Specialised => {
-                                if let Some(t) = flash_specialised_launch_table(cubin, head_dim)? {
-                                    set(Self::FORWARD, specialised_forward, t[1], t[0]);
-                                    if wgmma.backward {
-                                        set(Self::DQ, specialised_dq, t[3], t[0]);
-                                        set(Self::DKV, specialised_dkv, t[6], t[0]);
-                                        tiles.specialised_backward = Some(SpecialisedBackward {
-                                            dq_queries: t[4] as usize,
-                                            box_rows: t[5],
-                                            dkv_keys: t[7] as usize,
-                                        });
-                                    }
-                                    tiles.forward_keys = Some(t[2]);
+                        }
+                        ForwardForm::Specialised => {
+                            if let Some(t) = flash_specialised_launch_table(cubin, head_dim)? {
+                                set(Self::FORWARD, specialised_forward, t[1], t[0]);
+                                if wgmma.backward {
+                                    set(Self::DQ, specialised_dq, t[3], t[0]);
+                                    set(Self::DKV, specialised_dkv, t[6], t[0]);
+                                    tiles.specialised_backward = Some(SpecialisedBackward {
+                                        dq_queries: t[4] as usize,
+                                        box_rows: t[5],
+                                        dkv_keys: t[7] as usize,
+                                    });
                                 }
+                                tiles.forward_keys = Some(t[2]);
                             }
                         }
                     }
-                    Ok(tiles)
-                },
-            )
+                }
+                Ok(tiles)
+            })
             .collect()
     }
 
