@@ -1534,10 +1534,17 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
 // Shared memory: as SpecialisedBlock lays it out, then (16-byte aligned) the two Pᵀ buffers with two roles, then lse
 // and D of each stage.
 template <int D, int ROLES>
+__device__ constexpr unsigned specialised_dkv_exchange() {
+    return (specialised_shared_bytes<D, 64, 2 * (3 - ROLES) * 64>() + 15) / 16 * 16;
+}
+template <int ROLES>
+__device__ constexpr unsigned specialised_dkv_exchange_bytes() {
+    return ROLES == 2 ? SPECIALISED_STAGES * 64 * 128 : 0;
+}
+template <int D, int ROLES>
 __device__ constexpr unsigned specialised_dkv_shared_bytes() {
-    constexpr int BR = 64, KEYS = (3 - ROLES) * 64;
-    return (specialised_shared_bytes<D, BR, 2 * KEYS>() + 15) / 16 * 16 + (ROLES == 2 ? 2 * BR * 128 : 0) +
-           SPECIALISED_STAGES * 2 * BR * 4;
+    return specialised_dkv_exchange<D, ROLES>() + specialised_dkv_exchange_bytes<ROLES>() +
+           SPECIALISED_STAGES * 2 * 64 * 4;
 }
 
 template <int D, int ROLES>
@@ -1550,9 +1557,8 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
     static_assert(SPECIALISED_STAGES == 2, "as many Pᵀ buffers and hand-over barriers as stages");
     check_launch(specialised_dkv_shared_bytes<D, ROLES>(), 3 * 128);
     const SpecialisedBlock<D, BR, 2 * KEYS> f(shared_address(flash_shared));
-    const unsigned p_exchange = shared_address(flash_shared) + (specialised_shared_bytes<D, BR, 2 * KEYS>() + 15) /
-                                                                   16 * 16,
-                   stats = p_exchange + (ROLES == 2 ? 2 * BR * 128 : 0);
+    const unsigned p_exchange = shared_address(flash_shared) + specialised_dkv_exchange<D, ROLES>(),
+                   stats = p_exchange + specialised_dkv_exchange_bytes<ROLES>();
     // Key tile c of the block (64 rows) and its values; lse and D of step i's stage.
     const auto k_tile = [&](int c) { return f.resident + c * tile_bytes<D, true>(BC); };
     const auto v_tile = [&](int c) { return f.resident + (KEYS / BC + c) * tile_bytes<D, true>(BC); };
@@ -1609,8 +1615,8 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
         mbarrier_wait(f.full(STREAM_DOUT, i), f.parity(i));
         // This lane's 16 bytes of the warp pair's Pᵀ fragments in step i's buffer, block kb 512 bytes further.
         const unsigned p_lane = p_exchange + i % 2 * BR * 128 + (warp % 4 * (BR / 16) * 32 + lane) * 16;
-        const DkvStep t{k_tile(keys),          v_tile(keys), f.stage(STREAM_Q, i), f.stage(STREAM_DOUT, i),
-                        lse_tile(i),           dot_tile(i),  0,                    p_lane};
+        const DkvStep t{k_tile(keys), v_tile(keys), f.stage(STREAM_Q, i), f.stage(STREAM_DOUT, i),
+                        lse_tile(i), dot_tile(i), 0, p_lane};
         const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
         const auto hand_over = [&] {
             if (role == 0) named_barrier_arrive(1 + i % 2, SPECIALISED_COMPUTING);
