@@ -1014,36 +1014,58 @@ __device__ __forceinline__ void row_probabilities(float (&s)[BC / 8][4], const f
     }
 }
 
+// P from the scores S = Q·Kᵀ (s) of a warp's 16 queries (row0 the first) and a tile of BC keys (k0 the first), as
+// the bf16 A fragments that dS takes; 0 where unseen.
+template <int BC>
+__device__ __forceinline__ void scores_to_p(unsigned (&p)[BC / 16][4], float (&s)[BC / 8][4],
+                                            const float (&lse_log2)[2], int k0, int row0, int T, int causal,
+                                            float scale_log2, int lane) {
+    if (keys_need_mask(k0, BC, row0, T, causal)) {
+        int last[2];
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int row = row0 + acc_row(lane, 2 * half);
+            last[half] = last_visible_key(row, k0, T, causal, lane);
+        }
+        row_probabilities<BC, true>(s, lse_log2, last, scale_log2);
+    } else {
+        row_probabilities<BC, false>(s, lse_log2, {}, scale_log2);
+    }
+#pragma unroll
+    for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], s, kb);
+}
+
 // One tile of BC keys for a warp's 16 queries (row0 the first; `first` in the Q and dO tiles): dQ += dS·K
 // (unscaled). Q's and dO's fragments are read again for each tile, as in the forward. As in the dkv kernel, S
-// becomes P rounded to bf16 before dP is computed, and dS = P∘(dP − D) uses that P: the two kernels compute the
-// same dS, and S and dP are never held together.
-template <int D, int BC, bool WGMMA>
+// becomes P rounded to bf16 before dP is used, and dS = P∘(dP − D) uses that P: the two kernels compute the same dS.
+// S and dP are held together only when PIPELINED (on wgmma), which issues both products at once and computes P while
+// dP's run: the same products and sums, so the same dQ.
+template <int D, int BC, bool WGMMA, bool PIPELINED>
 __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_tile, unsigned do_tile, int first,
                                         const float (&lse_log2)[2], const float (&row_dot)[2], unsigned k_tile,
                                         unsigned v_tile, int k0, int row0, int T, int causal, float scale_log2,
                                         int lane) {
     constexpr int BR = 4 * FLASH_WARP_ROWS;
+    static_assert(!PIPELINED || WGMMA, "pipelined: on wgmma");
     unsigned p[BC / 16][4];
-    {
-        float s[BC / 8][4] = {};
-        add_abt<D, BC, BR, WGMMA>(s, q_tile, first, k_tile, lane);
-        if (keys_need_mask(k0, BC, row0, T, causal)) {
-            int last[2];
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int row = row0 + acc_row(lane, 2 * half);
-                last[half] = last_visible_key(row, k0, T, causal, lane);
-            }
-            row_probabilities<BC, true>(s, lse_log2, last, scale_log2);
-        } else {
-            row_probabilities<BC, false>(s, lse_log2, {}, scale_log2);
-        }
-#pragma unroll
-        for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], s, kb);
-    }
     float dp[BC / 8][4] = {};
-    add_abt<D, BC, BR, WGMMA>(dp, do_tile, first, v_tile, lane);
+    if constexpr (PIPELINED) {
+        float s[BC / 8][4] = {};
+        issue_abt_wgmma<D, BC, BR>(s, q_tile, first, k_tile);  // S = Q·Kᵀ
+        issue_abt_wgmma<D, BC, BR>(dp, do_tile, first, v_tile);  // dP = dO·Vᵀ
+        wgmma_wait<1>();
+        settle_wgmma<BC>(s);
+        scores_to_p<BC>(p, s, lse_log2, k0, row0, T, causal, scale_log2, lane);
+        wgmma_wait<0>();
+        settle_wgmma<BC>(dp);
+    } else {
+        {
+            float s[BC / 8][4] = {};
+            add_abt<D, BC, BR, WGMMA>(s, q_tile, first, k_tile, lane);
+            scores_to_p<BC>(p, s, lse_log2, k0, row0, T, causal, scale_log2, lane);
+        }
+        add_abt<D, BC, BR, WGMMA>(dp, do_tile, first, v_tile, lane);
+    }
     unsigned ds[BC / 16][4];
 #pragma unroll
     for (int n = 0; n < BC / 8; n++)
@@ -1115,8 +1137,8 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partia
         const int k0 = j * BC;
         const unsigned stage = j % 2 * tile_bytes<D, WGMMA>(BC);
         if (group_row0 < T && !(causal && k0 > group_row0 + GROUP_ROWS - 1))
-            dq_tile<D, BC, WGMMA>(dq, q_tile, do_tile, first, lse_log2, dot, k_tiles + stage, v_tiles + stage, k0,
-                                  row0, T, causal, scale_log2, lane);
+            dq_tile<D, BC, WGMMA, false>(dq, q_tile, do_tile, first, lse_log2, dot, k_tiles + stage, v_tiles + stage,
+                                         k0, row0, T, causal, scale_log2, lane);
         __syncthreads();
     }
     // The warp's own rows of the padded Q tile stage dQ; on wgmma, 16 padded rows of its own in the K and V stages.
@@ -1127,9 +1149,11 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partia
 }
 
 // The dq kernel warp-specialised (see the warp-specialised kernels above): each computing warpgroup owns 64 queries,
-// with Q and dO tiles of its own, and runs dq_tile on every tile of K and V as flash_backward_dq's warpgroup does,
-// so the results are that kernel's bit for bit; the two share the streamed tiles, which halves their loads a query.
-// (dq_tile waits for each product before the next, so there are no turns to take.) Grid (query tiles of 128, NH, B);
+// with Q and dO tiles of its own, and runs dq_tile, pipelined, on every tile of K and V as flash_backward_dq's
+// warpgroup does, so the results are that kernel's bit for bit; the two share the streamed tiles, which halves their
+// loads a query. A warpgroup computes even a tile it has nothing to add to (keys all after its queries, or queries
+// all past the end): P is 0 where unseen and rows past the end are not stored, so it adds exact zeros, and a branch
+// around products in flight is what ptxas serialises (C7518). Grid (query tiles of 128, NH, B);
 // Q, K and V from qkv_map, dO from dout_map ((NH·D elements, T rows, B sequences)), all in boxes of 64 rows.
 // Shared memory: Q of each warpgroup, then dO of each (the resident tiles, 64 rows each), then the stages.
 template <int D, int BC>
@@ -1163,15 +1187,10 @@ __device__ __forceinline__ void flash_backward_dq_specialised(bf16* dqkv, float*
     float dq[D / 8][4] = {};
     const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
     for (int j = 0; j < tiles; j++) {
-        const int k0 = j * BC;
         mbarrier_wait(f.full(STREAM_K, j), f.parity(j));
-        if (group_row0 >= T || (causal && k0 > group_row0 + 63)) {
-            pass_tile(f, j);
-            continue;
-        }
         mbarrier_wait(f.full(STREAM_V, j), f.parity(j));
-        dq_tile<D, BC, true>(dq, q_tile(c), do_tile(c), first, lse_log2, dot, f.stage(STREAM_K, j),
-                             f.stage(STREAM_V, j), k0, row0, T, causal, scale_log2, lane);
+        dq_tile<D, BC, true, true>(dq, q_tile(c), do_tile(c), first, lse_log2, dot, f.stage(STREAM_K, j),
+                                   f.stage(STREAM_V, j), j * BC, row0, T, causal, scale_log2, lane);
         mbarrier_arrive(f.empty(STREAM_K, j));
         mbarrier_arrive(f.empty(STREAM_V, j));
     }
@@ -1184,9 +1203,10 @@ __device__ __forceinline__ void flash_backward_dq_specialised(bf16* dqkv, float*
 }
 
 // The dkv kernel's steps for a warp's 16 keys (j0 the first) and a tile of BR queries (i0 the first), in two halves
-// that never hold Sᵀ and dPᵀ (BR/2 floats a lane each) together. First Sᵀ = K·Qᵀ becomes Pᵀ, rounded to the bf16 A
-// fragments (BR/4 registers) that dV += Pᵀ·dO takes; then dPᵀ = V·dOᵀ and dSᵀ = Pᵀ∘(dPᵀ − D) from that same
-// rounded Pᵀ, as the A fragments that dK += dSᵀ·Q takes (dS is rounded to bf16 for its product in any case).
+// that (unless pipelined, see dkv_step) never hold Sᵀ and dPᵀ (BR/2 floats a lane each) together. First Sᵀ = K·Qᵀ
+// becomes Pᵀ, rounded to the bf16 A fragments (BR/4 registers) that dV += Pᵀ·dO takes; then dPᵀ = V·dOᵀ and dSᵀ =
+// Pᵀ∘(dPᵀ − D) from that same rounded Pᵀ, as the A fragments that dK += dSᵀ·Q takes (dS is rounded to bf16 for its
+// product in any case).
 
 // Pᵀ = 2^(x·s − log2(e)·lse) for a warp's 16 keys (rows) and a tile of BR queries (columns, lse of each in
 // lse_tile). With MASKED, a key's queries outside [first, last], counted from this lane's first column, get 0.
