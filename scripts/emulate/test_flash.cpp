@@ -205,22 +205,21 @@ static void run(const Shape& s) {
         const bool same = std::memcmp(dqkv.p, plain_dqkv.p, dqkv.n * 2) == 0 &&
                           std::memcmp(bias_partials.p, plain_partials.p, bias_partials.n * 4) == 0;
         report("dQKV as wgmma", s, same ? 0 : 1, 0);
-    } else {
-#else
-    {
+    }
 #endif
-    launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[7], tiles[3], [&] {
-        DISPATCH_WGMMA(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
-                       KVH, s.causal)
-        DISPATCH(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
-                 s.causal)
-    });
-    launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
-        DISPATCH_WGMMA(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
-                       KVH, s.causal)
-        DISPATCH(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
-                 s.causal)
-    });
+    if (!s.specialised) {
+        launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[7], tiles[3], [&] {
+            DISPATCH_WGMMA(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T,
+                           NH, KVH, s.causal)
+            DISPATCH(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
+                     KVH, s.causal)
+        });
+        launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
+            DISPATCH_WGMMA(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T,
+                           NH, KVH, s.causal)
+            DISPATCH(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
+                     KVH, s.causal)
+        });
     }
     launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[8], tiles[4], [&] {
         DISPATCH_WGMMA(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
