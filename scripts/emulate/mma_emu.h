@@ -186,6 +186,7 @@ inline void emu_wgmma_issue(float (*d)[4], const unsigned* a, unsigned long long
     w.d = d;
     std::memcpy(w.issued_d, d, sizeof w.issued_d);
     if (a) std::memcpy(w.a, a, sizeof w.a);
+    w.a_registers = a;
     w.a_in_registers = a != nullptr, w.a_mn_major = a_mn_major, w.b_mn_major = b_mn_major;
     w.a_desc = a_desc, w.b_desc = b_desc;
     f.wgmma_open.push_back(w);
@@ -222,6 +223,8 @@ inline void emu_wgmma_complete(size_t keep) {
                 emu_fail("wgmma operands differ between the threads of a warpgroup");
             if (std::memcmp(w.d, w.issued_d, sizeof w.issued_d) != 0)
                 emu_fail("accumulators of a wgmma in flight were written");
+            if (w.a_registers && std::memcmp(w.a_registers, w.a, sizeof w.a) != 0)
+                emu_fail("A registers of a wgmma in flight were written");
         }
     for (size_t i = 0; i < ops[0].size(); i++) {
         const Wgmma& w0 = *ops[0][i];
