@@ -1367,9 +1367,11 @@ struct DkvStep {
 // and the queries from q0, adds to acc (one role: dV and dK; two: role 0 dV, role 1 dK), unless `live` is false
 // (keys all past the end, or, causal, all after the queries: nothing to add). With two roles, both call
 // hand_over(), which must order role 0's stores of Pᵀ before role 1's loads. PIPELINED (one role, on wgmma) issues
-// Sᵀ and dPᵀ together and computes Pᵀ while dPᵀ's products run, and dSᵀ while dV's do; the products and their sums
-// are the same, so are the results. It computes a step that is not live too, whose Pᵀ and dSᵀ are all 0 (every
-// query unseen), so that it adds exact zeros: products in flight inside a branch are what ptxas serialises (C7518).
+// Sᵀ and dPᵀ together and computes Pᵀ while dPᵀ's products run, then dV's and dK's together (not dSᵀ beside dV's:
+// Pᵀ, which dSᵀ reads, is dV's A operand, whose registers no thread may touch until its product is waited for); the
+// products and their sums are the same, so are the results. It computes a step that is not live too, whose Pᵀ and
+// dSᵀ are all 0 (every query unseen), so that it adds exact zeros: products in flight inside a branch are what
+// ptxas serialises (C7518).
 template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA, bool PIPELINED, typename HandOver>
 __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], const DkvStep& t, bool live, int role,
                                          int first, int q0, int j0, int T, int causal, float scale_log2, int lane,
@@ -1385,10 +1387,10 @@ __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], cons
         wgmma_wait<1>();
         settle_wgmma<BR>(s);
         scores_to_transposed_p<BR>(p, s, t.lse, q0, j0, T, causal, scale_log2, lane);
-        issue_ab_wgmma<D, BR>(acc[0], p, t.dout);  // dV += Pᵀ·dO
-        wgmma_wait<1>();
+        wgmma_wait<0>();
         settle_wgmma<BR>(dp);
         transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, t.dot, t.ds_rows, lane);
+        issue_ab_wgmma<D, BR>(acc[0], p, t.dout);  // dV += Pᵀ·dO
         issue_ab_wgmma<D, BR>(acc[1], ds, t.q);  // dK += dSᵀ·Q
         wgmma_wait<0>();
         settle_wgmma<D>(acc[0]);
