@@ -1031,8 +1031,7 @@ __device__ __forceinline__ void scores_to_p(unsigned (&p)[BC / 16][4], float (&s
     } else {
         row_probabilities<BC, false>(s, lse_log2, {}, scale_log2);
     }
-#pragma unroll
-    for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(p[kb], s, kb);
+    scores_to_a<BC>(p, s);
 }
 
 // One tile of BC keys for a warp's 16 queries (row0 the first; `first` in the Q and dO tiles): dQ += dS·K
@@ -1245,8 +1244,7 @@ __device__ __forceinline__ void scores_to_transposed_p(unsigned (&p)[BR / 16][4]
     } else {
         column_probabilities<BR, false>(s, lse_tile, {}, {}, scale_log2, lane);
     }
-#pragma unroll
-    for (int kb = 0; kb < BR / 16; kb++) accumulator_to_a(p[kb], s, kb);
+    scores_to_a<BR>(p, s);
 }
 
 // Pᵀ for the warp's keys (from `first` of the K tile of 64 rows).
