@@ -140,8 +140,8 @@ struct Wgmma {
     float (*d)[4];
     float issued_d[8][4];  // the accumulators when it was issued, which nothing may change until it completes
     unsigned a[4];         // this thread's A fragment, when A comes from registers, as issued
-    const unsigned* a_registers;  // and where it lies, which nothing may change until it completes either
-    bool a_in_registers, a_mn_major, b_mn_major;
+    const unsigned* a_registers;  // and where it lies (null: A from shared memory), unchanged until it completes
+    bool a_mn_major, b_mn_major;
     unsigned long long a_desc, b_desc;
 };
 

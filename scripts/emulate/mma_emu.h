@@ -187,7 +187,7 @@ inline void emu_wgmma_issue(float (*d)[4], const unsigned* a, unsigned long long
     std::memcpy(w.issued_d, d, sizeof w.issued_d);
     if (a) std::memcpy(w.a, a, sizeof w.a);
     w.a_registers = a;
-    w.a_in_registers = a != nullptr, w.a_mn_major = a_mn_major, w.b_mn_major = b_mn_major;
+    w.a_mn_major = a_mn_major, w.b_mn_major = b_mn_major;
     w.a_desc = a_desc, w.b_desc = b_desc;
     f.wgmma_open.push_back(w);
 }
@@ -218,7 +218,7 @@ inline void emu_wgmma_complete(size_t keep) {
     for (unsigned t = 0; t < 128; t++)
         for (size_t i = 0; i < ops[t].size(); i++) {
             const Wgmma &w = *ops[t][i], &w0 = *ops[0][i];
-            if (w.a_desc != w0.a_desc || w.b_desc != w0.b_desc || w.a_in_registers != w0.a_in_registers ||
+            if (w.a_desc != w0.a_desc || w.b_desc != w0.b_desc || !w.a_registers != !w0.a_registers ||
                 w.a_mn_major != w0.a_mn_major || w.b_mn_major != w0.b_mn_major)
                 emu_fail("wgmma operands differ between the threads of a warpgroup");
             if (std::memcmp(w.d, w.issued_d, sizeof w.issued_d) != 0)
@@ -231,7 +231,7 @@ inline void emu_wgmma_complete(size_t keep) {
         float A[64][16], B[16][64];
         for (int r = 0; r < 64; r++)
             for (int k = 0; k < 16; k++) {
-                if (w0.a_in_registers) {
+                if (w0.a_registers) {
                     const Wgmma& owner = *ops[r / 16 * 32 + (r % 8) * 4 + (k % 8) / 2][i];
                     A[r][k] = emu_bf16_half(owner.a[(r % 16 >= 8) + 2 * (k >= 8)], k % 2);
                 } else {
