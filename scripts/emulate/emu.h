@@ -138,11 +138,20 @@ struct Copy {
 // A warpgroup product (wgmma) in flight: its operands as issued and where its accumulators go.
 struct Wgmma {
     float (*d)[4];
-    float issued_d[8][4];  // the accumulators when it was issued, which nothing may change until it completes
-    unsigned a[4];         // this thread's A fragment, when A comes from registers, as issued
-    const unsigned* a_registers;  // and where it lies (null: A from shared memory), unchanged until it completes
+    unsigned a[4];                // this thread's A fragment, when A comes from registers, as issued
+    const unsigned* a_registers;  // and where it lies (null: A from shared memory)
     bool a_mn_major, b_mn_major;
     unsigned long long a_desc, b_desc;
+};
+
+// Registers of a thread that products in flight read (A) or accumulate into. The PTX ISA makes any access to them
+// before the wait undefined, so until then they hold NaN patterns and their true contents are kept here: a read
+// shows in the result, a write as an error. users: the products in flight on them (one accumulator may be chained
+// through several, one A fragment read by several).
+struct HiddenRegisters {
+    unsigned char* at;
+    std::vector<unsigned char> truth;
+    int users;
 };
 
 struct Fiber {
@@ -154,6 +163,7 @@ struct Fiber {
     bool wgmma_fenced = false;  // wgmma.fence since the last wait
     std::vector<Wgmma> wgmma_open;
     std::vector<std::vector<Wgmma>> wgmma_committed;
+    std::vector<HiddenRegisters> hidden;
     int proxy_fences = 0;  // fence.proxy.async executed so far
     // Vector clock: clock[u] is the latest interval of thread u (or of mbarrier u − threads, see MBarrier) that this
     // thread's accesses are ordered after; clock[self] is its own current interval, which each release ends.

@@ -177,6 +177,41 @@ inline void wgmma_commit() {
 }
 inline void wgmma_settle(float (*)[4]) {}
 
+// Hides `bytes` of registers from `at` for a product in flight (see HiddenRegisters), or counts one more user of
+// registers already hidden; returns their true contents.
+inline const unsigned char* emu_hide(Fiber& f, const void* registers, size_t bytes) {
+    unsigned char* at = static_cast<unsigned char*>(const_cast<void*>(registers));
+    for (HiddenRegisters& h : f.hidden) {
+        if (h.at == at && h.truth.size() == bytes) {
+            h.users++;
+            return h.truth.data();
+        }
+        if (at < h.at + h.truth.size() && h.at < at + bytes)
+            emu_fail("wgmma registers partly overlap those of another product in flight");
+    }
+    f.hidden.push_back({at, std::vector<unsigned char>(bytes), 1});
+    std::memcpy(f.hidden.back().truth.data(), at, bytes);
+    std::memset(at, 0xff, bytes);  // NaN as fp32 and as bf16
+    return f.hidden.back().truth.data();
+}
+inline HiddenRegisters& emu_hidden(Fiber& f, const void* at) {
+    for (HiddenRegisters& h : f.hidden)
+        if (h.at == at) return h;
+    emu_fail("wgmma registers not hidden");
+}
+// Whether registers hidden from `at` were written since.
+inline bool emu_hidden_written(Fiber& f, const void* at) {
+    const HiddenRegisters& h = emu_hidden(f, at);
+    return std::any_of(h.at, h.at + h.truth.size(), [](unsigned char b) { return b != 0xff; });
+}
+// One product fewer on the registers from `at`: after the last, they hold their true contents again.
+inline void emu_unhide(Fiber& f, const void* at) {
+    HiddenRegisters& h = emu_hidden(f, at);
+    if (--h.users > 0) return;
+    std::memcpy(h.at, h.truth.data(), h.truth.size());
+    f.hidden.erase(f.hidden.begin() + (&h - f.hidden.data()));
+}
+
 inline void emu_wgmma_issue(float (*d)[4], const unsigned* a, unsigned long long a_desc, unsigned long long b_desc,
                             bool a_mn_major, bool b_mn_major) {
     Fiber& f = g_block->fibers[emu_tid()];
@@ -184,8 +219,8 @@ inline void emu_wgmma_issue(float (*d)[4], const unsigned* a, unsigned long long
     if (blockDim.x % 128 != 0) emu_fail("wgmma in a block that is not whole warpgroups");
     Wgmma w{};
     w.d = d;
-    std::memcpy(w.issued_d, d, sizeof w.issued_d);
-    if (a) std::memcpy(w.a, a, sizeof w.a);
+    emu_hide(f, d, 8 * sizeof *d);
+    if (a) std::memcpy(w.a, emu_hide(f, a, sizeof w.a), sizeof w.a);
     w.a_registers = a;
     w.a_mn_major = a_mn_major, w.b_mn_major = b_mn_major;
     w.a_desc = a_desc, w.b_desc = b_desc;
@@ -221,9 +256,8 @@ inline void emu_wgmma_complete(size_t keep) {
             if (w.a_desc != w0.a_desc || w.b_desc != w0.b_desc || !w.a_registers != !w0.a_registers ||
                 w.a_mn_major != w0.a_mn_major || w.b_mn_major != w0.b_mn_major)
                 emu_fail("wgmma operands differ between the threads of a warpgroup");
-            if (std::memcmp(w.d, w.issued_d, sizeof w.issued_d) != 0)
-                emu_fail("accumulators of a wgmma in flight were written");
-            if (w.a_registers && std::memcmp(w.a_registers, w.a, sizeof w.a) != 0)
+            if (emu_hidden_written(fibers[base + t], w.d)) emu_fail("accumulators of a wgmma in flight were written");
+            if (w.a_registers && emu_hidden_written(fibers[base + t], w.a_registers))
                 emu_fail("A registers of a wgmma in flight were written");
         }
     for (size_t i = 0; i < ops[0].size(); i++) {
@@ -241,20 +275,28 @@ inline void emu_wgmma_complete(size_t keep) {
         for (int k = 0; k < 16; k++)
             for (int n = 0; n < 64; n++) B[k][n] = emu_wgmma_read(emu_wgmma_address(w0.b_desc, n, k, w0.b_mn_major));
         for (unsigned t = 0; t < 128; t++) {
-            const Wgmma& w = *ops[t][i];
+            // Into the accumulators' true contents: the registers stay hidden until their last product completes.
+            unsigned char* truth = emu_hidden(fibers[base + t], ops[t][i]->d).truth.data();
+            float d[8][4];
+            std::memcpy(d, truth, sizeof d);
             const int warp = t / 32, g = t % 32 / 4, c = t % 4;
             for (int n = 0; n < 8; n++)
                 for (int e = 0; e < 4; e++) {
                     const int r = 16 * warp + g + 8 * (e / 2), col = 8 * n + 2 * c + e % 2;
                     double sum = 0;
                     for (int k = 0; k < 16; k++) sum += (double)A[r][k] * B[k][col];
-                    w.d[n][e] = (float)(w.d[n][e] + sum);
+                    d[n][e] = (float)(d[n][e] + sum);
                 }
+            std::memcpy(truth, d, sizeof d);
         }
     }
     for (unsigned t = 0; t < 128; t++) {
-        auto& groups = fibers[base + t].wgmma_committed;
-        groups.erase(groups.begin(), groups.end() - keep);
+        Fiber& f = fibers[base + t];
+        for (const Wgmma* w : ops[t]) {
+            emu_unhide(f, w->d);
+            if (w->a_registers) emu_unhide(f, w->a_registers);
+        }
+        f.wgmma_committed.erase(f.wgmma_committed.begin(), f.wgmma_committed.end() - keep);
     }
 }
 
