@@ -1050,6 +1050,7 @@ __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_tile, 
     float dp[BC / 8][4] = {};
     if constexpr (PIPELINED) {
         float s[BC / 8][4] = {};
+        settle_wgmma<BC>(dp);  // its zeros set before S's products: set among them, ptxas waits for S (C7517)
         issue_abt_wgmma<D, BC, BR>(s, q_tile, first, k_tile);  // S = Q·Kᵀ
         issue_abt_wgmma<D, BC, BR>(dp, do_tile, first, v_tile);  // dP = dO·Vᵀ
         wgmma_wait<1>();
@@ -1380,6 +1381,7 @@ __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], cons
     float dp[BR / 8][4] = {};
     if constexpr (PIPELINED) {
         float s[BR / 8][4] = {};
+        settle_wgmma<BR>(dp);  // its zeros set before S's products: set among them, ptxas waits for S (C7517)
         issue_abt_wgmma<D, BR, BC>(s, t.k, first, t.q);  // Sᵀ = K·Qᵀ
         issue_abt_wgmma<D, BR, BC>(dp, t.v, first, t.dout);  // dPᵀ = V·dOᵀ
         wgmma_wait<1>();

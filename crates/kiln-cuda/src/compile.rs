@@ -36,9 +36,13 @@ pub struct KernelStats {
     pub stack_bytes: u32,
     pub spill_stores: u32,
     pub spill_loads: u32,
-    /// ptxas serialised the function's wgmma (its C7518: a product's results cross a divergent path), which undoes
-    /// any overlap of products with other work.
+    /// ptxas serialised the function's wgmma (its C7518: a product's results cross a divergent path; C7513: a
+    /// product's input registers written while products are in flight), which undoes any overlap of products with
+    /// other work.
     pub wgmma_serialized: bool,
+    /// ptxas inserted a wait for products in flight (its C7517: registers they write used, as it judges, before the
+    /// kernel's own wait), which undoes the overlap of those products with whatever the kernel issued after them.
+    pub wgmma_wait_injected: bool,
 }
 
 pub struct Compiler {
@@ -338,10 +342,12 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
             }
         }
     }
-    let serialized = log.lines().filter(|l| l.contains("wgmma.mma_async instructions are serialized"));
-    for line in serialized {
-        let function = line.split("in the function '").nth(1).and_then(|rest| rest.split('\'').next());
-        stats.iter_mut().filter(|s| Some(s.function.as_str()) == function).for_each(|s| s.wgmma_serialized = true);
+    for line in log.lines() {
+        // The function a line of performance advice names.
+        let function = line.split("function '").nth(1).and_then(|rest| rest.split('\'').next());
+        let Some(s) = function.and_then(|f| stats.iter_mut().find(|s| s.function == f)) else { continue };
+        s.wgmma_serialized |= line.contains("wgmma.mma_async instructions are serialized");
+        s.wgmma_wait_injected |= line.contains("warpgroup.wait is injected");
     }
     stats
 }
@@ -360,7 +366,9 @@ mod tests {
                    ptxas info    : Compiling entry function 'adamw' for 'sm_90a'\n\
                    ptxas info    : Used 20 registers, used 0 barriers, 384 bytes cmem[0]\n\
                    ptxas info    : (C7518) Potential Performance Loss: wgmma.mma_async instructions are serialized \
-                   due to program dependence on compiler-inserted WG.DP in divergent path in the function 'adamw'\n";
+                   due to program dependence on compiler-inserted WG.DP in divergent path in the function 'adamw'\n\
+                   ptxas info    : (C7517) warpgroup.wait is injected in around line 139610 by compiler to allow use \
+                   of registers defined by GMMA in function 'layernorm_forward'\n";
         let stats = parse_ptxas_log(log);
         assert_eq!(stats.len(), 2);
         assert_eq!(
@@ -372,11 +380,12 @@ mod tests {
                 stack_bytes: 8,
                 spill_stores: 4,
                 spill_loads: 12,
-                wgmma_serialized: false
+                wgmma_serialized: false,
+                wgmma_wait_injected: true
             }
         );
         assert_eq!((stats[1].registers, stats[1].shared_bytes, stats[1].spill_stores), (20, 0, 0));
-        assert!(stats[1].wgmma_serialized);
+        assert!(stats[1].wgmma_serialized && !stats[1].wgmma_wait_injected);
     }
 
     #[test]

@@ -50,6 +50,8 @@ fn every_kernel_compiles_for_ampere_and_hopper_without_spills() {
                     );
                     // A serialised wgmma waits for each product as it is issued: no overlap survives it.
                     assert!(!s.wgmma_serialized, "{} {arch}: ptxas serialised the wgmma of {s:?}", kernel.name);
+                    // An injected wait undoes the overlap of the products before it with those issued after.
+                    assert!(!s.wgmma_wait_injected, "{} {arch}: ptxas injected a wgmma wait in {s:?}", kernel.name);
                     // The warp-specialised kernels move registers between their warpgroups within what the block
                     // was launched with (setmaxnreg's pool), which they take to be 384 threads × 168.
                     if s.function.contains("_specialised_") {
