@@ -80,26 +80,28 @@
 // shared memory and traps if a launch disagrees.
 
 // On sm_90a, at D = 64 and 128, every kernel also has a form on Hopper's warpgroup products (wgmma, see mma.cuh;
-// FLASH_ATTENTION_WGMMA), which the engine runs there unless KILN_FLASH_WGMMA says otherwise. The algorithm,
-// the work of each warp and the elementwise steps are the same; the products differ (add_abt and add_ab, WGMMA
-// true; add_dq). A warpgroup of 4 warps computes its 64 rows' product together (the 4 warps of a dq block, or of a
-// dkv role; the forward has two warpgroups of 64 queries), reading shared memory itself. A 64-row product reads each
-// element of its shared operand once for 64 rows, where mma.sync read it once for 16 (32 in the forward, M = 2):
-// the shared-memory traffic per product that limits mma.sync on H100 falls by half or more, and no ldmatrix is
-// issued. Tiles are stored unpadded in wgmma's 128-byte swizzle (swizzled_at); each warp stages its output in padded
-// rows of its own in a region the loop is done with. A warpgroup skips a tile only when all its 64 rows have nothing
-// to add. Each product is waited for before its result is read: a warpgroup's elementwise steps do not overlap its
-// own products, as FlashAttention-3 arranges; other warpgroups fill the gaps. (The forward's pipelined form,
-// flash_forward_pipelined, does overlap them, as FlashAttention-3 also does; the engine runs it only when
-// KILN_FLASH_WGMMA asks, until a GPU has timed it; so do the warp-specialised forms of the forward and the dq kernel,
-// whose tiles come by tensor copies from a warpgroup of their own.) Forward tiles: at D = 64, 64 keys in
-// 112 registers, two blocks a multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers,
-// one block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 149 (dq),
-// 162 (dkv) and 168 (dkv_dq) registers at D = 64. At D = 128 the dq kernel takes 168; the dkv kernel has one role,
-// not mma.sync's two: a warpgroup holds both dK and dV (246 registers, 255 for dkv_dq) and two blocks of one
-// warpgroup share a multiprocessor (99 KiB of shared memory each). Two roles (168 registers, 8 warps in one block)
-// left the tensor cores idle while a role waited at the Pᵀ handover barrier: on an H200 their backward took 5.7 ms
-// at B8 H16 T4096 causal, one role's 4.6 ms.
+// FLASH_ATTENTION_WGMMA), which the engine runs there unless KILN_FLASH_WGMMA says otherwise. The algorithm, the work
+// of each warp and the elementwise steps are the same; the products differ (add_abt and add_ab, WGMMA true; add_dq). A
+// warpgroup of 4 warps computes its 64 rows' product together (the 4 warps of a dq block, or of a dkv role; the forward
+// has two warpgroups of 64 queries), reading shared memory itself. A 64-row product reads each element of its shared
+// operand once for 64 rows, where mma.sync read it once for 16 (32 in the forward, M = 2): the shared-memory traffic
+// per product that limits mma.sync on H100 falls by half or more, and no ldmatrix is issued. Tiles are stored unpadded
+// in wgmma's 128-byte swizzle (swizzled_at); each warp stages its output in padded rows of its own in a region the loop
+// is done with. A warpgroup skips a tile only when all its 64 rows have nothing to add. Each product is waited for
+// before its result is read: a warpgroup's elementwise steps do not overlap its own products, as FlashAttention-3
+// arranges; other warpgroups fill the gaps. (The forward's pipelined form, flash_forward_pipelined, does overlap them,
+// as FlashAttention-3 also does; the engine runs it only when KILN_FLASH_WGMMA asks, until a GPU has timed it; so do
+// the warp-specialised forms of the forward, dq and dkv kernels, whose tiles come by tensor copies from a warpgroup of
+// their own, and which overlap them too.) Forward tiles: at D = 64, 64 keys in 112 registers, two blocks a
+// multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers, one block (160 KiB). The
+// backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 149 (dq), 162 (dkv) and 168 (dkv_dq)
+// registers at D = 64. At D = 128 the dq kernel takes 168; the dkv kernel has one role, not mma.sync's two: a warpgroup
+// holds both dK and dV (246 registers, 255 for dkv_dq) and two blocks of one warpgroup share a multiprocessor (99 KiB
+// of shared memory each). Two roles (168 registers, 8 warps in one block) left the tensor cores idle while a role
+// waited at the Pᵀ handover barrier: on an H200 their backward took 5.7 ms at B8 H16 T4096 causal, one role's 4.6 ms.
+// The warp-specialised dkv kernel's warpgroups get 232 registers, so at D = 128 it keeps the two roles, pipelined
+// across steps so that a role's products run while it computes, or waits for, what its next ones need
+// (flash_backward_dkv_specialised).
 
 #define FLASH_THREADS 128
 #define FLASH_WARP_ROWS 16
@@ -766,12 +768,12 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
 // tiles (Q in the forward; Q and dO in dq; K and V in dkv) land once; two streamed tiles (K and V; Q and dO in dkv)
 // move through two stages each, each stage with a "full" mbarrier (the copies of its tile have landed) and an
 // "empty" one (all 256 computing threads are done with it), so loading never waits for a block-wide barrier, and
-// K_j can land while V_{j−1} is still read. Each computing warpgroup takes every step of the block, waiting for its
+// K_j can land while V_{j−1} is still read (the two-role dkv kernel, which holds a step's stages into the next, has
+// three stages). Each computing warpgroup takes every step of the block, waiting for its
 // tiles and handing them back even when it has nothing to add, so that the phases of the empty barriers count
 // steps. Tiles come as tensor maps of qkv (and dout), made by the engine's tensor_map: (W elements, T rows, B
 // sequences), boxes of 64 elements by a tile's rows, in the 128-byte swizzle.
 #define SPECIALISED_STAGES 2
-#define SPECIALISED_BARRIERS (1 + 4 * SPECIALISED_STAGES)
 #define SPECIALISED_COMPUTING (2 * 128)
 // The streamed tiles: of the forward and the dq kernel, and of the dkv kernel.
 #define STREAM_K 0
@@ -779,18 +781,18 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
 #define STREAM_Q 0
 #define STREAM_DOUT 1
 
-// Shared memory: RESIDENT rows of resident tiles, two stages of each of the two streamed tiles (BC rows each), then
-// the mbarriers.
-template <int D, int BC, int RESIDENT>
+// Shared memory: RESIDENT rows of resident tiles, STAGES stages of each of the two streamed tiles (BC rows each),
+// then the mbarriers (the resident tiles' full one, and a full and an empty one for each stage).
+template <int D, int BC, int RESIDENT, int STAGES = SPECIALISED_STAGES>
 __device__ constexpr unsigned specialised_shared_bytes() {
-    return tile_bytes<D, true>(RESIDENT + 2 * SPECIALISED_STAGES * BC) + 8 * SPECIALISED_BARRIERS;
+    return tile_bytes<D, true>(RESIDENT + 2 * STAGES * BC) + 8 * (1 + 4 * STAGES);
 }
 
 // Where a warp-specialised block's tiles and mbarriers lie, and which stage and barriers of streamed tile t step j
 // takes.
-template <int D, int BC, int RESIDENT>
+template <int D, int BC, int RESIDENT, int STAGES_ = SPECIALISED_STAGES>
 struct SpecialisedBlock {
-    static constexpr int STAGES = SPECIALISED_STAGES;
+    static constexpr int STAGES = STAGES_;
     unsigned resident, stages, resident_full, barriers;
     __device__ SpecialisedBlock(unsigned base)
         : resident(base), stages(base + tile_bytes<D, true>(RESIDENT)),
@@ -815,8 +817,8 @@ __device__ __forceinline__ void tma_load_tile(unsigned tile, const TensorMap& ma
 
 // Streamed tile t of step j, BC rows from (col, row) of sequence b of `map`, once the computing warpgroups have
 // handed its stage back (the wait for the phase before, which returns at once for a stage's first step).
-template <int D, int BC, int RESIDENT>
-__device__ __forceinline__ void load_stage(const SpecialisedBlock<D, BC, RESIDENT>& f, int t, int j,
+template <int D, int BC, int RESIDENT, int STAGES>
+__device__ __forceinline__ void load_stage(const SpecialisedBlock<D, BC, RESIDENT, STAGES>& f, int t, int j,
                                            const TensorMap& map, int col, int row, int b) {
     mbarrier_wait(f.empty(t, j), f.parity(j) ^ 1);
     mbarrier_arrive_expect_tx(f.full(t, j), BC * D * 2);
@@ -842,14 +844,14 @@ __device__ __forceinline__ void load_key_value_tiles(const SpecialisedBlock<D, B
 // LOADING, its first LOADERS threads run `load`, and it returns false; the computing warpgroups take the registers
 // given up (as many as fit in multiples of 8) and return true. Each of the loading threads arrives at the full
 // barriers of the first streamed tile (one of them with the bytes to expect); one arrives at the others'.
-template <int LOADERS, int LOADING, int D, int BC, int RESIDENT, typename Load>
-__device__ __forceinline__ bool specialised_roles(const SpecialisedBlock<D, BC, RESIDENT>& f, Load load) {
+template <int LOADERS, int LOADING, int D, int BC, int RESIDENT, int STAGES, typename Load>
+__device__ __forceinline__ bool specialised_roles(const SpecialisedBlock<D, BC, RESIDENT, STAGES>& f, Load load) {
     constexpr int COMPUTING = (3 * 128 * SPECIALISED_LAUNCH_REGISTERS - 128 * LOADING) / 256 / 8 * 8;
     static_assert(COMPUTING <= 256, "setmaxnreg gives a thread at most 256 registers");
     if (f.resident % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
     if (threadIdx.x == 0) {
         mbarrier_init(f.resident_full, 1);
-        for (int s = 0; s < SPECIALISED_STAGES; s++) {
+        for (int s = 0; s < STAGES; s++) {
             mbarrier_init(f.full(0, s), LOADERS), mbarrier_init(f.full(1, s), 1);
             mbarrier_init(f.empty(0, s), SPECIALISED_COMPUTING), mbarrier_init(f.empty(1, s), SPECIALISED_COMPUTING);
         }
@@ -1225,12 +1227,11 @@ __device__ __forceinline__ void column_probabilities(float (&s)[BR / 8][4], unsi
     }
 }
 
-// Pᵀ from the scores Sᵀ = K·Qᵀ (s) of the warp's keys (j0 the first) and a tile of BR queries (i0 the first): keys
-// are the rows, queries the columns; 0 where unseen.
+// Pᵀ, in place of the scores Sᵀ = K·Qᵀ (s) of the warp's keys (j0 the first) and a tile of BR queries (i0 the
+// first): keys are the rows, queries the columns; 0 where unseen.
 template <int BR>
-__device__ __forceinline__ void scores_to_transposed_p(unsigned (&p)[BR / 16][4], float (&s)[BR / 8][4],
-                                                       unsigned lse_tile, int i0, int j0, int T, int causal,
-                                                       float scale_log2, int lane) {
+__device__ __forceinline__ void transposed_probabilities_of(float (&s)[BR / 8][4], unsigned lse_tile, int i0, int j0,
+                                                            int T, int causal, float scale_log2, int lane) {
     if (i0 + BR > T || j0 + FLASH_WARP_ROWS > T || (causal && i0 < j0 + FLASH_WARP_ROWS - 1)) {
         // A key's visible queries, counted from this lane's first column: from the key itself (causal) to the end
         // of the sequence; none for a key past the end.
@@ -1245,6 +1246,13 @@ __device__ __forceinline__ void scores_to_transposed_p(unsigned (&p)[BR / 16][4]
     } else {
         column_probabilities<BR, false>(s, lse_tile, {}, {}, scale_log2, lane);
     }
+}
+// And as the A fragments of the product that takes them.
+template <int BR>
+__device__ __forceinline__ void scores_to_transposed_p(unsigned (&p)[BR / 16][4], float (&s)[BR / 8][4],
+                                                       unsigned lse_tile, int i0, int j0, int T, int causal,
+                                                       float scale_log2, int lane) {
+    transposed_probabilities_of<BR>(s, lse_tile, i0, j0, T, causal, scale_log2, lane);
     scores_to_a<BR>(p, s);
 }
 
@@ -1258,13 +1266,10 @@ __device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][
     scores_to_transposed_p<BR>(p, s, lse_tile, i0, j0, T, causal, scale_log2, lane);
 }
 
-// dSᵀ = Pᵀ∘(dPᵀ − D) as bf16 A fragments; with ATOMIC_DQ also stored in the warp's 16 rows, from ds_rows, of the
-// block's dS tile (64 keys × BR queries; padded, or SWIZZLED for wgmma: the warp's first row is a multiple of 8, so
-// its rows are swizzled as the tile's first 16 are), for add_dq.
-template <int BR, bool ATOMIC_DQ, bool SWIZZLED>
-__device__ __forceinline__ void transposed_ds(unsigned (&ds)[BR / 16][4], float (&dp)[BR / 8][4],
-                                              const unsigned (&p)[BR / 16][4], unsigned dot_tile, unsigned ds_rows,
-                                              int lane) {
+// dSᵀ = Pᵀ∘(dPᵀ − D), in place of dPᵀ.
+template <int BR>
+__device__ __forceinline__ void transposed_ds_of(float (&dp)[BR / 8][4], const unsigned (&p)[BR / 16][4],
+                                                 unsigned dot_tile, int lane) {
 #pragma unroll
     for (int n = 0; n < BR / 8; n++) {
 #pragma unroll
@@ -1273,6 +1278,15 @@ __device__ __forceinline__ void transposed_ds(unsigned (&ds)[BR / 16][4], float 
             dp[n][e] = a_to_accumulator(p[n / 2], n % 2, e) * (dp[n][e] - ld_shared_f32(dot_tile + 4 * col));
         }
     }
+}
+// And as bf16 A fragments; with ATOMIC_DQ also stored in the warp's 16 rows, from ds_rows, of the block's dS tile (64
+// keys × BR queries; padded, or SWIZZLED for wgmma: the warp's first row is a multiple of 8, so its rows are swizzled
+// as the tile's first 16 are), for add_dq.
+template <int BR, bool ATOMIC_DQ, bool SWIZZLED>
+__device__ __forceinline__ void transposed_ds(unsigned (&ds)[BR / 16][4], float (&dp)[BR / 8][4],
+                                              const unsigned (&p)[BR / 16][4], unsigned dot_tile, unsigned ds_rows,
+                                              int lane) {
+    transposed_ds_of<BR>(dp, p, dot_tile, lane);
 #pragma unroll
     for (int kb = 0; kb < BR / 16; kb++) {
         accumulator_to_a(ds[kb], dp, kb);
@@ -1362,6 +1376,23 @@ struct DkvStep {
     unsigned k, v, q, dout, lse, dot, ds_rows, p_lane;
 };
 
+// With two roles, role 0 hands Pᵀ to role 1 through shared memory, each lane its 16 bytes of each 16 × 16 block kb at
+// p_lane + 512·kb.
+template <int BR>
+__device__ __forceinline__ void put_transposed_p(unsigned p_lane, const unsigned (&p)[BR / 16][4]) {
+#pragma unroll
+    for (int kb = 0; kb < BR / 16; kb++)
+        st_shared_128(p_lane + kb * 512, make_int4(p[kb][0], p[kb][1], p[kb][2], p[kb][3]));
+}
+template <int BR>
+__device__ __forceinline__ void take_transposed_p(unsigned (&p)[BR / 16][4], unsigned p_lane) {
+#pragma unroll
+    for (int kb = 0; kb < BR / 16; kb++) {
+        const int4 v = ld_shared_128(p_lane + kb * 512);
+        p[kb][0] = v.x, p[kb][1] = v.y, p[kb][2] = v.z, p[kb][3] = v.w;
+    }
+}
+
 // A warp's part of one step of a dkv kernel: for its 16 keys (from `first` of the K and V tiles, j0 in the sequence)
 // and the queries from q0, adds to acc (one role: dV and dK; two: role 0 dV, role 1 dK), unless `live` is false
 // (keys all past the end, or, causal, all after the queries: nothing to add). With two roles, both call
@@ -1406,9 +1437,7 @@ __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], cons
     } else {
         if (live && role == 0) {
             transposed_probabilities<D, BR, WGMMA>(p, t.k, first, t.q, t.lse, q0, j0, T, causal, scale_log2, lane);
-#pragma unroll
-            for (int kb = 0; kb < BR / 16; kb++)
-                st_shared_128(t.p_lane + kb * 512, make_int4(p[kb][0], p[kb][1], p[kb][2], p[kb][3]));
+            put_transposed_p<BR>(t.p_lane, p);
         } else if (live) {
             add_abt<D, BR, BC, WGMMA>(dp, t.v, first, t.dout, lane);  // dPᵀ = V·dOᵀ
         }
@@ -1416,11 +1445,7 @@ __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], cons
         if (live && role == 0) {
             add_ab<D, BR, WGMMA>(acc[0], p, t.dout, lane);
         } else if (live) {
-#pragma unroll
-            for (int kb = 0; kb < BR / 16; kb++) {
-                const int4 v = ld_shared_128(t.p_lane + kb * 512);
-                p[kb][0] = v.x, p[kb][1] = v.y, p[kb][2] = v.z, p[kb][3] = v.w;
-            }
+            take_transposed_p<BR>(p, t.p_lane);
             transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, t.dot, t.ds_rows, lane);
             add_ab<D, BR, WGMMA>(acc[0], ds, t.q, lane);
         }
@@ -1546,27 +1571,36 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
 }
 
 // The dkv kernel warp-specialised, for the deterministic backward (dQ from the dq kernel). With one role each
-// computing warpgroup takes 64 keys of its own (128 a block) and both halves of every step, pipelined; with two, the
-// warpgroups are flash_backward_dkv's two roles on 64 keys, handing Pᵀ over through two buffers and named barriers
-// 1 and 2 in turn: a role two steps ahead would need a stage the other has not yet handed back, so neither a buffer
-// nor a barrier is taken for the next step's while in use. The steps and their arithmetic are flash_backward_dkv's
-// on wgmma (a warpgroup's first step may have nothing to add): dK and dV are that kernel's bit for bit. Grid (key
-// tiles of 64 · (3 − ROLES), KVH, B); K and V (the resident tiles) and Q from qkv_map, dO from dout_map, all in
-// boxes of 64 rows; the loading warp's lanes copy each step's lse and D beside its Q.
-// Shared memory: as SpecialisedBlock lays it out, then (16-byte aligned) the two Pᵀ buffers with two roles, then lse
-// and D of each stage.
+// computing warpgroup takes 64 keys of its own (128 a block) and both halves of every step, pipelined. With two, the
+// warpgroups are flash_backward_dkv's two roles on 64 keys, each pipelined across steps: a step's first product
+// (role 0 Sᵀ = K·Qᵀ, role 1 dPᵀ = V·dOᵀ) is issued for step i + 1 before the second for step i (dV += Pᵀ·dO, or
+// dK += dSᵀ·Q), so that role 0's Pᵀ and role 1's dSᵀ of step i + 1 are computed while the second runs. A role so holds
+// step i's stages into step i + 1, hence three stages: with two, step i + 2's copies could start only once step i's
+// stages were handed back, just before they are needed. Pᵀ goes from role 0 to role 1 through a buffer and a named
+// barrier (1 + i % 3) of its step's stage: role 0 writes step i + 1's in its step i once that stage has landed, which
+// (unless it is the stage's first use) is once both roles have handed back step i − 2's, after role 1 took its Pᵀ.
+// Two buffers would not do: step 2's stage is a first use, and role 0 would write over step 0's Pᵀ unread.
+// The steps and their arithmetic are flash_backward_dkv's on wgmma (a step may have nothing to add: its Pᵀ is all 0):
+// dK and dV are that kernel's bit for bit. Grid (key tiles of 64 · (3 − ROLES), KVH, B); K and V (the resident tiles)
+// and Q from qkv_map, dO from dout_map, all in boxes of 64 rows; the loading warp's lanes copy each step's lse and D
+// beside its Q. Shared memory: as SpecialisedBlock lays it out, then (16-byte aligned) the Pᵀ buffers with two roles,
+// then lse and D of each stage.
+template <int ROLES>
+__device__ constexpr int specialised_dkv_stages() {
+    return ROLES == 2 ? 3 : SPECIALISED_STAGES;
+}
 template <int D, int ROLES>
 __device__ constexpr unsigned specialised_dkv_exchange() {
-    return (specialised_shared_bytes<D, 64, 2 * (3 - ROLES) * 64>() + 15) / 16 * 16;
+    return (specialised_shared_bytes<D, 64, 2 * (3 - ROLES) * 64, specialised_dkv_stages<ROLES>()>() + 15) / 16 * 16;
 }
 template <int ROLES>
 __device__ constexpr unsigned specialised_dkv_exchange_bytes() {
-    return ROLES == 2 ? SPECIALISED_STAGES * 64 * 128 : 0;
+    return ROLES == 2 ? specialised_dkv_stages<ROLES>() * 64 * 128 : 0;
 }
 template <int D, int ROLES>
 __device__ constexpr unsigned specialised_dkv_shared_bytes() {
     return specialised_dkv_exchange<D, ROLES>() + specialised_dkv_exchange_bytes<ROLES>() +
-           SPECIALISED_STAGES * 2 * 64 * 4;
+           specialised_dkv_stages<ROLES>() * 2 * 64 * 4;
 }
 
 template <int D, int ROLES>
@@ -1575,16 +1609,16 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
                                                                const float* lse, const float* row_dot, int T, int NH,
                                                                int KVH, int causal) {
     constexpr int BR = 64, BC = 64, KEYS = (3 - ROLES) * BC, ACCUMULATORS = 3 - ROLES;
+    constexpr int STAGES = specialised_dkv_stages<ROLES>();
     static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
-    static_assert(SPECIALISED_STAGES == 2, "as many Pᵀ buffers and hand-over barriers as stages");
     check_launch(specialised_dkv_shared_bytes<D, ROLES>(), 3 * 128);
-    const SpecialisedBlock<D, BR, 2 * KEYS> f(shared_address(flash_shared));
+    const SpecialisedBlock<D, BR, 2 * KEYS, STAGES> f(shared_address(flash_shared));
     const unsigned p_exchange = shared_address(flash_shared) + specialised_dkv_exchange<D, ROLES>(),
                    stats = p_exchange + specialised_dkv_exchange_bytes<ROLES>();
     // Key tile c of the block (64 rows) and its values; lse and D of step i's stage.
     const auto k_tile = [&](int c) { return f.resident + c * tile_bytes<D, true>(BC); };
     const auto v_tile = [&](int c) { return f.resident + (KEYS / BC + c) * tile_bytes<D, true>(BC); };
-    const auto lse_tile = [&](int i) { return stats + i % SPECIALISED_STAGES * 2 * BR * 4; };
+    const auto lse_tile = [&](int i) { return stats + i % STAGES * 2 * BR * 4; };
     const auto dot_tile = [&](int i) { return lse_tile(i) + BR * 4; };
     const int g = blockIdx.y, b = blockIdx.z, group = NH / KVH;
     const int kv0 = blockIdx.x * KEYS;  // causal: the first key tiles have the most queries, and go first
@@ -1630,29 +1664,92 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
     const int first = warp % 4 * FLASH_WARP_ROWS, group_j0 = kv0 + keys * BC, j0 = group_j0 + first;
     float acc[ACCUMULATORS][D / 8][4] = {};
     const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
-    mbarrier_wait(f.resident_full, 0);
-    for (int i = 0; i < steps; i++) {
-        const int q0 = query0(i);
-        mbarrier_wait(f.full(STREAM_Q, i), f.parity(i));
-        mbarrier_wait(f.full(STREAM_DOUT, i), f.parity(i));
-        // This lane's 16 bytes of the warp pair's Pᵀ fragments in step i's buffer, block kb 512 bytes further.
-        const unsigned p_lane = p_exchange + i % 2 * BR * 128 + (warp % 4 * (BR / 16) * 32 + lane) * 16;
-        const DkvStep t{k_tile(keys), v_tile(keys), f.stage(STREAM_Q, i), f.stage(STREAM_DOUT, i),
-                        lse_tile(i), dot_tile(i), 0, p_lane};
-        const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
-        const auto hand_over = [&] {
-            if (role == 0) named_barrier_arrive(1 + i % 2, SPECIALISED_COMPUTING);
-            else named_barrier_sync(1 + i % 2, SPECIALISED_COMPUTING);
-        };
-        dkv_step<D, BR, ROLES, false, true, ROLES == 1>(acc, t, live, role, first, q0, j0, T, causal, scale_log2, lane,
-                                                        hand_over);
+    const auto hand_back = [&](int i) {
         mbarrier_arrive(f.empty(STREAM_Q, i));
         mbarrier_arrive(f.empty(STREAM_DOUT, i));
+    };
+    mbarrier_wait(f.resident_full, 0);
+    if constexpr (ROLES == 1) {
+        for (int i = 0; i < steps; i++) {
+            const int q0 = query0(i);
+            mbarrier_wait(f.full(STREAM_Q, i), f.parity(i));
+            mbarrier_wait(f.full(STREAM_DOUT, i), f.parity(i));
+            const DkvStep t{k_tile(keys), v_tile(keys), f.stage(STREAM_Q, i), f.stage(STREAM_DOUT, i),
+                            lse_tile(i), dot_tile(i), 0, 0};
+            const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
+            dkv_step<D, BR, ROLES, false, true, true>(acc, t, live, role, first, q0, j0, T, causal, scale_log2, lane,
+                                                      [] {});
+            hand_back(i);
+        }
+    } else {
+        // The stream and the A operand of a step's first product, and the stream of its second's B operand.
+        const int first_stream = role == 0 ? STREAM_Q : STREAM_DOUT;
+        const int second_stream = role == 0 ? STREAM_DOUT : STREAM_Q;
+        const unsigned first_a = role == 0 ? k_tile(0) : v_tile(0);
+        // This lane's 16 bytes of the warp pair's Pᵀ fragments in step i's buffer, block kb 512 bytes further.
+        const auto p_lane = [&](int i) {
+            return p_exchange + i % STAGES * BR * 128 + (warp % 4 * (BR / 16) * 32 + lane) * 16;
+        };
+        // Step i's products, their stages waited for before either is issued: ptxas serialises products in flight
+        // across a branch (C7518), and a wait is a loop.
+        const auto landed = [&](int stream, int i) { mbarrier_wait(f.full(stream, i), f.parity(i)); };
+        const auto issue_first = [&](float (&x)[BR / 8][4], int i) {
+            issue_abt_wgmma<D, BR, BC>(x, first_a, first, f.stage(first_stream, i));
+        };
+        const auto issue_second = [&](const unsigned (&a)[BR / 16][4], int i) {
+            issue_ab_wgmma<D, BR>(acc[0], a, f.stage(second_stream, i));
+        };
+        // Step i's first product (waited for), as far as it goes in fp32: role 0 Pᵀ, which it hands over at once
+        // (rounded into registers of their own); role 1, once Pᵀ is handed over, dSᵀ = Pᵀ∘(dPᵀ − D). This runs while
+        // step i − 1's second product does: its A operand (scores_to_a of this, afterwards) is not written until
+        // that is done, as no thread may write it before.
+        const auto finish_first = [&](float (&x)[BR / 8][4], int i) {
+            settle_wgmma<BR>(x);
+            unsigned p[BR / 16][4];
+            if (role == 0) {
+                transposed_probabilities_of<BR>(x, lse_tile(i), query0(i), j0, T, causal, scale_log2, lane);
+                scores_to_a<BR>(p, x);
+                put_transposed_p<BR>(p_lane(i), p);
+                named_barrier_arrive(1 + i % STAGES, SPECIALISED_COMPUTING);
+            } else {
+                named_barrier_sync(1 + i % STAGES, SPECIALISED_COMPUTING);
+                take_transposed_p<BR>(p, p_lane(i));
+                transposed_ds_of<BR>(x, p, dot_tile(i), lane);
+            }
+        };
+        unsigned a[BR / 16][4];
+        {
+            float x[BR / 8][4] = {};
+            landed(first_stream, 0);
+            issue_first(x, 0);
+            wgmma_wait<0>();
+            finish_first(x, 0);
+            scores_to_a<BR>(a, x);
+        }
+        for (int i = 0; i + 1 < steps; i++) {
+            float x[BR / 8][4] = {};
+            landed(first_stream, i + 1);
+            landed(second_stream, i);
+            issue_first(x, i + 1);
+            issue_second(a, i);
+            wgmma_wait<1>();
+            finish_first(x, i + 1);
+            wgmma_wait<0>();
+            settle_wgmma<D>(acc[0]);
+            hand_back(i);
+            scores_to_a<BR>(a, x);
+        }
+        landed(second_stream, steps - 1);
+        issue_second(a, steps - 1);
+        wgmma_wait<0>();
+        settle_wgmma<D>(acc[0]);
+        hand_back(steps - 1);
     }
-    named_barrier_sync(3, SPECIALISED_COMPUTING);  // both warpgroups are done with the tiles, where dK and dV go
+    // Both warpgroups are done with the tiles, where dK and dV are staged.
+    named_barrier_sync(1 + STAGES, SPECIALISED_COMPUTING);
 
     // Each warp stages each accumulator in 16 padded rows of its own, from the resident tiles on.
-    static_assert(8 * ACCUMULATORS * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, true>(2 * KEYS + 4 * BR),
+    static_assert(8 * ACCUMULATORS * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, true>(2 * KEYS + 2 * STAGES * BR),
                   "staging fits");
     store_dkv<D, ROLES>(dqkv, bias_partials, acc, role, b, g, j0, T, NH, KVH, lane, [&](int r, bool) {
         return f.resident + (warp * ACCUMULATORS + r) * at<D>(FLASH_WARP_ROWS, 0);

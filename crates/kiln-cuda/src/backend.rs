@@ -1583,8 +1583,8 @@ mod tests {
                 let d = t.head_dim;
                 assert!(t.kernels.iter().all(|k| built.entry_points.iter().any(|e| e == k)), "{value} D={d}");
                 // Per head dimension: the forward's keys a tile, the dkv kernel's keys a block and shared memory (one
-                // role at D = 64: K and V of 128 keys; two at 128: 64 keys, and the two Pᵀ buffers).
-                let shapes = [(64, 64, 128, 66_640), (128, 128, 64, 115_792)];
+                // role at D = 64: K and V of 128 keys; two at 128: 64 keys, three stages and a Pᵀ buffer each).
+                let shapes = [(64, 64, 128, 66_640), (128, 128, 64, 157_296)];
                 let Some(&(_, keys, dkv_keys, dkv_shared)) = shapes.iter().find(|s| s.0 == d) else {
                     assert_eq!((t.forward_keys, t.specialised_backward), (None, None), "{value} D={d}: none");
                     continue;

@@ -128,9 +128,9 @@ fn fused_attention_exports_its_launch_shapes() {
             // stages of K and of V, then nine mbarriers (the resident tiles', and a full and an empty one for each
             // stage of the two streamed tiles); the dq kernel's Q and dO of each computing warpgroup (64 rows each),
             // two stages of 64 keys' K and V, the mbarriers; its 128 queries a block in tiles of 64 rows. The dkv
-            // kernel's K and V (128 keys with one role at D = 64, 64 with two at D = 128), two stages of 64 queries'
-            // Q and dO, the mbarriers, from the next 16 bytes the two Pᵀ buffers (two roles: 64 queries × 128 bytes
-            // each), then lse and D of each stage.
+            // kernel's K and V (128 keys with one role at D = 64, 64 with two at D = 128), stages of 64 queries' Q
+            // and dO (two with one role, three with two), the mbarriers, from the next 16 bytes a Pᵀ buffer a stage
+            // (two roles: 64 queries × 128 bytes each), then lse and D of each stage.
             let specialised =
                 flash_specialised_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
             let names = ["forward", "backward_dq", "backward_dkv"]
@@ -138,8 +138,9 @@ fn fused_attention_exports_its_launch_shapes() {
             if arch == "sm_90a" && keys > 0 {
                 let (row, barriers) = (d as u32 * 2, 9 * 8);
                 let (forward, dq) = ((128 + 4 * keys) * row + barriers, (4 * 64 + 4 * 64) * row + barriers);
-                let (dkv_keys, exchange) = if d == 64 { (128, 0) } else { (64, 2 * 64 * 128) };
-                let dkv = ((2 * dkv_keys + 4 * 64) * row + barriers).next_multiple_of(16) + exchange + 2 * 2 * 64 * 4;
+                let (dkv_keys, stages, exchange) = if d == 64 { (128, 2, 0) } else { (64, 3, 64 * 128) };
+                let dkv = ((2 * dkv_keys + 2 * stages * 64) * row + (1 + 4 * stages) * 8).next_multiple_of(16)
+                    + stages * (exchange + 2 * 64 * 4);
                 assert_eq!(specialised, Some([384, forward, keys, dq, 128, 64, dkv, dkv_keys]), "{arch} D={d}");
                 assert!(names.iter().all(|n| built.entry_points.contains(n)), "{arch}: {names:?}");
             } else {
