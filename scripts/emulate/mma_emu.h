@@ -170,12 +170,19 @@ inline float emu_wgmma_read(unsigned addr) {
 
 inline void wgmma_fence() { g_block->fibers[emu_tid()].wgmma_fenced = true; }
 inline void fence_proxy_async() { g_block->fibers[emu_tid()].proxy_fences++; }
+// A group's products are committed: registers written after it must be fenced again before the next product, as
+// the PTX ISA asks between any register access and a product that uses the register.
 inline void wgmma_commit() {
     Fiber& f = g_block->fibers[emu_tid()];
     f.wgmma_committed.push_back(std::move(f.wgmma_open));
     f.wgmma_open.clear();
+    f.wgmma_fenced = false;
 }
 inline void wgmma_settle(float (*)[4]) {}
+
+// What hidden registers hold: a signalling NaN as fp32 and as each bf16 of a pair, which x86 arithmetic makes quiet,
+// so that even an update in place (x *= c, which keeps a quiet NaN as it is) changes it and shows as a write.
+constexpr unsigned EMU_HIDDEN = 0xffa1ffa1u;
 
 // Hides `bytes` of registers from `at` for a product in flight (see HiddenRegisters), or counts one more user of
 // registers already hidden; returns their true contents.
@@ -191,7 +198,7 @@ inline const unsigned char* emu_hide(Fiber& f, const void* registers, size_t byt
     }
     f.hidden.push_back({at, std::vector<unsigned char>(bytes), 1});
     std::memcpy(f.hidden.back().truth.data(), at, bytes);
-    std::memset(at, 0xff, bytes);  // NaN as fp32 and as bf16
+    for (size_t i = 0; i < bytes; i += 4) std::memcpy(at + i, &EMU_HIDDEN, 4);
     return f.hidden.back().truth.data();
 }
 inline HiddenRegisters& emu_hidden(Fiber& f, const void* at) {
@@ -202,7 +209,9 @@ inline HiddenRegisters& emu_hidden(Fiber& f, const void* at) {
 // Whether registers hidden from `at` were written since.
 inline bool emu_hidden_written(Fiber& f, const void* at) {
     const HiddenRegisters& h = emu_hidden(f, at);
-    return std::any_of(h.at, h.at + h.truth.size(), [](unsigned char b) { return b != 0xff; });
+    for (size_t i = 0; i < h.truth.size(); i += 4)
+        if (std::memcmp(h.at + i, &EMU_HIDDEN, 4) != 0) return true;
+    return false;
 }
 // One product fewer on the registers from `at`: after the last, they hold their true contents again.
 inline void emu_unhide(Fiber& f, const void* at) {
@@ -215,7 +224,7 @@ inline void emu_unhide(Fiber& f, const void* at) {
 inline void emu_wgmma_issue(float (*d)[4], const unsigned* a, unsigned long long a_desc, unsigned long long b_desc,
                             bool a_mn_major, bool b_mn_major) {
     Fiber& f = g_block->fibers[emu_tid()];
-    if (!f.wgmma_fenced) emu_fail("wgmma issued without wgmma.fence since the last wait");
+    if (!f.wgmma_fenced) emu_fail("wgmma issued without wgmma.fence since the last commit or wait");
     if (blockDim.x % 128 != 0) emu_fail("wgmma in a block that is not whole warpgroups");
     Wgmma w{};
     w.d = d;
