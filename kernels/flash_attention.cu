@@ -826,8 +826,8 @@ __device__ __forceinline__ void load_stage(const SpecialisedBlock<D, BC, RESIDEN
 }
 
 // The loading thread's stream in the forward and dq kernels: K_j and V_j for every tile j.
-template <int D, int BC, int RESIDENT>
-__device__ __forceinline__ void load_key_value_tiles(const SpecialisedBlock<D, BC, RESIDENT>& f,
+template <int D, int BC, int RESIDENT, int STAGES>
+__device__ __forceinline__ void load_key_value_tiles(const SpecialisedBlock<D, BC, RESIDENT, STAGES>& f,
                                                      const TensorMap& kv_map, int k_col, int v_col, int b, int tiles) {
     for (int j = 0; j < tiles; j++) {
         load_stage(f, STREAM_K, j, kv_map, k_col, j * BC, b);
@@ -1036,45 +1036,36 @@ __device__ __forceinline__ void scores_to_p(unsigned (&p)[BC / 16][4], float (&s
     scores_to_a<BC>(p, s);
 }
 
+// dS = P∘(dP − D) in place of dP, for a dq kernel's warp (D of this lane's two rows).
+template <int BC>
+__device__ __forceinline__ void ds_of(float (&dp)[BC / 8][4], const unsigned (&p)[BC / 16][4],
+                                      const float (&row_dot)[2]) {
+#pragma unroll
+    for (int n = 0; n < BC / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dp[n][e] = a_to_accumulator(p[n / 2], n % 2, e) * (dp[n][e] - row_dot[e / 2]);
+}
+
 // One tile of BC keys for a warp's 16 queries (row0 the first; `first` in the Q and dO tiles): dQ += dS·K
 // (unscaled). Q's and dO's fragments are read again for each tile, as in the forward. As in the dkv kernel, S
 // becomes P rounded to bf16 before dP is used, and dS = P∘(dP − D) uses that P: the two kernels compute the same dS.
-// S and dP are held together only when PIPELINED (on wgmma), which issues both products at once and computes P while
-// dP's run: the same products and sums, so the same dQ.
-template <int D, int BC, bool WGMMA, bool PIPELINED>
+template <int D, int BC, bool WGMMA>
 __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_tile, unsigned do_tile, int first,
                                         const float (&lse_log2)[2], const float (&row_dot)[2], unsigned k_tile,
                                         unsigned v_tile, int k0, int row0, int T, int causal, float scale_log2,
                                         int lane) {
     constexpr int BR = 4 * FLASH_WARP_ROWS;
-    static_assert(!PIPELINED || WGMMA, "pipelined: on wgmma");
     unsigned p[BC / 16][4];
-    float dp[BC / 8][4] = {};
-    if constexpr (PIPELINED) {
+    {
         float s[BC / 8][4] = {};
-        settle_wgmma<BC>(dp);  // its zeros set before S's products: set among them, ptxas waits for S (C7517)
-        issue_abt_wgmma<D, BC, BR>(s, q_tile, first, k_tile);  // S = Q·Kᵀ
-        issue_abt_wgmma<D, BC, BR>(dp, do_tile, first, v_tile);  // dP = dO·Vᵀ
-        wgmma_wait<1>();
-        settle_wgmma<BC>(s);
+        add_abt<D, BC, BR, WGMMA>(s, q_tile, first, k_tile, lane);
         scores_to_p<BC>(p, s, lse_log2, k0, row0, T, causal, scale_log2, lane);
-        wgmma_wait<0>();
-        settle_wgmma<BC>(dp);
-    } else {
-        {
-            float s[BC / 8][4] = {};
-            add_abt<D, BC, BR, WGMMA>(s, q_tile, first, k_tile, lane);
-            scores_to_p<BC>(p, s, lse_log2, k0, row0, T, causal, scale_log2, lane);
-        }
-        add_abt<D, BC, BR, WGMMA>(dp, do_tile, first, v_tile, lane);
     }
+    float dp[BC / 8][4] = {};
+    add_abt<D, BC, BR, WGMMA>(dp, do_tile, first, v_tile, lane);
+    ds_of<BC>(dp, p, row_dot);
     unsigned ds[BC / 16][4];
-#pragma unroll
-    for (int n = 0; n < BC / 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) dp[n][e] = a_to_accumulator(p[n / 2], n % 2, e) * (dp[n][e] - row_dot[e / 2]);
-#pragma unroll
-    for (int kb = 0; kb < BC / 16; kb++) accumulator_to_a(ds[kb], dp, kb);
+    scores_to_a<BC>(ds, dp);
     add_ab<D, BC, WGMMA>(dq, ds, k_tile, lane);
 }
 
@@ -1139,8 +1130,8 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partia
         const int k0 = j * BC;
         const unsigned stage = j % 2 * tile_bytes<D, WGMMA>(BC);
         if (group_row0 < T && !(causal && k0 > group_row0 + GROUP_ROWS - 1))
-            dq_tile<D, BC, WGMMA, false>(dq, q_tile, do_tile, first, lse_log2, dot, k_tiles + stage, v_tiles + stage,
-                                         k0, row0, T, causal, scale_log2, lane);
+            dq_tile<D, BC, WGMMA>(dq, q_tile, do_tile, first, lse_log2, dot, k_tiles + stage, v_tiles + stage, k0,
+                                  row0, T, causal, scale_log2, lane);
         __syncthreads();
     }
     // The warp's own rows of the padded Q tile stage dQ; on wgmma, 16 padded rows of its own in the K and V stages.
@@ -1151,22 +1142,25 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partia
 }
 
 // The dq kernel warp-specialised (see the warp-specialised kernels above): each computing warpgroup owns 64 queries,
-// with Q and dO tiles of its own, and runs dq_tile, pipelined, on every tile of K and V as flash_backward_dq's
-// warpgroup does, so the results are that kernel's bit for bit; the two share the streamed tiles, which halves their
-// loads a query. A warpgroup computes even a tile it has nothing to add to (keys all after its queries, or queries
-// all past the end): P is 0 where unseen and rows past the end are not stored, so it adds exact zeros, and a branch
-// around products in flight is what ptxas serialises (C7518). Grid (query tiles of 128, NH, B);
+// with Q and dO tiles of its own, and takes every tile of K and V as flash_backward_dq's warpgroup does, with the
+// same products and sums, so the results are that kernel's bit for bit; the two share the streamed tiles, which
+// halves their loads a query. Its tiles are pipelined: tile j + 1's S = Q·Kᵀ and dP = dO·Vᵀ are issued before tile j's
+// dQ += dS·K, and P and dS of tile j + 1 are computed while the products after each run. K_j is so held into the next
+// tile's step, hence three stages. A warpgroup computes even a tile it has nothing to add to (keys all after its
+// queries, or queries all past the end): P is 0 where unseen and rows past the end are not stored, so it adds exact
+// zeros, and a branch around products in flight is what ptxas serialises (C7518). Grid (query tiles of 128, NH, B);
 // Q, K and V from qkv_map, dO from dout_map ((NH·D elements, T rows, B sequences)), all in boxes of 64 rows.
 // Shared memory: Q of each warpgroup, then dO of each (the resident tiles, 64 rows each), then the stages.
+#define SPECIALISED_DQ_STAGES 3  // the streamed tiles' stages, which the launch table also needs
 template <int D, int BC>
 __device__ __forceinline__ void flash_backward_dq_specialised(bf16* dqkv, float* bias_partials,
                                                               const TensorMap& qkv_map, const TensorMap& dout_map,
                                                               const float* lse, const float* row_dot, int T, int NH,
                                                               int KVH, int causal) {
     static_assert(BC == 64, "Q, K and V come in boxes of the same rows");
-    constexpr int BR = 2 * 64, RESIDENT = 4 * 64;
-    check_launch(specialised_shared_bytes<D, BC, RESIDENT>(), 3 * 128);
-    const SpecialisedBlock<D, BC, RESIDENT> f(shared_address(flash_shared));
+    constexpr int BR = 2 * 64, RESIDENT = 4 * 64, STAGES = SPECIALISED_DQ_STAGES;
+    check_launch(specialised_shared_bytes<D, BC, RESIDENT, STAGES>(), 3 * 128);
+    const SpecialisedBlock<D, BC, RESIDENT, STAGES> f(shared_address(flash_shared));
     const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
     const auto q_tile = [&](int c) { return f.resident + c * tile_bytes<D, true>(64); };
@@ -1188,17 +1182,59 @@ __device__ __forceinline__ void flash_backward_dq_specialised(bf16* dqkv, float*
     mbarrier_wait(f.resident_full, 0);
     float dq[D / 8][4] = {};
     const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
-    for (int j = 0; j < tiles; j++) {
+    // Tile j's S and dP, once K_j and V_j have landed (both waited for before either is issued: a wait is a loop,
+    // and ptxas serialises products in flight across a branch); dP's zeros are set before S's products, since set
+    // among them they make ptxas wait for S (C7517).
+    const auto issue_scores = [&](float (&s)[BC / 8][4], float (&dp)[BC / 8][4], int j) {
         mbarrier_wait(f.full(STREAM_K, j), f.parity(j));
         mbarrier_wait(f.full(STREAM_V, j), f.parity(j));
-        dq_tile<D, BC, true, true>(dq, q_tile(c), do_tile(c), first, lse_log2, dot, f.stage(STREAM_K, j),
-                                   f.stage(STREAM_V, j), j * BC, row0, T, causal, scale_log2, lane);
-        mbarrier_arrive(f.empty(STREAM_K, j));
+        settle_wgmma<BC>(dp);
+        issue_abt_wgmma<D, BC, 64>(s, q_tile(c), first, f.stage(STREAM_K, j));  // S = Q·Kᵀ
+        issue_abt_wgmma<D, BC, 64>(dp, do_tile(c), first, f.stage(STREAM_V, j));  // dP = dO·Vᵀ
+    };
+    // Tile j's S, waited for, becomes P; then dP, waited for, becomes dS in place, and V_j is handed back. Each runs
+    // while the products issued after the one it waits for do.
+    const auto probabilities = [&](unsigned (&p)[BC / 16][4], float (&s)[BC / 8][4], int j) {
+        settle_wgmma<BC>(s);
+        scores_to_p<BC>(p, s, lse_log2, j * BC, row0, T, causal, scale_log2, lane);
+    };
+    const auto ds_in_place = [&](float (&dp)[BC / 8][4], const unsigned (&p)[BC / 16][4], int j) {
+        settle_wgmma<BC>(dp);
         mbarrier_arrive(f.empty(STREAM_V, j));
+        ds_of<BC>(dp, p, dot);
+    };
+    unsigned ds[BC / 16][4];  // dS of tile j, the A operand of dQ += dS·K_j: written only once no product reads it
+    {
+        float s[BC / 8][4] = {}, dp[BC / 8][4] = {};
+        unsigned p[BC / 16][4];
+        issue_scores(s, dp, 0);
+        wgmma_wait<1>();
+        probabilities(p, s, 0);
+        wgmma_wait<0>();
+        ds_in_place(dp, p, 0);
+        scores_to_a<BC>(ds, dp);
     }
+    for (int j = 0; j + 1 < tiles; j++) {
+        float s[BC / 8][4] = {}, dp[BC / 8][4] = {};
+        unsigned p[BC / 16][4];
+        issue_scores(s, dp, j + 1);
+        issue_ab_wgmma<D, BC>(dq, ds, f.stage(STREAM_K, j));  // dQ += dS·K_j
+        wgmma_wait<2>();
+        probabilities(p, s, j + 1);
+        wgmma_wait<1>();
+        ds_in_place(dp, p, j + 1);
+        wgmma_wait<0>();
+        settle_wgmma<D>(dq);
+        mbarrier_arrive(f.empty(STREAM_K, j));
+        scores_to_a<BC>(ds, dp);
+    }
+    issue_ab_wgmma<D, BC>(dq, ds, f.stage(STREAM_K, tiles - 1));
+    wgmma_wait<0>();
+    settle_wgmma<D>(dq);
+    mbarrier_arrive(f.empty(STREAM_K, tiles - 1));
     named_barrier_sync(3, SPECIALISED_COMPUTING);  // both warpgroups are done with the stages, where dQ is staged
 
-    static_assert(8 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, true>(2 * SPECIALISED_STAGES * BC), "staging fits");
+    static_assert(8 * at<D>(FLASH_WARP_ROWS, 0) <= tile_bytes<D, true>(2 * STAGES * BC), "staging fits");
     store_rows<D>(dqkv + ((long)b * T + row0) * W + h * D, W, T - row0, dq, rsqrtf((float)D),
                   f.stages + warp * at<D>(FLASH_WARP_ROWS, 0), lane,
                   bias_partials_at(bias_partials, b, row0, T, W, h * D));
@@ -1874,7 +1910,7 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         3 * 128,                                                                                                       \
         specialised_shared_bytes<D, BC, 2 * 64>(),                                                                     \
         BC,                                                                                                            \
-        specialised_shared_bytes<D, 64, 4 * 64>(),                                                                     \
+        specialised_shared_bytes<D, 64, 4 * 64, SPECIALISED_DQ_STAGES>(),                                              \
         2 * 64,                                                                                                        \
         64,                                                                                                            \
         specialised_dkv_shared_bytes<D, DKV_ROLES>(),                                                                  \

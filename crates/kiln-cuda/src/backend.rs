@@ -1595,7 +1595,7 @@ mod tests {
                 assert_eq!((t.forward_rows, t.forward_keys), (128, Some(keys)), "{value} D={d}");
                 if backward_specialised {
                     assert_eq!(t.kernels[dq], format!("flash_attention_backward_dq_wgmma_specialised_d{d}"));
-                    assert_eq!((t.threads[dq], t.shared_bytes[dq]), (384, 512 * row + 72), "{value} D={d}");
+                    assert_eq!((t.threads[dq], t.shared_bytes[dq]), (384, 640 * row + 104), "{value} D={d}");
                     assert_eq!(t.kernels[dkv], format!("flash_attention_backward_dkv_wgmma_specialised_d{d}"));
                     assert_eq!((t.threads[dkv], t.shared_bytes[dkv]), (384, dkv_shared), "{value} D={d}");
                     let blocks = SpecialisedBackward { dq_queries: 128, dkv_keys, box_rows: 64 };

@@ -127,7 +127,7 @@ fn fused_attention_exports_its_launch_shapes() {
             // The warp-specialised forward, dq and dkv kernels likewise: three warpgroups; the forward's Q, two
             // stages of K and of V, then nine mbarriers (the resident tiles', and a full and an empty one for each
             // stage of the two streamed tiles); the dq kernel's Q and dO of each computing warpgroup (64 rows each),
-            // two stages of 64 keys' K and V, the mbarriers; its 128 queries a block in tiles of 64 rows. The dkv
+            // three stages of 64 keys' K and V, the mbarriers; its 128 queries a block in tiles of 64 rows. The dkv
             // kernel's K and V (128 keys with one role at D = 64, 64 with two at D = 128), stages of 64 queries' Q
             // and dO (two with one role, three with two), the mbarriers, from the next 16 bytes a Pᵀ buffer a stage
             // (two roles: 64 queries × 128 bytes each), then lse and D of each stage.
@@ -137,7 +137,7 @@ fn fused_attention_exports_its_launch_shapes() {
                 .map(|k| format!("flash_attention_{k}_wgmma_specialised_d{d}"));
             if arch == "sm_90a" && keys > 0 {
                 let (row, barriers) = (d as u32 * 2, 9 * 8);
-                let (forward, dq) = ((128 + 4 * keys) * row + barriers, (4 * 64 + 4 * 64) * row + barriers);
+                let (forward, dq) = ((128 + 4 * keys) * row + barriers, (4 * 64 + 6 * 64) * row + 13 * 8);
                 let (dkv_keys, stages, exchange) = if d == 64 { (128, 2, 0) } else { (64, 3, 64 * 128) };
                 let dkv = ((2 * dkv_keys + 2 * stages * 64) * row + (1 + 4 * stages) * 8).next_multiple_of(16)
                     + stages * (exchange + 2 * 64 * 4);
