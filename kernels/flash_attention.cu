@@ -762,17 +762,17 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
 
 // ---- warp-specialised kernels (sm_90a) ----------------------------------------------------------------------------
 //
-// FlashAttention-3's arrangement: a block of three warpgroups, of which the first only loads (one thread issuing
-// tensor copies, the others leave at once, or in the dkv kernel one warp, and the warpgroup gives its registers to
-// the other two with setmaxnreg) and the other two compute on the tiles the first hands them. The block's resident
-// tiles (Q in the forward; Q and dO in dq; K and V in dkv) land once; two streamed tiles (K and V; Q and dO in dkv)
-// move through two stages each, each stage with a "full" mbarrier (the copies of its tile have landed) and an
-// "empty" one (all 256 computing threads are done with it), so loading never waits for a block-wide barrier, and
-// K_j can land while V_{j−1} is still read (the two-role dkv kernel, which holds a step's stages into the next, has
-// three stages). Each computing warpgroup takes every step of the block, waiting for its
-// tiles and handing them back even when it has nothing to add, so that the phases of the empty barriers count
-// steps. Tiles come as tensor maps of qkv (and dout), made by the engine's tensor_map: (W elements, T rows, B
-// sequences), boxes of 64 elements by a tile's rows, in the 128-byte swizzle.
+// FlashAttention-3's arrangement: a block of three warpgroups, of which the first only loads (one thread issuing tensor
+// copies, the others leave at once, or in the dkv kernel one warp, and the warpgroup gives its registers to the other
+// two with setmaxnreg) and the other two compute on the tiles the first hands them. The block's resident tiles (Q in
+// the forward; Q and dO in dq; K and V in dkv) land once; two streamed tiles (K and V; Q and dO in dkv) move through
+// two stages each (three in the dq kernel and the two-role dkv kernel, which hold a step's tiles into the next), each
+// stage with a "full" mbarrier (the copies of its tile have landed) and an "empty" one (all 256 computing threads are
+// done with it), so loading never waits for a block-wide barrier, and K_j can land while V_{j−1} is still read. Each
+// computing warpgroup takes every step of the block, waiting for its tiles and handing them back even when it has
+// nothing to add, so that the phases of the empty barriers count steps. Tiles come as tensor maps of qkv (and dout),
+// made by the engine's tensor_map: (W elements, T rows, B sequences), boxes of 64 elements by a tile's rows, in the
+// 128-byte swizzle.
 #define SPECIALISED_STAGES 2
 #define SPECIALISED_COMPUTING (2 * 128)
 // The streamed tiles: of the forward and the dq kernel, and of the dkv kernel.

@@ -160,7 +160,7 @@ struct Fiber {
     const char* warp_op = nullptr;  // which warp (or warpgroup) collective it waits in (all lanes must agree)
     std::vector<Copy> open_group;
     std::vector<std::vector<Copy>> committed;
-    bool wgmma_fenced = false;  // wgmma.fence since the last wait
+    bool wgmma_fenced = false;  // wgmma.fence since the last commit or wait
     std::vector<Wgmma> wgmma_open;
     std::vector<std::vector<Wgmma>> wgmma_committed;
     std::vector<HiddenRegisters> hidden;
