@@ -1142,14 +1142,15 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partia
 }
 
 // The dq kernel warp-specialised (see the warp-specialised kernels above): each computing warpgroup owns 64 queries,
-// with Q and dO tiles of its own, and takes every tile of K and V as flash_backward_dq's warpgroup does, with the
-// same products and sums, so the results are that kernel's bit for bit; the two share the streamed tiles, which
-// halves their loads a query. Its tiles are pipelined: tile j + 1's S = Q·Kᵀ and dP = dO·Vᵀ are issued before tile j's
-// dQ += dS·K, and P and dS of tile j + 1 are computed while the products after each run. K_j is so held into the next
-// tile's step, hence three stages. A warpgroup computes even a tile it has nothing to add to (keys all after its
-// queries, or queries all past the end): P is 0 where unseen and rows past the end are not stored, so it adds exact
-// zeros, and a branch around products in flight is what ptxas serialises (C7518). Grid (query tiles of 128, NH, B);
-// Q, K and V from qkv_map, dO from dout_map ((NH·D elements, T rows, B sequences)), all in boxes of 64 rows.
+// with Q and dO tiles of its own, and takes every tile of K and V as flash_backward_dq's warpgroup does, with the same
+// products and sums, so the results are that kernel's bit for bit; the two share the streamed tiles, which halves their
+// loads a query. Its tiles are pipelined: tile j + 1's S = Q·Kᵀ and dP = dO·Vᵀ are issued before tile j's dQ += dS·K,
+// and P and dS of tile j + 1 are computed while the products after each run. K_j is so held until tile j's dQ is added,
+// in the step that issues tile j + 1's S: with two stages, tile j + 2's K could be loaded only then, just before it is
+// needed, so there are three. A warpgroup computes even a tile it has nothing to add to (keys all after its queries, or
+// queries all past the end): P is 0 where unseen and rows past the end are not stored, so it adds exact zeros, and a
+// branch around products in flight is what ptxas serialises (C7518). Grid (query tiles of 128, NH, B); Q, K and V from
+// qkv_map, dO from dout_map ((NH·D elements, T rows, B sequences)), all in boxes of 64 rows.
 // Shared memory: Q of each warpgroup, then dO of each (the resident tiles, 64 rows each), then the stages.
 #define SPECIALISED_DQ_STAGES 3  // the streamed tiles' stages, which the launch table also needs
 template <int D, int BC>
