@@ -1358,13 +1358,27 @@ __device__ __forceinline__ void atomic_add_rows(float* dq, long stride, int vali
     }
 }
 
+// Issues acc (this warp's 16 queries × 64 columns of dQ from n0) += dS·K over the BC keys of the dS tile (keys ×
+// queries, as transposed_ds stores it, swizzled) and the K tile, as one commit group: both operands MN-major, dS's
+// queries and K's columns lying along the stored rows.
+template <int BC>
+__device__ __forceinline__ void issue_dq_wgmma(float (&acc)[8][4], unsigned ds_tile, unsigned k_tile, int n0) {
+    wgmma_settle(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kb = 0; kb < BC / 16; kb++)
+        wgmma_64x64_ss<true, true>(acc, wgmma_descriptor(ds_tile + swizzled_at<BC>(kb * 16, 0), 1024, 1024),
+                                   wgmma_descriptor(k_tile + swizzled_at<BC>(kb * 16, n0), 1024, 1024));
+    wgmma_commit();
+}
+
 // dQ_i += dS_ij·K_j (unscaled) for the BR queries of a tile (rows from `valid_rows` on skipped; row r at
 // dq + r·stride) and the block's 64 keys, from the dS tile (keys × queries, as transposed_ds stores it) and the K
 // tile, added to the fp32 sums in global memory with atomics. The block's WARPS split the BR × D product into 16-row
 // tiles and column groups of DN: each warp holds 16 × DN sums (DN/2 floats a lane, at most 32). On mma.sync the dS
 // fragments are read transposed (ldmatrix .trans of the stored (keys, queries) blocks gives A = dS), and the product
 // is split BR/16 row tiles by D·(BR/16)/WARPS columns. On wgmma (BR = 64) the warpgroups take D's columns 64 at a
-// time, in turn, with both operands MN-major: dS's queries, and K's columns, lie along the stored rows.
+// time, in turn (issue_dq_wgmma).
 template <int D, int BR, int WARPS, bool WGMMA>
 __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, unsigned ds_tile, unsigned k_tile,
                                        int warp, int lane) {
@@ -1373,13 +1387,7 @@ __device__ __forceinline__ void add_dq(float* dq, long stride, int valid_rows, u
         static_assert(BR == 64 && D % 64 == 0 && WARPS % 4 == 0, "add_dq on wgmma: 64 × 64 blocks of dQ");
         for (int n0 = warp / 4 * 64; n0 < D; n0 += WARPS / 4 * 64) {
             float acc[8][4] = {};
-            wgmma_settle(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int kb = 0; kb < BC / 16; kb++)
-                wgmma_64x64_ss<true, true>(acc, wgmma_descriptor(ds_tile + swizzled_at<BC>(kb * 16, 0), 1024, 1024),
-                                           wgmma_descriptor(k_tile + swizzled_at<BC>(kb * 16, n0), 1024, 1024));
-            wgmma_commit();
+            issue_dq_wgmma<BC>(acc, ds_tile, k_tile, n0);
             wgmma_wait<0>();
             wgmma_settle(acc);
             atomic_add_rows<64>(dq, stride, valid_rows, acc, warp % 4 * 16, n0, lane);
@@ -1438,7 +1446,9 @@ __device__ __forceinline__ void take_transposed_p(unsigned (&p)[BR / 16][4], uns
 // Pᵀ, which dSᵀ reads, is dV's A operand, whose registers no thread may touch until its product is waited for); the
 // products and their sums are the same, so are the results. It computes a step that is not live too, whose Pᵀ and
 // dSᵀ are all 0 (every query unseen), so that it adds exact zeros: products in flight inside a branch are what
-// ptxas serialises (C7518).
+// ptxas serialises (C7518). With ATOMIC_DQ, PIPELINED calls hand_over() once this warp's rows of dSᵀ are stored and
+// before dV's and dK's products are issued: it issues dQ's product (once the warpgroup's rows are all there), which
+// the wait for those two completes.
 template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA, bool PIPELINED, typename HandOver>
 __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], const DkvStep& t, bool live, int role,
                                          int first, int q0, int j0, int T, int causal, float scale_log2, int lane,
@@ -1458,6 +1468,7 @@ __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], cons
         wgmma_wait<0>();
         settle_wgmma<BR>(dp);
         transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, t.dot, t.ds_rows, lane);
+        if constexpr (ATOMIC_DQ) hand_over();
         issue_ab_wgmma<D, BR>(acc[0], p, t.dout);  // dV += Pᵀ·dO
         issue_ab_wgmma<D, BR>(acc[1], ds, t.q);  // dK += dSᵀ·Q
         wgmma_wait<0>();
@@ -1622,6 +1633,10 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
 // and Q from qkv_map, dO from dout_map, all in boxes of 64 rows; the loading warp's lanes copy each step's lse and D
 // beside its Q. Shared memory: as SpecialisedBlock lays it out, then (16-byte aligned) the Pᵀ buffers with two roles,
 // then lse and D of each stage.
+// With ATOMIC_DQ (one role, D = 64), each step also adds its part of dQ into dq_sum ((B, T, NH·D) fp32, zeroed by the
+// caller), as flash_backward_dkv's dkv_dq kernel: a warpgroup stores its dSᵀ in a tile of its own, issues dQ = dS·K
+// beside dV's and dK's products, and adds the result by bulk reductions of whole rows (reduce_dq_rows) instead of
+// atomics a lane; then come its dS tiles and the dQ staging (specialised_dkv_shared_bytes).
 template <int ROLES>
 __device__ constexpr int specialised_dkv_stages() {
     return ROLES == 2 ? 3 : SPECIALISED_STAGES;
@@ -1635,20 +1650,59 @@ __device__ constexpr unsigned specialised_dkv_exchange_bytes() {
     return ROLES == 2 ? specialised_dkv_stages<ROLES>() * 64 * 128 : 0;
 }
 template <int D, int ROLES>
-__device__ constexpr unsigned specialised_dkv_shared_bytes() {
+__device__ constexpr unsigned specialised_dkv_stats_end() {
     return specialised_dkv_exchange<D, ROLES>() + specialised_dkv_exchange_bytes<ROLES>() +
            specialised_dkv_stages<ROLES>() * 2 * 64 * 4;
 }
-
+// With atomic dQ, then two dS tiles of each computing warpgroup (64 keys × 64 queries, swizzled, so 1024-byte
+// aligned), then each computing warp's 16 rows of dQ on their way to the bulk reductions, SPECIALISED_DQ_ROW_BYTES
+// apart (64 floats, padded so that the 8-byte stores of a half-warp meet no bank twice).
+#define SPECIALISED_DQ_ROW_BYTES (64 * 4 + 32)
 template <int D, int ROLES>
-__device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float* bias_partials,
+__device__ constexpr unsigned specialised_dkv_ds_tiles() {
+    return (specialised_dkv_stats_end<D, ROLES>() + 1023) / 1024 * 1024;
+}
+template <int D, int ROLES, bool ATOMIC_DQ>
+__device__ constexpr unsigned specialised_dkv_shared_bytes() {
+    return ATOMIC_DQ ? specialised_dkv_ds_tiles<D, ROLES>() + 4 * tile_bytes<64, true>(64) +
+                           8 * FLASH_WARP_ROWS * SPECIALISED_DQ_ROW_BYTES
+                     : specialised_dkv_stats_end<D, ROLES>();
+}
+
+// Adds a warp's 16 rows × 64 columns of dQ (a wgmma accumulator) to the fp32 sums at `sums` (row r at
+// sums + r·stride; rows from valid_rows on skipped) by bulk reductions: the warp stages its rows at `staging`, and
+// lane r < 16 adds row r, 256 bytes. The warp stages rows again only once each lane's last reduction has read them
+// (bulk_wait, then __syncwarp); the caller waits for every reduction to complete before the block exits.
+__device__ __forceinline__ void reduce_dq_rows(float* sums, long stride, int valid_rows, const float (&acc)[8][4],
+                                               unsigned staging, int lane) {
+    if (lane < FLASH_WARP_ROWS) bulk_wait<0, true>();
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const unsigned at = acc_row(lane, 2 * half) * SPECIALISED_DQ_ROW_BYTES + (n * 8 + acc_col(lane, 0)) * 4;
+            st_shared_f32x2(staging + at, acc[n][2 * half], acc[n][2 * half + 1]);
+        }
+    fence_proxy_async();
+    __syncwarp();
+    if (lane < FLASH_WARP_ROWS) {
+        const unsigned row = staging + lane * SPECIALISED_DQ_ROW_BYTES;
+        if (lane < valid_rows) bulk_reduce_add_f32(sums + lane * stride, row, 64 * 4);
+        bulk_commit();
+    }
+}
+
+template <int D, int ROLES, bool ATOMIC_DQ>
+__device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float* bias_partials, float* dq_sum,
                                                                const TensorMap& qkv_map, const TensorMap& dout_map,
                                                                const float* lse, const float* row_dot, int T, int NH,
                                                                int KVH, int causal) {
     constexpr int BR = 64, BC = 64, KEYS = (3 - ROLES) * BC, ACCUMULATORS = 3 - ROLES;
     constexpr int STAGES = specialised_dkv_stages<ROLES>();
     static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
-    check_launch(specialised_dkv_shared_bytes<D, ROLES>(), 3 * 128);
+    static_assert(!ATOMIC_DQ || (ROLES == 1 && D == 64), "atomic dQ: one role, 64 columns of dQ a warpgroup");
+    check_launch(specialised_dkv_shared_bytes<D, ROLES, ATOMIC_DQ>(), 3 * 128);
     const SpecialisedBlock<D, BR, 2 * KEYS, STAGES> f(shared_address(flash_shared));
     const unsigned p_exchange = shared_address(flash_shared) + specialised_dkv_exchange<D, ROLES>(),
                    stats = p_exchange + specialised_dkv_exchange_bytes<ROLES>();
@@ -1707,17 +1761,42 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
     };
     mbarrier_wait(f.resident_full, 0);
     if constexpr (ROLES == 1) {
+        // With atomic dQ, step i's dS tile of this warpgroup, and this warp's rows of dQ staged for the bulk
+        // reductions.
+        const unsigned ds_tiles = shared_address(flash_shared) + specialised_dkv_ds_tiles<D, ROLES>();
+        const auto ds_tile = [&](int i) { return ds_tiles + (2 * c + i % 2) * tile_bytes<BR, true>(BC); };
+        const unsigned dq_staging =
+            ds_tiles + 4 * tile_bytes<BR, true>(BC) + warp * FLASH_WARP_ROWS * SPECIALISED_DQ_ROW_BYTES;
         for (int i = 0; i < steps; i++) {
             const int q0 = query0(i);
             mbarrier_wait(f.full(STREAM_Q, i), f.parity(i));
             mbarrier_wait(f.full(STREAM_DOUT, i), f.parity(i));
             const DkvStep t{k_tile(keys), v_tile(keys), f.stage(STREAM_Q, i), f.stage(STREAM_DOUT, i),
-                            lse_tile(i), dot_tile(i), 0, 0};
+                            lse_tile(i), dot_tile(i), ds_tile(i) + tile_at<BR, BC, true>(first, 0), 0};
             const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
-            dkv_step<D, BR, ROLES, false, true, true>(acc, t, live, role, first, q0, j0, T, causal, scale_log2, lane,
-                                                      [] {});
+            float dq[8][4] = {};  // this step's dQ for the warp's 16 queries, from the warpgroup's 64 keys
+            settle_wgmma<64>(dq);  // its zeros set before Sᵀ's products (see dkv_step)
+            // dQ's product once the warpgroup's 4 warps have stored their rows of dSᵀ (named barrier 1 + c). Two
+            // tiles: the one stored two steps before was read by that step's product, which every warp waited for
+            // before it reached this barrier in the step between.
+            const auto issue_dq = [&] {
+                fence_proxy_async();
+                named_barrier_sync(1 + c, 128);
+                issue_dq_wgmma<BC>(dq, ds_tile(i), k_tile(keys), 0);
+            };
+            dkv_step<D, BR, ROLES, ATOMIC_DQ, true, true>(acc, t, live, role, first, q0, j0, T, causal, scale_log2,
+                                                          lane, issue_dq);
             hand_back(i);
+            if constexpr (ATOMIC_DQ) {
+                settle_wgmma<64>(dq);
+                // A step with nothing to add has dS all 0, so its dQ is too.
+                const long row = (long)b * T + q0 + first;
+                if (live)
+                    reduce_dq_rows(dq_sum + (row * NH + head(i)) * D, (long)NH * D, T - q0 - first, dq, dq_staging,
+                                   lane);
+            }
         }
+        if (ATOMIC_DQ && lane < FLASH_WARP_ROWS) bulk_wait<0, false>();
     } else {
         // The stream and the A operand of a step's first product, and the stream of its second's B operand.
         const int first_stream = role == 0 ? STREAM_Q : STREAM_DOUT;
@@ -1914,7 +1993,7 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         specialised_shared_bytes<D, 64, 4 * 64, SPECIALISED_DQ_STAGES>(),                                              \
         2 * 64,                                                                                                        \
         64,                                                                                                            \
-        specialised_dkv_shared_bytes<D, DKV_ROLES>(),                                                                  \
+        specialised_dkv_shared_bytes<D, DKV_ROLES, false>(),                                                           \
         (3 - DKV_ROLES) * 64};                                                                                         \
     extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_forward_wgmma_specialised_d##D(           \
         bf16* out, float* lse, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap kv_map,      \
@@ -1932,8 +2011,20 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         bf16* dqkv, float* bias_partials, const __grid_constant__ TensorMap qkv_map,                                   \
         const __grid_constant__ TensorMap dout_map, const float* lse, const float* row_dot, int T, int NH, int KVH,    \
         int causal) {                                                                                                  \
-        flash_backward_dkv_specialised<D, DKV_ROLES>(dqkv, bias_partials, qkv_map, dout_map, lse, row_dot, T, NH, KVH, \
-                                                     causal);                                                          \
+        flash_backward_dkv_specialised<D, DKV_ROLES, false>(dqkv, bias_partials, nullptr, qkv_map, dout_map, lse,      \
+                                                            row_dot, T, NH, KVH, causal);                              \
+    }
+// With one role (D = 64), the warp-specialised dkv kernel also comes with atomic dQ, launched as the one without,
+// with the dynamic shared memory in flash_attention_launch_wgmma_specialised_atomic_dD.
+#define FLASH_SPECIALISED_ATOMIC_DQ(D)                                                                                 \
+    extern "C" __constant__ unsigned flash_attention_launch_wgmma_specialised_atomic_d##D[1] = {                       \
+        specialised_dkv_shared_bytes<D, 1, true>()};                                                                   \
+    extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_backward_dkv_dq_wgmma_specialised_d##D(   \
+        bf16* dqkv, float* dq_sum, const __grid_constant__ TensorMap qkv_map,                                          \
+        const __grid_constant__ TensorMap dout_map, const float* lse, const float* row_dot, int T, int NH, int KVH,    \
+        int causal) {                                                                                                  \
+        flash_backward_dkv_specialised<D, 1, true>(dqkv, nullptr, dq_sum, qkv_map, dout_map, lse, row_dot, T, NH, KVH, \
+                                                   causal);                                                            \
     }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1942,5 +2033,6 @@ FLASH_ATTENTION_WGMMA(128, 128, 1, 64, 64, 1, 0, 2)
 FLASH_FORWARD_PIPELINED(64, 64, 2)
 FLASH_FORWARD_PIPELINED(128, 128, 1)
 FLASH_SPECIALISED(64, 64, 1)
+FLASH_SPECIALISED_ATOMIC_DQ(64)
 FLASH_SPECIALISED(128, 128, 2)
 #endif

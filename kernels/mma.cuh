@@ -101,6 +101,9 @@ __device__ __forceinline__ float ld_shared_f32(unsigned smem) {
     asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(smem) : "memory");
     return v;
 }
+__device__ __forceinline__ void st_shared_f32x2(unsigned smem, float x, float y) {
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(smem), "f"(x), "f"(y) : "memory");
+}
 __device__ __forceinline__ void st_shared_128(unsigned smem, int4 v) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                  : "memory");
@@ -272,6 +275,24 @@ __device__ __forceinline__ void tma_load_3d(unsigned smem, const TensorMap& map,
         "[%5];\n" ::"r"(smem),
         "l"(&map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
         : "memory");
+}
+
+// Adds `bytes` (a multiple of 16) of fp32 from shared memory at `smem` to global memory at `sums` (both 16-byte
+// aligned), elementwise and atomically, by the tensor memory accelerator: the thread goes on at once, and the
+// reduction joins this thread's next bulk_commit group. Shared memory written by ordinary stores must be made
+// visible to it first (fence_proxy_async), and must not be written again until bulk_wait_read says it was read.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* sums, unsigned smem, unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(sums),
+                 "r"(smem), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed bulk groups may still read their shared memory (READ), or may
+// still be incomplete.
+template <int N, bool READ>
+__device__ __forceinline__ void bulk_wait() {
+    if (READ) asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+    else asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Named barriers 1 to 15 (0 is __syncthreads'), for `count` threads, whole warps: sync waits until `count` threads

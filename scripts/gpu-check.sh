@@ -13,7 +13,7 @@
 #     bench-kiln-fused-bias bench-pytorch bench-llama bench-llama-pytorch"
 #   memory and attention (issues 16, 18): ONLY="plan-gpt2 plan-gpt2-fused plan-llama recompute bench-attention
 #     bench-attention-reference selftest-bf16-pipelined bench-attention-pipelined selftest-bf16-specialised
-#     bench-attention-specialised bench-attention-atomic resume-exact"
+#     bench-attention-specialised bench-attention-specialised-atomic bench-attention-atomic resume-exact"
 #   ranks (issues 16, 17): ONLY="dp-equivalence dp-stages allreduce rank-times bench-kiln bench-kiln-unguarded"
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -185,6 +185,10 @@ specialised=(env KILN_FLASH_WGMMA=specialised,backward)
 step selftest-bf16-specialised 120 "${specialised[@]}" "$kiln" selftest --backend cuda --precision bf16 ||
   selftest_failed+=(bf16-specialised)
 step bench-attention-specialised 120 "${specialised[@]}" "$kiln" bench attention --backend cuda --suite
+# With atomic dQ the specialised dkv kernel adds dQ by bulk reductions of whole rows (D = 64; its self-test is in
+# selftest-bf16-specialised), beside bench-attention-atomic's wgmma kernel with vector atomics.
+step bench-attention-specialised-atomic 120 "${specialised[@]}" "$kiln" bench attention --backend cuda --suite \
+  --atomic-dq
 step bench-kiln-specialised 90 "${specialised[@]}" "$kiln" bench train --backend cuda --steps 10 --warmup 2
 step resume-exact 90 bash -c resume_check
 # Where a training step's time goes: every kernel of two steps, timed by Nsight Compute.
@@ -456,6 +460,8 @@ echo "PyTorch SDPA on this card (FlashAttention-2, cuDNN):"
 grep -h "TFLOP/s" "$logs/bench-attention-reference.log" 2>/dev/null
 echo "with dQ added atomically (train.deterministic = false):"
 grep -h "TFLOP/s" "$logs/bench-attention-atomic.log" 2>/dev/null
+echo "the same, warp-specialised (KILN_FLASH_WGMMA=specialised,backward; bulk reductions at D = 64):"
+grep -h "TFLOP/s" "$logs/bench-attention-specialised-atomic.log" 2>/dev/null
 # tokens_per_s NAME: the tokens/s in the JSON line that step NAME's kiln or PyTorch benchmark printed last, or ?.
 tokens_per_s() {
   local t

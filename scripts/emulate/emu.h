@@ -144,6 +144,14 @@ struct Wgmma {
     unsigned long long a_desc, b_desc;
 };
 
+// A bulk reduction (cp.reduce.async.bulk ... .add.f32) in flight: the global sums it adds to, and the shared memory
+// it reads with the bytes it held when issued (it is applied, and the bytes checked unchanged, at the wait).
+struct BulkReduce {
+    float* sums;
+    unsigned smem;
+    std::vector<unsigned char> bytes;
+};
+
 // Registers of a thread that products in flight read (A) or accumulate into. The PTX ISA makes any access to them
 // before the wait undefined, so until then they hold NaN patterns and their true contents are kept here: a read
 // shows in the result, a write as an error. users: the products in flight on them (one accumulator may be chained
@@ -164,6 +172,8 @@ struct Fiber {
     std::vector<Wgmma> wgmma_open;
     std::vector<std::vector<Wgmma>> wgmma_committed;
     std::vector<HiddenRegisters> hidden;
+    std::vector<BulkReduce> bulk_open;
+    std::vector<std::vector<BulkReduce>> bulk_committed;
     int proxy_fences = 0;  // fence.proxy.async executed so far
     // Vector clock: clock[u] is the latest interval of thread u (or of mbarrier u − threads, see MBarrier) that this
     // thread's accesses are ordered after; clock[self] is its own current interval, which each release ends.
@@ -465,6 +475,8 @@ inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, std::functi
                     if (!f.open_group.empty() || !f.committed.empty()) emu_fail("thread exited with copies in flight");
                     if (!f.wgmma_open.empty() || !f.wgmma_committed.empty())
                         emu_fail("thread exited with wgmma in flight");
+                    if (!f.bulk_open.empty() || !f.bulk_committed.empty())
+                        emu_fail("thread exited with bulk reductions not waited for");
                 }
             }
 }

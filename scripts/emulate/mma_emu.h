@@ -110,6 +110,12 @@ inline float ld_shared_f32(unsigned smem) {
     std::memcpy(&v, &g_block->smem[smem], 4);
     return v;
 }
+inline void st_shared_f32x2(unsigned smem, float x, float y) {
+    if (smem % 8 != 0) emu_fail("misaligned 8-byte shared store");
+    emu_write(smem, 8, false);
+    std::memcpy(&g_block->smem[smem], &x, 4);
+    std::memcpy(&g_block->smem[smem + 4], &y, 4);
+}
 inline void st_shared_128(unsigned smem, int4 v) {
     if (smem % 16 != 0) emu_fail("misaligned 16-byte shared store");
     emu_write(smem, 16, false);
@@ -156,13 +162,18 @@ inline unsigned emu_wgmma_address(unsigned long long desc, int mn, int k, bool m
     return a ^ ((a >> 7 & 7) << 4);
 }
 
-// One bf16 of an operand in shared memory, as the asynchronous proxy reads it: the word must have been written
-// (and the copy completed) by a thread that executed fence.proxy.async afterwards.
-inline float emu_wgmma_read(unsigned addr) {
+// A word of shared memory as the asynchronous proxy (`who`) reads it: it must have been written (and the copy
+// completed) by a thread that executed fence.proxy.async afterwards.
+inline void emu_async_read(unsigned addr, const char* who) {
     emu_read(addr & ~3u, 4);
     const ShadowWord& s = emu_word(addr & ~3u);
     if (s.write.thread >= 0 && !s.async_write && g_block->fibers[s.write.thread].proxy_fences <= s.w_proxy_fences)
-        emu_fail("wgmma reads a word written without fence.proxy.async after it: " + emu_where(addr));
+        emu_fail(std::string(who) + " reads a word written without fence.proxy.async after it: " + emu_where(addr));
+}
+
+// One bf16 of an operand in shared memory, as wgmma reads it.
+inline float emu_wgmma_read(unsigned addr) {
+    emu_async_read(addr, "wgmma");
     __nv_bfloat16 b;
     b.x = emu_b16(addr);
     return __bfloat162float(b);
@@ -472,6 +483,38 @@ inline void tma_load_3d(unsigned smem, const TensorMap& map, unsigned bar, int c
     b.tx -= (long)copy.bytes.size();
     b.copies.push_back(std::move(copy));
     emu_mbarrier_progress(b);
+}
+
+// cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32: the adds happen at the wait that completes the group,
+// from the bytes read at the issue, which must still be there then (a write in between is an error).
+inline void bulk_reduce_add_f32(float* sums, unsigned smem, unsigned bytes) {
+    if (smem % 16 != 0 || reinterpret_cast<uintptr_t>(sums) % 16 != 0 || bytes % 16 != 0 || bytes == 0)
+        emu_fail("bulk reduction not in 16-byte units: " + emu_where(smem));
+    emu_check_global(sums, bytes);
+    for (unsigned a = smem; a < smem + bytes; a += 4) emu_async_read(a, "a bulk reduction");
+    const unsigned char* from = &g_block->smem[smem];
+    g_block->fibers[emu_tid()].bulk_open.push_back({sums, smem, std::vector<unsigned char>(from, from + bytes)});
+}
+inline void bulk_commit() {
+    Fiber& f = g_block->fibers[emu_tid()];
+    f.bulk_committed.push_back(std::move(f.bulk_open));
+    f.bulk_open.clear();
+}
+template <int N, bool READ>
+inline void bulk_wait() {
+    Fiber& f = g_block->fibers[emu_tid()];
+    while (f.bulk_committed.size() > (size_t)N) {
+        for (const BulkReduce& r : f.bulk_committed.front()) {
+            if (std::memcmp(&g_block->smem[r.smem], r.bytes.data(), r.bytes.size()) != 0)
+                emu_fail("shared memory of a bulk reduction written before its wait: " + emu_where(r.smem));
+            for (size_t i = 0; i < r.bytes.size() / 4; i++) {
+                float x;
+                std::memcpy(&x, &r.bytes[4 * i], 4);
+                r.sums[i] += x;
+            }
+        }
+        f.bulk_committed.erase(f.bulk_committed.begin());
+    }
 }
 
 // setmaxnreg: the warpgroup, all of it, moves its register allocation (no effect here but the checks). The block's

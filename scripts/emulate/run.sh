@@ -55,9 +55,15 @@ if [ $# -eq 0 ]; then
   # forward are used again.
   "$out/test_flash_sm90" 128 300 pipelined
   "$out/test_flash_sm90" 128 300 specialised
+  # At D = 64, 300 queries make five steps of each dkv block, so that the atomic-dQ kernel's dS tiles and dQ rows are
+  # used again.
+  "$out/test_flash_sm90" 64 300 specialised
   # And with each warpgroup in turn lagging as far behind the others as their synchronisation allows, which a
   # hand-over that relies on the warpgroups keeping pace does not survive.
-  for lagging in 0 1 2; do EMU_LAG=$lagging "$out/test_flash_sm90" 128 77 specialised; done
+  for lagging in 0 1 2; do
+    EMU_LAG=$lagging "$out/test_flash_sm90" 128 77 specialised
+    EMU_LAG=$lagging "$out/test_flash_sm90" 64 130 specialised
+  done
   "$out/test_sync"
   "$out/test_unfused_fp32"
   "$out/test_unfused_bf16"

@@ -221,6 +221,19 @@ static void run(const Shape& s) {
                      KVH, s.causal)
         });
     }
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    // The specialised dkv kernel with atomic dQ (bulk reductions), where there is one: launched as the one without,
+    // with its own shared memory.
+    if (s.specialised && D == 64) {
+        const unsigned dkv_grid = (T + specialised[7] - 1) / specialised[7];
+        const unsigned shared = flash_attention_launch_wgmma_specialised_atomic_d64[0];
+        launch({dkv_grid, (unsigned)KVH, (unsigned)B}, specialised[0], shared, [&] {
+            flash_attention_backward_dkv_dq_wgmma_specialised_d64(dqkv_atomic.p, dq_sum.p, backward_qkv_map,
+                                                                   backward_dout_map, lse.p, row_dot.p, T, NH, KVH,
+                                                                   s.causal);
+        });
+    } else
+#endif
     launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[8], tiles[4], [&] {
         DISPATCH_WGMMA(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
                        KVH, s.causal)

@@ -95,7 +95,7 @@ const FLASH_BLOCK_ROWS: usize = 64;
 
 /// Per head dimension the fused attention kernels (kernels/flash_attention.cu) are built for: the forward, dq, dkv
 /// and dkv-with-atomic-dQ kernels, the same on wgmma, which sm_90a has for some, and the pipelined forward and the
-/// warp-specialised forward, dq and dkv kernels on wgmma.
+/// warp-specialised forward, dq, dkv and (at some head dimensions) dkv-with-atomic-dQ kernels on wgmma.
 macro_rules! flash_kernels {
     ($($d:literal),*) => {
         [$(($d, [
@@ -103,6 +103,7 @@ macro_rules! flash_kernels {
             concat!("flash_attention_forward_wgmma_specialised_d", $d),
             concat!("flash_attention_backward_dq_wgmma_specialised_d", $d),
             concat!("flash_attention_backward_dkv_wgmma_specialised_d", $d),
+            concat!("flash_attention_backward_dkv_dq_wgmma_specialised_d", $d),
         ], [
             concat!("flash_attention_forward_d", $d),
             concat!("flash_attention_backward_dq_d", $d),
@@ -116,7 +117,7 @@ macro_rules! flash_kernels {
         ])),*]
     };
 }
-type FlashKernelNames = (usize, [&'static str; 4], [&'static str; 4], [&'static str; 4]);
+type FlashKernelNames = (usize, [&'static str; 5], [&'static str; 4], [&'static str; 4]);
 const FLASH_KERNELS: [FlashKernelNames; 4] = flash_kernels!(32, 64, 96, 128);
 
 /// Whether the fused attention kernels are built for `head_dim`.
@@ -131,8 +132,8 @@ pub(crate) fn fused_head_dim(head_dim: usize) -> bool {
 /// `pipelined` runs the forward on wgmma in its pipelined form (flash_forward_pipelined in the kernel file),
 /// `specialised` in its warp-specialised form (flash_forward_specialised: tensor copies, mbarriers, ping-pong) and,
 /// with `backward`, the dq and dkv kernels of the deterministic backward too (flash_backward_dq_specialised,
-/// flash_backward_dkv_specialised), which the CPU emulation has checked but no GPU has yet timed: not a default until
-/// one measures them faster.
+/// flash_backward_dkv_specialised), and at head dimension 64 the dkv kernel with atomic dQ (bulk reductions), which
+/// the CPU emulation has checked but no GPU has yet timed: not a default until one measures them faster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashWgmma {
     pub forward: bool,
@@ -218,17 +219,20 @@ struct FlashTiles {
     kernels: [&'static str; 4],
     /// Keys a tile, when the forward is the warp-specialised one, which reads qkv through tensor maps.
     forward_keys: Option<u32>,
-    /// How the warp-specialised dq and dkv kernels, when they run, take the sequence.
+    /// How the warp-specialised dq and dkv kernels (and dkv_dq, where there is one), when they run, take the
+    /// sequence.
     specialised_backward: Option<SpecialisedBackward>,
 }
 
-/// The warp-specialised dq and dkv kernels' blocks: queries a dq block, keys a dkv block, and the rows of every
-/// tensor map's box (Q, K, V and dO alike).
+/// The warp-specialised dq and dkv kernels' blocks: queries a dq block, keys a dkv block (and a dkv_dq block), and
+/// the rows of every tensor map's box (Q, K, V and dO alike); whether the dkv kernel with atomic dQ is
+/// warp-specialised too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SpecialisedBackward {
     dq_queries: usize,
     dkv_keys: usize,
     box_rows: u32,
+    atomic_dq: bool,
 }
 
 impl FlashTiles {
@@ -243,7 +247,8 @@ impl FlashTiles {
         FLASH_KERNELS
             .into_iter()
             .map(|(head_dim, forms, kernels, wgmma_kernels)| {
-                let [pipelined_forward, specialised_forward, specialised_dq, specialised_dkv] = forms;
+                let [pipelined_forward, specialised_forward, specialised_dq, specialised_dkv, specialised_dkv_dq] =
+                    forms;
                 let words = flash_launch_table(cubin, head_dim)?;
                 let mut tiles = FlashTiles {
                     head_dim,
@@ -281,10 +286,15 @@ impl FlashTiles {
                                 if wgmma.backward {
                                     set(Self::DQ, specialised_dq, t[3], t[0]);
                                     set(Self::DKV, specialised_dkv, t[6], t[0]);
+                                    let atomic = flash_specialised_atomic_launch_table(cubin, head_dim)?;
+                                    if let Some([shared]) = atomic {
+                                        set(Self::DKV_DQ, specialised_dkv_dq, shared, t[0]);
+                                    }
                                     tiles.specialised_backward = Some(SpecialisedBackward {
                                         dq_queries: t[4] as usize,
                                         box_rows: t[5],
                                         dkv_keys: t[7] as usize,
+                                        atomic_dq: atomic.is_some(),
                                     });
                                 }
                                 tiles.forward_keys = Some(t[2]);
@@ -333,6 +343,12 @@ pub fn flash_pipelined_launch_table(cubin: &[u8], head_dim: usize) -> Result<Opt
 /// the dkv kernel's dynamic shared memory and keys a block.
 pub fn flash_specialised_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 8]>> {
     launch_words(cubin, &format!("flash_attention_launch_wgmma_specialised_d{head_dim}"))
+}
+
+/// `flash_attention_launch_wgmma_specialised_atomic_d{head_dim}`, where the CUBIN also has the warp-specialised dkv
+/// kernel with atomic dQ for that head dimension (launched as the dkv kernel is): its dynamic shared memory.
+pub fn flash_specialised_atomic_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 1]>> {
+    launch_words(cubin, &format!("flash_attention_launch_wgmma_specialised_atomic_d{head_dim}"))
 }
 
 /// A tensor map (CUtensorMap) passed to a kernel by value, as kernels/mma.cuh's `__grid_constant__ TensorMap`.
@@ -1441,8 +1457,18 @@ impl Backend for CudaBackend {
                 .map_err(driver("memset"))?;
             launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
             let kernel = FlashTiles::DKV_DQ;
-            let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
-            launch!(self, tiles.kernels[kernel], cfg, dq, dq_sum, g, q, l, row_dot, t, nh, kvh, causal)?;
+            match tiles.specialised_backward.filter(|s| s.atomic_dq) {
+                Some(s) => {
+                    let (qkv_map, dout_map) = (tensor_map(q, w, &d, s.box_rows)?, tensor_map(g, c, &d, s.box_rows)?);
+                    let cfg = tiles.launch(kernel, d.time.div_ceil(s.dkv_keys), d.kv_heads, d.batch);
+                    let name = tiles.kernels[kernel];
+                    launch!(self, name, cfg, dq, dq_sum, qkv_map, dout_map, l, row_dot, t, nh, kvh, causal)?;
+                }
+                None => {
+                    let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
+                    launch!(self, tiles.kernels[kernel], cfg, dq, dq_sum, g, q, l, row_dot, t, nh, kvh, causal)?;
+                }
+            }
             let (n, scale) = (rows as i64, 1.0 / (d.head_dim as f32).sqrt());
             launch!(self, "flash_attention_dq_store", grid(sums / 8, 256), dq, dq_sum, n, nh, kvh, hs, scale)?;
         } else {
@@ -1565,8 +1591,9 @@ mod tests {
 
     /// What the engine launches, read from the sm_90a module as the engine reads it: with `specialised,backward` the
     /// warp-specialised forward, dq and dkv kernels (their threads, shared memory, blocks and tensor-map boxes from
-    /// their table) beside the wgmma dkv kernel with atomic dQ; with `specialised` alone the backward stays on
-    /// mma.sync. Needs NVRTC and the CUDA headers (as tests/nvrtc.rs), no GPU.
+    /// their table), and the dkv kernel with atomic dQ warp-specialised at D = 64, on wgmma at D = 128; with
+    /// `specialised` alone the backward stays on mma.sync. Needs NVRTC and the CUDA headers (as tests/nvrtc.rs), no
+    /// GPU.
     #[test]
     fn the_specialised_kernels_launch_as_their_table_says() {
         let dir = std::env::temp_dir().join(format!("kiln-flash-tiles-test-{}", std::process::id()));
@@ -1583,9 +1610,10 @@ mod tests {
                 let d = t.head_dim;
                 assert!(t.kernels.iter().all(|k| built.entry_points.iter().any(|e| e == k)), "{value} D={d}");
                 // Per head dimension: the forward's keys a tile, the dkv kernel's keys a block and shared memory (one
-                // role at D = 64: K and V of 128 keys; two at 128: 64 keys, three stages and a Pᵀ buffer each).
-                let shapes = [(64, 64, 128, 66_640), (128, 128, 64, 157_296)];
-                let Some(&(_, keys, dkv_keys, dkv_shared)) = shapes.iter().find(|s| s.0 == d) else {
+                // role at D = 64: K and V of 128 keys; two at 128: 64 keys, three stages and a Pᵀ buffer each), and
+                // the warp-specialised dkv_dq kernel's shared memory (D = 64: its dS tiles and dQ rows besides).
+                let shapes = [(64, 64, 128, 66_640, Some(137_216)), (128, 128, 64, 157_296, None)];
+                let Some(&(_, keys, dkv_keys, dkv_shared, atomic)) = shapes.iter().find(|s| s.0 == d) else {
                     assert_eq!((t.forward_keys, t.specialised_backward), (None, None), "{value} D={d}: none");
                     continue;
                 };
@@ -1598,9 +1626,18 @@ mod tests {
                     assert_eq!((t.threads[dq], t.shared_bytes[dq]), (384, 640 * row + 104), "{value} D={d}");
                     assert_eq!(t.kernels[dkv], format!("flash_attention_backward_dkv_wgmma_specialised_d{d}"));
                     assert_eq!((t.threads[dkv], t.shared_bytes[dkv]), (384, dkv_shared), "{value} D={d}");
-                    let blocks = SpecialisedBackward { dq_queries: 128, dkv_keys, box_rows: 64 };
+                    let atomic_dq = atomic.is_some();
+                    let blocks = SpecialisedBackward { dq_queries: 128, dkv_keys, box_rows: 64, atomic_dq };
                     assert_eq!(t.specialised_backward, Some(blocks), "{value} D={d}");
-                    assert_eq!(t.kernels[dkv_dq], format!("flash_attention_backward_dkv_dq_wgmma_d{d}"));
+                    if let Some(shared) = atomic {
+                        assert_eq!(
+                            t.kernels[dkv_dq],
+                            format!("flash_attention_backward_dkv_dq_wgmma_specialised_d{d}")
+                        );
+                        assert_eq!((t.threads[dkv_dq], t.shared_bytes[dkv_dq]), (384, shared), "{value} D={d}");
+                    } else {
+                        assert_eq!(t.kernels[dkv_dq], format!("flash_attention_backward_dkv_dq_wgmma_d{d}"));
+                    }
                 } else {
                     assert_eq!(t.kernels[dq], format!("flash_attention_backward_dq_d{d}"));
                     assert_eq!(t.kernels[dkv], format!("flash_attention_backward_dkv_d{d}"));

@@ -5,7 +5,8 @@
 //! nvidia-cuda-runtime wheels and points LD_LIBRARY_PATH and CUDA_HOME at them.
 
 use kiln_cuda::backend::{
-    flash_launch_table, flash_pipelined_launch_table, flash_specialised_launch_table, flash_wgmma_launch_table,
+    flash_launch_table, flash_pipelined_launch_table, flash_specialised_atomic_launch_table,
+    flash_specialised_launch_table, flash_wgmma_launch_table,
 };
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
@@ -130,11 +131,14 @@ fn fused_attention_exports_its_launch_shapes() {
             // three stages of 64 keys' K and V, the mbarriers; its 128 queries a block in tiles of 64 rows. The dkv
             // kernel's K and V (128 keys with one role at D = 64, 64 with two at D = 128), stages of 64 queries' Q
             // and dO (two with one role, three with two), the mbarriers, from the next 16 bytes a Pᵀ buffer a stage
-            // (two roles: 64 queries × 128 bytes each), then lse and D of each stage.
+            // (two roles: 64 queries × 128 bytes each), then lse and D of each stage. At D = 64 the dkv kernel
+            // with atomic dQ too: from the next 1024 bytes two dS tiles (64 × 64) of each computing warpgroup, then
+            // 16 rows of dQ (64 floats and 32 bytes of padding) of each of its 8 warps.
             let specialised =
                 flash_specialised_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
             let names = ["forward", "backward_dq", "backward_dkv"]
                 .map(|k| format!("flash_attention_{k}_wgmma_specialised_d{d}"));
+            let mut atomic_shared = None;
             if arch == "sm_90a" && keys > 0 {
                 let (row, barriers) = (d as u32 * 2, 9 * 8);
                 let (forward, dq) = ((128 + 4 * keys) * row + barriers, (4 * 64 + 6 * 64) * row + 13 * 8);
@@ -143,10 +147,18 @@ fn fused_attention_exports_its_launch_shapes() {
                     + stages * (exchange + 2 * 64 * 4);
                 assert_eq!(specialised, Some([384, forward, keys, dq, 128, 64, dkv, dkv_keys]), "{arch} D={d}");
                 assert!(names.iter().all(|n| built.entry_points.contains(n)), "{arch}: {names:?}");
+                if d == 64 {
+                    atomic_shared = Some([dkv.next_multiple_of(1024) + 4 * 64 * 64 * 2 + 8 * 16 * (64 * 4 + 32)]);
+                }
             } else {
                 assert_eq!(specialised, None, "{arch} D={d}");
                 assert!(!names.iter().any(|n| built.entry_points.contains(n)), "{arch}: {names:?}");
             }
+            let atomic =
+                flash_specialised_atomic_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
+            let atomic_name = format!("flash_attention_backward_dkv_dq_wgmma_specialised_d{d}");
+            assert_eq!(atomic, atomic_shared, "{arch} D={d}");
+            assert_eq!(built.entry_points.contains(&atomic_name), atomic.is_some(), "{arch}: {atomic_name}");
         }
     }
     let _ = std::fs::remove_dir_all(compiler.cache_dir());
