@@ -1316,25 +1316,28 @@ __device__ __forceinline__ void transposed_ds_of(float (&dp)[BR / 8][4], const u
         }
     }
 }
-// And as bf16 A fragments; with ATOMIC_DQ also stored in the warp's 16 rows, from ds_rows, of the block's dS tile (64
-// keys × BR queries; padded, or SWIZZLED for wgmma: the warp's first row is a multiple of 8, so its rows are swizzled
-// as the tile's first 16 are), for add_dq.
+// Stores a warp's dSᵀ (bf16 A fragments) in its 16 rows, from ds_rows, of a dS tile (64 keys × BR queries; padded,
+// or SWIZZLED for wgmma: the warp's first row is a multiple of 8, so its rows are swizzled as the tile's first 16
+// are), for the products of dQ: each A fragment's four 16-bit pairs where they lie in their 16 × 16 block.
+template <int BR, bool SWIZZLED>
+__device__ __forceinline__ void store_ds_rows(unsigned ds_rows, const unsigned (&ds)[BR / 16][4], int lane) {
+#pragma unroll
+    for (int kb = 0; kb < BR / 16; kb++)
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int r = acc_row(lane, 0) + k % 2 * 8, c = kb * 16 + k / 2 * 8 + acc_col(lane, 0);
+            st_shared_32(ds_rows + tile_at<BR, 4 * FLASH_WARP_ROWS, SWIZZLED>(r, c), ds[kb][k]);
+        }
+}
+// And as bf16 A fragments; with ATOMIC_DQ also stored in the warp's rows of the block's dS tile, for add_dq.
 template <int BR, bool ATOMIC_DQ, bool SWIZZLED>
 __device__ __forceinline__ void transposed_ds(unsigned (&ds)[BR / 16][4], float (&dp)[BR / 8][4],
                                               const unsigned (&p)[BR / 16][4], unsigned dot_tile, unsigned ds_rows,
                                               int lane) {
     transposed_ds_of<BR>(dp, p, dot_tile, lane);
 #pragma unroll
-    for (int kb = 0; kb < BR / 16; kb++) {
-        accumulator_to_a(ds[kb], dp, kb);
-        if (ATOMIC_DQ) {  // the A fragment's four 16-bit pairs, where they lie in the 16 × 16 block kb
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int r = acc_row(lane, 0) + k % 2 * 8, c = kb * 16 + k / 2 * 8 + acc_col(lane, 0);
-                st_shared_32(ds_rows + tile_at<BR, 4 * FLASH_WARP_ROWS, SWIZZLED>(r, c), ds[kb][k]);
-            }
-        }
-    }
+    for (int kb = 0; kb < BR / 16; kb++) accumulator_to_a(ds[kb], dp, kb);
+    if (ATOMIC_DQ) store_ds_rows<BR, SWIZZLED>(ds_rows, ds, lane);
 }
 
 // Adds a warp's 16 × DN accumulator (rows from row0, columns from n0) to the fp32 sums at dq (row r at dq + r·stride;
@@ -1654,9 +1657,10 @@ __device__ constexpr unsigned specialised_dkv_stats_end() {
     return specialised_dkv_exchange<D, ROLES>() + specialised_dkv_exchange_bytes<ROLES>() +
            specialised_dkv_stages<ROLES>() * 2 * 64 * 4;
 }
-// With atomic dQ, then two dS tiles of each computing warpgroup (64 keys × 64 queries, swizzled, so 1024-byte
-// aligned), then each computing warp's 16 rows of dQ on their way to the bulk reductions, SPECIALISED_DQ_ROW_BYTES
-// apart (64 floats, padded so that the 8-byte stores of a half-warp meet no bank twice).
+// With atomic dQ, then two dS tiles (64 keys × 64 queries, swizzled, so 1024-byte aligned) of each computing
+// warpgroup with one role, of the two roles together with two, then each computing warp's 16 rows of dQ on their way
+// to the bulk reductions, SPECIALISED_DQ_ROW_BYTES apart (64 floats, padded so that the 8-byte stores of a half-warp
+// meet no bank twice).
 #define SPECIALISED_DQ_ROW_BYTES (64 * 4 + 32)
 template <int D, int ROLES>
 __device__ constexpr unsigned specialised_dkv_ds_tiles() {
@@ -1664,7 +1668,7 @@ __device__ constexpr unsigned specialised_dkv_ds_tiles() {
 }
 template <int D, int ROLES, bool ATOMIC_DQ>
 __device__ constexpr unsigned specialised_dkv_shared_bytes() {
-    return ATOMIC_DQ ? specialised_dkv_ds_tiles<D, ROLES>() + 4 * tile_bytes<64, true>(64) +
+    return ATOMIC_DQ ? specialised_dkv_ds_tiles<D, ROLES>() + 2 * (3 - ROLES) * tile_bytes<64, true>(64) +
                            8 * FLASH_WARP_ROWS * SPECIALISED_DQ_ROW_BYTES
                      : specialised_dkv_stats_end<D, ROLES>();
 }
@@ -1701,7 +1705,7 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
     constexpr int BR = 64, BC = 64, KEYS = (3 - ROLES) * BC, ACCUMULATORS = 3 - ROLES;
     constexpr int STAGES = specialised_dkv_stages<ROLES>();
     static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
-    static_assert(!ATOMIC_DQ || (ROLES == 1 && D == 64), "atomic dQ: one role, 64 columns of dQ a warpgroup");
+    static_assert(!ATOMIC_DQ || D == 64 * ROLES, "atomic dQ: 64 columns of dQ a warpgroup");
     check_launch(specialised_dkv_shared_bytes<D, ROLES, ATOMIC_DQ>(), 3 * 128);
     const SpecialisedBlock<D, BR, 2 * KEYS, STAGES> f(shared_address(flash_shared));
     const unsigned p_exchange = shared_address(flash_shared) + specialised_dkv_exchange<D, ROLES>(),
@@ -1759,22 +1763,31 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
         mbarrier_arrive(f.empty(STREAM_Q, i));
         mbarrier_arrive(f.empty(STREAM_DOUT, i));
     };
+    const auto live = [&](int i) { return group_j0 < T && !(causal && query0(i) + BR - 1 < group_j0); };
+    // With atomic dQ: step i's dS tile (each warpgroup's own with one role, both roles' with two), and this warp's
+    // rows of dQ staged for the bulk reductions; dQ of step i for the warp's 16 queries (one role: from the
+    // warpgroup's 64 keys; two: role 0 its first 64 columns, role 1 its last), added to dq_sum once it is complete,
+    // unless the step has nothing to add (then dS, so dQ, is all 0).
+    const unsigned ds_tiles = shared_address(flash_shared) + specialised_dkv_ds_tiles<D, ROLES>();
+    const auto ds_tile = [&](int i) { return ds_tiles + (2 * keys + i % 2) * tile_bytes<BR, true>(BC); };
+    const unsigned dq_staging = ds_tiles + 2 * (3 - ROLES) * tile_bytes<BR, true>(BC) +
+                                warp * FLASH_WARP_ROWS * SPECIALISED_DQ_ROW_BYTES;
+    const auto add_dq = [&](float (&dq)[8][4], int i) {
+        settle_wgmma<64>(dq);
+        const long row = (long)b * T + query0(i) + first;
+        if (live(i))
+            reduce_dq_rows(dq_sum + (row * NH + head(i)) * D + 64 * role, (long)NH * D, T - query0(i) - first, dq,
+                           dq_staging, lane);
+    };
     mbarrier_wait(f.resident_full, 0);
     if constexpr (ROLES == 1) {
-        // With atomic dQ, step i's dS tile of this warpgroup, and this warp's rows of dQ staged for the bulk
-        // reductions.
-        const unsigned ds_tiles = shared_address(flash_shared) + specialised_dkv_ds_tiles<D, ROLES>();
-        const auto ds_tile = [&](int i) { return ds_tiles + (2 * c + i % 2) * tile_bytes<BR, true>(BC); };
-        const unsigned dq_staging =
-            ds_tiles + 4 * tile_bytes<BR, true>(BC) + warp * FLASH_WARP_ROWS * SPECIALISED_DQ_ROW_BYTES;
         for (int i = 0; i < steps; i++) {
             const int q0 = query0(i);
             mbarrier_wait(f.full(STREAM_Q, i), f.parity(i));
             mbarrier_wait(f.full(STREAM_DOUT, i), f.parity(i));
             const DkvStep t{k_tile(keys), v_tile(keys), f.stage(STREAM_Q, i), f.stage(STREAM_DOUT, i),
                             lse_tile(i), dot_tile(i), ds_tile(i) + tile_at<BR, BC, true>(first, 0), 0};
-            const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
-            float dq[8][4] = {};  // this step's dQ for the warp's 16 queries, from the warpgroup's 64 keys
+            float dq[8][4] = {};
             settle_wgmma<64>(dq);  // its zeros set before Sᵀ's products (see dkv_step)
             // dQ's product once the warpgroup's 4 warps have stored their rows of dSᵀ (named barrier 1 + c). Two
             // tiles: the one stored two steps before was read by that step's product, which every warp waited for
@@ -1784,19 +1797,11 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
                 named_barrier_sync(1 + c, 128);
                 issue_dq_wgmma<BC>(dq, ds_tile(i), k_tile(keys), 0);
             };
-            dkv_step<D, BR, ROLES, ATOMIC_DQ, true, true>(acc, t, live, role, first, q0, j0, T, causal, scale_log2,
-                                                          lane, issue_dq);
+            dkv_step<D, BR, ROLES, ATOMIC_DQ, true, true>(acc, t, live(i), role, first, q0, j0, T, causal,
+                                                          scale_log2, lane, issue_dq);
             hand_back(i);
-            if constexpr (ATOMIC_DQ) {
-                settle_wgmma<64>(dq);
-                // A step with nothing to add has dS all 0, so its dQ is too.
-                const long row = (long)b * T + q0 + first;
-                if (live)
-                    reduce_dq_rows(dq_sum + (row * NH + head(i)) * D, (long)NH * D, T - q0 - first, dq, dq_staging,
-                                   lane);
-            }
+            if constexpr (ATOMIC_DQ) add_dq(dq, i);
         }
-        if (ATOMIC_DQ && lane < FLASH_WARP_ROWS) bulk_wait<0, false>();
     } else {
         // The stream and the A operand of a step's first product, and the stream of its second's B operand.
         const int first_stream = role == 0 ? STREAM_Q : STREAM_DOUT;
@@ -1833,6 +1838,22 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
                 transposed_ds_of<BR>(x, p, dot_tile(i), lane);
             }
         };
+        // With atomic dQ, role 1 hands step i's dSᵀ (rounded: the A operand of its dK product) to both roles' dQ
+        // products through the step's dS tile, arriving at named barrier 5 + i % 2, where role 0 waits; role 1 waits
+        // for its own 4 warps at 7. The barrier and its count are chosen by role, not by a branch (C7518). Two tiles:
+        // role 1 stores step i + 1's once it has taken step i + 1's Pᵀ, which role 0 hands over after the wait that
+        // completed its product reading step i − 1's.
+        const auto share_ds = [&](const unsigned (&ds)[BR / 16][4], int i) {
+            if (role == 1) {
+                store_ds_rows<BR, true>(ds_tile(i) + tile_at<BR, BC, true>(first, 0), ds, lane);
+                fence_proxy_async();
+                named_barrier_arrive(5 + i % 2, SPECIALISED_COMPUTING);
+            }
+        };
+        const auto issue_dq = [&](float (&dq)[8][4], int i) {
+            named_barrier_sync(role == 0 ? 5 + i % 2 : 7, role == 0 ? SPECIALISED_COMPUTING : 128);
+            issue_dq_wgmma<BC>(dq, ds_tile(i), k_tile(0), 64 * role);
+        };
         unsigned a[BR / 16][4];
         {
             float x[BR / 8][4] = {};
@@ -1841,26 +1862,44 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
             wgmma_wait<0>();
             finish_first(x, 0);
             scores_to_a<BR>(a, x);
+            if constexpr (ATOMIC_DQ) share_ds(a, 0);
         }
+        // With atomic dQ, step i's dQ product is issued between the first and the second, and waited for before
+        // the second.
         for (int i = 0; i + 1 < steps; i++) {
-            float x[BR / 8][4] = {};
+            float x[BR / 8][4] = {}, dq[8][4] = {};
+            settle_wgmma<64>(dq);
             landed(first_stream, i + 1);
             landed(second_stream, i);
             issue_first(x, i + 1);
+            if constexpr (ATOMIC_DQ) issue_dq(dq, i);
             issue_second(a, i);
-            wgmma_wait<1>();
+            wgmma_wait<ATOMIC_DQ ? 2 : 1>();
             finish_first(x, i + 1);
+            if constexpr (ATOMIC_DQ) {
+                wgmma_wait<1>();
+                add_dq(dq, i);
+            }
             wgmma_wait<0>();
             settle_wgmma<D>(acc[0]);
             hand_back(i);
             scores_to_a<BR>(a, x);
+            if constexpr (ATOMIC_DQ) share_ds(a, i + 1);
         }
+        float dq[8][4] = {};
+        settle_wgmma<64>(dq);
         landed(second_stream, steps - 1);
+        if constexpr (ATOMIC_DQ) issue_dq(dq, steps - 1);
         issue_second(a, steps - 1);
+        if constexpr (ATOMIC_DQ) {
+            wgmma_wait<1>();
+            add_dq(dq, steps - 1);
+        }
         wgmma_wait<0>();
         settle_wgmma<D>(acc[0]);
         hand_back(steps - 1);
     }
+    if (ATOMIC_DQ && lane < FLASH_WARP_ROWS) bulk_wait<0, false>();
     // Both warpgroups are done with the tiles, where dK and dV are staged.
     named_barrier_sync(1 + STAGES, SPECIALISED_COMPUTING);
 
@@ -1978,15 +2017,16 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
     }
 
 // And warp-specialised, the forward (flash_forward_specialised, BC keys a tile), the dq kernel
-// (flash_backward_dq_specialised) and the dkv kernel (flash_backward_dkv_specialised, DKV_ROLES roles), with what a
-// launch needs in flash_attention_launch_wgmma_specialised_dD: threads a block (all three), the forward's dynamic
-// shared memory and keys a tile, the dq kernel's dynamic shared memory, queries a block and rows a tile (of Q, K, V
-// and dO alike, in both backward kernels), then the dkv kernel's dynamic shared memory and keys a block; the
-// engine's tensor maps take their boxes from these. The engine runs them only when KILN_FLASH_WGMMA asks for them.
+// (flash_backward_dq_specialised) and the dkv kernel (flash_backward_dkv_specialised, DKV_ROLES roles), without and
+// with atomic dQ, with what a launch needs in flash_attention_launch_wgmma_specialised_dD: threads a block (all
+// four), the forward's dynamic shared memory and keys a tile, the dq kernel's dynamic shared memory, queries a block
+// and rows a tile (of Q, K, V and dO alike, in the backward kernels), the dkv kernel's dynamic shared memory and
+// keys a block (both forms), then the shared memory of the dkv kernel with atomic dQ; the engine's tensor maps take
+// their boxes from these. The engine runs them only when KILN_FLASH_WGMMA asks for them.
 // The dkv kernel takes two roles at D = 128, where one warpgroup holding both dK and dV would need more registers
 // than setmaxnreg leaves it (232).
 #define FLASH_SPECIALISED(D, BC, DKV_ROLES)                                                                            \
-    extern "C" __constant__ unsigned flash_attention_launch_wgmma_specialised_d##D[8] = {                              \
+    extern "C" __constant__ unsigned flash_attention_launch_wgmma_specialised_d##D[9] = {                              \
         3 * 128,                                                                                                       \
         specialised_shared_bytes<D, BC, 2 * 64>(),                                                                     \
         BC,                                                                                                            \
@@ -1994,7 +2034,8 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         2 * 64,                                                                                                        \
         64,                                                                                                            \
         specialised_dkv_shared_bytes<D, DKV_ROLES, false>(),                                                           \
-        (3 - DKV_ROLES) * 64};                                                                                         \
+        (3 - DKV_ROLES) * 64,                                                                                          \
+        specialised_dkv_shared_bytes<D, DKV_ROLES, true>()};                                                           \
     extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_forward_wgmma_specialised_d##D(           \
         bf16* out, float* lse, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap kv_map,      \
         int T, int NH, int KVH, int causal) {                                                                          \
@@ -2013,18 +2054,13 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         int causal) {                                                                                                  \
         flash_backward_dkv_specialised<D, DKV_ROLES, false>(dqkv, bias_partials, nullptr, qkv_map, dout_map, lse,      \
                                                             row_dot, T, NH, KVH, causal);                              \
-    }
-// With one role (D = 64), the warp-specialised dkv kernel also comes with atomic dQ, launched as the one without,
-// with the dynamic shared memory in flash_attention_launch_wgmma_specialised_atomic_dD.
-#define FLASH_SPECIALISED_ATOMIC_DQ(D)                                                                                 \
-    extern "C" __constant__ unsigned flash_attention_launch_wgmma_specialised_atomic_d##D[1] = {                       \
-        specialised_dkv_shared_bytes<D, 1, true>()};                                                                   \
+    }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_backward_dkv_dq_wgmma_specialised_d##D(   \
         bf16* dqkv, float* dq_sum, const __grid_constant__ TensorMap qkv_map,                                          \
         const __grid_constant__ TensorMap dout_map, const float* lse, const float* row_dot, int T, int NH, int KVH,    \
         int causal) {                                                                                                  \
-        flash_backward_dkv_specialised<D, 1, true>(dqkv, nullptr, dq_sum, qkv_map, dout_map, lse, row_dot, T, NH, KVH, \
-                                                   causal);                                                            \
+        flash_backward_dkv_specialised<D, DKV_ROLES, true>(dqkv, nullptr, dq_sum, qkv_map, dout_map, lse, row_dot, T,  \
+                                                           NH, KVH, causal);                                           \
     }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -2033,6 +2069,5 @@ FLASH_ATTENTION_WGMMA(128, 128, 1, 64, 64, 1, 0, 2)
 FLASH_FORWARD_PIPELINED(64, 64, 2)
 FLASH_FORWARD_PIPELINED(128, 128, 1)
 FLASH_SPECIALISED(64, 64, 1)
-FLASH_SPECIALISED_ATOMIC_DQ(64)
 FLASH_SPECIALISED(128, 128, 2)
 #endif

@@ -103,7 +103,7 @@ static void run(const Shape& s) {
     }
     // The specialised kernels' table: threads a block, the forward's shared memory and keys a tile, the dq kernel's
     // shared memory, queries a block and rows a tile (of both backward kernels), the dkv kernel's shared memory and
-    // keys a block.
+    // keys a block (also the dkv kernel's with atomic dQ), and the shared memory of that one.
     const unsigned* specialised =
         D == 64 ? flash_attention_launch_wgmma_specialised_d64 : flash_attention_launch_wgmma_specialised_d128;
     if (s.specialised) forward_shared = specialised[1], forward_threads = specialised[0];
@@ -222,15 +222,15 @@ static void run(const Shape& s) {
         });
     }
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-    // The specialised dkv kernel with atomic dQ (bulk reductions), where there is one: launched as the one without,
-    // with its own shared memory.
-    if (s.specialised && D == 64) {
+    // The specialised dkv kernel with atomic dQ (bulk reductions): launched as the one without, with its own shared
+    // memory (the table's last word).
+    if (s.specialised) {
         const unsigned dkv_grid = (T + specialised[7] - 1) / specialised[7];
-        const unsigned shared = flash_attention_launch_wgmma_specialised_atomic_d64[0];
-        launch({dkv_grid, (unsigned)KVH, (unsigned)B}, specialised[0], shared, [&] {
-            flash_attention_backward_dkv_dq_wgmma_specialised_d64(dqkv_atomic.p, dq_sum.p, backward_qkv_map,
-                                                                   backward_dout_map, lse.p, row_dot.p, T, NH, KVH,
-                                                                   s.causal);
+        launch({dkv_grid, (unsigned)KVH, (unsigned)B}, specialised[0], specialised[8], [&] {
+            auto* dkv_dq = D == 64 ? flash_attention_backward_dkv_dq_wgmma_specialised_d64
+                                   : flash_attention_backward_dkv_dq_wgmma_specialised_d128;
+            dkv_dq(dqkv_atomic.p, dq_sum.p, backward_qkv_map, backward_dout_map, lse.p, row_dot.p, T, NH, KVH,
+                   s.causal);
         });
     } else
 #endif

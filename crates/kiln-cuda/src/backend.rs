@@ -95,7 +95,7 @@ const FLASH_BLOCK_ROWS: usize = 64;
 
 /// Per head dimension the fused attention kernels (kernels/flash_attention.cu) are built for: the forward, dq, dkv
 /// and dkv-with-atomic-dQ kernels, the same on wgmma, which sm_90a has for some, and the pipelined forward and the
-/// warp-specialised forward, dq, dkv and (at some head dimensions) dkv-with-atomic-dQ kernels on wgmma.
+/// warp-specialised forward, dq, dkv and dkv-with-atomic-dQ kernels on wgmma.
 macro_rules! flash_kernels {
     ($($d:literal),*) => {
         [$(($d, [
@@ -132,8 +132,8 @@ pub(crate) fn fused_head_dim(head_dim: usize) -> bool {
 /// `pipelined` runs the forward on wgmma in its pipelined form (flash_forward_pipelined in the kernel file),
 /// `specialised` in its warp-specialised form (flash_forward_specialised: tensor copies, mbarriers, ping-pong) and,
 /// with `backward`, the dq and dkv kernels of the deterministic backward too (flash_backward_dq_specialised,
-/// flash_backward_dkv_specialised), and at head dimension 64 the dkv kernel with atomic dQ (bulk reductions), which
-/// the CPU emulation has checked but no GPU has yet timed: not a default until one measures them faster.
+/// flash_backward_dkv_specialised), and the dkv kernel with atomic dQ (bulk reductions), which the CPU emulation has
+/// checked but no GPU has yet timed: not a default until one measures them faster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashWgmma {
     pub forward: bool,
@@ -219,20 +219,17 @@ struct FlashTiles {
     kernels: [&'static str; 4],
     /// Keys a tile, when the forward is the warp-specialised one, which reads qkv through tensor maps.
     forward_keys: Option<u32>,
-    /// How the warp-specialised dq and dkv kernels (and dkv_dq, where there is one), when they run, take the
-    /// sequence.
+    /// How the warp-specialised dq and dkv kernels (and dkv_dq), when they run, take the sequence.
     specialised_backward: Option<SpecialisedBackward>,
 }
 
-/// The warp-specialised dq and dkv kernels' blocks: queries a dq block, keys a dkv block (and a dkv_dq block), and
-/// the rows of every tensor map's box (Q, K, V and dO alike); whether the dkv kernel with atomic dQ is
-/// warp-specialised too.
+/// The warp-specialised dq and dkv kernels' blocks: queries a dq block, keys a dkv block (with or without atomic
+/// dQ), and the rows of every tensor map's box (Q, K, V and dO alike).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SpecialisedBackward {
     dq_queries: usize,
     dkv_keys: usize,
     box_rows: u32,
-    atomic_dq: bool,
 }
 
 impl FlashTiles {
@@ -286,15 +283,11 @@ impl FlashTiles {
                                 if wgmma.backward {
                                     set(Self::DQ, specialised_dq, t[3], t[0]);
                                     set(Self::DKV, specialised_dkv, t[6], t[0]);
-                                    let atomic = flash_specialised_atomic_launch_table(cubin, head_dim)?;
-                                    if let Some([shared]) = atomic {
-                                        set(Self::DKV_DQ, specialised_dkv_dq, shared, t[0]);
-                                    }
+                                    set(Self::DKV_DQ, specialised_dkv_dq, t[8], t[0]);
                                     tiles.specialised_backward = Some(SpecialisedBackward {
                                         dq_queries: t[4] as usize,
                                         box_rows: t[5],
                                         dkv_keys: t[7] as usize,
-                                        atomic_dq: atomic.is_some(),
                                     });
                                 }
                                 tiles.forward_keys = Some(t[2]);
@@ -337,18 +330,13 @@ pub fn flash_pipelined_launch_table(cubin: &[u8], head_dim: usize) -> Result<Opt
     launch_words(cubin, &format!("flash_attention_launch_wgmma_pipelined_d{head_dim}"))
 }
 
-/// `flash_attention_launch_wgmma_specialised_d{head_dim}`, where the CUBIN has the warp-specialised forward, dq and
-/// dkv kernels for that head dimension (sm_90a): threads a block (all three), the forward's dynamic shared memory and
-/// keys a tile, the dq kernel's dynamic shared memory, queries a block and rows a tile (of both backward kernels),
-/// the dkv kernel's dynamic shared memory and keys a block.
-pub fn flash_specialised_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 8]>> {
+/// `flash_attention_launch_wgmma_specialised_d{head_dim}`, where the CUBIN has the warp-specialised forward, dq, dkv
+/// and dkv-with-atomic-dQ kernels for that head dimension (sm_90a): threads a block (all four), the forward's dynamic
+/// shared memory and keys a tile, the dq kernel's dynamic shared memory, queries a block and rows a tile (of the
+/// backward kernels), the dkv kernel's dynamic shared memory and keys a block (both forms), and the dynamic shared
+/// memory of the one with atomic dQ.
+pub fn flash_specialised_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 9]>> {
     launch_words(cubin, &format!("flash_attention_launch_wgmma_specialised_d{head_dim}"))
-}
-
-/// `flash_attention_launch_wgmma_specialised_atomic_d{head_dim}`, where the CUBIN also has the warp-specialised dkv
-/// kernel with atomic dQ for that head dimension (launched as the dkv kernel is): its dynamic shared memory.
-pub fn flash_specialised_atomic_launch_table(cubin: &[u8], head_dim: usize) -> Result<Option<[u32; 1]>> {
-    launch_words(cubin, &format!("flash_attention_launch_wgmma_specialised_atomic_d{head_dim}"))
 }
 
 /// A tensor map (CUtensorMap) passed to a kernel by value, as kernels/mma.cuh's `__grid_constant__ TensorMap`.
@@ -1457,7 +1445,7 @@ impl Backend for CudaBackend {
                 .map_err(driver("memset"))?;
             launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
             let kernel = FlashTiles::DKV_DQ;
-            match tiles.specialised_backward.filter(|s| s.atomic_dq) {
+            match tiles.specialised_backward {
                 Some(s) => {
                     let (qkv_map, dout_map) = (tensor_map(q, w, &d, s.box_rows)?, tensor_map(g, c, &d, s.box_rows)?);
                     let cfg = tiles.launch(kernel, d.time.div_ceil(s.dkv_keys), d.kv_heads, d.batch);
@@ -1591,9 +1579,8 @@ mod tests {
 
     /// What the engine launches, read from the sm_90a module as the engine reads it: with `specialised,backward` the
     /// warp-specialised forward, dq and dkv kernels (their threads, shared memory, blocks and tensor-map boxes from
-    /// their table), and the dkv kernel with atomic dQ warp-specialised at D = 64, on wgmma at D = 128; with
-    /// `specialised` alone the backward stays on mma.sync. Needs NVRTC and the CUDA headers (as tests/nvrtc.rs), no
-    /// GPU.
+    /// their table), and the dkv kernel with atomic dQ; with `specialised` alone the backward stays on mma.sync.
+    /// Needs NVRTC and the CUDA headers (as tests/nvrtc.rs), no GPU.
     #[test]
     fn the_specialised_kernels_launch_as_their_table_says() {
         let dir = std::env::temp_dir().join(format!("kiln-flash-tiles-test-{}", std::process::id()));
@@ -1611,8 +1598,8 @@ mod tests {
                 assert!(t.kernels.iter().all(|k| built.entry_points.iter().any(|e| e == k)), "{value} D={d}");
                 // Per head dimension: the forward's keys a tile, the dkv kernel's keys a block and shared memory (one
                 // role at D = 64: K and V of 128 keys; two at 128: 64 keys, three stages and a Pᵀ buffer each), and
-                // the warp-specialised dkv_dq kernel's shared memory (D = 64: its dS tiles and dQ rows besides).
-                let shapes = [(64, 64, 128, 66_640, Some(137_216)), (128, 128, 64, 157_296, None)];
+                // the dkv_dq kernel's (its dS tiles and dQ rows besides).
+                let shapes = [(64, 64, 128, 66_640, 137_216), (128, 128, 64, 157_296, 210_944)];
                 let Some(&(_, keys, dkv_keys, dkv_shared, atomic)) = shapes.iter().find(|s| s.0 == d) else {
                     assert_eq!((t.forward_keys, t.specialised_backward), (None, None), "{value} D={d}: none");
                     continue;
@@ -1626,18 +1613,10 @@ mod tests {
                     assert_eq!((t.threads[dq], t.shared_bytes[dq]), (384, 640 * row + 104), "{value} D={d}");
                     assert_eq!(t.kernels[dkv], format!("flash_attention_backward_dkv_wgmma_specialised_d{d}"));
                     assert_eq!((t.threads[dkv], t.shared_bytes[dkv]), (384, dkv_shared), "{value} D={d}");
-                    let atomic_dq = atomic.is_some();
-                    let blocks = SpecialisedBackward { dq_queries: 128, dkv_keys, box_rows: 64, atomic_dq };
+                    let blocks = SpecialisedBackward { dq_queries: 128, dkv_keys, box_rows: 64 };
                     assert_eq!(t.specialised_backward, Some(blocks), "{value} D={d}");
-                    if let Some(shared) = atomic {
-                        assert_eq!(
-                            t.kernels[dkv_dq],
-                            format!("flash_attention_backward_dkv_dq_wgmma_specialised_d{d}")
-                        );
-                        assert_eq!((t.threads[dkv_dq], t.shared_bytes[dkv_dq]), (384, shared), "{value} D={d}");
-                    } else {
-                        assert_eq!(t.kernels[dkv_dq], format!("flash_attention_backward_dkv_dq_wgmma_d{d}"));
-                    }
+                    assert_eq!(t.kernels[dkv_dq], format!("flash_attention_backward_dkv_dq_wgmma_specialised_d{d}"));
+                    assert_eq!((t.threads[dkv_dq], t.shared_bytes[dkv_dq]), (384, atomic), "{value} D={d}");
                 } else {
                     assert_eq!(t.kernels[dq], format!("flash_attention_backward_dq_d{d}"));
                     assert_eq!(t.kernels[dkv], format!("flash_attention_backward_dkv_d{d}"));

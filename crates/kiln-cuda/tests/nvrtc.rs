@@ -5,8 +5,7 @@
 //! nvidia-cuda-runtime wheels and points LD_LIBRARY_PATH and CUDA_HOME at them.
 
 use kiln_cuda::backend::{
-    flash_launch_table, flash_pipelined_launch_table, flash_specialised_atomic_launch_table,
-    flash_specialised_launch_table, flash_wgmma_launch_table,
+    flash_launch_table, flash_pipelined_launch_table, flash_specialised_launch_table, flash_wgmma_launch_table,
 };
 use kiln_cuda::compile::Compiler;
 use kiln_cuda::kernels::{KERNELS, Precision};
@@ -125,40 +124,34 @@ fn fused_attention_exports_its_launch_shapes() {
                 assert_eq!(pipelined, None, "{arch} D={d}");
                 assert!(!built.entry_points.contains(&name), "{arch}: {name}");
             }
-            // The warp-specialised forward, dq and dkv kernels likewise: three warpgroups; the forward's Q, two
-            // stages of K and of V, then nine mbarriers (the resident tiles', and a full and an empty one for each
-            // stage of the two streamed tiles); the dq kernel's Q and dO of each computing warpgroup (64 rows each),
-            // three stages of 64 keys' K and V, the mbarriers; its 128 queries a block in tiles of 64 rows. The dkv
-            // kernel's K and V (128 keys with one role at D = 64, 64 with two at D = 128), stages of 64 queries' Q
-            // and dO (two with one role, three with two), the mbarriers, from the next 16 bytes a Pᵀ buffer a stage
-            // (two roles: 64 queries × 128 bytes each), then lse and D of each stage. At D = 64 the dkv kernel
-            // with atomic dQ too: from the next 1024 bytes two dS tiles (64 × 64) of each computing warpgroup, then
-            // 16 rows of dQ (64 floats and 32 bytes of padding) of each of its 8 warps.
+            // The warp-specialised forward, dq and dkv kernels (without and with atomic dQ) likewise: three
+            // warpgroups; the forward's Q, two stages of K and of V, then nine mbarriers (the resident tiles', and a
+            // full and an empty one for each stage of the two streamed tiles); the dq kernel's Q and dO of each
+            // computing warpgroup (64 rows each), three stages of 64 keys' K and V, the mbarriers; its 128 queries a
+            // block in tiles of 64 rows. The dkv kernel's K and V (128 keys with one role at D = 64, 64 with two at
+            // D = 128), stages of 64 queries' Q and dO (two with one role, three with two), the mbarriers, from the
+            // next 16 bytes a Pᵀ buffer a stage (two roles: 64 queries × 128 bytes each), then lse and D of each
+            // stage; with atomic dQ, from the next 1024 bytes two dS tiles (64 × 64) of each computing warpgroup
+            // with one role, of both with two, then 16 rows of dQ (64 floats and 32 bytes of padding) of each of
+            // its 8 warps.
             let specialised =
                 flash_specialised_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
-            let names = ["forward", "backward_dq", "backward_dkv"]
+            let names = ["forward", "backward_dq", "backward_dkv", "backward_dkv_dq"]
                 .map(|k| format!("flash_attention_{k}_wgmma_specialised_d{d}"));
-            let mut atomic_shared = None;
             if arch == "sm_90a" && keys > 0 {
                 let (row, barriers) = (d as u32 * 2, 9 * 8);
                 let (forward, dq) = ((128 + 4 * keys) * row + barriers, (4 * 64 + 6 * 64) * row + 13 * 8);
                 let (dkv_keys, stages, exchange) = if d == 64 { (128, 2, 0) } else { (64, 3, 64 * 128) };
                 let dkv = ((2 * dkv_keys + 2 * stages * 64) * row + (1 + 4 * stages) * 8).next_multiple_of(16)
                     + stages * (exchange + 2 * 64 * 4);
-                assert_eq!(specialised, Some([384, forward, keys, dq, 128, 64, dkv, dkv_keys]), "{arch} D={d}");
+                let atomic = dkv.next_multiple_of(1024) + 2 * dkv_keys / 64 * 64 * 64 * 2 + 8 * 16 * (64 * 4 + 32);
+                let expected = [384, forward, keys, dq, 128, 64, dkv, dkv_keys, atomic];
+                assert_eq!(specialised, Some(expected), "{arch} D={d}");
                 assert!(names.iter().all(|n| built.entry_points.contains(n)), "{arch}: {names:?}");
-                if d == 64 {
-                    atomic_shared = Some([dkv.next_multiple_of(1024) + 4 * 64 * 64 * 2 + 8 * 16 * (64 * 4 + 32)]);
-                }
             } else {
                 assert_eq!(specialised, None, "{arch} D={d}");
                 assert!(!names.iter().any(|n| built.entry_points.contains(n)), "{arch}: {names:?}");
             }
-            let atomic =
-                flash_specialised_atomic_launch_table(&built.cubin, d).unwrap_or_else(|e| panic!("{arch} D={d}: {e}"));
-            let atomic_name = format!("flash_attention_backward_dkv_dq_wgmma_specialised_d{d}");
-            assert_eq!(atomic, atomic_shared, "{arch} D={d}");
-            assert_eq!(built.entry_points.contains(&atomic_name), atomic.is_some(), "{arch}: {atomic_name}");
         }
     }
     let _ = std::fs::remove_dir_all(compiler.cache_dir());
