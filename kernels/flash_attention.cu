@@ -1636,10 +1636,10 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
 // and Q from qkv_map, dO from dout_map, all in boxes of 64 rows; the loading warp's lanes copy each step's lse and D
 // beside its Q. Shared memory: as SpecialisedBlock lays it out, then (16-byte aligned) the Pᵀ buffers with two roles,
 // then lse and D of each stage.
-// With ATOMIC_DQ (one role, D = 64), each step also adds its part of dQ into dq_sum ((B, T, NH·D) fp32, zeroed by the
-// caller), as flash_backward_dkv's dkv_dq kernel: a warpgroup stores its dSᵀ in a tile of its own, issues dQ = dS·K
-// beside dV's and dK's products, and adds the result by bulk reductions of whole rows (reduce_dq_rows) instead of
-// atomics a lane; then come its dS tiles and the dQ staging (specialised_dkv_shared_bytes).
+// With ATOMIC_DQ, each step also adds its part of dQ into dQ's sums (dq_map: (B, T, NH·D) fp32, zeroed by the caller),
+// as flash_backward_dkv's dkv_dq kernel does: dSᵀ is stored in a tile, dQ = dS·K issued beside the step's products,
+// and the result added by tensor reductions (reduce_dq_tile) instead of atomics a lane; then come the dS tiles and
+// the dQ staging (specialised_dkv_shared_bytes). Without it, dq_map is unused.
 template <int ROLES>
 __device__ constexpr int specialised_dkv_stages() {
     return ROLES == 2 ? 3 : SPECIALISED_STAGES;
@@ -1659,9 +1659,7 @@ __device__ constexpr unsigned specialised_dkv_stats_end() {
 }
 // With atomic dQ, then two dS tiles (64 keys × 64 queries, swizzled, so 1024-byte aligned) of each computing
 // warpgroup with one role, of the two roles together with two, then each computing warp's 16 rows of dQ on their way
-// to the bulk reductions, SPECIALISED_DQ_ROW_BYTES apart (64 floats, padded so that the 8-byte stores of a half-warp
-// meet no bank twice).
-#define SPECIALISED_DQ_ROW_BYTES (64 * 4 + 32)
+// to the tensor reductions (64 floats a row, as two boxes of 32 in the 128-byte swizzle).
 template <int D, int ROLES>
 __device__ constexpr unsigned specialised_dkv_ds_tiles() {
     return (specialised_dkv_stats_end<D, ROLES>() + 1023) / 1024 * 1024;
@@ -1669,39 +1667,42 @@ __device__ constexpr unsigned specialised_dkv_ds_tiles() {
 template <int D, int ROLES, bool ATOMIC_DQ>
 __device__ constexpr unsigned specialised_dkv_shared_bytes() {
     return ATOMIC_DQ ? specialised_dkv_ds_tiles<D, ROLES>() + 2 * (3 - ROLES) * tile_bytes<64, true>(64) +
-                           8 * FLASH_WARP_ROWS * SPECIALISED_DQ_ROW_BYTES
+                           8 * FLASH_WARP_ROWS * 64 * 4
                      : specialised_dkv_stats_end<D, ROLES>();
 }
 
-// Adds a warp's 16 rows × 64 columns of dQ (a wgmma accumulator) to the fp32 sums at `sums` (row r at
-// sums + r·stride; rows from valid_rows on skipped) by bulk reductions: the warp stages its rows at `staging`, and
-// lane r < 16 adds row r, 256 bytes. The warp stages rows again only once each lane's last reduction has read them
-// (bulk_wait, then __syncwarp); the caller waits for every reduction to complete before the block exits.
-__device__ __forceinline__ void reduce_dq_rows(float* sums, long stride, int valid_rows, const float (&acc)[8][4],
-                                               unsigned staging, int lane) {
-    if (lane < FLASH_WARP_ROWS) bulk_wait<0, true>();
+// Adds a warp's 16 rows × 64 columns of dQ (a wgmma accumulator) to dQ's fp32 sums, at (col, row, b) of dq_map (boxes
+// of 32 columns by 16 rows; rows past the end are left out), by two tensor reductions that lane 0 issues: the warp
+// stages its rows at `staging` (4 KiB, 1024-byte aligned) as the two boxes, in the 128-byte swizzle. The warp stages
+// rows again only once lane 0's last reductions have read them (bulk_wait, then __syncwarp); the caller waits for
+// every reduction to complete before the block exits.
+__device__ __forceinline__ void reduce_dq_tile(const TensorMap& dq_map, int col, int row, int b,
+                                               const float (&acc)[8][4], unsigned staging, int lane) {
+    if (lane == 0) bulk_wait<0, true>();
     __syncwarp();
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
         for (int half = 0; half < 2; half++) {
-            const unsigned at = acc_row(lane, 2 * half) * SPECIALISED_DQ_ROW_BYTES + (n * 8 + acc_col(lane, 0)) * 4;
+            const int r = acc_row(lane, 2 * half), c = n % 4 * 8 + acc_col(lane, 0);
+            const unsigned at = n / 4 * FLASH_WARP_ROWS * 128 + r * 128 + (c / 4 ^ r % 8) * 16 + c % 4 * 4;
             st_shared_f32x2(staging + at, acc[n][2 * half], acc[n][2 * half + 1]);
         }
     fence_proxy_async();
     __syncwarp();
-    if (lane < FLASH_WARP_ROWS) {
-        const unsigned row = staging + lane * SPECIALISED_DQ_ROW_BYTES;
-        if (lane < valid_rows) bulk_reduce_add_f32(sums + lane * stride, row, 64 * 4);
+    if (lane == 0) {
+        tma_reduce_add_3d(dq_map, col, row, b, staging);
+        tma_reduce_add_3d(dq_map, col + 32, row, b, staging + FLASH_WARP_ROWS * 128);
         bulk_commit();
     }
 }
 
 template <int D, int ROLES, bool ATOMIC_DQ>
-__device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float* bias_partials, float* dq_sum,
+__device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float* bias_partials,
                                                                const TensorMap& qkv_map, const TensorMap& dout_map,
-                                                               const float* lse, const float* row_dot, int T, int NH,
-                                                               int KVH, int causal) {
+                                                               const TensorMap& dq_map, const float* lse,
+                                                               const float* row_dot, int T, int NH, int KVH,
+                                                               int causal) {
     constexpr int BR = 64, BC = 64, KEYS = (3 - ROLES) * BC, ACCUMULATORS = 3 - ROLES;
     constexpr int STAGES = specialised_dkv_stages<ROLES>();
     static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
@@ -1765,19 +1766,15 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
     };
     const auto live = [&](int i) { return group_j0 < T && !(causal && query0(i) + BR - 1 < group_j0); };
     // With atomic dQ: step i's dS tile (each warpgroup's own with one role, both roles' with two), and this warp's
-    // rows of dQ staged for the bulk reductions; dQ of step i for the warp's 16 queries (one role: from the
-    // warpgroup's 64 keys; two: role 0 its first 64 columns, role 1 its last), added to dq_sum once it is complete,
+    // rows of dQ staged for the tensor reductions; dQ of step i for the warp's 16 queries (one role: from the
+    // warpgroup's 64 keys; two: role 0 its first 64 columns, role 1 its last), added to dQ's sums once it is complete,
     // unless the step has nothing to add (then dS, so dQ, is all 0).
     const unsigned ds_tiles = shared_address(flash_shared) + specialised_dkv_ds_tiles<D, ROLES>();
     const auto ds_tile = [&](int i) { return ds_tiles + (2 * keys + i % 2) * tile_bytes<BR, true>(BC); };
-    const unsigned dq_staging = ds_tiles + 2 * (3 - ROLES) * tile_bytes<BR, true>(BC) +
-                                warp * FLASH_WARP_ROWS * SPECIALISED_DQ_ROW_BYTES;
+    const unsigned dq_staging = ds_tiles + 2 * (3 - ROLES) * tile_bytes<BR, true>(BC) + warp * FLASH_WARP_ROWS * 64 * 4;
     const auto add_dq = [&](float (&dq)[8][4], int i) {
         settle_wgmma<64>(dq);
-        const long row = (long)b * T + query0(i) + first;
-        if (live(i))
-            reduce_dq_rows(dq_sum + (row * NH + head(i)) * D + 64 * role, (long)NH * D, T - query0(i) - first, dq,
-                           dq_staging, lane);
+        if (live(i)) reduce_dq_tile(dq_map, head(i) * D + 64 * role, query0(i) + first, b, dq, dq_staging, lane);
     };
     mbarrier_wait(f.resident_full, 0);
     if constexpr (ROLES == 1) {
@@ -1899,7 +1896,7 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
         settle_wgmma<D>(acc[0]);
         hand_back(steps - 1);
     }
-    if (ATOMIC_DQ && lane < FLASH_WARP_ROWS) bulk_wait<0, false>();
+    if (ATOMIC_DQ && lane == 0) bulk_wait<0, false>();
     // Both warpgroups are done with the tiles, where dK and dV are staged.
     named_barrier_sync(1 + STAGES, SPECIALISED_COMPUTING);
 
@@ -2052,14 +2049,14 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         bf16* dqkv, float* bias_partials, const __grid_constant__ TensorMap qkv_map,                                   \
         const __grid_constant__ TensorMap dout_map, const float* lse, const float* row_dot, int T, int NH, int KVH,    \
         int causal) {                                                                                                  \
-        flash_backward_dkv_specialised<D, DKV_ROLES, false>(dqkv, bias_partials, nullptr, qkv_map, dout_map, lse,      \
+        flash_backward_dkv_specialised<D, DKV_ROLES, false>(dqkv, bias_partials, qkv_map, dout_map, dout_map, lse,     \
                                                             row_dot, T, NH, KVH, causal);                              \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_backward_dkv_dq_wgmma_specialised_d##D(   \
-        bf16* dqkv, float* dq_sum, const __grid_constant__ TensorMap qkv_map,                                          \
-        const __grid_constant__ TensorMap dout_map, const float* lse, const float* row_dot, int T, int NH, int KVH,    \
+        bf16* dqkv, const __grid_constant__ TensorMap qkv_map, const __grid_constant__ TensorMap dout_map,             \
+        const __grid_constant__ TensorMap dq_map, const float* lse, const float* row_dot, int T, int NH, int KVH,      \
         int causal) {                                                                                                  \
-        flash_backward_dkv_specialised<D, DKV_ROLES, true>(dqkv, nullptr, dq_sum, qkv_map, dout_map, lse, row_dot, T,  \
+        flash_backward_dkv_specialised<D, DKV_ROLES, true>(dqkv, nullptr, qkv_map, dout_map, dq_map, lse, row_dot, T,  \
                                                            NH, KVH, causal);                                           \
     }
 

@@ -277,14 +277,16 @@ __device__ __forceinline__ void tma_load_3d(unsigned smem, const TensorMap& map,
         : "memory");
 }
 
-// Adds `bytes` (a multiple of 16) of fp32 from shared memory at `smem` to global memory at `sums` (both 16-byte
-// aligned), elementwise and atomically, by the tensor memory accelerator: the thread goes on at once, and the
-// reduction joins this thread's next bulk_commit group. Shared memory written by ordinary stores must be made
-// visible to it first (fence_proxy_async), and must not be written again until bulk_wait_read says it was read.
-__device__ __forceinline__ void bulk_reduce_add_f32(float* sums, unsigned smem, unsigned bytes) {
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(sums),
-                 "r"(smem), "r"(bytes)
-                 : "memory");
+// Adds the box of `map` (fp32) at coordinates (c0, c1, c2) from shared memory at `smem` (1024-byte aligned, laid out
+// as the map's swizzle says) to the tensor in global memory, elementwise and atomically, by the tensor memory
+// accelerator; parts of the box outside the tensor are left out. The thread goes on at once, and the reduction joins
+// this thread's next bulk_commit group. Shared memory written by ordinary stores must be made visible to it first
+// (fence_proxy_async), and must not be written again until bulk_wait says it was read.
+__device__ __forceinline__ void tma_reduce_add_3d(const TensorMap& map, int c0, int c1, int c2, unsigned smem) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(&map),
+        "r"(c0), "r"(c1), "r"(c2), "r"(smem)
+        : "memory");
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Waits until at most N of this thread's committed bulk groups may still read their shared memory (READ), or may

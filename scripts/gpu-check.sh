@@ -185,7 +185,7 @@ specialised=(env KILN_FLASH_WGMMA=specialised,backward)
 step selftest-bf16-specialised 120 "${specialised[@]}" "$kiln" selftest --backend cuda --precision bf16 ||
   selftest_failed+=(bf16-specialised)
 step bench-attention-specialised 120 "${specialised[@]}" "$kiln" bench attention --backend cuda --suite
-# With atomic dQ the specialised dkv kernel adds dQ by bulk reductions of whole rows (D = 64; its self-test is in
+# With atomic dQ the specialised dkv kernel adds dQ by tensor reductions (its self-test is in
 # selftest-bf16-specialised), beside bench-attention-atomic's wgmma kernel with vector atomics.
 step bench-attention-specialised-atomic 120 "${specialised[@]}" "$kiln" bench attention --backend cuda --suite \
   --atomic-dq
@@ -460,7 +460,7 @@ echo "PyTorch SDPA on this card (FlashAttention-2, cuDNN):"
 grep -h "TFLOP/s" "$logs/bench-attention-reference.log" 2>/dev/null
 echo "with dQ added atomically (train.deterministic = false):"
 grep -h "TFLOP/s" "$logs/bench-attention-atomic.log" 2>/dev/null
-echo "the same, warp-specialised (KILN_FLASH_WGMMA=specialised,backward; bulk reductions at D = 64):"
+echo "the same, warp-specialised (KILN_FLASH_WGMMA=specialised,backward; dQ by tensor reductions):"
 grep -h "TFLOP/s" "$logs/bench-attention-specialised-atomic.log" 2>/dev/null
 # tokens_per_s NAME: the tokens/s in the JSON line that step NAME's kiln or PyTorch benchmark printed last, or ?.
 tokens_per_s() {

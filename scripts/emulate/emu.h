@@ -144,12 +144,13 @@ struct Wgmma {
     unsigned long long a_desc, b_desc;
 };
 
-// A bulk reduction (cp.reduce.async.bulk ... .add.f32) in flight: the global sums it adds to, and the shared memory
-// it reads with the bytes it held when issued (it is applied, and the bytes checked unchanged, at the wait).
+// A tensor reduction (cp.reduce.async.bulk.tensor ... .add, fp32) in flight: the shared memory it reads, with the
+// bytes it held when issued, and for each float of them the sum in global memory it adds to (null: none). It is
+// applied, and the bytes checked unchanged, at the wait.
 struct BulkReduce {
-    float* sums;
     unsigned smem;
     std::vector<unsigned char> bytes;
+    std::vector<float*> sums;
 };
 
 // Registers of a thread that products in flight read (A) or accumulate into. The PTX ISA makes any access to them

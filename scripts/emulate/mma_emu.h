@@ -446,38 +446,56 @@ inline void mbarrier_wait(unsigned addr, unsigned parity) {
     emu_join(g_block->fibers[emu_tid()].clock, b->released[parity]);
 }
 
-// A tensor map as the tests encode it (mirroring cuTensorMapEncodeTiled's arguments): a bf16 tensor of up to three
-// dimensions, the first contiguous, copied in boxes in the 128-byte swizzle.
+// A tensor map as the tests encode it (mirroring cuTensorMapEncodeTiled's arguments): a tensor of up to three
+// dimensions of elements of `element_bytes` (bf16 or fp32), the first contiguous, in boxes of 128-byte rows laid out
+// in the 128-byte swizzle.
 struct alignas(64) TensorMap {
-    const unsigned char* base;
+    unsigned char* base;
     unsigned long long dims[3];
     unsigned long long strides[2];  // bytes between steps of dimensions 1 and 2
     unsigned box[3];
+    unsigned element_bytes = 2;
 };
 
+// Element e of row r of slice k of the box at (c0, c1, c2) of `map`, whose box lies at shared byte `smem` (1024-byte
+// aligned): its byte there, as the 128-byte swizzle lays rows of 128 bytes out (mma.cuh), and its address in the
+// tensor, or null where the box lies outside it.
+inline unsigned char* emu_box_element(const TensorMap& map, unsigned smem, int c0, int c1, int c2, unsigned e,
+                                      unsigned r, unsigned k, unsigned& at) {
+    const unsigned row = k * map.box[1] + r, byte = e * map.element_bytes;
+    at = smem + row * 128 + (byte / 16 ^ row % 8) * 16 + byte % 16;
+    const long x = c0 + (long)e, y = c1 + (long)r, z = c2 + (long)k;
+    if (x < 0 || y < 0 || z < 0 || x >= (long)map.dims[0] || y >= (long)map.dims[1] || z >= (long)map.dims[2])
+        return nullptr;
+    unsigned char* global = map.base + x * map.element_bytes + y * map.strides[0] + z * map.strides[1];
+    emu_check_global(global, map.element_bytes);
+    return global;
+}
+
+// What a box of `map` at shared byte `smem` must be: 1024-byte aligned, in rows of 128 bytes.
+inline void emu_check_box(const TensorMap& map, unsigned smem, const char* what) {
+    if (smem % 1024 != 0) emu_fail(std::string(what) + " at shared memory not 1024-byte aligned: " + emu_where(smem));
+    if (map.box[0] * map.element_bytes != 128)
+        emu_fail(std::string(what) + " whose rows are not 128 bytes (the swizzle's)");
+}
+
 // cp.async.bulk.tensor.3d with mbarrier completion: the box at (c0, c1, c2) of `map`, zeros where it lies outside the
-// tensor, stored at `smem` (1024-byte aligned) as the 128-byte swizzle lays rows of 128 bytes out (mma.cuh), its
-// bytes counted against the mbarrier's transactions. It lands when the barrier's phase completes.
+// tensor, stored at `smem` (emu_box_element), its bytes counted against the mbarrier's transactions. It lands when
+// the barrier's phase completes.
 inline void tma_load_3d(unsigned smem, const TensorMap& map, unsigned bar, int c0, int c1, int c2) {
     MBarrier& b = emu_mbarrier(bar);
     if (!b.init_fenced) emu_fail("tensor copy on an mbarrier without fence.mbarrier_init: " + emu_where(bar));
-    if (smem % 1024 != 0) emu_fail("tensor copy to shared memory not 1024-byte aligned: " + emu_where(smem));
-    if (map.box[0] * 2 != 128) emu_fail("tensor copy whose rows are not 128 bytes (the swizzle's)");
-    TensorCopy copy{smem, std::vector<unsigned char>((size_t)map.box[0] * map.box[1] * map.box[2] * 2)};
+    emu_check_box(map, smem, "tensor copy");
+    const unsigned n = map.element_bytes;
+    TensorCopy copy{smem, std::vector<unsigned char>((size_t)map.box[1] * map.box[2] * 128)};
     for (unsigned k = 0; k < map.box[2]; k++)
         for (unsigned r = 0; r < map.box[1]; r++)
             for (unsigned e = 0; e < map.box[0]; e++) {
-                const long x = c0 + (long)e, y = c1 + (long)r, z = c2 + (long)k;
-                const unsigned row = k * map.box[1] + r, chunk = e / 8 ^ row % 8;
-                unsigned char* dst = &copy.bytes[row * 128 + chunk * 16 + e % 8 * 2];
-                if (x < 0 || y < 0 || z < 0 || x >= (long)map.dims[0] || y >= (long)map.dims[1] ||
-                    z >= (long)map.dims[2]) {
-                    dst[0] = dst[1] = 0;
-                    continue;
-                }
-                const unsigned char* src = map.base + x * 2 + y * map.strides[0] + z * map.strides[1];
-                emu_check_global(src, 2);
-                std::memcpy(dst, src, 2);
+                unsigned at;
+                const unsigned char* src = emu_box_element(map, smem, c0, c1, c2, e, r, k, at);
+                unsigned char* dst = &copy.bytes[at - smem];
+                if (src) std::memcpy(dst, src, n);
+                else std::memset(dst, 0, n);
             }
     emu_write(smem, (unsigned)copy.bytes.size(), true);
     b.tx -= (long)copy.bytes.size();
@@ -485,15 +503,24 @@ inline void tma_load_3d(unsigned smem, const TensorMap& map, unsigned bar, int c
     emu_mbarrier_progress(b);
 }
 
-// cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32: the adds happen at the wait that completes the group,
-// from the bytes read at the issue, which must still be there then (a write in between is an error).
-inline void bulk_reduce_add_f32(float* sums, unsigned smem, unsigned bytes) {
-    if (smem % 16 != 0 || reinterpret_cast<uintptr_t>(sums) % 16 != 0 || bytes % 16 != 0 || bytes == 0)
-        emu_fail("bulk reduction not in 16-byte units: " + emu_where(smem));
-    emu_check_global(sums, bytes);
-    for (unsigned a = smem; a < smem + bytes; a += 4) emu_async_read(a, "a bulk reduction");
-    const unsigned char* from = &g_block->smem[smem];
-    g_block->fibers[emu_tid()].bulk_open.push_back({sums, smem, std::vector<unsigned char>(from, from + bytes)});
+// cp.reduce.async.bulk.tensor.3d ... .add (fp32): the box at `smem` added to the box at (c0, c1, c2) of `map`, less
+// what lies outside the tensor. The adds happen at the issuing thread's wait that completes the group, from the bytes
+// read at the issue, which must still be there then (a write in between is an error).
+inline void tma_reduce_add_3d(const TensorMap& map, int c0, int c1, int c2, unsigned smem) {
+    emu_check_box(map, smem, "tensor reduction");
+    if (map.element_bytes != 4) emu_fail("tensor reduction of other than fp32");
+    const unsigned bytes = map.box[1] * map.box[2] * 128;
+    for (unsigned a = smem; a < smem + bytes; a += 4) emu_async_read(a, "a tensor reduction");
+    BulkReduce reduce{smem, std::vector<unsigned char>(&g_block->smem[smem], &g_block->smem[smem] + bytes),
+                      std::vector<float*>(bytes / 4, nullptr)};
+    for (unsigned k = 0; k < map.box[2]; k++)
+        for (unsigned r = 0; r < map.box[1]; r++)
+            for (unsigned e = 0; e < map.box[0]; e++) {
+                unsigned at;
+                unsigned char* sum = emu_box_element(map, smem, c0, c1, c2, e, r, k, at);
+                reduce.sums[(at - smem) / 4] = reinterpret_cast<float*>(sum);
+            }
+    g_block->fibers[emu_tid()].bulk_open.push_back(std::move(reduce));
 }
 inline void bulk_commit() {
     Fiber& f = g_block->fibers[emu_tid()];
@@ -507,10 +534,10 @@ inline void bulk_wait() {
         for (const BulkReduce& r : f.bulk_committed.front()) {
             if (std::memcmp(&g_block->smem[r.smem], r.bytes.data(), r.bytes.size()) != 0)
                 emu_fail("shared memory of a bulk reduction written before its wait: " + emu_where(r.smem));
-            for (size_t i = 0; i < r.bytes.size() / 4; i++) {
+            for (size_t i = 0; i < r.sums.size(); i++) {
                 float x;
                 std::memcpy(&x, &r.bytes[4 * i], 4);
-                r.sums[i] += x;
+                if (r.sums[i]) *r.sums[i] += x;
             }
         }
         f.bulk_committed.erase(f.bulk_committed.begin());

@@ -108,16 +108,18 @@ static void run(const Shape& s) {
         D == 64 ? flash_attention_launch_wgmma_specialised_d64 : flash_attention_launch_wgmma_specialised_d128;
     if (s.specialised) forward_shared = specialised[1], forward_threads = specialised[0];
     // Their tensor maps, as the engine encodes them: qkv as (W elements, T rows, B sequences), dout as (NH·D, T, B),
-    // boxes of 64 elements by a tile's rows.
-    const auto tensor_map = [&](const void* base, unsigned long long width, unsigned rows) {
-        return TensorMap{static_cast<const unsigned char*>(base),
+    // boxes of 128 bytes by a tile's rows; and dQ's fp32 sums as (NH·D, T, B), boxes of 16 rows.
+    const auto tensor_map = [&](void* base, unsigned element_bytes, unsigned long long width, unsigned rows) {
+        return TensorMap{static_cast<unsigned char*>(base),
                          {width, (unsigned long long)T, (unsigned long long)B},
-                         {width * 2, (unsigned long long)T * width * 2},
-                         {64, rows, 1}};
+                         {width * element_bytes, (unsigned long long)T * width * element_bytes},
+                         {128 / element_bytes, rows, 1},
+                         element_bytes};
     };
-    const TensorMap q_map = tensor_map(qkv.p, W, tiles[0]), kv_map = tensor_map(qkv.p, W, specialised[2]),
-                    backward_qkv_map = tensor_map(qkv.p, W, specialised[5]),
-                    backward_dout_map = tensor_map(dout.p, (unsigned long long)NH * D, specialised[5]);
+    const TensorMap q_map = tensor_map(qkv.p, 2, W, tiles[0]), kv_map = tensor_map(qkv.p, 2, W, specialised[2]),
+                    backward_qkv_map = tensor_map(qkv.p, 2, W, specialised[5]),
+                    backward_dout_map = tensor_map(dout.p, 2, (unsigned long long)C, specialised[5]),
+                    dq_map = tensor_map(dq_sum.p, 4, (unsigned long long)C, 16);
 #endif
     const unsigned fwd_grid = (T + tiles[0] - 1) / tiles[0], bwd_grid = (T + 63) / 64;
 #define DISPATCH(NAME, ...)                                             \
@@ -229,7 +231,7 @@ static void run(const Shape& s) {
         launch({dkv_grid, (unsigned)KVH, (unsigned)B}, specialised[0], specialised[8], [&] {
             auto* dkv_dq = D == 64 ? flash_attention_backward_dkv_dq_wgmma_specialised_d64
                                    : flash_attention_backward_dkv_dq_wgmma_specialised_d128;
-            dkv_dq(dqkv_atomic.p, dq_sum.p, backward_qkv_map, backward_dout_map, lse.p, row_dot.p, T, NH, KVH,
+            dkv_dq(dqkv_atomic.p, backward_qkv_map, backward_dout_map, dq_map, lse.p, row_dot.p, T, NH, KVH,
                    s.causal);
         });
     } else

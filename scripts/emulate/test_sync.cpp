@@ -76,7 +76,7 @@ static std::string run(Fault fault) {
     std::mt19937 rng(5);
     for (size_t i = 0; i < matrix.n; i++) matrix.p[i] = std::uniform_real_distribution<float>(-1, 1)(rng);
     sums.poison();
-    const TensorMap map{reinterpret_cast<const unsigned char*>(matrix.p),
+    const TensorMap map{reinterpret_cast<unsigned char*>(matrix.p),
                         {COLS, TOTAL_ROWS, 1},
                         {COLS * 2, (unsigned long long)TOTAL_ROWS * COLS * 2},
                         {64, ROWS, 1}};

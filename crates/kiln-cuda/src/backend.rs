@@ -132,7 +132,7 @@ pub(crate) fn fused_head_dim(head_dim: usize) -> bool {
 /// `pipelined` runs the forward on wgmma in its pipelined form (flash_forward_pipelined in the kernel file),
 /// `specialised` in its warp-specialised form (flash_forward_specialised: tensor copies, mbarriers, ping-pong) and,
 /// with `backward`, the dq and dkv kernels of the deterministic backward too (flash_backward_dq_specialised,
-/// flash_backward_dkv_specialised), and the dkv kernel with atomic dQ (bulk reductions), which the CPU emulation has
+/// flash_backward_dkv_specialised), and the dkv kernel with atomic dQ (tensor reductions), which the CPU emulation has
 /// checked but no GPU has yet timed: not a default until one measures them faster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashWgmma {
@@ -224,12 +224,27 @@ struct FlashTiles {
 }
 
 /// The warp-specialised dq and dkv kernels' blocks: queries a dq block, keys a dkv block (with or without atomic
-/// dQ), and the rows of every tensor map's box (Q, K, V and dO alike).
+/// dQ), and the rows of every tensor map's box of Q, K, V and dO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SpecialisedBackward {
     dq_queries: usize,
     dkv_keys: usize,
     box_rows: u32,
+}
+
+/// The rows of a box of dQ's fp32 sums, which the warp-specialised dkv kernel with atomic dQ adds a warp's 16 rows at
+/// a time into (kernels/flash_attention.cu, reduce_dq_tile).
+const DQ_BOX_ROWS: u32 = 16;
+
+impl SpecialisedBackward {
+    /// The tensor maps of qkv (at `qkv`) and dout (at `dout`) that the kernels read.
+    fn maps(&self, qkv: u64, dout: u64, d: &AttentionDims) -> Result<(TensorMap, TensorMap)> {
+        let bf16 = DType::Bf16;
+        Ok((
+            tensor_map(qkv, bf16, d.qkv_width(), d, self.box_rows)?,
+            tensor_map(dout, bf16, d.channels(), d, self.box_rows)?,
+        ))
+    }
 }
 
 impl FlashTiles {
@@ -345,18 +360,24 @@ struct TensorMap(sys::CUtensorMap);
 // SAFETY: 128 plain bytes, which the launch copies into the kernel's parameter of the same layout.
 unsafe impl DeviceRepr for TensorMap {}
 
-/// How the warp-specialised kernels read a (B, T, `width`) bf16 matrix (qkv, or dout) through a tensor map:
-/// dimensions (`width` elements, T rows, B sequences), the bytes between rows and between sequences, and boxes of 64
-/// elements (128 bytes, the swizzle's row) by `rows`.
-fn map_shape(width: usize, d: &AttentionDims, rows: u32) -> ([u64; 3], [u64; 2], [u32; 3]) {
-    let (w, t) = (width as u64, d.time as u64);
-    ([w, t, d.batch as u64], [w * 2, t * w * 2], [64, rows, 1])
+/// How the warp-specialised kernels see a (B, T, `width`) matrix of `element` (qkv or dout in bf16, dQ's fp32 sums)
+/// through a tensor map: dimensions (`width` elements, T rows, B sequences), the bytes between rows and between
+/// sequences, and boxes of 128 bytes (the swizzle's row) by `rows`.
+fn map_shape(element: DType, width: usize, d: &AttentionDims, rows: u32) -> ([u64; 3], [u64; 2], [u32; 3]) {
+    let (w, t, e) = (width as u64, d.time as u64, element.size() as u64);
+    ([w, t, d.batch as u64], [w * e, t * w * e], [128 / e as u32, rows, 1])
 }
 
-/// The tensor map of the (B, T, `width`) bf16 matrix at device address `address` with boxes of `rows` rows, in the
-/// 128-byte swizzle the kernels' tiles use; rows past the end of a sequence arrive as zeros.
-fn tensor_map(address: u64, width: usize, d: &AttentionDims, rows: u32) -> Result<TensorMap> {
-    let (dims, strides, boxes) = map_shape(width, d, rows);
+/// The tensor map of the (B, T, `width`) matrix of `element` at device address `address` with boxes of `rows` rows,
+/// in the 128-byte swizzle the kernels' tiles use; rows past the end of a sequence arrive as zeros, and reductions
+/// leave them out.
+fn tensor_map(address: u64, element: DType, width: usize, d: &AttentionDims, rows: u32) -> Result<TensorMap> {
+    let (dims, strides, boxes) = map_shape(element, width, d, rows);
+    let data_type = match element {
+        DType::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        DType::F32 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+        DType::U32 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT32,
+    };
     let element_strides = [1u32; 3];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
     // SAFETY: every array has the rank's length (strides one less), the address is a live allocation that `ptr`
@@ -364,7 +385,7 @@ fn tensor_map(address: u64, width: usize, d: &AttentionDims, rows: u32) -> Resul
     unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            data_type,
             3,
             address as *mut std::ffi::c_void,
             dims.as_ptr(),
@@ -1380,7 +1401,9 @@ impl Backend for CudaBackend {
             let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
             if let Some(keys) = tiles.forward_keys {
                 let w = d.qkv_width();
-                let (q_map, kv_map) = (tensor_map(q, w, &d, tiles.forward_rows as u32)?, tensor_map(q, w, &d, keys)?);
+                let bf16 = DType::Bf16;
+                let q_map = tensor_map(q, bf16, w, &d, tiles.forward_rows as u32)?;
+                let kv_map = tensor_map(q, bf16, w, &d, keys)?;
                 return launch!(self, tiles.kernels[kernel], cfg, o, l, q_map, kv_map, t, nh, kvh, causal);
             }
             return launch!(self, tiles.kernels[kernel], cfg, o, l, q, t, nh, kvh, causal);
@@ -1416,7 +1439,7 @@ impl Backend for CudaBackend {
                 launch!(self, "flash_attention_row_dot", grid(stats * 8, 256), row_dot, g, o, b, t, nh, hs)?;
                 let (dkv, dq_kernel) = (FlashTiles::DKV, FlashTiles::DQ);
                 if let Some(s) = tiles.specialised_backward {
-                    let (qkv_map, dout_map) = (tensor_map(q, w, &d, s.box_rows)?, tensor_map(g, c, &d, s.box_rows)?);
+                    let (qkv_map, dout_map) = s.maps(q, g, &d)?;
                     for (kernel, blocks, heads) in [(dkv, s.dkv_keys, d.kv_heads), (dq_kernel, s.dq_queries, d.heads)] {
                         let cfg = tiles.launch(kernel, d.time.div_ceil(blocks), heads, d.batch);
                         let name = tiles.kernels[kernel];
@@ -1447,10 +1470,11 @@ impl Backend for CudaBackend {
             let kernel = FlashTiles::DKV_DQ;
             match tiles.specialised_backward {
                 Some(s) => {
-                    let (qkv_map, dout_map) = (tensor_map(q, w, &d, s.box_rows)?, tensor_map(g, c, &d, s.box_rows)?);
+                    let (qkv_map, dout_map) = s.maps(q, g, &d)?;
+                    let dq_map = tensor_map(dq_sum, DType::F32, c, &d, DQ_BOX_ROWS)?;
                     let cfg = tiles.launch(kernel, d.time.div_ceil(s.dkv_keys), d.kv_heads, d.batch);
                     let name = tiles.kernels[kernel];
-                    launch!(self, name, cfg, dq, dq_sum, qkv_map, dout_map, l, row_dot, t, nh, kvh, causal)?;
+                    launch!(self, name, cfg, dq, qkv_map, dout_map, dq_map, l, row_dot, t, nh, kvh, causal)?;
                 }
                 None => {
                     let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
@@ -1599,7 +1623,7 @@ mod tests {
                 // Per head dimension: the forward's keys a tile, the dkv kernel's keys a block and shared memory (one
                 // role at D = 64: K and V of 128 keys; two at 128: 64 keys, three stages and a Pᵀ buffer each), and
                 // the dkv_dq kernel's (its dS tiles and dQ rows besides).
-                let shapes = [(64, 64, 128, 66_640, 137_216), (128, 128, 64, 157_296, 210_944)];
+                let shapes = [(64, 64, 128, 66_640, 133_120), (128, 128, 64, 157_296, 206_848)];
                 let Some(&(_, keys, dkv_keys, dkv_shared, atomic)) = shapes.iter().find(|s| s.0 == d) else {
                     assert_eq!((t.forward_keys, t.specialised_backward), (None, None), "{value} D={d}: none");
                     continue;
@@ -1630,13 +1654,24 @@ mod tests {
     fn the_specialised_kernels_read_in_rows_of_a_sequence_and_boxes_of_128_bytes() {
         let d = AttentionDims { batch: 3, time: 77, heads: 4, kv_heads: 2, head_dim: 64, causal: true };
         let w = (4 + 2 * 2) * 64;
-        let (dims, strides, boxes) = map_shape(d.qkv_width(), &d, 128);
+        // What cuTensorMapEncodeTiled requires of them: strides in multiples of 16 bytes, boxes of at most 256
+        // elements a side, and with the 128-byte swizzle a box row of at most 128 bytes (the kernels' tiles take
+        // exactly 128).
+        let encodable = |element: u32, (strides, boxes): ([u64; 2], [u32; 3])| {
+            strides.iter().all(|s| s % 16 == 0)
+                && boxes.iter().all(|&b| (1..=256).contains(&b))
+                && boxes[0] * element == 128
+        };
+        let (dims, strides, boxes) = map_shape(DType::Bf16, d.qkv_width(), &d, 128);
         assert_eq!(dims, [w, 77, 3]);
         assert_eq!(strides, [w * 2, 77 * w * 2]);
         assert_eq!(boxes, [64, 128, 1]);
-        // What cuTensorMapEncodeTiled requires of them: strides in multiples of 16 bytes, boxes of at most 256
-        // elements a side, and with the 128-byte swizzle a box row of at most 128 bytes.
-        assert!(strides.iter().all(|s| s % 16 == 0) && boxes.iter().all(|&b| (1..=256).contains(&b)));
-        assert_eq!(boxes[0] * 2, 128);
+        assert!(encodable(2, (strides, boxes)));
+        // dQ's fp32 sums, (B, T, NH·D): boxes of 32 floats by 16 rows.
+        let (dims, strides, boxes) = map_shape(DType::F32, d.channels(), &d, DQ_BOX_ROWS);
+        assert_eq!(dims, [4 * 64, 77, 3]);
+        assert_eq!(strides, [4 * 64 * 4, 77 * 4 * 64 * 4]);
+        assert_eq!(boxes, [32, 16, 1]);
+        assert!(encodable(4, (strides, boxes)));
     }
 }
