@@ -8,7 +8,10 @@
 # 540 s, to end inside a 600 s device call): a step that would start with too little time left is skipped.
 # ONLY="NAME ..." runs just the named steps (e.g. ONLY="dp-equivalence dp-overlap" for a second call).
 # A lease of about 15 minutes holds two such calls. What the open issues still need a GPU to show, grouped so that
-# each group's comparisons share a call (kiln beside PyTorch, a switch beside the default):
+# each group's comparisons share a call (kiln beside PyTorch, a switch beside the default); the attention kernels
+# alone, beside cuDNN, if a call must be short (issue 18):
+#   ONLY="info selftest-bf16-specialised bench-attention bench-attention-specialised
+#     bench-attention-specialised-atomic bench-attention-atomic bench-attention-reference"
 #   speed (issues 15, 18): ONLY="info selftest-fp32 selftest-bf16 bench-kiln graphs-exact bench-kiln-graphs
 #     bench-kiln-fused-bias bench-pytorch bench-llama bench-llama-pytorch"
 #   memory and attention (issues 16, 18): ONLY="plan-gpt2 plan-gpt2-fused plan-llama recompute bench-attention
