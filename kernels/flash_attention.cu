@@ -1768,13 +1768,14 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
     // With atomic dQ: step i's dS tile (each warpgroup's own with one role, both roles' with two), and this warp's
     // rows of dQ staged for the tensor reductions; dQ of step i for the warp's 16 queries (one role: from the
     // warpgroup's 64 keys; two: role 0 its first 64 columns, role 1 its last), added to dQ's sums once it is complete,
-    // unless the step has nothing to add (then dS, so dQ, is all 0).
+    // unless the step has nothing to add (then dS, so dQ, is all 0) or the warp's rows all lie past the sequence.
     const unsigned ds_tiles = shared_address(flash_shared) + specialised_dkv_ds_tiles<D, ROLES>();
     const auto ds_tile = [&](int i) { return ds_tiles + (2 * keys + i % 2) * tile_bytes<BR, true>(BC); };
     const unsigned dq_staging = ds_tiles + 2 * (3 - ROLES) * tile_bytes<BR, true>(BC) + warp * FLASH_WARP_ROWS * 64 * 4;
     const auto add_dq = [&](float (&dq)[8][4], int i) {
         settle_wgmma<64>(dq);
-        if (live(i)) reduce_dq_tile(dq_map, head(i) * D + 64 * role, query0(i) + first, b, dq, dq_staging, lane);
+        if (live(i) && query0(i) + first < T)
+            reduce_dq_tile(dq_map, head(i) * D + 64 * role, query0(i) + first, b, dq, dq_staging, lane);
     };
     mbarrier_wait(f.resident_full, 0);
     if constexpr (ROLES == 1) {
@@ -1785,7 +1786,6 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
             const DkvStep t{k_tile(keys), v_tile(keys), f.stage(STREAM_Q, i), f.stage(STREAM_DOUT, i),
                             lse_tile(i), dot_tile(i), ds_tile(i) + tile_at<BR, BC, true>(first, 0), 0};
             float dq[8][4] = {};
-            settle_wgmma<64>(dq);  // its zeros set before Sᵀ's products (see dkv_step)
             // dQ's product once the warpgroup's 4 warps have stored their rows of dSᵀ (named barrier 1 + c). Two
             // tiles: the one stored two steps before was read by that step's product, which every warp waited for
             // before it reached this barrier in the step between.
@@ -1865,7 +1865,6 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
         // the second.
         for (int i = 0; i + 1 < steps; i++) {
             float x[BR / 8][4] = {}, dq[8][4] = {};
-            settle_wgmma<64>(dq);
             landed(first_stream, i + 1);
             landed(second_stream, i);
             issue_first(x, i + 1);
@@ -1884,7 +1883,6 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
             if constexpr (ATOMIC_DQ) share_ds(a, i + 1);
         }
         float dq[8][4] = {};
-        settle_wgmma<64>(dq);
         landed(second_stream, steps - 1);
         if constexpr (ATOMIC_DQ) issue_dq(dq, steps - 1);
         issue_second(a, steps - 1);
