@@ -527,6 +527,8 @@ inline void bulk_commit() {
     f.bulk_committed.push_back(std::move(f.bulk_open));
     f.bulk_open.clear();
 }
+// The adds are applied at either wait, .read or not: a read of the sums in global memory after only a .read wait,
+// which a GPU need not have completed, would pass here.
 template <int N, bool READ>
 inline void bulk_wait() {
     Fiber& f = g_block->fibers[emu_tid()];
