@@ -224,7 +224,7 @@ static void run(const Shape& s) {
         });
     }
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-    // The specialised dkv kernel with atomic dQ (bulk reductions): launched as the one without, with its own shared
+    // The specialised dkv kernel with atomic dQ (tensor reductions): launched as the one without, with its own shared
     // memory (the table's last word).
     if (s.specialised) {
         const unsigned dkv_grid = (T + specialised[7] - 1) / specialised[7];
