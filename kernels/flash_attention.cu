@@ -1684,8 +1684,8 @@ __device__ __forceinline__ void reduce_dq_tile(const TensorMap& dq_map, int col,
     for (int n = 0; n < 8; n++)
 #pragma unroll
         for (int half = 0; half < 2; half++) {
-            const int r = acc_row(lane, 2 * half), c = n % 4 * 8 + acc_col(lane, 0);
-            const unsigned at = n / 4 * FLASH_WARP_ROWS * 128 + r * 128 + (c / 4 ^ r % 8) * 16 + c % 4 * 4;
+            // A float is two of a swizzled tile's 16-bit columns; each box is a 64-column block of such a tile.
+            const unsigned at = swizzled_at<FLASH_WARP_ROWS>(acc_row(lane, 2 * half), 2 * (n * 8 + acc_col(lane, 0)));
             st_shared_f32x2(staging + at, acc[n][2 * half], acc[n][2 * half + 1]);
         }
     fence_proxy_async();
