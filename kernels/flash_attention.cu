@@ -92,8 +92,9 @@
 // arranges; other warpgroups fill the gaps. (The forward's pipelined form, flash_forward_pipelined, does overlap them,
 // as FlashAttention-3 also does; the engine runs it only when KILN_FLASH_WGMMA asks, until a GPU has timed it; so do
 // the warp-specialised forms of the forward, dq and dkv kernels (this one also with atomic dQ), whose tiles come by
-// tensor copies from a warpgroup of their own, and which overlap them too.) Forward tiles: at D = 64, 64 keys in 112 registers, two blocks a
-// multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers, one block (160 KiB). The
+// tensor copies from a warpgroup of their own, and which overlap them too.) Forward tiles: at D = 64, 64 keys in 112
+// registers, two blocks a multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers, one
+// block (160 KiB). The
 // backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 149 (dq), 162 (dkv) and 168 (dkv_dq)
 // registers at D = 64. At D = 128 the dq kernel takes 168; the dkv kernel has one role, not mma.sync's two: a warpgroup
 // holds both dK and dV (246 registers, 255 for dkv_dq) and two blocks of one warpgroup share a multiprocessor (99 KiB
