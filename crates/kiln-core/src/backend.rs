@@ -26,6 +26,9 @@ use std::ops::Range;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Graph(pub u32);
 
+/// Work of the host's on an engine's tensors, recorded into a graph by [`Backend::capture_host`].
+pub type HostWork<B> = Box<dyn Fn(&mut B) -> Result<()> + Send>;
+
 /// Identifies one allocation of a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BufferId(pub u32);
@@ -431,6 +434,19 @@ pub trait Backend {
     /// Queues the work of a graph captured by this engine, as the operations would have queued it.
     fn replay(&mut self, graph: Graph) -> Result<()> {
         Err(crate::Error::backend(self.name(), format!("replay: this engine captured no graph {graph:?}")))
+    }
+    /// Whether a capture is in progress.
+    fn capturing(&self) -> bool {
+        false
+    }
+    /// While capturing, records `work`, which acts on this engine's tensors from the host (the collectives of ranks
+    /// that are threads of one process), so that each replay runs it in its place among the operations. An engine
+    /// whose graphs hold device work only refuses it, and the capture then fails.
+    fn capture_host(&mut self, _work: HostWork<Self>) -> Result<()>
+    where
+        Self: Sized,
+    {
+        Err(crate::Error::backend(self.name(), "capture_host: this engine's graphs cannot run work of the host's"))
     }
 
     // ---- timing -------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ pub mod memory;
 pub mod pieces;
 
 pub use backend::{
-    AdamWStep, AttentionBackward, AttentionDims, Backend, Graph, MatmulBackward, MatmulDims, MatmulForward,
+    AdamWStep, AttentionBackward, AttentionDims, Backend, Graph, HostWork, MatmulBackward, MatmulDims, MatmulForward,
     NormBackward, NormDims, NormForward, NormKind, ResidualAdd, Role, Rotary, Tensor,
 };
 pub use comm::Communicator;

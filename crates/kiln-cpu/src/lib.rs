@@ -24,8 +24,8 @@ use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap};
 use kiln_core::memory::{Component, MemoryModel, StepShapes, Storage};
 use kiln_core::pieces::Pieces;
 use kiln_core::{
-    AdamWStep, AttentionBackward, AttentionDims, Backend, Error, Graph, MatmulBackward, MatmulDims, MatmulForward,
-    NormBackward, NormForward, Result, Role, Rotary, Tensor,
+    AdamWStep, AttentionBackward, AttentionDims, Backend, Error, Graph, HostWork, MatmulBackward, MatmulDims,
+    MatmulForward, NormBackward, NormForward, Result, Role, Rotary, Tensor,
 };
 use math::Real;
 use rayon::prelude::*;
@@ -38,7 +38,7 @@ enum Allocation<T> {
 }
 
 /// An operation recorded by a capture, with its operands.
-type Recorded<T> = Box<dyn Fn(&mut CpuBackend<T>) -> Result<()> + Send>;
+type Recorded<T> = HostWork<CpuBackend<T>>;
 
 /// The CPU engine, over scalar type `T` (`f32` to train, `f64` for gradient checks).
 pub struct CpuBackend<T: Real> {
@@ -365,6 +365,20 @@ impl<T: Real> Backend for CpuBackend<T> {
         match self.capturing.take() {
             Some(_) => Ok(()),
             None => Err(self.invalid("abandon_capture", "no capture in progress".into())),
+        }
+    }
+
+    fn capturing(&self) -> bool {
+        self.capturing.is_some()
+    }
+
+    fn capture_host(&mut self, work: HostWork<Self>) -> Result<()> {
+        match &mut self.capturing {
+            Some(ops) => {
+                ops.push(work);
+                Ok(())
+            }
+            None => Err(self.invalid("capture_host", "no capture in progress".into())),
         }
     }
 

@@ -982,6 +982,10 @@ impl Backend for CudaBackend {
         self.finish_capture("abandon_capture").map(drop)
     }
 
+    fn capturing(&self) -> bool {
+        self.capturing
+    }
+
     fn replay(&mut self, graph: Graph) -> Result<()> {
         self.not_capturing("replay")?;
         let g = self.graphs.get(graph.0 as usize).ok_or_else(|| self.err("replay", format!("no graph {graph:?}")))?;
