@@ -47,11 +47,14 @@ pub trait Communicator<B: Backend + ?Sized> {
     /// [`Backend::keep_master_pieces`]; checkpoints gather the pieces from their owners).
     fn all_gather(&mut self, backend: &mut B, t: Tensor, from: Tensor) -> Result<()>;
 
-    /// Makes the work queued after this call wait for every operation started before it.
+    /// Makes the work queued after this call wait for every operation started before it. Outside a capture the host
+    /// waits too, for those operations and everything queued on the engine before the call (a replayed graph's
+    /// collectives among it), so that a failed peer or the timeout ends the wait with an error.
     fn wait(&mut self, backend: &mut B) -> Result<()>;
 
     /// Whether its operations on tensors and [`Communicator::wait`] can be captured into a graph of the engine's
-    /// (see [`Backend::begin_capture`]): they then queue work on the engine and nothing on the host.
+    /// (see [`Backend::begin_capture`]): they then queue work on the engine and nothing on the host, and a `wait`
+    /// inside the capture orders the engine's work only; the next `wait` outside it is the host's.
     fn capturable(&self) -> bool {
         false
     }

@@ -79,6 +79,8 @@ pub struct Summary {
     pub samples: Vec<Sample>,
     /// Median training throughput over the run's steps.
     pub tokens_per_s: f64,
+    /// Whether the steps' passes ran as replays of captured graphs at the end (`train.graphs`).
+    pub replayed_graphs: bool,
 }
 
 /// A held-out prompt, the model's greedy completion, and whether it was exactly right.
@@ -212,7 +214,10 @@ impl<B: Backend> Trainer<B> {
         let tokens_per_step = accumulation * mb * t;
         let guard = Guard::new(&config.train.guard);
         if config.train.graphs && !comm.capturable() && rank == 0 {
-            tracing::warn!("train.graphs: graphs are captured on one rank only so far; these {world} ranks go without");
+            tracing::warn!(
+                "train.graphs: the collectives of these {world} ranks cannot be captured (NCCL's are, with one GPU a \
+                 process, as `kiln launch` starts them); they go without graphs"
+            );
         }
         let graphs = Graphs::new(config.train.graphs && comm.capturable());
         let mut trainer = Trainer {
@@ -593,6 +598,7 @@ impl<B: Backend> Trainer<B> {
             }
         }
         summary.steps = self.step;
+        summary.replayed_graphs = self.replays_graphs();
         step_times.sort_by(f64::total_cmp);
         if let Some(median) = step_times.get(step_times.len() / 2) {
             summary.tokens_per_s = cfg.total_batch_tokens() as f64 / median;
@@ -651,6 +657,7 @@ impl<B: Backend> Trainer<B> {
         }
         let per_micro = mb * t;
         let (model, comm, buckets, zero, share) = (&self.model, &mut self.comm, &self.buckets, self.zero, &self.share);
+        let comm = comm.as_mut();
         let weights = &self.weights;
         // Time this rank spent blocked in collectives, that is waiting for the others: on an engine without device
         // timing, what remains is its own work, which names a straggler. (A device's collectives return at once, so
@@ -659,16 +666,16 @@ impl<B: Backend> Trainer<B> {
         // One micro-batch's passes, on the batch loaded: with `reduce`, each bucket of gradients is reduced as soon
         // as it is final (under ZeRO stage 2, a bucket's piece is added into the share once its reduction is over:
         // when the next bucket is ready, and after the last).
-        let mut passes = |b: &mut B, reduce: bool| -> Result<()> {
+        let mut passes = |b: &mut B, comm: &mut dyn Communicator<B>, reduce: bool| -> Result<()> {
             model.forward_with(b, mb, t, Pass::Train { dloss: values.dloss }, &mut |b, moment| {
-                gather_blocks(b, comm.as_mut(), weights.as_ref(), model.spec.n_layer, moment)
+                gather_blocks(b, comm, weights.as_ref(), model.spec.n_layer, moment)
             })?;
             if !reduce {
                 return model.backward(b, mb, t);
             }
             let mut cursor = BucketCursor::default();
             let mut received: Option<(Tensor, Tensor)> = None;
-            let add_received = |b: &mut B, comm: &mut Box<dyn Communicator<B>>, received: &mut Option<_>| {
+            let add_received = |b: &mut B, comm: &mut dyn Communicator<B>, received: &mut Option<_>| {
                 if let Some((piece, into)) = received.take() {
                     comm.order(b)?;
                     b.add(into, piece)?;
@@ -677,7 +684,7 @@ impl<B: Backend> Trainer<B> {
             };
             model.backward_with(b, mb, t, &mut |b, moment| {
                 let Moment::Ready(ready_from) = moment else {
-                    return gather_blocks(b, comm.as_mut(), weights.as_ref(), model.spec.n_layer, moment);
+                    return gather_blocks(b, comm, weights.as_ref(), model.spec.n_layer, moment);
                 };
                 let entered = Instant::now();
                 for i in cursor.advance(buckets, ready_from) {
@@ -713,7 +720,7 @@ impl<B: Backend> Trainer<B> {
             // share.
             let reduce = micro + 1 == accumulation || share.is_some();
             let kind = if reduce { Kind::ReducingPasses } else { Kind::Passes };
-            self.graphs.run(b, kind, &mut |b| passes(b, reduce))?;
+            self.graphs.run(b, comm, kind, &mut |b, comm| passes(b, comm, reduce))?;
         }
         b.time_to_here()?;
         let queued = Instant::now();
@@ -771,7 +778,7 @@ impl<B: Backend> Trainer<B> {
             // The engine clips, from the norm (see AdamWStep).
             b.upload(values.adamw, &AdamWStep::values_of(lr, self.step + 1, grad_norm))?;
             let (updates, m, v) = (&self.updates, self.m, self.v);
-            let mut optimizer = |b: &mut B| -> Result<()> {
+            let mut optimizer = |b: &mut B, comm: &mut dyn Communicator<B>| -> Result<()> {
                 for &(offset, local, len, decay) in updates {
                     let step = AdamWStep {
                         beta1: o.beta1,
@@ -799,9 +806,13 @@ impl<B: Backend> Trainer<B> {
                     }
                     comm.wait(b)?;
                 }
-                gather_resident(b, comm.as_mut(), weights.as_ref())
+                gather_resident(b, comm, weights.as_ref())
             };
-            self.graphs.run(b, Kind::Optimizer, &mut optimizer)?;
+            self.graphs.run(b, comm, Kind::Optimizer, &mut optimizer)?;
+            // The gathers' waits in a graph order the engine's work only; this one puts the host's watch on them.
+            if zero > 0 {
+                comm.wait(b)?;
+            }
         }
         if self.profile {
             b.synchronize()?;
@@ -976,19 +987,28 @@ impl Graphs {
         Graphs { wanted, captured: [None; 3], steps_run: 0 }
     }
 
-    /// Runs `work` of `kind`: by replaying its graph, by capturing one and replaying it, or as it is. Where capturing
-    /// fails, the run goes on without graphs.
-    fn run<B: Backend>(&mut self, b: &mut B, kind: Kind, work: &mut dyn FnMut(&mut B) -> Result<()>) -> Result<()> {
+    /// Runs `work` of `kind`, whose collectives go through `comm`: by replaying its graph, by capturing one and
+    /// replaying it, or as it is. Where capturing fails, a run of one rank goes on without graphs; a job of several
+    /// stops, every rank with an error (NCCL requires every rank to capture the same collectives, or none).
+    fn run<B: Backend>(
+        &mut self,
+        b: &mut B,
+        comm: &mut dyn Communicator<B>,
+        kind: Kind,
+        work: &mut dyn FnMut(&mut B, &mut dyn Communicator<B>) -> Result<()>,
+    ) -> Result<()> {
         let kind = kind as usize;
         if let Some(graph) = self.captured[kind] {
             return b.replay(graph);
         }
         if !self.wanted || self.steps_run == 0 {
-            return work(b);
+            return work(b, comm);
         }
         let captured = match b.begin_capture() {
             Ok(false) => Err(format!("{} cannot capture graphs", b.name())),
-            Ok(true) => match work(b) {
+            // A capture ends with the engine's work ordered after every collective of it: the streams it took in
+            // are joined again (and the host could not wait inside it).
+            Ok(true) => match work(b, comm).and_then(|()| comm.order(b)) {
                 Ok(()) => b.end_capture().map_err(|e| format!("ending the capture failed ({e})")),
                 Err(e) => {
                     b.abandon_capture()?;
@@ -997,6 +1017,21 @@ impl Graphs {
             },
             Err(e) => Err(format!("starting a capture failed ({e})")),
         };
+        if comm.world() > 1 {
+            let mut failed = [f64::from(u8::from(captured.is_err()))];
+            comm.all_reduce_host(b, &mut failed)?;
+            if failed[0] > 0.0 {
+                let why = captured.err().unwrap_or_else(|| format!("{} of the ranks could not", failed[0]));
+                return Err(Error::backend(
+                    b.name(),
+                    format!(
+                        "train.graphs: rank {} stops: {why}; every rank must capture its step, or none \
+                         (set train.graphs = false)",
+                        comm.rank()
+                    ),
+                ));
+            }
+        }
         match captured {
             Ok(graph) => {
                 self.captured[kind] = Some(graph);
@@ -1005,7 +1040,7 @@ impl Graphs {
             Err(why) => {
                 tracing::warn!("train.graphs: {why}; the run goes on without graphs");
                 self.wanted = false;
-                work(b)
+                work(b, comm)
             }
         }
     }

@@ -3,7 +3,9 @@
 //!
 //! Each rank copies its tensor into its own host slot; once all have arrived, each rank sums the slots it needs in
 //! rank order 0, 1, …, so every rank computes bit-identical sums whatever the threads' timing. Operations complete
-//! before they return (there is no device to overlap with), so [`Communicator::wait`] has nothing to do.
+//! before they return (there is no device to overlap with), so [`Communicator::wait`] has nothing to do. While the
+//! engine captures a graph, an operation on tensors is recorded into it ([`Backend::capture_host`]) and carried out
+//! at each replay, so that `train.graphs` runs with several ranks on the CPU engine as on GPUs.
 //!
 //! A rank that drops its communicator (because it failed, or finished) releases the others: their next wait for
 //! it returns an error naming it instead of blocking, and so does a wait longer than the timeout.
@@ -54,7 +56,7 @@ pub fn thread_ranks<B: Backend>(
     move |rank, failed| {
         let backend = make_backend(rank)?;
         let mut comm = comms.lock().unwrap_or_else(|p| p.into_inner())[rank].take().expect("each rank is made once");
-        comm.failed = Some(failed.clone());
+        comm.member.failed = Some(failed.clone());
         Ok((backend, Box::new(comm)))
     }
 }
@@ -176,10 +178,16 @@ struct Shared {
 
 /// One rank's end of a [`group`].
 pub struct ThreadComm {
-    rank: usize,
-    shared: Arc<Shared>,
+    member: Member,
     /// The rank's sums, before they are copied to its tensor.
     sums: Vec<f32>,
+}
+
+/// What a rank's operations need of the group: a copy of it goes into each operation a graph records.
+#[derive(Clone)]
+struct Member {
+    rank: usize,
+    shared: Arc<Shared>,
     /// Raised when any rank of the job has failed, before or after it joined the group.
     failed: Option<Arc<AtomicBool>>,
 }
@@ -195,14 +203,15 @@ pub fn group(world: usize, timeout: Duration) -> Vec<ThreadComm> {
         host_slots: (0..world).map(|_| RwLock::new(Vec::new())).collect(),
         timeout,
     });
-    (0..world).map(|rank| ThreadComm { rank, shared: shared.clone(), sums: Vec::new(), failed: None }).collect()
+    let member = |rank| Member { rank, shared: shared.clone(), failed: None };
+    (0..world).map(|rank| ThreadComm { member: member(rank), sums: Vec::new() }).collect()
 }
 
 fn failure(message: String) -> Error {
     Error::backend("ranks", message)
 }
 
-impl ThreadComm {
+impl Member {
     /// Waits until every rank has reached the same barrier.
     fn barrier(&self) -> Result<()> {
         let s = &self.shared;
@@ -254,82 +263,111 @@ impl ThreadComm {
         self.barrier()
     }
 
-    /// Sums elements `range` of every rank's slot, in rank order, into `self.sums`.
-    fn sum_slots(&mut self, range: std::ops::Range<usize>) {
-        self.sums.clear();
+    /// Sums elements `range` of every rank's slot, in rank order, into `sums`.
+    fn sum_slots(&self, sums: &mut Vec<f32>, range: std::ops::Range<usize>) {
+        sums.clear();
         for (rank, slot) in self.shared.slots.iter().enumerate() {
             let slot = slot.read().unwrap_or_else(|p| p.into_inner());
             if rank == 0 {
-                self.sums.extend_from_slice(&slot[range.clone()]);
+                sums.extend_from_slice(&slot[range.clone()]);
             } else {
-                self.sums.iter_mut().zip(&slot[range.clone()]).for_each(|(s, x)| *s += x);
+                sums.iter_mut().zip(&slot[range.clone()]).for_each(|(s, x)| *s += x);
             }
         }
     }
 }
 
-impl<B: Backend + ?Sized> Communicator<B> for ThreadComm {
+impl ThreadComm {
+    /// Carries out `op` on this rank's engine, or records it into the graph the engine is capturing, with a buffer of
+    /// sums of its own, to be carried out at each replay.
+    fn run<B: Backend>(
+        &mut self,
+        backend: &mut B,
+        op: impl Fn(&Member, &mut B, &mut Vec<f32>) -> Result<()> + Send + 'static,
+    ) -> Result<()> {
+        if !backend.capturing() {
+            return op(&self.member, backend, &mut self.sums);
+        }
+        let (member, sums) = (self.member.clone(), Mutex::new(Vec::new()));
+        backend.capture_host(Box::new(move |b| op(&member, b, &mut sums.lock().unwrap_or_else(|p| p.into_inner()))))
+    }
+}
+
+impl<B: Backend> Communicator<B> for ThreadComm {
     fn rank(&self) -> usize {
-        self.rank
+        self.member.rank
     }
 
     fn world(&self) -> usize {
-        self.shared.world
+        self.member.shared.world
     }
 
     fn all_reduce_host(&mut self, _: &mut B, values: &mut [f64]) -> Result<()> {
+        let m = &self.member;
         {
-            let mut slot = self.shared.host_slots[self.rank].write().unwrap_or_else(|p| p.into_inner());
+            let mut slot = m.shared.host_slots[m.rank].write().unwrap_or_else(|p| p.into_inner());
             slot.clear();
             slot.extend_from_slice(values);
         }
-        self.barrier()?;
+        m.barrier()?;
         values.fill(0.0);
-        for slot in &self.shared.host_slots {
+        for slot in &m.shared.host_slots {
             let slot = slot.read().unwrap_or_else(|p| p.into_inner());
             values.iter_mut().zip(slot.iter()).for_each(|(v, x)| *v += x);
         }
         // Nobody may overwrite a slot before every rank has read it.
-        self.barrier()
+        m.barrier()
     }
 
     fn all_reduce(&mut self, backend: &mut B, t: Tensor) -> Result<()> {
-        self.deposit(backend, t)?;
-        self.sum_slots(0..t.len);
-        backend.upload(t, &self.sums)?;
-        self.barrier()
+        self.run(backend, move |m, b, sums| {
+            m.deposit(b, t)?;
+            m.sum_slots(sums, 0..t.len);
+            b.upload(t, sums)?;
+            m.barrier()
+        })
     }
 
     fn reduce_scatter(&mut self, backend: &mut B, t: Tensor, into: Tensor) -> Result<()> {
-        self.deposit(backend, t)?;
-        let mine = piece(t, self.shared.world, self.rank);
-        self.sum_slots(mine.offset - t.offset..mine.offset - t.offset + mine.len);
-        backend.upload(into, &self.sums)?;
-        self.barrier()
+        self.run(backend, move |m, b, sums| {
+            m.deposit(b, t)?;
+            let mine = piece(t, m.shared.world, m.rank);
+            m.sum_slots(sums, mine.offset - t.offset..mine.offset - t.offset + mine.len);
+            b.upload(into, sums)?;
+            m.barrier()
+        })
     }
 
     fn all_gather(&mut self, backend: &mut B, t: Tensor, from: Tensor) -> Result<()> {
-        let world = self.shared.world;
-        self.deposit(backend, from)?;
-        for (rank, slot) in self.shared.slots.iter().enumerate() {
-            let mine = piece(t, world, rank);
-            if mine != from {
-                backend.upload(mine, &slot.read().unwrap_or_else(|p| p.into_inner()))?;
+        self.run(backend, move |m, b, _| {
+            m.deposit(b, from)?;
+            for (rank, slot) in m.shared.slots.iter().enumerate() {
+                let mine = piece(t, m.shared.world, rank);
+                if mine != from {
+                    b.upload(mine, &slot.read().unwrap_or_else(|p| p.into_inner()))?;
+                }
             }
-        }
-        self.barrier()
+            m.barrier()
+        })
     }
 
     fn wait(&mut self, _: &mut B) -> Result<()> {
         Ok(())
     }
+
+    /// Its operations on tensors are recorded into the engine's graph (which an engine that cannot run host work in
+    /// its graphs refuses, failing the capture).
+    fn capturable(&self) -> bool {
+        true
+    }
 }
 
 impl Drop for ThreadComm {
     fn drop(&mut self) {
-        let mut gate = self.shared.gate.lock().unwrap_or_else(|p| p.into_inner());
-        gate.left.get_or_insert(self.rank);
-        self.shared.opened.notify_all();
+        let shared = &self.member.shared;
+        let mut gate = shared.gate.lock().unwrap_or_else(|p| p.into_inner());
+        gate.left.get_or_insert(self.member.rank);
+        shared.opened.notify_all();
     }
 }
 
@@ -366,11 +404,11 @@ mod tests {
     fn all_reduce_sums_in_rank_order_on_every_rank() {
         let results = on_ranks(3, |b, comm| {
             let t = b.alloc(9, Role::Grad)?;
-            b.upload(t, &rank_values(comm.rank, 9))?;
+            b.upload(t, &rank_values(comm.member.rank, 9))?;
             Communicator::<CpuBackend<f32>>::all_reduce(comm, b, t)?;
             let mut host = [0.0; 9];
             b.download(t, &mut host)?;
-            let mut counts = [comm.rank as f64, 1.0];
+            let mut counts = [comm.member.rank as f64, 1.0];
             Communicator::<CpuBackend<f32>>::all_reduce_host(comm, b, &mut counts)?;
             Ok((host, counts))
         });
@@ -386,8 +424,8 @@ mod tests {
     fn reduce_scatter_then_all_gather_is_an_all_reduce() {
         let results = on_ranks(4, |b, comm| {
             let t = b.alloc(12, Role::Param)?;
-            b.upload(t, &rank_values(comm.rank, 12))?;
-            let mine = piece(t, 4, comm.rank);
+            b.upload(t, &rank_values(comm.member.rank, 12))?;
+            let mine = piece(t, 4, comm.member.rank);
             Communicator::<CpuBackend<f32>>::reduce_scatter(comm, b, t, mine)?;
             Communicator::<CpuBackend<f32>>::all_gather(comm, b, t, mine)?;
             let mut host = vec![0.0; 12];
@@ -404,7 +442,7 @@ mod tests {
     fn a_rank_that_leaves_releases_the_others_with_an_error() {
         let started = Instant::now();
         let results = on_ranks(3, |b, comm| {
-            if comm.rank == 1 {
+            if comm.member.rank == 1 {
                 return Err(Error::Invalid("rank 1 fails before the collective".into()));
             }
             let mut values = [1.0];

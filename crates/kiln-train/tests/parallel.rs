@@ -1,8 +1,9 @@
 //! Data-parallel training with ranks as threads on the CPU engine: N ranks train to the weights of one rank with
 //! an N times larger batch, ZeRO stage 1 to the weights of plain data parallelism, ZeRO stages 2 and 3 to those of
-//! one rank, a run resumes at another number of ranks and ZeRO stage, and a failing rank stops the others promptly.
+//! one rank, a run resumes at another number of ranks and ZeRO stage, a failing rank stops the others promptly,
+//! and ranks whose steps are replayed graphs, collectives included, train exactly as ranks that run them.
 
-use kiln_core::{Config, Error};
+use kiln_core::{Backend, Communicator, Config, Error, Tensor};
 use kiln_cpu::CpuBackend;
 use kiln_train::{Hooks, Summary, checkpoint, threads};
 use safetensors::SafeTensors;
@@ -145,6 +146,92 @@ fn assert_relatively_close(a: &[f32], b: &[f32]) {
     for (x, y) in a.iter().zip(b) {
         assert!((x - y).abs() <= 1e-5 * x.abs(), "{a:?} vs {b:?}");
     }
+}
+
+#[test]
+fn ranks_replaying_graphs_train_exactly_as_ranks_running_their_steps() {
+    // Each stage's collectives inside the graphs: plain data parallelism's all-reduce after an accumulating graph,
+    // stage 1's reduce-scatter and its gathers in the optimizer's graph, stage 2's reductions into the shares of
+    // every micro-batch, stage 3's gathers of each block in the passes.
+    for (ranks, stage) in [(2, 0), (2, 1), (4, 2), (2, 3)] {
+        let run = |graphs: bool| {
+            let dir = out_dir(&format!("graphs-{ranks}-{stage}-{graphs}"));
+            let extra = [
+                format!("train.micro_batch={}", 6 / ranks),
+                format!("dist.zero={stage}"),
+                format!("train.graphs={graphs}"),
+            ];
+            let summary = train(&config(&dir, &extra), ranks).unwrap();
+            (summary, final_weights(&dir))
+        };
+        let ((direct, direct_weights), (replayed, replayed_weights)) = (run(false), run(true));
+        assert!(!direct.replayed_graphs && replayed.replayed_graphs, "{ranks} ranks, stage {stage}");
+        assert_eq!(replayed.losses, direct.losses, "{ranks} ranks, stage {stage}");
+        assert!(replayed_weights == direct_weights, "{ranks} ranks, stage {stage}: the weights differ");
+    }
+}
+
+/// A thread rank's communicator, except that it refuses to have its all-reduces captured where `refuses`.
+struct CaptureRefused {
+    inner: threads::ThreadComm,
+    refuses: bool,
+}
+
+impl Communicator<CpuBackend<f32>> for CaptureRefused {
+    fn rank(&self) -> usize {
+        Communicator::<CpuBackend<f32>>::rank(&self.inner)
+    }
+    fn world(&self) -> usize {
+        Communicator::<CpuBackend<f32>>::world(&self.inner)
+    }
+    fn all_reduce_host(&mut self, b: &mut CpuBackend<f32>, values: &mut [f64]) -> kiln_core::Result<()> {
+        self.inner.all_reduce_host(b, values)
+    }
+    fn all_reduce(&mut self, b: &mut CpuBackend<f32>, t: Tensor) -> kiln_core::Result<()> {
+        if self.refuses && b.capturing() {
+            return Err(Error::Invalid("this rank's all-reduce cannot be captured".into()));
+        }
+        self.inner.all_reduce(b, t)
+    }
+    fn reduce_scatter(&mut self, b: &mut CpuBackend<f32>, t: Tensor, into: Tensor) -> kiln_core::Result<()> {
+        self.inner.reduce_scatter(b, t, into)
+    }
+    fn all_gather(&mut self, b: &mut CpuBackend<f32>, t: Tensor, from: Tensor) -> kiln_core::Result<()> {
+        self.inner.all_gather(b, t, from)
+    }
+    fn wait(&mut self, b: &mut CpuBackend<f32>) -> kiln_core::Result<()> {
+        self.inner.wait(b)
+    }
+    fn capturable(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_capture_that_fails_on_one_rank_stops_every_rank() {
+    let config = config(&out_dir("capture-refused"), &["train.micro_batch=6".into(), "train.graphs=true".into()]);
+    let comms =
+        std::sync::Mutex::new(threads::group(2, Duration::from_secs(10)).into_iter().map(Some).collect::<Vec<_>>());
+    let started = Instant::now();
+    let err = threads::train_ranks(
+        &config,
+        2,
+        |rank, _| {
+            let inner = comms.lock().unwrap()[rank].take().unwrap();
+            let comm = CaptureRefused { inner, refuses: rank == 1 };
+            Ok((CpuBackend::<f32>::new(), Box::new(comm) as Box<dyn Communicator<CpuBackend<f32>>>))
+        },
+        None,
+        &mut Hooks::default(),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    // Whichever rank's error came first: rank 1's own, or rank 0's report of it.
+    let own = err.contains("rank 1 stops: capturing a step's work failed (this rank's all-reduce cannot be captured");
+    assert!(own || err.contains("rank 0 stops: 1 of the ranks could not"), "{err}");
+    assert!(err.contains("set train.graphs = false"), "{err}");
 }
 
 #[test]
