@@ -256,7 +256,7 @@ pub fn gpu_ranks<'a>(
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        let comm = NcclComm::new(&backend, &id, rank, world, failed.clone(), timeout)?;
+        let comm = NcclComm::new(&backend, &id, rank, world, false, failed.clone(), timeout)?;
         Ok((backend, Box::new(comm) as Box<dyn Communicator<CudaBackend>>))
     })
 }
@@ -303,7 +303,7 @@ pub fn join(
         kiln_cuda::nccl::unique_id,
         rank.rendezvous_timeout,
     )?;
-    let comm = NcclComm::new(&backend, &id, placement.rank, placement.world, watch.flag(), timeout)?;
+    let comm = NcclComm::new(&backend, &id, placement.rank, placement.world, true, watch.flag(), timeout)?;
     Ok(JoinedRank { gpu, backend, comm, watch })
 }
 

@@ -355,8 +355,8 @@ pub struct TrainConfig {
     /// memory for more arithmetic.
     pub recompute: Recompute,
     /// Capture a micro-batch's forward and backward passes and the optimizer's update as graphs once, and replay them
-    /// every step after, on engines that can (the GPU), for a single rank: a launch each instead of hundreds. Off
-    /// until a GPU has measured it.
+    /// every step after, on engines that can (the GPU), with the collectives of ranks that can capture them (one GPU
+    /// a process): a launch each instead of hundreds. Off until a GPU has measured it.
     pub graphs: bool,
     /// Take the bias gradients of the linear layers from the operations that produce the gradients they sum (the
     /// norms' backward passes, GELU's derivative in a product's epilogue, attention's backward kernels) instead of

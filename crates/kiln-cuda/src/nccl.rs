@@ -7,6 +7,13 @@
 //! rendezvous watch or by the thread of a failed rank) or the timeout abort the communicator and return an error
 //! instead of hanging. It comes right before the step reads its loss, which waits for the device anyway.
 //!
+//! With one GPU a process, the collectives can be captured into the engine's graphs (`train.graphs`): the
+//! communication stream joins the capture through the events that order it after the engine's work, and a wait
+//! inside the capture orders the streams only. A replayed graph's collectives run as part of its launch on the
+//! engine's stream, so the host's wait watches that stream as well as its own. NCCL's guide advises against graphs
+//! with several GPUs a process (a blocking graph launch can keep the others from theirs), so ranks that are threads
+//! of one process do not capture.
+//!
 //! The communicator is non-blocking (NCCL's `blocking = 0`) for the same reason: joining the job, which waits for
 //! every rank, returns at once and is polled in the same way, so a rank that never arrives or dies on the way ends
 //! the others' wait. NCCL may then answer any call with "in progress"; each such call is polled to its end before
@@ -23,7 +30,7 @@ use crate::libraries::Library;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nccl::{result as nccl, sys};
 use kiln_core::comm::piece;
-use kiln_core::{Communicator, Error, Result, Tensor};
+use kiln_core::{Backend, Communicator, Error, Result, Tensor};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -99,6 +106,8 @@ pub struct NcclComm {
     peer_lost: Arc<AtomicBool>,
     timeout: Duration,
     aborted: bool,
+    /// Whether this process drives this rank alone, so that its collectives may be captured into graphs.
+    alone: bool,
 }
 
 // SAFETY: the communicator handle is used by one thread at a time (the rank's), which is all NCCL requires.
@@ -106,12 +115,14 @@ unsafe impl Send for NcclComm {}
 
 impl NcclComm {
     /// Joins rank `rank` of `world` to the job that `id` names, on `backend`'s GPU. Every rank must call this at
-    /// about the same time: NCCL's initialisation waits for all of them.
+    /// about the same time: NCCL's initialisation waits for all of them. `alone`: this process drives no other rank
+    /// of the job (one GPU a process), which graphs of its collectives require.
     pub fn new(
         backend: &CudaBackend,
         id: &[u8; ID_BYTES],
         rank: usize,
         world: usize,
+        alone: bool,
         peer_lost: Arc<AtomicBool>,
         timeout: Duration,
     ) -> Result<Self> {
@@ -144,6 +155,7 @@ impl NcclComm {
             peer_lost,
             timeout,
             aborted: false,
+            alone,
         };
         this.settle("joining the job (ncclCommInitRankConfig)", Ok(joining))?;
         Ok(this)
@@ -352,8 +364,16 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn wait(&mut self, backend: &mut CudaBackend) -> Result<()> {
-        self.drain()?;
-        backend.stream().wait(&self.done).map_err(|e| failure(format!("ordering the streams: {e:?}")))
+        if backend.capturing() {
+            return self.order(backend);
+        }
+        // Once the host has seen both streams' work end, whatever it queues next comes after it.
+        self.follow(backend)?;
+        self.drain()
+    }
+
+    fn capturable(&self) -> bool {
+        self.alone
     }
 }
 
