@@ -65,6 +65,13 @@ pub trait Communicator<B: Backend + ?Sized> {
     fn order(&mut self, backend: &mut B) -> Result<()> {
         self.wait(backend)
     }
+
+    /// As [`Communicator::order`], for the all-gathers started before this call and what was started before them,
+    /// not the reductions started after the last gather: ZeRO stage 3's next block needs its weights, while the
+    /// gradients of the block before may still be summed.
+    fn order_gathers(&mut self, backend: &mut B) -> Result<()> {
+        self.order(backend)
+    }
 }
 
 /// Piece `rank` of `world` equal pieces of `t` (whose length is a multiple of `world`).

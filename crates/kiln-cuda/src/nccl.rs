@@ -101,6 +101,8 @@ pub struct NcclComm {
     queued: CudaEvent,
     /// Recorded on the communication stream when the host waits for it.
     done: CudaEvent,
+    /// Recorded on the communication stream after each all-gather, which ZeRO stage 3's next block waits for.
+    gathered: CudaEvent,
     staging: CudaSlice<f64>,
     staging_ptr: u64,
     peer_lost: Arc<AtomicBool>,
@@ -130,7 +132,7 @@ impl NcclComm {
         let ctx = backend.stream().context().clone();
         let stream = ctx.new_stream().map_err(|e| failure(format!("creating the communication stream: {e:?}")))?;
         let event = || ctx.new_event(None).map_err(|e| failure(format!("creating an event: {e:?}")));
-        let (queued, done) = (event()?, event()?);
+        let (queued, done, gathered) = (event()?, event()?, event()?);
         let staging = stream
             .alloc_zeros::<f64>(HOST_CHUNK)
             .map_err(|e| failure(format!("allocating {HOST_CHUNK} doubles: {e:?}")))?;
@@ -150,6 +152,7 @@ impl NcclComm {
             stream,
             queued,
             done,
+            gathered,
             staging,
             staging_ptr,
             peer_lost,
@@ -354,7 +357,13 @@ impl Communicator<CudaBackend> for NcclComm {
         // SAFETY: as in reduce_scatter.
         let status =
             unsafe { nccl::all_gather(send as *const _, whole as *mut _, count, ty, self.comm, self.cu_stream()) };
-        self.settle("ncclAllGather", status)
+        self.settle("ncclAllGather", status)?;
+        self.gathered.record(&self.stream).map_err(|e| failure(format!("recording an event: {e:?}")))
+    }
+
+    fn order_gathers(&mut self, backend: &mut CudaBackend) -> Result<()> {
+        self.check_live()?;
+        backend.stream().wait(&self.gathered).map_err(|e| failure(format!("ordering the streams: {e:?}")))
     }
 
     fn order(&mut self, backend: &mut CudaBackend) -> Result<()> {

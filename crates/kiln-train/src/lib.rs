@@ -1235,11 +1235,12 @@ fn gather_blocks<B: Backend>(
         Moment::Backward(l) => (l, l + 1 == layers, l.checked_sub(1)),
         Moment::Ready(_) => return Ok(()),
     };
-    // The first block of a pass has had no gather issued ahead of it.
+    // The first block of a pass has had no gather issued ahead of it. The block waits for its weights only: the
+    // reductions of the gradients of the block before it run on while it computes.
     if first {
         gather(b, comm, l)?;
     }
-    comm.order(b)?;
+    comm.order_gathers(b)?;
     if let Some(next) = next {
         gather(b, comm, next)?;
     }
