@@ -41,7 +41,8 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         warmup: u64,
         /// The device's dense peak in TFLOP/s, for MFU (default: for a bf16 run, the GPU's dense bf16 peak where
-        /// kiln knows it, as training's metrics use; otherwise the H100 SXM's bf16 peak, 989, as the anchors use).
+        /// kiln knows it, as training's metrics use; on another GPU the H100 SXM's bf16 peak, 989, as the anchors
+        /// use; on the CPU none, and no MFU).
         #[arg(long)]
         peak_tflops: Option<f64>,
         #[command(flatten)]
@@ -263,8 +264,8 @@ fn train_on<B: Backend>(config: &Config, backend: B, gpu: Option<usize>, run: Tr
     );
     let tokens_per_s = tokens / (step_ms / 1e3);
     let tflops = tokens_per_s * flops_per_token / 1e12;
-    let peak_tflops = run.peak_tflops.or(trainer.backend().peak_tflops()).unwrap_or(H100_SXM_BF16_TFLOPS);
-    let mfu = tflops / peak_tflops;
+    let peak_tflops = run.peak_tflops.or(trainer.backend().peak_tflops()).or(gpu.map(|_| H100_SXM_BF16_TFLOPS));
+    let mfu = peak_tflops.map(|peak| tflops / peak);
     let bytes = trainer.backend().allocated_bytes();
     println!("backend     {}", trainer.backend().name());
     println!(
@@ -279,11 +280,11 @@ fn train_on<B: Backend>(config: &Config, backend: B, gpu: Option<usize>, run: Tr
         "  phases    data {data_ms:.2} ms, forward+backward {passes_ms:.2} ms (queued by the host in {queue_ms:.2} ms), \
          optimizer {optimizer_ms:.2} ms"
     );
-    println!(
-        "throughput  {tokens_per_s:.0} tokens/s, {tflops:.2} TFLOP/s, MFU {:.1}% of {} TFLOP/s",
-        mfu * 100.0,
-        peak_tflops
-    );
+    let mfu_text = match (mfu, peak_tflops) {
+        (Some(mfu), Some(peak)) => format!("MFU {:.1}% of {peak} TFLOP/s", mfu * 100.0),
+        _ => "no MFU (--peak-tflops gives this device's peak)".into(),
+    };
+    println!("throughput  {tokens_per_s:.0} tokens/s, {tflops:.2} TFLOP/s, {mfu_text}");
     println!("memory      {:.2} GiB allocated", bytes as f64 / (1u64 << 30) as f64);
     if config.train.graphs {
         let how = if trainer.replays_graphs() { "replayed" } else { "not replayed: the capture failed (see above)" };

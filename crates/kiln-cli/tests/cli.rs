@@ -296,9 +296,17 @@ fn bench_train_reports_throughput_as_json() {
     // The line printed last is the same report.
     let printed: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert_eq!(printed, report);
-    for key in ["step_ms", "tokens_per_s", "tflops", "mfu", "data_ms", "passes_ms", "optimizer_ms"] {
+    for key in ["step_ms", "tokens_per_s", "tflops", "data_ms", "passes_ms", "optimizer_ms"] {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
     }
+    // A GPU's peak means nothing to the CPU engine: MFU only against a peak given.
+    assert!(report["mfu"].is_null() && report["peak_tflops"].is_null(), "{report}");
+    assert!(text.contains("no MFU (--peak-tflops"), "{text}");
+    let with_peak = bench_train_tiny(&["--json", &report_path, "--peak-tflops", "0.5"]);
+    assert!(with_peak.status.success(), "{}", stderr(&with_peak));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    let (mfu, tflops) = (report["mfu"].as_f64().unwrap(), report["tflops"].as_f64().unwrap());
+    assert!((mfu - tflops / 0.5).abs() <= 1e-12 * mfu && report["peak_tflops"] == 0.5, "{report}");
     assert!(report["queue_ms"].as_f64().unwrap() >= 0.0, "{report}");
     assert!(report["allocated_bytes"].as_u64().unwrap() > 0, "{report}");
     assert_eq!((report["micro_batch"].as_u64(), report["accumulation"].as_u64()), (Some(2), Some(2)));
