@@ -325,12 +325,50 @@ impl MemoryModel for Counted {
     }
 }
 
-/// Bytes of memory the host has available for new allocations (Linux's `MemAvailable`), if it says.
+/// Bytes of memory this process can still allocate on the host, if the system says: Linux's `MemAvailable`, or less
+/// where the process's control group (a container's, a Slurm job's) has a memory limit.
 pub fn host_available_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let host = meminfo.and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok();
+    let group = own.and_then(|own| group_available_bytes(std::path::Path::new("/sys/fs/cgroup"), &own));
+    match (host, group) {
+        (Some(host), Some(group)) => Some(host.min(group)),
+        (host, group) => host.or(group),
+    }
+}
+
+/// The least that the memory control groups of `own` (the text of /proc/self/cgroup) leave to allocate, under
+/// `root` (where the control groups are mounted): each limit less what the group uses, its inactive page cache
+/// counted as free (the kernel reclaims it before it kills). Looked up at the group's path and at the mount's root,
+/// which is the group itself inside a container. Version 2's `memory.max`, or version 1's `memory.limit_in_bytes`.
+fn group_available_bytes(root: &std::path::Path, own: &str) -> Option<u64> {
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).ok();
+    let mut least: Option<u64> = None;
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (id, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let (mount, limit, usage, inactive) = if id == "0" && controllers.is_empty() {
+            (root.to_path_buf(), "memory.max", "memory.current", "inactive_file")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (root.join("memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        } else {
+            continue;
+        };
+        for dir in [mount.join(path.trim_start_matches('/')), mount] {
+            // "max" (version 2) is no limit; version 1 writes a huge number, which the host's figure undercuts.
+            let Some(limit) = read(dir.join(limit)).and_then(|t| t.trim().parse::<u64>().ok()) else { continue };
+            let Some(used) = read(dir.join(usage)).and_then(|t| t.trim().parse::<u64>().ok()) else { continue };
+            let stat = read(dir.join("memory.stat")).unwrap_or_default();
+            let cache = stat.lines().find_map(|l| l.strip_prefix(inactive)?.trim().parse::<u64>().ok()).unwrap_or(0);
+            let free = limit.saturating_sub(used.saturating_sub(cache));
+            least = Some(least.map_or(free, |l| l.min(free)));
+        }
+    }
+    least
 }
 
 /// Parses a size such as `80GiB`, `80GB`, `512MiB` or a plain number of bytes.
@@ -365,6 +403,34 @@ pub fn describe_bytes(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_control_groups_limit_bounds_what_the_host_can_allocate() {
+        let root = std::env::temp_dir().join(format!("kiln-cgroup-test-{}", std::process::id()));
+        let write = |dir: &std::path::Path, files: &[(&str, &str)]| {
+            std::fs::create_dir_all(dir).unwrap();
+            files.iter().for_each(|(name, text)| std::fs::write(dir.join(name), text).unwrap());
+        };
+        // Version 2, at the group's path: 8 GiB, of which 3 GiB used, 1 GiB of it inactive page cache.
+        let gib = 1u64 << 30;
+        let v2 = root.join("v2");
+        let stat = format!("anon 1234\ninactive_file {gib}\nactive_file 5\n");
+        write(&v2.join("job/step"), &[("memory.max", "8589934592\n"), ("memory.current", "3221225472\n")]);
+        write(&v2.join("job/step"), &[("memory.stat", &stat)]);
+        write(&v2, &[("memory.max", "max\n"), ("memory.current", "1\n")]);
+        assert_eq!(group_available_bytes(&v2, "0::/job/step\n"), Some(6 * gib));
+        // Version 1 inside a container: the mount's root is the group (its path names the host's hierarchy).
+        let v1 = root.join("v1");
+        let stat = format!("cache 9\ntotal_inactive_file {gib}\n");
+        let files = [("memory.limit_in_bytes", "4294967296"), ("memory.usage_in_bytes", "2147483648")];
+        write(&v1.join("memory"), &files);
+        write(&v1.join("memory"), &[("memory.stat", &stat)]);
+        assert_eq!(group_available_bytes(&v1, "9:cpu:/\n4:memory:/docker/abc\n"), Some(3 * gib));
+        // No memory controller, or no files: nothing to say.
+        assert_eq!(group_available_bytes(&v1, "9:cpu:/\n"), None);
+        assert_eq!(group_available_bytes(&root.join("none"), "0::/\n"), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     use super::*;
 
     #[test]
