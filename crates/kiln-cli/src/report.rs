@@ -184,9 +184,16 @@ const RUN_COLOURS: [RGBColor; 6] = [
     RGBColor(0x8c, 0x56, 0x4b),
 ];
 
-/// The colour of the run at `index` on the command line.
+/// The colour of the run at `index` on the command line: past the chosen ones, hues a golden angle apart (each
+/// far from the ones before it), dark enough for white.
 fn run_colour(index: usize) -> RGBColor {
-    RUN_COLOURS[index % RUN_COLOURS.len()]
+    match RUN_COLOURS.get(index) {
+        Some(&colour) => colour,
+        None => {
+            let (r, g, b) = HSLColor((index as f64 * 0.618_034).fract(), 0.7, 0.4).rgb();
+            RGBColor(r, g, b)
+        }
+    }
 }
 
 /// How a curve is drawn.
@@ -493,4 +500,17 @@ fn page(runs: &[Run]) -> Result<String> {
     }
     html.push_str("</body>\n</html>\n");
     Ok(html)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_run_of_many_has_a_colour_of_its_own() {
+        let colours: Vec<(u8, u8, u8)> = (0..40).map(|i| run_colour(i).rgb()).collect();
+        for (i, a) in colours.iter().enumerate() {
+            assert!(!colours[..i].contains(a), "run {i} repeats a colour: {colours:?}");
+        }
+    }
 }
