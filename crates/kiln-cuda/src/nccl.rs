@@ -27,6 +27,7 @@
 
 use crate::backend::{CudaBackend, DType};
 use crate::libraries::Library;
+use cudarc::driver::sys::CUstreamCaptureStatus;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nccl::{result as nccl, sys};
 use kiln_core::comm::piece;
@@ -110,6 +111,23 @@ pub struct NcclComm {
     aborted: bool,
     /// Whether this process drives this rank alone, so that its collectives may be captured into graphs.
     alone: bool,
+    /// Whether a graph has captured collectives of this communicator: aborting it then waits until every such graph
+    /// is destroyed.
+    captured: bool,
+}
+
+/// The communicator, for a thread that aborts it.
+#[derive(Clone, Copy)]
+struct Aborting(sys::ncclComm_t);
+
+// SAFETY: after `abort` hands the handle over, no other thread uses the communicator.
+unsafe impl Send for Aborting {}
+
+impl Aborting {
+    fn abort(self) {
+        // SAFETY: `self.0` is live, and not used after this.
+        let _ = unsafe { nccl::comm_abort(self.0) };
+    }
 }
 
 // SAFETY: the communicator handle is used by one thread at a time (the rank's), which is all NCCL requires.
@@ -159,6 +177,7 @@ impl NcclComm {
             timeout,
             aborted: false,
             alone,
+            captured: false,
         };
         this.settle("joining the job (ncclCommInitRankConfig)", Ok(joining))?;
         Ok(this)
@@ -176,9 +195,11 @@ impl NcclComm {
         Ok(())
     }
 
-    /// Makes the communication stream wait for everything queued on the engine's stream so far.
-    fn follow(&self, backend: &CudaBackend) -> Result<()> {
+    /// Makes the communication stream wait for everything queued on the engine's stream so far (while the engine
+    /// captures, this draws the communication stream into its capture).
+    fn follow(&mut self, backend: &CudaBackend) -> Result<()> {
         self.check_live()?;
+        self.captured |= backend.capturing();
         self.queued.record(backend.stream()).map_err(|e| failure(format!("recording an event: {e:?}")))?;
         self.stream.wait(&self.queued).map_err(|e| failure(format!("ordering the streams: {e:?}")))
     }
@@ -240,14 +261,36 @@ impl NcclComm {
         }
     }
 
+    /// Whether the engine's capture in progress holds work of the communication stream (which joins it at its first
+    /// collective). If not, there is nothing of the capture to order after: its events are eager ones, which a
+    /// capturing stream may not wait for (CUDA_ERROR_STREAM_CAPTURE_ISOLATION), and the host waited for the work
+    /// they mark before the capture began.
+    fn in_capture(&self) -> Result<bool> {
+        let status = self.stream.capture_status().map_err(|e| failure(format!("querying a capture: {e:?}")))?;
+        Ok(status == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
+    }
+
     /// Aborts the communicator (NCCL then stops its kernels) and describes why, for every rank's error message.
     fn abort(&mut self, why: String) -> Error {
-        if !self.aborted {
-            self.aborted = true;
-            // SAFETY: `comm` is live; after an abort it is not used again (Drop skips the destroy).
-            let _ = unsafe { nccl::comm_abort(self.comm) };
-        }
+        self.abort_once();
         failure(format!("rank {} stops: {why}", self.rank))
+    }
+
+    /// Aborts the communicator unless it was. ncclCommAbort stops the kernels at once, but returns only when every
+    /// graph that captured its collectives has been destroyed; those are the engine's, which this rank drops after
+    /// the error, so with graphs the abort finishes on a thread of its own.
+    fn abort_once(&mut self) {
+        if self.aborted {
+            return;
+        }
+        self.aborted = true;
+        let comm = Aborting(self.comm);
+        if !self.captured {
+            return comm.abort();
+        }
+        if std::thread::Builder::new().name("nccl abort".into()).spawn(move || comm.abort()).is_err() {
+            comm.abort();
+        }
     }
 
     /// The addresses of `t` and of `part` (one rank's piece of it: this rank's piece of `t` itself, or a tensor
@@ -363,11 +406,17 @@ impl Communicator<CudaBackend> for NcclComm {
 
     fn order_gathers(&mut self, backend: &mut CudaBackend) -> Result<()> {
         self.check_live()?;
+        if backend.capturing() && !self.in_capture()? {
+            return Ok(());
+        }
         backend.stream().wait(&self.gathered).map_err(|e| failure(format!("ordering the streams: {e:?}")))
     }
 
     fn order(&mut self, backend: &mut CudaBackend) -> Result<()> {
         self.check_live()?;
+        if backend.capturing() && !self.in_capture()? {
+            return Ok(());
+        }
         self.done.record(&self.stream).map_err(|e| failure(format!("recording an event: {e:?}")))?;
         backend.stream().wait(&self.done).map_err(|e| failure(format!("ordering the streams: {e:?}")))
     }
@@ -391,9 +440,6 @@ impl Drop for NcclComm {
     /// for, when the two are the same, or because this rank failed, when ncclCommDestroy would wait for
     /// operations that need the other ranks (which are waiting for this one).
     fn drop(&mut self) {
-        if !self.aborted {
-            // SAFETY: `comm` is live and is not used again.
-            let _ = unsafe { nccl::comm_abort(self.comm) };
-        }
+        self.abort_once();
     }
 }
