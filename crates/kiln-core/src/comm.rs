@@ -52,6 +52,13 @@ pub trait Communicator<B: Backend + ?Sized> {
     /// collectives among it), so that a failed peer or the timeout ends the wait with an error.
     fn wait(&mut self, backend: &mut B) -> Result<()>;
 
+    /// The time the host has spent waiting for the other ranks in this communicator's operations since the last
+    /// call: a rank's own work, which names a straggler, is its time without it. Zero where the host does not wait
+    /// for them (a GPU's collectives, whose ranks are timed on the device instead).
+    fn waited(&mut self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// Whether its operations on tensors and [`Communicator::wait`] can be captured into a graph of the engine's
     /// (see [`Backend::begin_capture`]): they then queue work on the engine and nothing on the host, and a `wait`
     /// inside the capture orders the engine's work only; the next `wait` outside it is the host's.

@@ -646,6 +646,8 @@ impl<B: Backend> Trainer<B> {
         }
         let dloss = (1.0 / counted[0]) as f32;
         let data_done = Instant::now();
+        // From here to the passes' end, the time this rank waits for the others (see below).
+        self.comm.waited();
 
         let values = self.values;
         b.upload(values.dloss, &[dloss])?;
@@ -659,14 +661,10 @@ impl<B: Backend> Trainer<B> {
         let (model, comm, buckets, zero, share) = (&self.model, &mut self.comm, &self.buckets, self.zero, &self.share);
         let comm = comm.as_mut();
         let weights = &self.weights;
-        // Time this rank spent blocked in collectives, that is waiting for the others: on an engine without device
-        // timing, what remains is its own work, which names a straggler. (A device's collectives return at once, so
-        // there the device's own clock, between the marks around the passes, tells instead.)
-        let mut in_collectives = std::time::Duration::ZERO;
         // One micro-batch's passes, on the batch loaded: with `reduce`, each bucket of gradients is reduced as soon
         // as it is final (under ZeRO stage 2, a bucket's piece is added into the share once its reduction is over:
         // when the next bucket is ready, and after the last).
-        let mut passes = |b: &mut B, comm: &mut dyn Communicator<B>, reduce: bool| -> Result<()> {
+        let passes = |b: &mut B, comm: &mut dyn Communicator<B>, reduce: bool| -> Result<()> {
             model.forward_with(b, mb, t, Pass::Train { dloss: values.dloss }, &mut |b, moment| {
                 gather_blocks(b, comm, weights.as_ref(), model.spec.n_layer, moment)
             })?;
@@ -686,7 +684,6 @@ impl<B: Backend> Trainer<B> {
                 let Moment::Ready(ready_from) = moment else {
                     return gather_blocks(b, comm, weights.as_ref(), model.spec.n_layer, moment);
                 };
-                let entered = Instant::now();
                 for i in cursor.advance(buckets, ready_from) {
                     let bucket = &buckets.ranges[i];
                     let grads = || model.grads.slice(bucket.start, bucket.len());
@@ -703,12 +700,9 @@ impl<B: Backend> Trainer<B> {
                         (None, _) => comm.all_reduce(b, grads())?,
                     }
                 }
-                in_collectives += entered.elapsed();
                 Ok(())
             })?;
-            let entered = Instant::now();
             add_received(b, comm, &mut received)?;
-            in_collectives += entered.elapsed();
             Ok(())
         };
         b.time_from_here()?;
@@ -725,7 +719,6 @@ impl<B: Backend> Trainer<B> {
         b.time_to_here()?;
         let queued = Instant::now();
         comm.wait(b)?;
-        in_collectives += queued.elapsed();
         // The loss, and the squared norm of the gradients this rank sums: under ZeRO each rank holds the reduced
         // gradients of its pieces only, and the norm is the sum of the ranks' parts; otherwise every rank holds all of
         // them, and rank 0's sum is the one all take, so that every rank judges the same norm (the guard's verdict
@@ -745,6 +738,7 @@ impl<B: Backend> Trainer<B> {
         }
         b.download(sums, &mut self.sums)?;
         let passes_done = Instant::now();
+        let waited = comm.waited();
         let local_loss = self.sums[0];
         let squares: f64 = self.sums[1..].iter().map(|&part| f64::from(part)).sum();
         let agreed = &mut self.agreed;
@@ -754,10 +748,11 @@ impl<B: Backend> Trainer<B> {
         agreed[2] = f64::from(u8::from(self.stop_requested));
         // A rank's own work: on a device, the time its passes took there (two events around them, read after the loss
         // was, so without waiting again; under ZeRO stages 2 and 3 the passes also wait for the collectives they
-        // depend on); on the host, the time outside collectives.
+        // depend on); on the host, the time it did not spend waiting for the others in collectives (which the
+        // communicator counts, inside replayed graphs too).
         agreed[3 + rank] = match b.timed_ms()? {
             Some(ms) => ms,
-            None => ((passes_done - data_done).saturating_sub(in_collectives)).as_secs_f64() * 1e3,
+            None => ((passes_done - data_done).saturating_sub(waited)).as_secs_f64() * 1e3,
         };
         comm.all_reduce_host(b, agreed)?;
         let mut loss = agreed[0] as f32 * dloss;
@@ -1011,8 +1006,10 @@ impl Graphs {
             Ok(true) => match work(b, comm).and_then(|()| comm.order(b)) {
                 Ok(()) => b.end_capture().map_err(|e| format!("ending the capture failed ({e})")),
                 Err(e) => {
-                    b.abandon_capture()?;
-                    Err(format!("capturing a step's work failed ({e})"))
+                    // Joined, so that the capture can end; then every rank still learns of the failure below.
+                    let _ = comm.order(b);
+                    let abandoned = b.abandon_capture().err().map(|a| format!("; ending it: {a}")).unwrap_or_default();
+                    Err(format!("capturing a step's work failed ({e}{abandoned})"))
                 }
             },
             Err(e) => Err(format!("starting a capture failed ({e})")),

@@ -14,7 +14,7 @@ use crate::{Hooks, Summary, Trainer};
 use kiln_core::comm::piece;
 use kiln_core::{Backend, Communicator, Config, Error, Result, Tensor};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -190,6 +190,8 @@ struct Member {
     shared: Arc<Shared>,
     /// Raised when any rank of the job has failed, before or after it joined the group.
     failed: Option<Arc<AtomicBool>>,
+    /// Nanoseconds the rank has waited at barriers since [`Communicator::waited`] last took them.
+    waited: Arc<AtomicU64>,
 }
 
 /// Communicators for `world` ranks that are threads of this process. A rank that waits longer than `timeout` for
@@ -203,7 +205,7 @@ pub fn group(world: usize, timeout: Duration) -> Vec<ThreadComm> {
         host_slots: (0..world).map(|_| RwLock::new(Vec::new())).collect(),
         timeout,
     });
-    let member = |rank| Member { rank, shared: shared.clone(), failed: None };
+    let member = |rank| Member { rank, shared: shared.clone(), failed: None, waited: Arc::default() };
     (0..world).map(|rank| ThreadComm { member: member(rank), sums: Vec::new() }).collect()
 }
 
@@ -214,6 +216,13 @@ fn failure(message: String) -> Error {
 impl Member {
     /// Waits until every rank has reached the same barrier.
     fn barrier(&self) -> Result<()> {
+        let entered = Instant::now();
+        let passed = self.pass_barrier();
+        self.waited.fetch_add(entered.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        passed
+    }
+
+    fn pass_barrier(&self) -> Result<()> {
         let s = &self.shared;
         // A rank that panicked while holding the lock has left; its Drop reports it.
         let mut gate = s.gate.lock().unwrap_or_else(|p| p.into_inner());
@@ -355,6 +364,10 @@ impl<B: Backend> Communicator<B> for ThreadComm {
         Ok(())
     }
 
+    fn waited(&mut self) -> Duration {
+        Duration::from_nanos(self.member.waited.swap(0, Ordering::Relaxed))
+    }
+
     /// Its operations on tensors are recorded into the engine's graph (which an engine that cannot run host work in
     /// its graphs refuses, failing the capture).
     fn capturable(&self) -> bool {
@@ -435,6 +448,39 @@ mod tests {
         let expected: Vec<f32> = (0..12).map(|i| (0..4).map(|r| rank_values(r, 12)[i]).sum()).collect();
         for result in results {
             assert_eq!(result.unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn a_rank_counts_its_waits_for_the_others_in_replayed_collectives_too() {
+        // Rank 1 arrives late at each all-reduce: once run as called, once replayed from a graph.
+        let late = Duration::from_millis(200);
+        let results = on_ranks(2, |b, comm| {
+            let t = b.alloc(4, Role::Grad)?;
+            b.upload(t, &rank_values(comm.member.rank, 4))?;
+            b.begin_capture()?;
+            Communicator::<CpuBackend<f32>>::all_reduce(comm, b, t)?;
+            let graph = b.end_capture()?;
+            let mut waits = Vec::new();
+            for replayed in [false, true] {
+                Communicator::<CpuBackend<f32>>::waited(comm);
+                if comm.member.rank == 1 {
+                    std::thread::sleep(late);
+                }
+                match replayed {
+                    false => Communicator::<CpuBackend<f32>>::all_reduce(comm, b, t)?,
+                    true => b.replay(graph)?,
+                }
+                waits.push(Communicator::<CpuBackend<f32>>::waited(comm));
+            }
+            Ok(waits)
+        });
+        let waits: Vec<Vec<Duration>> = results.into_iter().map(Result::unwrap).collect();
+        for w in &waits[0] {
+            assert!(*w >= late * 3 / 4, "rank 0 waited for rank 1: {waits:?}");
+        }
+        for w in &waits[1] {
+            assert!(*w < late / 2, "rank 1 hardly waited: {waits:?}");
         }
     }
 
