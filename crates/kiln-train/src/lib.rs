@@ -862,6 +862,10 @@ impl<B: Backend> Trainer<B> {
             self.model
                 .forward_with(b, mb, t, Pass::Loss, &mut |b, moment| gather_blocks(b, comm, weights, layers, moment))?;
         }
+        // Under ZeRO stage 3 the passes gathered weights: the host watches those collectives before the read waits.
+        if self.weights.is_some() {
+            self.comm.wait(b)?;
+        }
         Ok(b.sum(self.model.losses)? / counted.max(1) as f32)
     }
 
@@ -875,7 +879,12 @@ impl<B: Backend> Trainer<B> {
         let (comm, weights, layers) = (self.comm.as_mut(), self.weights.as_ref(), self.model.spec.n_layer);
         let completions =
             generate::greedy(&self.model, &mut self.backend, &prompts, task.answer_len(), &mut |b, moment| {
-                gather_blocks(b, comm, weights, layers, moment)
+                gather_blocks(b, comm, weights, layers, moment)?;
+                // Under ZeRO stage 3 the host watches the last gather before the logits' read waits for it.
+                if weights.is_some() && moment == Moment::Forward(layers - 1) {
+                    comm.wait(b)?;
+                }
+                Ok(())
             })?;
         let mut right = 0;
         let mut samples = Vec::new();
