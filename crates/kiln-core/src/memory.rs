@@ -342,15 +342,18 @@ pub fn host_available_bytes() -> Option<u64> {
 }
 
 /// The least that the memory control groups of `own` (the text of /proc/self/cgroup) leave to allocate, under
-/// `root` (where the control groups are mounted): each limit less what the group uses, its inactive page cache
-/// counted as free (the kernel reclaims it before it kills). Looked up at the group's path and at the mount's root,
-/// which is the group itself inside a container. Version 2's `memory.max`, or version 1's `memory.limit_in_bytes`.
+/// `root` (where the control groups are mounted): each limit less what its group uses, the group's inactive page
+/// cache counted as free (the kernel reclaims it before it kills). Every group from the process's up to the mount's
+/// root counts, since a limit may sit on a parent (Slurm sets it on the job and the step, not the task); inside a
+/// container the mount's root is the container's group. Version 2's `memory.max`, or version 1's
+/// `memory.limit_in_bytes`.
 fn group_available_bytes(root: &std::path::Path, own: &str) -> Option<u64> {
     let read = |path: std::path::PathBuf| std::fs::read_to_string(path).ok();
+    let number = |path: std::path::PathBuf| read(path).and_then(|t| t.trim().parse::<u64>().ok());
     let mut least: Option<u64> = None;
     for line in own.lines() {
         let mut fields = line.splitn(3, ':');
-        let (id, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let (Some(id), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else { continue };
         let (mount, limit, usage, inactive) = if id == "0" && controllers.is_empty() {
             (root.to_path_buf(), "memory.max", "memory.current", "inactive_file")
         } else if controllers.split(',').any(|c| c == "memory") {
@@ -358,10 +361,10 @@ fn group_available_bytes(root: &std::path::Path, own: &str) -> Option<u64> {
         } else {
             continue;
         };
-        for dir in [mount.join(path.trim_start_matches('/')), mount] {
+        let group = std::path::Path::new(path.trim_start_matches('/'));
+        for dir in group.ancestors().map(|g| mount.join(g)) {
             // "max" (version 2) is no limit; version 1 writes a huge number, which the host's figure undercuts.
-            let Some(limit) = read(dir.join(limit)).and_then(|t| t.trim().parse::<u64>().ok()) else { continue };
-            let Some(used) = read(dir.join(usage)).and_then(|t| t.trim().parse::<u64>().ok()) else { continue };
+            let (Some(limit), Some(used)) = (number(dir.join(limit)), number(dir.join(usage))) else { continue };
             let stat = read(dir.join("memory.stat")).unwrap_or_default();
             let cache = stat.lines().find_map(|l| l.strip_prefix(inactive)?.trim().parse::<u64>().ok()).unwrap_or(0);
             let free = limit.saturating_sub(used.saturating_sub(cache));
@@ -403,6 +406,8 @@ pub fn describe_bytes(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_control_groups_limit_bounds_what_the_host_can_allocate() {
         let root = std::env::temp_dir().join(format!("kiln-cgroup-test-{}", std::process::id()));
@@ -410,28 +415,29 @@ mod tests {
             std::fs::create_dir_all(dir).unwrap();
             files.iter().for_each(|(name, text)| std::fs::write(dir.join(name), text).unwrap());
         };
-        // Version 2, at the group's path: 8 GiB, of which 3 GiB used, 1 GiB of it inactive page cache.
+        // Version 2, as Slurm sets it: 8 GiB on the job, of which 3 GiB used, 1 GiB of that inactive page cache;
+        // no limit on the task the process runs in, nor at the root.
         let gib = 1u64 << 30;
         let v2 = root.join("v2");
         let stat = format!("anon 1234\ninactive_file {gib}\nactive_file 5\n");
-        write(&v2.join("job/step"), &[("memory.max", "8589934592\n"), ("memory.current", "3221225472\n")]);
-        write(&v2.join("job/step"), &[("memory.stat", &stat)]);
+        write(&v2.join("job"), &[("memory.max", "8589934592\n"), ("memory.current", "3221225472\n")]);
+        write(&v2.join("job"), &[("memory.stat", &stat)]);
+        write(&v2.join("job/task_0"), &[("memory.max", "max\n"), ("memory.current", "1\n")]);
         write(&v2, &[("memory.max", "max\n"), ("memory.current", "1\n")]);
-        assert_eq!(group_available_bytes(&v2, "0::/job/step\n"), Some(6 * gib));
-        // Version 1 inside a container: the mount's root is the group (its path names the host's hierarchy).
+        assert_eq!(group_available_bytes(&v2, "0::/job/task_0\n"), Some(6 * gib));
+        // Version 1 inside a container: the mount's root is the group (its path names the host's hierarchy). A line
+        // that is not one is passed over.
         let v1 = root.join("v1");
         let stat = format!("cache 9\ntotal_inactive_file {gib}\n");
         let files = [("memory.limit_in_bytes", "4294967296"), ("memory.usage_in_bytes", "2147483648")];
         write(&v1.join("memory"), &files);
         write(&v1.join("memory"), &[("memory.stat", &stat)]);
-        assert_eq!(group_available_bytes(&v1, "9:cpu:/\n4:memory:/docker/abc\n"), Some(3 * gib));
+        assert_eq!(group_available_bytes(&v1, "garbage\n9:cpu,cpuacct:/\n4:memory:/docker/abc\n"), Some(3 * gib));
         // No memory controller, or no files: nothing to say.
         assert_eq!(group_available_bytes(&v1, "9:cpu:/\n"), None);
         assert_eq!(group_available_bytes(&root.join("none"), "0::/\n"), None);
         let _ = std::fs::remove_dir_all(&root);
     }
-
-    use super::*;
 
     #[test]
     fn counting_counts_each_role_in_its_storage_and_a_kept_master_copy() {
