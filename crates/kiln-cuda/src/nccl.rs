@@ -114,6 +114,8 @@ pub struct NcclComm {
     /// Whether a graph has captured collectives of this communicator: aborting it then waits until every such graph
     /// is destroyed.
     captured: bool,
+    /// Told when an abort on a thread of its own has finished.
+    aborted_on_thread: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 /// The communicator, for a thread that aborts it.
@@ -178,6 +180,7 @@ impl NcclComm {
             aborted: false,
             alone,
             captured: false,
+            aborted_on_thread: None,
         };
         this.settle("joining the job (ncclCommInitRankConfig)", Ok(joining))?;
         Ok(this)
@@ -261,11 +264,16 @@ impl NcclComm {
         }
     }
 
-    /// Whether the engine's capture in progress holds work of the communication stream (which joins it at its first
-    /// collective). If not, there is nothing of the capture to order after: its events are eager ones, which a
-    /// capturing stream may not wait for (CUDA_ERROR_STREAM_CAPTURE_ISOLATION), and the host waited for the work
-    /// they mark before the capture began.
-    fn in_capture(&self) -> Result<bool> {
+    /// Whether the engine may be ordered after the communication stream: always, unless the engine is capturing and
+    /// its capture holds no work of the communication stream (which joins it at its first collective). Then there is
+    /// nothing of the capture to order after: the stream's events are eager ones, which a capturing stream may not
+    /// wait for (CUDA_ERROR_STREAM_CAPTURE_ISOLATION), and the host waited for the work they mark before the capture
+    /// began.
+    fn has_work_to_order(&self, backend: &CudaBackend) -> Result<bool> {
+        self.check_live()?;
+        if !backend.capturing() {
+            return Ok(true);
+        }
         let status = self.stream.capture_status().map_err(|e| failure(format!("querying a capture: {e:?}")))?;
         Ok(status == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
     }
@@ -288,8 +296,14 @@ impl NcclComm {
         if !self.captured {
             return comm.abort();
         }
-        if std::thread::Builder::new().name("nccl abort".into()).spawn(move || comm.abort()).is_err() {
+        let (finished, told) = std::sync::mpsc::channel();
+        let aborting = move || {
             comm.abort();
+            let _ = finished.send(());
+        };
+        match std::thread::Builder::new().name("nccl abort".into()).spawn(aborting) {
+            Ok(_) => self.aborted_on_thread = Some(told),
+            Err(_) => comm.abort(),
         }
     }
 
@@ -405,16 +419,14 @@ impl Communicator<CudaBackend> for NcclComm {
     }
 
     fn order_gathers(&mut self, backend: &mut CudaBackend) -> Result<()> {
-        self.check_live()?;
-        if backend.capturing() && !self.in_capture()? {
+        if !self.has_work_to_order(backend)? {
             return Ok(());
         }
         backend.stream().wait(&self.gathered).map_err(|e| failure(format!("ordering the streams: {e:?}")))
     }
 
     fn order(&mut self, backend: &mut CudaBackend) -> Result<()> {
-        self.check_live()?;
-        if backend.capturing() && !self.in_capture()? {
+        if !self.has_work_to_order(backend)? {
             return Ok(());
         }
         self.done.record(&self.stream).map_err(|e| failure(format!("recording an event: {e:?}")))?;
@@ -441,5 +453,10 @@ impl Drop for NcclComm {
     /// operations that need the other ranks (which are waiting for this one).
     fn drop(&mut self) {
         self.abort_once();
+        // The engine, and with it the graphs, went first (the trainer holds it before the communicator), so the abort
+        // ends now: its thread is waited for, lest the process exit inside NCCL. A bounded wait all the same.
+        if let Some(told) = self.aborted_on_thread.take() {
+            let _ = told.recv_timeout(GRACE);
+        }
     }
 }
