@@ -373,12 +373,9 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn capture_host(&mut self, work: HostWork<Self>) -> Result<()> {
-        match &mut self.capturing {
-            Some(ops) => {
-                ops.push(work);
-                Ok(())
-            }
-            None => Err(self.invalid("capture_host", "no capture in progress".into())),
+        match self.recorded(work) {
+            true => Ok(()),
+            false => Err(self.invalid("capture_host", "no capture in progress".into())),
         }
     }
 
