@@ -17,7 +17,8 @@
 #   memory and attention (issues 16, 18): ONLY="plan-gpt2 plan-gpt2-fused plan-llama recompute bench-attention
 #     bench-attention-reference selftest-bf16-pipelined bench-attention-pipelined selftest-bf16-specialised
 #     bench-attention-specialised bench-attention-specialised-atomic bench-attention-atomic resume-exact"
-#   ranks (issues 16, 17): ONLY="dp-equivalence dp-stages allreduce rank-times bench-kiln bench-kiln-unguarded"
+#   ranks (issues 16, 17, 18): ONLY="dp-equivalence dp-failure-graphs dp-stages allreduce rank-times bench-kiln
+#     bench-kiln-unguarded"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-out}
@@ -322,21 +323,24 @@ print(f"ZeRO-1 on 2 ranks (reduce-scatter in 25 MB buckets, then all-gather): me
 PY
 }
 # A rank killed mid-training: the other must exit non-zero promptly, by NCCL's error or at worst dist.timeout_s.
+# dp_failure NAME ARGS...: the two ranks train with ARGS too (with train.graphs, rank 1 dies while the other's
+# replayed graph waits in a collective, and the abort must not wait for the graphs).
 dp_failure() {
-  local port=$((29600 + RANDOM % 1000)) pids=() r waited=0 rc start
+  local name=$1 port=$((29600 + RANDOM % 1000)) pids=() r waited=0 rc start
+  shift
   mkdir -p /tmp/kiln-dp
   for r in 0 1; do
     RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
       NCCL_HOSTID=sim-host-$r NCCL_SOCKET_IFNAME=lo NCCL_IB_DISABLE=1 \
-      "$kiln" train --backend cuda --gpus 0 --set train.out_dir=/tmp/kiln-dp/failure --set train.max_steps=1000000 \
-      --set train.total_batch_tokens=3328 --set train.log_every=100 --set dist.timeout_s=30 \
-      > "/tmp/kiln-dp/failure.rank$r.log" 2>&1 &
+      "$kiln" train --backend cuda --gpus 0 --set train.out_dir=/tmp/kiln-dp/$name --set train.max_steps=1000000 \
+      --set train.total_batch_tokens=3328 --set train.log_every=100 --set dist.timeout_s=30 "$@" \
+      > "/tmp/kiln-dp/$name.rank$r.log" 2>&1 &
     pids+=($!)
   done
-  until grep -q "step " /tmp/kiln-dp/failure.rank0.log || ((waited >= 60)); do sleep 1; waited=$((waited + 1)); done
-  if ! grep -q "step " /tmp/kiln-dp/failure.rank0.log; then
+  until grep -q "step " /tmp/kiln-dp/$name.rank0.log || ((waited >= 60)); do sleep 1; waited=$((waited + 1)); done
+  if ! grep -q "step " /tmp/kiln-dp/$name.rank0.log; then
     echo "the two ranks never started training:"
-    tail -n 5 /tmp/kiln-dp/failure.rank*.log
+    tail -n 5 /tmp/kiln-dp/$name.rank*.log
     kill -9 "${pids[@]}"
     return 1
   fi
@@ -344,7 +348,7 @@ dp_failure() {
   start=$SECONDS
   wait "${pids[0]}"
   rc=$?
-  tail -n 3 /tmp/kiln-dp/failure.rank0.log
+  tail -n 3 /tmp/kiln-dp/$name.rank0.log
   echo "rank 1 killed while training; rank 0 exited with code $rc after $((SECONDS - start)) s"
   ((rc != 0 && SECONDS - start < 40))
 }
@@ -407,7 +411,8 @@ step allreduce 150 bash -c allreduce
 step rank-times 90 bash -c rank_times
 # The guard's cost on the GPT-2 124M step: bench-kiln ran with it (the default); the same without.
 step bench-kiln-unguarded 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 --set train.guard.enabled=false
-step dp-failure 90 bash -c dp_failure
+step dp-failure 90 bash -c "dp_failure failure"
+step dp-failure-graphs 90 bash -c "dp_failure failure-graphs --set train.graphs=true"
 step dp-init-failure 90 bash -c dp_init_failure
 # train.deterministic = false: the fused attention's backward adds dQ with atomics instead of recomputing it.
 step bench-attention-atomic 120 "$kiln" bench attention --backend cuda --suite --atomic-dq

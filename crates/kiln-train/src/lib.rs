@@ -1023,6 +1023,8 @@ impl Graphs {
             },
             Err(e) => Err(format!("starting a capture failed ({e})")),
         };
+        // Even where every rank failed alike, a rank may have captured collectives before its failure, which NCCL
+        // holds as captured: only a capture without any is known to leave the ranks free to go on without graphs.
         if comm.world() > 1 {
             let mut failed = [f64::from(u8::from(captured.is_err()))];
             comm.all_reduce_host(b, &mut failed)?;
@@ -1242,7 +1244,8 @@ fn gather_blocks<B: Backend>(
         Moment::Ready(_) => return Ok(()),
     };
     // The first block of a pass has had no gather issued ahead of it. The block waits for its weights only: the
-    // reductions of the gradients of the block before it run on while it computes.
+    // reductions of the gradients of the block before it run on while it computes. (Block l's gradient buffer, which
+    // block l + 2's reduction reads, is safe: the passes add each reduced bucket, one a unit, after a full order.)
     if first {
         gather(b, comm, l)?;
     }
