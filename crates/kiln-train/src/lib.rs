@@ -799,12 +799,12 @@ impl<B: Backend> Trainer<B> {
                         let params = model.params.slice(bucket.start, bucket.len());
                         comm.all_gather(b, params, piece(params, comm.world(), rank))?;
                     }
-                    comm.wait(b)?;
                 }
                 gather_resident(b, comm, weights.as_ref())
             };
             self.graphs.run(b, comm, Kind::Optimizer, &mut optimizer)?;
-            // The gathers' waits in a graph order the engine's work only; this one puts the host's watch on them.
+            // The gathers are waited for here, by the host, whether they ran or were replayed (a graph's waits order
+            // the engine's work only).
             if zero > 0 {
                 comm.wait(b)?;
             }
