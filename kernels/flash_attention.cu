@@ -94,14 +94,13 @@
 // the warp-specialised forms of the forward, dq and dkv kernels (this one also with atomic dQ), whose tiles come by
 // tensor copies from a warpgroup of their own, and which overlap them too.) Forward tiles: at D = 64, 64 keys in 112
 // registers, two blocks a multiprocessor (48 KiB of shared memory each); at D = 128, 128 keys in 226 registers, one
-// block (160 KiB). The
-// backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 149 (dq), 162 (dkv) and 168 (dkv_dq)
-// registers at D = 64. At D = 128 the dq kernel takes 168; the dkv kernel has one role, not mma.sync's two: a warpgroup
-// holds both dK and dV (246 registers, 255 for dkv_dq) and two blocks of one warpgroup share a multiprocessor (99 KiB
-// of shared memory each). Two roles (168 registers, 8 warps in one block) left the tensor cores idle while a role
-// waited at the Pᵀ handover barrier: on an H200 their backward took 5.7 ms at B8 H16 T4096 causal, one role's 4.6 ms.
-// The warp-specialised dkv kernel's warpgroups get 232 registers, so at D = 128 it keeps the two roles, pipelined
-// across steps so that a role's products run while it computes, or waits for, what its next ones need
+// block (160 KiB). The backward keeps the mma.sync kernels' tiles (64 × 64), whose wgmma forms take 149 (dq), 162 (dkv)
+// and 168 (dkv_dq) registers at D = 64. At D = 128 the dq kernel takes 168; the dkv kernel has one role, not mma.sync's
+// two: a warpgroup holds both dK and dV (246 registers, 255 for dkv_dq) and two blocks of one warpgroup share a
+// multiprocessor (99 KiB of shared memory each). Two roles (168 registers, 8 warps in one block) left the tensor cores
+// idle while a role waited at the Pᵀ handover barrier: on an H200 their backward took 5.7 ms at B8 H16 T4096 causal,
+// one role's 4.6 ms. The warp-specialised dkv kernel's warpgroups get 232 registers, so at D = 128 it keeps the two
+// roles, pipelined across steps so that a role's products run while it computes, or waits for, what its next ones need
 // (flash_backward_dkv_specialised).
 
 #define FLASH_THREADS 128
