@@ -47,8 +47,48 @@ pub enum Arch {
     /// GPT-2: layer norm, learned positions, a GELU MLP, biases, the LM head tied to the token embedding.
     #[default]
     Gpt2,
-    /// Llama-style: RMS norm, rotary positions, a SwiGLU MLP, grouped-query attention, no biases.
+    /// Llama-style: RMS norm, rotary positions, a SwiGLU MLP, grouped-query attention, no biases unless told
+    /// (Qwen2 has them on the query/key/value projection).
     Llama,
+}
+
+/// The sets of biased layers of transformers' Llama-style models, and whose they are.
+const LLAMA_BIASES: [(&[Linear], &str); 5] = [
+    (&[], "Llama"),
+    (&[Linear::Qkv], "Qwen2"),
+    (&[Linear::Qkv, Linear::Proj], "Llama with attention_bias"),
+    (&[Linear::Mlp], "Llama with mlp_bias"),
+    (&[Linear::Qkv, Linear::Proj, Linear::Mlp], "Llama with both"),
+];
+
+/// A group of linear layers that may have biases (`model.biases`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Linear {
+    /// Attention's query, key and value projections.
+    Qkv,
+    /// Attention's output projection.
+    Proj,
+    /// Every layer of the MLP.
+    Mlp,
+}
+
+impl Linear {
+    pub const ALL: [Linear; 3] = [Linear::Qkv, Linear::Proj, Linear::Mlp];
+
+    /// A set as TOML writes it: `["qkv", "proj"]`.
+    pub fn list(set: &[Linear]) -> String {
+        let names: Vec<_> = set.iter().map(|l| format!("\"{}\"", l.name())).collect();
+        format!("[{}]", names.join(", "))
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Linear::Qkv => "qkv",
+            Linear::Proj => "proj",
+            Linear::Mlp => "mlp",
+        }
+    }
 }
 
 impl Arch {
@@ -108,6 +148,9 @@ pub struct ModelConfig {
     pub rope_theta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// The linear layers that have biases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub biases: Option<Vec<Linear>>,
     /// Initial weights: absent for a fresh random model, `hf:DIR` for a directory saved by transformers or kiln
     /// (whose `config.json` also gives the model's keys), `llmc:FILE` for llm.c's `gpt2_124M.bin` format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,6 +184,16 @@ impl ModelConfig {
     /// unless told.
     pub fn tie_embeddings(&self) -> bool {
         self.tie_embeddings.unwrap_or(self.arch == Arch::Gpt2)
+    }
+
+    /// The linear layers with biases, in [`Linear`]'s order: all of GPT-2's; none of Llama's unless set.
+    pub fn biases(&self) -> Vec<Linear> {
+        let mut biases = self.biases.clone().unwrap_or(match self.arch {
+            Arch::Gpt2 => Linear::ALL.to_vec(),
+            Arch::Llama => Vec::new(),
+        });
+        biases.sort();
+        biases
     }
 
     /// The base of the rotary frequencies, for a family with rotary positions: Llama 2's 10,000 unless set.
@@ -178,6 +231,7 @@ impl ModelConfig {
         self.norm_eps = Some(self.norm_eps());
         self.tie_embeddings = Some(self.tie_embeddings());
         self.rope_theta = self.rope_theta();
+        self.biases = Some(self.biases());
     }
 
     /// Fails unless the keys set here agree with `theirs`, the `[model]` table of the Hugging Face `config.json` at
@@ -259,6 +313,7 @@ impl ModelConfig {
                 "needs factor ≥ 1, 0 < low_freq_factor < high_freq_factor and original_max_position_embeddings ≥ 1"
                     .to_string(),
             ),
+            (m.biases().windows(2).all(|w| w[0] != w[1]), "model.biases", "names a group twice".to_string()),
         ];
         checks
             .into_iter()
@@ -278,6 +333,23 @@ impl ModelConfig {
             Arch::Gpt2 if self.n_kv_head.is_some_and(|k| k != self.n_head) => Some((
                 "model.n_kv_head",
                 format!("must equal model.n_head (= {}): GPT-2 has no grouped-query attention", self.n_head),
+            )),
+            Arch::Gpt2 if self.biases() != Linear::ALL => Some((
+                "model.biases",
+                "must be [\"qkv\", \"proj\", \"mlp\"]: GPT-2 has biases on every linear layer".to_string(),
+            )),
+            // Only sets that a Hugging Face model has, so that every model can be exported.
+            Arch::Llama if !LLAMA_BIASES.iter().any(|(set, _)| *set == self.biases()) => Some((
+                "model.biases",
+                format!(
+                    "transformers has no Llama-style model with biases on {}; it has {}",
+                    Linear::list(&self.biases()),
+                    LLAMA_BIASES
+                        .iter()
+                        .map(|(set, who)| format!("{} ({who})", Linear::list(set)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             )),
             Arch::Llama if self.n_head > 0 && (self.n_embd / self.n_head) % 2 != 0 => Some((
                 "model.n_embd",
@@ -1202,6 +1274,11 @@ mod tests {
             (llama.n_kv_head, llama.ffn_dim, llama.tie_embeddings, llama.rope_theta),
             (Some(4), Some(384), Some(false), Some(10_000.0))
         );
+        assert_eq!((gpt2.biases(), llama.biases()), (Linear::ALL.to_vec(), vec![]));
+        // Written out in one order, whatever order they were given in.
+        let qwen = set(&["model.arch=llama", "model.biases=[\"proj\", \"qkv\"]"]);
+        let biases = Config::from_toml_str(MINIMAL, "my.toml", &qwen).unwrap().model.biases;
+        assert_eq!(biases, Some(vec![Linear::Qkv, Linear::Proj]));
         let text = Config::from_toml_str(MINIMAL, "my.toml", &set(&["model.arch=llama", "model.n_kv_head=2"]))
             .unwrap()
             .to_toml_string();
@@ -1223,6 +1300,20 @@ mod tests {
             config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&all))).1
         };
         assert_eq!(llama(&["model.n_kv_head=3"]), "model.n_kv_head");
+        // Biases: GPT-2 has them everywhere; Llama-style models only where a Hugging Face class has them.
+        let (_, key, message) = config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&["model.biases=[]"])));
+        assert_eq!(key, "model.biases");
+        assert!(message.contains("GPT-2 has biases on every linear layer"), "{message}");
+        for odd in ["[\"proj\"]", "[\"qkv\", \"mlp\"]", "[\"qkv\", \"qkv\"]", "[\"attn\"]"] {
+            let key = llama(&[&format!("model.biases={odd}")]);
+            assert!(key.starts_with("model.biases"), "{odd}: {key}");
+        }
+        let (_, _, message) = config_error(Config::from_toml_str(
+            MINIMAL,
+            "my.toml",
+            &set(&["model.arch=llama", "model.biases=[\"mlp\", \"proj\"]"]),
+        ));
+        assert!(message.contains("[\"proj\", \"mlp\"]") && message.contains("[\"qkv\"] (Qwen2)"), "{message}");
         assert_eq!(llama(&["model.n_head=8", "model.n_embd=40"]), "model.n_embd");
         assert_eq!(llama(&["model.rope_theta=0.5"]), "model.rope_theta");
         assert_eq!(llama(&["model.norm_eps=0"]), "model.norm_eps");

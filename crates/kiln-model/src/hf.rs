@@ -1,5 +1,5 @@
 //! The Hugging Face side of a model: the names, shapes and layouts `transformers` gives its weights
-//! (`GPT2LMHeadModel`, `LlamaForCausalLM`), and its `config.json`.
+//! (`GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2ForCausalLM`), and its `config.json`.
 //!
 //! kiln fuses some of transformers' tensors: one `[q; k; v]` product where Llama has `q_proj`, `k_proj` and
 //! `v_proj`, one `[gate; up]` product where it has `gate_proj` and `up_proj`. Each Hugging Face tensor is therefore
@@ -8,7 +8,7 @@
 //! rotate-half pairing in both, so no weight is permuted.
 
 use crate::params::ParamInfo;
-use crate::spec::{Mlp, ModelSpec, Positions};
+use crate::spec::{Biases, Mlp, ModelSpec, Positions};
 use kiln_core::NormKind;
 use kiln_core::config::Arch;
 use std::ops::Range;
@@ -64,8 +64,16 @@ impl HfTensor {
 pub fn architecture(spec: &ModelSpec) -> &'static str {
     match spec.arch {
         Arch::Gpt2 => "GPT2LMHeadModel",
+        Arch::Llama if is_qwen2(spec) => "Qwen2ForCausalLM",
         Arch::Llama => "LlamaForCausalLM",
     }
+}
+
+/// Whether a Llama-style model is a Qwen2 to transformers: biases on the query, key and value projections alone,
+/// which LlamaConfig cannot say (its `attention_bias` covers the output projection too). The weights' names are the
+/// same.
+fn is_qwen2(spec: &ModelSpec) -> bool {
+    spec.biases == Biases { qkv: true, proj: false, mlp: false }
 }
 
 /// Every Hugging Face tensor of a model, in the order of kiln's layout.
@@ -182,7 +190,7 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
                 });
             }
             debug_assert!(spec.norm == NormKind::Rms && spec.mlp == Mlp::SwiGlu);
-            serde_json::json!({
+            let mut config = serde_json::json!({
                 "model_type": "llama",
                 "hidden_size": spec.n_embd,
                 "intermediate_size": spec.ffn_dim,
@@ -193,8 +201,8 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
                 "max_position_embeddings": spec.block_size,
                 "rms_norm_eps": spec.norm_eps,
                 "hidden_act": "silu",
-                "attention_bias": spec.bias,
-                "mlp_bias": spec.bias,
+                "attention_bias": spec.biases.qkv,
+                "mlp_bias": spec.biases.mlp,
                 "attention_dropout": 0.0,
                 // Both spellings: transformers 5 reads rope_parameters, 4.x rope_theta and rope_scaling (which holds
                 // no theta).
@@ -208,7 +216,17 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
                     None => serde_json::Value::Null,
                 },
                 "rope_parameters": rope,
-            })
+            });
+            if is_qwen2(spec) {
+                let fields = config.as_object_mut().expect("an object");
+                fields.remove("attention_bias");
+                fields.remove("mlp_bias");
+                fields.insert("model_type".into(), "qwen2".into());
+                fields.insert("use_sliding_window".into(), false.into());
+                fields.insert("sliding_window".into(), serde_json::Value::Null);
+                fields.insert("max_window_layers".into(), spec.n_layer.into());
+            }
+            config
         }
     };
     let fields = config.as_object_mut().expect("an object");

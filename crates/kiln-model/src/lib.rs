@@ -14,4 +14,4 @@ pub mod spec;
 
 pub use model::{Blocks, Model, Moment, Pass, TrainingMemory};
 pub use params::ParamInfo;
-pub use spec::{Mlp, ModelSpec, Positions};
+pub use spec::{Biases, Mlp, ModelSpec, Positions};

@@ -378,7 +378,7 @@ impl Activations {
             dqkv: a.acts.take(backward(n * spec.qkv_width())),
             dfch: a.acts.take(backward(n * spec.ffn_dim)),
             dfch_pre: a.acts.take(backward(if swiglu { n * spec.fc_width() } else { 0 })),
-            dres_sums: a.stats.take(backward(if spec.bias { c } else { 0 })),
+            dres_sums: a.stats.take(backward(if spec.biases.into_residual() { c } else { 0 })),
         }
     }
 }
@@ -913,8 +913,8 @@ impl Model {
         // dres_sums, added to that bias gradient once its block's gradients are cleared), the product that applies
         // GELU's derivative sums its output for the first MLP layer's bias, and attention's backward sums dqkv for
         // the qkv projection's (unless a rotation follows it: the bias was added before the rotation).
-        let fused = self.fused_bias_gradients && s.bias;
-        let fused_gelu = fused && s.mlp == Mlp::Gelu;
+        let fused = self.fused_bias_gradients && s.biases.into_residual();
+        let fused_gelu = self.fused_bias_gradients && s.biases.mlp && s.mlp == Mlp::Gelu;
         let fused_qkv = s.attention_bias_sums(self.fused_bias_gradients);
         // A product's own bias gradient, unless it is summed elsewhere.
         let own = |db: Option<Tensor>, elsewhere: bool| if elsewhere { None } else { db };

@@ -8,7 +8,7 @@
 //! branch on these fields and nothing else, so a new variant is one more case of a field.
 
 use crate::params::{Init, ParamInfo};
-use kiln_core::config::{Arch, ModelConfig, RopeScaling};
+use kiln_core::config::{Arch, Linear, ModelConfig, RopeScaling};
 use kiln_core::memory::StepShapes;
 use kiln_core::{AttentionDims, NormKind};
 
@@ -28,6 +28,29 @@ pub enum Mlp {
     Gelu,
     /// `proj(silu(gate(x)) ⊙ up(x))`, with `gate` and `up` one fused product of width `2·ffn_dim` (Llama).
     SwiGlu,
+}
+
+/// Which linear layers have biases (`model.biases`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Biases {
+    /// Attention's query, key and value projections (one fused product).
+    pub qkv: bool,
+    /// Attention's output projection.
+    pub proj: bool,
+    /// The MLP's two products.
+    pub mlp: bool,
+}
+
+impl Biases {
+    fn of(set: &[Linear]) -> Self {
+        Biases { qkv: set.contains(&Linear::Qkv), proj: set.contains(&Linear::Proj), mlp: set.contains(&Linear::Mlp) }
+    }
+
+    /// Whether a product that writes into the residual stream (attention's output, the MLP's last) has a bias: its
+    /// gradient is the column sums of the residual stream's, which a norm's backward pass can take on the way.
+    pub fn into_residual(&self) -> bool {
+        self.proj || self.mlp
+    }
 }
 
 /// The sizes and variants that determine a model's parameters and activations.
@@ -50,8 +73,7 @@ pub struct ModelSpec {
     pub norm_eps: f64,
     pub positions: Positions,
     pub mlp: Mlp,
-    /// Whether the linear layers (attention's and the MLP's) have biases.
-    pub bias: bool,
+    pub biases: Biases,
     /// Whether the LM head is the token embedding.
     pub tie_embeddings: bool,
 }
@@ -80,7 +102,7 @@ impl ModelSpec {
                 None => Positions::Learned,
             },
             mlp: if llama { Mlp::SwiGlu } else { Mlp::Gelu },
-            bias: !llama,
+            biases: Biases::of(&m.biases()),
             tie_embeddings: m.tie_embeddings(),
         }
     }
@@ -99,6 +121,7 @@ impl ModelSpec {
             tie_embeddings: None,
             rope_theta: None,
             rope_scaling: None,
+            biases: None,
             init: None,
             attention: Default::default(),
         };
@@ -126,7 +149,14 @@ impl ModelSpec {
     /// gradients are `fused` (see `Model::fuse_bias_gradients`): not with rotary positions, since the bias was added
     /// before the rotation that the backward pass undoes after attention's.
     pub fn attention_bias_sums(&self, fused: bool) -> bool {
-        fused && self.bias && !matches!(self.positions, Positions::Rotary { .. })
+        fused && self.biases.qkv && !matches!(self.positions, Positions::Rotary { .. })
+    }
+
+    /// The widest bias of a linear layer: the most columns a bias gradient sums (0 without biases).
+    fn max_bias_width(&self) -> usize {
+        let b = &self.biases;
+        let widths = [(b.qkv, self.qkv_width()), (b.proj, self.n_embd), (b.mlp, self.fc_width().max(self.n_embd))];
+        widths.iter().filter(|(biased, _)| *biased).map(|&(_, width)| width).max().unwrap_or(0)
     }
 
     /// The shapes of a training step over micro-batches of `micro_batch` sequences, for an engine's working memory,
@@ -139,9 +169,9 @@ impl ModelSpec {
         StepShapes {
             rows: micro_batch * self.block_size,
             n_embd: self.n_embd,
-            max_bias_width: if self.bias { self.qkv_width().max(self.fc_width()) } else { 0 },
+            max_bias_width: self.max_bias_width(),
             attention,
-            norm_bias_sums: fused && self.bias,
+            norm_bias_sums: fused && self.biases.into_residual(),
             attention_bias_sums: self.attention_bias_sums(fused),
         }
     }
@@ -184,15 +214,17 @@ impl ModelSpec {
             if layer_norm {
                 push(p("ln_1.bias"), vec![c], Init::Zeros, false);
             }
-            if self.bias {
+            if self.biases.qkv {
                 push(p("attn.qkv.bias"), vec![self.qkv_width()], Init::Zeros, false);
+            }
+            if self.biases.proj {
                 push(p("attn.proj.bias"), vec![c], Init::Zeros, false);
             }
             push(p("ln_2.weight"), vec![c], Init::Ones, false);
             if layer_norm {
                 push(p("ln_2.bias"), vec![c], Init::Zeros, false);
             }
-            if self.bias {
+            if self.biases.mlp {
                 push(p("mlp.fc.bias"), vec![self.fc_width()], Init::Zeros, false);
                 push(p("mlp.proj.bias"), vec![c], Init::Zeros, false);
             }

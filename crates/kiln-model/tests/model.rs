@@ -1,11 +1,12 @@
 //! The whole model against finite differences (every parameter tensor, in f64), and its loss at initialisation,
 //! for both families: GPT-2 and a Llama-style model (RMS norm, rotary positions with Llama 3's scaling, SwiGLU,
-//! grouped-query attention, an untied head).
+//! grouped-query attention, an untied head), and one with biases on every product (as Llama's `attention_bias` and
+//! `mlp_bias`, a superset of Qwen2's).
 
 use kiln_core::config::{Arch, Recompute, RopeScaling, RopeScalingKind};
 use kiln_core::{Backend, NormKind, Tensor};
 use kiln_cpu::CpuBackend;
-use kiln_model::{Blocks, Mlp, Model, ModelSpec, Moment, Pass, Positions, TrainingMemory};
+use kiln_model::{Biases, Blocks, Mlp, Model, ModelSpec, Moment, Pass, Positions, TrainingMemory};
 
 fn shape(vocab: usize) -> ModelSpec {
     ModelSpec::gpt2(2, 2, 8, 6, vocab)
@@ -29,7 +30,7 @@ fn llama(gpt2: ModelSpec) -> ModelSpec {
         norm_eps: 1e-5,
         positions: Positions::Rotary { theta: 100.0, scaling: Some(scaling) },
         mlp: Mlp::SwiGlu,
-        bias: false,
+        biases: Biases { qkv: false, proj: false, mlp: false },
         tie_embeddings: false,
         ..gpt2
     }
@@ -49,7 +50,8 @@ fn loss(b: &mut CpuBackend<f64>, model: &Model, batch_size: usize, time: usize) 
 #[test]
 fn every_parameter_gradient_matches_finite_differences() {
     let vocab = 11;
-    for s in [shape(vocab), llama(shape(vocab))] {
+    let biased = ModelSpec { biases: Biases { qkv: true, proj: true, mlp: true }, ..llama(shape(vocab)) };
+    for s in [shape(vocab), llama(shape(vocab)), biased] {
         every_parameter_gradient_matches_finite_differences_for(s);
     }
 }

@@ -11,6 +11,7 @@
 //! [`Tolerance`] chosen for the candidate's precision.
 
 use kiln_core::backend::IGNORE_TARGET;
+use kiln_core::config::{Arch, ModelConfig};
 use kiln_core::{
     AdamWStep, AttentionBackward, AttentionDims, Backend, Config, MatmulBackward, MatmulDims, MatmulForward,
     NormBackward, NormDims, NormForward, NormKind, ResidualAdd, Result, Role, Rotary, Tensor,
@@ -556,13 +557,21 @@ fn model_configs() -> Vec<Config> {
         "train.guard.enabled=false",
     ];
     let llama = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.ffn_dim=70", "model.rope_theta=500"];
-    [&common[..], &[&common[..], &llama[..]].concat()]
+    // Biases before a rotation (as Qwen2's) and beside RMS norms and SwiGLU.
+    let biased = ["model.biases=[\"qkv\", \"proj\", \"mlp\"]"];
+    [&common[..], &[&common[..], &llama[..]].concat(), &[&common[..], &llama[..], &biased[..]].concat()]
         .iter()
         .map(|overrides| {
             let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
             Config::load(None, &overrides).expect("the self-test's own configuration is valid")
         })
         .collect()
+}
+
+/// The family of a model-level check's model, as its checks are named: `llama`, or `llama with biases`.
+fn family(model: &ModelConfig) -> String {
+    let biased = model.arch == Arch::Llama && !model.biases().is_empty();
+    format!("{}{}", model.arch.name(), if biased { " with biases" } else { "" })
 }
 
 /// The vocabulary of the model-level checks.
@@ -602,7 +611,7 @@ fn check_model_grads<C: Backend>(candidate: &mut C, config: &Config, tol: f64, f
             let error = relative_error(&grads[0][range.clone()], &grads[1][range]);
             let failure = error.is_infinite().then(|| "NaN or infinite gradient".to_string());
             let how = if fused { " (fused bias gradients)" } else { "" };
-            let name = format!("{} gradient {}{how}", spec.arch.name(), p.name);
+            let name = format!("{} gradient {}{how}", family(&config.model), p.name);
             Check { name, error, tolerance: tol, failure }
         })
         .collect();
@@ -620,7 +629,7 @@ fn check_training<C: Backend>(candidate: C, config: &Config, tol: f64) -> Result
         false => f64::INFINITY,
     };
     let failure = (!error.is_finite()).then(|| "a loss is NaN or infinite".to_string());
-    let name = format!("{} training: {} steps' losses", config.model.arch.name(), got.losses.len());
+    let name = format!("{} training: {} steps' losses", family(&config.model), got.losses.len());
     Ok(Check { name, error, tolerance: tol, failure })
 }
 
@@ -643,7 +652,7 @@ fn check_graphs<C: Backend>(direct: C, captured: C, config: &Config, tol: f64) -
         (true, false) => Some("a loss is NaN or infinite".to_string()),
         (true, true) => None,
     };
-    let name = format!("{} training with graphs: {} steps' losses", config.model.arch.name(), got.losses.len());
+    let name = format!("{} training with graphs: {} steps' losses", family(&config.model), got.losses.len());
     Ok(Check { name, error, tolerance: tol, failure })
 }
 
@@ -672,9 +681,9 @@ pub fn run<C: Backend + 'static>(
         failure: Some(e.to_string()),
     };
     for config in model_configs() {
-        let arch = config.model.arch.name();
+        let arch = family(&config.model);
         // Fusing bias gradients changes nothing in a model without biases.
-        let fusions = if ModelSpec::new(&config.model, CHECK_VOCAB).bias { &[false, true][..] } else { &[false] };
+        let fusions = if config.model.biases().is_empty() { &[false][..] } else { &[false, true] };
         for &fused in fusions {
             match check_model_grads(&mut make()?, &config, tol.model_grads, fused) {
                 Ok(grads) => grads.into_iter().for_each(&mut push),

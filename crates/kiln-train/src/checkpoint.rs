@@ -3,7 +3,7 @@
 //! `out_dir/checkpoints/step_00000100/` holds
 //! - the weights as transformers names and lays them out (see [`kiln_model::hf`]): `model.safetensors`, or for a
 //!   large model shards and `model.safetensors.index.json`, fp32, with `config.json` beside them, so the directory
-//!   loads as a `GPT2LMHeadModel` or `LlamaForCausalLM`;
+//!   loads as a `GPT2LMHeadModel`, `LlamaForCausalLM` or `Qwen2ForCausalLM`;
 //! - `optimizer.safetensors`: AdamW's moments, `m.NAME` and `v.NAME` for each kiln parameter `NAME`, so that a
 //!   layout that changes can never pair moments with the wrong weights (and without the padding a data-parallel
 //!   job adds, so that a checkpoint loads at any number of ranks);

@@ -1,5 +1,5 @@
-//! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`), for
-//! `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there.
+//! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`,
+//! `Qwen2ForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there.
 //!
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
 //! transformers 5's `rope_parameters`, which holds both.
@@ -17,9 +17,12 @@ pub(super) fn model_table(path: &Path) -> Result<(toml::Table, usize)> {
     let table = match fields.string("model_type")? {
         "gpt2" => gpt2(&fields),
         "llama" => llama(&fields),
+        "qwen2" => qwen2(&fields),
         other => Err(Error::data(
             path,
-            format!("model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\") models"),
+            format!(
+                "model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\", \"qwen2\") models"
+            ),
         )),
     }?;
     Ok((table, vocab))
@@ -89,10 +92,34 @@ fn gpt2(f: &Fields) -> Result<toml::Table> {
     ]))
 }
 
+/// Llama: biases nowhere, or on attention's four projections (`attention_bias`), or on the MLP's (`mlp_bias`).
 fn llama(f: &Fields) -> Result<toml::Table> {
+    let mut biases = Vec::new();
+    if f.flag("attention_bias")?.unwrap_or(false) {
+        biases.extend(["qkv", "proj"]);
+    }
+    if f.flag("mlp_bias")?.unwrap_or(false) {
+        biases.push("mlp");
+    }
+    rotary(f, &biases)
+}
+
+/// Qwen2 is Llama with biases on the query, key and value projections. Its sliding-window attention, off in every
+/// released model, kiln does not have.
+fn qwen2(f: &Fields) -> Result<toml::Table> {
+    f.only("use_sliding_window", &[false.into()])?;
+    if let Some(layers) = f.get("layer_types") {
+        let full = |v: &Value| v.as_str() == Some("full_attention");
+        if !layers.as_array().is_some_and(|layers| layers.iter().all(full)) {
+            return Err(f.error("layer_types", "kiln supports only \"full_attention\" layers"));
+        }
+    }
+    rotary(f, &["qkv"])
+}
+
+/// The `[model]` table of a Llama-style model whose layer groups `biases` (`model.biases`'s names) have biases.
+fn rotary(f: &Fields, biases: &[&str]) -> Result<toml::Table> {
     f.only("hidden_act", &["silu".into()])?;
-    f.only("attention_bias", &[false.into()])?;
-    f.only("mlp_bias", &[false.into()])?;
     let (hidden, heads) = (f.required_count("hidden_size")?, f.required_count("num_attention_heads")?);
     if let Some(head_dim) = f.count("head_dim")?.filter(|&d| d * heads != hidden) {
         return Err(
@@ -120,6 +147,7 @@ fn llama(f: &Fields) -> Result<toml::Table> {
         ("tie_embeddings", Some(f.flag("tie_word_embeddings")?.unwrap_or(false).into())),
         ("rope_theta", Some(theta.unwrap_or(10_000.0).into())),
         ("rope_scaling", scaling.map(toml::Value::Table)),
+        ("biases", Some(biases.iter().map(|&b| toml::Value::from(b)).collect::<Vec<_>>().into())),
     ]))
 }
 
