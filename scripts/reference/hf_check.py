@@ -1,4 +1,5 @@
-"""Checks that a kiln checkpoint is a Hugging Face GPT-2: loads it with transformers' GPT2LMHeadModel and prints
+"""Checks that a kiln checkpoint is a Hugging Face model: loads it with transformers' AutoModelForCausalLM (the class
+its config.json names: GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM) and prints
 the mean cross-entropy over a prepared dataset's validation shard, in the consecutive windows `kiln eval` uses,
 to compare with `kiln eval --checkpoint DIR --data DATA`.
 
@@ -11,7 +12,7 @@ import os
 
 import numpy as np
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
 
 def shard_tokens(path):
@@ -31,7 +32,8 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     args = p.parse_args()
 
-    model = GPT2LMHeadModel.from_pretrained(args.model).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    print(f"{type(model).__name__} from {args.model}")
     meta = json.load(open(os.path.join(args.data, "meta.json")))
     T, total, count = args.block_size, 0.0, 0
     for name in meta["val"]:

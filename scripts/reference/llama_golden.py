@@ -1,6 +1,6 @@
-"""Golden files for kiln's Llama support, made with Hugging Face transformers.
+"""Golden files for kiln's Llama-style support, made with Hugging Face transformers.
 
-Builds tiny LlamaForCausalLM models (fp32, CPU, eager attention), saves each one as a Hugging Face checkpoint
+Builds tiny LlamaForCausalLM and Qwen2ForCausalLM models (fp32, CPU, eager attention), saves each one as a Hugging Face checkpoint
 directory, and next to it `golden.safetensors` with a fixed batch and what transformers computes for it:
 
     input_ids  int64 [B, T]       random token ids
@@ -9,9 +9,10 @@ directory, and next to it `golden.safetensors` with a fixed batch and what trans
     loss       f32   [1]          mean cross-entropy of logits against targets over all B·T positions
     grad.<name> f32               d loss / d parameter, for every name in model.named_parameters()
 
-The three cases cover the checkpoint variants kiln has to read: tied embeddings with the legacy transformers-4
-config keys (rope_theta, rope_scaling); untied bf16 weights with the transformers-5 `rope_parameters`; and
-Llama-3 RoPE scaling in a sharded checkpoint. Rust tests in crates/kiln-train/tests/ load these files.
+The cases cover the checkpoint variants kiln has to read: tied embeddings with the legacy transformers-4
+config keys (rope_theta, rope_scaling); untied bf16 weights with the transformers-5 `rope_parameters`; Llama-3
+RoPE scaling in a sharded checkpoint; Llama with biases on every linear layer (attention_bias, mlp_bias); and
+Qwen2, whose query/key/value projections alone have biases. Rust tests in crates/kiln-train/tests/ load these files.
 
 Needs torch, transformers and safetensors (CPU is enough). From the repository root:
 
@@ -29,7 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 B, T = 2, 9
 VOCAB = 67
@@ -68,7 +69,13 @@ CASES = {
     "tied_theta1e4": dict(seed=1, tie=True, rope=dict(rope_type="default", rope_theta=10000.0)),
     "untied_theta5e5_bf16": dict(seed=2, tie=False, rope=dict(rope_type="default", rope_theta=500000.0), bf16=True),
     "llama3_scaling_sharded": dict(seed=3, tie=False, rope=LLAMA3_SCALING, shard="80KB"),
+    "biases_untied": dict(seed=4, tie=False, rope=dict(rope_type="default", rope_theta=10000.0), biases=True),
+    "qwen2_tied": dict(seed=5, tie=True, rope=dict(rope_type="default", rope_theta=1000000.0), qwen2=True),
 }
+
+
+def family(case):
+    return (Qwen2Config, Qwen2ForCausalLM) if case.get("qwen2") else (LlamaConfig, LlamaForCausalLM)
 
 
 def check_llama3_bands(rope, head_dim):
@@ -87,20 +94,29 @@ def check_llama3_bands(rope, head_dim):
 
 
 def build(case):
-    config = LlamaConfig(
-        **BASE,
+    config_class, model_class = family(case)
+    base = dict(BASE)
+    if case.get("qwen2"):
+        # Qwen2 has biases on q, k and v whatever the config says, and no keys for them.
+        del base["attention_bias"], base["mlp_bias"]
+    elif case.get("biases"):
+        base.update(attention_bias=True, mlp_bias=True)
+    config = config_class(
+        **base,
         tie_word_embeddings=case["tie"],
         rope_parameters=dict(case["rope"]),
         attn_implementation="eager",
     )
     torch.manual_seed(case["seed"])
-    model = LlamaForCausalLM(config)
-    # transformers starts every RMSNorm weight at 1, which would let a norm that ignores its weight pass.
-    # Spread them around 1 instead.
+    model = model_class(config)
+    # transformers starts every RMSNorm weight at 1 and every bias at 0, which would let a norm that ignores its
+    # weight, or a bias left out, pass. Spread them instead.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn_like(p))
     if case.get("bf16"):
         # Round every weight to bf16 so that the bf16 checkpoint holds exactly the weights the goldens used.
         # Parameters only: model.to(bfloat16) would also round the RoPE inv_freq buffer, which a reloaded
@@ -167,7 +183,8 @@ def run_case(name, case, root):
     save_file(g, os.path.join(out_dir, "golden.safetensors"))
 
     # Reload what we wrote, the way a user would, and check it reproduces the goldens.
-    reloaded = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    model_class = family(case)[1]
+    reloaded = model_class.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
     assert reloaded.config.rope_parameters == case["rope"], reloaded.config.rope_parameters
     assert reloaded.config.tie_word_embeddings == case["tie"]
     g2 = load_file(os.path.join(out_dir, "golden.safetensors"))

@@ -7,8 +7,12 @@ use kiln_model::ModelSpec;
 use std::path::PathBuf;
 
 /// Parameters of the published models whose shapes configs/ copies, as Hugging Face's checkpoints count them.
-const PUBLISHED: &[(&str, usize)] =
-    &[("bench-gpt2-124m.toml", 124_439_808), ("llama-3.2-1b.toml", 1_235_814_400), ("smollm-135m.toml", 134_515_008)];
+const PUBLISHED: &[(&str, usize)] = &[
+    ("bench-gpt2-124m.toml", 124_439_808),
+    ("llama-3.2-1b.toml", 1_235_814_400),
+    ("smollm-135m.toml", 134_515_008),
+    ("qwen2.5-0.5b.toml", 494_032_768),
+];
 
 #[test]
 fn every_shipped_config_loads_and_the_published_shapes_match() {
@@ -29,7 +33,7 @@ fn every_shipped_config_loads_and_the_published_shapes_match() {
         let data = Dataset::open(&config.data, config.model.block_size).unwrap_or_else(|e| panic!("{name}: {e}"));
         let spec = ModelSpec::new(&config.model, data.vocab_size());
         if let Some((_, params)) = PUBLISHED.iter().find(|(file, _)| *file == name) {
-            // Published counts leave out the padded rows of the embedding (tied in all three) but, unlike
+            // Published counts leave out the padded rows of the embedding (tied in all of them) but, unlike
             // num_counted_params, keep GPT-2's learned positions.
             assert_eq!(spec.num_params() - (spec.padded_vocab - spec.vocab) * spec.n_embd, *params, "{name}");
             published += 1;

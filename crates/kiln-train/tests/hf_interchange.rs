@@ -2,10 +2,12 @@
 //!
 //! Golden files (tests/golden/, made by scripts/reference/llama_golden.py with transformers): tiny
 //! `LlamaForCausalLM` checkpoints (grouped-query attention 4:2; tied and untied heads; rope_theta 1e4 and 5e5;
-//! Llama 3 scaling; fp32, bf16 and sharded files; transformers 4's and 5's config spellings), each with a batch and
+//! Llama 3 scaling; fp32, bf16 and sharded files; transformers 4's and 5's config spellings; biases on every linear
+//! layer) and a `Qwen2ForCausalLM` (biases on q, k and v; theta 1e6), each with a batch and
 //! the logits, loss and every parameter's gradient transformers computed for it. kiln loads each through
 //! `model.init = "hf:DIR"` alone, taking the shape from config.json, and must match them.
 
+use kiln_core::config::Linear;
 use kiln_core::{Backend, Config};
 use kiln_cpu::CpuBackend;
 use kiln_model::hf;
@@ -71,12 +73,22 @@ impl Golden {
 
 #[test]
 fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
-    for case in ["tied_theta1e4", "untied_theta5e5_bf16", "llama3_scaling_sharded"] {
+    // Each case, its biased layers, and its tensors: 9 a block (q, k, v, o, gate, up, down and two norms) and 2
+    // more (the embedding and the final norm), an LM head when untied, and the biases.
+    let cases = [
+        ("tied_theta1e4", &[][..], 20),
+        ("untied_theta5e5_bf16", &[], 21),
+        ("llama3_scaling_sharded", &[], 21),
+        ("biases_untied", &Linear::ALL, 21 + 2 * 7),
+        ("qwen2_tied", &[Linear::Qkv], 20 + 2 * 3),
+    ];
+    for (case, biases, tensor_count) in cases {
         let dir = golden_dir(case);
         let config = config_from(&dir, "block_size = 9").unwrap_or_else(|e| panic!("{case}: {e}"));
         let m = &config.model;
         assert_eq!((m.n_layer, m.n_head, m.n_kv_head, m.n_embd, m.ffn_dim), (2, 4, Some(2), 48, Some(80)), "{case}");
-        assert_eq!(m.tie_embeddings, Some(case.starts_with("tied")), "{case}");
+        assert_eq!(m.tie_embeddings, Some(case.contains("tied") && !case.contains("untied")), "{case}");
+        assert_eq!(m.biases.as_deref(), Some(biases), "{case}");
         let golden = Golden::read(&dir);
         let (batch, time) = golden.shape;
         let spec = ModelSpec::new(m, 67);
@@ -107,7 +119,7 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         let mut grads = vec![0.0f32; model.grads.len];
         b.download(model.grads, &mut grads).unwrap();
         let tensors = hf::tensors(&spec, &model.layout);
-        assert_eq!(tensors.len(), if case.starts_with("tied") { 20 } else { 21 });
+        assert_eq!(tensors.len(), tensor_count, "{case}");
         for t in tensors {
             let ours = t.from_kiln(&grads[t.elements.clone()]);
             let e = error(&ours, &golden.grad(&t.name));
@@ -154,6 +166,17 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
     std::fs::write(odd.join("config.json"), text).unwrap();
     let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
     assert!(err.contains("hidden_act") && err.contains("config.json"), "{err}");
+    // Qwen2's sliding-window attention, which kiln does not have, named either way transformers writes it.
+    let qwen2 = std::fs::read_to_string(golden_dir("qwen2_tied").join("config.json")).unwrap();
+    for (key, from, to) in [
+        ("use_sliding_window", "\"use_sliding_window\": false", "\"use_sliding_window\": true"),
+        ("layer_types", "\"full_attention\"\n", "\"sliding_attention\"\n"),
+    ] {
+        assert!(qwen2.contains(from), "{from}");
+        std::fs::write(odd.join("config.json"), qwen2.replace(from, to)).unwrap();
+        let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("config.json"), "{err}");
+    }
     let _ = std::fs::remove_dir_all(&odd);
 }
 
@@ -179,7 +202,15 @@ fn logits_of(dir: &Path, config: &Config, vocab: usize) -> Vec<f32> {
 #[test]
 fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() {
     let llama = "model.arch=llama model.n_head=4 model.n_kv_head=2 model.tie_embeddings=false";
-    for (name, family) in [("gpt2", ""), ("llama", llama)] {
+    let qwen2 = format!("{llama} model.biases=[\"qkv\"]");
+    let biased = format!("{llama} model.biases=[\"mlp\",\"qkv\",\"proj\"]");
+    let cases = [
+        ("gpt2", "", "GPT2LMHeadModel"),
+        ("llama", llama, "LlamaForCausalLM"),
+        ("qwen2", &qwen2, "Qwen2ForCausalLM"),
+        ("llama-biases", &biased, "LlamaForCausalLM"),
+    ];
+    for (name, family, class) in cases {
         let out = std::env::temp_dir().join(format!("kiln-hf-round-trip-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
         let mut overrides: Vec<String> = family.split_whitespace().map(str::to_string).collect();
@@ -208,7 +239,7 @@ fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() 
         assert!(export.join("model.safetensors.index.json").exists());
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap()).unwrap();
-        assert_eq!(json["architectures"][0], hf::architecture(&trainer.model().spec));
+        assert_eq!(json["architectures"][0], class, "{name}");
         assert_eq!(json["vocab_size"], vocab);
         // Read back through model.init alone: the shape comes from config.json.
         let mut from_export = overrides.clone();

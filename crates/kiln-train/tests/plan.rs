@@ -38,7 +38,7 @@ const LLAMA: [&str; 2] = ["model.arch=llama", "model.n_kv_head=2"];
 
 #[test]
 fn the_plan_is_what_each_rank_of_the_cpu_engine_allocates() {
-    let cases: [(&[&str], usize); 12] = [
+    let cases: [(&[&str], usize); 13] = [
         (&["train.micro_batch=8"], 1),
         (&["train.micro_batch=6", "dist.zero=3"], 2),
         (&[LLAMA[0], LLAMA[1], "train.micro_batch=3", "dist.zero=3", "train.recompute=elementwise"], 4),
@@ -51,6 +51,7 @@ fn the_plan_is_what_each_rank_of_the_cpu_engine_allocates() {
         (&["train.micro_batch=4", "dist.zero=1"], 3),
         (&[LLAMA[0], LLAMA[1], "train.micro_batch=3", "dist.zero=1"], 4),
         (&[LLAMA[0], LLAMA[1], "train.micro_batch=6", "model.tie_embeddings=false"], 2),
+        (&[LLAMA[0], LLAMA[1], "model.biases=[\"qkv\"]", "train.micro_batch=3", "dist.zero=2"], 2),
     ];
     for (extra, world) in cases {
         let config = config(extra);
