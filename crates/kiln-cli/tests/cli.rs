@@ -457,11 +457,27 @@ fn prepare_then_train_on_the_shards() {
         stderr(&evaluated)
     );
     let export = dir.join("export").to_string_lossy().into_owned();
+    // The export works in a directory of its own: a user's directory beside it stays.
+    std::fs::create_dir_all(dir.join("export.tmp")).unwrap();
+    std::fs::write(dir.join("export.tmp/keep.txt"), "mine").unwrap();
     assert!(kiln(&["export", "--checkpoint", &ckpt_s, "--out", &export]).status.success());
     assert!(dir.join("export/model.safetensors").is_file() && dir.join("export/config.json").is_file());
     assert!(dir.join("export/kiln_tokenizer.json").is_file(), "the export names its tokenizer (GPT-2's)");
     assert!(!dir.join("export/optimizer.safetensors").exists());
+    assert!(dir.join("export.tmp/keep.txt").is_file(), "the export removed a directory of the user's");
     expect_usage_error(&["export", "--checkpoint", &ckpt_s, "--out", &export], &["exists"]);
+    // A config.json that does not describe the weights beside it is refused, and nothing is written.
+    let odd = dir.join("odd-checkpoint");
+    std::fs::create_dir_all(&odd).unwrap();
+    for file in ["model.safetensors", "kiln_tokenizer.json"] {
+        std::fs::copy(ckpt.join(file), odd.join(file)).unwrap();
+    }
+    let config = std::fs::read_to_string(ckpt.join("config.json")).unwrap();
+    std::fs::write(odd.join("config.json"), config.replace("\"n_embd\": 32", "\"n_embd\": 64")).unwrap();
+    let odd_export = dir.join("odd-export").to_string_lossy().into_owned();
+    let odd_s = odd.to_string_lossy().into_owned();
+    expect_usage_error(&["export", "--checkpoint", &odd_s, "--out", &odd_export], &["config.json", "[50257, 64]"]);
+    assert!(!Path::new(&odd_export).exists());
 
     // Sampling streams GPT-2 text, with and without the key/value cache, and the greedy text is the same.
     let greedy = |model: &str, cache: bool| {

@@ -18,10 +18,11 @@
 
 use crate::guard::GuardState;
 use crate::tensor_files::{self, Entry, TensorFiles};
+use kiln_core::config::ModelConfig;
 use kiln_core::{Backend, Config, Error, Result, durable};
 use kiln_data::codec::{Codec, HF_TOKENIZER_FILE, TOKENIZER_FILE};
-use kiln_model::Model;
 use kiln_model::hf::{self, HfTensor, SpecialTokens};
+use kiln_model::{Model, ModelSpec};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -271,27 +272,57 @@ pub fn export(from: &Path, to: &Path, max_shard_bytes: usize) -> Result<Vec<Path
         return Err(Error::Usage(format!("{} exists; choose a new directory", to.display())));
     }
     let files = TensorFiles::open(from, "model")?;
+    check_model_files(from, &files)?;
     let names = files.names();
     let mut entries = Vec::with_capacity(names.len());
     for name in &names {
         entries.push(Entry { name: name.clone(), shape: files.shape(name).expect("a name the files listed") });
     }
-    let tmp = to.with_extension("tmp");
+    // A name of this process's own beside `to`, so that nothing of the user's is ever in the way of it.
+    let (parent, name) = (to.parent().unwrap_or(Path::new("")), to.file_name().unwrap_or_default());
+    let tmp = parent.join(format!(".{}.tmp-export-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let written = tensor_files::write(&tmp, "model", &entries, max_shard_bytes, true, &mut |i, values| {
+    let published = tensor_files::write(&tmp, "model", &entries, max_shard_bytes, true, &mut |i, values| {
         *values = files.read(&entries[i].name)?.expect("a name the files listed").1;
         Ok(())
+    })
+    .and_then(|written| {
+        // config.json, and the tokenizer where the model has one.
+        for file in ["config.json", TOKENIZER_FILE, HF_TOKENIZER_FILE] {
+            let path = from.join(file);
+            if file == "config.json" || path.exists() {
+                std::fs::copy(&path, tmp.join(file)).map_err(|e| Error::data(&path, format!("cannot copy: {e}")))?;
+            }
+        }
+        durable::publish(&tmp, to)?;
+        Ok(written)
+    });
+    let written = published.inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&tmp);
     })?;
-    // config.json, and the tokenizer where the model has one.
-    for file in ["config.json", TOKENIZER_FILE, HF_TOKENIZER_FILE] {
-        let path = from.join(file);
-        if file == "config.json" || path.exists() {
-            std::fs::copy(&path, tmp.join(file)).map_err(|e| Error::data(&path, format!("cannot copy: {e}")))?;
+    Ok(written.iter().map(|p| to.join(p.file_name().expect("a file"))).collect())
+}
+
+/// Fails unless `files` in `dir` hold every tensor of the model `dir/config.json` describes, each of its shape: an
+/// export must load.
+fn check_model_files(dir: &Path, files: &TensorFiles) -> Result<()> {
+    let (config, vocab) = ModelConfig::from_hf_dir(dir)?;
+    let spec = ModelSpec::new(&config, vocab);
+    for t in hf::tensors(&spec, &spec.params()) {
+        let name = [t.name.as_str(), t.name.strip_prefix("transformer.").unwrap_or_default()]
+            .into_iter()
+            .find(|name| files.shape(name).is_some())
+            .ok_or_else(|| Error::data(dir, format!("no tensor {} in {}", t.name, files.describe())))?;
+        let shape = files.shape(name).expect("found above");
+        if shape != t.shape {
+            let path = files.path_of(name).unwrap_or(dir);
+            let message =
+                format!("tensor {name} is {shape:?}; {} says {:?}", dir.join("config.json").display(), t.shape);
+            return Err(Error::data(path, message));
         }
     }
-    durable::publish(&tmp, to)?;
-    Ok(written.iter().map(|p| to.join(p.file_name().expect("a file"))).collect())
+    Ok(())
 }
 
 /// The configuration a checkpoint was trained with (from `state.json`), with `overrides` applied, and without the

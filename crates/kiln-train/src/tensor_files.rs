@@ -140,6 +140,9 @@ impl TensorFiles {
             let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
             names.sort();
             names.dedup();
+            if names.is_empty() {
+                return Err(Error::data(&index_path, "\"weight_map\" names no files"));
+            }
             names
         } else {
             vec![format!("{stem}.safetensors")]
