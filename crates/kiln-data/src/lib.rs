@@ -308,8 +308,9 @@ fn open_shards(dir: &Path, time: usize, with_train: bool) -> Result<Dataset> {
             })
             .collect()
     };
-    let train_paths = if with_train { paths("train")? } else { Vec::new() };
-    let (train, val) = (open_split(&train_paths, time, dir)?, open_split(&paths("val")?, time, dir)?);
+    let (train_paths, train_split) = if with_train { (paths("train")?, Split::Train) } else { (vec![], Split::Unused) };
+    let train = open_split(&train_paths, time, &meta_path, train_split)?;
+    let val = open_split(&paths("val")?, time, &meta_path, Split::Validation)?;
     let tokenizer = meta["tokenizer"].as_str().unwrap_or_default().to_string();
     // A character vocabulary travels in meta.json; other tokenizers need no table here.
     let chars = CharTokenizer::from_chars(meta["chars"].as_str().unwrap_or_default().chars().collect());
@@ -324,6 +325,22 @@ fn open_shards(dir: &Path, time: usize, with_train: bool) -> Result<Dataset> {
         }
         _ => None,
     };
+    // The vocabulary must be the tokenizer's, or a model would be sized for one and decode with the other.
+    let tokenizer_vocab = match (tokenizer.as_str(), &hf) {
+        ("gpt2", _) => prepare::Tokenization::Gpt2.vocab_size(),
+        ("byte", _) => prepare::Tokenization::Byte.vocab_size(),
+        // The characters and an end-of-text token.
+        ("char", _) => chars.vocab_size() + 1,
+        (_, Some(hf)) => hf.vocab_size(),
+        (other, _) => {
+            let message = format!("tokenizer \"{other}\": kiln prepare writes \"gpt2\", \"byte\", \"char\" or \"hf\"");
+            return Err(Error::data(&meta_path, message));
+        }
+    };
+    if tokenizer_vocab != vocab {
+        let message = format!("vocab_size is {vocab}, but its {tokenizer} tokenizer has {tokenizer_vocab} tokens");
+        return Err(Error::data(&meta_path, message));
+    }
     Ok(Dataset { tokenizer: chars, source: Source::Shards { train, val, vocab, tokenizer, hf } })
 }
 
@@ -334,10 +351,13 @@ fn open_llmc_shards(train: &str, val: Option<&str>, time: usize, with_train: boo
         Error::Usage(format!("data.train = \"{train}\" names llm.c shards: name the validation shards in data.val"))
     })?;
     let vocab = prepare::Tokenization::Gpt2.vocab_size();
-    let train_paths = if with_train { expand_pattern(train)? } else { Vec::new() };
+    let (train_paths, train_split) =
+        if with_train { (expand_pattern(train)?, Split::Train) } else { (vec![], Split::Unused) };
     let val_paths = expand_pattern(val)?;
-    let (train, val) =
-        (open_split(&train_paths, time, Path::new(train))?, open_split(&val_paths, time, Path::new(val))?);
+    let (train, val) = (
+        open_split(&train_paths, time, Path::new(train), train_split)?,
+        open_split(&val_paths, time, Path::new(val), Split::Validation)?,
+    );
     Ok(Dataset {
         tokenizer: CharTokenizer::from_chars(Vec::new()),
         source: Source::Shards { train, val, vocab, tokenizer: "gpt2".into(), hf: None },
@@ -367,8 +387,12 @@ fn expand_pattern(pattern: &str) -> Result<Vec<PathBuf>> {
 }
 
 /// Opens the shards of one split, checking each one's header and size; those too short for one sequence are left
-/// out. Keeping none is an error unless no shard was named (the training split of [`Dataset::open_validation`]).
-fn open_split(paths: &[PathBuf], time: usize, what: &Path) -> Result<Vec<shards::Shard>> {
+/// out. Keeping none is an error unless the split is `unused` (the training split of
+/// [`Dataset::open_validation`]).
+fn open_split(paths: &[PathBuf], time: usize, what: &Path, split: Split) -> Result<Vec<shards::Shard>> {
+    if split == Split::Unused {
+        return Ok(Vec::new());
+    }
     let mut opened = Vec::new();
     for path in paths {
         let shard = shards::Shard::open(path)?;
@@ -376,10 +400,23 @@ fn open_split(paths: &[PathBuf], time: usize, what: &Path) -> Result<Vec<shards:
             opened.push(shard);
         }
     }
-    if opened.is_empty() && !paths.is_empty() {
-        return Err(Error::data(what, format!("no shard holds more than block_size = {time} tokens")));
+    match (opened.is_empty(), paths.is_empty()) {
+        (false, _) => Ok(opened),
+        (true, true) if split == Split::Validation => {
+            Err(Error::data(what, "names no validation shards: prepare the corpus again with a --val-fraction above 0"))
+        }
+        (true, true) => Err(Error::data(what, "names no training shards")),
+        (true, false) => Err(Error::data(what, format!("no shard holds more than block_size = {time} tokens"))),
     }
-    Ok(opened)
+}
+
+/// Which split [`open_split`] opens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Split {
+    Train,
+    Validation,
+    /// The training split of a corpus opened for evaluation.
+    Unused,
 }
 
 /// A random window of `inputs.len() + 1` consecutive tokens from one of `shards`, each window equally likely, every

@@ -275,3 +275,32 @@ fn shards_written_by_llmc_load_by_name_or_pattern() {
     let none = DataConfig { train: name("nothing_*.bin"), ..cfg };
     assert!(data_error(Dataset::open(&none, 16)).contains("no file matches"));
 }
+
+#[test]
+fn a_meta_json_with_an_empty_split_or_another_tokenizer_s_vocabulary_is_refused_by_name() {
+    let d = dir("badmeta");
+    let cfg = byte_dataset(&d, &[5; 40], &[5; 10]);
+    let meta_path = d.join("meta.json");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    let with = |key: &str, value: serde_json::Value| {
+        let mut changed = meta.clone();
+        changed[key] = value;
+        std::fs::write(&meta_path, changed.to_string()).unwrap();
+    };
+    // kiln prepare --val-fraction 0 writes no validation shards; training or evaluating on them would sample nothing.
+    with("val", serde_json::json!([]));
+    for open in [Dataset::open, Dataset::open_validation] {
+        let msg = data_error(open(&cfg, 4));
+        assert!(msg.contains("meta.json") && msg.contains("no validation shards"), "{msg}");
+    }
+    with("train", serde_json::json!([]));
+    let msg = data_error(Dataset::open(&cfg, 4));
+    assert!(msg.contains("meta.json") && msg.contains("no training shards"), "{msg}");
+    // A vocabulary that is not the tokenizer's, and a tokenizer kiln does not know.
+    with("vocab_size", serde_json::json!(19));
+    let msg = data_error(Dataset::open(&cfg, 4));
+    assert!(msg.contains("vocab_size is 19") && msg.contains("byte tokenizer has 257"), "{msg}");
+    with("tokenizer", serde_json::json!("sentencepiece"));
+    let msg = data_error(Dataset::open(&cfg, 4));
+    assert!(msg.contains("meta.json") && msg.contains("\"sentencepiece\""), "{msg}");
+}
