@@ -263,6 +263,15 @@ impl<T: Real> Backend for CpuBackend<T> {
         let id = BufferId(
             u32::try_from(self.allocations.len()).map_err(|_| self.invalid("alloc", "too many allocations".into()))?,
         );
+        // Asked of the allocator first, so that more than the host can give is an error rather than an abort. The
+        // probe reserves address space only; `vec!` then takes zeroed pages as it would have.
+        let bytes = len.saturating_mul(if role == Role::Index { 4 } else { std::mem::size_of::<T>() });
+        if Vec::<u8>::new().try_reserve_exact(bytes).is_err() {
+            return Err(Error::OutOfMemory {
+                backend: self.name(),
+                message: format!("cannot allocate {:.1} GiB for {len} numbers", bytes as f64 / (1u64 << 30) as f64),
+            });
+        }
         self.allocations.push(match role {
             Role::Index => Allocation::Index(vec![0; len].into_boxed_slice()),
             _ => Allocation::Real(vec![T::zero(); len].into_boxed_slice()),

@@ -501,6 +501,7 @@ impl Model {
         max_batch: usize,
         training: Option<TrainingMemory>,
     ) -> Result<Self> {
+        spec.check_size(max_batch)?;
         let (training, memory) = match training {
             Some(memory) => (true, memory),
             None => (

@@ -94,7 +94,8 @@ impl ModelSpec {
             ffn_dim: m.ffn_dim(),
             block_size: m.block_size,
             vocab,
-            padded_vocab: vocab.div_ceil(64) * 64,
+            // Saturating: a vocabulary too large to pad is refused by check_size.
+            padded_vocab: vocab.div_ceil(64).saturating_mul(64),
             norm: if llama { NormKind::Rms } else { NormKind::Layer },
             norm_eps: m.norm_eps(),
             positions: match m.rope_theta() {
@@ -246,6 +247,40 @@ impl ModelSpec {
             offset += list[i].len();
         }
         list
+    }
+
+    /// Fails, naming the sizes, unless a model of this shape for batches of `max_batch` sequences is of a size that
+    /// a machine could hold: with sizes past that, the arithmetic that lays the model out could overflow, and its
+    /// per-layer tables alone could exhaust the host. Building a model and planning its memory check this first.
+    pub fn check_size(&self, max_batch: usize) -> kiln_core::Result<()> {
+        /// Elements (2^50: 4 PiB of fp32), beyond any machine's memory and far from overflowing a `usize`.
+        const MOST: f64 = (1u64 << 50) as f64;
+        if self.vocab == 0 || self.vocab > 1 << 31 {
+            let message = format!("a vocabulary of {} tokens: kiln's token ids are 1 to 2^31", self.vocab);
+            return Err(kiln_core::Error::Usage(message));
+        }
+        // In f64, which no size overflows.
+        let (c, layers, heads) = (self.n_embd as f64, self.n_layer as f64, self.n_head as f64);
+        let (vocab, ffn, time) = (self.padded_vocab as f64, self.ffn_dim as f64, self.block_size as f64);
+        let qkv = c / heads.max(1.0) * (heads + 2.0 * self.n_kv_head as f64);
+        let per_block = (qkv + 3.0 * ffn + 8.0) * (c + 1.0) + c * c;
+        // The weights with their gradients and two moments, and the activations of every row.
+        let weights = 4.0 * (layers * per_block + 2.0 * vocab * c + time * c);
+        let activations = max_batch as f64 * time * (layers * (qkv + 3.0 * ffn + 8.0 * c + heads) + vocab);
+        if weights + activations > MOST {
+            let message = format!(
+                "a model of {} layers {} wide (MLP {}, vocabulary {}) in batches of {max_batch} × {} tokens needs \
+                 about {:.1e} numbers, more than any machine holds",
+                self.n_layer,
+                self.n_embd,
+                self.ffn_dim,
+                self.vocab,
+                self.block_size,
+                weights + activations
+            );
+            return Err(kiln_core::Error::Usage(message));
+        }
+        Ok(())
     }
 
     /// The parameter tensors in layout order, packed (see [`Self::params_aligned`]).

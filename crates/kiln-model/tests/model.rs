@@ -360,3 +360,25 @@ fn a_model_whose_blocks_weights_alternate_runs_only_through_the_passes_that_say_
     ];
     assert_eq!(moments, expected);
 }
+
+#[test]
+fn a_model_too_large_for_any_machine_is_refused_before_anything_is_laid_out() {
+    let mut b = CpuBackend::<f64>::new();
+    let huge = [
+        ModelSpec { ffn_dim: usize::MAX / 2, ..shape(11) },
+        ModelSpec { n_embd: 1 << 40, ..shape(11) },
+        ModelSpec { n_layer: 60_000, n_embd: 1 << 16, ..shape(11) },
+    ];
+    for s in huge {
+        let err = Model::new(&mut b, s, 2, 1).err().expect("refused").to_string();
+        assert!(err.contains("more than any machine holds"), "{err}");
+    }
+    // Batches too: the activations of every row count.
+    let err = Model::new(&mut b, shape(11), usize::MAX / 8, 1).err().expect("refused").to_string();
+    assert!(err.contains("more than any machine holds"), "{err}");
+    for vocab in [0, 1 << 40] {
+        let err = Model::new(&mut b, ModelSpec::gpt2(2, 2, 8, 6, vocab), 2, 1).err().expect("refused").to_string();
+        assert!(err.contains("token ids are 1 to 2^31"), "{err}");
+    }
+    assert!(Model::new(&mut b, shape(11), 2, 1).is_ok());
+}

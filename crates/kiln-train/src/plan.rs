@@ -55,6 +55,7 @@ impl MemoryPlan {
         world: usize,
         memory: &dyn MemoryModel,
     ) -> Result<MemoryPlan> {
+        spec.check_size(micro_batch)?;
         let accumulation = config.accumulation_steps(micro_batch, world)?;
         let overheads = memory.overheads(&spec.step_shapes(micro_batch, config.train.fuse_bias_gradients), world);
         let ranks = (0..world)
@@ -192,6 +193,13 @@ impl MemoryPlan {
     }
 }
 
+/// The divisors of `n`, in increasing order.
+fn divisors(n: usize) -> Vec<usize> {
+    let small: Vec<usize> = (1..).take_while(|d| d * d <= n).filter(|d| n % d == 0).collect();
+    let large = small.iter().rev().map(|d| n / d).filter(|&d| d * d != n);
+    small.iter().copied().chain(large).collect()
+}
+
 /// The micro-batch `config` trains with: its number, or for `"auto"` the largest number of sequences that divides
 /// each rank's share of `train.total_batch_tokens` and whose plan fits `capacity` less [`AUTO_MARGIN`].
 pub fn micro_batch(
@@ -214,8 +222,9 @@ pub fn micro_batch(
     let budget = (capacity as f64 * (1.0 - AUTO_MARGIN)) as u64;
     let per_rank = config.total_batch_tokens() / config.model.block_size / world.max(1);
     let mut smallest = None;
-    for sequences in (1..=per_rank).rev().filter(|s| per_rank % s == 0) {
-        if config.accumulation_steps(sequences, world).is_err() {
+    for sequences in divisors(per_rank).into_iter().rev() {
+        // A micro-batch too large to lay out is one that does not fit.
+        if config.accumulation_steps(sequences, world).is_err() || spec.check_size(sequences).is_err() {
             continue;
         }
         let plan = MemoryPlan::new(config, spec, sequences, world, memory)?;
@@ -247,4 +256,17 @@ pub fn micro_batch(
             config.model.block_size
         )),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::divisors;
+
+    #[test]
+    fn divisors_in_order() {
+        assert_eq!(divisors(1), [1]);
+        assert_eq!(divisors(12), [1, 2, 3, 4, 6, 12]);
+        assert_eq!(divisors(16), [1, 2, 4, 8, 16]);
+        assert_eq!(divisors(97), [1, 97]);
+    }
 }
