@@ -18,6 +18,13 @@ use crate::error::{Error, Result};
 
 mod hf;
 
+/// What a config's text is: a file the user wrote, or the built-in [`QUICKSTART`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Base {
+    File,
+    Quickstart,
+}
+
 /// The quickstart config, used when no config file is given.
 pub const QUICKSTART: &str = include_str!("../../../configs/quickstart.toml");
 
@@ -51,6 +58,17 @@ pub enum Arch {
     /// (Qwen2 has them on the query/key/value projection).
     Llama,
 }
+
+/// The most blocks a model may have: hundreds more than any trained so far, and few enough that a model's per-block
+/// tables stay small.
+const MAX_LAYERS: usize = 1 << 16;
+
+/// The most tokens a step may take: a thousand times the largest batches trained with, and few enough that the
+/// step's token ids, which the host holds, stay within its memory.
+const MAX_BATCH_TOKENS: usize = 1 << 30;
+
+/// The most updates the guard may remember.
+const MAX_GUARD_WINDOW: usize = 1_000_000;
 
 /// The sets of biased layers of transformers' Llama-style models, and whose they are.
 const LLAMA_BIASES: [(&[Linear], &str); 5] = [
@@ -274,7 +292,11 @@ impl ModelConfig {
         // A zero divisor is reported by its own check, which comes first.
         let divides = |n: usize, d: usize| n.checked_rem(d).is_none_or(|r| r == 0);
         let checks = [
-            (m.n_layer >= 1, "model.n_layer", "must be at least 1".to_string()),
+            (
+                (1..=MAX_LAYERS).contains(&m.n_layer),
+                "model.n_layer",
+                format!("must be at least 1 and at most {MAX_LAYERS}"),
+            ),
             (m.n_head >= 1, "model.n_head", "must be at least 1".to_string()),
             (m.n_embd >= 1, "model.n_embd", "must be at least 1".to_string()),
             (
@@ -662,7 +684,7 @@ impl Config {
     /// `section.key=value`.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config> {
         match path {
-            None => Config::from_toml_str(QUICKSTART, QUICKSTART_SOURCE, overrides),
+            None => Config::parse(QUICKSTART, QUICKSTART_SOURCE, overrides, Base::Quickstart),
             Some(path) => {
                 let source = path.display().to_string();
                 let text = std::fs::read_to_string(path)
@@ -675,11 +697,27 @@ impl Config {
     /// Parses `text` (errors name it `source`), applies `overrides` and checks the result. The returned config has
     /// `train.total_batch_tokens` resolved, so that [`Config::to_toml_string`] writes it.
     pub fn from_toml_str(text: &str, source: &str, overrides: &[String]) -> Result<Config> {
+        Config::parse(text, source, overrides, Base::File)
+    }
+
+    /// [`Config::from_toml_str`] of a file the user wrote, or of the built-in quickstart.
+    fn parse(text: &str, source: &str, overrides: &[String], base: Base) -> Result<Config> {
         let mut table: toml::Table = text.parse().map_err(|e| syntax_error(text, source, &e))?;
         let overridden = apply_overrides(&mut table, overrides)?;
+        // The quickstart's model is the quickstart's own: a model from Hugging Face brings its shape, and only the
+        // [model] keys the user set stay to be checked against it.
+        if base == Base::Quickstart && hf_init_config(&table).is_some() {
+            if let Some(model) = table.get_mut("model").and_then(|m| m.as_table_mut()) {
+                model.retain(|key, _| overridden.contains(&format!("model.{key}")));
+            }
+        }
         let source_of = |key: &str| if overridden.contains(key) { SET_SOURCE } else { source }.to_string();
         // A model read from Hugging Face brings its shape: config.json fills in the [model] keys not given.
         let hf = hf_init_config(&table).map(|path| hf::model_table(&path).map(|(t, _)| (path, t))).transpose()?;
+        // Its own problems first, so that they name config.json rather than the keys it fills in here.
+        if let Some((path, theirs)) = &hf {
+            ModelConfig::from_hf_table(theirs.clone(), path)?;
+        }
         if let (Some((path, theirs)), Some(model)) = (&hf, table.get_mut("model").and_then(|m| m.as_table_mut())) {
             // The family first: every other key's meaning depends on it.
             if let Some(arch) = model.get("arch").filter(|a| Some(*a) != theirs.get("arch")) {
@@ -793,7 +831,11 @@ impl Config {
                 "train.micro_batch",
                 "is too large: train.micro_batch * model.block_size overflows".to_string(),
             ),
-            (t.total_batch_tokens != Some(0), "train.total_batch_tokens", "must be at least 1".to_string()),
+            (
+                t.total_batch_tokens.is_none_or(|n| (1..=MAX_BATCH_TOKENS).contains(&n)),
+                "train.total_batch_tokens",
+                format!("must be at least 1 and at most {MAX_BATCH_TOKENS} (2^30)"),
+            ),
             (
                 sequences.is_none() || t.total_batch_tokens.is_none_or(|n| divides(n, per_micro_batch.unwrap_or(0))),
                 "train.total_batch_tokens",
@@ -833,7 +875,11 @@ impl Config {
                 "must be a finite number above 0".to_string(),
             ),
             (self.dist.timeout_s >= 1, "dist.timeout_s", "must be at least 1".to_string()),
-            (t.guard.window >= 1, "train.guard.window", "must be at least 1".to_string()),
+            (
+                (1..=MAX_GUARD_WINDOW).contains(&t.guard.window),
+                "train.guard.window",
+                format!("must be at least 1 and at most {MAX_GUARD_WINDOW}"),
+            ),
             (
                 t.guard.loss_threshold.is_finite() && t.guard.loss_threshold >= 0.0,
                 "train.guard.loss_threshold",
@@ -1300,6 +1346,14 @@ mod tests {
             config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&all))).1
         };
         assert_eq!(llama(&["model.n_kv_head=3"]), "model.n_kv_head");
+        // Sizes past any real run's, which would overflow or exhaust the host before a plan could say so.
+        for (huge, key) in [
+            ("model.n_layer=100000000000", "model.n_layer"),
+            ("train.total_batch_tokens=13000000000000", "train.total_batch_tokens"),
+            ("train.guard.window=9223372036854775807", "train.guard.window"),
+        ] {
+            assert_eq!(config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&[huge]))).1, key);
+        }
         // Biases: GPT-2 has them everywhere; Llama-style models only where a Hugging Face class has them.
         let (_, key, message) = config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&["model.biases=[]"])));
         assert_eq!(key, "model.biases");

@@ -139,6 +139,21 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
         }
         other => panic!("expected a config error, got {other:?}"),
     }
+    // Without a config file, the built-in quickstart's own model gives way to the one read (as the README's
+    // fine-tuning command has it); keys set beside it still must agree.
+    let from_quickstart = |more: &str| {
+        let mut overrides = vec![format!("model.init=hf:{}", dir.display()), "model.block_size=32".into()];
+        overrides.extend(more.split_whitespace().map(str::to_string));
+        Config::load(None, &overrides)
+    };
+    let model = from_quickstart("").unwrap().model;
+    assert_eq!((model.arch.name(), model.n_layer, model.n_embd, model.block_size), ("llama", 2, 48, 32));
+    match from_quickstart("model.n_layer=3") {
+        Err(kiln_core::Error::Config { key, source, .. }) => {
+            assert_eq!((key.as_str(), source.as_str()), ("model.n_layer", "--set"))
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
     // Agreeing keys, and a shorter context, are fine.
     let config = config_from(&dir, "arch = \"llama\"\nn_layer = 2\nblock_size = 64\nrope_theta = 500000.0").unwrap();
     assert_eq!(config.model.block_size, 64);
@@ -176,6 +191,18 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
         std::fs::write(odd.join("config.json"), qwen2.replace(from, to)).unwrap();
         let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
         assert!(err.contains(key) && err.contains("config.json"), "{err}");
+    }
+    // A value out of range in config.json is config.json's, not the keys it fills in; rotary settings of the
+    // wrong type are refused, not taken for the default.
+    let llama = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    for (key, from, to) in [
+        ("model.n_kv_head", "\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"),
+        ("rope_parameters", "\"rope_parameters\": {", "\"rope_parameters\": 5, \"unused\": {"),
+    ] {
+        assert!(llama.contains(from), "{from}");
+        std::fs::write(odd.join("config.json"), llama.replacen(from, to, 1)).unwrap();
+        let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
+        assert!(err.contains(key) && err.starts_with(&odd.join("config.json").display().to_string()), "{err}");
     }
     let _ = std::fs::remove_dir_all(&odd);
 }
@@ -244,6 +271,7 @@ fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() 
         // Read back through model.init alone: the shape comes from config.json.
         let mut from_export = overrides.clone();
         from_export.push(format!("model.init=hf:{}", export.display()));
+        from_export.push(format!("model.block_size={}", config.model.block_size));
         let reread = Config::load(None, &from_export).unwrap();
         let expected = kiln_core::config::ModelConfig { init: reread.model.init.clone(), ..config.model.clone() };
         assert_eq!(reread.model, expected, "{name}: config.json states the whole model");

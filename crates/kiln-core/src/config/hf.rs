@@ -129,6 +129,9 @@ fn rotary(f: &Fields, biases: &[&str]) -> Result<toml::Table> {
     // transformers 5 keeps the rotary settings in rope_parameters; 4 in rope_theta and rope_scaling.
     let rope = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
     let rope_field = if f.get("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
+    if rope.is_some_and(|r| !r.is_object()) {
+        return Err(f.error(rope_field, "not an object"));
+    }
     let theta = match rope.and_then(|r| r.get("rope_theta")) {
         Some(t) => Some(t.as_f64().ok_or_else(|| f.error(rope_field, "rope_theta is not a number"))?),
         None => f.number("rope_theta")?,
@@ -153,7 +156,10 @@ fn rotary(f: &Fields, biases: &[&str]) -> Result<toml::Table> {
 
 /// `model.rope_scaling` of a rotary settings object: none for the default rotation, a table for Llama 3's.
 fn rope_scaling(f: &Fields, field: &str, rope: &Value) -> Result<Option<toml::Table>> {
-    let kind = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let kind = match rope.get("rope_type").or_else(|| rope.get("type")) {
+        None => "default",
+        Some(kind) => kind.as_str().ok_or_else(|| f.error(field, "rope_type is not a string"))?,
+    };
     match kind {
         "default" => Ok(None),
         "llama3" => {
