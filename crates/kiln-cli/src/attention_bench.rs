@@ -46,6 +46,14 @@ pub fn measure<B: Backend>(b: &mut B, d: AttentionDims, warmup: usize, reps: usi
     if let Some(problem) = d.problem() {
         return Err(kiln_core::Error::Usage(problem));
     }
+    // The largest tensor, the queries, keys and values, in f64 (which no size overflows); a hard limit of 2^40
+    // elements (4 TiB of fp32) leaves every size product below to fit a usize.
+    let width = (d.heads as f64 + 2.0 * d.kv_heads as f64) * d.head_dim as f64;
+    let qkv_elements = d.batch as f64 * d.time as f64 * width;
+    if [d.batch, d.heads, d.time, d.head_dim].contains(&0) || qkv_elements > (1u64 << 40) as f64 {
+        let shape = describe(&d);
+        return Err(kiln_core::Error::Usage(format!("{shape}: sizes must be at least 1 and the tensors below 2^40")));
+    }
     let (rows, c, w) = (d.batch * d.time, d.channels(), d.qkv_width());
     let qkv = b.alloc(rows * w, Role::Activation)?;
     let dout = b.alloc(rows * c, Role::Activation)?;

@@ -603,8 +603,13 @@ fn read_report(path: &Path) -> Result<Value> {
 }
 
 /// The number under `key` in `object`, or an error naming the baseline file and what it should have been.
+/// The rate `key` of a baseline report: a number above 0, since the run is judged by its ratio to it.
 fn number(object: &Value, key: &str, path: &Path, expected: &str) -> Result<f64> {
-    object[key].as_f64().ok_or_else(|| Error::data(path, format!("no number \"{key}\": not {expected}")))
+    let rate = object[key].as_f64().ok_or_else(|| Error::data(path, format!("no number \"{key}\": not {expected}")))?;
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(Error::data(path, format!("\"{key}\" is {rate}: a baseline's rate must be above 0")));
+    }
+    Ok(rate)
 }
 
 /// Where the baseline report of one `kiln bench` command keeps its rates: in the list `list`, one entry per

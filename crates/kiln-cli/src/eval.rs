@@ -51,8 +51,8 @@ pub fn run(args: Args) -> Result<()> {
         // A model's whole context (131,072 tokens for Llama 3.2) would be a costly default window.
         None => kiln_core::config::ModelConfig::from_hf_dir(checkpoint)?.0.block_size.min(DEFAULT_EVAL_WINDOW),
     };
-    if args.batch == 0 {
-        return Err(Error::Usage("--batch must be at least 1".into()));
+    if args.batch == 0 || time == 0 {
+        return Err(Error::Usage("--batch and --block-size must be at least 1".into()));
     }
     let dataset = Dataset::open_validation(&data, time)?;
     let scoring = Scoring {

@@ -29,9 +29,9 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "A training engine for GPT-style language models")]
 struct Cli {
-    /// Worker threads of the CPU engine (default: one per core).
-    #[arg(long, global = true)]
-    threads: Option<usize>,
+    /// Worker threads of the CPU engine (default: one per core; at most 4096).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let bar = log::init();
     if let Some(n) = cli.threads
-        && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global()
+        && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(usize::from(n)).build_global()
     {
         eprintln!("error: cannot start {n} threads: {e}");
         return ExitCode::from(1);

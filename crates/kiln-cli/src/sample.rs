@@ -45,6 +45,8 @@ pub fn run(args: Args) -> Result<()> {
         stop: None,
         kv_cache: !args.no_kv_cache,
     };
+    // Before an engine starts.
+    options.check()?;
     engine::on_engine(args.backend, Sampling { checkpoint: &args.checkpoint, prompt: &args.prompt, options: &options })
 }
 

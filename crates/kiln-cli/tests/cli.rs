@@ -342,6 +342,14 @@ fn bench_train_fails_only_when_slower_than_the_baseline() {
         &["bench", "train", "--backend", "cpu", "--baseline", &corrupt],
         &["corrupt.json", "not a report"],
     );
+    // A rate of 0 would pass any run, and a negative one fail none.
+    for rate in [0.0, -5.0] {
+        let nothing = baseline("nothing.json", rate);
+        expect_usage_error(
+            &["bench", "train", "--backend", "cpu", "--baseline", &nothing],
+            &["nothing.json", "above 0"],
+        );
+    }
     let missing = dir.join("missing.json").to_string_lossy().into_owned();
     expect_usage_error(&["bench", "train", "--backend", "cpu", "--baseline", &missing], &["missing.json"]);
     expect_usage_error(&["bench", "train", "--baseline", &slower, "--tolerance", "5"], &["--tolerance"]);
@@ -397,6 +405,9 @@ fn resume_picks_the_newest_checkpoint_and_says_when_there_is_none() {
     let err = stderr(&second);
     assert!(second.status.success(), "{err}");
     assert!(err.contains("resumed from") && err.contains("step_00000004") && err.contains("step      6/6"), "{err}");
+    // A run already at its last step has nothing left to train: saying so beats "done" after no step.
+    let done = more.iter().map(|a| if *a == "train.max_steps=6" { "train.max_steps=5" } else { a }).collect::<Vec<_>>();
+    expect_usage_error(&done, &["train.max_steps is 5", "step_00000006", "nothing is left to train"]);
     let empty = temp_dir("resume-empty");
     let set_empty = format!("train.out_dir={}", empty.display());
     expect_usage_error(&["train", "--backend", "cpu", "--resume", "--set", &set_empty], &["no complete checkpoint"]);
@@ -506,6 +517,16 @@ fn prepare_then_train_on_the_shards() {
     assert_eq!(text, greedy(&ckpt_s, false));
     assert_eq!(text, greedy(&export, true), "the export samples as the checkpoint does");
     expect_usage_error(&["sample", "--checkpoint", "/no/such/checkpoint"], &["/no/such/checkpoint"]);
+    // Options that pick no token, and a prompt longer than the context (block_size 32), are usage errors, before any
+    // text is printed.
+    for (option, value) in [("--temperature", "nan"), ("--temperature", "-1"), ("--top-k", "0"), ("--top-p", "1.5")] {
+        let set = format!("{option}={value}");
+        expect_usage_error(&["sample", "--checkpoint", &ckpt_s, "--backend", "cpu", &set], &[option]);
+    }
+    let long = "to be ".repeat(40);
+    let out = kiln(&["sample", "--checkpoint", &ckpt_s, "--backend", "cpu", "--prompt", &long]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("longer than the model's context of 32") && out.stdout.is_empty());
 }
 
 #[test]

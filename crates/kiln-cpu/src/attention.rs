@@ -123,7 +123,15 @@ struct Workspace<'a, T> {
 /// Scratch elements per thread.
 fn workspace_len(d: &AttentionDims) -> usize {
     let (tp, hp) = (round_up(d.time), round_up(d.head_dim));
-    6 * tp * hp + 3 * tp * tp + tp + ROWS * tp.max(hp)
+    // Saturating: a workspace too large to count is one no allocator gives, which the engine reports as such.
+    [
+        6usize.saturating_mul(tp).saturating_mul(hp),
+        3usize.saturating_mul(tp).saturating_mul(tp),
+        tp,
+        ROWS.saturating_mul(tp.max(hp)),
+    ]
+    .into_iter()
+    .fold(0, usize::saturating_add)
 }
 
 impl<'a, T: Real> Workspace<'a, T> {
@@ -145,7 +153,7 @@ impl<'a, T: Real> Workspace<'a, T> {
 
 /// Scratch elements for `threads` workers.
 pub fn scratch_len(d: &AttentionDims, threads: usize) -> usize {
-    threads * workspace_len(d)
+    threads.saturating_mul(workspace_len(d))
 }
 
 /// Splits the batch into at most `threads` runs of whole batch elements, one workspace each.

@@ -200,11 +200,19 @@ impl<T: Real> CpuBackend<T> {
         Ok(total)
     }
 
-    fn scratch(&mut self, len: usize) -> Vec<T> {
+    /// A zeroed working buffer of `len` elements (reusing the last one's memory); more than the host can give is an
+    /// out-of-memory error.
+    fn scratch(&mut self, len: usize) -> Result<Vec<T>> {
         let mut s = std::mem::take(&mut self.scratch);
         s.clear();
+        s.try_reserve_exact(len).map_err(|_| self.out_of_memory(len.saturating_mul(std::mem::size_of::<T>())))?;
         s.resize(len, T::zero());
-        s
+        Ok(s)
+    }
+
+    fn out_of_memory(&self, bytes: usize) -> Error {
+        let message = format!("cannot allocate {:.1} GiB", bytes as f64 / (1u64 << 30) as f64);
+        Error::OutOfMemory { backend: self.name(), message }
     }
 }
 
@@ -267,10 +275,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         // probe reserves address space only; `vec!` then takes zeroed pages as it would have.
         let bytes = len.saturating_mul(if role == Role::Index { 4 } else { std::mem::size_of::<T>() });
         if Vec::<u8>::new().try_reserve_exact(bytes).is_err() {
-            return Err(Error::OutOfMemory {
-                backend: self.name(),
-                message: format!("cannot allocate {:.1} GiB for {len} numbers", bytes as f64 / (1u64 << 30) as f64),
-            });
+            return Err(self.out_of_memory(bytes));
         }
         self.allocations.push(match role {
             Role::Index => Allocation::Index(vec![0; len].into_boxed_slice()),
@@ -678,7 +683,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
         self.check(op, &[(out, rows * c), (lse, d.batch * d.heads * d.time)], &[(qkv, rows * d.qkv_width())])?;
         let threads = rayon::current_num_threads();
-        let mut scratch = self.scratch(attention::scratch_len(&d, threads));
+        let mut scratch = self.scratch(attention::scratch_len(&d, threads))?;
         // SAFETY: checked above.
         unsafe { attention::forward(self.write(out), self.write(lse), self.read(qkv), d, &mut scratch, threads) };
         self.scratch = scratch;
@@ -700,7 +705,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             &[(dout, rows * c), (qkv, rows * w), (out, rows * c), (lse, d.batch * d.heads * d.time)],
         )?;
         let threads = rayon::current_num_threads();
-        let mut scratch = self.scratch(attention::scratch_len(&d, threads));
+        let mut scratch = self.scratch(attention::scratch_len(&d, threads))?;
         // SAFETY: checked above.
         unsafe {
             attention::backward(
@@ -735,7 +740,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             return Err(self.invalid(op, problem));
         }
         self.check(op, &[(out, c)], &[(qkv, d.time * d.qkv_width())])?;
-        let mut scores = self.scratch(d.time);
+        let mut scores = self.scratch(d.time)?;
         // SAFETY: checked above.
         unsafe { attention::decode(self.write(out), self.read(qkv), pos, d, &mut scores) };
         self.scratch = scores;

@@ -51,6 +51,16 @@ impl Codec {
         }
     }
 
+    /// The number of ids the tokenizer gives: one more than the largest.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Codec::Char { chars, end_of_text } => chars.vocab_size().max(end_of_text.map_or(0, |e| e as usize + 1)),
+            Codec::Gpt2 => 50257,
+            Codec::Byte => 257,
+            Codec::Hf(hf) => hf.vocab_size(),
+        }
+    }
+
     /// The token that ends a document, where the tokenizer has one.
     pub fn end_of_text(&self) -> Option<u32> {
         match self {

@@ -61,6 +61,23 @@ pub struct SampleOptions {
     pub kv_cache: bool,
 }
 
+impl SampleOptions {
+    /// A usage error unless the options pick tokens: a temperature of 0 or more, `top_k` at least 1, `top_p` above 0
+    /// and at most 1.
+    pub fn check(&self) -> Result<()> {
+        let problem = if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            format!("--temperature {} must be a finite number, 0 or above", self.temperature)
+        } else if self.top_k == Some(0) {
+            "--top-k must be at least 1".to_string()
+        } else if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            format!("--top-p {p} must be above 0 and at most 1")
+        } else {
+            return Ok(());
+        };
+        Err(Error::Usage(problem))
+    }
+}
+
 /// Extends `prompt` (one sequence) by up to `max_new_tokens`, handing each new token to `on_token` as soon as
 /// it exists. Stops at `stop` or when the context reaches `block_size`.
 pub fn sample<B: Backend + ?Sized>(
@@ -71,6 +88,7 @@ pub fn sample<B: Backend + ?Sized>(
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
     use rand::{RngExt, SeedableRng};
+    o.check()?;
     let block = model.spec.block_size;
     if prompt.is_empty() || prompt.len() > block {
         return Err(Error::Invalid(format!("a prompt of {} tokens: it needs 1 to block_size = {block}", prompt.len())));

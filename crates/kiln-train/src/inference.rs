@@ -32,19 +32,32 @@ impl<B: Backend> Inference<B> {
     pub fn open(dir: &Path, mut backend: B, request: Request) -> Result<Self> {
         let (mut config, vocab) = ModelConfig::from_hf_dir(dir)?;
         let codec = Codec::load(dir)?;
+        if let Some(codec) = codec.as_ref().filter(|c| c.vocab_size() > vocab) {
+            let message = format!(
+                "its tokenizer ({}) has {} tokens, more than the model's vocabulary of {vocab}",
+                codec.name(),
+                codec.vocab_size()
+            );
+            return Err(Error::data(dir, message));
+        }
+        let context = config.block_size;
         let (batch, time) = match request {
             Request::Sample { prompt, new_tokens } => {
                 let prompt_tokens = match &codec {
                     Some(codec) => codec.encode(prompt)?.len().max(1),
                     None => return Err(no_tokenizer(dir)),
                 };
-                (1, (prompt_tokens + new_tokens).min(config.block_size))
+                if prompt_tokens > context {
+                    let message =
+                        format!("a prompt of {prompt_tokens} tokens is longer than the model's context of {context}");
+                    return Err(Error::Usage(message));
+                }
+                (1, prompt_tokens.saturating_add(new_tokens).min(context))
             }
-            Request::Score { batch, time } if time <= config.block_size => (batch, time),
+            Request::Score { batch, time } if (1..=context).contains(&time) => (batch, time),
             Request::Score { time, .. } => {
                 return Err(Error::Usage(format!(
-                    "windows of {time} tokens are longer than the model's context of {}",
-                    config.block_size
+                    "windows of {time} tokens: the model's context holds 1 to {context}"
                 )));
             }
         };
