@@ -187,9 +187,18 @@ impl JobArgs {
     /// cannot run is a usage error saying what to write instead.
     pub fn job(&self, engine: Engine) -> Result<Job> {
         // A launcher's variables place this process in a job of several: one rank, one GPU, NCCL.
-        let placement = kiln_dist::env::detect_from_process_env()?.filter(|p| p.world > 1);
+        let launched = kiln_dist::env::detect_from_process_env()?;
         let ranks = usize::from(self.ranks);
         let gpus = self.gpus.as_deref().map(parse_gpus).transpose()?;
+        // A launcher's job of one process is fine (a script written for N nodes, run on one); none at all is not.
+        if let (Some(rendezvous), None) = (&self.rendezvous, &launched) {
+            return Err(Error::Usage(format!(
+                "--rendezvous {rendezvous}: nothing in the environment places this process in a job of several (RANK \
+                 and WORLD_SIZE from torchrun or kiln launch, Slurm's or Open MPI's variables); start it with a \
+                 launcher, or leave --rendezvous out"
+            )));
+        }
+        let placement = launched.filter(|p| p.world > 1);
         match (engine, placement) {
             (Engine::Cpu, Some(p)) => Err(Error::Usage(format!(
                 "{} places this process in a job of {} processes, which needs GPUs (NCCL); the CPU engine runs \

@@ -36,6 +36,8 @@ fn build(mut archs: Vec<String>) -> Result<()> {
             return Err(Error::Usage("no GPU found; name an architecture with --arch, e.g. --arch sm_90a".into()));
         }
     }
+    // Before NVRTC is looked for: a typo is the first thing to hear about.
+    archs.iter().try_for_each(|arch| kiln_cuda::compile::check_arch(arch))?;
     let compiler = Compiler::new()?;
     println!("cache: {}", compiler.cache_dir().display());
     for arch in &archs {

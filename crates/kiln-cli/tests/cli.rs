@@ -101,6 +101,15 @@ fn config_errors_name_the_key_and_the_file() {
 
     expect_usage_error(&["train", "--set", "train.micro_batch=0"], &["--set", "train.micro_batch"]);
     expect_usage_error(&["train", "--set", "optim.lrr=1"], &["--set", "optim.lrr", "unknown key"]);
+    // Paths and flags that cannot be what was meant.
+    let file = write(&dir, "a-file", "");
+    let inside = format!("train.out_dir={file}/run");
+    expect_usage_error(&["train", "--backend", "cpu", "--set", &inside], &["train.out_dir", "is a file"]);
+    expect_usage_error(
+        &["train", "--backend", "cpu", "--rendezvous", "tcp://127.0.0.1:1"],
+        &["--rendezvous", "launcher"],
+    );
+    expect_usage_error(&["info", "--threads", "100000"], &["--threads"]);
     expect_usage_error(&["train", "--config", "/no/such/config.toml"], &["/no/such/config.toml"]);
 }
 

@@ -711,7 +711,10 @@ impl Config {
                 model.retain(|key, _| overridden.contains(&format!("model.{key}")));
             }
         }
-        let source_of = |key: &str| if overridden.contains(key) { SET_SOURCE } else { source }.to_string();
+        // A key inside a value that --set gave (model.rope_scaling.type of --set model.rope_scaling={...}) is --set's.
+        let set_here =
+            |key: &str| key.match_indices('.').map(|(i, _)| &key[..i]).chain([key]).any(|k| overridden.contains(k));
+        let source_of = |key: &str| if set_here(key) { SET_SOURCE } else { source }.to_string();
         // A model read from Hugging Face brings its shape: config.json fills in the [model] keys not given.
         let hf = hf_init_config(&table).map(|path| hf::model_table(&path).map(|(t, _)| (path, t))).transpose()?;
         // Its own problems first, so that they name config.json rather than the keys it fills in here.
@@ -812,7 +815,9 @@ impl Config {
         let divides = |n: usize, d: usize| n.checked_rem(d).is_none_or(|r| r == 0);
         let checks = [
             (
-                m.init.as_deref().is_none_or(|i| i.starts_with("hf:") || i.starts_with("llmc:")),
+                m.init.as_deref().is_none_or(|i| {
+                    i.strip_prefix("hf:").or_else(|| i.strip_prefix("llmc:")).is_some_and(|path| !path.is_empty())
+                }),
                 "model.init",
                 "must be hf:DIR or llmc:FILE".to_string(),
             ),
@@ -902,7 +907,8 @@ impl Config {
 /// `DIR/config.json` of a `model.init = "hf:DIR"`, if the table has one.
 fn hf_init_config(table: &toml::Table) -> Option<std::path::PathBuf> {
     let init = table.get("model")?.get("init")?.as_str()?;
-    Some(Path::new(init.strip_prefix("hf:")?).join("config.json"))
+    // An empty directory is model.init's problem, which validation reports.
+    Some(Path::new(init.strip_prefix("hf:").filter(|dir| !dir.is_empty())?).join("config.json"))
 }
 
 /// Turns a TOML syntax error into a one-line message with the line and column, rather than toml's multi-line
@@ -978,10 +984,19 @@ fn describe_serde_error(error: &serde_path_to_error::Error<toml::de::Error>) -> 
         };
     }
     // serde names the Rust types; say what they are in TOML.
-    let message = message
-        .replace("expected usize", "expected an integer, 0 or above")
-        .replace("expected u64", "expected an integer, 0 or above")
-        .replace("expected f32", "expected a number");
+    let mut message = [
+        ("expected usize", "expected an integer, 0 or above"),
+        ("expected u64", "expected an integer, 0 or above"),
+        ("expected u32", "expected an integer from 0 to 4294967295"),
+        ("expected u8", "expected an integer from 0 to 255"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+    ]
+    .iter()
+    .fold(message.to_string(), |m, (rust, toml)| m.replace(rust, toml));
+    if let Some(at) = message.find("expected struct ") {
+        message.replace_range(at.., "expected a table");
+    }
     (path, message)
 }
 
@@ -1351,9 +1366,22 @@ mod tests {
             ("model.n_layer=100000000000", "model.n_layer"),
             ("train.total_batch_tokens=13000000000000", "train.total_batch_tokens"),
             ("train.guard.window=9223372036854775807", "train.guard.window"),
+            ("model.init=hf:", "model.init"),
+            ("model.init=llmc:", "model.init"),
         ] {
             assert_eq!(config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&[huge]))).1, key);
         }
+        // Types said as TOML has them, not as Rust does; a key inside a table that --set gave is --set's.
+        for (wrong, said) in [("dist.zero=256", "an integer from 0 to 255"), ("train.guard=1", "expected a table")] {
+            let message = config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&[wrong]))).2;
+            assert!(message.contains(said), "{wrong}: {message}");
+        }
+        let (source, key, _) = config_error(Config::from_toml_str(
+            MINIMAL,
+            "my.toml",
+            &set(&["model.arch=llama", "model.rope_scaling={ factor = 8.0 }"]),
+        ));
+        assert_eq!((source.as_str(), key.as_str()), ("--set", "model.rope_scaling.type"));
         // Biases: GPT-2 has them everywhere; Llama-style models only where a Hugging Face class has them.
         let (_, key, message) = config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&["model.biases=[]"])));
         assert_eq!(key, "model.biases");

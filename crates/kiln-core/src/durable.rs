@@ -21,6 +21,16 @@ pub fn publish(written: &Path, to: &Path) -> Result<()> {
     sync_directory(parent)
 }
 
+/// Creates the directory `dir` and any above it that are missing. A file where a directory must be is a usage
+/// error naming `what` the user called it (`train.out_dir`, `--out`), since it can only be a wrong path.
+pub fn create_dir(dir: &Path, what: &str) -> Result<()> {
+    if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
+        let message = format!("{what} = {}: {} is a file, not a directory", dir.display(), file.display());
+        return Err(Error::Usage(message));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
 /// Writes `bytes` to a temporary file beside `path` and [`publish`]es it as `path`: readers see the old file or
 /// the new one, never part of one.
 pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -99,6 +109,23 @@ mod tests {
         assert_eq!(names(&dir), ["step"]);
         assert_eq!(names(&dir.join("step")), ["a.json", "inner"]);
         assert_eq!(std::fs::read(dir.join("step/inner/b.bin")).unwrap(), [1, 2, 3]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_where_a_file_is_is_a_usage_error_naming_the_setting() {
+        let dir = scratch("in-the-way");
+        std::fs::write(dir.join("file"), "mine").unwrap();
+        for wanted in [dir.join("file"), dir.join("file/run")] {
+            match create_dir(&wanted, "train.out_dir") {
+                Err(Error::Usage(message)) => {
+                    assert!(message.starts_with("train.out_dir = ") && message.contains("is a file"), "{message}")
+                }
+                other => panic!("expected a usage error, got {other:?}"),
+            }
+        }
+        create_dir(&dir.join("a/b"), "train.out_dir").unwrap();
+        assert!(dir.join("a/b").is_dir());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -77,11 +77,7 @@ impl Compiler {
 
     /// The kernel file compiled for `arch` (e.g. `sm_90a`), from the cache when it is there.
     pub fn compile(&self, kernel: &KernelSource, arch: &str, precision: Precision) -> Result<Compiled> {
-        if !arch.starts_with("sm_") || arch.len() < 5 {
-            return Err(Error::Usage(format!(
-                "architecture {arch:?}: expected a real architecture such as sm_80 or sm_90a"
-            )));
-        }
+        check_arch(arch)?;
         let source = format!(
             "#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"mma.cuh\"\n{MMA}\n#line 1 \"{}.cu\"\n{}",
             kernel.name, kernel.source
@@ -140,6 +136,15 @@ impl Compiler {
             out
         }
     }
+}
+
+/// A usage error unless `arch` names a real architecture (`sm_80`, `sm_90a`), which NVRTC compiles CUBINs for.
+pub fn check_arch(arch: &str) -> Result<()> {
+    let digits = arch.strip_prefix("sm_").map(|rest| rest.trim_end_matches('a'));
+    if digits.is_some_and(|d| d.len() >= 2 && d.chars().all(|c| c.is_ascii_digit())) {
+        return Ok(());
+    }
+    Err(Error::Usage(format!("architecture {arch:?}: expected a real architecture such as sm_80 or sm_90a")))
 }
 
 fn c_text(chars: &[std::ffi::c_char]) -> String {
@@ -355,6 +360,16 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_real_architectures_are_compiled_for() {
+        for arch in ["sm_80", "sm_90a", "sm_100a", "sm_120"] {
+            check_arch(arch).unwrap();
+        }
+        for arch in ["bogus", "sm_", "sm_9", "compute_90", "sm_90x", "SM_90"] {
+            assert!(matches!(check_arch(arch), Err(Error::Usage(_))), "{arch}");
+        }
+    }
 
     #[test]
     fn reads_ptxas_reports() {

@@ -304,7 +304,7 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
     }
     let val_cut = ((1.0 - options.val_fraction) * total as f64) as u64;
     let out = &options.out;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    durable::create_dir(out, "--out")?;
     let meta_path = out.join("meta.json");
     let _ = std::fs::remove_file(&meta_path);
     // A character vocabulary is the input's character set: one pass to find it before the pass that encodes.

@@ -84,7 +84,7 @@ impl Metrics {
     /// Creates `dir` and saves the resolved configuration there. A fresh run (`from_step` 0) starts a new
     /// `metrics.jsonl`; a resumed one keeps the lines up to `from_step`'s (the steps after it run again).
     pub fn create(dir: &Path, config: &Config, from_step: u64) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        durable::create_dir(dir, "train.out_dir")?;
         durable::write(&dir.join("config.toml"), config.to_toml_string().as_bytes())?;
         let path = dir.join("metrics.jsonl");
         let kept = match (from_step, std::fs::read_to_string(&path)) {
