@@ -95,6 +95,14 @@ fn tokenization(choice: TokenizerChoice, eos_token: Option<&str>) -> Result<Toke
 /// Tokenises the inputs into shards, showing progress on a terminal through `bar`, and logs what it wrote and how
 /// fast.
 pub fn run(args: Args, bar: log::ProgressSlot) -> Result<()> {
+    // The library takes 0 (its tests compare whole tokenisations); a dataset without validation shards is one that
+    // neither kiln train nor kiln eval can use.
+    if args.val_fraction <= 0.0 {
+        return Err(Error::Usage(format!(
+            "--val-fraction {} must be above 0: training validates on the held-out split, and kiln eval scores it",
+            args.val_fraction
+        )));
+    }
     let options = PrepareOptions {
         tokenizer: tokenization(args.tokenizer, args.eos_token.as_deref())?,
         inputs: args.inputs,

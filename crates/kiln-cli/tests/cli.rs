@@ -465,6 +465,8 @@ fn prepare_then_train_on_the_shards() {
     assert!(trained.status.success(), "{err}");
     assert!(err.contains("vocabulary 50257"), "{err}");
     expect_usage_error(&["prepare", "--input", "/no/such/input.txt", "--out", &out_s], &["/no/such/input.txt"]);
+    let no_val = dir.join("no-val").to_string_lossy().into_owned();
+    expect_usage_error(&["prepare", "--input", &input, "--out", &no_val, "--val-fraction", "0"], &["--val-fraction"]);
 
     // The checkpoint scores the validation split, and exports as a model-only directory.
     let ckpt = dir.join("run/checkpoints/step_00000003");

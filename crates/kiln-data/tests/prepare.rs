@@ -287,7 +287,7 @@ fn a_meta_json_with_an_empty_split_or_another_tokenizer_s_vocabulary_is_refused_
         changed[key] = value;
         std::fs::write(&meta_path, changed.to_string()).unwrap();
     };
-    // kiln prepare --val-fraction 0 writes no validation shards; training or evaluating on them would sample nothing.
+    // No validation shards (the library prepares such a dataset at a validation fraction of 0): nothing to sample.
     with("val", serde_json::json!([]));
     for open in [Dataset::open, Dataset::open_validation] {
         let msg = data_error(open(&cfg, 4));
