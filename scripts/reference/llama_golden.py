@@ -11,8 +11,8 @@ directory, and next to it `golden.safetensors` with a fixed batch and what trans
 
 The cases cover the checkpoint variants kiln has to read: tied embeddings with the legacy transformers-4
 config keys (rope_theta, rope_scaling); untied bf16 weights with the transformers-5 `rope_parameters`; Llama-3
-RoPE scaling in a sharded checkpoint; Llama with biases on every linear layer (attention_bias, mlp_bias); and
-Qwen2, whose query/key/value projections alone have biases. Rust tests in crates/kiln-train/tests/ load these files.
+RoPE scaling in a sharded checkpoint; Llama with biases on every linear layer (attention_bias, mlp_bias);
+Qwen2, whose query/key/value projections alone have biases; and Mistral without a sliding window. Rust tests in crates/kiln-train/tests/ load these files.
 
 Needs torch, transformers and safetensors (CPU is enough). From the repository root:
 
@@ -30,7 +30,14 @@ import os
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 B, T = 2, 9
 VOCAB = 67
@@ -70,12 +77,19 @@ CASES = {
     "untied_theta5e5_bf16": dict(seed=2, tie=False, rope=dict(rope_type="default", rope_theta=500000.0), bf16=True),
     "llama3_scaling_sharded": dict(seed=3, tie=False, rope=LLAMA3_SCALING, shard="80KB"),
     "biases_untied": dict(seed=4, tie=False, rope=dict(rope_type="default", rope_theta=10000.0), biases=True),
-    "qwen2_tied": dict(seed=5, tie=True, rope=dict(rope_type="default", rope_theta=1000000.0), qwen2=True),
+    "qwen2_tied": dict(seed=5, tie=True, rope=dict(rope_type="default", rope_theta=1000000.0), family="qwen2"),
+    "mistral_untied": dict(seed=6, tie=False, rope=dict(rope_type="default", rope_theta=1000000.0), family="mistral"),
+}
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
 }
 
 
 def family(case):
-    return (Qwen2Config, Qwen2ForCausalLM) if case.get("qwen2") else (LlamaConfig, LlamaForCausalLM)
+    return FAMILIES[case.get("family", "llama")]
 
 
 def check_llama3_bands(rope, head_dim):
@@ -96,9 +110,14 @@ def check_llama3_bands(rope, head_dim):
 def build(case):
     config_class, model_class = family(case)
     base = dict(BASE)
-    if case.get("qwen2"):
+    if case.get("family") == "qwen2":
         # Qwen2 has biases on q, k and v whatever the config says, and no keys for them.
         del base["attention_bias"], base["mlp_bias"]
+    elif case.get("family") == "mistral":
+        # Mistral has no biases and no keys for them; its sliding window (4096 unless told) is turned off, as in
+        # Mistral 7B v0.2 and later.
+        del base["attention_bias"], base["mlp_bias"]
+        base["sliding_window"] = None
     elif case.get("biases"):
         base.update(attention_bias=True, mlp_bias=True)
     config = config_class(

@@ -3,7 +3,8 @@
 //! Golden files (tests/golden/, made by scripts/reference/llama_golden.py with transformers): tiny
 //! `LlamaForCausalLM` checkpoints (grouped-query attention 4:2; tied and untied heads; rope_theta 1e4 and 5e5;
 //! Llama 3 scaling; fp32, bf16 and sharded files; transformers 4's and 5's config spellings; biases on every linear
-//! layer) and a `Qwen2ForCausalLM` (biases on q, k and v; theta 1e6), each with a batch and
+//! layer), a `Qwen2ForCausalLM` (biases on q, k and v; theta 1e6) and a `MistralForCausalLM` (no sliding window),
+//! each with a batch and
 //! the logits, loss and every parameter's gradient transformers computed for it. kiln loads each through
 //! `model.init = "hf:DIR"` alone, taking the shape from config.json, and must match them.
 
@@ -81,6 +82,7 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         ("llama3_scaling_sharded", &[], 21),
         ("biases_untied", &Linear::ALL, 21 + 2 * 7),
         ("qwen2_tied", &[Linear::Qkv], 20 + 2 * 3),
+        ("mistral_untied", &[], 21),
     ];
     for (case, biases, tensor_count) in cases {
         let dir = golden_dir(case);
@@ -191,6 +193,18 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
         std::fs::write(odd.join("config.json"), qwen2.replace(from, to)).unwrap();
         let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
         assert!(err.contains(key) && err.contains("config.json"), "{err}");
+    }
+    // Mistral's sliding window, unless it is off or spans the whole context (256 tokens here; absent, it is
+    // MistralConfig's 4096).
+    let mistral = std::fs::read_to_string(golden_dir("mistral_untied").join("config.json")).unwrap();
+    for (to, refused) in
+        [("\"sliding_window\": 64", true), ("\"sliding_window\": 256", false), ("\"unused\": 0", false)]
+    {
+        std::fs::write(odd.join("config.json"), mistral.replace("\"sliding_window\": null", to)).unwrap();
+        match config_from(&odd, "block_size = 16") {
+            Err(e) => assert!(refused && e.to_string().contains("sliding_window"), "{to}: {e}"),
+            Ok(config) => assert!(!refused && config.model.arch.name() == "llama", "{to}"),
+        }
     }
     // A value out of range in config.json is config.json's, not the keys it fills in; rotary settings of the
     // wrong type are refused, not taken for the default.

@@ -1,5 +1,6 @@
 //! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`,
-//! `Qwen2ForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there.
+//! `Qwen2ForCausalLM`, `MistralForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its
+//! shape from there. kiln writes a Mistral back as the Llama it is, once its sliding window is off.
 //!
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
 //! transformers 5's `rope_parameters`, which holds both.
@@ -18,10 +19,11 @@ pub(super) fn model_table(path: &Path) -> Result<(toml::Table, usize)> {
         "gpt2" => gpt2(&fields),
         "llama" => llama(&fields),
         "qwen2" => qwen2(&fields),
+        "mistral" => mistral(&fields),
         other => Err(Error::data(
             path,
             format!(
-                "model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\", \"qwen2\") models"
+                "model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\", \"qwen2\", \"mistral\") models"
             ),
         )),
     }?;
@@ -115,6 +117,26 @@ fn qwen2(f: &Fields) -> Result<toml::Table> {
         }
     }
     rotary(f, &["qkv"])
+}
+
+/// Mistral is Llama without biases, but for a sliding window of attention (MistralConfig's default 4096), which
+/// kiln does not have: turned off (null, as from Mistral 7B v0.2 on), or no shorter than the context, it changes
+/// nothing.
+fn mistral(f: &Fields) -> Result<toml::Table> {
+    let window = match f.json.get("sliding_window") {
+        None => Some(4096),
+        Some(Value::Null) => None,
+        Some(w) => Some(w.as_i64().ok_or_else(|| f.error("sliding_window", "not a whole number or null"))?),
+    };
+    let context = f.required_count("max_position_embeddings")?;
+    if let Some(window) = window.filter(|&w| w < context) {
+        let message = format!(
+            "{window} tokens, shorter than the context of {context}: kiln has no sliding-window attention (it is \
+             null from Mistral 7B v0.2 on)"
+        );
+        return Err(f.error("sliding_window", &message));
+    }
+    rotary(f, &[])
 }
 
 /// The `[model]` table of a Llama-style model whose layer groups `biases` (`model.biases`'s names) have biases.
