@@ -1,7 +1,8 @@
 """Golden files for kiln's Llama-style support, made with Hugging Face transformers.
 
-Builds tiny LlamaForCausalLM and Qwen2ForCausalLM models (fp32, CPU, eager attention), saves each one as a Hugging Face checkpoint
-directory, and next to it `golden.safetensors` with a fixed batch and what transformers computes for it:
+Builds tiny LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM models (fp32, CPU, eager attention), saves
+each one as a Hugging Face checkpoint directory, and next to it `golden.safetensors` with a fixed batch and what
+transformers computes for it:
 
     input_ids  int64 [B, T]       random token ids
     targets    int64 [B, T]       random next-token targets
@@ -9,10 +10,11 @@ directory, and next to it `golden.safetensors` with a fixed batch and what trans
     loss       f32   [1]          mean cross-entropy of logits against targets over all B·T positions
     grad.<name> f32               d loss / d parameter, for every name in model.named_parameters()
 
-The cases cover the checkpoint variants kiln has to read: tied embeddings with the legacy transformers-4
-config keys (rope_theta, rope_scaling); untied bf16 weights with the transformers-5 `rope_parameters`; Llama-3
-RoPE scaling in a sharded checkpoint; Llama with biases on every linear layer (attention_bias, mlp_bias);
-Qwen2, whose query/key/value projections alone have biases; and Mistral without a sliding window. Rust tests in crates/kiln-train/tests/ load these files.
+The cases cover the checkpoint variants kiln has to read: tied embeddings with the legacy transformers-4 config keys
+(rope_theta, rope_scaling); untied bf16 weights with the transformers-5 `rope_parameters`; Llama-3 RoPE scaling in a
+sharded checkpoint; Llama with biases on every linear layer (attention_bias, mlp_bias); Qwen2, whose query/key/value
+projections alone have biases; and Mistral without a sliding window. Rust tests in crates/kiln-train/tests/ load
+these files.
 
 Needs torch, transformers and safetensors (CPU is enough). From the repository root:
 

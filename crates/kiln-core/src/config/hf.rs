@@ -23,7 +23,8 @@ pub(super) fn model_table(path: &Path) -> Result<(toml::Table, usize)> {
         other => Err(Error::data(
             path,
             format!(
-                "model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\", \"qwen2\", \"mistral\") models"
+                "model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\", \"qwen2\", \
+                 \"mistral\") models"
             ),
         )),
     }?;
