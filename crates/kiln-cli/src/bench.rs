@@ -207,7 +207,9 @@ fn train(config: &ConfigArgs, backend: BackendChoice, run: TrainRun, output: &Re
     }
     // Read before measuring, so that a bad baseline fails at once rather than after the run.
     let baseline = match &output.baseline {
-        Some(path) => Some(number(&read_report(path)?, "tokens_per_s", path, "a `kiln bench train --json` report")?),
+        Some(path) => {
+            Some(baseline_rate(&read_report(path)?, "tokens_per_s", path, "a `kiln bench train --json` report")?)
+        }
         None => None,
     };
     let report = engine::on_engine(backend, TrainSteps { config: &config, run })?;
@@ -602,9 +604,9 @@ fn read_report(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| Error::data(path, format!("not a report written by --json: {e}")))
 }
 
-/// The number under `key` in `object`, or an error naming the baseline file and what it should have been.
-/// The rate `key` of a baseline report: a number above 0, since the run is judged by its ratio to it.
-fn number(object: &Value, key: &str, path: &Path, expected: &str) -> Result<f64> {
+/// The rate under `key` in `object`, part of the baseline report at `path`: a number above 0, since the run is
+/// judged by its ratio to it. Anything else is an error naming the file and what it should have been.
+fn baseline_rate(object: &Value, key: &str, path: &Path, expected: &str) -> Result<f64> {
     let rate = object[key].as_f64().ok_or_else(|| Error::data(path, format!("no number \"{key}\": not {expected}")))?;
     if !(rate.is_finite() && rate > 0.0) {
         return Err(Error::data(path, format!("\"{key}\" is {rate}: a baseline's rate must be above 0")));
@@ -636,7 +638,7 @@ fn baseline_rates(report: &Value, path: &Path, rows: &BaselineRows, measured: &[
                 .iter()
                 .find(|e| &e[rows.key] == wanted)
                 .ok_or_else(|| Error::data(path, format!("the baseline has no {name}")))?;
-            number(entry, rows.field, path, &expected)
+            baseline_rate(entry, rows.field, path, &expected)
         })
         .collect()
 }

@@ -102,11 +102,12 @@ fn run_training(
             if summary.rollbacks.len() == 1 { "" } else { "s" }
         );
     }
-    tracing::info!(
-        "done: {} steps, median {:.0} tokens/s; metrics in {}",
-        summary.steps,
-        summary.tokens_per_s,
-        PathBuf::from(&config.train.out_dir).join("metrics.jsonl").display()
-    );
+    let metrics = PathBuf::from(&config.train.out_dir).join("metrics.jsonl");
+    if summary.first_step == summary.steps {
+        tracing::info!("done: the run was already at step {}, train.max_steps; nothing was trained", summary.steps);
+    } else {
+        let (steps, rate) = (summary.steps, summary.tokens_per_s);
+        tracing::info!("done: {steps} steps, median {rate:.0} tokens/s; metrics in {}", metrics.display());
+    }
     Ok(())
 }

@@ -482,7 +482,10 @@ fn prepare_then_train_on_the_shards() {
     // The export works in a directory of its own: a user's directory beside it stays.
     std::fs::create_dir_all(dir.join("export.tmp")).unwrap();
     std::fs::write(dir.join("export.tmp/keep.txt"), "mine").unwrap();
+    // What a killed export to the same place left goes.
+    std::fs::create_dir_all(dir.join(".export.tmp-export-4000000")).unwrap();
     assert!(kiln(&["export", "--checkpoint", &ckpt_s, "--out", &export]).status.success());
+    assert!(!dir.join(".export.tmp-export-4000000").exists());
     assert!(dir.join("export/model.safetensors").is_file() && dir.join("export/config.json").is_file());
     assert!(dir.join("export/kiln_tokenizer.json").is_file(), "the export names its tokenizer (GPT-2's)");
     assert!(!dir.join("export/optimizer.safetensors").exists());

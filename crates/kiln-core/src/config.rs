@@ -71,18 +71,18 @@ const MAX_BATCH_TOKENS: usize = 1 << 30;
 const MAX_GUARD_WINDOW: usize = 1_000_000;
 
 /// The sets of biased layers of transformers' Llama-style models, and whose they are.
-const LLAMA_BIASES: [(&[Linear], &str); 5] = [
+const LLAMA_BIASES: [(&[LinearGroup], &str); 5] = [
     (&[], "Llama"),
-    (&[Linear::Qkv], "Qwen2"),
-    (&[Linear::Qkv, Linear::Proj], "Llama with attention_bias"),
-    (&[Linear::Mlp], "Llama with mlp_bias"),
-    (&[Linear::Qkv, Linear::Proj, Linear::Mlp], "Llama with both"),
+    (&[LinearGroup::Qkv], "Qwen2"),
+    (&[LinearGroup::Qkv, LinearGroup::Proj], "Llama with attention_bias"),
+    (&[LinearGroup::Mlp], "Llama with mlp_bias"),
+    (&[LinearGroup::Qkv, LinearGroup::Proj, LinearGroup::Mlp], "Llama with both"),
 ];
 
 /// A group of linear layers that may have biases (`model.biases`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Linear {
+pub enum LinearGroup {
     /// Attention's query, key and value projections.
     Qkv,
     /// Attention's output projection.
@@ -91,20 +91,20 @@ pub enum Linear {
     Mlp,
 }
 
-impl Linear {
-    pub const ALL: [Linear; 3] = [Linear::Qkv, Linear::Proj, Linear::Mlp];
+impl LinearGroup {
+    pub const ALL: [LinearGroup; 3] = [LinearGroup::Qkv, LinearGroup::Proj, LinearGroup::Mlp];
 
     /// A set as TOML writes it: `["qkv", "proj"]`.
-    pub fn list(set: &[Linear]) -> String {
+    pub fn list(set: &[LinearGroup]) -> String {
         let names: Vec<_> = set.iter().map(|l| format!("\"{}\"", l.name())).collect();
         format!("[{}]", names.join(", "))
     }
 
     pub fn name(self) -> &'static str {
         match self {
-            Linear::Qkv => "qkv",
-            Linear::Proj => "proj",
-            Linear::Mlp => "mlp",
+            LinearGroup::Qkv => "qkv",
+            LinearGroup::Proj => "proj",
+            LinearGroup::Mlp => "mlp",
         }
     }
 }
@@ -168,7 +168,7 @@ pub struct ModelConfig {
     pub rope_scaling: Option<RopeScaling>,
     /// The linear layers that have biases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub biases: Option<Vec<Linear>>,
+    pub biases: Option<Vec<LinearGroup>>,
     /// Initial weights: absent for a fresh random model, `hf:DIR` for a directory saved by transformers or kiln
     /// (whose `config.json` also gives the model's keys), `llmc:FILE` for llm.c's `gpt2_124M.bin` format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -188,9 +188,10 @@ impl ModelConfig {
     /// The MLP's width: GPT-2's 4·n_embd; for a SwiGLU MLP (three matrices instead of two) 8/3·n_embd rounded up to
     /// a multiple of 64, about the same number of weights, as Llama sizes it.
     pub fn ffn_dim(&self) -> usize {
+        // Saturating: a width past any machine's is refused as such (ModelSpec::check_size), not wrapped around.
         self.ffn_dim.unwrap_or(match self.arch {
-            Arch::Gpt2 => 4 * self.n_embd,
-            Arch::Llama => (8 * self.n_embd).div_ceil(3).next_multiple_of(64),
+            Arch::Gpt2 => self.n_embd.saturating_mul(4),
+            Arch::Llama => self.n_embd.saturating_mul(8).div_ceil(3).saturating_add(63) / 64 * 64,
         })
     }
 
@@ -204,10 +205,10 @@ impl ModelConfig {
         self.tie_embeddings.unwrap_or(self.arch == Arch::Gpt2)
     }
 
-    /// The linear layers with biases, in [`Linear`]'s order: all of GPT-2's; none of Llama's unless set.
-    pub fn biases(&self) -> Vec<Linear> {
+    /// The linear layers with biases, in [`LinearGroup`]'s order: all of GPT-2's; none of Llama's unless set.
+    pub fn biases(&self) -> Vec<LinearGroup> {
         let mut biases = self.biases.clone().unwrap_or(match self.arch {
-            Arch::Gpt2 => Linear::ALL.to_vec(),
+            Arch::Gpt2 => LinearGroup::ALL.to_vec(),
             Arch::Llama => Vec::new(),
         });
         biases.sort();
@@ -356,7 +357,7 @@ impl ModelConfig {
                 "model.n_kv_head",
                 format!("must equal model.n_head (= {}): GPT-2 has no grouped-query attention", self.n_head),
             )),
-            Arch::Gpt2 if self.biases() != Linear::ALL => Some((
+            Arch::Gpt2 if self.biases() != LinearGroup::ALL => Some((
                 "model.biases",
                 "must be [\"qkv\", \"proj\", \"mlp\"]: GPT-2 has biases on every linear layer".to_string(),
             )),
@@ -365,10 +366,10 @@ impl ModelConfig {
                 "model.biases",
                 format!(
                     "transformers has no Llama-style model with biases on {}; it has {}",
-                    Linear::list(&self.biases()),
+                    LinearGroup::list(&self.biases()),
                     LLAMA_BIASES
                         .iter()
-                        .map(|(set, who)| format!("{} ({who})", Linear::list(set)))
+                        .map(|(set, who)| format!("{} ({who})", LinearGroup::list(set)))
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
@@ -837,9 +838,14 @@ impl Config {
                 "is too large: train.micro_batch * model.block_size overflows".to_string(),
             ),
             (
-                t.total_batch_tokens.is_none_or(|n| (1..=MAX_BATCH_TOKENS).contains(&n)),
+                t.total_batch_tokens
+                    .or(sequences.and(per_micro_batch))
+                    .is_none_or(|n| (1..=MAX_BATCH_TOKENS).contains(&n)),
                 "train.total_batch_tokens",
-                format!("must be at least 1 and at most {MAX_BATCH_TOKENS} (2^30)"),
+                format!(
+                    "must be at least 1 and at most {MAX_BATCH_TOKENS} (2^30); unset, it is train.micro_batch × \
+                     model.block_size"
+                ),
             ),
             (
                 sequences.is_none() || t.total_batch_tokens.is_none_or(|n| divides(n, per_micro_batch.unwrap_or(0))),
@@ -1335,11 +1341,11 @@ mod tests {
             (llama.n_kv_head, llama.ffn_dim, llama.tie_embeddings, llama.rope_theta),
             (Some(4), Some(384), Some(false), Some(10_000.0))
         );
-        assert_eq!((gpt2.biases(), llama.biases()), (Linear::ALL.to_vec(), vec![]));
+        assert_eq!((gpt2.biases(), llama.biases()), (LinearGroup::ALL.to_vec(), vec![]));
         // Written out in one order, whatever order they were given in.
         let qwen = set(&["model.arch=llama", "model.biases=[\"proj\", \"qkv\"]"]);
         let biases = Config::from_toml_str(MINIMAL, "my.toml", &qwen).unwrap().model.biases;
-        assert_eq!(biases, Some(vec![Linear::Qkv, Linear::Proj]));
+        assert_eq!(biases, Some(vec![LinearGroup::Qkv, LinearGroup::Proj]));
         let text = Config::from_toml_str(MINIMAL, "my.toml", &set(&["model.arch=llama", "model.n_kv_head=2"]))
             .unwrap()
             .to_toml_string();
@@ -1371,6 +1377,10 @@ mod tests {
         ] {
             assert_eq!(config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&[huge]))).1, key);
         }
+        // The cap holds for the step a micro-batch makes when total_batch_tokens is unset, so that the saved config,
+        // which states it, reads back.
+        let big_steps = set(&["model.block_size=1048576", "train.micro_batch=2048"]);
+        assert_eq!(config_error(Config::from_toml_str(MINIMAL, "my.toml", &big_steps)).1, "train.total_batch_tokens");
         // Types said as TOML has them, not as Rust does; a key inside a table that --set gave is --set's.
         for (wrong, said) in [("dist.zero=256", "an integer from 0 to 255"), ("train.guard=1", "expected a table")] {
             let message = config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&[wrong]))).2;

@@ -138,9 +138,10 @@ impl Compiler {
     }
 }
 
-/// A usage error unless `arch` names a real architecture (`sm_80`, `sm_90a`), which NVRTC compiles CUBINs for.
+/// A usage error unless `arch` names a real architecture (`sm_80`, `sm_90a`, `sm_100f`), which NVRTC compiles
+/// CUBINs for.
 pub fn check_arch(arch: &str) -> Result<()> {
-    let digits = arch.strip_prefix("sm_").map(|rest| rest.trim_end_matches('a'));
+    let digits = arch.strip_prefix("sm_").map(|rest| rest.strip_suffix(['a', 'f']).unwrap_or(rest));
     if digits.is_some_and(|d| d.len() >= 2 && d.chars().all(|c| c.is_ascii_digit())) {
         return Ok(());
     }
@@ -363,10 +364,10 @@ mod tests {
 
     #[test]
     fn only_real_architectures_are_compiled_for() {
-        for arch in ["sm_80", "sm_90a", "sm_100a", "sm_120"] {
+        for arch in ["sm_80", "sm_90a", "sm_100a", "sm_100f", "sm_120"] {
             check_arch(arch).unwrap();
         }
-        for arch in ["bogus", "sm_", "sm_9", "compute_90", "sm_90x", "SM_90"] {
+        for arch in ["bogus", "sm_", "sm_9", "compute_90", "sm_90x", "sm_90aa", "SM_90"] {
             assert!(matches!(check_arch(arch), Err(Error::Usage(_))), "{arch}");
         }
     }

@@ -402,9 +402,10 @@ fn open_split(paths: &[PathBuf], time: usize, what: &Path, split: Split) -> Resu
     }
     match (opened.is_empty(), paths.is_empty()) {
         (false, _) => Ok(opened),
-        (true, true) if split == Split::Validation => {
-            Err(Error::data(what, "names no validation shards: prepare the corpus again with a --val-fraction above 0"))
-        }
+        (true, true) if split == Split::Validation => Err(Error::data(
+            what,
+            "names no validation shards: prepare the corpus again, holding some out with --val-fraction",
+        )),
         (true, true) => Err(Error::data(what, "names no training shards")),
         (true, false) => Err(Error::data(what, format!("no shard holds more than block_size = {time} tokens"))),
     }

@@ -379,6 +379,13 @@ pub fn prepare(options: &PrepareOptions, mut progress: impl FnMut(u64, u64)) -> 
             "no training tokens: the input is too small for the validation fraction",
         ));
     }
+    // JSON Lines documents are not split at the cut: one that starts before it is all training.
+    if val.written.is_empty() && options.val_fraction > 0.0 {
+        return Err(Error::Usage(format!(
+            "no validation tokens: no document starts in the last {}% of the input; raise --val-fraction",
+            options.val_fraction * 100.0
+        )));
+    }
     let names = |w: &ShardWriter| {
         w.written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>()
     };

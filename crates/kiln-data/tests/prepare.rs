@@ -3,6 +3,7 @@
 mod common;
 
 use common::{data_error, dir, options, ragged, read_split, run};
+use kiln_core::Error;
 use kiln_core::config::DataConfig;
 use kiln_data::prepare::Tokenization;
 use kiln_data::{Dataset, shards};
@@ -161,6 +162,13 @@ fn bad_shards_and_bad_input_are_named() {
     std::fs::write(d.join("x.jsonl"), "{\"body\": \"no text field\"}\n").unwrap();
     let msg = data_error(run(&options(vec![d.join("x.jsonl")], &out, Tokenization::Gpt2, 0.0, 100)));
     assert!(msg.contains("line 1") && msg.contains("--text-field"), "{msg}");
+    // Documents are not split at the validation cut: a few large ones can leave nothing to hold out.
+    let docs: String = (0..3).map(|i| format!("{}\n", serde_json::json!({ "text": prose(2000, i) }))).collect();
+    std::fs::write(d.join("few.jsonl"), docs).unwrap();
+    match run(&options(vec![d.join("few.jsonl")], &out, Tokenization::Gpt2, 0.01, 1 << 20)) {
+        Err(Error::Usage(msg)) => assert!(msg.contains("no document starts in the last 1%"), "{msg}"),
+        other => panic!("expected a usage error, got {:?}", other.map(|s| s.val_tokens)),
+    }
 }
 
 /// A dataset of byte-vocabulary (257) shards in `dir`, one per split, with `meta.json`.

@@ -8,7 +8,7 @@
 //! branch on these fields and nothing else, so a new variant is one more case of a field.
 
 use crate::params::{Init, ParamInfo};
-use kiln_core::config::{Arch, Linear, ModelConfig, RopeScaling};
+use kiln_core::config::{Arch, LinearGroup, ModelConfig, RopeScaling};
 use kiln_core::memory::StepShapes;
 use kiln_core::{AttentionDims, NormKind};
 
@@ -42,8 +42,12 @@ pub struct Biases {
 }
 
 impl Biases {
-    fn of(set: &[Linear]) -> Self {
-        Biases { qkv: set.contains(&Linear::Qkv), proj: set.contains(&Linear::Proj), mlp: set.contains(&Linear::Mlp) }
+    fn of(set: &[LinearGroup]) -> Self {
+        Biases {
+            qkv: set.contains(&LinearGroup::Qkv),
+            proj: set.contains(&LinearGroup::Proj),
+            mlp: set.contains(&LinearGroup::Mlp),
+        }
     }
 
     /// Whether a product that writes into the residual stream (attention's output, the MLP's last) has a bias: its

@@ -211,14 +211,19 @@ fn moment_name(source: Source, param: &str) -> String {
     }
 }
 
-/// Finds `t` in `files`: by its name, or for GPT-2 also without the `transformer.` prefix that `GPT2LMHeadModel`
-/// adds (`GPT2Model` saves without it).
+/// The name `files` hold `t` under: its own, or for GPT-2 also without the `transformer.` prefix that
+/// `GPT2LMHeadModel` adds (`GPT2Model` saves without it).
+fn hf_name<'a>(files: &TensorFiles, t: &'a HfTensor) -> Option<&'a str> {
+    [Some(t.name.as_str()), t.name.strip_prefix("transformer.")]
+        .into_iter()
+        .flatten()
+        .find(|n| files.shape(n).is_some())
+}
+
+/// `t`'s shape and values in `files` (see [`hf_name`]).
 fn read_hf(files: &TensorFiles, t: &HfTensor) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
-    if let Some(found) = files.read(&t.name)? {
-        return Ok(Some(found));
-    }
-    match t.name.strip_prefix("transformer.") {
-        Some(bare) => files.read(bare),
+    match hf_name(files, t) {
+        Some(name) => files.read(name),
         None => Ok(None),
     }
 }
@@ -278,10 +283,17 @@ pub fn export(from: &Path, to: &Path, max_shard_bytes: usize) -> Result<Vec<Path
     for name in &names {
         entries.push(Entry { name: name.clone(), shape: files.shape(name).expect("a name the files listed") });
     }
-    // A name of this process's own beside `to`, so that nothing of the user's is ever in the way of it.
+    // A name of this process's own beside `to`, so that nothing of the user's is ever in the way of it; what an
+    // export to `to` that was killed left there goes first.
     let (parent, name) = (to.parent().unwrap_or(Path::new("")), to.file_name().unwrap_or_default());
-    let tmp = parent.join(format!(".{}.tmp-export-{}", name.to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let prefix = format!(".{}.tmp-export-", name.to_string_lossy());
+    let listed = std::fs::read_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent });
+    for left in listed.into_iter().flatten().flatten() {
+        if left.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(left.path());
+        }
+    }
+    let tmp = parent.join(format!("{prefix}{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let published = tensor_files::write(&tmp, "model", &entries, max_shard_bytes, true, &mut |i, values| {
         *values = files.read(&entries[i].name)?.expect("a name the files listed").1;
@@ -309,10 +321,9 @@ pub fn export(from: &Path, to: &Path, max_shard_bytes: usize) -> Result<Vec<Path
 fn check_model_files(dir: &Path, files: &TensorFiles) -> Result<()> {
     let (config, vocab) = ModelConfig::from_hf_dir(dir)?;
     let spec = ModelSpec::new(&config, vocab);
+    spec.check_size(1)?;
     for t in hf::tensors(&spec, &spec.params()) {
-        let name = [t.name.as_str(), t.name.strip_prefix("transformer.").unwrap_or_default()]
-            .into_iter()
-            .find(|name| files.shape(name).is_some())
+        let name = hf_name(files, &t)
             .ok_or_else(|| Error::data(dir, format!("no tensor {} in {}", t.name, files.describe())))?;
         let shape = files.shape(name).expect("found above");
         if shape != t.shape {

@@ -184,6 +184,8 @@ impl<B: Backend> Trainer<B> {
         let t = config.model.block_size;
         let data = Dataset::open(&config.data, t)?;
         let shape = ModelSpec::new(&config.model, vocabulary(config, data.vocab_size())?);
+        // Before any size is worked out from the shape (every rank refuses the same one alike).
+        shape.check_size(1)?;
         let (rank, world) = (comm.rank(), comm.world());
         // Nothing is allocated before the plan says that it fits.
         let memory = backend.memory_model();
@@ -320,7 +322,7 @@ impl<B: Backend> Trainer<B> {
     pub fn resume(&mut self, dir: &Path) -> Result<u64> {
         let progress = self.load_checkpoint(dir)?;
         let max_steps = self.config.train.max_steps;
-        if progress.step >= max_steps {
+        if progress.step > max_steps {
             return Err(Error::Usage(format!(
                 "train.max_steps is {max_steps}, but {} is at step {}: nothing is left to train; raise \
                  train.max_steps to go on",

@@ -221,9 +221,11 @@ pub fn micro_batch(
     })?;
     let budget = (capacity as f64 * (1.0 - AUTO_MARGIN)) as u64;
     let per_rank = config.total_batch_tokens() / config.model.block_size / world.max(1);
+    // A model too large for one sequence is too large whatever the batch; past that, a micro-batch too large to lay
+    // out is one that does not fit.
+    spec.check_size(1)?;
     let mut smallest = None;
     for sequences in divisors(per_rank).into_iter().rev() {
-        // A micro-batch too large to lay out is one that does not fit.
         if config.accumulation_steps(sequences, world).is_err() || spec.check_size(sequences).is_err() {
             continue;
         }

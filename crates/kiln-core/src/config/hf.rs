@@ -107,16 +107,11 @@ fn llama(f: &Fields) -> Result<toml::Table> {
     rotary(f, &biases)
 }
 
-/// Qwen2 is Llama with biases on the query, key and value projections. Its sliding-window attention, off in every
-/// released model, kiln does not have.
+/// Qwen2 is Llama with biases on the query, key and value projections. Its sliding-window attention, which kiln
+/// does not have, is off in every released model: `use_sliding_window: false` (Qwen2Config's default) turns it off
+/// whatever `sliding_window` and `layer_types` say.
 fn qwen2(f: &Fields) -> Result<toml::Table> {
     f.only("use_sliding_window", &[false.into()])?;
-    if let Some(layers) = f.get("layer_types") {
-        let full = |v: &Value| v.as_str() == Some("full_attention");
-        if !layers.as_array().is_some_and(|layers| layers.iter().all(full)) {
-            return Err(f.error("layer_types", "kiln supports only \"full_attention\" layers"));
-        }
-    }
     rotary(f, &["qkv"])
 }
 
