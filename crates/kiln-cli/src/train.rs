@@ -102,11 +102,11 @@ fn run_training(
             if summary.rollbacks.len() == 1 { "" } else { "s" }
         );
     }
-    let metrics = PathBuf::from(&config.train.out_dir).join("metrics.jsonl");
     if summary.first_step == summary.steps {
         tracing::info!("done: the run was already at step {}, train.max_steps; nothing was trained", summary.steps);
     } else {
         let (steps, rate) = (summary.steps, summary.tokens_per_s);
+        let metrics = PathBuf::from(&config.train.out_dir).join("metrics.jsonl");
         tracing::info!("done: {steps} steps, median {rate:.0} tokens/s; metrics in {}", metrics.display());
     }
     Ok(())

@@ -21,7 +21,7 @@ mod rope;
 mod swiglu;
 
 use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap};
-use kiln_core::memory::{Component, MemoryModel, StepShapes, Storage};
+use kiln_core::memory::{Component, MemoryModel, StepShapes, Storage, describe_bytes};
 use kiln_core::pieces::Pieces;
 use kiln_core::{
     AdamWStep, AttentionBackward, AttentionDims, Backend, Error, Graph, HostWork, MatmulBackward, MatmulDims,
@@ -211,7 +211,7 @@ impl<T: Real> CpuBackend<T> {
     }
 
     fn out_of_memory(&self, bytes: usize) -> Error {
-        let message = format!("cannot allocate {:.1} GiB", bytes as f64 / (1u64 << 30) as f64);
+        let message = format!("cannot allocate {}", describe_bytes(bytes as u64));
         Error::OutOfMemory { backend: self.name(), message }
     }
 }
