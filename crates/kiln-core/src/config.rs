@@ -70,13 +70,20 @@ const MAX_BATCH_TOKENS: usize = 1 << 30;
 /// The most updates the guard may remember.
 const MAX_GUARD_WINDOW: usize = 1_000_000;
 
+/// Qwen2's biased layers: the query, key and value projections alone, which LlamaConfig cannot say (its
+/// `attention_bias` covers the output projection too), so such a model is a `Qwen2ForCausalLM` to transformers.
+pub const QWEN2_BIASES: [LinearGroup; 1] = [LinearGroup::Qkv];
+
+/// Llama's `attention_bias`: attention's four projections.
+pub const ATTENTION_BIASES: [LinearGroup; 2] = [LinearGroup::Qkv, LinearGroup::Proj];
+
 /// The sets of biased layers of transformers' Llama-style models, and whose they are.
 const LLAMA_BIASES: [(&[LinearGroup], &str); 5] = [
     (&[], "Llama"),
-    (&[LinearGroup::Qkv], "Qwen2"),
-    (&[LinearGroup::Qkv, LinearGroup::Proj], "Llama with attention_bias"),
+    (&QWEN2_BIASES, "Qwen2"),
+    (&ATTENTION_BIASES, "Llama with attention_bias"),
     (&[LinearGroup::Mlp], "Llama with mlp_bias"),
-    (&[LinearGroup::Qkv, LinearGroup::Proj, LinearGroup::Mlp], "Llama with both"),
+    (&LinearGroup::ALL, "Llama with both"),
 ];
 
 /// A group of linear layers that may have biases (`model.biases`).

@@ -10,7 +10,7 @@
 use crate::params::ParamInfo;
 use crate::spec::{Biases, Mlp, ModelSpec, Positions};
 use kiln_core::NormKind;
-use kiln_core::config::Arch;
+use kiln_core::config::{Arch, QWEN2_BIASES};
 use std::ops::Range;
 
 /// One tensor of a Hugging Face checkpoint and where its values live in kiln's flat parameter vector.
@@ -69,11 +69,9 @@ pub fn architecture(spec: &ModelSpec) -> &'static str {
     }
 }
 
-/// Whether a Llama-style model is a Qwen2 to transformers: biases on the query, key and value projections alone,
-/// which LlamaConfig cannot say (its `attention_bias` covers the output projection too). The weights' names are the
-/// same.
+/// Whether a Llama-style model is a Qwen2 to transformers (see [`QWEN2_BIASES`]). The weights' names are the same.
 fn is_qwen2(spec: &ModelSpec) -> bool {
-    spec.biases == Biases { qkv: true, proj: false, mlp: false }
+    spec.biases == Biases::of(&QWEN2_BIASES)
 }
 
 /// Every Hugging Face tensor of a model, in the order of kiln's layout.

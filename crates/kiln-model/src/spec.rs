@@ -42,7 +42,7 @@ pub struct Biases {
 }
 
 impl Biases {
-    fn of(set: &[LinearGroup]) -> Self {
+    pub fn of(set: &[LinearGroup]) -> Self {
         Biases {
             qkv: set.contains(&LinearGroup::Qkv),
             proj: set.contains(&LinearGroup::Proj),

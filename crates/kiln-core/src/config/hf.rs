@@ -5,6 +5,7 @@
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
 //! transformers 5's `rope_parameters`, which holds both.
 
+use super::{ATTENTION_BIASES, LinearGroup, QWEN2_BIASES};
 use crate::error::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -99,10 +100,10 @@ fn gpt2(f: &Fields) -> Result<toml::Table> {
 fn llama(f: &Fields) -> Result<toml::Table> {
     let mut biases = Vec::new();
     if f.flag("attention_bias")?.unwrap_or(false) {
-        biases.extend(["qkv", "proj"]);
+        biases.extend(ATTENTION_BIASES);
     }
     if f.flag("mlp_bias")?.unwrap_or(false) {
-        biases.push("mlp");
+        biases.push(LinearGroup::Mlp);
     }
     rotary(f, &biases)
 }
@@ -112,7 +113,7 @@ fn llama(f: &Fields) -> Result<toml::Table> {
 /// whatever `sliding_window` and `layer_types` say.
 fn qwen2(f: &Fields) -> Result<toml::Table> {
     f.only("use_sliding_window", &[false.into()])?;
-    rotary(f, &["qkv"])
+    rotary(f, &QWEN2_BIASES)
 }
 
 /// Mistral is Llama without biases, but for a sliding window of attention (MistralConfig's default 4096), which
@@ -135,8 +136,8 @@ fn mistral(f: &Fields) -> Result<toml::Table> {
     rotary(f, &[])
 }
 
-/// The `[model]` table of a Llama-style model whose layer groups `biases` (`model.biases`'s names) have biases.
-fn rotary(f: &Fields, biases: &[&str]) -> Result<toml::Table> {
+/// The `[model]` table of a Llama-style model whose layer groups `biases` have biases.
+fn rotary(f: &Fields, biases: &[LinearGroup]) -> Result<toml::Table> {
     f.only("hidden_act", &["silu".into()])?;
     let (hidden, heads) = (f.required_count("hidden_size")?, f.required_count("num_attention_heads")?);
     if let Some(head_dim) = f.count("head_dim")?.filter(|&d| d * heads != hidden) {
@@ -168,7 +169,7 @@ fn rotary(f: &Fields, biases: &[&str]) -> Result<toml::Table> {
         ("tie_embeddings", Some(f.flag("tie_word_embeddings")?.unwrap_or(false).into())),
         ("rope_theta", Some(theta.unwrap_or(10_000.0).into())),
         ("rope_scaling", scaling.map(toml::Value::Table)),
-        ("biases", Some(biases.iter().map(|&b| toml::Value::from(b)).collect::<Vec<_>>().into())),
+        ("biases", Some(biases.iter().map(|b| toml::Value::from(b.name())).collect::<Vec<_>>().into())),
     ]))
 }
 
