@@ -260,12 +260,11 @@ impl ModelConfig {
         self.biases = Some(self.biases());
     }
 
-    /// Fails unless the keys set here agree with `theirs`, the `[model]` table of the Hugging Face `config.json` at
-    /// `path` that `model.init` reads. The one key that may differ is `block_size`, the longest sequence trained on:
+    /// Fails unless the keys set here agree with `theirs`, the model of the Hugging Face `config.json` at `path`
+    /// that `model.init` reads. The one key that may differ is `block_size`, the longest sequence trained on:
     /// any with rotary positions, at most the learned positions with GPT-2's.
-    fn check_agrees(&self, theirs: toml::Table, path: &Path, source_of: &impl Fn(&str) -> String) -> Result<()> {
+    fn check_agrees(&self, theirs: &ModelConfig, path: &Path, source_of: &impl Fn(&str) -> String) -> Result<()> {
         let config_error = |key: String, message: String| Error::config(source_of(&key), key, message);
-        let theirs = ModelConfig::from_hf_table(theirs, path)?;
         if self.arch == Arch::Gpt2 && self.block_size > theirs.block_size {
             let message = format!(
                 "{} is more than the {} learned positions of {}",
@@ -275,7 +274,7 @@ impl ModelConfig {
             );
             return Err(config_error("model.block_size".into(), message));
         }
-        let (ours, theirs) = (toml::Table::try_from(self), toml::Table::try_from(&theirs));
+        let (ours, theirs) = (toml::Table::try_from(self), toml::Table::try_from(theirs));
         let (ours, theirs) = (ours.expect("a ModelConfig serializes"), theirs.expect("a ModelConfig serializes"));
         for (key, value) in &theirs {
             if key != "block_size" && ours.get(key) != Some(value) {
@@ -726,9 +725,8 @@ impl Config {
         // A model read from Hugging Face brings its shape: config.json fills in the [model] keys not given.
         let hf = hf_init_config(&table).map(|path| hf::model_table(&path).map(|(t, _)| (path, t))).transpose()?;
         // Its own problems first, so that they name config.json rather than the keys it fills in here.
-        if let Some((path, theirs)) = &hf {
-            ModelConfig::from_hf_table(theirs.clone(), path)?;
-        }
+        let their_model =
+            hf.as_ref().map(|(path, theirs)| ModelConfig::from_hf_table(theirs.clone(), path)).transpose()?;
         if let (Some((path, theirs)), Some(model)) = (&hf, table.get_mut("model").and_then(|m| m.as_table_mut())) {
             // The family first: every other key's meaning depends on it.
             if let Some(arch) = model.get("arch").filter(|a| Some(*a) != theirs.get("arch")) {
@@ -756,8 +754,8 @@ impl Config {
         })?;
         config.validate(&source_of)?;
         config.model.resolve();
-        if let Some((path, theirs)) = hf {
-            config.model.check_agrees(theirs, &path, &source_of)?;
+        if let (Some((path, _)), Some(theirs)) = (&hf, &their_model) {
+            config.model.check_agrees(theirs, path, &source_of)?;
         }
         config.train.total_batch_tokens = Some(config.total_batch_tokens());
         Ok(config)
