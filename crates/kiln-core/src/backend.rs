@@ -333,6 +333,41 @@ impl Rotary {
     }
 }
 
+/// Operands of [`Backend::qk_norm_forward`], Qwen3's QK-norm: every query head and key head of a packed qkv
+/// activation (`d.batch · d.time` rows laid out as [`AttentionDims`] says) is RMS-normalised over its `head_dim`
+/// channels, `y = x·r·w`, `r = 1/√(mean(x²) + ε)`, with `weight`'s first `head_dim` elements as `w` for query heads
+/// and its last `head_dim` for key heads. `out` gets the normalised heads and the value heads unchanged; `rstd` gets
+/// each normalised head's `r` (full precision, `heads + kv_heads` a row, queries first).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QkNormForward {
+    pub out: Tensor,
+    pub rstd: Tensor,
+    pub inp: Tensor,
+    pub weight: Tensor,
+    pub eps: f32,
+    pub d: AttentionDims,
+}
+
+/// Operands of [`Backend::qk_norm_backward`]: `dqkv` holds the gradient of the forward's `out` and is turned, in
+/// place, into that of its `inp` (with `g = dy·w` and `n = x·r` for each head, `dx = r·(g − n·mean(g·n))`; value
+/// heads pass through); `dweight[i] += Σ dy·n` over the query heads' channel `i`, and likewise over the key heads' for
+/// its second half.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QkNormBackward {
+    pub dqkv: Tensor,
+    pub dweight: Tensor,
+    pub inp: Tensor,
+    pub weight: Tensor,
+    pub rstd: Tensor,
+    pub d: AttentionDims,
+}
+
+/// Elements of each operand of the QK-norm ops of `d`: the packed rows, the weight, and `rstd`.
+pub fn qk_norm_lens(d: &AttentionDims) -> [usize; 3] {
+    let rows = d.batch * d.time;
+    [rows * d.qkv_width(), 2 * d.head_dim, rows * (d.heads + d.kv_heads)]
+}
+
 /// One AdamW update: `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, `p ← p − lr·(m̂/(√v̂ + ε) + wd·p)` with bias-corrected
 /// moments `m̂ = m/(1−β₁ᵗ)`, `v̂ = v/(1−β₂ᵗ)`, where `g = s·grad` and `s` clips the global gradient norm `‖g‖` to
 /// `grad_clip`: `s = grad_clip/‖g‖` when `grad_clip > 0` and `‖g‖ > grad_clip`, otherwise 1 (computed in f32).
@@ -535,6 +570,11 @@ pub trait Backend {
 
     /// Rotates the queries and keys of a packed `qkv` activation in place by their positions (see [`Rotary`]).
     fn rope(&mut self, op: Rotary) -> Result<()>;
+
+    /// Normalises the query and key heads of a packed qkv activation (see [`QkNormForward`]).
+    fn qk_norm_forward(&mut self, op: QkNormForward) -> Result<()>;
+    /// Backward of [`Backend::qk_norm_forward`] (see [`QkNormBackward`]).
+    fn qk_norm_backward(&mut self, op: QkNormBackward) -> Result<()>;
 
     /// Self-attention: `out` (`(batch·time, heads·head_dim)`) from `qkv`, with the log-sum-exp of every row of
     /// scaled scores saved in `lse` (`(batch, heads, time)`) for the backward pass.

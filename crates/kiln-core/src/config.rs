@@ -159,6 +159,10 @@ pub struct ModelConfig {
     /// defaults of this and the keys below it that the family has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n_kv_head: Option<usize>,
+    /// Channels of each attention head (Llama-style models): `n_embd / n_head` unless set. Qwen3 and Mistral NeMo
+    /// set it wider, so that attention is wider than the residual stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
     /// Width of the MLP's hidden layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ffn_dim: Option<usize>,
@@ -173,6 +177,10 @@ pub struct ModelConfig {
     pub rope_theta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// Whether each query and key head is RMS-normalised, with a weight of its own for queries and for keys, before
+    /// the rotation (Qwen3's QK-norm; Llama-style models only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_norm: Option<bool>,
     /// The linear layers that have biases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub biases: Option<Vec<LinearGroup>>,
@@ -190,6 +198,16 @@ impl ModelConfig {
     /// Key/value heads: as many as query heads unless set.
     pub fn n_kv_head(&self) -> usize {
         self.n_kv_head.unwrap_or(self.n_head)
+    }
+
+    /// Channels of each attention head: `n_embd / n_head` unless set (0 for no heads, which is refused).
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.n_embd.checked_div(self.n_head).unwrap_or(0))
+    }
+
+    /// Whether query and key heads are normalised: only where set.
+    pub fn qk_norm(&self) -> bool {
+        self.qk_norm.unwrap_or(false)
     }
 
     /// The MLP's width: GPT-2's 4·n_embd; for a SwiGLU MLP (three matrices instead of two) 8/3·n_embd rounded up to
@@ -253,6 +271,11 @@ impl ModelConfig {
     /// Writes every key's default into the config, so that a saved config states the whole model.
     fn resolve(&mut self) {
         self.n_kv_head = Some(self.n_kv_head());
+        // GPT-2's configs have neither key: its heads always split n_embd, and it has no QK-norm.
+        if self.arch == Arch::Llama {
+            self.head_dim = Some(self.head_dim());
+            self.qk_norm = Some(self.qk_norm());
+        }
         self.ffn_dim = Some(self.ffn_dim());
         self.norm_eps = Some(self.norm_eps());
         self.tie_embeddings = Some(self.tie_embeddings());
@@ -307,10 +330,11 @@ impl ModelConfig {
             (m.n_head >= 1, "model.n_head", "must be at least 1".to_string()),
             (m.n_embd >= 1, "model.n_embd", "must be at least 1".to_string()),
             (
-                divides(m.n_embd, m.n_head),
+                m.head_dim.is_some() || divides(m.n_embd, m.n_head),
                 "model.n_embd",
-                format!("must be divisible by model.n_head (= {})", m.n_head),
+                format!("must be divisible by model.n_head (= {}) unless model.head_dim is set", m.n_head),
             ),
+            (m.head_dim.is_none_or(|d| d >= 1), "model.head_dim", "must be at least 1".to_string()),
             (m.block_size >= 1, "model.block_size", "must be at least 1".to_string()),
             (
                 m.n_kv_head() >= 1 && divides(m.n_head, m.n_kv_head()),
@@ -363,6 +387,12 @@ impl ModelConfig {
                 "model.n_kv_head",
                 format!("must equal model.n_head (= {}): GPT-2 has no grouped-query attention", self.n_head),
             )),
+            Arch::Gpt2 if self.head_dim.is_some_and(|d| d.checked_mul(self.n_head) != Some(self.n_embd)) => {
+                Some(("model.head_dim", "does not apply: GPT-2's heads split model.n_embd between them".to_string()))
+            }
+            Arch::Gpt2 if self.qk_norm() => {
+                Some(("model.qk_norm", "does not apply: GPT-2 has no QK-norm; Llama-style models may".to_string()))
+            }
             Arch::Gpt2 if self.biases() != LinearGroup::ALL => Some((
                 "model.biases",
                 "must be [\"qkv\", \"proj\", \"mlp\"]: GPT-2 has biases on every linear layer".to_string(),
@@ -380,12 +410,21 @@ impl ModelConfig {
                         .join(", ")
                 ),
             )),
-            Arch::Llama if self.n_head > 0 && (self.n_embd / self.n_head) % 2 != 0 => Some((
-                "model.n_embd",
+            // Qwen3, the transformers class with QK-norm, has Llama's attention_bias and no MLP biases.
+            Arch::Llama if self.qk_norm() && ![&[][..], &ATTENTION_BIASES].contains(&&self.biases()[..]) => Some((
+                "model.biases",
                 format!(
-                    "must give an even head dimension (model.n_embd / model.n_head = {}): rotary positions rotate \
-                     pairs of channels",
-                    self.n_embd / self.n_head
+                    "must be [] or {} with model.qk_norm: transformers' Qwen3 has biases on attention's four \
+                     projections or nowhere",
+                    LinearGroup::list(&ATTENTION_BIASES)
+                ),
+            )),
+            Arch::Llama if self.head_dim() % 2 != 0 => Some((
+                if self.head_dim.is_some() { "model.head_dim" } else { "model.n_embd" },
+                format!(
+                    "must give an even head dimension (model.head_dim, n_embd / n_head unless set, is {}): rotary \
+                     positions rotate pairs of channels",
+                    self.head_dim()
                 ),
             )),
             _ => None,
@@ -1347,6 +1386,8 @@ mod tests {
             (Some(4), Some(384), Some(false), Some(10_000.0))
         );
         assert_eq!((gpt2.biases(), llama.biases()), (LinearGroup::ALL.to_vec(), vec![]));
+        // GPT-2's saved configs keep neither key; a Llama's state both.
+        assert_eq!((gpt2.head_dim, gpt2.qk_norm, llama.head_dim, llama.qk_norm), (None, None, Some(32), Some(false)));
         // Written out in one order, whatever order they were given in.
         let qwen = set(&["model.arch=llama", "model.biases=[\"proj\", \"qkv\"]"]);
         let biases = Config::from_toml_str(MINIMAL, "my.toml", &qwen).unwrap().model.biases;
@@ -1412,6 +1453,16 @@ mod tests {
         ));
         assert!(message.contains("[\"proj\", \"mlp\"]") && message.contains("[\"qkv\"] (Qwen2)"), "{message}");
         assert_eq!(llama(&["model.n_head=8", "model.n_embd=40"]), "model.n_embd");
+        // Heads of their own width (Qwen3's), even for the rotation; QK-norm with the biases Qwen3 can have.
+        assert_eq!(llama(&["model.head_dim=3"]), "model.head_dim");
+        assert_eq!(llama(&["model.head_dim=0"]), "model.head_dim");
+        assert_eq!(llama(&["model.qk_norm=true", "model.biases=[\"qkv\"]"]), "model.biases");
+        let gpt2 = |more: &str| config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&[more]))).1;
+        assert_eq!(gpt2("model.head_dim=64"), "model.head_dim");
+        assert_eq!(gpt2("model.qk_norm=true"), "model.qk_norm");
+        let qwen3 = ["model.arch=llama", "model.n_embd=30", "model.head_dim=16", "model.qk_norm=true"];
+        let qwen3 = Config::from_toml_str(MINIMAL, "my.toml", &set(&qwen3)).unwrap().model;
+        assert_eq!((qwen3.head_dim(), qwen3.qk_norm()), (16, true));
         assert_eq!(llama(&["model.rope_theta=0.5"]), "model.rope_theta");
         assert_eq!(llama(&["model.norm_eps=0"]), "model.norm_eps");
         assert_eq!(

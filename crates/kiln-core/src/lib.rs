@@ -16,7 +16,7 @@ pub mod pieces;
 
 pub use backend::{
     AdamWStep, AttentionBackward, AttentionDims, Backend, Graph, HostWork, MatmulBackward, MatmulDims, MatmulForward,
-    NormBackward, NormDims, NormForward, NormKind, ResidualAdd, Role, Rotary, Tensor,
+    NormBackward, NormDims, NormForward, NormKind, QkNormBackward, QkNormForward, ResidualAdd, Role, Rotary, Tensor,
 };
 pub use comm::Communicator;
 pub use config::Config;

@@ -8,7 +8,7 @@
 
 use crate::backend::{
     AdamWStep, AttentionBackward, AttentionDims, Backend, BufferId, MatmulBackward, MatmulForward, NormBackward,
-    NormForward, Role, Rotary, Tensor,
+    NormForward, QkNormBackward, QkNormForward, Role, Rotary, Tensor,
 };
 use crate::error::{Error, Result};
 use std::ops::Range;
@@ -80,6 +80,8 @@ pub struct StepShapes {
     /// Whether attention's backward pass also sums its input gradient for the qkv projection's bias gradient (fused
     /// bias gradients in a model with biases and learned positions).
     pub attention_bias_sums: bool,
+    /// Whether the query and key heads are normalised (QK-norm), whose backward pass has working memory of its own.
+    pub qk_norm: bool,
 }
 
 /// How an engine's memory is laid out, without the engine: what [`Counting`] needs to count its allocations, and
@@ -268,6 +270,14 @@ impl Backend for Counting {
 
     fn rope(&mut self, _: Rotary) -> Result<()> {
         self.nothing_to_run("rope")
+    }
+
+    fn qk_norm_forward(&mut self, _: QkNormForward) -> Result<()> {
+        self.nothing_to_run("qk_norm_forward")
+    }
+
+    fn qk_norm_backward(&mut self, _: QkNormBackward) -> Result<()> {
+        self.nothing_to_run("qk_norm_backward")
     }
 
     fn attention_forward(&mut self, _: Tensor, _: Tensor, _: Tensor, _: AttentionDims) -> Result<()> {

@@ -20,12 +20,12 @@ mod norm;
 mod rope;
 mod swiglu;
 
-use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap};
+use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap, qk_norm_lens};
 use kiln_core::memory::{Component, MemoryModel, StepShapes, Storage, describe_bytes};
 use kiln_core::pieces::Pieces;
 use kiln_core::{
     AdamWStep, AttentionBackward, AttentionDims, Backend, Error, Graph, HostWork, MatmulBackward, MatmulDims,
-    MatmulForward, NormBackward, NormForward, Result, Role, Rotary, Tensor,
+    MatmulForward, NormBackward, NormForward, QkNormBackward, QkNormForward, Result, Role, Rotary, Tensor,
 };
 use math::Real;
 use rayon::prelude::*;
@@ -670,6 +670,45 @@ impl<T: Real> Backend for CpuBackend<T> {
         self.check(name, &[(op.qkv, d.batch * d.time * d.qkv_width())], &[(op.table, op.table.len)])?;
         // SAFETY: checked above.
         unsafe { rope::apply(self.write(op.qkv), self.read(op.table), &op) };
+        Ok(())
+    }
+
+    fn qk_norm_forward(&mut self, op: QkNormForward) -> Result<()> {
+        if self.recorded(move |b| b.qk_norm_forward(op)) {
+            return Ok(());
+        }
+        let name = "qk_norm_forward";
+        let QkNormForward { out, rstd, inp, weight, eps, d } = op;
+        if let Some(problem) = d.problem() {
+            return Err(self.invalid(name, problem));
+        }
+        let [rows, weights, stats] = qk_norm_lens(&d);
+        self.check(name, &[(out, rows), (rstd, stats)], &[(inp, rows), (weight, weights)])?;
+        // SAFETY: checked above.
+        unsafe {
+            norm::qk_forward(self.write(out), self.write(rstd), self.read(inp), self.read(weight), &d, T::from_f32(eps))
+        };
+        Ok(())
+    }
+
+    fn qk_norm_backward(&mut self, op: QkNormBackward) -> Result<()> {
+        if self.recorded(move |b| b.qk_norm_backward(op)) {
+            return Ok(());
+        }
+        let name = "qk_norm_backward";
+        let QkNormBackward { dqkv, dweight, inp, weight, rstd, d } = op;
+        if let Some(problem) = d.problem() {
+            return Err(self.invalid(name, problem));
+        }
+        let [rows, weights, stats] = qk_norm_lens(&d);
+        self.check(name, &[(dqkv, rows), (dweight, weights)], &[(inp, rows), (weight, weights), (rstd, stats)])?;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        // SAFETY: checked above.
+        unsafe {
+            let (dw, x, w, r) = (self.write(dweight), self.read(inp), self.read(weight), self.read(rstd));
+            norm::qk_backward(self.write(dqkv), dw, x, w, r, &d, &mut scratch);
+        }
+        self.scratch = scratch;
         Ok(())
     }
 

@@ -6,9 +6,12 @@
 //! RMS norm forward: `r = 1/√(mean(x²) + ε)`, `n = x·r`, `y = n·w`. Backward, with `g = dy·w`:
 //! `dx += r·(g − n·mean(g·n))`, `dw += Σ_rows dy·n`. That is the layer norm's with `μ = 0` and without the
 //! `mean(g)` term (nothing is subtracted before scaling), so one backward loop serves both.
+//!
+//! QK-norm (Qwen3's) is RMS normalisation of each query and key head of a packed qkv activation: [`qk_forward`] and
+//! [`qk_backward`].
 
 use crate::math::{Real, add_column_sums, sum};
-use kiln_core::NormKind;
+use kiln_core::{AttentionDims, NormKind};
 use rayon::prelude::*;
 
 /// Rows per parallel task: large enough to amortise scheduling, and fixed, so that the per-task partial sums of
@@ -180,5 +183,70 @@ pub fn backward<T: Real>(
     if let Some(sums) = dinp_sums {
         sums.fill(T::zero());
         add_column_sums(sums, dinp);
+    }
+}
+
+/// QK-norm (see `kiln_core::QkNormForward`): each row of `inp` (`d.qkv_width()` elements) has its query heads and
+/// key heads RMS-normalised into `out` with `weight`'s first and second halves, and its value heads copied; each
+/// normalised head's `r` goes to `rstd`.
+pub fn qk_forward<T: Real>(out: &mut [T], rstd: &mut [T], inp: &[T], weight: &[T], d: &AttentionDims, eps: T) {
+    let (hd, width, normed) = (d.head_dim, d.qkv_width(), d.heads + d.kv_heads);
+    let (query_weight, key_weight) = weight.split_at(hd);
+    out.par_chunks_mut(width).zip(rstd.par_chunks_mut(normed)).zip(inp.par_chunks(width)).with_min_len(16).for_each(
+        |((y, r), x)| {
+            let (y_heads, y_values) = y.split_at_mut(normed * hd);
+            for (h, ((y, r), x)) in y_heads.chunks_exact_mut(hd).zip(r).zip(x.chunks_exact(hd)).enumerate() {
+                rms_normalize_row(y, r, x, if h < d.heads { query_weight } else { key_weight }, eps);
+            }
+            y_values.copy_from_slice(&x[normed * hd..]);
+        },
+    );
+}
+
+/// Backward of [`qk_forward`], in place: `dqkv` holds the gradient of `out` and becomes that of `inp` (value heads
+/// unchanged); `dweight` (`2·head_dim`) accumulates the weights' gradients. `scratch` takes `2·head_dim` elements per
+/// task of [`ROWS_PER_TASK`] rows, summed in task order, as [`backward`]'s.
+pub fn qk_backward<T: Real>(
+    dqkv: &mut [T],
+    dweight: &mut [T],
+    inp: &[T],
+    weight: &[T],
+    rstd: &[T],
+    d: &AttentionDims,
+    scratch: &mut Vec<T>,
+) {
+    let (hd, width, normed) = (d.head_dim, d.qkv_width(), d.heads + d.kv_heads);
+    let rows = rstd.len() / normed.max(1);
+    scratch.clear();
+    scratch.resize(rows.div_ceil(ROWS_PER_TASK) * 2 * hd, T::zero());
+    let n = T::from_f64(hd as f64);
+    scratch.par_chunks_mut(2 * hd).zip(dqkv.par_chunks_mut(ROWS_PER_TASK * width)).enumerate().for_each(
+        |(task, (partial, dx_rows))| {
+            for (i, dx_row) in dx_rows.chunks_exact_mut(width).enumerate() {
+                let row = task * ROWS_PER_TASK + i;
+                let x_row = &inp[row * width..][..normed * hd];
+                let heads = dx_row[..normed * hd].chunks_exact_mut(hd).zip(x_row.chunks_exact(hd));
+                for (h, ((dx, x), &rs)) in heads.zip(&rstd[row * normed..][..normed]).enumerate() {
+                    let half = if h < d.heads { 0..hd } else { hd..2 * hd };
+                    let (w, pdw) = (&weight[half.clone()], &mut partial[half]);
+                    // mean(g·n), with g = dy·w and n = x·r; then dx = r·(g − n·mean(g·n)), written over dy.
+                    let mut gn_acc = T::zero();
+                    for j in 0..hd {
+                        gn_acc = (dx[j] * w[j]).mul_add(x[j] * rs, gn_acc);
+                    }
+                    let gn_mean = gn_acc / n;
+                    for j in 0..hd {
+                        let (dy, norm) = (dx[j], x[j] * rs);
+                        dx[j] = rs * (dy * w[j] - norm * gn_mean);
+                        pdw[j] = dy.mul_add(norm, pdw[j]);
+                    }
+                }
+            }
+        },
+    );
+    for partial in scratch.chunks_exact(2 * hd) {
+        for (d, &p) in dweight.iter_mut().zip(partial) {
+            *d = *d + p;
+        }
     }
 }

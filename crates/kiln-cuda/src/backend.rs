@@ -27,12 +27,12 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg, sys,
 };
 use cudarc::nvrtc::Ptx;
-use kiln_core::backend::{BufferId, first_overlap};
+use kiln_core::backend::{BufferId, first_overlap, qk_norm_lens};
 use kiln_core::config::AttentionKernel;
 use kiln_core::pieces::Pieces;
 use kiln_core::{
     AdamWStep, AttentionBackward, AttentionDims, Backend, Error, Graph, MatmulBackward, MatmulDims, MatmulForward,
-    NormBackward, NormForward, NormKind, Result, Role, Rotary, Tensor,
+    NormBackward, NormForward, NormKind, QkNormBackward, QkNormForward, Result, Role, Rotary, Tensor,
 };
 use std::collections::HashMap;
 use std::ops::Range;
@@ -1388,6 +1388,50 @@ impl Backend for CudaBackend {
             hs,
             sign
         )
+    }
+
+    fn qk_norm_forward(&mut self, op: QkNormForward) -> Result<()> {
+        let name = "qk_norm_forward";
+        let QkNormForward { out, rstd, inp, weight, eps, d } = op;
+        self.check_attention(name, &d)?;
+        self.disjoint(name, &[out, rstd], &[inp, weight])?;
+        let x = self.x();
+        let [rows, weights, stats] = qk_norm_lens(&d);
+        let (o, r) = (self.ptr(name, out, x, rows)?, self.ptr(name, rstd, DType::F32, stats)?);
+        let (i, w) = (self.ptr(name, inp, x, rows)?, self.ptr(name, weight, x, weights)?);
+        let (n, heads, kvh, hd) = ((d.batch * d.time) as i64, d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
+        let cfg = grid(d.batch * d.time * (d.heads + 2 * d.kv_heads) * 32, 256);
+        launch!(self, name, cfg, o, r, i, w, n, heads, kvh, hd, eps)
+    }
+
+    fn qk_norm_backward(&mut self, op: QkNormBackward) -> Result<()> {
+        let name = "qk_norm_backward";
+        let QkNormBackward { dqkv, dweight, inp, weight, rstd, d } = op;
+        self.check_attention(name, &d)?;
+        self.disjoint(name, &[dqkv, dweight], &[inp, weight, rstd])?;
+        let x = self.x();
+        let [len, weights, stats] = qk_norm_lens(&d);
+        let (g, dw) = (self.ptr(name, dqkv, x, len)?, self.ptr(name, dweight, DType::F32, weights)?);
+        let (i, w, r) = (
+            self.ptr(name, inp, x, len)?,
+            self.ptr(name, weight, x, weights)?,
+            self.ptr(name, rstd, DType::F32, stats)?,
+        );
+        let rows = d.batch * d.time;
+        if rows == 0 {
+            return Ok(());
+        }
+        // Two sums of head_dim (rounded up to a whole 16-byte chunk) floats a warp: at most 1 KiB with heads of up to
+        // 128 channels, so that 8 warps fit the default shared memory.
+        const WARPS: usize = 8;
+        let blocks = rows.div_ceil(NORM_ROWS_PER_BLOCK);
+        let partials = self.scratch(name, memory::qk_norm_backward_floats(rows, d.head_dim))?;
+        let (n, heads, kvh, hd) = (rows as i64, d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
+        let (rpb, nb, width) = (NORM_ROWS_PER_BLOCK as i32, blocks as i64, weights as i32);
+        let mut cfg = grid(blocks * WARPS * 32, (WARPS * 32) as u32);
+        cfg.shared_mem_bytes = (WARPS * 2 * d.head_dim.next_multiple_of(8) * 4) as u32;
+        launch!(self, name, cfg, g, partials, i, w, r, n, heads, kvh, hd, rpb)?;
+        launch!(self, "column_sums", column_sums(weights), dw, partials, nb, width)
     }
 
     fn attention_forward(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: AttentionDims) -> Result<()> {

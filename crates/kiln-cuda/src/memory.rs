@@ -43,6 +43,12 @@ pub(crate) fn norm_backward_floats(rows: usize, c: usize, dinp_sums: bool) -> us
     rows.div_ceil(NORM_ROWS_PER_BLOCK) * if dinp_sums { 3 } else { 2 } * c
 }
 
+/// Working floats of QK-norm's backward pass over `rows` qkv rows: each block's partial sums of the query and key
+/// weights' gradients.
+pub(crate) fn qk_norm_backward_floats(rows: usize, head_dim: usize) -> usize {
+    rows.div_ceil(NORM_ROWS_PER_BLOCK) * 2 * head_dim
+}
+
 /// Working floats of a matrix product's bias gradients, `columns` of them in all: its own, and that of GELU's input
 /// (cuBLASLt's epilogues overwrite their output, so they write here and a kernel adds that in).
 pub(crate) fn bias_gradient_floats(columns: usize) -> usize {
@@ -105,6 +111,7 @@ impl MemoryModel for CudaMemory {
         let working = [
             encoder_backward_floats(step.rows),
             norm_backward_floats(step.rows, step.n_embd, step.norm_bias_sums),
+            if step.qk_norm { qk_norm_backward_floats(step.rows, step.attention.head_dim) } else { 0 },
             bias_gradient_floats(step.max_bias_width),
             attention,
         ]

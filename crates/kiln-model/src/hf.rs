@@ -64,6 +64,7 @@ impl HfTensor {
 pub fn architecture(spec: &ModelSpec) -> &'static str {
     match spec.arch {
         Arch::Gpt2 => "GPT2LMHeadModel",
+        Arch::Llama if spec.qk_norm => "Qwen3ForCausalLM",
         Arch::Llama if is_qwen2(spec) => "Qwen2ForCausalLM",
         Arch::Llama => "LlamaForCausalLM",
     }
@@ -132,7 +133,8 @@ fn llama_parts(spec: &ModelSpec, name: &str, rows: usize) -> Vec<(String, usize,
     } else {
         ("bias", tail.strip_suffix(".bias").expect("parameters are weights or biases"))
     };
-    let (q, kv, f) = (spec.n_head * spec.head_dim(), spec.n_kv_head * spec.head_dim(), spec.ffn_dim);
+    let (hd, f) = (spec.head_dim, spec.ffn_dim);
+    let (q, kv) = (spec.n_head * hd, spec.n_kv_head * hd);
     match stem {
         "ln_1" => whole(at("input_layernorm", kind)),
         "ln_2" => whole(at("post_attention_layernorm", kind)),
@@ -141,6 +143,7 @@ fn llama_parts(spec: &ModelSpec, name: &str, rows: usize) -> Vec<(String, usize,
             (at("self_attn.k_proj", kind), q, kv),
             (at("self_attn.v_proj", kind), q + kv, kv),
         ],
+        "attn.qk_norm" => vec![(at("self_attn.q_norm", kind), 0, hd), (at("self_attn.k_norm", kind), hd, hd)],
         "attn.proj" => whole(at("self_attn.o_proj", kind)),
         "mlp.fc" => vec![(at("mlp.gate_proj", kind), 0, f), (at("mlp.up_proj", kind), f, f)],
         "mlp.proj" => whole(at("mlp.down_proj", kind)),
@@ -195,7 +198,7 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
                 "num_hidden_layers": spec.n_layer,
                 "num_attention_heads": spec.n_head,
                 "num_key_value_heads": spec.n_kv_head,
-                "head_dim": spec.head_dim(),
+                "head_dim": spec.head_dim,
                 "max_position_embeddings": spec.block_size,
                 "rms_norm_eps": spec.norm_eps,
                 "hidden_act": "silu",
@@ -215,14 +218,22 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
                 },
                 "rope_parameters": rope,
             });
-            if is_qwen2(spec) {
-                let fields = config.as_object_mut().expect("an object");
-                fields.remove("attention_bias");
+            // Qwen2 and Qwen3 are Llama but for their biases and QK-norm, which their model types say; a sliding
+            // window, which they may have, is off.
+            let fields = config.as_object_mut().expect("an object");
+            let qwen = |fields: &mut serde_json::Map<String, serde_json::Value>, model_type: &str| {
                 fields.remove("mlp_bias");
-                fields.insert("model_type".into(), "qwen2".into());
+                fields.insert("model_type".into(), model_type.into());
                 fields.insert("use_sliding_window".into(), false.into());
                 fields.insert("sliding_window".into(), serde_json::Value::Null);
                 fields.insert("max_window_layers".into(), spec.n_layer.into());
+            };
+            if spec.qk_norm {
+                qwen(fields, "qwen3");
+            } else if is_qwen2(spec) {
+                // Qwen2's biases on q, k and v have no key.
+                fields.remove("attention_bias");
+                qwen(fields, "qwen2");
             }
             config
         }

@@ -3,15 +3,16 @@
 //! Forward, for tokens `x` of a `(B, T)` batch:
 //! ```text
 //! h = wte[x] (+ wpe[0..T] with learned positions)
-//! for each block:   a = h + proj(attention(rope(qkv(norm_1(h)))))       rope only with rotary positions
-//!                   h = a + proj(act(fc(norm_2(a))))                      act: gelu, or swiglu of fc's two halves
+//! for each block:   a = h + proj(attention(rope(qk_norm(qkv(norm_1(h))))))   rope only with rotary positions,
+//!                                                                           qk_norm only with QK-norm
+//!                   h = a + proj(act(fc(norm_2(a))))            act: gelu, or swiglu of fc's two halves
 //! logits = norm_f(h) · headᵀ          (head = wte when the embeddings are tied)
 //! loss   = cross_entropy(logits[..vocab], targets)
 //! ```
 //! Each residual add is fused with the normalisation that follows it. The backward pass walks the same steps in
 //! reverse, accumulating weight gradients into one flat gradient vector laid out like the parameters. Where the
 //! families differ the code matches on the spec's fields, at a few points: the embedding (positions), after the
-//! qkv product (rotary), the MLP's nonlinearity, and which optional tensors (biases, norm biases, the LM head) exist.
+//! qkv product (QK-norm, rotary), the MLP's nonlinearity, and which optional tensors (biases, norm biases, the LM head) exist.
 //!
 //! With activation recomputation ([`Recompute`]) the backward pass writes some activations again, from the ones kept,
 //! just before it reads them: with `Elementwise` the norms' outputs and the MLP's hidden layer, with `Block` all of a
@@ -23,7 +24,7 @@ use crate::spec::{Mlp, ModelSpec, Positions};
 use kiln_core::config::Recompute;
 use kiln_core::{
     AttentionBackward, AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims,
-    NormForward, NormKind, ResidualAdd, Result, Role, Rotary, Tensor,
+    NormForward, NormKind, QkNormBackward, QkNormForward, ResidualAdd, Result, Role, Rotary, Tensor,
 };
 
 /// What a forward pass computes beyond the logits.
@@ -70,6 +71,8 @@ struct BlockWeights {
     ln_1: NormWeights,
     qkv_w: Tensor,
     qkv_b: Option<Tensor>,
+    /// QK-norm's weights, the queries' then the keys'.
+    qk_norm: Option<Tensor>,
     proj_w: Tensor,
     proj_b: Option<Tensor>,
     ln_2: NormWeights,
@@ -96,6 +99,7 @@ impl Weights {
                     ln_1: norm(&format!("h.{i}.ln_1")),
                     qkv_w: v("attn.qkv.weight"),
                     qkv_b: optional("attn.qkv.bias"),
+                    qk_norm: optional("attn.qk_norm.weight"),
                     proj_w: v("attn.proj.weight"),
                     proj_b: optional("attn.proj.bias"),
                     ln_2: norm(&format!("h.{i}.ln_2")),
@@ -125,8 +129,11 @@ struct BlockActivations {
     /// `norm_1` of the block's input (written by the previous block's fused residual add and norm).
     ln1: Tensor,
     ln1_stats: NormStats,
-    /// After the rotary embedding, where there is one: attention reads it, and in decoding it is the cache.
+    /// After QK-norm and the rotary embedding, where there are: attention reads it, and in decoding it is the cache.
     qkv: Tensor,
+    /// With QK-norm, the qkv product's output, which it normalises (empty without), and each normalised head's `r`.
+    qkv_pre: Tensor,
+    qk_rstd: Tensor,
     atty: Tensor,
     att_lse: Tensor,
     /// The residual stream after attention.
@@ -150,11 +157,14 @@ impl BlockActivations {
         // the block's output, which is the next block's input.
         let elementwise = first.filter(|_| recompute != Recompute::None);
         let block = first.filter(|_| recompute == Recompute::Block);
+        let qk = |len: usize| if spec.qk_norm { len } else { 0 };
         BlockActivations {
             ln1: elementwise.map_or_else(|| a.acts.take(n * c), |f| f.ln1),
             ln1_stats: block.map_or_else(|| a.norm_stats(spec, n), |f| f.ln1_stats),
             qkv: block.map_or_else(|| a.acts.take(n * spec.qkv_width()), |f| f.qkv),
-            atty: block.map_or_else(|| a.acts.take(n * c), |f| f.atty),
+            qkv_pre: block.map_or_else(|| a.acts.take(qk(n * spec.qkv_width())), |f| f.qkv_pre),
+            qk_rstd: block.map_or_else(|| a.stats.take(qk(n * (spec.n_head + spec.n_kv_head))), |f| f.qk_rstd),
+            atty: block.map_or_else(|| a.acts.take(n * spec.attention_width()), |f| f.atty),
             att_lse: block.map_or_else(|| a.stats.take(n * spec.n_head), |f| f.att_lse),
             res2: block.map_or_else(|| a.acts.take(n * c), |f| f.res2),
             ln2: elementwise.map_or_else(|| a.acts.take(n * c), |f| f.ln2),
@@ -271,10 +281,10 @@ impl Activations {
         for b in &self.blocks {
             kinds[0].2.extend([b.res2, b.res3]);
             kinds[1].2.extend([b.ln1, b.ln2]);
-            kinds[2].2.push(b.qkv);
+            kinds[2].2.extend([b.qkv, b.qkv_pre]);
             kinds[3].2.push(b.atty);
             kinds[4].2.extend([b.fch_pre, b.fch]);
-            kinds[7].2.extend(stats(&b.ln1_stats).into_iter().chain(stats(&b.ln2_stats)).chain([b.att_lse]));
+            kinds[7].2.extend(stats(&b.ln1_stats).into_iter().chain(stats(&b.ln2_stats)).chain([b.att_lse, b.qk_rstd]));
         }
         let mut seen = std::collections::HashSet::new();
         kinds
@@ -374,7 +384,8 @@ impl Activations {
             rope_table: a.stats.take(spec.rope_table_len()),
             proj: a.acts.take(n * c),
             dresidual: a.acts.take(backward(n * c)),
-            dbtc: a.acts.take(backward(n * c)),
+            // Attention's output gradient as well as the norms' inputs'.
+            dbtc: a.acts.take(backward(n * c.max(spec.attention_width()))),
             dqkv: a.acts.take(backward(n * spec.qkv_width())),
             dfch: a.acts.take(backward(n * spec.ffn_dim)),
             dfch_pre: a.acts.take(backward(if swiglu { n * spec.fc_width() } else { 0 })),
@@ -688,7 +699,7 @@ impl Model {
     /// The shape of attention over a `batch × time` batch.
     fn attention_dims(&self, batch: usize, time: usize) -> AttentionDims {
         let s = &self.spec;
-        AttentionDims { kv_heads: s.n_kv_head, ..AttentionDims::causal(batch, time, s.n_head, s.head_dim()) }
+        AttentionDims { kv_heads: s.n_kv_head, ..AttentionDims::causal(batch, time, s.n_head, s.head_dim) }
     }
 
     /// The normalisation of `rows` rows.
@@ -751,6 +762,7 @@ impl Model {
         let s = &self.spec;
         let (a, wt) = (&self.acts.blocks[l], &self.p.blocks[l]);
         let (c, n, w, ffn, fc_width) = (s.n_embd, r.n(), s.qkv_width(), s.ffn_dim, s.fc_width());
+        let aw = s.attention_width();
         let att = self.attention_dims(r.batch, r.time);
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
         // A decoded token is rotated as position `pos`, and its queries, keys and values go to row `pos` of the cache.
@@ -758,33 +770,38 @@ impl Model {
             Span::Full { .. } => (r.of(a.qkv, w), 0),
             Span::Decode { pos } => (a.qkv.slice(pos * w, w), pos),
         };
+        // QK-norm normalises the product's output into `qkv` (a decoded token's one row too).
         b.matmul_forward(MatmulForward {
-            out: qkv,
+            out: if s.qk_norm { r.of(a.qkv_pre, w) } else { qkv },
             inp: r.of(a.ln1, c),
             weight: wt.qkv_w,
             bias: wt.qkv_b,
             gelu_pre: None,
             d: lin(c, w),
         })?;
+        if let Some(weight) = wt.qk_norm {
+            let (inp, rstd, eps) = (r.of(a.qkv_pre, w), r.of(a.qk_rstd, s.n_head + s.n_kv_head), s.norm_eps as f32);
+            b.qk_norm_forward(QkNormForward { out: qkv, rstd, inp, weight, eps, d: att })?;
+        }
         if let Positions::Rotary { .. } = s.positions {
             b.rope(Rotary { qkv, table: self.acts.rope_table, d: att, first_pos, inverse: false })?;
         }
         match r.span {
             Span::Full { .. } => {
-                b.attention_forward(r.of(a.atty, c), r.of(a.att_lse, s.n_head), r.of(a.qkv, w), att)?
+                b.attention_forward(r.of(a.atty, aw), r.of(a.att_lse, s.n_head), r.of(a.qkv, w), att)?
             }
             Span::Decode { pos } => {
                 let cache = a.qkv.slice(0, (pos + 1) * w);
-                b.attention_decode(r.of(a.atty, c), cache, pos, AttentionDims { time: pos + 1, ..att })?
+                b.attention_decode(r.of(a.atty, aw), cache, pos, AttentionDims { time: pos + 1, ..att })?
             }
         }
         b.matmul_forward(MatmulForward {
             out: r.of(self.acts.proj, c),
-            inp: r.of(a.atty, c),
+            inp: r.of(a.atty, aw),
             weight: wt.proj_w,
             bias: wt.proj_b,
             gelu_pre: None,
-            d: lin(c, c),
+            d: lin(aw, c),
         })?;
         let residual = ResidualAdd { other: self.acts.proj, sum: a.res2 };
         self.norm(b, r, a.ln2, a.ln2_stats, self.block_input(l), Some(residual), wt.ln_2)?;
@@ -906,7 +923,7 @@ impl Model {
             b.zero(self.unit_grads[last_unit])?;
         }
         let r = Rows::new(Span::Full { batch, time });
-        let (c, n, vp, w) = (s.n_embd, r.n(), s.padded_vocab, s.qkv_width());
+        let (c, n, vp, w, aw) = (s.n_embd, r.n(), s.padded_vocab, s.qkv_width(), s.attention_width());
         let att = self.attention_dims(batch, time);
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
         let (dres, dbtc) = (r.of(self.acts.dresidual, c), r.of(self.acts.dbtc, c));
@@ -1018,28 +1035,33 @@ impl Model {
             // Attention.
             let dqkv = r.of(self.acts.dqkv, w);
             add_sums(b, g.proj_b)?;
+            let datty = r.of(self.acts.dbtc, aw);
             b.matmul_backward(MatmulBackward {
-                dinp: dbtc,
+                dinp: datty,
                 dweight: g.proj_w,
                 dbias: own(g.proj_b, fused),
                 dout: dres,
-                inp: r.of(a.atty, c),
+                inp: r.of(a.atty, aw),
                 weight: wt.proj_w,
                 gelu_pre: None,
                 gelu_dbias: None,
-                d: lin(c, c),
+                d: lin(aw, c),
             })?;
             b.attention_backward(AttentionBackward {
                 dqkv,
-                dout: dbtc,
+                dout: datty,
                 qkv: r.of(a.qkv, w),
-                out: r.of(a.atty, c),
+                out: r.of(a.atty, aw),
                 lse: r.of(a.att_lse, s.n_head),
                 dbias: if fused_qkv { g.qkv_b } else { None },
                 d: att,
             })?;
             if let Positions::Rotary { .. } = s.positions {
                 b.rope(Rotary { qkv: dqkv, table: self.acts.rope_table, d: att, first_pos: 0, inverse: true })?;
+            }
+            if let (Some(weight), Some(dweight)) = (wt.qk_norm, g.qk_norm) {
+                let (inp, rstd) = (r.of(a.qkv_pre, w), r.of(a.qk_rstd, s.n_head + s.n_kv_head));
+                b.qk_norm_backward(QkNormBackward { dqkv, dweight, inp, weight, rstd, d: att })?;
             }
             if elementwise {
                 self.norm_1(b, r, l)?;

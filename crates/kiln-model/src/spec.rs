@@ -65,6 +65,8 @@ pub struct ModelSpec {
     pub n_head: usize,
     pub n_kv_head: usize,
     pub n_embd: usize,
+    /// Channels of each attention head: `n_embd / n_head` but where a Llama-style config sets it.
+    pub head_dim: usize,
     pub ffn_dim: usize,
     /// The longest sequence the model sees: learned positions, or the rows of the rotary table.
     pub block_size: usize,
@@ -78,6 +80,8 @@ pub struct ModelSpec {
     pub positions: Positions,
     pub mlp: Mlp,
     pub biases: Biases,
+    /// Whether each query and key head is RMS-normalised before the rotation (Qwen3's QK-norm).
+    pub qk_norm: bool,
     /// Whether the LM head is the token embedding.
     pub tie_embeddings: bool,
 }
@@ -95,6 +99,7 @@ impl ModelSpec {
             n_head: m.n_head,
             n_kv_head: m.n_kv_head(),
             n_embd: m.n_embd,
+            head_dim: m.head_dim(),
             ffn_dim: m.ffn_dim(),
             block_size: m.block_size,
             vocab,
@@ -108,6 +113,7 @@ impl ModelSpec {
             },
             mlp: if llama { Mlp::SwiGlu } else { Mlp::Gelu },
             biases: Biases::of(&m.biases()),
+            qk_norm: m.qk_norm(),
             tie_embeddings: m.tie_embeddings(),
         }
     }
@@ -121,11 +127,13 @@ impl ModelSpec {
             n_embd,
             block_size,
             n_kv_head: None,
+            head_dim: None,
             ffn_dim: None,
             norm_eps: None,
             tie_embeddings: None,
             rope_theta: None,
             rope_scaling: None,
+            qk_norm: None,
             biases: None,
             init: None,
             attention: Default::default(),
@@ -133,13 +141,14 @@ impl ModelSpec {
         ModelSpec::new(&config, vocab)
     }
 
-    pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
+    /// Width of attention's output, the output projection's input: `n_head · head_dim`.
+    pub fn attention_width(&self) -> usize {
+        self.n_head * self.head_dim
     }
 
     /// Width of a row of the fused query/key/value projection: the queries, then the keys, then the values.
     pub fn qkv_width(&self) -> usize {
-        (self.n_head + 2 * self.n_kv_head) * self.head_dim()
+        (self.n_head + 2 * self.n_kv_head) * self.head_dim
     }
 
     /// Width of the MLP's first product: the hidden layer, or for SwiGLU its gate and up halves.
@@ -169,7 +178,7 @@ impl ModelSpec {
     pub fn step_shapes(&self, micro_batch: usize, fused: bool) -> StepShapes {
         let attention = AttentionDims {
             kv_heads: self.n_kv_head,
-            ..AttentionDims::causal(micro_batch, self.block_size, self.n_head, self.head_dim())
+            ..AttentionDims::causal(micro_batch, self.block_size, self.n_head, self.head_dim)
         };
         StepShapes {
             rows: micro_batch * self.block_size,
@@ -178,6 +187,7 @@ impl ModelSpec {
             attention,
             norm_bias_sums: fused && self.biases.into_residual(),
             attention_bias_sums: self.attention_bias_sums(fused),
+            qk_norm: self.qk_norm,
         }
     }
 
@@ -212,7 +222,7 @@ impl ModelSpec {
             unit.set(1 + i);
             let p = |n: &str| format!("h.{i}.{n}");
             push(p("attn.qkv.weight"), vec![self.qkv_width(), c], Init::Normal(INIT_STD), true);
-            push(p("attn.proj.weight"), vec![c, c], Init::Normal(residual_std), true);
+            push(p("attn.proj.weight"), vec![c, self.attention_width()], Init::Normal(residual_std), true);
             push(p("mlp.fc.weight"), vec![self.fc_width(), c], Init::Normal(INIT_STD), true);
             push(p("mlp.proj.weight"), vec![c, f], Init::Normal(residual_std), true);
             push(p("ln_1.weight"), vec![c], Init::Ones, false);
@@ -221,6 +231,10 @@ impl ModelSpec {
             }
             if self.biases.qkv {
                 push(p("attn.qkv.bias"), vec![self.qkv_width()], Init::Zeros, false);
+            }
+            if self.qk_norm {
+                // The queries' weight, then the keys'.
+                push(p("attn.qk_norm.weight"), vec![2 * self.head_dim], Init::Ones, false);
             }
             if self.biases.proj {
                 push(p("attn.proj.bias"), vec![c], Init::Zeros, false);
@@ -266,11 +280,12 @@ impl ModelSpec {
         // In f64, which no size overflows.
         let (c, layers, heads) = (self.n_embd as f64, self.n_layer as f64, self.n_head as f64);
         let (vocab, ffn, time) = (self.padded_vocab as f64, self.ffn_dim as f64, self.block_size as f64);
-        let qkv = c / heads.max(1.0) * (heads + 2.0 * self.n_kv_head as f64);
-        let per_block = (qkv + 3.0 * ffn + 8.0) * (c + 1.0) + c * c;
+        let head_dim = self.head_dim as f64;
+        let qkv = head_dim * (heads + 2.0 * self.n_kv_head as f64);
+        let per_block = (qkv + 3.0 * ffn + 8.0) * (c + 1.0) + c * heads * head_dim + 2.0 * head_dim;
         // The weights with their gradients and two moments, and the activations of every row.
         let weights = 4.0 * (layers * per_block + 2.0 * vocab * c + time * c);
-        let activations = max_batch as f64 * time * (layers * (qkv + 3.0 * ffn + 8.0 * c + heads) + vocab);
+        let activations = max_batch as f64 * time * (layers * (2.0 * qkv + 3.0 * ffn + 8.0 * c + heads) + vocab);
         if weights + activations > MOST {
             let message = format!(
                 "a model of {} layers {} wide (MLP {}, vocabulary {}) in batches of {max_batch} × {} tokens needs \
@@ -306,9 +321,9 @@ impl ModelSpec {
 
     /// Arithmetic of a training step per token, on sequences of `t` tokens: 6 per counted parameter (2 forward, 4
     /// backward) plus attention's 6·L·C·T (its two products, forward and backward), as llm.c and the anchors count
-    /// for MFU.
+    /// for MFU, with C attention's width (`n_embd` unless the heads are set wider or narrower).
     pub fn flops_per_token(&self, t: usize) -> f64 {
-        6.0 * self.num_counted_params() as f64 + 6.0 * (self.n_layer * self.n_embd * t) as f64
+        6.0 * self.num_counted_params() as f64 + 6.0 * (self.n_layer * self.attention_width() * t) as f64
     }
 
     /// Whether `name` is a matrix with a row per token (the embedding, the LM head), whose padded rows are unused.
@@ -320,7 +335,7 @@ impl ModelSpec {
     pub fn rope_table_len(&self) -> usize {
         match self.positions {
             Positions::Learned => 0,
-            Positions::Rotary { .. } => self.block_size * self.head_dim(),
+            Positions::Rotary { .. } => self.block_size * self.head_dim,
         }
     }
 
@@ -332,7 +347,7 @@ impl ModelSpec {
     /// and sines are taken in f64 and rounded once.
     pub fn rope_table(&self) -> Vec<f32> {
         let Positions::Rotary { theta, scaling } = self.positions else { return Vec::new() };
-        let (d, half) = (self.head_dim(), self.head_dim() / 2);
+        let (d, half) = (self.head_dim, self.head_dim / 2);
         let freqs: Vec<f32> = (0..half)
             .map(|i| {
                 let freq = 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32);

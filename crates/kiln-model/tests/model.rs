@@ -1,7 +1,7 @@
 //! The whole model against finite differences (every parameter tensor, in f64), and its loss at initialisation,
 //! for both families: GPT-2 and a Llama-style model (RMS norm, rotary positions with Llama 3's scaling, SwiGLU,
 //! grouped-query attention, an untied head), and one with biases on every product (as Llama's `attention_bias` and
-//! `mlp_bias`, a superset of Qwen2's).
+//! `mlp_bias`, a superset of Qwen2's), and one as Qwen3 is: QK-norm, with heads wider than `n_embd / n_head`.
 
 use kiln_core::config::{Arch, Recompute, RopeScaling, RopeScalingKind};
 use kiln_core::{Backend, NormKind, Tensor};
@@ -25,6 +25,7 @@ fn llama(gpt2: ModelSpec) -> ModelSpec {
         arch: Arch::Llama,
         n_head: 4,
         n_kv_head: 2,
+        head_dim: 2,
         ffn_dim: 12,
         norm: NormKind::Rms,
         norm_eps: 1e-5,
@@ -51,7 +52,14 @@ fn loss(b: &mut CpuBackend<f64>, model: &Model, batch_size: usize, time: usize) 
 fn every_parameter_gradient_matches_finite_differences() {
     let vocab = 11;
     let biased = ModelSpec { biases: Biases { qkv: true, proj: true, mlp: true }, ..llama(shape(vocab)) };
-    for s in [shape(vocab), llama(shape(vocab)), biased] {
+    // Attention 16 wide over a residual stream of 8; attention's biases too, as Qwen3's attention_bias puts them.
+    let qwen3 = ModelSpec {
+        head_dim: 4,
+        qk_norm: true,
+        biases: Biases { qkv: true, proj: true, mlp: false },
+        ..llama(shape(vocab))
+    };
+    for s in [shape(vocab), llama(shape(vocab)), biased, qwen3] {
         every_parameter_gradient_matches_finite_differences_for(s);
     }
 }
@@ -366,8 +374,8 @@ fn a_model_too_large_for_any_machine_is_refused_before_anything_is_laid_out() {
     let mut b = CpuBackend::<f64>::new();
     let huge = [
         ModelSpec { ffn_dim: usize::MAX / 2, ..shape(11) },
-        ModelSpec { n_embd: 1 << 40, ..shape(11) },
-        ModelSpec { n_layer: 60_000, n_embd: 1 << 16, ..shape(11) },
+        ModelSpec { n_embd: 1 << 40, head_dim: 1 << 39, ..shape(11) },
+        ModelSpec { n_layer: 60_000, n_embd: 1 << 16, head_dim: 1 << 15, ..shape(11) },
     ];
     for s in huge {
         let err = Model::new(&mut b, s, 2, 1).err().expect("refused").to_string();

@@ -1,5 +1,5 @@
 //! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`,
-//! `Qwen2ForCausalLM`, `MistralForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its
+//! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `MistralForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its
 //! shape from there. kiln writes a Mistral back as the Llama it is, once its sliding window is off.
 //!
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
@@ -20,12 +20,13 @@ pub(super) fn model_table(path: &Path) -> Result<(toml::Table, usize)> {
         "gpt2" => gpt2(&fields),
         "llama" => llama(&fields),
         "qwen2" => qwen2(&fields),
+        "qwen3" => qwen3(&fields),
         "mistral" => mistral(&fields),
         other => Err(Error::data(
             path,
             format!(
                 "model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\", \"qwen2\", \
-                 \"mistral\") models"
+                 \"qwen3\", \"mistral\") models"
             ),
         )),
     }?;
@@ -105,7 +106,7 @@ fn llama(f: &Fields) -> Result<toml::Table> {
     if f.flag("mlp_bias")?.unwrap_or(false) {
         biases.push(LinearGroup::Mlp);
     }
-    rotary(f, &biases)
+    rotary(f, &biases, false)
 }
 
 /// Qwen2 is Llama with biases on the query, key and value projections. Its sliding-window attention, which kiln
@@ -113,7 +114,15 @@ fn llama(f: &Fields) -> Result<toml::Table> {
 /// whatever `sliding_window` and `layer_types` say.
 fn qwen2(f: &Fields) -> Result<toml::Table> {
     f.only("use_sliding_window", &[false.into()])?;
-    rotary(f, &QWEN2_BIASES)
+    rotary(f, &QWEN2_BIASES, false)
+}
+
+/// Qwen3 is Llama with QK-norm, and biases on attention's four projections where `attention_bias` says so; its
+/// sliding window is turned off as Qwen2's is.
+fn qwen3(f: &Fields) -> Result<toml::Table> {
+    f.only("use_sliding_window", &[false.into()])?;
+    let biases = if f.flag("attention_bias")?.unwrap_or(false) { &ATTENTION_BIASES[..] } else { &[] };
+    rotary(f, biases, true)
 }
 
 /// Mistral is Llama without biases, but for a sliding window of attention (MistralConfig's default 4096), which
@@ -133,18 +142,12 @@ fn mistral(f: &Fields) -> Result<toml::Table> {
         );
         return Err(f.error("sliding_window", &message));
     }
-    rotary(f, &[])
+    rotary(f, &[], false)
 }
 
-/// The `[model]` table of a Llama-style model whose layer groups `biases` have biases.
-fn rotary(f: &Fields, biases: &[LinearGroup]) -> Result<toml::Table> {
+/// The `[model]` table of a Llama-style model whose layer groups `biases` have biases, with QK-norm or without.
+fn rotary(f: &Fields, biases: &[LinearGroup], qk_norm: bool) -> Result<toml::Table> {
     f.only("hidden_act", &["silu".into()])?;
-    let (hidden, heads) = (f.required_count("hidden_size")?, f.required_count("num_attention_heads")?);
-    if let Some(head_dim) = f.count("head_dim")?.filter(|&d| d * heads != hidden) {
-        return Err(
-            f.error("head_dim", &format!("{head_dim}: kiln's heads are hidden_size / num_attention_heads wide"))
-        );
-    }
     // transformers 5 keeps the rotary settings in rope_parameters; 4 in rope_theta and rope_scaling.
     let rope = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
     let rope_field = if f.get("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
@@ -159,8 +162,10 @@ fn rotary(f: &Fields, biases: &[LinearGroup]) -> Result<toml::Table> {
     Ok(table([
         ("arch", Some("llama".into())),
         ("n_layer", Some(f.required_count("num_hidden_layers")?.into())),
-        ("n_head", Some(heads.into())),
-        ("n_embd", Some(hidden.into())),
+        ("n_head", Some(f.required_count("num_attention_heads")?.into())),
+        ("n_embd", Some(f.required_count("hidden_size")?.into())),
+        // Absent, transformers takes hidden_size / num_attention_heads, as kiln does.
+        ("head_dim", f.count("head_dim")?.map(Into::into)),
         ("block_size", Some(f.required_count("max_position_embeddings")?.into())),
         ("n_kv_head", f.count("num_key_value_heads")?.map(Into::into)),
         ("ffn_dim", Some(f.required_count("intermediate_size")?.into())),
@@ -170,6 +175,7 @@ fn rotary(f: &Fields, biases: &[LinearGroup]) -> Result<toml::Table> {
         ("rope_theta", Some(theta.unwrap_or(10_000.0).into())),
         ("rope_scaling", scaling.map(toml::Value::Table)),
         ("biases", Some(biases.iter().map(|b| toml::Value::from(b.name())).collect::<Vec<_>>().into())),
+        ("qk_norm", Some(qk_norm.into())),
     ]))
 }
 
