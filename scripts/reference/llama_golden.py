@@ -1,6 +1,6 @@
 """Golden files for kiln's Llama-style support, made with Hugging Face transformers.
 
-Builds tiny LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM models (fp32, CPU, eager attention), saves
+Builds tiny LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and MistralForCausalLM models (fp32, CPU, eager attention), saves
 each one as a Hugging Face checkpoint directory, and next to it `golden.safetensors` with a fixed batch and what
 transformers computes for it:
 
@@ -13,7 +13,8 @@ transformers computes for it:
 The cases cover the checkpoint variants kiln has to read: tied embeddings with the legacy transformers-4 config keys
 (rope_theta, rope_scaling); untied bf16 weights with the transformers-5 `rope_parameters`; Llama-3 RoPE scaling in a
 sharded checkpoint; Llama with biases on every linear layer (attention_bias, mlp_bias); Qwen2, whose query/key/value
-projections alone have biases; and Mistral without a sliding window. Rust tests in crates/kiln-train/tests/ load
+projections alone have biases; Qwen3, with QK-norm and heads wider than hidden_size / num_attention_heads
+(and attention_bias on); and Mistral without a sliding window. Rust tests in crates/kiln-train/tests/ load
 these files.
 
 Needs torch, transformers and safetensors (CPU is enough). From the repository root:
@@ -39,6 +40,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 B, T = 2, 9
@@ -81,12 +84,14 @@ CASES = {
     "biases_untied": dict(seed=4, tie=False, rope=dict(rope_type="default", rope_theta=10000.0), biases=True),
     "qwen2_tied": dict(seed=5, tie=True, rope=dict(rope_type="default", rope_theta=1000000.0), family="qwen2"),
     "mistral_untied": dict(seed=6, tie=False, rope=dict(rope_type="default", rope_theta=1000000.0), family="mistral"),
+    "qwen3_tied": dict(seed=7, tie=True, rope=dict(rope_type="default", rope_theta=1000000.0), family="qwen3"),
 }
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
 
 
@@ -120,6 +125,11 @@ def build(case):
         # Mistral 7B v0.2 and later.
         del base["attention_bias"], base["mlp_bias"]
         base["sliding_window"] = None
+    elif case.get("family") == "qwen3":
+        # Qwen3's QK-norm, with heads of 16 over a hidden size of 48 (attention 64 wide), and its attention_bias on,
+        # so that the biases are added before the heads are normalised. It has no mlp_bias.
+        del base["mlp_bias"]
+        base.update(head_dim=16, attention_bias=True)
     elif case.get("biases"):
         base.update(attention_bias=True, mlp_bias=True)
     config = config_class(

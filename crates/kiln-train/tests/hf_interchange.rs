@@ -75,7 +75,7 @@ impl Golden {
 #[test]
 fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
     // Each case, its biased layers, and its tensors: 9 a block (q, k, v, o, gate, up, down and two norms) and 2
-    // more (the embedding and the final norm), an LM head when untied, and the biases.
+    // more (the embedding and the final norm), an LM head when untied, the biases, and Qwen3's two QK-norms a block.
     let cases = [
         ("tied_theta1e4", &[][..], 20),
         ("untied_theta5e5_bf16", &[], 21),
@@ -83,6 +83,7 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         ("biases_untied", &LinearGroup::ALL, 21 + 2 * 7),
         ("qwen2_tied", &[LinearGroup::Qkv], 20 + 2 * 3),
         ("mistral_untied", &[], 21),
+        ("qwen3_tied", &[LinearGroup::Qkv, LinearGroup::Proj], 20 + 2 * 4 + 2 * 2),
     ];
     for (case, biases, tensor_count) in cases {
         let dir = golden_dir(case);
@@ -91,6 +92,9 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         assert_eq!((m.n_layer, m.n_head, m.n_kv_head, m.n_embd, m.ffn_dim), (2, 4, Some(2), 48, Some(80)), "{case}");
         assert_eq!(m.tie_embeddings, Some(case.contains("tied") && !case.contains("untied")), "{case}");
         assert_eq!(m.biases.as_deref(), Some(biases), "{case}");
+        // Qwen3's heads are 16 wide, not 48 / 4.
+        let qwen3 = case.starts_with("qwen3");
+        assert_eq!((m.head_dim, m.qk_norm), (Some(if qwen3 { 16 } else { 12 }), Some(qwen3)), "{case}");
         let golden = Golden::read(&dir);
         let (batch, time) = golden.shape;
         let spec = ModelSpec::new(m, 67);
@@ -183,13 +187,20 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
     std::fs::write(odd.join("config.json"), text).unwrap();
     let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
     assert!(err.contains("hidden_act") && err.contains("config.json"), "{err}");
-    // Qwen2's sliding-window attention, which kiln does not have.
-    let qwen2 = std::fs::read_to_string(golden_dir("qwen2_tied").join("config.json")).unwrap();
-    let (from, to) = ("\"use_sliding_window\": false", "\"use_sliding_window\": true");
-    assert!(qwen2.contains(from), "{from}");
-    std::fs::write(odd.join("config.json"), qwen2.replace(from, to)).unwrap();
+    // Qwen2's and Qwen3's sliding-window attention, which kiln does not have.
+    for case in ["qwen2_tied", "qwen3_tied"] {
+        let qwen = std::fs::read_to_string(golden_dir(case).join("config.json")).unwrap();
+        let (from, to) = ("\"use_sliding_window\": false", "\"use_sliding_window\": true");
+        assert!(qwen.contains(from), "{from}");
+        std::fs::write(odd.join("config.json"), qwen.replace(from, to)).unwrap();
+        let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
+        assert!(err.contains("use_sliding_window") && err.contains("config.json"), "{case}: {err}");
+    }
+    // Heads of an odd width, which the rotation cannot pair.
+    let qwen3 = std::fs::read_to_string(golden_dir("qwen3_tied").join("config.json")).unwrap();
+    std::fs::write(odd.join("config.json"), qwen3.replace("\"head_dim\": 16", "\"head_dim\": 15")).unwrap();
     let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
-    assert!(err.contains("use_sliding_window") && err.contains("config.json"), "{err}");
+    assert!(err.contains("model.head_dim") && err.contains("config.json"), "{err}");
     // Mistral's sliding window, unless it is off or spans the whole context (256 tokens here; absent, it is
     // MistralConfig's 4096).
     let mistral = std::fs::read_to_string(golden_dir("mistral_untied").join("config.json")).unwrap();
@@ -241,11 +252,13 @@ fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() 
     let llama = "model.arch=llama model.n_head=4 model.n_kv_head=2 model.tie_embeddings=false";
     let qwen2 = format!("{llama} model.biases=[\"qkv\"]");
     let biased = format!("{llama} model.biases=[\"mlp\",\"qkv\",\"proj\"]");
+    let qwen3 = format!("{llama} model.head_dim=16 model.qk_norm=true");
     let cases = [
         ("gpt2", "", "GPT2LMHeadModel"),
         ("llama", llama, "LlamaForCausalLM"),
         ("qwen2", &qwen2, "Qwen2ForCausalLM"),
         ("llama-biases", &biased, "LlamaForCausalLM"),
+        ("qwen3", &qwen3, "Qwen3ForCausalLM"),
     ];
     for (name, family, class) in cases {
         let out = std::env::temp_dir().join(format!("kiln-hf-round-trip-{}-{name}", std::process::id()));
