@@ -10,11 +10,12 @@
 //! Errors are measured normwise, `max|candidate − reference| / max|reference|` over a tensor, and compared with a
 //! [`Tolerance`] chosen for the candidate's precision.
 
-use kiln_core::backend::IGNORE_TARGET;
+use kiln_core::backend::{IGNORE_TARGET, qk_norm_lens};
 use kiln_core::config::{Arch, ModelConfig};
 use kiln_core::{
     AdamWStep, AttentionBackward, AttentionDims, Backend, Config, MatmulBackward, MatmulDims, MatmulForward,
-    NormBackward, NormDims, NormForward, NormKind, ResidualAdd, Result, Role, Rotary, Tensor,
+    NormBackward, NormDims, NormForward, NormKind, QkNormBackward, QkNormForward, ResidualAdd, Result, Role, Rotary,
+    Tensor,
 };
 use kiln_cpu::CpuBackend;
 use kiln_model::{Model, ModelSpec, Pass};
@@ -473,7 +474,7 @@ const ATTENTION_SHAPES: [AttentionDims; 8] = [
 
 /// Forward, backward and decoding cases of attention at `d`, named by its shape.
 fn attention_cases(d: AttentionDims) -> Vec<OpCase> {
-    use Role::{Activation, Grad, Stat};
+    use Role::{Activation, Grad, Param, Stat};
     use Use::*;
     let (rows, c, w) = (d.batch * d.time, d.channels(), d.qkv_width());
     let lse = d.batch * d.heads * d.time;
@@ -527,6 +528,31 @@ fn attention_cases(d: AttentionDims) -> Vec<OpCase> {
             run: Box::new(move |b, r, _| b.rope(Rotary { qkv: r[0], table: r[1], d, first_pos, inverse })),
         });
     }
+    // QK-norm over the same packed rows; its backward from any r (a function of it as much as of the rest).
+    let [len, weights, stats] = qk_norm_lens(&d);
+    cases.push(OpCase {
+        name: format!("qk_norm_forward {shape}"),
+        reals: vec![(len, Out, Activation), (stats, Out, Stat), (len, In, Activation), (weights, In, Param)],
+        indices: vec![],
+        run: Box::new(move |b, r, _| {
+            b.qk_norm_forward(QkNormForward { out: r[0], rstd: r[1], inp: r[2], weight: r[3], eps: 3e-4, d })
+        }),
+    });
+    cases.push(OpCase {
+        name: format!("qk_norm_backward {shape}"),
+        reals: vec![
+            (len, Acc, Activation),
+            (weights, Acc, Grad),
+            (len, In, Activation),
+            (weights, In, Param),
+            (stats, In, Stat),
+        ],
+        indices: vec![],
+        run: Box::new(move |b, r, _| {
+            let (dqkv, dweight, inp, weight, rstd) = (r[0], r[1], r[2], r[3], r[4]);
+            b.qk_norm_backward(QkNormBackward { dqkv, dweight, inp, weight, rstd, d })
+        }),
+    });
     if d.causal {
         cases.push(OpCase {
             name: format!("attention_decode {shape}"),
@@ -559,7 +585,15 @@ fn model_configs() -> Vec<Config> {
     let llama = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.ffn_dim=70", "model.rope_theta=500"];
     // Biases before a rotation (as Qwen2's) and beside RMS norms and SwiGLU.
     let biased = ["model.biases=[\"qkv\", \"proj\", \"mlp\"]"];
-    [&common[..], &[&common[..], &llama[..]].concat(), &[&common[..], &llama[..], &biased[..]].concat()]
+    // Qwen3's: QK-norm after attention's biases, heads wider than n_embd / n_head.
+    let qwen3 = ["model.qk_norm=true", "model.head_dim=16", "model.biases=[\"qkv\", \"proj\"]"];
+    let families = [
+        common.to_vec(),
+        [&common[..], &llama[..]].concat(),
+        [&common[..], &llama[..], &biased[..]].concat(),
+        [&common[..], &llama[..], &qwen3[..]].concat(),
+    ];
+    families
         .iter()
         .map(|overrides| {
             let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
@@ -568,10 +602,18 @@ fn model_configs() -> Vec<Config> {
         .collect()
 }
 
-/// The family of a model-level check's model, as its checks are named: `llama`, or `llama with biases`.
+/// The family of a model-level check's model, as its checks are named: `llama`, `llama with biases`, or `llama with
+/// QK-norm and biases`.
 fn family(model: &ModelConfig) -> String {
     let biased = model.arch == Arch::Llama && !model.biases().is_empty();
-    format!("{}{}", model.arch.name(), if biased { " with biases" } else { "" })
+    let with: Vec<_> = [(model.qk_norm(), "QK-norm"), (biased, "biases")]
+        .into_iter()
+        .filter_map(|(has, what)| has.then_some(what))
+        .collect();
+    match with.is_empty() {
+        true => model.arch.name().to_string(),
+        false => format!("{} with {}", model.arch.name(), with.join(" and ")),
+    }
 }
 
 /// The vocabulary of the model-level checks.
