@@ -18,12 +18,12 @@ common() { grep -v '#include <cuda_bf16.h>' "$root/kernels/common.cuh"; }
 } > "$out/flash_all.inc"
 { common; cat "$root/kernels/attention.cu"; } > "$out/unfused_all.inc"
 { common; cat "$root/kernels/encoder.cu"; } > "$out/encoder_all.inc"
-# RMS normalisation's backward runs on layer normalisation's kernels: one file holds both.
+# RMS normalisation's backward runs on layer normalisation's kernels, and QK-norm's partial sums are added by
+# reduce.cu's column sums: one file holds all three.
 {
   common
   sed 's/^    extern __shared__ float shared\[\];/    float* shared = reinterpret_cast<float*>(g_block->smem.data());/' \
-    "$root/kernels/layernorm.cu"
-  cat "$root/kernels/rmsnorm.cu"
+    "$root"/kernels/{layernorm,rmsnorm,reduce}.cu
 } > "$out/norm_all.inc"
 { common; cat "$root/kernels/rope.cu"; } > "$out/rope_all.inc"
 { common; cat "$root/kernels/swiglu.cu"; } > "$out/swiglu_all.inc"

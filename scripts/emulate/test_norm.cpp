@@ -2,8 +2,9 @@
 // normalisation's forward, plain and after a residual add, and its backward with the blockwise sums of dweight (and
 // dbias) — RMS normalisation's on layernorm.cu's kernels with a null mean and dbias —, without and with the column sums
 // of dinp (a projection's bias gradient), for widths that are and are not whole 16-byte chunks and for ε = 1e-5 and
-// 0.25. Launched as the engine launches them (crates/kiln-cuda/src/backend.rs, norm_forward and norm_backward). Built
-// twice, with and without KILN_BF16.
+// 0.25. Launched as the engine launches them (crates/kiln-cuda/src/backend.rs, norm_forward and norm_backward). Also
+// QK-norm (rmsnorm.cu's qk_norm_forward and qk_norm_backward, then reduce.cu's column_sums), as qk_norm_forward and
+// qk_norm_backward launch them. Built twice, with and without KILN_BF16.
 #include "emu.h"
 #define __shared__ static  // one block at a time: a function's statics are its block's shared memory
 #include "norm_all.inc"
@@ -143,6 +144,57 @@ static void run(Kind kind, int N, int C, float eps) {
     check("dinp's column sums", where, error(dinp_sums, want_sums));
 }
 
+// QK-norm of `rows` packed qkv rows of heads + 2·kv_heads heads of head_dim: the query and key heads normalised with
+// the two halves of w, the value heads copied; then its backward in place, dweight accumulating from 0.5.
+static void run_qk(int rows, int heads, int kv_heads, int head_dim, float eps) {
+    char where[80];
+    std::snprintf(where, sizeof where, "qk rows%d H%d/%dkv D%d eps%g", rows, heads, kv_heads, head_dim, eps);
+    const int all = heads + 2 * kv_heads, normed = heads + kv_heads;
+    const size_t n = (size_t)rows * all * head_dim;
+    auto inp = random_x(n), w = random_x(2 * head_dim), dqkv = random_x(n), out = poisoned<floatX>(n);
+    auto rstd = poisoned<float>((size_t)rows * normed);
+    launch({grid_blocks(n * 32 / head_dim, 256), 1, 1}, 256, 0,
+           [&] { qk_norm_forward(out.data(), rstd.data(), inp.data(), w.data(), rows, heads, kv_heads, head_dim, eps); });
+    std::vector<double> want_out(n), want_rstd((size_t)rows * normed), want_dqkv = as_double(dqkv);
+    std::vector<double> want_dw(2 * head_dim, 0.5);
+    for (size_t h = 0; h < (size_t)rows * all; h++) {
+        const size_t o = h * head_dim;
+        const int head = h % all, half = head < heads ? 0 : head_dim;
+        if (head >= normed) {
+            for (int c = 0; c < head_dim; c++) want_out[o + c] = to_f32(inp[o + c]);
+            continue;
+        }
+        double ss = 0, gn = 0;
+        for (int c = 0; c < head_dim; c++) ss += (double)to_f32(inp[o + c]) * to_f32(inp[o + c]) / head_dim;
+        const double r = 1 / std::sqrt(ss + eps);
+        want_rstd[h / all * normed + head] = r;
+        for (int c = 0; c < head_dim; c++) {
+            const double x = to_f32(inp[o + c]) * r, dy = to_f32(dqkv[o + c]), wc = to_f32(w[half + c]);
+            want_out[o + c] = x * wc;
+            gn += dy * wc * x / head_dim;
+            want_dw[half + c] += dy * x;
+        }
+        for (int c = 0; c < head_dim; c++) {
+            const double x = to_f32(inp[o + c]) * r, g = to_f32(dqkv[o + c]) * to_f32(w[half + c]);
+            want_dqkv[o + c] = r * (g - x * gn);
+        }
+    }
+    check("qk forward", where, error(out, want_out));
+    check("qk rstd", where, error(rstd, want_rstd));
+    // As qk_norm_backward launches them: 8 warps, 32 rows a block, then the blocks' partial sums in order.
+    const int warps = 8, rows_per_block = 32, padded = (head_dim + 7) / 8 * 8;
+    const int blocks = (rows + rows_per_block - 1) / rows_per_block;
+    std::vector<float> partials = poisoned<float>((size_t)blocks * 2 * head_dim), dw(2 * head_dim, 0.5f);
+    launch({(unsigned)blocks, 1, 1}, warps * 32, (size_t)warps * 2 * padded * 4, [&] {
+        qk_norm_backward(dqkv.data(), partials.data(), inp.data(), w.data(), rstd.data(), rows, heads, kv_heads,
+                         head_dim, rows_per_block);
+    });
+    launch({grid_blocks(2 * head_dim, COLUMN_SUM_LANES), 1, 1}, COLUMN_SUM_LANES * COLUMN_SUM_ROWS, 0,
+           [&] { column_sums(dw.data(), partials.data(), blocks, 2 * head_dim); });
+    check("qk dinp", where, error(dqkv, want_dqkv));
+    check("qk dweight", where, error(dw, want_dw));
+}
+
 int main() {
     emu_schedule_from_env();
     // GPT-2's and Llama's ε on the larger problems, a large one (which a kernel ignoring ε would fail) on the smaller.
@@ -151,5 +203,11 @@ int main() {
             for (int C : {3, 20, 48, 770}) run(kind, N, C, N < 64 ? 0.25f : 1e-5f);
     // Wider than 48 KiB of shared memory holds for one warp's three sums (the engine allows the kernel more).
     for (Kind kind : {Kind::Layer, Kind::Rms}) run(kind, 37, 4100, 1e-5f);
+    // Heads of whole chunks and not (12), Qwen3's 128, several blocks of rows; grouped-query attention.
+    for (int rows : {1, 37, 70})
+        for (int head_dim : {12, 64, 128}) {
+            run_qk(rows, 3, 3, head_dim, rows < 64 ? 0.25f : 1e-6f);
+            run_qk(rows, 4, 2, head_dim, 1e-6f);
+        }
     return finish("norm");
 }
