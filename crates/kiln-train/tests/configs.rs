@@ -12,6 +12,7 @@ const PUBLISHED: &[(&str, usize)] = &[
     ("llama-3.2-1b.toml", 1_235_814_400),
     ("smollm-135m.toml", 134_515_008),
     ("qwen2.5-0.5b.toml", 494_032_768),
+    ("qwen3-0.6b.toml", 596_049_920),
 ];
 
 #[test]
