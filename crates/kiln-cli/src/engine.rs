@@ -31,11 +31,11 @@ pub fn resolve(choice: BackendChoice) -> Result<Engine> {
         BackendChoice::Auto => match kiln_cuda::devices::list() {
             Ok(gpus) if !gpus.is_empty() => Engine::Cuda,
             Ok(_) => {
-                tracing::warn!("no GPU found: training on the CPU");
+                tracing::warn!("no GPU found: running on the CPU");
                 Engine::Cpu
             }
             Err(e) => {
-                tracing::warn!("no usable GPU ({e}): training on the CPU");
+                tracing::warn!("no usable GPU ({e}): running on the CPU");
                 Engine::Cpu
             }
         },

@@ -162,7 +162,10 @@ fn batches_that_do_not_fit_are_errors() {
 fn decoding_with_the_cache_matches_recomputing_the_context() {
     // Each cached step must give the logits a full forward pass over the whole sequence gives at its last position:
     // with rotary positions too, where the cached keys were rotated at their own positions.
-    for s in [ModelSpec::gpt2(2, 2, 8, 12, 11), llama(ModelSpec::gpt2(2, 2, 8, 12, 11))] {
+    // And with QK-norm, which normalises the decoded token's queries and keys before they join the cache.
+    let llama = llama(ModelSpec::gpt2(2, 2, 8, 12, 11));
+    let qwen3 = ModelSpec { head_dim: 4, qk_norm: true, ..llama };
+    for s in [ModelSpec::gpt2(2, 2, 8, 12, 11), llama, qwen3] {
         decoding_with_the_cache_matches_recomputing_the_context_for(s);
     }
 }
