@@ -634,7 +634,8 @@ pub enum Recompute {
     #[default]
     None,
     /// The norms' outputs are recomputed from their inputs, and the MLP's hidden layer from its pre-activation: each
-    /// from what its own backward pass keeps anyway, by one pass over the rows.
+    /// from what its own backward pass keeps anyway, by one pass over the rows. With QK-norm, so are the normalised
+    /// (and rotated) queries and keys, with the values beside them.
     Elementwise,
     /// Each block keeps only its input (the residual stream entering it); the backward pass of a block first runs its
     /// forward pass again from there.

@@ -161,7 +161,10 @@ impl BlockActivations {
         BlockActivations {
             ln1: elementwise.map_or_else(|| a.acts.take(n * c), |f| f.ln1),
             ln1_stats: block.map_or_else(|| a.norm_stats(spec, n), |f| f.ln1_stats),
-            qkv: block.map_or_else(|| a.acts.take(n * spec.qkv_width()), |f| f.qkv),
+            // With QK-norm, qkv is the normalisation's output (and the rotation's), which the elementwise level
+            // recomputes from qkv_pre.
+            qkv: if spec.qk_norm { elementwise } else { block }
+                .map_or_else(|| a.acts.take(n * spec.qkv_width()), |f| f.qkv),
             qkv_pre: block.map_or_else(|| a.acts.take(qk(n * spec.qkv_width())), |f| f.qkv_pre),
             qk_rstd: block.map_or_else(|| a.stats.take(qk(n * (spec.n_head + spec.n_kv_head))), |f| f.qk_rstd),
             atty: block.map_or_else(|| a.acts.take(n * spec.attention_width()), |f| f.atty),
@@ -678,7 +681,7 @@ impl Model {
     /// Runs one new `token` at position `pos` of a single sequence whose earlier positions went through
     /// [`Model::forward`] (batch 1) or earlier calls of this: each block's `qkv` activation is the key/value cache,
     /// so the step costs one position, not the whole context. Its logits are row 0 of [`Model::logits_row`]. A model
-    /// that recomputes whole blocks has no cache: its blocks share one `qkv`.
+    /// that recomputes whole blocks, or with QK-norm recomputes at all, has no cache: its blocks share one `qkv`.
     pub fn decode_step<B: Backend + ?Sized>(&self, b: &mut B, token: u32, pos: usize) -> Result<()> {
         if pos >= self.spec.block_size {
             return Err(kiln_core::Error::Invalid(format!(
@@ -686,9 +689,9 @@ impl Model {
                 self.spec.block_size
             )));
         }
-        if self.recompute == Recompute::Block {
+        if self.recompute == Recompute::Block || (self.spec.qk_norm && self.recompute != Recompute::None) {
             return Err(kiln_core::Error::Invalid(
-                "a model that recomputes whole blocks keeps no key/value cache to decode with".into(),
+                "a model that recomputes its queries, keys and values keeps no key/value cache to decode with".into(),
             ));
         }
         self.check_weights_in_place()?;
@@ -755,6 +758,30 @@ impl Model {
         }
     }
 
+    /// Block `l`'s queries, keys and values as attention reads them, in `qkv` (its rows from `first_pos`): QK-norm of
+    /// the qkv product's output and the rotation, where the model has them. The elementwise level of recomputation
+    /// runs this again.
+    fn attention_input<B: Backend + ?Sized>(
+        &self,
+        b: &mut B,
+        r: Rows,
+        l: usize,
+        qkv: Tensor,
+        first_pos: usize,
+    ) -> Result<()> {
+        let s = &self.spec;
+        let (a, wt) = (&self.acts.blocks[l], &self.p.blocks[l]);
+        let att = self.attention_dims(r.batch, r.time);
+        if let Some(weight) = wt.qk_norm {
+            let (inp, rstd) = (r.of(a.qkv_pre, s.qkv_width()), r.of(a.qk_rstd, s.n_head + s.n_kv_head));
+            b.qk_norm_forward(QkNormForward { out: qkv, rstd, inp, weight, eps: s.norm_eps as f32, d: att })?;
+        }
+        if let Positions::Rotary { .. } = s.positions {
+            b.rope(Rotary { qkv, table: self.acts.rope_table, d: att, first_pos, inverse: false })?;
+        }
+        Ok(())
+    }
+
     /// Block `l`'s forward pass from its first norm's output to the MLP's hidden layer: all but the MLP's output
     /// projection and the residual add that ends the block. A backward pass that recomputes whole blocks runs this
     /// again.
@@ -779,13 +806,7 @@ impl Model {
             gelu_pre: None,
             d: lin(c, w),
         })?;
-        if let Some(weight) = wt.qk_norm {
-            let (inp, rstd, eps) = (r.of(a.qkv_pre, w), r.of(a.qk_rstd, s.n_head + s.n_kv_head), s.norm_eps as f32);
-            b.qk_norm_forward(QkNormForward { out: qkv, rstd, inp, weight, eps, d: att })?;
-        }
-        if let Positions::Rotary { .. } = s.positions {
-            b.rope(Rotary { qkv, table: self.acts.rope_table, d: att, first_pos, inverse: false })?;
-        }
+        self.attention_input(b, r, l, qkv, first_pos)?;
         match r.span {
             Span::Full { .. } => {
                 b.attention_forward(r.of(a.atty, aw), r.of(a.att_lse, s.n_head), r.of(a.qkv, w), att)?
@@ -1035,6 +1056,9 @@ impl Model {
             // Attention.
             let dqkv = r.of(self.acts.dqkv, w);
             add_sums(b, g.proj_b)?;
+            if elementwise && s.qk_norm {
+                self.attention_input(b, r, l, r.of(a.qkv, w), 0)?;
+            }
             let datty = r.of(self.acts.dbtc, aw);
             b.matmul_backward(MatmulBackward {
                 dinp: datty,

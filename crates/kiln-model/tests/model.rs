@@ -299,7 +299,9 @@ fn accumulate_two_micro_batches(s: ModelSpec, recompute: Recompute) -> (u64, Vec
 #[test]
 fn recomputed_activations_give_the_same_losses_and_gradients_in_less_memory() {
     // Three blocks, so that a shared buffer is written by blocks other than the one whose backward pass reads it.
-    for s in [ModelSpec::gpt2(3, 2, 16, 12, 11), llama(ModelSpec::gpt2(3, 2, 16, 12, 11))] {
+    let llama = llama(ModelSpec::gpt2(3, 2, 16, 12, 11));
+    let qwen3 = ModelSpec { head_dim: 6, qk_norm: true, ..llama };
+    for s in [ModelSpec::gpt2(3, 2, 16, 12, 11), llama, qwen3] {
         let (kept_bytes, kept_losses, kept_grads) = accumulate_two_micro_batches(s, Recompute::None);
         assert!(kept_grads.iter().all(|g| g.is_finite()) && kept_grads.iter().any(|&g| g != 0.0));
         let mut bytes = vec![kept_bytes];
@@ -315,10 +317,16 @@ fn recomputed_activations_give_the_same_losses_and_gradients_in_less_memory() {
 }
 
 #[test]
-fn a_model_that_recomputes_whole_blocks_refuses_to_decode() {
+fn a_model_that_recomputes_its_queries_keys_and_values_refuses_to_decode() {
     // Its blocks share one qkv activation, so there is no key/value cache to decode from.
     let mut b = CpuBackend::<f32>::new();
     let model = Model::with_padding(&mut b, shape(11), 1, 1, 1, Recompute::Block).unwrap();
+    model.load_batch(&mut b, &[1, 2], None).unwrap();
+    model.forward(&mut b, 1, 2, Pass::Logits).unwrap();
+    assert!(model.decode_step(&mut b, 3, 2).is_err());
+    // With QK-norm, elementwise recomputation shares qkv too.
+    let qwen3 = ModelSpec { head_dim: 2, qk_norm: true, ..llama(shape(11)) };
+    let model = Model::with_padding(&mut b, qwen3, 1, 1, 1, Recompute::Elementwise).unwrap();
     model.load_batch(&mut b, &[1, 2], None).unwrap();
     model.forward(&mut b, 1, 2, Pass::Logits).unwrap();
     assert!(model.decode_step(&mut b, 3, 2).is_err());

@@ -40,7 +40,7 @@ const LLAMA: [&str; 2] = ["model.arch=llama", "model.n_kv_head=2"];
 fn the_plan_is_what_each_rank_of_the_cpu_engine_allocates() {
     // Qwen3's QK-norm (the product's output kept beside qkv) and heads wider than n_embd / n_head.
     let qwen3 = [LLAMA[0], LLAMA[1], "model.qk_norm=true", "model.head_dim=48"];
-    let cases: [(&[&str], usize); 15] = [
+    let cases: [(&[&str], usize); 16] = [
         (&["train.micro_batch=8"], 1),
         (&["train.micro_batch=6", "dist.zero=3"], 2),
         (&[LLAMA[0], LLAMA[1], "train.micro_batch=3", "dist.zero=3", "train.recompute=elementwise"], 4),
@@ -55,6 +55,7 @@ fn the_plan_is_what_each_rank_of_the_cpu_engine_allocates() {
         (&[LLAMA[0], LLAMA[1], "train.micro_batch=6", "model.tie_embeddings=false"], 2),
         (&[LLAMA[0], LLAMA[1], "model.biases=[\"qkv\"]", "train.micro_batch=3", "dist.zero=2"], 2),
         (&[&qwen3[..], &["train.micro_batch=4"]].concat(), 1),
+        (&[&qwen3[..], &["train.micro_batch=4", "train.recompute=elementwise"]].concat(), 1),
         (&[&qwen3[..], &["train.micro_batch=3", "dist.zero=3", "train.recompute=block"]].concat(), 2),
     ];
     for (extra, world) in cases {
