@@ -561,7 +561,7 @@ impl Model {
         };
         let a = Activations::take(&mut arenas, &spec, max_batch, training, recompute);
         if a.rope_table.len > 0 {
-            backend.upload(a.rope_table, &spec.rope_table())?;
+            backend.upload(a.rope_table, &spec.rope_table()?)?;
         }
         let l = spec.n_layer;
         let view = |of: &[Tensor], p: &ParamInfo| of[p.unit].slice(p.offset - units[p.unit].start, p.len());

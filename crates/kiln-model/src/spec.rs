@@ -344,26 +344,29 @@ impl ModelSpec {
     ///
     /// The frequencies and angles are computed in f32 as transformers computes them (`1/theta^(2i/d)`, then the
     /// product with the position), so that a model loaded from Hugging Face sees the same angles; their cosines
-    /// and sines are taken in f64 and rounded once.
-    pub fn rope_table(&self) -> Vec<f32> {
-        let Positions::Rotary { theta, scaling } = self.positions else { return Vec::new() };
+    /// and sines are taken in f64 and rounded once. More than the host can hold (heads and contexts of absurd sizes)
+    /// is an out-of-memory error.
+    pub fn rope_table(&self) -> kiln_core::Result<Vec<f32>> {
+        let Positions::Rotary { theta, scaling } = self.positions else { return Ok(Vec::new()) };
         let (d, half) = (self.head_dim, self.head_dim / 2);
-        let freqs: Vec<f32> = (0..half)
-            .map(|i| {
-                let freq = 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32);
-                scaling.map_or(freq, |s| llama3_scaled(freq, &s))
-            })
-            .collect();
-        let mut table = vec![0.0f32; self.rope_table_len()];
+        let mut table = Vec::new();
+        if table.try_reserve_exact(self.rope_table_len()).is_err() {
+            let bytes = kiln_core::memory::describe_bytes(4 * self.rope_table_len() as u64);
+            let message = format!("the rotary table ({} positions × head_dim {}) needs {bytes}", self.block_size, d);
+            return Err(kiln_core::Error::OutOfMemory { backend: "host".into(), message });
+        }
+        table.resize(self.rope_table_len(), 0.0f32);
         let (cos, sin) = table.split_at_mut(self.block_size * half);
-        for p in 0..self.block_size {
-            for (i, &freq) in freqs.iter().enumerate() {
+        for i in 0..half {
+            let freq = 1.0 / (theta as f32).powf((2 * i) as f32 / d as f32);
+            let freq = scaling.map_or(freq, |s| llama3_scaled(freq, &s));
+            for p in 0..self.block_size {
                 let angle = (p as f32 * freq) as f64;
                 cos[p * half + i] = angle.cos() as f32;
                 sin[p * half + i] = angle.sin() as f32;
             }
         }
-        table
+        Ok(table)
     }
 }
 

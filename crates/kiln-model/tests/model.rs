@@ -400,4 +400,10 @@ fn a_model_too_large_for_any_machine_is_refused_before_anything_is_laid_out() {
         assert!(err.contains("token ids are 1 to 2^31"), "{err}");
     }
     assert!(Model::new(&mut b, shape(11), 2, 1).is_ok());
+    // The rotary table, computed on the host, past any address space: an error, not an abort.
+    let wide_heads = ModelSpec { head_dim: 1 << 44, ..llama(shape(11)) };
+    match wide_heads.rope_table() {
+        Err(kiln_core::Error::OutOfMemory { message, .. }) => assert!(message.contains("rotary table"), "{message}"),
+        other => panic!("expected an out-of-memory error, got {:?}", other.map(|t| t.len())),
+    }
 }
