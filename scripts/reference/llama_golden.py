@@ -1,6 +1,6 @@
 """Golden files for kiln's Llama-style support, made with Hugging Face transformers.
 
-Builds tiny LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and MistralForCausalLM models (fp32, CPU, eager attention), saves
+Builds tiny LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM and MistralForCausalLM models (fp32, CPU, eager attention), saves
 each one as a Hugging Face checkpoint directory, and next to it `golden.safetensors` with a fixed batch and what
 transformers computes for it:
 
@@ -14,7 +14,8 @@ The cases cover the checkpoint variants kiln has to read: tied embeddings with t
 (rope_theta, rope_scaling); untied bf16 weights with the transformers-5 `rope_parameters`; Llama-3 RoPE scaling in a
 sharded checkpoint; Llama with biases on every linear layer (attention_bias, mlp_bias); Qwen2, whose query/key/value
 projections alone have biases; Qwen3, with QK-norm and heads wider than hidden_size / num_attention_heads
-(and attention_bias on); and Mistral without a sliding window. Rust tests in crates/kiln-train/tests/ load
+(and attention_bias on); SmolLM3, whose second layer has no rotary embedding (NoPE); and Mistral without a
+sliding window. Rust tests in crates/kiln-train/tests/ load
 these files.
 
 Needs torch, transformers and safetensors (CPU is enough). From the repository root:
@@ -42,6 +43,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 B, T = 2, 9
@@ -85,6 +88,7 @@ CASES = {
     "qwen2_tied": dict(seed=5, tie=True, rope=dict(rope_type="default", rope_theta=1000000.0), family="qwen2"),
     "mistral_untied": dict(seed=6, tie=False, rope=dict(rope_type="default", rope_theta=1000000.0), family="mistral"),
     "qwen3_tied": dict(seed=7, tie=True, rope=dict(rope_type="default", rope_theta=1000000.0), family="qwen3"),
+    "smollm3_untied": dict(seed=8, tie=False, rope=dict(rope_type="default", rope_theta=2000000.0), family="smollm3"),
 }
 
 FAMILIES = {
@@ -92,6 +96,7 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
 }
 
 
@@ -130,6 +135,9 @@ def build(case):
         # so that the biases are added before the heads are normalised. It has no mlp_bias.
         del base["mlp_bias"]
         base.update(head_dim=16, attention_bias=True)
+    elif case.get("family") == "smollm3":
+        # Every second layer without a rotary embedding: of two, the second (no_rope_layers [1, 0]).
+        base.update(no_rope_layer_interval=2)
     elif case.get("biases"):
         base.update(attention_bias=True, mlp_bias=True)
     config = config_class(

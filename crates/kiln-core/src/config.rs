@@ -181,6 +181,10 @@ pub struct ModelConfig {
     /// the rotation (Qwen3's QK-norm; Llama-style models only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qk_norm: Option<bool>,
+    /// Every this-many-th block (the 4th, 8th, … for 4) has no rotary embedding: its attention sees no positions
+    /// but the causal mask's (SmolLM3's NoPE layers; Llama-style models only). Unset, every block rotates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nope_interval: Option<usize>,
     /// The linear layers that have biases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub biases: Option<Vec<LinearGroup>>,
@@ -335,6 +339,7 @@ impl ModelConfig {
                 format!("must be divisible by model.n_head (= {}) unless model.head_dim is set", m.n_head),
             ),
             (m.head_dim.is_none_or(|d| d >= 1), "model.head_dim", "must be at least 1".to_string()),
+            (m.nope_interval.is_none_or(|k| k >= 1), "model.nope_interval", "must be at least 1".to_string()),
             (m.block_size >= 1, "model.block_size", "must be at least 1".to_string()),
             (
                 m.n_kv_head() >= 1 && divides(m.n_head, m.n_kv_head()),
@@ -393,6 +398,9 @@ impl ModelConfig {
             Arch::Gpt2 if self.qk_norm() => {
                 Some(("model.qk_norm", "does not apply: GPT-2 has no QK-norm; Llama-style models may".to_string()))
             }
+            Arch::Gpt2 if self.nope_interval.is_some() => {
+                Some(("model.nope_interval", format!("does not apply: {learned}")))
+            }
             Arch::Gpt2 if self.biases() != LinearGroup::ALL => Some((
                 "model.biases",
                 "must be [\"qkv\", \"proj\", \"mlp\"]: GPT-2 has biases on every linear layer".to_string(),
@@ -418,6 +426,19 @@ impl ModelConfig {
                      projections or nowhere",
                     LinearGroup::list(&ATTENTION_BIASES)
                 ),
+            )),
+            // SmolLM3, the transformers class with NoPE layers, has Llama's biases and no QK-norm.
+            Arch::Llama if self.nope_interval.is_some() && self.qk_norm() => Some((
+                "model.nope_interval",
+                "cannot go with model.qk_norm: no transformers class has both NoPE layers (SmolLM3) and QK-norm \
+                 (Qwen3)"
+                    .to_string(),
+            )),
+            Arch::Llama if self.nope_interval.is_some() && self.biases() == QWEN2_BIASES => Some((
+                "model.biases",
+                "cannot be [\"qkv\"] with model.nope_interval: transformers' SmolLM3 has biases on attention's four \
+                 projections (attention_bias), on the MLP's (mlp_bias), on both or nowhere"
+                    .to_string(),
             )),
             Arch::Llama if self.head_dim() % 2 != 0 => Some((
                 if self.head_dim.is_some() { "model.head_dim" } else { "model.n_embd" },
@@ -1461,6 +1482,11 @@ mod tests {
         let gpt2 = |more: &str| config_error(Config::from_toml_str(MINIMAL, "my.toml", &set(&[more]))).1;
         assert_eq!(gpt2("model.head_dim=64"), "model.head_dim");
         assert_eq!(gpt2("model.qk_norm=true"), "model.qk_norm");
+        assert_eq!(gpt2("model.nope_interval=4"), "model.nope_interval");
+        // NoPE layers (SmolLM3's): with the biases and norms that class has.
+        assert_eq!(llama(&["model.nope_interval=0"]), "model.nope_interval");
+        assert_eq!(llama(&["model.nope_interval=4", "model.qk_norm=true"]), "model.nope_interval");
+        assert_eq!(llama(&["model.nope_interval=4", "model.biases=[\"qkv\"]"]), "model.biases");
         let qwen3 = ["model.arch=llama", "model.n_embd=30", "model.head_dim=16", "model.qk_norm=true"];
         let qwen3 = Config::from_toml_str(MINIMAL, "my.toml", &set(&qwen3)).unwrap().model;
         assert_eq!((qwen3.head_dim(), qwen3.qk_norm()), (16, true));

@@ -65,6 +65,7 @@ pub fn architecture(spec: &ModelSpec) -> &'static str {
     match spec.arch {
         Arch::Gpt2 => "GPT2LMHeadModel",
         Arch::Llama if spec.qk_norm => "Qwen3ForCausalLM",
+        Arch::Llama if spec.nope_interval.is_some() => "SmolLM3ForCausalLM",
         Arch::Llama if is_qwen2(spec) => "Qwen2ForCausalLM",
         Arch::Llama => "LlamaForCausalLM",
     }
@@ -218,22 +219,32 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
                 },
                 "rope_parameters": rope,
             });
-            // Qwen2 and Qwen3 are Llama but for their biases and QK-norm, which their model types say; a sliding
-            // window, which they may have, is off.
+            // Qwen2, Qwen3 and SmolLM3 are Llama but for their biases, QK-norm or NoPE layers, which their model
+            // types say; the sliding window each may have is off.
             let fields = config.as_object_mut().expect("an object");
-            let qwen = |fields: &mut serde_json::Map<String, serde_json::Value>, model_type: &str| {
-                fields.remove("mlp_bias");
+            let model_type = match spec.nope_interval {
+                _ if spec.qk_norm => "qwen3",
+                Some(interval) => {
+                    let rotates: Vec<_> = (0..spec.n_layer).map(|l| u8::from(spec.rotates(l))).collect();
+                    fields.insert("no_rope_layer_interval".into(), interval.into());
+                    fields.insert("no_rope_layers".into(), rotates.into());
+                    "smollm3"
+                }
+                None if is_qwen2(spec) => "qwen2",
+                None => "llama",
+            };
+            if model_type != "llama" {
                 fields.insert("model_type".into(), model_type.into());
                 fields.insert("use_sliding_window".into(), false.into());
                 fields.insert("sliding_window".into(), serde_json::Value::Null);
+            }
+            // Qwen's biases have keys of their own: q, k and v's none (Qwen2), attention's attention_bias (Qwen3).
+            if model_type.starts_with("qwen") {
+                fields.remove("mlp_bias");
                 fields.insert("max_window_layers".into(), spec.n_layer.into());
-            };
-            if spec.qk_norm {
-                qwen(fields, "qwen3");
-            } else if is_qwen2(spec) {
-                // Qwen2's biases on q, k and v have no key.
+            }
+            if model_type == "qwen2" {
                 fields.remove("attention_bias");
-                qwen(fields, "qwen2");
             }
             config
         }

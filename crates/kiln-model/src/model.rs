@@ -3,8 +3,8 @@
 //! Forward, for tokens `x` of a `(B, T)` batch:
 //! ```text
 //! h = wte[x] (+ wpe[0..T] with learned positions)
-//! for each block:   a = h + proj(attention(rope(qk_norm(qkv(norm_1(h))))))   rope only with rotary positions,
-//!                                                                           qk_norm only with QK-norm
+//! for each block:   a = h + proj(attention(rope(qk_norm(qkv(norm_1(h))))))   rope only with rotary positions
+//!                                                     (not in NoPE blocks), qk_norm only with QK-norm
 //!                   h = a + proj(act(fc(norm_2(a))))            act: gelu, or swiglu of fc's two halves
 //! logits = norm_f(h) · headᵀ          (head = wte when the embeddings are tied)
 //! loss   = cross_entropy(logits[..vocab], targets)
@@ -20,7 +20,7 @@
 //! buffer that every block shares.
 
 use crate::params::{self, ParamInfo};
-use crate::spec::{Mlp, ModelSpec, Positions};
+use crate::spec::{Mlp, ModelSpec};
 use kiln_core::config::Recompute;
 use kiln_core::{
     AttentionBackward, AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims,
@@ -776,7 +776,7 @@ impl Model {
             let (inp, rstd) = (r.of(a.qkv_pre, s.qkv_width()), r.of(a.qk_rstd, s.n_head + s.n_kv_head));
             b.qk_norm_forward(QkNormForward { out: qkv, rstd, inp, weight, eps: s.norm_eps as f32, d: att })?;
         }
-        if let Positions::Rotary { .. } = s.positions {
+        if s.rotates(l) {
             b.rope(Rotary { qkv, table: self.acts.rope_table, d: att, first_pos, inverse: false })?;
         }
         Ok(())
@@ -1080,7 +1080,7 @@ impl Model {
                 dbias: if fused_qkv { g.qkv_b } else { None },
                 d: att,
             })?;
-            if let Positions::Rotary { .. } = s.positions {
+            if s.rotates(l) {
                 b.rope(Rotary { qkv: dqkv, table: self.acts.rope_table, d: att, first_pos: 0, inverse: true })?;
             }
             if let (Some(weight), Some(dweight)) = (wt.qk_norm, g.qk_norm) {

@@ -82,6 +82,9 @@ pub struct ModelSpec {
     pub biases: Biases,
     /// Whether each query and key head is RMS-normalised before the rotation (Qwen3's QK-norm).
     pub qk_norm: bool,
+    /// With rotary positions, every this-many-th block does without them (SmolLM3's NoPE layers); see
+    /// [`ModelSpec::rotates`].
+    pub nope_interval: Option<usize>,
     /// Whether the LM head is the token embedding.
     pub tie_embeddings: bool,
 }
@@ -114,6 +117,7 @@ impl ModelSpec {
             mlp: if llama { Mlp::SwiGlu } else { Mlp::Gelu },
             biases: Biases::of(&m.biases()),
             qk_norm: m.qk_norm(),
+            nope_interval: m.nope_interval,
             tie_embeddings: m.tie_embeddings(),
         }
     }
@@ -134,6 +138,7 @@ impl ModelSpec {
             rope_theta: None,
             rope_scaling: None,
             qk_norm: None,
+            nope_interval: None,
             biases: None,
             init: None,
             attention: Default::default(),
@@ -144,6 +149,12 @@ impl ModelSpec {
     /// Width of attention's output, the output projection's input: `n_head · head_dim`.
     pub fn attention_width(&self) -> usize {
         self.n_head * self.head_dim
+    }
+
+    /// Whether block `l` (from 0) rotates its queries and keys: with rotary positions, all but every
+    /// `nope_interval`-th.
+    pub fn rotates(&self, l: usize) -> bool {
+        matches!(self.positions, Positions::Rotary { .. }) && self.nope_interval.is_none_or(|k| (l + 1) % k != 0)
     }
 
     /// Width of a row of the fused query/key/value projection: the queries, then the keys, then the values.

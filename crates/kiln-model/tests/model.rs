@@ -1,7 +1,8 @@
 //! The whole model against finite differences (every parameter tensor, in f64), and its loss at initialisation,
 //! for both families: GPT-2 and a Llama-style model (RMS norm, rotary positions with Llama 3's scaling, SwiGLU,
 //! grouped-query attention, an untied head), and one with biases on every product (as Llama's `attention_bias` and
-//! `mlp_bias`, a superset of Qwen2's), and one as Qwen3 is: QK-norm, with heads wider than `n_embd / n_head`.
+//! `mlp_bias`, a superset of Qwen2's), one as Qwen3 is (QK-norm, with heads wider than `n_embd / n_head`), and one
+//! as SmolLM3 is (blocks without rotary positions).
 
 use kiln_core::config::{Arch, Recompute, RopeScaling, RopeScalingKind};
 use kiln_core::{Backend, NormKind, Tensor};
@@ -59,7 +60,9 @@ fn every_parameter_gradient_matches_finite_differences() {
         biases: Biases { qkv: true, proj: true, mlp: false },
         ..llama(shape(vocab))
     };
-    for s in [shape(vocab), llama(shape(vocab)), biased, qwen3] {
+    // SmolLM3's: the second of two blocks without rotary positions.
+    let smollm3 = ModelSpec { nope_interval: Some(2), ..llama(shape(vocab)) };
+    for s in [shape(vocab), llama(shape(vocab)), biased, qwen3, smollm3] {
         every_parameter_gradient_matches_finite_differences_for(s);
     }
 }

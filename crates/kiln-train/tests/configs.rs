@@ -13,6 +13,7 @@ const PUBLISHED: &[(&str, usize)] = &[
     ("smollm-135m.toml", 134_515_008),
     ("qwen2.5-0.5b.toml", 494_032_768),
     ("qwen3-0.6b.toml", 596_049_920),
+    ("smollm3-3b.toml", 3_075_098_624),
 ];
 
 #[test]

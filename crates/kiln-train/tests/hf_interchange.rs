@@ -84,6 +84,7 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         ("qwen2_tied", &[LinearGroup::Qkv], 20 + 2 * 3),
         ("mistral_untied", &[], 21),
         ("qwen3_tied", &[LinearGroup::Qkv, LinearGroup::Proj], 20 + 2 * 4 + 2 * 2),
+        ("smollm3_untied", &[], 21),
     ];
     for (case, biases, tensor_count) in cases {
         let dir = golden_dir(case);
@@ -95,6 +96,8 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         // Qwen3's heads are 16 wide, not 48 / 4.
         let qwen3 = case.starts_with("qwen3");
         assert_eq!((m.head_dim, m.qk_norm), (Some(if qwen3 { 16 } else { 12 }), Some(qwen3)), "{case}");
+        // SmolLM3's second layer has no rotary embedding.
+        assert_eq!(m.nope_interval, case.starts_with("smollm3").then_some(2), "{case}");
         let golden = Golden::read(&dir);
         let (batch, time) = golden.shape;
         let spec = ModelSpec::new(m, 67);
@@ -196,6 +199,13 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
         let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
         assert!(err.contains("use_sliding_window") && err.contains("config.json"), "{case}: {err}");
     }
+    // NoPE layers other than every no_rope_layer_interval-th.
+    let smollm3 = std::fs::read_to_string(golden_dir("smollm3_untied").join("config.json")).unwrap();
+    let from = "\"no_rope_layers\": [\n    1,\n    0\n  ]";
+    assert!(smollm3.contains(from), "{smollm3}");
+    std::fs::write(odd.join("config.json"), smollm3.replace(from, "\"no_rope_layers\": [0, 1]")).unwrap();
+    let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
+    assert!(err.contains("no_rope_layers") && err.contains("config.json"), "{err}");
     // Heads of an odd width, which the rotation cannot pair.
     let qwen3 = std::fs::read_to_string(golden_dir("qwen3_tied").join("config.json")).unwrap();
     std::fs::write(odd.join("config.json"), qwen3.replace("\"head_dim\": 16", "\"head_dim\": 15")).unwrap();
@@ -253,12 +263,14 @@ fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() 
     let qwen2 = format!("{llama} model.biases=[\"qkv\"]");
     let biased = format!("{llama} model.biases=[\"mlp\",\"qkv\",\"proj\"]");
     let qwen3 = format!("{llama} model.head_dim=16 model.qk_norm=true");
+    let smollm3 = format!("{llama} model.nope_interval=2 model.biases=[\"qkv\",\"proj\"]");
     let cases = [
         ("gpt2", "", "GPT2LMHeadModel"),
         ("llama", llama, "LlamaForCausalLM"),
         ("qwen2", &qwen2, "Qwen2ForCausalLM"),
         ("llama-biases", &biased, "LlamaForCausalLM"),
         ("qwen3", &qwen3, "Qwen3ForCausalLM"),
+        ("smollm3", &smollm3, "SmolLM3ForCausalLM"),
     ];
     for (name, family, class) in cases {
         let out = std::env::temp_dir().join(format!("kiln-hf-round-trip-{}-{name}", std::process::id()));

@@ -1,5 +1,5 @@
 //! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`,
-//! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `MistralForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its
+//! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `SmolLM3ForCausalLM`, `MistralForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its
 //! shape from there. kiln writes a Mistral back as the Llama it is, once its sliding window is off.
 //!
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
@@ -21,12 +21,13 @@ pub(super) fn model_table(path: &Path) -> Result<(toml::Table, usize)> {
         "llama" => llama(&fields),
         "qwen2" => qwen2(&fields),
         "qwen3" => qwen3(&fields),
+        "smollm3" => smollm3(&fields),
         "mistral" => mistral(&fields),
         other => Err(Error::data(
             path,
             format!(
                 "model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\", \"qwen2\", \
-                 \"qwen3\", \"mistral\") models"
+                 \"qwen3\", \"smollm3\", \"mistral\") models"
             ),
         )),
     }?;
@@ -99,6 +100,11 @@ fn gpt2(f: &Fields) -> Result<toml::Table> {
 
 /// Llama: biases nowhere, or on attention's four projections (`attention_bias`), or on the MLP's (`mlp_bias`).
 fn llama(f: &Fields) -> Result<toml::Table> {
+    rotary(f, &llama_biases(f)?, false)
+}
+
+/// The biased layer groups of Llama's `attention_bias` and `mlp_bias`.
+fn llama_biases(f: &Fields) -> Result<Vec<LinearGroup>> {
     let mut biases = Vec::new();
     if f.flag("attention_bias")?.unwrap_or(false) {
         biases.extend(ATTENTION_BIASES);
@@ -106,7 +112,7 @@ fn llama(f: &Fields) -> Result<toml::Table> {
     if f.flag("mlp_bias")?.unwrap_or(false) {
         biases.push(LinearGroup::Mlp);
     }
-    rotary(f, &biases, false)
+    Ok(biases)
 }
 
 /// Qwen2 is Llama with biases on the query, key and value projections. Its sliding-window attention, which kiln
@@ -123,6 +129,26 @@ fn qwen3(f: &Fields) -> Result<toml::Table> {
     f.only("use_sliding_window", &[false.into()])?;
     let biases = if f.flag("attention_bias")?.unwrap_or(false) { &ATTENTION_BIASES[..] } else { &[] };
     rotary(f, biases, true)
+}
+
+/// SmolLM3 is Llama whose every `no_rope_layer_interval`-th layer (default 4) has no rotary embedding; its
+/// `no_rope_layers` (1 for a layer that rotates) must say the same, as SmolLM3Config writes it. Its sliding window
+/// is turned off as Qwen2's is.
+fn smollm3(f: &Fields) -> Result<toml::Table> {
+    f.only("use_sliding_window", &[false.into()])?;
+    let layers = f.required_count("num_hidden_layers")?;
+    let interval = f.count("no_rope_layer_interval")?.unwrap_or(4);
+    let expected: Vec<Value> = (0..layers).map(|i| Value::from(i64::from((i + 1) % interval != 0))).collect();
+    if let Some(listed) = f.get("no_rope_layers").filter(|l| l.as_array() != Some(&expected)) {
+        let message = format!(
+            "{listed}: kiln's NoPE layers are every no_rope_layer_interval-th ({interval}), which is {}",
+            Value::from(expected)
+        );
+        return Err(f.error("no_rope_layers", &message));
+    }
+    let mut table = rotary(f, &llama_biases(f)?, false)?;
+    table.insert("nope_interval".into(), interval.into());
+    Ok(table)
 }
 
 /// Mistral is Llama without biases, but for a sliding window of attention (MistralConfig's default 4096), which
