@@ -165,10 +165,12 @@ fn batches_that_do_not_fit_are_errors() {
 fn decoding_with_the_cache_matches_recomputing_the_context() {
     // Each cached step must give the logits a full forward pass over the whole sequence gives at its last position:
     // with rotary positions too, where the cached keys were rotated at their own positions.
-    // And with QK-norm, which normalises the decoded token's queries and keys before they join the cache.
+    // And with QK-norm, which normalises the decoded token's queries and keys before they join the cache, and with
+    // a block that does not rotate them.
     let llama = llama(ModelSpec::gpt2(2, 2, 8, 12, 11));
     let qwen3 = ModelSpec { head_dim: 4, qk_norm: true, ..llama };
-    for s in [ModelSpec::gpt2(2, 2, 8, 12, 11), llama, qwen3] {
+    let smollm3 = ModelSpec { nope_interval: Some(2), ..llama };
+    for s in [ModelSpec::gpt2(2, 2, 8, 12, 11), llama, qwen3, smollm3] {
         decoding_with_the_cache_matches_recomputing_the_context_for(s);
     }
 }
