@@ -256,5 +256,8 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
     fields.insert("torch_dtype".into(), "float32".into());
     fields.insert("bos_token_id".into(), tokens.bos.into());
     fields.insert("eos_token_id".into(), tokens.eos.into());
+    // No padding token: kiln packs sequences and never pads. Said outright, since some classes have a default of
+    // their own (SmolLM3Config's 128004, past a small vocabulary, which transformers then refuses).
+    fields.insert("pad_token_id".into(), serde_json::Value::Null);
     config
 }

@@ -303,6 +303,8 @@ fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() 
             serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap()).unwrap();
         assert_eq!(json["architectures"][0], class, "{name}");
         assert_eq!(json["vocab_size"], vocab);
+        // Stated, not left to the class's default (SmolLM3Config's 128004 lies past this vocabulary).
+        assert_eq!(json.get("pad_token_id"), Some(&serde_json::Value::Null), "{name}");
         // Read back through model.init alone: the shape comes from config.json.
         let mut from_export = overrides.clone();
         from_export.push(format!("model.init=hf:{}", export.display()));
