@@ -1,7 +1,7 @@
 """Checks that a kiln checkpoint is a Hugging Face model: loads it with transformers' AutoModelForCausalLM (the class
 its config.json names: GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM)
-and prints the mean cross-entropy over a prepared dataset's validation shard, in the consecutive windows `kiln eval` uses,
-to compare with `kiln eval --checkpoint DIR --data DATA`.
+and prints the mean cross-entropy over a prepared dataset's validation shard, in the consecutive windows
+`kiln eval` uses, to compare with `kiln eval --checkpoint DIR --data DATA`.
 
     python3 scripts/reference/hf_check.py --model CHECKPOINT_OR_EXPORT_DIR --data PREPARED_DIR --block-size 64
 """
