@@ -455,12 +455,23 @@ impl<B: Backend> Trainer<B> {
         let shape = self.model.spec;
         // Only rank 0 speaks: the other ranks' messages would repeat it.
         let _quiet = (!lead).then(|| tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default()));
+        // Heads' width where it is not n_embd / n_head, and the variants a family's usual description leaves out.
+        let heads = match shape.head_dim * shape.n_head == shape.n_embd {
+            true => format!("{} heads", shape.n_head),
+            false => format!("{} heads of {}", shape.n_head, shape.head_dim),
+        };
+        let variants: String = [
+            shape.qk_norm.then(|| ", QK-norm".to_string()),
+            shape.nope_interval.map(|k| format!(", NoPE every {k} blocks")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         tracing::info!(
-            "model: {}, {} layers, {} heads ({} key/value), {} wide, {} positions, vocabulary {} (padded to {}); {:.2}M \
-             parameters",
+            "model: {}, {} layers, {heads} ({} key/value){variants}, {} wide, {} positions, vocabulary {} (padded to \
+             {}); {:.2}M parameters",
             shape.arch.name(),
             shape.n_layer,
-            shape.n_head,
             shape.n_kv_head,
             shape.n_embd,
             shape.block_size,
