@@ -153,8 +153,9 @@ static void run_qk(int rows, int heads, int kv_heads, int head_dim, float eps) {
     const size_t n = (size_t)rows * all * head_dim;
     auto inp = random_x(n), w = random_x(2 * head_dim), dqkv = random_x(n), out = poisoned<floatX>(n);
     auto rstd = poisoned<float>((size_t)rows * normed);
-    launch({grid_blocks(n * 32 / head_dim, 256), 1, 1}, 256, 0,
-           [&] { qk_norm_forward(out.data(), rstd.data(), inp.data(), w.data(), rows, heads, kv_heads, head_dim, eps); });
+    launch({grid_blocks(n * 32 / head_dim, 256), 1, 1}, 256, 0, [&] {
+        qk_norm_forward(out.data(), rstd.data(), inp.data(), w.data(), rows, heads, kv_heads, head_dim, eps);
+    });
     std::vector<double> want_out(n), want_rstd((size_t)rows * normed), want_dqkv = as_double(dqkv);
     std::vector<double> want_dw(2 * head_dim, 0.5);
     for (size_t h = 0; h < (size_t)rows * all; h++) {

@@ -1,8 +1,8 @@
 """Golden files for kiln's Llama-style support, made with Hugging Face transformers.
 
-Builds tiny LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM and MistralForCausalLM models (fp32, CPU, eager attention), saves
-each one as a Hugging Face checkpoint directory, and next to it `golden.safetensors` with a fixed batch and what
-transformers computes for it:
+Builds tiny LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM and MistralForCausalLM models
+(fp32, CPU, eager attention), saves each one as a Hugging Face checkpoint directory, and next to it
+`golden.safetensors` with a fixed batch and what transformers computes for it:
 
     input_ids  int64 [B, T]       random token ids
     targets    int64 [B, T]       random next-token targets

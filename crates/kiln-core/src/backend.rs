@@ -153,6 +153,9 @@ impl AttentionDims {
 
     /// Why these dimensions cannot be used, if they cannot.
     pub fn problem(&self) -> Option<String> {
+        if self.head_dim == 0 {
+            return Some("heads of 0 channels".into());
+        }
         if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
             return Some(format!(
                 "{} query heads do not divide into groups of {} key/value heads",

@@ -275,11 +275,12 @@ impl ModelConfig {
     /// Writes every key's default into the config, so that a saved config states the whole model.
     fn resolve(&mut self) {
         self.n_kv_head = Some(self.n_kv_head());
-        // GPT-2's configs have neither key: its heads always split n_embd, and it has no QK-norm.
-        if self.arch == Arch::Llama {
-            self.head_dim = Some(self.head_dim());
-            self.qk_norm = Some(self.qk_norm());
-        }
+        // GPT-2's configs have neither key: its heads always split n_embd, and it has no QK-norm (validation refused
+        // any other value, so clearing an equal one or `false` changes nothing).
+        (self.head_dim, self.qk_norm) = match self.arch {
+            Arch::Gpt2 => (None, None),
+            Arch::Llama => (Some(self.head_dim()), Some(self.qk_norm())),
+        };
         self.ffn_dim = Some(self.ffn_dim());
         self.norm_eps = Some(self.norm_eps());
         self.tie_embeddings = Some(self.tie_embeddings());
@@ -336,7 +337,11 @@ impl ModelConfig {
             (
                 m.head_dim.is_some() || divides(m.n_embd, m.n_head),
                 "model.n_embd",
-                format!("must be divisible by model.n_head (= {}) unless model.head_dim is set", m.n_head),
+                format!(
+                    "must be divisible by model.n_head (= {}){}",
+                    m.n_head,
+                    if m.arch == Arch::Llama { " unless model.head_dim is set" } else { "" }
+                ),
             ),
             (m.head_dim.is_none_or(|d| d >= 1), "model.head_dim", "must be at least 1".to_string()),
             (m.nope_interval.is_none_or(|k| k >= 1), "model.nope_interval", "must be at least 1".to_string()),
@@ -1369,6 +1374,7 @@ mod tests {
             "model.rope_scaling={ type = \"llama3\", factor = 8.0, low_freq_factor = 1.0, high_freq_factor = 4.0, \
              original_max_position_embeddings = 64 }",
             "model.init=\"llmc:x\"",
+            "model.nope_interval=4",
             "data.val=\"v.txt\"",
             "train.total_batch_tokens=3328",
         ]);
@@ -1410,6 +1416,9 @@ mod tests {
         assert_eq!((gpt2.biases(), llama.biases()), (LinearGroup::ALL.to_vec(), vec![]));
         // GPT-2's saved configs keep neither key; a Llama's state both.
         assert_eq!((gpt2.head_dim, gpt2.qk_norm, llama.head_dim, llama.qk_norm), (None, None, Some(32), Some(false)));
+        let stated = set(&["model.head_dim=32", "model.qk_norm=false"]);
+        let stated = Config::from_toml_str(MINIMAL, "my.toml", &stated).unwrap().model;
+        assert_eq!((stated.head_dim, stated.qk_norm), (None, None), "GPT-2's own values, said, are not kept");
         // Written out in one order, whatever order they were given in.
         let qwen = set(&["model.arch=llama", "model.biases=[\"proj\", \"qkv\"]"]);
         let biases = Config::from_toml_str(MINIMAL, "my.toml", &qwen).unwrap().model.biases;

@@ -674,11 +674,11 @@ impl CudaBackend {
     /// Queues one cuBLASLt product.
     ///
     /// Alignment: cuBLASLt's fast kernels want 16-byte-aligned operands, and tensors are views at element
-    /// offsets. The model's views start at multiples of n_embd elements (activations at multiples of
-    /// rows·n_embd, every parameter and gradient after tensors whose sizes are multiples of n_embd), and each
-    /// allocation at 256 bytes, so with n_embd a multiple of 8 every operand is 16-byte aligned in both
-    /// precisions. Nothing depends on it: each product's alignments are measured and given to cuBLASLt's
-    /// heuristic, which picks a slower kernel for less aligned operands.
+    /// offsets. The model's views start at sums of multiples of n_embd and head_dim elements (activations at
+    /// multiples of rows·n_embd or rows·head_dim, every parameter and gradient after tensors whose sizes are such
+    /// multiples), and each allocation at 256 bytes, so with n_embd and head_dim multiples of 8 every operand is
+    /// 16-byte aligned in both precisions. Nothing depends on it: each product's alignments are measured and given
+    /// to cuBLASLt's heuristic, which picks a slower kernel for less aligned operands.
     fn matmul(&mut self, op: &str, product: Product) -> Result<()> {
         // SAFETY: every address in `product` was checked by `ptr` against a tensor of its role's size and type.
         unsafe { self.lt.run(&product, &self.stream) }.map_err(|e| self.err(op, e))

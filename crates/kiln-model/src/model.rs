@@ -12,10 +12,12 @@
 //! Each residual add is fused with the normalisation that follows it. The backward pass walks the same steps in
 //! reverse, accumulating weight gradients into one flat gradient vector laid out like the parameters. Where the
 //! families differ the code matches on the spec's fields, at a few points: the embedding (positions), after the
-//! qkv product (QK-norm, rotary), the MLP's nonlinearity, and which optional tensors (biases, norm biases, the LM head) exist.
+//! qkv product (QK-norm, rotary), the MLP's nonlinearity, and which optional tensors (biases, norm biases, the LM
+//! head) exist.
 //!
 //! With activation recomputation ([`Recompute`]) the backward pass writes some activations again, from the ones kept,
-//! just before it reads them: with `Elementwise` the norms' outputs and the MLP's hidden layer, with `Block` all of a
+//! just before it reads them: with `Elementwise` the norms' outputs and the MLP's hidden layer (and with QK-norm the
+//! normalised, rotated queries, keys and values), with `Block` all of a
 //! block's activations, by running the block's forward pass again from its input. What is recomputed lives in one
 //! buffer that every block shares.
 

@@ -206,6 +206,18 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
     std::fs::write(odd.join("config.json"), smollm3.replace(from, "\"no_rope_layers\": [0, 1]")).unwrap();
     let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
     assert!(err.contains("no_rope_layers") && err.contains("config.json"), "{err}");
+    // Keys left out take the class's defaults, not Llama's: Qwen3's heads are 128 wide, SmolLM3 ties its embeddings
+    // and has 4 key/value heads and theta 2e6.
+    let qwen3 = std::fs::read_to_string(golden_dir("qwen3_tied").join("config.json")).unwrap();
+    std::fs::write(odd.join("config.json"), qwen3.replace("\"head_dim\": 16,", "")).unwrap();
+    assert_eq!(config_from(&odd, "block_size = 16").unwrap().model.head_dim, Some(128));
+    let mut json: serde_json::Value = serde_json::from_str(&smollm3).unwrap();
+    for key in ["tie_word_embeddings", "num_key_value_heads", "rope_parameters"] {
+        json.as_object_mut().unwrap().remove(key);
+    }
+    std::fs::write(odd.join("config.json"), json.to_string()).unwrap();
+    let m = config_from(&odd, "block_size = 16").unwrap().model;
+    assert_eq!((m.tie_embeddings, m.n_kv_head, m.rope_theta), (Some(true), Some(4), Some(2e6)));
     // Heads of an odd width, which the rotation cannot pair.
     let qwen3 = std::fs::read_to_string(golden_dir("qwen3_tied").join("config.json")).unwrap();
     std::fs::write(odd.join("config.json"), qwen3.replace("\"head_dim\": 16", "\"head_dim\": 15")).unwrap();

@@ -1,6 +1,7 @@
 //! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`,
-//! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `SmolLM3ForCausalLM`, `MistralForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its
-//! shape from there. kiln writes a Mistral back as the Llama it is, once its sliding window is off.
+//! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `SmolLM3ForCausalLM`, `MistralForCausalLM`), for
+//! `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there. A key the file leaves out
+//! takes its class's default. kiln writes a Mistral back as the Llama it is, once its sliding window is off.
 //!
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
 //! transformers 5's `rope_parameters`, which holds both.
@@ -100,7 +101,7 @@ fn gpt2(f: &Fields) -> Result<toml::Table> {
 
 /// Llama: biases nowhere, or on attention's four projections (`attention_bias`), or on the MLP's (`mlp_bias`).
 fn llama(f: &Fields) -> Result<toml::Table> {
-    rotary(f, &llama_biases(f)?, false)
+    rotary(f, Family { biases: &llama_biases(f)?, ..LLAMA })
 }
 
 /// The biased layer groups of Llama's `attention_bias` and `mlp_bias`.
@@ -120,7 +121,7 @@ fn llama_biases(f: &Fields) -> Result<Vec<LinearGroup>> {
 /// whatever `sliding_window` and `layer_types` say.
 fn qwen2(f: &Fields) -> Result<toml::Table> {
     f.only("use_sliding_window", &[false.into()])?;
-    rotary(f, &QWEN2_BIASES, false)
+    rotary(f, Family { biases: &QWEN2_BIASES, kv_heads: Some(32), ..LLAMA })
 }
 
 /// Qwen3 is Llama with QK-norm, and biases on attention's four projections where `attention_bias` says so; its
@@ -128,7 +129,7 @@ fn qwen2(f: &Fields) -> Result<toml::Table> {
 fn qwen3(f: &Fields) -> Result<toml::Table> {
     f.only("use_sliding_window", &[false.into()])?;
     let biases = if f.flag("attention_bias")?.unwrap_or(false) { &ATTENTION_BIASES[..] } else { &[] };
-    rotary(f, biases, true)
+    rotary(f, Family { biases, qk_norm: true, kv_heads: Some(32), head_dim: Some(128), ..LLAMA })
 }
 
 /// SmolLM3 is Llama whose every `no_rope_layer_interval`-th layer (default 4) has no rotary embedding; its
@@ -146,7 +147,9 @@ fn smollm3(f: &Fields) -> Result<toml::Table> {
         );
         return Err(f.error("no_rope_layers", &message));
     }
-    let mut table = rotary(f, &llama_biases(f)?, false)?;
+    let family =
+        Family { biases: &llama_biases(f)?, kv_heads: Some(4), tie_embeddings: true, rope_theta: 2e6, ..LLAMA };
+    let mut table = rotary(f, family)?;
     table.insert("nope_interval".into(), interval.into());
     Ok(table)
 }
@@ -168,11 +171,27 @@ fn mistral(f: &Fields) -> Result<toml::Table> {
         );
         return Err(f.error("sliding_window", &message));
     }
-    rotary(f, &[], false)
+    rotary(f, LLAMA)
 }
 
-/// The `[model]` table of a Llama-style model whose layer groups `biases` have biases, with QK-norm or without.
-fn rotary(f: &Fields, biases: &[LinearGroup], qk_norm: bool) -> Result<toml::Table> {
+/// What a Llama-style family is beyond Llama, and what its class takes for the keys a config.json leaves out where
+/// that is not LlamaConfig's default.
+struct Family<'a> {
+    biases: &'a [LinearGroup],
+    qk_norm: bool,
+    /// `num_key_value_heads`; none: as many as query heads.
+    kv_heads: Option<i64>,
+    /// `head_dim`; none: `hidden_size / num_attention_heads`.
+    head_dim: Option<i64>,
+    tie_embeddings: bool,
+    rope_theta: f64,
+}
+
+const LLAMA: Family<'static> =
+    Family { biases: &[], qk_norm: false, kv_heads: None, head_dim: None, tie_embeddings: false, rope_theta: 10_000.0 };
+
+/// The `[model]` table of a Llama-style model of `family`.
+fn rotary(f: &Fields, family: Family) -> Result<toml::Table> {
     f.only("hidden_act", &["silu".into()])?;
     // transformers 5 keeps the rotary settings in rope_parameters; 4 in rope_theta and rope_scaling.
     let rope = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
@@ -190,18 +209,17 @@ fn rotary(f: &Fields, biases: &[LinearGroup], qk_norm: bool) -> Result<toml::Tab
         ("n_layer", Some(f.required_count("num_hidden_layers")?.into())),
         ("n_head", Some(f.required_count("num_attention_heads")?.into())),
         ("n_embd", Some(f.required_count("hidden_size")?.into())),
-        // Absent, transformers takes hidden_size / num_attention_heads, as kiln does.
-        ("head_dim", f.count("head_dim")?.map(Into::into)),
+        ("head_dim", f.count("head_dim")?.or(family.head_dim).map(Into::into)),
         ("block_size", Some(f.required_count("max_position_embeddings")?.into())),
-        ("n_kv_head", f.count("num_key_value_heads")?.map(Into::into)),
+        ("n_kv_head", f.count("num_key_value_heads")?.or(family.kv_heads).map(Into::into)),
         ("ffn_dim", Some(f.required_count("intermediate_size")?.into())),
         // LlamaConfig's own default ε.
         ("norm_eps", Some(f.number("rms_norm_eps")?.unwrap_or(1e-6).into())),
-        ("tie_embeddings", Some(f.flag("tie_word_embeddings")?.unwrap_or(false).into())),
-        ("rope_theta", Some(theta.unwrap_or(10_000.0).into())),
+        ("tie_embeddings", Some(f.flag("tie_word_embeddings")?.unwrap_or(family.tie_embeddings).into())),
+        ("rope_theta", Some(theta.unwrap_or(family.rope_theta).into())),
         ("rope_scaling", scaling.map(toml::Value::Table)),
-        ("biases", Some(biases.iter().map(|b| toml::Value::from(b.name())).collect::<Vec<_>>().into())),
-        ("qk_norm", Some(qk_norm.into())),
+        ("biases", Some(family.biases.iter().map(|b| toml::Value::from(b.name())).collect::<Vec<_>>().into())),
+        ("qk_norm", Some(family.qk_norm.into())),
     ]))
 }
 
