@@ -67,8 +67,27 @@ pub fn run(args: Args) -> Result<()> {
     let spec = ModelSpec::new(&config.model, kiln_train::vocabulary(&config, data_vocab)?);
     let micro_batch = plan::micro_batch(&config, spec, world, memory.as_ref(), capacity)?;
     let plan = MemoryPlan::new(&config, spec, micro_batch, world, memory.as_ref())?;
+    // What would fit, where the plan does not.
+    let fixes = match capacity {
+        Some(capacity) if plan.needed_bytes() > capacity => {
+            plan::fixes(&config, spec, world, memory.as_ref(), capacity)
+        }
+        _ => Vec::new(),
+    };
     if args.json {
-        println!("{}", plan.to_json(capacity));
+        let mut json = plan.to_json(capacity);
+        if json["fits"] == false {
+            json["fixes"] = fixes
+                .iter()
+                .map(|f| {
+                    serde_json::json!({
+                        "settings": f.settings, "micro_batch": f.micro_batch, "accumulation": f.accumulation,
+                        "total_bytes": f.needed_bytes,
+                    })
+                })
+                .collect();
+        }
+        println!("{json}");
         return Ok(());
     }
     print!("{}", plan.describe());
@@ -79,10 +98,11 @@ pub fn run(args: Args) -> Result<()> {
         Some(capacity) if plan.needed_bytes() <= capacity => {
             println!("fits: {} of {}", describe_bytes(plan.needed_bytes()), describe_bytes(capacity))
         }
-        Some(capacity) => println!(
-            "does not fit: {} needed, {} available",
+        Some(capacity) => print!(
+            "does not fit: {} needed, {} available\n{}",
             describe_bytes(plan.needed_bytes()),
-            describe_bytes(capacity)
+            describe_bytes(capacity),
+            plan::describe_fixes(&fixes)
         ),
         None => println!("memory unknown here: --memory SIZE says whether it fits"),
     }

@@ -668,6 +668,19 @@ pub enum Recompute {
     Block,
 }
 
+impl Recompute {
+    /// From the least memory saved to the most.
+    pub const ALL: [Recompute; 3] = [Recompute::None, Recompute::Elementwise, Recompute::Block];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Elementwise => "elementwise",
+            Recompute::Block => "block",
+        }
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {

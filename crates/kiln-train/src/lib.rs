@@ -196,7 +196,7 @@ impl<B: Backend> Trainer<B> {
         config.train.micro_batch = MicroBatch::Sequences(mb);
         let plan = MemoryPlan::new(&config, shape, mb, world, memory.as_ref())?;
         if let Some(capacity) = capacity {
-            plan.check_fits(capacity)?;
+            plan.check_fits(capacity, &config, shape, memory.as_ref())?;
         }
         let Allocated { model, m, v, owned, updates, buckets, share, weights, values } =
             Allocated::new(&mut backend, &config, shape, mb, world, rank).map_err(|e| with_plan(e, &plan))?;

@@ -6,7 +6,7 @@
 //! memory free before it allocates anything, and resolves `train.micro_batch = "auto"` with it.
 
 use crate::Allocated;
-use kiln_core::config::MicroBatch;
+use kiln_core::config::{MicroBatch, Recompute};
 use kiln_core::memory::{Component, Counting, MemoryModel, describe_bytes};
 use kiln_core::{Config, Error, Result, Role};
 use kiln_model::ModelSpec;
@@ -106,27 +106,27 @@ impl MemoryPlan {
         self.ranks.windows(2).any(|w| w[0].components != w[1].components)
     }
 
-    /// A usage error, naming the plan's numbers, unless the plan fits `capacity` bytes.
-    pub fn check_fits(&self, capacity: u64) -> Result<()> {
+    /// A usage error, naming the plan's numbers and the settings that would fit (see [`fixes`]), unless the plan
+    /// fits `capacity` bytes. `config` and `spec` are the run's, as `memory` would hold it.
+    pub fn check_fits(&self, capacity: u64, config: &Config, spec: ModelSpec, memory: &dyn MemoryModel) -> Result<()> {
         if self.needed_bytes() <= capacity {
             return Ok(());
         }
         Err(Error::Usage(format!(
-            "the run does not fit: it needs {} {}, and {} are free; nothing was allocated.\n{}\nsmaller \
-             train.micro_batch (or \"auto\"), train.recompute, more ranks with dist.zero = 1, 2 or 3, or a smaller \
-             model would fit",
+            "the run does not fit: it needs {}{}, and {} are free; nothing was allocated.\n{}{}",
             describe_bytes(self.needed_bytes()),
             self.where_needed(),
             describe_bytes(capacity),
-            self.describe()
+            self.describe(),
+            describe_fixes(&fixes(config, spec, self.world, memory, capacity)),
         )))
     }
 
     fn where_needed(&self) -> &'static str {
         match (self.shared_by_ranks, self.world) {
             (_, 1) => "",
-            (true, _) => "for all ranks together",
-            (false, _) => "on each device",
+            (true, _) => " for all ranks together",
+            (false, _) => " on each device",
         }
     }
 
@@ -153,7 +153,7 @@ impl MemoryPlan {
             out += &format!("    {:>12}  total\n", describe_bytes(rank.total_bytes()));
         }
         if self.world > 1 {
-            out += &format!("  {} needed {}\n", describe_bytes(self.needed_bytes()), self.where_needed());
+            out += &format!("  {} needed{}\n", describe_bytes(self.needed_bytes()), self.where_needed());
         }
         out
     }
@@ -191,6 +191,90 @@ impl MemoryPlan {
         }
         plan
     }
+}
+
+/// Settings that would make a run fit where it does not: a recomputation level, a ZeRO stage and a micro-batch,
+/// with the plan's need and the accumulation that makes up the step's batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fix {
+    /// `--set` assignments, of the settings that differ from the run's.
+    pub settings: Vec<String>,
+    pub micro_batch: usize,
+    pub accumulation: usize,
+    pub needed_bytes: u64,
+}
+
+/// The most fixes [`fixes`] gives.
+const MOST_FIXES: usize = 4;
+
+/// For each recomputation level and (with several ranks) ZeRO stage no lower than the run's, the largest micro-batch
+/// that divides each rank's share of `train.total_batch_tokens` and whose plan fits `capacity`; those that change
+/// the fewest settings first, then those that accumulate least. At most [`MOST_FIXES`], none that is the run itself.
+pub fn fixes(config: &Config, spec: ModelSpec, world: usize, memory: &dyn MemoryModel, capacity: u64) -> Vec<Fix> {
+    let (recompute, zero) = (config.train.recompute, config.dist.zero);
+    let levels = Recompute::ALL.into_iter().skip_while(|&level| level != recompute);
+    let stages = if world > 1 { zero..=3 } else { zero..=zero };
+    let configured = match config.train.micro_batch {
+        MicroBatch::Sequences(n) => Some(n),
+        MicroBatch::Auto => None,
+    };
+    let per_rank = config.total_batch_tokens() / config.model.block_size.max(1) / world.max(1);
+    let mut found = Vec::new();
+    for level in levels {
+        for stage in stages.clone() {
+            let mut changed = config.clone();
+            (changed.train.recompute, changed.dist.zero) = (level, stage);
+            let sizes: Vec<usize> = divisors(per_rank)
+                .into_iter()
+                .filter(|&m| changed.accumulation_steps(m, world).is_ok() && spec.check_size(m).is_ok())
+                .collect();
+            // The need grows with the micro-batch: the sizes that fit are a prefix.
+            let plan = |m| MemoryPlan::new(&changed, spec, m, world, memory).ok();
+            let fitting = sizes.partition_point(|&m| plan(m).is_some_and(|p| p.needed_bytes() <= capacity));
+            // The largest micro-batch that fits, and the run's own where it fits too (one setting fewer).
+            let largest = fitting.checked_sub(1).map(|k| sizes[k]);
+            let own = configured.filter(|m| sizes[..fitting].contains(m) && Some(*m) != largest);
+            for plan in [largest, own].into_iter().flatten().filter_map(plan) {
+                let settings: Vec<String> = [
+                    (level != recompute).then(|| format!("train.recompute={}", level.name())),
+                    (stage != zero).then(|| format!("dist.zero={stage}")),
+                    (Some(plan.micro_batch) != configured).then(|| format!("train.micro_batch={}", plan.micro_batch)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                // Nothing changed is the run itself, which fits: not a fix.
+                if !settings.is_empty() {
+                    let (micro_batch, accumulation) = (plan.micro_batch, plan.accumulation);
+                    found.push(Fix { settings, micro_batch, accumulation, needed_bytes: plan.needed_bytes() });
+                }
+            }
+        }
+    }
+    found.sort_by_key(|f| (f.settings.len(), f.accumulation, f.needed_bytes));
+    found.truncate(MOST_FIXES);
+    found
+}
+
+/// `fixes` as lines for people, or how else a run could fit when there are none.
+pub fn describe_fixes(fixes: &[Fix]) -> String {
+    if fixes.is_empty() {
+        return "no setting of train.micro_batch, train.recompute or dist.zero fits it: more ranks with dist.zero = 3, \
+                or a smaller model, would"
+            .into();
+    }
+    let mut out = String::from("it would fit with (train.total_batch_tokens kept):\n");
+    for fix in fixes {
+        let line = fix.settings.iter().map(|s| format!("--set {s}")).collect::<Vec<_>>().join(" ");
+        out += &format!(
+            "  {line}: {} (micro-batch {} × {} accumulation step{})\n",
+            describe_bytes(fix.needed_bytes),
+            fix.micro_batch,
+            fix.accumulation,
+            if fix.accumulation == 1 { "" } else { "s" }
+        );
+    }
+    out
 }
 
 /// The divisors of `n`, in increasing order.
@@ -245,11 +329,12 @@ pub fn micro_batch(
     }
     Err(match smallest {
         Some(plan) => Error::Usage(format!(
-            "train.micro_batch = \"auto\": not even one sequence fits in {} (the free {} less {:.0}%)\n{}",
+            "train.micro_batch = \"auto\": not even one sequence fits in {} (the free {} less {:.0}%)\n{}{}",
             describe_bytes(budget),
             describe_bytes(capacity),
             AUTO_MARGIN * 100.0,
-            plan.describe()
+            plan.describe(),
+            describe_fixes(&fixes(config, spec, world, memory, budget)),
         )),
         None => Error::Usage(format!(
             "train.micro_batch = \"auto\": train.total_batch_tokens (= {}) gives no whole number of sequences of {} \

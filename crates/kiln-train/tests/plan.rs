@@ -146,11 +146,45 @@ fn a_run_that_does_not_fit_names_the_plan() {
     let config = config(&["train.micro_batch=8"]);
     let plan = MemoryPlan::new(&config, spec(&config), 8, 1, &CpuMemory::<f32>::new()).unwrap();
     let total = plan.needed_bytes();
-    assert!(plan.check_fits(total).is_ok());
-    let error = plan.check_fits(total - 1).unwrap_err();
+    let (spec, memory) = (spec(&config), CpuMemory::<f32>::new());
+    assert!(plan.check_fits(total, &config, spec, &memory).is_ok());
+    let error = plan.check_fits(total - 1, &config, spec, &memory).unwrap_err();
     assert_eq!(error.exit_code(), 2);
     let message = error.to_string();
     assert!(message.contains("does not fit") && message.contains("activations"), "{message}");
+    // And what would: the largest micro-batch below 8 that divides the step's 48 sequences, or recomputation.
+    assert!(message.contains("--set train.micro_batch=6:"), "{message}");
+    assert!(message.contains("--set train.recompute=block:"), "{message}");
     let json = plan.to_json(Some(total - 1));
     assert_eq!((json["total_bytes"].as_u64(), json["fits"].as_bool()), (Some(total), Some(false)));
+}
+
+#[test]
+fn a_run_that_does_not_fit_is_told_the_settings_that_would() {
+    let memory = CpuMemory::<f32>::new();
+    let run = config(&["train.micro_batch=12", "model.n_layer=4"]);
+    let spec = spec(&run);
+    let needed = |c: &Config, mb| MemoryPlan::new(c, spec, mb, 2, &memory).unwrap().needed_bytes();
+    // Room for the run with whole-block recomputation, and no more.
+    let block = config(&["train.micro_batch=12", "model.n_layer=4", "train.recompute=block"]);
+    let capacity = needed(&block, 12);
+    assert!(needed(&run, 12) > capacity);
+    let fixes = plan::fixes(&run, spec, 2, &memory, capacity);
+    assert!(!fixes.is_empty() && fixes.len() <= 4, "{fixes:?}");
+    // The fewest changes first: recomputing whole blocks alone; then each fits when planned as it says.
+    assert_eq!(fixes[0].settings, ["train.recompute=block"]);
+    assert!(fixes.windows(2).all(|w| w[0].settings.len() <= w[1].settings.len()), "{fixes:?}");
+    for fix in &fixes {
+        let mut changed: Vec<&str> = vec!["train.micro_batch=12", "model.n_layer=4"];
+        changed.extend(fix.settings.iter().map(String::as_str));
+        let changed = config(&changed);
+        assert_eq!(needed(&changed, fix.micro_batch), fix.needed_bytes, "{fix:?}");
+        assert!(fix.needed_bytes <= capacity, "{fix:?}");
+        // ZeRO stages are fixes with several ranks: two here.
+        assert_eq!(fix.accumulation, 48 / 2 / fix.micro_batch, "{fix:?}");
+    }
+    assert!(fixes.iter().any(|f| f.settings.iter().any(|s| s.starts_with("dist.zero="))), "{fixes:?}");
+    // Nothing fits in nothing.
+    assert!(plan::fixes(&run, spec, 2, &memory, 1).is_empty());
+    assert!(plan::describe_fixes(&[]).contains("smaller model"));
 }
