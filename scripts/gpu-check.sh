@@ -13,7 +13,7 @@
 #   ONLY="info selftest-bf16-specialised bench-attention bench-attention-specialised
 #     bench-attention-specialised-atomic bench-attention-atomic bench-attention-reference"
 #   speed (issues 15, 18): ONLY="info selftest-fp32 selftest-bf16 bench-kiln graphs-exact bench-kiln-graphs
-#     bench-kiln-fused-bias bench-pytorch bench-llama bench-llama-pytorch"
+#     bench-kiln-fused-bias bench-pytorch bench-llama bench-llama-pytorch bench-qwen3"
 #   memory and attention (issues 16, 18): ONLY="plan-gpt2 plan-gpt2-fused plan-llama recompute bench-attention
 #     bench-attention-reference selftest-bf16-pipelined bench-attention-pipelined selftest-bf16-specialised
 #     bench-attention-specialised bench-attention-specialised-atomic bench-attention-atomic resume-exact"
@@ -166,6 +166,8 @@ step plan-gpt2-fused 90 bash -c "plan_check configs/bench-gpt2-124m.toml --set t
 step plan-llama 150 bash -c "plan_check configs/llama-3.2-1b.toml"
 # Llama 3.2 1B's shape (bf16, 8 × 2048 tokens a step; the config says why that batch), beside PyTorch's below.
 step bench-llama 150 "$kiln" bench train --backend cuda --config configs/llama-3.2-1b.toml --steps 10 --warmup 2
+# Qwen3-0.6B's shape: QK-norm's kernels and heads wider than n_embd / n_head at a real size.
+step bench-qwen3 150 "$kiln" bench train --backend cuda --config configs/qwen3-0.6b.toml --steps 10 --warmup 2
 step bench-attention 120 "$kiln" bench attention --backend cuda --suite
 # On sm_90a the fused kernels at head dimensions 64 and 128 run on wgmma by default; KILN_FLASH_WGMMA=none keeps
 # them on mma.sync, as on every other architecture: their self-test, then the same benchmarks on the same machine.
