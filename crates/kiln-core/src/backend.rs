@@ -473,6 +473,11 @@ pub trait Backend {
     fn replay(&mut self, graph: Graph) -> Result<()> {
         Err(crate::Error::backend(self.name(), format!("replay: this engine captured no graph {graph:?}")))
     }
+    /// Whether the engine keeps what it is given: not a backend that only counts allocations, for which uploads need
+    /// not be computed.
+    fn holds_data(&self) -> bool {
+        true
+    }
     /// Whether a capture is in progress.
     fn capturing(&self) -> bool {
         false

@@ -562,7 +562,8 @@ impl Model {
             index: Arena::new(backend, counting.index.used, Role::Index)?,
         };
         let a = Activations::take(&mut arenas, &spec, max_batch, training, recompute);
-        if a.rope_table.len > 0 {
+        // Not computed for a plan, which only counts.
+        if a.rope_table.len > 0 && backend.holds_data() {
             backend.upload(a.rope_table, &spec.rope_table()?)?;
         }
         let l = spec.n_layer;

@@ -154,7 +154,8 @@ impl ModelSpec {
     /// Whether block `l` (from 0) rotates its queries and keys: with rotary positions, all but every
     /// `nope_interval`-th.
     pub fn rotates(&self, l: usize) -> bool {
-        matches!(self.positions, Positions::Rotary { .. }) && self.nope_interval.is_none_or(|k| (l + 1) % k != 0)
+        matches!(self.positions, Positions::Rotary { .. })
+            && self.nope_interval.is_none_or(|k| (l + 1).checked_rem(k) != Some(0))
     }
 
     /// Width of a row of the fused query/key/value projection: the queries, then the keys, then the values.

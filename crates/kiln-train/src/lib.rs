@@ -196,7 +196,11 @@ impl<B: Backend> Trainer<B> {
         config.train.micro_batch = MicroBatch::Sequences(mb);
         let plan = MemoryPlan::new(&config, shape, mb, world, memory.as_ref())?;
         if let Some(capacity) = capacity {
-            plan.check_fits(capacity, &config, shape, memory.as_ref())?;
+            // Every rank refuses; rank 0, which speaks for the job, works out what would fit.
+            plan.check_fits(capacity, || match rank {
+                0 => plan::describe_fixes(&plan::fixes(&config, shape, world, memory.as_ref(), capacity)),
+                _ => "rank 0 names the settings that would fit\n".into(),
+            })?;
         }
         let Allocated { model, m, v, owned, updates, buckets, share, weights, values } =
             Allocated::new(&mut backend, &config, shape, mb, world, rank).map_err(|e| with_plan(e, &plan))?;

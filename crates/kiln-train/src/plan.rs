@@ -106,9 +106,9 @@ impl MemoryPlan {
         self.ranks.windows(2).any(|w| w[0].components != w[1].components)
     }
 
-    /// A usage error, naming the plan's numbers and the settings that would fit (see [`fixes`]), unless the plan
-    /// fits `capacity` bytes. `config` and `spec` are the run's, as `memory` would hold it.
-    pub fn check_fits(&self, capacity: u64, config: &Config, spec: ModelSpec, memory: &dyn MemoryModel) -> Result<()> {
+    /// A usage error, naming the plan's numbers and ending with `advice` (what would fit: [`describe_fixes`]), unless
+    /// the plan fits `capacity` bytes. The advice is asked for only then.
+    pub fn check_fits(&self, capacity: u64, advice: impl FnOnce() -> String) -> Result<()> {
         if self.needed_bytes() <= capacity {
             return Ok(());
         }
@@ -118,7 +118,7 @@ impl MemoryPlan {
             self.where_needed(),
             describe_bytes(capacity),
             self.describe(),
-            describe_fixes(&fixes(config, spec, self.world, memory, capacity)),
+            advice(),
         )))
     }
 
@@ -239,6 +239,9 @@ pub fn fixes(config: &Config, spec: ModelSpec, world: usize, memory: &dyn Memory
                     (level != recompute).then(|| format!("train.recompute={}", level.name())),
                     (stage != zero).then(|| format!("dist.zero={stage}")),
                     (Some(plan.micro_batch) != configured).then(|| format!("train.micro_batch={}", plan.micro_batch)),
+                    // Said with a new micro-batch, which would otherwise set the step's batch where it is unset.
+                    (Some(plan.micro_batch) != configured)
+                        .then(|| format!("train.total_batch_tokens={}", config.total_batch_tokens())),
                 ]
                 .into_iter()
                 .flatten()
@@ -259,8 +262,8 @@ pub fn fixes(config: &Config, spec: ModelSpec, world: usize, memory: &dyn Memory
 /// `fixes` as lines for people, or how else a run could fit when there are none.
 pub fn describe_fixes(fixes: &[Fix]) -> String {
     if fixes.is_empty() {
-        return "no setting of train.micro_batch, train.recompute or dist.zero fits it: more ranks with dist.zero = 3, \
-                or a smaller model, would"
+        return "no setting of train.micro_batch, train.recompute or dist.zero fits it here: a smaller model would, \
+                or on GPUs more of them with dist.zero = 3\n"
             .into();
     }
     let mut out = String::from("it would fit with (train.total_batch_tokens kept):\n");

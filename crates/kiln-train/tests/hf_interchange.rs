@@ -199,8 +199,15 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
         let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
         assert!(err.contains("use_sliding_window") && err.contains("config.json"), "{case}: {err}");
     }
-    // NoPE layers other than every no_rope_layer_interval-th.
+    // SmolLM3's layers listed as sliding: transformers masks them by sliding_window whatever use_sliding_window says.
+    let from = "\"layer_types\": [\n    \"full_attention\",\n    \"full_attention\"\n  ]";
     let smollm3 = std::fs::read_to_string(golden_dir("smollm3_untied").join("config.json")).unwrap();
+    assert!(smollm3.contains(from), "{smollm3}");
+    let sliding = smollm3.replace(from, "\"layer_types\": [\"full_attention\", \"sliding_attention\"]");
+    std::fs::write(odd.join("config.json"), sliding).unwrap();
+    let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
+    assert!(err.contains("layer_types") && err.contains("config.json"), "{err}");
+    // NoPE layers other than every no_rope_layer_interval-th.
     let from = "\"no_rope_layers\": [\n    1,\n    0\n  ]";
     assert!(smollm3.contains(from), "{smollm3}");
     std::fs::write(odd.join("config.json"), smollm3.replace(from, "\"no_rope_layers\": [0, 1]")).unwrap();
@@ -218,6 +225,13 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
     std::fs::write(odd.join("config.json"), json.to_string()).unwrap();
     let m = config_from(&odd, "block_size = 16").unwrap().model;
     assert_eq!((m.tie_embeddings, m.n_kv_head, m.rope_theta), (Some(true), Some(4), Some(2e6)));
+    // Mistral's key/value heads are 8 unless told (its 4 query heads then make no whole groups: refused, named).
+    let mistral = std::fs::read_to_string(golden_dir("mistral_untied").join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&mistral).unwrap();
+    json.as_object_mut().unwrap().remove("num_key_value_heads");
+    std::fs::write(odd.join("config.json"), json.to_string()).unwrap();
+    let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
+    assert!(err.contains("model.n_kv_head") && err.contains("config.json"), "{err}");
     // Heads of an odd width, which the rotation cannot pair.
     let qwen3 = std::fs::read_to_string(golden_dir("qwen3_tied").join("config.json")).unwrap();
     std::fs::write(odd.join("config.json"), qwen3.replace("\"head_dim\": 16", "\"head_dim\": 15")).unwrap();

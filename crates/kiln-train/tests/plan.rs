@@ -147,13 +147,14 @@ fn a_run_that_does_not_fit_names_the_plan() {
     let plan = MemoryPlan::new(&config, spec(&config), 8, 1, &CpuMemory::<f32>::new()).unwrap();
     let total = plan.needed_bytes();
     let (spec, memory) = (spec(&config), CpuMemory::<f32>::new());
-    assert!(plan.check_fits(total, &config, spec, &memory).is_ok());
-    let error = plan.check_fits(total - 1, &config, spec, &memory).unwrap_err();
+    let advice = |capacity| plan::describe_fixes(&plan::fixes(&config, spec, 1, &memory, capacity));
+    assert!(plan.check_fits(total, || advice(total)).is_ok());
+    let error = plan.check_fits(total - 1, || advice(total - 1)).unwrap_err();
     assert_eq!(error.exit_code(), 2);
     let message = error.to_string();
     assert!(message.contains("does not fit") && message.contains("activations"), "{message}");
     // And what would: the largest micro-batch below 8 that divides the step's 48 sequences, or recomputation.
-    assert!(message.contains("--set train.micro_batch=6:"), "{message}");
+    assert!(message.contains("--set train.micro_batch=6 --set train.total_batch_tokens=624:"), "{message}");
     assert!(message.contains("--set train.recompute=block:"), "{message}");
     let json = plan.to_json(Some(total - 1));
     assert_eq!((json["total_bytes"].as_u64(), json["fits"].as_bool()), (Some(total), Some(false)));

@@ -1,7 +1,7 @@
 //! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`,
 //! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `SmolLM3ForCausalLM`, `MistralForCausalLM`), for
-//! `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there. A key the file leaves out
-//! takes its class's default. kiln writes a Mistral back as the Llama it is, once its sliding window is off.
+//! `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there. An optional key the file
+//! leaves out takes its class's default. kiln writes a Mistral back as the Llama it is, once its sliding window is off.
 //!
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
 //! transformers 5's `rope_parameters`, which holds both.
@@ -134,9 +134,14 @@ fn qwen3(f: &Fields) -> Result<toml::Table> {
 
 /// SmolLM3 is Llama whose every `no_rope_layer_interval`-th layer (default 4) has no rotary embedding; its
 /// `no_rope_layers` (1 for a layer that rotates) must say the same, as SmolLM3Config writes it. Its sliding window
-/// is turned off as Qwen2's is.
+/// must be off as Qwen2's is, and its `layer_types` all full attention: transformers masks the layers listed as
+/// sliding by `sliding_window` even when `use_sliding_window` is false.
 fn smollm3(f: &Fields) -> Result<toml::Table> {
     f.only("use_sliding_window", &[false.into()])?;
+    let full = Value::from("full_attention");
+    if let Some(types) = f.get("layer_types").filter(|t| !t.as_array().is_some_and(|t| t.iter().all(|l| *l == full))) {
+        return Err(f.error("layer_types", &format!("{types}: kiln has no sliding-window attention")));
+    }
     let layers = f.required_count("num_hidden_layers")?;
     let interval = f.count("no_rope_layer_interval")?.unwrap_or(4);
     let expected: Vec<Value> = (0..layers).map(|i| Value::from(i64::from((i + 1) % interval != 0))).collect();
@@ -154,9 +159,9 @@ fn smollm3(f: &Fields) -> Result<toml::Table> {
     Ok(table)
 }
 
-/// Mistral is Llama without biases, but for a sliding window of attention (MistralConfig's default 4096), which
-/// kiln does not have: turned off (null, as from Mistral 7B v0.2 on), or no shorter than the context, it changes
-/// nothing.
+/// Mistral is Llama without biases (and with 8 key/value heads unless told), but for a sliding window of attention
+/// (MistralConfig's default 4096), which kiln does not have: turned off (null, as from Mistral 7B v0.2 on), or no
+/// shorter than the context, it changes nothing.
 fn mistral(f: &Fields) -> Result<toml::Table> {
     let window = match f.json.get("sliding_window") {
         None => Some(4096),
@@ -171,7 +176,7 @@ fn mistral(f: &Fields) -> Result<toml::Table> {
         );
         return Err(f.error("sliding_window", &message));
     }
-    rotary(f, LLAMA)
+    rotary(f, Family { kv_heads: Some(8), ..LLAMA })
 }
 
 /// What a Llama-style family is beyond Llama, and what its class takes for the keys a config.json leaves out where
