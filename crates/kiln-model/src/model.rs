@@ -17,9 +17,8 @@
 //!
 //! With activation recomputation ([`Recompute`]) the backward pass writes some activations again, from the ones kept,
 //! just before it reads them: with `Elementwise` the norms' outputs and the MLP's hidden layer (and with QK-norm the
-//! normalised, rotated queries, keys and values), with `Block` all of a
-//! block's activations, by running the block's forward pass again from its input. What is recomputed lives in one
-//! buffer that every block shares.
+//! normalised, rotated queries, keys and values), with `Block` all of a block's activations, by running the block's
+//! forward pass again from its input. What is recomputed lives in one buffer that every block shares.
 
 use crate::params::{self, ParamInfo};
 use crate::spec::{Mlp, ModelSpec};
