@@ -208,8 +208,9 @@ pub struct Fix {
 const MOST_FIXES: usize = 4;
 
 /// For each recomputation level and (with several ranks) ZeRO stage no lower than the run's, the largest micro-batch
-/// that divides each rank's share of `train.total_batch_tokens` and whose plan fits `capacity`; those that change
-/// the fewest settings first, then those that accumulate least. At most [`MOST_FIXES`], none that is the run itself.
+/// that divides each rank's share of `train.total_batch_tokens` and whose plan fits `capacity`, and the run's own
+/// micro-batch where it fits too; those that change the fewest settings first, then those that accumulate least.
+/// At most [`MOST_FIXES`], none that is the run itself.
 pub fn fixes(config: &Config, spec: ModelSpec, world: usize, memory: &dyn MemoryModel, capacity: u64) -> Vec<Fix> {
     let (recompute, zero) = (config.train.recompute, config.dist.zero);
     let levels = Recompute::ALL.into_iter().skip_while(|&level| level != recompute);
