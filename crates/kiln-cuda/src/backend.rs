@@ -1425,7 +1425,7 @@ impl Backend for CudaBackend {
         // 128 channels, so that 8 warps fit the default shared memory.
         const WARPS: usize = 8;
         let blocks = rows.div_ceil(NORM_ROWS_PER_BLOCK);
-        let partials = self.scratch(name, memory::qk_norm_backward_floats(rows, d.head_dim))?;
+        let partials = self.scratch(name, memory::norm_backward_floats(rows, d.head_dim, false))?;
         let (n, heads, kvh, hd) = (rows as i64, d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
         let (rpb, nb, width) = (NORM_ROWS_PER_BLOCK as i32, blocks as i64, weights as i32);
         let mut cfg = grid(blocks * WARPS * 32, (WARPS * 32) as u32);

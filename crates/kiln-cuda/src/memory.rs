@@ -38,15 +38,10 @@ pub(crate) fn encoder_backward_floats(rows: usize) -> usize {
 }
 
 /// Working floats of a norm's backward pass: each block's partial sums of the weight and bias gradients, and with
-/// `dinp_sums` of the input gradient's columns (`NormBackward::dinp_sums`).
+/// `dinp_sums` of the input gradient's columns (`NormBackward::dinp_sums`). QK-norm's backward keeps as many for
+/// heads of `c` channels: the query weight's sums and the key weight's in place of the weight's and the bias's.
 pub(crate) fn norm_backward_floats(rows: usize, c: usize, dinp_sums: bool) -> usize {
     rows.div_ceil(NORM_ROWS_PER_BLOCK) * if dinp_sums { 3 } else { 2 } * c
-}
-
-/// Working floats of QK-norm's backward pass over `rows` qkv rows: each block's partial sums of the query and key
-/// weights' gradients.
-pub(crate) fn qk_norm_backward_floats(rows: usize, head_dim: usize) -> usize {
-    rows.div_ceil(NORM_ROWS_PER_BLOCK) * 2 * head_dim
 }
 
 /// Working floats of a matrix product's bias gradients, `columns` of them in all: its own, and that of GELU's input
@@ -111,7 +106,7 @@ impl MemoryModel for CudaMemory {
         let working = [
             encoder_backward_floats(step.rows),
             norm_backward_floats(step.rows, step.n_embd, step.norm_bias_sums),
-            if step.qk_norm { qk_norm_backward_floats(step.rows, step.attention.head_dim) } else { 0 },
+            if step.qk_norm { norm_backward_floats(step.rows, step.attention.head_dim, false) } else { 0 },
             bias_gradient_floats(step.max_bias_width),
             attention,
         ]
