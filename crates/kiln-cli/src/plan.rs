@@ -77,15 +77,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         let mut json = plan.to_json(capacity);
         if json["fits"] == false {
-            json["fixes"] = fixes
-                .iter()
-                .map(|f| {
-                    serde_json::json!({
-                        "settings": f.settings, "micro_batch": f.micro_batch, "accumulation": f.accumulation,
-                        "total_bytes": f.needed_bytes,
-                    })
-                })
-                .collect();
+            json["fixes"] = serde_json::to_value(&fixes).map_err(|e| Error::Invalid(format!("fixes as JSON: {e}")))?;
         }
         println!("{json}");
         return Ok(());

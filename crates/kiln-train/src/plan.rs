@@ -195,12 +195,14 @@ impl MemoryPlan {
 
 /// Settings that would make a run fit where it does not: a recomputation level, a ZeRO stage and a micro-batch,
 /// with the plan's need and the accumulation that makes up the step's batch.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Fix {
     /// `--set` assignments, of the settings that differ from the run's.
     pub settings: Vec<String>,
     pub micro_batch: usize,
     pub accumulation: usize,
+    /// As a plan's `total_bytes` (see [`MemoryPlan::needed_bytes`]).
+    #[serde(rename = "total_bytes")]
     pub needed_bytes: u64,
 }
 
