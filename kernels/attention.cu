@@ -2,7 +2,8 @@
 // (flash_attention.cu) replaces in bf16. It runs in both precisions; fp32 always uses it.
 //
 // For query head h, which reads key/value head g = h / (NH/KVH), with s = 1/√HS and the keys that row t sees,
-// J(t) = 0..=t (causal) or 0..T−1: forward S_tj = s·q_t·k_j, P = softmax_rows(S), o_t = Σ_j∈J(t) P_tj v_j, saving
+// J(t) = 0..T−1 for window = 0, otherwise the last `window` of 0..=t (window ≥ T: causal, shorter: a sliding
+// window): forward S_tj = s·q_t·k_j, P = softmax_rows(S), o_t = Σ_j∈J(t) P_tj v_j, saving
 // lse_t = ln Σ_j∈J(t) exp(S_tj). Backward, recomputing P_tj = exp(S_tj − lse_t), with D_t = dO_t·o_t:
 // dS_tj = P_tj (dO_t·v_j − D_t), dq_t = s Σ_j∈J(t) dS_tj k_j, and for key/value head g summed over the query heads
 // h of its group: dk_j = s Σ_h Σ_{t: j∈J(t)} dS_tj q_t, dv_j = Σ_h Σ_{t: j∈J(t)} P_tj dO_t.
@@ -66,17 +67,18 @@ __device__ __forceinline__ bool warp_task(int B, int heads, int T, int* b, int* 
     return true;
 }
 
-// The last key that query row t sees.
-__device__ __forceinline__ int last_key(int t, int T, int causal) { return causal ? t : T - 1; }
+// The first and the last key that query row t sees.
+__device__ __forceinline__ int first_key(int t, int window) { return window ? max(0, t - window + 1) : 0; }
+__device__ __forceinline__ int last_key(int t, int T, int window) { return window ? t : T - 1; }
 
-// Softmax-weighted sum of the values of rows 0..=last for query q (already scaled), by the online softmax; `keys`
+// Softmax-weighted sum of the values of rows first..=last for query q (already scaled), by the online softmax; `keys`
 // and `values` point at row 0's key and value head, rows `W` apart. Returns the row's output and sets *lse to the
 // log-sum-exp of its scores.
-__device__ __forceinline__ Row attend(const Row& q, const floatX* keys, const floatX* values, int W, int last, int HS,
-                                      int lane, float* lse) {
+__device__ __forceinline__ Row attend(const Row& q, const floatX* keys, const floatX* values, int W, int first,
+                                      int last, int HS, int lane, float* lse) {
     Row acc = {};
     float m = NEG_INF, l = 0.0f;
-    for (int j = 0; j <= last; j++) {
+    for (int j = first; j <= last; j++) {
         float s = dot(q, load_row(keys + (long)j * W, HS, lane, 1.0f));
         float m_new = fmaxf(m, s);
         float correction = expf(m - m_new), p = expf(s - m_new);
@@ -91,7 +93,7 @@ __device__ __forceinline__ Row attend(const Row& q, const floatX* keys, const fl
 }
 
 extern "C" __global__ void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH, int KVH,
-                                             int HS, int causal) {
+                                             int HS, int window) {
     int b, h, t;
     if (!warp_task(B, NH, T, &b, &h, &t)) return;
     const Heads heads = {NH, KVH, HS};
@@ -99,7 +101,8 @@ extern "C" __global__ void attention_forward(floatX* out, float* lse, const floa
     const floatX* rows = qkv + (long)b * T * W;
     Row q = load_row(rows + (long)t * W + heads.query(h), HS, lane, rsqrtf((float)HS));
     float row_lse;
-    Row o = attend(q, rows + heads.key(g), rows + heads.value(g), W, last_key(t, T, causal), HS, lane, &row_lse);
+    Row o = attend(q, rows + heads.key(g), rows + heads.value(g), W, first_key(t, window), last_key(t, T, window), HS,
+                   lane, &row_lse);
     store_row(out + ((long)b * T + t) * NH * HS + h * HS, o, HS, lane);
     if (lane == 0) lse[((long)b * NH + h) * T + t] = row_lse;
 }
@@ -107,7 +110,7 @@ extern "C" __global__ void attention_forward(floatX* out, float* lse, const floa
 // dq for each query row (one warp per (b, h, t)).
 extern "C" __global__ void attention_backward_dq(floatX* dqkv, const floatX* dout, const floatX* qkv,
                                                  const floatX* out, const float* lse, int B, int T, int NH, int KVH,
-                                                 int HS, int causal) {
+                                                 int HS, int window) {
     int b, h, t;
     if (!warp_task(B, NH, T, &b, &h, &t)) return;
     const Heads heads = {NH, KVH, HS};
@@ -120,7 +123,7 @@ extern "C" __global__ void attention_backward_dq(floatX* dqkv, const floatX* dou
     float row_d = dot(d_o, load_row(out + o, HS, lane, 1.0f));
     float l = lse[((long)b * NH + h) * T + t];
     Row dq = {};
-    for (int j = 0; j <= last_key(t, T, causal); j++) {
+    for (int j = first_key(t, window); j <= last_key(t, T, window); j++) {
         Row k = load_row(rows + (long)j * W + heads.key(g), HS, lane, 1.0f);
         float p = expf(dot(q, k) - l);
         float ds = p * (dot(d_o, load_row(rows + (long)j * W + heads.value(g), HS, lane, 1.0f)) - row_d);
@@ -132,7 +135,7 @@ extern "C" __global__ void attention_backward_dq(floatX* dqkv, const floatX* dou
 // dk and dv for each key/value row (one warp per (b, g, j)), summed over the query heads of group g in order.
 extern "C" __global__ void attention_backward_dkv(floatX* dqkv, const floatX* dout, const floatX* qkv,
                                                   const floatX* out, const float* lse, int B, int T, int NH, int KVH,
-                                                  int HS, int causal) {
+                                                  int HS, int window) {
     int b, g, j;
     if (!warp_task(B, KVH, T, &b, &g, &j)) return;
     const Heads heads = {NH, KVH, HS};
@@ -143,7 +146,8 @@ extern "C" __global__ void attention_backward_dkv(floatX* dqkv, const floatX* do
     Row v = load_row(rows + (long)j * W + heads.value(g), HS, lane, 1.0f);
     Row dk = {}, dv = {};
     for (int h = g * heads.group(); h < (g + 1) * heads.group(); h++) {
-        for (int t = causal ? j : 0; t < T; t++) {
+        // The queries that see key j: from j to the window's end (window ≤ T), or all.
+        for (int t = window ? j : 0; t < (window ? min(T, j + window) : T); t++) {
             const long o = ((long)b * T + t) * NH * HS + h * HS;
             Row q = load_row(rows + (long)t * W + heads.query(h), HS, lane, scale);
             Row d_o = load_row(dout + o, HS, lane, 1.0f);
@@ -161,15 +165,17 @@ extern "C" __global__ void attention_backward_dkv(floatX* dqkv, const floatX* do
     store_row(row + heads.value(g), dv, HS, lane);
 }
 
-// Decoding with the key/value cache: the query of row `pos` of one sequence's qkv against rows 0..=pos, one warp
-// per query head; out holds the NH·HS outputs of that position.
-extern "C" __global__ void attention_decode(floatX* out, const floatX* qkv, int pos, int NH, int KVH, int HS) {
+// Decoding with the key/value cache: the query of row `pos` of one sequence's qkv against the rows it sees (the last
+// `window` of 0..=pos, as above), one warp per query head; out holds the NH·HS outputs of that position.
+extern "C" __global__ void attention_decode(floatX* out, const floatX* qkv, int pos, int NH, int KVH, int HS,
+                                            int window) {
     const int h = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (h >= NH) return;
     const Heads heads = {NH, KVH, HS};
     const int lane = threadIdx.x % 32, W = heads.width(), g = h / heads.group();
     Row q = load_row(qkv + (long)pos * W + heads.query(h), HS, lane, rsqrtf((float)HS));
     float unused_lse;
-    store_row(out + h * HS, attend(q, qkv + heads.key(g), qkv + heads.value(g), W, pos, HS, lane, &unused_lse), HS,
-              lane);
+    const Row o = attend(q, qkv + heads.key(g), qkv + heads.value(g), W, first_key(pos, window), pos, HS, lane,
+                         &unused_lse);
+    store_row(out + h * HS, o, HS, lane);
 }

@@ -3,7 +3,9 @@
 // matrix is ever stored. The engine runs these kernels in bf16 for head dimensions 32, 64, 96 and 128.
 //
 // For query head h of one sequence, reading key/value head g = h / (NH/KVH), with s = 1/√D: query i sees key j when
-// j < T and, if causal, j ≤ i. Scores are kept in base 2, x_ij = log2(e)·s·q_i·k_j, so that each exponential is one
+// j < T and, if causal (window > 0), i − window < j ≤ i: the kernels take `window`, 0 for attention that is not
+// causal, T for causal attention, shorter for a sliding window (which only masks: the tiles wholly before a query's
+// window are visited as others are, and add nothing). Scores are kept in base 2, x_ij = log2(e)·s·q_i·k_j, so that each exponential is one
 // ex2: exp(s·q_i·k_j − a) = 2^(x_ij − log2(e)·a).
 //
 // Forward, one block per BR queries, visiting the keys and values in tiles of BC, with running row maxima m and
@@ -203,16 +205,20 @@ __device__ __forceinline__ float a_to_accumulator(const unsigned a[4], int t, in
 __device__ __forceinline__ int acc_row(int lane, int e) { return lane / 4 + e / 2 * 8; }
 __device__ __forceinline__ int acc_col(int lane, int e) { return lane % 4 * 2 + e % 2; }
 
-// Whether a tile of `keys` keys from k0 holds one that some of the queries from row0 do not see (past the end of
-// the sequence or, causal, past a query): only such a tile needs the MASKED copy of an elementwise step.
-__device__ __forceinline__ bool keys_need_mask(int k0, int keys, int row0, int T, int causal) {
-    return k0 + keys > T || (causal && k0 + keys - 1 > row0);
+// Whether a tile of `keys` keys from k0 holds one that some of the `rows` queries from row0 do not see (past the end
+// of the sequence or, causal, past a query or before its window): only such a tile needs the MASKED copy of an
+// elementwise step.
+__device__ __forceinline__ bool keys_need_mask(int k0, int keys, int row0, int rows, int T, int window) {
+    return k0 + keys > T || (window && (k0 + keys - 1 > row0 || k0 < row0 + rows - window));
 }
 
-// The last key query `row` sees, counted from this lane's first column of the key tile at k0: the bound the MASKED
-// copies compare each score's column against.
-__device__ __forceinline__ int last_visible_key(int row, int k0, int T, int causal, int lane) {
-    return (causal ? min(row, T - 1) : T - 1) - k0 - acc_col(lane, 0);
+// The first and the last key query `row` sees, counted from this lane's first column of the key tile at k0: the
+// bounds the MASKED copies compare each score's column against.
+__device__ __forceinline__ int first_visible_key(int row, int k0, int window, int lane) {
+    return (window ? max(0, row - window + 1) : 0) - k0 - acc_col(lane, 0);
+}
+__device__ __forceinline__ int last_visible_key(int row, int k0, int T, int window, int lane) {
+    return (window ? min(row, T - 1) : T - 1) - k0 - acc_col(lane, 0);
 }
 
 // Maximum and sum over the four lanes that hold one accumulator row.
@@ -405,12 +411,12 @@ __device__ __forceinline__ void add_ab(float (&acc)[D / 8][4], const unsigned (&
 // ---- forward ------------------------------------------------------------------------------------------------------
 
 // x ← x·s in log2 units (see the top), and each row's maximum. With MASKED, keys a row does not see become −∞: those
-// past `last`, the row's last visible key counted from this lane's first column of the tile. Only a tile that
-// reaches past the sequence or (causal) past the warp's first query needs it; the others, most of a long
-// sequence's, skip the per-element comparisons.
+// before `first` or past `last`, the row's first and last visible keys counted from this lane's first column of the
+// tile. Only a tile that reaches past the sequence or (causal) past the warp's first query or before its last one's
+// window needs it; the others, most of a long sequence's, skip the per-element comparisons.
 template <int M, int BC, bool MASKED>
 __device__ __forceinline__ void scale_scores(float (&x)[M][BC / 8][4], float (&row_max)[M][2],
-                                             const int (&last)[M][2], float scale_log2) {
+                                             const int (&first)[M][2], const int (&last)[M][2], float scale_log2) {
 #pragma unroll
     for (int mt = 0; mt < M; mt++) {
 #pragma unroll
@@ -421,7 +427,8 @@ __device__ __forceinline__ void scale_scores(float (&x)[M][BC / 8][4], float (&r
 #pragma unroll
                 for (int e = 2 * half; e < 2 * half + 2; e++) {
                     float v = x[mt][n][e] * scale_log2;
-                    if (MASKED && n * 8 + e % 2 > last[mt][half]) v = NEG_INF;
+                    const int c = n * 8 + e % 2;
+                    if (MASKED && (c < first[mt][half] || c > last[mt][half])) v = NEG_INF;
                     x[mt][n][e] = v;
                     tile_max = fmaxf(tile_max, v);
                 }
@@ -437,21 +444,22 @@ __device__ __forceinline__ void scale_scores(float (&x)[M][BC / 8][4], float (&r
 // lane has a new maximum.
 template <int M, int BC>
 __device__ __forceinline__ bool softmax_scores(float (&x)[M][BC / 8][4], float (&m)[M][2], float (&l)[M][2],
-                                               float (&correction)[M][2], int k0, int row0, int T, int causal,
+                                               float (&correction)[M][2], int k0, int row0, int T, int window,
                                                float scale_log2, int lane) {
     float row_max[M][2];
-    if (keys_need_mask(k0, BC, row0, T, causal)) {
-        int last[M][2];
+    if (keys_need_mask(k0, BC, row0, 16 * M, T, window)) {
+        int first[M][2], last[M][2];
 #pragma unroll
         for (int mt = 0; mt < M; mt++)
 #pragma unroll
             for (int half = 0; half < 2; half++) {
                 const int row = row0 + mt * 16 + acc_row(lane, 2 * half);
-                last[mt][half] = last_visible_key(row, k0, T, causal, lane);
+                first[mt][half] = first_visible_key(row, k0, window, lane);
+                last[mt][half] = last_visible_key(row, k0, T, window, lane);
             }
-        scale_scores<M, BC, true>(x, row_max, last, scale_log2);
+        scale_scores<M, BC, true>(x, row_max, first, last, scale_log2);
     } else {
-        scale_scores<M, BC, false>(x, row_max, {}, scale_log2);
+        scale_scores<M, BC, false>(x, row_max, {}, {}, scale_log2);
     }
     bool rescale = false;
 #pragma unroll
@@ -501,10 +509,10 @@ __device__ __forceinline__ void rescale_rows(float (&o)[M][D / 8][4], const floa
 // The whole online-softmax update but for O's P·V, which the caller adds: softmax_scores, then rescale_rows.
 template <int D, int M, int BC>
 __device__ __forceinline__ void softmax_tile(float (&x)[M][BC / 8][4], float (&o)[M][D / 8][4], float (&m)[M][2],
-                                             float (&l)[M][2], int k0, int row0, int T, int causal, float scale_log2,
+                                             float (&l)[M][2], int k0, int row0, int T, int window, float scale_log2,
                                              int lane) {
     float correction[M][2];
-    const bool rescale = softmax_scores<M, BC>(x, m, l, correction, k0, row0, T, causal, scale_log2, lane);
+    const bool rescale = softmax_scores<M, BC>(x, m, l, correction, k0, row0, T, window, scale_log2, lane);
     rescale_rows<D, M>(o, correction, rescale);
 }
 
@@ -515,7 +523,7 @@ __device__ __forceinline__ void softmax_tile(float (&x)[M][BC / 8][4], float (&o
 template <int D, int M, int BC>
 __device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)[M][2], float (&l)[M][2],
                                              unsigned q_lane, unsigned k_lane, unsigned v_lane, int k0, int row0,
-                                             int T, int causal, float scale_log2, int lane) {
+                                             int T, int window, float scale_log2, int lane) {
     float x[M][BC / 8][4] = {};
 #pragma unroll
     for (int kb = 0; kb < D / 16; kb++) {
@@ -533,7 +541,7 @@ __device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)
             }
         }
     }
-    softmax_tile<D, M, BC>(x, o, m, l, k0, row0, T, causal, scale_log2, lane);
+    softmax_tile<D, M, BC>(x, o, m, l, k0, row0, T, window, scale_log2, lane);
     // O += P·V, P straight from the score registers.
 #pragma unroll
     for (int kb = 0; kb < BC / 16; kb++) {
@@ -560,10 +568,10 @@ __device__ __forceinline__ void forward_tile(float (&o)[M][D / 8][4], float (&m)
 template <int D, int BR, int BC>
 __device__ __forceinline__ void forward_tile_wgmma(float (&o)[1][D / 8][4], float (&m)[1][2], float (&l)[1][2],
                                                    unsigned q_tile, int first, unsigned k_tile, unsigned v_tile, int k0,
-                                                   int row0, int T, int causal, float scale_log2, int lane) {
+                                                   int row0, int T, int window, float scale_log2, int lane) {
     float x[1][BC / 8][4] = {};
     add_abt<D, BC, BR, true>(x[0], q_tile, first, k_tile, lane);
-    softmax_tile<D, 1, BC>(x, o, m, l, k0, row0, T, causal, scale_log2, lane);
+    softmax_tile<D, 1, BC>(x, o, m, l, k0, row0, T, window, scale_log2, lane);
     unsigned p[BC / 16][4];
     scores_to_a<BC>(p, x[0]);
     add_ab<D, BC, true>(o[0], p, v_tile, lane);
@@ -606,11 +614,11 @@ struct ForwardBlock {
 };
 template <int D, int BR, int BC, int THREADS, bool WGMMA>
 __device__ __forceinline__ ForwardBlock start_forward(unsigned q_tile, unsigned k_tile, unsigned v_tile,
-                                                      const bf16* qkv, int T, int NH, int KVH, int causal) {
+                                                      const bf16* qkv, int T, int NH, int KVH, int window) {
     const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
     const bf16* seq = qkv + (long)b * T * W;
-    const ForwardBlock block{W, q0, ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC, seq + (NH + g) * D,
+    const ForwardBlock block{W, q0, ((window ? min(T, q0 + BR) : T) + BC - 1) / BC, seq + (NH + g) * D,
                              seq + (NH + KVH + g) * D};
     load_tile<BR, D, THREADS, WGMMA>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
     load_tile<BC, D, THREADS, WGMMA>(k_tile, block.keys, W, T);
@@ -625,7 +633,7 @@ __device__ __forceinline__ ForwardBlock start_forward(unsigned q_tile, unsigned 
 // or (causal) all before a tile's keys, skips that tile.
 template <int D, int M, int BC, bool WGMMA>
 __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,
-                                              int causal) {
+                                              int window) {
     static_assert(!WGMMA || M == 1, "a wgmma warp holds 16 queries");
     constexpr int THREADS = forward_threads<WGMMA>(), BR = THREADS / 32 * FLASH_WARP_ROWS * M;
     constexpr int GROUP_ROWS = WGMMA ? 64 : FLASH_WARP_ROWS * M;  // the queries that take a tile together
@@ -635,7 +643,7 @@ __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16*
     if (WGMMA && q_tile % 1024 != 0) __trap();  // the swizzle's atoms must be aligned (mma.cuh)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, h = blockIdx.y, b = blockIdx.z;
     const auto [W, q0, tiles, keys, values] =
-        start_forward<D, BR, BC, THREADS, WGMMA>(q_tile, k_tiles, v_tiles, qkv, T, NH, KVH, causal);
+        start_forward<D, BR, BC, THREADS, WGMMA>(q_tile, k_tiles, v_tiles, qkv, T, NH, KVH, window);
 
     const int first = warp * FLASH_WARP_ROWS * M, row0 = q0 + first;  // this warp's first query, in tile and sequence
     const int group_first = first / GROUP_ROWS * GROUP_ROWS, group_row0 = q0 + group_first;
@@ -658,14 +666,14 @@ __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16*
         __syncthreads();
         const int k0 = j * BC;
         const unsigned stage = j % 2 * tile_bytes<D, WGMMA>(BC);
-        if (group_row0 < T && !(causal && k0 > group_row0 + GROUP_ROWS - 1)) {
+        if (group_row0 < T && !(window && k0 > group_row0 + GROUP_ROWS - 1)) {
             if constexpr (WGMMA)
                 forward_tile_wgmma<D, BR, BC>(o, m, l, q_tile, first, k_tiles + stage, v_tiles + stage, k0, row0, T,
-                                              causal, scale_log2, lane);
+                                              window, scale_log2, lane);
             else
                 forward_tile<D, M, BC>(o, m, l, q_tile + at<D>(first, 0) + a_fragment_lane<D>(lane),
                                        k_tiles + stage + b_fragment_lane<D>(lane),
-                                       v_tiles + stage + a_fragment_lane<D>(lane), k0, row0, T, causal, scale_log2,
+                                       v_tiles + stage + a_fragment_lane<D>(lane), k0, row0, T, window, scale_log2,
                                        lane);
         }
         __syncthreads();  // before the next iteration's copies overwrite this stage
@@ -695,7 +703,7 @@ __device__ constexpr unsigned pipelined_forward_shared_bytes() {
 }
 template <int D, int BC>
 __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,
-                                                        int causal) {
+                                                        int window) {
     constexpr int THREADS = forward_threads<true>(), BR = 2 * 64;
     check_launch(pipelined_forward_shared_bytes<D, BC>(), THREADS);
     const unsigned q_tile = shared_address(flash_shared), k_tiles = q_tile + tile_bytes<D, true>(BR),
@@ -705,12 +713,12 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
     const auto v_stage = [=](int j) { return v_tiles + j % 3 * tile_bytes<D, true>(BC); };
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, h = blockIdx.y, b = blockIdx.z;
     const auto [W, q0, tiles, keys, values] =
-        start_forward<D, BR, BC, THREADS, true>(q_tile, k_stage(0), v_stage(0), qkv, T, NH, KVH, causal);
+        start_forward<D, BR, BC, THREADS, true>(q_tile, k_stage(0), v_stage(0), qkv, T, NH, KVH, window);
 
     const int first = warp * FLASH_WARP_ROWS, row0 = q0 + first;  // this warp's first query, in tile and sequence
     const int group_row0 = q0 + first / 64 * 64;                   // its warpgroup's
     // The warpgroup takes tiles up to its last (causal: the last that reaches its queries).
-    const int group_tiles = causal ? min(tiles, (group_row0 + 64 + BC - 1) / BC) : tiles;
+    const int group_tiles = window ? min(tiles, (group_row0 + 64 + BC - 1) / BC) : tiles;
     float o[1][D / 8][4] = {}, m[1][2] = {{NEG_INF, NEG_INF}}, l[1][2] = {};
     unsigned p[BC / 16][4];  // P of the tile whose O += P·V is still to be issued
     const float scale_log2 = rsqrtf((float)D) * FLASH_LOG2E;
@@ -735,13 +743,13 @@ __device__ __forceinline__ void flash_forward_pipelined(bf16* out, float* lse, c
             issue_abt_wgmma<D, BC, BR>(x[0], q_tile, first, k_stage(j));
             wgmma_wait<0>();
             settle_wgmma<BC>(x[0]);
-            rescale = softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
+            rescale = softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, window, scale_log2, lane);
         } else {
             issue_abt_wgmma<D, BC, BR>(x[0], q_tile, first, k_stage(j));
             issue_ab_wgmma<D, BC>(o[0], p, v_stage(j - 1));
             wgmma_wait<1>();
             settle_wgmma<BC>(x[0]);
-            rescale = softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
+            rescale = softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, window, scale_log2, lane);
             wgmma_wait<0>();
             settle_wgmma<D>(o[0]);
         }
@@ -884,12 +892,12 @@ __device__ __forceinline__ void pass_tile(const SpecialisedBlock<D, BC, RESIDENT
 template <int D, int BC>
 __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse, const TensorMap& q_map,
                                                           const TensorMap& kv_map, int T, int NH, int KVH,
-                                                          int causal) {
+                                                          int window) {
     constexpr int BR = 2 * 64, COMPUTING = SPECIALISED_COMPUTING;
     check_launch(specialised_shared_bytes<D, BC, BR>(), 3 * 128);
     const SpecialisedBlock<D, BC, BR> f(shared_address(flash_shared));
     const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH);
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((window ? min(T, q0 + BR) : T) + BC - 1) / BC;
     const bool computing = specialised_roles<1, 24>(f, [&] {
         mbarrier_arrive_expect_tx(f.resident_full, BR * D * 2);
         tma_load_tile<BR, D>(f.resident, q_map, f.resident_full, h * D, q0, b);
@@ -901,7 +909,7 @@ __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse,
     const int c = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 - 4, lane = threadIdx.x % 32;
     const int first = warp * FLASH_WARP_ROWS, row0 = q0 + first, group_row0 = q0 + 64 * c;
     const unsigned my_turn = 1 + c, their_turn = 2 - c;
-    const int group_tiles = group_row0 >= T ? 0 : causal ? min(tiles, (group_row0 + 64 + BC - 1) / BC) : tiles;
+    const int group_tiles = group_row0 >= T ? 0 : window ? min(tiles, (group_row0 + 64 + BC - 1) / BC) : tiles;
     if (c == 1) named_barrier_arrive(their_turn, COMPUTING);  // the first warpgroup issues first
     // Its turn at the tensor cores for tile j, and the other's once its products for the tile are issued (unless the
     // other has had its last: the second warpgroup gives the first one more).
@@ -927,7 +935,7 @@ __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse,
             wgmma_wait<0>();
             settle_wgmma<BC>(x[0]);
             mbarrier_arrive(f.empty(STREAM_K, 0));
-            const bool rescale = softmax_scores<1, BC>(x, m, l, correction, 0, row0, T, causal, scale_log2, lane);
+            const bool rescale = softmax_scores<1, BC>(x, m, l, correction, 0, row0, T, window, scale_log2, lane);
             rescale_rows<D, 1>(o, correction, rescale);
             scores_to_a<BC>(p, x[0]);
         }
@@ -943,7 +951,7 @@ __device__ __forceinline__ void flash_forward_specialised(bf16* out, float* lse,
             settle_wgmma<BC>(x[0]);
             mbarrier_arrive(f.empty(STREAM_K, j));
             const bool rescale =
-                softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, causal, scale_log2, lane);
+                softmax_scores<1, BC>(x, m, l, correction, j * BC, row0, T, window, scale_log2, lane);
             wgmma_wait<0>();
             settle_wgmma<D>(o[0]);
             mbarrier_arrive(f.empty(STREAM_V, j - 1));
@@ -1001,17 +1009,19 @@ extern "C" __global__ void flash_attention_row_dot(float* row_dot, const bf16* d
 }
 
 // P = 2^(x·s − log2(e)·lse) for a warp's 16 rows of scores (lse_log2 = log2(e)·lse of its two rows a lane). With
-// MASKED, keys past `last`, a row's last visible key counted from this lane's first column, get 0; only tiles that
-// reach past the sequence or (causal) the warp's first query need it.
+// MASKED, keys before `first` or past `last`, a row's first and last visible keys counted from this lane's first
+// column, get 0; only tiles that reach past the sequence or (causal) the warp's first query or before its last one's
+// window need it.
 template <int BC, bool MASKED>
 __device__ __forceinline__ void row_probabilities(float (&s)[BC / 8][4], const float (&lse_log2)[2],
-                                                  const int (&last)[2], float scale_log2) {
+                                                  const int (&first)[2], const int (&last)[2], float scale_log2) {
 #pragma unroll
     for (int n = 0; n < BC / 8; n++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const float x = exp2_ftz(s[n][e] * scale_log2 - lse_log2[e / 2]);
-            s[n][e] = MASKED && n * 8 + e % 2 > last[e / 2] ? 0.0f : x;
+            const int c = n * 8 + e % 2;
+            s[n][e] = MASKED && (c < first[e / 2] || c > last[e / 2]) ? 0.0f : x;
         }
     }
 }
@@ -1020,18 +1030,19 @@ __device__ __forceinline__ void row_probabilities(float (&s)[BC / 8][4], const f
 // the bf16 A fragments that dS takes; 0 where unseen.
 template <int BC>
 __device__ __forceinline__ void scores_to_p(unsigned (&p)[BC / 16][4], float (&s)[BC / 8][4],
-                                            const float (&lse_log2)[2], int k0, int row0, int T, int causal,
+                                            const float (&lse_log2)[2], int k0, int row0, int T, int window,
                                             float scale_log2, int lane) {
-    if (keys_need_mask(k0, BC, row0, T, causal)) {
-        int last[2];
+    if (keys_need_mask(k0, BC, row0, FLASH_WARP_ROWS, T, window)) {
+        int first[2], last[2];
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const int row = row0 + acc_row(lane, 2 * half);
-            last[half] = last_visible_key(row, k0, T, causal, lane);
+            first[half] = first_visible_key(row, k0, window, lane);
+            last[half] = last_visible_key(row, k0, T, window, lane);
         }
-        row_probabilities<BC, true>(s, lse_log2, last, scale_log2);
+        row_probabilities<BC, true>(s, lse_log2, first, last, scale_log2);
     } else {
-        row_probabilities<BC, false>(s, lse_log2, {}, scale_log2);
+        row_probabilities<BC, false>(s, lse_log2, {}, {}, scale_log2);
     }
     scores_to_a<BC>(p, s);
 }
@@ -1052,14 +1063,14 @@ __device__ __forceinline__ void ds_of(float (&dp)[BC / 8][4], const unsigned (&p
 template <int D, int BC, bool WGMMA>
 __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], unsigned q_tile, unsigned do_tile, int first,
                                         const float (&lse_log2)[2], const float (&row_dot)[2], unsigned k_tile,
-                                        unsigned v_tile, int k0, int row0, int T, int causal, float scale_log2,
+                                        unsigned v_tile, int k0, int row0, int T, int window, float scale_log2,
                                         int lane) {
     constexpr int BR = 4 * FLASH_WARP_ROWS;
     unsigned p[BC / 16][4];
     {
         float s[BC / 8][4] = {};
         add_abt<D, BC, BR, WGMMA>(s, q_tile, first, k_tile, lane);
-        scores_to_p<BC>(p, s, lse_log2, k0, row0, T, causal, scale_log2, lane);
+        scores_to_p<BC>(p, s, lse_log2, k0, row0, T, window, scale_log2, lane);
     }
     float dp[BC / 8][4] = {};
     add_abt<D, BC, BR, WGMMA>(dp, do_tile, first, v_tile, lane);
@@ -1087,7 +1098,7 @@ __device__ __forceinline__ void row_statistics(float (&lse_log2)[2], float (&dot
 template <int D, int BC, bool WGMMA>
 __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partials, const bf16* dout, const bf16* qkv,
                                                   const float* lse, const float* row_dot, int T, int NH, int KVH,
-                                                  int causal) {
+                                                  int window) {
     constexpr int BR = 4 * FLASH_WARP_ROWS, GROUP_ROWS = WGMMA ? BR : FLASH_WARP_ROWS;
     check_launch(dq_shared_bytes<D, BC, WGMMA>());
     const unsigned q_tile = shared_address(flash_shared), do_tile = q_tile + tile_bytes<D, WGMMA>(BR),
@@ -1099,7 +1110,7 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partia
     const bf16* seq = qkv + (long)b * T * W;
     const bf16* keys = seq + (NH + g) * D;
     const bf16* values = seq + (NH + KVH + g) * D;
-    const int tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
+    const int tiles = ((window ? min(T, q0 + BR) : T) + BC - 1) / BC;
 
     load_tile<BR, D, FLASH_THREADS, WGMMA>(q_tile, seq + (long)q0 * W + h * D, W, T - q0);
     load_tile<BR, D, FLASH_THREADS, WGMMA>(do_tile, dout + ((long)b * T + q0) * NH * D + h * D, (long)NH * D, T - q0);
@@ -1129,9 +1140,9 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partia
         __syncthreads();
         const int k0 = j * BC;
         const unsigned stage = j % 2 * tile_bytes<D, WGMMA>(BC);
-        if (group_row0 < T && !(causal && k0 > group_row0 + GROUP_ROWS - 1))
+        if (group_row0 < T && !(window && k0 > group_row0 + GROUP_ROWS - 1))
             dq_tile<D, BC, WGMMA>(dq, q_tile, do_tile, first, lse_log2, dot, k_tiles + stage, v_tiles + stage, k0,
-                                  row0, T, causal, scale_log2, lane);
+                                  row0, T, window, scale_log2, lane);
         __syncthreads();
     }
     // The warp's own rows of the padded Q tile stage dQ; on wgmma, 16 padded rows of its own in the K and V stages.
@@ -1157,13 +1168,13 @@ template <int D, int BC>
 __device__ __forceinline__ void flash_backward_dq_specialised(bf16* dqkv, float* bias_partials,
                                                               const TensorMap& qkv_map, const TensorMap& dout_map,
                                                               const float* lse, const float* row_dot, int T, int NH,
-                                                              int KVH, int causal) {
+                                                              int KVH, int window) {
     static_assert(BC == 64, "Q, K and V come in boxes of the same rows");
     constexpr int BR = 2 * 64, RESIDENT = 4 * 64, STAGES = SPECIALISED_DQ_STAGES;
     check_launch(specialised_shared_bytes<D, BC, RESIDENT, STAGES>(), 3 * 128);
     const SpecialisedBlock<D, BC, RESIDENT, STAGES> f(shared_address(flash_shared));
     const int h = blockIdx.y, b = blockIdx.z, g = h / (NH / KVH), W = (NH + 2 * KVH) * D;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((causal ? min(T, q0 + BR) : T) + BC - 1) / BC;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, tiles = ((window ? min(T, q0 + BR) : T) + BC - 1) / BC;
     const auto q_tile = [&](int c) { return f.resident + c * tile_bytes<D, true>(64); };
     const auto do_tile = [&](int c) { return f.resident + (2 + c) * tile_bytes<D, true>(64); };
     const bool computing = specialised_roles<1, 24>(f, [&] {
@@ -1197,7 +1208,7 @@ __device__ __forceinline__ void flash_backward_dq_specialised(bf16* dqkv, float*
     // while the products issued after the one it waits for do.
     const auto probabilities = [&](unsigned (&p)[BC / 16][4], float (&s)[BC / 8][4], int j) {
         settle_wgmma<BC>(s);
-        scores_to_p<BC>(p, s, lse_log2, j * BC, row0, T, causal, scale_log2, lane);
+        scores_to_p<BC>(p, s, lse_log2, j * BC, row0, T, window, scale_log2, lane);
     };
     const auto ds_in_place = [&](float (&dp)[BC / 8][4], const unsigned (&p)[BC / 16][4], int j) {
         settle_wgmma<BC>(dp);
@@ -1268,16 +1279,17 @@ __device__ __forceinline__ void column_probabilities(float (&s)[BR / 8][4], unsi
 // first): keys are the rows, queries the columns; 0 where unseen.
 template <int BR>
 __device__ __forceinline__ void transposed_probabilities_of(float (&s)[BR / 8][4], unsigned lse_tile, int i0, int j0,
-                                                            int T, int causal, float scale_log2, int lane) {
-    if (i0 + BR > T || j0 + FLASH_WARP_ROWS > T || (causal && i0 < j0 + FLASH_WARP_ROWS - 1)) {
+                                                            int T, int window, float scale_log2, int lane) {
+    if (i0 + BR > T || j0 + FLASH_WARP_ROWS > T ||
+        (window && (i0 < j0 + FLASH_WARP_ROWS - 1 || i0 + BR - 1 > j0 + window - 1))) {
         // A key's visible queries, counted from this lane's first column: from the key itself (causal) to the end
-        // of the sequence; none for a key past the end.
+        // of its window or of the sequence; none for a key past the end.
         int first[2], last[2];
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const int key = j0 + acc_row(lane, 2 * half), col0 = i0 + acc_col(lane, 0);
-            first[half] = causal ? key - col0 : -BR;
-            last[half] = key < T ? T - 1 - col0 : -BR;
+            first[half] = window ? key - col0 : -BR;
+            last[half] = key < T ? (window ? min(T - 1, key + window - 1) : T - 1) - col0 : -BR;
         }
         column_probabilities<BR, true>(s, lse_tile, first, last, scale_log2, lane);
     } else {
@@ -1287,9 +1299,9 @@ __device__ __forceinline__ void transposed_probabilities_of(float (&s)[BR / 8][4
 // And as the A fragments of the product that takes them.
 template <int BR>
 __device__ __forceinline__ void scores_to_transposed_p(unsigned (&p)[BR / 16][4], float (&s)[BR / 8][4],
-                                                       unsigned lse_tile, int i0, int j0, int T, int causal,
+                                                       unsigned lse_tile, int i0, int j0, int T, int window,
                                                        float scale_log2, int lane) {
-    transposed_probabilities_of<BR>(s, lse_tile, i0, j0, T, causal, scale_log2, lane);
+    transposed_probabilities_of<BR>(s, lse_tile, i0, j0, T, window, scale_log2, lane);
     scores_to_a<BR>(p, s);
 }
 
@@ -1297,10 +1309,10 @@ __device__ __forceinline__ void scores_to_transposed_p(unsigned (&p)[BR / 16][4]
 template <int D, int BR, bool WGMMA>
 __device__ __forceinline__ void transposed_probabilities(unsigned (&p)[BR / 16][4], unsigned k_tile, int first,
                                                          unsigned q_tile, unsigned lse_tile, int i0, int j0, int T,
-                                                         int causal, float scale_log2, int lane) {
+                                                         int window, float scale_log2, int lane) {
     float s[BR / 8][4] = {};
     add_abt<D, BR, 4 * FLASH_WARP_ROWS, WGMMA>(s, k_tile, first, q_tile, lane);
-    scores_to_transposed_p<BR>(p, s, lse_tile, i0, j0, T, causal, scale_log2, lane);
+    scores_to_transposed_p<BR>(p, s, lse_tile, i0, j0, T, window, scale_log2, lane);
 }
 
 // dSᵀ = Pᵀ∘(dPᵀ − D), in place of dPᵀ.
@@ -1454,7 +1466,7 @@ __device__ __forceinline__ void take_transposed_p(unsigned (&p)[BR / 16][4], uns
 // the wait for those two completes.
 template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA, bool PIPELINED, typename HandOver>
 __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], const DkvStep& t, bool live, int role,
-                                         int first, int q0, int j0, int T, int causal, float scale_log2, int lane,
+                                         int first, int q0, int j0, int T, int window, float scale_log2, int lane,
                                          HandOver hand_over) {
     constexpr int BC = 4 * FLASH_WARP_ROWS;
     static_assert(!PIPELINED || (ROLES == 1 && WGMMA), "pipelined: one role, on wgmma");
@@ -1467,7 +1479,7 @@ __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], cons
         issue_abt_wgmma<D, BR, BC>(dp, t.v, first, t.dout);  // dPᵀ = V·dOᵀ
         wgmma_wait<1>();
         settle_wgmma<BR>(s);
-        scores_to_transposed_p<BR>(p, s, t.lse, q0, j0, T, causal, scale_log2, lane);
+        scores_to_transposed_p<BR>(p, s, t.lse, q0, j0, T, window, scale_log2, lane);
         wgmma_wait<0>();
         settle_wgmma<BR>(dp);
         transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, t.dot, t.ds_rows, lane);
@@ -1479,7 +1491,7 @@ __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], cons
         settle_wgmma<D>(acc[1]);
     } else if constexpr (ROLES == 1) {
         if (live) {
-            transposed_probabilities<D, BR, WGMMA>(p, t.k, first, t.q, t.lse, q0, j0, T, causal, scale_log2, lane);
+            transposed_probabilities<D, BR, WGMMA>(p, t.k, first, t.q, t.lse, q0, j0, T, window, scale_log2, lane);
             add_ab<D, BR, WGMMA>(acc[0], p, t.dout, lane);
             add_abt<D, BR, BC, WGMMA>(dp, t.v, first, t.dout, lane);  // dPᵀ = V·dOᵀ
             transposed_ds<BR, ATOMIC_DQ, WGMMA>(ds, dp, p, t.dot, t.ds_rows, lane);
@@ -1487,7 +1499,7 @@ __device__ __forceinline__ void dkv_step(float (&acc)[3 - ROLES][D / 8][4], cons
         }
     } else {
         if (live && role == 0) {
-            transposed_probabilities<D, BR, WGMMA>(p, t.k, first, t.q, t.lse, q0, j0, T, causal, scale_log2, lane);
+            transposed_probabilities<D, BR, WGMMA>(p, t.k, first, t.q, t.lse, q0, j0, T, window, scale_log2, lane);
             put_transposed_p<BR>(t.p_lane, p);
         } else if (live) {
             add_abt<D, BR, BC, WGMMA>(dp, t.v, first, t.dout, lane);  // dPᵀ = V·dOᵀ
@@ -1535,7 +1547,7 @@ __device__ __forceinline__ void store_dkv(bf16* dqkv, float* bias_partials, cons
 template <int D, int BR, int ROLES, bool ATOMIC_DQ, bool WGMMA>
 __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_partials, float* dq_sum, const bf16* dout,
                                                    const bf16* qkv, const float* lse, const float* row_dot, int T,
-                                                   int NH, int KVH, int causal) {
+                                                   int NH, int KVH, int window) {
     constexpr int BC = 4 * FLASH_WARP_ROWS, THREADS = ROLES * FLASH_THREADS, ACCUMULATORS = 3 - ROLES;
     constexpr int GROUP_ROWS = WGMMA ? BC : FLASH_WARP_ROWS;
     static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
@@ -1551,7 +1563,7 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
     const int g = blockIdx.y, b = blockIdx.z, group = NH / KVH, W = (NH + 2 * KVH) * D;
     const int kv0 = blockIdx.x * BC;  // causal: the first key tiles have the most queries, and go first
     const bf16* seq = qkv + (long)b * T * W;
-    const int first_tile = causal ? kv0 / BR : 0, per_head = (T + BR - 1) / BR - first_tile;
+    const int first_tile = window ? kv0 / BR : 0, per_head = (T + BR - 1) / BR - first_tile;
     const int steps = group * per_head;
 
     // Step i: query tile first_tile + i % per_head of query head g·group + i / per_head.
@@ -1594,8 +1606,8 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
                         dot_tiles + stage * BR * 4, ds_rows, p_lane};
         // Keys all past the end, or (causal) all after this tile's queries, have nothing to add (and their rows of
         // dS are zero).
-        const bool live = group_j0 < T && !(causal && q0 + BR - 1 < group_j0);
-        dkv_step<D, BR, ROLES, ATOMIC_DQ, WGMMA, false>(acc, t, live, role, first, q0, j0, T, causal, scale_log2,
+        const bool live = group_j0 < T && !(window && q0 + BR - 1 < group_j0);
+        dkv_step<D, BR, ROLES, ATOMIC_DQ, WGMMA, false>(acc, t, live, role, first, q0, j0, T, window, scale_log2,
                                                         lane, [] { __syncthreads(); });
         if (ATOMIC_DQ) {
             if (!live && role == ROLES - 1) {
@@ -1702,7 +1714,7 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
                                                                const TensorMap& qkv_map, const TensorMap& dout_map,
                                                                const TensorMap& dq_map, const float* lse,
                                                                const float* row_dot, int T, int NH, int KVH,
-                                                               int causal) {
+                                                               int window) {
     constexpr int BR = 64, BC = 64, KEYS = (3 - ROLES) * BC, ACCUMULATORS = 3 - ROLES;
     constexpr int STAGES = specialised_dkv_stages<ROLES>();
     static_assert(ROLES == 1 || ROLES == 2, "one or two roles");
@@ -1718,7 +1730,7 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
     const auto dot_tile = [&](int i) { return lse_tile(i) + BR * 4; };
     const int g = blockIdx.y, b = blockIdx.z, group = NH / KVH;
     const int kv0 = blockIdx.x * KEYS;  // causal: the first key tiles have the most queries, and go first
-    const int first_tile = causal ? kv0 / BR : 0, per_head = (T + BR - 1) / BR - first_tile;
+    const int first_tile = window ? kv0 / BR : 0, per_head = (T + BR - 1) / BR - first_tile;
     const int steps = group * per_head;
     // Step i: query tile first_tile + i % per_head of query head g·group + i / per_head.
     const auto head = [&](int i) { return g * group + i / per_head; };
@@ -1764,7 +1776,7 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
         mbarrier_arrive(f.empty(STREAM_Q, i));
         mbarrier_arrive(f.empty(STREAM_DOUT, i));
     };
-    const auto live = [&](int i) { return group_j0 < T && !(causal && query0(i) + BR - 1 < group_j0); };
+    const auto live = [&](int i) { return group_j0 < T && !(window && query0(i) + BR - 1 < group_j0); };
     // With atomic dQ: step i's dS tile (each warpgroup's own with one role, both roles' with two), and this warp's
     // rows of dQ staged for the tensor reductions; dQ of step i for the warp's 16 queries (one role: from the
     // warpgroup's 64 keys; two: role 0 its first 64 columns, role 1 its last), added to dQ's sums once it is complete,
@@ -1794,7 +1806,7 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
                 named_barrier_sync(1 + c, 128);
                 issue_dq_wgmma<BC>(dq, ds_tile(i), k_tile(keys), 0);
             };
-            dkv_step<D, BR, ROLES, ATOMIC_DQ, true, true>(acc, t, live(i), role, first, q0, j0, T, causal,
+            dkv_step<D, BR, ROLES, ATOMIC_DQ, true, true>(acc, t, live(i), role, first, q0, j0, T, window,
                                                           scale_log2, lane, issue_dq);
             hand_back(i);
             if constexpr (ATOMIC_DQ) add_dq(dq, i);
@@ -1825,7 +1837,7 @@ __device__ __forceinline__ void flash_backward_dkv_specialised(bf16* dqkv, float
             settle_wgmma<BR>(x);
             unsigned p[BR / 16][4];
             if (role == 0) {
-                transposed_probabilities_of<BR>(x, lse_tile(i), query0(i), j0, T, causal, scale_log2, lane);
+                transposed_probabilities_of<BR>(x, lse_tile(i), query0(i), j0, T, window, scale_log2, lane);
                 scores_to_a<BR>(p, x);
                 put_transposed_p<BR>(p_lane(i), p);
                 named_barrier_arrive(1 + i % STAGES, SPECIALISED_COMPUTING);
@@ -1930,28 +1942,28 @@ extern "C" __global__ void flash_attention_dq_store(bf16* dqkv, const float* dq_
                       DQ_MIN_BLOCKS, DKV_MIN_BLOCKS)                                                                   \
     extern "C" __global__ void __launch_bounds__(forward_threads<WGMMA>(), FORWARD_MIN_BLOCKS)                         \
         flash_attention_forward##SUFFIX##_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,         \
-                                               int causal) {                                                           \
-        flash_forward<D, FORWARD_M, FORWARD_BC, WGMMA>(out, lse, qkv, T, NH, KVH, causal);                             \
+                                               int window) {                                                           \
+        flash_forward<D, FORWARD_M, FORWARD_BC, WGMMA>(out, lse, qkv, T, NH, KVH, window);                             \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS, DQ_MIN_BLOCKS)                                         \
         flash_attention_backward_dq##SUFFIX##_d##D(bf16* dqkv, float* bias_partials, const bf16* dout,                 \
                                                    const bf16* qkv, const float* lse, const float* row_dot, int T,     \
-                                                   int NH, int KVH, int causal) {                                      \
-        flash_backward_dq<D, DQ_BC, WGMMA>(dqkv, bias_partials, dout, qkv, lse, row_dot, T, NH, KVH, causal);          \
+                                                   int NH, int KVH, int window) {                                      \
+        flash_backward_dq<D, DQ_BC, WGMMA>(dqkv, bias_partials, dout, qkv, lse, row_dot, T, NH, KVH, window);          \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
         flash_attention_backward_dkv##SUFFIX##_d##D(bf16* dqkv, float* bias_partials, const bf16* dout,                \
                                                     const bf16* qkv, const float* lse, const float* row_dot, int T,    \
-                                                    int NH, int KVH, int causal) {                                     \
+                                                    int NH, int KVH, int window) {                                     \
         flash_backward_dkv<D, DKV_BR, DKV_ROLES, false, WGMMA>(dqkv, bias_partials, nullptr, dout, qkv, lse, row_dot,  \
-                                                               T, NH, KVH, causal);                                    \
+                                                               T, NH, KVH, window);                                    \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(DKV_ROLES * FLASH_THREADS, DKV_MIN_BLOCKS)                            \
         flash_attention_backward_dkv_dq##SUFFIX##_d##D(bf16* dqkv, float* dq_sum, const bf16* dout, const bf16* qkv,   \
                                                        const float* lse, const float* row_dot, int T, int NH,          \
-                                                       int KVH, int causal) {                                          \
+                                                       int KVH, int window) {                                          \
         flash_backward_dkv<D, DKV_BR, DKV_ROLES, true, WGMMA>(dqkv, nullptr, dq_sum, dout, qkv, lse, row_dot, T, NH,   \
-                                                              KVH, causal);                                            \
+                                                              KVH, window);                                            \
     }
 
 // Per head dimension D: the forward's m16 tiles per warp (M) and keys per tile, the dq kernel's keys per tile, the
@@ -2007,8 +2019,8 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         pipelined_forward_shared_bytes<D, BC>(), forward_threads<true>()};                                             \
     extern "C" __global__ void __launch_bounds__(forward_threads<true>(), MIN_BLOCKS)                                  \
         flash_attention_forward_wgmma_pipelined_d##D(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,   \
-                                                     int causal) {                                                     \
-        flash_forward_pipelined<D, BC>(out, lse, qkv, T, NH, KVH, causal);                                             \
+                                                     int window) {                                                     \
+        flash_forward_pipelined<D, BC>(out, lse, qkv, T, NH, KVH, window);                                             \
     }
 
 // And warp-specialised, the forward (flash_forward_specialised, BC keys a tile), the dq kernel
@@ -2033,29 +2045,29 @@ FLASH_ATTENTION(128, 2, 32, 32, 32, 2, 0, 0)
         specialised_dkv_shared_bytes<D, DKV_ROLES, true>()};                                                           \
     extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_forward_wgmma_specialised_d##D(           \
         bf16* out, float* lse, const __grid_constant__ TensorMap q_map, const __grid_constant__ TensorMap kv_map,      \
-        int T, int NH, int KVH, int causal) {                                                                          \
-        flash_forward_specialised<D, BC>(out, lse, q_map, kv_map, T, NH, KVH, causal);                                 \
+        int T, int NH, int KVH, int window) {                                                                          \
+        flash_forward_specialised<D, BC>(out, lse, q_map, kv_map, T, NH, KVH, window);                                 \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_backward_dq_wgmma_specialised_d##D(       \
         bf16* dqkv, float* bias_partials, const __grid_constant__ TensorMap qkv_map,                                   \
         const __grid_constant__ TensorMap dout_map, const float* lse, const float* row_dot, int T, int NH, int KVH,    \
-        int causal) {                                                                                                  \
+        int window) {                                                                                                  \
         flash_backward_dq_specialised<D, 64>(dqkv, bias_partials, qkv_map, dout_map, lse, row_dot, T, NH, KVH,         \
-                                             causal);                                                                  \
+                                             window);                                                                  \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_backward_dkv_wgmma_specialised_d##D(      \
         bf16* dqkv, float* bias_partials, const __grid_constant__ TensorMap qkv_map,                                   \
         const __grid_constant__ TensorMap dout_map, const float* lse, const float* row_dot, int T, int NH, int KVH,    \
-        int causal) {                                                                                                  \
+        int window) {                                                                                                  \
         flash_backward_dkv_specialised<D, DKV_ROLES, false>(dqkv, bias_partials, qkv_map, dout_map, dout_map, lse,     \
-                                                            row_dot, T, NH, KVH, causal);                              \
+                                                            row_dot, T, NH, KVH, window);                              \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(3 * 128, 1) flash_attention_backward_dkv_dq_wgmma_specialised_d##D(   \
         bf16* dqkv, const __grid_constant__ TensorMap qkv_map, const __grid_constant__ TensorMap dout_map,             \
         const __grid_constant__ TensorMap dq_map, const float* lse, const float* row_dot, int T, int NH, int KVH,      \
-        int causal) {                                                                                                  \
+        int window) {                                                                                                  \
         flash_backward_dkv_specialised<D, DKV_ROLES, true>(dqkv, nullptr, qkv_map, dout_map, dq_map, lse, row_dot, T,  \
-                                                           NH, KVH, causal);                                           \
+                                                           NH, KVH, window);                                           \
     }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

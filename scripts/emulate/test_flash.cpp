@@ -1,6 +1,7 @@
 // Runs kernels/flash_attention.cu under the emulation (emu.h, mma_emu.h) and compares the forward (O, lse) and the
 // backward (dQ, dK, dV) with a double-precision reference, for every head dimension, several sequence lengths
-// (shorter than, equal to and not multiples of the tiles), causal or not, and grouped-query attention. The backward
+// (shorter than, equal to and not multiples of the tiles), causal or not, sliding windows (shorter than a tile and
+// across tiles), and grouped-query attention. The backward
 // runs twice: the deterministic kernels, then the dkv kernel that adds dQ atomically and dq_store (dQa, dKa, dVa),
 // whose dK and dV must be those of the first, bit for bit. The deterministic kernels also write the partial column
 // sums of dqkv (a bias gradient), which must add up to the sums of dqkv as stored.
@@ -39,7 +40,8 @@ static bool has_wgmma_kernels(int D) {
 }
 
 struct Shape {
-    int B, T, NH, KVH, D, causal;
+    int B, T, NH, KVH, D;
+    int window;  // the kernels' argument: 0 not causal, T causal, less a sliding window
     bool wgmma;      // the kernels on wgmma
     bool pipelined;  // and the forward's pipelined form (flash_attention_launch_wgmma_pipelined_dD)
     bool specialised;  // or its warp-specialised form (flash_attention_launch_wgmma_specialised_dD)
@@ -54,7 +56,10 @@ static void report(const char* what, const Shape& s, double err, double tol) {
     if (!ok) failures++;
     if (!ok || std::getenv("VERBOSE"))
         std::printf("%s %-4s B%d T%d H%d/%d D%d %s%s: error %.2e\n", ok ? "ok  " : "FAIL", what, s.B, s.T, s.NH,
-                    s.KVH, s.D, s.causal ? "causal" : "full",
+                    s.KVH, s.D,
+                    s.window == 0       ? "full"
+                    : s.window == s.T ? "causal"
+                                        : ("window " + std::to_string(s.window)).c_str(),
                     s.specialised ? " (wgmma, specialised)"
                     : s.pipelined ? " (wgmma, pipelined)"
                     : s.wgmma     ? " (wgmma)"
@@ -154,10 +159,10 @@ static void run(const Shape& s) {
 #define DISPATCH_SPECIALISED(NAME, ...)
 #endif
     launch({fwd_grid, (unsigned)NH, (unsigned)B}, forward_threads, forward_shared, [&] {
-        DISPATCH_SPECIALISED(flash_attention_forward, out.p, lse.p, q_map, kv_map, T, NH, KVH, s.causal)
-        DISPATCH_PIPELINED(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
-        DISPATCH_WGMMA(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
-        DISPATCH(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.causal)
+        DISPATCH_SPECIALISED(flash_attention_forward, out.p, lse.p, q_map, kv_map, T, NH, KVH, s.window)
+        DISPATCH_PIPELINED(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.window)
+        DISPATCH_WGMMA(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.window)
+        DISPATCH(flash_attention_forward, out.p, lse.p, qkv.p, T, NH, KVH, s.window)
     });
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
     // The pipelined and specialised forwards reorder only when each product is waited for and who loads the tiles,
@@ -168,7 +173,7 @@ static void run(const Shape& s) {
         unpipelined_out.poison(), unpipelined_lse.poison();
         launch({fwd_grid, (unsigned)NH, (unsigned)B}, tiles[5], tiles[1], [&] {
             auto* forward = D == 64 ? flash_attention_forward_wgmma_d64 : flash_attention_forward_wgmma_d128;
-            forward(unpipelined_out.p, unpipelined_lse.p, qkv.p, T, NH, KVH, s.causal);
+            forward(unpipelined_out.p, unpipelined_lse.p, qkv.p, T, NH, KVH, s.window);
         });
         const bool same = std::memcmp(out.p, unpipelined_out.p, out.n * 2) == 0 &&
                           std::memcmp(lse.p, unpipelined_lse.p, lse.n * 4) == 0;
@@ -184,13 +189,13 @@ static void run(const Shape& s) {
         launch({dkv_grid, (unsigned)KVH, (unsigned)B}, specialised[0], specialised[6], [&] {
             auto* dkv = D == 64 ? flash_attention_backward_dkv_wgmma_specialised_d64
                                 : flash_attention_backward_dkv_wgmma_specialised_d128;
-            dkv(dqkv.p, bias_partials.p, backward_qkv_map, backward_dout_map, lse.p, row_dot.p, T, NH, KVH, s.causal);
+            dkv(dqkv.p, bias_partials.p, backward_qkv_map, backward_dout_map, lse.p, row_dot.p, T, NH, KVH, s.window);
         });
         const unsigned dq_grid = (T + specialised[4] - 1) / specialised[4];
         launch({dq_grid, (unsigned)NH, (unsigned)B}, specialised[0], specialised[3], [&] {
             auto* dq = D == 64 ? flash_attention_backward_dq_wgmma_specialised_d64
                                : flash_attention_backward_dq_wgmma_specialised_d128;
-            dq(dqkv.p, bias_partials.p, backward_qkv_map, backward_dout_map, lse.p, row_dot.p, T, NH, KVH, s.causal);
+            dq(dqkv.p, bias_partials.p, backward_qkv_map, backward_dout_map, lse.p, row_dot.p, T, NH, KVH, s.window);
         });
         // They run the wgmma kernels' arithmetic: dQ, dK, dV and their column sums are those kernels' bit for bit.
         Array<__nv_bfloat16> plain_dqkv(dqkv.n);
@@ -198,11 +203,11 @@ static void run(const Shape& s) {
         plain_dqkv.poison(), plain_partials.poison();
         launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[7], tiles[3], [&] {
             auto* dkv = D == 64 ? flash_attention_backward_dkv_wgmma_d64 : flash_attention_backward_dkv_wgmma_d128;
-            dkv(plain_dqkv.p, plain_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal);
+            dkv(plain_dqkv.p, plain_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.window);
         });
         launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
             auto* dq = D == 64 ? flash_attention_backward_dq_wgmma_d64 : flash_attention_backward_dq_wgmma_d128;
-            dq(plain_dqkv.p, plain_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.causal);
+            dq(plain_dqkv.p, plain_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH, s.window);
         });
         const bool same = std::memcmp(dqkv.p, plain_dqkv.p, dqkv.n * 2) == 0 &&
                           std::memcmp(bias_partials.p, plain_partials.p, bias_partials.n * 4) == 0;
@@ -212,15 +217,15 @@ static void run(const Shape& s) {
     if (!s.specialised) {
         launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[7], tiles[3], [&] {
             DISPATCH_WGMMA(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T,
-                           NH, KVH, s.causal)
+                           NH, KVH, s.window)
             DISPATCH(flash_attention_backward_dkv, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
-                     KVH, s.causal)
+                     KVH, s.window)
         });
         launch({bwd_grid, (unsigned)NH, (unsigned)B}, tiles[6], tiles[2], [&] {
             DISPATCH_WGMMA(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T,
-                           NH, KVH, s.causal)
+                           NH, KVH, s.window)
             DISPATCH(flash_attention_backward_dq, dqkv.p, bias_partials.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
-                     KVH, s.causal)
+                     KVH, s.window)
         });
     }
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
@@ -232,15 +237,15 @@ static void run(const Shape& s) {
             auto* dkv_dq = D == 64 ? flash_attention_backward_dkv_dq_wgmma_specialised_d64
                                    : flash_attention_backward_dkv_dq_wgmma_specialised_d128;
             dkv_dq(dqkv_atomic.p, backward_qkv_map, backward_dout_map, dq_map, lse.p, row_dot.p, T, NH, KVH,
-                   s.causal);
+                   s.window);
         });
     } else
 #endif
     launch({bwd_grid, (unsigned)KVH, (unsigned)B}, tiles[8], tiles[4], [&] {
         DISPATCH_WGMMA(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH,
-                       KVH, s.causal)
+                       KVH, s.window)
         DISPATCH(flash_attention_backward_dkv_dq, dqkv_atomic.p, dq_sum.p, dout.p, qkv.p, lse.p, row_dot.p, T, NH, KVH,
-                 s.causal)
+                 s.window)
     });
     launch({(unsigned)((dq_sum.n / 8 + 255) / 256), 1, 1}, 256, 0, [&] {
         flash_attention_dq_store(dqkv_atomic.p, dq_sum.p, (long)B * T, NH, KVH, D, 1.0f / std::sqrt((float)D));
@@ -255,21 +260,21 @@ static void run(const Shape& s) {
             const int g = h / (NH / KVH), qc = h * D, kc = (NH + g) * D, vc = (NH + KVH + g) * D;
             std::vector<double> S((size_t)T * T), P((size_t)T * T);
             for (int i = 0; i < T; i++) {
-                const int seen = s.causal ? i + 1 : T;
+                const int first = s.window ? std::max(0, i + 1 - s.window) : 0, seen = s.window ? i + 1 : T;
                 double m = -INFINITY;
-                for (int j = 0; j < seen; j++) {
+                for (int j = first; j < seen; j++) {
                     double d = 0;
                     for (int c = 0; c < D; c++) d += x(b, i, qc + c) * x(b, j, kc + c);
                     S[(size_t)i * T + j] = d * scale;
                     m = std::max(m, d * scale);
                 }
                 double l = 0;
-                for (int j = 0; j < seen; j++) l += std::exp(S[(size_t)i * T + j] - m);
+                for (int j = first; j < seen; j++) l += std::exp(S[(size_t)i * T + j] - m);
                 lse_ref[((size_t)b * NH + h) * T + i] = m + std::log(l);
-                for (int j = 0; j < seen; j++) P[(size_t)i * T + j] = std::exp(S[(size_t)i * T + j] - m) / l;
+                for (int j = first; j < seen; j++) P[(size_t)i * T + j] = std::exp(S[(size_t)i * T + j] - m) / l;
                 for (int c = 0; c < D; c++) {
                     double acc = 0;
-                    for (int j = 0; j < seen; j++) acc += P[(size_t)i * T + j] * x(b, j, vc + c);
+                    for (int j = first; j < seen; j++) acc += P[(size_t)i * T + j] * x(b, j, vc + c);
                     o_ref[((size_t)b * T + i) * C + qc + c] = acc;
                 }
             }
@@ -348,13 +353,17 @@ int main(int argc, char** argv) {
     int cases = 0;
     for (int D : dims)
         for (int T : lengths)
-            for (int causal = 0; causal < 2; causal++)
+            // Not causal, causal, and (with 2 key/value heads only: the masks do not depend on the grouping) a sliding
+            // window of 2/5 of the sequence and 3 more: from T = 130 on, some tiles lie wholly outside a block's
+            // windows.
+            for (int window : {0, T, T * 2 / 5 + 3})
                 for (int kvh : {4, 2, 1})
                     for (int kernels = 0; kernels < 4; kernels++) {
                         const bool wgmma = kernels > 0, pipelined = kernels == 2, specialised = kernels == 3;
                         if (wgmma && !has_wgmma_kernels(D)) continue;
                         if (!only.empty() && only != kernel_names[kernels]) continue;
-                        run({2, T, 4, kvh, D, causal, wgmma, pipelined, specialised});
+                        if (window != 0 && window != T && (window >= T || kvh != 2)) continue;
+                        run({2, T, 4, kvh, D, window, wgmma, pipelined, specialised});
                         cases++;
                     }
     for (auto& [what, e] : worst) std::printf("largest error %-4s %.2e\n", what.c_str(), e);

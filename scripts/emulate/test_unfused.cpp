@@ -1,5 +1,6 @@
 // Runs kernels/attention.cu (the unfused kernels) under the emulation and compares forward, backward and decoding
-// with a double-precision reference: grouped-query, causal or not, head dimensions 16 to 128. Built twice, with and
+// with a double-precision reference: grouped-query, causal or not or with a sliding window, head dimensions 16 to
+// 128. Built twice, with and
 // without KILN_BF16.
 #include "emu.h"
 #include "unfused_all.inc"
@@ -13,7 +14,8 @@ static int failures = 0;
 static std::map<std::string, double> worst;
 
 struct Shape {
-    int B, T, NH, KVH, D, causal;
+    int B, T, NH, KVH, D;
+    int window;  // the kernels' argument: 0 not causal, T causal, less a sliding window
 };
 
 static void report(const char* what, const Shape& s, double err) {
@@ -22,7 +24,7 @@ static void report(const char* what, const Shape& s, double err) {
     if (!ok) failures++;
     if (!ok || std::getenv("VERBOSE"))
         std::printf("%s %-6s B%d T%d H%d/%d D%d %s: error %.2e\n", ok ? "ok  " : "FAIL", what, s.B, s.T, s.NH, s.KVH,
-                    s.D, s.causal ? "causal" : "full", err);
+                    s.D, s.window == 0 ? "full" : s.window == s.T ? "causal" : "window", err);
 }
 
 // max |got − want| over `idx` / `scale`.
@@ -48,13 +50,14 @@ static void run(const Shape& s) {
     for (size_t i = 0; i < dout.n; i++) dout.p[i] = to_x(uni());
     out.poison(), lse.poison(), dqkv.poison(), dec.poison();
     launch({blocks((size_t)B * NH * T), 1, 1}, 128, 0,
-           [&] { attention_forward(out.p, lse.p, qkv.p, B, T, NH, KVH, D, s.causal); });
+           [&] { attention_forward(out.p, lse.p, qkv.p, B, T, NH, KVH, D, s.window); });
     launch({blocks((size_t)B * NH * T), 1, 1}, 128, 0,
-           [&] { attention_backward_dq(dqkv.p, dout.p, qkv.p, out.p, lse.p, B, T, NH, KVH, D, s.causal); });
+           [&] { attention_backward_dq(dqkv.p, dout.p, qkv.p, out.p, lse.p, B, T, NH, KVH, D, s.window); });
     launch({blocks((size_t)B * KVH * T), 1, 1}, 128, 0,
-           [&] { attention_backward_dkv(dqkv.p, dout.p, qkv.p, out.p, lse.p, B, T, NH, KVH, D, s.causal); });
+           [&] { attention_backward_dkv(dqkv.p, dout.p, qkv.p, out.p, lse.p, B, T, NH, KVH, D, s.window); });
     // Decoding the last position of sequence 0 (a causal model's cache).
-    if (s.causal) launch({blocks(NH), 1, 1}, 128, 0, [&] { attention_decode(dec.p, qkv.p, T - 1, NH, KVH, D); });
+    if (s.window)
+        launch({blocks(NH), 1, 1}, 128, 0, [&] { attention_decode(dec.p, qkv.p, T - 1, NH, KVH, D, s.window); });
 
     const double scale = 1 / std::sqrt((double)D);
     std::vector<double> o_ref(out.n), lse_ref(lse.n), dqkv_ref(dqkv.n, 0.0);
@@ -64,20 +67,20 @@ static void run(const Shape& s) {
             const int g = h / (NH / KVH), qc = h * D, kc = (NH + g) * D, vc = (NH + KVH + g) * D;
             std::vector<double> P((size_t)T * T, 0.0);
             for (int i = 0; i < T; i++) {
-                const int seen = s.causal ? i + 1 : T;
+                const int first = s.window ? std::max(0, i + 1 - s.window) : 0, seen = s.window ? i + 1 : T;
                 std::vector<double> S(seen);
                 double m = -INFINITY, l = 0;
-                for (int j = 0; j < seen; j++) {
+                for (int j = first; j < seen; j++) {
                     double d = 0;
                     for (int c = 0; c < D; c++) d += x(b, i, qc + c) * x(b, j, kc + c);
                     S[j] = d * scale, m = std::max(m, S[j]);
                 }
-                for (int j = 0; j < seen; j++) l += std::exp(S[j] - m);
+                for (int j = first; j < seen; j++) l += std::exp(S[j] - m);
                 lse_ref[((size_t)b * NH + h) * T + i] = m + std::log(l);
-                for (int j = 0; j < seen; j++) P[(size_t)i * T + j] = std::exp(S[j] - m) / l;
+                for (int j = first; j < seen; j++) P[(size_t)i * T + j] = std::exp(S[j] - m) / l;
                 for (int c = 0; c < D; c++) {
                     double acc = 0;
-                    for (int j = 0; j < seen; j++) acc += P[(size_t)i * T + j] * x(b, j, vc + c);
+                    for (int j = first; j < seen; j++) acc += P[(size_t)i * T + j] * x(b, j, vc + c);
                     o_ref[((size_t)b * T + i) * C + qc + c] = acc;
                 }
             }
@@ -119,7 +122,7 @@ static void run(const Shape& s) {
             for (int c = parts[part]; c < parts[part + 1]; c++) idx.push_back(r * W + c);
         report(names[part], s, err_over(idx, [&](size_t i) { return dqkv.at(i); }, dqkv_ref, maxabs(dqkv_ref)));
     }
-    if (s.causal) {
+    if (s.window) {
         std::vector<double> want(o_ref.begin() + (size_t)(T - 1) * C, o_ref.begin() + (size_t)T * C);
         report("decode", s, err_over(all(C), [&](size_t i) { return dec.at(i); }, want, maxabs(want)));
     }
@@ -129,9 +132,11 @@ int main() {
     int cases = 0;
     for (int D : {16, 32, 64, 96, 128})
         for (int T : {1, 17, 40})
-            for (int causal = 0; causal < 2; causal++)
+            // Not causal, causal, and a sliding window of a third of the sequence and 1 more (when shorter).
+            for (int window : {0, T, T / 3 + 1 < T ? T / 3 + 1 : -1})
                 for (int kvh : {4, 2, 1}) {
-                    run({2, T, 4, kvh, D, causal});
+                    if (window < 0) continue;
+                    run({2, T, 4, kvh, D, window});
                     cases++;
                 }
     for (auto& [what, e] : worst) std::printf("largest error %-6s %.2e\n", what.c_str(), e);

@@ -14,9 +14,9 @@ The cases cover the checkpoint variants kiln has to read: tied embeddings with t
 (rope_theta, rope_scaling); untied bf16 weights with the transformers-5 `rope_parameters`; Llama-3 RoPE scaling in a
 sharded checkpoint; Llama with biases on every linear layer (attention_bias, mlp_bias); Qwen2, whose query/key/value
 projections alone have biases; Qwen3, with QK-norm and heads wider than hidden_size / num_attention_heads
-(and attention_bias on); SmolLM3, whose second layer has no rotary embedding (NoPE); and Mistral without a
-sliding window. Rust tests in crates/kiln-train/tests/ load
-these files.
+(and attention_bias on); SmolLM3, whose second layer has no rotary embedding (NoPE); Mistral without a
+sliding window; and Mistral and Qwen2 with sliding windows shorter than the batch. Rust tests in
+crates/kiln-train/tests/ load these files.
 
 Needs torch, transformers and safetensors (CPU is enough). From the repository root:
 
@@ -89,6 +89,13 @@ CASES = {
     "mistral_untied": dict(seed=6, tie=False, rope=dict(rope_type="default", rope_theta=1000000.0), family="mistral"),
     "qwen3_tied": dict(seed=7, tie=True, rope=dict(rope_type="default", rope_theta=1000000.0), family="qwen3"),
     "smollm3_untied": dict(seed=8, tie=False, rope=dict(rope_type="default", rope_theta=2000000.0), family="smollm3"),
+    # Sliding windows shorter than the batch's 9 positions, over every layer.
+    "mistral_window_untied": dict(
+        seed=9, tie=False, rope=dict(rope_type="default", rope_theta=10000.0), family="mistral", window=4
+    ),
+    "qwen2_window_tied": dict(
+        seed=10, tie=True, rope=dict(rope_type="default", rope_theta=1000000.0), family="qwen2", window=3
+    ),
 }
 
 FAMILIES = {
@@ -123,13 +130,16 @@ def build(case):
     config_class, model_class = family(case)
     base = dict(BASE)
     if case.get("family") == "qwen2":
-        # Qwen2 has biases on q, k and v whatever the config says, and no keys for them.
+        # Qwen2 has biases on q, k and v whatever the config says, and no keys for them. Its sliding window, where
+        # the case has one, covers the layers from max_window_layers on: all of them.
         del base["attention_bias"], base["mlp_bias"]
+        if case.get("window"):
+            base.update(use_sliding_window=True, sliding_window=case["window"], max_window_layers=0)
     elif case.get("family") == "mistral":
-        # Mistral has no biases and no keys for them; its sliding window (4096 unless told) is turned off, as in
-        # Mistral 7B v0.2 and later.
+        # Mistral has no biases and no keys for them; its sliding window (4096 unless told) is the case's, or turned
+        # off, as in Mistral 7B v0.2 and later.
         del base["attention_bias"], base["mlp_bias"]
-        base["sliding_window"] = None
+        base["sliding_window"] = case.get("window")
     elif case.get("family") == "qwen3":
         # Qwen3's QK-norm, with heads of 16 over a hidden size of 48 (attention 64 wide), and its attention_bias on,
         # so that the biases are added before the heads are normalised. It has no mlp_bias.
@@ -231,6 +241,14 @@ def run_case(name, case, root):
         logits = reloaded(input_ids=g2["input_ids"]).logits.float()
     err = (logits - g2["logits"]).abs().max().item()
     assert err <= 1e-6, f"{name}: reloaded logits differ by {err}"
+    if case.get("window"):
+        # The window must matter: without it, the same weights give other logits.
+        unwindowed = build(dict(case, window=None))
+        unwindowed.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            change = (unwindowed(input_ids=g2["input_ids"]).logits.float() - g2["logits"]).abs().max().item()
+        assert change > 1e-2, f"{name}: the sliding window changes the logits by {change} only"
+        print(f"{name}: without its sliding window the logits differ by {change:.3f}")
     if case.get("shard"):
         assert os.path.exists(os.path.join(out_dir, "model.safetensors.index.json"))
         assert sum(f.endswith(".safetensors") and f.startswith("model-") for f in os.listdir(out_dir)) >= 2

@@ -16,7 +16,7 @@ pub const SUITE: [(AttentionDims, [f64; 4]); 5] = [
 ];
 
 const fn dims(batch: usize, heads: usize, time: usize, head_dim: usize, causal: bool) -> AttentionDims {
-    AttentionDims { batch, time, heads, kv_heads: heads, head_dim, causal }
+    AttentionDims { batch, time, heads, kv_heads: heads, head_dim, causal, window: None }
 }
 
 /// Median times of one shape, in milliseconds, and the rates they give.
@@ -25,10 +25,19 @@ pub struct Timing {
     pub forward_backward_ms: f64,
 }
 
-/// Forward FLOPs of attention at `d`, as the FlashAttention papers count them.
+/// Forward FLOPs of attention at `d`, as the FlashAttention papers count them: 4·D for each (query, key) pair of
+/// a head, T² pairs, T²/2 when causal, and under a sliding window of W its area of T·W − W²/2.
 pub fn forward_flops(d: &AttentionDims) -> f64 {
-    let full = 4.0 * (d.batch * d.heads * d.head_dim) as f64 * (d.time as f64).powi(2);
-    if d.causal { full / 2.0 } else { full }
+    let t = d.time as f64;
+    let pairs = match (d.causal, d.window) {
+        (false, _) => t * t,
+        (true, None) => t * t / 2.0,
+        (true, Some(w)) => {
+            let w = (w as f64).min(t);
+            t * w - w * w / 2.0
+        }
+    };
+    4.0 * (d.batch * d.heads * d.head_dim) as f64 * pairs
 }
 
 impl Timing {
@@ -97,7 +106,8 @@ pub fn measure<B: Backend>(b: &mut B, d: AttentionDims, warmup: usize, reps: usi
 pub fn describe(d: &AttentionDims) -> String {
     let kv = if d.kv_heads == d.heads { String::new() } else { format!("/{}kv", d.kv_heads) };
     let causal = if d.causal { " causal" } else { "" };
-    format!("B{} H{}{kv} T{} D{}{causal}", d.batch, d.heads, d.time, d.head_dim)
+    let window = d.window.map(|w| format!(" window {w}")).unwrap_or_default();
+    format!("B{} H{}{kv} T{} D{}{causal}{window}", d.batch, d.heads, d.time, d.head_dim)
 }
 
 #[cfg(test)]
@@ -111,5 +121,11 @@ mod tests {
         let t = Timing { forward_ms: 1.0, forward_backward_ms: 3.5 };
         assert!((t.forward_backward_tflops(&SUITE[0].0) - t.forward_tflops(&SUITE[0].0)).abs() < 1e-9);
         assert_eq!(describe(&AttentionDims { kv_heads: 4, ..SUITE[3].0 }), "B8 H16/4kv T4096 D128");
+        // A window as long as the sequence is causal attention; a window of W covers T·W − W²/2 pairs.
+        let causal = AttentionDims { causal: true, ..SUITE[3].0 };
+        let window = |w| AttentionDims { window: Some(w), ..causal };
+        assert_eq!(forward_flops(&window(4096)), forward_flops(&causal));
+        assert_eq!(forward_flops(&window(1024)), 4.0 * 8.0 * 16.0 * 128.0 * (4096.0 * 1024.0 - 1024.0 * 512.0));
+        assert_eq!(describe(&window(1024)), "B8 H16 T4096 D128 causal window 1024");
     }
 }

@@ -65,6 +65,9 @@ pub enum BenchCommand {
         head_dim: usize,
         #[arg(long)]
         causal: bool,
+        /// With --causal, a sliding window: each query sees itself and the N − 1 keys before it.
+        #[arg(long, value_name = "N", requires = "causal", value_parser = clap::value_parser!(u64).range(1..))]
+        window: Option<u64>,
         /// The five shapes of the anchors' attention table instead, beside FlashAttention-2's and cuDNN's
         /// numbers on an H100 (sized for a GPU).
         #[arg(long)]
@@ -164,6 +167,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             seq,
             head_dim,
             causal,
+            window,
             suite,
             backend,
             precision,
@@ -173,7 +177,8 @@ pub fn run(command: BenchCommand) -> Result<()> {
             warmup,
             report,
         } => {
-            let one = AttentionDims { batch, time: seq, heads, kv_heads: kv_heads.unwrap_or(heads), head_dim, causal };
+            let (kv_heads, window) = (kv_heads.unwrap_or(heads), window.map(|w| w as usize));
+            let one = AttentionDims { batch, time: seq, heads, kv_heads, head_dim, causal, window };
             let shapes = if suite { attention_bench::SUITE.iter().map(|(d, _)| *d).collect() } else { vec![one] };
             attention(&shapes, backend, precision, kernel, !atomic_dq, (warmup, reps), &report)
         }

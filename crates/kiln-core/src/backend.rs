@@ -114,7 +114,8 @@ pub struct MatmulDims {
 /// head_dim)`, laid out as the QKV projection writes it: all queries (`heads × head_dim`), then all keys, then all
 /// values (`kv_heads × head_dim` each). With fewer key/value heads than query heads (grouped-query attention),
 /// query head `h` attends with key/value head `h / (heads / kv_heads)`. Causal attention lets position `t` see
-/// positions `0..=t`; otherwise it sees the whole sequence.
+/// positions `0..=t`, or with a sliding `window` of `w` only the last `w` of them, `t + 1 − w..=t` (Mistral's and
+/// Qwen2's sliding-window attention, as transformers masks it); otherwise it sees the whole sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionDims {
     pub batch: usize,
@@ -123,12 +124,31 @@ pub struct AttentionDims {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub causal: bool,
+    pub window: Option<usize>,
 }
 
 impl AttentionDims {
     /// Causal attention with as many key/value heads as query heads, as GPT-2 has.
     pub fn causal(batch: usize, time: usize, heads: usize, head_dim: usize) -> Self {
-        AttentionDims { batch, time, heads, kv_heads: heads, head_dim, causal: true }
+        AttentionDims { batch, time, heads, kv_heads: heads, head_dim, causal: true, window: None }
+    }
+
+    /// The keys that query `row` sees.
+    pub fn visible_keys(&self, row: usize) -> Range<usize> {
+        match (self.causal, self.window) {
+            (false, _) => 0..self.time,
+            (true, None) => 0..row + 1,
+            (true, Some(w)) => (row + 1).saturating_sub(w)..row + 1,
+        }
+    }
+
+    /// The queries that see key `key`: those of [`AttentionDims::visible_keys`] turned around.
+    pub fn visible_queries(&self, key: usize) -> Range<usize> {
+        match (self.causal, self.window) {
+            (false, _) => 0..self.time,
+            (true, None) => key..self.time,
+            (true, Some(w)) => key..self.time.min(key.saturating_add(w)),
+        }
     }
 
     /// Width of the attention's output: `heads · head_dim`.
@@ -153,6 +173,11 @@ impl AttentionDims {
 
     /// Why these dimensions cannot be used, if they cannot.
     pub fn problem(&self) -> Option<String> {
+        match self.window {
+            Some(0) => return Some("a sliding window of 0 keys".into()),
+            Some(_) if !self.causal => return Some("a sliding window over attention that is not causal".into()),
+            _ => {}
+        }
         if self.head_dim == 0 {
             return Some("heads of 0 channels".into());
         }

@@ -185,6 +185,11 @@ pub struct ModelConfig {
     /// but the causal mask's (SmolLM3's NoPE layers; Llama-style models only). Unset, every block rotates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nope_interval: Option<usize>,
+    /// Each query sees only itself and the `sliding_window − 1` positions before it, in every block (the
+    /// sliding-window attention of Mistral 7B v0.1 and of Qwen2 and Qwen3 with `use_sliding_window`; Llama-style
+    /// models only). Unset, each sees every earlier position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
     /// The linear layers that have biases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub biases: Option<Vec<LinearGroup>>,
@@ -345,6 +350,7 @@ impl ModelConfig {
             ),
             (m.head_dim.is_none_or(|d| d >= 1), "model.head_dim", "must be at least 1".to_string()),
             (m.nope_interval.is_none_or(|k| k >= 1), "model.nope_interval", "must be at least 1".to_string()),
+            (m.sliding_window.is_none_or(|w| w >= 1), "model.sliding_window", "must be at least 1".to_string()),
             (m.block_size >= 1, "model.block_size", "must be at least 1".to_string()),
             (
                 m.n_kv_head() >= 1 && divides(m.n_head, m.n_kv_head()),
@@ -406,6 +412,11 @@ impl ModelConfig {
             Arch::Gpt2 if self.nope_interval.is_some() => {
                 Some(("model.nope_interval", format!("does not apply: {learned}")))
             }
+            Arch::Gpt2 if self.sliding_window.is_some() => Some((
+                "model.sliding_window",
+                "does not apply: GPT-2 attends to every earlier position; Llama-style models may have a window"
+                    .to_string(),
+            )),
             Arch::Gpt2 if self.biases() != LinearGroup::ALL => Some((
                 "model.biases",
                 "must be [\"qkv\", \"proj\", \"mlp\"]: GPT-2 has biases on every linear layer".to_string(),
@@ -445,6 +456,28 @@ impl ModelConfig {
                  projections (attention_bias), on the MLP's (mlp_bias), on both or nowhere"
                     .to_string(),
             )),
+            // The transformers classes whose every layer may have a sliding window: Mistral (no biases), Qwen2 and
+            // Qwen3. SmolLM3 slides its NoPE layers only.
+            Arch::Llama if self.sliding_window.is_some() && self.nope_interval.is_some() => Some((
+                "model.sliding_window",
+                "cannot go with model.nope_interval: transformers' SmolLM3 slides the window over its NoPE layers \
+                 only, and kiln's window covers every block"
+                    .to_string(),
+            )),
+            Arch::Llama
+                if self.sliding_window.is_some()
+                    && !self.qk_norm()
+                    && ![&[][..], &QWEN2_BIASES].contains(&&self.biases()[..]) =>
+            {
+                Some((
+                    "model.sliding_window",
+                    format!(
+                        "cannot go with model.biases = {}: transformers' models with a sliding window have no biases \
+                         (Mistral), biases on q, k and v (Qwen2) or QK-norm (Qwen3)",
+                        LinearGroup::list(&self.biases())
+                    ),
+                ))
+            }
             Arch::Llama if self.head_dim() % 2 != 0 => Some((
                 if self.head_dim.is_some() { "model.head_dim" } else { "model.n_embd" },
                 format!(
@@ -1410,6 +1443,9 @@ mod tests {
         }
         let mut keys = BTreeSet::new();
         keys_of("", &table, &documented, &mut keys);
+        // model.sliding_window cannot go with model.nope_interval: a second config sets it.
+        let windowed = Config::load(None, &set(&["model.arch=llama", "model.sliding_window=16"])).unwrap();
+        keys_of("", &toml::Table::try_from(&windowed).unwrap(), &documented, &mut keys);
         assert_eq!(documented, keys);
     }
 
@@ -1509,6 +1545,17 @@ mod tests {
         assert_eq!(llama(&["model.nope_interval=0"]), "model.nope_interval");
         assert_eq!(llama(&["model.nope_interval=4", "model.qk_norm=true"]), "model.nope_interval");
         assert_eq!(llama(&["model.nope_interval=4", "model.biases=[\"qkv\"]"]), "model.biases");
+        // Sliding windows: over every block, for the classes that have one there.
+        assert_eq!(gpt2("model.sliding_window=16"), "model.sliding_window");
+        assert_eq!(llama(&["model.sliding_window=0"]), "model.sliding_window");
+        assert_eq!(llama(&["model.sliding_window=16", "model.nope_interval=4"]), "model.sliding_window");
+        assert_eq!(llama(&["model.sliding_window=16", "model.biases=[\"mlp\"]"]), "model.sliding_window");
+        for fine in [&["model.biases=[\"qkv\"]"][..], &["model.qk_norm=true", "model.biases=[\"qkv\", \"proj\"]"], &[]]
+        {
+            let config = [&["model.arch=llama", "model.sliding_window=16"][..], fine].concat();
+            let model = Config::from_toml_str(MINIMAL, "my.toml", &set(&config)).unwrap().model;
+            assert_eq!(model.sliding_window, Some(16), "{fine:?}");
+        }
         let qwen3 = ["model.arch=llama", "model.n_embd=30", "model.head_dim=16", "model.qk_norm=true"];
         let qwen3 = Config::from_toml_str(MINIMAL, "my.toml", &set(&qwen3)).unwrap().model;
         assert_eq!((qwen3.head_dim(), qwen3.qk_norm()), (16, true));

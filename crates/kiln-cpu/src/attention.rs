@@ -2,7 +2,8 @@
 //! attention (several query heads sharing one key/value head).
 //!
 //! For one head, with queries `q_t`, keys `k_j`, values `v_j` and `s = 1/√head_dim`:
-//! forward `S_tj = s·q_t·k_j` (for causal attention only `j ≤ t`), `P = softmax_rows(S)`, `o_t = Σ_j P_tj v_j`,
+//! forward `S_tj = s·q_t·k_j` (for causal attention only `j ≤ t`, and with a sliding window `w` only `j > t − w`),
+//! `P = softmax_rows(S)`, `o_t = Σ_j P_tj v_j`,
 //! saving `lse_t = log Σ_j exp(S_tj)`;
 //! backward (probabilities recomputed as `P_tj = exp(S_tj − lse_t)`, and `D_t = dO_t·o_t`):
 //! `dP = dO·Vᵀ`, `dS = P ∘ (dP − D)`, `dQ = s·dS·K`, `dK = s·dSᵀ·Q`, `dV = Pᵀ·dO`; a key/value head shared by a
@@ -11,7 +12,8 @@
 //! Layouts: see [`AttentionDims`] for `qkv`; `out` is `(batch, time, heads·head_dim)`, `lse` `(batch, heads,
 //! time)`. Each head's operands are first gathered into small zero-padded matrices (rows and columns rounded up to
 //! 16), so that every product above is one blocked loop ([`product`]) whose inner step is a row of 8-wide fused
-//! multiply-adds, and the causal mask is honoured by skipping the blocks above the diagonal. Batch elements are
+//! multiply-adds, and the mask is honoured by skipping the blocks above the diagonal (and, under a sliding window,
+//! those products' blocks that lie wholly before it). Batch elements are
 //! split evenly over the threads.
 
 use crate::math::{Real, axpy, dot};
@@ -179,19 +181,22 @@ fn score_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, us
 
 /// Blocks of `P·V`-shaped products for query rows `rows`: the keys they see, all output columns.
 fn key_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
-    let (causal, t, hp) = (d.causal, d.time, round_up(d.head_dim));
-    move |rows: Range<usize>| (0..if causal { rows.end } else { t }, hp)
+    let (d, hp) = (*d, round_up(d.head_dim));
+    move |rows: Range<usize>| (d.visible_keys(rows.start).start..d.visible_keys(rows.end - 1).end, hp)
 }
 
 /// Blocks of `dSᵀ·Q`-shaped products for key rows `rows`: the queries that see them.
 fn query_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
-    let (causal, t, hp) = (d.causal, d.time, round_up(d.head_dim));
-    move |rows: Range<usize>| (if causal { rows.start } else { 0 }..t, hp)
+    let (d, hp) = (*d, round_up(d.head_dim));
+    move |rows: Range<usize>| (d.visible_queries(rows.start).start..d.visible_queries(rows.end - 1).end, hp)
 }
 
-/// Keys that query `row` sees.
-fn seen(d: &AttentionDims, row: usize) -> usize {
-    if d.causal { row + 1 } else { d.time }
+/// Zeroes the entries of a row of `tp` scores or probabilities outside the keys the row sees: scores of unseen
+/// keys (and of the zero padding) were computed with their block, and the products after must not see them.
+fn mask_unseen<T: Real>(row: &mut [T], seen: Range<usize>) {
+    let (before, rest) = row.split_at_mut(seen.start);
+    before.fill(T::zero());
+    rest[seen.len()..].fill(T::zero());
 }
 
 /// `S = s·Q·Kᵀ` into `ws.p` (where a query sees the key; other entries within a block may hold scores too),
@@ -227,7 +232,8 @@ pub fn forward<T: Real>(out: &mut [T], lse: &mut [T], qkv: &[T], d: AttentionDim
             for h in 0..heads {
                 scores(&mut ws, qkv, &d, h);
                 for row in 0..t {
-                    let s = &mut ws.p[row * tp..][..seen(&d, row)];
+                    let seen = d.visible_keys(row);
+                    let s = &mut ws.p[row * tp..][seen.clone()];
                     let max = s.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
                     let mut total = T::zero();
                     for x in s.iter_mut() {
@@ -238,9 +244,7 @@ pub fn forward<T: Real>(out: &mut [T], lse: &mut [T], qkv: &[T], d: AttentionDim
                     for x in s.iter_mut() {
                         *x = *x * inv;
                     }
-                    // Scores of unseen keys (and of the zero padding) were computed with their block; P·V must not
-                    // see them.
-                    ws.p[row * tp + seen(&d, row)..(row + 1) * tp].fill(T::zero());
+                    mask_unseen(&mut ws.p[row * tp..][..tp], seen);
                     lse[h * t + row] = max + total.ln();
                 }
                 gather(ws.v, hp, qkv, w, value_offset(&d, d.kv_head(h)), t, hs, T::one());
@@ -284,7 +288,7 @@ pub fn backward<T: Real>(
                 scores(&mut ws, qkv, &d, h);
                 for row in 0..t {
                     let l = lse[h * t + row];
-                    for x in ws.p[row * tp..][..seen(&d, row)].iter_mut() {
+                    for x in ws.p[row * tp..][d.visible_keys(row)].iter_mut() {
                         *x = (*x - l).exp_v();
                     }
                 }
@@ -299,12 +303,12 @@ pub fn backward<T: Real>(
                 ws.dp.fill(T::zero());
                 product(ws.dp, tp, ws.d_o, hp, ws.kt, tp, t, ws.pack, score_blocks(&d));
                 for row in 0..t {
-                    let n = seen(&d, row);
-                    let (p, dp) = (&ws.p[row * tp..][..n], &mut ws.dp[row * tp..][..tp]);
-                    for (ds, &p) in dp[..n].iter_mut().zip(p) {
+                    let seen = d.visible_keys(row);
+                    let (p, dp) = (&ws.p[row * tp..][seen.clone()], &mut ws.dp[row * tp..][..tp]);
+                    for (ds, &p) in dp[seen.clone()].iter_mut().zip(p) {
                         *ds = p * (*ds - ws.row_d[row]);
                     }
-                    dp[n..].fill(T::zero());
+                    mask_unseen(dp, seen);
                 }
                 // dQ = s·dS·K.
                 product(ws.o, hp, ws.dp, tp, ws.k, hp, t, ws.pack, key_blocks(&d));
@@ -320,7 +324,7 @@ pub fn backward<T: Real>(
                     axpy(T::one(), &ws.o[row * hp..][..hs], &mut dqkv[row * w + k_col..][..hs]);
                 }
                 for row in 0..t {
-                    ws.p[row * tp + seen(&d, row)..(row + 1) * tp].fill(T::zero());
+                    mask_unseen(&mut ws.p[row * tp..][..tp], d.visible_keys(row));
                 }
                 transpose(ws.transposed, tp, ws.p, tp, t, t);
                 product(ws.o, hp, ws.transposed, tp, ws.d_o, hp, t, ws.pack, query_blocks(&d));
@@ -348,26 +352,28 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// One query (row `pos` of a single sequence's `qkv`) against keys and values `0..=pos`, every head.
+/// One query (row `pos` of a single sequence's `qkv`) against the keys and values it sees (`0..=pos`, or the
+/// window's last of them), every head.
 pub fn decode<T: Real>(out: &mut [T], qkv: &[T], pos: usize, d: AttentionDims, scores: &mut [T]) {
     let (hs, w) = (d.head_dim, d.qkv_width());
     let scale = T::one() / T::from_f64(hs as f64).sqrt();
+    let seen = d.visible_keys(pos);
     for h in 0..d.heads {
         let (k_col, v_col) = (d.key_offset(d.kv_head(h)), value_offset(&d, d.kv_head(h)));
         let q = &qkv[pos * w + h * hs..][..hs];
         let mut max = T::neg_infinity();
-        for (j, s) in scores[..=pos].iter_mut().enumerate() {
+        for (j, s) in seen.clone().zip(scores[seen.clone()].iter_mut()) {
             *s = dot(q, &qkv[j * w + k_col..][..hs]) * scale;
             max = max.max(*s);
         }
         let mut total = T::zero();
-        for s in scores[..=pos].iter_mut() {
+        for s in scores[seen.clone()].iter_mut() {
             *s = (*s - max).exp_v();
             total = total + *s;
         }
         let o = &mut out[h * hs..][..hs];
         o.fill(T::zero());
-        for (j, &p) in scores[..=pos].iter().enumerate() {
+        for (j, &p) in seen.clone().zip(&scores[seen.clone()]) {
             axpy(p / total, &qkv[j * w + v_col..][..hs], o);
         }
     }

@@ -446,13 +446,16 @@ fn matmul_backward_accumulates_weight_gradients() {
 #[test]
 fn attention_gradients() {
     // One shape within a single 4×8 block, one spanning several blocks with more batch elements than threads;
-    // then non-causal attention, and grouped-query attention (2 and 3 query heads per key/value head).
+    // then non-causal attention, and grouped-query attention (2 and 3 query heads per key/value head); then sliding
+    // windows, shorter than a block and across blocks.
     for d in [
         AttentionDims::causal(2, 7, 3, 5),
         AttentionDims::causal(5, 19, 2, 12),
         AttentionDims { causal: false, ..AttentionDims::causal(2, 19, 2, 5) },
         AttentionDims { kv_heads: 2, ..AttentionDims::causal(2, 9, 4, 6) },
         AttentionDims { kv_heads: 1, causal: false, ..AttentionDims::causal(1, 17, 3, 4) },
+        AttentionDims { window: Some(3), ..AttentionDims::causal(2, 19, 2, 5) },
+        AttentionDims { kv_heads: 1, window: Some(20), ..AttentionDims::causal(1, 37, 2, 4) },
     ] {
         attention_gradients_at(d);
     }
@@ -505,6 +508,38 @@ fn attention_is_causal_only_when_asked() {
         let earlier = (d.time - 1) * c;
         assert_eq!(causal, before[..earlier] == after[..earlier], "causal: {causal}");
         assert_ne!(before[earlier..], after[earlier..]);
+    }
+}
+
+#[test]
+fn a_sliding_window_hides_older_keys() {
+    // Changing the keys and values of position 2 changes the outputs of the positions whose window of 3 holds it
+    // (2, 3 and 4), and no other; decoding with a cache gives the forward pass's outputs.
+    let d = AttentionDims { window: Some(3), kv_heads: 1, ..AttentionDims::causal(1, 8, 2, 4) };
+    let (c, w) = (d.channels(), d.qkv_width());
+    let mut f = Fixture::new(9);
+    let qkv = f.random(d.time * w, 1.0);
+    let (out, lse) = (f.zeros(d.time * c), f.zeros(d.heads * d.time));
+    let decoded = f.zeros(d.time * c);
+    let outputs = |f: &mut Fixture| {
+        f.b.attention_forward(out, lse, qkv, d).unwrap();
+        for pos in 0..d.time {
+            let (one, cache) = (decoded.slice(pos * c, c), qkv.slice(0, (pos + 1) * w));
+            f.b.attention_decode(one, cache, pos, AttentionDims { time: pos + 1, ..d }).unwrap();
+        }
+        let (forward, decoded) = (f.values(out), f.values(decoded));
+        for (x, y) in forward.iter().zip(&decoded) {
+            assert!((x - y).abs() < 1e-12, "decoding {y} against the forward pass's {x}");
+        }
+        forward
+    };
+    let before = outputs(&mut f);
+    for v in &mut f.b.values_mut(qkv).unwrap()[2 * w + c..3 * w] {
+        *v += 1.0;
+    }
+    let after = outputs(&mut f);
+    for (pos, (b, a)) in before.chunks(c).zip(after.chunks(c)).enumerate() {
+        assert_eq!((2..5).contains(&pos), b != a, "position {pos}");
     }
 }
 

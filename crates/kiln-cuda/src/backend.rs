@@ -1443,7 +1443,7 @@ impl Backend for CudaBackend {
         let (o, l) =
             (self.ptr(op, out, x, rows * d.channels())?, self.ptr(op, lse, DType::F32, d.batch * d.heads * d.time)?);
         let q = self.ptr(op, qkv, x, rows * d.qkv_width())?;
-        let (t, nh, kvh, causal) = (d.time as i32, d.heads as i32, d.kv_heads as i32, i32::from(d.causal));
+        let (t, nh, kvh, window) = (d.time as i32, d.heads as i32, d.kv_heads as i32, kernel_window(&d));
         if let Some(tiles) = self.flash_tiles(&d, &[o, q]) {
             let (kernel, blocks) = (FlashTiles::FORWARD, d.time.div_ceil(tiles.forward_rows));
             let cfg = tiles.launch(kernel, blocks, d.heads, d.batch);
@@ -1452,12 +1452,12 @@ impl Backend for CudaBackend {
                 let bf16 = DType::Bf16;
                 let q_map = tensor_map(q, bf16, w, &d, tiles.forward_rows as u32)?;
                 let kv_map = tensor_map(q, bf16, w, &d, keys)?;
-                return launch!(self, tiles.kernels[kernel], cfg, o, l, q_map, kv_map, t, nh, kvh, causal);
+                return launch!(self, tiles.kernels[kernel], cfg, o, l, q_map, kv_map, t, nh, kvh, window);
             }
-            return launch!(self, tiles.kernels[kernel], cfg, o, l, q, t, nh, kvh, causal);
+            return launch!(self, tiles.kernels[kernel], cfg, o, l, q, t, nh, kvh, window);
         }
         let (b, hs) = (d.batch as i32, d.head_dim as i32);
-        launch!(self, op, grid(d.batch * d.heads * d.time * 32, 128), o, l, q, b, t, nh, kvh, hs, causal)
+        launch!(self, op, grid(d.batch * d.heads * d.time * 32, 128), o, l, q, b, t, nh, kvh, hs, window)
     }
 
     fn attention_backward(&mut self, op: AttentionBackward) -> Result<()> {
@@ -1473,7 +1473,7 @@ impl Backend for CudaBackend {
         let l = self.ptr(op, lse, DType::F32, stats)?;
         let db = dbias.map(|t| self.ptr(op, t, DType::F32, w)).transpose()?;
         let (b, t, nh, kvh, hs) = (d.batch as i32, d.time as i32, d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
-        let causal = i32::from(d.causal);
+        let window = kernel_window(&d);
         let (rows_i, w_i) = (rows as i64, w as i32);
         if let Some(tiles) = self.flash_tiles(&d, &[dq, g, q, o]) {
             let blocks = d.time.div_ceil(FLASH_BLOCK_ROWS);
@@ -1491,13 +1491,13 @@ impl Backend for CudaBackend {
                     for (kernel, blocks, heads) in [(dkv, s.dkv_keys, d.kv_heads), (dq_kernel, s.dq_queries, d.heads)] {
                         let cfg = tiles.launch(kernel, d.time.div_ceil(blocks), heads, d.batch);
                         let name = tiles.kernels[kernel];
-                        launch!(self, name, cfg, dq, partials, qkv_map, dout_map, l, row_dot, t, nh, kvh, causal)?;
+                        launch!(self, name, cfg, dq, partials, qkv_map, dout_map, l, row_dot, t, nh, kvh, window)?;
                     }
                 } else {
                     for (kernel, heads) in [(dkv, d.kv_heads), (dq_kernel, d.heads)] {
                         let cfg = tiles.launch(kernel, blocks, heads, d.batch);
                         let name = tiles.kernels[kernel];
-                        launch!(self, name, cfg, dq, partials, g, q, l, row_dot, t, nh, kvh, causal)?;
+                        launch!(self, name, cfg, dq, partials, g, q, l, row_dot, t, nh, kvh, window)?;
                     }
                 }
                 if let Some(db) = db {
@@ -1522,11 +1522,11 @@ impl Backend for CudaBackend {
                     let dq_map = tensor_map(dq_sum, DType::F32, c, &d, DQ_BOX_ROWS)?;
                     let cfg = tiles.launch(kernel, d.time.div_ceil(s.dkv_keys), d.kv_heads, d.batch);
                     let name = tiles.kernels[kernel];
-                    launch!(self, name, cfg, dq, qkv_map, dout_map, dq_map, l, row_dot, t, nh, kvh, causal)?;
+                    launch!(self, name, cfg, dq, qkv_map, dout_map, dq_map, l, row_dot, t, nh, kvh, window)?;
                 }
                 None => {
                     let cfg = tiles.launch(kernel, blocks, d.kv_heads, d.batch);
-                    launch!(self, tiles.kernels[kernel], cfg, dq, dq_sum, g, q, l, row_dot, t, nh, kvh, causal)?;
+                    launch!(self, tiles.kernels[kernel], cfg, dq, dq_sum, g, q, l, row_dot, t, nh, kvh, window)?;
                 }
             }
             let (n, scale) = (rows as i64, 1.0 / (d.head_dim as f32).sqrt());
@@ -1534,9 +1534,9 @@ impl Backend for CudaBackend {
         } else {
             // One warp per query row for dq, then one per key/value row for dk and dv.
             let cfg = grid(rows * d.heads * 32, 128);
-            launch!(self, "attention_backward_dq", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, causal)?;
+            launch!(self, "attention_backward_dq", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, window)?;
             let cfg = grid(rows * d.kv_heads * 32, 128);
-            launch!(self, "attention_backward_dkv", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, causal)?;
+            launch!(self, "attention_backward_dkv", cfg, dq, g, q, o, l, b, t, nh, kvh, hs, window)?;
         }
         // These kernels do not sum what they write: the bias gradient reads it again.
         match db {
@@ -1554,8 +1554,9 @@ impl Backend for CudaBackend {
         }
         self.disjoint(op, &[out], &[qkv])?;
         let (o, q) = (self.ptr(op, out, x, d.channels())?, self.ptr(op, qkv, x, d.time * d.qkv_width())?);
-        let (p, nh, kvh, hs) = (pos as i32, d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
-        launch!(self, op, grid(d.heads * 32, 128), o, q, p, nh, kvh, hs)
+        let (p, nh, kvh, hs, window) =
+            (pos as i32, d.heads as i32, d.kv_heads as i32, d.head_dim as i32, kernel_window(&d));
+        launch!(self, op, grid(d.heads * 32, 128), o, q, p, nh, kvh, hs, window)
     }
 
     fn classifier(
@@ -1619,6 +1620,15 @@ impl CudaBackend {
         let b = self.buffers.get(t.buffer.0 as usize).ok_or_else(|| self.err("nccl", format!("{t:?}")))?;
         let dtype = b.dtype;
         Ok((self.ptr("nccl", t, dtype, t.len)?, dtype))
+    }
+}
+
+/// The attention kernels' `window` (kernels/attention.cu): 0 for attention that is not causal, otherwise the keys a
+/// query sees, no more than the sequence (`time` for plain causal attention).
+fn kernel_window(d: &AttentionDims) -> i32 {
+    match (d.causal, d.window) {
+        (false, _) => 0,
+        (true, window) => window.map_or(d.time, |w| w.min(d.time)) as i32,
     }
 }
 
@@ -1700,7 +1710,7 @@ mod tests {
 
     #[test]
     fn the_specialised_kernels_read_in_rows_of_a_sequence_and_boxes_of_128_bytes() {
-        let d = AttentionDims { batch: 3, time: 77, heads: 4, kv_heads: 2, head_dim: 64, causal: true };
+        let d = AttentionDims { batch: 3, time: 77, heads: 4, kv_heads: 2, head_dim: 64, causal: true, window: None };
         let w = (4 + 2 * 2) * 64;
         // What cuTensorMapEncodeTiled requires of them: strides in multiples of 16 bytes, boxes of at most 256
         // elements a side, and with the 128-byte swizzle a box row of at most 128 bytes (the kernels' tiles take

@@ -67,6 +67,7 @@ pub fn architecture(spec: &ModelSpec) -> &'static str {
         Arch::Llama if spec.qk_norm => "Qwen3ForCausalLM",
         Arch::Llama if spec.nope_interval.is_some() => "SmolLM3ForCausalLM",
         Arch::Llama if is_qwen2(spec) => "Qwen2ForCausalLM",
+        Arch::Llama if spec.sliding_window.is_some() => "MistralForCausalLM",
         Arch::Llama => "LlamaForCausalLM",
     }
 }
@@ -220,7 +221,8 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
                 "rope_parameters": rope,
             });
             // Qwen2, Qwen3 and SmolLM3 are Llama but for their biases, QK-norm or NoPE layers, which their model
-            // types say; the sliding window each may have is off.
+            // types say, and Mistral but for its sliding window (which kiln's config allows only where one of these
+            // classes has it).
             let fields = config.as_object_mut().expect("an object");
             let model_type = match spec.nope_interval {
                 _ if spec.qk_norm => "qwen3",
@@ -231,17 +233,26 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
                     "smollm3"
                 }
                 None if is_qwen2(spec) => "qwen2",
+                None if spec.sliding_window.is_some() => "mistral",
                 None => "llama",
             };
+            let window = spec.sliding_window.map_or(serde_json::Value::Null, Into::into);
             if model_type != "llama" {
                 fields.insert("model_type".into(), model_type.into());
-                fields.insert("use_sliding_window".into(), false.into());
-                fields.insert("sliding_window".into(), serde_json::Value::Null);
+                fields.insert("use_sliding_window".into(), spec.sliding_window.is_some().into());
+                fields.insert("sliding_window".into(), window);
             }
-            // Qwen's biases have keys of their own: q, k and v's none (Qwen2), attention's attention_bias (Qwen3).
+            // Mistral has no biases; Qwen's have keys of their own: q, k and v's none (Qwen2), attention's
+            // attention_bias (Qwen3). Qwen's window covers the layers from max_window_layers on: all or none.
+            if model_type == "mistral" {
+                fields.remove("attention_bias");
+                fields.remove("mlp_bias");
+                fields.remove("use_sliding_window");
+            }
             if model_type.starts_with("qwen") {
                 fields.remove("mlp_bias");
-                fields.insert("max_window_layers".into(), spec.n_layer.into());
+                let first_sliding = if spec.sliding_window.is_some() { 0 } else { spec.n_layer };
+                fields.insert("max_window_layers".into(), first_sliding.into());
             }
             if model_type == "qwen2" {
                 fields.remove("attention_bias");

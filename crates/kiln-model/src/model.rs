@@ -701,12 +701,6 @@ impl Model {
         self.forward_span(b, Span::Decode { pos }, Pass::Logits, &mut |_, _| Ok(()))
     }
 
-    /// The shape of attention over a `batch × time` batch.
-    fn attention_dims(&self, batch: usize, time: usize) -> AttentionDims {
-        let s = &self.spec;
-        AttentionDims { kv_heads: s.n_kv_head, ..AttentionDims::causal(batch, time, s.n_head, s.head_dim) }
-    }
-
     /// The normalisation of `rows` rows.
     fn norm_dims(&self, rows: usize) -> NormDims {
         NormDims { rows, c: self.spec.n_embd, kind: self.spec.norm, eps: self.spec.norm_eps as f32 }
@@ -773,7 +767,7 @@ impl Model {
     ) -> Result<()> {
         let s = &self.spec;
         let (a, wt) = (&self.acts.blocks[l], &self.p.blocks[l]);
-        let att = self.attention_dims(r.batch, r.time);
+        let att = self.spec.attention_dims(r.batch, r.time);
         if let Some(weight) = wt.qk_norm {
             let (inp, rstd) = (r.of(a.qkv_pre, s.qkv_width()), r.of(a.qk_rstd, s.n_head + s.n_kv_head));
             b.qk_norm_forward(QkNormForward { out: qkv, rstd, inp, weight, eps: s.norm_eps as f32, d: att })?;
@@ -792,7 +786,7 @@ impl Model {
         let (a, wt) = (&self.acts.blocks[l], &self.p.blocks[l]);
         let (c, n, w, ffn, fc_width) = (s.n_embd, r.n(), s.qkv_width(), s.ffn_dim, s.fc_width());
         let aw = s.attention_width();
-        let att = self.attention_dims(r.batch, r.time);
+        let att = self.spec.attention_dims(r.batch, r.time);
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
         // A decoded token is rotated as position `pos`, and its queries, keys and values go to row `pos` of the cache.
         let (qkv, first_pos) = match r.span {
@@ -947,7 +941,7 @@ impl Model {
         }
         let r = Rows::new(Span::Full { batch, time });
         let (c, n, vp, w, aw) = (s.n_embd, r.n(), s.padded_vocab, s.qkv_width(), s.attention_width());
-        let att = self.attention_dims(batch, time);
+        let att = self.spec.attention_dims(batch, time);
         let lin = |c_in, c_out| MatmulDims { rows: n, c_in, c_out };
         let (dres, dbtc) = (r.of(self.acts.dresidual, c), r.of(self.acts.dbtc, c));
         // With fused bias gradients, a norm's backward pass also sums dres for the projection before it (into

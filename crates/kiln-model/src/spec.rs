@@ -85,6 +85,8 @@ pub struct ModelSpec {
     /// With rotary positions, every this-many-th block does without them (SmolLM3's NoPE layers); see
     /// [`ModelSpec::rotates`].
     pub nope_interval: Option<usize>,
+    /// Keys each query sees in every block, itself the last (sliding-window attention); none: every earlier one.
+    pub sliding_window: Option<usize>,
     /// Whether the LM head is the token embedding.
     pub tie_embeddings: bool,
 }
@@ -118,6 +120,7 @@ impl ModelSpec {
             biases: Biases::of(&m.biases()),
             qk_norm: m.qk_norm(),
             nope_interval: m.nope_interval,
+            sliding_window: m.sliding_window,
             tie_embeddings: m.tie_embeddings(),
         }
     }
@@ -139,6 +142,7 @@ impl ModelSpec {
             rope_scaling: None,
             qk_norm: None,
             nope_interval: None,
+            sliding_window: None,
             biases: None,
             init: None,
             attention: Default::default(),
@@ -156,6 +160,15 @@ impl ModelSpec {
     pub fn rotates(&self, l: usize) -> bool {
         matches!(self.positions, Positions::Rotary { .. })
             && self.nope_interval.is_none_or(|k| (l + 1).checked_rem(k) != Some(0))
+    }
+
+    /// The shape of attention over `batch` sequences of `time` positions.
+    pub fn attention_dims(&self, batch: usize, time: usize) -> AttentionDims {
+        AttentionDims {
+            kv_heads: self.n_kv_head,
+            window: self.sliding_window,
+            ..AttentionDims::causal(batch, time, self.n_head, self.head_dim)
+        }
     }
 
     /// Width of a row of the fused query/key/value projection: the queries, then the keys, then the values.
@@ -188,10 +201,7 @@ impl ModelSpec {
     /// The shapes of a training step over micro-batches of `micro_batch` sequences, for an engine's working memory,
     /// with bias gradients `fused` or not.
     pub fn step_shapes(&self, micro_batch: usize, fused: bool) -> StepShapes {
-        let attention = AttentionDims {
-            kv_heads: self.n_kv_head,
-            ..AttentionDims::causal(micro_batch, self.block_size, self.n_head, self.head_dim)
-        };
+        let attention = self.attention_dims(micro_batch, self.block_size);
         StepShapes {
             rows: micro_batch * self.block_size,
             n_embd: self.n_embd,
@@ -333,9 +343,11 @@ impl ModelSpec {
 
     /// Arithmetic of a training step per token, on sequences of `t` tokens: 6 per counted parameter (2 forward, 4
     /// backward) plus attention's 6·L·C·T (its two products, forward and backward), as llm.c and the anchors count
-    /// for MFU, with C attention's width (`n_embd` unless the heads are set wider or narrower).
+    /// for MFU, with C attention's width (`n_embd` unless the heads are set wider or narrower). A sliding window
+    /// shorter than the sequence counts in its place, as it stands in its place in the products.
     pub fn flops_per_token(&self, t: usize) -> f64 {
-        6.0 * self.num_counted_params() as f64 + 6.0 * (self.n_layer * self.attention_width() * t) as f64
+        let keys = self.sliding_window.map_or(t, |w| w.min(t));
+        6.0 * self.num_counted_params() as f64 + 6.0 * (self.n_layer * self.attention_width() * keys) as f64
     }
 
     /// Whether `name` is a matrix with a row per token (the embedding, the LM head), whose padded rows are unused.

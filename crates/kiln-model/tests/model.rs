@@ -62,7 +62,9 @@ fn every_parameter_gradient_matches_finite_differences() {
     };
     // SmolLM3's: the second of two blocks without rotary positions.
     let smollm3 = ModelSpec { nope_interval: Some(2), ..llama(shape(vocab)) };
-    for s in [shape(vocab), llama(shape(vocab)), biased, qwen3, smollm3] {
+    // Mistral's: a sliding window of 2 over sequences of 5.
+    let mistral = ModelSpec { sliding_window: Some(2), ..llama(shape(vocab)) };
+    for s in [shape(vocab), llama(shape(vocab)), biased, qwen3, smollm3, mistral] {
         every_parameter_gradient_matches_finite_differences_for(s);
     }
 }
@@ -166,11 +168,13 @@ fn decoding_with_the_cache_matches_recomputing_the_context() {
     // Each cached step must give the logits a full forward pass over the whole sequence gives at its last position:
     // with rotary positions too, where the cached keys were rotated at their own positions.
     // And with QK-norm, which normalises the decoded token's queries and keys before they join the cache, and with
-    // a block that does not rotate them.
+    // a block that does not rotate them; and with a sliding window, shorter than the prompt, that leaves the oldest
+    // cached keys out.
     let llama = llama(ModelSpec::gpt2(2, 2, 8, 12, 11));
     let qwen3 = ModelSpec { head_dim: 4, qk_norm: true, ..llama };
     let smollm3 = ModelSpec { nope_interval: Some(2), ..llama };
-    for s in [ModelSpec::gpt2(2, 2, 8, 12, 11), llama, qwen3, smollm3] {
+    let mistral = ModelSpec { sliding_window: Some(3), ..llama };
+    for s in [ModelSpec::gpt2(2, 2, 8, 12, 11), llama, qwen3, smollm3, mistral] {
         decoding_with_the_cache_matches_recomputing_the_context_for(s);
     }
 }

@@ -456,20 +456,22 @@ fn sums_case(name: &str, len: usize, role: Role) -> OpCase {
     }
 }
 
-/// One shape of every class attention supports: head dimensions 16 to 128, causal or not, grouped-query, and
-/// sequence lengths that are multiples of no tile size. At head dimension 128 the fused backward runs differently
+/// One shape of every class attention supports: head dimensions 16 to 128, causal or not, grouped-query, sliding
+/// windows, and sequence lengths that are multiples of no tile size. At head dimension 128 the fused backward runs differently
 /// (two warps per 16 keys) and its query tiles are 64 long on sm_90: length 130 spans three of them, with four query
 /// heads sharing one key/value head. Length 300 at head dimension 64 spans three blocks of the forward and, on
-/// wgmma (sm_90a), five key tiles, the last partial.
-const ATTENTION_SHAPES: [AttentionDims; 8] = [
-    AttentionDims { batch: 3, time: 37, heads: 3, kv_heads: 3, head_dim: 16, causal: true },
-    AttentionDims { batch: 2, time: 77, heads: 2, kv_heads: 2, head_dim: 64, causal: true },
-    AttentionDims { batch: 1, time: 70, heads: 2, kv_heads: 2, head_dim: 128, causal: true },
-    AttentionDims { batch: 2, time: 45, heads: 3, kv_heads: 3, head_dim: 32, causal: false },
-    AttentionDims { batch: 1, time: 100, heads: 2, kv_heads: 2, head_dim: 96, causal: false },
-    AttentionDims { batch: 2, time: 66, heads: 4, kv_heads: 2, head_dim: 64, causal: true },
-    AttentionDims { batch: 1, time: 130, heads: 4, kv_heads: 1, head_dim: 128, causal: false },
-    AttentionDims { batch: 1, time: 300, heads: 2, kv_heads: 2, head_dim: 64, causal: false },
+/// wgmma (sm_90a), five key tiles, the last partial. The windows leave tiles wholly outside some queries' windows.
+const ATTENTION_SHAPES: [AttentionDims; 10] = [
+    AttentionDims { batch: 3, time: 37, heads: 3, kv_heads: 3, head_dim: 16, causal: true, window: None },
+    AttentionDims { batch: 2, time: 77, heads: 2, kv_heads: 2, head_dim: 64, causal: true, window: None },
+    AttentionDims { batch: 1, time: 70, heads: 2, kv_heads: 2, head_dim: 128, causal: true, window: None },
+    AttentionDims { batch: 2, time: 45, heads: 3, kv_heads: 3, head_dim: 32, causal: false, window: None },
+    AttentionDims { batch: 1, time: 100, heads: 2, kv_heads: 2, head_dim: 96, causal: false, window: None },
+    AttentionDims { batch: 2, time: 66, heads: 4, kv_heads: 2, head_dim: 64, causal: true, window: None },
+    AttentionDims { batch: 1, time: 130, heads: 4, kv_heads: 1, head_dim: 128, causal: false, window: None },
+    AttentionDims { batch: 1, time: 300, heads: 2, kv_heads: 2, head_dim: 64, causal: false, window: None },
+    AttentionDims { batch: 2, time: 77, heads: 4, kv_heads: 2, head_dim: 64, causal: true, window: Some(30) },
+    AttentionDims { batch: 1, time: 300, heads: 2, kv_heads: 1, head_dim: 128, causal: true, window: Some(100) },
 ];
 
 /// Forward, backward and decoding cases of attention at `d`, named by its shape.
@@ -499,13 +501,14 @@ fn attention_cases(d: AttentionDims) -> Vec<OpCase> {
         }),
     };
     let shape = format!(
-        "B{} T{} H{}{} D{}{}",
+        "B{} T{} H{}{} D{}{}{}",
         d.batch,
         d.time,
         d.heads,
         if d.kv_heads == d.heads { String::new() } else { format!("/{}kv", d.kv_heads) },
         d.head_dim,
-        if d.causal { " causal" } else { "" }
+        if d.causal { " causal" } else { "" },
+        d.window.map(|w| format!(" window {w}")).unwrap_or_default()
     );
     let mut cases = vec![
         OpCase {
@@ -585,8 +588,10 @@ fn model_configs() -> Vec<Config> {
     let llama = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.ffn_dim=70", "model.rope_theta=500"];
     // Biases before a rotation (as Qwen2's) and beside RMS norms and SwiGLU.
     let biased = ["model.biases=[\"qkv\", \"proj\", \"mlp\"]"];
-    // Qwen3's: QK-norm after attention's biases, heads wider than n_embd / n_head.
-    let qwen3 = ["model.qk_norm=true", "model.head_dim=16", "model.biases=[\"qkv\", \"proj\"]"];
+    // Qwen3's: QK-norm after attention's biases, heads wider than n_embd / n_head; and a sliding window of 11 of
+    // the 29 positions.
+    let qwen3 =
+        ["model.qk_norm=true", "model.head_dim=16", "model.biases=[\"qkv\", \"proj\"]", "model.sliding_window=11"];
     let families = [
         common.to_vec(),
         [&common[..], &llama[..]].concat(),
@@ -603,16 +608,18 @@ fn model_configs() -> Vec<Config> {
 }
 
 /// The family of a model-level check's model, as its checks are named: `llama`, `llama with biases`, or `llama with
-/// QK-norm and biases`.
+/// QK-norm, biases and a sliding window`.
 fn family(model: &ModelConfig) -> String {
     let biased = model.arch == Arch::Llama && !model.biases().is_empty();
-    let with: Vec<_> = [(model.qk_norm(), "QK-norm"), (biased, "biases")]
-        .into_iter()
-        .filter_map(|(has, what)| has.then_some(what))
-        .collect();
-    match with.is_empty() {
-        true => model.arch.name().to_string(),
-        false => format!("{} with {}", model.arch.name(), with.join(" and ")),
+    let with: Vec<_> =
+        [(model.qk_norm(), "QK-norm"), (biased, "biases"), (model.sliding_window.is_some(), "a sliding window")]
+            .into_iter()
+            .filter_map(|(has, what)| has.then_some(what))
+            .collect();
+    match with.split_last() {
+        None => model.arch.name().to_string(),
+        Some((last, [])) => format!("{} with {last}", model.arch.name()),
+        Some((last, rest)) => format!("{} with {} and {last}", model.arch.name(), rest.join(", ")),
     }
 }
 

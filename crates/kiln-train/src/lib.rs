@@ -467,6 +467,7 @@ impl<B: Backend> Trainer<B> {
         let variants: String = [
             shape.qk_norm.then(|| ", QK-norm".to_string()),
             shape.nope_interval.map(|k| format!(", NoPE every {k} blocks")),
+            shape.sliding_window.map(|w| format!(", a sliding window of {w}")),
         ]
         .into_iter()
         .flatten()

@@ -85,6 +85,8 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         ("mistral_untied", &[], 21),
         ("qwen3_tied", &[LinearGroup::Qkv, LinearGroup::Proj], 20 + 2 * 4 + 2 * 2),
         ("smollm3_untied", &[], 21),
+        ("mistral_window_untied", &[], 21),
+        ("qwen2_window_tied", &[LinearGroup::Qkv], 20 + 2 * 3),
     ];
     for (case, biases, tensor_count) in cases {
         let dir = golden_dir(case);
@@ -98,6 +100,9 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         assert_eq!((m.head_dim, m.qk_norm), (Some(if qwen3 { 16 } else { 12 }), Some(qwen3)), "{case}");
         // SmolLM3's second layer has no rotary embedding.
         assert_eq!(m.nope_interval, case.starts_with("smollm3").then_some(2), "{case}");
+        // Mistral's window is 4 keys, Qwen2's 3.
+        let window = [("mistral_window", 4), ("qwen2_window", 3)].into_iter().find(|(c, _)| case.starts_with(c));
+        assert_eq!(m.sliding_window, window.map(|(_, w)| w), "{case}");
         let golden = Golden::read(&dir);
         let (batch, time) = golden.shape;
         let spec = ModelSpec::new(m, 67);
@@ -190,14 +195,36 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
     std::fs::write(odd.join("config.json"), text).unwrap();
     let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
     assert!(err.contains("hidden_act") && err.contains("config.json"), "{err}");
-    // Qwen2's and Qwen3's sliding-window attention, which kiln does not have.
+    // Qwen2's and Qwen3's sliding window, read where it covers every layer or none: use_sliding_window turns it on,
+    // layer_types (or without them, max_window_layers) says where.
+    let full_types = "\"layer_types\": [\n    \"full_attention\",\n    \"full_attention\"\n  ],";
     for case in ["qwen2_tied", "qwen3_tied"] {
         let qwen = std::fs::read_to_string(golden_dir(case).join("config.json")).unwrap();
-        let (from, to) = ("\"use_sliding_window\": false", "\"use_sliding_window\": true");
-        assert!(qwen.contains(from), "{from}");
-        std::fs::write(odd.join("config.json"), qwen.replace(from, to)).unwrap();
-        let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
-        assert!(err.contains("use_sliding_window") && err.contains("config.json"), "{case}: {err}");
+        for from in
+            [full_types, "\"use_sliding_window\": false", "\"sliding_window\": null", "\"max_window_layers\": 28"]
+        {
+            assert!(qwen.contains(from), "{case}: {from}");
+        }
+        let window = |on: bool, types: &str, first: &str| {
+            let json = qwen
+                .replace("\"use_sliding_window\": false", &format!("\"use_sliding_window\": {on}"))
+                .replace("\"sliding_window\": null", "\"sliding_window\": 5")
+                .replace(full_types, types)
+                .replace("\"max_window_layers\": 28", &format!("\"max_window_layers\": {first}"));
+            std::fs::write(odd.join("config.json"), json).unwrap();
+            config_from(&odd, "block_size = 16").map(|c| c.model.sliding_window).map_err(|e| e.to_string())
+        };
+        let sliding = "\"layer_types\": [\"sliding_attention\", \"sliding_attention\"],";
+        let mixed = "\"layer_types\": [\"full_attention\", \"sliding_attention\"],";
+        assert_eq!(window(true, full_types, "28"), Ok(None), "{case}");
+        assert_eq!(window(true, sliding, "28"), Ok(Some(5)), "{case}");
+        assert_eq!(window(false, sliding, "28"), Ok(None), "{case}");
+        assert_eq!(window(true, "", "0"), Ok(Some(5)), "{case}");
+        assert_eq!(window(true, "", "2"), Ok(None), "{case}");
+        for (types, first, field) in [(mixed, "28", "layer_types"), ("", "1", "max_window_layers")] {
+            let err = window(true, types, first).unwrap_err();
+            assert!(err.contains(field) && err.contains("config.json"), "{case}: {err}");
+        }
     }
     // SmolLM3's layers listed as sliding: transformers masks them by sliding_window whatever use_sliding_window says.
     let from = "\"layer_types\": [\n    \"full_attention\",\n    \"full_attention\"\n  ]";
@@ -237,16 +264,18 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
     std::fs::write(odd.join("config.json"), qwen3.replace("\"head_dim\": 16", "\"head_dim\": 15")).unwrap();
     let err = config_from(&odd, "block_size = 16").unwrap_err().to_string();
     assert!(err.contains("model.head_dim") && err.contains("config.json"), "{err}");
-    // Mistral's sliding window, unless it is off or spans the whole context (256 tokens here; absent, it is
-    // MistralConfig's 4096).
+    // Mistral's sliding window: null turns it off; absent, it is MistralConfig's 4096.
     let mistral = std::fs::read_to_string(golden_dir("mistral_untied").join("config.json")).unwrap();
-    for (to, refused) in
-        [("\"sliding_window\": 64", true), ("\"sliding_window\": 256", false), ("\"unused\": 0", false)]
-    {
+    for (to, want) in [
+        ("\"sliding_window\": 64", Some(Some(64))),
+        ("\"unused\": 0", Some(Some(4096))),
+        ("\"sliding_window\": null", Some(None)),
+        ("\"sliding_window\": 0", None),
+    ] {
         std::fs::write(odd.join("config.json"), mistral.replace("\"sliding_window\": null", to)).unwrap();
         match config_from(&odd, "block_size = 16") {
-            Err(e) => assert!(refused && e.to_string().contains("sliding_window"), "{to}: {e}"),
-            Ok(config) => assert!(!refused && config.model.arch.name() == "llama", "{to}"),
+            Err(e) => assert!(want.is_none() && e.to_string().contains("sliding_window"), "{to}: {e}"),
+            Ok(config) => assert_eq!(Some(config.model.sliding_window), want, "{to}"),
         }
     }
     // A value out of range in config.json is config.json's, not the keys it fills in; rotary settings of the
@@ -290,6 +319,8 @@ fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() 
     let biased = format!("{llama} model.biases=[\"mlp\",\"qkv\",\"proj\"]");
     let qwen3 = format!("{llama} model.head_dim=16 model.qk_norm=true");
     let smollm3 = format!("{llama} model.nope_interval=2 model.biases=[\"qkv\",\"proj\"]");
+    let mistral = format!("{llama} model.sliding_window=5");
+    let qwen3_window = format!("{qwen3} model.sliding_window=4");
     let cases = [
         ("gpt2", "", "GPT2LMHeadModel"),
         ("llama", llama, "LlamaForCausalLM"),
@@ -297,6 +328,8 @@ fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() 
         ("llama-biases", &biased, "LlamaForCausalLM"),
         ("qwen3", &qwen3, "Qwen3ForCausalLM"),
         ("smollm3", &smollm3, "SmolLM3ForCausalLM"),
+        ("mistral", &mistral, "MistralForCausalLM"),
+        ("qwen3-window", &qwen3_window, "Qwen3ForCausalLM"),
     ];
     for (name, family, class) in cases {
         let out = std::env::temp_dir().join(format!("kiln-hf-round-trip-{}-{name}", std::process::id()));

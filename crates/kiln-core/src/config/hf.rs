@@ -1,7 +1,8 @@
 //! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`,
 //! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `SmolLM3ForCausalLM`, `MistralForCausalLM`), for
 //! `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there. An optional key the file
-//! leaves out takes its class's default. kiln writes a Mistral back as the Llama it is, once its sliding window is off.
+//! leaves out takes its class's default. A sliding window of attention is read where it covers every layer: kiln's
+//! `model.sliding_window` covers every block.
 //!
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
 //! transformers 5's `rope_parameters`, which holds both.
@@ -116,20 +117,66 @@ fn llama_biases(f: &Fields) -> Result<Vec<LinearGroup>> {
     Ok(biases)
 }
 
-/// Qwen2 is Llama with biases on the query, key and value projections. Its sliding-window attention, which kiln
-/// does not have, is off in every released model: `use_sliding_window: false` (Qwen2Config's default) turns it off
-/// whatever `sliding_window` and `layer_types` say.
+/// Qwen2 is Llama with biases on the query, key and value projections, and a sliding window (see [`qwen_window`]).
 fn qwen2(f: &Fields) -> Result<toml::Table> {
-    f.only("use_sliding_window", &[false.into()])?;
-    rotary(f, Family { biases: &QWEN2_BIASES, kv_heads: Some(32), ..LLAMA })
+    rotary(f, Family { biases: &QWEN2_BIASES, kv_heads: Some(32), window: qwen_window(f)?, ..LLAMA })
 }
 
 /// Qwen3 is Llama with QK-norm, and biases on attention's four projections where `attention_bias` says so; its
-/// sliding window is turned off as Qwen2's is.
+/// sliding window is Qwen2's.
 fn qwen3(f: &Fields) -> Result<toml::Table> {
-    f.only("use_sliding_window", &[false.into()])?;
     let biases = if f.flag("attention_bias")?.unwrap_or(false) { &ATTENTION_BIASES[..] } else { &[] };
-    rotary(f, Family { biases, qk_norm: true, kv_heads: Some(32), head_dim: Some(128), ..LLAMA })
+    let window = qwen_window(f)?;
+    rotary(f, Family { biases, qk_norm: true, kv_heads: Some(32), head_dim: Some(128), window, ..LLAMA })
+}
+
+/// Qwen2's and Qwen3's sliding window: off unless `use_sliding_window` (off in every released model), and then
+/// `sliding_window` keys (4096 unless said; null turns it off) over the layers that `layer_types` lists as
+/// `"sliding_attention"`, by default those from `max_window_layers` (28 unless said) on. kiln's window covers every
+/// block or none, so the layers must be all of them or none.
+fn qwen_window(f: &Fields) -> Result<Option<i64>> {
+    if !f.flag("use_sliding_window")?.unwrap_or(false) {
+        return Ok(None);
+    }
+    let window = match f.json.get("sliding_window") {
+        None => 4096,
+        Some(Value::Null) => return Ok(None),
+        Some(_) => f.required_count("sliding_window")?,
+    };
+    let layers = f.required_count("num_hidden_layers")?;
+    let (sliding, field) = match f.get("layer_types") {
+        Some(types) => {
+            let kinds = types.as_array().and_then(|t| {
+                t.iter()
+                    .map(|l| match l.as_str()? {
+                        "sliding_attention" => Some(true),
+                        "full_attention" => Some(false),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+            });
+            let message = "not a list of \"full_attention\" and \"sliding_attention\"";
+            (kinds.ok_or_else(|| f.error("layer_types", message))?, "layer_types")
+        }
+        None => {
+            let first = match f.get("max_window_layers") {
+                None => 28,
+                Some(v) => v.as_i64().ok_or_else(|| f.error("max_window_layers", "not a whole number"))?,
+            };
+            ((0..layers).map(|l| l >= first).collect(), "max_window_layers")
+        }
+    };
+    match sliding.iter().filter(|&&s| s).count() {
+        0 => Ok(None),
+        n if n == sliding.len() => Ok(Some(window)),
+        n => Err(f.error(
+            field,
+            &format!(
+                "slides the window over {n} of {} layers: kiln's sliding window covers every block or none",
+                sliding.len()
+            ),
+        )),
+    }
 }
 
 /// SmolLM3 is Llama whose every `no_rope_layer_interval`-th layer (default 4) has no rotary embedding; its
@@ -160,23 +207,15 @@ fn smollm3(f: &Fields) -> Result<toml::Table> {
 }
 
 /// Mistral is Llama without biases (and with 8 key/value heads unless told), but for a sliding window of attention
-/// (MistralConfig's default 4096), which kiln does not have: turned off (null, as from Mistral 7B v0.2 on), or no
-/// shorter than the context, it changes nothing.
+/// over every layer: MistralConfig's default of 4096 keys (Mistral 7B v0.1's), or none where it is null (from v0.2
+/// on).
 fn mistral(f: &Fields) -> Result<toml::Table> {
     let window = match f.json.get("sliding_window") {
         None => Some(4096),
         Some(Value::Null) => None,
-        Some(w) => Some(w.as_i64().ok_or_else(|| f.error("sliding_window", "not a whole number or null"))?),
+        Some(_) => Some(f.required_count("sliding_window")?),
     };
-    let context = f.required_count("max_position_embeddings")?;
-    if let Some(window) = window.filter(|&w| w < context) {
-        let message = format!(
-            "{window} tokens, shorter than the context of {context}: kiln has no sliding-window attention (it is \
-             null from Mistral 7B v0.2 on)"
-        );
-        return Err(f.error("sliding_window", &message));
-    }
-    rotary(f, Family { kv_heads: Some(8), ..LLAMA })
+    rotary(f, Family { kv_heads: Some(8), window, ..LLAMA })
 }
 
 /// What a Llama-style family is beyond Llama, and what its class takes for the keys a config.json leaves out where
@@ -190,10 +229,19 @@ struct Family<'a> {
     head_dim: Option<i64>,
     tie_embeddings: bool,
     rope_theta: f64,
+    /// The sliding window over every layer, if it has one.
+    window: Option<i64>,
 }
 
-const LLAMA: Family<'static> =
-    Family { biases: &[], qk_norm: false, kv_heads: None, head_dim: None, tie_embeddings: false, rope_theta: 10_000.0 };
+const LLAMA: Family<'static> = Family {
+    biases: &[],
+    qk_norm: false,
+    kv_heads: None,
+    head_dim: None,
+    tie_embeddings: false,
+    rope_theta: 10_000.0,
+    window: None,
+};
 
 /// The `[model]` table of a Llama-style model of `family`.
 fn rotary(f: &Fields, family: Family) -> Result<toml::Table> {
@@ -225,6 +273,7 @@ fn rotary(f: &Fields, family: Family) -> Result<toml::Table> {
         ("rope_scaling", scaling.map(toml::Value::Table)),
         ("biases", Some(family.biases.iter().map(|b| toml::Value::from(b.name())).collect::<Vec<_>>().into())),
         ("qk_norm", Some(family.qk_norm.into())),
+        ("sliding_window", family.window.map(Into::into)),
     ]))
 }
 
