@@ -710,6 +710,16 @@ fn bench_attention_reports_each_pass_as_json() {
     let bad = kiln(&["bench", "attention", "--backend", "cpu", "--heads", "4", "--kv-heads", "3", "--reps", "1"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(stderr(&bad).contains("key/value heads"), "{}", stderr(&bad));
+
+    // A sliding window, named in the shape; it needs --causal, and at least one key.
+    let out = bench_attention_tiny(&["--window", "9", "--json", &report_path]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    assert_eq!(report["shapes"][0]["shape"], "B2 H4/2kv T45 D32 causal window 9");
+    for bad in [&["bench", "attention", "--backend", "cpu", "--window", "9"][..], &["--window", "0"]] {
+        let out = if bad.len() > 2 { kiln(bad) } else { bench_attention_tiny(bad) };
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+    }
 }
 
 /// `kiln bench allreduce` over two CPU ranks from 1 KiB to 64 KiB, with `extra` arguments.
