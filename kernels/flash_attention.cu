@@ -4,8 +4,10 @@
 //
 // For query head h of one sequence, reading key/value head g = h / (NH/KVH), with s = 1/√D: query i sees key j when
 // j < T and, if causal (window > 0), i − window < j ≤ i: the kernels take `window`, 0 for attention that is not
-// causal, T for causal attention, shorter for a sliding window (which only masks: the tiles wholly before a query's
-// window are visited as others are, and add nothing). Scores are kept in base 2, x_ij = log2(e)·s·q_i·k_j, so that each exponential is one
+// causal, T for causal attention, shorter for a sliding window. Under a window the blocks still load every tile up to
+// the diagonal; in flash_forward, flash_backward_dq and flash_backward_dkv a warp (or warpgroup) skips the products
+// of a tile wholly outside its queries' windows (keys_unseen), and the pipelined and warp-specialised forms mask
+// such tiles and add their zeros. Scores are kept in base 2, x_ij = log2(e)·s·q_i·k_j, so that each exponential is one
 // ex2: exp(s·q_i·k_j − a) = 2^(x_ij − log2(e)·a).
 //
 // Forward, one block per BR queries, visiting the keys and values in tiles of BC, with running row maxima m and
@@ -210,6 +212,13 @@ __device__ __forceinline__ int acc_col(int lane, int e) { return lane % 4 * 2 + 
 // elementwise step.
 __device__ __forceinline__ bool keys_need_mask(int k0, int keys, int row0, int rows, int T, int window) {
     return k0 + keys > T || (window && (k0 + keys - 1 > row0 || k0 < row0 + rows - window));
+}
+
+// Whether no query of the `rows` from row0 sees any of the `keys` keys from k0 (causal: all past the queries, or all
+// before their windows): a warp or warpgroup then skips the tile, whose probabilities would all be 0. Skipping adds
+// nothing the visit would not: the results are the same bit for bit.
+__device__ __forceinline__ bool keys_unseen(int k0, int keys, int row0, int rows, int window) {
+    return window && (k0 > row0 + rows - 1 || k0 + keys - 1 < row0 - window + 1);
 }
 
 // The first and the last key query `row` sees, counted from this lane's first column of the key tile at k0: the
@@ -630,7 +639,7 @@ __device__ __forceinline__ ForwardBlock start_forward(unsigned q_tile, unsigned 
 // Grid (query tiles, NH, B); shared memory: Q (BR rows), then two stages of K and of V (BC rows each). On mma.sync
 // (WGMMA false) a block is 4 warps of 16·M queries each and its tiles are padded; on wgmma, 2 warpgroups of 64
 // queries (M = 1 a warp) and its tiles swizzled. A warp (a warpgroup on wgmma) whose queries are all past the end,
-// or (causal) all before a tile's keys, skips that tile.
+// or (causal) all before a tile's keys or all past their windows, skips that tile.
 template <int D, int M, int BC, bool WGMMA>
 __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16* qkv, int T, int NH, int KVH,
                                               int window) {
@@ -666,7 +675,7 @@ __device__ __forceinline__ void flash_forward(bf16* out, float* lse, const bf16*
         __syncthreads();
         const int k0 = j * BC;
         const unsigned stage = j % 2 * tile_bytes<D, WGMMA>(BC);
-        if (group_row0 < T && !(window && k0 > group_row0 + GROUP_ROWS - 1)) {
+        if (group_row0 < T && !keys_unseen(k0, BC, group_row0, GROUP_ROWS, window)) {
             if constexpr (WGMMA)
                 forward_tile_wgmma<D, BR, BC>(o, m, l, q_tile, first, k_tiles + stage, v_tiles + stage, k0, row0, T,
                                               window, scale_log2, lane);
@@ -1140,7 +1149,7 @@ __device__ __forceinline__ void flash_backward_dq(bf16* dqkv, float* bias_partia
         __syncthreads();
         const int k0 = j * BC;
         const unsigned stage = j % 2 * tile_bytes<D, WGMMA>(BC);
-        if (group_row0 < T && !(window && k0 > group_row0 + GROUP_ROWS - 1))
+        if (group_row0 < T && !keys_unseen(k0, BC, group_row0, GROUP_ROWS, window))
             dq_tile<D, BC, WGMMA>(dq, q_tile, do_tile, first, lse_log2, dot, k_tiles + stage, v_tiles + stage, k0,
                                   row0, T, window, scale_log2, lane);
         __syncthreads();
@@ -1604,9 +1613,9 @@ __device__ __forceinline__ void flash_backward_dkv(bf16* dqkv, float* bias_parti
         const DkvStep t{k_tile, v_tile, q_tiles + stage * tile_bytes<D, WGMMA>(BR),
                         do_tiles + stage * tile_bytes<D, WGMMA>(BR), lse_tiles + stage * BR * 4,
                         dot_tiles + stage * BR * 4, ds_rows, p_lane};
-        // Keys all past the end, or (causal) all after this tile's queries, have nothing to add (and their rows of
-        // dS are zero).
-        const bool live = group_j0 < T && !(window && q0 + BR - 1 < group_j0);
+        // Keys all past the end, or (causal) all after this tile's queries or all before their windows, have nothing
+        // to add (and their rows of dS are zero).
+        const bool live = group_j0 < T && !keys_unseen(group_j0, GROUP_ROWS, q0, BR, window);
         dkv_step<D, BR, ROLES, ATOMIC_DQ, WGMMA, false>(acc, t, live, role, first, q0, j0, T, window, scale_log2,
                                                         lane, [] { __syncthreads(); });
         if (ATOMIC_DQ) {
