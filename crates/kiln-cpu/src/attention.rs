@@ -31,10 +31,10 @@ fn round_up(n: usize) -> usize {
     n.div_ceil(COLS) * COLS
 }
 
-/// `c[i][..n_end(i-block)] = Σ_{k ∈ k_range(i-block)} a[i][k]·b[k][..]`, for `i < m`. Rows go in blocks of
+/// `c[i][n_range(i-block)] = Σ_{k ∈ k_range(i-block)} a[i][k]·b[k][..]`, for `i < m`. Rows go in blocks of
 /// [`ROWS`] and columns in blocks of [`COLS`]: the accumulator block stays in registers while `k` runs. Each row
 /// block of `a` is first packed k-major into `pack` (`ROWS ×` the longest k range), so the inner loop reads both
-/// operands in order. `b` must have `n_end` (a multiple of [`COLS`]) readable columns in every row of the range.
+/// operands in order. `n_range` must start and end at multiples of [`COLS`], within `b`'s rows.
 #[inline(always)]
 fn product<T: Real>(
     c: &mut [T],
@@ -45,11 +45,11 @@ fn product<T: Real>(
     ldb: usize,
     m: usize,
     pack: &mut [T],
-    blocks: impl Fn(Range<usize>) -> (Range<usize>, usize),
+    blocks: impl Fn(Range<usize>) -> (Range<usize>, Range<usize>),
 ) {
     for i0 in (0..m).step_by(ROWS) {
         let rows = ROWS.min(m - i0);
-        let (ks, n_end) = blocks(i0..i0 + rows);
+        let (ks, ns) = blocks(i0..i0 + rows);
         let pack = &mut pack[..ROWS * ks.len()];
         for (kk, k) in ks.clone().enumerate() {
             for r in 0..ROWS {
@@ -57,7 +57,7 @@ fn product<T: Real>(
                 pack[kk * ROWS + r] = a[(i0 + r.min(rows - 1)) * lda + k];
             }
         }
-        for j0 in (0..n_end).step_by(COLS) {
+        for j0 in ns.step_by(COLS) {
             let mut acc = [[T::zero(); COLS]; ROWS];
             let b_rows = b[ks.start * ldb..].chunks(ldb).take(ks.len());
             for (av, b_row) in pack.chunks_exact(ROWS).zip(b_rows) {
@@ -172,23 +172,26 @@ fn for_each_batch_run<T: Real>(
     });
 }
 
-/// Blocks of `S = Q·Kᵀ` for query rows `rows`: all of `head_dim`, and the keys up to the last row (causal) or
-/// all of them.
-fn score_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
-    let (causal, tp, hp) = (d.causal, round_up(d.time), round_up(d.head_dim));
-    move |rows: Range<usize>| (0..hp, if causal { round_up(rows.end) } else { tp })
+/// Blocks of `S = Q·Kᵀ` for query rows `rows`: all of `head_dim`, and the blocks of keys they see (from the first
+/// row's window, to the last row (causal), or all of them).
+fn score_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, Range<usize>) {
+    let (d, hp) = (*d, round_up(d.head_dim));
+    move |rows: Range<usize>| {
+        let first = d.visible_keys(rows.start).start / COLS * COLS;
+        (0..hp, first..round_up(d.visible_keys(rows.end - 1).end))
+    }
 }
 
 /// Blocks of `P·V`-shaped products for query rows `rows`: the keys they see, all output columns.
-fn key_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
+fn key_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, Range<usize>) {
     let (d, hp) = (*d, round_up(d.head_dim));
-    move |rows: Range<usize>| (d.visible_keys(rows.start).start..d.visible_keys(rows.end - 1).end, hp)
+    move |rows: Range<usize>| (d.visible_keys(rows.start).start..d.visible_keys(rows.end - 1).end, 0..hp)
 }
 
 /// Blocks of `dSᵀ·Q`-shaped products for key rows `rows`: the queries that see them.
-fn query_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, usize) {
+fn query_blocks(d: &AttentionDims) -> impl Fn(Range<usize>) -> (Range<usize>, Range<usize>) {
     let (d, hp) = (*d, round_up(d.head_dim));
-    move |rows: Range<usize>| (d.visible_queries(rows.start).start..d.visible_queries(rows.end - 1).end, hp)
+    move |rows: Range<usize>| (d.visible_queries(rows.start).start..d.visible_queries(rows.end - 1).end, 0..hp)
 }
 
 /// Zeroes the entries of a row of `tp` scores or probabilities outside the keys the row sees: scores of unseen
