@@ -42,9 +42,9 @@
 // two shuffles, and no two warps write the same output. (A dkv kernel with two roles has 8 warps, two per 16 keys:
 // one adds to their dV, the other to their dK.) Tiles are streamed through two shared-memory stages: the copies of
 // tile j+1 are issued before tile j is computed, so they overlap it. Only the tiles that reach past the end of the
-// sequence or (causal) across the diagonal compare positions to mask scores; the others, most of a long sequence's,
-// take a copy of the elementwise step without the comparisons (scale_scores, row_probabilities and
-// column_probabilities, each with MASKED true or false).
+// sequence or (causal) across the diagonal or a window's start compare positions to mask scores; the others, most
+// of a long sequence's, take a copy of the elementwise step without the comparisons (scale_scores, row_probabilities
+// and column_probabilities, each with MASKED true or false).
 //
 // Shared memory: rows padded to D + 8 elements. The stride is then an odd number of 16-byte units (D/8 + 1), so the
 // eight 16-byte rows an ldmatrix reads at the same column fall in eight different groups of four banks: no

@@ -457,10 +457,11 @@ fn sums_case(name: &str, len: usize, role: Role) -> OpCase {
 }
 
 /// One shape of every class attention supports: head dimensions 16 to 128, causal or not, grouped-query, sliding
-/// windows, and sequence lengths that are multiples of no tile size. At head dimension 128 the fused backward runs differently
-/// (two warps per 16 keys) and its query tiles are 64 long on sm_90: length 130 spans three of them, with four query
-/// heads sharing one key/value head. Length 300 at head dimension 64 spans three blocks of the forward and, on
-/// wgmma (sm_90a), five key tiles, the last partial. The windows leave tiles wholly outside some queries' windows.
+/// windows, and sequence lengths that are multiples of no tile size. At head dimension 128 the fused backward runs
+/// differently (two warps per 16 keys) and its query tiles are 64 long on sm_90: length 130 spans three of them, with
+/// four query heads sharing one key/value head. Length 300 at head dimension 64 spans three blocks of the forward
+/// and, on wgmma (sm_90a), five key tiles, the last partial. The windows leave tiles wholly outside some queries'
+/// windows.
 const ATTENTION_SHAPES: [AttentionDims; 10] = [
     AttentionDims { batch: 3, time: 37, heads: 3, kv_heads: 3, head_dim: 16, causal: true, window: None },
     AttentionDims { batch: 2, time: 77, heads: 2, kv_heads: 2, head_dim: 64, causal: true, window: None },

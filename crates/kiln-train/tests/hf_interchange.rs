@@ -221,7 +221,11 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
         assert_eq!(window(false, sliding, "28"), Ok(None), "{case}");
         assert_eq!(window(true, "", "0"), Ok(Some(5)), "{case}");
         assert_eq!(window(true, "", "2"), Ok(None), "{case}");
-        for (types, first, field) in [(mixed, "28", "layer_types"), ("", "1", "max_window_layers")] {
+        // A list of another length than the layers' is refused too, whatever it says.
+        let short = "\"layer_types\": [\"sliding_attention\"],";
+        for (types, first, field) in
+            [(mixed, "28", "layer_types"), (short, "28", "layer_types"), ("", "1", "max_window_layers")]
+        {
             let err = window(true, types, first).unwrap_err();
             assert!(err.contains(field) && err.contains("config.json"), "{case}: {err}");
         }

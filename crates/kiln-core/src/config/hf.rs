@@ -155,8 +155,9 @@ fn qwen_window(f: &Fields) -> Result<Option<i64>> {
                     })
                     .collect::<Option<Vec<_>>>()
             });
-            let message = "not a list of \"full_attention\" and \"sliding_attention\"";
-            (kinds.ok_or_else(|| f.error("layer_types", message))?, "layer_types")
+            let kinds = kinds.filter(|k| k.len() as i64 == layers);
+            let message = format!("not a list of \"full_attention\" and \"sliding_attention\", one a layer ({layers})");
+            (kinds.ok_or_else(|| f.error("layer_types", &message))?, "layer_types")
         }
         None => {
             let first = match f.get("max_window_layers") {
@@ -181,13 +182,15 @@ fn qwen_window(f: &Fields) -> Result<Option<i64>> {
 
 /// SmolLM3 is Llama whose every `no_rope_layer_interval`-th layer (default 4) has no rotary embedding; its
 /// `no_rope_layers` (1 for a layer that rotates) must say the same, as SmolLM3Config writes it. Its sliding window
-/// must be off as Qwen2's is, and its `layer_types` all full attention: transformers masks the layers listed as
-/// sliding by `sliding_window` even when `use_sliding_window` is false.
+/// must be off and its `layer_types` all full attention: SmolLM3 slides the window over its NoPE layers only, and
+/// kiln's window covers every block (transformers masks the layers listed as sliding by `sliding_window` even when
+/// `use_sliding_window` is false).
 fn smollm3(f: &Fields) -> Result<toml::Table> {
     f.only("use_sliding_window", &[false.into()])?;
     let full = Value::from("full_attention");
     if let Some(types) = f.get("layer_types").filter(|t| !t.as_array().is_some_and(|t| t.iter().all(|l| *l == full))) {
-        return Err(f.error("layer_types", &format!("{types}: kiln has no sliding-window attention")));
+        let message = format!("{types}: kiln's sliding window covers every block, not SmolLM3's NoPE layers only");
+        return Err(f.error("layer_types", &message));
     }
     let layers = f.required_count("num_hidden_layers")?;
     let interval = f.count("no_rope_layer_interval")?.unwrap_or(4);
