@@ -19,6 +19,10 @@
 //!   output is overwritten.
 
 use crate::error::Result;
+use crate::experts::{
+    ExpertMatmulBackward, ExpertMatmulForward, MoeCombine, MoeCombineBackward, MoeDims, MoeGather, MoeRoute,
+    MoeRouteBackward,
+};
 use crate::memory::MemoryModel;
 use std::ops::Range;
 
@@ -620,6 +624,44 @@ pub trait Backend {
     /// key/value cache) and whose row `pos` holds the query; writes the `C` outputs of that position to `out`. This is
     /// decoding with a cache: each new token costs one position, not the whole context.
     fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, d: AttentionDims) -> Result<()>;
+
+    /// Routes each token of a mixture-of-experts MLP to its experts (see [`MoeRoute`] and the module
+    /// [`crate::experts`]). An engine without these operations refuses them, and the model with them.
+    fn moe_route(&mut self, op: MoeRoute) -> Result<()> {
+        Err(self.no_experts(op.d))
+    }
+    /// Backward of [`Backend::moe_route`] (see [`MoeRouteBackward`]).
+    fn moe_route_backward(&mut self, op: MoeRouteBackward) -> Result<()> {
+        Err(self.no_experts(op.d))
+    }
+    /// Dispatches tokens to their experts' rows (see [`MoeGather`]).
+    fn moe_gather(&mut self, op: MoeGather) -> Result<()> {
+        Err(self.no_experts(op.d))
+    }
+    /// Sums each token's experts' outputs, weighted (see [`MoeCombine`]); unweighted, the gather's backward.
+    fn moe_combine(&mut self, op: MoeCombine) -> Result<()> {
+        Err(self.no_experts(op.d))
+    }
+    /// Backward of the weighted [`Backend::moe_combine`] (see [`MoeCombineBackward`]).
+    fn moe_combine_backward(&mut self, op: MoeCombineBackward) -> Result<()> {
+        Err(self.no_experts(op.d))
+    }
+    /// One linear layer per expert over its run of dispatched rows (see [`ExpertMatmulForward`]).
+    fn expert_matmul_forward(&mut self, op: ExpertMatmulForward) -> Result<()> {
+        Err(self.no_experts(MoeDims { rows: op.d.rows, experts: op.experts, top_k: 1 }))
+    }
+    /// Backward of [`Backend::expert_matmul_forward`] (see [`ExpertMatmulBackward`]).
+    fn expert_matmul_backward(&mut self, op: ExpertMatmulBackward) -> Result<()> {
+        Err(self.no_experts(MoeDims { rows: op.d.rows, experts: op.experts, top_k: 1 }))
+    }
+    /// The refusal of an engine that has no mixture-of-experts operations.
+    fn no_experts(&self, d: MoeDims) -> crate::Error {
+        let message = format!(
+            "this engine has no mixture-of-experts operations ({} experts): run the model with --backend cpu",
+            d.experts
+        );
+        crate::Error::backend(self.name(), message)
+    }
 
     /// Softmax cross-entropy over the first `vocab` of `padded_vocab` logits of each row (padded columns get no
     /// probability). Accumulates each row's loss into `losses[row]`; rows whose target is [`IGNORE_TARGET`] add

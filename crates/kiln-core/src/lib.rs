@@ -11,6 +11,7 @@ pub mod comm;
 pub mod config;
 pub mod durable;
 pub mod error;
+pub mod experts;
 pub mod memory;
 pub mod pieces;
 

@@ -14,6 +14,7 @@ mod adamw;
 mod attention;
 mod classifier;
 mod encoder;
+mod experts;
 pub mod math;
 mod matmul;
 mod norm;
@@ -21,6 +22,9 @@ mod rope;
 mod swiglu;
 
 use kiln_core::backend::{BufferId, IGNORE_TARGET, first_overlap, qk_norm_lens};
+use kiln_core::experts::{
+    ExpertMatmulBackward, ExpertMatmulForward, MoeCombine, MoeCombineBackward, MoeGather, MoeRoute, MoeRouteBackward,
+};
 use kiln_core::memory::{Component, MemoryModel, StepShapes, Storage, describe_bytes};
 use kiln_core::pieces::Pieces;
 use kiln_core::{
@@ -171,6 +175,69 @@ impl<T: Real> CpuBackend<T> {
             Allocation::Index(data) => &data[t.offset..t.offset + t.len],
             Allocation::Real(_) => unreachable!("checked by check_index"),
         }
+    }
+
+    /// # Safety
+    /// As [`Self::write`], for a token-id tensor that passed [`Self::check_with_indices`] as an output.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn write_indices(&self, t: Tensor) -> &mut [u32] {
+        match &self.allocations[t.buffer.0 as usize] {
+            Allocation::Index(data) => unsafe {
+                std::slice::from_raw_parts_mut((data.as_ptr() as *mut u32).add(t.offset), t.len)
+            },
+            Allocation::Real(_) => unreachable!("checked by check_index"),
+        }
+    }
+
+    /// [`Self::check`] for an operation with token-id operands as well, `index_outputs` and `index_inputs`: no
+    /// output overlaps any other operand of either kind.
+    fn check_with_indices(
+        &self,
+        op: &str,
+        outputs: &[(Tensor, usize)],
+        inputs: &[(Tensor, usize)],
+        index_outputs: &[(Tensor, usize)],
+        index_inputs: &[(Tensor, usize)],
+    ) -> Result<()> {
+        for &(t, len) in index_outputs.iter().chain(index_inputs) {
+            self.check_index(op, t, len)?;
+        }
+        self.check(op, outputs, inputs)?;
+        let all_outputs = outputs.iter().chain(index_outputs).map(|(t, _)| t);
+        if let Some((out, other)) = first_overlap(all_outputs, inputs.iter().chain(index_inputs).map(|(t, _)| t)) {
+            return Err(self.invalid(op, format!("output {out:?} overlaps operand {other:?}")));
+        }
+        Ok(())
+    }
+
+    /// Checks a dispatch of `slots` slots that [`Backend::moe_route`] wrote, before an operation follows it: `offsets`
+    /// runs from 0 to the slots without falling, and `order` and `place` (where given) are within the slots and,
+    /// both given, inverse permutations. Checked tensors of token ids: this never panics.
+    fn check_dispatch(
+        &self,
+        op: &str,
+        slots: usize,
+        order: Option<Tensor>,
+        place: Option<Tensor>,
+        offsets: Option<Tensor>,
+    ) -> Result<()> {
+        let bad = |what: &str| Err(self.invalid(op, format!("{what} is not a dispatch that moe_route wrote")));
+        if let Some(o) = offsets.map(|t| self.indices(t)) {
+            if o.first() != Some(&0) || o.windows(2).any(|w| w[0] > w[1]) || o.last() != Some(&(slots as u32)) {
+                return bad("offsets");
+            }
+        }
+        let (order, place) = (order.map(|t| self.indices(t)), place.map(|t| self.indices(t)));
+        let outside = |i: &[u32]| i.iter().any(|&s| s as usize >= slots);
+        if order.is_some_and(outside) || place.is_some_and(outside) {
+            return bad("order or place");
+        }
+        if let (Some(order), Some(place)) = (order, place) {
+            if order.iter().enumerate().any(|(p, &s)| place[s as usize] as usize != p) {
+                return bad("order and place");
+            }
+        }
+        Ok(())
     }
 
     /// Mutable access to a whole allocation's range for the memory operations, which have a single operand.
@@ -654,6 +721,225 @@ impl<T: Real> Backend for CpuBackend<T> {
         self.check("swiglu_backward", &[(dinp, rows * 2 * ffn)], &[(dout, rows * ffn), (inp, rows * 2 * ffn)])?;
         // SAFETY: checked above.
         unsafe { swiglu::backward(self.write(dinp), self.read(dout), self.read(inp), ffn) };
+        Ok(())
+    }
+
+    fn moe_route(&mut self, op: MoeRoute) -> Result<()> {
+        if self.recorded(move |b| b.moe_route(op)) {
+            return Ok(());
+        }
+        let name = "moe_route";
+        let MoeRoute { probs, weights, chosen, order, place, offsets, logits, normalize, balance, d } = op;
+        if let Some(problem) = d.problem() {
+            return Err(self.invalid(name, problem));
+        }
+        let (dense, slots) = (d.rows * d.experts, d.slots());
+        let (gradient, dloss) = (balance.map(|b| b.gradient), balance.map(|b| b.dloss));
+        self.check_with_indices(
+            name,
+            &[(probs, dense), (weights, slots), optional(gradient, d.experts)],
+            &[(logits, dense), optional(dloss, 1)],
+            &[(chosen, slots), (order, slots), (place, slots), (offsets, d.experts + 1)],
+            &[],
+        )?;
+        // SAFETY: checked above.
+        unsafe {
+            let chosen = self.write_indices(chosen);
+            experts::route(self.write(probs), self.write(weights), chosen, self.read(logits), normalize, d);
+            let offsets = self.write_indices(offsets);
+            experts::dispatch(self.write_indices(order), self.write_indices(place), offsets, chosen);
+            if let Some(b) = balance {
+                let step = self.read(b.dloss)[0] * T::from_f32(b.scale);
+                for (g, run) in self.write(b.gradient).iter_mut().zip(offsets.windows(2)) {
+                    *g = *g + step * T::from_f64(f64::from(run[1] - run[0]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn moe_route_backward(&mut self, op: MoeRouteBackward) -> Result<()> {
+        if self.recorded(move |b| b.moe_route_backward(op)) {
+            return Ok(());
+        }
+        let name = "moe_route_backward";
+        let MoeRouteBackward { dlogits, dweights, probs, weights, chosen, normalize, balance, d } = op;
+        if let Some(problem) = d.problem() {
+            return Err(self.invalid(name, problem));
+        }
+        let (dense, slots) = (d.rows * d.experts, d.slots());
+        self.check_with_indices(
+            name,
+            &[(dlogits, dense)],
+            &[(dweights, slots), (probs, dense), (weights, slots), optional(balance, d.experts)],
+            &[],
+            &[(chosen, slots)],
+        )?;
+        if self.indices(chosen).iter().any(|&e| e as usize >= d.experts) {
+            return Err(self.invalid(name, "chosen names an expert past the last".into()));
+        }
+        // SAFETY: checked above.
+        unsafe {
+            experts::route_backward(
+                self.write(dlogits),
+                self.read(dweights),
+                self.read(probs),
+                self.read(weights),
+                self.indices(chosen),
+                normalize,
+                balance.map(|b| self.read(b)),
+                d,
+            )
+        };
+        Ok(())
+    }
+
+    fn moe_gather(&mut self, op: MoeGather) -> Result<()> {
+        if self.recorded(move |b| b.moe_gather(op)) {
+            return Ok(());
+        }
+        let name = "moe_gather";
+        let MoeGather { out, inp, order, width, d } = op;
+        if let Some(problem) = d.problem() {
+            return Err(self.invalid(name, problem));
+        }
+        let slots = d.slots();
+        self.check_with_indices(name, &[(out, slots * width)], &[(inp, d.rows * width)], &[], &[(order, slots)])?;
+        self.check_dispatch(name, slots, Some(order), None, None)?;
+        // SAFETY: checked above.
+        unsafe { experts::gather(self.write(out), self.read(inp), self.indices(order), width, d.top_k) };
+        Ok(())
+    }
+
+    fn moe_combine(&mut self, op: MoeCombine) -> Result<()> {
+        if self.recorded(move |b| b.moe_combine(op)) {
+            return Ok(());
+        }
+        let name = "moe_combine";
+        let MoeCombine { out, expert_out, weights, place, accumulate, width, d } = op;
+        if let Some(problem) = d.problem() {
+            return Err(self.invalid(name, problem));
+        }
+        let slots = d.slots();
+        self.check_with_indices(
+            name,
+            &[(out, d.rows * width)],
+            &[(expert_out, slots * width), optional(weights, slots)],
+            &[],
+            &[(place, slots)],
+        )?;
+        self.check_dispatch(name, slots, None, Some(place), None)?;
+        // SAFETY: checked above.
+        unsafe {
+            let weights = weights.map(|w| self.read(w));
+            experts::combine(
+                self.write(out),
+                self.read(expert_out),
+                weights,
+                self.indices(place),
+                accumulate,
+                width,
+                d.top_k,
+            )
+        };
+        Ok(())
+    }
+
+    fn moe_combine_backward(&mut self, op: MoeCombineBackward) -> Result<()> {
+        if self.recorded(move |b| b.moe_combine_backward(op)) {
+            return Ok(());
+        }
+        let name = "moe_combine_backward";
+        let MoeCombineBackward { dexpert_out, dweights, dout, expert_out, weights, order, place, width, d } = op;
+        if let Some(problem) = d.problem() {
+            return Err(self.invalid(name, problem));
+        }
+        let slots = d.slots();
+        self.check_with_indices(
+            name,
+            &[(dexpert_out, slots * width), (dweights, slots)],
+            &[(dout, d.rows * width), (expert_out, slots * width), (weights, slots)],
+            &[],
+            &[(order, slots), (place, slots)],
+        )?;
+        self.check_dispatch(name, slots, Some(order), Some(place), None)?;
+        // SAFETY: checked above.
+        unsafe {
+            experts::combine_backward(
+                self.write(dexpert_out),
+                self.write(dweights),
+                self.read(dout),
+                self.read(expert_out),
+                self.read(weights),
+                self.indices(order),
+                self.indices(place),
+                width,
+                d.top_k,
+            )
+        };
+        Ok(())
+    }
+
+    fn expert_matmul_forward(&mut self, op: ExpertMatmulForward) -> Result<()> {
+        if self.recorded(move |b| b.expert_matmul_forward(op)) {
+            return Ok(());
+        }
+        let name = "expert_matmul_forward";
+        let ExpertMatmulForward { out, inp, weight, offsets, experts, d } = op;
+        let MatmulDims { rows, c_in, c_out } = d;
+        self.check_with_indices(
+            name,
+            &[(out, rows * c_out)],
+            &[(inp, rows * c_in), (weight, experts * c_out * c_in)],
+            &[],
+            &[(offsets, experts + 1)],
+        )?;
+        self.check_dispatch(name, rows, None, None, Some(offsets))?;
+        // SAFETY: checked above.
+        let (out, inp, weight) = unsafe { (self.write(out), self.read(inp), self.read(weight)) };
+        for (e, run) in self.indices(offsets).windows(2).enumerate() {
+            let (first, n) = (run[0] as usize, (run[1] - run[0]) as usize);
+            let out = &mut out[first * c_out..][..n * c_out];
+            let weight = &weight[e * c_out * c_in..][..c_out * c_in];
+            matmul::forward(out, &inp[first * c_in..][..n * c_in], weight, None, None, MatmulDims { rows: n, ..d });
+        }
+        Ok(())
+    }
+
+    fn expert_matmul_backward(&mut self, op: ExpertMatmulBackward) -> Result<()> {
+        if self.recorded(move |b| b.expert_matmul_backward(op)) {
+            return Ok(());
+        }
+        let name = "expert_matmul_backward";
+        let ExpertMatmulBackward { dinp, dweight, dout, inp, weight, offsets, experts, d } = op;
+        let MatmulDims { rows, c_in, c_out } = d;
+        let matrices = experts * c_out * c_in;
+        self.check_with_indices(
+            name,
+            &[(dinp, rows * c_in), (dweight, matrices)],
+            &[(dout, rows * c_out), (inp, rows * c_in), (weight, matrices)],
+            &[],
+            &[(offsets, experts + 1)],
+        )?;
+        self.check_dispatch(name, rows, None, None, Some(offsets))?;
+        // SAFETY: checked above.
+        let (dinp, dweight) = unsafe { (self.write(dinp), self.write(dweight)) };
+        // SAFETY: checked above.
+        let (dout, inp, weight) = unsafe { (self.read(dout), self.read(inp), self.read(weight)) };
+        for (e, run) in self.indices(offsets).windows(2).enumerate() {
+            let (first, n) = (run[0] as usize, (run[1] - run[0]) as usize);
+            let matrix = e * c_out * c_in..(e + 1) * c_out * c_in;
+            matmul::backward(
+                &mut dinp[first * c_in..][..n * c_in],
+                &mut dweight[matrix.clone()],
+                None,
+                &dout[first * c_out..][..n * c_out],
+                &inp[first * c_in..][..n * c_in],
+                &weight[matrix],
+                None,
+                MatmulDims { rows: n, ..d },
+            );
+        }
         Ok(())
     }
 

@@ -3,6 +3,10 @@
 //! backward pass receives `R` as the output gradient.
 
 use kiln_core::backend::IGNORE_TARGET;
+use kiln_core::experts::{
+    Balance, ExpertMatmulBackward, ExpertMatmulForward, MoeCombine, MoeCombineBackward, MoeDims, MoeGather, MoeRoute,
+    MoeRouteBackward,
+};
 use kiln_core::{
     AdamWStep, AttentionBackward, AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward,
     NormDims, NormForward, NormKind, ResidualAdd, Role, Rotary, Tensor,
@@ -737,4 +741,223 @@ fn bad_operands_are_errors_not_panics() {
     let (wte, wpe, out) = (f.random(40, 1.0), f.random(40, 1.0), f.zeros(20));
     let err = f.b.encoder_forward(out, tokens, wte, Some(wpe), 1, 2, 10);
     assert!(err.unwrap_err().to_string().contains("outside the vocabulary"));
+}
+
+/// A mixture-of-experts MLP's operands: `rows` tokens of `c` channels routed to `top_k` of `experts` SwiGLU experts
+/// of width `ffn`, and a load-balancing gradient scaled by `dloss`.
+struct Moe {
+    d: MoeDims,
+    c: usize,
+    ffn: usize,
+    x: Tensor,
+    router: Tensor,
+    fc: Tensor,
+    proj: Tensor,
+    logits: Tensor,
+    probs: Tensor,
+    weights: Tensor,
+    chosen: Tensor,
+    order: Tensor,
+    place: Tensor,
+    offsets: Tensor,
+    xs: Tensor,
+    pre: Tensor,
+    hidden: Tensor,
+    expert_out: Tensor,
+    y: Tensor,
+    balance: Balance,
+}
+
+impl Moe {
+    fn new(f: &mut Fixture, d: MoeDims, c: usize, ffn: usize) -> Self {
+        let (n, s, e) = (d.rows, d.slots(), d.experts);
+        let index = |f: &mut Fixture, len| f.b.alloc(len, Role::Index).unwrap();
+        Moe {
+            d,
+            c,
+            ffn,
+            x: f.random(n * c, 1.0),
+            router: f.random(e * c, 1.0),
+            fc: f.random(e * 2 * ffn * c, 0.5),
+            proj: f.random(e * c * ffn, 0.5),
+            logits: f.zeros(n * e),
+            probs: f.zeros(n * e),
+            weights: f.zeros(s),
+            chosen: index(f, s),
+            order: index(f, s),
+            place: index(f, s),
+            offsets: index(f, e + 1),
+            xs: f.zeros(s * c),
+            pre: f.zeros(s * 2 * ffn),
+            hidden: f.zeros(s * ffn),
+            expert_out: f.zeros(s * c),
+            y: f.zeros(n * c),
+            balance: Balance { gradient: f.zeros(e), dloss: f.random(1, 1.0), scale: 0.7 },
+        }
+    }
+
+    fn matmul(&self, rows: usize, c_in: usize, c_out: usize) -> MatmulDims {
+        MatmulDims { rows, c_in, c_out }
+    }
+
+    /// `y`, and the balance's gradient zeroed and then accumulated.
+    fn forward(&self, f: &mut Fixture, normalize: bool) {
+        let (d, c, ffn, s) = (self.d, self.c, self.ffn, self.d.slots());
+        f.b.matmul_forward(MatmulForward {
+            out: self.logits,
+            inp: self.x,
+            weight: self.router,
+            bias: None,
+            gelu_pre: None,
+            d: self.matmul(d.rows, c, d.experts),
+        })
+        .unwrap();
+        f.b.zero(self.balance.gradient).unwrap();
+        let (probs, weights, chosen, order, place, offsets) =
+            (self.probs, self.weights, self.chosen, self.order, self.place, self.offsets);
+        let (logits, balance) = (self.logits, Some(self.balance));
+        f.b.moe_route(MoeRoute { probs, weights, chosen, order, place, offsets, logits, normalize, balance, d })
+            .unwrap();
+        f.b.moe_gather(MoeGather { out: self.xs, inp: self.x, order, width: c, d }).unwrap();
+        let experts = d.experts;
+        let fc = ExpertMatmulForward {
+            out: self.pre,
+            inp: self.xs,
+            weight: self.fc,
+            offsets,
+            experts,
+            d: self.matmul(s, c, 2 * ffn),
+        };
+        f.b.expert_matmul_forward(fc).unwrap();
+        f.b.swiglu_forward(self.hidden, self.pre, s, ffn).unwrap();
+        let proj = ExpertMatmulForward {
+            out: self.expert_out,
+            inp: self.hidden,
+            weight: self.proj,
+            offsets,
+            experts,
+            d: self.matmul(s, ffn, c),
+        };
+        f.b.expert_matmul_forward(proj).unwrap();
+        let (expert_out, accumulate) = (self.expert_out, false);
+        f.b.moe_combine(MoeCombine { out: self.y, expert_out, weights: Some(weights), place, accumulate, width: c, d })
+            .unwrap();
+    }
+
+    /// `Σ y ⊙ r` plus the balancing loss whose gradient with respect to the probabilities the route wrote: with the
+    /// counts held, `dloss·scale·Σ_e count_e·Σ_t p_te`.
+    fn loss(&self, f: &mut Fixture, r: Tensor) -> f64 {
+        let e = self.d.experts;
+        let (probs, gradient) = (f.values(self.probs), f.values(self.balance.gradient));
+        let balance: f64 = probs.chunks(e).map(|p| p.iter().zip(&gradient).map(|(p, g)| p * g).sum::<f64>()).sum();
+        f.dot(self.y, r) + balance
+    }
+}
+
+#[test]
+fn mixture_of_experts_routes_each_token_to_its_top_experts() {
+    let d = MoeDims { rows: 13, experts: 5, top_k: 2 };
+    let (c, ffn) = (6, 7);
+    let mut f = Fixture::new(21);
+    let m = Moe::new(&mut f, d, c, ffn);
+    for normalize in [false, true] {
+        m.forward(&mut f, normalize);
+        let (x, router, fc, proj) = (f.values(m.x), f.values(m.router), f.values(m.fc), f.values(m.proj));
+        let (y, weights) = (f.values(m.y), f.values(m.weights));
+        let silu = |v: f64| v / (1.0 + (-v).exp());
+        for t in 0..d.rows {
+            let x = &x[t * c..(t + 1) * c];
+            let logits: Vec<f64> = router.chunks(c).map(|w| w.iter().zip(x).map(|(a, b)| a * b).sum()).collect();
+            let total: f64 = logits.iter().map(|l| l.exp()).sum();
+            let mut ranked: Vec<(usize, f64)> = logits.iter().map(|l| l.exp() / total).enumerate().collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let top = &ranked[..d.top_k];
+            let sum: f64 = if normalize { top.iter().map(|(_, p)| p).sum() } else { 1.0 };
+            let mut expected = vec![0.0; c];
+            for (j, &(e, p)) in top.iter().enumerate() {
+                assert!((weights[t * d.top_k + j] - p / sum).abs() < 1e-12, "token {t} choice {j}");
+                let fc = &fc[e * 2 * ffn * c..(e + 1) * 2 * ffn * c];
+                let pre: Vec<f64> = fc.chunks(c).map(|w| w.iter().zip(x).map(|(a, b)| a * b).sum()).collect();
+                let hidden: Vec<f64> = (0..ffn).map(|i| silu(pre[i]) * pre[ffn + i]).collect();
+                for (o, w) in expected.iter_mut().zip(proj[e * c * ffn..(e + 1) * c * ffn].chunks(ffn)) {
+                    *o += p / sum * w.iter().zip(&hidden).map(|(a, b)| a * b).sum::<f64>();
+                }
+            }
+            for (i, want) in expected.iter().enumerate() {
+                assert!((y[t * c + i] - want).abs() < 1e-12, "token {t} channel {i}: {} vs {want}", y[t * c + i]);
+            }
+        }
+    }
+}
+
+#[test]
+fn mixture_of_experts_gradients() {
+    let d = MoeDims { rows: 11, experts: 4, top_k: 2 };
+    let (c, ffn) = (5, 6);
+    for normalize in [false, true] {
+        let mut f = Fixture::new(22 + u64::from(normalize));
+        let m = Moe::new(&mut f, d, c, ffn);
+        let (n, s, e) = (d.rows, d.slots(), d.experts);
+        let r = f.random(n * c, 1.0);
+        // Poisoned where the backward pass overwrites; zeroed where it accumulates.
+        let (dexpert_out, dweights, dhidden) = (f.random(s * c, 1.0), f.random(s, 1.0), f.random(s * ffn, 1.0));
+        let (dpre, dxs, dlogits, dx) =
+            (f.random(s * 2 * ffn, 1.0), f.random(s * c, 1.0), f.random(n * e, 1.0), f.random(n * c, 1.0));
+        let (drouter, dfc, dproj) = (f.zeros(e * c), f.zeros(e * 2 * ffn * c), f.zeros(e * c * ffn));
+        m.forward(&mut f, normalize);
+        let (weights, order, place, offsets) = (m.weights, m.order, m.place, m.offsets);
+        let (expert_out, width) = (m.expert_out, c);
+        f.b.moe_combine_backward(MoeCombineBackward {
+            dexpert_out,
+            dweights,
+            dout: r,
+            expert_out,
+            weights,
+            order,
+            place,
+            width,
+            d,
+        })
+        .unwrap();
+        let lin = |c_in, c_out| MatmulDims { rows: s, c_in, c_out };
+        let backward = |dinp, dweight, dout, inp, weight, d| ExpertMatmulBackward {
+            dinp,
+            dweight,
+            dout,
+            inp,
+            weight,
+            offsets,
+            experts: e,
+            d,
+        };
+        f.b.expert_matmul_backward(backward(dhidden, dproj, dexpert_out, m.hidden, m.proj, lin(ffn, c))).unwrap();
+        f.b.swiglu_backward(dpre, dhidden, m.pre, s, ffn).unwrap();
+        f.b.expert_matmul_backward(backward(dxs, dfc, dpre, m.xs, m.fc, lin(c, 2 * ffn))).unwrap();
+        let (probs, chosen, balance) = (m.probs, m.chosen, Some(m.balance.gradient));
+        let route = MoeRouteBackward { dlogits, dweights, probs, weights, chosen, normalize, balance, d };
+        f.b.moe_route_backward(route).unwrap();
+        f.b.matmul_backward(MatmulBackward {
+            dinp: dx,
+            dweight: drouter,
+            dbias: None,
+            dout: dlogits,
+            inp: m.x,
+            weight: m.router,
+            gelu_pre: None,
+            gelu_dbias: None,
+            d: MatmulDims { rows: n, c_in: c, c_out: e },
+        })
+        .unwrap();
+        let (expert_out, accumulate) = (dxs, true);
+        f.b.moe_combine(MoeCombine { out: dx, expert_out, weights: None, place, accumulate, width, d }).unwrap();
+        for (what, x, g) in
+            [("dx", m.x, dx), ("drouter", m.router, drouter), ("dfc", m.fc, dfc), ("dproj", m.proj, dproj)]
+        {
+            let g = f.values(g);
+            f.check(what, x, &g, |f| {
+                m.forward(f, normalize);
+                m.loss(f, r)
+            });
+        }
+    }
 }
