@@ -62,6 +62,8 @@ pub enum Arch {
 /// The most blocks a model may have: hundreds more than any trained so far, and few enough that a model's per-block
 /// tables stay small.
 const MAX_LAYERS: usize = 1 << 16;
+/// The most experts a block's MLP may have: far more than any model has, and within the engines' 32-bit indices.
+const MAX_EXPERTS: usize = 1 << 16;
 
 /// The most tokens a step may take: a thousand times the largest batches trained with, and few enough that the
 /// step's token ids, which the host holds, stay within its memory.
@@ -123,6 +125,18 @@ impl Arch {
             Arch::Llama => "llama",
         }
     }
+}
+
+/// A block's MLP as a mixture of experts (see [`ModelConfig::experts`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Experts {
+    pub count: usize,
+    /// The experts each token goes to.
+    pub per_token: usize,
+    /// Whether a token's weights are divided by their sum.
+    pub normalize: bool,
+    /// α of the load-balancing loss.
+    pub aux_loss: f64,
 }
 
 /// Llama 3's rescaling of rotary frequencies for contexts longer than the model was first trained on: wavelengths
@@ -190,6 +204,21 @@ pub struct ModelConfig {
     /// models only). Unset, each sees every earlier position.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
+    /// Experts in each block's MLP, SwiGLU MLPs of width `ffn_dim` of which a router picks `experts_per_token` for
+    /// each token (a mixture of experts: Mixtral, Qwen3-MoE; Llama-style models only). Unset, one MLP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<usize>,
+    /// The experts each token goes to: 2 unless set (Mixtral's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts_per_token: Option<usize>,
+    /// Whether a token's experts are weighted by their probabilities divided by their sum (Mixtral; Qwen3-MoE's
+    /// `norm_topk_prob`) rather than by the probabilities themselves: true unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize_expert_weights: Option<bool>,
+    /// α of the load-balancing loss that training adds to its objective (Mixtral's `router_aux_loss_coef`, which
+    /// transformers adds where `output_router_logits`): 0.01 unless set, as Switch Transformer and OLMoE train.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_aux_loss: Option<f64>,
     /// The linear layers that have biases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub biases: Option<Vec<LinearGroup>>,
@@ -237,6 +266,16 @@ impl ModelConfig {
     /// unless told.
     pub fn tie_embeddings(&self) -> bool {
         self.tie_embeddings.unwrap_or(self.arch == Arch::Gpt2)
+    }
+
+    /// The experts of each block's MLP, if it is a mixture of them.
+    pub fn experts(&self) -> Option<Experts> {
+        self.experts.map(|count| Experts {
+            count,
+            per_token: self.experts_per_token.unwrap_or(2),
+            normalize: self.normalize_expert_weights.unwrap_or(true),
+            aux_loss: self.router_aux_loss.unwrap_or(0.01),
+        })
     }
 
     /// The linear layers with biases, in [`LinearGroup`]'s order: all of GPT-2's; none of Llama's unless set.
@@ -291,11 +330,17 @@ impl ModelConfig {
         self.tie_embeddings = Some(self.tie_embeddings());
         self.rope_theta = self.rope_theta();
         self.biases = Some(self.biases());
+        if let Some(e) = self.experts() {
+            self.experts_per_token = Some(e.per_token);
+            self.normalize_expert_weights = Some(e.normalize);
+            self.router_aux_loss = Some(e.aux_loss);
+        }
     }
 
     /// Fails unless the keys set here agree with `theirs`, the model of the Hugging Face `config.json` at `path`
-    /// that `model.init` reads. The one key that may differ is `block_size`, the longest sequence trained on:
-    /// any with rotary positions, at most the learned positions with GPT-2's.
+    /// that `model.init` reads. The keys that may differ are `block_size`, the longest sequence trained on (any with
+    /// rotary positions, at most the learned positions with GPT-2's), and `router_aux_loss`, a setting of training
+    /// rather than of the model.
     fn check_agrees(&self, theirs: &ModelConfig, path: &Path, source_of: &impl Fn(&str) -> String) -> Result<()> {
         let config_error = |key: String, message: String| Error::config(source_of(&key), key, message);
         if self.arch == Arch::Gpt2 && self.block_size > theirs.block_size {
@@ -310,7 +355,7 @@ impl ModelConfig {
         let (ours, theirs) = (toml::Table::try_from(self), toml::Table::try_from(theirs));
         let (ours, theirs) = (ours.expect("a ModelConfig serializes"), theirs.expect("a ModelConfig serializes"));
         for (key, value) in &theirs {
-            if key != "block_size" && ours.get(key) != Some(value) {
+            if !["block_size", "router_aux_loss"].contains(&key.as_str()) && ours.get(key) != Some(value) {
                 let mine = ours.get(key).map_or("not set".to_string(), |v| v.to_string());
                 let message = format!("is {mine} but {} says {value}", path.display());
                 return Err(config_error(format!("model.{key}"), message));
@@ -353,6 +398,21 @@ impl ModelConfig {
             (m.sliding_window.is_none_or(|w| w >= 1), "model.sliding_window", "must be at least 1".to_string()),
             (m.block_size >= 1, "model.block_size", "must be at least 1".to_string()),
             (
+                m.experts.is_none_or(|e| (1..=MAX_EXPERTS).contains(&e)),
+                "model.experts",
+                format!("must be at least 1 and at most {MAX_EXPERTS}"),
+            ),
+            (
+                m.experts_per_token.is_none_or(|k| k >= 1 && k <= m.experts.unwrap_or(usize::MAX)),
+                "model.experts_per_token",
+                format!("must be at least 1 and at most model.experts (= {})", m.experts.unwrap_or(0)),
+            ),
+            (
+                m.router_aux_loss.is_none_or(|a| a.is_finite() && a >= 0.0),
+                "model.router_aux_loss",
+                "must be a finite number, 0 or above".to_string(),
+            ),
+            (
                 m.n_kv_head() >= 1 && divides(m.n_head, m.n_kv_head()),
                 "model.n_kv_head",
                 format!("must be at least 1 and divide model.n_head (= {})", m.n_head),
@@ -394,6 +454,15 @@ impl ModelConfig {
     /// Keys that the family does not have, or values it cannot take, as `(key, message)`.
     fn family_problem(&self) -> Option<(&'static str, String)> {
         let learned = "GPT-2 learns its positions; rotary positions are model.arch = \"llama\"'s";
+        // A setting of experts where there are none.
+        let expert_setting = [
+            ("model.experts_per_token", self.experts_per_token.is_some()),
+            ("model.normalize_expert_weights", self.normalize_expert_weights.is_some()),
+            ("model.router_aux_loss", self.router_aux_loss.is_some()),
+        ]
+        .into_iter()
+        .find(|&(_, set)| set && self.experts.is_none())
+        .map(|(key, _)| key);
         match self.arch {
             Arch::Gpt2 if self.rope_theta.is_some() => Some(("model.rope_theta", format!("does not apply: {learned}"))),
             Arch::Gpt2 if self.rope_scaling.is_some() => {
@@ -417,6 +486,9 @@ impl ModelConfig {
                 "does not apply: GPT-2 attends to every earlier position; Llama-style models may have a window"
                     .to_string(),
             )),
+            Arch::Gpt2 if self.experts.is_some() => {
+                Some(("model.experts", "does not apply: GPT-2 has one MLP; Llama-style models may have experts".into()))
+            }
             Arch::Gpt2 if self.biases() != LinearGroup::ALL => Some((
                 "model.biases",
                 "must be [\"qkv\", \"proj\", \"mlp\"]: GPT-2 has biases on every linear layer".to_string(),
@@ -478,6 +550,34 @@ impl ModelConfig {
                     ),
                 ))
             }
+            // The transformers classes with experts: Mixtral (no biases, a sliding window or none) and Qwen3-MoE
+            // (QK-norm, attention's biases or none, no window).
+            Arch::Llama
+                if self.experts.is_some()
+                    && (self.nope_interval.is_some()
+                        || (self.qk_norm() && self.sliding_window.is_some())
+                        || ![&[][..], if self.qk_norm() { &ATTENTION_BIASES } else { &[] }]
+                            .contains(&&self.biases()[..])) =>
+            {
+                Some((
+                    "model.experts",
+                    "transformers' models with experts are Mixtral (no biases, no QK-norm) and Qwen3-MoE (QK-norm, \
+                     biases on attention's four projections or nowhere, no sliding window); neither has NoPE layers"
+                        .to_string(),
+                ))
+            }
+            Arch::Llama
+                if self.experts.is_some() && !self.qk_norm() && self.normalize_expert_weights == Some(false) =>
+            {
+                Some((
+                    "model.normalize_expert_weights",
+                    "must be true without model.qk_norm: transformers' Mixtral always divides a token's weights by \
+                     their sum (Qwen3-MoE, with QK-norm, may not)"
+                        .to_string(),
+                ))
+            }
+            Arch::Llama if expert_setting.is_some() => expert_setting
+                .map(|key| (key, "needs model.experts: it is a setting of a mixture of experts".to_string())),
             Arch::Llama if self.head_dim() % 2 != 0 => Some((
                 if self.head_dim.is_some() { "model.head_dim" } else { "model.n_embd" },
                 format!(

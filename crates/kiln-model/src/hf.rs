@@ -64,6 +64,8 @@ impl HfTensor {
 pub fn architecture(spec: &ModelSpec) -> &'static str {
     match spec.arch {
         Arch::Gpt2 => "GPT2LMHeadModel",
+        Arch::Llama if spec.experts.is_some() && spec.qk_norm => "Qwen3MoeForCausalLM",
+        Arch::Llama if spec.experts.is_some() => "MixtralForCausalLM",
         Arch::Llama if spec.qk_norm => "Qwen3ForCausalLM",
         Arch::Llama if spec.nope_interval.is_some() => "SmolLM3ForCausalLM",
         Arch::Llama if is_qwen2(spec) => "Qwen2ForCausalLM",
@@ -137,6 +139,25 @@ fn llama_parts(spec: &ModelSpec, name: &str, rows: usize) -> Vec<(String, usize,
     };
     let (hd, f) = (spec.head_dim, spec.ffn_dim);
     let (q, kv) = (spec.n_head * hd, spec.n_kv_head * hd);
+    // Experts: Mixtral's are block_sparse_moe's w1 (gate), w3 (up) and w2 (down); Qwen3-MoE's the mlp's gate_proj,
+    // up_proj and down_proj, as Llama's MLP. Either's router is its gate.
+    let (moe, [gate, up, down]) = match spec.qk_norm {
+        false => ("block_sparse_moe", ["w1", "w3", "w2"]),
+        true => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+    };
+    let expert = |e: usize, name: &str| at(&format!("{moe}.experts.{e}.{name}"), kind);
+    if let Some(experts) = spec.experts {
+        let c = spec.n_embd;
+        match stem {
+            "mlp.router" => return whole(at(&format!("{moe}.gate"), kind)),
+            "mlp.fc" => {
+                let halves = |e| [(expert(e, gate), 2 * e * f, f), (expert(e, up), (2 * e + 1) * f, f)];
+                return (0..experts.count).flat_map(halves).collect();
+            }
+            "mlp.proj" => return (0..experts.count).map(|e| (expert(e, down), e * c, c)).collect(),
+            _ => {}
+        }
+    }
     match stem {
         "ln_1" => whole(at("input_layernorm", kind)),
         "ln_2" => whole(at("post_attention_layernorm", kind)),
@@ -221,10 +242,12 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
                 "rope_parameters": rope,
             });
             // Qwen2, Qwen3 and SmolLM3 are Llama but for their biases, QK-norm or NoPE layers, which their model
-            // types say, and Mistral but for its sliding window (which kiln's config allows only where one of these
-            // classes has it).
+            // types say, Mistral but for its sliding window (which kiln's config allows only where one of these
+            // classes has it), and Mixtral and Qwen3-MoE Mistral and Qwen3 with experts.
             let fields = config.as_object_mut().expect("an object");
             let model_type = match spec.nope_interval {
+                _ if spec.experts.is_some() && spec.qk_norm => "qwen3_moe",
+                _ if spec.experts.is_some() => "mixtral",
                 _ if spec.qk_norm => "qwen3",
                 Some(interval) => {
                     let rotates: Vec<_> = (0..spec.n_layer).map(|l| u8::from(spec.rotates(l))).collect();
@@ -244,12 +267,29 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
             }
             // Mistral has no biases; Qwen's have keys of their own: q, k and v's none (Qwen2), attention's
             // attention_bias (Qwen3). Qwen's window covers the layers from max_window_layers on: all or none.
-            if model_type == "mistral" {
+            if model_type == "mistral" || model_type == "mixtral" {
                 fields.remove("attention_bias");
                 fields.remove("mlp_bias");
                 fields.remove("use_sliding_window");
             }
-            if model_type.starts_with("qwen") {
+            if let Some(experts) = spec.experts {
+                fields.remove("mlp_bias");
+                fields.insert("num_local_experts".into(), experts.count.into());
+                fields.insert("num_experts_per_tok".into(), experts.per_token.into());
+                // transformers adds the balancing loss only where told to return the routers' logits.
+                fields.insert("output_router_logits".into(), (experts.aux_loss > 0.0).into());
+                fields.insert("router_aux_loss_coef".into(), experts.aux_loss.into());
+            }
+            if model_type == "qwen3_moe" {
+                // Qwen3-MoE's experts are moe_intermediate_size wide; intermediate_size is its plain MLPs', which
+                // no block has.
+                fields.insert("moe_intermediate_size".into(), spec.ffn_dim.into());
+                fields.insert("num_experts".into(), spec.mlps().into());
+                fields.insert("norm_topk_prob".into(), spec.experts.is_some_and(|e| e.normalize).into());
+                fields.insert("decoder_sparse_step".into(), 1.into());
+                fields.insert("mlp_only_layers".into(), serde_json::json!([]));
+            }
+            if model_type == "qwen2" || model_type == "qwen3" {
                 fields.remove("mlp_bias");
                 let first_sliding = if spec.sliding_window.is_some() { 0 } else { spec.n_layer };
                 fields.insert("max_window_layers".into(), first_sliding.into());

@@ -23,6 +23,10 @@
 use crate::params::{self, ParamInfo};
 use crate::spec::{Mlp, ModelSpec};
 use kiln_core::config::Recompute;
+use kiln_core::experts::{
+    Balance, ExpertMatmulBackward, ExpertMatmulForward, MoeCombine, MoeCombineBackward, MoeDims, MoeGather, MoeRoute,
+    MoeRouteBackward,
+};
 use kiln_core::{
     AttentionBackward, AttentionDims, Backend, MatmulBackward, MatmulDims, MatmulForward, NormBackward, NormDims,
     NormForward, NormKind, QkNormBackward, QkNormForward, ResidualAdd, Result, Role, Rotary, Tensor,
@@ -77,6 +81,8 @@ struct BlockWeights {
     proj_w: Tensor,
     proj_b: Option<Tensor>,
     ln_2: NormWeights,
+    /// With experts, the router's matrix; `fc_w` and `fcproj_w` then hold every expert's.
+    router: Option<Tensor>,
     fc_w: Tensor,
     fc_b: Option<Tensor>,
     fcproj_w: Tensor,
@@ -104,6 +110,7 @@ impl Weights {
                     proj_w: v("attn.proj.weight"),
                     proj_b: optional("attn.proj.bias"),
                     ln_2: norm(&format!("h.{i}.ln_2")),
+                    router: optional("mlp.router.weight"),
                     fc_w: v("mlp.fc.weight"),
                     fc_b: optional("mlp.fc.bias"),
                     fcproj_w: v("mlp.proj.weight"),
@@ -141,7 +148,9 @@ struct BlockActivations {
     res2: Tensor,
     ln2: Tensor,
     ln2_stats: NormStats,
-    /// The MLP's first product: GELU's input, or SwiGLU's gate and up halves.
+    /// With experts, the tokens' routing and dispatched rows.
+    routing: Option<Routing>,
+    /// The MLP's first product: GELU's input, or SwiGLU's gate and up halves (with experts, of the dispatched rows).
     fch_pre: Tensor,
     /// The MLP's hidden layer, after the nonlinearity.
     fch: Tensor,
@@ -159,6 +168,7 @@ impl BlockActivations {
         let elementwise = first.filter(|_| recompute != Recompute::None);
         let block = first.filter(|_| recompute == Recompute::Block);
         let qk = |len: usize| if spec.qk_norm { len } else { 0 };
+        let mlp_rows = spec.mlp_rows(n);
         BlockActivations {
             ln1: elementwise.map_or_else(|| a.acts.take(n * c), |f| f.ln1),
             ln1_stats: block.map_or_else(|| a.norm_stats(spec, n), |f| f.ln1_stats),
@@ -173,9 +183,44 @@ impl BlockActivations {
             res2: block.map_or_else(|| a.acts.take(n * c), |f| f.res2),
             ln2: elementwise.map_or_else(|| a.acts.take(n * c), |f| f.ln2),
             ln2_stats: block.map_or_else(|| a.norm_stats(spec, n), |f| f.ln2_stats),
-            fch_pre: block.map_or_else(|| a.acts.take(n * spec.fc_width()), |f| f.fch_pre),
-            fch: elementwise.map_or_else(|| a.acts.take(n * spec.ffn_dim), |f| f.fch),
+            routing: spec.experts.and_then(|_| match block {
+                Some(f) => f.routing,
+                None => Some(Routing::take(a, spec, n)),
+            }),
+            fch_pre: block.map_or_else(|| a.acts.take(mlp_rows * spec.fc_width()), |f| f.fch_pre),
+            fch: elementwise.map_or_else(|| a.acts.take(mlp_rows * spec.ffn_dim), |f| f.fch),
             res3: a.acts.take(n * c),
+        }
+    }
+}
+
+/// A block's routing of its tokens to their experts and the rows it dispatched (see `kiln_core::experts`).
+#[derive(Clone, Copy, Debug)]
+struct Routing {
+    probs: Tensor,
+    weights: Tensor,
+    chosen: Tensor,
+    order: Tensor,
+    place: Tensor,
+    offsets: Tensor,
+    /// The norm's output, a row per slot in dispatch order: the experts' input.
+    dispatched: Tensor,
+    /// The experts' outputs, before their weighted sum.
+    expert_out: Tensor,
+}
+
+impl Routing {
+    fn take(a: &mut Arenas, spec: &ModelSpec, n: usize) -> Self {
+        let (experts, slots, c) = (spec.mlps(), spec.mlp_rows(n), spec.n_embd);
+        Routing {
+            probs: a.stats.take(n * experts),
+            weights: a.stats.take(slots),
+            chosen: a.index.take(slots),
+            order: a.index.take(slots),
+            place: a.index.take(slots),
+            offsets: a.index.take(experts + 1),
+            dispatched: a.acts.take(slots * c),
+            expert_out: a.acts.take(slots * c),
         }
     }
 }
@@ -273,11 +318,22 @@ impl Activations {
             (
                 "activations: projection output and the backward pass's buffers",
                 Role::Activation,
-                vec![self.proj, self.dresidual, self.dbtc, self.dqkv, self.dfch, self.dfch_pre],
+                vec![
+                    self.proj,
+                    self.dresidual,
+                    self.dbtc,
+                    self.dqkv,
+                    self.dfch,
+                    self.dfch_pre,
+                    self.router_logits,
+                    self.dexpert_out,
+                    self.ddispatched,
+                    self.dlogits,
+                ],
             ),
             ("statistics: norms, attention log-sum-exp, losses, rotary table", Role::Stat, {
                 let mut s = stats(&self.lnf_stats);
-                s.extend([self.losses, self.rope_table, self.dres_sums]);
+                s.extend([self.losses, self.rope_table, self.dres_sums, self.dweights, self.balance]);
                 s
             }),
             ("token ids and targets", Role::Index, vec![self.tokens, self.targets]),
@@ -288,6 +344,11 @@ impl Activations {
             kinds[2].2.extend([b.qkv, b.qkv_pre]);
             kinds[3].2.push(b.atty);
             kinds[4].2.extend([b.fch_pre, b.fch]);
+            if let Some(r) = &b.routing {
+                kinds[4].2.extend([r.dispatched, r.expert_out]);
+                kinds[7].2.extend([r.probs, r.weights]);
+                kinds[8].2.extend([r.chosen, r.order, r.place, r.offsets]);
+            }
             kinds[7].2.extend(stats(&b.ln1_stats).into_iter().chain(stats(&b.ln2_stats)).chain([b.att_lse, b.qk_rstd]));
         }
         let mut seen = std::collections::HashSet::new();
@@ -360,6 +421,15 @@ struct Activations {
     dfch: Tensor,
     /// The gradient of SwiGLU's input (empty for GELU, whose derivative the product's backward applies).
     dfch_pre: Tensor,
+    /// With experts (empty without): the router's output, which routing consumes at once; the backward pass's
+    /// gradients of the experts' outputs, of their input, of the slots' weights and of the router's output; and the
+    /// load-balancing loss's gradient (see [`Balance`]), which a training pass accumulates.
+    router_logits: Tensor,
+    dexpert_out: Tensor,
+    ddispatched: Tensor,
+    dweights: Tensor,
+    dlogits: Tensor,
+    balance: Tensor,
     /// The column sums of the residual stream's gradient, a projection's bias gradient before it is added in (see
     /// [`Model::fuse_bias_gradients`]); empty without biases.
     dres_sums: Tensor,
@@ -373,6 +443,8 @@ impl Activations {
         let n = max_batch * t;
         let swiglu = spec.mlp == Mlp::SwiGlu;
         let backward = |len: usize| if training { len } else { 0 };
+        let (mlp_rows, moe) = (spec.mlp_rows(n), spec.experts.is_some());
+        let routed = |len: usize| if moe { len } else { 0 };
         let first = BlockActivations::take(a, spec, n, None, recompute);
         let rest: Vec<_> =
             (1..spec.n_layer).map(|_| BlockActivations::take(a, spec, n, Some(&first), recompute)).collect();
@@ -391,8 +463,14 @@ impl Activations {
             // Attention's output gradient as well as the norms' inputs'.
             dbtc: a.acts.take(backward(n * c.max(spec.attention_width()))),
             dqkv: a.acts.take(backward(n * spec.qkv_width())),
-            dfch: a.acts.take(backward(n * spec.ffn_dim)),
-            dfch_pre: a.acts.take(backward(if swiglu { n * spec.fc_width() } else { 0 })),
+            dfch: a.acts.take(backward(mlp_rows * spec.ffn_dim)),
+            dfch_pre: a.acts.take(backward(if swiglu { mlp_rows * spec.fc_width() } else { 0 })),
+            router_logits: a.acts.take(routed(n * spec.mlps())),
+            dexpert_out: a.acts.take(backward(routed(mlp_rows * c))),
+            ddispatched: a.acts.take(backward(routed(mlp_rows * c))),
+            dweights: a.stats.take(backward(routed(mlp_rows))),
+            dlogits: a.acts.take(backward(routed(n * spec.mlps()))),
+            balance: a.stats.take(backward(routed(spec.mlps()))),
             dres_sums: a.stats.take(backward(if spec.biases.into_residual() { c } else { 0 })),
         }
     }
@@ -422,6 +500,16 @@ impl Rows {
     /// The first `n` rows of `width` elements of an activation.
     fn of(&self, t: Tensor, width: usize) -> Tensor {
         t.slice(0, self.n() * width)
+    }
+
+    /// The MLP's rows of `width` elements of an activation for these rows: with experts, the dispatched rows.
+    fn mlp(&self, spec: &ModelSpec, t: Tensor, width: usize) -> Tensor {
+        t.slice(0, spec.mlp_rows(self.n()) * width)
+    }
+
+    /// The routing of these rows to `spec`'s experts.
+    fn moe(&self, spec: &ModelSpec) -> Option<MoeDims> {
+        spec.experts.map(|e| MoeDims { rows: self.n(), experts: e.count, top_k: e.per_token })
     }
 
     /// The statistics of the first `n` rows.
@@ -747,10 +835,10 @@ impl Model {
     /// Block `l`'s MLP nonlinearity, from the pre-activation `fch_pre` to the hidden layer `fch`.
     fn activation<B: Backend + ?Sized>(&self, b: &mut B, r: Rows, l: usize) -> Result<()> {
         let (s, a) = (&self.spec, &self.acts.blocks[l]);
-        let (fch, pre) = (r.of(a.fch, s.ffn_dim), r.of(a.fch_pre, s.fc_width()));
+        let (fch, pre) = (r.mlp(s, a.fch, s.ffn_dim), r.mlp(s, a.fch_pre, s.fc_width()));
         match s.mlp {
             Mlp::Gelu => b.gelu_forward(fch, pre),
-            Mlp::SwiGlu => b.swiglu_forward(fch, pre, r.n(), s.ffn_dim),
+            Mlp::SwiGlu => b.swiglu_forward(fch, pre, s.mlp_rows(r.n()), s.ffn_dim),
         }
     }
 
@@ -780,8 +868,14 @@ impl Model {
 
     /// Block `l`'s forward pass from its first norm's output to the MLP's hidden layer: all but the MLP's output
     /// projection and the residual add that ends the block. A backward pass that recomputes whole blocks runs this
-    /// again.
-    fn block_to_hidden<B: Backend + ?Sized>(&self, b: &mut B, r: Rows, l: usize) -> Result<()> {
+    /// again (without `balance`: routing again adds nothing to the balancing loss's gradient).
+    fn block_to_hidden<B: Backend + ?Sized>(
+        &self,
+        b: &mut B,
+        r: Rows,
+        l: usize,
+        balance: Option<Balance>,
+    ) -> Result<()> {
         let s = &self.spec;
         let (a, wt) = (&self.acts.blocks[l], &self.p.blocks[l]);
         let (c, n, w, ffn, fc_width) = (s.n_embd, r.n(), s.qkv_width(), s.ffn_dim, s.fc_width());
@@ -822,6 +916,9 @@ impl Model {
         })?;
         let residual = ResidualAdd { other: self.acts.proj, sum: a.res2 };
         self.norm(b, r, a.ln2, a.ln2_stats, self.block_input(l), Some(residual), wt.ln_2)?;
+        if let (Some(routing), Some(router), Some(d)) = (a.routing, wt.router, r.moe(s)) {
+            return self.experts_to_hidden(b, r, l, routing, router, d, balance);
+        }
         match s.mlp {
             Mlp::Gelu => b.matmul_forward(MatmulForward {
                 out: r.of(a.fch, ffn),
@@ -845,6 +942,73 @@ impl Model {
         }
     }
 
+    /// With experts, block `l`'s MLP from the norm's output to the experts' hidden layers: the router's product,
+    /// routing (adding to the balancing loss's gradient where `balance`), the dispatch, and the experts' first
+    /// products and nonlinearity.
+    #[allow(clippy::too_many_arguments)]
+    fn experts_to_hidden<B: Backend + ?Sized>(
+        &self,
+        b: &mut B,
+        r: Rows,
+        l: usize,
+        routing: Routing,
+        router: Tensor,
+        d: MoeDims,
+        balance: Option<Balance>,
+    ) -> Result<()> {
+        let (s, a) = (&self.spec, &self.acts.blocks[l]);
+        let (c, n, fc_width, slots) = (s.n_embd, r.n(), s.fc_width(), d.slots());
+        let logits = r.of(self.acts.router_logits, d.experts);
+        let inp = r.of(a.ln2, c);
+        let d_router = MatmulDims { rows: n, c_in: c, c_out: d.experts };
+        b.matmul_forward(MatmulForward { out: logits, inp, weight: router, bias: None, gelu_pre: None, d: d_router })?;
+        let Routing { probs, weights, chosen, order, place, offsets, dispatched, .. } = routing;
+        let (probs, weights, dispatched) = (r.of(probs, d.experts), r.mlp(s, weights, 1), r.mlp(s, dispatched, c));
+        let (chosen, order, place) = (r.mlp(s, chosen, 1), r.mlp(s, order, 1), r.mlp(s, place, 1));
+        let normalize = s.experts.is_some_and(|e| e.normalize);
+        b.moe_route(MoeRoute { probs, weights, chosen, order, place, offsets, logits, normalize, balance, d })?;
+        b.moe_gather(MoeGather { out: dispatched, inp, order, width: c, d })?;
+        b.expert_matmul_forward(ExpertMatmulForward {
+            out: r.mlp(s, a.fch_pre, fc_width),
+            inp: dispatched,
+            weight: self.p.blocks[l].fc_w,
+            offsets,
+            experts: d.experts,
+            d: MatmulDims { rows: slots, c_in: c, c_out: fc_width },
+        })?;
+        self.activation(b, r, l)
+    }
+
+    /// With experts, block `l`'s experts' outputs from their hidden layers: the products that end its MLP, before
+    /// their weighted sum. A backward pass that recomputes whole blocks runs this again, as it reads them.
+    fn experts_out<B: Backend + ?Sized>(
+        &self,
+        b: &mut B,
+        r: Rows,
+        l: usize,
+        routing: Routing,
+        d: MoeDims,
+    ) -> Result<()> {
+        let (s, a) = (&self.spec, &self.acts.blocks[l]);
+        b.expert_matmul_forward(ExpertMatmulForward {
+            out: r.mlp(s, routing.expert_out, s.n_embd),
+            inp: r.mlp(s, a.fch, s.ffn_dim),
+            weight: self.p.blocks[l].fcproj_w,
+            offsets: routing.offsets,
+            experts: d.experts,
+            d: MatmulDims { rows: d.slots(), c_in: s.ffn_dim, c_out: s.n_embd },
+        })
+    }
+
+    /// The load-balancing loss's part in a pass of `r`'s rows: only a training pass has one, and only with a
+    /// coefficient above 0.
+    fn balance(&self, r: Rows, pass: Pass) -> Option<Balance> {
+        let (Pass::Train { dloss }, Some(experts)) = (pass, self.spec.experts) else { return None };
+        let layers = self.spec.n_layer as f64;
+        let scale = experts.aux_loss * experts.count as f64 / (layers * layers * r.n() as f64);
+        (experts.aux_loss > 0.0).then_some(Balance { gradient: self.acts.balance, dloss, scale: scale as f32 })
+    }
+
     fn forward_span<B: Backend + ?Sized>(
         &self,
         b: &mut B,
@@ -862,18 +1026,37 @@ impl Model {
         };
         let wpe = self.p.wpe.map(|wpe| wpe.slice(first_pos * c, r.time * c));
         b.encoder_forward(r.of(self.acts.encoded, c), r.of(self.acts.tokens, 1), self.p.wte, wpe, r.batch, r.time, c)?;
+        let balance = self.balance(r, pass);
+        if let Some(balance) = balance {
+            b.zero(balance.gradient)?;
+        }
         on(b, Moment::Forward(0))?;
         self.norm_1(b, r, 0)?;
         for (l, (a, wt)) in self.acts.blocks.iter().zip(&self.p.blocks).enumerate() {
-            self.block_to_hidden(b, r, l)?;
-            b.matmul_forward(MatmulForward {
-                out: r.of(self.acts.proj, c),
-                inp: r.of(a.fch, ffn),
-                weight: wt.fcproj_w,
-                bias: wt.fcproj_b,
-                gelu_pre: None,
-                d: MatmulDims { rows: n, c_in: ffn, c_out: c },
-            })?;
+            self.block_to_hidden(b, r, l, balance)?;
+            let fch = r.mlp(s, a.fch, ffn);
+            match (a.routing, r.moe(s)) {
+                (Some(routing), Some(d)) => {
+                    self.experts_out(b, r, l, routing, d)?;
+                    b.moe_combine(MoeCombine {
+                        out: r.of(self.acts.proj, c),
+                        expert_out: r.mlp(s, routing.expert_out, c),
+                        weights: Some(r.mlp(s, routing.weights, 1)),
+                        place: r.mlp(s, routing.place, 1),
+                        accumulate: false,
+                        width: c,
+                        d,
+                    })?;
+                }
+                _ => b.matmul_forward(MatmulForward {
+                    out: r.of(self.acts.proj, c),
+                    inp: fch,
+                    weight: wt.fcproj_w,
+                    bias: wt.fcproj_b,
+                    gelu_pre: None,
+                    d: MatmulDims { rows: n, c_in: ffn, c_out: c },
+                })?,
+            }
             // The residual add that ends this block, fused with the norm that starts the next (or the final norm).
             if l + 1 < s.n_layer {
                 on(b, Moment::Forward(l + 1))?;
@@ -1006,48 +1189,55 @@ impl Model {
                 Recompute::Elementwise => self.activation(b, r, l)?,
                 Recompute::Block => {
                     self.norm_1(b, r, l)?;
-                    self.block_to_hidden(b, r, l)?;
+                    self.block_to_hidden(b, r, l, None)?;
+                    if let (Some(routing), Some(d)) = (a.routing, r.moe(s)) {
+                        self.experts_out(b, r, l, routing, d)?;
+                    }
                 }
             }
-            let dfch = r.of(self.acts.dfch, ffn);
             // MLP: dres is the gradient of res3, which flows unchanged to res2 and into the MLP's output.
-            let gelu_pre = (s.mlp == Mlp::Gelu).then(|| r.of(a.fch_pre, fc_width));
-            add_sums(b, g.fcproj_b)?;
-            b.matmul_backward(MatmulBackward {
-                dinp: dfch,
-                dweight: g.fcproj_w,
-                dbias: own(g.fcproj_b, fused),
-                dout: dres,
-                inp: r.of(a.fch, ffn),
-                weight: wt.fcproj_w,
-                gelu_pre,
-                gelu_dbias: if fused_gelu { g.fc_b } else { None },
-                d: lin(ffn, c),
-            })?;
-            // dfch is now the gradient of GELU's input; SwiGLU's backward takes it to that of the gate and up.
-            let dfc_out = match s.mlp {
-                Mlp::Gelu => dfch,
-                Mlp::SwiGlu => {
-                    let dpre = r.of(self.acts.dfch_pre, fc_width);
-                    b.swiglu_backward(dpre, dfch, r.of(a.fch_pre, fc_width), n, ffn)?;
-                    dpre
+            if let (Some(routing), Some(d)) = (a.routing, r.moe(s)) {
+                self.experts_backward(b, r, l, routing, d, g)?;
+            } else {
+                let dfch = r.of(self.acts.dfch, ffn);
+                let gelu_pre = (s.mlp == Mlp::Gelu).then(|| r.of(a.fch_pre, fc_width));
+                add_sums(b, g.fcproj_b)?;
+                b.matmul_backward(MatmulBackward {
+                    dinp: dfch,
+                    dweight: g.fcproj_w,
+                    dbias: own(g.fcproj_b, fused),
+                    dout: dres,
+                    inp: r.of(a.fch, ffn),
+                    weight: wt.fcproj_w,
+                    gelu_pre,
+                    gelu_dbias: if fused_gelu { g.fc_b } else { None },
+                    d: lin(ffn, c),
+                })?;
+                // dfch is now the gradient of GELU's input; SwiGLU's backward takes it to that of the gate and up.
+                let dfc_out = match s.mlp {
+                    Mlp::Gelu => dfch,
+                    Mlp::SwiGlu => {
+                        let dpre = r.of(self.acts.dfch_pre, fc_width);
+                        b.swiglu_backward(dpre, dfch, r.of(a.fch_pre, fc_width), n, ffn)?;
+                        dpre
+                    }
+                };
+                if elementwise {
+                    // From the residual sum that the forward pass wrote and normalised, which the norm's backward reads.
+                    self.norm(b, r, a.ln2, a.ln2_stats, a.res2, None, wt.ln_2)?;
                 }
-            };
-            if elementwise {
-                // From the residual sum that the forward pass wrote and normalised, which the norm's backward reads.
-                self.norm(b, r, a.ln2, a.ln2_stats, a.res2, None, wt.ln_2)?;
+                b.matmul_backward(MatmulBackward {
+                    dinp: dbtc,
+                    dweight: g.fc_w,
+                    dbias: own(g.fc_b, fused_gelu),
+                    dout: dfc_out,
+                    inp: r.of(a.ln2, c),
+                    weight: wt.fc_w,
+                    gelu_pre: None,
+                    gelu_dbias: None,
+                    d: lin(c, fc_width),
+                })?;
             }
-            b.matmul_backward(MatmulBackward {
-                dinp: dbtc,
-                dweight: g.fc_w,
-                dbias: own(g.fc_b, fused_gelu),
-                dout: dfc_out,
-                inp: r.of(a.ln2, c),
-                weight: wt.fc_w,
-                gelu_pre: None,
-                gelu_dbias: None,
-                d: lin(c, fc_width),
-            })?;
             norm_backward(b, dbtc, a.res2, wt.ln_2, g.ln_2, a.ln2_stats, dres_sums)?;
             // Attention.
             let dqkv = r.of(self.acts.dqkv, w);
@@ -1104,6 +1294,96 @@ impl Model {
         }
         b.encoder_backward(grads.wte, grads.wpe, dres, r.of(self.acts.tokens, 1), batch, time, c)?;
         on(b, Moment::Ready(0))
+    }
+
+    /// With experts, block `l`'s MLP backward from `dres`, the gradient of its output, to `dbtc`, that of its input
+    /// (the norm's output): the combination, the experts' products and nonlinearity, the routing (with the
+    /// balancing loss's gradient where training has one) and the router's product, and the dispatch's backward,
+    /// which adds each token's share from its experts.
+    fn experts_backward<B: Backend + ?Sized>(
+        &self,
+        b: &mut B,
+        r: Rows,
+        l: usize,
+        routing: Routing,
+        d: MoeDims,
+        g: &BlockWeights,
+    ) -> Result<()> {
+        let (s, a, wt, acts) = (&self.spec, &self.acts.blocks[l], &self.p.blocks[l], &self.acts);
+        let (c, ffn, fc_width, slots, experts) = (s.n_embd, s.ffn_dim, s.fc_width(), d.slots(), d.experts);
+        let (Some(router), Some(drouter)) = (wt.router, g.router) else {
+            return Err(kiln_core::Error::Invalid("a model with experts has a router in every block".into()));
+        };
+        let Routing { probs, weights, chosen, order, place, offsets, dispatched, expert_out } = routing;
+        let (weights, chosen, order, place) =
+            (r.mlp(s, weights, 1), r.mlp(s, chosen, 1), r.mlp(s, order, 1), r.mlp(s, place, 1));
+        let (dexpert_out, dweights) = (r.mlp(s, acts.dexpert_out, c), r.mlp(s, acts.dweights, 1));
+        let (dres, dbtc) = (r.of(acts.dresidual, c), r.of(acts.dbtc, c));
+        b.moe_combine_backward(MoeCombineBackward {
+            dexpert_out,
+            dweights,
+            dout: dres,
+            expert_out: r.mlp(s, expert_out, c),
+            weights,
+            order,
+            place,
+            width: c,
+            d,
+        })?;
+        let lin = |c_in, c_out| MatmulDims { rows: slots, c_in, c_out };
+        let dfch = r.mlp(s, acts.dfch, ffn);
+        b.expert_matmul_backward(ExpertMatmulBackward {
+            dinp: dfch,
+            dweight: g.fcproj_w,
+            dout: dexpert_out,
+            inp: r.mlp(s, a.fch, ffn),
+            weight: wt.fcproj_w,
+            offsets,
+            experts,
+            d: lin(ffn, c),
+        })?;
+        let dpre = r.mlp(s, acts.dfch_pre, fc_width);
+        b.swiglu_backward(dpre, dfch, r.mlp(s, a.fch_pre, fc_width), slots, ffn)?;
+        let ddispatched = r.mlp(s, acts.ddispatched, c);
+        b.expert_matmul_backward(ExpertMatmulBackward {
+            dinp: ddispatched,
+            dweight: g.fc_w,
+            dout: dpre,
+            inp: r.mlp(s, dispatched, c),
+            weight: wt.fc_w,
+            offsets,
+            experts,
+            d: lin(c, fc_width),
+        })?;
+        let dlogits = r.of(acts.dlogits, experts);
+        let balance = s.experts.filter(|e| e.aux_loss > 0.0).map(|_| acts.balance);
+        let normalize = s.experts.is_some_and(|e| e.normalize);
+        let probs = r.of(probs, experts);
+        b.moe_route_backward(MoeRouteBackward { dlogits, dweights, probs, weights, chosen, normalize, balance, d })?;
+        if self.recompute == Recompute::Elementwise {
+            // From the residual sum that the forward pass wrote and normalised, which the norm's backward reads.
+            self.norm(b, r, a.ln2, a.ln2_stats, a.res2, None, wt.ln_2)?;
+        }
+        b.matmul_backward(MatmulBackward {
+            dinp: dbtc,
+            dweight: drouter,
+            dbias: None,
+            dout: dlogits,
+            inp: r.of(a.ln2, c),
+            weight: router,
+            gelu_pre: None,
+            gelu_dbias: None,
+            d: MatmulDims { rows: r.n(), c_in: c, c_out: experts },
+        })?;
+        b.moe_combine(MoeCombine {
+            out: dbtc,
+            expert_out: ddispatched,
+            weights: None,
+            place,
+            accumulate: true,
+            width: c,
+            d,
+        })
     }
 
     /// The logits of one position (`row = b·time + t` of the last forward pass), over the real vocabulary.

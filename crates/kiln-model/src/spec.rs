@@ -8,7 +8,7 @@
 //! branch on these fields and nothing else, so a new variant is one more case of a field.
 
 use crate::params::{Init, ParamInfo};
-use kiln_core::config::{Arch, LinearGroup, ModelConfig, RopeScaling};
+use kiln_core::config::{Arch, Experts, LinearGroup, ModelConfig, RopeScaling};
 use kiln_core::memory::StepShapes;
 use kiln_core::{AttentionDims, NormKind};
 
@@ -87,6 +87,9 @@ pub struct ModelSpec {
     pub nope_interval: Option<usize>,
     /// Keys each query sees in every block, itself the last (sliding-window attention); none: every earlier one.
     pub sliding_window: Option<usize>,
+    /// With experts, each block's MLP is `count` SwiGLU MLPs of width `ffn_dim`, of which a router (a matrix of its
+    /// own) picks `per_token` for each token (see `kiln_core::experts`).
+    pub experts: Option<Experts>,
     /// Whether the LM head is the token embedding.
     pub tie_embeddings: bool,
 }
@@ -121,6 +124,7 @@ impl ModelSpec {
             qk_norm: m.qk_norm(),
             nope_interval: m.nope_interval,
             sliding_window: m.sliding_window,
+            experts: m.experts(),
             tie_embeddings: m.tie_embeddings(),
         }
     }
@@ -143,6 +147,10 @@ impl ModelSpec {
             qk_norm: None,
             nope_interval: None,
             sliding_window: None,
+            experts: None,
+            experts_per_token: None,
+            normalize_expert_weights: None,
+            router_aux_loss: None,
             biases: None,
             init: None,
             attention: Default::default(),
@@ -184,6 +192,16 @@ impl ModelSpec {
         }
     }
 
+    /// The MLPs of a block: its experts, or the one.
+    pub fn mlps(&self) -> usize {
+        self.experts.map_or(1, |e| e.count)
+    }
+
+    /// Rows of a block's MLP for `rows` tokens: each token's once per expert it goes to.
+    pub fn mlp_rows(&self, rows: usize) -> usize {
+        rows * self.experts.map_or(1, |e| e.per_token)
+    }
+
     /// Whether attention's backward pass sums its input gradient for the qkv projection's bias gradient when bias
     /// gradients are `fused` (see `Model::fuse_bias_gradients`): not with rotary positions, since the bias was added
     /// before the rotation that the backward pass undoes after attention's.
@@ -216,7 +234,7 @@ impl ModelSpec {
     /// The parameter tensors in layout order.
     ///
     /// Order: `wte`, `wpe` (learned positions), then each block's tensors, then the final norm and, when it is not
-    /// tied, the LM head. Within a block the four weight matrices come first and the vectors (biases and norm
+    /// tied, the LM head. Within a block the weight matrices (four, or with experts the router's and five) come first and the vectors (biases and norm
     /// parameters) after them, so that the weights that take weight decay form one contiguous run per block and a
     /// block's gradients are contiguous (a data-parallel reduction can start on a block as soon as its backward
     /// pass is done). Everything from any block on is final once the backward pass has passed that block, since
@@ -245,8 +263,13 @@ impl ModelSpec {
             let p = |n: &str| format!("h.{i}.{n}");
             push(p("attn.qkv.weight"), vec![self.qkv_width(), c], Init::Normal(INIT_STD), true);
             push(p("attn.proj.weight"), vec![c, self.attention_width()], Init::Normal(residual_std), true);
-            push(p("mlp.fc.weight"), vec![self.fc_width(), c], Init::Normal(INIT_STD), true);
-            push(p("mlp.proj.weight"), vec![c, f], Init::Normal(residual_std), true);
+            // With experts, their matrices one after another, after the router's.
+            if let Some(experts) = self.experts {
+                push(p("mlp.router.weight"), vec![experts.count, c], Init::Normal(INIT_STD), true);
+            }
+            let mlps = self.mlps();
+            push(p("mlp.fc.weight"), vec![mlps * self.fc_width(), c], Init::Normal(INIT_STD), true);
+            push(p("mlp.proj.weight"), vec![mlps * c, f], Init::Normal(residual_std), true);
             push(p("ln_1.weight"), vec![c], Init::Ones, false);
             if layer_norm {
                 push(p("ln_1.bias"), vec![c], Init::Zeros, false);
@@ -304,10 +327,12 @@ impl ModelSpec {
         let (vocab, ffn, time) = (self.padded_vocab as f64, self.ffn_dim as f64, self.block_size as f64);
         let head_dim = self.head_dim as f64;
         let qkv = head_dim * (heads + 2.0 * self.n_kv_head as f64);
-        let per_block = (qkv + 3.0 * ffn + 8.0) * (c + 1.0) + c * heads * head_dim + 2.0 * head_dim;
+        let (mlps, mlp_rows) = (self.mlps() as f64, self.mlp_rows(1) as f64);
+        let per_block = (qkv + 3.0 * ffn * mlps + mlps + 8.0) * (c + 1.0) + c * heads * head_dim + 2.0 * head_dim;
         // The weights with their gradients and two moments, and the activations of every row.
         let weights = 4.0 * (layers * per_block + 2.0 * vocab * c + time * c);
-        let activations = max_batch as f64 * time * (layers * (2.0 * qkv + 3.0 * ffn + 8.0 * c + heads) + vocab);
+        let per_row = 2.0 * qkv + (3.0 * ffn + 2.0 * c) * mlp_rows + 8.0 * c + heads + 2.0 * mlps;
+        let activations = max_batch as f64 * time * (layers * per_row + vocab);
         if weights + activations > MOST {
             let message = format!(
                 "a model of {} layers {} wide (MLP {}, vocabulary {}) in batches of {max_batch} × {} tokens needs \
@@ -341,13 +366,21 @@ impl ModelSpec {
         self.num_params() - (unused_rows + positions) * self.n_embd
     }
 
-    /// Arithmetic of a training step per token, on sequences of `t` tokens: 6 per counted parameter (2 forward, 4
-    /// backward) plus attention's 6·L·C·T (its two products, forward and backward), as llm.c and the anchors count
-    /// for MFU, with C attention's width (`n_embd` unless the heads are set wider or narrower). A sliding window
-    /// shorter than the sequence counts in its place, as it stands in its place in the products.
+    /// The counted parameters ([`Self::num_counted_params`]) that each token's arithmetic uses: with experts, only
+    /// the MLPs of those it goes to.
+    pub fn num_active_params(&self) -> usize {
+        let unused = self.experts.map_or(0, |e| e.count - e.per_token);
+        let mlp = (self.fc_width() + self.ffn_dim) * self.n_embd;
+        self.num_counted_params() - self.n_layer * unused * mlp
+    }
+
+    /// Arithmetic of a training step per token, on sequences of `t` tokens: 6 per active counted parameter (2
+    /// forward, 4 backward) plus attention's 6·L·C·T (its two products, forward and backward), as llm.c and the
+    /// anchors count for MFU, with C attention's width (`n_embd` unless the heads are set wider or narrower). A
+    /// sliding window shorter than the sequence counts in its place, as it stands in its place in the products.
     pub fn flops_per_token(&self, t: usize) -> f64 {
         let keys = self.sliding_window.map_or(t, |w| w.min(t));
-        6.0 * self.num_counted_params() as f64 + 6.0 * (self.n_layer * self.attention_width() * keys) as f64
+        6.0 * self.num_active_params() as f64 + 6.0 * (self.n_layer * self.attention_width() * keys) as f64
     }
 
     /// Whether `name` is a matrix with a row per token (the embedding, the LM head), whose padded rows are unused.

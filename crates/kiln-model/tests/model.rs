@@ -2,9 +2,9 @@
 //! for both families: GPT-2 and a Llama-style model (RMS norm, rotary positions with Llama 3's scaling, SwiGLU,
 //! grouped-query attention, an untied head), and one with biases on every product (as Llama's `attention_bias` and
 //! `mlp_bias`, a superset of Qwen2's), one as Qwen3 is (QK-norm, with heads wider than `n_embd / n_head`), and one
-//! as SmolLM3 is (blocks without rotary positions).
+//! as SmolLM3 is (blocks without rotary positions), and ones with a mixture of experts (as Mixtral and Qwen3-MoE).
 
-use kiln_core::config::{Arch, Recompute, RopeScaling, RopeScalingKind};
+use kiln_core::config::{Arch, Experts, Recompute, RopeScaling, RopeScalingKind};
 use kiln_core::{Backend, NormKind, Tensor};
 use kiln_cpu::CpuBackend;
 use kiln_model::{Biases, Blocks, Mlp, Model, ModelSpec, Moment, Pass, Positions, TrainingMemory};
@@ -38,6 +38,18 @@ fn llama(gpt2: ModelSpec) -> ModelSpec {
     }
 }
 
+/// `llama` with a mixture of 3 experts, 2 a token, their weights normalised (Mixtral's) and a balancing loss of
+/// coefficient `aux_loss`.
+fn mixtral(llama: ModelSpec, aux_loss: f64) -> ModelSpec {
+    ModelSpec { experts: Some(Experts { count: 3, per_token: 2, normalize: true, aux_loss }), ..llama }
+}
+
+/// Qwen3-MoE's: QK-norm, and 4 experts, 2 a token, whose weights are the probabilities themselves.
+fn qwen3_moe(llama: ModelSpec, aux_loss: f64) -> ModelSpec {
+    let experts = Experts { count: 4, per_token: 2, normalize: false, aux_loss };
+    ModelSpec { head_dim: 4, qk_norm: true, experts: Some(experts), ..llama }
+}
+
 fn batch(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7 + salt * 3 + i * i) % vocab) as u32).collect()
 }
@@ -64,7 +76,9 @@ fn every_parameter_gradient_matches_finite_differences() {
     let smollm3 = ModelSpec { nope_interval: Some(2), ..llama(shape(vocab)) };
     // Mistral's: a sliding window of 2 over sequences of 5.
     let mistral = ModelSpec { sliding_window: Some(2), ..llama(shape(vocab)) };
-    for s in [shape(vocab), llama(shape(vocab)), biased, qwen3, smollm3, mistral] {
+    // Experts, without the balancing loss, which a loss pass does not compute (the golden files check it).
+    let (mixtral, qwen3_moe) = (mixtral(llama(shape(vocab)), 0.0), qwen3_moe(llama(shape(vocab)), 0.0));
+    for s in [shape(vocab), llama(shape(vocab)), biased, qwen3, smollm3, mistral, mixtral, qwen3_moe] {
         every_parameter_gradient_matches_finite_differences_for(s);
     }
 }
@@ -174,7 +188,8 @@ fn decoding_with_the_cache_matches_recomputing_the_context() {
     let qwen3 = ModelSpec { head_dim: 4, qk_norm: true, ..llama };
     let smollm3 = ModelSpec { nope_interval: Some(2), ..llama };
     let mistral = ModelSpec { sliding_window: Some(3), ..llama };
-    for s in [ModelSpec::gpt2(2, 2, 8, 12, 11), llama, qwen3, smollm3, mistral] {
+    let (mixtral, qwen3_moe) = (mixtral(llama, 0.01), qwen3_moe(llama, 0.0));
+    for s in [ModelSpec::gpt2(2, 2, 8, 12, 11), llama, qwen3, smollm3, mistral, mixtral, qwen3_moe] {
         decoding_with_the_cache_matches_recomputing_the_context_for(s);
     }
 }
@@ -246,7 +261,7 @@ fn greedy_sampling_is_the_same_with_and_without_the_cache() {
 fn gradients_reported_ready_do_not_change_afterwards() {
     // A data-parallel trainer starts reducing gradients as soon as backward_with reports them final: anything
     // written to them later would be lost from the reduction (an untied LM head, after the final norm, included).
-    for s in [shape(11), llama(shape(11))] {
+    for s in [shape(11), llama(shape(11)), mixtral(llama(shape(11)), 0.01)] {
         gradients_reported_ready_do_not_change_afterwards_for(s);
     }
 }
@@ -310,7 +325,9 @@ fn recomputed_activations_give_the_same_losses_and_gradients_in_less_memory() {
     // Three blocks, so that a shared buffer is written by blocks other than the one whose backward pass reads it.
     let llama = llama(ModelSpec::gpt2(3, 2, 16, 12, 11));
     let qwen3 = ModelSpec { head_dim: 6, qk_norm: true, ..llama };
-    for s in [ModelSpec::gpt2(3, 2, 16, 12, 11), llama, qwen3] {
+    // With the balancing loss, which routing again must not add to.
+    let (mixtral, qwen3_moe) = (mixtral(llama, 0.5), qwen3_moe(llama, 0.5));
+    for s in [ModelSpec::gpt2(3, 2, 16, 12, 11), llama, qwen3, mixtral, qwen3_moe] {
         let (kept_bytes, kept_losses, kept_grads) = accumulate_two_micro_batches(s, Recompute::None);
         assert!(kept_grads.iter().all(|g| g.is_finite()) && kept_grads.iter().any(|&g| g != 0.0));
         let mut bytes = vec![kept_bytes];

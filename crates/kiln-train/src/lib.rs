@@ -468,6 +468,10 @@ impl<B: Backend> Trainer<B> {
             shape.qk_norm.then(|| ", QK-norm".to_string()),
             shape.nope_interval.map(|k| format!(", NoPE every {k} blocks")),
             shape.sliding_window.map(|w| format!(", a sliding window of {w}")),
+            shape.experts.map(|e| {
+                let active = shape.num_active_params() as f64 / 1e6;
+                format!(", {} of {} experts a token ({active:.2}M parameters active)", e.per_token, e.count)
+            }),
         ]
         .into_iter()
         .flatten()

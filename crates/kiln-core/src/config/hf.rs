@@ -1,7 +1,7 @@
 //! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`,
-//! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `SmolLM3ForCausalLM`, `MistralForCausalLM`), for
-//! `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there. An optional key the file
-//! leaves out takes its class's default. A sliding window of attention is read where it covers every layer: kiln's
+//! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `SmolLM3ForCausalLM`, `MistralForCausalLM`, `MixtralForCausalLM`,
+//! `Qwen3MoeForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there.
+//! An optional key the file leaves out takes its class's default. A sliding window of attention is read where it covers every layer: kiln's
 //! `model.sliding_window` covers every block.
 //!
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
@@ -25,11 +25,13 @@ pub(super) fn model_table(path: &Path) -> Result<(toml::Table, usize)> {
         "qwen3" => qwen3(&fields),
         "smollm3" => smollm3(&fields),
         "mistral" => mistral(&fields),
+        "mixtral" => mixtral(&fields),
+        "qwen3_moe" => qwen3_moe(&fields),
         other => Err(Error::data(
             path,
             format!(
                 "model_type \"{other}\": kiln reads GPT-2 (\"gpt2\") and Llama-style (\"llama\", \"qwen2\", \
-                 \"qwen3\", \"smollm3\", \"mistral\") models"
+                 \"qwen3\", \"smollm3\", \"mistral\", \"mixtral\", \"qwen3_moe\") models"
             ),
         )),
     }?;
@@ -219,6 +221,51 @@ fn mistral(f: &Fields) -> Result<toml::Table> {
         Some(_) => Some(f.required_count("sliding_window")?),
     };
     rotary(f, Family { kv_heads: Some(8), window, ..LLAMA })
+}
+
+/// Mixtral is Mistral with a mixture of experts in every block (see [`experts`]), whose weights it always
+/// normalises, and no sliding window unless `sliding_window` sets one.
+fn mixtral(f: &Fields) -> Result<toml::Table> {
+    // Noise transformers multiplies into the experts' input while training: kiln has none.
+    if f.number("router_jitter_noise")?.is_some_and(|noise| noise != 0.0) {
+        return Err(f.error("router_jitter_noise", "kiln supports only 0"));
+    }
+    let window = f.count("sliding_window")?;
+    let mut table = rotary(f, Family { kv_heads: Some(8), rope_theta: 1e6, window, ..LLAMA })?;
+    let count = f.count("num_local_experts")?.unwrap_or(8);
+    experts(f, &mut table, count, 2, true)?;
+    Ok(table)
+}
+
+/// Qwen3-MoE is Qwen3 with a mixture of experts, `moe_intermediate_size` wide, in every block (kiln has no blocks
+/// with a plain MLP among them: `decoder_sparse_step` must be 1 and `mlp_only_layers` empty) and no sliding window.
+fn qwen3_moe(f: &Fields) -> Result<toml::Table> {
+    f.only("use_sliding_window", &[false.into()])?;
+    f.only("decoder_sparse_step", &[1.into()])?;
+    f.only("mlp_only_layers", &[Value::Array(Vec::new())])?;
+    let biases = if f.flag("attention_bias")?.unwrap_or(false) { &ATTENTION_BIASES[..] } else { &[] };
+    let mut table = rotary(f, Family { biases, qk_norm: true, kv_heads: Some(4), ..LLAMA })?;
+    table.insert("ffn_dim".into(), f.count("moe_intermediate_size")?.unwrap_or(768).into());
+    // transformers 5 writes the experts' count as num_local_experts, 4 as num_experts.
+    let count = f.count("num_local_experts")?.or(f.count("num_experts")?).unwrap_or(128);
+    let normalize = f.flag("norm_topk_prob")?.unwrap_or(false);
+    experts(f, &mut table, count, 8, normalize)?;
+    Ok(table)
+}
+
+/// The keys of a mixture of experts: `count` of them, `num_experts_per_tok` (`per_token` unless said) a token, and
+/// the load-balancing loss's coefficient `router_aux_loss_coef` (0.001 unless said) where transformers trains with
+/// it (`output_router_logits`), otherwise 0.
+fn experts(f: &Fields, table: &mut toml::Table, count: i64, per_token: i64, normalize: bool) -> Result<()> {
+    let aux_loss = match f.flag("output_router_logits")?.unwrap_or(false) {
+        true => f.number("router_aux_loss_coef")?.unwrap_or(0.001),
+        false => 0.0,
+    };
+    table.insert("experts".into(), count.into());
+    table.insert("experts_per_token".into(), f.count("num_experts_per_tok")?.unwrap_or(per_token).into());
+    table.insert("normalize_expert_weights".into(), normalize.into());
+    table.insert("router_aux_loss".into(), aux_loss.into());
+    Ok(())
 }
 
 /// What a Llama-style family is beyond Llama, and what its class takes for the keys a config.json leaves out where
