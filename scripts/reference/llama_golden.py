@@ -1,22 +1,26 @@
 """Golden files for kiln's Llama-style support, made with Hugging Face transformers.
 
-Builds tiny LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM and MistralForCausalLM models
-(fp32, CPU, eager attention), saves each one as a Hugging Face checkpoint directory, and next to it
-`golden.safetensors` with a fixed batch and what transformers computes for it:
+Builds tiny LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM, MistralForCausalLM,
+MixtralForCausalLM and Qwen3MoeForCausalLM models (fp32, CPU, eager attention), saves each one as a Hugging Face
+checkpoint directory, and next to it `golden.safetensors` with a fixed batch and what transformers computes for it:
 
     input_ids  int64 [B, T]       random token ids
     targets    int64 [B, T]       random next-token targets
     logits     f32   [B, T, V]    the model's logits for input_ids (eval mode)
     loss       f32   [1]          mean cross-entropy of logits against targets over all B·T positions
-    grad.<name> f32               d loss / d parameter, for every name in model.named_parameters()
+    aux_loss   f32   [1]          with output_router_logits, the load-balancing loss (before its coefficient)
+    grad.<name> f32               d (loss + router_aux_loss_coef · aux_loss) / d parameter, for every tensor of the
+                                  checkpoint (a mixture's experts as the checkpoint stores them, one by one)
 
 The cases cover the checkpoint variants kiln has to read: tied embeddings with the legacy transformers-4 config keys
 (rope_theta, rope_scaling); untied bf16 weights with the transformers-5 `rope_parameters`; Llama-3 RoPE scaling in a
 sharded checkpoint; Llama with biases on every linear layer (attention_bias, mlp_bias); Qwen2, whose query/key/value
 projections alone have biases; Qwen3, with QK-norm and heads wider than hidden_size / num_attention_heads
 (and attention_bias on); SmolLM3, whose second layer has no rotary embedding (NoPE); Mistral without a
-sliding window; and Mistral and Qwen2 with sliding windows shorter than the batch. Rust tests in
-crates/kiln-train/tests/ load these files.
+sliding window; Mistral and Qwen2 with sliding windows shorter than the batch; and mixtures of experts: Mixtral
+(weights normalised, trained with its load-balancing loss) and Qwen3-MoE (weights not normalised, experts as wide as
+moe_intermediate_size, which differs from intermediate_size). Rust tests in crates/kiln-train/tests/ load these
+files.
 
 Needs torch, transformers and safetensors (CPU is enough). From the repository root:
 
@@ -33,16 +37,21 @@ import os
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
 )
@@ -96,6 +105,9 @@ CASES = {
     "qwen2_window_tied": dict(
         seed=10, tie=True, rope=dict(rope_type="default", rope_theta=1000000.0), family="qwen2", window=3
     ),
+    # Four experts, two a token.
+    "mixtral_untied": dict(seed=11, tie=False, rope=dict(rope_type="default", rope_theta=1000000.0), family="mixtral"),
+    "qwen3_moe_tied": dict(seed=13, tie=True, rope=dict(rope_type="default", rope_theta=10000.0), family="qwen3_moe"),
 }
 
 FAMILIES = {
@@ -104,7 +116,12 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
+    "mixtral": (MixtralConfig, MixtralForCausalLM),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
 }
+
+# Mixtral's load-balancing coefficient: far above its default 0.001, so that a wrong gradient of that loss shows.
+MIXTRAL_AUX = 0.05
 
 
 def family(case):
@@ -145,6 +162,24 @@ def build(case):
         # so that the biases are added before the heads are normalised. It has no mlp_bias.
         del base["mlp_bias"]
         base.update(head_dim=16, attention_bias=True)
+    elif case.get("family") == "mixtral":
+        # No biases and no keys for them; trained with the load-balancing loss.
+        del base["attention_bias"], base["mlp_bias"]
+        base.update(
+            num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=MIXTRAL_AUX
+        )
+    elif case.get("family") == "qwen3_moe":
+        # Qwen3's QK-norm and wide heads; experts moe_intermediate_size (80) wide, where intermediate_size (which
+        # only MLP-only layers would use) is not; weights not normalised (norm_topk_prob).
+        del base["mlp_bias"]
+        base.update(
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            intermediate_size=56,
+            moe_intermediate_size=80,
+        )
     elif case.get("family") == "smollm3":
         # Every second layer without a rotary embedding: of two, the second (no_rope_layers [1, 0]).
         base.update(no_rope_layer_interval=2)
@@ -176,24 +211,54 @@ def build(case):
     return model.eval()
 
 
+def checkpoint_tensors(name, value, mixtral):
+    """(name, value) as the checkpoint stores the parameter `name` of named_parameters(): transformers 5 holds a
+    mixture's experts stacked (gate_up_proj [E, 2I, C], down_proj [E, C, I]) and saves them one by one."""
+    layer, _, rest = name.partition(".mlp.")
+    if rest not in ("gate.weight", "experts.gate_up_proj", "experts.down_proj"):
+        return [(name, value)]
+    module, (gate, up, down) = ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else ("mlp", PROJECTIONS)
+    if rest == "gate.weight":
+        return [(f"{layer}.{module}.gate.weight", value)]
+    if rest == "experts.down_proj":
+        return [(f"{layer}.{module}.experts.{e}.{down}.weight", m) for e, m in enumerate(value)]
+    half = value.shape[1] // 2
+    return [
+        (f"{layer}.{module}.experts.{e}.{which}.weight", part)
+        for e, m in enumerate(value)
+        for which, part in ((gate, m[:half]), (up, m[half:]))
+    ]
+
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 def golden(model, seed):
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, VOCAB, (B, T), generator=gen)
     targets = torch.randint(0, VOCAB, (B, T), generator=gen)
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=input_ids).logits.float()
+    output = model(input_ids=input_ids)
+    logits = output.logits.float()
     # Our own cross-entropy on the logits, not the model's `labels=` loss, which would shift the targets by one.
     loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
-    loss.backward()
     out = {
         "input_ids": input_ids,
         "targets": targets,
         "logits": logits.detach(),
         "loss": loss.detach().reshape(1),
     }
+    objective = loss
+    if getattr(model.config, "output_router_logits", False):
+        # The load-balancing loss over every layer's routing, which transformers adds to `labels=`'s loss.
+        objective = loss + model.config.router_aux_loss_coef * output.aux_loss
+        out["aux_loss"] = output.aux_loss.detach().float().reshape(1)
+    objective.backward()
     # named_parameters() lists a tied tensor once (as model.embed_tokens.weight); its .grad is the sum over both uses.
+    mixtral = isinstance(model, MixtralForCausalLM)
     for name, p in model.named_parameters():
-        out[f"grad.{name}"] = p.grad.detach().float()
+        for stored, grad in checkpoint_tensors(name, p.grad.detach().float(), mixtral):
+            out[f"grad.{stored}"] = grad
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -249,6 +314,23 @@ def run_case(name, case, root):
             change = (unwindowed(input_ids=g2["input_ids"]).logits.float() - g2["logits"]).abs().max().item()
         assert change > 1e-2, f"{name}: the sliding window changes the logits by {change} only"
         print(f"{name}: without its sliding window the logits differ by {change:.3f}")
+    if case.get("family") in ("mixtral", "qwen3_moe"):
+        # Every gradient names a tensor of the checkpoint, and every weight of it has one (a tied head excepted).
+        with safe_open(os.path.join(out_dir, "model.safetensors"), "pt") as f:
+            stored = set(f.keys()) - ({"lm_head.weight"} if case["tie"] else set())
+        assert stored == {k[len("grad.") :] for k in g if k.startswith("grad.")}, name
+        # Every expert of every layer gets tokens, so that every expert's gradient is checked.
+        idle = [k for k, v in g.items() if ".experts." in k and v.abs().max() == 0]
+        assert not idle, f"{name}: experts without tokens: {idle}"
+    if case.get("family") == "mixtral":
+        # The balancing loss must matter: without it, the routers' gradients differ.
+        plain = build(case)
+        plain.config.output_router_logits = False
+        plain.load_state_dict(model.state_dict())
+        g_plain = golden(plain, case["seed"])
+        change = max((g[k] - g_plain[k]).abs().max().item() for k in g if k.endswith(".gate.weight"))
+        assert change > 1e-3, f"{name}: the balancing loss changes the routers' gradients by {change} only"
+        print(f"{name}: balancing loss {g['aux_loss'].item():.6f}; it changes the routers' gradients by {change:.4f}")
     if case.get("shard"):
         assert os.path.exists(os.path.join(out_dir, "model.safetensors.index.json"))
         assert sum(f.endswith(".safetensors") and f.startswith("model-") for f in os.listdir(out_dir)) >= 2

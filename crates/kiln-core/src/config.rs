@@ -1543,9 +1543,12 @@ mod tests {
         }
         let mut keys = BTreeSet::new();
         keys_of("", &table, &documented, &mut keys);
-        // model.sliding_window cannot go with model.nope_interval: a second config sets it.
-        let windowed = Config::load(None, &set(&["model.arch=llama", "model.sliding_window=16"])).unwrap();
-        keys_of("", &toml::Table::try_from(&windowed).unwrap(), &documented, &mut keys);
+        // model.sliding_window cannot go with model.nope_interval, nor model.experts (whose settings the config
+        // states once it is set): more configs set them.
+        for more in ["model.sliding_window=16", "model.experts=4"] {
+            let config = Config::load(None, &set(&["model.arch=llama", more])).unwrap();
+            keys_of("", &toml::Table::try_from(&config).unwrap(), &documented, &mut keys);
+        }
         assert_eq!(documented, keys);
     }
 
@@ -1655,6 +1658,33 @@ mod tests {
             let config = [&["model.arch=llama", "model.sliding_window=16"][..], fine].concat();
             let model = Config::from_toml_str(MINIMAL, "my.toml", &set(&config)).unwrap().model;
             assert_eq!(model.sliding_window, Some(16), "{fine:?}");
+        }
+        // Experts: Mixtral's (no biases, weights normalised, a window or none) and Qwen3-MoE's (QK-norm, no window).
+        assert_eq!(gpt2("model.experts=8"), "model.experts");
+        for (wrong, key) in [
+            (&["model.experts=0"][..], "model.experts"),
+            (&["model.experts=8", "model.experts_per_token=9"], "model.experts_per_token"),
+            (&["model.experts=8", "model.experts_per_token=0"], "model.experts_per_token"),
+            (&["model.experts=8", "model.router_aux_loss=-1"], "model.router_aux_loss"),
+            (&["model.experts_per_token=2"], "model.experts_per_token"),
+            (&["model.router_aux_loss=0.01"], "model.router_aux_loss"),
+            (&["model.normalize_expert_weights=true"], "model.normalize_expert_weights"),
+            (&["model.experts=8", "model.normalize_expert_weights=false"], "model.normalize_expert_weights"),
+            (&["model.experts=8", "model.biases=[\"mlp\"]"], "model.experts"),
+            (&["model.experts=8", "model.biases=[\"qkv\"]"], "model.experts"),
+            (&["model.experts=8", "model.nope_interval=4"], "model.experts"),
+            (&["model.experts=8", "model.qk_norm=true", "model.sliding_window=16"], "model.experts"),
+        ] {
+            assert_eq!(llama(wrong), key, "{wrong:?}");
+        }
+        for fine in [
+            &["model.sliding_window=16"][..],
+            &["model.qk_norm=true", "model.biases=[\"qkv\", \"proj\"]", "model.normalize_expert_weights=false"],
+        ] {
+            let config = [&["model.arch=llama", "model.experts=8"][..], fine].concat();
+            let experts = Config::from_toml_str(MINIMAL, "my.toml", &set(&config)).unwrap().model.experts();
+            let normalize = !fine.contains(&"model.normalize_expert_weights=false");
+            assert_eq!(experts, Some(Experts { count: 8, per_token: 2, normalize, aux_loss: 0.01 }), "{fine:?}");
         }
         let qwen3 = ["model.arch=llama", "model.n_embd=30", "model.head_dim=16", "model.qk_norm=true"];
         let qwen3 = Config::from_toml_str(MINIMAL, "my.toml", &set(&qwen3)).unwrap().model;

@@ -8,7 +8,7 @@
 //! the logits, loss and every parameter's gradient transformers computed for it. kiln loads each through
 //! `model.init = "hf:DIR"` alone, taking the shape from config.json, and must match them.
 
-use kiln_core::config::LinearGroup;
+use kiln_core::config::{Experts, LinearGroup};
 use kiln_core::{Backend, Config};
 use kiln_cpu::CpuBackend;
 use kiln_model::hf;
@@ -87,6 +87,9 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         ("smollm3_untied", &[], 21),
         ("mistral_window_untied", &[], 21),
         ("qwen2_window_tied", &[LinearGroup::Qkv], 20 + 2 * 3),
+        // The MLP's three tensors become a router and three an expert: 4 experts, 2 a token.
+        ("mixtral_untied", &[], 21 + 2 * (1 + 3 * 4 - 3)),
+        ("qwen3_moe_tied", &[], 20 + 2 * (1 + 3 * 4 - 3) + 2 * 2),
     ];
     for (case, biases, tensor_count) in cases {
         let dir = golden_dir(case);
@@ -103,6 +106,12 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         // Mistral's window is 4 keys, Qwen2's 3.
         let window = [("mistral_window", 4), ("qwen2_window", 3)].into_iter().find(|(c, _)| case.starts_with(c));
         assert_eq!(m.sliding_window, window.map(|(_, w)| w), "{case}");
+        // Mixtral normalises its experts' weights and trains with its balancing loss (coefficient 0.05); Qwen3-MoE
+        // here does neither.
+        let experts =
+            [("mixtral", (true, 0.05)), ("qwen3_moe", (false, 0.0))].into_iter().find(|(c, _)| case.starts_with(c));
+        let experts = experts.map(|(_, (normalize, aux_loss))| Experts { count: 4, per_token: 2, normalize, aux_loss });
+        assert_eq!(m.experts(), experts, "{case}");
         let golden = Golden::read(&dir);
         let (batch, time) = golden.shape;
         let spec = ModelSpec::new(m, 67);
@@ -282,6 +291,50 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
             Ok(config) => assert_eq!(Some(config.model.sliding_window), want, "{to}"),
         }
     }
+    // Mixtures of experts: output_router_logits decides whether the balancing loss trains; Qwen3-MoE's count of
+    // experts may be spelt as transformers 4 spells it; what kiln does not build (Mixtral's jitter, blocks with a
+    // plain MLP, Qwen3-MoE's window) is refused with the field named.
+    let moe = |case: &str, from: &str, to: &str| {
+        let json = std::fs::read_to_string(golden_dir(case).join("config.json")).unwrap();
+        assert!(json.contains(from), "{case}: {from}");
+        std::fs::write(odd.join("config.json"), json.replace(from, to)).unwrap();
+        config_from(&odd, "block_size = 16").map(|c| c.model.experts().unwrap()).map_err(|e| e.to_string())
+    };
+    let mixtral = Experts { count: 4, per_token: 2, normalize: true, aux_loss: 0.05 };
+    let qwen3_moe = Experts { normalize: false, aux_loss: 0.0, ..mixtral };
+    let logits = "\"output_router_logits\": true";
+    assert_eq!(
+        moe("mixtral_untied", logits, "\"output_router_logits\": false"),
+        Ok(Experts { aux_loss: 0.0, ..mixtral })
+    );
+    let count = "\"num_local_experts\": 4";
+    assert_eq!(moe("qwen3_moe_tied", count, "\"num_experts\": 4"), Ok(qwen3_moe));
+    let normalize = "\"norm_topk_prob\": false";
+    assert_eq!(
+        moe("qwen3_moe_tied", normalize, "\"norm_topk_prob\": true"),
+        Ok(Experts { normalize: true, ..qwen3_moe })
+    );
+    for (case, from, to, field) in [
+        ("mixtral_untied", "\"router_jitter_noise\": 0.0", "\"router_jitter_noise\": 0.1", "router_jitter_noise"),
+        ("mixtral_untied", "\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 5", "model.experts_per_token"),
+        ("qwen3_moe_tied", "\"decoder_sparse_step\": 1", "\"decoder_sparse_step\": 2", "decoder_sparse_step"),
+        ("qwen3_moe_tied", "\"mlp_only_layers\": []", "\"mlp_only_layers\": [1]", "mlp_only_layers"),
+        ("qwen3_moe_tied", "\"use_sliding_window\": false", "\"use_sliding_window\": true", "use_sliding_window"),
+    ] {
+        let err = moe(case, from, to).unwrap_err();
+        assert!(err.contains(field) && err.contains("config.json"), "{case}: {err}");
+    }
+    // The balancing loss's coefficient is training's to choose; the experts are the model's.
+    let mixtral_dir = golden_dir("mixtral_untied");
+    let chosen = config_from(&mixtral_dir, "block_size = 16\nrouter_aux_loss = 0.3").unwrap();
+    assert_eq!(chosen.model.experts(), Some(Experts { aux_loss: 0.3, ..mixtral }));
+    match config_from(&mixtral_dir, "block_size = 16\nexperts = 8") {
+        Err(kiln_core::Error::Config { key, message, .. }) => {
+            assert_eq!(key, "model.experts", "{message}");
+            assert!(message.contains("config.json says"), "{message}");
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
     // A value out of range in config.json is config.json's, not the keys it fills in; rotary settings of the
     // wrong type are refused, not taken for the default.
     let llama = std::fs::read_to_string(dir.join("config.json")).unwrap();
@@ -325,6 +378,8 @@ fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() 
     let smollm3 = format!("{llama} model.nope_interval=2 model.biases=[\"qkv\",\"proj\"]");
     let mistral = format!("{llama} model.sliding_window=5");
     let qwen3_window = format!("{qwen3} model.sliding_window=4");
+    let mixtral = format!("{llama} model.experts=4 model.router_aux_loss=0.02");
+    let qwen3_moe = format!("{qwen3} model.experts=3 model.normalize_expert_weights=false");
     let cases = [
         ("gpt2", "", "GPT2LMHeadModel"),
         ("llama", llama, "LlamaForCausalLM"),
@@ -334,6 +389,8 @@ fn trained_checkpoints_exported_in_shards_and_read_back_give_identical_logits() 
         ("smollm3", &smollm3, "SmolLM3ForCausalLM"),
         ("mistral", &mistral, "MistralForCausalLM"),
         ("qwen3-window", &qwen3_window, "Qwen3ForCausalLM"),
+        ("mixtral", &mixtral, "MixtralForCausalLM"),
+        ("qwen3-moe", &qwen3_moe, "Qwen3MoeForCausalLM"),
     ];
     for (name, family, class) in cases {
         let out = std::env::temp_dir().join(format!("kiln-hf-round-trip-{}-{name}", std::process::id()));
