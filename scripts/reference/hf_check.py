@@ -1,5 +1,6 @@
 """Checks that a kiln checkpoint is a Hugging Face model: loads it with transformers' AutoModelForCausalLM (the class
-its config.json names: GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM)
+its config.json names: GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM,
+MistralForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM)
 and prints the mean cross-entropy over a prepared dataset's validation shard, in the consecutive windows
 `kiln eval` uses, to compare with `kiln eval --checkpoint DIR --data DATA`.
 

@@ -10,7 +10,7 @@ pub struct Args {
     #[arg(long)]
     checkpoint: PathBuf,
     /// hf: model.safetensors (or shards and model.safetensors.index.json) and config.json, loadable by
-    /// transformers' GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM.
+    /// transformers' AutoModelForCausalLM as the class config.json names (GPT2LMHeadModel, LlamaForCausalLM, …).
     #[arg(long, value_enum, default_value_t = ExportFormat::Hf)]
     format: ExportFormat,
     #[arg(long)]
