@@ -741,6 +741,35 @@ fn bad_operands_are_errors_not_panics() {
     let (wte, wpe, out) = (f.random(40, 1.0), f.random(40, 1.0), f.zeros(20));
     let err = f.b.encoder_forward(out, tokens, wte, Some(wpe), 1, 2, 10);
     assert!(err.unwrap_err().to_string().contains("outside the vocabulary"));
+    // A dispatch that routing did not write: slots out of range, runs that do not cover the slots, order and place
+    // that are not each other's inverse; and more choices than experts.
+    let d = MoeDims { rows: 2, experts: 3, top_k: 2 };
+    let (x, rows) = (f.random(2 * 5, 1.0), f.zeros(4 * 5));
+    let order = f.tokens(&[0, 1, 2, 4]);
+    let err = f.b.moe_gather(MoeGather { out: rows, inp: x, order, width: 5, d });
+    assert!(err.unwrap_err().to_string().contains("not a dispatch"));
+    let (order, place) = (f.tokens(&[0, 1, 2, 3]), f.tokens(&[1, 0, 2, 3]));
+    let (dexpert_out, dweights, weights) = (f.zeros(4 * 5), f.zeros(4), f.random(4, 1.0));
+    let backward =
+        MoeCombineBackward { dexpert_out, dweights, dout: x, expert_out: rows, weights, order, place, width: 5, d };
+    assert!(f.b.moe_combine_backward(backward).unwrap_err().to_string().contains("not a dispatch"));
+    let (out, weight) = (f.zeros(4 * 2), f.random(3 * 2 * 5, 1.0));
+    for offsets in [[0, 1, 2, 3], [0, 3, 2, 4], [1, 2, 3, 4]] {
+        let offsets = f.tokens(&offsets);
+        let op = ExpertMatmulForward {
+            out,
+            inp: rows,
+            weight,
+            offsets,
+            experts: 3,
+            d: MatmulDims { rows: 4, c_in: 5, c_out: 2 },
+        };
+        assert!(f.b.expert_matmul_forward(op).unwrap_err().to_string().contains("not a dispatch"), "{offsets:?}");
+    }
+    let wide = MoeDims { top_k: 4, ..d };
+    let (out, order) = (f.zeros(8 * 5), f.tokens(&[0; 8]));
+    let err = f.b.moe_gather(MoeGather { out, inp: x, order, width: 5, d: wide });
+    assert!(err.unwrap_err().to_string().contains("top_k 4 of 3 experts"));
 }
 
 /// A mixture-of-experts MLP's operands: `rows` tokens of `c` channels routed to `top_k` of `experts` SwiGLU experts
