@@ -20,8 +20,7 @@
 
 use crate::error::Result;
 use crate::experts::{
-    ExpertMatmulBackward, ExpertMatmulForward, MoeCombine, MoeCombineBackward, MoeDims, MoeGather, MoeRoute,
-    MoeRouteBackward,
+    ExpertMatmulBackward, ExpertMatmulForward, MoeCombine, MoeCombineBackward, MoeGather, MoeRoute, MoeRouteBackward,
 };
 use crate::memory::MemoryModel;
 use std::ops::Range;
@@ -628,37 +627,36 @@ pub trait Backend {
     /// Routes each token of a mixture-of-experts MLP to its experts (see [`MoeRoute`] and the module
     /// [`crate::experts`]). An engine without these operations refuses them, and the model with them.
     fn moe_route(&mut self, op: MoeRoute) -> Result<()> {
-        Err(self.no_experts(op.d))
+        Err(self.no_experts(op.d.experts))
     }
     /// Backward of [`Backend::moe_route`] (see [`MoeRouteBackward`]).
     fn moe_route_backward(&mut self, op: MoeRouteBackward) -> Result<()> {
-        Err(self.no_experts(op.d))
+        Err(self.no_experts(op.d.experts))
     }
     /// Dispatches tokens to their experts' rows (see [`MoeGather`]).
     fn moe_gather(&mut self, op: MoeGather) -> Result<()> {
-        Err(self.no_experts(op.d))
+        Err(self.no_experts(op.d.experts))
     }
     /// Sums each token's experts' outputs, weighted (see [`MoeCombine`]); unweighted, the gather's backward.
     fn moe_combine(&mut self, op: MoeCombine) -> Result<()> {
-        Err(self.no_experts(op.d))
+        Err(self.no_experts(op.d.experts))
     }
     /// Backward of the weighted [`Backend::moe_combine`] (see [`MoeCombineBackward`]).
     fn moe_combine_backward(&mut self, op: MoeCombineBackward) -> Result<()> {
-        Err(self.no_experts(op.d))
+        Err(self.no_experts(op.d.experts))
     }
     /// One linear layer per expert over its run of dispatched rows (see [`ExpertMatmulForward`]).
     fn expert_matmul_forward(&mut self, op: ExpertMatmulForward) -> Result<()> {
-        Err(self.no_experts(MoeDims { rows: op.d.rows, experts: op.experts, top_k: 1 }))
+        Err(self.no_experts(op.experts))
     }
     /// Backward of [`Backend::expert_matmul_forward`] (see [`ExpertMatmulBackward`]).
     fn expert_matmul_backward(&mut self, op: ExpertMatmulBackward) -> Result<()> {
-        Err(self.no_experts(MoeDims { rows: op.d.rows, experts: op.experts, top_k: 1 }))
+        Err(self.no_experts(op.experts))
     }
     /// The refusal of an engine that has no mixture-of-experts operations.
-    fn no_experts(&self, d: MoeDims) -> crate::Error {
+    fn no_experts(&self, experts: usize) -> crate::Error {
         let message = format!(
-            "this engine has no mixture-of-experts operations ({} experts): run the model with --backend cpu",
-            d.experts
+            "this engine has no mixture-of-experts operations ({experts} experts): run the model with --backend cpu"
         );
         crate::Error::backend(self.name(), message)
     }

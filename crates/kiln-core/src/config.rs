@@ -403,9 +403,9 @@ impl ModelConfig {
                 format!("must be at least 1 and at most {MAX_EXPERTS}"),
             ),
             (
-                m.experts_per_token.is_none_or(|k| k >= 1 && k <= m.experts.unwrap_or(usize::MAX)),
+                m.experts_per_token != Some(0) && m.experts().is_none_or(|e| e.per_token <= e.count),
                 "model.experts_per_token",
-                format!("must be at least 1 and at most model.experts (= {})", m.experts.unwrap_or(0)),
+                format!("must be at least 1 and at most model.experts (= {}); 2 unless set", m.experts.unwrap_or(0)),
             ),
             (
                 m.router_aux_loss.is_none_or(|a| a.is_finite() && a >= 0.0),
@@ -486,6 +486,8 @@ impl ModelConfig {
                 "does not apply: GPT-2 attends to every earlier position; Llama-style models may have a window"
                     .to_string(),
             )),
+            _ if expert_setting.is_some() => expert_setting
+                .map(|key| (key, "needs model.experts: it is a setting of a mixture of experts".to_string())),
             Arch::Gpt2 if self.experts.is_some() => {
                 Some(("model.experts", "does not apply: GPT-2 has one MLP; Llama-style models may have experts".into()))
             }
@@ -576,8 +578,6 @@ impl ModelConfig {
                         .to_string(),
                 ))
             }
-            Arch::Llama if expert_setting.is_some() => expert_setting
-                .map(|key| (key, "needs model.experts: it is a setting of a mixture of experts".to_string())),
             Arch::Llama if self.head_dim() % 2 != 0 => Some((
                 if self.head_dim.is_some() { "model.head_dim" } else { "model.n_embd" },
                 format!(
@@ -1661,10 +1661,13 @@ mod tests {
         }
         // Experts: Mixtral's (no biases, weights normalised, a window or none) and Qwen3-MoE's (QK-norm, no window).
         assert_eq!(gpt2("model.experts=8"), "model.experts");
+        assert_eq!(gpt2("model.router_aux_loss=0.01"), "model.router_aux_loss");
         for (wrong, key) in [
             (&["model.experts=0"][..], "model.experts"),
             (&["model.experts=8", "model.experts_per_token=9"], "model.experts_per_token"),
             (&["model.experts=8", "model.experts_per_token=0"], "model.experts_per_token"),
+            // The default of 2 experts a token, with fewer experts.
+            (&["model.experts=1"], "model.experts_per_token"),
             (&["model.experts=8", "model.router_aux_loss=-1"], "model.router_aux_loss"),
             (&["model.experts_per_token=2"], "model.experts_per_token"),
             (&["model.router_aux_loss=0.01"], "model.router_aux_loss"),

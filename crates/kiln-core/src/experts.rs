@@ -30,18 +30,25 @@ impl MoeDims {
     }
 
     pub fn problem(&self) -> Option<String> {
-        (self.top_k == 0 || self.top_k > self.experts || self.experts > u32::MAX as usize / 2)
-            .then(|| format!("top_k {} of {} experts: it must be from 1 to the experts", self.top_k, self.experts))
+        (self.top_k == 0 || self.top_k > self.experts || self.experts > u32::MAX as usize / 2).then(|| {
+            format!("top_k {} of {} experts: it must be from 1 to the experts (at most 2³¹)", self.top_k, self.experts)
+        })
+    }
+
+    /// [`Self::problem`], for an operation on rows of `width` elements.
+    pub fn problem_with_rows(&self, width: usize) -> Option<String> {
+        self.problem().or_else(|| (width == 0).then(|| "rows of width 0".to_string()))
     }
 }
 
-/// The load-balancing loss of Switch Transformer and Mixtral, `α·E·Σ_e f_e·P_e` over the `L` routed layers of a pass
-/// of `n` rows, `f_e` the share of the slots expert `e` got and `P_e` its mean probability (both over every layer's
-/// rows). Its gradient with respect to each probability of expert `e` is the same in every layer,
-/// `α·E·count_e/(L·n)²`; scaled by the pass's weight in the step (`dloss·n`, as its tokens' losses are weighted)
-/// that is `dloss·scale·count_e` with `scale = α·E/(L²·n)`. [`MoeRoute`] adds each layer's counts so scaled into
-/// `gradient` (full precision, `experts` elements, zeroed before the pass), which [`MoeRouteBackward`] then adds to
-/// every layer's probability gradients.
+/// The load-balancing loss of Switch Transformer and Mixtral, `α·E·Σ_e f_e·P_e` over the `L` routed layers of a
+/// pass of `n` rows, `f_e` the slots expert `e` got per row (the `f_e` sum to `top_k`) and `P_e` its mean
+/// probability (both over every layer's rows, as transformers takes them). Its gradient with respect to each
+/// probability of expert `e` is the same in every layer, `α·E·count_e/(L·n)²`; scaled by the pass's weight in the
+/// step (`dloss·n`, the weight its rows' losses have when every row's target counts) that is `dloss·scale·count_e`
+/// with `scale = α·E/(L²·n)`. Rows whose targets are ignored still count in `n`: they are routed like any other.
+/// [`MoeRoute`] adds each layer's counts so scaled into `gradient` (full precision, `experts` elements, zeroed
+/// before the pass), which [`MoeRouteBackward`] then adds to every layer's probability gradients.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Balance {
     pub gradient: Tensor,

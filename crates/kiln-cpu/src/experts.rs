@@ -1,10 +1,10 @@
 //! A mixture-of-experts MLP's routing, dispatch and combination (the operands' meaning is in
 //! `kiln_core::experts`).
 //!
-//! Route: `p = softmax(logits)` per row; the `top_k` largest `p` (a tie to the lower expert), their weights `w_j = p_j`
-//! or `p_j / Σ_i p_i`; a counting sort of the slots by expert gives `order`, `place` and `offsets`.
-//! Route backward: `g_j = dw_j`, or normalised `(dw_j − Σ_i dw_i·w_i)/Σ_i p_i`; `dp_e = balance_e + Σ_{j: e_j = e} g_j`;
-//! `dlogits_e = p_e·(dp_e − Σ_i p_i·dp_i)`.
+//! Route: `p = softmax(logits)` per row; the `top_k` largest `p` (a tie to the lower expert), their weights
+//! `w_j = p_j` or `p_j / Σ_i p_i`; a counting sort of the slots by expert gives `order`, `place` and `offsets`.
+//! Route backward: `g_j = dw_j`, or normalised `(dw_j − Σ_i dw_i·w_i)/Σ_i p_i`;
+//! `dp_e = balance_e + Σ_{j: e_j = e} g_j`; `dlogits_e = p_e·(dp_e − Σ_i p_i·dp_i)`.
 //! Combine: `y[t] = Σ_j w_j·e[place[s]]`; backward `de[place[s]] = w_s·dy[t]`, `dw_s = dy[t]·e[place[s]]`.
 
 use crate::math::{Real, axpy, dot};

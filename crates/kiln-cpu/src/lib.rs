@@ -800,7 +800,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
         let name = "moe_gather";
         let MoeGather { out, inp, order, width, d } = op;
-        if let Some(problem) = d.problem() {
+        if let Some(problem) = d.problem_with_rows(width) {
             return Err(self.invalid(name, problem));
         }
         let slots = d.slots();
@@ -817,7 +817,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
         let name = "moe_combine";
         let MoeCombine { out, expert_out, weights, place, accumulate, width, d } = op;
-        if let Some(problem) = d.problem() {
+        if let Some(problem) = d.problem_with_rows(width) {
             return Err(self.invalid(name, problem));
         }
         let slots = d.slots();
@@ -851,7 +851,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
         let name = "moe_combine_backward";
         let MoeCombineBackward { dexpert_out, dweights, dout, expert_out, weights, order, place, width, d } = op;
-        if let Some(problem) = d.problem() {
+        if let Some(problem) = d.problem_with_rows(width) {
             return Err(self.invalid(name, problem));
         }
         let slots = d.slots();

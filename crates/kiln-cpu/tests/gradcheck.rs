@@ -770,6 +770,9 @@ fn bad_operands_are_errors_not_panics() {
     let (out, order) = (f.zeros(8 * 5), f.tokens(&[0; 8]));
     let err = f.b.moe_gather(MoeGather { out, inp: x, order, width: 5, d: wide });
     assert!(err.unwrap_err().to_string().contains("top_k 4 of 3 experts"));
+    let (out, order) = (f.zeros(0), f.tokens(&[0, 1, 2, 3]));
+    let err = f.b.moe_gather(MoeGather { out, inp: x.slice(0, 0), order, width: 0, d });
+    assert!(err.unwrap_err().to_string().contains("width 0"));
 }
 
 /// A mixture-of-experts MLP's operands: `rows` tokens of `c` channels routed to `top_k` of `experts` SwiGLU experts

@@ -139,14 +139,14 @@ fn llama_parts(spec: &ModelSpec, name: &str, rows: usize) -> Vec<(String, usize,
     };
     let (hd, f) = (spec.head_dim, spec.ffn_dim);
     let (q, kv) = (spec.n_head * hd, spec.n_kv_head * hd);
-    // Experts: Mixtral's are block_sparse_moe's w1 (gate), w3 (up) and w2 (down); Qwen3-MoE's the mlp's gate_proj,
-    // up_proj and down_proj, as Llama's MLP. Either's router is its gate.
-    let (moe, [gate, up, down]) = match spec.qk_norm {
-        false => ("block_sparse_moe", ["w1", "w3", "w2"]),
-        true => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
-    };
-    let expert = |e: usize, name: &str| at(&format!("{moe}.experts.{e}.{name}"), kind);
     if let Some(experts) = spec.experts {
+        // Mixtral's experts are block_sparse_moe's w1 (gate), w3 (up) and w2 (down); Qwen3-MoE's the mlp's
+        // gate_proj, up_proj and down_proj, as Llama's MLP. Either's router is its gate.
+        let (moe, [gate, up, down]) = match spec.qk_norm {
+            false => ("block_sparse_moe", ["w1", "w3", "w2"]),
+            true => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        };
+        let expert = |e: usize, name: &str| at(&format!("{moe}.experts.{e}.{name}"), kind);
         let c = spec.n_embd;
         match stem {
             "mlp.router" => return whole(at(&format!("{moe}.gate"), kind)),

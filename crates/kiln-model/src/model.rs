@@ -832,6 +832,16 @@ impl Model {
         self.norm(b, r, a.ln1, a.ln1_stats, self.block_input(l), None, self.p.blocks[l].ln_1)
     }
 
+    /// Block `l`'s second norm written again, where the elementwise level of recomputation shares its output: from
+    /// the residual sum that the forward pass wrote and normalised, which the norm's backward reads.
+    fn norm_2_again<B: Backend + ?Sized>(&self, b: &mut B, r: Rows, l: usize) -> Result<()> {
+        if self.recompute != Recompute::Elementwise {
+            return Ok(());
+        }
+        let a = &self.acts.blocks[l];
+        self.norm(b, r, a.ln2, a.ln2_stats, a.res2, None, self.p.blocks[l].ln_2)
+    }
+
     /// Block `l`'s MLP nonlinearity, from the pre-activation `fch_pre` to the hidden layer `fch`.
     fn activation<B: Backend + ?Sized>(&self, b: &mut B, r: Rows, l: usize) -> Result<()> {
         let (s, a) = (&self.spec, &self.acts.blocks[l]);
@@ -965,7 +975,7 @@ impl Model {
         let Routing { probs, weights, chosen, order, place, offsets, dispatched, .. } = routing;
         let (probs, weights, dispatched) = (r.of(probs, d.experts), r.mlp(s, weights, 1), r.mlp(s, dispatched, c));
         let (chosen, order, place) = (r.mlp(s, chosen, 1), r.mlp(s, order, 1), r.mlp(s, place, 1));
-        let normalize = s.experts.is_some_and(|e| e.normalize);
+        let normalize = s.normalizes_expert_weights();
         b.moe_route(MoeRoute { probs, weights, chosen, order, place, offsets, logits, normalize, balance, d })?;
         b.moe_gather(MoeGather { out: dispatched, inp, order, width: c, d })?;
         b.expert_matmul_forward(ExpertMatmulForward {
@@ -1222,10 +1232,7 @@ impl Model {
                         dpre
                     }
                 };
-                if elementwise {
-                    // From the residual sum that the forward pass wrote and normalised, which the norm's backward reads.
-                    self.norm(b, r, a.ln2, a.ln2_stats, a.res2, None, wt.ln_2)?;
-                }
+                self.norm_2_again(b, r, l)?;
                 b.matmul_backward(MatmulBackward {
                     dinp: dbtc,
                     dweight: g.fc_w,
@@ -1357,13 +1364,10 @@ impl Model {
         })?;
         let dlogits = r.of(acts.dlogits, experts);
         let balance = s.experts.filter(|e| e.aux_loss > 0.0).map(|_| acts.balance);
-        let normalize = s.experts.is_some_and(|e| e.normalize);
+        let normalize = s.normalizes_expert_weights();
         let probs = r.of(probs, experts);
         b.moe_route_backward(MoeRouteBackward { dlogits, dweights, probs, weights, chosen, normalize, balance, d })?;
-        if self.recompute == Recompute::Elementwise {
-            // From the residual sum that the forward pass wrote and normalised, which the norm's backward reads.
-            self.norm(b, r, a.ln2, a.ln2_stats, a.res2, None, wt.ln_2)?;
-        }
+        self.norm_2_again(b, r, l)?;
         b.matmul_backward(MatmulBackward {
             dinp: dbtc,
             dweight: drouter,

@@ -197,6 +197,11 @@ impl ModelSpec {
         self.experts.map_or(1, |e| e.count)
     }
 
+    /// Whether a token's experts' weights are divided by their sum (see [`Experts::normalize`]).
+    pub fn normalizes_expert_weights(&self) -> bool {
+        self.experts.is_some_and(|e| e.normalize)
+    }
+
     /// Rows of a block's MLP for `rows` tokens: each token's once per expert it goes to.
     pub fn mlp_rows(&self, rows: usize) -> usize {
         rows * self.experts.map_or(1, |e| e.per_token)
@@ -234,11 +239,12 @@ impl ModelSpec {
     /// The parameter tensors in layout order.
     ///
     /// Order: `wte`, `wpe` (learned positions), then each block's tensors, then the final norm and, when it is not
-    /// tied, the LM head. Within a block the weight matrices (four, or with experts the router's and five) come first and the vectors (biases and norm
-    /// parameters) after them, so that the weights that take weight decay form one contiguous run per block and a
-    /// block's gradients are contiguous (a data-parallel reduction can start on a block as soon as its backward
-    /// pass is done). Everything from any block on is final once the backward pass has passed that block, since
-    /// the tensors after the blocks (final norm, LM head) are the first it finishes.
+    /// tied, the LM head. Within a block the weight matrices (four; with experts, five: the router's after
+    /// attention's) come first and the vectors (biases and norm parameters) after them, so that the weights that take
+    /// weight decay form one contiguous run per block and a block's gradients are contiguous (a data-parallel
+    /// reduction can start on a block as soon as its backward pass is done). Everything from any block on is final
+    /// once the backward pass has passed that block, since the tensors after the blocks (final norm, LM head) are the
+    /// first it finishes.
     ///
     /// Each unit (see [`ParamInfo::unit`]) starts at a multiple of `unit_align` elements, zeros between: ZeRO stage 2
     /// cuts every unit into equal pieces, one per rank.

@@ -324,6 +324,17 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
         let err = moe(case, from, to).unwrap_err();
         assert!(err.contains(field) && err.contains("config.json"), "{case}: {err}");
     }
+    // Defaults of the classes': Mixtral's ε is 1e-5 (Llama's 1e-6); Qwen3-MoE needs no intermediate_size, which
+    // its blocks with experts do not use.
+    for (case, from, to, want) in [
+        ("mixtral_untied", "\"rms_norm_eps\": 1e-05", "\"unused\": 0", (1e-5, 80)),
+        ("qwen3_moe_tied", "\"intermediate_size\": 56", "\"unused\": 0", (1e-5, 80)),
+        ("qwen3_moe_tied", "\"moe_intermediate_size\": 80", "\"unused\": 0", (1e-5, 768)),
+    ] {
+        moe(case, from, to).unwrap();
+        let m = config_from(&odd, "block_size = 16").unwrap().model;
+        assert_eq!((m.norm_eps.unwrap(), m.ffn_dim.unwrap()), want, "{case}: {from}");
+    }
     // The balancing loss's coefficient is training's to choose; the experts are the model's.
     let mixtral_dir = golden_dir("mixtral_untied");
     let chosen = config_from(&mixtral_dir, "block_size = 16\nrouter_aux_loss = 0.3").unwrap();

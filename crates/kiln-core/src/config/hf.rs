@@ -1,8 +1,8 @@
 //! The `[model]` keys of a Hugging Face `config.json` (`GPT2LMHeadModel`, `LlamaForCausalLM`,
 //! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `SmolLM3ForCausalLM`, `MistralForCausalLM`, `MixtralForCausalLM`,
-//! `Qwen3MoeForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from there.
-//! An optional key the file leaves out takes its class's default. A sliding window of attention is read where it covers every layer: kiln's
-//! `model.sliding_window` covers every block.
+//! `Qwen3MoeForCausalLM`), for `model.init = "hf:DIR"`: a model read from Hugging Face takes its shape from
+//! there. An optional key the file leaves out takes its class's default. A sliding window of attention is read
+//! where it covers every layer: kiln's `model.sliding_window` covers every block.
 //!
 //! Both spellings of the rotary settings are read: transformers 4's `rope_theta` and `rope_scaling`, and
 //! transformers 5's `rope_parameters`, which holds both.
@@ -231,7 +231,7 @@ fn mixtral(f: &Fields) -> Result<toml::Table> {
         return Err(f.error("router_jitter_noise", "kiln supports only 0"));
     }
     let window = f.count("sliding_window")?;
-    let mut table = rotary(f, Family { kv_heads: Some(8), rope_theta: 1e6, window, ..LLAMA })?;
+    let mut table = rotary(f, Family { kv_heads: Some(8), rope_theta: 1e6, norm_eps: 1e-5, window, ..LLAMA })?;
     let count = f.count("num_local_experts")?.unwrap_or(8);
     experts(f, &mut table, count, 2, true)?;
     Ok(table)
@@ -244,8 +244,8 @@ fn qwen3_moe(f: &Fields) -> Result<toml::Table> {
     f.only("decoder_sparse_step", &[1.into()])?;
     f.only("mlp_only_layers", &[Value::Array(Vec::new())])?;
     let biases = if f.flag("attention_bias")?.unwrap_or(false) { &ATTENTION_BIASES[..] } else { &[] };
-    let mut table = rotary(f, Family { biases, qk_norm: true, kv_heads: Some(4), ..LLAMA })?;
-    table.insert("ffn_dim".into(), f.count("moe_intermediate_size")?.unwrap_or(768).into());
+    let ffn_dim = ("moe_intermediate_size", Some(768));
+    let mut table = rotary(f, Family { biases, qk_norm: true, kv_heads: Some(4), ffn_dim, ..LLAMA })?;
     // transformers 5 writes the experts' count as num_local_experts, 4 as num_experts.
     let count = f.count("num_local_experts")?.or(f.count("num_experts")?).unwrap_or(128);
     let normalize = f.flag("norm_topk_prob")?.unwrap_or(false);
@@ -279,6 +279,11 @@ struct Family<'a> {
     head_dim: Option<i64>,
     tie_embeddings: bool,
     rope_theta: f64,
+    /// `rms_norm_eps`.
+    norm_eps: f64,
+    /// The field of the MLP's width and its default (none: required): `intermediate_size`, or a mixture's
+    /// experts' own.
+    ffn_dim: (&'static str, Option<i64>),
     /// The sliding window over every layer, if it has one.
     window: Option<i64>,
 }
@@ -290,6 +295,9 @@ const LLAMA: Family<'static> = Family {
     head_dim: None,
     tie_embeddings: false,
     rope_theta: 10_000.0,
+    // LlamaConfig's own default ε.
+    norm_eps: 1e-6,
+    ffn_dim: ("intermediate_size", None),
     window: None,
 };
 
@@ -315,9 +323,16 @@ fn rotary(f: &Fields, family: Family) -> Result<toml::Table> {
         ("head_dim", f.count("head_dim")?.or(family.head_dim).map(Into::into)),
         ("block_size", Some(f.required_count("max_position_embeddings")?.into())),
         ("n_kv_head", f.count("num_key_value_heads")?.or(family.kv_heads).map(Into::into)),
-        ("ffn_dim", Some(f.required_count("intermediate_size")?.into())),
-        // LlamaConfig's own default ε.
-        ("norm_eps", Some(f.number("rms_norm_eps")?.unwrap_or(1e-6).into())),
+        (
+            "ffn_dim",
+            Some(
+                f.count(family.ffn_dim.0)?
+                    .or(family.ffn_dim.1)
+                    .ok_or_else(|| f.error(family.ffn_dim.0, "missing"))?
+                    .into(),
+            ),
+        ),
+        ("norm_eps", Some(f.number("rms_norm_eps")?.unwrap_or(family.norm_eps).into())),
         ("tie_embeddings", Some(f.flag("tie_word_embeddings")?.unwrap_or(family.tie_embeddings).into())),
         ("rope_theta", Some(theta.unwrap_or(family.rope_theta).into())),
         ("rope_scaling", scaling.map(toml::Value::Table)),
