@@ -27,6 +27,7 @@ common() { grep -v '#include <cuda_bf16.h>' "$root/kernels/common.cuh"; }
 } > "$out/norm_all.inc"
 { common; cat "$root/kernels/rope.cu"; } > "$out/rope_all.inc"
 { common; cat "$root/kernels/swiglu.cu"; } > "$out/swiglu_all.inc"
+{ common; cat "$root/kernels/experts.cu"; } > "$out/experts_all.inc"
 # The step's kernels that are not a layer's, in one file: sums, AdamW, the classifier, GELU, add.
 { common; cat "$root"/kernels/{reduce,adamw,classifier,gelu,add}.cu; } > "$out/step_all.inc"
 # -Wno-psabi: GCC notes how it passes the 64-byte-aligned tensor maps, which is no fault of the code.
@@ -41,8 +42,9 @@ g++ "${flags[@]}" -o "$out/test_sync" "$here/test_sync.cpp"
 g++ "${flags[@]}" -o "$out/test_unfused_fp32" "$here/test_unfused.cpp"
 g++ "${flags[@]}" -DKILN_BF16 -o "$out/test_unfused_bf16" "$here/test_unfused.cpp"
 quiet=(-Wno-strict-aliasing -Wno-maybe-uninitialized)
-# The normalisation, rotary, SwiGLU and embedding kernels, and the step's others, each in fp32 and in bf16.
-small=(encoder norm rope swiglu step)
+# The normalisation, rotary, SwiGLU, embedding and mixture-of-experts kernels, and the step's others, each in fp32
+# and in bf16.
+small=(encoder norm rope swiglu experts step)
 for test in "${small[@]}"; do
   g++ "${flags[@]}" "${quiet[@]}" -o "$out/test_${test}_fp32" "$here/test_$test.cpp"
   g++ "${flags[@]}" "${quiet[@]}" -DKILN_BF16 -o "$out/test_${test}_bf16" "$here/test_$test.cpp"

@@ -32,6 +32,7 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!("attention"),
     kernel!("classifier"),
     kernel!("encoder"),
+    kernel!("experts"),
     // Fused attention is bf16 only (its types are bf16 whatever floatX is); an fp32 engine runs attention.cu.
     kernel!("flash_attention", &[Precision::Bf16]),
     kernel!("gelu"),
