@@ -625,41 +625,20 @@ pub trait Backend {
     fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, d: AttentionDims) -> Result<()>;
 
     /// Routes each token of a mixture-of-experts MLP to its experts (see [`MoeRoute`] and the module
-    /// [`crate::experts`]). An engine without these operations refuses them, and the model with them.
-    fn moe_route(&mut self, op: MoeRoute) -> Result<()> {
-        Err(self.no_experts(op.d.experts))
-    }
+    /// [`crate::experts`]).
+    fn moe_route(&mut self, op: MoeRoute) -> Result<()>;
     /// Backward of [`Backend::moe_route`] (see [`MoeRouteBackward`]).
-    fn moe_route_backward(&mut self, op: MoeRouteBackward) -> Result<()> {
-        Err(self.no_experts(op.d.experts))
-    }
+    fn moe_route_backward(&mut self, op: MoeRouteBackward) -> Result<()>;
     /// Dispatches tokens to their experts' rows (see [`MoeGather`]).
-    fn moe_gather(&mut self, op: MoeGather) -> Result<()> {
-        Err(self.no_experts(op.d.experts))
-    }
+    fn moe_gather(&mut self, op: MoeGather) -> Result<()>;
     /// Sums each token's experts' outputs, weighted (see [`MoeCombine`]); unweighted, the gather's backward.
-    fn moe_combine(&mut self, op: MoeCombine) -> Result<()> {
-        Err(self.no_experts(op.d.experts))
-    }
+    fn moe_combine(&mut self, op: MoeCombine) -> Result<()>;
     /// Backward of the weighted [`Backend::moe_combine`] (see [`MoeCombineBackward`]).
-    fn moe_combine_backward(&mut self, op: MoeCombineBackward) -> Result<()> {
-        Err(self.no_experts(op.d.experts))
-    }
+    fn moe_combine_backward(&mut self, op: MoeCombineBackward) -> Result<()>;
     /// One linear layer per expert over its run of dispatched rows (see [`ExpertMatmulForward`]).
-    fn expert_matmul_forward(&mut self, op: ExpertMatmulForward) -> Result<()> {
-        Err(self.no_experts(op.experts))
-    }
+    fn expert_matmul_forward(&mut self, op: ExpertMatmulForward) -> Result<()>;
     /// Backward of [`Backend::expert_matmul_forward`] (see [`ExpertMatmulBackward`]).
-    fn expert_matmul_backward(&mut self, op: ExpertMatmulBackward) -> Result<()> {
-        Err(self.no_experts(op.experts))
-    }
-    /// The refusal of an engine that has no mixture-of-experts operations.
-    fn no_experts(&self, experts: usize) -> crate::Error {
-        let message = format!(
-            "this engine has no mixture-of-experts operations ({experts} experts): run the model with --backend cpu"
-        );
-        crate::Error::backend(self.name(), message)
-    }
+    fn expert_matmul_backward(&mut self, op: ExpertMatmulBackward) -> Result<()>;
 
     /// Softmax cross-entropy over the first `vocab` of `padded_vocab` logits of each row (padded columns get no
     /// probability). Accumulates each row's loss into `losses[row]`; rows whose target is [`IGNORE_TARGET`] add

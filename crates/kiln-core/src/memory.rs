@@ -11,6 +11,9 @@ use crate::backend::{
     NormForward, QkNormBackward, QkNormForward, Role, Rotary, Tensor,
 };
 use crate::error::{Error, Result};
+use crate::experts::{
+    ExpertMatmulBackward, ExpertMatmulForward, MoeCombine, MoeCombineBackward, MoeGather, MoeRoute, MoeRouteBackward,
+};
 use std::ops::Range;
 
 /// Bytes per element of each [`Role`] in an engine, and of the fp32 master copy an engine keeps beside
@@ -254,6 +257,34 @@ impl Backend for Counting {
 
     fn matmul_forward(&mut self, _: MatmulForward) -> Result<()> {
         self.nothing_to_run("matmul_forward")
+    }
+
+    fn moe_route(&mut self, _: MoeRoute) -> Result<()> {
+        self.nothing_to_run("moe_route")
+    }
+
+    fn moe_route_backward(&mut self, _: MoeRouteBackward) -> Result<()> {
+        self.nothing_to_run("moe_route_backward")
+    }
+
+    fn moe_gather(&mut self, _: MoeGather) -> Result<()> {
+        self.nothing_to_run("moe_gather")
+    }
+
+    fn moe_combine(&mut self, _: MoeCombine) -> Result<()> {
+        self.nothing_to_run("moe_combine")
+    }
+
+    fn moe_combine_backward(&mut self, _: MoeCombineBackward) -> Result<()> {
+        self.nothing_to_run("moe_combine_backward")
+    }
+
+    fn expert_matmul_forward(&mut self, _: ExpertMatmulForward) -> Result<()> {
+        self.nothing_to_run("expert_matmul_forward")
+    }
+
+    fn expert_matmul_backward(&mut self, _: ExpertMatmulBackward) -> Result<()> {
+        self.nothing_to_run("expert_matmul_backward")
     }
 
     fn matmul_backward(&mut self, _: MatmulBackward) -> Result<()> {

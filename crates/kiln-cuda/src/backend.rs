@@ -5,9 +5,11 @@
 //! AdamW updates the master and rounds it into the parameters); weight gradients, statistics, losses and optimizer
 //! moments are fp32 in both precisions. Matrix products go through cuBLASLt (the `matmul` module: bf16 or fp32 in,
 //! fp32 accumulation, TF32 off), with the bias, GELU and the bias gradient fused into them. Every other operation
-//! is a kernel of `kernels/`, compiled by NVRTC for this GPU.
+//! is a kernel of `kernels/`, compiled by NVRTC for this GPU. A mixture of experts' products run on cuBLASLt an
+//! expert at a time, sized by the routing's offsets read back to the host.
 //!
-//! `kiln selftest --backend cuda` checks every operation against the CPU engine; it passes on an H100 and an H200.
+//! `kiln selftest --backend cuda` checks every operation against the CPU engine; it passes on an H100 and an H200
+//! (the mixture-of-experts operations, added since, have run only under the CPU emulation of `scripts/emulate`).
 //! With the master copy in pieces, ZeRO-1 in bf16 trains bit for bit as plain data parallelism does there
 //! (gpu-check's dp-equivalence).
 
@@ -29,6 +31,10 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use kiln_core::backend::{BufferId, first_overlap, qk_norm_lens};
 use kiln_core::config::AttentionKernel;
+use kiln_core::experts::{
+    ExpertMatmulBackward, ExpertMatmulForward, MoeCombine, MoeCombineBackward, MoeDims, MoeGather, MoeRoute,
+    MoeRouteBackward,
+};
 use kiln_core::pieces::Pieces;
 use kiln_core::{
     AdamWStep, AttentionBackward, AttentionDims, Backend, Error, Graph, MatmulBackward, MatmulDims, MatmulForward,
@@ -452,6 +458,8 @@ pub struct CudaBackend {
     /// launch gets 48 KiB unless its kernel was allowed more, which a norm over more than about 4000 channels needs.
     shared_optin_bytes: usize,
     norm_backward_shared_bytes: usize,
+    /// The host's copy of a mixture-of-experts layer's offsets ([`CudaBackend::expert_offsets`]).
+    offsets_host: Vec<u32>,
 }
 
 /// The shared memory a block gets without asking for more.
@@ -496,6 +504,20 @@ fn grid(n: usize, block: u32) -> LaunchConfig {
 /// thread one chunk of bf16, or two of fp32.
 fn elementwise(n: usize) -> LaunchConfig {
     grid(n.div_ceil(8), 256)
+}
+
+/// A launch of a kernel that gives each of `n` rows a warp, in blocks of 8 warps (grid-stride loops over the rows).
+fn warps(n: usize) -> LaunchConfig {
+    grid(n * 32, 256)
+}
+
+/// The block of moe_place (MOE_PLACE_THREADS in kernels/experts.cu); its grid is a block per expert.
+const MOE_PLACE_THREADS: u32 = 256;
+
+/// The experts whose runs of dispatched rows are not empty, from their `offsets`: `(expert, first row, rows)`.
+fn expert_runs(offsets: &[u32]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let runs = offsets.windows(2).map(|w| (w[0] as usize, (w[1] - w[0]) as usize));
+    runs.enumerate().filter(|&(_, (_, n))| n > 0).map(|(e, (first, n))| (e, first, n))
 }
 
 impl CudaBackend {
@@ -569,6 +591,7 @@ impl CudaBackend {
                 .map_err(driver("reading the shared memory a block may have"))?
                 as usize,
             norm_backward_shared_bytes: DEFAULT_SHARED_BYTES,
+            offsets_host: Vec::new(),
         };
         backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
         backend.scratch = backend.alloc(1, Role::Stat)?;
@@ -783,6 +806,39 @@ impl CudaBackend {
             return Err(self.err(op, format!("head_dim {} is not in 1..={MAX_HEAD_DIM}", d.head_dim)));
         }
         Ok(())
+    }
+
+    /// Whether routing of shape `d` can run: the route kernel carries expert numbers in floats, exact below 2²⁴.
+    fn check_moe(&self, op: &str, d: MoeDims) -> Result<()> {
+        match d.problem() {
+            Some(problem) => Err(self.err(op, problem)),
+            None if d.experts >= 1 << 24 => Err(self.err(op, format!("{} experts: at most 2²⁴ − 1", d.experts))),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::check_moe`], for an operation on rows of `width` elements.
+    fn check_moe_rows(&self, op: &str, d: MoeDims, width: usize) -> Result<()> {
+        match d.problem_with_rows(width) {
+            Some(problem) => Err(self.err(op, problem)),
+            None => self.check_moe(op, d),
+        }
+    }
+
+    /// Where each expert's run of the `rows` dispatched rows starts, and where the last ends (`experts + 1` values),
+    /// read from `offsets`, which moe_route wrote on the device: a copy to the host and a wait, so an expert's
+    /// product (which cuBLASLt sizes on the host) cannot be captured into a graph. Returned in the engine's own
+    /// vector, which the caller gives back to `self.offsets_host`, so that no step allocates it again.
+    fn expert_offsets(&mut self, op: &str, offsets: Tensor, experts: usize, rows: usize) -> Result<Vec<u32>> {
+        self.not_capturing(op)?;
+        let ptr = self.ptr(op, offsets, DType::U32, experts + 1)?;
+        let mut bounds = std::mem::take(&mut self.offsets_host);
+        bounds.resize(experts + 1, 0);
+        self.copy_to_host(ptr, &mut bounds)?;
+        match bounds[0] == 0 && bounds.windows(2).all(|w| w[0] <= w[1]) && bounds[experts] as usize == rows {
+            true => Ok(bounds),
+            false => Err(self.err(op, "offsets is not a dispatch that moe_route wrote".into())),
+        }
     }
 
     /// The kernels that run the fused attention at `head_dim` (bf16, model.attention = "fused"), if any: the
@@ -1358,6 +1414,146 @@ impl Backend for CudaBackend {
         let (g, i) = (self.ptr(op, dout, x, rows * ffn)?, self.ptr(op, inp, x, rows * 2 * ffn)?);
         let (n, f) = (rows as i64, ffn as i32);
         launch!(self, op, elementwise(rows * ffn), di, g, i, n, f)
+    }
+
+    fn moe_route(&mut self, op: MoeRoute) -> Result<()> {
+        let name = "moe_route";
+        let MoeRoute { probs, weights, chosen, order, place, offsets, logits, normalize, balance, d } = op;
+        self.check_moe(name, d)?;
+        let (dense, slots) = (d.rows * d.experts, d.slots());
+        let (gradient, dloss) = (balance.map(|b| b.gradient), balance.map(|b| b.dloss));
+        self.disjoint_optional(
+            name,
+            &[Some(probs), Some(weights), Some(chosen), Some(order), Some(place), Some(offsets), gradient],
+            &[Some(logits), dloss],
+        )?;
+        let (p, w) = (self.ptr(name, probs, DType::F32, dense)?, self.ptr(name, weights, DType::F32, slots)?);
+        let (c, o) = (self.ptr(name, chosen, DType::U32, slots)?, self.ptr(name, order, DType::U32, slots)?);
+        let pl = self.ptr(name, place, DType::U32, slots)?;
+        let off = self.ptr(name, offsets, DType::U32, d.experts + 1)?;
+        let x = self.ptr(name, logits, self.x(), dense)?;
+        let g = gradient.map(|g| self.ptr(name, g, DType::F32, d.experts)).transpose()?.unwrap_or(0);
+        let dl = dloss.map(|t| self.ptr(name, t, DType::F32, 1)).transpose()?.unwrap_or(0);
+        let scale = balance.map_or(0.0f32, |b| b.scale);
+        let (rows, e, k, norm) = (d.rows as i64, d.experts as i32, d.top_k as i32, i32::from(normalize));
+        launch!(self, "moe_route", warps(d.rows), p, w, c, x, rows, e, k, norm)?;
+        let per_expert = LaunchConfig {
+            grid_dim: (d.experts as u32, 1, 1),
+            block_dim: (MOE_PLACE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = slots as i64;
+        launch!(self, "moe_place", per_expert, o, pl, off, g, dl, scale, c, n, e)
+    }
+
+    fn moe_route_backward(&mut self, op: MoeRouteBackward) -> Result<()> {
+        let name = "moe_route_backward";
+        let MoeRouteBackward { dlogits, dweights, probs, weights, chosen, normalize, balance, d } = op;
+        self.check_moe(name, d)?;
+        let (dense, slots) = (d.rows * d.experts, d.slots());
+        self.disjoint_optional(
+            name,
+            &[Some(dlogits)],
+            &[Some(dweights), Some(probs), Some(weights), Some(chosen), balance],
+        )?;
+        let dx = self.ptr(name, dlogits, self.x(), dense)?;
+        let (dw, w) = (self.ptr(name, dweights, DType::F32, slots)?, self.ptr(name, weights, DType::F32, slots)?);
+        let (p, c) = (self.ptr(name, probs, DType::F32, dense)?, self.ptr(name, chosen, DType::U32, slots)?);
+        let bal = balance.map(|b| self.ptr(name, b, DType::F32, d.experts)).transpose()?.unwrap_or(0);
+        let (rows, e, k, norm) = (d.rows as i64, d.experts as i32, d.top_k as i32, i32::from(normalize));
+        launch!(self, name, warps(d.rows), dx, dw, p, w, c, bal, rows, e, k, norm)
+    }
+
+    fn moe_gather(&mut self, op: MoeGather) -> Result<()> {
+        let name = "moe_gather";
+        let MoeGather { out, inp, order, width, d } = op;
+        self.check_moe_rows(name, d, width)?;
+        let (x, slots) = (self.x(), d.slots());
+        self.disjoint(name, &[out], &[inp, order])?;
+        let (o, i) = (self.ptr(name, out, x, slots * width)?, self.ptr(name, inp, x, d.rows * width)?);
+        let ord = self.ptr(name, order, DType::U32, slots)?;
+        let (n, cw, k) = (slots as i64, width as i32, d.top_k as i32);
+        launch!(self, name, elementwise(slots * width), o, i, ord, n, cw, k)
+    }
+
+    fn moe_combine(&mut self, op: MoeCombine) -> Result<()> {
+        let name = "moe_combine";
+        let MoeCombine { out, expert_out, weights, place, accumulate, width, d } = op;
+        self.check_moe_rows(name, d, width)?;
+        let (x, slots) = (self.x(), d.slots());
+        self.disjoint_optional(name, &[Some(out)], &[Some(expert_out), weights, Some(place)])?;
+        let (o, eo) = (self.ptr(name, out, x, d.rows * width)?, self.ptr(name, expert_out, x, slots * width)?);
+        let w = weights.map(|w| self.ptr(name, w, DType::F32, slots)).transpose()?.unwrap_or(0);
+        let pl = self.ptr(name, place, DType::U32, slots)?;
+        let (rows, cw, k, acc) = (d.rows as i64, width as i32, d.top_k as i32, i32::from(accumulate));
+        launch!(self, name, elementwise(d.rows * width), o, eo, w, pl, rows, cw, k, acc)
+    }
+
+    fn moe_combine_backward(&mut self, op: MoeCombineBackward) -> Result<()> {
+        let name = "moe_combine_backward";
+        let MoeCombineBackward { dexpert_out, dweights, dout, expert_out, weights, order, place, width, d } = op;
+        self.check_moe_rows(name, d, width)?;
+        let (x, slots) = (self.x(), d.slots());
+        self.disjoint(name, &[dexpert_out, dweights], &[dout, expert_out, weights, order, place])?;
+        let de = self.ptr(name, dexpert_out, x, slots * width)?;
+        let dw = self.ptr(name, dweights, DType::F32, slots)?;
+        let (g, eo) = (self.ptr(name, dout, x, d.rows * width)?, self.ptr(name, expert_out, x, slots * width)?);
+        let w = self.ptr(name, weights, DType::F32, slots)?;
+        let (ord, pl) = (self.ptr(name, order, DType::U32, slots)?, self.ptr(name, place, DType::U32, slots)?);
+        let (n, cw, k) = (slots as i64, width as i32, d.top_k as i32);
+        launch!(self, "moe_combine_backward_rows", elementwise(slots * width), de, g, w, ord, n, cw, k)?;
+        launch!(self, "moe_combine_backward_weights", warps(slots), dw, g, eo, pl, n, cw, k)
+    }
+
+    fn expert_matmul_forward(&mut self, op: ExpertMatmulForward) -> Result<()> {
+        let name = "expert_matmul_forward";
+        let ExpertMatmulForward { out, inp, weight, offsets, experts, d } = op;
+        let MatmulDims { rows, c_in, c_out } = d;
+        let x = self.x();
+        self.ptr(name, out, x, rows * c_out)?;
+        self.ptr(name, inp, x, rows * c_in)?;
+        self.ptr(name, weight, x, experts * c_out * c_in)?;
+        let bounds = self.expert_offsets(name, offsets, experts, rows)?;
+        let result = expert_runs(&bounds).try_for_each(|(e, first, n)| {
+            self.matmul_forward(MatmulForward {
+                out: out.slice(first * c_out, n * c_out),
+                inp: inp.slice(first * c_in, n * c_in),
+                weight: weight.slice(e * c_out * c_in, c_out * c_in),
+                bias: None,
+                gelu_pre: None,
+                d: MatmulDims { rows: n, ..d },
+            })
+        });
+        self.offsets_host = bounds;
+        result
+    }
+
+    fn expert_matmul_backward(&mut self, op: ExpertMatmulBackward) -> Result<()> {
+        let name = "expert_matmul_backward";
+        let ExpertMatmulBackward { dinp, dweight, dout, inp, weight, offsets, experts, d } = op;
+        let MatmulDims { rows, c_in, c_out } = d;
+        let (x, matrix) = (self.x(), c_out * c_in);
+        self.ptr(name, dinp, x, rows * c_in)?;
+        self.ptr(name, dweight, DType::F32, experts * matrix)?;
+        self.ptr(name, dout, x, rows * c_out)?;
+        self.ptr(name, inp, x, rows * c_in)?;
+        self.ptr(name, weight, x, experts * matrix)?;
+        let bounds = self.expert_offsets(name, offsets, experts, rows)?;
+        let result = expert_runs(&bounds).try_for_each(|(e, first, n)| {
+            self.matmul_backward(MatmulBackward {
+                dinp: dinp.slice(first * c_in, n * c_in),
+                dweight: dweight.slice(e * matrix, matrix),
+                dbias: None,
+                dout: dout.slice(first * c_out, n * c_out),
+                inp: inp.slice(first * c_in, n * c_in),
+                weight: weight.slice(e * matrix, matrix),
+                gelu_pre: None,
+                gelu_dbias: None,
+                d: MatmulDims { rows: n, ..d },
+            })
+        });
+        self.offsets_host = bounds;
+        result
     }
 
     fn rope(&mut self, op: Rotary) -> Result<()> {
