@@ -6,7 +6,7 @@
 //! moments are fp32 in both precisions. Matrix products go through cuBLASLt (the `matmul` module: bf16 or fp32 in,
 //! fp32 accumulation, TF32 off), with the bias, GELU and the bias gradient fused into them. Every other operation
 //! is a kernel of `kernels/`, compiled by NVRTC for this GPU. A mixture of experts' products run on cuBLASLt an
-//! expert at a time, sized by the routing's offsets read back to the host.
+//! expert at a time, sized by the routing's offsets, which routing reads back to the host.
 //!
 //! `kiln selftest --backend cuda` checks every operation against the CPU engine; it passes on an H100 and an H200
 //! (the mixture-of-experts operations, added since, have run only under the CPU emulation of `scripts/emulate`).
@@ -458,8 +458,8 @@ pub struct CudaBackend {
     /// launch gets 48 KiB unless its kernel was allowed more, which a norm over more than about 4000 channels needs.
     shared_optin_bytes: usize,
     norm_backward_shared_bytes: usize,
-    /// The host's copy of a mixture-of-experts layer's offsets ([`CudaBackend::expert_offsets`]).
-    offsets_host: Vec<u32>,
+    /// The host's copies of mixture-of-experts dispatches' offsets, by tensor ([`CudaBackend::keep_offsets`]).
+    dispatches: Vec<(Tensor, Vec<u32>)>,
 }
 
 /// The shared memory a block gets without asking for more.
@@ -591,7 +591,7 @@ impl CudaBackend {
                 .map_err(driver("reading the shared memory a block may have"))?
                 as usize,
             norm_backward_shared_bytes: DEFAULT_SHARED_BYTES,
-            offsets_host: Vec::new(),
+            dispatches: Vec::new(),
         };
         backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
         backend.scratch = backend.alloc(1, Role::Stat)?;
@@ -825,20 +825,41 @@ impl CudaBackend {
         }
     }
 
-    /// Where each expert's run of the `rows` dispatched rows starts, and where the last ends (`experts + 1` values),
-    /// read from `offsets`, which moe_route wrote on the device: a copy to the host and a wait, so an expert's
-    /// product (which cuBLASLt sizes on the host) cannot be captured into a graph. Returned in the engine's own
-    /// vector, which the caller gives back to `self.offsets_host`, so that no step allocates it again.
-    fn expert_offsets(&mut self, op: &str, offsets: Tensor, experts: usize, rows: usize) -> Result<Vec<u32>> {
+    /// Reads the dispatch's `offsets` (where each expert's run of the `rows` dispatched rows starts, and where the
+    /// last ends) back to the host and keeps them there for the expert products that follow, which cuBLASLt sizes
+    /// on the host. moe_route calls it, so that a layer's routing costs one copy and wait (and cannot be captured
+    /// into a graph) and its products, forward and backward, none. Returns the copy's place in `self.dispatches`,
+    /// where each offsets tensor keeps one vector, reused.
+    fn keep_offsets(&mut self, op: &str, offsets: Tensor, rows: usize) -> Result<usize> {
         self.not_capturing(op)?;
-        let ptr = self.ptr(op, offsets, DType::U32, experts + 1)?;
-        let mut bounds = std::mem::take(&mut self.offsets_host);
-        bounds.resize(experts + 1, 0);
+        let ptr = self.ptr(op, offsets, DType::U32, offsets.len)?;
+        let mut bounds = match self.dispatches.iter().position(|(t, _)| *t == offsets) {
+            Some(i) => self.dispatches.swap_remove(i).1,
+            None => Vec::new(),
+        };
+        bounds.resize(offsets.len, 0);
         self.copy_to_host(ptr, &mut bounds)?;
-        match bounds[0] == 0 && bounds.windows(2).all(|w| w[0] <= w[1]) && bounds[experts] as usize == rows {
-            true => Ok(bounds),
-            false => Err(self.err(op, "offsets is not a dispatch that moe_route wrote".into())),
+        if bounds.first() != Some(&0) || bounds.windows(2).any(|w| w[0] > w[1]) || bounds.last() != Some(&(rows as u32))
+        {
+            return Err(self.err(op, "offsets is not a dispatch that moe_route wrote".into()));
         }
+        self.dispatches.push((offsets, bounds));
+        Ok(self.dispatches.len() - 1)
+    }
+
+    /// The place in `self.dispatches` of the host's copy of `offsets` (`experts + 1` values over `rows` rows): kept
+    /// by the routing that wrote it, or (offsets written otherwise, as by an upload) read now.
+    fn host_offsets(&mut self, op: &str, offsets: Tensor, experts: usize, rows: usize) -> Result<usize> {
+        self.ptr(op, offsets, DType::U32, experts + 1)?;
+        match self.dispatches.iter().position(|(t, b)| *t == offsets && b.last() == Some(&(rows as u32))) {
+            Some(i) => Ok(i),
+            None => self.keep_offsets(op, offsets, rows),
+        }
+    }
+
+    /// Drops the host's copies of offsets that a write to `t` may change.
+    fn forget_offsets(&mut self, t: Tensor) {
+        self.dispatches.retain(|(offsets, _)| !offsets.overlaps(&t));
     }
 
     /// The kernels that run the fused attention at `head_dim` (bf16, model.attention = "fused"), if any: the
@@ -976,11 +997,13 @@ impl Backend for CudaBackend {
     }
 
     fn upload_indices(&mut self, dst: Tensor, src: &[u32]) -> Result<()> {
+        self.forget_offsets(dst);
         let ptr = self.ptr("upload_indices", dst, DType::U32, src.len())?;
         self.copy_to_device(ptr, src)
     }
 
     fn zero(&mut self, t: Tensor) -> Result<()> {
+        self.forget_offsets(t);
         let b = self.buffers.get(t.buffer.0 as usize).ok_or_else(|| self.err("zero", format!("{t:?}")))?;
         let ptr = self.ptr("zero", t, b.dtype, t.len)?;
         // SAFETY: the range was checked by `ptr`.
@@ -1420,6 +1443,8 @@ impl Backend for CudaBackend {
         let name = "moe_route";
         let MoeRoute { probs, weights, chosen, order, place, offsets, logits, normalize, balance, d } = op;
         self.check_moe(name, d)?;
+        self.not_capturing(name)?;
+        self.forget_offsets(offsets);
         let (dense, slots) = (d.rows * d.experts, d.slots());
         let (gradient, dloss) = (balance.map(|b| b.gradient), balance.map(|b| b.dloss));
         self.disjoint_optional(
@@ -1443,7 +1468,8 @@ impl Backend for CudaBackend {
             shared_mem_bytes: 0,
         };
         let n = slots as i64;
-        launch!(self, "moe_place", per_expert, o, pl, off, g, dl, scale, c, n, e)
+        launch!(self, "moe_place", per_expert, o, pl, off, g, dl, scale, c, n, e)?;
+        self.keep_offsets(name, offsets, slots).map(|_| ())
     }
 
     fn moe_route_backward(&mut self, op: MoeRouteBackward) -> Result<()> {
@@ -1513,7 +1539,8 @@ impl Backend for CudaBackend {
         self.ptr(name, out, x, rows * c_out)?;
         self.ptr(name, inp, x, rows * c_in)?;
         self.ptr(name, weight, x, experts * c_out * c_in)?;
-        let bounds = self.expert_offsets(name, offsets, experts, rows)?;
+        let kept = self.host_offsets(name, offsets, experts, rows)?;
+        let bounds = std::mem::take(&mut self.dispatches[kept].1);
         let result = expert_runs(&bounds).try_for_each(|(e, first, n)| {
             self.matmul_forward(MatmulForward {
                 out: out.slice(first * c_out, n * c_out),
@@ -1524,7 +1551,7 @@ impl Backend for CudaBackend {
                 d: MatmulDims { rows: n, ..d },
             })
         });
-        self.offsets_host = bounds;
+        self.dispatches[kept].1 = bounds;
         result
     }
 
@@ -1538,7 +1565,8 @@ impl Backend for CudaBackend {
         self.ptr(name, dout, x, rows * c_out)?;
         self.ptr(name, inp, x, rows * c_in)?;
         self.ptr(name, weight, x, experts * matrix)?;
-        let bounds = self.expert_offsets(name, offsets, experts, rows)?;
+        let kept = self.host_offsets(name, offsets, experts, rows)?;
+        let bounds = std::mem::take(&mut self.dispatches[kept].1);
         let result = expert_runs(&bounds).try_for_each(|(e, first, n)| {
             self.matmul_backward(MatmulBackward {
                 dinp: dinp.slice(first * c_in, n * c_in),
@@ -1552,7 +1580,7 @@ impl Backend for CudaBackend {
                 d: MatmulDims { rows: n, ..d },
             })
         });
-        self.offsets_host = bounds;
+        self.dispatches[kept].1 = bounds;
         result
     }
 
