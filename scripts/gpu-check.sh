@@ -14,6 +14,7 @@
 #     bench-attention-specialised-atomic bench-attention-atomic bench-attention-reference"
 #   speed (issues 15, 18): ONLY="info selftest-fp32 selftest-bf16 bench-kiln graphs-exact bench-kiln-graphs
 #     bench-kiln-fused-bias bench-pytorch bench-llama bench-llama-pytorch bench-qwen3"
+#   mixtures of experts (issue 15): ONLY="info selftest-fp32 selftest-bf16 moe bench-llama-quickstart bench-moe"
 #   memory and attention (issues 15, 16, 18): ONLY="plan-gpt2 plan-gpt2-fused plan-llama recompute bench-attention
 #     bench-attention-window bench-attention-reference selftest-bf16-pipelined bench-attention-pipelined
 #     selftest-bf16-specialised bench-attention-specialised bench-attention-specialised-atomic bench-attention-atomic
@@ -90,11 +91,37 @@ print("without graphs:", off, "\nwith graphs:   ", on, "\nbit-identical" if on =
 raise SystemExit(0 if on == off and len(on) == 8 else 1)
 PY
 }
+# A mixture of experts on the GPU: the quickstart's Llama with 4 experts, 2 a token (kernels/experts.cu, each
+# expert's product on cuBLASLt). 30 steps with train.recompute none and block must give bit-identical losses (every
+# recomputed operation is deterministic, routing included), and the loss must fall.
+moe_check() {
+  local run=(--backend cuda --set model.arch=llama --set model.n_kv_head=2 --set model.experts=4
+    --set model.experts_per_token=2 --set train.max_steps=30 --set train.eval_steps=1 --set train.log_every=10)
+  rm -rf /tmp/kiln-moe
+  for level in none block; do
+    "$kiln" train "${run[@]}" --set train.recompute=$level --set train.out_dir=/tmp/kiln-moe/$level || return 1
+  done
+  python3 - <<'PY'
+import json
+loss = lambda d: [j["loss"] for j in map(json.loads, open(f"/tmp/kiln-moe/{d}/metrics.jsonl")) if "loss" in j]
+plain, block = loss("none"), loss("block")
+print("recompute none: ", plain, "\nrecompute block:", block)
+same, falls = plain == block and len(plain) == 30, plain[-1] < plain[0] - 0.5
+print("bit-identical" if same else "DIFFERENT", "; the loss falls" if falls else "; the loss does NOT fall")
+raise SystemExit(0 if same and falls else 1)
+PY
+}
 # `timeout` runs commands, not shell functions: hand it a bash that has the function.
 export kiln
-export -f resume_check graphs_check
+export -f resume_check graphs_check moe_check
 step bench-kiln 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2
 step graphs-exact 90 bash -c graphs_check
+step moe 120 bash -c moe_check
+# The quickstart's Llama, dense and with 4 experts, 2 a token (each expert as wide as the dense MLP).
+llama=(--set model.arch=llama --set model.n_kv_head=2)
+step bench-llama-quickstart 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 "${llama[@]}"
+step bench-moe 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 "${llama[@]}" --set model.experts=4 \
+  --set model.experts_per_token=2
 step bench-kiln-graphs 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 --set train.graphs=true
 # train.fuse_bias_gradients: the selftest's "(fused bias gradients)" checks say whether it is right; this, beside
 # bench-kiln, whether it is faster.
