@@ -243,7 +243,7 @@ pub fn config_json(spec: &ModelSpec, tokens: SpecialTokens) -> serde_json::Value
             });
             // Qwen2, Qwen3 and SmolLM3 are Llama but for their biases, QK-norm or NoPE layers, which their model
             // types say, Mistral but for its sliding window (which kiln's config allows only where one of these
-            // classes has it), and Mixtral and Qwen3-MoE Mistral and Qwen3 with experts.
+            // classes has it), and Mixtral and Qwen3-MoE are Mistral and Qwen3 with experts.
             let fields = config.as_object_mut().expect("an object");
             let model_type = match spec.nope_interval {
                 _ if spec.experts.is_some() && spec.qk_norm => "qwen3_moe",
