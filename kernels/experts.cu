@@ -49,7 +49,7 @@ extern "C" __global__ void moe_route(float* probs, float* weights, unsigned* cho
         for (int e = lane; e < E; e += 32) total += expf(to_f32(x[e]) - m);
         total = warp_sum(total);
         for (int e = lane; e < E; e += 32) p[e] = expf(to_f32(x[e]) - m) / total;
-        __syncwarp();  // every lane reads the whole row's probabilities below
+        __syncwarp();  // every lane reads the chosen experts' probabilities below
         unsigned* c = chosen + row * k;
         float* w = weights + row * k;
         float sum = 0.0f;
@@ -57,15 +57,17 @@ extern "C" __global__ void moe_route(float* probs, float* weights, unsigned* cho
             int mine;
             const float value = lane_best(p, c, j, E, lane, &mine);
             const float top = warp_max(value);
-            // The lowest expert holding the top probability (expert indices, below 2^24, are exact in a float). Every
-            // lane with an expert left offers one, so even NaN probabilities (top NaN) give an expert in range.
-            const bool offers = mine < E && (value == top || top != top);
+            // The lowest expert holding the top probability (expert indices, below 2^24, are exact in a float). NaN
+            // probabilities (a diverged step: then all are) are not below the top, so that every lane with an expert
+            // left offers one and the lowest is chosen, as the CPU engine chooses: always an expert in range.
+            const bool offers = mine < E && !(value < top);
             const int best = (int)-warp_max(offers ? -(float)mine : NEG_INF);
+            const float chosen_p = p[best];
             if (lane == 0) {
                 c[j] = best;
-                w[j] = top;
+                w[j] = chosen_p;
             }
-            sum += top;
+            sum += chosen_p;
             __syncwarp();  // choice j is seen by every lane before the next is made
         }
         if (normalize && lane == 0)
@@ -76,6 +78,7 @@ extern "C" __global__ void moe_route(float* probs, float* weights, unsigned* cho
 extern "C" __global__ void moe_place(unsigned* order, unsigned* place, unsigned* offsets, float* gradient,
                                      const float* dloss, float scale, const unsigned* chosen, long slots, int E) {
     __shared__ unsigned own[MOE_PLACE_THREADS], lower[MOE_PLACE_THREADS];
+    if (blockDim.x != MOE_PLACE_THREADS) __trap();  // the scan covers the shared arrays exactly
     const unsigned e = blockIdx.x;
     const unsigned t = threadIdx.x;
     const long span = (slots + blockDim.x - 1) / blockDim.x, first = min(slots, t * span),
@@ -160,7 +163,7 @@ extern "C" __global__ void moe_combine(floatX* out, const floatX* expert_out, co
         const long t = j / chunks;
         const int c = j % chunks * P::size, count = min(P::size, width - c);
         float y[P::size];
-        P previous = P::load(out + t * width + c, count);
+        const P previous = accumulate ? P::load(out + t * width + c, count) : P();
 #pragma unroll
         for (int i = 0; i < P::size; i++) y[i] = accumulate ? to_f32(previous.v[i]) : 0.0f;
         for (int choice = 0; choice < k; choice++) {

@@ -3,7 +3,8 @@
 // block per expert, with and without the load-balancing gradient), routing's backward, the gather, the combine
 // (weighted, and unweighted and accumulating as the gather's backward) and the combine's backward. The choices and
 // the dispatch must equal the reference's exactly; reals are judged normwise. Cases: 1 to 300 tokens (more slots
-// than moe_place has threads), 2 to 70 experts (more than a warp's lanes), 1 to 8 choices, widths 5 and 48.
+// than moe_place has threads), 2 to 70 experts (more than a warp's lanes), 1 to 8 choices, widths 5 and 48; and NaN
+// logits.
 // Built twice, with and without KILN_BF16.
 #define __shared__ static  // one block at a time: a function's statics are its block's shared memory
 #include "emu.h"
@@ -150,8 +151,33 @@ static void run(int rows, int E, int k, bool normalize, bool balance, int width)
     check("combine backward weights", where, error(dw, want_dw));
 }
 
+// A diverged step's router: NaN logits, so NaN probabilities. Each token must still go to experts that exist (the
+// lowest, as the CPU engine chooses), so that the dispatch holds every slot and the step can finish for the guard to
+// see its loss: with fewer experts than a warp's lanes too, where lanes without any offer nothing.
+static void nan_logits(int E, int k) {
+    char where[32];
+    std::snprintf(where, sizeof where, "E%d k%d", E, k);
+    const int rows = 3;
+    const size_t slots = (size_t)rows * k;
+    const std::vector<floatX> logits((size_t)rows * E, to_x(std::nanf("")));
+    auto probs = poisoned<float>((size_t)rows * E), weights = poisoned<float>(slots);
+    auto chosen = poisoned<unsigned>(slots), order = poisoned<unsigned>(slots), place = poisoned<unsigned>(slots);
+    auto offsets = poisoned<unsigned>(E + 1);
+    launch({warp_blocks(rows), 1, 1}, 256, 0, [&] {
+        moe_route(probs.data(), weights.data(), chosen.data(), logits.data(), (long)rows, E, k, 1);
+    });
+    launch({(unsigned)E, 1, 1}, MOE_PLACE_THREADS, 0, [&] {
+        moe_place(order.data(), place.data(), offsets.data(), nullptr, nullptr, 0.0f, chosen.data(), (long)slots, E);
+    });
+    bool lowest = true;
+    for (size_t s = 0; s < slots; s++) lowest &= chosen[s] == s % k;
+    expect(lowest, "NaN logits: lowest experts", where);
+    expect(offsets[0] == 0 && offsets[E] == slots, "NaN logits: every slot placed", where);
+}
+
 int main() {
     emu_schedule_from_env();
+    for (auto [E, k] : {std::pair{8, 2}, {40, 3}}) nan_logits(E, k);
     for (int rows : {1, 37, 300})
         for (auto [E, k] : {std::pair{2, 1}, {4, 2}, {8, 2}, {70, 8}})
             for (bool normalize : {false, true}) run(rows, E, k, normalize, !normalize, rows == 37 ? 5 : 48);

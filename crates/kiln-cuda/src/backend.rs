@@ -1444,7 +1444,9 @@ impl Backend for CudaBackend {
         let MoeRoute { probs, weights, chosen, order, place, offsets, logits, normalize, balance, d } = op;
         self.check_moe(name, d)?;
         self.not_capturing(name)?;
-        self.forget_offsets(offsets);
+        for written in [chosen, order, place, offsets] {
+            self.forget_offsets(written);
+        }
         let (dense, slots) = (d.rows * d.experts, d.slots());
         let (gradient, dloss) = (balance.map(|b| b.gradient), balance.map(|b| b.dloss));
         self.disjoint_optional(
@@ -1536,6 +1538,9 @@ impl Backend for CudaBackend {
         let ExpertMatmulForward { out, inp, weight, offsets, experts, d } = op;
         let MatmulDims { rows, c_in, c_out } = d;
         let x = self.x();
+        // Each expert's product checks its own rows; these, the whole operands.
+        self.not_capturing(name)?;
+        self.disjoint(name, &[out], &[inp, weight, offsets])?;
         self.ptr(name, out, x, rows * c_out)?;
         self.ptr(name, inp, x, rows * c_in)?;
         self.ptr(name, weight, x, experts * c_out * c_in)?;
@@ -1560,6 +1565,9 @@ impl Backend for CudaBackend {
         let ExpertMatmulBackward { dinp, dweight, dout, inp, weight, offsets, experts, d } = op;
         let MatmulDims { rows, c_in, c_out } = d;
         let (x, matrix) = (self.x(), c_out * c_in);
+        // Each expert's product checks its own rows; these, the whole operands.
+        self.not_capturing(name)?;
+        self.disjoint(name, &[dinp, dweight], &[dout, inp, weight, offsets])?;
         self.ptr(name, dinp, x, rows * c_in)?;
         self.ptr(name, dweight, DType::F32, experts * matrix)?;
         self.ptr(name, dout, x, rows * c_out)?;

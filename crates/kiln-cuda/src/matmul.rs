@@ -286,6 +286,9 @@ fn set_pointers(desc: sys::cublasLtMatmulDesc_t, epilogue: &Epilogue) -> Result<
     Ok(())
 }
 
+/// The most plans a [`CublasLt`] keeps: a dense model's products make a few dozen problems.
+const MAX_PLANS: usize = 4096;
+
 /// A cuBLASLt handle with its workspace and the plans made so far.
 pub struct CublasLt {
     handle: sys::cublasLtHandle_t,
@@ -330,6 +333,11 @@ impl CublasLt {
 
     /// The plan of `problem`, made from `product` if it is new.
     fn plan(&mut self, problem: Problem, product: &Product) -> Result<&Plan, String> {
+        // A mixture of experts' products take their rows from the routing, so their problems change from step to
+        // step: past MAX_PLANS the plans start again (a plan's descriptors are read only when a product is queued).
+        if self.plans.len() >= MAX_PLANS && !self.plans.contains_key(&problem) {
+            self.plans.clear();
+        }
         Ok(match self.plans.entry(problem) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(Plan::new(self.handle, &problem, product)?),
