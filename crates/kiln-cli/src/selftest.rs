@@ -57,8 +57,9 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
     }
-    let failed = checks.iter().filter(|c| !c.passed()).count();
-    println!("{} passed, {failed} failed", checks.len() - failed);
+    let failed = checks.iter().filter(|c| c.failed()).count();
+    let not_run = checks.iter().filter(|c| c.not_run.is_some()).count();
+    println!("{} passed, {failed} failed, {not_run} not run", checks.len() - failed - not_run);
     if failed > 0 {
         return Err(Error::backend("selftest", format!("{failed} of {} checks failed", checks.len())));
     }

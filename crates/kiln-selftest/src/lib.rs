@@ -39,12 +39,17 @@ pub struct Tolerance {
     /// Absolute difference of per-step losses between the candidate's run replayed from graphs and its run without:
     /// 0 for an engine whose results are reproducible bit for bit.
     pub graphs: f64,
-    /// Whether the candidate routes every token of a mixture of experts to the experts the reference chooses, so
-    /// that such a model's gradients can be compared. In bf16 it does not: the router's logits, rounded, cross
-    /// where the reference's nearly tie (for a few of the check's model's tokens), and a token that meets
-    /// other experts moves their gradients by more than bf16's tolerance. Its losses are still compared.
+    /// Whether the candidate can be trusted to route every token of a mixture of experts to the experts the
+    /// reference chooses, so that such a model's gradients can be compared. Not in bf16 (see [`ROUTED_APART`]).
     pub routes_exactly: bool,
 }
+
+/// Why a bf16 engine's gradients of a model with experts are not compared with the reference's: its router's
+/// logits are rounded to bf16, so wherever the reference's two candidates for a token's last choice lie closer than
+/// that rounding (expected for a few of the check's 174 routings; not yet measured), the token meets another expert,
+/// which moves whole rows of those experts' gradients by more than bf16's tolerance. Its losses are compared.
+const ROUTED_APART: &str =
+    "not compared in bf16: the rounded router sends some tokens to other experts than the f64 reference; losses are";
 
 impl Tolerance {
     /// fp32 arithmetic against the f64 reference.
@@ -64,15 +69,28 @@ pub struct Check {
     pub tolerance: f64,
     /// A failure that is not a number: an operation returned an error, or wrote NaN.
     pub failure: Option<String>,
+    /// Why the check was not made, where this engine cannot make it: it then neither passes nor fails.
+    pub not_run: Option<String>,
 }
 
 impl Check {
+    fn not_run(name: String, why: &str) -> Check {
+        Check { name, error: 0.0, tolerance: 0.0, failure: None, not_run: Some(why.into()) }
+    }
+
     pub fn passed(&self) -> bool {
-        self.failure.is_none() && self.error <= self.tolerance
+        self.not_run.is_none() && self.failure.is_none() && self.error <= self.tolerance
+    }
+
+    pub fn failed(&self) -> bool {
+        self.not_run.is_none() && !self.passed()
     }
 
     /// One line for people: `PASS layernorm_backward  error 2.1e-07 (tolerance 1e-05)`.
     pub fn line(&self) -> String {
+        if let Some(why) = &self.not_run {
+            return format!("SKIP {:<34} {why}", self.name);
+        }
         let verdict = if self.passed() { "PASS" } else { "FAIL" };
         match &self.failure {
             Some(why) => format!("{verdict} {:<34} {why}", self.name),
@@ -152,8 +170,13 @@ fn check_op(
     rng: &mut ChaCha8Rng,
     tol: f64,
 ) -> Check {
-    let fail =
-        |why: String| Check { name: case.name.clone(), error: f64::INFINITY, tolerance: tol, failure: Some(why) };
+    let fail = |why: String| Check {
+        name: case.name.clone(),
+        error: f64::INFINITY,
+        tolerance: tol,
+        failure: Some(why),
+        not_run: None,
+    };
     let values: Vec<Vec<f32>> = case
         .reals
         .iter()
@@ -174,7 +197,7 @@ fn check_op(
     if error.is_infinite() {
         return fail("an output is NaN or infinite (unwritten, or overflowed)".into());
     }
-    Check { name: case.name.clone(), error, tolerance: tol, failure: None }
+    Check { name: case.name.clone(), error, tolerance: tol, failure: None, not_run: None }
 }
 
 /// The operation cases, at sizes that are multiples of no tile size.
@@ -387,10 +410,6 @@ fn expert_cases(rows: usize, c: usize) -> Vec<OpCase> {
     use Use::*;
     let d = MoeDims { rows, experts: 5, top_k: 2 };
     let (experts, slots) = (d.experts, d.slots());
-    // Routing decides which rows meet which weights, so every engine must choose the same experts: each row's
-    // logits are the same five values a quarter apart (exact in bf16), in an order that changes with the row.
-    let logits: Vec<f32> =
-        (0..rows * experts).map(|i| ((2 * (i % experts) + i / experts) % experts) as f32 * 0.25 - 0.5).collect();
     // A dispatch that is not the identity, and offsets with an empty expert.
     let place: Vec<u32> = (0..slots).map(|s| (s * 7 % slots) as u32).collect();
     let mut order = vec![0; slots];
@@ -399,69 +418,69 @@ fn expert_cases(rows: usize, c: usize) -> Vec<OpCase> {
     }
     let offsets = vec![0, 50, 50, 131, 200, slots as u32];
     let expert_dims = move |c_out| MatmulDims { rows: slots, c_in: c, c_out };
-    // Routing, then the tokens gathered, each expert's product over its run, and the weighted sum.
-    let routed = |normalize: bool, balanced: bool| {
-        let logits = logits.clone();
+    // Routing of `d` (an odd number of experts), then the tokens gathered, each expert's product over its run, and
+    // the weighted sum; balanced, with a loss gradient of 1 (each expert's count weighs half a unit in the balance).
+    let routed = |d: MoeDims, normalize: bool, balanced: bool| {
+        let (experts, slots) = (d.experts, d.slots());
+        // Routing decides which rows meet which weights, so every engine must choose the same experts: each row's
+        // logits are the same values a quarter apart (exact in bf16), in an order that changes with the row.
+        let logits: Vec<f32> = (0..d.rows * experts)
+            .map(|i| ((2 * (i % experts) + i / experts) % experts) as f32 * 0.25 - (experts / 2) as f32 * 0.25)
+            .collect();
+        let mut reals = vec![
+            (d.rows * experts, Out, Stat),
+            (slots, Out, Stat),
+            (d.rows * c, In, Activation),
+            (slots * c, Out, Activation),
+            (experts * c * c, In, Param),
+            (slots * c, Out, Activation),
+            (d.rows * c, Out, Activation),
+        ];
+        reals.extend(balanced.then_some((experts, Acc, Stat)));
+        let zeros = |n| vec![0; n];
         OpCase {
             name: format!(
-                "moe_route{}{}, gather, expert_matmul_forward, combine",
+                "moe_route{}{}, gather, expert_matmul_forward, combine, E{experts} k{} slots {slots}",
                 if normalize { " (normalised)" } else { "" },
-                if balanced { " (balanced)" } else { "" }
+                if balanced { " (balanced)" } else { "" },
+                d.top_k,
             ),
-            reals: vec![
-                (rows * experts, Out, Stat),
-                (slots, Out, Stat),
-                (experts, Acc, Stat),
-                (1, In, Stat),
-                (rows * c, In, Activation),
-                (slots * c, Out, Activation),
-                (experts * c * c, In, Param),
-                (slots * c, Out, Activation),
-                (rows * c, Out, Activation),
-            ],
-            indices: vec![vec![0; slots], vec![0; slots], vec![0; slots], vec![0; experts + 1]],
+            reals,
+            indices: vec![zeros(slots), zeros(slots), zeros(slots), zeros(experts + 1)],
             run: Box::new(move |b, r, i| {
-                let logits_t = b.alloc(rows * experts, Activation)?;
+                let logits_t = b.alloc(d.rows * experts, Activation)?;
                 b.upload(logits_t, &logits)?;
-                let balance = balanced.then_some(Balance { gradient: r[2], dloss: r[3], scale: 0.03 });
+                let dloss = b.scalar(1.0)?;
+                let balance = balanced.then(|| Balance { gradient: r[7], dloss, scale: 0.5 });
                 let (chosen, order, place, offsets) = (i[0], i[1], i[2], i[3]);
-                b.moe_route(MoeRoute {
-                    probs: r[0],
-                    weights: r[1],
-                    chosen,
-                    order,
-                    place,
-                    offsets,
-                    logits: logits_t,
-                    normalize,
-                    balance,
-                    d,
-                })?;
-                b.moe_gather(MoeGather { out: r[5], inp: r[4], order, width: c, d })?;
-                let (out, inp, weight) = (r[7], r[5], r[6]);
-                b.expert_matmul_forward(ExpertMatmulForward { out, inp, weight, offsets, experts, d: expert_dims(c) })?;
-                let (weights, accumulate) = (Some(r[1]), false);
-                b.moe_combine(MoeCombine { out: r[8], expert_out: r[7], weights, place, accumulate, width: c, d })
+                let (probs, weights) = (r[0], r[1]);
+                let op =
+                    MoeRoute { probs, weights, chosen, order, place, offsets, logits: logits_t, normalize, balance, d };
+                b.moe_route(op)?;
+                b.moe_gather(MoeGather { out: r[3], inp: r[2], order, width: c, d })?;
+                let (out, inp, weight, d_experts) = (r[5], r[3], r[4], MatmulDims { rows: slots, c_in: c, c_out: c });
+                b.expert_matmul_forward(ExpertMatmulForward { out, inp, weight, offsets, experts, d: d_experts })?;
+                let (weights, accumulate) = (Some(weights), false);
+                b.moe_combine(MoeCombine { out: r[6], expert_out: r[5], weights, place, accumulate, width: c, d })
             }),
         }
     };
-    vec![
-        routed(true, true),
-        routed(false, false),
+    // Routing's backward from the given probabilities, weights and choices (two different experts a token).
+    let route_backward = |normalize: bool, balanced: bool| {
+        let mut reals =
+            vec![(rows * experts, Out, Activation), (slots, In, Stat), (rows * experts, In, Stat), (slots, In, Stat)];
+        reals.extend(balanced.then_some((experts, In, Stat)));
         OpCase {
-            name: "moe_route_backward".into(),
-            reals: vec![
-                (rows * experts, Out, Activation),
-                (slots, In, Stat),
-                (rows * experts, In, Stat),
-                (slots, In, Stat),
-                (experts, In, Stat),
-            ],
-            // Two different experts a token.
+            name: format!(
+                "moe_route_backward{}{}",
+                if normalize { " (normalised)" } else { "" },
+                if balanced { " (balanced)" } else { "" }
+            ),
+            reals,
             indices: vec![(0..slots).map(|s| ((s / 2 + 2 * (s % 2)) % experts) as u32).collect()],
             run: Box::new(move |b, r, i| {
                 let (dlogits, dweights, probs, weights, chosen) = (r[0], r[1], r[2], r[3], i[0]);
-                let (normalize, balance) = (true, Some(r[4]));
+                let balance = balanced.then(|| r[4]);
                 b.moe_route_backward(MoeRouteBackward {
                     dlogits,
                     dweights,
@@ -473,7 +492,15 @@ fn expert_cases(rows: usize, c: usize) -> Vec<OpCase> {
                     d,
                 })
             }),
-        },
+        }
+    };
+    vec![
+        routed(d, true, true),
+        routed(d, false, false),
+        // More experts than a warp's lanes, more slots than the dispatch's threads.
+        routed(MoeDims { rows: 150, experts: 37, top_k: 3 }, true, true),
+        route_backward(true, true),
+        route_backward(false, false),
         OpCase {
             name: "moe_combine (unweighted, added)".into(),
             reals: vec![(rows * c, Acc, Activation), (slots * c, In, Activation)],
@@ -837,7 +864,7 @@ fn check_model_grads<C: Backend>(candidate: &mut C, config: &Config, tol: f64, f
             let failure = error.is_infinite().then(|| "NaN or infinite gradient".to_string());
             let how = if fused { " (fused bias gradients)" } else { "" };
             let name = format!("{} gradient {}{how}", family(&config.model), p.name);
-            Check { name, error, tolerance: tol, failure }
+            Check { name, error, tolerance: tol, failure, not_run: None }
         })
         .collect();
     Ok(checks)
@@ -855,7 +882,7 @@ fn check_training<C: Backend>(candidate: C, config: &Config, tol: f64) -> Result
     };
     let failure = (!error.is_finite()).then(|| "a loss is NaN or infinite".to_string());
     let name = format!("{} training: {} steps' losses", family(&config.model), got.losses.len());
-    Ok(Check { name, error, tolerance: tol, failure })
+    Ok(Check { name, error, tolerance: tol, failure, not_run: None })
 }
 
 /// The same steps with their passes and updates replayed from captured graphs (`train.graphs`): the candidate's
@@ -872,13 +899,18 @@ fn check_graphs<C: Backend>(direct: C, captured: C, config: &Config, tol: f64) -
         true => got.losses.iter().zip(&want.losses).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max),
         false => f64::INFINITY,
     };
+    let name = format!("{} training with graphs: {} steps' losses", family(&config.model), got.losses.len());
+    // The CUDA engine sizes each expert's products from the routing, read back to the host, which a graph cannot
+    // hold: a run with experts goes on without graphs there (the warning says so), and has nothing to compare.
+    if !trainer.replays_graphs() && config.model.experts.is_some() {
+        return Ok(Check::not_run(name, "this engine does not capture routing into graphs: the run went on without"));
+    }
     let failure = match (trainer.replays_graphs(), error.is_finite()) {
         (false, _) => Some("no step was replayed from a graph: the capture failed (see the warning)".to_string()),
         (true, false) => Some("a loss is NaN or infinite".to_string()),
         (true, true) => None,
     };
-    let name = format!("{} training with graphs: {} steps' losses", family(&config.model), got.losses.len());
-    Ok(Check { name, error, tolerance: tol, failure })
+    Ok(Check { name, error, tolerance: tol, failure, not_run: None })
 }
 
 /// Runs every check on backends made by `make`, calling `report` as each finishes, and returns them all. A
@@ -904,13 +936,17 @@ pub fn run<C: Backend + 'static>(
         error: f64::INFINITY,
         tolerance,
         failure: Some(e.to_string()),
+        not_run: None,
     };
     for config in model_configs() {
         let arch = family(&config.model);
         // Fusing bias gradients changes nothing in a model without biases; a model with experts has its gradients
         // compared only where the candidate routes as the reference does.
         let fusions = match (config.model.biases().is_empty(), config.model.experts) {
-            (_, Some(_)) if !tol.routes_exactly => &[][..],
+            (_, Some(_)) if !tol.routes_exactly => {
+                push(Check::not_run(format!("{arch} model gradients"), ROUTED_APART));
+                &[][..]
+            }
             (true, _) => &[false],
             (false, _) => &[false, true],
         };
@@ -922,12 +958,8 @@ pub fn run<C: Backend + 'static>(
         }
         let training = check_training(make()?, &config, tol.loss);
         push(training.unwrap_or_else(|e| failed(&format!("{arch} training"), tol.loss, e)));
-        // The CUDA engine sizes each expert's product from the dispatch, read back to the host, which a graph
-        // cannot hold: a run with experts goes on without graphs there, and this check would only say so.
-        if config.model.experts.is_none() {
-            let graphs = check_graphs(make()?, make()?, &config, tol.graphs);
-            push(graphs.unwrap_or_else(|e| failed(&format!("{arch} training with graphs"), tol.graphs, e)));
-        }
+        let graphs = check_graphs(make()?, make()?, &config, tol.graphs);
+        push(graphs.unwrap_or_else(|e| failed(&format!("{arch} training with graphs"), tol.graphs, e)));
     }
     Ok(checks)
 }
@@ -948,8 +980,15 @@ mod tests {
     #[test]
     fn differences_beyond_tolerance_fail() {
         // f32 is not f64: at a tolerance no float32 computation can meet, every check that computes must fail.
-        let strict = Tolerance { op: 1e-12, model_grads: 1e-12, loss: 0.0, graphs: 0.0, routes_exactly: true };
+        // And as for bf16: a model with experts has its gradients reported as not compared, not as passed.
+        let strict = Tolerance { op: 1e-12, model_grads: 1e-12, loss: 0.0, graphs: 0.0, routes_exactly: false };
         let checks = run(|| Ok(CpuBackend::<f32>::new()), strict, |_| {}).unwrap();
+        let not_run: Vec<&Check> = checks.iter().filter(|c| c.not_run.is_some()).collect();
+        assert_eq!(not_run.len(), 1, "{not_run:?}");
+        let skipped = not_run[0];
+        assert_eq!(skipped.name, "llama with experts model gradients");
+        assert!(!skipped.passed() && !skipped.failed() && skipped.line().starts_with("SKIP"), "{skipped:?}");
+        assert!(!checks.iter().any(|c| c.name.starts_with("llama with experts gradient")));
         let failed: Vec<&str> = checks.iter().filter(|c| !c.passed()).map(|c| c.name.as_str()).collect();
         for name in [
             "layernorm_backward",
@@ -963,7 +1002,8 @@ mod tests {
             "layernorm_backward with the sums of dinp",
             "gelu_forward",
             "classifier",
-            "moe_route (normalised) (balanced), gather, expert_matmul_forward, combine",
+            "moe_route (normalised) (balanced), gather, expert_matmul_forward, combine, E37 k3 slots 450",
+            "moe_route_backward (normalised) (balanced)",
             "moe_route_backward",
             "moe_combine_backward",
             "expert_matmul_backward (an expert without rows)",
