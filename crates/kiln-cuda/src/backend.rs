@@ -514,12 +514,6 @@ fn warps(n: usize) -> LaunchConfig {
 /// The block of moe_place (MOE_PLACE_THREADS in kernels/experts.cu); its grid is a block per expert.
 const MOE_PLACE_THREADS: u32 = 256;
 
-/// The experts whose runs of dispatched rows are not empty, from their `offsets`: `(expert, first row, rows)`.
-fn expert_runs(offsets: &[u32]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-    let runs = offsets.windows(2).map(|w| (w[0] as usize, (w[1] - w[0]) as usize));
-    runs.enumerate().filter(|&(_, (_, n))| n > 0).map(|(e, (first, n))| (e, first, n))
-}
-
 impl CudaBackend {
     /// Opens GPU `ordinal`, compiles (or loads from the cache) every kernel for it, and starts cuBLASLt.
     /// `attention` chooses the attention kernels (fp32 always runs the unfused ones); without `deterministic` the
@@ -855,6 +849,26 @@ impl CudaBackend {
             Some(i) => Ok(i),
             None => self.keep_offsets(op, offsets, rows),
         }
+    }
+
+    /// Calls `product(self, expert, first row, rows)` for each expert whose run of the `rows` dispatched rows in
+    /// `offsets` is not empty: an expert product's sizes are the host's, so it cannot be captured into a graph.
+    fn for_each_expert_run(
+        &mut self,
+        op: &str,
+        offsets: Tensor,
+        experts: usize,
+        rows: usize,
+        mut product: impl FnMut(&mut Self, usize, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        self.not_capturing(op)?;
+        let kept = self.host_offsets(op, offsets, experts, rows)?;
+        // Taken out for the loop, whose products need the engine, and put back after, so that no step allocates.
+        let bounds = std::mem::take(&mut self.dispatches[kept].1);
+        let runs = bounds.windows(2).map(|w| (w[0] as usize, (w[1] - w[0]) as usize)).enumerate();
+        let result = runs.filter(|&(_, (_, n))| n > 0).try_for_each(|(e, (first, n))| product(self, e, first, n));
+        self.dispatches[kept].1 = bounds;
+        result
     }
 
     /// Drops the host's copies of offsets that a write to `t` may change.
@@ -1539,15 +1553,12 @@ impl Backend for CudaBackend {
         let MatmulDims { rows, c_in, c_out } = d;
         let x = self.x();
         // Each expert's product checks its own rows; these, the whole operands.
-        self.not_capturing(name)?;
         self.disjoint(name, &[out], &[inp, weight, offsets])?;
         self.ptr(name, out, x, rows * c_out)?;
         self.ptr(name, inp, x, rows * c_in)?;
         self.ptr(name, weight, x, experts * c_out * c_in)?;
-        let kept = self.host_offsets(name, offsets, experts, rows)?;
-        let bounds = std::mem::take(&mut self.dispatches[kept].1);
-        let result = expert_runs(&bounds).try_for_each(|(e, first, n)| {
-            self.matmul_forward(MatmulForward {
+        self.for_each_expert_run(name, offsets, experts, rows, |b, e, first, n| {
+            b.matmul_forward(MatmulForward {
                 out: out.slice(first * c_out, n * c_out),
                 inp: inp.slice(first * c_in, n * c_in),
                 weight: weight.slice(e * c_out * c_in, c_out * c_in),
@@ -1555,9 +1566,7 @@ impl Backend for CudaBackend {
                 gelu_pre: None,
                 d: MatmulDims { rows: n, ..d },
             })
-        });
-        self.dispatches[kept].1 = bounds;
-        result
+        })
     }
 
     fn expert_matmul_backward(&mut self, op: ExpertMatmulBackward) -> Result<()> {
@@ -1566,17 +1575,14 @@ impl Backend for CudaBackend {
         let MatmulDims { rows, c_in, c_out } = d;
         let (x, matrix) = (self.x(), c_out * c_in);
         // Each expert's product checks its own rows; these, the whole operands.
-        self.not_capturing(name)?;
         self.disjoint(name, &[dinp, dweight], &[dout, inp, weight, offsets])?;
         self.ptr(name, dinp, x, rows * c_in)?;
         self.ptr(name, dweight, DType::F32, experts * matrix)?;
         self.ptr(name, dout, x, rows * c_out)?;
         self.ptr(name, inp, x, rows * c_in)?;
         self.ptr(name, weight, x, experts * matrix)?;
-        let kept = self.host_offsets(name, offsets, experts, rows)?;
-        let bounds = std::mem::take(&mut self.dispatches[kept].1);
-        let result = expert_runs(&bounds).try_for_each(|(e, first, n)| {
-            self.matmul_backward(MatmulBackward {
+        self.for_each_expert_run(name, offsets, experts, rows, |b, e, first, n| {
+            b.matmul_backward(MatmulBackward {
                 dinp: dinp.slice(first * c_in, n * c_in),
                 dweight: dweight.slice(e * matrix, matrix),
                 dbias: None,
@@ -1587,9 +1593,7 @@ impl Backend for CudaBackend {
                 gelu_dbias: None,
                 d: MatmulDims { rows: n, ..d },
             })
-        });
-        self.dispatches[kept].1 = bounds;
-        result
+        })
     }
 
     fn rope(&mut self, op: Rotary) -> Result<()> {
