@@ -162,10 +162,12 @@ extern "C" __global__ void moe_combine(floatX* out, const floatX* expert_out, co
     for (long j = (long)blockIdx.x * blockDim.x + threadIdx.x; j < rows * chunks; j += (long)gridDim.x * blockDim.x) {
         const long t = j / chunks;
         const int c = j % chunks * P::size, count = min(P::size, width - c);
-        float y[P::size];
-        const P previous = accumulate ? P::load(out + t * width + c, count) : P();
+        float y[P::size] = {};
+        if (accumulate) {
+            const P previous = P::load(out + t * width + c, count);
 #pragma unroll
-        for (int i = 0; i < P::size; i++) y[i] = accumulate ? to_f32(previous.v[i]) : 0.0f;
+            for (int i = 0; i < P::size; i++) y[i] = to_f32(previous.v[i]);
+        }
         for (int choice = 0; choice < k; choice++) {
             const long s = t * k + choice;
             const float w = weights ? weights[s] : 1.0f;
