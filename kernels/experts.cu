@@ -1,6 +1,6 @@
 // A mixture-of-experts MLP's routing, dispatch and combination (Mixtral's, Qwen3-MoE's); the experts' products run
-// on cuBLASLt, one per expert's run of the dispatched rows. The operands are described in
-// crates/kiln-core/src/experts.rs.
+// on cuBLASLt, one per expert's run of the dispatched rows, or grouped (expert_products.cu). The operands are
+// described in crates/kiln-core/src/experts.rs.
 //
 // Route, one warp per token: p = softmax(logits) over the E experts (fp32, written to probs); the top_k largest p in
 // turn, a tie to the lower expert (chosen, and their p as weights); normalised, each weight divided by their sum.

@@ -28,6 +28,11 @@ common() { grep -v '#include <cuda_bf16.h>' "$root/kernels/common.cuh"; }
 { common; cat "$root/kernels/rope.cu"; } > "$out/rope_all.inc"
 { common; cat "$root/kernels/swiglu.cu"; } > "$out/swiglu_all.inc"
 { common; cat "$root/kernels/experts.cu"; } > "$out/experts_all.inc"
+{
+  common
+  sed 's/^extern __shared__ __align__(16) unsigned char expert_shared\[\];/#define expert_shared (emu_shared_base())/' \
+    "$root/kernels/expert_products.cu"
+} > "$out/expert_products_all.inc"
 # The step's kernels that are not a layer's, in one file: sums, AdamW, the classifier, GELU, add.
 { common; cat "$root"/kernels/{reduce,adamw,classifier,gelu,add}.cu; } > "$out/step_all.inc"
 # -Wno-psabi: GCC notes how it passes the 64-byte-aligned tensor maps, which is no fault of the code.
@@ -42,6 +47,8 @@ g++ "${flags[@]}" -o "$out/test_sync" "$here/test_sync.cpp"
 g++ "${flags[@]}" -o "$out/test_unfused_fp32" "$here/test_unfused.cpp"
 g++ "${flags[@]}" -DKILN_BF16 -o "$out/test_unfused_bf16" "$here/test_unfused.cpp"
 quiet=(-Wno-strict-aliasing -Wno-maybe-uninitialized)
+# The experts' grouped products are bf16 kernels only.
+g++ "${flags[@]}" "${quiet[@]}" -DKILN_BF16 -o "$out/test_expert_products" "$here/test_expert_products.cpp"
 # The normalisation, rotary, SwiGLU, embedding and mixture-of-experts kernels, and the step's others, each in fp32
 # and in bf16.
 small=(encoder norm rope swiglu experts step)
@@ -69,6 +76,7 @@ if [ $# -eq 0 ]; then
   "$out/test_sync"
   "$out/test_unfused_fp32"
   "$out/test_unfused_bf16"
+  "$out/test_expert_products"
   for test in "${small[@]}"; do
     "$out/test_${test}_fp32"
     "$out/test_${test}_bf16"

@@ -33,6 +33,8 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!("classifier"),
     kernel!("encoder"),
     kernel!("experts"),
+    // The experts' grouped products are tensor-core (bf16) kernels; an fp32 engine runs cuBLASLt per expert.
+    kernel!("expert_products", &[Precision::Bf16]),
     // Fused attention is bf16 only (its types are bf16 whatever floatX is); an fp32 engine runs attention.cu.
     kernel!("flash_attention", &[Precision::Bf16]),
     kernel!("gelu"),
