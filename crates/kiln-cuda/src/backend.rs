@@ -209,6 +209,79 @@ impl FlashWgmma {
     }
 }
 
+/// How the experts' products run (`KILN_EXPERT_PRODUCTS`). `per-expert`, the default: cuBLASLt once per expert's
+/// run of the dispatched rows, whose lengths routing reads back to the host (a wait per layer and pass, and no graph
+/// can be captured). `grouped`: the tensor-core kernels of kernels/expert_products.cu, one launch for all the
+/// experts, each block reading its run from the offsets on the device (no wait; capturable). They are bf16 only and
+/// need c_in and c_out multiples of 8 and 16-byte aligned operands; products without take the per-expert way. The CPU
+/// emulation has checked them but no GPU has yet run or timed them: not the default until one measures them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertProducts {
+    PerExpert,
+    Grouped,
+}
+
+impl ExpertProducts {
+    pub const VARIABLE: &'static str = "KILN_EXPERT_PRODUCTS";
+
+    /// The choice `value` (the variable's value, if set) names.
+    pub fn parse(value: Option<&str>) -> Result<ExpertProducts> {
+        match value.map(str::trim).unwrap_or_default() {
+            "" | "per-expert" => Ok(ExpertProducts::PerExpert),
+            "grouped" => Ok(ExpertProducts::Grouped),
+            other => Err(Error::Usage(format!(
+                "{}: {other:?} is not a way to run the experts' products; expected \"per-expert\" or \"grouped\"",
+                ExpertProducts::VARIABLE
+            ))),
+        }
+    }
+
+    fn from_env() -> Result<ExpertProducts> {
+        ExpertProducts::parse(std::env::var(ExpertProducts::VARIABLE).ok().as_deref())
+    }
+}
+
+/// `expert_products_launch` of kernels/expert_products.cu: a tile's rows and columns, a block's threads and its
+/// dynamic shared memory.
+#[derive(Clone, Copy, Debug)]
+struct GroupedExperts {
+    tile_rows: u32,
+    tile_cols: u32,
+    threads: u32,
+    shared_bytes: u32,
+}
+
+impl GroupedExperts {
+    fn read(cubin: &[u8]) -> Result<GroupedExperts> {
+        let name = "expert_products_launch";
+        let [tile_rows, tile_cols, threads, shared_bytes] = launch_words(cubin, name)?
+            .ok_or_else(|| Error::backend("cuda", format!("the experts' grouped products define no {name}")))?;
+        Ok(GroupedExperts { tile_rows, tile_cols, threads, shared_bytes })
+    }
+
+    /// A launch of `blocks` blocks.
+    fn launch(&self, blocks: (usize, usize, usize)) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (blocks.0 as u32, blocks.1 as u32, blocks.2 as u32),
+            block_dim: (self.threads, 1, 1),
+            shared_mem_bytes: self.shared_bytes,
+        }
+    }
+
+    /// The row products' blocks for `rows` dispatched rows among `experts` runs and `width` output columns: a tile
+    /// of every run's rows, as many as the worst case has (each run but one may end one row into a tile), by the
+    /// columns' tiles.
+    fn row_blocks(&self, rows: usize, experts: usize, width: usize) -> (usize, usize, usize) {
+        let run_tiles = rows.div_ceil(self.tile_rows as usize) + experts - 1;
+        (run_tiles.max(1), width.div_ceil(self.tile_cols as usize), 1)
+    }
+
+    /// The weight gradient's blocks: an expert's tiles of c_out × c_in.
+    fn weight_blocks(&self, d: MatmulDims, experts: usize) -> (usize, usize, usize) {
+        (experts, d.c_in.div_ceil(self.tile_cols as usize), d.c_out.div_ceil(self.tile_rows as usize))
+    }
+}
+
 /// How to launch the fused attention kernels of one head dimension on this GPU. The kernel file chooses the tiles
 /// (per architecture, where the reasons are written) and exports what a launch needs, `flash_attention_launch_dD`,
 /// which the engine reads from the compiled module; each kernel checks its block size and shared memory and traps
@@ -460,6 +533,8 @@ pub struct CudaBackend {
     norm_backward_shared_bytes: usize,
     /// The host's copies of mixture-of-experts dispatches' offsets, by tensor ([`CudaBackend::keep_offsets`]).
     dispatches: Vec<(Tensor, Vec<u32>)>,
+    /// How the grouped expert products launch, where they run ([`ExpertProducts::Grouped`] in bf16).
+    grouped_experts: Option<GroupedExperts>,
 }
 
 /// The shared memory a block gets without asking for more.
@@ -520,6 +595,7 @@ impl CudaBackend {
     /// fused attention's backward sums dQ with atomic adds (faster; the last bits of dQ vary from run to run).
     pub fn new(ordinal: usize, precision: Precision, attention: AttentionKernel, deterministic: bool) -> Result<Self> {
         let wgmma = FlashWgmma::from_env()?;
+        let expert_products = ExpertProducts::from_env()?;
         for lib in [Library::Driver, Library::Nvrtc, Library::CublasLt] {
             lib.require()?;
         }
@@ -535,10 +611,14 @@ impl CudaBackend {
         let mut functions = HashMap::new();
         let mut modules = Vec::new();
         let mut flash = Vec::new();
+        let mut grouped_experts = None;
         for kernel in KERNELS.iter().filter(|k| k.precisions.contains(&precision)) {
             let built = compiler.compile(kernel, &arch, precision)?;
             if kernel.name == "flash_attention" {
                 flash = FlashTiles::read(&built.cubin, wgmma)?;
+            }
+            if kernel.name == "expert_products" && expert_products == ExpertProducts::Grouped {
+                grouped_experts = Some(GroupedExperts::read(&built.cubin)?);
             }
             let module = ctx.load_module(Ptx::from_binary(built.cubin)).map_err(driver("loading a kernel module"))?;
             for name in &built.entry_points {
@@ -586,6 +666,7 @@ impl CudaBackend {
                 as usize,
             norm_backward_shared_bytes: DEFAULT_SHARED_BYTES,
             dispatches: Vec::new(),
+            grouped_experts,
         };
         backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
         backend.scratch = backend.alloc(1, Role::Stat)?;
@@ -869,6 +950,15 @@ impl CudaBackend {
         let result = runs.filter(|&(_, (_, n))| n > 0).try_for_each(|(e, (first, n))| product(self, e, first, n));
         self.dispatches[kept].1 = bounds;
         result
+    }
+
+    /// The grouped products' launch, if they run and can take a product of `d` over operands at `addresses`:
+    /// widths of whole 16-byte chunks, aligned operands and column tiles within a grid's 65,535.
+    fn grouped_experts_for(&self, d: MatmulDims, addresses: &[u64]) -> Option<GroupedExperts> {
+        let grouped = self.grouped_experts?;
+        let tiles_fit = d.c_in.max(d.c_out).div_ceil(grouped.tile_cols as usize) <= 65_535;
+        let chunked = d.c_in % 8 == 0 && d.c_out % 8 == 0 && addresses.iter().all(|a| a % 16 == 0);
+        (tiles_fit && chunked).then_some(grouped)
     }
 
     /// Drops the host's copies of offsets that a write to `t` may change.
@@ -1457,7 +1547,9 @@ impl Backend for CudaBackend {
         let name = "moe_route";
         let MoeRoute { probs, weights, chosen, order, place, offsets, logits, normalize, balance, d } = op;
         self.check_moe(name, d)?;
-        self.not_capturing(name)?;
+        if self.grouped_experts.is_none() {
+            self.not_capturing(name)?;
+        }
         for written in [chosen, order, place, offsets] {
             self.forget_offsets(written);
         }
@@ -1485,7 +1577,12 @@ impl Backend for CudaBackend {
         };
         let n = slots as i64;
         launch!(self, "moe_place", per_expert, o, pl, off, g, dl, scale, c, n, e)?;
-        self.keep_offsets(name, offsets, slots).map(|_| ())
+        match self.grouped_experts {
+            // The grouped products read the offsets where routing wrote them (a product that cannot run grouped
+            // reads them back itself).
+            Some(_) => Ok(()),
+            None => self.keep_offsets(name, offsets, slots).map(|_| ()),
+        }
     }
 
     fn moe_route_backward(&mut self, op: MoeRouteBackward) -> Result<()> {
@@ -1554,9 +1651,14 @@ impl Backend for CudaBackend {
         let x = self.x();
         // Each expert's product checks its own rows; these, the whole operands.
         self.disjoint(name, &[out], &[inp, weight, offsets])?;
-        self.ptr(name, out, x, rows * c_out)?;
-        self.ptr(name, inp, x, rows * c_in)?;
-        self.ptr(name, weight, x, experts * c_out * c_in)?;
+        let (o, i) = (self.ptr(name, out, x, rows * c_out)?, self.ptr(name, inp, x, rows * c_in)?);
+        let w = self.ptr(name, weight, x, experts * c_out * c_in)?;
+        if let Some(grouped) = self.grouped_experts_for(d, &[o, i, w]) {
+            let off = self.ptr(name, offsets, DType::U32, experts + 1)?;
+            let cfg = grouped.launch(grouped.row_blocks(rows, experts, c_out));
+            let (rows, e, ci, co) = (rows as i64, experts as i32, c_in as i32, c_out as i32);
+            return launch!(self, "expert_forward_grouped", cfg, o, i, w, off, rows, e, ci, co);
+        }
         self.for_each_expert_run(name, offsets, experts, rows, |b, e, first, n| {
             b.matmul_forward(MatmulForward {
                 out: out.slice(first * c_out, n * c_out),
@@ -1576,11 +1678,27 @@ impl Backend for CudaBackend {
         let (x, matrix) = (self.x(), c_out * c_in);
         // Each expert's product checks its own rows; these, the whole operands.
         self.disjoint(name, &[dinp, dweight], &[dout, inp, weight, offsets])?;
-        self.ptr(name, dinp, x, rows * c_in)?;
-        self.ptr(name, dweight, DType::F32, experts * matrix)?;
-        self.ptr(name, dout, x, rows * c_out)?;
-        self.ptr(name, inp, x, rows * c_in)?;
-        self.ptr(name, weight, x, experts * matrix)?;
+        let (di, dw) = (self.ptr(name, dinp, x, rows * c_in)?, self.ptr(name, dweight, DType::F32, experts * matrix)?);
+        let (dy, i) = (self.ptr(name, dout, x, rows * c_out)?, self.ptr(name, inp, x, rows * c_in)?);
+        let w = self.ptr(name, weight, x, experts * matrix)?;
+        if let Some(grouped) = self.grouped_experts_for(d, &[di, dy, i, w]) {
+            let off = self.ptr(name, offsets, DType::U32, experts + 1)?;
+            let (by_rows, by_expert) = (grouped.row_blocks(rows, experts, c_in), grouped.weight_blocks(d, experts));
+            let (rows, e, ci, co) = (rows as i64, experts as i32, c_in as i32, c_out as i32);
+            launch!(self, "expert_backward_input_grouped", grouped.launch(by_rows), di, dy, w, off, rows, e, ci, co)?;
+            return launch!(
+                self,
+                "expert_backward_weight_grouped",
+                grouped.launch(by_expert),
+                dw,
+                dy,
+                i,
+                off,
+                rows,
+                ci,
+                co
+            );
+        }
         self.for_each_expert_run(name, offsets, experts, rows, |b, e, first, n| {
             b.matmul_backward(MatmulBackward {
                 dinp: dinp.slice(first * c_in, n * c_in),
@@ -1893,6 +2011,46 @@ mod tests {
             assert!(matches!(err, Error::Usage(_)), "{err}");
             assert!(err.to_string().contains("KILN_FLASH_WGMMA") && err.to_string().contains(named), "{err}");
         }
+    }
+
+    #[test]
+    fn the_experts_products_run_per_expert_unless_grouped_is_named_and_a_typo_is_a_usage_error() {
+        let parse = |value| ExpertProducts::parse(value).unwrap();
+        assert_eq!(
+            (parse(None), parse(Some("")), parse(Some("per-expert"))),
+            (ExpertProducts::PerExpert, ExpertProducts::PerExpert, ExpertProducts::PerExpert)
+        );
+        assert_eq!(parse(Some(" grouped")), ExpertProducts::Grouped);
+        let err = ExpertProducts::parse(Some("groupped")).unwrap_err();
+        assert!(matches!(err, Error::Usage(_)), "{err}");
+        assert!(err.to_string().contains("KILN_EXPERT_PRODUCTS") && err.to_string().contains("groupped"), "{err}");
+    }
+
+    /// The grouped expert products' launches, from their table in the sm_80 module as the engine reads it: the
+    /// kernels it names exist, and the grids cover the worst case of the runs' tiles. Needs NVRTC and the CUDA
+    /// headers (as tests/nvrtc.rs), no GPU.
+    #[test]
+    fn the_grouped_expert_products_launch_as_their_table_says() {
+        let dir = std::env::temp_dir().join(format!("kiln-expert-products-test-{}", std::process::id()));
+        let compiler = crate::compile::Compiler::with_cache_dir(dir).unwrap_or_else(|e| {
+            panic!("{e}\nThis test needs NVRTC 13 and the CUDA headers, as tests/nvrtc.rs says (.ci/run installs them)")
+        });
+        let kernel = KERNELS.iter().find(|k| k.name == "expert_products").expect("expert_products.cu");
+        let built = compiler.compile(kernel, "sm_80", Precision::Bf16).unwrap_or_else(|e| panic!("{e}"));
+        let _ = std::fs::remove_dir_all(compiler.cache_dir());
+        for name in ["expert_forward_grouped", "expert_backward_input_grouped", "expert_backward_weight_grouped"] {
+            assert!(built.entry_points.iter().any(|e| e == name), "{name} in {:?}", built.entry_points);
+        }
+        let grouped = GroupedExperts::read(&built.cubin).unwrap();
+        let (rows, cols) = (grouped.tile_rows as usize, grouped.tile_cols as usize);
+        assert_eq!((rows, cols, grouped.threads, grouped.shared_bytes), (128, 64, 128, 30_720));
+        // Three runs each one row into its second tile need every block: 387 rows in 4 tiles, plus 2.
+        assert_eq!(grouped.row_blocks(3 * (rows + 1), 3, 200), (6, 4, 1));
+        assert_eq!(grouped.row_blocks(0, 1, 8), (1, 1, 1));
+        let d = MatmulDims { rows: 10, c_in: 200, c_out: 136 };
+        assert_eq!(grouped.weight_blocks(d, 5), (5, 4, 2));
+        let config = grouped.launch((6, 4, 1));
+        assert_eq!((config.grid_dim, config.block_dim, config.shared_mem_bytes), ((6, 4, 1), (128, 1, 1), 30_720));
     }
 
     /// What the engine launches, read from the sm_90a module as the engine reads it: with `specialised,backward` the
