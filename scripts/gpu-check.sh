@@ -14,7 +14,8 @@
 #     bench-attention-specialised-atomic bench-attention-atomic bench-attention-reference"
 #   speed (issues 15, 18): ONLY="info selftest-fp32 selftest-bf16 bench-kiln graphs-exact bench-kiln-graphs
 #     bench-kiln-fused-bias bench-pytorch bench-llama bench-llama-pytorch bench-qwen3"
-#   mixtures of experts (issue 15): ONLY="info selftest-fp32 selftest-bf16 moe bench-llama-124m bench-moe-124m"
+#   mixtures of experts (issue 15): ONLY="info selftest-fp32 selftest-bf16 moe selftest-bf16-grouped moe-grouped
+#     bench-llama-124m bench-moe-124m bench-moe-124m-grouped bench-moe-124m-grouped-graphs"
 #   memory and attention (issues 15, 16, 18): ONLY="plan-gpt2 plan-gpt2-fused plan-llama recompute bench-attention
 #     bench-attention-window bench-attention-reference selftest-bf16-pipelined bench-attention-pipelined
 #     selftest-bf16-specialised bench-attention-specialised bench-attention-specialised-atomic bench-attention-atomic
@@ -91,23 +92,30 @@ print("without graphs:", off, "\nwith graphs:   ", on, "\nbit-identical" if on =
 raise SystemExit(0 if on == off and len(on) == 8 else 1)
 PY
 }
-# A mixture of experts on the GPU: the quickstart's Llama with 4 experts, 2 a token (kernels/experts.cu, each
-# expert's product on cuBLASLt). 30 steps with train.recompute none and block must give bit-identical losses (every
+# A mixture of experts on the GPU: the quickstart's Llama with 4 experts, 2 a token (kernels/experts.cu), its
+# experts' products run as $KILN_EXPERT_PRODUCTS says: per-expert (each on cuBLASLt, the default) or grouped
+# (kernels/expert_products.cu). 30 steps with train.recompute none and block must give bit-identical losses (every
 # recomputed operation is deterministic, routing included), the loss must fall (on the CPU engine: 2.554 to 1.814),
-# and with train.graphs the run must warn that it goes on without graphs (routing is read back to the host) and
-# train as without.
+# and with train.graphs the run must train as without: per expert, warning that it goes on without graphs (routing
+# is read back to the host); grouped, captured (no warning).
 moe_check() {
+  local products=${KILN_EXPERT_PRODUCTS:-per-expert} dir=/tmp/kiln-moe-${KILN_EXPERT_PRODUCTS:-per-expert}
   local run=(--backend cuda --set model.arch=llama --set model.n_kv_head=2 --set model.experts=4
     --set model.experts_per_token=2 --set train.max_steps=30 --set train.eval_steps=1 --set train.log_every=10)
-  rm -rf /tmp/kiln-moe
+  rm -rf "$dir"
   for level in none block; do
-    "$kiln" train "${run[@]}" --set train.recompute=$level --set train.out_dir=/tmp/kiln-moe/$level || return 1
+    "$kiln" train "${run[@]}" --set train.recompute=$level --set train.out_dir=$dir/$level || return 1
   done
-  "$kiln" train "${run[@]}" --set train.graphs=true --set train.out_dir=/tmp/kiln-moe/graphs 2>&1 |
-    tee /dev/stderr | grep -q "without graphs" || { echo "no warning that the run went on without graphs"; return 1; }
-  python3 - <<'PY'
-import json
-loss = lambda d: [j["loss"] for j in map(json.loads, open(f"/tmp/kiln-moe/{d}/metrics.jsonl")) if "loss" in j]
+  "$kiln" train "${run[@]}" --set train.graphs=true --set train.out_dir=$dir/graphs 2>&1 | tee $dir.graphs.log
+  if [ "$products" = grouped ]; then
+    grep -q "without graphs" $dir.graphs.log && { echo "the grouped products were not captured"; return 1; }
+  else
+    grep -q "without graphs" $dir.graphs.log || { echo "no warning that the run went on without graphs"; return 1; }
+  fi
+  MOE_DIR=$dir python3 - <<'PY'
+import json, os
+d = os.environ["MOE_DIR"]
+loss = lambda r: [j["loss"] for j in map(json.loads, open(f"{d}/{r}/metrics.jsonl")) if "loss" in j]
 plain, block, graphs = loss("none"), loss("block"), loss("graphs")
 print("recompute none: ", plain, "\nrecompute block:", block, "\ntrain.graphs:   ", graphs)
 same, falls = plain == block == graphs and len(plain) == 30, plain[-1] < plain[0] - 0.5
@@ -115,18 +123,31 @@ print("bit-identical" if same else "DIFFERENT", "; the loss falls" if falls else
 raise SystemExit(0 if same and falls else 1)
 PY
 }
+# The grouped products' self-test in bf16: every case as in selftest-bf16, and the model with experts captured into
+# graphs (its "training with graphs" check run, not SKIP).
+selftest_grouped() {
+  KILN_EXPERT_PRODUCTS=grouped "$kiln" selftest --backend cuda --precision bf16 | tee /tmp/kiln-selftest-grouped.log ||
+    return 1
+  ! grep -q "^SKIP llama with experts training with graphs" /tmp/kiln-selftest-grouped.log
+}
 # `timeout` runs commands, not shell functions: hand it a bash that has the function.
 export kiln
-export -f resume_check graphs_check moe_check
+export -f resume_check graphs_check moe_check selftest_grouped
 step bench-kiln 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2
 step graphs-exact 90 bash -c graphs_check
 step moe 120 bash -c moe_check
+step selftest-bf16-grouped 120 bash -c selftest_grouped
+step moe-grouped 120 env KILN_EXPERT_PRODUCTS=grouped bash -c moe_check
 # The benchmark's GPT-2 124M shape (12 × 768, 32 × 1024 tokens a step) as a Llama, dense and with 4 experts, 2 a
 # token, each as wide as the dense MLP (65,536 dispatched rows a layer).
 llama=(--set model.arch=llama --set model.n_kv_head=4)
 step bench-llama-124m 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 "${llama[@]}"
-step bench-moe-124m 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 "${llama[@]}" --set model.experts=4 \
-  --set model.experts_per_token=2
+moe=(--set model.experts=4 --set model.experts_per_token=2)
+step bench-moe-124m 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 "${llama[@]}" "${moe[@]}"
+step bench-moe-124m-grouped 120 env KILN_EXPERT_PRODUCTS=grouped "$kiln" bench train --backend cuda --steps 10 \
+  --warmup 2 "${llama[@]}" "${moe[@]}"
+step bench-moe-124m-grouped-graphs 120 env KILN_EXPERT_PRODUCTS=grouped "$kiln" bench train --backend cuda \
+  --steps 10 --warmup 2 "${llama[@]}" "${moe[@]}" --set train.graphs=true
 step bench-kiln-graphs 120 "$kiln" bench train --backend cuda --steps 10 --warmup 2 --set train.graphs=true
 # train.fuse_bias_gradients: the selftest's "(fused bias gradients)" checks say whether it is right; this, beside
 # bench-kiln, whether it is faster.
