@@ -125,18 +125,42 @@ __device__ __forceinline__ void expert_product(float acc[2][8][4], const __nv_bf
     cp_async_wait<0>();  // the last, empty group: no thread leaves with copies outstanding
 }
 
+// Calls store(row, column, a, b) for each pair of neighbouring results (columns column and column + 1) of the block's
+// tile at (m0, n0) that lies inside m_end × n_end, from warp w's accumulators (rows 32w to 32w + 31). n_end is even,
+// so a pair's second column is inside when its first is.
+template <typename Store>
+__device__ __forceinline__ void each_result(const float acc[2][8][4], long m0, long m_end, long n0, long n_end,
+                                            Store store) {
+    const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    for (int mt = 0; mt < 2; mt++)
+        for (int half = 0; half < 2; half++) {
+            const long m = m0 + warp * 32 + mt * 16 + half * 8 + g;
+            if (m >= m_end) continue;
+            for (int nt = 0; nt < 8; nt++) {
+                const long n = n0 + nt * 8 + 2 * c;
+                if (n < n_end) store(m, n, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+            }
+        }
+}
+
+// Expert e's run of the dispatched rows, [*first, *end), clamped to the rows so that a bad dispatch cannot send a
+// block past them.
+__device__ __forceinline__ void expert_run(const unsigned* offsets, int e, long rows, long* first, long* end) {
+    *first = min((long)offsets[e], rows);
+    *end = max(*first, min((long)offsets[e + 1], rows));
+}
+
 // The forward and the input gradient: out[r] = Σ_k in[r][k]·B_e[k][·] for the block's tile of a run, with B_e W_e
 // stored by x (the forward) or by k (the input gradient); `depth` and `width` are in's and out's row lengths.
 template <bool B_BY_K>
 __device__ __forceinline__ void expert_rows(__nv_bfloat16* out, const __nv_bfloat16* in, const __nv_bfloat16* weight,
                                             const unsigned* offsets, long rows, int experts, int depth, int width) {
     if (blockDim.x != EXPERT_THREADS) __trap();  // the tiles are split between exactly four warps
-    // Which expert's run, and which of its tiles, this block's blockIdx.x names (offsets clamped to the rows, so
-    // that a bad dispatch cannot send a block past them).
+    // Which expert's run, and which of its tiles, this block's blockIdx.x names.
     long tile = blockIdx.x, first = 0, end = 0;
     int e = 0;
     for (; e < experts; e++) {
-        first = min((long)offsets[e], rows), end = max(first, min((long)offsets[e + 1], rows));
+        expert_run(offsets, e, rows, &first, &end);
         const long tiles = (end - first + EXPERT_M - 1) / EXPERT_M;
         if (tile < tiles) break;
         tile -= tiles;
@@ -146,18 +170,9 @@ __device__ __forceinline__ void expert_rows(__nv_bfloat16* out, const __nv_bfloa
     const __nv_bfloat16* w = weight + (long)e * depth * width;
     float acc[2][8][4] = {};
     expert_product<false, B_BY_K>(acc, in, depth, m0, end, w, B_BY_K ? width : depth, n0, width, 0, depth);
-    const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
-    for (int mt = 0; mt < 2; mt++)
-        for (int half = 0; half < 2; half++) {
-            const long r = m0 + warp * 32 + mt * 16 + half * 8 + g;
-            if (r >= end) continue;
-            for (int nt = 0; nt < 8; nt++) {
-                const long col = n0 + nt * 8 + 2 * c;  // width is even, so col + 1 is inside when col is
-                if (col >= width) continue;
-                const float* v = &acc[mt][nt][2 * half];
-                *reinterpret_cast<unsigned*>(out + r * width + col) = pack_bf16(v[0], v[1]);
-            }
-        }
+    each_result(acc, m0, end, n0, width, [&](long r, long col, float a, float b) {
+        *reinterpret_cast<unsigned*>(out + r * width + col) = pack_bf16(a, b);
+    });
 }
 
 extern "C" __global__ void __launch_bounds__(EXPERT_THREADS)
@@ -177,23 +192,15 @@ extern "C" __global__ void __launch_bounds__(EXPERT_THREADS)
     expert_backward_weight_grouped(float* dweight, const __nv_bfloat16* dout, const __nv_bfloat16* inp,
                                    const unsigned* offsets, long rows, int c_in, int c_out) {
     if (blockDim.x != EXPERT_THREADS) __trap();
-    const int e = blockIdx.x;
-    const long first = min((long)offsets[e], rows), end = max(first, min((long)offsets[e + 1], rows));
+    long first, end;
+    expert_run(offsets, blockIdx.x, rows, &first, &end);
     if (first == end) return;
     const long m0 = (long)blockIdx.z * EXPERT_M, n0 = (long)blockIdx.y * EXPERT_N;
     float acc[2][8][4] = {};
     expert_product<true, true>(acc, dout, c_out, m0, c_out, inp, c_in, n0, c_in, first, end);
-    float* dw = dweight + (long)e * c_out * c_in;
-    const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
-    for (int mt = 0; mt < 2; mt++)
-        for (int half = 0; half < 2; half++) {
-            const long m = m0 + warp * 32 + mt * 16 + half * 8 + g;
-            if (m >= c_out) continue;
-            for (int nt = 0; nt < 8; nt++) {
-                const long n = n0 + nt * 8 + 2 * c;
-                if (n >= c_in) continue;
-                dw[m * c_in + n] += acc[mt][nt][2 * half];
-                dw[m * c_in + n + 1] += acc[mt][nt][2 * half + 1];
-            }
-        }
+    float* dw = dweight + (long)blockIdx.x * c_out * c_in;
+    each_result(acc, m0, c_out, n0, c_in, [&](long m, long n, float a, float b) {
+        dw[m * c_in + n] += a;
+        dw[m * c_in + n + 1] += b;
+    });
 }
