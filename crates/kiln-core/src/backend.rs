@@ -506,6 +506,11 @@ pub trait Backend {
     fn holds_data(&self) -> bool {
         true
     }
+    /// Whether a mixture of experts' routing can be captured into a graph: not where the experts' products are sized
+    /// on the host from the routing read back (the CUDA engine's per-expert products).
+    fn captures_routing(&self) -> bool {
+        true
+    }
     /// Whether a capture is in progress.
     fn capturing(&self) -> bool {
         false

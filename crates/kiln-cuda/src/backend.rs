@@ -6,10 +6,12 @@
 //! moments are fp32 in both precisions. Matrix products go through cuBLASLt (the `matmul` module: bf16 or fp32 in,
 //! fp32 accumulation, TF32 off), with the bias, GELU and the bias gradient fused into them. Every other operation
 //! is a kernel of `kernels/`, compiled by NVRTC for this GPU. A mixture of experts' products run on cuBLASLt an
-//! expert at a time, sized by the routing's offsets, which routing reads back to the host.
+//! expert at a time, sized by the routing's offsets, which routing reads back to the host; or, with
+//! `KILN_EXPERT_PRODUCTS=grouped` ([`ExpertProducts`]), as one grouped kernel that reads them on the device.
 //!
 //! `kiln selftest --backend cuda` checks every operation against the CPU engine; it passes on an H100 and an H200
-//! (the mixture-of-experts operations, added since, have run only under the CPU emulation of `scripts/emulate`).
+//! (the mixture-of-experts operations and the grouped products, added since, have run only under the CPU emulation
+//! of `scripts/emulate`).
 //! With the master copy in pieces, ZeRO-1 in bf16 trains bit for bit as plain data parallelism does there
 //! (gpu-check's dp-equivalence).
 
@@ -485,7 +487,7 @@ fn tensor_map(address: u64, element: DType, width: usize, d: &AttentionDims, row
 /// The N 32-bit words of the launch table `name` in a CUBIN, if it defines one; none may be zero.
 fn launch_words<const N: usize>(cubin: &[u8], name: &str) -> Result<Option<[u32; N]>> {
     let Some(bytes) = compile::symbol_data(cubin, name)
-        .map_err(|e| Error::backend("cuda", format!("reading {name} from the fused attention kernels: {e}")))?
+        .map_err(|e| Error::backend("cuda", format!("reading {name} from a kernel module: {e}")))?
     else {
         return Ok(None);
     };
@@ -626,6 +628,14 @@ impl CudaBackend {
                 functions.insert(name.clone(), f);
             }
             modules.push(module);
+        }
+        if expert_products == ExpertProducts::Grouped && grouped_experts.is_none() {
+            tracing::warn!(
+                "{}=grouped: the grouped products are bf16 kernels; this {} engine runs the experts' products per \
+                 expert",
+                ExpertProducts::VARIABLE,
+                precision.name()
+            );
         }
         // The fused kernels' tiles take more than the 48 KiB of shared memory a launch gets unless it asks.
         for tiles in &flash {
@@ -902,9 +912,9 @@ impl CudaBackend {
 
     /// Reads the dispatch's `offsets` (where each expert's run of the `rows` dispatched rows starts, and where the
     /// last ends) back to the host and keeps them there for the expert products that follow, which cuBLASLt sizes
-    /// on the host. moe_route calls it, so that a layer's routing costs one copy and wait (and cannot be captured
-    /// into a graph) and its products, forward and backward, none. Returns the copy's place in `self.dispatches`,
-    /// where each offsets tensor keeps one vector, reused.
+    /// on the host. moe_route calls it (unless the products run grouped), so that a layer's routing costs one copy
+    /// and wait (and cannot be captured into a graph) and its products, forward and backward, none. Returns the
+    /// copy's place in `self.dispatches`, where each offsets tensor keeps one vector, reused.
     fn keep_offsets(&mut self, op: &str, offsets: Tensor, rows: usize) -> Result<usize> {
         self.not_capturing(op)?;
         let ptr = self.ptr(op, offsets, DType::U32, offsets.len)?;
@@ -952,13 +962,15 @@ impl CudaBackend {
         result
     }
 
-    /// The grouped products' launch, if they run and can take a product of `d` over operands at `addresses`:
-    /// widths of whole 16-byte chunks, aligned operands and column tiles within a grid's 65,535.
-    fn grouped_experts_for(&self, d: MatmulDims, addresses: &[u64]) -> Option<GroupedExperts> {
+    /// The grouped products' launch, if they run and can take a product of `d` for `experts` over operands at
+    /// `addresses`: something to compute, widths of whole 16-byte chunks, aligned operands and column tiles within a
+    /// grid's 65,535.
+    fn grouped_experts_for(&self, d: MatmulDims, experts: usize, addresses: &[u64]) -> Option<GroupedExperts> {
         let grouped = self.grouped_experts?;
+        let sized = experts > 0 && d.c_in > 0 && d.c_out > 0;
         let tiles_fit = d.c_in.max(d.c_out).div_ceil(grouped.tile_cols as usize) <= 65_535;
         let chunked = d.c_in % 8 == 0 && d.c_out % 8 == 0 && addresses.iter().all(|a| a % 16 == 0);
-        (tiles_fit && chunked).then_some(grouped)
+        (sized && tiles_fit && chunked).then_some(grouped)
     }
 
     /// Drops the host's copies of offsets that a write to `t` may change.
@@ -1163,6 +1175,10 @@ impl Backend for CudaBackend {
 
     fn abandon_capture(&mut self) -> Result<()> {
         self.finish_capture("abandon_capture").map(drop)
+    }
+
+    fn captures_routing(&self) -> bool {
+        self.grouped_experts.is_some()
     }
 
     fn capturing(&self) -> bool {
@@ -1653,7 +1669,7 @@ impl Backend for CudaBackend {
         self.disjoint(name, &[out], &[inp, weight, offsets])?;
         let (o, i) = (self.ptr(name, out, x, rows * c_out)?, self.ptr(name, inp, x, rows * c_in)?);
         let w = self.ptr(name, weight, x, experts * c_out * c_in)?;
-        if let Some(grouped) = self.grouped_experts_for(d, &[o, i, w]) {
+        if let Some(grouped) = self.grouped_experts_for(d, experts, &[o, i, w]) {
             let off = self.ptr(name, offsets, DType::U32, experts + 1)?;
             let cfg = grouped.launch(grouped.row_blocks(rows, experts, c_out));
             let (rows, e, ci, co) = (rows as i64, experts as i32, c_in as i32, c_out as i32);
@@ -1681,7 +1697,7 @@ impl Backend for CudaBackend {
         let (di, dw) = (self.ptr(name, dinp, x, rows * c_in)?, self.ptr(name, dweight, DType::F32, experts * matrix)?);
         let (dy, i) = (self.ptr(name, dout, x, rows * c_out)?, self.ptr(name, inp, x, rows * c_in)?);
         let w = self.ptr(name, weight, x, experts * matrix)?;
-        if let Some(grouped) = self.grouped_experts_for(d, &[di, dy, i, w]) {
+        if let Some(grouped) = self.grouped_experts_for(d, experts, &[di, dy, i, w]) {
             let off = self.ptr(name, offsets, DType::U32, experts + 1)?;
             let (by_rows, by_expert) = (grouped.row_blocks(rows, experts, c_in), grouped.weight_blocks(d, experts));
             let (rows, e, ci, co) = (rows as i64, experts as i32, c_in as i32, c_out as i32);
