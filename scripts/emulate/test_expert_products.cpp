@@ -1,9 +1,9 @@
 // Runs kernels/expert_products.cu under the emulation against a double-precision reference, launched as
 // crates/kiln-cuda/src/backend.rs launches them: the forward, the input gradient (both overwrite every row of a run
 // and nothing else) and the weight gradient (added to what dW held), over dispatches with empty experts, runs of one
-// row, runs longer than a tile, and runs that make the grid's worst case exact; widths that are multiples of 8 but
-// not of the tiles, and depths of several stages. The products take bf16 and sum in fp32: the bf16 outputs are
-// judged at 1e-2 (their rounding), dW at 1e-5.
+// row, runs longer than a tile, runs that make the grid's worst case exact, forty experts and no rows at all;
+// widths that are multiples of 8, of the tiles or not, and depths of one to seven stages. The products take bf16
+// and sum in fp32: the bf16 outputs are judged at 1e-2 (their rounding), dW at 1e-5.
 #include "emu.h"
 #include "mma_emu.h"
 #include "expert_products_all.inc"
@@ -98,5 +98,12 @@ int main() {
     // Depths of five and seven stages, widths past one column tile and less than a row tile.
     run({37, 0, 90}, 136, 200);
     run({5, 300}, 200, 136);
+    // Depth and widths whole tiles (two stages exactly, no ragged column tile).
+    run({64, 0, 64}, 64, 128);
+    // Forty experts, many of them empty, and a dispatch of no rows at all.
+    std::vector<unsigned> many(40);
+    for (size_t e = 0; e < many.size(); e++) many[e] = e % 3 == 0 ? 0 : (unsigned)(e % 7);
+    run(many, 24, 16);
+    run({0, 0}, 8, 8);
     return finish("expert products");
 }
