@@ -535,8 +535,10 @@ pub struct CudaBackend {
     norm_backward_shared_bytes: usize,
     /// The host's copies of mixture-of-experts dispatches' offsets, by tensor ([`CudaBackend::keep_offsets`]).
     dispatches: Vec<(Tensor, Vec<u32>)>,
-    /// How the grouped expert products launch, where they run ([`ExpertProducts::Grouped`] in bf16).
+    /// How the grouped expert products launch, where they run ([`ExpertProducts::Grouped`] in bf16), and whether
+    /// a product they could not take has said so.
     grouped_experts: Option<GroupedExperts>,
+    warned_per_expert: bool,
 }
 
 /// The shared memory a block gets without asking for more.
@@ -677,6 +679,7 @@ impl CudaBackend {
             norm_backward_shared_bytes: DEFAULT_SHARED_BYTES,
             dispatches: Vec::new(),
             grouped_experts,
+            warned_per_expert: false,
         };
         backend.reduce = backend.alloc(REDUCE_BLOCKS as usize + 1, Role::Stat)?;
         backend.scratch = backend.alloc(1, Role::Stat)?;
@@ -965,11 +968,24 @@ impl CudaBackend {
     /// The grouped products' launch, if they run and can take a product of `d` for `experts` over operands at
     /// `addresses`: something to compute, widths of whole 16-byte chunks, aligned operands and column tiles within a
     /// grid's 65,535.
-    fn grouped_experts_for(&self, d: MatmulDims, experts: usize, addresses: &[u64]) -> Option<GroupedExperts> {
+    /// The first product that cannot says why, once: it runs per expert, and so cannot be captured into a graph.
+    fn grouped_experts_for(&mut self, d: MatmulDims, experts: usize, addresses: &[u64]) -> Option<GroupedExperts> {
         let grouped = self.grouped_experts?;
         let sized = experts > 0 && d.c_in > 0 && d.c_out > 0;
         let tiles_fit = d.c_in.max(d.c_out).div_ceil(grouped.tile_cols as usize) <= 65_535;
         let chunked = d.c_in % 8 == 0 && d.c_out % 8 == 0 && addresses.iter().all(|a| a % 16 == 0);
+        if sized && !(tiles_fit && chunked) && !self.warned_per_expert {
+            self.warned_per_expert = true;
+            tracing::warn!(
+                "{}=grouped: the experts' products of {} to {} columns run per expert (the grouped kernels take \
+                 widths that are multiples of 8, up to {} columns, and 16-byte aligned operands), reading the routing \
+                 back to the host: such a step cannot be captured into a graph",
+                ExpertProducts::VARIABLE,
+                d.c_in,
+                d.c_out,
+                65_535 * grouped.tile_cols as usize
+            );
+        }
         (sized && tiles_fit && chunked).then_some(grouped)
     }
 

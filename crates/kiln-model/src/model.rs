@@ -465,9 +465,11 @@ impl Activations {
             dqkv: a.acts.take(backward(n * spec.qkv_width())),
             dfch: a.acts.take(backward(mlp_rows * spec.ffn_dim)),
             dfch_pre: a.acts.take(backward(if swiglu { mlp_rows * spec.fc_width() } else { 0 })),
-            router_logits: a.acts.take(routed(n * spec.mlps())),
+            // The experts' products' operands before the router's logits, whose n · experts elements may be no
+            // multiple of 8: the CUDA engine's grouped products need their operands 16-byte aligned.
             dexpert_out: a.acts.take(backward(routed(mlp_rows * c))),
             ddispatched: a.acts.take(backward(routed(mlp_rows * c))),
+            router_logits: a.acts.take(routed(n * spec.mlps())),
             dweights: a.stats.take(backward(routed(mlp_rows))),
             dlogits: a.acts.take(backward(routed(n * spec.mlps()))),
             balance: a.stats.take(backward(routed(spec.mlps()))),
@@ -1394,5 +1396,35 @@ impl Model {
     pub fn logits_row<B: Backend + ?Sized>(&self, backend: &mut B, row: usize, out: &mut [f32]) -> Result<()> {
         let vp = self.spec.padded_vocab;
         backend.download(self.acts.logits.slice(row * vp, self.spec.vocab), out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::config::Config;
+
+    /// Where every operand of the experts' products starts in its arena, for a model whose widths are multiples of
+    /// 8 but whose rows (3 × 29) and experts (5) are not: the CUDA engine runs those products grouped only on
+    /// 16-byte aligned operands (8 elements of bf16), and otherwise per expert, which a graph cannot capture.
+    #[test]
+    fn the_experts_operands_start_at_multiples_of_8_elements() {
+        let sets = ["model.arch=llama", "model.n_embd=48", "model.n_head=3", "model.ffn_dim=72", "model.block_size=29"];
+        let sets: Vec<String> = sets.iter().chain(&["model.experts=5"]).map(|s| s.to_string()).collect();
+        let config = Config::load(None, &sets).unwrap();
+        let spec = ModelSpec::new(&config.model, 13);
+        for recompute in [Recompute::None, Recompute::Elementwise, Recompute::Block] {
+            let mut a = Arenas { acts: Arena::counting(), stats: Arena::counting(), index: Arena::counting() };
+            let acts = Activations::take(&mut a, &spec, 3, true, recompute);
+            for (l, block) in acts.blocks.iter().enumerate() {
+                let routing = block.routing.expect("a model with experts routes");
+                let operands = [routing.dispatched, routing.expert_out, block.fch_pre, block.fch];
+                let operands =
+                    operands.into_iter().chain([acts.dfch, acts.dfch_pre, acts.dexpert_out, acts.ddispatched]);
+                for (i, t) in operands.enumerate() {
+                    assert_eq!(t.offset % 8, 0, "operand {i} of block {l} at element {} ({recompute:?})", t.offset);
+                }
+            }
+        }
     }
 }
