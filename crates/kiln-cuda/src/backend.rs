@@ -1204,7 +1204,10 @@ impl Backend for CudaBackend {
     fn replay(&mut self, graph: Graph) -> Result<()> {
         self.not_capturing("replay")?;
         let g = self.graphs.get(graph.0 as usize).ok_or_else(|| self.err("replay", format!("no graph {graph:?}")))?;
-        g.launch().map_err(driver("launching a graph"))
+        g.launch().map_err(driver("launching a graph"))?;
+        // A graph may route again (grouped expert products), rewriting offsets that the host keeps copies of.
+        self.dispatches.clear();
+        Ok(())
     }
 
     fn allocated_bytes(&self) -> u64 {
