@@ -1,9 +1,9 @@
 //! `train.graphs` on the CPU engine, which captures as a GPU does (an operation called while capturing is recorded
 //! with its operands; a replay runs the recorded operations again on the tensors as they are then): a run whose
 //! passes are replayed graphs trains exactly as one that runs them, with gradient accumulation, ZeRO stages 1 and 2
-//! on one rank, fused bias gradients, and either model family, and evaluation, checkpoints and resuming work between
-//! replays. Where
-//! capturing fails, the run goes on without graphs and trains the same.
+//! on one rank, fused bias gradients, either model family and a mixture of experts (accumulating, and recomputed
+//! by block and elementwise), and evaluation, checkpoints and resuming work between replays. Where capturing fails,
+//! the run goes on without graphs and trains the same.
 //! (That a replay takes each step's loss scale, which these runs keep constant, is kiln-cpu's tests/graphs.rs.)
 
 use kiln_core::Config;
@@ -33,7 +33,11 @@ fn train(extra: &[&str], graphs: bool) -> (Vec<(f32, f32)>, bool) {
 
 #[test]
 fn replayed_graphs_train_exactly_as_the_passes_run_directly() {
-    let cases: [&[&str]; 6] = [
+    const EXPERTS: [&str; 3] = ["model.arch=llama", "model.experts=4", "model.router_aux_loss=0.05"];
+    let experts_accumulating = [&EXPERTS[..], &["train.micro_batch=4", "train.total_batch_tokens=104"]].concat();
+    let experts_block = [&EXPERTS[..], &["train.recompute=block"]].concat();
+    let experts_elementwise = [&EXPERTS[..], &["train.recompute=elementwise"]].concat();
+    let cases: [&[&str]; 9] = [
         &[],
         &["train.fuse_bias_gradients=true"],
         // Two micro-batches a step: one graph accumulates, the other reduces.
@@ -41,6 +45,10 @@ fn replayed_graphs_train_exactly_as_the_passes_run_directly() {
         &["dist.zero=1"],
         &["dist.zero=2", "train.micro_batch=4", "train.total_batch_tokens=104"],
         &["model.arch=llama", "model.n_kv_head=1", "train.recompute=block"],
+        // Experts: routing, the balance's gradient zeroed and added to in the passes, and the recomputed routing.
+        &experts_accumulating,
+        &experts_block,
+        &experts_elementwise,
     ];
     for extra in cases {
         let (direct, replayed) = train(extra, false);
