@@ -12,7 +12,7 @@ use kiln_core::config::DistConfig;
 use kiln_core::memory::describe_bytes;
 use kiln_core::{AttentionDims, Backend, Config, Error, Result};
 use kiln_cpu::CpuBackend;
-use kiln_cuda::backend::CudaBackend;
+use kiln_cuda::backend::{CudaBackend, ExpertProducts, FlashWgmma};
 use kiln_cuda::kernels::Precision;
 use kiln_cuda::libraries::Library;
 use kiln_train::threads::{Failures, Rank};
@@ -561,9 +561,14 @@ fn allreduce_report(plan: &allreduce_bench::Plan, run: &AllreduceRun) -> Value {
     })
 }
 
-/// Where a report was measured, to tell whether two reports compare: the host, the CPU threads, and when a GPU ran
-/// it (ordinal `gpu`), that GPU and the CUDA libraries' versions (the driver's as the CUDA version it supports).
+/// Where a report was measured, to tell whether two reports compare: the host, the CPU threads, the environment's
+/// switches of the CUDA kernels (each set value, or null), and when a GPU ran it (ordinal `gpu`), that GPU and the
+/// CUDA libraries' versions (the driver's as the CUDA version it supports).
 fn machine(gpu: Option<usize>) -> Value {
+    let kernel_switches: serde_json::Map<String, Value> = [FlashWgmma::VARIABLE, ExpertProducts::VARIABLE]
+        .into_iter()
+        .map(|name| (name.to_owned(), json!(std::env::var(name).ok())))
+        .collect();
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned());
     let (gpu, cuda_libraries) = match gpu {
         None => (Value::Null, Value::Null),
@@ -586,6 +591,7 @@ fn machine(gpu: Option<usize>) -> Value {
     json!({
         "hostname": hostname,
         "cpu_threads": rayon::current_num_threads(),
+        "kernel_switches": kernel_switches,
         "gpu": gpu,
         "cuda_libraries": cuda_libraries,
     })

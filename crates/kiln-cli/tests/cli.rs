@@ -279,6 +279,11 @@ fn selftest_checks_the_cpu_engine() {
 
 /// `kiln bench train` on the CPU with a model small enough to take a moment, and `extra` arguments.
 fn bench_train_tiny(extra: &[&str]) -> Output {
+    bench_train_tiny_command(extra).output().expect("kiln runs")
+}
+
+/// What [`bench_train_tiny`] runs, without the kernels' switches of the environment that runs the tests.
+fn bench_train_tiny_command(extra: &[&str]) -> Command {
     let mut args = vec!["bench", "train", "--backend", "cpu", "--steps", "3", "--warmup", "1"];
     for set in [
         "model.n_layer=1",
@@ -291,7 +296,9 @@ fn bench_train_tiny(extra: &[&str]) -> Output {
         args.extend(["--set", set]);
     }
     args.extend(extra);
-    kiln(&args)
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command.args(args).env("RUST_LOG", "info").env_remove("KILN_FLASH_WGMMA").env_remove("KILN_EXPERT_PRODUCTS");
+    command
 }
 
 #[test]
@@ -323,9 +330,17 @@ fn bench_train_reports_throughput_as_json() {
     assert_eq!(report["kiln_version"], env!("CARGO_PKG_VERSION"));
     assert!(report["machine"]["cpu_threads"].as_u64().unwrap() >= 1, "{report}");
     assert!(report["machine"]["gpu"].is_null(), "{report}");
+    let switches = &report["machine"]["kernel_switches"];
+    assert!(switches["KILN_FLASH_WGMMA"].is_null() && switches["KILN_EXPERT_PRODUCTS"].is_null(), "{report}");
     assert_eq!(report["config"]["model"]["n_embd"], 32);
     assert_eq!(report["config"]["train"]["total_batch_tokens"], 64);
     expect_usage_error(&["bench", "train", "--steps", "0"], &["--steps"]);
+    // The kernels' switches in the environment are part of where a report was measured.
+    let switched = bench_train_tiny_command(&["--json", &report_path]).env("KILN_EXPERT_PRODUCTS", "grouped").output();
+    let switched = switched.expect("kiln runs");
+    assert!(switched.status.success(), "{}", stderr(&switched));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    assert_eq!(report["machine"]["kernel_switches"]["KILN_EXPERT_PRODUCTS"], "grouped", "{report}");
 }
 
 #[test]
