@@ -2025,6 +2025,19 @@ fn kernel_window(d: &AttentionDims) -> i32 {
 mod tests {
     use super::*;
 
+    /// The kernel file `name` compiled in bf16 for `arch` by NVRTC, in a cache of its own that is removed after. Needs
+    /// NVRTC and the CUDA headers (as tests/nvrtc.rs), no GPU.
+    fn compiled(name: &str, arch: &str) -> crate::compile::Compiled {
+        let dir = std::env::temp_dir().join(format!("kiln-backend-test-{name}-{}", std::process::id()));
+        let compiler = crate::compile::Compiler::with_cache_dir(dir).unwrap_or_else(|e| {
+            panic!("{e}\nThis test needs NVRTC 13 and the CUDA headers, as tests/nvrtc.rs says (.ci/run installs them)")
+        });
+        let kernel = KERNELS.iter().find(|k| k.name == name).unwrap_or_else(|| panic!("no kernel file {name}"));
+        let built = compiler.compile(kernel, arch, Precision::Bf16).unwrap_or_else(|e| panic!("{e}"));
+        let _ = std::fs::remove_dir_all(compiler.cache_dir());
+        built
+    }
+
     #[test]
     fn the_wgmma_kernels_are_the_default_chosen_by_part_and_a_typo_is_a_usage_error() {
         fn parse(value: Option<&str>) -> FlashWgmma {
@@ -2062,17 +2075,10 @@ mod tests {
     }
 
     /// The grouped expert products' launches, from their table in the sm_80 module as the engine reads it: the
-    /// kernels it names exist, and the grids cover the worst case of the runs' tiles. Needs NVRTC and the CUDA
-    /// headers (as tests/nvrtc.rs), no GPU.
+    /// kernels it names exist, and the grids cover the worst case of the runs' tiles.
     #[test]
     fn the_grouped_expert_products_launch_as_their_table_says() {
-        let dir = std::env::temp_dir().join(format!("kiln-expert-products-test-{}", std::process::id()));
-        let compiler = crate::compile::Compiler::with_cache_dir(dir).unwrap_or_else(|e| {
-            panic!("{e}\nThis test needs NVRTC 13 and the CUDA headers, as tests/nvrtc.rs says (.ci/run installs them)")
-        });
-        let kernel = KERNELS.iter().find(|k| k.name == "expert_products").expect("expert_products.cu");
-        let built = compiler.compile(kernel, "sm_80", Precision::Bf16).unwrap_or_else(|e| panic!("{e}"));
-        let _ = std::fs::remove_dir_all(compiler.cache_dir());
+        let built = compiled("expert_products", "sm_80");
         for name in ["expert_forward_grouped", "expert_backward_input_grouped", "expert_backward_weight_grouped"] {
             assert!(built.entry_points.iter().any(|e| e == name), "{name} in {:?}", built.entry_points);
         }
@@ -2091,16 +2097,9 @@ mod tests {
     /// What the engine launches, read from the sm_90a module as the engine reads it: with `specialised,backward` the
     /// warp-specialised forward, dq and dkv kernels (their threads, shared memory, blocks and tensor-map boxes from
     /// their table), and the dkv kernel with atomic dQ; with `specialised` alone the backward stays on mma.sync.
-    /// Needs NVRTC and the CUDA headers (as tests/nvrtc.rs), no GPU.
     #[test]
     fn the_specialised_kernels_launch_as_their_table_says() {
-        let dir = std::env::temp_dir().join(format!("kiln-flash-tiles-test-{}", std::process::id()));
-        let compiler = crate::compile::Compiler::with_cache_dir(dir).unwrap_or_else(|e| {
-            panic!("{e}\nThis test needs NVRTC 13 and the CUDA headers, as tests/nvrtc.rs says (.ci/run installs them)")
-        });
-        let kernel = KERNELS.iter().find(|k| k.name == "flash_attention").expect("flash_attention.cu");
-        let built = compiler.compile(kernel, "sm_90a", Precision::Bf16).unwrap_or_else(|e| panic!("{e}"));
-        let _ = std::fs::remove_dir_all(compiler.cache_dir());
+        let built = compiled("flash_attention", "sm_90a");
         let (forward, dq, dkv, dkv_dq) = (FlashTiles::FORWARD, FlashTiles::DQ, FlashTiles::DKV, FlashTiles::DKV_DQ);
         for (value, backward_specialised) in [("specialised,backward", true), ("specialised", false)] {
             let tiles = FlashTiles::read(&built.cubin, FlashWgmma::parse(Some(value)).unwrap()).unwrap();
