@@ -967,14 +967,17 @@ impl CudaBackend {
 
     /// The grouped products' launch, if they run and can take a product of `d` for `experts` over operands at
     /// `addresses`: something to compute, widths of whole 16-byte chunks, aligned operands and column tiles within a
-    /// grid's 65,535.
-    /// The first product that cannot says why, once: it runs per expert, and so cannot be captured into a graph.
+    /// grid's 65,535. The first product that cannot says why, once: it runs per expert, and so cannot be captured
+    /// into a graph.
     fn grouped_experts_for(&mut self, d: MatmulDims, experts: usize, addresses: &[u64]) -> Option<GroupedExperts> {
         let grouped = self.grouped_experts?;
-        let sized = experts > 0 && d.c_in > 0 && d.c_out > 0;
+        if experts == 0 || d.c_in == 0 || d.c_out == 0 {
+            return None;
+        }
         let tiles_fit = d.c_in.max(d.c_out).div_ceil(grouped.tile_cols as usize) <= 65_535;
         let chunked = d.c_in % 8 == 0 && d.c_out % 8 == 0 && addresses.iter().all(|a| a % 16 == 0);
-        if sized && !(tiles_fit && chunked) && !self.warned_per_expert {
+        let takes = tiles_fit && chunked;
+        if !takes && !self.warned_per_expert {
             self.warned_per_expert = true;
             tracing::warn!(
                 "{}=grouped: the experts' products of {} to {} columns run per expert (the grouped kernels take \
@@ -986,7 +989,7 @@ impl CudaBackend {
                 65_535 * grouped.tile_cols as usize
             );
         }
-        (sized && tiles_fit && chunked).then_some(grouped)
+        takes.then_some(grouped)
     }
 
     /// Drops the host's copies of offsets that a write to `t` may change.
