@@ -8,7 +8,9 @@
 // slots from offsets[e] on, in slot order. One block per expert counts, in one pass over the slots, those of lower
 // experts (its run's start) and its own, each thread over a contiguous span of slots, then places its own in a
 // second pass after an exclusive scan of the threads' counts: deterministic, and no atomics. The load-balancing
-// loss's gradient adds dloss·scale·count_e to gradient[e].
+// loss's gradient adds dloss·scale·count_e to gradient[e]; the block also adds its expert's probabilities, summed
+// over the rows, to sums[e] (each thread a contiguous span of rows, then a tree over the threads), and on a pass's
+// last routed layer adds gradient[e]·sums[e] to terms[e]: the loss's value, summed over e (see experts.rs).
 // Route backward, one warp per token: g_j = dw_j, or normalised (dw_j − Σ_i dw_i·w_i)/Σ_i p_i over the choices;
 // dp_e = balance_e + Σ_{j: chosen_j = e} g_j; dlogits_e = p_e·(dp_e − Σ_i p_i·dp_i).
 // Gather: row p of the dispatched rows is token order[p] / top_k's. Combine: y_t (+)= Σ_j w_s·expert_out[place[s]]
@@ -76,12 +78,14 @@ extern "C" __global__ void moe_route(float* probs, float* weights, unsigned* cho
 }
 
 extern "C" __global__ void moe_place(unsigned* order, unsigned* place, unsigned* offsets, float* gradient,
-                                     const float* dloss, float scale, const unsigned* chosen, long slots, int E) {
+                                     float* sums, float* terms, const float* dloss, float scale, const float* probs,
+                                     const unsigned* chosen, long rows, int k, int E) {
     __shared__ unsigned own[MOE_PLACE_THREADS], lower[MOE_PLACE_THREADS];
+    __shared__ float probability[MOE_PLACE_THREADS];
     if (blockDim.x != MOE_PLACE_THREADS) __trap();  // the scan covers the shared arrays exactly
     const unsigned e = blockIdx.x;
     const unsigned t = threadIdx.x;
-    const long span = (slots + blockDim.x - 1) / blockDim.x, first = min(slots, t * span),
+    const long slots = rows * k, span = (slots + blockDim.x - 1) / blockDim.x, first = min(slots, t * span),
                last = min(slots, first + span);
     unsigned mine = 0, below = 0;
     for (long s = first; s < last; s++) {
@@ -111,7 +115,22 @@ extern "C" __global__ void moe_place(unsigned* order, unsigned* place, unsigned*
     if (t == 0) {
         offsets[e] = start;
         if (e == (unsigned)E - 1) offsets[E] = start + count;
-        if (gradient) gradient[e] += dloss[0] * scale * (float)count;
+    }
+    if (!gradient) return;  // the same for every thread of the grid: no barrier below is skipped by some only
+    const long row_span = (rows + blockDim.x - 1) / blockDim.x, first_row = min(rows, t * row_span),
+               last_row = min(rows, first_row + row_span);
+    float sum = 0.0f;
+    for (long r = first_row; r < last_row; r++) sum += probs[r * E + e];
+    probability[t] = sum;
+    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
+        __syncthreads();
+        if (t < half) probability[t] += probability[t + half];
+    }
+    if (t == 0) {
+        const float g = gradient[e] + dloss[0] * scale * (float)count, s = sums[e] + probability[0];
+        gradient[e] = g;
+        sums[e] = s;
+        if (terms) terms[e] += g * s;
     }
 }
 

@@ -1,6 +1,7 @@
 // Runs kernels/experts.cu under the emulation against a double-precision reference, launched as
 // crates/kiln-cuda/src/backend.rs launches them: routing (softmax, top-k, normalised or not) and the dispatch (a
-// block per expert, with and without the load-balancing gradient), routing's backward, the gather, the combine
+// block per expert, with and without the load-balancing gradient, its probability sums and, but for one token,
+// its terms), routing's backward, the gather, the combine
 // (weighted, and unweighted and accumulating as the gather's backward) and the combine's backward. The choices and
 // the dispatch must equal the reference's exactly; reals are judged normwise. Cases: 1 to 300 tokens (more slots
 // than moe_place has threads), 2 to 70 experts (more than a warp's lanes), 1 to 8 choices, widths 5 and 48; and NaN
@@ -24,16 +25,19 @@ static void run(int rows, int E, int k, bool normalize, bool balance, int width)
     auto probs = poisoned<float>(dense), weights = poisoned<float>(slots);
     auto chosen = poisoned<unsigned>(slots), order = poisoned<unsigned>(slots), place = poisoned<unsigned>(slots);
     auto offsets = poisoned<unsigned>(E + 1);
-    std::vector<float> gradient(E), dloss{0.37f};
-    for (auto& g : gradient) g = std::uniform_real_distribution<float>(-1, 1)(g_rng);
-    const std::vector<float> gradient_before = gradient;
+    std::vector<float> gradient(E), sums(E), terms(E), dloss{0.37f};
+    for (auto* v : {&gradient, &sums, &terms})
+        for (auto& x : *v) x = std::uniform_real_distribution<float>(-1, 1)(g_rng);
+    const std::vector<float> gradient_before = gradient, sums_before = sums, terms_before = terms;
+    const bool with_terms = balance && rows > 1;
     const float scale = 0.013f;
     launch({warp_blocks(rows), 1, 1}, 256, 0, [&] {
         moe_route(probs.data(), weights.data(), chosen.data(), logits.data(), (long)rows, E, k, normalize);
     });
     launch({(unsigned)E, 1, 1}, MOE_PLACE_THREADS, 0, [&] {
-        moe_place(order.data(), place.data(), offsets.data(), balance ? gradient.data() : nullptr, dloss.data(),
-                  scale, chosen.data(), (long)slots, E);
+        moe_place(order.data(), place.data(), offsets.data(), balance ? gradient.data() : nullptr,
+                  balance ? sums.data() : nullptr, with_terms ? terms.data() : nullptr, dloss.data(), scale,
+                  probs.data(), chosen.data(), (long)rows, k, E);
     });
 
     // The reference: softmax in double, choices by probability (a tie to the lower expert), a stable sort by expert.
@@ -69,15 +73,21 @@ static void run(int rows, int E, int k, bool normalize, bool balance, int width)
             want_place[s] = cursor[want_chosen[s]]++;
         }
     }
-    std::vector<double> want_gradient(E);
-    for (int e = 0; e < E; e++)
-        want_gradient[e] = gradient_before[e] + (balance ? (double)dloss[0] * scale * (want_offsets[e + 1] -
-                                                                                      want_offsets[e]) : 0.0);
+    std::vector<double> want_gradient(E), want_sums(E), want_terms(E);
+    for (int e = 0; e < E; e++) {
+        const double count = want_offsets[e + 1] - want_offsets[e];
+        want_gradient[e] = gradient_before[e] + (balance ? (double)dloss[0] * scale * count : 0.0);
+        want_sums[e] = sums_before[e];
+        for (int t = 0; t < rows && balance; t++) want_sums[e] += want_probs[t * E + e];
+        want_terms[e] = terms_before[e] + (with_terms ? want_gradient[e] * want_sums[e] : 0.0);
+    }
     check("route probs", where, error(probs, want_probs));
     check("route weights", where, error(weights, want_weights));
     expect(chosen == want_chosen, "route chosen", where);
     expect(order == want_order && place == want_place && offsets == want_offsets, "dispatch", where);
     check("balance gradient", where, error(gradient, want_gradient));
+    check("balance probability sums", where, error(sums, want_sums));
+    check("balance terms", where, error(terms, want_terms));
     if (chosen != want_chosen) return;  // the rest would be judged against another dispatch
 
     // Routing's backward, from random weight gradients (and a random balance).
@@ -167,7 +177,8 @@ static void nan_logits(int E, int k) {
         moe_route(probs.data(), weights.data(), chosen.data(), logits.data(), (long)rows, E, k, 1);
     });
     launch({(unsigned)E, 1, 1}, MOE_PLACE_THREADS, 0, [&] {
-        moe_place(order.data(), place.data(), offsets.data(), nullptr, nullptr, 0.0f, chosen.data(), (long)slots, E);
+        moe_place(order.data(), place.data(), offsets.data(), nullptr, nullptr, nullptr, nullptr, 0.0f, probs.data(),
+                  chosen.data(), (long)rows, k, E);
     });
     bool lowest = true;
     for (size_t s = 0; s < slots; s++) lowest &= chosen[s] == s % k;

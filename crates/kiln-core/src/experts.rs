@@ -49,9 +49,19 @@ impl MoeDims {
 /// with `scale = α·E/(L²·n)`. Rows whose targets are ignored still count in `n`: they are routed like any other.
 /// [`MoeRoute`] adds each layer's counts so scaled into `gradient` (full precision, `experts` elements, zeroed
 /// before the pass), which [`MoeRouteBackward`] then adds to every layer's probability gradients.
+///
+/// The loss's value, for the log: with `S_e` expert `e`'s probabilities summed over every layer's rows (`L·n·P_e`)
+/// and `count_e` its slots over every layer, the pass's share of the step's objective is
+/// `dloss·n·α·E·Σ_e f_e·P_e = Σ_e (dloss·scale·count_e)·S_e`: the last layer's `gradient` times `S_e`, summed.
+/// [`MoeRoute`] adds each layer's probabilities into `probability_sums` (`S_e` so far; zeroed with `gradient`) and,
+/// given `terms` (the pass's last routed layer), adds `gradient_e·S_e` into `terms_e`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Balance {
     pub gradient: Tensor,
+    /// `experts` full-precision elements.
+    pub probability_sums: Tensor,
+    /// `experts` full-precision elements, added to (a step's passes all add into the same ones).
+    pub terms: Option<Tensor>,
     /// One full-precision element, read when the operation runs (as the classifier's).
     pub dloss: Tensor,
     pub scale: f32,

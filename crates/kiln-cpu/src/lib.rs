@@ -735,9 +735,11 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
         let (dense, slots) = (d.rows * d.experts, d.slots());
         let (gradient, dloss) = (balance.map(|b| b.gradient), balance.map(|b| b.dloss));
+        let (sums, terms) = (balance.map(|b| b.probability_sums), balance.and_then(|b| b.terms));
+        let per_expert = |t: Option<Tensor>| optional(t, d.experts);
         self.check_with_indices(
             name,
-            &[(probs, dense), (weights, slots), optional(gradient, d.experts)],
+            &[(probs, dense), (weights, slots), per_expert(gradient), per_expert(sums), per_expert(terms)],
             &[(logits, dense), optional(dloss, 1)],
             &[(chosen, slots), (order, slots), (place, slots), (offsets, d.experts + 1)],
             &[],
@@ -750,8 +752,20 @@ impl<T: Real> Backend for CpuBackend<T> {
             experts::dispatch(self.write_indices(order), self.write_indices(place), offsets, chosen);
             if let Some(b) = balance {
                 let step = self.read(b.dloss)[0] * T::from_f32(b.scale);
-                for (g, run) in self.write(b.gradient).iter_mut().zip(offsets.windows(2)) {
+                let gradient = self.write(b.gradient);
+                for (g, run) in gradient.iter_mut().zip(offsets.windows(2)) {
                     *g = *g + step * T::from_f64(f64::from(run[1] - run[0]));
+                }
+                let sums = self.write(b.probability_sums);
+                for row in self.read(probs).chunks(d.experts) {
+                    for (s, &p) in sums.iter_mut().zip(row) {
+                        *s = *s + p;
+                    }
+                }
+                if let Some(terms) = b.terms {
+                    for ((t, &g), &s) in self.write(terms).iter_mut().zip(gradient.iter()).zip(sums.iter()) {
+                        *t = *t + g * s;
+                    }
                 }
             }
         }

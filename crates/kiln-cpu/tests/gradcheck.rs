@@ -824,7 +824,13 @@ impl Moe {
             hidden: f.zeros(s * ffn),
             expert_out: f.zeros(s * c),
             y: f.zeros(n * c),
-            balance: Balance { gradient: f.zeros(e), dloss: f.random(1, 1.0), scale: 0.7 },
+            balance: Balance {
+                gradient: f.zeros(e),
+                probability_sums: f.zeros(e),
+                terms: Some(f.zeros(e)),
+                dloss: f.random(1, 1.0),
+                scale: 0.7,
+            },
         }
     }
 
@@ -832,7 +838,7 @@ impl Moe {
         MatmulDims { rows, c_in, c_out }
     }
 
-    /// `y`, and the balance's gradient zeroed and then accumulated.
+    /// `y`, and the balance's gradient, probability sums and terms zeroed and then accumulated.
     fn forward(&self, f: &mut Fixture, normalize: bool) {
         let (d, c, ffn, s) = (self.d, self.c, self.ffn, self.d.slots());
         f.b.matmul_forward(MatmulForward {
@@ -844,7 +850,9 @@ impl Moe {
             d: self.matmul(d.rows, c, d.experts),
         })
         .unwrap();
-        f.b.zero(self.balance.gradient).unwrap();
+        for t in [self.balance.gradient, self.balance.probability_sums, self.balance.terms.unwrap()] {
+            f.b.zero(t).unwrap();
+        }
         let (probs, weights, chosen, order, place, offsets) =
             (self.probs, self.weights, self.chosen, self.order, self.place, self.offsets);
         let (logits, balance) = (self.logits, Some(self.balance));
@@ -877,11 +885,13 @@ impl Moe {
     }
 
     /// `Σ y ⊙ r` plus the balancing loss whose gradient with respect to the probabilities the route wrote: with the
-    /// counts held, `dloss·scale·Σ_e count_e·Σ_t p_te`.
+    /// counts held, `dloss·scale·Σ_e count_e·Σ_t p_te`, which must be the sum of the terms the route wrote.
     fn loss(&self, f: &mut Fixture, r: Tensor) -> f64 {
         let e = self.d.experts;
         let (probs, gradient) = (f.values(self.probs), f.values(self.balance.gradient));
         let balance: f64 = probs.chunks(e).map(|p| p.iter().zip(&gradient).map(|(p, g)| p * g).sum::<f64>()).sum();
+        let terms: f64 = f.values(self.balance.terms.unwrap()).iter().sum();
+        assert!((terms - balance).abs() <= 1e-12 * balance.abs(), "the terms sum to {terms}, not {balance}");
         f.dot(self.y, r) + balance
     }
 }

@@ -1593,9 +1593,10 @@ impl Backend for CudaBackend {
         }
         let (dense, slots) = (d.rows * d.experts, d.slots());
         let (gradient, dloss) = (balance.map(|b| b.gradient), balance.map(|b| b.dloss));
+        let (sums, terms) = (balance.map(|b| b.probability_sums), balance.and_then(|b| b.terms));
         self.disjoint_optional(
             name,
-            &[Some(probs), Some(weights), Some(chosen), Some(order), Some(place), Some(offsets), gradient],
+            &[Some(probs), Some(weights), Some(chosen), Some(order), Some(place), Some(offsets), gradient, sums, terms],
             &[Some(logits), dloss],
         )?;
         let (p, w) = (self.ptr(name, probs, DType::F32, dense)?, self.ptr(name, weights, DType::F32, slots)?);
@@ -1603,7 +1604,8 @@ impl Backend for CudaBackend {
         let pl = self.ptr(name, place, DType::U32, slots)?;
         let off = self.ptr(name, offsets, DType::U32, d.experts + 1)?;
         let x = self.ptr(name, logits, self.x(), dense)?;
-        let g = gradient.map(|g| self.ptr(name, g, DType::F32, d.experts)).transpose()?.unwrap_or(0);
+        let expert_ptr = |t: Option<Tensor>| t.map_or(Ok(0), |t| self.ptr(name, t, DType::F32, d.experts));
+        let (g, sum, term) = (expert_ptr(gradient)?, expert_ptr(sums)?, expert_ptr(terms)?);
         let dl = dloss.map(|t| self.ptr(name, t, DType::F32, 1)).transpose()?.unwrap_or(0);
         let scale = balance.map_or(0.0f32, |b| b.scale);
         let (rows, e, k, norm) = (d.rows as i64, d.experts as i32, d.top_k as i32, i32::from(normalize));
@@ -1613,8 +1615,7 @@ impl Backend for CudaBackend {
             block_dim: (MOE_PLACE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let n = slots as i64;
-        launch!(self, "moe_place", per_expert, o, pl, off, g, dl, scale, c, n, e)?;
+        launch!(self, "moe_place", per_expert, o, pl, off, g, sum, term, dl, scale, p, c, rows, k, e)?;
         match self.grouped_experts {
             // The grouped products read the offsets where routing wrote them (a product that cannot run grouped
             // reads them back itself).

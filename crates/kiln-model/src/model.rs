@@ -292,6 +292,10 @@ pub struct Model {
     blocks: Blocks,
     /// Per-position losses, accumulated by [`Pass::Loss`] and [`Pass::Train`] passes.
     pub losses: Tensor,
+    /// With experts and a balancing loss, in a model built for training: the balancing loss's terms, one per
+    /// expert, accumulated by [`Pass::Train`] passes (zero them with the losses). Their sum is the loss's share of the
+    /// objective, `α·aux_loss` weighted by each pass's `dloss · rows` (see [`Balance`]).
+    pub balance_terms: Option<Tensor>,
     p: Weights,
     /// Views of the gradients; none in a model built for inference.
     g: Option<Weights>,
@@ -333,7 +337,8 @@ impl Activations {
             ),
             ("statistics: norms, attention log-sum-exp, losses, rotary table", Role::Stat, {
                 let mut s = stats(&self.lnf_stats);
-                s.extend([self.losses, self.rope_table, self.dres_sums, self.dweights, self.balance]);
+                s.extend([self.losses, self.rope_table, self.dres_sums, self.dweights]);
+                s.extend([self.balance, self.probability_sums, self.balance_terms]);
                 s
             }),
             ("token ids and targets", Role::Index, vec![self.tokens, self.targets]),
@@ -423,13 +428,16 @@ struct Activations {
     dfch_pre: Tensor,
     /// With experts (empty without): the router's output, which routing consumes at once; the backward pass's
     /// gradients of the experts' outputs, of their input, of the slots' weights and of the router's output; and the
-    /// load-balancing loss's gradient (see [`Balance`]), which a training pass accumulates.
+    /// load-balancing loss's gradient, probability sums and terms (see [`Balance`]), which a training pass
+    /// accumulates.
     router_logits: Tensor,
     dexpert_out: Tensor,
     ddispatched: Tensor,
     dweights: Tensor,
     dlogits: Tensor,
     balance: Tensor,
+    probability_sums: Tensor,
+    balance_terms: Tensor,
     /// The column sums of the residual stream's gradient, a projection's bias gradient before it is added in (see
     /// [`Model::fuse_bias_gradients`]); empty without biases.
     dres_sums: Tensor,
@@ -473,6 +481,8 @@ impl Activations {
             dweights: a.stats.take(backward(routed(mlp_rows))),
             dlogits: a.acts.take(backward(routed(n * spec.mlps()))),
             balance: a.stats.take(backward(routed(spec.mlps()))),
+            probability_sums: a.stats.take(backward(routed(spec.mlps()))),
+            balance_terms: a.stats.take(backward(routed(spec.mlps()))),
             dres_sums: a.stats.take(backward(if spec.biases.into_residual() { c } else { 0 })),
         }
     }
@@ -670,6 +680,7 @@ impl Model {
             unit_grads,
             blocks,
             losses: a.losses,
+            balance_terms: (training && spec.balances_experts()).then_some(a.balance_terms),
             acts: a,
             recompute,
             fused_bias_gradients: false,
@@ -1018,7 +1029,15 @@ impl Model {
         let (Pass::Train { dloss }, Some(experts)) = (pass, self.spec.experts) else { return None };
         let layers = self.spec.n_layer as f64;
         let scale = experts.aux_loss * experts.count as f64 / (layers * layers * r.n() as f64);
-        (experts.aux_loss > 0.0).then_some(Balance { gradient: self.acts.balance, dloss, scale: scale as f32 })
+        let (gradient, probability_sums) = (self.acts.balance, self.acts.probability_sums);
+        let terms = self.balance_terms;
+        self.spec.balances_experts().then_some(Balance {
+            gradient,
+            probability_sums,
+            terms,
+            dloss,
+            scale: scale as f32,
+        })
     }
 
     fn forward_span<B: Backend + ?Sized>(
@@ -1041,11 +1060,14 @@ impl Model {
         let balance = self.balance(r, pass);
         if let Some(balance) = balance {
             b.zero(balance.gradient)?;
+            b.zero(balance.probability_sums)?;
         }
         on(b, Moment::Forward(0))?;
         self.norm_1(b, r, 0)?;
         for (l, (a, wt)) in self.acts.blocks.iter().zip(&self.p.blocks).enumerate() {
-            self.block_to_hidden(b, r, l, balance)?;
+            // The last layer's routing adds the loss's terms, from every layer's counts and probabilities.
+            let last = l + 1 == s.n_layer;
+            self.block_to_hidden(b, r, l, balance.map(|b| Balance { terms: b.terms.filter(|_| last), ..b }))?;
             let fch = r.mlp(s, a.fch, ffn);
             match (a.routing, r.moe(s)) {
                 (Some(routing), Some(d)) => {
@@ -1365,7 +1387,7 @@ impl Model {
             d: lin(c, fc_width),
         })?;
         let dlogits = r.of(acts.dlogits, experts);
-        let balance = s.experts.filter(|e| e.aux_loss > 0.0).map(|_| acts.balance);
+        let balance = s.balances_experts().then_some(acts.balance);
         let normalize = s.normalizes_expert_weights();
         let probs = r.of(probs, experts);
         b.moe_route_backward(MoeRouteBackward { dlogits, dweights, probs, weights, chosen, normalize, balance, d })?;

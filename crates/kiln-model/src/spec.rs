@@ -197,6 +197,11 @@ impl ModelSpec {
         self.experts.map_or(1, |e| e.count)
     }
 
+    /// Whether training adds a load-balancing loss for the experts (a coefficient above 0).
+    pub fn balances_experts(&self) -> bool {
+        self.experts.is_some_and(|e| e.aux_loss > 0.0)
+    }
+
     /// Whether a token's experts' weights are divided by their sum (see [`Experts::normalize`]).
     pub fn normalizes_expert_weights(&self) -> bool {
         self.experts.is_some_and(|e| e.normalize)

@@ -420,7 +420,7 @@ fn expert_cases(rows: usize, c: usize) -> Vec<OpCase> {
     let expert_dims = move |c_out| MatmulDims { rows: slots, c_in: c, c_out };
     // Routing of `d` (an odd number of experts), then the tokens gathered, each expert's product (to `width`) over
     // its run, and the weighted sum; balanced, with a loss gradient of 1 (each expert's count weighs half a unit in
-    // the balance).
+    // the balance), adding to the probabilities' sums and, as a pass's last layer does, the loss's terms.
     let routed = |d: MoeDims, normalize: bool, balanced: bool, width: usize| {
         let (experts, slots) = (d.experts, d.slots());
         // Routing decides which rows meet which weights, so every engine must choose the same experts: each row's
@@ -437,7 +437,7 @@ fn expert_cases(rows: usize, c: usize) -> Vec<OpCase> {
             (slots * width, Out, Activation),
             (d.rows * width, Out, Activation),
         ];
-        reals.extend(balanced.then_some((experts, Acc, Stat)));
+        reals.extend(if balanced { vec![(experts, Acc, Stat); 3] } else { vec![] });
         let zeros = |n| vec![0; n];
         OpCase {
             name: format!(
@@ -452,7 +452,13 @@ fn expert_cases(rows: usize, c: usize) -> Vec<OpCase> {
                 let logits_t = b.alloc(d.rows * experts, Activation)?;
                 b.upload(logits_t, &logits)?;
                 let dloss = b.scalar(1.0)?;
-                let balance = balanced.then(|| Balance { gradient: r[7], dloss, scale: 0.5 });
+                let balance = balanced.then(|| Balance {
+                    gradient: r[7],
+                    probability_sums: r[8],
+                    terms: Some(r[9]),
+                    dloss,
+                    scale: 0.5,
+                });
                 let (chosen, order, place, offsets) = (i[0], i[1], i[2], i[3]);
                 let (probs, weights) = (r[0], r[1]);
                 let op =

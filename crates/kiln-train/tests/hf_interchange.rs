@@ -41,6 +41,8 @@ struct Golden {
     shape: (usize, usize),
     logits: Vec<f32>,
     loss: f32,
+    /// transformers' balancing loss before its coefficient, where the model has one.
+    aux_loss: Option<f32>,
     file: Vec<u8>,
 }
 
@@ -62,7 +64,8 @@ impl Golden {
             t.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
         };
         let (logits, loss) = (floats("logits"), floats("loss")[0]);
-        Golden { inputs, targets, shape: (shape[0], shape[1]), logits, loss, file: file.clone() }
+        let aux_loss = t.tensor("aux_loss").is_ok().then(|| floats("aux_loss")[0]);
+        Golden { inputs, targets, shape: (shape[0], shape[1]), logits, loss, aux_loss, file: file.clone() }
     }
 
     fn grad(&self, name: &str) -> Vec<f32> {
@@ -137,7 +140,21 @@ fn llama_checkpoints_from_transformers_give_its_logits_loss_and_gradients() {
         b.zero(model.grads).unwrap();
         b.zero(model.losses).unwrap();
         let dloss = b.scalar(1.0 / n).unwrap();
+        if let Some(terms) = model.balance_terms {
+            b.zero(terms).unwrap();
+        }
         model.forward(&mut b, batch, time, Pass::Train { dloss }).unwrap();
+        // The balancing loss's terms sum to its coefficient times transformers' aux_loss (the pass's weight, dloss
+        // times its rows, is 1 here).
+        let coefficient = spec.experts.map_or(0.0, |e| e.aux_loss);
+        let aux_loss = model.balance_terms.map(|terms| b.sum(terms).unwrap() / coefficient as f32);
+        match (aux_loss, golden.aux_loss) {
+            (Some(ours), Some(theirs)) => {
+                assert!(((ours - theirs) / theirs).abs() < 1e-5, "{case}: aux_loss {ours} vs transformers' {theirs}")
+            }
+            (None, None) => {}
+            other => panic!("{case}: aux_loss (ours, transformers') {other:?}"),
+        }
         model.backward(&mut b, batch, time).unwrap();
         let mut grads = vec![0.0f32; model.grads.len];
         b.download(model.grads, &mut grads).unwrap();
