@@ -120,12 +120,17 @@ moe_check() {
   MOE_DIR=$dir python3 - <<'PY'
 import json, os
 d = os.environ["MOE_DIR"]
-loss = lambda r: [j["loss"] for j in map(json.loads, open(f"{d}/{r}/metrics.jsonl")) if "loss" in j]
-plain, block, graphs = loss("none"), loss("block"), loss("graphs")
+field = lambda r, f: [j[f] for j in map(json.loads, open(f"{d}/{r}/metrics.jsonl")) if "loss" in j]
+plain, block, graphs = field("none", "loss"), field("block", "loss"), field("graphs", "loss")
 print("recompute none: ", plain, "\nrecompute block:", block, "\ntrain.graphs:   ", graphs)
 same, falls = plain == block == graphs and len(plain) == 30, plain[-1] < plain[0] - 0.5
 print("bit-identical" if same else "DIFFERENT", "; the loss falls" if falls else "; the loss does NOT fall")
-raise SystemExit(0 if same and falls else 1)
+# The balancing loss (2 when the 4 experts share the tokens evenly, up to 4 as routing collapses): the same in each.
+aux = [field(r, "aux_loss") for r in ("none", "block", "graphs")]
+print("aux_loss:", aux[0])
+balanced = aux[0] == aux[1] == aux[2] and all(1.5 < a < 4 for a in aux[0])
+print("aux_loss bit-identical and in (1.5, 4)" if balanced else "aux_loss DIFFERENT or out of (1.5, 4)")
+raise SystemExit(0 if same and falls and balanced else 1)
 PY
 }
 # The grouped products' self-test in bf16: every case as in selftest-bf16, and the model with experts captured into

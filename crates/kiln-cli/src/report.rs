@@ -284,7 +284,7 @@ fn charts(runs: &[Run]) -> Vec<Chart> {
     } else {
         Chart::by_step("Model TFLOP/s", "TFLOP/s", |r| r.tflops)
     };
-    vec![
+    let mut charts = vec![
         Chart::loss("Loss against steps", Axis::Steps),
         Chart::loss("Loss against tokens", Axis::Tokens),
         Chart::by_step("Learning rate", "lr", |r| r.lr.map(f64::from)),
@@ -292,7 +292,13 @@ fn charts(runs: &[Run]) -> Vec<Chart> {
         Chart::by_step("Throughput", "tokens/s", |r| r.tokens_per_s),
         throughput,
         Chart::by_step("Memory held by the engine", "allocated (GiB)", |r| r.allocated_bytes.map(|b| b as f64 / GIB)),
-    ]
+    ];
+    let aux_loss = |r: &Record| r.aux_loss.map(f64::from);
+    if runs.iter().any(|run| logs(run, aux_loss)) {
+        let title = "Experts' balancing loss (before its coefficient; experts_per_token when balanced)";
+        charts.insert(2, Chart::by_step(title, "aux loss", aux_loss));
+    }
+    charts
 }
 
 /// Bytes in a gibibyte, the unit of the memory chart.

@@ -34,13 +34,17 @@ fn step_line(step: u64, level: f64, extra: &str) -> String {
     )
 }
 
-/// Two runs: `alpha`, 40 plain steps logging `tokens`, TFLOP/s and MFU; `beta`, with tokens from its config.toml,
-/// a skipped step, a rollback from 25 to 20 and a resume at 30 after steps 31 and 32 were logged and lost.
+/// Two runs: `alpha`, 40 plain steps logging `tokens`, TFLOP/s, MFU and an experts' balancing loss; `beta`, with
+/// tokens from its config.toml, a skipped step, a rollback from 25 to 20 and a resume at 30 after steps 31 and 32
+/// were logged and lost.
 fn two_runs(root: &Path) -> (PathBuf, PathBuf) {
     let alpha = root.join("alpha");
     std::fs::create_dir_all(&alpha).unwrap();
     let metrics: String = (1..=40)
-        .map(|s| step_line(s, 4.0, &format!(",\"tokens\":{},\"tflops\":80.5,\"mfu\":0.41", s * 4096)))
+        .map(|s| {
+            let aux_loss = 2.0 + 1.0 / s as f64;
+            step_line(s, 4.0, &format!(",\"tokens\":{},\"tflops\":80.5,\"mfu\":0.41,\"aux_loss\":{aux_loss}", s * 4096))
+        })
         .collect();
     std::fs::write(alpha.join("metrics.jsonl"), metrics).unwrap();
 
@@ -94,6 +98,8 @@ fn the_page_is_self_contained_and_names_runs_and_events() {
     }
     // alpha logs MFU, beta neither MFU nor TFLOP/s: MFU is charted.
     assert!(html.contains("<h2>Model FLOPs utilisation</h2>"));
+    // alpha logs its experts' balancing loss: it has a chart of its own.
+    assert!(html.contains("balancing loss (before its coefficient; experts_per_token when balanced)</h2>"));
     assert!(html.contains(
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
     ));

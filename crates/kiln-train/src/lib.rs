@@ -93,6 +93,8 @@ pub struct Sample {
 
 /// Held-out sums scored at the end of a synthetic-addition run.
 const EXACT_MATCH_PROBLEMS: usize = 1000;
+/// Where the ranks' compute times start in `Trainer::agreed`.
+const RANK_TIMES: usize = 4;
 const SAMPLES_SHOWN: usize = 5;
 
 pub struct Trainer<B: Backend> {
@@ -126,7 +128,8 @@ pub struct Trainer<B: Backend> {
     sums: Vec<f32>,
     graphs: Graphs,
     /// The host numbers summed across ranks after each step: loss, squared norm of the owned gradient pieces,
-    /// "stop", then every rank's compute time (each rank fills its own entry).
+    /// "stop", the experts' balancing loss (see [`StepValues`]), then from [`RANK_TIMES`] on every rank's compute
+    /// time (each rank fills its own entry).
     agreed: Vec<f64>,
     /// Set before each step when the user asked to stop; every rank stops after a step on which any rank asked.
     stop_requested: bool,
@@ -155,6 +158,9 @@ pub struct StepStats {
     pub loss: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f32,
+    /// With experts and a balancing loss: transformers' `aux_loss`, the balancing loss before its coefficient, as
+    /// the mean over the step's rows of each pass's (perfectly balanced experts give `experts_per_token`).
+    pub aux_loss: Option<f32>,
     pub lr: f32,
     /// Drawing the step's sequences on the host.
     pub data_ms: f64,
@@ -245,7 +251,7 @@ impl<B: Backend> Trainer<B> {
             owned,
             updates,
             buckets,
-            agreed: vec![0.0; 3 + world],
+            agreed: vec![0.0; RANK_TIMES + world],
             stop_requested: false,
             stragglers: Stragglers::new(world),
             accumulation,
@@ -419,7 +425,7 @@ impl<B: Backend> Trainer<B> {
     /// Each rank's own work in the last step's passes, in ms, rank by rank: on a device, the device's time for them;
     /// on the host, the time outside collectives.
     pub fn rank_step_ms(&self) -> &[f64] {
-        &self.agreed[3..]
+        &self.agreed[RANK_TIMES..]
     }
 
     pub fn backend(&self) -> &B {
@@ -514,7 +520,7 @@ impl<B: Backend> Trainer<B> {
         while self.step < train.max_steps {
             let started = Instant::now();
             self.stop_requested = hooks.stop.load(Ordering::Relaxed);
-            let StepStats { loss, grad_norm, lr, stop, verdict, .. } = self.train_step()?;
+            let StepStats { loss, grad_norm, aux_loss, lr, stop, verdict, .. } = self.train_step()?;
             let seconds = started.elapsed().as_secs_f64();
             step_times.push(seconds);
             let step = self.step;
@@ -529,9 +535,10 @@ impl<B: Backend> Trainer<B> {
             let last = step == train.max_steps;
             if step == 1 || step % train.log_every == 0 || last {
                 tracing::info!(
-                    "step {step:>6}/{} | loss {loss:.4} | lr {lr:.2e} | norm {grad_norm:.3} | {:.1} ms | {tokens_per_s:.0} \
-                     tok/s{}",
+                    "step {step:>6}/{} | loss {loss:.4}{} | lr {lr:.2e} | norm {grad_norm:.3} | {:.1} ms | \
+                     {tokens_per_s:.0} tok/s{}",
                     train.max_steps,
+                    aux_loss.map_or(String::new(), |aux| format!(" | aux {aux:.4}")),
                     seconds * 1e3,
                     describe_ranks(self.rank_step_ms())
                 );
@@ -539,6 +546,7 @@ impl<B: Backend> Trainer<B> {
             let mut record = StepRecord {
                 step,
                 loss: Some(loss),
+                aux_loss,
                 lr: Some(lr),
                 grad_norm: Some(grad_norm),
                 step_ms: Some(seconds * 1e3),
@@ -683,6 +691,9 @@ impl<B: Backend> Trainer<B> {
         let values = self.values;
         b.upload(values.dloss, &[dloss])?;
         b.zero(self.model.losses)?;
+        if let Some(terms) = self.model.balance_terms {
+            b.zero(terms)?;
+        }
         // Alternating gradients are zeroed by the backward pass as it goes; the share adds up the micro-batches.
         match &self.share {
             Some(share) => b.zero(share.share)?,
@@ -757,6 +768,9 @@ impl<B: Backend> Trainer<B> {
         // the passes and the reduction.
         let sums = values.sums;
         b.sum_into(model.losses, false, sums.slice(0, 1))?;
+        if let Some(terms) = model.balance_terms {
+            b.sum_into(terms, false, sums.slice(sums.len - 1, 1))?;
+        }
         match share {
             Some(share) => b.sum_into(share.share, true, sums.slice(1, 1))?,
             None if zero == 1 => {
@@ -771,17 +785,20 @@ impl<B: Backend> Trainer<B> {
         let passes_done = Instant::now();
         let waited = comm.waited();
         let local_loss = self.sums[0];
-        let squares: f64 = self.sums[1..].iter().map(|&part| f64::from(part)).sum();
+        let balancing = model.balance_terms.map(|_| self.sums[self.sums.len() - 1]);
+        let parts = &self.sums[1..self.sums.len() - usize::from(balancing.is_some())];
+        let squares: f64 = parts.iter().map(|&part| f64::from(part)).sum();
         let agreed = &mut self.agreed;
         agreed.fill(0.0);
         agreed[0] = local_loss as f64;
         agreed[1] = squares;
         agreed[2] = f64::from(u8::from(self.stop_requested));
+        agreed[3] = balancing.map_or(0.0, f64::from);
         // A rank's own work: on a device, the time its passes took there (two events around them, read after the loss
         // was, so without waiting again; under ZeRO stages 2 and 3 the passes also wait for the collectives they
         // depend on); on the host, the time it did not spend waiting for the others in collectives (which the
         // communicator counts, inside replayed graphs too).
-        agreed[3 + rank] = match b.timed_ms()? {
+        agreed[RANK_TIMES + rank] = match b.timed_ms()? {
             Some(ms) => ms,
             None => ((passes_done - data_done).saturating_sub(waited)).as_secs_f64() * 1e3,
         };
@@ -789,6 +806,11 @@ impl<B: Backend> Trainer<B> {
         let mut loss = agreed[0] as f32 * dloss;
         // The square root in f64 of an f32, rounded to f32, is the f32 square root.
         let mut grad_norm = agreed[1].sqrt() as f32;
+        // The terms are the coefficient times each pass's aux_loss, weighted by its rows over the step's counted
+        // targets (see kiln_core::experts::Balance); the weights made to sum to 1 over every row of the step.
+        let rows = (accumulation * mb * t * comm.world()) as f64;
+        let aux_loss =
+            balancing.zip(model.spec.experts).map(|(_, e)| (agreed[3] * counted[0] / rows / e.aux_loss) as f32);
         if let Some(fault) = &mut self.faults {
             fault(position, &mut loss, &mut grad_norm);
         }
@@ -845,7 +867,7 @@ impl<B: Backend> Trainer<B> {
         }
         let done = Instant::now();
         if rank == 0 && comm.world() > 1 {
-            if let Some((slow, ms, median)) = self.stragglers.observe(&self.agreed[3..]) {
+            if let Some((slow, ms, median)) = self.stragglers.observe(&self.agreed[RANK_TIMES..]) {
                 tracing::warn!(
                     "rank {slow} is a straggler: its own work in a step (its device's time for the passes, or on the \
                      CPU its time outside waiting for the others) takes {ms:.1} ms, against a median of {median:.1} ms \
@@ -859,6 +881,7 @@ impl<B: Backend> Trainer<B> {
         Ok(StepStats {
             loss,
             grad_norm,
+            aux_loss,
             lr,
             data_ms: ms(started, data_done),
             passes_ms: ms(data_done, passes_done),
@@ -985,7 +1008,8 @@ fn with_plan(error: Error, plan: &MemoryPlan) -> Error {
 
 /// A step's numbers on the device, read by the work they feed when it runs (so that a graph of that work takes each
 /// step's): the loss scale that the classifier reads; AdamW's [`AdamWStep::values`]; and the sums that the host reads
-/// back in one copy after the passes: the loss, then the squared gradient norm of each part this rank sums.
+/// back in one copy after the passes: the loss, then the squared gradient norm of each part this rank sums, then
+/// with experts and a balancing loss, the sum of its terms (see `Model::balance_terms`).
 #[derive(Clone, Copy)]
 struct StepValues {
     dloss: Tensor,
@@ -1186,9 +1210,9 @@ impl Allocated {
         };
         // The squared norm is summed in one part per owned piece under ZeRO stage 1, in one otherwise.
         let parts = if zero == 1 { owned.len() } else { 1 };
-        let values = backend.alloc(5 + parts, Role::Stat)?;
-        let values =
-            StepValues { dloss: values.slice(0, 1), adamw: values.slice(1, 3), sums: values.slice(4, 1 + parts) };
+        let sums = 1 + parts + usize::from(model.balance_terms.is_some());
+        let values = backend.alloc(4 + sums, Role::Stat)?;
+        let values = StepValues { dloss: values.slice(0, 1), adamw: values.slice(1, 3), sums: values.slice(4, sums) };
         Ok(Allocated { model, m, v, owned, updates, buckets, share, weights, values })
     }
 }
@@ -1377,5 +1401,42 @@ mod tests {
         assert_eq!(shown.to_string(), format!("cuda:0: alloc: cannot allocate 512.0 MiB\n{table}"));
         let other = with_plan(Error::backend("cuda:0", "launch failed"), &plan);
         assert_eq!(other.to_string(), "cuda:0: launch failed");
+    }
+
+    #[test]
+    fn the_logged_balancing_loss_is_the_mean_of_each_passs_aux_loss() {
+        // Two micro-batches of 4 additions (13 tokens, the prompt's targets ignored); the step is skipped, so that
+        // the weights stay those the passes ran with.
+        let experts =
+            ["model.arch=llama", "model.experts=4", "model.experts_per_token=2", "model.router_aux_loss=0.03"];
+        let mut set: Vec<String> = experts.iter().map(|s| s.to_string()).collect();
+        set.extend(
+            ["model.n_embd=32", "model.n_head=2", "train.micro_batch=4", "train.total_batch_tokens=104"]
+                .map(str::to_string),
+        );
+        set.push("train.guard.enabled=true".into());
+        let config = Config::load(None, &set).unwrap();
+        let mut trainer = Trainer::new(&config, kiln_cpu::CpuBackend::<f32>::new()).unwrap();
+        trainer.inject_faults(Box::new(|_, loss, _| *loss = f32::NAN));
+        let stats = trainer.train_step().unwrap();
+        assert!(matches!(stats.verdict, Verdict::Skip(_)));
+        let logged = stats.aux_loss.expect("a balancing loss is logged");
+
+        let counted = trainer.targets.iter().filter(|&&y| y != kiln_core::backend::IGNORE_TARGET).count();
+        assert!(counted < trainer.targets.len(), "some targets are ignored, so that the step's weights are not 1/rows");
+        let (model, b) = (&trainer.model, &mut trainer.backend);
+        let (terms, per_pass) = (model.balance_terms.unwrap(), 4 * 13);
+        let dloss = b.scalar(1.0 / per_pass as f32).unwrap();
+        let mut passes = Vec::new();
+        for pass in 0..2 {
+            let range = pass * per_pass..(pass + 1) * per_pass;
+            model.load_batch(b, &trainer.inputs[range.clone()], Some(&trainer.targets[range])).unwrap();
+            b.zero(terms).unwrap();
+            model.forward(b, 4, 13, Pass::Train { dloss }).unwrap();
+            passes.push(b.sum(terms).unwrap() / 0.03);
+        }
+        let mean = (passes[0] + passes[1]) / 2.0;
+        assert!(passes[0] != passes[1] && passes.iter().all(|&aux| aux > 1.0), "{passes:?}");
+        assert!((logged - mean).abs() < 1e-5 * mean, "logged {logged}, the passes' mean {mean} ({passes:?})");
     }
 }

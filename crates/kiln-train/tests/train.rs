@@ -128,11 +128,22 @@ const SMALL_LLAMA: &[&str] = &[
      original_max_position_embeddings = 8 }",
 ];
 
+/// 4 experts, 2 a token, with a balancing loss.
+const EXPERTS: &[&str] = &["model.experts=4", "model.experts_per_token=2", "model.router_aux_loss=0.02"];
+
 #[test]
 fn resuming_from_a_checkpoint_continues_bit_identically() {
-    for (name, family) in [("resume", &[][..]), ("resume-llama", SMALL_LLAMA)] {
+    for (name, family) in
+        [("resume", &[][..]), ("resume-llama", SMALL_LLAMA), ("resume-experts", &[SMALL_LLAMA, EXPERTS].concat())]
+    {
         resuming_continues_bit_identically(name, &[SMALL, family].concat());
     }
+}
+
+/// Each line of a run's `metrics.jsonl`.
+fn metrics_lines(dir: &str) -> Vec<serde_json::Value> {
+    let metrics = std::fs::read_to_string(std::path::Path::new(dir).join("metrics.jsonl")).unwrap();
+    metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn resuming_continues_bit_identically(name: &str, base: &[&str]) {
@@ -141,6 +152,17 @@ fn resuming_continues_bit_identically(name: &str, base: &[&str]) {
     let cfg = with(base, &extra);
     let full = Trainer::new(&cfg, CpuBackend::<f32>::new()).unwrap().run(&mut Hooks::default(), true).unwrap();
     assert_eq!(full.losses.len(), 6);
+    // A model with experts logs its balancing loss at every step (near experts_per_token, 2, while routing is
+    // even), and only such a model.
+    let aux_losses = |lines: &[serde_json::Value]| -> Vec<f64> {
+        lines.iter().filter(|l| l["event"].is_null()).filter_map(|l| l["aux_loss"].as_f64()).collect()
+    };
+    let full_aux = aux_losses(&metrics_lines(&dir));
+    if cfg.model.experts().is_some() {
+        assert!(full_aux.len() == 6 && full_aux.iter().all(|&aux| (1.5..4.0).contains(&aux)), "{full_aux:?}");
+    } else {
+        assert!(full_aux.is_empty(), "{full_aux:?}");
+    }
     let root = std::path::Path::new(&dir).join("checkpoints");
     let steps: Vec<u64> = kiln_train::checkpoint::list(&root).into_iter().map(|(s, _)| s).collect();
     assert_eq!(steps, vec![3, 6]);
@@ -149,9 +171,9 @@ fn resuming_continues_bit_identically(name: &str, base: &[&str]) {
     let rest = resumed.run(&mut Hooks::default(), true).unwrap();
     assert_eq!(rest.losses, full.losses[3..], "a resumed run must repeat the uninterrupted one exactly");
     // The metrics file holds each step once, and where the run resumed: the resumed run replaced what followed its
-    // checkpoint.
-    let metrics = std::fs::read_to_string(std::path::Path::new(&dir).join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // checkpoint, with the same balancing losses.
+    let lines = metrics_lines(&dir);
+    assert_eq!(aux_losses(&lines), full_aux);
     let steps: Vec<(u64, &str)> =
         lines.iter().map(|l| (l["step"].as_u64().unwrap(), l["event"].as_str().unwrap_or(""))).collect();
     assert_eq!(steps, [(1, ""), (2, ""), (3, ""), (3, "resume"), (4, ""), (5, ""), (6, "")]);
