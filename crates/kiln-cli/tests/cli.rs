@@ -209,6 +209,17 @@ fn plan_gives_each_component_and_whether_it_fits() {
 }
 
 #[test]
+fn a_model_the_engine_cannot_run_is_refused_by_its_plan() {
+    // Heads of 256 channels: the CUDA engine's attention takes at most 128; the CPU engine takes any.
+    let wide = ["--config", GPT2_124M, "--vocab", "50257", "--set", "model.n_head=3"];
+    expect_usage_error(
+        &[&["plan", "--backend", "cuda"], &wide[..]].concat(),
+        &["heads of 256 channels", "model.head_dim", "cuda (bf16) engine's attention takes at most 128"],
+    );
+    plan_json(&[&["--backend", "cpu"], &wide[..]].concat());
+}
+
+#[test]
 fn plan_without_the_data_asks_for_the_vocabulary() {
     expect_usage_error(&["plan", "--config", GPT2_124M], &["fineweb", "--vocab"]);
 }

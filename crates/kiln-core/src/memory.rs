@@ -103,6 +103,11 @@ pub trait MemoryModel {
     /// Whether the components outside the engine's count (a context, communication buffers) exist already when a
     /// trainer starts on the engine, so that the memory then free does not include them.
     fn outside_exists_at_start(&self) -> bool;
+    /// The widest attention head the engine's kernels take, where they have a limit: known without a device, so
+    /// that a model the engine cannot run is refused before anything is allocated.
+    fn max_head_dim(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// One request made to a [`Counting`] backend.

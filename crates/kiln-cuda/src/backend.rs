@@ -96,7 +96,7 @@ fn column_sums(columns: usize) -> LaunchConfig {
 const SORT_THREADS: u32 = 512;
 const SORT_BITS: u32 = 4;
 /// The unfused attention kernels keep a row in registers: at most 32 lanes × 4.
-const MAX_HEAD_DIM: usize = 128;
+pub(crate) const MAX_HEAD_DIM: usize = 128;
 
 /// Rows a dq block holds (queries) and a dkv block holds (keys): 16 per warp.
 const FLASH_BLOCK_ROWS: usize = 64;

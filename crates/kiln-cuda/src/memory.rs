@@ -80,6 +80,10 @@ impl MemoryModel for CudaMemory {
         format!("cuda ({})", self.precision.name())
     }
 
+    fn max_head_dim(&self) -> Option<usize> {
+        Some(crate::backend::MAX_HEAD_DIM)
+    }
+
     fn storage(&self) -> Storage {
         let bytes = |role| dtype(self.precision, role).size();
         Storage {

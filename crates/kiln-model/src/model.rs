@@ -617,6 +617,7 @@ impl Model {
         training: Option<TrainingMemory>,
     ) -> Result<Self> {
         spec.check_size(max_batch)?;
+        spec.check_engine(&*backend.memory_model())?;
         let (training, memory) = match training {
             Some(memory) => (true, memory),
             None => (

@@ -9,7 +9,7 @@
 
 use crate::params::{Init, ParamInfo};
 use kiln_core::config::{Arch, Experts, LinearGroup, ModelConfig, RopeScaling};
-use kiln_core::memory::StepShapes;
+use kiln_core::memory::{MemoryModel, StepShapes};
 use kiln_core::{AttentionDims, NormKind};
 
 /// How a block learns where a token is.
@@ -321,6 +321,20 @@ impl ModelSpec {
             offset += list[i].len();
         }
         list
+    }
+
+    /// Fails, naming the key, where `engine` cannot run this model (heads wider than its attention takes).
+    /// Building a model and planning its memory check this before anything is allocated.
+    pub fn check_engine(&self, engine: &dyn MemoryModel) -> kiln_core::Result<()> {
+        match engine.max_head_dim() {
+            Some(most) if self.head_dim > most => Err(kiln_core::Error::Usage(format!(
+                "heads of {} channels (model.head_dim, n_embd / n_head unless set): the {} engine's attention takes \
+                 at most {most}",
+                self.head_dim,
+                engine.engine()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Fails, naming the sizes, unless a model of this shape for batches of `max_batch` sequences is of a size that

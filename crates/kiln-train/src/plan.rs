@@ -56,6 +56,7 @@ impl MemoryPlan {
         memory: &dyn MemoryModel,
     ) -> Result<MemoryPlan> {
         spec.check_size(micro_batch)?;
+        spec.check_engine(memory)?;
         let accumulation = config.accumulation_steps(micro_batch, world)?;
         let overheads = memory.overheads(&spec.step_shapes(micro_batch, config.train.fuse_bias_gradients), world);
         let ranks = (0..world)
