@@ -9,7 +9,7 @@
 // experts (its run's start) and its own, each thread over a contiguous span of slots, then places its own in a
 // second pass after an exclusive scan of the threads' counts: deterministic, and no atomics. The load-balancing
 // loss's gradient adds dloss·scale·count_e to gradient[e]; the block also adds its expert's probabilities, summed
-// over the rows, to sums[e] (each thread a contiguous span of rows, then a tree over the threads), and on a pass's
+// over the rows, to sums[e] (each thread every 256th row, then a tree over the threads), and on a pass's
 // last routed layer adds gradient[e]·sums[e] to terms[e]: the loss's value, summed over e (see experts.rs).
 // Route backward, one warp per token: g_j = dw_j, or normalised (dw_j − Σ_i dw_i·w_i)/Σ_i p_i over the choices;
 // dp_e = balance_e + Σ_{j: chosen_j = e} g_j; dlogits_e = p_e·(dp_e − Σ_i p_i·dp_i).
@@ -117,10 +117,9 @@ extern "C" __global__ void moe_place(unsigned* order, unsigned* place, unsigned*
         if (e == (unsigned)E - 1) offsets[E] = start + count;
     }
     if (!gradient) return;  // the same for every thread of the grid: no barrier below is skipped by some only
-    const long row_span = (rows + blockDim.x - 1) / blockDim.x, first_row = min(rows, t * row_span),
-               last_row = min(rows, first_row + row_span);
+    // Neighbouring threads read neighbouring rows, which share cache sectors where the rows are short.
     float sum = 0.0f;
-    for (long r = first_row; r < last_row; r++) sum += probs[r * E + e];
+    for (long r = t; r < rows; r += blockDim.x) sum += probs[r * E + e];
     probability[t] = sum;
     for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
         __syncthreads();

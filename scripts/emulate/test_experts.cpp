@@ -1,11 +1,10 @@
 // Runs kernels/experts.cu under the emulation against a double-precision reference, launched as
-// crates/kiln-cuda/src/backend.rs launches them: routing (softmax, top-k, normalised or not) and the dispatch (a
-// block per expert, with and without the load-balancing gradient, its probability sums and, but for one token,
-// its terms), routing's backward, the gather, the combine
-// (weighted, and unweighted and accumulating as the gather's backward) and the combine's backward. The choices and
-// the dispatch must equal the reference's exactly; reals are judged normwise. Cases: 1 to 300 tokens (more slots
-// than moe_place has threads), 2 to 70 experts (more than a warp's lanes), 1 to 8 choices, widths 5 and 48; and NaN
-// logits.
+// crates/kiln-cuda/src/backend.rs launches them: routing (softmax, top-k, normalised or not) and the dispatch (a block
+// per expert, with and without the load-balancing gradient, its probability sums and, but for one token, its terms),
+// routing's backward, the gather, the combine (weighted, and unweighted and accumulating as the gather's backward) and
+// the combine's backward. The choices and the dispatch must equal the reference's exactly; reals are judged normwise.
+// Cases: 1 to 300 tokens (more slots and rows than moe_place has threads), 2 to 70 experts (more than a warp's lanes),
+// 1 to 8 choices, widths 5 and 48; and NaN logits.
 // Built twice, with and without KILN_BF16.
 #define __shared__ static  // one block at a time: a function's statics are its block's shared memory
 #include "emu.h"

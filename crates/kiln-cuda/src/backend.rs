@@ -1606,7 +1606,7 @@ impl Backend for CudaBackend {
         let x = self.ptr(name, logits, self.x(), dense)?;
         let expert_ptr = |t: Option<Tensor>| t.map_or(Ok(0), |t| self.ptr(name, t, DType::F32, d.experts));
         let (g, sum, term) = (expert_ptr(gradient)?, expert_ptr(sums)?, expert_ptr(terms)?);
-        let dl = dloss.map(|t| self.ptr(name, t, DType::F32, 1)).transpose()?.unwrap_or(0);
+        let dl = dloss.map_or(Ok(0), |t| self.ptr(name, t, DType::F32, 1))?;
         let scale = balance.map_or(0.0f32, |b| b.scale);
         let (rows, e, k, norm) = (d.rows as i64, d.experts as i32, d.top_k as i32, i32::from(normalize));
         launch!(self, "moe_route", warps(d.rows), p, w, c, x, rows, e, k, norm)?;

@@ -1068,7 +1068,7 @@ impl Model {
         for (l, (a, wt)) in self.acts.blocks.iter().zip(&self.p.blocks).enumerate() {
             // The last layer's routing adds the loss's terms, from every layer's counts and probabilities.
             let last = l + 1 == s.n_layer;
-            self.block_to_hidden(b, r, l, balance.map(|b| Balance { terms: b.terms.filter(|_| last), ..b }))?;
+            self.block_to_hidden(b, r, l, balance.map(|bal| Balance { terms: bal.terms.filter(|_| last), ..bal }))?;
             let fch = r.mlp(s, a.fch, ffn);
             match (a.routing, r.moe(s)) {
                 (Some(routing), Some(d)) => {

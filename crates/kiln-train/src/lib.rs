@@ -764,12 +764,13 @@ impl<B: Backend> Trainer<B> {
         // The loss, and the squared norm of the gradients this rank sums: under ZeRO each rank holds the reduced
         // gradients of its pieces only, and the norm is the sum of the ranks' parts; otherwise every rank holds all of
         // them, and rank 0's sum is the one all take, so that every rank judges the same norm (the guard's verdict
-        // must not split them) whatever order another's sum took. They are read back in one copy, which waits for
-        // the passes and the reduction.
+        // must not split them) whatever order another's sum took. With experts, the balancing loss's terms too (each
+        // rank's passes', summed across ranks below). They are read back in one copy, which waits for the passes and
+        // the reduction.
         let sums = values.sums;
         b.sum_into(model.losses, false, sums.slice(0, 1))?;
-        if let Some(terms) = model.balance_terms {
-            b.sum_into(terms, false, sums.slice(sums.len - 1, 1))?;
+        if let (Some(terms), Some(slot)) = (model.balance_terms, values.balance_slot()) {
+            b.sum_into(terms, false, sums.slice(slot, 1))?;
         }
         match share {
             Some(share) => b.sum_into(share.share, true, sums.slice(1, 1))?,
@@ -785,8 +786,8 @@ impl<B: Backend> Trainer<B> {
         let passes_done = Instant::now();
         let waited = comm.waited();
         let local_loss = self.sums[0];
-        let balancing = model.balance_terms.map(|_| self.sums[self.sums.len() - 1]);
-        let parts = &self.sums[1..self.sums.len() - usize::from(balancing.is_some())];
+        let balancing = values.balance_slot().map(|slot| self.sums[slot]);
+        let parts = &self.sums[1..values.balance_slot().unwrap_or(self.sums.len())];
         let squares: f64 = parts.iter().map(|&part| f64::from(part)).sum();
         let agreed = &mut self.agreed;
         agreed.fill(0.0);
@@ -806,11 +807,12 @@ impl<B: Backend> Trainer<B> {
         let mut loss = agreed[0] as f32 * dloss;
         // The square root in f64 of an f32, rounded to f32, is the f32 square root.
         let mut grad_norm = agreed[1].sqrt() as f32;
-        // The terms are the coefficient times each pass's aux_loss, weighted by its rows over the step's counted
-        // targets (see kiln_core::experts::Balance); the weights made to sum to 1 over every row of the step.
+        // The terms are the coefficient times each pass's aux_loss, weighted by its rows times dloss, one over the
+        // step's counted targets (see kiln_core::experts::Balance); the weights made to sum to 1 over every row of
+        // the step.
         let rows = (accumulation * mb * t * comm.world()) as f64;
         let aux_loss =
-            balancing.zip(model.spec.experts).map(|(_, e)| (agreed[3] * counted[0] / rows / e.aux_loss) as f32);
+            balancing.zip(model.spec.experts).map(|(_, e)| (agreed[3] / f64::from(dloss) / rows / e.aux_loss) as f32);
         if let Some(fault) = &mut self.faults {
             fault(position, &mut loss, &mut grad_norm);
         }
@@ -1015,11 +1017,18 @@ struct StepValues {
     dloss: Tensor,
     adamw: Tensor,
     sums: Tensor,
+    /// Whether `sums` ends with the balancing loss's.
+    balanced: bool,
 }
 
 impl StepValues {
     fn elements(&self) -> usize {
         self.dloss.len + self.adamw.len + self.sums.len
+    }
+
+    /// Where in `sums` the balancing loss's terms are summed, where the model has them.
+    fn balance_slot(&self) -> Option<usize> {
+        self.balanced.then(|| self.sums.len - 1)
     }
 }
 
@@ -1210,9 +1219,11 @@ impl Allocated {
         };
         // The squared norm is summed in one part per owned piece under ZeRO stage 1, in one otherwise.
         let parts = if zero == 1 { owned.len() } else { 1 };
-        let sums = 1 + parts + usize::from(model.balance_terms.is_some());
-        let values = backend.alloc(4 + sums, Role::Stat)?;
-        let values = StepValues { dloss: values.slice(0, 1), adamw: values.slice(1, 3), sums: values.slice(4, sums) };
+        let balanced = model.balance_terms.is_some();
+        let sum_slots = 1 + parts + usize::from(balanced);
+        let values = backend.alloc(4 + sum_slots, Role::Stat)?;
+        let (dloss, adamw, sums) = (values.slice(0, 1), values.slice(1, 3), values.slice(4, sum_slots));
+        let values = StepValues { dloss, adamw, sums, balanced };
         Ok(Allocated { model, m, v, owned, updates, buckets, share, weights, values })
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Schema of a `metrics.jsonl` line: `step` (1-based), `loss` (mean training loss of the step: the cross-entropy
 //! alone), `aux_loss` (with experts and a balancing loss: transformers' `aux_loss`, before its coefficient, the mean
-//! over the step's rows; the objective adds `model.router_aux_loss` times it), `lr`, `grad_norm`
+//! over the step's rows of every rank; the objective adds `model.router_aux_loss` times it), `lr`, `grad_norm`
 //! (global norm before clipping), `step_ms`, `tokens` (the batches of the steps so far, skipped ones included: step ×
 //! tokens per step), `tokens_per_s`, `tflops` (the job's model arithmetic per second: 6 per parameter and token plus
 //! attention's), `mfu` (`tflops` over the peak of all the job's devices, where the engine knows it), `allocated_bytes`
