@@ -440,8 +440,10 @@ fn resume_picks_the_newest_checkpoint_and_says_when_there_is_none() {
     let err = stderr(&second);
     assert!(second.status.success(), "{err}");
     assert!(err.contains("resumed from") && err.contains("step_00000004") && err.contains("step      6/6"), "{err}");
-    // A run already at its last step has nothing left to train: saying so beats "done" after no step.
+    // A run already at its last step has nothing left to train: saying so beats "done" after no step, and it is
+    // said before the tensors are read (here, a model file that cannot be).
     let done = more.iter().map(|a| if *a == "train.max_steps=6" { "train.max_steps=5" } else { a }).collect::<Vec<_>>();
+    std::fs::write(dir.join("run/checkpoints/step_00000006/model.safetensors"), b"not safetensors").unwrap();
     expect_usage_error(&done, &["train.max_steps is 5", "step_00000006", "nothing is left to train"]);
     let empty = temp_dir("resume-empty");
     let set_empty = format!("train.out_dir={}", empty.display());

@@ -353,6 +353,12 @@ fn read_state(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
     Ok((state, path))
 }
 
+/// Where the run of the checkpoint in `dir` stood, read without its tensors.
+pub fn progress(dir: &Path) -> Result<Progress> {
+    let (state, state_path) = read_state(dir)?;
+    Progress::deserialize(&state).map_err(|e| Error::data(&state_path, e.to_string()))
+}
+
 /// Loads the checkpoint in `dir`, for `model`, and returns where its run stood: hands the weights and then AdamW's
 /// moments to `restore(source, elements, values)` one parameter tensor at a time. Every tensor's presence and shape is
 /// checked, and a mismatch names the tensor and the file.
@@ -362,8 +368,7 @@ pub fn load<B: Backend + ?Sized>(
     backend: &mut B,
     restore: &mut Restore<B>,
 ) -> Result<Progress> {
-    let (state, state_path) = read_state(dir)?;
-    let progress = Progress::deserialize(&state).map_err(|e| Error::data(&state_path, e.to_string()))?;
+    let progress = progress(dir)?;
     load_weights(dir, model, backend, &mut |b, range, values| restore(b, Source::Params, range, values))?;
     let files = TensorFiles::open(dir, "optimizer")?;
     for source in [Source::M, Source::V] {

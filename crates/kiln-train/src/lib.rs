@@ -330,16 +330,16 @@ impl<B: Backend> Trainer<B> {
     /// goes on as the one that wrote it would have, at any number of ranks (each rank takes the moments of what it
     /// updates): with the same data and the same decisions of the guard, and on one rank bit for bit.
     pub fn resume(&mut self, dir: &Path) -> Result<u64> {
-        let progress = self.load_checkpoint(dir)?;
-        let max_steps = self.config.train.max_steps;
-        if progress.step > max_steps {
+        // Before the tensors are read: they may be many GB.
+        let (at, max_steps) = (checkpoint::progress(dir)?.step, self.config.train.max_steps);
+        if at > max_steps {
             return Err(Error::Usage(format!(
-                "train.max_steps is {max_steps}, but {} is at step {}: nothing is left to train; raise \
+                "train.max_steps is {max_steps}, but {} is at step {at}: nothing is left to train; raise \
                  train.max_steps to go on",
                 dir.display(),
-                progress.step
             )));
         }
+        let progress = self.load_checkpoint(dir)?;
         self.guard.state = progress.guard;
         self.resumed_from = Some(dir.to_path_buf());
         if self.comm.rank() == 0 {
