@@ -960,11 +960,22 @@ impl Config {
             }
         }
 
+        let given = dotted_keys(&table);
         let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
             let (key, message) = describe_serde_error(&e);
             Error::config(source_of(&key), key, message)
         })?;
-        config.validate(&source_of)?;
+        // A problem with a key that nothing gave (its default) comes of the keys its message names: --set's where it
+        // gave any of them.
+        let blame = |key: &str, message: &str| {
+            let mut named = message
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+                .map(|word| word.trim_end_matches('.'))
+                .filter(|word| word.contains('.'));
+            let from_set = set_here(key) || (!given.contains(key) && named.any(set_here));
+            if from_set { SET_SOURCE } else { source }.to_string()
+        };
+        config.validate(&blame)?;
         config.model.resolve();
         if let (Some((path, _)), Some(theirs)) = (&hf, &their_model) {
             config.model.check_agrees(theirs, path, &source_of)?;
@@ -1017,10 +1028,10 @@ impl Config {
     }
 
     /// Checks the values against their ranges and each other; the first problem becomes an error naming its key and
-    /// `source_of(key)`.
-    fn validate(&self, source_of: &impl Fn(&str) -> String) -> Result<()> {
+    /// `blame(key, message)`.
+    fn validate(&self, blame: &impl Fn(&str, &str) -> String) -> Result<()> {
         if let Some((key, message)) = self.model.problem() {
-            return Err(Error::config(source_of(key), key, message));
+            return Err(Error::config(blame(key, &message), key, message));
         }
         let (m, d, t, o) = (&self.model, &self.data, &self.train, &self.optim);
         let sequences = match t.micro_batch {
@@ -1121,7 +1132,7 @@ impl Config {
             (t.guard.max_skips >= 1, "train.guard.max_skips", "must be at least 1".to_string()),
         ];
         match checks.into_iter().find(|(ok, _, _)| !ok) {
-            Some((_, key, message)) => Err(Error::config(source_of(key), key, message)),
+            Some((_, key, message)) => Err(Error::config(blame(key, &message), key, message)),
             None => Ok(()),
         }
     }
@@ -1143,6 +1154,18 @@ fn syntax_error(text: &str, source: &str, error: &toml::de::Error) -> Error {
         format!(" at line {line}, column {column}")
     });
     Error::config(source, "", format!("invalid TOML{}: {}", position.unwrap_or_default(), error.message()))
+}
+
+/// Every `section.key` and `section.table.key` that `table` gives.
+fn dotted_keys(table: &toml::Table) -> HashSet<String> {
+    let mut keys = HashSet::new();
+    for (section, value) in table {
+        for (key, value) in value.as_table().into_iter().flatten() {
+            keys.insert(format!("{section}.{key}"));
+            keys.extend(value.as_table().into_iter().flatten().map(|(inner, _)| format!("{section}.{key}.{inner}")));
+        }
+    }
+    keys
 }
 
 /// Writes each `section.key=value` override (`section.table.key=value` for a key of a table in a section, as
@@ -1460,6 +1483,24 @@ mod tests {
         let (source, key, message) = config_error(Config::load(None, &set(&["train.max_steps.x=1"])));
         assert_eq!((source.as_str(), key.as_str()), ("--set", "train.max_steps.x"));
         assert!(message.contains("train.max_steps: it is not a table"), "{message}");
+    }
+
+    #[test]
+    fn a_problem_with_a_default_names_the_command_line_where_it_gave_the_other_key() {
+        // --set gives a number of experts that the default experts a token (2) exceeds; the file, or --set, giving
+        // the experts a token makes the problem theirs.
+        let llama = MINIMAL.replacen("[model]\n", "[model]\narch = \"llama\"\n", 1);
+        let per_token_in_file = llama.replacen("[data]", "experts_per_token = 2\n\n[data]", 1);
+        let experts_in_file = llama.replacen("[data]", "experts = 1\n\n[data]", 1);
+        for (text, overrides, source) in [
+            (&llama, &["model.experts=1"][..], "--set"),
+            (&per_token_in_file, &["model.experts=1"], "my.toml"),
+            (&llama, &["model.experts=1", "model.experts_per_token=2"], "--set"),
+            (&experts_in_file, &[], "my.toml"),
+        ] {
+            let (got_source, key, message) = config_error(Config::from_toml_str(text, "my.toml", &set(overrides)));
+            assert_eq!((got_source.as_str(), key.as_str()), (source, "model.experts_per_token"), "{message}");
+        }
     }
 
     #[test]
