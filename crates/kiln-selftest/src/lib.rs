@@ -23,7 +23,7 @@ use kiln_core::{
 };
 use kiln_cpu::CpuBackend;
 use kiln_model::{Model, ModelSpec, Pass};
-use kiln_train::{Hooks, Trainer};
+use kiln_train::{Hooks, Summary, Trainer};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -904,18 +904,30 @@ fn check_model_grads<C: Backend>(candidate: &mut C, config: &Config, tol: f64, f
     Ok(checks)
 }
 
+/// The largest difference between two runs' losses, and their balancing losses where they have them; infinite if a
+/// loss is not finite (as relative_error: f64::max would pass over a NaN).
+fn losses_error(got: &Summary, want: &Summary) -> f64 {
+    let pairs = || got.losses.iter().zip(&want.losses).chain(got.aux_losses.iter().zip(&want.aux_losses));
+    match pairs().all(|(a, b)| a.is_finite() && b.is_finite()) {
+        true => pairs().map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max),
+        false => f64::INFINITY,
+    }
+}
+
+/// How a training check's name says what it compared.
+fn compared(config: &Config, steps: usize) -> String {
+    let balance = config.model.experts().is_some_and(|e| e.aux_loss > 0.0);
+    format!("{steps} steps' losses{}", if balance { " and balancing losses" } else { "" })
+}
+
 /// Twenty optimizer steps on the synthetic addition task: the candidate's losses against the reference's.
 fn check_training<C: Backend>(candidate: C, config: &Config, tol: f64) -> Result<Check> {
     let mut hooks = Hooks::default();
     let got = Trainer::new(config, candidate)?.run(&mut hooks, false)?;
     let want = Trainer::new(config, CpuBackend::<f64>::new())?.run(&mut hooks, false)?;
-    // As relative_error: a non-finite loss is an infinite error (f64::max would pass over a NaN).
-    let error = match got.losses.iter().all(|l| l.is_finite()) {
-        true => got.losses.iter().zip(&want.losses).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max),
-        false => f64::INFINITY,
-    };
+    let error = losses_error(&got, &want);
     let failure = (!error.is_finite()).then(|| "a loss is NaN or infinite".to_string());
-    let name = format!("{} training: {} steps' losses", family(&config.model), got.losses.len());
+    let name = format!("{} training: {}", family(&config.model), compared(config, got.losses.len()));
     Ok(Check { name, error, tolerance: tol, failure, not_run: None })
 }
 
@@ -930,11 +942,8 @@ fn check_graphs<C: Backend>(direct: C, captured: C, config: &Config, tol: f64) -
     let captures_routing = captured.captures_routing();
     let mut trainer = Trainer::new(&with_graphs, captured)?;
     let got = trainer.run(&mut hooks, false)?;
-    let error = match got.losses.iter().chain(&want.losses).all(|l| l.is_finite()) {
-        true => got.losses.iter().zip(&want.losses).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max),
-        false => f64::INFINITY,
-    };
-    let name = format!("{} training with graphs: {} steps' losses", family(&config.model), got.losses.len());
+    let error = losses_error(&got, &want);
+    let name = format!("{} training with graphs: {}", family(&config.model), compared(config, got.losses.len()));
     // The CUDA engine's per-expert products are sized by the routing read back to the host, which a graph cannot
     // hold: a run with experts goes on without graphs there (the warning says so), and has nothing to compare. (Its
     // grouped products, KILN_EXPERT_PRODUCTS=grouped in bf16, read the routing on the device: a failed capture.)

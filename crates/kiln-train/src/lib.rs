@@ -68,6 +68,8 @@ pub struct Summary {
     /// Training loss of every step after `first_step`, skipped ones included, as the run ended: a rollback drops
     /// those of the steps it undid.
     pub losses: Vec<f32>,
+    /// With experts and a balancing loss, its value (transformers' `aux_loss`) at the same steps as `losses`.
+    pub aux_losses: Vec<f32>,
     /// The steps (counted from 1) whose updates the guard skipped, in the order it did.
     pub skipped: Vec<u64>,
     /// The guard's rollbacks: `(step, checkpoint step)` for each.
@@ -81,6 +83,14 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// Whether the steps' passes ran as replays of captured graphs at the end (`train.graphs`).
     pub replayed_graphs: bool,
+}
+
+impl Summary {
+    /// Forgets the losses of the steps after the first `kept` from `first_step`.
+    fn keep_steps(&mut self, kept: usize) {
+        self.losses.truncate(kept);
+        self.aux_losses.truncate(kept);
+    }
 }
 
 /// A held-out prompt, the model's greedy completion, and whether it was exactly right.
@@ -525,6 +535,7 @@ impl<B: Backend> Trainer<B> {
             step_times.push(seconds);
             let step = self.step;
             summary.losses.push(loss);
+            summary.aux_losses.extend(aux_loss);
             if !loss.is_finite() && verdict.applies() {
                 return Err(Error::Diverged(format!(
                     "the loss became {loss} at step {step} (train.guard.enabled = true skips such steps instead)"
@@ -601,10 +612,10 @@ impl<B: Backend> Trainer<B> {
                     );
                     summary.rollbacks.push((step, to));
                     if to < summary.first_step {
-                        summary.losses.clear();
+                        summary.keep_steps(0);
                         summary.first_step = to;
                     }
-                    summary.losses.truncate((to - summary.first_step) as usize);
+                    summary.keep_steps((to - summary.first_step) as usize);
                     if let Some(m) = &mut metrics {
                         let rollback = Event::Rollback {
                             to_step: to,
