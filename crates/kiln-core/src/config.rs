@@ -939,6 +939,8 @@ impl Config {
         // Its own problems first, so that they name config.json rather than the keys it fills in here.
         let their_model =
             hf.as_ref().map(|(path, theirs)| ModelConfig::from_hf_table(theirs.clone(), path)).transpose()?;
+        // What the user's file and --set give, before config.json fills in the rest.
+        let given = dotted_keys(&table);
         if let (Some((path, theirs)), Some(model)) = (&hf, table.get_mut("model").and_then(|m| m.as_table_mut())) {
             // The family first: every other key's meaning depends on it.
             if let Some(arch) = model.get("arch").filter(|a| Some(*a) != theirs.get("arch")) {
@@ -960,19 +962,17 @@ impl Config {
             }
         }
 
-        let given = dotted_keys(&table);
         let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
             let (key, message) = describe_serde_error(&e);
             Error::config(source_of(&key), key, message)
         })?;
-        // A problem with a key that nothing gave (its default) comes of the keys its message names: --set's where it
-        // gave any of them.
+        // A problem with a key the user did not give (a default, or config.json's) is blamed on --set when --set gave
+        // a key its message names.
         let blame = |key: &str, message: &str| {
             let mut named = message
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
-                .map(|word| word.trim_end_matches('.'))
-                .filter(|word| word.contains('.'));
-            let from_set = set_here(key) || (!given.contains(key) && named.any(set_here));
+                .map(|word| word.trim_end_matches('.'));
+            let from_set = set_here(key) || (!given.contains(key) && named.any(|word| overridden.contains(word)));
             if from_set { SET_SOURCE } else { source }.to_string()
         };
         config.validate(&blame)?;

@@ -368,7 +368,7 @@ pub fn load<B: Backend + ?Sized>(
     backend: &mut B,
     restore: &mut Restore<B>,
 ) -> Result<Progress> {
-    let progress = progress(dir)?;
+    let found = progress(dir)?;
     load_weights(dir, model, backend, &mut |b, range, values| restore(b, Source::Params, range, values))?;
     let files = TensorFiles::open(dir, "optimizer")?;
     for source in [Source::M, Source::V] {
@@ -387,5 +387,5 @@ pub fn load<B: Backend + ?Sized>(
             restore(backend, source, p.offset..p.offset + p.len(), &values)?;
         }
     }
-    Ok(progress)
+    Ok(found)
 }

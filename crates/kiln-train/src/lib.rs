@@ -316,14 +316,15 @@ impl<B: Backend> Trainer<B> {
         )
     }
 
-    /// Fails on every rank unless all ranks are at the same step with the same weights: each process finds the
-    /// checkpoint it resumes from by itself, and an `out_dir` that is not shared between nodes could hand them
-    /// different ones, which the collectives would never notice.
-    fn check_ranks_agree(&mut self) -> Result<()> {
+    /// Fails on every rank unless all ranks resume at the same `step` and, with `loaded`, with the same weights:
+    /// each process finds the checkpoint it resumes from by itself, and an `out_dir` that is not shared between
+    /// nodes could hand them different ones, which the collectives would never notice.
+    fn check_ranks_agree(&mut self, step: u64, loaded: bool) -> Result<()> {
         if self.comm.world() == 1 {
             return Ok(());
         }
-        let mine = [self.step as f64, self.backend.sum(self.model.params)? as f64];
+        let weights = if loaded { self.backend.sum(self.model.params)? as f64 } else { 0.0 };
+        let mine = [step as f64, weights];
         let seen = self.comm.gather_host(&mut self.backend, &mine)?;
         match seen.chunks(2).position(|other| other != &seen[..2]) {
             None => Ok(()),
@@ -340,8 +341,9 @@ impl<B: Backend> Trainer<B> {
     /// goes on as the one that wrote it would have, at any number of ranks (each rank takes the moments of what it
     /// updates): with the same data and the same decisions of the guard, and on one rank bit for bit.
     pub fn resume(&mut self, dir: &Path) -> Result<u64> {
-        // Before the tensors are read: they may be many GB.
+        // Before the tensors are read (they may be many GB), and with every rank's step: ranks must not split here.
         let (at, max_steps) = (checkpoint::progress(dir)?.step, self.config.train.max_steps);
+        self.check_ranks_agree(at, false)?;
         if at > max_steps {
             return Err(Error::Usage(format!(
                 "train.max_steps is {max_steps}, but {} is at step {at}: nothing is left to train; raise \
@@ -376,7 +378,7 @@ impl<B: Backend> Trainer<B> {
             )?;
         self.step = progress.step;
         self.gather_resident()?;
-        self.check_ranks_agree()?;
+        self.check_ranks_agree(self.step, true)?;
         Ok(progress)
     }
 

@@ -331,6 +331,15 @@ fn model_keys_given_beside_a_hugging_face_model_must_agree_with_it() {
         moe("qwen3_moe_tied", normalize, "\"norm_topk_prob\": true"),
         Ok(Experts { normalize: true, ..qwen3_moe })
     );
+    // A key config.json gives (2 experts a token) that one --set gives contradicts (1 expert) is --set's problem.
+    let mixtral_dir = golden_dir("mixtral_untied");
+    let overrides = [format!("model.init=hf:{}", mixtral_dir.display()), "model.block_size=16".into()];
+    match Config::load(None, &[&overrides[..], &["model.experts=1".into()]].concat()) {
+        Err(kiln_core::Error::Config { source, key, .. }) => {
+            assert_eq!((source.as_str(), key.as_str()), ("--set", "model.experts_per_token"))
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
     for (case, from, to, field) in [
         ("mixtral_untied", "\"router_jitter_noise\": 0.0", "\"router_jitter_noise\": 0.1", "router_jitter_noise"),
         ("mixtral_untied", "\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 5", "model.experts_per_token"),

@@ -339,17 +339,24 @@ fn ranks_that_find_different_checkpoints_refuse_to_continue() {
     let dir = out_dir("disagree");
     let extra =
         ["train.micro_batch=4".to_string(), "train.checkpoint_every=2".into(), "train.keep_checkpoints=3".into()];
-    let config = config(&dir, &extra);
-    train(&config, 1).unwrap();
+    let whole = config(&dir, &extra);
+    train(&whole, 1).unwrap();
     let root = dir.join("checkpoints");
-    // Rank 0 finds the step-4 checkpoint, rank 1 the step-2 one (as with an out_dir on each node's own disk).
+    // Rank 0 finds the step-4 checkpoint, rank 1 the step-2 one (as with an out_dir on each node's own disk); and
+    // the same where rank 0's is past train.max_steps, which must not let it stop alone.
+    let past_the_end = config(&dir, &[&extra[..], &["train.max_steps=3".to_string()]].concat());
+    for config in [&whole, &past_the_end] {
+        resume_from_different_checkpoints(config, &root);
+    }
+}
+
+fn resume_from_different_checkpoints(config: &Config, root: &Path) {
     let comms = threads::group(2, Duration::from_secs(10));
     let errors: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
             .zip([4, 2])
             .map(|(comm, step)| {
-                let (config, root) = (&config, &root);
                 s.spawn(move || {
                     let mut trainer =
                         kiln_train::Trainer::with_comm(config, CpuBackend::<f32>::new(), Box::new(comm)).unwrap();
