@@ -9,7 +9,7 @@
 // experts (its run's start) and its own, each thread over a contiguous span of slots, then places its own in a
 // second pass after an exclusive scan of the threads' counts: deterministic, and no atomics. The load-balancing
 // loss's gradient adds dloss·scale·count_e to gradient[e]; the block also adds its expert's probabilities, summed
-// over the rows, to sums[e] (each thread every 256th row, then a tree over the threads), and on a pass's
+// over the rows, to sums[e] (each thread every 256th row, then block_sum), and on a pass's
 // last routed layer adds gradient[e]·sums[e] to terms[e]: the loss's value, summed over e (see experts.rs).
 // Route backward, one warp per token: g_j = dw_j, or normalised (dw_j − Σ_i dw_i·w_i)/Σ_i p_i over the choices;
 // dp_e = balance_e + Σ_{j: chosen_j = e} g_j; dlogits_e = p_e·(dp_e − Σ_i p_i·dp_i).
@@ -81,7 +81,7 @@ extern "C" __global__ void moe_place(unsigned* order, unsigned* place, unsigned*
                                      float* sums, float* terms, const float* dloss, float scale, const float* probs,
                                      const unsigned* chosen, long rows, int k, int E) {
     __shared__ unsigned own[MOE_PLACE_THREADS], lower[MOE_PLACE_THREADS];
-    __shared__ float probability[MOE_PLACE_THREADS];
+    __shared__ float scratch[32];
     if (blockDim.x != MOE_PLACE_THREADS) __trap();  // the scan covers the shared arrays exactly
     const unsigned e = blockIdx.x;
     const unsigned t = threadIdx.x;
@@ -120,13 +120,9 @@ extern "C" __global__ void moe_place(unsigned* order, unsigned* place, unsigned*
     // Neighbouring threads read neighbouring rows, which share cache sectors where the rows are short.
     float sum = 0.0f;
     for (long r = t; r < rows; r += blockDim.x) sum += probs[r * E + e];
-    probability[t] = sum;
-    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
-        __syncthreads();
-        if (t < half) probability[t] += probability[t + half];
-    }
+    sum = block_sum(sum, scratch);
     if (t == 0) {
-        const float g = gradient[e] + dloss[0] * scale * (float)count, s = sums[e] + probability[0];
+        const float g = gradient[e] + dloss[0] * scale * (float)count, s = sums[e] + sum;
         gradient[e] = g;
         sums[e] = s;
         if (terms) terms[e] += g * s;

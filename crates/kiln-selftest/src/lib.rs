@@ -914,10 +914,10 @@ fn losses_error(got: &Summary, want: &Summary) -> f64 {
     }
 }
 
-/// How a training check's name says what it compared.
-fn compared(config: &Config, steps: usize) -> String {
-    let balance = config.model.experts().is_some_and(|e| e.aux_loss > 0.0);
-    format!("{steps} steps' losses{}", if balance { " and balancing losses" } else { "" })
+/// How a training check's name says what it compared of a run.
+fn compared(run: &Summary) -> String {
+    let balance = if run.aux_losses.is_empty() { "" } else { " and balancing losses" };
+    format!("{} steps' losses{balance}", run.losses.len())
 }
 
 /// Twenty optimizer steps on the synthetic addition task: the candidate's losses against the reference's.
@@ -927,7 +927,7 @@ fn check_training<C: Backend>(candidate: C, config: &Config, tol: f64) -> Result
     let want = Trainer::new(config, CpuBackend::<f64>::new())?.run(&mut hooks, false)?;
     let error = losses_error(&got, &want);
     let failure = (!error.is_finite()).then(|| "a loss is NaN or infinite".to_string());
-    let name = format!("{} training: {}", family(&config.model), compared(config, got.losses.len()));
+    let name = format!("{} training: {}", family(&config.model), compared(&got));
     Ok(Check { name, error, tolerance: tol, failure, not_run: None })
 }
 
@@ -943,7 +943,7 @@ fn check_graphs<C: Backend>(direct: C, captured: C, config: &Config, tol: f64) -
     let mut trainer = Trainer::new(&with_graphs, captured)?;
     let got = trainer.run(&mut hooks, false)?;
     let error = losses_error(&got, &want);
-    let name = format!("{} training with graphs: {}", family(&config.model), compared(config, got.losses.len()));
+    let name = format!("{} training with graphs: {}", family(&config.model), compared(&got));
     // The CUDA engine's per-expert products are sized by the routing read back to the host, which a graph cannot
     // hold: a run with experts goes on without graphs there (the warning says so), and has nothing to compare. (Its
     // grouped products, KILN_EXPERT_PRODUCTS=grouped in bf16, read the routing on the device: a failed capture.)
